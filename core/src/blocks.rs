@@ -1,0 +1,155 @@
+//! Block hashing shared by the agent (change detection), the store (materialisation
+//! checks) and the master target.
+//!
+//! A disk is cut into 64 KiB blocks; a block's hash is the plain BLAKE3 of its bytes
+//! (the last block may be shorter). Inside a full block, each 4 KiB page has a
+//! chaining value (the BLAKE3 tree node of that page), so one pass over the data gives
+//! both the page values used to find changed pages and the block hash: the 16 page
+//! values merge up the BLAKE3 tree into exactly `blake3::hash(block)`.
+//!
+//! A disk's *fingerprint* is the BLAKE3 of the concatenated block hashes, in order.
+
+use crate::Digest;
+use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+use std::sync::OnceLock;
+
+pub const BLOCK_SIZE: usize = 64 * 1024;
+pub const PAGE_SIZE: usize = 4 * 1024;
+pub const PAGES_PER_BLOCK: usize = BLOCK_SIZE / PAGE_SIZE;
+
+/// Hashes of one block: the block hash and one value per 4 KiB page.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct BlockHashes {
+    pub block: Digest,
+    pub pages: [Digest; PAGES_PER_BLOCK],
+}
+
+/// Hashes a block of at most `BLOCK_SIZE` bytes that starts at a block boundary.
+/// Short (last) blocks hash their pages plainly: page values only need to be stable
+/// for one disk size, and the block hash is `blake3::hash(data)` either way.
+pub fn hash_block(data: &[u8]) -> BlockHashes {
+    assert!(data.len() <= BLOCK_SIZE, "block longer than BLOCK_SIZE");
+    let mut pages = [Digest::ZERO; PAGES_PER_BLOCK];
+    if data.len() != BLOCK_SIZE {
+        for (i, page) in data.chunks(PAGE_SIZE).enumerate() {
+            pages[i] = Digest::of(page);
+        }
+        return BlockHashes { block: Digest::of(data), pages };
+    }
+    let mut cvs: [ChainingValue; PAGES_PER_BLOCK] = [[0; 32]; PAGES_PER_BLOCK];
+    for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+        let mut h = blake3::Hasher::new();
+        h.set_input_offset((i * PAGE_SIZE) as u64);
+        h.update(page);
+        cvs[i] = h.finalize_non_root();
+        pages[i] = Digest(cvs[i]);
+    }
+    BlockHashes { block: merge_pages(&cvs), pages }
+}
+
+fn merge_pages(cvs: &[ChainingValue; PAGES_PER_BLOCK]) -> Digest {
+    let mut level: Vec<ChainingValue> = cvs.to_vec();
+    while level.len() > 2 {
+        level = level.chunks_exact(2).map(|p| merge_subtrees_non_root(&p[0], &p[1], Mode::Hash)).collect();
+    }
+    Digest::from(merge_subtrees_root(&level[0], &level[1], Mode::Hash))
+}
+
+/// Hashes of an all-zero block of `len` bytes (holes and zero blocks hash as zeroes do).
+pub fn zero_block(len: usize) -> BlockHashes {
+    static FULL: OnceLock<BlockHashes> = OnceLock::new();
+    if len == BLOCK_SIZE {
+        *FULL.get_or_init(|| hash_block(&vec![0u8; BLOCK_SIZE]))
+    } else {
+        hash_block(&vec![0u8; len])
+    }
+}
+
+pub fn is_zero(data: &[u8]) -> bool {
+    // Compare in u128 lanes; the compiler vectorises this.
+    let (lanes, tail) = data.as_chunks::<16>();
+    lanes.iter().all(|c| u128::from_ne_bytes(*c) == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Number of blocks of a disk of `size` bytes.
+pub fn block_count(size: u64) -> u64 {
+    size.div_ceil(BLOCK_SIZE as u64)
+}
+
+/// Length of block `index` of a disk of `size` bytes.
+pub fn block_len(size: u64, index: u64) -> usize {
+    let start = index * BLOCK_SIZE as u64;
+    usize::try_from((size - start).min(BLOCK_SIZE as u64)).unwrap_or(BLOCK_SIZE)
+}
+
+/// Builds a disk fingerprint from block hashes fed in order.
+#[derive(Debug, Default)]
+pub struct Fingerprint {
+    hasher: blake3::Hasher,
+    blocks: u64,
+}
+
+impl Fingerprint {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, block: &Digest) {
+        self.hasher.update(&block.0);
+        self.blocks += 1;
+    }
+
+    /// Feeds every block of `data`, which must start at a block boundary.
+    pub fn push_data(&mut self, data: &[u8]) {
+        for block in data.chunks(BLOCK_SIZE) {
+            let d = if is_zero(block) { zero_block(block.len()).block } else { Digest::of(block) };
+            self.push(&d);
+        }
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    pub fn finish(&self) -> Digest {
+        Digest::from(self.hasher.finalize())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_merge_equals_plain_hash() {
+        let data: Vec<u8> = (0..BLOCK_SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        let h = hash_block(&data);
+        assert_eq!(h.block, Digest::of(&data));
+        let short = &data[..10_000];
+        assert_eq!(hash_block(short).block, Digest::of(short));
+    }
+
+    #[test]
+    fn one_changed_page_changes_one_page_value() {
+        let mut data = vec![5u8; BLOCK_SIZE];
+        let a = hash_block(&data);
+        data[PAGE_SIZE * 3 + 17] ^= 1;
+        let b = hash_block(&data);
+        let changed: Vec<usize> = (0..PAGES_PER_BLOCK).filter(|&i| a.pages[i] != b.pages[i]).collect();
+        assert_eq!(changed, vec![3]);
+        assert_ne!(a.block, b.block);
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut z = vec![0u8; 4099];
+        assert!(is_zero(&z));
+        z[4098] = 1;
+        assert!(!is_zero(&z));
+        z[4098] = 0;
+        z[3] = 1;
+        assert!(!is_zero(&z));
+        assert_eq!(zero_block(BLOCK_SIZE).block, Digest::of(&[0u8; BLOCK_SIZE]));
+    }
+}

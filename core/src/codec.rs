@@ -1,0 +1,155 @@
+//! The extent codec: hash + compress on the sending side, decompress + verify on every
+//! receiving or reading side. The digest is always of the plain data.
+
+use crate::Digest;
+
+/// zstd level: 1 is the fastest level that still halves typical file-system data.
+pub const ZSTD_LEVEL: i32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("data digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("payload does not decompress to {expected} bytes: {reason}")]
+    CorruptPayload { expected: usize, reason: String },
+    #[error("plain payload holds {actual} bytes, record says {expected}")]
+    LengthMismatch { expected: usize, actual: usize },
+}
+
+/// One encoded extent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub digest: Digest,
+    /// false: the payload is the plain data (compression did not pay).
+    pub compressed: bool,
+    pub payload: Vec<u8>,
+}
+
+/// Reusable compressor; one per worker thread.
+pub struct Encoder {
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Encoder")
+    }
+}
+
+impl Encoder {
+    pub fn new() -> Self {
+        let zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL).unwrap_or_else(|e| {
+            // Only fails when zstd cannot allocate a context: out of memory.
+            panic!("zstd compressor context: {e}")
+        });
+        Encoder { zstd }
+    }
+
+    pub fn encode(&mut self, data: &[u8]) -> Encoded {
+        let digest = Digest::of(data);
+        self.encode_with_digest(data, digest)
+    }
+
+    pub fn encode_with_digest(&mut self, data: &[u8], digest: Digest) -> Encoded {
+        match self.zstd.compress(data) {
+            Ok(c) if c.len() < data.len() => Encoded { digest, compressed: true, payload: c },
+            _ => Encoded { digest, compressed: false, payload: data.to_vec() },
+        }
+    }
+}
+
+impl Default for Encoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Reusable decompressor with verification.
+pub struct Decoder {
+    zstd: zstd::bulk::Decompressor<'static>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Decoder")
+    }
+}
+
+impl Decoder {
+    pub fn new() -> Self {
+        let zstd =
+            zstd::bulk::Decompressor::new().unwrap_or_else(|e| panic!("zstd decompressor context: {e}"));
+        Decoder { zstd }
+    }
+
+    /// Returns the plain data if it has `length` bytes and hashes to `expected`.
+    pub fn decode(
+        &mut self,
+        compressed: bool,
+        payload: &[u8],
+        length: usize,
+        expected: &Digest,
+    ) -> Result<Vec<u8>, CodecError> {
+        let plain = if compressed {
+            let out = self
+                .zstd
+                .decompress(payload, length)
+                .map_err(|e| CodecError::CorruptPayload { expected: length, reason: e.to_string() })?;
+            if out.len() != length {
+                return Err(CodecError::LengthMismatch { expected: length, actual: out.len() });
+            }
+            out
+        } else {
+            if payload.len() != length {
+                return Err(CodecError::LengthMismatch { expected: length, actual: payload.len() });
+            }
+            payload.to_vec()
+        };
+        let actual = Digest::of(&plain);
+        if actual != *expected {
+            return Err(CodecError::DigestMismatch { expected: *expected, actual });
+        }
+        Ok(plain)
+    }
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_reject() {
+        let data = vec![7u8; 65536];
+        let mut enc = Encoder::new();
+        let e = enc.encode(&data);
+        assert!(e.compressed && e.payload.len() < 1000);
+        let mut dec = Decoder::new();
+        assert_eq!(dec.decode(true, &e.payload, data.len(), &e.digest).unwrap(), data);
+        let wrong = Digest::of(b"other");
+        assert!(matches!(
+            dec.decode(true, &e.payload, data.len(), &wrong),
+            Err(CodecError::DigestMismatch { .. })
+        ));
+        assert!(matches!(
+            dec.decode(true, &e.payload[..e.payload.len() / 2], data.len(), &e.digest),
+            Err(CodecError::CorruptPayload { .. })
+        ));
+    }
+
+    #[test]
+    fn incompressible_data_travels_plain() {
+        let data: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let e = Encoder::new().encode(&data);
+        if !e.compressed {
+            assert_eq!(e.payload, data);
+        }
+        assert_eq!(Decoder::new().decode(e.compressed, &e.payload, 4096, &e.digest).unwrap(), data);
+    }
+}

@@ -1,0 +1,273 @@
+//! The deployment's certificate authority and the identities it issues.
+//!
+//! Every identity names its role (and VM or master target) in a SAN URI:
+//! `urn:tern:admin`, `urn:tern:agent:<vm>`, `urn:tern:master-target:<name>`,
+//! `urn:tern:server`. The process server authorises by that URI only.
+//!
+//! A *bundle* is one PEM file: the CA certificate, the client certificate, its key.
+
+use crate::{NameError, VmName};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use std::fmt;
+use std::path::Path;
+use time::{Duration, OffsetDateTime};
+
+const URN_PREFIX: &str = "urn:tern:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Generate(String),
+    #[error("{path}: {reason}")]
+    BadBundle { path: String, reason: String },
+    #[error("certificate does not name a tern role (no urn:tern: SAN URI)")]
+    NoRole,
+    #[error("certificate names an unknown tern role {0:?}")]
+    UnknownRole(String),
+    #[error("certificate cannot be parsed: {0}")]
+    BadCertificate(String),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+impl From<rcgen::Error> for PkiError {
+    fn from(e: rcgen::Error) -> Self {
+        PkiError::Generate(e.to_string())
+    }
+}
+
+/// Who a certificate speaks for.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Role {
+    Admin,
+    Agent(VmName),
+    MasterTarget(String),
+    Server,
+}
+
+impl Role {
+    fn urn(&self) -> String {
+        match self {
+            Role::Admin => format!("{URN_PREFIX}admin"),
+            Role::Agent(vm) => format!("{URN_PREFIX}agent:{vm}"),
+            Role::MasterTarget(n) => format!("{URN_PREFIX}master-target:{n}"),
+            Role::Server => format!("{URN_PREFIX}server"),
+        }
+    }
+
+    fn from_urn(urn: &str) -> Result<Role, PkiError> {
+        let rest = urn.strip_prefix(URN_PREFIX).ok_or(PkiError::NoRole)?;
+        match rest.split_once(':') {
+            None if rest == "admin" => Ok(Role::Admin),
+            None if rest == "server" => Ok(Role::Server),
+            Some(("agent", vm)) => Ok(Role::Agent(VmName::new(vm)?)),
+            Some(("master-target", n)) => Ok(Role::MasterTarget(crate::DiskName::new(n)?.to_string())),
+            _ => Err(PkiError::UnknownRole(urn.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Role::Admin => f.write_str("admin"),
+            Role::Agent(vm) => write!(f, "agent for VM {vm}"),
+            Role::MasterTarget(n) => write!(f, "master target {n}"),
+            Role::Server => f.write_str("process server"),
+        }
+    }
+}
+
+/// The CA's certificate and key, as PEM.
+#[derive(Clone)]
+pub struct Ca {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Ca { .. }")
+    }
+}
+
+fn validity(params: &mut CertificateParams, years: i64) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::days(1);
+    params.not_after = now + Duration::days(365 * years);
+}
+
+impl Ca {
+    pub fn create(deployment: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, format!("tern CA {deployment}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        validity(&mut params, 20);
+        let cert = params.self_signed(&key)?;
+        Ok(Ca { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    fn issue(&self, role: &Role, dns: &[String], server: bool) -> Result<(String, String), PkiError> {
+        let ca_key = KeyPair::from_pem(&self.key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(dns.to_vec())?;
+        params.distinguished_name.push(DnType::CommonName, role.to_string());
+        let urn = rcgen::string::Ia5String::try_from(role.urn())?;
+        params.subject_alt_names.push(SanType::URI(urn));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        validity(&mut params, 5);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// The server's certificate: SANs localhost, 127.0.0.1, ::1 and `extra`.
+    pub fn issue_server(&self, extra: &[String]) -> Result<(String, String), PkiError> {
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        names.extend(extra.iter().cloned());
+        self.issue(&Role::Server, &names, true)
+    }
+
+    pub fn issue_client(&self, role: &Role) -> Result<Bundle, PkiError> {
+        let (cert_pem, key_pem) = self.issue(role, &[], false)?;
+        Ok(Bundle { ca_pem: self.cert_pem.clone(), cert_pem, key_pem })
+    }
+}
+
+/// A client identity: CA certificate, client certificate, key.
+#[derive(Clone)]
+pub struct Bundle {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Bundle { .. }")
+    }
+}
+
+/// Splits PEM text into (label, block) pairs.
+fn pem_blocks(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("-----BEGIN ") {
+        let after = &rest[start + 11..];
+        let Some(label_end) = after.find("-----") else { break };
+        let label = after[..label_end].to_string();
+        let end_marker = format!("-----END {label}-----");
+        let Some(end) = rest[start..].find(&end_marker) else { break };
+        let stop = start + end + end_marker.len();
+        out.push((label, format!("{}\n", &rest[start..stop])));
+        rest = &rest[stop..];
+    }
+    out
+}
+
+impl Bundle {
+    pub fn to_pem(&self) -> String {
+        format!("{}{}{}", self.ca_pem, self.cert_pem, self.key_pem)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Bundle, PkiError> {
+        let bad = |reason: &str| PkiError::BadBundle { path: origin.to_string(), reason: reason.to_string() };
+        let blocks = pem_blocks(text);
+        let certs: Vec<&String> = blocks.iter().filter(|(l, _)| l == "CERTIFICATE").map(|(_, b)| b).collect();
+        let key = blocks.iter().find(|(l, _)| l.ends_with("PRIVATE KEY")).map(|(_, b)| b);
+        match (certs.as_slice(), key) {
+            ([ca, cert], Some(key)) => {
+                Ok(Bundle { ca_pem: (*ca).clone(), cert_pem: (*cert).clone(), key_pem: key.clone() })
+            }
+            _ => Err(bad(
+                "not a tern identity bundle (expected the CA certificate, the client certificate and its key); \
+                 make one with `drctl enroll`",
+            )),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Bundle, PkiError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| PkiError::Io { path: path.display().to_string(), source })?;
+        Bundle::parse(&text, &path.display().to_string())
+    }
+
+    /// The role named by this bundle's own certificate.
+    pub fn role(&self) -> Result<Role, PkiError> {
+        let der = pem_to_der(&self.cert_pem)?;
+        role_of(&der)
+    }
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|c| c.to_vec())
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))
+}
+
+/// Reads the role from a DER certificate's `urn:tern:` SAN URI.
+pub fn role_of(der: &[u8]) -> Result<Role, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?
+        .ok_or(PkiError::NoRole)?;
+    for name in &san.value.general_names {
+        if let x509_parser::extensions::GeneralName::URI(uri) = name
+            && uri.starts_with(URN_PREFIX)
+        {
+            return Role::from_urn(uri);
+        }
+    }
+    Err(PkiError::NoRole)
+}
+
+/// Writes a secret file readable by its owner only.
+pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| PkiError::Io { path: path.display().to_string(), source };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_names_its_role() {
+        let ca = Ca::create("test").unwrap();
+        let vm = VmName::new("web1").unwrap();
+        let b = ca.issue_client(&Role::Agent(vm.clone())).unwrap();
+        let parsed = Bundle::parse(&b.to_pem(), "x").unwrap();
+        assert_eq!(parsed.role().unwrap(), Role::Agent(vm));
+        let admin = ca.issue_client(&Role::Admin).unwrap();
+        assert_eq!(admin.role().unwrap(), Role::Admin);
+        assert!(Bundle::parse("garbage", "x").is_err());
+        let (server, _) = ca.issue_server(&["dr.example".into()]).unwrap();
+        assert_eq!(role_of(&pem_to_der(&server).unwrap()).unwrap(), Role::Server);
+    }
+}
