@@ -1,1 +1,586 @@
+//! tern-store: each replicated disk as a sparse base image plus an append-only journal of
+//! segment files, a SQLite catalog of VMs, disks and recovery points, and materialisation
+//! of a disk at a point.
+//!
+//! # Invariants (MUST hold after any crash)
+//! 1. A record is acked to its sender only after [`Journal::sync`] covered it: nothing
+//!    acked is lost. Records that were written but not synced may be cut at the next open.
+//! 2. Data before index before commit point: a point enters the catalog only after the
+//!    records it covers and its bookmark records are fsynced.
+//! 3. Files that are not appended to are published with [`durable::publish`]: write a
+//!    temporary file, fsync, rename, fsync the folder.
+//! 4. Every record describes itself (magic, kind, seq, lengths, digest, check): the
+//!    journal is read back, and cut at a torn tail, from the data alone; a bookmark record
+//!    holds everything the catalog knows of its point.
+//! 5. Every read that leaves the process is verified: journal records against their check
+//!    and digest, a materialised disk against its point's fingerprint. What fails is kept
+//!    (`.torn` files) and reported, never silently dropped.
+//! 6. An incoming batch is verified whole before any of it is written.
+//!
+//! # What may run together
+//! | operation | takes | runs alongside |
+//! | --- | --- | --- |
+//! | ingest (append, sync) of disk D | D's journal lock, for the write | everything; other disks' ingest |
+//! | make a point of VM V | each disk's journal lock in name order (bookmark + sync), then the catalog lock | ingest of other VMs |
+//! | materialise (test failover) | D's journal lock only to take a snapshot, then nothing | ingest and points of the same disk |
+//! | catalog queries | the catalog lock, briefly | everything |
 
+pub mod catalog;
+pub mod durable;
+pub mod format;
+pub mod journal;
+pub mod materialize;
+
+pub use catalog::{Catalog, Consistency, Point, PointDisk};
+pub use journal::{Journal, Record, RecordProblem};
+pub use materialize::{Format, OutputDisk};
+
+use durable::{create_dir_durable, io_err};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tern_core::codec::CodecError;
+use tern_core::{Digest, DiskName, PointId, Seq, VmName};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("segment {path} is corrupt at byte {offset}: {reason}")]
+    SegmentCorrupt { path: String, offset: u64, reason: String },
+    #[error("journal record {seq} of disk {disk} is damaged: {reason}")]
+    JournalRecordBad { disk: String, seq: Seq, reason: CodecError },
+    #[error("expected sequence number {expected}, got {got}; resend from {expected}")]
+    SeqGap { expected: Seq, got: Seq },
+    #[error("VM {0} is not protected here")]
+    UnknownVm(VmName),
+    #[error("VM {vm} has no disk {disk}")]
+    UnknownDisk { vm: VmName, disk: String },
+    #[error(
+        "disk {disk} of VM {vm} was {was} bytes and is now {now}; a resized disk cannot be replicated into the same copy"
+    )]
+    DiskSizeChanged { vm: VmName, disk: DiskName, was: u64, now: u64 },
+    #[error("a point must cover every disk of VM {vm}: {reason}")]
+    PointDisksMismatch { vm: VmName, reason: String },
+    #[error("point covers seq {seq} of disk {disk}, but only {durable} is durable")]
+    PointBeyondDurable { disk: String, seq: Seq, durable: Seq },
+    #[error("VM {vm} has no point {wanted}; {available}")]
+    PointNotFound { vm: VmName, wanted: String, available: String },
+    #[error("disk {disk}: the materialised image has fingerprint {actual}, the point says {expected}")]
+    FingerprintMismatch { disk: String, expected: Digest, actual: Digest },
+    #[error(
+        "VM {vm} already has an open test failover (point {point}, in {output}); run `drctl test-failover-cleanup {vm}` first"
+    )]
+    TestFailoverOpen { vm: VmName, point: PointId, output: String },
+    #[error("VM {0} has no open test failover")]
+    NoTestFailover(VmName),
+    #[error("{0} already exists; choose an empty output directory or remove it")]
+    OutputExists(String),
+    #[error("catalog: {op} failed: {reason}")]
+    CatalogQuery { op: &'static str, reason: String },
+    #[error("internal invariant broken: {0}")]
+    Invariant(&'static str),
+}
+
+/// One replicated disk: its base image and its journal.
+#[derive(Debug)]
+pub struct DiskHandle {
+    pub vm: VmName,
+    pub name: DiskName,
+    pub size: u64,
+    /// Identifies this copy of the disk; a sender's state is only valid for it.
+    pub generation: String,
+    pub base_path: PathBuf,
+    pub journal: Mutex<Journal>,
+}
+
+impl DiskHandle {
+    pub fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Which point a failover or test failover uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PointSpec {
+    LatestProcessed,
+    Id(PointId),
+}
+
+impl PointSpec {
+    pub fn parse(s: &str) -> Option<PointSpec> {
+        match s {
+            "latest-processed" => Some(PointSpec::LatestProcessed),
+            _ => s.parse::<u64>().ok().map(|n| PointSpec::Id(PointId(n))),
+        }
+    }
+}
+
+/// The outcome of a test failover, also written as `vm.json` in the output directory.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FailoverOutput {
+    pub vm: String,
+    pub point: u64,
+    pub time: String,
+    pub time_ms: i64,
+    pub consistency: String,
+    pub disks: Vec<OutputDisk>,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    catalog: Mutex<Catalog>,
+    disks: Mutex<HashMap<(VmName, DiskName), Arc<DiskHandle>>>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn new_generation(vm: &VmName, disk: &DiskName) -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut h = blake3::Hasher::new();
+    h.update(vm.as_str().as_bytes());
+    h.update(disk.as_str().as_bytes());
+    h.update(&nanos.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    Digest::from(h.finalize()).to_hex()[..32].to_string()
+}
+
+impl Store {
+    /// Opens the store under `root`, checking every journal and cutting torn tails.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        create_dir_durable(&root.join("vms"))?;
+        let catalog = Catalog::open(&root.join("catalog.db"))?;
+        let mut disks = HashMap::new();
+        for vm in catalog.vms()? {
+            for row in catalog.disks(&vm)? {
+                let handle = open_disk(root, &vm, row)?;
+                disks.insert((vm.clone(), handle.name.clone()), Arc::new(handle));
+            }
+        }
+        Ok(Store { root: root.to_path_buf(), catalog: Mutex::new(catalog), disks: Mutex::new(disks) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn catalog(&self) -> MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn disk_map(&self) -> MutexGuard<'_, HashMap<(VmName, DiskName), Arc<DiskHandle>>> {
+        self.disks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a VM's disks (a sender's hello). Known disks must keep their size.
+    pub fn register(
+        &self,
+        vm: &VmName,
+        disks: &[(DiskName, u64)],
+    ) -> Result<Vec<Arc<DiskHandle>>, StoreError> {
+        let catalog = self.catalog();
+        let mut map = self.disk_map();
+        let mut out = Vec::new();
+        for (name, size) in disks {
+            if let Some(h) = map.get(&(vm.clone(), name.clone())) {
+                if h.size != *size {
+                    return Err(StoreError::DiskSizeChanged {
+                        vm: vm.clone(),
+                        disk: name.clone(),
+                        was: h.size,
+                        now: *size,
+                    });
+                }
+            }
+        }
+        catalog.add_vm(vm, now_ms())?;
+        for (name, size) in disks {
+            if let Some(h) = map.get(&(vm.clone(), name.clone())) {
+                out.push(h.clone());
+                continue;
+            }
+            let row =
+                catalog::DiskRow { name: name.clone(), size: *size, generation: new_generation(vm, name) };
+            let dir = disk_dir(&self.root, vm, name);
+            create_dir_durable(&dir)?;
+            let base = dir.join("base.img");
+            let f = std::fs::File::create(&base).map_err(io_err(&base))?;
+            f.set_len(*size).map_err(io_err(&base))?;
+            f.sync_all().map_err(io_err(&base))?;
+            durable::sync_dir(&dir)?;
+            catalog.add_disk(vm, &row)?;
+            let handle = Arc::new(open_disk(&self.root, vm, row)?);
+            map.insert((vm.clone(), name.clone()), handle.clone());
+            out.push(handle);
+        }
+        Ok(out)
+    }
+
+    pub fn disk(&self, vm: &VmName, disk: &DiskName) -> Option<Arc<DiskHandle>> {
+        self.disk_map().get(&(vm.clone(), disk.clone())).cloned()
+    }
+
+    /// The VM's disks in name order.
+    pub fn vm_disks(&self, vm: &VmName) -> Vec<Arc<DiskHandle>> {
+        let mut v: Vec<_> = self.disk_map().values().filter(|h| &h.vm == vm).cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmName>, StoreError> {
+        self.catalog().vms()
+    }
+
+    pub fn points(&self, vm: &VmName) -> Result<Vec<Point>, StoreError> {
+        self.catalog().points(vm)
+    }
+
+    /// Makes a recovery point: bookmarks in every disk's journal, fsynced, then the catalog.
+    pub fn make_point(
+        &self,
+        vm: &VmName,
+        time_ms: i64,
+        consistency: Consistency,
+        note: &str,
+        mut disks: Vec<PointDisk>,
+    ) -> Result<Point, StoreError> {
+        let handles = self.vm_disks(vm);
+        if handles.is_empty() {
+            return Err(StoreError::UnknownVm(vm.clone()));
+        }
+        disks.sort_by(|a, b| a.disk.cmp(&b.disk));
+        let names: Vec<&DiskName> = disks.iter().map(|d| &d.disk).collect();
+        let have: Vec<&DiskName> = handles.iter().map(|h| &h.name).collect();
+        if names != have {
+            return Err(StoreError::PointDisksMismatch {
+                vm: vm.clone(),
+                reason: format!("point names {names:?}, VM has {have:?}"),
+            });
+        }
+        let mut catalog = self.catalog();
+        let id = catalog.next_point_id()?;
+        let point = Point { id, vm: vm.clone(), time_ms, consistency, note: note.to_string(), disks };
+        let body = serde_json::to_vec(&format::BookmarkBody {
+            point: id.0,
+            vm: vm.to_string(),
+            time_ms,
+            consistency: consistency.as_str().to_string(),
+            disks: point
+                .disks
+                .iter()
+                .map(|d| format::BookmarkDisk {
+                    disk: d.disk.to_string(),
+                    seq: d.seq.0,
+                    fingerprint: d.fingerprint.to_hex(),
+                })
+                .collect(),
+        })
+        .map_err(|_| StoreError::Invariant("bookmark encodes"))?;
+        for (h, d) in handles.iter().zip(&point.disks) {
+            let mut j = h.journal();
+            if d.seq > j.durable() {
+                return Err(StoreError::PointBeyondDurable {
+                    disk: h.name.to_string(),
+                    seq: d.seq,
+                    durable: j.durable(),
+                });
+            }
+            j.append_bookmark(&body)?;
+            j.sync()?;
+        }
+        catalog.insert_point(&point)?;
+        Ok(point)
+    }
+
+    pub fn resolve_point(&self, vm: &VmName, spec: &PointSpec) -> Result<Point, StoreError> {
+        let points = self.points(vm)?;
+        let found = match spec {
+            PointSpec::LatestProcessed => points.last().cloned(),
+            PointSpec::Id(id) => points.iter().find(|p| p.id == *id).cloned(),
+        };
+        found.ok_or_else(|| StoreError::PointNotFound {
+            vm: vm.clone(),
+            wanted: match spec {
+                PointSpec::LatestProcessed => "yet (latest-processed)".into(),
+                PointSpec::Id(id) => id.to_string(),
+            },
+            available: match (points.first(), points.last()) {
+                (Some(a), Some(b)) => format!("points {} to {} exist (`drctl points {vm}`)", a.id, b.id),
+                _ => {
+                    "it has no points yet; wait for the initial sync or run `drctl checkpoint --wait`".into()
+                }
+            },
+        })
+    }
+
+    /// Writes every disk of `vm` at `spec` into `out_dir` and records an open test failover.
+    pub fn test_failover(
+        &self,
+        vm: &VmName,
+        spec: &PointSpec,
+        out_dir: &Path,
+        format: Format,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FailoverOutput, StoreError> {
+        if !self.catalog().has_vm(vm)? {
+            return Err(StoreError::UnknownVm(vm.clone()));
+        }
+        let point = self.resolve_point(vm, spec)?;
+        let handles = self.vm_disks(vm);
+        let files: Vec<PathBuf> =
+            handles.iter().map(|h| out_dir.join(format!("{}.{}", h.name, format.extension()))).collect();
+        let manifest = out_dir.join("vm.json");
+        for f in files.iter().chain(std::iter::once(&manifest)) {
+            if f.exists() {
+                return Err(StoreError::OutputExists(f.display().to_string()));
+            }
+        }
+        {
+            let catalog = self.catalog();
+            if let Some(open) = catalog.test_failover(vm)? {
+                return Err(StoreError::TestFailoverOpen {
+                    vm: vm.clone(),
+                    point: open.point,
+                    output: open.output,
+                });
+            }
+            let mut listed: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            listed.push(manifest.display().to_string());
+            catalog.open_test_failover(
+                vm,
+                &catalog::TestFailoverRow {
+                    point: point.id,
+                    output: out_dir.display().to_string(),
+                    files: listed,
+                },
+            )?;
+        }
+        let result = self.write_output(vm, &point, &handles, &files, &manifest, out_dir, format, progress);
+        if result.is_err() {
+            for f in &files {
+                let _ = std::fs::remove_file(f);
+            }
+            self.catalog().close_test_failover(vm)?;
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_output(
+        &self,
+        vm: &VmName,
+        point: &Point,
+        handles: &[Arc<DiskHandle>],
+        files: &[PathBuf],
+        manifest: &Path,
+        out_dir: &Path,
+        format: Format,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FailoverOutput, StoreError> {
+        create_dir_durable(out_dir)?;
+        let total: u64 = handles.iter().map(|h| h.size).sum();
+        let mut before = 0u64;
+        let mut disks = Vec::new();
+        for (h, path) in handles.iter().zip(files) {
+            let pd = point
+                .disks
+                .iter()
+                .find(|d| d.disk == h.name)
+                .ok_or(StoreError::Invariant("point lacks a disk of its VM"))?;
+            let snapshot = h.journal().snapshot();
+            let size = h.size;
+            let out = materialize::materialize_disk(
+                h,
+                &snapshot,
+                pd.seq,
+                pd.fingerprint,
+                path,
+                format,
+                &mut |done| progress(before + done.min(size), total),
+            )?;
+            before += size;
+            disks.push(out);
+        }
+        let output = FailoverOutput {
+            vm: vm.to_string(),
+            point: point.id.0,
+            time: rfc3339(point.time_ms),
+            time_ms: point.time_ms,
+            consistency: point.consistency.as_str().to_string(),
+            disks,
+        };
+        let json =
+            serde_json::to_vec_pretty(&output).map_err(|_| StoreError::Invariant("manifest encodes"))?;
+        durable::publish(manifest, &json)?;
+        Ok(output)
+    }
+
+    /// Removes what the open test failover of `vm` made; returns the removed paths.
+    pub fn test_failover_cleanup(&self, vm: &VmName) -> Result<Vec<String>, StoreError> {
+        let catalog = self.catalog();
+        let open = catalog.test_failover(vm)?.ok_or_else(|| StoreError::NoTestFailover(vm.clone()))?;
+        let mut removed = Vec::new();
+        for f in &open.files {
+            let p = Path::new(f);
+            for candidate in [p.to_path_buf(), PathBuf::from(format!("{f}.partial"))] {
+                match std::fs::remove_file(&candidate) {
+                    Ok(()) => removed.push(candidate.display().to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(StoreError::Io { path: candidate.display().to_string(), source: e });
+                    }
+                }
+            }
+        }
+        let dir = Path::new(&open.output);
+        // Only an empty directory is removed: it may have held other things before.
+        if std::fs::remove_dir(dir).is_ok() {
+            removed.push(open.output.clone());
+        }
+        catalog.close_test_failover(vm)?;
+        Ok(removed)
+    }
+}
+
+fn disk_dir(root: &Path, vm: &VmName, disk: &DiskName) -> PathBuf {
+    root.join("vms").join(vm.as_str()).join(disk.as_str())
+}
+
+fn open_disk(root: &Path, vm: &VmName, row: catalog::DiskRow) -> Result<DiskHandle, StoreError> {
+    let dir = disk_dir(root, vm, &row.name);
+    let (journal, recovery) = Journal::open(&dir.join("journal"))?;
+    tracing::info!(vm = %vm, disk = %row.name, durable_seq = %recovery.durable, cut_bytes = recovery.cut_bytes,
+        "journal opened");
+    Ok(DiskHandle {
+        vm: vm.clone(),
+        name: row.name,
+        size: row.size,
+        generation: row.generation,
+        base_path: dir.join("base.img"),
+        journal: Mutex::new(journal),
+    })
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC.
+pub fn rfc3339(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use format::RecordKind;
+    use tern_core::blocks::Fingerprint;
+    use tern_core::codec::Encoder;
+
+    fn write(data: &[u8], offset: u64) -> Record {
+        let e = Encoder::new().encode(data);
+        Record {
+            kind: RecordKind::Write,
+            offset,
+            length: data.len() as u32,
+            digest: e.digest,
+            compressed: e.compressed,
+            payload: e.payload,
+        }
+    }
+
+    #[test]
+    fn point_materialises_byte_for_byte_and_cleanup_removes_it() {
+        let root = tempfile::tempdir().unwrap();
+        let vm = VmName::new("vm1").unwrap();
+        let d = DiskName::new("sda").unwrap();
+        let size = 1u64 << 20;
+        let mut image = vec![0u8; size as usize];
+        {
+            let store = Store::open(root.path()).unwrap();
+            let h = store.register(&vm, &[(d.clone(), size)]).unwrap().remove(0);
+            image[4096..8192].fill(9);
+            image[100_000..100_100].fill(3);
+            let recs = [write(&image[4096..8192], 4096), write(&image[100_000..100_100], 100_000)];
+            h.journal().append(Seq(1), &recs).unwrap();
+            h.journal().sync().unwrap();
+            let mut fp = Fingerprint::new();
+            fp.push_data(&image);
+            store
+                .make_point(
+                    &vm,
+                    now_ms(),
+                    Consistency::Crash,
+                    "",
+                    vec![PointDisk { disk: d.clone(), seq: Seq(2), fingerprint: fp.finish() }],
+                )
+                .unwrap();
+            // A later write that the point must not include.
+            h.journal().append(Seq(3), &[write(&[1u8; 4096], 0)]).unwrap();
+            h.journal().sync().unwrap();
+            // The size of a known disk cannot change.
+            assert!(matches!(
+                store.register(&vm, &[(d.clone(), size * 2)]),
+                Err(StoreError::DiskSizeChanged { .. })
+            ));
+        }
+        let store = Store::open(root.path()).unwrap();
+        let out = root.path().join("out");
+        let res =
+            store.test_failover(&vm, &PointSpec::LatestProcessed, &out, Format::Vhd, &mut |_, _| {}).unwrap();
+        assert_eq!(res.disks[0].blake3, Digest::of(&image).to_hex());
+        let bytes = std::fs::read(out.join("sda.vhd")).unwrap();
+        assert_eq!(bytes.len() as u64, size + 512);
+        assert_eq!(&bytes[..size as usize], &image[..]);
+        assert!(matches!(
+            store.test_failover(
+                &vm,
+                &PointSpec::LatestProcessed,
+                &root.path().join("o2"),
+                Format::Raw,
+                &mut |_, _| {}
+            ),
+            Err(StoreError::TestFailoverOpen { .. })
+        ));
+        let removed = store.test_failover_cleanup(&vm).unwrap();
+        assert!(removed.len() >= 2);
+        assert!(!out.exists());
+        assert!(matches!(
+            store.resolve_point(&vm, &PointSpec::Id(PointId(7))),
+            Err(StoreError::PointNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_fingerprint_fails_loudly_and_leaves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let vm = VmName::new("vm1").unwrap();
+        let d = DiskName::new("sda").unwrap();
+        let h = store.register(&vm, &[(d.clone(), 1 << 20)]).unwrap().remove(0);
+        h.journal().append(Seq(1), &[write(&[5u8; 4096], 0)]).unwrap();
+        h.journal().sync().unwrap();
+        let bogus = Digest::of(b"bogus");
+        store
+            .make_point(
+                &vm,
+                now_ms(),
+                Consistency::Crash,
+                "",
+                vec![PointDisk { disk: d, seq: Seq(1), fingerprint: bogus }],
+            )
+            .unwrap();
+        let out = root.path().join("out");
+        let err = store
+            .test_failover(&vm, &PointSpec::LatestProcessed, &out, Format::Raw, &mut |_, _| {})
+            .unwrap_err();
+        assert!(matches!(err, StoreError::FingerprintMismatch { .. }), "{err}");
+        assert!(!out.join("sda.raw").exists());
+        assert!(matches!(store.test_failover_cleanup(&vm), Err(StoreError::NoTestFailover(_))));
+    }
+}

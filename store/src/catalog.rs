@@ -1,0 +1,295 @@
+//! The catalog: VMs, disks, recovery points and open test failovers, in SQLite (WAL mode)
+//! inside the data directory. Journal positions are not kept here: the journal itself is
+//! the truth for what is durable, so the catalog never runs ahead of the data.
+
+use crate::StoreError;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+use tern_core::{Digest, DiskName, PointId, Seq, VmName};
+
+#[derive(Debug)]
+pub struct Catalog {
+    db: Connection,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskRow {
+    pub name: DiskName,
+    pub size: u64,
+    pub generation: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    Crash,
+    App,
+}
+
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Crash => "crash",
+            Consistency::App => "app",
+        }
+    }
+    fn parse(s: &str) -> Consistency {
+        if s == "app" { Consistency::App } else { Consistency::Crash }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PointDisk {
+    pub disk: DiskName,
+    pub seq: Seq,
+    pub fingerprint: Digest,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Point {
+    pub id: PointId,
+    pub vm: VmName,
+    pub time_ms: i64,
+    pub consistency: Consistency,
+    pub note: String,
+    pub disks: Vec<PointDisk>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestFailoverRow {
+    pub point: PointId,
+    pub output: String,
+    pub files: Vec<String>,
+}
+
+fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |e| StoreError::CatalogQuery { op, reason: e.to_string() }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS vms (
+    name TEXT PRIMARY KEY,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS disks (
+    vm TEXT NOT NULL REFERENCES vms(name),
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    generation TEXT NOT NULL,
+    PRIMARY KEY (vm, name)
+);
+CREATE TABLE IF NOT EXISTS points (
+    id INTEGER PRIMARY KEY,
+    vm TEXT NOT NULL REFERENCES vms(name),
+    time_ms INTEGER NOT NULL,
+    consistency TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS points_vm ON points (vm, id);
+CREATE TABLE IF NOT EXISTS point_disks (
+    point INTEGER NOT NULL REFERENCES points(id),
+    disk TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    fingerprint BLOB NOT NULL,
+    PRIMARY KEY (point, disk)
+);
+CREATE TABLE IF NOT EXISTS test_failovers (
+    vm TEXT PRIMARY KEY REFERENCES vms(name),
+    point INTEGER NOT NULL,
+    output TEXT NOT NULL,
+    files TEXT NOT NULL
+);
+";
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Catalog {
+    pub fn open(path: &Path) -> Result<Catalog, StoreError> {
+        let db = Connection::open(path).map_err(q("open catalog"))?;
+        db.pragma_update(None, "journal_mode", "WAL").map_err(q("set WAL mode"))?;
+        // FULL: a point the catalog reports must survive power loss.
+        db.pragma_update(None, "synchronous", "FULL").map_err(q("set synchronous"))?;
+        db.pragma_update(None, "foreign_keys", "ON").map_err(q("enable foreign keys"))?;
+        db.execute_batch(SCHEMA).map_err(q("create schema"))?;
+        Ok(Catalog { db })
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmName>, StoreError> {
+        let mut st = self.db.prepare("SELECT name FROM vms ORDER BY name").map_err(q("list VMs"))?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(q("list VMs"))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let name = r.map_err(q("list VMs"))?;
+            if let Ok(vm) = VmName::new(&name) {
+                out.push(vm);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn has_vm(&self, vm: &VmName) -> Result<bool, StoreError> {
+        self.db
+            .query_row("SELECT 1 FROM vms WHERE name = ?1", [vm.as_str()], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(q("look up VM"))
+    }
+
+    pub fn add_vm(&self, vm: &VmName, now_ms: i64) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "INSERT OR IGNORE INTO vms (name, created_ms) VALUES (?1, ?2)",
+                params![vm.as_str(), now_ms],
+            )
+            .map_err(q("add VM"))?;
+        Ok(())
+    }
+
+    pub fn disks(&self, vm: &VmName) -> Result<Vec<DiskRow>, StoreError> {
+        let mut st = self
+            .db
+            .prepare("SELECT name, size, generation FROM disks WHERE vm = ?1 ORDER BY name")
+            .map_err(q("list disks"))?;
+        let rows = st
+            .query_map([vm.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+            })
+            .map_err(q("list disks"))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (name, size, generation) = r.map_err(q("list disks"))?;
+            if let Ok(name) = DiskName::new(&name) {
+                out.push(DiskRow { name, size: u64::try_from(size).unwrap_or(0), generation });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn add_disk(&self, vm: &VmName, disk: &DiskRow) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "INSERT INTO disks (vm, name, size, generation) VALUES (?1, ?2, ?3, ?4)",
+                params![vm.as_str(), disk.name.as_str(), i64_of(disk.size), disk.generation],
+            )
+            .map_err(q("add disk"))?;
+        Ok(())
+    }
+
+    pub fn next_point_id(&self) -> Result<PointId, StoreError> {
+        let max: Option<i64> =
+            self.db.query_row("SELECT MAX(id) FROM points", [], |r| r.get(0)).map_err(q("next point id"))?;
+        Ok(PointId(u64::try_from(max.unwrap_or(0)).unwrap_or(0) + 1))
+    }
+
+    pub fn insert_point(&mut self, p: &Point) -> Result<(), StoreError> {
+        let tx = self.db.transaction().map_err(q("insert point"))?;
+        tx.execute(
+            "INSERT INTO points (id, vm, time_ms, consistency, note) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![i64_of(p.id.0), p.vm.as_str(), p.time_ms, p.consistency.as_str(), p.note],
+        )
+        .map_err(q("insert point"))?;
+        for d in &p.disks {
+            tx.execute(
+                "INSERT INTO point_disks (point, disk, seq, fingerprint) VALUES (?1, ?2, ?3, ?4)",
+                params![i64_of(p.id.0), d.disk.as_str(), i64_of(d.seq.0), d.fingerprint.0.to_vec()],
+            )
+            .map_err(q("insert point"))?;
+        }
+        tx.commit().map_err(q("insert point"))
+    }
+
+    /// Points of a VM, oldest first.
+    pub fn points(&self, vm: &VmName) -> Result<Vec<Point>, StoreError> {
+        let mut st = self
+            .db
+            .prepare("SELECT id, time_ms, consistency, note FROM points WHERE vm = ?1 ORDER BY id")
+            .map_err(q("list points"))?;
+        let rows = st
+            .query_map([vm.as_str()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+            })
+            .map_err(q("list points"))?;
+        let mut points = Vec::new();
+        for r in rows {
+            let (id, time_ms, consistency, note) = r.map_err(q("list points"))?;
+            points.push(Point {
+                id: PointId(u64::try_from(id).unwrap_or(0)),
+                vm: vm.clone(),
+                time_ms,
+                consistency: Consistency::parse(&consistency),
+                note,
+                disks: Vec::new(),
+            });
+        }
+        let mut st = self
+            .db
+            .prepare(
+                "SELECT pd.point, pd.disk, pd.seq, pd.fingerprint FROM point_disks pd
+                 JOIN points p ON p.id = pd.point WHERE p.vm = ?1 ORDER BY pd.point, pd.disk",
+            )
+            .map_err(q("list point disks"))?;
+        let rows = st
+            .query_map([vm.as_str()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            })
+            .map_err(q("list point disks"))?;
+        for r in rows {
+            let (point, disk, seq, fp) = r.map_err(q("list point disks"))?;
+            let point = PointId(u64::try_from(point).unwrap_or(0));
+            if let (Some(p), Ok(disk), Some(fingerprint)) =
+                (points.iter_mut().find(|p| p.id == point), DiskName::new(&disk), Digest::from_slice(&fp))
+            {
+                p.disks.push(PointDisk { disk, seq: Seq(u64::try_from(seq).unwrap_or(0)), fingerprint });
+            }
+        }
+        Ok(points)
+    }
+
+    pub fn test_failover(&self, vm: &VmName) -> Result<Option<TestFailoverRow>, StoreError> {
+        self.db
+            .query_row("SELECT point, output, files FROM test_failovers WHERE vm = ?1", [vm.as_str()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            })
+            .optional()
+            .map_err(q("look up test failover"))
+            .map(|row| {
+                row.map(|(point, output, files)| TestFailoverRow {
+                    point: PointId(u64::try_from(point).unwrap_or(0)),
+                    output,
+                    files: serde_json::from_str(&files).unwrap_or_default(),
+                })
+            })
+    }
+
+    pub fn open_test_failover(&self, vm: &VmName, row: &TestFailoverRow) -> Result<(), StoreError> {
+        let files = serde_json::to_string(&row.files).unwrap_or_else(|_| "[]".into());
+        self.db
+            .execute(
+                "INSERT INTO test_failovers (vm, point, output, files) VALUES (?1, ?2, ?3, ?4)",
+                params![vm.as_str(), i64_of(row.point.0), row.output, files],
+            )
+            .map_err(q("record test failover"))?;
+        Ok(())
+    }
+
+    pub fn update_test_failover_files(&self, vm: &VmName, files: &[String]) -> Result<(), StoreError> {
+        let files = serde_json::to_string(files).unwrap_or_else(|_| "[]".into());
+        self.db
+            .execute("UPDATE test_failovers SET files = ?2 WHERE vm = ?1", params![vm.as_str(), files])
+            .map_err(q("record test failover"))?;
+        Ok(())
+    }
+
+    pub fn close_test_failover(&self, vm: &VmName) -> Result<(), StoreError> {
+        self.db
+            .execute("DELETE FROM test_failovers WHERE vm = ?1", [vm.as_str()])
+            .map_err(q("close test failover"))?;
+        Ok(())
+    }
+}

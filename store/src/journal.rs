@@ -1,0 +1,542 @@
+//! The append-only journal of one disk: numbered segment files of self-describing records.
+
+use crate::StoreError;
+use crate::durable::{create_dir_durable, io_err, sync_dir};
+use crate::format::{
+    FLAG_ZSTD, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN,
+    decode_segment_header, encode_segment_header,
+};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use tern_core::codec::{CodecError, Decoder};
+use tern_core::{Digest, Seq};
+
+/// A segment is closed and a new one started once it passes this size.
+pub const SEGMENT_TARGET_BYTES: u64 = 256 << 20;
+
+/// One record, as it arrives from a sender or is read back from a segment.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Record {
+    pub kind: RecordKind,
+    pub offset: u64,
+    pub length: u32,
+    pub digest: Digest,
+    pub compressed: bool,
+    pub payload: Vec<u8>,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("kind", &self.kind)
+            .field("offset", &self.offset)
+            .field("length", &self.length)
+            .field("payload", &self.payload.len())
+            .finish()
+    }
+}
+
+/// Why an incoming record was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordProblem {
+    #[error("extent [{offset}, +{length}) lies outside the disk of {size} bytes")]
+    OutOfBounds { offset: u64, length: u32, size: u64 },
+    #[error("extent length {0} is zero or larger than {MAX_RECORD_LEN}")]
+    BadLength(u32),
+    #[error("a zero extent carries a payload")]
+    ZeroWithPayload,
+    #[error("bookmarks are made by the server, not sent")]
+    Bookmark,
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// Checks an incoming record against the disk and its own digest. Costs a decompression
+/// and a hash; run it off the async reactor.
+pub fn verify_record(dec: &mut Decoder, disk_size: u64, r: &Record) -> Result<(), RecordProblem> {
+    if r.length == 0 || r.length > MAX_RECORD_LEN {
+        return Err(RecordProblem::BadLength(r.length));
+    }
+    if r.offset.checked_add(u64::from(r.length)).is_none_or(|end| end > disk_size) {
+        return Err(RecordProblem::OutOfBounds { offset: r.offset, length: r.length, size: disk_size });
+    }
+    match r.kind {
+        RecordKind::Zero if !r.payload.is_empty() => Err(RecordProblem::ZeroWithPayload),
+        RecordKind::Zero => Ok(()),
+        RecordKind::Bookmark => Err(RecordProblem::Bookmark),
+        RecordKind::Write => {
+            dec.decode(r.compressed, &r.payload, r.length as usize, &r.digest)?;
+            Ok(())
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Segment {
+    path: PathBuf,
+    /// Bytes known to be durable.
+    durable_len: u64,
+}
+
+/// What opening a journal found and repaired.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub durable: Seq,
+    /// Bytes cut off the end of the last segment (a torn tail); they are kept in a
+    /// `.torn` file beside it.
+    pub cut_bytes: u64,
+}
+
+/// The writer's handle on one disk's journal. One per disk; readers take a
+/// [`JournalSnapshot`] and read without it.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    active: Option<File>,
+    active_len: u64,
+    dir_dirty: bool,
+    written: Seq,
+    durable: Seq,
+    buf: Vec<u8>,
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.seg")
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir`, checking every record and cutting a torn tail.
+    pub fn open(dir: &Path) -> Result<(Journal, Recovery), StoreError> {
+        create_dir_durable(dir)?;
+        let mut found: Vec<(u64, PathBuf)> = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(num) = name.strip_suffix(".seg")
+                && let Ok(n) = num.parse::<u64>()
+            {
+                found.push((n, entry.path()));
+            }
+        }
+        found.sort();
+        let mut recovery = Recovery::default();
+        let mut segments = Vec::new();
+        let mut last = Seq(found.first().map_or(0, |(n, _)| n.saturating_sub(1)));
+        let count = found.len();
+        for (i, (first_seq, path)) in found.into_iter().enumerate() {
+            let is_last = i + 1 == count;
+            if first_seq != last.0 + 1 {
+                return Err(StoreError::SegmentCorrupt {
+                    path: path.display().to_string(),
+                    offset: 0,
+                    reason: format!("segment starts at seq {first_seq}, expected {}", last.0 + 1),
+                });
+            }
+            let scan = scan_segment(&path, first_seq)?;
+            if scan.bad_at.is_some() && !is_last {
+                return Err(StoreError::SegmentCorrupt {
+                    path: path.display().to_string(),
+                    offset: scan.good_len,
+                    reason: "record fails its checksum in a closed segment".into(),
+                });
+            }
+            if let Some(file_len) = scan.bad_at {
+                recovery.cut_bytes = file_len - scan.good_len;
+                cut_tail(&path, scan.good_len, file_len)?;
+            }
+            if scan.good_len < SEGMENT_HEADER_LEN as u64 {
+                // A segment whose header never became durable holds nothing acked.
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+                sync_dir(dir)?;
+                continue;
+            }
+            if scan.last_seq.0 > 0 {
+                last = scan.last_seq;
+            }
+            segments.push(Segment { path, durable_len: scan.good_len });
+        }
+        recovery.durable = last;
+        let mut j = Journal {
+            dir: dir.to_path_buf(),
+            segments,
+            active: None,
+            active_len: 0,
+            dir_dirty: false,
+            written: last,
+            durable: last,
+            buf: Vec::with_capacity(4 << 20),
+        };
+        if let Some(seg) = j.segments.last() {
+            let f = OpenOptions::new().read(true).write(true).open(&seg.path).map_err(io_err(&seg.path))?;
+            j.active_len = seg.durable_len;
+            j.active = Some(f);
+        }
+        Ok((j, recovery))
+    }
+
+    /// Last sequence number that is fsynced.
+    pub fn durable(&self) -> Seq {
+        self.durable
+    }
+
+    /// Last sequence number written, fsynced or not.
+    pub fn written(&self) -> Seq {
+        self.written
+    }
+
+    /// Total bytes of all segments.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.durable_len).sum::<u64>().max(self.active_len)
+    }
+
+    /// Appends records numbered from `first_seq`, which must follow the last written one.
+    /// Not durable until [`Journal::sync`] returns.
+    pub fn append(&mut self, first_seq: Seq, records: &[Record]) -> Result<Seq, StoreError> {
+        if first_seq != self.written.next() {
+            return Err(StoreError::SeqGap { expected: self.written.next(), got: first_seq });
+        }
+        if records.is_empty() {
+            return Ok(self.written);
+        }
+        self.buf.clear();
+        for (i, r) in records.iter().enumerate() {
+            encode_record(&mut self.buf, r, first_seq.0 + i as u64);
+        }
+        self.write_buf(first_seq)?;
+        self.written = Seq(first_seq.0 + records.len() as u64 - 1);
+        Ok(self.written)
+    }
+
+    /// Appends a bookmark after the last written record.
+    pub fn append_bookmark(&mut self, body: &[u8]) -> Result<(), StoreError> {
+        let r = Record {
+            kind: RecordKind::Bookmark,
+            offset: 0,
+            length: 0,
+            digest: Digest::of(body),
+            compressed: false,
+            payload: body.to_vec(),
+        };
+        self.buf.clear();
+        encode_record(&mut self.buf, &r, self.written.0);
+        let next = self.written.next();
+        self.write_buf(next)
+    }
+
+    fn write_buf(&mut self, next_seq: Seq) -> Result<(), StoreError> {
+        if self.active.is_none() || self.active_len >= SEGMENT_TARGET_BYTES {
+            self.roll(next_seq)?;
+        }
+        let Some(seg) = self.segments.last() else { return Err(StoreError::Invariant("no active segment")) };
+        let path = seg.path.clone();
+        let Some(f) = self.active.as_mut() else { return Err(StoreError::Invariant("no active segment")) };
+        f.write_all_at(&self.buf, self.active_len).map_err(io_err(&path))?;
+        self.active_len += self.buf.len() as u64;
+        Ok(())
+    }
+
+    fn roll(&mut self, first_seq: Seq) -> Result<(), StoreError> {
+        // Close the old segment durably before starting the next.
+        if self.active.is_some() {
+            self.sync()?;
+        }
+        let path = self.dir.join(segment_name(first_seq.0));
+        let mut f =
+            OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
+        f.write_all(&encode_segment_header(first_seq.0)).map_err(io_err(&path))?;
+        self.segments.push(Segment { path, durable_len: 0 });
+        self.active = Some(f);
+        self.active_len = SEGMENT_HEADER_LEN as u64;
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    /// Makes everything written durable and returns the durable sequence number.
+    pub fn sync(&mut self) -> Result<Seq, StoreError> {
+        if let (Some(f), Some(seg)) = (self.active.as_ref(), self.segments.last_mut()) {
+            if seg.durable_len != self.active_len {
+                f.sync_data().map_err(io_err(&seg.path))?;
+                seg.durable_len = self.active_len;
+            }
+        }
+        if self.dir_dirty {
+            sync_dir(&self.dir)?;
+            self.dir_dirty = false;
+        }
+        self.durable = self.written;
+        Ok(self.durable)
+    }
+
+    /// A view of the durable records for readers.
+    pub fn snapshot(&self) -> JournalSnapshot {
+        JournalSnapshot {
+            segments: self.segments.iter().map(|s| (s.path.clone(), s.durable_len)).collect(),
+            durable: self.durable,
+        }
+    }
+}
+
+fn encode_record(buf: &mut Vec<u8>, r: &Record, seq: u64) {
+    let h = RecordHeader {
+        kind: r.kind,
+        flags: if r.compressed { FLAG_ZSTD } else { 0 },
+        seq,
+        offset: r.offset,
+        length: r.length,
+        payload_len: u32::try_from(r.payload.len()).unwrap_or(u32::MAX),
+        digest: r.digest,
+    };
+    buf.extend_from_slice(&h.encode(&r.payload));
+    buf.extend_from_slice(&r.payload);
+}
+
+struct Scan {
+    good_len: u64,
+    last_seq: Seq,
+    /// File length, when a bad or partial record follows `good_len`.
+    bad_at: Option<u64>,
+}
+
+fn scan_segment(path: &Path, first_seq: u64) -> Result<Scan, StoreError> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let file_len = f.metadata().map_err(io_err(path))?.len();
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut head = [0u8; SEGMENT_HEADER_LEN];
+    if r.read_exact(&mut head).is_err() || decode_segment_header(&head) != Some(first_seq) {
+        return Ok(Scan { good_len: 0, last_seq: Seq(0), bad_at: Some(file_len) });
+    }
+    let mut pos = SEGMENT_HEADER_LEN as u64;
+    let mut last = Seq(first_seq - 1);
+    let mut payload = Vec::new();
+    loop {
+        if pos == file_len {
+            return Ok(Scan { good_len: pos, last_seq: last, bad_at: None });
+        }
+        let mut raw = [0u8; RECORD_HEADER_LEN];
+        let ok = r.read_exact(&mut raw).is_ok()
+            && match RecordHeader::decode(&raw) {
+                Some(h) if h.payload_len <= 2 * MAX_RECORD_LEN => {
+                    payload.resize(h.payload_len as usize, 0);
+                    let expected_seq = if h.kind == RecordKind::Bookmark { last.0 } else { last.0 + 1 };
+                    r.read_exact(&mut payload).is_ok()
+                        && RecordHeader::check_matches(&raw, &payload)
+                        && h.seq == expected_seq
+                        && {
+                            last = Seq(h.seq);
+                            true
+                        }
+                }
+                _ => false,
+            };
+        if !ok {
+            return Ok(Scan { good_len: pos, last_seq: last, bad_at: Some(file_len) });
+        }
+        pos += (RECORD_HEADER_LEN + payload.len()) as u64;
+    }
+}
+
+/// Keeps the bytes past `good_len` in a `.torn` file, then cuts them off.
+fn cut_tail(path: &Path, good_len: u64, file_len: u64) -> Result<(), StoreError> {
+    let f = OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path))?;
+    let mut tail = vec![0u8; usize::try_from(file_len - good_len).unwrap_or(0)];
+    f.read_exact_at(&mut tail, good_len).map_err(io_err(path))?;
+    let torn = path.with_extension(format!("seg.torn-{good_len}"));
+    crate::durable::publish(&torn, &tail)?;
+    f.set_len(good_len).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    tracing::warn!(segment = %path.display(), offset = good_len, bytes = tail.len(),
+        "torn tail cut off the journal; the bytes are kept beside it");
+    Ok(())
+}
+
+/// The durable part of a journal at one moment. Safe to read while the writer appends.
+#[derive(Debug, Clone)]
+pub struct JournalSnapshot {
+    segments: Vec<(PathBuf, u64)>,
+    pub durable: Seq,
+}
+
+/// A record read back from a segment, with its sequence number.
+#[derive(Debug)]
+pub struct StoredRecord {
+    pub seq: Seq,
+    pub record: Record,
+}
+
+impl JournalSnapshot {
+    /// Reads records with sequence numbers up to `upto` (bookmarks included), in order,
+    /// checking each record's checksum.
+    pub fn read(&self, upto: Seq) -> JournalReader {
+        JournalReader { segments: self.segments.clone(), index: 0, reader: None, upto, pos: 0, end: 0 }
+    }
+}
+
+#[derive(Debug)]
+pub struct JournalReader {
+    segments: Vec<(PathBuf, u64)>,
+    index: usize,
+    reader: Option<BufReader<File>>,
+    upto: Seq,
+    pos: u64,
+    end: u64,
+}
+
+impl JournalReader {
+    fn next_record(&mut self) -> Result<Option<StoredRecord>, StoreError> {
+        loop {
+            if self.reader.is_none() {
+                let Some((path, len)) = self.segments.get(self.index) else { return Ok(None) };
+                let f = File::open(path).map_err(io_err(path))?;
+                let mut r = BufReader::with_capacity(1 << 20, f);
+                let mut head = [0u8; SEGMENT_HEADER_LEN];
+                r.read_exact(&mut head).map_err(io_err(path))?;
+                self.pos = SEGMENT_HEADER_LEN as u64;
+                self.end = *len;
+                self.reader = Some(r);
+            }
+            let path = self.segments[self.index].0.clone();
+            if self.pos >= self.end {
+                self.reader = None;
+                self.index += 1;
+                continue;
+            }
+            let Some(r) = self.reader.as_mut() else { continue };
+            let corrupt = |offset, reason: &str| StoreError::SegmentCorrupt {
+                path: path.display().to_string(),
+                offset,
+                reason: reason.to_string(),
+            };
+            let mut raw = [0u8; RECORD_HEADER_LEN];
+            r.read_exact(&mut raw).map_err(io_err(&path))?;
+            let h = RecordHeader::decode(&raw).ok_or_else(|| corrupt(self.pos, "bad record header"))?;
+            let mut payload = vec![0u8; h.payload_len as usize];
+            r.read_exact(&mut payload).map_err(io_err(&path))?;
+            if !RecordHeader::check_matches(&raw, &payload) {
+                return Err(corrupt(self.pos, "record fails its checksum"));
+            }
+            self.pos += (RECORD_HEADER_LEN + payload.len()) as u64;
+            if h.seq > self.upto.0 {
+                return Ok(None);
+            }
+            return Ok(Some(StoredRecord {
+                seq: Seq(h.seq),
+                record: Record {
+                    kind: h.kind,
+                    offset: h.offset,
+                    length: h.length,
+                    digest: h.digest,
+                    compressed: h.flags & FLAG_ZSTD != 0,
+                    payload,
+                },
+            }));
+        }
+    }
+}
+
+impl Iterator for JournalReader {
+    type Item = Result<StoredRecord, StoreError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_core::codec::Encoder;
+
+    fn write_rec(data: &[u8], offset: u64) -> Record {
+        let e = Encoder::new().encode(data);
+        Record {
+            kind: RecordKind::Write,
+            offset,
+            length: data.len() as u32,
+            digest: e.digest,
+            compressed: e.compressed,
+            payload: e.payload,
+        }
+    }
+
+    #[test]
+    fn append_sync_reopen_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, rec) = Journal::open(dir.path()).unwrap();
+        assert_eq!(rec.durable, Seq(0));
+        j.append(Seq(1), &[write_rec(&[1; 4096], 0), write_rec(&[2; 4096], 4096)]).unwrap();
+        j.append_bookmark(b"{}").unwrap();
+        j.append(Seq(3), &[write_rec(&[3; 8192], 0)]).unwrap();
+        assert_eq!(j.sync().unwrap(), Seq(3));
+        assert!(matches!(j.append(Seq(9), &[write_rec(&[3; 10], 0)]), Err(StoreError::SeqGap { .. })));
+        drop(j);
+        let (j, rec) = Journal::open(dir.path()).unwrap();
+        assert_eq!(rec, Recovery { durable: Seq(3), cut_bytes: 0 });
+        let got: Vec<_> = j.snapshot().read(Seq(2)).map(|r| r.unwrap()).collect();
+        assert_eq!(got.len(), 3, "two writes and the bookmark after seq 2");
+        assert_eq!(got[2].record.kind, RecordKind::Bookmark);
+        assert_eq!(j.snapshot().read(Seq(3)).count(), 4);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_at_open_and_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.append(Seq(1), &[write_rec(&[1; 4096], 0)]).unwrap();
+        j.sync().unwrap();
+        j.append(Seq(2), &[write_rec(&[7; 65536], 0)]).unwrap();
+        j.sync().unwrap();
+        let seg = dir.path().join(segment_name(1));
+        let len = std::fs::metadata(&seg).unwrap().len();
+        drop(j);
+        // A crash in the middle of the second record's write.
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len - 10).unwrap();
+        let (mut j, rec) = Journal::open(dir.path()).unwrap();
+        assert_eq!(rec.durable, Seq(1));
+        assert!(rec.cut_bytes > 0);
+        assert!(
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .any(|e| { e.unwrap().file_name().to_string_lossy().contains("torn") })
+        );
+        // The sender resends seq 2 and the journal goes on.
+        j.append(Seq(2), &[write_rec(&[8; 4096], 0)]).unwrap();
+        assert_eq!(j.sync().unwrap(), Seq(2));
+        let recs: Vec<_> = j.snapshot().read(Seq(2)).map(|r| r.unwrap()).collect();
+        assert_eq!(recs.len(), 2);
+    }
+
+    #[test]
+    fn corrupt_record_is_detected_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.append(Seq(1), &[write_rec(&[1; 4096], 0), write_rec(&[2; 4096], 4096)]).unwrap();
+        j.sync().unwrap();
+        let snap = j.snapshot();
+        drop(j);
+        let seg = dir.path().join(segment_name(1));
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let at = SEGMENT_HEADER_LEN + RECORD_HEADER_LEN + 2; // inside the first payload
+        bytes[at] ^= 0xff;
+        std::fs::write(&seg, &bytes).unwrap();
+        let err = snap.read(Seq(2)).next().unwrap().unwrap_err();
+        assert!(matches!(err, StoreError::SegmentCorrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn verify_rejects_digest_mismatch_and_bounds() {
+        let mut dec = Decoder::new();
+        let mut r = write_rec(&[5; 4096], 0);
+        assert!(verify_record(&mut dec, 1 << 20, &r).is_ok());
+        r.digest = Digest::of(b"not the data");
+        assert!(matches!(
+            verify_record(&mut dec, 1 << 20, &r),
+            Err(RecordProblem::Codec(CodecError::DigestMismatch { .. }))
+        ));
+        let r = write_rec(&[5; 4096], (1 << 20) - 100);
+        assert!(matches!(verify_record(&mut dec, 1 << 20, &r), Err(RecordProblem::OutOfBounds { .. })));
+    }
+}

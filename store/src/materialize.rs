@@ -1,0 +1,206 @@
+//! Materialisation: the disk as of a point, written out as a sparse raw image or a fixed
+//! VHD, checked against the point's fingerprint while it is written.
+
+use crate::durable::{io_err, publish_file};
+use crate::format::{RecordKind, vhd_footer};
+use crate::journal::JournalSnapshot;
+use crate::{DiskHandle, StoreError};
+use rustix::fs::{SeekFrom, seek};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use tern_core::blocks::{BLOCK_SIZE, Fingerprint, is_zero};
+use tern_core::codec::Decoder;
+use tern_core::{Digest, Seq};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Vhd,
+}
+
+impl Format {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Vhd => "vhd",
+        }
+    }
+}
+
+/// One written disk, as `vm.json` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct OutputDisk {
+    pub name: String,
+    pub file: String,
+    pub size: u64,
+    /// BLAKE3 of the disk's contents (for VHD: without the footer).
+    pub blake3: String,
+    pub fingerprint: String,
+}
+
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Data ranges of a file, skipping holes; one range covering everything when the file
+/// system cannot tell.
+pub fn data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match seek(f, SeekFrom::Data(pos)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return vec![(0, size)],
+        };
+        if start >= size {
+            break;
+        }
+        let end = match seek(f, SeekFrom::Hole(start)) {
+            Ok(e) => e.min(size),
+            Err(_) => size,
+        };
+        out.push((start, end));
+        pos = end;
+    }
+    out
+}
+
+/// Writes `disk` as of `upto` to `path` and checks its fingerprint. `progress` gets the
+/// bytes done so far. The file appears at `path` only when complete and fsynced.
+pub fn materialize_disk(
+    disk: &DiskHandle,
+    snapshot: &JournalSnapshot,
+    upto: Seq,
+    expected: Digest,
+    path: &Path,
+    format: Format,
+    progress: &mut dyn FnMut(u64),
+) -> Result<OutputDisk, StoreError> {
+    if upto > snapshot.durable {
+        return Err(StoreError::PointBeyondDurable {
+            disk: disk.name.to_string(),
+            seq: upto,
+            durable: snapshot.durable,
+        });
+    }
+    let tmp = PathBuf::from(format!("{}.partial", path.display()));
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    out.set_len(disk.size).map_err(io_err(&tmp))?;
+    let result = fill(disk, snapshot, upto, &out, &tmp, progress).and_then(|()| {
+        let (content, fingerprint) = hash_output(&out, disk.size, &tmp)?;
+        if fingerprint != expected {
+            return Err(StoreError::FingerprintMismatch {
+                disk: disk.name.to_string(),
+                expected,
+                actual: fingerprint,
+            });
+        }
+        if format == Format::Vhd {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs().saturating_sub(946_684_800));
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&content.0[..16]);
+            let footer = vhd_footer(disk.size, id, u32::try_from(secs).unwrap_or(0));
+            out.write_all_at(&footer, disk.size).map_err(io_err(&tmp))?;
+        }
+        out.sync_all().map_err(io_err(&tmp))?;
+        Ok((content, fingerprint))
+    });
+    match result {
+        Ok((content, fingerprint)) => {
+            drop(out);
+            publish_file(&tmp, path)?;
+            Ok(OutputDisk {
+                name: disk.name.to_string(),
+                file: path.display().to_string(),
+                size: disk.size,
+                blake3: content.to_hex(),
+                fingerprint: fingerprint.to_hex(),
+            })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn fill(
+    disk: &DiskHandle,
+    snapshot: &JournalSnapshot,
+    upto: Seq,
+    out: &File,
+    out_path: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), StoreError> {
+    // 1. The base image, skipping its holes and zero chunks so the output stays sparse.
+    let base = File::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut done = 0u64;
+    for (start, end) in data_ranges(&base, disk.size) {
+        let mut pos = start;
+        while pos < end {
+            let n = usize::try_from((end - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+            base.read_exact_at(&mut buf[..n], pos).map_err(io_err(&disk.base_path))?;
+            if !is_zero(&buf[..n]) {
+                out.write_all_at(&buf[..n], pos).map_err(io_err(out_path))?;
+            }
+            pos += n as u64;
+            done += n as u64;
+            progress(done);
+        }
+    }
+    // 2. The journal up to the point, every record verified again.
+    let mut dec = Decoder::new();
+    let zeroes = vec![0u8; COPY_CHUNK];
+    for rec in snapshot.read(upto) {
+        let rec = rec?;
+        let r = &rec.record;
+        match r.kind {
+            RecordKind::Bookmark => continue,
+            RecordKind::Write => {
+                let plain =
+                    dec.decode(r.compressed, &r.payload, r.length as usize, &r.digest).map_err(|e| {
+                        StoreError::JournalRecordBad { disk: disk.name.to_string(), seq: rec.seq, reason: e }
+                    })?;
+                out.write_all_at(&plain, r.offset).map_err(io_err(out_path))?;
+            }
+            RecordKind::Zero => {
+                let mut pos = r.offset;
+                let end = r.offset + u64::from(r.length);
+                while pos < end {
+                    let n = usize::try_from((end - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+                    out.write_all_at(&zeroes[..n], pos).map_err(io_err(out_path))?;
+                    pos += n as u64;
+                }
+            }
+        }
+        done += u64::from(r.length);
+        progress(done);
+    }
+    Ok(())
+}
+
+/// BLAKE3 of the whole content and the block fingerprint, in one read of the output.
+pub fn hash_output(f: &File, size: u64, path: &Path) -> Result<(Digest, Digest), StoreError> {
+    let mut whole = blake3::Hasher::new();
+    let mut fp = Fingerprint::new();
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = usize::try_from((size - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+        f.read_exact_at(&mut buf[..n], pos).map_err(io_err(path))?;
+        whole.update(&buf[..n]);
+        fp.push_data(&buf[..n]);
+        pos += n as u64;
+    }
+    debug_assert_eq!(fp.blocks(), size.div_ceil(BLOCK_SIZE as u64));
+    Ok((Digest::from(whole.finalize()), fp.finish()))
+}
