@@ -1,1 +1,409 @@
+//! tern-agent (`mobility-agent`): tracks a VM's disks by scanning them, ships the changed
+//! pages to the process server over one long-lived mTLS gRPC stream, and makes recovery
+//! points at consistent cuts. It only ever dials out, and reconnects by itself.
 
+pub mod scan;
+pub mod state;
+
+use scan::{DiskSource, PassResult, ScanError, ScanEvent};
+use state::DiskState;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_core::pki::Bundle;
+use tern_core::{Seq, VmName};
+use tern_proto as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tracing::{error, info, warn};
+
+/// Times a checkpoint is retried when disks keep changing during the scan.
+const CONSISTENT_ATTEMPTS: usize = 5;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: String,
+    pub identity: Bundle,
+    pub vm: VmName,
+    pub disks: Vec<DiskSource>,
+    pub state_dir: PathBuf,
+    pub interval: Duration,
+    pub freeze: Option<String>,
+    pub thaw: Option<String>,
+    /// Bytes per second on the wire at most (0: unlimited).
+    pub max_rate: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the process server refused this agent: {0}")]
+    Refused(String),
+    #[error("state directory {path}: {source}")]
+    StateDir { path: String, source: std::io::Error },
+}
+
+/// Runs until `shutdown` or a permanent refusal (wrong identity, bad disk).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|source| AgentError::StateDir { path: config.state_dir.display().to_string(), source })?;
+    let config = Arc::new(config);
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = session(config.clone(), shutdown.clone()) => r,
+        };
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(status) if is_permanent(status.code()) => {
+                error!(code = ?status.code(), "{}", status.message());
+                return Err(AgentError::Refused(status.message().to_string()));
+            }
+            Err(status) => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(250);
+                }
+                warn!(code = ?status.code(), error = %status.message(), retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                    "session with the process server ended; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn is_permanent(code: Code) -> bool {
+    matches!(
+        code,
+        Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument | Code::FailedPrecondition
+    )
+}
+
+fn status_of(e: pb::ConnectError) -> tonic::Status {
+    match e {
+        pb::ConnectError::BadUrl { .. } => tonic::Status::invalid_argument(e.to_string()),
+        pb::ConnectError::Unreachable { .. } => tonic::Status::unavailable(e.to_string()),
+    }
+}
+
+/// Checkpoint requests: (request id, app-consistent).
+type Requests = Vec<(u64, bool)>;
+
+/// What a pass was for: the checkpoint requests it answers.
+#[derive(Debug, Default)]
+struct Pending {
+    requests: Requests,
+}
+
+async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), tonic::Status> {
+    let channel = pb::connect(&config.server, &config.identity).await.map_err(status_of)?;
+    let mut client = pb::replication_client::ReplicationClient::new(channel)
+        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(8);
+    let hello = pb::Hello {
+        vm: config.vm.to_string(),
+        disks: config.disks.iter().map(|d| pb::DiskInfo { name: d.name.to_string(), size: d.size }).collect(),
+        protocol: 1,
+    };
+    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) })
+        .await
+        .map_err(|_| tonic::Status::cancelled("stream closed"))?;
+    let mut inbound = client.replicate(ReceiverStream::new(rx)).await?.into_inner();
+    let welcome = match inbound.message().await? {
+        Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => w,
+        _ => return Err(tonic::Status::internal("the server did not answer Hello with Welcome")),
+    };
+    // What the receiver holds, per disk.
+    let cfg = config.clone();
+    let welcome2 = welcome.clone();
+    let mut states = tokio::task::spawn_blocking(move || load_states(&cfg, &welcome2))
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let mut next_seq: Vec<Seq> = config
+        .disks
+        .iter()
+        .map(|d| {
+            let durable =
+                welcome.disks.iter().find(|w| w.name == d.name.as_str()).map_or(0, |w| w.durable_seq);
+            Seq(durable + 1)
+        })
+        .collect();
+    let mut durable: Vec<Seq> = next_seq.iter().map(|s| Seq(s.0 - 1)).collect();
+    info!(vm = %config.vm, server = %config.server, "connected; replicating");
+
+    let mut pending = Pending::default();
+    // The first pass starts at once: it syncs whatever changed while disconnected.
+    let mut due = tokio::time::Instant::now();
+    // A point sent and not yet acked: the requests it answers and the state to save then.
+    let mut awaiting_point: Option<(Requests, Vec<DiskState>)> = None;
+    loop {
+        if awaiting_point.is_none() && (tokio::time::Instant::now() >= due || !pending.requests.is_empty()) {
+            let requests = std::mem::take(&mut pending.requests);
+            let app = requests.iter().any(|r| r.1);
+            let (result, back) = scan_until_consistent(
+                &config,
+                states,
+                &tx,
+                &mut inbound,
+                &mut next_seq,
+                &mut durable,
+                &mut pending,
+                &shutdown,
+                app,
+            )
+            .await?;
+            states = back;
+            due = tokio::time::Instant::now() + config.interval;
+            match result {
+                Some((pass, note)) => {
+                    let consistency =
+                        if app && note.is_empty() { pb::Consistency::App } else { pb::Consistency::Crash };
+                    let point = pb::MakePoint {
+                        request_ids: requests.iter().map(|r| r.0).collect(),
+                        consistency: consistency as i32,
+                        disks: config
+                            .disks
+                            .iter()
+                            .zip(&pass.fingerprints)
+                            .zip(&next_seq)
+                            .map(|((d, fp), next)| pb::PointDisk {
+                                disk: d.name.to_string(),
+                                seq: next.0 - 1,
+                                fingerprint: fp.0.to_vec(),
+                            })
+                            .collect(),
+                        time_ms: now_ms(),
+                        note,
+                    };
+                    send(&tx, pb::agent_message::Msg::Point(point)).await?;
+                    let mut saved = states.clone();
+                    for (s, next) in saved.iter_mut().zip(&next_seq) {
+                        s.seq = Seq(next.0 - 1);
+                    }
+                    awaiting_point = Some((requests, saved));
+                }
+                None => {
+                    for (id, _) in requests {
+                        let reason = "the disks kept changing during every scan, so no consistent cut could be had; \
+                                      configure --freeze/--thaw hooks to quiesce the VM";
+                        send(
+                            &tx,
+                            pb::agent_message::Msg::PointFailed(pb::PointFailed {
+                                request_id: id,
+                                reason: reason.into(),
+                            }),
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        let wait = tokio::time::sleep_until(due);
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = wait, if awaiting_point.is_none() => {}
+            m = inbound.message() => {
+                match m? {
+                    None => return Err(tonic::Status::unavailable("the process server closed the stream")),
+                    Some(msg) => match msg.msg {
+                        Some(pb::server_message::Msg::Ack(a)) => note_ack(&config, &mut durable, &a),
+                        Some(pb::server_message::Msg::Checkpoint(c)) => pending.requests.push((c.request_id, c.app_consistent)),
+                        Some(pb::server_message::Msg::PointAck(p)) => {
+                            if let Some((requests, saved)) = awaiting_point.take() {
+                                info!(point = p.point_id, answers = requests.len(), "recovery point acked");
+                                let cfg = config.clone();
+                                tokio::task::spawn_blocking(move || save_states(&cfg, &saved))
+                                    .await
+                                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                            }
+                        }
+                        _ => {}
+                    },
+                }
+            }
+        }
+    }
+}
+
+fn note_ack(config: &Config, durable: &mut [Seq], a: &pb::Ack) {
+    if let Some(i) = config.disks.iter().position(|d| d.name.as_str() == a.disk) {
+        durable[i] = durable[i].max(Seq(a.durable_seq));
+    }
+}
+
+async fn send(tx: &mpsc::Sender<pb::AgentMessage>, m: pb::agent_message::Msg) -> Result<(), tonic::Status> {
+    tx.send(pb::AgentMessage { msg: Some(m) })
+        .await
+        .map_err(|_| tonic::Status::unavailable("the stream to the process server closed"))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn load_states(config: &Config, welcome: &pb::Welcome) -> Vec<DiskState> {
+    config
+        .disks
+        .iter()
+        .map(|d| {
+            let w = welcome.disks.iter().find(|w| w.name == d.name.as_str());
+            let (generation, durable) = w.map_or((String::new(), 0), |w| (w.generation.clone(), w.durable_seq));
+            let path = DiskState::path(&config.state_dir, d.name.as_str());
+            match DiskState::load(&path, d.size) {
+                Some(s) if s.generation == generation && s.seq.0 <= durable => {
+                    info!(disk = %d.name, "saved state matches the server's copy; sending only changes");
+                    s
+                }
+                _ if durable == 0 => DiskState::zeroes(d.size, &generation),
+                _ => {
+                    warn!(disk = %d.name, "no saved state for the server's copy; every block with data is sent again");
+                    DiskState::unknown(d.size, &generation)
+                }
+            }
+        })
+        .collect()
+}
+
+fn save_states(config: &Config, states: &[DiskState]) {
+    for (d, s) in config.disks.iter().zip(states) {
+        let path = DiskState::path(&config.state_dir, d.name.as_str());
+        if let Err(e) = s.save(&path) {
+            warn!(disk = %d.name, path = %path.display(), error = %e, "cannot save agent state; a restart will resend more");
+        }
+    }
+}
+
+fn run_hook(what: &str, cmd: &str) -> Result<(), String> {
+    match std::process::Command::new("sh").arg("-c").arg(cmd).status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("{what} hook `{cmd}` failed with {s}")),
+        Err(e) => Err(format!("{what} hook `{cmd}` could not start: {e}")),
+    }
+}
+
+/// Scans until a pass is a consistent cut (or attempts run out), forwarding records as
+/// they come and handling acks meanwhile. Returns the consistent pass and the point's note.
+#[allow(clippy::too_many_arguments)]
+async fn scan_until_consistent(
+    config: &Arc<Config>,
+    mut states: Vec<DiskState>,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    inbound: &mut tonic::Streaming<pb::ServerMessage>,
+    next_seq: &mut [Seq],
+    durable: &mut [Seq],
+    pending: &mut Pending,
+    shutdown: &CancellationToken,
+    app: bool,
+) -> Result<(Option<(PassResult, String)>, Vec<DiskState>), tonic::Status> {
+    let mut note = String::new();
+    for attempt in 1..=CONSISTENT_ATTEMPTS {
+        let started = Instant::now();
+        let freeze = if app { config.freeze.clone() } else { None };
+        let frozen = match &freeze {
+            Some(cmd) => match run_hook("freeze", cmd) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "freeze failed; the point will be crash-consistent");
+                    note = e;
+                    false
+                }
+            },
+            None => {
+                if app {
+                    note = "no --freeze hook is configured".into();
+                }
+                false
+            }
+        };
+        let (ev_tx, mut ev_rx) = mpsc::channel::<ScanEvent>(4);
+        let cancel = shutdown.child_token();
+        let cfg = config.clone();
+        let c2 = cancel.clone();
+        let scanner = tokio::task::spawn_blocking(move || {
+            let r = scan::run_pass(&cfg.disks, &mut states, frozen, &ev_tx, &c2);
+            if frozen
+                && let Some(thaw) = &cfg.thaw
+                && let Err(e) = run_hook("thaw", thaw)
+            {
+                error!(error = %e, "thaw hook failed");
+            }
+            (r, states)
+        });
+        let _guard = cancel.clone().drop_guard();
+        let mut limiter = RateLimiter::new(config.max_rate);
+        loop {
+            tokio::select! {
+                ev = ev_rx.recv() => match ev {
+                    Some(ScanEvent::Batch { disk, records }) => {
+                        let n = records.len() as u64;
+                        let batch = pb::Batch { disk: config.disks[disk].name.to_string(), first_seq: next_seq[disk].0, records };
+                        limiter.take(prost::Message::encoded_len(&batch) as u64).await;
+                        next_seq[disk] = Seq(next_seq[disk].0 + n);
+                        send(tx, pb::agent_message::Msg::Batch(batch)).await?;
+                    }
+                    None => break,
+                },
+                m = inbound.message() => match m? {
+                    None => return Err(tonic::Status::unavailable("the process server closed the stream")),
+                    Some(msg) => match msg.msg {
+                        Some(pb::server_message::Msg::Ack(a)) => note_ack(config, durable, &a),
+                        Some(pb::server_message::Msg::Checkpoint(c)) => pending.requests.push((c.request_id, c.app_consistent)),
+                        _ => {}
+                    },
+                },
+            }
+        }
+        let (result, back) = scanner.await.map_err(|e| tonic::Status::internal(e.to_string()))?;
+        states = back;
+        let pass = result.map_err(|e| match e {
+            ScanError::Cancelled => tonic::Status::cancelled("scan cancelled"),
+            ScanError::Resized { .. } => tonic::Status::failed_precondition(e.to_string()),
+            ScanError::Read { .. } => tonic::Status::unavailable(e.to_string()),
+        })?;
+        info!(
+            attempt,
+            consistent = pass.consistent,
+            read_mb = pass.bytes_read >> 20,
+            changed_kb = pass.bytes_changed >> 10,
+            ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "scan pass done"
+        );
+        if pass.consistent {
+            return Ok((Some((pass, note)), states));
+        }
+    }
+    Ok((None, states))
+}
+
+/// Spaces out sends so that at most `rate` bytes per second go on the wire.
+#[derive(Debug)]
+struct RateLimiter {
+    rate: u64,
+    start: tokio::time::Instant,
+    sent: u64,
+}
+
+impl RateLimiter {
+    fn new(rate: u64) -> Self {
+        RateLimiter { rate, start: tokio::time::Instant::now(), sent: 0 }
+    }
+
+    async fn take(&mut self, bytes: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        self.sent += bytes;
+        let due = self.start + Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
+        tokio::time::sleep_until(due).await;
+    }
+}

@@ -1,1 +1,126 @@
-fn main() {}
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use tern_agent::scan::{DiskSource, disk_size};
+use tern_core::pki::{Bundle, Role};
+use tern_core::units::{parse_duration, parse_size};
+use tern_core::{DiskName, VmName};
+use tokio_util::sync::CancellationToken;
+
+/// tern mobility agent: replicates a VM's disks to the process server.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Mode {
+    /// Scan the disks for changes at each interval and on checkpoint requests.
+    Scan,
+    /// Serve the disk over NBD and log every write (not built yet).
+    Nbd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Replicate until stopped (Ctrl-C or SIGTERM).
+    Run {
+        /// Process server, e.g. https://dr.example:7443
+        #[arg(long, env = "TERN_SERVER")]
+        server: String,
+        /// This VM's identity bundle (`drctl enroll agent --vm VM --out FILE`).
+        #[arg(long, env = "TERN_IDENTITY")]
+        identity: PathBuf,
+        #[arg(long)]
+        vm: String,
+        /// A disk to protect, as NAME=PATH (raw image file or block device); repeatable.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// Where the agent keeps its block-hash maps between runs.
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "scan")]
+        mode: Mode,
+        /// Time between scans, e.g. 30s, 5m.
+        #[arg(long, default_value = "30s")]
+        interval: String,
+        /// Command that quiesces the VM's applications before an app-consistent point.
+        #[arg(long, requires = "thaw")]
+        freeze: Option<String>,
+        /// Command that resumes them; runs whenever the freeze ran.
+        #[arg(long, requires = "freeze")]
+        thaw: Option<String>,
+        /// Largest rate on the wire, e.g. 20MiB (bytes per second); 0 for no limit.
+        #[arg(long, default_value = "0")]
+        max_rate: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Cmd::Run { server, identity, vm, disks, state_dir, mode, interval, freeze, thaw, max_rate } =
+        Cli::parse().cmd;
+    if let Mode::Nbd = mode {
+        bail!("--mode nbd is not built yet; use --mode scan");
+    }
+    let vm = VmName::new(&vm)?;
+    let identity_bundle =
+        Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
+    match identity_bundle.role()? {
+        Role::Agent(own) if own == vm => {}
+        Role::Agent(own) => bail!(
+            "{} is the identity of VM {own}, not {vm}; enroll one with `drctl enroll agent --vm {vm} --out FILE`",
+            identity.display()
+        ),
+        other => bail!("{} is the identity of the {other}, not of an agent", identity.display()),
+    }
+    let mut sources = Vec::new();
+    for d in &disks {
+        let (name, path) =
+            d.split_once('=').with_context(|| format!("--disk {d:?}: write it as NAME=PATH"))?;
+        let name = DiskName::new(name)?;
+        let path = PathBuf::from(path);
+        let size =
+            disk_size(&path).with_context(|| format!("disk {name}: cannot open {}", path.display()))?;
+        if size == 0 {
+            bail!("disk {name}: {} is empty", path.display());
+        }
+        if sources.iter().any(|s: &DiskSource| s.name == name) {
+            bail!("disk {name} is named twice");
+        }
+        sources.push(DiskSource { name, path, size });
+    }
+    let config = tern_agent::Config {
+        server,
+        identity: identity_bundle,
+        vm,
+        disks: sources,
+        state_dir,
+        interval: parse_duration(&interval)?,
+        freeze,
+        thaw,
+        max_rate: parse_size(&max_rate)?,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            s.cancel();
+        });
+        tern_agent::run(config, shutdown).await.map_err(anyhow::Error::from)
+    })
+}

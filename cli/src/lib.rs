@@ -1,1 +1,1 @@
-
+//! drctl: the operator's command line against the process server's admin API.

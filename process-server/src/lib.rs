@@ -1,1 +1,124 @@
+//! tern-process-server: ingest, verification and storage of replicated disks, recovery
+//! points, test failover, and the admin API, all over gRPC with mutual TLS.
 
+pub mod admin;
+pub mod auth;
+pub mod hub;
+pub mod replication;
+pub mod tls;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_core::pki::{Ca, Role, write_private};
+use tern_store::{Store, StoreError};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Status;
+use tracing::info;
+
+/// Shared state of a running process server.
+#[derive(Debug)]
+pub struct Ctx {
+    pub data_dir: PathBuf,
+    pub store: Arc<Store>,
+    pub hub: hub::Hub,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Maps a store error to a status: the code says whose fault it is, the message what to do.
+pub fn store_status(e: StoreError) -> Status {
+    let msg = e.to_string();
+    match e {
+        StoreError::UnknownVm(_) | StoreError::UnknownDisk { .. } | StoreError::PointNotFound { .. } => {
+            Status::not_found(msg)
+        }
+        StoreError::NoTestFailover(_)
+        | StoreError::TestFailoverOpen { .. }
+        | StoreError::DiskSizeChanged { .. } => Status::failed_precondition(msg),
+        StoreError::SeqGap { .. } => Status::out_of_range(msg),
+        StoreError::OutputExists(_) | StoreError::PointDisksMismatch { .. } => Status::invalid_argument(msg),
+        StoreError::PointBeyondDurable { .. } => Status::failed_precondition(msg),
+        StoreError::SegmentCorrupt { .. }
+        | StoreError::JournalRecordBad { .. }
+        | StoreError::FingerprintMismatch { .. } => Status::data_loss(msg),
+        StoreError::Io { .. } | StoreError::CatalogQuery { .. } => Status::unavailable(msg),
+        StoreError::Invariant(_) => Status::internal(msg),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{0} is already initialised (pki/ca.pem exists); use another --data-dir")]
+    AlreadyInitialised(String),
+    #[error(transparent)]
+    Pki(#[from] tern_core::pki::PkiError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// Creates the deployment's CA, the server identity and the admin bundle.
+pub fn init(data_dir: &Path, sans: &[String]) -> Result<PathBuf, InitError> {
+    let pki = data_dir.join("pki");
+    if pki.join("ca.pem").exists() {
+        return Err(InitError::AlreadyInitialised(data_dir.display().to_string()));
+    }
+    std::fs::create_dir_all(&pki)
+        .map_err(|source| InitError::Io { path: pki.display().to_string(), source })?;
+    let ca = Ca::create(&data_dir.display().to_string())?;
+    let (server_cert, server_key) = ca.issue_server(sans)?;
+    let admin = ca.issue_client(&Role::Admin)?;
+    write_private(&pki.join("ca.key"), &ca.key_pem)?;
+    write_private(&pki.join("server.key"), &server_key)?;
+    write_private(&pki.join("ca.pem"), &ca.cert_pem)?;
+    write_private(&pki.join("server.pem"), &server_cert)?;
+    let admin_path = pki.join("admin.bundle");
+    write_private(&admin_path, &admin.to_pem())?;
+    Ok(admin_path)
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+}
+
+/// Serves until `shutdown` is cancelled, then drains with a deadline.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tls = tls::server_config(&config.data_dir.join("pki"))?;
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir)).await??;
+    let tracker = TaskTracker::new();
+    let ctx = Arc::new(Ctx {
+        data_dir: config.data_dir.clone(),
+        store: Arc::new(store),
+        hub: hub::Hub::default(),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    });
+    let incoming = tls::incoming(listener, tls, shutdown.clone(), &tracker);
+    let replication =
+        tern_proto::replication_server::ReplicationServer::new(replication::ReplicationService {
+            ctx: ctx.clone(),
+        })
+        .max_decoding_message_size(tern_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(tern_proto::MAX_MESSAGE_BYTES);
+    let admin = tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx: ctx.clone() });
+    info!(data_dir = %config.data_dir.display(), "process server ready");
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(replication)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown.cancelled())
+        .await?;
+    info!("listener closed; draining sessions");
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+        tracing::warn!("sessions did not drain within 10s; stopping anyway");
+    }
+    info!("process server stopped");
+    Ok(())
+}

@@ -1,1 +1,77 @@
-fn main() {}
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// tern process server: receives, verifies and stores replicated disks at the recovery site.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create the deployment's CA, the server identity and the admin bundle (DIR/pki/admin.bundle).
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Extra DNS name or IP address for the server certificate (localhost and 127.0.0.1 are always in).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Serve the replication and admin APIs.
+    Serve {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Address to listen on, e.g. 0.0.0.0:7443 (port 0 picks a free port and prints it).
+        #[arg(long)]
+        listen: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match Cli::parse().cmd {
+        Cmd::Init { data_dir, sans } => {
+            let admin = tern_process_server::init(&data_dir, &sans)?;
+            println!("initialised {}", data_dir.display());
+            println!("admin identity: {}", admin.display());
+            Ok(())
+        }
+        Cmd::Serve { data_dir, listen } => {
+            if !data_dir.join("pki").join("ca.pem").exists() {
+                anyhow::bail!(
+                    "{} is not initialised; run `process-server init --data-dir {}` first",
+                    data_dir.display(),
+                    data_dir.display()
+                );
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+                println!("listening on {}", listener.local_addr()?);
+                let shutdown = CancellationToken::new();
+                let s = shutdown.clone();
+                tokio::spawn(async move {
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                    }
+                    tracing::info!("shutdown requested");
+                    s.cancel();
+                });
+                tern_process_server::run(tern_process_server::Config { data_dir }, listener, shutdown).await
+            })
+        }
+    }
+}

@@ -1,4 +1,5 @@
-//! Wire types of tern's gRPC services (generated from `proto/tern.proto`).
+//! Wire types of tern's gRPC services (generated from `proto/tern.proto`) and the client
+//! side of mutual TLS.
 #![allow(missing_debug_implementations, clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 pub mod v1 {
@@ -7,6 +8,65 @@ pub mod v1 {
 
 pub use v1::*;
 
+use std::time::Duration;
+use tern_core::pki::Bundle;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
 /// Largest gRPC message either side accepts. Batches are kept under 4 MiB of payload;
 /// the margin covers headers and incompressible data.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{url:?} is not a server address; write it as https://HOST:PORT")]
+    BadUrl { url: String },
+    #[error("cannot reach the process server at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+}
+
+/// An endpoint for `url` with this bundle's client certificate, checking the server
+/// against the bundle's CA.
+pub fn endpoint(url: &str, bundle: &Bundle) -> Result<Endpoint, ConnectError> {
+    let bad = || ConnectError::BadUrl { url: url.to_string() };
+    let rest = url.strip_prefix("https://").ok_or_else(bad)?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or(v6)
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&bundle.ca_pem))
+        .identity(Identity::from_pem(&bundle.cert_pem, &bundle.key_pem))
+        .domain_name(host.to_string());
+    Endpoint::from_shared(url.to_string())
+        .map_err(|_| bad())?
+        .tls_config(tls)
+        .map_err(|e| ConnectError::Unreachable { url: url.to_string(), reason: e.to_string() })
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(10))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .keep_alive_while_idle(true)
+                .tcp_nodelay(true)
+        })
+}
+
+pub async fn connect(url: &str, bundle: &Bundle) -> Result<Channel, ConnectError> {
+    endpoint(url, bundle)?
+        .connect()
+        .await
+        .map_err(|e| ConnectError::Unreachable { url: url.to_string(), reason: error_chain(&e) })
+}
+
+/// The error and its sources, joined: tonic's top-level transport errors say little alone.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -110,7 +110,7 @@ pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
     let mut b = [0u8; SEGMENT_HEADER_LEN];
     b[0..8].copy_from_slice(SEGMENT_MAGIC);
     b[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
-    b[12..16].copy_from_slice(&(SEGMENT_HEADER_LEN as u32).to_le_bytes());
+    b[12..16].copy_from_slice(&32u32.to_le_bytes());
     b[16..24].copy_from_slice(&first_seq.to_le_bytes());
     b
 }

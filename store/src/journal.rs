@@ -257,11 +257,11 @@ impl Journal {
 
     /// Makes everything written durable and returns the durable sequence number.
     pub fn sync(&mut self) -> Result<Seq, StoreError> {
-        if let (Some(f), Some(seg)) = (self.active.as_ref(), self.segments.last_mut()) {
-            if seg.durable_len != self.active_len {
-                f.sync_data().map_err(io_err(&seg.path))?;
-                seg.durable_len = self.active_len;
-            }
+        if let (Some(f), Some(seg)) = (self.active.as_ref(), self.segments.last_mut())
+            && seg.durable_len != self.active_len
+        {
+            f.sync_data().map_err(io_err(&seg.path))?;
+            seg.durable_len = self.active_len;
         }
         if self.dir_dirty {
             sync_dir(&self.dir)?;
@@ -445,6 +445,7 @@ impl Iterator for JournalReader {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use tern_core::codec::Encoder;

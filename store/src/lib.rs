@@ -188,15 +188,15 @@ impl Store {
         let mut map = self.disk_map();
         let mut out = Vec::new();
         for (name, size) in disks {
-            if let Some(h) = map.get(&(vm.clone(), name.clone())) {
-                if h.size != *size {
-                    return Err(StoreError::DiskSizeChanged {
-                        vm: vm.clone(),
-                        disk: name.clone(),
-                        was: h.size,
-                        now: *size,
-                    });
-                }
+            if let Some(h) = map.get(&(vm.clone(), name.clone()))
+                && h.size != *size
+            {
+                return Err(StoreError::DiskSizeChanged {
+                    vm: vm.clone(),
+                    disk: name.clone(),
+                    was: h.size,
+                    now: *size,
+                });
             }
         }
         catalog.add_vm(vm, now_ms())?;

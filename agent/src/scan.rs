@@ -1,0 +1,299 @@
+//! One scan pass over a VM's disks: read (skipping holes), hash 64 KiB blocks and their
+//! 4 KiB pages, compare with what the receiver holds, and emit only the pages that changed.
+//! Hashing and compression run on a small pool of worker threads; results are consumed
+//! in disk order, so records go out in offset order and memory stays bounded.
+
+use crate::state::DiskState;
+use rustix::fs::{SeekFrom, seek};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use tern_core::blocks::{BlockHashes, Fingerprint, hash_block, is_zero, zero_block};
+use tern_core::codec::Encoder;
+use tern_core::{BLOCK_SIZE, Digest, DiskName, PAGE_SIZE};
+use tern_proto as pb;
+use tokio_util::sync::CancellationToken;
+
+/// Unit of work for one worker: 16 blocks.
+const CHUNK: usize = 16 * BLOCK_SIZE;
+/// Chunks in flight per worker: enough to keep workers busy, little memory.
+const DEPTH_PER_WORKER: usize = 4;
+/// A batch is sent once it holds this much payload.
+const BATCH_BYTES: usize = 1 << 20;
+const BATCH_RECORDS: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct DiskSource {
+    pub name: DiskName,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+#[derive(Debug)]
+pub enum ScanEvent {
+    Batch { disk: usize, records: Vec<pb::Record> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("reading disk {disk} ({path}): {source}")]
+    Read { disk: DiskName, path: String, source: std::io::Error },
+    #[error(
+        "disk {disk} ({path}) is now {now} bytes, was {was}; restart the agent to resize the protected disk"
+    )]
+    Resized { disk: DiskName, path: String, was: u64, now: u64 },
+    #[error("scan cancelled")]
+    Cancelled,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct PassResult {
+    pub fingerprints: Vec<Digest>,
+    /// True when no disk changed while it was read (or the freeze hook held them).
+    pub consistent: bool,
+    pub bytes_read: u64,
+    pub bytes_changed: u64,
+}
+
+/// Identity of a file's content version: a write changes mtime or size.
+fn version(f: &File) -> std::io::Result<Option<(i64, i64, u64)>> {
+    let m = f.metadata()?;
+    Ok(m.file_type().is_file().then(|| (m.mtime(), m.mtime_nsec(), m.size())))
+}
+
+/// Size of a disk image or block device.
+pub fn disk_size(path: &std::path::Path) -> std::io::Result<u64> {
+    let f = File::open(path)?;
+    let m = f.metadata()?;
+    if m.file_type().is_file() {
+        Ok(m.len())
+    } else {
+        seek(&f, SeekFrom::End(0)).map_err(std::io::Error::from)
+    }
+}
+
+struct Job {
+    index: u64,
+    old: Vec<BlockHashes>,
+    reply: SyncSender<Result<ChunkOut, std::io::Error>>,
+}
+
+struct ChunkOut {
+    new: Vec<BlockHashes>,
+    records: Vec<pb::Record>,
+    read: u64,
+    changed: u64,
+}
+
+/// Runs one pass over every disk; updates `states` to what the receiver will hold once
+/// the emitted records are durable.
+pub fn run_pass(
+    disks: &[DiskSource],
+    states: &mut [DiskState],
+    frozen: bool,
+    out: &tokio::sync::mpsc::Sender<ScanEvent>,
+    cancel: &CancellationToken,
+) -> Result<PassResult, ScanError> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    let mut result = PassResult { consistent: true, ..Default::default() };
+    let mut versions = Vec::new();
+    for d in disks {
+        let read_err =
+            |source| ScanError::Read { disk: d.name.clone(), path: d.path.display().to_string(), source };
+        let f = File::open(&d.path).map_err(read_err)?;
+        versions.push(version(&f).map_err(read_err)?);
+    }
+    for (i, (d, state)) in disks.iter().zip(states.iter_mut()).enumerate() {
+        let fp = scan_disk(i, d, state, workers, out, cancel, &mut result)?;
+        result.fingerprints.push(fp);
+    }
+    for (d, before) in disks.iter().zip(&versions) {
+        let read_err =
+            |source| ScanError::Read { disk: d.name.clone(), path: d.path.display().to_string(), source };
+        let f = File::open(&d.path).map_err(read_err)?;
+        let now = version(&f).map_err(read_err)?;
+        if before.is_none() || now != *before {
+            // A block device gives no cheap change signal: only a freeze makes its cut consistent.
+            result.consistent &= frozen;
+        }
+    }
+    Ok(result)
+}
+
+fn scan_disk(
+    index: usize,
+    d: &DiskSource,
+    state: &mut DiskState,
+    workers: usize,
+    out: &tokio::sync::mpsc::Sender<ScanEvent>,
+    cancel: &CancellationToken,
+    result: &mut PassResult,
+) -> Result<Digest, ScanError> {
+    let read_err =
+        |source| ScanError::Read { disk: d.name.clone(), path: d.path.display().to_string(), source };
+    let now = disk_size(&d.path).map_err(read_err)?;
+    if now != d.size {
+        return Err(ScanError::Resized {
+            disk: d.name.clone(),
+            path: d.path.display().to_string(),
+            was: d.size,
+            now,
+        });
+    }
+    let chunks = d.size.div_ceil(CHUNK as u64);
+    let mut fp = Fingerprint::new();
+    let mut batch: Vec<pb::Record> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let send = |records: Vec<pb::Record>| {
+        out.blocking_send(ScanEvent::Batch { disk: index, records }).map_err(|_| ScanError::Cancelled)
+    };
+    std::thread::scope(|s| -> Result<(), ScanError> {
+        let (job_tx, job_rx) = sync_channel::<Job>(workers * DEPTH_PER_WORKER);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        for _ in 0..workers {
+            let rx = job_rx.clone();
+            let file = File::open(&d.path).map_err(read_err)?;
+            let size = d.size;
+            s.spawn(move || worker(rx, file, size));
+        }
+        let mut inflight: VecDeque<(u64, Receiver<Result<ChunkOut, std::io::Error>>)> = VecDeque::new();
+        let mut next = 0u64;
+        let blocks_per_chunk = (CHUNK / BLOCK_SIZE) as u64;
+        loop {
+            while next < chunks && inflight.len() < workers * DEPTH_PER_WORKER {
+                let first = usize::try_from(next * blocks_per_chunk).unwrap_or(usize::MAX);
+                let last = (first + CHUNK / BLOCK_SIZE).min(state.blocks.len());
+                let (reply, rx) = sync_channel(1);
+                let job = Job { index: next, old: state.blocks[first..last].to_vec(), reply };
+                if job_tx.send(job).is_err() {
+                    return Err(ScanError::Cancelled);
+                }
+                inflight.push_back((next, rx));
+                next += 1;
+            }
+            let Some((chunk, rx)) = inflight.pop_front() else { break };
+            if cancel.is_cancelled() {
+                return Err(ScanError::Cancelled);
+            }
+            let done = rx.recv().map_err(|_| ScanError::Cancelled)?.map_err(read_err)?;
+            let first = usize::try_from(chunk * blocks_per_chunk).unwrap_or(usize::MAX);
+            for (i, h) in done.new.iter().enumerate() {
+                fp.push(&h.block);
+                state.blocks[first + i] = *h;
+            }
+            result.bytes_read += done.read;
+            result.bytes_changed += done.changed;
+            for r in done.records {
+                batch_bytes += r.payload.len() + 64;
+                batch.push(r);
+                if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_RECORDS {
+                    send(std::mem::take(&mut batch))?;
+                    batch_bytes = 0;
+                }
+            }
+        }
+        drop(job_tx);
+        Ok(())
+    })?;
+    if !batch.is_empty() {
+        send(batch)?;
+    }
+    Ok(fp.finish())
+}
+
+fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: File, size: u64) {
+    let mut enc = Encoder::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
+            match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            }
+        };
+        let out = scan_chunk(&file, size, &job, &mut buf, &mut enc);
+        let _ = job.reply.send(out);
+    }
+}
+
+fn scan_chunk(
+    file: &File,
+    size: u64,
+    job: &Job,
+    buf: &mut [u8],
+    enc: &mut Encoder,
+) -> Result<ChunkOut, std::io::Error> {
+    let start = job.index * CHUNK as u64;
+    let len = usize::try_from((size - start).min(CHUNK as u64)).unwrap_or(CHUNK);
+    let has_data = match seek(file, SeekFrom::Data(start)) {
+        Ok(d) => d < start + len as u64,
+        Err(rustix::io::Errno::NXIO) => false,
+        Err(_) => true,
+    };
+    let data = &mut buf[..len];
+    if has_data {
+        file.read_exact_at(data, start)?;
+    }
+    let mut out =
+        ChunkOut { new: Vec::with_capacity(job.old.len()), records: Vec::new(), read: 0, changed: 0 };
+    if has_data {
+        out.read = len as u64;
+    }
+    for (b, old) in job.old.iter().enumerate() {
+        let off = b * BLOCK_SIZE;
+        let blen = (len - off).min(BLOCK_SIZE);
+        let block = &data[off..off + blen];
+        let zero = !has_data || is_zero(block);
+        let new = if zero { zero_block(blen) } else { hash_block(block) };
+        out.new.push(new);
+        if new.block == old.block {
+            continue;
+        }
+        let pages = blen.div_ceil(PAGE_SIZE);
+        let mut p = 0;
+        while p < pages {
+            if new.pages[p] == old.pages[p] {
+                p += 1;
+                continue;
+            }
+            let run_start = p;
+            while p < pages && new.pages[p] != old.pages[p] {
+                p += 1;
+            }
+            let from = run_start * PAGE_SIZE;
+            let to = (p * PAGE_SIZE).min(blen);
+            let extent = &block[from..to];
+            let offset = start + (off + from) as u64;
+            let length = u32::try_from(extent.len()).unwrap_or(0);
+            out.changed += u64::from(length);
+            if zero || is_zero(extent) {
+                out.records.push(pb::Record {
+                    kind: pb::RecordKind::Zero as i32,
+                    offset,
+                    length,
+                    ..Default::default()
+                });
+            } else {
+                let e = if from == 0 && to == blen {
+                    enc.encode_with_digest(extent, new.block)
+                } else {
+                    enc.encode(extent)
+                };
+                out.records.push(pb::Record {
+                    kind: pb::RecordKind::Write as i32,
+                    offset,
+                    length,
+                    digest: e.digest.0.to_vec(),
+                    compression: if e.compressed { pb::Compression::Zstd } else { pb::Compression::None }
+                        as i32,
+                    payload: e.payload,
+                });
+            }
+        }
+    }
+    Ok(out)
+}

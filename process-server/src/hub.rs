@@ -1,0 +1,123 @@
+//! Which agents are connected, the commands waiting for them, and per-VM counters.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+use tern_core::VmName;
+use tern_proto::{CheckpointRequest, ServerMessage, server_message};
+use tern_store::Point;
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+pub type Outbound = mpsc::Sender<Result<ServerMessage, Status>>;
+
+#[derive(Debug)]
+struct Link {
+    session: u64,
+    commands: Outbound,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct VmCounters {
+    bytes_received: u64,
+    disconnected_at: Option<Instant>,
+}
+
+/// The answer to a checkpoint request: the point, or why the agent could not make it.
+pub type PointResult = Result<Point, String>;
+
+#[derive(Debug, Default)]
+pub struct Hub {
+    links: Mutex<HashMap<VmName, Link>>,
+    session_locks: Mutex<HashMap<VmName, Arc<tokio::sync::Mutex<()>>>>,
+    waiters: Mutex<HashMap<u64, oneshot::Sender<PointResult>>>,
+    counters: Mutex<HashMap<VmName, VmCounters>>,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hub {
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Ends any current session of `vm` and waits until it has drained; the guard keeps
+    /// a second session from writing the same journals at the same time.
+    pub async fn take_session(&self, vm: &VmName) -> OwnedMutexGuard<()> {
+        if let Some(old) = lock(&self.links).get(vm) {
+            old.cancel.cancel();
+        }
+        let m = lock(&self.session_locks).entry(vm.clone()).or_default().clone();
+        m.lock_owned().await
+    }
+
+    pub fn attach(&self, vm: &VmName, session: u64, commands: Outbound, cancel: CancellationToken) {
+        lock(&self.links).insert(vm.clone(), Link { session, commands, cancel });
+        lock(&self.counters).entry(vm.clone()).or_default().disconnected_at = None;
+    }
+
+    pub fn detach(&self, vm: &VmName, session: u64) {
+        let mut links = lock(&self.links);
+        if links.get(vm).is_some_and(|l| l.session == session) {
+            links.remove(vm);
+            lock(&self.counters).entry(vm.clone()).or_default().disconnected_at = Some(Instant::now());
+        }
+    }
+
+    pub fn connected(&self, vm: &VmName) -> bool {
+        lock(&self.links).contains_key(vm)
+    }
+
+    /// Seconds since the agent of `vm` went away (None while connected or never seen).
+    pub fn disconnected_for(&self, vm: &VmName) -> Option<u64> {
+        if self.connected(vm) {
+            return None;
+        }
+        lock(&self.counters).get(vm).and_then(|c| c.disconnected_at).map(|t| t.elapsed().as_secs())
+    }
+
+    pub fn add_bytes(&self, vm: &VmName, n: u64) {
+        lock(&self.counters).entry(vm.clone()).or_default().bytes_received += n;
+    }
+
+    pub fn bytes_received(&self, vm: &VmName) -> u64 {
+        lock(&self.counters).get(vm).map_or(0, |c| c.bytes_received)
+    }
+
+    /// Asks the connected agent of `vm` for a point; the receiver gets the answer.
+    pub async fn request_checkpoint(
+        &self,
+        vm: &VmName,
+        app_consistent: bool,
+    ) -> Result<oneshot::Receiver<PointResult>, Status> {
+        let commands = lock(&self.links).get(vm).map(|l| l.commands.clone()).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "the agent of VM {vm} is not connected; start `mobility-agent run` for it, or check its log"
+            ))
+        })?;
+        let request_id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).insert(request_id, tx);
+        let msg = ServerMessage {
+            msg: Some(server_message::Msg::Checkpoint(CheckpointRequest { request_id, app_consistent })),
+        };
+        if commands.send(Ok(msg)).await.is_err() {
+            lock(&self.waiters).remove(&request_id);
+            return Err(Status::unavailable(format!("the agent of VM {vm} went away; try again")));
+        }
+        Ok(rx)
+    }
+
+    pub fn resolve(&self, request_id: u64, result: PointResult) {
+        if let Some(tx) = lock(&self.waiters).remove(&request_id) {
+            let _ = tx.send(result);
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! The replication service: one bidirectional stream per agent. Batches are verified in
+//! parallel off the reactor, appended in order, fsynced as a group, then acked.
+
+use crate::{Ctx, store_status};
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use tern_core::codec::Decoder;
+use tern_core::{Digest, DiskName, Seq, VmName};
+use tern_proto::{
+    Ack, AgentMessage, Batch, DiskState, PointAck, ServerMessage, Welcome, agent_message, server_message,
+};
+use tern_store::format::RecordKind;
+use tern_store::{Consistency, DiskHandle, PointDisk, Record, journal::verify_record};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+/// Unsynced bytes after which the writer fsyncs even if more batches are queued.
+const GROUP_COMMIT_BYTES: u64 = 32 << 20;
+/// Verified batches waiting to be written; bounds server memory per session.
+const PIPELINE_DEPTH: usize = 4;
+
+#[derive(Debug, Clone)]
+pub struct ReplicationService {
+    pub ctx: Arc<Ctx>,
+}
+
+type Handles = Arc<HashMap<DiskName, Arc<DiskHandle>>>;
+
+enum Item {
+    Batch {
+        disk: Arc<DiskHandle>,
+        first: Seq,
+        bytes: u64,
+        verified: tokio::task::JoinHandle<Result<Vec<Record>, Status>>,
+    },
+    Point(tern_proto::MakePoint),
+    PointFailed(tern_proto::PointFailed),
+}
+
+fn msg(m: server_message::Msg) -> Result<ServerMessage, Status> {
+    Ok(ServerMessage { msg: Some(m) })
+}
+
+#[tonic::async_trait]
+impl tern_proto::replication_server::Replication for ReplicationService {
+    type ReplicateStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
+
+    async fn replicate(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let (parts_req, mut inbound) = split(req);
+        let hello = match inbound.message().await? {
+            Some(AgentMessage { msg: Some(agent_message::Msg::Hello(h)) }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a replication stream must be Hello",
+                ));
+            }
+        };
+        let vm = VmName::new(&hello.vm).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        crate::auth::require_agent_for(&parts_req, &vm)?;
+        let mut disks = Vec::new();
+        for d in &hello.disks {
+            let name = DiskName::new(&d.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if d.size == 0 {
+                return Err(Status::invalid_argument(format!("disk {name} has size 0; is the path right?")));
+            }
+            disks.push((name, d.size));
+        }
+        if disks.is_empty() {
+            return Err(Status::invalid_argument("Hello names no disks; pass --disk NAME=PATH"));
+        }
+        let ctx = self.ctx.clone();
+        let guard = tokio::time::timeout(std::time::Duration::from_secs(30), ctx.hub.take_session(&vm))
+            .await
+            .map_err(|_| Status::unavailable("the previous session of this VM is still draining; retry"))?;
+        let store = ctx.store.clone();
+        let vm2 = vm.clone();
+        let handles = tokio::task::spawn_blocking(move || {
+            let hs = store.register(&vm2, &disks)?;
+            // Written-but-unacked records of an earlier session become durable here, so the
+            // position the agent resumes from is exactly what is on disk.
+            for h in &hs {
+                h.journal().sync()?;
+            }
+            Ok::<_, tern_store::StoreError>(hs)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(store_status)?;
+        let welcome = Welcome {
+            disks: handles
+                .iter()
+                .map(|h| DiskState {
+                    name: h.name.to_string(),
+                    durable_seq: h.journal().durable().0,
+                    generation: h.generation.clone(),
+                })
+                .collect(),
+            interval_ms: 0,
+        };
+        let (out_tx, out_rx) = mpsc::channel(64);
+        out_tx
+            .send(msg(server_message::Msg::Welcome(welcome)))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+        let session = ctx.hub.next_id();
+        let cancel = ctx.shutdown.child_token();
+        ctx.hub.attach(&vm, session, out_tx.clone(), cancel.clone());
+        info!(vm = %vm, session, disks = handles.len(), "agent connected");
+        let handles: Handles = Arc::new(handles.into_iter().map(|h| (h.name.clone(), h)).collect());
+        let ctx2 = ctx.clone();
+        ctx.tracker.spawn(async move {
+            run_session(&ctx2, &vm, handles, inbound, out_tx, cancel).await;
+            ctx2.hub.detach(&vm, session);
+            info!(vm = %vm, session, "agent session ended");
+            drop(guard);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+/// Splits a request into its metadata (for authorisation) and the inbound stream.
+fn split(req: Request<Streaming<AgentMessage>>) -> (Request<()>, Streaming<AgentMessage>) {
+    let (meta, ext, inbound) = req.into_parts();
+    (Request::from_parts(meta, ext, ()), inbound)
+}
+
+async fn run_session(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    handles: Handles,
+    mut inbound: Streaming<AgentMessage>,
+    out: crate::hub::Outbound,
+    cancel: CancellationToken,
+) {
+    let (pipe_tx, pipe_rx) = mpsc::channel::<Item>(PIPELINE_DEPTH);
+    let writer = tokio::spawn(write_loop(ctx.clone(), vm.clone(), pipe_rx, out.clone(), cancel.clone()));
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => break,
+            m = inbound.message() => m,
+        };
+        let item = match next {
+            Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Batch(b)) })) => {
+                ctx.hub.add_bytes(vm, prost::Message::encoded_len(&b) as u64);
+                match prepare_batch(&handles, b) {
+                    Ok(item) => item,
+                    Err(status) => {
+                        warn!(vm = %vm, error = %status.message(), "batch refused");
+                        let _ = out.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+            Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Point(p)) })) => Item::Point(p),
+            Ok(Some(AgentMessage { msg: Some(agent_message::Msg::PointFailed(f)) })) => Item::PointFailed(f),
+            Ok(Some(_)) => {
+                let _ = out.send(Err(Status::invalid_argument("unexpected message after Hello"))).await;
+                break;
+            }
+            Ok(None) => break,
+            Err(status) => {
+                info!(vm = %vm, error = %status.message(), "agent stream closed");
+                break;
+            }
+        };
+        if pipe_tx.send(item).await.is_err() {
+            break;
+        }
+    }
+    drop(pipe_tx);
+    let _ = writer.await;
+}
+
+fn prepare_batch(handles: &Handles, b: Batch) -> Result<Item, Status> {
+    let name = DiskName::new(&b.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let disk = handles
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| Status::invalid_argument(format!("disk {name} was not named in Hello")))?;
+    let first = Seq(b.first_seq);
+    let mut bytes = 0u64;
+    let mut records = Vec::with_capacity(b.records.len());
+    for (i, r) in b.records.into_iter().enumerate() {
+        let seq = first.0 + i as u64;
+        let kind = match tern_proto::RecordKind::try_from(r.kind) {
+            Ok(tern_proto::RecordKind::Write) => RecordKind::Write,
+            Ok(tern_proto::RecordKind::Zero) => RecordKind::Zero,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "disk {name} seq {seq}: unknown record kind {}",
+                    r.kind
+                )));
+            }
+        };
+        let digest = if kind == RecordKind::Zero {
+            Digest::ZERO
+        } else {
+            Digest::from_slice(&r.digest).ok_or_else(|| {
+                Status::invalid_argument(format!("disk {name} seq {seq}: digest is not 32 bytes"))
+            })?
+        };
+        bytes += r.payload.len() as u64;
+        records.push(Record {
+            kind,
+            offset: r.offset,
+            length: r.length,
+            digest,
+            compressed: r.compression == tern_proto::Compression::Zstd as i32,
+            payload: r.payload,
+        });
+    }
+    let size = disk.size;
+    let disk_name = name.clone();
+    let verified = tokio::task::spawn_blocking(move || {
+        thread_local! {
+            static DECODER: std::cell::RefCell<Decoder> = std::cell::RefCell::new(Decoder::new());
+        }
+        DECODER.with(|d| {
+            let mut dec = d.borrow_mut();
+            for (i, r) in records.iter().enumerate() {
+                if let Err(problem) = verify_record(&mut dec, size, r) {
+                    let seq = first.0 + i as u64;
+                    warn!(disk = %disk_name, seq, error = %problem, "record failed verification; batch rejected");
+                    return Err(Status::data_loss(format!(
+                        "disk {disk_name} seq {seq}: {problem}; the batch was rejected and nothing of it stored; resend it"
+                    )));
+                }
+            }
+            Ok(records)
+        })
+    });
+    Ok(Item::Batch { disk, first, bytes, verified })
+}
+
+async fn write_loop(
+    ctx: Arc<Ctx>,
+    vm: VmName,
+    mut rx: mpsc::Receiver<Item>,
+    out: crate::hub::Outbound,
+    cancel: CancellationToken,
+) {
+    let mut unsynced: HashMap<DiskName, Arc<DiskHandle>> = HashMap::new();
+    let mut unsynced_bytes = 0u64;
+    while let Some(item) = rx.recv().await {
+        let result = match item {
+            Item::Batch { disk, first, bytes, verified } => {
+                let records = match verified.await {
+                    Ok(r) => r,
+                    Err(e) => Err(Status::internal(e.to_string())),
+                };
+                match records {
+                    Ok(records) => {
+                        let d = disk.clone();
+                        let appended =
+                            tokio::task::spawn_blocking(move || d.journal().append(first, &records))
+                                .await
+                                .map_err(|e| Status::internal(e.to_string()))
+                                .and_then(|r| r.map_err(store_status));
+                        unsynced.insert(disk.name.clone(), disk);
+                        unsynced_bytes += bytes;
+                        match appended {
+                            Ok(_) if rx.is_empty() || unsynced_bytes >= GROUP_COMMIT_BYTES => {
+                                unsynced_bytes = 0;
+                                sync_and_ack(&mut unsynced, &out).await
+                            }
+                            other => other.map(|_| ()),
+                        }
+                    }
+                    Err(status) => Err(status),
+                }
+            }
+            Item::Point(p) => {
+                unsynced_bytes = 0;
+                match sync_and_ack(&mut unsynced, &out).await {
+                    Ok(()) => make_point(&ctx, &vm, p, &out).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Item::PointFailed(f) => {
+                warn!(vm = %vm, request = f.request_id, reason = %f.reason, "agent could not make a point");
+                ctx.hub.resolve(f.request_id, Err(f.reason));
+                Ok(())
+            }
+        };
+        if let Err(status) = result {
+            warn!(vm = %vm, error = %status.message(), "replication session ends");
+            let _ = out.send(Err(status)).await;
+            cancel.cancel();
+            break;
+        }
+    }
+    let _ = sync_and_ack(&mut unsynced, &out).await;
+}
+
+async fn sync_and_ack(
+    unsynced: &mut HashMap<DiskName, Arc<DiskHandle>>,
+    out: &crate::hub::Outbound,
+) -> Result<(), Status> {
+    for (_, disk) in unsynced.drain() {
+        let d = disk.clone();
+        let durable = tokio::task::spawn_blocking(move || d.journal().sync())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)?;
+        let ack = Ack { disk: disk.name.to_string(), durable_seq: durable.0 };
+        let _ = out.send(msg(server_message::Msg::Ack(ack))).await;
+    }
+    Ok(())
+}
+
+async fn make_point(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    p: tern_proto::MakePoint,
+    out: &crate::hub::Outbound,
+) -> Result<(), Status> {
+    let mut disks = Vec::new();
+    for d in &p.disks {
+        disks.push(PointDisk {
+            disk: DiskName::new(&d.disk).map_err(|e| Status::invalid_argument(e.to_string()))?,
+            seq: Seq(d.seq),
+            fingerprint: Digest::from_slice(&d.fingerprint)
+                .ok_or_else(|| Status::invalid_argument("point fingerprint is not 32 bytes"))?,
+        });
+    }
+    let consistency = if p.consistency == tern_proto::Consistency::App as i32 {
+        Consistency::App
+    } else {
+        Consistency::Crash
+    };
+    let store = ctx.store.clone();
+    let vm2 = vm.clone();
+    let note = p.note.clone();
+    let made =
+        tokio::task::spawn_blocking(move || store.make_point(&vm2, p.time_ms, consistency, &note, disks))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+    match made {
+        Ok(point) => {
+            info!(vm = %vm, point = %point.id, consistency = point.consistency.as_str(), "recovery point made");
+            let ack =
+                PointAck { request_id: p.request_ids.first().copied().unwrap_or(0), point_id: point.id.0 };
+            let _ = out.send(msg(server_message::Msg::PointAck(ack))).await;
+            for id in &p.request_ids {
+                ctx.hub.resolve(*id, Ok(point.clone()));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            warn!(vm = %vm, error = %e, "point refused");
+            for id in &p.request_ids {
+                ctx.hub.resolve(*id, Err(e.to_string()));
+            }
+            Err(store_status(e))
+        }
+    }
+}
