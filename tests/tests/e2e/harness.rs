@@ -1,0 +1,297 @@
+//! Shared harness: build and start the real binaries, make disk images, poll with deadlines.
+#![allow(dead_code)]
+
+use anyhow::{Context, bail};
+use rand::{Rng, RngCore, SeedableRng};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Directory of the workspace's binaries (target/debug), built once per test process.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--workspace", "--bins", "--manifest-path"])
+            .arg(&manifest)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        dir
+    })
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+pub fn deadline_poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A process server with its own data directory.
+pub struct Server {
+    pub data: PathBuf,
+    pub port: u16,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn init(root: &Path) -> Server {
+        let data = root.join("ps");
+        let out = Command::new(bin("process-server")).args(["init", "--data-dir"]).arg(&data).output().unwrap();
+        assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+        Server { log: root.join("ps.log"), data, port: 0, child: None }
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut child = Command::new(bin("process-server"))
+            .args(["serve", "--data-dir"])
+            .arg(&self.data)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
+        self.port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn admin(&self) -> PathBuf {
+        self.data.join("pki").join("admin.bundle")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs drctl with the admin identity.
+    pub fn drctl(&self, args: &[&str]) -> Output {
+        drctl_as(&self.url(), &self.admin(), args)
+    }
+
+    /// Runs drctl --json, asserts success, parses the output.
+    pub fn drctl_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.drctl(&a);
+        assert!(
+            out.status.success(),
+            "drctl {args:?} failed: {}\nserver log tail:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log_text(), 30)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn enroll_agent(&self, vm: &str, out: &Path) {
+        self.drctl_json(&["enroll", "agent", "--vm", vm, "--out", out.to_str().unwrap()]);
+    }
+
+    pub fn status(&self, vm: &str) -> Value {
+        self.drctl_json(&["status", vm])
+    }
+
+    /// Asks for a point and waits for it; retries while the agent is (re)connecting.
+    pub fn checkpoint(&self, vm: &str) -> Value {
+        deadline_poll("a checkpoint", Duration::from_secs(90), || {
+            let out = self.drctl(&["checkpoint", vm, "--wait", "--json", "--timeout", "60s"]);
+            if out.status.success() {
+                return Some(serde_json::from_slice(&out.stdout).unwrap());
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("not connected") || err.contains("went away") || err.contains("not protected"),
+                "checkpoint failed: {err}"
+            );
+            None
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn drctl_as(url: &str, identity: &Path, args: &[&str]) -> Output {
+    Command::new(bin("drctl"))
+        .args(["--server", url, "--identity"])
+        .arg(identity)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A running mobility agent.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Agent {
+    pub fn start(server: &Server, identity: &Path, vm: &str, disks: &[(&str, &Path)], state: &Path, extra: &[&str]) -> Agent {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--server".into(),
+            server.url(),
+            "--identity".into(),
+            identity.display().to_string(),
+            "--vm".into(),
+            vm.into(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--interval".into(),
+            "1h".into(),
+        ];
+        for (name, path) in disks {
+            args.push("--disk".into());
+            args.push(format!("{name}={}", path.display()));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = state.with_extension("log");
+        let mut a = Agent { child: None, log, args };
+        a.restart();
+        a
+    }
+
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        self.child = Some(Command::new(bin("mobility-agent")).args(&self.args).stderr(log).spawn().unwrap());
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A sparse ext4 image of `size_mib` MiB holding a few MiB of text and binary files.
+pub fn make_ext4(path: &Path, size_mib: u64, seed: u64) {
+    let src = path.with_extension("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::create_dir_all(src.join("data")).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in 0..40 {
+        let mut f = std::fs::File::create(src.join("etc").join(format!("conf{i}.txt"))).unwrap();
+        for l in 0..(200 + i * 20) {
+            writeln!(f, "line {l} of config {i}: key_{} = value_{}", rng.random::<u16>(), rng.random::<u32>()).unwrap();
+        }
+    }
+    for i in 0..6 {
+        let mut buf = vec![0u8; 1 << 20];
+        rng.fill_bytes(&mut buf);
+        std::fs::write(src.join("data").join(format!("blob{i}.bin")), &buf).unwrap();
+    }
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size_mib << 20).unwrap();
+    drop(f);
+    let out = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&src).arg(path).output().unwrap();
+    assert!(out.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&src).unwrap();
+}
+
+/// A sparse image of `size_mib` MiB whose first `data_mib` MiB are random.
+pub fn make_random(path: &Path, size_mib: u64, data_mib: u64, seed: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size_mib << 20).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..data_mib {
+        rng.fill_bytes(&mut buf);
+        f.write_all_at(&buf, i << 20).unwrap();
+    }
+}
+
+/// Rewrites `fraction` of the disk's 4 KiB pages, scattered, with random data.
+pub fn scatter_writes(path: &Path, fraction: f64, seed: u64) -> usize {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let pages = f.metadata().unwrap().len() / 4096;
+    let n = ((pages as f64) * fraction).ceil() as usize;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut chosen = std::collections::BTreeSet::new();
+    while chosen.len() < n {
+        chosen.insert(rng.random_range(0..pages));
+    }
+    let mut buf = vec![0u8; 4096];
+    for p in &chosen {
+        rng.fill_bytes(&mut buf);
+        f.write_all_at(&buf, p * 4096).unwrap();
+    }
+    f.sync_all().unwrap();
+    n
+}
+
+/// BLAKE3 of the first `len` bytes of a file (all of it when `len` is None).
+pub fn b3(path: &Path, len: Option<u64>) -> String {
+    let f = std::fs::File::open(path).unwrap();
+    let size = len.unwrap_or_else(|| f.metadata().unwrap().len());
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = ((size - pos) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], pos).unwrap();
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    h.finalize().to_hex().to_string()
+}
+
+pub fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().context("spawn")?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}{}", cmd, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

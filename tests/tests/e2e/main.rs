@@ -1,0 +1,7 @@
+//! End-to-end scenarios over the real binaries, real TLS and real files.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod auth;
+mod crash;
+mod harness;
+mod protect;
