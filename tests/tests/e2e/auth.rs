@@ -27,7 +27,12 @@ fn identities_are_enforced() {
     make_random(&disk, 4, 1, 1);
     let out = std::process::Command::new(bin("mobility-agent"))
         .args(["run", "--server", &server.url(), "--identity", a.to_str().unwrap(), "--vm", "b"])
-        .args(["--disk", &format!("sda={}", disk.display()), "--state-dir", root.join("st").to_str().unwrap()])
+        .args([
+            "--disk",
+            &format!("sda={}", disk.display()),
+            "--state-dir",
+            root.join("st").to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -47,7 +52,10 @@ fn identities_are_enforced() {
                 protocol: 1,
             })),
         };
-        c.replicate(tokio_stream::iter(vec![hello])).await.err().expect("writing VM b with VM a's certificate must fail")
+        match c.replicate(tokio_stream::iter(vec![hello])).await {
+            Ok(_) => panic!("writing VM b with VM a's certificate must fail"),
+            Err(status) => status,
+        }
     });
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("for VM a; it cannot write VM b"), "{}", status.message());

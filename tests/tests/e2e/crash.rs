@@ -14,11 +14,18 @@ fn server_killed_mid_ingest_then_agent_resumes_and_point_verifies() {
     let disk = root.join("app.img");
     // Incompressible data at a limited rate, so the kill lands in the middle of the ingest.
     make_random(&disk, 64, 40, 7);
-    let mut agent =
-        Agent::start(&server, &identity, "app", &[("sda", &disk)], &root.join("st"), &["--max-rate", "10MiB"]);
+    let mut agent = Agent::start(
+        &server,
+        &identity,
+        "app",
+        &[("sda", &disk)],
+        &root.join("st"),
+        &["--max-rate", "10MiB"],
+    );
     deadline_poll("ingest to be under way", Duration::from_secs(60), || {
         let s = server.drctl_json(&["status"]);
-        let got = s.as_array().and_then(|a| a.first()).and_then(|v| v["bytes_received"].as_u64()).unwrap_or(0);
+        let got =
+            s.as_array().and_then(|a| a.first()).and_then(|v| v["bytes_received"].as_u64()).unwrap_or(0);
         (got > 12 << 20).then_some(())
     });
     server.kill9();
@@ -41,6 +48,13 @@ fn server_killed_mid_ingest_then_agent_resumes_and_point_verifies() {
     let resent = server.status("app")["bytes_received"].as_u64().unwrap() - before;
     assert!(resent < (64 << 20) / 20, "agent restart resent {resent} bytes (more than 5% of the disk)");
     let out = root.join("after-agent-restart");
-    let res = server.drctl_json(&["test-failover", "app", "--point", &p["id"].to_string(), "--output", out.to_str().unwrap()]);
+    let res = server.drctl_json(&[
+        "test-failover",
+        "app",
+        "--point",
+        &p["id"].to_string(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), want);
 }

@@ -55,7 +55,8 @@ pub struct Server {
 impl Server {
     pub fn init(root: &Path) -> Server {
         let data = root.join("ps");
-        let out = Command::new(bin("process-server")).args(["init", "--data-dir"]).arg(&data).output().unwrap();
+        let out =
+            Command::new(bin("process-server")).args(["init", "--data-dir"]).arg(&data).output().unwrap();
         assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
         Server { log: root.join("ps.log"), data, port: 0, child: None }
     }
@@ -72,7 +73,8 @@ impl Server {
             .unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
+        let addr =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
         self.port = addr.rsplit(':').next().unwrap().parse().unwrap();
         self.child = Some(child);
     }
@@ -168,7 +170,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(server: &Server, identity: &Path, vm: &str, disks: &[(&str, &Path)], state: &Path, extra: &[&str]) -> Agent {
+    pub fn start(
+        server: &Server,
+        identity: &Path,
+        vm: &str,
+        disks: &[(&str, &Path)],
+        state: &Path,
+        extra: &[&str],
+    ) -> Agent {
         let mut args: Vec<String> = vec![
             "run".into(),
             "--server".into(),
@@ -225,7 +234,13 @@ pub fn make_ext4(path: &Path, size_mib: u64, seed: u64) {
     for i in 0..40 {
         let mut f = std::fs::File::create(src.join("etc").join(format!("conf{i}.txt"))).unwrap();
         for l in 0..(200 + i * 20) {
-            writeln!(f, "line {l} of config {i}: key_{} = value_{}", rng.random::<u16>(), rng.random::<u32>()).unwrap();
+            writeln!(
+                f,
+                "line {l} of config {i}: key_{} = value_{}",
+                rng.random::<u16>(),
+                rng.random::<u32>()
+            )
+            .unwrap();
         }
     }
     for i in 0..6 {
@@ -291,7 +306,12 @@ pub fn b3(path: &Path, len: Option<u64>) -> String {
 pub fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().context("spawn")?;
     if !out.status.success() {
-        bail!("{:?} failed: {}{}", cmd, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{:?} failed: {}{}",
+            cmd,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

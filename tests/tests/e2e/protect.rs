@@ -61,15 +61,22 @@ fn test_failover_to_each_point_is_byte_identical_in_raw_and_vhd() {
             assert_eq!(manifest["point"].to_string(), id);
             if format == "vhd" {
                 assert_eq!(std::fs::metadata(&file).unwrap().len(), size + 512);
-                let info = run_ok(Command::new("qemu-img").args(["info", "--output=json", "-f", "vpc"]).arg(&file))
-                    .unwrap();
+                let info =
+                    run_ok(Command::new("qemu-img").args(["info", "--output=json", "-f", "vpc"]).arg(&file))
+                        .unwrap();
                 let info: serde_json::Value = serde_json::from_str(&info).unwrap();
                 assert_eq!(info["virtual-size"].as_u64(), Some(size));
-                run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "vpc"]).arg(reference).arg(&file))
-                    .unwrap();
+                run_ok(
+                    Command::new("qemu-img")
+                        .args(["compare", "-f", "raw", "-F", "vpc"])
+                        .arg(reference)
+                        .arg(&file),
+                )
+                .unwrap();
             }
             // One open test failover per VM.
-            let second = server.drctl(&["test-failover", "web", "--output", root.join("x").to_str().unwrap()]);
+            let second =
+                server.drctl(&["test-failover", "web", "--output", root.join("x").to_str().unwrap()]);
             assert!(!second.status.success());
             assert!(String::from_utf8_lossy(&second.stderr).contains("test-failover-cleanup"));
             server.drctl_json(&["test-failover-cleanup", "web"]);
@@ -93,7 +100,14 @@ fn unknown_points_and_vms_get_clear_errors() {
     make_random(&disk, 8, 2, 3);
     let _agent = Agent::start(&server, &identity, "db", &[("sda", &disk)], &root.join("st"), &[]);
     server.checkpoint("db");
-    let out = server.drctl(&["test-failover", "db", "--point", "999", "--output", root.join("o").to_str().unwrap()]);
+    let out = server.drctl(&[
+        "test-failover",
+        "db",
+        "--point",
+        "999",
+        "--output",
+        root.join("o").to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no point 999") && err.contains("drctl points db"), "{err}");

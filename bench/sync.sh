@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Benchmark: initial sync and a 1 % incremental of a realistic 2 GiB ext4 image,
+# mobility-agent -> process-server over loopback mTLS, with peers run in the same session:
+#   pipeline limit: b3sum + zstd -1 -T1 + zstd -d + b3sum on the same image (the work agent
+#                   and server share, on 2 cores: image size / (sum of times / 2))
+#   rsync over loopback (daemon): whole-file for the initial copy, --inplace --no-whole-file
+#                   for the incremental.
+# Prints wall time, MB/s, CPU seconds and peak RSS of each tern process, bytes on the wire.
+# Needs: mkfs.ext4, rsync, zstd, b3sum, python3 (Debian: e2fsprogs rsync zstd b3sum).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_MIB=${SIZE_MIB:-2048}
+for t in mkfs.ext4 rsync zstd b3sum python3; do
+  command -v "$t" >/dev/null || { echo "bench needs $t"; exit 1; }
+done
+cargo build --quiet --release --workspace --bins --locked
+B="$PWD/target/release"
+W=$(mktemp -d /tmp/tern-bench.XXXXXX)
+cleanup() { kill "${AGENT:-}" "${SERVER:-}" "${RSYNCD:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+now() { date +%s.%N; }
+cpu() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
+hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+calc() { python3 -c "print(f'{$1:.2f}')"; }
+
+echo "== preparing a ${SIZE_MIB} MiB ext4 image with real files"
+mkdir -p "$W/src"
+for d in /usr/bin /usr/lib/gcc /usr/share/locale /usr/share/man /usr/lib/python3.11; do
+  [ -d "$d" ] && cp -a "$d" "$W/src/" 2>/dev/null || true
+done
+truncate -s "${SIZE_MIB}M" "$W/disk.img"
+mkfs.ext4 -q -F -d "$W/src" "$W/disk.img"
+rm -rf "$W/src"
+IMG_BYTES=$(stat -c %s "$W/disk.img")
+echo "image: $(du -h --apparent-size "$W/disk.img" | cut -f1) apparent, $(du -h "$W/disk.img" | cut -f1) allocated"
+sync
+
+echo "== peers: pipeline limit (single-thread b3sum, zstd -1, zstd -d, b3sum)"
+t0=$(now); b3sum "$W/disk.img" >/dev/null; t1=$(now)
+zstd -q -1 -T1 -c "$W/disk.img" >"$W/disk.zst"; t2=$(now)
+zstd -q -d -c "$W/disk.zst" >/dev/null; t3=$(now)
+b3sum "$W/disk.img" >/dev/null; t4=$(now)
+rm -f "$W/disk.zst"
+SUM=$(calc "$t4-$t0")
+LIMIT_S=$(calc "$SUM/2")
+echo "b3sum $(calc "$t1-$t0")s  zstd -1 $(calc "$t2-$t1")s  zstd -d $(calc "$t3-$t2")s  b3sum $(calc "$t4-$t3")s  -> limit $LIMIT_S s ($(calc "$IMG_BYTES/$LIMIT_S/1e6") MB/s)"
+
+echo "== peers: rsync over loopback"
+mkdir -p "$W/rsync-dst"
+cat >"$W/rsyncd.conf" <<CONF
+use chroot = no
+[dst]
+path = $W/rsync-dst
+read only = no
+CONF
+RPORT=$((20000 + RANDOM % 20000))
+rsync --daemon --no-detach --config="$W/rsyncd.conf" --port=$RPORT --address=127.0.0.1 &
+RSYNCD=$!
+sleep 0.5
+t0=$(now); R1=$(rsync --whole-file --stats "$W/disk.img" "rsync://127.0.0.1:$RPORT/dst/disk.img" | awk '/Total bytes sent/ {gsub(",","",$4); print $4}'); t1=$(now)
+RSYNC_FULL=$(calc "$t1-$t0")
+echo "rsync whole-file: ${RSYNC_FULL}s, $R1 bytes sent"
+
+echo "== tern: initial sync"
+"$B/process-server" init --data-dir "$W/ps" >/dev/null
+"$B/process-server" serve --data-dir "$W/ps" --listen 127.0.0.1:0 >"$W/ps.out" 2>"$W/ps.log" &
+SERVER=$!
+for _ in $(seq 100); do grep -q listening "$W/ps.out" 2>/dev/null && break; sleep 0.05; done
+export DRCTL_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps.out")" DRCTL_IDENTITY="$W/ps/pki/admin.bundle"
+"$B/drctl" enroll agent --vm bench --out "$W/agent.bundle" >/dev/null
+S_CPU0=$(cpu $SERVER)
+t0=$(now)
+"$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$W/agent.bundle" --vm bench \
+  --disk "sda=$W/disk.img" --state-dir "$W/agent-state" --interval 1h 2>"$W/agent.log" &
+AGENT=$!
+until "$B/drctl" status bench --json 2>/dev/null | grep -q '"last_point": [0-9]'; do sleep 0.02; done
+t1=$(now)
+INIT=$(calc "$t1-$t0")
+INIT_WIRE=$("$B/drctl" status bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_received"])')
+A_CPU1=$(cpu $AGENT); S_CPU1=$(cpu $SERVER)
+echo "tern initial sync: ${INIT}s, $(calc "$IMG_BYTES/$INIT/1e6") MB/s of image, wire $INIT_WIRE bytes," \
+  "CPU agent ${A_CPU1}s server $(calc "$S_CPU1-$S_CPU0")s"
+
+echo "== the VM changes: 1 % of the 4 KiB pages rewritten with random data, scattered"
+python3 - "$W/disk.img" <<'PY'
+import os, random, sys
+random.seed(1)
+fd = os.open(sys.argv[1], os.O_WRONLY)
+pages = os.fstat(fd).st_size // 4096
+n = pages // 100
+for p in random.sample(range(pages), n):
+    os.pwrite(fd, os.urandom(4096), p * 4096)
+os.fsync(fd)
+print(f"{n} pages, {n*4096} bytes changed")
+PY
+CHANGED=$(( IMG_BYTES / 4096 / 100 * 4096 ))
+
+t0=$(now); R2=$(rsync --inplace --no-whole-file --stats "$W/disk.img" "rsync://127.0.0.1:$RPORT/dst/disk.img" | awk '/Total bytes sent/ {gsub(",","",$4); print $4}'); t1=$(now)
+RSYNC_INC=$(calc "$t1-$t0")
+echo "rsync --inplace --no-whole-file: ${RSYNC_INC}s, $R2 bytes sent"
+
+W0=$("$B/drctl" status bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_received"])')
+t0=$(now)
+"$B/drctl" checkpoint bench --wait >/dev/null
+t1=$(now)
+INC=$(calc "$t1-$t0")
+W1=$("$B/drctl" status bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_received"])')
+A_CPU2=$(cpu $AGENT); S_CPU2=$(cpu $SERVER)
+echo "tern 1% incremental (checkpoint --wait: full rescan + send + point): ${INC}s, wire $((W1-W0)) bytes," \
+  "CPU agent $(calc "$A_CPU2-$A_CPU1")s server $(calc "$S_CPU2-$S_CPU1")s"
+
+echo "== verify: test failover of the last point equals the image"
+"$B/drctl" test-failover bench --output "$W/tfo" --json >"$W/tfo.json"
+WANT=$(b3sum --no-names "$W/disk.img")
+GOT=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disks"][0]["blake3"])' "$W/tfo.json")
+[ "$WANT" = "$GOT" ] && echo "byte for byte: OK ($GOT)" || { echo "MISMATCH: $WANT vs $GOT"; exit 1; }
+
+echo
+echo "== summary (image $IMG_BYTES bytes, changed $CHANGED bytes)"
+printf '%-44s %10s\n' "initial sync, tern (s)" "$INIT"
+printf '%-44s %10s\n' "pipeline limit (s)" "$LIMIT_S"
+printf '%-44s %10s   (target >= 0.80)\n' "tern speed / pipeline limit" "$(calc "$LIMIT_S/$INIT")"
+printf '%-44s %10s\n' "rsync whole-file (s)" "$RSYNC_FULL"
+printf '%-44s %10s   (target > 1)\n' "tern speed / rsync whole-file" "$(calc "$RSYNC_FULL/$INIT")"
+printf '%-44s %10s\n' "1% incremental, tern (s)" "$INC"
+printf '%-44s %10s\n' "1% incremental, rsync --inplace (s)" "$RSYNC_INC"
+printf '%-44s %10s   (target >= 5)\n' "tern speed / rsync incremental" "$(calc "$RSYNC_INC/$INC")"
+printf '%-44s %10s   (target <= 1.5)\n' "tern wire bytes / changed bytes" "$(calc "($W1-$W0)/$CHANGED")"
+printf '%-44s %10s\n' "rsync wire bytes / changed bytes" "$(calc "$R2/$CHANGED")"
+printf '%-44s %10s   (target <= 64)\n' "agent peak RSS (MiB)" "$(hwm $AGENT)"
+printf '%-44s %10s   (target <= 128)\n' "process server peak RSS (MiB)" "$(hwm $SERVER)"
