@@ -36,10 +36,10 @@ echo "image: $(du -h --apparent-size "$W/disk.img" | cut -f1) apparent, $(du -h 
 sync
 
 echo "== peers: pipeline limit (single-thread b3sum, zstd -1, zstd -d, b3sum)"
-t0=$(now); b3sum "$W/disk.img" >/dev/null; t1=$(now)
+t0=$(now); b3sum --num-threads 1 "$W/disk.img" >/dev/null; t1=$(now)
 zstd -q -1 -T1 -c "$W/disk.img" >"$W/disk.zst"; t2=$(now)
 zstd -q -d -c "$W/disk.zst" >/dev/null; t3=$(now)
-b3sum "$W/disk.img" >/dev/null; t4=$(now)
+b3sum --num-threads 1 "$W/disk.img" >/dev/null; t4=$(now)
 rm -f "$W/disk.zst"
 SUM=$(calc "$t4-$t0")
 LIMIT_S=$(calc "$SUM/2")

@@ -163,9 +163,8 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             states = back;
             due = tokio::time::Instant::now() + config.interval;
             match result {
-                Some((pass, note)) => {
-                    let consistency =
-                        if app && note.is_empty() { pb::Consistency::App } else { pb::Consistency::Crash };
+                Some((pass, frozen, note)) => {
+                    let consistency = if frozen { pb::Consistency::App } else { pb::Consistency::Crash };
                     let point = pb::MakePoint {
                         request_ids: requests.iter().map(|r| r.0).collect(),
                         consistency: consistency as i32,
@@ -294,6 +293,7 @@ fn run_hook(what: &str, cmd: &str) -> Result<(), String> {
 /// Scans until a pass is a consistent cut (or attempts run out), forwarding records as
 /// they come and handling acks meanwhile. Returns the consistent pass and the point's note.
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::type_complexity)]
 async fn scan_until_consistent(
     config: &Arc<Config>,
     mut states: Vec<DiskState>,
@@ -304,11 +304,14 @@ async fn scan_until_consistent(
     pending: &mut Pending,
     shutdown: &CancellationToken,
     app: bool,
-) -> Result<(Option<(PassResult, String)>, Vec<DiskState>), tonic::Status> {
+) -> Result<(Option<(PassResult, bool, String)>, Vec<DiskState>), tonic::Status> {
     let mut note = String::new();
     for attempt in 1..=CONSISTENT_ATTEMPTS {
         let started = Instant::now();
-        let freeze = if app { config.freeze.clone() } else { None };
+        note.clear();
+        // An app point always freezes; a crash point falls back on the freeze hook when
+        // the disks kept changing during an unfrozen scan.
+        let freeze = if app || attempt > 1 { config.freeze.clone() } else { None };
         let frozen = match &freeze {
             Some(cmd) => match run_hook("freeze", cmd) {
                 Ok(()) => true,
@@ -379,7 +382,7 @@ async fn scan_until_consistent(
             "scan pass done"
         );
         if pass.consistent {
-            return Ok((Some((pass, note)), states));
+            return Ok((Some((pass, frozen, note)), states));
         }
     }
     Ok((None, states))

@@ -311,7 +311,9 @@ async fn sync_and_ack(
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(store_status)?;
         let ack = Ack { disk: disk.name.to_string(), durable_seq: durable.0 };
-        let _ = out.send(msg(server_message::Msg::Ack(ack))).await;
+        // Acks are cumulative: when the agent is slow to read them, a dropped one is
+        // superseded by the next, and the writer never waits on the agent.
+        let _ = out.try_send(msg(server_message::Msg::Ack(ack)));
     }
     Ok(())
 }
