@@ -107,7 +107,7 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let mut client = pb::replication_client::ReplicationClient::new(channel)
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
-    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(8);
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
     let hello = pb::Hello {
         vm: config.vm.to_string(),
         disks: config.disks.iter().map(|d| pb::DiskInfo { name: d.name.to_string(), size: d.size }).collect(),
@@ -142,8 +142,8 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let mut pending = Pending::default();
     // The first pass starts at once: it syncs whatever changed while disconnected.
     let mut due = tokio::time::Instant::now();
-    // A point sent and not yet acked: the requests it answers and the state to save then.
-    let mut awaiting_point: Option<(Requests, Vec<DiskState>)> = None;
+    // A point sent and not yet acked: the requests it answers and each disk's seq.
+    let mut awaiting_point: Option<(Requests, Vec<Seq>)> = None;
     loop {
         if awaiting_point.is_none() && (tokio::time::Instant::now() >= due || !pending.requests.is_empty()) {
             let requests = std::mem::take(&mut pending.requests);
@@ -183,11 +183,8 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                         note,
                     };
                     send(&tx, pb::agent_message::Msg::Point(point)).await?;
-                    let mut saved = states.clone();
-                    for (s, next) in saved.iter_mut().zip(&next_seq) {
-                        s.seq = Seq(next.0 - 1);
-                    }
-                    awaiting_point = Some((requests, saved));
+                    // No pass runs until the point is acked, so `states` stays the point's state.
+                    awaiting_point = Some((requests, next_seq.iter().map(|n| Seq(n.0 - 1)).collect()));
                 }
                 None => {
                     for (id, _) in requests {
@@ -216,12 +213,18 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                         Some(pb::server_message::Msg::Ack(a)) => note_ack(&config, &mut durable, &a),
                         Some(pb::server_message::Msg::Checkpoint(c)) => pending.requests.push((c.request_id, c.app_consistent)),
                         Some(pb::server_message::Msg::PointAck(p)) => {
-                            if let Some((requests, saved)) = awaiting_point.take() {
+                            if let Some((requests, seqs)) = awaiting_point.take() {
                                 info!(point = p.point_id, answers = requests.len(), "recovery point acked");
+                                for (s, seq) in states.iter_mut().zip(seqs) {
+                                    s.seq = seq;
+                                }
                                 let cfg = config.clone();
-                                tokio::task::spawn_blocking(move || save_states(&cfg, &saved))
-                                    .await
-                                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                                states = tokio::task::spawn_blocking(move || {
+                                    save_states(&cfg, &states);
+                                    states
+                                })
+                                .await
+                                .map_err(|e| tonic::Status::internal(e.to_string()))?;
                             }
                         }
                         _ => {}
@@ -328,7 +331,7 @@ async fn scan_until_consistent(
                 false
             }
         };
-        let (ev_tx, mut ev_rx) = mpsc::channel::<ScanEvent>(4);
+        let (ev_tx, mut ev_rx) = mpsc::channel::<ScanEvent>(2);
         let cancel = shutdown.child_token();
         let cfg = config.clone();
         let c2 = cancel.clone();

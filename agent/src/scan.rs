@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 /// Unit of work for one worker: 16 blocks.
 const CHUNK: usize = 16 * BLOCK_SIZE;
 /// Chunks in flight per worker: enough to keep workers busy, little memory.
-const DEPTH_PER_WORKER: usize = 4;
+const DEPTH_PER_WORKER: usize = 2;
 /// A batch is sent once it holds this much payload.
 const BATCH_BYTES: usize = 1 << 20;
 const BATCH_RECORDS: usize = 1024;

@@ -46,8 +46,15 @@ impl DiskState {
         state_dir.join(format!("disk-{disk}.state"))
     }
 
+    /// Publishes the state: streamed to a temporary file (no copy of the table in
+    /// memory), fsynced, renamed into place, folder fsynced.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let mut buf = Vec::with_capacity(64 + self.blocks.len() * ENTRY_LEN);
+        let tmp = path.with_extension("tmp");
+        let mut w = HashingWriter {
+            inner: std::io::BufWriter::new(std::fs::File::create(&tmp)?),
+            hash: blake3::Hasher::new(),
+        };
+        let mut buf = Vec::with_capacity(64);
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&VERSION.to_le_bytes());
         buf.extend_from_slice(&0u32.to_le_bytes());
@@ -57,17 +64,16 @@ impl DiskState {
         let generation = self.generation.as_bytes();
         buf.extend_from_slice(&u32::try_from(generation.len()).unwrap_or(0).to_le_bytes());
         buf.extend_from_slice(generation);
+        w.write_all(&buf)?;
         for b in &self.blocks {
-            buf.extend_from_slice(&b.block.0);
+            w.write_all(&b.block.0)?;
             for p in &b.pages {
-                buf.extend_from_slice(&p.0);
+                w.write_all(&p.0)?;
             }
         }
-        let check = blake3::hash(&buf);
-        buf.extend_from_slice(check.as_bytes());
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&buf)?;
+        let check = w.hash.finalize();
+        w.inner.write_all(check.as_bytes())?;
+        let f = w.inner.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)?;
@@ -109,6 +115,22 @@ impl DiskState {
             })
             .collect();
         Some(DiskState { size, generation, seq, blocks })
+    }
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hash: blake3::Hasher,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.hash.update(&b[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
