@@ -17,6 +17,54 @@ pub struct DiskRow {
     pub name: DiskName,
     pub size: u64,
     pub generation: String,
+    /// Records up to this seq are applied to the base image.
+    pub base_seq: Seq,
+}
+
+/// A VM's replication policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub retention_ms: i64,
+    pub crash_interval_ms: i64,
+    pub app_interval_ms: i64,
+    pub rpo_threshold_ms: i64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            retention_ms: 24 * 3_600_000,
+            crash_interval_ms: 5 * 60_000,
+            app_interval_ms: 60 * 60_000,
+            rpo_threshold_ms: 15 * 60_000,
+        }
+    }
+}
+
+/// Longest retention window a policy may have.
+pub const MAX_RETENTION_MS: i64 = 30 * 24 * 3_600_000;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailoverRow {
+    pub kind: String,
+    pub point: PointId,
+    pub output: String,
+    pub format: String,
+    pub files: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobRow {
+    pub id: u64,
+    pub kind: String,
+    pub vm: String,
+    pub state: String,
+    pub phase: String,
+    pub done: u64,
+    pub total: u64,
+    pub error: String,
+    pub started_ms: i64,
+    pub ended_ms: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,13 +116,42 @@ fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'protected'
+);
+CREATE TABLE IF NOT EXISTS policies (
+    vm TEXT PRIMARY KEY REFERENCES vms(name),
+    retention_ms INTEGER NOT NULL,
+    crash_interval_ms INTEGER NOT NULL,
+    app_interval_ms INTEGER NOT NULL,
+    rpo_threshold_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failovers (
+    vm TEXT PRIMARY KEY REFERENCES vms(name),
+    kind TEXT NOT NULL,
+    point INTEGER NOT NULL,
+    output TEXT NOT NULL,
+    format TEXT NOT NULL,
+    files TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    vm TEXT NOT NULL,
+    state TEXT NOT NULL,
+    phase TEXT NOT NULL DEFAULT '',
+    done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '',
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS disks (
     vm TEXT NOT NULL REFERENCES vms(name),
     name TEXT NOT NULL,
     size INTEGER NOT NULL,
     generation TEXT NOT NULL,
+    base_seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (vm, name)
 );
 CREATE TABLE IF NOT EXISTS points (
@@ -149,18 +226,23 @@ impl Catalog {
     pub fn disks(&self, vm: &VmName) -> Result<Vec<DiskRow>, StoreError> {
         let mut st = self
             .db
-            .prepare("SELECT name, size, generation FROM disks WHERE vm = ?1 ORDER BY name")
+            .prepare("SELECT name, size, generation, base_seq FROM disks WHERE vm = ?1 ORDER BY name")
             .map_err(q("list disks"))?;
         let rows = st
             .query_map([vm.as_str()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
             })
             .map_err(q("list disks"))?;
         let mut out = Vec::new();
         for r in rows {
-            let (name, size, generation) = r.map_err(q("list disks"))?;
+            let (name, size, generation, base) = r.map_err(q("list disks"))?;
             if let Ok(name) = DiskName::new(&name) {
-                out.push(DiskRow { name, size: u64::try_from(size).unwrap_or(0), generation });
+                out.push(DiskRow {
+                    name,
+                    size: u64::try_from(size).unwrap_or(0),
+                    generation,
+                    base_seq: Seq(u64::try_from(base).unwrap_or(0)),
+                });
             }
         }
         Ok(out)
@@ -174,6 +256,178 @@ impl Catalog {
             )
             .map_err(q("add disk"))?;
         Ok(())
+    }
+
+    pub fn set_base_seq(&self, vm: &VmName, disk: &DiskName, seq: Seq) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "UPDATE disks SET base_seq = ?3 WHERE vm = ?1 AND name = ?2",
+                params![vm.as_str(), disk.as_str(), i64_of(seq.0)],
+            )
+            .map_err(q("move base position"))?;
+        Ok(())
+    }
+
+    pub fn vm_state(&self, vm: &VmName) -> Result<String, StoreError> {
+        self.db
+            .query_row("SELECT state FROM vms WHERE name = ?1", [vm.as_str()], |r| r.get(0))
+            .optional()
+            .map_err(q("read VM state"))?
+            .ok_or_else(|| StoreError::UnknownVm(vm.clone()))
+    }
+
+    pub fn set_vm_state(&self, vm: &VmName, state: &str) -> Result<(), StoreError> {
+        self.db
+            .execute("UPDATE vms SET state = ?2 WHERE name = ?1", params![vm.as_str(), state])
+            .map_err(q("set VM state"))?;
+        Ok(())
+    }
+
+    pub fn policy(&self, vm: &VmName) -> Result<Policy, StoreError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms FROM policies WHERE vm = ?1",
+                [vm.as_str()],
+                |r| {
+                    Ok(Policy {
+                        retention_ms: r.get(0)?,
+                        crash_interval_ms: r.get(1)?,
+                        app_interval_ms: r.get(2)?,
+                        rpo_threshold_ms: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(q("read policy"))?
+            .unwrap_or_default())
+    }
+
+    pub fn set_policy(&self, vm: &VmName, p: &Policy) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "INSERT INTO policies (vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(vm) DO UPDATE SET retention_ms = ?2, crash_interval_ms = ?3,
+                   app_interval_ms = ?4, rpo_threshold_ms = ?5",
+                params![vm.as_str(), p.retention_ms, p.crash_interval_ms, p.app_interval_ms, p.rpo_threshold_ms],
+            )
+            .map_err(q("set policy"))?;
+        Ok(())
+    }
+
+    pub fn failover(&self, vm: &VmName) -> Result<Option<FailoverRow>, StoreError> {
+        self.db
+            .query_row(
+                "SELECT kind, point, output, format, files FROM failovers WHERE vm = ?1",
+                [vm.as_str()],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(q("look up failover"))
+            .map(|row| {
+                row.map(|(kind, point, output, format, files)| FailoverRow {
+                    kind,
+                    point: PointId(u64::try_from(point).unwrap_or(0)),
+                    output,
+                    format,
+                    files: serde_json::from_str(&files).unwrap_or_default(),
+                })
+            })
+    }
+
+    pub fn put_failover(&self, vm: &VmName, f: &FailoverRow) -> Result<(), StoreError> {
+        let files = serde_json::to_string(&f.files).unwrap_or_else(|_| "[]".into());
+        self.db
+            .execute(
+                "INSERT INTO failovers (vm, kind, point, output, format, files) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(vm) DO UPDATE SET kind = ?2, point = ?3, output = ?4, format = ?5, files = ?6",
+                params![vm.as_str(), f.kind, i64_of(f.point.0), f.output, f.format, files],
+            )
+            .map_err(q("record failover"))?;
+        Ok(())
+    }
+
+    pub fn delete_failover(&self, vm: &VmName) -> Result<(), StoreError> {
+        self.db.execute("DELETE FROM failovers WHERE vm = ?1", [vm.as_str()]).map_err(q("end failover"))?;
+        Ok(())
+    }
+
+    /// Removes points (and their disk rows) by id.
+    pub fn delete_points(&mut self, ids: &[PointId]) -> Result<(), StoreError> {
+        let tx = self.db.transaction().map_err(q("delete points"))?;
+        for id in ids {
+            tx.execute("DELETE FROM point_disks WHERE point = ?1", [i64_of(id.0)])
+                .map_err(q("delete points"))?;
+            tx.execute("DELETE FROM points WHERE id = ?1", [i64_of(id.0)]).map_err(q("delete points"))?;
+        }
+        tx.commit().map_err(q("delete points"))
+    }
+
+    pub fn insert_job(&self, kind: &str, vm: &VmName, now_ms: i64) -> Result<u64, StoreError> {
+        self.db
+            .execute(
+                "INSERT INTO jobs (kind, vm, state, started_ms) VALUES (?1, ?2, 'running', ?3)",
+                params![kind, vm.as_str(), now_ms],
+            )
+            .map_err(q("create job"))?;
+        Ok(u64::try_from(self.db.last_insert_rowid()).unwrap_or(0))
+    }
+
+    pub fn update_job(&self, j: &JobRow) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "UPDATE jobs SET state = ?2, phase = ?3, done = ?4, total = ?5, error = ?6, ended_ms = ?7 WHERE id = ?1",
+                params![i64_of(j.id), j.state, j.phase, i64_of(j.done), i64_of(j.total), j.error, j.ended_ms],
+            )
+            .map_err(q("update job"))?;
+        Ok(())
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobRow>, StoreError> {
+        let mut st = self
+            .db
+            .prepare(
+                "SELECT id, kind, vm, state, phase, done, total, error, started_ms, ended_ms FROM jobs ORDER BY id",
+            )
+            .map_err(q("list jobs"))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(JobRow {
+                    id: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    kind: r.get(1)?,
+                    vm: r.get(2)?,
+                    state: r.get(3)?,
+                    phase: r.get(4)?,
+                    done: u64::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
+                    total: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+                    error: r.get(7)?,
+                    started_ms: r.get(8)?,
+                    ended_ms: r.get(9)?,
+                })
+            })
+            .map_err(q("list jobs"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(q("list jobs"))
+    }
+
+    /// Jobs left running by a process that stopped end as failed, with the reason.
+    pub fn fail_interrupted_jobs(&self, now_ms: i64) -> Result<usize, StoreError> {
+        self.db
+            .execute(
+                "UPDATE jobs SET state = 'failed', ended_ms = ?1,
+                 error = 'interrupted: the process server stopped while the job ran; run the command again'
+                 WHERE state = 'running'",
+                [now_ms],
+            )
+            .map_err(q("fail interrupted jobs"))
     }
 
     pub fn next_point_id(&self) -> Result<PointId, StoreError> {

@@ -75,6 +75,7 @@ pub fn verify_record(dec: &mut Decoder, disk_size: u64, r: &Record) -> Result<()
 
 #[derive(Clone, Debug)]
 struct Segment {
+    first_seq: u64,
     path: PathBuf,
     /// Bytes known to be durable.
     durable_len: u64,
@@ -98,6 +99,7 @@ pub struct Journal {
     active: Option<File>,
     active_len: u64,
     dir_dirty: bool,
+    segment_target: u64,
     written: Seq,
     durable: Seq,
     buf: Vec<u8>,
@@ -157,7 +159,7 @@ impl Journal {
             if scan.last_seq.0 > 0 {
                 last = scan.last_seq;
             }
-            segments.push(Segment { path, durable_len: scan.good_len });
+            segments.push(Segment { first_seq, path, durable_len: scan.good_len });
         }
         recovery.durable = last;
         let mut j = Journal {
@@ -166,6 +168,7 @@ impl Journal {
             active: None,
             active_len: 0,
             dir_dirty: false,
+            segment_target: SEGMENT_TARGET_BYTES,
             written: last,
             durable: last,
             buf: Vec::with_capacity(4 << 20),
@@ -228,7 +231,7 @@ impl Journal {
     }
 
     fn write_buf(&mut self, next_seq: Seq) -> Result<(), StoreError> {
-        if self.active.is_none() || self.active_len >= SEGMENT_TARGET_BYTES {
+        if self.active.is_none() || self.active_len >= self.segment_target {
             self.roll(next_seq)?;
         }
         let Some(seg) = self.segments.last() else { return Err(StoreError::Invariant("no active segment")) };
@@ -248,7 +251,7 @@ impl Journal {
         let mut f =
             OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
         f.write_all(&encode_segment_header(first_seq.0)).map_err(io_err(&path))?;
-        self.segments.push(Segment { path, durable_len: 0 });
+        self.segments.push(Segment { first_seq: first_seq.0, path, durable_len: 0 });
         self.active = Some(f);
         self.active_len = SEGMENT_HEADER_LEN as u64;
         self.dir_dirty = true;
@@ -269,6 +272,51 @@ impl Journal {
         }
         self.durable = self.written;
         Ok(self.durable)
+    }
+
+    /// Segments are closed once they pass `bytes` (default [`SEGMENT_TARGET_BYTES`]).
+    pub fn set_segment_target(&mut self, bytes: u64) {
+        self.segment_target = bytes.max(4096);
+    }
+
+    /// Numbering continues after `seq` when the journal holds nothing past it (all its
+    /// segments were applied to the base and deleted).
+    pub fn continue_after(&mut self, seq: Seq) {
+        if self.written < seq && self.segments.is_empty() {
+            self.written = seq;
+            self.durable = seq;
+        }
+    }
+
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Deletes the closed segments whose records all have seq <= `seq` (already applied
+    /// to the base image). The active segment is never deleted. Returns how many went.
+    pub fn delete_segments_through(&mut self, seq: Seq) -> Result<usize, StoreError> {
+        let mut n = 0;
+        while self.segments.len() > 1 && self.segments[1].first_seq <= seq.0 + 1 {
+            let seg = self.segments.remove(0);
+            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+            n += 1;
+        }
+        if n > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(n)
+    }
+
+    /// Deletes every segment (a committed failover); numbering goes on after `written`.
+    pub fn delete_all(&mut self) -> Result<(), StoreError> {
+        self.sync()?;
+        self.active = None;
+        for seg in self.segments.drain(..) {
+            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+        }
+        self.active_len = 0;
+        sync_dir(&self.dir)
     }
 
     /// A view of the durable records for readers.
@@ -371,7 +419,12 @@ impl JournalSnapshot {
     /// Reads records with sequence numbers up to `upto` (bookmarks included), in order,
     /// checking each record's checksum.
     pub fn read(&self, upto: Seq) -> JournalReader {
-        JournalReader { segments: self.segments.clone(), index: 0, reader: None, upto, pos: 0, end: 0 }
+        self.read_range(Seq(0), upto)
+    }
+
+    /// Reads records with `after < seq <= upto`, in order.
+    pub fn read_range(&self, after: Seq, upto: Seq) -> JournalReader {
+        JournalReader { segments: self.segments.clone(), index: 0, reader: None, after, upto, pos: 0, end: 0 }
     }
 }
 
@@ -380,6 +433,7 @@ pub struct JournalReader {
     segments: Vec<(PathBuf, u64)>,
     index: usize,
     reader: Option<BufReader<File>>,
+    after: Seq,
     upto: Seq,
     pos: u64,
     end: u64,
@@ -421,6 +475,9 @@ impl JournalReader {
             self.pos += (RECORD_HEADER_LEN + payload.len()) as u64;
             if h.seq > self.upto.0 {
                 return Ok(None);
+            }
+            if h.seq <= self.after.0 {
+                continue;
             }
             return Ok(Some(StoredRecord {
                 seq: Seq(h.seq),

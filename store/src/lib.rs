@@ -27,9 +27,11 @@
 
 pub mod catalog;
 pub mod durable;
+pub mod failover;
 pub mod format;
 pub mod journal;
 pub mod materialize;
+pub mod retention;
 
 pub use catalog::{Catalog, Consistency, Point, PointDisk};
 pub use journal::{Journal, Record, RecordProblem};
@@ -80,6 +82,31 @@ pub enum StoreError {
     CatalogQuery { op: &'static str, reason: String },
     #[error("internal invariant broken: {0}")]
     Invariant(&'static str),
+    #[error("VM {vm} is {state}; {what}")]
+    WrongState { vm: VmName, state: String, what: String },
+    #[error("fail point {0} hit")]
+    Injected(&'static str),
+}
+
+#[cfg(any(test, feature = "failpoints"))]
+thread_local! {
+    static FAILPOINT: std::cell::RefCell<Option<&'static str>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Arms a named fail point for the calling thread (tests and the `failpoints` feature).
+#[cfg(any(test, feature = "failpoints"))]
+pub fn set_failpoint(name: Option<&'static str>) {
+    FAILPOINT.with(|f| *f.borrow_mut() = name);
+}
+
+/// Returns `Injected` when the named fail point is armed: the caller stops as a crash would.
+pub(crate) fn failpoint(name: &'static str) -> Result<(), StoreError> {
+    #[cfg(any(test, feature = "failpoints"))]
+    if FAILPOINT.with(|f| *f.borrow() == Some(name)) {
+        return Err(StoreError::Injected(name));
+    }
+    let _ = name;
+    Ok(())
 }
 
 /// One replicated disk: its base image and its journal.
@@ -92,28 +119,85 @@ pub struct DiskHandle {
     pub generation: String,
     pub base_path: PathBuf,
     pub journal: Mutex<Journal>,
+    /// Records up to this seq are in the base image.
+    pub base_seq: Mutex<Seq>,
+    /// Readers of the base image and segments (materialisation) share it; moving the base
+    /// and deleting segments (retention, commit) takes it exclusively.
+    pub retention: std::sync::RwLock<()>,
 }
 
 impl DiskHandle {
     pub fn journal(&self) -> MutexGuard<'_, Journal> {
         self.journal.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    pub fn base_seq(&self) -> Seq {
+        *self.base_seq.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.retention.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.retention.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes this disk takes: allocated base image plus journal.
+    pub fn bytes_used(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let base = std::fs::metadata(&self.base_path).map_or(0, |m| m.blocks() * 512);
+        base + self.journal().bytes()
+    }
 }
 
-/// Which point a failover or test failover uses.
+/// Which point a failover or test failover uses. `latest` (make a point of everything
+/// received first) is resolved by the process server, which then asks for `LatestProcessed`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PointSpec {
+    Latest,
     LatestProcessed,
+    LatestApp,
     Id(PointId),
+    /// The newest point at or before this Unix time in milliseconds.
+    Time(i64),
 }
 
 impl PointSpec {
     pub fn parse(s: &str) -> Option<PointSpec> {
         match s {
+            "latest" => Some(PointSpec::Latest),
             "latest-processed" => Some(PointSpec::LatestProcessed),
-            _ => s.parse::<u64>().ok().map(|n| PointSpec::Id(PointId(n))),
+            "latest-app" => Some(PointSpec::LatestApp),
+            _ => {
+                if let Ok(n) = s.parse::<u64>() {
+                    return Some(PointSpec::Id(PointId(n)));
+                }
+                let t =
+                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+                i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok().map(PointSpec::Time)
+            }
         }
     }
+}
+
+impl std::fmt::Display for PointSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PointSpec::Latest => f.write_str("latest"),
+            PointSpec::LatestProcessed => f.write_str("latest-processed"),
+            PointSpec::LatestApp => f.write_str("latest-app"),
+            PointSpec::Id(id) => write!(f, "{id}"),
+            PointSpec::Time(ms) => f.write_str(&rfc3339(*ms)),
+        }
+    }
+}
+
+/// Options for opening a store.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreOptions {
+    /// Close journal segments past this size (default 256 MiB).
+    pub segment_bytes: Option<u64>,
 }
 
 /// The outcome of a test failover, also written as `vm.json` in the output directory.
@@ -132,6 +216,7 @@ pub struct Store {
     root: PathBuf,
     catalog: Mutex<Catalog>,
     disks: Mutex<HashMap<(VmName, DiskName), Arc<DiskHandle>>>,
+    options: StoreOptions,
 }
 
 pub fn now_ms() -> i64 {
@@ -154,16 +239,25 @@ fn new_generation(vm: &VmName, disk: &DiskName) -> String {
 impl Store {
     /// Opens the store under `root`, checking every journal and cutting torn tails.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Store::open_with(root, StoreOptions::default())
+    }
+
+    pub fn open_with(root: &Path, options: StoreOptions) -> Result<Store, StoreError> {
         create_dir_durable(&root.join("vms"))?;
         let catalog = Catalog::open(&root.join("catalog.db"))?;
         let mut disks = HashMap::new();
         for vm in catalog.vms()? {
             for row in catalog.disks(&vm)? {
-                let handle = open_disk(root, &vm, row)?;
+                let handle = open_disk(root, &vm, row, options)?;
                 disks.insert((vm.clone(), handle.name.clone()), Arc::new(handle));
             }
         }
-        Ok(Store { root: root.to_path_buf(), catalog: Mutex::new(catalog), disks: Mutex::new(disks) })
+        Ok(Store {
+            root: root.to_path_buf(),
+            catalog: Mutex::new(catalog),
+            disks: Mutex::new(disks),
+            options,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -205,8 +299,12 @@ impl Store {
                 out.push(h.clone());
                 continue;
             }
-            let row =
-                catalog::DiskRow { name: name.clone(), size: *size, generation: new_generation(vm, name) };
+            let row = catalog::DiskRow {
+                name: name.clone(),
+                size: *size,
+                generation: new_generation(vm, name),
+                base_seq: Seq(0),
+            };
             let dir = disk_dir(&self.root, vm, name);
             create_dir_durable(&dir)?;
             let base = dir.join("base.img");
@@ -215,7 +313,7 @@ impl Store {
             f.sync_all().map_err(io_err(&base))?;
             durable::sync_dir(&dir)?;
             catalog.add_disk(vm, &row)?;
-            let handle = Arc::new(open_disk(&self.root, vm, row)?);
+            let handle = Arc::new(open_disk(&self.root, vm, row, self.options)?);
             map.insert((vm.clone(), name.clone()), handle.clone());
             out.push(handle);
         }
@@ -301,17 +399,27 @@ impl Store {
     pub fn resolve_point(&self, vm: &VmName, spec: &PointSpec) -> Result<Point, StoreError> {
         let points = self.points(vm)?;
         let found = match spec {
-            PointSpec::LatestProcessed => points.last().cloned(),
+            PointSpec::Latest | PointSpec::LatestProcessed => points.last().cloned(),
+            PointSpec::LatestApp => points.iter().rev().find(|p| p.consistency == Consistency::App).cloned(),
             PointSpec::Id(id) => points.iter().find(|p| p.id == *id).cloned(),
+            PointSpec::Time(ms) => points.iter().rev().find(|p| p.time_ms <= *ms).cloned(),
         };
         found.ok_or_else(|| StoreError::PointNotFound {
             vm: vm.clone(),
             wanted: match spec {
-                PointSpec::LatestProcessed => "yet (latest-processed)".into(),
-                PointSpec::Id(id) => id.to_string(),
+                PointSpec::Latest | PointSpec::LatestProcessed => "yet (latest-processed)".into(),
+                PointSpec::LatestApp => "that is app-consistent (latest-app)".into(),
+                PointSpec::Id(id) => format!("{id} (it does not exist or was pruned)"),
+                PointSpec::Time(ms) => format!("at or before {}", rfc3339(*ms)),
             },
             available: match (points.first(), points.last()) {
-                (Some(a), Some(b)) => format!("points {} to {} exist (`drctl points {vm}`)", a.id, b.id),
+                (Some(a), Some(b)) => format!(
+                    "the oldest is {} ({}), the newest {} ({}); see `drctl points {vm}`",
+                    a.id,
+                    rfc3339(a.time_ms),
+                    b.id,
+                    rfc3339(b.time_ms)
+                ),
                 _ => {
                     "it has no points yet; wait for the initial sync or run `drctl checkpoint --wait`".into()
                 }
@@ -333,14 +441,9 @@ impl Store {
         }
         let point = self.resolve_point(vm, spec)?;
         let handles = self.vm_disks(vm);
-        let files: Vec<PathBuf> =
-            handles.iter().map(|h| out_dir.join(format!("{}.{}", h.name, format.extension()))).collect();
+        let files = failover::output_files(&handles, out_dir, format);
         let manifest = out_dir.join("vm.json");
-        for f in files.iter().chain(std::iter::once(&manifest)) {
-            if f.exists() {
-                return Err(StoreError::OutputExists(f.display().to_string()));
-            }
-        }
+        failover::refuse_existing(&files, out_dir)?;
         {
             let catalog = self.catalog();
             if let Some(open) = catalog.test_failover(vm)? {
@@ -452,9 +555,18 @@ fn disk_dir(root: &Path, vm: &VmName, disk: &DiskName) -> PathBuf {
     root.join("vms").join(vm.as_str()).join(disk.as_str())
 }
 
-fn open_disk(root: &Path, vm: &VmName, row: catalog::DiskRow) -> Result<DiskHandle, StoreError> {
+fn open_disk(
+    root: &Path,
+    vm: &VmName,
+    row: catalog::DiskRow,
+    options: StoreOptions,
+) -> Result<DiskHandle, StoreError> {
     let dir = disk_dir(root, vm, &row.name);
-    let (journal, recovery) = Journal::open(&dir.join("journal"))?;
+    let (mut journal, recovery) = Journal::open(&dir.join("journal"))?;
+    journal.continue_after(row.base_seq);
+    if let Some(bytes) = options.segment_bytes {
+        journal.set_segment_target(bytes);
+    }
     tracing::info!(vm = %vm, disk = %row.name, durable_seq = %recovery.durable, cut_bytes = recovery.cut_bytes,
         "journal opened");
     Ok(DiskHandle {
@@ -464,6 +576,8 @@ fn open_disk(root: &Path, vm: &VmName, row: catalog::DiskRow) -> Result<DiskHand
         generation: row.generation,
         base_path: dir.join("base.img"),
         journal: Mutex::new(journal),
+        base_seq: Mutex::new(row.base_seq),
+        retention: std::sync::RwLock::new(()),
     })
 }
 

@@ -83,6 +83,10 @@ pub fn materialize_disk(
             durable: snapshot.durable,
         });
     }
+    let _reading = disk.read_lock();
+    if upto < disk.base_seq() {
+        return Err(StoreError::Invariant("point is behind the base image"));
+    }
     let tmp = PathBuf::from(format!("{}.partial", path.display()));
     let out = OpenOptions::new()
         .read(true)
@@ -158,9 +162,24 @@ fn fill(
         }
     }
     // 2. The journal up to the point, every record verified again.
+    apply_records(disk, snapshot, disk.base_seq(), upto, out, out_path, &mut |n| progress(done + n))
+}
+
+/// Writes the records `after < seq <= upto` onto `out` in order, verifying each one.
+/// Replaying a record twice is harmless, so an interrupted apply can simply run again.
+pub(crate) fn apply_records(
+    disk: &DiskHandle,
+    snapshot: &JournalSnapshot,
+    after: Seq,
+    upto: Seq,
+    out: &File,
+    out_path: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), StoreError> {
     let mut dec = Decoder::new();
     let zeroes = vec![0u8; COPY_CHUNK];
-    for rec in snapshot.read(upto) {
+    let mut done = 0u64;
+    for rec in snapshot.read_range(after, upto) {
         let rec = rec?;
         let r = &rec.record;
         match r.kind {

@@ -1,0 +1,190 @@
+//! Failover, change of point, commit, and verification of a point from the store.
+
+use crate::catalog::FailoverRow;
+use crate::materialize::{Format, materialize_disk};
+use crate::{FailoverOutput, PointSpec, Store, StoreError};
+use std::path::{Path, PathBuf};
+use tern_core::{PointId, VmName};
+
+pub const STATE_PROTECTED: &str = "protected";
+pub const STATE_FAILED_OVER: &str = "failed-over";
+pub const STATE_COMMITTED: &str = "failover-committed";
+
+/// One disk's fingerprint as the point records it and as the store recomputes it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VerifiedDisk {
+    pub name: String,
+    pub expected: String,
+    pub actual: String,
+    pub ok: bool,
+}
+
+impl Store {
+    fn require_state(&self, vm: &VmName, wanted: &str, what: &str) -> Result<(), StoreError> {
+        let state = self.catalog().vm_state(vm)?;
+        if state == wanted {
+            Ok(())
+        } else {
+            Err(StoreError::WrongState { vm: vm.clone(), state, what: what.to_string() })
+        }
+    }
+
+    pub fn vm_state(&self, vm: &VmName) -> Result<String, StoreError> {
+        self.catalog().vm_state(vm)
+    }
+
+    /// Fails `vm` over to `spec`: pins the point, marks the VM failed over and writes its
+    /// disks to `out_dir`. If writing fails, the VM goes back to protected.
+    pub fn failover(
+        &self,
+        vm: &VmName,
+        kind: &str,
+        spec: &PointSpec,
+        out_dir: &Path,
+        format: Format,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FailoverOutput, StoreError> {
+        self.require_state(
+            vm,
+            STATE_PROTECTED,
+            "a failover needs a protected VM (a failed-over VM changes point with `drctl change-point`)",
+        )?;
+        let point = self.resolve_point(vm, spec)?;
+        let handles = self.vm_disks(vm);
+        let files = output_files(&handles, out_dir, format);
+        refuse_existing(&files, out_dir)?;
+        {
+            let c = self.catalog();
+            c.put_failover(
+                vm,
+                &FailoverRow {
+                    kind: kind.to_string(),
+                    point: point.id,
+                    output: out_dir.display().to_string(),
+                    format: format.extension().to_string(),
+                    files: files.iter().map(|f| f.display().to_string()).collect(),
+                },
+            )?;
+            c.set_vm_state(vm, STATE_FAILED_OVER)?;
+        }
+        match self.write_output(
+            vm,
+            &point,
+            &handles,
+            &files,
+            &out_dir.join("vm.json"),
+            out_dir,
+            format,
+            progress,
+        ) {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                let c = self.catalog();
+                c.delete_failover(vm)?;
+                c.set_vm_state(vm, STATE_PROTECTED)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Rewrites the failover output at another point (before commit).
+    pub fn change_point(
+        &self,
+        vm: &VmName,
+        spec: &PointSpec,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FailoverOutput, StoreError> {
+        self.require_state(vm, STATE_FAILED_OVER, "only a failed-over, uncommitted VM can change its point")?;
+        let row =
+            self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
+        let point = self.resolve_point(vm, spec)?;
+        let format = if row.format == "vhd" { Format::Vhd } else { Format::Raw };
+        let out_dir = PathBuf::from(&row.output);
+        for f in row.files.iter().map(PathBuf::from).chain(std::iter::once(out_dir.join("vm.json"))) {
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::Io { path: f.display().to_string(), source: e }),
+            }
+        }
+        self.catalog().put_failover(vm, &FailoverRow { point: point.id, ..row.clone() })?;
+        let handles = self.vm_disks(vm);
+        let files = output_files(&handles, &out_dir, format);
+        self.write_output(vm, &point, &handles, &files, &out_dir.join("vm.json"), &out_dir, format, progress)
+    }
+
+    /// Ends the failover: the base images move to the failover point (reverse replication
+    /// reuses them), then the points and the journals are deleted.
+    pub fn commit(&self, vm: &VmName) -> Result<PointId, StoreError> {
+        self.require_state(
+            vm,
+            STATE_FAILED_OVER,
+            "only a failed-over VM can be committed (a committed failover cannot be committed again)",
+        )?;
+        let row =
+            self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
+        let point = self.resolve_point(vm, &PointSpec::Id(row.point))?;
+        for pd in &point.disks {
+            if let Some(h) = self.disk(vm, &pd.disk) {
+                self.advance_base(&h, pd.seq)?;
+            }
+        }
+        {
+            let mut c = self.catalog();
+            let ids: Vec<PointId> = c.points(vm)?.iter().map(|p| p.id).collect();
+            c.delete_points(&ids)?;
+            c.set_vm_state(vm, STATE_COMMITTED)?;
+        }
+        for h in self.vm_disks(vm) {
+            let _exclusive = h.write_lock();
+            h.journal().delete_all()?;
+        }
+        tracing::info!(vm = %vm, point = %point.id, "failover committed; points and journals deleted, base images kept");
+        Ok(point.id)
+    }
+
+    /// Rebuilds each disk of the point from the store and recomputes its fingerprint.
+    pub fn verify(&self, vm: &VmName, spec: &PointSpec) -> Result<(PointId, Vec<VerifiedDisk>), StoreError> {
+        let point = self.resolve_point(vm, spec)?;
+        let scratch = self.root().join("tmp");
+        crate::durable::create_dir_durable(&scratch)?;
+        let mut out = Vec::new();
+        for h in self.vm_disks(vm) {
+            let pd = point
+                .disks
+                .iter()
+                .find(|d| d.disk == h.name)
+                .ok_or(StoreError::Invariant("point lacks a disk"))?;
+            let path = scratch.join(format!("verify-{}-{}-{}.raw", vm, h.name, std::process::id()));
+            let snapshot = h.journal().snapshot();
+            let result =
+                materialize_disk(&h, &snapshot, pd.seq, pd.fingerprint, &path, Format::Raw, &mut |_| {});
+            let _ = std::fs::remove_file(&path);
+            let actual = match result {
+                Ok(d) => d.fingerprint,
+                Err(StoreError::FingerprintMismatch { actual, .. }) => actual.to_hex(),
+                Err(e) => return Err(e),
+            };
+            let expected = pd.fingerprint.to_hex();
+            out.push(VerifiedDisk { name: h.name.to_string(), ok: actual == expected, expected, actual });
+        }
+        Ok((point.id, out))
+    }
+}
+
+pub(crate) fn output_files(
+    handles: &[std::sync::Arc<crate::DiskHandle>],
+    dir: &Path,
+    format: Format,
+) -> Vec<PathBuf> {
+    handles.iter().map(|h| dir.join(format!("{}.{}", h.name, format.extension()))).collect()
+}
+
+pub(crate) fn refuse_existing(files: &[PathBuf], dir: &Path) -> Result<(), StoreError> {
+    for f in files.iter().chain(std::iter::once(&dir.join("vm.json"))) {
+        if f.exists() {
+            return Err(StoreError::OutputExists(f.display().to_string()));
+        }
+    }
+    Ok(())
+}

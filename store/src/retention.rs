@@ -1,0 +1,279 @@
+//! Retention: points older than the policy's window are pruned, the journal records behind
+//! the oldest kept point are folded into the base image, and whole segments behind it are
+//! deleted. Order, so that a crash anywhere is harmless:
+//! 1. delete the pruned points from the catalog (nothing may materialise them any more);
+//! 2. apply records (base, oldest kept] to the base image and fsync it;
+//! 3. move the catalog's base position;
+//! 4. delete the segments wholly behind it.
+//!
+//! Replay is idempotent, so an interrupted step 2 or 3 is simply done again. A point pinned
+//! by an open test failover or an uncommitted failover is never pruned nor passed.
+
+use crate::durable::io_err;
+use crate::materialize::apply_records;
+use crate::{DiskHandle, Store, StoreError, failpoint};
+use std::fs::OpenOptions;
+use tern_core::{PointId, Seq, VmName};
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub pruned: Vec<PointId>,
+    pub segments_deleted: usize,
+}
+
+impl Store {
+    /// Points that must stay: the open test failover's and the uncommitted failover's.
+    pub fn pinned_points(&self, vm: &VmName) -> Result<Vec<PointId>, StoreError> {
+        let c = self.catalog();
+        let mut pins = Vec::new();
+        if let Some(t) = c.test_failover(vm)? {
+            pins.push(t.point);
+        }
+        if let Some(f) = c.failover(vm)? {
+            pins.push(f.point);
+        }
+        Ok(pins)
+    }
+
+    /// One retention pass over `vm` at time `now_ms`.
+    pub fn apply_retention(&self, vm: &VmName, now_ms: i64) -> Result<RetentionReport, StoreError> {
+        let (policy, points) = {
+            let c = self.catalog();
+            (c.policy(vm)?, c.points(vm)?)
+        };
+        let pins = self.pinned_points(vm)?;
+        let mut report = RetentionReport::default();
+        let Some((_newest, older)) = points.split_last() else { return Ok(report) };
+        let cutoff = now_ms - policy.retention_ms;
+        // The newest point is always kept: a VM whose agent went quiet keeps a point to fail over to.
+        for p in older {
+            if p.time_ms >= cutoff || pins.contains(&p.id) {
+                break;
+            }
+            report.pruned.push(p.id);
+        }
+        if !report.pruned.is_empty() {
+            self.catalog().delete_points(&report.pruned)?;
+            tracing::info!(vm = %vm, points = report.pruned.len(), "points older than the retention window pruned");
+        }
+        failpoint("retention-after-prune")?;
+        let oldest = &points[report.pruned.len()];
+        for pd in &oldest.disks {
+            let Some(h) = self.disk(vm, &pd.disk) else { continue };
+            report.segments_deleted += self.advance_base(&h, pd.seq)?;
+        }
+        Ok(report)
+    }
+
+    /// Folds the records up to `seq` into the base image and deletes the segments behind
+    /// it. Returns the number of segments deleted.
+    pub fn advance_base(&self, h: &DiskHandle, seq: Seq) -> Result<usize, StoreError> {
+        let _exclusive = h.write_lock();
+        let base = h.base_seq();
+        if seq > base {
+            let snapshot = h.journal().snapshot();
+            let f = OpenOptions::new().write(true).open(&h.base_path).map_err(io_err(&h.base_path))?;
+            apply_records(h, &snapshot, base, seq, &f, &h.base_path, &mut |_| {})?;
+            f.sync_all().map_err(io_err(&h.base_path))?;
+            failpoint("retention-after-base-write")?;
+            self.catalog().set_base_seq(&h.vm, &h.name, seq)?;
+            *h.base_seq.lock().unwrap_or_else(|p| p.into_inner()) = seq;
+            failpoint("retention-after-catalog")?;
+        }
+        let deleted = h.journal().delete_segments_through(h.base_seq())?;
+        if deleted > 0 {
+            tracing::info!(vm = %h.vm, disk = %h.name, segments = deleted, base_seq = %h.base_seq(),
+                "journal segments folded into the base image and deleted");
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use crate::catalog::Policy;
+    use crate::format::RecordKind;
+    use crate::{Consistency, PointDisk, PointSpec, Record, Store, StoreError, StoreOptions, set_failpoint};
+    use tern_core::blocks::Fingerprint;
+    use tern_core::codec::Encoder;
+    use tern_core::{DiskName, Seq, VmName};
+
+    const SIZE: usize = 1 << 20;
+
+    fn write(data: &[u8], offset: u64) -> Record {
+        let e = Encoder::new().encode(data);
+        Record {
+            kind: RecordKind::Write,
+            offset,
+            length: data.len() as u32,
+            digest: e.digest,
+            compressed: e.compressed,
+            payload: e.payload,
+        }
+    }
+
+    /// A store with six points at times 0..=5 s, each after writes to its own pages,
+    /// segments of 8 KiB so that retention has whole segments to delete.
+    fn setup(root: &std::path::Path) -> (Store, VmName) {
+        let store = Store::open_with(root, StoreOptions { segment_bytes: Some(8192) }).unwrap();
+        let vm = VmName::new("vm").unwrap();
+        let d = DiskName::new("sda").unwrap();
+        let h = store.register(&vm, &[(d.clone(), SIZE as u64)]).unwrap().remove(0);
+        let mut image = vec![0u8; SIZE];
+        let mut seq = 0u64;
+        for t in 0..6u64 {
+            for k in 0..4u64 {
+                let off = ((t * 4 + k) * 4096 * 3) as usize % (SIZE - 4096);
+                let mut page = vec![0u8; 4096];
+                blake3::Hasher::new().update(&[t as u8, k as u8]).finalize_xof().fill(&mut page);
+                image[off..off + 4096].copy_from_slice(&page);
+                seq += 1;
+                h.journal().append(Seq(seq), &[write(&page, off as u64)]).unwrap();
+            }
+            h.journal().sync().unwrap();
+            let mut fp = Fingerprint::new();
+            fp.push_data(&image);
+            store
+                .make_point(
+                    &vm,
+                    (t * 1000) as i64,
+                    Consistency::Crash,
+                    "",
+                    vec![PointDisk { disk: d.clone(), seq: Seq(seq), fingerprint: fp.finish() }],
+                )
+                .unwrap();
+        }
+        store.catalog().set_policy(&vm, &Policy { retention_ms: 2500, ..Policy::default() }).unwrap();
+        (store, vm)
+    }
+
+    fn all_points_verify(store: &Store, vm: &VmName) -> usize {
+        let points = store.points(vm).unwrap();
+        for p in &points {
+            let (_, disks) = store.verify(vm, &PointSpec::Id(p.id)).unwrap();
+            assert!(disks.iter().all(|d| d.ok), "point {} no longer verifies: {disks:?}", p.id);
+        }
+        points.len()
+    }
+
+    #[test]
+    fn retention_prunes_folds_and_deletes_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let h = store.vm_disks(&vm).remove(0);
+        let segments_before = h.journal().segment_count();
+        let report = store.apply_retention(&vm, 5000).unwrap();
+        assert_eq!(report.pruned.len(), 3, "points at 0, 1 and 2 s are older than 5 s - 2.5 s");
+        assert!(report.segments_deleted > 0);
+        assert!(h.journal().segment_count() < segments_before);
+        assert!(h.base_seq() > Seq(0));
+        assert_eq!(all_points_verify(&store, &vm), 3);
+        // The newest point is kept however old it is.
+        store.apply_retention(&vm, 1_000_000).unwrap();
+        assert_eq!(all_points_verify(&store, &vm), 1);
+    }
+
+    #[test]
+    fn a_test_failover_pins_its_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let first = store.points(&vm).unwrap()[1].id;
+        let out = dir.path().join("tfo");
+        store.test_failover(&vm, &PointSpec::Id(first), &out, crate::Format::Raw, &mut |_, _| {}).unwrap();
+        let report = store.apply_retention(&vm, 1_000_000).unwrap();
+        assert_eq!(report.pruned.len(), 1, "only the point before the pinned one goes");
+        assert!(store.points(&vm).unwrap().iter().any(|p| p.id == first));
+        store.test_failover_cleanup(&vm).unwrap();
+        store.apply_retention(&vm, 1_000_000).unwrap();
+        assert_eq!(all_points_verify(&store, &vm), 1);
+    }
+
+    #[test]
+    fn a_crash_at_every_step_of_retention_keeps_every_point_verifiable() {
+        for fp in ["retention-after-prune", "retention-after-base-write", "retention-after-catalog"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, vm) = setup(dir.path());
+            set_failpoint(Some(fp));
+            let err = store.apply_retention(&vm, 5000).unwrap_err();
+            set_failpoint(None);
+            assert!(matches!(err, StoreError::Injected(_)), "{fp}: {err}");
+            drop(store);
+            // The process died there; the store reopens and every kept point still verifies.
+            let store = Store::open_with(dir.path(), StoreOptions { segment_bytes: Some(8192) }).unwrap();
+            assert_eq!(all_points_verify(&store, &vm), 3, "after a crash at {fp}");
+            // The next pass finishes the job.
+            store.apply_retention(&vm, 5000).unwrap();
+            let h = store.vm_disks(&vm).remove(0);
+            assert!(h.base_seq() > Seq(0), "{fp}");
+            assert_eq!(all_points_verify(&store, &vm), 3, "after finishing retention interrupted at {fp}");
+        }
+    }
+
+    #[test]
+    fn failover_change_point_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let points = store.points(&vm).unwrap();
+        let out = dir.path().join("fo");
+        let res = store
+            .failover(
+                &vm,
+                "unplanned",
+                &PointSpec::Id(points[2].id),
+                &out,
+                crate::Format::Raw,
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert_eq!(res.point, points[2].id.0);
+        assert!(matches!(
+            store.failover(
+                &vm,
+                "unplanned",
+                &PointSpec::LatestProcessed,
+                &out,
+                crate::Format::Raw,
+                &mut |_, _| {}
+            ),
+            Err(StoreError::WrongState { .. })
+        ));
+        // Retention never passes the failover's point.
+        store.apply_retention(&vm, 1_000_000).unwrap();
+        assert!(store.points(&vm).unwrap().iter().any(|p| p.id == points[2].id));
+        let res = store.change_point(&vm, &PointSpec::LatestProcessed, &mut |_, _| {}).unwrap();
+        assert_eq!(res.point, points[5].id.0);
+        let want = std::fs::read(out.join("sda.raw")).unwrap();
+        store.commit(&vm).unwrap();
+        assert!(store.points(&vm).unwrap().is_empty());
+        assert!(matches!(
+            store.change_point(&vm, &PointSpec::LatestProcessed, &mut |_, _| {}),
+            Err(StoreError::WrongState { .. })
+        ));
+        assert!(matches!(store.commit(&vm), Err(StoreError::WrongState { .. })));
+        // The base image now holds the failover point's disk.
+        let h = store.vm_disks(&vm).remove(0);
+        assert_eq!(std::fs::read(&h.base_path).unwrap(), want);
+        assert_eq!(h.journal().segment_count(), 0);
+        drop(h);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.vm_state(&vm).unwrap(), "failover-committed");
+    }
+
+    #[test]
+    fn point_options_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let points = store.points(&vm).unwrap();
+        assert_eq!(
+            store.resolve_point(&vm, &PointSpec::parse("latest-processed").unwrap()).unwrap().id,
+            points[5].id
+        );
+        let t = PointSpec::parse("1970-01-01T00:00:02.500Z").unwrap();
+        assert_eq!(store.resolve_point(&vm, &t).unwrap().id, points[2].id);
+        let err = store.resolve_point(&vm, &PointSpec::parse("latest-app").unwrap()).unwrap_err();
+        assert!(err.to_string().contains("the oldest is"), "{err}");
+        assert!(PointSpec::parse("yesterday").is_none());
+    }
+}
