@@ -33,6 +33,8 @@ pub struct Config {
     pub interval: Duration,
     pub freeze: Option<String>,
     pub thaw: Option<String>,
+    /// Shuts the source VM down before a planned failover.
+    pub shutdown: Option<String>,
     /// Bytes per second on the wire at most (0: unlimited).
     pub max_rate: u64,
 }
@@ -96,10 +98,58 @@ fn status_of(e: pb::ConnectError) -> tonic::Status {
 /// Checkpoint requests: (request id, app-consistent).
 type Requests = Vec<(u64, bool)>;
 
-/// What a pass was for: the checkpoint requests it answers.
+/// What the server asked for and has not been served yet. Filled from the inbound stream
+/// whether a scan is running or not.
 #[derive(Debug, Default)]
-struct Pending {
+struct Inbox {
     requests: Requests,
+    /// A planned failover: run the shutdown hook, make a final point, stand down.
+    shutdown: Option<u64>,
+    policy: Option<pb::Policy>,
+    stand_down: Option<String>,
+    point_ack: Option<u64>,
+}
+
+impl Inbox {
+    fn take(
+        &mut self,
+        config: &Config,
+        durable: &mut [Seq],
+        m: Option<pb::ServerMessage>,
+    ) -> Result<(), tonic::Status> {
+        let Some(msg) = m else {
+            return Err(tonic::Status::unavailable("the process server closed the stream"));
+        };
+        match msg.msg {
+            Some(pb::server_message::Msg::Ack(a)) => note_ack(config, durable, &a),
+            Some(pb::server_message::Msg::Checkpoint(c)) => {
+                self.requests.push((c.request_id, c.app_consistent))
+            }
+            Some(pb::server_message::Msg::Shutdown(r)) => self.shutdown = Some(r.request_id),
+            Some(pb::server_message::Msg::Policy(p)) => self.policy = Some(p),
+            Some(pb::server_message::Msg::StandDown(s)) => self.stand_down = Some(s.reason),
+            Some(pb::server_message::Msg::PointAck(p)) => self.point_ack = Some(p.point_id),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// When the agent makes points by itself.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    crash: Duration,
+    app: Duration,
+}
+
+impl Schedule {
+    fn from_policy(p: Option<&pb::Policy>, fallback: Duration) -> Schedule {
+        let ms = |v: u64| if v == 0 { fallback } else { Duration::from_millis(v) };
+        Schedule {
+            crash: ms(p.map_or(0, |p| p.crash_interval_ms)),
+            app: ms(p.map_or(0, |p| p.app_interval_ms)),
+        }
+    }
 }
 
 async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), tonic::Status> {
@@ -137,17 +187,96 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         })
         .collect();
     let mut durable: Vec<Seq> = next_seq.iter().map(|s| Seq(s.0 - 1)).collect();
-    info!(vm = %config.vm, server = %config.server, "connected; replicating");
+    let mut schedule = Schedule::from_policy(welcome.policy.as_ref(), config.interval);
+    info!(vm = %config.vm, server = %config.server, crash_interval_s = schedule.crash.as_secs(),
+        app_interval_s = schedule.app.as_secs(), "connected; replicating");
 
-    let mut pending = Pending::default();
+    let mut inbox = Inbox::default();
     // The first pass starts at once: it syncs whatever changed while disconnected.
-    let mut due = tokio::time::Instant::now();
+    let now = tokio::time::Instant::now();
+    let mut due_crash = now;
+    let mut due_app = now + schedule.app;
     // A point sent and not yet acked: the requests it answers and each disk's seq.
     let mut awaiting_point: Option<(Requests, Vec<Seq>)> = None;
+    let mut stood_down = false;
     loop {
-        if awaiting_point.is_none() && (tokio::time::Instant::now() >= due || !pending.requests.is_empty()) {
-            let requests = std::mem::take(&mut pending.requests);
-            let app = requests.iter().any(|r| r.1);
+        if let Some(reason) = inbox.stand_down.take() {
+            info!(reason = %reason, "the process server told this agent to stand down; stopping");
+            return Ok(());
+        }
+        if let Some(p) = inbox.policy.take() {
+            schedule = Schedule::from_policy(Some(&p), config.interval);
+            let now = tokio::time::Instant::now();
+            due_crash = due_crash.min(now + schedule.crash);
+            due_app = due_app.min(now + schedule.app);
+            info!(
+                crash_interval_s = schedule.crash.as_secs(),
+                app_interval_s = schedule.app.as_secs(),
+                "policy changed"
+            );
+        }
+        if let Some(point_id) = inbox.point_ack.take()
+            && let Some((requests, seqs)) = awaiting_point.take()
+        {
+            info!(point = point_id, answers = requests.len(), "recovery point acked");
+            for (s, seq) in states.iter_mut().zip(seqs) {
+                s.seq = seq;
+            }
+            let cfg = config.clone();
+            states = tokio::task::spawn_blocking(move || {
+                save_states(&cfg, &states);
+                states
+            })
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        }
+        let now = tokio::time::Instant::now();
+        let mut final_point = None;
+        if awaiting_point.is_none()
+            && !stood_down
+            && let Some(id) = inbox.shutdown.take()
+        {
+            match &config.shutdown {
+                None => {
+                    let reason = "the agent has no --shutdown hook configured".to_string();
+                    send(
+                        &tx,
+                        pb::agent_message::Msg::PointFailed(pb::PointFailed { request_id: id, reason }),
+                    )
+                    .await?;
+                }
+                Some(cmd) => {
+                    let cmd = cmd.clone();
+                    let hook = tokio::task::spawn_blocking(move || run_hook("shutdown", &cmd))
+                        .await
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    match hook {
+                        Ok(()) => final_point = Some(id),
+                        Err(reason) => {
+                            warn!(error = %reason, "shutdown hook failed; the planned failover will not run");
+                            send(
+                                &tx,
+                                pb::agent_message::Msg::PointFailed(pb::PointFailed {
+                                    request_id: id,
+                                    reason,
+                                }),
+                            )
+                            .await?;
+                        }
+                    }
+                }
+            }
+        }
+        let scheduled_app = now >= due_app;
+        if awaiting_point.is_none()
+            && !stood_down
+            && (final_point.is_some() || now >= due_crash || scheduled_app || !inbox.requests.is_empty())
+        {
+            let mut requests = std::mem::take(&mut inbox.requests);
+            if let Some(id) = final_point {
+                requests.push((id, false));
+            }
+            let app = scheduled_app || requests.iter().any(|r| r.1);
             let (result, back) = scan_until_consistent(
                 &config,
                 states,
@@ -155,16 +284,24 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 &mut inbound,
                 &mut next_seq,
                 &mut durable,
-                &mut pending,
+                &mut inbox,
                 &shutdown,
                 app,
             )
             .await?;
             states = back;
-            due = tokio::time::Instant::now() + config.interval;
+            let now = tokio::time::Instant::now();
+            due_crash = now + schedule.crash;
+            if app {
+                due_app = now + schedule.app;
+            }
             match result {
-                Some((pass, frozen, note)) => {
+                Some((pass, frozen, mut note)) => {
                     let consistency = if frozen { pb::Consistency::App } else { pb::Consistency::Crash };
+                    if final_point.is_some() {
+                        note = "final point after the source was shut down".into();
+                        stood_down = true;
+                    }
                     let point = pb::MakePoint {
                         request_ids: requests.iter().map(|r| r.0).collect(),
                         consistency: consistency as i32,
@@ -201,36 +338,13 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                     }
                 }
             }
+            continue;
         }
-        let wait = tokio::time::sleep_until(due);
+        let due = due_crash.min(due_app);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = wait, if awaiting_point.is_none() => {}
-            m = inbound.message() => {
-                match m? {
-                    None => return Err(tonic::Status::unavailable("the process server closed the stream")),
-                    Some(msg) => match msg.msg {
-                        Some(pb::server_message::Msg::Ack(a)) => note_ack(&config, &mut durable, &a),
-                        Some(pb::server_message::Msg::Checkpoint(c)) => pending.requests.push((c.request_id, c.app_consistent)),
-                        Some(pb::server_message::Msg::PointAck(p)) => {
-                            if let Some((requests, seqs)) = awaiting_point.take() {
-                                info!(point = p.point_id, answers = requests.len(), "recovery point acked");
-                                for (s, seq) in states.iter_mut().zip(seqs) {
-                                    s.seq = seq;
-                                }
-                                let cfg = config.clone();
-                                states = tokio::task::spawn_blocking(move || {
-                                    save_states(&cfg, &states);
-                                    states
-                                })
-                                .await
-                                .map_err(|e| tonic::Status::internal(e.to_string()))?;
-                            }
-                        }
-                        _ => {}
-                    },
-                }
-            }
+            _ = tokio::time::sleep_until(due), if awaiting_point.is_none() && !stood_down => {}
+            m = inbound.message() => inbox.take(&config, &mut durable, m?)?,
         }
     }
 }
@@ -304,7 +418,7 @@ async fn scan_until_consistent(
     inbound: &mut tonic::Streaming<pb::ServerMessage>,
     next_seq: &mut [Seq],
     durable: &mut [Seq],
-    pending: &mut Pending,
+    inbox: &mut Inbox,
     shutdown: &CancellationToken,
     app: bool,
 ) -> Result<(Option<(PassResult, bool, String)>, Vec<DiskState>), tonic::Status> {
@@ -359,14 +473,7 @@ async fn scan_until_consistent(
                     }
                     None => break,
                 },
-                m = inbound.message() => match m? {
-                    None => return Err(tonic::Status::unavailable("the process server closed the stream")),
-                    Some(msg) => match msg.msg {
-                        Some(pb::server_message::Msg::Ack(a)) => note_ack(config, durable, &a),
-                        Some(pb::server_message::Msg::Checkpoint(c)) => pending.requests.push((c.request_id, c.app_consistent)),
-                        _ => {}
-                    },
-                },
+                m = inbound.message() => inbox.take(config, durable, m?)?,
             }
         }
         let (result, back) = scanner.await.map_err(|e| tonic::Status::internal(e.to_string()))?;

@@ -43,7 +43,7 @@ enum Cmd {
         state_dir: PathBuf,
         #[arg(long, value_enum, default_value = "scan")]
         mode: Mode,
-        /// Time between scans, e.g. 30s, 5m.
+        /// Time between scans when the server sends no policy (the policy's crash interval wins).
         #[arg(long, default_value = "30s")]
         interval: String,
         /// Command that quiesces the VM's applications before an app-consistent point.
@@ -52,6 +52,9 @@ enum Cmd {
         /// Command that resumes them; runs whenever the freeze ran.
         #[arg(long, requires = "freeze")]
         thaw: Option<String>,
+        /// Command that shuts the VM down before a planned failover; the final point follows it.
+        #[arg(long)]
+        shutdown: Option<String>,
         /// Largest rate on the wire, e.g. 20MiB (bytes per second); 0 for no limit.
         #[arg(long, default_value = "0")]
         max_rate: String,
@@ -67,7 +70,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let Cmd::Run { server, identity, vm, disks, state_dir, mode, interval, freeze, thaw, max_rate } =
+    let Cmd::Run { server, identity, vm, disks, state_dir, mode, interval, freeze, thaw, shutdown, max_rate } =
         Cli::parse().cmd;
     if let Mode::Nbd = mode {
         bail!("--mode nbd is not built yet; use --mode scan");
@@ -108,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         interval: parse_duration(&interval)?,
         freeze,
         thaw,
+        shutdown,
         max_rate: parse_size(&max_rate)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

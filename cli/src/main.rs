@@ -56,7 +56,7 @@ enum Cmd {
     /// disturbing replication.
     TestFailover {
         vm: String,
-        /// A point id or latest-processed.
+        /// latest, latest-processed, latest-app, a point id, or an RFC 3339 time.
         #[arg(long, default_value = "latest-processed")]
         point: String,
         /// Absolute output directory on the process server's host.
@@ -67,6 +67,69 @@ enum Cmd {
     },
     /// Remove everything the open test failover of a VM made.
     TestFailoverCleanup { vm: String },
+    /// Replication policy of a VM.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Fail a VM over: write its disks at a point and stop replicating it.
+    Failover {
+        vm: String,
+        /// planned: shut the source down through its agent first and lose nothing (refused if
+        /// that fails); unplanned: go on even when the source is unreachable.
+        #[arg(long, value_parser = ["planned", "unplanned"])]
+        kind: String,
+        /// unplanned only: try the planned shutdown first, go on if it fails.
+        #[arg(long)]
+        shutdown_source: bool,
+        /// latest, latest-processed, latest-app, a point id, or an RFC 3339 time (planned
+        /// failovers always use the final point made after the shutdown).
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Absolute output directory on the process server's host.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: OutFormat,
+    },
+    /// Rewrite a failed-over VM's disks at another point (before commit).
+    ChangePoint {
+        vm: String,
+        #[arg(long)]
+        point: String,
+    },
+    /// End a failover: delete the VM's recovery points and journal, keep the base images.
+    Commit { vm: String },
+    /// Rebuild a point from the store and check every disk's fingerprint; exit 1 on a mismatch.
+    Verify {
+        vm: String,
+        #[arg(long, default_value = "latest-processed")]
+        point: String,
+    },
+    /// List jobs, or wait for one.
+    Jobs {
+        /// Wait until this job ends; exit non-zero if it failed.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Change a VM's policy; options left out keep their value.
+    Set {
+        vm: String,
+        /// How long points are kept (default 24h, at most 30d).
+        #[arg(long)]
+        retention: Option<String>,
+        /// Time between crash-consistent points (default 5m, at least 1s).
+        #[arg(long)]
+        crash_interval: Option<String>,
+        /// Time between app-consistent points (default 60m).
+        #[arg(long)]
+        app_interval: Option<String>,
+        /// RPO above which health turns warning; twice it, critical (default 15m).
+        #[arg(long)]
+        rpo_threshold: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -190,6 +253,118 @@ fn print_point(p: &pb::PointInfo) {
     println!("{:>6}  {}  {:<5}  {}", p.id, rfc3339(p.time_ms), kind, p.note);
 }
 
+fn dur(ms: u64) -> String {
+    match ms {
+        m if m % 86_400_000 == 0 => format!("{}d", m / 86_400_000),
+        m if m % 3_600_000 == 0 => format!("{}h", m / 3_600_000),
+        m if m % 60_000 == 0 => format!("{}m", m / 60_000),
+        m if m % 1000 == 0 => format!("{}s", m / 1000),
+        m => format!("{m}ms"),
+    }
+}
+
+fn policy_json(p: &pb::PolicyInfo) -> Value {
+    json!({
+        "retention": dur(p.retention_ms),
+        "crash_interval": dur(p.crash_interval_ms),
+        "app_interval": dur(p.app_interval_ms),
+        "rpo_threshold": dur(p.rpo_threshold_ms),
+    })
+}
+
+fn job_json(j: &pb::JobInfo) -> Value {
+    let mut v = json!({
+        "id": j.id, "kind": j.kind, "vm": j.vm, "state": j.state, "phase": j.phase,
+        "done": j.done, "total": j.total, "started": rfc3339(j.started_ms),
+    });
+    if j.ended_ms != 0 {
+        v["ended"] = json!(rfc3339(j.ended_ms));
+    }
+    if !j.error.is_empty() {
+        v["error"] = json!(j.error);
+    }
+    if let Ok(r) = serde_json::from_str::<Value>(&j.result) {
+        v["result"] = r;
+    }
+    v
+}
+
+fn absolute(p: &std::path::Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().context("current directory")?.join(p)
+    })
+}
+
+/// Follows a job to its end: a progress bar on a terminal, plain lines otherwise. Fails
+/// with the job's error if it failed.
+async fn wait_job(c: &mut AdminClient<Channel>, id: u64, quiet: bool) -> anyhow::Result<pb::JobInfo> {
+    use std::io::IsTerminal;
+    let tty = !quiet && std::io::stderr().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:32} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let mut last_line = String::new();
+    loop {
+        let r = c.jobs(pb::JobsRequest { id }).await.map_err(explain)?.into_inner();
+        let job = r.jobs.into_iter().next().ok_or_else(|| anyhow!("job {id} vanished"))?;
+        if let Some(b) = &bar {
+            b.set_message(format!("job {id}: {}", job.phase));
+            b.set_length(job.total);
+            b.set_position(job.done);
+        } else if !quiet {
+            let line = format!("job {id} ({} {}): {}", job.kind, job.vm, job.phase);
+            if line != last_line {
+                eprintln!("{line}");
+                last_line = line;
+            }
+        }
+        if job.state != "running" {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            if job.state == "failed" {
+                anyhow::bail!("job {id} ({} of {}) failed: {}", job.kind, job.vm, job.error);
+            }
+            return Ok(job);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Prints what a failover-like job wrote (its vm.json).
+fn print_output(job: &pb::JobInfo, as_json: bool) -> anyhow::Result<()> {
+    let v: Value = serde_json::from_str(&job.result).unwrap_or(Value::Null);
+    if as_json {
+        return print_json(&v);
+    }
+    println!(
+        "point {} ({}, {}) written; every disk matches the point's fingerprint",
+        v["point"],
+        v["time"].as_str().unwrap_or(""),
+        v["consistency"].as_str().unwrap_or("")
+    );
+    for d in v["disks"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "  {:<10} {}  {}  blake3 {}",
+            d["name"].as_str().unwrap_or(""),
+            human_bytes(d["size"].as_u64().unwrap_or(0)),
+            d["file"].as_str().unwrap_or(""),
+            d["blake3"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut c = client(&cli).await?;
     match &cli.cmd {
@@ -274,15 +449,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::TestFailover { vm, point, output, format } => {
-            let output = if output.is_absolute() {
-                output.clone()
-            } else {
-                std::env::current_dir().context("current directory")?.join(output)
-            };
-            if !cli.json {
-                eprintln!("test failover of {vm} to point {point} into {} ...", output.display());
-            }
-            let r = c
+            let output = absolute(output)?;
+            let started = c
                 .test_failover(pb::TestFailoverRequest {
                     vm: vm.clone(),
                     point: point.clone(),
@@ -295,25 +463,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if cli.json {
-                print_json(&json!({
-                    "vm": vm,
-                    "point": r.point,
-                    "time": rfc3339(r.time_ms),
-                    "output": r.output,
-                    "disks": r.disks.iter().map(|d| json!({"name": d.name, "file": d.file, "size": d.size, "blake3": d.blake3, "fingerprint": d.fingerprint})).collect::<Vec<_>>(),
-                }))?;
-            } else {
-                println!(
-                    "point {} ({}) written to {}; every disk matches the point's fingerprint",
-                    r.point,
-                    rfc3339(r.time_ms),
-                    r.output
-                );
-                for d in &r.disks {
-                    println!("  {:<10} {}  {}  blake3 {}", d.name, human_bytes(d.size), d.file, d.blake3);
-                }
-            }
+            let job = wait_job(&mut c, started.job, cli.json).await?;
+            print_output(&job, cli.json)?;
         }
         Cmd::TestFailoverCleanup { vm } => {
             let r = c
@@ -330,6 +481,142 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Policy(PolicyCmd::Set { vm, retention, crash_interval, app_interval, rpo_threshold }) => {
+            let ms = |v: &Option<String>| -> anyhow::Result<u64> {
+                Ok(match v {
+                    Some(s) => {
+                        u64::try_from(tern_core::units::parse_duration(s)?.as_millis()).unwrap_or(u64::MAX)
+                    }
+                    None => 0,
+                })
+            };
+            let p = c
+                .set_policy(pb::SetPolicyRequest {
+                    vm: vm.clone(),
+                    policy: Some(pb::PolicyInfo {
+                        retention_ms: ms(retention)?,
+                        crash_interval_ms: ms(crash_interval)?,
+                        app_interval_ms: ms(app_interval)?,
+                        rpo_threshold_ms: ms(rpo_threshold)?,
+                    }),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if cli.json {
+                print_json(&policy_json(&p))?;
+            } else {
+                println!(
+                    "policy of {vm}: retention {}, crash points every {}, app points every {}, RPO threshold {}",
+                    dur(p.retention_ms),
+                    dur(p.crash_interval_ms),
+                    dur(p.app_interval_ms),
+                    dur(p.rpo_threshold_ms)
+                );
+            }
+        }
+        Cmd::Failover { vm, kind, shutdown_source, point, output, format } => {
+            let output = absolute(output)?;
+            let started = c
+                .failover(pb::FailoverRequest {
+                    vm: vm.clone(),
+                    kind: kind.clone(),
+                    shutdown_source: *shutdown_source,
+                    point: point.clone(),
+                    output: output.display().to_string(),
+                    format: match format {
+                        OutFormat::Raw => pb::OutputFormat::Raw,
+                        OutFormat::Vhd => pb::OutputFormat::Vhd,
+                    } as i32,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let job = wait_job(&mut c, started.job, cli.json).await?;
+            print_output(&job, cli.json)?;
+            if !cli.json {
+                println!(
+                    "VM {vm} is failed over; check it, then `drctl commit {vm}` (or `drctl change-point {vm} --point ...`)"
+                );
+            }
+        }
+        Cmd::ChangePoint { vm, point } => {
+            let started = c
+                .change_point(pb::ChangePointRequest { vm: vm.clone(), point: point.clone() })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let job = wait_job(&mut c, started.job, cli.json).await?;
+            print_output(&job, cli.json)?;
+        }
+        Cmd::Commit { vm } => {
+            let r = c.commit(pb::CommitRequest { vm: vm.clone() }).await.map_err(explain)?.into_inner();
+            if cli.json {
+                print_json(&json!({"vm": vm, "point": r.point, "state": "failover-committed"}))?;
+            } else {
+                println!(
+                    "failover of {vm} committed at point {}; its recovery points and journal are deleted",
+                    r.point
+                );
+            }
+        }
+        Cmd::Verify { vm, point } => {
+            let r = c
+                .verify(pb::VerifyRequest { vm: vm.clone(), point: point.clone() })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let ok = r.disks.iter().all(|d| d.ok);
+            if cli.json {
+                print_json(&json!({
+                    "vm": vm, "point": r.point, "ok": ok,
+                    "disks": r.disks.iter().map(|d| json!({"name": d.name, "expected": d.expected, "actual": d.actual, "ok": d.ok})).collect::<Vec<_>>(),
+                }))?;
+            } else {
+                for d in &r.disks {
+                    println!("{:<10} {}  {}", d.name, if d.ok { "ok      " } else { "MISMATCH" }, d.actual);
+                }
+                println!("point {} of {vm}: {}", r.point, if ok { "verified" } else { "DOES NOT VERIFY" });
+            }
+            if !ok {
+                anyhow::bail!("point {} of {vm} does not verify", r.point);
+            }
+        }
+        Cmd::Jobs { wait } => match wait {
+            Some(id) => {
+                let job = wait_job(&mut c, *id, cli.json).await?;
+                if cli.json {
+                    print_json(&job_json(&job))?;
+                } else {
+                    println!("job {} ({} of {}) succeeded", job.id, job.kind, job.vm);
+                }
+            }
+            None => {
+                let r = c.jobs(pb::JobsRequest { id: 0 }).await.map_err(explain)?.into_inner();
+                if cli.json {
+                    print_json(&Value::Array(r.jobs.iter().map(job_json).collect()))?;
+                } else {
+                    println!(
+                        "{:>5}  {:<20} {:<16} {:<10} {:<30} STARTED",
+                        "ID", "KIND", "VM", "STATE", "PHASE"
+                    );
+                    for j in &r.jobs {
+                        println!(
+                            "{:>5}  {:<20} {:<16} {:<10} {:<30} {}",
+                            j.id,
+                            j.kind,
+                            j.vm,
+                            j.state,
+                            j.phase,
+                            rfc3339(j.started_ms)
+                        );
+                        if !j.error.is_empty() {
+                            println!("       error: {}", j.error);
+                        }
+                    }
+                }
+            }
+        },
     }
     Ok(())
 }

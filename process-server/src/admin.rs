@@ -7,12 +7,11 @@ use std::time::Duration;
 use tern_core::pki::{Ca, Role};
 use tern_core::{DiskName, VmName};
 use tern_proto as pb;
+use tern_store::catalog::{MAX_RETENTION_MS, Policy};
 use tern_store::{Consistency, Format, Point, PointSpec};
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
-/// RPO threshold until policies exist: above it health is warning, above twice it critical.
-const RPO_THRESHOLD_SECS: i64 = 15 * 60;
 const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
@@ -71,13 +70,17 @@ impl AdminService {
         let last = points.last();
         let rpo = last.map_or(-1, |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0));
         let absent = self.ctx.hub.disconnected_for(&vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
-        let health = if rpo > 2 * RPO_THRESHOLD_SECS || absent > RPO_THRESHOLD_SECS {
-            "critical"
-        } else if rpo > RPO_THRESHOLD_SECS {
-            "warning"
-        } else {
-            "normal"
+        let (policy, state) = {
+            let store = self.ctx.store.clone();
+            let v = vm.clone();
+            blocking(move || {
+                let c = store.catalog();
+                Ok::<_, tern_store::StoreError>((c.policy(&v)?, c.vm_state(&v)?))
+            })
+            .await?
+            .map_err(store_status)?
         };
+        let health = crate::health::health(&state, rpo, absent, policy.rpo_threshold_ms / 1000);
         let disks = self
             .ctx
             .store
@@ -95,7 +98,7 @@ impl AdminService {
             .collect();
         Ok(pb::VmStatus {
             vm: vm.to_string(),
-            state: if points.is_empty() { "initial-sync" } else { "protected" }.to_string(),
+            state: crate::health::state_name(&state, !points.is_empty()).to_string(),
             health: health.to_string(),
             agent_connected: connected,
             last_point: last.map_or(0, |p| p.id.0),
@@ -103,6 +106,8 @@ impl AdminService {
             rpo_seconds: rpo,
             bytes_received: self.ctx.hub.bytes_received(&vm),
             disks,
+            policy: Some(policy_info(&policy)),
+            storage_bytes: self.ctx.store.vm_disks(&vm).iter().map(|h| h.bytes_used()).sum(),
         })
     }
 }
@@ -210,30 +215,33 @@ impl pb::admin_server::Admin for AdminService {
             ));
         }
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
-        let store = self.ctx.store.clone();
+        let job = self.ctx.jobs.start("test-failover", &vm).map_err(store_status)?;
+        let id = job.id;
+        let ctx = self.ctx.clone();
         let out_dir = std::path::PathBuf::from(&r.output);
-        let v = vm.clone();
-        info!(vm = %vm, point = %r.point, output = %r.output, "test failover started");
-        let res = blocking(move || store.test_failover(&v, &spec, &out_dir, format, &mut |_, _| {}))
-            .await?
-            .map_err(store_status)?;
-        info!(vm = %vm, point = res.point, "test failover done");
-        Ok(Response::new(pb::TestFailoverReply {
-            point: res.point,
-            time_ms: res.time_ms,
-            output: r.output,
-            disks: res
-                .disks
-                .into_iter()
-                .map(|d| pb::OutputDisk {
-                    name: d.name,
-                    file: d.file,
-                    size: d.size,
-                    blake3: d.blake3,
-                    fingerprint: d.fingerprint,
+        self.ctx.tracker.spawn(async move {
+            let outcome = async {
+                let spec = resolve_latest(&ctx, &vm, spec, &job).await;
+                job.phase("writing disks");
+                let store = ctx.store.clone();
+                let j = job.clone();
+                let res = blocking(move || {
+                    store.test_failover(&vm, &spec, &out_dir, format, &mut |done, total| {
+                        j.progress(done, total)
+                    })
                 })
-                .collect(),
-        }))
+                .await
+                .map_err(|e| e.message().to_string())?
+                .map_err(|e| e.to_string())?;
+                Ok::<_, String>(serde_json::to_string(&res).unwrap_or_default())
+            }
+            .await;
+            match outcome {
+                Ok(result) => job.succeed(result),
+                Err(e) => job.fail(&e),
+            }
+        });
+        Ok(Response::new(pb::TestFailoverReply { job: id, ..Default::default() }))
     }
 
     async fn test_failover_cleanup(
@@ -248,5 +256,285 @@ impl pb::admin_server::Admin for AdminService {
         let removed = blocking(move || store.test_failover_cleanup(&v)).await?.map_err(store_status)?;
         info!(vm = %vm, files = removed.len(), "test failover cleaned up");
         Ok(Response::new(pb::CleanupReply { removed }))
+    }
+
+    async fn set_policy(
+        &self,
+        req: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyInfo>, Status> {
+        require_admin(&req, "SetPolicy")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        self.known_vm(&vm).await?;
+        let want = r.policy.unwrap_or_default();
+        let store = self.ctx.store.clone();
+        let v = vm.clone();
+        let policy = blocking(move || {
+            let c = store.catalog();
+            let mut p = c.policy(&v)?;
+            let ms = |x: u64, cur: i64| if x == 0 { cur } else { i64::try_from(x).unwrap_or(i64::MAX) };
+            p.retention_ms = ms(want.retention_ms, p.retention_ms);
+            p.crash_interval_ms = ms(want.crash_interval_ms, p.crash_interval_ms);
+            p.app_interval_ms = ms(want.app_interval_ms, p.app_interval_ms);
+            p.rpo_threshold_ms = ms(want.rpo_threshold_ms, p.rpo_threshold_ms);
+            Ok::<_, tern_store::StoreError>(p)
+        })
+        .await?
+        .map_err(store_status)?;
+        if policy.retention_ms > MAX_RETENTION_MS {
+            return Err(Status::invalid_argument("--retention may be at most 30d"));
+        }
+        for (name, v) in [
+            ("--retention", policy.retention_ms),
+            ("--crash-interval", policy.crash_interval_ms),
+            ("--app-interval", policy.app_interval_ms),
+            ("--rpo-threshold", policy.rpo_threshold_ms),
+        ] {
+            if v < 1000 {
+                return Err(Status::invalid_argument(format!("{name} must be at least 1s")));
+            }
+        }
+        let store = self.ctx.store.clone();
+        let v = vm.clone();
+        blocking(move || store.catalog().set_policy(&v, &policy)).await?.map_err(store_status)?;
+        self.ctx.hub.send_policy(&vm, agent_policy(&policy));
+        info!(vm = %vm, retention_ms = policy.retention_ms, crash_interval_ms = policy.crash_interval_ms,
+            app_interval_ms = policy.app_interval_ms, rpo_threshold_ms = policy.rpo_threshold_ms, "policy set");
+        Ok(Response::new(policy_info(&policy)))
+    }
+
+    async fn failover(&self, req: Request<pb::FailoverRequest>) -> Result<Response<pb::JobStarted>, Status> {
+        require_admin(&req, "Failover")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        self.known_vm(&vm).await?;
+        let planned = match r.kind.as_str() {
+            "planned" => true,
+            "unplanned" => false,
+            other => {
+                return Err(Status::invalid_argument(format!("--kind {other:?}: use planned or unplanned")));
+            }
+        };
+        let spec = point_arg(&vm, if r.point.is_empty() { "latest" } else { &r.point })?;
+        output_arg(&r.output)?;
+        let state = {
+            let store = self.ctx.store.clone();
+            let v = vm.clone();
+            blocking(move || store.vm_state(&v)).await?.map_err(store_status)?
+        };
+        if state != "protected" {
+            return Err(Status::failed_precondition(format!(
+                "VM {vm} is {state}; a failover needs a protected VM{}",
+                if state == "failed-over" {
+                    " (change the point with `drctl change-point`, or `drctl commit`)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if planned && !self.ctx.hub.connected(&vm) {
+            return Err(Status::failed_precondition(format!(
+                "a planned failover shuts the source down through its agent, and the agent of {vm} is not connected; \
+                 nothing changed. Start the agent, or use --kind unplanned"
+            )));
+        }
+        let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
+        let job = self
+            .ctx
+            .jobs
+            .start(if planned { "planned-failover" } else { "unplanned-failover" }, &vm)
+            .map_err(store_status)?;
+        let id = job.id;
+        let ctx = self.ctx.clone();
+        let out_dir = std::path::PathBuf::from(&r.output);
+        let shutdown_source = r.shutdown_source;
+        self.ctx.tracker.spawn(async move {
+            let outcome = async {
+                let mut spec = spec;
+                if planned || shutdown_source {
+                    job.phase("shutting down the source");
+                    match shut_down_source(&ctx, &vm).await {
+                        Ok(point) => spec = PointSpec::Id(point),
+                        Err(e) if planned => {
+                            return Err(format!("the source was not shut down: {e}; nothing changed, VM {vm} stays protected"));
+                        }
+                        Err(e) => warn!(vm = %vm, error = %e, "source not shut down; the unplanned failover goes on"),
+                    }
+                }
+                let spec = resolve_latest(&ctx, &vm, spec, &job).await;
+                job.phase("writing disks");
+                let store = ctx.store.clone();
+                let j = job.clone();
+                let (v, kind) = (vm.clone(), if planned { "planned" } else { "unplanned" });
+                let res = blocking(move || {
+                    store.failover(&v, kind, &spec, &out_dir, format, &mut |done, total| j.progress(done, total))
+                })
+                .await
+                .map_err(|e| e.message().to_string())?
+                .map_err(|e| e.to_string())?;
+                ctx.hub.stand_down(&vm, "the VM failed over").await;
+                info!(vm = %vm, point = res.point, kind, "failed over");
+                Ok::<_, String>(serde_json::to_string(&res).unwrap_or_default())
+            }
+            .await;
+            match outcome {
+                Ok(result) => job.succeed(result),
+                Err(e) => job.fail(&e),
+            }
+        });
+        Ok(Response::new(pb::JobStarted { job: id }))
+    }
+
+    async fn change_point(
+        &self,
+        req: Request<pb::ChangePointRequest>,
+    ) -> Result<Response<pb::JobStarted>, Status> {
+        require_admin(&req, "ChangePoint")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        self.known_vm(&vm).await?;
+        let mut spec = point_arg(&vm, &r.point)?;
+        if spec == PointSpec::Latest {
+            // The agent stood down at failover: everything received is in the latest point.
+            spec = PointSpec::LatestProcessed;
+        }
+        let state = {
+            let store = self.ctx.store.clone();
+            let v = vm.clone();
+            blocking(move || store.vm_state(&v)).await?.map_err(store_status)?
+        };
+        if state != "failed-over" {
+            return Err(Status::failed_precondition(format!(
+                "VM {vm} is {state}; only a failed-over, uncommitted VM can change its point"
+            )));
+        }
+        let job = self.ctx.jobs.start("change-point", &vm).map_err(store_status)?;
+        let id = job.id;
+        let ctx = self.ctx.clone();
+        self.ctx.tracker.spawn(async move {
+            job.phase("writing disks");
+            let store = ctx.store.clone();
+            let j = job.clone();
+            let res =
+                blocking(move || store.change_point(&vm, &spec, &mut |done, total| j.progress(done, total)))
+                    .await;
+            match res {
+                Ok(Ok(out)) => job.succeed(serde_json::to_string(&out).unwrap_or_default()),
+                Ok(Err(e)) => job.fail(&e.to_string()),
+                Err(e) => job.fail(e.message()),
+            }
+        });
+        Ok(Response::new(pb::JobStarted { job: id }))
+    }
+
+    async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitReply>, Status> {
+        require_admin(&req, "Commit")?;
+        let vm = vm_arg(&req.into_inner().vm)?;
+        self.known_vm(&vm).await?;
+        let store = self.ctx.store.clone();
+        let point = blocking(move || store.commit(&vm)).await?.map_err(store_status)?;
+        Ok(Response::new(pb::CommitReply { point: point.0 }))
+    }
+
+    async fn verify(&self, req: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyReply>, Status> {
+        require_admin(&req, "Verify")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        self.known_vm(&vm).await?;
+        let mut spec = point_arg(&vm, if r.point.is_empty() { "latest-processed" } else { &r.point })?;
+        if spec == PointSpec::Latest {
+            spec = PointSpec::LatestProcessed;
+        }
+        let store = self.ctx.store.clone();
+        let (point, disks) = blocking(move || store.verify(&vm, &spec)).await?.map_err(store_status)?;
+        Ok(Response::new(pb::VerifyReply {
+            point: point.0,
+            disks: disks
+                .into_iter()
+                .map(|d| pb::VerifiedDisk { name: d.name, expected: d.expected, actual: d.actual, ok: d.ok })
+                .collect(),
+        }))
+    }
+
+    async fn jobs(&self, req: Request<pb::JobsRequest>) -> Result<Response<pb::JobsReply>, Status> {
+        require_admin(&req, "Jobs")?;
+        let id = req.into_inner().id;
+        let jobs = self.ctx.jobs.clone();
+        let list = blocking(move || jobs.list(id)).await?.map_err(store_status)?;
+        if id != 0 && list.is_empty() {
+            return Err(Status::not_found(format!("there is no job {id}; `drctl jobs` lists them")));
+        }
+        Ok(Response::new(pb::JobsReply { jobs: list }))
+    }
+}
+
+fn point_arg(vm: &VmName, s: &str) -> Result<PointSpec, Status> {
+    PointSpec::parse(s).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "point {s:?} is not one of latest, latest-processed, latest-app, a point id or an RFC 3339 time; \
+             list points with `drctl points {vm}`"
+        ))
+    })
+}
+
+fn output_arg(s: &str) -> Result<(), Status> {
+    if s.is_empty() || !std::path::Path::new(s).is_absolute() {
+        return Err(Status::invalid_argument("--output must be an absolute directory on the process server"));
+    }
+    Ok(())
+}
+
+pub fn policy_info(p: &Policy) -> pb::PolicyInfo {
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    pb::PolicyInfo {
+        retention_ms: u(p.retention_ms),
+        crash_interval_ms: u(p.crash_interval_ms),
+        app_interval_ms: u(p.app_interval_ms),
+        rpo_threshold_ms: u(p.rpo_threshold_ms),
+    }
+}
+
+pub fn agent_policy(p: &Policy) -> pb::Policy {
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    pb::Policy { crash_interval_ms: u(p.crash_interval_ms), app_interval_ms: u(p.app_interval_ms) }
+}
+
+/// `latest`: make everything received into a point first (through the agent, if it is
+/// connected); otherwise, or if that fails, the newest existing point.
+async fn resolve_latest(ctx: &Arc<Ctx>, vm: &VmName, spec: PointSpec, job: &crate::jobs::Job) -> PointSpec {
+    if spec != PointSpec::Latest {
+        return spec;
+    }
+    if !ctx.hub.connected(vm) {
+        info!(vm = %vm, "agent not connected; latest is the latest processed point");
+        return PointSpec::LatestProcessed;
+    }
+    job.phase("making a point of everything received");
+    let made = async {
+        let rx = ctx.hub.request_checkpoint(vm, false).await.map_err(|e| e.message().to_string())?;
+        match tokio::time::timeout(Duration::from_secs(300), rx).await {
+            Ok(Ok(Ok(p))) => Ok(p.id),
+            Ok(Ok(Err(reason))) => Err(reason),
+            _ => Err("no point in time".to_string()),
+        }
+    }
+    .await;
+    match made {
+        Ok(id) => PointSpec::Id(id),
+        Err(e) => {
+            warn!(vm = %vm, error = %e, "could not make a latest point; using the latest processed one");
+            PointSpec::LatestProcessed
+        }
+    }
+}
+
+/// Planned failover: the agent runs its shutdown hook, drains, makes the final point.
+async fn shut_down_source(ctx: &Arc<Ctx>, vm: &VmName) -> Result<tern_core::PointId, String> {
+    let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| e.message().to_string())?;
+    match tokio::time::timeout(Duration::from_secs(600), rx).await {
+        Ok(Ok(Ok(p))) => Ok(p.id),
+        Ok(Ok(Err(reason))) => Err(reason),
+        Ok(Err(_)) => Err("the agent went away before it made the final point".into()),
+        Err(_) => Err("the agent did not make the final point within 10 minutes".into()),
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use tern_core::VmName;
-use tern_proto::{CheckpointRequest, ServerMessage, server_message};
+use tern_proto::{CheckpointRequest, Policy, ServerMessage, ShutdownRequest, StandDown, server_message};
 use tern_store::Point;
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -97,22 +97,56 @@ impl Hub {
         vm: &VmName,
         app_consistent: bool,
     ) -> Result<oneshot::Receiver<PointResult>, Status> {
-        let commands = lock(&self.links).get(vm).map(|l| l.commands.clone()).ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "the agent of VM {vm} is not connected; start `mobility-agent run` for it, or check its log"
-            ))
-        })?;
+        self.request(vm, |request_id| {
+            server_message::Msg::Checkpoint(CheckpointRequest { request_id, app_consistent })
+        })
+        .await
+    }
+
+    /// Asks the agent to run its shutdown hook and make a final point.
+    pub async fn request_shutdown(&self, vm: &VmName) -> Result<oneshot::Receiver<PointResult>, Status> {
+        self.request(vm, |request_id| server_message::Msg::Shutdown(ShutdownRequest { request_id })).await
+    }
+
+    async fn request(
+        &self,
+        vm: &VmName,
+        make: impl FnOnce(u64) -> server_message::Msg,
+    ) -> Result<oneshot::Receiver<PointResult>, Status> {
+        let commands = self.commands(vm)?;
         let request_id = self.next_id();
         let (tx, rx) = oneshot::channel();
         lock(&self.waiters).insert(request_id, tx);
-        let msg = ServerMessage {
-            msg: Some(server_message::Msg::Checkpoint(CheckpointRequest { request_id, app_consistent })),
-        };
-        if commands.send(Ok(msg)).await.is_err() {
+        if commands.send(Ok(ServerMessage { msg: Some(make(request_id)) })).await.is_err() {
             lock(&self.waiters).remove(&request_id);
             return Err(Status::unavailable(format!("the agent of VM {vm} went away; try again")));
         }
         Ok(rx)
+    }
+
+    fn commands(&self, vm: &VmName) -> Result<Outbound, Status> {
+        lock(&self.links).get(vm).map(|l| l.commands.clone()).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "the agent of VM {vm} is not connected; start `mobility-agent run` for it, or check its log"
+            ))
+        })
+    }
+
+    /// Sends the new policy to the connected agent, if any.
+    pub fn send_policy(&self, vm: &VmName, policy: Policy) {
+        if let Ok(c) = self.commands(vm) {
+            let _ = c.try_send(Ok(ServerMessage { msg: Some(server_message::Msg::Policy(policy)) }));
+        }
+    }
+
+    /// Tells the agent of `vm` to stop replicating, and ends its session.
+    pub async fn stand_down(&self, vm: &VmName, reason: &str) {
+        let link = lock(&self.links).get(vm).map(|l| (l.commands.clone(), l.cancel.clone()));
+        if let Some((commands, cancel)) = link {
+            let msg = server_message::Msg::StandDown(StandDown { reason: reason.to_string() });
+            let _ = commands.send(Ok(ServerMessage { msg: Some(msg) })).await;
+            cancel.cancel();
+        }
     }
 
     pub fn resolve(&self, request_id: u64, result: PointResult) {

@@ -3,7 +3,9 @@
 
 pub mod admin;
 pub mod auth;
+pub mod health;
 pub mod hub;
+pub mod jobs;
 pub mod replication;
 pub mod tls;
 
@@ -25,6 +27,7 @@ pub struct Ctx {
     pub data_dir: PathBuf,
     pub store: Arc<Store>,
     pub hub: hub::Hub,
+    pub jobs: Arc<jobs::Jobs>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -46,7 +49,8 @@ pub fn store_status(e: StoreError) -> Status {
         | StoreError::JournalRecordBad { .. }
         | StoreError::FingerprintMismatch { .. } => Status::data_loss(msg),
         StoreError::Io { .. } | StoreError::CatalogQuery { .. } => Status::unavailable(msg),
-        StoreError::Invariant(_) => Status::internal(msg),
+        StoreError::WrongState { .. } => Status::failed_precondition(msg),
+        StoreError::Invariant(_) | StoreError::Injected(_) => Status::internal(msg),
     }
 }
 
@@ -83,21 +87,38 @@ pub fn init(data_dir: &Path, sans: &[String]) -> Result<PathBuf, InitError> {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
+    /// Journal segments close past this size.
+    pub segment_bytes: Option<u64>,
+    /// How often retention runs.
+    pub retention_every: Duration,
 }
 
 /// Serves until `shutdown` is cancelled, then drains with a deadline.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tls = tls::server_config(&config.data_dir.join("pki"))?;
     let dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir)).await??;
+    let options = tern_store::StoreOptions { segment_bytes: config.segment_bytes };
+    let store = tokio::task::spawn_blocking(move || {
+        let store = Store::open_with(&dir, options)?;
+        let failed = store.catalog().fail_interrupted_jobs(tern_store::now_ms())?;
+        if failed > 0 {
+            tracing::warn!(jobs = failed, "jobs interrupted by the last stop are marked failed");
+        }
+        Ok::<_, StoreError>(store)
+    })
+    .await??;
+    let store = Arc::new(store);
     let tracker = TaskTracker::new();
     let ctx = Arc::new(Ctx {
         data_dir: config.data_dir.clone(),
-        store: Arc::new(store),
+        jobs: jobs::Jobs::new(store.clone()),
+        store,
         hub: hub::Hub::default(),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });
+    tracker.spawn(health::health_worker(ctx.clone()));
+    tracker.spawn(health::retention_worker(ctx.clone(), config.retention_every));
     let incoming = tls::incoming(listener, tls, shutdown.clone(), &tracker);
     let replication =
         tern_proto::replication_server::ReplicationServer::new(replication::ReplicationService {

@@ -27,6 +27,12 @@ enum Cmd {
         /// Address to listen on, e.g. 0.0.0.0:7443 (port 0 picks a free port and prints it).
         #[arg(long)]
         listen: String,
+        /// Close journal segments past this size, e.g. 256MiB.
+        #[arg(long, default_value = "256MiB")]
+        segment_size: String,
+        /// How often retention prunes points and folds the journal into the base images.
+        #[arg(long, default_value = "60s")]
+        retention_every: String,
     },
 }
 
@@ -46,7 +52,9 @@ fn main() -> anyhow::Result<()> {
             println!("admin identity: {}", admin.display());
             Ok(())
         }
-        Cmd::Serve { data_dir, listen } => {
+        Cmd::Serve { data_dir, listen, segment_size, retention_every } => {
+            let segment_bytes = Some(tern_core::units::parse_size(&segment_size)?);
+            let retention_every = tern_core::units::parse_duration(&retention_every)?;
             if !data_dir.join("pki").join("ca.pem").exists() {
                 anyhow::bail!(
                     "{} is not initialised; run `process-server init --data-dir {}` first",
@@ -71,7 +79,8 @@ fn main() -> anyhow::Result<()> {
                     tracing::info!("shutdown requested");
                     s.cancel();
                 });
-                tern_process_server::run(tern_process_server::Config { data_dir }, listener, shutdown).await
+                let config = tern_process_server::Config { data_dir, segment_bytes, retention_every };
+                tern_process_server::run(config, listener, shutdown).await
             })
         }
     }

@@ -82,18 +82,32 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             .map_err(|_| Status::unavailable("the previous session of this VM is still draining; retry"))?;
         let store = ctx.store.clone();
         let vm2 = vm.clone();
-        let handles = tokio::task::spawn_blocking(move || {
+        let registered = tokio::task::spawn_blocking(move || {
+            let known = store.catalog().has_vm(&vm2)?;
+            if known {
+                let state = store.vm_state(&vm2)?;
+                if state != "protected" {
+                    return Ok(Err(state));
+                }
+            }
             let hs = store.register(&vm2, &disks)?;
             // Written-but-unacked records of an earlier session become durable here, so the
             // position the agent resumes from is exactly what is on disk.
             for h in &hs {
                 h.journal().sync()?;
             }
-            Ok::<_, tern_store::StoreError>(hs)
+            let policy = store.catalog().policy(&vm2)?;
+            Ok::<_, tern_store::StoreError>(Ok((hs, policy)))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(store_status)?;
+        let (handles, policy) = registered.map_err(|state| {
+            warn!(vm = %vm, state = %state, "agent refused: the VM no longer replicates from this source");
+            Status::failed_precondition(format!(
+                "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down"
+            ))
+        })?;
         let welcome = Welcome {
             disks: handles
                 .iter()
@@ -104,6 +118,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                 })
                 .collect(),
             interval_ms: 0,
+            policy: Some(crate::admin::agent_policy(&policy)),
         };
         let (out_tx, out_rx) = mpsc::channel(64);
         out_tx

@@ -1,0 +1,103 @@
+//! VM state names, RPO health, and the background workers: health transitions and retention.
+
+use crate::Ctx;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_core::VmName;
+use tracing::{info, warn};
+
+/// The state `drctl status` shows, from the catalog's state and whether a point exists.
+pub fn state_name(catalog_state: &str, has_points: bool) -> &str {
+    match catalog_state {
+        "protected" if !has_points => "initial-sync",
+        s => s,
+    }
+}
+
+/// normal; warning above the RPO threshold; critical above twice it, or when the agent has
+/// been away longer than the threshold. A failed-over VM no longer replicates: normal.
+pub fn health(catalog_state: &str, rpo_secs: i64, absent_secs: i64, threshold_secs: i64) -> &'static str {
+    if catalog_state != "protected" {
+        return "normal";
+    }
+    if rpo_secs > 2 * threshold_secs || absent_secs > threshold_secs {
+        "critical"
+    } else if rpo_secs > threshold_secs {
+        "warning"
+    } else {
+        "normal"
+    }
+}
+
+fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<&'static str, tern_store::StoreError> {
+    let (policy, state, points) = {
+        let c = ctx.store.catalog();
+        (c.policy(vm)?, c.vm_state(vm)?, c.points(vm)?)
+    };
+    let rpo = points.last().map_or_else(
+        || {
+            // Before the first point, RPO counts from when the VM was first seen.
+            0
+        },
+        |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0),
+    );
+    let absent = ctx.hub.disconnected_for(vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
+    Ok(health(&state, rpo, absent, policy.rpo_threshold_ms / 1000))
+}
+
+/// Logs every change of a VM's health, every few seconds.
+pub async fn health_worker(ctx: Arc<Ctx>) {
+    let mut last: HashMap<VmName, &'static str> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let c = ctx.clone();
+        let now = tokio::task::spawn_blocking(move || {
+            let vms = c.store.vms().unwrap_or_default();
+            vms.into_iter().filter_map(|vm| vm_health(&c, &vm).ok().map(|h| (vm, h))).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (vm, h) in now {
+            let before = last.insert(vm.clone(), h);
+            if before.is_some_and(|b| b != h) || (before.is_none() && h != "normal") {
+                if h == "normal" {
+                    info!(vm = %vm, health = h, was = before.unwrap_or("unknown"), "RPO health changed");
+                } else {
+                    warn!(vm = %vm, health = h, was = before.unwrap_or("unknown"), "RPO health changed");
+                }
+            }
+        }
+    }
+}
+
+/// Applies each VM's retention window at `every`; backs off on errors.
+pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
+    let mut wait = every;
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let c = ctx.clone();
+        let failed = tokio::task::spawn_blocking(move || {
+            let mut failed = false;
+            for vm in c.store.vms().unwrap_or_default() {
+                if c.store.vm_state(&vm).is_ok_and(|s| s == "failover-committed") {
+                    continue;
+                }
+                if let Err(e) = c.store.apply_retention(&vm, tern_store::now_ms()) {
+                    warn!(vm = %vm, error = %e, "retention failed; retrying later");
+                    failed = true;
+                }
+            }
+            failed
+        })
+        .await
+        .unwrap_or(true);
+        wait = if failed { (wait * 2).min(Duration::from_secs(600)) } else { every };
+    }
+}

@@ -1,0 +1,136 @@
+//! Long operations (test failover, failover, change of point) run as jobs: a row in the
+//! catalog, progress in memory, the outcome stored when they end. A job that a restart
+//! interrupted ends as failed with the reason (see `Catalog::fail_interrupted_jobs`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tern_core::VmName;
+use tern_proto as pb;
+use tern_store::Store;
+use tern_store::catalog::JobRow;
+use tracing::{info, warn};
+
+#[derive(Debug)]
+pub struct Jobs {
+    store: Arc<Store>,
+    live: Mutex<HashMap<u64, (JobRow, String)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Jobs {
+    pub fn new(store: Arc<Store>) -> Arc<Jobs> {
+        Arc::new(Jobs { store, live: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn start(self: &Arc<Self>, kind: &str, vm: &VmName) -> Result<Job, tern_store::StoreError> {
+        let now = tern_store::now_ms();
+        let id = self.store.catalog().insert_job(kind, vm, now)?;
+        let row = JobRow {
+            id,
+            kind: kind.to_string(),
+            vm: vm.to_string(),
+            state: "running".into(),
+            phase: "starting".into(),
+            done: 0,
+            total: 0,
+            error: String::new(),
+            started_ms: now,
+            ended_ms: 0,
+        };
+        lock(&self.live).insert(id, (row, String::new()));
+        info!(job = id, kind, vm = %vm, "job started");
+        Ok(Job { id, jobs: self.clone() })
+    }
+
+    /// Jobs, oldest first; `id` 0 for all. Results are kept for jobs of this process's life.
+    pub fn list(&self, id: u64) -> Result<Vec<pb::JobInfo>, tern_store::StoreError> {
+        let rows = self.store.catalog().jobs()?;
+        let live = lock(&self.live);
+        Ok(rows
+            .into_iter()
+            .filter(|r| id == 0 || r.id == id)
+            .map(|r| {
+                let (row, result) = live.get(&r.id).cloned().unwrap_or((r, String::new()));
+                pb::JobInfo {
+                    id: row.id,
+                    kind: row.kind,
+                    vm: row.vm,
+                    state: row.state,
+                    phase: row.phase,
+                    done: row.done,
+                    total: row.total,
+                    error: row.error,
+                    started_ms: row.started_ms,
+                    ended_ms: row.ended_ms,
+                    result,
+                }
+            })
+            .collect())
+    }
+}
+
+/// The handle a running job reports through.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: u64,
+    jobs: Arc<Jobs>,
+}
+
+impl Job {
+    fn update(&self, f: impl FnOnce(&mut JobRow, &mut String)) -> Option<JobRow> {
+        let mut live = lock(&self.jobs.live);
+        let (row, result) = live.get_mut(&self.id)?;
+        f(row, result);
+        Some(row.clone())
+    }
+
+    fn persist(&self, row: Option<JobRow>) {
+        if let Some(row) = row
+            && let Err(e) = self.jobs.store.catalog().update_job(&row)
+        {
+            warn!(job = self.id, error = %e, "cannot record job progress");
+        }
+    }
+
+    pub fn phase(&self, phase: &str) {
+        info!(job = self.id, phase, "job phase");
+        let row = self.update(|r, _| {
+            r.phase = phase.to_string();
+            r.done = 0;
+            r.total = 0;
+        });
+        self.persist(row);
+    }
+
+    pub fn progress(&self, done: u64, total: u64) {
+        self.update(|r, _| {
+            r.done = done;
+            r.total = total;
+        });
+    }
+
+    pub fn succeed(&self, result: String) {
+        info!(job = self.id, "job succeeded");
+        let row = self.update(|r, res| {
+            r.state = "succeeded".into();
+            r.phase = "done".into();
+            r.done = r.total;
+            r.ended_ms = tern_store::now_ms();
+            *res = result;
+        });
+        self.persist(row);
+    }
+
+    pub fn fail(&self, error: &str) {
+        warn!(job = self.id, error, "job failed");
+        let row = self.update(|r, _| {
+            r.state = "failed".into();
+            r.error = error.to_string();
+            r.ended_ms = tern_store::now_ms();
+        });
+        self.persist(row);
+    }
+}
