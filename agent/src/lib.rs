@@ -2,6 +2,7 @@
 //! pages to the process server over one long-lived mTLS gRPC stream, and makes recovery
 //! points at consistent cuts. It only ever dials out, and reconnects by itself.
 
+pub mod hooks;
 pub mod scan;
 pub mod state;
 
@@ -31,8 +32,8 @@ pub struct Config {
     pub disks: Vec<DiskSource>,
     pub state_dir: PathBuf,
     pub interval: Duration,
-    pub freeze: Option<String>,
-    pub thaw: Option<String>,
+    /// Freeze/thaw commands and file systems around app-consistent points.
+    pub hooks: hooks::Hooks,
     /// Shuts the source VM down before a planned failover.
     pub shutdown: Option<String>,
     /// Bytes per second on the wire at most (0: unlimited).
@@ -247,9 +248,11 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 }
                 Some(cmd) => {
                     let cmd = cmd.clone();
-                    let hook = tokio::task::spawn_blocking(move || run_hook("shutdown", &cmd))
-                        .await
-                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    let hook = tokio::task::spawn_blocking(move || {
+                        hooks::run_hook("shutdown", &cmd, Duration::from_secs(600))
+                    })
+                    .await
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
                     match hook {
                         Ok(()) => final_point = Some(id),
                         Err(reason) => {
@@ -287,6 +290,7 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 &mut inbox,
                 &shutdown,
                 app,
+                true,
             )
             .await?;
             states = back;
@@ -399,14 +403,6 @@ fn save_states(config: &Config, states: &[DiskState]) {
     }
 }
 
-fn run_hook(what: &str, cmd: &str) -> Result<(), String> {
-    match std::process::Command::new("sh").arg("-c").arg(cmd).status() {
-        Ok(s) if s.success() => Ok(()),
-        Ok(s) => Err(format!("{what} hook `{cmd}` failed with {s}")),
-        Err(e) => Err(format!("{what} hook `{cmd}` could not start: {e}")),
-    }
-}
-
 /// Scans until a pass is a consistent cut (or attempts run out), forwarding records as
 /// they come and handling acks meanwhile. Returns the consistent pass and the point's note.
 #[allow(clippy::too_many_arguments)]
@@ -421,43 +417,40 @@ async fn scan_until_consistent(
     inbox: &mut Inbox,
     shutdown: &CancellationToken,
     app: bool,
+    may_quiesce: bool,
 ) -> Result<(Option<(PassResult, bool, String)>, Vec<DiskState>), tonic::Status> {
     let mut note = String::new();
     for attempt in 1..=CONSISTENT_ATTEMPTS {
         let started = Instant::now();
         note.clear();
-        // An app point always freezes; a crash point falls back on the freeze hook when
-        // the disks kept changing during an unfrozen scan.
-        let freeze = if app || attempt > 1 { config.freeze.clone() } else { None };
-        let frozen = match &freeze {
-            Some(cmd) => match run_hook("freeze", cmd) {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(error = %e, "freeze failed; the point will be crash-consistent");
-                    note = e;
-                    false
-                }
-            },
-            None => {
-                if app {
-                    note = "no --freeze hook is configured".into();
-                }
-                false
-            }
-        };
+        // An app point always quiesces; a crash point falls back on the hooks when the
+        // disks kept changing during an unquiesced scan.
+        let quiesce = may_quiesce && (app || attempt > 1) && config.hooks.configured();
+        if app && !config.hooks.configured() {
+            note = "no --freeze or --freeze-fs is configured".into();
+        }
         let (ev_tx, mut ev_rx) = mpsc::channel::<ScanEvent>(2);
         let cancel = shutdown.child_token();
         let cfg = config.clone();
         let c2 = cancel.clone();
         let scanner = tokio::task::spawn_blocking(move || {
-            let r = scan::run_pass(&cfg.disks, &mut states, frozen, &ev_tx, &c2);
-            if frozen
-                && let Some(thaw) = &cfg.thaw
-                && let Err(e) = run_hook("thaw", thaw)
-            {
-                error!(error = %e, "thaw hook failed");
+            let frozen = if quiesce {
+                match cfg.hooks.freeze() {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        warn!(error = %e, "freeze failed; the point will be crash-consistent");
+                        return (Err(e), states);
+                    }
+                }
+            } else {
+                None
+            };
+            let r = scan::run_pass(&cfg.disks, &mut states, frozen.is_some(), &ev_tx, &c2);
+            let was_frozen = frozen.is_some();
+            if let Some(f) = frozen {
+                f.thaw();
             }
-            (r, states)
+            (Ok((r, was_frozen)), states)
         });
         let _guard = cancel.clone().drop_guard();
         let mut limiter = RateLimiter::new(config.max_rate);
@@ -478,6 +471,18 @@ async fn scan_until_consistent(
         }
         let (result, back) = scanner.await.map_err(|e| tonic::Status::internal(e.to_string()))?;
         states = back;
+        let (result, frozen) = match result {
+            Ok(r) => r,
+            Err(freeze_failed) => {
+                // The freeze failed: scan again unquiesced; the point, if any, is crash-consistent.
+                let app_note = freeze_failed;
+                let (r, back) = Box::pin(scan_until_consistent(
+                    config, states, tx, inbound, next_seq, durable, inbox, shutdown, false, false,
+                ))
+                .await?;
+                return Ok((r.map(|(pass, frozen, _)| (pass, frozen, app_note)), back));
+            }
+        };
         let pass = result.map_err(|e| match e {
             ScanError::Cancelled => tonic::Status::cancelled("scan cancelled"),
             ScanError::Resized { .. } => tonic::Status::failed_precondition(e.to_string()),

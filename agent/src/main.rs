@@ -47,11 +47,17 @@ enum Cmd {
         #[arg(long, default_value = "30s")]
         interval: String,
         /// Command that quiesces the VM's applications before an app-consistent point.
-        #[arg(long, requires = "thaw")]
+        #[arg(long)]
         freeze: Option<String>,
-        /// Command that resumes them; runs whenever the freeze ran.
-        #[arg(long, requires = "freeze")]
+        /// Command that resumes them; runs whenever the freeze command ran, even if it failed.
+        #[arg(long)]
         thaw: Option<String>,
+        /// Freeze this mounted file system around app-consistent points (FIFREEZE/FITHAW); repeatable.
+        #[arg(long = "freeze-fs")]
+        freeze_fs: Vec<PathBuf>,
+        /// Longest a freeze or thaw may take before it is abandoned (thaw still runs).
+        #[arg(long, default_value = "60s")]
+        hook_timeout: String,
         /// Command that shuts the VM down before a planned failover; the final point follows it.
         #[arg(long)]
         shutdown: Option<String>,
@@ -70,8 +76,21 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let Cmd::Run { server, identity, vm, disks, state_dir, mode, interval, freeze, thaw, shutdown, max_rate } =
-        Cli::parse().cmd;
+    let Cmd::Run {
+        server,
+        identity,
+        vm,
+        disks,
+        state_dir,
+        mode,
+        interval,
+        freeze,
+        thaw,
+        freeze_fs,
+        hook_timeout,
+        shutdown,
+        max_rate,
+    } = Cli::parse().cmd;
     if let Mode::Nbd = mode {
         bail!("--mode nbd is not built yet; use --mode scan");
     }
@@ -109,8 +128,7 @@ fn main() -> anyhow::Result<()> {
         disks: sources,
         state_dir,
         interval: parse_duration(&interval)?,
-        freeze,
-        thaw,
+        hooks: tern_agent::hooks::Hooks { freeze, thaw, freeze_fs, timeout: parse_duration(&hook_timeout)? },
         shutdown,
         max_rate: parse_size(&max_rate)?,
     };

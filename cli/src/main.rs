@@ -228,6 +228,8 @@ fn status_json(s: &pb::VmStatus) -> Value {
         "last_point": if s.last_point == 0 { Value::Null } else { json!(s.last_point) },
         "rpo_seconds": if s.rpo_seconds < 0 { Value::Null } else { json!(s.rpo_seconds) },
         "bytes_received": s.bytes_received,
+        "storage_bytes": s.storage_bytes,
+        "policy": s.policy.as_ref().map(policy_json).unwrap_or(Value::Null),
         "disks": s.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "durable_seq": d.durable_seq, "journal_bytes": d.journal_bytes})).collect::<Vec<_>>(),
     })
 }

@@ -203,17 +203,8 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
-        let spec = PointSpec::parse(&r.point).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "point {:?} is neither a point id nor latest-processed; list points with `drctl points {vm}`",
-                r.point
-            ))
-        })?;
-        if r.output.is_empty() || !std::path::Path::new(&r.output).is_absolute() {
-            return Err(Status::invalid_argument(
-                "--output must be an absolute directory on the process server",
-            ));
-        }
+        let spec = point_arg(&vm, &r.point)?;
+        output_arg(&r.output)?;
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
         let job = self.ctx.jobs.start("test-failover", &vm).map_err(store_status)?;
         let id = job.id;

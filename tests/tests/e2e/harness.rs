@@ -50,6 +50,8 @@ pub struct Server {
     pub port: u16,
     pub child: Option<Child>,
     pub log: PathBuf,
+    /// Extra arguments for `serve`.
+    pub extra: Vec<String>,
 }
 
 impl Server {
@@ -58,7 +60,7 @@ impl Server {
         let out =
             Command::new(bin("process-server")).args(["init", "--data-dir"]).arg(&data).output().unwrap();
         assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
-        Server { log: root.join("ps.log"), data, port: 0, child: None }
+        Server { log: root.join("ps.log"), data, port: 0, child: None, extra: Vec::new() }
     }
 
     pub fn start(&mut self) {
@@ -67,6 +69,7 @@ impl Server {
             .args(["serve", "--data-dir"])
             .arg(&self.data)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -115,6 +118,25 @@ impl Server {
             tail(&self.log_text(), 30)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Runs drctl, asserts it fails, returns its stderr.
+    pub fn drctl_err(&self, args: &[&str]) -> String {
+        let out = self.drctl(args);
+        assert!(
+            !out.status.success(),
+            "drctl {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn wait_connected(&self, vm: &str) {
+        deadline_poll("the agent to connect", Duration::from_secs(60), || {
+            let out = self.drctl(&["status", vm, "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["agent_connected"] == true).then_some(())
+        });
     }
 
     pub fn enroll_agent(&self, vm: &str, out: &Path) {

@@ -4,4 +4,5 @@
 mod auth;
 mod crash;
 mod harness;
+mod lifecycle;
 mod protect;

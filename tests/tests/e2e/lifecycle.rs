@@ -1,0 +1,254 @@
+//! The failover lifecycle: point options, planned and unplanned failover, change of point,
+//! commit, app consistency, retention.
+
+use crate::harness::*;
+use std::path::Path;
+use std::time::Duration;
+
+fn setup(root: &Path, vm: &str, extra_agent: &[&str], serve: &[&str]) -> (Server, Agent, std::path::PathBuf) {
+    let mut server = Server::init(root);
+    server.extra = serve.iter().map(|s| s.to_string()).collect();
+    server.start();
+    let identity = root.join(format!("{vm}.bundle"));
+    server.enroll_agent(vm, &identity);
+    let disk = root.join(format!("{vm}.img"));
+    make_ext4(&disk, 32, 11);
+    let agent = Agent::start(
+        &server,
+        &identity,
+        vm,
+        &[("sda", &disk)],
+        &root.join(format!("{vm}-state")),
+        extra_agent,
+    );
+    server.wait_connected(vm);
+    (server, agent, disk)
+}
+
+fn id(p: &serde_json::Value) -> String {
+    p["id"].to_string()
+}
+
+fn output_hash(res: &serde_json::Value) -> String {
+    res["disks"][0]["blake3"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn every_point_option_gives_the_source_at_that_point() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hooks = root.join("hooks.log");
+    let freeze = format!("echo freeze >> {}", hooks.display());
+    let thaw = format!("echo thaw >> {}", hooks.display());
+    let (server, _agent, disk) = setup(root, "opt", &["--freeze", &freeze, "--thaw", &thaw], &[]);
+
+    let p1 = server.checkpoint("opt");
+    let h1 = b3(&disk, None);
+    scatter_writes(&disk, 0.01, 21);
+    let p2 = server.drctl_json(&["checkpoint", "opt", "--wait", "--app-consistent"]);
+    let h2 = b3(&disk, None);
+    assert_eq!(p2["consistency"], "app");
+    std::thread::sleep(Duration::from_millis(50));
+    let between = server
+        .drctl_json(&["points", "opt"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == p2["id"])
+        .unwrap()["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    scatter_writes(&disk, 0.01, 22);
+    let p3 = server.checkpoint("opt");
+    let h3 = b3(&disk, None);
+    // Written after the last point: only `latest` sees it.
+    scatter_writes(&disk, 0.01, 23);
+    let h4 = b3(&disk, None);
+
+    let cases: Vec<(String, &String)> = vec![
+        (id(&p1), &h1),
+        (between, &h2),
+        ("latest-app".into(), &h2),
+        ("latest-processed".into(), &h3),
+        (id(&p3), &h3),
+        ("latest".into(), &h4),
+    ];
+    for (i, (point, want)) in cases.iter().enumerate() {
+        let out = root.join(format!("tfo-{i}"));
+        let res =
+            server.drctl_json(&["test-failover", "opt", "--point", point, "--output", out.to_str().unwrap()]);
+        assert_eq!(&output_hash(&res), *want, "--point {point}");
+        assert_eq!(&b3(&out.join("sda.raw"), None), *want, "--point {point}");
+        server.drctl_json(&["test-failover-cleanup", "opt"]);
+    }
+    let err =
+        server.drctl_err(&["test-failover", "opt", "--point", "1999-01-01T00:00:00Z", "--output", "/tmp/x"]);
+    assert!(err.contains("the oldest is"), "{err}");
+    let err = server.drctl_err(&["test-failover", "opt", "--point", "someday", "--output", "/tmp/x"]);
+    assert!(err.contains("RFC 3339"), "{err}");
+    // drctl verify rebuilds a point from the store.
+    let v = server.drctl_json(&["verify", "opt", "--point", &id(&p2)]);
+    assert_eq!(v["ok"], true);
+}
+
+#[test]
+fn planned_failover_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let marker = root.join("shut-down");
+    let shutdown = format!("touch {}", marker.display());
+    let (server, mut agent, disk) = setup(root, "pl", &["--shutdown", &shutdown], &[]);
+    server.checkpoint("pl");
+    // Writes that land just before the failover, with no point after them.
+    scatter_writes(&disk, 0.02, 31);
+    let want = b3(&disk, None);
+    let out = root.join("failover");
+    let res = server.drctl_json(&[
+        "failover",
+        "pl",
+        "--kind",
+        "planned",
+        "--output",
+        out.to_str().unwrap(),
+        "--format",
+        "vhd",
+    ]);
+    assert!(marker.exists(), "the shutdown hook ran");
+    assert_eq!(output_hash(&res), want);
+    assert_eq!(b3(&out.join("sda.vhd"), Some(32 << 20)), want);
+    assert_eq!(server.status("pl")["state"], "failed-over");
+    // The agent was told to stand down and exits by itself.
+    let child = agent.child.as_mut().unwrap();
+    deadline_poll("the agent to stand down", Duration::from_secs(30), || child.try_wait().unwrap());
+    let err = server.drctl_err(&[
+        "failover",
+        "pl",
+        "--kind",
+        "unplanned",
+        "--output",
+        root.join("again").to_str().unwrap(),
+    ]);
+    assert!(err.contains("failed-over"), "{err}");
+}
+
+#[test]
+fn planned_failover_is_refused_when_the_source_cannot_shut_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (server, mut agent, _disk) = setup(root, "ref", &["--shutdown", "exit 3"], &[]);
+    server.checkpoint("ref");
+    let out = root.join("failover");
+    let err = server.drctl_err(&["failover", "ref", "--kind", "planned", "--output", out.to_str().unwrap()]);
+    assert!(err.contains("shutdown hook") && err.contains("stays protected"), "{err}");
+    assert_eq!(server.status("ref")["state"], "protected");
+    assert!(!out.join("sda.raw").exists());
+    // With the agent stopped, a planned failover does not run either.
+    agent.kill9();
+    deadline_poll("the server to notice", Duration::from_secs(30), || {
+        (server.status("ref")["agent_connected"] == false).then_some(())
+    });
+    let err = server.drctl_err(&["failover", "ref", "--kind", "planned", "--output", out.to_str().unwrap()]);
+    assert!(err.contains("not connected") && err.contains("--kind unplanned"), "{err}");
+    assert_eq!(server.status("ref")["state"], "protected");
+}
+
+#[test]
+fn unplanned_failover_with_the_agent_gone_then_change_point_and_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (server, mut agent, disk) = setup(root, "un", &[], &[]);
+    let p1 = server.checkpoint("un");
+    let h1 = b3(&disk, None);
+    scatter_writes(&disk, 0.01, 41);
+    server.checkpoint("un");
+    let h2 = b3(&disk, None);
+    agent.kill9();
+    // Lost with the primary site: never reached the recovery site.
+    scatter_writes(&disk, 0.01, 42);
+    let out = root.join("failover");
+    let res =
+        server.drctl_json(&["failover", "un", "--kind", "unplanned", "--output", out.to_str().unwrap()]);
+    assert_eq!(output_hash(&res), h2, "unplanned failover uses the newest point");
+    let res = server.drctl_json(&["change-point", "un", "--point", &id(&p1)]);
+    assert_eq!(output_hash(&res), h1);
+    assert_eq!(b3(&out.join("sda.raw"), None), h1);
+    server.drctl_json(&["commit", "un"]);
+    assert_eq!(server.status("un")["state"], "failover-committed");
+    assert_eq!(server.drctl_json(&["points", "un"]).as_array().unwrap().len(), 0);
+    let err = server.drctl_err(&["change-point", "un", "--point", "latest-processed"]);
+    assert!(err.contains("failover-committed"), "{err}");
+    let err = server.drctl_err(&["commit", "un"]);
+    assert!(err.contains("failover-committed"), "{err}");
+    // The output stays for the recovered VM.
+    assert_eq!(b3(&out.join("sda.raw"), None), h1);
+    let jobs = server.drctl_json(&["jobs"]);
+    assert!(jobs.as_array().unwrap().iter().all(|j| j["state"] == "succeeded"), "{jobs}");
+}
+
+#[test]
+fn app_consistent_points_and_a_failing_freeze() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let log = root.join("hooks.log");
+    let switch = root.join("freeze-fails");
+    let freeze = format!("echo freeze >> {0}; test ! -e {1}", log.display(), switch.display());
+    let thaw = format!("echo thaw >> {}", log.display());
+    let (server, _agent, _disk) = setup(root, "app", &["--freeze", &freeze, "--thaw", &thaw], &[]);
+    server.checkpoint("app");
+    let p = server.drctl_json(&["checkpoint", "app", "--wait", "--app-consistent"]);
+    assert_eq!(p["consistency"], "app");
+    std::fs::write(&switch, b"").unwrap();
+    let p = server.drctl_json(&["checkpoint", "app", "--wait", "--app-consistent"]);
+    assert_eq!(p["consistency"], "crash");
+    assert!(p["note"].as_str().unwrap().contains("freeze hook"), "{p}");
+    let points = server.drctl_json(&["points", "app"]);
+    assert!(
+        points.as_array().unwrap().iter().any(|q| q["note"].as_str().is_some_and(|n| n.contains("freeze")))
+    );
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let freezes = calls.lines().filter(|l| *l == "freeze").count();
+    let thaws = calls.lines().filter(|l| *l == "thaw").count();
+    assert_eq!(freezes, 2, "{calls}");
+    assert_eq!(thaws, freezes, "thaw ran after every freeze, failed or not: {calls}");
+}
+
+#[test]
+fn retention_prunes_folds_and_respects_a_pinned_point() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (server, _agent, disk) =
+        setup(root, "ret", &[], &["--retention-every", "1s", "--segment-size", "256KiB"]);
+    server.drctl_json(&["policy", "set", "ret", "--retention", "4s"]);
+    assert_eq!(server.status("ret")["policy"]["retention"], "4s");
+    let p1 = server.checkpoint("ret");
+    let pinned_hash = b3(&disk, None);
+    let pin_out = root.join("pinned");
+    server.drctl_json(&["test-failover", "ret", "--point", &id(&p1), "--output", pin_out.to_str().unwrap()]);
+    for seed in 0..3 {
+        scatter_writes(&disk, 0.02, 50 + seed);
+        server.checkpoint("ret");
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    scatter_writes(&disk, 0.02, 60);
+    let last = server.checkpoint("ret");
+    std::thread::sleep(Duration::from_secs(2));
+    // The pinned point and everything after it stays while the test failover is open.
+    let points = server.drctl_json(&["points", "ret"]);
+    assert!(points.as_array().unwrap().iter().any(|p| p["id"] == p1["id"]), "{points}");
+    server.drctl_json(&["test-failover-cleanup", "ret"]);
+    deadline_poll("retention to prune", Duration::from_secs(20), || {
+        let pts = server.drctl_json(&["points", "ret"]);
+        (pts.as_array().unwrap().len() == 1).then_some(())
+    });
+    let points = server.drctl_json(&["points", "ret"]);
+    assert_eq!(points[0]["id"], last["id"], "only the newest point is left");
+    let log = server.log_text();
+    assert!(log.contains("folded into the base image"), "segments were deleted: {}", tail(&log, 20));
+    let v = server.drctl_json(&["verify", "ret"]);
+    assert_eq!(v["ok"], true);
+    let out = root.join("after");
+    let res = server.drctl_json(&["test-failover", "ret", "--output", out.to_str().unwrap()]);
+    assert_eq!(output_hash(&res), b3(&disk, None));
+    assert_ne!(pinned_hash, b3(&disk, None));
+}
