@@ -262,6 +262,19 @@ mod tests {
     }
 
     #[test]
+    fn jobs_left_running_by_a_stopped_server_end_as_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let id = store.catalog().insert_job("failover", &vm, 1).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.catalog().fail_interrupted_jobs(2).unwrap(), 1);
+        let job = store.catalog().jobs().unwrap().into_iter().find(|j| j.id == id).unwrap();
+        assert_eq!(job.state, "failed");
+        assert!(job.error.contains("interrupted"), "{}", job.error);
+    }
+
+    #[test]
     fn point_options_resolve() {
         let dir = tempfile::tempdir().unwrap();
         let (store, vm) = setup(dir.path());

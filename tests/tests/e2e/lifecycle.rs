@@ -252,3 +252,62 @@ fn retention_prunes_folds_and_respects_a_pinned_point() {
     assert_eq!(output_hash(&res), b3(&disk, None));
     assert_ne!(pinned_hash, b3(&disk, None));
 }
+
+#[test]
+fn freeze_fs_freezes_a_mounted_file_system_around_app_points() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    // A real ext4 file system on a loop device: the VM's disk is the image under the mount.
+    let disk = root.join("fs.img");
+    make_ext4(&disk, 32, 71);
+    let mnt = root.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted =
+        std::process::Command::new("mount").arg("-o").arg("loop").arg(&disk).arg(&mnt).output().unwrap();
+    assert!(
+        mounted.status.success(),
+        "mounting a loop device needs root: {}",
+        String::from_utf8_lossy(&mounted.stderr)
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("fsfreeze").arg("-u").arg(&self.0).output();
+            let _ = std::process::Command::new("umount").arg(&self.0).output();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    std::fs::write(mnt.join("hello.txt"), b"written before the point").unwrap();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("fz.bundle");
+    server.enroll_agent("fz", &identity);
+    // The loop device keeps touching the image, so only a frozen scan is a consistent cut.
+    let _agent = Agent::start(
+        &server,
+        &identity,
+        "fz",
+        &[("sda", &disk)],
+        &root.join("st"),
+        &["--freeze", "sync", "--freeze-fs", mnt.to_str().unwrap()],
+    );
+    server.wait_connected("fz");
+    server.checkpoint("fz");
+    let p = server.drctl_json(&["checkpoint", "fz", "--wait", "--app-consistent"]);
+    assert_eq!(p["consistency"], "app", "{p}");
+    // Thawed again afterwards: the file system takes writes.
+    std::fs::write(mnt.join("after.txt"), b"written after the point").unwrap();
+    let out = root.join("out");
+    let res =
+        server.drctl_json(&["test-failover", "fz", "--point", &id(&p), "--output", out.to_str().unwrap()]);
+    // The output is a clean file system holding the file written before the point.
+    let fsck = std::process::Command::new("e2fsck").args(["-fn"]).arg(out.join("sda.raw")).output().unwrap();
+    assert!(fsck.status.success(), "e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+    let cat = std::process::Command::new("debugfs")
+        .args(["-R", "cat /hello.txt"])
+        .arg(out.join("sda.raw"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "written before the point");
+    assert_eq!(res["consistency"], "app");
+}
