@@ -30,6 +30,26 @@ pub struct ReplicationService {
 }
 
 type Handles = Arc<HashMap<DiskName, Arc<DiskHandle>>>;
+/// The initial-sync job of a VM without points, and how far each disk has come.
+type InitialSync = Arc<std::sync::Mutex<Option<(crate::jobs::Job, HashMap<DiskName, u64>)>>>;
+
+fn lock_initial(
+    i: &InitialSync,
+) -> std::sync::MutexGuard<'_, Option<(crate::jobs::Job, HashMap<DiskName, u64>)>> {
+    i.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A scan sends records in offset order, so the highest end offset is its progress.
+fn note_progress(initial: &InitialSync, handles: &Handles, b: &Batch) {
+    let mut guard = lock_initial(initial);
+    let Some((job, ends)) = guard.as_mut() else { return };
+    let Ok(name) = DiskName::new(&b.disk) else { return };
+    let end = b.records.iter().map(|r| r.offset + u64::from(r.length)).max().unwrap_or(0);
+    let e = ends.entry(name).or_default();
+    *e = (*e).max(end);
+    let total: u64 = handles.values().map(|h| h.size).sum();
+    job.progress(ends.values().sum(), total);
+}
 
 enum Item {
     Batch {
@@ -130,9 +150,29 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         ctx.hub.attach(&vm, session, out_tx.clone(), cancel.clone());
         info!(vm = %vm, session, disks = handles.len(), "agent connected");
         let handles: Handles = Arc::new(handles.into_iter().map(|h| (h.name.clone(), h)).collect());
+        // Until the VM's first point, its replication is an initial sync, followed as a job.
+        let has_points = {
+            let store = ctx.store.clone();
+            let v = vm.clone();
+            tokio::task::spawn_blocking(move || store.points(&v).map(|p| !p.is_empty()))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(store_status)?
+        };
+        let initial: InitialSync = Arc::new(std::sync::Mutex::new(if has_points {
+            None
+        } else {
+            Some((ctx.jobs.start("initial-sync", &vm).map_err(store_status)?, HashMap::new()))
+        }));
+        if let Some((job, _)) = lock_initial(&initial).as_ref() {
+            job.phase("sending the disks");
+        }
         let ctx2 = ctx.clone();
         ctx.tracker.spawn(async move {
-            run_session(&ctx2, &vm, handles, inbound, out_tx, cancel).await;
+            run_session(&ctx2, &vm, handles, inbound, out_tx, cancel, initial.clone()).await;
+            if let Some((job, _)) = lock_initial(&initial).take() {
+                job.fail("the agent disconnected before the first point; a new initial sync starts when it reconnects");
+            }
             ctx2.hub.detach(&vm, session);
             info!(vm = %vm, session, "agent session ended");
             drop(guard);
@@ -154,9 +194,17 @@ async fn run_session(
     mut inbound: Streaming<AgentMessage>,
     out: crate::hub::Outbound,
     cancel: CancellationToken,
+    initial: InitialSync,
 ) {
     let (pipe_tx, pipe_rx) = mpsc::channel::<Item>(PIPELINE_DEPTH);
-    let writer = tokio::spawn(write_loop(ctx.clone(), vm.clone(), pipe_rx, out.clone(), cancel.clone()));
+    let writer = tokio::spawn(write_loop(
+        ctx.clone(),
+        vm.clone(),
+        pipe_rx,
+        out.clone(),
+        cancel.clone(),
+        initial.clone(),
+    ));
     loop {
         let next = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -165,6 +213,7 @@ async fn run_session(
         let item = match next {
             Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Batch(b)) })) => {
                 ctx.hub.add_bytes(vm, prost::Message::encoded_len(&b) as u64);
+                note_progress(&initial, &handles, &b);
                 match prepare_batch(&handles, b) {
                     Ok(item) => item,
                     Err(status) => {
@@ -261,6 +310,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Item>,
     out: crate::hub::Outbound,
     cancel: CancellationToken,
+    initial: InitialSync,
 ) {
     let mut unsynced: HashMap<DiskName, Arc<DiskHandle>> = HashMap::new();
     let mut unsynced_bytes = 0u64;
@@ -295,7 +345,7 @@ async fn write_loop(
             Item::Point(p) => {
                 unsynced_bytes = 0;
                 match sync_and_ack(&mut unsynced, &out).await {
-                    Ok(()) => make_point(&ctx, &vm, p, &out).await,
+                    Ok(()) => make_point(&ctx, &vm, p, &out, &initial).await,
                     Err(e) => Err(e),
                 }
             }
@@ -338,6 +388,7 @@ async fn make_point(
     vm: &VmName,
     p: tern_proto::MakePoint,
     out: &crate::hub::Outbound,
+    initial: &InitialSync,
 ) -> Result<(), Status> {
     let mut disks = Vec::new();
     for d in &p.disks {
@@ -368,6 +419,9 @@ async fn make_point(
             let _ = out.send(msg(server_message::Msg::PointAck(ack))).await;
             for id in &p.request_ids {
                 ctx.hub.resolve(*id, Ok(point.clone()));
+            }
+            if let Some((job, _)) = lock_initial(initial).take() {
+                job.succeed(format!("{{\"point\": {}}}", point.id));
             }
             Ok(())
         }

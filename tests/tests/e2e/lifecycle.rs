@@ -184,6 +184,12 @@ fn unplanned_failover_with_the_agent_gone_then_change_point_and_commit() {
     assert_eq!(b3(&out.join("sda.raw"), None), h1);
     let jobs = server.drctl_json(&["jobs"]);
     assert!(jobs.as_array().unwrap().iter().all(|j| j["state"] == "succeeded"), "{jobs}");
+    let kinds: Vec<&str> = jobs.as_array().unwrap().iter().map(|j| j["kind"].as_str().unwrap()).collect();
+    assert!(
+        kinds.contains(&"initial-sync")
+            && kinds.contains(&"unplanned-failover")
+            && kinds.contains(&"change-point")
+    );
 }
 
 #[test]
