@@ -159,9 +159,28 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
+    let cfg = config.clone();
+    let saved: Vec<Option<DiskState>> = tokio::task::spawn_blocking(move || {
+        cfg.disks
+            .iter()
+            .map(|d| DiskState::load(&DiskState::path(&cfg.state_dir, d.name.as_str()), d.size))
+            .collect()
+    })
+    .await
+    .map_err(|e| tonic::Status::internal(e.to_string()))?;
     let hello = pb::Hello {
         vm: config.vm.to_string(),
-        disks: config.disks.iter().map(|d| pb::DiskInfo { name: d.name.to_string(), size: d.size }).collect(),
+        disks: config
+            .disks
+            .iter()
+            .zip(&saved)
+            .map(|(d, s)| pb::DiskInfo {
+                name: d.name.to_string(),
+                size: d.size,
+                state_generation: s.as_ref().map(|s| s.generation.clone()).unwrap_or_default(),
+                state_seq: s.as_ref().map_or(0, |s| s.seq.0),
+            })
+            .collect(),
         protocol: 1,
     };
     tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) })
@@ -173,11 +192,26 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         _ => return Err(tonic::Status::internal("the server did not answer Hello with Welcome")),
     };
     // What the receiver holds, per disk.
-    let cfg = config.clone();
-    let welcome2 = welcome.clone();
-    let mut states = tokio::task::spawn_blocking(move || load_states(&cfg, &welcome2))
-        .await
-        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let mut states = choose_states(&config, &welcome, saved);
+    let mut inbox = Inbox::default();
+    let mut durable_dummy: Vec<Seq> = vec![Seq(0); config.disks.len()];
+    let mut waiting: Vec<String> = welcome.hashes_follow.clone();
+    if !waiting.is_empty() {
+        info!(disks = ?waiting, "no saved state for the server's copy; comparing with the server's block hashes");
+    }
+    while !waiting.is_empty() {
+        let m = inbound.message().await?;
+        match m {
+            Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::BlockHashes(bh)) }) => {
+                let Some(i) = config.disks.iter().position(|d| d.name.as_str() == bh.disk) else { continue };
+                states[i].fill_from_table(bh.first_block, &bh.table);
+                if bh.last {
+                    waiting.retain(|w| w != &bh.disk);
+                }
+            }
+            other => inbox.take(&config, &mut durable_dummy, other)?,
+        }
+    }
     let mut next_seq: Vec<Seq> = config
         .disks
         .iter()
@@ -192,7 +226,6 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     info!(vm = %config.vm, server = %config.server, crash_interval_s = schedule.crash.as_secs(),
         app_interval_s = schedule.app.as_secs(), "connected; replicating");
 
-    let mut inbox = Inbox::default();
     // The first pass starts at once: it syncs whatever changed while disconnected.
     let now = tokio::time::Instant::now();
     let mut due_crash = now;
@@ -371,20 +404,26 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn load_states(config: &Config, welcome: &pb::Welcome) -> Vec<DiskState> {
+/// Picks, per disk, what to compare the disk with: the saved state when it describes the
+/// server's copy, zeroes for a new copy, the server's hashes (filled in afterwards) when it
+/// sends them, and "unknown" (send everything with data) otherwise.
+fn choose_states(config: &Config, welcome: &pb::Welcome, saved: Vec<Option<DiskState>>) -> Vec<DiskState> {
     config
         .disks
         .iter()
-        .map(|d| {
+        .zip(saved)
+        .map(|(d, saved)| {
             let w = welcome.disks.iter().find(|w| w.name == d.name.as_str());
             let (generation, durable) = w.map_or((String::new(), 0), |w| (w.generation.clone(), w.durable_seq));
-            let path = DiskState::path(&config.state_dir, d.name.as_str());
-            match DiskState::load(&path, d.size) {
+            match saved {
                 Some(s) if s.generation == generation && s.seq.0 <= durable => {
                     info!(disk = %d.name, "saved state matches the server's copy; sending only changes");
                     s
                 }
                 _ if durable == 0 => DiskState::zeroes(d.size, &generation),
+                _ if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) => {
+                    DiskState::unknown(d.size, &generation)
+                }
                 _ => {
                     warn!(disk = %d.name, "no saved state for the server's copy; every block with data is sent again");
                     DiskState::unknown(d.size, &generation)

@@ -86,11 +86,13 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         let vm = VmName::new(&hello.vm).map_err(|e| Status::invalid_argument(e.to_string()))?;
         crate::auth::require_agent_for(&parts_req, &vm)?;
         let mut disks = Vec::new();
+        let mut agent_states: HashMap<DiskName, (String, u64)> = HashMap::new();
         for d in &hello.disks {
             let name = DiskName::new(&d.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
             if d.size == 0 {
                 return Err(Status::invalid_argument(format!("disk {name} has size 0; is the path right?")));
             }
+            agent_states.insert(name.clone(), (d.state_generation.clone(), d.state_seq));
             disks.push((name, d.size));
         }
         if disks.is_empty() {
@@ -128,7 +130,19 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                 "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down"
             ))
         })?;
+        // An agent without a valid hash map of our copy gets our block hashes: a delta sync.
+        let hashes_follow: Vec<Arc<DiskHandle>> = handles
+            .iter()
+            .filter(|h| {
+                let durable = h.journal().durable().0;
+                let valid =
+                    agent_states.get(&h.name).is_some_and(|(g, s)| g == &h.generation && *s <= durable);
+                durable > 0 && !valid
+            })
+            .cloned()
+            .collect();
         let welcome = Welcome {
+            hashes_follow: hashes_follow.iter().map(|h| h.name.to_string()).collect(),
             disks: handles
                 .iter()
                 .map(|h| DiskState {
@@ -169,6 +183,14 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         }
         let ctx2 = ctx.clone();
         ctx.tracker.spawn(async move {
+            for h in hashes_follow {
+                if let Err(e) = send_hashes(&ctx2, &h, &out_tx).await {
+                    warn!(vm = %vm, disk = %h.name, error = %e, "cannot send block hashes; the session ends");
+                    let _ = out_tx.send(Err(store_status(e))).await;
+                    ctx2.hub.detach(&vm, session);
+                    return;
+                }
+            }
             run_session(&ctx2, &vm, handles, inbound, out_tx, cancel, initial.clone()).await;
             if let Some((job, _)) = lock_initial(&initial).take() {
                 job.fail("the agent disconnected before the first point; a new initial sync starts when it reconnects");
@@ -241,6 +263,38 @@ async fn run_session(
     }
     drop(pipe_tx);
     let _ = writer.await;
+}
+
+/// Streams the block hashes of our copy of `h` at its durable position to the agent.
+async fn send_hashes(
+    ctx: &Arc<Ctx>,
+    h: &Arc<DiskHandle>,
+    out: &crate::hub::Outbound,
+) -> Result<(), tern_store::StoreError> {
+    let started = std::time::Instant::now();
+    let (h2, out2, scratch) = (h.clone(), out.clone(), ctx.data_dir.join("tmp"));
+    tokio::task::spawn_blocking(move || {
+        let upto = h2.journal().durable();
+        let blocks = tern_core::blocks::block_count(h2.size);
+        tern_store::materialize::hash_disk(&h2, &scratch, upto, &mut |first, chunk| {
+            let mut table = Vec::with_capacity(chunk.len() * 32 * 17);
+            for b in chunk {
+                table.extend_from_slice(&b.block.0);
+                for p in &b.pages {
+                    table.extend_from_slice(&p.0);
+                }
+            }
+            let last = first + chunk.len() as u64 >= blocks;
+            let hashes =
+                tern_proto::BlockHashes { disk: h2.name.to_string(), first_block: first, table, last };
+            out2.blocking_send(msg(server_message::Msg::BlockHashes(hashes))).is_ok()
+        })
+    })
+    .await
+    .map_err(|_| tern_store::StoreError::Invariant("hashing task panicked"))??;
+    info!(vm = %h.vm, disk = %h.name, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "block hashes sent for a delta sync");
+    Ok(())
 }
 
 fn prepare_batch(handles: &Handles, b: Batch) -> Result<Item, Status> {

@@ -223,3 +223,60 @@ pub fn hash_output(f: &File, size: u64, path: &Path) -> Result<(Digest, Digest),
     debug_assert_eq!(fp.blocks(), size.div_ceil(BLOCK_SIZE as u64));
     Ok((Digest::from(whole.finalize()), fp.finish()))
 }
+
+/// Block hashes per message of a delta sync.
+pub const HASHES_PER_CHUNK: usize = 2048;
+
+/// Hashes every 64 KiB block (and its 4 KiB pages) of the disk as of `upto`: the receiver's
+/// side of a delta sync. `emit` gets them in order, a chunk at a time, and returns false
+/// to stop.
+pub fn hash_disk(
+    disk: &DiskHandle,
+    scratch: &Path,
+    upto: Seq,
+    emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
+) -> Result<(), StoreError> {
+    use tern_core::blocks::{hash_block, zero_block};
+    crate::durable::create_dir_durable(scratch)?;
+    let path = scratch.join(format!("hash-{}-{}-{}.raw", disk.vm, disk.name, std::process::id()));
+    let result = (|| {
+        let out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        out.set_len(disk.size).map_err(io_err(&path))?;
+        {
+            let _reading = disk.read_lock();
+            let snapshot = disk.journal().snapshot();
+            fill(disk, &snapshot, upto, &out, &path, &mut |_| {})?;
+        }
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut chunk = Vec::with_capacity(HASHES_PER_CHUNK);
+        let mut first = 0u64;
+        let mut pos = 0u64;
+        while pos < disk.size {
+            let n = usize::try_from((disk.size - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+            out.read_exact_at(&mut buf[..n], pos).map_err(io_err(&path))?;
+            for block in buf[..n].chunks(BLOCK_SIZE) {
+                chunk.push(if is_zero(block) { zero_block(block.len()) } else { hash_block(block) });
+                if chunk.len() == HASHES_PER_CHUNK {
+                    if !emit(first, &chunk) {
+                        return Ok(());
+                    }
+                    first += chunk.len() as u64;
+                    chunk.clear();
+                }
+            }
+            pos += n as u64;
+        }
+        if !chunk.is_empty() {
+            emit(first, &chunk);
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}

@@ -48,7 +48,7 @@ fn identities_are_enforced() {
         let hello = pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
                 vm: "b".into(),
-                disks: vec![pb::DiskInfo { name: "sda".into(), size: 1 << 20 }],
+                disks: vec![pb::DiskInfo { name: "sda".into(), size: 1 << 20, ..Default::default() }],
                 protocol: 1,
             })),
         };

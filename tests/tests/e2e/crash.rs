@@ -58,3 +58,39 @@ fn server_killed_mid_ingest_then_agent_resumes_and_point_verifies() {
     ]);
     assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), want);
 }
+
+#[test]
+fn an_agent_that_lost_its_state_resyncs_by_delta() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("lost.bundle");
+    server.enroll_agent("lost", &identity);
+    let disk = root.join("lost.img");
+    make_ext4(&disk, 64, 9);
+    let state = root.join("st");
+    let mut agent = Agent::start(&server, &identity, "lost", &[("sda", &disk)], &state, &[]);
+    server.checkpoint("lost");
+    agent.kill9();
+    // The agent's host lost its state directory, and the VM wrote meanwhile.
+    std::fs::remove_dir_all(&state).unwrap();
+    let changed = scatter_writes(&disk, 0.01, 5) as u64 * 4096;
+    let before = server.status("lost")["bytes_received"].as_u64().unwrap();
+    agent.restart();
+    let p = server.checkpoint("lost");
+    let sent = server.status("lost")["bytes_received"].as_u64().unwrap() - before;
+    assert!(sent <= changed * 3 / 2, "a delta resync sent {sent} bytes for {changed} changed bytes");
+    assert!(agent.log_text().contains("comparing with the server's block hashes"));
+    let want = b3(&disk, None);
+    let out = root.join("out");
+    let res = server.drctl_json(&[
+        "test-failover",
+        "lost",
+        "--point",
+        &p["id"].to_string(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), want);
+}
