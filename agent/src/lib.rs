@@ -141,6 +141,8 @@ impl Inbox {
 struct Schedule {
     crash: Duration,
     app: Duration,
+    /// Only points that are asked for (a failback that syncs during the failover).
+    hold: bool,
 }
 
 impl Schedule {
@@ -149,7 +151,17 @@ impl Schedule {
         Schedule {
             crash: ms(p.map_or(0, |p| p.crash_interval_ms)),
             app: ms(p.map_or(0, |p| p.app_interval_ms)),
+            hold: p.is_some_and(|p| p.hold),
         }
+    }
+
+    /// When the next scheduled pass of each kind is due, counting from `now`.
+    fn due(&self, now: tokio::time::Instant, first: bool) -> (tokio::time::Instant, tokio::time::Instant) {
+        let far = now + Duration::from_secs(100 * 365 * 86_400);
+        if self.hold {
+            return (far, far);
+        }
+        (if first { now } else { now + self.crash }, now + self.app)
     }
 }
 
@@ -227,9 +239,7 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         app_interval_s = schedule.app.as_secs(), "connected; replicating");
 
     // The first pass starts at once: it syncs whatever changed while disconnected.
-    let now = tokio::time::Instant::now();
-    let mut due_crash = now;
-    let mut due_app = now + schedule.app;
+    let (mut due_crash, mut due_app) = schedule.due(tokio::time::Instant::now(), true);
     // A point sent and not yet acked: the requests it answers and each disk's seq.
     let mut awaiting_point: Option<(Requests, Vec<Seq>)> = None;
     let mut stood_down = false;
@@ -240,9 +250,8 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         }
         if let Some(p) = inbox.policy.take() {
             schedule = Schedule::from_policy(Some(&p), config.interval);
-            let now = tokio::time::Instant::now();
-            due_crash = due_crash.min(now + schedule.crash);
-            due_app = due_app.min(now + schedule.app);
+            let (c, a) = schedule.due(tokio::time::Instant::now(), false);
+            (due_crash, due_app) = if schedule.hold { (c, a) } else { (due_crash.min(c), due_app.min(a)) };
             info!(
                 crash_interval_s = schedule.crash.as_secs(),
                 app_interval_s = schedule.app.as_secs(),
@@ -327,10 +336,10 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             )
             .await?;
             states = back;
-            let now = tokio::time::Instant::now();
-            due_crash = now + schedule.crash;
-            if app {
-                due_app = now + schedule.app;
+            let (c, a) = schedule.due(tokio::time::Instant::now(), false);
+            due_crash = c;
+            if app || schedule.hold {
+                due_app = a;
             }
             match result {
                 Some((pass, frozen, mut note)) => {
@@ -420,10 +429,10 @@ fn choose_states(config: &Config, welcome: &pb::Welcome, saved: Vec<Option<DiskS
                     info!(disk = %d.name, "saved state matches the server's copy; sending only changes");
                     s
                 }
-                _ if durable == 0 => DiskState::zeroes(d.size, &generation),
                 _ if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) => {
                     DiskState::unknown(d.size, &generation)
                 }
+                _ if durable == 0 => DiskState::zeroes(d.size, &generation),
                 _ => {
                     warn!(disk = %d.name, "no saved state for the server's copy; every block with data is sent again");
                     DiskState::unknown(d.size, &generation)

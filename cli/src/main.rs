@@ -104,6 +104,32 @@ enum Cmd {
         #[arg(long, default_value = "latest-processed")]
         point: String,
     },
+    /// After a committed failover: protect the recovered VM back to a master target on the
+    /// primary site. Writes the identity for the recovered VM's agent and prints its command.
+    Reprotect {
+        vm: String,
+        /// The master target, e.g. https://onprem-mt:7444
+        #[arg(long)]
+        master_target: String,
+        /// original: the on-premises disk (must exist with the same size; delta sync);
+        /// alternate: a new disk (must not exist; created sparse, full sync).
+        #[arg(long, value_parser = ["original", "alternate"])]
+        location: String,
+        /// NAME=PATH on the master target's host, for every disk of the VM.
+        #[arg(long = "target-disk", required = true)]
+        target_disks: Vec<String>,
+        /// before: replicate continuously, failback drains the last changes; during: send
+        /// everything at failback.
+        #[arg(long, value_parser = ["before", "during"], default_value = "before")]
+        sync: String,
+        /// Where to write the recovered VM's agent identity.
+        #[arg(long)]
+        identity_out: PathBuf,
+    },
+    /// Shut the recovered VM down and apply its final state onto the primary site's disks.
+    Failback { vm: String },
+    /// After a committed failback: replicate from the primary site again.
+    ReverseReplicate { vm: String },
     /// List jobs, or wait for one.
     Jobs {
         /// Wait until this job ends; exit non-zero if it failed.
@@ -554,12 +580,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Commit { vm } => {
             let r = c.commit(pb::CommitRequest { vm: vm.clone() }).await.map_err(explain)?.into_inner();
             if cli.json {
-                print_json(&json!({"vm": vm, "point": r.point, "state": "failover-committed"}))?;
+                print_json(&json!({"vm": vm, "point": r.point}))?;
             } else {
-                println!(
-                    "failover of {vm} committed at point {}; its recovery points and journal are deleted",
-                    r.point
-                );
+                println!("{vm} committed at point {}", r.point);
             }
         }
         Cmd::Verify { vm, point } => {
@@ -582,6 +605,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !ok {
                 anyhow::bail!("point {} of {vm} does not verify", r.point);
+            }
+        }
+        Cmd::Reprotect { vm, master_target, location, target_disks, sync, identity_out } => {
+            let r = c
+                .reprotect(pb::ReprotectRequest {
+                    vm: vm.clone(),
+                    master_target: master_target.clone(),
+                    alternate: location == "alternate",
+                    target_disks: target_disks.clone(),
+                    sync: sync.clone(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            tern_core::pki::write_private(identity_out, &r.bundle)?;
+            let server = cli.server.clone().unwrap_or_default();
+            let command = format!(
+                "mobility-agent run --server {server} --identity {} --vm {vm} --disk NAME=<recovered disk> --state-dir <dir> --shutdown '<command that shuts the recovered VM down>'",
+                identity_out.display()
+            );
+            if cli.json {
+                print_json(
+                    &json!({"vm": vm, "identity": identity_out.display().to_string(), "agent_command": command}),
+                )?;
+            } else {
+                println!("VM {vm} is reprotected to {master_target} ({location} location, sync {sync}).");
+                println!("Start the recovered VM's agent:\n  {command}");
+            }
+        }
+        Cmd::Failback { vm } => {
+            let started =
+                c.failback(pb::FailbackRequest { vm: vm.clone() }).await.map_err(explain)?.into_inner();
+            let job = wait_job(&mut c, started.job, cli.json).await?;
+            print_output(&job, cli.json)?;
+            if !cli.json {
+                println!("VM {vm} failed back; start it on the primary site, then `drctl commit {vm}`");
+            }
+        }
+        Cmd::ReverseReplicate { vm } => {
+            c.reverse_replicate(pb::ReverseRequest { vm: vm.clone() }).await.map_err(explain)?;
+            if cli.json {
+                print_json(&json!({"vm": vm, "state": "protected"}))?;
+            } else {
+                println!(
+                    "VM {vm} replicates from the primary site again; start its agent on the on-premises disks"
+                );
             }
         }
         Cmd::Jobs { wait } => match wait {

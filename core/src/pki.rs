@@ -123,11 +123,13 @@ impl Ca {
         let urn = rcgen::string::Ia5String::try_from(role.urn())?;
         params.subject_alt_names.push(SanType::URI(urn));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
+        // Servers also dial out (the process server to a master target), so they may
+        // authenticate as clients too.
+        params.extended_key_usages = if server {
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
         } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
         validity(&mut params, 5);
         let cert = params.signed_by(&key, &issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
@@ -140,8 +142,17 @@ impl Ca {
         self.issue(&Role::Server, &names, true)
     }
 
+    /// A client identity bundle. A master target's also serves (the process server dials
+    /// it), so its certificate names localhost, 127.0.0.1, ::1 and its own name.
     pub fn issue_client(&self, role: &Role) -> Result<Bundle, PkiError> {
-        let (cert_pem, key_pem) = self.issue(role, &[], false)?;
+        let (cert_pem, key_pem) = match role {
+            Role::MasterTarget(name) => {
+                let names =
+                    vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), name.clone()];
+                self.issue(role, &names, true)?
+            }
+            _ => self.issue(role, &[], false)?,
+        };
         Ok(Bundle { ca_pem: self.cert_pem.clone(), cert_pem, key_pem })
     }
 }

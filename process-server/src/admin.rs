@@ -19,7 +19,7 @@ pub struct AdminService {
     pub ctx: Arc<Ctx>,
 }
 
-fn vm_arg(s: &str) -> Result<VmName, Status> {
+pub(crate) fn vm_arg(s: &str) -> Result<VmName, Status> {
     VmName::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
@@ -44,7 +44,7 @@ pub fn point_info(p: &Point) -> pb::PointInfo {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))
 }
 
@@ -125,19 +125,8 @@ impl pb::admin_server::Admin for AdminService {
             Ok(pb::Role::Admin) => Role::Admin,
             _ => return Err(Status::invalid_argument("role must be agent, master-target or admin")),
         };
-        let pki = self.ctx.data_dir.join("pki");
-        let bundle = blocking(move || {
-            let ca = Ca {
-                cert_pem: std::fs::read_to_string(pki.join("ca.pem"))?,
-                key_pem: std::fs::read_to_string(pki.join("ca.key"))?,
-            };
-            Ok::<_, std::io::Error>(ca.issue_client(&role).map(|b| (b.to_pem(), role)))
-        })
-        .await?
-        .map_err(|e| Status::internal(format!("cannot read the CA: {e}")))?
-        .map_err(|e| Status::internal(e.to_string()))?;
-        info!(identity = %bundle.1, "identity enrolled");
-        Ok(Response::new(pb::EnrollReply { bundle: bundle.0 }))
+        let bundle = issue_bundle(&self.ctx, role).await?;
+        Ok(Response::new(pb::EnrollReply { bundle }))
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
@@ -257,6 +246,16 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
+        let state = {
+            let store = self.ctx.store.clone();
+            let v = vm.clone();
+            blocking(move || store.vm_state(&v)).await?.map_err(store_status)?
+        };
+        if state == "reprotected" || state == "failed-back" {
+            return Err(Status::failed_precondition(format!(
+                "VM {vm} is {state}: its failback policy (RPO threshold 15m, retention 24h, app interval 60m) cannot be edited"
+            )));
+        }
         let want = r.policy.unwrap_or_default();
         let store = self.ctx.store.clone();
         let v = vm.clone();
@@ -422,6 +421,15 @@ impl pb::admin_server::Admin for AdminService {
         require_admin(&req, "Commit")?;
         let vm = vm_arg(&req.into_inner().vm)?;
         self.known_vm(&vm).await?;
+        let state = {
+            let store = self.ctx.store.clone();
+            let v = vm.clone();
+            blocking(move || store.vm_state(&v)).await?.map_err(store_status)?
+        };
+        if state == "failed-back" {
+            let point = crate::failback::commit_failback(&self.ctx, &vm).await?;
+            return Ok(Response::new(pb::CommitReply { point: point.0 }));
+        }
         let store = self.ctx.store.clone();
         let point = blocking(move || store.commit(&vm)).await?.map_err(store_status)?;
         Ok(Response::new(pb::CommitReply { point: point.0 }))
@@ -447,6 +455,58 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn reprotect(
+        &self,
+        req: Request<pb::ReprotectRequest>,
+    ) -> Result<Response<pb::ReprotectReply>, Status> {
+        require_admin(&req, "Reprotect")?;
+        let r = req.into_inner();
+        self.known_vm(&vm_arg(&r.vm)?).await?;
+        Ok(Response::new(crate::failback::reprotect(&self.ctx, r).await?))
+    }
+
+    async fn failback(&self, req: Request<pb::FailbackRequest>) -> Result<Response<pb::JobStarted>, Status> {
+        require_admin(&req, "Failback")?;
+        let vm = vm_arg(&req.into_inner().vm)?;
+        self.known_vm(&vm).await?;
+        let state = {
+            let store = self.ctx.store.clone();
+            let v = vm.clone();
+            blocking(move || store.vm_state(&v)).await?.map_err(store_status)?
+        };
+        if state != "reprotected" {
+            return Err(Status::failed_precondition(format!(
+                "VM {vm} is {state}; failback needs a reprotected VM"
+            )));
+        }
+        if !self.ctx.hub.connected(&vm) {
+            return Err(Status::failed_precondition(format!(
+                "the agent of the recovered VM {vm} is not connected; failback shuts the VM down through it. Nothing changed"
+            )));
+        }
+        let job = self.ctx.jobs.start("failback", &vm).map_err(store_status)?;
+        let id = job.id;
+        let ctx = self.ctx.clone();
+        self.ctx.tracker.spawn(async move {
+            match crate::failback::failback(&ctx, vm, job.clone()).await {
+                Ok(result) => job.succeed(result),
+                Err(e) => job.fail(&e),
+            }
+        });
+        Ok(Response::new(pb::JobStarted { job: id }))
+    }
+
+    async fn reverse_replicate(
+        &self,
+        req: Request<pb::ReverseRequest>,
+    ) -> Result<Response<pb::ReverseReply>, Status> {
+        require_admin(&req, "ReverseReplicate")?;
+        let vm = vm_arg(&req.into_inner().vm)?;
+        self.known_vm(&vm).await?;
+        crate::failback::reverse_replicate(&self.ctx, &vm).await?;
+        Ok(Response::new(pb::ReverseReply {}))
+    }
+
     async fn jobs(&self, req: Request<pb::JobsRequest>) -> Result<Response<pb::JobsReply>, Status> {
         require_admin(&req, "Jobs")?;
         let id = req.into_inner().id;
@@ -457,6 +517,23 @@ impl pb::admin_server::Admin for AdminService {
         }
         Ok(Response::new(pb::JobsReply { jobs: list }))
     }
+}
+
+/// Issues an identity bundle from the deployment's CA.
+pub(crate) async fn issue_bundle(ctx: &Arc<Ctx>, role: Role) -> Result<String, Status> {
+    let pki = ctx.data_dir.join("pki");
+    let bundle = blocking(move || {
+        let ca = Ca {
+            cert_pem: std::fs::read_to_string(pki.join("ca.pem"))?,
+            key_pem: std::fs::read_to_string(pki.join("ca.key"))?,
+        };
+        Ok::<_, std::io::Error>(ca.issue_client(&role).map(|b| (b.to_pem(), role)))
+    })
+    .await?
+    .map_err(|e| Status::internal(format!("cannot read the CA: {e}")))?
+    .map_err(|e| Status::internal(e.to_string()))?;
+    info!(identity = %bundle.1, "identity enrolled");
+    Ok(bundle.0)
 }
 
 fn point_arg(vm: &VmName, s: &str) -> Result<PointSpec, Status> {
@@ -487,7 +564,11 @@ pub fn policy_info(p: &Policy) -> pb::PolicyInfo {
 
 pub fn agent_policy(p: &Policy) -> pb::Policy {
     let u = |v: i64| u64::try_from(v).unwrap_or(0);
-    pb::Policy { crash_interval_ms: u(p.crash_interval_ms), app_interval_ms: u(p.app_interval_ms) }
+    pb::Policy {
+        crash_interval_ms: u(p.crash_interval_ms),
+        app_interval_ms: u(p.app_interval_ms),
+        hold: false,
+    }
 }
 
 /// `latest`: make everything received into a point first (through the agent, if it is

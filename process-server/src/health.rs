@@ -86,7 +86,9 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
         let failed = tokio::task::spawn_blocking(move || {
             let mut failed = false;
             for vm in c.store.vms().unwrap_or_default() {
-                if c.store.vm_state(&vm).is_ok_and(|s| s == "failover-committed") {
+                // Only while the journal is this site's own: a reprotected VM's journal is the
+                // spool for the master target and is kept whole until failback.
+                if !c.store.vm_state(&vm).is_ok_and(|s| s == "protected" || s == "failed-over") {
                     continue;
                 }
                 if let Err(e) = c.store.apply_retention(&vm, tern_store::now_ms()) {

@@ -34,7 +34,7 @@ pub type PointResult = Result<Point, String>;
 pub struct Hub {
     links: Mutex<HashMap<VmName, Link>>,
     session_locks: Mutex<HashMap<VmName, Arc<tokio::sync::Mutex<()>>>>,
-    waiters: Mutex<HashMap<u64, oneshot::Sender<PointResult>>>,
+    waiters: Mutex<HashMap<u64, (VmName, oneshot::Sender<PointResult>)>>,
     counters: Mutex<HashMap<VmName, VmCounters>>,
     next_id: AtomicU64,
 }
@@ -68,6 +68,14 @@ impl Hub {
         if links.get(vm).is_some_and(|l| l.session == session) {
             links.remove(vm);
             lock(&self.counters).entry(vm.clone()).or_default().disconnected_at = Some(Instant::now());
+            // Whoever waits for a point from this agent learns at once that none will come.
+            let mut waiters = lock(&self.waiters);
+            let gone: Vec<u64> = waiters.iter().filter(|(_, (v, _))| v == vm).map(|(id, _)| *id).collect();
+            for id in gone {
+                if let Some((_, tx)) = waiters.remove(&id) {
+                    let _ = tx.send(Err("the agent disconnected before it made the point".into()));
+                }
+            }
         }
     }
 
@@ -116,7 +124,7 @@ impl Hub {
         let commands = self.commands(vm)?;
         let request_id = self.next_id();
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(request_id, tx);
+        lock(&self.waiters).insert(request_id, (vm.clone(), tx));
         if commands.send(Ok(ServerMessage { msg: Some(make(request_id)) })).await.is_err() {
             lock(&self.waiters).remove(&request_id);
             return Err(Status::unavailable(format!("the agent of VM {vm} went away; try again")));
@@ -150,7 +158,7 @@ impl Hub {
     }
 
     pub fn resolve(&self, request_id: u64, result: PointResult) {
-        if let Some(tx) = lock(&self.waiters).remove(&request_id) {
+        if let Some((_, tx)) = lock(&self.waiters).remove(&request_id) {
             let _ = tx.send(result);
         }
     }

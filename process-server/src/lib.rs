@@ -3,9 +3,11 @@
 
 pub mod admin;
 pub mod auth;
+pub mod failback;
 pub mod health;
 pub mod hub;
 pub mod jobs;
+pub mod relay;
 pub mod replication;
 pub mod tls;
 
@@ -28,6 +30,7 @@ pub struct Ctx {
     pub store: Arc<Store>,
     pub hub: hub::Hub,
     pub jobs: Arc<jobs::Jobs>,
+    pub relay: relay::Relay,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -112,6 +115,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let ctx = Arc::new(Ctx {
         data_dir: config.data_dir.clone(),
         jobs: jobs::Jobs::new(store.clone()),
+        relay: relay::Relay::default(),
         store,
         hub: hub::Hub::default(),
         shutdown: shutdown.clone(),
@@ -119,6 +123,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     });
     tracker.spawn(health::health_worker(ctx.clone()));
     tracker.spawn(health::retention_worker(ctx.clone(), config.retention_every));
+    tracker.spawn(relay::relay_worker(ctx.clone()));
     let incoming = tls::incoming(listener, tls, shutdown.clone(), &tracker);
     let replication =
         tern_proto::replication_server::ReplicationServer::new(replication::ReplicationService {

@@ -108,7 +108,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             let known = store.catalog().has_vm(&vm2)?;
             if known {
                 let state = store.vm_state(&vm2)?;
-                if state != "protected" {
+                if state != "protected" && state != "reprotected" {
                     return Ok(Err(state));
                 }
             }
@@ -119,40 +119,55 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                 h.journal().sync()?;
             }
             let policy = store.catalog().policy(&vm2)?;
-            Ok::<_, tern_store::StoreError>(Ok((hs, policy)))
+            let reprotect = store.catalog().reprotect(&vm2)?;
+            let reprotect = reprotect.filter(|_| store.vm_state(&vm2).is_ok_and(|s| s == "reprotected"));
+            Ok::<_, tern_store::StoreError>(Ok((hs, policy, reprotect)))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(store_status)?;
-        let (handles, policy) = registered.map_err(|state| {
+        let (handles, policy, reprotect) = registered.map_err(|state| {
             warn!(vm = %vm, state = %state, "agent refused: the VM no longer replicates from this source");
             Status::failed_precondition(format!(
                 "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down"
             ))
         })?;
-        // An agent without a valid hash map of our copy gets our block hashes: a delta sync.
-        let hashes_follow: Vec<Arc<DiskHandle>> = handles
+        // An agent without a valid hash map of the receiver's copy gets the receiver's block
+        // hashes: a delta sync. Reprotected, the receiver is the master target's disk: its
+        // hashes (original location), zeroes (a new alternate disk), or none with
+        // --sync during (everything is sent at failback).
+        let hashes_follow: Vec<(Arc<DiskHandle>, HashSource)> = handles
             .iter()
-            .filter(|h| {
+            .filter_map(|h| {
                 let durable = h.journal().durable().0;
                 let valid =
-                    agent_states.get(&h.name).is_some_and(|(g, s)| g == &h.generation && *s <= durable);
-                durable > 0 && !valid
+                    agent_states.get(&h.name).is_some_and(|(g, s)| *g == h.generation() && *s <= durable);
+                if valid {
+                    return None;
+                }
+                match &reprotect {
+                    Some(r) if r.sync == "during" && !r.alternate => None,
+                    Some(r) if r.alternate => Some((h.clone(), HashSource::Zeroes)),
+                    Some(r) => Some((h.clone(), HashSource::MasterTarget(r.master_target.clone()))),
+                    None if durable > 0 => Some((h.clone(), HashSource::Local)),
+                    None => None,
+                }
             })
-            .cloned()
             .collect();
+        let mut agent_policy = crate::admin::agent_policy(&policy);
+        agent_policy.hold = reprotect.as_ref().is_some_and(|r| r.sync == "during");
         let welcome = Welcome {
-            hashes_follow: hashes_follow.iter().map(|h| h.name.to_string()).collect(),
+            hashes_follow: hashes_follow.iter().map(|(h, _)| h.name.to_string()).collect(),
             disks: handles
                 .iter()
                 .map(|h| DiskState {
                     name: h.name.to_string(),
                     durable_seq: h.journal().durable().0,
-                    generation: h.generation.clone(),
+                    generation: h.generation(),
                 })
                 .collect(),
             interval_ms: 0,
-            policy: Some(crate::admin::agent_policy(&policy)),
+            policy: Some(agent_policy),
         };
         let (out_tx, out_rx) = mpsc::channel(64);
         out_tx
@@ -183,10 +198,10 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         }
         let ctx2 = ctx.clone();
         ctx.tracker.spawn(async move {
-            for h in hashes_follow {
-                if let Err(e) = send_hashes(&ctx2, &h, &out_tx).await {
-                    warn!(vm = %vm, disk = %h.name, error = %e, "cannot send block hashes; the session ends");
-                    let _ = out_tx.send(Err(store_status(e))).await;
+            for (h, source) in hashes_follow {
+                if let Err(e) = send_hashes(&ctx2, &h, source, &out_tx).await {
+                    warn!(vm = %vm, disk = %h.name, error = %e.message(), "cannot send block hashes; the session ends");
+                    let _ = out_tx.send(Err(e)).await;
                     ctx2.hub.detach(&vm, session);
                     return;
                 }
@@ -265,33 +280,84 @@ async fn run_session(
     let _ = writer.await;
 }
 
-/// Streams the block hashes of our copy of `h` at its durable position to the agent.
+/// Whose copy of a disk the agent compares with.
+#[derive(Debug, Clone)]
+enum HashSource {
+    /// This server's copy, at its durable position.
+    Local,
+    /// A new, all-zero disk.
+    Zeroes,
+    /// The master target's target disk (reprotect to the original location).
+    MasterTarget(String),
+}
+
+/// Streams the block hashes of the receiver's copy of `h` to the agent.
 async fn send_hashes(
     ctx: &Arc<Ctx>,
     h: &Arc<DiskHandle>,
+    source: HashSource,
     out: &crate::hub::Outbound,
-) -> Result<(), tern_store::StoreError> {
+) -> Result<(), Status> {
     let started = std::time::Instant::now();
-    let (h2, out2, scratch) = (h.clone(), out.clone(), ctx.data_dir.join("tmp"));
-    tokio::task::spawn_blocking(move || {
-        let upto = h2.journal().durable();
-        let blocks = tern_core::blocks::block_count(h2.size);
-        tern_store::materialize::hash_disk(&h2, &scratch, upto, &mut |first, chunk| {
-            let mut table = Vec::with_capacity(chunk.len() * 32 * 17);
-            for b in chunk {
-                table.extend_from_slice(&b.block.0);
-                for p in &b.pages {
-                    table.extend_from_slice(&p.0);
-                }
+    let blocks = tern_core::blocks::block_count(h.size);
+    match source {
+        HashSource::MasterTarget(url) => {
+            let mut mt = crate::relay::master_target(ctx, &url).await?;
+            let mut stream = mt
+                .hashes(tern_proto::HashesRequest { vm: h.vm.to_string(), disk: h.name.to_string() })
+                .await?
+                .into_inner();
+            while let Some(chunk) = stream.message().await? {
+                out.send(msg(server_message::Msg::BlockHashes(chunk)))
+                    .await
+                    .map_err(|_| Status::cancelled("agent went away"))?;
             }
-            let last = first + chunk.len() as u64 >= blocks;
-            let hashes =
-                tern_proto::BlockHashes { disk: h2.name.to_string(), first_block: first, table, last };
-            out2.blocking_send(msg(server_message::Msg::BlockHashes(hashes))).is_ok()
-        })
-    })
-    .await
-    .map_err(|_| tern_store::StoreError::Invariant("hashing task panicked"))??;
+        }
+        HashSource::Zeroes | HashSource::Local => {
+            let (h2, out2, scratch) = (h.clone(), out.clone(), ctx.data_dir.join("tmp"));
+            let zeroes = matches!(source, HashSource::Zeroes);
+            tokio::task::spawn_blocking(move || {
+                let mut emit = |first: u64, chunk: &[tern_core::blocks::BlockHashes]| {
+                    let mut table = Vec::with_capacity(chunk.len() * 32 * 17);
+                    for b in chunk {
+                        table.extend_from_slice(&b.block.0);
+                        for p in &b.pages {
+                            table.extend_from_slice(&p.0);
+                        }
+                    }
+                    let last = first + chunk.len() as u64 >= blocks;
+                    let hashes = tern_proto::BlockHashes {
+                        disk: h2.name.to_string(),
+                        first_block: first,
+                        table,
+                        last,
+                    };
+                    out2.blocking_send(msg(server_message::Msg::BlockHashes(hashes))).is_ok()
+                };
+                if zeroes {
+                    let per = tern_store::materialize::HASHES_PER_CHUNK as u64;
+                    let mut first = 0;
+                    while first < blocks {
+                        let n = per.min(blocks - first);
+                        let chunk: Vec<_> = (first..first + n)
+                            .map(|i| tern_core::blocks::zero_block(tern_core::blocks::block_len(h2.size, i)))
+                            .collect();
+                        if !emit(first, &chunk) {
+                            break;
+                        }
+                        first += n;
+                    }
+                    Ok(())
+                } else {
+                    let upto = h2.journal().durable();
+                    tern_store::materialize::hash_disk(&h2, &scratch, upto, &mut emit)
+                }
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)?;
+        }
+    }
     info!(vm = %h.vm, disk = %h.name, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "block hashes sent for a delta sync");
     Ok(())

@@ -8,6 +8,8 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod tls;
+
 use std::time::Duration;
 use tern_core::pki::Bundle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};

@@ -19,6 +19,19 @@ pub struct DiskRow {
     pub generation: String,
     /// Records up to this seq are applied to the base image.
     pub base_seq: Seq,
+    /// The base image is this outside file (a master target's target disk).
+    pub base_path: Option<std::path::PathBuf>,
+}
+
+/// Where a reprotected VM fails back to.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReprotectRow {
+    pub master_target: String,
+    pub alternate: bool,
+    /// "before" or "during".
+    pub sync: String,
+    /// (disk, path on the master target)
+    pub disks: Vec<(String, String)>,
 }
 
 /// A VM's replication policy.
@@ -134,6 +147,13 @@ CREATE TABLE IF NOT EXISTS failovers (
     format TEXT NOT NULL,
     files TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reprotects (
+    vm TEXT PRIMARY KEY REFERENCES vms(name),
+    master_target TEXT NOT NULL,
+    alternate INTEGER NOT NULL,
+    sync TEXT NOT NULL,
+    disks TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -152,6 +172,7 @@ CREATE TABLE IF NOT EXISTS disks (
     size INTEGER NOT NULL,
     generation TEXT NOT NULL,
     base_seq INTEGER NOT NULL DEFAULT 0,
+    base_path TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (vm, name)
 );
 CREATE TABLE IF NOT EXISTS points (
@@ -226,22 +247,31 @@ impl Catalog {
     pub fn disks(&self, vm: &VmName) -> Result<Vec<DiskRow>, StoreError> {
         let mut st = self
             .db
-            .prepare("SELECT name, size, generation, base_seq FROM disks WHERE vm = ?1 ORDER BY name")
+            .prepare(
+                "SELECT name, size, generation, base_seq, base_path FROM disks WHERE vm = ?1 ORDER BY name",
+            )
             .map_err(q("list disks"))?;
         let rows = st
             .query_map([vm.as_str()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
             })
             .map_err(q("list disks"))?;
         let mut out = Vec::new();
         for r in rows {
-            let (name, size, generation, base) = r.map_err(q("list disks"))?;
+            let (name, size, generation, base, base_path) = r.map_err(q("list disks"))?;
             if let Ok(name) = DiskName::new(&name) {
                 out.push(DiskRow {
                     name,
                     size: u64::try_from(size).unwrap_or(0),
                     generation,
                     base_seq: Seq(u64::try_from(base).unwrap_or(0)),
+                    base_path: (!base_path.is_empty()).then(|| std::path::PathBuf::from(base_path)),
                 });
             }
         }
@@ -251,10 +281,87 @@ impl Catalog {
     pub fn add_disk(&self, vm: &VmName, disk: &DiskRow) -> Result<(), StoreError> {
         self.db
             .execute(
-                "INSERT INTO disks (vm, name, size, generation) VALUES (?1, ?2, ?3, ?4)",
-                params![vm.as_str(), disk.name.as_str(), i64_of(disk.size), disk.generation],
+                "INSERT INTO disks (vm, name, size, generation, base_path, base_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    vm.as_str(),
+                    disk.name.as_str(),
+                    i64_of(disk.size),
+                    disk.generation,
+                    disk.base_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                    i64_of(disk.base_seq.0)
+                ],
             )
             .map_err(q("add disk"))?;
+        Ok(())
+    }
+
+    pub fn set_generation(&self, vm: &VmName, disk: &DiskName, generation: &str) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "UPDATE disks SET generation = ?3 WHERE vm = ?1 AND name = ?2",
+                params![vm.as_str(), disk.as_str(), generation],
+            )
+            .map_err(q("start a new epoch"))?;
+        Ok(())
+    }
+
+    pub fn reprotect(&self, vm: &VmName) -> Result<Option<ReprotectRow>, StoreError> {
+        self.db
+            .query_row(
+                "SELECT master_target, alternate, sync, disks FROM reprotects WHERE vm = ?1",
+                [vm.as_str()],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(q("look up reprotect"))
+            .map(|row| {
+                row.map(|(master_target, alternate, sync, disks)| ReprotectRow {
+                    master_target,
+                    alternate: alternate != 0,
+                    sync,
+                    disks: serde_json::from_str(&disks).unwrap_or_default(),
+                })
+            })
+    }
+
+    pub fn put_reprotect(&self, vm: &VmName, r: &ReprotectRow) -> Result<(), StoreError> {
+        let disks = serde_json::to_string(&r.disks).unwrap_or_else(|_| "[]".into());
+        self.db
+            .execute(
+                "INSERT INTO reprotects (vm, master_target, alternate, sync, disks) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(vm) DO UPDATE SET master_target = ?2, alternate = ?3, sync = ?4, disks = ?5",
+                params![vm.as_str(), r.master_target, i64::from(r.alternate), r.sync, disks],
+            )
+            .map_err(q("record reprotect"))?;
+        Ok(())
+    }
+
+    pub fn delete_reprotect(&self, vm: &VmName) -> Result<(), StoreError> {
+        self.db.execute("DELETE FROM reprotects WHERE vm = ?1", [vm.as_str()]).map_err(q("end reprotect"))?;
+        Ok(())
+    }
+
+    /// Removes every row of a VM.
+    pub fn forget_vm(&self, vm: &VmName) -> Result<(), StoreError> {
+        for sql in [
+            "DELETE FROM point_disks WHERE point IN (SELECT id FROM points WHERE vm = ?1)",
+            "DELETE FROM points WHERE vm = ?1",
+            "DELETE FROM disks WHERE vm = ?1",
+            "DELETE FROM policies WHERE vm = ?1",
+            "DELETE FROM test_failovers WHERE vm = ?1",
+            "DELETE FROM failovers WHERE vm = ?1",
+            "DELETE FROM reprotects WHERE vm = ?1",
+            "DELETE FROM vms WHERE name = ?1",
+        ] {
+            self.db.execute(sql, [vm.as_str()]).map_err(q("forget VM"))?;
+        }
         Ok(())
     }
 

@@ -116,7 +116,7 @@ pub struct DiskHandle {
     pub name: DiskName,
     pub size: u64,
     /// Identifies this copy of the disk; a sender's state is only valid for it.
-    pub generation: String,
+    generation: Mutex<String>,
     pub base_path: PathBuf,
     pub journal: Mutex<Journal>,
     /// Records up to this seq are in the base image.
@@ -129,6 +129,12 @@ pub struct DiskHandle {
 impl DiskHandle {
     pub fn journal(&self) -> MutexGuard<'_, Journal> {
         self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Identifies this copy of the disk and its replication epoch; a sender's saved state
+    /// is only valid for the same generation.
+    pub fn generation(&self) -> String {
+        self.generation.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn base_seq(&self) -> Seq {
@@ -304,6 +310,7 @@ impl Store {
                 size: *size,
                 generation: new_generation(vm, name),
                 base_seq: Seq(0),
+                base_path: None,
             };
             let dir = disk_dir(&self.root, vm, name);
             create_dir_durable(&dir)?;
@@ -318,6 +325,67 @@ impl Store {
             out.push(handle);
         }
         Ok(out)
+    }
+
+    /// Registers disks whose base image is a given file (a master target's target disks).
+    /// A known disk keeps its registration.
+    /// `start_after`: the records that will arrive are numbered after it.
+    pub fn register_on(
+        &self,
+        vm: &VmName,
+        disks: &[(DiskName, u64, PathBuf, Seq)],
+    ) -> Result<(), StoreError> {
+        let catalog = self.catalog();
+        let mut map = self.disk_map();
+        catalog.add_vm(vm, now_ms())?;
+        for (name, size, base, start_after) in disks {
+            if map.contains_key(&(vm.clone(), name.clone())) {
+                continue;
+            }
+            let row = catalog::DiskRow {
+                name: name.clone(),
+                size: *size,
+                generation: new_generation(vm, name),
+                base_seq: *start_after,
+                base_path: Some(base.clone()),
+            };
+            create_dir_durable(&disk_dir(&self.root, vm, name))?;
+            catalog.add_disk(vm, &row)?;
+            let handle = Arc::new(open_disk(&self.root, vm, row, self.options)?);
+            map.insert((vm.clone(), name.clone()), handle);
+        }
+        Ok(())
+    }
+
+    /// Forgets a VM: its journals, catalog rows and, unless the base is an outside file,
+    /// its base images.
+    pub fn forget(&self, vm: &VmName) -> Result<(), StoreError> {
+        let handles = self.vm_disks(vm);
+        let catalog = self.catalog();
+        catalog.forget_vm(vm)?;
+        self.disk_map().retain(|(v, _), _| v != vm);
+        drop(catalog);
+        for h in handles {
+            h.journal().delete_all()?;
+        }
+        let dir = self.root.join("vms").join(vm.as_str());
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+            durable::sync_dir(&self.root.join("vms"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new replication epoch for every disk of `vm`: senders' saved states no
+    /// longer count, so the next sync of each disk is a delta sync.
+    pub fn new_epoch(&self, vm: &VmName) -> Result<(), StoreError> {
+        let catalog = self.catalog();
+        for h in self.vm_disks(vm) {
+            let g = new_generation(vm, &h.name);
+            catalog.set_generation(vm, &h.name, &g)?;
+            *h.generation.lock().unwrap_or_else(|p| p.into_inner()) = g;
+        }
+        Ok(())
     }
 
     pub fn disk(&self, vm: &VmName, disk: &DiskName) -> Option<Arc<DiskHandle>> {
@@ -573,8 +641,8 @@ fn open_disk(
         vm: vm.clone(),
         name: row.name,
         size: row.size,
-        generation: row.generation,
-        base_path: dir.join("base.img"),
+        generation: Mutex::new(row.generation),
+        base_path: row.base_path.clone().unwrap_or_else(|| dir.join("base.img")),
         journal: Mutex::new(journal),
         base_seq: Mutex::new(row.base_seq),
         retention: std::sync::RwLock::new(()),

@@ -337,3 +337,73 @@ pub fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A master target on loopback.
+pub struct MasterTarget {
+    pub data: PathBuf,
+    pub identity: PathBuf,
+    pub port: u16,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl MasterTarget {
+    pub fn start(server: &Server, root: &Path, name: &str) -> MasterTarget {
+        let identity = root.join(format!("{name}.bundle"));
+        server.drctl_json(&["enroll", "master-target", "--name", name, "--out", identity.to_str().unwrap()]);
+        let mut mt = MasterTarget {
+            data: root.join(name),
+            identity,
+            port: 0,
+            child: None,
+            log: root.join(format!("{name}.log")),
+        };
+        mt.restart();
+        mt
+    }
+
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut child = Command::new(bin("master-target"))
+            .args(["serve", "--data-dir"])
+            .arg(&self.data)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--identity"])
+            .arg(&self.identity)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
+        self.port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts again on the port it had, so the process server's record of it stays right.
+    pub fn restart_same_port(&mut self) {
+        self.restart();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for MasterTarget {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

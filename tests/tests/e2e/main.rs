@@ -3,6 +3,7 @@
 
 mod auth;
 mod crash;
+mod failback;
 mod harness;
 mod lifecycle;
 mod protect;

@@ -1,0 +1,410 @@
+//! tern-master-target: the primary site's end of failback. It receives the stream the
+//! process server relays from the recovered VM, keeps it in a journal (the same store as
+//! the process server's) whose base image is the on-premises target disk itself, and on
+//! failback applies the final point onto that disk and checks its fingerprint.
+//! Only the process server (role `server`) may call it.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_core::codec::Decoder;
+use tern_core::pki::{Bundle, Role, role_of};
+use tern_core::{Digest, DiskName, Seq, VmName};
+use tern_proto as pb;
+use tern_store::format::RecordKind;
+use tern_store::{Record, Store, StoreError, journal::verify_record};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub identity: Bundle,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    store: Arc<Store>,
+    data_dir: PathBuf,
+}
+
+fn status(e: StoreError) -> Status {
+    match e {
+        StoreError::UnknownVm(_) | StoreError::UnknownDisk { .. } => Status::not_found(e.to_string()),
+        StoreError::SeqGap { .. } => Status::out_of_range(e.to_string()),
+        StoreError::FingerprintMismatch { .. }
+        | StoreError::SegmentCorrupt { .. }
+        | StoreError::JournalRecordBad { .. } => Status::data_loss(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
+    }
+}
+
+fn require_server<T>(req: &Request<T>, call: &str) -> Result<(), Status> {
+    let certs =
+        req.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certs.first().ok_or_else(|| Status::unauthenticated("empty certificate chain"))?;
+    match role_of(leaf) {
+        Ok(Role::Server) => Ok(()),
+        Ok(other) => {
+            warn!(call, identity = %other, "refused: only the process server may call the master target");
+            Err(Status::permission_denied(format!(
+                "only the process server may call the master target; this certificate is for the {other}"
+            )))
+        }
+        Err(e) => Err(Status::permission_denied(format!("client certificate refused: {e}"))),
+    }
+}
+
+fn vm_arg(s: &str) -> Result<VmName, Status> {
+    VmName::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))
+}
+
+/// Size of a file or block device.
+fn target_size(path: &std::path::Path) -> std::io::Result<u64> {
+    let f = std::fs::File::open(path)?;
+    let m = f.metadata()?;
+    if m.file_type().is_file() {
+        Ok(m.len())
+    } else {
+        rustix::fs::seek(&f, rustix::fs::SeekFrom::End(0)).map_err(std::io::Error::from)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct MasterTargetService {
+    ctx: Arc<Ctx>,
+}
+
+type HashStream = Pin<Box<dyn Stream<Item = Result<pb::BlockHashes, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::master_target_server::MasterTarget for MasterTargetService {
+    async fn prepare(&self, req: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareReply>, Status> {
+        require_server(&req, "Prepare")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        let mut disks = Vec::new();
+        for d in &r.disks {
+            let name = DiskName::new(&d.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let path = PathBuf::from(&d.path);
+            if !path.is_absolute() {
+                return Err(Status::invalid_argument(format!(
+                    "target disk {name}: {} is not an absolute path",
+                    d.path
+                )));
+            }
+            if let Some(h) = self.ctx.store.disk(&vm, &name) {
+                if h.base_path != path || h.size != d.size {
+                    return Err(Status::failed_precondition(format!(
+                        "VM {vm} disk {name} is already prepared here for {}",
+                        h.base_path.display()
+                    )));
+                }
+                continue;
+            }
+            if d.alternate {
+                if path.exists() {
+                    return Err(Status::failed_precondition(format!(
+                        "target disk {name}: {} already exists; an alternate location must be a new file",
+                        path.display()
+                    )));
+                }
+            } else {
+                let size = target_size(&path).map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "target disk {name}: cannot open {} on the master target: {e}; for a new disk use --location alternate",
+                        path.display()
+                    ))
+                })?;
+                if size != d.size {
+                    return Err(Status::failed_precondition(format!(
+                        "target disk {name}: {} is {size} bytes but the VM's disk is {} bytes; give the original disk or one of the same size",
+                        path.display(),
+                        d.size
+                    )));
+                }
+            }
+            disks.push((name, d.size, path, d.alternate, Seq(d.start_after)));
+        }
+        let store = self.ctx.store.clone();
+        let v = vm.clone();
+        blocking(move || {
+            for (_, size, path, alternate, _) in &disks {
+                if *alternate {
+                    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+                    f.set_len(*size)?;
+                    f.sync_all()?;
+                    if let Some(dir) = path.parent() {
+                        std::fs::File::open(dir)?.sync_all()?;
+                    }
+                }
+            }
+            let list: Vec<_> = disks.iter().map(|(n, s, p, _, a)| (n.clone(), *s, p.clone(), *a)).collect();
+            store.register_on(&v, &list).map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .await?
+        .map_err(|e| Status::failed_precondition(format!("cannot prepare the target disks: {e}")))?;
+        info!(vm = %vm, disks = r.disks.len(), "target disks prepared");
+        Ok(Response::new(pb::PrepareReply {}))
+    }
+
+    type HashesStream = HashStream;
+
+    async fn hashes(&self, req: Request<pb::HashesRequest>) -> Result<Response<HashStream>, Status> {
+        require_server(&req, "Hashes")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        let name = DiskName::new(&r.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let h = self
+            .ctx
+            .store
+            .disk(&vm, &name)
+            .ok_or_else(|| Status::not_found(format!("VM {vm} disk {name} is not prepared here")))?;
+        let (tx, rx) = mpsc::channel(4);
+        let scratch = self.ctx.data_dir.join("tmp");
+        tokio::task::spawn_blocking(move || {
+            let blocks = tern_core::blocks::block_count(h.size);
+            let upto = h.journal().durable();
+            let name = h.name.to_string();
+            let r = tern_store::materialize::hash_disk(&h, &scratch, upto, &mut |first, chunk| {
+                let mut table = Vec::with_capacity(chunk.len() * 32 * 17);
+                for b in chunk {
+                    table.extend_from_slice(&b.block.0);
+                    for p in &b.pages {
+                        table.extend_from_slice(&p.0);
+                    }
+                }
+                let last = first + chunk.len() as u64 >= blocks;
+                tx.blocking_send(Ok(pb::BlockHashes { disk: name.clone(), first_block: first, table, last }))
+                    .is_ok()
+            });
+            if let Err(e) = r {
+                let _ = tx.blocking_send(Err(status(e)));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyReply>, Status> {
+        require_server(&req, "Apply")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        let mut out = Vec::new();
+        for d in r.disks {
+            let name = DiskName::new(&d.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let h = self
+                .ctx
+                .store
+                .disk(&vm, &name)
+                .ok_or_else(|| Status::not_found(format!("VM {vm} disk {name} is not prepared here")))?;
+            let expected = Digest::from_slice(&d.fingerprint)
+                .ok_or_else(|| Status::invalid_argument("fingerprint is not 32 bytes"))?;
+            let seq = Seq(d.seq);
+            if h.journal().durable() < seq {
+                return Err(Status::failed_precondition(format!(
+                    "disk {name}: only seq {} of {seq} has arrived; the process server is still relaying",
+                    h.journal().durable()
+                )));
+            }
+            let store = self.ctx.store.clone();
+            let started = std::time::Instant::now();
+            let (content, fingerprint) = blocking(move || {
+                store.advance_base(&h, seq)?;
+                let f = std::fs::File::open(&h.base_path)
+                    .map_err(|e| StoreError::Io { path: h.base_path.display().to_string(), source: e })?;
+                tern_store::materialize::hash_output(&f, h.size, &h.base_path)
+            })
+            .await?
+            .map_err(status)?;
+            if fingerprint != expected {
+                return Err(Status::data_loss(format!(
+                    "disk {name}: after the apply the target disk's fingerprint is {fingerprint}, the point's is {expected}"
+                )));
+            }
+            info!(vm = %vm, disk = %name, seq = %seq, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
+                "point applied onto the target disk and verified");
+            out.push(content.to_hex());
+        }
+        Ok(Response::new(pb::ApplyReply { blake3: out }))
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseReply>, Status> {
+        require_server(&req, "Release")?;
+        let vm = vm_arg(&req.into_inner().vm)?;
+        let store = self.ctx.store.clone();
+        let v = vm.clone();
+        blocking(move || store.forget(&v)).await?.map_err(status)?;
+        info!(vm = %vm, "failback journal released");
+        Ok(Response::new(pb::ReleaseReply {}))
+    }
+}
+
+/// The relayed stream: the process server sends, records land in the journal, acks go back.
+#[derive(Debug, Clone)]
+struct RelayService {
+    ctx: Arc<Ctx>,
+}
+
+type Outbound = mpsc::Sender<Result<pb::ServerMessage, Status>>;
+
+fn msg(m: pb::server_message::Msg) -> Result<pb::ServerMessage, Status> {
+    Ok(pb::ServerMessage { msg: Some(m) })
+}
+
+#[tonic::async_trait]
+impl pb::replication_server::Replication for RelayService {
+    type ReplicateStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+
+    async fn replicate(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        require_server(&req, "Replicate")?;
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(h)) }) => h,
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        let vm = vm_arg(&hello.vm)?;
+        let disks = self.ctx.store.vm_disks(&vm);
+        if disks.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "VM {vm} is not prepared on this master target"
+            )));
+        }
+        let welcome = pb::Welcome {
+            disks: disks
+                .iter()
+                .map(|h| {
+                    let mut j = h.journal();
+                    let _ = j.sync();
+                    pb::DiskState {
+                        name: h.name.to_string(),
+                        durable_seq: j.durable().0,
+                        generation: h.generation(),
+                    }
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(msg(pb::server_message::Msg::Welcome(welcome)))
+            .await
+            .map_err(|_| Status::cancelled("gone"))?;
+        let store = self.ctx.store.clone();
+        tokio::spawn(async move {
+            let mut dec_slot = Some(Decoder::new());
+            loop {
+                let m = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        info!(vm = %vm, error = %e.message(), "relay stream closed");
+                        break;
+                    }
+                };
+                let Some(pb::agent_message::Msg::Batch(b)) = m.msg else { continue };
+                let mut dec = dec_slot.take().unwrap_or_default();
+                let res = ingest(&store, &vm, b, &mut dec, &tx).await;
+                dec_slot = Some(dec);
+                if let Err(s) = res {
+                    warn!(vm = %vm, error = %s.message(), "relayed batch refused");
+                    let _ = tx.send(Err(s)).await;
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn ingest(
+    store: &Arc<Store>,
+    vm: &VmName,
+    b: pb::Batch,
+    dec: &mut Decoder,
+    out: &Outbound,
+) -> Result<(), Status> {
+    let name = DiskName::new(&b.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let h = store.disk(vm, &name).ok_or_else(|| Status::invalid_argument(format!("unknown disk {name}")))?;
+    let mut records = Vec::with_capacity(b.records.len());
+    for r in b.records {
+        let kind = if r.kind == pb::RecordKind::Zero as i32 { RecordKind::Zero } else { RecordKind::Write };
+        let digest = if kind == RecordKind::Zero {
+            Digest::ZERO
+        } else {
+            Digest::from_slice(&r.digest).ok_or_else(|| Status::invalid_argument("digest is not 32 bytes"))?
+        };
+        records.push(Record {
+            kind,
+            offset: r.offset,
+            length: r.length,
+            digest,
+            compressed: r.compression == pb::Compression::Zstd as i32,
+            payload: r.payload,
+        });
+    }
+    let first = Seq(b.first_seq);
+    let mut d = std::mem::take(dec);
+    let (d, durable) = blocking(move || {
+        for (i, r) in records.iter().enumerate() {
+            if let Err(p) = verify_record(&mut d, h.size, r) {
+                return (
+                    d,
+                    Err(Status::data_loss(format!("disk {} seq {}: {p}", h.name, first.0 + i as u64))),
+                );
+            }
+        }
+        let mut j = h.journal();
+        let res = j.append(first, &records).and_then(|_| j.sync()).map_err(status);
+        (d, res)
+    })
+    .await?;
+    *dec = d;
+    let durable = durable?;
+    let _ = out.try_send(msg(pb::server_message::Msg::Ack(pb::Ack {
+        disk: name.to_string(),
+        durable_seq: durable.0,
+    })));
+    Ok(())
+}
+
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tls = tern_proto::tls::server_config(
+        &config.identity.ca_pem,
+        &config.identity.cert_pem,
+        &config.identity.key_pem,
+    )?;
+    let dir = config.data_dir.clone();
+    let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&dir)).await??);
+    let ctx = Arc::new(Ctx { store, data_dir: config.data_dir.clone() });
+    let tracker = TaskTracker::new();
+    let incoming = tern_proto::tls::incoming(listener, tls, shutdown.clone(), &tracker);
+    info!(data_dir = %config.data_dir.display(), "master target ready");
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(pb::master_target_server::MasterTargetServer::new(MasterTargetService {
+            ctx: ctx.clone(),
+        }))
+        .add_service(
+            pb::replication_server::ReplicationServer::new(RelayService { ctx })
+                .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(pb::MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown.cancelled())
+        .await?;
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+    Ok(())
+}

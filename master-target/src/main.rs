@@ -1,0 +1,70 @@
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use tern_core::pki::{Bundle, Role};
+use tokio_util::sync::CancellationToken;
+
+/// tern master target: receives the failback stream at the primary site and applies it
+/// onto the on-premises disks.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve the process server's relayed failback stream.
+    Serve {
+        /// Journal and catalog of the failback stream.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Address to listen on (port 0 picks a free port and prints it).
+        #[arg(long)]
+        listen: String,
+        /// Identity from `drctl enroll master-target --name NAME --out FILE`.
+        #[arg(long)]
+        identity: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Cmd::Serve { data_dir, listen, identity } = Cli::parse().cmd;
+    let bundle =
+        Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
+    match bundle.role()? {
+        Role::MasterTarget(_) => {}
+        other => bail!(
+            "{} is the identity of the {other}; enroll one with `drctl enroll master-target --name NAME --out FILE`",
+            identity.display()
+        ),
+    }
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        println!("listening on {}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            s.cancel();
+        });
+        tern_master_target::run(tern_master_target::Config { data_dir, identity: bundle }, listener, shutdown).await
+    })
+}

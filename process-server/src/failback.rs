@@ -1,0 +1,253 @@
+//! The way back: reprotect to a master target, fail back, and re-enable replication from
+//! the primary site.
+
+use crate::admin::{blocking, point_info, vm_arg};
+use crate::relay::master_target;
+use crate::{Ctx, store_status};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_core::pki::Role;
+use tern_core::{DiskName, PointId, VmName};
+use tern_proto as pb;
+use tern_store::PointSpec;
+use tern_store::catalog::{Policy, ReprotectRow};
+use tonic::Status;
+use tracing::{info, warn};
+
+/// The failback policy: made at reprotect, not editable.
+pub fn failback_policy() -> Policy {
+    Policy {
+        retention_ms: 24 * 3_600_000,
+        crash_interval_ms: 5 * 60_000,
+        app_interval_ms: 60 * 60_000,
+        rpo_threshold_ms: 15 * 60_000,
+    }
+}
+
+async fn state_of(ctx: &Arc<Ctx>, vm: &VmName) -> Result<String, Status> {
+    let store = ctx.store.clone();
+    let v = vm.clone();
+    blocking(move || store.vm_state(&v)).await?.map_err(store_status)
+}
+
+pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::ReprotectReply, Status> {
+    let vm = vm_arg(&r.vm)?;
+    let state = state_of(ctx, &vm).await?;
+    if state != "failover-committed" {
+        return Err(Status::failed_precondition(format!(
+            "VM {vm} is {state}; reprotect needs a committed failover (`drctl failover`, then `drctl commit`)"
+        )));
+    }
+    let sync = if r.sync.is_empty() { "before".to_string() } else { r.sync.clone() };
+    if sync != "before" && sync != "during" {
+        return Err(Status::invalid_argument(format!("--sync {sync:?}: use before or during")));
+    }
+    let handles = ctx.store.vm_disks(&vm);
+    let mut targets = Vec::new();
+    for t in &r.target_disks {
+        let (name, path) = t
+            .split_once('=')
+            .ok_or_else(|| Status::invalid_argument(format!("--target-disk {t:?}: write it as NAME=PATH")))?;
+        let name = DiskName::new(name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !handles.iter().any(|h| h.name == name) {
+            return Err(Status::invalid_argument(format!("VM {vm} has no disk {name}")));
+        }
+        if targets.iter().any(|(n, _)| *n == name) {
+            return Err(Status::invalid_argument(format!("disk {name} is named twice")));
+        }
+        targets.push((name, path.to_string()));
+    }
+    if let Some(h) = handles.iter().find(|h| !targets.iter().any(|(n, _)| *n == h.name)) {
+        return Err(Status::invalid_argument(format!(
+            "no --target-disk for disk {}: every disk of VM {vm} needs one",
+            h.name
+        )));
+    }
+    let mut mt = master_target(ctx, &r.master_target).await.map_err(|e| {
+        Status::unavailable(format!("cannot reach the master target at {}: {}", r.master_target, e.message()))
+    })?;
+    let disks = handles
+        .iter()
+        .map(|h| {
+            let path = targets.iter().find(|(n, _)| *n == h.name).map(|(_, p)| p.clone()).unwrap_or_default();
+            pb::TargetDisk {
+                name: h.name.to_string(),
+                size: h.size,
+                path,
+                alternate: r.alternate,
+                start_after: h.base_seq().0,
+            }
+        })
+        .collect();
+    mt.prepare(pb::PrepareRequest { vm: vm.to_string(), disks }).await?;
+    let row = ReprotectRow {
+        master_target: r.master_target.clone(),
+        alternate: r.alternate,
+        sync: sync.clone(),
+        disks: targets.iter().map(|(n, p)| (n.to_string(), p.clone())).collect(),
+    };
+    let store = ctx.store.clone();
+    let v = vm.clone();
+    blocking(move || {
+        let c = store.catalog();
+        c.put_reprotect(&v, &row)?;
+        c.set_policy(&v, &failback_policy())?;
+        drop(c);
+        store.new_epoch(&v)?;
+        store.catalog().set_vm_state(&v, "reprotected")
+    })
+    .await?
+    .map_err(store_status)?;
+    let bundle = crate::admin::issue_bundle(ctx, Role::Agent(vm.clone())).await?;
+    info!(vm = %vm, master_target = %r.master_target, alternate = r.alternate, sync = %sync, "reprotected");
+    Ok(pb::ReprotectReply { bundle })
+}
+
+pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<String, String> {
+    let state = state_of(ctx, &vm).await.map_err(|e| e.message().to_string())?;
+    if state != "reprotected" {
+        return Err(format!("VM {vm} is {state}; failback needs a reprotected VM"));
+    }
+    let row = ctx
+        .store
+        .catalog()
+        .reprotect(&vm)
+        .map_err(|e| e.to_string())?
+        .ok_or("the VM has no reprotect record")?;
+    job.phase("shutting down the recovered VM");
+    let rx = ctx.hub.request_shutdown(&vm).await.map_err(|e| {
+        format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
+    })?;
+    let point = match tokio::time::timeout(Duration::from_secs(600), rx).await {
+        Ok(Ok(Ok(p))) => p,
+        Ok(Ok(Err(reason))) => {
+            return Err(format!("the recovered VM was not shut down: {reason}; nothing changed"));
+        }
+        _ => return Err("the recovered VM's agent made no final point; nothing changed".into()),
+    };
+    job.phase("draining to the master target");
+    let total: u64 = point.disks.iter().map(|d| d.seq.0).sum();
+    loop {
+        let done: u64 = point.disks.iter().map(|d| ctx.relay.acked(&vm, &d.disk).0.min(d.seq.0)).sum();
+        job.progress(done, total);
+        if done >= total {
+            break;
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Err("the process server is stopping".into()),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    job.phase("applying the final point on the master target");
+    let request = pb::ApplyRequest { vm: vm.to_string(), disks: point_info(&point).disks };
+    let mut wait = Duration::from_millis(500);
+    let applied = loop {
+        let attempt = async {
+            let mut mt = master_target(ctx, &row.master_target).await?;
+            mt.apply(request.clone()).await.map(|r| r.into_inner())
+        }
+        .await;
+        match attempt {
+            Ok(r) => break r,
+            Err(e)
+                if matches!(
+                    e.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) =>
+            {
+                warn!(vm = %vm, error = %e.message(), "master target unavailable during the apply; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(format!("the master target refused the apply: {}", e.message())),
+        }
+    };
+    let store = ctx.store.clone();
+    let v = vm.clone();
+    blocking(move || store.catalog().set_vm_state(&v, "failed-back"))
+        .await
+        .map_err(|e| e.message().to_string())?
+        .map_err(|e| e.to_string())?;
+    ctx.hub.stand_down(&vm, "the VM failed back").await;
+    info!(vm = %vm, point = %point.id, "failed back");
+    let disks: Vec<String> = point
+        .disks
+        .iter()
+        .zip(&applied.blake3)
+        .map(|(d, b)| {
+            let path =
+                row.disks.iter().find(|(n, _)| n == d.disk.as_str()).map(|(_, p)| p.as_str()).unwrap_or("");
+            format!("{{\"name\":\"{}\",\"file\":\"{}\",\"blake3\":\"{}\"}}", d.disk, path, b)
+        })
+        .collect();
+    Ok(format!(
+        "{{\"vm\":\"{vm}\",\"point\":{},\"time\":\"{}\",\"consistency\":\"{}\",\"disks\":[{}]}}",
+        point.id,
+        tern_store::rfc3339(point.time_ms),
+        point.consistency.as_str(),
+        disks.join(",")
+    ))
+}
+
+/// After a failback: the master target's journal and the failover's output go; the
+/// primary site runs the VM again.
+pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Status> {
+    let row = ctx
+        .store
+        .catalog()
+        .reprotect(vm)
+        .map_err(store_status)?
+        .ok_or_else(|| Status::internal("no reprotect record"))?;
+    let mut mt = master_target(ctx, &row.master_target).await.map_err(|e| {
+        Status::unavailable(format!(
+            "cannot reach the master target at {} to release its journal: {}; retry",
+            row.master_target,
+            e.message()
+        ))
+    })?;
+    mt.release(pb::ReleaseRequest { vm: vm.to_string() }).await?;
+    let store = ctx.store.clone();
+    let v = vm.clone();
+    blocking(move || {
+        let last = store.resolve_point(&v, &PointSpec::LatestProcessed).map(|p| p.id).unwrap_or(PointId(0));
+        let mut c = store.catalog();
+        if let Some(f) = c.failover(&v)? {
+            for file in f.files.iter().chain(std::iter::once(&format!("{}/vm.json", f.output))) {
+                if let Err(e) = std::fs::remove_file(file)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    warn!(file = %file, error = %e, "cannot remove a failover output file");
+                }
+            }
+            let _ = std::fs::remove_dir(&f.output);
+        }
+        let ids: Vec<PointId> = c.points(&v)?.iter().map(|p| p.id).collect();
+        c.delete_points(&ids)?;
+        c.delete_reprotect(&v)?;
+        c.delete_failover(&v)?;
+        c.set_vm_state(&v, "failback-committed")?;
+        Ok::<_, tern_store::StoreError>(last)
+    })
+    .await?
+    .map_err(store_status)
+}
+
+pub async fn reverse_replicate(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
+    let state = state_of(ctx, vm).await?;
+    if state != "failback-committed" {
+        return Err(Status::failed_precondition(format!(
+            "VM {vm} is {state}; reverse replication follows a committed failback"
+        )));
+    }
+    let store = ctx.store.clone();
+    let v = vm.clone();
+    blocking(move || {
+        store.catalog().set_policy(&v, &Policy::default())?;
+        store.new_epoch(&v)?;
+        store.catalog().set_vm_state(&v, "protected")
+    })
+    .await?
+    .map_err(store_status)?;
+    info!(vm = %vm, "replication from the primary site re-enabled");
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! Store and forward to the master target: a reprotected VM's stream is ingested into its
+//! journal like any other (durable before ack), and this relay reads the journal in order
+//! and sends it on, resuming from what the master target has acked. A master-target outage
+//! only delays it; nothing is lost, because retention does not run while a VM is reprotected.
+
+use crate::Ctx;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tern_core::pki::Bundle;
+use tern_core::{DiskName, Seq, VmName};
+use tern_proto as pb;
+use tern_store::format::RecordKind;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+/// States in which the stream flows to the master target.
+pub const RELAY_STATES: [&str; 1] = ["reprotected"];
+
+#[derive(Debug, Default)]
+pub struct Relay {
+    acked: Mutex<HashMap<(VmName, DiskName), Seq>>,
+    running: Mutex<HashSet<VmName>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Relay {
+    /// What the master target has made durable of this disk.
+    pub fn acked(&self, vm: &VmName, disk: &DiskName) -> Seq {
+        lock(&self.acked).get(&(vm.clone(), disk.clone())).copied().unwrap_or_default()
+    }
+}
+
+/// The process server dials master targets with its own identity.
+pub fn client_identity(ctx: &Ctx) -> Result<Bundle, Status> {
+    let pki = ctx.data_dir.join("pki");
+    let read = |f: &str| {
+        std::fs::read_to_string(pki.join(f))
+            .map_err(|e| Status::internal(format!("{}: {e}", pki.join(f).display())))
+    };
+    Ok(Bundle { ca_pem: read("ca.pem")?, cert_pem: read("server.pem")?, key_pem: read("server.key")? })
+}
+
+pub async fn master_target(
+    ctx: &Ctx,
+    url: &str,
+) -> Result<pb::master_target_client::MasterTargetClient<Channel>, Status> {
+    let bundle = client_identity(ctx)?;
+    let ch = pb::connect(url, &bundle).await.map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(pb::master_target_client::MasterTargetClient::new(ch)
+        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES))
+}
+
+/// Keeps one relay running for every VM in a relay state.
+pub async fn relay_worker(ctx: Arc<Ctx>) {
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let c = ctx.clone();
+        let vms = tokio::task::spawn_blocking(move || {
+            c.store
+                .vms()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|vm| c.store.vm_state(vm).is_ok_and(|s| RELAY_STATES.contains(&s.as_str())))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for vm in vms {
+            if lock(&ctx.relay.running).insert(vm.clone()) {
+                let c = ctx.clone();
+                ctx.tracker.spawn(async move {
+                    relay_vm(&c, &vm).await;
+                    lock(&c.relay.running).remove(&vm);
+                });
+            }
+        }
+    }
+}
+
+async fn relay_vm(ctx: &Arc<Ctx>, vm: &VmName) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match relay_session(ctx, vm).await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(vm = %vm, error = %e.message(), retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(0),
+                    "relay to the master target interrupted; the journal keeps everything meanwhile");
+            }
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+fn still_relaying(ctx: &Ctx, vm: &VmName) -> bool {
+    ctx.store.vm_state(vm).is_ok_and(|s| RELAY_STATES.contains(&s.as_str()))
+}
+
+async fn relay_session(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
+    let row = ctx
+        .store
+        .catalog()
+        .reprotect(vm)
+        .map_err(crate::store_status)?
+        .ok_or_else(|| Status::failed_precondition("not reprotected"))?;
+    let bundle = client_identity(ctx)?;
+    let ch =
+        pb::connect(&row.master_target, &bundle).await.map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut client = pb::replication_client::ReplicationClient::new(ch)
+        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
+    let handles = ctx.store.vm_disks(vm);
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(8);
+    let hello = pb::Hello {
+        vm: vm.to_string(),
+        disks: handles
+            .iter()
+            .map(|h| pb::DiskInfo { name: h.name.to_string(), size: h.size, ..Default::default() })
+            .collect(),
+        protocol: 1,
+    };
+    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) })
+        .await
+        .map_err(|_| Status::cancelled("relay stream closed"))?;
+    let mut inbound = client.replicate(ReceiverStream::new(rx)).await?.into_inner();
+    let welcome = match inbound.message().await? {
+        Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => w,
+        _ => return Err(Status::internal("the master target did not answer Hello")),
+    };
+    let mut next: HashMap<DiskName, Seq> = HashMap::new();
+    for h in &handles {
+        let mt = welcome.disks.iter().find(|d| d.name == h.name.as_str()).map_or(0, |d| d.durable_seq);
+        lock(&ctx.relay.acked).insert((vm.clone(), h.name.clone()), Seq(mt));
+        next.insert(h.name.clone(), Seq(mt + 1));
+    }
+    info!(vm = %vm, master_target = %row.master_target, "relaying to the master target");
+    loop {
+        if !still_relaying(ctx, vm) {
+            return Ok(());
+        }
+        let mut sent = false;
+        for h in &handles {
+            let from = next.get(&h.name).copied().unwrap_or(Seq(1));
+            let snapshot = h.journal().snapshot();
+            if snapshot.durable < from {
+                continue;
+            }
+            let snap = snapshot.clone();
+            let (batches, complete) = tokio::task::spawn_blocking(move || read_batches(&snap, from))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(crate::store_status)?;
+            for (first, records) in batches {
+                let n = records.len() as u64;
+                let batch = pb::Batch { disk: h.name.to_string(), first_seq: first, records };
+                tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Batch(batch)) })
+                    .await
+                    .map_err(|_| Status::unavailable("relay stream closed"))?;
+                next.insert(h.name.clone(), Seq(first + n));
+                sent = true;
+            }
+            if complete {
+                // Everything up to the durable position went (bookmarks share a seq).
+                next.insert(h.name.clone(), Seq(snapshot.durable.0 + 1));
+            }
+        }
+        let wait = if sent { Duration::from_millis(0) } else { Duration::from_millis(100) };
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            m = inbound.message() => match m? {
+                None => return Err(Status::unavailable("the master target closed the stream")),
+                Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Ack(a)) }) => {
+                    if let Ok(d) = DiskName::new(&a.disk) {
+                        let mut acked = lock(&ctx.relay.acked);
+                        let e = acked.entry((vm.clone(), d)).or_default();
+                        *e = (*e).max(Seq(a.durable_seq));
+                    }
+                }
+                Some(_) => {}
+            },
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Reads the durable records from `from` on, as wire batches of about 1 MiB.
+/// Returns the batches and whether they reach the durable position.
+#[allow(clippy::type_complexity)]
+fn read_batches(
+    snapshot: &tern_store::journal::JournalSnapshot,
+    from: Seq,
+) -> Result<(Vec<(u64, Vec<pb::Record>)>, bool), tern_store::StoreError> {
+    let mut out: Vec<(u64, Vec<pb::Record>)> = Vec::new();
+    let mut bytes = 0usize;
+    for rec in snapshot.read_range(Seq(from.0 - 1), snapshot.durable) {
+        let rec = rec?;
+        let r = rec.record;
+        let kind = match r.kind {
+            RecordKind::Bookmark => continue,
+            RecordKind::Write => pb::RecordKind::Write,
+            RecordKind::Zero => pb::RecordKind::Zero,
+        };
+        let wire = pb::Record {
+            kind: kind as i32,
+            offset: r.offset,
+            length: r.length,
+            digest: if kind == pb::RecordKind::Zero { Vec::new() } else { r.digest.0.to_vec() },
+            compression: if r.compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
+            payload: r.payload,
+        };
+        bytes += wire.payload.len() + 64;
+        match out.last_mut() {
+            Some((_, recs)) if bytes < (1 << 20) && recs.len() < 1024 => recs.push(wire),
+            _ => {
+                bytes = wire.payload.len() + 64;
+                out.push((rec.seq.0, vec![wire]));
+            }
+        }
+        if out.len() >= 8 && bytes >= (1 << 20) {
+            return Ok((out, false));
+        }
+    }
+    Ok((out, true))
+}
