@@ -216,7 +216,14 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         match m {
             Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::BlockHashes(bh)) }) => {
                 let Some(i) = config.disks.iter().position(|d| d.name.as_str() == bh.disk) else { continue };
-                states[i].fill_from_table(bh.first_block, &bh.table);
+                let size = config.disks[i].size;
+                let decoded = pb::hash_table::decode(&bh.table, |k| {
+                    tern_core::blocks::block_len(size, bh.first_block + k as u64)
+                });
+                match decoded {
+                    Some(blocks) => states[i].fill_from(bh.first_block, &blocks),
+                    None => warn!(disk = %bh.disk, "malformed block hashes; those blocks are sent whole"),
+                }
                 if bh.last {
                     waiting.retain(|w| w != &bh.disk);
                 }

@@ -42,15 +42,13 @@ impl DiskState {
         DiskState { size, generation: generation.to_string(), seq: Seq(0), blocks: vec![UNKNOWN; n] }
     }
 
-    /// Takes block hashes from a receiver's table (see `BlockHashes` in the protocol).
-    pub fn fill_from_table(&mut self, first_block: u64, table: &[u8]) {
+    /// Takes block hashes from a receiver (see `BlockHashes` in the protocol). A table
+    /// that does not decode leaves the blocks unknown: they are sent whole.
+    pub fn fill_from(&mut self, first_block: u64, blocks: &[BlockHashes]) {
         let first = usize::try_from(first_block).unwrap_or(usize::MAX);
-        for (i, e) in table.chunks_exact(ENTRY_LEN).enumerate() {
-            let Some(slot) = self.blocks.get_mut(first.saturating_add(i)) else { return };
-            let d = |k: usize| Digest::from_slice(&e[k * 32..(k + 1) * 32]).unwrap_or(Digest::ZERO);
-            slot.block = d(0);
-            for (k, p) in slot.pages.iter_mut().enumerate() {
-                *p = d(k + 1);
+        for (i, b) in blocks.iter().enumerate() {
+            if let Some(slot) = self.blocks.get_mut(first.saturating_add(i)) {
+                *slot = *b;
             }
         }
     }

@@ -177,14 +177,10 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             let blocks = tern_core::blocks::block_count(h.size);
             let upto = h.journal().durable();
             let name = h.name.to_string();
+            let size = h.size;
             let r = tern_store::materialize::hash_disk(&h, &scratch, upto, &mut |first, chunk| {
-                let mut table = Vec::with_capacity(chunk.len() * 32 * 17);
-                for b in chunk {
-                    table.extend_from_slice(&b.block.0);
-                    for p in &b.pages {
-                        table.extend_from_slice(&p.0);
-                    }
-                }
+                let table =
+                    pb::hash_table::encode(chunk, |i| tern_core::blocks::block_len(size, first + i as u64));
                 let last = first + chunk.len() as u64 >= blocks;
                 tx.blocking_send(Ok(pb::BlockHashes { disk: name.clone(), first_block: first, table, last }))
                     .is_ok()

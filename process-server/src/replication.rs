@@ -317,14 +317,11 @@ async fn send_hashes(
             let (h2, out2, scratch) = (h.clone(), out.clone(), ctx.data_dir.join("tmp"));
             let zeroes = matches!(source, HashSource::Zeroes);
             tokio::task::spawn_blocking(move || {
+                let size = h2.size;
                 let mut emit = |first: u64, chunk: &[tern_core::blocks::BlockHashes]| {
-                    let mut table = Vec::with_capacity(chunk.len() * 32 * 17);
-                    for b in chunk {
-                        table.extend_from_slice(&b.block.0);
-                        for p in &b.pages {
-                            table.extend_from_slice(&p.0);
-                        }
-                    }
+                    let table = tern_proto::hash_table::encode(chunk, |i| {
+                        tern_core::blocks::block_len(size, first + i as u64)
+                    });
                     let last = first + chunk.len() as u64 >= blocks;
                     let hashes = tern_proto::BlockHashes {
                         disk: h2.name.to_string(),

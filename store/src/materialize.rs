@@ -236,7 +236,15 @@ pub fn hash_disk(
     upto: Seq,
     emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
 ) -> Result<(), StoreError> {
-    use tern_core::blocks::{hash_block, zero_block};
+    {
+        // Nothing past the base image (a master target's untouched target disk): hash it
+        // where it lies, skipping its holes, instead of copying it first.
+        let _reading = disk.read_lock();
+        if disk.journal().durable() <= disk.base_seq() && upto <= disk.base_seq() {
+            let f = File::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
+            return hash_file(&f, disk.size, &disk.base_path, emit);
+        }
+    }
     crate::durable::create_dir_durable(scratch)?;
     let path = scratch.join(format!("hash-{}-{}-{}.raw", disk.vm, disk.name, std::process::id()));
     let result = (|| {
@@ -253,30 +261,46 @@ pub fn hash_disk(
             let snapshot = disk.journal().snapshot();
             fill(disk, &snapshot, upto, &out, &path, &mut |_| {})?;
         }
-        let mut buf = vec![0u8; COPY_CHUNK];
-        let mut chunk = Vec::with_capacity(HASHES_PER_CHUNK);
-        let mut first = 0u64;
-        let mut pos = 0u64;
-        while pos < disk.size {
-            let n = usize::try_from((disk.size - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
-            out.read_exact_at(&mut buf[..n], pos).map_err(io_err(&path))?;
-            for block in buf[..n].chunks(BLOCK_SIZE) {
-                chunk.push(if is_zero(block) { zero_block(block.len()) } else { hash_block(block) });
-                if chunk.len() == HASHES_PER_CHUNK {
-                    if !emit(first, &chunk) {
-                        return Ok(());
-                    }
-                    first += chunk.len() as u64;
-                    chunk.clear();
-                }
-            }
-            pos += n as u64;
-        }
-        if !chunk.is_empty() {
-            emit(first, &chunk);
-        }
-        Ok(())
+        hash_file(&out, disk.size, &path, emit)
     })();
     let _ = std::fs::remove_file(&path);
     result
+}
+
+/// Hashes a whole file block by block (holes as zero blocks, without reading them).
+fn hash_file(
+    f: &File,
+    size: u64,
+    path: &Path,
+    emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
+) -> Result<(), StoreError> {
+    use tern_core::blocks::{hash_block, zero_block};
+    let ranges = data_ranges(f, size);
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut chunk = Vec::with_capacity(HASHES_PER_CHUNK);
+    let mut first = 0u64;
+    let mut pos = 0u64;
+    while pos < size {
+        let n = usize::try_from((size - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+        let end = pos + n as u64;
+        let has_data = ranges.iter().any(|&(a, b)| a < end && b > pos);
+        if has_data {
+            f.read_exact_at(&mut buf[..n], pos).map_err(io_err(path))?;
+        }
+        for block in buf[..n].chunks(BLOCK_SIZE) {
+            chunk.push(if !has_data || is_zero(block) { zero_block(block.len()) } else { hash_block(block) });
+            if chunk.len() == HASHES_PER_CHUNK {
+                if !emit(first, &chunk) {
+                    return Ok(());
+                }
+                first += chunk.len() as u64;
+                chunk.clear();
+            }
+        }
+        pos = end;
+    }
+    if !chunk.is_empty() {
+        emit(first, &chunk);
+    }
+    Ok(())
 }
