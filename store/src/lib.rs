@@ -100,10 +100,17 @@ pub fn set_failpoint(name: Option<&'static str>) {
 }
 
 /// Returns `Injected` when the named fail point is armed: the caller stops as a crash would.
+/// With the `failpoints` feature, `TERN_CRASH_AT=<name>` in the environment makes the
+/// process abort there instead, like a kill -9 at that exact step (end-to-end crash tests).
 pub(crate) fn failpoint(name: &'static str) -> Result<(), StoreError> {
     #[cfg(any(test, feature = "failpoints"))]
     if FAILPOINT.with(|f| *f.borrow() == Some(name)) {
         return Err(StoreError::Injected(name));
+    }
+    #[cfg(feature = "failpoints")]
+    if std::env::var("TERN_CRASH_AT").is_ok_and(|v| v == name) {
+        tracing::error!(failpoint = name, "crashing on purpose (TERN_CRASH_AT)");
+        std::process::abort();
     }
     let _ = name;
     Ok(())

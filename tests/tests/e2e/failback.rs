@@ -225,3 +225,77 @@ fn reprotect_to_a_disk_of_the_wrong_size_is_refused() {
     assert_eq!(b3(&small, None), before, "nothing written");
     assert_eq!(server.status("w")["state"], "failover-committed");
 }
+
+#[test]
+fn master_target_killed_during_the_failback_apply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("k.bundle");
+    server.enroll_agent("k", &identity);
+    let onprem = root.join("k.img");
+    make_random(&onprem, 48, 4, 1);
+    let mut primary = Agent::start(&server, &identity, "k", &[("sda", &onprem)], &root.join("st"), &[]);
+    server.wait_connected("k");
+    server.checkpoint("k");
+    primary.kill9();
+    let out = root.join("recovered");
+    server.drctl_json(&["failover", "k", "--kind", "unplanned", "--output", out.to_str().unwrap()]);
+    server.drctl_json(&["commit", "k"]);
+    let recovered = out.join("sda.raw");
+    let mut mt = MasterTarget::start(&server, root, "mtk");
+    let rec_identity = root.join("rec.bundle");
+    server.drctl_json(&[
+        "reprotect",
+        "k",
+        "--master-target",
+        &mt.url(),
+        "--location",
+        "original",
+        "--target-disk",
+        &format!("sda={}", onprem.display()),
+        "--identity-out",
+        rec_identity.to_str().unwrap(),
+    ]);
+    let _rec = Agent::start(
+        &server,
+        &rec_identity,
+        "k",
+        &[("sda", &recovered)],
+        &root.join("st-rec"),
+        &["--shutdown", "true"],
+    );
+    server.wait_connected("k");
+    make_random(&recovered, 48, 40, 2);
+    let want = b3(&recovered, None);
+    // The master target will crash in the middle of the apply: after the target disk was
+    // written, before its new position was recorded.
+    mt.kill9();
+    mt.restart_with(&[("TERN_CRASH_AT", "retention-after-base-write")]);
+    let failback = std::process::Command::new(bin("drctl"))
+        .args(["--server", &server.url(), "--identity"])
+        .arg(server.admin())
+        .args(["failback", "k", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = mt.child.as_mut().unwrap();
+    deadline_poll("the master target to crash in the apply", Duration::from_secs(60), || {
+        child.try_wait().unwrap()
+    });
+    assert!(mt.log_text().contains("crashing on purpose"));
+    mt.child = None;
+    mt.restart_same_port();
+    let done = failback.wait_with_output().unwrap();
+    assert!(done.status.success(), "failback: {}", String::from_utf8_lossy(&done.stderr));
+    let res: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), want);
+    assert_eq!(b3(&onprem, None), want);
+    assert!(
+        server.log_text().contains("during the apply; retrying"),
+        "the kill should have interrupted the apply: {}",
+        tail(&server.log_text(), 20)
+    );
+}

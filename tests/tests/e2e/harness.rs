@@ -20,7 +20,16 @@ pub fn bin_dir() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--workspace", "--bins", "--manifest-path"])
+            // Fail points let crash tests stop a daemon at an exact step (TERN_CRASH_AT).
+            .args([
+                "build",
+                "--quiet",
+                "--workspace",
+                "--bins",
+                "--features",
+                "tern-store/failpoints",
+                "--manifest-path",
+            ])
             .arg(&manifest)
             .status()
             .expect("run cargo build");
@@ -363,8 +372,14 @@ impl MasterTarget {
     }
 
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// Starts with extra environment, e.g. `TERN_CRASH_AT` to crash at a fail point.
+    pub fn restart_with(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut child = Command::new(bin("master-target"))
+            .envs(env.iter().copied())
             .args(["serve", "--data-dir"])
             .arg(&self.data)
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--identity"])
