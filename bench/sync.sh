@@ -10,27 +10,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${SIZE_MIB:-2048}
-for t in mkfs.ext4 rsync zstd b3sum python3; do
-  command -v "$t" >/dev/null || { echo "bench needs $t"; exit 1; }
-done
+. bench/lib.sh
+need_tools mkfs.ext4 rsync zstd b3sum python3
 cargo build --quiet --release --workspace --bins --locked
 B="$PWD/target/release"
 W=$(mktemp -d /tmp/tern-bench.XXXXXX)
 cleanup() { kill "${AGENT:-}" "${SERVER:-}" "${RSYNCD:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
-now() { date +%s.%N; }
-cpu() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
-hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
-calc() { python3 -c "print(f'{$1:.2f}')"; }
 
 echo "== preparing a ${SIZE_MIB} MiB ext4 image with real files"
-mkdir -p "$W/src"
-for d in /usr/bin /usr/lib/gcc /usr/share/locale /usr/share/man /usr/lib/python3.11; do
-  [ -d "$d" ] && cp -a "$d" "$W/src/" 2>/dev/null || true
-done
-truncate -s "${SIZE_MIB}M" "$W/disk.img"
-mkfs.ext4 -q -F -d "$W/src" "$W/disk.img"
-rm -rf "$W/src"
+make_image "$W/disk.img" "$SIZE_MIB"
 IMG_BYTES=$(stat -c %s "$W/disk.img")
 echo "image: $(du -h --apparent-size "$W/disk.img" | cut -f1) apparent, $(du -h "$W/disk.img" | cut -f1) allocated"
 sync
@@ -48,19 +37,8 @@ echo "b3sum $(calc "$t1-$t0")s  zstd -1 $(calc "$t2-$t1")s  zstd -d $(calc "$t3-
 
 echo "== peers: rsync over loopback"
 mkdir -p "$W/rsync-dst"
-cat >"$W/rsyncd.conf" <<CONF
-use chroot = no
-uid = $(id -u)
-gid = $(id -g)
-[dst]
-path = $W/rsync-dst
-read only = no
-CONF
-RPORT=$((20000 + RANDOM % 20000))
-rsync --daemon --no-detach --config="$W/rsyncd.conf" --port=$RPORT --address=127.0.0.1 &
-RSYNCD=$!
-sleep 0.5
-t0=$(now); R1=$(rsync --whole-file --stats "$W/disk.img" "rsync://127.0.0.1:$RPORT/dst/disk.img" | awk '/Total bytes sent/ {gsub(",","",$4); print $4}'); t1=$(now)
+start_rsyncd "$W/rsync-dst"
+t0=$(now); R1=$(rsync_sent "$W/disk.img" disk.img --whole-file); t1=$(now)
 RSYNC_FULL=$(calc "$t1-$t0")
 echo "rsync whole-file: ${RSYNC_FULL}s, $R1 bytes sent"
 
@@ -85,20 +63,10 @@ echo "tern initial sync: ${INIT}s, $(calc "$IMG_BYTES/$INIT/1e6") MB/s of image,
   "CPU agent ${A_CPU1}s server $(calc "$S_CPU1-$S_CPU0")s"
 
 echo "== the VM changes: 1 % of the 4 KiB pages rewritten with random data, scattered"
-python3 - "$W/disk.img" <<'PY'
-import os, random, sys
-random.seed(1)
-fd = os.open(sys.argv[1], os.O_WRONLY)
-pages = os.fstat(fd).st_size // 4096
-n = pages // 100
-for p in random.sample(range(pages), n):
-    os.pwrite(fd, os.urandom(4096), p * 4096)
-os.fsync(fd)
-print(f"{n} pages, {n*4096} bytes changed")
-PY
+echo "$(scatter "$W/disk.img" 1 1) bytes changed"
 CHANGED=$(( IMG_BYTES / 4096 / 100 * 4096 ))
 
-t0=$(now); R2=$(rsync --inplace --no-whole-file --stats "$W/disk.img" "rsync://127.0.0.1:$RPORT/dst/disk.img" | awk '/Total bytes sent/ {gsub(",","",$4); print $4}'); t1=$(now)
+t0=$(now); R2=$(rsync_sent "$W/disk.img" disk.img --inplace --no-whole-file); t1=$(now)
 RSYNC_INC=$(calc "$t1-$t0")
 echo "rsync --inplace --no-whole-file: ${RSYNC_INC}s, $R2 bytes sent"
 

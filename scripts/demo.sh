@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tern demo: protect a sample ext4 disk image on loopback, change it, checkpoint,
-# test-fail over to each point and verify every output byte for byte.
+# test-fail over to each point, then walk the whole circle — fail over, commit, reprotect
+# to a master target, fail back, commit, reverse-replicate — verifying the disk at each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,16 @@ cargo build --quiet --workspace --bins --locked
 B="$PWD/target/debug"
 
 WORK=$(mktemp -d /tmp/tern-demo.XXXXXX)
-cleanup() { kill "${AGENT_PID:-}" "${SERVER_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; }
+cleanup() { kill "${AGENT_PID:-}" "${SERVER_PID:-}" "${MT_PID:-}" "${REC_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; }
+same() { # same FILE1 FILE2 WHAT
+  qemu-img compare -q -f raw -F raw "$1" "$2" && echo "verified: $3 (qemu-img compare: identical)"
+}
+wait_connected() {
+  for _ in $(seq 200); do
+    "$B/drctl" status web01 --json 2>/dev/null | grep -q '"agent_connected": true' && return; sleep 0.1
+  done
+  echo "the agent did not connect; see $WORK/*.log"; exit 1
+}
 trap cleanup EXIT
 echo "working in $WORK (logs: $WORK/*.log)"
 
@@ -88,4 +98,52 @@ verify "$P1" "$WORK/source-at-point1.img" vhd
 verify "$P2" "$WORK/web01-sda.img" raw
 verify "$P2" "$WORK/web01-sda.img" vhd
 
-step "done: every output verified byte for byte"
+step "unplanned failover: the primary site is lost (the agent stops)"
+kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
+"$B/drctl" failover web01 --kind unplanned --output "$WORK/recovered"
+same "$WORK/web01-sda.img" "$WORK/recovered/sda.raw" "the recovered disk is the source at the last point"
+"$B/drctl" commit web01
+
+step "the recovered VM runs at the recovery site and writes"
+python3 - "$WORK/recovered/sda.raw" <<'PY'
+import os, random, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+pages = os.fstat(fd).st_size // 4096
+for p in random.sample(range(pages), pages // 50):
+    os.pwrite(fd, os.urandom(4096), p * 4096)
+os.fsync(fd)
+PY
+
+step "a master target on the primary site; reprotect to the original disk (delta sync)"
+"$B/drctl" enroll master-target --name onprem1 --out "$WORK/onprem1.bundle"
+"$B/master-target" serve --data-dir "$WORK/mt" --listen 127.0.0.1:0 --identity "$WORK/onprem1.bundle" \
+  >"$WORK/mt.out" 2>"$WORK/mt.log" &
+MT_PID=$!
+for _ in $(seq 100); do grep -q listening "$WORK/mt.out" 2>/dev/null && break; sleep 0.1; done
+MT_URL="https://$(sed -n 's/^listening on //p' "$WORK/mt.out")"
+"$B/drctl" reprotect web01 --master-target "$MT_URL" --location original \
+  --target-disk "sda=$WORK/web01-sda.img" --identity-out "$WORK/web01-back.bundle"
+"$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$WORK/web01-back.bundle" --vm web01 \
+  --disk "sda=$WORK/recovered/sda.raw" --state-dir "$WORK/agent-back" --shutdown true 2>"$WORK/agent-back.log" &
+REC_PID=$!
+wait_connected
+"$B/drctl" checkpoint web01 --wait
+"$B/drctl" status web01
+
+step "failback: shut the recovered VM down, drain, apply onto the on-premises disk, verify"
+cp --sparse=always "$WORK/recovered/sda.raw" "$WORK/recovered-final.raw"
+"$B/drctl" failback web01
+same "$WORK/recovered-final.raw" "$WORK/web01-sda.img" "the on-premises disk equals the recovered VM's final state"
+"$B/drctl" commit web01
+
+step "reverse replication: the primary site protects the VM again (delta sync)"
+"$B/drctl" reverse-replicate web01
+"$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$WORK/web01.bundle" --vm web01 \
+  --disk "sda=$WORK/web01-sda.img" --state-dir "$WORK/agent-state-2" 2>"$WORK/agent-2.log" &
+AGENT_PID=$!
+wait_connected
+"$B/drctl" checkpoint web01 --wait
+"$B/drctl" status web01
+verify latest-processed "$WORK/web01-sda.img" raw
+
+step "done: the circle is closed, every disk verified byte for byte"

@@ -170,23 +170,25 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
         .map_err(|e| e.to_string())?;
     ctx.hub.stand_down(&vm, "the VM failed back").await;
     info!(vm = %vm, point = %point.id, "failed back");
-    let disks: Vec<String> = point
+    let disks: Vec<serde_json::Value> = point
         .disks
         .iter()
         .zip(&applied.blake3)
         .map(|(d, b)| {
             let path =
                 row.disks.iter().find(|(n, _)| n == d.disk.as_str()).map(|(_, p)| p.as_str()).unwrap_or("");
-            format!("{{\"name\":\"{}\",\"file\":\"{}\",\"blake3\":\"{}\"}}", d.disk, path, b)
+            let size = ctx.store.disk(&vm, &d.disk).map_or(0, |h| h.size);
+            serde_json::json!({"name": d.disk.as_str(), "file": path, "size": size, "blake3": b})
         })
         .collect();
-    Ok(format!(
-        "{{\"vm\":\"{vm}\",\"point\":{},\"time\":\"{}\",\"consistency\":\"{}\",\"disks\":[{}]}}",
-        point.id,
-        tern_store::rfc3339(point.time_ms),
-        point.consistency.as_str(),
-        disks.join(",")
-    ))
+    Ok(serde_json::json!({
+        "vm": vm.as_str(),
+        "point": point.id.0,
+        "time": tern_store::rfc3339(point.time_ms),
+        "consistency": point.consistency.as_str(),
+        "disks": disks,
+    })
+    .to_string())
 }
 
 /// After a failback: the master target's journal and the failover's output go; the

@@ -300,6 +300,7 @@ async fn send_hashes(
 ) -> Result<(), Status> {
     let started = std::time::Instant::now();
     let blocks = tern_core::blocks::block_count(h.size);
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     match source {
         HashSource::MasterTarget(url) => {
             let mut mt = crate::relay::master_target(ctx, &url).await?;
@@ -308,6 +309,7 @@ async fn send_hashes(
                 .await?
                 .into_inner();
             while let Some(chunk) = stream.message().await? {
+                sent.fetch_add(chunk.table.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 out.send(msg(server_message::Msg::BlockHashes(chunk)))
                     .await
                     .map_err(|_| Status::cancelled("agent went away"))?;
@@ -316,6 +318,7 @@ async fn send_hashes(
         HashSource::Zeroes | HashSource::Local => {
             let (h2, out2, scratch) = (h.clone(), out.clone(), ctx.data_dir.join("tmp"));
             let zeroes = matches!(source, HashSource::Zeroes);
+            let sent2 = sent.clone();
             tokio::task::spawn_blocking(move || {
                 let size = h2.size;
                 let mut emit = |first: u64, chunk: &[tern_core::blocks::BlockHashes]| {
@@ -323,6 +326,7 @@ async fn send_hashes(
                         tern_core::blocks::block_len(size, first + i as u64)
                     });
                     let last = first + chunk.len() as u64 >= blocks;
+                    sent2.fetch_add(table.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     let hashes = tern_proto::BlockHashes {
                         disk: h2.name.to_string(),
                         first_block: first,
@@ -356,7 +360,7 @@ async fn send_hashes(
         }
     }
     info!(vm = %h.vm, disk = %h.name, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "block hashes sent for a delta sync");
+        bytes = sent.load(std::sync::atomic::Ordering::Relaxed), "block hashes sent for a delta sync");
     Ok(())
 }
 

@@ -147,6 +147,10 @@ CREATE TABLE IF NOT EXISTS failovers (
     format TEXT NOT NULL,
     files TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS reprotects (
     vm TEXT PRIMARY KEY REFERENCES vms(name),
     master_target TEXT NOT NULL,
@@ -537,10 +541,23 @@ impl Catalog {
             .map_err(q("fail interrupted jobs"))
     }
 
+    /// Point ids are never reused, even after the points they named were deleted.
     pub fn next_point_id(&self) -> Result<PointId, StoreError> {
         let max: Option<i64> =
             self.db.query_row("SELECT MAX(id) FROM points", [], |r| r.get(0)).map_err(q("next point id"))?;
-        Ok(PointId(u64::try_from(max.unwrap_or(0)).unwrap_or(0) + 1))
+        let last: Option<i64> = self
+            .db
+            .query_row("SELECT value FROM counters WHERE name = 'point'", [], |r| r.get(0))
+            .optional()
+            .map_err(q("next point id"))?;
+        let next = max.unwrap_or(0).max(last.unwrap_or(0)) + 1;
+        self.db
+            .execute(
+                "INSERT INTO counters (name, value) VALUES ('point', ?1) ON CONFLICT(name) DO UPDATE SET value = ?1",
+                [next],
+            )
+            .map_err(q("next point id"))?;
+        Ok(PointId(u64::try_from(next).unwrap_or(0)))
     }
 
     pub fn insert_point(&mut self, p: &Point) -> Result<(), StoreError> {

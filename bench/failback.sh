@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Benchmark: the way back for a realistic 2 GiB ext4 image with 1 % and 10 % of its 4 KiB
+# pages changed at the recovery site. In the same run:
+#   delta sync   reprotect to the original disk (the master target hashes it, the agent
+#                sends only differing pages) and fail back (drain + apply + verify)
+#   full download reprotect to an alternate disk with --sync during, then fail back
+#   rsync        --inplace --no-whole-file over loopback (daemon)
+#   pipeline     zstd -1 -T2 | nc | zstd -d over loopback, the full-copy peer
+# Needs: mkfs.ext4 rsync zstd nc python3 (Debian: e2fsprogs rsync zstd netcat-openbsd).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+need_tools mkfs.ext4 rsync zstd nc python3
+SIZE_MIB=${SIZE_MIB:-2048}
+cargo build --quiet --release --workspace --bins --locked
+B="$PWD/target/release"
+W=$(mktemp -d /tmp/tern-failback-bench.XXXXXX)
+PIDS=()
+cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+echo "== preparing a ${SIZE_MIB} MiB ext4 image with real files"
+make_image "$W/base.img" "$SIZE_MIB"
+IMG_BYTES=$(stat -c %s "$W/base.img")
+mkdir -p "$W/rsync-dst"
+start_rsyncd "$W/rsync-dst"
+PIDS+=("$RSYNCD")
+
+status_field() { "$B/drctl" status "$1" --json | python3 -c "import json,sys; v=json.load(sys.stdin)['$2']; print(v if v is not None else '')"; }
+
+# way_back PCT MODE: MODE delta (original, sync before) or full (alternate, sync during).
+# Prints "seconds wire_bytes".
+way_back() {
+  local pct=$1 mode=$2 d="$W/$1-$2"
+  mkdir -p "$d"
+  cp --sparse=always "$W/base.img" "$d/onprem.img"
+  "$B/process-server" init --data-dir "$d/ps" >/dev/null
+  "$B/process-server" serve --data-dir "$d/ps" --listen 127.0.0.1:0 >"$d/ps.out" 2>"$d/ps.log" &
+  PIDS+=($!)
+  for _ in $(seq 100); do grep -q listening "$d/ps.out" 2>/dev/null && break; sleep 0.05; done
+  export DRCTL_SERVER="https://$(sed -n 's/^listening on //p' "$d/ps.out")" DRCTL_IDENTITY="$d/ps/pki/admin.bundle"
+  "$B/drctl" enroll agent --vm vm --out "$d/agent.bundle" >/dev/null
+  "$B/drctl" enroll master-target --name mt --out "$d/mt.bundle" >/dev/null
+  "$B/master-target" serve --data-dir "$d/mt" --listen 127.0.0.1:0 --identity "$d/mt.bundle" >"$d/mt.out" 2>"$d/mt.log" &
+  PIDS+=($!)
+  "$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$d/agent.bundle" --vm vm \
+    --disk "sda=$d/onprem.img" --state-dir "$d/st1" 2>"$d/a1.log" &
+  local a1=$!
+  until [ -n "$(status_field vm last_point 2>/dev/null)" ]; do sleep 0.1; done
+  kill -9 $a1; wait $a1 2>/dev/null || true
+  "$B/drctl" failover vm --kind unplanned --output "$d/out" --json >/dev/null
+  "$B/drctl" commit vm >/dev/null
+  scatter "$d/out/sda.raw" "$pct" 7 >/dev/null
+  local mt="https://$(sed -n 's/^listening on //p' "$d/mt.out")"
+  local target="$d/onprem.img" location=original sync=before
+  if [ "$mode" = full ]; then target="$d/new.img"; location=alternate; sync=during; fi
+  "$B/drctl" reprotect vm --master-target "$mt" --location $location --sync $sync \
+    --target-disk "sda=$target" --identity-out "$d/rec.bundle" >/dev/null
+  local w0; w0=$(status_field vm bytes_received)
+  local t0; t0=$(now)
+  "$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$d/rec.bundle" --vm vm \
+    --disk "sda=$d/out/sda.raw" --state-dir "$d/st2" --shutdown true 2>"$d/a2.log" &
+  PIDS+=($!)
+  if [ "$mode" = delta ]; then
+    until [ -n "$(status_field vm last_point 2>/dev/null)" ]; do sleep 0.02; done
+  else
+    until "$B/drctl" status vm --json | grep -q '"agent_connected": true'; do sleep 0.02; done
+  fi
+  local tm; tm=$(now)
+  "$B/drctl" failback vm --json >"$d/failback.json"
+  local t1; t1=$(now)
+  local w1; w1=$(status_field vm bytes_received)
+  local hashes; hashes=$(sed -n 's/.*block hashes sent for a delta sync.*bytes=\([0-9]*\).*/\1/p' "$d/ps.log" | paste -sd+ | sed 's/^$/0/' | bc)
+  local want got
+  want=$(b3sum --no-names "$d/out/sda.raw" 2>/dev/null || python3 -c "print('')")
+  got=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disks"][0]["blake3"])' "$d/failback.json")
+  if command -v b3sum >/dev/null && [ "$want" != "$got" ]; then echo "MISMATCH $want $got" >&2; exit 1; fi
+  echo "$(calc "$t1-$t0") $((w1 - w0 + hashes)) $(calc "$tm-$t0") $(calc "$t1-$tm")"
+  "$B/drctl" commit vm >/dev/null
+}
+
+printf '\n%-8s %-34s %10s %14s\n' "changed" "method" "seconds" "wire bytes"
+for pct in 1 10; do
+  cp --sparse=always "$W/base.img" "$W/rsync-dst/onprem.img"
+  cp --sparse=always "$W/base.img" "$W/recovered.img"
+  changed=$(scatter "$W/recovered.img" "$pct" 7)
+  read -r dt dw dsync dfail < <(way_back "$pct" delta)
+  read -r ft fw _ _ < <(way_back "$pct" full)
+  t0=$(now); rb=$(rsync_sent "$W/recovered.img" onprem.img --inplace --no-whole-file); t1=$(now)
+  rt=$(calc "$t1-$t0")
+  port=$((20000 + RANDOM % 20000))
+  nc -l 127.0.0.1 $port | zstd -q -d -c >"$W/nc-out.img" &
+  ncpid=$!
+  sleep 0.3
+  t0=$(now); zstd -q -1 -T2 -c "$W/recovered.img" | nc -N 127.0.0.1 $port; wait $ncpid; t1=$(now)
+  zt=$(calc "$t1-$t0")
+  printf '%-8s %-34s %10s %14s\n' "$pct%" "tern delta sync (reprotect+failback)" "$dt" "$dw"
+  printf '%-8s %-34s %10s\n' "$pct%" "  of which: sync to the first point" "$dsync"
+  printf '%-8s %-34s %10s\n' "$pct%" "  of which: failback drain+apply+verify" "$dfail"
+  printf '%-8s %-34s %10s %14s\n' "$pct%" "tern full download (failback)" "$ft" "$fw"
+  printf '%-8s %-34s %10s %14s\n' "$pct%" "rsync --inplace --no-whole-file" "$rt" "$rb"
+  printf '%-8s %-34s %10s %14s\n' "$pct%" "zstd -1 -T2 | nc | zstd -d" "$zt" "-"
+  printf '%-8s %-34s %10s   (1%% target >= 3)\n' "$pct%" "rsync time / tern delta time" "$(calc "$rt/$dt")"
+  printf '%-8s %-34s %10s   (target <= 1.5)\n' "$pct%" "tern delta wire / changed bytes" "$(calc "$dw/$changed")"
+  printf '%-8s %-34s %10s   (target >= 1.5)\n' "$pct%" "pipe time / tern full download time" "$(calc "$zt/$ft")"
+done
