@@ -382,12 +382,15 @@ fn print_output(job: &pb::JobInfo, as_json: bool) -> anyhow::Result<()> {
         v["consistency"].as_str().unwrap_or("")
     );
     for d in v["disks"].as_array().cloned().unwrap_or_default() {
+        let (what, hash) = match d["blake3"].as_str() {
+            Some(b) => ("blake3", b),
+            None => ("fingerprint", d["fingerprint"].as_str().unwrap_or("")),
+        };
         println!(
-            "  {:<10} {}  {}  blake3 {}",
+            "  {:<10} {}  {}  {what} {hash}",
             d["name"].as_str().unwrap_or(""),
             human_bytes(d["size"].as_u64().unwrap_or(0)),
             d["file"].as_str().unwrap_or(""),
-            d["blake3"].as_str().unwrap_or("")
         );
     }
     Ok(())

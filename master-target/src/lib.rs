@@ -215,11 +215,11 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             }
             let store = self.ctx.store.clone();
             let started = std::time::Instant::now();
-            let (content, fingerprint) = blocking(move || {
+            let fingerprint = blocking(move || {
                 store.advance_base(&h, seq)?;
                 let f = std::fs::File::open(&h.base_path)
                     .map_err(|e| StoreError::Io { path: h.base_path.display().to_string(), source: e })?;
-                tern_store::materialize::hash_output(&f, h.size, &h.base_path)
+                tern_store::materialize::fingerprint_file(&f, h.size, &h.base_path)
             })
             .await?
             .map_err(status)?;
@@ -230,9 +230,9 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             }
             info!(vm = %vm, disk = %name, seq = %seq, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
                 "point applied onto the target disk and verified");
-            out.push(content.to_hex());
+            out.push(fingerprint.to_hex());
         }
-        Ok(Response::new(pb::ApplyReply { blake3: out }))
+        Ok(Response::new(pb::ApplyReply { fingerprints: out }))
     }
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseReply>, Status> {

@@ -173,12 +173,12 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
     let disks: Vec<serde_json::Value> = point
         .disks
         .iter()
-        .zip(&applied.blake3)
-        .map(|(d, b)| {
+        .zip(&applied.fingerprints)
+        .map(|(d, fp)| {
             let path =
                 row.disks.iter().find(|(n, _)| n == d.disk.as_str()).map(|(_, p)| p.as_str()).unwrap_or("");
             let size = ctx.store.disk(&vm, &d.disk).map_or(0, |h| h.size);
-            serde_json::json!({"name": d.disk.as_str(), "file": path, "size": size, "blake3": b})
+            serde_json::json!({"name": d.disk.as_str(), "file": path, "size": size, "fingerprint": fp})
         })
         .collect();
     Ok(serde_json::json!({

@@ -207,6 +207,29 @@ pub(crate) fn apply_records(
     Ok(())
 }
 
+/// The block fingerprint of a file, reading only its data ranges (holes are zero blocks).
+pub fn fingerprint_file(f: &File, size: u64, path: &Path) -> Result<Digest, StoreError> {
+    use tern_core::blocks::zero_block;
+    let ranges = data_ranges(f, size);
+    let mut fp = Fingerprint::new();
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = usize::try_from((size - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+        let end = pos + n as u64;
+        if ranges.iter().any(|&(a, b)| a < end && b > pos) {
+            f.read_exact_at(&mut buf[..n], pos).map_err(io_err(path))?;
+            fp.push_data(&buf[..n]);
+        } else {
+            for block in buf[..n].chunks(BLOCK_SIZE) {
+                fp.push(&zero_block(block.len()).block);
+            }
+        }
+        pos = end;
+    }
+    Ok(fp.finish())
+}
+
 /// BLAKE3 of the whole content and the block fingerprint, in one read of the output.
 pub fn hash_output(f: &File, size: u64, path: &Path) -> Result<(Digest, Digest), StoreError> {
     let mut whole = blake3::Hasher::new();

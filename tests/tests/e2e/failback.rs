@@ -81,7 +81,7 @@ fn the_full_circle() {
     let want = b3(&recovered, None);
 
     let res = server.drctl_json(&["failback", "circle"]);
-    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), want);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&onprem, None), want, "the on-premises disk equals the recovered VM's final state");
     assert_eq!(server.status("circle")["state"], "failed-back");
     let child = rec_agent.child.as_mut().unwrap();
@@ -178,7 +178,7 @@ fn alternate_location_with_sync_during() {
     scatter_writes(&recovered, 0.01, 93);
     let want = b3(&recovered, None);
     let res = server.drctl_json(&["failback", "alt"]);
-    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), want);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&new_disk, None), want, "the new disk is byte-identical");
 }
 
@@ -291,7 +291,7 @@ fn master_target_killed_during_the_failback_apply() {
     let done = failback.wait_with_output().unwrap();
     assert!(done.status.success(), "failback: {}", String::from_utf8_lossy(&done.stderr));
     let res: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
-    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), want);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&onprem, None), want);
     assert!(
         server.log_text().contains("during the apply; retrying"),

@@ -318,6 +318,16 @@ pub fn scatter_writes(path: &Path, fraction: f64, seed: u64) -> usize {
     n
 }
 
+/// The fingerprint tern gives a disk: BLAKE3 of the BLAKE3 hashes of its 64 KiB blocks.
+pub fn fingerprint(path: &Path) -> String {
+    let data = std::fs::read(path).unwrap();
+    let mut h = blake3::Hasher::new();
+    for block in data.chunks(64 * 1024) {
+        h.update(blake3::hash(block).as_bytes());
+    }
+    h.finalize().to_hex().to_string()
+}
+
 /// BLAKE3 of the first `len` bytes of a file (all of it when `len` is None).
 pub fn b3(path: &Path, len: Option<u64>) -> String {
     let f = std::fs::File::open(path).unwrap();
