@@ -49,6 +49,12 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + '
 }
 
 impl AdminService {
+    async fn state(&self, vm: &VmName) -> Result<String, Status> {
+        let store = self.ctx.store.clone();
+        let v = vm.clone();
+        blocking(move || store.vm_state(&v)).await?.map_err(store_status)
+    }
+
     async fn known_vm(&self, vm: &VmName) -> Result<(), Status> {
         let store = self.ctx.store.clone();
         let v = vm.clone();
@@ -246,11 +252,7 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
-        let state = {
-            let store = self.ctx.store.clone();
-            let v = vm.clone();
-            blocking(move || store.vm_state(&v)).await?.map_err(store_status)?
-        };
+        let state = self.state(&vm).await?;
         if state == "reprotected" || state == "failed-back" {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}: its failback policy (RPO threshold 15m, retention 24h, app interval 60m) cannot be edited"
@@ -307,11 +309,7 @@ impl pb::admin_server::Admin for AdminService {
         };
         let spec = point_arg(&vm, if r.point.is_empty() { "latest" } else { &r.point })?;
         output_arg(&r.output)?;
-        let state = {
-            let store = self.ctx.store.clone();
-            let v = vm.clone();
-            blocking(move || store.vm_state(&v)).await?.map_err(store_status)?
-        };
+        let state = self.state(&vm).await?;
         if state != "protected" {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}; a failover needs a protected VM{}",
@@ -388,11 +386,7 @@ impl pb::admin_server::Admin for AdminService {
             // The agent stood down at failover: everything received is in the latest point.
             spec = PointSpec::LatestProcessed;
         }
-        let state = {
-            let store = self.ctx.store.clone();
-            let v = vm.clone();
-            blocking(move || store.vm_state(&v)).await?.map_err(store_status)?
-        };
+        let state = self.state(&vm).await?;
         if state != "failed-over" {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}; only a failed-over, uncommitted VM can change its point"
@@ -421,11 +415,7 @@ impl pb::admin_server::Admin for AdminService {
         require_admin(&req, "Commit")?;
         let vm = vm_arg(&req.into_inner().vm)?;
         self.known_vm(&vm).await?;
-        let state = {
-            let store = self.ctx.store.clone();
-            let v = vm.clone();
-            blocking(move || store.vm_state(&v)).await?.map_err(store_status)?
-        };
+        let state = self.state(&vm).await?;
         if state == "failed-back" {
             let point = crate::failback::commit_failback(&self.ctx, &vm).await?;
             return Ok(Response::new(pb::CommitReply { point: point.0 }));
@@ -469,11 +459,7 @@ impl pb::admin_server::Admin for AdminService {
         require_admin(&req, "Failback")?;
         let vm = vm_arg(&req.into_inner().vm)?;
         self.known_vm(&vm).await?;
-        let state = {
-            let store = self.ctx.store.clone();
-            let v = vm.clone();
-            blocking(move || store.vm_state(&v)).await?.map_err(store_status)?
-        };
+        let state = self.state(&vm).await?;
         if state != "reprotected" {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}; failback needs a reprotected VM"

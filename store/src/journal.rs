@@ -505,19 +505,8 @@ impl Iterator for JournalReader {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
-    use tern_core::codec::Encoder;
 
-    fn write_rec(data: &[u8], offset: u64) -> Record {
-        let e = Encoder::new().encode(data);
-        Record {
-            kind: RecordKind::Write,
-            offset,
-            length: data.len() as u32,
-            digest: e.digest,
-            compressed: e.compressed,
-            payload: e.payload,
-        }
-    }
+    use crate::test_record as write_rec;
 
     #[test]
     fn append_sync_reopen_read() {

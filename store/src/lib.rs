@@ -663,25 +663,27 @@ pub fn rfc3339(ms: i64) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
+/// A write record of `data` at `offset`, for tests.
+#[cfg(test)]
+pub(crate) fn test_record(data: &[u8], offset: u64) -> Record {
+    let e = tern_core::codec::Encoder::new().encode(data);
+    Record {
+        kind: format::RecordKind::Write,
+        offset,
+        length: u32::try_from(data.len()).unwrap_or(u32::MAX),
+        digest: e.digest,
+        compressed: e.compressed,
+        payload: e.payload,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
-    use format::RecordKind;
     use tern_core::blocks::Fingerprint;
-    use tern_core::codec::Encoder;
 
-    fn write(data: &[u8], offset: u64) -> Record {
-        let e = Encoder::new().encode(data);
-        Record {
-            kind: RecordKind::Write,
-            offset,
-            length: data.len() as u32,
-            digest: e.digest,
-            compressed: e.compressed,
-            payload: e.payload,
-        }
-    }
+    use crate::test_record as write;
 
     #[test]
     fn point_materialises_byte_for_byte_and_cleanup_removes_it() {

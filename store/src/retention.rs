@@ -93,25 +93,13 @@ impl Store {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use crate::catalog::Policy;
-    use crate::format::RecordKind;
-    use crate::{Consistency, PointDisk, PointSpec, Record, Store, StoreError, StoreOptions, set_failpoint};
+    use crate::{Consistency, PointDisk, PointSpec, Store, StoreError, StoreOptions, set_failpoint};
     use tern_core::blocks::Fingerprint;
-    use tern_core::codec::Encoder;
     use tern_core::{DiskName, Seq, VmName};
 
     const SIZE: usize = 1 << 20;
 
-    fn write(data: &[u8], offset: u64) -> Record {
-        let e = Encoder::new().encode(data);
-        Record {
-            kind: RecordKind::Write,
-            offset,
-            length: data.len() as u32,
-            digest: e.digest,
-            compressed: e.compressed,
-            payload: e.payload,
-        }
-    }
+    use crate::test_record as write;
 
     /// A store with six points at times 0..=5 s, each after writes to its own pages,
     /// segments of 8 KiB so that retention has whole segments to delete.

@@ -53,6 +53,16 @@ pub fn deadline_poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Opti
     }
 }
 
+/// Spawns a daemon that prints `listening on ADDR` first; returns it and the port.
+fn spawn_listening(cmd: &mut Command) -> (Child, u16) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
+    let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+    (child, port)
+}
+
 /// A process server with its own data directory.
 pub struct Server {
     pub data: PathBuf,
@@ -74,20 +84,15 @@ impl Server {
 
     pub fn start(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut child = Command::new(bin("process-server"))
-            .args(["serve", "--data-dir"])
-            .arg(&self.data)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(&self.extra)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr =
-            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
-        self.port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let (child, port) = spawn_listening(
+            Command::new(bin("process-server"))
+                .args(["serve", "--data-dir"])
+                .arg(&self.data)
+                .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+                .args(&self.extra)
+                .stderr(log),
+        );
+        self.port = port;
         self.child = Some(child);
     }
 
@@ -388,21 +393,16 @@ impl MasterTarget {
     /// Starts with extra environment, e.g. `TERN_CRASH_AT` to crash at a fail point.
     pub fn restart_with(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut child = Command::new(bin("master-target"))
-            .envs(env.iter().copied())
-            .args(["serve", "--data-dir"])
-            .arg(&self.data)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--identity"])
-            .arg(&self.identity)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr =
-            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
-        self.port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let (child, port) = spawn_listening(
+            Command::new(bin("master-target"))
+                .envs(env.iter().copied())
+                .args(["serve", "--data-dir"])
+                .arg(&self.data)
+                .args(["--listen", &format!("127.0.0.1:{}", self.port), "--identity"])
+                .arg(&self.identity)
+                .stderr(log),
+        );
+        self.port = port;
         self.child = Some(child);
     }
 
