@@ -256,7 +256,7 @@ fn status_json(s: &pb::VmStatus) -> Value {
         "bytes_received": s.bytes_received,
         "storage_bytes": s.storage_bytes,
         "policy": s.policy.as_ref().map(policy_json).unwrap_or(Value::Null),
-        "disks": s.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "durable_seq": d.durable_seq, "journal_bytes": d.journal_bytes})).collect::<Vec<_>>(),
+        "disks": s.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "durable_seq": d.durable_seq, "journal_bytes": d.journal_bytes, "master_target_seq": d.master_target_seq})).collect::<Vec<_>>(),
     })
 }
 

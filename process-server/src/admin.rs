@@ -99,6 +99,7 @@ impl AdminService {
                     size: h.size,
                     durable_seq: j.durable().0,
                     journal_bytes: j.bytes(),
+                    master_target_seq: self.ctx.relay.acked(&vm, &h.name).0,
                 }
             })
             .collect();

@@ -76,7 +76,16 @@ fn the_full_circle() {
     mt.kill9();
     scatter_writes(&recovered, 0.01, 85);
     server.checkpoint("circle");
+    let d = &server.status("circle")["disks"][0];
+    assert!(
+        d["master_target_seq"].as_u64() < d["durable_seq"].as_u64(),
+        "the journal holds what the MT missed: {d}"
+    );
     mt.restart_same_port();
+    deadline_poll("the relay to catch up", Duration::from_secs(30), || {
+        let d = server.status("circle")["disks"][0].clone();
+        (d["master_target_seq"] == d["durable_seq"]).then_some(())
+    });
     scatter_writes(&recovered, 0.01, 86);
     let want = b3(&recovered, None);
 
