@@ -87,7 +87,7 @@ for pct in 1 10; do
   changed=$(scatter "$W/recovered.img" "$pct" 7)
   read -r dt dw dsync dfail < <(way_back "$pct" delta)
   read -r ft fw _ _ < <(way_back "$pct" full)
-  t0=$(now); rb=$(rsync_sent "$W/recovered.img" onprem.img --inplace --no-whole-file); t1=$(now)
+  t0=$(now); rb=$(rsync_sent "$W/recovered.img" onprem.img --inplace --no-whole-file --ignore-times); t1=$(now)
   rt=$(calc "$t1-$t0")
   port=$((20000 + RANDOM % 20000))
   nc -l 127.0.0.1 $port | zstd -q -d -c >"$W/nc-out.img" &
