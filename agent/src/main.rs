@@ -67,7 +67,15 @@ enum Cmd {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    // Errors end the process with one clear message and exit code 1.
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

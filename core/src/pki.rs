@@ -31,8 +31,8 @@ pub enum PkiError {
     BadCertificate(String),
     #[error(transparent)]
     Name(#[from] NameError),
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
 }
 
 impl From<rcgen::Error> for PkiError {
@@ -211,7 +211,7 @@ impl Bundle {
 
     pub fn load(path: &Path) -> Result<Bundle, PkiError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| PkiError::Io { path: path.display().to_string(), source })?;
+            .map_err(|error| PkiError::Io { path: path.display().to_string(), error })?;
         Bundle::parse(&text, &path.display().to_string())
     }
 
@@ -252,7 +252,7 @@ pub fn role_of(der: &[u8]) -> Result<Role, PkiError> {
 pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| PkiError::Io { path: path.display().to_string(), source };
+    let io = |error| PkiError::Io { path: path.display().to_string(), error };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

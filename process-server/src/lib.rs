@@ -63,8 +63,8 @@ pub enum InitError {
     AlreadyInitialised(String),
     #[error(transparent)]
     Pki(#[from] tern_core::pki::PkiError),
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
 }
 
 /// Creates the deployment's CA, the server identity and the admin bundle.
@@ -74,7 +74,7 @@ pub fn init(data_dir: &Path, sans: &[String]) -> Result<PathBuf, InitError> {
         return Err(InitError::AlreadyInitialised(data_dir.display().to_string()));
     }
     std::fs::create_dir_all(&pki)
-        .map_err(|source| InitError::Io { path: pki.display().to_string(), source })?;
+        .map_err(|error| InitError::Io { path: pki.display().to_string(), error })?;
     let ca = Ca::create(&data_dir.display().to_string())?;
     let (server_cert, server_key) = ca.issue_server(sans)?;
     let admin = ca.issue_client(&Role::Admin)?;
