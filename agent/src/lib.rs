@@ -282,8 +282,9 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         }
         let now = tokio::time::Instant::now();
         let mut final_point = None;
+        // A shutdown request is served even after a final point: a failback that failed
+        // later (say, the master target was away) asks again, and gets a fresh final point.
         if awaiting_point.is_none()
-            && !stood_down
             && let Some(id) = inbox.shutdown.take()
         {
             match &config.shutdown {
@@ -319,10 +320,17 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 }
             }
         }
+        if stood_down && final_point.is_none() {
+            for (id, _) in std::mem::take(&mut inbox.requests) {
+                let reason = "the source was shut down for a failover; it makes no more points".to_string();
+                send(&tx, pb::agent_message::Msg::PointFailed(pb::PointFailed { request_id: id, reason }))
+                    .await?;
+            }
+        }
         let scheduled_app = now >= due_app;
         if awaiting_point.is_none()
-            && !stood_down
-            && (final_point.is_some() || now >= due_crash || scheduled_app || !inbox.requests.is_empty())
+            && (final_point.is_some()
+                || (!stood_down && (now >= due_crash || scheduled_app || !inbox.requests.is_empty())))
         {
             let mut requests = std::mem::take(&mut inbox.requests);
             if let Some(id) = final_point {

@@ -14,6 +14,9 @@ use tern_store::catalog::{Policy, ReprotectRow};
 use tonic::Status;
 use tracing::{info, warn};
 
+/// A failback whose drain makes no progress for this long fails (and can be run again).
+const DRAIN_STALL: Duration = Duration::from_secs(300);
+
 /// The failback policy: made at reprotect, not editable.
 pub fn failback_policy() -> Policy {
     Policy {
@@ -127,11 +130,21 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
     };
     job.phase("draining to the master target");
     let total: u64 = point.disks.iter().map(|d| d.seq.0).sum();
+    let (mut last, mut since) = (0u64, std::time::Instant::now());
     loop {
         let done: u64 = point.disks.iter().map(|d| ctx.relay.acked(&vm, &d.disk).0.min(d.seq.0)).sum();
         job.progress(done, total);
         if done >= total {
             break;
+        }
+        if done != last {
+            (last, since) = (done, std::time::Instant::now());
+        } else if since.elapsed() > DRAIN_STALL {
+            return Err(format!(
+                "the master target at {} took nothing for {}s; check it and the process server's log, then run failback again",
+                row.master_target,
+                DRAIN_STALL.as_secs()
+            ));
         }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return Err("the process server is stopping".into()),

@@ -137,7 +137,7 @@ impl Store {
         }
         for h in self.vm_disks(vm) {
             let _exclusive = h.write_lock();
-            h.journal().delete_all()?;
+            h.journal().delete_all(h.base_seq())?;
         }
         tracing::info!(vm = %vm, point = %point.id, "failover committed; points and journals deleted, base images kept");
         Ok(point.id)

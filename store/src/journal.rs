@@ -308,14 +308,17 @@ impl Journal {
         Ok(n)
     }
 
-    /// Deletes every segment (a committed failover); numbering goes on after `written`.
-    pub fn delete_all(&mut self) -> Result<(), StoreError> {
+    /// Deletes every segment (a committed failover); numbering goes on after `base`, the
+    /// base image's position, exactly as it does when the journal is opened again.
+    pub fn delete_all(&mut self, base: Seq) -> Result<(), StoreError> {
         self.sync()?;
         self.active = None;
         for seg in self.segments.drain(..) {
             std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
         }
         self.active_len = 0;
+        self.written = base;
+        self.durable = base;
         sync_dir(&self.dir)
     }
 

@@ -373,7 +373,7 @@ impl Store {
         self.disk_map().retain(|(v, _), _| v != vm);
         drop(catalog);
         for h in handles {
-            h.journal().delete_all()?;
+            h.journal().delete_all(h.base_seq())?;
         }
         let dir = self.root.join("vms").join(vm.as_str());
         if dir.exists() {

@@ -136,10 +136,22 @@ fn alternate_location_with_sync_during() {
     make_ext4(&onprem, 32, 91);
     let mut primary = Agent::start(&server, &identity, "alt", &[("sda", &onprem)], &root.join("st"), &[]);
     server.wait_connected("alt");
+    let older = server.checkpoint("alt");
+    scatter_writes(&onprem, 0.02, 90);
     server.checkpoint("alt");
     primary.kill9();
+    // Fail over to the older point: the journal holds records past it.
     let out = root.join("recovered");
-    server.drctl_json(&["failover", "alt", "--kind", "unplanned", "--output", out.to_str().unwrap()]);
+    server.drctl_json(&[
+        "failover",
+        "alt",
+        "--kind",
+        "unplanned",
+        "--point",
+        &older["id"].to_string(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     server.drctl_json(&["commit", "alt"]);
     let recovered = out.join("sda.raw");
     scatter_writes(&recovered, 0.02, 92);
@@ -291,7 +303,7 @@ fn master_target_killed_during_the_failback_apply() {
         .spawn()
         .unwrap();
     let child = mt.child.as_mut().unwrap();
-    deadline_poll("the master target to crash in the apply", Duration::from_secs(60), || {
+    deadline_poll("the master target to crash in the apply", Duration::from_secs(180), || {
         child.try_wait().unwrap()
     });
     assert!(mt.log_text().contains("crashing on purpose"));
