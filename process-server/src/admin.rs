@@ -55,6 +55,19 @@ impl AdminService {
         blocking(move || store.vm_state(&v)).await?.map_err(store_status)
     }
 
+    /// While a VM is reprotected, this server's copy is the spool of the failback stream
+    /// (records relative to the master target's disk), not a disk to rebuild.
+    async fn refuse_while_failing_back(&self, vm: &VmName) -> Result<(), Status> {
+        let state = self.state(vm).await?;
+        if state == "reprotected" || state == "failed-back" {
+            return Err(Status::failed_precondition(format!(
+                "VM {vm} is {state}: its points here describe the way back to the master target; \
+                 test failover and verify are available again after `drctl reverse-replicate {vm}`"
+            )));
+        }
+        Ok(())
+    }
+
     async fn known_vm(&self, vm: &VmName) -> Result<(), Status> {
         let store = self.ctx.store.clone();
         let v = vm.clone();
@@ -199,6 +212,7 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
+        self.refuse_while_failing_back(&vm).await?;
         let spec = point_arg(&vm, &r.point)?;
         output_arg(&r.output)?;
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
@@ -431,6 +445,7 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
+        self.refuse_while_failing_back(&vm).await?;
         let mut spec = point_arg(&vm, if r.point.is_empty() { "latest-processed" } else { &r.point })?;
         if spec == PointSpec::Latest {
             spec = PointSpec::LatestProcessed;

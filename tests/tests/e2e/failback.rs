@@ -58,6 +58,8 @@ fn the_full_circle() {
     assert_eq!(server.status("circle")["state"], "reprotected");
     let err = server.drctl_err(&["policy", "set", "circle", "--retention", "1h"]);
     assert!(err.contains("cannot be edited"), "{err}");
+    let err = server.drctl_err(&["test-failover", "circle", "--output", root.join("no").to_str().unwrap()]);
+    assert!(err.contains("reverse-replicate"), "{err}");
     let before = received(&server, "circle");
     let mut rec_agent = Agent::start(
         &server,
