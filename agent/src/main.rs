@@ -5,7 +5,6 @@ use tern_agent::scan::{DiskSource, disk_size};
 use tern_core::pki::{Bundle, Role};
 use tern_core::units::{parse_duration, parse_size};
 use tern_core::{DiskName, VmName};
-use tokio_util::sync::CancellationToken;
 
 /// tern mobility agent: replicates a VM's disks to the process server.
 #[derive(Parser, Debug)]
@@ -68,22 +67,11 @@ enum Cmd {
 }
 
 fn main() {
-    // Errors end the process with one clear message and exit code 1.
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    tern_proto::daemon::init();
+    tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let Cmd::Run {
         server,
         identity,
@@ -142,16 +130,7 @@ fn run() -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let s = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            s.cancel();
-        });
+        let shutdown = tern_proto::daemon::shutdown_on_signal();
         tern_agent::run(config, shutdown).await.map_err(anyhow::Error::from)
     })
 }

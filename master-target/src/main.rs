@@ -2,7 +2,6 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use tern_core::pki::{Bundle, Role};
-use tokio_util::sync::CancellationToken;
 
 /// tern master target: receives the failback stream at the primary site and applies it
 /// onto the on-premises disks.
@@ -30,22 +29,11 @@ enum Cmd {
 }
 
 fn main() {
-    // Errors end the process with one clear message and exit code 1.
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    tern_proto::daemon::init();
+    tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let Cmd::Serve { data_dir, listen, identity } = Cli::parse().cmd;
     let bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
@@ -63,16 +51,8 @@ fn run() -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         println!("listening on {}", listener.local_addr()?);
-        let shutdown = CancellationToken::new();
-        let s = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            s.cancel();
-        });
-        tern_master_target::run(tern_master_target::Config { data_dir, identity: bundle }, listener, shutdown).await
+        let shutdown = tern_proto::daemon::shutdown_on_signal();
+        tern_master_target::run(tern_master_target::Config { data_dir, identity: bundle }, listener, shutdown)
+            .await
     })
 }

@@ -1,6 +1,5 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 
 /// tern process server: receives, verifies and stores replicated disks at the recovery site.
 #[derive(Parser, Debug)]
@@ -37,22 +36,11 @@ enum Cmd {
 }
 
 fn main() {
-    // Errors end the process with one clear message and exit code 1.
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    tern_proto::daemon::init();
+    tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().cmd {
         Cmd::Init { data_dir, sans } => {
             let admin = tern_process_server::init(&data_dir, &sans)?;
@@ -76,17 +64,7 @@ fn run() -> anyhow::Result<()> {
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
                 println!("listening on {}", listener.local_addr()?);
-                let shutdown = CancellationToken::new();
-                let s = shutdown.clone();
-                tokio::spawn(async move {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                    }
-                    tracing::info!("shutdown requested");
-                    s.cancel();
-                });
+                let shutdown = tern_proto::daemon::shutdown_on_signal();
                 let config = tern_process_server::Config { data_dir, segment_bytes, retention_every };
                 tern_process_server::run(config, listener, shutdown).await
             })

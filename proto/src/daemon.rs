@@ -1,0 +1,48 @@
+//! What every tern binary does the same way at start: logging, the TLS provider, and one
+//! cancellation token for Ctrl-C and SIGTERM.
+
+use tokio_util::sync::CancellationToken;
+
+/// Logs to stderr (`RUST_LOG` filters, default `info`; colours only on a terminal) and
+/// installs the ring TLS provider.
+pub fn init() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM. Call inside the runtime.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+/// Ends the process with one `error:` line and exit code 1 when `run` fails.
+pub fn exit_on_error<E: std::fmt::Display>(result: Result<(), E>) {
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
