@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+. bench/lib.sh # scatter: the VM's scattered writes
 
 for tool in mkfs.ext4 qemu-img; do
   command -v "$tool" >/dev/null || { echo "demo needs $tool (Debian: e2fsprogs, qemu-utils)"; exit 1; }
@@ -65,15 +66,7 @@ cp --sparse=always "$WORK/web01-sda.img" "$WORK/source-at-point1.img"
 P1=$("$B/drctl" points web01 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
 
 step "the VM writes: 1% of the disk's 4 KiB pages rewritten at random"
-python3 - "$WORK/web01-sda.img" <<'PY'
-import os, random, sys
-fd = os.open(sys.argv[1], os.O_WRONLY)
-pages = os.fstat(fd).st_size // 4096
-for p in random.sample(range(pages), pages // 100):
-    os.pwrite(fd, os.urandom(4096), p * 4096)
-os.fsync(fd)
-print(f"rewrote {pages // 100} pages")
-PY
+echo "rewrote $(scatter "$WORK/web01-sda.img" 1 1) bytes"
 
 step "drctl checkpoint --wait: an incremental point"
 "$B/drctl" checkpoint web01 --wait
@@ -105,14 +98,7 @@ same "$WORK/web01-sda.img" "$WORK/recovered/sda.raw" "the recovered disk is the 
 "$B/drctl" commit web01
 
 step "the recovered VM runs at the recovery site and writes"
-python3 - "$WORK/recovered/sda.raw" <<'PY'
-import os, random, sys
-fd = os.open(sys.argv[1], os.O_WRONLY)
-pages = os.fstat(fd).st_size // 4096
-for p in random.sample(range(pages), pages // 50):
-    os.pwrite(fd, os.urandom(4096), p * 4096)
-os.fsync(fd)
-PY
+echo "rewrote $(scatter "$WORK/recovered/sda.raw" 2 2) bytes"
 
 step "a master target on the primary site; reprotect to the original disk (delta sync)"
 "$B/drctl" enroll master-target --name onprem1 --out "$WORK/onprem1.bundle"

@@ -112,17 +112,12 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn take(
-        &mut self,
-        config: &Config,
-        durable: &mut [Seq],
-        m: Option<pb::ServerMessage>,
-    ) -> Result<(), tonic::Status> {
+    /// Acks need no handling: the agent's saved state moves only with acked points.
+    fn take(&mut self, m: Option<pb::ServerMessage>) -> Result<(), tonic::Status> {
         let Some(msg) = m else {
             return Err(tonic::Status::unavailable("the process server closed the stream"));
         };
         match msg.msg {
-            Some(pb::server_message::Msg::Ack(a)) => note_ack(config, durable, &a),
             Some(pb::server_message::Msg::Checkpoint(c)) => {
                 self.requests.push((c.request_id, c.app_consistent))
             }
@@ -206,7 +201,6 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     // What the receiver holds, per disk.
     let mut states = choose_states(&config, &welcome, saved);
     let mut inbox = Inbox::default();
-    let mut durable_dummy: Vec<Seq> = vec![Seq(0); config.disks.len()];
     let mut waiting: Vec<String> = welcome.hashes_follow.clone();
     if !waiting.is_empty() {
         info!(disks = ?waiting, "no saved state for the server's copy; comparing with the server's block hashes");
@@ -228,7 +222,7 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                     waiting.retain(|w| w != &bh.disk);
                 }
             }
-            other => inbox.take(&config, &mut durable_dummy, other)?,
+            other => inbox.take(other)?,
         }
     }
     let mut next_seq: Vec<Seq> = config
@@ -240,7 +234,6 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             Seq(durable + 1)
         })
         .collect();
-    let mut durable: Vec<Seq> = next_seq.iter().map(|s| Seq(s.0 - 1)).collect();
     let mut schedule = Schedule::from_policy(welcome.policy.as_ref(), config.interval);
     info!(vm = %config.vm, server = %config.server, crash_interval_s = schedule.crash.as_secs(),
         app_interval_s = schedule.app.as_secs(), "connected; replicating");
@@ -343,7 +336,6 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 &tx,
                 &mut inbound,
                 &mut next_seq,
-                &mut durable,
                 &mut inbox,
                 &shutdown,
                 app,
@@ -405,14 +397,8 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep_until(due), if awaiting_point.is_none() && !stood_down => {}
-            m = inbound.message() => inbox.take(&config, &mut durable, m?)?,
+            m = inbound.message() => inbox.take(m?)?,
         }
-    }
-}
-
-fn note_ack(config: &Config, durable: &mut [Seq], a: &pb::Ack) {
-    if let Some(i) = config.disks.iter().position(|d| d.name.as_str() == a.disk) {
-        durable[i] = durable[i].max(Seq(a.durable_seq));
     }
 }
 
@@ -476,7 +462,6 @@ async fn scan_until_consistent(
     tx: &mpsc::Sender<pb::AgentMessage>,
     inbound: &mut tonic::Streaming<pb::ServerMessage>,
     next_seq: &mut [Seq],
-    durable: &mut [Seq],
     inbox: &mut Inbox,
     shutdown: &CancellationToken,
     app: bool,
@@ -529,7 +514,7 @@ async fn scan_until_consistent(
                     }
                     None => break,
                 },
-                m = inbound.message() => inbox.take(config, durable, m?)?,
+                m = inbound.message() => inbox.take(m?)?,
             }
         }
         let (result, back) = scanner.await.map_err(|e| tonic::Status::internal(e.to_string()))?;
@@ -540,7 +525,7 @@ async fn scan_until_consistent(
                 // The freeze failed: scan again unquiesced; the point, if any, is crash-consistent.
                 let app_note = freeze_failed;
                 let (r, back) = Box::pin(scan_until_consistent(
-                    config, states, tx, inbound, next_seq, durable, inbox, shutdown, false, false,
+                    config, states, tx, inbound, next_seq, inbox, shutdown, false, false,
                 ))
                 .await?;
                 return Ok((r.map(|(pass, frozen, _)| (pass, frozen, app_note)), back));

@@ -30,6 +30,15 @@ enum OutFormat {
     Vhd,
 }
 
+impl OutFormat {
+    fn wire(self) -> i32 {
+        match self {
+            OutFormat::Raw => pb::OutputFormat::Raw as i32,
+            OutFormat::Vhd => pb::OutputFormat::Vhd as i32,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Issue an identity bundle.
@@ -486,10 +495,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     vm: vm.clone(),
                     point: point.clone(),
                     output: output.display().to_string(),
-                    format: match format {
-                        OutFormat::Raw => pb::OutputFormat::Raw,
-                        OutFormat::Vhd => pb::OutputFormat::Vhd,
-                    } as i32,
+                    format: format.wire(),
                 })
                 .await
                 .map_err(explain)?
@@ -555,10 +561,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     shutdown_source: *shutdown_source,
                     point: point.clone(),
                     output: output.display().to_string(),
-                    format: match format {
-                        OutFormat::Raw => pb::OutputFormat::Raw,
-                        OutFormat::Vhd => pb::OutputFormat::Vhd,
-                    } as i32,
+                    format: format.wire(),
                 })
                 .await
                 .map_err(explain)?

@@ -174,16 +174,9 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let (tx, rx) = mpsc::channel(4);
         let scratch = self.ctx.data_dir.join("tmp");
         tokio::task::spawn_blocking(move || {
-            let blocks = tern_core::blocks::block_count(h.size);
             let upto = h.journal().durable();
-            let name = h.name.to_string();
-            let size = h.size;
             let r = tern_store::materialize::hash_disk(&h, &scratch, upto, &mut |first, chunk| {
-                let table =
-                    pb::hash_table::encode(chunk, |i| tern_core::blocks::block_len(size, first + i as u64));
-                let last = first + chunk.len() as u64 >= blocks;
-                tx.blocking_send(Ok(pb::BlockHashes { disk: name.clone(), first_block: first, table, last }))
-                    .is_ok()
+                tx.blocking_send(Ok(pb::hash_table::message(h.name.as_str(), h.size, first, chunk))).is_ok()
             });
             if let Err(e) = r {
                 let _ = tx.blocking_send(Err(status(e)));

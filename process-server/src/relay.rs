@@ -39,12 +39,7 @@ impl Relay {
 
 /// The process server dials master targets with its own identity.
 pub fn client_identity(ctx: &Ctx) -> Result<Bundle, Status> {
-    let pki = ctx.data_dir.join("pki");
-    let read = |f: &str| {
-        std::fs::read_to_string(pki.join(f))
-            .map_err(|e| Status::internal(format!("{}: {e}", pki.join(f).display())))
-    };
-    Ok(Bundle { ca_pem: read("ca.pem")?, cert_pem: read("server.pem")?, key_pem: read("server.key")? })
+    crate::tls::identity(&ctx.data_dir.join("pki")).map_err(Status::internal)
 }
 
 pub async fn master_target(

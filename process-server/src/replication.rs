@@ -320,19 +320,9 @@ async fn send_hashes(
             let zeroes = matches!(source, HashSource::Zeroes);
             let sent2 = sent.clone();
             tokio::task::spawn_blocking(move || {
-                let size = h2.size;
                 let mut emit = |first: u64, chunk: &[tern_core::blocks::BlockHashes]| {
-                    let table = tern_proto::hash_table::encode(chunk, |i| {
-                        tern_core::blocks::block_len(size, first + i as u64)
-                    });
-                    let last = first + chunk.len() as u64 >= blocks;
-                    sent2.fetch_add(table.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    let hashes = tern_proto::BlockHashes {
-                        disk: h2.name.to_string(),
-                        first_block: first,
-                        table,
-                        last,
-                    };
+                    let hashes = tern_proto::hash_table::message(h2.name.as_str(), h2.size, first, chunk);
+                    sent2.fetch_add(hashes.table.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     out2.blocking_send(msg(server_message::Msg::BlockHashes(hashes))).is_ok()
                 };
                 if zeroes {

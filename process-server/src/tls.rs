@@ -1,17 +1,22 @@
-//! The process server's TLS identity, read from its data directory.
+//! The process server's TLS identity, read from its data directory. It serves with it and
+//! dials master targets with it.
 
 use std::path::Path;
 use std::sync::Arc;
+use tern_core::pki::Bundle;
 pub use tern_proto::tls::incoming;
 
-pub fn server_config(pki: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// CA certificate, server certificate and key from `DATA_DIR/pki`.
+pub fn identity(pki: &Path) -> Result<Bundle, String> {
     let read = |f: &str| {
         std::fs::read_to_string(pki.join(f)).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: {e}; is this a data directory made by `process-server init`?",
-                pki.join(f).display()
-            )
+            format!("{}: {e}; is this a data directory made by `process-server init`?", pki.join(f).display())
         })
     };
-    Ok(tern_proto::tls::server_config(&read("ca.pem")?, &read("server.pem")?, &read("server.key")?)?)
+    Ok(Bundle { ca_pem: read("ca.pem")?, cert_pem: read("server.pem")?, key_pem: read("server.key")? })
+}
+
+pub fn server_config(pki: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let id = identity(pki).map_err(anyhow::Error::msg)?;
+    Ok(tern_proto::tls::server_config(&id.ca_pem, &id.cert_pem, &id.key_pem)?)
 }

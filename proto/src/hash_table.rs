@@ -4,7 +4,7 @@
 //! disk, cost one byte.
 
 use tern_core::Digest;
-use tern_core::blocks::{BlockHashes, zero_block};
+use tern_core::blocks::{BlockHashes, block_count, block_len, zero_block};
 
 const ZERO: u8 = 0;
 const FULL: u8 = 1;
@@ -23,6 +23,16 @@ pub fn encode(blocks: &[BlockHashes], block_len: impl Fn(usize) -> usize) -> Vec
         }
     }
     out
+}
+
+/// The `BlockHashes` message for `chunk`: the blocks from `first` of a disk of `size` bytes.
+pub fn message(disk: &str, size: u64, first: u64, chunk: &[BlockHashes]) -> crate::BlockHashes {
+    crate::BlockHashes {
+        disk: disk.to_string(),
+        first_block: first,
+        table: encode(chunk, |i| block_len(size, first + i as u64)),
+        last: first + chunk.len() as u64 >= block_count(size),
+    }
 }
 
 /// Decodes a table; `block_len(i)` is the length of the i-th block of this message.

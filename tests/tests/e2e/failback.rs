@@ -1,10 +1,80 @@
 //! The way back: reprotect to a master target, fail back, reverse-replicate.
 
 use crate::harness::*;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 fn received(server: &Server, vm: &str) -> u64 {
     server.status(vm)["bytes_received"].as_u64().unwrap()
+}
+
+/// Protects `disk` as the only disk of `vm` and makes a first point.
+fn protect(server: &Server, root: &Path, vm: &str, disk: &Path) -> (Agent, PathBuf, serde_json::Value) {
+    let identity = root.join(format!("{vm}.bundle"));
+    server.enroll_agent(vm, &identity);
+    let agent = Agent::start(server, &identity, vm, &[("sda", disk)], &root.join(format!("st-{vm}")), &[]);
+    server.wait_connected(vm);
+    let point = server.checkpoint(vm);
+    (agent, identity, point)
+}
+
+/// Unplanned failover of `vm` (to `point`, or the latest) into `root/recovered`, then commit.
+/// Returns the recovered disk.
+fn fail_over_and_commit(server: &Server, root: &Path, vm: &str, point: Option<&str>) -> PathBuf {
+    let out = root.join("recovered");
+    let mut args = vec!["failover", vm, "--kind", "unplanned", "--output", out.to_str().unwrap()];
+    if let Some(p) = point {
+        args.extend(["--point", p]);
+    }
+    server.drctl_json(&args);
+    server.drctl_json(&["commit", vm]);
+    out.join("sda.raw")
+}
+
+/// `drctl reprotect` of disk sda; returns the arguments.
+fn reprotect_args(
+    vm: &str,
+    mt: &MasterTarget,
+    location: &str,
+    sync: &str,
+    target: &Path,
+    identity: &Path,
+) -> Vec<String> {
+    [
+        "reprotect",
+        vm,
+        "--master-target",
+        &mt.url(),
+        "--location",
+        location,
+        "--sync",
+        sync,
+        "--target-disk",
+        &format!("sda={}", target.display()),
+        "--identity-out",
+        identity.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// The recovered VM's agent, whose shutdown hook always succeeds.
+fn recovered_agent(server: &Server, root: &Path, vm: &str, identity: &Path, disk: &Path) -> Agent {
+    let agent = Agent::start(
+        server,
+        identity,
+        vm,
+        &[("sda", disk)],
+        &root.join(format!("st-{vm}-back")),
+        &["--shutdown", "true"],
+    );
+    server.wait_connected(vm);
+    agent
 }
 
 #[test]
@@ -13,15 +83,10 @@ fn the_full_circle() {
     let root = tmp.path();
     let mut server = Server::init(root);
     server.start();
-    let identity = root.join("circle.bundle");
-    server.enroll_agent("circle", &identity);
     let onprem = root.join("onprem-sda.img");
     make_ext4(&onprem, 32, 81);
     let size = 32u64 << 20;
-    let mut primary =
-        Agent::start(&server, &identity, "circle", &[("sda", &onprem)], &root.join("st-primary"), &[]);
-    server.wait_connected("circle");
-    server.checkpoint("circle");
+    let (mut primary, identity, _) = protect(&server, root, "circle", &onprem);
     scatter_writes(&onprem, 0.01, 82);
     server.checkpoint("circle");
     let at_failover = b3(&onprem, None);
@@ -42,18 +107,14 @@ fn the_full_circle() {
     // Reprotect to the original on-premises disk: a delta sync against it.
     let mut mt = MasterTarget::start(&server, root, "mt1");
     let rec_identity = root.join("recovered.bundle");
-    let r = server.drctl_json(&[
-        "reprotect",
+    let r = server.drctl_json(&strs(&reprotect_args(
         "circle",
-        "--master-target",
-        &mt.url(),
-        "--location",
+        &mt,
         "original",
-        "--target-disk",
-        &format!("sda={}", onprem.display()),
-        "--identity-out",
-        rec_identity.to_str().unwrap(),
-    ]);
+        "before",
+        &onprem,
+        &rec_identity,
+    )));
     assert!(r["agent_command"].as_str().unwrap().contains("mobility-agent run"));
     assert_eq!(server.status("circle")["state"], "reprotected");
     let err = server.drctl_err(&["policy", "set", "circle", "--retention", "1h"]);
@@ -61,15 +122,7 @@ fn the_full_circle() {
     let err = server.drctl_err(&["test-failover", "circle", "--output", root.join("no").to_str().unwrap()]);
     assert!(err.contains("reverse-replicate"), "{err}");
     let before = received(&server, "circle");
-    let mut rec_agent = Agent::start(
-        &server,
-        &rec_identity,
-        "circle",
-        &[("sda", &recovered)],
-        &root.join("st-recovered"),
-        &["--shutdown", "true"],
-    );
-    server.wait_connected("circle");
+    let mut rec_agent = recovered_agent(&server, root, "circle", &rec_identity, &recovered);
     server.checkpoint("circle");
     let delta = received(&server, "circle") - before;
     assert!(delta < size / 4, "the reprotect sync sent {delta} bytes of a {size}-byte disk: not a delta");
@@ -132,72 +185,26 @@ fn alternate_location_with_sync_during() {
     let root = tmp.path();
     let mut server = Server::init(root);
     server.start();
-    let identity = root.join("alt.bundle");
-    server.enroll_agent("alt", &identity);
     let onprem = root.join("alt.img");
     make_ext4(&onprem, 32, 91);
-    let mut primary = Agent::start(&server, &identity, "alt", &[("sda", &onprem)], &root.join("st"), &[]);
-    server.wait_connected("alt");
-    let older = server.checkpoint("alt");
+    let (mut primary, _, older) = protect(&server, root, "alt", &onprem);
     scatter_writes(&onprem, 0.02, 90);
     server.checkpoint("alt");
     primary.kill9();
     // Fail over to the older point: the journal holds records past it.
-    let out = root.join("recovered");
-    server.drctl_json(&[
-        "failover",
-        "alt",
-        "--kind",
-        "unplanned",
-        "--point",
-        &older["id"].to_string(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    server.drctl_json(&["commit", "alt"]);
-    let recovered = out.join("sda.raw");
+    let recovered = fail_over_and_commit(&server, root, "alt", Some(&older["id"].to_string()));
     scatter_writes(&recovered, 0.02, 92);
     let mt = MasterTarget::start(&server, root, "mt2");
     let new_disk = root.join("new-sda.img");
     // A wrong size is refused and nothing is written.
-    let err = server.drctl_err(&[
-        "reprotect",
-        "alt",
-        "--master-target",
-        &mt.url(),
-        "--location",
-        "original",
-        "--target-disk",
-        &format!("sda={}", root.join("missing.img").display()),
-        "--identity-out",
-        root.join("x.bundle").to_str().unwrap(),
-    ]);
+    let args =
+        reprotect_args("alt", &mt, "original", "before", &root.join("missing.img"), &root.join("x.bundle"));
+    let err = server.drctl_err(&strs(&args));
     assert!(err.contains("cannot open"), "{err}");
     assert_eq!(server.status("alt")["state"], "failover-committed");
     let rec_identity = root.join("rec.bundle");
-    server.drctl_json(&[
-        "reprotect",
-        "alt",
-        "--master-target",
-        &mt.url(),
-        "--location",
-        "alternate",
-        "--sync",
-        "during",
-        "--target-disk",
-        &format!("sda={}", new_disk.display()),
-        "--identity-out",
-        rec_identity.to_str().unwrap(),
-    ]);
-    let _rec = Agent::start(
-        &server,
-        &rec_identity,
-        "alt",
-        &[("sda", &recovered)],
-        &root.join("st-rec"),
-        &["--shutdown", "true"],
-    );
-    server.wait_connected("alt");
+    server.drctl_json(&strs(&reprotect_args("alt", &mt, "alternate", "during", &new_disk, &rec_identity)));
+    let _rec = recovered_agent(&server, root, "alt", &rec_identity, &recovered);
     scatter_writes(&recovered, 0.01, 93);
     let want = b3(&recovered, None);
     let res = server.drctl_json(&["failback", "alt"]);
@@ -211,39 +218,23 @@ fn reprotect_to_a_disk_of_the_wrong_size_is_refused() {
     let root = tmp.path();
     let mut server = Server::init(root);
     server.start();
-    let identity = root.join("w.bundle");
-    server.enroll_agent("w", &identity);
     let onprem = root.join("w.img");
     make_random(&onprem, 8, 2, 1);
-    let mut primary = Agent::start(&server, &identity, "w", &[("sda", &onprem)], &root.join("st"), &[]);
-    server.wait_connected("w");
-    server.checkpoint("w");
+    let (mut primary, _, _) = protect(&server, root, "w", &onprem);
     primary.kill9();
-    server.drctl_json(&[
-        "failover",
-        "w",
-        "--kind",
-        "unplanned",
-        "--output",
-        root.join("o").to_str().unwrap(),
-    ]);
-    server.drctl_json(&["commit", "w"]);
+    fail_over_and_commit(&server, root, "w", None);
     let mt = MasterTarget::start(&server, root, "mt3");
     let small = root.join("small.img");
     make_random(&small, 4, 1, 2);
     let before = b3(&small, None);
-    let err = server.drctl_err(&[
-        "reprotect",
+    let err = server.drctl_err(&strs(&reprotect_args(
         "w",
-        "--master-target",
-        &mt.url(),
-        "--location",
+        &mt,
         "original",
-        "--target-disk",
-        &format!("sda={}", small.display()),
-        "--identity-out",
-        root.join("x.bundle").to_str().unwrap(),
-    ]);
+        "before",
+        &small,
+        &root.join("x.bundle"),
+    )));
     assert!(err.contains("4194304 bytes") && err.contains("8388608 bytes"), "{err}");
     assert_eq!(b3(&small, None), before, "nothing written");
     assert_eq!(server.status("w")["state"], "failover-committed");
@@ -255,41 +246,15 @@ fn master_target_killed_during_the_failback_apply() {
     let root = tmp.path();
     let mut server = Server::init(root);
     server.start();
-    let identity = root.join("k.bundle");
-    server.enroll_agent("k", &identity);
     let onprem = root.join("k.img");
     make_random(&onprem, 48, 4, 1);
-    let mut primary = Agent::start(&server, &identity, "k", &[("sda", &onprem)], &root.join("st"), &[]);
-    server.wait_connected("k");
-    server.checkpoint("k");
+    let (mut primary, _, _) = protect(&server, root, "k", &onprem);
     primary.kill9();
-    let out = root.join("recovered");
-    server.drctl_json(&["failover", "k", "--kind", "unplanned", "--output", out.to_str().unwrap()]);
-    server.drctl_json(&["commit", "k"]);
-    let recovered = out.join("sda.raw");
+    let recovered = fail_over_and_commit(&server, root, "k", None);
     let mut mt = MasterTarget::start(&server, root, "mtk");
     let rec_identity = root.join("rec.bundle");
-    server.drctl_json(&[
-        "reprotect",
-        "k",
-        "--master-target",
-        &mt.url(),
-        "--location",
-        "original",
-        "--target-disk",
-        &format!("sda={}", onprem.display()),
-        "--identity-out",
-        rec_identity.to_str().unwrap(),
-    ]);
-    let _rec = Agent::start(
-        &server,
-        &rec_identity,
-        "k",
-        &[("sda", &recovered)],
-        &root.join("st-rec"),
-        &["--shutdown", "true"],
-    );
-    server.wait_connected("k");
+    server.drctl_json(&strs(&reprotect_args("k", &mt, "original", "before", &onprem, &rec_identity)));
+    let _rec = recovered_agent(&server, root, "k", &rec_identity, &recovered);
     make_random(&recovered, 48, 40, 2);
     let want = b3(&recovered, None);
     // The master target will crash in the middle of the apply: after the target disk was

@@ -53,6 +53,14 @@ pub fn deadline_poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Opti
     }
 }
 
+/// Kills a child process with SIGKILL and reaps it.
+pub fn kill9(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
 /// Spawns a daemon that prints `listening on ADDR` first; returns it and the port.
 fn spawn_listening(cmd: &mut Command) -> (Child, u16) {
     let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
@@ -97,10 +105,7 @@ impl Server {
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
+        kill9(&mut self.child);
     }
 
     pub fn url(&self) -> String {
@@ -244,10 +249,7 @@ impl Agent {
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
+        kill9(&mut self.child);
     }
 
     pub fn log_text(&self) -> String {
@@ -407,10 +409,7 @@ impl MasterTarget {
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
+        kill9(&mut self.child);
     }
 
     pub fn url(&self) -> String {
