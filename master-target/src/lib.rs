@@ -4,6 +4,7 @@
 //! failback applies the final point onto that disk and checks its fingerprint.
 //! Only the process server (role `server`) may call it.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +14,8 @@ use tern_core::pki::{Bundle, Role, role_of};
 use tern_core::{Digest, DiskName, Seq, VmName};
 use tern_proto as pb;
 use tern_store::format::RecordKind;
-use tern_store::{Record, Store, StoreError, journal::verify_record};
+use tern_store::write_through::PlainRecord;
+use tern_store::{DiskHandle, Record, Store, StoreError, journal::decode_record};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -22,6 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
+
+/// A master target's VM states: how relayed records are kept until the failback.
+const JOURNAL: &str = "journal";
+const WRITE_THROUGH: &str = "write-through";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -94,6 +100,15 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         require_server(&req, "Prepare")?;
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
+        let mode = if r.write_through { WRITE_THROUGH } else { JOURNAL };
+        if !self.ctx.store.vm_disks(&vm).is_empty()
+            && let Ok(was) = self.ctx.store.vm_state(&vm)
+            && was != mode
+        {
+            return Err(Status::failed_precondition(format!(
+                "VM {vm} is already prepared here in {was} mode; release it first"
+            )));
+        }
         let mut disks = Vec::new();
         for d in &r.disks {
             let name = DiskName::new(&d.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -151,11 +166,14 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
                 }
             }
             let list: Vec<_> = disks.iter().map(|(n, s, p, _, a)| (n.clone(), *s, p.clone(), *a)).collect();
-            store.register_on(&v, &list).map_err(|e| std::io::Error::other(e.to_string()))
+            store
+                .register_on(&v, &list)
+                .and_then(|()| store.catalog().set_vm_state(&v, mode))
+                .map_err(|e| std::io::Error::other(e.to_string()))
         })
         .await?
         .map_err(|e| Status::failed_precondition(format!("cannot prepare the target disks: {e}")))?;
-        info!(vm = %vm, disks = r.disks.len(), "target disks prepared");
+        info!(vm = %vm, disks = r.disks.len(), mode, "target disks prepared");
         Ok(Response::new(pb::PrepareReply {}))
     }
 
@@ -292,8 +310,10 @@ impl pb::replication_server::Replication for RelayService {
             .await
             .map_err(|_| Status::cancelled("gone"))?;
         let store = self.ctx.store.clone();
+        let through = store.vm_state(&vm).is_ok_and(|s| s == WRITE_THROUGH);
+        let (pipe_tx, pipe_rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
+        tokio::spawn(write_loop(store.clone(), vm.clone(), through, pipe_rx, tx.clone()));
         tokio::spawn(async move {
-            let mut dec_slot = Some(Decoder::new());
             loop {
                 let m = match inbound.message().await {
                     Ok(Some(m)) => m,
@@ -304,13 +324,17 @@ impl pb::replication_server::Replication for RelayService {
                     }
                 };
                 let Some(pb::agent_message::Msg::Batch(b)) = m.msg else { continue };
-                let mut dec = dec_slot.take().unwrap_or_default();
-                let res = ingest(&store, &vm, b, &mut dec, &tx).await;
-                dec_slot = Some(dec);
-                if let Err(s) = res {
-                    warn!(vm = %vm, error = %s.message(), "relayed batch refused");
-                    let _ = tx.send(Err(s)).await;
-                    break;
+                match verify_batch(&store, &vm, b, through) {
+                    Ok(pending) => {
+                        if pipe_tx.send(pending).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(s) => {
+                        warn!(vm = %vm, error = %s.message(), "relayed batch refused");
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
                 }
             }
         });
@@ -318,15 +342,30 @@ impl pb::replication_server::Replication for RelayService {
     }
 }
 
-async fn ingest(
-    store: &Arc<Store>,
-    vm: &VmName,
-    b: pb::Batch,
-    dec: &mut Decoder,
-    out: &Outbound,
-) -> Result<(), Status> {
+/// Verified batches waiting to be written; bounds memory per relay stream.
+const PIPELINE_DEPTH: usize = 4;
+/// Unsynced bytes after which the writer makes them durable even if more batches wait.
+const GROUP_COMMIT_BYTES: u64 = 32 << 20;
+
+/// A batch checked off the reactor: its records (kept compressed for the journal) or,
+/// written through, their plain bytes.
+#[derive(Debug)]
+struct Verified {
+    disk: Arc<DiskHandle>,
+    first: Seq,
+    records: Vec<Record>,
+    plain: Vec<PlainRecord>,
+    bytes: u64,
+}
+
+type Pending = tokio::task::JoinHandle<Result<Verified, Status>>;
+
+/// Parses a relayed batch and starts verifying it (decompress, BLAKE3) on the blocking pool,
+/// so that consecutive batches verify in parallel.
+fn verify_batch(store: &Store, vm: &VmName, b: pb::Batch, through: bool) -> Result<Pending, Status> {
     let name = DiskName::new(&b.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let h = store.disk(vm, &name).ok_or_else(|| Status::invalid_argument(format!("unknown disk {name}")))?;
+    let disk =
+        store.disk(vm, &name).ok_or_else(|| Status::invalid_argument(format!("unknown disk {name}")))?;
     let mut records = Vec::with_capacity(b.records.len());
     for r in b.records {
         let kind = if r.kind == pb::RecordKind::Zero as i32 { RecordKind::Zero } else { RecordKind::Write };
@@ -345,27 +384,115 @@ async fn ingest(
         });
     }
     let first = Seq(b.first_seq);
-    let mut d = std::mem::take(dec);
-    let (d, durable) = blocking(move || {
-        for (i, r) in records.iter().enumerate() {
-            if let Err(p) = verify_record(&mut d, h.size, r) {
-                return (
-                    d,
-                    Err(Status::data_loss(format!("disk {} seq {}: {p}", h.name, first.0 + i as u64))),
-                );
-            }
+    Ok(tokio::task::spawn_blocking(move || {
+        thread_local! {
+            static DECODER: std::cell::RefCell<Decoder> = std::cell::RefCell::new(Decoder::new());
         }
-        let mut j = h.journal();
-        let res = j.append(first, &records).and_then(|_| j.sync()).map_err(status);
-        (d, res)
-    })
-    .await?;
-    *dec = d;
-    let durable = durable?;
-    let _ = out.try_send(msg(pb::server_message::Msg::Ack(pb::Ack {
-        disk: name.to_string(),
-        durable_seq: durable.0,
-    })));
+        DECODER.with(|d| {
+            let mut dec = d.borrow_mut();
+            let mut plain = Vec::new();
+            let mut bytes = 0u64;
+            for (i, r) in records.iter().enumerate() {
+                let data = decode_record(&mut dec, disk.size, r).map_err(|p| {
+                    Status::data_loss(format!("disk {} seq {}: {p}", disk.name, first.0 + i as u64))
+                })?;
+                bytes += r.payload.len() as u64;
+                if through {
+                    plain.push(PlainRecord { offset: r.offset, length: r.length, data });
+                }
+            }
+            if through {
+                records.clear();
+            }
+            Ok(Verified { disk, first, records, plain, bytes })
+        })
+    }))
+}
+
+/// Writes verified batches in order — into the journal, or written through onto the target
+/// disk — makes them durable as a group when the queue runs dry, then acks.
+async fn write_loop(
+    store: Arc<Store>,
+    vm: VmName,
+    through: bool,
+    mut rx: mpsc::Receiver<Pending>,
+    out: Outbound,
+) {
+    // Write-through: where each disk's next record goes, and its open target disk.
+    let mut next: HashMap<DiskName, Seq> = HashMap::new();
+    let mut files: HashMap<DiskName, Arc<std::fs::File>> = HashMap::new();
+    let mut unsynced: HashMap<DiskName, (Arc<DiskHandle>, Seq)> = HashMap::new();
+    let mut unsynced_bytes = 0u64;
+    while let Some(pending) = rx.recv().await {
+        let step = async {
+            let v = pending.await.map_err(|e| Status::internal(e.to_string()))??;
+            let name = v.disk.name.clone();
+            let n = v.records.len().max(v.plain.len()) as u64;
+            let last = Seq(v.first.0 + n.saturating_sub(1));
+            if through {
+                let expect = *next.entry(name.clone()).or_insert_with(|| v.disk.journal().durable().next());
+                if v.first > expect {
+                    return Err(status(StoreError::SeqGap { expected: expect, got: v.first }));
+                }
+                let skip = usize::try_from(expect.0 - v.first.0).unwrap_or(usize::MAX);
+                if n == 0 || skip >= v.plain.len() {
+                    return Ok(());
+                }
+                let file = match files.get(&name) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let (s, d) = (store.clone(), v.disk.clone());
+                        let f =
+                            Arc::new(blocking(move || s.open_base_for_writing(&d)).await?.map_err(status)?);
+                        files.insert(name.clone(), f.clone());
+                        f
+                    }
+                };
+                let (s, d) = (store.clone(), v.disk.clone());
+                blocking(move || s.write_through(&d, &file, &v.plain[skip..])).await?.map_err(status)?;
+                next.insert(name.clone(), last.next());
+            } else {
+                let d = v.disk.clone();
+                blocking(move || d.journal().append(v.first, &v.records)).await?.map_err(status)?;
+            }
+            unsynced.insert(name, (v.disk, last));
+            unsynced_bytes += v.bytes;
+            Ok::<(), Status>(())
+        };
+        let mut result = step.await;
+        if result.is_ok() && (rx.is_empty() || unsynced_bytes >= GROUP_COMMIT_BYTES) {
+            unsynced_bytes = 0;
+            result = commit(&store, &mut unsynced, &files, &out).await;
+        }
+        if let Err(s) = result {
+            warn!(vm = %vm, error = %s.message(), "relayed batch refused");
+            let _ = out.send(Err(s)).await;
+            return;
+        }
+    }
+    let _ = commit(&store, &mut unsynced, &files, &out).await;
+}
+
+async fn commit(
+    store: &Arc<Store>,
+    unsynced: &mut HashMap<DiskName, (Arc<DiskHandle>, Seq)>,
+    files: &HashMap<DiskName, Arc<std::fs::File>>,
+    out: &Outbound,
+) -> Result<(), Status> {
+    for (name, (disk, last)) in unsynced.drain() {
+        let (s, file) = (store.clone(), files.get(&name).cloned());
+        let durable = blocking(move || match file {
+            Some(f) => s.commit_through(&disk, &f, last).map(|()| disk.journal().durable()),
+            None => disk.journal().sync(),
+        })
+        .await?
+        .map_err(status)?;
+        // Acks are cumulative; a dropped one is superseded by the next.
+        let _ = out.try_send(msg(pb::server_message::Msg::Ack(pb::Ack {
+            disk: name.to_string(),
+            durable_seq: durable.0,
+        })));
+    }
     Ok(())
 }
 

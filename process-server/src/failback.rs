@@ -82,7 +82,7 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
             }
         })
         .collect();
-    mt.prepare(pb::PrepareRequest { vm: vm.to_string(), disks }).await?;
+    mt.prepare(pb::PrepareRequest { vm: vm.to_string(), disks, write_through: sync == "during" }).await?;
     let row = ReprotectRow {
         master_target: r.master_target.clone(),
         alternate: r.alternate,

@@ -56,6 +56,15 @@ pub enum RecordProblem {
 /// Checks an incoming record against the disk and its own digest. Costs a decompression
 /// and a hash; run it off the async reactor.
 pub fn verify_record(dec: &mut Decoder, disk_size: u64, r: &Record) -> Result<(), RecordProblem> {
+    decode_record(dec, disk_size, r).map(|_| ())
+}
+
+/// [`verify_record`], keeping the plain data of a write (`None` for a zero extent).
+pub fn decode_record(
+    dec: &mut Decoder,
+    disk_size: u64,
+    r: &Record,
+) -> Result<Option<Vec<u8>>, RecordProblem> {
     if r.length == 0 || r.length > MAX_RECORD_LEN {
         return Err(RecordProblem::BadLength(r.length));
     }
@@ -64,12 +73,9 @@ pub fn verify_record(dec: &mut Decoder, disk_size: u64, r: &Record) -> Result<()
     }
     match r.kind {
         RecordKind::Zero if !r.payload.is_empty() => Err(RecordProblem::ZeroWithPayload),
-        RecordKind::Zero => Ok(()),
+        RecordKind::Zero => Ok(None),
         RecordKind::Bookmark => Err(RecordProblem::Bookmark),
-        RecordKind::Write => {
-            dec.decode(r.compressed, &r.payload, r.length as usize, &r.digest)?;
-            Ok(())
-        }
+        RecordKind::Write => Ok(Some(dec.decode(r.compressed, &r.payload, r.length as usize, &r.digest)?)),
     }
 }
 

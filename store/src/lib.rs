@@ -32,6 +32,7 @@ pub mod format;
 pub mod journal;
 pub mod materialize;
 pub mod retention;
+pub mod write_through;
 
 pub use catalog::{Catalog, Consistency, Point, PointDisk};
 pub use journal::{Journal, Record, RecordProblem};

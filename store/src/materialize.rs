@@ -191,15 +191,7 @@ pub(crate) fn apply_records(
                     })?;
                 out.write_all_at(&plain, r.offset).map_err(io_err(out_path))?;
             }
-            RecordKind::Zero => {
-                let mut pos = r.offset;
-                let end = r.offset + u64::from(r.length);
-                while pos < end {
-                    let n = usize::try_from((end - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
-                    out.write_all_at(&zeroes[..n], pos).map_err(io_err(out_path))?;
-                    pos += n as u64;
-                }
-            }
+            RecordKind::Zero => zero_range(out, out_path, r.offset, u64::from(r.length), &zeroes)?,
         }
         done += u64::from(r.length);
         progress(done);
@@ -207,26 +199,154 @@ pub(crate) fn apply_records(
     Ok(())
 }
 
-/// The block fingerprint of a file, reading only its data ranges (holes are zero blocks).
-pub fn fingerprint_file(f: &File, size: u64, path: &Path) -> Result<Digest, StoreError> {
-    use tern_core::blocks::zero_block;
+/// Makes `[offset, offset + len)` of `out` read as zeroes: a regular file gets a hole
+/// punched (no data written, space freed), anything else (a block device, a file system
+/// without hole punching) gets zeroes written.
+pub(crate) fn zero_range(
+    out: &File,
+    out_path: &Path,
+    offset: u64,
+    len: u64,
+    zeroes: &[u8],
+) -> Result<(), StoreError> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    let is_file = out.metadata().is_ok_and(|m| m.file_type().is_file());
+    if is_file && fallocate(out, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len).is_ok()
+    {
+        return Ok(());
+    }
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let n = usize::try_from((end - pos).min(zeroes.len() as u64)).unwrap_or(zeroes.len());
+        out.write_all_at(&zeroes[..n], pos).map_err(io_err(out_path))?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Bytes each hashing thread takes per round.
+const HASH_SLICE: u64 = 8 << 20;
+
+/// Hashes every 64 KiB block of a file on all cores, reading only its data ranges: `hash`
+/// gets a block's bytes, or `None` for a block inside a hole (all zeroes, not read).
+/// `emit` gets the results in block order, a run at a time (first block index and the
+/// run), and returns false to stop.
+fn hash_blocks<T: Send>(
+    f: &File,
+    size: u64,
+    path: &Path,
+    hash: &(dyn Fn(Option<&[u8]>, usize) -> T + Sync),
+    emit: &mut dyn FnMut(u64, Vec<T>) -> bool,
+) -> Result<(), StoreError> {
     let ranges = data_ranges(f, size);
-    let mut fp = Fingerprint::new();
-    let mut buf = vec![0u8; COPY_CHUNK];
-    let mut pos = 0u64;
-    while pos < size {
-        let n = usize::try_from((size - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
-        let end = pos + n as u64;
-        if ranges.iter().any(|&(a, b)| a < end && b > pos) {
-            f.read_exact_at(&mut buf[..n], pos).map_err(io_err(path))?;
-            fp.push_data(&buf[..n]);
-        } else {
-            for block in buf[..n].chunks(BLOCK_SIZE) {
-                fp.push(&zero_block(block.len()).block);
+    // Whether [a, b) overlaps a data range (ranges are sorted and disjoint).
+    let has_data = |a: u64, b: u64| {
+        let i = ranges.partition_point(|&(_, end)| end <= a);
+        ranges.get(i).is_some_and(|&(start, _)| start < b)
+    };
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8) as u64;
+    let slice_of = |start: u64| -> Result<Vec<T>, StoreError> {
+        let end = (start + HASH_SLICE).min(size);
+        let mut out =
+            Vec::with_capacity(usize::try_from((end - start).div_ceil(BLOCK_SIZE as u64)).unwrap_or(0));
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut pos = start;
+        while pos < end {
+            let n = usize::try_from((end - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+            let read = has_data(pos, pos + n as u64);
+            if read {
+                f.read_exact_at(&mut buf[..n], pos).map_err(io_err(path))?;
+            }
+            for (i, block) in buf[..n].chunks(BLOCK_SIZE).enumerate() {
+                let at = pos + (i * BLOCK_SIZE) as u64;
+                let data = read && has_data(at, at + block.len() as u64);
+                out.push(hash(data.then_some(block), block.len()));
+            }
+            pos += n as u64;
+        }
+        Ok(out)
+    };
+    // Workers take slices in order and may run ahead of the emitter by a bounded window;
+    // the emitter puts finished slices back in order.
+    let slices = size.div_ceil(HASH_SLICE);
+    let window = workers * 4;
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let progress = (std::sync::Mutex::new((0u64, false)), std::sync::Condvar::new());
+    std::thread::scope(|s| -> Result<(), StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, Result<Vec<T>, StoreError>)>();
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (next, progress, slice_of) = (&next, &progress, &slice_of);
+            s.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= slices {
+                        return;
+                    }
+                    {
+                        let (lock, cv) = progress;
+                        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+                        while !g.1 && i >= g.0 + window {
+                            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                        }
+                        if g.1 {
+                            return;
+                        }
+                    }
+                    if tx.send((i, slice_of(i * HASH_SLICE))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let stop = |progress: &(std::sync::Mutex<(u64, bool)>, std::sync::Condvar)| {
+            progress.0.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+            progress.1.notify_all();
+        };
+        let mut done: std::collections::BTreeMap<u64, Vec<T>> = std::collections::BTreeMap::new();
+        let mut emitted = 0u64;
+        while emitted < slices {
+            let Ok((i, r)) = rx.recv() else {
+                return Err(StoreError::Invariant("the hashing threads stopped early"));
+            };
+            match r {
+                Ok(v) => {
+                    done.insert(i, v);
+                }
+                Err(e) => {
+                    stop(&progress);
+                    return Err(e);
+                }
+            }
+            while let Some(v) = done.remove(&emitted) {
+                if !emit(emitted * HASH_SLICE / BLOCK_SIZE as u64, v) {
+                    stop(&progress);
+                    return Ok(());
+                }
+                emitted += 1;
+                progress.0.lock().unwrap_or_else(|p| p.into_inner()).0 = emitted;
+                progress.1.notify_all();
             }
         }
-        pos = end;
-    }
+        Ok(())
+    })
+}
+
+/// The block fingerprint of a file, reading only its data ranges (holes are zero blocks),
+/// on all cores.
+pub fn fingerprint_file(f: &File, size: u64, path: &Path) -> Result<Digest, StoreError> {
+    use tern_core::blocks::zero_block;
+    let mut fp = Fingerprint::new();
+    let hash = |data: Option<&[u8]>, len: usize| match data {
+        Some(d) if !is_zero(d) => Digest::of(d),
+        _ => zero_block(len).block,
+    };
+    hash_blocks(f, size, path, &hash, &mut |_, run| {
+        run.iter().for_each(|d| fp.push(d));
+        true
+    })?;
     Ok(fp.finish())
 }
 
@@ -290,7 +410,8 @@ pub fn hash_disk(
     result
 }
 
-/// Hashes a whole file block by block (holes as zero blocks, without reading them).
+/// Hashes a whole file block by block (holes as zero blocks, without reading them), on
+/// all cores, and hands them to `emit` in chunks of [`HASHES_PER_CHUNK`].
 fn hash_file(
     f: &File,
     size: u64,
@@ -298,32 +419,29 @@ fn hash_file(
     emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
 ) -> Result<(), StoreError> {
     use tern_core::blocks::{hash_block, zero_block};
-    let ranges = data_ranges(f, size);
-    let mut buf = vec![0u8; COPY_CHUNK];
-    let mut chunk = Vec::with_capacity(HASHES_PER_CHUNK);
+    let hash = |data: Option<&[u8]>, len: usize| match data {
+        Some(d) if !is_zero(d) => hash_block(d),
+        _ => zero_block(len),
+    };
+    let mut pending = Vec::with_capacity(HASHES_PER_CHUNK);
     let mut first = 0u64;
-    let mut pos = 0u64;
-    while pos < size {
-        let n = usize::try_from((size - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
-        let end = pos + n as u64;
-        let has_data = ranges.iter().any(|&(a, b)| a < end && b > pos);
-        if has_data {
-            f.read_exact_at(&mut buf[..n], pos).map_err(io_err(path))?;
-        }
-        for block in buf[..n].chunks(BLOCK_SIZE) {
-            chunk.push(if !has_data || is_zero(block) { zero_block(block.len()) } else { hash_block(block) });
-            if chunk.len() == HASHES_PER_CHUNK {
-                if !emit(first, &chunk) {
-                    return Ok(());
+    let mut stopped = false;
+    hash_blocks(f, size, path, &hash, &mut |_, run| {
+        for h in run {
+            pending.push(h);
+            if pending.len() == HASHES_PER_CHUNK {
+                if !emit(first, &pending) {
+                    stopped = true;
+                    return false;
                 }
-                first += chunk.len() as u64;
-                chunk.clear();
+                first += pending.len() as u64;
+                pending.clear();
             }
         }
-        pos = end;
-    }
-    if !chunk.is_empty() {
-        emit(first, &chunk);
+        true
+    })?;
+    if !stopped && !pending.is_empty() {
+        emit(first, &pending);
     }
     Ok(())
 }
