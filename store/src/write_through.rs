@@ -72,6 +72,7 @@ impl Store {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::PlainRecord;
     use crate::{Store, StoreError, set_failpoint};
