@@ -340,6 +340,9 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 &shutdown,
                 app,
                 true,
+                // Held (failback with --sync during), the pass is a full download: blocks
+                // are checked whole and their 4 KiB page values are not computed.
+                !schedule.hold,
             )
             .await?;
             states = back;
@@ -466,6 +469,7 @@ async fn scan_until_consistent(
     shutdown: &CancellationToken,
     app: bool,
     may_quiesce: bool,
+    page_hashes: bool,
 ) -> Result<(Option<(PassResult, bool, String)>, Vec<DiskState>), tonic::Status> {
     let mut note = String::new();
     for attempt in 1..=CONSISTENT_ATTEMPTS {
@@ -493,7 +497,7 @@ async fn scan_until_consistent(
             } else {
                 None
             };
-            let r = scan::run_pass(&cfg.disks, &mut states, frozen.is_some(), &ev_tx, &c2);
+            let r = scan::run_pass(&cfg.disks, &mut states, frozen.is_some(), page_hashes, &ev_tx, &c2);
             let was_frozen = frozen.is_some();
             if let Some(f) = frozen {
                 f.thaw();
@@ -525,7 +529,7 @@ async fn scan_until_consistent(
                 // The freeze failed: scan again unquiesced; the point, if any, is crash-consistent.
                 let app_note = freeze_failed;
                 let (r, back) = Box::pin(scan_until_consistent(
-                    config, states, tx, inbound, next_seq, inbox, shutdown, false, false,
+                    config, states, tx, inbound, next_seq, inbox, shutdown, false, false, page_hashes,
                 ))
                 .await?;
                 return Ok((r.map(|(pass, frozen, _)| (pass, frozen, app_note)), back));

@@ -13,7 +13,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use tern_core::blocks::{BlockHashes, Fingerprint, hash_block, is_zero, zero_block};
 use tern_core::codec::Encoder;
-use tern_core::{BLOCK_SIZE, Digest, DiskName, PAGE_SIZE};
+use tern_core::{BLOCK_SIZE, Digest, DiskName, PAGE_SIZE, PAGES_PER_BLOCK};
 use tern_proto as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -94,6 +94,7 @@ pub fn run_pass(
     disks: &[DiskSource],
     states: &mut [DiskState],
     frozen: bool,
+    page_hashes: bool,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
 ) -> Result<PassResult, ScanError> {
@@ -107,7 +108,7 @@ pub fn run_pass(
         versions.push(version(&f).map_err(read_err)?);
     }
     for (i, (d, state)) in disks.iter().zip(states.iter_mut()).enumerate() {
-        let fp = scan_disk(i, d, state, workers, out, cancel, &mut result)?;
+        let fp = scan_disk(i, d, state, workers, page_hashes, out, cancel, &mut result)?;
         result.fingerprints.push(fp);
     }
     for (d, before) in disks.iter().zip(&versions) {
@@ -123,11 +124,13 @@ pub fn run_pass(
     Ok(result)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn scan_disk(
     index: usize,
     d: &DiskSource,
     state: &mut DiskState,
     workers: usize,
+    page_hashes: bool,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
     result: &mut PassResult,
@@ -157,7 +160,7 @@ fn scan_disk(
             let rx = job_rx.clone();
             let file = File::open(&d.path).map_err(read_err)?;
             let size = d.size;
-            s.spawn(move || worker(rx, file, size));
+            s.spawn(move || worker(rx, file, size, page_hashes));
         }
         let mut inflight: VecDeque<(u64, Receiver<Result<ChunkOut, std::io::Error>>)> = VecDeque::new();
         let mut next = 0u64;
@@ -204,7 +207,7 @@ fn scan_disk(
     Ok(fp.finish())
 }
 
-fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: File, size: u64) {
+fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: File, size: u64, page_hashes: bool) {
     let mut enc = Encoder::new();
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -215,9 +218,38 @@ fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: File, size: u64) {
                 Err(_) => return,
             }
         };
-        let out = scan_chunk(&file, size, &job, &mut buf, &mut enc);
+        let out = scan_chunk(&file, size, &job, &mut buf, &mut enc, page_hashes);
         let _ = job.reply.send(out);
     }
+}
+
+/// The data extents of `[start, end)` of a file, as block-aligned offsets relative to
+/// `start`; everything else is a hole. A file system (or a block device) that cannot tell
+/// gives the whole range.
+fn data_extents(file: &File, start: u64, end: u64) -> Vec<(usize, usize)> {
+    let align = |x: u64| usize::try_from(x - start).unwrap_or(usize::MAX);
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return vec![(0, align(end))],
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(file, SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
+        let block = BLOCK_SIZE as u64;
+        let a = align(start + (data - start) / block * block);
+        let b = align(start + ((hole - start).div_ceil(block) * block).min(end - start));
+        match out.last_mut() {
+            Some((_, last_end)) if *last_end >= a => *last_end = b,
+            _ => out.push((a, b)),
+        }
+        pos = hole.max(data + 1);
+    }
+    out
 }
 
 fn scan_chunk(
@@ -226,42 +258,51 @@ fn scan_chunk(
     job: &Job,
     buf: &mut [u8],
     enc: &mut Encoder,
+    page_hashes: bool,
 ) -> Result<ChunkOut, std::io::Error> {
     let start = job.index * CHUNK as u64;
     let len = usize::try_from((size - start).min(CHUNK as u64)).unwrap_or(CHUNK);
-    let has_data = match seek(file, SeekFrom::Data(start)) {
-        Ok(d) => d < start + len as u64,
-        Err(rustix::io::Errno::NXIO) => false,
-        Err(_) => true,
-    };
+    // Only the data extents are read; blocks in holes are zero without a look.
+    let extents = data_extents(file, start, start + len as u64);
     let data = &mut buf[..len];
-    if has_data {
-        file.read_exact_at(data, start)?;
+    let mut read = 0u64;
+    let mut filled = 0usize;
+    for &(a, b) in &extents {
+        data[filled..a].fill(0);
+        file.read_exact_at(&mut data[a..b], start + a as u64)?;
+        read += (b - a) as u64;
+        filled = b;
     }
+    data[filled..].fill(0);
+    let in_hole = |off: usize| !extents.iter().any(|&(a, b)| a <= off && off < b);
     let mut out =
-        ChunkOut { new: Vec::with_capacity(job.old.len()), records: Vec::new(), read: 0, changed: 0 };
-    if has_data {
-        out.read = len as u64;
-    }
+        ChunkOut { new: Vec::with_capacity(job.old.len()), records: Vec::new(), read, changed: 0 };
     for (b, old) in job.old.iter().enumerate() {
         let off = b * BLOCK_SIZE;
         let blen = (len - off).min(BLOCK_SIZE);
         let block = &data[off..off + blen];
-        let zero = !has_data || is_zero(block);
-        let new = if zero { zero_block(blen) } else { hash_block(block) };
+        let zero = in_hole(off) || is_zero(block);
+        let new = match (zero, page_hashes) {
+            (true, _) => zero_block(blen),
+            (false, true) => hash_block(block),
+            // A full download: the block hash alone; unknown page values make a later
+            // pass send this block whole if it changes.
+            (false, false) => BlockHashes { block: Digest::of(block), pages: [Digest::ZERO; PAGES_PER_BLOCK] },
+        };
         out.new.push(new);
         if new.block == old.block {
             continue;
         }
         let pages = blen.div_ceil(PAGE_SIZE);
+        let whole = !page_hashes || new.pages[0] == Digest::ZERO;
         let mut p = 0;
         while p < pages {
-            if new.pages[p] == old.pages[p] {
+            if !whole && new.pages[p] == old.pages[p] {
                 p += 1;
                 continue;
             }
             let run_start = p;
-            while p < pages && new.pages[p] != old.pages[p] {
+            while p < pages && (whole || new.pages[p] != old.pages[p]) {
                 p += 1;
             }
             let from = run_start * PAGE_SIZE;
