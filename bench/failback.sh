@@ -16,11 +16,17 @@ cargo build --quiet --release --workspace --bins --locked
 B="$PWD/target/release"
 W=$(mktemp -d /tmp/tern-failback-bench.XXXXXX)
 PIDS=()
-cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$W"; }
+# way_back runs in a subshell, so its daemons are found by their data directories.
+cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; pkill -f -- "$W/" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$W"; }
 trap cleanup EXIT
 
-echo "== preparing a ${SIZE_MIB} MiB ext4 image with real files"
-make_image "$W/base.img" "$SIZE_MIB"
+# IMAGE=PATH reuses an image instead of building one; PCTS="1" runs only some percentages.
+if [ -n "${IMAGE:-}" ]; then
+  cp --sparse=always "$IMAGE" "$W/base.img"
+else
+  echo "== preparing a ${SIZE_MIB} MiB ext4 image with real files"
+  make_image "$W/base.img" "$SIZE_MIB"
+fi
 IMG_BYTES=$(stat -c %s "$W/base.img")
 mkdir -p "$W/rsync-dst"
 start_rsyncd "$W/rsync-dst"
@@ -36,13 +42,15 @@ way_back() {
   cp --sparse=always "$W/base.img" "$d/onprem.img"
   "$B/process-server" init --data-dir "$d/ps" >/dev/null
   "$B/process-server" serve --data-dir "$d/ps" --listen 127.0.0.1:0 >"$d/ps.out" 2>"$d/ps.log" &
-  PIDS+=($!)
+  local ps=$!
+  PIDS+=($ps)
   for _ in $(seq 100); do grep -q listening "$d/ps.out" 2>/dev/null && break; sleep 0.05; done
   export DRCTL_SERVER="https://$(sed -n 's/^listening on //p' "$d/ps.out")" DRCTL_IDENTITY="$d/ps/pki/admin.bundle"
   "$B/drctl" enroll agent --vm vm --out "$d/agent.bundle" >/dev/null
   "$B/drctl" enroll master-target --name mt --out "$d/mt.bundle" >/dev/null
   "$B/master-target" serve --data-dir "$d/mt" --listen 127.0.0.1:0 --identity "$d/mt.bundle" >"$d/mt.out" 2>"$d/mt.log" &
-  PIDS+=($!)
+  local mtp=$!
+  PIDS+=($mtp)
   "$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$d/agent.bundle" --vm vm \
     --disk "sda=$d/onprem.img" --state-dir "$d/st1" 2>"$d/a1.log" &
   local a1=$!
@@ -58,9 +66,11 @@ way_back() {
     --target-disk "sda=$target" --identity-out "$d/rec.bundle" >/dev/null
   local w0; w0=$(status_field vm bytes_received)
   local t0; t0=$(now)
-  "$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$d/rec.bundle" --vm vm \
+  local ps0 mt0; ps0=$(cpu $ps); mt0=$(cpu $mtp)
+  rusage "$d/a2.usage" "$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$d/rec.bundle" --vm vm \
     --disk "sda=$d/out/sda.raw" --state-dir "$d/st2" --shutdown true 2>"$d/a2.log" &
-  PIDS+=($!)
+  local a2=$!
+  PIDS+=($a2)
   if [ "$mode" = delta ]; then
     # The delta sync is done when the master target holds everything of the first point.
     until [ -n "$(status_field vm last_point 2>/dev/null)" ]; do sleep 0.02; done
@@ -73,20 +83,24 @@ way_back() {
   local tm; tm=$(now)
   "$B/drctl" failback vm --json >"$d/failback.json"
   local t1; t1=$(now)
+  local ps1 mt1 psm mtm; ps1=$(cpu $ps); mt1=$(cpu $mtp); psm=$(hwm $ps); mtm=$(hwm $mtp)
+  wait $a2 2>/dev/null || true  # the agent stands down once failed back
+  local usage; read -r ac am <"$d/a2.usage" 2>/dev/null || { ac=?; am=?; }
+  usage="$ac/$(calc "$ps1-$ps0")/$(calc "$mt1-$mt0") $am/$psm/$mtm"
   local w1; w1=$(status_field vm bytes_received)
   local hashes; hashes=$(sed -n 's/.*block hashes sent for a delta sync.*bytes=\([0-9]*\).*/\1/p' "$d/ps.log" | paste -sd+ | sed 's/^$/0/' | bc)
   if ! cmp -s "$d/out/sda.raw" "$target"; then echo "MISMATCH: $target differs from the recovered disk" >&2; exit 1; fi
-  echo "$(calc "$t1-$t0") $((w1 - w0 + hashes)) $(calc "$tm-$t0") $(calc "$t1-$tm")"
+  echo "$(calc "$t1-$t0") $((w1 - w0 + hashes)) $(calc "$tm-$t0") $(calc "$t1-$tm") $usage"
   "$B/drctl" commit vm >/dev/null
 }
 
 printf '\n%-8s %-34s %10s %14s\n' "changed" "method" "seconds" "wire bytes"
-for pct in 1 10; do
+for pct in ${PCTS:-1 10}; do
   cp --sparse=always "$W/base.img" "$W/rsync-dst/onprem.img"
   cp --sparse=always "$W/base.img" "$W/recovered.img"
   changed=$(scatter "$W/recovered.img" "$pct" 7)
-  read -r dt dw dsync dfail < <(way_back "$pct" delta)
-  read -r ft fw _ _ < <(way_back "$pct" full)
+  read -r dt dw dsync dfail dcpu drss < <(way_back "$pct" delta)
+  read -r ft fw _ _ fcpu frss < <(way_back "$pct" full)
   t0=$(now); rb=$(rsync_sent "$W/recovered.img" onprem.img --inplace --no-whole-file --ignore-times); t1=$(now)
   rt=$(calc "$t1-$t0")
   port=$((20000 + RANDOM % 20000))
@@ -99,6 +113,8 @@ for pct in 1 10; do
   printf '%-8s %-34s %10s\n' "$pct%" "  of which: delta sync to the MT" "$dsync"
   printf '%-8s %-34s %10s\n' "$pct%" "  of which: failback drain+apply+verify" "$dfail"
   printf '%-8s %-34s %10s %14s\n' "$pct%" "tern full download (failback)" "$ft" "$fw"
+  printf '%-8s %-34s %s s, peak RSS %s MiB\n' "$pct%" "  delta: CPU agent/PS/MT" "$dcpu" "$drss"
+  printf '%-8s %-34s %s s, peak RSS %s MiB\n' "$pct%" "  full: CPU agent/PS/MT" "$fcpu" "$frss"
   printf '%-8s %-34s %10s %14s\n' "$pct%" "rsync --inplace --no-whole-file" "$rt" "$rb"
   printf '%-8s %-34s %10s %14s\n' "$pct%" "zstd -1 -T2 | nc | zstd -d" "$zt" "-"
   printf '%-8s %-34s %10s   (1%% target >= 3)\n' "$pct%" "rsync time / tern delta sync time" "$(calc "$rt/$dsync")"

@@ -57,3 +57,17 @@ rsync_sent() {
   shift 2
   rsync "$@" --stats "$src" "rsync://127.0.0.1:$RPORT/dst/$dst" | awk '/Total bytes sent/ {gsub(",","",$4); print $4}'
 }
+
+# rusage OUT CMD...: runs CMD, then writes "cpu_seconds peak_rss_mib" of it to OUT
+# (for processes that exit on their own, whose /proc entry is gone when read).
+rusage() {
+  python3 - "$@" <<'PY'
+import resource, signal, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGTERM, lambda *_: p.terminate())
+p.wait()
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{r.ru_utime + r.ru_stime:.2f} {r.ru_maxrss / 1024:.1f}\n")
+PY
+}

@@ -7,6 +7,21 @@ use tern_proto as pb;
 use tern_proto::admin_client::AdminClient;
 use tonic::transport::Channel;
 
+/// Prints a line on standard output. A reader that went away (`drctl status | head -1`)
+/// ends drctl quietly instead of with a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to standard output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 /// tern operator CLI.
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -270,7 +285,7 @@ fn status_json(s: &pb::VmStatus) -> Value {
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -287,7 +302,7 @@ fn human_bytes(n: u64) -> String {
 
 fn print_point(p: &pb::PointInfo) {
     let kind = if p.consistency == pb::Consistency::App as i32 { "app" } else { "crash" };
-    println!("{:>6}  {}  {:<5}  {}", p.id, rfc3339(p.time_ms), kind, p.note);
+    out!("{:>6}  {}  {:<5}  {}", p.id, rfc3339(p.time_ms), kind, p.note);
 }
 
 fn dur(ms: u64) -> String {
@@ -384,7 +399,7 @@ fn print_output(job: &pb::JobInfo, as_json: bool) -> anyhow::Result<()> {
     if as_json {
         return print_json(&v);
     }
-    println!(
+    out!(
         "point {} ({}, {}) written; every disk matches the point's fingerprint",
         v["point"],
         v["time"].as_str().unwrap_or(""),
@@ -395,7 +410,7 @@ fn print_output(job: &pb::JobInfo, as_json: bool) -> anyhow::Result<()> {
             Some(b) => ("blake3", b),
             None => ("fingerprint", d["fingerprint"].as_str().unwrap_or("")),
         };
-        println!(
+        out!(
             "  {:<10} {}  {}  {what} {hash}",
             d["name"].as_str().unwrap_or(""),
             human_bytes(d["size"].as_u64().unwrap_or(0)),
@@ -422,7 +437,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&json!({"identity": out.display().to_string(), "name": name}))?;
             } else {
-                println!("wrote identity for {name} to {}", out.display());
+                out!("wrote identity for {name} to {}", out.display());
             }
         }
         Cmd::Status { vm } => {
@@ -438,12 +453,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 print_json(&v)?;
             } else {
-                println!(
+                out!(
                     "{:<20} {:<14} {:<8} {:<6} {:>10} {:>8} {:>10}",
                     "VM", "STATE", "HEALTH", "AGENT", "LAST POINT", "RPO", "RECEIVED"
                 );
                 for s in &r.vms {
-                    println!(
+                    out!(
                         "{:<20} {:<14} {:<8} {:<6} {:>10} {:>8} {:>10}",
                         s.vm,
                         s.state,
@@ -461,9 +476,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&Value::Array(r.points.iter().map(point_json).collect()))?;
             } else if r.points.is_empty() {
-                println!("VM {vm} has no recovery points yet");
+                out!("VM {vm} has no recovery points yet");
             } else {
-                println!("{:>6}  {:<25}  {:<5}  NOTE", "ID", "TIME", "KIND");
+                out!("{:>6}  {:<25}  {:<5}  NOTE", "ID", "TIME", "KIND");
                 for p in &r.points {
                     print_point(p);
                 }
@@ -485,7 +500,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (Some(p), true) => print_json(&point_json(&p))?,
                 (Some(p), false) => print_point(&p),
                 (None, true) => print_json(&json!({"requested": true}))?,
-                (None, false) => println!("checkpoint requested; `drctl points {vm}` lists it once made"),
+                (None, false) => out!("checkpoint requested; `drctl points {vm}` lists it once made"),
             }
         }
         Cmd::TestFailover { vm, point, output, format } => {
@@ -512,9 +527,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&json!({"removed": r.removed}))?;
             } else {
-                println!("test failover of {vm} cleaned up; removed {} entries", r.removed.len());
+                out!("test failover of {vm} cleaned up; removed {} entries", r.removed.len());
                 for f in &r.removed {
-                    println!("  {f}");
+                    out!("  {f}");
                 }
             }
         }
@@ -543,7 +558,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&policy_json(&p))?;
             } else {
-                println!(
+                out!(
                     "policy of {vm}: retention {}, crash points every {}, app points every {}, RPO threshold {}",
                     dur(p.retention_ms),
                     dur(p.crash_interval_ms),
@@ -569,7 +584,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let job = wait_job(&mut c, started.job, cli.json).await?;
             print_output(&job, cli.json)?;
             if !cli.json {
-                println!(
+                out!(
                     "VM {vm} is failed over; check it, then `drctl commit {vm}` (or `drctl change-point {vm} --point ...`)"
                 );
             }
@@ -588,7 +603,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&json!({"vm": vm, "point": r.point}))?;
             } else {
-                println!("{vm} committed at point {}", r.point);
+                out!("{vm} committed at point {}", r.point);
             }
         }
         Cmd::Verify { vm, point } => {
@@ -605,9 +620,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }))?;
             } else {
                 for d in &r.disks {
-                    println!("{:<10} {}  {}", d.name, if d.ok { "ok      " } else { "MISMATCH" }, d.actual);
+                    out!("{:<10} {}  {}", d.name, if d.ok { "ok      " } else { "MISMATCH" }, d.actual);
                 }
-                println!("point {} of {vm}: {}", r.point, if ok { "verified" } else { "DOES NOT VERIFY" });
+                out!("point {} of {vm}: {}", r.point, if ok { "verified" } else { "DOES NOT VERIFY" });
             }
             if !ok {
                 anyhow::bail!("point {} of {vm} does not verify", r.point);
@@ -636,8 +651,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     &json!({"vm": vm, "identity": identity_out.display().to_string(), "agent_command": command}),
                 )?;
             } else {
-                println!("VM {vm} is reprotected to {master_target} ({location} location, sync {sync}).");
-                println!("Start the recovered VM's agent:\n  {command}");
+                out!("VM {vm} is reprotected to {master_target} ({location} location, sync {sync}).");
+                out!("Start the recovered VM's agent:\n  {command}");
             }
         }
         Cmd::Failback { vm } => {
@@ -646,7 +661,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let job = wait_job(&mut c, started.job, cli.json).await?;
             print_output(&job, cli.json)?;
             if !cli.json {
-                println!("VM {vm} failed back; start it on the primary site, then `drctl commit {vm}`");
+                out!("VM {vm} failed back; start it on the primary site, then `drctl commit {vm}`");
             }
         }
         Cmd::ReverseReplicate { vm } => {
@@ -654,7 +669,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&json!({"vm": vm, "state": "protected"}))?;
             } else {
-                println!(
+                out!(
                     "VM {vm} replicates from the primary site again; start its agent on the on-premises disks"
                 );
             }
@@ -665,7 +680,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if cli.json {
                     print_json(&job_json(&job))?;
                 } else {
-                    println!("job {} ({} of {}) succeeded", job.id, job.kind, job.vm);
+                    out!("job {} ({} of {}) succeeded", job.id, job.kind, job.vm);
                 }
             }
             None => {
@@ -673,12 +688,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if cli.json {
                     print_json(&Value::Array(r.jobs.iter().map(job_json).collect()))?;
                 } else {
-                    println!(
+                    out!(
                         "{:>5}  {:<20} {:<16} {:<10} {:<30} STARTED",
                         "ID", "KIND", "VM", "STATE", "PHASE"
                     );
                     for j in &r.jobs {
-                        println!(
+                        out!(
                             "{:>5}  {:<20} {:<16} {:<10} {:<30} {}",
                             j.id,
                             j.kind,
@@ -688,7 +703,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             rfc3339(j.started_ms)
                         );
                         if !j.error.is_empty() {
-                            println!("       error: {}", j.error);
+                            out!("       error: {}", j.error);
                         }
                     }
                 }

@@ -67,6 +67,8 @@ impl Default for Encoder {
 /// Reusable decompressor with verification.
 pub struct Decoder {
     zstd: zstd::bulk::Decompressor<'static>,
+    /// Reused by [`Decoder::check`], so checking allocates nothing per record.
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -79,7 +81,40 @@ impl Decoder {
     pub fn new() -> Self {
         let zstd =
             zstd::bulk::Decompressor::new().unwrap_or_else(|e| panic!("zstd decompressor context: {e}"));
-        Decoder { zstd }
+        Decoder { zstd, scratch: Vec::new() }
+    }
+
+    /// Checks that the payload holds `length` bytes that hash to `expected`, without
+    /// keeping them.
+    pub fn check(
+        &mut self,
+        compressed: bool,
+        payload: &[u8],
+        length: usize,
+        expected: &Digest,
+    ) -> Result<(), CodecError> {
+        let plain: &[u8] = if compressed {
+            self.scratch.clear();
+            self.scratch.reserve(length);
+            let n = self
+                .zstd
+                .decompress_to_buffer(payload, &mut self.scratch)
+                .map_err(|e| CodecError::CorruptPayload { expected: length, reason: e.to_string() })?;
+            if n != length {
+                return Err(CodecError::LengthMismatch { expected: length, actual: n });
+            }
+            &self.scratch
+        } else {
+            if payload.len() != length {
+                return Err(CodecError::LengthMismatch { expected: length, actual: payload.len() });
+            }
+            payload
+        };
+        let actual = Digest::of(plain);
+        if actual != *expected {
+            return Err(CodecError::DigestMismatch { expected: *expected, actual });
+        }
+        Ok(())
     }
 
     /// Returns the plain data if it has `length` bytes and hashes to `expected`.

@@ -344,8 +344,6 @@ impl pb::replication_server::Replication for RelayService {
 
 /// Verified batches waiting to be written; bounds memory per relay stream.
 const PIPELINE_DEPTH: usize = 4;
-/// Unsynced bytes after which the writer makes them durable even if more batches wait.
-const GROUP_COMMIT_BYTES: u64 = 32 << 20;
 
 /// A batch checked off the reactor: its records (kept compressed for the journal) or,
 /// written through, their plain bytes.
@@ -355,7 +353,6 @@ struct Verified {
     first: Seq,
     records: Vec<Record>,
     plain: Vec<PlainRecord>,
-    bytes: u64,
 }
 
 type Pending = tokio::task::JoinHandle<Result<Verified, Status>>;
@@ -391,12 +388,10 @@ fn verify_batch(store: &Store, vm: &VmName, b: pb::Batch, through: bool) -> Resu
         DECODER.with(|d| {
             let mut dec = d.borrow_mut();
             let mut plain = Vec::new();
-            let mut bytes = 0u64;
             for (i, r) in records.iter().enumerate() {
                 let data = decode_record(&mut dec, disk.size, r).map_err(|p| {
                     Status::data_loss(format!("disk {} seq {}: {p}", disk.name, first.0 + i as u64))
                 })?;
-                bytes += r.payload.len() as u64;
                 if through {
                     plain.push(PlainRecord { offset: r.offset, length: r.length, data });
                 }
@@ -404,96 +399,139 @@ fn verify_batch(store: &Store, vm: &VmName, b: pb::Batch, through: bool) -> Resu
             if through {
                 records.clear();
             }
-            Ok(Verified { disk, first, records, plain, bytes })
+            Ok(Verified { disk, first, records, plain })
         })
     }))
 }
 
+/// A group commit running beside the writer: each disk's durable seq once it is done.
+type Commit = tokio::task::JoinHandle<Result<Vec<(DiskName, Seq)>, Status>>;
+
 /// Writes verified batches in order — into the journal, or written through onto the target
-/// disk — makes them durable as a group when the queue runs dry, then acks.
-async fn write_loop(
-    store: Arc<Store>,
-    vm: VmName,
-    through: bool,
-    mut rx: mpsc::Receiver<Pending>,
-    out: Outbound,
-) {
-    // Write-through: where each disk's next record goes, and its open target disk.
-    let mut next: HashMap<DiskName, Seq> = HashMap::new();
-    let mut files: HashMap<DiskName, Arc<std::fs::File>> = HashMap::new();
-    let mut unsynced: HashMap<DiskName, (Arc<DiskHandle>, Seq)> = HashMap::new();
-    let mut unsynced_bytes = 0u64;
-    while let Some(pending) = rx.recv().await {
-        let step = async {
-            let v = pending.await.map_err(|e| Status::internal(e.to_string()))??;
-            let name = v.disk.name.clone();
-            let n = v.records.len().max(v.plain.len()) as u64;
-            let last = Seq(v.first.0 + n.saturating_sub(1));
-            if through {
-                let expect = *next.entry(name.clone()).or_insert_with(|| v.disk.journal().durable().next());
-                if v.first > expect {
-                    return Err(status(StoreError::SeqGap { expected: expect, got: v.first }));
+/// disk — and acks them once durable. Commits run beside the writer: while one fsyncs, the
+/// next batches are written, and the next commit takes all of them (group commit that
+/// adapts to the disk's flush time).
+async fn write_loop(store: Arc<Store>, vm: VmName, through: bool, mut rx: mpsc::Receiver<Pending>, out: Outbound) {
+    let mut w = Writer { store, through, next: HashMap::new(), files: HashMap::new(), unsynced: HashMap::new() };
+    let mut inflight: Option<Commit> = None;
+    let result = loop {
+        tokio::select! {
+            biased;
+            done = async { inflight.as_mut().expect("guarded by the branch condition").await }, if inflight.is_some() => {
+                inflight = None;
+                match done.map_err(|e| Status::internal(e.to_string())).and_then(|r| r) {
+                    Ok(acks) => ack(&out, acks),
+                    Err(s) => break Err(s),
                 }
-                let skip = usize::try_from(expect.0 - v.first.0).unwrap_or(usize::MAX);
-                if n == 0 || skip >= v.plain.len() {
-                    return Ok(());
-                }
-                let file = match files.get(&name) {
-                    Some(f) => f.clone(),
-                    None => {
-                        let (s, d) = (store.clone(), v.disk.clone());
-                        let f =
-                            Arc::new(blocking(move || s.open_base_for_writing(&d)).await?.map_err(status)?);
-                        files.insert(name.clone(), f.clone());
-                        f
-                    }
-                };
-                let (s, d) = (store.clone(), v.disk.clone());
-                blocking(move || s.write_through(&d, &file, &v.plain[skip..])).await?.map_err(status)?;
-                next.insert(name.clone(), last.next());
-            } else {
-                let d = v.disk.clone();
-                blocking(move || d.journal().append(v.first, &v.records)).await?.map_err(status)?;
             }
-            unsynced.insert(name, (v.disk, last));
-            unsynced_bytes += v.bytes;
-            Ok::<(), Status>(())
-        };
-        let mut result = step.await;
-        if result.is_ok() && (rx.is_empty() || unsynced_bytes >= GROUP_COMMIT_BYTES) {
-            unsynced_bytes = 0;
-            result = commit(&store, &mut unsynced, &files, &out).await;
+            pending = rx.recv() => match pending {
+                None => break Ok(()),
+                Some(p) => {
+                    if let Err(s) = w.write(p).await {
+                        break Err(s);
+                    }
+                }
+            },
         }
-        if let Err(s) = result {
-            warn!(vm = %vm, error = %s.message(), "relayed batch refused");
-            let _ = out.send(Err(s)).await;
-            return;
+        if inflight.is_none() && !w.unsynced.is_empty() {
+            inflight = Some(w.start_commit());
         }
+    };
+    // What was written is made durable and acked even when the stream ends.
+    if let Some(c) = inflight
+        && let Ok(Ok(acks)) = c.await
+    {
+        ack(&out, acks);
     }
-    let _ = commit(&store, &mut unsynced, &files, &out).await;
+    if !w.unsynced.is_empty()
+        && let Ok(Ok(acks)) = w.start_commit().await
+    {
+        ack(&out, acks);
+    }
+    if let Err(s) = result {
+        warn!(vm = %vm, error = %s.message(), "relayed batch refused");
+        let _ = out.send(Err(s)).await;
+    }
 }
 
-async fn commit(
-    store: &Arc<Store>,
-    unsynced: &mut HashMap<DiskName, (Arc<DiskHandle>, Seq)>,
-    files: &HashMap<DiskName, Arc<std::fs::File>>,
-    out: &Outbound,
-) -> Result<(), Status> {
-    for (name, (disk, last)) in unsynced.drain() {
-        let (s, file) = (store.clone(), files.get(&name).cloned());
-        let durable = blocking(move || match file {
-            Some(f) => s.commit_through(&disk, &f, last).map(|()| disk.journal().durable()),
-            None => disk.journal().sync(),
-        })
-        .await?
-        .map_err(status)?;
-        // Acks are cumulative; a dropped one is superseded by the next.
+/// Acks are cumulative; a dropped one is superseded by the next.
+fn ack(out: &Outbound, acks: Vec<(DiskName, Seq)>) {
+    for (disk, durable) in acks {
         let _ = out.try_send(msg(pb::server_message::Msg::Ack(pb::Ack {
-            disk: name.to_string(),
+            disk: disk.to_string(),
             durable_seq: durable.0,
         })));
     }
-    Ok(())
+}
+
+#[derive(Debug)]
+struct Writer {
+    store: Arc<Store>,
+    through: bool,
+    /// Write-through: where each disk's next record goes, and its open target disk.
+    next: HashMap<DiskName, Seq>,
+    files: HashMap<DiskName, Arc<std::fs::File>>,
+    /// Written, not yet part of a commit: each disk's last seq.
+    unsynced: HashMap<DiskName, (Arc<DiskHandle>, Seq)>,
+}
+
+impl Writer {
+    async fn write(&mut self, pending: Pending) -> Result<(), Status> {
+        let v = pending.await.map_err(|e| Status::internal(e.to_string()))??;
+        let name = v.disk.name.clone();
+        let n = v.records.len().max(v.plain.len()) as u64;
+        let last = Seq(v.first.0 + n.saturating_sub(1));
+        if self.through {
+            let expect = *self.next.entry(name.clone()).or_insert_with(|| v.disk.journal().durable().next());
+            if v.first > expect {
+                return Err(status(StoreError::SeqGap { expected: expect, got: v.first }));
+            }
+            // A batch resent after a reconnect may overlap what is already written.
+            let skip = usize::try_from(expect.0 - v.first.0).unwrap_or(usize::MAX);
+            if n == 0 || skip >= v.plain.len() {
+                return Ok(());
+            }
+            let file = match self.files.get(&name) {
+                Some(f) => f.clone(),
+                None => {
+                    let (s, d) = (self.store.clone(), v.disk.clone());
+                    let f = Arc::new(blocking(move || s.open_base_for_writing(&d)).await?.map_err(status)?);
+                    self.files.insert(name.clone(), f.clone());
+                    f
+                }
+            };
+            let (s, d) = (self.store.clone(), v.disk.clone());
+            blocking(move || s.write_through(&d, &file, &v.plain[skip..])).await?.map_err(status)?;
+            self.next.insert(name.clone(), last.next());
+        } else {
+            let d = v.disk.clone();
+            blocking(move || d.journal().append(v.first, &v.records)).await?.map_err(status)?;
+        }
+        self.unsynced.insert(name, (v.disk, last));
+        Ok(())
+    }
+
+    /// Starts making everything written so far durable.
+    fn start_commit(&mut self) -> Commit {
+        let work: Vec<_> = self
+            .unsynced
+            .drain()
+            .map(|(name, (disk, last))| (disk, last, self.files.get(&name).cloned()))
+            .collect();
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut acks = Vec::with_capacity(work.len());
+            for (disk, last, file) in work {
+                let durable = match file {
+                    Some(f) => store.commit_through(&disk, &f, last).map(|()| disk.journal().durable()),
+                    None => disk.journal().sync(),
+                }
+                .map_err(status)?;
+                acks.push((disk.name.clone(), durable));
+            }
+            Ok(acks)
+        })
+    }
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@ use tern_core::pki::Bundle;
 use tern_core::{DiskName, Seq, VmName};
 use tern_proto as pb;
 use tern_store::format::RecordKind;
+use tern_store::journal::ReadPosition;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -142,6 +143,7 @@ async fn relay_session(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
         lock(&ctx.relay.acked).insert((vm.clone(), h.name.clone()), Seq(mt));
         next.insert(h.name.clone(), Seq(mt + 1));
     }
+    let mut cursor: HashMap<DiskName, ReadPosition> = HashMap::new();
     info!(vm = %vm, master_target = %row.master_target, "relaying to the master target");
     loop {
         if !still_relaying(ctx, vm) {
@@ -155,10 +157,16 @@ async fn relay_session(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
                 continue;
             }
             let snap = snapshot.clone();
-            let (batches, complete) = tokio::task::spawn_blocking(move || read_batches(&snap, from))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(crate::store_status)?;
+            // Reading goes on from where the last read stopped, not from the segment's start.
+            let at = cursor.get(&h.name).copied().filter(|p| p.last_seq.next() == from);
+            let (batches, complete, end) =
+                tokio::task::spawn_blocking(move || read_batches(&snap, from, at.as_ref()))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(crate::store_status)?;
+            if let Some(end) = end {
+                cursor.insert(h.name.clone(), end);
+            }
             for (first, records) in batches {
                 let n = records.len() as u64;
                 let batch = pb::Batch { disk: h.name.to_string(), first_seq: first, records };
@@ -192,16 +200,22 @@ async fn relay_session(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
     }
 }
 
-/// Reads the durable records from `from` on, as wire batches of about 1 MiB.
-/// Returns the batches and whether they reach the durable position.
+/// Reads the durable records from `from` on (going on from `at`, where an earlier read
+/// stopped, when given), as wire batches of about 1 MiB. Returns the batches, whether they
+/// reach the durable position, and where the read stopped.
 #[allow(clippy::type_complexity)]
 fn read_batches(
     snapshot: &tern_store::journal::JournalSnapshot,
     from: Seq,
-) -> Result<(Vec<(u64, Vec<pb::Record>)>, bool), tern_store::StoreError> {
+    at: Option<&ReadPosition>,
+) -> Result<(Vec<(u64, Vec<pb::Record>)>, bool, Option<ReadPosition>), tern_store::StoreError> {
     let mut out: Vec<(u64, Vec<pb::Record>)> = Vec::new();
     let mut bytes = 0usize;
-    for rec in snapshot.read_range(Seq(from.0 - 1), snapshot.durable) {
+    let mut reader = match at {
+        Some(p) => snapshot.read_from(p, snapshot.durable),
+        None => snapshot.read_range(Seq(from.0 - 1), snapshot.durable),
+    };
+    for rec in reader.by_ref() {
         let rec = rec?;
         let r = rec.record;
         let kind = match r.kind {
@@ -226,8 +240,8 @@ fn read_batches(
             }
         }
         if out.len() >= 8 && bytes >= (1 << 20) {
-            return Ok((out, false));
+            return Ok((out, false, reader.position()));
         }
     }
-    Ok((out, true))
+    Ok((out, true, reader.position()))
 }

@@ -7,7 +7,7 @@ use crate::format::{
     decode_segment_header, encode_segment_header,
 };
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tern_core::codec::{CodecError, Decoder};
@@ -56,15 +56,14 @@ pub enum RecordProblem {
 /// Checks an incoming record against the disk and its own digest. Costs a decompression
 /// and a hash; run it off the async reactor.
 pub fn verify_record(dec: &mut Decoder, disk_size: u64, r: &Record) -> Result<(), RecordProblem> {
-    decode_record(dec, disk_size, r).map(|_| ())
+    check_extent(disk_size, r)?;
+    if r.kind == RecordKind::Write {
+        dec.check(r.compressed, &r.payload, r.length as usize, &r.digest)?;
+    }
+    Ok(())
 }
 
-/// [`verify_record`], keeping the plain data of a write (`None` for a zero extent).
-pub fn decode_record(
-    dec: &mut Decoder,
-    disk_size: u64,
-    r: &Record,
-) -> Result<Option<Vec<u8>>, RecordProblem> {
+fn check_extent(disk_size: u64, r: &Record) -> Result<(), RecordProblem> {
     if r.length == 0 || r.length > MAX_RECORD_LEN {
         return Err(RecordProblem::BadLength(r.length));
     }
@@ -73,9 +72,17 @@ pub fn decode_record(
     }
     match r.kind {
         RecordKind::Zero if !r.payload.is_empty() => Err(RecordProblem::ZeroWithPayload),
-        RecordKind::Zero => Ok(None),
         RecordKind::Bookmark => Err(RecordProblem::Bookmark),
+        _ => Ok(()),
+    }
+}
+
+/// [`verify_record`], keeping the plain data of a write (`None` for a zero extent).
+pub fn decode_record(dec: &mut Decoder, disk_size: u64, r: &Record) -> Result<Option<Vec<u8>>, RecordProblem> {
+    check_extent(disk_size, r)?;
+    match r.kind {
         RecordKind::Write => Ok(Some(dec.decode(r.compressed, &r.payload, r.length as usize, &r.digest)?)),
+        _ => Ok(None),
     }
 }
 
@@ -331,7 +338,7 @@ impl Journal {
     /// A view of the durable records for readers.
     pub fn snapshot(&self) -> JournalSnapshot {
         JournalSnapshot {
-            segments: self.segments.iter().map(|s| (s.path.clone(), s.durable_len)).collect(),
+            segments: self.segments.iter().map(|s| (s.path.clone(), s.first_seq, s.durable_len)).collect(),
             durable: self.durable,
         }
     }
@@ -413,7 +420,8 @@ fn cut_tail(path: &Path, good_len: u64, file_len: u64) -> Result<(), StoreError>
 /// The durable part of a journal at one moment. Safe to read while the writer appends.
 #[derive(Debug, Clone)]
 pub struct JournalSnapshot {
-    segments: Vec<(PathBuf, u64)>,
+    /// Each segment's path, first seq and durable length.
+    segments: Vec<(PathBuf, u64, u64)>,
     pub durable: Seq,
 }
 
@@ -431,35 +439,101 @@ impl JournalSnapshot {
         self.read_range(Seq(0), upto)
     }
 
-    /// Reads records with `after < seq <= upto`, in order.
+    /// Reads records with `after < seq <= upto`, in order. Segments wholly before `after`
+    /// are not opened; records before it in the first segment read are skipped unread.
     pub fn read_range(&self, after: Seq, upto: Seq) -> JournalReader {
-        JournalReader { segments: self.segments.clone(), index: 0, reader: None, after, upto, pos: 0, end: 0 }
+        // Records numbered after `after` start in the last segment that begins at or before
+        // `after + 1` (a segment's records all come before the next segment's first).
+        let index = self.segments.iter().rposition(|&(_, first, _)| first <= after.0 + 1).unwrap_or(0);
+        JournalReader {
+            segments: self.segments.clone(),
+            index,
+            reader: None,
+            after,
+            upto,
+            pos: 0,
+            end: 0,
+            start_at: None,
+            last_seq: after,
+            mark: None,
+        }
+    }
+
+    /// Goes on from where an earlier reader stopped (see [`JournalReader::position`]),
+    /// without reading its segment again from the start.
+    pub fn read_from(&self, from: &ReadPosition, upto: Seq) -> JournalReader {
+        match self.segments.iter().position(|&(_, first, _)| first == from.segment) {
+            Some(index) => JournalReader {
+                segments: self.segments.clone(),
+                index,
+                reader: None,
+                after: from.last_seq,
+                upto,
+                pos: 0,
+                end: 0,
+                start_at: Some(from.offset),
+                last_seq: from.last_seq,
+                mark: Some((index, from.offset)),
+            },
+            None => self.read_range(from.last_seq, upto),
+        }
     }
 }
 
 #[derive(Debug)]
 pub struct JournalReader {
-    segments: Vec<(PathBuf, u64)>,
+    segments: Vec<(PathBuf, u64, u64)>,
     index: usize,
     reader: Option<BufReader<File>>,
     after: Seq,
     upto: Seq,
     pos: u64,
     end: u64,
+    /// Where to start in the first segment opened (a resumed read).
+    start_at: Option<u64>,
+    /// Seq of the last record returned.
+    last_seq: Seq,
+    /// Segment index and offset just after the last record returned or skipped.
+    mark: Option<(usize, u64)>,
+}
+
+/// Where a journal reader stopped: just after the record numbered `last_seq`, at byte
+/// `offset` of the segment whose first seq is `segment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPosition {
+    pub segment: u64,
+    pub offset: u64,
+    pub last_seq: Seq,
+}
+
+impl JournalReader {
+    /// Where this reader stands: after the last record it returned.
+    pub fn position(&self) -> Option<ReadPosition> {
+        let (index, offset) = self.mark?;
+        let &(_, segment, _) = self.segments.get(index)?;
+        Some(ReadPosition { segment, offset, last_seq: self.last_seq })
+    }
 }
 
 impl JournalReader {
     fn next_record(&mut self) -> Result<Option<StoredRecord>, StoreError> {
         loop {
             if self.reader.is_none() {
-                let Some((path, len)) = self.segments.get(self.index) else { return Ok(None) };
-                let f = File::open(path).map_err(io_err(path))?;
-                let mut r = BufReader::with_capacity(1 << 20, f);
-                let mut head = [0u8; SEGMENT_HEADER_LEN];
-                r.read_exact(&mut head).map_err(io_err(path))?;
-                self.pos = SEGMENT_HEADER_LEN as u64;
+                let Some((path, _, len)) = self.segments.get(self.index) else { return Ok(None) };
+                let mut f = File::open(path).map_err(io_err(path))?;
+                match self.start_at.take() {
+                    Some(offset) => {
+                        f.seek(SeekFrom::Start(offset)).map_err(io_err(path))?;
+                        self.pos = offset;
+                    }
+                    None => {
+                        let mut head = [0u8; SEGMENT_HEADER_LEN];
+                        f.read_exact(&mut head).map_err(io_err(path))?;
+                        self.pos = SEGMENT_HEADER_LEN as u64;
+                    }
+                }
                 self.end = *len;
-                self.reader = Some(r);
+                self.reader = Some(BufReader::with_capacity(1 << 20, f));
             }
             let path = self.segments[self.index].0.clone();
             if self.pos >= self.end {
@@ -476,6 +550,13 @@ impl JournalReader {
             let mut raw = [0u8; RECORD_HEADER_LEN];
             r.read_exact(&mut raw).map_err(io_err(&path))?;
             let h = RecordHeader::decode(&raw).ok_or_else(|| corrupt(self.pos, "bad record header"))?;
+            if h.seq <= self.after.0 && h.seq <= self.upto.0 {
+                // Not wanted: skipped without reading (nor checking) its payload.
+                r.seek_relative(i64::from(h.payload_len)).map_err(io_err(&path))?;
+                self.pos += (RECORD_HEADER_LEN + h.payload_len as usize) as u64;
+                self.mark = Some((self.index, self.pos));
+                continue;
+            }
             let mut payload = vec![0u8; h.payload_len as usize];
             r.read_exact(&mut payload).map_err(io_err(&path))?;
             if !RecordHeader::check_matches(&raw, &payload) {
@@ -485,9 +566,8 @@ impl JournalReader {
             if h.seq > self.upto.0 {
                 return Ok(None);
             }
-            if h.seq <= self.after.0 {
-                continue;
-            }
+            self.last_seq = Seq(h.seq);
+            self.mark = Some((self.index, self.pos));
             return Ok(Some(StoredRecord {
                 seq: Seq(h.seq),
                 record: Record {
@@ -534,6 +614,43 @@ mod tests {
         assert_eq!(got.len(), 3, "two writes and the bookmark after seq 2");
         assert_eq!(got[2].record.kind, RecordKind::Bookmark);
         assert_eq!(j.snapshot().read(Seq(3)).count(), 4);
+    }
+
+    #[test]
+    fn ranges_skip_earlier_segments_and_a_read_resumes_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.set_segment_target(8192);
+        for seq in 1..=20u64 {
+            let mut data = vec![0u8; 4096];
+            blake3::Hasher::new().update(&seq.to_le_bytes()).finalize_xof().fill(&mut data);
+            j.append(Seq(seq), &[write_rec(&data, seq * 4096)]).unwrap();
+            if seq % 5 == 0 {
+                j.append_bookmark(b"{}").unwrap();
+            }
+        }
+        j.sync().unwrap();
+        assert!(j.segment_count() > 3);
+        let seqs = |r: JournalReader| -> Vec<(u64, bool)> {
+            r.map(|x| x.unwrap()).map(|x| (x.seq.0, x.record.kind == RecordKind::Bookmark)).collect()
+        };
+        let all = seqs(j.snapshot().read(Seq(20)));
+        for after in 0..20u64 {
+            let want: Vec<_> = all.iter().copied().filter(|&(s, _)| s > after).collect();
+            assert_eq!(seqs(j.snapshot().read_range(Seq(after), Seq(20))), want, "after {after}");
+        }
+        // Read up to 12, then go on from there after more records arrived.
+        let mut r = j.snapshot().read_range(Seq(3), Seq(12));
+        let first: Vec<_> = r.by_ref().map(|x| x.unwrap().seq.0).collect();
+        assert_eq!(first.first(), Some(&4));
+        assert_eq!(first.last(), Some(&12));
+        let at = r.position().unwrap();
+        assert_eq!(at.last_seq, Seq(12));
+        j.append(Seq(21), &[write_rec(&[21; 4096], 0)]).unwrap();
+        j.sync().unwrap();
+        let rest = seqs(j.snapshot().read_from(&at, Seq(21)));
+        let want: Vec<_> = all.iter().copied().filter(|&(s, _)| s > 12).chain([(21, false)]).collect();
+        assert_eq!(rest, want);
     }
 
     #[test]

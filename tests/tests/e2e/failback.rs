@@ -287,3 +287,49 @@ fn master_target_killed_during_the_failback_apply() {
         tail(&server.log_text(), 20)
     );
 }
+
+#[test]
+fn master_target_killed_during_a_full_download_onto_the_original_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let onprem = root.join("w.img");
+    make_random(&onprem, 48, 40, 5);
+    let (mut primary, _, _) = protect(&server, root, "w", &onprem);
+    primary.kill9();
+    let recovered = fail_over_and_commit(&server, root, "w", None);
+    // The recovered disk diverges: other data, and zeroes from 30 MiB on where the
+    // on-premises disk still holds data (the full download must zero it there).
+    make_random(&recovered, 48, 30, 6);
+    let mut mt = MasterTarget::start(&server, root, "mtw");
+    let rec_identity = root.join("rec.bundle");
+    server.drctl_json(&strs(&reprotect_args("w", &mt, "original", "during", &onprem, &rec_identity)));
+    let _rec = recovered_agent(&server, root, "w", &rec_identity, &recovered);
+    let want = b3(&recovered, None);
+    // The master target will crash after writing relayed records onto the target disk,
+    // before recording how far it got.
+    mt.kill9();
+    mt.restart_with(&[("TERN_CRASH_AT", "write-through-after-base-write")]);
+    let failback = std::process::Command::new(bin("drctl"))
+        .args(["--server", &server.url(), "--identity"])
+        .arg(server.admin())
+        .args(["failback", "w", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = mt.child.as_mut().unwrap();
+    deadline_poll("the master target to crash in the write-through", Duration::from_secs(180), || {
+        child.try_wait().unwrap()
+    });
+    assert!(mt.log_text().contains("crashing on purpose"));
+    mt.child = None;
+    mt.restart_same_port();
+    let done = failback.wait_with_output().unwrap();
+    assert!(done.status.success(), "failback: {}", String::from_utf8_lossy(&done.stderr));
+    let res: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
+    assert_eq!(b3(&onprem, None), want, "the on-premises disk is byte-identical to the recovered one");
+    assert!(mt.log_text().contains("write-through"), "{}", tail(&mt.log_text(), 20));
+}
