@@ -103,6 +103,10 @@ type Requests = Vec<(u64, bool)>;
 /// whether a scan is running or not.
 #[derive(Debug, Default)]
 struct Inbox {
+    /// Block hashes of the receiver's copy still arriving, per disk name: handed to the
+    /// scan, which waits for each chunk's hashes before comparing it (so scanning starts
+    /// with the first hashes instead of after the last). The disk's size decodes them.
+    feeds: std::collections::HashMap<String, (u64, std::sync::mpsc::Sender<scan::HashChunk>)>,
     requests: Requests,
     /// A planned failover: run the shutdown hook, make a final point, stand down.
     shutdown: Option<u64>,
@@ -125,6 +129,23 @@ impl Inbox {
             Some(pb::server_message::Msg::Policy(p)) => self.policy = Some(p),
             Some(pb::server_message::Msg::StandDown(s)) => self.stand_down = Some(s.reason),
             Some(pb::server_message::Msg::PointAck(p)) => self.point_ack = Some(p.point_id),
+            Some(pb::server_message::Msg::BlockHashes(bh)) => {
+                if let Some((size, feed)) = self.feeds.get(&bh.disk) {
+                    let size = *size;
+                    let decoded = pb::hash_table::decode(&bh.table, |k| {
+                        tern_core::blocks::block_len(size, bh.first_block + k as u64)
+                    });
+                    match decoded {
+                        // A scan that ended early leaves nobody to hear the rest.
+                        Some(blocks) => drop(feed.send((bh.first_block, blocks))),
+                        None => warn!(disk = %bh.disk, "malformed block hashes; those blocks are sent whole"),
+                    }
+                }
+                if bh.last {
+                    // The scan sees the feed close: every block's hashes have come.
+                    self.feeds.remove(&bh.disk);
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -201,29 +222,19 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     // What the receiver holds, per disk.
     let mut states = choose_states(&config, &welcome, saved);
     let mut inbox = Inbox::default();
-    let mut waiting: Vec<String> = welcome.hashes_follow.clone();
-    if !waiting.is_empty() {
-        info!(disks = ?waiting, "no saved state for the server's copy; comparing with the server's block hashes");
-    }
-    while !waiting.is_empty() {
-        let m = inbound.message().await?;
-        match m {
-            Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::BlockHashes(bh)) }) => {
-                let Some(i) = config.disks.iter().position(|d| d.name.as_str() == bh.disk) else { continue };
-                let size = config.disks[i].size;
-                let decoded = pb::hash_table::decode(&bh.table, |k| {
-                    tern_core::blocks::block_len(size, bh.first_block + k as u64)
-                });
-                match decoded {
-                    Some(blocks) => states[i].fill_from(bh.first_block, &blocks),
-                    None => warn!(disk = %bh.disk, "malformed block hashes; those blocks are sent whole"),
-                }
-                if bh.last {
-                    waiting.retain(|w| w != &bh.disk);
-                }
-            }
-            other => inbox.take(other)?,
+    // The first pass compares with the receiver's block hashes as they arrive.
+    let mut feeds: Vec<Option<std::sync::mpsc::Receiver<scan::HashChunk>>> = Vec::new();
+    for d in &config.disks {
+        if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) {
+            let (feed_tx, feed_rx) = std::sync::mpsc::channel();
+            inbox.feeds.insert(d.name.to_string(), (d.size, feed_tx));
+            feeds.push(Some(feed_rx));
+        } else {
+            feeds.push(None);
         }
+    }
+    if !inbox.feeds.is_empty() {
+        info!(disks = ?welcome.hashes_follow, "no saved state for the server's copy; comparing with the server's block hashes");
     }
     let mut next_seq: Vec<Seq> = config
         .disks
@@ -343,6 +354,7 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 // Held (failback with --sync during), the pass is a full download: blocks
                 // are checked whole and their 4 KiB page values are not computed.
                 !schedule.hold,
+                std::mem::take(&mut feeds),
             )
             .await?;
             states = back;
@@ -470,6 +482,7 @@ async fn scan_until_consistent(
     app: bool,
     may_quiesce: bool,
     page_hashes: bool,
+    mut feeds: Vec<Option<std::sync::mpsc::Receiver<scan::HashChunk>>>,
 ) -> Result<(Option<(PassResult, bool, String)>, Vec<DiskState>), tonic::Status> {
     let mut note = String::new();
     for attempt in 1..=CONSISTENT_ATTEMPTS {
@@ -485,19 +498,20 @@ async fn scan_until_consistent(
         let cancel = shutdown.child_token();
         let cfg = config.clone();
         let c2 = cancel.clone();
+        let attempt_feeds = std::mem::take(&mut feeds);
         let scanner = tokio::task::spawn_blocking(move || {
             let frozen = if quiesce {
                 match cfg.hooks.freeze() {
                     Ok(f) => Some(f),
                     Err(e) => {
                         warn!(error = %e, "freeze failed; the point will be crash-consistent");
-                        return (Err(e), states);
+                        return (Err((e, attempt_feeds)), states);
                     }
                 }
             } else {
                 None
             };
-            let r = scan::run_pass(&cfg.disks, &mut states, frozen.is_some(), page_hashes, &ev_tx, &c2);
+            let r = scan::run_pass(&cfg.disks, &mut states, frozen.is_some(), page_hashes, attempt_feeds, &ev_tx, &c2);
             let was_frozen = frozen.is_some();
             if let Some(f) = frozen {
                 f.thaw();
@@ -525,11 +539,11 @@ async fn scan_until_consistent(
         states = back;
         let (result, frozen) = match result {
             Ok(r) => r,
-            Err(freeze_failed) => {
+            Err((freeze_failed, unused_feeds)) => {
                 // The freeze failed: scan again unquiesced; the point, if any, is crash-consistent.
                 let app_note = freeze_failed;
                 let (r, back) = Box::pin(scan_until_consistent(
-                    config, states, tx, inbound, next_seq, inbox, shutdown, false, false, page_hashes,
+                    config, states, tx, inbound, next_seq, inbox, shutdown, false, false, page_hashes, unused_feeds,
                 ))
                 .await?;
                 return Ok((r.map(|(pass, frozen, _)| (pass, frozen, app_note)), back));

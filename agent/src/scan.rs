@@ -32,6 +32,9 @@ pub struct DiskSource {
     pub size: u64,
 }
 
+/// Block hashes of the receiver's copy: the first block's index and the blocks after it.
+pub type HashChunk = (u64, Vec<BlockHashes>);
+
 #[derive(Debug)]
 pub enum ScanEvent {
     Batch { disk: usize, records: Vec<pb::Record> },
@@ -95,6 +98,7 @@ pub fn run_pass(
     states: &mut [DiskState],
     frozen: bool,
     page_hashes: bool,
+    mut feeds: Vec<Option<Receiver<HashChunk>>>,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
 ) -> Result<PassResult, ScanError> {
@@ -108,7 +112,8 @@ pub fn run_pass(
         versions.push(version(&f).map_err(read_err)?);
     }
     for (i, (d, state)) in disks.iter().zip(states.iter_mut()).enumerate() {
-        let fp = scan_disk(i, d, state, workers, page_hashes, out, cancel, &mut result)?;
+        let feed = feeds.get_mut(i).and_then(Option::take);
+        let fp = scan_disk(i, d, state, workers, page_hashes, feed, out, cancel, &mut result)?;
         result.fingerprints.push(fp);
     }
     for (d, before) in disks.iter().zip(&versions) {
@@ -131,6 +136,7 @@ fn scan_disk(
     state: &mut DiskState,
     workers: usize,
     page_hashes: bool,
+    feed: Option<Receiver<HashChunk>>,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
     result: &mut PassResult,
@@ -165,10 +171,29 @@ fn scan_disk(
         let mut inflight: VecDeque<(u64, Receiver<Result<ChunkOut, std::io::Error>>)> = VecDeque::new();
         let mut next = 0u64;
         let blocks_per_chunk = (CHUNK / BLOCK_SIZE) as u64;
+        // Blocks whose receiver hashes are in `state` (all of them without a feed).
+        let mut ready = if feed.is_some() { 0 } else { usize::MAX };
         loop {
             while next < chunks && inflight.len() < workers * DEPTH_PER_WORKER {
                 let first = usize::try_from(next * blocks_per_chunk).unwrap_or(usize::MAX);
                 let last = (first + CHUNK / BLOCK_SIZE).min(state.blocks.len());
+                while ready < last {
+                    if cancel.is_cancelled() {
+                        return Err(ScanError::Cancelled);
+                    }
+                    let Some(f) = feed.as_ref() else { break };
+                    match f.recv_timeout(std::time::Duration::from_millis(100)) {
+                        Ok((at, blocks)) => {
+                            state.fill_from(at, &blocks);
+                            let end = usize::try_from(at).unwrap_or(usize::MAX).saturating_add(blocks.len());
+                            ready = ready.max(end);
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        // The last hashes came (or the session ends): what is missing stays
+                        // unknown and is sent whole.
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => ready = usize::MAX,
+                    }
+                }
                 let (reply, rx) = sync_channel(1);
                 let job = Job { index: next, old: state.blocks[first..last].to_vec(), reply };
                 if job_tx.send(job).is_err() {

@@ -366,6 +366,7 @@ async fn wait_job(c: &mut AdminClient<Channel>, id: u64, quiet: bool) -> anyhow:
         b
     });
     let mut last_line = String::new();
+    let mut poll = std::time::Duration::from_millis(20);
     loop {
         let r = c.jobs(pb::JobsRequest { id }).await.map_err(explain)?.into_inner();
         let job = r.jobs.into_iter().next().ok_or_else(|| anyhow!("job {id} vanished"))?;
@@ -389,7 +390,9 @@ async fn wait_job(c: &mut AdminClient<Channel>, id: u64, quiet: bool) -> anyhow:
             }
             return Ok(job);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // Short jobs end within a few polls; long ones are asked every 200 ms.
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(std::time::Duration::from_millis(200));
     }
 }
 

@@ -148,6 +148,7 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
         }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return Err("the process server is stopping".into()),
+            _ = ctx.relay.acked_wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }

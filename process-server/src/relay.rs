@@ -25,6 +25,10 @@ pub const RELAY_STATES: [&str; 1] = ["reprotected"];
 pub struct Relay {
     acked: Mutex<HashMap<(VmName, DiskName), Seq>>,
     running: Mutex<HashSet<VmName>>,
+    /// Woken when records become durable, so that relays send them at once.
+    wake: tokio::sync::Notify,
+    /// Woken when a master target acks, for whoever waits on a drain.
+    pub acked_wake: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -32,6 +36,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Relay {
+    /// New records are durable: idle relays look again.
+    pub fn records_durable(&self) {
+        self.wake.notify_waiters();
+    }
+
     /// What the master target has made durable of this disk.
     pub fn acked(&self, vm: &VmName, disk: &DiskName) -> Seq {
         lock(&self.acked).get(&(vm.clone(), disk.clone())).copied().unwrap_or_default()
@@ -184,6 +193,7 @@ async fn relay_session(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
         let wait = if sent { Duration::from_millis(0) } else { Duration::from_millis(100) };
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
+            _ = ctx.relay.wake.notified(), if !sent => {}
             m = inbound.message() => match m? {
                 None => return Err(Status::unavailable("the master target closed the stream")),
                 Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Ack(a)) }) => {
@@ -192,6 +202,7 @@ async fn relay_session(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
                         let e = acked.entry((vm.clone(), d)).or_default();
                         *e = (*e).max(Seq(a.durable_seq));
                     }
+                    ctx.relay.acked_wake.notify_waiters();
                 }
                 Some(_) => {}
             },

@@ -197,15 +197,24 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             job.phase("sending the disks");
         }
         let ctx2 = ctx.clone();
+        // The block hashes stream while the session runs: the agent compares each part of
+        // its disk as soon as that part's hashes have come, and sends what differs.
+        let (c3, v3, out3, cancel3) = (ctx.clone(), vm.clone(), out_tx.clone(), cancel.clone());
         ctx.tracker.spawn(async move {
             for (h, source) in hashes_follow {
-                if let Err(e) = send_hashes(&ctx2, &h, source, &out_tx).await {
-                    warn!(vm = %vm, disk = %h.name, error = %e.message(), "cannot send block hashes; the session ends");
-                    let _ = out_tx.send(Err(e)).await;
-                    ctx2.hub.detach(&vm, session);
+                let sent = tokio::select! {
+                    _ = cancel3.cancelled() => return,
+                    r = send_hashes(&c3, &h, source, &out3) => r,
+                };
+                if let Err(e) = sent {
+                    warn!(vm = %v3, disk = %h.name, error = %e.message(), "cannot send block hashes; the session ends");
+                    let _ = out3.send(Err(e)).await;
+                    cancel3.cancel();
                     return;
                 }
             }
+        });
+        ctx.tracker.spawn(async move {
             run_session(&ctx2, &vm, handles, inbound, out_tx, cancel, initial.clone()).await;
             if let Some((job, _)) = lock_initial(&initial).take() {
                 job.fail("the agent disconnected before the first point; a new initial sync starts when it reconnects");
@@ -445,7 +454,7 @@ async fn write_loop(
                         match appended {
                             Ok(_) if rx.is_empty() || unsynced_bytes >= GROUP_COMMIT_BYTES => {
                                 unsynced_bytes = 0;
-                                sync_and_ack(&mut unsynced, &out).await
+                                commit(&ctx, &mut unsynced, &out).await
                             }
                             other => other.map(|_| ()),
                         }
@@ -455,7 +464,7 @@ async fn write_loop(
             }
             Item::Point(p) => {
                 unsynced_bytes = 0;
-                match sync_and_ack(&mut unsynced, &out).await {
+                match commit(&ctx, &mut unsynced, &out).await {
                     Ok(()) => make_point(&ctx, &vm, p, &out, &initial).await,
                     Err(e) => Err(e),
                 }
@@ -473,7 +482,7 @@ async fn write_loop(
             break;
         }
     }
-    let _ = sync_and_ack(&mut unsynced, &out).await;
+    let _ = commit(&ctx, &mut unsynced, &out).await;
 }
 
 async fn sync_and_ack(
@@ -490,6 +499,20 @@ async fn sync_and_ack(
         // Acks are cumulative: when the agent is slow to read them, a dropped one is
         // superseded by the next, and the writer never waits on the agent.
         let _ = out.try_send(msg(server_message::Msg::Ack(ack)));
+    }
+    Ok(())
+}
+
+/// Group commit, then the relays of reprotected VMs hear of it.
+async fn commit(
+    ctx: &Ctx,
+    unsynced: &mut HashMap<DiskName, Arc<DiskHandle>>,
+    out: &crate::hub::Outbound,
+) -> Result<(), Status> {
+    let any = !unsynced.is_empty();
+    sync_and_ack(unsynced, out).await?;
+    if any {
+        ctx.relay.records_durable();
     }
     Ok(())
 }

@@ -254,13 +254,25 @@ fn hash_blocks<T: Send>(
         let mut pos = start;
         while pos < end {
             let n = usize::try_from((end - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
-            let read = has_data(pos, pos + n as u64);
-            if read {
-                f.read_exact_at(&mut buf[..n], pos).map_err(io_err(path))?;
+            // Only runs of blocks that hold data are read.
+            let blocks: Vec<bool> = (0..n.div_ceil(BLOCK_SIZE))
+                .map(|i| {
+                    let at = pos + (i * BLOCK_SIZE) as u64;
+                    has_data(at, (at + BLOCK_SIZE as u64).min(pos + n as u64))
+                })
+                .collect();
+            let mut i = 0;
+            while i < blocks.len() {
+                if !blocks[i] {
+                    i += 1;
+                    continue;
+                }
+                let run = blocks[i..].iter().take_while(|&&d| d).count();
+                let (a, b) = (i * BLOCK_SIZE, ((i + run) * BLOCK_SIZE).min(n));
+                f.read_exact_at(&mut buf[a..b], pos + a as u64).map_err(io_err(path))?;
+                i += run;
             }
-            for (i, block) in buf[..n].chunks(BLOCK_SIZE).enumerate() {
-                let at = pos + (i * BLOCK_SIZE) as u64;
-                let data = read && has_data(at, at + block.len() as u64);
+            for (block, &data) in buf[..n].chunks(BLOCK_SIZE).zip(&blocks) {
                 out.push(hash(data.then_some(block), block.len()));
             }
             pos += n as u64;
