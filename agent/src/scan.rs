@@ -1,5 +1,6 @@
-//! One scan pass over a VM's disks: read (skipping holes), hash 64 KiB blocks and their
-//! 4 KiB pages, compare with what the receiver holds, and emit only the pages that changed.
+//! One scan pass over a VM's disks: read (skipping holes), hash 64 KiB blocks (and the
+//! 4 KiB pages of those that changed), compare with what the receiver holds, and emit only
+//! the pages that changed.
 //! Hashing and compression run on a small pool of worker threads; results are consumed
 //! in disk order, so records go out in offset order and memory stays bounded.
 
