@@ -18,8 +18,12 @@ W=$(mktemp -d /tmp/tern-bench.XXXXXX)
 cleanup() { kill "${AGENT:-}" "${SERVER:-}" "${RSYNCD:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 
-echo "== preparing a ${SIZE_MIB} MiB ext4 image with real files"
-make_image "$W/disk.img" "$SIZE_MIB"
+if [ -n "${IMAGE:-}" ]; then  # IMAGE=PATH reuses an image (it is copied, not changed)
+  cp --sparse=always "$IMAGE" "$W/disk.img"
+else
+  echo "== preparing a ${SIZE_MIB} MiB ext4 image with real files"
+  make_image "$W/disk.img" "$SIZE_MIB"
+fi
 IMG_BYTES=$(stat -c %s "$W/disk.img")
 echo "image: $(du -h --apparent-size "$W/disk.img" | cut -f1) apparent, $(du -h "$W/disk.img" | cut -f1) allocated"
 sync
