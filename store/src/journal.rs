@@ -142,6 +142,7 @@ impl Journal {
         let mut segments = Vec::new();
         let mut last = Seq(found.first().map_or(0, |(n, _)| n.saturating_sub(1)));
         let count = found.len();
+        let firsts: Vec<u64> = found.iter().map(|(n, _)| *n).collect();
         for (i, (first_seq, path)) in found.into_iter().enumerate() {
             let is_last = i + 1 == count;
             if first_seq != last.0 + 1 {
@@ -150,6 +151,15 @@ impl Journal {
                     offset: 0,
                     reason: format!("segment starts at seq {first_seq}, expected {}", last.0 + 1),
                 });
+            }
+            if !is_last {
+                // A closed segment was fsynced before the next one began: only its header is
+                // checked here (every record is checked again whenever it is read), so that
+                // opening a long journal does not read all of it.
+                let len = check_closed_segment(&path, first_seq)?;
+                last = Seq(firsts[i + 1] - 1);
+                segments.push(Segment { first_seq, path, durable_len: len });
+                continue;
             }
             let scan = scan_segment(&path, first_seq)?;
             if scan.bad_at.is_some() && !is_last {
@@ -363,6 +373,21 @@ struct Scan {
     last_seq: Seq,
     /// File length, when a bad or partial record follows `good_len`.
     bad_at: Option<u64>,
+}
+
+/// Checks a closed segment's header; returns its length.
+fn check_closed_segment(path: &Path, first_seq: u64) -> Result<u64, StoreError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    let mut head = [0u8; SEGMENT_HEADER_LEN];
+    if f.read_exact(&mut head).is_err() || decode_segment_header(&head) != Some(first_seq) {
+        return Err(StoreError::SegmentCorrupt {
+            path: path.display().to_string(),
+            offset: 0,
+            reason: "the header of a closed segment is damaged".into(),
+        });
+    }
+    Ok(len)
 }
 
 fn scan_segment(path: &Path, first_seq: u64) -> Result<Scan, StoreError> {
@@ -697,6 +722,35 @@ mod tests {
         std::fs::write(&seg, &bytes).unwrap();
         let err = snap.read(Seq(2)).next().unwrap().unwrap_err();
         assert!(matches!(err, StoreError::SegmentCorrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_closed_segment_is_not_read_at_open_and_its_damage_shows_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.set_segment_target(4096);
+        for seq in 1..=3u64 {
+            let mut data = vec![0u8; 8192];
+            blake3::Hasher::new().update(&seq.to_le_bytes()).finalize_xof().fill(&mut data);
+            j.append(Seq(seq), &[write_rec(&data, 0)]).unwrap();
+        }
+        j.sync().unwrap();
+        assert_eq!(j.segment_count(), 3);
+        drop(j);
+        let seg = dir.path().join(segment_name(1));
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[SEGMENT_HEADER_LEN + RECORD_HEADER_LEN + 2] ^= 0xff;
+        std::fs::write(&seg, &bytes).unwrap();
+        let (j, rec) = Journal::open(dir.path()).unwrap();
+        assert_eq!(rec, Recovery { durable: Seq(3), cut_bytes: 0 }, "nothing is cut from a closed segment");
+        let err = j.snapshot().read(Seq(3)).next().unwrap().unwrap_err();
+        assert!(matches!(err, StoreError::SegmentCorrupt { .. }), "{err}");
+        assert_eq!(j.snapshot().read_range(Seq(1), Seq(3)).count(), 2, "later segments read fine");
+        // A damaged header of a closed segment stops the open.
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[0] ^= 0xff;
+        std::fs::write(&seg, &bytes).unwrap();
+        assert!(matches!(Journal::open(dir.path()), Err(StoreError::SegmentCorrupt { .. })));
     }
 
     #[test]
