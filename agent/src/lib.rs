@@ -490,9 +490,14 @@ async fn scan_until_consistent(
         note.clear();
         // An app point always quiesces; a crash point falls back on the hooks when the
         // disks kept changing during an unquiesced scan.
-        let quiesce = may_quiesce && (app || attempt > 1) && config.hooks.configured();
+        // A pass that still waits for the receiver's block hashes is never frozen: the VM
+        // would stay frozen for as long as the hashes take to arrive.
+        let feeding = feeds.iter().any(Option::is_some);
+        let quiesce = may_quiesce && (app || attempt > 1) && config.hooks.configured() && !feeding;
         if app && !config.hooks.configured() {
             note = "no --freeze or --freeze-fs is configured".into();
+        } else if app && feeding {
+            note = "the first pass after a resync compares with the receiver's block hashes as they arrive and is not frozen".into();
         }
         let (ev_tx, mut ev_rx) = mpsc::channel::<ScanEvent>(2);
         let cancel = shutdown.child_token();
@@ -511,7 +516,15 @@ async fn scan_until_consistent(
             } else {
                 None
             };
-            let r = scan::run_pass(&cfg.disks, &mut states, frozen.is_some(), page_hashes, attempt_feeds, &ev_tx, &c2);
+            let r = scan::run_pass(
+                &cfg.disks,
+                &mut states,
+                frozen.is_some(),
+                page_hashes,
+                attempt_feeds,
+                &ev_tx,
+                &c2,
+            );
             let was_frozen = frozen.is_some();
             if let Some(f) = frozen {
                 f.thaw();
@@ -543,7 +556,17 @@ async fn scan_until_consistent(
                 // The freeze failed: scan again unquiesced; the point, if any, is crash-consistent.
                 let app_note = freeze_failed;
                 let (r, back) = Box::pin(scan_until_consistent(
-                    config, states, tx, inbound, next_seq, inbox, shutdown, false, false, page_hashes, unused_feeds,
+                    config,
+                    states,
+                    tx,
+                    inbound,
+                    next_seq,
+                    inbox,
+                    shutdown,
+                    false,
+                    false,
+                    page_hashes,
+                    unused_feeds,
                 ))
                 .await?;
                 return Ok((r.map(|(pass, frozen, _)| (pass, frozen, app_note)), back));

@@ -301,8 +301,7 @@ fn scan_chunk(
     }
     data[filled..].fill(0);
     let in_hole = |off: usize| !extents.iter().any(|&(a, b)| a <= off && off < b);
-    let mut out =
-        ChunkOut { new: Vec::with_capacity(job.old.len()), records: Vec::new(), read, changed: 0 };
+    let mut out = ChunkOut { new: Vec::with_capacity(job.old.len()), records: Vec::new(), read, changed: 0 };
     for (b, old) in job.old.iter().enumerate() {
         let off = b * BLOCK_SIZE;
         let blen = (len - off).min(BLOCK_SIZE);

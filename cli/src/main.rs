@@ -458,7 +458,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 out!(
                     "{:<20} {:<14} {:<8} {:<6} {:>10} {:>8} {:>10}",
-                    "VM", "STATE", "HEALTH", "AGENT", "LAST POINT", "RPO", "RECEIVED"
+                    "VM",
+                    "STATE",
+                    "HEALTH",
+                    "AGENT",
+                    "LAST POINT",
+                    "RPO",
+                    "RECEIVED"
                 );
                 for s in &r.vms {
                     out!(
@@ -691,10 +697,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if cli.json {
                     print_json(&Value::Array(r.jobs.iter().map(job_json).collect()))?;
                 } else {
-                    out!(
-                        "{:>5}  {:<20} {:<16} {:<10} {:<30} STARTED",
-                        "ID", "KIND", "VM", "STATE", "PHASE"
-                    );
+                    out!("{:>5}  {:<20} {:<16} {:<10} {:<30} STARTED", "ID", "KIND", "VM", "STATE", "PHASE");
                     for j in &r.jobs {
                         out!(
                             "{:>5}  {:<20} {:<16} {:<10} {:<30} {}",

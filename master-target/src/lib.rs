@@ -411,8 +411,15 @@ type Commit = tokio::task::JoinHandle<Result<Vec<(DiskName, Seq)>, Status>>;
 /// disk — and acks them once durable. Commits run beside the writer: while one fsyncs, the
 /// next batches are written, and the next commit takes all of them (group commit that
 /// adapts to the disk's flush time).
-async fn write_loop(store: Arc<Store>, vm: VmName, through: bool, mut rx: mpsc::Receiver<Pending>, out: Outbound) {
-    let mut w = Writer { store, through, next: HashMap::new(), files: HashMap::new(), unsynced: HashMap::new() };
+async fn write_loop(
+    store: Arc<Store>,
+    vm: VmName,
+    through: bool,
+    mut rx: mpsc::Receiver<Pending>,
+    out: Outbound,
+) {
+    let mut w =
+        Writer { store, through, next: HashMap::new(), files: HashMap::new(), unsynced: HashMap::new() };
     let mut inflight: Option<Commit> = None;
     let result = loop {
         tokio::select! {

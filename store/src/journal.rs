@@ -78,7 +78,11 @@ fn check_extent(disk_size: u64, r: &Record) -> Result<(), RecordProblem> {
 }
 
 /// [`verify_record`], keeping the plain data of a write (`None` for a zero extent).
-pub fn decode_record(dec: &mut Decoder, disk_size: u64, r: &Record) -> Result<Option<Vec<u8>>, RecordProblem> {
+pub fn decode_record(
+    dec: &mut Decoder,
+    disk_size: u64,
+    r: &Record,
+) -> Result<Option<Vec<u8>>, RecordProblem> {
     check_extent(disk_size, r)?;
     match r.kind {
         RecordKind::Write => Ok(Some(dec.decode(r.compressed, &r.payload, r.length as usize, &r.digest)?)),
