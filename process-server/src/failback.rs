@@ -16,6 +16,9 @@ use tracing::{info, warn};
 
 /// A failback whose drain makes no progress for this long fails (and can be run again).
 const DRAIN_STALL: Duration = Duration::from_secs(300);
+/// The agent's final pass may send nothing while the shutdown hook runs (the agent gives
+/// it up to 600 s); past this without a byte, the failback fails (and can be run again).
+const FINAL_PASS_STALL: Duration = Duration::from_secs(660);
 
 /// The failback policy: made at reprotect, not editable.
 pub fn failback_policy() -> Policy {
@@ -117,16 +120,37 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
         .reprotect(&vm)
         .map_err(|e| e.to_string())?
         .ok_or("the VM has no reprotect record")?;
-    job.phase("shutting down the recovered VM");
-    let rx = ctx.hub.request_shutdown(&vm).await.map_err(|e| {
+    job.phase("shutting down the recovered VM and sending its last changes");
+    let mut rx = ctx.hub.request_shutdown(&vm).await.map_err(|e| {
         format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
     })?;
-    let point = match tokio::time::timeout(Duration::from_secs(600), rx).await {
-        Ok(Ok(Ok(p))) => p,
-        Ok(Ok(Err(reason))) => {
-            return Err(format!("the recovered VM was not shut down: {reason}; nothing changed"));
+    // The final pass may be a full download of every disk: progress is how far it has
+    // come; it fails only when nothing arrives for longer than the shutdown hook may take.
+    let total: u64 = ctx.store.vm_disks(&vm).iter().map(|h| h.size).sum();
+    let (mut bytes, mut since) = (ctx.hub.bytes_received(&vm), std::time::Instant::now());
+    let point = loop {
+        tokio::select! {
+            r = &mut rx => match r {
+                Ok(Ok(p)) => break p,
+                Ok(Err(reason)) => {
+                    return Err(format!("the recovered VM was not shut down: {reason}; nothing changed"));
+                }
+                Err(_) => return Err("the recovered VM's agent made no final point; nothing changed".into()),
+            },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                job.progress(ctx.hub.scan_position(&vm).min(total), total);
+                let now = ctx.hub.bytes_received(&vm);
+                if now != bytes {
+                    (bytes, since) = (now, std::time::Instant::now());
+                } else if since.elapsed() > FINAL_PASS_STALL {
+                    return Err(format!(
+                        "the recovered VM's agent sent nothing for {}s after the shutdown request; check its log, then run failback again",
+                        FINAL_PASS_STALL.as_secs()
+                    ));
+                }
+            }
+            _ = ctx.shutdown.cancelled() => return Err("the process server is stopping".into()),
         }
-        _ => return Err("the recovered VM's agent made no final point; nothing changed".into()),
     };
     job.phase("draining to the master target");
     let total: u64 = point.disks.iter().map(|d| d.seq.0).sum();

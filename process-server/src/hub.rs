@@ -25,6 +25,9 @@ struct Link {
 struct VmCounters {
     bytes_received: u64,
     disconnected_at: Option<Instant>,
+    /// Per disk, the end of the last extent received: a pass sends in offset order, so
+    /// this is how far the agent's current pass has come.
+    scan_at: HashMap<String, u64>,
 }
 
 /// The answer to a checkpoint request: the point, or why the agent could not make it.
@@ -93,6 +96,16 @@ impl Hub {
 
     pub fn add_bytes(&self, vm: &VmName, n: u64) {
         lock(&self.counters).entry(vm.clone()).or_default().bytes_received += n;
+    }
+
+    /// Notes how far the agent's pass over `disk` has come.
+    pub fn note_scan(&self, vm: &VmName, disk: &str, end: u64) {
+        lock(&self.counters).entry(vm.clone()).or_default().scan_at.insert(disk.to_string(), end);
+    }
+
+    /// How far the agent's current pass has come, summed over its disks.
+    pub fn scan_position(&self, vm: &VmName) -> u64 {
+        lock(&self.counters).get(vm).map_or(0, |c| c.scan_at.values().sum())
     }
 
     pub fn bytes_received(&self, vm: &VmName) -> u64 {

@@ -259,6 +259,9 @@ async fn run_session(
         let item = match next {
             Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Batch(b)) })) => {
                 ctx.hub.add_bytes(vm, prost::Message::encoded_len(&b) as u64);
+                if let Some(end) = b.records.iter().map(|r| r.offset + u64::from(r.length)).max() {
+                    ctx.hub.note_scan(vm, &b.disk, end);
+                }
                 note_progress(&initial, &handles, &b);
                 match prepare_batch(&handles, b) {
                     Ok(item) => item,
