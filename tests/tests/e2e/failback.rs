@@ -240,6 +240,37 @@ fn reprotect_to_a_disk_of_the_wrong_size_is_refused() {
     assert_eq!(server.status("w")["state"], "failover-committed");
 }
 
+/// Fails `vm` back while the master target aborts at fail point `crash_at` (it is
+/// restarted with it armed first), restarts it once it has crashed, and returns what
+/// `drctl failback --json` printed once the failback completed.
+fn fail_back_through_a_master_target_crash(
+    server: &Server,
+    mt: &mut MasterTarget,
+    vm: &str,
+    crash_at: &str,
+) -> serde_json::Value {
+    mt.kill9();
+    mt.restart_with(&[("TERN_CRASH_AT", crash_at)]);
+    let failback = std::process::Command::new(bin("drctl"))
+        .args(["--server", &server.url(), "--identity"])
+        .arg(server.admin())
+        .args(["failback", vm, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = mt.child.as_mut().unwrap();
+    deadline_poll(&format!("the master target to crash at {crash_at}"), Duration::from_secs(180), || {
+        child.try_wait().unwrap()
+    });
+    assert!(mt.log_text().contains("crashing on purpose"));
+    mt.child = None;
+    mt.restart_same_port();
+    let done = failback.wait_with_output().unwrap();
+    assert!(done.status.success(), "failback: {}", String::from_utf8_lossy(&done.stderr));
+    serde_json::from_slice(&done.stdout).unwrap()
+}
+
 #[test]
 fn master_target_killed_during_the_failback_apply() {
     let tmp = tempfile::tempdir().unwrap();
@@ -259,26 +290,7 @@ fn master_target_killed_during_the_failback_apply() {
     let want = b3(&recovered, None);
     // The master target will crash in the middle of the apply: after the target disk was
     // written, before its new position was recorded.
-    mt.kill9();
-    mt.restart_with(&[("TERN_CRASH_AT", "retention-after-base-write")]);
-    let failback = std::process::Command::new(bin("drctl"))
-        .args(["--server", &server.url(), "--identity"])
-        .arg(server.admin())
-        .args(["failback", "k", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let child = mt.child.as_mut().unwrap();
-    deadline_poll("the master target to crash in the apply", Duration::from_secs(180), || {
-        child.try_wait().unwrap()
-    });
-    assert!(mt.log_text().contains("crashing on purpose"));
-    mt.child = None;
-    mt.restart_same_port();
-    let done = failback.wait_with_output().unwrap();
-    assert!(done.status.success(), "failback: {}", String::from_utf8_lossy(&done.stderr));
-    let res: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    let res = fail_back_through_a_master_target_crash(&server, &mut mt, "k", "retention-after-base-write");
     assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&onprem, None), want);
     assert!(
@@ -309,26 +321,8 @@ fn master_target_killed_during_a_full_download_onto_the_original_disk() {
     let want = b3(&recovered, None);
     // The master target will crash after writing relayed records onto the target disk,
     // before recording how far it got.
-    mt.kill9();
-    mt.restart_with(&[("TERN_CRASH_AT", "write-through-after-base-write")]);
-    let failback = std::process::Command::new(bin("drctl"))
-        .args(["--server", &server.url(), "--identity"])
-        .arg(server.admin())
-        .args(["failback", "w", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let child = mt.child.as_mut().unwrap();
-    deadline_poll("the master target to crash in the write-through", Duration::from_secs(180), || {
-        child.try_wait().unwrap()
-    });
-    assert!(mt.log_text().contains("crashing on purpose"));
-    mt.child = None;
-    mt.restart_same_port();
-    let done = failback.wait_with_output().unwrap();
-    assert!(done.status.success(), "failback: {}", String::from_utf8_lossy(&done.stderr));
-    let res: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    let res =
+        fail_back_through_a_master_target_crash(&server, &mut mt, "w", "write-through-after-base-write");
     assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&onprem, None), want, "the on-premises disk is byte-identical to the recovered one");
     assert!(mt.log_text().contains("write-through"), "{}", tail(&mt.log_text(), 20));
