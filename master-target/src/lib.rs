@@ -1,7 +1,9 @@
 //! tern-master-target: the primary site's end of failback. It receives the stream the
 //! process server relays from the recovered VM, keeps it in a journal (the same store as
 //! the process server's) whose base image is the on-premises target disk itself, and on
-//! failback applies the final point onto that disk and checks its fingerprint.
+//! failback applies the final point onto that disk and checks its fingerprint. A full
+//! download (failback with `--sync during`) is written straight onto the target disk
+//! instead (`tern_store::write_through`).
 //! Only the process server (role `server`) may call it.
 
 use std::collections::HashMap;
@@ -15,7 +17,7 @@ use tern_core::{Digest, DiskName, Seq, VmName};
 use tern_proto as pb;
 use tern_store::format::RecordKind;
 use tern_store::write_through::PlainRecord;
-use tern_store::{DiskHandle, Record, Store, StoreError, journal::decode_record};
+use tern_store::{DiskHandle, Record, Store, StoreError, journal::decode_record, journal::verify_record};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -389,11 +391,13 @@ fn verify_batch(store: &Store, vm: &VmName, b: pb::Batch, through: bool) -> Resu
             let mut dec = d.borrow_mut();
             let mut plain = Vec::new();
             for (i, r) in records.iter().enumerate() {
-                let data = decode_record(&mut dec, disk.size, r).map_err(|p| {
-                    Status::data_loss(format!("disk {} seq {}: {p}", disk.name, first.0 + i as u64))
-                })?;
+                let bad =
+                    |p| Status::data_loss(format!("disk {} seq {}: {p}", disk.name, first.0 + i as u64));
                 if through {
+                    let data = decode_record(&mut dec, disk.size, r).map_err(bad)?;
                     plain.push(PlainRecord { offset: r.offset, length: r.length, data });
+                } else {
+                    verify_record(&mut dec, disk.size, r).map_err(bad)?;
                 }
             }
             if through {
