@@ -355,8 +355,8 @@ impl pb::admin_server::Admin for AdminService {
             let outcome = async {
                 let mut spec = spec;
                 if planned || shutdown_source {
-                    job.phase("shutting down the source");
-                    match shut_down_source(&ctx, &vm).await {
+                    job.phase("shutting down the source and sending its last changes");
+                    match shut_down_source(&ctx, &vm, &job).await {
                         Ok(point) => spec = PointSpec::Id(point),
                         Err(e) if planned => {
                             return Err(format!("the source was not shut down: {e}; nothing changed, VM {vm} stays protected"));
@@ -603,12 +603,11 @@ async fn resolve_latest(ctx: &Arc<Ctx>, vm: &VmName, spec: PointSpec, job: &crat
 }
 
 /// Planned failover: the agent runs its shutdown hook, drains, makes the final point.
-async fn shut_down_source(ctx: &Arc<Ctx>, vm: &VmName) -> Result<tern_core::PointId, String> {
+async fn shut_down_source(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    job: &crate::jobs::Job,
+) -> Result<tern_core::PointId, String> {
     let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| e.message().to_string())?;
-    match tokio::time::timeout(Duration::from_secs(600), rx).await {
-        Ok(Ok(Ok(p))) => Ok(p.id),
-        Ok(Ok(Err(reason))) => Err(reason),
-        Ok(Err(_)) => Err("the agent went away before it made the final point".into()),
-        Err(_) => Err("the agent did not make the final point within 10 minutes".into()),
-    }
+    crate::failback::final_point(ctx, vm, rx, job).await.map(|p| p.id)
 }

@@ -121,37 +121,12 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
         .map_err(|e| e.to_string())?
         .ok_or("the VM has no reprotect record")?;
     job.phase("shutting down the recovered VM and sending its last changes");
-    let mut rx = ctx.hub.request_shutdown(&vm).await.map_err(|e| {
+    let rx = ctx.hub.request_shutdown(&vm).await.map_err(|e| {
         format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
     })?;
-    // The final pass may be a full download of every disk: progress is how far it has
-    // come; it fails only when nothing arrives for longer than the shutdown hook may take.
-    let total: u64 = ctx.store.vm_disks(&vm).iter().map(|h| h.size).sum();
-    let (mut bytes, mut since) = (ctx.hub.bytes_received(&vm), std::time::Instant::now());
-    let point = loop {
-        tokio::select! {
-            r = &mut rx => match r {
-                Ok(Ok(p)) => break p,
-                Ok(Err(reason)) => {
-                    return Err(format!("the recovered VM was not shut down: {reason}; nothing changed"));
-                }
-                Err(_) => return Err("the recovered VM's agent made no final point; nothing changed".into()),
-            },
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                job.progress(ctx.hub.scan_position(&vm).min(total), total);
-                let now = ctx.hub.bytes_received(&vm);
-                if now != bytes {
-                    (bytes, since) = (now, std::time::Instant::now());
-                } else if since.elapsed() > FINAL_PASS_STALL {
-                    return Err(format!(
-                        "the recovered VM's agent sent nothing for {}s after the shutdown request; check its log, then run failback again",
-                        FINAL_PASS_STALL.as_secs()
-                    ));
-                }
-            }
-            _ = ctx.shutdown.cancelled() => return Err("the process server is stopping".into()),
-        }
-    };
+    let point = final_point(ctx, &vm, rx, &job)
+        .await
+        .map_err(|reason| format!("the recovered VM was not shut down: {reason}; nothing changed"))?;
     job.phase("draining to the master target");
     let total: u64 = point.disks.iter().map(|d| d.seq.0).sum();
     let (mut last, mut since) = (0u64, std::time::Instant::now());
@@ -227,6 +202,40 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
         "disks": disks,
     })
     .to_string())
+}
+
+/// Waits for the final point an agent makes after its shutdown hook. Its last pass may be a
+/// full download of every disk: the job shows how far it has come, and the wait fails only
+/// when nothing arrives for longer than the shutdown hook may take.
+pub async fn final_point(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    mut rx: tokio::sync::oneshot::Receiver<crate::hub::PointResult>,
+    job: &crate::jobs::Job,
+) -> Result<tern_store::Point, String> {
+    let total: u64 = ctx.store.vm_disks(vm).iter().map(|h| h.size).sum();
+    let (mut bytes, mut since) = (ctx.hub.bytes_received(vm), std::time::Instant::now());
+    loop {
+        tokio::select! {
+            r = &mut rx => return match r {
+                Ok(r) => r,
+                Err(_) => Err("the agent made no final point".into()),
+            },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                job.progress(ctx.hub.scan_position(vm).min(total), total);
+                let now = ctx.hub.bytes_received(vm);
+                if now != bytes {
+                    (bytes, since) = (now, std::time::Instant::now());
+                } else if since.elapsed() > FINAL_PASS_STALL {
+                    return Err(format!(
+                        "the agent sent nothing for {}s after the shutdown request; check its log",
+                        FINAL_PASS_STALL.as_secs()
+                    ));
+                }
+            }
+            _ = ctx.shutdown.cancelled() => return Err("the process server is stopping".into()),
+        }
+    }
 }
 
 /// After a failback: the master target's journal and the failover's output go; the
