@@ -95,7 +95,7 @@ PY
   local usage; read -r ac am <"$d/a2.usage" 2>/dev/null || { ac=?; am=?; }
   usage="$ac/$(calc "$ps1-$ps0")/$(calc "$mt1-$mt0") $am/$psm/$mtm"
   local w1; w1=$(status_field vm bytes_received)
-  local hashes; hashes=$(sed -n 's/.*block hashes sent for a delta sync.*bytes=\([0-9]*\).*/\1/p' "$d/ps.log" | paste -sd+ | sed 's/^$/0/' | bc)
+  local hashes; hashes=$(sed -n 's/.*hashes sent for a delta sync.*bytes=\([0-9]*\).*/\1/p' "$d/ps.log" | paste -sd+ | sed 's/^$/0/' | bc)
   if ! cmp -s "$d/out/sda.raw" "$target"; then echo "MISMATCH: $target differs from the recovered disk" >&2; exit 1; fi
   echo "$(calc "$t1-$t0") $((w1 - w0 + hashes)) $(calc "$tm-$t0") $(calc "$t1-$tm") $usage"
   "$B/drctl" commit vm >/dev/null

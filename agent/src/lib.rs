@@ -130,20 +130,33 @@ impl Inbox {
             Some(pb::server_message::Msg::StandDown(s)) => self.stand_down = Some(s.reason),
             Some(pb::server_message::Msg::PointAck(p)) => self.point_ack = Some(p.point_id),
             Some(pb::server_message::Msg::BlockHashes(bh)) => {
-                if let Some((size, feed)) = self.feeds.get(&bh.disk) {
-                    let size = *size;
-                    let decoded = pb::hash_table::decode(&bh.table, |k| {
-                        tern_core::blocks::block_len(size, bh.first_block + k as u64)
-                    });
-                    match decoded {
-                        // A scan that ended early leaves nobody to hear the rest.
-                        Some(blocks) => drop(feed.send((bh.first_block, blocks))),
-                        None => warn!(disk = %bh.disk, "malformed block hashes; those blocks are sent whole"),
+                let Some((size, feed)) = self.feeds.get(&bh.disk) else { return Ok(()) };
+                let size = *size;
+                let len = |k: usize| {
+                    let block = if bh.blocks.is_empty() { bh.first_block + k as u64 } else { bh.blocks[k] };
+                    tern_core::blocks::block_len(size, block)
+                };
+                let in_range = |k: usize| bh.blocks.is_empty() || k < bh.blocks.len();
+                let decoded = pb::hash_table::decode(&bh.table, |k| if in_range(k) { len(k) } else { 0 })
+                    .filter(|d| bh.blocks.is_empty() || d.len() == bh.blocks.len());
+                // Sends fail only when the scan has ended: nobody is left to hear the rest.
+                match decoded {
+                    Some(entries) if !bh.blocks.is_empty() => {
+                        drop(
+                            feed.send(scan::HashChunk::Pages(
+                                bh.blocks.iter().copied().zip(entries).collect(),
+                            )),
+                        );
                     }
+                    Some(entries) => drop(feed.send(scan::HashChunk::Range(bh.first_block, entries))),
+                    None if !bh.blocks.is_empty() => {
+                        warn!(disk = %bh.disk, "malformed page hashes; those blocks are sent whole");
+                        drop(feed.send(scan::HashChunk::Pages(Vec::new())));
+                    }
+                    None => warn!(disk = %bh.disk, "malformed block hashes; those blocks are sent whole"),
                 }
                 if bh.last {
-                    // The scan sees the feed close: every block's hashes have come.
-                    self.feeds.remove(&bh.disk);
+                    drop(feed.send(scan::HashChunk::End));
                 }
             }
             _ => {}
@@ -536,6 +549,10 @@ async fn scan_until_consistent(
         loop {
             tokio::select! {
                 ev = ev_rx.recv() => match ev {
+                    Some(ScanEvent::NeedPages { disk, blocks }) => {
+                        let disk = config.disks[disk].name.to_string();
+                        send(tx, pb::agent_message::Msg::PageHashes(pb::PageHashesRequest { disk, blocks })).await?;
+                    }
                     Some(ScanEvent::Batch { disk, records }) => {
                         let n = records.len() as u64;
                         let batch = pb::Batch { disk: config.disks[disk].name.to_string(), first_seq: next_seq[disk].0, records };

@@ -33,12 +33,28 @@ pub struct DiskSource {
     pub size: u64,
 }
 
-/// Block hashes of the receiver's copy: the first block's index and the blocks after it.
-pub type HashChunk = (u64, Vec<BlockHashes>);
+/// Block hashes of the receiver's copy, as they arrive for the first pass of a delta sync.
+#[derive(Debug)]
+pub enum HashChunk {
+    /// The entries of consecutive blocks from the first one's index.
+    Range(u64, Vec<BlockHashes>),
+    /// Every block's entry has come.
+    End,
+    /// Page hashes asked for with [`ScanEvent::NeedPages`]: block index and entry.
+    Pages(Vec<(u64, BlockHashes)>),
+}
 
 #[derive(Debug)]
 pub enum ScanEvent {
-    Batch { disk: usize, records: Vec<pb::Record> },
+    Batch {
+        disk: usize,
+        records: Vec<pb::Record>,
+    },
+    /// These blocks differ from the receiver's coarse entries: ask for its page hashes.
+    NeedPages {
+        disk: usize,
+        blocks: Vec<u64>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,17 +95,22 @@ pub fn disk_size(path: &std::path::Path) -> std::io::Result<u64> {
     }
 }
 
-struct Job {
-    index: u64,
-    old: Vec<BlockHashes>,
-    reply: SyncSender<Result<ChunkOut, std::io::Error>>,
-}
-
 struct ChunkOut {
     new: Vec<BlockHashes>,
     records: Vec<pb::Record>,
     read: u64,
     changed: u64,
+    /// Blocks that differ from a coarse receiver entry (disk block indices): their pages
+    /// are compared once the receiver's page hashes come.
+    deferred: Vec<u64>,
+}
+
+struct Job {
+    index: u64,
+    old: Vec<BlockHashes>,
+    /// The old entries are a receiver's, which can be asked for page hashes.
+    ask_pages: bool,
+    reply: SyncSender<Result<ChunkOut, std::io::Error>>,
 }
 
 /// Runs one pass over every disk; updates `states` to what the receiver will hold once
@@ -130,6 +151,43 @@ pub fn run_pass(
     Ok(result)
 }
 
+/// The receiver's hashes still arriving for a disk's first pass of a delta sync.
+struct Feed {
+    rx: Receiver<HashChunk>,
+    /// Blocks whose receiver entries are in the state.
+    ready: usize,
+    /// An answer to a page-hash request, waiting to be used.
+    pages: Option<Vec<(u64, BlockHashes)>>,
+}
+
+impl Feed {
+    /// Takes one message (waiting up to 100 ms) into `state`. False once the feed is gone:
+    /// what has not come stays unknown and is sent whole.
+    fn take(&mut self, state: &mut DiskState) -> bool {
+        match self.rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(HashChunk::Range(at, blocks)) => {
+                state.fill_from(at, &blocks);
+                let end = usize::try_from(at).unwrap_or(usize::MAX).saturating_add(blocks.len());
+                self.ready = self.ready.max(end);
+                true
+            }
+            Ok(HashChunk::End) => {
+                self.ready = usize::MAX;
+                true
+            }
+            Ok(HashChunk::Pages(p)) => {
+                self.pages = Some(p);
+                true
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => true,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                self.ready = usize::MAX;
+                false
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn scan_disk(
     index: usize,
@@ -157,9 +215,21 @@ fn scan_disk(
     let mut fp = Fingerprint::new();
     let mut batch: Vec<pb::Record> = Vec::new();
     let mut batch_bytes = 0usize;
-    let send = |records: Vec<pb::Record>| {
-        out.blocking_send(ScanEvent::Batch { disk: index, records }).map_err(|_| ScanError::Cancelled)
+    let mut emit = |r: pb::Record| -> Result<(), ScanError> {
+        batch_bytes += r.payload.len() + 64;
+        batch.push(r);
+        if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_RECORDS {
+            batch_bytes = 0;
+            let records = std::mem::take(&mut batch);
+            out.blocking_send(ScanEvent::Batch { disk: index, records }).map_err(|_| ScanError::Cancelled)?;
+        }
+        Ok(())
     };
+    let mut feed = feed.map(|rx| Feed { rx, ready: 0, pages: None });
+    let ask_pages = feed.is_some();
+    let mut deferred: Vec<u64> = Vec::new();
+    let file = File::open(&d.path).map_err(read_err)?;
+    let mut enc = Encoder::new();
     std::thread::scope(|s| -> Result<(), ScanError> {
         let (job_tx, job_rx) = sync_channel::<Job>(workers * DEPTH_PER_WORKER);
         let job_rx = Arc::new(Mutex::new(job_rx));
@@ -172,31 +242,21 @@ fn scan_disk(
         let mut inflight: VecDeque<(u64, Receiver<Result<ChunkOut, std::io::Error>>)> = VecDeque::new();
         let mut next = 0u64;
         let blocks_per_chunk = (CHUNK / BLOCK_SIZE) as u64;
-        // Blocks whose receiver hashes are in `state` (all of them without a feed).
-        let mut ready = if feed.is_some() { 0 } else { usize::MAX };
         loop {
             while next < chunks && inflight.len() < workers * DEPTH_PER_WORKER {
                 let first = usize::try_from(next * blocks_per_chunk).unwrap_or(usize::MAX);
                 let last = (first + CHUNK / BLOCK_SIZE).min(state.blocks.len());
-                while ready < last {
+                // A chunk is compared once the receiver's entries for it have come.
+                while let Some(f) = feed.as_mut()
+                    && f.ready < last
+                {
                     if cancel.is_cancelled() {
                         return Err(ScanError::Cancelled);
                     }
-                    let Some(f) = feed.as_ref() else { break };
-                    match f.recv_timeout(std::time::Duration::from_millis(100)) {
-                        Ok((at, blocks)) => {
-                            state.fill_from(at, &blocks);
-                            let end = usize::try_from(at).unwrap_or(usize::MAX).saturating_add(blocks.len());
-                            ready = ready.max(end);
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        // The last hashes came (or the session ends): what is missing stays
-                        // unknown and is sent whole.
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => ready = usize::MAX,
-                    }
+                    f.take(state);
                 }
                 let (reply, rx) = sync_channel(1);
-                let job = Job { index: next, old: state.blocks[first..last].to_vec(), reply };
+                let job = Job { index: next, old: state.blocks[first..last].to_vec(), ask_pages, reply };
                 if job_tx.send(job).is_err() {
                     return Err(ScanError::Cancelled);
                 }
@@ -216,21 +276,93 @@ fn scan_disk(
             result.bytes_read += done.read;
             result.bytes_changed += done.changed;
             for r in done.records {
-                batch_bytes += r.payload.len() + 64;
-                batch.push(r);
-                if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_RECORDS {
-                    send(std::mem::take(&mut batch))?;
-                    batch_bytes = 0;
-                }
+                emit(r)?;
+            }
+            deferred.extend(done.deferred);
+            let full = deferred.len() >= pb::MAX_PAGE_HASH_BLOCKS;
+            if let Some(f) = feed.as_mut()
+                && (full || (inflight.is_empty() && next >= chunks && !deferred.is_empty()))
+            {
+                let blocks = std::mem::take(&mut deferred);
+                let sent =
+                    resolve_deferred(index, d, &file, blocks, f, state, out, cancel, &mut enc, &mut emit)
+                        .map_err(|e| match e {
+                            Resolve::Io(e) => read_err(e),
+                            Resolve::Cancelled => ScanError::Cancelled,
+                            Resolve::Scan(e) => e,
+                        })?;
+                result.bytes_changed += sent;
             }
         }
         drop(job_tx);
         Ok(())
     })?;
     if !batch.is_empty() {
-        send(batch)?;
+        out.blocking_send(ScanEvent::Batch { disk: index, records: batch })
+            .map_err(|_| ScanError::Cancelled)?;
     }
     Ok(fp.finish())
+}
+
+enum Resolve {
+    Io(std::io::Error),
+    Cancelled,
+    Scan(ScanError),
+}
+
+/// Blocks that differ from coarse receiver entries: asks for the receiver's page hashes,
+/// reads the blocks again and emits the pages that differ (a block without an answer goes
+/// whole). Returns the bytes emitted.
+#[allow(clippy::too_many_arguments)]
+fn resolve_deferred(
+    index: usize,
+    d: &DiskSource,
+    file: &File,
+    blocks: Vec<u64>,
+    feed: &mut Feed,
+    state: &mut DiskState,
+    out: &tokio::sync::mpsc::Sender<ScanEvent>,
+    cancel: &CancellationToken,
+    enc: &mut Encoder,
+    emit: &mut dyn FnMut(pb::Record) -> Result<(), ScanError>,
+) -> Result<u64, Resolve> {
+    out.blocking_send(ScanEvent::NeedPages { disk: index, blocks: blocks.clone() })
+        .map_err(|_| Resolve::Cancelled)?;
+    let answer: std::collections::HashMap<u64, BlockHashes> = loop {
+        if cancel.is_cancelled() {
+            return Err(Resolve::Cancelled);
+        }
+        if let Some(p) = feed.pages.take() {
+            break p.into_iter().collect();
+        }
+        if !feed.take(state) {
+            break std::collections::HashMap::new();
+        }
+    };
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    let mut sent = 0u64;
+    for b in blocks {
+        let blen = tern_core::blocks::block_len(d.size, b);
+        let at = b * BLOCK_SIZE as u64;
+        file.read_exact_at(&mut buf[..blen], at).map_err(Resolve::Io)?;
+        let block = &buf[..blen];
+        let zero = is_zero(block);
+        let new = if zero { zero_block(blen) } else { hash_block(block) };
+        // What the receiver will hold is what is read and sent now.
+        if let Some(slot) = usize::try_from(b).ok().and_then(|i| state.blocks.get_mut(i)) {
+            *slot = new;
+        }
+        let theirs = answer.get(&b).filter(|e| !pb::hash_table::is_coarse(e));
+        let mut records = Vec::new();
+        sent += match theirs {
+            Some(old) => emit_runs(block, at, &new, old, false, zero, enc, &mut records),
+            None => emit_runs(block, at, &new, &new, true, zero, enc, &mut records),
+        };
+        for r in records {
+            emit(r).map_err(Resolve::Scan)?;
+        }
+    }
+    Ok(sent)
 }
 
 fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: File, size: u64, page_hashes: bool) {
@@ -301,19 +433,27 @@ fn scan_chunk(
     }
     data[filled..].fill(0);
     let in_hole = |off: usize| !extents.iter().any(|&(a, b)| a <= off && off < b);
-    let mut out = ChunkOut { new: Vec::with_capacity(job.old.len()), records: Vec::new(), read, changed: 0 };
+    let mut out = ChunkOut {
+        new: Vec::with_capacity(job.old.len()),
+        records: Vec::new(),
+        read,
+        changed: 0,
+        deferred: Vec::new(),
+    };
     for (b, old) in job.old.iter().enumerate() {
         let off = b * BLOCK_SIZE;
         let blen = (len - off).min(BLOCK_SIZE);
         let block = &data[off..off + blen];
         let zero = in_hole(off) || is_zero(block);
+        let coarse_old = pb::hash_table::is_coarse(old);
         // Coarse first: the plain BLAKE3 of the block (fast, all SIMD lanes busy) decides
-        // whether it changed; its 4 KiB page values are computed only when it did. A block
-        // that was unknown or all zero and now holds data has changed without a look.
+        // whether it changed; its 4 KiB page values are computed only when it did (or when
+        // the receiver's entry has none, so that later passes have them). A block that was
+        // unknown or all zero and now holds data has changed without a look.
         let maybe_same = !zero && old.block != Digest::ZERO && old.block != zero_block(blen).block;
         let new = if zero {
             zero_block(blen)
-        } else if maybe_same && Digest::of(block) == old.block {
+        } else if maybe_same && !coarse_old && Digest::of(block) == old.block {
             *old
         } else if page_hashes {
             hash_block(block)
@@ -326,48 +466,72 @@ fn scan_chunk(
         if new.block == old.block {
             continue;
         }
-        let pages = blen.div_ceil(PAGE_SIZE);
-        let whole = !page_hashes || new.pages[0] == Digest::ZERO;
-        let mut p = 0;
-        while p < pages {
-            if !whole && new.pages[p] == old.pages[p] {
-                p += 1;
-                continue;
-            }
-            let run_start = p;
-            while p < pages && (whole || new.pages[p] != old.pages[p]) {
-                p += 1;
-            }
-            let from = run_start * PAGE_SIZE;
-            let to = (p * PAGE_SIZE).min(blen);
-            let extent = &block[from..to];
-            let offset = start + (off + from) as u64;
-            let length = u32::try_from(extent.len()).unwrap_or(0);
-            out.changed += u64::from(length);
-            if zero || is_zero(extent) {
-                out.records.push(pb::Record {
-                    kind: pb::RecordKind::Zero as i32,
-                    offset,
-                    length,
-                    ..Default::default()
-                });
-            } else {
-                let e = if from == 0 && to == blen {
-                    enc.encode_with_digest(extent, new.block)
-                } else {
-                    enc.encode(extent)
-                };
-                out.records.push(pb::Record {
-                    kind: pb::RecordKind::Write as i32,
-                    offset,
-                    length,
-                    digest: e.digest.0.to_vec(),
-                    compression: if e.compressed { pb::Compression::Zstd } else { pb::Compression::None }
-                        as i32,
-                    payload: e.payload,
-                });
-            }
+        if job.ask_pages && coarse_old && !zero {
+            // Which pages differ is known once the receiver's page hashes come.
+            out.deferred.push(start / BLOCK_SIZE as u64 + b as u64);
+            continue;
         }
+        let whole = !page_hashes || new.pages[0] == Digest::ZERO || coarse_old;
+        out.changed += emit_runs(block, start + off as u64, &new, old, whole, zero, enc, &mut out.records);
     }
     Ok(out)
+}
+
+/// Appends records for the 4 KiB page runs of `block` (at disk offset `at`) whose hashes
+/// differ between `new` and `old` — every page when `whole`. Runs of zeroes go as zero
+/// extents. Returns the bytes they cover.
+#[allow(clippy::too_many_arguments)]
+fn emit_runs(
+    block: &[u8],
+    at: u64,
+    new: &BlockHashes,
+    old: &BlockHashes,
+    whole: bool,
+    zero: bool,
+    enc: &mut Encoder,
+    records: &mut Vec<pb::Record>,
+) -> u64 {
+    let blen = block.len();
+    let pages = blen.div_ceil(PAGE_SIZE);
+    let mut changed = 0u64;
+    let mut p = 0;
+    while p < pages {
+        if !whole && new.pages[p] == old.pages[p] {
+            p += 1;
+            continue;
+        }
+        let run_start = p;
+        while p < pages && (whole || new.pages[p] != old.pages[p]) {
+            p += 1;
+        }
+        let from = run_start * PAGE_SIZE;
+        let to = (p * PAGE_SIZE).min(blen);
+        let extent = &block[from..to];
+        let offset = at + from as u64;
+        let length = u32::try_from(extent.len()).unwrap_or(0);
+        changed += u64::from(length);
+        if zero || is_zero(extent) {
+            records.push(pb::Record {
+                kind: pb::RecordKind::Zero as i32,
+                offset,
+                length,
+                ..Default::default()
+            });
+        } else {
+            let e = if from == 0 && to == blen && new.block != Digest::ZERO {
+                enc.encode_with_digest(extent, new.block)
+            } else {
+                enc.encode(extent)
+            };
+            records.push(pb::Record {
+                kind: pb::RecordKind::Write as i32,
+                offset,
+                length,
+                digest: e.digest.0.to_vec(),
+                compression: if e.compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
+                payload: e.payload,
+            });
+        }
+    }
+    changed
 }

@@ -27,6 +27,9 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+/// Blocks per PageHashes request: the answer stays far below the message size limit.
+const MAX_PAGE_HASH_BLOCKS: usize = pb::MAX_PAGE_HASH_BLOCKS;
+
 /// A master target's VM states: how relayed records are kept until the failback.
 const JOURNAL: &str = "journal";
 const WRITE_THROUGH: &str = "write-through";
@@ -193,9 +196,10 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             .ok_or_else(|| Status::not_found(format!("VM {vm} disk {name} is not prepared here")))?;
         let (tx, rx) = mpsc::channel(4);
         let scratch = self.ctx.data_dir.join("tmp");
+        let coarse = r.coarse;
         tokio::task::spawn_blocking(move || {
             let upto = h.journal().durable();
-            let r = tern_store::materialize::hash_disk(&h, &scratch, upto, &mut |first, chunk| {
+            let r = tern_store::materialize::hash_disk(&h, &scratch, upto, coarse, &mut |first, chunk| {
                 tx.blocking_send(Ok(pb::hash_table::message(h.name.as_str(), h.size, first, chunk))).is_ok()
             });
             if let Err(e) = r {
@@ -203,6 +207,35 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn page_hashes(
+        &self,
+        req: Request<pb::TargetPageHashesRequest>,
+    ) -> Result<Response<pb::BlockHashes>, Status> {
+        require_server(&req, "PageHashes")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        let name = DiskName::new(&r.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let h = self
+            .ctx
+            .store
+            .disk(&vm, &name)
+            .ok_or_else(|| Status::not_found(format!("VM {vm} disk {name} is not prepared here")))?;
+        if r.blocks.len() > MAX_PAGE_HASH_BLOCKS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_PAGE_HASH_BLOCKS} blocks per request, not {}",
+                r.blocks.len()
+            )));
+        }
+        let blocks = r.blocks;
+        let reply = blocking(move || {
+            tern_store::materialize::base_block_hashes(&h, &blocks)
+                .map(|entries| pb::hash_table::sparse_message(h.name.as_str(), h.size, &blocks, &entries))
+        })
+        .await?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(reply))
     }
 
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyReply>, Status> {

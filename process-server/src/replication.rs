@@ -274,6 +274,16 @@ async fn run_session(
             }
             Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Point(p)) })) => Item::Point(p),
             Ok(Some(AgentMessage { msg: Some(agent_message::Msg::PointFailed(f)) })) => Item::PointFailed(f),
+            Ok(Some(AgentMessage { msg: Some(agent_message::Msg::PageHashes(r)) })) => {
+                let (c, v, o) = (ctx.clone(), vm.clone(), out.clone());
+                ctx.tracker.spawn(async move {
+                    if let Err(e) = send_page_hashes(&c, &v, r, &o).await {
+                        warn!(vm = %v, error = %e.message(), "cannot answer a page-hash request; the session ends");
+                        let _ = o.send(Err(e)).await;
+                    }
+                });
+                continue;
+            }
             Ok(Some(_)) => {
                 let _ = out.send(Err(Status::invalid_argument("unexpected message after Hello"))).await;
                 break;
@@ -317,7 +327,11 @@ async fn send_hashes(
         HashSource::MasterTarget(url) => {
             let mut mt = crate::relay::master_target(ctx, &url).await?;
             let mut stream = mt
-                .hashes(tern_proto::HashesRequest { vm: h.vm.to_string(), disk: h.name.to_string() })
+                .hashes(tern_proto::HashesRequest {
+                    vm: h.vm.to_string(),
+                    disk: h.name.to_string(),
+                    coarse: true,
+                })
                 .await?
                 .into_inner();
             while let Some(chunk) = stream.message().await? {
@@ -353,7 +367,7 @@ async fn send_hashes(
                     Ok(())
                 } else {
                     let upto = h2.journal().durable();
-                    tern_store::materialize::hash_disk(&h2, &scratch, upto, &mut emit)
+                    tern_store::materialize::hash_disk(&h2, &scratch, upto, false, &mut emit).map(|_| ())
                 }
             })
             .await
@@ -364,6 +378,42 @@ async fn send_hashes(
     info!(vm = %h.vm, disk = %h.name, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         bytes = sent.load(std::sync::atomic::Ordering::Relaxed), "block hashes sent for a delta sync");
     Ok(())
+}
+
+/// Answers an agent's request for the page hashes of blocks that differ from a coarse
+/// table. Coarse tables come only from a master target's target disk, which answers.
+async fn send_page_hashes(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    r: tern_proto::PageHashesRequest,
+    out: &crate::hub::Outbound,
+) -> Result<(), Status> {
+    if r.blocks.len() > tern_proto::MAX_PAGE_HASH_BLOCKS {
+        return Err(Status::invalid_argument(format!(
+            "at most {} blocks per page-hash request",
+            tern_proto::MAX_PAGE_HASH_BLOCKS
+        )));
+    }
+    let (c, v) = (ctx.clone(), vm.clone());
+    let row = tokio::task::spawn_blocking(move || c.store.catalog().reprotect(&v))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(store_status)?
+        .ok_or_else(|| Status::invalid_argument("page hashes are only sent for a reprotect's delta sync"))?;
+    let mut mt = crate::relay::master_target(ctx, &row.master_target).await?;
+    let blocks = r.blocks.len();
+    let reply = mt
+        .page_hashes(tern_proto::TargetPageHashesRequest {
+            vm: vm.to_string(),
+            disk: r.disk.clone(),
+            blocks: r.blocks,
+        })
+        .await?
+        .into_inner();
+    info!(vm = %vm, disk = %r.disk, blocks, bytes = reply.table.len(), "page hashes sent for a delta sync");
+    out.send(msg(server_message::Msg::BlockHashes(reply)))
+        .await
+        .map_err(|_| Status::cancelled("agent went away"))
 }
 
 fn prepare_batch(handles: &Handles, b: Batch) -> Result<Item, Status> {

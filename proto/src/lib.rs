@@ -19,6 +19,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// Largest gRPC message either side accepts. Batches are kept under 4 MiB of payload;
 /// the margin covers headers and incompressible data.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Blocks per `PageHashesRequest`: the answer (545 bytes a block) stays far below
+/// [`MAX_MESSAGE_BYTES`].
+pub const MAX_PAGE_HASH_BLOCKS: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

@@ -384,20 +384,23 @@ pub const HASHES_PER_CHUNK: usize = 2048;
 
 /// Hashes every 64 KiB block (and its 4 KiB pages) of the disk as of `upto`: the receiver's
 /// side of a delta sync. `emit` gets them in order, a chunk at a time, and returns false
-/// to stop.
+/// to stop. With `coarse`, when nothing lies past the base image, entries carry the block
+/// hash alone (see `base_block_hashes` for the pages of the blocks that differ); the
+/// returned flag says whether they did.
 pub fn hash_disk(
     disk: &DiskHandle,
     scratch: &Path,
     upto: Seq,
+    coarse: bool,
     emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     {
         // Nothing past the base image (a master target's untouched target disk): hash it
         // where it lies, skipping its holes, instead of copying it first.
         let _reading = disk.read_lock();
         if disk.journal().durable() <= disk.base_seq() && upto <= disk.base_seq() {
             let f = File::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
-            return hash_file(&f, disk.size, &disk.base_path, emit);
+            return hash_file(&f, disk.size, &disk.base_path, coarse, emit).map(|()| coarse);
         }
     }
     crate::durable::create_dir_durable(scratch)?;
@@ -416,10 +419,33 @@ pub fn hash_disk(
             let snapshot = disk.journal().snapshot();
             fill(disk, &snapshot, upto, &out, &path, &mut |_| {})?;
         }
-        hash_file(&out, disk.size, &path, emit)
+        // The copy goes away: nobody could answer for its pages later, so they go now.
+        hash_file(&out, disk.size, &path, false, emit)
     })();
     let _ = std::fs::remove_file(&path);
-    result
+    result.map(|()| false)
+}
+
+/// Block and page hashes of some blocks of the disk's base image: the pages a coarse
+/// [`hash_disk`] left out, for the blocks whose hash differs on the sender's side.
+pub fn base_block_hashes(
+    disk: &DiskHandle,
+    blocks: &[u64],
+) -> Result<Vec<tern_core::blocks::BlockHashes>, StoreError> {
+    use tern_core::blocks::{block_count, block_len, hash_block, zero_block};
+    let _reading = disk.read_lock();
+    let f = File::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    let mut out = Vec::with_capacity(blocks.len());
+    for &b in blocks {
+        if b >= block_count(disk.size) {
+            return Err(StoreError::Invariant("a page-hash request names a block past the end of the disk"));
+        }
+        let len = block_len(disk.size, b);
+        f.read_exact_at(&mut buf[..len], b * BLOCK_SIZE as u64).map_err(io_err(&disk.base_path))?;
+        out.push(if is_zero(&buf[..len]) { zero_block(len) } else { hash_block(&buf[..len]) });
+    }
+    Ok(out)
 }
 
 /// Hashes a whole file block by block (holes as zero blocks, without reading them), on
@@ -428,10 +454,14 @@ fn hash_file(
     f: &File,
     size: u64,
     path: &Path,
+    coarse: bool,
     emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
 ) -> Result<(), StoreError> {
-    use tern_core::blocks::{hash_block, zero_block};
+    use tern_core::blocks::{BlockHashes, hash_block, zero_block};
     let hash = |data: Option<&[u8]>, len: usize| match data {
+        Some(d) if !is_zero(d) && coarse => {
+            BlockHashes { block: Digest::of(d), pages: [Digest::ZERO; tern_core::PAGES_PER_BLOCK] }
+        }
         Some(d) if !is_zero(d) => hash_block(d),
         _ => zero_block(len),
     };

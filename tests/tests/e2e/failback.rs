@@ -286,7 +286,7 @@ fn master_target_killed_during_the_failback_apply() {
     let rec_identity = root.join("rec.bundle");
     server.drctl_json(&strs(&reprotect_args("k", &mt, "original", "before", &onprem, &rec_identity)));
     let _rec = recovered_agent(&server, root, "k", &rec_identity, &recovered);
-    make_random(&recovered, 48, 40, 2);
+    write_random(&recovered, 40, 2);
     let want = b3(&recovered, None);
     // The master target will crash in the middle of the apply: after the target disk was
     // written, before its new position was recorded.

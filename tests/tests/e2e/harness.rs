@@ -306,6 +306,18 @@ pub fn make_random(path: &Path, size_mib: u64, data_mib: u64, seed: u64) {
     }
 }
 
+/// Overwrites the first `data_mib` MiB of an existing disk with random data, in place and
+/// keeping its size, as a running VM would (an agent may be reading it meanwhile).
+pub fn write_random(path: &Path, data_mib: u64, seed: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..data_mib {
+        rng.fill_bytes(&mut buf);
+        f.write_all_at(&buf, i << 20).unwrap();
+    }
+}
+
 /// Rewrites `fraction` of the disk's 4 KiB pages, scattered, with random data.
 pub fn scatter_writes(path: &Path, fraction: f64, seed: u64) -> usize {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
