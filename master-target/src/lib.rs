@@ -200,7 +200,9 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         tokio::task::spawn_blocking(move || {
             let upto = h.journal().durable();
             let r = tern_store::materialize::hash_disk(&h, &scratch, upto, coarse, &mut |first, chunk| {
-                tx.blocking_send(Ok(pb::hash_table::message(h.name.as_str(), h.size, first, chunk))).is_ok()
+                let mut m = pb::hash_table::message(h.name.as_str(), h.size, first, chunk);
+                m.upto_seq = upto.0;
+                tx.blocking_send(Ok(m)).is_ok()
             });
             if let Err(e) = r {
                 let _ = tx.blocking_send(Err(status(e)));

@@ -215,7 +215,10 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             }
         });
         ctx.tracker.spawn(async move {
+            let ended = cancel.clone();
             run_session(&ctx2, &vm, handles, inbound, out_tx, cancel, initial.clone()).await;
+            // Hashes still on their way (or waiting for the relay) stop with the session.
+            ended.cancel();
             if let Some((job, _)) = lock_initial(&initial).take() {
                 job.fail("the agent disconnected before the first point; a new initial sync starts when it reconnects");
             }
@@ -325,16 +328,34 @@ async fn send_hashes(
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     match source {
         HashSource::MasterTarget(url) => {
+            // The agent's records follow this server's durable position, so the hashes must
+            // describe the target disk with everything up to there: when the master target
+            // is behind (the spool holds records it has not had yet), the relay goes first.
+            let want = h.journal().durable();
             let mut mt = crate::relay::master_target(ctx, &url).await?;
-            let mut stream = mt
-                .hashes(tern_proto::HashesRequest {
+            let (mut stream, mut pending) = loop {
+                let request = tern_proto::HashesRequest {
                     vm: h.vm.to_string(),
                     disk: h.name.to_string(),
                     coarse: true,
-                })
-                .await?
-                .into_inner();
-            while let Some(chunk) = stream.message().await? {
+                };
+                let mut stream = mt.hashes(request).await?.into_inner();
+                let first = stream.message().await?;
+                if let Some(c) = &first
+                    && c.upto_seq < want.0
+                {
+                    info!(vm = %h.vm, disk = %h.name, master_target_seq = c.upto_seq, seq = %want,
+                        "the master target is behind the spool; hashing once the relay has caught up");
+                    drop(stream);
+                    wait_relayed(ctx, h, want).await?;
+                    continue;
+                }
+                break (stream, first);
+            };
+            while let Some(chunk) = match pending.take() {
+                Some(c) => Some(c),
+                None => stream.message().await?,
+            } {
                 sent.fetch_add(chunk.table.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 out.send(msg(server_message::Msg::BlockHashes(chunk)))
                     .await
@@ -414,6 +435,18 @@ async fn send_page_hashes(
     out.send(msg(server_message::Msg::BlockHashes(reply)))
         .await
         .map_err(|_| Status::cancelled("agent went away"))
+}
+
+/// Waits until the master target has acked everything of `h` up to `seq`.
+async fn wait_relayed(ctx: &Arc<Ctx>, h: &DiskHandle, seq: Seq) -> Result<(), Status> {
+    while ctx.relay.acked(&h.vm, &h.name) < seq {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Err(Status::unavailable("the process server is stopping")),
+            _ = ctx.relay.acked_wake.notified() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+    }
+    Ok(())
 }
 
 fn prepare_batch(handles: &Handles, b: Batch) -> Result<Item, Status> {

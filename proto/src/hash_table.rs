@@ -44,6 +44,7 @@ pub fn message(disk: &str, size: u64, first: u64, chunk: &[BlockHashes]) -> crat
         table: encode(chunk, |i| block_len(size, first + i as u64)),
         last: first + chunk.len() as u64 >= block_count(size),
         blocks: Vec::new(),
+        upto_seq: 0,
     }
 }
 
@@ -55,6 +56,7 @@ pub fn sparse_message(disk: &str, size: u64, blocks: &[u64], entries: &[BlockHas
         table: encode(entries, |i| block_len(size, blocks[i])),
         last: false,
         blocks: blocks.to_vec(),
+        upto_seq: 0,
     }
 }
 
