@@ -279,11 +279,12 @@ fn scan_disk(
                 emit(r)?;
             }
             deferred.extend(done.deferred);
-            let full = deferred.len() >= pb::MAX_PAGE_HASH_BLOCKS;
-            if let Some(f) = feed.as_mut()
-                && (full || (inflight.is_empty() && next >= chunks && !deferred.is_empty()))
+            let end = inflight.is_empty() && next >= chunks;
+            while let Some(f) = feed.as_mut()
+                && (deferred.len() >= pb::MAX_PAGE_HASH_BLOCKS || (end && !deferred.is_empty()))
             {
-                let blocks = std::mem::take(&mut deferred);
+                let n = deferred.len().min(pb::MAX_PAGE_HASH_BLOCKS);
+                let blocks: Vec<u64> = deferred.drain(..n).collect();
                 let sent =
                     resolve_deferred(index, d, &file, blocks, f, state, out, cancel, &mut enc, &mut emit)
                         .map_err(|e| match e {
@@ -534,4 +535,85 @@ fn emit_runs(
         }
     }
     changed
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use crate::state::DiskState;
+    use std::os::unix::fs::FileExt;
+
+    /// A receiver with coarse entries for more blocks than one page-hash request may name:
+    /// the pass asks in requests of at most `MAX_PAGE_HASH_BLOCKS` and sends, per block,
+    /// only the page that differs from the receiver's.
+    #[test]
+    fn coarse_receiver_entries_are_resolved_in_bounded_requests() {
+        let blocks = pb::MAX_PAGE_HASH_BLOCKS as u64 * 3 / 2;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        let size = blocks * BLOCK_SIZE as u64;
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        // Ours: page 3 of every block holds the block's number. The receiver's: the same,
+        // and page 5 too except in every 7th block (so that the blocks to ask for do not
+        // come in whole chunks).
+        let ours = |b: u64| {
+            let mut d = vec![0u8; BLOCK_SIZE];
+            d[3 * PAGE_SIZE..3 * PAGE_SIZE + 8].copy_from_slice(&(b + 1).to_le_bytes());
+            d
+        };
+        let theirs = |b: u64| {
+            let mut d = ours(b);
+            if b % 7 != 0 {
+                d[5 * PAGE_SIZE] = 1;
+            }
+            d
+        };
+        let differ: Vec<u64> = (0..blocks).filter(|b| b % 7 != 0).collect();
+        for b in 0..blocks {
+            f.write_all_at(
+                &ours(b)[3 * PAGE_SIZE..4 * PAGE_SIZE],
+                b * BLOCK_SIZE as u64 + 3 * PAGE_SIZE as u64,
+            )
+            .unwrap();
+        }
+        let disk = DiskSource { name: DiskName::new("sda").unwrap(), path: path.clone(), size };
+        let mut states = vec![DiskState::unknown(size, "g")];
+        let (feed_tx, feed_rx) = std::sync::mpsc::channel();
+        let coarse: Vec<BlockHashes> = (0..blocks)
+            .map(|b| BlockHashes { block: Digest::of(&theirs(b)), pages: [Digest::ZERO; PAGES_PER_BLOCK] })
+            .collect();
+        feed_tx.send(HashChunk::Range(0, coarse)).unwrap();
+        feed_tx.send(HashChunk::End).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let scanner = std::thread::spawn(move || {
+            let r = run_pass(&[disk], &mut states, false, true, vec![Some(feed_rx)], &tx, &cancel);
+            (r.map(|p| p.bytes_changed), states)
+        });
+        let mut asked = Vec::new();
+        let mut records = Vec::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                ScanEvent::NeedPages { blocks: want, .. } => {
+                    assert!(want.len() <= pb::MAX_PAGE_HASH_BLOCKS, "{} blocks in one request", want.len());
+                    let answer = want.iter().map(|&b| (b, hash_block(&theirs(b)))).collect();
+                    feed_tx.send(HashChunk::Pages(answer)).unwrap();
+                    asked.extend(want);
+                }
+                ScanEvent::Batch { records: r, .. } => records.extend(r),
+            }
+        }
+        let (changed, states) = scanner.join().unwrap();
+        asked.sort_unstable();
+        assert!(asked == differ, "every differing block is asked for once ({} asks)", asked.len());
+        assert_eq!(changed.unwrap(), differ.len() as u64 * PAGE_SIZE as u64, "one page per block");
+        assert_eq!(records.len(), differ.len());
+        assert!(records.iter().all(|r| r.kind == pb::RecordKind::Zero as i32
+            && r.length as usize == PAGE_SIZE
+            && r.offset % BLOCK_SIZE as u64 == 5 * PAGE_SIZE as u64));
+        // The state now holds our own page hashes, for the passes to come.
+        assert_eq!(states[0].blocks[7], hash_block(&ours(7)));
+    }
 }
