@@ -565,12 +565,12 @@ mod tests {
         };
         let theirs = |b: u64| {
             let mut d = ours(b);
-            if b % 7 != 0 {
+            if !b.is_multiple_of(7) {
                 d[5 * PAGE_SIZE] = 1;
             }
             d
         };
-        let differ: Vec<u64> = (0..blocks).filter(|b| b % 7 != 0).collect();
+        let differ: Vec<u64> = (0..blocks).filter(|b| !b.is_multiple_of(7)).collect();
         for b in 0..blocks {
             f.write_all_at(
                 &ours(b)[3 * PAGE_SIZE..4 * PAGE_SIZE],
