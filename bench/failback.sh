@@ -74,15 +74,18 @@ way_back() {
   if [ "$mode" = delta ]; then
     # The delta sync is done when the master target holds everything of the first point
     # (one poller process, so that the measurement adds little).
-    python3 - "$B/drctl" <<'PY'
+    python3 - "$B/drctl" "$d" <<'PY'
 import json, subprocess, sys, time
-while True:
+deadline = time.time() + 600  # argv names the run's folder, so the bench's cleanup finds it
+while time.time() < deadline:
     r = subprocess.run([sys.argv[1], "status", "vm", "--json"], capture_output=True, text=True)
     if r.returncode == 0:
         s = json.loads(r.stdout)
         if s["last_point"] is not None and all(d["master_target_seq"] >= d["durable_seq"] for d in s["disks"]):
             break
     time.sleep(0.01)
+else:
+    sys.exit("the delta sync did not finish within 600 s")
 PY
   else
     until "$B/drctl" status vm --json | grep -q '"agent_connected": true'; do sleep 0.02; done
