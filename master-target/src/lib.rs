@@ -97,6 +97,17 @@ struct MasterTargetService {
     ctx: Arc<Ctx>,
 }
 
+impl MasterTargetService {
+    /// A disk that `Prepare` registered here.
+    fn prepared(&self, vm: &VmName, disk: &str) -> Result<Arc<DiskHandle>, Status> {
+        let name = DiskName::new(disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.ctx
+            .store
+            .disk(vm, &name)
+            .ok_or_else(|| Status::not_found(format!("VM {vm} disk {name} is not prepared here")))
+    }
+}
+
 type HashStream = Pin<Box<dyn Stream<Item = Result<pb::BlockHashes, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -188,12 +199,7 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         require_server(&req, "Hashes")?;
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
-        let name = DiskName::new(&r.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let h = self
-            .ctx
-            .store
-            .disk(&vm, &name)
-            .ok_or_else(|| Status::not_found(format!("VM {vm} disk {name} is not prepared here")))?;
+        let h = self.prepared(&vm, &r.disk)?;
         let (tx, rx) = mpsc::channel(4);
         let scratch = self.ctx.data_dir.join("tmp");
         let coarse = r.coarse;
@@ -218,12 +224,7 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         require_server(&req, "PageHashes")?;
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
-        let name = DiskName::new(&r.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let h = self
-            .ctx
-            .store
-            .disk(&vm, &name)
-            .ok_or_else(|| Status::not_found(format!("VM {vm} disk {name} is not prepared here")))?;
+        let h = self.prepared(&vm, &r.disk)?;
         if r.blocks.len() > MAX_PAGE_HASH_BLOCKS {
             return Err(Status::invalid_argument(format!(
                 "at most {MAX_PAGE_HASH_BLOCKS} blocks per request, not {}",
@@ -246,12 +247,8 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let vm = vm_arg(&r.vm)?;
         let mut out = Vec::new();
         for d in r.disks {
-            let name = DiskName::new(&d.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let h = self
-                .ctx
-                .store
-                .disk(&vm, &name)
-                .ok_or_else(|| Status::not_found(format!("VM {vm} disk {name} is not prepared here")))?;
+            let h = self.prepared(&vm, &d.disk)?;
+            let name = h.name.clone();
             let expected = Digest::from_slice(&d.fingerprint)
                 .ok_or_else(|| Status::invalid_argument("fingerprint is not 32 bytes"))?;
             let seq = Seq(d.seq);
