@@ -452,6 +452,16 @@ fn scan_chunk(
         // the receiver's entry has none, so that later passes have them). A block that was
         // unknown or all zero and now holds data has changed without a look.
         let maybe_same = !zero && old.block != Digest::ZERO && old.block != zero_block(blen).block;
+        if job.ask_pages && coarse_old && !zero {
+            let digest = Digest::of(block);
+            if digest != old.block {
+                // Which pages differ is known once the receiver's page hashes come; the
+                // block is read and hashed page by page then, once.
+                out.new.push(BlockHashes { block: digest, pages: [Digest::ZERO; PAGES_PER_BLOCK] });
+                out.deferred.push(start / BLOCK_SIZE as u64 + b as u64);
+                continue;
+            }
+        }
         let new = if zero {
             zero_block(blen)
         } else if maybe_same && !coarse_old && Digest::of(block) == old.block {
@@ -465,11 +475,6 @@ fn scan_chunk(
         };
         out.new.push(new);
         if new.block == old.block {
-            continue;
-        }
-        if job.ask_pages && coarse_old && !zero {
-            // Which pages differ is known once the receiver's page hashes come.
-            out.deferred.push(start / BLOCK_SIZE as u64 + b as u64);
             continue;
         }
         let whole = !page_hashes || new.pages[0] == Digest::ZERO || coarse_old;

@@ -571,7 +571,9 @@ async fn write_loop(
     let _ = commit(&ctx, &mut unsynced, &out).await;
 }
 
-async fn sync_and_ack(
+/// Group commit: fsyncs what was written, acks it, and wakes the relays of reprotected VMs.
+async fn commit(
+    ctx: &Ctx,
     unsynced: &mut HashMap<DiskName, Arc<DiskHandle>>,
     out: &crate::hub::Outbound,
 ) -> Result<(), Status> {
@@ -581,24 +583,11 @@ async fn sync_and_ack(
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(store_status)?;
+        ctx.relay.records_durable();
         let ack = Ack { disk: disk.name.to_string(), durable_seq: durable.0 };
         // Acks are cumulative: when the agent is slow to read them, a dropped one is
         // superseded by the next, and the writer never waits on the agent.
         let _ = out.try_send(msg(server_message::Msg::Ack(ack)));
-    }
-    Ok(())
-}
-
-/// Group commit, then the relays of reprotected VMs hear of it.
-async fn commit(
-    ctx: &Ctx,
-    unsynced: &mut HashMap<DiskName, Arc<DiskHandle>>,
-    out: &crate::hub::Outbound,
-) -> Result<(), Status> {
-    let any = !unsynced.is_empty();
-    sync_and_ack(unsynced, out).await?;
-    if any {
-        ctx.relay.records_durable();
     }
     Ok(())
 }

@@ -474,6 +474,21 @@ impl JournalSnapshot {
         // Records numbered after `after` start in the last segment that begins at or before
         // `after + 1` (a segment's records all come before the next segment's first).
         let index = self.segments.iter().rposition(|&(_, first, _)| first <= after.0 + 1).unwrap_or(0);
+        self.reader_at(index, None, after, upto)
+    }
+
+    /// Goes on from where an earlier reader stopped (see [`JournalReader::position`]),
+    /// without reading its segment again from the start.
+    pub fn read_from(&self, from: &ReadPosition, upto: Seq) -> JournalReader {
+        match self.segments.iter().position(|&(_, first, _)| first == from.segment) {
+            Some(index) => self.reader_at(index, Some(from.offset), from.last_seq, upto),
+            None => self.read_range(from.last_seq, upto),
+        }
+    }
+
+    /// A reader of records `after < seq <= upto` from segment `index` (at byte `start_at`
+    /// of it, or from its start).
+    fn reader_at(&self, index: usize, start_at: Option<u64>, after: Seq, upto: Seq) -> JournalReader {
         JournalReader {
             segments: self.segments.clone(),
             index,
@@ -482,29 +497,9 @@ impl JournalSnapshot {
             upto,
             pos: 0,
             end: 0,
-            start_at: None,
+            start_at,
             last_seq: after,
-            mark: None,
-        }
-    }
-
-    /// Goes on from where an earlier reader stopped (see [`JournalReader::position`]),
-    /// without reading its segment again from the start.
-    pub fn read_from(&self, from: &ReadPosition, upto: Seq) -> JournalReader {
-        match self.segments.iter().position(|&(_, first, _)| first == from.segment) {
-            Some(index) => JournalReader {
-                segments: self.segments.clone(),
-                index,
-                reader: None,
-                after: from.last_seq,
-                upto,
-                pos: 0,
-                end: 0,
-                start_at: Some(from.offset),
-                last_seq: from.last_seq,
-                mark: Some((index, from.offset)),
-            },
-            None => self.read_range(from.last_seq, upto),
+            mark: start_at.map(|offset| (index, offset)),
         }
     }
 }
