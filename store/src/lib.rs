@@ -258,11 +258,15 @@ impl Store {
 
     pub fn open_with(root: &Path, options: StoreOptions) -> Result<Store, StoreError> {
         create_dir_durable(&root.join("vms"))?;
-        let catalog = Catalog::open(&root.join("catalog.db"))?;
+        let mut catalog = Catalog::open(&root.join("catalog.db"))?;
         let mut disks = HashMap::new();
         for vm in catalog.vms()? {
+            let mut handles = Vec::new();
             for row in catalog.disks(&vm)? {
-                let handle = open_disk(root, &vm, row, options)?;
+                handles.push(open_disk(root, &vm, row, options)?);
+            }
+            drop_points_past_the_journals(&mut catalog, &vm, &handles)?;
+            for handle in handles {
                 disks.insert((vm.clone(), handle.name.clone()), Arc::new(handle));
             }
         }
@@ -627,6 +631,60 @@ impl Store {
     }
 }
 
+/// A journal that opens shorter than a recovery point of its disk lost acknowledged
+/// records: a record before the end of its last segment was damaged (not a torn write:
+/// points are made only of fsynced records), and the records from it on were cut off and
+/// kept beside the segment. The points past the journal's end cannot be rebuilt any more:
+/// they are removed (unless an open failover holds one), so that no one fails over to them
+/// and new records, numbered on from the journal's end, are never read as theirs. The
+/// disk starts a new epoch, so its sender compares block hashes and resends what is
+/// missing instead of trusting its saved state.
+fn drop_points_past_the_journals(
+    catalog: &mut Catalog,
+    vm: &VmName,
+    handles: &[DiskHandle],
+) -> Result<(), StoreError> {
+    let mut drop = Vec::new();
+    for h in handles {
+        let end = h.journal().durable().max(h.base_seq());
+        let lost = catalog_points_past(catalog, vm, &h.name, end)?;
+        if lost.is_empty() {
+            continue;
+        }
+        let held = [catalog.failover(vm)?.map(|f| f.point), catalog.test_failover(vm)?.map(|t| t.point)];
+        let (kept, gone): (Vec<_>, Vec<_>) = lost.iter().partition(|(id, _)| held.contains(&Some(*id)));
+        tracing::error!(vm = %vm, disk = %h.name, journal_end = %end,
+            needed = %lost.iter().map(|(_, s)| *s).max().unwrap_or(end),
+            removed_points = ?gone.iter().map(|(id, _)| id.0).collect::<Vec<_>>(),
+            kept_for_an_open_failover = ?kept.iter().map(|(id, _)| id.0).collect::<Vec<_>>(),
+            "the journal lost acknowledged records (damaged storage; the cut bytes are kept in a \
+             .torn file beside its last segment): recovery points past its end are removed and the \
+             disk is resynced from its agent; check the disk under the data directory");
+        drop.extend(gone.into_iter().map(|(id, _)| id));
+        let g = new_generation(vm, &h.name);
+        catalog.set_generation(vm, &h.name, &g)?;
+        *h.generation.lock().unwrap_or_else(|p| p.into_inner()) = g;
+    }
+    drop.sort_unstable_by_key(|p| p.0);
+    drop.dedup();
+    catalog.delete_points(&drop)
+}
+
+/// The points of `vm` whose position on `disk` lies past `end`, with that position.
+fn catalog_points_past(
+    catalog: &Catalog,
+    vm: &VmName,
+    disk: &DiskName,
+    end: Seq,
+) -> Result<Vec<(PointId, Seq)>, StoreError> {
+    Ok(catalog
+        .points(vm)?
+        .into_iter()
+        .filter_map(|p| p.disks.iter().find(|d| d.disk == *disk).map(|d| (p.id, d.seq)))
+        .filter(|(_, seq)| *seq > end)
+        .collect())
+}
+
 fn disk_dir(root: &Path, vm: &VmName, disk: &DiskName) -> PathBuf {
     root.join("vms").join(vm.as_str()).join(disk.as_str())
 }
@@ -685,6 +743,76 @@ mod tests {
     use tern_core::blocks::Fingerprint;
 
     use crate::test_record as write;
+
+    /// A damaged record before the end of the last segment cuts acknowledged records off:
+    /// the points that needed them are removed at open and the disk gets a new epoch; the
+    /// point before the damage still fails over byte for byte. A torn tail past the last
+    /// point (a crash) changes neither.
+    #[test]
+    fn a_journal_shorter_than_its_points_drops_them_and_starts_a_new_epoch() {
+        let root = tempfile::tempdir().unwrap();
+        let vm = VmName::new("vm1").unwrap();
+        let d = DiskName::new("sda").unwrap();
+        let size = 1u64 << 20;
+        let mut image = vec![0u8; size as usize];
+        let point = |store: &Store, image: &[u8], seq: u64| {
+            let mut fp = Fingerprint::new();
+            fp.push_data(image);
+            let disks = vec![PointDisk { disk: d.clone(), seq: Seq(seq), fingerprint: fp.finish() }];
+            store.make_point(&vm, now_ms(), Consistency::Crash, "", disks).unwrap().id
+        };
+        let (first, generation) = {
+            let store = Store::open(root.path()).unwrap();
+            let h = store.register(&vm, &[(d.clone(), size)]).unwrap().remove(0);
+            image[..4096].fill(1);
+            h.journal().append(Seq(1), &[write(&image[..4096], 0)]).unwrap();
+            h.journal().sync().unwrap();
+            let first = point(&store, &image, 1);
+            image[8192..12288].fill(2);
+            image[16384..20480].fill(3);
+            h.journal()
+                .append(Seq(2), &[write(&image[8192..12288], 8192), write(&image[16384..20480], 16384)])
+                .unwrap();
+            h.journal().sync().unwrap();
+            point(&store, &image, 3);
+            // A fourth record, synced, then torn by a crash: nothing past the points.
+            h.journal().append(Seq(4), &[write(&[4u8; 4096], 0)]).unwrap();
+            h.journal().sync().unwrap();
+            (first, h.generation())
+        };
+        let seg = std::fs::read_dir(root.path().join("vms/vm1/sda/journal"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "seg"))
+            .unwrap();
+        let len = std::fs::metadata(&seg).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 10).unwrap();
+        {
+            let store = Store::open(root.path()).unwrap();
+            assert_eq!(store.points(&vm).unwrap().len(), 2, "a torn tail past the points keeps them");
+            assert_eq!(store.disk(&vm, &d).unwrap().generation(), generation);
+        }
+        // Bit rot in record 2 (the third record header in the segment: 1, bookmark, 2).
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let at = bytes.windows(4).enumerate().filter(|(_, w)| w == b"TRNR").nth(2).unwrap().0;
+        bytes[at + format::RECORD_HEADER_LEN + 1] ^= 0x40;
+        std::fs::write(&seg, &bytes).unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let ids: Vec<PointId> = store.points(&vm).unwrap().iter().map(|p| p.id).collect();
+        assert_eq!(ids, [first], "the point past the damage is gone");
+        let h = store.disk(&vm, &d).unwrap();
+        assert_ne!(h.generation(), generation, "the sender must compare hashes, not trust its state");
+        assert_eq!(h.journal().durable(), Seq(1));
+        let out = root.path().join("out");
+        let res =
+            store.test_failover(&vm, &PointSpec::LatestProcessed, &out, Format::Raw, &mut |_, _| {}).unwrap();
+        let mut want = vec![0u8; size as usize];
+        want[..4096].fill(1);
+        assert_eq!(res.disks[0].blake3, Digest::of(&want).to_hex());
+        // Numbering goes on from the journal's end; the resent records land there.
+        h.journal().append(Seq(2), &[write(&image[8192..12288], 8192)]).unwrap();
+        assert_eq!(h.journal().sync().unwrap(), Seq(2));
+    }
 
     #[test]
     fn point_materialises_byte_for_byte_and_cleanup_removes_it() {

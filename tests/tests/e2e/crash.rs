@@ -94,3 +94,80 @@ fn an_agent_that_lost_its_state_resyncs_by_delta() {
     ]);
     assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), want);
 }
+
+/// Bit rot in the process server's journal (not a crash): a record before the last point
+/// is damaged while the server is down. At restart the points that needed it are removed
+/// (one that did not stays and still verifies), the error is logged, and the agent, whose
+/// saved state no longer counts, compares block hashes and resends what was lost; the next
+/// point verifies byte for byte.
+#[test]
+fn a_damaged_journal_drops_the_points_it_cannot_rebuild_and_the_agent_resyncs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("rot.bundle");
+    server.enroll_agent("rot", &identity);
+    let disk = root.join("rot.img");
+    make_ext4(&disk, 48, 3);
+    let mut agent = Agent::start(&server, &identity, "rot", &[("sda", &disk)], &root.join("st"), &[]);
+    let p1 = server.checkpoint("rot");
+    let want1 = b3(&disk, None);
+    scatter_writes(&disk, 0.02, 11);
+    let p2 = server.checkpoint("rot");
+    agent.kill9();
+    server.kill9();
+
+    // Flip one payload byte of the first record after point 1's bookmark.
+    let dir = server.data.join("vms/rot/sda/journal");
+    let mut segs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    let seg = segs.last().unwrap();
+    let mut bytes = std::fs::read(seg).unwrap();
+    let mark = format!("{{\"point\":{}", p1["id"]);
+    let bm = bytes.windows(mark.len()).position(|w| w == mark.as_bytes()).expect("point 1's bookmark");
+    let rec = bm + bytes[bm..].windows(4).position(|w| w == b"TRNR").expect("a record after point 1");
+    bytes[rec + 80 + 2] ^= 0x10;
+    std::fs::write(seg, &bytes).unwrap();
+
+    server.start();
+    let ids: Vec<u64> = server
+        .drctl_json(&["points", "rot"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.contains(&p1["id"].as_u64().unwrap()), "point 1 lies before the damage: {ids:?}");
+    assert!(!ids.contains(&p2["id"].as_u64().unwrap()), "point 2 needed the lost records: {ids:?}");
+    assert!(server.log_text().contains("the journal lost acknowledged records"));
+    let out = root.join("p1");
+    let res = server.drctl_json(&[
+        "test-failover",
+        "rot",
+        "--point",
+        &p1["id"].to_string(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), want1);
+    server.drctl_json(&["test-failover-cleanup", "rot"]);
+
+    agent.restart();
+    let p3 = server.checkpoint("rot");
+    assert!(agent.log_text().contains("comparing with the server's block hashes"));
+    let out = root.join("p3");
+    let res = server.drctl_json(&[
+        "test-failover",
+        "rot",
+        "--point",
+        &p3["id"].to_string(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&disk, None));
+}
