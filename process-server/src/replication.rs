@@ -199,12 +199,14 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         let ctx2 = ctx.clone();
         // The block hashes stream while the session runs: the agent compares each part of
         // its disk as soon as that part's hashes have come, and sends what differs.
-        let (c3, v3, out3, cancel3) = (ctx.clone(), vm.clone(), out_tx.clone(), cancel.clone());
+        let copies: Copies = Arc::default();
+        let (c3, v3, out3, cancel3, copies3) =
+            (ctx.clone(), vm.clone(), out_tx.clone(), cancel.clone(), copies.clone());
         ctx.tracker.spawn(async move {
             for (h, source) in hashes_follow {
                 let sent = tokio::select! {
                     _ = cancel3.cancelled() => return,
-                    r = send_hashes(&c3, &h, source, &out3) => r,
+                    r = send_hashes(&c3, &h, source, &out3, &copies3) => r,
                 };
                 if let Err(e) = sent {
                     warn!(vm = %v3, disk = %h.name, error = %e.message(), "cannot send block hashes; the session ends");
@@ -216,7 +218,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         });
         ctx.tracker.spawn(async move {
             let ended = cancel.clone();
-            run_session(&ctx2, &vm, handles, inbound, out_tx, cancel, initial.clone()).await;
+            run_session(&ctx2, &vm, handles, inbound, out_tx, cancel, initial.clone(), copies).await;
             // Hashes still on their way (or waiting for the relay) stop with the session.
             ended.cancel();
             if let Some((job, _)) = lock_initial(&initial).take() {
@@ -236,6 +238,7 @@ fn split(req: Request<Streaming<AgentMessage>>) -> (Request<()>, Streaming<Agent
     (Request::from_parts(meta, ext, ()), inbound)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
     ctx: &Arc<Ctx>,
     vm: &VmName,
@@ -244,6 +247,7 @@ async fn run_session(
     out: crate::hub::Outbound,
     cancel: CancellationToken,
     initial: InitialSync,
+    copies: Copies,
 ) {
     let (pipe_tx, pipe_rx) = mpsc::channel::<Item>(PIPELINE_DEPTH);
     let writer = tokio::spawn(write_loop(
@@ -275,12 +279,18 @@ async fn run_session(
                     }
                 }
             }
-            Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Point(p)) })) => Item::Point(p),
+            Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Point(p)) })) => {
+                // A point ends the first pass: no page-hash request can follow, so the
+                // copies its hashes described can go (a request still running keeps its own).
+                lock(&copies).clear();
+                Item::Point(p)
+            }
             Ok(Some(AgentMessage { msg: Some(agent_message::Msg::PointFailed(f)) })) => Item::PointFailed(f),
             Ok(Some(AgentMessage { msg: Some(agent_message::Msg::PageHashes(r)) })) => {
                 let (c, v, o) = (ctx.clone(), vm.clone(), out.clone());
+                let copy = DiskName::new(&r.disk).ok().and_then(|d| lock(&copies).get(&d).cloned());
                 ctx.tracker.spawn(async move {
-                    if let Err(e) = send_page_hashes(&c, &v, r, &o).await {
+                    if let Err(e) = send_page_hashes(&c, &v, r, &o, copy).await {
                         warn!(vm = %v, error = %e.message(), "cannot answer a page-hash request; the session ends");
                         let _ = o.send(Err(e)).await;
                     }
@@ -305,6 +315,14 @@ async fn run_session(
     let _ = writer.await;
 }
 
+/// The copies of a session's disks that this server's hashes described, kept for the
+/// agent's page-hash requests until its first point.
+type Copies = Arc<std::sync::Mutex<HashMap<DiskName, Arc<tern_store::materialize::HashedCopy>>>>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Whose copy of a disk the agent compares with.
 #[derive(Debug, Clone)]
 enum HashSource {
@@ -322,6 +340,7 @@ async fn send_hashes(
     h: &Arc<DiskHandle>,
     source: HashSource,
     out: &crate::hub::Outbound,
+    copies: &Copies,
 ) -> Result<(), Status> {
     let started = std::time::Instant::now();
     let blocks = tern_core::blocks::block_count(h.size);
@@ -363,7 +382,8 @@ async fn send_hashes(
             }
         }
         HashSource::Zeroes | HashSource::Local => {
-            let (h2, out2, scratch) = (h.clone(), out.clone(), ctx.data_dir.join("tmp"));
+            let (h2, out2, scratch, copies) =
+                (h.clone(), out.clone(), ctx.data_dir.join("tmp"), copies.clone());
             let zeroes = matches!(source, HashSource::Zeroes);
             let sent2 = sent.clone();
             tokio::task::spawn_blocking(move || {
@@ -387,8 +407,12 @@ async fn send_hashes(
                     }
                     Ok(())
                 } else {
+                    // Coarse entries (the block hash alone): the agent asks for the pages of
+                    // just the blocks that differ, answered from this same copy.
                     let upto = h2.journal().durable();
-                    tern_store::materialize::hash_disk(&h2, &scratch, upto, false, &mut emit).map(|_| ())
+                    let copy = Arc::new(tern_store::materialize::HashedCopy::new(&h2, &scratch, upto)?);
+                    lock(&copies).insert(h2.name.clone(), copy.clone());
+                    copy.hash(&h2, true, &mut emit)
                 }
             })
             .await
@@ -402,18 +426,41 @@ async fn send_hashes(
 }
 
 /// Answers an agent's request for the page hashes of blocks that differ from a coarse
-/// table. Coarse tables come only from a master target's target disk, which answers.
+/// table: from this server's copy when its hashes came from there, else from the master
+/// target's target disk.
 async fn send_page_hashes(
     ctx: &Arc<Ctx>,
     vm: &VmName,
     r: tern_proto::PageHashesRequest,
     out: &crate::hub::Outbound,
+    copy: Option<Arc<tern_store::materialize::HashedCopy>>,
 ) -> Result<(), Status> {
     if r.blocks.len() > tern_proto::MAX_PAGE_HASH_BLOCKS {
         return Err(Status::invalid_argument(format!(
             "at most {} blocks per page-hash request",
             tern_proto::MAX_PAGE_HASH_BLOCKS
         )));
+    }
+    if let Some(copy) = copy {
+        let name = DiskName::new(&r.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let h = ctx
+            .store
+            .disk(vm, &name)
+            .ok_or_else(|| Status::invalid_argument(format!("disk {name} is not known")))?;
+        let blocks = r.blocks;
+        let n = blocks.len();
+        let reply = tokio::task::spawn_blocking(move || {
+            copy.page_hashes(&h, &blocks)
+                .map(|e| tern_proto::hash_table::sparse_message(h.name.as_str(), h.size, &blocks, &e))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(vm = %vm, disk = %r.disk, blocks = n, bytes = reply.table.len(), "page hashes sent for a delta sync");
+        return out
+            .send(msg(server_message::Msg::BlockHashes(reply)))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"));
     }
     let (c, v) = (ctx.clone(), vm.clone());
     let row = tokio::task::spawn_blocking(move || c.store.catalog().reprotect(&v))

@@ -394,36 +394,11 @@ pub fn hash_disk(
     coarse: bool,
     emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
 ) -> Result<bool, StoreError> {
-    {
-        // Nothing past the base image (a master target's untouched target disk): hash it
-        // where it lies, skipping its holes, instead of copying it first.
-        let _reading = disk.read_lock();
-        if disk.journal().durable() <= disk.base_seq() && upto <= disk.base_seq() {
-            let f = File::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
-            return hash_file(&f, disk.size, &disk.base_path, coarse, emit).map(|()| coarse);
-        }
-    }
-    crate::durable::create_dir_durable(scratch)?;
-    let path = scratch.join(format!("hash-{}-{}-{}.raw", disk.vm, disk.name, std::process::id()));
-    let result = (|| {
-        let out = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        out.set_len(disk.size).map_err(io_err(&path))?;
-        {
-            let _reading = disk.read_lock();
-            let snapshot = disk.journal().snapshot();
-            fill(disk, &snapshot, upto, &out, &path, &mut |_| {})?;
-        }
-        // The copy goes away: nobody could answer for its pages later, so they go now.
-        hash_file(&out, disk.size, &path, false, emit)
-    })();
-    let _ = std::fs::remove_file(&path);
-    result.map(|()| false)
+    let copy = HashedCopy::new(disk, scratch, upto)?;
+    // A scratch copy goes away with `copy`: nobody could answer for its pages later.
+    let coarse = coarse && copy.scratch.is_none();
+    copy.hash(disk, coarse, emit)?;
+    Ok(coarse)
 }
 
 /// Block and page hashes of some blocks of the disk's base image: the pages a coarse
@@ -432,21 +407,130 @@ pub fn base_block_hashes(
     disk: &DiskHandle,
     blocks: &[u64],
 ) -> Result<Vec<tern_core::blocks::BlockHashes>, StoreError> {
-    use tern_core::blocks::{block_count, block_len, hash_block, zero_block};
-    let _reading = disk.read_lock();
-    let f = File::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
-    let mut buf = vec![0u8; BLOCK_SIZE];
-    let mut out = Vec::with_capacity(blocks.len());
-    for &b in blocks {
-        if b >= block_count(disk.size) {
-            return Err(StoreError::Invariant("a page-hash request names a block past the end of the disk"));
-        }
-        let len = block_len(disk.size, b);
-        f.read_exact_at(&mut buf[..len], b * BLOCK_SIZE as u64).map_err(io_err(&disk.base_path))?;
-        out.push(if is_zero(&buf[..len]) { zero_block(len) } else { hash_block(&buf[..len]) });
-    }
-    Ok(out)
+    HashedCopy { path: disk.base_path.clone(), scratch: None, base_seq: disk.base_seq() }
+        .page_hashes(disk, blocks)
 }
+
+/// The copy of a disk as of one position that a delta sync's hashes describe: the base
+/// image itself when nothing lies past it, else a scratch file materialised from base and
+/// journal. Kept while the sender may ask for the page hashes of blocks that differ from
+/// coarse entries, so that the answers describe the same copy. A scratch file is removed
+/// when the copy is dropped.
+#[derive(Debug)]
+pub struct HashedCopy {
+    path: PathBuf,
+    /// The scratch file, when the copy is one.
+    scratch: Option<PathBuf>,
+    /// The base image's position when the copy is the base image: it must not move while
+    /// the copy is in use (a retention fold would change what it describes).
+    base_seq: Seq,
+}
+
+impl HashedCopy {
+    /// The disk as of `upto`; materialised under `scratch` unless it is the base image.
+    pub fn new(disk: &DiskHandle, scratch: &Path, upto: Seq) -> Result<HashedCopy, StoreError> {
+        {
+            // Nothing past the base image (a master target's untouched target disk, a
+            // folded replica): hash it where it lies, skipping its holes.
+            let _reading = disk.read_lock();
+            if disk.journal().durable() <= disk.base_seq() && upto <= disk.base_seq() {
+                return Ok(HashedCopy {
+                    path: disk.base_path.clone(),
+                    scratch: None,
+                    base_seq: disk.base_seq(),
+                });
+            }
+        }
+        crate::durable::create_dir_durable(scratch)?;
+        let n = SCRATCH_COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = scratch.join(format!("hash-{}-{}-{}-{n}.raw", disk.vm, disk.name, std::process::id()));
+        let copy = HashedCopy { path: path.clone(), scratch: Some(path.clone()), base_seq: Seq(0) };
+        let out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        out.set_len(disk.size).map_err(io_err(&path))?;
+        let _reading = disk.read_lock();
+        let snapshot = disk.journal().snapshot();
+        fill(disk, &snapshot, upto, &out, &path, &mut |_| {})?;
+        Ok(copy)
+    }
+
+    /// Whether the copy is a scratch file (not the base image).
+    pub fn is_scratch(&self) -> bool {
+        self.scratch.is_some()
+    }
+
+    /// Hashes every block of the copy (see [`hash_disk`]).
+    pub fn hash(
+        &self,
+        disk: &DiskHandle,
+        coarse: bool,
+        emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
+    ) -> Result<(), StoreError> {
+        let _reading = self.read_lock(disk)?;
+        let f = File::open(&self.path).map_err(io_err(&self.path))?;
+        hash_file(&f, disk.size, &self.path, coarse, emit)
+    }
+
+    /// Block and page hashes of some blocks of the copy.
+    pub fn page_hashes(
+        &self,
+        disk: &DiskHandle,
+        blocks: &[u64],
+    ) -> Result<Vec<tern_core::blocks::BlockHashes>, StoreError> {
+        use tern_core::blocks::{block_count, block_len, hash_block, zero_block};
+        let _reading = self.read_lock(disk)?;
+        let f = File::open(&self.path).map_err(io_err(&self.path))?;
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        let mut out = Vec::with_capacity(blocks.len());
+        for &b in blocks {
+            if b >= block_count(disk.size) {
+                return Err(StoreError::Invariant(
+                    "a page-hash request names a block past the end of the disk",
+                ));
+            }
+            let len = block_len(disk.size, b);
+            f.read_exact_at(&mut buf[..len], b * BLOCK_SIZE as u64).map_err(io_err(&self.path))?;
+            out.push(if is_zero(&buf[..len]) { zero_block(len) } else { hash_block(&buf[..len]) });
+        }
+        Ok(out)
+    }
+}
+
+impl HashedCopy {
+    /// For the base image: holds off retention while it is read, and checks that it has
+    /// not moved since the copy was taken.
+    fn read_lock<'a>(
+        &self,
+        disk: &'a DiskHandle,
+    ) -> Result<Option<std::sync::RwLockReadGuard<'a, ()>>, StoreError> {
+        if self.scratch.is_some() {
+            return Ok(None);
+        }
+        let guard = disk.read_lock();
+        if disk.base_seq() != self.base_seq {
+            return Err(StoreError::Invariant(
+                "the base image moved while its hashes were in use; sync again",
+            ));
+        }
+        Ok(Some(guard))
+    }
+}
+
+impl Drop for HashedCopy {
+    fn drop(&mut self) {
+        if let Some(p) = &self.scratch {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Numbers scratch copies, so that two copies of one disk never share a file.
+static SCRATCH_COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Hashes a whole file block by block (holes as zero blocks, without reading them), on
 /// all cores, and hands them to `emit` in chunks of [`HASHES_PER_CHUNK`].

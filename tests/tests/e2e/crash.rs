@@ -82,6 +82,19 @@ fn an_agent_that_lost_its_state_resyncs_by_delta() {
     let sent = server.status("lost")["bytes_received"].as_u64().unwrap() - before;
     assert!(sent <= changed * 3 / 2, "a delta resync sent {sent} bytes for {changed} changed bytes");
     assert!(agent.log_text().contains("comparing with the server's block hashes"));
+    // Coarse first: the server sent one block hash per 64 KiB block (33 bytes, not the 544
+    // of block + page hashes), then the page hashes of just the blocks that differ.
+    let log = server.log_text();
+    let table: u64 = log
+        .lines()
+        .filter(|l| l.contains("block hashes sent for a delta sync"))
+        .map(|l| l.split("bytes=").nth(1).unwrap().trim().parse::<u64>().unwrap())
+        .sum();
+    assert!(table <= 33 * 1024, "the block hash table took {table} bytes for 1,024 blocks");
+    assert!(
+        log.contains("page hashes sent for a delta sync"),
+        "the agent asked for the pages of differing blocks"
+    );
     let want = b3(&disk, None);
     let out = root.join("out");
     let res = server.drctl_json(&[
