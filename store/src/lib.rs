@@ -258,6 +258,7 @@ impl Store {
 
     pub fn open_with(root: &Path, options: StoreOptions) -> Result<Store, StoreError> {
         create_dir_durable(&root.join("vms"))?;
+        remove_scratch(&root.join("tmp"));
         let mut catalog = Catalog::open(&root.join("catalog.db"))?;
         let mut disks = HashMap::new();
         for vm in catalog.vms()? {
@@ -685,6 +686,21 @@ fn catalog_points_past(
         .collect())
 }
 
+/// Scratch copies (hashes of a materialised disk, a verify's output) live only while the
+/// daemon that made them runs; a crash leaves them behind, so they go at start-up.
+fn remove_scratch(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut n = 0;
+    for e in entries.flatten() {
+        if std::fs::remove_file(e.path()).is_ok() || std::fs::remove_dir_all(e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    if n > 0 {
+        tracing::info!(dir = %dir.display(), removed = n, "scratch files of an earlier run removed");
+    }
+}
+
 fn disk_dir(root: &Path, vm: &VmName, disk: &DiskName) -> PathBuf {
     root.join("vms").join(vm.as_str()).join(disk.as_str())
 }
@@ -743,6 +759,16 @@ mod tests {
     use tern_core::blocks::Fingerprint;
 
     use crate::test_record as write;
+
+    #[test]
+    fn scratch_copies_left_by_a_crash_go_at_open() {
+        let root = tempfile::tempdir().unwrap();
+        drop(Store::open(root.path()).unwrap());
+        std::fs::create_dir_all(root.path().join("tmp")).unwrap();
+        std::fs::write(root.path().join("tmp/hash-vm-sda-1-0.raw"), b"x").unwrap();
+        drop(Store::open(root.path()).unwrap());
+        assert_eq!(std::fs::read_dir(root.path().join("tmp")).unwrap().count(), 0);
+    }
 
     /// A damaged record before the end of the last segment cuts acknowledged records off:
     /// the points that needed them are removed at open and the disk gets a new epoch; the
