@@ -279,6 +279,7 @@ fn status_json(s: &pb::VmStatus) -> Value {
         "rpo_seconds": if s.rpo_seconds < 0 { Value::Null } else { json!(s.rpo_seconds) },
         "bytes_received": s.bytes_received,
         "storage_bytes": s.storage_bytes,
+        "error": if s.error.is_empty() { Value::Null } else { json!(s.error) },
         "policy": s.policy.as_ref().map(policy_json).unwrap_or(Value::Null),
         "disks": s.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "durable_seq": d.durable_seq, "journal_bytes": d.journal_bytes, "master_target_seq": d.master_target_seq})).collect::<Vec<_>>(),
     })
@@ -477,6 +478,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         if s.rpo_seconds < 0 { "-".to_string() } else { format!("{}s", s.rpo_seconds) },
                         human_bytes(s.bytes_received)
                     );
+                }
+                for s in r.vms.iter().filter(|s| !s.error.is_empty()) {
+                    out!("{}: replication is failing: {}", s.vm, s.error);
                 }
             }
         }

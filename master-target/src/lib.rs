@@ -47,6 +47,12 @@ struct Ctx {
 }
 
 fn status(e: StoreError) -> Status {
+    if e.is_storage_full() {
+        return Status::resource_exhausted(format!(
+            "the master target's storage is full ({e}): free space in its data directory or on the \
+             target disk's file system; the process server keeps the stream and resends"
+        ));
+    }
     match e {
         StoreError::UnknownVm(_) | StoreError::UnknownDisk { .. } => Status::not_found(e.to_string()),
         StoreError::SeqGap { .. } => Status::out_of_range(e.to_string()),

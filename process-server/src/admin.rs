@@ -99,7 +99,9 @@ impl AdminService {
             .await?
             .map_err(store_status)?
         };
-        let health = crate::health::health(&state, rpo, absent, policy.rpo_threshold_ms / 1000);
+        let error = self.ctx.hub.error(&vm).unwrap_or_default();
+        let health =
+            crate::health::health(&state, rpo, absent, policy.rpo_threshold_ms / 1000, !error.is_empty());
         let disks = self
             .ctx
             .store
@@ -128,6 +130,7 @@ impl AdminService {
             disks,
             policy: Some(policy_info(&policy)),
             storage_bytes: self.ctx.store.vm_disks(&vm).iter().map(|h| h.bytes_used()).sum(),
+            error,
         })
     }
 }

@@ -15,13 +15,20 @@ pub fn state_name(catalog_state: &str, has_points: bool) -> &str {
     }
 }
 
-/// normal; warning above the RPO threshold; critical above twice it, or when the agent has
-/// been away longer than the threshold. A failed-over VM no longer replicates: normal.
-pub fn health(catalog_state: &str, rpo_secs: i64, absent_secs: i64, threshold_secs: i64) -> &'static str {
+/// normal; warning above the RPO threshold; critical above twice it, when the agent has
+/// been away longer than the threshold, or while replication fails on this side (`failing`).
+/// A failed-over VM no longer replicates: normal.
+pub fn health(
+    catalog_state: &str,
+    rpo_secs: i64,
+    absent_secs: i64,
+    threshold_secs: i64,
+    failing: bool,
+) -> &'static str {
     if catalog_state != "protected" {
         return "normal";
     }
-    if rpo_secs > 2 * threshold_secs || absent_secs > threshold_secs {
+    if rpo_secs > 2 * threshold_secs || absent_secs > threshold_secs || failing {
         "critical"
     } else if rpo_secs > threshold_secs {
         "warning"
@@ -43,7 +50,7 @@ fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<&'static str, tern_store::StoreEr
         |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0),
     );
     let absent = ctx.hub.disconnected_for(vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
-    Ok(health(&state, rpo, absent, policy.rpo_threshold_ms / 1000))
+    Ok(health(&state, rpo, absent, policy.rpo_threshold_ms / 1000, ctx.hub.error(vm).is_some()))
 }
 
 /// Logs every change of a VM's health, every few seconds.

@@ -28,6 +28,9 @@ struct VmCounters {
     /// Per disk, the end of the last extent received: a pass sends in offset order, so
     /// this is how far the agent's current pass has come.
     scan_at: HashMap<String, u64>,
+    /// Why the last session failed on this side (storage full, a bad batch), until
+    /// replication makes progress again.
+    error: Option<String>,
 }
 
 /// The answer to a checkpoint request: the point, or why the agent could not make it.
@@ -106,6 +109,22 @@ impl Hub {
     /// How far the agent's current pass has come, summed over its disks.
     pub fn scan_position(&self, vm: &VmName) -> u64 {
         lock(&self.counters).get(vm).map_or(0, |c| c.scan_at.values().sum())
+    }
+
+    /// Notes why replication of `vm` is failing; shown by `drctl status` until it goes on.
+    pub fn set_error(&self, vm: &VmName, error: &str) {
+        lock(&self.counters).entry(vm.clone()).or_default().error = Some(error.to_string());
+    }
+
+    /// Replication of `vm` made progress (records acked, a point made).
+    pub fn clear_error(&self, vm: &VmName) {
+        if let Some(c) = lock(&self.counters).get_mut(vm) {
+            c.error = None;
+        }
+    }
+
+    pub fn error(&self, vm: &VmName) -> Option<String> {
+        lock(&self.counters).get(vm).and_then(|c| c.error.clone())
     }
 
     pub fn bytes_received(&self, vm: &VmName) -> u64 {

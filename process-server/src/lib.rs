@@ -38,6 +38,12 @@ pub struct Ctx {
 /// Maps a store error to a status: the code says whose fault it is, the message what to do.
 pub fn store_status(e: StoreError) -> Status {
     let msg = e.to_string();
+    if e.is_storage_full() {
+        return Status::resource_exhausted(format!(
+            "the process server's storage is full ({msg}): free space in its data directory or give it \
+             more; nothing acknowledged is lost, the agent retries and replication resumes where it stopped"
+        ));
+    }
     match e {
         StoreError::UnknownVm(_) | StoreError::UnknownDisk { .. } | StoreError::PointNotFound { .. } => {
             Status::not_found(msg)

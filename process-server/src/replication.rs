@@ -125,7 +125,11 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(store_status)?;
+        .map_err(store_status)
+        .inspect_err(|e| {
+            warn!(vm = %vm, error = %e.message(), "replication session refused");
+            ctx.hub.set_error(&vm, e.message());
+        })?;
         let (handles, policy, reprotect) = registered.map_err(|state| {
             warn!(vm = %vm, state = %state, "agent refused: the VM no longer replicates from this source");
             Status::failed_precondition(format!(
@@ -191,7 +195,11 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         let initial: InitialSync = Arc::new(std::sync::Mutex::new(if has_points {
             None
         } else {
-            Some((ctx.jobs.start("initial-sync", &vm).map_err(store_status)?, HashMap::new()))
+            let job = ctx.jobs.start("initial-sync", &vm).map_err(store_status).inspect_err(|e| {
+                warn!(vm = %vm, error = %e.message(), "replication session refused");
+                ctx.hub.set_error(&vm, e.message());
+            })?;
+            Some((job, HashMap::new()))
         }));
         if let Some((job, _)) = lock_initial(&initial).as_ref() {
             job.phase("sending the disks");
@@ -210,6 +218,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                 };
                 if let Err(e) = sent {
                     warn!(vm = %v3, disk = %h.name, error = %e.message(), "cannot send block hashes; the session ends");
+                    c3.hub.set_error(&v3, e.message());
                     let _ = out3.send(Err(e)).await;
                     cancel3.cancel();
                     return;
@@ -274,6 +283,7 @@ async fn run_session(
                     Ok(item) => item,
                     Err(status) => {
                         warn!(vm = %vm, error = %status.message(), "batch refused");
+                        ctx.hub.set_error(vm, status.message());
                         let _ = out.send(Err(status)).await;
                         break;
                     }
@@ -610,6 +620,7 @@ async fn write_loop(
         };
         if let Err(status) = result {
             warn!(vm = %vm, error = %status.message(), "replication session ends");
+            ctx.hub.set_error(&vm, status.message());
             let _ = out.send(Err(status)).await;
             cancel.cancel();
             break;
@@ -631,6 +642,7 @@ async fn commit(
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(store_status)?;
         ctx.relay.records_durable();
+        ctx.hub.clear_error(&disk.vm);
         let ack = Ack { disk: disk.name.to_string(), durable_seq: durable.0 };
         // Acks are cumulative: when the agent is slow to read them, a dropped one is
         // superseded by the next, and the writer never waits on the agent.

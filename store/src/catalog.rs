@@ -123,7 +123,11 @@ pub struct TestFailoverRow {
 }
 
 fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-    move |e| StoreError::CatalogQuery { op, reason: e.to_string() }
+    move |e| StoreError::CatalogQuery {
+        op,
+        full: e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+        reason: e.to_string(),
+    }
 }
 
 const SCHEMA: &str = "

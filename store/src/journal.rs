@@ -277,7 +277,11 @@ impl Journal {
         let path = self.dir.join(segment_name(first_seq.0));
         let mut f =
             OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
-        f.write_all(&encode_segment_header(first_seq.0)).map_err(io_err(&path))?;
+        if let Err(e) = f.write_all(&encode_segment_header(first_seq.0)) {
+            // A full disk, say: the next roll must be able to create it again.
+            let _ = std::fs::remove_file(&path);
+            return Err(StoreError::Io { path: path.display().to_string(), source: e });
+        }
         self.segments.push(Segment { first_seq: first_seq.0, path, durable_len: 0 });
         self.active = Some(f);
         self.active_len = SEGMENT_HEADER_LEN as u64;

@@ -80,13 +80,32 @@ pub enum StoreError {
     #[error("{0} already exists; choose an empty output directory or remove it")]
     OutputExists(String),
     #[error("catalog: {op} failed: {reason}")]
-    CatalogQuery { op: &'static str, reason: String },
+    CatalogQuery {
+        op: &'static str,
+        reason: String,
+        /// SQLite found its file system full.
+        full: bool,
+    },
     #[error("internal invariant broken: {0}")]
     Invariant(&'static str),
     #[error("VM {vm} is {state}; {what}")]
     WrongState { vm: VmName, state: String, what: String },
     #[error("fail point {0} hit")]
     Injected(&'static str),
+}
+
+impl StoreError {
+    /// The file system under the data directory is full (or over its quota): not damage,
+    /// and it passes once space is freed.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => {
+                matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+            }
+            StoreError::CatalogQuery { full, .. } => *full,
+            _ => false,
+        }
+    }
 }
 
 #[cfg(any(test, feature = "failpoints"))]

@@ -184,3 +184,70 @@ fn a_damaged_journal_drops_the_points_it_cannot_rebuild_and_the_agent_resyncs() 
     ]);
     assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&disk, None));
 }
+
+/// The process server's data directory fills up during an initial sync: the daemon stays
+/// up and says so (`drctl status`: health critical and the reason), nothing stored is
+/// damaged, and once there is room the agent's retries go on where they stopped and the
+/// point verifies byte for byte.
+#[test]
+fn a_full_data_directory_is_reported_and_replication_resumes_once_there_is_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let data = root.join("ps");
+    std::fs::create_dir(&data).unwrap();
+    let mount = |opts: &str| {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    mount("size=24m");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("full.bundle");
+    server.enroll_agent("full", &identity);
+    let disk = root.join("full.img");
+    // 40 MiB of incompressible data: more than the 24 MiB the server has.
+    make_random(&disk, 48, 40, 21);
+    let mut agent = Agent::start(&server, &identity, "full", &[("sda", &disk)], &root.join("st"), &[]);
+    let s = deadline_poll("the server to report its storage full", Duration::from_secs(60), || {
+        // Until the agent's first session the VM is unknown.
+        let out = server.drctl(&["status", "full", "--json"]);
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        s["error"].as_str().is_some_and(|e| e.contains("storage is full")).then_some(s)
+    });
+    assert_eq!(s["health"], "critical", "{s}");
+    let table = server.drctl(&["status"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("full: replication is failing"));
+    assert!(server.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the process server stays up");
+    assert!(agent.log_text().contains("storage is full"), "the agent is told why");
+
+    mount("remount,size=256m");
+    let p = server.checkpoint("full");
+    let out = root.join("out");
+    let res = server.drctl_json(&[
+        "test-failover",
+        "full",
+        "--point",
+        &p["id"].to_string(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&disk, None));
+    let s = server.status("full");
+    assert!(s["error"].is_null() && s["health"] == "normal", "{s}");
+    agent.kill9();
+}
