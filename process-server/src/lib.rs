@@ -57,7 +57,9 @@ pub fn store_status(e: StoreError) -> Status {
         StoreError::SegmentCorrupt { .. }
         | StoreError::JournalRecordBad { .. }
         | StoreError::FingerprintMismatch { .. } => Status::data_loss(msg),
-        StoreError::Io { .. } | StoreError::CatalogQuery { .. } => Status::unavailable(msg),
+        StoreError::Io { .. } | StoreError::CatalogQuery { .. } | StoreError::JournalFailed { .. } => {
+            Status::unavailable(msg)
+        }
         StoreError::WrongState { .. } => Status::failed_precondition(msg),
         StoreError::Invariant(_) | StoreError::Injected(_) => Status::internal(msg),
     }

@@ -92,6 +92,12 @@ pub enum StoreError {
     WrongState { vm: VmName, state: String, what: String },
     #[error("fail point {0} hit")]
     Injected(&'static str),
+    #[error(
+        "the journal in {dir} could not be made durable ({reason}); nothing more is written to it: \
+         check the storage, then restart the daemon, which checks the journal and asks the sender \
+         for what is missing"
+    )]
+    JournalFailed { dir: String, reason: String },
 }
 
 impl StoreError {
