@@ -327,3 +327,91 @@ fn master_target_killed_during_a_full_download_onto_the_original_disk() {
     assert_eq!(b3(&onprem, None), want, "the on-premises disk is byte-identical to the recovered one");
     assert!(mt.log_text().contains("write-through"), "{}", tail(&mt.log_text(), 20));
 }
+
+/// The process server killed -9 twice on the way back: while it relays the reprotect's
+/// stream to the master target, and just after a failback started. Each time it restarts,
+/// the agent reconnects and the relay resumes from what the master target holds; the
+/// interrupted failback is reported as failed, and running it again completes it with the
+/// on-premises disk byte-identical to the recovered one.
+#[test]
+fn process_server_killed_during_reprotect_and_failback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let onprem = root.join("p.img");
+    make_random(&onprem, 48, 8, 11);
+    let (mut primary, _, _) = protect(&server, root, "p", &onprem);
+    primary.kill9();
+    let recovered = fail_over_and_commit(&server, root, "p", None);
+    let mt = MasterTarget::start(&server, root, "mtp");
+    let rec_identity = root.join("rec.bundle");
+    server.drctl_json(&strs(&reprotect_args("p", &mt, "original", "before", &onprem, &rec_identity)));
+    let _rec = recovered_agent(&server, root, "p", &rec_identity, &recovered);
+    server.checkpoint("p");
+    // 24 MiB of new data: the kill lands once records of it have come in (while they are
+    // received or relayed, or just after).
+    let before = server.status("p")["disks"][0]["journal_bytes"].as_u64().unwrap();
+    write_random(&recovered, 24, 12);
+    // A pass now (the failback policy's interval is long); its point is cut short by the kill.
+    let _pass = std::process::Command::new(bin("drctl"))
+        .args(["--server", &server.url(), "--identity"])
+        .arg(server.admin())
+        .args(["checkpoint", "p", "--wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    deadline_poll("new records to come in", Duration::from_secs(60), || {
+        (server.status("p")["disks"][0]["journal_bytes"].as_u64().unwrap() > before + (4 << 20)).then_some(())
+    });
+    server.kill9();
+    server.start();
+    server.wait_connected("p");
+    server.checkpoint("p");
+    deadline_poll("the relay to catch up after the restart", Duration::from_secs(60), || {
+        let d = server.status("p")["disks"][0].clone();
+        (d["master_target_seq"] == d["durable_seq"]).then_some(())
+    });
+    // Enough new data that the failback's final pass takes a while.
+    write_random(&recovered, 24, 13);
+    let want = b3(&recovered, None);
+
+    // A failback cut short by the process server's death.
+    let failback = std::process::Command::new(bin("drctl"))
+        .args(["--server", &server.url(), "--identity"])
+        .arg(server.admin())
+        .args(["failback", "p", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    deadline_poll("the failback's final pass", Duration::from_secs(60), || {
+        server
+            .log_text()
+            .contains("shutting down the recovered VM and sending its last changes")
+            .then_some(())
+    });
+    server.kill9();
+    let cut = failback.wait_with_output().unwrap();
+    assert!(
+        !cut.status.success(),
+        "the failback cannot have finished: {}",
+        String::from_utf8_lossy(&cut.stdout)
+    );
+    server.start();
+    let state = server.status("p")["state"].as_str().unwrap().to_string();
+    let res = if state == "failed-back" {
+        // The apply had already finished when the server died.
+        serde_json::Value::Null
+    } else {
+        // The agent reconnects on its own (a failback without it is refused, nothing changed).
+        server.wait_connected("p");
+        server.drctl_json(&["failback", "p"])
+    };
+    if !res.is_null() {
+        assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
+    }
+    assert_eq!(server.status("p")["state"], "failed-back");
+    assert_eq!(b3(&onprem, None), want, "the on-premises disk equals the recovered VM's final state");
+}
