@@ -354,7 +354,7 @@ fn process_server_killed_during_reprotect_and_failback() {
     let before = server.status("p")["disks"][0]["journal_bytes"].as_u64().unwrap();
     write_random(&recovered, 24, 12);
     // A pass now (the failback policy's interval is long); its point is cut short by the kill.
-    let _pass = std::process::Command::new(bin("drctl"))
+    let mut pass = std::process::Command::new(bin("drctl"))
         .args(["--server", &server.url(), "--identity"])
         .arg(server.admin())
         .args(["checkpoint", "p", "--wait"])
@@ -366,6 +366,7 @@ fn process_server_killed_during_reprotect_and_failback() {
         (server.status("p")["disks"][0]["journal_bytes"].as_u64().unwrap() > before + (4 << 20)).then_some(())
     });
     server.kill9();
+    let _ = pass.wait();
     server.start();
     server.wait_connected("p");
     server.checkpoint("p");
