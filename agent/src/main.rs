@@ -57,7 +57,9 @@ enum Cmd {
         /// Longest a freeze or thaw may take before it is abandoned (thaw still runs).
         #[arg(long, default_value = "60s")]
         hook_timeout: String,
-        /// Command that shuts the VM down before a planned failover; the final point follows it.
+        /// Command that shuts the VM down before a planned failover or a failback; the final
+        /// point follows it. It must return only once the VM is off (writes nothing more),
+        /// and succeed when the VM is already off: a failback cut short asks again.
         #[arg(long)]
         shutdown: Option<String>,
         /// Largest rate on the wire, e.g. 20MiB (bytes per second); 0 for no limit.

@@ -65,14 +65,21 @@ fn strs(args: &[String]) -> Vec<&str> {
 
 /// The recovered VM's agent, whose shutdown hook always succeeds.
 fn recovered_agent(server: &Server, root: &Path, vm: &str, identity: &Path, disk: &Path) -> Agent {
-    let agent = Agent::start(
-        server,
-        identity,
-        vm,
-        &[("sda", disk)],
-        &root.join(format!("st-{vm}-back")),
-        &["--shutdown", "true"],
-    );
+    recovered_agent_with(server, root, vm, identity, disk, &[])
+}
+
+/// [`recovered_agent`] with more arguments (a rate limit, so that a kill lands in a pass).
+fn recovered_agent_with(
+    server: &Server,
+    root: &Path,
+    vm: &str,
+    identity: &Path,
+    disk: &Path,
+    extra: &[&str],
+) -> Agent {
+    let args: Vec<&str> = ["--shutdown", "true"].iter().chain(extra).copied().collect();
+    let agent =
+        Agent::start(server, identity, vm, &[("sda", disk)], &root.join(format!("st-{vm}-back")), &args);
     server.wait_connected(vm);
     agent
 }
@@ -347,10 +354,10 @@ fn process_server_killed_during_reprotect_and_failback() {
     let mt = MasterTarget::start(&server, root, "mtp");
     let rec_identity = root.join("rec.bundle");
     server.drctl_json(&strs(&reprotect_args("p", &mt, "original", "before", &onprem, &rec_identity)));
-    let _rec = recovered_agent(&server, root, "p", &rec_identity, &recovered);
+    // 8 MiB/s on the wire: 24 MiB of changes take a few seconds, and the kills land in them.
+    let _rec = recovered_agent_with(&server, root, "p", &rec_identity, &recovered, &["--max-rate", "8MiB"]);
     server.checkpoint("p");
-    // 24 MiB of new data: the kill lands once records of it have come in (while they are
-    // received or relayed, or just after).
+    // 24 MiB of new data: the kill lands once records of it have come in.
     let before = server.status("p")["disks"][0]["journal_bytes"].as_u64().unwrap();
     write_random(&recovered, 24, 12);
     // A pass now (the failback policy's interval is long); its point is cut short by the kill.
@@ -401,18 +408,60 @@ fn process_server_killed_during_reprotect_and_failback() {
         String::from_utf8_lossy(&cut.stdout)
     );
     server.start();
-    let state = server.status("p")["state"].as_str().unwrap().to_string();
-    let res = if state == "failed-back" {
-        // The apply had already finished when the server died.
-        serde_json::Value::Null
-    } else {
-        // The agent reconnects on its own (a failback without it is refused, nothing changed).
-        server.wait_connected("p");
-        server.drctl_json(&["failback", "p"])
-    };
-    if !res.is_null() {
-        assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
-    }
+    assert_eq!(server.status("p")["state"], "reprotected", "a cut failback changes nothing");
+    // The agent reconnects on its own (a failback without it is refused, nothing changed).
+    server.wait_connected("p");
+    let res = server.drctl_json(&["failback", "p"]);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(server.status("p")["state"], "failed-back");
     assert_eq!(b3(&onprem, None), want, "the on-premises disk equals the recovered VM's final state");
+}
+
+/// The recovered VM's agent killed -9 in the failback's final pass: the failback fails and
+/// says nothing changed; with the agent started again, running it again completes it
+/// byte-identical (the shutdown hook runs a second time, on a VM that is already off).
+#[test]
+fn recovered_agent_killed_during_the_failback_final_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let onprem = root.join("a.img");
+    make_random(&onprem, 48, 8, 21);
+    let (mut primary, _, _) = protect(&server, root, "a", &onprem);
+    primary.kill9();
+    let recovered = fail_over_and_commit(&server, root, "a", None);
+    let mt = MasterTarget::start(&server, root, "mta");
+    let rec_identity = root.join("rec.bundle");
+    server.drctl_json(&strs(&reprotect_args("a", &mt, "original", "before", &onprem, &rec_identity)));
+    // 8 MiB/s on the wire: the final pass's 24 MiB take a few seconds, and the kill lands in it.
+    let mut rec =
+        recovered_agent_with(&server, root, "a", &rec_identity, &recovered, &["--max-rate", "8MiB"]);
+    server.checkpoint("a");
+    write_random(&recovered, 24, 22);
+    let want = b3(&recovered, None);
+    let failback = std::process::Command::new(bin("drctl"))
+        .args(["--server", &server.url(), "--identity"])
+        .arg(server.admin())
+        .args(["failback", "a", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    deadline_poll("the failback's final pass", Duration::from_secs(60), || {
+        server
+            .log_text()
+            .contains("shutting down the recovered VM and sending its last changes")
+            .then_some(())
+    });
+    rec.kill9();
+    let done = failback.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(!done.status.success() && err.contains("nothing changed"), "failback: {err}");
+    assert_eq!(server.status("a")["state"], "reprotected");
+    rec.restart();
+    server.wait_connected("a");
+    let res = server.drctl_json(&["failback", "a"]);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
+    assert_eq!(b3(&onprem, None), want);
 }
