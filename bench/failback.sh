@@ -104,16 +104,16 @@ PY
   "$B/drctl" commit vm >/dev/null
 }
 
-# pipe_copy SRC: the full-copy peer, zstd -1 -T2 | nc | zstd -d over loopback; prints
-# "seconds cpu_seconds" (CPU of all its processes).
+# pipe_copy SRC OUT: the full-copy peer, zstd -1 -T2 | nc | zstd -d over loopback, into
+# OUT (removed afterwards); prints "seconds cpu_seconds" (CPU of all its processes).
 pipe_copy() {
   local port=$((20000 + RANDOM % 20000)) t0 t1
   t0=$(now)
-  rusage "$W/pipe.usage" bash -c "nc -l 127.0.0.1 $port | zstd -q -d -c >'$W/nc-out.img' & for _ in \$(seq 100); do ss -ltn | grep -q ':$port ' && break; sleep 0.01; done; zstd -q -1 -T2 -c '$1' | nc -N 127.0.0.1 $port; wait"
+  rusage "$W/pipe.usage" bash -c "nc -l 127.0.0.1 $port | zstd -q -d -c >'$2' & for _ in \$(seq 100); do ss -ltn | grep -q ':$port ' && break; sleep 0.01; done; zstd -q -1 -T2 -c '$1' | nc -N 127.0.0.1 $port; wait"
   t1=$(now)
   read -r c _ <"$W/pipe.usage"
   echo "$(calc "$t1-$t0") $c"
-  rm -f "$W/nc-out.img"
+  rm -f "$2"
 }
 
 printf '\n%-8s %-34s %10s %14s\n' "changed" "method" "seconds" "wire bytes"
@@ -123,12 +123,12 @@ for pct in ${PCTS:-1 10}; do
   changed=$(scatter "$W/recovered.img" "$pct" 7)
   # The pipe runs before and after tern's runs (it varies a lot on a busy machine); the
   # ratio is taken against the faster of the two.
-  read -r zt1 zc1 < <(pipe_copy "$W/recovered.img")
+  read -r zt1 zc1 < <(pipe_copy "$W/recovered.img" "$W/nc-out-$pct-1.img")
   read -r dt dw dsync dfail dcpu drss < <(way_back "$pct" delta)
   read -r ft fw _ _ fcpu frss < <(way_back "$pct" full)
   t0=$(now); rb=$(rsync_sent "$W/recovered.img" onprem.img --inplace --no-whole-file --ignore-times); t1=$(now)
   rt=$(calc "$t1-$t0")
-  read -r zt2 zc2 < <(pipe_copy "$W/recovered.img")
+  read -r zt2 zc2 < <(pipe_copy "$W/recovered.img" "$W/nc-out-$pct-2.img")
   zt=$(python3 -c "print(min($zt1, $zt2))")
   printf '%-8s %-34s %10s %14s\n' "$pct%" "tern delta sync (reprotect+failback)" "$dt" "$dw"
   printf '%-8s %-34s %10s\n' "$pct%" "  of which: delta sync to the MT" "$dsync"
