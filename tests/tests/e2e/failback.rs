@@ -247,6 +247,28 @@ fn reprotect_to_a_disk_of_the_wrong_size_is_refused() {
     assert_eq!(server.status("w")["state"], "failover-committed");
 }
 
+/// Starts `drctl failback VM --json` without waiting for it.
+fn spawn_failback(server: &Server, vm: &str) -> std::process::Child {
+    std::process::Command::new(bin("drctl"))
+        .args(["--server", &server.url(), "--identity"])
+        .arg(server.admin())
+        .args(["failback", vm, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until a failback has asked the recovered VM's agent for its final pass.
+fn wait_for_the_final_pass(server: &Server) {
+    deadline_poll("the failback's final pass", Duration::from_secs(60), || {
+        server
+            .log_text()
+            .contains("shutting down the recovered VM and sending its last changes")
+            .then_some(())
+    });
+}
+
 /// Fails `vm` back while the master target aborts at fail point `crash_at` (it is
 /// restarted with it armed first), restarts it once it has crashed, and returns what
 /// `drctl failback --json` printed once the failback completed.
@@ -258,14 +280,7 @@ fn fail_back_through_a_master_target_crash(
 ) -> serde_json::Value {
     mt.kill9();
     mt.restart_with(&[("TERN_CRASH_AT", crash_at)]);
-    let failback = std::process::Command::new(bin("drctl"))
-        .args(["--server", &server.url(), "--identity"])
-        .arg(server.admin())
-        .args(["failback", vm, "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let failback = spawn_failback(server, vm);
     let child = mt.child.as_mut().unwrap();
     deadline_poll(&format!("the master target to crash at {crash_at}"), Duration::from_secs(180), || {
         child.try_wait().unwrap()
@@ -386,20 +401,8 @@ fn process_server_killed_during_reprotect_and_failback() {
     let want = b3(&recovered, None);
 
     // A failback cut short by the process server's death.
-    let failback = std::process::Command::new(bin("drctl"))
-        .args(["--server", &server.url(), "--identity"])
-        .arg(server.admin())
-        .args(["failback", "p", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    deadline_poll("the failback's final pass", Duration::from_secs(60), || {
-        server
-            .log_text()
-            .contains("shutting down the recovered VM and sending its last changes")
-            .then_some(())
-    });
+    let failback = spawn_failback(&server, "p");
+    wait_for_the_final_pass(&server);
     server.kill9();
     let cut = failback.wait_with_output().unwrap();
     assert!(
@@ -440,20 +443,8 @@ fn recovered_agent_killed_during_the_failback_final_pass() {
     server.checkpoint("a");
     write_random(&recovered, 24, 22);
     let want = b3(&recovered, None);
-    let failback = std::process::Command::new(bin("drctl"))
-        .args(["--server", &server.url(), "--identity"])
-        .arg(server.admin())
-        .args(["failback", "a", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    deadline_poll("the failback's final pass", Duration::from_secs(60), || {
-        server
-            .log_text()
-            .contains("shutting down the recovered VM and sending its last changes")
-            .then_some(())
-    });
+    let failback = spawn_failback(&server, "a");
+    wait_for_the_final_pass(&server);
     rec.kill9();
     let done = failback.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&done.stderr);
