@@ -211,6 +211,14 @@ async fn relay_session(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
     }
 }
 
+/// A relayed batch holds about this much payload.
+const READ_BATCH_BYTES: usize = 1 << 20;
+/// ... and covers at most this much of the disk: a master target writing through holds a
+/// few batches decompressed, and 1 MiB of well-compressed records can be 100 MiB plain.
+const READ_BATCH_PLAIN_BYTES: usize = 4 << 20;
+/// One read of the journal stops past this much payload.
+const READ_BYTES: usize = 8 << 20;
+
 /// Reads the durable records from `from` on (going on from `at`, where an earlier read
 /// stopped, when given), as wire batches of about 1 MiB. Returns the batches, whether they
 /// reach the durable position, and where the read stopped.
@@ -221,7 +229,8 @@ fn read_batches(
     at: Option<&ReadPosition>,
 ) -> Result<(Vec<(u64, Vec<pb::Record>)>, bool, Option<ReadPosition>), tern_store::StoreError> {
     let mut out: Vec<(u64, Vec<pb::Record>)> = Vec::new();
-    let mut bytes = 0usize;
+    // Payload and plain bytes of the batch being filled, and payload of the whole read.
+    let (mut bytes, mut plain, mut total) = (0usize, 0usize, 0usize);
     let mut reader = match at {
         Some(p) => snapshot.read_from(p, snapshot.durable),
         None => snapshot.read_range(Seq(from.0 - 1), snapshot.durable),
@@ -242,17 +251,105 @@ fn read_batches(
             compression: if r.compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
             payload: r.payload,
         };
-        bytes += wire.payload.len() + 64;
+        let size = wire.payload.len() + 64;
+        let length = wire.length as usize;
+        total += size;
         match out.last_mut() {
-            Some((_, recs)) if bytes < (1 << 20) && recs.len() < 1024 => recs.push(wire),
+            Some((_, recs))
+                if bytes + size <= READ_BATCH_BYTES
+                    && plain + length <= READ_BATCH_PLAIN_BYTES
+                    && recs.len() < 1024 =>
+            {
+                bytes += size;
+                plain += length;
+                recs.push(wire);
+            }
             _ => {
-                bytes = wire.payload.len() + 64;
+                (bytes, plain) = (size, length);
                 out.push((rec.seq.0, vec![wire]));
             }
         }
-        if out.len() >= 8 && bytes >= (1 << 20) {
+        // One read holds a bounded amount: a long backlog (the master target was away for
+        // hours) is relayed a few MiB at a time, not read into memory whole.
+        if total >= READ_BYTES {
             return Ok((out, false, reader.position()));
         }
     }
     Ok((out, true, reader.position()))
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use tern_store::journal::{Journal, Record};
+
+    /// A backlog is read a bounded amount at a time, in batches of about 1 MiB, and the
+    /// reads resumed from where they stopped return every record once, in order.
+    #[test]
+    fn a_backlog_is_read_a_bounded_amount_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        // 200 records of 100 KB (stored as they are: already "compressed" payloads).
+        let records: Vec<Record> = (0..200u64)
+            .map(|i| {
+                let payload: Vec<u8> =
+                    (0..100_000u32).map(|b| (b.wrapping_mul(2_654_435_761) >> 13) as u8 ^ i as u8).collect();
+                Record {
+                    kind: RecordKind::Write,
+                    offset: i * 131_072,
+                    length: 100_000,
+                    digest: tern_core::Digest::of(&payload),
+                    compressed: false,
+                    payload,
+                }
+            })
+            .collect();
+        j.append(Seq(1), &records).unwrap();
+        j.sync().unwrap();
+        let snapshot = j.snapshot();
+        let (mut from, mut at, mut seen, mut reads) = (Seq(1), None, Vec::new(), 0);
+        loop {
+            let (batches, complete, end) = read_batches(&snapshot, from, at.as_ref()).unwrap();
+            reads += 1;
+            let bytes: usize = batches.iter().flat_map(|(_, r)| r).map(|r| r.payload.len()).sum();
+            assert!(bytes <= READ_BYTES + 100_000, "one read held {bytes} bytes");
+            for (first, recs) in &batches {
+                let b: usize = recs.iter().map(|r| r.payload.len() + 64).sum();
+                assert!(b <= READ_BATCH_BYTES, "a batch of {b} bytes");
+                let p: usize = recs.iter().map(|r| r.length as usize).sum();
+                assert!(p <= READ_BATCH_PLAIN_BYTES, "a batch covering {p} bytes");
+                seen.extend((0..recs.len() as u64).map(|i| first + i));
+                from = Seq(first + recs.len() as u64);
+            }
+            at = end;
+            if complete {
+                break;
+            }
+        }
+        assert_eq!(seen, (1..=200).collect::<Vec<u64>>());
+        assert!(reads >= 3, "20 MB in reads of 8 MiB: {reads} reads");
+
+        // Records that compress 1000:1: batches are cut by what they cover on the disk.
+        let mut enc = tern_core::codec::Encoder::new();
+        let dense: Vec<Record> = (0..40u64)
+            .map(|i| {
+                let e = enc.encode(&vec![b'a' + i as u8; 1 << 20]);
+                Record {
+                    kind: RecordKind::Write,
+                    offset: i << 20,
+                    length: 1 << 20,
+                    digest: e.digest,
+                    compressed: e.compressed,
+                    payload: e.payload,
+                }
+            })
+            .collect();
+        j.append(Seq(201), &dense).unwrap();
+        j.sync().unwrap();
+        let (batches, complete, _) = read_batches(&j.snapshot(), Seq(201), None).unwrap();
+        assert!(complete);
+        assert_eq!(batches.len(), 10, "40 MiB of disk in batches of 4 MiB");
+        assert!(batches.iter().all(|(_, r)| r.len() == 4));
+    }
 }
