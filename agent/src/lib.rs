@@ -228,212 +228,236 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         .await
         .map_err(|_| tonic::Status::cancelled("stream closed"))?;
     let mut inbound = client.replicate(ReceiverStream::new(rx)).await?.into_inner();
-    let welcome = match inbound.message().await? {
-        Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => w,
-        _ => return Err(tonic::Status::internal("the server did not answer Hello with Welcome")),
-    };
-    // What the receiver holds, per disk.
-    let mut states = choose_states(&config, &welcome, saved);
-    let mut inbox = Inbox::default();
-    // The first pass compares with the receiver's block hashes as they arrive.
-    let mut feeds: Vec<Option<std::sync::mpsc::Receiver<scan::HashChunk>>> = Vec::new();
-    for d in &config.disks {
-        if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) {
-            let (feed_tx, feed_rx) = std::sync::mpsc::channel();
-            inbox.feeds.insert(d.name.to_string(), (d.size, feed_tx));
-            feeds.push(Some(feed_rx));
-        } else {
-            feeds.push(None);
-        }
-    }
-    if !inbox.feeds.is_empty() {
-        info!(disks = ?welcome.hashes_follow, "no saved state for the server's copy; comparing with the server's block hashes");
-    }
-    let mut next_seq: Vec<Seq> = config
-        .disks
-        .iter()
-        .map(|d| {
-            let durable =
-                welcome.disks.iter().find(|w| w.name == d.name.as_str()).map_or(0, |w| w.durable_seq);
-            Seq(durable + 1)
-        })
-        .collect();
-    let mut schedule = Schedule::from_policy(welcome.policy.as_ref(), config.interval);
-    info!(vm = %config.vm, server = %config.server, crash_interval_s = schedule.crash.as_secs(),
-        app_interval_s = schedule.app.as_secs(), "connected; replicating");
-
-    // The first pass starts at once: it syncs whatever changed while disconnected.
-    let (mut due_crash, mut due_app) = schedule.due(tokio::time::Instant::now(), true);
-    // A point sent and not yet acked: the requests it answers and each disk's seq.
-    let mut awaiting_point: Option<(Requests, Vec<Seq>)> = None;
-    let mut stood_down = false;
-    loop {
-        if let Some(reason) = inbox.stand_down.take() {
-            info!(reason = %reason, "the process server told this agent to stand down; stopping");
-            return Ok(());
-        }
-        if let Some(p) = inbox.policy.take() {
-            schedule = Schedule::from_policy(Some(&p), config.interval);
-            let (c, a) = schedule.due(tokio::time::Instant::now(), false);
-            (due_crash, due_app) = if schedule.hold { (c, a) } else { (due_crash.min(c), due_app.min(a)) };
-            info!(
-                crash_interval_s = schedule.crash.as_secs(),
-                app_interval_s = schedule.app.as_secs(),
-                "policy changed"
-            );
-        }
-        if let Some(point_id) = inbox.point_ack.take()
-            && let Some((requests, seqs)) = awaiting_point.take()
-        {
-            info!(point = point_id, answers = requests.len(), "recovery point acked");
-            for (s, seq) in states.iter_mut().zip(seqs) {
-                s.seq = seq;
+    // The session itself; when it ends because the server closed the stream, the server's
+    // reason (storage full, a refused batch) is in the stream's status: that is reported.
+    let result: Result<(), tonic::Status> = async {
+        let welcome = match inbound.message().await? {
+            Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => w,
+            _ => return Err(tonic::Status::internal("the server did not answer Hello with Welcome")),
+        };
+        // What the receiver holds, per disk.
+        let mut states = choose_states(&config, &welcome, saved);
+        let mut inbox = Inbox::default();
+        // The first pass compares with the receiver's block hashes as they arrive.
+        let mut feeds: Vec<Option<std::sync::mpsc::Receiver<scan::HashChunk>>> = Vec::new();
+        for d in &config.disks {
+            if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) {
+                let (feed_tx, feed_rx) = std::sync::mpsc::channel();
+                inbox.feeds.insert(d.name.to_string(), (d.size, feed_tx));
+                feeds.push(Some(feed_rx));
+            } else {
+                feeds.push(None);
             }
-            let cfg = config.clone();
-            states = tokio::task::spawn_blocking(move || {
-                save_states(&cfg, &states);
-                states
-            })
-            .await
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         }
-        let now = tokio::time::Instant::now();
-        let mut final_point = None;
-        // A shutdown request is served even after a final point: a failback that failed
-        // later (say, the master target was away) asks again, and gets a fresh final point.
-        if awaiting_point.is_none()
-            && let Some(id) = inbox.shutdown.take()
-        {
-            match &config.shutdown {
-                None => {
-                    let reason = "the agent has no --shutdown hook configured".to_string();
-                    send(
-                        &tx,
-                        pb::agent_message::Msg::PointFailed(pb::PointFailed { request_id: id, reason }),
-                    )
-                    .await?;
+        if !inbox.feeds.is_empty() {
+            info!(disks = ?welcome.hashes_follow, "no saved state for the server's copy; comparing with the server's block hashes");
+        }
+        let mut next_seq: Vec<Seq> = config
+            .disks
+            .iter()
+            .map(|d| {
+                let durable =
+                    welcome.disks.iter().find(|w| w.name == d.name.as_str()).map_or(0, |w| w.durable_seq);
+                Seq(durable + 1)
+            })
+            .collect();
+        let mut schedule = Schedule::from_policy(welcome.policy.as_ref(), config.interval);
+        info!(vm = %config.vm, server = %config.server, crash_interval_s = schedule.crash.as_secs(),
+            app_interval_s = schedule.app.as_secs(), "connected; replicating");
+
+        // The first pass starts at once: it syncs whatever changed while disconnected.
+        let (mut due_crash, mut due_app) = schedule.due(tokio::time::Instant::now(), true);
+        // A point sent and not yet acked: the requests it answers and each disk's seq.
+        let mut awaiting_point: Option<(Requests, Vec<Seq>)> = None;
+        let mut stood_down = false;
+        loop {
+            if let Some(reason) = inbox.stand_down.take() {
+                info!(reason = %reason, "the process server told this agent to stand down; stopping");
+                return Ok(());
+            }
+            if let Some(p) = inbox.policy.take() {
+                schedule = Schedule::from_policy(Some(&p), config.interval);
+                let (c, a) = schedule.due(tokio::time::Instant::now(), false);
+                (due_crash, due_app) = if schedule.hold { (c, a) } else { (due_crash.min(c), due_app.min(a)) };
+                info!(
+                    crash_interval_s = schedule.crash.as_secs(),
+                    app_interval_s = schedule.app.as_secs(),
+                    "policy changed"
+                );
+            }
+            if let Some(point_id) = inbox.point_ack.take()
+                && let Some((requests, seqs)) = awaiting_point.take()
+            {
+                info!(point = point_id, answers = requests.len(), "recovery point acked");
+                for (s, seq) in states.iter_mut().zip(seqs) {
+                    s.seq = seq;
                 }
-                Some(cmd) => {
-                    let cmd = cmd.clone();
-                    let hook = tokio::task::spawn_blocking(move || {
-                        hooks::run_hook("shutdown", &cmd, Duration::from_secs(600))
-                    })
-                    .await
-                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
-                    match hook {
-                        Ok(()) => final_point = Some(id),
-                        Err(reason) => {
-                            warn!(error = %reason, "shutdown hook failed; the planned failover will not run");
+                let cfg = config.clone();
+                states = tokio::task::spawn_blocking(move || {
+                    save_states(&cfg, &states);
+                    states
+                })
+                .await
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+            }
+            let now = tokio::time::Instant::now();
+            let mut final_point = None;
+            // A shutdown request is served even after a final point: a failback that failed
+            // later (say, the master target was away) asks again, and gets a fresh final point.
+            if awaiting_point.is_none()
+                && let Some(id) = inbox.shutdown.take()
+            {
+                match &config.shutdown {
+                    None => {
+                        let reason = "the agent has no --shutdown hook configured".to_string();
+                        send(
+                            &tx,
+                            pb::agent_message::Msg::PointFailed(pb::PointFailed { request_id: id, reason }),
+                        )
+                        .await?;
+                    }
+                    Some(cmd) => {
+                        let cmd = cmd.clone();
+                        let hook = tokio::task::spawn_blocking(move || {
+                            hooks::run_hook("shutdown", &cmd, Duration::from_secs(600))
+                        })
+                        .await
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                        match hook {
+                            Ok(()) => final_point = Some(id),
+                            Err(reason) => {
+                                warn!(error = %reason, "shutdown hook failed; the planned failover will not run");
+                                send(
+                                    &tx,
+                                    pb::agent_message::Msg::PointFailed(pb::PointFailed {
+                                        request_id: id,
+                                        reason,
+                                    }),
+                                )
+                                .await?;
+                            }
+                        }
+                    }
+                }
+            }
+            if stood_down && final_point.is_none() {
+                for (id, _) in std::mem::take(&mut inbox.requests) {
+                    let reason = "the source was shut down for a failover; it makes no more points".to_string();
+                    send(&tx, pb::agent_message::Msg::PointFailed(pb::PointFailed { request_id: id, reason }))
+                        .await?;
+                }
+            }
+            let scheduled_app = now >= due_app;
+            if awaiting_point.is_none()
+                && (final_point.is_some()
+                    || (!stood_down && (now >= due_crash || scheduled_app || !inbox.requests.is_empty())))
+            {
+                let mut requests = std::mem::take(&mut inbox.requests);
+                if let Some(id) = final_point {
+                    requests.push((id, false));
+                }
+                let app = scheduled_app || requests.iter().any(|r| r.1);
+                let (result, back) = scan_until_consistent(
+                    &config,
+                    states,
+                    &tx,
+                    &mut inbound,
+                    &mut next_seq,
+                    &mut inbox,
+                    &shutdown,
+                    app,
+                    true,
+                    // Held (failback with --sync during), the pass is a full download: blocks
+                    // are checked whole and their 4 KiB page values are not computed.
+                    !schedule.hold,
+                    std::mem::take(&mut feeds),
+                )
+                .await?;
+                states = back;
+                let (c, a) = schedule.due(tokio::time::Instant::now(), false);
+                due_crash = c;
+                if app || schedule.hold {
+                    due_app = a;
+                }
+                match result {
+                    Some((pass, frozen, mut note)) => {
+                        let consistency = if frozen { pb::Consistency::App } else { pb::Consistency::Crash };
+                        if final_point.is_some() {
+                            note = "final point after the source was shut down".into();
+                            stood_down = true;
+                        }
+                        let point = pb::MakePoint {
+                            request_ids: requests.iter().map(|r| r.0).collect(),
+                            consistency: consistency as i32,
+                            disks: config
+                                .disks
+                                .iter()
+                                .zip(&pass.fingerprints)
+                                .zip(&next_seq)
+                                .map(|((d, fp), next)| pb::PointDisk {
+                                    disk: d.name.to_string(),
+                                    seq: next.0 - 1,
+                                    fingerprint: fp.0.to_vec(),
+                                })
+                                .collect(),
+                            time_ms: now_ms(),
+                            note,
+                        };
+                        send(&tx, pb::agent_message::Msg::Point(point)).await?;
+                        // No pass runs until the point is acked, so `states` stays the point's state.
+                        awaiting_point = Some((requests, next_seq.iter().map(|n| Seq(n.0 - 1)).collect()));
+                    }
+                    None => {
+                        for (id, _) in requests {
+                            let reason = "the disks kept changing during every scan, so no consistent cut could be had; \
+                                          configure --freeze/--thaw hooks to quiesce the VM";
                             send(
                                 &tx,
                                 pb::agent_message::Msg::PointFailed(pb::PointFailed {
                                     request_id: id,
-                                    reason,
+                                    reason: reason.into(),
                                 }),
                             )
                             .await?;
                         }
                     }
                 }
+                continue;
+            }
+            let due = due_crash.min(due_app);
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep_until(due), if awaiting_point.is_none() && !stood_down => {}
+                m = inbound.message() => inbox.take(m?)?,
             }
         }
-        if stood_down && final_point.is_none() {
-            for (id, _) in std::mem::take(&mut inbox.requests) {
-                let reason = "the source was shut down for a failover; it makes no more points".to_string();
-                send(&tx, pb::agent_message::Msg::PointFailed(pb::PointFailed { request_id: id, reason }))
-                    .await?;
-            }
-        }
-        let scheduled_app = now >= due_app;
-        if awaiting_point.is_none()
-            && (final_point.is_some()
-                || (!stood_down && (now >= due_crash || scheduled_app || !inbox.requests.is_empty())))
-        {
-            let mut requests = std::mem::take(&mut inbox.requests);
-            if let Some(id) = final_point {
-                requests.push((id, false));
-            }
-            let app = scheduled_app || requests.iter().any(|r| r.1);
-            let (result, back) = scan_until_consistent(
-                &config,
-                states,
-                &tx,
-                &mut inbound,
-                &mut next_seq,
-                &mut inbox,
-                &shutdown,
-                app,
-                true,
-                // Held (failback with --sync during), the pass is a full download: blocks
-                // are checked whole and their 4 KiB page values are not computed.
-                !schedule.hold,
-                std::mem::take(&mut feeds),
-            )
-            .await?;
-            states = back;
-            let (c, a) = schedule.due(tokio::time::Instant::now(), false);
-            due_crash = c;
-            if app || schedule.hold {
-                due_app = a;
-            }
-            match result {
-                Some((pass, frozen, mut note)) => {
-                    let consistency = if frozen { pb::Consistency::App } else { pb::Consistency::Crash };
-                    if final_point.is_some() {
-                        note = "final point after the source was shut down".into();
-                        stood_down = true;
-                    }
-                    let point = pb::MakePoint {
-                        request_ids: requests.iter().map(|r| r.0).collect(),
-                        consistency: consistency as i32,
-                        disks: config
-                            .disks
-                            .iter()
-                            .zip(&pass.fingerprints)
-                            .zip(&next_seq)
-                            .map(|((d, fp), next)| pb::PointDisk {
-                                disk: d.name.to_string(),
-                                seq: next.0 - 1,
-                                fingerprint: fp.0.to_vec(),
-                            })
-                            .collect(),
-                        time_ms: now_ms(),
-                        note,
-                    };
-                    send(&tx, pb::agent_message::Msg::Point(point)).await?;
-                    // No pass runs until the point is acked, so `states` stays the point's state.
-                    awaiting_point = Some((requests, next_seq.iter().map(|n| Seq(n.0 - 1)).collect()));
-                }
-                None => {
-                    for (id, _) in requests {
-                        let reason = "the disks kept changing during every scan, so no consistent cut could be had; \
-                                      configure --freeze/--thaw hooks to quiesce the VM";
-                        send(
-                            &tx,
-                            pb::agent_message::Msg::PointFailed(pb::PointFailed {
-                                request_id: id,
-                                reason: reason.into(),
-                            }),
-                        )
-                        .await?;
-                    }
-                }
-            }
-            continue;
-        }
-        let due = due_crash.min(due_app);
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep_until(due), if awaiting_point.is_none() && !stood_down => {}
-            m = inbound.message() => inbox.take(m?)?,
-        }
+    }
+    .await;
+    match result {
+        Err(e) if e.message() == STREAM_CLOSED => Err(server_reason(&mut inbound).await.unwrap_or(e)),
+        r => r,
     }
 }
 
+/// What [`send`] says when the server has closed the stream.
+const STREAM_CLOSED: &str = "the stream to the process server closed";
+
+/// The status the server ended the stream with, if it says one within a moment.
+async fn server_reason(inbound: &mut tonic::Streaming<pb::ServerMessage>) -> Option<tonic::Status> {
+    let drain = async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), drain).await.ok().flatten()
+}
+
 async fn send(tx: &mpsc::Sender<pb::AgentMessage>, m: pb::agent_message::Msg) -> Result<(), tonic::Status> {
-    tx.send(pb::AgentMessage { msg: Some(m) })
-        .await
-        .map_err(|_| tonic::Status::unavailable("the stream to the process server closed"))
+    tx.send(pb::AgentMessage { msg: Some(m) }).await.map_err(|_| tonic::Status::unavailable(STREAM_CLOSED))
 }
 
 fn now_ms() -> i64 {

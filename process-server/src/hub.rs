@@ -28,10 +28,14 @@ struct VmCounters {
     /// Per disk, the end of the last extent received: a pass sends in offset order, so
     /// this is how far the agent's current pass has come.
     scan_at: HashMap<String, u64>,
-    /// Why the last session failed on this side (storage full, a bad batch), until
-    /// replication makes progress again.
-    error: Option<String>,
+    /// Why the last session failed on this side (storage full, a bad batch), when, and
+    /// whether replication has made progress since.
+    error: Option<(String, Instant, bool)>,
 }
+
+/// A failure stays on show at least this long, even when a later session makes some
+/// progress (a full disk still takes a batch or two into the space a failed write left).
+const ERROR_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The answer to a checkpoint request: the point, or why the agent could not make it.
 pub type PointResult = Result<Point, String>;
@@ -113,18 +117,30 @@ impl Hub {
 
     /// Notes why replication of `vm` is failing; shown by `drctl status` until it goes on.
     pub fn set_error(&self, vm: &VmName, error: &str) {
-        lock(&self.counters).entry(vm.clone()).or_default().error = Some(error.to_string());
+        lock(&self.counters).entry(vm.clone()).or_default().error =
+            Some((error.to_string(), Instant::now(), false));
     }
 
-    /// Replication of `vm` made progress (records acked, a point made).
+    /// Replication of `vm` made progress (records acked).
     pub fn clear_error(&self, vm: &VmName) {
-        if let Some(c) = lock(&self.counters).get_mut(vm) {
-            c.error = None;
+        if let Some((_, _, progressed)) = lock(&self.counters).get_mut(vm).and_then(|c| c.error.as_mut()) {
+            *progressed = true;
         }
     }
 
+    /// The last failure, until replication has made progress since and it is
+    /// [`ERROR_HOLD`] old.
     pub fn error(&self, vm: &VmName) -> Option<String> {
-        lock(&self.counters).get(vm).and_then(|c| c.error.clone())
+        let mut counters = lock(&self.counters);
+        let c = counters.get_mut(vm)?;
+        match &c.error {
+            Some((_, at, true)) if at.elapsed() >= ERROR_HOLD => {
+                c.error = None;
+                None
+            }
+            Some((e, _, _)) => Some(e.clone()),
+            None => None,
+        }
     }
 
     pub fn bytes_received(&self, vm: &VmName) -> u64 {

@@ -233,7 +233,9 @@ fn a_full_data_directory_is_reported_and_replication_resumes_once_there_is_room(
     let table = server.drctl(&["status"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("full: replication is failing"));
     assert!(server.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the process server stays up");
-    assert!(agent.log_text().contains("storage is full"), "the agent is told why");
+    deadline_poll("the agent to be told why", Duration::from_secs(60), || {
+        agent.log_text().contains("storage is full").then_some(())
+    });
 
     mount("remount,size=256m");
     let p = server.checkpoint("full");
@@ -247,7 +249,10 @@ fn a_full_data_directory_is_reported_and_replication_resumes_once_there_is_room(
         out.to_str().unwrap(),
     ]);
     assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&disk, None));
-    let s = server.status("full");
-    assert!(s["error"].is_null() && s["health"] == "normal", "{s}");
+    // The failure stays on show a little while after replication goes on, then clears.
+    deadline_poll("the error to clear", Duration::from_secs(60), || {
+        let s = server.status("full");
+        (s["error"].is_null() && s["health"] == "normal").then_some(())
+    });
     agent.kill9();
 }
