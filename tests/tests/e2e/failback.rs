@@ -456,3 +456,52 @@ fn recovered_agent_killed_during_the_failback_final_pass() {
     assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&onprem, None), want);
 }
+
+/// The recovered VM's agent loses its state while the master target is down and the process
+/// server spools records it has not relayed; some pages then go back to what the master
+/// target still holds. When the agent comes back, the hashes it compares with must describe
+/// the master target's disk with the spool relayed (else those pages would count as equal
+/// and never be resent); the failback gives a byte-identical disk.
+#[test]
+fn an_agent_that_lost_its_state_while_the_master_target_was_behind() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let onprem = root.join("b.img");
+    make_random(&onprem, 32, 8, 31);
+    let (mut primary, _, _) = protect(&server, root, "b", &onprem);
+    primary.kill9();
+    let recovered = fail_over_and_commit(&server, root, "b", None);
+    let mut mt = MasterTarget::start(&server, root, "mtb");
+    let rec_identity = root.join("rec.bundle");
+    server.drctl_json(&strs(&reprotect_args("b", &mt, "original", "before", &onprem, &rec_identity)));
+    let mut rec = recovered_agent(&server, root, "b", &rec_identity, &recovered);
+    server.checkpoint("b");
+    // What the master target holds of the first 2 MiB.
+    let mut held = vec![0u8; 2 << 20];
+    std::fs::File::open(&recovered).unwrap().read_exact_at(&mut held, 0).unwrap();
+
+    mt.kill9();
+    write_random(&recovered, 8, 32);
+    server.checkpoint("b");
+    let d = &server.status("b")["disks"][0];
+    assert!(
+        d["master_target_seq"].as_u64() < d["durable_seq"].as_u64(),
+        "the spool holds what the MT missed: {d}"
+    );
+    // The VM writes the first 2 MiB back as they were; the agent's host loses its state.
+    std::fs::OpenOptions::new().write(true).open(&recovered).unwrap().write_all_at(&held, 0).unwrap();
+    rec.kill9();
+    std::fs::remove_dir_all(root.join("st-b-back")).unwrap();
+    mt.restart_same_port();
+    rec.restart();
+    server.wait_connected("b");
+    server.checkpoint("b");
+    assert!(rec.log_text().contains("comparing with the server's block hashes"));
+    let want = b3(&recovered, None);
+    let res = server.drctl_json(&["failback", "b"]);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
+    assert_eq!(b3(&onprem, None), want, "the on-premises disk equals the recovered VM's final state");
+}
