@@ -1,5 +1,6 @@
 //! Which agents are connected, the commands waiting for them, and per-VM counters.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -47,10 +48,6 @@ pub struct Hub {
     waiters: Mutex<HashMap<u64, (VmName, oneshot::Sender<PointResult>)>>,
     counters: Mutex<HashMap<VmName, VmCounters>>,
     next_id: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Hub {

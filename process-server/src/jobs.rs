@@ -2,6 +2,7 @@
 //! catalog, progress in memory, the outcome stored when they end. A job that a restart
 //! interrupted ends as failed with the reason (see `Catalog::fail_interrupted_jobs`).
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tern_core::VmName;
@@ -14,10 +15,6 @@ use tracing::{info, warn};
 pub struct Jobs {
     store: Arc<Store>,
     live: Mutex<HashMap<u64, (JobRow, String)>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Jobs {

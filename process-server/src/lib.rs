@@ -36,6 +36,11 @@ pub struct Ctx {
 }
 
 /// Maps a store error to a status: the code says whose fault it is, the message what to do.
+/// Locks a mutex; a panic elsewhere while it was held does not make its data unusable here.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub fn store_status(e: StoreError) -> Status {
     let msg = e.to_string();
     if e.is_storage_full() {

@@ -4,6 +4,7 @@
 //! only delays it; nothing is lost, because retention does not run while a VM is reprotected.
 
 use crate::Ctx;
+use crate::lock;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,10 +30,6 @@ pub struct Relay {
     wake: tokio::sync::Notify,
     /// Woken when a master target acks, for whoever waits on a drain.
     pub acked_wake: tokio::sync::Notify,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Relay {

@@ -1,6 +1,7 @@
 //! The replication service: one bidirectional stream per agent. Batches are verified in
 //! parallel off the reactor, appended in order, fsynced as a group, then acked.
 
+use crate::lock;
 use crate::{Ctx, store_status};
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -328,10 +329,6 @@ async fn run_session(
 /// The copies of a session's disks that this server's hashes described, kept for the
 /// agent's page-hash requests until its first point.
 type Copies = Arc<std::sync::Mutex<HashMap<DiskName, Arc<tern_store::materialize::HashedCopy>>>>;
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Whose copy of a disk the agent compares with.
 #[derive(Debug, Clone)]

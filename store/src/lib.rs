@@ -670,10 +670,16 @@ fn drop_points_past_the_journals(
     vm: &VmName,
     handles: &[DiskHandle],
 ) -> Result<(), StoreError> {
+    let points = catalog.points(vm)?;
     let mut drop = Vec::new();
     for h in handles {
         let end = h.journal().durable().max(h.base_seq());
-        let lost = catalog_points_past(catalog, vm, &h.name, end)?;
+        // The points whose position on this disk lies past the journal's end.
+        let lost: Vec<(PointId, Seq)> = points
+            .iter()
+            .filter_map(|p| p.disks.iter().find(|d| d.disk == h.name).map(|d| (p.id, d.seq)))
+            .filter(|(_, seq)| *seq > end)
+            .collect();
         if lost.is_empty() {
             continue;
         }
@@ -694,21 +700,6 @@ fn drop_points_past_the_journals(
     drop.sort_unstable_by_key(|p| p.0);
     drop.dedup();
     catalog.delete_points(&drop)
-}
-
-/// The points of `vm` whose position on `disk` lies past `end`, with that position.
-fn catalog_points_past(
-    catalog: &Catalog,
-    vm: &VmName,
-    disk: &DiskName,
-    end: Seq,
-) -> Result<Vec<(PointId, Seq)>, StoreError> {
-    Ok(catalog
-        .points(vm)?
-        .into_iter()
-        .filter_map(|p| p.disks.iter().find(|d| d.disk == *disk).map(|d| (p.id, d.seq)))
-        .filter(|(_, seq)| *seq > end)
-        .collect())
 }
 
 /// Scratch copies (hashes of a materialised disk, a verify's output) live only while the

@@ -247,6 +247,35 @@ fn reprotect_to_a_disk_of_the_wrong_size_is_refused() {
     assert_eq!(server.status("w")["state"], "failover-committed");
 }
 
+/// The way back up to the reprotect: `vm`'s on-premises disk (`mib` MiB holding
+/// `data_mib` MiB of random data from `seed`) protected, failed over unplanned and
+/// committed, a master target `mt` started, and the VM reprotected onto the on-premises disk
+/// with `--sync sync`. The recovered VM's agent is not started.
+struct Reprotected {
+    onprem: PathBuf,
+    recovered: PathBuf,
+    mt: MasterTarget,
+    identity: PathBuf,
+}
+
+fn reprotected(
+    server: &Server,
+    root: &Path,
+    vm: &str,
+    (mib, data_mib, seed): (u64, u64, u64),
+    sync: &str,
+) -> Reprotected {
+    let onprem = root.join(format!("{vm}.img"));
+    make_random(&onprem, mib, data_mib, seed);
+    let (mut primary, _, _) = protect(server, root, vm, &onprem);
+    primary.kill9();
+    let recovered = fail_over_and_commit(server, root, vm, None);
+    let mt = MasterTarget::start(server, root, &format!("mt-{vm}"));
+    let identity = root.join("rec.bundle");
+    server.drctl_json(&strs(&reprotect_args(vm, &mt, "original", sync, &onprem, &identity)));
+    Reprotected { onprem, recovered, mt, identity }
+}
+
 /// Starts `drctl failback VM --json` without waiting for it.
 fn spawn_failback(server: &Server, vm: &str) -> std::process::Child {
     std::process::Command::new(bin("drctl"))
@@ -299,14 +328,8 @@ fn master_target_killed_during_the_failback_apply() {
     let root = tmp.path();
     let mut server = Server::init(root);
     server.start();
-    let onprem = root.join("k.img");
-    make_random(&onprem, 48, 4, 1);
-    let (mut primary, _, _) = protect(&server, root, "k", &onprem);
-    primary.kill9();
-    let recovered = fail_over_and_commit(&server, root, "k", None);
-    let mut mt = MasterTarget::start(&server, root, "mtk");
-    let rec_identity = root.join("rec.bundle");
-    server.drctl_json(&strs(&reprotect_args("k", &mt, "original", "before", &onprem, &rec_identity)));
+    let Reprotected { onprem, recovered, mut mt, identity: rec_identity } =
+        reprotected(&server, root, "k", (48, 4, 1), "before");
     let _rec = recovered_agent(&server, root, "k", &rec_identity, &recovered);
     write_random(&recovered, 40, 2);
     let want = b3(&recovered, None);
@@ -328,17 +351,11 @@ fn master_target_killed_during_a_full_download_onto_the_original_disk() {
     let root = tmp.path();
     let mut server = Server::init(root);
     server.start();
-    let onprem = root.join("w.img");
-    make_random(&onprem, 48, 40, 5);
-    let (mut primary, _, _) = protect(&server, root, "w", &onprem);
-    primary.kill9();
-    let recovered = fail_over_and_commit(&server, root, "w", None);
+    let Reprotected { onprem, recovered, mut mt, identity: rec_identity } =
+        reprotected(&server, root, "w", (48, 40, 5), "during");
     // The recovered disk diverges: other data, and zeroes from 30 MiB on where the
     // on-premises disk still holds data (the full download must zero it there).
     make_random(&recovered, 48, 30, 6);
-    let mut mt = MasterTarget::start(&server, root, "mtw");
-    let rec_identity = root.join("rec.bundle");
-    server.drctl_json(&strs(&reprotect_args("w", &mt, "original", "during", &onprem, &rec_identity)));
     let _rec = recovered_agent(&server, root, "w", &rec_identity, &recovered);
     let want = b3(&recovered, None);
     // The master target will crash after writing relayed records onto the target disk,
@@ -361,14 +378,8 @@ fn process_server_killed_during_reprotect_and_failback() {
     let root = tmp.path();
     let mut server = Server::init(root);
     server.start();
-    let onprem = root.join("p.img");
-    make_random(&onprem, 48, 8, 11);
-    let (mut primary, _, _) = protect(&server, root, "p", &onprem);
-    primary.kill9();
-    let recovered = fail_over_and_commit(&server, root, "p", None);
-    let mt = MasterTarget::start(&server, root, "mtp");
-    let rec_identity = root.join("rec.bundle");
-    server.drctl_json(&strs(&reprotect_args("p", &mt, "original", "before", &onprem, &rec_identity)));
+    let Reprotected { onprem, recovered, mt: _mt, identity: rec_identity } =
+        reprotected(&server, root, "p", (48, 8, 11), "before");
     // 8 MiB/s on the wire: 24 MiB of changes take a few seconds, and the kills land in them.
     let _rec = recovered_agent_with(&server, root, "p", &rec_identity, &recovered, &["--max-rate", "8MiB"]);
     server.checkpoint("p");
@@ -429,14 +440,8 @@ fn recovered_agent_killed_during_the_failback_final_pass() {
     let root = tmp.path();
     let mut server = Server::init(root);
     server.start();
-    let onprem = root.join("a.img");
-    make_random(&onprem, 48, 8, 21);
-    let (mut primary, _, _) = protect(&server, root, "a", &onprem);
-    primary.kill9();
-    let recovered = fail_over_and_commit(&server, root, "a", None);
-    let mt = MasterTarget::start(&server, root, "mta");
-    let rec_identity = root.join("rec.bundle");
-    server.drctl_json(&strs(&reprotect_args("a", &mt, "original", "before", &onprem, &rec_identity)));
+    let Reprotected { onprem, recovered, mt: _mt, identity: rec_identity } =
+        reprotected(&server, root, "a", (48, 8, 21), "before");
     // 8 MiB/s on the wire: the final pass's 24 MiB take a few seconds, and the kill lands in it.
     let mut rec =
         recovered_agent_with(&server, root, "a", &rec_identity, &recovered, &["--max-rate", "8MiB"]);
@@ -469,14 +474,8 @@ fn an_agent_that_lost_its_state_while_the_master_target_was_behind() {
     let root = tmp.path();
     let mut server = Server::init(root);
     server.start();
-    let onprem = root.join("b.img");
-    make_random(&onprem, 32, 8, 31);
-    let (mut primary, _, _) = protect(&server, root, "b", &onprem);
-    primary.kill9();
-    let recovered = fail_over_and_commit(&server, root, "b", None);
-    let mut mt = MasterTarget::start(&server, root, "mtb");
-    let rec_identity = root.join("rec.bundle");
-    server.drctl_json(&strs(&reprotect_args("b", &mt, "original", "before", &onprem, &rec_identity)));
+    let Reprotected { onprem, recovered, mut mt, identity: rec_identity } =
+        reprotected(&server, root, "b", (32, 8, 31), "before");
     let mut rec = recovered_agent(&server, root, "b", &rec_identity, &recovered);
     server.checkpoint("b");
     // What the master target holds of the first 2 MiB.
