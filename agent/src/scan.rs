@@ -388,27 +388,16 @@ fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: File, size: u64, page_hashes: b
 /// `start`; everything else is a hole. A file system (or a block device) that cannot tell
 /// gives the whole range.
 fn data_extents(file: &File, start: u64, end: u64) -> Vec<(usize, usize)> {
-    let align = |x: u64| usize::try_from(x - start).unwrap_or(usize::MAX);
-    let mut out = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        let data = match seek(file, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(_) => return vec![(0, align(end))],
-        };
-        if data >= end {
-            break;
-        }
-        let hole = seek(file, SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
-        let block = BLOCK_SIZE as u64;
-        let a = align(start + (data - start) / block * block);
-        let b = align(start + ((hole - start).div_ceil(block) * block).min(end - start));
+    let block = BLOCK_SIZE as u64;
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (data, hole) in tern_core::blocks::data_ranges(file, start, end) {
+        let a = usize::try_from((data - start) / block * block).unwrap_or(usize::MAX);
+        let b =
+            usize::try_from(((hole - start).div_ceil(block) * block).min(end - start)).unwrap_or(usize::MAX);
         match out.last_mut() {
             Some((_, last_end)) if *last_end >= a => *last_end = b,
             _ => out.push((a, b)),
         }
-        pos = hole.max(data + 1);
     }
     out
 }

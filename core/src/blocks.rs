@@ -71,6 +71,28 @@ pub fn is_zero(data: &[u8]) -> bool {
     lanes.iter().all(|c| u128::from_ne_bytes(*c) == 0) && tail.iter().all(|&b| b == 0)
 }
 
+/// The data ranges of a file within `[start, end)`, skipping holes (SEEK_DATA/SEEK_HOLE);
+/// one range covering all of it when the file system cannot tell.
+pub fn data_ranges(f: &std::fs::File, start: u64, end: u64) -> Vec<(u64, u64)> {
+    use rustix::fs::{SeekFrom, seek};
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let data = match seek(f, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return vec![(start, end)],
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(f, SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
+        out.push((data, hole));
+        pos = hole.max(data + 1);
+    }
+    out
+}
+
 /// Number of blocks of a disk of `size` bytes.
 pub fn block_count(size: u64) -> u64 {
     size.div_ceil(BLOCK_SIZE as u64)

@@ -145,10 +145,8 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
                 DRAIN_STALL.as_secs()
             ));
         }
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Err("the process server is stopping".into()),
-            _ = ctx.relay.acked_wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        if !ctx.relay.next_ack(&ctx.shutdown, Duration::from_millis(100)).await {
+            return Err("the process server is stopping".into());
         }
     }
     job.phase("applying the final point on the master target");

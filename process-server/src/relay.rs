@@ -38,6 +38,16 @@ impl Relay {
         self.wake.notify_waiters();
     }
 
+    /// Waits until a master target acks something or `tick` passes; false when the process
+    /// server is stopping.
+    pub async fn next_ack(&self, shutdown: &tokio_util::sync::CancellationToken, tick: Duration) -> bool {
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = self.acked_wake.notified() => true,
+            _ = tokio::time::sleep(tick) => true,
+        }
+    }
+
     /// What the master target has made durable of this disk.
     pub fn acked(&self, vm: &VmName, disk: &DiskName) -> Seq {
         lock(&self.acked).get(&(vm.clone(), disk.clone())).copied().unwrap_or_default()

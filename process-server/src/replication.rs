@@ -328,7 +328,10 @@ async fn run_session(
 
 /// The copies of a session's disks that this server's hashes described, kept for the
 /// agent's page-hash requests until its first point.
-type Copies = Arc<std::sync::Mutex<HashMap<DiskName, Arc<tern_store::materialize::HashedCopy>>>>;
+type Copies = Arc<std::sync::Mutex<HashMap<DiskName, HashedDisk>>>;
+
+/// A disk and the copy of it that its hashes described.
+type HashedDisk = (Arc<DiskHandle>, Arc<tern_store::materialize::HashedCopy>);
 
 /// Whose copy of a disk the agent compares with.
 #[derive(Debug, Clone)]
@@ -418,7 +421,7 @@ async fn send_hashes(
                     // just the blocks that differ, answered from this same copy.
                     let upto = h2.journal().durable();
                     let copy = Arc::new(tern_store::materialize::HashedCopy::new(&h2, &scratch, upto)?);
-                    lock(&copies).insert(h2.name.clone(), copy.clone());
+                    lock(&copies).insert(h2.name.clone(), (h2.clone(), copy.clone()));
                     copy.hash(&h2, true, &mut emit)
                 }
             })
@@ -440,7 +443,7 @@ async fn send_page_hashes(
     vm: &VmName,
     r: tern_proto::PageHashesRequest,
     out: &crate::hub::Outbound,
-    copy: Option<Arc<tern_store::materialize::HashedCopy>>,
+    copy: Option<HashedDisk>,
 ) -> Result<(), Status> {
     if r.blocks.len() > tern_proto::MAX_PAGE_HASH_BLOCKS {
         return Err(Status::invalid_argument(format!(
@@ -448,43 +451,37 @@ async fn send_page_hashes(
             tern_proto::MAX_PAGE_HASH_BLOCKS
         )));
     }
-    if let Some(copy) = copy {
-        let name = DiskName::new(&r.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let h = ctx
-            .store
-            .disk(vm, &name)
-            .ok_or_else(|| Status::invalid_argument(format!("disk {name} is not known")))?;
-        let blocks = r.blocks;
-        let n = blocks.len();
-        let reply = tokio::task::spawn_blocking(move || {
-            copy.page_hashes(&h, &blocks)
-                .map(|e| tern_proto::hash_table::sparse_message(h.name.as_str(), h.size, &blocks, &e))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        info!(vm = %vm, disk = %r.disk, blocks = n, bytes = reply.table.len(), "page hashes sent for a delta sync");
-        return out
-            .send(msg(server_message::Msg::BlockHashes(reply)))
-            .await
-            .map_err(|_| Status::cancelled("agent went away"));
-    }
-    let (c, v) = (ctx.clone(), vm.clone());
-    let row = tokio::task::spawn_blocking(move || c.store.catalog().reprotect(&v))
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(store_status)?
-        .ok_or_else(|| Status::invalid_argument("page hashes are only sent for a reprotect's delta sync"))?;
-    let mut mt = crate::relay::master_target(ctx, &row.master_target).await?;
     let blocks = r.blocks.len();
-    let reply = mt
-        .page_hashes(tern_proto::TargetPageHashesRequest {
-            vm: vm.to_string(),
-            disk: r.disk.clone(),
-            blocks: r.blocks,
-        })
-        .await?
-        .into_inner();
+    let reply = match copy {
+        Some((h, copy)) => {
+            let asked = r.blocks;
+            tokio::task::spawn_blocking(move || {
+                copy.page_hashes(&h, &asked)
+                    .map(|e| tern_proto::hash_table::sparse_message(h.name.as_str(), h.size, &asked, &e))
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+        }
+        None => {
+            let (c, v) = (ctx.clone(), vm.clone());
+            let row = tokio::task::spawn_blocking(move || c.store.catalog().reprotect(&v))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(store_status)?
+                .ok_or_else(|| {
+                    Status::invalid_argument("page hashes are only sent for a reprotect's delta sync")
+                })?;
+            let mut mt = crate::relay::master_target(ctx, &row.master_target).await?;
+            mt.page_hashes(tern_proto::TargetPageHashesRequest {
+                vm: vm.to_string(),
+                disk: r.disk.clone(),
+                blocks: r.blocks,
+            })
+            .await?
+            .into_inner()
+        }
+    };
     info!(vm = %vm, disk = %r.disk, blocks, bytes = reply.table.len(), "page hashes sent for a delta sync");
     out.send(msg(server_message::Msg::BlockHashes(reply)))
         .await
@@ -494,10 +491,8 @@ async fn send_page_hashes(
 /// Waits until the master target has acked everything of `h` up to `seq`.
 async fn wait_relayed(ctx: &Arc<Ctx>, h: &DiskHandle, seq: Seq) -> Result<(), Status> {
     while ctx.relay.acked(&h.vm, &h.name) < seq {
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Err(Status::unavailable("the process server is stopping")),
-            _ = ctx.relay.acked_wake.notified() => {}
-            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        if !ctx.relay.next_ack(&ctx.shutdown, std::time::Duration::from_millis(200)).await {
+            return Err(Status::unavailable("the process server is stopping"));
         }
     }
     Ok(())

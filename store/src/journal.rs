@@ -299,26 +299,28 @@ impl Journal {
     /// Makes everything written durable and returns the durable sequence number.
     pub fn sync(&mut self) -> Result<Seq, StoreError> {
         self.check_failed()?;
-        if let (Some(f), Some(seg)) = (self.active.as_ref(), self.segments.last_mut())
-            && seg.durable_len != self.active_len
-        {
-            let synced =
-                crate::failpoint("journal-fsync").and_then(|()| f.sync_data().map_err(io_err(&seg.path)));
-            if let Err(e) = synced {
-                self.failed = Some(e.to_string());
-                return Err(e);
-            }
-            seg.durable_len = self.active_len;
-        }
-        if self.dir_dirty {
-            if let Err(e) = sync_dir(&self.dir) {
-                self.failed = Some(e.to_string());
-                return Err(e);
-            }
-            self.dir_dirty = false;
+        if let Err(e) = self.sync_files() {
+            self.failed = Some(e.to_string());
+            return Err(e);
         }
         self.durable = self.written;
         Ok(self.durable)
+    }
+
+    /// fsyncs the active segment and, after a roll, the directory.
+    fn sync_files(&mut self) -> Result<(), StoreError> {
+        if let (Some(f), Some(seg)) = (self.active.as_ref(), self.segments.last_mut())
+            && seg.durable_len != self.active_len
+        {
+            crate::failpoint("journal-fsync")?;
+            f.sync_data().map_err(io_err(&seg.path))?;
+            seg.durable_len = self.active_len;
+        }
+        if self.dir_dirty {
+            sync_dir(&self.dir)?;
+            self.dir_dirty = false;
+        }
+        Ok(())
     }
 
     fn check_failed(&self) -> Result<(), StoreError> {
@@ -650,6 +652,13 @@ mod tests {
 
     use crate::test_record as write_rec;
 
+    /// `len` bytes that do not compress, different for each `seed`.
+    fn incompressible(seed: u64, len: usize) -> Vec<u8> {
+        let mut data = vec![0u8; len];
+        blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut data);
+        data
+    }
+
     #[test]
     fn append_sync_reopen_read() {
         let dir = tempfile::tempdir().unwrap();
@@ -675,8 +684,7 @@ mod tests {
         let (mut j, _) = Journal::open(dir.path()).unwrap();
         j.set_segment_target(8192);
         for seq in 1..=20u64 {
-            let mut data = vec![0u8; 4096];
-            blake3::Hasher::new().update(&seq.to_le_bytes()).finalize_xof().fill(&mut data);
+            let data = incompressible(seq, 4096);
             j.append(Seq(seq), &[write_rec(&data, seq * 4096)]).unwrap();
             if seq % 5 == 0 {
                 j.append_bookmark(b"{}").unwrap();
@@ -788,8 +796,7 @@ mod tests {
         let (mut j, _) = Journal::open(dir.path()).unwrap();
         j.set_segment_target(4096);
         for seq in 1..=3u64 {
-            let mut data = vec![0u8; 8192];
-            blake3::Hasher::new().update(&seq.to_le_bytes()).finalize_xof().fill(&mut data);
+            let data = incompressible(seq, 8192);
             j.append(Seq(seq), &[write_rec(&data, 0)]).unwrap();
         }
         j.sync().unwrap();

@@ -5,7 +5,6 @@ use crate::durable::{io_err, publish_file};
 use crate::format::{RecordKind, vhd_footer};
 use crate::journal::JournalSnapshot;
 use crate::{DiskHandle, StoreError};
-use rustix::fs::{SeekFrom, seek};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -40,30 +39,6 @@ pub struct OutputDisk {
 }
 
 const COPY_CHUNK: usize = 1 << 20;
-
-/// Data ranges of a file, skipping holes; one range covering everything when the file
-/// system cannot tell.
-pub fn data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let start = match seek(f, SeekFrom::Data(pos)) {
-            Ok(s) => s,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(_) => return vec![(0, size)],
-        };
-        if start >= size {
-            break;
-        }
-        let end = match seek(f, SeekFrom::Hole(start)) {
-            Ok(e) => e.min(size),
-            Err(_) => size,
-        };
-        out.push((start, end));
-        pos = end;
-    }
-    out
-}
 
 /// Writes `disk` as of `upto` to `path` and checks its fingerprint. `progress` gets the
 /// bytes done so far. The file appears at `path` only when complete and fsynced.
@@ -148,7 +123,7 @@ fn fill(
     let base = File::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut done = 0u64;
-    for (start, end) in data_ranges(&base, disk.size) {
+    for (start, end) in tern_core::blocks::data_ranges(&base, 0, disk.size) {
         let mut pos = start;
         while pos < end {
             let n = usize::try_from((end - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
@@ -239,7 +214,7 @@ fn hash_blocks<T: Send>(
     hash: &(dyn Fn(Option<&[u8]>, usize) -> T + Sync),
     emit: &mut dyn FnMut(u64, Vec<T>) -> bool,
 ) -> Result<(), StoreError> {
-    let ranges = data_ranges(f, size);
+    let ranges = tern_core::blocks::data_ranges(f, 0, size);
     // Whether [a, b) overlaps a data range (ranges are sorted and disjoint).
     let has_data = |a: u64, b: u64| {
         let i = ranges.partition_point(|&(_, end)| end <= a);
@@ -396,7 +371,7 @@ pub fn hash_disk(
 ) -> Result<bool, StoreError> {
     let copy = HashedCopy::new(disk, scratch, upto)?;
     // A scratch copy goes away with `copy`: nobody could answer for its pages later.
-    let coarse = coarse && copy.scratch.is_none();
+    let coarse = coarse && !copy.scratch;
     copy.hash(disk, coarse, emit)?;
     Ok(coarse)
 }
@@ -407,7 +382,7 @@ pub fn base_block_hashes(
     disk: &DiskHandle,
     blocks: &[u64],
 ) -> Result<Vec<tern_core::blocks::BlockHashes>, StoreError> {
-    HashedCopy { path: disk.base_path.clone(), scratch: None, base_seq: disk.base_seq() }
+    HashedCopy { path: disk.base_path.clone(), scratch: false, base_seq: disk.base_seq() }
         .page_hashes(disk, blocks)
 }
 
@@ -419,8 +394,8 @@ pub fn base_block_hashes(
 #[derive(Debug)]
 pub struct HashedCopy {
     path: PathBuf,
-    /// The scratch file, when the copy is one.
-    scratch: Option<PathBuf>,
+    /// `path` is a scratch file, removed with the copy (else it is the base image).
+    scratch: bool,
     /// The base image's position when the copy is the base image: it must not move while
     /// the copy is in use (a retention fold would change what it describes).
     base_seq: Seq,
@@ -436,7 +411,7 @@ impl HashedCopy {
             if disk.journal().durable() <= disk.base_seq() && upto <= disk.base_seq() {
                 return Ok(HashedCopy {
                     path: disk.base_path.clone(),
-                    scratch: None,
+                    scratch: false,
                     base_seq: disk.base_seq(),
                 });
             }
@@ -444,7 +419,7 @@ impl HashedCopy {
         crate::durable::create_dir_durable(scratch)?;
         let n = SCRATCH_COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = scratch.join(format!("hash-{}-{}-{}-{n}.raw", disk.vm, disk.name, std::process::id()));
-        let copy = HashedCopy { path: path.clone(), scratch: Some(path.clone()), base_seq: Seq(0) };
+        let copy = HashedCopy { path: path.clone(), scratch: true, base_seq: Seq(0) };
         let out = OpenOptions::new()
             .read(true)
             .write(true)
@@ -457,11 +432,6 @@ impl HashedCopy {
         let snapshot = disk.journal().snapshot();
         fill(disk, &snapshot, upto, &out, &path, &mut |_| {})?;
         Ok(copy)
-    }
-
-    /// Whether the copy is a scratch file (not the base image).
-    pub fn is_scratch(&self) -> bool {
-        self.scratch.is_some()
     }
 
     /// Hashes every block of the copy (see [`hash_disk`]).
@@ -499,16 +469,14 @@ impl HashedCopy {
         }
         Ok(out)
     }
-}
 
-impl HashedCopy {
     /// For the base image: holds off retention while it is read, and checks that it has
     /// not moved since the copy was taken.
     fn read_lock<'a>(
         &self,
         disk: &'a DiskHandle,
     ) -> Result<Option<std::sync::RwLockReadGuard<'a, ()>>, StoreError> {
-        if self.scratch.is_some() {
+        if self.scratch {
             return Ok(None);
         }
         let guard = disk.read_lock();
@@ -523,8 +491,8 @@ impl HashedCopy {
 
 impl Drop for HashedCopy {
     fn drop(&mut self) {
-        if let Some(p) = &self.scratch {
-            let _ = std::fs::remove_file(p);
+        if self.scratch {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
