@@ -5,15 +5,15 @@
 //! in disk order, so records go out in offset order and memory stays bounded.
 
 use crate::state::DiskState;
-use rustix::fs::{SeekFrom, seek};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use tern_core::blocks::{BlockHashes, Fingerprint, hash_block, is_zero, zero_block};
 use tern_core::codec::Encoder;
+use tern_core::disk::{AlignedBuf, DiskReader};
 use tern_core::{BLOCK_SIZE, Digest, DiskName, PAGE_SIZE, PAGES_PER_BLOCK};
 use tern_proto as pb;
 use tokio_util::sync::CancellationToken;
@@ -86,13 +86,7 @@ fn version(f: &File) -> std::io::Result<Option<(i64, i64, u64)>> {
 
 /// Size of a disk image or block device.
 pub fn disk_size(path: &std::path::Path) -> std::io::Result<u64> {
-    let f = File::open(path)?;
-    let m = f.metadata()?;
-    if m.file_type().is_file() {
-        Ok(m.len())
-    } else {
-        seek(&f, SeekFrom::End(0)).map_err(std::io::Error::from)
-    }
+    DiskReader::open(path)?.size()
 }
 
 struct ChunkOut {
@@ -228,14 +222,14 @@ fn scan_disk(
     let mut feed = feed.map(|rx| Feed { rx, ready: 0, pages: None });
     let ask_pages = feed.is_some();
     let mut deferred: Vec<u64> = Vec::new();
-    let file = File::open(&d.path).map_err(read_err)?;
+    let file = DiskReader::open(&d.path).map_err(read_err)?;
     let mut enc = Encoder::new();
     std::thread::scope(|s| -> Result<(), ScanError> {
         let (job_tx, job_rx) = sync_channel::<Job>(workers * DEPTH_PER_WORKER);
         let job_rx = Arc::new(Mutex::new(job_rx));
         for _ in 0..workers {
             let rx = job_rx.clone();
-            let file = File::open(&d.path).map_err(read_err)?;
+            let file = DiskReader::open(&d.path).map_err(read_err)?;
             let size = d.size;
             s.spawn(move || worker(rx, file, size, page_hashes));
         }
@@ -318,7 +312,7 @@ enum Resolve {
 fn resolve_deferred(
     index: usize,
     d: &DiskSource,
-    file: &File,
+    file: &DiskReader,
     blocks: Vec<u64>,
     feed: &mut Feed,
     state: &mut DiskState,
@@ -340,7 +334,7 @@ fn resolve_deferred(
             break std::collections::HashMap::new();
         }
     };
-    let mut buf = vec![0u8; BLOCK_SIZE];
+    let mut buf = AlignedBuf::new(BLOCK_SIZE);
     let mut sent = 0u64;
     for b in blocks {
         let blen = tern_core::blocks::block_len(d.size, b);
@@ -368,9 +362,9 @@ fn resolve_deferred(
     Ok(sent)
 }
 
-fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: File, size: u64, page_hashes: bool) {
+fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: DiskReader, size: u64, page_hashes: bool) {
     let mut enc = Encoder::new();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = AlignedBuf::new(CHUNK);
     loop {
         let job = {
             let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -387,10 +381,10 @@ fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: File, size: u64, page_hashes: b
 /// The data extents of `[start, end)` of a file, as block-aligned offsets relative to
 /// `start`; everything else is a hole. A file system (or a block device) that cannot tell
 /// gives the whole range.
-fn data_extents(file: &File, start: u64, end: u64) -> Vec<(usize, usize)> {
+fn data_extents(file: &DiskReader, start: u64, end: u64) -> Vec<(usize, usize)> {
     let block = BLOCK_SIZE as u64;
     let mut out: Vec<(usize, usize)> = Vec::new();
-    for (data, hole) in tern_core::blocks::data_ranges(file, start, end) {
+    for (data, hole) in tern_core::blocks::data_ranges(file.file(), start, end) {
         let a = usize::try_from((data - start) / block * block).unwrap_or(usize::MAX);
         let b =
             usize::try_from(((hole - start).div_ceil(block) * block).min(end - start)).unwrap_or(usize::MAX);
@@ -403,7 +397,7 @@ fn data_extents(file: &File, start: u64, end: u64) -> Vec<(usize, usize)> {
 }
 
 fn scan_chunk(
-    file: &File,
+    file: &DiskReader,
     size: u64,
     job: &Job,
     buf: &mut [u8],

@@ -4,6 +4,7 @@
 
 pub mod blocks;
 pub mod codec;
+pub mod disk;
 pub mod ids;
 pub mod pki;
 pub mod units;

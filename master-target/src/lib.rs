@@ -89,13 +89,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// Size of a file or block device.
 fn target_size(path: &std::path::Path) -> std::io::Result<u64> {
-    let f = std::fs::File::open(path)?;
-    let m = f.metadata()?;
-    if m.file_type().is_file() {
-        Ok(m.len())
-    } else {
-        rustix::fs::seek(&f, rustix::fs::SeekFrom::End(0)).map_err(std::io::Error::from)
-    }
+    tern_core::disk::DiskReader::open(path)?.size()
 }
 
 #[derive(Debug, Clone)]
@@ -268,7 +262,7 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             let started = std::time::Instant::now();
             let fingerprint = blocking(move || {
                 store.advance_base(&h, seq)?;
-                let f = std::fs::File::open(&h.base_path)
+                let f = tern_core::disk::DiskReader::open(&h.base_path)
                     .map_err(|e| StoreError::Io { path: h.base_path.display().to_string(), source: e })?;
                 tern_store::materialize::fingerprint_file(&f, h.size, &h.base_path)
             })

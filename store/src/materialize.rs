@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tern_core::blocks::{BLOCK_SIZE, Fingerprint, is_zero};
 use tern_core::codec::Decoder;
+use tern_core::disk::{AlignedBuf, DiskReader};
 use tern_core::{Digest, Seq};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,10 +121,10 @@ fn fill(
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), StoreError> {
     // 1. The base image, skipping its holes and zero chunks so the output stays sparse.
-    let base = File::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
-    let mut buf = vec![0u8; COPY_CHUNK];
+    let base = DiskReader::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
+    let mut buf = AlignedBuf::new(COPY_CHUNK);
     let mut done = 0u64;
-    for (start, end) in tern_core::blocks::data_ranges(&base, 0, disk.size) {
+    for (start, end) in tern_core::blocks::data_ranges(base.file(), 0, disk.size) {
         let mut pos = start;
         while pos < end {
             let n = usize::try_from((end - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
@@ -208,13 +209,13 @@ const HASH_SLICE: u64 = 8 << 20;
 /// `emit` gets the results in block order, a run at a time (first block index and the
 /// run), and returns false to stop.
 fn hash_blocks<T: Send>(
-    f: &File,
+    f: &DiskReader,
     size: u64,
     path: &Path,
     hash: &(dyn Fn(Option<&[u8]>, usize) -> T + Sync),
     emit: &mut dyn FnMut(u64, Vec<T>) -> bool,
 ) -> Result<(), StoreError> {
-    let ranges = tern_core::blocks::data_ranges(f, 0, size);
+    let ranges = tern_core::blocks::data_ranges(f.file(), 0, size);
     // Whether [a, b) overlaps a data range (ranges are sorted and disjoint).
     let has_data = |a: u64, b: u64| {
         let i = ranges.partition_point(|&(_, end)| end <= a);
@@ -225,7 +226,7 @@ fn hash_blocks<T: Send>(
         let end = (start + HASH_SLICE).min(size);
         let mut out =
             Vec::with_capacity(usize::try_from((end - start).div_ceil(BLOCK_SIZE as u64)).unwrap_or(0));
-        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut buf = AlignedBuf::new(COPY_CHUNK);
         let mut pos = start;
         while pos < end {
             let n = usize::try_from((end - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
@@ -323,7 +324,7 @@ fn hash_blocks<T: Send>(
 
 /// The block fingerprint of a file, reading only its data ranges (holes are zero blocks),
 /// on all cores.
-pub fn fingerprint_file(f: &File, size: u64, path: &Path) -> Result<Digest, StoreError> {
+pub fn fingerprint_file(f: &DiskReader, size: u64, path: &Path) -> Result<Digest, StoreError> {
     use tern_core::blocks::zero_block;
     let mut fp = Fingerprint::new();
     let hash = |data: Option<&[u8]>, len: usize| match data {
@@ -442,7 +443,7 @@ impl HashedCopy {
         emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
     ) -> Result<(), StoreError> {
         let _reading = self.read_lock(disk)?;
-        let f = File::open(&self.path).map_err(io_err(&self.path))?;
+        let f = DiskReader::open(&self.path).map_err(io_err(&self.path))?;
         hash_file(&f, disk.size, &self.path, coarse, emit)
     }
 
@@ -454,8 +455,8 @@ impl HashedCopy {
     ) -> Result<Vec<tern_core::blocks::BlockHashes>, StoreError> {
         use tern_core::blocks::{block_count, block_len, hash_block, zero_block};
         let _reading = self.read_lock(disk)?;
-        let f = File::open(&self.path).map_err(io_err(&self.path))?;
-        let mut buf = vec![0u8; BLOCK_SIZE];
+        let f = DiskReader::open(&self.path).map_err(io_err(&self.path))?;
+        let mut buf = AlignedBuf::new(BLOCK_SIZE);
         let mut out = Vec::with_capacity(blocks.len());
         for &b in blocks {
             if b >= block_count(disk.size) {
@@ -503,7 +504,7 @@ static SCRATCH_COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 /// Hashes a whole file block by block (holes as zero blocks, without reading them), on
 /// all cores, and hands them to `emit` in chunks of [`HASHES_PER_CHUNK`].
 fn hash_file(
-    f: &File,
+    f: &DiskReader,
     size: u64,
     path: &Path,
     coarse: bool,

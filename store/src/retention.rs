@@ -12,7 +12,6 @@
 use crate::durable::io_err;
 use crate::materialize::apply_records;
 use crate::{DiskHandle, Store, StoreError, failpoint};
-use std::fs::OpenOptions;
 use tern_core::{PointId, Seq, VmName};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -72,7 +71,7 @@ impl Store {
         let base = h.base_seq();
         if seq > base {
             let snapshot = h.journal().snapshot();
-            let f = OpenOptions::new().write(true).open(&h.base_path).map_err(io_err(&h.base_path))?;
+            let f = tern_core::disk::open_for_write(&h.base_path).map_err(io_err(&h.base_path))?;
             apply_records(h, &snapshot, base, seq, &f, &h.base_path, &mut |_| {})?;
             f.sync_all().map_err(io_err(&h.base_path))?;
             failpoint("retention-after-base-write")?;

@@ -28,7 +28,7 @@ pub struct PlainRecord {
 impl Store {
     /// Opens a disk's base image for [`Store::write_through`].
     pub fn open_base_for_writing(&self, h: &DiskHandle) -> Result<File, StoreError> {
-        std::fs::OpenOptions::new().write(true).open(&h.base_path).map_err(io_err(&h.base_path))
+        tern_core::disk::open_for_write(&h.base_path).map_err(io_err(&h.base_path))
     }
 
     /// Writes records straight onto the disk's base image. Nothing is durable, nor counted

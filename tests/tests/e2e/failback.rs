@@ -504,3 +504,54 @@ fn an_agent_that_lost_its_state_while_the_master_target_was_behind() {
     assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&onprem, None), want, "the on-premises disk equals the recovered VM's final state");
 }
+
+/// Reprotect to the original disk when that disk is a block device whose file system was
+/// written after the device was first read: the device's page cache still holds the old
+/// blocks (the file system wrote through another loop device over the same image, as a
+/// file system's writes bypass a device's page cache), so only direct reads see what the
+/// device holds. The delta sync must send what differs from the device's real content and
+/// the failback must leave it byte-identical to the recovered disk.
+#[test]
+fn reprotect_onto_a_block_device_written_after_it_was_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let onprem = root.join("bdev.img");
+    make_ext4(&onprem, 32, 121);
+    let (mut primary, _, _) = protect(&server, root, "bdev", &onprem);
+    primary.kill9();
+    let recovered = fail_over_and_commit(&server, root, "bdev", None);
+    scatter_writes(&recovered, 0.01, 122);
+
+    let device = LoopDevice::attach(&onprem);
+    // Someone holds the device open and has read it through its page cache (a backup, a
+    // monitoring agent); the cache lives as long as the device is open.
+    let mut holder = std::fs::File::open(&device.dev).unwrap();
+    std::io::copy(&mut holder, &mut std::io::sink()).unwrap();
+    // The on-premises VM ran on a bit after the failover and wrote its file system, through
+    // a device of its own (`mount -o loop` would reuse the first one, and its unmount would
+    // drop that device's cache).
+    let vm_device = LoopDevice::attach(&onprem);
+    assert_ne!(vm_device.dev, device.dev);
+    let mut fs = Mounted::new(&vm_device.dev, &root.join("onprem-mnt"), &[]);
+    let mut noise = vec![0u8; 3 << 20];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut noise);
+    std::fs::write(fs.dir.join("after-failover.bin"), &noise).unwrap();
+    fs.unmount();
+    drop(vm_device);
+    assert_ne!(b3(&onprem, None), b3(&recovered, None));
+
+    let mt = MasterTarget::start(&server, root, "mt-bdev");
+    let identity = root.join("rec.bundle");
+    server.drctl_json(&strs(&reprotect_args("bdev", &mt, "original", "before", &device.dev, &identity)));
+    let _rec = recovered_agent(&server, root, "bdev", &identity, &recovered);
+    server.checkpoint("bdev");
+    scatter_writes(&recovered, 0.01, 123);
+    let want = b3(&recovered, None);
+    let res = server.drctl_json(&["failback", "bdev"]);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
+    drop(holder);
+    drop(device);
+    assert_eq!(b3(&onprem, None), want, "the on-premises disk equals the recovered VM's final state");
+}

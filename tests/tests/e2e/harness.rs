@@ -443,3 +443,55 @@ impl Drop for MasterTarget {
         self.kill9();
     }
 }
+
+/// A loop device over an image file (needs root), detached when dropped.
+pub struct LoopDevice {
+    pub dev: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn attach(image: &Path) -> LoopDevice {
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(image).output().unwrap();
+        assert!(out.status.success(), "losetup needs root: {}", String::from_utf8_lossy(&out.stderr));
+        LoopDevice { dev: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()) }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
+    }
+}
+
+/// A file system mounted for a test (needs root), thawed and unmounted when dropped.
+pub struct Mounted {
+    pub dir: PathBuf,
+    mounted: bool,
+}
+
+impl Mounted {
+    /// Mounts `source` (a device, or an image with `-o loop`) on `dir`, creating it.
+    pub fn new(source: &Path, dir: &Path, opts: &[&str]) -> Mounted {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount").args(opts).arg(source).arg(dir).output().unwrap();
+        assert!(out.status.success(), "mount needs root: {}", String::from_utf8_lossy(&out.stderr));
+        Mounted { dir: dir.to_path_buf(), mounted: true }
+    }
+
+    pub fn unmount(&mut self) {
+        if std::mem::take(&mut self.mounted) {
+            let _ = Command::new("fsfreeze").arg("-u").arg(&self.dir).output();
+            let out = Command::new("umount").arg(&self.dir).output().unwrap();
+            assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("fsfreeze").arg("-u").arg(&self.dir).output();
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+        }
+    }
+}

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod auth;
+mod block_device;
 mod crash;
 mod failback;
 mod harness;
