@@ -530,7 +530,10 @@ async fn scan_until_consistent(
         // A pass that still waits for the receiver's block hashes is never frozen: the VM
         // would stay frozen for as long as the hashes take to arrive.
         let feeding = feeds.iter().any(Option::is_some);
-        let quiesce = may_quiesce && (app || attempt > 1) && config.hooks.configured() && !feeding;
+        // A pass over a block device is a consistent cut only when frozen: an unfrozen one
+        // would be thrown away.
+        let must_freeze = app || attempt > 1 || config.disks.iter().any(|d| d.block_device);
+        let quiesce = may_quiesce && must_freeze && config.hooks.configured() && !feeding;
         if app && !config.hooks.configured() {
             note = "no --freeze or --freeze-fs is configured".into();
         } else if app && feeding {

@@ -1,7 +1,7 @@
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
-use tern_agent::scan::{DiskSource, disk_size};
+use tern_agent::scan::DiskSource;
 use tern_core::pki::{Bundle, Role};
 use tern_core::units::{parse_duration, parse_size};
 use tern_core::{DiskName, VmName};
@@ -109,15 +109,17 @@ fn run() -> anyhow::Result<()> {
             d.split_once('=').with_context(|| format!("--disk {d:?}: write it as NAME=PATH"))?;
         let name = DiskName::new(name)?;
         let path = PathBuf::from(path);
-        let size =
-            disk_size(&path).with_context(|| format!("disk {name}: cannot open {}", path.display()))?;
+        let disk = tern_core::disk::DiskReader::open(&path)
+            .and_then(|d| Ok((d.size()?, d.is_direct())))
+            .with_context(|| format!("disk {name}: cannot open {}", path.display()));
+        let (size, block_device) = disk?;
         if size == 0 {
             bail!("disk {name}: {} is empty", path.display());
         }
         if sources.iter().any(|s: &DiskSource| s.name == name) {
             bail!("disk {name} is named twice");
         }
-        sources.push(DiskSource { name, path, size });
+        sources.push(DiskSource { name, path, size, block_device });
     }
     let config = tern_agent::Config {
         server,

@@ -31,6 +31,9 @@ pub struct DiskSource {
     pub name: DiskName,
     pub path: PathBuf,
     pub size: u64,
+    /// A block device: read directly, and without a change signal (only a freeze makes a
+    /// pass over it a consistent cut).
+    pub block_device: bool,
 }
 
 /// Block hashes of the receiver's copy, as they arrive for the first pass of a delta sync.
@@ -591,7 +594,8 @@ mod tests {
             }
         }
         f.write_all_at(&want, 0).unwrap();
-        let disk = DiskSource { name: DiskName::new("sda").unwrap(), path: path.clone(), size };
+        let disk =
+            DiskSource { name: DiskName::new("sda").unwrap(), path: path.clone(), size, block_device: false };
         let mut states = vec![DiskState::unknown(size, "g")];
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let cancel = CancellationToken::new();
@@ -665,7 +669,8 @@ mod tests {
             )
             .unwrap();
         }
-        let disk = DiskSource { name: DiskName::new("sda").unwrap(), path: path.clone(), size };
+        let disk =
+            DiskSource { name: DiskName::new("sda").unwrap(), path: path.clone(), size, block_device: false };
         let mut states = vec![DiskState::unknown(size, "g")];
         let (feed_tx, feed_rx) = std::sync::mpsc::channel();
         let coarse: Vec<BlockHashes> = (0..blocks)

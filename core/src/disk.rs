@@ -66,8 +66,15 @@ thread_local! {
 impl DiskReader {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path)?;
-        if !file.metadata()?.file_type().is_block_device() {
+        let kind = file.metadata()?.file_type();
+        if kind.is_file() {
             return Ok(Self { file, direct: false });
+        }
+        if !kind.is_block_device() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a disk: give a raw image file or a block device",
+            ));
         }
         use rustix::fs::{Mode, OFlags};
         let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECT | OFlags::CLOEXEC, Mode::empty())?;
@@ -211,5 +218,7 @@ mod tests {
         r.read_exact_at(&mut buf, 4001).unwrap();
         assert_eq!(buf, data[4001..4334]);
         assert!(r.read_exact_at(&mut buf, 9_900).is_err(), "a read past the end fails");
+        let err = DiskReader::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("not a disk"), "{err}");
     }
 }
