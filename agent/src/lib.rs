@@ -22,7 +22,10 @@ use tracing::{error, info, warn};
 
 /// Times a checkpoint is retried when disks keep changing during the scan.
 const CONSISTENT_ATTEMPTS: usize = 5;
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Reconnecting: within about a second of the server being back (the cap), without
+/// hammering it meanwhile. The backoff starts over at every Welcome.
+const RECONNECT_FIRST: Duration = Duration::from_millis(200);
+const RECONNECT_CAP: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -53,12 +56,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|source| AgentError::StateDir { path: config.state_dir.display().to_string(), source })?;
     let config = Arc::new(config);
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = tern_core::backoff::Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
     loop {
-        let started = Instant::now();
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = session(config.clone(), shutdown.clone()) => r,
+            r = session(config.clone(), shutdown.clone(), &mut backoff) => r,
         };
         match outcome {
             Ok(()) => return Ok(()),
@@ -67,16 +69,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
                 return Err(AgentError::Refused(status.message().to_string()));
             }
             Err(status) => {
-                if started.elapsed() > Duration::from_secs(30) {
-                    backoff = Duration::from_millis(250);
-                }
-                warn!(code = ?status.code(), error = %status.message(), retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                let delay = backoff.next_delay();
+                warn!(code = ?status.code(), error = %status.message(), retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                     "session with the process server ended; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -194,7 +193,11 @@ impl Schedule {
     }
 }
 
-async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), tonic::Status> {
+async fn session(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    backoff: &mut tern_core::backoff::Backoff,
+) -> Result<(), tonic::Status> {
     let channel = pb::connect(&config.server, &config.identity).await.map_err(status_of)?;
     let mut client = pb::replication_client::ReplicationClient::new(channel)
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
@@ -235,6 +238,7 @@ async fn session(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => w,
             _ => return Err(tonic::Status::internal("the server did not answer Hello with Welcome")),
         };
+        backoff.reset();
         // What the receiver holds, per disk.
         let mut states = choose_states(&config, &welcome, saved);
         let mut inbox = Inbox::default();
@@ -478,8 +482,15 @@ fn choose_states(config: &Config, welcome: &pb::Welcome, saved: Vec<Option<DiskS
             let w = welcome.disks.iter().find(|w| w.name == d.name.as_str());
             let (generation, durable) = w.map_or((String::new(), 0), |w| (w.generation.clone(), w.durable_seq));
             match saved {
-                Some(s) if s.generation == generation && s.seq.0 <= durable => {
-                    info!(disk = %d.name, "saved state matches the server's copy; sending only changes");
+                Some(mut s) if s.generation == generation && s.seq.0 <= durable => {
+                    let doubtful = w.map_or(&[][..], |w| &w.doubtful[..]);
+                    let forgotten = s.forget(doubtful.iter().map(|r| (r.offset, r.length)));
+                    if forgotten > 0 {
+                        info!(disk = %d.name, blocks = forgotten, state_seq = s.seq.0, durable,
+                            "the server holds records past the saved state; comparing the blocks they wrote again");
+                    } else {
+                        info!(disk = %d.name, "saved state matches the server's copy; sending only changes");
+                    }
                     s
                 }
                 _ if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) => {

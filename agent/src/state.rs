@@ -53,6 +53,27 @@ impl DiskState {
         }
     }
 
+    /// Forgets the blocks that the byte ranges `(offset, length)` touch: the receiver's
+    /// content there is unknown, so the next pass compares them and sends what it reads.
+    /// Returns the number of blocks forgotten.
+    pub fn forget(&mut self, ranges: impl Iterator<Item = (u64, u64)>) -> usize {
+        let block = tern_core::BLOCK_SIZE as u64;
+        let mut n = 0;
+        for (offset, length) in ranges {
+            let first = offset / block;
+            let end = offset.saturating_add(length).div_ceil(block);
+            for b in first..end {
+                if let Some(slot) = usize::try_from(b).ok().and_then(|i| self.blocks.get_mut(i))
+                    && *slot != UNKNOWN
+                {
+                    *slot = UNKNOWN;
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     pub fn path(state_dir: &Path, disk: &str) -> PathBuf {
         state_dir.join(format!("disk-{disk}.state"))
     }

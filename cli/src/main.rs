@@ -424,6 +424,15 @@ fn print_output(job: &pb::JobInfo, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An identity is never written over an existing file (it could be another identity, the
+/// admin bundle even).
+fn refuse_existing_file(path: &std::path::Path) -> anyhow::Result<()> {
+    if path.exists() {
+        anyhow::bail!("{} already exists; choose another file, or remove it first", path.display());
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut c = client(&cli).await?;
     match &cli.cmd {
@@ -432,6 +441,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Enroll::Agent { vm, out } => (pb::Role::Agent, vm, out),
                 Enroll::MasterTarget { name, out } => (pb::Role::MasterTarget, name, out),
             };
+            refuse_existing_file(out)?;
             let r = c
                 .enroll(pb::EnrollRequest { role: role as i32, name: name.clone() })
                 .await
@@ -642,6 +652,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Reprotect { vm, master_target, location, target_disks, sync, identity_out } => {
+            refuse_existing_file(identity_out)?;
             let r = c
                 .reprotect(pb::ReprotectRequest {
                     vm: vm.clone(),

@@ -2,6 +2,7 @@
 //! the extent codec (hash + compress + verify), typed units and TLS identities.
 //! No networking and no storage here.
 
+pub mod backoff;
 pub mod blocks;
 pub mod codec;
 pub mod disk;

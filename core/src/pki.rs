@@ -248,18 +248,14 @@ pub fn role_of(der: &[u8]) -> Result<Role, PkiError> {
     Err(PkiError::NoRole)
 }
 
-/// Writes a secret file readable by its owner only.
+/// Writes a new secret file readable by its owner only; an existing file is left alone
+/// (an error), never overwritten.
 pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |error| PkiError::Io { path: path.display().to_string(), error };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
     f.write_all(contents.as_bytes()).map_err(io)?;
     f.sync_all().map_err(io)
 }

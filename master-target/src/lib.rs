@@ -334,6 +334,7 @@ impl pb::replication_server::Replication for RelayService {
                         name: h.name.to_string(),
                         durable_seq: j.durable().0,
                         generation: h.generation(),
+                        doubtful: Vec::new(),
                     }
                 })
                 .collect(),

@@ -99,7 +99,7 @@ impl AdminService {
             .await?
             .map_err(store_status)?
         };
-        let error = self.ctx.hub.error(&vm).unwrap_or_default();
+        let error = crate::health::problem(&self.ctx, &vm).unwrap_or_default();
         let health =
             crate::health::health(&state, rpo, absent, policy.rpo_threshold_ms / 1000, !error.is_empty());
         let disks = self
@@ -217,7 +217,7 @@ impl pb::admin_server::Admin for AdminService {
         self.known_vm(&vm).await?;
         self.refuse_while_failing_back(&vm).await?;
         let spec = point_arg(&vm, &r.point)?;
-        output_arg(&r.output)?;
+        output_arg(&r.output, self.ctx.store.root())?;
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
         let job = self.ctx.jobs.start("test-failover", &vm).map_err(store_status)?;
         let id = job.id;
@@ -326,7 +326,7 @@ impl pb::admin_server::Admin for AdminService {
             }
         };
         let spec = point_arg(&vm, if r.point.is_empty() { "latest" } else { &r.point })?;
-        output_arg(&r.output)?;
+        output_arg(&r.output, self.ctx.store.root())?;
         let state = self.state(&vm).await?;
         if state != "protected" {
             return Err(Status::failed_precondition(format!(
@@ -550,9 +550,30 @@ fn point_arg(vm: &VmName, s: &str) -> Result<PointSpec, Status> {
     })
 }
 
-fn output_arg(s: &str) -> Result<(), Status> {
-    if s.is_empty() || !std::path::Path::new(s).is_absolute() {
+fn output_arg(s: &str, data_dir: &std::path::Path) -> Result<(), Status> {
+    let path = std::path::Path::new(s);
+    if s.is_empty() || !path.is_absolute() {
         return Err(Status::invalid_argument("--output must be an absolute directory on the process server"));
+    }
+    // Resolved through symlinks as far as the path exists; the rest is yet to be made.
+    let resolve = |p: &std::path::Path| {
+        let mut existing = p;
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else { break };
+            rest.push(name);
+            existing = parent;
+        }
+        let mut r = existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf());
+        r.extend(rest.iter().rev());
+        r
+    };
+    if resolve(path).starts_with(resolve(data_dir)) {
+        return Err(Status::invalid_argument(format!(
+            "--output {s} is inside the process server's data directory ({}), whose contents the server \
+             manages (and may delete); choose a directory outside it",
+            data_dir.display()
+        )));
     }
     Ok(())
 }

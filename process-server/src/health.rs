@@ -50,7 +50,7 @@ fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<&'static str, tern_store::StoreEr
         |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0),
     );
     let absent = ctx.hub.disconnected_for(vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
-    Ok(health(&state, rpo, absent, policy.rpo_threshold_ms / 1000, ctx.hub.error(vm).is_some()))
+    Ok(health(&state, rpo, absent, policy.rpo_threshold_ms / 1000, problem(ctx, vm).is_some()))
 }
 
 /// Logs every change of a VM's health, every few seconds.
@@ -109,4 +109,15 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
         .unwrap_or(true);
         wait = if failed { (wait * 2).min(Duration::from_secs(600)) } else { every };
     }
+}
+
+/// What is wrong with a VM beyond its RPO, most lasting first: its stored data could not
+/// be opened, replication is failing on this side, or the scrub found a point that does
+/// not recover. Any of them makes the VM critical.
+pub fn problem(ctx: &Ctx, vm: &VmName) -> Option<String> {
+    ctx.store
+        .damaged(vm)
+        .map(|d| format!("stored data damaged: {d}"))
+        .or_else(|| ctx.hub.error(vm))
+        .or_else(|| ctx.scrub.failure(vm))
 }

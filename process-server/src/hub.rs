@@ -41,10 +41,45 @@ const ERROR_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
 /// The answer to a checkpoint request: the point, or why the agent could not make it.
 pub type PointResult = Result<Point, String>;
 
+/// One VM's replication session: who holds it, and a lock that keeps a second session
+/// from writing the same journals until the first has drained.
+#[derive(Debug, Default)]
+struct SessionSlot {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// The live holder: its address and since when (ms). `None` once it is ending.
+    holder: Mutex<Option<(String, i64)>>,
+}
+
+/// Held for as long as a session runs; frees the slot when dropped.
+#[derive(Debug)]
+pub struct SessionGuard {
+    _lock: OwnedMutexGuard<()>,
+    slot: Arc<SessionSlot>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        *lock(&self.slot.holder) = None;
+    }
+}
+
+/// Why a session was refused: another agent holds the VM.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "VM {vm} is already replicating from another agent ({peer}, connected at {since}): only one agent may \
+     protect a VM. Stop the other agent (or give this one the VM it is meant for); if the other is gone, this \
+     one takes over once the server notices, within seconds"
+)]
+pub struct Held {
+    pub vm: VmName,
+    pub peer: String,
+    pub since: String,
+}
+
 #[derive(Debug, Default)]
 pub struct Hub {
     links: Mutex<HashMap<VmName, Link>>,
-    session_locks: Mutex<HashMap<VmName, Arc<tokio::sync::Mutex<()>>>>,
+    sessions: Mutex<HashMap<VmName, Arc<SessionSlot>>>,
     waiters: Mutex<HashMap<u64, (VmName, oneshot::Sender<PointResult>)>>,
     counters: Mutex<HashMap<VmName, VmCounters>>,
     next_id: AtomicU64,
@@ -55,14 +90,23 @@ impl Hub {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Ends any current session of `vm` and waits until it has drained; the guard keeps
-    /// a second session from writing the same journals at the same time.
-    pub async fn take_session(&self, vm: &VmName) -> OwnedMutexGuard<()> {
-        if let Some(old) = lock(&self.links).get(vm) {
-            old.cancel.cancel();
-        }
-        let m = lock(&self.session_locks).entry(vm.clone()).or_default().clone();
-        m.lock_owned().await
+    /// Takes the session of `vm` for the agent at `peer`. A live session of another agent
+    /// refuses it (one agent per VM: two would take turns and mix their disks); one that
+    /// is ending (its agent died, its link dropped) is waited for until it has drained.
+    /// The guard keeps a second session from writing the same journals at the same time.
+    pub async fn take_session(&self, vm: &VmName, peer: String) -> Result<SessionGuard, Held> {
+        let slot = lock(&self.sessions).entry(vm.clone()).or_default().clone();
+        let guard = match slot.lock.clone().try_lock_owned() {
+            Ok(g) => g,
+            Err(_) => {
+                if let Some((holder, since)) = lock(&slot.holder).clone() {
+                    return Err(Held { vm: vm.clone(), peer: holder, since: tern_store::rfc3339(since) });
+                }
+                slot.lock.clone().lock_owned().await
+            }
+        };
+        *lock(&slot.holder) = Some((peer, tern_store::now_ms()));
+        Ok(SessionGuard { _lock: guard, slot })
     }
 
     pub fn attach(&self, vm: &VmName, session: u64, commands: Outbound, cancel: CancellationToken) {
@@ -74,6 +118,10 @@ impl Hub {
         let mut links = lock(&self.links);
         if links.get(vm).is_some_and(|l| l.session == session) {
             links.remove(vm);
+            // Ending: a new session of the VM now waits for this one to drain.
+            if let Some(slot) = lock(&self.sessions).get(vm) {
+                *lock(&slot.holder) = None;
+            }
             lock(&self.counters).entry(vm.clone()).or_default().disconnected_at = Some(Instant::now());
             // Whoever waits for a point from this agent learns at once that none will come.
             let mut waiters = lock(&self.waiters);

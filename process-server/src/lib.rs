@@ -9,6 +9,7 @@ pub mod hub;
 pub mod jobs;
 pub mod relay;
 pub mod replication;
+pub mod scrub;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ pub struct Ctx {
     pub hub: hub::Hub,
     pub jobs: Arc<jobs::Jobs>,
     pub relay: relay::Relay,
+    pub scrub: scrub::Scrub,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -62,9 +64,12 @@ pub fn store_status(e: StoreError) -> Status {
         StoreError::SegmentCorrupt { .. }
         | StoreError::JournalRecordBad { .. }
         | StoreError::FingerprintMismatch { .. } => Status::data_loss(msg),
-        StoreError::Io { .. } | StoreError::CatalogQuery { .. } | StoreError::JournalFailed { .. } => {
-            Status::unavailable(msg)
-        }
+        StoreError::Io { .. }
+        | StoreError::CatalogQuery { .. }
+        | StoreError::JournalFailed { .. }
+        | StoreError::VmDamaged { .. }
+        | StoreError::DataDirInUse { .. }
+        | StoreError::CatalogMissing { .. } => Status::unavailable(msg),
         StoreError::WrongState { .. } => Status::failed_precondition(msg),
         StoreError::Invariant(_) | StoreError::Injected(_) => Status::internal(msg),
     }
@@ -107,6 +112,7 @@ pub struct Config {
     pub segment_bytes: Option<u64>,
     /// How often retention runs.
     pub retention_every: Duration,
+    pub scrub: scrub::ScrubConfig,
 }
 
 /// Serves until `shutdown` is cancelled, then drains with a deadline.
@@ -129,6 +135,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         data_dir: config.data_dir.clone(),
         jobs: jobs::Jobs::new(store.clone()),
         relay: relay::Relay::default(),
+        scrub: scrub::Scrub::default(),
         store,
         hub: hub::Hub::default(),
         shutdown: shutdown.clone(),
@@ -137,6 +144,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     tracker.spawn(health::health_worker(ctx.clone()));
     tracker.spawn(health::retention_worker(ctx.clone(), config.retention_every));
     tracker.spawn(relay::relay_worker(ctx.clone()));
+    tracker.spawn(scrub::scrub_worker(ctx.clone(), config.scrub));
     let incoming = tls::incoming(listener, tls, shutdown.clone(), &tracker);
     let replication =
         tern_proto::replication_server::ReplicationServer::new(replication::ReplicationService {
@@ -147,8 +155,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let admin = tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx: ctx.clone() });
     info!(data_dir = %config.data_dir.display(), "process server ready");
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // An agent that is gone without a word (host down, link cut) is noticed within
+        // about 7 s, and its VM's session is free for the next agent.
+        .http2_keepalive_interval(Some(Duration::from_secs(2)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(replication)
         .add_service(admin)
         .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown.cancelled())

@@ -32,6 +32,13 @@ enum Cmd {
         /// How often retention prunes points and folds the journal into the base images.
         #[arg(long, default_value = "60s")]
         retention_every: String,
+        /// How often the background scrub re-verifies every recovery point (newest first);
+        /// a point that does not recover turns its VM critical. 0 turns it off.
+        #[arg(long, default_value = "6h")]
+        scrub_every: String,
+        /// At most this much disk verified per second by the scrub, e.g. 64MiB.
+        #[arg(long, default_value = "64MiB")]
+        scrub_rate: String,
     },
 }
 
@@ -48,9 +55,13 @@ fn run() -> anyhow::Result<()> {
             println!("admin identity: {}", admin.display());
             Ok(())
         }
-        Cmd::Serve { data_dir, listen, segment_size, retention_every } => {
+        Cmd::Serve { data_dir, listen, segment_size, retention_every, scrub_every, scrub_rate } => {
             let segment_bytes = Some(tern_core::units::parse_size(&segment_size)?);
             let retention_every = tern_core::units::parse_duration(&retention_every)?;
+            let scrub = tern_process_server::scrub::ScrubConfig {
+                every: tern_core::units::parse_duration(&scrub_every)?,
+                rate: tern_core::units::parse_size(&scrub_rate)?,
+            };
             if !data_dir.join("pki").join("ca.pem").exists() {
                 anyhow::bail!(
                     "{} is not initialised; run `process-server init --data-dir {}` first",
@@ -65,7 +76,7 @@ fn run() -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
                 println!("listening on {}", listener.local_addr()?);
                 let shutdown = tern_proto::daemon::shutdown_on_signal();
-                let config = tern_process_server::Config { data_dir, segment_bytes, retention_every };
+                let config = tern_process_server::Config { data_dir, segment_bytes, retention_every, scrub };
                 tern_process_server::run(config, listener, shutdown).await
             })
         }

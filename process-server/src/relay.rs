@@ -101,28 +101,37 @@ pub async fn relay_worker(ctx: Arc<Ctx>) {
 }
 
 async fn relay_vm(ctx: &Arc<Ctx>, vm: &VmName) {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = tern_core::backoff::Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
     loop {
-        match relay_session(ctx, vm).await {
+        let delay = match relay_session(ctx, vm, &mut backoff).await {
             Ok(()) => return,
             Err(e) => {
-                warn!(vm = %vm, error = %e.message(), retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(0),
+                let delay = backoff.next_delay();
+                warn!(vm = %vm, error = %e.message(), retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(0),
                     "relay to the master target interrupted; the journal keeps everything meanwhile");
+                delay
             }
-        }
+        };
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
+
+/// Reconnecting to a master target: soon after it is back (the cap), without hammering it.
+const RECONNECT_FIRST: Duration = Duration::from_millis(200);
+const RECONNECT_CAP: Duration = Duration::from_secs(2);
 
 fn still_relaying(ctx: &Ctx, vm: &VmName) -> bool {
     ctx.store.vm_state(vm).is_ok_and(|s| RELAY_STATES.contains(&s.as_str()))
 }
 
-async fn relay_session(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
+async fn relay_session(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    backoff: &mut tern_core::backoff::Backoff,
+) -> Result<(), Status> {
     let row = ctx
         .store
         .catalog()
@@ -153,6 +162,7 @@ async fn relay_session(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
         Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => w,
         _ => return Err(Status::internal("the master target did not answer Hello")),
     };
+    backoff.reset();
     let mut next: HashMap<DiskName, Seq> = HashMap::new();
     for h in &handles {
         let mt = welcome.disks.iter().find(|d| d.name == h.name.as_str()).map_or(0, |d| d.durable_seq);

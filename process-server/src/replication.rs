@@ -100,18 +100,48 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             return Err(Status::invalid_argument("Hello names no disks; pass --disk NAME=PATH"));
         }
         let ctx = self.ctx.clone();
-        let guard = tokio::time::timeout(std::time::Duration::from_secs(30), ctx.hub.take_session(&vm))
+        let peer = parts_req.remote_addr().map_or_else(|| "unknown address".to_string(), |a| a.to_string());
+        let guard = tokio::time::timeout(std::time::Duration::from_secs(30), ctx.hub.take_session(&vm, peer))
             .await
-            .map_err(|_| Status::unavailable("the previous session of this VM is still draining; retry"))?;
+            .map_err(|_| Status::unavailable("the previous session of this VM is still draining; retry"))?
+            .map_err(|held| {
+                warn!(vm = %vm, holder = %held.peer, "a second agent for the VM refused");
+                Status::already_exists(held.to_string())
+            })?;
         let store = ctx.store.clone();
         let vm2 = vm.clone();
         let registered = tokio::task::spawn_blocking(move || {
+            if let Some(reason) = store.damaged(&vm2) {
+                return Ok(Err(Status::unavailable(format!(
+                    "VM {vm2}'s stored data on the process server is damaged ({reason}); it takes no records \
+                     until it is repaired and the server restarted (other VMs are not affected)"
+                ))));
+            }
             let known = store.catalog().has_vm(&vm2)?;
             if known {
                 let state = store.vm_state(&vm2)?;
                 if state != "protected" && state != "reprotected" {
-                    return Ok(Err(state));
+                    warn!(vm = %vm2, state = %state, "agent refused: the VM no longer replicates from this source");
+                    return Ok(Err(Status::failed_precondition(format!(
+                        "VM {vm2} is {state}: it no longer replicates from this source, so the agent stands down"
+                    ))));
                 }
+            }
+            // A disk may be added (earlier points cover the disks they were made with), not
+            // left out: points without it would fail over a VM that lacks a disk.
+            let missing: Vec<String> = store
+                .vm_disks(&vm2)
+                .iter()
+                .filter(|h| !disks.iter().any(|(n, _)| *n == h.name))
+                .map(|h| h.name.to_string())
+                .collect();
+            if !missing.is_empty() {
+                warn!(vm = %vm2, missing = ?missing, "agent refused: it leaves out disks of the VM");
+                return Ok(Err(Status::failed_precondition(format!(
+                    "VM {vm2} is protected with disk(s) {} that this agent does not give; pass every disk \
+                     (--disk NAME=PATH for each), since recovery points must cover the whole VM",
+                    missing.join(", ")
+                ))));
             }
             let hs = store.register(&vm2, &disks)?;
             // Written-but-unacked records of an earlier session become durable here, so the
@@ -119,10 +149,14 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             for h in &hs {
                 h.journal().sync()?;
             }
+            let doubtful = hs
+                .iter()
+                .map(|h| doubtful_ranges(&store, h, agent_states.get(&h.name)))
+                .collect::<Result<Vec<_>, _>>()?;
             let policy = store.catalog().policy(&vm2)?;
             let reprotect = store.catalog().reprotect(&vm2)?;
             let reprotect = reprotect.filter(|_| store.vm_state(&vm2).is_ok_and(|s| s == "reprotected"));
-            Ok::<_, tern_store::StoreError>(Ok((hs, policy, reprotect)))
+            Ok::<_, tern_store::StoreError>(Ok((hs, doubtful, policy, reprotect)))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
@@ -131,23 +165,17 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             warn!(vm = %vm, error = %e.message(), "replication session refused");
             ctx.hub.set_error(&vm, e.message());
         })?;
-        let (handles, policy, reprotect) = registered.map_err(|state| {
-            warn!(vm = %vm, state = %state, "agent refused: the VM no longer replicates from this source");
-            Status::failed_precondition(format!(
-                "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down"
-            ))
-        })?;
+        let (handles, doubtful, policy, reprotect) = registered?;
         // An agent without a valid hash map of the receiver's copy gets the receiver's block
         // hashes: a delta sync. Reprotected, the receiver is the master target's disk: its
         // hashes (original location), zeroes (a new alternate disk), or none with
         // --sync during (everything is sent at failback).
         let hashes_follow: Vec<(Arc<DiskHandle>, HashSource)> = handles
             .iter()
-            .filter_map(|h| {
+            .zip(&doubtful)
+            .filter_map(|(h, doubtful)| {
                 let durable = h.journal().durable().0;
-                let valid =
-                    agent_states.get(&h.name).is_some_and(|(g, s)| *g == h.generation() && *s <= durable);
-                if valid {
+                if doubtful.is_some() {
                     return None;
                 }
                 match &reprotect {
@@ -165,10 +193,16 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             hashes_follow: hashes_follow.iter().map(|(h, _)| h.name.to_string()).collect(),
             disks: handles
                 .iter()
-                .map(|h| DiskState {
+                .zip(doubtful)
+                .map(|(h, doubtful)| DiskState {
                     name: h.name.to_string(),
                     durable_seq: h.journal().durable().0,
                     generation: h.generation(),
+                    doubtful: doubtful
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(a, b)| tern_proto::ByteRange { offset: a, length: b - a })
+                        .collect(),
                 })
                 .collect(),
             interval_ms: 0,
@@ -240,6 +274,36 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
+}
+
+/// Doubtful ranges past this many make the agent's state worthless: a delta sync instead.
+const MAX_DOUBTFUL_RANGES: usize = 1 << 16;
+
+/// Whether the agent's saved state (generation, seq) can go on describing the server's copy
+/// of `h`, and if so the byte ranges it cannot vouch for: those that records past its seq
+/// wrote (a pass cut short by a crash or a dropped link, or a point whose ack was lost).
+/// The agent forgets those blocks and compares them again, so a page the VM wrote back to
+/// its old value after the cut is resent. `None`: the state is of no use (another copy,
+/// ahead of the server, or records past it already folded into the base image).
+fn doubtful_ranges(
+    store: &tern_store::Store,
+    h: &DiskHandle,
+    agent: Option<&(String, u64)>,
+) -> Result<Option<Vec<(u64, u64)>>, tern_store::StoreError> {
+    let durable = h.journal().durable();
+    let Some((generation, seq)) = agent else { return Ok(None) };
+    if *generation != h.generation() || Seq(*seq) > durable {
+        return Ok(None);
+    }
+    if Seq(*seq) == durable {
+        return Ok(Some(Vec::new()));
+    }
+    let ranges = store.written_after(h, Seq(*seq), durable)?;
+    if let Some(r) = &ranges {
+        info!(vm = %h.vm, disk = %h.name, agent_seq = seq, durable = %durable, ranges = r.len(),
+            "records past the agent's saved state: it compares those ranges again");
+    }
+    Ok(ranges.filter(|r| r.len() <= MAX_DOUBTFUL_RANGES))
 }
 
 /// Splits a request into its metadata (for authorisation) and the inbound stream.

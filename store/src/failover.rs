@@ -50,7 +50,7 @@ impl Store {
             "a failover needs a protected VM (a failed-over VM changes point with `drctl change-point`)",
         )?;
         let point = self.resolve_point(vm, spec)?;
-        let handles = self.vm_disks(vm);
+        let handles = self.point_disks(vm, &point)?;
         let files = output_files(&handles, out_dir, format);
         refuse_existing(&files, out_dir)?;
         {
@@ -107,9 +107,10 @@ impl Store {
                 Err(e) => return Err(StoreError::Io { path: f.display().to_string(), source: e }),
             }
         }
-        self.catalog().put_failover(vm, &FailoverRow { point: point.id, ..row.clone() })?;
-        let handles = self.vm_disks(vm);
+        let handles = self.point_disks(vm, &point)?;
         let files = output_files(&handles, &out_dir, format);
+        let listed = files.iter().map(|f| f.display().to_string()).collect();
+        self.catalog().put_failover(vm, &FailoverRow { point: point.id, files: listed, ..row.clone() })?;
         self.write_output(vm, &point, &handles, &files, &out_dir.join("vm.json"), &out_dir, format, progress)
     }
 
@@ -149,12 +150,7 @@ impl Store {
         let scratch = self.root().join("tmp");
         crate::durable::create_dir_durable(&scratch)?;
         let mut out = Vec::new();
-        for h in self.vm_disks(vm) {
-            let pd = point
-                .disks
-                .iter()
-                .find(|d| d.disk == h.name)
-                .ok_or(StoreError::Invariant("point lacks a disk"))?;
+        for (h, pd) in self.point_disks(vm, &point)?.into_iter().zip(&point.disks) {
             let path = scratch.join(format!("verify-{}-{}-{}.raw", vm, h.name, std::process::id()));
             let snapshot = h.journal().snapshot();
             let result =

@@ -98,6 +98,16 @@ pub enum StoreError {
          for what is missing"
     )]
     JournalFailed { dir: String, reason: String },
+    #[error("{dir} is in use by another process (its lock file is held): stop the other daemon first")]
+    DataDirInUse { dir: String },
+    #[error(
+        "{dir} holds replicated data (vms/) but no catalog (catalog.db): refusing to start empty, which \
+         would forget every recovery point. Restore catalog.db (with catalog.db-wal, if any) from a backup; \
+         a rebuild of the catalog from the journals is not built yet. To start over instead, move vms/ away"
+    )]
+    CatalogMissing { dir: String },
+    #[error("VM {vm}'s stored data could not be opened ({reason}); repair it and restart the process server")]
+    VmDamaged { vm: VmName, reason: String },
 }
 
 impl StoreError {
@@ -256,6 +266,11 @@ pub struct Store {
     catalog: Mutex<Catalog>,
     disks: Mutex<HashMap<(VmName, DiskName), Arc<DiskHandle>>>,
     options: StoreOptions,
+    /// VMs whose data could not be opened, and why: they are left alone (not replicated,
+    /// not failed over) while the others go on.
+    damaged: HashMap<VmName, String>,
+    /// Held open with an exclusive flock for as long as the store is open.
+    _lock: std::fs::File,
 }
 
 pub fn now_ms() -> i64 {
@@ -282,15 +297,31 @@ impl Store {
     }
 
     pub fn open_with(root: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        create_dir_durable(root)?;
+        let lock = lock_data_dir(root)?;
+        let catalog_path = root.join("catalog.db");
+        if !catalog_path.exists() && holds_vm_data(root) {
+            return Err(StoreError::CatalogMissing { dir: root.display().to_string() });
+        }
         create_dir_durable(&root.join("vms"))?;
         remove_scratch(&root.join("tmp"));
-        let mut catalog = Catalog::open(&root.join("catalog.db"))?;
+        let mut catalog = Catalog::open(&catalog_path)?;
         let mut disks = HashMap::new();
+        let mut damaged = HashMap::new();
         for vm in catalog.vms()? {
-            let mut handles = Vec::new();
-            for row in catalog.disks(&vm)? {
-                handles.push(open_disk(root, &vm, row, options)?);
-            }
+            // Damage to one VM's files stays with that VM.
+            let opened = catalog.disks(&vm).and_then(|rows| {
+                rows.into_iter().map(|row| open_disk(root, &vm, row, options)).collect::<Result<Vec<_>, _>>()
+            });
+            let handles = match opened {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!(vm = %vm, error = %e,
+                        "the VM's stored data cannot be opened; it is left alone until repaired, the other VMs go on");
+                    damaged.insert(vm, e.to_string());
+                    continue;
+                }
+            };
             drop_points_past_the_journals(&mut catalog, &vm, &handles)?;
             for handle in handles {
                 disks.insert((vm.clone(), handle.name.clone()), Arc::new(handle));
@@ -301,7 +332,14 @@ impl Store {
             catalog: Mutex::new(catalog),
             disks: Mutex::new(disks),
             options,
+            damaged,
+            _lock: lock,
         })
+    }
+
+    /// Why a VM's stored data could not be opened, if it could not.
+    pub fn damaged(&self, vm: &VmName) -> Option<&str> {
+        self.damaged.get(vm).map(String::as_str)
     }
 
     pub fn root(&self) -> &Path {
@@ -431,6 +469,21 @@ impl Store {
     }
 
     /// The VM's disks in name order.
+    /// The disks a point covers, in the point's order: the disks the VM had when the point
+    /// was made (a disk added later is not in earlier points).
+    pub fn point_disks(&self, vm: &VmName, point: &Point) -> Result<Vec<Arc<DiskHandle>>, StoreError> {
+        if let Some(reason) = self.damaged(vm) {
+            return Err(StoreError::VmDamaged { vm: vm.clone(), reason: reason.to_string() });
+        }
+        point
+            .disks
+            .iter()
+            .map(|pd| {
+                self.disk(vm, &pd.disk).ok_or(StoreError::Invariant("a point names a disk the VM lacks"))
+            })
+            .collect()
+    }
+
     pub fn vm_disks(&self, vm: &VmName) -> Vec<Arc<DiskHandle>> {
         let mut v: Vec<_> = self.disk_map().values().filter(|h| &h.vm == vm).cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -443,6 +496,38 @@ impl Store {
 
     pub fn points(&self, vm: &VmName) -> Result<Vec<Point>, StoreError> {
         self.catalog().points(vm)
+    }
+
+    /// The byte ranges that records numbered `after < seq <= upto` wrote, merged where
+    /// they touch, in offset order; `None` when some of those records are no longer in the
+    /// journal (folded into the base image) and cannot be told.
+    pub fn written_after(
+        &self,
+        h: &DiskHandle,
+        after: Seq,
+        upto: Seq,
+    ) -> Result<Option<Vec<(u64, u64)>>, StoreError> {
+        let _reading = h.read_lock();
+        if after < h.base_seq() {
+            return Ok(None);
+        }
+        let snapshot = h.journal().snapshot();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for r in snapshot.read_range(after, upto) {
+            let r = r?.record;
+            if r.kind != format::RecordKind::Bookmark {
+                ranges.push((r.offset, r.offset + u64::from(r.length)));
+            }
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (a, b) in ranges {
+            match merged.last_mut() {
+                Some((_, end)) if *end >= a => *end = (*end).max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        Ok(Some(merged))
     }
 
     /// Makes a recovery point: bookmarks in every disk's journal, fsynced, then the catalog.
@@ -546,7 +631,7 @@ impl Store {
             return Err(StoreError::UnknownVm(vm.clone()));
         }
         let point = self.resolve_point(vm, spec)?;
-        let handles = self.vm_disks(vm);
+        let handles = self.point_disks(vm, &point)?;
         let files = failover::output_files(&handles, out_dir, format);
         let manifest = out_dir.join("vm.json");
         failover::refuse_existing(&files, out_dir)?;
@@ -596,12 +681,7 @@ impl Store {
         let total: u64 = handles.iter().map(|h| h.size).sum();
         let mut before = 0u64;
         let mut disks = Vec::new();
-        for (h, path) in handles.iter().zip(files) {
-            let pd = point
-                .disks
-                .iter()
-                .find(|d| d.disk == h.name)
-                .ok_or(StoreError::Invariant("point lacks a disk of its VM"))?;
+        for ((h, path), pd) in handles.iter().zip(files).zip(&point.disks) {
             let snapshot = h.journal().snapshot();
             let size = h.size;
             let out = materialize::materialize_disk(
@@ -719,6 +799,29 @@ fn remove_scratch(dir: &Path) {
 
 fn disk_dir(root: &Path, vm: &VmName, disk: &DiskName) -> PathBuf {
     root.join("vms").join(vm.as_str()).join(disk.as_str())
+}
+
+/// Takes the data directory's lock file: one daemon per data directory.
+fn lock_data_dir(root: &Path) -> Result<std::fs::File, StoreError> {
+    let path = root.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            Err(StoreError::DataDirInUse { dir: root.display().to_string() })
+        }
+        Err(e) => Err(StoreError::Io { path: path.display().to_string(), source: e.into() }),
+    }
+}
+
+/// Whether the data directory holds a journal segment or base image of some VM.
+fn holds_vm_data(root: &Path) -> bool {
+    std::fs::read_dir(root.join("vms")).is_ok_and(|mut vms| vms.any(|e| e.is_ok()))
 }
 
 fn open_disk(

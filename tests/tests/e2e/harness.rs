@@ -12,9 +12,14 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Directory of the workspace's binaries (target/debug), built once per test process.
+/// `TERN_BIN_DIR` runs the scenarios against binaries built elsewhere (an older revision,
+/// to check that a new test fails there), without building.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("TERN_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
         let exe = std::env::current_exe().expect("test executable path");
         let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -219,10 +224,22 @@ impl Agent {
         state: &Path,
         extra: &[&str],
     ) -> Agent {
+        Agent::start_at(&server.url(), identity, vm, disks, state, extra)
+    }
+
+    /// [`Agent::start`] against a server URL (a proxy in front of the server).
+    pub fn start_at(
+        url: &str,
+        identity: &Path,
+        vm: &str,
+        disks: &[(&str, &Path)],
+        state: &Path,
+        extra: &[&str],
+    ) -> Agent {
         let mut args: Vec<String> = vec![
             "run".into(),
             "--server".into(),
-            server.url(),
+            url.to_string(),
             "--identity".into(),
             identity.display().to_string(),
             "--vm".into(),
@@ -493,5 +510,65 @@ impl Drop for Mounted {
             let _ = Command::new("fsfreeze").arg("-u").arg(&self.dir).output();
             let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
         }
+    }
+}
+
+/// A TCP proxy on loopback in front of a server: it can cut every connection through it
+/// and refuse new ones for a while, as a flaky network would.
+pub struct Proxy {
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    down: std::sync::atomic::AtomicBool,
+    conns: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl Proxy {
+    pub fn start(target_port: u16) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(ProxyState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if st.down.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", target_port)) else { continue };
+                let mut conns = st.conns.lock().unwrap();
+                conns.push(client.try_clone().unwrap());
+                conns.push(upstream.try_clone().unwrap());
+                for (mut from, mut to) in
+                    [(client.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts every connection and refuses new ones until [`Proxy::up`].
+    pub fn cut(&self) {
+        self.state.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.state.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn up(&self) {
+        self.state.down.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }

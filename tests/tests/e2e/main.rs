@@ -5,6 +5,7 @@ mod auth;
 mod block_device;
 mod crash;
 mod failback;
+mod faults;
 mod harness;
 mod lifecycle;
 mod protect;

@@ -1,0 +1,115 @@
+//! The background scrub: re-verifies recovery points from the store (as `drctl verify`
+//! does), newest first, at a bounded read rate, so that a point that no longer recovers
+//! (bit rot, a damaged segment) turns its VM critical, naming the point, instead of being
+//! found at failover time.
+
+use crate::{Ctx, lock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tern_core::VmName;
+use tern_store::PointSpec;
+use tracing::{error, info};
+
+#[derive(Debug, Clone, Copy)]
+pub struct ScrubConfig {
+    /// Time between the start of two rounds; zero turns the scrub off.
+    pub every: Duration,
+    /// Bytes of disk verified per second at most, averaged over each point.
+    pub rate: u64,
+}
+
+/// The points the last scrub found broken, per VM.
+#[derive(Debug, Default)]
+pub struct Scrub {
+    failures: Mutex<HashMap<VmName, String>>,
+}
+
+impl Scrub {
+    /// Why the scrub marks `vm` critical, if it does.
+    pub fn failure(&self, vm: &VmName) -> Option<String> {
+        lock(&self.failures).get(vm).cloned()
+    }
+}
+
+/// States in which a VM's points are the store's own and worth checking.
+const SCRUBBED_STATES: &[&str] = &["protected", "reprotected", "failed-over"];
+
+pub async fn scrub_worker(ctx: Arc<Ctx>, config: ScrubConfig) {
+    if config.every.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(config.every) => {}
+        }
+        let vms = {
+            let c = ctx.clone();
+            tokio::task::spawn_blocking(move || c.store.vms().unwrap_or_default()).await.unwrap_or_default()
+        };
+        for vm in vms {
+            if !scrub_vm(&ctx, &vm, config).await {
+                return;
+            }
+        }
+    }
+}
+
+/// Verifies the points of one VM, newest first. False once the server is shutting down.
+async fn scrub_vm(ctx: &Arc<Ctx>, vm: &VmName, config: ScrubConfig) -> bool {
+    let c = ctx.clone();
+    let v = vm.clone();
+    let points = tokio::task::spawn_blocking(move || {
+        let state = c.store.vm_state(&v).ok()?;
+        SCRUBBED_STATES.contains(&state.as_str()).then(|| c.store.points(&v).ok()).flatten()
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    let mut broken = None;
+    for p in points.iter().rev() {
+        if ctx.shutdown.is_cancelled() {
+            return false;
+        }
+        let started = tokio::time::Instant::now();
+        let c = ctx.clone();
+        let (v, id) = (vm.clone(), p.id);
+        let verdict = tokio::task::spawn_blocking(move || c.store.verify(&v, &PointSpec::Id(id))).await;
+        let problem = match verdict {
+            Ok(Ok((_, disks))) => disks.iter().find(|d| !d.ok).map(|d| {
+                format!("disk {} has fingerprint {}, the point says {}", d.name, d.actual, d.expected)
+            }),
+            // Pruned or committed meanwhile: nothing to say.
+            Ok(Err(tern_store::StoreError::PointNotFound { .. })) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(problem) = problem {
+            error!(vm = %vm, point = %id, problem = %problem, "scrub: a recovery point does not recover");
+            broken.get_or_insert_with(|| format!("scrub: point {id} does not recover: {problem}"));
+        }
+        // The rate bounds how fast the scrub reads the store, whatever the disk sizes.
+        let bytes: u64 = ctx.store.point_disks(vm, p).map_or(0, |hs| hs.iter().map(|h| h.size).sum());
+        let budget = Duration::from_secs_f64(bytes as f64 / config.rate.max(1) as f64);
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return false,
+            _ = tokio::time::sleep_until(started + budget) => {}
+        }
+    }
+    let mut failures = lock(&ctx.scrub.failures);
+    match broken {
+        Some(b) => {
+            failures.insert(vm.clone(), b);
+        }
+        None => {
+            if failures.remove(vm).is_some() {
+                info!(vm = %vm, "scrub: every point recovers again");
+            } else if !points.is_empty() {
+                tracing::debug!(vm = %vm, points = points.len(), "scrub: every point recovers");
+            }
+        }
+    }
+    true
+}

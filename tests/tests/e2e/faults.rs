@@ -1,0 +1,184 @@
+//! Every listed point recovers: faults mid-pass, two agents for one VM, and the like.
+
+use crate::harness::*;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    AgentKill,
+    ServerKill,
+    Link,
+}
+
+fn durable_seq(server: &Server, vm: &str) -> u64 {
+    server.status(vm)["disks"][0]["durable_seq"].as_u64().unwrap_or(0)
+}
+
+fn read_page(disk: &Path, page: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    std::fs::File::open(disk).unwrap().read_exact_at(&mut buf, page * 4096).unwrap();
+    buf
+}
+
+fn write_at(disk: &Path, offset: u64, data: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    f.write_all_at(data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// `drctl verify` of a point, and a test failover of it equals `want` (BLAKE3 of the disk).
+fn assert_point_recovers(server: &Server, root: &Path, vm: &str, point: &serde_json::Value, want: &str) {
+    let id = point["id"].to_string();
+    let v = server.drctl_json(&["verify", vm, "--point", &id]);
+    assert_eq!(v["ok"], true, "point {id} does not verify: {v}");
+    let out = root.join(format!("tfo-{vm}-{id}"));
+    let res = server.drctl_json(&["test-failover", vm, "--point", &id, "--output", out.to_str().unwrap()]);
+    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), want, "point {id}");
+    server.drctl_json(&["test-failover-cleanup", vm]);
+}
+
+/// Point P1; the VM changes page 10; a pass starts and sends it; the pass is cut; the VM
+/// writes page 10 back to its value at P1; replication resumes. The records the cut pass
+/// left in the journal must not pass for the disk: the next point recovers byte for byte.
+fn a_cut_pass_then_a_page_written_back(cut: Cut) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let proxy = Proxy::start(server.port);
+    let identity = root.join("cut.bundle");
+    server.enroll_agent("cut", &identity);
+    let disk = root.join("cut.img");
+    make_random(&disk, 64, 2, 131);
+    let mut agent = Agent::start_at(
+        &proxy.url(),
+        &identity,
+        "cut",
+        &[("sda", &disk)],
+        &root.join("st"),
+        &["--max-rate", "2MiB"],
+    );
+    server.wait_connected("cut");
+    server.checkpoint("cut");
+    let at_p1 = read_page(&disk, 10);
+    let mut noise = vec![0u8; 6 << 20];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut noise);
+    write_at(&disk, 10 * 4096, &noise[..4096]);
+    write_at(&disk, 32 << 20, &noise);
+    let before = durable_seq(&server, "cut");
+    server.drctl_json(&["checkpoint", "cut"]);
+    // Page 10 goes first (passes go in offset order); cut once it is durable.
+    deadline_poll("the pass to send page 10", Duration::from_secs(30), || {
+        (durable_seq(&server, "cut") >= before + 2).then_some(())
+    });
+    match cut {
+        Cut::AgentKill => agent.kill9(),
+        Cut::ServerKill => server.kill9(),
+        Cut::Link => proxy.cut(),
+    }
+    write_at(&disk, 10 * 4096, &at_p1);
+    match cut {
+        Cut::AgentKill => agent.restart(),
+        Cut::ServerKill => server.start(),
+        Cut::Link => proxy.up(),
+    }
+    let p2 = server.checkpoint("cut");
+    assert_point_recovers(&server, root, "cut", &p2, &b3(&disk, None));
+}
+
+#[test]
+fn a_pass_cut_by_an_agent_kill_then_a_page_written_back() {
+    a_cut_pass_then_a_page_written_back(Cut::AgentKill);
+}
+
+#[test]
+fn a_pass_cut_by_a_process_server_kill_then_a_page_written_back() {
+    a_cut_pass_then_a_page_written_back(Cut::ServerKill);
+}
+
+#[test]
+fn a_pass_cut_by_a_dropped_connection_then_a_page_written_back() {
+    a_cut_pass_then_a_page_written_back(Cut::Link);
+}
+
+/// A second agent for a VM (the same bundle on another host, or by mistake) is refused
+/// with who holds the VM, while the first goes on; once the first is gone, the second
+/// takes over within seconds, and every point verifies.
+#[test]
+fn a_second_agent_for_a_vm_is_refused_until_the_first_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("two.bundle");
+    server.enroll_agent("two", &identity);
+    let (a_disk, b_disk) = (root.join("a.img"), root.join("b.img"));
+    make_random(&a_disk, 16, 4, 141);
+    make_random(&b_disk, 16, 4, 142);
+    let mut first = Agent::start(&server, &identity, "two", &[("sda", &a_disk)], &root.join("st-a"), &[]);
+    server.wait_connected("two");
+    let p1 = server.checkpoint("two");
+    let h1 = b3(&a_disk, None);
+    let second = Agent::start(&server, &identity, "two", &[("sda", &b_disk)], &root.join("st-b"), &[]);
+    deadline_poll("the second agent to be refused", Duration::from_secs(20), || {
+        second.log_text().contains("already replicating from another agent").then_some(())
+    });
+    scatter_writes(&a_disk, 0.01, 143);
+    let p2 = server.checkpoint("two");
+    assert_point_recovers(&server, root, "two", &p1, &h1);
+    assert_point_recovers(&server, root, "two", &p2, &b3(&a_disk, None));
+    first.kill9();
+    let gone = Instant::now();
+    let p3 = server.checkpoint("two");
+    assert!(gone.elapsed() < Duration::from_secs(15), "takeover took {:?}", gone.elapsed());
+    assert_point_recovers(&server, root, "two", &p3, &b3(&b_disk, None));
+}
+
+/// A disk added to a protected VM: earlier points still recover (they cover the disks they
+/// were made with), new points cover both; leaving a disk out is refused with what to do.
+#[test]
+fn an_added_disk_keeps_earlier_points_and_a_left_out_disk_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("grow.bundle");
+    server.enroll_agent("grow", &identity);
+    let (sda, sdb) = (root.join("sda.img"), root.join("sdb.img"));
+    make_random(&sda, 16, 2, 151);
+    make_random(&sdb, 8, 3, 152);
+    let state = root.join("st");
+    let mut one = Agent::start(&server, &identity, "grow", &[("sda", &sda)], &state, &[]);
+    server.wait_connected("grow");
+    let p1 = server.checkpoint("grow");
+    let h1 = b3(&sda, None);
+    one.kill9();
+    scatter_writes(&sda, 0.01, 153);
+    let _two = Agent::start(&server, &identity, "grow", &[("sda", &sda), ("sdb", &sdb)], &state, &[]);
+    let p2 = server.checkpoint("grow");
+    assert_point_recovers(&server, root, "grow", &p1, &h1);
+    let out = root.join("p2");
+    let res = server.drctl_json(&[
+        "test-failover",
+        "grow",
+        "--point",
+        &p2["id"].to_string(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let disks = res["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{res}");
+    assert_eq!(disks[0]["blake3"].as_str().unwrap(), b3(&sda, None));
+    assert_eq!(disks[1]["blake3"].as_str().unwrap(), b3(&sdb, None));
+    assert_eq!(b3(&out.join("sdb.raw"), None), b3(&sdb, None));
+    server.drctl_json(&["test-failover-cleanup", "grow"]);
+    drop(_two);
+    let mut short = Agent::start(&server, &identity, "grow", &[("sda", &sda)], &root.join("st2"), &[]);
+    let status = deadline_poll("the agent without sdb to stop", Duration::from_secs(20), || {
+        short.child.as_mut().unwrap().try_wait().unwrap()
+    });
+    assert!(!status.success());
+    assert!(short.log_text().contains("disk(s) sdb that this agent does not give"), "{}", short.log_text());
+}
