@@ -182,3 +182,148 @@ fn an_added_disk_keeps_earlier_points_and_a_left_out_disk_is_refused() {
     assert!(!status.success());
     assert!(short.log_text().contains("disk(s) sdb that this agent does not give"), "{}", short.log_text());
 }
+
+/// One VM's files damaged (a closed segment's header) stop only that VM: the process server
+/// starts, says which VM and why (critical), and the other VM goes on replicating. A second
+/// server on the same data directory is refused, and so is a data directory whose catalog
+/// is gone (instead of starting empty and forgetting every point).
+#[test]
+fn damage_stays_with_its_vm_and_the_data_directory_is_guarded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.extra = vec!["--segment-size".into(), "256KiB".into()];
+    server.start();
+    let mut agents = Vec::new();
+    for vm in ["hurt", "fine"] {
+        let identity = root.join(format!("{vm}.bundle"));
+        server.enroll_agent(vm, &identity);
+        let disk = root.join(format!("{vm}.img"));
+        make_random(&disk, 8, 2, 161);
+        agents.push(Agent::start(
+            &server,
+            &identity,
+            vm,
+            &[("sda", &disk)],
+            &root.join(format!("st-{vm}")),
+            &[],
+        ));
+        server.wait_connected(vm);
+        server.checkpoint(vm);
+    }
+    let second = serve_until_exit(&server);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("in use by another process"), "{second:?}");
+
+    server.kill9();
+    let segments = server.data.join("vms/hurt/sda/journal");
+    let mut segs: Vec<_> = std::fs::read_dir(&segments).unwrap().map(|e| e.unwrap().path()).collect();
+    segs.sort();
+    assert!(segs.len() > 2, "several segments: {segs:?}");
+    write_at(&segs[0], 0, b"XXXX");
+    server.start();
+    let hurt = server.status("hurt");
+    assert_eq!(hurt["health"], "critical", "{hurt}");
+    assert!(hurt["error"].as_str().unwrap().contains("stored data damaged"), "{hurt}");
+    let fine_disk = root.join("fine.img");
+    scatter_writes(&fine_disk, 0.02, 162);
+    let p = server.checkpoint("fine");
+    assert_point_recovers(&server, root, "fine", &p, &b3(&fine_disk, None));
+    let err = server.drctl_err(&["test-failover", "hurt", "--output", root.join("no").to_str().unwrap()]);
+    assert!(err.contains("could not be opened"), "{err}");
+
+    server.kill9();
+    for f in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
+        let _ = std::fs::rename(server.data.join(f), root.join(f));
+    }
+    let empty = serve_until_exit(&server);
+    assert!(!empty.status.success());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("no catalog"), "{empty:?}");
+}
+
+/// Runs `process-server serve` on the server's data directory, expecting it to stop by
+/// itself (a refusal); one still serving after 20 s is killed and fails the test.
+fn serve_until_exit(server: &Server) -> std::process::Output {
+    let mut child = std::process::Command::new(bin("process-server"))
+        .args(["serve", "--data-dir"])
+        .arg(&server.data)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if exited.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            panic!("a second process server on {} kept serving", server.data.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The background scrub finds a point that no longer recovers (a base image damaged on
+/// storage) and turns the VM critical, naming the point.
+#[test]
+fn the_scrub_names_a_point_that_does_not_recover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.extra = vec!["--scrub-every".into(), "1s".into()];
+    server.start();
+    let identity = root.join("rot.bundle");
+    server.enroll_agent("rot", &identity);
+    let disk = root.join("rot.img");
+    make_random(&disk, 8, 2, 171);
+    let _agent = Agent::start(&server, &identity, "rot", &[("sda", &disk)], &root.join("st"), &[]);
+    server.wait_connected("rot");
+    let p = server.checkpoint("rot");
+    assert_eq!(server.status("rot")["health"], "normal");
+    // Bit rot in the base image, where the disk is a hole (no record covers it).
+    write_at(&server.data.join("vms/rot/sda/base.img"), 6 << 20, b"rot");
+    let id = p["id"].to_string();
+    let s = deadline_poll("the scrub to notice", Duration::from_secs(30), || {
+        let s = server.status("rot");
+        s["error"].as_str().is_some_and(|e| e.contains(&format!("point {id} does not recover"))).then_some(s)
+    });
+    assert_eq!(s["health"], "critical", "{s}");
+}
+
+/// Smaller refusals: an identity is never written over an existing file, an output inside
+/// the data directory is refused, and so is a directory given as a disk.
+#[test]
+fn small_mistakes_are_refused_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let admin_before = std::fs::read(server.admin()).unwrap();
+    let err = server.drctl_err(&["enroll", "agent", "--vm", "x", "--out", server.admin().to_str().unwrap()]);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read(server.admin()).unwrap(), admin_before, "the admin bundle is untouched");
+
+    let identity = root.join("m.bundle");
+    server.enroll_agent("m", &identity);
+    let disk = root.join("m.img");
+    make_random(&disk, 8, 1, 181);
+    let _agent = Agent::start(&server, &identity, "m", &[("sda", &disk)], &root.join("st"), &[]);
+    server.wait_connected("m");
+    server.checkpoint("m");
+    let inside = server.data.join("tmp").join("drill");
+    let err = server.drctl_err(&["test-failover", "m", "--output", inside.to_str().unwrap()]);
+    assert!(err.contains("inside the process server's data directory"), "{err}");
+
+    let dir_disk = root.join("a-directory");
+    std::fs::create_dir(&dir_disk).unwrap();
+    let id2 = root.join("d.bundle");
+    server.enroll_agent("d", &id2);
+    let mut bad = Agent::start(&server, &id2, "d", &[("sda", &dir_disk)], &root.join("st-d"), &[]);
+    let status = deadline_poll("the agent to refuse the directory", Duration::from_secs(20), || {
+        bad.child.as_mut().unwrap().try_wait().unwrap()
+    });
+    assert!(!status.success());
+    assert!(bad.log_text().contains("not a disk"), "{}", bad.log_text());
+    let vms = server.drctl_json(&["status"]);
+    assert!(vms.as_array().unwrap().iter().all(|v| v["vm"] != "d"), "no empty VM left behind: {vms}");
+}
