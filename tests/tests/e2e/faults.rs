@@ -327,3 +327,199 @@ fn small_mistakes_are_refused_with_what_to_do() {
     let vms = server.drctl_json(&["status"]);
     assert!(vms.as_array().unwrap().iter().all(|v| v["vm"] != "d"), "no empty VM left behind: {vms}");
 }
+
+/// Writes 4 KiB pages of a disk as a VM would, sometimes writing a page back to a value it
+/// held before (the case a cut pass must not hide).
+struct Writer {
+    disk: std::fs::File,
+    pages: u64,
+    rng: rand::rngs::StdRng,
+    /// Earlier values of pages, to write back.
+    history: Vec<(u64, Vec<u8>)>,
+    /// The value each page written since the last point had at that point.
+    at_point: std::collections::HashMap<u64, Vec<u8>>,
+}
+
+impl Writer {
+    fn new(disk: &Path, seed: u64) -> Writer {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(disk).unwrap();
+        let pages = f.metadata().unwrap().len() / 4096;
+        Writer {
+            disk: f,
+            pages,
+            rng: rand::SeedableRng::seed_from_u64(seed),
+            history: Vec::new(),
+            at_point: Default::default(),
+        }
+    }
+
+    fn burst(&mut self, n: usize) {
+        use rand::{Rng, RngCore};
+        for _ in 0..n {
+            let (page, data) = if !self.history.is_empty() && self.rng.random_bool(0.3) {
+                let i = self.rng.random_range(0..self.history.len());
+                self.history.swap_remove(i)
+            } else {
+                let mut d = vec![0u8; 4096];
+                self.rng.fill_bytes(&mut d);
+                (self.rng.random_range(0..self.pages), d)
+            };
+            self.write(page, &data);
+        }
+        self.disk.sync_all().unwrap();
+    }
+
+    fn write(&mut self, page: u64, data: &[u8]) {
+        let mut old = vec![0u8; 4096];
+        self.disk.read_exact_at(&mut old, page * 4096).unwrap();
+        self.at_point.entry(page).or_insert_with(|| old.clone());
+        self.history.push((page, old));
+        self.disk.write_all_at(data, page * 4096).unwrap();
+    }
+
+    /// Writes up to `n` of the pages changed since the last point back to their value at
+    /// that point: what a pass cut short may have sent differently.
+    fn write_back_to_point(&mut self, n: usize) {
+        let pages: Vec<u64> = self.at_point.keys().copied().take(n).collect();
+        for page in pages {
+            if let Some(v) = self.at_point.remove(&page) {
+                self.disk.write_all_at(&v, page * 4096).unwrap();
+            }
+        }
+        self.disk.sync_all().unwrap();
+    }
+
+    /// A point was taken of the disk as it is now.
+    fn point_taken(&mut self) {
+        self.at_point.clear();
+    }
+}
+
+fn newest_point(server: &Server, vm: &str) -> u64 {
+    server.status(vm)["last_point"].as_u64().unwrap_or(0)
+}
+
+/// Every listed point of `vm` verifies; returns how many there are.
+fn verify_all_points(server: &Server, vm: &str) -> usize {
+    let points = server.drctl_json(&["points", vm]);
+    let points = points.as_array().unwrap();
+    for p in points {
+        let id = p["id"].to_string();
+        let v = server.drctl_json(&["verify", vm, "--point", &id]);
+        assert_eq!(v["ok"], true, "point {id} does not verify: {v}");
+    }
+    points.len()
+}
+
+/// The fault loop: a writer changes pages (sometimes back to earlier values); at a random
+/// moment of a pass the agent is killed, the process server is killed, or the connection
+/// drops, for a second; after every iteration every listed point verifies and the newest
+/// point's test failover equals the source as it was when the point was taken.
+/// `TERN_FAULT_ITERATIONS` (default 10) and `TERN_FAULT_SEED` set the run; it prints one
+/// summary line (bench/faults.sh runs it 100 times and reads that line).
+#[test]
+fn fault_loop() {
+    use rand::{Rng, RngCore, SeedableRng};
+    let iterations: usize =
+        std::env::var("TERN_FAULT_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let seed: u64 = std::env::var("TERN_FAULT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    });
+    eprintln!("fault loop: seed {seed} (TERN_FAULT_SEED={seed} repeats it)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.extra = vec!["--retention-every".into(), "2s".into()];
+    server.start();
+    let proxy = Proxy::start(server.port);
+    let identity = root.join("loop.bundle");
+    server.enroll_agent("loop", &identity);
+    let disk = root.join("loop.img");
+    make_random(&disk, 16, 4, seed);
+    let mut agent = Agent::start_at(
+        &proxy.url(),
+        &identity,
+        "loop",
+        &[("sda", &disk)],
+        &root.join("st"),
+        &["--max-rate", "1MiB"],
+    );
+    server.wait_connected("loop");
+    server.checkpoint("loop");
+    // Retention keeps the number of points (and of verifications) bounded in long runs.
+    server.drctl_json(&["policy", "set", "loop", "--retention", "90s"]);
+    let mut writer = Writer::new(&disk, seed);
+    let connected = |server: &Server| server.status("loop")["agent_connected"] == true;
+    let (mut verified, mut reconnects, mut cut_mid_pass) = (0usize, Vec::new(), 0usize);
+    for i in 0..iterations {
+        writer.burst(rng.random_range(20..200));
+        // A run of changed data, so that the pass (1 MiB/s) lasts long enough to be cut.
+        let mut run = vec![0u8; rng.random_range(512..1024) * 4096];
+        rng.fill_bytes(&mut run);
+        write_at(&disk, rng.random_range(0..2048u64) * 4096, &run);
+        let (seq_before, points_before) = (durable_seq(&server, "loop"), newest_point(&server, "loop"));
+        server.drctl_json(&["checkpoint", "loop"]);
+        // Once the pass has begun to land, at a random moment of it.
+        let started = Instant::now();
+        while durable_seq(&server, "loop") == seq_before
+            && newest_point(&server, "loop") == points_before
+            && started.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..1500)));
+        writer.burst(rng.random_range(0..20));
+        // Mid-pass: records of the pass are durable and its point is not made yet.
+        let mid_pass =
+            durable_seq(&server, "loop") > seq_before && newest_point(&server, "loop") == points_before;
+        cut_mid_pass += usize::from(mid_pass);
+        let fault = match rng.random_range(0..3) {
+            0 => Cut::AgentKill,
+            1 => Cut::ServerKill,
+            _ => Cut::Link,
+        };
+        match fault {
+            Cut::AgentKill => agent.kill9(),
+            Cut::ServerKill => server.kill9(),
+            Cut::Link => proxy.cut(),
+        }
+        if !matches!(fault, Cut::ServerKill) {
+            deadline_poll("the server to see the agent gone", Duration::from_secs(15), || {
+                (!connected(&server)).then_some(())
+            });
+        }
+        writer.burst(rng.random_range(0..40));
+        writer.write_back_to_point(rng.random_range(1..30));
+        std::thread::sleep(Duration::from_secs(1));
+        match fault {
+            Cut::AgentKill => agent.restart(),
+            Cut::ServerKill => server.start(),
+            Cut::Link => proxy.up(),
+        }
+        let back = Instant::now();
+        deadline_poll("the agent to reconnect", Duration::from_secs(30), || connected(&server).then_some(()));
+        let reconnect = back.elapsed();
+        reconnects.push((fault, reconnect));
+        let p = server.checkpoint("loop");
+        writer.point_taken();
+        let want = b3(&disk, None);
+        verified += verify_all_points(&server, "loop");
+        assert_point_recovers(&server, root, "loop", &p, &want);
+        eprintln!(
+            "fault loop: iteration {} {fault:?}{}: reconnected in {reconnect:.2?}, point {}",
+            i + 1,
+            if mid_pass { " mid-pass" } else { "" },
+            p["id"]
+        );
+    }
+    let max = reconnects.iter().map(|r| r.1).max().unwrap_or_default();
+    eprintln!(
+        "fault loop summary: {iterations} iterations ({cut_mid_pass} cut mid-pass), {verified} point \
+         verifications, all passed; reconnect after a 1 s outage: max {:.2} s ({} agent kills, {} server kills, {} dropped links)",
+        max.as_secs_f64(),
+        reconnects.iter().filter(|r| matches!(r.0, Cut::AgentKill)).count(),
+        reconnects.iter().filter(|r| matches!(r.0, Cut::ServerKill)).count(),
+        reconnects.iter().filter(|r| matches!(r.0, Cut::Link)).count(),
+    );
+}
