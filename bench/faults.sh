@@ -17,7 +17,7 @@ trap 'rm -f "$LOG"' EXIT
 echo "== fault loop: $ITERATIONS iterations, seed $SEED, release binaries"
 t0=$(date +%s)
 TERN_BIN_DIR="$PWD/target/release" TERN_FAULT_ITERATIONS=$ITERATIONS TERN_FAULT_SEED=$SEED \
-  cargo nextest run --locked -p tern-e2e --no-capture --test-threads 1 --slow-timeout 3600s \
+  cargo nextest run --locked -p tern-e2e --no-capture \
   -E 'test(=faults::fault_loop)' 2>&1 | tee "$LOG" | grep --line-buffered -E '^fault loop'
 t1=$(date +%s)
 grep -q 'fault loop summary' "$LOG" || { echo "the loop failed:"; tail -30 "$LOG"; exit 1; }

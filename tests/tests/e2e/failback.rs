@@ -555,3 +555,48 @@ fn reprotect_onto_a_block_device_written_after_it_was_read() {
     drop(device);
     assert_eq!(b3(&onprem, None), want, "the on-premises disk equals the recovered VM's final state");
 }
+
+/// On the way back: the recovered VM changes a page, a pass sends it, the recovered VM's
+/// agent is killed -9 mid-pass, the page goes back to its value at the last point, and the
+/// agent comes back. The records the cut pass left in the process server's spool (and on
+/// the master target) must not pass for the disk: the failback is byte-identical.
+#[test]
+fn a_cut_pass_then_a_page_written_back_while_reprotected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let Reprotected { onprem, recovered, mt: _mt, identity: rec_identity } =
+        reprotected(&server, root, "wb", (32, 4, 131), "before");
+    let mut rec =
+        recovered_agent_with(&server, root, "wb", &rec_identity, &recovered, &["--max-rate", "2MiB"]);
+    server.checkpoint("wb");
+    let page = |buf: &mut Vec<u8>| {
+        let f = std::fs::File::open(&recovered).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&f, buf, 10 * 4096).unwrap();
+    };
+    let mut at_point = vec![0u8; 4096];
+    page(&mut at_point);
+    let f = std::fs::OpenOptions::new().write(true).open(&recovered).unwrap();
+    let mut noise = vec![0u8; 6 << 20];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut noise);
+    std::os::unix::fs::FileExt::write_all_at(&f, &noise[..4096], 10 * 4096).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &noise, 16 << 20).unwrap();
+    f.sync_all().unwrap();
+    let durable = |s: &Server| s.status("wb")["disks"][0]["durable_seq"].as_u64().unwrap();
+    let before = durable(&server);
+    server.drctl_json(&["checkpoint", "wb"]);
+    deadline_poll("the pass to send page 10", Duration::from_secs(30), || {
+        (durable(&server) >= before + 2).then_some(())
+    });
+    rec.kill9();
+    std::os::unix::fs::FileExt::write_all_at(&f, &at_point, 10 * 4096).unwrap();
+    f.sync_all().unwrap();
+    rec.restart();
+    server.wait_connected("wb");
+    server.checkpoint("wb");
+    let want = b3(&recovered, None);
+    let res = server.drctl_json(&["failback", "wb"]);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
+    assert_eq!(b3(&onprem, None), want, "the on-premises disk equals the recovered VM's final state");
+}
