@@ -82,9 +82,42 @@ pub struct PassResult {
 }
 
 /// Identity of a file's content version: a write changes mtime or size.
-fn version(f: &File) -> std::io::Result<Option<(i64, i64, u64)>> {
+type Version = (i64, i64, u64);
+
+fn version(f: &File) -> std::io::Result<Option<Version>> {
     let m = f.metadata()?;
     Ok(m.file_type().is_file().then(|| (m.mtime(), m.mtime_nsec(), m.size())))
+}
+
+/// Kernels before 6.13 stamp mtime from a coarse clock (one tick, at most 10 ms): a write in
+/// the same tick as the one before leaves mtime as it was. A version taken while mtime is
+/// that close to now cannot tell such a write from none (git calls these entries "racily
+/// clean"), so the pass waits until mtime is this much in the past and looks again.
+const RACY_MARGIN: std::time::Duration = std::time::Duration::from_millis(25);
+/// Looks at most this often; a disk written all the time gives no version at all.
+const RACY_LOOKS: usize = 4;
+
+/// The version a pass starts from: one whose mtime is at least [`RACY_MARGIN`] old, so
+/// that any later write changes it; `None` when the file keeps being written (the pass is
+/// then a consistent cut only if frozen). `now` and `sleep` are the clock.
+fn settled_version(
+    stat: &mut dyn FnMut() -> std::io::Result<Option<Version>>,
+    now: &dyn Fn() -> std::time::SystemTime,
+    sleep: &mut dyn FnMut(std::time::Duration),
+) -> std::io::Result<Option<Version>> {
+    for _ in 0..RACY_LOOKS {
+        let Some(v) = stat()? else { return Ok(None) };
+        let mtime = u64::try_from(v.0)
+            .ok()
+            .and_then(|secs| u32::try_from(v.1).ok().map(|ns| std::time::Duration::new(secs, ns)))
+            .map(|d| std::time::UNIX_EPOCH + d);
+        let Some(settled_at) = mtime.map(|m| m + RACY_MARGIN) else { return Ok(Some(v)) };
+        match settled_at.duration_since(now()) {
+            Ok(wait) if !wait.is_zero() => sleep(wait),
+            _ => return Ok(Some(v)),
+        }
+    }
+    Ok(None)
 }
 
 /// Size of a disk image or block device.
@@ -128,7 +161,9 @@ pub fn run_pass(
         let read_err =
             |source| ScanError::Read { disk: d.name.clone(), path: d.path.display().to_string(), source };
         let f = File::open(&d.path).map_err(read_err)?;
-        versions.push(version(&f).map_err(read_err)?);
+        let settled =
+            settled_version(&mut || version(&f), &std::time::SystemTime::now, &mut |d| std::thread::sleep(d));
+        versions.push(settled.map_err(read_err)?);
     }
     for (i, (d, state)) in disks.iter().zip(states.iter_mut()).enumerate() {
         let feed = feeds.get_mut(i).and_then(Option::take);
@@ -573,6 +608,62 @@ mod tests {
     use super::*;
     use crate::state::DiskState;
     use std::os::unix::fs::FileExt;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    /// A file stamped by a coarse clock, as before Linux 6.13: `stat` sees the mtime of the
+    /// last write, and a clock that moves only when the pass sleeps.
+    struct Coarse {
+        clock: std::cell::Cell<SystemTime>,
+        slept: std::cell::Cell<Duration>,
+    }
+
+    fn as_version(t: SystemTime) -> Version {
+        let d = t.duration_since(UNIX_EPOCH).unwrap();
+        (d.as_secs() as i64, i64::from(d.subsec_nanos()), 4096)
+    }
+
+    #[test]
+    fn a_version_taken_in_the_tick_of_the_last_write_is_taken_again_once_settled() {
+        let start = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let c = Coarse { clock: start.into(), slept: Duration::ZERO.into() };
+        // Written in this very tick: its mtime is now.
+        let mtime = start;
+        let mut looks = 0;
+        let v = settled_version(
+            &mut || {
+                looks += 1;
+                Ok(Some(as_version(mtime)))
+            },
+            &|| c.clock.get(),
+            &mut |d| {
+                c.clock.set(c.clock.get() + d);
+                c.slept.set(c.slept.get() + d);
+            },
+        )
+        .unwrap();
+        assert_eq!(v, Some(as_version(mtime)));
+        assert_eq!(looks, 2, "looked again after waiting");
+        assert!(c.slept.get() >= RACY_MARGIN, "waited {:?}", c.slept.get());
+        // Any write from now on gets an mtime past the version's: the pass will see it.
+        assert!(c.clock.get() > mtime);
+    }
+
+    #[test]
+    fn an_old_version_is_taken_at_once_and_one_written_all_the_time_not_at_all() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let old = now - Duration::from_secs(5);
+        let mut slept = false;
+        let v = settled_version(&mut || Ok(Some(as_version(old))), &|| now, &mut |_| slept = true).unwrap();
+        assert_eq!(v, Some(as_version(old)));
+        assert!(!slept);
+        // Each look finds a write in the current tick.
+        let clock = std::cell::Cell::new(now);
+        let v = settled_version(&mut || Ok(Some(as_version(clock.get()))), &|| clock.get(), &mut |d| {
+            clock.set(clock.get() + d)
+        })
+        .unwrap();
+        assert_eq!(v, None, "no settled version: the pass is not a consistent cut unless frozen");
+    }
 
     /// A whole-disk pass sends runs of data blocks as records of up to 1 MiB (one chunk),
     /// zero blocks as zero extents, and the records rebuild the disk.

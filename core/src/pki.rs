@@ -200,13 +200,31 @@ impl Bundle {
         let key = blocks.iter().find(|(l, _)| l.ends_with("PRIVATE KEY")).map(|(_, b)| b);
         match (certs.as_slice(), key) {
             ([ca, cert], Some(key)) => {
-                Ok(Bundle { ca_pem: (*ca).clone(), cert_pem: (*cert).clone(), key_pem: key.clone() })
+                let b = Bundle { ca_pem: (*ca).clone(), cert_pem: (*cert).clone(), key_pem: key.clone() };
+                if !b.key_matches_certificate()? {
+                    return Err(bad(
+                        "its private key does not belong to its certificate (the bundle is damaged or was \
+                         put together from two); make a new one with `drctl enroll`",
+                    ));
+                }
+                Ok(b)
             }
             _ => Err(bad(
                 "not a tern identity bundle (expected the CA certificate, the client certificate and its key); \
                  make one with `drctl enroll`",
             )),
         }
+    }
+
+    /// Whether the private key is the one the certificate names: a mismatch otherwise
+    /// shows only as a TLS handshake that fails without saying why.
+    fn key_matches_certificate(&self) -> Result<bool, PkiError> {
+        let key =
+            rcgen::KeyPair::from_pem(&self.key_pem).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        let der = pem_to_der(&self.cert_pem)?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        Ok(cert.tbs_certificate.subject_pki.subject_public_key.data.as_ref() == key.public_key_raw())
     }
 
     pub fn load(path: &Path) -> Result<Bundle, PkiError> {
@@ -274,6 +292,11 @@ mod tests {
         let admin = ca.issue_client(&Role::Admin).unwrap();
         assert_eq!(admin.role().unwrap(), Role::Admin);
         assert!(Bundle::parse("garbage", "x").is_err());
+        // The key of another identity with this certificate: refused, saying so.
+        let other = ca.issue_client(&Role::Admin).unwrap();
+        let mixed = format!("{}{}{}", b.ca_pem, b.cert_pem, other.key_pem);
+        let err = Bundle::parse(&mixed, "mixed").unwrap_err().to_string();
+        assert!(err.contains("does not belong to its certificate"), "{err}");
         let (server, _) = ca.issue_server(&["dr.example".into()]).unwrap();
         assert_eq!(role_of(&pem_to_der(&server).unwrap()).unwrap(), Role::Server);
     }

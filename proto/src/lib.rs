@@ -60,10 +60,35 @@ pub fn endpoint(url: &str, bundle: &Bundle) -> Result<Endpoint, ConnectError> {
 }
 
 pub async fn connect(url: &str, bundle: &Bundle) -> Result<Channel, ConnectError> {
-    endpoint(url, bundle)?
-        .connect()
-        .await
-        .map_err(|e| ConnectError::Unreachable { url: url.to_string(), reason: error_chain(&e) })
+    endpoint(url, bundle)?.connect().await.map_err(|e| {
+        let mut reason = error_chain(&e);
+        if unknown_issuer(&e) {
+            reason.push_str(
+                " — the server's certificate is not from the CA in this identity bundle: the bundle \
+                 belongs to another deployment (or the server was initialised again); enroll a new one \
+                 against this server",
+            );
+        }
+        ConnectError::Unreachable { url: url.to_string(), reason }
+    })
+}
+
+/// Whether a connection failed because the server's certificate chains to another CA.
+fn unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        let rustls_error = c.downcast_ref::<rustls::Error>().or_else(|| {
+            c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref())
+        });
+        if matches!(
+            rustls_error,
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+        ) {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 /// The error and its sources, joined: tonic's top-level transport errors say little alone.

@@ -72,7 +72,17 @@ fn identities_are_enforced() {
     let out = drctl_as(&server.url(), &foreign.admin(), &["status"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("closed the connection") || err.contains("certificate"), "{err}");
+    assert!(err.contains("belongs to another deployment"), "{err}");
+
+    // A bundle whose key is another identity's: refused before dialling, saying why.
+    let own = std::fs::read_to_string(server.admin()).unwrap();
+    let theirs = std::fs::read_to_string(foreign.admin()).unwrap();
+    let key = |pem: &str| pem[pem.find("-----BEGIN PRIVATE KEY-----").unwrap()..].to_string();
+    let mixed = other.path().join("mixed.bundle");
+    std::fs::write(&mixed, own.replace(&key(&own), &key(&theirs))).unwrap();
+    let out = drctl_as(&server.url(), &mixed, &["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("does not belong to its certificate"), "{err}");
 
     // The admin identity still works, and the server logged each refusal with the identity.
     let out = server.drctl(&["status"]);
