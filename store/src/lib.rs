@@ -24,6 +24,8 @@
 //! | make a point of VM V | each disk's journal lock in name order (bookmark + sync), then the catalog lock | ingest of other VMs |
 //! | materialise (test failover) | D's journal lock only to take a snapshot, then nothing | ingest and points of the same disk |
 //! | catalog queries | the catalog lock, briefly | everything |
+//! | written_after (a new session's doubtful ranges) | D's retention lock shared, D's journal lock for a snapshot | ingest, points, materialisation |
+//! | the whole store | an exclusive flock on `DIR/lock` while open | nothing else in another process |
 
 pub mod catalog;
 pub mod durable;
