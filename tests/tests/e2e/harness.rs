@@ -528,6 +528,12 @@ struct ProxyState {
 
 impl Proxy {
     pub fn start(target_port: u16) -> Proxy {
+        Proxy::delayed(target_port, Duration::ZERO)
+    }
+
+    /// A proxy that delays every chunk by `one_way` in each direction, as a WAN would: a
+    /// delay line, so chunks in flight do not wait for one another.
+    pub fn delayed(target_port: u16, one_way: Duration) -> Proxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = std::sync::Arc::new(ProxyState::default());
@@ -542,14 +548,10 @@ impl Proxy {
                 let mut conns = st.conns.lock().unwrap();
                 conns.push(client.try_clone().unwrap());
                 conns.push(upstream.try_clone().unwrap());
-                for (mut from, mut to) in
+                for (from, to) in
                     [(client.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, client)]
                 {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                        let _ = from.shutdown(std::net::Shutdown::Both);
-                    });
+                    std::thread::spawn(move || delay_line(from, to, one_way));
                 }
             }
         });
@@ -571,4 +573,29 @@ impl Proxy {
     pub fn up(&self) {
         self.state.down.store(false, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// Copies `from` to `to`, each chunk `delay` after it was read; closes both at the end.
+fn delay_line(mut from: std::net::TcpStream, mut to: std::net::TcpStream, delay: Duration) {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(256);
+    let mut out = to.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for (due, chunk) in rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if out.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 256 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
 }

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""A WAN on loopback: a TCP proxy that delays every chunk by a fixed one-way delay in each
+direction (a delay line: chunks in flight are not held back by one another), with an
+optional rate cap per direction. The kernel's netem is not available in containers.
+
+    delay_proxy.py LISTEN_PORT TARGET_PORT DELAY_MS [RATE_MB_PER_S]
+
+Prints "listening on PORT" once it accepts connections (port 0 picks one).
+"""
+import asyncio
+import sys
+import time
+
+
+async def pump(reader, writer, delay, rate):
+    loop = asyncio.get_running_loop()
+    # Each chunk is written `delay` after it was read; a rate cap spaces the chunks out.
+    # Bounded, so a slow side pushes back on the other (at most 64 chunks of <= 1 MiB).
+    queue = asyncio.Queue(maxsize=64)
+    free_at = 0.0
+
+    async def deliver():
+        while True:
+            due, data = await queue.get()
+            if data is None:
+                break
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+        try:
+            writer.close()
+        except Exception:
+            pass
+
+    task = asyncio.create_task(deliver())
+    try:
+        while True:
+            data = await reader.read(1 << 20)
+            if not data:
+                break
+            now = loop.time()
+            if rate:
+                free_at = max(free_at, now) + len(data) / rate
+                due = free_at + delay
+            else:
+                due = now + delay
+            await queue.put((due, data))
+    except (ConnectionError, OSError):
+        pass
+    await queue.put((0, None))
+    await task
+
+
+async def main():
+    listen, target, delay_ms = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    rate = float(sys.argv[4]) * 1e6 if len(sys.argv) > 4 else 0.0
+    delay = delay_ms / 1000
+
+    async def handle(c_reader, c_writer):
+        try:
+            s_reader, s_writer = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:
+            c_writer.close()
+            return
+        await asyncio.gather(
+            pump(c_reader, s_writer, delay, rate), pump(s_reader, c_writer, delay, rate)
+        )
+
+    server = await asyncio.start_server(handle, "127.0.0.1", listen, limit=1 << 22)
+    print(f"listening on {server.sockets[0].getsockname()[1]}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
