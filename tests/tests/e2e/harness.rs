@@ -576,7 +576,7 @@ impl Proxy {
 }
 
 /// Copies `from` to `to`, each chunk `delay` after it was read; closes both at the end.
-fn delay_line(mut from: std::net::TcpStream, mut to: std::net::TcpStream, delay: Duration) {
+fn delay_line(mut from: std::net::TcpStream, to: std::net::TcpStream, delay: Duration) {
     use std::io::{Read, Write};
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(256);
     let mut out = to.try_clone().unwrap();
