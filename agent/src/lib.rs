@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 /// Times a checkpoint is retried when disks keep changing during the scan.
 const CONSISTENT_ATTEMPTS: usize = 5;
 /// Reconnecting: within about a second of the server being back (the cap), without
-/// hammering it meanwhile. The backoff starts over at every Welcome.
+/// hammering it meanwhile. The backoff starts over once a session has had records acked.
 const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(1);
 
@@ -56,11 +56,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|source| AgentError::StateDir { path: config.state_dir.display().to_string(), source })?;
     let config = Arc::new(config);
-    let mut backoff = tern_core::backoff::Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
+    // Unreachable, or gone after replication made progress: back within about a second.
+    let mut reconnect = tern_core::backoff::Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
+    // Welcomed, then failed before anything was acked (storage full on the server, a
+    // refused batch): each try costs a pass, so the tries space out further.
+    let mut refused = tern_core::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
+        let progress = Progress::default();
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = session(config.clone(), shutdown.clone(), &mut backoff) => r,
+            r = session(config.clone(), shutdown.clone(), &progress) => r,
         };
         match outcome {
             Ok(()) => return Ok(()),
@@ -69,7 +74,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
                 return Err(AgentError::Refused(status.message().to_string()));
             }
             Err(status) => {
-                let delay = backoff.next_delay();
+                if progress.acked.load(std::sync::atomic::Ordering::Relaxed) {
+                    reconnect.reset();
+                    refused.reset();
+                }
+                let delay = if progress.welcomed.load(std::sync::atomic::Ordering::Relaxed)
+                    && !progress.acked.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    refused.next_delay()
+                } else {
+                    reconnect.next_delay()
+                };
                 warn!(code = ?status.code(), error = %status.message(), retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                     "session with the process server ended; reconnecting");
                 tokio::select! {
@@ -112,10 +127,12 @@ struct Inbox {
     policy: Option<pb::Policy>,
     stand_down: Option<String>,
     point_ack: Option<u64>,
+    /// Set once the server acks records or a point: the session made progress.
+    acked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Inbox {
-    /// Acks need no handling: the agent's saved state moves only with acked points.
+    /// Acks only mark progress: the agent's saved state moves only with acked points.
     fn take(&mut self, m: Option<pb::ServerMessage>) -> Result<(), tonic::Status> {
         let Some(msg) = m else {
             return Err(tonic::Status::unavailable("the process server closed the stream"));
@@ -127,7 +144,13 @@ impl Inbox {
             Some(pb::server_message::Msg::Shutdown(r)) => self.shutdown = Some(r.request_id),
             Some(pb::server_message::Msg::Policy(p)) => self.policy = Some(p),
             Some(pb::server_message::Msg::StandDown(s)) => self.stand_down = Some(s.reason),
-            Some(pb::server_message::Msg::PointAck(p)) => self.point_ack = Some(p.point_id),
+            Some(pb::server_message::Msg::PointAck(p)) => {
+                self.acked.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.point_ack = Some(p.point_id);
+            }
+            Some(pb::server_message::Msg::Ack(_)) => {
+                self.acked.store(true, std::sync::atomic::Ordering::Relaxed)
+            }
             Some(pb::server_message::Msg::BlockHashes(bh)) => {
                 let Some((size, feed)) = self.feeds.get(&bh.disk) else { return Ok(()) };
                 let size = *size;
@@ -193,10 +216,17 @@ impl Schedule {
     }
 }
 
+/// How far a session came: welcomed, and records or a point acked.
+#[derive(Debug, Default)]
+struct Progress {
+    welcomed: std::sync::atomic::AtomicBool,
+    acked: Arc<std::sync::atomic::AtomicBool>,
+}
+
 async fn session(
     config: Arc<Config>,
     shutdown: CancellationToken,
-    backoff: &mut tern_core::backoff::Backoff,
+    progress: &Progress,
 ) -> Result<(), tonic::Status> {
     let channel = pb::connect(&config.server, &config.identity).await.map_err(status_of)?;
     let mut client = pb::replication_client::ReplicationClient::new(channel)
@@ -238,10 +268,10 @@ async fn session(
             Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => w,
             _ => return Err(tonic::Status::internal("the server did not answer Hello with Welcome")),
         };
-        backoff.reset();
+        progress.welcomed.store(true, std::sync::atomic::Ordering::Relaxed);
         // What the receiver holds, per disk.
         let mut states = choose_states(&config, &welcome, saved);
-        let mut inbox = Inbox::default();
+        let mut inbox = Inbox { acked: progress.acked.clone(), ..Default::default() };
         // The first pass compares with the receiver's block hashes as they arrive.
         let mut feeds: Vec<Option<std::sync::mpsc::Receiver<scan::HashChunk>>> = Vec::new();
         for d in &config.disks {
@@ -481,8 +511,9 @@ fn choose_states(config: &Config, welcome: &pb::Welcome, saved: Vec<Option<DiskS
         .map(|(d, saved)| {
             let w = welcome.disks.iter().find(|w| w.name == d.name.as_str());
             let (generation, durable) = w.map_or((String::new(), 0), |w| (w.generation.clone(), w.durable_seq));
+            let trusted = w.is_some_and(|w| !w.state_invalid);
             match saved {
-                Some(mut s) if s.generation == generation && s.seq.0 <= durable => {
+                Some(mut s) if trusted && s.generation == generation && s.seq.0 <= durable => {
                     let doubtful = w.map_or(&[][..], |w| &w.doubtful[..]);
                     let forgotten = s.forget(doubtful.iter().map(|r| (r.offset, r.length)));
                     if forgotten > 0 {

@@ -132,6 +132,18 @@ fn run() -> anyhow::Result<()> {
         shutdown,
         max_rate: parse_size(&max_rate)?,
     };
+    if !config.hooks.configured()
+        && let Some(d) = config.disks.iter().find(|d| d.block_device)
+    {
+        bail!(
+            "disk {} ({}) is a block device: nothing shows whether it changed while it was read, so \
+             its points need a freeze. Give --freeze-fs MOUNT for each file system on it, or \
+             --freeze CMD --thaw CMD that quiesce what writes it (--freeze true --thaw true if \
+             nothing does, e.g. the VM is off)",
+            d.name,
+            d.path.display()
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let shutdown = tern_proto::daemon::shutdown_on_signal();

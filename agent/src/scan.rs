@@ -113,6 +113,9 @@ fn settled_version(
             .map(|d| std::time::UNIX_EPOCH + d);
         let Some(settled_at) = mtime.map(|m| m + RACY_MARGIN) else { return Ok(Some(v)) };
         match settled_at.duration_since(now()) {
+            // An mtime in the future (a clock stepped back, a copied timestamp) is never
+            // waited out: no version, the pass is a cut only if frozen.
+            Ok(wait) if wait > RACY_MARGIN => return Ok(None),
             Ok(wait) if !wait.is_zero() => sleep(wait),
             _ => return Ok(Some(v)),
         }
@@ -663,6 +666,11 @@ mod tests {
         })
         .unwrap();
         assert_eq!(v, None, "no settled version: the pass is not a consistent cut unless frozen");
+        // An mtime an hour ahead is not waited for.
+        let ahead = now + Duration::from_secs(3600);
+        let mut slept = Duration::ZERO;
+        let v = settled_version(&mut || Ok(Some(as_version(ahead))), &|| now, &mut |d| slept += d).unwrap();
+        assert_eq!((v, slept), (None, Duration::ZERO));
     }
 
     /// A whole-disk pass sends runs of data blocks as records of up to 1 MiB (one chunk),

@@ -335,6 +335,7 @@ impl pb::replication_server::Replication for RelayService {
                         durable_seq: j.durable().0,
                         generation: h.generation(),
                         doubtful: Vec::new(),
+                        state_invalid: false,
                     }
                 })
                 .collect(),

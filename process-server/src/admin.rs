@@ -552,8 +552,11 @@ fn point_arg(vm: &VmName, s: &str) -> Result<PointSpec, Status> {
 
 fn output_arg(s: &str, data_dir: &std::path::Path) -> Result<(), Status> {
     let path = std::path::Path::new(s);
-    if s.is_empty() || !path.is_absolute() {
-        return Err(Status::invalid_argument("--output must be an absolute directory on the process server"));
+    if s.is_empty() || !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(Status::invalid_argument(
+            "--output must be an absolute directory on the process server, without `..`",
+        ));
     }
     // Resolved through symlinks as far as the path exists; the rest is yet to be made.
     let resolve = |p: &std::path::Path| {

@@ -95,7 +95,9 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
             for vm in c.store.vms().unwrap_or_default() {
                 // Only while the journal is this site's own: a reprotected VM's journal is the
                 // spool for the master target and is kept whole until failback.
-                if !c.store.vm_state(&vm).is_ok_and(|s| s == "protected" || s == "failed-over") {
+                if !c.store.vm_state(&vm).is_ok_and(|s| s == "protected" || s == "failed-over")
+                    || c.store.damaged(&vm).is_some()
+                {
                     continue;
                 }
                 if let Err(e) = c.store.apply_retention(&vm, tern_store::now_ms()) {

@@ -162,7 +162,6 @@ async fn relay_session(
         Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => w,
         _ => return Err(Status::internal("the master target did not answer Hello")),
     };
-    backoff.reset();
     let mut next: HashMap<DiskName, Seq> = HashMap::new();
     for h in &handles {
         let mt = welcome.disks.iter().find(|d| d.name == h.name.as_str()).map_or(0, |d| d.durable_seq);
@@ -214,6 +213,9 @@ async fn relay_session(
             m = inbound.message() => match m? {
                 None => return Err(Status::unavailable("the master target closed the stream")),
                 Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Ack(a)) }) => {
+                    // Progress: the next outage starts the backoff over (not a Welcome alone: a
+                    // master target that fails every session after it must not be hammered).
+                    backoff.reset();
                     if let Ok(d) = DiskName::new(&a.disk) {
                         let mut acked = lock(&ctx.relay.acked);
                         let e = acked.entry((vm.clone(), d)).or_default();

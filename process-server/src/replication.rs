@@ -149,10 +149,8 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             for h in &hs {
                 h.journal().sync()?;
             }
-            let doubtful = hs
-                .iter()
-                .map(|h| doubtful_ranges(&store, h, agent_states.get(&h.name)))
-                .collect::<Result<Vec<_>, _>>()?;
+            let doubtful: Vec<_> =
+                hs.iter().map(|h| doubtful_ranges(&store, h, agent_states.get(&h.name))).collect();
             let policy = store.catalog().policy(&vm2)?;
             let reprotect = store.catalog().reprotect(&vm2)?;
             let reprotect = reprotect.filter(|_| store.vm_state(&vm2).is_ok_and(|s| s == "reprotected"));
@@ -198,6 +196,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                     name: h.name.to_string(),
                     durable_seq: h.journal().durable().0,
                     generation: h.generation(),
+                    state_invalid: doubtful.is_none(),
                     doubtful: doubtful
                         .unwrap_or_default()
                         .into_iter()
@@ -289,21 +288,21 @@ fn doubtful_ranges(
     store: &tern_store::Store,
     h: &DiskHandle,
     agent: Option<&(String, u64)>,
-) -> Result<Option<Vec<(u64, u64)>>, tern_store::StoreError> {
+) -> Option<Vec<(u64, u64)>> {
     let durable = h.journal().durable();
-    let Some((generation, seq)) = agent else { return Ok(None) };
+    let (generation, seq) = agent?;
     if *generation != h.generation() || Seq(*seq) > durable {
-        return Ok(None);
+        return None;
     }
     if Seq(*seq) == durable {
-        return Ok(Some(Vec::new()));
+        return Some(Vec::new());
     }
-    let ranges = store.written_after(h, Seq(*seq), durable)?;
+    let ranges = store.written_after(h, Seq(*seq), durable);
     if let Some(r) = &ranges {
         info!(vm = %h.vm, disk = %h.name, agent_seq = seq, durable = %durable, ranges = r.len(),
             "records past the agent's saved state: it compares those ranges again");
     }
-    Ok(ranges.filter(|r| r.len() <= MAX_DOUBTFUL_RANGES))
+    ranges.filter(|r| r.len() <= MAX_DOUBTFUL_RANGES)
 }
 
 /// Splits a request into its metadata (for authorisation) and the inbound stream.

@@ -15,7 +15,8 @@ use tracing::{error, info};
 pub struct ScrubConfig {
     /// Time between the start of two rounds; zero turns the scrub off.
     pub every: Duration,
-    /// Bytes of disk verified per second at most, averaged over each point.
+    /// Bytes of disk verified per second, on average: each point is read at full speed,
+    /// then the scrub pauses until the rate is kept.
     pub rate: u64,
 }
 
@@ -86,9 +87,22 @@ async fn scrub_vm(ctx: &Arc<Ctx>, vm: &VmName, config: ScrubConfig) -> bool {
             Ok(Err(e)) => Some(e.to_string()),
             Err(e) => Some(e.to_string()),
         };
-        if let Some(problem) = problem {
+        // Retention may have pruned the point while it was read: only a point still listed
+        // can be broken.
+        let listed = {
+            let c = ctx.clone();
+            let v = vm.clone();
+            tokio::task::spawn_blocking(move || {
+                c.store.points(&v).is_ok_and(|ps| ps.iter().any(|p| p.id == id))
+            })
+            .await
+            .unwrap_or(true)
+        };
+        if let Some(problem) = problem.filter(|_| listed) {
             error!(vm = %vm, point = %id, problem = %problem, "scrub: a recovery point does not recover");
-            broken.get_or_insert_with(|| format!("scrub: point {id} does not recover: {problem}"));
+            let b = broken.get_or_insert_with(|| format!("scrub: point {id} does not recover: {problem}"));
+            // Shown at once, not after the whole round.
+            lock(&ctx.scrub.failures).insert(vm.clone(), b.clone());
         }
         // The rate bounds how fast the scrub reads the store, whatever the disk sizes.
         let bytes: u64 = ctx.store.point_disks(vm, p).map_or(0, |hs| hs.iter().map(|h| h.size).sum());

@@ -151,7 +151,10 @@ impl Store {
         crate::durable::create_dir_durable(&scratch)?;
         let mut out = Vec::new();
         for (h, pd) in self.point_disks(vm, &point)?.into_iter().zip(&point.disks) {
-            let path = scratch.join(format!("verify-{}-{}-{}.raw", vm, h.name, std::process::id()));
+            // Unique per call: the scrub and `drctl verify` may rebuild the same disk at once.
+            static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = scratch.join(format!("verify-{}-{}-{}-{n}.raw", vm, h.name, std::process::id()));
             let snapshot = h.journal().snapshot();
             let result =
                 materialize_disk(&h, &snapshot, pd.seq, pd.fingerprint, &path, Format::Raw, &mut |_| {});

@@ -24,7 +24,7 @@
 //! | make a point of VM V | each disk's journal lock in name order (bookmark + sync), then the catalog lock | ingest of other VMs |
 //! | materialise (test failover) | D's journal lock only to take a snapshot, then nothing | ingest and points of the same disk |
 //! | catalog queries | the catalog lock, briefly | everything |
-//! | written_after (a new session's doubtful ranges) | D's retention lock shared, D's journal lock for a snapshot | ingest, points, materialisation |
+//! | written_after (a new session's doubtful ranges) | D's journal lock for a snapshot, then nothing (a segment retention deletes meanwhile gives `None`) | everything |
 //! | the whole store | an exclusive flock on `DIR/lock` while open | nothing else in another process |
 
 pub mod catalog;
@@ -501,25 +501,33 @@ impl Store {
     }
 
     /// The byte ranges that records numbered `after < seq <= upto` wrote, merged where
-    /// they touch, in offset order; `None` when some of those records are no longer in the
-    /// journal (folded into the base image) and cannot be told.
-    pub fn written_after(
-        &self,
-        h: &DiskHandle,
-        after: Seq,
-        upto: Seq,
-    ) -> Result<Option<Vec<(u64, u64)>>, StoreError> {
-        let _reading = h.read_lock();
-        if after < h.base_seq() {
-            return Ok(None);
-        }
-        let snapshot = h.journal().snapshot();
+    /// they touch, in offset order; `None` when they cannot be told: some are no longer in
+    /// the journal (folded into the base image, or their segment deleted while this read),
+    /// or one does not read back. Takes no lock that retention or a long read could hold
+    /// it behind: a new session must not wait on a scrub.
+    pub fn written_after(&self, h: &DiskHandle, after: Seq, upto: Seq) -> Option<Vec<(u64, u64)>> {
+        let snapshot = {
+            let j = h.journal();
+            if after < h.base_seq() {
+                return None;
+            }
+            j.snapshot()
+        };
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for r in snapshot.read_range(after, upto) {
-            let r = r?.record;
+            let r = match r {
+                Ok(r) => r.record,
+                Err(e) => {
+                    tracing::warn!(vm = %h.vm, disk = %h.name, error = %e, "records past a sender's state do not read back");
+                    return None;
+                }
+            };
             if r.kind != format::RecordKind::Bookmark {
                 ranges.push((r.offset, r.offset + u64::from(r.length)));
             }
+        }
+        if h.base_seq() > after {
+            return None;
         }
         ranges.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
@@ -529,7 +537,7 @@ impl Store {
                 _ => merged.push((a, b)),
             }
         }
-        Ok(Some(merged))
+        Some(merged)
     }
 
     /// Makes a recovery point: bookmarks in every disk's journal, fsynced, then the catalog.

@@ -36,6 +36,10 @@ impl Store {
 
     /// One retention pass over `vm` at time `now_ms`.
     pub fn apply_retention(&self, vm: &VmName, now_ms: i64) -> Result<RetentionReport, StoreError> {
+        // A VM whose data could not be opened keeps every point until it is repaired.
+        if let Some(reason) = self.damaged(vm) {
+            return Err(StoreError::VmDamaged { vm: vm.clone(), reason: reason.to_string() });
+        }
         let (policy, points) = {
             let c = self.catalog();
             (c.policy(vm)?, c.points(vm)?)

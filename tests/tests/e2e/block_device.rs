@@ -99,3 +99,24 @@ fn a_database_on_a_mounted_block_device_is_in_every_point() {
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
 }
+
+/// A block device without a freeze hook could never give a consistent cut (no change
+/// signal): the agent refuses it at start and says what to give.
+#[test]
+fn a_block_device_without_a_freeze_hook_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let image = root.join("bare.img");
+    make_random(&image, 8, 1, 201);
+    let device = LoopDevice::attach(&image);
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("bare.bundle");
+    server.enroll_agent("bare", &identity);
+    let mut agent = Agent::start(&server, &identity, "bare", &[("sda", &device.dev)], &root.join("st"), &[]);
+    let status = deadline_poll("the agent to refuse the device", Duration::from_secs(20), || {
+        agent.child.as_mut().unwrap().try_wait().unwrap()
+    });
+    assert!(!status.success());
+    assert!(agent.log_text().contains("is a block device") && agent.log_text().contains("--freeze-fs"));
+}
