@@ -110,60 +110,15 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             })?;
         let store = ctx.store.clone();
         let vm2 = vm.clone();
-        let registered = tokio::task::spawn_blocking(move || {
-            if let Some(reason) = store.damaged(&vm2) {
-                return Ok(Err(Status::unavailable(format!(
-                    "VM {vm2}'s stored data on the process server is damaged ({reason}); it takes no records \
-                     until it is repaired and the server restarted (other VMs are not affected)"
-                ))));
-            }
-            let known = store.catalog().has_vm(&vm2)?;
-            if known {
-                let state = store.vm_state(&vm2)?;
-                if state != "protected" && state != "reprotected" {
-                    warn!(vm = %vm2, state = %state, "agent refused: the VM no longer replicates from this source");
-                    return Ok(Err(Status::failed_precondition(format!(
-                        "VM {vm2} is {state}: it no longer replicates from this source, so the agent stands down"
-                    ))));
-                }
-            }
-            // A disk may be added (earlier points cover the disks they were made with), not
-            // left out: points without it would fail over a VM that lacks a disk.
-            let missing: Vec<String> = store
-                .vm_disks(&vm2)
-                .iter()
-                .filter(|h| !disks.iter().any(|(n, _)| *n == h.name))
-                .map(|h| h.name.to_string())
-                .collect();
-            if !missing.is_empty() {
-                warn!(vm = %vm2, missing = ?missing, "agent refused: it leaves out disks of the VM");
-                return Ok(Err(Status::failed_precondition(format!(
-                    "VM {vm2} is protected with disk(s) {} that this agent does not give; pass every disk \
-                     (--disk NAME=PATH for each), since recovery points must cover the whole VM",
-                    missing.join(", ")
-                ))));
-            }
-            let hs = store.register(&vm2, &disks)?;
-            // Written-but-unacked records of an earlier session become durable here, so the
-            // position the agent resumes from is exactly what is on disk.
-            for h in &hs {
-                h.journal().sync()?;
-            }
-            let doubtful: Vec<_> =
-                hs.iter().map(|h| doubtful_ranges(&store, h, agent_states.get(&h.name))).collect();
-            let policy = store.catalog().policy(&vm2)?;
-            let reprotect = store.catalog().reprotect(&vm2)?;
-            let reprotect = reprotect.filter(|_| store.vm_state(&vm2).is_ok_and(|s| s == "reprotected"));
-            Ok::<_, tern_store::StoreError>(Ok((hs, doubtful, policy, reprotect)))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(store_status)
-        .inspect_err(|e| {
-            warn!(vm = %vm, error = %e.message(), "replication session refused");
-            ctx.hub.set_error(&vm, e.message());
-        })?;
-        let (handles, doubtful, policy, reprotect) = registered?;
+        let registered = tokio::task::spawn_blocking(move || admit(&store, &vm2, &disks, &agent_states))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)
+            .inspect_err(|e| {
+                warn!(vm = %vm, error = %e.message(), "replication session refused");
+                ctx.hub.set_error(&vm, e.message());
+            })?;
+        let Admitted { handles, doubtful, policy, reprotect } = registered?;
         // An agent without a valid hash map of the receiver's copy gets the receiver's block
         // hashes: a delta sync. Reprotected, the receiver is the master target's disk: its
         // hashes (original location), zeroes (a new alternate disk), or none with
@@ -275,7 +230,71 @@ impl tern_proto::replication_server::Replication for ReplicationService {
     }
 }
 
-/// Doubtful ranges past this many make the agent's state worthless: a delta sync instead.
+/// What a session starts from once its agent is admitted.
+struct Admitted {
+    handles: Vec<Arc<DiskHandle>>,
+    /// Per disk, the ranges the agent's state cannot vouch for (see [`doubtful_ranges`]).
+    doubtful: Vec<Option<Vec<(u64, u64)>>>,
+    policy: tern_store::catalog::Policy,
+    reprotect: Option<tern_store::catalog::ReprotectRow>,
+}
+
+/// Admits an agent's Hello: refuses a VM whose data is damaged, that no longer replicates
+/// from its source, or whose disks the Hello leaves out (`Ok(Err)`); registers its disks,
+/// makes what earlier sessions wrote durable, and finds what the agent's state cannot vouch
+/// for.
+fn admit(
+    store: &tern_store::Store,
+    vm: &VmName,
+    disks: &[(DiskName, u64)],
+    agent_states: &HashMap<DiskName, (String, u64)>,
+) -> Result<Result<Admitted, Status>, tern_store::StoreError> {
+    if let Some(reason) = store.damaged(vm) {
+        return Ok(Err(Status::unavailable(format!(
+            "VM {vm}'s stored data on the process server is damaged ({reason}); it takes no records \
+             until it is repaired and the server restarted (other VMs are not affected)"
+        ))));
+    }
+    let known = store.catalog().has_vm(vm)?;
+    if known {
+        let state = store.vm_state(vm)?;
+        if state != "protected" && state != "reprotected" {
+            warn!(vm = %vm, state = %state, "agent refused: the VM no longer replicates from this source");
+            return Ok(Err(Status::failed_precondition(format!(
+                "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down"
+            ))));
+        }
+    }
+    // A disk may be added (earlier points cover the disks they were made with), not
+    // left out: points without it would fail over a VM that lacks a disk.
+    let missing: Vec<String> = store
+        .vm_disks(vm)
+        .iter()
+        .filter(|h| !disks.iter().any(|(n, _)| *n == h.name))
+        .map(|h| h.name.to_string())
+        .collect();
+    if !missing.is_empty() {
+        warn!(vm = %vm, missing = ?missing, "agent refused: it leaves out disks of the VM");
+        return Ok(Err(Status::failed_precondition(format!(
+            "VM {vm} is protected with disk(s) {} that this agent does not give; pass every disk \
+             (--disk NAME=PATH for each), since recovery points must cover the whole VM",
+            missing.join(", ")
+        ))));
+    }
+    let hs = store.register(vm, disks)?;
+    // Written-but-unacked records of an earlier session become durable here, so the
+    // position the agent resumes from is exactly what is on disk.
+    for h in &hs {
+        h.journal().sync()?;
+    }
+    let doubtful: Vec<_> = hs.iter().map(|h| doubtful_ranges(store, h, agent_states.get(&h.name))).collect();
+    let policy = store.catalog().policy(vm)?;
+    let reprotect = store.catalog().reprotect(vm)?;
+    let reprotect = reprotect.filter(|_| store.vm_state(vm).is_ok_and(|s| s == "reprotected"));
+    Ok(Ok(Admitted { handles: hs, doubtful, policy, reprotect }))
+}
+
+/// Doubtful ranges past this many make the agent's state worthless: it compares every block.
 const MAX_DOUBTFUL_RANGES: usize = 1 << 16;
 
 /// Whether the agent's saved state (generation, seq) can go on describing the server's copy
