@@ -13,14 +13,14 @@ ITERATIONS=${ITERATIONS:-100}
 SEED=${SEED:-$(date +%s)}
 cargo build --quiet --release --workspace --bins --locked
 LOG=$(mktemp /tmp/tern-faults.XXXXXX)
-trap 'rm -f "$LOG"' EXIT
 echo "== fault loop: $ITERATIONS iterations, seed $SEED, release binaries"
 t0=$(date +%s)
 TERN_BIN_DIR="$PWD/target/release" TERN_FAULT_ITERATIONS=$ITERATIONS TERN_FAULT_SEED=$SEED \
   cargo nextest run --locked -p tern-e2e --no-capture \
-  -E 'test(=faults::fault_loop)' 2>&1 | tee "$LOG" | grep --line-buffered -E '^fault loop'
+  -E 'test(=faults::fault_loop)' 2>&1 | tee "$LOG" | grep --line-buffered -E '^fault loop' || true
 t1=$(date +%s)
-grep -q 'fault loop summary' "$LOG" || { echo "the loop failed:"; tail -30 "$LOG"; exit 1; }
+grep -q 'fault loop summary' "$LOG" || { echo "the loop failed (whole output in $LOG):"; grep -E -A12 'panicked|FAIL' "$LOG" | head -60; exit 1; }
+rm -f "$LOG"
 python3 - "$LOG" <<'PY'
 import re, sys
 times = {}
