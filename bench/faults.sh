@@ -20,7 +20,6 @@ TERN_BIN_DIR="$PWD/target/release" TERN_FAULT_ITERATIONS=$ITERATIONS TERN_FAULT_
   -E 'test(=faults::fault_loop)' 2>&1 | tee "$LOG" | grep --line-buffered -E '^fault loop' || true
 t1=$(date +%s)
 grep -q 'fault loop summary' "$LOG" || { echo "the loop failed (whole output in $LOG):"; grep -E -A12 'panicked|FAIL' "$LOG" | head -60; exit 1; }
-rm -f "$LOG"
 python3 - "$LOG" <<'PY'
 import re, sys
 times = {}
@@ -37,4 +36,5 @@ for kind, ts in sorted(times.items()):
 print("every reconnect within 3 s: " + ("yes" if over == 0 else f"NO ({over} over)"))
 sys.exit(1 if over else 0)
 PY
+rm -f "$LOG"
 echo "wall time: $((t1 - t0)) s"
