@@ -65,7 +65,20 @@ enum Cmd {
         /// Largest rate on the wire, e.g. 20MiB (bytes per second); 0 for no limit.
         #[arg(long, default_value = "0")]
         max_rate: String,
+        /// What the disks hold. Only raw disks are replicated; a disk that starts with the
+        /// header of an image container (qcow2, VMDK, VHDX, dynamic VHD) is refused unless
+        /// `raw` is given (the VM itself wrote those bytes).
+        #[arg(long, value_enum, default_value = "detect")]
+        disk_format: DiskFormat,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DiskFormat {
+    /// Refuse disks that start with an image container's header.
+    Detect,
+    /// Replicate every disk as raw bytes, whatever they start with.
+    Raw,
 }
 
 fn main() {
@@ -88,6 +101,7 @@ fn run() -> anyhow::Result<()> {
         hook_timeout,
         shutdown,
         max_rate,
+        disk_format,
     } = Cli::parse().cmd;
     if let Mode::Nbd = mode {
         bail!("--mode nbd is not built yet; use --mode scan");
@@ -113,6 +127,18 @@ fn run() -> anyhow::Result<()> {
             .and_then(|d| Ok((d.size()?, d.is_direct())))
             .with_context(|| format!("disk {name}: cannot open {}", path.display()));
         let (size, block_device) = disk?;
+        if disk_format == DiskFormat::Detect
+            && let Some(container) = tern_core::disk::container_format(&path)
+                .with_context(|| format!("disk {name}: cannot read {}", path.display()))?
+        {
+            bail!(
+                "disk {name}: {} is a {container} image, not a raw disk: replicated as it is, its \
+                 recovery points would hold the container's bytes, not the VM's disk. Convert it \
+                 (qemu-img convert -O raw), or serve it as a block device (qemu-nbd -c /dev/nbdN) and \
+                 protect that; if the VM itself wrote these bytes, pass --disk-format raw",
+                path.display()
+            );
+        }
         if size == 0 {
             bail!("disk {name}: {} is empty", path.display());
         }

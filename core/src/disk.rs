@@ -153,6 +153,30 @@ fn aligned(n: usize) -> bool {
     n.is_multiple_of(ALIGN)
 }
 
+/// The image container a disk's first bytes announce, if any: such a file holds a
+/// container (metadata, tables, compressed clusters), not the guest's disk byte for byte.
+pub fn container_format(path: &Path) -> io::Result<Option<&'static str>> {
+    let disk = DiskReader::open(path)?;
+    let mut head = AlignedBuf::new(1024);
+    let len = usize::try_from(disk.size()?.min(1024)).unwrap_or(0) / 512 * 512;
+    if len == 0 {
+        return Ok(None);
+    }
+    disk.read_exact_at(&mut head[..len], 0)?;
+    let at = |offset: usize, magic: &[u8]| head[..len].get(offset..offset + magic.len()) == Some(magic);
+    Ok(if at(0, b"QFI\xfb") {
+        Some("qcow2")
+    } else if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") {
+        Some("VMDK")
+    } else if at(0, b"vhdxfile") {
+        Some("VHDX")
+    } else if at(0, b"conectix") || at(512, b"cxsparse") {
+        Some("dynamic VHD")
+    } else {
+        None
+    })
+}
+
 /// Opens a disk for writing. For a block device, first drops the clean pages of its page
 /// cache: they may be stale (see the module doc), and a write of part of a page merges
 /// into whatever the cache holds.
@@ -203,6 +227,25 @@ mod tests {
         }
         let mut buf = vec![0u8; 2];
         assert!(r.read_exact_at(&mut buf, data.len() as u64 - 1).is_err(), "a read past the end fails");
+    }
+
+    #[test]
+    fn container_headers_are_recognised_and_raw_disks_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&[u8], Option<&str>); 5] = [
+            (b"QFI\xfb\0\0\0\x03", Some("qcow2")),
+            (b"KDMV\x01\0\0\0", Some("VMDK")),
+            (b"vhdxfile", Some("VHDX")),
+            (b"conectix", Some("dynamic VHD")),
+            (b"\xeb\x63\x90 an MBR boot sector", None),
+        ];
+        for (i, (head, want)) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("d{i}.img"));
+            let mut data = vec![0u8; 4096];
+            data[..head.len()].copy_from_slice(head);
+            std::fs::write(&path, &data).unwrap();
+            assert_eq!(container_format(&path).unwrap(), *want, "case {i}");
+        }
     }
 
     #[test]

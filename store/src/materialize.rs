@@ -33,10 +33,34 @@ impl Format {
 pub struct OutputDisk {
     pub name: String,
     pub file: String,
+    /// `raw` or `vhd`.
+    pub format: &'static str,
+    /// The disk's size: `blake3` and `fingerprint` cover these bytes.
     pub size: u64,
-    /// BLAKE3 of the disk's contents (for VHD: without the footer).
+    /// The size the output presents: for VHD the disk padded with zeroes to a whole MiB
+    /// (what cloud managed disks take); the footer follows it.
+    pub virtual_size: u64,
+    /// BLAKE3 of the disk's contents (its first `size` bytes; not the padding or footer).
     pub blake3: String,
     pub fingerprint: String,
+}
+
+/// A VHD's virtual size: the disk padded with zeroes to a whole MiB, as cloud managed
+/// disks require (and qemu needs whole 512-byte sectors).
+pub fn vhd_virtual_size(size: u64) -> u64 {
+    size.next_multiple_of(1 << 20)
+}
+
+/// A fresh random (version 4) UUID for a VHD's unique id: every export is a new disk.
+fn random_uuid() -> Result<[u8; 16], StoreError> {
+    use std::io::Read;
+    let mut id = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(io_err(Path::new("/dev/urandom")))?;
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    Ok(id)
 }
 
 const COPY_CHUNK: usize = 1 << 20;
@@ -71,7 +95,8 @@ pub fn materialize_disk(
         .truncate(true)
         .open(&tmp)
         .map_err(io_err(&tmp))?;
-    out.set_len(disk.size).map_err(io_err(&tmp))?;
+    let virtual_size = if format == Format::Vhd { vhd_virtual_size(disk.size) } else { disk.size };
+    out.set_len(virtual_size).map_err(io_err(&tmp))?;
     let result = fill(disk, snapshot, upto, &out, &tmp, progress).and_then(|()| {
         let (content, fingerprint) = hash_output(&out, disk.size, &tmp)?;
         if fingerprint != expected {
@@ -85,10 +110,8 @@ pub fn materialize_disk(
             let secs = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs().saturating_sub(946_684_800));
-            let mut id = [0u8; 16];
-            id.copy_from_slice(&content.0[..16]);
-            let footer = vhd_footer(disk.size, id, u32::try_from(secs).unwrap_or(0));
-            out.write_all_at(&footer, disk.size).map_err(io_err(&tmp))?;
+            let footer = vhd_footer(virtual_size, random_uuid()?, u32::try_from(secs).unwrap_or(0));
+            out.write_all_at(&footer, virtual_size).map_err(io_err(&tmp))?;
         }
         out.sync_all().map_err(io_err(&tmp))?;
         Ok((content, fingerprint))
@@ -100,7 +123,9 @@ pub fn materialize_disk(
             Ok(OutputDisk {
                 name: disk.name.to_string(),
                 file: path.display().to_string(),
+                format: format.extension(),
                 size: disk.size,
+                virtual_size,
                 blake3: content.to_hex(),
                 fingerprint: fingerprint.to_hex(),
             })

@@ -152,3 +152,86 @@ fn replication_through_a_delaying_link_is_byte_identical() {
         server.drctl_json(&["test-failover-cleanup", "far"]);
     }
 }
+
+/// A qcow2 image given as a disk would be replicated as container bytes and written out as
+/// if it were the disk: the agent refuses it with what to do, and nothing is sent.
+#[test]
+fn a_qcow2_source_is_refused_and_nothing_is_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("q.bundle");
+    server.enroll_agent("q", &identity);
+    let image = root.join("q.qcow2");
+    run_ok(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("32M")).unwrap();
+    let mut agent = Agent::start(&server, &identity, "q", &[("sda", &image)], &root.join("st"), &[]);
+    let status =
+        deadline_poll("the agent to refuse the qcow2 image", std::time::Duration::from_secs(20), || {
+            agent.child.as_mut().unwrap().try_wait().unwrap()
+        });
+    assert!(!status.success());
+    let log = agent.log_text();
+    assert!(log.contains("is a qcow2 image") && log.contains("qemu-img convert"), "{log}");
+    let vms = server.drctl_json(&["status"]);
+    assert!(vms.as_array().unwrap().is_empty(), "nothing registered, nothing sent: {vms}");
+}
+
+/// VHD outputs of disks whose size is not a whole MiB (nor a whole sector) are valid VHDs
+/// that qemu reads and that hold the disk (padded with zeroes to a whole MiB, as cloud
+/// managed disks require); two exports of one point are two disks (different unique ids).
+#[test]
+fn vhd_outputs_of_odd_sized_disks_are_valid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    for (i, size) in [3_000_000u64, (1 << 20) + 512, 64 << 20].into_iter().enumerate() {
+        let vm = format!("odd{i}");
+        let identity = root.join(format!("{vm}.bundle"));
+        server.enroll_agent(&vm, &identity);
+        let disk = root.join(format!("{vm}.img"));
+        let data: Vec<u8> = (0..size.min(2 << 20)).map(|b| (b * 7 % 251) as u8).collect();
+        std::fs::write(&disk, &data).unwrap();
+        std::fs::File::options().write(true).open(&disk).unwrap().set_len(size).unwrap();
+        let _agent =
+            Agent::start(&server, &identity, &vm, &[("sda", &disk)], &root.join(format!("st{i}")), &[]);
+        server.wait_connected(&vm);
+        let p = server.checkpoint(&vm);
+        let mut ids = Vec::new();
+        for n in 0..2 {
+            let out = root.join(format!("{vm}-{n}"));
+            let res = server.drctl_json(&[
+                "test-failover",
+                &vm,
+                "--point",
+                &p["id"].to_string(),
+                "--output",
+                out.to_str().unwrap(),
+                "--format",
+                "vhd",
+            ]);
+            let vhd = out.join("sda.vhd");
+            let d = &res["disks"][0];
+            assert_eq!(d["blake3"].as_str().unwrap(), b3(&disk, None));
+            let info =
+                run_ok(Command::new("qemu-img").args(["info", "-f", "vpc", "--output", "json"]).arg(&vhd))
+                    .unwrap_or_else(|e| panic!("{size} bytes: {e}"));
+            let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+            assert_eq!(info["virtual-size"], size.next_multiple_of(1 << 20), "{info}");
+            let cmp = Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "vpc"])
+                .arg(&disk)
+                .arg(&vhd)
+                .output()
+                .unwrap();
+            assert!(cmp.status.success(), "{size} bytes: {}", String::from_utf8_lossy(&cmp.stdout));
+            assert_eq!(d["size"], size);
+            assert_eq!(d["virtual_size"], size.next_multiple_of(1 << 20));
+            let f = std::fs::read(&vhd).unwrap();
+            ids.push(f[f.len() - 512 + 68..f.len() - 512 + 84].to_vec());
+            server.drctl_json(&["test-failover-cleanup", &vm]);
+        }
+        assert_ne!(ids[0], ids[1], "two exports, two unique ids");
+    }
+}
