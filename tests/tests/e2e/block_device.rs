@@ -114,9 +114,7 @@ fn a_block_device_without_a_freeze_hook_is_refused() {
     let identity = root.join("bare.bundle");
     server.enroll_agent("bare", &identity);
     let mut agent = Agent::start(&server, &identity, "bare", &[("sda", &device.dev)], &root.join("st"), &[]);
-    let status = deadline_poll("the agent to refuse the device", Duration::from_secs(20), || {
-        agent.child.as_mut().unwrap().try_wait().unwrap()
-    });
+    let status = agent.wait_exit("the agent to refuse the device");
     assert!(!status.success());
     assert!(agent.log_text().contains("is a block device") && agent.log_text().contains("--freeze-fs"));
 }

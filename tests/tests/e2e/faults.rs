@@ -176,9 +176,7 @@ fn an_added_disk_keeps_earlier_points_and_a_left_out_disk_is_refused() {
     server.drctl_json(&["test-failover-cleanup", "grow"]);
     drop(_two);
     let mut short = Agent::start(&server, &identity, "grow", &[("sda", &sda)], &root.join("st2"), &[]);
-    let status = deadline_poll("the agent without sdb to stop", Duration::from_secs(20), || {
-        short.child.as_mut().unwrap().try_wait().unwrap()
-    });
+    let status = short.wait_exit("the agent without sdb to stop");
     assert!(!status.success());
     assert!(short.log_text().contains("disk(s) sdb that this agent does not give"), "{}", short.log_text());
 }
@@ -319,9 +317,7 @@ fn small_mistakes_are_refused_with_what_to_do() {
     let id2 = root.join("d.bundle");
     server.enroll_agent("d", &id2);
     let mut bad = Agent::start(&server, &id2, "d", &[("sda", &dir_disk)], &root.join("st-d"), &[]);
-    let status = deadline_poll("the agent to refuse the directory", Duration::from_secs(20), || {
-        bad.child.as_mut().unwrap().try_wait().unwrap()
-    });
+    let status = bad.wait_exit("the agent to refuse the directory");
     assert!(!status.success());
     assert!(bad.log_text().contains("not a disk"), "{}", bad.log_text());
     let vms = server.drctl_json(&["status"]);

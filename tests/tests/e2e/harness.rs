@@ -272,6 +272,13 @@ impl Agent {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits (up to 20 s) for an agent that is expected to stop by itself, e.g. refusing
+    /// its arguments; returns its exit status.
+    pub fn wait_exit(&mut self, what: &str) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("a running agent");
+        deadline_poll(what, Duration::from_secs(20), || child.try_wait().unwrap())
+    }
 }
 
 impl Drop for Agent {

@@ -166,10 +166,7 @@ fn a_qcow2_source_is_refused_and_nothing_is_sent() {
     let image = root.join("q.qcow2");
     run_ok(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("32M")).unwrap();
     let mut agent = Agent::start(&server, &identity, "q", &[("sda", &image)], &root.join("st"), &[]);
-    let status =
-        deadline_poll("the agent to refuse the qcow2 image", std::time::Duration::from_secs(20), || {
-            agent.child.as_mut().unwrap().try_wait().unwrap()
-        });
+    let status = agent.wait_exit("the agent to refuse the qcow2 image");
     assert!(!status.success());
     let log = agent.log_text();
     assert!(log.contains("is a qcow2 image") && log.contains("qemu-img convert"), "{log}");
