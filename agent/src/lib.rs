@@ -173,7 +173,9 @@ impl Inbox {
                     Some(entries) => drop(feed.send(scan::HashChunk::Range(bh.first_block, entries))),
                     None if !bh.blocks.is_empty() => {
                         warn!(disk = %bh.disk, "malformed page hashes; those blocks are sent whole");
-                        drop(feed.send(scan::HashChunk::Pages(Vec::new())));
+                        // Unknown entries: every page of those blocks differs, so each goes whole.
+                        let unknown = bh.blocks.iter().map(|&b| (b, state::UNKNOWN)).collect();
+                        drop(feed.send(scan::HashChunk::Pages(unknown)));
                     }
                     None => warn!(disk = %bh.disk, "malformed block hashes; those blocks are sent whole"),
                 }

@@ -43,7 +43,8 @@ pub enum HashChunk {
     Range(u64, Vec<BlockHashes>),
     /// Every block's entry has come.
     End,
-    /// Page hashes asked for with [`ScanEvent::NeedPages`]: block index and entry.
+    /// Page hashes asked for with [`ScanEvent::NeedPages`]: block index and entry, for the
+    /// blocks of one request, in its order.
     Pages(Vec<(u64, BlockHashes)>),
 }
 
@@ -186,39 +187,101 @@ pub fn run_pass(
     Ok(result)
 }
 
+/// Page-hash requests a pass keeps in flight before it waits for the oldest answer: the
+/// pass goes on comparing meanwhile, so a delta sync is not a chain of round trips (up to
+/// 8 x 4096 blocks ask at once; their answers take at most ~18 MiB).
+const PAGE_REQUESTS_IN_FLIGHT: usize = 8;
+
 /// The receiver's hashes still arriving for a disk's first pass of a delta sync.
 struct Feed {
     rx: Receiver<HashChunk>,
     /// Blocks whose receiver entries are in the state.
     ready: usize,
-    /// An answer to a page-hash request, waiting to be used.
-    pages: Option<Vec<(u64, BlockHashes)>>,
+    /// Answers to page-hash requests, by the first block each asked for (answers may come
+    /// in another order than the requests).
+    answers: std::collections::HashMap<u64, Vec<(u64, BlockHashes)>>,
+    /// The feed is gone: nothing more will come.
+    gone: bool,
 }
 
 impl Feed {
-    /// Takes one message (waiting up to 100 ms) into `state`. False once the feed is gone:
+    fn new(rx: Receiver<HashChunk>) -> Feed {
+        Feed { rx, ready: 0, answers: Default::default(), gone: false }
+    }
+
+    /// Takes one message (waiting up to `wait`) into `state`. False once the feed is gone:
     /// what has not come stays unknown and is sent whole.
-    fn take(&mut self, state: &mut DiskState) -> bool {
-        match self.rx.recv_timeout(std::time::Duration::from_millis(100)) {
-            Ok(HashChunk::Range(at, blocks)) => {
-                state.fill_from(at, &blocks);
-                let end = usize::try_from(at).unwrap_or(usize::MAX).saturating_add(blocks.len());
-                self.ready = self.ready.max(end);
-                true
-            }
-            Ok(HashChunk::End) => {
-                self.ready = usize::MAX;
-                true
-            }
-            Ok(HashChunk::Pages(p)) => {
-                self.pages = Some(p);
+    fn take(&mut self, state: &mut DiskState, wait: std::time::Duration) -> bool {
+        match self.rx.recv_timeout(wait) {
+            Ok(m) => {
+                self.keep(state, m);
                 true
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => true,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 self.ready = usize::MAX;
+                self.gone = true;
                 false
             }
+        }
+    }
+
+    /// Files one message: block hashes into `state`, an answer among the answers.
+    fn keep(&mut self, state: &mut DiskState, m: HashChunk) {
+        match m {
+            HashChunk::Range(at, blocks) => {
+                state.fill_from(at, &blocks);
+                let end = usize::try_from(at).unwrap_or(usize::MAX).saturating_add(blocks.len());
+                self.ready = self.ready.max(end);
+            }
+            HashChunk::End => self.ready = usize::MAX,
+            HashChunk::Pages(p) => {
+                if let Some(&(first, _)) = p.first() {
+                    self.answers.insert(first, p);
+                }
+            }
+        }
+    }
+
+    /// The answer to the request whose first block is `first`: waits for it when `wait`,
+    /// else takes only what has already come (`None`: not yet). A feed that is gone
+    /// answers nothing: those blocks go whole.
+    fn answer(
+        &mut self,
+        first: u64,
+        state: &mut DiskState,
+        wait: bool,
+        cancel: &CancellationToken,
+    ) -> Result<Option<std::collections::HashMap<u64, BlockHashes>>, Resolve> {
+        loop {
+            if let Some(a) = self.answers.remove(&first) {
+                return Ok(Some(a.into_iter().collect()));
+            }
+            if self.gone {
+                return Ok(Some(Default::default()));
+            }
+            if cancel.is_cancelled() {
+                return Err(Resolve::Cancelled);
+            }
+            if !wait {
+                // File what has come, without waiting; then ours is there or not yet.
+                loop {
+                    match self.rx.try_recv() {
+                        Ok(m) => self.keep(state, m),
+                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            self.ready = usize::MAX;
+                            self.gone = true;
+                            break;
+                        }
+                    }
+                }
+                if !self.answers.contains_key(&first) && !self.gone {
+                    return Ok(None);
+                }
+                continue;
+            }
+            self.take(state, std::time::Duration::from_millis(100));
         }
     }
 }
@@ -260,7 +323,9 @@ fn scan_disk(
         }
         Ok(())
     };
-    let mut feed = feed.map(|rx| Feed { rx, ready: 0, pages: None });
+    let mut feed = feed.map(Feed::new);
+    // Page-hash requests sent and not yet answered, oldest first.
+    let mut asked: VecDeque<Vec<u64>> = VecDeque::new();
     let ask_pages = feed.is_some();
     let mut deferred: Vec<u64> = Vec::new();
     let file = DiskReader::open(&d.path).map_err(read_err)?;
@@ -288,7 +353,7 @@ fn scan_disk(
                     if cancel.is_cancelled() {
                         return Err(ScanError::Cancelled);
                     }
-                    f.take(state);
+                    f.take(state, std::time::Duration::from_millis(100));
                 }
                 let (reply, rx) = sync_channel(1);
                 let job = Job { index: next, old: state.blocks[first..last].to_vec(), ask_pages, reply };
@@ -315,19 +380,29 @@ fn scan_disk(
             }
             deferred.extend(done.deferred);
             let end = inflight.is_empty() && next >= chunks;
-            while let Some(f) = feed.as_mut()
-                && (deferred.len() >= pb::MAX_PAGE_HASH_BLOCKS || (end && !deferred.is_empty()))
-            {
+            let Some(f) = feed.as_mut() else { continue };
+            // Ask as soon as a request is full (or at the end), and go on comparing: the
+            // answers are used as they come, and waited for only when too many are out.
+            while deferred.len() >= pb::MAX_PAGE_HASH_BLOCKS || (end && !deferred.is_empty()) {
                 let n = deferred.len().min(pb::MAX_PAGE_HASH_BLOCKS);
                 let blocks: Vec<u64> = deferred.drain(..n).collect();
-                let sent =
-                    resolve_deferred(index, d, &file, blocks, f, state, out, cancel, &mut enc, &mut emit)
-                        .map_err(|e| match e {
-                            Resolve::Io(e) => read_err(e),
-                            Resolve::Cancelled => ScanError::Cancelled,
-                            Resolve::Scan(e) => e,
-                        })?;
-                result.bytes_changed += sent;
+                out.blocking_send(ScanEvent::NeedPages { disk: index, blocks: blocks.clone() })
+                    .map_err(|_| ScanError::Cancelled)?;
+                asked.push_back(blocks);
+            }
+            let resolve_err = |e| match e {
+                Resolve::Io(e) => read_err(e),
+                Resolve::Cancelled => ScanError::Cancelled,
+                Resolve::Scan(e) => e,
+            };
+            while let Some(first) = asked.front().and_then(|b| b.first().copied()) {
+                let wait = end || asked.len() > PAGE_REQUESTS_IN_FLIGHT;
+                let Some(answer) = f.answer(first, state, wait, cancel).map_err(resolve_err)? else {
+                    break;
+                };
+                let blocks = asked.pop_front().unwrap_or_default();
+                result.bytes_changed += apply_pages(d, &file, &blocks, &answer, state, &mut enc, &mut emit)
+                    .map_err(resolve_err)?;
             }
         }
         drop(job_tx);
@@ -346,38 +421,21 @@ enum Resolve {
     Scan(ScanError),
 }
 
-/// Blocks that differ from coarse receiver entries: asks for the receiver's page hashes,
-/// reads the blocks again and emits the pages that differ (a block without an answer goes
-/// whole). Returns the bytes emitted.
-#[allow(clippy::too_many_arguments)]
-fn resolve_deferred(
-    index: usize,
+/// Blocks that differed from coarse receiver entries, with the receiver's page hashes of
+/// them (`answer`): reads the blocks again and emits the pages that differ (a block without
+/// an answer goes whole). Returns the bytes emitted.
+fn apply_pages(
     d: &DiskSource,
     file: &DiskReader,
-    blocks: Vec<u64>,
-    feed: &mut Feed,
+    blocks: &[u64],
+    answer: &std::collections::HashMap<u64, BlockHashes>,
     state: &mut DiskState,
-    out: &tokio::sync::mpsc::Sender<ScanEvent>,
-    cancel: &CancellationToken,
     enc: &mut Encoder,
     emit: &mut dyn FnMut(pb::Record) -> Result<(), ScanError>,
 ) -> Result<u64, Resolve> {
-    out.blocking_send(ScanEvent::NeedPages { disk: index, blocks: blocks.clone() })
-        .map_err(|_| Resolve::Cancelled)?;
-    let answer: std::collections::HashMap<u64, BlockHashes> = loop {
-        if cancel.is_cancelled() {
-            return Err(Resolve::Cancelled);
-        }
-        if let Some(p) = feed.pages.take() {
-            break p.into_iter().collect();
-        }
-        if !feed.take(state) {
-            break std::collections::HashMap::new();
-        }
-    };
     let mut buf = AlignedBuf::new(BLOCK_SIZE);
     let mut sent = 0u64;
-    for b in blocks {
+    for &b in blocks {
         let blen = tern_core::blocks::block_len(d.size, b);
         let at = b * BLOCK_SIZE as u64;
         file.read_exact_at(&mut buf[..blen], at).map_err(Resolve::Io)?;
@@ -735,8 +793,9 @@ mod tests {
     }
 
     /// A receiver with coarse entries for more blocks than one page-hash request may name:
-    /// the pass asks in requests of at most `MAX_PAGE_HASH_BLOCKS` and sends, per block,
-    /// only the page that differs from the receiver's.
+    /// the pass asks in requests of at most `MAX_PAGE_HASH_BLOCKS`, without waiting for one
+    /// answer before the next request (answers may come in any order), and sends, per
+    /// block, only the page that differs from the receiver's.
     #[test]
     fn coarse_receiver_entries_are_resolved_in_bounded_requests() {
         let blocks = pb::MAX_PAGE_HASH_BLOCKS as u64 * 3 / 2;
@@ -785,15 +844,33 @@ mod tests {
         });
         let mut asked = Vec::new();
         let mut records = Vec::new();
-        while let Some(ev) = rx.blocking_recv() {
-            match ev {
-                ScanEvent::NeedPages { blocks: want, .. } => {
+        // Both requests are answered only once both have come, the later first: a pass that
+        // waited for each answer before asking again would never send the second.
+        let mut held: Vec<Vec<u64>> = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match rx.try_recv() {
+                Ok(ScanEvent::NeedPages { blocks: want, .. }) => {
                     assert!(want.len() <= pb::MAX_PAGE_HASH_BLOCKS, "{} blocks in one request", want.len());
-                    let answer = want.iter().map(|&b| (b, hash_block(&theirs(b)))).collect();
-                    feed_tx.send(HashChunk::Pages(answer)).unwrap();
-                    asked.extend(want);
+                    asked.extend(want.iter().copied());
+                    held.push(want);
+                    if held.len() == 2 {
+                        for want in held.drain(..).rev() {
+                            let answer = want.iter().map(|&b| (b, hash_block(&theirs(b)))).collect();
+                            feed_tx.send(HashChunk::Pages(answer)).unwrap();
+                        }
+                    }
                 }
-                ScanEvent::Batch { records: r, .. } => records.extend(r),
+                Ok(ScanEvent::Batch { records: r, .. }) => records.extend(r),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the pass waits for each page-hash answer before asking again ({} asked)",
+                        held.len()
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
             }
         }
         let (changed, states) = scanner.join().unwrap();
