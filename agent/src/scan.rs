@@ -124,11 +124,6 @@ fn settled_version(
     Ok(None)
 }
 
-/// Size of a disk image or block device.
-pub fn disk_size(path: &std::path::Path) -> std::io::Result<u64> {
-    DiskReader::open(path)?.size()
-}
-
 struct ChunkOut {
     new: Vec<BlockHashes>,
     records: Vec<pb::Record>,
@@ -202,11 +197,56 @@ struct Feed {
     answers: std::collections::HashMap<u64, Vec<(u64, BlockHashes)>>,
     /// The feed is gone: nothing more will come.
     gone: bool,
+    /// Page-hash requests sent and not yet answered, oldest first.
+    asked: VecDeque<Vec<u64>>,
 }
 
 impl Feed {
     fn new(rx: Receiver<HashChunk>) -> Feed {
-        Feed { rx, ready: 0, answers: Default::default(), gone: false }
+        Feed { rx, ready: 0, answers: Default::default(), gone: false, asked: VecDeque::new() }
+    }
+
+    /// Asks for the page hashes of `deferred` blocks as soon as a request is full (all of
+    /// them at the `end` of the pass); the pass goes on comparing meanwhile.
+    fn ask(
+        &mut self,
+        index: usize,
+        deferred: &mut Vec<u64>,
+        end: bool,
+        out: &tokio::sync::mpsc::Sender<ScanEvent>,
+    ) -> Result<(), ScanError> {
+        while deferred.len() >= pb::MAX_PAGE_HASH_BLOCKS || (end && !deferred.is_empty()) {
+            let n = deferred.len().min(pb::MAX_PAGE_HASH_BLOCKS);
+            let blocks: Vec<u64> = deferred.drain(..n).collect();
+            out.blocking_send(ScanEvent::NeedPages { disk: index, blocks: blocks.clone() })
+                .map_err(|_| ScanError::Cancelled)?;
+            self.asked.push_back(blocks);
+        }
+        Ok(())
+    }
+
+    /// Emits the pages of the asked blocks whose answers have come, oldest request first;
+    /// waits for answers only with too many requests out, or at the `end` of the pass.
+    /// Returns the bytes emitted.
+    #[allow(clippy::too_many_arguments)]
+    fn use_answers(
+        &mut self,
+        d: &DiskSource,
+        file: &DiskReader,
+        state: &mut DiskState,
+        end: bool,
+        cancel: &CancellationToken,
+        enc: &mut Encoder,
+        emit: &mut dyn FnMut(pb::Record) -> Result<(), ScanError>,
+    ) -> Result<u64, Resolve> {
+        let mut sent = 0;
+        while let Some(first) = self.asked.front().and_then(|b| b.first().copied()) {
+            let wait = end || self.asked.len() > PAGE_REQUESTS_IN_FLIGHT;
+            let Some(answer) = self.answer(first, state, wait, cancel)? else { break };
+            let blocks = self.asked.pop_front().unwrap_or_default();
+            sent += apply_pages(d, file, &blocks, &answer, state, enc, emit)?;
+        }
+        Ok(sent)
     }
 
     /// Takes one message (waiting up to `wait`) into `state`. False once the feed is gone:
@@ -300,7 +340,7 @@ fn scan_disk(
 ) -> Result<Digest, ScanError> {
     let read_err =
         |source| ScanError::Read { disk: d.name.clone(), path: d.path.display().to_string(), source };
-    let now = disk_size(&d.path).map_err(read_err)?;
+    let now = DiskReader::open(&d.path).and_then(|f| f.size()).map_err(read_err)?;
     if now != d.size {
         return Err(ScanError::Resized {
             disk: d.name.clone(),
@@ -324,8 +364,6 @@ fn scan_disk(
         Ok(())
     };
     let mut feed = feed.map(Feed::new);
-    // Page-hash requests sent and not yet answered, oldest first.
-    let mut asked: VecDeque<Vec<u64>> = VecDeque::new();
     let ask_pages = feed.is_some();
     let mut deferred: Vec<u64> = Vec::new();
     let file = DiskReader::open(&d.path).map_err(read_err)?;
@@ -381,29 +419,13 @@ fn scan_disk(
             deferred.extend(done.deferred);
             let end = inflight.is_empty() && next >= chunks;
             let Some(f) = feed.as_mut() else { continue };
-            // Ask as soon as a request is full (or at the end), and go on comparing: the
-            // answers are used as they come, and waited for only when too many are out.
-            while deferred.len() >= pb::MAX_PAGE_HASH_BLOCKS || (end && !deferred.is_empty()) {
-                let n = deferred.len().min(pb::MAX_PAGE_HASH_BLOCKS);
-                let blocks: Vec<u64> = deferred.drain(..n).collect();
-                out.blocking_send(ScanEvent::NeedPages { disk: index, blocks: blocks.clone() })
-                    .map_err(|_| ScanError::Cancelled)?;
-                asked.push_back(blocks);
-            }
-            let resolve_err = |e| match e {
-                Resolve::Io(e) => read_err(e),
-                Resolve::Cancelled => ScanError::Cancelled,
-                Resolve::Scan(e) => e,
-            };
-            while let Some(first) = asked.front().and_then(|b| b.first().copied()) {
-                let wait = end || asked.len() > PAGE_REQUESTS_IN_FLIGHT;
-                let Some(answer) = f.answer(first, state, wait, cancel).map_err(resolve_err)? else {
-                    break;
-                };
-                let blocks = asked.pop_front().unwrap_or_default();
-                result.bytes_changed += apply_pages(d, &file, &blocks, &answer, state, &mut enc, &mut emit)
-                    .map_err(resolve_err)?;
-            }
+            f.ask(index, &mut deferred, end, out)?;
+            result.bytes_changed +=
+                f.use_answers(d, &file, state, end, cancel, &mut enc, &mut emit).map_err(|e| match e {
+                    Resolve::Io(e) => read_err(e),
+                    Resolve::Cancelled => ScanError::Cancelled,
+                    Resolve::Scan(e) => e,
+                })?;
         }
         drop(job_tx);
         Ok(())

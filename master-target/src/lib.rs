@@ -87,11 +87,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))
 }
 
-/// Size of a file or block device.
-fn target_size(path: &std::path::Path) -> std::io::Result<u64> {
-    tern_core::disk::DiskReader::open(path)?.size()
-}
-
 #[derive(Debug, Clone)]
 struct MasterTargetService {
     ctx: Arc<Ctx>,
@@ -152,7 +147,7 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
                     )));
                 }
             } else {
-                let size = target_size(&path).map_err(|e| {
+                let size = tern_core::disk::DiskReader::open(&path).and_then(|d| d.size()).map_err(|e| {
                     Status::failed_precondition(format!(
                         "target disk {name}: cannot open {} on the master target: {e}; for a new disk use --location alternate",
                         path.display()

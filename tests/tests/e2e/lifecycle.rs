@@ -266,23 +266,8 @@ fn freeze_fs_freezes_a_mounted_file_system_around_app_points() {
     // A real ext4 file system on a loop device: the VM's disk is the image under the mount.
     let disk = root.join("fs.img");
     make_ext4(&disk, 32, 71);
-    let mnt = root.join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted =
-        std::process::Command::new("mount").arg("-o").arg("loop").arg(&disk).arg(&mnt).output().unwrap();
-    assert!(
-        mounted.status.success(),
-        "mounting a loop device needs root: {}",
-        String::from_utf8_lossy(&mounted.stderr)
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("fsfreeze").arg("-u").arg(&self.0).output();
-            let _ = std::process::Command::new("umount").arg(&self.0).output();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
+    let fs = Mounted::new(&disk, &root.join("mnt"), &["-o", "loop"]);
+    let mnt = fs.dir.clone();
     std::fs::write(mnt.join("hello.txt"), b"written before the point").unwrap();
     let mut server = Server::init(root);
     server.start();
