@@ -257,7 +257,8 @@ pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Sta
     let v = vm.clone();
     blocking(move || {
         let last = store.resolve_point(&v, &PointSpec::LatestProcessed).map(|p| p.id).unwrap_or(PointId(0));
-        let mut c = store.catalog();
+        store.delete_all_points(&v)?;
+        let c = store.catalog();
         if let Some(f) = c.failover(&v)? {
             for file in f.files.iter().chain(std::iter::once(&format!("{}/vm.json", f.output))) {
                 if let Err(e) = std::fs::remove_file(file)
@@ -268,8 +269,6 @@ pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Sta
             }
             let _ = std::fs::remove_dir(&f.output);
         }
-        let ids: Vec<PointId> = c.points(&v)?.iter().map(|p| p.id).collect();
-        c.delete_points(&ids)?;
         c.delete_reprotect(&v)?;
         c.delete_failover(&v)?;
         c.set_vm_state(&v, "failback-committed")?;

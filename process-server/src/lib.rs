@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod check;
 pub mod failback;
 pub mod health;
 pub mod hub;
@@ -69,7 +70,9 @@ pub fn store_status(e: StoreError) -> Status {
         | StoreError::JournalFailed { .. }
         | StoreError::VmDamaged { .. }
         | StoreError::DataDirInUse { .. }
-        | StoreError::CatalogMissing { .. } => Status::unavailable(msg),
+        | StoreError::CatalogMissing { .. }
+        | StoreError::CatalogExists { .. }
+        | StoreError::RebuildRefused { .. } => Status::unavailable(msg),
         StoreError::WrongState { .. } => Status::failed_precondition(msg),
         StoreError::Invariant(_) | StoreError::Injected(_) => Status::internal(msg),
     }

@@ -40,6 +40,15 @@ enum Cmd {
         #[arg(long, default_value = "64MiB")]
         scrub_rate: String,
     },
+    /// Describe what a data directory holds (no server may run on it); with
+    /// --rebuild-catalog, rebuild a lost catalog.db from the journals and base images.
+    Check {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Rebuild DIR/catalog.db from the bookmarks in the journals (only when it is missing).
+        #[arg(long)]
+        rebuild_catalog: bool,
+    },
 }
 
 fn main() {
@@ -53,6 +62,15 @@ fn run() -> anyhow::Result<()> {
             let admin = tern_process_server::init(&data_dir, &sans)?;
             println!("initialised {}", data_dir.display());
             println!("admin identity: {}", admin.display());
+            Ok(())
+        }
+        Cmd::Check { data_dir, rebuild_catalog } => {
+            let report = if rebuild_catalog {
+                tern_process_server::check::rebuild(&data_dir)?
+            } else {
+                tern_process_server::check::check(&data_dir)?
+            };
+            print!("{report}");
             Ok(())
         }
         Cmd::Serve { data_dir, listen, segment_size, retention_every, scrub_every, scrub_rate } => {

@@ -564,6 +564,19 @@ impl Catalog {
         Ok(PointId(u64::try_from(next).unwrap_or(0)))
     }
 
+    /// Point ids up to `id` count as used (a rebuilt catalog never reissues a point id
+    /// that a bookmark of a deleted point still names).
+    pub fn raise_point_counter(&self, id: PointId) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "INSERT INTO counters (name, value) VALUES ('point', ?1) \
+                 ON CONFLICT(name) DO UPDATE SET value = MAX(value, ?1)",
+                [i64_of(id.0)],
+            )
+            .map_err(q("raise point counter"))?;
+        Ok(())
+    }
+
     pub fn insert_point(&mut self, p: &Point) -> Result<(), StoreError> {
         let tx = self.db.transaction().map_err(q("insert point"))?;
         tx.execute(

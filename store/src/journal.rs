@@ -493,6 +493,11 @@ pub struct StoredRecord {
 }
 
 impl JournalSnapshot {
+    /// The first record the journal still holds (`None`: no segment at all).
+    pub fn first_seq(&self) -> Option<Seq> {
+        self.segments.first().map(|&(_, first, _)| Seq(first))
+    }
+
     /// Reads records with sequence numbers up to `upto` (bookmarks included), in order,
     /// checking each record's checksum.
     pub fn read(&self, upto: Seq) -> JournalReader {

@@ -33,6 +33,7 @@ pub mod failover;
 pub mod format;
 pub mod journal;
 pub mod materialize;
+pub mod rebuild;
 pub mod retention;
 pub mod write_through;
 
@@ -104,10 +105,14 @@ pub enum StoreError {
     DataDirInUse { dir: String },
     #[error(
         "{dir} holds replicated data (vms/) but no catalog (catalog.db): refusing to start empty, which \
-         would forget every recovery point. Restore catalog.db (with catalog.db-wal, if any) from a backup; \
-         a rebuild of the catalog from the journals is not built yet. To start over instead, move vms/ away"
+         would forget every recovery point. Restore catalog.db (with catalog.db-wal, if any) from a backup, \
+         or rebuild it from the journals: `process-server check --data-dir {dir} --rebuild-catalog`"
     )]
     CatalogMissing { dir: String },
+    #[error("{path} exists: a rebuild never replaces a catalog; move it away first if it is damaged")]
+    CatalogExists { path: String },
+    #[error("cannot rebuild the catalog: {path} {reason}; nothing was written")]
+    RebuildRefused { path: String, reason: String },
     #[error("VM {vm}'s stored data could not be opened ({reason}); repair it and restart the process server")]
     VmDamaged { vm: VmName, reason: String },
 }
@@ -281,7 +286,7 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn new_generation(vm: &VmName, disk: &DiskName) -> String {
+pub(crate) fn new_generation(vm: &VmName, disk: &DiskName) -> String {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let mut h = blake3::Hasher::new();
@@ -326,6 +331,13 @@ impl Store {
             };
             drop_points_past_the_journals(&mut catalog, &vm, &handles)?;
             for handle in handles {
+                // A data directory written before disks had their base mark gets it now, so
+                // that its catalog can be rebuilt if it is ever lost.
+                if handle.base_path == disk_dir(root, &vm, &handle.name).join("base.img")
+                    && !rebuild::has_base_mark(root, &vm, &handle.name)
+                {
+                    rebuild::mark_base(root, &vm, &handle.name, handle.base_seq())?;
+                }
                 disks.insert((vm.clone(), handle.name.clone()), Arc::new(handle));
             }
         }
@@ -397,6 +409,7 @@ impl Store {
             f.set_len(*size).map_err(io_err(&base))?;
             f.sync_all().map_err(io_err(&base))?;
             durable::sync_dir(&dir)?;
+            rebuild::mark_base(&self.root, vm, name, Seq(0))?;
             catalog.add_disk(vm, &row)?;
             let handle = Arc::new(open_disk(&self.root, vm, row, self.options)?);
             map.insert((vm.clone(), name.clone()), handle.clone());
@@ -452,6 +465,17 @@ impl Store {
             durable::sync_dir(&self.root.join("vms"))?;
         }
         Ok(())
+    }
+
+    /// Deletes every point of `vm` on purpose (a committed failback): their bookmarks stay
+    /// in the journal, so a catalog rebuild is told first not to bring them back.
+    pub fn delete_all_points(&self, vm: &VmName) -> Result<(), StoreError> {
+        let mut catalog = self.catalog();
+        let ids: Vec<PointId> = catalog.points(vm)?.iter().map(|p| p.id).collect();
+        if let Some(last) = ids.last() {
+            rebuild::mark_points_deleted(&self.root, vm, *last)?;
+        }
+        catalog.delete_points(&ids)
     }
 
     /// Starts a new replication epoch for every disk of `vm`: senders' saved states no
@@ -581,15 +605,15 @@ impl Store {
                 .collect(),
         })
         .map_err(|_| StoreError::Invariant("bookmark encodes"))?;
+        // Every disk is checked before any bookmark is written: a refusal leaves no trace.
         for (h, d) in handles.iter().zip(&point.disks) {
-            let mut j = h.journal();
-            if d.seq > j.durable() {
-                return Err(StoreError::PointBeyondDurable {
-                    disk: h.name.to_string(),
-                    seq: d.seq,
-                    durable: j.durable(),
-                });
+            let durable = h.journal().durable();
+            if d.seq > durable {
+                return Err(StoreError::PointBeyondDurable { disk: h.name.to_string(), seq: d.seq, durable });
             }
+        }
+        for h in &handles {
+            let mut j = h.journal();
             j.append_bookmark(&body)?;
             j.sync()?;
         }
@@ -807,12 +831,12 @@ fn remove_scratch(dir: &Path) {
     }
 }
 
-fn disk_dir(root: &Path, vm: &VmName, disk: &DiskName) -> PathBuf {
+pub(crate) fn disk_dir(root: &Path, vm: &VmName, disk: &DiskName) -> PathBuf {
     root.join("vms").join(vm.as_str()).join(disk.as_str())
 }
 
 /// Takes the data directory's lock file: one daemon per data directory.
-fn lock_data_dir(root: &Path) -> Result<std::fs::File, StoreError> {
+pub(crate) fn lock_data_dir(root: &Path) -> Result<std::fs::File, StoreError> {
     let path = root.join("lock");
     let f = std::fs::OpenOptions::new()
         .create(true)

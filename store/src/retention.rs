@@ -2,11 +2,13 @@
 //! the oldest kept point are folded into the base image, and whole segments behind it are
 //! deleted. Order, so that a crash anywhere is harmless:
 //! 1. delete the pruned points from the catalog (nothing may materialise them any more);
-//! 2. apply records (base, oldest kept] to the base image and fsync it;
-//! 3. move the catalog's base position;
-//! 4. delete the segments wholly behind it.
+//! 2. mark the disk's `base.seq` with the new position (a catalog rebuild takes no point
+//!    older than it);
+//! 3. apply records (base, oldest kept] to the base image and fsync it;
+//! 4. move the catalog's base position;
+//! 5. delete the segments wholly behind it.
 //!
-//! Replay is idempotent, so an interrupted step 2 or 3 is simply done again. A point pinned
+//! Replay is idempotent, so an interrupted step 3 or 4 is simply done again. A point pinned
 //! by an open test failover or an uncommitted failover is never pruned nor passed.
 
 use crate::durable::io_err;
@@ -74,6 +76,9 @@ impl Store {
         let _exclusive = h.write_lock();
         let base = h.base_seq();
         if seq > base {
+            // First the mark that the base may hold records up to `seq`: a catalog rebuilt
+            // after a crash in the middle of the fold must not bring back a point before it.
+            crate::rebuild::mark_base(&self.root, &h.vm, &h.name, seq)?;
             let snapshot = h.journal().snapshot();
             let f = tern_core::disk::open_for_write(&h.base_path).map_err(io_err(&h.base_path))?;
             apply_records(h, &snapshot, base, seq, &f, &h.base_path, &mut |_| {})?;
@@ -94,7 +99,7 @@ impl Store {
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
-mod tests {
+pub(crate) mod tests {
     use crate::catalog::Policy;
     use crate::{Consistency, PointDisk, PointSpec, Store, StoreError, StoreOptions, set_failpoint};
     use tern_core::blocks::Fingerprint;
@@ -106,7 +111,7 @@ mod tests {
 
     /// A store with six points at times 0..=5 s, each after writes to its own pages,
     /// segments of 8 KiB so that retention has whole segments to delete.
-    fn setup(root: &std::path::Path) -> (Store, VmName) {
+    pub(crate) fn setup(root: &std::path::Path) -> (Store, VmName) {
         let store = Store::open_with(root, StoreOptions { segment_bytes: Some(8192) }).unwrap();
         let vm = VmName::new("vm").unwrap();
         let d = DiskName::new("sda").unwrap();
@@ -139,7 +144,7 @@ mod tests {
         (store, vm)
     }
 
-    fn all_points_verify(store: &Store, vm: &VmName) -> usize {
+    pub(crate) fn all_points_verify(store: &Store, vm: &VmName) -> usize {
         let points = store.points(vm).unwrap();
         for p in &points {
             let (_, disks) = store.verify(vm, &PointSpec::Id(p.id)).unwrap();

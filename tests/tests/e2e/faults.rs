@@ -239,6 +239,76 @@ fn damage_stays_with_its_vm_and_the_data_directory_is_guarded() {
     assert!(String::from_utf8_lossy(&empty.stderr).contains("no catalog"), "{empty:?}");
 }
 
+/// A lost catalog is rebuilt from the journals: the same points come back (id, time,
+/// consistency), each verifies, the newest fails over byte for byte, and replication goes
+/// on (the agent compares hashes first: a new epoch) to a new point with a new id.
+#[test]
+fn a_lost_catalog_is_rebuilt_from_the_journals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.extra = vec!["--segment-size".into(), "256KiB".into()];
+    server.start();
+    let identity = root.join("lost.bundle");
+    server.enroll_agent("lost", &identity);
+    let disk = root.join("lost.img");
+    make_random(&disk, 16, 3, 171);
+    let _agent = Agent::start(&server, &identity, "lost", &[("sda", &disk)], &root.join("st"), &[]);
+    server.wait_connected("lost");
+    let mut wants = Vec::new();
+    for seed in 0..3 {
+        scatter_writes(&disk, 0.03, 172 + seed);
+        let p = server.checkpoint("lost");
+        wants.push((p, b3(&disk, None)));
+    }
+    let listed = |server: &Server| -> Vec<(u64, String, String)> {
+        let points = server.drctl_json(&["points", "lost"]);
+        points
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["id"].as_u64().unwrap(), p["time"].to_string(), p["consistency"].to_string()))
+            .collect()
+    };
+    let before = listed(&server);
+    assert!(before.len() >= 3, "{before:?}");
+
+    server.kill9();
+    for f in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
+        let _ = std::fs::remove_file(server.data.join(f));
+    }
+    let refused = serve_until_exit(&server);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--rebuild-catalog"), "{refused:?}");
+    let check = |extra: &[&str]| {
+        std::process::Command::new(bin("process-server"))
+            .args(["check", "--data-dir"])
+            .arg(&server.data)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let rebuilt = check(&["--rebuild-catalog"]);
+    let text = String::from_utf8_lossy(&rebuilt.stdout);
+    assert!(rebuilt.status.success(), "{rebuilt:?}");
+    assert!(text.contains(&format!("VM lost: {} point(s) rebuilt", before.len())), "{text}");
+    let again = check(&["--rebuild-catalog"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never replaces a catalog"), "{again:?}");
+    let described = check(&[]);
+    assert!(String::from_utf8_lossy(&described.stdout).contains("VM lost:"), "{described:?}");
+
+    server.start();
+    assert_eq!(listed(&server), before);
+    for (p, want) in &wants {
+        assert_point_recovers(&server, root, "lost", p, want);
+    }
+    server.wait_connected("lost");
+    scatter_writes(&disk, 0.03, 179);
+    let p = server.checkpoint("lost");
+    assert!(p["id"].as_u64().unwrap() > before.last().unwrap().0, "{p}");
+    assert_point_recovers(&server, root, "lost", &p, &b3(&disk, None));
+}
+
 /// Runs `process-server serve` on the server's data directory, expecting it to stop by
 /// itself (a refusal); one still serving after 20 s is killed and fails the test.
 fn serve_until_exit(server: &Server) -> std::process::Output {

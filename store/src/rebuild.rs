@@ -1,0 +1,394 @@
+//! A lost catalog rebuilt from the data: the VMs and disks from `vms/`, each disk's base
+//! position from its journal and its `base.seq` mark, the points from the bookmarks in
+//! the journals.
+//!
+//! Two small files, each published durably, make the bookmarks enough:
+//! - `vms/<vm>/<disk>/base.seq`: the newest record that may be in `base.img`. Retention
+//!   writes it *before* it folds records into the base, so a point older than it may no
+//!   longer be rebuilt from the base (a fold cut by a crash has already overwritten some of
+//!   its blocks) and is not brought back, while every point at or after it is: replaying
+//!   records the base already holds, in order, changes nothing.
+//! - `vms/<vm>/points.deleted`: point ids up to this one were deleted on purpose (a
+//!   committed failback), although their bookmarks are still in the journal.
+//!
+//! What the journals do not hold is not invented: policies start at their defaults, every
+//! VM is `protected`, and open failovers, reprotect settings, jobs and point notes are gone.
+//! Every disk gets a new generation, so its agent compares block hashes before it sends
+//! again instead of trusting its saved state.
+
+use crate::catalog::{Catalog, DiskRow};
+use crate::durable::{io_err, publish, publish_file};
+use crate::format::{BookmarkBody, RecordKind};
+use crate::journal::Journal;
+use crate::{Consistency, Point, PointDisk, StoreError, disk_dir, lock_data_dir, new_generation};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tern_core::{Digest, DiskName, PointId, Seq, VmName};
+
+const BASE_MARK: &str = "base.seq";
+const DELETED_MARK: &str = "points.deleted";
+
+/// Publishes a disk's `base.seq` mark: records up to `seq` may be in its base image.
+pub(crate) fn mark_base(root: &Path, vm: &VmName, disk: &DiskName, seq: Seq) -> Result<(), StoreError> {
+    publish(&disk_dir(root, vm, disk).join(BASE_MARK), format!("{}\n", seq.0).as_bytes())
+}
+
+/// Whether a disk has its `base.seq` mark (an older tern did not write one).
+pub(crate) fn has_base_mark(root: &Path, vm: &VmName, disk: &DiskName) -> bool {
+    disk_dir(root, vm, disk).join(BASE_MARK).exists()
+}
+
+/// Publishes `vms/<vm>/points.deleted`: the VM's points up to `id` are deleted on purpose.
+pub(crate) fn mark_points_deleted(root: &Path, vm: &VmName, id: PointId) -> Result<(), StoreError> {
+    let dir = root.join("vms").join(vm.as_str());
+    crate::durable::create_dir_durable(&dir)?;
+    publish(&dir.join(DELETED_MARK), format!("{}\n", id.0).as_bytes())
+}
+
+/// A number in a mark file; `None` when the file does not exist.
+fn read_mark(path: &Path) -> Result<Option<u64>, StoreError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s.trim().parse().map(Some).map_err(|_| StoreError::RebuildRefused {
+            path: path.display().to_string(),
+            reason: format!("holds {:?}, not a number", s.trim()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::Io { path: path.display().to_string(), source: e }),
+    }
+}
+
+/// What a rebuild found and wrote.
+#[derive(Debug, Default)]
+pub struct RebuildReport {
+    pub vms: Vec<RebuiltVm>,
+}
+
+#[derive(Debug)]
+pub struct RebuiltVm {
+    pub vm: VmName,
+    pub disks: Vec<RebuiltDisk>,
+    /// The points brought back, oldest first.
+    pub points: Vec<Point>,
+    /// Bookmarks not brought back, and why.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct RebuiltDisk {
+    pub name: DiskName,
+    pub size: u64,
+    /// Records up to here are read from the base image.
+    pub base_seq: Seq,
+    /// The journal's last durable record.
+    pub durable: Seq,
+}
+
+/// One disk as found on storage, before its points are known.
+struct FoundDisk {
+    row: DiskRow,
+    /// Points older than this on the disk are not rebuilt.
+    floor: Seq,
+    durable: Seq,
+}
+
+/// Rebuilds `DIR/catalog.db` from the journals and base images under `DIR/vms`. Refuses
+/// when a catalog exists or the directory is in use, and writes nothing unless every VM
+/// could be read: a VM left out would be re-registered from scratch by its agent, over
+/// its own files.
+pub fn rebuild_catalog(root: &Path) -> Result<RebuildReport, StoreError> {
+    let _lock = lock_data_dir(root)?;
+    let catalog_path = root.join("catalog.db");
+    if catalog_path.exists() {
+        return Err(StoreError::CatalogExists { path: catalog_path.display().to_string() });
+    }
+    let tmp = root.join("catalog.rebuild");
+    for leftover in ["catalog.rebuild", "catalog.rebuild-wal", "catalog.rebuild-shm"] {
+        let _ = std::fs::remove_file(root.join(leftover));
+    }
+    let mut report = RebuildReport::default();
+    {
+        let mut catalog = Catalog::open(&tmp)?;
+        let mut highest = PointId(0);
+        for dir in sorted_dirs(&root.join("vms"))? {
+            let vm = name_of(&dir, VmName::new)?;
+            let (rebuilt, top) = rebuild_vm(root, &vm, &mut catalog)?;
+            highest = highest.max(top);
+            report.vms.push(rebuilt);
+        }
+        catalog.raise_point_counter(highest)?;
+    }
+    // The connection is closed: SQLite has folded its WAL into the file and removed it.
+    publish_file(&tmp, &catalog_path)?;
+    Ok(report)
+}
+
+fn sorted_dirs(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(StoreError::Io { path: dir.display().to_string(), source: e }),
+    };
+    for e in entries {
+        let p = e.map_err(io_err(dir))?.path();
+        if p.is_dir() {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn name_of<T, E>(dir: &Path, parse: impl FnOnce(&str) -> Result<T, E>) -> Result<T, StoreError> {
+    dir.file_name().and_then(|n| n.to_str()).and_then(|n| parse(n).ok()).ok_or_else(|| {
+        StoreError::RebuildRefused {
+            path: dir.display().to_string(),
+            reason: "is not a VM or disk name tern would have written; move it out of the data directory"
+                .into(),
+        }
+    })
+}
+
+/// Rebuilds one VM's rows; returns them and the highest point id any of its bookmarks names.
+fn rebuild_vm(root: &Path, vm: &VmName, catalog: &mut Catalog) -> Result<(RebuiltVm, PointId), StoreError> {
+    let vm_dir = root.join("vms").join(vm.as_str());
+    let deleted = PointId(read_mark(&vm_dir.join(DELETED_MARK))?.unwrap_or(0));
+    let mut found = BTreeMap::new();
+    let mut bookmarks: BTreeMap<u64, BookmarkBody> = BTreeMap::new();
+    for dir in sorted_dirs(&vm_dir)? {
+        let name = name_of(&dir, DiskName::new)?;
+        let disk = find_disk(&dir, vm, &name, &mut bookmarks)?;
+        found.insert(name, disk);
+    }
+    catalog.add_vm(vm, crate::now_ms())?;
+    for d in found.values() {
+        catalog.add_disk(vm, &d.row)?;
+    }
+    let mut out = RebuiltVm { vm: vm.clone(), disks: Vec::new(), points: Vec::new(), skipped: Vec::new() };
+    let highest = PointId(bookmarks.keys().next_back().copied().unwrap_or(0)).max(deleted);
+    for (id, body) in bookmarks {
+        if id <= deleted.0 {
+            continue;
+        }
+        match point_of(vm, &body, &found) {
+            Ok(p) => {
+                catalog.insert_point(&p)?;
+                out.points.push(p);
+            }
+            Err(why) => out.skipped.push(format!("point {id}: {why}")),
+        }
+    }
+    out.disks = found
+        .into_values()
+        .map(|d| RebuiltDisk {
+            name: d.row.name,
+            size: d.row.size,
+            base_seq: d.row.base_seq,
+            durable: d.durable,
+        })
+        .collect();
+    Ok((out, highest))
+}
+
+/// Reads one disk's base image size, marks and journal, and collects its bookmarks.
+fn find_disk(
+    dir: &Path,
+    vm: &VmName,
+    name: &DiskName,
+    bookmarks: &mut BTreeMap<u64, BookmarkBody>,
+) -> Result<FoundDisk, StoreError> {
+    let refuse = |reason: String| StoreError::RebuildRefused { path: dir.display().to_string(), reason };
+    let base = dir.join("base.img");
+    let size = match std::fs::metadata(&base) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(refuse(
+                "has no base.img: its base is an outside file (a master target's disk), which a \
+                 rebuild cannot find; restore the catalog from a backup"
+                    .into(),
+            ));
+        }
+        Err(e) => return Err(StoreError::Io { path: base.display().to_string(), source: e }),
+    };
+    let floor = read_mark(&dir.join(BASE_MARK))?.map(Seq).ok_or_else(|| {
+        refuse(format!(
+            "has no {BASE_MARK}: it was last written by a tern that did not keep one, so the base \
+             image's position is unknown; restore the catalog from a backup"
+        ))
+    })?;
+    let (journal, _) = Journal::open(&dir.join("journal"))?;
+    let snapshot = journal.snapshot();
+    let durable = journal.durable();
+    // Replay starts at the journal's first record: the base holds everything before it
+    // (segments are deleted only once folded in), and replaying what it already holds
+    // changes nothing.
+    let base_seq = snapshot.first_seq().map_or(floor, |f| Seq(f.0 - 1));
+    if base_seq > floor {
+        return Err(refuse(format!(
+            "its journal starts after record {} but the base image holds records only up to {}: \
+             records in between are missing",
+            base_seq.0, floor.0
+        )));
+    }
+    for r in snapshot.read(durable) {
+        let r = r?;
+        if r.record.kind != RecordKind::Bookmark {
+            continue;
+        }
+        let body: BookmarkBody = serde_json::from_slice(&r.record.payload)
+            .map_err(|e| refuse(format!("bookmark after record {} does not decode: {e}", r.seq.0)))?;
+        bookmarks.entry(body.point).or_insert(body);
+    }
+    let row =
+        DiskRow { name: name.clone(), size, generation: new_generation(vm, name), base_seq, base_path: None };
+    Ok(FoundDisk { row, floor, durable })
+}
+
+/// The point a bookmark describes, or why it cannot be brought back.
+fn point_of(vm: &VmName, b: &BookmarkBody, disks: &BTreeMap<DiskName, FoundDisk>) -> Result<Point, String> {
+    if b.vm != vm.as_str() {
+        return Err(format!("its bookmark names VM {}", b.vm));
+    }
+    let consistency = match b.consistency.as_str() {
+        "crash" => Consistency::Crash,
+        "app" => Consistency::App,
+        other => return Err(format!("unknown consistency {other:?}")),
+    };
+    let mut point_disks = Vec::new();
+    for bd in &b.disks {
+        let name = DiskName::new(&bd.disk).map_err(|_| format!("bad disk name {:?}", bd.disk))?;
+        let d = disks.get(&name).ok_or_else(|| format!("disk {name} is not in the data directory"))?;
+        let seq = Seq(bd.seq);
+        if seq < d.floor {
+            return Err(format!(
+                "older than disk {name}'s base image (record {} < {}): pruned by retention",
+                seq.0, d.floor.0
+            ));
+        }
+        if seq > d.durable {
+            return Err(format!(
+                "needs record {} of disk {name}, whose journal ends at {}",
+                seq.0, d.durable.0
+            ));
+        }
+        let fingerprint = Digest::from_hex(&bd.fingerprint).ok_or("its fingerprint does not decode")?;
+        point_disks.push(PointDisk { disk: name, seq, fingerprint });
+    }
+    if point_disks.is_empty() {
+        return Err("it names no disk".into());
+    }
+    point_disks.sort_by(|a, b| a.disk.cmp(&b.disk));
+    Ok(Point {
+        id: PointId(b.point),
+        vm: vm.clone(),
+        time_ms: b.time_ms,
+        consistency,
+        note: String::new(),
+        disks: point_disks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rebuild_catalog;
+    use crate::catalog::Policy;
+    use crate::retention::tests::{all_points_verify, setup};
+    use crate::{Point, Store, StoreError, StoreOptions, set_failpoint};
+    use std::path::Path;
+
+    fn reopen(root: &Path) -> Store {
+        Store::open_with(root, StoreOptions { segment_bytes: Some(8192) }).unwrap()
+    }
+
+    fn lose_catalog(root: &Path) {
+        for f in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
+            let _ = std::fs::remove_file(root.join(f));
+        }
+    }
+
+    /// What a point is, without its note (bookmarks do not keep notes).
+    fn key(p: &Point) -> (u64, i64, &'static str, Vec<(String, u64, String)>) {
+        let disks = p.disks.iter().map(|d| (d.disk.to_string(), d.seq.0, d.fingerprint.to_hex())).collect();
+        (p.id.0, p.time_ms, p.consistency.as_str(), disks)
+    }
+
+    #[test]
+    fn a_lost_catalog_comes_back_with_every_point_after_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let report = store.apply_retention(&vm, 5000).unwrap();
+        assert!(report.segments_deleted > 0, "the base has moved and segments are gone");
+        let before: Vec<_> = store.points(&vm).unwrap().iter().map(key).collect();
+        drop(store);
+        assert!(matches!(rebuild_catalog(dir.path()), Err(StoreError::CatalogExists { .. })));
+        lose_catalog(dir.path());
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::CatalogMissing { .. })));
+        let report = rebuild_catalog(dir.path()).unwrap();
+        assert_eq!(report.vms.len(), 1);
+        assert!(
+            report.vms[0].skipped.iter().all(|s| s.contains("pruned by retention")),
+            "{:?}",
+            report.vms[0].skipped
+        );
+        let store = reopen(dir.path());
+        let after: Vec<_> = store.points(&vm).unwrap().iter().map(key).collect();
+        assert_eq!(after, before);
+        assert_eq!(all_points_verify(&store, &vm), 3);
+        // Policies are not in the journals: back to the defaults until set again. Retention
+        // then goes on from the rebuilt position, and a new point takes a new id.
+        assert_eq!(store.catalog().policy(&vm).unwrap(), Policy::default());
+        store.catalog().set_policy(&vm, &Policy { retention_ms: 2500, ..Policy::default() }).unwrap();
+        store.apply_retention(&vm, 1_000_000).unwrap();
+        assert_eq!(all_points_verify(&store, &vm), 1);
+        assert!(store.catalog().next_point_id().unwrap().0 > before.last().unwrap().0);
+    }
+
+    /// A fold into the base cut by a crash has overwritten blocks that the pruned points
+    /// still need: a rebuild must not bring them back (their bookmarks are still in the
+    /// journal), and every point it brings back recovers.
+    #[test]
+    fn a_rebuild_after_a_crash_in_the_middle_of_retention_lists_only_points_that_recover() {
+        for fp in ["retention-after-prune", "retention-after-base-write", "retention-after-catalog"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, vm) = setup(dir.path());
+            set_failpoint(Some(fp));
+            assert!(store.apply_retention(&vm, 5000).is_err());
+            set_failpoint(None);
+            drop(store);
+            lose_catalog(dir.path());
+            rebuild_catalog(dir.path()).unwrap();
+            let store = reopen(dir.path());
+            let n = all_points_verify(&store, &vm);
+            // Before the mark moved nothing was folded: the pruned points are whole again.
+            let want = if fp == "retention-after-prune" { 6 } else { 3 };
+            assert_eq!(n, want, "after a crash at {fp}");
+        }
+    }
+
+    #[test]
+    fn points_deleted_on_purpose_stay_deleted_and_an_unmarked_disk_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        store.delete_all_points(&vm).unwrap();
+        drop(store);
+        lose_catalog(dir.path());
+        let report = rebuild_catalog(dir.path()).unwrap();
+        assert!(report.vms[0].points.is_empty());
+        let store = reopen(dir.path());
+        assert!(store.points(&vm).unwrap().is_empty());
+        assert!(store.catalog().next_point_id().unwrap().0 > 6, "point ids are never reused");
+        drop(store);
+
+        // A data directory last opened by a tern without base marks gets them at the next
+        // open; one whose catalog was lost before that cannot be rebuilt safely.
+        let mark = dir.path().join("vms/vm/sda/base.seq");
+        std::fs::remove_file(&mark).unwrap();
+        drop(reopen(dir.path()));
+        assert!(mark.exists(), "written at open");
+        std::fs::remove_file(&mark).unwrap();
+        lose_catalog(dir.path());
+        let err = rebuild_catalog(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("base.seq"), "{err}");
+        assert!(!dir.path().join("catalog.db").exists(), "a refused rebuild writes nothing");
+    }
+}
