@@ -691,7 +691,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::ReverseReplicate { vm } => {
             c.reverse_replicate(pb::ReverseRequest { vm: vm.clone() }).await.map_err(explain)?;
             if cli.json {
-                print_json(&json!({"vm": vm, "state": "protected"}))?;
+                print_json(&json!({"vm": vm, "state": tern_core::VmState::Protected.as_str()}))?;
             } else {
                 out!(
                     "VM {vm} replicates from the primary site again; start its agent on the on-premises disks"

@@ -7,8 +7,10 @@ pub mod blocks;
 pub mod codec;
 pub mod disk;
 pub mod ids;
+pub mod lifecycle;
 pub mod pki;
 pub mod units;
 
 pub use blocks::{BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK};
 pub use ids::{Digest, DiskName, NameError, PointId, Seq, VmName};
+pub use lifecycle::{FailoverKind, Health, JobKind, JobState, SyncMode, VmState};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tern_core::codec::Decoder;
 use tern_core::pki::{Bundle, Role, role_of};
-use tern_core::{Digest, DiskName, Seq, VmName};
+use tern_core::{Digest, DiskName, Seq, SyncMode, VmName};
 use tern_proto as pb;
 use tern_store::format::RecordKind;
 use tern_store::write_through::PlainRecord;
@@ -31,8 +31,6 @@ use tracing::{info, warn};
 const MAX_PAGE_HASH_BLOCKS: usize = pb::MAX_PAGE_HASH_BLOCKS;
 
 /// A master target's VM states: how relayed records are kept until the failback.
-const JOURNAL: &str = "journal";
-const WRITE_THROUGH: &str = "write-through";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -111,13 +109,13 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         require_server(&req, "Prepare")?;
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
-        let mode = if r.write_through { WRITE_THROUGH } else { JOURNAL };
+        let mode = if r.write_through { SyncMode::During } else { SyncMode::Before };
         if !self.ctx.store.vm_disks(&vm).is_empty()
-            && let Ok(was) = self.ctx.store.vm_state(&vm)
+            && let Ok(Some(was)) = self.ctx.store.catalog().target_mode(&vm)
             && was != mode
         {
             return Err(Status::failed_precondition(format!(
-                "VM {vm} is already prepared here in {was} mode; release it first"
+                "VM {vm} is already prepared here with --sync {was}; release it first"
             )));
         }
         let mut disks = Vec::new();
@@ -179,12 +177,12 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             let list: Vec<_> = disks.iter().map(|(n, s, p, _, a)| (n.clone(), *s, p.clone(), *a)).collect();
             store
                 .register_on(&v, &list)
-                .and_then(|()| store.catalog().set_vm_state(&v, mode))
+                .and_then(|()| store.catalog().set_target_mode(&v, mode))
                 .map_err(|e| std::io::Error::other(e.to_string()))
         })
         .await?
         .map_err(|e| Status::failed_precondition(format!("cannot prepare the target disks: {e}")))?;
-        info!(vm = %vm, disks = r.disks.len(), mode, "target disks prepared");
+        info!(vm = %vm, disks = r.disks.len(), sync = %mode, "target disks prepared");
         Ok(Response::new(pb::PrepareReply {}))
     }
 
@@ -341,7 +339,7 @@ impl pb::replication_server::Replication for RelayService {
             .await
             .map_err(|_| Status::cancelled("gone"))?;
         let store = self.ctx.store.clone();
-        let through = store.vm_state(&vm).is_ok_and(|s| s == WRITE_THROUGH);
+        let through = store.catalog().target_mode(&vm).is_ok_and(|m| m == Some(SyncMode::During));
         let (pipe_tx, pipe_rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
         tokio::spawn(write_loop(store.clone(), vm.clone(), through, pipe_rx, tx.clone()));
         tokio::spawn(async move {

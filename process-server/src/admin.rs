@@ -5,7 +5,7 @@ use crate::{Ctx, store_status};
 use std::sync::Arc;
 use std::time::Duration;
 use tern_core::pki::{Ca, Role};
-use tern_core::{DiskName, VmName};
+use tern_core::{DiskName, FailoverKind, JobKind, VmName, VmState};
 use tern_proto as pb;
 use tern_store::catalog::{MAX_RETENTION_MS, Policy};
 use tern_store::{Consistency, Format, Point, PointSpec};
@@ -49,7 +49,7 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + '
 }
 
 impl AdminService {
-    async fn state(&self, vm: &VmName) -> Result<String, Status> {
+    async fn state(&self, vm: &VmName) -> Result<VmState, Status> {
         let store = self.ctx.store.clone();
         let v = vm.clone();
         blocking(move || store.vm_state(&v)).await?.map_err(store_status)
@@ -59,7 +59,7 @@ impl AdminService {
     /// (records relative to the master target's disk), not a disk to rebuild.
     async fn refuse_while_failing_back(&self, vm: &VmName) -> Result<(), Status> {
         let state = self.state(vm).await?;
-        if state == "reprotected" || state == "failed-back" {
+        if matches!(state, VmState::Reprotected | VmState::FailedBack) {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}: its points here describe the way back to the master target; \
                  test failover and verify are available again after `drctl reverse-replicate {vm}`"
@@ -101,7 +101,7 @@ impl AdminService {
         };
         let error = crate::health::problem(&self.ctx, &vm).unwrap_or_default();
         let health =
-            crate::health::health(&state, rpo, absent, policy.rpo_threshold_ms / 1000, !error.is_empty());
+            crate::health::health(state, rpo, absent, policy.rpo_threshold_ms / 1000, !error.is_empty());
         let disks = self
             .ctx
             .store
@@ -120,7 +120,7 @@ impl AdminService {
             .collect();
         Ok(pb::VmStatus {
             vm: vm.to_string(),
-            state: crate::health::state_name(&state, !points.is_empty()).to_string(),
+            state: state.shown(!points.is_empty()).to_string(),
             health: health.to_string(),
             agent_connected: connected,
             last_point: last.map_or(0, |p| p.id.0),
@@ -219,7 +219,7 @@ impl pb::admin_server::Admin for AdminService {
         let spec = point_arg(&vm, &r.point)?;
         output_arg(&r.output, self.ctx.store.root())?;
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
-        let job = self.ctx.jobs.start("test-failover", &vm).map_err(store_status)?;
+        let job = self.ctx.jobs.start(JobKind::TestFailover, &vm).map_err(store_status)?;
         let id = job.id;
         let ctx = self.ctx.clone();
         let out_dir = std::path::PathBuf::from(&r.output);
@@ -271,7 +271,7 @@ impl pb::admin_server::Admin for AdminService {
         let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
         let state = self.state(&vm).await?;
-        if state == "reprotected" || state == "failed-back" {
+        if matches!(state, VmState::Reprotected | VmState::FailedBack) {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}: its failback policy (RPO threshold 15m, retention 24h, app interval 60m) cannot be edited"
             )));
@@ -318,20 +318,16 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
-        let planned = match r.kind.as_str() {
-            "planned" => true,
-            "unplanned" => false,
-            other => {
-                return Err(Status::invalid_argument(format!("--kind {other:?}: use planned or unplanned")));
-            }
-        };
+        let kind =
+            r.kind.parse::<FailoverKind>().map_err(|e| Status::invalid_argument(format!("--kind: {e}")))?;
+        let planned = kind == FailoverKind::Planned;
         let spec = point_arg(&vm, if r.point.is_empty() { "latest" } else { &r.point })?;
         output_arg(&r.output, self.ctx.store.root())?;
         let state = self.state(&vm).await?;
-        if state != "protected" {
+        if state != VmState::Protected {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}; a failover needs a protected VM{}",
-                if state == "failed-over" {
+                if state == VmState::FailedOver {
                     " (change the point with `drctl change-point`, or `drctl commit`)"
                 } else {
                     ""
@@ -348,7 +344,7 @@ impl pb::admin_server::Admin for AdminService {
         let job = self
             .ctx
             .jobs
-            .start(if planned { "planned-failover" } else { "unplanned-failover" }, &vm)
+            .start(if planned { JobKind::PlannedFailover } else { JobKind::UnplannedFailover }, &vm)
             .map_err(store_status)?;
         let id = job.id;
         let ctx = self.ctx.clone();
@@ -371,7 +367,7 @@ impl pb::admin_server::Admin for AdminService {
                 job.phase("writing disks");
                 let store = ctx.store.clone();
                 let j = job.clone();
-                let (v, kind) = (vm.clone(), if planned { "planned" } else { "unplanned" });
+                let v = vm.clone();
                 let res = blocking(move || {
                     store.failover(&v, kind, &spec, &out_dir, format, &mut |done, total| j.progress(done, total))
                 })
@@ -379,7 +375,7 @@ impl pb::admin_server::Admin for AdminService {
                 .map_err(|e| e.message().to_string())?
                 .map_err(|e| e.to_string())?;
                 ctx.hub.stand_down(&vm, "the VM failed over").await;
-                info!(vm = %vm, point = res.point, kind, "failed over");
+                info!(vm = %vm, point = res.point, kind = %kind, "failed over");
                 Ok::<_, String>(serde_json::to_string(&res).unwrap_or_default())
             }
             .await;
@@ -405,12 +401,12 @@ impl pb::admin_server::Admin for AdminService {
             spec = PointSpec::LatestProcessed;
         }
         let state = self.state(&vm).await?;
-        if state != "failed-over" {
+        if state != VmState::FailedOver {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}; only a failed-over, uncommitted VM can change its point"
             )));
         }
-        let job = self.ctx.jobs.start("change-point", &vm).map_err(store_status)?;
+        let job = self.ctx.jobs.start(JobKind::ChangePoint, &vm).map_err(store_status)?;
         let id = job.id;
         let ctx = self.ctx.clone();
         self.ctx.tracker.spawn(async move {
@@ -434,7 +430,7 @@ impl pb::admin_server::Admin for AdminService {
         let vm = vm_arg(&req.into_inner().vm)?;
         self.known_vm(&vm).await?;
         let state = self.state(&vm).await?;
-        if state == "failed-back" {
+        if state == VmState::FailedBack {
             let point = crate::failback::commit_failback(&self.ctx, &vm).await?;
             return Ok(Response::new(pb::CommitReply { point: point.0 }));
         }
@@ -479,7 +475,7 @@ impl pb::admin_server::Admin for AdminService {
         let vm = vm_arg(&req.into_inner().vm)?;
         self.known_vm(&vm).await?;
         let state = self.state(&vm).await?;
-        if state != "reprotected" {
+        if state != VmState::Reprotected {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}; failback needs a reprotected VM"
             )));
@@ -489,7 +485,7 @@ impl pb::admin_server::Admin for AdminService {
                 "the agent of the recovered VM {vm} is not connected; failback shuts the VM down through it. Nothing changed"
             )));
         }
-        let job = self.ctx.jobs.start("failback", &vm).map_err(store_status)?;
+        let job = self.ctx.jobs.start(JobKind::Failback, &vm).map_err(store_status)?;
         let id = job.id;
         let ctx = self.ctx.clone();
         self.ctx.tracker.spawn(async move {

@@ -7,10 +7,9 @@ use crate::{Ctx, store_status};
 use std::sync::Arc;
 use std::time::Duration;
 use tern_core::pki::Role;
-use tern_core::{DiskName, PointId, VmName};
+use tern_core::{DiskName, PointId, SyncMode, VmName, VmState};
 use tern_proto as pb;
-use tern_store::PointSpec;
-use tern_store::catalog::{Policy, ReprotectRow};
+use tern_store::catalog::{Policy, ReprotectRow, Transition};
 use tonic::Status;
 use tracing::{info, warn};
 
@@ -30,24 +29,28 @@ pub fn failback_policy() -> Policy {
     }
 }
 
-async fn state_of(ctx: &Arc<Ctx>, vm: &VmName) -> Result<String, Status> {
+/// Refuses, saying what to do, unless `vm` is in `wanted` (before work that precedes the
+/// state change; the change itself checks again).
+async fn require(ctx: &Arc<Ctx>, vm: &VmName, wanted: VmState, what: &'static str) -> Result<(), Status> {
     let store = ctx.store.clone();
     let v = vm.clone();
-    blocking(move || store.vm_state(&v)).await?.map_err(store_status)
+    blocking(move || store.require_state(&v, wanted, what)).await?.map_err(store_status)
 }
 
 pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::ReprotectReply, Status> {
     let vm = vm_arg(&r.vm)?;
-    let state = state_of(ctx, &vm).await?;
-    if state != "failover-committed" {
-        return Err(Status::failed_precondition(format!(
-            "VM {vm} is {state}; reprotect needs a committed failover (`drctl failover`, then `drctl commit`)"
-        )));
-    }
-    let sync = if r.sync.is_empty() { "before".to_string() } else { r.sync.clone() };
-    if sync != "before" && sync != "during" {
-        return Err(Status::invalid_argument(format!("--sync {sync:?}: use before or during")));
-    }
+    require(
+        ctx,
+        &vm,
+        VmState::FailoverCommitted,
+        "reprotect needs a committed failover (`drctl failover`, then `drctl commit`)",
+    )
+    .await?;
+    let sync = if r.sync.is_empty() {
+        SyncMode::Before
+    } else {
+        r.sync.parse::<SyncMode>().map_err(|e| Status::invalid_argument(format!("--sync: {e}")))?
+    };
     let handles = ctx.store.vm_disks(&vm);
     let mut targets = Vec::new();
     for t in &r.target_disks {
@@ -85,35 +88,31 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
             }
         })
         .collect();
-    mt.prepare(pb::PrepareRequest { vm: vm.to_string(), disks, write_through: sync == "during" }).await?;
+    mt.prepare(pb::PrepareRequest { vm: vm.to_string(), disks, write_through: sync == SyncMode::During })
+        .await?;
     let row = ReprotectRow {
         master_target: r.master_target.clone(),
         alternate: r.alternate,
-        sync: sync.clone(),
+        sync,
         disks: targets.iter().map(|(n, p)| (n.to_string(), p.clone())).collect(),
     };
     let store = ctx.store.clone();
     let v = vm.clone();
     blocking(move || {
-        let c = store.catalog();
-        c.put_reprotect(&v, &row)?;
-        c.set_policy(&v, &failback_policy())?;
-        drop(c);
-        store.new_epoch(&v)?;
-        store.catalog().set_vm_state(&v, "reprotected")
+        let generations = store.new_generations(&v);
+        store.transition(&v, Transition::Reprotect { row, policy: failback_policy(), generations })
     })
     .await?
     .map_err(store_status)?;
     let bundle = crate::admin::issue_bundle(ctx, Role::Agent(vm.clone())).await?;
-    info!(vm = %vm, master_target = %r.master_target, alternate = r.alternate, sync = %sync, "reprotected");
+    info!(vm = %vm, master_target = %r.master_target, alternate = r.alternate, sync = %sync, "VM reprotected");
     Ok(pb::ReprotectReply { bundle })
 }
 
 pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<String, String> {
-    let state = state_of(ctx, &vm).await.map_err(|e| e.message().to_string())?;
-    if state != "reprotected" {
-        return Err(format!("VM {vm} is {state}; failback needs a reprotected VM"));
-    }
+    require(ctx, &vm, VmState::Reprotected, Transition::FailBack.refusal())
+        .await
+        .map_err(|e| e.message().to_string())?;
     let row = ctx
         .store
         .catalog()
@@ -175,7 +174,7 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
     };
     let store = ctx.store.clone();
     let v = vm.clone();
-    blocking(move || store.catalog().set_vm_state(&v, "failed-back"))
+    blocking(move || store.transition(&v, Transition::FailBack))
         .await
         .map_err(|e| e.message().to_string())?
         .map_err(|e| e.to_string())?;
@@ -255,42 +254,15 @@ pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Sta
     mt.release(pb::ReleaseRequest { vm: vm.to_string() }).await?;
     let store = ctx.store.clone();
     let v = vm.clone();
-    blocking(move || {
-        let last = store.resolve_point(&v, &PointSpec::LatestProcessed).map(|p| p.id).unwrap_or(PointId(0));
-        store.delete_all_points(&v)?;
-        let c = store.catalog();
-        if let Some(f) = c.failover(&v)? {
-            for file in f.files.iter().chain(std::iter::once(&format!("{}/vm.json", f.output))) {
-                if let Err(e) = std::fs::remove_file(file)
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    warn!(file = %file, error = %e, "cannot remove a failover output file");
-                }
-            }
-            let _ = std::fs::remove_dir(&f.output);
-        }
-        c.delete_reprotect(&v)?;
-        c.delete_failover(&v)?;
-        c.set_vm_state(&v, "failback-committed")?;
-        Ok::<_, tern_store::StoreError>(last)
-    })
-    .await?
-    .map_err(store_status)
+    blocking(move || store.commit_failback(&v)).await?.map_err(store_status)
 }
 
 pub async fn reverse_replicate(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {
-    let state = state_of(ctx, vm).await?;
-    if state != "failback-committed" {
-        return Err(Status::failed_precondition(format!(
-            "VM {vm} is {state}; reverse replication follows a committed failback"
-        )));
-    }
     let store = ctx.store.clone();
     let v = vm.clone();
     blocking(move || {
-        store.catalog().set_policy(&v, &Policy::default())?;
-        store.new_epoch(&v)?;
-        store.catalog().set_vm_state(&v, "protected")
+        let generations = store.new_generations(&v);
+        store.transition(&v, Transition::ReverseReplicate { policy: Policy::default(), generations })
     })
     .await?
     .map_err(store_status)?;

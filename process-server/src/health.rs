@@ -1,43 +1,29 @@
-//! VM state names, RPO health, and the background workers: health transitions and retention.
+//! RPO health, and the background workers: health transitions and retention.
 
 use crate::Ctx;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tern_core::VmName;
+use tern_core::{Health, VmName, VmState};
 use tracing::{info, warn};
-
-/// The state `drctl status` shows, from the catalog's state and whether a point exists.
-pub fn state_name(catalog_state: &str, has_points: bool) -> &str {
-    match catalog_state {
-        "protected" if !has_points => "initial-sync",
-        s => s,
-    }
-}
 
 /// normal; warning above the RPO threshold; critical above twice it, when the agent has
 /// been away longer than the threshold, or while replication fails on this side (`failing`).
 /// A failed-over VM no longer replicates: normal.
-pub fn health(
-    catalog_state: &str,
-    rpo_secs: i64,
-    absent_secs: i64,
-    threshold_secs: i64,
-    failing: bool,
-) -> &'static str {
-    if catalog_state != "protected" {
-        return "normal";
+pub fn health(state: VmState, rpo_secs: i64, absent_secs: i64, threshold_secs: i64, failing: bool) -> Health {
+    if state != VmState::Protected {
+        return Health::Normal;
     }
     if rpo_secs > 2 * threshold_secs || absent_secs > threshold_secs || failing {
-        "critical"
+        Health::Critical
     } else if rpo_secs > threshold_secs {
-        "warning"
+        Health::Warning
     } else {
-        "normal"
+        Health::Normal
     }
 }
 
-fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<&'static str, tern_store::StoreError> {
+fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<Health, tern_store::StoreError> {
     let (policy, state, points) = {
         let c = ctx.store.catalog();
         (c.policy(vm)?, c.vm_state(vm)?, c.points(vm)?)
@@ -50,12 +36,12 @@ fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<&'static str, tern_store::StoreEr
         |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0),
     );
     let absent = ctx.hub.disconnected_for(vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
-    Ok(health(&state, rpo, absent, policy.rpo_threshold_ms / 1000, problem(ctx, vm).is_some()))
+    Ok(health(state, rpo, absent, policy.rpo_threshold_ms / 1000, problem(ctx, vm).is_some()))
 }
 
 /// Logs every change of a VM's health, every few seconds.
 pub async fn health_worker(ctx: Arc<Ctx>) {
-    let mut last: HashMap<VmName, &'static str> = HashMap::new();
+    let mut last: HashMap<VmName, Health> = HashMap::new();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -70,11 +56,12 @@ pub async fn health_worker(ctx: Arc<Ctx>) {
         .unwrap_or_default();
         for (vm, h) in now {
             let before = last.insert(vm.clone(), h);
-            if before.is_some_and(|b| b != h) || (before.is_none() && h != "normal") {
-                if h == "normal" {
-                    info!(vm = %vm, health = h, was = before.unwrap_or("unknown"), "RPO health changed");
+            if before.is_some_and(|b| b != h) || (before.is_none() && h != Health::Normal) {
+                let was = before.map_or("unknown", Health::as_str);
+                if h == Health::Normal {
+                    info!(vm = %vm, health = %h, was, "RPO health changed");
                 } else {
-                    warn!(vm = %vm, health = h, was = before.unwrap_or("unknown"), "RPO health changed");
+                    warn!(vm = %vm, health = %h, was, "RPO health changed");
                 }
             }
         }
@@ -95,7 +82,7 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
             for vm in c.store.vms().unwrap_or_default() {
                 // Only while the journal is this site's own: a reprotected VM's journal is the
                 // spool for the master target and is kept whole until failback.
-                if !c.store.vm_state(&vm).is_ok_and(|s| s == "protected" || s == "failed-over")
+                if !c.store.vm_state(&vm).is_ok_and(|s| matches!(s, VmState::Protected | VmState::FailedOver))
                     || c.store.damaged(&vm).is_some()
                 {
                     continue;

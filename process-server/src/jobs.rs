@@ -5,7 +5,7 @@
 use crate::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tern_core::VmName;
+use tern_core::{JobKind, JobState, VmName};
 use tern_proto as pb;
 use tern_store::Store;
 use tern_store::catalog::JobRow;
@@ -22,14 +22,14 @@ impl Jobs {
         Arc::new(Jobs { store, live: Mutex::new(HashMap::new()) })
     }
 
-    pub fn start(self: &Arc<Self>, kind: &str, vm: &VmName) -> Result<Job, tern_store::StoreError> {
+    pub fn start(self: &Arc<Self>, kind: JobKind, vm: &VmName) -> Result<Job, tern_store::StoreError> {
         let now = tern_store::now_ms();
         let id = self.store.catalog().insert_job(kind, vm, now)?;
         let row = JobRow {
             id,
-            kind: kind.to_string(),
+            kind,
             vm: vm.to_string(),
-            state: "running".into(),
+            state: JobState::Running,
             phase: "starting".into(),
             done: 0,
             total: 0,
@@ -38,7 +38,7 @@ impl Jobs {
             ended_ms: 0,
         };
         lock(&self.live).insert(id, (row, String::new()));
-        info!(job = id, kind, vm = %vm, "job started");
+        info!(job = id, kind = %kind, vm = %vm, "job started");
         Ok(Job { id, jobs: self.clone() })
     }
 
@@ -53,9 +53,9 @@ impl Jobs {
                 let (row, result) = live.get(&r.id).cloned().unwrap_or((r, String::new()));
                 pb::JobInfo {
                     id: row.id,
-                    kind: row.kind,
+                    kind: row.kind.to_string(),
                     vm: row.vm,
-                    state: row.state,
+                    state: row.state.to_string(),
                     phase: row.phase,
                     done: row.done,
                     total: row.total,
@@ -112,7 +112,7 @@ impl Job {
     pub fn succeed(&self, result: String) {
         info!(job = self.id, "job succeeded");
         let row = self.update(|r, res| {
-            r.state = "succeeded".into();
+            r.state = JobState::Succeeded;
             r.phase = "done".into();
             r.done = r.total;
             r.ended_ms = tern_store::now_ms();
@@ -124,7 +124,7 @@ impl Job {
     pub fn fail(&self, error: &str) {
         warn!(job = self.id, error, "job failed");
         let row = self.update(|r, _| {
-            r.state = "failed".into();
+            r.state = JobState::Failed;
             r.error = error.to_string();
             r.ended_ms = tern_store::now_ms();
         });

@@ -72,6 +72,8 @@ pub fn store_status(e: StoreError) -> Status {
         | StoreError::DataDirInUse { .. }
         | StoreError::CatalogMissing { .. }
         | StoreError::CatalogExists { .. }
+        | StoreError::CatalogTooNew { .. }
+        | StoreError::BadRow { .. }
         | StoreError::RebuildRefused { .. } => Status::unavailable(msg),
         StoreError::WrongState { .. } => Status::failed_precondition(msg),
         StoreError::Invariant(_) | StoreError::Injected(_) => Status::internal(msg),

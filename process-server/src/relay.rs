@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tern_core::pki::Bundle;
-use tern_core::{DiskName, Seq, VmName};
+use tern_core::{DiskName, Seq, VmName, VmState};
 use tern_proto as pb;
 use tern_store::format::RecordKind;
 use tern_store::journal::ReadPosition;
@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 use tracing::{info, warn};
 
 /// States in which the stream flows to the master target.
-pub const RELAY_STATES: [&str; 1] = ["reprotected"];
+pub const RELAY_STATES: [VmState; 1] = [VmState::Reprotected];
 
 #[derive(Debug, Default)]
 pub struct Relay {
@@ -83,7 +83,7 @@ pub async fn relay_worker(ctx: Arc<Ctx>) {
                 .vms()
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|vm| c.store.vm_state(vm).is_ok_and(|s| RELAY_STATES.contains(&s.as_str())))
+                .filter(|vm| c.store.vm_state(vm).is_ok_and(|s| RELAY_STATES.contains(&s)))
                 .collect::<Vec<_>>()
         })
         .await
@@ -124,7 +124,7 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(2);
 
 fn still_relaying(ctx: &Ctx, vm: &VmName) -> bool {
-    ctx.store.vm_state(vm).is_ok_and(|s| RELAY_STATES.contains(&s.as_str()))
+    ctx.store.vm_state(vm).is_ok_and(|s| RELAY_STATES.contains(&s))
 }
 
 async fn relay_session(

@@ -132,7 +132,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                     return None;
                 }
                 match &reprotect {
-                    Some(r) if r.sync == "during" && !r.alternate => None,
+                    Some(r) if r.sync == tern_core::SyncMode::During && !r.alternate => None,
                     Some(r) if r.alternate => Some((h.clone(), HashSource::Zeroes)),
                     Some(r) => Some((h.clone(), HashSource::MasterTarget(r.master_target.clone()))),
                     None if durable > 0 => Some((h.clone(), HashSource::Local)),
@@ -141,7 +141,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             })
             .collect();
         let mut agent_policy = crate::admin::agent_policy(&policy);
-        agent_policy.hold = reprotect.as_ref().is_some_and(|r| r.sync == "during");
+        agent_policy.hold = reprotect.as_ref().is_some_and(|r| r.sync == tern_core::SyncMode::During);
         let welcome = Welcome {
             hashes_follow: hashes_follow.iter().map(|(h, _)| h.name.to_string()).collect(),
             disks: handles
@@ -184,10 +184,13 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         let initial: InitialSync = Arc::new(std::sync::Mutex::new(if has_points {
             None
         } else {
-            let job = ctx.jobs.start("initial-sync", &vm).map_err(store_status).inspect_err(|e| {
-                warn!(vm = %vm, error = %e.message(), "replication session refused");
-                ctx.hub.set_error(&vm, e.message());
-            })?;
+            let job =
+                ctx.jobs.start(tern_core::JobKind::InitialSync, &vm).map_err(store_status).inspect_err(
+                    |e| {
+                        warn!(vm = %vm, error = %e.message(), "replication session refused");
+                        ctx.hub.set_error(&vm, e.message());
+                    },
+                )?;
             Some((job, HashMap::new()))
         }));
         if let Some((job, _)) = lock_initial(&initial).as_ref() {
@@ -258,7 +261,7 @@ fn admit(
     let known = store.catalog().has_vm(vm)?;
     if known {
         let state = store.vm_state(vm)?;
-        if state != "protected" && state != "reprotected" {
+        if !state.takes_replication() {
             warn!(vm = %vm, state = %state, "agent refused: the VM no longer replicates from this source");
             return Ok(Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down"
@@ -290,7 +293,8 @@ fn admit(
     let doubtful: Vec<_> = hs.iter().map(|h| doubtful_ranges(store, h, agent_states.get(&h.name))).collect();
     let policy = store.catalog().policy(vm)?;
     let reprotect = store.catalog().reprotect(vm)?;
-    let reprotect = reprotect.filter(|_| store.vm_state(vm).is_ok_and(|s| s == "reprotected"));
+    let reprotect =
+        reprotect.filter(|_| store.vm_state(vm).is_ok_and(|s| s == tern_core::VmState::Reprotected));
     Ok(Ok(Admitted { handles: hs, doubtful, policy, reprotect }))
 }
 

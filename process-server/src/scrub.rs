@@ -7,7 +7,7 @@ use crate::{Ctx, lock};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tern_core::VmName;
+use tern_core::{VmName, VmState};
 use tern_store::PointSpec;
 use tracing::{error, info};
 
@@ -34,7 +34,7 @@ impl Scrub {
 }
 
 /// States in which a VM's points are the store's own and worth checking.
-const SCRUBBED_STATES: &[&str] = &["protected", "reprotected", "failed-over"];
+const SCRUBBED_STATES: &[VmState] = &[VmState::Protected, VmState::Reprotected, VmState::FailedOver];
 
 pub async fn scrub_worker(ctx: Arc<Ctx>, config: ScrubConfig) {
     if config.every.is_zero() {
@@ -63,7 +63,7 @@ async fn scrub_vm(ctx: &Arc<Ctx>, vm: &VmName, config: ScrubConfig) -> bool {
     let v = vm.clone();
     let points = tokio::task::spawn_blocking(move || {
         let state = c.store.vm_state(&v).ok()?;
-        SCRUBBED_STATES.contains(&state.as_str()).then(|| c.store.points(&v).ok()).flatten()
+        SCRUBBED_STATES.contains(&state).then(|| c.store.points(&v).ok()).flatten()
     })
     .await
     .ok()

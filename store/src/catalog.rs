@@ -5,7 +5,7 @@
 use crate::StoreError;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
-use tern_core::{Digest, DiskName, PointId, Seq, VmName};
+use tern_core::{Digest, DiskName, FailoverKind, JobKind, JobState, PointId, Seq, SyncMode, VmName, VmState};
 
 #[derive(Debug)]
 pub struct Catalog {
@@ -24,12 +24,11 @@ pub struct DiskRow {
 }
 
 /// Where a reprotected VM fails back to.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReprotectRow {
     pub master_target: String,
     pub alternate: bool,
-    /// "before" or "during".
-    pub sync: String,
+    pub sync: SyncMode,
     /// (disk, path on the master target)
     pub disks: Vec<(String, String)>,
 }
@@ -59,7 +58,7 @@ pub const MAX_RETENTION_MS: i64 = 30 * 24 * 3_600_000;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FailoverRow {
-    pub kind: String,
+    pub kind: FailoverKind,
     pub point: PointId,
     pub output: String,
     pub format: String,
@@ -69,9 +68,9 @@ pub struct FailoverRow {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobRow {
     pub id: u64,
-    pub kind: String,
+    pub kind: JobKind,
     pub vm: String,
-    pub state: String,
+    pub state: JobState,
     pub phase: String,
     pub done: u64,
     pub total: u64,
@@ -93,8 +92,12 @@ impl Consistency {
             Consistency::App => "app",
         }
     }
-    fn parse(s: &str) -> Consistency {
-        if s == "app" { Consistency::App } else { Consistency::Crash }
+    fn parse(s: &str) -> Option<Consistency> {
+        match s {
+            "crash" => Some(Consistency::Crash),
+            "app" => Some(Consistency::App),
+            _ => None,
+        }
     }
 }
 
@@ -129,6 +132,12 @@ fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
         reason: e.to_string(),
     }
 }
+
+const TARGET_JOURNAL: &str = "journal";
+const TARGET_WRITE_THROUGH: &str = "write-through";
+
+/// The catalog's layout (`PRAGMA user_version`). 0: before the version was kept.
+pub const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms (
@@ -206,18 +215,143 @@ CREATE TABLE IF NOT EXISTS test_failovers (
 );
 ";
 
+/// A change of a VM's state with the rows that change with it (see [`Catalog::transition`]).
+#[derive(Clone, Debug)]
+pub enum Transition {
+    /// protected → failed-over, with the failover's row.
+    FailOver(FailoverRow),
+    /// failed-over → protected: the failover's output could not be written.
+    AbandonFailover,
+    /// failed-over → failover-committed: every point goes.
+    CommitFailover,
+    /// failover-committed → reprotected: where to fail back to, the failback policy and a
+    /// new epoch for every disk.
+    Reprotect { row: ReprotectRow, policy: Policy, generations: Vec<(DiskName, String)> },
+    /// reprotected → failed-back.
+    FailBack,
+    /// failed-back → failback-committed: points, reprotect and failover rows go.
+    CommitFailback,
+    /// failback-committed → protected: replication from the primary site, its policy and
+    /// a new epoch for every disk.
+    ReverseReplicate { policy: Policy, generations: Vec<(DiskName, String)> },
+}
+
+impl Transition {
+    pub fn from(&self) -> VmState {
+        match self {
+            Transition::FailOver(_) => VmState::Protected,
+            Transition::AbandonFailover | Transition::CommitFailover => VmState::FailedOver,
+            Transition::Reprotect { .. } => VmState::FailoverCommitted,
+            Transition::FailBack => VmState::Reprotected,
+            Transition::CommitFailback => VmState::FailedBack,
+            Transition::ReverseReplicate { .. } => VmState::FailbackCommitted,
+        }
+    }
+
+    pub fn to(&self) -> VmState {
+        match self {
+            Transition::FailOver(_) => VmState::FailedOver,
+            Transition::AbandonFailover | Transition::ReverseReplicate { .. } => VmState::Protected,
+            Transition::CommitFailover => VmState::FailoverCommitted,
+            Transition::Reprotect { .. } => VmState::Reprotected,
+            Transition::FailBack => VmState::FailedBack,
+            Transition::CommitFailback => VmState::FailbackCommitted,
+        }
+    }
+
+    /// What a refusal tells the operator.
+    pub fn refusal(&self) -> &'static str {
+        match self {
+            Transition::FailOver(_) => {
+                "a failover needs a protected VM (a failed-over VM changes point with `drctl change-point`)"
+            }
+            Transition::AbandonFailover => "only a failover being written can be abandoned",
+            Transition::CommitFailover => {
+                "only a failed-over VM can be committed (a committed failover cannot be committed again)"
+            }
+            Transition::Reprotect { .. } => {
+                "reprotect needs a committed failover (`drctl failover`, then `drctl commit`)"
+            }
+            Transition::FailBack => "failback needs a reprotected VM (`drctl reprotect` first)",
+            Transition::CommitFailback => "failback-commit needs a failed-back VM (`drctl failback` first)",
+            Transition::ReverseReplicate { .. } => {
+                "reverse replication follows a committed failback (`drctl failback-commit` first)"
+            }
+        }
+    }
+}
+
+use tern_core::lifecycle::UnknownName;
+
+fn bad_row(table: &'static str, key: &str, reason: String) -> StoreError {
+    StoreError::BadRow { table, key: key.to_string(), reason }
+}
+
+fn read_state(db: &Connection, vm: &VmName) -> Result<VmState, StoreError> {
+    let s: String = db
+        .query_row("SELECT state FROM vms WHERE name = ?1", [vm.as_str()], |r| r.get(0))
+        .optional()
+        .map_err(q("read VM state"))?
+        .ok_or_else(|| StoreError::UnknownVm(vm.clone()))?;
+    s.parse().map_err(|e: UnknownName| bad_row("vms", vm.as_str(), e.to_string()))
+}
+
+fn put_policy(db: &Connection, vm: &VmName, p: &Policy) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT INTO policies (vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(vm) DO UPDATE SET retention_ms = ?2, crash_interval_ms = ?3,
+           app_interval_ms = ?4, rpo_threshold_ms = ?5",
+        params![vm.as_str(), p.retention_ms, p.crash_interval_ms, p.app_interval_ms, p.rpo_threshold_ms],
+    )
+    .map_err(q("set policy"))?;
+    Ok(())
+}
+
+fn put_generations(
+    db: &Connection,
+    vm: &VmName,
+    generations: &[(DiskName, String)],
+) -> Result<(), StoreError> {
+    for (disk, g) in generations {
+        db.execute(
+            "UPDATE disks SET generation = ?3 WHERE vm = ?1 AND name = ?2",
+            params![vm.as_str(), disk.as_str(), g],
+        )
+        .map_err(q("start a new epoch"))?;
+    }
+    Ok(())
+}
+
 fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Catalog, StoreError> {
-        let db = Connection::open(path).map_err(q("open catalog"))?;
+        let mut db = Connection::open(path).map_err(q("open catalog"))?;
         db.pragma_update(None, "journal_mode", "WAL").map_err(q("set WAL mode"))?;
         // FULL: a point the catalog reports must survive power loss.
         db.pragma_update(None, "synchronous", "FULL").map_err(q("set synchronous"))?;
         db.pragma_update(None, "foreign_keys", "ON").map_err(q("enable foreign keys"))?;
-        db.execute_batch(SCHEMA).map_err(q("create schema"))?;
+        let version: i64 =
+            db.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(q("read schema version"))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::CatalogTooNew {
+                path: path.display().to_string(),
+                version,
+                known: SCHEMA_VERSION,
+            });
+        }
+        let tx = db.transaction().map_err(q("migrate catalog"))?;
+        tx.execute_batch(SCHEMA).map_err(q("create schema"))?;
+        // Version 0 is a catalog from before the version was kept: the same tables, whose
+        // state names are checked as they are read.
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(q("migrate catalog"))?;
+        tx.commit().map_err(q("migrate catalog"))?;
+        if version < SCHEMA_VERSION {
+            tracing::info!(catalog = %path.display(), from = version, to = SCHEMA_VERSION, "catalog migrated");
+        }
         Ok(Catalog { db })
     }
 
@@ -227,9 +361,7 @@ impl Catalog {
         let mut out = Vec::new();
         for r in rows {
             let name = r.map_err(q("list VMs"))?;
-            if let Ok(vm) = VmName::new(&name) {
-                out.push(vm);
-            }
+            out.push(VmName::new(&name).map_err(|e| bad_row("vms", &name, e.to_string()))?);
         }
         Ok(out)
     }
@@ -273,15 +405,16 @@ impl Catalog {
         let mut out = Vec::new();
         for r in rows {
             let (name, size, generation, base, base_path) = r.map_err(q("list disks"))?;
-            if let Ok(name) = DiskName::new(&name) {
-                out.push(DiskRow {
-                    name,
-                    size: u64::try_from(size).unwrap_or(0),
-                    generation,
-                    base_seq: Seq(u64::try_from(base).unwrap_or(0)),
-                    base_path: (!base_path.is_empty()).then(|| std::path::PathBuf::from(base_path)),
-                });
-            }
+            let key = format!("{vm}/{name}");
+            out.push(DiskRow {
+                name: DiskName::new(&name).map_err(|e| bad_row("disks", &key, e.to_string()))?,
+                size: u64::try_from(size).map_err(|_| bad_row("disks", &key, format!("size {size}")))?,
+                generation,
+                base_seq: Seq(
+                    u64::try_from(base).map_err(|_| bad_row("disks", &key, format!("base_seq {base}")))?
+                ),
+                base_path: (!base_path.is_empty()).then(|| std::path::PathBuf::from(base_path)),
+            });
         }
         Ok(out)
     }
@@ -304,13 +437,7 @@ impl Catalog {
     }
 
     pub fn set_generation(&self, vm: &VmName, disk: &DiskName, generation: &str) -> Result<(), StoreError> {
-        self.db
-            .execute(
-                "UPDATE disks SET generation = ?3 WHERE vm = ?1 AND name = ?2",
-                params![vm.as_str(), disk.as_str(), generation],
-            )
-            .map_err(q("start a new epoch"))?;
-        Ok(())
+        put_generations(&self.db, vm, &[(disk.clone(), generation.to_string())])
     }
 
     pub fn reprotect(&self, vm: &VmName) -> Result<Option<ReprotectRow>, StoreError> {
@@ -328,32 +455,17 @@ impl Catalog {
                 },
             )
             .optional()
-            .map_err(q("look up reprotect"))
-            .map(|row| {
-                row.map(|(master_target, alternate, sync, disks)| ReprotectRow {
+            .map_err(q("look up reprotect"))?
+            .map(|(master_target, alternate, sync, disks)| {
+                let bad = |reason: String| bad_row("reprotects", vm.as_str(), reason);
+                Ok(ReprotectRow {
                     master_target,
                     alternate: alternate != 0,
-                    sync,
-                    disks: serde_json::from_str(&disks).unwrap_or_default(),
+                    sync: sync.parse().map_err(|e: UnknownName| bad(e.to_string()))?,
+                    disks: serde_json::from_str(&disks).map_err(|e| bad(format!("disks: {e}")))?,
                 })
             })
-    }
-
-    pub fn put_reprotect(&self, vm: &VmName, r: &ReprotectRow) -> Result<(), StoreError> {
-        let disks = serde_json::to_string(&r.disks).unwrap_or_else(|_| "[]".into());
-        self.db
-            .execute(
-                "INSERT INTO reprotects (vm, master_target, alternate, sync, disks) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(vm) DO UPDATE SET master_target = ?2, alternate = ?3, sync = ?4, disks = ?5",
-                params![vm.as_str(), r.master_target, i64::from(r.alternate), r.sync, disks],
-            )
-            .map_err(q("record reprotect"))?;
-        Ok(())
-    }
-
-    pub fn delete_reprotect(&self, vm: &VmName) -> Result<(), StoreError> {
-        self.db.execute("DELETE FROM reprotects WHERE vm = ?1", [vm.as_str()]).map_err(q("end reprotect"))?;
-        Ok(())
+            .transpose()
     }
 
     /// Removes every row of a VM.
@@ -383,19 +495,107 @@ impl Catalog {
         Ok(())
     }
 
-    pub fn vm_state(&self, vm: &VmName) -> Result<String, StoreError> {
-        self.db
-            .query_row("SELECT state FROM vms WHERE name = ?1", [vm.as_str()], |r| r.get(0))
-            .optional()
-            .map_err(q("read VM state"))?
-            .ok_or_else(|| StoreError::UnknownVm(vm.clone()))
+    pub fn vm_state(&self, vm: &VmName) -> Result<VmState, StoreError> {
+        read_state(&self.db, vm)
     }
 
-    pub fn set_vm_state(&self, vm: &VmName, state: &str) -> Result<(), StoreError> {
+    /// On a master target: how a VM's relayed records are kept (`None`: not prepared).
+    /// Stored in `vms.state` as `journal` (sync before) or `write-through` (sync during).
+    pub fn target_mode(&self, vm: &VmName) -> Result<Option<SyncMode>, StoreError> {
+        let s: Option<String> = self
+            .db
+            .query_row("SELECT state FROM vms WHERE name = ?1", [vm.as_str()], |r| r.get(0))
+            .optional()
+            .map_err(q("read target mode"))?;
+        s.map(|s| match s.as_str() {
+            TARGET_JOURNAL => Ok(SyncMode::Before),
+            TARGET_WRITE_THROUGH => Ok(SyncMode::During),
+            other => Err(bad_row("vms", vm.as_str(), format!("{other:?} is not a master target mode"))),
+        })
+        .transpose()
+    }
+
+    pub fn set_target_mode(&self, vm: &VmName, mode: SyncMode) -> Result<(), StoreError> {
+        let s = match mode {
+            SyncMode::Before => TARGET_JOURNAL,
+            SyncMode::During => TARGET_WRITE_THROUGH,
+        };
         self.db
-            .execute("UPDATE vms SET state = ?2 WHERE name = ?1", params![vm.as_str(), state])
-            .map_err(q("set VM state"))?;
+            .execute("UPDATE vms SET state = ?2 WHERE name = ?1", params![vm.as_str(), s])
+            .map_err(q("set target mode"))?;
         Ok(())
+    }
+
+    /// Puts a VM in any state, for tests of what each state allows.
+    #[cfg(test)]
+    pub(crate) fn raw_set_state_for_tests(&self, vm: &VmName, state: VmState) {
+        self.db
+            .execute("UPDATE vms SET state = ?2 WHERE name = ?1", params![vm.as_str(), state.as_str()])
+            .unwrap();
+    }
+
+    /// Changes a VM's state and every row that changes with it, in one SQLite transaction:
+    /// refused, naming the state and what to do, unless the VM is in the transition's
+    /// starting state; a refusal or an error changes no row.
+    pub fn transition(&mut self, vm: &VmName, t: &Transition) -> Result<(), StoreError> {
+        let tx = self.db.transaction().map_err(q("change VM state"))?;
+        let state = read_state(&tx, vm)?;
+        if state != t.from() {
+            return Err(StoreError::WrongState {
+                vm: vm.clone(),
+                state: state.to_string(),
+                what: t.refusal().into(),
+            });
+        }
+        debug_assert!(t.from().can_become(t.to()), "{t:?}");
+        let v = vm.as_str();
+        let exec = |sql: &str, p: &[&dyn rusqlite::ToSql]| {
+            tx.execute(sql, p).map(|_| ()).map_err(q("change VM state"))
+        };
+        let delete_points = |tx: &rusqlite::Transaction<'_>| -> Result<(), StoreError> {
+            for sql in [
+                "DELETE FROM point_disks WHERE point IN (SELECT id FROM points WHERE vm = ?1)",
+                "DELETE FROM points WHERE vm = ?1",
+            ] {
+                tx.execute(sql, [v]).map_err(q("change VM state"))?;
+            }
+            Ok(())
+        };
+        match t {
+            Transition::FailOver(f) => {
+                let files = serde_json::to_string(&f.files)
+                    .map_err(|_| StoreError::Invariant("file list encodes"))?;
+                exec(
+                    "INSERT INTO failovers (vm, kind, point, output, format, files) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![v, f.kind.as_str(), i64_of(f.point.0), f.output, f.format, files],
+                )?;
+            }
+            Transition::AbandonFailover => exec("DELETE FROM failovers WHERE vm = ?1", params![v])?,
+            Transition::CommitFailover => delete_points(&tx)?,
+            Transition::Reprotect { row, policy, generations } => {
+                let disks = serde_json::to_string(&row.disks)
+                    .map_err(|_| StoreError::Invariant("disk list encodes"))?;
+                exec(
+                    "INSERT INTO reprotects (vm, master_target, alternate, sync, disks) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(vm) DO UPDATE SET master_target = ?2, alternate = ?3, sync = ?4, disks = ?5",
+                    params![v, row.master_target, i64::from(row.alternate), row.sync.as_str(), disks],
+                )?;
+                put_policy(&tx, vm, policy)?;
+                put_generations(&tx, vm, generations)?;
+            }
+            Transition::FailBack => {}
+            Transition::CommitFailback => {
+                delete_points(&tx)?;
+                exec("DELETE FROM reprotects WHERE vm = ?1", params![v])?;
+                exec("DELETE FROM failovers WHERE vm = ?1", params![v])?;
+            }
+            Transition::ReverseReplicate { policy, generations } => {
+                put_policy(&tx, vm, policy)?;
+                put_generations(&tx, vm, generations)?;
+            }
+        }
+        exec("UPDATE vms SET state = ?2 WHERE name = ?1", params![v, t.to().as_str()])?;
+        tx.commit().map_err(q("change VM state"))
     }
 
     pub fn policy(&self, vm: &VmName) -> Result<Policy, StoreError> {
@@ -419,16 +619,7 @@ impl Catalog {
     }
 
     pub fn set_policy(&self, vm: &VmName, p: &Policy) -> Result<(), StoreError> {
-        self.db
-            .execute(
-                "INSERT INTO policies (vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(vm) DO UPDATE SET retention_ms = ?2, crash_interval_ms = ?3,
-                   app_interval_ms = ?4, rpo_threshold_ms = ?5",
-                params![vm.as_str(), p.retention_ms, p.crash_interval_ms, p.app_interval_ms, p.rpo_threshold_ms],
-            )
-            .map_err(q("set policy"))?;
-        Ok(())
+        put_policy(&self.db, vm, p)
     }
 
     pub fn failover(&self, vm: &VmName) -> Result<Option<FailoverRow>, StoreError> {
@@ -447,32 +638,29 @@ impl Catalog {
                 },
             )
             .optional()
-            .map_err(q("look up failover"))
-            .map(|row| {
-                row.map(|(kind, point, output, format, files)| FailoverRow {
-                    kind,
-                    point: PointId(u64::try_from(point).unwrap_or(0)),
+            .map_err(q("look up failover"))?
+            .map(|(kind, point, output, format, files)| {
+                let bad = |reason: String| bad_row("failovers", vm.as_str(), reason);
+                Ok(FailoverRow {
+                    kind: kind.parse().map_err(|e: UnknownName| bad(e.to_string()))?,
+                    point: PointId(u64::try_from(point).map_err(|_| bad(format!("point {point}")))?),
                     output,
                     format,
-                    files: serde_json::from_str(&files).unwrap_or_default(),
+                    files: serde_json::from_str(&files).map_err(|e| bad(format!("files: {e}")))?,
                 })
             })
+            .transpose()
     }
 
-    pub fn put_failover(&self, vm: &VmName, f: &FailoverRow) -> Result<(), StoreError> {
-        let files = serde_json::to_string(&f.files).unwrap_or_else(|_| "[]".into());
+    /// Moves the open failover to another point (its state does not change).
+    pub fn change_failover(&self, vm: &VmName, point: PointId, files: &[String]) -> Result<(), StoreError> {
+        let files = serde_json::to_string(files).map_err(|_| StoreError::Invariant("file list encodes"))?;
         self.db
             .execute(
-                "INSERT INTO failovers (vm, kind, point, output, format, files) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT(vm) DO UPDATE SET kind = ?2, point = ?3, output = ?4, format = ?5, files = ?6",
-                params![vm.as_str(), f.kind, i64_of(f.point.0), f.output, f.format, files],
+                "UPDATE failovers SET point = ?2, files = ?3 WHERE vm = ?1",
+                params![vm.as_str(), i64_of(point.0), files],
             )
-            .map_err(q("record failover"))?;
-        Ok(())
-    }
-
-    pub fn delete_failover(&self, vm: &VmName) -> Result<(), StoreError> {
-        self.db.execute("DELETE FROM failovers WHERE vm = ?1", [vm.as_str()]).map_err(q("end failover"))?;
+            .map_err(q("change failover point"))?;
         Ok(())
     }
 
@@ -487,11 +675,11 @@ impl Catalog {
         tx.commit().map_err(q("delete points"))
     }
 
-    pub fn insert_job(&self, kind: &str, vm: &VmName, now_ms: i64) -> Result<u64, StoreError> {
+    pub fn insert_job(&self, kind: JobKind, vm: &VmName, now_ms: i64) -> Result<u64, StoreError> {
         self.db
             .execute(
-                "INSERT INTO jobs (kind, vm, state, started_ms) VALUES (?1, ?2, 'running', ?3)",
-                params![kind, vm.as_str(), now_ms],
+                "INSERT INTO jobs (kind, vm, state, started_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![kind.as_str(), vm.as_str(), JobState::Running.as_str(), now_ms],
             )
             .map_err(q("create job"))?;
         Ok(u64::try_from(self.db.last_insert_rowid()).unwrap_or(0))
@@ -501,7 +689,7 @@ impl Catalog {
         self.db
             .execute(
                 "UPDATE jobs SET state = ?2, phase = ?3, done = ?4, total = ?5, error = ?6, ended_ms = ?7 WHERE id = ?1",
-                params![i64_of(j.id), j.state, j.phase, i64_of(j.done), i64_of(j.total), j.error, j.ended_ms],
+                params![i64_of(j.id), j.state.as_str(), j.phase, i64_of(j.done), i64_of(j.total), j.error, j.ended_ms],
             )
             .map_err(q("update job"))?;
         Ok(())
@@ -516,31 +704,50 @@ impl Catalog {
             .map_err(q("list jobs"))?;
         let rows = st
             .query_map([], |r| {
-                Ok(JobRow {
-                    id: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
-                    kind: r.get(1)?,
-                    vm: r.get(2)?,
-                    state: r.get(3)?,
-                    phase: r.get(4)?,
-                    done: u64::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
-                    total: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
-                    error: r.get(7)?,
-                    started_ms: r.get(8)?,
-                    ended_ms: r.get(9)?,
-                })
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, String>(7)?,
+                    r.get::<_, i64>(8)?,
+                    r.get::<_, i64>(9)?,
+                ))
             })
             .map_err(q("list jobs"))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(q("list jobs"))
+        let mut out = Vec::new();
+        for r in rows {
+            let (id, kind, vm, state, phase, done, total, error, started_ms, ended_ms) =
+                r.map_err(q("list jobs"))?;
+            let bad = |reason: String| bad_row("jobs", &id.to_string(), reason);
+            let count = |v: i64| u64::try_from(v).map_err(|_| bad(format!("negative count {v}")));
+            out.push(JobRow {
+                id: u64::try_from(id).map_err(|_| bad("negative id".into()))?,
+                kind: kind.parse().map_err(|e: UnknownName| bad(e.to_string()))?,
+                vm,
+                state: state.parse().map_err(|e: UnknownName| bad(e.to_string()))?,
+                phase,
+                done: count(done)?,
+                total: count(total)?,
+                error,
+                started_ms,
+                ended_ms,
+            });
+        }
+        Ok(out)
     }
 
     /// Jobs left running by a process that stopped end as failed, with the reason.
     pub fn fail_interrupted_jobs(&self, now_ms: i64) -> Result<usize, StoreError> {
         self.db
             .execute(
-                "UPDATE jobs SET state = 'failed', ended_ms = ?1,
+                "UPDATE jobs SET state = ?2, ended_ms = ?1,
                  error = 'interrupted: the process server stopped while the job ran; run the command again'
-                 WHERE state = 'running'",
-                [now_ms],
+                 WHERE state = ?3",
+                params![now_ms, JobState::Failed.as_str(), JobState::Running.as_str()],
             )
             .map_err(q("fail interrupted jobs"))
     }
@@ -608,11 +815,13 @@ impl Catalog {
         let mut points = Vec::new();
         for r in rows {
             let (id, time_ms, consistency, note) = r.map_err(q("list points"))?;
+            let bad = |reason: String| bad_row("points", &id.to_string(), reason);
             points.push(Point {
-                id: PointId(u64::try_from(id).unwrap_or(0)),
+                id: PointId(u64::try_from(id).map_err(|_| bad("negative id".into()))?),
                 vm: vm.clone(),
                 time_ms,
-                consistency: Consistency::parse(&consistency),
+                consistency: Consistency::parse(&consistency)
+                    .ok_or_else(|| bad(format!("unknown consistency {consistency:?}")))?,
                 note,
                 disks: Vec::new(),
             });
@@ -636,12 +845,17 @@ impl Catalog {
             .map_err(q("list point disks"))?;
         for r in rows {
             let (point, disk, seq, fp) = r.map_err(q("list point disks"))?;
-            let point = PointId(u64::try_from(point).unwrap_or(0));
-            if let (Some(p), Ok(disk), Some(fingerprint)) =
-                (points.iter_mut().find(|p| p.id == point), DiskName::new(&disk), Digest::from_slice(&fp))
-            {
-                p.disks.push(PointDisk { disk, seq: Seq(u64::try_from(seq).unwrap_or(0)), fingerprint });
-            }
+            let bad = |reason: String| bad_row("point_disks", &format!("{point}/{disk}"), reason);
+            let p = points
+                .iter_mut()
+                .find(|p| i64::try_from(p.id.0).is_ok_and(|id| id == point))
+                .ok_or_else(|| bad("its point is not listed".into()))?;
+            p.disks.push(PointDisk {
+                disk: DiskName::new(&disk).map_err(|e| bad(e.to_string()))?,
+                seq: Seq(u64::try_from(seq).map_err(|_| bad(format!("seq {seq}")))?),
+                fingerprint: Digest::from_slice(&fp)
+                    .ok_or_else(|| bad("fingerprint is not 32 bytes".into()))?,
+            });
         }
         Ok(points)
     }
@@ -652,18 +866,21 @@ impl Catalog {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
             })
             .optional()
-            .map_err(q("look up test failover"))
-            .map(|row| {
-                row.map(|(point, output, files)| TestFailoverRow {
-                    point: PointId(u64::try_from(point).unwrap_or(0)),
+            .map_err(q("look up test failover"))?
+            .map(|(point, output, files)| {
+                let bad = |reason: String| bad_row("test_failovers", vm.as_str(), reason);
+                Ok(TestFailoverRow {
+                    point: PointId(u64::try_from(point).map_err(|_| bad(format!("point {point}")))?),
                     output,
-                    files: serde_json::from_str(&files).unwrap_or_default(),
+                    files: serde_json::from_str(&files).map_err(|e| bad(format!("files: {e}")))?,
                 })
             })
+            .transpose()
     }
 
     pub fn open_test_failover(&self, vm: &VmName, row: &TestFailoverRow) -> Result<(), StoreError> {
-        let files = serde_json::to_string(&row.files).unwrap_or_else(|_| "[]".into());
+        let files =
+            serde_json::to_string(&row.files).map_err(|_| StoreError::Invariant("file list encodes"))?;
         self.db
             .execute(
                 "INSERT INTO test_failovers (vm, point, output, files) VALUES (?1, ?2, ?3, ?4)",
@@ -674,7 +891,7 @@ impl Catalog {
     }
 
     pub fn update_test_failover_files(&self, vm: &VmName, files: &[String]) -> Result<(), StoreError> {
-        let files = serde_json::to_string(files).unwrap_or_else(|_| "[]".into());
+        let files = serde_json::to_string(files).map_err(|_| StoreError::Invariant("file list encodes"))?;
         self.db
             .execute("UPDATE test_failovers SET files = ?2 WHERE vm = ?1", params![vm.as_str(), files])
             .map_err(q("record test failover"))?;
@@ -686,5 +903,186 @@ impl Catalog {
             .execute("DELETE FROM test_failovers WHERE vm = ?1", [vm.as_str()])
             .map_err(q("close test failover"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row of every table, as text: what a refused change must leave as it was.
+    fn dump(c: &Catalog) -> Vec<String> {
+        let mut out = Vec::new();
+        for table in [
+            "vms",
+            "disks",
+            "points",
+            "point_disks",
+            "policies",
+            "failovers",
+            "test_failovers",
+            "reprotects",
+            "jobs",
+            "counters",
+        ] {
+            let mut st = c.db.prepare(&format!("SELECT * FROM {table}")).unwrap();
+            let n = st.column_count();
+            let rows = st
+                .query_map([], |r| {
+                    let cols: Vec<String> = (0..n).map(|i| format!("{:?}", r.get_ref(i).unwrap())).collect();
+                    Ok(format!("{table}: {}", cols.join(" | ")))
+                })
+                .unwrap();
+            out.extend(rows.map(Result::unwrap));
+        }
+        out
+    }
+
+    fn transitions() -> Vec<Transition> {
+        let row = FailoverRow {
+            kind: FailoverKind::Unplanned,
+            point: PointId(1),
+            output: "/out".into(),
+            format: "raw".into(),
+            files: vec!["/out/sda.raw".into()],
+        };
+        let reprotect = ReprotectRow {
+            master_target: "https://mt:7443".into(),
+            alternate: false,
+            sync: SyncMode::Before,
+            disks: vec![("sda".into(), "/dev/sdb".into())],
+        };
+        let generations = vec![(DiskName::new("sda").unwrap(), "g2".to_string())];
+        vec![
+            Transition::FailOver(row),
+            Transition::AbandonFailover,
+            Transition::CommitFailover,
+            Transition::Reprotect {
+                row: reprotect,
+                policy: Policy::default(),
+                generations: generations.clone(),
+            },
+            Transition::FailBack,
+            Transition::CommitFailback,
+            Transition::ReverseReplicate { policy: Policy::default(), generations },
+        ]
+    }
+
+    /// A VM with a disk, a point and a policy, in `state`.
+    fn catalog_in(state: VmState) -> (tempfile::TempDir, Catalog, VmName) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        let vm = VmName::new("vm").unwrap();
+        c.add_vm(&vm, 1).unwrap();
+        let disk = DiskName::new("sda").unwrap();
+        let row = DiskRow {
+            name: disk.clone(),
+            size: 1 << 20,
+            generation: "g1".into(),
+            base_seq: Seq(0),
+            base_path: None,
+        };
+        c.add_disk(&vm, &row).unwrap();
+        let id = c.next_point_id().unwrap();
+        let pd = PointDisk { disk, seq: Seq(3), fingerprint: Digest::of(b"x") };
+        let point = Point {
+            id,
+            vm: vm.clone(),
+            time_ms: 5,
+            consistency: Consistency::Crash,
+            note: String::new(),
+            disks: vec![pd],
+        };
+        c.insert_point(&point).unwrap();
+        c.set_policy(&vm, &Policy { retention_ms: 7_200_000, ..Policy::default() }).unwrap();
+        c.raw_set_state_for_tests(&vm, state);
+        (dir, c, vm)
+    }
+
+    /// Every change not allowed from a state (reprotect before commit, failback while
+    /// protected, a second commit, ...) is refused with the state and what to do, and no
+    /// row changes; the allowed one changes the state and its rows together.
+    #[test]
+    fn a_forbidden_transition_is_refused_and_changes_no_row() {
+        let mut refused = 0;
+        for &state in VmState::ALL {
+            for t in transitions() {
+                let (_dir, mut c, vm) = catalog_in(state);
+                let before = dump(&c);
+                let result = c.transition(&vm, &t);
+                if t.from() == state {
+                    result.unwrap();
+                    assert_eq!(c.vm_state(&vm).unwrap(), t.to());
+                    assert!(state.can_become(t.to()), "{state} -> {}", t.to());
+                    continue;
+                }
+                let err = result.unwrap_err();
+                let text = err.to_string();
+                assert!(matches!(err, StoreError::WrongState { .. }), "{state} {t:?}: {text}");
+                assert!(text.contains(&format!("is {state};")) && text.contains(t.refusal()), "{text}");
+                assert_eq!(dump(&c), before, "{state} {t:?} changed a row");
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, VmState::ALL.len() * transitions().len() - transitions().len());
+    }
+
+    #[test]
+    fn a_commit_removes_the_points_and_reverse_replication_restores_the_policy_in_one_step() {
+        let (_dir, mut c, vm) = catalog_in(VmState::FailedOver);
+        c.transition(&vm, &Transition::CommitFailover).unwrap();
+        assert!(c.points(&vm).unwrap().is_empty());
+        let (_dir, mut c, vm) = catalog_in(VmState::FailbackCommitted);
+        let generations = vec![(DiskName::new("sda").unwrap(), "g9".to_string())];
+        c.transition(&vm, &Transition::ReverseReplicate { policy: Policy::default(), generations }).unwrap();
+        assert_eq!(c.policy(&vm).unwrap(), Policy::default());
+        assert_eq!(c.disks(&vm).unwrap()[0].generation, "g9");
+        assert_eq!(c.vm_state(&vm).unwrap(), VmState::Protected);
+    }
+
+    /// A catalog written before the schema version was kept (a `.dump` of one made by the
+    /// process server at a669440: two VMs, one failed over, one with an open test failover
+    /// and its own policy, four jobs) opens, migrates, and reads back as it was.
+    #[test]
+    fn a_catalog_from_before_the_version_opens_migrates_and_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        Connection::open(&path).unwrap().execute_batch(include_str!("../testdata/catalog-v0.sql")).unwrap();
+        let c = Catalog::open(&path).unwrap();
+        let version: i64 = c.db.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let (web, db) = (VmName::new("web").unwrap(), VmName::new("db").unwrap());
+        assert_eq!(c.vms().unwrap(), [db.clone(), web.clone()]);
+        assert_eq!(c.vm_state(&web).unwrap(), VmState::Protected);
+        assert_eq!(c.vm_state(&db).unwrap(), VmState::FailedOver);
+        let ids: Vec<u64> = c.points(&web).unwrap().iter().map(|p| p.id.0).collect();
+        assert_eq!(ids, [1, 3, 4]);
+        let p = &c.points(&web).unwrap()[0];
+        assert_eq!((p.time_ms, p.consistency, p.disks.len()), (1_795_857_800_023, Consistency::Crash, 1));
+        assert_eq!(c.policy(&web).unwrap().retention_ms, 7_200_000);
+        let f = c.failover(&db).unwrap().unwrap();
+        assert_eq!((f.kind, f.point), (FailoverKind::Unplanned, PointId(7)));
+        assert_eq!(c.test_failover(&web).unwrap().unwrap().point, PointId(4));
+        let kinds: Vec<JobKind> = c.jobs().unwrap().iter().map(|j| j.kind).collect();
+        assert_eq!(
+            kinds,
+            [JobKind::InitialSync, JobKind::InitialSync, JobKind::TestFailover, JobKind::UnplannedFailover]
+        );
+        assert!(c.next_point_id().unwrap().0 > 7);
+        drop(c);
+        // A catalog from a newer tern is refused, not misread.
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        assert!(matches!(Catalog::open(&path), Err(StoreError::CatalogTooNew { .. })));
+    }
+
+    #[test]
+    fn a_row_that_does_not_decode_is_an_error_naming_it() {
+        let (_dir, c, vm) = catalog_in(VmState::Protected);
+        c.db.execute("UPDATE vms SET state = 'floating' WHERE name = 'vm'", []).unwrap();
+        let err = c.vm_state(&vm).unwrap_err().to_string();
+        assert!(err.contains("vms[vm]") && err.contains("floating"), "{err}");
+        c.db.execute("UPDATE points SET consistency = 'maybe'", []).unwrap();
+        let err = c.points(&vm).unwrap_err().to_string();
+        assert!(err.contains("points[1]") && err.contains("maybe"), "{err}");
     }
 }

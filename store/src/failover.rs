@@ -1,14 +1,10 @@
 //! Failover, change of point, commit, and verification of a point from the store.
 
-use crate::catalog::FailoverRow;
+use crate::catalog::{FailoverRow, Transition};
 use crate::materialize::{Format, materialize_disk};
 use crate::{FailoverOutput, PointSpec, Store, StoreError};
 use std::path::{Path, PathBuf};
-use tern_core::{PointId, VmName};
-
-pub const STATE_PROTECTED: &str = "protected";
-pub const STATE_FAILED_OVER: &str = "failed-over";
-pub const STATE_COMMITTED: &str = "failover-committed";
+use tern_core::{FailoverKind, PointId, VmName, VmState};
 
 /// One disk's fingerprint as the point records it and as the store recomputes it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -20,16 +16,18 @@ pub struct VerifiedDisk {
 }
 
 impl Store {
-    fn require_state(&self, vm: &VmName, wanted: &str, what: &str) -> Result<(), StoreError> {
+    /// Refuses, with `what` to do, unless `vm` is `wanted` (a check before long work; the
+    /// state change itself checks again, atomically, in [`Store::transition`]).
+    pub fn require_state(&self, vm: &VmName, wanted: VmState, what: &str) -> Result<(), StoreError> {
         let state = self.catalog().vm_state(vm)?;
         if state == wanted {
             Ok(())
         } else {
-            Err(StoreError::WrongState { vm: vm.clone(), state, what: what.to_string() })
+            Err(StoreError::WrongState { vm: vm.clone(), state: state.to_string(), what: what.to_string() })
         }
     }
 
-    pub fn vm_state(&self, vm: &VmName) -> Result<String, StoreError> {
+    pub fn vm_state(&self, vm: &VmName) -> Result<VmState, StoreError> {
         self.catalog().vm_state(vm)
     }
 
@@ -38,35 +36,33 @@ impl Store {
     pub fn failover(
         &self,
         vm: &VmName,
-        kind: &str,
+        kind: FailoverKind,
         spec: &PointSpec,
         out_dir: &Path,
         format: Format,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<FailoverOutput, StoreError> {
-        self.require_state(
-            vm,
-            STATE_PROTECTED,
-            "a failover needs a protected VM (a failed-over VM changes point with `drctl change-point`)",
-        )?;
+        let row = FailoverRow {
+            kind,
+            point: PointId(0),
+            output: out_dir.display().to_string(),
+            format: String::new(),
+            files: Vec::new(),
+        };
+        self.require_state(vm, VmState::Protected, Transition::FailOver(row.clone()).refusal())?;
         let point = self.resolve_point(vm, spec)?;
         let handles = self.point_disks(vm, &point)?;
         let files = output_files(&handles, out_dir, format);
         refuse_existing(&files, out_dir)?;
-        {
-            let c = self.catalog();
-            c.put_failover(
-                vm,
-                &FailoverRow {
-                    kind: kind.to_string(),
-                    point: point.id,
-                    output: out_dir.display().to_string(),
-                    format: format.extension().to_string(),
-                    files: files.iter().map(|f| f.display().to_string()).collect(),
-                },
-            )?;
-            c.set_vm_state(vm, STATE_FAILED_OVER)?;
-        }
+        self.transition(
+            vm,
+            Transition::FailOver(FailoverRow {
+                point: point.id,
+                format: format.extension().to_string(),
+                files: files.iter().map(|f| f.display().to_string()).collect(),
+                ..row
+            }),
+        )?;
         match self.write_output(
             vm,
             &point,
@@ -79,9 +75,7 @@ impl Store {
         ) {
             Ok(out) => Ok(out),
             Err(e) => {
-                let c = self.catalog();
-                c.delete_failover(vm)?;
-                c.set_vm_state(vm, STATE_PROTECTED)?;
+                self.transition(vm, Transition::AbandonFailover)?;
                 Err(e)
             }
         }
@@ -94,7 +88,11 @@ impl Store {
         spec: &PointSpec,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<FailoverOutput, StoreError> {
-        self.require_state(vm, STATE_FAILED_OVER, "only a failed-over, uncommitted VM can change its point")?;
+        self.require_state(
+            vm,
+            VmState::FailedOver,
+            "only a failed-over, uncommitted VM can change its point",
+        )?;
         let row =
             self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
         let point = self.resolve_point(vm, spec)?;
@@ -109,19 +107,15 @@ impl Store {
         }
         let handles = self.point_disks(vm, &point)?;
         let files = output_files(&handles, &out_dir, format);
-        let listed = files.iter().map(|f| f.display().to_string()).collect();
-        self.catalog().put_failover(vm, &FailoverRow { point: point.id, files: listed, ..row.clone() })?;
+        let listed: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        self.catalog().change_failover(vm, point.id, &listed)?;
         self.write_output(vm, &point, &handles, &files, &out_dir.join("vm.json"), &out_dir, format, progress)
     }
 
     /// Ends the failover: the base images move to the failover point (reverse replication
     /// reuses them), then the points and the journals are deleted.
     pub fn commit(&self, vm: &VmName) -> Result<PointId, StoreError> {
-        self.require_state(
-            vm,
-            STATE_FAILED_OVER,
-            "only a failed-over VM can be committed (a committed failover cannot be committed again)",
-        )?;
+        self.require_state(vm, VmState::FailedOver, Transition::CommitFailover.refusal())?;
         let row =
             self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
         let point = self.resolve_point(vm, &PointSpec::Id(row.point))?;
@@ -130,12 +124,7 @@ impl Store {
                 self.advance_base(&h, pd.seq)?;
             }
         }
-        {
-            let mut c = self.catalog();
-            let ids: Vec<PointId> = c.points(vm)?.iter().map(|p| p.id).collect();
-            c.delete_points(&ids)?;
-            c.set_vm_state(vm, STATE_COMMITTED)?;
-        }
+        self.transition(vm, Transition::CommitFailover)?;
         for h in self.vm_disks(vm) {
             let _exclusive = h.write_lock();
             h.journal().delete_all(h.base_seq())?;

@@ -109,6 +109,16 @@ pub enum StoreError {
          or rebuild it from the journals: `process-server check --data-dir {dir} --rebuild-catalog`"
     )]
     CatalogMissing { dir: String },
+    #[error(
+        "catalog row {table}[{key}] does not decode ({reason}); restore catalog.db from a backup, or move it \
+         away and rebuild it with `process-server check --rebuild-catalog`"
+    )]
+    BadRow { table: &'static str, key: String, reason: String },
+    #[error(
+        "{path} was written by a newer tern (catalog version {version}; this one knows up to {known}): run \
+         the newer version"
+    )]
+    CatalogTooNew { path: String, version: i64, known: i64 },
     #[error("{path} exists: a rebuild never replaces a catalog; move it away first if it is damaged")]
     CatalogExists { path: String },
     #[error("cannot rebuild the catalog: {path} {reason}; nothing was written")]
@@ -467,26 +477,56 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes every point of `vm` on purpose (a committed failback): their bookmarks stay
-    /// in the journal, so a catalog rebuild is told first not to bring them back.
-    pub fn delete_all_points(&self, vm: &VmName) -> Result<(), StoreError> {
-        let mut catalog = self.catalog();
-        let ids: Vec<PointId> = catalog.points(vm)?.iter().map(|p| p.id).collect();
-        if let Some(last) = ids.last() {
-            rebuild::mark_points_deleted(&self.root, vm, *last)?;
+    /// Commits a failback: the failover's output files go, then (with a mark that a catalog
+    /// rebuild must not bring them back: their bookmarks stay in the journal) every point,
+    /// the reprotect and the failover, as the VM becomes failback-committed. Returns the
+    /// last point.
+    pub fn commit_failback(&self, vm: &VmName) -> Result<PointId, StoreError> {
+        use catalog::Transition;
+        self.require_state(vm, tern_core::VmState::FailedBack, Transition::CommitFailback.refusal())?;
+        let (points, failover) = {
+            let c = self.catalog();
+            (c.points(vm)?, c.failover(vm)?)
+        };
+        if let Some(f) = failover {
+            for file in f.files.iter().cloned().chain(std::iter::once(format!("{}/vm.json", f.output))) {
+                if let Err(e) = std::fs::remove_file(&file)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(file = %file, error = %e, "cannot remove a failover output file");
+                }
+            }
+            let _ = std::fs::remove_dir(&f.output);
         }
-        catalog.delete_points(&ids)
+        let last = points.last().map_or(PointId(0), |p| p.id);
+        if last.0 > 0 {
+            rebuild::mark_points_deleted(&self.root, vm, last)?;
+        }
+        self.transition(vm, Transition::CommitFailback)?;
+        Ok(last)
     }
 
-    /// Starts a new replication epoch for every disk of `vm`: senders' saved states no
-    /// longer count, so the next sync of each disk is a delta sync.
-    pub fn new_epoch(&self, vm: &VmName) -> Result<(), StoreError> {
-        let catalog = self.catalog();
-        for h in self.vm_disks(vm) {
-            let g = new_generation(vm, &h.name);
-            catalog.set_generation(vm, &h.name, &g)?;
-            *h.generation.lock().unwrap_or_else(|p| p.into_inner()) = g;
+    /// New generations for every disk of `vm`, for a transition that starts a new
+    /// replication epoch: senders' saved states no longer count, so the next sync of each
+    /// disk is a delta sync.
+    pub fn new_generations(&self, vm: &VmName) -> Vec<(DiskName, String)> {
+        self.vm_disks(vm).iter().map(|h| (h.name.clone(), new_generation(vm, &h.name))).collect()
+    }
+
+    /// Changes `vm`'s state with every row that goes with it, in one catalog transaction
+    /// (see [`catalog::Transition`]); a refusal changes nothing.
+    pub fn transition(&self, vm: &VmName, t: catalog::Transition) -> Result<(), StoreError> {
+        self.catalog().transition(vm, &t)?;
+        if let catalog::Transition::Reprotect { generations, .. }
+        | catalog::Transition::ReverseReplicate { generations, .. } = &t
+        {
+            for (disk, g) in generations {
+                if let Some(h) = self.disk(vm, disk) {
+                    *h.generation.lock().unwrap_or_else(|p| p.into_inner()) = g.clone();
+                }
+            }
         }
+        tracing::info!(vm = %vm, from = %t.from(), to = %t.to(), "VM state changed");
         Ok(())
     }
 

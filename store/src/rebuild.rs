@@ -369,7 +369,9 @@ mod tests {
     fn points_deleted_on_purpose_stay_deleted_and_an_unmarked_disk_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (store, vm) = setup(dir.path());
-        store.delete_all_points(&vm).unwrap();
+        // A failback commit deletes every point; its bookmarks stay in the journal.
+        store.catalog().raw_set_state_for_tests(&vm, tern_core::VmState::FailedBack);
+        store.commit_failback(&vm).unwrap();
         drop(store);
         lose_catalog(dir.path());
         let report = rebuild_catalog(dir.path()).unwrap();

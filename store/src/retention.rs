@@ -215,7 +215,7 @@ pub(crate) mod tests {
         let res = store
             .failover(
                 &vm,
-                "unplanned",
+                tern_core::FailoverKind::Unplanned,
                 &PointSpec::Id(points[2].id),
                 &out,
                 crate::Format::Raw,
@@ -226,7 +226,7 @@ pub(crate) mod tests {
         assert!(matches!(
             store.failover(
                 &vm,
-                "unplanned",
+                tern_core::FailoverKind::Unplanned,
                 &PointSpec::LatestProcessed,
                 &out,
                 crate::Format::Raw,
@@ -254,19 +254,19 @@ pub(crate) mod tests {
         drop(h);
         drop(store);
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.vm_state(&vm).unwrap(), "failover-committed");
+        assert_eq!(store.vm_state(&vm).unwrap(), tern_core::VmState::FailoverCommitted);
     }
 
     #[test]
     fn jobs_left_running_by_a_stopped_server_end_as_failed() {
         let dir = tempfile::tempdir().unwrap();
         let (store, vm) = setup(dir.path());
-        let id = store.catalog().insert_job("failover", &vm, 1).unwrap();
+        let id = store.catalog().insert_job(tern_core::JobKind::UnplannedFailover, &vm, 1).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.catalog().fail_interrupted_jobs(2).unwrap(), 1);
         let job = store.catalog().jobs().unwrap().into_iter().find(|j| j.id == id).unwrap();
-        assert_eq!(job.state, "failed");
+        assert_eq!(job.state, tern_core::JobState::Failed);
         assert!(job.error.contains("interrupted"), "{}", job.error);
     }
 
