@@ -572,14 +572,22 @@ impl Writer {
     }
 }
 
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tern_proto::daemon::ServeError> {
     let tls = tern_proto::tls::server_config(
         &config.identity.ca_pem,
         &config.identity.cert_pem,
         &config.identity.key_pem,
     )?;
     let dir = config.data_dir.clone();
-    let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&dir)).await??);
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || Store::open(&dir))
+            .await?
+            .map_err(tern_proto::daemon::ServeError::store)?,
+    );
     let ctx = Arc::new(Ctx { store, data_dir: config.data_dir.clone() });
     let tracker = TaskTracker::new();
     let incoming = tern_proto::tls::incoming(listener, tls, shutdown.clone(), &tracker);

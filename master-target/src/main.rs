@@ -52,7 +52,7 @@ fn run() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         println!("listening on {}", listener.local_addr()?);
         let shutdown = tern_proto::daemon::shutdown_on_signal();
-        tern_master_target::run(tern_master_target::Config { data_dir, identity: bundle }, listener, shutdown)
-            .await
+        let config = tern_master_target::Config { data_dir, identity: bundle };
+        Ok(tern_master_target::run(config, listener, shutdown).await?)
     })
 }

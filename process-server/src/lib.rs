@@ -121,7 +121,11 @@ pub struct Config {
 }
 
 /// Serves until `shutdown` is cancelled, then drains with a deadline.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tern_proto::daemon::ServeError> {
     let tls = tls::server_config(&config.data_dir.join("pki"))?;
     let dir = config.data_dir.clone();
     let options = tern_store::StoreOptions { segment_bytes: config.segment_bytes };
@@ -133,7 +137,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         }
         Ok::<_, StoreError>(store)
     })
-    .await??;
+    .await?
+    .map_err(tern_proto::daemon::ServeError::store)?;
     let store = Arc::new(store);
     let tracker = TaskTracker::new();
     let ctx = Arc::new(Ctx {

@@ -95,7 +95,7 @@ fn run() -> anyhow::Result<()> {
                 println!("listening on {}", listener.local_addr()?);
                 let shutdown = tern_proto::daemon::shutdown_on_signal();
                 let config = tern_process_server::Config { data_dir, segment_bytes, retention_every, scrub };
-                tern_process_server::run(config, listener, shutdown).await
+                Ok(tern_process_server::run(config, listener, shutdown).await?)
             })
         }
     }

@@ -16,7 +16,7 @@ pub fn identity(pki: &Path) -> Result<Bundle, String> {
     Ok(Bundle { ca_pem: read("ca.pem")?, cert_pem: read("server.pem")?, key_pem: read("server.key")? })
 }
 
-pub fn server_config(pki: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let id = identity(pki).map_err(anyhow::Error::msg)?;
+pub fn server_config(pki: &Path) -> Result<Arc<rustls::ServerConfig>, tern_proto::daemon::ServeError> {
+    let id = identity(pki).map_err(tern_proto::daemon::ServeError::Identity)?;
     Ok(tern_proto::tls::server_config(&id.ca_pem, &id.cert_pem, &id.key_pem)?)
 }

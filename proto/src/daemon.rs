@@ -46,3 +46,24 @@ pub fn exit_on_error<E: std::fmt::Display>(result: Result<(), E>) {
         std::process::exit(1);
     }
 }
+
+/// Why a daemon could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Identity(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsSetupError),
+    #[error("cannot open the data directory: {0}")]
+    Store(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("a start-up task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl ServeError {
+    pub fn store(e: impl std::error::Error + Send + Sync + 'static) -> ServeError {
+        ServeError::Store(Box::new(e))
+    }
+}

@@ -140,7 +140,7 @@ fn the_full_circle() {
     server.checkpoint("circle");
     let d = &server.status("circle")["disks"][0];
     assert!(
-        d["master_target_seq"].as_u64() < d["durable_seq"].as_u64(),
+        d["master_target_seq"].as_u64().unwrap() < d["durable_seq"].as_u64().unwrap(),
         "the journal holds what the MT missed: {d}"
     );
     mt.restart_same_port();
@@ -487,7 +487,7 @@ fn an_agent_that_lost_its_state_while_the_master_target_was_behind() {
     server.checkpoint("b");
     let d = &server.status("b")["disks"][0];
     assert!(
-        d["master_target_seq"].as_u64() < d["durable_seq"].as_u64(),
+        d["master_target_seq"].as_u64().unwrap() < d["durable_seq"].as_u64().unwrap(),
         "the spool holds what the MT missed: {d}"
     );
     // The VM writes the first 2 MiB back as they were; the agent's host loses its state.

@@ -1,0 +1,469 @@
+//! One session with the process server: `Hello`, `Welcome`, then passes and points until
+//! the stream ends, the server tells the agent to stand down, or the agent stops.
+
+use crate::scan::{self, PassResult, ScanError, ScanEvent};
+use crate::state::DiskState;
+use crate::{
+    CONSISTENT_ATTEMPTS, Config, Inbox, Progress, RateLimiter, Requests, Schedule, choose_states, hooks,
+    now_ms, save_states, status_of,
+};
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+use tern_core::Seq;
+use tern_proto as pb;
+use tokio::sync::mpsc;
+use tokio::time::Instant as Due;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{info, warn};
+
+/// How a session ends, inside: a status, or the stream closed under a send (the server's
+/// reason, if it gives one, is then read from the inbound stream).
+#[derive(Debug)]
+enum SessionError {
+    Status(Status),
+    StreamClosed,
+}
+
+impl From<Status> for SessionError {
+    fn from(s: Status) -> Self {
+        SessionError::Status(s)
+    }
+}
+
+type Feeds = Vec<Option<Receiver<scan::HashChunk>>>;
+
+/// A consistent pass: the pass, whether it was frozen, and the point's note.
+type Consistent = (PassResult, bool, String);
+
+/// Connects, says `Hello`, and runs the session. The error is what [`crate::run`] decides
+/// on: permanent refusals stop the agent, the rest reconnect.
+pub(crate) async fn session(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    progress: &Progress,
+) -> Result<(), Status> {
+    let channel = pb::connect(&config.server, &config.identity).await.map_err(status_of)?;
+    let mut client = pb::replication_client::ReplicationClient::new(channel)
+        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
+    let cfg = config.clone();
+    let saved: Vec<Option<DiskState>> = tokio::task::spawn_blocking(move || {
+        cfg.disks
+            .iter()
+            .map(|d| DiskState::load(&DiskState::path(&cfg.state_dir, d.name.as_str()), d.size))
+            .collect()
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?;
+    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello(&config, &saved))) })
+        .await
+        .map_err(|_| Status::cancelled("stream closed"))?;
+    let inbound = client.replicate(ReceiverStream::new(rx)).await?.into_inner();
+    let now = Due::now();
+    let mut s = Session {
+        inbox: Inbox { acked: progress.acked.clone(), ..Default::default() },
+        schedule: Schedule::from_policy(None, config.interval),
+        config,
+        shutdown,
+        tx,
+        inbound,
+        states: Vec::new(),
+        next_seq: Vec::new(),
+        due_crash: now,
+        due_app: now,
+        awaiting_point: None,
+        stood_down: false,
+        feeds: Vec::new(),
+    };
+    let result = async {
+        s.welcome(saved, progress).await?;
+        s.run().await
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(()),
+        Err(SessionError::Status(status)) => Err(status),
+        // The server's reason (storage full, a refused batch) is in the stream's status.
+        Err(SessionError::StreamClosed) => Err(server_reason(&mut s.inbound)
+            .await
+            .unwrap_or_else(|| Status::unavailable("the stream to the process server closed"))),
+    }
+}
+
+fn hello(config: &Config, saved: &[Option<DiskState>]) -> pb::Hello {
+    pb::Hello {
+        vm: config.vm.to_string(),
+        disks: config
+            .disks
+            .iter()
+            .zip(saved)
+            .map(|(d, s)| pb::DiskInfo {
+                name: d.name.to_string(),
+                size: d.size,
+                state_generation: s.as_ref().map(|s| s.generation.clone()).unwrap_or_default(),
+                state_seq: s.as_ref().map_or(0, |s| s.seq.0),
+            })
+            .collect(),
+        protocol: 1,
+    }
+}
+
+/// The status the server ended the stream with, if it says one within a moment.
+async fn server_reason(inbound: &mut tonic::Streaming<pb::ServerMessage>) -> Option<Status> {
+    let drain = async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), drain).await.ok().flatten()
+}
+
+struct Session {
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    tx: mpsc::Sender<pb::AgentMessage>,
+    inbound: tonic::Streaming<pb::ServerMessage>,
+    inbox: Inbox,
+    /// What the receiver holds, per disk (lent to a scan while it runs).
+    states: Vec<DiskState>,
+    /// The seq of each disk's next record.
+    next_seq: Vec<Seq>,
+    schedule: Schedule,
+    due_crash: Due,
+    due_app: Due,
+    /// A point sent and not yet acked: the requests it answers and each disk's seq.
+    awaiting_point: Option<(Requests, Vec<Seq>)>,
+    /// The source was shut down for a failover: no more points but a final one.
+    stood_down: bool,
+    /// The receiver's block hashes still to come, per disk, for the first pass.
+    feeds: Feeds,
+}
+
+impl Session {
+    async fn send(&self, m: pb::agent_message::Msg) -> Result<(), SessionError> {
+        self.tx.send(pb::AgentMessage { msg: Some(m) }).await.map_err(|_| SessionError::StreamClosed)
+    }
+
+    async fn point_failed(&self, request_id: u64, reason: String) -> Result<(), SessionError> {
+        self.send(pb::agent_message::Msg::PointFailed(pb::PointFailed { request_id, reason })).await
+    }
+
+    /// Reads `Welcome` and sets up what the receiver holds, per disk.
+    async fn welcome(
+        &mut self,
+        saved: Vec<Option<DiskState>>,
+        progress: &Progress,
+    ) -> Result<(), SessionError> {
+        let welcome = match self.inbound.message().await? {
+            Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => w,
+            _ => return Err(Status::internal("the server did not answer Hello with Welcome").into()),
+        };
+        progress.welcomed.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.states = choose_states(&self.config, &welcome, saved);
+        // The first pass compares with the receiver's block hashes as they arrive.
+        for d in &self.config.disks {
+            if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) {
+                let (feed_tx, feed_rx) = std::sync::mpsc::channel();
+                self.inbox.feeds.insert(d.name.to_string(), (d.size, feed_tx));
+                self.feeds.push(Some(feed_rx));
+            } else {
+                self.feeds.push(None);
+            }
+        }
+        if !self.inbox.feeds.is_empty() {
+            info!(disks = ?welcome.hashes_follow, "no saved state for the server's copy; comparing with the server's block hashes");
+        }
+        self.next_seq = self
+            .config
+            .disks
+            .iter()
+            .map(|d| {
+                let durable =
+                    welcome.disks.iter().find(|w| w.name == d.name.as_str()).map_or(0, |w| w.durable_seq);
+                Seq(durable + 1)
+            })
+            .collect();
+        self.schedule = Schedule::from_policy(welcome.policy.as_ref(), self.config.interval);
+        info!(vm = %self.config.vm, server = %self.config.server, crash_interval_s = self.schedule.crash.as_secs(),
+            app_interval_s = self.schedule.app.as_secs(), "connected; replicating");
+        // The first pass starts at once: it syncs whatever changed while disconnected.
+        (self.due_crash, self.due_app) = self.schedule.due(Due::now(), true);
+        Ok(())
+    }
+
+    async fn run(&mut self) -> Result<(), SessionError> {
+        loop {
+            if let Some(reason) = self.inbox.stand_down.take() {
+                info!(reason = %reason, "the process server told this agent to stand down; stopping");
+                return Ok(());
+            }
+            self.apply_policy();
+            self.on_point_ack().await?;
+            let final_point = self.serve_shutdown_request().await?;
+            if self.stood_down && final_point.is_none() {
+                for (id, _) in std::mem::take(&mut self.inbox.requests) {
+                    let reason = "the source was shut down for a failover; it makes no more points";
+                    self.point_failed(id, reason.into()).await?;
+                }
+            }
+            let now = Due::now();
+            let wanted = now >= self.due_crash || now >= self.due_app || !self.inbox.requests.is_empty();
+            if self.awaiting_point.is_none() && (final_point.is_some() || (!self.stood_down && wanted)) {
+                self.pass_and_point(final_point, now).await?;
+                continue;
+            }
+            let due = self.due_crash.min(self.due_app);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep_until(due), if self.awaiting_point.is_none() && !self.stood_down => {}
+                m = self.inbound.message() => self.inbox.take(m?)?,
+            }
+        }
+    }
+
+    fn apply_policy(&mut self) {
+        let Some(p) = self.inbox.policy.take() else { return };
+        self.schedule = Schedule::from_policy(Some(&p), self.config.interval);
+        let (c, a) = self.schedule.due(Due::now(), false);
+        if self.schedule.hold {
+            (self.due_crash, self.due_app) = (c, a);
+        } else {
+            (self.due_crash, self.due_app) = (self.due_crash.min(c), self.due_app.min(a));
+        }
+        info!(
+            crash_interval_s = self.schedule.crash.as_secs(),
+            app_interval_s = self.schedule.app.as_secs(),
+            "policy changed"
+        );
+    }
+
+    /// A point is acked: the saved state moves to it.
+    async fn on_point_ack(&mut self) -> Result<(), SessionError> {
+        let Some(point_id) = self.inbox.point_ack.take() else { return Ok(()) };
+        let Some((requests, seqs)) = self.awaiting_point.take() else { return Ok(()) };
+        info!(point = point_id, answers = requests.len(), "recovery point acked");
+        let mut states = std::mem::take(&mut self.states);
+        for (s, seq) in states.iter_mut().zip(seqs) {
+            s.seq = seq;
+        }
+        let cfg = self.config.clone();
+        self.states = tokio::task::spawn_blocking(move || {
+            save_states(&cfg, &states);
+            states
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(())
+    }
+
+    /// A planned failover asks to shut the source down: run the hook; on success the
+    /// returned request gets the final point. Served even after a final point: a failback
+    /// that failed later (say, the master target was away) asks again, and gets a fresh one.
+    async fn serve_shutdown_request(&mut self) -> Result<Option<u64>, SessionError> {
+        if self.awaiting_point.is_some() {
+            return Ok(None);
+        }
+        let Some(id) = self.inbox.shutdown.take() else { return Ok(None) };
+        let Some(cmd) = self.config.shutdown.clone() else {
+            self.point_failed(id, "the agent has no --shutdown hook configured".into()).await?;
+            return Ok(None);
+        };
+        let hook =
+            tokio::task::spawn_blocking(move || hooks::run_hook("shutdown", &cmd, Duration::from_secs(600)))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        match hook {
+            Ok(()) => Ok(Some(id)),
+            Err(reason) => {
+                warn!(error = %reason, "shutdown hook failed; the planned failover will not run");
+                self.point_failed(id, reason).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// A pass (repeated until it is a consistent cut), then a point of it for the
+    /// requests it answers, or a refusal of each when no cut could be had.
+    async fn pass_and_point(&mut self, final_point: Option<u64>, now: Due) -> Result<(), SessionError> {
+        let mut requests = std::mem::take(&mut self.inbox.requests);
+        if let Some(id) = final_point {
+            requests.push((id, false));
+        }
+        let scheduled_app = now >= self.due_app;
+        let app = scheduled_app || requests.iter().any(|r| r.1);
+        // Held (failback with --sync during), the pass is a full download: blocks are
+        // checked whole and their 4 KiB page values are not computed.
+        let page_hashes = !self.schedule.hold;
+        let result = self.scan_until_consistent(app, true, page_hashes).await?;
+        let (c, a) = self.schedule.due(Due::now(), false);
+        self.due_crash = c;
+        if app || self.schedule.hold {
+            self.due_app = a;
+        }
+        let Some((pass, frozen, mut note)) = result else {
+            for (id, _) in requests {
+                let reason = "the disks kept changing during every scan, so no consistent cut could be had; \
+                              configure --freeze/--thaw hooks to quiesce the VM";
+                self.point_failed(id, reason.into()).await?;
+            }
+            return Ok(());
+        };
+        let consistency = if frozen { pb::Consistency::App } else { pb::Consistency::Crash };
+        if final_point.is_some() {
+            note = "final point after the source was shut down".into();
+            self.stood_down = true;
+        }
+        let disks = self.config.disks.iter().zip(&pass.fingerprints).zip(&self.next_seq);
+        let point = pb::MakePoint {
+            request_ids: requests.iter().map(|r| r.0).collect(),
+            consistency: consistency as i32,
+            disks: disks
+                .map(|((d, fp), next)| pb::PointDisk {
+                    disk: d.name.to_string(),
+                    seq: next.0 - 1,
+                    fingerprint: fp.0.to_vec(),
+                })
+                .collect(),
+            time_ms: now_ms(),
+            note,
+        };
+        self.send(pb::agent_message::Msg::Point(point)).await?;
+        // No pass runs until the point is acked, so `states` stays the point's state.
+        self.awaiting_point = Some((requests, self.next_seq.iter().map(|n| Seq(n.0 - 1)).collect()));
+        Ok(())
+    }
+
+    /// Scans until a pass is a consistent cut (or attempts run out), forwarding records as
+    /// they come and handling acks meanwhile.
+    async fn scan_until_consistent(
+        &mut self,
+        app: bool,
+        may_quiesce: bool,
+        page_hashes: bool,
+    ) -> Result<Option<Consistent>, SessionError> {
+        for attempt in 1..=CONSISTENT_ATTEMPTS {
+            let started = Instant::now();
+            // An app point always quiesces; a crash point falls back on the hooks when the
+            // disks kept changing during an unquiesced scan. A pass that still waits for the
+            // receiver's block hashes is never frozen: the VM would stay frozen for as long
+            // as the hashes take to arrive. A pass over a block device is a consistent cut
+            // only when frozen: an unfrozen one would be thrown away.
+            let feeding = self.feeds.iter().any(Option::is_some);
+            let must_freeze = app || attempt > 1 || self.config.disks.iter().any(|d| d.block_device);
+            let hooks = self.config.hooks.configured();
+            let quiesce = may_quiesce && must_freeze && hooks && !feeding;
+            let note = if app && !hooks {
+                "no --freeze or --freeze-fs is configured".into()
+            } else if app && feeding {
+                "the first pass after a resync compares with the receiver's block hashes as they arrive and is not frozen".into()
+            } else {
+                String::new()
+            };
+            let (pass, frozen) = match self.attempt(quiesce, page_hashes).await? {
+                Ok(done) => done,
+                Err(freeze_failed) => {
+                    // The freeze failed: scan again unquiesced; the point, if any, is crash-consistent.
+                    let r = Box::pin(self.scan_until_consistent(false, false, page_hashes)).await?;
+                    return Ok(r.map(|(pass, frozen, _)| (pass, frozen, freeze_failed)));
+                }
+            };
+            info!(
+                attempt,
+                consistent = pass.consistent,
+                read_mb = pass.bytes_read >> 20,
+                changed_kb = pass.bytes_changed >> 10,
+                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "scan pass done"
+            );
+            if pass.consistent {
+                return Ok(Some((pass, frozen, note)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// One pass, frozen when `quiesce`: the scan runs on a blocking thread while this
+    /// forwards its records and page-hash requests and takes what the server sends. The
+    /// inner error is why a freeze failed (the feeds are kept for the next try).
+    async fn attempt(
+        &mut self,
+        quiesce: bool,
+        page_hashes: bool,
+    ) -> Result<Result<(PassResult, bool), String>, SessionError> {
+        let (ev_tx, mut ev_rx) = mpsc::channel::<ScanEvent>(2);
+        let cancel = self.shutdown.child_token();
+        let (cfg, c2) = (self.config.clone(), cancel.clone());
+        let feeds = std::mem::take(&mut self.feeds);
+        let mut states = std::mem::take(&mut self.states);
+        let scanner = tokio::task::spawn_blocking(move || {
+            let frozen = if quiesce {
+                match cfg.hooks.freeze() {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        warn!(error = %e, "freeze failed; the point will be crash-consistent");
+                        return (Err((e, feeds)), states);
+                    }
+                }
+            } else {
+                None
+            };
+            let r =
+                scan::run_pass(&cfg.disks, &mut states, frozen.is_some(), page_hashes, feeds, &ev_tx, &c2);
+            let was_frozen = frozen.is_some();
+            if let Some(f) = frozen {
+                f.thaw();
+            }
+            (Ok((r, was_frozen)), states)
+        });
+        let _guard = cancel.drop_guard();
+        self.forward(&mut ev_rx).await?;
+        let (result, states) = scanner.await.map_err(|e| Status::internal(e.to_string()))?;
+        self.states = states;
+        let (result, frozen) = match result {
+            Ok(r) => r,
+            Err((freeze_failed, unused_feeds)) => {
+                self.feeds = unused_feeds;
+                return Ok(Err(freeze_failed));
+            }
+        };
+        let pass = result.map_err(|e| match e {
+            ScanError::Cancelled => Status::cancelled("scan cancelled"),
+            ScanError::Resized { .. } => Status::failed_precondition(e.to_string()),
+            ScanError::Read { .. } => Status::unavailable(e.to_string()),
+        })?;
+        Ok(Ok((pass, frozen)))
+    }
+
+    /// Sends what the scan produces until it ends, taking server messages meanwhile.
+    async fn forward(&mut self, events: &mut mpsc::Receiver<ScanEvent>) -> Result<(), SessionError> {
+        let mut limiter = RateLimiter::new(self.config.max_rate);
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ScanEvent::NeedPages { disk, blocks }) => {
+                        let disk = self.config.disks[disk].name.to_string();
+                        self.send(pb::agent_message::Msg::PageHashes(pb::PageHashesRequest { disk, blocks })).await?;
+                    }
+                    Some(ScanEvent::Batch { disk, records }) => {
+                        let n = records.len() as u64;
+                        let first_seq = self.next_seq[disk].0;
+                        let batch = pb::Batch { disk: self.config.disks[disk].name.to_string(), first_seq, records };
+                        limiter.take(prost::Message::encoded_len(&batch) as u64).await;
+                        self.next_seq[disk] = Seq(first_seq + n);
+                        self.send(pb::agent_message::Msg::Batch(batch)).await?;
+                    }
+                    None => return Ok(()),
+                },
+                m = self.inbound.message() => self.inbox.take(m?)?,
+            }
+        }
+    }
+}
