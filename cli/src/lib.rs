@@ -1,1 +1,87 @@
-//! drctl: the operator's command line against the process server's admin API.
+//! drctl, the operator's command line, as a library: `args` (what each command takes),
+//! `commands` (one module per family), `output` (tables, JSON, progress) and `error`
+//! (what failed, and the exit code for it).
+
+/// Prints a line on standard output. A reader that went away (`drctl status | head -1`)
+/// ends drctl quietly instead of with a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to standard output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
+pub mod args;
+mod commands;
+pub mod error;
+pub mod output;
+
+use args::{Cli, Cmd, PolicyCmd};
+use error::CliError;
+use tern_core::pki::Bundle;
+use tern_proto as pb;
+use tern_proto::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+/// A connected drctl: the admin client and how to print.
+pub(crate) struct Drctl {
+    pub c: AdminClient<Channel>,
+    pub json: bool,
+    pub server: String,
+}
+
+async fn client(cli: &Cli) -> Result<AdminClient<Channel>, CliError> {
+    let server = cli
+        .server
+        .as_deref()
+        .ok_or_else(|| CliError::Usage("no server: pass --server URL or set DRCTL_SERVER".into()))?;
+    let identity = cli
+        .identity
+        .as_ref()
+        .ok_or_else(|| CliError::Usage("no identity: pass --identity BUNDLE or set DRCTL_IDENTITY".into()))?;
+    let bundle = Bundle::load(identity).map_err(|e| CliError::Usage(e.to_string()))?;
+    let channel = pb::connect(server, &bundle).await?;
+    Ok(AdminClient::new(channel))
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let c = client(&cli).await?;
+    let d = &mut Drctl { c, json: cli.json, server: cli.server.clone().unwrap_or_default() };
+    use commands::{failback, failover, jobs, protect};
+    match cli.cmd {
+        Cmd::Enroll(e) => protect::enroll(d, e).await,
+        Cmd::Status { vm } => protect::status(d, vm).await,
+        Cmd::Points { vm } => protect::points(d, vm).await,
+        Cmd::Checkpoint { vm, app_consistent, wait, timeout } => {
+            protect::checkpoint(d, vm, app_consistent, wait, &timeout).await
+        }
+        Cmd::Policy(PolicyCmd::Set { vm, retention, crash_interval, app_interval, rpo_threshold }) => {
+            protect::set_policy(d, vm, [retention, crash_interval, app_interval, rpo_threshold]).await
+        }
+        Cmd::TestFailover { vm, point, output, format } => {
+            failover::test_failover(d, vm, point, &output, format).await
+        }
+        Cmd::TestFailoverCleanup { vm } => failover::cleanup(d, vm).await,
+        Cmd::Failover { vm, kind, shutdown_source, point, output, format } => {
+            failover::failover(d, vm, kind, shutdown_source, point, &output, format).await
+        }
+        Cmd::ChangePoint { vm, point } => failover::change_point(d, vm, point).await,
+        Cmd::Commit { vm } => failover::commit(d, vm).await,
+        Cmd::Verify { vm, point } => failover::verify(d, vm, point).await,
+        Cmd::Reprotect { vm, master_target, location, target_disks, sync, identity_out } => {
+            let r = failback::Reprotect { vm, master_target, location, target_disks, sync, identity_out };
+            failback::reprotect(d, r).await
+        }
+        Cmd::Failback { vm } => failback::failback(d, vm).await,
+        Cmd::ReverseReplicate { vm } => failback::reverse_replicate(d, vm).await,
+        Cmd::Jobs { wait: Some(id) } => jobs::wait(d, id).await,
+        Cmd::Jobs { wait: None } => jobs::list(d).await,
+    }
+}

@@ -62,7 +62,7 @@ fn identities_are_enforced() {
 
     // An agent identity on the admin API.
     let out = drctl_as(&server.url(), &a, &["status"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "refused by the server: exit 1");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs an admin identity"), "{err}");
 
@@ -70,7 +70,7 @@ fn identities_are_enforced() {
     let other = tempfile::tempdir().unwrap();
     let foreign = Server::init(other.path());
     let out = drctl_as(&server.url(), &foreign.admin(), &["status"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "not accepted by the server: exit 3");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("belongs to another deployment"), "{err}");
 
@@ -82,7 +82,12 @@ fn identities_are_enforced() {
     std::fs::write(&mixed, own.replace(&key(&own), &key(&theirs))).unwrap();
     let out = drctl_as(&server.url(), &mixed, &["status"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("does not belong to its certificate"), "{err}");
+    assert!(err.contains("does not belong to its certificate"), "{err}");
+    assert_eq!(out.status.code(), Some(2), "a broken identity file is a usage mistake: exit 2");
+    // Nothing listening: exit 3.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = drctl_as(&format!("https://127.0.0.1:{closed}"), &server.admin(), &["status"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
 
     // The admin identity still works, and the server logged each refusal with the identity.
     let out = server.drctl(&["status"]);

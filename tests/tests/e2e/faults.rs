@@ -356,6 +356,10 @@ fn the_scrub_names_a_point_that_does_not_recover() {
         s["error"].as_str().is_some_and(|e| e.contains(&format!("point {id} does not recover"))).then_some(s)
     });
     assert_eq!(s["health"], "critical", "{s}");
+    // `drctl verify` says so too, with its own exit code (4), apart from other failures.
+    let out = server.drctl(&["verify", "rot", "--point", &id]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DOES NOT VERIFY"), "{out:?}");
 }
 
 /// Smaller refusals: an identity is never written over an existing file, an output inside

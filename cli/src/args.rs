@@ -1,0 +1,183 @@
+//! The command line: what each command takes.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use tern_proto as pb;
+
+/// tern operator CLI.
+#[derive(Parser, Debug)]
+#[command(version)]
+pub struct Cli {
+    /// Process server, e.g. https://dr.example:7443
+    #[arg(long, env = "DRCTL_SERVER", global = true)]
+    pub server: Option<String>,
+    /// Admin identity bundle (DATA_DIR/pki/admin.bundle of `process-server init`).
+    #[arg(long, env = "DRCTL_IDENTITY", global = true)]
+    pub identity: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OutFormat {
+    Raw,
+    Vhd,
+}
+
+impl OutFormat {
+    pub fn wire(self) -> i32 {
+        match self {
+            OutFormat::Raw => pb::OutputFormat::Raw as i32,
+            OutFormat::Vhd => pb::OutputFormat::Vhd as i32,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Issue an identity bundle.
+    #[command(subcommand)]
+    Enroll(Enroll),
+    /// State, health, RPO, last point and bytes received of one VM or all.
+    Status { vm: Option<String> },
+    /// Recovery points of a VM, oldest first.
+    Points { vm: String },
+    /// Ask the VM's agent for a point now.
+    Checkpoint {
+        vm: String,
+        /// Run the agent's freeze/thaw hooks around the point.
+        #[arg(long)]
+        app_consistent: bool,
+        /// Wait until the point is durable and print it.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long, e.g. 10m.
+        #[arg(long, default_value = "10m")]
+        timeout: String,
+    },
+    /// Write the VM's disks at a point into a directory on the process server, without
+    /// disturbing replication.
+    TestFailover {
+        vm: String,
+        /// latest, latest-processed, latest-app, a point id, or an RFC 3339 time.
+        #[arg(long, default_value = "latest-processed")]
+        point: String,
+        /// Absolute output directory on the process server's host.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: OutFormat,
+    },
+    /// Remove everything the open test failover of a VM made.
+    TestFailoverCleanup { vm: String },
+    /// Replication policy of a VM.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Fail a VM over: write its disks at a point and stop replicating it.
+    Failover {
+        vm: String,
+        /// planned: shut the source down through its agent first and lose nothing (refused if
+        /// that fails); unplanned: go on even when the source is unreachable.
+        #[arg(long, value_parser = ["planned", "unplanned"])]
+        kind: String,
+        /// unplanned only: try the planned shutdown first, go on if it fails.
+        #[arg(long)]
+        shutdown_source: bool,
+        /// latest, latest-processed, latest-app, a point id, or an RFC 3339 time (planned
+        /// failovers always use the final point made after the shutdown).
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Absolute output directory on the process server's host.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: OutFormat,
+    },
+    /// Rewrite a failed-over VM's disks at another point (before commit).
+    ChangePoint {
+        vm: String,
+        #[arg(long)]
+        point: String,
+    },
+    /// End a failover: delete the VM's recovery points and journal, keep the base images.
+    Commit { vm: String },
+    /// Rebuild a point from the store and check every disk's fingerprint; exit 1 on a mismatch.
+    Verify {
+        vm: String,
+        #[arg(long, default_value = "latest-processed")]
+        point: String,
+    },
+    /// After a committed failover: protect the recovered VM back to a master target on the
+    /// primary site. Writes the identity for the recovered VM's agent and prints its command.
+    Reprotect {
+        vm: String,
+        /// The master target, e.g. https://onprem-mt:7444
+        #[arg(long)]
+        master_target: String,
+        /// original: the on-premises disk (must exist with the same size; delta sync);
+        /// alternate: a new disk (must not exist; created sparse, full sync).
+        #[arg(long, value_parser = ["original", "alternate"])]
+        location: String,
+        /// NAME=PATH on the master target's host, for every disk of the VM.
+        #[arg(long = "target-disk", required = true)]
+        target_disks: Vec<String>,
+        /// before: replicate continuously, failback drains the last changes; during: send
+        /// everything at failback.
+        #[arg(long, value_parser = ["before", "during"], default_value = "before")]
+        sync: String,
+        /// Where to write the recovered VM's agent identity.
+        #[arg(long)]
+        identity_out: PathBuf,
+    },
+    /// Shut the recovered VM down and apply its final state onto the primary site's disks.
+    Failback { vm: String },
+    /// After a committed failback: replicate from the primary site again.
+    ReverseReplicate { vm: String },
+    /// List jobs, or wait for one.
+    Jobs {
+        /// Wait until this job ends; exit non-zero if it failed.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Change a VM's policy; options left out keep their value.
+    Set {
+        vm: String,
+        /// How long points are kept (default 24h, at most 30d).
+        #[arg(long)]
+        retention: Option<String>,
+        /// Time between crash-consistent points (default 5m, at least 1s).
+        #[arg(long)]
+        crash_interval: Option<String>,
+        /// Time between app-consistent points (default 60m).
+        #[arg(long)]
+        app_interval: Option<String>,
+        /// RPO above which health turns warning; twice it, critical (default 15m).
+        #[arg(long)]
+        rpo_threshold: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Enroll {
+    /// Identity for the mobility agent of one VM.
+    Agent {
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Identity for a master target.
+    MasterTarget {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}

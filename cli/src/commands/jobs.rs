@@ -1,0 +1,39 @@
+//! Jobs: list them, or follow one to its end.
+
+use crate::Drctl;
+use crate::error::CliError;
+use crate::output::{job_json, print_json, rfc3339, wait_job};
+use serde_json::Value;
+use tern_proto as pb;
+
+pub async fn wait(d: &mut Drctl, id: u64) -> Result<(), CliError> {
+    let job = wait_job(&mut d.c, id, d.json).await?;
+    if d.json {
+        return print_json(&job_json(&job));
+    }
+    out!("job {} ({} of {}) succeeded", job.id, job.kind, job.vm);
+    Ok(())
+}
+
+pub async fn list(d: &mut Drctl) -> Result<(), CliError> {
+    let r = d.c.jobs(pb::JobsRequest { id: 0 }).await?.into_inner();
+    if d.json {
+        return print_json(&Value::Array(r.jobs.iter().map(job_json).collect()));
+    }
+    out!("{:>5}  {:<20} {:<16} {:<10} {:<30} STARTED", "ID", "KIND", "VM", "STATE", "PHASE");
+    for j in &r.jobs {
+        out!(
+            "{:>5}  {:<20} {:<16} {:<10} {:<30} {}",
+            j.id,
+            j.kind,
+            j.vm,
+            j.state,
+            j.phase,
+            rfc3339(j.started_ms)
+        );
+        if !j.error.is_empty() {
+            out!("       error: {}", j.error);
+        }
+    }
+    Ok(())
+}

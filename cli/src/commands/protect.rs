@@ -1,0 +1,130 @@
+//! Identities, status, points, checkpoints and policies of protected VMs.
+
+use crate::Drctl;
+use crate::args::Enroll;
+use crate::error::CliError;
+use crate::output::{
+    dur, human_bytes, point_json, policy_json, print_json, print_point, refuse_existing_file, status_json,
+};
+use serde_json::{Value, json};
+use tern_proto as pb;
+
+pub async fn enroll(d: &mut Drctl, e: Enroll) -> Result<(), CliError> {
+    let (role, name, out) = match e {
+        Enroll::Agent { vm, out } => (pb::Role::Agent, vm, out),
+        Enroll::MasterTarget { name, out } => (pb::Role::MasterTarget, name, out),
+    };
+    refuse_existing_file(&out)?;
+    let r = d.c.enroll(pb::EnrollRequest { role: role as i32, name: name.clone() }).await?.into_inner();
+    tern_core::pki::write_private(&out, &r.bundle)?;
+    if d.json {
+        print_json(&json!({"identity": out.display().to_string(), "name": name}))
+    } else {
+        out!("wrote identity for {name} to {}", out.display());
+        Ok(())
+    }
+}
+
+pub async fn status(d: &mut Drctl, vm: Option<String>) -> Result<(), CliError> {
+    let r = d.c.status(pb::StatusRequest { vm: vm.clone().unwrap_or_default() }).await?.into_inner();
+    if d.json {
+        let v = match vm {
+            Some(_) => r.vms.first().map(status_json).unwrap_or(Value::Null),
+            None => Value::Array(r.vms.iter().map(status_json).collect()),
+        };
+        return print_json(&v);
+    }
+    let row = |cols: [&str; 7]| {
+        out!(
+            "{:<20} {:<14} {:<8} {:<6} {:>10} {:>8} {:>10}",
+            cols[0],
+            cols[1],
+            cols[2],
+            cols[3],
+            cols[4],
+            cols[5],
+            cols[6]
+        )
+    };
+    row(["VM", "STATE", "HEALTH", "AGENT", "LAST POINT", "RPO", "RECEIVED"]);
+    for s in &r.vms {
+        let last = if s.last_point == 0 { "-".to_string() } else { s.last_point.to_string() };
+        let rpo = if s.rpo_seconds < 0 { "-".to_string() } else { format!("{}s", s.rpo_seconds) };
+        let agent = if s.agent_connected { "yes" } else { "no" };
+        row([&s.vm, &s.state, &s.health, agent, &last, &rpo, &human_bytes(s.bytes_received)]);
+    }
+    for s in r.vms.iter().filter(|s| !s.error.is_empty()) {
+        out!("{}: replication is failing: {}", s.vm, s.error);
+    }
+    Ok(())
+}
+
+pub async fn points(d: &mut Drctl, vm: String) -> Result<(), CliError> {
+    let r = d.c.points(pb::PointsRequest { vm: vm.clone() }).await?.into_inner();
+    if d.json {
+        return print_json(&Value::Array(r.points.iter().map(point_json).collect()));
+    }
+    if r.points.is_empty() {
+        out!("VM {vm} has no recovery points yet");
+    } else {
+        out!("{:>6}  {:<25}  {:<5}  NOTE", "ID", "TIME", "KIND");
+        for p in &r.points {
+            print_point(p);
+        }
+    }
+    Ok(())
+}
+
+pub async fn checkpoint(
+    d: &mut Drctl,
+    vm: String,
+    app_consistent: bool,
+    wait: bool,
+    timeout: &str,
+) -> Result<(), CliError> {
+    let timeout = tern_core::units::parse_duration(timeout)?;
+    let r =
+        d.c.checkpoint(pb::CheckpointCall {
+            vm: vm.clone(),
+            app_consistent,
+            wait,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        })
+        .await?
+        .into_inner();
+    match (r.point, d.json) {
+        (Some(p), true) => print_json(&point_json(&p))?,
+        (Some(p), false) => print_point(&p),
+        (None, true) => print_json(&json!({"requested": true}))?,
+        (None, false) => out!("checkpoint requested; `drctl points {vm}` lists it once made"),
+    }
+    Ok(())
+}
+
+/// `[retention, crash interval, app interval, RPO threshold]`; one left out keeps its value.
+pub async fn set_policy(d: &mut Drctl, vm: String, values: [Option<String>; 4]) -> Result<(), CliError> {
+    let mut ms = [0u64; 4];
+    for (m, v) in ms.iter_mut().zip(&values) {
+        if let Some(s) = v {
+            *m = u64::try_from(tern_core::units::parse_duration(s)?.as_millis()).unwrap_or(u64::MAX);
+        }
+    }
+    let policy = pb::PolicyInfo {
+        retention_ms: ms[0],
+        crash_interval_ms: ms[1],
+        app_interval_ms: ms[2],
+        rpo_threshold_ms: ms[3],
+    };
+    let p = d.c.set_policy(pb::SetPolicyRequest { vm: vm.clone(), policy: Some(policy) }).await?.into_inner();
+    if d.json {
+        return print_json(&policy_json(&p));
+    }
+    out!(
+        "policy of {vm}: retention {}, crash points every {}, app points every {}, RPO threshold {}",
+        dur(p.retention_ms),
+        dur(p.crash_interval_ms),
+        dur(p.app_interval_ms),
+        dur(p.rpo_threshold_ms)
+    );
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! Why drctl failed, and the exit code that says so to a script.
+
+use tern_proto as pb;
+
+/// Exit codes: 1 the server refused or an operation failed, 2 a usage mistake (clap's own
+/// code for bad arguments), 3 the process server could not be reached or did not accept
+/// the identity, 4 a point does not verify.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Server(String),
+    #[error("point {point} of {vm} does not verify")]
+    Mismatch { vm: String, point: u64 },
+    #[error("job {id} ({kind} of {vm}) failed: {error}")]
+    JobFailed { id: u64, kind: String, vm: String, error: String },
+    #[error("{0}")]
+    Local(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Unreachable(_) => 3,
+            CliError::Mismatch { .. } => 4,
+            CliError::Server(_) | CliError::JobFailed { .. } | CliError::Local(_) => 1,
+        }
+    }
+}
+
+/// A status the transport made (the connection failed or was closed under the call; its
+/// cause is attached) says the server was not reached or did not accept the identity; one
+/// the server sent says what it refused.
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let from_transport = std::error::Error::source(&s).is_some() || s.message().is_empty();
+        match s.code() {
+            Code::Unknown | Code::Cancelled | Code::Unavailable if from_transport => {
+                CliError::Unreachable(format!(
+                    "the process server closed the connection ({}); is --identity a bundle issued by this deployment's CA?",
+                    pb::error_chain(&s)
+                ))
+            }
+            _ => CliError::Server(s.message().to_string()),
+        }
+    }
+}
+
+impl From<pb::ConnectError> for CliError {
+    fn from(e: pb::ConnectError) -> Self {
+        match e {
+            pb::ConnectError::BadUrl { .. } => CliError::Usage(e.to_string()),
+            pb::ConnectError::Unreachable { .. } => CliError::Unreachable(e.to_string()),
+        }
+    }
+}
+
+impl From<tern_core::pki::PkiError> for CliError {
+    fn from(e: tern_core::pki::PkiError) -> Self {
+        CliError::Local(e.to_string())
+    }
+}
+
+impl From<tern_core::units::UnitError> for CliError {
+    fn from(e: tern_core::units::UnitError) -> Self {
+        CliError::Usage(e.to_string())
+    }
+}

@@ -1,0 +1,201 @@
+//! What drctl prints: tables and lines for people, JSON with `--json`, progress of jobs.
+
+use crate::error::CliError;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use tern_core::JobState;
+use tern_proto as pb;
+use tern_proto::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn point_json(p: &pb::PointInfo) -> Value {
+    let mut v = json!({
+        "id": p.id,
+        "time": rfc3339(p.time_ms),
+        "consistency": if p.consistency == pb::Consistency::App as i32 { "app" } else { "crash" },
+        "disks": p.disks.iter().map(|d| json!({"name": d.disk, "seq": d.seq, "fingerprint": hex(&d.fingerprint)})).collect::<Vec<_>>(),
+    });
+    if !p.note.is_empty() {
+        v["note"] = json!(p.note);
+    }
+    v
+}
+
+pub fn status_json(s: &pb::VmStatus) -> Value {
+    json!({
+        "vm": s.vm,
+        "state": s.state,
+        "health": s.health,
+        "agent_connected": s.agent_connected,
+        "last_point": if s.last_point == 0 { Value::Null } else { json!(s.last_point) },
+        "rpo_seconds": if s.rpo_seconds < 0 { Value::Null } else { json!(s.rpo_seconds) },
+        "bytes_received": s.bytes_received,
+        "storage_bytes": s.storage_bytes,
+        "error": if s.error.is_empty() { Value::Null } else { json!(s.error) },
+        "policy": s.policy.as_ref().map(policy_json).unwrap_or(Value::Null),
+        "disks": s.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "durable_seq": d.durable_seq, "journal_bytes": d.journal_bytes, "master_target_seq": d.master_target_seq})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn print_json(v: &Value) -> Result<(), CliError> {
+    out!("{}", serde_json::to_string_pretty(v).map_err(|e| CliError::Local(e.to_string()))?);
+    Ok(())
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+pub fn print_point(p: &pb::PointInfo) {
+    let kind = if p.consistency == pb::Consistency::App as i32 { "app" } else { "crash" };
+    out!("{:>6}  {}  {:<5}  {}", p.id, rfc3339(p.time_ms), kind, p.note);
+}
+
+pub fn dur(ms: u64) -> String {
+    match ms {
+        m if m % 86_400_000 == 0 => format!("{}d", m / 86_400_000),
+        m if m % 3_600_000 == 0 => format!("{}h", m / 3_600_000),
+        m if m % 60_000 == 0 => format!("{}m", m / 60_000),
+        m if m % 1000 == 0 => format!("{}s", m / 1000),
+        m => format!("{m}ms"),
+    }
+}
+
+pub fn policy_json(p: &pb::PolicyInfo) -> Value {
+    json!({
+        "retention": dur(p.retention_ms),
+        "crash_interval": dur(p.crash_interval_ms),
+        "app_interval": dur(p.app_interval_ms),
+        "rpo_threshold": dur(p.rpo_threshold_ms),
+    })
+}
+
+pub fn job_json(j: &pb::JobInfo) -> Value {
+    let mut v = json!({
+        "id": j.id, "kind": j.kind, "vm": j.vm, "state": j.state, "phase": j.phase,
+        "done": j.done, "total": j.total, "started": rfc3339(j.started_ms),
+    });
+    if j.ended_ms != 0 {
+        v["ended"] = json!(rfc3339(j.ended_ms));
+    }
+    if !j.error.is_empty() {
+        v["error"] = json!(j.error);
+    }
+    if let Ok(r) = serde_json::from_str::<Value>(&j.result) {
+        v["result"] = r;
+    }
+    v
+}
+
+pub fn absolute(p: &Path) -> Result<PathBuf, CliError> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| CliError::Local(format!("current directory: {e}")))?.join(p)
+    })
+}
+
+/// Follows a job to its end: a progress bar on a terminal, plain lines otherwise. Fails
+/// with the job's error if it failed.
+pub async fn wait_job(c: &mut AdminClient<Channel>, id: u64, quiet: bool) -> Result<pb::JobInfo, CliError> {
+    use std::io::IsTerminal;
+    let tty = !quiet && std::io::stderr().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:32} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let mut last_line = String::new();
+    let mut poll = std::time::Duration::from_millis(20);
+    loop {
+        let r = c.jobs(pb::JobsRequest { id }).await?.into_inner();
+        let job = r.jobs.into_iter().next().ok_or_else(|| CliError::Server(format!("job {id} vanished")))?;
+        if let Some(b) = &bar {
+            b.set_message(format!("job {id}: {}", job.phase));
+            b.set_length(job.total);
+            b.set_position(job.done);
+        } else if !quiet {
+            let line = format!("job {id} ({} {}): {}", job.kind, job.vm, job.phase);
+            if line != last_line {
+                eprintln!("{line}");
+                last_line = line;
+            }
+        }
+        let state = job.state.parse::<JobState>().map_err(|e| CliError::Server(e.to_string()))?;
+        if state != JobState::Running {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            if state == JobState::Failed {
+                return Err(CliError::JobFailed { id, kind: job.kind, vm: job.vm, error: job.error });
+            }
+            return Ok(job);
+        }
+        // Short jobs end within a few polls; long ones are asked every 200 ms.
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Prints what a failover-like job wrote (its vm.json).
+pub fn print_output(job: &pb::JobInfo, as_json: bool) -> Result<(), CliError> {
+    let v: Value = serde_json::from_str(&job.result).unwrap_or(Value::Null);
+    if as_json {
+        return print_json(&v);
+    }
+    out!(
+        "point {} ({}, {}) written; every disk matches the point's fingerprint",
+        v["point"],
+        v["time"].as_str().unwrap_or(""),
+        v["consistency"].as_str().unwrap_or("")
+    );
+    for d in v["disks"].as_array().cloned().unwrap_or_default() {
+        let (what, hash) = match d["blake3"].as_str() {
+            Some(b) => ("blake3", b),
+            None => ("fingerprint", d["fingerprint"].as_str().unwrap_or("")),
+        };
+        out!(
+            "  {:<10} {}  {}  {what} {hash}",
+            d["name"].as_str().unwrap_or(""),
+            human_bytes(d["size"].as_u64().unwrap_or(0)),
+            d["file"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}
+
+/// An identity is never written over an existing file (it could be another identity, the
+/// admin bundle even).
+pub fn refuse_existing_file(path: &Path) -> Result<(), CliError> {
+    if path.exists() {
+        return Err(CliError::Usage(format!(
+            "{} already exists; choose another file, or remove it first",
+            path.display()
+        )));
+    }
+    Ok(())
+}
