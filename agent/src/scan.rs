@@ -340,29 +340,11 @@ fn scan_disk(
 ) -> Result<Digest, ScanError> {
     let read_err =
         |source| ScanError::Read { disk: d.name.clone(), path: d.path.display().to_string(), source };
-    let now = DiskReader::open(&d.path).and_then(|f| f.size()).map_err(read_err)?;
-    if now != d.size {
-        return Err(ScanError::Resized {
-            disk: d.name.clone(),
-            path: d.path.display().to_string(),
-            was: d.size,
-            now,
-        });
-    }
+    check_size(d)?;
     let chunks = d.size.div_ceil(CHUNK as u64);
     let mut fp = Fingerprint::new();
-    let mut batch: Vec<pb::Record> = Vec::new();
-    let mut batch_bytes = 0usize;
-    let mut emit = |r: pb::Record| -> Result<(), ScanError> {
-        batch_bytes += r.payload.len() + 64;
-        batch.push(r);
-        if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_RECORDS {
-            batch_bytes = 0;
-            let records = std::mem::take(&mut batch);
-            out.blocking_send(ScanEvent::Batch { disk: index, records }).map_err(|_| ScanError::Cancelled)?;
-        }
-        Ok(())
-    };
+    let mut batcher = Batcher { disk: index, out, records: Vec::new(), bytes: 0 };
+    let mut emit = |r: pb::Record| batcher.push(r);
     let mut feed = feed.map(Feed::new);
     let ask_pages = feed.is_some();
     let mut deferred: Vec<u64> = Vec::new();
@@ -430,11 +412,56 @@ fn scan_disk(
         drop(job_tx);
         Ok(())
     })?;
-    if !batch.is_empty() {
-        out.blocking_send(ScanEvent::Batch { disk: index, records: batch })
-            .map_err(|_| ScanError::Cancelled)?;
-    }
+    batcher.flush()?;
     Ok(fp.finish())
+}
+
+/// A disk whose size changed since the agent started is refused: its copy cannot follow.
+fn check_size(d: &DiskSource) -> Result<(), ScanError> {
+    let now = DiskReader::open(&d.path).and_then(|f| f.size()).map_err(|source| ScanError::Read {
+        disk: d.name.clone(),
+        path: d.path.display().to_string(),
+        source,
+    })?;
+    if now != d.size {
+        return Err(ScanError::Resized {
+            disk: d.name.clone(),
+            path: d.path.display().to_string(),
+            was: d.size,
+            now,
+        });
+    }
+    Ok(())
+}
+
+/// One disk's records, sent to the session in batches of about `BATCH_BYTES`.
+struct Batcher<'a> {
+    disk: usize,
+    out: &'a tokio::sync::mpsc::Sender<ScanEvent>,
+    records: Vec<pb::Record>,
+    bytes: usize,
+}
+
+impl Batcher<'_> {
+    fn push(&mut self, r: pb::Record) -> Result<(), ScanError> {
+        self.bytes += r.payload.len() + 64;
+        self.records.push(r);
+        if self.bytes >= BATCH_BYTES || self.records.len() >= BATCH_RECORDS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ScanError> {
+        if self.records.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        let records = std::mem::take(&mut self.records);
+        self.out
+            .blocking_send(ScanEvent::Batch { disk: self.disk, records })
+            .map_err(|_| ScanError::Cancelled)
+    }
 }
 
 enum Resolve {

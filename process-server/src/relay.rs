@@ -11,6 +11,7 @@ use std::time::Duration;
 use tern_core::pki::Bundle;
 use tern_core::{DiskName, Seq, VmName, VmState};
 use tern_proto as pb;
+use tern_store::DiskHandle;
 use tern_store::format::RecordKind;
 use tern_store::journal::ReadPosition;
 use tokio::sync::mpsc;
@@ -33,6 +34,16 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// The master target acked a disk up to `a.durable_seq`.
+    fn record_ack(&self, vm: &VmName, a: &pb::Ack) {
+        if let Ok(d) = DiskName::new(&a.disk) {
+            let mut acked = lock(&self.acked);
+            let e = acked.entry((vm.clone(), d)).or_default();
+            *e = (*e).max(Seq(a.durable_seq));
+        }
+        self.acked_wake.notify_waiters();
+    }
+
     /// New records are durable: idle relays look again.
     pub fn records_durable(&self) {
         self.wake.notify_waiters();
@@ -176,35 +187,7 @@ async fn relay_session(
         }
         let mut sent = false;
         for h in &handles {
-            let from = next.get(&h.name).copied().unwrap_or(Seq(1));
-            let snapshot = h.journal().snapshot();
-            if snapshot.durable < from {
-                continue;
-            }
-            let snap = snapshot.clone();
-            // Reading goes on from where the last read stopped, not from the segment's start.
-            let at = cursor.get(&h.name).copied().filter(|p| p.last_seq.next() == from);
-            let (batches, complete, end) =
-                tokio::task::spawn_blocking(move || read_batches(&snap, from, at.as_ref()))
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .map_err(crate::store_status)?;
-            if let Some(end) = end {
-                cursor.insert(h.name.clone(), end);
-            }
-            for (first, records) in batches {
-                let n = records.len() as u64;
-                let batch = pb::Batch { disk: h.name.to_string(), first_seq: first, records };
-                tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Batch(batch)) })
-                    .await
-                    .map_err(|_| Status::unavailable("relay stream closed"))?;
-                next.insert(h.name.clone(), Seq(first + n));
-                sent = true;
-            }
-            if complete {
-                // Everything up to the durable position went (bookmarks share a seq).
-                next.insert(h.name.clone(), Seq(snapshot.durable.0 + 1));
-            }
+            sent |= send_new_records(h, &mut next, &mut cursor, &tx).await?;
         }
         let wait = if sent { Duration::from_millis(0) } else { Duration::from_millis(100) };
         tokio::select! {
@@ -216,18 +199,53 @@ async fn relay_session(
                     // Progress: the next outage starts the backoff over (not a Welcome alone: a
                     // master target that fails every session after it must not be hammered).
                     backoff.reset();
-                    if let Ok(d) = DiskName::new(&a.disk) {
-                        let mut acked = lock(&ctx.relay.acked);
-                        let e = acked.entry((vm.clone(), d)).or_default();
-                        *e = (*e).max(Seq(a.durable_seq));
-                    }
-                    ctx.relay.acked_wake.notify_waiters();
+                    ctx.relay.record_ack(vm, &a);
                 }
                 Some(_) => {}
             },
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// Sends the records of `h` past what was sent; true when any went.
+async fn send_new_records(
+    h: &Arc<DiskHandle>,
+    next: &mut HashMap<DiskName, Seq>,
+    cursor: &mut HashMap<DiskName, ReadPosition>,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+) -> Result<bool, Status> {
+    let from = next.get(&h.name).copied().unwrap_or(Seq(1));
+    let snapshot = h.journal().snapshot();
+    if snapshot.durable < from {
+        return Ok(false);
+    }
+    let snap = snapshot.clone();
+    // Reading goes on from where the last read stopped, not from the segment's start.
+    let at = cursor.get(&h.name).copied().filter(|p| p.last_seq.next() == from);
+    let (batches, complete, end) =
+        tokio::task::spawn_blocking(move || read_batches(&snap, from, at.as_ref()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(crate::store_status)?;
+    if let Some(end) = end {
+        cursor.insert(h.name.clone(), end);
+    }
+    let mut sent = false;
+    for (first, records) in batches {
+        let n = records.len() as u64;
+        let batch = pb::Batch { disk: h.name.to_string(), first_seq: first, records };
+        tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Batch(batch)) })
+            .await
+            .map_err(|_| Status::unavailable("relay stream closed"))?;
+        next.insert(h.name.clone(), Seq(first + n));
+        sent = true;
+    }
+    if complete {
+        // Everything up to the durable position went (bookmarks share a seq).
+        next.insert(h.name.clone(), Seq(snapshot.durable.0 + 1));
+    }
+    Ok(sent)
 }
 
 /// A relayed batch holds about this much payload.

@@ -86,19 +86,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         };
         let vm = VmName::new(&hello.vm).map_err(|e| Status::invalid_argument(e.to_string()))?;
         crate::auth::require_agent_for(&parts_req, &vm)?;
-        let mut disks = Vec::new();
-        let mut agent_states: HashMap<DiskName, (String, u64)> = HashMap::new();
-        for d in &hello.disks {
-            let name = DiskName::new(&d.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if d.size == 0 {
-                return Err(Status::invalid_argument(format!("disk {name} has size 0; is the path right?")));
-            }
-            agent_states.insert(name.clone(), (d.state_generation.clone(), d.state_seq));
-            disks.push((name, d.size));
-        }
-        if disks.is_empty() {
-            return Err(Status::invalid_argument("Hello names no disks; pass --disk NAME=PATH"));
-        }
+        let (disks, agent_states) = disks_of(&hello)?;
         let ctx = self.ctx.clone();
         let peer = parts_req.remote_addr().map_or_else(|| "unknown address".to_string(), |a| a.to_string());
         let guard = tokio::time::timeout(std::time::Duration::from_secs(30), ctx.hub.take_session(&vm, peer))
@@ -118,50 +106,10 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                 warn!(vm = %vm, error = %e.message(), "replication session refused");
                 ctx.hub.set_error(&vm, e.message());
             })?;
-        let Admitted { handles, doubtful, policy, reprotect } = registered?;
-        // An agent without a valid hash map of the receiver's copy gets the receiver's block
-        // hashes: a delta sync. Reprotected, the receiver is the master target's disk: its
-        // hashes (original location), zeroes (a new alternate disk), or none with
-        // --sync during (everything is sent at failback).
-        let hashes_follow: Vec<(Arc<DiskHandle>, HashSource)> = handles
-            .iter()
-            .zip(&doubtful)
-            .filter_map(|(h, doubtful)| {
-                let durable = h.journal().durable().0;
-                if doubtful.is_some() {
-                    return None;
-                }
-                match &reprotect {
-                    Some(r) if r.sync == tern_core::SyncMode::During && !r.alternate => None,
-                    Some(r) if r.alternate => Some((h.clone(), HashSource::Zeroes)),
-                    Some(r) => Some((h.clone(), HashSource::MasterTarget(r.master_target.clone()))),
-                    None if durable > 0 => Some((h.clone(), HashSource::Local)),
-                    None => None,
-                }
-            })
-            .collect();
-        let mut agent_policy = crate::admin::agent_policy(&policy);
-        agent_policy.hold = reprotect.as_ref().is_some_and(|r| r.sync == tern_core::SyncMode::During);
-        let welcome = Welcome {
-            hashes_follow: hashes_follow.iter().map(|(h, _)| h.name.to_string()).collect(),
-            disks: handles
-                .iter()
-                .zip(doubtful)
-                .map(|(h, doubtful)| DiskState {
-                    name: h.name.to_string(),
-                    durable_seq: h.journal().durable().0,
-                    generation: h.generation(),
-                    state_invalid: doubtful.is_none(),
-                    doubtful: doubtful
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(a, b)| tern_proto::ByteRange { offset: a, length: b - a })
-                        .collect(),
-                })
-                .collect(),
-            interval_ms: 0,
-            policy: Some(agent_policy),
-        };
+        let admitted = registered?;
+        let hashes_follow = hash_sources(&admitted);
+        let welcome = welcome_of(&admitted, &hashes_follow);
+        let handles = admitted.handles;
         let (out_tx, out_rx) = mpsc::channel(64);
         out_tx
             .send(msg(server_message::Msg::Welcome(welcome)))
@@ -172,51 +120,13 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         ctx.hub.attach(&vm, session, out_tx.clone(), cancel.clone());
         info!(vm = %vm, session, disks = handles.len(), "agent connected");
         let handles: Handles = Arc::new(handles.into_iter().map(|h| (h.name.clone(), h)).collect());
-        // Until the VM's first point, its replication is an initial sync, followed as a job.
-        let has_points = {
-            let store = ctx.store.clone();
-            let v = vm.clone();
-            tokio::task::spawn_blocking(move || store.points(&v).map(|p| !p.is_empty()))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(store_status)?
-        };
-        let initial: InitialSync = Arc::new(std::sync::Mutex::new(if has_points {
-            None
-        } else {
-            let job =
-                ctx.jobs.start(tern_core::JobKind::InitialSync, &vm).map_err(store_status).inspect_err(
-                    |e| {
-                        warn!(vm = %vm, error = %e.message(), "replication session refused");
-                        ctx.hub.set_error(&vm, e.message());
-                    },
-                )?;
-            Some((job, HashMap::new()))
-        }));
-        if let Some((job, _)) = lock_initial(&initial).as_ref() {
-            job.phase("sending the disks");
-        }
+        let initial = initial_sync(&ctx, &vm).await?;
         let ctx2 = ctx.clone();
         // The block hashes stream while the session runs: the agent compares each part of
         // its disk as soon as that part's hashes have come, and sends what differs.
         let copies: Copies = Arc::default();
-        let (c3, v3, out3, cancel3, copies3) =
-            (ctx.clone(), vm.clone(), out_tx.clone(), cancel.clone(), copies.clone());
-        ctx.tracker.spawn(async move {
-            for (h, source) in hashes_follow {
-                let sent = tokio::select! {
-                    _ = cancel3.cancelled() => return,
-                    r = send_hashes(&c3, &h, source, &out3, &copies3) => r,
-                };
-                if let Err(e) = sent {
-                    warn!(vm = %v3, disk = %h.name, error = %e.message(), "cannot send block hashes; the session ends");
-                    c3.hub.set_error(&v3, e.message());
-                    let _ = out3.send(Err(e)).await;
-                    cancel3.cancel();
-                    return;
-                }
-            }
-        });
+        let senders = (ctx.clone(), vm.clone(), out_tx.clone(), cancel.clone(), copies.clone());
+        ctx.tracker.spawn(send_all_hashes(senders, hashes_follow));
         ctx.tracker.spawn(async move {
             let ended = cancel.clone();
             run_session(&ctx2, &vm, handles, inbound, out_tx, cancel, initial.clone(), copies).await;
@@ -230,6 +140,117 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             drop(guard);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+/// The disks a `Hello` names, and what the agent's saved state says of each.
+#[allow(clippy::type_complexity)]
+fn disks_of(
+    hello: &tern_proto::Hello,
+) -> Result<(Vec<(DiskName, u64)>, HashMap<DiskName, (String, u64)>), Status> {
+    let mut disks = Vec::new();
+    let mut agent_states: HashMap<DiskName, (String, u64)> = HashMap::new();
+    for d in &hello.disks {
+        let name = DiskName::new(&d.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if d.size == 0 {
+            return Err(Status::invalid_argument(format!("disk {name} has size 0; is the path right?")));
+        }
+        agent_states.insert(name.clone(), (d.state_generation.clone(), d.state_seq));
+        disks.push((name, d.size));
+    }
+    if disks.is_empty() {
+        return Err(Status::invalid_argument("Hello names no disks; pass --disk NAME=PATH"));
+    }
+    Ok((disks, agent_states))
+}
+
+/// The disks whose agent gets the receiver's block hashes (a delta sync): those without a
+/// valid hash map of the receiver's copy. Reprotected, the receiver is the master target's
+/// disk: its hashes (original location), zeroes (a new alternate disk), or none with
+/// --sync during (everything is sent at failback).
+fn hash_sources(a: &Admitted) -> Vec<(Arc<DiskHandle>, HashSource)> {
+    a.handles
+        .iter()
+        .zip(&a.doubtful)
+        .filter_map(|(h, doubtful)| {
+            let durable = h.journal().durable().0;
+            if doubtful.is_some() {
+                return None;
+            }
+            match &a.reprotect {
+                Some(r) if r.sync == tern_core::SyncMode::During && !r.alternate => None,
+                Some(r) if r.alternate => Some((h.clone(), HashSource::Zeroes)),
+                Some(r) => Some((h.clone(), HashSource::MasterTarget(r.master_target.clone()))),
+                None if durable > 0 => Some((h.clone(), HashSource::Local)),
+                None => None,
+            }
+        })
+        .collect()
+}
+
+fn welcome_of(a: &Admitted, hashes_follow: &[(Arc<DiskHandle>, HashSource)]) -> Welcome {
+    let mut agent_policy = crate::admin::agent_policy(&a.policy);
+    agent_policy.hold = a.reprotect.as_ref().is_some_and(|r| r.sync == tern_core::SyncMode::During);
+    Welcome {
+        hashes_follow: hashes_follow.iter().map(|(h, _)| h.name.to_string()).collect(),
+        disks: a
+            .handles
+            .iter()
+            .zip(&a.doubtful)
+            .map(|(h, doubtful)| DiskState {
+                name: h.name.to_string(),
+                durable_seq: h.journal().durable().0,
+                generation: h.generation(),
+                state_invalid: doubtful.is_none(),
+                doubtful: doubtful
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(a, b)| tern_proto::ByteRange { offset: a, length: b - a })
+                    .collect(),
+            })
+            .collect(),
+        interval_ms: 0,
+        policy: Some(agent_policy),
+    }
+}
+
+/// Until the VM's first point, its replication is an initial sync, followed as a job.
+async fn initial_sync(ctx: &Arc<Ctx>, vm: &VmName) -> Result<InitialSync, Status> {
+    let store = ctx.store.clone();
+    let v = vm.clone();
+    let has_points = tokio::task::spawn_blocking(move || store.points(&v).map(|p| !p.is_empty()))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(store_status)?;
+    if has_points {
+        return Ok(Arc::new(std::sync::Mutex::new(None)));
+    }
+    let job = ctx.jobs.start(tern_core::JobKind::InitialSync, vm).map_err(store_status).inspect_err(|e| {
+        warn!(vm = %vm, error = %e.message(), "replication session refused");
+        ctx.hub.set_error(vm, e.message());
+    })?;
+    job.phase("sending the disks");
+    Ok(Arc::new(std::sync::Mutex::new(Some((job, HashMap::new())))))
+}
+
+/// Sends each disk's block hashes in turn; a failure ends the session with its reason.
+async fn send_all_hashes(
+    (ctx, vm, out, cancel, copies): (Arc<Ctx>, VmName, crate::hub::Outbound, CancellationToken, Copies),
+    hashes_follow: Vec<(Arc<DiskHandle>, HashSource)>,
+) {
+    for (h, source) in hashes_follow {
+        let sent = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = send_hashes(&ctx, &h, source, &out, &copies) => r,
+        };
+        if let Err(e) = sent {
+            warn!(vm = %vm, disk = %h.name, error = %e.message(), "cannot send block hashes; the session ends");
+            ctx.hub.set_error(&vm, e.message());
+            let _ = out.send(Err(e)).await;
+            cancel.cancel();
+            return;
+        }
     }
 }
 

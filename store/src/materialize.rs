@@ -241,45 +241,8 @@ fn hash_blocks<T: Send>(
     emit: &mut dyn FnMut(u64, Vec<T>) -> bool,
 ) -> Result<(), StoreError> {
     let ranges = tern_core::blocks::data_ranges(f.file(), 0, size);
-    // Whether [a, b) overlaps a data range (ranges are sorted and disjoint).
-    let has_data = |a: u64, b: u64| {
-        let i = ranges.partition_point(|&(_, end)| end <= a);
-        ranges.get(i).is_some_and(|&(start, _)| start < b)
-    };
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8) as u64;
-    let slice_of = |start: u64| -> Result<Vec<T>, StoreError> {
-        let end = (start + HASH_SLICE).min(size);
-        let mut out =
-            Vec::with_capacity(usize::try_from((end - start).div_ceil(BLOCK_SIZE as u64)).unwrap_or(0));
-        let mut buf = AlignedBuf::new(COPY_CHUNK);
-        let mut pos = start;
-        while pos < end {
-            let n = usize::try_from((end - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
-            // Only runs of blocks that hold data are read.
-            let blocks: Vec<bool> = (0..n.div_ceil(BLOCK_SIZE))
-                .map(|i| {
-                    let at = pos + (i * BLOCK_SIZE) as u64;
-                    has_data(at, (at + BLOCK_SIZE as u64).min(pos + n as u64))
-                })
-                .collect();
-            let mut i = 0;
-            while i < blocks.len() {
-                if !blocks[i] {
-                    i += 1;
-                    continue;
-                }
-                let run = blocks[i..].iter().take_while(|&&d| d).count();
-                let (a, b) = (i * BLOCK_SIZE, ((i + run) * BLOCK_SIZE).min(n));
-                f.read_exact_at(&mut buf[a..b], pos + a as u64).map_err(io_err(path))?;
-                i += run;
-            }
-            for (block, &data) in buf[..n].chunks(BLOCK_SIZE).zip(&blocks) {
-                out.push(hash(data.then_some(block), block.len()));
-            }
-            pos += n as u64;
-        }
-        Ok(out)
-    };
+    let slice_of = |start: u64| hash_slice(f, &ranges, size, start, path, hash);
     // Workers take slices in order and may run ahead of the emitter by a bounded window;
     // the emitter puts finished slices back in order.
     let slices = size.div_ceil(HASH_SLICE);
@@ -345,6 +308,51 @@ fn hash_blocks<T: Send>(
         }
         Ok(())
     })
+}
+
+/// Hashes the blocks of `[start, start + HASH_SLICE)`, reading only runs of blocks that
+/// overlap a data range (`ranges` sorted and disjoint); blocks in holes are hashed as zeros.
+fn hash_slice<T>(
+    f: &DiskReader,
+    ranges: &[(u64, u64)],
+    size: u64,
+    start: u64,
+    path: &Path,
+    hash: &(dyn Fn(Option<&[u8]>, usize) -> T + Sync),
+) -> Result<Vec<T>, StoreError> {
+    let has_data = |a: u64, b: u64| {
+        let i = ranges.partition_point(|&(_, end)| end <= a);
+        ranges.get(i).is_some_and(|&(start, _)| start < b)
+    };
+    let end = (start + HASH_SLICE).min(size);
+    let mut out = Vec::with_capacity(usize::try_from((end - start).div_ceil(BLOCK_SIZE as u64)).unwrap_or(0));
+    let mut buf = AlignedBuf::new(COPY_CHUNK);
+    let mut pos = start;
+    while pos < end {
+        let n = usize::try_from((end - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+        let blocks: Vec<bool> = (0..n.div_ceil(BLOCK_SIZE))
+            .map(|i| {
+                let at = pos + (i * BLOCK_SIZE) as u64;
+                has_data(at, (at + BLOCK_SIZE as u64).min(pos + n as u64))
+            })
+            .collect();
+        let mut i = 0;
+        while i < blocks.len() {
+            if !blocks[i] {
+                i += 1;
+                continue;
+            }
+            let run = blocks[i..].iter().take_while(|&&d| d).count();
+            let (a, b) = (i * BLOCK_SIZE, ((i + run) * BLOCK_SIZE).min(n));
+            f.read_exact_at(&mut buf[a..b], pos + a as u64).map_err(io_err(path))?;
+            i += run;
+        }
+        for (block, &data) in buf[..n].chunks(BLOCK_SIZE).zip(&blocks) {
+            out.push(hash(data.then_some(block), block.len()));
+        }
+        pos += n as u64;
+    }
+    Ok(out)
 }
 
 /// The block fingerprint of a file, reading only its data ranges (holes are zero blocks),
