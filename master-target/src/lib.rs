@@ -15,9 +15,9 @@ use tern_core::codec::Decoder;
 use tern_core::pki::{Bundle, Role, role_of};
 use tern_core::{Digest, DiskName, Seq, SyncMode, VmName};
 use tern_proto as pb;
-use tern_store::format::RecordKind;
-use tern_store::write_through::PlainRecord;
-use tern_store::{DiskHandle, Record, Store, StoreError, journal::decode_record, journal::verify_record};
+use tern_store::{
+    DiskHandle, PlainRecord, Record, RecordKind, Store, StoreError, decode_record, verify_record,
+};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -111,7 +111,7 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let vm = vm_arg(&r.vm)?;
         let mode = if r.write_through { SyncMode::During } else { SyncMode::Before };
         if !self.ctx.store.vm_disks(&vm).is_empty()
-            && let Ok(Some(was)) = self.ctx.store.catalog().target_mode(&vm)
+            && let Ok(Some(was)) = self.ctx.store.target_mode(&vm)
             && was != mode
         {
             return Err(Status::failed_precondition(format!(
@@ -177,7 +177,7 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             let list: Vec<_> = disks.iter().map(|(n, s, p, _, a)| (n.clone(), *s, p.clone(), *a)).collect();
             store
                 .register_on(&v, &list)
-                .and_then(|()| store.catalog().set_target_mode(&v, mode))
+                .and_then(|()| store.set_target_mode(&v, mode))
                 .map_err(|e| std::io::Error::other(e.to_string()))
         })
         .await?
@@ -197,8 +197,8 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let scratch = self.ctx.data_dir.join("tmp");
         let coarse = r.coarse;
         tokio::task::spawn_blocking(move || {
-            let upto = h.journal().durable();
-            let r = tern_store::materialize::hash_disk(&h, &scratch, upto, coarse, &mut |first, chunk| {
+            let upto = h.durable();
+            let r = tern_store::hash_disk(&h, &scratch, upto, coarse, &mut |first, chunk| {
                 let mut m = pb::hash_table::message(h.name.as_str(), h.size, first, chunk);
                 m.upto_seq = upto.0;
                 tx.blocking_send(Ok(m)).is_ok()
@@ -226,7 +226,7 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         }
         let blocks = r.blocks;
         let reply = blocking(move || {
-            tern_store::materialize::base_block_hashes(&h, &blocks)
+            tern_store::base_block_hashes(&h, &blocks)
                 .map(|entries| pb::hash_table::sparse_message(h.name.as_str(), h.size, &blocks, &entries))
         })
         .await?
@@ -245,10 +245,10 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             let expected = Digest::from_slice(&d.fingerprint)
                 .ok_or_else(|| Status::invalid_argument("fingerprint is not 32 bytes"))?;
             let seq = Seq(d.seq);
-            if h.journal().durable() < seq {
+            if h.durable() < seq {
                 return Err(Status::failed_precondition(format!(
                     "disk {name}: only seq {} of {seq} has arrived; the process server is still relaying",
-                    h.journal().durable()
+                    h.durable()
                 )));
             }
             let store = self.ctx.store.clone();
@@ -257,7 +257,7 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
                 store.advance_base(&h, seq)?;
                 let f = tern_core::disk::DiskReader::open(&h.base_path)
                     .map_err(|e| StoreError::Io { path: h.base_path.display().to_string(), source: e })?;
-                tern_store::materialize::fingerprint_file(&f, h.size, &h.base_path)
+                tern_store::fingerprint_file(&f, h.size, &h.base_path)
             })
             .await?
             .map_err(status)?;
@@ -317,19 +317,22 @@ impl pb::replication_server::Replication for RelayService {
                 "VM {vm} is not prepared on this master target"
             )));
         }
+        // What a session cut short left appended is made durable (or the session refused)
+        // before its position is told: the sender resends from there.
+        let synced = disks.clone();
+        let durable = blocking(move || synced.iter().map(|h| h.sync()).collect::<Result<Vec<Seq>, _>>())
+            .await?
+            .map_err(status)?;
         let welcome = pb::Welcome {
             disks: disks
                 .iter()
-                .map(|h| {
-                    let mut j = h.journal();
-                    let _ = j.sync();
-                    pb::DiskState {
-                        name: h.name.to_string(),
-                        durable_seq: j.durable().0,
-                        generation: h.generation(),
-                        doubtful: Vec::new(),
-                        state_invalid: false,
-                    }
+                .zip(durable)
+                .map(|(h, durable)| pb::DiskState {
+                    name: h.name.to_string(),
+                    durable_seq: durable.0,
+                    generation: h.generation(),
+                    doubtful: Vec::new(),
+                    state_invalid: false,
                 })
                 .collect(),
             ..Default::default()
@@ -339,7 +342,7 @@ impl pb::replication_server::Replication for RelayService {
             .await
             .map_err(|_| Status::cancelled("gone"))?;
         let store = self.ctx.store.clone();
-        let through = store.catalog().target_mode(&vm).is_ok_and(|m| m == Some(SyncMode::During));
+        let through = store.target_mode(&vm).is_ok_and(|m| m == Some(SyncMode::During));
         let (pipe_tx, pipe_rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
         tokio::spawn(write_loop(store.clone(), vm.clone(), through, pipe_rx, tx.clone()));
         tokio::spawn(async move {
@@ -520,7 +523,7 @@ impl Writer {
         let n = v.records.len().max(v.plain.len()) as u64;
         let last = Seq(v.first.0 + n.saturating_sub(1));
         if self.through {
-            let expect = *self.next.entry(name.clone()).or_insert_with(|| v.disk.journal().durable().next());
+            let expect = *self.next.entry(name.clone()).or_insert_with(|| v.disk.durable().next());
             if v.first > expect {
                 return Err(status(StoreError::SeqGap { expected: expect, got: v.first }));
             }
@@ -543,7 +546,7 @@ impl Writer {
             self.next.insert(name.clone(), last.next());
         } else {
             let d = v.disk.clone();
-            blocking(move || d.journal().append(v.first, &v.records)).await?.map_err(status)?;
+            blocking(move || d.append(v.first, &v.records)).await?.map_err(status)?;
         }
         self.unsynced.insert(name, (v.disk, last));
         Ok(())
@@ -561,8 +564,8 @@ impl Writer {
             let mut acks = Vec::with_capacity(work.len());
             for (disk, last, file) in work {
                 let durable = match file {
-                    Some(f) => store.commit_through(&disk, &f, last).map(|()| disk.journal().durable()),
-                    None => disk.journal().sync(),
+                    Some(f) => store.commit_through(&disk, &f, last).map(|()| disk.durable()),
+                    None => disk.sync(),
                 }
                 .map_err(status)?;
                 acks.push((disk.name.clone(), durable));

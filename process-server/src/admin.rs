@@ -7,8 +7,8 @@ use std::time::Duration;
 use tern_core::pki::{Ca, Role};
 use tern_core::{DiskName, FailoverKind, JobKind, VmName, VmState};
 use tern_proto as pb;
-use tern_store::catalog::{MAX_RETENTION_MS, Policy};
 use tern_store::{Consistency, Format, Point, PointSpec};
+use tern_store::{MAX_RETENTION_MS, Policy};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -71,7 +71,7 @@ impl AdminService {
     async fn known_vm(&self, vm: &VmName) -> Result<(), Status> {
         let store = self.ctx.store.clone();
         let v = vm.clone();
-        let known = blocking(move || store.catalog().has_vm(&v)).await?.map_err(store_status)?;
+        let known = blocking(move || store.has_vm(&v)).await?.map_err(store_status)?;
         if known {
             Ok(())
         } else {
@@ -92,12 +92,9 @@ impl AdminService {
         let (policy, state) = {
             let store = self.ctx.store.clone();
             let v = vm.clone();
-            blocking(move || {
-                let c = store.catalog();
-                Ok::<_, tern_store::StoreError>((c.policy(&v)?, c.vm_state(&v)?))
-            })
-            .await?
-            .map_err(store_status)?
+            blocking(move || Ok::<_, tern_store::StoreError>((store.policy(&v)?, store.vm_state(&v)?)))
+                .await?
+                .map_err(store_status)?
         };
         let error = crate::health::problem(&self.ctx, &vm).unwrap_or_default();
         let health =
@@ -107,15 +104,12 @@ impl AdminService {
             .store
             .vm_disks(&vm)
             .iter()
-            .map(|h| {
-                let j = h.journal();
-                pb::DiskStatus {
-                    name: h.name.to_string(),
-                    size: h.size,
-                    durable_seq: j.durable().0,
-                    journal_bytes: j.bytes(),
-                    master_target_seq: self.ctx.relay.acked(&vm, &h.name).0,
-                }
+            .map(|h| pb::DiskStatus {
+                name: h.name.to_string(),
+                size: h.size,
+                durable_seq: h.durable().0,
+                journal_bytes: h.journal_size().0,
+                master_target_seq: self.ctx.relay.acked(&vm, &h.name).0,
             })
             .collect();
         Ok(pb::VmStatus {
@@ -280,8 +274,7 @@ impl pb::admin_server::Admin for AdminService {
         let store = self.ctx.store.clone();
         let v = vm.clone();
         let policy = blocking(move || {
-            let c = store.catalog();
-            let mut p = c.policy(&v)?;
+            let mut p = store.policy(&v)?;
             let ms = |x: u64, cur: i64| if x == 0 { cur } else { i64::try_from(x).unwrap_or(i64::MAX) };
             p.retention_ms = ms(want.retention_ms, p.retention_ms);
             p.crash_interval_ms = ms(want.crash_interval_ms, p.crash_interval_ms);
@@ -306,7 +299,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         let store = self.ctx.store.clone();
         let v = vm.clone();
-        blocking(move || store.catalog().set_policy(&v, &policy)).await?.map_err(store_status)?;
+        blocking(move || store.set_policy(&v, &policy)).await?.map_err(store_status)?;
         self.ctx.hub.send_policy(&vm, agent_policy(&policy));
         info!(vm = %vm, retention_ms = policy.retention_ms, crash_interval_ms = policy.crash_interval_ms,
             app_interval_ms = policy.app_interval_ms, rpo_threshold_ms = policy.rpo_threshold_ms, "policy set");

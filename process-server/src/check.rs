@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use tern_store::rebuild::RebuildReport;
+use tern_store::RebuildReport;
 use tern_store::{Store, StoreError};
 
 /// Opens the data directory as the server would (checking every journal, cutting torn
@@ -20,10 +20,7 @@ pub fn check(data_dir: &Path) -> Result<String, StoreError> {
         let points = store.points(vm)?;
         let _ = writeln!(out, "VM {vm}: {} point(s){}", points.len(), newest(&points));
         for h in store.vm_disks(vm) {
-            let (durable, segments) = {
-                let j = h.journal();
-                (j.durable(), j.segment_count())
-            };
+            let (durable, (_, segments)) = (h.durable(), h.journal_size());
             let _ = writeln!(
                 out,
                 "  disk {}: {} bytes, base at record {}, journal to {} ({} segment(s))",
@@ -47,7 +44,7 @@ fn newest(points: &[tern_store::Point]) -> String {
 
 /// Rebuilds the catalog and says what came back and what did not.
 pub fn rebuild(data_dir: &Path) -> Result<String, StoreError> {
-    let report = tern_store::rebuild::rebuild_catalog(data_dir)?;
+    let report = tern_store::rebuild_catalog(data_dir)?;
     Ok(describe(&report, data_dir))
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tern_core::pki::Role;
 use tern_core::{DiskName, PointId, SyncMode, VmName, VmState};
 use tern_proto as pb;
-use tern_store::catalog::{Policy, ReprotectRow, Transition};
+use tern_store::{Policy, ReprotectRow, Transition};
 use tonic::Status;
 use tracing::{info, warn};
 
@@ -113,12 +113,7 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
     require(ctx, &vm, VmState::Reprotected, Transition::FailBack.refusal())
         .await
         .map_err(|e| e.message().to_string())?;
-    let row = ctx
-        .store
-        .catalog()
-        .reprotect(&vm)
-        .map_err(|e| e.to_string())?
-        .ok_or("the VM has no reprotect record")?;
+    let row = ctx.store.reprotect(&vm).map_err(|e| e.to_string())?.ok_or("the VM has no reprotect record")?;
     job.phase("shutting down the recovered VM and sending its last changes");
     let rx = ctx.hub.request_shutdown(&vm).await.map_err(|e| {
         format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
@@ -240,7 +235,6 @@ pub async fn final_point(
 pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Status> {
     let row = ctx
         .store
-        .catalog()
         .reprotect(vm)
         .map_err(store_status)?
         .ok_or_else(|| Status::internal("no reprotect record"))?;

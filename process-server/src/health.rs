@@ -25,8 +25,8 @@ pub fn health(state: VmState, rpo_secs: i64, absent_secs: i64, threshold_secs: i
 
 fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<Health, tern_store::StoreError> {
     let (policy, state, points) = {
-        let c = ctx.store.catalog();
-        (c.policy(vm)?, c.vm_state(vm)?, c.points(vm)?)
+        let s = &ctx.store;
+        (s.policy(vm)?, s.vm_state(vm)?, s.points(vm)?)
     };
     let rpo = points.last().map_or_else(
         || {

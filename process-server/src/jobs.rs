@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tern_core::{JobKind, JobState, VmName};
 use tern_proto as pb;
+use tern_store::JobRow;
 use tern_store::Store;
-use tern_store::catalog::JobRow;
 use tracing::{info, warn};
 
 #[derive(Debug)]
@@ -24,7 +24,7 @@ impl Jobs {
 
     pub fn start(self: &Arc<Self>, kind: JobKind, vm: &VmName) -> Result<Job, tern_store::StoreError> {
         let now = tern_store::now_ms();
-        let id = self.store.catalog().insert_job(kind, vm, now)?;
+        let id = self.store.insert_job(kind, vm, now)?;
         let row = JobRow {
             id,
             kind,
@@ -44,7 +44,7 @@ impl Jobs {
 
     /// Jobs, oldest first; `id` 0 for all. Results are kept for jobs of this process's life.
     pub fn list(&self, id: u64) -> Result<Vec<pb::JobInfo>, tern_store::StoreError> {
-        let rows = self.store.catalog().jobs()?;
+        let rows = self.store.jobs()?;
         let live = lock(&self.live);
         Ok(rows
             .into_iter()
@@ -86,7 +86,7 @@ impl Job {
 
     fn persist(&self, row: Option<JobRow>) {
         if let Some(row) = row
-            && let Err(e) = self.jobs.store.catalog().update_job(&row)
+            && let Err(e) = self.jobs.store.update_job(&row)
         {
             warn!(job = self.id, error = %e, "cannot record job progress");
         }

@@ -131,7 +131,7 @@ pub async fn run(
     let options = tern_store::StoreOptions { segment_bytes: config.segment_bytes };
     let store = tokio::task::spawn_blocking(move || {
         let store = Store::open_with(&dir, options)?;
-        let failed = store.catalog().fail_interrupted_jobs(tern_store::now_ms())?;
+        let failed = store.fail_interrupted_jobs(tern_store::now_ms())?;
         if failed > 0 {
             tracing::warn!(jobs = failed, "jobs interrupted by the last stop are marked failed");
         }

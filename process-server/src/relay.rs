@@ -12,8 +12,8 @@ use tern_core::pki::Bundle;
 use tern_core::{DiskName, Seq, VmName, VmState};
 use tern_proto as pb;
 use tern_store::DiskHandle;
-use tern_store::format::RecordKind;
-use tern_store::journal::ReadPosition;
+use tern_store::ReadPosition;
+use tern_store::RecordKind;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -145,7 +145,6 @@ async fn relay_session(
 ) -> Result<(), Status> {
     let row = ctx
         .store
-        .catalog()
         .reprotect(vm)
         .map_err(crate::store_status)?
         .ok_or_else(|| Status::failed_precondition("not reprotected"))?;
@@ -216,7 +215,7 @@ async fn send_new_records(
     tx: &mpsc::Sender<pb::AgentMessage>,
 ) -> Result<bool, Status> {
     let from = next.get(&h.name).copied().unwrap_or(Seq(1));
-    let snapshot = h.journal().snapshot();
+    let snapshot = h.snapshot();
     if snapshot.durable < from {
         return Ok(false);
     }
@@ -261,7 +260,7 @@ const READ_BYTES: usize = 8 << 20;
 /// reach the durable position, and where the read stopped.
 #[allow(clippy::type_complexity)]
 fn read_batches(
-    snapshot: &tern_store::journal::JournalSnapshot,
+    snapshot: &tern_store::JournalSnapshot,
     from: Seq,
     at: Option<&ReadPosition>,
 ) -> Result<(Vec<(u64, Vec<pb::Record>)>, bool, Option<ReadPosition>), tern_store::StoreError> {
@@ -319,14 +318,16 @@ fn read_batches(
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
-    use tern_store::journal::{Journal, Record};
+    use tern_store::{Record, Store};
 
     /// A backlog is read a bounded amount at a time, in batches of about 1 MiB, and the
     /// reads resumed from where they stopped return every record once, in order.
     #[test]
     fn a_backlog_is_read_a_bounded_amount_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let vm = VmName::new("vm").unwrap();
+        let j = store.register(&vm, &[(DiskName::new("sda").unwrap(), 1 << 30)]).unwrap().remove(0);
         // 200 records of 100 KB (stored as they are: already "compressed" payloads).
         let records: Vec<Record> = (0..200u64)
             .map(|i| {

@@ -11,8 +11,8 @@ use tern_core::{Digest, DiskName, Seq, VmName};
 use tern_proto::{
     Ack, AgentMessage, Batch, DiskState, PointAck, ServerMessage, Welcome, agent_message, server_message,
 };
-use tern_store::format::RecordKind;
-use tern_store::{Consistency, DiskHandle, PointDisk, Record, journal::verify_record};
+use tern_store::RecordKind;
+use tern_store::{Consistency, DiskHandle, PointDisk, Record, verify_record};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -173,7 +173,7 @@ fn hash_sources(a: &Admitted) -> Vec<(Arc<DiskHandle>, HashSource)> {
         .iter()
         .zip(&a.doubtful)
         .filter_map(|(h, doubtful)| {
-            let durable = h.journal().durable().0;
+            let durable = h.durable().0;
             if doubtful.is_some() {
                 return None;
             }
@@ -199,7 +199,7 @@ fn welcome_of(a: &Admitted, hashes_follow: &[(Arc<DiskHandle>, HashSource)]) -> 
             .zip(&a.doubtful)
             .map(|(h, doubtful)| DiskState {
                 name: h.name.to_string(),
-                durable_seq: h.journal().durable().0,
+                durable_seq: h.durable().0,
                 generation: h.generation(),
                 state_invalid: doubtful.is_none(),
                 doubtful: doubtful
@@ -259,8 +259,8 @@ struct Admitted {
     handles: Vec<Arc<DiskHandle>>,
     /// Per disk, the ranges the agent's state cannot vouch for (see [`doubtful_ranges`]).
     doubtful: Vec<Option<Vec<(u64, u64)>>>,
-    policy: tern_store::catalog::Policy,
-    reprotect: Option<tern_store::catalog::ReprotectRow>,
+    policy: tern_store::Policy,
+    reprotect: Option<tern_store::ReprotectRow>,
 }
 
 /// Admits an agent's Hello: refuses a VM whose data is damaged, that no longer replicates
@@ -279,7 +279,7 @@ fn admit(
              until it is repaired and the server restarted (other VMs are not affected)"
         ))));
     }
-    let known = store.catalog().has_vm(vm)?;
+    let known = store.has_vm(vm)?;
     if known {
         let state = store.vm_state(vm)?;
         if !state.takes_replication() {
@@ -309,11 +309,11 @@ fn admit(
     // Written-but-unacked records of an earlier session become durable here, so the
     // position the agent resumes from is exactly what is on disk.
     for h in &hs {
-        h.journal().sync()?;
+        h.sync()?;
     }
     let doubtful: Vec<_> = hs.iter().map(|h| doubtful_ranges(store, h, agent_states.get(&h.name))).collect();
-    let policy = store.catalog().policy(vm)?;
-    let reprotect = store.catalog().reprotect(vm)?;
+    let policy = store.policy(vm)?;
+    let reprotect = store.reprotect(vm)?;
     let reprotect =
         reprotect.filter(|_| store.vm_state(vm).is_ok_and(|s| s == tern_core::VmState::Reprotected));
     Ok(Ok(Admitted { handles: hs, doubtful, policy, reprotect }))
@@ -333,7 +333,7 @@ fn doubtful_ranges(
     h: &DiskHandle,
     agent: Option<&(String, u64)>,
 ) -> Option<Vec<(u64, u64)>> {
-    let durable = h.journal().durable();
+    let durable = h.durable();
     let (generation, seq) = agent?;
     if *generation != h.generation() || Seq(*seq) > durable {
         return None;
@@ -438,7 +438,7 @@ async fn run_session(
 type Copies = Arc<std::sync::Mutex<HashMap<DiskName, HashedDisk>>>;
 
 /// A disk and the copy of it that its hashes described.
-type HashedDisk = (Arc<DiskHandle>, Arc<tern_store::materialize::HashedCopy>);
+type HashedDisk = (Arc<DiskHandle>, Arc<tern_store::HashedCopy>);
 
 /// Whose copy of a disk the agent compares with.
 #[derive(Debug, Clone)]
@@ -467,7 +467,7 @@ async fn send_hashes(
             // The agent's records follow this server's durable position, so the hashes must
             // describe the target disk with everything up to there: when the master target
             // is behind (the spool holds records it has not had yet), the relay goes first.
-            let want = h.journal().durable();
+            let want = h.durable();
             let mut mt = crate::relay::master_target(ctx, &url).await?;
             let (mut stream, mut pending) = loop {
                 let request = tern_proto::HashesRequest {
@@ -510,7 +510,7 @@ async fn send_hashes(
                     out2.blocking_send(msg(server_message::Msg::BlockHashes(hashes))).is_ok()
                 };
                 if zeroes {
-                    let per = tern_store::materialize::HASHES_PER_CHUNK as u64;
+                    let per = tern_store::HASHES_PER_CHUNK as u64;
                     let mut first = 0;
                     while first < blocks {
                         let n = per.min(blocks - first);
@@ -526,8 +526,8 @@ async fn send_hashes(
                 } else {
                     // Coarse entries (the block hash alone): the agent asks for the pages of
                     // just the blocks that differ, answered from this same copy.
-                    let upto = h2.journal().durable();
-                    let copy = Arc::new(tern_store::materialize::HashedCopy::new(&h2, &scratch, upto)?);
+                    let upto = h2.durable();
+                    let copy = Arc::new(tern_store::HashedCopy::new(&h2, &scratch, upto)?);
                     lock(&copies).insert(h2.name.clone(), (h2.clone(), copy.clone()));
                     copy.hash(&h2, true, &mut emit)
                 }
@@ -572,7 +572,7 @@ async fn send_page_hashes(
         }
         None => {
             let (c, v) = (ctx.clone(), vm.clone());
-            let row = tokio::task::spawn_blocking(move || c.store.catalog().reprotect(&v))
+            let row = tokio::task::spawn_blocking(move || c.store.reprotect(&v))
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(store_status)?
@@ -686,11 +686,10 @@ async fn write_loop(
                 match records {
                     Ok(records) => {
                         let d = disk.clone();
-                        let appended =
-                            tokio::task::spawn_blocking(move || d.journal().append(first, &records))
-                                .await
-                                .map_err(|e| Status::internal(e.to_string()))
-                                .and_then(|r| r.map_err(store_status));
+                        let appended = tokio::task::spawn_blocking(move || d.append(first, &records))
+                            .await
+                            .map_err(|e| Status::internal(e.to_string()))
+                            .and_then(|r| r.map_err(store_status));
                         unsynced.insert(disk.name.clone(), disk);
                         unsynced_bytes += bytes;
                         match appended {
@@ -736,7 +735,7 @@ async fn commit(
 ) -> Result<(), Status> {
     for (_, disk) in unsynced.drain() {
         let d = disk.clone();
-        let durable = tokio::task::spawn_blocking(move || d.journal().sync())
+        let durable = tokio::task::spawn_blocking(move || d.sync())
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(store_status)?;

@@ -890,14 +890,6 @@ impl Catalog {
         Ok(())
     }
 
-    pub fn update_test_failover_files(&self, vm: &VmName, files: &[String]) -> Result<(), StoreError> {
-        let files = serde_json::to_string(files).map_err(|_| StoreError::Invariant("file list encodes"))?;
-        self.db
-            .execute("UPDATE test_failovers SET files = ?2 WHERE vm = ?1", params![vm.as_str(), files])
-            .map_err(q("record test failover"))?;
-        Ok(())
-    }
-
     pub fn close_test_failover(&self, vm: &VmName) -> Result<(), StoreError> {
         self.db
             .execute("DELETE FROM test_failovers WHERE vm = ?1", [vm.as_str()])

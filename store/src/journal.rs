@@ -218,11 +218,6 @@ impl Journal {
         self.durable
     }
 
-    /// Last sequence number written, fsynced or not.
-    pub fn written(&self) -> Seq {
-        self.written
-    }
-
     /// Total bytes of all segments.
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.durable_len).sum::<u64>().max(self.active_len)

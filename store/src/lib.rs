@@ -18,28 +18,49 @@
 //! 6. An incoming batch is verified whole before any of it is written.
 //!
 //! # What may run together
+//! Locks are taken in one order and never held the other way round: a disk's retention
+//! lock, then that disk's journal lock, then the catalog lock. The catalog lock is never
+//! held while a journal lock is awaited or a journal is fsynced; no two disks' journal locks
+//! are held at once. The locks are the store's own: its callers use operations.
+//!
 //! | operation | takes | runs alongside |
 //! | --- | --- | --- |
 //! | ingest (append, sync) of disk D | D's journal lock, for the write | everything; other disks' ingest |
-//! | make a point of VM V | each disk's journal lock in name order (bookmark + sync), then the catalog lock | ingest of other VMs |
+//! | make a point of VM V | each disk's journal lock briefly (durable check), the catalog briefly (an id), each disk's journal lock in name order (bookmark + sync), then the catalog lock (insert) | ingest of other VMs |
+//! | retention / commit of disk D | D's retention lock exclusively; within it D's journal lock (snapshot, segment deletion) and the catalog lock (base position), each briefly | ingest of D, everything else |
 //! | materialise (test failover) | D's journal lock only to take a snapshot, then nothing | ingest and points of the same disk |
 //! | catalog queries | the catalog lock, briefly | everything |
 //! | written_after (a new session's doubtful ranges) | D's journal lock for a snapshot, then nothing (a segment retention deletes meanwhile gives `None`) | everything |
 //! | the whole store | an exclusive flock on `DIR/lock` while open | nothing else in another process |
 
-pub mod catalog;
-pub mod durable;
-pub mod failover;
-pub mod format;
-pub mod journal;
-pub mod materialize;
-pub mod rebuild;
-pub mod retention;
-pub mod write_through;
+mod catalog;
+mod durable;
+mod failover;
+mod format;
+mod journal;
+mod materialize;
+mod rebuild;
+mod retention;
+mod write_through;
 
-pub use catalog::{Catalog, Consistency, Point, PointDisk};
-pub use journal::{Journal, Record, RecordProblem};
-pub use materialize::{Format, OutputDisk};
+pub use catalog::{
+    Consistency, FailoverRow, JobRow, MAX_RETENTION_MS, Point, PointDisk, Policy, ReprotectRow,
+    SCHEMA_VERSION, TestFailoverRow, Transition,
+};
+pub use failover::VerifiedDisk;
+pub use format::RecordKind;
+pub use journal::{
+    JournalSnapshot, ReadPosition, Record, RecordProblem, StoredRecord, decode_record, verify_record,
+};
+pub use materialize::{
+    Format, HASHES_PER_CHUNK, HashedCopy, OutputDisk, base_block_hashes, fingerprint_file, hash_disk,
+};
+pub use rebuild::{RebuildReport, RebuiltDisk, RebuiltVm, rebuild_catalog};
+pub use retention::RetentionReport;
+pub use write_through::PlainRecord;
+
+use catalog::Catalog;
+use journal::Journal;
 
 use durable::{create_dir_durable, io_err};
 use std::collections::HashMap;
@@ -169,7 +190,8 @@ pub(crate) fn failpoint(name: &'static str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// One replicated disk: its base image and its journal.
+/// One replicated disk: its base image and its journal. Its locks are the store's own:
+/// callers use its operations.
 #[derive(Debug)]
 pub struct DiskHandle {
     pub vm: VmName,
@@ -178,17 +200,43 @@ pub struct DiskHandle {
     /// Identifies this copy of the disk; a sender's state is only valid for it.
     generation: Mutex<String>,
     pub base_path: PathBuf,
-    pub journal: Mutex<Journal>,
+    journal: Mutex<Journal>,
     /// Records up to this seq are in the base image.
-    pub base_seq: Mutex<Seq>,
+    base_seq: Mutex<Seq>,
     /// Readers of the base image and segments (materialisation) share it; moving the base
     /// and deleting segments (retention, commit) takes it exclusively.
-    pub retention: std::sync::RwLock<()>,
+    retention: std::sync::RwLock<()>,
 }
 
 impl DiskHandle {
-    pub fn journal(&self) -> MutexGuard<'_, Journal> {
+    pub(crate) fn journal(&self) -> MutexGuard<'_, Journal> {
         self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last record that is fsynced.
+    pub fn durable(&self) -> Seq {
+        self.journal().durable()
+    }
+
+    /// Appends `records`, numbered from `first_seq`, without syncing; returns the last seq.
+    pub fn append(&self, first_seq: Seq, records: &[Record]) -> Result<Seq, StoreError> {
+        self.journal().append(first_seq, records)
+    }
+
+    /// Makes everything appended durable (the group commit); returns the durable seq.
+    pub fn sync(&self) -> Result<Seq, StoreError> {
+        self.journal().sync()
+    }
+
+    /// The durable records at this moment, for a reader that does not hold the journal.
+    pub fn snapshot(&self) -> JournalSnapshot {
+        self.journal().snapshot()
+    }
+
+    /// The journal's size in bytes and number of segment files.
+    pub fn journal_size(&self) -> (u64, usize) {
+        let j = self.journal();
+        (j.bytes(), j.segment_count())
     }
 
     /// Identifies this copy of the disk and its replication epoch; a sender's saved state
@@ -201,11 +249,11 @@ impl DiskHandle {
         *self.base_seq.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+    pub(crate) fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.retention.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+    pub(crate) fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
         self.retention.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -370,7 +418,7 @@ impl Store {
         &self.root
     }
 
-    pub fn catalog(&self) -> MutexGuard<'_, Catalog> {
+    pub(crate) fn catalog(&self) -> MutexGuard<'_, Catalog> {
         self.catalog.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -564,6 +612,54 @@ impl Store {
         self.catalog().points(vm)
     }
 
+    pub fn has_vm(&self, vm: &VmName) -> Result<bool, StoreError> {
+        self.catalog().has_vm(vm)
+    }
+
+    pub fn policy(&self, vm: &VmName) -> Result<Policy, StoreError> {
+        self.catalog().policy(vm)
+    }
+
+    pub fn set_policy(&self, vm: &VmName, p: &Policy) -> Result<(), StoreError> {
+        self.catalog().set_policy(vm, p)
+    }
+
+    /// Where a reprotected VM fails back to.
+    pub fn reprotect(&self, vm: &VmName) -> Result<Option<ReprotectRow>, StoreError> {
+        self.catalog().reprotect(vm)
+    }
+
+    /// The uncommitted failover of a VM.
+    pub fn failover_row(&self, vm: &VmName) -> Result<Option<FailoverRow>, StoreError> {
+        self.catalog().failover(vm)
+    }
+
+    /// On a master target: how a VM's relayed records are kept.
+    pub fn target_mode(&self, vm: &VmName) -> Result<Option<tern_core::SyncMode>, StoreError> {
+        self.catalog().target_mode(vm)
+    }
+
+    pub fn set_target_mode(&self, vm: &VmName, mode: tern_core::SyncMode) -> Result<(), StoreError> {
+        self.catalog().set_target_mode(vm, mode)
+    }
+
+    pub fn insert_job(&self, kind: tern_core::JobKind, vm: &VmName, now_ms: i64) -> Result<u64, StoreError> {
+        self.catalog().insert_job(kind, vm, now_ms)
+    }
+
+    pub fn update_job(&self, j: &JobRow) -> Result<(), StoreError> {
+        self.catalog().update_job(j)
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobRow>, StoreError> {
+        self.catalog().jobs()
+    }
+
+    /// Jobs a stopped process left running end as failed; returns how many.
+    pub fn fail_interrupted_jobs(&self, now_ms: i64) -> Result<usize, StoreError> {
+        self.catalog().fail_interrupted_jobs(now_ms)
+    }
+
     /// The byte ranges that records numbered `after < seq <= upto` wrote, merged where
     /// they touch, in offset order; `None` when they cannot be told: some are no longer in
     /// the journal (folded into the base image, or their segment deleted while this read),
@@ -626,8 +722,14 @@ impl Store {
                 reason: format!("point names {names:?}, VM has {have:?}"),
             });
         }
-        let mut catalog = self.catalog();
-        let id = catalog.next_point_id()?;
+        // Every disk is checked before any bookmark is written: a refusal leaves no trace.
+        for (h, d) in handles.iter().zip(&disks) {
+            let durable = h.durable();
+            if d.seq > durable {
+                return Err(StoreError::PointBeyondDurable { disk: h.name.to_string(), seq: d.seq, durable });
+            }
+        }
+        let id = self.catalog().next_point_id()?;
         let point = Point { id, vm: vm.clone(), time_ms, consistency, note: note.to_string(), disks };
         let body = serde_json::to_vec(&format::BookmarkBody {
             point: id.0,
@@ -645,19 +747,12 @@ impl Store {
                 .collect(),
         })
         .map_err(|_| StoreError::Invariant("bookmark encodes"))?;
-        // Every disk is checked before any bookmark is written: a refusal leaves no trace.
-        for (h, d) in handles.iter().zip(&point.disks) {
-            let durable = h.journal().durable();
-            if d.seq > durable {
-                return Err(StoreError::PointBeyondDurable { disk: h.name.to_string(), seq: d.seq, durable });
-            }
-        }
         for h in &handles {
             let mut j = h.journal();
             j.append_bookmark(&body)?;
             j.sync()?;
         }
-        catalog.insert_point(&point)?;
+        self.catalog().insert_point(&point)?;
         Ok(point)
     }
 
