@@ -11,13 +11,10 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tern_core::codec::Decoder;
-use tern_core::pki::{Bundle, Role, role_of};
+use tern_core::pki::Bundle;
 use tern_core::{Digest, DiskName, Seq, SyncMode, VmName};
 use tern_proto as pb;
-use tern_store::{
-    DiskHandle, PlainRecord, Record, RecordKind, Store, StoreError, decode_record, verify_record,
-};
+use tern_store::{DiskHandle, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -45,45 +42,16 @@ struct Ctx {
 }
 
 fn status(e: StoreError) -> Status {
-    if e.is_storage_full() {
-        return Status::resource_exhausted(format!(
-            "the master target's storage is full ({e}): free space in its data directory or on the \
-             target disk's file system; the process server keeps the stream and resends"
-        ));
-    }
-    match e {
-        StoreError::UnknownVm(_) | StoreError::UnknownDisk { .. } => Status::not_found(e.to_string()),
-        StoreError::SeqGap { .. } => Status::out_of_range(e.to_string()),
-        StoreError::FingerprintMismatch { .. }
-        | StoreError::SegmentCorrupt { .. }
-        | StoreError::JournalRecordBad { .. } => Status::data_loss(e.to_string()),
-        _ => Status::unavailable(e.to_string()),
-    }
+    tern_daemon::store_status(e, tern_daemon::Site::MasterTarget)
 }
 
-fn require_server<T>(req: &Request<T>, call: &str) -> Result<(), Status> {
-    let certs =
-        req.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let leaf = certs.first().ok_or_else(|| Status::unauthenticated("empty certificate chain"))?;
-    match role_of(leaf) {
-        Ok(Role::Server) => Ok(()),
-        Ok(other) => {
-            warn!(call, identity = %other, "refused: only the process server may call the master target");
-            Err(Status::permission_denied(format!(
-                "only the process server may call the master target; this certificate is for the {other}"
-            )))
-        }
-        Err(e) => Err(Status::permission_denied(format!("client certificate refused: {e}"))),
-    }
-}
+use tern_daemon::roles::require_server;
 
 fn vm_arg(s: &str) -> Result<VmName, Status> {
     VmName::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))
-}
+use tern_daemon::blocking;
 
 #[derive(Debug, Clone)]
 struct MasterTargetService {
@@ -377,65 +345,15 @@ impl pb::replication_server::Replication for RelayService {
 /// Verified batches waiting to be written; bounds memory per relay stream.
 const PIPELINE_DEPTH: usize = 4;
 
-/// A batch checked off the reactor: its records (kept compressed for the journal) or,
-/// written through, their plain bytes.
-#[derive(Debug)]
-struct Verified {
-    disk: Arc<DiskHandle>,
-    first: Seq,
-    records: Vec<Record>,
-    plain: Vec<PlainRecord>,
-}
+use tern_daemon::ingest::Pending;
 
-type Pending = tokio::task::JoinHandle<Result<Verified, Status>>;
-
-/// Parses a relayed batch and starts verifying it (decompress, BLAKE3) on the blocking pool,
-/// so that consecutive batches verify in parallel.
+/// Starts verifying a relayed batch (see `tern_daemon::ingest`); written through, its
+/// plain bytes are kept.
 fn verify_batch(store: &Store, vm: &VmName, b: pb::Batch, through: bool) -> Result<Pending, Status> {
     let name = DiskName::new(&b.disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let disk =
         store.disk(vm, &name).ok_or_else(|| Status::invalid_argument(format!("unknown disk {name}")))?;
-    let mut records = Vec::with_capacity(b.records.len());
-    for r in b.records {
-        let kind = if r.kind == pb::RecordKind::Zero as i32 { RecordKind::Zero } else { RecordKind::Write };
-        let digest = if kind == RecordKind::Zero {
-            Digest::ZERO
-        } else {
-            Digest::from_slice(&r.digest).ok_or_else(|| Status::invalid_argument("digest is not 32 bytes"))?
-        };
-        records.push(Record {
-            kind,
-            offset: r.offset,
-            length: r.length,
-            digest,
-            compressed: r.compression == pb::Compression::Zstd as i32,
-            payload: r.payload,
-        });
-    }
-    let first = Seq(b.first_seq);
-    Ok(tokio::task::spawn_blocking(move || {
-        thread_local! {
-            static DECODER: std::cell::RefCell<Decoder> = std::cell::RefCell::new(Decoder::new());
-        }
-        DECODER.with(|d| {
-            let mut dec = d.borrow_mut();
-            let mut plain = Vec::new();
-            for (i, r) in records.iter().enumerate() {
-                let bad =
-                    |p| Status::data_loss(format!("disk {} seq {}: {p}", disk.name, first.0 + i as u64));
-                if through {
-                    let data = decode_record(&mut dec, disk.size, r).map_err(bad)?;
-                    plain.push(PlainRecord { offset: r.offset, length: r.length, data });
-                } else {
-                    verify_record(&mut dec, disk.size, r).map_err(bad)?;
-                }
-            }
-            if through {
-                records.clear();
-            }
-            Ok(Verified { disk, first, records, plain })
-        })
-    }))
+    tern_daemon::ingest::verify(disk, b, through)
 }
 
 /// A group commit running beside the writer: each disk's durable seq once it is done.
@@ -521,7 +439,7 @@ impl Writer {
         let v = pending.await.map_err(|e| Status::internal(e.to_string()))??;
         let name = v.disk.name.clone();
         let n = v.records.len().max(v.plain.len()) as u64;
-        let last = Seq(v.first.0 + n.saturating_sub(1));
+        let last = v.last();
         if self.through {
             let expect = *self.next.entry(name.clone()).or_insert_with(|| v.disk.durable().next());
             if v.first > expect {

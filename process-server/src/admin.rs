@@ -44,9 +44,7 @@ pub fn point_info(p: &Point) -> pb::PointInfo {
     }
 }
 
-pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))
-}
+pub(crate) use tern_daemon::blocking;
 
 impl AdminService {
     async fn state(&self, vm: &VmName) -> Result<VmState, Status> {

@@ -2,7 +2,7 @@
 //! points, test failover, and the admin API, all over gRPC with mutual TLS.
 
 pub mod admin;
-pub mod auth;
+pub use tern_daemon::roles as auth;
 pub mod check;
 pub mod failback;
 pub mod health;
@@ -38,46 +38,13 @@ pub struct Ctx {
     pub tracker: TaskTracker,
 }
 
-/// Maps a store error to a status: the code says whose fault it is, the message what to do.
 /// Locks a mutex; a panic elsewhere while it was held does not make its data unusable here.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub fn store_status(e: StoreError) -> Status {
-    let msg = e.to_string();
-    if e.is_storage_full() {
-        return Status::resource_exhausted(format!(
-            "the process server's storage is full ({msg}): free space in its data directory or give it \
-             more; nothing acknowledged is lost, the agent retries and replication resumes where it stopped"
-        ));
-    }
-    match e {
-        StoreError::UnknownVm(_) | StoreError::UnknownDisk { .. } | StoreError::PointNotFound { .. } => {
-            Status::not_found(msg)
-        }
-        StoreError::NoTestFailover(_)
-        | StoreError::TestFailoverOpen { .. }
-        | StoreError::DiskSizeChanged { .. } => Status::failed_precondition(msg),
-        StoreError::SeqGap { .. } => Status::out_of_range(msg),
-        StoreError::OutputExists(_) | StoreError::PointDisksMismatch { .. } => Status::invalid_argument(msg),
-        StoreError::PointBeyondDurable { .. } => Status::failed_precondition(msg),
-        StoreError::SegmentCorrupt { .. }
-        | StoreError::JournalRecordBad { .. }
-        | StoreError::FingerprintMismatch { .. } => Status::data_loss(msg),
-        StoreError::Io { .. }
-        | StoreError::CatalogQuery { .. }
-        | StoreError::JournalFailed { .. }
-        | StoreError::VmDamaged { .. }
-        | StoreError::DataDirInUse { .. }
-        | StoreError::CatalogMissing { .. }
-        | StoreError::CatalogExists { .. }
-        | StoreError::CatalogTooNew { .. }
-        | StoreError::BadRow { .. }
-        | StoreError::RebuildRefused { .. } => Status::unavailable(msg),
-        StoreError::WrongState { .. } => Status::failed_precondition(msg),
-        StoreError::Invariant(_) | StoreError::Injected(_) => Status::internal(msg),
-    }
+    tern_daemon::store_status(e, tern_daemon::Site::ProcessServer)
 }
 
 #[derive(Debug, thiserror::Error)]

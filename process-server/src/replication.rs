@@ -6,13 +6,11 @@ use crate::{Ctx, store_status};
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use tern_core::codec::Decoder;
 use tern_core::{Digest, DiskName, Seq, VmName};
 use tern_proto::{
     Ack, AgentMessage, Batch, DiskState, PointAck, ServerMessage, Welcome, agent_message, server_message,
 };
-use tern_store::RecordKind;
-use tern_store::{Consistency, DiskHandle, PointDisk, Record, verify_record};
+use tern_store::{Consistency, DiskHandle, PointDisk};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -53,12 +51,8 @@ fn note_progress(initial: &InitialSync, handles: &Handles, b: &Batch) {
 }
 
 enum Item {
-    Batch {
-        disk: Arc<DiskHandle>,
-        first: Seq,
-        bytes: u64,
-        verified: tokio::task::JoinHandle<Result<Vec<Record>, Status>>,
-    },
+    /// A batch being verified (see `tern_daemon::ingest`).
+    Batch(tern_daemon::ingest::Pending),
     Point(tern_proto::MakePoint),
     PointFailed(tern_proto::PointFailed),
 }
@@ -611,59 +605,7 @@ fn prepare_batch(handles: &Handles, b: Batch) -> Result<Item, Status> {
         .get(&name)
         .cloned()
         .ok_or_else(|| Status::invalid_argument(format!("disk {name} was not named in Hello")))?;
-    let first = Seq(b.first_seq);
-    let mut bytes = 0u64;
-    let mut records = Vec::with_capacity(b.records.len());
-    for (i, r) in b.records.into_iter().enumerate() {
-        let seq = first.0 + i as u64;
-        let kind = match tern_proto::RecordKind::try_from(r.kind) {
-            Ok(tern_proto::RecordKind::Write) => RecordKind::Write,
-            Ok(tern_proto::RecordKind::Zero) => RecordKind::Zero,
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "disk {name} seq {seq}: unknown record kind {}",
-                    r.kind
-                )));
-            }
-        };
-        let digest = if kind == RecordKind::Zero {
-            Digest::ZERO
-        } else {
-            Digest::from_slice(&r.digest).ok_or_else(|| {
-                Status::invalid_argument(format!("disk {name} seq {seq}: digest is not 32 bytes"))
-            })?
-        };
-        bytes += r.payload.len() as u64;
-        records.push(Record {
-            kind,
-            offset: r.offset,
-            length: r.length,
-            digest,
-            compressed: r.compression == tern_proto::Compression::Zstd as i32,
-            payload: r.payload,
-        });
-    }
-    let size = disk.size;
-    let disk_name = name.clone();
-    let verified = tokio::task::spawn_blocking(move || {
-        thread_local! {
-            static DECODER: std::cell::RefCell<Decoder> = std::cell::RefCell::new(Decoder::new());
-        }
-        DECODER.with(|d| {
-            let mut dec = d.borrow_mut();
-            for (i, r) in records.iter().enumerate() {
-                if let Err(problem) = verify_record(&mut dec, size, r) {
-                    let seq = first.0 + i as u64;
-                    warn!(disk = %disk_name, seq, error = %problem, "record failed verification; batch rejected");
-                    return Err(Status::data_loss(format!(
-                        "disk {disk_name} seq {seq}: {problem}; the batch was rejected and nothing of it stored; resend it"
-                    )));
-                }
-            }
-            Ok(records)
-        })
-    });
-    Ok(Item::Batch { disk, first, bytes, verified })
+    Ok(Item::Batch(tern_daemon::ingest::verify(disk, b, false)?))
 }
 
 async fn write_loop(
@@ -678,20 +620,16 @@ async fn write_loop(
     let mut unsynced_bytes = 0u64;
     while let Some(item) = rx.recv().await {
         let result = match item {
-            Item::Batch { disk, first, bytes, verified } => {
-                let records = match verified.await {
-                    Ok(r) => r,
-                    Err(e) => Err(Status::internal(e.to_string())),
-                };
-                match records {
-                    Ok(records) => {
-                        let d = disk.clone();
-                        let appended = tokio::task::spawn_blocking(move || d.append(first, &records))
+            Item::Batch(pending) => {
+                match pending.await.map_err(|e| Status::internal(e.to_string())).and_then(|r| r) {
+                    Ok(v) => {
+                        let d = v.disk.clone();
+                        let appended = tokio::task::spawn_blocking(move || d.append(v.first, &v.records))
                             .await
                             .map_err(|e| Status::internal(e.to_string()))
                             .and_then(|r| r.map_err(store_status));
-                        unsynced.insert(disk.name.clone(), disk);
-                        unsynced_bytes += bytes;
+                        unsynced_bytes += v.wire_bytes;
+                        unsynced.insert(v.disk.name.clone(), v.disk);
                         match appended {
                             Ok(_) if rx.is_empty() || unsynced_bytes >= GROUP_COMMIT_BYTES => {
                                 unsynced_bytes = 0;

@@ -50,3 +50,16 @@ pub fn require_agent_for<T>(req: &Request<T>, vm: &VmName) -> Result<(), Status>
         }
     }
 }
+
+/// The master target takes calls from the process server only.
+pub fn require_server<T>(req: &Request<T>, call: &str) -> Result<(), Status> {
+    match peer_role(req, call)? {
+        Role::Server => Ok(()),
+        other => {
+            warn!(call, identity = %other, "refused: only the process server may call the master target");
+            Err(Status::permission_denied(format!(
+                "only the process server may call the master target; this certificate is for the {other}"
+            )))
+        }
+    }
+}
