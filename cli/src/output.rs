@@ -99,10 +99,33 @@ pub fn job_json(j: &pb::JobInfo) -> Value {
     if !j.error.is_empty() {
         v["error"] = json!(j.error);
     }
-    if let Ok(r) = serde_json::from_str::<Value>(&j.result) {
-        v["result"] = r;
+    if let Some(o) = &j.output {
+        v["result"] = output_json(o);
     }
     v
+}
+
+/// A job's output as JSON, in the shape of a failover's vm.json.
+pub fn output_json(o: &pb::JobOutput) -> Value {
+    let disks: Vec<Value> = o
+        .disks
+        .iter()
+        .map(|d| {
+            let mut v = json!({"name": d.name, "file": d.file, "size": d.size, "fingerprint": d.fingerprint});
+            if !d.format.is_empty() {
+                v["format"] = json!(d.format);
+                v["virtual_size"] = json!(if d.virtual_size == 0 { d.size } else { d.virtual_size });
+            }
+            if !d.blake3.is_empty() {
+                v["blake3"] = json!(d.blake3);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "vm": o.vm, "point": o.point, "time": o.time, "time_ms": o.time_ms,
+        "consistency": o.consistency, "disks": disks,
+    })
 }
 
 pub fn absolute(p: &Path) -> Result<PathBuf, CliError> {
@@ -163,27 +186,22 @@ pub async fn wait_job(c: &mut AdminClient<Channel>, id: u64, quiet: bool) -> Res
 
 /// Prints what a failover-like job wrote (its vm.json).
 pub fn print_output(job: &pb::JobInfo, as_json: bool) -> Result<(), CliError> {
-    let v: Value = serde_json::from_str(&job.result).unwrap_or(Value::Null);
+    let Some(o) = &job.output else {
+        return Err(CliError::Server(format!("job {} succeeded without saying what it wrote", job.id)));
+    };
     if as_json {
-        return print_json(&v);
+        return print_json(&output_json(o));
     }
     out!(
         "point {} ({}, {}) written; every disk matches the point's fingerprint",
-        v["point"],
-        v["time"].as_str().unwrap_or(""),
-        v["consistency"].as_str().unwrap_or("")
+        o.point,
+        o.time,
+        o.consistency
     );
-    for d in v["disks"].as_array().cloned().unwrap_or_default() {
-        let (what, hash) = match d["blake3"].as_str() {
-            Some(b) => ("blake3", b),
-            None => ("fingerprint", d["fingerprint"].as_str().unwrap_or("")),
-        };
-        out!(
-            "  {:<10} {}  {}  {what} {hash}",
-            d["name"].as_str().unwrap_or(""),
-            human_bytes(d["size"].as_u64().unwrap_or(0)),
-            d["file"].as_str().unwrap_or(""),
-        );
+    for d in &o.disks {
+        let (what, hash) =
+            if d.blake3.is_empty() { ("fingerprint", &d.fingerprint) } else { ("blake3", &d.blake3) };
+        out!("  {:<10} {}  {}  {what} {hash}", d.name, human_bytes(d.size), d.file);
     }
     Ok(())
 }

@@ -229,15 +229,15 @@ impl pb::admin_server::Admin for AdminService {
                 .await
                 .map_err(|e| e.message().to_string())?
                 .map_err(|e| e.to_string())?;
-                Ok::<_, String>(serde_json::to_string(&res).unwrap_or_default())
+                Ok::<_, String>(crate::jobs::output_of(&res))
             }
             .await;
             match outcome {
-                Ok(result) => job.succeed(result),
+                Ok(output) => job.succeed(output),
                 Err(e) => job.fail(&e),
             }
         });
-        Ok(Response::new(pb::TestFailoverReply { job: id, ..Default::default() }))
+        Ok(Response::new(pb::TestFailoverReply { job: id }))
     }
 
     async fn test_failover_cleanup(
@@ -367,11 +367,11 @@ impl pb::admin_server::Admin for AdminService {
                 .map_err(|e| e.to_string())?;
                 ctx.hub.stand_down(&vm, "the VM failed over").await;
                 info!(vm = %vm, point = res.point, kind = %kind, "failed over");
-                Ok::<_, String>(serde_json::to_string(&res).unwrap_or_default())
+                Ok::<_, String>(crate::jobs::output_of(&res))
             }
             .await;
             match outcome {
-                Ok(result) => job.succeed(result),
+                Ok(output) => job.succeed(output),
                 Err(e) => job.fail(&e),
             }
         });
@@ -408,7 +408,7 @@ impl pb::admin_server::Admin for AdminService {
                 blocking(move || store.change_point(&vm, &spec, &mut |done, total| j.progress(done, total)))
                     .await;
             match res {
-                Ok(Ok(out)) => job.succeed(serde_json::to_string(&out).unwrap_or_default()),
+                Ok(Ok(out)) => job.succeed(crate::jobs::output_of(&out)),
                 Ok(Err(e)) => job.fail(&e.to_string()),
                 Err(e) => job.fail(e.message()),
             }
@@ -481,7 +481,7 @@ impl pb::admin_server::Admin for AdminService {
         let ctx = self.ctx.clone();
         self.ctx.tracker.spawn(async move {
             match crate::failback::failback(&ctx, vm, job.clone()).await {
-                Ok(result) => job.succeed(result),
+                Ok(output) => job.succeed(output),
                 Err(e) => job.fail(&e),
             }
         });

@@ -109,7 +109,7 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
     Ok(pb::ReprotectReply { bundle })
 }
 
-pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<String, String> {
+pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<pb::JobOutput, String> {
     require(ctx, &vm, VmState::Reprotected, Transition::FailBack.refusal())
         .await
         .map_err(|e| e.message().to_string())?;
@@ -175,25 +175,24 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
         .map_err(|e| e.to_string())?;
     ctx.hub.stand_down(&vm, "the VM failed back").await;
     info!(vm = %vm, point = %point.id, "failed back");
-    let disks: Vec<serde_json::Value> = point
+    let disks = point
         .disks
         .iter()
         .zip(&applied.fingerprints)
-        .map(|(d, fp)| {
-            let path =
-                row.disks.iter().find(|(n, _)| n == d.disk.as_str()).map(|(_, p)| p.as_str()).unwrap_or("");
-            let size = ctx.store.disk(&vm, &d.disk).map_or(0, |h| h.size);
-            serde_json::json!({"name": d.disk.as_str(), "file": path, "size": size, "fingerprint": fp})
+        .map(|(d, fp)| pb::OutputDisk {
+            name: d.disk.to_string(),
+            file: row
+                .disks
+                .iter()
+                .find(|(n, _)| n == d.disk.as_str())
+                .map(|(_, p)| p.clone())
+                .unwrap_or_default(),
+            size: ctx.store.disk(&vm, &d.disk).map_or(0, |h| h.size),
+            fingerprint: fp.clone(),
+            ..Default::default()
         })
         .collect();
-    Ok(serde_json::json!({
-        "vm": vm.as_str(),
-        "point": point.id.0,
-        "time": tern_store::rfc3339(point.time_ms),
-        "consistency": point.consistency.as_str(),
-        "disks": disks,
-    })
-    .to_string())
+    Ok(crate::jobs::point_output(&vm, &point, disks))
 }
 
 /// Waits for the final point an agent makes after its shutdown hook. Its last pass may be a

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 #[derive(Debug)]
 pub struct Jobs {
     store: Arc<Store>,
-    live: Mutex<HashMap<u64, (JobRow, String)>>,
+    live: Mutex<HashMap<u64, (JobRow, Option<pb::JobOutput>)>>,
 }
 
 impl Jobs {
@@ -37,7 +37,7 @@ impl Jobs {
             started_ms: now,
             ended_ms: 0,
         };
-        lock(&self.live).insert(id, (row, String::new()));
+        lock(&self.live).insert(id, (row, None));
         info!(job = id, kind = %kind, vm = %vm, "job started");
         Ok(Job { id, jobs: self.clone() })
     }
@@ -50,7 +50,7 @@ impl Jobs {
             .into_iter()
             .filter(|r| id == 0 || r.id == id)
             .map(|r| {
-                let (row, result) = live.get(&r.id).cloned().unwrap_or((r, String::new()));
+                let (row, output) = live.get(&r.id).cloned().unwrap_or((r, None));
                 pb::JobInfo {
                     id: row.id,
                     kind: row.kind.to_string(),
@@ -62,10 +62,47 @@ impl Jobs {
                     error: row.error,
                     started_ms: row.started_ms,
                     ended_ms: row.ended_ms,
-                    result,
+                    output,
                 }
             })
             .collect())
+    }
+}
+
+/// What a (test) failover or change of point wrote, as a job's output.
+pub fn output_of(o: &tern_store::FailoverOutput) -> pb::JobOutput {
+    pb::JobOutput {
+        vm: o.vm.clone(),
+        point: o.point,
+        time: o.time.clone(),
+        time_ms: o.time_ms,
+        consistency: o.consistency.clone(),
+        disks: o
+            .disks
+            .iter()
+            .map(|d| pb::OutputDisk {
+                name: d.name.clone(),
+                file: d.file.clone(),
+                format: d.format.to_string(),
+                size: d.size,
+                virtual_size: d.virtual_size,
+                blake3: d.blake3.clone(),
+                fingerprint: d.fingerprint.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A point as a job's output (an initial sync's first point, a failback's final one),
+/// with the disks it wrote, if any.
+pub fn point_output(vm: &VmName, p: &tern_store::Point, disks: Vec<pb::OutputDisk>) -> pb::JobOutput {
+    pb::JobOutput {
+        vm: vm.to_string(),
+        point: p.id.0,
+        time: tern_store::rfc3339(p.time_ms),
+        time_ms: p.time_ms,
+        consistency: p.consistency.as_str().to_string(),
+        disks,
     }
 }
 
@@ -77,7 +114,7 @@ pub struct Job {
 }
 
 impl Job {
-    fn update(&self, f: impl FnOnce(&mut JobRow, &mut String)) -> Option<JobRow> {
+    fn update(&self, f: impl FnOnce(&mut JobRow, &mut Option<pb::JobOutput>)) -> Option<JobRow> {
         let mut live = lock(&self.jobs.live);
         let (row, result) = live.get_mut(&self.id)?;
         f(row, result);
@@ -109,14 +146,14 @@ impl Job {
         });
     }
 
-    pub fn succeed(&self, result: String) {
+    pub fn succeed(&self, output: pb::JobOutput) {
         info!(job = self.id, "job succeeded");
         let row = self.update(|r, res| {
             r.state = JobState::Succeeded;
             r.phase = "done".into();
             r.done = r.total;
             r.ended_ms = tern_store::now_ms();
-            *res = result;
+            *res = Some(output);
         });
         self.persist(row);
     }

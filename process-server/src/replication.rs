@@ -725,7 +725,7 @@ async fn make_point(
                 ctx.hub.resolve(*id, Ok(point.clone()));
             }
             if let Some((job, _)) = lock_initial(initial).take() {
-                job.succeed(format!("{{\"point\": {}}}", point.id));
+                job.succeed(crate::jobs::point_output(vm, &point, Vec::new()));
             }
             Ok(())
         }
