@@ -16,6 +16,13 @@ pub enum CodecError {
     LengthMismatch { expected: usize, actual: usize },
 }
 
+/// Extents from this size on are probed before they are compressed whole.
+const PROBE_MIN: usize = 32 * 1024;
+/// A probe's size: one 4 KiB page.
+const PROBE_LEN: usize = 4096;
+/// A probe must shrink by at least 1/`PROBE_GAIN_DIV` (3 %) for the extent to be compressed.
+const PROBE_GAIN_DIV: usize = 32;
+
 /// One encoded extent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
@@ -51,10 +58,28 @@ impl Encoder {
     }
 
     pub fn encode_with_digest(&mut self, data: &[u8], digest: Digest) -> Encoded {
+        if !self.worth_compressing(data) {
+            return Encoded { digest, compressed: false, payload: data.to_vec() };
+        }
         match self.zstd.compress(data) {
             Ok(c) if c.len() < data.len() => Encoded { digest, compressed: true, payload: c },
             _ => Encoded { digest, compressed: false, payload: data.to_vec() },
         }
+    }
+
+    /// A cheap probe before a large extent is compressed whole: its first page and the page
+    /// at its middle. When neither shrinks by `PROBE_GAIN`, the extent travels plain (random,
+    /// encrypted or already compressed data), for about 1 % of what compressing it costs.
+    fn worth_compressing(&mut self, data: &[u8]) -> bool {
+        if data.len() < PROBE_MIN {
+            return true;
+        }
+        let mid = (data.len() / 2) & !(PROBE_LEN - 1);
+        [&data[..PROBE_LEN], &data[mid..mid + PROBE_LEN]].into_iter().any(|probe| {
+            self.zstd
+                .compress(probe)
+                .is_ok_and(|c| c.len() * PROBE_GAIN_DIV < probe.len() * (PROBE_GAIN_DIV - 1))
+        })
     }
 }
 
@@ -176,6 +201,28 @@ mod tests {
             dec.decode(true, &e.payload[..e.payload.len() / 2], data.len(), &e.digest),
             Err(CodecError::CorruptPayload { .. })
         ));
+    }
+
+    /// The probe sends random extents plain, and does not stop an extent from being
+    /// compressed when only one of its probed pages is random.
+    #[test]
+    fn large_extents_are_probed_before_they_are_compressed() {
+        let mut random = vec![0u8; 1 << 20];
+        blake3::Hasher::new().update(b"probe").finalize_xof().fill(&mut random);
+        let mut enc = Encoder::new();
+        assert!(!enc.encode(&random).compressed);
+        let mut mixed = vec![b'a'; 1 << 20];
+        mixed[..4096].copy_from_slice(&random[..4096]);
+        let e = enc.encode(&mixed);
+        assert!(e.compressed && e.payload.len() < 64 * 1024, "{}", e.payload.len());
+        let mut tail_random = vec![b'b'; 1 << 20];
+        tail_random[1 << 19..].copy_from_slice(&random[1 << 19..]);
+        let e = enc.encode(&tail_random);
+        assert!(e.compressed && e.payload.len() < (1 << 19) + 64 * 1024, "half of it compresses");
+        for d in [&random, &mixed, &tail_random] {
+            let e = enc.encode(d);
+            assert_eq!(&Decoder::new().decode(e.compressed, &e.payload, d.len(), &e.digest).unwrap(), d);
+        }
     }
 
     #[test]

@@ -226,6 +226,9 @@ pub(crate) fn zero_range(
     Ok(())
 }
 
+/// Hashes one block: its offset, its bytes (`None` inside a hole: zeroes, not read), its length.
+type BlockHasher<'a, T> = dyn Fn(u64, Option<&[u8]>, usize) -> T + Sync + 'a;
+
 /// Bytes each hashing thread takes per round.
 const HASH_SLICE: u64 = 8 << 20;
 
@@ -237,7 +240,7 @@ fn hash_blocks<T: Send>(
     f: &DiskReader,
     size: u64,
     path: &Path,
-    hash: &(dyn Fn(Option<&[u8]>, usize) -> T + Sync),
+    hash: &BlockHasher<'_, T>,
     emit: &mut dyn FnMut(u64, Vec<T>) -> bool,
 ) -> Result<(), StoreError> {
     let ranges = tern_core::blocks::data_ranges(f.file(), 0, size);
@@ -318,7 +321,7 @@ fn hash_slice<T>(
     size: u64,
     start: u64,
     path: &Path,
-    hash: &(dyn Fn(Option<&[u8]>, usize) -> T + Sync),
+    hash: &BlockHasher<'_, T>,
 ) -> Result<Vec<T>, StoreError> {
     let has_data = |a: u64, b: u64| {
         let i = ranges.partition_point(|&(_, end)| end <= a);
@@ -347,8 +350,8 @@ fn hash_slice<T>(
             f.read_exact_at(&mut buf[a..b], pos + a as u64).map_err(io_err(path))?;
             i += run;
         }
-        for (block, &data) in buf[..n].chunks(BLOCK_SIZE).zip(&blocks) {
-            out.push(hash(data.then_some(block), block.len()));
+        for (i, (block, &data)) in buf[..n].chunks(BLOCK_SIZE).zip(&blocks).enumerate() {
+            out.push(hash(pos + (i * BLOCK_SIZE) as u64, data.then_some(block), block.len()));
         }
         pos += n as u64;
     }
@@ -360,7 +363,7 @@ fn hash_slice<T>(
 pub fn fingerprint_file(f: &DiskReader, size: u64, path: &Path) -> Result<Digest, StoreError> {
     use tern_core::blocks::zero_block;
     let mut fp = Fingerprint::new();
-    let hash = |data: Option<&[u8]>, len: usize| match data {
+    let hash = |_, data: Option<&[u8]>, len: usize| match data {
         Some(d) if !is_zero(d) => Digest::of(d),
         _ => zero_block(len).block,
     };
@@ -371,21 +374,84 @@ pub fn fingerprint_file(f: &DiskReader, size: u64, path: &Path) -> Result<Digest
     Ok(fp.finish())
 }
 
-/// BLAKE3 of the whole content and the block fingerprint, in one read of the output.
+/// BLAKE3 of a file's first `size` bytes and its block fingerprint, in one parallel pass
+/// that reads only the file's data ranges (see [`hash_blocks`]). The whole-file BLAKE3 is
+/// put together from the chaining values of its 64 KiB subtrees (the BLAKE3 tree, through
+/// `blake3::hazmat`), so that blocks can be hashed on all cores and holes are never read:
+/// their zeroes are hashed from memory. They still cost that hashing (a chunk's chaining
+/// value depends on its position, so no two zero blocks share one): about 0.25 s of CPU
+/// per GiB of hole, where reading them cost far more. The fingerprint takes a zero block's
+/// hash, a constant.
 pub fn hash_output(f: &File, size: u64, path: &Path) -> Result<(Digest, Digest), StoreError> {
-    let mut whole = blake3::Hasher::new();
-    let mut fp = Fingerprint::new();
-    let mut buf = vec![0u8; COPY_CHUNK];
-    let mut pos = 0u64;
-    while pos < size {
-        let n = usize::try_from((size - pos).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
-        f.read_exact_at(&mut buf[..n], pos).map_err(io_err(path))?;
-        whole.update(&buf[..n]);
-        fp.push_data(&buf[..n]);
-        pos += n as u64;
+    use blake3::hazmat::{ChainingValue, HasherExt};
+    use tern_core::blocks::zero_block;
+    if size <= BLOCK_SIZE as u64 {
+        let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        f.read_exact_at(&mut buf, 0).map_err(io_err(path))?;
+        let mut fp = Fingerprint::new();
+        fp.push_data(&buf);
+        return Ok((Digest::of(&buf), fp.finish()));
     }
+    static ZEROES: [u8; BLOCK_SIZE] = [0u8; BLOCK_SIZE];
+    let hash = |offset: u64, data: Option<&[u8]>, len: usize| -> (Digest, ChainingValue) {
+        let bytes = data.unwrap_or(&ZEROES[..len]);
+        let cv = blake3::Hasher::new().set_input_offset(offset).update(bytes).finalize_non_root();
+        let block = match data {
+            Some(d) if !is_zero(d) => Digest::of(d),
+            _ => zero_block(len).block,
+        };
+        (block, cv)
+    };
+    let reader = DiskReader::open(path).map_err(io_err(path))?;
+    let mut fp = Fingerprint::new();
+    let mut tree = SubtreeStack::default();
+    hash_blocks(&reader, size, path, &hash, &mut |_, run| {
+        for (block, cv) in run {
+            fp.push(&block);
+            tree.push(cv);
+        }
+        true
+    })?;
     debug_assert_eq!(fp.blocks(), size.div_ceil(BLOCK_SIZE as u64));
-    Ok((Digest::from(whole.finalize()), fp.finish()))
+    Ok((tree.root(), fp.finish()))
+}
+
+/// The chaining values of a file's 64 KiB subtrees, fed in order, merged as BLAKE3's own
+/// hasher merges its chunks: a completed pair of equal subtrees merges at once, the last
+/// one waits, since only at the end is it known which merge is the root.
+#[derive(Default)]
+struct SubtreeStack {
+    stack: Vec<blake3::hazmat::ChainingValue>,
+    last: Option<blake3::hazmat::ChainingValue>,
+    count: u64,
+}
+
+impl SubtreeStack {
+    fn push(&mut self, cv: blake3::hazmat::ChainingValue) {
+        use blake3::hazmat::{Mode, merge_subtrees_non_root};
+        if let Some(mut done) = self.last.replace(cv) {
+            self.count += 1;
+            let mut total = self.count;
+            while total & 1 == 0 {
+                let left = self.stack.pop().unwrap_or_default();
+                done = merge_subtrees_non_root(&left, &done, Mode::Hash);
+                total >>= 1;
+            }
+            self.stack.push(done);
+        }
+    }
+
+    /// The root hash; at least two subtrees were pushed.
+    fn root(mut self) -> Digest {
+        use blake3::hazmat::{Mode, merge_subtrees_non_root, merge_subtrees_root};
+        let mut right = self.last.take().unwrap_or_default();
+        while self.stack.len() > 1 {
+            let left = self.stack.pop().unwrap_or_default();
+            right = merge_subtrees_non_root(&left, &right, Mode::Hash);
+        }
+        let left = self.stack.pop().unwrap_or_default();
+        Digest::from(merge_subtrees_root(&left, &right, Mode::Hash))
+    }
 }
 
 /// Block hashes per message of a delta sync.
@@ -544,7 +610,7 @@ fn hash_file(
     emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
 ) -> Result<(), StoreError> {
     use tern_core::blocks::{BlockHashes, hash_block, zero_block};
-    let hash = |data: Option<&[u8]>, len: usize| match data {
+    let hash = |_, data: Option<&[u8]>, len: usize| match data {
         Some(d) if !is_zero(d) && coarse => {
             BlockHashes { block: Digest::of(d), pages: [Digest::ZERO; tern_core::PAGES_PER_BLOCK] }
         }
@@ -572,4 +638,101 @@ fn hash_file(
         emit(first, &pending);
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// A sparse file of `size` bytes whose `data` ranges hold pseudo-random bytes (zeroes
+    /// elsewhere, most of it holes), and its content.
+    fn sparse(dir: &Path, name: &str, size: u64, data: &[(u64, u64)]) -> (PathBuf, Vec<u8>) {
+        let path = dir.join(name);
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        let mut content = vec![0u8; size as usize];
+        for &(a, len) in data {
+            let end = (a + len).min(size);
+            let mut bytes = vec![0u8; (end - a) as usize];
+            blake3::Hasher::new().update(&a.to_le_bytes()).finalize_xof().fill(&mut bytes);
+            f.write_all_at(&bytes, a).unwrap();
+            content[a as usize..end as usize].copy_from_slice(&bytes);
+        }
+        (path, content)
+    }
+
+    fn check(dir: &Path, name: &str, size: u64, data: &[(u64, u64)]) {
+        let (path, content) = sparse(dir, name, size, data);
+        let (whole, fp) = hash_output(&File::open(&path).unwrap(), size, &path).unwrap();
+        let mut want_fp = Fingerprint::new();
+        want_fp.push_data(&content);
+        assert_eq!(whole, Digest::of(&content), "BLAKE3 of {size} bytes, data {data:?}");
+        assert_eq!(fp, want_fp.finish(), "fingerprint of {size} bytes, data {data:?}");
+    }
+
+    /// The whole-file BLAKE3 put together from subtrees equals the plain BLAKE3 for holes
+    /// and data at every alignment: inside a 1 KiB chunk, across chunk, 64 KiB block and
+    /// larger subtree boundaries, at the start, at the end of odd-sized files, none, all.
+    #[test]
+    fn the_sparse_blake3_equals_the_plain_one_for_holes_at_every_alignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = 1024u64;
+        let sizes = [
+            1,
+            1000,
+            4096,
+            64 * k,
+            64 * k + 1,
+            3 * 64 * k + 17,
+            1 << 20,
+            (1 << 20) + 12_345,
+            5 * (1 << 20) - 1,
+        ];
+        let layouts: Vec<Vec<(u64, u64)>> = vec![
+            vec![],
+            vec![(0, u64::MAX / 2)],
+            vec![(0, 10)],
+            vec![(1000, 100)],
+            vec![(1023, 2)],
+            vec![(4095, 4097)],
+            vec![(64 * k - 1, 2)],
+            vec![(64 * k, 64 * k)],
+            vec![(128 * k - 3000, 200 * k)],
+            vec![(512 * k - 1, 1), ((1 << 20) - 5, 10)],
+            vec![(3 * (1 << 20) + 7, 100), (4 * (1 << 20), 64 * k + 3)],
+        ];
+        for (i, size) in sizes.into_iter().enumerate() {
+            for (j, layout) in layouts.iter().enumerate() {
+                let inside: Vec<(u64, u64)> = layout.iter().copied().filter(|&(a, _)| a < size).collect();
+                check(dir.path(), &format!("f{i}-{j}"), size, &inside);
+            }
+        }
+    }
+
+    /// Against `b3sum` (Debian package b3sum), the tool an operator checks an output with:
+    /// sparse and dense files of odd sizes.
+    #[test]
+    fn the_sparse_blake3_equals_b3sum() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(u64, Vec<(u64, u64)>); 3] = [
+            (40 * (1 << 20) + 333, vec![(5 << 20, 3 << 20), (33 << 20, 1)]),
+            (3 * (1 << 20) + 4097, vec![(0, u64::MAX / 2)]),
+            (7_777_777, vec![]),
+        ];
+        for (i, (size, data)) in cases.into_iter().enumerate() {
+            let inside: Vec<(u64, u64)> = data.into_iter().filter(|&(a, _)| a < size).collect();
+            let (path, _) = sparse(dir.path(), &format!("b{i}"), size, &inside);
+            let out = std::process::Command::new("b3sum")
+                .arg("--no-names")
+                .arg(&path)
+                .output()
+                .expect("b3sum (Debian package b3sum) runs; .ci/run installs it");
+            assert!(out.status.success(), "{out:?}");
+            let b3sum = String::from_utf8(out.stdout).unwrap().trim().to_string();
+            let (whole, _) = hash_output(&File::open(&path).unwrap(), size, &path).unwrap();
+            assert_eq!(whole.to_hex(), b3sum, "file {i} of {size} bytes");
+        }
+    }
 }
