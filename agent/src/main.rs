@@ -8,7 +8,7 @@ use tern_core::{DiskName, VmName};
 
 /// tern mobility agent: replicates a VM's disks to the process server.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "mobility-agent", version)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

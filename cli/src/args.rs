@@ -6,7 +6,7 @@ use tern_proto as pb;
 
 /// tern operator CLI.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "drctl", version)]
 pub struct Cli {
     /// Process server, e.g. https://dr.example:7443
     #[arg(long, env = "DRCTL_SERVER", global = true)]

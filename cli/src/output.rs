@@ -128,12 +128,17 @@ pub fn output_json(o: &pb::JobOutput) -> Value {
     })
 }
 
+/// An output directory names a place on the process server's host: a relative one would
+/// be resolved against the wrong directory (this shell's, on another host), so it is refused.
 pub fn absolute(p: &Path) -> Result<PathBuf, CliError> {
-    Ok(if p.is_absolute() {
-        p.to_path_buf()
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
     } else {
-        std::env::current_dir().map_err(|e| CliError::Local(format!("current directory: {e}")))?.join(p)
-    })
+        Err(CliError::Usage(format!(
+            "--output {}: give an absolute path; it names a directory on the process server's host",
+            p.display()
+        )))
+    }
 }
 
 /// Follows a job to its end: a progress bar on a terminal, plain lines otherwise. Fails

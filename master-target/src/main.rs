@@ -6,7 +6,7 @@ use tern_core::pki::{Bundle, Role};
 /// tern master target: receives the failback stream at the primary site and applies it
 /// onto the on-premises disks.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "master-target", version)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 /// tern process server: receives, verifies and stores replicated disks at the recovery site.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "process-server", version)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

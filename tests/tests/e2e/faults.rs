@@ -385,6 +385,10 @@ fn small_mistakes_are_refused_with_what_to_do() {
     let inside = server.data.join("tmp").join("drill");
     let err = server.drctl_err(&["test-failover", "m", "--output", inside.to_str().unwrap()]);
     assert!(err.contains("inside the process server's data directory"), "{err}");
+    // A relative output would be resolved against this shell's directory, not the server's.
+    let out = server.drctl(&["test-failover", "m", "--output", "drill"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give an absolute path"), "{out:?}");
 
     let dir_disk = root.join("a-directory");
     std::fs::create_dir(&dir_disk).unwrap();
