@@ -106,7 +106,7 @@ impl AdminService {
                 name: h.name.to_string(),
                 size: h.size,
                 durable_seq: h.durable().0,
-                journal_bytes: h.journal_size().0,
+                journal_bytes: h.journal_bytes(),
                 master_target_seq: self.ctx.relay.acked(&vm, &h.name).0,
             })
             .collect();

@@ -20,7 +20,7 @@ pub fn check(data_dir: &Path) -> Result<String, StoreError> {
         let points = store.points(vm)?;
         let _ = writeln!(out, "VM {vm}: {} point(s){}", points.len(), newest(&points));
         for h in store.vm_disks(vm) {
-            let (durable, (_, segments)) = (h.durable(), h.journal_size());
+            let (durable, segments) = (h.durable(), h.segment_count());
             let _ = writeln!(
                 out,
                 "  disk {}: {} bytes, base at record {}, journal to {} ({} segment(s))",

@@ -113,7 +113,12 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
     require(ctx, &vm, VmState::Reprotected, Transition::FailBack.refusal())
         .await
         .map_err(|e| e.message().to_string())?;
-    let row = ctx.store.reprotect(&vm).map_err(|e| e.to_string())?.ok_or("the VM has no reprotect record")?;
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    let row = blocking(move || store.reprotect(&v))
+        .await
+        .map_err(|e| e.message().to_string())?
+        .map_err(|e| e.to_string())?
+        .ok_or("the VM has no reprotect record")?;
     job.phase("shutting down the recovered VM and sending its last changes");
     let rx = ctx.hub.request_shutdown(&vm).await.map_err(|e| {
         format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())

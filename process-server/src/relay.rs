@@ -134,8 +134,11 @@ async fn relay_vm(ctx: &Arc<Ctx>, vm: &VmName) {
 const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(2);
 
-fn still_relaying(ctx: &Ctx, vm: &VmName) -> bool {
-    ctx.store.vm_state(vm).is_ok_and(|s| RELAY_STATES.contains(&s))
+async fn still_relaying(ctx: &Ctx, vm: &VmName) -> bool {
+    let (store, vm) = (ctx.store.clone(), vm.clone());
+    crate::admin::blocking(move || store.vm_state(&vm).is_ok_and(|s| RELAY_STATES.contains(&s)))
+        .await
+        .unwrap_or(false)
 }
 
 async fn relay_session(
@@ -143,9 +146,9 @@ async fn relay_session(
     vm: &VmName,
     backoff: &mut tern_core::backoff::Backoff,
 ) -> Result<(), Status> {
-    let row = ctx
-        .store
-        .reprotect(vm)
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    let row = crate::admin::blocking(move || store.reprotect(&v))
+        .await?
         .map_err(crate::store_status)?
         .ok_or_else(|| Status::failed_precondition("not reprotected"))?;
     let bundle = client_identity(ctx)?;
@@ -181,7 +184,7 @@ async fn relay_session(
     let mut cursor: HashMap<DiskName, ReadPosition> = HashMap::new();
     info!(vm = %vm, master_target = %row.master_target, "relaying to the master target");
     loop {
-        if !still_relaying(ctx, vm) {
+        if !still_relaying(ctx, vm).await {
             return Ok(());
         }
         let mut sent = false;
@@ -215,18 +218,19 @@ async fn send_new_records(
     tx: &mpsc::Sender<pb::AgentMessage>,
 ) -> Result<bool, Status> {
     let from = next.get(&h.name).copied().unwrap_or(Seq(1));
-    let snapshot = h.snapshot();
-    if snapshot.durable < from {
+    if h.durable() < from {
         return Ok(false);
     }
-    let snap = snapshot.clone();
     // Reading goes on from where the last read stopped, not from the segment's start.
     let at = cursor.get(&h.name).copied().filter(|p| p.last_seq.next() == from);
-    let (batches, complete, end) =
-        tokio::task::spawn_blocking(move || read_batches(&snap, from, at.as_ref()))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(crate::store_status)?;
+    let disk = h.clone();
+    let (batches, complete, end, durable) = tokio::task::spawn_blocking(move || {
+        let snapshot = disk.snapshot();
+        read_batches(&snapshot, from, at.as_ref()).map(|(b, c, e)| (b, c, e, snapshot.durable))
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+    .map_err(crate::store_status)?;
     if let Some(end) = end {
         cursor.insert(h.name.clone(), end);
     }
@@ -242,7 +246,7 @@ async fn send_new_records(
     }
     if complete {
         // Everything up to the durable position went (bookmarks share a seq).
-        next.insert(h.name.clone(), Seq(snapshot.durable.0 + 1));
+        next.insert(h.name.clone(), Seq(durable.0 + 1));
     }
     Ok(sent)
 }

@@ -201,6 +201,11 @@ pub struct DiskHandle {
     generation: Mutex<String>,
     pub base_path: PathBuf,
     journal: Mutex<Journal>,
+    /// The journal's durable seq, mirrored whenever the journal's lock is let go: read
+    /// without waiting behind an append or an fsync (status, relays, acks).
+    durable: std::sync::atomic::AtomicU64,
+    /// The journal's size in bytes, mirrored the same way.
+    journal_bytes: std::sync::atomic::AtomicU64,
     /// Records up to this seq are in the base image.
     base_seq: Mutex<Seq>,
     /// Readers of the base image and segments (materialisation) share it; moving the base
@@ -208,14 +213,41 @@ pub struct DiskHandle {
     retention: std::sync::RwLock<()>,
 }
 
+/// The journal's lock; letting it go publishes the durable seq to [`DiskHandle::durable`].
+pub(crate) struct JournalGuard<'a> {
+    guard: MutexGuard<'a, Journal>,
+    handle: &'a DiskHandle,
+}
+
+impl std::ops::Deref for JournalGuard<'_> {
+    type Target = Journal;
+    fn deref(&self) -> &Journal {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for JournalGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Journal {
+        &mut self.guard
+    }
+}
+
+impl Drop for JournalGuard<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Release;
+        self.handle.durable.store(self.guard.durable().0, Release);
+        self.handle.journal_bytes.store(self.guard.bytes(), Release);
+    }
+}
+
 impl DiskHandle {
-    pub(crate) fn journal(&self) -> MutexGuard<'_, Journal> {
-        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn journal(&self) -> JournalGuard<'_> {
+        JournalGuard { guard: self.journal.lock().unwrap_or_else(|p| p.into_inner()), handle: self }
     }
 
-    /// The last record that is fsynced.
+    /// The last record that is fsynced. Never waits: safe on an async runtime thread.
     pub fn durable(&self) -> Seq {
-        self.journal().durable()
+        Seq(self.durable.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// Appends `records`, numbered from `first_seq`, without syncing; returns the last seq.
@@ -233,10 +265,14 @@ impl DiskHandle {
         self.journal().snapshot()
     }
 
-    /// The journal's size in bytes and number of segment files.
-    pub fn journal_size(&self) -> (u64, usize) {
-        let j = self.journal();
-        (j.bytes(), j.segment_count())
+    /// The journal's size in bytes. Never waits.
+    pub fn journal_bytes(&self) -> u64 {
+        self.journal_bytes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The number of journal segment files.
+    pub fn segment_count(&self) -> usize {
+        self.journal().segment_count()
     }
 
     /// Identifies this copy of the disk and its replication epoch; a sender's saved state
@@ -261,7 +297,7 @@ impl DiskHandle {
     pub fn bytes_used(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let base = std::fs::metadata(&self.base_path).map_or(0, |m| m.blocks() * 512);
-        base + self.journal().bytes()
+        base + self.journal_bytes()
     }
 }
 
@@ -1013,6 +1049,8 @@ fn open_disk(
         size: row.size,
         generation: Mutex::new(row.generation),
         base_path: row.base_path.clone().unwrap_or_else(|| dir.join("base.img")),
+        durable: std::sync::atomic::AtomicU64::new(journal.durable().0),
+        journal_bytes: std::sync::atomic::AtomicU64::new(journal.bytes()),
         journal: Mutex::new(journal),
         base_seq: Mutex::new(row.base_seq),
         retention: std::sync::RwLock::new(()),
