@@ -42,7 +42,13 @@ pub enum Cmd {
     #[command(subcommand)]
     Enroll(Enroll),
     /// State, health, RPO, last point and bytes received of one VM or all.
-    Status { vm: Option<String> },
+    Status {
+        vm: Option<String>,
+        /// A monitoring check: exit 0 when every VM is normal, 1 when one is at warning,
+        /// 2 when one is critical (3 when the server cannot be reached).
+        #[arg(long)]
+        check: bool,
+    },
     /// Recovery points of a VM, oldest first.
     Points { vm: String },
     /// Ask the VM's agent for a point now.

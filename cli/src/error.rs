@@ -4,7 +4,8 @@ use tern_proto as pb;
 
 /// Exit codes: 1 the server refused or an operation failed, 2 a usage mistake (clap's own
 /// code for bad arguments), 3 the process server could not be reached or did not accept
-/// the identity, 4 a point does not verify.
+/// the identity, 4 a point does not verify. `drctl status --check` follows the monitoring
+/// plugin convention instead: 0 normal, 1 warning, 2 critical, 3 unknown (unreachable).
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("{0}")]
@@ -19,6 +20,9 @@ pub enum CliError {
     JobFailed { id: u64, kind: String, vm: String, error: String },
     #[error("{0}")]
     Local(String),
+    /// `drctl status --check` found a VM that is not normal.
+    #[error("{1}")]
+    Unhealthy(tern_core::Health, String),
 }
 
 impl CliError {
@@ -28,6 +32,8 @@ impl CliError {
             CliError::Unreachable(_) => 3,
             CliError::Mismatch { .. } => 4,
             CliError::Server(_) | CliError::JobFailed { .. } | CliError::Local(_) => 1,
+            CliError::Unhealthy(tern_core::Health::Critical, _) => 2,
+            CliError::Unhealthy(..) => 1,
         }
     }
 }

@@ -57,7 +57,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     use commands::{failback, failover, jobs, protect};
     match cli.cmd {
         Cmd::Enroll(e) => protect::enroll(d, e).await,
-        Cmd::Status { vm } => protect::status(d, vm).await,
+        Cmd::Status { vm, check } => protect::status(d, vm, check).await,
         Cmd::Points { vm } => protect::points(d, vm).await,
         Cmd::Checkpoint { vm, app_consistent, wait, timeout } => {
             protect::checkpoint(d, vm, app_consistent, wait, &timeout).await

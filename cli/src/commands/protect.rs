@@ -25,15 +25,52 @@ pub async fn enroll(d: &mut Drctl, e: Enroll) -> Result<(), CliError> {
     }
 }
 
-pub async fn status(d: &mut Drctl, vm: Option<String>) -> Result<(), CliError> {
+pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<(), CliError> {
     let r = d.c.status(pb::StatusRequest { vm: vm.clone().unwrap_or_default() }).await?.into_inner();
     if d.json {
         let v = match vm {
             Some(_) => r.vms.first().map(status_json).unwrap_or(Value::Null),
             None => Value::Array(r.vms.iter().map(status_json).collect()),
         };
-        return print_json(&v);
+        print_json(&v)?;
+    } else {
+        print_table(&r.vms);
     }
+    if check { health_check(&r.vms) } else { Ok(()) }
+}
+
+/// The worst health among `vms`, as a monitoring check's outcome.
+fn health_check(vms: &[pb::VmStatus]) -> Result<(), CliError> {
+    use tern_core::Health;
+    let mut worst: Option<(Health, &pb::VmStatus)> = None;
+    for s in vms {
+        let h = s.health.parse::<Health>().map_err(|e| CliError::Server(e.to_string()))?;
+        if h != Health::Normal && worst.is_none_or(|(w, _)| h == Health::Critical && w != Health::Critical) {
+            worst = Some((h, s));
+        }
+    }
+    match worst {
+        None => Ok(()),
+        Some((h, s)) => {
+            let why =
+                if s.error.is_empty() { format!("RPO {}", rpo(s.rpo_seconds)) } else { s.error.clone() };
+            Err(CliError::Unhealthy(h, format!("VM {} is {h}: {why}", s.vm)))
+        }
+    }
+}
+
+/// An RPO as people read it: 42s, 5m07s, 2h03m, 3d04h; `-` before the first point.
+fn rpo(secs: i64) -> String {
+    match secs {
+        s if s < 0 => "-".into(),
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn print_table(vms: &[pb::VmStatus]) {
     let row = |cols: [&str; 7]| {
         out!(
             "{:<20} {:<14} {:<8} {:<6} {:>10} {:>8} {:>10}",
@@ -47,16 +84,14 @@ pub async fn status(d: &mut Drctl, vm: Option<String>) -> Result<(), CliError> {
         )
     };
     row(["VM", "STATE", "HEALTH", "AGENT", "LAST POINT", "RPO", "RECEIVED"]);
-    for s in &r.vms {
+    for s in vms {
         let last = if s.last_point == 0 { "-".to_string() } else { s.last_point.to_string() };
-        let rpo = if s.rpo_seconds < 0 { "-".to_string() } else { format!("{}s", s.rpo_seconds) };
         let agent = if s.agent_connected { "yes" } else { "no" };
-        row([&s.vm, &s.state, &s.health, agent, &last, &rpo, &human_bytes(s.bytes_received)]);
+        row([&s.vm, &s.state, &s.health, agent, &last, &rpo(s.rpo_seconds), &human_bytes(s.bytes_received)]);
     }
-    for s in r.vms.iter().filter(|s| !s.error.is_empty()) {
+    for s in vms.iter().filter(|s| !s.error.is_empty()) {
         out!("{}: replication is failing: {}", s.vm, s.error);
     }
-    Ok(())
 }
 
 pub async fn points(d: &mut Drctl, vm: String) -> Result<(), CliError> {

@@ -223,6 +223,11 @@ fn damage_stays_with_its_vm_and_the_data_directory_is_guarded() {
     let hurt = server.status("hurt");
     assert_eq!(hurt["health"], "critical", "{hurt}");
     assert!(hurt["error"].as_str().unwrap().contains("stored data damaged"), "{hurt}");
+    // As a monitoring check: critical exits 2 and says why; a normal VM exits 0.
+    let check = server.drctl(&["status", "hurt", "--check"]);
+    assert_eq!(check.status.code(), Some(2), "{check:?}");
+    assert!(String::from_utf8_lossy(&check.stderr).contains("VM hurt is critical"), "{check:?}");
+    assert_eq!(server.drctl(&["status", "fine", "--check"]).status.code(), Some(0));
     let fine_disk = root.join("fine.img");
     scatter_writes(&fine_disk, 0.02, 162);
     let p = server.checkpoint("fine");
