@@ -275,26 +275,3 @@ fn save_states(config: &Config, states: &[DiskState]) {
         }
     }
 }
-
-/// Spaces out sends so that at most `rate` bytes per second go on the wire.
-#[derive(Debug)]
-struct RateLimiter {
-    rate: u64,
-    start: tokio::time::Instant,
-    sent: u64,
-}
-
-impl RateLimiter {
-    fn new(rate: u64) -> Self {
-        RateLimiter { rate, start: tokio::time::Instant::now(), sent: 0 }
-    }
-
-    async fn take(&mut self, bytes: u64) {
-        if self.rate == 0 {
-            return;
-        }
-        self.sent += bytes;
-        let due = self.start + Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
-        tokio::time::sleep_until(due).await;
-    }
-}

@@ -4,8 +4,8 @@
 use crate::scan::{self, PassResult, ScanError, ScanEvent};
 use crate::state::DiskState;
 use crate::{
-    CONSISTENT_ATTEMPTS, Config, Inbox, Progress, RateLimiter, Requests, Schedule, choose_states, hooks,
-    now_ms, save_states, status_of,
+    CONSISTENT_ATTEMPTS, Config, Inbox, Progress, Requests, Schedule, choose_states, hooks, now_ms,
+    save_states, status_of,
 };
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
@@ -444,7 +444,7 @@ impl Session {
 
     /// Sends what the scan produces until it ends, taking server messages meanwhile.
     async fn forward(&mut self, events: &mut mpsc::Receiver<ScanEvent>) -> Result<(), SessionError> {
-        let mut limiter = RateLimiter::new(self.config.max_rate);
+        let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {

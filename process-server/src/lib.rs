@@ -34,6 +34,8 @@ pub struct Ctx {
     pub jobs: Arc<jobs::Jobs>,
     pub relay: relay::Relay,
     pub scrub: scrub::Scrub,
+    /// Bytes per second at most on each relay to a master target (0: no cap).
+    pub relay_max_rate: u64,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -85,6 +87,8 @@ pub struct Config {
     /// How often retention runs.
     pub retention_every: Duration,
     pub scrub: scrub::ScrubConfig,
+    /// Bytes per second at most on each relay to a master target (0: no cap).
+    pub relay_max_rate: u64,
 }
 
 /// Serves until `shutdown` is cancelled, then drains with a deadline.
@@ -113,6 +117,7 @@ pub async fn run(
         jobs: jobs::Jobs::new(store.clone()),
         relay: relay::Relay::default(),
         scrub: scrub::Scrub::default(),
+        relay_max_rate: config.relay_max_rate,
         store,
         hub: hub::Hub::default(),
         shutdown: shutdown.clone(),

@@ -39,6 +39,10 @@ enum Cmd {
         /// At most this much disk verified per second by the scrub, e.g. 64MiB.
         #[arg(long, default_value = "64MiB")]
         scrub_rate: String,
+        /// At most this many bytes per second on each relay to a master target, e.g. 50MB
+        /// (a reprotected VM's changes share the WAN with everything else); 0: no cap.
+        #[arg(long, default_value = "0")]
+        relay_max_rate: String,
     },
     /// Describe what a data directory holds (no server may run on it); with
     /// --rebuild-catalog, rebuild a lost catalog.db from the journals and base images.
@@ -73,7 +77,16 @@ fn run() -> anyhow::Result<()> {
             print!("{report}");
             Ok(())
         }
-        Cmd::Serve { data_dir, listen, segment_size, retention_every, scrub_every, scrub_rate } => {
+        Cmd::Serve {
+            data_dir,
+            listen,
+            segment_size,
+            retention_every,
+            scrub_every,
+            scrub_rate,
+            relay_max_rate,
+        } => {
+            let relay_max_rate = tern_core::units::parse_size(&relay_max_rate)?;
             let segment_bytes = Some(tern_core::units::parse_size(&segment_size)?);
             let retention_every = tern_core::units::parse_duration(&retention_every)?;
             let scrub = tern_process_server::scrub::ScrubConfig {
@@ -94,7 +107,13 @@ fn run() -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
                 println!("listening on {}", listener.local_addr()?);
                 let shutdown = tern_proto::daemon::shutdown_on_signal();
-                let config = tern_process_server::Config { data_dir, segment_bytes, retention_every, scrub };
+                let config = tern_process_server::Config {
+                    data_dir,
+                    segment_bytes,
+                    retention_every,
+                    scrub,
+                    relay_max_rate,
+                };
                 Ok(tern_process_server::run(config, listener, shutdown).await?)
             })
         }

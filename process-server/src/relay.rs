@@ -182,6 +182,7 @@ async fn relay_session(
         next.insert(h.name.clone(), Seq(mt + 1));
     }
     let mut cursor: HashMap<DiskName, ReadPosition> = HashMap::new();
+    let mut limiter = pb::rate::RateLimiter::new(ctx.relay_max_rate);
     info!(vm = %vm, master_target = %row.master_target, "relaying to the master target");
     loop {
         if !still_relaying(ctx, vm).await {
@@ -189,7 +190,7 @@ async fn relay_session(
         }
         let mut sent = false;
         for h in &handles {
-            sent |= send_new_records(h, &mut next, &mut cursor, &tx).await?;
+            sent |= send_new_records(h, &mut next, &mut cursor, &tx, &mut limiter).await?;
         }
         let wait = if sent { Duration::from_millis(0) } else { Duration::from_millis(100) };
         tokio::select! {
@@ -216,6 +217,7 @@ async fn send_new_records(
     next: &mut HashMap<DiskName, Seq>,
     cursor: &mut HashMap<DiskName, ReadPosition>,
     tx: &mpsc::Sender<pb::AgentMessage>,
+    limiter: &mut pb::rate::RateLimiter,
 ) -> Result<bool, Status> {
     let from = next.get(&h.name).copied().unwrap_or(Seq(1));
     if h.durable() < from {
@@ -238,6 +240,7 @@ async fn send_new_records(
     for (first, records) in batches {
         let n = records.len() as u64;
         let batch = pb::Batch { disk: h.name.to_string(), first_seq: first, records };
+        limiter.take(prost::Message::encoded_len(&batch) as u64).await;
         tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Batch(batch)) })
             .await
             .map_err(|_| Status::unavailable("relay stream closed"))?;

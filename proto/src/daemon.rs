@@ -3,16 +3,26 @@
 
 use tokio_util::sync::CancellationToken;
 
-/// Logs to stderr (`RUST_LOG` filters, default `info`; colours only on a terminal) and
+/// Logs to stderr (`RUST_LOG` filters, default `info`; colours only on a terminal), as
+/// text or, with `TERN_LOG_FORMAT=json`, one JSON object a line (for a log shipper), and
 /// installs the ring TLS provider.
 pub fn init() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    let filter = || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let json = std::env::var("TERN_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let _ = if json {
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .try_init()
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 

@@ -191,6 +191,9 @@ fn alternate_location_with_sync_during() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let mut server = Server::init(root);
+    // The relay to the master target under a cap, and the log as JSON lines.
+    server.extra = vec!["--relay-max-rate".into(), "16MiB".into()];
+    server.env = vec![("TERN_LOG_FORMAT".into(), "json".into())];
     server.start();
     let onprem = root.join("alt.img");
     make_ext4(&onprem, 32, 91);
@@ -217,6 +220,13 @@ fn alternate_location_with_sync_during() {
     let res = server.drctl_json(&["failback", "alt"]);
     assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&new_disk, None), want, "the new disk is byte-identical");
+    let log = server.log_text();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+    assert!(log.contains("relaying to the master target"), "{}", tail(&log, 10));
 }
 
 #[test]

@@ -84,6 +84,8 @@ pub struct Server {
     pub log: PathBuf,
     /// Extra arguments for `serve`.
     pub extra: Vec<String>,
+    /// Extra environment for `serve`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -92,7 +94,7 @@ impl Server {
         let out =
             Command::new(bin("process-server")).args(["init", "--data-dir"]).arg(&data).output().unwrap();
         assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
-        Server { log: root.join("ps.log"), data, port: 0, child: None, extra: Vec::new() }
+        Server { log: root.join("ps.log"), data, port: 0, child: None, extra: Vec::new(), env: Vec::new() }
     }
 
     pub fn start(&mut self) {
@@ -103,6 +105,7 @@ impl Server {
                 .arg(&self.data)
                 .args(["--listen", &format!("127.0.0.1:{}", self.port)])
                 .args(&self.extra)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stderr(log),
         );
         self.port = port;
