@@ -32,11 +32,31 @@ pub fn point_json(p: &pb::PointInfo) -> Value {
     v
 }
 
+/// A VM's state as `drctl status` shows it (`initial-sync` before the first point).
+pub fn state_name(s: &pb::VmStatus) -> &'static str {
+    match pb::VmState::read(s.state) {
+        Some(state) => state.shown(!s.initial_sync),
+        None => "unknown",
+    }
+}
+
+pub fn health_name(s: &pb::VmStatus) -> &'static str {
+    pb::Health::read(s.health).map_or("unknown", tern_core::Health::as_str)
+}
+
+pub fn job_kind(j: &pb::JobInfo) -> &'static str {
+    pb::JobKind::read(j.kind).map_or("unknown", tern_core::JobKind::as_str)
+}
+
+pub fn job_state(j: &pb::JobInfo) -> &'static str {
+    pb::JobState::read(j.state).map_or("unknown", JobState::as_str)
+}
+
 pub fn status_json(s: &pb::VmStatus) -> Value {
     json!({
         "vm": s.vm,
-        "state": s.state,
-        "health": s.health,
+        "state": state_name(s),
+        "health": health_name(s),
         "agent_connected": s.agent_connected,
         "last_point": if s.last_point == 0 { Value::Null } else { json!(s.last_point) },
         "rpo_seconds": if s.rpo_seconds < 0 { Value::Null } else { json!(s.rpo_seconds) },
@@ -90,7 +110,7 @@ pub fn policy_json(p: &pb::PolicyInfo) -> Value {
 
 pub fn job_json(j: &pb::JobInfo) -> Value {
     let mut v = json!({
-        "id": j.id, "kind": j.kind, "vm": j.vm, "state": j.state, "phase": j.phase,
+        "id": j.id, "kind": job_kind(j), "vm": j.vm, "state": job_state(j), "phase": j.phase,
         "done": j.done, "total": j.total, "started": rfc3339(j.started_ms),
     });
     if j.ended_ms != 0 {
@@ -167,19 +187,21 @@ pub async fn wait_job(c: &mut AdminClient<Channel>, id: u64, quiet: bool) -> Res
             b.set_length(job.total);
             b.set_position(job.done);
         } else if !quiet {
-            let line = format!("job {id} ({} {}): {}", job.kind, job.vm, job.phase);
+            let line = format!("job {id} ({} {}): {}", job_kind(&job), job.vm, job.phase);
             if line != last_line {
                 eprintln!("{line}");
                 last_line = line;
             }
         }
-        let state = job.state.parse::<JobState>().map_err(|e| CliError::Server(e.to_string()))?;
+        let state = pb::JobState::read(job.state)
+            .ok_or_else(|| CliError::Server(format!("job {id} has an unknown state {}", job.state)))?;
         if state != JobState::Running {
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
             if state == JobState::Failed {
-                return Err(CliError::JobFailed { id, kind: job.kind, vm: job.vm, error: job.error });
+                let kind = job_kind(&job).to_string();
+                return Err(CliError::JobFailed { id, kind, vm: job.vm, error: job.error });
             }
             return Ok(job);
         }

@@ -112,8 +112,9 @@ impl AdminService {
             .collect();
         Ok(pb::VmStatus {
             vm: vm.to_string(),
-            state: state.shown(!points.is_empty()).to_string(),
-            health: health.to_string(),
+            state: pb::VmState::write(state),
+            initial_sync: state == VmState::Protected && points.is_empty(),
+            health: pb::Health::write(health),
             agent_connected: connected,
             last_point: last.map_or(0, |p| p.id.0),
             last_point_time_ms: last.map_or(0, |p| p.time_ms),
@@ -309,8 +310,8 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.into_inner();
         let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
-        let kind =
-            r.kind.parse::<FailoverKind>().map_err(|e| Status::invalid_argument(format!("--kind: {e}")))?;
+        let kind = pb::FailoverKind::read(r.kind)
+            .ok_or_else(|| Status::invalid_argument("a failover's kind must be planned or unplanned"))?;
         let planned = kind == FailoverKind::Planned;
         let spec = point_arg(&vm, if r.point.is_empty() { "latest" } else { &r.point })?;
         output_arg(&r.output, self.ctx.store.root())?;

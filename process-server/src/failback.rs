@@ -46,11 +46,7 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
         "reprotect needs a committed failover (`drctl failover`, then `drctl commit`)",
     )
     .await?;
-    let sync = if r.sync.is_empty() {
-        SyncMode::Before
-    } else {
-        r.sync.parse::<SyncMode>().map_err(|e| Status::invalid_argument(format!("--sync: {e}")))?
-    };
+    let sync = pb::SyncMode::read(r.sync).unwrap_or(SyncMode::Before);
     let handles = ctx.store.vm_disks(&vm);
     let mut targets = Vec::new();
     for t in &r.target_disks {

@@ -53,9 +53,9 @@ impl Jobs {
                 let (row, output) = live.get(&r.id).cloned().unwrap_or((r, None));
                 pb::JobInfo {
                     id: row.id,
-                    kind: row.kind.to_string(),
+                    kind: pb::JobKind::write(row.kind),
                     vm: row.vm,
-                    state: row.state.to_string(),
+                    state: pb::JobState::write(row.state),
                     phase: row.phase,
                     done: row.done,
                     total: row.total,

@@ -24,7 +24,11 @@ pub async fn reprotect(d: &mut Drctl, r: Reprotect) -> Result<(), CliError> {
             master_target: r.master_target.clone(),
             alternate: r.location == "alternate",
             target_disks: r.target_disks.clone(),
-            sync: r.sync.clone(),
+            sync: pb::SyncMode::write(
+                r.sync.parse().map_err(|e: tern_core::lifecycle::UnknownName| {
+                    CliError::Usage(format!("--sync: {e}"))
+                })?,
+            ),
         })
         .await?
         .into_inner();

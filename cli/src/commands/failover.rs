@@ -44,6 +44,10 @@ pub async fn failover(
     format: OutFormat,
 ) -> Result<(), CliError> {
     let output = absolute(output)?.display().to_string();
+    let kind: tern_core::FailoverKind = kind
+        .parse()
+        .map_err(|e: tern_core::lifecycle::UnknownName| CliError::Usage(format!("--kind: {e}")))?;
+    let kind = pb::FailoverKind::write(kind);
     let request =
         pb::FailoverRequest { vm: vm.clone(), kind, shutdown_source, point, output, format: format.wire() };
     let started = d.c.failover(request).await?.into_inner();

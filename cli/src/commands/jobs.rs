@@ -2,7 +2,7 @@
 
 use crate::Drctl;
 use crate::error::CliError;
-use crate::output::{job_json, print_json, rfc3339, wait_job};
+use crate::output::{job_json, job_kind, job_state, print_json, rfc3339, wait_job};
 use serde_json::Value;
 use tern_proto as pb;
 
@@ -11,7 +11,7 @@ pub async fn wait(d: &mut Drctl, id: u64) -> Result<(), CliError> {
     if d.json {
         return print_json(&job_json(&job));
     }
-    out!("job {} ({} of {}) succeeded", job.id, job.kind, job.vm);
+    out!("job {} ({} of {}) succeeded", job.id, job_kind(&job), job.vm);
     Ok(())
 }
 
@@ -25,9 +25,9 @@ pub async fn list(d: &mut Drctl) -> Result<(), CliError> {
         out!(
             "{:>5}  {:<20} {:<16} {:<10} {:<30} {}",
             j.id,
-            j.kind,
+            job_kind(j),
             j.vm,
-            j.state,
+            job_state(j),
             j.phase,
             rfc3339(j.started_ms)
         );

@@ -4,7 +4,8 @@ use crate::Drctl;
 use crate::args::Enroll;
 use crate::error::CliError;
 use crate::output::{
-    dur, human_bytes, point_json, policy_json, print_json, print_point, refuse_existing_file, status_json,
+    dur, health_name, human_bytes, point_json, policy_json, print_json, print_point, refuse_existing_file,
+    state_name, status_json,
 };
 use serde_json::{Value, json};
 use tern_proto as pb;
@@ -44,7 +45,8 @@ fn health_check(vms: &[pb::VmStatus]) -> Result<(), CliError> {
     use tern_core::Health;
     let mut worst: Option<(Health, &pb::VmStatus)> = None;
     for s in vms {
-        let h = s.health.parse::<Health>().map_err(|e| CliError::Server(e.to_string()))?;
+        let h = pb::Health::read(s.health)
+            .ok_or_else(|| CliError::Server(format!("VM {} has an unknown health {}", s.vm, s.health)))?;
         if h != Health::Normal && worst.is_none_or(|(w, _)| h == Health::Critical && w != Health::Critical) {
             worst = Some((h, s));
         }
@@ -87,7 +89,8 @@ fn print_table(vms: &[pb::VmStatus]) {
     for s in vms {
         let last = if s.last_point == 0 { "-".to_string() } else { s.last_point.to_string() };
         let agent = if s.agent_connected { "yes" } else { "no" };
-        row([&s.vm, &s.state, &s.health, agent, &last, &rpo(s.rpo_seconds), &human_bytes(s.bytes_received)]);
+        let (state, health) = (state_name(s), health_name(s));
+        row([&s.vm, state, health, agent, &last, &rpo(s.rpo_seconds), &human_bytes(s.bytes_received)]);
     }
     for s in vms.iter().filter(|s| !s.error.is_empty()) {
         out!("{}: replication is failing: {}", s.vm, s.error);
