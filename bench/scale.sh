@@ -20,7 +20,13 @@ B="$PWD/target/release"
 W=$(mktemp -d /tmp/tern-scale.XXXXXX)
 cleanup() { kill "${AGENT:-}" "${AGENT2:-}" "${SERVER:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
-field() { "$B/drctl" status "$1" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['$2'])"; }
+# protect VM DISK LOG: starts the VM's agent (its pid in $PID) and waits for its first point.
+protect() {
+  "$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$W/$1.bundle" --vm "$1" \
+    --disk "sda=$2" --state-dir "$W/st-$1" --interval 1h 2>"$W/$3" &
+  PID=$!
+  until "$B/drctl" status "$1" --json 2>/dev/null | grep -q '"last_point": [0-9]'; do sleep 0.02; done
+}
 wbytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io"; }
 
 echo "== a ${DISK_GIB} GiB sparse disk with ${DATA_MIB} MiB of data in scattered 4 MiB extents"
@@ -48,10 +54,8 @@ export DRCTL_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps.out")" DRCTL_
 
 echo "== protect it"
 t0=$(now)
-"$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$W/big.bundle" --vm big \
-  --disk "sda=$W/sparse.img" --state-dir "$W/st-big" --interval 1h 2>"$W/agent.log" &
-AGENT=$!
-until "$B/drctl" status big --json 2>/dev/null | grep -q '"last_point": [0-9]'; do sleep 0.05; done
+protect big "$W/sparse.img" agent.log
+AGENT=$PID
 t1=$(now)
 INIT=$(calc "$t1-$t0")
 STATE=$(du -sb "$W/st-big" | cut -f1)
@@ -98,10 +102,8 @@ b3sum --num-threads 1 "$W/rnd.img" >/dev/null; t4=$(now)
 rm -f "$W/rnd.zst"
 LIMIT=$(calc "($t4-$t0)/2")
 t0=$(now)
-"$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$W/rnd.bundle" --vm rnd \
-  --disk "sda=$W/rnd.img" --state-dir "$W/st-rnd" --interval 1h 2>"$W/agent2.log" &
-AGENT2=$!
-until "$B/drctl" status rnd --json 2>/dev/null | grep -q '"last_point": [0-9]'; do sleep 0.02; done
+protect rnd "$W/rnd.img" agent2.log
+AGENT2=$PID
 t1=$(now)
 RND=$(calc "$t1-$t0")
 echo "tern ${RND}s, limit ${LIMIT}s"
