@@ -62,6 +62,7 @@ pub fn status_json(s: &pb::VmStatus) -> Value {
         "rpo_seconds": if s.rpo_seconds < 0 { Value::Null } else { json!(s.rpo_seconds) },
         "bytes_received": s.bytes_received,
         "storage_bytes": s.storage_bytes,
+        "retention_ms": if s.retention_ms == 0 { Value::Null } else { json!(s.retention_ms) },
         "error": if s.error.is_empty() { Value::Null } else { json!(s.error) },
         "policy": s.policy.as_ref().map(policy_json).unwrap_or(Value::Null),
         "disks": s.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "durable_seq": d.durable_seq, "journal_bytes": d.journal_bytes, "master_target_seq": d.master_target_seq})).collect::<Vec<_>>(),

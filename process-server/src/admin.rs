@@ -114,6 +114,7 @@ impl AdminService {
             vm: vm.to_string(),
             state: pb::VmState::write(state),
             initial_sync: state == VmState::Protected && points.is_empty(),
+            retention_ms: crate::lock(&self.ctx.retention_runs).get(&vm).copied().unwrap_or(0),
             health: pb::Health::write(health),
             agent_connected: connected,
             last_point: last.map_or(0, |p| p.id.0),

@@ -87,9 +87,15 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
                 {
                     continue;
                 }
-                if let Err(e) = c.store.apply_retention(&vm, tern_store::now_ms()) {
-                    warn!(vm = %vm, error = %e, "retention failed; retrying later");
-                    failed = true;
+                let now = tern_store::now_ms();
+                match c.store.apply_retention(&vm, now) {
+                    Ok(_) => {
+                        crate::lock(&c.retention_runs).insert(vm, now);
+                    }
+                    Err(e) => {
+                        warn!(vm = %vm, error = %e, "retention failed; retrying later");
+                        failed = true;
+                    }
                 }
             }
             failed

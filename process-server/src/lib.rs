@@ -36,6 +36,8 @@ pub struct Ctx {
     pub scrub: scrub::Scrub,
     /// Bytes per second at most on each relay to a master target (0: no cap).
     pub relay_max_rate: u64,
+    /// When retention last ran over each VM (the store's clock).
+    pub retention_runs: std::sync::Mutex<std::collections::HashMap<tern_core::VmName, i64>>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -118,6 +120,7 @@ pub async fn run(
         relay: relay::Relay::default(),
         scrub: scrub::Scrub::default(),
         relay_max_rate: config.relay_max_rate,
+        retention_runs: Default::default(),
         store,
         hub: hub::Hub::default(),
         shutdown: shutdown.clone(),

@@ -374,10 +374,28 @@ pub struct Store {
     _lock: std::fs::File,
 }
 
+/// The store's clock: Unix milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .saturating_add(clock_skew_ms())
+}
+
+/// The seam end-to-end tests age points through instead of sleeping: with the
+/// `failpoints` feature, `TERN_CLOCK_FILE=PATH` puts the clock forward by the milliseconds
+/// written in PATH (read at every call; a missing or unreadable file counts 0).
+#[cfg(feature = "failpoints")]
+fn clock_skew_ms() -> i64 {
+    std::env::var_os("TERN_CLOCK_FILE")
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn clock_skew_ms() -> i64 {
+    0
 }
 
 pub(crate) fn new_generation(vm: &VmName, disk: &DiskName) -> String {

@@ -223,8 +223,19 @@ fn app_consistent_points_and_a_failing_freeze() {
 fn retention_prunes_folds_and_respects_a_pinned_point() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let (server, _agent, disk) =
-        setup(root, "ret", &[], &["--retention-every", "1s", "--segment-size", "256KiB"]);
+    // The server's clock is put forward through this file instead of sleeping.
+    let clock = root.join("clock");
+    std::fs::write(&clock, "0").unwrap();
+    let mut server = Server::init(root);
+    server.extra = ["--retention-every", "1s", "--segment-size", "256KiB"].map(String::from).to_vec();
+    server.env = vec![("TERN_CLOCK_FILE".into(), clock.display().to_string())];
+    server.start();
+    let identity = root.join("ret.bundle");
+    server.enroll_agent("ret", &identity);
+    let disk = root.join("ret.img");
+    make_ext4(&disk, 32, 11);
+    let _agent = Agent::start(&server, &identity, "ret", &[("sda", &disk)], &root.join("ret-state"), &[]);
+    server.wait_connected("ret");
     server.drctl_json(&["policy", "set", "ret", "--retention", "4s"]);
     assert_eq!(server.status("ret")["policy"]["retention"], "4s");
     let p1 = server.checkpoint("ret");
@@ -235,10 +246,16 @@ fn retention_prunes_folds_and_respects_a_pinned_point() {
         scatter_writes(&disk, 0.02, 50 + seed);
         server.checkpoint("ret");
     }
-    std::thread::sleep(Duration::from_secs(5));
+    // Five seconds later on the server's clock: every point is past the 4 s window.
+    std::fs::write(&clock, "5000").unwrap();
     scatter_writes(&disk, 0.02, 60);
     let last = server.checkpoint("ret");
-    std::thread::sleep(Duration::from_secs(2));
+    // Wait for a retention pass that began after that point (on the server's clock).
+    let real_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let after = i64::try_from(real_ms).unwrap() + 5000;
+    deadline_poll("a retention pass", Duration::from_secs(20), || {
+        (server.status("ret")["retention_ms"].as_i64()? > after).then_some(())
+    });
     // The pinned point and everything after it stays while the test failover is open.
     let points = server.drctl_json(&["points", "ret"]);
     assert!(points.as_array().unwrap().iter().any(|p| p["id"] == p1["id"]), "{points}");
