@@ -16,8 +16,9 @@ pub enum CodecError {
     LengthMismatch { expected: usize, actual: usize },
 }
 
-/// Extents from this size on are probed before they are compressed whole.
-const PROBE_MIN: usize = 32 * 1024;
+/// Extents from this size on are probed before they are compressed whole (the probe costs
+/// at most 1/16 of compressing them).
+const PROBE_MIN: usize = 128 * 1024;
 /// A probe's size: one 4 KiB page.
 const PROBE_LEN: usize = 4096;
 /// A probe must shrink by at least 1/`PROBE_GAIN_DIV` (3 %) for the extent to be compressed.

@@ -771,6 +771,18 @@ impl Catalog {
         Ok(PointId(u64::try_from(next).unwrap_or(0)))
     }
 
+    /// Folds the WAL into the database file and closes it, checking both: a file published
+    /// elsewhere (a rebuilt catalog) must hold everything without its WAL.
+    pub fn close_checkpointed(self) -> Result<(), StoreError> {
+        self.db
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0))
+            .map_err(q("checkpoint catalog"))
+            .and_then(|busy| {
+                if busy == 0 { Ok(()) } else { Err(StoreError::Invariant("catalog checkpoint blocked")) }
+            })?;
+        self.db.close().map_err(|(_, e)| q("close catalog")(e))
+    }
+
     /// Point ids up to `id` count as used (a rebuilt catalog never reissues a point id
     /// that a bookmark of a deleted point still names).
     pub fn raise_point_counter(&self, id: PointId) -> Result<(), StoreError> {

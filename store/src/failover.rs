@@ -124,6 +124,11 @@ impl Store {
                 self.advance_base(&h, pd.seq)?;
             }
         }
+        // The bookmarks stay until the journals go below: a catalog rebuild in between must
+        // not bring the points back.
+        if let Some(last) = self.points(vm)?.last() {
+            crate::rebuild::mark_points_deleted(self.root(), vm, last.id)?;
+        }
         self.transition(vm, Transition::CommitFailover)?;
         for h in self.vm_disks(vm) {
             let _exclusive = h.write_lock();

@@ -346,11 +346,13 @@ impl Journal {
         self.segments.len()
     }
 
-    /// Deletes the closed segments whose records all have seq <= `seq` (already applied
-    /// to the base image). The active segment is never deleted. Returns how many went.
+    /// Deletes the closed segments whose records all have seq < `seq` (already applied to
+    /// the base image). The segment holding record `seq` stays, and with it the bookmarks
+    /// of the points at `seq` that follow the record there (a catalog rebuild reads them).
+    /// The active segment is never deleted. Returns how many went.
     pub fn delete_segments_through(&mut self, seq: Seq) -> Result<usize, StoreError> {
         let mut n = 0;
-        while self.segments.len() > 1 && self.segments[1].first_seq <= seq.0 + 1 {
+        while self.segments.len() > 1 && self.segments[1].first_seq <= seq.0 {
             let seg = self.segments.remove(0);
             std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
             n += 1;

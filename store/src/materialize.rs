@@ -508,7 +508,7 @@ impl HashedCopy {
             // Nothing past the base image (a master target's untouched target disk, a
             // folded replica): hash it where it lies, skipping its holes.
             let _reading = disk.read_lock();
-            if disk.journal().durable() <= disk.base_seq() && upto <= disk.base_seq() {
+            if disk.durable() <= disk.base_seq() && upto <= disk.base_seq() {
                 return Ok(HashedCopy {
                     path: disk.base_path.clone(),
                     scratch: false,

@@ -89,6 +89,8 @@ struct FoundDisk {
     /// Points older than this on the disk are not rebuilt.
     floor: Seq,
     durable: Seq,
+    /// The bookmarks this disk's journal holds: point id, and the record each follows.
+    marked: std::collections::HashMap<u64, u64>,
 }
 
 /// Rebuilds `DIR/catalog.db` from the journals and base images under `DIR/vms`. Refuses
@@ -116,8 +118,8 @@ pub fn rebuild_catalog(root: &Path) -> Result<RebuildReport, StoreError> {
             report.vms.push(rebuilt);
         }
         catalog.raise_point_counter(highest)?;
+        catalog.close_checkpointed()?;
     }
-    // The connection is closed: SQLite has folded its WAL into the file and removed it.
     publish_file(&tmp, &catalog_path)?;
     Ok(report)
 }
@@ -230,6 +232,7 @@ fn find_disk(
             base_seq.0, floor.0
         )));
     }
+    let mut marked = std::collections::HashMap::new();
     for r in snapshot.read(durable) {
         let r = r?;
         if r.record.kind != RecordKind::Bookmark {
@@ -237,11 +240,12 @@ fn find_disk(
         }
         let body: BookmarkBody = serde_json::from_slice(&r.record.payload)
             .map_err(|e| refuse(format!("bookmark after record {} does not decode: {e}", r.seq.0)))?;
+        marked.insert(body.point, r.seq.0);
         bookmarks.entry(body.point).or_insert(body);
     }
     let row =
         DiskRow { name: name.clone(), size, generation: new_generation(vm, name), base_seq, base_path: None };
-    Ok(FoundDisk { row, floor, durable })
+    Ok(FoundDisk { row, floor, durable, marked })
 }
 
 /// The point a bookmark describes, or why it cannot be brought back.
@@ -270,6 +274,12 @@ fn point_of(vm: &VmName, b: &BookmarkBody, disks: &BTreeMap<DiskName, FoundDisk>
                 "needs record {} of disk {name}, whose journal ends at {}",
                 seq.0, d.durable.0
             ));
+        }
+        // A point exists only once its bookmark is in every disk's journal, after the
+        // record it covers there: one written on some disks only (a point refused, or cut
+        // off a damaged journal and its seq reused) is not one.
+        if d.marked.get(&b.point).is_none_or(|&after| after < seq.0) {
+            return Err(format!("its bookmark is not in disk {name}'s journal after record {}", seq.0));
         }
         let fingerprint = Digest::from_hex(&bd.fingerprint).ok_or("its fingerprint does not decode")?;
         point_disks.push(PointDisk { disk: name, seq, fingerprint });
@@ -363,6 +373,68 @@ mod tests {
             let want = if fp == "retention-after-prune" { 6 } else { 3 };
             assert_eq!(n, want, "after a crash at {fp}");
         }
+    }
+
+    /// A bookmark in one disk's journal only (a point refused on a later disk, or cut off a
+    /// damaged journal whose seqs were then reused) is not a point.
+    #[test]
+    fn a_bookmark_missing_from_one_disk_is_not_a_point() {
+        use crate::{Consistency, PointDisk};
+        use tern_core::blocks::Fingerprint;
+        use tern_core::{DiskName, Seq, VmName};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let vm = VmName::new("two").unwrap();
+        let (a, b) = (DiskName::new("sda").unwrap(), DiskName::new("sdb").unwrap());
+        let hs = store.register(&vm, &[(a.clone(), 1 << 20), (b.clone(), 1 << 20)]).unwrap();
+        for h in &hs {
+            h.append(Seq(1), &[crate::test_record(&[9u8; 4096], 0)]).unwrap();
+            h.sync().unwrap();
+        }
+        let mut image = vec![0u8; 1 << 20];
+        image[..4096].fill(9);
+        let mut fp = Fingerprint::new();
+        fp.push_data(&image);
+        let disks = |seq| {
+            vec![
+                PointDisk { disk: a.clone(), seq: Seq(seq), fingerprint: fp.finish() },
+                PointDisk { disk: b.clone(), seq: Seq(seq), fingerprint: fp.finish() },
+            ]
+        };
+        let good = store.make_point(&vm, 1, Consistency::Crash, "", disks(1)).unwrap();
+        // Point 77's bookmark reached sda only.
+        let body = serde_json::to_vec(&crate::format::BookmarkBody {
+            point: 77,
+            vm: "two".into(),
+            time_ms: 2,
+            consistency: "crash".into(),
+            disks: disks(1)
+                .iter()
+                .map(|d| crate::format::BookmarkDisk {
+                    disk: d.disk.to_string(),
+                    seq: 1,
+                    fingerprint: d.fingerprint.to_hex(),
+                })
+                .collect(),
+        })
+        .unwrap();
+        {
+            let mut j = hs[0].journal();
+            j.append_bookmark(&body).unwrap();
+            j.sync().unwrap();
+        }
+        drop((hs, store));
+        lose_catalog(dir.path());
+        let report = rebuild_catalog(dir.path()).unwrap();
+        let ids: Vec<u64> = report.vms[0].points.iter().map(|p| p.id.0).collect();
+        assert_eq!(ids, [good.id.0]);
+        assert!(
+            report.vms[0].skipped.iter().any(|s| s.contains("point 77") && s.contains("sdb")),
+            "{:?}",
+            report.vms[0].skipped
+        );
+        let store = reopen(dir.path());
+        assert!(store.catalog().next_point_id().unwrap().0 > 77, "the id is not reused");
     }
 
     #[test]
