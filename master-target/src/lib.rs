@@ -79,7 +79,10 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let vm = vm_arg(&r.vm)?;
         let mode = if r.write_through { SyncMode::During } else { SyncMode::Before };
         if !self.ctx.store.vm_disks(&vm).is_empty()
-            && let Ok(Some(was)) = self.ctx.store.target_mode(&vm)
+            && let Ok(Ok(Some(was))) = {
+                let (store, v) = (self.ctx.store.clone(), vm.clone());
+                blocking(move || store.target_mode(&v)).await
+            }
             && was != mode
         {
             return Err(Status::failed_precondition(format!(
@@ -310,7 +313,9 @@ impl pb::replication_server::Replication for RelayService {
             .await
             .map_err(|_| Status::cancelled("gone"))?;
         let store = self.ctx.store.clone();
-        let through = store.target_mode(&vm).is_ok_and(|m| m == Some(SyncMode::During));
+        let v = vm.clone();
+        let s = store.clone();
+        let through = blocking(move || s.target_mode(&v)).await?.is_ok_and(|m| m == Some(SyncMode::During));
         let (pipe_tx, pipe_rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
         tokio::spawn(write_loop(store.clone(), vm.clone(), through, pipe_rx, tx.clone()));
         tokio::spawn(async move {

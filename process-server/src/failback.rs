@@ -233,9 +233,9 @@ pub async fn final_point(
 /// After a failback: the master target's journal and the failover's output go; the
 /// primary site runs the VM again.
 pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Status> {
-    let row = ctx
-        .store
-        .reprotect(vm)
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    let row = blocking(move || store.reprotect(&v))
+        .await?
         .map_err(store_status)?
         .ok_or_else(|| Status::internal("no reprotect record"))?;
     let mut mt = master_target(ctx, &row.master_target).await.map_err(|e| {

@@ -92,9 +92,8 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             })?;
         let store = ctx.store.clone();
         let vm2 = vm.clone();
-        let registered = tokio::task::spawn_blocking(move || admit(&store, &vm2, &disks, &agent_states))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
+        let registered = crate::admin::blocking(move || admit(&store, &vm2, &disks, &agent_states))
+            .await?
             .map_err(store_status)
             .inspect_err(|e| {
                 warn!(vm = %vm, error = %e.message(), "replication session refused");
@@ -213,9 +212,8 @@ fn welcome_of(a: &Admitted, hashes_follow: &[(Arc<DiskHandle>, HashSource)]) -> 
 async fn initial_sync(ctx: &Arc<Ctx>, vm: &VmName) -> Result<InitialSync, Status> {
     let store = ctx.store.clone();
     let v = vm.clone();
-    let has_points = tokio::task::spawn_blocking(move || store.points(&v).map(|p| !p.is_empty()))
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
+    let has_points = crate::admin::blocking(move || store.points(&v).map(|p| !p.is_empty()))
+        .await?
         .map_err(store_status)?;
     if has_points {
         return Ok(Arc::new(std::sync::Mutex::new(None)));
@@ -566,9 +564,8 @@ async fn send_page_hashes(
         }
         None => {
             let (c, v) = (ctx.clone(), vm.clone());
-            let row = tokio::task::spawn_blocking(move || c.store.reprotect(&v))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
+            let row = crate::admin::blocking(move || c.store.reprotect(&v))
+                .await?
                 .map_err(store_status)?
                 .ok_or_else(|| {
                     Status::invalid_argument("page hashes are only sent for a reprotect's delta sync")
@@ -624,9 +621,8 @@ async fn write_loop(
                 match pending.await.map_err(|e| Status::internal(e.to_string())).and_then(|r| r) {
                     Ok(v) => {
                         let d = v.disk.clone();
-                        let appended = tokio::task::spawn_blocking(move || d.append(v.first, &v.records))
+                        let appended = crate::admin::blocking(move || d.append(v.first, &v.records))
                             .await
-                            .map_err(|e| Status::internal(e.to_string()))
                             .and_then(|r| r.map_err(store_status));
                         unsynced_bytes += v.wire_bytes;
                         unsynced.insert(v.disk.name.clone(), v.disk);
@@ -673,10 +669,7 @@ async fn commit(
 ) -> Result<(), Status> {
     for (_, disk) in unsynced.drain() {
         let d = disk.clone();
-        let durable = tokio::task::spawn_blocking(move || d.sync())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(store_status)?;
+        let durable = crate::admin::blocking(move || d.sync()).await?.map_err(store_status)?;
         ctx.relay.records_durable();
         ctx.hub.clear_error(&disk.vm);
         let ack = Ack { disk: disk.name.to_string(), durable_seq: durable.0 };
@@ -712,9 +705,7 @@ async fn make_point(
     let vm2 = vm.clone();
     let note = p.note.clone();
     let made =
-        tokio::task::spawn_blocking(move || store.make_point(&vm2, p.time_ms, consistency, &note, disks))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        crate::admin::blocking(move || store.make_point(&vm2, p.time_ms, consistency, &note, disks)).await?;
     match made {
         Ok(point) => {
             info!(vm = %vm, point = %point.id, consistency = point.consistency.as_str(), "recovery point made");

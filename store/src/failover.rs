@@ -98,13 +98,7 @@ impl Store {
         let point = self.resolve_point(vm, spec)?;
         let format = if row.format == "vhd" { Format::Vhd } else { Format::Raw };
         let out_dir = PathBuf::from(&row.output);
-        for f in row.files.iter().map(PathBuf::from).chain(std::iter::once(out_dir.join("vm.json"))) {
-            match std::fs::remove_file(&f) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::Io { path: f.display().to_string(), source: e }),
-            }
-        }
+        remove_outputs(&row)?;
         let handles = self.point_disks(vm, &point)?;
         let files = output_files(&handles, &out_dir, format);
         let listed: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
@@ -163,6 +157,25 @@ impl Store {
         }
         Ok((point.id, out))
     }
+}
+
+/// Removes what a failover wrote: its disk files and its vm.json (those already gone are
+/// no error). Every file is tried; the first that would not go is the error.
+pub(crate) fn remove_outputs(row: &FailoverRow) -> Result<(), StoreError> {
+    let manifest = Path::new(&row.output).join("vm.json");
+    let mut first = Ok(());
+    for f in row.files.iter().map(PathBuf::from).chain(std::iter::once(manifest)) {
+        match std::fs::remove_file(&f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                if first.is_ok() {
+                    first = Err(StoreError::Io { path: f.display().to_string(), source: e });
+                }
+            }
+        }
+    }
+    first
 }
 
 pub(crate) fn output_files(

@@ -591,12 +591,10 @@ impl Store {
             (c.points(vm)?, c.failover(vm)?)
         };
         if let Some(f) = failover {
-            for file in f.files.iter().cloned().chain(std::iter::once(format!("{}/vm.json", f.output))) {
-                if let Err(e) = std::fs::remove_file(&file)
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    tracing::warn!(file = %file, error = %e, "cannot remove a failover output file");
-                }
+            // The failback is done whatever is left of the output: a file that will not go
+            // is said, not fatal.
+            if let Err(e) = failover::remove_outputs(&f) {
+                tracing::warn!(error = %e, "cannot remove a failover output file");
             }
             let _ = std::fs::remove_dir(&f.output);
         }
