@@ -36,6 +36,13 @@ pub struct DiskSource {
     pub block_device: bool,
 }
 
+impl DiskSource {
+    /// A read of this disk failed.
+    fn read_err(&self, source: std::io::Error) -> ScanError {
+        ScanError::Read { disk: self.name.clone(), path: self.path.display().to_string(), source }
+    }
+}
+
 /// Block hashes of the receiver's copy, as they arrive for the first pass of a delta sync.
 #[derive(Debug)]
 pub enum HashChunk {
@@ -157,8 +164,7 @@ pub fn run_pass(
     let mut result = PassResult { consistent: true, ..Default::default() };
     let mut versions = Vec::new();
     for d in disks {
-        let read_err =
-            |source| ScanError::Read { disk: d.name.clone(), path: d.path.display().to_string(), source };
+        let read_err = |source| d.read_err(source);
         let f = File::open(&d.path).map_err(read_err)?;
         let settled =
             settled_version(&mut || version(&f), &std::time::SystemTime::now, &mut |d| std::thread::sleep(d));
@@ -170,8 +176,7 @@ pub fn run_pass(
         result.fingerprints.push(fp);
     }
     for (d, before) in disks.iter().zip(&versions) {
-        let read_err =
-            |source| ScanError::Read { disk: d.name.clone(), path: d.path.display().to_string(), source };
+        let read_err = |source| d.read_err(source);
         let f = File::open(&d.path).map_err(read_err)?;
         let now = version(&f).map_err(read_err)?;
         if before.is_none() || now != *before {
@@ -338,8 +343,7 @@ fn scan_disk(
     cancel: &CancellationToken,
     result: &mut PassResult,
 ) -> Result<Digest, ScanError> {
-    let read_err =
-        |source| ScanError::Read { disk: d.name.clone(), path: d.path.display().to_string(), source };
+    let read_err = |source| d.read_err(source);
     check_size(d)?;
     let chunks = d.size.div_ceil(CHUNK as u64);
     let mut fp = Fingerprint::new();
@@ -418,11 +422,7 @@ fn scan_disk(
 
 /// A disk whose size changed since the agent started is refused: its copy cannot follow.
 fn check_size(d: &DiskSource) -> Result<(), ScanError> {
-    let now = DiskReader::open(&d.path).and_then(|f| f.size()).map_err(|source| ScanError::Read {
-        disk: d.name.clone(),
-        path: d.path.display().to_string(),
-        source,
-    })?;
+    let now = DiskReader::open(&d.path).and_then(|f| f.size()).map_err(|e| d.read_err(e))?;
     if now != d.size {
         return Err(ScanError::Resized {
             disk: d.name.clone(),

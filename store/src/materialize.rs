@@ -98,7 +98,7 @@ pub fn materialize_disk(
     let virtual_size = if format == Format::Vhd { vhd_virtual_size(disk.size) } else { disk.size };
     out.set_len(virtual_size).map_err(io_err(&tmp))?;
     let result = fill(disk, snapshot, upto, &out, &tmp, progress).and_then(|()| {
-        let (content, fingerprint) = hash_output(&out, disk.size, &tmp)?;
+        let (content, fingerprint) = hash_output(disk.size, &tmp)?;
         if fingerprint != expected {
             return Err(StoreError::FingerprintMismatch {
                 disk: disk.name.to_string(),
@@ -382,12 +382,13 @@ pub fn fingerprint_file(f: &DiskReader, size: u64, path: &Path) -> Result<Digest
 /// value depends on its position, so no two zero blocks share one): about 0.25 s of CPU
 /// per GiB of hole, where reading them cost far more. The fingerprint takes a zero block's
 /// hash, a constant.
-pub fn hash_output(f: &File, size: u64, path: &Path) -> Result<(Digest, Digest), StoreError> {
+pub fn hash_output(size: u64, path: &Path) -> Result<(Digest, Digest), StoreError> {
     use blake3::hazmat::{ChainingValue, HasherExt};
     use tern_core::blocks::zero_block;
+    let reader = DiskReader::open(path).map_err(io_err(path))?;
     if size <= BLOCK_SIZE as u64 {
         let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
-        f.read_exact_at(&mut buf, 0).map_err(io_err(path))?;
+        reader.read_exact_at(&mut buf, 0).map_err(io_err(path))?;
         let mut fp = Fingerprint::new();
         fp.push_data(&buf);
         return Ok((Digest::of(&buf), fp.finish()));
@@ -402,7 +403,6 @@ pub fn hash_output(f: &File, size: u64, path: &Path) -> Result<(Digest, Digest),
         };
         (block, cv)
     };
-    let reader = DiskReader::open(path).map_err(io_err(path))?;
     let mut fp = Fingerprint::new();
     let mut tree = SubtreeStack::default();
     hash_blocks(&reader, size, path, &hash, &mut |_, run| {
@@ -665,7 +665,7 @@ mod tests {
 
     fn check(dir: &Path, name: &str, size: u64, data: &[(u64, u64)]) {
         let (path, content) = sparse(dir, name, size, data);
-        let (whole, fp) = hash_output(&File::open(&path).unwrap(), size, &path).unwrap();
+        let (whole, fp) = hash_output(size, &path).unwrap();
         let mut want_fp = Fingerprint::new();
         want_fp.push_data(&content);
         assert_eq!(whole, Digest::of(&content), "BLAKE3 of {size} bytes, data {data:?}");
@@ -731,7 +731,7 @@ mod tests {
                 .expect("b3sum (Debian package b3sum) runs; .ci/run installs it");
             assert!(out.status.success(), "{out:?}");
             let b3sum = String::from_utf8(out.stdout).unwrap().trim().to_string();
-            let (whole, _) = hash_output(&File::open(&path).unwrap(), size, &path).unwrap();
+            let (whole, _) = hash_output(size, &path).unwrap();
             assert_eq!(whole.to_hex(), b3sum, "file {i} of {size} bytes");
         }
     }
