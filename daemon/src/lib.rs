@@ -3,6 +3,7 @@
 //! turns a batch into verified records, the one mapping of store errors to statuses, the
 //! role checks on client certificates, and running store calls off the async runtime.
 
+pub mod commit;
 pub mod ingest;
 pub mod roles;
 

@@ -51,7 +51,9 @@ fn vm_arg(s: &str) -> Result<VmName, Status> {
     VmName::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+use tern_daemon::Site;
 use tern_daemon::blocking;
+use tern_daemon::commit::{self, Durable, GroupCommit, Sink, Written};
 
 #[derive(Debug, Clone)]
 struct MasterTargetService {
@@ -361,140 +363,90 @@ fn verify_batch(store: &Store, vm: &VmName, b: pb::Batch, through: bool) -> Resu
     tern_daemon::ingest::verify(disk, b, through)
 }
 
-/// A group commit running beside the writer: each disk's durable seq once it is done.
-type Commit = tokio::task::JoinHandle<Result<Vec<(DiskName, Seq)>, Status>>;
-
-/// Writes verified batches in order — into the journal, or written through onto the target
-/// disk — and acks them once durable. Commits run beside the writer: while one fsyncs, the
-/// next batches are written, and the next commit takes all of them (group commit that
-/// adapts to the disk's flush time).
-async fn write_loop(
-    store: Arc<Store>,
-    vm: VmName,
-    through: bool,
-    mut rx: mpsc::Receiver<Pending>,
-    out: Outbound,
-) {
-    let mut w =
-        Writer { store, through, next: HashMap::new(), files: HashMap::new(), unsynced: HashMap::new() };
-    let mut inflight: Option<Commit> = None;
-    let result = loop {
-        tokio::select! {
-            biased;
-            done = async { inflight.as_mut().expect("guarded by the branch condition").await }, if inflight.is_some() => {
-                inflight = None;
-                match done.map_err(|e| Status::internal(e.to_string())).and_then(|r| r) {
-                    Ok(acks) => ack(&out, acks),
-                    Err(s) => break Err(s),
-                }
-            }
-            pending = rx.recv() => match pending {
-                None => break Ok(()),
-                Some(p) => {
-                    if let Err(s) = w.write(p).await {
-                        break Err(s);
-                    }
-                }
-            },
-        }
-        if inflight.is_none() && !w.unsynced.is_empty() {
-            inflight = Some(w.start_commit());
-        }
-    };
-    // What was written is made durable and acked even when the stream ends.
-    if let Some(c) = inflight
-        && let Ok(Ok(acks)) = c.await
-    {
-        ack(&out, acks);
-    }
-    if !w.unsynced.is_empty()
-        && let Ok(Ok(acks)) = w.start_commit().await
-    {
-        ack(&out, acks);
-    }
-    if let Err(s) = result {
-        warn!(vm = %vm, error = %s.message(), "relayed batch refused");
-        let _ = out.send(Err(s)).await;
-    }
-}
-
 /// Acks are cumulative; a dropped one is superseded by the next.
-fn ack(out: &Outbound, acks: Vec<(DiskName, Seq)>) {
-    for (disk, durable) in acks {
+fn ack(out: &Outbound, done: Vec<Durable>) {
+    for (disk, durable) in done {
         let _ = out.try_send(msg(pb::server_message::Msg::Ack(pb::Ack {
-            disk: disk.to_string(),
+            disk: disk.name.to_string(),
             durable_seq: durable.0,
         })));
     }
 }
 
+/// Writes verified batches in order — into the journal, or written through onto the target
+/// disk; the shared group commit (`tern_daemon::commit`) makes them durable and acks them.
 #[derive(Debug)]
 struct Writer {
     store: Arc<Store>,
     through: bool,
+    out: Outbound,
     /// Write-through: where each disk's next record goes, and its open target disk.
     next: HashMap<DiskName, Seq>,
     files: HashMap<DiskName, Arc<std::fs::File>>,
-    /// Written, not yet part of a commit: each disk's last seq.
-    unsynced: HashMap<DiskName, (Arc<DiskHandle>, Seq)>,
 }
 
-impl Writer {
-    async fn write(&mut self, pending: Pending) -> Result<(), Status> {
+impl Sink for Writer {
+    type Item = Pending;
+
+    async fn take(&mut self, pending: Pending, gc: &mut GroupCommit) -> Result<(), Status> {
         let v = pending.await.map_err(|e| Status::internal(e.to_string()))??;
-        let name = v.disk.name.clone();
-        let n = v.records.len().max(v.plain.len()) as u64;
-        let last = v.last();
-        if self.through {
-            let expect = *self.next.entry(name.clone()).or_insert_with(|| v.disk.durable().next());
-            if v.first > expect {
-                return Err(status(StoreError::SeqGap { expected: expect, got: v.first }));
-            }
-            // A batch resent after a reconnect may overlap what is already written.
-            let skip = usize::try_from(expect.0 - v.first.0).unwrap_or(usize::MAX);
-            if n == 0 || skip >= v.plain.len() {
-                return Ok(());
-            }
-            let file = match self.files.get(&name) {
-                Some(f) => f.clone(),
-                None => {
-                    let (s, d) = (self.store.clone(), v.disk.clone());
-                    let f = Arc::new(blocking(move || s.open_base_for_writing(&d)).await?.map_err(status)?);
-                    self.files.insert(name.clone(), f.clone());
-                    f
-                }
-            };
-            let (s, d) = (self.store.clone(), v.disk.clone());
-            blocking(move || s.write_through(&d, &file, &v.plain[skip..])).await?.map_err(status)?;
-            self.next.insert(name.clone(), last.next());
-        } else {
+        if !self.through {
             let d = v.disk.clone();
-            blocking(move || d.append(v.first, &v.records)).await?.map_err(status)?;
+            let records = v.records;
+            blocking(move || d.append(v.first, &records)).await?.map_err(status)?;
+            gc.written(Written::Journal(v.disk));
+            return Ok(());
         }
-        self.unsynced.insert(name, (v.disk, last));
+        let name = v.disk.name.clone();
+        let last = v.last();
+        let expect = *self.next.entry(name.clone()).or_insert_with(|| v.disk.durable().next());
+        if v.first > expect {
+            return Err(status(StoreError::SeqGap { expected: expect, got: v.first }));
+        }
+        // A batch resent after a reconnect may overlap what is already written.
+        let skip = usize::try_from(expect.0 - v.first.0).unwrap_or(usize::MAX);
+        if skip >= v.plain.len() {
+            return Ok(());
+        }
+        let file = match self.files.get(&name) {
+            Some(f) => f.clone(),
+            None => {
+                let (s, d) = (self.store.clone(), v.disk.clone());
+                let f = Arc::new(blocking(move || s.open_base_for_writing(&d)).await?.map_err(status)?);
+                self.files.insert(name.clone(), f.clone());
+                f
+            }
+        };
+        let (s, d, f) = (self.store.clone(), v.disk.clone(), file.clone());
+        blocking(move || s.write_through(&d, &f, &v.plain[skip..])).await?.map_err(status)?;
+        self.next.insert(name, last.next());
+        gc.written(Written::Through { disk: v.disk, file, last });
         Ok(())
     }
 
-    /// Starts making everything written so far durable.
-    fn start_commit(&mut self) -> Commit {
-        let work: Vec<_> = self
-            .unsynced
-            .drain()
-            .map(|(name, (disk, last))| (disk, last, self.files.get(&name).cloned()))
-            .collect();
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut acks = Vec::with_capacity(work.len());
-            for (disk, last, file) in work {
-                let durable = match file {
-                    Some(f) => store.commit_through(&disk, &f, last).map(|()| disk.durable()),
-                    None => disk.sync(),
-                }
-                .map_err(status)?;
-                acks.push((disk.name.clone(), durable));
-            }
-            Ok(acks)
-        })
+    fn durable(&mut self, done: Vec<Durable>) {
+        ack(&self.out, done);
+    }
+}
+
+/// Runs one relay stream's writer; a refusal ends the stream with its status.
+async fn write_loop(
+    store: Arc<Store>,
+    vm: VmName,
+    through: bool,
+    rx: mpsc::Receiver<Pending>,
+    out: Outbound,
+) {
+    let writer = Writer {
+        store: store.clone(),
+        through,
+        out: out.clone(),
+        next: HashMap::new(),
+        files: HashMap::new(),
+    };
+    if let Err(s) = commit::write_loop(rx, writer, GroupCommit::new(store, Site::MasterTarget)).await {
+        warn!(vm = %vm, error = %s.message(), "relayed batch refused");
+        let _ = out.send(Err(s)).await;
     }
 }
 

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use tern_core::{Digest, DiskName, Seq, VmName};
+use tern_daemon::Site;
+use tern_daemon::commit::{self, Durable, GroupCommit, Sink, Written};
 use tern_proto::{
     Ack, AgentMessage, Batch, DiskState, PointAck, ServerMessage, Welcome, agent_message, server_message,
 };
@@ -18,8 +20,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-/// Unsynced bytes after which the writer fsyncs even if more batches are queued.
-const GROUP_COMMIT_BYTES: u64 = 32 << 20;
 /// Verified batches waiting to be written; bounds server memory per session.
 const PIPELINE_DEPTH: usize = 4;
 
@@ -605,79 +605,70 @@ fn prepare_batch(handles: &Handles, b: Batch) -> Result<Item, Status> {
     Ok(Item::Batch(tern_daemon::ingest::verify(disk, b, false)?))
 }
 
+/// Writes a session's items in order: batches into the journal, points once everything
+/// before them is durable. The shared group commit (`tern_daemon::commit`) fsyncs and acks.
+struct SessionWriter {
+    ctx: Arc<Ctx>,
+    vm: VmName,
+    out: crate::hub::Outbound,
+    initial: InitialSync,
+}
+
+impl Sink for SessionWriter {
+    type Item = Item;
+
+    async fn take(&mut self, item: Item, gc: &mut GroupCommit) -> Result<(), Status> {
+        match item {
+            Item::Batch(pending) => {
+                let v = pending.await.map_err(|e| Status::internal(e.to_string()))??;
+                let d = v.disk.clone();
+                let records = v.records;
+                crate::admin::blocking(move || d.append(v.first, &records)).await?.map_err(store_status)?;
+                gc.written(Written::Journal(v.disk));
+                Ok(())
+            }
+            Item::Point(p) => {
+                let done = gc.flush().await?;
+                self.durable(done);
+                make_point(&self.ctx, &self.vm, p, &self.out, &self.initial).await
+            }
+            Item::PointFailed(f) => {
+                warn!(vm = %self.vm, request = f.request_id, reason = %f.reason, "agent could not make a point");
+                self.ctx.hub.resolve(f.request_id, Err(f.reason));
+                Ok(())
+            }
+        }
+    }
+
+    /// Acks what a commit made durable, and wakes the relays of reprotected VMs.
+    fn durable(&mut self, done: Vec<Durable>) {
+        for (disk, durable) in done {
+            self.ctx.relay.records_durable();
+            self.ctx.hub.clear_error(&disk.vm);
+            let ack = Ack { disk: disk.name.to_string(), durable_seq: durable.0 };
+            // Acks are cumulative: when the agent is slow to read them, a dropped one is
+            // superseded by the next, and the writer never waits on the agent.
+            let _ = self.out.try_send(msg(server_message::Msg::Ack(ack)));
+        }
+    }
+}
+
 async fn write_loop(
     ctx: Arc<Ctx>,
     vm: VmName,
-    mut rx: mpsc::Receiver<Item>,
+    rx: mpsc::Receiver<Item>,
     out: crate::hub::Outbound,
     cancel: CancellationToken,
     initial: InitialSync,
 ) {
-    let mut unsynced: HashMap<DiskName, Arc<DiskHandle>> = HashMap::new();
-    let mut unsynced_bytes = 0u64;
-    while let Some(item) = rx.recv().await {
-        let result = match item {
-            Item::Batch(pending) => {
-                match pending.await.map_err(|e| Status::internal(e.to_string())).and_then(|r| r) {
-                    Ok(v) => {
-                        let d = v.disk.clone();
-                        let appended = crate::admin::blocking(move || d.append(v.first, &v.records))
-                            .await
-                            .and_then(|r| r.map_err(store_status));
-                        unsynced_bytes += v.wire_bytes;
-                        unsynced.insert(v.disk.name.clone(), v.disk);
-                        match appended {
-                            Ok(_) if rx.is_empty() || unsynced_bytes >= GROUP_COMMIT_BYTES => {
-                                unsynced_bytes = 0;
-                                commit(&ctx, &mut unsynced, &out).await
-                            }
-                            other => other.map(|_| ()),
-                        }
-                    }
-                    Err(status) => Err(status),
-                }
-            }
-            Item::Point(p) => {
-                unsynced_bytes = 0;
-                match commit(&ctx, &mut unsynced, &out).await {
-                    Ok(()) => make_point(&ctx, &vm, p, &out, &initial).await,
-                    Err(e) => Err(e),
-                }
-            }
-            Item::PointFailed(f) => {
-                warn!(vm = %vm, request = f.request_id, reason = %f.reason, "agent could not make a point");
-                ctx.hub.resolve(f.request_id, Err(f.reason));
-                Ok(())
-            }
-        };
-        if let Err(status) = result {
-            warn!(vm = %vm, error = %status.message(), "replication session ends");
-            ctx.hub.set_error(&vm, status.message());
-            let _ = out.send(Err(status)).await;
-            cancel.cancel();
-            break;
-        }
+    let gc = GroupCommit::new(ctx.store.clone(), Site::ProcessServer);
+    let writer = SessionWriter { ctx: ctx.clone(), vm: vm.clone(), out: out.clone(), initial };
+    if let Err(status) = commit::write_loop(rx, writer, gc).await {
+        warn!(vm = %vm, error = %status.message(), "replication session ends");
+        ctx.hub.set_error(&vm, status.message());
+        let _ = out.send(Err(status)).await;
+        cancel.cancel();
     }
-    let _ = commit(&ctx, &mut unsynced, &out).await;
-}
-
-/// Group commit: fsyncs what was written, acks it, and wakes the relays of reprotected VMs.
-async fn commit(
-    ctx: &Ctx,
-    unsynced: &mut HashMap<DiskName, Arc<DiskHandle>>,
-    out: &crate::hub::Outbound,
-) -> Result<(), Status> {
-    for (_, disk) in unsynced.drain() {
-        let d = disk.clone();
-        let durable = crate::admin::blocking(move || d.sync()).await?.map_err(store_status)?;
-        ctx.relay.records_durable();
-        ctx.hub.clear_error(&disk.vm);
-        let ack = Ack { disk: disk.name.to_string(), durable_seq: durable.0 };
-        // Acks are cumulative: when the agent is slow to read them, a dropped one is
-        // superseded by the next, and the writer never waits on the agent.
-        let _ = out.try_send(msg(server_message::Msg::Ack(ack)));
-    }
-    Ok(())
 }
 
 async fn make_point(
