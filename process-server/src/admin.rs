@@ -213,14 +213,14 @@ impl pb::admin_server::Admin for AdminService {
         let spec = point_arg(&vm, &r.point)?;
         output_arg(&r.output, self.ctx.store.root())?;
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
-        let job = self.ctx.jobs.start(JobKind::TestFailover, &vm).map_err(store_status)?;
+        let job = self.ctx.jobs.start(JobKind::TestFailover, &vm).await?;
         let id = job.id;
         let ctx = self.ctx.clone();
         let out_dir = std::path::PathBuf::from(&r.output);
         self.ctx.tracker.spawn(async move {
             let outcome = async {
                 let spec = resolve_latest(&ctx, &vm, spec, &job).await;
-                job.phase("writing disks");
+                job.phase("writing disks").await;
                 let store = ctx.store.clone();
                 let j = job.clone();
                 let res = blocking(move || {
@@ -235,8 +235,8 @@ impl pb::admin_server::Admin for AdminService {
             }
             .await;
             match outcome {
-                Ok(output) => job.succeed(output),
-                Err(e) => job.fail(&e),
+                Ok(output) => job.succeed(output).await,
+                Err(e) => job.fail(&e).await,
             }
         });
         Ok(Response::new(pb::TestFailoverReply { job: id }))
@@ -338,7 +338,7 @@ impl pb::admin_server::Admin for AdminService {
             .ctx
             .jobs
             .start(if planned { JobKind::PlannedFailover } else { JobKind::UnplannedFailover }, &vm)
-            .map_err(store_status)?;
+            .await?;
         let id = job.id;
         let ctx = self.ctx.clone();
         let out_dir = std::path::PathBuf::from(&r.output);
@@ -347,7 +347,7 @@ impl pb::admin_server::Admin for AdminService {
             let outcome = async {
                 let mut spec = spec;
                 if planned || shutdown_source {
-                    job.phase("shutting down the source and sending its last changes");
+                    job.phase("shutting down the source and sending its last changes").await;
                     match shut_down_source(&ctx, &vm, &job).await {
                         Ok(point) => spec = PointSpec::Id(point),
                         Err(e) if planned => {
@@ -357,7 +357,7 @@ impl pb::admin_server::Admin for AdminService {
                     }
                 }
                 let spec = resolve_latest(&ctx, &vm, spec, &job).await;
-                job.phase("writing disks");
+                job.phase("writing disks").await;
                 let store = ctx.store.clone();
                 let j = job.clone();
                 let v = vm.clone();
@@ -373,8 +373,8 @@ impl pb::admin_server::Admin for AdminService {
             }
             .await;
             match outcome {
-                Ok(output) => job.succeed(output),
-                Err(e) => job.fail(&e),
+                Ok(output) => job.succeed(output).await,
+                Err(e) => job.fail(&e).await,
             }
         });
         Ok(Response::new(pb::JobStarted { job: id }))
@@ -399,20 +399,20 @@ impl pb::admin_server::Admin for AdminService {
                 "VM {vm} is {state}; only a failed-over, uncommitted VM can change its point"
             )));
         }
-        let job = self.ctx.jobs.start(JobKind::ChangePoint, &vm).map_err(store_status)?;
+        let job = self.ctx.jobs.start(JobKind::ChangePoint, &vm).await?;
         let id = job.id;
         let ctx = self.ctx.clone();
         self.ctx.tracker.spawn(async move {
-            job.phase("writing disks");
+            job.phase("writing disks").await;
             let store = ctx.store.clone();
             let j = job.clone();
             let res =
                 blocking(move || store.change_point(&vm, &spec, &mut |done, total| j.progress(done, total)))
                     .await;
             match res {
-                Ok(Ok(out)) => job.succeed(crate::jobs::output_of(&out)),
-                Ok(Err(e)) => job.fail(&e.to_string()),
-                Err(e) => job.fail(e.message()),
+                Ok(Ok(out)) => job.succeed(crate::jobs::output_of(&out)).await,
+                Ok(Err(e)) => job.fail(&e.to_string()).await,
+                Err(e) => job.fail(e.message()).await,
             }
         });
         Ok(Response::new(pb::JobStarted { job: id }))
@@ -478,13 +478,13 @@ impl pb::admin_server::Admin for AdminService {
                 "the agent of the recovered VM {vm} is not connected; failback shuts the VM down through it. Nothing changed"
             )));
         }
-        let job = self.ctx.jobs.start(JobKind::Failback, &vm).map_err(store_status)?;
+        let job = self.ctx.jobs.start(JobKind::Failback, &vm).await?;
         let id = job.id;
         let ctx = self.ctx.clone();
         self.ctx.tracker.spawn(async move {
             match crate::failback::failback(&ctx, vm, job.clone()).await {
-                Ok(output) => job.succeed(output),
-                Err(e) => job.fail(&e),
+                Ok(output) => job.succeed(output).await,
+                Err(e) => job.fail(&e).await,
             }
         });
         Ok(Response::new(pb::JobStarted { job: id }))
@@ -599,7 +599,7 @@ async fn resolve_latest(ctx: &Arc<Ctx>, vm: &VmName, spec: PointSpec, job: &crat
         info!(vm = %vm, "agent not connected; latest is the latest processed point");
         return PointSpec::LatestProcessed;
     }
-    job.phase("making a point of everything received");
+    job.phase("making a point of everything received").await;
     let made = async {
         let rx = ctx.hub.request_checkpoint(vm, false).await.map_err(|e| e.message().to_string())?;
         match tokio::time::timeout(Duration::from_secs(300), rx).await {

@@ -115,14 +115,14 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
         .map_err(|e| e.message().to_string())?
         .map_err(|e| e.to_string())?
         .ok_or("the VM has no reprotect record")?;
-    job.phase("shutting down the recovered VM and sending its last changes");
+    job.phase("shutting down the recovered VM and sending its last changes").await;
     let rx = ctx.hub.request_shutdown(&vm).await.map_err(|e| {
         format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
     })?;
     let point = final_point(ctx, &vm, rx, &job)
         .await
         .map_err(|reason| format!("the recovered VM was not shut down: {reason}; nothing changed"))?;
-    job.phase("draining to the master target");
+    job.phase("draining to the master target").await;
     let total: u64 = point.disks.iter().map(|d| d.seq.0).sum();
     let (mut last, mut since) = (0u64, std::time::Instant::now());
     loop {
@@ -144,7 +144,7 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
             return Err("the process server is stopping".into());
         }
     }
-    job.phase("applying the final point on the master target");
+    job.phase("applying the final point on the master target").await;
     let request = pb::ApplyRequest { vm: vm.to_string(), disks: point_info(&point).disks };
     let mut wait = Duration::from_millis(500);
     let applied = loop {

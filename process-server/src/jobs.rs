@@ -22,9 +22,13 @@ impl Jobs {
         Arc::new(Jobs { store, live: Mutex::new(HashMap::new()) })
     }
 
-    pub fn start(self: &Arc<Self>, kind: JobKind, vm: &VmName) -> Result<Job, tern_store::StoreError> {
+    /// Records a new running job (in the catalog, on the blocking pool).
+    pub async fn start(self: &Arc<Self>, kind: JobKind, vm: &VmName) -> Result<Job, tonic::Status> {
         let now = tern_store::now_ms();
-        let id = self.store.insert_job(kind, vm, now)?;
+        let (store, v) = (self.store.clone(), vm.clone());
+        let id = crate::admin::blocking(move || store.insert_job(kind, &v, now))
+            .await?
+            .map_err(crate::store_status)?;
         let row = JobRow {
             id,
             kind,
@@ -121,22 +125,26 @@ impl Job {
         Some(row.clone())
     }
 
-    fn persist(&self, row: Option<JobRow>) {
-        if let Some(row) = row
-            && let Err(e) = self.jobs.store.update_job(&row)
-        {
-            warn!(job = self.id, error = %e, "cannot record job progress");
+    /// Writes the row to the catalog on the blocking pool; awaited, so a job's rows land
+    /// in the order it reports them.
+    async fn persist(&self, row: Option<JobRow>) {
+        let Some(row) = row else { return };
+        let store = self.jobs.store.clone();
+        match crate::admin::blocking(move || store.update_job(&row)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(job = self.id, error = %e, "cannot record job progress"),
+            Err(e) => warn!(job = self.id, error = %e.message(), "cannot record job progress"),
         }
     }
 
-    pub fn phase(&self, phase: &str) {
+    pub async fn phase(&self, phase: &str) {
         info!(job = self.id, phase, "job phase");
         let row = self.update(|r, _| {
             r.phase = phase.to_string();
             r.done = 0;
             r.total = 0;
         });
-        self.persist(row);
+        self.persist(row).await;
     }
 
     pub fn progress(&self, done: u64, total: u64) {
@@ -146,7 +154,7 @@ impl Job {
         });
     }
 
-    pub fn succeed(&self, output: pb::JobOutput) {
+    pub async fn succeed(&self, output: pb::JobOutput) {
         info!(job = self.id, "job succeeded");
         let row = self.update(|r, res| {
             r.state = JobState::Succeeded;
@@ -155,16 +163,16 @@ impl Job {
             r.ended_ms = tern_store::now_ms();
             *res = Some(output);
         });
-        self.persist(row);
+        self.persist(row).await;
     }
 
-    pub fn fail(&self, error: &str) {
+    pub async fn fail(&self, error: &str) {
         warn!(job = self.id, error, "job failed");
         let row = self.update(|r, _| {
             r.state = JobState::Failed;
             r.error = error.to_string();
             r.ended_ms = tern_store::now_ms();
         });
-        self.persist(row);
+        self.persist(row).await;
     }
 }

@@ -83,11 +83,19 @@ pub async fn master_target(
 
 /// Keeps one relay running for every VM in a relay state.
 pub async fn relay_worker(ctx: Arc<Ctx>) {
+    let mut seen = None;
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+        // A relay runs until its VM leaves the relay states: only a change of state can
+        // call for a new one.
+        let epoch = ctx.store.state_epoch();
+        if seen == Some(epoch) {
+            continue;
+        }
+        seen = Some(epoch);
         let c = ctx.clone();
         let vms = tokio::task::spawn_blocking(move || {
             c.store
@@ -184,9 +192,15 @@ async fn relay_session(
     let mut cursor: HashMap<DiskName, ReadPosition> = HashMap::new();
     let mut limiter = pb::rate::RateLimiter::new(ctx.relay_max_rate);
     info!(vm = %vm, master_target = %row.master_target, "relaying to the master target");
+    let mut seen = None;
     loop {
-        if !still_relaying(ctx, vm).await {
-            return Ok(());
+        // The catalog is read only after a change of state (idle, this loop wakes every 100 ms).
+        let epoch = ctx.store.state_epoch();
+        if seen != Some(epoch) {
+            if !still_relaying(ctx, vm).await {
+                return Ok(());
+            }
+            seen = Some(epoch);
         }
         let mut sent = false;
         for h in &handles {

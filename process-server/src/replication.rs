@@ -125,8 +125,9 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             run_session(&ctx2, &vm, handles, inbound, out_tx, cancel, initial.clone(), copies).await;
             // Hashes still on their way (or waiting for the relay) stop with the session.
             ended.cancel();
-            if let Some((job, _)) = lock_initial(&initial).take() {
-                job.fail("the agent disconnected before the first point; a new initial sync starts when it reconnects");
+            let taken = lock_initial(&initial).take();
+            if let Some((job, _)) = taken {
+                job.fail("the agent disconnected before the first point; a new initial sync starts when it reconnects").await;
             }
             ctx2.hub.detach(&vm, session);
             info!(vm = %vm, session, "agent session ended");
@@ -218,11 +219,11 @@ async fn initial_sync(ctx: &Arc<Ctx>, vm: &VmName) -> Result<InitialSync, Status
     if has_points {
         return Ok(Arc::new(std::sync::Mutex::new(None)));
     }
-    let job = ctx.jobs.start(tern_core::JobKind::InitialSync, vm).map_err(store_status).inspect_err(|e| {
+    let job = ctx.jobs.start(tern_core::JobKind::InitialSync, vm).await.inspect_err(|e| {
         warn!(vm = %vm, error = %e.message(), "replication session refused");
         ctx.hub.set_error(vm, e.message());
     })?;
-    job.phase("sending the disks");
+    job.phase("sending the disks").await;
     Ok(Arc::new(std::sync::Mutex::new(Some((job, HashMap::new())))))
 }
 
@@ -706,8 +707,9 @@ async fn make_point(
             for id in &p.request_ids {
                 ctx.hub.resolve(*id, Ok(point.clone()));
             }
-            if let Some((job, _)) = lock_initial(initial).take() {
-                job.succeed(crate::jobs::point_output(vm, &point, Vec::new()));
+            let taken = lock_initial(initial).take();
+            if let Some((job, _)) = taken {
+                job.succeed(crate::jobs::point_output(vm, &point, Vec::new())).await;
             }
             Ok(())
         }

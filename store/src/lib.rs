@@ -370,6 +370,9 @@ pub struct Store {
     /// VMs whose data could not be opened, and why: they are left alone (not replicated,
     /// not failed over) while the others go on.
     damaged: HashMap<VmName, String>,
+    /// Counts changes of VMs' states (transitions, VMs added or forgotten), so that a
+    /// daemon watching states reads the catalog only after one.
+    state_epoch: std::sync::atomic::AtomicU64,
     /// Held open with an exclusive flock for as long as the store is open.
     _lock: std::fs::File,
 }
@@ -459,6 +462,7 @@ impl Store {
             disks: Mutex::new(disks),
             options,
             damaged,
+            state_epoch: std::sync::atomic::AtomicU64::new(0),
             _lock: lock,
         })
     }
@@ -502,6 +506,7 @@ impl Store {
             }
         }
         catalog.add_vm(vm, now_ms())?;
+        self.state_changed();
         for (name, size) in disks {
             if let Some(h) = map.get(&(vm.clone(), name.clone())) {
                 out.push(h.clone());
@@ -541,6 +546,7 @@ impl Store {
         let catalog = self.catalog();
         let mut map = self.disk_map();
         catalog.add_vm(vm, now_ms())?;
+        self.state_changed();
         for (name, size, base, start_after) in disks {
             if map.contains_key(&(vm.clone(), name.clone())) {
                 continue;
@@ -566,6 +572,7 @@ impl Store {
         let handles = self.vm_disks(vm);
         let catalog = self.catalog();
         catalog.forget_vm(vm)?;
+        self.state_changed();
         self.disk_map().retain(|(v, _), _| v != vm);
         drop(catalog);
         for h in handles {
@@ -626,6 +633,7 @@ impl Store {
                 }
             }
         }
+        self.state_changed();
         tracing::info!(vm = %vm, from = %t.from(), to = %t.to(), "VM state changed");
         Ok(())
     }
@@ -654,6 +662,16 @@ impl Store {
         let mut v: Vec<_> = self.disk_map().values().filter(|h| &h.vm == vm).cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    fn state_changed(&self) {
+        self.state_epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Moves whenever a VM's state may have changed (a transition, a VM added or
+    /// forgotten); unchanged, every `vm_state` answer still holds. Lock-free.
+    pub fn state_epoch(&self) -> u64 {
+        self.state_epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn vms(&self) -> Result<Vec<VmName>, StoreError> {
