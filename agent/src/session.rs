@@ -77,7 +77,7 @@ pub(crate) async fn session(
         due_app: now,
         awaiting_point: None,
         stood_down: false,
-        feeds: Vec::new(),
+        feeds: std::sync::Mutex::new(Vec::new()),
     };
     let result = async {
         s.welcome(saved, progress).await?;
@@ -143,11 +143,16 @@ struct Session {
     awaiting_point: Option<(Requests, Vec<Seq>)>,
     /// The source was shut down for a failover: no more points but a final one.
     stood_down: bool,
-    /// The receiver's block hashes still to come, per disk, for the first pass.
-    feeds: Feeds,
+    /// The receiver's block hashes still to come, per disk, for the first pass. In a
+    /// mutex only so that the session is `Sync` (its future `Send`): it is never contended.
+    feeds: std::sync::Mutex<Feeds>,
 }
 
 impl Session {
+    fn feeds(&mut self) -> &mut Feeds {
+        self.feeds.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn send(&self, m: pb::agent_message::Msg) -> Result<(), SessionError> {
         self.tx.send(pb::AgentMessage { msg: Some(m) }).await.map_err(|_| SessionError::StreamClosed)
     }
@@ -173,9 +178,9 @@ impl Session {
             if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) {
                 let (feed_tx, feed_rx) = std::sync::mpsc::channel();
                 self.inbox.feeds.insert(d.name.to_string(), (d.size, feed_tx));
-                self.feeds.push(Some(feed_rx));
+                self.feeds.get_mut().unwrap_or_else(|p| p.into_inner()).push(Some(feed_rx));
             } else {
-                self.feeds.push(None);
+                self.feeds.get_mut().unwrap_or_else(|p| p.into_inner()).push(None);
             }
         }
         if !self.inbox.feeds.is_empty() {
@@ -356,7 +361,7 @@ impl Session {
             // receiver's block hashes is never frozen: the VM would stay frozen for as long
             // as the hashes take to arrive. A pass over a block device is a consistent cut
             // only when frozen: an unfrozen one would be thrown away.
-            let feeding = self.feeds.iter().any(Option::is_some);
+            let feeding = self.feeds().iter().any(Option::is_some);
             let must_freeze = app || attempt > 1 || self.config.disks.iter().any(|d| d.block_device);
             let hooks = self.config.hooks.configured();
             let quiesce = may_quiesce && must_freeze && hooks && !feeding;
@@ -401,7 +406,7 @@ impl Session {
         let (ev_tx, mut ev_rx) = mpsc::channel::<ScanEvent>(2);
         let cancel = self.shutdown.child_token();
         let (cfg, c2) = (self.config.clone(), cancel.clone());
-        let feeds = std::mem::take(&mut self.feeds);
+        let feeds = std::mem::take(self.feeds());
         let mut states = std::mem::take(&mut self.states);
         let scanner = tokio::task::spawn_blocking(move || {
             let frozen = if quiesce {
@@ -430,7 +435,7 @@ impl Session {
         let (result, frozen) = match result {
             Ok(r) => r,
             Err((freeze_failed, unused_feeds)) => {
-                self.feeds = unused_feeds;
+                *self.feeds() = unused_feeds;
                 return Ok(Err(freeze_failed));
             }
         };
