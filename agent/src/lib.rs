@@ -233,45 +233,48 @@ fn now_ms() -> i64 {
 /// Picks, per disk, what to compare the disk with: the saved state when it describes the
 /// server's copy, zeroes for a new copy, the server's hashes (filled in afterwards) when it
 /// sends them, and "unknown" (send everything with data) otherwise.
-fn choose_states(config: &Config, welcome: &pb::Welcome, saved: Vec<Option<DiskState>>) -> Vec<DiskState> {
-    config
-        .disks
-        .iter()
-        .zip(saved)
-        .map(|(d, saved)| {
-            let w = welcome.disks.iter().find(|w| w.name == d.name.as_str());
-            let (generation, durable) = w.map_or((String::new(), 0), |w| (w.generation.clone(), w.durable_seq));
-            let trusted = w.is_some_and(|w| !w.state_invalid);
-            match saved {
-                Some(mut s) if trusted && s.generation == generation && s.seq.0 <= durable => {
-                    let doubtful = w.map_or(&[][..], |w| &w.doubtful[..]);
-                    let forgotten = s.forget(doubtful.iter().map(|r| (r.offset, r.length)));
-                    if forgotten > 0 {
-                        info!(disk = %d.name, blocks = forgotten, state_seq = s.seq.0, durable,
-                            "the server holds records past the saved state; comparing the blocks they wrote again");
-                    } else {
-                        info!(disk = %d.name, "saved state matches the server's copy; sending only changes");
-                    }
-                    s
+fn choose_states(
+    config: &Config,
+    welcome: &pb::Welcome,
+    saved: Vec<Option<DiskState>>,
+) -> std::io::Result<Vec<DiskState>> {
+    let mut states = Vec::with_capacity(config.disks.len());
+    for (d, saved) in config.disks.iter().zip(saved) {
+        let w = welcome.disks.iter().find(|w| w.name == d.name.as_str());
+        let (generation, durable) = w.map_or((String::new(), 0), |w| (w.generation.clone(), w.durable_seq));
+        let trusted = w.is_some_and(|w| !w.state_invalid);
+        let path = DiskState::path(&config.state_dir, d.name.as_str());
+        let state = match saved {
+            Some(mut s) if trusted && s.generation == generation && s.seq.0 <= durable => {
+                let doubtful = w.map_or(&[][..], |w| &w.doubtful[..]);
+                let forgotten = s.forget(doubtful.iter().map(|r| (r.offset, r.length)));
+                if forgotten > 0 {
+                    info!(disk = %d.name, blocks = forgotten, state_seq = s.seq.0, durable,
+                        "the server holds records past the saved state; comparing the blocks they wrote again");
+                } else {
+                    info!(disk = %d.name, "saved state matches the server's copy; sending only changes");
                 }
-                _ if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) => {
-                    DiskState::unknown(d.size, &generation)
-                }
-                _ if durable == 0 => DiskState::zeroes(d.size, &generation),
-                _ => {
-                    warn!(disk = %d.name, "no saved state for the server's copy; every block with data is sent again");
-                    DiskState::unknown(d.size, &generation)
-                }
+                s
             }
-        })
-        .collect()
+            _ if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) => {
+                DiskState::unknown(&path, d.size, &generation)?
+            }
+            _ if durable == 0 => DiskState::zeroes(&path, d.size, &generation)?,
+            _ => {
+                warn!(disk = %d.name, "no saved state for the server's copy; every block with data is sent again");
+                DiskState::unknown(&path, d.size, &generation)?
+            }
+        };
+        states.push(state);
+    }
+    Ok(states)
 }
 
-fn save_states(config: &Config, states: &[DiskState]) {
-    for (d, s) in config.disks.iter().zip(states) {
-        let path = DiskState::path(&config.state_dir, d.name.as_str());
-        if let Err(e) = s.save(&path) {
-            warn!(disk = %d.name, path = %path.display(), error = %e, "cannot save agent state; a restart will resend more");
+/// A point is acked: each disk's state vouches for its seq from now on.
+fn commit_states(config: &Config, states: &mut [DiskState], seqs: &[tern_core::Seq]) {
+    for ((d, s), seq) in config.disks.iter().zip(states).zip(seqs) {
+        if let Err(e) = s.commit(*seq) {
+            warn!(disk = %d.name, error = %e, "cannot save agent state; a restart will compare the disk in full");
         }
     }
 }

@@ -363,16 +363,22 @@ fn scan_disk(
             let size = d.size;
             s.spawn(move || worker(rx, file, size, page_hashes));
         }
-        let mut inflight: VecDeque<(u64, Receiver<Result<ChunkOut, std::io::Error>>)> = VecDeque::new();
+        #[allow(clippy::type_complexity)]
+        let mut inflight: VecDeque<(
+            u64,
+            Receiver<Result<ChunkOut, std::io::Error>>,
+            Vec<BlockHashes>,
+        )> = VecDeque::new();
         let mut next = 0u64;
         let blocks_per_chunk = (CHUNK / BLOCK_SIZE) as u64;
         loop {
             while next < chunks && inflight.len() < workers * DEPTH_PER_WORKER {
-                let first = usize::try_from(next * blocks_per_chunk).unwrap_or(usize::MAX);
-                let last = (first + CHUNK / BLOCK_SIZE).min(state.blocks.len());
+                let first = next * blocks_per_chunk;
+                let last = (first + blocks_per_chunk).min(state.len());
+                let last_ready = usize::try_from(last).unwrap_or(usize::MAX);
                 // A chunk is compared once the receiver's entries for it have come.
                 while let Some(f) = feed.as_mut()
-                    && f.ready < last
+                    && f.ready < last_ready
                 {
                     if cancel.is_cancelled() {
                         return Err(ScanError::Cancelled);
@@ -380,22 +386,26 @@ fn scan_disk(
                     f.take(state, std::time::Duration::from_millis(100));
                 }
                 let (reply, rx) = sync_channel(1);
-                let job = Job { index: next, old: state.blocks[first..last].to_vec(), ask_pages, reply };
+                let old = state.range(first, last);
+                let job = Job { index: next, old: old.clone(), ask_pages, reply };
                 if job_tx.send(job).is_err() {
                     return Err(ScanError::Cancelled);
                 }
-                inflight.push_back((next, rx));
+                inflight.push_back((next, rx, old));
                 next += 1;
             }
-            let Some((chunk, rx)) = inflight.pop_front() else { break };
+            let Some((chunk, rx, old)) = inflight.pop_front() else { break };
             if cancel.is_cancelled() {
                 return Err(ScanError::Cancelled);
             }
             let done = rx.recv().map_err(|_| ScanError::Cancelled)?.map_err(read_err)?;
-            let first = usize::try_from(chunk * blocks_per_chunk).unwrap_or(usize::MAX);
-            for (i, h) in done.new.iter().enumerate() {
+            let first = chunk * blocks_per_chunk;
+            for ((b, h), was) in (first..).zip(&done.new).zip(&old) {
                 fp.push(&h.block);
-                state.blocks[first + i] = *h;
+                // Only what changed is written: the state's cost follows the changes.
+                if h != was {
+                    state.set(b, *h);
+                }
             }
             result.bytes_read += done.read;
             result.bytes_changed += done.changed;
@@ -492,9 +502,7 @@ fn apply_pages(
         let zero = is_zero(block);
         let new = if zero { zero_block(blen) } else { hash_block(block) };
         // What the receiver will hold is what is read and sent now.
-        if let Some(slot) = usize::try_from(b).ok().and_then(|i| state.blocks.get_mut(i)) {
-            *slot = new;
-        }
+        state.set(b, new);
         let theirs = answer.get(&b).filter(|e| !pb::hash_table::is_coarse(e));
         let mut runs = Vec::new();
         sent += match theirs {
@@ -802,7 +810,7 @@ mod tests {
         f.write_all_at(&want, 0).unwrap();
         let disk =
             DiskSource { name: DiskName::new("sda").unwrap(), path: path.clone(), size, block_device: false };
-        let mut states = vec![DiskState::unknown(size, "g")];
+        let mut states = vec![DiskState::unknown(&dir.path().join("state"), size, "g").unwrap()];
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let cancel = CancellationToken::new();
         let scanner = std::thread::spawn(move || {
@@ -878,7 +886,7 @@ mod tests {
         }
         let disk =
             DiskSource { name: DiskName::new("sda").unwrap(), path: path.clone(), size, block_device: false };
-        let mut states = vec![DiskState::unknown(size, "g")];
+        let mut states = vec![DiskState::unknown(&dir.path().join("state"), size, "g").unwrap()];
         let (feed_tx, feed_rx) = std::sync::mpsc::channel();
         let coarse: Vec<BlockHashes> = (0..blocks)
             .map(|b| BlockHashes { block: Digest::of(&theirs(b)), pages: [Digest::ZERO; PAGES_PER_BLOCK] })
@@ -931,6 +939,7 @@ mod tests {
             && r.length as usize == PAGE_SIZE
             && r.offset % BLOCK_SIZE as u64 == 5 * PAGE_SIZE as u64));
         // The state now holds our own page hashes, for the passes to come.
-        assert_eq!(states[0].blocks[7], hash_block(&ours(7)));
+        let mut states = states;
+        assert_eq!(states[0].get(7), hash_block(&ours(7)));
     }
 }

@@ -4,8 +4,8 @@
 use crate::scan::{self, PassResult, ScanError, ScanEvent};
 use crate::state::DiskState;
 use crate::{
-    CONSISTENT_ATTEMPTS, Config, Inbox, Progress, Requests, Schedule, choose_states, hooks, now_ms,
-    save_states, status_of,
+    CONSISTENT_ATTEMPTS, Config, Inbox, Progress, Requests, Schedule, choose_states, commit_states, hooks,
+    now_ms, status_of,
 };
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
@@ -52,10 +52,7 @@ pub(crate) async fn session(
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
     let cfg = config.clone();
     let saved: Vec<Option<DiskState>> = tokio::task::spawn_blocking(move || {
-        cfg.disks
-            .iter()
-            .map(|d| DiskState::load(&DiskState::path(&cfg.state_dir, d.name.as_str()), d.size))
-            .collect()
+        cfg.disks.iter().map(|d| DiskState::open_saved(&cfg.state_dir, d.name.as_str(), d.size)).collect()
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))?;
@@ -172,7 +169,12 @@ impl Session {
             _ => return Err(Status::internal("the server did not answer Hello with Welcome").into()),
         };
         progress.welcomed.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.states = choose_states(&self.config, &welcome, saved);
+        self.states = choose_states(&self.config, &welcome, saved).map_err(|e| {
+            Status::failed_precondition(format!(
+                "agent state directory {}: {e}; free space there or fix its permissions",
+                self.config.state_dir.display()
+            ))
+        })?;
         // The first pass compares with the receiver's block hashes as they arrive.
         for d in &self.config.disks {
             if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) {
@@ -256,12 +258,9 @@ impl Session {
         let Some((requests, seqs)) = self.awaiting_point.take() else { return Ok(()) };
         info!(point = point_id, answers = requests.len(), "recovery point acked");
         let mut states = std::mem::take(&mut self.states);
-        for (s, seq) in states.iter_mut().zip(seqs) {
-            s.seq = seq;
-        }
         let cfg = self.config.clone();
         self.states = tokio::task::spawn_blocking(move || {
-            save_states(&cfg, &states);
+            commit_states(&cfg, &mut states, &seqs);
             states
         })
         .await

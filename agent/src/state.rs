@@ -1,55 +1,289 @@
 //! The agent's memory of what the receiver holds: per 64 KiB block, its hash and its 16
-//! page hashes, as of the last recovery point the receiver acked. Persisted in the state
-//! directory so a restart does not resend the disk.
+//! page hashes. It lives in a file in the state directory, read and written in place, so
+//! the agent's memory does not follow the disk's size, and a restart does not resend the
+//! disk.
 //!
-//! File layout (little-endian): `magic "TERNAGT1" (8) | version u32 | reserved u32 |
-//! disk size u64 | blocks u64 | point seq u64 | generation len u32 | generation bytes |
-//! blocks × (block hash [32] | 16 × page hash [32]) | BLAKE3 of all preceding bytes [32]`.
+//! File `disk-NAME.table` (little-endian):
+//! - bytes 0..4096: two header slots of 2048 bytes. Each is `magic "TERNAGT2" (8) |
+//!   version u32 | committed u8 | fill u8 | reserved u16 | counter u64 | disk size u64 |
+//!   blocks u64 | seq u64 | generation len u32 | generation | BLAKE3 of the preceding slot
+//!   bytes [32]`. The slot with a good checksum and the higher counter is the header; a
+//!   torn header write leaves the other slot.
+//! - from byte 4096: one entry of 544 bytes per block, `block hash [32] | 16 × page hash
+//!   [32]`. An all-zero entry (a hole: a new table is sparse, so blocks never written
+//!   cost nothing) means the header's `fill`: a block of zeros, or unknown. An entry whose
+//!   block hash is all 0xFF means unknown.
+//!
+//! A *committed* header vouches for the table as of the receiver's record `seq`: every
+//! record up to it is reflected. Changes after a commit wait in memory (`overlay`, up to
+//! [`OVERLAY_MAX`] blocks) until the next point is acked; the commit writes only those
+//! entries, fsyncs, then writes the next header slot and fsyncs again. A crash between the
+//! two leaves entries ahead of the committed seq, which is safe: they are of blocks that
+//! records after that seq wrote, and the receiver names those ranges at reconnect, so the
+//! agent forgets them and compares them again. When the overlay grows past its bound (a
+//! large pass between points), the header is first marked uncommitted, then the overlay is
+//! written in place: a crash before the next commit costs a compare of the whole disk with
+//! the receiver's block hashes, never a wrong entry trusted.
+//!
+//! An I/O error on the table makes the state answer "unknown" for every block from then
+//! on (everything with data is sent again — never less than needed) and its commits fail.
 
-use std::io::Write;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tern_core::blocks::{BlockHashes, block_count, block_len, zero_block};
 use tern_core::{Digest, PAGES_PER_BLOCK, Seq};
 
-const MAGIC: &[u8; 8] = b"TERNAGT1";
-const VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"TERNAGT2";
+const VERSION: u32 = 2;
+const HEADER_BYTES: u64 = HEADER_LEN as u64;
+const HEADER_LEN: usize = 4096;
+const SLOT_BYTES: usize = 2048;
 const ENTRY_LEN: usize = 32 * (1 + PAGES_PER_BLOCK);
+const UNKNOWN_MARK: [u8; 32] = [0xFF; 32];
+
+/// Changed blocks kept in memory between commits (about 20 MiB) before they go to the
+/// table in place.
+pub const OVERLAY_MAX: usize = 32 * 1024;
 
 /// An entry that matches no real data: the receiver's content is unknown.
 pub const UNKNOWN: BlockHashes = BlockHashes { block: Digest::ZERO, pages: [Digest::ZERO; PAGES_PER_BLOCK] };
 
-#[derive(Debug, Clone)]
+/// What a never-written entry of a table means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    Zero = 0,
+    Unknown = 1,
+}
+
+#[derive(Debug)]
 pub struct DiskState {
     pub size: u64,
     /// The receiver's copy this state describes.
     pub generation: String,
-    /// The receiver's sequence number at the point this state was saved.
+    /// The receiver's sequence number at the last commit.
     pub seq: Seq,
-    pub blocks: Vec<BlockHashes>,
+    blocks: u64,
+    fill: Fill,
+    path: PathBuf,
+    file: File,
+    /// The counter of the header last written.
+    counter: u64,
+    /// Whether the header on disk vouches for the table.
+    committed: bool,
+    /// Changes since the last commit, while the header vouches for the table.
+    overlay: BTreeMap<u64, BlockHashes>,
+    /// Set by the first I/O error on the table: every block reads as unknown from then on.
+    failed: Option<String>,
 }
 
 impl DiskState {
-    /// The receiver holds an all-zero disk (a new copy).
-    pub fn zeroes(size: u64, generation: &str) -> DiskState {
-        let n = block_count(size);
-        let blocks = (0..n).map(|i| zero_block(block_len(size, i))).collect();
-        DiskState { size, generation: generation.to_string(), seq: Seq(0), blocks }
+    pub fn path(state_dir: &Path, disk: &str) -> PathBuf {
+        state_dir.join(format!("disk-{disk}.table"))
     }
 
-    /// Nothing is known of the receiver's copy: every block with data is sent.
-    pub fn unknown(size: u64, generation: &str) -> DiskState {
-        let n = usize::try_from(block_count(size)).unwrap_or(0);
-        DiskState { size, generation: generation.to_string(), seq: Seq(0), blocks: vec![UNKNOWN; n] }
+    /// A new table at `path`: the receiver holds an all-zero disk (a new copy).
+    pub fn zeroes(path: &Path, size: u64, generation: &str) -> std::io::Result<DiskState> {
+        DiskState::create(path, size, generation, Fill::Zero)
     }
 
-    /// Takes block hashes from a receiver (see `BlockHashes` in the protocol). A table
-    /// that does not decode leaves the blocks unknown: they are sent whole.
-    pub fn fill_from(&mut self, first_block: u64, blocks: &[BlockHashes]) {
-        let first = usize::try_from(first_block).unwrap_or(usize::MAX);
-        for (i, b) in blocks.iter().enumerate() {
-            if let Some(slot) = self.blocks.get_mut(first.saturating_add(i)) {
-                *slot = *b;
+    /// A new table at `path`: nothing is known of the receiver's copy; every block with
+    /// data is sent (or compared with the receiver's hashes).
+    pub fn unknown(path: &Path, size: u64, generation: &str) -> std::io::Result<DiskState> {
+        DiskState::create(path, size, generation, Fill::Unknown)
+    }
+
+    /// Replaces whatever is at `path` with an empty, uncommitted table (sparse: O(1)).
+    fn create(path: &Path, size: u64, generation: &str, fill: Fill) -> std::io::Result<DiskState> {
+        let file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        let blocks = block_count(size);
+        file.set_len(HEADER_BYTES + blocks * ENTRY_LEN as u64)?;
+        let mut s = DiskState {
+            size,
+            generation: generation.to_string(),
+            seq: Seq(0),
+            blocks,
+            fill,
+            path: path.to_path_buf(),
+            file,
+            counter: 0,
+            committed: false,
+            overlay: BTreeMap::new(),
+            failed: None,
+        };
+        s.write_header(false)?;
+        s.file.sync_all()?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(s)
+    }
+
+    /// The saved state of disk `disk` in `state_dir`: its table, or a state file of an
+    /// older agent (`disk-NAME.state`, read once and turned into a table).
+    pub fn open_saved(state_dir: &Path, disk: &str, size: u64) -> Option<DiskState> {
+        let path = DiskState::path(state_dir, disk);
+        let legacy = state_dir.join(format!("disk-{disk}.state"));
+        if !path.exists() && legacy.exists() {
+            match legacy_v1::load(&legacy, size) {
+                Some((generation, seq, blocks)) => {
+                    match DiskState::from_v1(&path, size, &generation, seq, &blocks) {
+                        Ok(s) => {
+                            tracing::info!(path = %path.display(), "agent state of an older version converted");
+                            let _ = std::fs::remove_file(&legacy);
+                            return Some(s);
+                        }
+                        Err(e) => tracing::warn!(path = %path.display(), error = %e,
+                        "cannot convert the older agent state; the disk will be compared in full"),
+                    }
+                }
+                None => tracing::warn!(path = %legacy.display(),
+                    "older agent state unreadable; the disk will be compared in full"),
             }
+        }
+        DiskState::load(&path, size)
+    }
+
+    fn from_v1(
+        path: &Path,
+        size: u64,
+        generation: &str,
+        seq: Seq,
+        blocks: &[BlockHashes],
+    ) -> std::io::Result<DiskState> {
+        let mut s = DiskState::zeroes(path, size, generation)?;
+        for (b, h) in (0..).zip(blocks) {
+            if *h != zero_block(block_len(size, b)) {
+                s.set(b, *h);
+            }
+        }
+        if let Some(e) = s.failed.take() {
+            return Err(std::io::Error::other(e));
+        }
+        s.commit(seq).map_err(std::io::Error::other)?;
+        Ok(s)
+    }
+
+    /// Opens a committed table; `None` when absent, damaged, uncommitted or for another
+    /// disk size (the disk is then compared in full).
+    pub fn load(path: &Path, size: u64) -> Option<DiskState> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).ok()?;
+        let mut head = vec![0u8; HEADER_LEN];
+        file.read_exact_at(&mut head, 0).ok()?;
+        let slots = [parse_slot(&head[..SLOT_BYTES]), parse_slot(&head[SLOT_BYTES..])];
+        let Some(h) = slots.into_iter().flatten().max_by_key(|h| h.counter) else {
+            tracing::warn!(path = %path.display(), "agent state is damaged; the disk will be compared in full");
+            return None;
+        };
+        let blocks = block_count(size);
+        let len = file.metadata().ok()?.len();
+        if !h.committed
+            || h.size != size
+            || h.blocks != blocks
+            || len < HEADER_BYTES + blocks * ENTRY_LEN as u64
+        {
+            return None;
+        }
+        Some(DiskState {
+            size,
+            generation: h.generation,
+            seq: h.seq,
+            blocks,
+            fill: h.fill,
+            path: path.to_path_buf(),
+            file,
+            counter: h.counter,
+            committed: true,
+            overlay: BTreeMap::new(),
+            failed: None,
+        })
+    }
+
+    /// Blocks in the disk.
+    pub fn len(&self) -> u64 {
+        self.blocks
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks == 0
+    }
+
+    /// The entries of blocks `first..last`.
+    pub fn range(&mut self, first: u64, last: u64) -> Vec<BlockHashes> {
+        let last = last.min(self.blocks);
+        if first >= last {
+            return Vec::new();
+        }
+        if self.failed.is_some() {
+            return vec![UNKNOWN; usize::try_from(last - first).unwrap_or(0)];
+        }
+        let mut buf = vec![0u8; usize::try_from(last - first).unwrap_or(0) * ENTRY_LEN];
+        if let Err(e) = self.file.read_exact_at(&mut buf, entry_offset(first)) {
+            self.fail(&e);
+            return vec![UNKNOWN; buf.len() / ENTRY_LEN];
+        }
+        let mut out: Vec<BlockHashes> =
+            buf.chunks_exact(ENTRY_LEN).zip(first..).map(|(e, b)| self.decode(b, e)).collect();
+        for (b, h) in self.overlay.range(first..last) {
+            if let Some(slot) = usize::try_from(b - first).ok().and_then(|i| out.get_mut(i)) {
+                *slot = *h;
+            }
+        }
+        out
+    }
+
+    pub fn get(&mut self, block: u64) -> BlockHashes {
+        self.range(block, block + 1).pop().unwrap_or(UNKNOWN)
+    }
+
+    /// Records what the receiver holds (or will hold, once the records being sent are
+    /// durable) for `block`.
+    pub fn set(&mut self, block: u64, h: BlockHashes) {
+        if block >= self.blocks || self.failed.is_some() {
+            return;
+        }
+        if !self.committed {
+            if let Err(e) = self.file.write_all_at(&encode(&h), entry_offset(block)) {
+                self.fail(&e);
+            }
+            return;
+        }
+        self.overlay.insert(block, h);
+        if self.overlay.len() > OVERLAY_MAX {
+            self.spill();
+        }
+    }
+
+    /// Too many changes to hold: the header stops vouching (durably) before the table is
+    /// changed in place; the next commit vouches again.
+    fn spill(&mut self) {
+        tracing::info!(path = %self.path.display(), blocks = self.overlay.len(),
+            "many blocks changed since the last point: the agent state is written in place until the next one");
+        let r = self.write_header(false).and_then(|()| self.file.sync_data());
+        if let Err(e) = r {
+            self.fail(&e);
+            return;
+        }
+        self.committed = false;
+        self.write_overlay();
+    }
+
+    fn write_overlay(&mut self) {
+        let overlay = std::mem::take(&mut self.overlay);
+        for (b, h) in overlay {
+            if let Err(e) = self.file.write_all_at(&encode(&h), entry_offset(b)) {
+                self.fail(&e);
+                return;
+            }
+        }
+    }
+
+    /// Takes block hashes from a receiver (see `BlockHashes` in the protocol).
+    pub fn fill_from(&mut self, first_block: u64, blocks: &[BlockHashes]) {
+        for (b, h) in (first_block..).zip(blocks) {
+            self.set(b, *h);
         }
     }
 
@@ -61,12 +295,10 @@ impl DiskState {
         let mut n = 0;
         for (offset, length) in ranges {
             let first = offset / block;
-            let end = offset.saturating_add(length).div_ceil(block);
+            let end = offset.saturating_add(length).div_ceil(block).min(self.blocks);
             for b in first..end {
-                if let Some(slot) = usize::try_from(b).ok().and_then(|i| self.blocks.get_mut(i))
-                    && *slot != UNKNOWN
-                {
-                    *slot = UNKNOWN;
+                if self.get(b) != UNKNOWN {
+                    self.set(b, UNKNOWN);
                     n += 1;
                 }
             }
@@ -74,57 +306,143 @@ impl DiskState {
         n
     }
 
-    pub fn path(state_dir: &Path, disk: &str) -> PathBuf {
-        state_dir.join(format!("disk-{disk}.state"))
-    }
-
-    /// Publishes the state: streamed to a temporary file (no copy of the table in
-    /// memory), fsynced, renamed into place, folder fsynced.
-    pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        let mut w = HashingWriter {
-            inner: std::io::BufWriter::new(std::fs::File::create(&tmp)?),
-            hash: blake3::Hasher::new(),
-        };
-        let mut buf = Vec::with_capacity(64);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&VERSION.to_le_bytes());
-        buf.extend_from_slice(&0u32.to_le_bytes());
-        buf.extend_from_slice(&self.size.to_le_bytes());
-        buf.extend_from_slice(&(self.blocks.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&self.seq.0.to_le_bytes());
-        let generation = self.generation.as_bytes();
-        buf.extend_from_slice(&u32::try_from(generation.len()).unwrap_or(0).to_le_bytes());
-        buf.extend_from_slice(generation);
-        w.write_all(&buf)?;
-        for b in &self.blocks {
-            w.write_all(&b.block.0)?;
-            for p in &b.pages {
-                w.write_all(&p.0)?;
+    /// The receiver has made everything up to `seq` durable (a point was acked): the table
+    /// vouches for it from now on. Writes only the entries changed since the last commit.
+    pub fn commit(&mut self, seq: Seq) -> Result<(), String> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        self.write_overlay();
+        let r = self.file.sync_data().and_then(|()| {
+            self.seq = seq;
+            self.write_header(true)
+        });
+        match r.and_then(|()| self.file.sync_data()) {
+            Ok(()) => {
+                self.committed = true;
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(&e);
+                Err(e.to_string())
             }
         }
-        let check = w.hash.finalize();
-        w.inner.write_all(check.as_bytes())?;
-        let f = w.inner.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
     }
 
-    /// Loads a saved state; `None` when absent, damaged or for another disk size.
-    pub fn load(path: &Path, size: u64) -> Option<DiskState> {
+    fn fail(&mut self, e: &std::io::Error) {
+        if self.failed.is_none() {
+            tracing::error!(path = %self.path.display(), error = %e,
+                "agent state cannot be read or written: every block is sent again until the agent restarts");
+            self.failed = Some(format!("{}: {e}", self.path.display()));
+            self.overlay.clear();
+        }
+    }
+
+    fn decode(&self, block: u64, e: &[u8]) -> BlockHashes {
+        if e[..32] == UNKNOWN_MARK {
+            return UNKNOWN;
+        }
+        if e.iter().all(|&b| b == 0) {
+            return match self.fill {
+                Fill::Zero => zero_block(block_len(self.size, block)),
+                Fill::Unknown => UNKNOWN,
+            };
+        }
+        let d = |i: usize| Digest::from_slice(&e[i * 32..(i + 1) * 32]).unwrap_or(Digest::ZERO);
+        let mut pages = [Digest::ZERO; PAGES_PER_BLOCK];
+        for (i, p) in pages.iter_mut().enumerate() {
+            *p = d(i + 1);
+        }
+        BlockHashes { block: d(0), pages }
+    }
+
+    /// Writes the next header slot (not synced).
+    fn write_header(&mut self, committed: bool) -> std::io::Result<()> {
+        let counter = self.counter + 1;
+        let mut slot = Vec::with_capacity(SLOT_BYTES);
+        slot.extend_from_slice(MAGIC);
+        slot.extend_from_slice(&VERSION.to_le_bytes());
+        slot.push(u8::from(committed));
+        slot.push(self.fill as u8);
+        slot.extend_from_slice(&0u16.to_le_bytes());
+        slot.extend_from_slice(&counter.to_le_bytes());
+        slot.extend_from_slice(&self.size.to_le_bytes());
+        slot.extend_from_slice(&self.blocks.to_le_bytes());
+        slot.extend_from_slice(&self.seq.0.to_le_bytes());
+        let generation = self.generation.as_bytes();
+        let glen = generation.len().min(SLOT_BYTES - 128);
+        slot.extend_from_slice(&u32::try_from(glen).unwrap_or(0).to_le_bytes());
+        slot.extend_from_slice(&generation[..glen]);
+        let check = blake3::hash(&slot);
+        slot.extend_from_slice(check.as_bytes());
+        let at = if counter.is_multiple_of(2) { SLOT_BYTES as u64 } else { 0 };
+        self.file.write_all_at(&slot, at)?;
+        self.counter = counter;
+        Ok(())
+    }
+}
+
+fn entry_offset(block: u64) -> u64 {
+    HEADER_BYTES + block * ENTRY_LEN as u64
+}
+
+fn encode(h: &BlockHashes) -> [u8; ENTRY_LEN] {
+    let mut e = [0u8; ENTRY_LEN];
+    if *h == UNKNOWN {
+        e[..32].copy_from_slice(&UNKNOWN_MARK);
+        return e;
+    }
+    e[..32].copy_from_slice(&h.block.0);
+    for (i, p) in h.pages.iter().enumerate() {
+        e[(i + 1) * 32..(i + 2) * 32].copy_from_slice(&p.0);
+    }
+    e
+}
+
+struct Header {
+    committed: bool,
+    fill: Fill,
+    counter: u64,
+    size: u64,
+    blocks: u64,
+    seq: Seq,
+    generation: String,
+}
+
+fn parse_slot(s: &[u8]) -> Option<Header> {
+    if s.get(..8)? != MAGIC || s.get(8..12)? != VERSION.to_le_bytes() {
+        return None;
+    }
+    let u64_at = |i: usize| s.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let glen = usize::try_from(u32::from_le_bytes(s.get(48..52)?.try_into().ok()?)).ok()?;
+    let end = 52usize.checked_add(glen)?;
+    if s.get(end..end + 32)? != blake3::hash(s.get(..end)?).as_bytes() {
+        return None;
+    }
+    Some(Header {
+        committed: *s.get(12)? == 1,
+        fill: if *s.get(13)? == Fill::Zero as u8 { Fill::Zero } else { Fill::Unknown },
+        counter: u64_at(16)?,
+        size: u64_at(24)?,
+        blocks: u64_at(32)?,
+        seq: Seq(u64_at(40)?),
+        generation: String::from_utf8(s.get(52..end)?.to_vec()).ok()?,
+    })
+}
+
+/// The state file of agents before the table (`TERNAGT1`): the whole map in one file,
+/// rewritten at every point. Read only, to convert it.
+mod legacy_v1 {
+    use super::*;
+
+    pub fn load(path: &Path, size: u64) -> Option<(String, Seq, Vec<BlockHashes>)> {
         let buf = std::fs::read(path).ok()?;
         let (body, check) = buf.split_at(buf.len().checked_sub(32)?);
-        if blake3::hash(body).as_bytes() != check || body.get(..8)? != MAGIC {
-            tracing::warn!(path = %path.display(), "agent state is damaged; the disk will be compared in full");
+        if blake3::hash(body).as_bytes() != check || body.get(..8)? != b"TERNAGT1" {
             return None;
         }
         let u64_at = |i: usize| body.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
-        if body.get(8..12)? != VERSION.to_le_bytes() || u64_at(16)? != size {
+        if body.get(8..12)? != 1u32.to_le_bytes() || u64_at(16)? != size {
             return None;
         }
         let n = usize::try_from(u64_at(24)?).ok()?;
@@ -146,46 +464,142 @@ impl DiskState {
                 BlockHashes { block: d(0), pages }
             })
             .collect();
-        Some(DiskState { size, generation, seq, blocks })
-    }
-}
-
-struct HashingWriter<W> {
-    inner: W,
-    hash: blake3::Hasher,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(b)?;
-        self.hash.update(&b[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        Some((generation, seq, blocks))
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+    use tern_core::blocks::hash_block;
+
+    fn data_block(i: u8) -> BlockHashes {
+        hash_block(&vec![i; tern_core::BLOCK_SIZE])
+    }
 
     #[test]
-    fn save_load_round_trip_and_damage() {
+    fn commit_load_round_trip_and_damage() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
-        let mut s = DiskState::zeroes(200_000, "gen1");
-        s.seq = Seq(42);
-        s.blocks[1] = UNKNOWN;
-        s.save(&p).unwrap();
-        let l = DiskState::load(&p, 200_000).unwrap();
-        assert_eq!(l.seq, Seq(42));
-        assert_eq!(l.generation, "gen1");
-        assert_eq!(l.blocks, s.blocks);
-        assert!(DiskState::load(&p, 300_000).is_none());
+        let size = 200_000;
+        let mut s = DiskState::zeroes(&p, size, "gen1").unwrap();
+        assert!(DiskState::load(&p, size).is_none(), "a table never committed is not trusted");
+        s.set(1, UNKNOWN);
+        s.set(2, data_block(2));
+        s.commit(Seq(42)).unwrap();
+        let mut l = DiskState::load(&p, size).unwrap();
+        assert_eq!((l.seq, l.generation.as_str()), (Seq(42), "gen1"));
+        assert_eq!(
+            l.range(0, 4),
+            vec![zero_block(65536), UNKNOWN, data_block(2), zero_block(size as usize - 3 * 65536)]
+        );
+        assert!(DiskState::load(&p, 300_000).is_none(), "another disk size");
+        // A damaged header slot: the other one (the creation's, uncommitted) is not enough.
         let mut bytes = std::fs::read(&p).unwrap();
-        bytes[100] ^= 1;
+        let newest = if l.counter.is_multiple_of(2) { SLOT_BYTES } else { 0 };
+        bytes[newest + 30] ^= 1;
         std::fs::write(&p, bytes).unwrap();
-        assert!(DiskState::load(&p, 200_000).is_none());
+        assert!(DiskState::load(&p, size).is_none());
+    }
+
+    /// Between commits changes stay in memory: a crash (dropping the state) before the
+    /// next commit leaves the table as the last commit wrote it.
+    #[test]
+    fn changes_reach_the_file_only_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let mut s = DiskState::unknown(&p, 1 << 20, "g").unwrap();
+        s.set(3, data_block(3));
+        s.commit(Seq(7)).unwrap();
+        s.set(3, data_block(4));
+        s.set(5, data_block(5));
+        assert_eq!(s.get(3), data_block(4), "the overlay answers reads");
+        drop(s);
+        let mut l = DiskState::load(&p, 1 << 20).unwrap();
+        assert_eq!(l.seq, Seq(7));
+        assert_eq!(l.get(3), data_block(3));
+        assert_eq!(l.get(5), UNKNOWN, "the fill of a table made unknown");
+        l.set(5, data_block(5));
+        l.commit(Seq(9)).unwrap();
+        let mut again = DiskState::load(&p, 1 << 20).unwrap();
+        assert_eq!((again.seq, again.get(5), again.get(3)), (Seq(9), data_block(5), data_block(3)));
+    }
+
+    /// Past the overlay's bound the header stops vouching before the table changes in
+    /// place: a crash then loads nothing (a full compare), never a mix passed as valid.
+    #[test]
+    fn a_spill_uncommits_before_it_writes_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let blocks = OVERLAY_MAX as u64 + 10;
+        let size = blocks * tern_core::BLOCK_SIZE as u64;
+        let mut s = DiskState::zeroes(&p, size, "g").unwrap();
+        s.commit(Seq(1)).unwrap();
+        for b in 0..blocks {
+            s.set(b, data_block(1));
+        }
+        assert!(s.overlay.len() < OVERLAY_MAX, "the overlay was written out");
+        assert!(DiskState::load(&p, size).is_none(), "uncommitted while entries change in place");
+        assert_eq!(s.get(0), data_block(1));
+        assert_eq!(s.get(blocks - 1), data_block(1));
+        s.commit(Seq(2)).unwrap();
+        let mut l = DiskState::load(&p, size).unwrap();
+        assert_eq!(l.range(0, blocks), vec![data_block(1); usize::try_from(blocks).unwrap()]);
+        // Only the changed entries and the header are written: the file stays sparse.
+        use std::os::unix::fs::MetadataExt;
+        let big = DiskState::zeroes(&dir.path().join("big"), 64 << 30, "g").unwrap();
+        let m = std::fs::metadata(&big.path).unwrap();
+        assert!(
+            m.len() > 500 << 20 && m.blocks() * 512 <= 64 << 10,
+            "{} bytes, {} allocated",
+            m.len(),
+            m.blocks() * 512
+        );
+    }
+
+    /// A state file of the older format (written here as that agent wrote it) becomes a
+    /// committed table with the same entries, and the old file goes.
+    #[test]
+    fn an_older_state_file_is_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 200_000u64;
+        let blocks = vec![zero_block(65536), UNKNOWN, data_block(9), zero_block(size as usize - 3 * 65536)];
+        let mut body = Vec::new();
+        body.extend_from_slice(b"TERNAGT1");
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&size.to_le_bytes());
+        body.extend_from_slice(&4u64.to_le_bytes());
+        body.extend_from_slice(&42u64.to_le_bytes());
+        body.extend_from_slice(&4u32.to_le_bytes());
+        body.extend_from_slice(b"gen1");
+        for b in &blocks {
+            body.extend_from_slice(&b.block.0);
+            for p in &b.pages {
+                body.extend_from_slice(&p.0);
+            }
+        }
+        let check = blake3::hash(&body);
+        body.extend_from_slice(check.as_bytes());
+        let legacy = dir.path().join("disk-sda.state");
+        std::fs::write(&legacy, body).unwrap();
+        let mut s = DiskState::open_saved(dir.path(), "sda", size).unwrap();
+        assert_eq!((s.seq, s.generation.as_str()), (Seq(42), "gen1"));
+        assert_eq!(s.range(0, 4), blocks);
+        assert!(!legacy.exists());
+        let mut again = DiskState::open_saved(dir.path(), "sda", size).unwrap();
+        assert_eq!(again.range(0, 4), blocks);
+    }
+
+    #[test]
+    fn forget_counts_what_it_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DiskState::zeroes(&dir.path().join("s"), 1 << 20, "g").unwrap();
+        s.commit(Seq(1)).unwrap();
+        assert_eq!(s.forget([(65536 + 10, 70000)].into_iter()), 2);
+        assert_eq!(s.forget([(65536, 1)].into_iter()), 0, "already unknown");
+        assert_eq!(s.get(1), UNKNOWN);
+        assert_eq!(s.get(3), zero_block(65536));
     }
 }
