@@ -788,6 +788,41 @@ mod tests {
         assert_eq!((v, slept), (None, Duration::ZERO));
     }
 
+    /// A pass over a sparse disk after a point changes only the entries of the blocks
+    /// written since: the state's cost follows the changes.
+    #[test]
+    fn a_pass_changes_only_the_entries_of_written_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        let size = 64u64 << 20;
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        f.write_all_at(&vec![7u8; 4 << 20], 8 << 20).unwrap();
+        let disk =
+            DiskSource { name: DiskName::new("sda").unwrap(), path: path.clone(), size, block_device: false };
+        let mut states = vec![DiskState::zeroes(&dir.path().join("state"), size, "g").unwrap()];
+        let pass = |states: &mut Vec<DiskState>| {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+            let cancel = CancellationToken::new();
+            let (d, mut s) = (disk.clone(), std::mem::take(states));
+            let scanner = std::thread::spawn(move || {
+                run_pass(&[d], &mut s, false, true, vec![None], &tx, &cancel).unwrap();
+                s
+            });
+            while rx.blocking_recv().is_some() {}
+            *states = scanner.join().unwrap();
+        };
+        pass(&mut states);
+        states[0].commit(tern_core::Seq(1)).unwrap();
+        pass(&mut states);
+        assert_eq!(states[0].pending(), 0, "nothing written, nothing changed");
+        for i in 0..10u64 {
+            f.write_all_at(&[1u8; 4096], i * (5 << 20) + 4096).unwrap();
+        }
+        pass(&mut states);
+        assert_eq!(states[0].pending(), 10, "one entry per block written");
+    }
+
     /// A whole-disk pass sends runs of data blocks as records of up to 1 MiB (one chunk),
     /// zero blocks as zero extents, and the records rebuild the disk.
     #[test]
