@@ -26,7 +26,8 @@
 //! the receiver's block hashes, never a wrong entry trusted.
 //!
 //! An I/O error on the table makes the state answer "unknown" for every block from then
-//! on (everything with data is sent again — never less than needed) and its commits fail.
+//! on (everything with data is sent again — never less than needed) and its commits fail
+//! before they write a header, so nothing unwritten is ever vouched for.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -76,6 +77,9 @@ pub struct DiskState {
     overlay: BTreeMap<u64, BlockHashes>,
     /// Set by the first I/O error on the table: every block reads as unknown from then on.
     failed: Option<String>,
+    /// Tests: entry writes fail (ENOSPC) while header writes still succeed.
+    #[cfg(test)]
+    entry_writes_fail: bool,
 }
 
 impl DiskState {
@@ -113,6 +117,8 @@ impl DiskState {
             committed: false,
             overlay: BTreeMap::new(),
             failed: None,
+            #[cfg(test)]
+            entry_writes_fail: false,
         };
         s.write_header(false)?;
         s.file.sync_all()?;
@@ -200,6 +206,8 @@ impl DiskState {
             committed: true,
             overlay: BTreeMap::new(),
             failed: None,
+            #[cfg(test)]
+            entry_writes_fail: false,
         })
     }
 
@@ -256,7 +264,7 @@ impl DiskState {
             return;
         }
         if !self.committed {
-            if let Err(e) = self.file.write_all_at(&encode(&h), entry_offset(block)) {
+            if let Err(e) = self.write_entry(block, &h) {
                 self.fail(&e);
             }
             return;
@@ -284,11 +292,19 @@ impl DiskState {
     fn write_overlay(&mut self) {
         let overlay = std::mem::take(&mut self.overlay);
         for (b, h) in overlay {
-            if let Err(e) = self.file.write_all_at(&encode(&h), entry_offset(b)) {
+            if let Err(e) = self.write_entry(b, &h) {
                 self.fail(&e);
                 return;
             }
         }
+    }
+
+    fn write_entry(&self, block: u64, h: &BlockHashes) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.entry_writes_fail {
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        self.file.write_all_at(&encode(h), entry_offset(block))
     }
 
     /// Takes block hashes from a receiver (see `BlockHashes` in the protocol).
@@ -324,6 +340,10 @@ impl DiskState {
             return Err(e.clone());
         }
         self.write_overlay();
+        // An entry that could not be written must not be vouched for.
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
         let r = self.file.sync_data().and_then(|()| {
             self.seq = seq;
             self.write_header(true)
@@ -343,7 +363,7 @@ impl DiskState {
     fn fail(&mut self, e: &std::io::Error) {
         if self.failed.is_none() {
             tracing::error!(path = %self.path.display(), error = %e,
-                "agent state cannot be read or written: every block is sent again until the agent restarts");
+                "agent state cannot be read or written: every block is sent again until the next session starts a new state");
             self.failed = Some(format!("{}: {e}", self.path.display()));
             self.overlay.clear();
         }
@@ -608,6 +628,24 @@ mod tests {
         assert!(!legacy.exists());
         let mut again = DiskState::open_saved(dir.path(), "sda", size).unwrap();
         assert_eq!(again.range(0, 4), blocks);
+    }
+
+    /// A commit whose entries cannot all be written writes no header: the last commit
+    /// stays the one on disk.
+    #[test]
+    fn a_failed_entry_write_is_never_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let mut s = DiskState::zeroes(&p, 1 << 20, "g").unwrap();
+        s.commit(Seq(1)).unwrap();
+        s.set(2, data_block(2));
+        // The entry cannot be written (a hole of the table on a full file system); the
+        // header slots, in an allocated page, still could be.
+        s.entry_writes_fail = true;
+        assert!(s.commit(Seq(2)).is_err());
+        assert_eq!(s.get(2), UNKNOWN, "a failed state answers unknown");
+        let mut l = DiskState::load(&p, 1 << 20).unwrap();
+        assert_eq!((l.seq, l.get(2)), (Seq(1), zero_block(65536)));
     }
 
     #[test]

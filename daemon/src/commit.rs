@@ -1,7 +1,9 @@
 //! The last steps of ingest, the same on both daemons: verified batches are written in
 //! order by a [`Sink`], and a group commit runs beside the writer — while one fsync runs,
-//! the next batches are written, and the next commit takes all of them, so the commit rate
-//! adapts to the disk's flush time. What a commit made durable is acked, cumulatively.
+//! the next batches are received and verified (an append to the same disk waits for the
+//! journal the fsync holds), and the next commit takes all that was written meanwhile, so
+//! the commit rate adapts to the disk's flush time. What a commit made durable is acked,
+//! cumulatively.
 
 use crate::{Site, store_status};
 use std::collections::HashMap;

@@ -95,24 +95,28 @@ pub async fn relay_worker(ctx: Arc<Ctx>) {
         if seen == Some(epoch) {
             continue;
         }
-        seen = Some(epoch);
         let c = ctx.clone();
-        let vms = tokio::task::spawn_blocking(move || {
-            c.store
-                .vms()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|vm| c.store.vm_state(vm).is_ok_and(|s| RELAY_STATES.contains(&s)))
-                .collect::<Vec<_>>()
+        let read = tokio::task::spawn_blocking(move || {
+            let mut vms = Vec::new();
+            for vm in c.store.vms()? {
+                if RELAY_STATES.contains(&c.store.vm_state(&vm)?) {
+                    vms.push(vm);
+                }
+            }
+            Ok::<_, tern_store::StoreError>(vms)
         })
-        .await
-        .unwrap_or_default();
+        .await;
+        // Seen only once read: a failed read is tried again at the next tick.
+        let Ok(Ok(vms)) = read else { continue };
+        seen = Some(epoch);
         for vm in vms {
             if lock(&ctx.relay.running).insert(vm.clone()) {
                 let c = ctx.clone();
                 ctx.tracker.spawn(async move {
                     relay_vm(&c, &vm).await;
                     lock(&c.relay.running).remove(&vm);
+                    // The VM may have come back to a relay state meanwhile: look again.
+                    c.store.bump_state_epoch();
                 });
             }
         }

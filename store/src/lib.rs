@@ -668,6 +668,11 @@ impl Store {
         self.state_epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
+    /// Makes watchers of `state_epoch` read the states again (a relay that ended).
+    pub fn bump_state_epoch(&self) {
+        self.state_changed();
+    }
+
     /// Moves whenever a VM's state may have changed (a transition, a VM added or
     /// forgotten); unchanged, every `vm_state` answer still holds. Lock-free.
     pub fn state_epoch(&self) -> u64 {
