@@ -66,6 +66,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             _ = shutdown.cancelled() => return Ok(()),
             r = session::session(config.clone(), shutdown.clone(), &progress) => r,
         };
+        metrics::gauge!("tern_agent_connected", "vm" => config.vm.to_string()).set(0.0);
         match outcome {
             Ok(()) => return Ok(()),
             Err(status) if is_permanent(status.code()) => {

@@ -70,6 +70,9 @@ enum Cmd {
         /// `raw` is given (the VM itself wrote those bytes).
         #[arg(long, value_enum, default_value = "detect")]
         disk_format: DiskFormat,
+        /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9465 (off by default).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
 }
 
@@ -102,6 +105,7 @@ fn run() -> anyhow::Result<()> {
         shutdown,
         max_rate,
         disk_format,
+        metrics,
     } = Cli::parse().cmd;
     if let Mode::Nbd = mode {
         bail!("--mode nbd is not built yet; use --mode scan");
@@ -172,6 +176,9 @@ fn run() -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
+        if let Some(addr) = metrics {
+            tern_proto::metrics::serve(addr)?;
+        }
         let shutdown = tern_proto::daemon::shutdown_on_signal();
         tern_agent::run(config, shutdown).await.map_err(anyhow::Error::from)
     })

@@ -169,6 +169,7 @@ impl Session {
             _ => return Err(Status::internal("the server did not answer Hello with Welcome").into()),
         };
         progress.welcomed.store(true, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("tern_agent_connected", "vm" => self.config.vm.to_string()).set(1.0);
         self.states = choose_states(&self.config, &welcome, saved).map_err(|e| {
             Status::failed_precondition(format!(
                 "agent state directory {}: {e}; free space there or fix its permissions",
@@ -257,6 +258,9 @@ impl Session {
         let Some(point_id) = self.inbox.point_ack.take() else { return Ok(()) };
         let Some((requests, seqs)) = self.awaiting_point.take() else { return Ok(()) };
         info!(point = point_id, answers = requests.len(), "recovery point acked");
+        let vm = self.config.vm.to_string();
+        metrics::counter!("tern_agent_points_total", "vm" => vm.clone()).increment(1);
+        metrics::gauge!("tern_agent_last_point_timestamp_seconds", "vm" => vm).set(now_ms() as f64 / 1000.0);
         let mut states = std::mem::take(&mut self.states);
         let cfg = self.config.clone();
         self.states = tokio::task::spawn_blocking(move || {
@@ -460,7 +464,10 @@ impl Session {
                         let n = records.len() as u64;
                         let first_seq = self.next_seq[disk].0;
                         let batch = pb::Batch { disk: self.config.disks[disk].name.to_string(), first_seq, records };
-                        limiter.take(prost::Message::encoded_len(&batch) as u64).await;
+                        let bytes = prost::Message::encoded_len(&batch) as u64;
+                        limiter.take(bytes).await;
+                        metrics::counter!("tern_agent_sent_bytes_total", "vm" => self.config.vm.to_string())
+                            .increment(bytes);
                         self.next_seq[disk] = Seq(first_seq + n);
                         self.send(pb::agent_message::Msg::Batch(batch)).await?;
                     }

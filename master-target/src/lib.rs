@@ -390,6 +390,8 @@ impl Sink for Writer {
 
     async fn take(&mut self, pending: Pending, gc: &mut GroupCommit) -> Result<(), Status> {
         let v = pending.await.map_err(|e| Status::internal(e.to_string()))??;
+        metrics::counter!("tern_mt_received_bytes_total", "vm" => v.disk.vm.to_string())
+            .increment(v.wire_bytes);
         if !self.through {
             let d = v.disk.clone();
             let records = v.records;
@@ -425,6 +427,10 @@ impl Sink for Writer {
     }
 
     fn durable(&mut self, done: Vec<Durable>) {
+        for (disk, seq) in &done {
+            let l = [("vm", disk.vm.to_string()), ("disk", disk.name.to_string())];
+            metrics::gauge!("tern_mt_durable_seq", &l).set(seq.0 as f64);
+        }
         ack(&self.out, done);
     }
 }

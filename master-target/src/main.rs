@@ -25,6 +25,9 @@ enum Cmd {
         /// Identity from `drctl enroll master-target --name NAME --out FILE`.
         #[arg(long)]
         identity: PathBuf,
+        /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9466 (off by default).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
 }
 
@@ -34,7 +37,7 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    let Cmd::Serve { data_dir, listen, identity } = Cli::parse().cmd;
+    let Cmd::Serve { data_dir, listen, identity, metrics } = Cli::parse().cmd;
     let bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
     match bundle.role()? {
@@ -51,6 +54,9 @@ fn run() -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         println!("listening on {}", listener.local_addr()?);
+        if let Some(addr) = metrics {
+            tern_proto::metrics::serve(addr)?;
+        }
         let shutdown = tern_proto::daemon::shutdown_on_signal();
         let config = tern_master_target::Config { data_dir, identity: bundle };
         Ok(tern_master_target::run(config, listener, shutdown).await?)

@@ -79,7 +79,7 @@ impl AdminService {
         }
     }
 
-    async fn vm_status(&self, vm: VmName) -> Result<pb::VmStatus, Status> {
+    pub(crate) async fn vm_status(&self, vm: VmName) -> Result<pb::VmStatus, Status> {
         let store = self.ctx.store.clone();
         let v = vm.clone();
         let points = blocking(move || store.points(&v)).await?.map_err(store_status)?;

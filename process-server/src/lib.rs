@@ -8,6 +8,7 @@ pub mod failback;
 pub mod health;
 pub mod hub;
 pub mod jobs;
+pub mod metrics;
 pub mod relay;
 pub mod replication;
 pub mod scrub;
@@ -91,6 +92,8 @@ pub struct Config {
     pub scrub: scrub::ScrubConfig,
     /// Bytes per second at most on each relay to a master target (0: no cap).
     pub relay_max_rate: u64,
+    /// Keep the Prometheus gauges current (the exporter itself is started by `main`).
+    pub metrics: bool,
 }
 
 /// Serves until `shutdown` is cancelled, then drains with a deadline.
@@ -130,6 +133,9 @@ pub async fn run(
     tracker.spawn(health::retention_worker(ctx.clone(), config.retention_every));
     tracker.spawn(relay::relay_worker(ctx.clone()));
     tracker.spawn(scrub::scrub_worker(ctx.clone(), config.scrub));
+    if config.metrics {
+        tracker.spawn(metrics::metrics_worker(ctx.clone()));
+    }
     let incoming = tls::incoming(listener, tls, shutdown.clone(), &tracker);
     let replication =
         tern_proto::replication_server::ReplicationServer::new(replication::ReplicationService {

@@ -43,6 +43,9 @@ enum Cmd {
         /// (a reprotected VM's changes share the WAN with everything else); 0: no cap.
         #[arg(long, default_value = "0")]
         relay_max_rate: String,
+        /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (off by default).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Describe what a data directory holds (no server may run on it); with
     /// --rebuild-catalog, rebuild a lost catalog.db from the journals and base images.
@@ -85,6 +88,7 @@ fn run() -> anyhow::Result<()> {
             scrub_every,
             scrub_rate,
             relay_max_rate,
+            metrics,
         } => {
             let relay_max_rate = tern_core::units::parse_size(&relay_max_rate)?;
             let segment_bytes = Some(tern_core::units::parse_size(&segment_size)?);
@@ -106,6 +110,9 @@ fn run() -> anyhow::Result<()> {
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
                 println!("listening on {}", listener.local_addr()?);
+                if let Some(addr) = metrics {
+                    tern_proto::metrics::serve(addr)?;
+                }
                 let shutdown = tern_proto::daemon::shutdown_on_signal();
                 let config = tern_process_server::Config {
                     data_dir,
@@ -113,6 +120,7 @@ fn run() -> anyhow::Result<()> {
                     retention_every,
                     scrub,
                     relay_max_rate,
+                    metrics: metrics.is_some(),
                 };
                 Ok(tern_process_server::run(config, listener, shutdown).await?)
             })

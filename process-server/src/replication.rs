@@ -383,6 +383,7 @@ async fn run_session(
                 match prepare_batch(&handles, b) {
                     Ok(item) => item,
                     Err(status) => {
+                        count_error(vm, &status);
                         warn!(vm = %vm, error = %status.message(), "batch refused");
                         ctx.hub.set_error(vm, status.message());
                         let _ = out.send(Err(status)).await;
@@ -654,6 +655,12 @@ impl Sink for SessionWriter {
     }
 }
 
+/// Counts a refusal that ends a session, by its code (the metrics' errors by kind).
+fn count_error(vm: &VmName, status: &Status) {
+    let code = tern_proto::metrics::code_label(status.code());
+    metrics::counter!("tern_replication_errors_total", "vm" => vm.to_string(), "code" => code).increment(1);
+}
+
 async fn write_loop(
     ctx: Arc<Ctx>,
     vm: VmName,
@@ -665,6 +672,7 @@ async fn write_loop(
     let gc = GroupCommit::new(ctx.store.clone(), Site::ProcessServer);
     let writer = SessionWriter { ctx: ctx.clone(), vm: vm.clone(), out: out.clone(), initial };
     if let Err(status) = commit::write_loop(rx, writer, gc).await {
+        count_error(&vm, &status);
         warn!(vm = %vm, error = %status.message(), "replication session ends");
         ctx.hub.set_error(&vm, status.message());
         let _ = out.send(Err(status)).await;

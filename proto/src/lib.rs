@@ -10,6 +10,7 @@ pub use v1::*;
 
 pub mod daemon;
 pub mod hash_table;
+pub mod metrics;
 pub mod names;
 pub mod rate;
 pub mod tls;

@@ -410,6 +410,8 @@ pub struct MasterTarget {
     pub port: u16,
     pub child: Option<Child>,
     pub log: PathBuf,
+    /// Extra arguments for `serve`.
+    pub extra: Vec<String>,
 }
 
 impl MasterTarget {
@@ -422,6 +424,7 @@ impl MasterTarget {
             port: 0,
             child: None,
             log: root.join(format!("{name}.log")),
+            extra: Vec::new(),
         };
         mt.restart();
         mt
@@ -441,6 +444,7 @@ impl MasterTarget {
                 .arg(&self.data)
                 .args(["--listen", &format!("127.0.0.1:{}", self.port), "--identity"])
                 .arg(&self.identity)
+                .args(&self.extra)
                 .stderr(log),
         );
         self.port = port;

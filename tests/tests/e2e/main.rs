@@ -8,4 +8,5 @@ mod failback;
 mod faults;
 mod harness;
 mod lifecycle;
+mod metrics;
 mod protect;

@@ -1,0 +1,105 @@
+//! The process server's Prometheus metrics (served with `serve --metrics ADDR`, see
+//! `tern_proto::metrics`): every few seconds the status `drctl status` shows becomes
+//! gauges per VM and disk, and the jobs of this process's life their progress. Counters
+//! of refused batches and ended sessions are counted where they happen (`replication.rs`).
+
+use crate::Ctx;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_core::{Health, JobState, VmState};
+use tern_proto as pb;
+
+const EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps the gauges current until the server stops.
+pub async fn metrics_worker(ctx: Arc<Ctx>) {
+    describe();
+    let admin = crate::admin::AdminService { ctx: ctx.clone() };
+    loop {
+        collect(&ctx, &admin).await;
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_gauge!("tern_vm_rpo_seconds", Unit::Seconds, "Age of the VM's latest recovery point.");
+    describe_gauge!("tern_vm_rpo_threshold_seconds", Unit::Seconds, "The VM's RPO threshold (policy).");
+    describe_gauge!("tern_vm_last_point_timestamp_seconds", Unit::Seconds, "Time of the latest point.");
+    describe_gauge!("tern_vm_health", "0 normal, 1 warning, 2 critical.");
+    describe_gauge!("tern_vm_state", "1 for the VM's lifecycle state, 0 for the others.");
+    describe_gauge!("tern_vm_initial_sync", "1 while the VM has no point yet.");
+    describe_gauge!("tern_vm_agent_connected", "1 while the VM's agent is connected.");
+    describe_gauge!("tern_vm_failing", "1 while replication of the VM is failing (see drctl status).");
+    describe_counter!("tern_vm_received_bytes_total", Unit::Bytes, "Bytes received from the VM's agent.");
+    describe_gauge!("tern_vm_storage_bytes", Unit::Bytes, "Bytes the VM's base images and journals hold.");
+    describe_gauge!("tern_disk_durable_seq", "Last record of the disk made durable (acked).");
+    describe_gauge!("tern_disk_journal_bytes", Unit::Bytes, "Bytes in the disk's journal.");
+    describe_gauge!("tern_disk_relay_lag_records", "Records durable here, not yet at the master target.");
+    describe_gauge!("tern_job_progress_ratio", "A job's progress, 0 to 1.");
+    describe_gauge!("tern_jobs_running", "Jobs running.");
+    describe_counter!("tern_replication_errors_total", "Sessions ended or batches refused, by gRPC code.");
+}
+
+async fn collect(ctx: &Arc<Ctx>, admin: &crate::admin::AdminService) {
+    let store = ctx.store.clone();
+    let Ok(Ok(vms)) = tokio::task::spawn_blocking(move || store.vms()).await else { return };
+    for vm in vms {
+        let Ok(s) = admin.vm_status(vm).await else { continue };
+        vm_gauges(&s);
+    }
+    let jobs = ctx.jobs.clone();
+    if let Ok(Ok(jobs)) = tokio::task::spawn_blocking(move || jobs.list(0)).await {
+        let mut running = 0.0;
+        for j in jobs.iter().filter(|j| j.ended_ms == 0 || j.state == pb::JobState::Running as i32) {
+            running += 1.0;
+            let ratio = if j.total == 0 { 0.0 } else { j.done as f64 / j.total as f64 };
+            let kind = pb::JobKind::read(j.kind).map_or("unknown", |k| k.as_str());
+            metrics::gauge!("tern_job_progress_ratio", "job" => j.id.to_string(), "kind" => kind, "vm" => j.vm.clone())
+                .set(ratio);
+        }
+        // A job that ended in this process's life shows where it ended: 1 when it succeeded.
+        for j in jobs.iter().filter(|j| pb::JobState::read(j.state) == Some(JobState::Succeeded)) {
+            let kind = pb::JobKind::read(j.kind).map_or("unknown", |k| k.as_str());
+            metrics::gauge!("tern_job_progress_ratio", "job" => j.id.to_string(), "kind" => kind, "vm" => j.vm.clone())
+                .set(1.0);
+        }
+        metrics::gauge!("tern_jobs_running").set(running);
+    }
+}
+
+fn vm_gauges(s: &pb::VmStatus) {
+    let vm = s.vm.clone();
+    let g = |name: &'static str, v: f64| metrics::gauge!(name, "vm" => vm.clone()).set(v);
+    if s.last_point != 0 {
+        g("tern_vm_rpo_seconds", s.rpo_seconds as f64);
+        g("tern_vm_last_point_timestamp_seconds", s.last_point_time_ms as f64 / 1000.0);
+    }
+    if let Some(p) = &s.policy {
+        g("tern_vm_rpo_threshold_seconds", p.rpo_threshold_ms as f64 / 1000.0);
+    }
+    let health = pb::Health::read(s.health).unwrap_or(Health::Critical);
+    g("tern_vm_health", f64::from(health as u8));
+    g("tern_vm_initial_sync", f64::from(u8::from(s.initial_sync)));
+    g("tern_vm_agent_connected", f64::from(u8::from(s.agent_connected)));
+    g("tern_vm_failing", f64::from(u8::from(!s.error.is_empty())));
+    g("tern_vm_storage_bytes", s.storage_bytes as f64);
+    metrics::counter!("tern_vm_received_bytes_total", "vm" => vm.clone()).absolute(s.bytes_received);
+    let state = pb::VmState::read(s.state);
+    for st in VmState::ALL {
+        let v = f64::from(u8::from(state == Some(*st)));
+        metrics::gauge!("tern_vm_state", "vm" => vm.clone(), "state" => st.as_str()).set(v);
+    }
+    for d in &s.disks {
+        let l = [("vm", vm.clone()), ("disk", d.name.clone())];
+        metrics::gauge!("tern_disk_durable_seq", &l).set(d.durable_seq as f64);
+        metrics::gauge!("tern_disk_journal_bytes", &l).set(d.journal_bytes as f64);
+        if state.is_some_and(|s| crate::relay::RELAY_STATES.contains(&s)) {
+            let lag = d.durable_seq.saturating_sub(d.master_target_seq);
+            metrics::gauge!("tern_disk_relay_lag_records", &l).set(lag as f64);
+        }
+    }
+}

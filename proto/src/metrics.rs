@@ -1,0 +1,93 @@
+//! Prometheus metrics, the same way on every daemon: `--metrics ADDR` serves the text
+//! format over HTTP at `http://ADDR/metrics` (the `metrics` facade and its Prometheus
+//! exporter), with the process's own figures beside the daemon's. Off by default.
+//! Names and labels are listed in the README ("Metrics").
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {reason}")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    reason: String,
+}
+
+/// Starts the exporter on `addr` and a task that keeps the process metrics current. Call
+/// from inside the daemon's runtime.
+pub fn serve(addr: SocketAddr) -> Result<(), MetricsError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| MetricsError { addr, reason: e.to_string() })?;
+    metrics::describe_gauge!("process_resident_memory_bytes", metrics::Unit::Bytes, "Resident memory.");
+    // A float: the facade's counters are integers.
+    metrics::describe_gauge!(
+        "process_cpu_seconds_total",
+        metrics::Unit::Seconds,
+        "User and system CPU time."
+    );
+    metrics::describe_gauge!(
+        "process_start_time_seconds",
+        metrics::Unit::Seconds,
+        "Start time, Unix seconds."
+    );
+    metrics::describe_gauge!("process_open_fds", "Open file descriptors.");
+    let started =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    metrics::gauge!("process_start_time_seconds").set(started);
+    tokio::spawn(async {
+        loop {
+            process_metrics();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    Ok(())
+}
+
+/// Reads this process's RSS, CPU time and open files from /proc.
+fn process_metrics() {
+    let page = rustix::param::page_size() as f64;
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
+        && let Some(rss) = statm.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok())
+    {
+        metrics::gauge!("process_resident_memory_bytes").set(rss * page);
+    }
+    // Fields after the command name (which may hold spaces) — utime and stime are the
+    // 14th and 15th of the line, the 12th and 13th after the closing parenthesis.
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+        && let Some((_, rest)) = stat.rsplit_once(')')
+    {
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let cpu = (t(11) + t(12)) as f64 / ticks.max(1.0);
+        metrics::gauge!("process_cpu_seconds_total").set(cpu);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("process_open_fds").set(fds.count() as f64);
+    }
+}
+
+/// A gRPC code as a metric label: `ResourceExhausted` becomes `resource_exhausted`.
+pub fn code_label(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn codes_become_snake_case_labels() {
+        assert_eq!(super::code_label(tonic::Code::ResourceExhausted), "resource_exhausted");
+        assert_eq!(super::code_label(tonic::Code::DataLoss), "data_loss");
+        assert_eq!(super::code_label(tonic::Code::Ok), "ok");
+    }
+}

@@ -1,0 +1,132 @@
+//! Prometheus metrics of the three daemons, scraped over HTTP as Prometheus would, and the
+//! alert rules file checked by `promtool`.
+
+use crate::harness::*;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::Duration;
+
+/// A free loopback port (the exporter takes an address, not a listener).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET http://127.0.0.1:PORT/metrics, once it answers.
+fn scrape(port: u16) -> String {
+    deadline_poll("the metrics endpoint", Duration::from_secs(20), || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.starts_with("HTTP/1.1 200").then_some(body)
+    })
+}
+
+/// The samples of the text format: `name{labels}` to value.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("HTTP") && l.contains(' '))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn value(s: &HashMap<String, f64>, name: &str, vm: &str) -> Option<f64> {
+    s.iter()
+        .find(|(k, _)| k.starts_with(&format!("{name}{{")) && k.contains(&format!("vm=\"{vm}\"")))
+        .map(|(_, v)| *v)
+}
+
+#[test]
+fn metrics_of_two_replicating_vms_move_and_the_rules_pass_promtool() {
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/tern-rules.yml");
+    let checked = run_ok(Command::new("promtool").args(["check", "rules"]).arg(&rules))
+        .expect("promtool (Debian's prometheus package, installed by .ci/run) accepts the rules");
+    assert!(checked.contains("SUCCESS"), "{checked}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    let ps_port = free_port();
+    server.extra = vec!["--metrics".into(), format!("127.0.0.1:{ps_port}")];
+    server.start();
+    let mut agents = Vec::new();
+    let agent_port = free_port();
+    for (i, vm) in ["web", "db"].into_iter().enumerate() {
+        let identity = root.join(format!("{vm}.bundle"));
+        server.enroll_agent(vm, &identity);
+        let disk = root.join(format!("{vm}.img"));
+        make_random(&disk, 16, 4, i as u64);
+        let extra =
+            if i == 0 { vec!["--metrics".to_string(), format!("127.0.0.1:{agent_port}")] } else { vec![] };
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        agents.push(Agent::start(
+            &server,
+            &identity,
+            vm,
+            &[("sda", &disk)],
+            &root.join(format!("{vm}-state")),
+            &extra,
+        ));
+        server.checkpoint(vm);
+    }
+    // The gauges follow every 2 s.
+    let before = deadline_poll("both VMs in the metrics", Duration::from_secs(20), || {
+        let s = samples(&scrape(ps_port));
+        (value(&s, "tern_vm_rpo_seconds", "web").is_some()
+            && value(&s, "tern_vm_rpo_seconds", "db").is_some())
+        .then_some(s)
+    });
+    for vm in ["web", "db"] {
+        assert!(value(&before, "tern_vm_received_bytes_total", vm).unwrap() > 4.0 * 1024.0 * 1024.0, "{vm}");
+        assert_eq!(value(&before, "tern_vm_agent_connected", vm), Some(1.0));
+        assert_eq!(value(&before, "tern_vm_health", vm), Some(0.0));
+        assert!(before.keys().any(|k| k.starts_with("tern_vm_state{")
+            && k.contains(&format!("vm=\"{vm}\""))
+            && k.contains("state=\"protected\"")));
+        assert!(
+            before
+                .keys()
+                .any(|k| k.starts_with("tern_disk_journal_bytes{") && k.contains(&format!("vm=\"{vm}\"")))
+        );
+    }
+    assert!(before.contains_key("process_resident_memory_bytes"));
+
+    // More data on web: its bytes and durable seq move, db's stay.
+    write_random(&root.join("web.img"), 8, 99);
+    server.checkpoint("web");
+    let moved =
+        |s: &HashMap<String, f64>, name: &str| Some(value(s, name, "web")? > value(&before, name, "web")?);
+    let after = deadline_poll("web's bytes, seq and point time to move", Duration::from_secs(20), || {
+        let s = samples(&scrape(ps_port));
+        let all = moved(&s, "tern_vm_received_bytes_total")?
+            && moved(&s, "tern_disk_durable_seq")?
+            && moved(&s, "tern_vm_last_point_timestamp_seconds")?;
+        all.then_some(s)
+    });
+    assert_eq!(
+        value(&after, "tern_vm_received_bytes_total", "db"),
+        value(&before, "tern_vm_received_bytes_total", "db"),
+        "db sent nothing meanwhile"
+    );
+
+    // The agent's endpoint answers with its own figures.
+    let agent = samples(&scrape(agent_port));
+    assert!(
+        value(&agent, "tern_agent_sent_bytes_total", "web").unwrap() > 12.0 * 1024.0 * 1024.0,
+        "{agent:?}"
+    );
+    assert_eq!(value(&agent, "tern_agent_connected", "web"), Some(1.0));
+    assert!(value(&agent, "tern_agent_points_total", "web").unwrap() >= 2.0);
+
+    // The master target's endpoint answers (its replication figures come with a reprotect).
+    let mt_port = free_port();
+    let mut mt = MasterTarget::start(&server, root, "mt1");
+    mt.kill9();
+    mt.extra = vec!["--metrics".into(), format!("127.0.0.1:{mt_port}")];
+    mt.restart();
+    assert!(samples(&scrape(mt_port)).contains_key("process_open_fds"));
+}
