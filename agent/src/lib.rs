@@ -55,6 +55,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|source| AgentError::StateDir { path: config.state_dir.display().to_string(), source })?;
     let config = Arc::new(config);
+    // Ready as soon as it runs: the first session may wait for a server that is away.
+    tern_proto::daemon::notify_ready();
     // Unreachable, or gone after replication made progress: back within about a second.
     let mut reconnect = tern_core::backoff::Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
     // Welcomed, then failed before anything was acked (storage full on the server, a

@@ -8,7 +8,7 @@ use tern_core::{DiskName, VmName};
 
 /// tern mobility agent: replicates a VM's disks to the process server.
 #[derive(Parser, Debug)]
-#[command(name = "mobility-agent", version)]
+#[command(name = "mobility-agent", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TERN_GIT_REV"), ")"))]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -106,7 +106,7 @@ fn run() -> anyhow::Result<()> {
         max_rate,
         disk_format,
         metrics,
-    } = Cli::parse().cmd;
+    } = tern_proto::config::parse::<Cli>().cmd;
     if let Mode::Nbd = mode {
         bail!("--mode nbd is not built yet; use --mode scan");
     }

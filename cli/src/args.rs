@@ -6,7 +6,7 @@ use tern_proto as pb;
 
 /// tern operator CLI.
 #[derive(Parser, Debug)]
-#[command(name = "drctl", version)]
+#[command(name = "drctl", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TERN_GIT_REV"), ")"))]
 pub struct Cli {
     /// Process server, e.g. https://dr.example:7443
     #[arg(long, env = "DRCTL_SERVER", global = true)]
@@ -38,6 +38,10 @@ impl OutFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
+    /// Print a shell completion script, e.g. `drctl completions bash > /etc/bash_completion.d/drctl`.
+    Completions { shell: clap_complete::Shell },
+    /// Print drctl's man page (roff), e.g. `drctl man > /usr/local/share/man/man1/drctl.1`.
+    Man,
     /// Issue an identity bundle.
     #[command(subcommand)]
     Enroll(Enroll),

@@ -52,6 +52,24 @@ async fn client(cli: &Cli) -> Result<AdminClient<Channel>, CliError> {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
+    // Generated from the CLI's definition; no server is asked.
+    match cli.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "drctl",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Cmd::Man => {
+            return clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| CliError::Local(format!("cannot write the man page: {e}")));
+        }
+        _ => {}
+    }
     let c = client(&cli).await?;
     let d = &mut Drctl { c, json: cli.json, server: cli.server.clone().unwrap_or_default() };
     use commands::{failback, failover, jobs, protect};
@@ -83,5 +101,6 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::ReverseReplicate { vm } => failback::reverse_replicate(d, vm).await,
         Cmd::Jobs { wait: Some(id) } => jobs::wait(d, id).await,
         Cmd::Jobs { wait: None } => jobs::list(d).await,
+        Cmd::Completions { .. } | Cmd::Man => Ok(()),
     }
 }

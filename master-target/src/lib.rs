@@ -476,6 +476,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let incoming = tern_proto::tls::incoming(listener, tls, shutdown.clone(), &tracker);
     info!(data_dir = %config.data_dir.display(), "master target ready");
+    tern_proto::daemon::notify_ready();
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(pb::STREAM_WINDOW))
         .initial_connection_window_size(Some(pb::CONNECTION_WINDOW))

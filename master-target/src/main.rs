@@ -6,7 +6,7 @@ use tern_core::pki::{Bundle, Role};
 /// tern master target: receives the failback stream at the primary site and applies it
 /// onto the on-premises disks.
 #[derive(Parser, Debug)]
-#[command(name = "master-target", version)]
+#[command(name = "master-target", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TERN_GIT_REV"), ")"))]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -37,7 +37,7 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    let Cmd::Serve { data_dir, listen, identity, metrics } = Cli::parse().cmd;
+    let Cmd::Serve { data_dir, listen, identity, metrics } = tern_proto::config::parse::<Cli>().cmd;
     let bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
     match bundle.role()? {

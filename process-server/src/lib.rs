@@ -145,6 +145,7 @@ pub async fn run(
         .max_encoding_message_size(tern_proto::MAX_MESSAGE_BYTES);
     let admin = tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx: ctx.clone() });
     info!(data_dir = %config.data_dir.display(), "process server ready");
+    tern_proto::daemon::notify_ready();
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(tern_proto::STREAM_WINDOW))
         .initial_connection_window_size(Some(tern_proto::CONNECTION_WINDOW))
@@ -157,6 +158,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown.cancelled())
         .await?;
     info!("listener closed; draining sessions");
+    tern_proto::daemon::notify_stopping();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
         tracing::warn!("sessions did not drain within 10s; stopping anyway");

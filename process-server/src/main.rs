@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 /// tern process server: receives, verifies and stores replicated disks at the recovery site.
 #[derive(Parser, Debug)]
-#[command(name = "process-server", version)]
+#[command(name = "process-server", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TERN_GIT_REV"), ")"))]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -64,7 +64,7 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+    match tern_proto::config::parse::<Cli>().cmd {
         Cmd::Init { data_dir, sans } => {
             let admin = tern_process_server::init(&data_dir, &sans)?;
             println!("initialised {}", data_dir.display());

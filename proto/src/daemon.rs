@@ -49,6 +49,16 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// Tells systemd (a `Type=notify` unit) that the daemon is ready; nothing without one.
+pub fn notify_ready() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+/// Tells systemd that the daemon is stopping (draining sessions).
+pub fn notify_stopping() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+}
+
 /// Ends the process with one `error:` line and exit code 1 when `run` fails.
 pub fn exit_on_error<E: std::fmt::Display>(result: Result<(), E>) {
     if let Err(e) = result {

@@ -8,6 +8,7 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod config;
 pub mod daemon;
 pub mod hash_table;
 pub mod metrics;

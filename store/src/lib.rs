@@ -350,9 +350,16 @@ pub struct StoreOptions {
     pub segment_bytes: Option<u64>,
 }
 
+/// The layout version of `vm.json`; it grows when a field changes meaning or goes.
+pub const MANIFEST_SCHEMA: u32 = 1;
+
 /// The outcome of a test failover, also written as `vm.json` in the output directory.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct FailoverOutput {
+    /// The layout of `vm.json` ([`MANIFEST_SCHEMA`]): a reader refuses a newer one.
+    pub schema: u32,
+    /// The tern that wrote it.
+    pub tern_version: &'static str,
     pub vm: String,
     pub point: u64,
     pub time: String,
@@ -941,6 +948,8 @@ impl Store {
             disks.push(out);
         }
         let output = FailoverOutput {
+            schema: MANIFEST_SCHEMA,
+            tern_version: env!("CARGO_PKG_VERSION"),
             vm: vm.to_string(),
             point: point.id.0,
             time: rfc3339(point.time_ms),

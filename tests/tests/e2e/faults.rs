@@ -613,3 +613,66 @@ fn fault_loop() {
         reconnects.iter().filter(|r| matches!(r.0, Cut::Link)).count(),
     );
 }
+
+/// Every binary names itself, its release and the commit it was built from; drctl's shell
+/// completions and man page come from its definition, with no server to ask.
+#[test]
+fn versions_completions_and_the_man_page() {
+    use std::process::Command;
+    let rev = run_ok(Command::new("git").args(["rev-parse", "--short=12", "HEAD"])).unwrap();
+    for b in ["drctl", "mobility-agent", "process-server", "master-target"] {
+        let v = run_ok(Command::new(bin(b)).arg("--version")).unwrap();
+        assert!(v.starts_with(&format!("{b} 0.")), "{v}");
+        assert!(v.contains(&format!("({})", rev.trim())), "{b} --version names the commit {rev}: {v}");
+    }
+    let bash = run_ok(Command::new(bin("drctl")).args(["completions", "bash"])).unwrap();
+    assert!(bash.contains("test-failover") && bash.contains("complete"), "{bash}");
+    let man = run_ok(Command::new(bin("drctl")).arg("man")).unwrap();
+    assert!(man.contains(".TH drctl") && man.contains("test\\-failover"), "{man}");
+}
+
+/// A process server started from its config file alone behaves as with the same flags:
+/// the file's segment size closes segments as `--segment-size` would.
+#[test]
+fn a_server_started_from_its_config_file_alone() {
+    use std::process::Command;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    let config = root.join("process-server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data-dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nsegment-size = \"1MiB\"\n",
+            server.data.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(&server.log).unwrap();
+    let (child, port) = spawn_listening(
+        Command::new(bin("process-server")).args(["serve", "--config"]).arg(&config).stderr(log),
+    );
+    server.child = Some(child);
+    server.port = port;
+    let identity = root.join("web.bundle");
+    server.enroll_agent("web", &identity);
+    let disk = root.join("web.img");
+    make_random(&disk, 8, 4, 5);
+    let _agent = Agent::start(&server, &identity, "web", &[("sda", &disk)], &root.join("web-state"), &[]);
+    server.checkpoint("web");
+    let journal = server.data.join("vms/web/sda/journal");
+    let segments = std::fs::read_dir(&journal)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+        .count();
+    assert!(segments >= 3, "4 MiB of records in segments of 1 MiB: {segments} segments");
+
+    // A key the command does not have is refused, naming the keys it has.
+    std::fs::write(&config, "data-dir = \"/x\"\nretention = \"1h\"\n").unwrap();
+    let out = Command::new(bin("process-server")).args(["serve", "--config"]).arg(&config).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unknown key `retention`") && err.contains("segment-size"),
+        "{err}"
+    );
+}

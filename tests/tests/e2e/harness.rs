@@ -67,7 +67,7 @@ pub fn kill9(child: &mut Option<Child>) {
 }
 
 /// Spawns a daemon that prints `listening on ADDR` first; returns it and the port.
-fn spawn_listening(cmd: &mut Command) -> (Child, u16) {
+pub fn spawn_listening(cmd: &mut Command) -> (Child, u16) {
     let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();

@@ -294,4 +294,7 @@ fn a_64_gib_sparse_disk_is_protected_and_fails_over_byte_for_byte() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("vm.json")).unwrap()).unwrap();
     assert_eq!(manifest["disks"][0]["blake3"], res["disks"][0]["blake3"]);
+    assert_eq!(manifest["schema"], 1, "vm.json names its layout");
+    assert_eq!(manifest["tern_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(manifest["disks"][0]["format"], "raw");
 }

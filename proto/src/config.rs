@@ -1,0 +1,171 @@
+//! The daemons' configuration: every flag of a daemon's command can also come from an
+//! environment variable `TERN_<FLAG>` (`--data-dir` is `TERN_DATA_DIR`) or from a TOML
+//! file given with `--config FILE` (or `TERN_CONFIG`), whose keys are the flags' long
+//! names (`data-dir = "/var/lib/tern"`; `disk = ["sda=/dev/vda", ...]` for a repeated
+//! flag; `true` for a switch). A flag on the command line wins over its variable, which
+//! wins over the file, which wins over the default.
+
+use clap::{ArgAction, Command};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// Gives every argument of every subcommand of `cmd` its `TERN_<FLAG>` variable (where it
+/// has none yet) and a `--config FILE` option.
+pub fn with_env(cmd: Command) -> Command {
+    cmd.mut_subcommands(|sub| {
+        sub.mut_args(|a| {
+            if a.get_env().is_some() || a.is_positional() || a.get_id() == "help" || a.get_id() == "version" {
+                return a;
+            }
+            let name = format!("TERN_{}", a.get_id().as_str().to_uppercase().replace('-', "_"));
+            a.env(name)
+        })
+        .arg(clap::Arg::new("config").long("config").env("TERN_CONFIG").value_name("FILE").help(
+            "TOML file of flags (keys are the long flag names); flags and TERN_* variables win over it",
+        ))
+    })
+}
+
+/// Parses the process's arguments as `C` the way every daemon does: `TERN_*` variables and
+/// `--config FILE` as [`with_env`] and [`merged_args`] describe. Exits with clap's usage
+/// message on a bad argument, and with the file's problem on a bad file.
+pub fn parse<C: clap::Parser>() -> C {
+    let cmd = with_env(C::command());
+    let argv = match merged_args(&cmd, std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let matches = cmd.get_matches_from(argv);
+    C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// `argv` with the config file's flags added where neither the command line nor a
+/// variable gives them. `cmd` is the command after [`with_env`].
+pub fn merged_args(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+    let Some(sub) = argv.get(1).and_then(|s| s.to_str()).and_then(|s| cmd.find_subcommand(s)) else {
+        return Ok(argv);
+    };
+    let Some(path) = config_path(&argv) else { return Ok(argv) };
+    let err = |reason: String| ConfigError::File { path: path.display().to_string(), reason };
+    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
+    let mut out = argv.clone();
+    for (key, value) in &table {
+        let flag = key.replace('_', "-");
+        let Some(arg) = sub.get_arguments().find(|a| a.get_long() == Some(flag.as_str()) && flag != "config")
+        else {
+            let known: Vec<_> =
+                sub.get_arguments().filter_map(|a| a.get_long()).filter(|l| *l != "config").collect();
+            return Err(err(format!(
+                "unknown key `{key}`; the keys are the flags of `{}`: {}",
+                sub.get_name(),
+                known.join(", ")
+            )));
+        };
+        let given = argv.iter().any(|a| {
+            a.to_str().is_some_and(|a| a == format!("--{flag}") || a.starts_with(&format!("--{flag}=")))
+        });
+        let from_env = arg.get_env().is_some_and(|v| std::env::var_os(v).is_some());
+        if given || from_env {
+            continue;
+        }
+        let switch = matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse);
+        let values: Vec<&toml::Value> = match value {
+            toml::Value::Array(items) => items.iter().collect(),
+            v => vec![v],
+        };
+        for v in values {
+            match v {
+                toml::Value::Boolean(true) if switch => out.push(format!("--{flag}").into()),
+                toml::Value::Boolean(false) if switch => {}
+                toml::Value::String(s) => out.extend([format!("--{flag}").into(), s.into()]),
+                toml::Value::Integer(i) => out.extend([format!("--{flag}").into(), i.to_string().into()]),
+                toml::Value::Boolean(b) => out.extend([format!("--{flag}").into(), b.to_string().into()]),
+                other => {
+                    return Err(err(format!(
+                        "`{key}` = {other}: give a string, a number, true/false or a list of them"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn config_path(argv: &[OsString]) -> Option<PathBuf> {
+    let mut it = argv.iter().filter_map(|a| a.to_str());
+    while let Some(a) = it.next() {
+        if a == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(p) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(p));
+        }
+    }
+    std::env::var_os("TERN_CONFIG").map(PathBuf::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(clap::Subcommand, Debug)]
+    enum Cmd {
+        Serve {
+            #[arg(long)]
+            data_dir: String,
+            #[arg(long, default_value = "60s")]
+            every: String,
+            #[arg(long)]
+            disk: Vec<String>,
+            #[arg(long)]
+            quiet: bool,
+        },
+    }
+
+    fn parse(args: &[&str], file: &str) -> Result<Cmd, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, file).unwrap();
+        let mut argv: Vec<OsString> = args.iter().map(OsString::from).collect();
+        argv.extend(["--config".into(), path.into_os_string()]);
+        let cmd = with_env(<Cli as clap::CommandFactory>::command());
+        let argv = merged_args(&cmd, argv).map_err(|e| e.to_string())?;
+        let m = cmd.try_get_matches_from(argv).map_err(|e| e.to_string())?;
+        Ok(<Cli as clap::FromArgMatches>::from_arg_matches(&m).map_err(|e| e.to_string())?.cmd)
+    }
+
+    #[test]
+    fn the_file_fills_what_flags_leave_and_flags_win() {
+        let file = "data-dir = \"/from/file\"\nevery = \"5m\"\ndisk = [\"a=/x\", \"b=/y\"]\nquiet = true\n";
+        let Cmd::Serve { data_dir, every, disk, quiet } = parse(&["t", "serve"], file).unwrap();
+        assert_eq!((data_dir.as_str(), every.as_str(), disk.len(), quiet), ("/from/file", "5m", 2, true));
+        let Cmd::Serve { data_dir, every, disk, .. } =
+            parse(&["t", "serve", "--data-dir", "/flag", "--disk", "c=/z"], file).unwrap();
+        assert_eq!((data_dir.as_str(), every.as_str(), disk), ("/flag", "5m", vec!["c=/z".to_string()]));
+        let Cmd::Serve { every, .. } = parse(&["t", "serve", "--data-dir", "/d"], "").unwrap();
+        assert_eq!(every, "60s", "the default when neither gives it");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_the_known_ones() {
+        let e = parse(&["t", "serve"], "data-dir = \"/d\"\nretention = 3\n").unwrap_err();
+        assert!(e.contains("unknown key `retention`") && e.contains("data-dir, every, disk, quiet"), "{e}");
+    }
+}
