@@ -49,6 +49,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     Ok(Duration::from_millis(total))
 }
 
+/// An RPO as people read it: 42s, 5m07s, 2h03m, 3d04h; `-` before the first point (< 0).
+pub fn rpo_text(secs: i64) -> String {
+    match secs {
+        s if s < 0 => "-".into(),
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
 pub fn parse_size(s: &str) -> Result<u64, UnitError> {
     let bad = || UnitError::BadSize(s.to_string());
     let (num, unit) = split(s.trim());

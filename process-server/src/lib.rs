@@ -13,6 +13,7 @@ pub mod relay;
 pub mod replication;
 pub mod scrub;
 pub mod tls;
+pub mod web;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct Ctx {
     pub scrub: scrub::Scrub,
     /// Bytes per second at most on each relay to a master target (0: no cap).
     pub relay_max_rate: u64,
+    /// RPO samples for the status page's charts.
+    pub rpo_history: web::RpoHistory,
     /// When retention last ran over each VM (the store's clock).
     pub retention_runs: std::sync::Mutex<std::collections::HashMap<tern_core::VmName, i64>>,
     pub shutdown: CancellationToken,
@@ -82,7 +85,7 @@ pub fn init(data_dir: &Path, sans: &[String]) -> Result<PathBuf, InitError> {
     Ok(admin_path)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Config {
     pub data_dir: PathBuf,
     /// Journal segments close past this size.
@@ -94,6 +97,8 @@ pub struct Config {
     pub relay_max_rate: u64,
     /// Keep the Prometheus gauges current (the exporter itself is started by `main`).
     pub metrics: bool,
+    /// The status page's listener (`web::bind`), if any.
+    pub web: Option<tokio::net::TcpListener>,
 }
 
 /// Serves until `shutdown` is cancelled, then drains with a deadline.
@@ -124,6 +129,7 @@ pub async fn run(
         scrub: scrub::Scrub::default(),
         relay_max_rate: config.relay_max_rate,
         retention_runs: Default::default(),
+        rpo_history: Default::default(),
         store,
         hub: hub::Hub::default(),
         shutdown: shutdown.clone(),
@@ -135,6 +141,9 @@ pub async fn run(
     tracker.spawn(scrub::scrub_worker(ctx.clone(), config.scrub));
     if config.metrics {
         tracker.spawn(metrics::metrics_worker(ctx.clone()));
+    }
+    if let Some(listener) = config.web {
+        tracker.spawn(web::serve(ctx.clone(), listener));
     }
     let incoming = tls::incoming(listener, tls, shutdown.clone(), &tracker);
     let replication =

@@ -46,6 +46,10 @@ enum Cmd {
         /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (off by default).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
+        /// Serve the status page (and /healthz) at http://ADDR/, loopback only, e.g.
+        /// 127.0.0.1:8080 (off by default).
+        #[arg(long)]
+        web: Option<std::net::SocketAddr>,
     },
     /// Describe what a data directory holds (no server may run on it); with
     /// --rebuild-catalog, rebuild a lost catalog.db from the journals and base images.
@@ -89,6 +93,7 @@ fn run() -> anyhow::Result<()> {
             scrub_rate,
             relay_max_rate,
             metrics,
+            web,
         } => {
             let relay_max_rate = tern_core::units::parse_size(&relay_max_rate)?;
             let segment_bytes = Some(tern_core::units::parse_size(&segment_size)?);
@@ -113,6 +118,10 @@ fn run() -> anyhow::Result<()> {
                 if let Some(addr) = metrics {
                     tern_proto::metrics::serve(addr)?;
                 }
+                let web = match web {
+                    Some(addr) => Some(tern_process_server::web::bind(addr).await?),
+                    None => None,
+                };
                 let shutdown = tern_proto::daemon::shutdown_on_signal();
                 let config = tern_process_server::Config {
                     data_dir,
@@ -121,6 +130,7 @@ fn run() -> anyhow::Result<()> {
                     scrub,
                     relay_max_rate,
                     metrics: metrics.is_some(),
+                    web,
                 };
                 Ok(tern_process_server::run(config, listener, shutdown).await?)
             })

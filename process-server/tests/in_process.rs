@@ -25,6 +25,7 @@ async fn server(data: &std::path::Path) -> (String, CancellationToken, tokio::ta
         scrub: tern_process_server::scrub::ScrubConfig { every: Duration::ZERO, rate: 0 },
         relay_max_rate: 0,
         metrics: false,
+        web: None,
     };
     let stop = CancellationToken::new();
     let s = stop.clone();

@@ -61,16 +61,7 @@ fn health_check(vms: &[pb::VmStatus]) -> Result<(), CliError> {
     }
 }
 
-/// An RPO as people read it: 42s, 5m07s, 2h03m, 3d04h; `-` before the first point.
-fn rpo(secs: i64) -> String {
-    match secs {
-        s if s < 0 => "-".into(),
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
-        s if s < 86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        s => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
-    }
-}
+use tern_core::units::rpo_text as rpo;
 
 fn print_table(vms: &[pb::VmStatus]) {
     let row = |cols: [&str; 7]| {

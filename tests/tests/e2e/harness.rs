@@ -613,3 +613,20 @@ fn delay_line(mut from: std::net::TcpStream, to: std::net::TcpStream, delay: Dur
     let _ = to.shutdown(std::net::Shutdown::Both);
     let _ = from.shutdown(std::net::Shutdown::Both);
 }
+
+/// A free loopback port, for a daemon that takes an address rather than a listener.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET http://127.0.0.1:PORT/PATH, once it answers 200: the body with its headers.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::Read;
+    deadline_poll("an HTTP endpoint", Duration::from_secs(20), || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.starts_with("HTTP/1.1 200").then_some(body)
+    })
+}

@@ -3,24 +3,11 @@
 
 use crate::harness::*;
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
-/// A free loopback port (the exporter takes an address, not a listener).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// GET http://127.0.0.1:PORT/metrics, once it answers.
 fn scrape(port: u16) -> String {
-    deadline_poll("the metrics endpoint", Duration::from_secs(20), || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        body.starts_with("HTTP/1.1 200").then_some(body)
-    })
+    http_get(port, "/metrics")
 }
 
 /// The samples of the text format: `name{labels}` to value.

@@ -1,0 +1,89 @@
+//! The status page, rendered by a real headless browser (Debian's chromium).
+
+use crate::harness::*;
+use std::process::Command;
+
+fn chromium(args: &[&str], url: &str) -> String {
+    run_ok(
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+            ])
+            .args(args)
+            .arg(url),
+    )
+    .expect("chromium (Debian's package, installed by .ci/run) renders the page")
+}
+
+#[test]
+fn the_status_page_lists_the_vms_and_charts_every_point() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    let port = free_port();
+    server.extra = vec!["--web".into(), format!("127.0.0.1:{port}")];
+    server.start();
+    let mut agents = Vec::new();
+    for (i, vm) in ["web", "db"].into_iter().enumerate() {
+        let identity = root.join(format!("{vm}.bundle"));
+        server.enroll_agent(vm, &identity);
+        let disk = root.join(format!("{vm}.img"));
+        make_random(&disk, 8, 2, i as u64);
+        agents.push(Agent::start(
+            &server,
+            &identity,
+            vm,
+            &[("sda", &disk)],
+            &root.join(format!("{vm}-state")),
+            &[],
+        ));
+        server.checkpoint(vm);
+    }
+    write_random(&root.join("web.img"), 1, 7);
+    server.checkpoint("web");
+    let url = format!("http://127.0.0.1:{port}/");
+    assert!(http_get(port, "/healthz").ends_with("\r\n\r\nok\n"), "/healthz answers ok");
+
+    let dom = chromium(&["--dump-dom"], &url);
+    for vm in ["web", "db"] {
+        let row = dom.split(&format!("<tr class=\"vm\" data-vm=\"{vm}\">")).nth(1).expect("a row per VM");
+        let row = &row[..row.find("</tr>").unwrap()];
+        assert!(row.contains("protected") && row.contains("normal"), "{vm}: {row}");
+        let listed = server.drctl_json(&["points", vm]).as_array().unwrap().len();
+        let chart = dom.split(&format!("class=\"chart\" data-vm=\"{vm}\"")).nth(1).expect("a chart per VM");
+        let chart = &chart[..chart.find("</svg>").unwrap()];
+        assert_eq!(chart.matches("class=\"point").count(), listed, "{vm}: one mark per point: {chart}");
+    }
+    assert!(dom.contains("id=\"jobs\"") && dom.contains("initial-sync"), "the jobs table");
+
+    let shot = root.join("status.png");
+    chromium(&[&format!("--screenshot={}", shot.display()), "--window-size=1280,900"], &url);
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a screenshot of the page: {} bytes",
+        png.len()
+    );
+    // Kept for a look: the test's temp dir is removed, so copy it where CI keeps files.
+    if let Ok(dir) = std::env::var("TERN_TEST_ARTIFACTS") {
+        let _ = std::fs::copy(&shot, std::path::Path::new(&dir).join("status.png"));
+    }
+}
+
+#[test]
+fn the_status_page_is_refused_on_a_non_loopback_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::init(tmp.path());
+    let out = Command::new(bin("process-server"))
+        .args(["serve", "--data-dir"])
+        .arg(&server.data)
+        .args(["--listen", "127.0.0.1:0", "--web", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("loopback only") && err.contains("SSH tunnel"), "{err}");
+}
