@@ -37,9 +37,9 @@ step "process-server serve on loopback"
 "$B/process-server" serve --data-dir "$WORK/ps" --listen 127.0.0.1:0 >"$WORK/ps.out" 2>"$WORK/ps.log" &
 SERVER_PID=$!
 for _ in $(seq 100); do grep -q listening "$WORK/ps.out" 2>/dev/null && break; sleep 0.1; done
-export DRCTL_SERVER="https://$(sed -n 's/^listening on //p' "$WORK/ps.out")"
-export DRCTL_IDENTITY="$WORK/ps/pki/admin.bundle"
-echo "server: $DRCTL_SERVER"
+export TERN_SERVER="https://$(sed -n 's/^listening on //p' "$WORK/ps.out")"
+export TERN_IDENTITY="$WORK/ps/pki/admin.bundle"
+echo "server: $TERN_SERVER"
 
 step "a sample VM disk: a 64 MiB ext4 image with some files"
 mkdir -p "$WORK/files"
@@ -53,7 +53,7 @@ step "drctl enroll agent: an identity for VM web01"
 "$B/drctl" enroll agent --vm web01 --out "$WORK/web01.bundle"
 
 step "mobility-agent run: protect web01"
-"$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$WORK/web01.bundle" --vm web01 \
+"$B/mobility-agent" run --server "$TERN_SERVER" --identity "$WORK/web01.bundle" --vm web01 \
   --disk "sda=$WORK/web01-sda.img" --state-dir "$WORK/agent-state" --interval 30s 2>"$WORK/agent.log" &
 AGENT_PID=$!
 for _ in $(seq 100); do
@@ -109,7 +109,7 @@ for _ in $(seq 100); do grep -q listening "$WORK/mt.out" 2>/dev/null && break; s
 MT_URL="https://$(sed -n 's/^listening on //p' "$WORK/mt.out")"
 "$B/drctl" reprotect web01 --master-target "$MT_URL" --location original \
   --target-disk "sda=$WORK/web01-sda.img" --identity-out "$WORK/web01-back.bundle"
-"$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$WORK/web01-back.bundle" --vm web01 \
+"$B/mobility-agent" run --server "$TERN_SERVER" --identity "$WORK/web01-back.bundle" --vm web01 \
   --disk "sda=$WORK/recovered/sda.raw" --state-dir "$WORK/agent-back" --shutdown true 2>"$WORK/agent-back.log" &
 REC_PID=$!
 wait_connected
@@ -124,7 +124,7 @@ same "$WORK/recovered-final.raw" "$WORK/web01-sda.img" "the on-premises disk equ
 
 step "reverse replication: the primary site protects the VM again (delta sync)"
 "$B/drctl" reverse-replicate web01
-"$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$WORK/web01.bundle" --vm web01 \
+"$B/mobility-agent" run --server "$TERN_SERVER" --identity "$WORK/web01.bundle" --vm web01 \
   --disk "sda=$WORK/web01-sda.img" --state-dir "$WORK/agent-state-2" 2>"$WORK/agent-2.log" &
 AGENT_PID=$!
 wait_connected

@@ -9,10 +9,12 @@ use tern_proto as pb;
 #[command(name = "drctl", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TERN_GIT_REV"), ")"))]
 pub struct Cli {
     /// Process server, e.g. https://dr.example:7443
-    #[arg(long, env = "DRCTL_SERVER", global = true)]
+    /// (also TERN_SERVER; DRCTL_SERVER is read when neither is given)
+    #[arg(long, env = "TERN_SERVER", global = true)]
     pub server: Option<String>,
     /// Admin identity bundle (DATA_DIR/pki/admin.bundle of `process-server init`).
-    #[arg(long, env = "DRCTL_IDENTITY", global = true)]
+    /// (also TERN_IDENTITY; DRCTL_IDENTITY is read when neither is given)
+    #[arg(long, env = "TERN_IDENTITY", global = true)]
     pub identity: Option<PathBuf>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]

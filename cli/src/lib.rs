@@ -40,18 +40,21 @@ async fn client(cli: &Cli) -> Result<AdminClient<Channel>, CliError> {
     let server = cli
         .server
         .as_deref()
-        .ok_or_else(|| CliError::Usage("no server: pass --server URL or set DRCTL_SERVER".into()))?;
+        .ok_or_else(|| CliError::Usage("no server: pass --server URL or set TERN_SERVER".into()))?;
     let identity = cli
         .identity
         .as_ref()
-        .ok_or_else(|| CliError::Usage("no identity: pass --identity BUNDLE or set DRCTL_IDENTITY".into()))?;
+        .ok_or_else(|| CliError::Usage("no identity: pass --identity BUNDLE or set TERN_IDENTITY".into()))?;
     let bundle = Bundle::load(identity).map_err(|e| CliError::Usage(e.to_string()))?;
     let channel = pb::connect(server, &bundle).await?;
     Ok(AdminClient::new(channel))
 }
 
 /// Runs one command.
-pub async fn run(cli: Cli) -> Result<(), CliError> {
+pub async fn run(mut cli: Cli) -> Result<(), CliError> {
+    // The names of earlier releases, read last.
+    cli.server = cli.server.or_else(|| std::env::var("DRCTL_SERVER").ok());
+    cli.identity = cli.identity.or_else(|| std::env::var_os("DRCTL_IDENTITY").map(Into::into));
     // Generated from the CLI's definition; no server is asked.
     match cli.cmd {
         Cmd::Completions { shell } => {

@@ -676,3 +676,32 @@ fn a_server_started_from_its_config_file_alone() {
         "{err}"
     );
 }
+
+/// drctl takes the server and its identity from TERN_SERVER and TERN_IDENTITY, and from
+/// the older DRCTL_* names when those are not set.
+#[test]
+fn drctl_reads_tern_variables_and_the_older_names() {
+    use std::process::Command;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::init(tmp.path());
+    let admin = server.admin().display().to_string();
+    let status = |env: &[(&str, &str)]| {
+        let out = Command::new(bin("drctl"))
+            .env_remove("TERN_SERVER")
+            .env_remove("TERN_IDENTITY")
+            .env_remove("DRCTL_SERVER")
+            .env_remove("DRCTL_IDENTITY")
+            .envs(env.iter().copied())
+            .arg("status")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = status(&[]);
+    assert!(code == Some(2) && err.contains("TERN_SERVER"), "{code:?} {err}");
+    // Nothing listens on port 1: reaching the point of connecting shows both were read.
+    for (s, i) in [("TERN_SERVER", "TERN_IDENTITY"), ("DRCTL_SERVER", "DRCTL_IDENTITY")] {
+        let (code, err) = status(&[(s, "https://127.0.0.1:1"), (i, &admin)]);
+        assert_eq!(code, Some(3), "{s}/{i}: unreachable, not a usage error: {err}");
+    }
+}
