@@ -14,6 +14,12 @@ pub enum CliError {
     Unreachable(String),
     #[error("{0}")]
     Server(String),
+    /// The VM, point or job named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The VM's state (or an open test failover, a job) does not allow it now.
+    #[error("{0}")]
+    Refused(String),
     #[error("point {point} of {vm} does not verify")]
     Mismatch { vm: String, point: u64 },
     #[error("job {id} ({kind} of {vm}) failed: {error}")]
@@ -31,6 +37,8 @@ impl CliError {
             CliError::Usage(_) => 2,
             CliError::Unreachable(_) => 3,
             CliError::Mismatch { .. } => 4,
+            CliError::NotFound(_) => 5,
+            CliError::Refused(_) => 6,
             CliError::Server(_) | CliError::JobFailed { .. } | CliError::Local(_) => 1,
             CliError::Unhealthy(tern_core::Health::Critical, _) => 2,
             CliError::Unhealthy(..) => 1,
@@ -52,6 +60,8 @@ impl From<tonic::Status> for CliError {
                     pb::error_chain(&s)
                 ))
             }
+            Code::NotFound => CliError::NotFound(s.message().to_string()),
+            Code::FailedPrecondition => CliError::Refused(s.message().to_string()),
             _ => CliError::Server(s.message().to_string()),
         }
     }

@@ -79,6 +79,16 @@ impl AdminService {
         }
     }
 
+    /// A point named by id, time or kind is looked up before a job starts, so that a
+    /// wrong one is refused as not found (`latest` asks the agent, in the job).
+    async fn point_exists(&self, vm: &VmName, spec: &PointSpec) -> Result<(), Status> {
+        if *spec == PointSpec::Latest {
+            return Ok(());
+        }
+        let (store, v, s) = (self.ctx.store.clone(), vm.clone(), spec.clone());
+        blocking(move || store.resolve_point(&v, &s)).await?.map(|_| ()).map_err(store_status)
+    }
+
     pub(crate) async fn vm_status(&self, vm: VmName) -> Result<pb::VmStatus, Status> {
         let store = self.ctx.store.clone();
         let v = vm.clone();
@@ -212,6 +222,7 @@ impl pb::admin_server::Admin for AdminService {
         self.refuse_while_failing_back(&vm).await?;
         let spec = point_arg(&vm, &r.point)?;
         output_arg(&r.output, self.ctx.store.root())?;
+        self.point_exists(&vm, &spec).await?;
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
         let job = self.ctx.jobs.start(JobKind::TestFailover, &vm).await?;
         let id = job.id;
@@ -327,6 +338,7 @@ impl pb::admin_server::Admin for AdminService {
                 }
             )));
         }
+        self.point_exists(&vm, &spec).await?;
         if planned && !self.ctx.hub.connected(&vm) {
             return Err(Status::failed_precondition(format!(
                 "a planned failover shuts the source down through its agent, and the agent of {vm} is not connected; \
@@ -399,6 +411,7 @@ impl pb::admin_server::Admin for AdminService {
                 "VM {vm} is {state}; only a failed-over, uncommitted VM can change its point"
             )));
         }
+        self.point_exists(&vm, &spec).await?;
         let job = self.ctx.jobs.start(JobKind::ChangePoint, &vm).await?;
         let id = job.id;
         let ctx = self.ctx.clone();

@@ -108,13 +108,36 @@ fn unknown_points_and_vms_get_clear_errors() {
         "--output",
         root.join("o").to_str().unwrap(),
     ]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(5), "not found: exit 5");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no point 999") && err.contains("drctl points db"), "{err}");
     let out = server.drctl(&["points", "nosuch"]);
+    assert_eq!(out.status.code(), Some(5), "not found: exit 5");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not protected"));
     let out = server.drctl(&["test-failover-cleanup", "db"]);
+    assert_eq!(out.status.code(), Some(6), "refused by state: exit 6");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no open test failover"));
+    let out = server.drctl(&[
+        "reprotect",
+        "db",
+        "--master-target",
+        "https://127.0.0.1:1",
+        "--location",
+        "original",
+        "--target-disk",
+        "sda=/nonexistent/sda.img",
+        "--identity-out",
+        root.join("back.bundle").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(6), "reprotect while protected is refused by state: {out:?}");
+
+    // An agent away for longer than the RPO threshold makes the VM critical: --check exits 2.
+    server.drctl_json(&["policy", "set", "db", "--rpo-threshold", "1s"]);
+    drop(_agent);
+    deadline_poll("the away agent to make db critical", std::time::Duration::from_secs(30), || {
+        let out = server.drctl(&["status", "db", "--check"]);
+        (out.status.code() == Some(2)).then_some(())
+    });
 }
 
 /// Replication through a WAN-like link (25 ms each way): the initial sync, an incremental
