@@ -46,8 +46,9 @@ enum Cmd {
         /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (off by default).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
-        /// Serve the status page (and /healthz) at http://ADDR/, loopback only, e.g.
-        /// 127.0.0.1:8080 (off by default).
+        /// Serve the status page (and /healthz) at http://ADDR/, e.g. 127.0.0.1:8080 (off
+        /// by default); on an address other than loopback it is HTTPS and takes only
+        /// clients presenting an admin identity (the admin bundle).
         #[arg(long)]
         web: Option<std::net::SocketAddr>,
     },

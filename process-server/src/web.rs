@@ -1,4 +1,4 @@
-//! The status page (`serve --web ADDR`, loopback only): the VMs with state, health and
+//! The status page (`serve --web ADDR`; off loopback, HTTPS for admins only): the VMs with state, health and
 //! RPO; per VM an RPO chart over the last hours with its recovery points on the time
 //! line; running and recent jobs with progress. Plain HTML and SVG rendered here, no
 //! scripts, refreshed by the browser every 10 s. `/healthz` answers 200 while the server
@@ -23,24 +23,18 @@ const KEEP_MS: i64 = 6 * 3600 * 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
-    #[error(
-        "the status page is served on loopback only ({0} is not): reach it through an SSH tunnel or a \
-         reverse proxy that authenticates, e.g. --web 127.0.0.1:8080"
-    )]
-    NotLoopback(std::net::SocketAddr),
     #[error("cannot listen on {0}: {1}")]
     Bind(std::net::SocketAddr, std::io::Error),
 }
 
-/// Binds the page's listener; refuses an address other than loopback.
+/// Binds the page's listener.
 pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, WebError> {
-    if !addr.ip().is_loopback() {
-        return Err(WebError::NotLoopback(addr));
-    }
     tokio::net::TcpListener::bind(addr).await.map_err(|e| WebError::Bind(addr, e))
 }
 
-/// Serves the page until the server stops, and samples the RPO for its charts.
+/// Serves the page until the server stops, and samples the RPO for its charts. On
+/// loopback it is plain HTTP; on any other address it is HTTPS that takes only clients
+/// presenting an admin identity of this deployment (the admin bundle of `drctl`).
 pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
     ctx.tracker.spawn(sample(ctx.clone()));
     let app = axum::Router::new()
@@ -48,10 +42,72 @@ pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .with_state(ctx.clone());
     let stop = ctx.shutdown.clone();
-    if let Err(e) =
-        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await
-    {
+    let stopped = async move { stop.cancelled().await };
+    let local = listener.local_addr();
+    let served = match local {
+        Ok(addr) if !addr.ip().is_loopback() => match admin_tls(&ctx, listener, addr) {
+            Ok(l) => {
+                tracing::info!(%addr, "status page over HTTPS, for admin identities only");
+                axum::serve(l, app).with_graceful_shutdown(stopped).await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the status page cannot serve HTTPS");
+                return;
+            }
+        },
+        _ => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
+    };
+    if let Err(e) = served {
         tracing::warn!(error = %e, "the status page stopped");
+    }
+}
+
+/// TLS connections whose client presented an admin certificate of this deployment's CA.
+struct AdminTls {
+    conns: tokio::sync::mpsc::Receiver<
+        Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+    >,
+    addr: std::net::SocketAddr,
+}
+
+fn admin_tls(
+    ctx: &Ctx,
+    listener: tokio::net::TcpListener,
+    addr: std::net::SocketAddr,
+) -> Result<AdminTls, String> {
+    let config = crate::tls::server_config(&ctx.data_dir.join("pki")).map_err(|e| e.to_string())?;
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let conns = crate::tls::incoming(listener, Arc::new(config), ctx.shutdown.clone(), &ctx.tracker);
+    Ok(AdminTls { conns, addr })
+}
+
+impl axum::serve::Listener for AdminTls {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some(conn) = self.conns.recv().await else { return std::future::pending().await };
+            let Ok(tls) = conn else { continue };
+            let peer = tls.get_ref().0.peer_addr().unwrap_or(self.addr);
+            let role = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| tern_core::pki::role_of(c.as_ref()));
+            match role {
+                Some(Ok(tern_core::pki::Role::Admin)) => return (tls, peer),
+                other => {
+                    tracing::warn!(%peer, role = ?other, "status page: only an admin identity may see it")
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
     }
 }
 

@@ -74,16 +74,53 @@ fn the_status_page_lists_the_vms_and_charts_every_point() {
     }
 }
 
+/// Off loopback the page is HTTPS and shows itself only to an admin identity: curl with
+/// the admin bundle gets it, with an agent's bundle or none it is turned away.
 #[test]
-fn the_status_page_is_refused_on_a_non_loopback_address() {
+fn off_loopback_the_status_page_takes_only_an_admin_identity() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::init(tmp.path());
-    let out = Command::new(bin("process-server"))
-        .args(["serve", "--data-dir"])
-        .arg(&server.data)
-        .args(["--listen", "127.0.0.1:0", "--web", "0.0.0.0:0"])
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    let port = free_port();
+    server.extra = vec!["--web".into(), format!("0.0.0.0:{port}")];
+    server.start();
+    let agent = root.join("web.bundle");
+    server.enroll_agent("web", &agent);
+    // curl takes the CA, the certificate and the key as separate files.
+    let split = |bundle: &std::path::Path, name: &str| {
+        let b = tern_core::pki::Bundle::load(bundle).unwrap();
+        let (ca, cert, key) = (
+            root.join(format!("{name}-ca.pem")),
+            root.join(format!("{name}.pem")),
+            root.join(format!("{name}.key")),
+        );
+        std::fs::write(&ca, b.ca_pem).unwrap();
+        std::fs::write(&cert, b.cert_pem).unwrap();
+        std::fs::write(&key, b.key_pem).unwrap();
+        (ca, cert, key)
+    };
+    let url = format!("https://127.0.0.1:{port}/healthz");
+    let curl = |id: Option<&(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
+                ca: &std::path::Path| {
+        let mut c = Command::new("curl");
+        c.args(["-s", "--max-time", "10", "--cacert"]).arg(ca);
+        if let Some((_, cert, key)) = id {
+            c.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        c.arg(&url).output().expect("curl (installed by .ci/run)")
+    };
+    let admin = split(&server.admin(), "admin");
+    let ok = deadline_poll("the page over HTTPS", std::time::Duration::from_secs(20), || {
+        let out = curl(Some(&admin), &admin.0);
+        out.status.success().then_some(out)
+    });
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "ok\n");
+    let agent = split(&agent, "agent");
+    assert!(!curl(Some(&agent), &admin.0).status.success(), "an agent identity is turned away");
+    assert!(!curl(None, &admin.0).status.success(), "no identity is turned away");
+    let plain = Command::new("curl")
+        .args(["-s", "--max-time", "5", &format!("http://127.0.0.1:{port}/healthz")])
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("loopback only") && err.contains("SSH tunnel"), "{err}");
+    assert!(!String::from_utf8_lossy(&plain.stdout).contains("ok"), "no plain HTTP off loopback");
 }
