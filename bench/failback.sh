@@ -45,13 +45,13 @@ way_back() {
   local ps=$!
   PIDS+=($ps)
   for _ in $(seq 100); do grep -q listening "$d/ps.out" 2>/dev/null && break; sleep 0.05; done
-  export DRCTL_SERVER="https://$(sed -n 's/^listening on //p' "$d/ps.out")" DRCTL_IDENTITY="$d/ps/pki/admin.bundle"
+  export TERN_SERVER="https://$(sed -n 's/^listening on //p' "$d/ps.out")" TERN_ADMIN_IDENTITY="$d/ps/pki/admin.bundle"
   "$B/drctl" enroll agent --vm vm --out "$d/agent.bundle" >/dev/null
   "$B/drctl" enroll master-target --name mt --out "$d/mt.bundle" >/dev/null
   "$B/master-target" serve --data-dir "$d/mt" --listen 127.0.0.1:0 --identity "$d/mt.bundle" >"$d/mt.out" 2>"$d/mt.log" &
   local mtp=$!
   PIDS+=($mtp)
-  "$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$d/agent.bundle" --vm vm \
+  "$B/mobility-agent" run --server "$TERN_SERVER" --identity "$d/agent.bundle" --vm vm \
     --disk "sda=$d/onprem.img" --state-dir "$d/st1" 2>"$d/a1.log" &
   local a1=$!
   until [ -n "$(status_field vm last_point 2>/dev/null)" ]; do sleep 0.1; done
@@ -67,7 +67,7 @@ way_back() {
   local w0; w0=$(status_field vm bytes_received)
   local t0; t0=$(now)
   local ps0 mt0; ps0=$(cpu $ps); mt0=$(cpu $mtp)
-  rusage "$d/a2.usage" "$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$d/rec.bundle" --vm vm \
+  rusage "$d/a2.usage" "$B/mobility-agent" run --server "$TERN_SERVER" --identity "$d/rec.bundle" --vm vm \
     --disk "sda=$d/out/sda.raw" --state-dir "$d/st2" --shutdown true 2>"$d/a2.log" &
   local a2=$!
   PIDS+=($a2)

@@ -23,7 +23,7 @@ cleanup() { kill "${AGENT:-}" "${AGENT2:-}" "${SERVER:-}" 2>/dev/null || true; w
 trap cleanup EXIT
 # protect VM DISK LOG: starts the VM's agent (its pid in $PID) and waits for its first point.
 protect() {
-  "$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$W/$1.bundle" --vm "$1" \
+  "$B/mobility-agent" run --server "$TERN_SERVER" --identity "$W/$1.bundle" --vm "$1" \
     --disk "sda=$2" --state-dir "$W/st-$1" --interval 1h 2>"$W/$3" &
   PID=$!
   until "$B/drctl" status "$1" --json 2>/dev/null | grep -q '"last_point": [0-9]'; do sleep 0.02; done
@@ -49,7 +49,7 @@ echo "allocated: $(du -h "$W/sparse.img" | cut -f1) of $(du -h --apparent-size "
 "$B/process-server" serve --data-dir "$W/ps" --listen 127.0.0.1:0 >"$W/ps.out" 2>"$W/ps.log" &
 SERVER=$!
 for _ in $(seq 100); do grep -q listening "$W/ps.out" 2>/dev/null && break; sleep 0.05; done
-export DRCTL_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps.out")" DRCTL_IDENTITY="$W/ps/pki/admin.bundle"
+export TERN_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps.out")" TERN_ADMIN_IDENTITY="$W/ps/pki/admin.bundle"
 "$B/drctl" enroll agent --vm big --out "$W/big.bundle" >/dev/null
 "$B/drctl" enroll agent --vm rnd --out "$W/rnd.bundle" >/dev/null
 
@@ -129,7 +129,7 @@ t0=$(now)
 "$B/process-server" serve --data-dir "$W/ps" --listen 127.0.0.1:0 >"$W/ps2.out" 2>>"$W/ps.log" &
 SERVER=$!
 until grep -q listening "$W/ps2.out" 2>/dev/null; do sleep 0.01; done
-export DRCTL_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps2.out")"
+export TERN_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps2.out")"
 # Ready once it answers: the store (catalog and journals) is open.
 until "$B/drctl" status >/dev/null 2>&1; do sleep 0.01; done
 t1=$(now)

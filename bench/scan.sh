@@ -32,13 +32,13 @@ echo "image: $(du -h --apparent-size "$W/disk.img" | cut -f1) apparent, $(du -h 
 "$B/process-server" serve --data-dir "$W/ps" --listen 127.0.0.1:0 >"$W/ps.out" 2>"$W/ps.log" &
 SERVER=$!
 for _ in $(seq 100); do grep -q listening "$W/ps.out" 2>/dev/null && break; sleep 0.05; done
-export DRCTL_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps.out")" DRCTL_IDENTITY="$W/ps/pki/admin.bundle"
+export TERN_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps.out")" TERN_ADMIN_IDENTITY="$W/ps/pki/admin.bundle"
 
 # agent VM PATH: starts an agent for VM on PATH; a device needs a freeze for a consistent
 # cut, so both get no-op hooks (the bench measures the pass, not a file system freeze).
 agent() {
   "$B/drctl" enroll agent --vm "$1" --out "$W/$1.bundle" >/dev/null
-  "$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$W/$1.bundle" --vm "$1" \
+  "$B/mobility-agent" run --server "$TERN_SERVER" --identity "$W/$1.bundle" --vm "$1" \
     --disk "sda=$2" --state-dir "$W/st-$1" --interval 1h --freeze true --thaw true 2>"$W/$1.log" &
 }
 agent file "$W/disk.img"; A_FILE=$!

@@ -51,11 +51,11 @@ echo "== tern: initial sync"
 "$B/process-server" serve --data-dir "$W/ps" --listen 127.0.0.1:0 >"$W/ps.out" 2>"$W/ps.log" &
 SERVER=$!
 for _ in $(seq 100); do grep -q listening "$W/ps.out" 2>/dev/null && break; sleep 0.05; done
-export DRCTL_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps.out")" DRCTL_IDENTITY="$W/ps/pki/admin.bundle"
+export TERN_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps.out")" TERN_ADMIN_IDENTITY="$W/ps/pki/admin.bundle"
 "$B/drctl" enroll agent --vm bench --out "$W/agent.bundle" >/dev/null
 S_CPU0=$(cpu $SERVER)
 t0=$(now)
-"$B/mobility-agent" run --server "$DRCTL_SERVER" --identity "$W/agent.bundle" --vm bench \
+"$B/mobility-agent" run --server "$TERN_SERVER" --identity "$W/agent.bundle" --vm bench \
   --disk "sda=$W/disk.img" --state-dir "$W/agent-state" --interval 1h 2>"$W/agent.log" &
 AGENT=$!
 until "$B/drctl" status bench --json 2>/dev/null | grep -q '"last_point": [0-9]'; do sleep 0.02; done

@@ -68,7 +68,7 @@ run_rtt() {
   "$B/process-server" serve --data-dir "$d/ps" --listen 127.0.0.1:0 >"$d/ps.out" 2>"$d/ps.log" &
   local ps=$!
   local psport; psport=$(listening "$d/ps.out" | sed 's/.*://')
-  export DRCTL_SERVER="https://127.0.0.1:$psport" DRCTL_IDENTITY="$d/ps/pki/admin.bundle"
+  export TERN_SERVER="https://127.0.0.1:$psport" TERN_ADMIN_IDENTITY="$d/ps/pki/admin.bundle"
   local wan; wan=$(proxy "$d/p1" "$psport" "$rtt")
   "$B/drctl" enroll agent --vm vm --out "$d/agent.bundle" >/dev/null
   "$B/drctl" enroll master-target --name mt --out "$d/mt.bundle" >/dev/null
@@ -123,7 +123,7 @@ full_download() {
   "$B/process-server" init --data-dir "$d/ps" >/dev/null
   "$B/process-server" serve --data-dir "$d/ps" --listen 127.0.0.1:0 >"$d/ps.out" 2>"$d/ps.log" &
   local psport; psport=$(listening "$d/ps.out" | sed 's/.*://')
-  export DRCTL_SERVER="https://127.0.0.1:$psport" DRCTL_IDENTITY="$d/ps/pki/admin.bundle"
+  export TERN_SERVER="https://127.0.0.1:$psport" TERN_ADMIN_IDENTITY="$d/ps/pki/admin.bundle"
   local wan; wan=$(proxy "$d/p1" "$psport" "$rtt")
   "$B/drctl" enroll agent --vm vm --out "$d/agent.bundle" >/dev/null
   "$B/drctl" enroll master-target --name mt --out "$d/mt.bundle" >/dev/null

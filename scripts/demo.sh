@@ -38,7 +38,7 @@ step "process-server serve on loopback"
 SERVER_PID=$!
 for _ in $(seq 100); do grep -q listening "$WORK/ps.out" 2>/dev/null && break; sleep 0.1; done
 export TERN_SERVER="https://$(sed -n 's/^listening on //p' "$WORK/ps.out")"
-export TERN_IDENTITY="$WORK/ps/pki/admin.bundle"
+export TERN_ADMIN_IDENTITY="$WORK/ps/pki/admin.bundle"
 echo "server: $TERN_SERVER"
 
 step "a sample VM disk: a 64 MiB ext4 image with some files"

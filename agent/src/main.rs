@@ -177,7 +177,7 @@ fn run() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         if let Some(addr) = metrics {
-            tern_proto::metrics::serve(addr)?;
+            tern_proto::metrics::serve(addr, None)?;
         }
         let shutdown = tern_proto::daemon::shutdown_on_signal();
         tern_agent::run(config, shutdown).await.map_err(anyhow::Error::from)

@@ -13,8 +13,9 @@ pub struct Cli {
     #[arg(long, env = "TERN_SERVER", global = true)]
     pub server: Option<String>,
     /// Admin identity bundle (DATA_DIR/pki/admin.bundle of `process-server init`).
-    /// (also TERN_IDENTITY; DRCTL_IDENTITY is read when neither is given)
-    #[arg(long, env = "TERN_IDENTITY", global = true)]
+    /// (also TERN_ADMIN_IDENTITY, not TERN_IDENTITY: that is an agent's own; DRCTL_IDENTITY
+    /// is read when neither is given)
+    #[arg(long, env = "TERN_ADMIN_IDENTITY", global = true)]
     pub identity: Option<PathBuf>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]

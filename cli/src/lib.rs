@@ -41,10 +41,9 @@ async fn client(cli: &Cli) -> Result<AdminClient<Channel>, CliError> {
         .server
         .as_deref()
         .ok_or_else(|| CliError::Usage("no server: pass --server URL or set TERN_SERVER".into()))?;
-    let identity = cli
-        .identity
-        .as_ref()
-        .ok_or_else(|| CliError::Usage("no identity: pass --identity BUNDLE or set TERN_IDENTITY".into()))?;
+    let identity = cli.identity.as_ref().ok_or_else(|| {
+        CliError::Usage("no identity: pass --identity BUNDLE or set TERN_ADMIN_IDENTITY".into())
+    })?;
     let bundle = Bundle::load(identity).map_err(|e| CliError::Usage(e.to_string()))?;
     let channel = pb::connect(server, &bundle).await?;
     Ok(AdminClient::new(channel))

@@ -55,7 +55,7 @@ fn run() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         println!("listening on {}", listener.local_addr()?);
         if let Some(addr) = metrics {
-            tern_proto::metrics::serve(addr)?;
+            tern_proto::metrics::serve(addr, None)?;
         }
         let shutdown = tern_proto::daemon::shutdown_on_signal();
         let config = tern_master_target::Config { data_dir, identity: bundle };

@@ -117,7 +117,8 @@ fn run() -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
                 println!("listening on {}", listener.local_addr()?);
                 if let Some(addr) = metrics {
-                    tern_proto::metrics::serve(addr)?;
+                    // Its gauges are refreshed every 2 s (see `metrics.rs`).
+                    tern_proto::metrics::serve(addr, Some(std::time::Duration::from_secs(30)))?;
                 }
                 let web = match web {
                     Some(addr) => Some(tern_process_server::web::bind(addr).await?),

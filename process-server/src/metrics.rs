@@ -39,7 +39,7 @@ fn describe() {
     describe_gauge!("tern_disk_durable_seq", "Last record of the disk made durable (acked).");
     describe_gauge!("tern_disk_journal_bytes", Unit::Bytes, "Bytes in the disk's journal.");
     describe_gauge!("tern_disk_relay_lag_records", "Records durable here, not yet at the master target.");
-    describe_gauge!("tern_job_progress_ratio", "A job's progress, 0 to 1.");
+    describe_gauge!("tern_job_progress_ratio", "A running job's progress, 0 to 1.");
     describe_gauge!("tern_jobs_running", "Jobs running.");
     describe_counter!("tern_replication_errors_total", "Sessions ended or batches refused, by gRPC code.");
 }
@@ -53,21 +53,16 @@ async fn collect(ctx: &Arc<Ctx>, admin: &crate::admin::AdminService) {
     }
     let jobs = ctx.jobs.clone();
     if let Ok(Ok(jobs)) = tokio::task::spawn_blocking(move || jobs.list(0)).await {
-        let mut running = 0.0;
-        for j in jobs.iter().filter(|j| j.ended_ms == 0 || j.state == pb::JobState::Running as i32) {
-            running += 1.0;
+        // Running jobs only: an ended job's series is no longer refreshed and expires.
+        let running: Vec<_> =
+            jobs.iter().filter(|j| pb::JobState::read(j.state) == Some(JobState::Running)).collect();
+        for j in &running {
             let ratio = if j.total == 0 { 0.0 } else { j.done as f64 / j.total as f64 };
             let kind = pb::JobKind::read(j.kind).map_or("unknown", |k| k.as_str());
             metrics::gauge!("tern_job_progress_ratio", "job" => j.id.to_string(), "kind" => kind, "vm" => j.vm.clone())
                 .set(ratio);
         }
-        // A job that ended in this process's life shows where it ended: 1 when it succeeded.
-        for j in jobs.iter().filter(|j| pb::JobState::read(j.state) == Some(JobState::Succeeded)) {
-            let kind = pb::JobKind::read(j.kind).map_or("unknown", |k| k.as_str());
-            metrics::gauge!("tern_job_progress_ratio", "job" => j.id.to_string(), "kind" => kind, "vm" => j.vm.clone())
-                .set(1.0);
-        }
-        metrics::gauge!("tern_jobs_running").set(running);
+        metrics::gauge!("tern_jobs_running").set(running.len() as f64);
     }
 }
 
@@ -88,6 +83,10 @@ fn vm_gauges(s: &pb::VmStatus) {
     g("tern_vm_failing", f64::from(u8::from(!s.error.is_empty())));
     g("tern_vm_storage_bytes", s.storage_bytes as f64);
     metrics::counter!("tern_vm_received_bytes_total", "vm" => vm.clone()).absolute(s.bytes_received);
+    // The error series exist from the start at 0, so that `increase()` sees the first one.
+    for code in ["resource_exhausted", "data_loss", "unavailable", "invalid_argument", "internal"] {
+        metrics::counter!("tern_replication_errors_total", "vm" => vm.clone(), "code" => code).increment(0);
+    }
     let state = pb::VmState::read(s.state);
     for st in VmState::ALL {
         let v = f64::from(u8::from(state == Some(*st)));

@@ -1,6 +1,6 @@
 //! The daemons' configuration: every flag of a daemon's command can also come from an
-//! environment variable `TERN_<FLAG>` (`--data-dir` is `TERN_DATA_DIR`) or from a TOML
-//! file given with `--config FILE` (or `TERN_CONFIG`), whose keys are the flags' long
+//! environment variable `TERN_<FLAG>` (`--data-dir` is `TERN_DATA_DIR`, `--disk` `TERN_DISK`) or from a TOML
+//! file given with `--config FILE`, whose keys are the flags' long
 //! names (`data-dir = "/var/lib/tern"`; `disk = ["sda=/dev/vda", ...]` for a repeated
 //! flag; `true` for a switch). A flag on the command line wins over its variable, which
 //! wins over the file, which wins over the default.
@@ -23,10 +23,11 @@ pub fn with_env(cmd: Command) -> Command {
             if a.get_env().is_some() || a.is_positional() || a.get_id() == "help" || a.get_id() == "version" {
                 return a;
             }
-            let name = format!("TERN_{}", a.get_id().as_str().to_uppercase().replace('-', "_"));
+            let flag = a.get_long().unwrap_or(a.get_id().as_str());
+            let name = format!("TERN_{}", flag.to_uppercase().replace('-', "_"));
             a.env(name)
         })
-        .arg(clap::Arg::new("config").long("config").env("TERN_CONFIG").value_name("FILE").help(
+        .arg(clap::Arg::new("config").long("config").value_name("FILE").help(
             "TOML file of flags (keys are the long flag names); flags and TERN_* variables win over it",
         ))
     })
@@ -74,7 +75,8 @@ pub fn merged_args(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, 
         let given = argv.iter().any(|a| {
             a.to_str().is_some_and(|a| a == format!("--{flag}") || a.starts_with(&format!("--{flag}=")))
         });
-        let from_env = arg.get_env().is_some_and(|v| std::env::var_os(v).is_some());
+        // An empty variable gives nothing: the file's value stands.
+        let from_env = arg.get_env().is_some_and(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
         if given || from_env {
             continue;
         }
@@ -111,7 +113,7 @@ fn config_path(argv: &[OsString]) -> Option<PathBuf> {
             return Some(PathBuf::from(p));
         }
     }
-    std::env::var_os("TERN_CONFIG").map(PathBuf::from)
+    None
 }
 
 #[cfg(test)]

@@ -14,19 +14,18 @@ pub struct MetricsError {
 }
 
 /// Starts the exporter on `addr` and a task that keeps the process metrics current. Call
-/// from inside the daemon's runtime.
-pub fn serve(addr: SocketAddr) -> Result<(), MetricsError> {
+/// from inside the daemon's runtime. `gauges_expire`: a daemon that refreshes its gauges
+/// periodically drops the series not refreshed for that long (a VM gone, a job ended, a
+/// relay no longer running), instead of showing their last value for ever.
+pub fn serve(addr: SocketAddr, gauges_expire: Option<Duration>) -> Result<(), MetricsError> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
+        .idle_timeout(metrics_util::MetricKindMask::GAUGE, gauges_expire)
         .install()
         .map_err(|e| MetricsError { addr, reason: e.to_string() })?;
     metrics::describe_gauge!("process_resident_memory_bytes", metrics::Unit::Bytes, "Resident memory.");
-    // A float: the facade's counters are integers.
-    metrics::describe_gauge!(
-        "process_cpu_seconds_total",
-        metrics::Unit::Seconds,
-        "User and system CPU time."
-    );
+    // A gauge (the facade's counters are integers), so without the `_total` of a counter.
+    metrics::describe_gauge!("process_cpu_seconds", metrics::Unit::Seconds, "User and system CPU time.");
     metrics::describe_gauge!(
         "process_start_time_seconds",
         metrics::Unit::Seconds,
@@ -63,7 +62,7 @@ fn process_metrics() {
         let f: Vec<&str> = rest.split_whitespace().collect();
         let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let cpu = (t(11) + t(12)) as f64 / ticks.max(1.0);
-        metrics::gauge!("process_cpu_seconds_total").set(cpu);
+        metrics::gauge!("process_cpu_seconds").set(cpu);
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         metrics::gauge!("process_open_fds").set(fds.count() as f64);

@@ -677,7 +677,7 @@ fn a_server_started_from_its_config_file_alone() {
     );
 }
 
-/// drctl takes the server and its identity from TERN_SERVER and TERN_IDENTITY, and from
+/// drctl takes the server and its identity from TERN_SERVER and TERN_ADMIN_IDENTITY, and from
 /// the older DRCTL_* names when those are not set.
 #[test]
 fn drctl_reads_tern_variables_and_the_older_names() {
@@ -688,7 +688,7 @@ fn drctl_reads_tern_variables_and_the_older_names() {
     let status = |env: &[(&str, &str)]| {
         let out = Command::new(bin("drctl"))
             .env_remove("TERN_SERVER")
-            .env_remove("TERN_IDENTITY")
+            .env_remove("TERN_ADMIN_IDENTITY")
             .env_remove("DRCTL_SERVER")
             .env_remove("DRCTL_IDENTITY")
             .envs(env.iter().copied())
@@ -700,7 +700,7 @@ fn drctl_reads_tern_variables_and_the_older_names() {
     let (code, err) = status(&[]);
     assert!(code == Some(2) && err.contains("TERN_SERVER"), "{code:?} {err}");
     // Nothing listens on port 1: reaching the point of connecting shows both were read.
-    for (s, i) in [("TERN_SERVER", "TERN_IDENTITY"), ("DRCTL_SERVER", "DRCTL_IDENTITY")] {
+    for (s, i) in [("TERN_SERVER", "TERN_ADMIN_IDENTITY"), ("DRCTL_SERVER", "DRCTL_IDENTITY")] {
         let (code, err) = status(&[(s, "https://127.0.0.1:1"), (i, &admin)]);
         assert_eq!(code, Some(3), "{s}/{i}: unreachable, not a usage error: {err}");
     }
