@@ -630,3 +630,23 @@ pub fn http_get(port: u16, path: &str) -> String {
         body.starts_with("HTTP/1.1 200").then_some(body)
     })
 }
+
+/// Enrolls `vm`, gives it a disk `vm.img` of `size_mib` with `data_mib` of random data, starts
+/// its agent (state in `vm-state`, with `extra` arguments) and waits for its first point.
+pub fn protect_vm(
+    server: &Server,
+    root: &Path,
+    vm: &str,
+    size_mib: u64,
+    data_mib: u64,
+    extra: &[&str],
+) -> Agent {
+    let identity = root.join(format!("{vm}.bundle"));
+    server.enroll_agent(vm, &identity);
+    let disk = root.join(format!("{vm}.img"));
+    make_random(&disk, size_mib, data_mib, vm.bytes().map(u64::from).sum());
+    let agent =
+        Agent::start(server, &identity, vm, &[("sda", &disk)], &root.join(format!("{vm}-state")), extra);
+    server.checkpoint(vm);
+    agent
+}

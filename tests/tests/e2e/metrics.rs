@@ -40,26 +40,12 @@ fn metrics_of_two_replicating_vms_move_and_the_rules_pass_promtool() {
     let ps_port = free_port();
     server.extra = vec!["--metrics".into(), format!("127.0.0.1:{ps_port}")];
     server.start();
-    let mut agents = Vec::new();
     let agent_port = free_port();
-    for (i, vm) in ["web", "db"].into_iter().enumerate() {
-        let identity = root.join(format!("{vm}.bundle"));
-        server.enroll_agent(vm, &identity);
-        let disk = root.join(format!("{vm}.img"));
-        make_random(&disk, 16, 4, i as u64);
-        let extra =
-            if i == 0 { vec!["--metrics".to_string(), format!("127.0.0.1:{agent_port}")] } else { vec![] };
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        agents.push(Agent::start(
-            &server,
-            &identity,
-            vm,
-            &[("sda", &disk)],
-            &root.join(format!("{vm}-state")),
-            &extra,
-        ));
-        server.checkpoint(vm);
-    }
+    let web_metrics = format!("127.0.0.1:{agent_port}");
+    let _agents = [
+        protect_vm(&server, root, "web", 16, 4, &["--metrics", &web_metrics]),
+        protect_vm(&server, root, "db", 16, 4, &[]),
+    ];
     // The gauges follow every 2 s.
     let before = deadline_poll("both VMs in the metrics", Duration::from_secs(20), || {
         let s = samples(&scrape(ps_port));

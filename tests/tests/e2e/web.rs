@@ -27,22 +27,8 @@ fn the_status_page_lists_the_vms_and_charts_every_point() {
     let port = free_port();
     server.extra = vec!["--web".into(), format!("127.0.0.1:{port}")];
     server.start();
-    let mut agents = Vec::new();
-    for (i, vm) in ["web", "db"].into_iter().enumerate() {
-        let identity = root.join(format!("{vm}.bundle"));
-        server.enroll_agent(vm, &identity);
-        let disk = root.join(format!("{vm}.img"));
-        make_random(&disk, 8, 2, i as u64);
-        agents.push(Agent::start(
-            &server,
-            &identity,
-            vm,
-            &[("sda", &disk)],
-            &root.join(format!("{vm}-state")),
-            &[],
-        ));
-        server.checkpoint(vm);
-    }
+    let _agents: Vec<Agent> =
+        ["web", "db"].iter().map(|vm| protect_vm(&server, root, vm, 8, 2, &[])).collect();
     write_random(&root.join("web.img"), 1, 7);
     server.checkpoint("web");
     let url = format!("http://127.0.0.1:{port}/");
