@@ -80,6 +80,21 @@ pub struct DiskState {
     /// Tests: entry writes fail (ENOSPC) while header writes still succeed.
     #[cfg(test)]
     entry_writes_fail: bool,
+    /// Tests: a commit stops here, as a crash would.
+    #[cfg(test)]
+    crash_at: Option<CrashAt>,
+}
+
+/// The steps of a commit a test crashes at.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CrashAt {
+    /// The changed entries are written, not synced.
+    Entries,
+    /// The entries are synced, no header written.
+    Synced,
+    /// Half of the new header slot is written.
+    TornHeader,
 }
 
 impl DiskState {
@@ -119,6 +134,8 @@ impl DiskState {
             failed: None,
             #[cfg(test)]
             entry_writes_fail: false,
+            #[cfg(test)]
+            crash_at: None,
         };
         s.write_header(false)?;
         s.file.sync_all()?;
@@ -208,6 +225,8 @@ impl DiskState {
             failed: None,
             #[cfg(test)]
             entry_writes_fail: false,
+            #[cfg(test)]
+            crash_at: None,
         })
     }
 
@@ -344,7 +363,15 @@ impl DiskState {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
+        #[cfg(test)]
+        if self.crash_at == Some(CrashAt::Entries) {
+            return Err("crash".into());
+        }
         let r = self.file.sync_data().and_then(|()| {
+            #[cfg(test)]
+            if self.crash_at == Some(CrashAt::Synced) {
+                return Err(std::io::Error::other("crash"));
+            }
             self.seq = seq;
             self.write_header(true)
         });
@@ -407,6 +434,11 @@ impl DiskState {
         let check = blake3::hash(&slot);
         slot.extend_from_slice(check.as_bytes());
         let at = if counter.is_multiple_of(2) { SLOT_BYTES as u64 } else { 0 };
+        #[cfg(test)]
+        if self.crash_at == Some(CrashAt::TornHeader) {
+            self.file.write_all_at(&slot[..slot.len() / 2], at)?;
+            return Err(std::io::Error::other("crash"));
+        }
         self.file.write_all_at(&slot, at)?;
         self.counter = counter;
         Ok(())
@@ -646,6 +678,47 @@ mod tests {
         assert_eq!(s.get(2), UNKNOWN, "a failed state answers unknown");
         let mut l = DiskState::load(&p, 1 << 20).unwrap();
         assert_eq!((l.seq, l.get(2)), (Seq(1), zero_block(65536)));
+    }
+
+    /// A crash at each step of a commit: the table loads as the last commit vouched for it
+    /// (its seq; the blocks the crashed commit did not touch as they were). Entries the
+    /// crashed commit wrote may be ahead of that seq — blocks that records after it wrote,
+    /// which the receiver names at reconnect so the agent compares them again.
+    #[test]
+    fn a_crash_at_each_step_of_a_commit_loads_the_last_commit() {
+        for step in [CrashAt::Entries, CrashAt::Synced, CrashAt::TornHeader] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("s");
+            let mut s = DiskState::zeroes(&p, 1 << 20, "g").unwrap();
+            s.set(1, data_block(1));
+            s.set(2, data_block(2));
+            s.commit(Seq(10)).unwrap();
+            s.set(2, data_block(20));
+            s.set(3, data_block(30));
+            s.crash_at = Some(step);
+            assert!(s.commit(Seq(20)).is_err(), "{step:?}");
+            drop(s);
+            let mut l =
+                DiskState::load(&p, 1 << 20).unwrap_or_else(|| panic!("{step:?}: the last commit loads"));
+            assert_eq!(l.seq, Seq(10), "{step:?}");
+            assert_eq!(l.get(1), data_block(1), "{step:?}: untouched by the crashed commit");
+            assert_eq!(l.get(4), zero_block(65536), "{step:?}");
+            for b in [2, 3] {
+                let e = l.get(b);
+                assert!(
+                    e == data_block(20)
+                        || e == data_block(30)
+                        || e == data_block(2)
+                        || e == zero_block(65536),
+                    "{step:?}: block {b} is its old or its new entry"
+                );
+            }
+            // And the next commit after the restart vouches for what it writes.
+            l.set(3, data_block(31));
+            l.commit(Seq(21)).unwrap();
+            let mut again = DiskState::load(&p, 1 << 20).unwrap();
+            assert_eq!((again.seq, again.get(3)), (Seq(21), data_block(31)), "{step:?}");
+        }
     }
 
     #[test]
