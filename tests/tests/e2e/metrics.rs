@@ -33,6 +33,10 @@ fn metrics_of_two_replicating_vms_move_and_the_rules_pass_promtool() {
     let checked = run_ok(Command::new("promtool").args(["check", "rules"]).arg(&rules))
         .expect("promtool (Debian's prometheus package, installed by .ci/run) accepts the rules");
     assert!(checked.contains("SUCCESS"), "{checked}");
+    let tested =
+        run_ok(Command::new("promtool").args(["test", "rules"]).arg(rules.with_extension("test.yml")))
+            .expect("the rules fire (and stay quiet) as deploy/prometheus/tern-rules.test.yml says");
+    assert!(tested.contains("SUCCESS"), "{tested}");
 
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
