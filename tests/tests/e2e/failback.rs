@@ -204,7 +204,12 @@ fn alternate_location_with_sync_during() {
     // Fail over to the older point: the journal holds records past it.
     let recovered = fail_over_and_commit(&server, root, "alt", Some(&older["id"].to_string()));
     scatter_writes(&recovered, 0.02, 92);
-    let mt = MasterTarget::start(&server, root, "mt2");
+    let mut mt = MasterTarget::start(&server, root, "mt2");
+    // Again with its metrics served, on the same port.
+    mt.kill9();
+    let mt_metrics = free_port();
+    mt.extra = vec!["--metrics".into(), format!("127.0.0.1:{mt_metrics}")];
+    mt.restart();
     let new_disk = root.join("new-sda.img");
     // A wrong size is refused and nothing is written.
     let args =
@@ -227,6 +232,16 @@ fn alternate_location_with_sync_during() {
         assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
     }
     assert!(log.contains("relaying to the master target"), "{}", tail(&log, 10));
+    // The master target's own figures: what it received and made durable of the relay.
+    let m = http_get(mt_metrics, "/metrics");
+    let sample = |prefix: &str| {
+        m.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit_once(' '))
+            .map(|(_, v)| v.parse::<f64>().unwrap())
+    };
+    assert!(sample("tern_mt_received_bytes_total{vm=\"alt\"}").is_some_and(|b| b > 0.0), "{m}");
+    assert!(sample("tern_mt_durable_seq{").is_some_and(|s| s > 0.0), "{m}");
 }
 
 #[test]
