@@ -120,23 +120,16 @@ impl DiskState {
         let blocks = block_count(size);
         file.set_len(HEADER_BYTES + blocks * ENTRY_LEN as u64)?;
         no_readahead(&file);
-        let mut s = DiskState {
-            size,
-            generation: generation.to_string(),
-            seq: Seq(0),
-            blocks,
-            fill,
-            path: path.to_path_buf(),
-            file,
-            counter: 0,
+        let header = Header {
             committed: false,
-            overlay: BTreeMap::new(),
-            failed: None,
-            #[cfg(test)]
-            entry_writes_fail: false,
-            #[cfg(test)]
-            crash_at: None,
+            fill,
+            counter: 0,
+            size,
+            blocks,
+            seq: Seq(0),
+            generation: generation.to_string(),
         };
+        let mut s = DiskState::from_header(path, file, header);
         s.write_header(false)?;
         s.file.sync_all()?;
         if let Some(dir) = path.parent() {
@@ -211,23 +204,27 @@ impl DiskState {
         {
             return None;
         }
-        Some(DiskState {
-            size,
+        Some(DiskState::from_header(path, file, h))
+    }
+
+    fn from_header(path: &Path, file: File, h: Header) -> DiskState {
+        DiskState {
+            size: h.size,
             generation: h.generation,
             seq: h.seq,
-            blocks,
+            blocks: h.blocks,
             fill: h.fill,
             path: path.to_path_buf(),
             file,
             counter: h.counter,
-            committed: true,
+            committed: h.committed,
             overlay: BTreeMap::new(),
             failed: None,
             #[cfg(test)]
             entry_writes_fail: false,
             #[cfg(test)]
             crash_at: None,
-        })
+        }
     }
 
     /// Blocks in the disk.
@@ -406,12 +403,7 @@ impl DiskState {
                 Fill::Unknown => UNKNOWN,
             };
         }
-        let d = |i: usize| Digest::from_slice(&e[i * 32..(i + 1) * 32]).unwrap_or(Digest::ZERO);
-        let mut pages = [Digest::ZERO; PAGES_PER_BLOCK];
-        for (i, p) in pages.iter_mut().enumerate() {
-            *p = d(i + 1);
-        }
-        BlockHashes { block: d(0), pages }
+        hashes_of(e)
     }
 
     /// Writes the next header slot (not synced).
@@ -450,6 +442,16 @@ impl DiskState {
 /// folio writes the whole folio back (megabytes per point, measured), and fills the holes.
 fn no_readahead(f: &File) {
     let _ = rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::Random);
+}
+
+/// An entry's block hash and page hashes, as written (the same layout in both formats).
+fn hashes_of(e: &[u8]) -> BlockHashes {
+    let d = |i: usize| Digest::from_slice(&e[i * 32..(i + 1) * 32]).unwrap_or(Digest::ZERO);
+    let mut pages = [Digest::ZERO; PAGES_PER_BLOCK];
+    for (i, p) in pages.iter_mut().enumerate() {
+        *p = d(i + 1);
+    }
+    BlockHashes { block: d(0), pages }
 }
 
 fn entry_offset(block: u64) -> u64 {
@@ -523,17 +525,7 @@ mod legacy_v1 {
         if table.len() != n * ENTRY_LEN || n as u64 != block_count(size) {
             return None;
         }
-        let blocks = table
-            .chunks_exact(ENTRY_LEN)
-            .map(|e| {
-                let d = |i: usize| Digest::from_slice(&e[i * 32..(i + 1) * 32]).unwrap_or(Digest::ZERO);
-                let mut pages = [Digest::ZERO; PAGES_PER_BLOCK];
-                for (i, p) in pages.iter_mut().enumerate() {
-                    *p = d(i + 1);
-                }
-                BlockHashes { block: d(0), pages }
-            })
-            .collect();
+        let blocks = table.chunks_exact(ENTRY_LEN).map(hashes_of).collect();
         Some((generation, seq, blocks))
     }
 }

@@ -97,6 +97,16 @@ impl Server {
         Server { log: root.join("ps.log"), data, port: 0, child: None, extra: Vec::new(), env: Vec::new() }
     }
 
+    /// A server initialised under `root` whose `serve` also listens for HTTP (`--metrics`
+    /// or `--web`) on a free port at `host`; the port is returned.
+    pub fn with_http(root: &Path, flag: &str, host: &str) -> (Server, u16) {
+        let mut server = Server::init(root);
+        let port = free_port();
+        server.extra = vec![flag.into(), format!("{host}:{port}")];
+        server.start();
+        (server, port)
+    }
+
     pub fn start(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let (child, port) = spawn_listening(

@@ -40,10 +40,7 @@ fn metrics_of_two_replicating_vms_move_and_the_rules_pass_promtool() {
 
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut server = Server::init(root);
-    let ps_port = free_port();
-    server.extra = vec!["--metrics".into(), format!("127.0.0.1:{ps_port}")];
-    server.start();
+    let (server, ps_port) = Server::with_http(root, "--metrics", "127.0.0.1");
     let agent_port = free_port();
     let web_metrics = format!("127.0.0.1:{agent_port}");
     let _agents = [

@@ -23,10 +23,7 @@ fn chromium(args: &[&str], url: &str) -> String {
 fn the_status_page_lists_the_vms_and_charts_every_point() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut server = Server::init(root);
-    let port = free_port();
-    server.extra = vec!["--web".into(), format!("127.0.0.1:{port}")];
-    server.start();
+    let (server, port) = Server::with_http(root, "--web", "127.0.0.1");
     let _agents: Vec<Agent> =
         ["web", "db"].iter().map(|vm| protect_vm(&server, root, vm, 8, 2, &[])).collect();
     write_random(&root.join("web.img"), 1, 7);
@@ -66,10 +63,7 @@ fn the_status_page_lists_the_vms_and_charts_every_point() {
 fn off_loopback_the_status_page_takes_only_an_admin_identity() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut server = Server::init(root);
-    let port = free_port();
-    server.extra = vec!["--web".into(), format!("0.0.0.0:{port}")];
-    server.start();
+    let (server, port) = Server::with_http(root, "--web", "0.0.0.0");
     let agent = root.join("web.bundle");
     server.enroll_agent("web", &agent);
     // curl takes the CA, the certificate and the key as separate files.
