@@ -3,9 +3,12 @@
 //! points at consistent cuts. It only ever dials out, and reconnects by itself.
 
 pub mod hooks;
+pub mod nbd;
 pub mod scan;
 mod session;
 pub mod state;
+mod stream;
+pub mod tracker;
 
 use scan::DiskSource;
 use state::DiskState;
@@ -40,6 +43,15 @@ pub struct Config {
     pub shutdown: Option<String>,
     /// Bytes per second on the wire at most (0: unlimited).
     pub max_rate: u64,
+    /// `--mode nbd`: serve the disks over NBD and stream every write; `None` for scan mode.
+    pub nbd: Option<NbdMode>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NbdMode {
+    pub listen: nbd::Listen,
+    /// Most bytes of writes the change log holds while they wait to be sent.
+    pub log_buffer: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,12 +60,18 @@ pub enum AgentError {
     Refused(String),
     #[error("state directory {path}: {source}")]
     StateDir { path: String, source: std::io::Error },
+    #[error("serving the disks over NBD at {listen}: {source}")]
+    Nbd { listen: String, source: std::io::Error },
 }
 
 /// Runs until `shutdown` or a permanent refusal (wrong identity, bad disk).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|source| AgentError::StateDir { path: config.state_dir.display().to_string(), source })?;
+    let tracker = match &config.nbd {
+        Some(m) => Some(serve_nbd(&config, m)?),
+        None => None,
+    };
     let config = Arc::new(config);
     // Ready as soon as it runs: the first session may wait for a server that is away.
     tern_proto::daemon::notify_ready();
@@ -66,7 +84,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         let progress = Progress::default();
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = session::session(config.clone(), shutdown.clone(), &progress) => r,
+            r = session::session(config.clone(), tracker.clone(), shutdown.clone(), &progress) => r,
         };
         metrics::gauge!("tern_agent_connected", "vm" => config.vm.to_string()).set(0.0);
         match outcome {
@@ -96,6 +114,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             }
         }
     }
+}
+
+/// Opens the disks for the io path and serves them; the exports stay up whatever
+/// happens to the sessions with the process server.
+fn serve_nbd(config: &Config, m: &NbdMode) -> Result<Arc<tracker::Tracker>, AgentError> {
+    let err = |source| AgentError::Nbd { listen: m.listen.to_string(), source };
+    let disks: Vec<_> = config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
+    let tracker = tracker::Tracker::open(&disks, m.log_buffer).map_err(err)?;
+    let bound = nbd::serve(&m.listen, tracker.exports()).map_err(err)?;
+    let names: Vec<&str> = config.disks.iter().map(|d| d.name.as_str()).collect();
+    info!(listen = %bound, exports = ?names, "serving the disks over NBD");
+    Ok(tracker)
 }
 
 fn is_permanent(code: Code) -> bool {

@@ -18,7 +18,8 @@ struct Cli {
 enum Mode {
     /// Scan the disks for changes at each interval and on checkpoint requests.
     Scan,
-    /// Serve the disk over NBD and log every write (not built yet).
+    /// Serve the disks over NBD (the VM's disks are the agent's exports) and stream every
+    /// write as it happens; points are marks in that stream.
     Nbd,
 }
 
@@ -70,6 +71,14 @@ enum Cmd {
         /// `raw` is given (the VM itself wrote those bytes).
         #[arg(long, value_enum, default_value = "detect")]
         disk_format: DiskFormat,
+        /// --mode nbd: where the exports are served, unix:PATH or tcp:ADDR:PORT (default:
+        /// unix:STATE_DIR/nbd.sock). Export names are the disk names.
+        #[arg(long)]
+        nbd_listen: Option<String>,
+        /// --mode nbd: most bytes of writes held while they wait to be sent; past it the
+        /// log is dropped and the disks are compared with the server's copy once it is back.
+        #[arg(long, default_value = "64MiB")]
+        log_buffer: String,
         /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9465 (off by default).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
@@ -105,11 +114,25 @@ fn run() -> anyhow::Result<()> {
         shutdown,
         max_rate,
         disk_format,
+        nbd_listen,
+        log_buffer,
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
-    if let Mode::Nbd = mode {
-        bail!("--mode nbd is not built yet; use --mode scan");
-    }
+    let nbd = match mode {
+        Mode::Scan if nbd_listen.is_some() => bail!("--nbd-listen is for --mode nbd"),
+        Mode::Scan => None,
+        Mode::Nbd => {
+            let listen = match nbd_listen {
+                Some(l) => {
+                    l.parse::<tern_agent::nbd::Listen>().map_err(|e| anyhow::anyhow!("--nbd-listen {e}"))?
+                }
+                None => tern_agent::nbd::Listen::Unix(state_dir.join("nbd.sock")),
+            };
+            let log_buffer =
+                usize::try_from(parse_size(&log_buffer)?).context("--log-buffer is too large")?;
+            Some(tern_agent::NbdMode { listen, log_buffer })
+        }
+    };
     let vm = VmName::new(&vm)?;
     let identity_bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
@@ -161,8 +184,10 @@ fn run() -> anyhow::Result<()> {
         hooks: tern_agent::hooks::Hooks { freeze, thaw, freeze_fs, timeout: parse_duration(&hook_timeout)? },
         shutdown,
         max_rate: parse_size(&max_rate)?,
+        nbd,
     };
-    if !config.hooks.configured()
+    if config.nbd.is_none()
+        && !config.hooks.configured()
         && let Some(d) = config.disks.iter().find(|d| d.block_device)
     {
         bail!(

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn};
 
+mod nbd;
+
 /// How a session ends, inside: a status, or the stream closed under a send (the server's
 /// reason, if it gives one, is then read from the inbound stream).
 #[derive(Debug)]
@@ -42,6 +44,7 @@ type Consistent = (PassResult, bool, String);
 /// on: permanent refusals stop the agent, the rest reconnect.
 pub(crate) async fn session(
     config: Arc<Config>,
+    tracker: Option<Arc<crate::tracker::Tracker>>,
     shutdown: CancellationToken,
     progress: &Progress,
 ) -> Result<(), Status> {
@@ -75,10 +78,15 @@ pub(crate) async fn session(
         awaiting_point: None,
         stood_down: false,
         feeds: std::sync::Mutex::new(Vec::new()),
+        shared: None,
+        pending_mark: None,
     };
     let result = async {
         s.welcome(saved, progress).await?;
-        s.run().await
+        match tracker {
+            Some(t) => s.run_nbd(t).await,
+            None => s.run().await,
+        }
     }
     .await;
     match result {
@@ -143,6 +151,10 @@ struct Session {
     /// The receiver's block hashes still to come, per disk, for the first pass. In a
     /// mutex only so that the session is `Sync` (its future `Send`): it is never contended.
     feeds: std::sync::Mutex<Feeds>,
+    /// `--mode nbd` while the log streams: the states, shared with the streaming thread.
+    shared: Option<crate::stream::SharedStates>,
+    /// `--mode nbd`: a mark made and its point not sent yet.
+    pending_mark: Option<nbd::PendingMark>,
 }
 
 impl Session {
@@ -261,8 +273,15 @@ impl Session {
         let vm = self.config.vm.to_string();
         metrics::counter!("tern_agent_points_total", "vm" => vm.clone()).increment(1);
         metrics::gauge!("tern_agent_last_point_timestamp_seconds", "vm" => vm).set(now_ms() as f64 / 1000.0);
-        let mut states = std::mem::take(&mut self.states);
         let cfg = self.config.clone();
+        if let Some(shared) = self.shared.clone() {
+            return tokio::task::spawn_blocking(move || {
+                commit_states(&cfg, &mut shared.lock().unwrap_or_else(|p| p.into_inner()), &seqs);
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()).into());
+        }
+        let mut states = std::mem::take(&mut self.states);
         self.states = tokio::task::spawn_blocking(move || {
             commit_states(&cfg, &mut states, &seqs);
             states
@@ -450,6 +469,23 @@ impl Session {
         Ok(Ok((pass, frozen)))
     }
 
+    /// Sends records of `disk`, numbered from its next seq, within the rate limit.
+    async fn send_batch(
+        &mut self,
+        disk: usize,
+        records: Vec<pb::Record>,
+        limiter: &mut tern_proto::rate::RateLimiter,
+    ) -> Result<(), SessionError> {
+        let n = records.len() as u64;
+        let first_seq = self.next_seq[disk].0;
+        let batch = pb::Batch { disk: self.config.disks[disk].name.to_string(), first_seq, records };
+        let bytes = prost::Message::encoded_len(&batch) as u64;
+        limiter.take(bytes).await;
+        metrics::counter!("tern_agent_sent_bytes_total", "vm" => self.config.vm.to_string()).increment(bytes);
+        self.next_seq[disk] = Seq(first_seq + n);
+        self.send(pb::agent_message::Msg::Batch(batch)).await
+    }
+
     /// Sends what the scan produces until it ends, taking server messages meanwhile.
     async fn forward(&mut self, events: &mut mpsc::Receiver<ScanEvent>) -> Result<(), SessionError> {
         let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
@@ -460,17 +496,7 @@ impl Session {
                         let disk = self.config.disks[disk].name.to_string();
                         self.send(pb::agent_message::Msg::PageHashes(pb::PageHashesRequest { disk, blocks })).await?;
                     }
-                    Some(ScanEvent::Batch { disk, records }) => {
-                        let n = records.len() as u64;
-                        let first_seq = self.next_seq[disk].0;
-                        let batch = pb::Batch { disk: self.config.disks[disk].name.to_string(), first_seq, records };
-                        let bytes = prost::Message::encoded_len(&batch) as u64;
-                        limiter.take(bytes).await;
-                        metrics::counter!("tern_agent_sent_bytes_total", "vm" => self.config.vm.to_string())
-                            .increment(bytes);
-                        self.next_seq[disk] = Seq(first_seq + n);
-                        self.send(pb::agent_message::Msg::Batch(batch)).await?;
-                    }
+                    Some(ScanEvent::Batch { disk, records }) => self.send_batch(disk, records, &mut limiter).await?,
                     None => return Ok(()),
                 },
                 m = self.inbound.message() => self.inbox.take(m?)?,

@@ -69,6 +69,7 @@ async fn in_process_daemons_replicate_fail_over_and_stop_cleanly() {
         hooks: Default::default(),
         shutdown: None,
         max_rate: 0,
+        nbd: None,
     };
     let s = agent_stop.clone();
     let agent = tokio::spawn(async move { tern_agent::run(config, s).await });

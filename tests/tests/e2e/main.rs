@@ -9,5 +9,6 @@ mod faults;
 mod harness;
 mod lifecycle;
 mod metrics;
+mod nbd;
 mod protect;
 mod web;

@@ -1,0 +1,604 @@
+//! An NBD server (the NetworkBlockDevice project's `doc/proto.md`): fixed newstyle
+//! handshake with `NBD_OPT_GO`, `INFO`, `LIST`, `ABORT` and `EXPORT_NAME`, simple replies,
+//! and the `READ`, `WRITE` (with FUA), `FLUSH`, `TRIM`, `WRITE_ZEROES` and `DISC`
+//! commands. Each connection runs on its own thread: requests are taken in the order they
+//! come (a client keeps as many in flight as it likes), and replies are written out in
+//! bulk whenever no further request is already waiting.
+//!
+//! Structured replies, block status and TLS are not offered: clients fall back to simple
+//! replies, and a unix socket (the default) or loopback is where the hypervisor talks to
+//! the agent.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tracing::{debug, info, warn};
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+const FLAG_NO_ZEROES: u16 = 1 << 1;
+const CLIENT_FIXED_NEWSTYLE: u32 = 1 << 0;
+const CLIENT_NO_ZEROES: u32 = 1 << 1;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_NAME: u16 = 1;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+const TFLAG_SEND_FUA: u16 = 1 << 3;
+const TFLAG_SEND_TRIM: u16 = 1 << 5;
+const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Every export: flush and FUA make writes durable whichever connection wrote them, so
+/// clients may open several connections at once.
+const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
+    | TFLAG_SEND_FLUSH
+    | TFLAG_SEND_FUA
+    | TFLAG_SEND_TRIM
+    | TFLAG_SEND_WRITE_ZEROES
+    | TFLAG_CAN_MULTI_CONN;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_FUA: u16 = 1 << 0;
+const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+
+/// The largest request payload: larger reads are refused, larger writes end the
+/// connection (their payload cannot be skipped safely).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Option payloads beyond this are not read: the connection ends.
+const MAX_OPTION: u32 = 64 << 10;
+
+/// A disk served over NBD.
+pub trait Export: Send + Sync {
+    fn size(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Returns once the data is written (durable too when `fua`).
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()>;
+    /// Zeroes `len` bytes; may deallocate them unless `keep_allocated`.
+    fn zero(&self, offset: u64, len: u64, keep_allocated: bool, fua: bool) -> io::Result<()>;
+    /// Every write completed before it is durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// Exports by name, in the order `NBD_OPT_LIST` gives them; the first is the default
+/// (the empty name).
+pub type Exports = Arc<Vec<(String, Arc<dyn Export>)>>;
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(Listen::Unix(PathBuf::from(p)));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            return a.parse().map(Listen::Tcp).map_err(|e| format!("{s:?}: {e}; write tcp:HOST:PORT"));
+        }
+        Err(format!("{s:?}: write unix:PATH or tcp:ADDR:PORT"))
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+trait Stream: Read + Write + Send + Sized + 'static {
+    fn duplicate(&self) -> io::Result<Self>;
+}
+
+impl Stream for UnixStream {
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+impl Stream for TcpStream {
+    fn duplicate(&self) -> io::Result<Self> {
+        self.set_nodelay(true)?;
+        self.try_clone()
+    }
+}
+
+/// Binds `listen` and serves `exports` on background threads, one per connection.
+/// Returns where it listens (the port chosen, for `tcp:…:0`). A stale unix socket left by
+/// an earlier run is replaced.
+pub fn serve(listen: &Listen, exports: Exports) -> io::Result<Listen> {
+    match listen {
+        Listen::Unix(path) => {
+            if std::fs::symlink_metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                std::fs::remove_file(path)?;
+            }
+            let l = UnixListener::bind(path)?;
+            spawn_accept(move || l.accept().map(|(s, _)| s), exports)?;
+            Ok(listen.clone())
+        }
+        Listen::Tcp(addr) => {
+            let l = TcpListener::bind(addr)?;
+            let bound = l.local_addr()?;
+            spawn_accept(move || l.accept().map(|(s, _)| s), exports)?;
+            Ok(Listen::Tcp(bound))
+        }
+    }
+}
+
+fn spawn_accept<S: Stream>(
+    mut accept: impl FnMut() -> io::Result<S> + Send + 'static,
+    exports: Exports,
+) -> io::Result<()> {
+    std::thread::Builder::new().name("nbd-accept".into()).spawn(move || {
+        loop {
+            match accept() {
+                Ok(s) => {
+                    let exports = exports.clone();
+                    let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
+                        match connection(s, &exports) {
+                            Ok(()) => debug!("NBD client disconnected"),
+                            Err(e) => info!(error = %e, "NBD connection ended"),
+                        }
+                    });
+                    if let Err(e) = spawned {
+                        warn!(error = %e, "cannot start a thread for an NBD connection");
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "accepting an NBD connection failed");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn connection<S: Stream>(stream: S, exports: &Exports) -> io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 << 10, stream.duplicate()?);
+    let mut r = BufReader::with_capacity(256 << 10, stream);
+    let Some(export) = handshake(&mut r, &mut w, exports)? else { return Ok(()) };
+    transmission(&mut r, &mut w, export.as_ref())
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn protocol(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+fn option_reply(w: &mut impl Write, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    w.write_all(&REPLY_MAGIC.to_be_bytes())?;
+    w.write_all(&opt.to_be_bytes())?;
+    w.write_all(&kind.to_be_bytes())?;
+    let len = u32::try_from(data.len()).map_err(|_| protocol("option reply too long"))?;
+    w.write_all(&len.to_be_bytes())?;
+    w.write_all(data)
+}
+
+/// Negotiates until the client picks an export (`None`: it aborted or went away).
+fn handshake(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    exports: &Exports,
+) -> io::Result<Option<Arc<dyn Export>>> {
+    w.write_all(&NBDMAGIC.to_be_bytes())?;
+    w.write_all(&IHAVEOPT.to_be_bytes())?;
+    w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+    w.flush()?;
+    let client = read_u32(r)?;
+    if client & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(protocol("the client sent unknown handshake flags"));
+    }
+    let no_zeroes = client & CLIENT_NO_ZEROES != 0;
+    loop {
+        if read_u64(r)? != IHAVEOPT {
+            return Err(protocol("bad option magic"));
+        }
+        let opt = read_u32(r)?;
+        let len = read_u32(r)?;
+        if len > MAX_OPTION {
+            return Err(protocol("option too long"));
+        }
+        let mut data = vec![0; len as usize];
+        r.read_exact(&mut data)?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data);
+                // No way to say "unknown" here but to hang up.
+                let Some(e) = find(exports, &name) else { return Ok(None) };
+                w.write_all(&e.size().to_be_bytes())?;
+                w.write_all(&TRANSMISSION_FLAGS.to_be_bytes())?;
+                if !no_zeroes {
+                    w.write_all(&[0; 124])?;
+                }
+                w.flush()?;
+                return Ok(Some(e));
+            }
+            OPT_ABORT => {
+                // The client may hang up without reading the ack.
+                drop(option_reply(w, opt, REP_ACK, &[]).and_then(|()| w.flush()));
+                return Ok(None);
+            }
+            OPT_LIST if !data.is_empty() => option_reply(w, opt, REP_ERR_INVALID, &[])?,
+            OPT_LIST => {
+                for (name, _) in exports.iter() {
+                    let mut d = u32::try_from(name.len()).unwrap_or(0).to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    option_reply(w, opt, REP_SERVER, &d)?;
+                }
+                option_reply(w, opt, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                let chosen = info(w, opt, &data, exports)?;
+                if opt == OPT_GO && chosen.is_some() {
+                    w.flush()?;
+                    return Ok(chosen);
+                }
+            }
+            // Structured replies, meta contexts, TLS, extended headers: not offered.
+            _ => option_reply(w, opt, REP_ERR_UNSUP, &[])?,
+        }
+        w.flush()?;
+    }
+}
+
+fn find(exports: &Exports, name: &str) -> Option<Arc<dyn Export>> {
+    if name.is_empty() {
+        return exports.first().map(|(_, e)| e.clone());
+    }
+    exports.iter().find(|(n, _)| n == name).map(|(_, e)| e.clone())
+}
+
+/// Answers `NBD_OPT_INFO`/`GO`: the export's size and flags, its name and block sizes
+/// when asked (block sizes always: any alignment is accepted, 4 KiB is preferred).
+fn info(w: &mut impl Write, opt: u32, data: &[u8], exports: &Exports) -> io::Result<Option<Arc<dyn Export>>> {
+    let parsed = (|| {
+        let n = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+        let name = std::str::from_utf8(data.get(4..4 + n)?).ok()?;
+        let count = u16::from_be_bytes(data.get(4 + n..6 + n)?.try_into().ok()?) as usize;
+        let reqs = data.get(6 + n..)?;
+        if reqs.len() != 2 * count {
+            return None;
+        }
+        let reqs: Vec<u16> = reqs.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+        Some((name.to_string(), reqs))
+    })();
+    let Some((name, reqs)) = parsed else {
+        option_reply(w, opt, REP_ERR_INVALID, &[])?;
+        return Ok(None);
+    };
+    let Some(export) = find(exports, &name) else {
+        option_reply(w, opt, REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes())?;
+        return Ok(None);
+    };
+    let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+    d.extend_from_slice(&export.size().to_be_bytes());
+    d.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+    option_reply(w, opt, REP_INFO, &d)?;
+    if reqs.contains(&INFO_NAME) {
+        let mut d = INFO_NAME.to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        option_reply(w, opt, REP_INFO, &d)?;
+    }
+    let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    for v in [1u32, 4096, MAX_PAYLOAD] {
+        d.extend_from_slice(&v.to_be_bytes());
+    }
+    option_reply(w, opt, REP_INFO, &d)?;
+    option_reply(w, opt, REP_ACK, &[])?;
+    Ok(Some(export))
+}
+
+fn reply(w: &mut impl Write, error: u32, cookie: u64) -> io::Result<()> {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    h[4..8].copy_from_slice(&error.to_be_bytes());
+    h[8..].copy_from_slice(&cookie.to_be_bytes());
+    w.write_all(&h)
+}
+
+fn errno(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(28) => ENOSPC,
+        _ => EIO,
+    }
+}
+
+/// Serves requests until the client disconnects.
+fn transmission<S: Read>(r: &mut BufReader<S>, w: &mut impl Write, export: &dyn Export) -> io::Result<()> {
+    let size = export.size();
+    let mut buf = Vec::new();
+    loop {
+        let mut h = [0u8; 28];
+        match r.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let field = |a: usize, b: usize| &h[a..b];
+        if u32::from_be_bytes(field(0, 4).try_into().unwrap_or_default()) != REQUEST_MAGIC {
+            return Err(protocol("bad request magic"));
+        }
+        let flags = u16::from_be_bytes(field(4, 6).try_into().unwrap_or_default());
+        let cmd = u16::from_be_bytes(field(6, 8).try_into().unwrap_or_default());
+        let cookie = u64::from_be_bytes(field(8, 16).try_into().unwrap_or_default());
+        let offset = u64::from_be_bytes(field(16, 24).try_into().unwrap_or_default());
+        let len = u32::from_be_bytes(field(24, 28).try_into().unwrap_or_default());
+        let in_bounds = offset.checked_add(u64::from(len)).is_some_and(|end| end <= size);
+        let fua = flags & CMD_FLAG_FUA != 0;
+        match cmd {
+            CMD_READ if !in_bounds || len > MAX_PAYLOAD => reply(w, EINVAL, cookie)?,
+            CMD_READ => {
+                buf.resize(len as usize, 0);
+                match export.read_at(&mut buf, offset) {
+                    Ok(()) => {
+                        reply(w, 0, cookie)?;
+                        w.write_all(&buf)?;
+                    }
+                    Err(e) => reply(w, errno(&e), cookie)?,
+                }
+            }
+            CMD_WRITE => {
+                if len > MAX_PAYLOAD {
+                    return Err(protocol("write larger than the advertised maximum"));
+                }
+                buf.resize(len as usize, 0);
+                r.read_exact(&mut buf)?;
+                let e = if !in_bounds {
+                    ENOSPC
+                } else {
+                    export.write_at(&buf, offset, fua).map_or_else(|e| errno(&e), |()| 0)
+                };
+                reply(w, e, cookie)?;
+            }
+            CMD_DISC => {
+                w.flush()?;
+                return export.flush();
+            }
+            CMD_FLUSH => reply(w, export.flush().map_or_else(|e| errno(&e), |()| 0), cookie)?,
+            CMD_TRIM | CMD_WRITE_ZEROES if !in_bounds => reply(w, ENOSPC, cookie)?,
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                let keep = cmd == CMD_WRITE_ZEROES && flags & CMD_FLAG_NO_HOLE != 0;
+                let e = export.zero(offset, u64::from(len), keep, fua).map_or_else(|e| errno(&e), |()| 0);
+                reply(w, e, cookie)?;
+            }
+            _ => reply(w, EINVAL, cookie)?,
+        }
+        // Replies go out together while more requests are already waiting.
+        if r.buffer().is_empty() {
+            w.flush()?;
+        }
+    }
+}
+
+/// A plain file (or block device) served as it is: the tests' reference export.
+#[derive(Debug)]
+pub struct FileExport {
+    file: std::fs::File,
+    size: u64,
+}
+
+impl FileExport {
+    pub fn open(path: &std::path::Path) -> io::Result<FileExport> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(FileExport { file, size })
+    }
+}
+
+impl Export for FileExport {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, data, offset)?;
+        if fua { self.file.sync_data() } else { Ok(()) }
+    }
+    fn zero(&self, offset: u64, len: u64, keep_allocated: bool, fua: bool) -> io::Result<()> {
+        zero_range(&self.file, offset, len, keep_allocated)?;
+        if fua { self.file.sync_data() } else { Ok(()) }
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// Zeroes a range of a file: punches a hole (or zeroes in place when `keep_allocated`);
+/// writes zeroes where the file system or device cannot.
+pub fn zero_range(file: &std::fs::File, offset: u64, len: u64, keep_allocated: bool) -> io::Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    let how = if keep_allocated { FallocateFlags::ZERO_RANGE } else { FallocateFlags::PUNCH_HOLE };
+    if fallocate(file, how | FallocateFlags::KEEP_SIZE, offset, len).is_ok() {
+        return Ok(());
+    }
+    let zeroes = vec![0u8; 1 << 20];
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let n = usize::try_from((end - at).min(zeroes.len() as u64)).unwrap_or(zeroes.len());
+        std::os::unix::fs::FileExt::write_all_at(file, &zeroes[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+
+    /// A client speaking the protocol by hand, for what real clients never send.
+    struct Client(UnixStream);
+
+    impl Client {
+        fn connect(exports: Exports) -> Client {
+            let (a, b) = UnixStream::pair().unwrap();
+            std::thread::spawn(move || connection(b, &exports));
+            let mut c = Client(a);
+            let mut hello = [0u8; 18];
+            c.0.read_exact(&mut hello).unwrap();
+            assert_eq!(&hello[..8], b"NBDMAGIC");
+            c.0.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes()).unwrap();
+            c
+        }
+
+        fn option(&mut self, opt: u32, data: &[u8]) {
+            let mut m = IHAVEOPT.to_be_bytes().to_vec();
+            m.extend_from_slice(&opt.to_be_bytes());
+            m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            m.extend_from_slice(data);
+            self.0.write_all(&m).unwrap();
+        }
+
+        /// (reply type, data)
+        fn option_reply(&mut self) -> (u32, Vec<u8>) {
+            let mut h = [0u8; 20];
+            self.0.read_exact(&mut h).unwrap();
+            assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), REPLY_MAGIC);
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut d = vec![0; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+            self.0.read_exact(&mut d).unwrap();
+            (kind, d)
+        }
+
+        fn go(&mut self, name: &str) -> Vec<(u32, Vec<u8>)> {
+            let mut d = (name.len() as u32).to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(&0u16.to_be_bytes());
+            self.option(OPT_GO, &d);
+            let mut replies = Vec::new();
+            loop {
+                let r = self.option_reply();
+                let end = r.0 != REP_INFO;
+                replies.push(r);
+                if end {
+                    return replies;
+                }
+            }
+        }
+
+        /// Sends a request; returns the reply's error and data (`read` bytes of it).
+        fn request(
+            &mut self,
+            cmd: u16,
+            offset: u64,
+            len: u32,
+            payload: &[u8],
+            read: usize,
+        ) -> (u32, Vec<u8>) {
+            let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&0u16.to_be_bytes());
+            m.extend_from_slice(&cmd.to_be_bytes());
+            m.extend_from_slice(&42u64.to_be_bytes());
+            m.extend_from_slice(&offset.to_be_bytes());
+            m.extend_from_slice(&len.to_be_bytes());
+            m.extend_from_slice(payload);
+            self.0.write_all(&m).unwrap();
+            let mut h = [0u8; 16];
+            self.0.read_exact(&mut h).unwrap();
+            assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
+            assert_eq!(u64::from_be_bytes(h[8..].try_into().unwrap()), 42);
+            let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+            let mut d = vec![0; if error == 0 { read } else { 0 }];
+            self.0.read_exact(&mut d).unwrap();
+            (error, d)
+        }
+    }
+
+    fn exports(dir: &std::path::Path) -> Exports {
+        let path = dir.join("d.img");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let e: Arc<dyn Export> = Arc::new(FileExport::open(&path).unwrap());
+        Arc::new(vec![("sda".to_string(), e)])
+    }
+
+    #[test]
+    fn options_name_unknown_exports_and_unsupported_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Client::connect(exports(dir.path()));
+        c.option(OPT_LIST, &[]);
+        let (kind, d) = c.option_reply();
+        assert_eq!((kind, &d[4..]), (REP_SERVER, &b"sda"[..]));
+        assert_eq!(c.option_reply().0, REP_ACK);
+        c.option(8, &[]); // structured replies: not offered
+        assert_eq!(c.option_reply().0, REP_ERR_UNSUP);
+        c.option(OPT_INFO, &[0, 0]); // too short
+        assert_eq!(c.option_reply().0, REP_ERR_INVALID);
+        let r = c.go("nope");
+        assert_eq!(r[0].0, REP_ERR_UNKNOWN);
+        let r = c.go("sda");
+        let export = &r[0].1;
+        assert_eq!(u16::from_be_bytes(export[..2].try_into().unwrap()), INFO_EXPORT);
+        assert_eq!(u64::from_be_bytes(export[2..10].try_into().unwrap()), 1 << 20);
+        assert_eq!(r.last().unwrap().0, REP_ACK);
+    }
+
+    #[test]
+    fn requests_out_of_bounds_are_refused_and_the_rest_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Client::connect(exports(dir.path()));
+        c.go("");
+        assert_eq!(c.request(CMD_READ, (1 << 20) - 1, 2, &[], 2).0, EINVAL);
+        assert_eq!(c.request(CMD_WRITE, (1 << 20) - 1, 2, &[1, 2], 0).0, ENOSPC);
+        assert_eq!(c.request(CMD_WRITE, 5, 3, &[1, 2, 3], 0).0, 0);
+        assert_eq!(c.request(CMD_WRITE_ZEROES, 100, 50, &[], 0).0, 0);
+        assert_eq!(c.request(99, 0, 0, &[], 0).0, EINVAL);
+        assert_eq!(c.request(CMD_FLUSH, 0, 0, &[], 0).0, 0);
+        let (e, d) = c.request(CMD_READ, 4, 5, &[], 5);
+        assert_eq!((e, d), (0, vec![7, 1, 2, 3, 7]));
+        assert_eq!(c.request(CMD_READ, 99, 52, &[], 52).1, [&[7u8][..], &[0; 50], &[7]].concat());
+    }
+}

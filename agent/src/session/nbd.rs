@@ -1,0 +1,222 @@
+//! The session of `--mode nbd`: a resync (a scan pass that compares the disks with the
+//! server's copy, while the log already records every write), then the log streams in
+//! write order, and a point is a mark in the log — a crash-consistent cut across the
+//! VM's disks, taken without scanning anything. An app-consistent point freezes the VM
+//! only for the mark.
+
+use super::{Session, SessionError};
+use crate::stream::{self, LogEvent, SharedStates};
+use crate::tracker::Tracker;
+use crate::{Requests, now_ms};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tern_core::Seq;
+use tern_proto as pb;
+use tokio::sync::mpsc;
+use tokio::time::Instant as Due;
+use tonic::Status;
+use tracing::{info, warn};
+
+/// A mark made for a point that is not sent yet (its hashes are being taken).
+#[derive(Debug)]
+pub(super) struct PendingMark {
+    id: u64,
+    requests: Requests,
+    consistency: pb::Consistency,
+    note: String,
+    time_ms: i64,
+}
+
+/// How streaming ended.
+enum Streamed {
+    /// The session is over (stand down, shutdown).
+    Done,
+    /// The log was dropped: resync, then stream again.
+    Resync,
+}
+
+/// Stops the log when the session ends, however it ends.
+struct StopLogging(Arc<Tracker>);
+
+impl Drop for StopLogging {
+    fn drop(&mut self) {
+        self.0.stop_logging();
+    }
+}
+
+impl Session {
+    pub(super) async fn run_nbd(&mut self, tracker: Arc<Tracker>) -> Result<(), SessionError> {
+        let _stop = StopLogging(tracker.clone());
+        loop {
+            tracker.start_logging();
+            let started = Instant::now();
+            if let Err(e) = self.attempt(false, true).await? {
+                return Err(Status::internal(e).into());
+            }
+            info!(
+                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "disks compared with the server's copy; streaming writes as they happen"
+            );
+            let shared: SharedStates = Arc::new(Mutex::new(std::mem::take(&mut self.states)));
+            self.shared = Some(shared.clone());
+            let (ev_tx, mut ev_rx) = mpsc::channel::<LogEvent>(4);
+            let cancel = self.shutdown.child_token();
+            let (t, c, st) = (tracker.clone(), cancel.clone(), shared.clone());
+            let names: Vec<String> = self.config.disks.iter().map(|d| d.name.to_string()).collect();
+            let streamer = tokio::task::spawn_blocking(move || stream::run(&t, &names, &st, &ev_tx, &c));
+            let streamed = self.stream(&tracker, &mut ev_rx).await;
+            cancel.cancel();
+            drop(ev_rx);
+            let joined = streamer.await.map_err(|e| Status::internal(e.to_string()))?;
+            self.shared = None;
+            self.states = std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
+            if let Some(m) = self.pending_mark.take() {
+                // Asked for again after the resync.
+                self.inbox.requests.extend(m.requests);
+            }
+            match (streamed?, joined) {
+                (_, Err(e)) => return Err(Status::unavailable(e.to_string()).into()),
+                (Streamed::Done, Ok(())) => return Ok(()),
+                (Streamed::Resync, Ok(())) => {
+                    info!("the change log was dropped; comparing the disks with the server's copy again")
+                }
+            }
+        }
+    }
+
+    /// Sends the log's records and points until the session ends or the log is dropped.
+    async fn stream(
+        &mut self,
+        tracker: &Arc<Tracker>,
+        events: &mut mpsc::Receiver<LogEvent>,
+    ) -> Result<Streamed, SessionError> {
+        let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
+        loop {
+            if let Some(reason) = self.inbox.stand_down.take() {
+                info!(reason = %reason, "the process server told this agent to stand down; stopping");
+                return Ok(Streamed::Done);
+            }
+            self.apply_policy();
+            self.on_point_ack().await?;
+            let final_point = self.serve_shutdown_request().await?;
+            if self.stood_down && final_point.is_none() {
+                for (id, _) in std::mem::take(&mut self.inbox.requests) {
+                    let reason = "the source was shut down for a failover; it makes no more points";
+                    self.point_failed(id, reason.into()).await?;
+                }
+            }
+            let now = Due::now();
+            let wanted = now >= self.due_crash || now >= self.due_app || !self.inbox.requests.is_empty();
+            let idle = self.awaiting_point.is_none() && self.pending_mark.is_none();
+            if idle && (final_point.is_some() || (!self.stood_down && wanted)) {
+                self.mark(tracker, final_point, now).await?;
+                continue;
+            }
+            let due = self.due_crash.min(self.due_app);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(Streamed::Done),
+                _ = tokio::time::sleep_until(due), if idle && !self.stood_down => {}
+                m = self.inbound.message() => self.inbox.take(m?)?,
+                ev = events.recv() => match ev {
+                    Some(LogEvent::Batch { disk, records }) => self.send_batch(disk, records, &mut limiter).await?,
+                    Some(LogEvent::Mark { id, fingerprints }) => self.send_point(id, fingerprints).await?,
+                    Some(LogEvent::Overflowed) => return Ok(Streamed::Resync),
+                    // The streaming thread ended: its error is returned by run_nbd.
+                    None => return Ok(Streamed::Done),
+                },
+            }
+        }
+    }
+
+    /// Marks the log for a point: frozen around the mark when app-consistent.
+    async fn mark(
+        &mut self,
+        tracker: &Arc<Tracker>,
+        final_point: Option<u64>,
+        now: Due,
+    ) -> Result<(), SessionError> {
+        let mut requests = std::mem::take(&mut self.inbox.requests);
+        if let Some(id) = final_point {
+            requests.push((id, false));
+        }
+        let app = now >= self.due_app || requests.iter().any(|r| r.1);
+        let (c, a) = self.schedule.due(now, false);
+        self.due_crash = c;
+        if app || self.schedule.hold {
+            self.due_app = a;
+        }
+        let (cfg, t) = (self.config.clone(), tracker.clone());
+        let freeze = app && cfg.hooks.configured();
+        let (id, frozen) = tokio::task::spawn_blocking(move || {
+            if !freeze {
+                return (t.mark(), Err(String::new()));
+            }
+            let started = Instant::now();
+            match cfg.hooks.freeze() {
+                Ok(f) => {
+                    let id = t.mark();
+                    let held = started.elapsed();
+                    f.thaw();
+                    (id, Ok(held))
+                }
+                Err(e) => {
+                    warn!(error = %e, "freeze failed; the point will be crash-consistent");
+                    (t.mark(), Err(e))
+                }
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let (consistency, mut note) = match frozen {
+            Ok(held) => (pb::Consistency::App, format!("frozen {} ms for the mark", held.as_millis())),
+            Err(e) if app && e.is_empty() => {
+                (pb::Consistency::Crash, "no --freeze or --freeze-fs is configured".into())
+            }
+            Err(e) => (pb::Consistency::Crash, e),
+        };
+        if final_point.is_some() {
+            note = "final point after the source was shut down".into();
+            self.stood_down = true;
+        }
+        let Some(id) = id else {
+            for (id, _) in requests {
+                self.point_failed(id, "the change log is being resynced; try again in a moment".into())
+                    .await?;
+            }
+            return Ok(());
+        };
+        self.pending_mark = Some(PendingMark { id, requests, consistency, note, time_ms: now_ms() });
+        Ok(())
+    }
+
+    /// A mark's hashes are taken and every record before it sent: its point goes out.
+    async fn send_point(
+        &mut self,
+        id: u64,
+        fingerprints: Vec<tern_core::Digest>,
+    ) -> Result<(), SessionError> {
+        let Some(m) = self.pending_mark.take_if(|m| m.id == id) else { return Ok(()) };
+        let seqs: Vec<Seq> = self.next_seq.iter().map(|n| Seq(n.0 - 1)).collect();
+        let point = pb::MakePoint {
+            request_ids: m.requests.iter().map(|r| r.0).collect(),
+            consistency: m.consistency as i32,
+            disks: self
+                .config
+                .disks
+                .iter()
+                .zip(&fingerprints)
+                .zip(&seqs)
+                .map(|((d, fp), seq)| pb::PointDisk {
+                    disk: d.name.to_string(),
+                    seq: seq.0,
+                    fingerprint: fp.0.to_vec(),
+                })
+                .collect(),
+            time_ms: m.time_ms,
+            note: m.note,
+        };
+        self.send(pb::agent_message::Msg::Point(point)).await?;
+        self.awaiting_point = Some((m.requests, seqs));
+        Ok(())
+    }
+}

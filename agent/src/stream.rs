@@ -1,0 +1,170 @@
+//! Turns the change log of `--mode nbd` into records and points, in log order, on a
+//! blocking thread: the session sends what comes out as it comes.
+
+use crate::state::{DiskState, UNKNOWN};
+use crate::tracker::{Item, Next, Tracker};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tern_core::Digest;
+use tern_core::blocks::Fingerprint;
+use tern_core::codec::Encoder;
+use tern_proto as pb;
+use tokio_util::sync::CancellationToken;
+
+/// A write is sent as records of at most this much data; a zeroed range as records of at
+/// most the journal's longest.
+const DATA_RECORD: usize = 1 << 20;
+const ZERO_RECORD: u64 = 4 << 20;
+/// A batch goes out once it holds this much payload, or when the log has nothing more.
+const BATCH_BYTES: usize = 1 << 20;
+/// Table entries read at once while a fingerprint is computed.
+const FINGERPRINT_CHUNK: u64 = 4096;
+
+#[derive(Debug)]
+pub enum LogEvent {
+    Batch {
+        disk: usize,
+        records: Vec<pb::Record>,
+    },
+    /// Mark `id`: every record before it has been emitted; each disk's fingerprint there.
+    Mark {
+        id: u64,
+        fingerprints: Vec<Digest>,
+    },
+    /// The log was dropped: the session resyncs.
+    Overflowed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("reading the disks to hash a point's blocks: {0}")]
+    Read(std::io::Error),
+    #[error("disk {disk}: block {block} is not known to the agent's state, so the point has no fingerprint")]
+    Unknown { disk: String, block: u64 },
+}
+
+/// Streams the log until it is dropped, the receiver goes, or `cancel`.
+pub fn run(
+    tracker: &Tracker,
+    names: &[String],
+    states: &Mutex<Vec<DiskState>>,
+    out: &tokio::sync::mpsc::Sender<LogEvent>,
+    cancel: &CancellationToken,
+) -> Result<(), StreamError> {
+    let mut enc = Encoder::new();
+    let mut batch: Option<(usize, Vec<pb::Record>, usize)> = None;
+    let flush = |batch: &mut Option<(usize, Vec<pb::Record>, usize)>| -> bool {
+        match batch.take() {
+            Some((disk, records, _)) => out.blocking_send(LogEvent::Batch { disk, records }).is_ok(),
+            None => true,
+        }
+    };
+    while !cancel.is_cancelled() {
+        let item = match tracker.next(Duration::from_millis(100)) {
+            Next::Item(item) => item,
+            Next::Idle => {
+                if !flush(&mut batch) {
+                    return Ok(());
+                }
+                continue;
+            }
+            Next::Overflowed => {
+                flush(&mut batch);
+                drop(out.blocking_send(LogEvent::Overflowed));
+                return Ok(());
+            }
+        };
+        let (disk, records) = match item {
+            Item::Mark(id) => {
+                if !flush(&mut batch) {
+                    return Ok(());
+                }
+                let Some(hashes) = tracker.mark_hashes(id).map_err(StreamError::Read)? else {
+                    continue;
+                };
+                let fingerprints = fingerprints(names, states, hashes)?;
+                if out.blocking_send(LogEvent::Mark { id, fingerprints }).is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            Item::Data { disk, offset, data } => (disk, data_records(&mut enc, offset, &data)),
+            Item::Zero { disk, offset, len } => (disk, zero_records(offset, len)),
+        };
+        if batch.as_ref().is_some_and(|b| b.0 != disk) && !flush(&mut batch) {
+            return Ok(());
+        }
+        let b = batch.get_or_insert_with(|| (disk, Vec::new(), 0));
+        b.2 += records.iter().map(|r| r.payload.len()).sum::<usize>();
+        b.1.extend(records);
+        if b.2 >= BATCH_BYTES && !flush(&mut batch) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn data_records(enc: &mut Encoder, offset: u64, data: &[u8]) -> Vec<pb::Record> {
+    let mut out = Vec::new();
+    for (i, piece) in data.chunks(DATA_RECORD).enumerate() {
+        let e = enc.encode(piece);
+        out.push(pb::Record {
+            kind: pb::RecordKind::Write as i32,
+            offset: offset + (i * DATA_RECORD) as u64,
+            length: u32::try_from(piece.len()).unwrap_or(0),
+            digest: e.digest.0.to_vec(),
+            compression: if e.compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
+            payload: e.payload,
+        });
+    }
+    out
+}
+
+fn zero_records(offset: u64, len: u64) -> Vec<pb::Record> {
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(ZERO_RECORD);
+        out.push(pb::Record {
+            kind: pb::RecordKind::Zero as i32,
+            offset: at,
+            length: u32::try_from(n).unwrap_or(0),
+            ..Default::default()
+        });
+        at += n;
+    }
+    out
+}
+
+/// Puts a mark's block hashes into the agent's state (they wait there for the point's
+/// ack) and computes each disk's fingerprint from it.
+fn fingerprints(
+    names: &[String],
+    states: &Mutex<Vec<DiskState>>,
+    hashes: Vec<std::collections::BTreeMap<u64, tern_core::blocks::BlockHashes>>,
+) -> Result<Vec<Digest>, StreamError> {
+    let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = Vec::new();
+    for ((state, changed), name) in states.iter_mut().zip(hashes).zip(names) {
+        for (b, h) in changed {
+            state.set(b, h);
+        }
+        let mut fp = Fingerprint::new();
+        let mut first = 0;
+        while first < state.len() {
+            let last = (first + FINGERPRINT_CHUNK).min(state.len());
+            for (b, h) in (first..).zip(state.range(first, last)) {
+                if h == UNKNOWN {
+                    return Err(StreamError::Unknown { disk: name.clone(), block: b });
+                }
+                fp.push(&h.block);
+            }
+            first = last;
+        }
+        out.push(fp.finish());
+    }
+    Ok(out)
+}
+
+/// Shared between the streaming thread and the session (which commits at a point's ack).
+pub type SharedStates = Arc<Mutex<Vec<DiskState>>>;

@@ -1,0 +1,205 @@
+//! `--mode nbd`: the agent serves the VM's disks over NBD and streams every write. Real
+//! clients (nbdinfo, qemu-io, qemu-img, nbdsh) write through it; points are marks in the
+//! write stream, so each one is the disk after some prefix of the writes.
+
+use crate::harness::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// nbdsh runs the system's python3, which has the libnbd module.
+fn nbdsh(uri: &str, script: &str) -> Command {
+    let mut c = Command::new("nbdsh");
+    c.env("PATH", "/usr/bin:/bin").args(["-u", uri, "-c", script]);
+    c
+}
+
+struct NbdVm {
+    server: Server,
+    agent: Agent,
+    disk: PathBuf,
+    uri: String,
+}
+
+/// A VM protected in nbd mode: a `size_mib` disk with `data_mib` of data, its first point made.
+fn protect_nbd(root: &Path, size_mib: u64, data_mib: u64, extra: &[&str]) -> NbdVm {
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("db.bundle");
+    server.enroll_agent("db", &identity);
+    let disk = root.join("db.img");
+    make_random(&disk, size_mib, data_mib, 7);
+    let socket = root.join("db.sock");
+    let listen = format!("unix:{}", socket.display());
+    let mut args = vec!["--mode", "nbd", "--nbd-listen", &listen];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&server, &identity, "db", &[("sda", &disk)], &root.join("db-state"), &args);
+    server.checkpoint("db");
+    let uri = format!("nbd+unix:///sda?socket={}", socket.display());
+    NbdVm { server, agent, disk, uri }
+}
+
+/// Test-fails over to `point`, checks the output against its manifest, returns its BLAKE3
+/// and path (cleaned up by the next call).
+fn test_failover(server: &Server, root: &Path, point: &Value) -> (String, PathBuf) {
+    let id = point["id"].to_string();
+    let out = root.join(format!("tfo-{id}"));
+    let res = server.drctl_json(&["test-failover", "db", "--point", &id, "--output", out.to_str().unwrap()]);
+    let file = out.join("sda.raw");
+    let hash = b3(&file, None);
+    assert_eq!(
+        res["disks"][0]["blake3"].as_str().unwrap(),
+        hash,
+        "point {id}: output differs from its manifest"
+    );
+    (hash, file)
+}
+
+#[test]
+fn real_clients_write_through_the_agent_and_each_point_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let vm = protect_nbd(root, 32, 4, &[]);
+
+    // nbdinfo lists the export with its size.
+    let sock = vm.uri.split("socket=").nth(1).unwrap().to_string();
+    let list =
+        run_ok(Command::new("nbdinfo").args(["--json", "--list"]).arg(format!("nbd+unix:///?socket={sock}")))
+            .unwrap();
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["exports"][0]["export-name"], "sda");
+    assert_eq!(list["exports"][0]["export-size"].as_u64(), Some(32 << 20));
+
+    let received_before = vm.server.status("db")["bytes_received"].as_u64().unwrap();
+    // qemu-io: a pattern, zeroes (WRITE_ZEROES), a discard (TRIM), a flush.
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0xab 1M 2M",
+        "-c",
+        "write -z 5M 1M",
+        "-c",
+        "discard 8M 64k",
+        "-c",
+        "write -P 0x11 12345 4000",
+        "-c",
+        "flush",
+        &vm.uri,
+    ]))
+    .unwrap();
+    // nbdsh (libnbd): an unaligned write with FUA.
+    run_ok(&mut nbdsh(&vm.uri, "h.pwrite(b'tern' * 3000, 3 * 1024 * 1024 + 17, nbd.CMD_FLAG_FUA)")).unwrap();
+    // What the clients see is the local disk.
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&vm.disk).arg(&vm.uri))
+        .unwrap();
+
+    let point = vm.server.checkpoint("db");
+    let (hash, out) = test_failover(&vm.server, root, &point);
+    assert_eq!(hash, b3(&vm.disk, None), "the point differs from the disk");
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&vm.disk).arg(&out))
+        .unwrap();
+    // Only the writes travelled, never the disk.
+    let received = vm.server.status("db")["bytes_received"].as_u64().unwrap() - received_before;
+    assert!(received < 4 << 20, "{received} bytes received for about 3 MiB of writes");
+    assert!(!vm.agent.log_text().contains("ERROR"), "{}", tail(&vm.agent.log_text(), 20));
+}
+
+/// The writer of the order test: record i (1-based) of `n` goes to 4 KiB slot
+/// `i * 7919 % slots` and holds i; each acked record is noted in `progress`.
+const WRITER: &str = r"
+import time
+n, slots, progress = int(N), int(SLOTS), open(PROGRESS, 'w')
+for i in range(1, n + 1):
+    h.pwrite(i.to_bytes(8, 'little') * 512, (i * 7919 % slots) * 4096)
+    progress.write('%d\n' % i)
+    progress.flush()
+    time.sleep(0.001)
+";
+
+#[test]
+fn every_point_is_the_disk_after_a_prefix_of_the_acked_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let vm = protect_nbd(root, 16, 0, &[]);
+    let (n, slots) = (3000u64, 2048u64);
+    let progress = root.join("progress");
+    let script = WRITER
+        .replace("int(N)", &n.to_string())
+        .replace("int(SLOTS)", &slots.to_string())
+        .replace("PROGRESS", &format!("{:?}", progress.display().to_string()));
+    let mut writer = nbdsh(&vm.uri, &script).spawn().unwrap();
+    let acked = || {
+        let text = std::fs::read_to_string(&progress).unwrap_or_default();
+        text.lines().filter_map(|l| l.parse::<u64>().ok()).next_back().unwrap_or(0)
+    };
+    // Points while the writer runs, each with the writes acked before it was asked for.
+    let mut points = Vec::new();
+    while writer.try_wait().unwrap().is_none() {
+        let before = acked();
+        let p = vm.server.checkpoint("db");
+        points.push((p, before));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(writer.wait().unwrap().success());
+    assert_eq!(acked(), n);
+    points.push((vm.server.checkpoint("db"), n));
+    assert!(points.len() >= 4, "only {} points during the writes", points.len());
+
+    // The disk after the first k writes, slot by slot.
+    let after = |k: u64| {
+        let mut s = vec![0u64; slots as usize];
+        for i in 1..=k {
+            s[(i * 7919 % slots) as usize] = i;
+        }
+        s
+    };
+    let mut prefixes = Vec::new();
+    for (point, before) in &points {
+        let (_, file) = test_failover(&vm.server, root, point);
+        let data = std::fs::read(&file).unwrap();
+        let got: Vec<u64> = data[..(slots * 4096) as usize]
+            .chunks(4096)
+            .map(|c| u64::from_le_bytes(c[..8].try_into().unwrap()))
+            .collect();
+        let k = got.iter().copied().max().unwrap();
+        assert_eq!(got, after(k), "point {}: not the disk after the first {k} writes", point["id"]);
+        assert!(
+            k >= *before,
+            "point {}: holds {k} writes, {before} were acked before it was asked for",
+            point["id"]
+        );
+        prefixes.push(k);
+        vm.server.drctl_json(&["test-failover-cleanup", "db"]);
+    }
+    assert!(prefixes.windows(2).all(|w| w[0] <= w[1]), "prefixes go back: {prefixes:?}");
+    assert!(prefixes.iter().any(|&k| k > 0 && k < n), "no point fell inside the writes: {prefixes:?}");
+}
+
+#[test]
+fn writes_made_while_the_server_is_away_are_sent_once_it_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    // A log of 1 MiB: the writes below overflow it, and the agent falls back on comparing.
+    let mut vm = protect_nbd(root, 32, 2, &["--log-buffer", "1MiB"]);
+    vm.server.kill9();
+    // The VM's writes never wait for the network.
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 4M 6M", "-c", "flush", &vm.uri]))
+        .unwrap();
+    scatter_through(&vm.uri, 200);
+    vm.server.start();
+    let point = vm.server.checkpoint("db");
+    let (hash, _) = test_failover(&vm.server, root, &point);
+    assert_eq!(hash, b3(&vm.disk, None));
+    let log = vm.agent.log_text();
+    assert!(log.contains("the change log is full"), "{}", tail(&log, 20));
+}
+
+/// `n` scattered 4 KiB writes through the export.
+fn scatter_through(uri: &str, n: u32) {
+    let script = format!(
+        "import random\nr = random.Random(3)\nfor i in range({n}):\n    h.pwrite(bytes([i % 251]) * 4096, r.randrange(8192) * 4096)\nh.flush()"
+    );
+    run_ok(&mut nbdsh(uri, &script)).unwrap();
+}
