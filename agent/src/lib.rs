@@ -2,6 +2,7 @@
 //! pages to the process server over one long-lived mTLS gRPC stream, and makes recovery
 //! points at consistent cuts. It only ever dials out, and reconnects by itself.
 
+pub mod activity;
 pub mod hooks;
 pub mod nbd;
 pub mod scan;
@@ -121,7 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
 fn serve_nbd(config: &Config, m: &NbdMode) -> Result<Arc<tracker::Tracker>, AgentError> {
     let err = |source| AgentError::Nbd { listen: m.listen.to_string(), source };
     let disks: Vec<_> = config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
-    let tracker = tracker::Tracker::open(&disks, m.log_buffer).map_err(err)?;
+    let tracker = tracker::Tracker::open(&disks, &config.state_dir, m.log_buffer).map_err(err)?;
     let bound = nbd::serve(&m.listen, tracker.exports()).map_err(err)?;
     let names: Vec<&str> = config.disks.iter().map(|d| d.name.as_str()).collect();
     info!(listen = %bound, exports = ?names, "serving the disks over NBD");
@@ -266,17 +267,23 @@ fn now_ms() -> i64 {
 /// Picks, per disk, what to compare the disk with: the saved state when it describes the
 /// server's copy, zeroes for a new copy, the server's hashes (filled in afterwards) when it
 /// sends them, and "unknown" (send everything with data) otherwise.
+/// The second value tells, per disk, whether its saved state was trusted (then only what
+/// changed since it was committed needs comparing).
 fn choose_states(
     config: &Config,
     welcome: &pb::Welcome,
     saved: Vec<Option<DiskState>>,
-) -> std::io::Result<Vec<DiskState>> {
+) -> std::io::Result<(Vec<DiskState>, Vec<bool>)> {
     let mut states = Vec::with_capacity(config.disks.len());
+    let mut resumed = Vec::with_capacity(config.disks.len());
     for (d, saved) in config.disks.iter().zip(saved) {
         let w = welcome.disks.iter().find(|w| w.name == d.name.as_str());
         let (generation, durable) = w.map_or((String::new(), 0), |w| (w.generation.clone(), w.durable_seq));
         let trusted = w.is_some_and(|w| !w.state_invalid);
         let path = DiskState::path(&config.state_dir, d.name.as_str());
+        let trusted_saved =
+            matches!(&saved, Some(s) if trusted && s.generation == generation && s.seq.0 <= durable);
+        resumed.push(trusted_saved);
         let state = match saved {
             Some(mut s) if trusted && s.generation == generation && s.seq.0 <= durable => {
                 let doubtful = w.map_or(&[][..], |w| &w.doubtful[..]);
@@ -300,14 +307,18 @@ fn choose_states(
         };
         states.push(state);
     }
-    Ok(states)
+    Ok((states, resumed))
 }
 
-/// A point is acked: each disk's state vouches for its seq from now on.
-fn commit_states(config: &Config, states: &mut [DiskState], seqs: &[tern_core::Seq]) {
+/// A point is acked: each disk's state vouches for its seq from now on. False when a
+/// state could not be saved.
+fn commit_states(config: &Config, states: &mut [DiskState], seqs: &[tern_core::Seq]) -> bool {
+    let mut all = true;
     for ((d, s), seq) in config.disks.iter().zip(states).zip(seqs) {
         if let Err(e) = s.commit(*seq) {
             warn!(disk = %d.name, error = %e, "cannot save agent state; a restart will compare the disk in full");
+            all = false;
         }
     }
+    all
 }

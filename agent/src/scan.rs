@@ -80,8 +80,21 @@ pub enum ScanError {
     Cancelled,
 }
 
+/// Per disk, the byte ranges a pass compares: `None` for the whole disk.
+pub type Regions = Vec<Option<Vec<(u64, u64)>>>;
+
+/// What a pass compares each disk with, and where.
+#[derive(Debug, Default)]
+pub struct Compare {
+    /// The receiver's block hashes, for a disk compared with them as they arrive.
+    pub feeds: Vec<Option<Receiver<HashChunk>>>,
+    pub regions: Regions,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct PassResult {
+    /// Each disk's fingerprint; only for disks compared whole (a pass limited to some
+    /// regions leaves `Digest::ZERO`).
     pub fingerprints: Vec<Digest>,
     /// True when no disk changed while it was read (or the freeze hook held them).
     pub consistent: bool,
@@ -156,10 +169,11 @@ pub fn run_pass(
     states: &mut [DiskState],
     frozen: bool,
     page_hashes: bool,
-    mut feeds: Vec<Option<Receiver<HashChunk>>>,
+    compare: Compare,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
 ) -> Result<PassResult, ScanError> {
+    let Compare { mut feeds, regions } = compare;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let mut result = PassResult { consistent: true, ..Default::default() };
     let mut versions = Vec::new();
@@ -172,7 +186,8 @@ pub fn run_pass(
     }
     for (i, (d, state)) in disks.iter().zip(states.iter_mut()).enumerate() {
         let feed = feeds.get_mut(i).and_then(Option::take);
-        let fp = scan_disk(i, d, state, workers, page_hashes, feed, out, cancel, &mut result)?;
+        let only = regions.get(i).and_then(Option::as_deref);
+        let fp = scan_disk(i, d, state, workers, page_hashes, feed, only, out, cancel, &mut result)?;
         result.fingerprints.push(fp);
     }
     for (d, before) in disks.iter().zip(&versions) {
@@ -339,6 +354,7 @@ fn scan_disk(
     workers: usize,
     page_hashes: bool,
     feed: Option<Receiver<HashChunk>>,
+    only: Option<&[(u64, u64)]>,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
     result: &mut PassResult,
@@ -346,6 +362,20 @@ fn scan_disk(
     let read_err = |source| d.read_err(source);
     check_size(d)?;
     let chunks = d.size.div_ceil(CHUNK as u64);
+    // The chunks to compare, in order.
+    let plan: Vec<u64> = match only {
+        None => (0..chunks).collect(),
+        Some(ranges) => {
+            let c = CHUNK as u64;
+            let set: std::collections::BTreeSet<u64> = ranges
+                .iter()
+                .flat_map(|&(at, len)| at / c..at.saturating_add(len).div_ceil(c).min(chunks))
+                .collect();
+            set.into_iter().collect()
+        }
+    };
+    let whole = only.is_none();
+    let mut plan = plan.into_iter().peekable();
     let mut fp = Fingerprint::new();
     let mut batcher = Batcher { disk: index, out, records: Vec::new(), bytes: 0 };
     let mut emit = |r: pb::Record| batcher.push(r);
@@ -369,10 +399,11 @@ fn scan_disk(
             Receiver<Result<ChunkOut, std::io::Error>>,
             Vec<BlockHashes>,
         )> = VecDeque::new();
-        let mut next = 0u64;
         let blocks_per_chunk = (CHUNK / BLOCK_SIZE) as u64;
         loop {
-            while next < chunks && inflight.len() < workers * DEPTH_PER_WORKER {
+            while inflight.len() < workers * DEPTH_PER_WORKER
+                && let Some(next) = plan.next()
+            {
                 let first = next * blocks_per_chunk;
                 let last = (first + blocks_per_chunk).min(state.len());
                 let last_ready = usize::try_from(last).unwrap_or(usize::MAX);
@@ -392,7 +423,6 @@ fn scan_disk(
                     return Err(ScanError::Cancelled);
                 }
                 inflight.push_back((next, rx, old));
-                next += 1;
             }
             let Some((chunk, rx, old)) = inflight.pop_front() else { break };
             if cancel.is_cancelled() {
@@ -413,7 +443,7 @@ fn scan_disk(
                 emit(r)?;
             }
             deferred.extend(done.deferred);
-            let end = inflight.is_empty() && next >= chunks;
+            let end = inflight.is_empty() && plan.peek().is_none();
             let Some(f) = feed.as_mut() else { continue };
             f.ask(index, &mut deferred, end, out)?;
             result.bytes_changed +=
@@ -427,7 +457,7 @@ fn scan_disk(
         Ok(())
     })?;
     batcher.flush()?;
-    Ok(fp.finish())
+    Ok(if whole { fp.finish() } else { Digest::ZERO })
 }
 
 /// A disk whose size changed since the agent started is refused: its copy cannot follow.
@@ -806,7 +836,7 @@ mod tests {
             let cancel = CancellationToken::new();
             let (d, mut s) = (disk.clone(), std::mem::take(states));
             let scanner = std::thread::spawn(move || {
-                run_pass(&[d], &mut s, false, true, vec![None], &tx, &cancel).unwrap();
+                run_pass(&[d], &mut s, false, true, Compare::default(), &tx, &cancel).unwrap();
                 s
             });
             while rx.blocking_recv().is_some() {}
@@ -849,7 +879,7 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let cancel = CancellationToken::new();
         let scanner = std::thread::spawn(move || {
-            run_pass(&[disk], &mut states, false, false, vec![None], &tx, &cancel)
+            run_pass(&[disk], &mut states, false, false, Compare::default(), &tx, &cancel)
         });
         let mut records = Vec::new();
         while let Some(ev) = rx.blocking_recv() {
@@ -931,7 +961,15 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let cancel = CancellationToken::new();
         let scanner = std::thread::spawn(move || {
-            let r = run_pass(&[disk], &mut states, false, true, vec![Some(feed_rx)], &tx, &cancel);
+            let r = run_pass(
+                &[disk],
+                &mut states,
+                false,
+                true,
+                Compare { feeds: vec![Some(feed_rx)], regions: vec![] },
+                &tx,
+                &cancel,
+            );
             (r.map(|p| p.bytes_changed), states)
         });
         let mut asked = Vec::new();

@@ -80,11 +80,15 @@ pub(crate) async fn session(
         feeds: std::sync::Mutex::new(Vec::new()),
         shared: None,
         pending_mark: None,
+        resumed: Vec::new(),
+        regions: Vec::new(),
+        awaiting_mark: None,
+        tracker: tracker.clone(),
     };
     let result = async {
         s.welcome(saved, progress).await?;
         match tracker {
-            Some(t) => s.run_nbd(t).await,
+            Some(_) => s.run_nbd().await,
             None => s.run().await,
         }
     }
@@ -115,6 +119,23 @@ fn hello(config: &Config, saved: &[Option<DiskState>]) -> pb::Hello {
             .collect(),
         protocol: 1,
     }
+}
+
+/// `--mode nbd`: what the first pass compares, as far as the server tells. A disk whose
+/// saved state was trusted needs what the server holds past that state, and its hot
+/// extents (added once the log runs); any other disk is compared whole.
+fn doubtful_regions(welcome: &pb::Welcome, config: &Config, resumed: &[bool]) -> scan::Regions {
+    config
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let w = welcome.disks.iter().find(|w| w.name == d.name.as_str());
+            resumed.get(i).copied().unwrap_or(false).then(|| {
+                w.map(|w| w.doubtful.iter().map(|x| (x.offset, x.length)).collect()).unwrap_or_default()
+            })
+        })
+        .collect()
 }
 
 /// The status the server ended the stream with, if it says one within a moment.
@@ -155,6 +176,13 @@ struct Session {
     shared: Option<crate::stream::SharedStates>,
     /// `--mode nbd`: a mark made and its point not sent yet.
     pending_mark: Option<nbd::PendingMark>,
+    /// Per disk: the saved state was trusted (see `choose_states`).
+    resumed: Vec<bool>,
+    /// What the next pass compares, per disk (empty: everything).
+    regions: scan::Regions,
+    /// `--mode nbd`: the mark of the point awaiting its ack.
+    awaiting_mark: Option<u64>,
+    tracker: Option<Arc<crate::tracker::Tracker>>,
 }
 
 impl Session {
@@ -182,12 +210,15 @@ impl Session {
         };
         progress.welcomed.store(true, std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("tern_agent_connected", "vm" => self.config.vm.to_string()).set(1.0);
-        self.states = choose_states(&self.config, &welcome, saved).map_err(|e| {
+        (self.states, self.resumed) = choose_states(&self.config, &welcome, saved).map_err(|e| {
             Status::failed_precondition(format!(
                 "agent state directory {}: {e}; free space there or fix its permissions",
                 self.config.state_dir.display()
             ))
         })?;
+        if self.tracker.is_some() {
+            self.regions = doubtful_regions(&welcome, &self.config, &self.resumed);
+        }
         // The first pass compares with the receiver's block hashes as they arrive.
         for d in &self.config.disks {
             if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) {
@@ -275,8 +306,13 @@ impl Session {
         metrics::gauge!("tern_agent_last_point_timestamp_seconds", "vm" => vm).set(now_ms() as f64 / 1000.0);
         let cfg = self.config.clone();
         if let Some(shared) = self.shared.clone() {
+            let (tracker, mark) = (self.tracker.clone(), self.awaiting_mark.take());
             return tokio::task::spawn_blocking(move || {
-                commit_states(&cfg, &mut shared.lock().unwrap_or_else(|p| p.into_inner()), &seqs);
+                let saved = commit_states(&cfg, &mut shared.lock().unwrap_or_else(|p| p.into_inner()), &seqs);
+                // Extents go cold only once the state vouches for their writes.
+                if let (true, Some(t), Some(m)) = (saved, tracker, mark) {
+                    t.committed(m);
+                }
             })
             .await
             .map_err(|e| Status::internal(e.to_string()).into());
@@ -429,6 +465,7 @@ impl Session {
         let cancel = self.shutdown.child_token();
         let (cfg, c2) = (self.config.clone(), cancel.clone());
         let feeds = std::mem::take(self.feeds());
+        let regions = std::mem::take(&mut self.regions);
         let mut states = std::mem::take(&mut self.states);
         let scanner = tokio::task::spawn_blocking(move || {
             let frozen = if quiesce {
@@ -442,8 +479,15 @@ impl Session {
             } else {
                 None
             };
-            let r =
-                scan::run_pass(&cfg.disks, &mut states, frozen.is_some(), page_hashes, feeds, &ev_tx, &c2);
+            let r = scan::run_pass(
+                &cfg.disks,
+                &mut states,
+                frozen.is_some(),
+                page_hashes,
+                scan::Compare { feeds, regions },
+                &ev_tx,
+                &c2,
+            );
             let was_frozen = frozen.is_some();
             if let Some(f) = frozen {
                 f.thaw();

@@ -17,13 +17,14 @@
 //! server holds (a resync) before it streams again. Nothing written is ever lost: the disk
 //! holds it, and a resync sends whatever differs.
 
+use crate::activity::{ActivityLog, EXTENT};
 use crate::nbd::Export;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tern_core::blocks::{BlockHashes, block_len, hash_block};
 use tern_core::{BLOCK_SIZE, DiskName};
 
@@ -54,12 +55,19 @@ pub enum Next {
     Overflowed,
 }
 
+/// An extent goes cold no sooner than this after its last write: a busy extent is not
+/// marked hot again and again.
+const RETIRE_IDLE: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
 struct Disk {
     name: DiskName,
     size: u64,
     file: File,
 }
+
+/// The last write into a hot extent: the id of the first mark after it, and when.
+type LastWrite = (u64, Instant);
 
 /// Hashes of each disk's blocks at a mark, filled in after it.
 #[derive(Debug)]
@@ -82,6 +90,9 @@ struct Inner {
     dirty: Vec<BTreeSet<u64>>,
     snapshot: Option<Snapshot>,
     next_mark: u64,
+    /// Per disk: the activity log, and the last write into each hot extent.
+    activity: Vec<ActivityLog>,
+    last_write: Vec<HashMap<u64, LastWrite>>,
 }
 
 /// Counters of a tracker, for status and metrics.
@@ -101,15 +112,32 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Opens each disk for reading and writing.
-    pub fn open(disks: &[(DiskName, std::path::PathBuf)], capacity: usize) -> io::Result<Arc<Tracker>> {
+    /// Opens each disk for reading and writing, and its activity log in `state_dir`. A
+    /// disk without a usable log counts as hot all over: it is compared in full once.
+    pub fn open(
+        disks: &[(DiskName, std::path::PathBuf)],
+        state_dir: &std::path::Path,
+        capacity: usize,
+    ) -> io::Result<Arc<Tracker>> {
         let mut open = Vec::new();
+        let mut activity = Vec::new();
         for (name, path) in disks {
             let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
             let size = tern_core::disk::DiskReader::open(path)?.size()?;
+            let (mut log, usable) = ActivityLog::open(state_dir, name.as_str(), size)?;
+            if !usable {
+                log.all_hot()?;
+            }
+            activity.push(log);
             open.push(Disk { name: name.clone(), size, file });
         }
-        let inner = Inner { dirty: vec![BTreeSet::new(); open.len()], ..Default::default() };
+        let n = open.len();
+        let inner = Inner {
+            dirty: vec![BTreeSet::new(); n],
+            activity,
+            last_write: vec![HashMap::new(); n],
+            ..Default::default()
+        };
         Ok(Arc::new(Tracker { disks: open, inner: Mutex::new(inner), wake: Condvar::new(), capacity }))
     }
 
@@ -145,6 +173,51 @@ impl Tracker {
         g.snapshot = None;
         for d in &mut g.dirty {
             d.clear();
+        }
+        // The resync compares every hot extent: once a mark after it is committed, those
+        // not written since may go cold.
+        let (mark, rested) =
+            (g.next_mark, Instant::now().checked_sub(RETIRE_IDLE).unwrap_or_else(Instant::now));
+        let inner = &mut *g;
+        for (log, last) in inner.activity.iter().zip(&mut inner.last_write) {
+            for e in log.hot() {
+                last.entry(e).or_insert((mark, rested));
+            }
+        }
+    }
+
+    /// Byte ranges of each hot extent of `disk`: all that may differ from the agent's
+    /// committed state.
+    pub fn hot_ranges(&self, disk: usize) -> Vec<(u64, u64)> {
+        let g = self.lock();
+        let size = self.disks[disk].size;
+        g.activity[disk].hot().into_iter().map(|e| (e * EXTENT, EXTENT.min(size - e * EXTENT))).collect()
+    }
+
+    /// Mark `id`'s point is acked and the agent's state committed: extents not written
+    /// since, and rested, go cold.
+    pub fn committed(&self, id: u64) {
+        let mut g = self.lock();
+        let now = Instant::now();
+        let inner = &mut *g;
+        for (disk, (log, last)) in inner.activity.iter_mut().zip(&mut inner.last_write).enumerate() {
+            let cold: Vec<u64> = last
+                .iter()
+                .filter(|(_, (mark, at))| *mark <= id && now.duration_since(*at) >= RETIRE_IDLE)
+                .map(|(e, _)| *e)
+                .collect();
+            if cold.is_empty() {
+                continue;
+            }
+            match log.retire(&cold) {
+                Ok(()) => {
+                    for e in &cold {
+                        last.remove(e);
+                    }
+                }
+                Err(e) => tracing::warn!(disk = %self.disks[disk].name, error = %e,
+                    "cannot update the activity log; its extents stay hot"),
+            }
         }
     }
 
@@ -258,6 +331,20 @@ impl Tracker {
         if inner.logging {
             inner.dirty[disk].extend(Self::blocks(offset, len));
         }
+        let extents: Vec<u64> = (offset / EXTENT..(offset + len).div_ceil(EXTENT)).collect();
+        let cold: Vec<u64> = extents.iter().copied().filter(|&e| !inner.activity[disk].is_hot(e)).collect();
+        if !cold.is_empty() {
+            // Durably hot before the write: a crash from here on compares these extents.
+            inner.activity[disk].mark_hot(&cold).map_err(|e| {
+                tracing::error!(disk = %d.name, error = %e, "cannot write the activity log in the state directory; \
+                    the write is refused, as a crash could then lose track of it");
+                e
+            })?;
+        }
+        let stamp = (inner.next_mark, Instant::now());
+        for e in extents {
+            inner.last_write[disk].insert(e, stamp);
+        }
         if let Err(e) = apply(&d.file) {
             // Part of it may be on the disk and not in the log: only a resync can tell.
             self.overflow(inner);
@@ -358,7 +445,7 @@ mod tests {
     fn tracker(dir: &std::path::Path, capacity: usize) -> Arc<Tracker> {
         let path = dir.join("d.img");
         std::fs::write(&path, vec![0u8; 4 * BLOCK_SIZE]).unwrap();
-        Tracker::open(&[(DiskName::new("sda").unwrap(), path)], capacity).unwrap()
+        Tracker::open(&[(DiskName::new("sda").unwrap(), path)], dir, capacity).unwrap()
     }
 
     fn drain(t: &Tracker) -> Vec<Item> {

@@ -45,42 +45,48 @@ impl Drop for StopLogging {
 }
 
 impl Session {
-    pub(super) async fn run_nbd(&mut self, tracker: Arc<Tracker>) -> Result<(), SessionError> {
+    pub(super) async fn run_nbd(&mut self) -> Result<(), SessionError> {
+        let Some(tracker) = self.tracker.clone() else { return Ok(()) };
         let _stop = StopLogging(tracker.clone());
-        loop {
-            tracker.start_logging();
-            let started = Instant::now();
-            if let Err(e) = self.attempt(false, true).await? {
-                return Err(Status::internal(e).into());
+        // The log runs before the hot extents are read: a write is in one or the other.
+        tracker.start_logging();
+        for (i, (d, r)) in self.config.disks.iter().zip(&mut self.regions).enumerate() {
+            if let Some(r) = r {
+                let hot = tracker.hot_ranges(i);
+                let bytes: u64 = hot.iter().map(|x| x.1).sum();
+                info!(disk = %d.name, hot_mib = bytes >> 20, size_mib = d.size >> 20,
+                    "comparing only the extents written since the last committed point");
+                r.extend(hot);
             }
-            info!(
-                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                "disks compared with the server's copy; streaming writes as they happen"
-            );
-            let shared: SharedStates = Arc::new(Mutex::new(std::mem::take(&mut self.states)));
-            self.shared = Some(shared.clone());
-            let (ev_tx, mut ev_rx) = mpsc::channel::<LogEvent>(4);
-            let cancel = self.shutdown.child_token();
-            let (t, c, st) = (tracker.clone(), cancel.clone(), shared.clone());
-            let names: Vec<String> = self.config.disks.iter().map(|d| d.name.to_string()).collect();
-            let streamer = tokio::task::spawn_blocking(move || stream::run(&t, &names, &st, &ev_tx, &c));
-            let streamed = self.stream(&tracker, &mut ev_rx).await;
-            cancel.cancel();
-            drop(ev_rx);
-            let joined = streamer.await.map_err(|e| Status::internal(e.to_string()))?;
-            self.shared = None;
-            self.states = std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
-            if let Some(m) = self.pending_mark.take() {
-                // Asked for again after the resync.
-                self.inbox.requests.extend(m.requests);
-            }
-            match (streamed?, joined) {
-                (_, Err(e)) => return Err(Status::unavailable(e.to_string()).into()),
-                (Streamed::Done, Ok(())) => return Ok(()),
-                (Streamed::Resync, Ok(())) => {
-                    info!("the change log was dropped; comparing the disks with the server's copy again")
-                }
-            }
+        }
+        let started = Instant::now();
+        if let Err(e) = self.attempt(false, true).await? {
+            return Err(Status::internal(e).into());
+        }
+        info!(
+            ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "disks compared with the server's copy; streaming writes as they happen"
+        );
+        let shared: SharedStates = Arc::new(Mutex::new(std::mem::take(&mut self.states)));
+        self.shared = Some(shared.clone());
+        let (ev_tx, mut ev_rx) = mpsc::channel::<LogEvent>(4);
+        let cancel = self.shutdown.child_token();
+        let (t, c, st) = (tracker.clone(), cancel.clone(), shared.clone());
+        let names: Vec<String> = self.config.disks.iter().map(|d| d.name.to_string()).collect();
+        let streamer = tokio::task::spawn_blocking(move || stream::run(&t, &names, &st, &ev_tx, &c));
+        let streamed = self.stream(&tracker, &mut ev_rx).await;
+        cancel.cancel();
+        drop(ev_rx);
+        let joined = streamer.await.map_err(|e| Status::internal(e.to_string()))?;
+        match (streamed?, joined) {
+            (_, Err(e)) => Err(Status::unavailable(e.to_string()).into()),
+            (Streamed::Done, Ok(())) => Ok(()),
+            // A new session: the server says what it holds past the saved state, and the
+            // hot extents are compared.
+            (Streamed::Resync, Ok(())) => Err(Status::unavailable(
+                "the change log was dropped; reconnecting to compare the hot extents with the server's copy",
+            )
+            .into()),
         }
     }
 
@@ -217,6 +223,7 @@ impl Session {
         };
         self.send(pb::agent_message::Msg::Point(point)).await?;
         self.awaiting_point = Some((m.requests, seqs));
+        self.awaiting_mark = Some(id);
         Ok(())
     }
 }

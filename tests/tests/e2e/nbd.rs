@@ -203,3 +203,46 @@ fn scatter_through(uri: &str, n: u32) {
     );
     run_ok(&mut nbdsh(uri, &script)).unwrap();
 }
+
+/// `n` 4 KiB writes at random pages of `[from_mib, to_mib)` through the export.
+fn writes_in(uri: &str, n: u32, from_mib: u64, to_mib: u64, seed: u64) {
+    let (a, b) = (from_mib * 256, to_mib * 256);
+    let script = format!(
+        "import random\nr = random.Random({seed})\nfor i in range({n}):\n    h.pwrite(bytes([r.randrange(1, 256)]) * 4096, r.randrange({a}, {b}) * 4096)\nh.flush()"
+    );
+    run_ok(&mut nbdsh(uri, &script)).unwrap();
+}
+
+#[test]
+fn a_killed_agent_compares_only_the_extents_written_since_its_last_point() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut vm = protect_nbd(root, 64, 32, &[]);
+    // Written and covered by a point: two extents stay hot a while, then go cold.
+    writes_in(&vm.uri, 50, 0, 8, 1);
+    vm.server.checkpoint("db");
+    // Written after the last point, and the agent is killed under these writes: some
+    // reached the server, some did not, the last was never acked.
+    let churn = "import random, time\nr = random.Random(2)\nwhile True:\n    h.pwrite(bytes([r.randrange(1, 256)]) * 4096, r.randrange(16 * 256, 20 * 256) * 4096)\n    time.sleep(0.001)";
+    let mut writer = nbdsh(&vm.uri, churn).stderr(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    vm.agent.kill9();
+    assert!(!writer.wait().unwrap().success(), "the writer should have lost its export");
+    let received_before = vm.server.status("db")["bytes_received"].as_u64().unwrap();
+    vm.agent.restart();
+    vm.server.wait_connected("db");
+    writes_in(&vm.uri, 10, 40, 44, 3);
+    let point = vm.server.checkpoint("db");
+    let (hash, _) = test_failover(&vm.server, root, &point);
+    assert_eq!(hash, b3(&vm.disk, None), "the point after the restart differs from the disk");
+    let log = vm.agent.log_text();
+    let hot: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("comparing only the extents"))
+        .filter_map(|l| l.split("hot_mib=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    // The restart compared three extents (12 MiB) of the 64 MiB disk.
+    assert_eq!(hot.last(), Some(&12), "{}", tail(&log, 20));
+    let received = vm.server.status("db")["bytes_received"].as_u64().unwrap() - received_before;
+    assert!(received < 2 << 20, "{received} bytes received after the restart");
+}
