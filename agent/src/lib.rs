@@ -3,10 +3,12 @@
 //! points at consistent cuts. It only ever dials out, and reconnects by itself.
 
 pub mod activity;
+pub mod changes;
 pub mod hooks;
 pub mod nbd;
 pub mod scan;
 mod session;
+mod spill;
 pub mod state;
 mod stream;
 pub mod tracker;
@@ -51,8 +53,10 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct NbdMode {
     pub listen: nbd::Listen,
-    /// Most bytes of writes the change log holds while they wait to be sent.
+    /// Most bytes of writes the change log holds in memory while they wait to be sent.
     pub log_buffer: usize,
+    /// Then at most this many in the state directory; past it the log is dropped.
+    pub spill_max: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +126,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
 fn serve_nbd(config: &Config, m: &NbdMode) -> Result<Arc<tracker::Tracker>, AgentError> {
     let err = |source| AgentError::Nbd { listen: m.listen.to_string(), source };
     let disks: Vec<_> = config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
-    let tracker = tracker::Tracker::open(&disks, &config.state_dir, m.log_buffer).map_err(err)?;
+    let tracker =
+        tracker::Tracker::open(&disks, &config.state_dir, m.log_buffer, m.spill_max).map_err(err)?;
     let bound = nbd::serve(&m.listen, tracker.exports()).map_err(err)?;
     let names: Vec<&str> = config.disks.iter().map(|d| d.name.as_str()).collect();
     info!(listen = %bound, exports = ?names, "serving the disks over NBD");

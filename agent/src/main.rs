@@ -75,10 +75,15 @@ enum Cmd {
         /// unix:STATE_DIR/nbd.sock). Export names are the disk names.
         #[arg(long)]
         nbd_listen: Option<String>,
-        /// --mode nbd: most bytes of writes held while they wait to be sent; past it the
-        /// log is dropped and the disks are compared with the server's copy once it is back.
+        /// --mode nbd: most bytes of writes held in memory while they wait to be sent;
+        /// past it the log goes on in the state directory.
         #[arg(long, default_value = "64MiB")]
         log_buffer: String,
+        /// --mode nbd: most bytes of writes held in the state directory (spill.log);
+        /// past it the log is dropped, and the extents written since the last point are
+        /// compared with the server's copy once it is back.
+        #[arg(long, default_value = "1GiB")]
+        spill_max: String,
         /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9465 (off by default).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
@@ -116,6 +121,7 @@ fn run() -> anyhow::Result<()> {
         disk_format,
         nbd_listen,
         log_buffer,
+        spill_max,
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
     let nbd = match mode {
@@ -130,7 +136,7 @@ fn run() -> anyhow::Result<()> {
             };
             let log_buffer =
                 usize::try_from(parse_size(&log_buffer)?).context("--log-buffer is too large")?;
-            Some(tern_agent::NbdMode { listen, log_buffer })
+            Some(tern_agent::NbdMode { listen, log_buffer, spill_max: parse_size(&spill_max)? })
         }
     };
     let vm = VmName::new(&vm)?;

@@ -1,13 +1,14 @@
 //! Turns the change log of `--mode nbd` into records and points, in log order, on a
 //! blocking thread: the session sends what comes out as it comes.
 
+use crate::changes::Update;
 use crate::state::{DiskState, UNKNOWN};
-use crate::tracker::{Item, Next, Tracker};
+use crate::tracker::{Item, MarkHashes, Next, Tracker};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tern_core::Digest;
-use tern_core::blocks::Fingerprint;
+use tern_core::blocks::{Fingerprint, with_pages, zero_block};
 use tern_core::codec::Encoder;
+use tern_core::{BLOCK_SIZE, Digest};
 use tern_proto as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -136,17 +137,33 @@ fn zero_records(offset: u64, len: u64) -> Vec<pb::Record> {
     out
 }
 
-/// Puts a mark's block hashes into the agent's state (they wait there for the point's
-/// ack) and computes each disk's fingerprint from it.
+/// Puts a mark's changes into the agent's state (they wait there for the point's ack)
+/// and computes each disk's fingerprint from it.
 fn fingerprints(
     names: &[String],
     states: &Mutex<Vec<DiskState>>,
-    hashes: Vec<std::collections::BTreeMap<u64, tern_core::blocks::BlockHashes>>,
+    hashes: MarkHashes,
 ) -> Result<Vec<Digest>, StreamError> {
     let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
     let mut out = Vec::new();
-    for ((state, changed), name) in states.iter_mut().zip(hashes).zip(names) {
-        for (b, h) in changed {
+    let changes = hashes.updates.into_iter().zip(hashes.zeroed);
+    for ((state, (updates, zeroed)), name) in states.iter_mut().zip(changes).zip(names) {
+        for (first, last) in zeroed.ranges() {
+            for b in first..last {
+                state.set(b, zero_block(BLOCK_SIZE));
+            }
+        }
+        for (b, u) in updates {
+            let h = match u {
+                Update::Whole(h) => *h,
+                Update::Pages(pages) => {
+                    let old = state.get(b);
+                    if old == UNKNOWN {
+                        return Err(StreamError::Unknown { disk: name.clone(), block: b });
+                    }
+                    with_pages(&old, &pages)
+                }
+            };
             state.set(b, h);
         }
         let mut fp = Fingerprint::new();

@@ -18,15 +18,17 @@
 //! holds it, and a resync sends whatever differs.
 
 use crate::activity::{ActivityLog, EXTENT};
+use crate::changes::{Changes, RangeSet, Update};
 use crate::nbd::Export;
+use crate::spill::Spill;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tern_core::blocks::{BlockHashes, block_len, hash_block};
-use tern_core::{BLOCK_SIZE, DiskName};
+use tern_core::blocks::{block_len, hash_block, page_value};
+use tern_core::{BLOCK_SIZE, DiskName, PAGE_SIZE, PAGES_PER_BLOCK};
 
 /// One entry of the change log.
 #[derive(Debug)]
@@ -66,17 +68,30 @@ struct Disk {
     file: File,
 }
 
+/// The log's reader, woken by a write, waits this long for more before it reads: at
+/// most a millisecond of delay, and far fewer wake-ups under many small writes.
+const COALESCE: Duration = Duration::from_millis(1);
+const COALESCE_ITEMS: usize = 64;
+
 /// The last write into a hot extent: the id of the first mark after it, and when.
 type LastWrite = (u64, Instant);
 
-/// Hashes of each disk's blocks at a mark, filled in after it.
+/// Hashes of each disk's changes at a mark, filled in after it.
 #[derive(Debug)]
 struct Snapshot {
     id: u64,
-    /// Blocks written since the previous mark and not hashed yet, per disk.
+    /// Pages written since the previous mark and not hashed yet, per disk.
     pending: Vec<BTreeSet<u64>>,
-    /// Their hashes at the mark.
-    done: Vec<BTreeMap<u64, BlockHashes>>,
+    hashes: MarkHashes,
+}
+
+/// Per disk, what changed between a mark and the one before, as it was at the mark.
+#[derive(Debug, Default)]
+pub struct MarkHashes {
+    /// Changed blocks' new page values (or whole entries).
+    pub updates: Vec<BTreeMap<u64, Update>>,
+    /// Blocks that were all zeroes.
+    pub zeroed: Vec<RangeSet>,
 }
 
 #[derive(Debug, Default)]
@@ -86,10 +101,14 @@ struct Inner {
     overflowed: bool,
     queue: VecDeque<Item>,
     queued_bytes: usize,
-    /// Blocks written since the last mark (or since logging started), per disk.
-    dirty: Vec<BTreeSet<u64>>,
+    /// What changed since the last mark (or since logging started), per disk.
+    dirty: Vec<Changes>,
     snapshot: Option<Snapshot>,
     next_mark: u64,
+    /// The log's reader waits for an item: a write wakes it.
+    waiting: bool,
+    /// Where the log goes on once its memory is full.
+    spill: Option<Spill>,
     /// Per disk: the activity log, and the last write into each hot extent.
     activity: Vec<ActivityLog>,
     last_write: Vec<HashMap<u64, LastWrite>>,
@@ -99,6 +118,7 @@ struct Inner {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub queued_bytes: usize,
+    pub spilled_bytes: u64,
     pub logging: bool,
 }
 
@@ -111,13 +131,67 @@ pub struct Tracker {
     capacity: usize,
 }
 
+impl Inner {
+    /// Forgets the log, in memory and spilled, and the mark being hashed.
+    fn drop_log(&mut self) {
+        self.queue.clear();
+        self.queued_bytes = 0;
+        self.snapshot = None;
+        if let Some(s) = &mut self.spill {
+            s.reset();
+        }
+    }
+
+    fn spilling(&self) -> bool {
+        self.spill.as_ref().is_some_and(Spill::is_active)
+    }
+
+    /// Appends to the log: in memory while it has room and nothing waits in the spill,
+    /// else to the spill. An error says why the log had to be dropped.
+    fn append(&mut self, item: Item, capacity: usize) -> Result<(), String> {
+        let bytes = if let Item::Data { data, .. } = &item { data.len() } else { 0 };
+        if !self.spilling() && self.queued_bytes + bytes <= capacity {
+            self.queued_bytes += bytes;
+            self.queue.push_back(item);
+            return Ok(());
+        }
+        let Some(spill) = &mut self.spill else { return Err("the change log is full".into()) };
+        match spill.push(&item) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                Err("the change log is full in memory and in the state directory (--spill-max)".into())
+            }
+            Err(e) => Err(format!("the change log cannot spill to the state directory: {e}")),
+        }
+    }
+
+    /// The oldest item of the log.
+    fn pop(&mut self) -> Result<Option<Item>, String> {
+        if let Some(item) = self.queue.pop_front() {
+            if let Item::Data { data, .. } = &item {
+                self.queued_bytes -= data.len();
+            }
+            return Ok(Some(item));
+        }
+        match &mut self.spill {
+            Some(s) => {
+                s.pop().map_err(|e| format!("reading the change log back from the state directory: {e}"))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
 impl Tracker {
     /// Opens each disk for reading and writing, and its activity log in `state_dir`. A
-    /// disk without a usable log counts as hot all over: it is compared in full once.
+    /// disk without a usable log counts as hot all over: it is compared in full once. The
+    /// log holds `capacity` bytes of writes in memory, then up to `spill_max` in the
+    /// state directory.
     pub fn open(
         disks: &[(DiskName, std::path::PathBuf)],
         state_dir: &std::path::Path,
         capacity: usize,
+        spill_max: u64,
     ) -> io::Result<Arc<Tracker>> {
         let mut open = Vec::new();
         let mut activity = Vec::new();
@@ -133,9 +207,10 @@ impl Tracker {
         }
         let n = open.len();
         let inner = Inner {
-            dirty: vec![BTreeSet::new(); n],
+            dirty: (0..n).map(|_| Changes::default()).collect(),
             activity,
             last_write: vec![HashMap::new(); n],
+            spill: Some(Spill::new(state_dir.join("spill.log"), spill_max)),
             ..Default::default()
         };
         Ok(Arc::new(Tracker { disks: open, inner: Mutex::new(inner), wake: Condvar::new(), capacity }))
@@ -159,7 +234,8 @@ impl Tracker {
 
     pub fn stats(&self) -> Stats {
         let g = self.lock();
-        Stats { queued_bytes: g.queued_bytes, logging: g.logging }
+        let spilled = g.spill.as_ref().map_or(0, Spill::bytes);
+        Stats { queued_bytes: g.queued_bytes, spilled_bytes: spilled, logging: g.logging }
     }
 
     /// A session starts streaming: the log starts empty here (the session's resync covers
@@ -168,9 +244,7 @@ impl Tracker {
         let mut g = self.lock();
         g.logging = true;
         g.overflowed = false;
-        g.queue.clear();
-        g.queued_bytes = 0;
-        g.snapshot = None;
+        g.drop_log();
         for d in &mut g.dirty {
             d.clear();
         }
@@ -226,9 +300,7 @@ impl Tracker {
     pub fn stop_logging(&self) {
         let mut g = self.lock();
         g.logging = false;
-        g.queue.clear();
-        g.queued_bytes = 0;
-        g.snapshot = None;
+        g.drop_log();
         for d in &mut g.dirty {
             d.clear();
         }
@@ -243,10 +315,18 @@ impl Tracker {
         }
         let id = g.next_mark;
         g.next_mark += 1;
-        let pending = g.dirty.iter_mut().map(std::mem::take).collect();
-        let done = vec![BTreeMap::new(); self.disks.len()];
-        g.snapshot = Some(Snapshot { id, pending, done });
-        g.queue.push_back(Item::Mark(id));
+        let changes: Vec<Changes> = g.dirty.iter_mut().map(std::mem::take).collect();
+        let n = changes.len();
+        let mut hashes = MarkHashes { updates: vec![BTreeMap::new(); n], zeroed: Vec::new() };
+        let mut pending = Vec::new();
+        for c in changes {
+            pending.push(c.pages);
+            hashes.zeroed.push(c.zeroed);
+        }
+        g.snapshot = Some(Snapshot { id, pending, hashes });
+        if let Err(e) = g.append(Item::Mark(id), self.capacity) {
+            self.drop_logged(&mut g, &e);
+        }
         drop(g);
         self.wake.notify_all();
         Some(id)
@@ -255,55 +335,83 @@ impl Tracker {
     /// The next item of the log, waiting up to `wait` for one.
     pub fn next(&self, wait: Duration) -> Next {
         let mut g = self.lock();
-        if g.queue.is_empty() && !g.overflowed {
+        if g.queue.is_empty() && !g.spilling() && !g.overflowed {
+            g.waiting = true;
             g = self.wake.wait_timeout(g, wait).map_or_else(|p| p.into_inner().0, |(g, _)| g);
+            g.waiting = false;
+            if !g.queue.is_empty() && g.queue.len() < COALESCE_ITEMS && !wait.is_zero() {
+                // Woken by one write: let a few more come, so that the reader is not woken
+                // (and a batch not sent) for each write.
+                drop(g);
+                std::thread::sleep(COALESCE);
+                g = self.lock();
+            }
         }
         if g.overflowed || !g.logging {
             return Next::Overflowed;
         }
-        match g.queue.pop_front() {
-            Some(item) => {
-                if let Item::Data { data, .. } = &item {
-                    g.queued_bytes -= data.len();
-                }
-                Next::Item(item)
+        match g.pop() {
+            Ok(Some(item)) => Next::Item(item),
+            Ok(None) => Next::Idle,
+            Err(e) => {
+                self.drop_logged(&mut g, &e);
+                Next::Overflowed
             }
-            None => Next::Idle,
         }
     }
 
-    /// Finishes mark `id`: hashes its blocks not hashed yet and returns, per disk, the
-    /// hashes of every block written between the previous mark and this one, as they
-    /// were at the mark. `None` if the mark was dropped (the log overflowed).
-    pub fn mark_hashes(&self, id: u64) -> io::Result<Option<Vec<BTreeMap<u64, BlockHashes>>>> {
+    /// Finishes mark `id`: hashes its pages not hashed yet and returns what changed
+    /// between the previous mark and this one, as it was at the mark. `None` if the mark
+    /// was dropped (the log overflowed).
+    pub fn mark_hashes(&self, id: u64) -> io::Result<Option<MarkHashes>> {
         loop {
             let mut g = self.lock();
             let Some(s) = g.snapshot.as_mut().filter(|s| s.id == id) else { return Ok(None) };
-            let next = s.pending.iter().enumerate().find_map(|(d, p)| p.first().map(|b| (d, *b)));
-            let Some((disk, block)) = next else {
-                let s = g.snapshot.take().map(|s| s.done);
-                return Ok(s);
-            };
-            // Under the lock, one block at a time: no write into it can come in between.
-            self.preserve_block(s, disk, block)?;
+            // A few pages per turn of the lock: writers wait only that long.
+            let next: Vec<(usize, u64)> = s
+                .pending
+                .iter()
+                .enumerate()
+                .flat_map(|(d, p)| p.iter().map(move |&q| (d, q)))
+                .take(16)
+                .collect();
+            if next.is_empty() {
+                return Ok(g.snapshot.take().map(|s| s.hashes));
+            }
+            for (disk, page) in next {
+                self.preserve_page(s, disk, page)?;
+            }
         }
     }
 
-    /// Hashes `block` of `disk` for the snapshot before a write changes it.
-    fn preserve_block(&self, s: &mut Snapshot, disk: usize, block: u64) -> io::Result<()> {
-        if !s.pending[disk].remove(&block) {
+    /// Hashes `page` of `disk` for the snapshot before a write changes it (the whole
+    /// block for the disk's short last block).
+    fn preserve_page(&self, s: &mut Snapshot, disk: usize, page: u64) -> io::Result<()> {
+        if !s.pending[disk].remove(&page) {
             return Ok(());
         }
         let d = &self.disks[disk];
-        let mut buf = vec![0u8; block_len(d.size, block)];
-        d.file.read_exact_at(&mut buf, block * BLOCK_SIZE as u64)?;
-        s.done[disk].insert(block, hash_block(&buf));
+        let per = PAGES_PER_BLOCK as u64;
+        let block = page / per;
+        let len = block_len(d.size, block);
+        if len < BLOCK_SIZE {
+            let mut buf = vec![0u8; len];
+            d.file.read_exact_at(&mut buf, block * BLOCK_SIZE as u64)?;
+            for q in block * per..(block + 1) * per {
+                s.pending[disk].remove(&q);
+            }
+            s.hashes.updates[disk].insert(block, Update::Whole(Box::new(hash_block(&buf))));
+            return Ok(());
+        }
+        let mut buf = [0u8; PAGE_SIZE];
+        d.file.read_exact_at(&mut buf, page * PAGE_SIZE as u64)?;
+        let index = usize::try_from(page % per).unwrap_or(0);
+        let v = page_value(&buf, index);
+        match s.hashes.updates[disk].entry(block).or_insert_with(|| Update::Pages(Vec::new())) {
+            Update::Pages(p) => p.push((index, v)),
+            Update::Whole(_) => {}
+        }
         Ok(())
-    }
-
-    fn blocks(offset: u64, len: u64) -> std::ops::Range<u64> {
-        let b = BLOCK_SIZE as u64;
-        offset / b..(offset + len).div_ceil(b)
     }
 
     /// Applies a change to the disk and logs it, in one step under the lock.
@@ -312,6 +420,7 @@ impl Tracker {
         disk: usize,
         offset: u64,
         len: u64,
+        zero: bool,
         apply: impl FnOnce(&File) -> io::Result<()>,
         item: impl FnOnce() -> Item,
     ) -> io::Result<()> {
@@ -319,8 +428,11 @@ impl Tracker {
         let mut g = self.lock();
         let inner = &mut *g;
         if let Some(s) = inner.snapshot.as_mut() {
-            for b in Self::blocks(offset, len) {
-                if let Err(e) = self.preserve_block(s, disk, b) {
+            let p = PAGE_SIZE as u64;
+            let hit: Vec<u64> =
+                s.pending[disk].range(offset / p..(offset + len).div_ceil(p)).copied().collect();
+            for page in hit {
+                if let Err(e) = self.preserve_page(s, disk, page) {
                     // The mark cannot be hashed: drop it and resync rather than guess.
                     inner.snapshot = None;
                     self.overflow(inner);
@@ -329,7 +441,8 @@ impl Tracker {
             }
         }
         if inner.logging {
-            inner.dirty[disk].extend(Self::blocks(offset, len));
+            let c = &mut inner.dirty[disk];
+            if zero { c.zeroed(offset, len, d.size) } else { c.written(offset, len) }
         }
         let extents: Vec<u64> = (offset / EXTENT..(offset + len).div_ceil(EXTENT)).collect();
         let cold: Vec<u64> = extents.iter().copied().filter(|&e| !inner.activity[disk].is_hot(e)).collect();
@@ -350,33 +463,35 @@ impl Tracker {
             self.overflow(inner);
             return Err(e);
         }
-        if inner.logging {
-            let item = item();
-            let bytes = if let Item::Data { data, .. } = &item { data.len() } else { 0 };
-            if inner.queued_bytes + bytes > self.capacity {
-                tracing::warn!(
-                    capacity = self.capacity,
-                    "the change log is full (the process server is away or slower \
-                    than the writes); dropping it: the disks are compared with the server's copy once it catches up"
-                );
-                self.overflow(inner);
-            } else {
-                inner.queued_bytes += bytes;
-                inner.queue.push_back(item);
-            }
+        if inner.logging
+            && let Err(e) = inner.append(item(), self.capacity)
+        {
+            self.drop_logged(inner, &e);
         }
+        let wake = inner.waiting || inner.overflowed;
         drop(g);
-        self.wake.notify_all();
+        if wake {
+            self.wake.notify_all();
+        }
         Ok(())
+    }
+
+    /// The log cannot go on: it is dropped, and the hot extents are compared once the
+    /// session reconnects. No write is lost: the disk and the activity log hold them.
+    fn drop_logged(&self, g: &mut Inner, why: &str) {
+        tracing::warn!(
+            memory = self.capacity,
+            "{why} (the process server is away or slower than the writes); dropping it: the hot \
+             extents are compared with the server's copy once it catches up"
+        );
+        self.overflow(g);
     }
 
     fn overflow(&self, g: &mut Inner) {
         if g.logging {
             g.overflowed = true;
         }
-        g.queue.clear();
-        g.queued_bytes = 0;
-        g.snapshot = None;
+        g.drop_log();
     }
 
     fn write(&self, disk: usize, data: &[u8], offset: u64) -> io::Result<()> {
@@ -385,6 +500,7 @@ impl Tracker {
             disk,
             offset,
             len,
+            false,
             |f| f.write_all_at(data, offset),
             || Item::Data { disk, offset, data: data.to_vec() },
         )
@@ -395,6 +511,7 @@ impl Tracker {
             disk,
             offset,
             len,
+            true,
             |f| crate::nbd::zero_range(f, offset, len, keep_allocated),
             || Item::Zero { disk, offset, len },
         )
@@ -443,9 +560,38 @@ mod tests {
     use super::*;
 
     fn tracker(dir: &std::path::Path, capacity: usize) -> Arc<Tracker> {
+        spilling_tracker(dir, capacity, 0)
+    }
+
+    fn spilling_tracker(dir: &std::path::Path, capacity: usize, spill_max: u64) -> Arc<Tracker> {
         let path = dir.join("d.img");
         std::fs::write(&path, vec![0u8; 4 * BLOCK_SIZE]).unwrap();
-        Tracker::open(&[(DiskName::new("sda").unwrap(), path)], dir, capacity).unwrap()
+        Tracker::open(&[(DiskName::new("sda").unwrap(), path)], dir, capacity, spill_max).unwrap()
+    }
+
+    #[test]
+    fn past_its_memory_the_log_goes_on_in_the_state_directory_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = spilling_tracker(dir.path(), 100, 1 << 20);
+        t.start_logging();
+        for i in 0..4u8 {
+            t.write(0, &[i; 60], u64::from(i) * 1000).unwrap();
+        }
+        let id = t.mark().unwrap();
+        assert!(t.stats().spilled_bytes > 0);
+        let offsets: Vec<u64> = drain(&t)
+            .iter()
+            .map(|i| match i {
+                Item::Data { offset, .. } => *offset,
+                Item::Mark(m) => 1_000_000 + m,
+                Item::Zero { .. } => u64::MAX,
+            })
+            .collect();
+        assert_eq!(offsets, [0, 1000, 2000, 3000, 1_000_000 + id]);
+        assert_eq!(t.stats().spilled_bytes, 0);
+        // Caught up: memory again.
+        t.write(0, &[9; 10], 0).unwrap();
+        assert_eq!(t.stats().queued_bytes, 10);
     }
 
     fn drain(t: &Tracker) -> Vec<Item> {
@@ -479,21 +625,44 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["data", "data", "mark", "data", "zero"]);
+        let zero = tern_core::blocks::zero_block(BLOCK_SIZE);
+        // Entries as the agent's state would hold them after the mark.
+        let entry = |h: &MarkHashes, b: u64, old: &tern_core::blocks::BlockHashes| match &h.updates[0][&b] {
+            Update::Pages(p) => tern_core::blocks::with_pages(old, p),
+            Update::Whole(w) => **w,
+        };
         let hashes = t.mark_hashes(id).unwrap().unwrap();
-        assert_eq!(hashes[0].keys().copied().collect::<Vec<_>>(), [0, 2]);
-        assert_eq!(hashes[0][&0], hash_block(&a));
+        assert_eq!(hashes.updates[0].keys().copied().collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(entry(&hashes, 0, &zero), hash_block(&a));
         let mut b2 = vec![0u8; BLOCK_SIZE];
         b2[..10].fill(2);
-        assert_eq!(hashes[0][&2], hash_block(&b2));
-        // The next mark covers what was written after this one.
+        assert_eq!(entry(&hashes, 2, &zero), hash_block(&b2));
+        // The next mark covers what was written after this one, a page at a time.
         let next = t.mark().unwrap();
         drain(&t);
-        let hashes = t.mark_hashes(next).unwrap().unwrap();
-        assert_eq!(hashes[0].keys().copied().collect::<Vec<_>>(), [0, 2]);
+        let later = t.mark_hashes(next).unwrap().unwrap();
+        assert_eq!(later.updates[0].keys().copied().collect::<Vec<_>>(), [0, 2]);
+        assert!(
+            matches!(&later.updates[0][&0], Update::Pages(p) if p.len() == 1),
+            "one page of block 0 changed"
+        );
         let mut b0 = a.clone();
         b0[50..150].fill(9);
-        assert_eq!(hashes[0][&0], hash_block(&b0));
-        assert_eq!(hashes[0][&2], hash_block(&vec![0u8; BLOCK_SIZE]));
+        assert_eq!(entry(&later, 0, &hash_block(&a)), hash_block(&b0));
+        assert_eq!(entry(&later, 2, &hash_block(&b2)), zero);
+    }
+
+    #[test]
+    fn blocks_zeroed_whole_are_known_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path(), 1 << 20);
+        t.start_logging();
+        t.zero(0, 0, 3 * BLOCK_SIZE as u64, false).unwrap();
+        let id = t.mark().unwrap();
+        drain(&t);
+        let h = t.mark_hashes(id).unwrap().unwrap();
+        assert_eq!(h.zeroed[0].ranges().collect::<Vec<_>>(), [(0, 3)]);
+        assert!(h.updates[0].is_empty());
     }
 
     #[test]

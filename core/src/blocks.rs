@@ -38,12 +38,28 @@ pub fn hash_block(data: &[u8]) -> BlockHashes {
     }
     let mut cvs: [ChainingValue; PAGES_PER_BLOCK] = [[0; 32]; PAGES_PER_BLOCK];
     for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
-        let mut h = blake3::Hasher::new();
-        h.set_input_offset((i * PAGE_SIZE) as u64);
-        h.update(page);
-        cvs[i] = h.finalize_non_root();
+        cvs[i] = page_value(page, i).0;
         pages[i] = Digest(cvs[i]);
     }
+    BlockHashes { block: merge_pages(&cvs), pages }
+}
+
+/// The value of page `index` (a full `PAGE_SIZE` page) of a full block.
+pub fn page_value(page: &[u8], index: usize) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset((index * PAGE_SIZE) as u64);
+    h.update(page);
+    Digest(h.finalize_non_root())
+}
+
+/// A full block's hashes after some of its pages changed: `(index, page_value)` each.
+/// Costs the changed pages' hashing (done by the caller) and 15 merges, not the block.
+pub fn with_pages(old: &BlockHashes, changed: &[(usize, Digest)]) -> BlockHashes {
+    let mut pages = old.pages;
+    for &(i, v) in changed {
+        pages[i] = v;
+    }
+    let cvs: [ChainingValue; PAGES_PER_BLOCK] = pages.map(|d| d.0);
     BlockHashes { block: merge_pages(&cvs), pages }
 }
 
@@ -142,6 +158,19 @@ impl Fingerprint {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_updated_page_by_page_hashes_as_the_whole_block() {
+        let mut data: Vec<u8> = (0..BLOCK_SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        let old = hash_block(&data);
+        data[3 * PAGE_SIZE + 5] ^= 0xFF;
+        data[15 * PAGE_SIZE..].fill(0);
+        let changed: Vec<(usize, Digest)> =
+            [3, 15].iter().map(|&i| (i, page_value(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], i))).collect();
+        let new = with_pages(&old, &changed);
+        assert_eq!(new, hash_block(&data));
+        assert_eq!(new.block, Digest::of(&data));
+    }
 
     #[test]
     fn tree_merge_equals_plain_hash() {

@@ -19,6 +19,8 @@ pub enum CodecError {
 /// Extents from this size on are probed before they are compressed whole (the probe costs
 /// at most 1/16 of compressing them).
 const PROBE_MIN: usize = 128 * 1024;
+const SMALL_MISSES: u32 = 8;
+const SMALL_RETRY: u32 = 32;
 /// A probe's size: one 4 KiB page.
 const PROBE_LEN: usize = 4096;
 /// A probe must shrink by at least 1/`PROBE_GAIN_DIV` (3 %) for the extent to be compressed.
@@ -36,6 +38,9 @@ pub struct Encoded {
 /// Reusable compressor; one per worker thread.
 pub struct Encoder {
     zstd: zstd::bulk::Compressor<'static>,
+    /// Small extents in a row that did not compress, and those sent plain since.
+    misses: u32,
+    skipped: u32,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -50,7 +55,7 @@ impl Encoder {
             // Only fails when zstd cannot allocate a context: out of memory.
             panic!("zstd compressor context: {e}")
         });
-        Encoder { zstd }
+        Encoder { zstd, misses: 0, skipped: 0 }
     }
 
     pub fn encode(&mut self, data: &[u8]) -> Encoded {
@@ -62,17 +67,37 @@ impl Encoder {
         if !self.worth_compressing(data) {
             return Encoded { digest, compressed: false, payload: data.to_vec() };
         }
+        let small = data.len() < PROBE_MIN;
         match self.zstd.compress(data) {
-            Ok(c) if c.len() < data.len() => Encoded { digest, compressed: true, payload: c },
-            _ => Encoded { digest, compressed: false, payload: data.to_vec() },
+            // A gain under 3 % is not worth the receiver's decompression.
+            Ok(c) if c.len() * PROBE_GAIN_DIV < data.len() * (PROBE_GAIN_DIV - 1) => {
+                if small {
+                    self.misses = 0;
+                }
+                Encoded { digest, compressed: true, payload: c }
+            }
+            _ => {
+                if small {
+                    self.misses += 1;
+                    self.skipped = 0;
+                }
+                Encoded { digest, compressed: false, payload: data.to_vec() }
+            }
         }
     }
 
     /// A cheap probe before a large extent is compressed whole: its first page and the page
     /// at its middle. When neither shrinks by `PROBE_GAIN`, the extent travels plain (random,
     /// encrypted or already compressed data), for about 1 % of what compressing it costs.
+    ///
+    /// Extents too small to probe learn from the ones before: after `SMALL_MISSES` in a
+    /// row did not compress, only one in `SMALL_RETRY` is tried until one does again.
     fn worth_compressing(&mut self, data: &[u8]) -> bool {
         if data.len() < PROBE_MIN {
+            if self.misses >= SMALL_MISSES && self.skipped < SMALL_RETRY {
+                self.skipped += 1;
+                return false;
+            }
             return true;
         }
         let mid = (data.len() / 2) & !(PROBE_LEN - 1);
@@ -184,6 +209,30 @@ impl Default for Decoder {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_extents_that_do_not_compress_stop_being_tried_until_one_would() {
+        let mut enc = Encoder::new();
+        let mut x = 1u64;
+        let mut random = || -> Vec<u8> {
+            (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        for _ in 0..SMALL_MISSES {
+            assert!(!enc.encode(&random()).compressed);
+        }
+        let text = b"tern ".repeat(800);
+        assert!(!enc.encode(&text).compressed, "skipped after a run of misses");
+        let tries: Vec<bool> = (0..SMALL_RETRY + 1).map(|_| enc.encode(&text).compressed).collect();
+        assert!(tries.iter().any(|c| *c), "retried within {SMALL_RETRY} extents");
+        assert!(enc.encode(&text).compressed, "compressed again once one did");
+    }
 
     #[test]
     fn round_trip_and_reject() {

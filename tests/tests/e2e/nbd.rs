@@ -181,8 +181,7 @@ fn every_point_is_the_disk_after_a_prefix_of_the_acked_writes() {
 fn writes_made_while_the_server_is_away_are_sent_once_it_is_back() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    // A log of 1 MiB: the writes below overflow it, and the agent falls back on comparing.
-    let mut vm = protect_nbd(root, 32, 2, &["--log-buffer", "1MiB"]);
+    let mut vm = protect_nbd(root, 32, 2, &[]);
     vm.server.kill9();
     // The VM's writes never wait for the network.
     run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 4M 6M", "-c", "flush", &vm.uri]))
@@ -192,8 +191,39 @@ fn writes_made_while_the_server_is_away_are_sent_once_it_is_back() {
     let point = vm.server.checkpoint("db");
     let (hash, _) = test_failover(&vm.server, root, &point);
     assert_eq!(hash, b3(&vm.disk, None));
+}
+
+#[test]
+fn a_log_larger_than_its_memory_spills_to_the_state_directory_and_drains_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    // 1 MiB of log in memory and a link of 4 MiB/s: 12 MiB of writes wait in the spill.
+    let vm = protect_nbd(root, 32, 2, &["--log-buffer", "1MiB", "--max-rate", "4MiB"]);
+    let script = "import os\nfor i in range(48):\n    h.pwrite(os.urandom(262144), 4 * 1048576 + i * 262144)\nh.flush()";
+    run_ok(&mut nbdsh(&vm.uri, script)).unwrap();
+    let spill = root.join("db-state").join("spill.log");
+    let spilled = std::fs::metadata(&spill).map(|m| m.len()).unwrap_or(0);
+    assert!(spilled > 2 << 20, "{spilled} bytes in the spill");
+    let point = vm.server.checkpoint("db");
+    let (hash, _) = test_failover(&vm.server, root, &point);
+    assert_eq!(hash, b3(&vm.disk, None));
+    assert_eq!(std::fs::metadata(&spill).unwrap().len(), 0, "the spill is emptied once sent");
     let log = vm.agent.log_text();
-    assert!(log.contains("the change log is full"), "{}", tail(&log, 20));
+    assert!(!log.contains("dropping it"), "{}", tail(&log, 20));
+}
+
+#[test]
+fn past_its_spill_the_log_is_dropped_and_the_written_extents_are_compared() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let vm = protect_nbd(root, 32, 2, &["--log-buffer", "1MiB", "--spill-max", "2MiB", "--max-rate", "2MiB"]);
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 4M 8M", "-c", "flush", &vm.uri]))
+        .unwrap();
+    let point = vm.server.checkpoint("db");
+    let (hash, _) = test_failover(&vm.server, root, &point);
+    assert_eq!(hash, b3(&vm.disk, None));
+    let log = vm.agent.log_text();
+    assert!(log.contains("--spill-max") && log.contains("dropping it"), "{}", tail(&log, 20));
 }
 
 /// `n` scattered 4 KiB writes through the export.
