@@ -251,6 +251,17 @@ impl Session {
     }
 
     async fn run(&mut self) -> Result<(), SessionError> {
+        let disks = self
+            .config
+            .disks
+            .iter()
+            .map(|d| pb::DiskTracking {
+                disk: d.name.to_string(),
+                regime: "scan".into(),
+                ..Default::default()
+            })
+            .collect();
+        self.send(pb::agent_message::Msg::Tracking(pb::Tracking { disks })).await?;
         loop {
             if let Some(reason) = self.inbox.stand_down.take() {
                 info!(reason = %reason, "the process server told this agent to stand down; stopping");

@@ -109,6 +109,8 @@ struct Inner {
     waiting: bool,
     /// Where the log goes on once its memory is full.
     spill: Option<Spill>,
+    /// Bytes of writes in the log, per disk.
+    backlog: Vec<u64>,
     /// Per disk: the activity log, and the last write into each hot extent.
     activity: Vec<ActivityLog>,
     last_write: Vec<HashMap<u64, LastWrite>>,
@@ -136,6 +138,7 @@ impl Inner {
     fn drop_log(&mut self) {
         self.queue.clear();
         self.queued_bytes = 0;
+        self.backlog.iter_mut().for_each(|b| *b = 0);
         self.snapshot = None;
         if let Some(s) = &mut self.spill {
             s.reset();
@@ -150,6 +153,11 @@ impl Inner {
     /// else to the spill. An error says why the log had to be dropped.
     fn append(&mut self, item: Item, capacity: usize) -> Result<(), String> {
         let bytes = if let Item::Data { data, .. } = &item { data.len() } else { 0 };
+        if let Item::Data { disk, .. } = &item
+            && let Some(b) = self.backlog.get_mut(*disk)
+        {
+            *b += bytes as u64;
+        }
         if !self.spilling() && self.queued_bytes + bytes <= capacity {
             self.queued_bytes += bytes;
             self.queue.push_back(item);
@@ -167,18 +175,26 @@ impl Inner {
 
     /// The oldest item of the log.
     fn pop(&mut self) -> Result<Option<Item>, String> {
-        if let Some(item) = self.queue.pop_front() {
-            if let Item::Data { data, .. } = &item {
-                self.queued_bytes -= data.len();
+        let item = match self.queue.pop_front() {
+            Some(item) => {
+                if let Item::Data { data, .. } = &item {
+                    self.queued_bytes -= data.len();
+                }
+                Some(item)
             }
-            return Ok(Some(item));
+            None => match &mut self.spill {
+                Some(s) => s
+                    .pop()
+                    .map_err(|e| format!("reading the change log back from the state directory: {e}"))?,
+                None => None,
+            },
+        };
+        if let Some(Item::Data { disk, data, .. }) = &item
+            && let Some(b) = self.backlog.get_mut(*disk)
+        {
+            *b = b.saturating_sub(data.len() as u64);
         }
-        match &mut self.spill {
-            Some(s) => {
-                s.pop().map_err(|e| format!("reading the change log back from the state directory: {e}"))
-            }
-            None => Ok(None),
-        }
+        Ok(item)
     }
 }
 
@@ -211,6 +227,7 @@ impl Tracker {
             activity,
             last_write: vec![HashMap::new(); n],
             spill: Some(Spill::new(state_dir.join("spill.log"), spill_max)),
+            backlog: vec![0; n],
             ..Default::default()
         };
         Ok(Arc::new(Tracker { disks: open, inner: Mutex::new(inner), wake: Condvar::new(), capacity }))
@@ -236,6 +253,22 @@ impl Tracker {
         let g = self.lock();
         let spilled = g.spill.as_ref().map_or(0, Spill::bytes);
         Stats { queued_bytes: g.queued_bytes, spilled_bytes: spilled, logging: g.logging }
+    }
+
+    /// How each disk is tracked: regime, bytes waiting in the log, bytes of hot extents.
+    pub fn tracking(&self, resync: bool) -> Vec<(&'static str, u64, u64)> {
+        let g = self.lock();
+        let regime = match (resync, g.spilling()) {
+            (true, _) => "resync",
+            (false, true) => "spill",
+            (false, false) => "log",
+        };
+        (0..self.disks.len())
+            .map(|i| {
+                let hot = g.activity[i].hot().len() as u64 * EXTENT;
+                (regime, g.backlog[i], hot.min(self.disks[i].size))
+            })
+            .collect()
     }
 
     /// A session starts streaming: the log starts empty here (the session's resync covers
@@ -589,6 +622,7 @@ mod tests {
             .collect();
         assert_eq!(offsets, [0, 1000, 2000, 3000, 1_000_000 + id]);
         assert_eq!(t.stats().spilled_bytes, 0);
+        assert_eq!(t.tracking(false)[0].1, 0, "no backlog once all is read");
         // Caught up: memory again.
         t.write(0, &[9; 10], 0).unwrap();
         assert_eq!(t.stats().queued_bytes, 10);

@@ -112,12 +112,18 @@ impl AdminService {
             .store
             .vm_disks(&vm)
             .iter()
-            .map(|h| pb::DiskStatus {
-                name: h.name.to_string(),
-                size: h.size,
-                durable_seq: h.durable().0,
-                journal_bytes: h.journal_bytes(),
-                master_target_seq: self.ctx.relay.acked(&vm, &h.name).0,
+            .map(|h| {
+                let t = self.ctx.hub.tracking(&vm, h.name.as_str()).unwrap_or_default();
+                pb::DiskStatus {
+                    name: h.name.to_string(),
+                    size: h.size,
+                    durable_seq: h.durable().0,
+                    journal_bytes: h.journal_bytes(),
+                    master_target_seq: self.ctx.relay.acked(&vm, &h.name).0,
+                    tracking: t.regime,
+                    backlog_bytes: t.backlog_bytes,
+                    hot_bytes: t.hot_bytes,
+                }
             })
             .collect();
         Ok(pb::VmStatus {

@@ -32,6 +32,8 @@ struct VmCounters {
     /// Why the last session failed on this side (storage full, a bad batch), when, and
     /// whether replication has made progress since.
     error: Option<(String, Instant, bool)>,
+    /// The agent's last tracking report, per disk.
+    tracking: HashMap<String, tern_proto::DiskTracking>,
 }
 
 /// A failure stays on show at least this long, even when a later session makes some
@@ -186,6 +188,20 @@ impl Hub {
             Some((e, _, _)) => Some(e.clone()),
             None => None,
         }
+    }
+
+    /// Keeps the agent's report of how it tracks its disks.
+    pub fn note_tracking(&self, vm: &VmName, t: tern_proto::Tracking) {
+        let mut c = lock(&self.counters);
+        let e = c.entry(vm.clone()).or_default();
+        for d in t.disks {
+            e.tracking.insert(d.disk.clone(), d);
+        }
+    }
+
+    /// The agent's last report on `disk` of `vm`.
+    pub fn tracking(&self, vm: &VmName, disk: &str) -> Option<tern_proto::DiskTracking> {
+        lock(&self.counters).get(vm).and_then(|c| c.tracking.get(disk).cloned())
     }
 
     pub fn bytes_received(&self, vm: &VmName) -> u64 {

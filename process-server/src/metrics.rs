@@ -39,6 +39,16 @@ fn describe() {
     describe_gauge!("tern_disk_durable_seq", "Last record of the disk made durable (acked).");
     describe_gauge!("tern_disk_journal_bytes", Unit::Bytes, "Bytes in the disk's journal.");
     describe_gauge!("tern_disk_relay_lag_records", "Records durable here, not yet at the master target.");
+    describe_gauge!(
+        "tern_disk_backlog_bytes",
+        Unit::Bytes,
+        "nbd mode: bytes of writes the agent has logged and not sent yet (its last report)."
+    );
+    describe_gauge!(
+        "tern_disk_hot_bytes",
+        Unit::Bytes,
+        "nbd mode: bytes of extents a restart of the agent would compare."
+    );
     describe_gauge!("tern_job_progress_ratio", "A running job's progress, 0 to 1.");
     describe_gauge!("tern_jobs_running", "Jobs running.");
     describe_counter!("tern_replication_errors_total", "Sessions ended or batches refused, by gRPC code.");
@@ -96,6 +106,10 @@ fn vm_gauges(s: &pb::VmStatus) {
         let l = [("vm", vm.clone()), ("disk", d.name.clone())];
         metrics::gauge!("tern_disk_durable_seq", &l).set(d.durable_seq as f64);
         metrics::gauge!("tern_disk_journal_bytes", &l).set(d.journal_bytes as f64);
+        if !d.tracking.is_empty() && d.tracking != "scan" {
+            metrics::gauge!("tern_disk_backlog_bytes", &l).set(d.backlog_bytes as f64);
+            metrics::gauge!("tern_disk_hot_bytes", &l).set(d.hot_bytes as f64);
+        }
         if state.is_some_and(|s| crate::relay::RELAY_STATES.contains(&s)) {
             let lag = d.durable_seq.saturating_sub(d.master_target_seq);
             metrics::gauge!("tern_disk_relay_lag_records", &l).set(lag as f64);

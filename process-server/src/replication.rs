@@ -398,6 +398,10 @@ async fn run_session(
                 Item::Point(p)
             }
             Ok(Some(AgentMessage { msg: Some(agent_message::Msg::PointFailed(f)) })) => Item::PointFailed(f),
+            Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Tracking(t)) })) => {
+                ctx.hub.note_tracking(vm, t);
+                continue;
+            }
             Ok(Some(AgentMessage { msg: Some(agent_message::Msg::PageHashes(r)) })) => {
                 let (c, v, o) = (ctx.clone(), vm.clone(), out.clone());
                 let copy = DiskName::new(&r.disk).ok().and_then(|d| lock(&copies).get(&d).cloned());

@@ -17,6 +17,9 @@ use tokio::time::Instant as Due;
 use tonic::Status;
 use tracing::{info, warn};
 
+/// How often the agent tells the server how it tracks its disks.
+const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A mark made for a point that is not sent yet (its hashes are being taken).
 #[derive(Debug)]
 pub(super) struct PendingMark {
@@ -59,6 +62,7 @@ impl Session {
                 r.extend(hot);
             }
         }
+        self.report_tracking(&tracker, true).await?;
         let started = Instant::now();
         if let Err(e) = self.attempt(false, true).await? {
             return Err(Status::internal(e).into());
@@ -97,6 +101,7 @@ impl Session {
         events: &mut mpsc::Receiver<LogEvent>,
     ) -> Result<Streamed, SessionError> {
         let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
+        let mut report = tokio::time::interval(REPORT_EVERY);
         loop {
             if let Some(reason) = self.inbox.stand_down.take() {
                 info!(reason = %reason, "the process server told this agent to stand down; stopping");
@@ -122,6 +127,7 @@ impl Session {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(Streamed::Done),
                 _ = tokio::time::sleep_until(due), if idle && !self.stood_down => {}
+                _ = report.tick() => self.report_tracking(tracker, false).await?,
                 m = self.inbound.message() => self.inbox.take(m?)?,
                 ev = events.recv() => match ev {
                     Some(LogEvent::Batch { disk, records }) => self.send_batch(disk, records, &mut limiter).await?,
@@ -193,6 +199,22 @@ impl Session {
         };
         self.pending_mark = Some(PendingMark { id, requests, consistency, note, time_ms: now_ms() });
         Ok(())
+    }
+
+    async fn report_tracking(&self, tracker: &Arc<Tracker>, resync: bool) -> Result<(), SessionError> {
+        let disks = self
+            .config
+            .disks
+            .iter()
+            .zip(tracker.tracking(resync))
+            .map(|(d, (regime, backlog, hot))| pb::DiskTracking {
+                disk: d.name.to_string(),
+                regime: regime.into(),
+                backlog_bytes: backlog,
+                hot_bytes: hot,
+            })
+            .collect();
+        self.send(pb::agent_message::Msg::Tracking(pb::Tracking { disks })).await
     }
 
     /// A mark's hashes are taken and every record before it sent: its point goes out.

@@ -36,6 +36,9 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
         print_json(&v)?;
     } else {
         print_table(&r.vms);
+        if vm.is_some() {
+            print_disks(&r.vms);
+        }
     }
     if check { health_check(&r.vms) } else { Ok(()) }
 }
@@ -85,6 +88,23 @@ fn print_table(vms: &[pb::VmStatus]) {
     }
     for s in vms.iter().filter(|s| !s.error.is_empty()) {
         out!("{}: replication is failing: {}", s.vm, s.error);
+    }
+}
+
+/// One VM's disks: size, how the agent tracks them, what waits to be sent.
+fn print_disks(vms: &[pb::VmStatus]) {
+    for s in vms {
+        for d in &s.disks {
+            let mut line = format!("  disk {}: {}", d.name, human_bytes(d.size));
+            if !d.tracking.is_empty() {
+                line += &format!(", tracking {}", d.tracking);
+            }
+            if d.tracking != "scan" && !d.tracking.is_empty() {
+                line +=
+                    &format!(", backlog {}, hot {}", human_bytes(d.backlog_bytes), human_bytes(d.hot_bytes));
+            }
+            out!("{line}");
+        }
     }
 }
 

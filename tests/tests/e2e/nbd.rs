@@ -97,6 +97,11 @@ fn real_clients_write_through_the_agent_and_each_point_verifies() {
 
     let point = vm.server.checkpoint("db");
     let (hash, out) = test_failover(&vm.server, root, &point);
+    deadline_poll("status to show the log", Duration::from_secs(10), || {
+        (vm.server.status("db")["disks"][0]["tracking"] == "log").then_some(())
+    });
+    let text = String::from_utf8(vm.server.drctl(&["status", "db"]).stdout).unwrap();
+    assert!(text.contains("disk sda: 32.0 MiB, tracking log, backlog"), "{text}");
     assert_eq!(hash, b3(&vm.disk, None), "the point differs from the disk");
     run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&vm.disk).arg(&out))
         .unwrap();
@@ -197,13 +202,21 @@ fn writes_made_while_the_server_is_away_are_sent_once_it_is_back() {
 fn a_log_larger_than_its_memory_spills_to_the_state_directory_and_drains_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    // 1 MiB of log in memory and a link of 4 MiB/s: 12 MiB of writes wait in the spill.
-    let vm = protect_nbd(root, 32, 2, &["--log-buffer", "1MiB", "--max-rate", "4MiB"]);
+    // 1 MiB of log in memory and a link of 2 MiB/s: most of 12 MiB of writes wait in the spill.
+    let vm = protect_nbd(root, 32, 2, &["--log-buffer", "1MiB", "--max-rate", "2MiB"]);
     let script = "import os\nfor i in range(48):\n    h.pwrite(os.urandom(262144), 4 * 1048576 + i * 262144)\nh.flush()";
     run_ok(&mut nbdsh(&vm.uri, script)).unwrap();
     let spill = root.join("db-state").join("spill.log");
     let spilled = std::fs::metadata(&spill).map(|m| m.len()).unwrap_or(0);
     assert!(spilled > 2 << 20, "{spilled} bytes in the spill");
+    // drctl status says so, with the backlog.
+    let mut seen = Vec::new();
+    deadline_poll("status to show the spill", Duration::from_secs(10), || {
+        let d = vm.server.status("db")["disks"][0].clone();
+        seen.push(format!("{} {}", d["tracking"], d["backlog_bytes"]));
+        assert!(seen.len() < 90, "status never showed the spill: {seen:?}");
+        (d["tracking"] == "spill" && d["backlog_bytes"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
     let point = vm.server.checkpoint("db");
     let (hash, _) = test_failover(&vm.server, root, &point);
     assert_eq!(hash, b3(&vm.disk, None));
