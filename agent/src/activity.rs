@@ -21,7 +21,6 @@ const PAGE: usize = 4096;
 
 #[derive(Debug)]
 pub struct ActivityLog {
-    path: PathBuf,
     file: File,
     bits: Vec<u8>,
     extents: u64,
@@ -32,28 +31,37 @@ impl ActivityLog {
         state_dir.join(format!("disk-{disk}.hot"))
     }
 
-    /// Opens the log of a disk of `size` bytes. `None` in the second value: there was no
-    /// usable log (first run in nbd mode, another disk size): every extent is to be
-    /// compared once, and the log starts empty.
+    /// Opens the log of a disk of `size` bytes. False in the second value: there was no
+    /// usable log (first run in nbd mode, after scan mode, another disk size), so every
+    /// extent starts hot: the disk is compared in full once. That log is written whole and
+    /// renamed into place, so a crash leaves the old file or the new one.
     pub fn open(state_dir: &Path, disk: &str, size: u64) -> io::Result<(ActivityLog, bool)> {
         let path = ActivityLog::path(state_dir, disk);
         let extents = size.div_ceil(EXTENT);
         let len = usize::try_from(extents.div_ceil(8)).unwrap_or(usize::MAX).next_multiple_of(PAGE);
-        let existing = std::fs::read(&path).ok().filter(|b| b.len() == len);
-        let usable = existing.is_some();
-        let file =
-            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-        let bits = existing.unwrap_or_else(|| vec![0u8; len]);
-        let log = ActivityLog { path, file, bits, extents };
-        if !usable {
-            log.file.set_len(0)?;
-            log.file.write_all_at(&log.bits, 0)?;
-            log.file.sync_all()?;
-            if let Some(dir) = log.path.parent() {
-                File::open(dir)?.sync_all()?;
-            }
+        if let Some(bits) = std::fs::read(&path).ok().filter(|b| b.len() == len) {
+            let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+            return Ok((ActivityLog { file, bits, extents }, true));
         }
-        Ok((log, usable))
+        let mut log = ActivityLog { file: File::open("/dev/null")?, bits: vec![0u8; len], extents };
+        for e in 0..extents {
+            log.set(e, true);
+        }
+        let new = path.with_extension("hot.new");
+        std::fs::write(&new, &log.bits)?;
+        File::open(&new)?.sync_all()?;
+        std::fs::rename(&new, &path)?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        log.file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+        Ok((log, false))
+    }
+
+    /// Scan mode writes the disks' state without the io path: an activity log left by nbd
+    /// mode would miss those writes, so it goes.
+    pub fn remove(state_dir: &Path, disk: &str) {
+        let _ = std::fs::remove_file(ActivityLog::path(state_dir, disk));
     }
 
     pub fn is_hot(&self, extent: u64) -> bool {
@@ -102,12 +110,6 @@ impl ActivityLog {
     pub fn hot(&self) -> Vec<u64> {
         (0..self.extents).filter(|&e| self.is_hot(e)).collect()
     }
-
-    /// Marks everything hot (in memory and on disk): the next resync compares the whole disk.
-    pub fn all_hot(&mut self) -> io::Result<()> {
-        let all: Vec<u64> = (0..self.extents).collect();
-        self.mark_hot(&all)
-    }
 }
 
 #[cfg(test)]
@@ -120,6 +122,8 @@ mod tests {
         let size = 100 * EXTENT + 5;
         let (mut log, usable) = ActivityLog::open(dir.path(), "sda", size).unwrap();
         assert!(!usable, "a new log is not usable: the disk is compared in full once");
+        assert_eq!(log.hot().len(), 101, "every extent starts hot");
+        log.retire(&(0..101).collect::<Vec<_>>()).unwrap();
         log.mark_hot(&[0, 7, 100]).unwrap();
         log.retire(&[7]).unwrap();
         drop(log);
@@ -130,6 +134,6 @@ mod tests {
         drop(log);
         let (log, usable) = ActivityLog::open(dir.path(), "sda", 50_000 * EXTENT).unwrap();
         assert!(!usable);
-        assert!(log.hot().is_empty());
+        assert_eq!(log.hot().len(), 50_000);
     }
 }

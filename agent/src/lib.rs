@@ -75,7 +75,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         .map_err(|source| AgentError::StateDir { path: config.state_dir.display().to_string(), source })?;
     let tracker = match &config.nbd {
         Some(m) => Some(serve_nbd(&config, m)?),
-        None => None,
+        None => {
+            for d in &config.disks {
+                activity::ActivityLog::remove(&config.state_dir, d.name.as_str());
+            }
+            None
+        }
     };
     let config = Arc::new(config);
     // Ready as soon as it runs: the first session may wait for a server that is away.

@@ -349,7 +349,8 @@ fn reply(w: &mut impl Write, error: u32, cookie: u64) -> io::Result<()> {
 
 fn errno(e: &io::Error) -> u32 {
     match e.raw_os_error() {
-        Some(28) => ENOSPC,
+        // ENOSPC, EFBIG, EDQUOT: the client may retry once there is room.
+        Some(28 | 27 | 122) => ENOSPC,
         _ => EIO,
     }
 }
@@ -406,7 +407,8 @@ fn transmission<S: Read>(r: &mut BufReader<S>, w: &mut impl Write, export: &dyn 
                 return export.flush();
             }
             CMD_FLUSH => reply(w, export.flush().map_or_else(|e| errno(&e), |()| 0), cookie)?,
-            CMD_TRIM | CMD_WRITE_ZEROES if !in_bounds => reply(w, ENOSPC, cookie)?,
+            CMD_TRIM if !in_bounds => reply(w, EINVAL, cookie)?,
+            CMD_WRITE_ZEROES if !in_bounds => reply(w, ENOSPC, cookie)?,
             CMD_TRIM | CMD_WRITE_ZEROES => {
                 let keep = cmd == CMD_WRITE_ZEROES && flags & CMD_FLAG_NO_HOLE != 0;
                 let e = export.zero(offset, u64::from(len), keep, fua).map_or_else(|e| errno(&e), |()| 0);

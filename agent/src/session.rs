@@ -342,7 +342,9 @@ impl Session {
     /// returned request gets the final point. Served even after a final point: a failback
     /// that failed later (say, the master target was away) asks again, and gets a fresh one.
     async fn serve_shutdown_request(&mut self) -> Result<Option<u64>, SessionError> {
-        if self.awaiting_point.is_some() {
+        // A point on its way first (nbd mode: a mark being hashed): the final point
+        // follows it.
+        if self.awaiting_point.is_some() || self.pending_mark.is_some() {
             return Ok(None);
         }
         let Some(id) = self.inbox.shutdown.take() else { return Ok(None) };

@@ -111,6 +111,8 @@ struct Inner {
     spill: Option<Spill>,
     /// Bytes of writes in the log, per disk.
     backlog: Vec<u64>,
+    /// Extents written since the log last started, per disk.
+    touched: Vec<BTreeSet<u64>>,
     /// Per disk: the activity log, and the last write into each hot extent.
     activity: Vec<ActivityLog>,
     last_write: Vec<HashMap<u64, LastWrite>>,
@@ -214,10 +216,7 @@ impl Tracker {
         for (name, path) in disks {
             let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
             let size = tern_core::disk::DiskReader::open(path)?.size()?;
-            let (mut log, usable) = ActivityLog::open(state_dir, name.as_str(), size)?;
-            if !usable {
-                log.all_hot()?;
-            }
+            let (log, _) = ActivityLog::open(state_dir, name.as_str(), size)?;
             activity.push(log);
             open.push(Disk { name: name.clone(), size, file });
         }
@@ -228,6 +227,7 @@ impl Tracker {
             last_write: vec![HashMap::new(); n],
             spill: Some(Spill::new(state_dir.join("spill.log"), spill_max)),
             backlog: vec![0; n],
+            touched: vec![BTreeSet::new(); n],
             ..Default::default()
         };
         Ok(Arc::new(Tracker { disks: open, inner: Mutex::new(inner), wake: Condvar::new(), capacity }))
@@ -255,6 +255,11 @@ impl Tracker {
         Stats { queued_bytes: g.queued_bytes, spilled_bytes: spilled, logging: g.logging }
     }
 
+    /// The log runs (a session streams it, and it was not dropped).
+    pub fn logging(&self) -> bool {
+        self.lock().logging
+    }
+
     /// How each disk is tracked: regime, bytes waiting in the log, bytes of hot extents.
     pub fn tracking(&self, resync: bool) -> Vec<(&'static str, u64, u64)> {
         let g = self.lock();
@@ -275,22 +280,42 @@ impl Tracker {
     /// everything before), and every block counts as unchanged since this instant.
     pub fn start_logging(&self) {
         let mut g = self.lock();
+        self.start(&mut g);
+    }
+
+    fn start(&self, g: &mut Inner) {
         g.logging = true;
         g.overflowed = false;
         g.drop_log();
         for d in &mut g.dirty {
             d.clear();
         }
+        for t in &mut g.touched {
+            t.clear();
+        }
         // The resync compares every hot extent: once a mark after it is committed, those
         // not written since may go cold.
         let (mark, rested) =
             (g.next_mark, Instant::now().checked_sub(RETIRE_IDLE).unwrap_or_else(Instant::now));
-        let inner = &mut *g;
-        for (log, last) in inner.activity.iter().zip(&mut inner.last_write) {
+        for (log, last) in g.activity.iter().zip(&mut g.last_write) {
             for e in log.hot() {
                 last.entry(e).or_insert((mark, rested));
             }
         }
+    }
+
+    /// The log overflowed during a resync: starts it again and returns, per disk, the byte
+    /// ranges written since it last started (which the resync must compare again).
+    pub fn restart_logging(&self) -> Vec<Vec<(u64, u64)>> {
+        let mut g = self.lock();
+        let written: Vec<Vec<(u64, u64)>> = g
+            .touched
+            .iter()
+            .zip(&self.disks)
+            .map(|(t, d)| t.iter().map(|&e| (e * EXTENT, EXTENT.min(d.size - e * EXTENT))).collect())
+            .collect();
+        self.start(&mut g);
+        written
     }
 
     /// Byte ranges of each hot extent of `disk`: all that may differ from the agent's
@@ -323,7 +348,7 @@ impl Tracker {
                     }
                 }
                 Err(e) => tracing::warn!(disk = %self.disks[disk].name, error = %e,
-                    "cannot update the activity log; its extents stay hot"),
+                    "cannot update the activity log; its extents stay hot on disk"),
             }
         }
     }
@@ -462,8 +487,16 @@ impl Tracker {
         let inner = &mut *g;
         if let Some(s) = inner.snapshot.as_mut() {
             let p = PAGE_SIZE as u64;
-            let hit: Vec<u64> =
-                s.pending[disk].range(offset / p..(offset + len).div_ceil(p)).copied().collect();
+            let (mut first, mut end) = (offset / p, (offset + len).div_ceil(p));
+            // The disk's short last block is hashed whole: a write into any of its pages
+            // saves it if one of them waits.
+            let per = PAGES_PER_BLOCK as u64;
+            let last = d.size / BLOCK_SIZE as u64;
+            if !d.size.is_multiple_of(BLOCK_SIZE as u64) && end > last * per {
+                first = first.min(last * per);
+                end = end.max((last + 1) * per);
+            }
+            let hit: Vec<u64> = s.pending[disk].range(first..end).copied().collect();
             for page in hit {
                 if let Err(e) = self.preserve_page(s, disk, page) {
                     // The mark cannot be hashed: drop it and resync rather than guess.
@@ -490,6 +523,7 @@ impl Tracker {
         let stamp = (inner.next_mark, Instant::now());
         for e in extents {
             inner.last_write[disk].insert(e, stamp);
+            inner.touched[disk].insert(e);
         }
         if let Err(e) = apply(&d.file) {
             // Part of it may be on the disk and not in the log: only a resync can tell.
@@ -520,9 +554,12 @@ impl Tracker {
         self.overflow(g);
     }
 
+    /// Drops the log until the next session starts it again (which compares the hot
+    /// extents first).
     fn overflow(&self, g: &mut Inner) {
         if g.logging {
             g.overflowed = true;
+            g.logging = false;
         }
         g.drop_log();
     }
@@ -684,6 +721,26 @@ mod tests {
         b0[50..150].fill(9);
         assert_eq!(entry(&later, 0, &hash_block(&a)), hash_block(&b0));
         assert_eq!(entry(&later, 2, &hash_block(&b2)), zero);
+    }
+
+    #[test]
+    fn the_short_last_block_is_hashed_as_it_was_at_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        let size = 4 * BLOCK_SIZE + 3 * PAGE_SIZE + 100;
+        std::fs::write(&path, vec![0u8; size]).unwrap();
+        let t = Tracker::open(&[(DiskName::new("sda").unwrap(), path)], dir.path(), 1 << 20, 0).unwrap();
+        t.start_logging();
+        let short = (4 * BLOCK_SIZE) as u64;
+        t.write(0, &[1u8; 10], short).unwrap();
+        let id = t.mark().unwrap();
+        // After the mark, another page of the short block: not the one that waits.
+        t.write(0, &[2u8; 10], short + 2 * PAGE_SIZE as u64).unwrap();
+        drain(&t);
+        let h = t.mark_hashes(id).unwrap().unwrap();
+        let mut at_mark = vec![0u8; size - 4 * BLOCK_SIZE];
+        at_mark[..10].fill(1);
+        assert_eq!(h.updates[0][&4], Update::Whole(Box::new(hash_block(&at_mark))));
     }
 
     #[test]

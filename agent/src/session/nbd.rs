@@ -62,10 +62,25 @@ impl Session {
                 r.extend(hot);
             }
         }
-        self.report_tracking(&tracker, true).await?;
         let started = Instant::now();
-        if let Err(e) = self.attempt(false, true).await? {
-            return Err(Status::internal(e).into());
+        loop {
+            self.report_tracking(&tracker, true).await?;
+            if let Err(e) = self.attempt(false, true).await? {
+                return Err(Status::internal(e).into());
+            }
+            if tracker.logging() {
+                break;
+            }
+            // The log could not hold the writes made while the disks were compared: compare
+            // again what they touched (less each time, as long as the disks read faster than
+            // the VM writes), with the log running anew.
+            let again = tracker.restart_logging();
+            let bytes: u64 = again.iter().flatten().map(|r| r.1).sum();
+            info!(
+                mib = bytes >> 20,
+                "the change log filled up during the resync; comparing what was written meanwhile"
+            );
+            self.regions = again.into_iter().map(Some).collect();
         }
         info!(
             ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -77,11 +92,18 @@ impl Session {
         let cancel = self.shutdown.child_token();
         let (t, c, st) = (tracker.clone(), cancel.clone(), shared.clone());
         let names: Vec<String> = self.config.disks.iter().map(|d| d.name.to_string()).collect();
-        let streamer = tokio::task::spawn_blocking(move || stream::run(&t, &names, &st, &ev_tx, &c));
+        // Its own thread: it runs at a lower priority than the VM's writes.
+        let streamer = std::thread::Builder::new()
+            .name("tern-stream".into())
+            .spawn(move || stream::run(&t, &names, &st, &ev_tx, &c))
+            .map_err(|e| Status::internal(format!("cannot start the streaming thread: {e}")))?;
         let streamed = self.stream(&tracker, &mut ev_rx).await;
         cancel.cancel();
         drop(ev_rx);
-        let joined = streamer.await.map_err(|e| Status::internal(e.to_string()))?;
+        let joined = tokio::task::spawn_blocking(move || streamer.join())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|_| Status::internal("the streaming thread panicked"))?;
         match (streamed?, joined) {
             (_, Err(e)) => Err(Status::unavailable(e.to_string()).into()),
             (Streamed::Done, Ok(())) => Ok(()),
@@ -118,7 +140,9 @@ impl Session {
             }
             let now = Due::now();
             let wanted = now >= self.due_crash || now >= self.due_app || !self.inbox.requests.is_empty();
-            let idle = self.awaiting_point.is_none() && self.pending_mark.is_none();
+            // A dropped log takes no marks: the session ends on the reader's word, and
+            // the requests are answered (or asked again) after the next resync.
+            let idle = self.awaiting_point.is_none() && self.pending_mark.is_none() && tracker.logging();
             if idle && (final_point.is_some() || (!self.stood_down && wanted)) {
                 self.mark(tracker, final_point, now).await?;
                 continue;

@@ -193,7 +193,10 @@ impl Server {
             }
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(
-                err.contains("not connected") || err.contains("went away") || err.contains("not protected"),
+                err.contains("not connected")
+                    || err.contains("went away")
+                    || err.contains("disconnected")
+                    || err.contains("not protected"),
                 "checkpoint failed: {err}"
             );
             None

@@ -438,3 +438,108 @@ fn chrono_ms(t: &str) -> u128 {
     let out = Command::new("date").args(["-u", "-d", t, "+%s%3N"]).output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
 }
+
+/// QEMU with `reconnect-delay`: a write issued while the agent is down waits for it and
+/// lands once the agent is back; the next point has it.
+#[test]
+fn qemu_writes_wait_while_the_agent_restarts_and_land_in_the_next_point() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut vm = protect_nbd(root, 32, 2, &[]);
+    let sock = root.join("db.sock");
+    let opts =
+        format!("driver=nbd,server.type=unix,server.path={},export=sda,reconnect-delay=30", sock.display());
+    let qemu = Command::new("qemu-io")
+        .args([
+            "--image-opts",
+            &opts,
+            "-c",
+            "write -P 0x61 1M 64k",
+            "-c",
+            "sleep 2500",
+            "-c",
+            "write -P 0x62 2M 64k",
+        ])
+        .args(["-c", "flush"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    vm.agent.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    vm.agent.restart();
+    let out = qemu.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !text.contains("error"), "qemu-io: {text}");
+    let data = std::fs::read(&vm.disk).unwrap();
+    assert!(
+        data[2 << 20..(2 << 20) + 65536].iter().all(|&b| b == 0x62),
+        "the second write is not on the disk"
+    );
+    let point = vm.server.checkpoint("db");
+    let (hash, _) = test_failover(&vm.server, root, &point);
+    assert_eq!(hash, b3(&vm.disk, None));
+}
+
+/// A state directory with no room for the spill: the log is dropped with a clear reason,
+/// the hot extents are compared, and no write is lost.
+#[test]
+fn a_full_state_directory_drops_the_log_and_loses_no_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let _small = Mounted::new(Path::new("tmpfs"), &root.join("db-state"), &["-t", "tmpfs", "-o", "size=1m"]);
+    let vm = protect_nbd(root, 32, 2, &["--log-buffer", "1MiB", "--max-rate", "4MiB"]);
+    let script = "import os\nfor i in range(64):\n    h.pwrite(os.urandom(262144), 4 * 1048576 + i * 262144)\nh.flush()";
+    run_ok(&mut nbdsh(&vm.uri, script)).unwrap();
+    let df = run_ok(Command::new("df").arg(root.join("db-state"))).unwrap();
+    let point = vm.server.checkpoint("db");
+    let (hash, _) = test_failover(&vm.server, root, &point);
+    assert_eq!(hash, b3(&vm.disk, None));
+    let log = vm.agent.log_text();
+    assert!(log.contains("cannot spill to the state directory"), "{df}\n{}", tail(&log, 20));
+}
+
+/// Writes during the first sync, more than the log holds: the sync compares what they
+/// touched again instead of starting over, and the first point has them.
+#[test]
+fn writes_that_overflow_the_log_during_the_first_sync_are_compared_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("db.bundle");
+    server.enroll_agent("db", &identity);
+    let disk = root.join("db.img");
+    make_random(&disk, 32, 16, 9);
+    let sock = root.join("db.sock");
+    let listen = format!("unix:{}", sock.display());
+    let agent = Agent::start(
+        &server,
+        &identity,
+        "db",
+        &[("sda", &disk)],
+        &root.join("db-state"),
+        &[
+            "--mode",
+            "nbd",
+            "--nbd-listen",
+            &listen,
+            "--log-buffer",
+            "1MiB",
+            "--spill-max",
+            "1MiB",
+            "--max-rate",
+            "8MiB",
+        ],
+    );
+    deadline_poll("the export", Duration::from_secs(10), || sock.exists().then_some(()));
+    let uri = format!("nbd+unix:///sda?socket={}", sock.display());
+    let script = "import os, time\nfor i in range(24):\n    h.pwrite(os.urandom(262144), 20 * 1048576 + i * 262144)\n    time.sleep(0.02)\nh.flush()";
+    run_ok(&mut nbdsh(&uri, script)).unwrap();
+    let point = server.checkpoint("db");
+    let (hash, _) = test_failover(&server, root, &point);
+    assert_eq!(hash, b3(&disk, None));
+    let log = agent.log_text();
+    assert!(log.contains("filled up during the resync"), "{}", tail(&log, 20));
+}
