@@ -6,7 +6,7 @@ use crate::state::{DiskState, UNKNOWN};
 use crate::tracker::{Item, MarkHashes, Next, Tracker};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tern_core::blocks::{Fingerprint, with_pages, zero_block};
+use tern_core::blocks::{FingerprintTree, GROUP_BLOCKS, with_pages, zero_block};
 use tern_core::codec::Encoder;
 use tern_core::{BLOCK_SIZE, Digest};
 use tern_proto as pb;
@@ -20,8 +20,6 @@ const ZERO_RECORD: u64 = 4 << 20;
 const BATCH_BYTES: usize = 1 << 20;
 /// The streaming thread's nice value.
 const STREAM_NICE: i32 = 10;
-/// Table entries read at once while a fingerprint is computed.
-const FINGERPRINT_CHUNK: u64 = 4096;
 
 #[derive(Debug)]
 pub enum LogEvent {
@@ -60,6 +58,7 @@ pub fn run(
         tracing::debug!(error = %e, "cannot lower the streaming thread's priority");
     }
     let mut enc = Encoder::new();
+    let mut trees: Vec<Option<FingerprintTree>> = vec![None; names.len()];
     let mut batch: Option<(usize, Vec<pb::Record>, usize)> = None;
     let flush = |batch: &mut Option<(usize, Vec<pb::Record>, usize)>| -> bool {
         match batch.take() {
@@ -90,7 +89,7 @@ pub fn run(
                 let Some(hashes) = tracker.mark_hashes(id).map_err(StreamError::Read)? else {
                     continue;
                 };
-                let fingerprints = fingerprints(names, states, hashes)?;
+                let fingerprints = fingerprints(names, states, hashes, &mut trees)?;
                 if out.blocking_send(LogEvent::Mark { id, fingerprints }).is_err() {
                     return Ok(());
                 }
@@ -145,20 +144,25 @@ fn zero_records(offset: u64, len: u64) -> Vec<pb::Record> {
 }
 
 /// Puts a mark's changes into the agent's state (they wait there for the point's ack)
-/// and computes each disk's fingerprint from it.
+/// and computes each disk's fingerprint. `trees` keeps each disk's fingerprint tree
+/// between marks: the first mark of a session reads every entry of the state, the next
+/// ones only the groups of blocks that changed.
 fn fingerprints(
     names: &[String],
     states: &Mutex<Vec<DiskState>>,
     hashes: MarkHashes,
+    trees: &mut [Option<FingerprintTree>],
 ) -> Result<Vec<Digest>, StreamError> {
     let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
     let mut out = Vec::new();
     let changes = hashes.updates.into_iter().zip(hashes.zeroed);
-    for ((state, (updates, zeroed)), name) in states.iter_mut().zip(changes).zip(names) {
+    for (((state, (updates, zeroed)), name), tree) in states.iter_mut().zip(changes).zip(names).zip(trees) {
+        let mut stale = std::collections::BTreeSet::new();
         for (first, last) in zeroed.ranges() {
             for b in first..last {
                 state.set(b, zero_block(BLOCK_SIZE));
             }
+            stale.extend(first / GROUP_BLOCKS..=(last - 1) / GROUP_BLOCKS);
         }
         for (b, u) in updates {
             let h = match u {
@@ -172,20 +176,28 @@ fn fingerprints(
                 }
             };
             state.set(b, h);
+            stale.insert(b / GROUP_BLOCKS);
         }
-        let mut fp = Fingerprint::new();
-        let mut first = 0;
-        while first < state.len() {
-            let last = (first + FINGERPRINT_CHUNK).min(state.len());
-            for (b, h) in (first..).zip(state.range(first, last)) {
+        let t = match tree {
+            Some(t) => t,
+            None => {
+                let t = FingerprintTree::new(state.len());
+                stale = (0..t.group_count()).collect();
+                tree.insert(t)
+            }
+        };
+        for g in stale {
+            let r = t.group_blocks(g);
+            let mut blocks = Vec::with_capacity(r.clone().count());
+            for (b, h) in r.clone().zip(state.range(r.start, r.end)) {
                 if h == UNKNOWN {
                     return Err(StreamError::Unknown { disk: name.clone(), block: b });
                 }
-                fp.push(&h.block);
+                blocks.push(h.block);
             }
-            first = last;
+            t.set_group(g, &blocks);
         }
-        out.push(fp.finish());
+        out.push(t.root());
     }
     Ok(out)
 }

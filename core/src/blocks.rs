@@ -154,10 +154,108 @@ impl Fingerprint {
     }
 }
 
+/// Blocks per group of a [`FingerprintTree`]: 32 KiB of block hashes, 32 BLAKE3 chunks.
+pub const GROUP_BLOCKS: u64 = 1024;
+
+/// A disk's fingerprint kept up to date as its blocks change. The fingerprint is the
+/// BLAKE3 of the concatenated block hashes, and BLAKE3 is a tree: the chaining value of
+/// each group of [`GROUP_BLOCKS`] hashes is kept, so a change costs its group's hashes and
+/// the merges above (one per group), never the whole disk's hashes.
+#[derive(Debug, Clone)]
+pub struct FingerprintTree {
+    blocks: u64,
+    groups: Vec<ChainingValue>,
+    /// A disk of one group: its fingerprint is a plain hash.
+    single: Digest,
+}
+
+impl FingerprintTree {
+    pub fn new(blocks: u64) -> FingerprintTree {
+        let n = usize::try_from(blocks.div_ceil(GROUP_BLOCKS).max(1)).unwrap_or(usize::MAX);
+        FingerprintTree { blocks, groups: vec![[0; 32]; n], single: Digest::ZERO }
+    }
+
+    pub fn group_count(&self) -> u64 {
+        self.groups.len() as u64
+    }
+
+    /// The blocks of group `g`.
+    pub fn group_blocks(&self, g: u64) -> std::ops::Range<u64> {
+        g * GROUP_BLOCKS..((g + 1) * GROUP_BLOCKS).min(self.blocks)
+    }
+
+    /// Sets group `g` from the hashes of its blocks, in order.
+    pub fn set_group(&mut self, g: u64, hashes: &[Digest]) {
+        debug_assert_eq!(hashes.len() as u64, self.group_blocks(g).count() as u64);
+        let mut h = blake3::Hasher::new();
+        if self.groups.len() == 1 {
+            for d in hashes {
+                h.update(&d.0);
+            }
+            self.single = Digest::from(h.finalize());
+            return;
+        }
+        h.set_input_offset(g * GROUP_BLOCKS * 32);
+        for d in hashes {
+            h.update(&d.0);
+        }
+        if let Some(slot) = usize::try_from(g).ok().and_then(|i| self.groups.get_mut(i)) {
+            *slot = h.finalize_non_root();
+        }
+    }
+
+    /// The fingerprint: equal to [`Fingerprint`] fed every block hash in order.
+    pub fn root(&self) -> Digest {
+        if self.groups.len() == 1 {
+            return self.single;
+        }
+        // BLAKE3's tree: the left subtree holds the largest power of two of chunks below
+        // the total, which at group granularity is the largest power of two of groups
+        // below their count (every group but the last is full).
+        fn split(cvs: &[ChainingValue]) -> (&[ChainingValue], &[ChainingValue]) {
+            cvs.split_at(cvs.len().next_power_of_two() / 2)
+        }
+        fn subtree(cvs: &[ChainingValue]) -> ChainingValue {
+            if cvs.len() == 1 {
+                return cvs[0];
+            }
+            let (l, r) = split(cvs);
+            merge_subtrees_non_root(&subtree(l), &subtree(r), Mode::Hash)
+        }
+        let (l, r) = split(&self.groups);
+        Digest::from(merge_subtrees_root(&subtree(l), &subtree(r), Mode::Hash))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fingerprint_tree_equals_the_flat_fingerprint_and_follows_changes() {
+        for blocks in [1u64, 31, 1023, 1024, 1025, 2048, 2049, 3000, 4096, 5000, 9001] {
+            let mut hashes: Vec<Digest> = (0..blocks).map(|i| Digest::of(&i.to_le_bytes())).collect();
+            let flat = |hashes: &[Digest]| {
+                let mut f = Fingerprint::new();
+                hashes.iter().for_each(|h| f.push(h));
+                f.finish()
+            };
+            let mut t = FingerprintTree::new(blocks);
+            for g in 0..t.group_count() {
+                let r = t.group_blocks(g);
+                t.set_group(g, &hashes[r.start as usize..r.end as usize]);
+            }
+            assert_eq!(t.root(), flat(&hashes), "{blocks} blocks");
+            // One block changes: its group alone is set again.
+            let b = blocks / 2;
+            hashes[b as usize] = Digest::of(b"changed");
+            let g = b / GROUP_BLOCKS;
+            let r = t.group_blocks(g);
+            t.set_group(g, &hashes[r.start as usize..r.end as usize]);
+            assert_eq!(t.root(), flat(&hashes), "{blocks} blocks, block {b} changed");
+        }
+    }
 
     #[test]
     fn a_block_updated_page_by_page_hashes_as_the_whole_block() {
