@@ -57,7 +57,12 @@ pub enum Cmd {
         check: bool,
     },
     /// Recovery points of a VM, oldest first.
-    Points { vm: String },
+    Points {
+        vm: String,
+        /// Only the newest N points (0: all). Default: 100, or all with --json.
+        #[arg(long)]
+        limit: Option<u32>,
+    },
     /// Ask the VM's agent for a point now.
     Checkpoint {
         vm: String,

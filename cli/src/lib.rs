@@ -78,7 +78,7 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
     match cli.cmd {
         Cmd::Enroll(e) => protect::enroll(d, e).await,
         Cmd::Status { vm, check } => protect::status(d, vm, check).await,
-        Cmd::Points { vm } => protect::points(d, vm).await,
+        Cmd::Points { vm, limit } => protect::points(d, vm, limit).await,
         Cmd::Checkpoint { vm, app_consistent, wait, timeout } => {
             protect::checkpoint(d, vm, app_consistent, wait, &timeout).await
         }

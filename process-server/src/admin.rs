@@ -92,9 +92,9 @@ impl AdminService {
     pub(crate) async fn vm_status(&self, vm: VmName) -> Result<pb::VmStatus, Status> {
         let store = self.ctx.store.clone();
         let v = vm.clone();
-        let points = blocking(move || store.points(&v)).await?.map_err(store_status)?;
+        let last = blocking(move || store.latest_point(&v)).await?.map_err(store_status)?;
+        let last = last.as_ref();
         let connected = self.ctx.hub.connected(&vm);
-        let last = points.last();
         let rpo = last.map_or(-1, |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0));
         let absent = self.ctx.hub.disconnected_for(&vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
         let (policy, state) = {
@@ -129,7 +129,7 @@ impl AdminService {
         Ok(pb::VmStatus {
             vm: vm.to_string(),
             state: pb::VmState::write(state),
-            initial_sync: state == VmState::Protected && points.is_empty(),
+            initial_sync: state == VmState::Protected && last.is_none(),
             retention_ms: crate::lock(&self.ctx.retention_runs).get(&vm).copied().unwrap_or(0),
             health: pb::Health::write(health),
             agent_connected: connected,
@@ -182,11 +182,14 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn points(&self, req: Request<pb::PointsRequest>) -> Result<Response<pb::PointsReply>, Status> {
         require_admin(&req, "Points")?;
-        let vm = vm_arg(&req.into_inner().vm)?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
         let store = self.ctx.store.clone();
-        let points = blocking(move || store.points(&vm)).await?.map_err(store_status)?;
-        Ok(Response::new(pb::PointsReply { points: points.iter().map(point_info).collect() }))
+        let limit = usize::try_from(r.limit).unwrap_or(usize::MAX);
+        let (points, total) =
+            blocking(move || store.recent_points(&vm, limit)).await?.map_err(store_status)?;
+        Ok(Response::new(pb::PointsReply { points: points.iter().map(point_info).collect(), total }))
     }
 
     async fn checkpoint(

@@ -26,9 +26,9 @@ pub fn health(state: VmState, rpo_secs: i64, absent_secs: i64, threshold_secs: i
 fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<Health, tern_store::StoreError> {
     let (policy, state, points) = {
         let s = &ctx.store;
-        (s.policy(vm)?, s.vm_state(vm)?, s.points(vm)?)
+        (s.policy(vm)?, s.vm_state(vm)?, s.latest_point(vm)?)
     };
-    let rpo = points.last().map_or_else(
+    let rpo = points.map_or_else(
         || {
             // Before the first point, RPO counts from when the VM was first seen.
             0

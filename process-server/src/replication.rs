@@ -213,7 +213,7 @@ fn welcome_of(a: &Admitted, hashes_follow: &[(Arc<DiskHandle>, HashSource)]) -> 
 async fn initial_sync(ctx: &Arc<Ctx>, vm: &VmName) -> Result<InitialSync, Status> {
     let store = ctx.store.clone();
     let v = vm.clone();
-    let has_points = crate::admin::blocking(move || store.points(&v).map(|p| !p.is_empty()))
+    let has_points = crate::admin::blocking(move || store.latest_point(&v).map(|p| p.is_some()))
         .await?
         .map_err(store_status)?;
     if has_points {

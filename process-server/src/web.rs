@@ -148,18 +148,22 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// Points shown per VM: the newest (a VM with a point a second has tens of thousands).
+const PAGE_POINTS: usize = 500;
+
 async fn index(State(ctx): State<Arc<Ctx>>) -> Html<String> {
     let admin = AdminService { ctx: ctx.clone() };
     let vms = statuses(&ctx, &admin).await;
     let mut points = HashMap::new();
     for s in &vms {
         let (store, name) = (ctx.store.clone(), s.vm.clone());
-        let list =
-            tokio::task::spawn_blocking(move || VmName::new(&name).ok().and_then(|v| store.points(&v).ok()))
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+        let list = tokio::task::spawn_blocking(move || {
+            VmName::new(&name).ok().and_then(|v| store.recent_points(&v, PAGE_POINTS).ok()).map(|r| r.0)
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
         points.insert(s.vm.clone(), list);
     }
     let jobs = ctx.jobs.clone();

@@ -77,7 +77,7 @@ async fn in_process_daemons_replicate_fail_over_and_stop_cleanly() {
     // The first point: the agent's initial sync ends in one.
     let point = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            if let Ok(r) = a.points(pb::PointsRequest { vm: "web".into() }).await
+            if let Ok(r) = a.points(pb::PointsRequest { vm: "web".into(), limit: 0 }).await
                 && let Some(p) = r.into_inner().points.pop()
             {
                 return p;

@@ -815,19 +815,45 @@ impl Catalog {
 
     /// Points of a VM, oldest first.
     pub fn points(&self, vm: &VmName) -> Result<Vec<Point>, StoreError> {
+        self.points_from(vm, 0)
+    }
+
+    /// The newest `n` points of a VM, oldest first, and how many it has in all.
+    pub fn recent_points(&self, vm: &VmName, n: usize) -> Result<(Vec<Point>, u64), StoreError> {
+        let (count, from): (i64, Option<i64>) = self
+            .db
+            .query_row(
+                "SELECT count(*), (SELECT id FROM points WHERE vm = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)
+                 FROM points WHERE vm = ?1",
+                params![vm.as_str(), i64::try_from(n.saturating_sub(1)).unwrap_or(i64::MAX)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(q("count points"))?;
+        let total = u64::try_from(count).unwrap_or(0);
+        // Fewer than `n`: all of them.
+        let from = if n == 0 { 0 } else { from.unwrap_or(0) };
+        Ok((self.points_from(vm, from)?, total))
+    }
+
+    /// Points of a VM from id `from` on, oldest first.
+    fn points_from(&self, vm: &VmName, from: i64) -> Result<Vec<Point>, StoreError> {
         let mut st = self
             .db
-            .prepare("SELECT id, time_ms, consistency, note FROM points WHERE vm = ?1 ORDER BY id")
+            .prepare(
+                "SELECT id, time_ms, consistency, note FROM points WHERE vm = ?1 AND id >= ?2 ORDER BY id",
+            )
             .map_err(q("list points"))?;
         let rows = st
-            .query_map([vm.as_str()], |r| {
+            .query_map(params![vm.as_str(), from], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
             })
             .map_err(q("list points"))?;
         let mut points = Vec::new();
+        let mut index = std::collections::HashMap::new();
         for r in rows {
             let (id, time_ms, consistency, note) = r.map_err(q("list points"))?;
             let bad = |reason: String| bad_row("points", &id.to_string(), reason);
+            index.insert(id, points.len());
             points.push(Point {
                 id: PointId(u64::try_from(id).map_err(|_| bad("negative id".into()))?),
                 vm: vm.clone(),
@@ -842,11 +868,11 @@ impl Catalog {
             .db
             .prepare(
                 "SELECT pd.point, pd.disk, pd.seq, pd.fingerprint FROM point_disks pd
-                 JOIN points p ON p.id = pd.point WHERE p.vm = ?1 ORDER BY pd.point, pd.disk",
+                 JOIN points p ON p.id = pd.point WHERE p.vm = ?1 AND pd.point >= ?2 ORDER BY pd.point, pd.disk",
             )
             .map_err(q("list point disks"))?;
         let rows = st
-            .query_map([vm.as_str()], |r| {
+            .query_map(params![vm.as_str(), from], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
@@ -858,9 +884,9 @@ impl Catalog {
         for r in rows {
             let (point, disk, seq, fp) = r.map_err(q("list point disks"))?;
             let bad = |reason: String| bad_row("point_disks", &format!("{point}/{disk}"), reason);
-            let p = points
-                .iter_mut()
-                .find(|p| i64::try_from(p.id.0).is_ok_and(|id| id == point))
+            let p = index
+                .get(&point)
+                .and_then(|&i| points.get_mut(i))
                 .ok_or_else(|| bad("its point is not listed".into()))?;
             p.disks.push(PointDisk {
                 disk: DiskName::new(&disk).map_err(|e| bad(e.to_string()))?,
@@ -914,7 +940,34 @@ impl Catalog {
 mod tests {
     use super::*;
 
-    /// Every row of every table, as text: what a refused change must leave as it was.
+    #[test]
+    fn recent_points_are_the_newest_and_count_them_all() {
+        let (_dir, mut c, vm) = catalog_in(VmState::Protected);
+        let disk = DiskName::new("sda").unwrap();
+        for i in 0..6 {
+            let id = c.next_point_id().unwrap();
+            let pd =
+                PointDisk { disk: disk.clone(), seq: Seq(10 + i), fingerprint: Digest::of(&i.to_le_bytes()) };
+            let p = Point {
+                id,
+                vm: vm.clone(),
+                time_ms: 10 + i as i64,
+                consistency: Consistency::Crash,
+                note: String::new(),
+                disks: vec![pd],
+            };
+            c.insert_point(&p).unwrap();
+        }
+        let all = c.points(&vm).unwrap();
+        assert_eq!(all.len(), 7);
+        let (p, total) = c.recent_points(&vm, 3).unwrap();
+        assert_eq!(total, 7);
+        assert_eq!(p, all[4..].to_vec());
+        assert_eq!(p[2].disks[0].seq, Seq(15));
+        assert_eq!(c.recent_points(&vm, 0).unwrap().0, all);
+        assert_eq!(c.recent_points(&vm, 70).unwrap().0, all);
+    }
+
     fn dump(c: &Catalog) -> Vec<String> {
         let mut out = Vec::new();
         for table in [

@@ -694,6 +694,17 @@ impl Store {
         self.catalog().points(vm)
     }
 
+    /// The newest `n` points of a VM (all of them for 0), oldest first, and how many it has:
+    /// what status, health and listings need, at a cost that does not grow with the count.
+    pub fn recent_points(&self, vm: &VmName, n: usize) -> Result<(Vec<Point>, u64), StoreError> {
+        self.catalog().recent_points(vm, n)
+    }
+
+    /// The newest point of a VM.
+    pub fn latest_point(&self, vm: &VmName) -> Result<Option<Point>, StoreError> {
+        Ok(self.catalog().recent_points(vm, 1)?.0.pop())
+    }
+
     pub fn has_vm(&self, vm: &VmName) -> Result<bool, StoreError> {
         self.catalog().has_vm(vm)
     }

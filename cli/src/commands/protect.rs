@@ -108,8 +108,9 @@ fn print_disks(vms: &[pb::VmStatus]) {
     }
 }
 
-pub async fn points(d: &mut Drctl, vm: String) -> Result<(), CliError> {
-    let r = d.c.points(pb::PointsRequest { vm: vm.clone() }).await?.into_inner();
+pub async fn points(d: &mut Drctl, vm: String, limit: Option<u32>) -> Result<(), CliError> {
+    let limit = limit.unwrap_or(if d.json { 0 } else { 100 });
+    let r = d.c.points(pb::PointsRequest { vm: vm.clone(), limit }).await?.into_inner();
     if d.json {
         return print_json(&Value::Array(r.points.iter().map(point_json).collect()));
     }
@@ -119,6 +120,9 @@ pub async fn points(d: &mut Drctl, vm: String) -> Result<(), CliError> {
         out!("{:>6}  {:<25}  {:<5}  NOTE", "ID", "TIME", "KIND");
         for p in &r.points {
             print_point(p);
+        }
+        if (r.points.len() as u64) < r.total {
+            out!("the newest {} of {} points (--limit 0 lists all)", r.points.len(), r.total);
         }
     }
     Ok(())
