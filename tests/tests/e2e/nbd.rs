@@ -252,13 +252,6 @@ fn past_its_spill_the_log_is_dropped_and_the_written_extents_are_compared() {
     assert!(log.contains("--spill-max") && log.contains("dropping it"), "{}", tail(&log, 20));
 }
 
-/// `n` scattered 4 KiB writes through the export.
-fn scatter_through(uri: &str, n: u32) {
-    let script = format!(
-        "import random\nr = random.Random(3)\nfor i in range({n}):\n    h.pwrite(bytes([i % 251]) * 4096, r.randrange(8192) * 4096)\nh.flush()"
-    );
-    run_ok(&mut nbdsh(uri, &script)).unwrap();
-}
 
 /// `n` 4 KiB writes at random pages of `[from_mib, to_mib)` through the export.
 fn writes_in(uri: &str, n: u32, from_mib: u64, to_mib: u64, seed: u64) {
