@@ -98,6 +98,30 @@ enum DiskFormat {
     Raw,
 }
 
+/// `--mode nbd`'s settings, or `None` for scan mode.
+fn nbd_mode(
+    mode: Mode,
+    listen: Option<String>,
+    log_buffer: &str,
+    spill_max: &str,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Option<tern_agent::NbdMode>> {
+    match mode {
+        Mode::Scan if listen.is_some() => bail!("--nbd-listen is for --mode nbd"),
+        Mode::Scan => Ok(None),
+        Mode::Nbd => {
+            let listen = match listen {
+                Some(l) => {
+                    l.parse::<tern_agent::nbd::Listen>().map_err(|e| anyhow::anyhow!("--nbd-listen {e}"))?
+                }
+                None => tern_agent::nbd::Listen::Unix(state_dir.join("nbd.sock")),
+            };
+            let log_buffer = usize::try_from(parse_size(log_buffer)?).context("--log-buffer is too large")?;
+            Ok(Some(tern_agent::NbdMode { listen, log_buffer, spill_max: parse_size(spill_max)? }))
+        }
+    }
+}
+
 fn main() {
     // In nbd mode the connection threads allocate each write's buffer and the streaming
     // thread frees it: with glibc's default of an arena per thread, freed memory piles up
@@ -134,21 +158,7 @@ fn run() -> anyhow::Result<()> {
         spill_max,
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
-    let nbd = match mode {
-        Mode::Scan if nbd_listen.is_some() => bail!("--nbd-listen is for --mode nbd"),
-        Mode::Scan => None,
-        Mode::Nbd => {
-            let listen = match nbd_listen {
-                Some(l) => {
-                    l.parse::<tern_agent::nbd::Listen>().map_err(|e| anyhow::anyhow!("--nbd-listen {e}"))?
-                }
-                None => tern_agent::nbd::Listen::Unix(state_dir.join("nbd.sock")),
-            };
-            let log_buffer =
-                usize::try_from(parse_size(&log_buffer)?).context("--log-buffer is too large")?;
-            Some(tern_agent::NbdMode { listen, log_buffer, spill_max: parse_size(&spill_max)? })
-        }
-    };
+    let nbd = nbd_mode(mode, nbd_listen, &log_buffer, &spill_max, &state_dir)?;
     let vm = VmName::new(&vm)?;
     let identity_bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;

@@ -362,20 +362,8 @@ fn scan_disk(
     let read_err = |source| d.read_err(source);
     check_size(d)?;
     let chunks = d.size.div_ceil(CHUNK as u64);
-    // The chunks to compare, in order.
-    let plan: Vec<u64> = match only {
-        None => (0..chunks).collect(),
-        Some(ranges) => {
-            let c = CHUNK as u64;
-            let set: std::collections::BTreeSet<u64> = ranges
-                .iter()
-                .flat_map(|&(at, len)| at / c..at.saturating_add(len).div_ceil(c).min(chunks))
-                .collect();
-            set.into_iter().collect()
-        }
-    };
     let whole = only.is_none();
-    let mut plan = plan.into_iter().peekable();
+    let mut plan = chunk_plan(chunks, only).into_iter().peekable();
     let mut fp = Fingerprint::new();
     let mut batcher = Batcher { disk: index, out, records: Vec::new(), bytes: 0 };
     let mut emit = |r: pb::Record| batcher.push(r);
@@ -458,6 +446,15 @@ fn scan_disk(
     })?;
     batcher.flush()?;
     Ok(if whole { fp.finish() } else { Digest::ZERO })
+}
+
+/// The chunks a pass compares, in order: all of them, or those the byte ranges touch.
+fn chunk_plan(chunks: u64, only: Option<&[(u64, u64)]>) -> Vec<u64> {
+    let Some(ranges) = only else { return (0..chunks).collect() };
+    let c = CHUNK as u64;
+    let set: std::collections::BTreeSet<u64> =
+        ranges.iter().flat_map(|&(at, len)| at / c..at.saturating_add(len).div_ceil(c).min(chunks)).collect();
+    set.into_iter().collect()
 }
 
 /// A disk whose size changed since the agent started is refused: its copy cannot follow.

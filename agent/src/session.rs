@@ -263,21 +263,8 @@ impl Session {
             .collect();
         self.send(pb::agent_message::Msg::Tracking(pb::Tracking { disks })).await?;
         loop {
-            if let Some(reason) = self.inbox.stand_down.take() {
-                info!(reason = %reason, "the process server told this agent to stand down; stopping");
-                return Ok(());
-            }
-            self.apply_policy();
-            self.on_point_ack().await?;
-            let final_point = self.serve_shutdown_request().await?;
-            if self.stood_down && final_point.is_none() {
-                for (id, _) in std::mem::take(&mut self.inbox.requests) {
-                    let reason = "the source was shut down for a failover; it makes no more points";
-                    self.point_failed(id, reason.into()).await?;
-                }
-            }
+            let Some((final_point, wanted)) = self.turn().await? else { return Ok(()) };
             let now = Due::now();
-            let wanted = now >= self.due_crash || now >= self.due_app || !self.inbox.requests.is_empty();
             if self.awaiting_point.is_none() && (final_point.is_some() || (!self.stood_down && wanted)) {
                 self.pass_and_point(final_point, now).await?;
                 continue;
@@ -289,6 +276,29 @@ impl Session {
                 m = self.inbound.message() => self.inbox.take(m?)?,
             }
         }
+    }
+
+    /// What both modes do at each turn of their loop: stand down when told, take a new
+    /// policy and a point's ack, serve a shutdown request, refuse points once stood down.
+    /// `None`: the session is over; else the request a final point answers, and whether a
+    /// point is wanted now.
+    async fn turn(&mut self) -> Result<Option<(Option<u64>, bool)>, SessionError> {
+        if let Some(reason) = self.inbox.stand_down.take() {
+            info!(reason = %reason, "the process server told this agent to stand down; stopping");
+            return Ok(None);
+        }
+        self.apply_policy();
+        self.on_point_ack().await?;
+        let final_point = self.serve_shutdown_request().await?;
+        if self.stood_down && final_point.is_none() {
+            for (id, _) in std::mem::take(&mut self.inbox.requests) {
+                let reason = "the source was shut down for a failover; it makes no more points";
+                self.point_failed(id, reason.into()).await?;
+            }
+        }
+        let now = Due::now();
+        let wanted = now >= self.due_crash || now >= self.due_app || !self.inbox.requests.is_empty();
+        Ok(Some((final_point, wanted)))
     }
 
     fn apply_policy(&mut self) {

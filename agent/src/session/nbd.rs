@@ -125,21 +125,8 @@ impl Session {
         let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
         let mut report = tokio::time::interval(REPORT_EVERY);
         loop {
-            if let Some(reason) = self.inbox.stand_down.take() {
-                info!(reason = %reason, "the process server told this agent to stand down; stopping");
-                return Ok(Streamed::Done);
-            }
-            self.apply_policy();
-            self.on_point_ack().await?;
-            let final_point = self.serve_shutdown_request().await?;
-            if self.stood_down && final_point.is_none() {
-                for (id, _) in std::mem::take(&mut self.inbox.requests) {
-                    let reason = "the source was shut down for a failover; it makes no more points";
-                    self.point_failed(id, reason.into()).await?;
-                }
-            }
+            let Some((final_point, wanted)) = self.turn().await? else { return Ok(Streamed::Done) };
             let now = Due::now();
-            let wanted = now >= self.due_crash || now >= self.due_app || !self.inbox.requests.is_empty();
             // A dropped log takes no marks: the session ends on the reader's word, and
             // the requests are answered (or asked again) after the next resync.
             let idle = self.awaiting_point.is_none() && self.pending_mark.is_none() && tracker.logging();

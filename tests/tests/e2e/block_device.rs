@@ -5,21 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-/// Commits one row per transaction until `stop`; `committed` is the last number whose
-/// commit has returned (SQLite's default: the commit is fsynced).
-fn sqlite_writer(db: std::path::PathBuf, committed: Arc<AtomicI64>, stop: Arc<AtomicBool>) {
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute_batch("PRAGMA synchronous = FULL; CREATE TABLE t (n INTEGER PRIMARY KEY, pad BLOB);")
-        .unwrap();
-    let mut n = 0i64;
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        conn.execute("INSERT INTO t VALUES (?1, randomblob(3000))", [n]).unwrap();
-        committed.store(n, Ordering::Release);
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 /// A database committing continuously on ext4 on a loop device; the agent protects the
 /// device (not the image) with `--freeze-fs`. Every point's image replays its journal,
 /// mounts, passes `PRAGMA integrity_check` and holds every transaction committed before the
@@ -37,7 +22,7 @@ fn a_database_on_a_mounted_block_device_is_in_every_point() {
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (db, c, s) = (mnt.dir.join("app.db"), committed.clone(), stop.clone());
-        std::thread::spawn(move || sqlite_writer(db, c, s))
+        std::thread::spawn(move || sqlite_writer(&db, &c, &s))
     };
     deadline_poll("the first commits", Duration::from_secs(10), || {
         (committed.load(Ordering::Acquire) > 50).then_some(())

@@ -663,3 +663,23 @@ pub fn protect_vm(
     server.checkpoint(vm);
     agent
 }
+
+/// Commits one row per transaction (SQLite's default: fsynced), 2 ms apart, until `stop`;
+/// `committed` is the last number whose commit has returned.
+pub fn sqlite_writer(
+    db: &Path,
+    committed: &std::sync::atomic::AtomicI64,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.execute_batch("PRAGMA synchronous = FULL; CREATE TABLE t (n INTEGER PRIMARY KEY, pad BLOB);")
+        .unwrap();
+    let mut n = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        conn.execute("INSERT INTO t VALUES (?1, randomblob(3000))", [n]).unwrap();
+        committed.store(n, Ordering::Release);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}

@@ -203,11 +203,7 @@ fn writes_made_while_the_server_is_away_are_sent_once_it_is_back() {
     assert_eq!(hash, b3(&vm.disk, None));
     // The reconnect compared the extents written since the last point, not the disk.
     let log = vm.agent.log_text();
-    let hot: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("comparing only the extents"))
-        .filter_map(|l| l.split("hot_mib=").nth(1)?.split_whitespace().next()?.parse().ok())
-        .collect();
+    let hot = hot_mib_compared(&log);
     assert!(hot.last().is_some_and(|&h| h <= 12), "hot MiB compared: {hot:?}\n{}", tail(&log, 20));
 }
 
@@ -252,6 +248,13 @@ fn past_its_spill_the_log_is_dropped_and_the_written_extents_are_compared() {
     assert!(log.contains("--spill-max") && log.contains("dropping it"), "{}", tail(&log, 20));
 }
 
+/// The MiB of hot extents each resync of the agent's log compared, in order.
+fn hot_mib_compared(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("comparing only the extents"))
+        .filter_map(|l| l.split("hot_mib=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
 
 /// `n` 4 KiB writes at random pages of `[from_mib, to_mib)` through the export.
 fn writes_in(uri: &str, n: u32, from_mib: u64, to_mib: u64, seed: u64) {
@@ -285,11 +288,7 @@ fn a_killed_agent_compares_only_the_extents_written_since_its_last_point() {
     let (hash, _) = test_failover(&vm.server, root, &point);
     assert_eq!(hash, b3(&vm.disk, None), "the point after the restart differs from the disk");
     let log = vm.agent.log_text();
-    let hot: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("comparing only the extents"))
-        .filter_map(|l| l.split("hot_mib=").nth(1)?.split_whitespace().next()?.parse().ok())
-        .collect();
+    let hot = hot_mib_compared(&log);
     // The restart compared three extents (12 MiB) of the 64 MiB disk.
     assert_eq!(hot.last(), Some(&12), "{}", tail(&log, 20));
     let received = vm.server.status("db")["bytes_received"].as_u64().unwrap() - received_before;
@@ -321,26 +320,6 @@ impl Drop for Attached {
         self.device.take();
         let _ = Command::new("umount").arg(&self.fuse_dir).status();
         let _ = self.fuse.wait();
-    }
-}
-
-/// One row per transaction, committed (fsynced) every 2 ms, until `stop`; `committed` is
-/// the last number whose commit returned.
-fn sqlite_writer(
-    db: PathBuf,
-    committed: &std::sync::atomic::AtomicI64,
-    stop: &std::sync::atomic::AtomicBool,
-) {
-    use std::sync::atomic::Ordering;
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute_batch("PRAGMA synchronous = FULL; CREATE TABLE t (n INTEGER PRIMARY KEY, pad BLOB);")
-        .unwrap();
-    let mut n = 0i64;
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        conn.execute("INSERT INTO t VALUES (?1, randomblob(3000))", [n]).unwrap();
-        committed.store(n, Ordering::Release);
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -376,7 +355,7 @@ fn a_database_written_through_the_export_gets_a_point_every_second_each_intact()
     let (committed, stop) = (AtomicI64::new(0), AtomicBool::new(false));
     let started_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
     let requested = std::thread::scope(|s| {
-        s.spawn(|| sqlite_writer(mnt.dir.join("app.db"), &committed, &stop));
+        s.spawn(|| sqlite_writer(&mnt.dir.join("app.db"), &committed, &stop));
         std::thread::sleep(Duration::from_secs(6));
         let before = committed.load(Ordering::Acquire);
         let p = server.checkpoint("db");
