@@ -139,6 +139,14 @@ fn serve_nbd(config: &Config, m: &NbdMode) -> Result<Arc<tracker::Tracker>, Agen
     Ok(tracker)
 }
 
+/// Lowers the calling thread's priority (nice 10): replication work in nbd mode yields the
+/// CPU to the VM's writes, and falls behind (the log spills) rather than slow them.
+pub(crate) fn lower_priority() {
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
+        tracing::debug!(error = %e, "cannot lower a thread's priority");
+    }
+}
+
 fn is_permanent(code: Code) -> bool {
     matches!(
         code,

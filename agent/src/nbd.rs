@@ -82,8 +82,9 @@ const MAX_OPTION: u32 = 64 << 10;
 pub trait Export: Send + Sync {
     fn size(&self) -> u64;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// Returns once the data is written (durable too when `fua`).
-    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()>;
+    /// Returns once the data is written (durable too when `fua`). The export may keep the
+    /// buffer.
+    fn write_at(&self, data: Vec<u8>, offset: u64, fua: bool) -> io::Result<()>;
     /// Zeroes `len` bytes; may deallocate them unless `keep_allocated`.
     fn zero(&self, offset: u64, len: u64, keep_allocated: bool, fua: bool) -> io::Result<()>;
     /// Every write completed before it is durable.
@@ -393,12 +394,15 @@ fn transmission<S: Read>(r: &mut BufReader<S>, w: &mut impl Write, export: &dyn 
                 if len > MAX_PAYLOAD {
                     return Err(protocol("write larger than the advertised maximum"));
                 }
-                buf.resize(len as usize, 0);
-                r.read_exact(&mut buf)?;
+                // A buffer of its own, read without zeroing it first: the export keeps it.
+                let mut data = Vec::with_capacity(len as usize);
+                if (&mut *r).take(u64::from(len)).read_to_end(&mut data)? != len as usize {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
                 let e = if !in_bounds {
                     ENOSPC
                 } else {
-                    export.write_at(&buf, offset, fua).map_or_else(|e| errno(&e), |()| 0)
+                    export.write_at(data, offset, fua).map_or_else(|e| errno(&e), |()| 0)
                 };
                 reply(w, e, cookie)?;
             }
@@ -445,8 +449,8 @@ impl Export for FileExport {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
     }
-    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(&self.file, data, offset)?;
+    fn write_at(&self, data: Vec<u8>, offset: u64, fua: bool) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &data, offset)?;
         if fua { self.file.sync_data() } else { Ok(()) }
     }
     fn zero(&self, offset: u64, len: u64, keep_allocated: bool, fua: bool) -> io::Result<()> {

@@ -89,6 +89,8 @@ pub struct Compare {
     /// The receiver's block hashes, for a disk compared with them as they arrive.
     pub feeds: Vec<Option<Receiver<HashChunk>>>,
     pub regions: Regions,
+    /// The workers yield to other work (nice 10): in nbd mode the VM's writes come first.
+    pub background: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -173,7 +175,7 @@ pub fn run_pass(
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
 ) -> Result<PassResult, ScanError> {
-    let Compare { mut feeds, regions } = compare;
+    let Compare { mut feeds, regions, background } = compare;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let mut result = PassResult { consistent: true, ..Default::default() };
     let mut versions = Vec::new();
@@ -187,7 +189,8 @@ pub fn run_pass(
     for (i, (d, state)) in disks.iter().zip(states.iter_mut()).enumerate() {
         let feed = feeds.get_mut(i).and_then(Option::take);
         let only = regions.get(i).and_then(Option::as_deref);
-        let fp = scan_disk(i, d, state, workers, page_hashes, feed, only, out, cancel, &mut result)?;
+        let fp =
+            scan_disk(i, d, state, workers, (page_hashes, background), feed, only, out, cancel, &mut result)?;
         result.fingerprints.push(fp);
     }
     for (d, before) in disks.iter().zip(&versions) {
@@ -352,7 +355,7 @@ fn scan_disk(
     d: &DiskSource,
     state: &mut DiskState,
     workers: usize,
-    page_hashes: bool,
+    (page_hashes, background): (bool, bool),
     feed: Option<Receiver<HashChunk>>,
     only: Option<&[(u64, u64)]>,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
@@ -379,7 +382,12 @@ fn scan_disk(
             let rx = job_rx.clone();
             let file = DiskReader::open(&d.path).map_err(read_err)?;
             let size = d.size;
-            s.spawn(move || worker(rx, file, size, page_hashes));
+            s.spawn(move || {
+                if background {
+                    crate::lower_priority();
+                }
+                worker(rx, file, size, page_hashes)
+            });
         }
         #[allow(clippy::type_complexity)]
         let mut inflight: VecDeque<(
@@ -963,7 +971,7 @@ mod tests {
                 &mut states,
                 false,
                 true,
-                Compare { feeds: vec![Some(feed_rx)], regions: vec![] },
+                Compare { feeds: vec![Some(feed_rx)], ..Default::default() },
                 &tx,
                 &cancel,
             );

@@ -507,7 +507,7 @@ impl Session {
                 &mut states,
                 frozen.is_some(),
                 page_hashes,
-                scan::Compare { feeds, regions },
+                scan::Compare { feeds, regions, background: cfg.nbd.is_some() },
                 &ev_tx,
                 &c2,
             );

@@ -18,8 +18,6 @@ const DATA_RECORD: usize = 1 << 20;
 const ZERO_RECORD: u64 = 4 << 20;
 /// A batch goes out once it holds this much payload, or when the log has nothing more.
 const BATCH_BYTES: usize = 1 << 20;
-/// The streaming thread's nice value.
-const STREAM_NICE: i32 = 10;
 
 #[derive(Debug)]
 pub enum LogEvent {
@@ -54,9 +52,7 @@ pub fn run(
 ) -> Result<(), StreamError> {
     // The VM's writes come first: when the CPU is short, replication falls behind (the
     // log spills) rather than the VM's I/O slowing down.
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), STREAM_NICE) {
-        tracing::debug!(error = %e, "cannot lower the streaming thread's priority");
-    }
+    crate::lower_priority();
     let mut enc = Encoder::new();
     let mut trees: Vec<Option<FingerprintTree>> = vec![None; names.len()];
     let mut batch: Option<(usize, Vec<pb::Record>, usize)> = None;

@@ -478,10 +478,10 @@ impl Tracker {
         disk: usize,
         offset: u64,
         len: u64,
-        zero: bool,
-        apply: impl FnOnce(&File) -> io::Result<()>,
-        item: impl FnOnce() -> Item,
+        item: Item,
+        apply: impl FnOnce(&File, &Item) -> io::Result<()>,
     ) -> io::Result<()> {
+        let zero = matches!(item, Item::Zero { .. });
         let d = &self.disks[disk];
         let mut g = self.lock();
         let inner = &mut *g;
@@ -525,13 +525,13 @@ impl Tracker {
             inner.last_write[disk].insert(e, stamp);
             inner.touched[disk].insert(e);
         }
-        if let Err(e) = apply(&d.file) {
+        if let Err(e) = apply(&d.file, &item) {
             // Part of it may be on the disk and not in the log: only a resync can tell.
             self.overflow(inner);
             return Err(e);
         }
         if inner.logging
-            && let Err(e) = inner.append(item(), self.capacity)
+            && let Err(e) = inner.append(item, self.capacity)
         {
             self.drop_logged(inner, &e);
         }
@@ -564,27 +564,19 @@ impl Tracker {
         g.drop_log();
     }
 
-    fn write(&self, disk: usize, data: &[u8], offset: u64) -> io::Result<()> {
+    /// The log keeps `data` itself: a write is not copied for it.
+    fn write(&self, disk: usize, data: Vec<u8>, offset: u64) -> io::Result<()> {
         let len = data.len() as u64;
-        self.change(
-            disk,
-            offset,
-            len,
-            false,
-            |f| f.write_all_at(data, offset),
-            || Item::Data { disk, offset, data: data.to_vec() },
-        )
+        let item = Item::Data { disk, offset, data };
+        self.change(disk, offset, len, item, |f, item| match item {
+            Item::Data { data, .. } => f.write_all_at(data, offset),
+            _ => Ok(()),
+        })
     }
 
     fn zero(&self, disk: usize, offset: u64, len: u64, keep_allocated: bool) -> io::Result<()> {
-        self.change(
-            disk,
-            offset,
-            len,
-            true,
-            |f| crate::nbd::zero_range(f, offset, len, keep_allocated),
-            || Item::Zero { disk, offset, len },
-        )
+        let item = Item::Zero { disk, offset, len };
+        self.change(disk, offset, len, item, |f, _| crate::nbd::zero_range(f, offset, len, keep_allocated))
     }
 
     /// Writes are durable on the local disk. They are durably recorded for replication
@@ -611,7 +603,7 @@ impl Export for DiskExport {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.tracker.disks[self.disk].file.read_exact_at(buf, offset)
     }
-    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+    fn write_at(&self, data: Vec<u8>, offset: u64, fua: bool) -> io::Result<()> {
         self.tracker.write(self.disk, data, offset)?;
         if fua { self.tracker.flush(self.disk) } else { Ok(()) }
     }
@@ -645,7 +637,7 @@ mod tests {
         let t = spilling_tracker(dir.path(), 100, 1 << 20);
         t.start_logging();
         for i in 0..4u8 {
-            t.write(0, &[i; 60], u64::from(i) * 1000).unwrap();
+            t.write(0, vec![i; 60], u64::from(i) * 1000).unwrap();
         }
         let id = t.mark().unwrap();
         assert!(t.stats().spilled_bytes > 0);
@@ -661,7 +653,7 @@ mod tests {
         assert_eq!(t.stats().spilled_bytes, 0);
         assert_eq!(t.tracking(false)[0].1, 0, "no backlog once all is read");
         // Caught up: memory again.
-        t.write(0, &[9; 10], 0).unwrap();
+        t.write(0, vec![9; 10], 0).unwrap();
         assert_eq!(t.stats().queued_bytes, 10);
     }
 
@@ -679,12 +671,12 @@ mod tests {
         let t = tracker(dir.path(), 1 << 20);
         t.start_logging();
         let a = vec![1u8; BLOCK_SIZE];
-        t.write(0, &a, 0).unwrap();
-        t.write(0, &[2u8; 10], (2 * BLOCK_SIZE) as u64).unwrap();
+        t.write(0, a.clone(), 0).unwrap();
+        t.write(0, vec![2u8; 10], (2 * BLOCK_SIZE) as u64).unwrap();
         let id = t.mark().unwrap();
         assert!(t.mark().is_none(), "one mark at a time");
         // Written after the mark, before its hashes are taken: copy-before-write keeps the old.
-        t.write(0, &[9u8; 100], 50).unwrap();
+        t.write(0, vec![9u8; 100], 50).unwrap();
         t.zero(0, 2 * BLOCK_SIZE as u64, 10, false).unwrap();
         let items = drain(&t);
         let kinds: Vec<&str> = items
@@ -732,10 +724,10 @@ mod tests {
         let t = Tracker::open(&[(DiskName::new("sda").unwrap(), path)], dir.path(), 1 << 20, 0).unwrap();
         t.start_logging();
         let short = (4 * BLOCK_SIZE) as u64;
-        t.write(0, &[1u8; 10], short).unwrap();
+        t.write(0, vec![1u8; 10], short).unwrap();
         let id = t.mark().unwrap();
         // After the mark, another page of the short block: not the one that waits.
-        t.write(0, &[2u8; 10], short + 2 * PAGE_SIZE as u64).unwrap();
+        t.write(0, vec![2u8; 10], short + 2 * PAGE_SIZE as u64).unwrap();
         drain(&t);
         let h = t.mark_hashes(id).unwrap().unwrap();
         let mut at_mark = vec![0u8; size - 4 * BLOCK_SIZE];
@@ -761,12 +753,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = tracker(dir.path(), 100);
         // Not logging (no session): the write lands, nothing is queued.
-        t.write(0, &[5u8; 10], 0).unwrap();
+        t.write(0, vec![5u8; 10], 0).unwrap();
         assert!(matches!(t.next(Duration::ZERO), Next::Overflowed));
         t.start_logging();
-        t.write(0, &[6u8; 60], 0).unwrap();
+        t.write(0, vec![6u8; 60], 0).unwrap();
         let id = t.mark().unwrap();
-        t.write(0, &[7u8; 60], 100).unwrap();
+        t.write(0, vec![7u8; 60], 100).unwrap();
         assert!(matches!(t.next(Duration::ZERO), Next::Overflowed));
         assert!(t.mark_hashes(id).unwrap().is_none(), "the mark went with the log");
         let mut buf = [0u8; 160];
@@ -775,7 +767,7 @@ mod tests {
         assert_eq!(&buf[100..], &[7u8; 60][..]);
         // The next session starts a fresh log.
         t.start_logging();
-        t.write(0, &[8u8; 60], 0).unwrap();
+        t.write(0, vec![8u8; 60], 0).unwrap();
         assert!(matches!(t.next(Duration::ZERO), Next::Item(Item::Data { .. })));
     }
 }
