@@ -81,6 +81,7 @@ pub(crate) async fn session(
         shared: None,
         pending_mark: None,
         resumed: Vec::new(),
+        resync_urgent: false,
         regions: Vec::new(),
         awaiting_mark: None,
         tracker: tracker.clone(),
@@ -178,6 +179,8 @@ struct Session {
     pending_mark: Option<nbd::PendingMark>,
     /// Per disk: the saved state was trusted (see `choose_states`).
     resumed: Vec<bool>,
+    /// `--mode nbd`: the resync keeps losing to the VM's writes, so it no longer yields.
+    resync_urgent: bool,
     /// What the next pass compares, per disk (empty: everything).
     regions: scan::Regions,
     /// `--mode nbd`: the mark of the point awaiting its ack.
@@ -489,6 +492,7 @@ impl Session {
         let (cfg, c2) = (self.config.clone(), cancel.clone());
         let feeds = std::mem::take(self.feeds());
         let regions = std::mem::take(&mut self.regions);
+        let background = self.config.nbd.is_some() && !self.resync_urgent;
         let mut states = std::mem::take(&mut self.states);
         let scanner = tokio::task::spawn_blocking(move || {
             let frozen = if quiesce {
@@ -507,7 +511,7 @@ impl Session {
                 &mut states,
                 frozen.is_some(),
                 page_hashes,
-                scan::Compare { feeds, regions, background: cfg.nbd.is_some() },
+                scan::Compare { feeds, regions, background },
                 &ev_tx,
                 &c2,
             );

@@ -158,7 +158,7 @@ async fn index(State(ctx): State<Arc<Ctx>>) -> Html<String> {
     for s in &vms {
         let (store, name) = (ctx.store.clone(), s.vm.clone());
         let list = tokio::task::spawn_blocking(move || {
-            VmName::new(&name).ok().and_then(|v| store.recent_points(&v, PAGE_POINTS).ok()).map(|r| r.0)
+            VmName::new(&name).ok().and_then(|v| store.recent_points(&v, PAGE_POINTS).ok())
         })
         .await
         .ok()
@@ -176,7 +176,8 @@ async fn index(State(ctx): State<Arc<Ctx>>) -> Html<String> {
 /// The whole page.
 pub fn render(
     vms: &[pb::VmStatus],
-    points: &HashMap<String, Vec<tern_store::Point>>,
+    // Per VM: its newest points, and how many it has.
+    points: &HashMap<String, (Vec<tern_store::Point>, u64)>,
     history: &HashMap<VmName, VecDeque<(i64, i64)>>,
     jobs: &[pb::JobInfo],
     now: i64,
@@ -197,7 +198,7 @@ pub fn render(
     for s in vms {
         let state = pb::VmState::read(s.state).map_or("unknown", |st| st.shown(s.last_point != 0));
         let health = pb::Health::read(s.health).unwrap_or(Health::Critical).as_str();
-        let n = points.get(&s.vm).map_or(0, Vec::len);
+        let n = points.get(&s.vm).map_or(0, |p| p.1);
         let _ = write!(
             h,
             "<tr class=\"vm\" data-vm=\"{vm}\"><td>{vm}</td><td class=\"state\">{state}</td><td class=\"{health}\">{health}</td><td>{agent}</td><td>{rpo}</td><td>{n}</td><td>{err}</td></tr>",
@@ -209,7 +210,7 @@ pub fn render(
     }
     h.push_str("</table>");
     for s in vms {
-        let list = points.get(&s.vm).map_or(&[][..], Vec::as_slice);
+        let list = points.get(&s.vm).map_or(&[][..], |p| p.0.as_slice());
         let samples = VmName::new(&s.vm).ok().and_then(|v| history.get(&v).cloned()).unwrap_or_default();
         let threshold = s.policy.as_ref().map_or(0, |p| p.rpo_threshold_ms / 1000) as i64;
         chart(&mut h, &s.vm, list, &samples, threshold, now);

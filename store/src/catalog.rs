@@ -835,6 +835,18 @@ impl Catalog {
         Ok((self.points_from(vm, from)?, total))
     }
 
+    /// The newest point of a VM: one probe of the `(vm, id)` index.
+    pub fn latest_point(&self, vm: &VmName) -> Result<Option<Point>, StoreError> {
+        let last: Option<i64> = self
+            .db
+            .query_row("SELECT max(id) FROM points WHERE vm = ?1", [vm.as_str()], |r| r.get(0))
+            .map_err(q("latest point"))?;
+        match last {
+            Some(id) => Ok(self.points_from(vm, id)?.pop()),
+            None => Ok(None),
+        }
+    }
+
     /// Points of a VM from id `from` on, oldest first.
     fn points_from(&self, vm: &VmName, from: i64) -> Result<Vec<Point>, StoreError> {
         let mut st = self
@@ -966,8 +978,10 @@ mod tests {
         assert_eq!(p[2].disks[0].seq, Seq(15));
         assert_eq!(c.recent_points(&vm, 0).unwrap().0, all);
         assert_eq!(c.recent_points(&vm, 70).unwrap().0, all);
+        assert_eq!(c.latest_point(&vm).unwrap().as_ref(), all.last());
     }
 
+    /// Every row of every table, as text: what a refused change must leave as it was.
     fn dump(c: &Catalog) -> Vec<String> {
         let mut out = Vec::new();
         for table in [

@@ -694,15 +694,15 @@ impl Store {
         self.catalog().points(vm)
     }
 
-    /// The newest `n` points of a VM (all of them for 0), oldest first, and how many it has:
-    /// what status, health and listings need, at a cost that does not grow with the count.
+    /// The newest `n` points of a VM (all of them for 0), oldest first, and how many it has
+    /// (counting them reads the VM's index entries).
     pub fn recent_points(&self, vm: &VmName, n: usize) -> Result<(Vec<Point>, u64), StoreError> {
         self.catalog().recent_points(vm, n)
     }
 
-    /// The newest point of a VM.
+    /// The newest point of a VM, at a cost that does not grow with the count.
     pub fn latest_point(&self, vm: &VmName) -> Result<Option<Point>, StoreError> {
-        Ok(self.catalog().recent_points(vm, 1)?.0.pop())
+        self.catalog().latest_point(vm)
     }
 
     pub fn has_vm(&self, vm: &VmName) -> Result<bool, StoreError> {

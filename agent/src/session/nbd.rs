@@ -17,6 +17,9 @@ use tokio::time::Instant as Due;
 use tonic::Status;
 use tracing::{info, warn};
 
+/// Resync rounds run at a lower priority than the VM's writes before they stop yielding.
+const YIELDING_ROUNDS: u32 = 3;
+
 /// How often the agent tells the server how it tracks its disks.
 const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -63,7 +66,15 @@ impl Session {
             }
         }
         let started = Instant::now();
-        loop {
+        for round in 1.. {
+            if round > YIELDING_ROUNDS && !self.resync_urgent {
+                warn!(
+                    rounds = round - 1,
+                    "the VM writes faster than the resync catches up while yielding to it; \
+                    the resync now runs at normal priority (no point is made until it is done)"
+                );
+                self.resync_urgent = true;
+            }
             self.report_tracking(&tracker, true).await?;
             if let Err(e) = self.attempt(false, true).await? {
                 return Err(Status::internal(e).into());
