@@ -379,15 +379,8 @@ fn scan_disk(
         let (job_tx, job_rx) = sync_channel::<Job>(workers * DEPTH_PER_WORKER);
         let job_rx = Arc::new(Mutex::new(job_rx));
         for _ in 0..workers {
-            let rx = job_rx.clone();
-            let file = DiskReader::open(&d.path).map_err(read_err)?;
-            let size = d.size;
-            s.spawn(move || {
-                if background {
-                    crate::lower_priority();
-                }
-                worker(rx, file, size, page_hashes)
-            });
+            let (rx, file) = (job_rx.clone(), DiskReader::open(&d.path).map_err(read_err)?);
+            s.spawn(move || worker(rx, file, d.size, page_hashes, background));
         }
         #[allow(clippy::type_complexity)]
         let mut inflight: VecDeque<(
@@ -553,7 +546,11 @@ fn apply_pages(
     Ok(sent)
 }
 
-fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: DiskReader, size: u64, page_hashes: bool) {
+/// Hashes the chunks it is given; at nice 10 when `background` (nbd mode's resync).
+fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: DiskReader, size: u64, page_hashes: bool, background: bool) {
+    if background {
+        crate::lower_priority();
+    }
     let mut enc = Encoder::new();
     let mut buf = AlignedBuf::new(CHUNK);
     loop {
