@@ -58,27 +58,8 @@ fn a_database_on_a_mounted_block_device_is_in_every_point() {
             "--output",
             out.to_str().unwrap(),
         ]);
-        let disk = out.join("sda.raw");
-        // e2fsck replays the journal (exit 1: fixed) and must find the file system sound.
-        let fsck = std::process::Command::new("e2fsck").args(["-fy"]).arg(&disk).output().unwrap();
-        assert!(
-            fsck.status.code().is_some_and(|c| c <= 1),
-            "point {round}: e2fsck: {}",
-            String::from_utf8_lossy(&fsck.stdout)
-        );
-        let mut m = Mounted::new(&disk, &root.join(format!("m{round}")), &["-o", "loop"]);
-        let conn = rusqlite::Connection::open(m.dir.join("app.db")).unwrap();
-        let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
-        assert_eq!(check, "ok", "point {round}");
-        let (rows, max): (i64, i64) =
-            conn.query_row("SELECT count(*), max(n) FROM t", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
-        drop(conn);
-        m.unmount();
-        assert_eq!(rows, max, "point {round}: rows 1..={max} without a gap");
-        assert!(
-            max >= before,
-            "point {round} holds {max} transactions; {before} were committed before it was asked for"
-        );
+        let what = format!("point {round}");
+        check_database_image(&out.join("sda.raw"), &root.join(format!("m{round}")), before, &what);
         server.drctl_json(&["test-failover-cleanup", "db"]);
     }
     stop.store(true, Ordering::Relaxed);

@@ -24,18 +24,25 @@ struct NbdVm {
 
 /// A VM protected in nbd mode: a `size_mib` disk with `data_mib` of data, its first point made.
 fn protect_nbd(root: &Path, size_mib: u64, data_mib: u64, extra: &[&str]) -> NbdVm {
+    let vm = start_nbd(root, |disk| make_random(disk, size_mib, data_mib, 7), extra);
+    vm.server.checkpoint("db");
+    vm
+}
+
+/// VM `db` in nbd mode: a server, the disk `make_disk` writes, its agent started (no point
+/// waited for), the export at `db.sock`.
+fn start_nbd(root: &Path, make_disk: impl FnOnce(&Path), extra: &[&str]) -> NbdVm {
     let mut server = Server::init(root);
     server.start();
     let identity = root.join("db.bundle");
     server.enroll_agent("db", &identity);
     let disk = root.join("db.img");
-    make_random(&disk, size_mib, data_mib, 7);
+    make_disk(&disk);
     let socket = root.join("db.sock");
     let listen = format!("unix:{}", socket.display());
     let mut args = vec!["--mode", "nbd", "--nbd-listen", &listen];
     args.extend_from_slice(extra);
     let agent = Agent::start(&server, &identity, "db", &[("sda", &disk)], &root.join("db-state"), &args);
-    server.checkpoint("db");
     let uri = format!("nbd+unix:///sda?socket={}", socket.display());
     NbdVm { server, agent, disk, uri }
 }
@@ -331,24 +338,11 @@ fn a_database_written_through_the_export_gets_a_point_every_second_each_intact()
     use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut server = Server::init(root);
-    server.start();
-    let identity = root.join("db.bundle");
-    server.enroll_agent("db", &identity);
-    let disk = root.join("db.img");
-    make_ext4(&disk, 48, 5);
-    let listen = format!("unix:{}", root.join("db.sock").display());
-    let _agent = Agent::start(
-        &server,
-        &identity,
-        "db",
-        &[("sda", &disk)],
-        &root.join("db-state"),
-        &["--mode", "nbd", "--nbd-listen", &listen],
-    );
+    let vm = start_nbd(root, |disk| make_ext4(disk, 48, 5), &[]);
+    let server = &vm.server;
     server.checkpoint("db");
     server.drctl_json(&["policy", "set", "db", "--crash-interval", "1s"]);
-    let uri = format!("nbd+unix:///sda?socket={}", root.join("db.sock").display());
+    let uri = vm.uri.clone();
     let attached = Attached::new(&uri, &root.join("fuse"));
     let mut mnt = Mounted::new(&attached.device.as_ref().unwrap().dev, &root.join("mnt"), &[]);
 
@@ -389,30 +383,8 @@ fn a_database_written_through_the_export_gets_a_point_every_second_each_intact()
             "--output",
             out.to_str().unwrap(),
         ]);
-        let image = out.join("sda.raw");
-        // e2fsck replays the journal (exit 1: fixed) and must find the file system sound.
-        let fsck = Command::new("e2fsck").args(["-fy"]).arg(&image).output().unwrap();
-        assert!(
-            fsck.status.code().is_some_and(|c| c <= 1),
-            "point {}: e2fsck: {}",
-            p["id"],
-            String::from_utf8_lossy(&fsck.stdout)
-        );
-        let mut m = Mounted::new(&image, &root.join(format!("m{i}")), &["-o", "loop"]);
-        let conn = rusqlite::Connection::open(m.dir.join("app.db")).unwrap();
-        let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
-        assert_eq!(check, "ok", "point {}", p["id"]);
-        let (rows, max): (i64, i64) = conn
-            .query_row("SELECT count(*), coalesce(max(n), 0) FROM t", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap();
-        drop(conn);
-        m.unmount();
-        assert_eq!(rows, max, "point {}: rows 1..={max} without a gap", p["id"]);
-        assert!(
-            max >= *before,
-            "point {} holds {max} transactions; {before} were committed before it was asked for",
-            p["id"]
-        );
+        let what = format!("point {}", p["id"]);
+        check_database_image(&out.join("sda.raw"), &root.join(format!("m{i}")), *before, &what);
         server.drctl_json(&["test-failover-cleanup", "db"]);
     }
     mnt.unmount();
@@ -491,40 +463,18 @@ fn a_full_state_directory_drops_the_log_and_loses_no_write() {
 fn writes_that_overflow_the_log_during_the_first_sync_are_compared_again() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut server = Server::init(root);
-    server.start();
-    let identity = root.join("db.bundle");
-    server.enroll_agent("db", &identity);
-    let disk = root.join("db.img");
-    make_random(&disk, 32, 16, 9);
-    let sock = root.join("db.sock");
-    let listen = format!("unix:{}", sock.display());
-    let agent = Agent::start(
-        &server,
-        &identity,
-        "db",
-        &[("sda", &disk)],
-        &root.join("db-state"),
-        &[
-            "--mode",
-            "nbd",
-            "--nbd-listen",
-            &listen,
-            "--log-buffer",
-            "1MiB",
-            "--spill-max",
-            "1MiB",
-            "--max-rate",
-            "8MiB",
-        ],
+    let vm = start_nbd(
+        root,
+        |disk| make_random(disk, 32, 16, 9),
+        &["--log-buffer", "1MiB", "--spill-max", "1MiB", "--max-rate", "8MiB"],
     );
+    let sock = root.join("db.sock");
     deadline_poll("the export", Duration::from_secs(10), || sock.exists().then_some(()));
-    let uri = format!("nbd+unix:///sda?socket={}", sock.display());
     let script = "import os, time\nfor i in range(24):\n    h.pwrite(os.urandom(262144), 20 * 1048576 + i * 262144)\n    time.sleep(0.02)\nh.flush()";
-    run_ok(&mut nbdsh(&uri, script)).unwrap();
-    let point = server.checkpoint("db");
-    let (hash, _) = test_failover(&server, root, &point);
-    assert_eq!(hash, b3(&disk, None));
-    let log = agent.log_text();
+    run_ok(&mut nbdsh(&vm.uri, script)).unwrap();
+    let point = vm.server.checkpoint("db");
+    let (hash, _) = test_failover(&vm.server, root, &point);
+    assert_eq!(hash, b3(&vm.disk, None));
+    let log = vm.agent.log_text();
     assert!(log.contains("filled up during the resync"), "{}", tail(&log, 20));
 }
