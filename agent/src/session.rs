@@ -540,16 +540,19 @@ impl Session {
         Ok(Ok((pass, frozen)))
     }
 
-    /// Sends records of `disk`, numbered from its next seq, within the rate limit.
+    /// Sends records of `disk`, numbered from its next seq, within the rate limit, with
+    /// when each was written (`times`: empty, or one per record).
     async fn send_batch(
         &mut self,
         disk: usize,
         records: Vec<pb::Record>,
+        times_ms: Vec<i64>,
         limiter: &mut tern_proto::rate::RateLimiter,
     ) -> Result<(), SessionError> {
         let n = records.len() as u64;
         let first_seq = self.next_seq[disk].0;
-        let batch = pb::Batch { disk: self.config.disks[disk].name.to_string(), first_seq, records };
+        let batch =
+            pb::Batch { disk: self.config.disks[disk].name.to_string(), first_seq, records, times_ms };
         let bytes = prost::Message::encoded_len(&batch) as u64;
         limiter.take(bytes).await;
         metrics::counter!("tern_agent_sent_bytes_total", "vm" => self.config.vm.to_string()).increment(bytes);
@@ -567,7 +570,7 @@ impl Session {
                         let disk = self.config.disks[disk].name.to_string();
                         self.send(pb::agent_message::Msg::PageHashes(pb::PageHashesRequest { disk, blocks })).await?;
                     }
-                    Some(ScanEvent::Batch { disk, records }) => self.send_batch(disk, records, &mut limiter).await?,
+                    Some(ScanEvent::Batch { disk, records }) => self.send_batch(disk, records, Vec::new(), &mut limiter).await?,
                     None => return Ok(()),
                 },
                 m = self.inbound.message() => self.inbox.take(m?)?,

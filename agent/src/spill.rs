@@ -14,6 +14,7 @@ const HEADER: usize = 1 + 4 + 8 + 8;
 const DATA: u8 = 0;
 const ZERO: u8 = 1;
 const MARK: u8 = 2;
+const TIME: u8 = 3;
 
 #[derive(Debug)]
 pub struct Spill {
@@ -45,6 +46,7 @@ impl Spill {
             Item::Data { disk, offset, data } => (DATA, *disk, *offset, data.len() as u64, data),
             Item::Zero { disk, offset, len } => (ZERO, *disk, *offset, *len, &[]),
             Item::Mark(id) => (MARK, 0, *id, 0, &[]),
+            Item::Time(ms) => (TIME, 0, ms.cast_unsigned(), 0, &[]),
         };
         let len = (HEADER + data.len()) as u64;
         if self.written + len > self.max {
@@ -89,6 +91,7 @@ impl Spill {
                 Item::Data { disk, offset: a, data }
             }
             ZERO => Item::Zero { disk, offset: a, len: b },
+            TIME => Item::Time(a.cast_signed()),
             _ => Item::Mark(a),
         };
         self.read += len;
@@ -118,6 +121,7 @@ mod tests {
         let mut s = Spill::new(dir.path().join("spill.log"), 100);
         assert!(s.push(&Item::Data { disk: 1, offset: 7, data: vec![1, 2, 3] }).unwrap());
         assert!(s.push(&Item::Mark(4)).unwrap());
+        assert!(s.push(&Item::Time(1_795_000_000_123)).unwrap());
         assert!(s.push(&Item::Zero { disk: 0, offset: 9, len: 1 << 40 }).unwrap());
         assert!(!s.push(&Item::Data { disk: 0, offset: 0, data: vec![0; 64] }).unwrap(), "past the bound");
         assert!(s.is_active());
@@ -125,6 +129,7 @@ mod tests {
             matches!(s.pop().unwrap(), Some(Item::Data { disk: 1, offset: 7, data }) if data == [1, 2, 3])
         );
         assert!(matches!(s.pop().unwrap(), Some(Item::Mark(4))));
+        assert!(matches!(s.pop().unwrap(), Some(Item::Time(1_795_000_000_123))));
         assert!(matches!(s.pop().unwrap(), Some(Item::Zero { disk: 0, offset: 9, len }) if len == 1 << 40));
         assert!(s.pop().unwrap().is_none());
         assert_eq!(std::fs::metadata(dir.path().join("spill.log")).unwrap().len(), 0, "emptied once read");

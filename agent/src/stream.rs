@@ -24,12 +24,11 @@ pub enum LogEvent {
     Batch {
         disk: usize,
         records: Vec<pb::Record>,
+        /// When the VM wrote each record (Unix ms); empty before the session's first mark.
+        times: Vec<i64>,
     },
     /// Mark `id`: every record before it has been emitted; each disk's fingerprint there.
-    Mark {
-        id: u64,
-        fingerprints: Vec<Digest>,
-    },
+    Mark { id: u64, fingerprints: Vec<Digest> },
     /// The log was dropped: the session resyncs.
     Overflowed,
 }
@@ -40,6 +39,14 @@ pub enum StreamError {
     Read(std::io::Error),
     #[error("disk {disk}: block {block} is not known to the agent's state, so the point has no fingerprint")]
     Unknown { disk: String, block: u64 },
+}
+
+/// A batch being filled: one disk's records, in log order.
+struct Pending {
+    disk: usize,
+    records: Vec<pb::Record>,
+    times: Vec<i64>,
+    bytes: usize,
 }
 
 /// Streams the log until it is dropped, the receiver goes, or `cancel`.
@@ -55,13 +62,21 @@ pub fn run(
     crate::lower_priority();
     let mut enc = Encoder::new();
     let mut trees: Vec<Option<FingerprintTree>> = vec![None; names.len()];
-    let mut batch: Option<(usize, Vec<pb::Record>, usize)> = None;
-    let flush = |batch: &mut Option<(usize, Vec<pb::Record>, usize)>| -> bool {
+    let mut batch: Option<Pending> = None;
+    let flush = |batch: &mut Option<Pending>| -> bool {
         match batch.take() {
-            Some((disk, records, _)) => out.blocking_send(LogEvent::Batch { disk, records }).is_ok(),
+            Some(b) => out
+                .blocking_send(LogEvent::Batch { disk: b.disk, records: b.records, times: b.times })
+                .is_ok(),
             None => true,
         }
     };
+    // Each record goes with the time of its write once the session's first mark is
+    // behind: from there on every position of the log is a crash-consistent state (before
+    // it, the resync's records are in the journal too). The server keeps the times, and a
+    // failover can then go to any moment between two points.
+    let mut armed = false;
+    let mut now = 0i64;
     while !cancel.is_cancelled() {
         let item = match tracker.next(Duration::from_millis(100)) {
             Next::Item(item) => item,
@@ -89,18 +104,27 @@ pub fn run(
                 if out.blocking_send(LogEvent::Mark { id, fingerprints }).is_err() {
                     return Ok(());
                 }
+                armed = true;
+                continue;
+            }
+            Item::Time(t) => {
+                now = t;
                 continue;
             }
             Item::Data { disk, offset, data } => (disk, data_records(&mut enc, offset, &data)),
             Item::Zero { disk, offset, len } => (disk, zero_records(offset, len)),
         };
-        if batch.as_ref().is_some_and(|b| b.0 != disk) && !flush(&mut batch) {
+        if batch.as_ref().is_some_and(|b| b.disk != disk) && !flush(&mut batch) {
             return Ok(());
         }
-        let b = batch.get_or_insert_with(|| (disk, Vec::new(), 0));
-        b.2 += records.iter().map(|r| r.payload.len()).sum::<usize>();
-        b.1.extend(records);
-        if b.2 >= BATCH_BYTES && !flush(&mut batch) {
+        let b =
+            batch.get_or_insert_with(|| Pending { disk, records: Vec::new(), times: Vec::new(), bytes: 0 });
+        b.bytes += records.iter().map(|r| r.payload.len()).sum::<usize>();
+        if armed {
+            b.times.extend(std::iter::repeat_n(now, records.len()));
+        }
+        b.records.extend(records);
+        if b.bytes >= BATCH_BYTES && !flush(&mut batch) {
             return Ok(());
         }
     }

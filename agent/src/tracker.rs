@@ -45,6 +45,9 @@ pub enum Item {
     },
     /// A point's position: `Tracker::mark`'s id.
     Mark(u64),
+    /// The writes after it were made at this Unix millisecond (or later, before the next
+    /// time item): logged whenever the clock has moved since the last one.
+    Time(i64),
 }
 
 /// What [`Tracker::next`] gives the session.
@@ -116,6 +119,8 @@ struct Inner {
     /// Per disk: the activity log, and the last write into each hot extent.
     activity: Vec<ActivityLog>,
     last_write: Vec<HashMap<u64, LastWrite>>,
+    /// The newest time logged: times in the log never go down, whatever the clock does.
+    last_time: i64,
 }
 
 /// Counters of a tracker, for status and metrics.
@@ -145,6 +150,16 @@ impl Inner {
         if let Some(s) = &mut self.spill {
             s.reset();
         }
+    }
+
+    /// Logs the time before a write, when the clock has moved since the last one.
+    fn stamp(&mut self, capacity: usize) -> Result<(), String> {
+        let now = crate::now_ms();
+        if now > self.last_time {
+            self.last_time = now;
+            self.append(Item::Time(now), capacity)?;
+        }
+        Ok(())
     }
 
     fn spilling(&self) -> bool {
@@ -287,6 +302,9 @@ impl Tracker {
         g.logging = true;
         g.overflowed = false;
         g.drop_log();
+        // Every run of the log starts with its time: its reader knows when each write was.
+        g.last_time = g.last_time.max(crate::now_ms());
+        g.queue.push_back(Item::Time(g.last_time));
         for d in &mut g.dirty {
             d.clear();
         }
@@ -365,12 +383,14 @@ impl Tracker {
     }
 
     /// Marks the current position of the log for a point; `None` while no session streams
-    /// it, or while the previous mark's hashes are not all taken.
-    pub fn mark(&self) -> Option<u64> {
+    /// it, or while the previous mark's hashes are not all taken. Returns the mark's id and
+    /// time (on the clock of the log's time items: every write before it is at or before).
+    pub fn mark(&self) -> Option<(u64, i64)> {
         let mut g = self.lock();
         if !g.logging || g.snapshot.is_some() {
             return None;
         }
+        let time = crate::now_ms().max(g.last_time);
         let id = g.next_mark;
         g.next_mark += 1;
         let changes: Vec<Changes> = g.dirty.iter_mut().map(std::mem::take).collect();
@@ -387,7 +407,7 @@ impl Tracker {
         }
         drop(g);
         self.wake.notify_all();
-        Some(id)
+        Some((id, time))
     }
 
     /// The next item of the log, waiting up to `wait` for one.
@@ -531,7 +551,7 @@ impl Tracker {
             return Err(e);
         }
         if inner.logging
-            && let Err(e) = inner.append(item, self.capacity)
+            && let Err(e) = inner.stamp(self.capacity).and_then(|()| inner.append(item, self.capacity))
         {
             self.drop_logged(inner, &e);
         }
@@ -639,15 +659,16 @@ mod tests {
         for i in 0..4u8 {
             t.write(0, vec![i; 60], u64::from(i) * 1000).unwrap();
         }
-        let id = t.mark().unwrap();
+        let (id, _) = t.mark().unwrap();
         assert!(t.stats().spilled_bytes > 0);
         let offsets: Vec<u64> = drain(&t)
             .iter()
             .map(|i| match i {
                 Item::Data { offset, .. } => *offset,
                 Item::Mark(m) => 1_000_000 + m,
-                Item::Zero { .. } => u64::MAX,
+                Item::Zero { .. } | Item::Time(_) => u64::MAX,
             })
+            .filter(|&o| o != u64::MAX)
             .collect();
         assert_eq!(offsets, [0, 1000, 2000, 3000, 1_000_000 + id]);
         assert_eq!(t.stats().spilled_bytes, 0);
@@ -673,7 +694,7 @@ mod tests {
         let a = vec![1u8; BLOCK_SIZE];
         t.write(0, a.clone(), 0).unwrap();
         t.write(0, vec![2u8; 10], (2 * BLOCK_SIZE) as u64).unwrap();
-        let id = t.mark().unwrap();
+        let (id, _) = t.mark().unwrap();
         assert!(t.mark().is_none(), "one mark at a time");
         // Written after the mark, before its hashes are taken: copy-before-write keeps the old.
         t.write(0, vec![9u8; 100], 50).unwrap();
@@ -685,7 +706,9 @@ mod tests {
                 Item::Data { .. } => "data",
                 Item::Zero { .. } => "zero",
                 Item::Mark(_) => "mark",
+                Item::Time(_) => "time",
             })
+            .filter(|&k| k != "time")
             .collect();
         assert_eq!(kinds, ["data", "data", "mark", "data", "zero"]);
         let zero = tern_core::blocks::zero_block(BLOCK_SIZE);
@@ -701,7 +724,7 @@ mod tests {
         b2[..10].fill(2);
         assert_eq!(entry(&hashes, 2, &zero), hash_block(&b2));
         // The next mark covers what was written after this one, a page at a time.
-        let next = t.mark().unwrap();
+        let (next, _) = t.mark().unwrap();
         drain(&t);
         let later = t.mark_hashes(next).unwrap().unwrap();
         assert_eq!(later.updates[0].keys().copied().collect::<Vec<_>>(), [0, 2]);
@@ -725,7 +748,7 @@ mod tests {
         t.start_logging();
         let short = (4 * BLOCK_SIZE) as u64;
         t.write(0, vec![1u8; 10], short).unwrap();
-        let id = t.mark().unwrap();
+        let (id, _) = t.mark().unwrap();
         // After the mark, another page of the short block: not the one that waits.
         t.write(0, vec![2u8; 10], short + 2 * PAGE_SIZE as u64).unwrap();
         drain(&t);
@@ -741,7 +764,7 @@ mod tests {
         let t = tracker(dir.path(), 1 << 20);
         t.start_logging();
         t.zero(0, 0, 3 * BLOCK_SIZE as u64, false).unwrap();
-        let id = t.mark().unwrap();
+        let (id, _) = t.mark().unwrap();
         drain(&t);
         let h = t.mark_hashes(id).unwrap().unwrap();
         assert_eq!(h.zeroed[0].ranges().collect::<Vec<_>>(), [(0, 3)]);
@@ -757,7 +780,7 @@ mod tests {
         assert!(matches!(t.next(Duration::ZERO), Next::Overflowed));
         t.start_logging();
         t.write(0, vec![6u8; 60], 0).unwrap();
-        let id = t.mark().unwrap();
+        let (id, _) = t.mark().unwrap();
         t.write(0, vec![7u8; 60], 100).unwrap();
         assert!(matches!(t.next(Duration::ZERO), Next::Overflowed));
         assert!(t.mark_hashes(id).unwrap().is_none(), "the mark went with the log");
@@ -768,6 +791,11 @@ mod tests {
         // The next session starts a fresh log.
         t.start_logging();
         t.write(0, vec![8u8; 60], 0).unwrap();
-        assert!(matches!(t.next(Duration::ZERO), Next::Item(Item::Data { .. })));
+        let items = drain(&t);
+        assert!(matches!(items[0], Item::Time(_)), "a log starts with its time: {items:?}");
+        assert!(matches!(items.last(), Some(Item::Data { .. })), "{items:?}");
+        let times: Vec<i64> =
+            items.iter().filter_map(|i| if let Item::Time(t) = i { Some(*t) } else { None }).collect();
+        assert!(times.is_sorted(), "times never go down: {times:?}");
     }
 }

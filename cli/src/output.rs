@@ -140,13 +140,23 @@ pub fn output_json(o: &pb::JobOutput) -> Value {
             if !d.blake3.is_empty() {
                 v["blake3"] = json!(d.blake3);
             }
+            if d.seq > 0 {
+                v["seq"] = json!(d.seq);
+            }
             v
         })
         .collect();
-    json!({
+    let mut v = json!({
         "vm": o.vm, "point": o.point, "time": o.time, "time_ms": o.time_ms,
         "consistency": o.consistency, "disks": disks,
-    })
+    });
+    if !o.between_points.is_empty() {
+        v["between_points"] = json!(o.between_points);
+    }
+    if !o.note.is_empty() {
+        v["note"] = json!(o.note);
+    }
+    v
 }
 
 /// An output directory names a place on the process server's host: a relative one would
@@ -220,12 +230,23 @@ pub fn print_output(job: &pb::JobInfo, as_json: bool) -> Result<(), CliError> {
     if as_json {
         return print_json(&output_json(o));
     }
-    out!(
-        "point {} ({}, {}) written; every disk matches the point's fingerprint",
-        o.point,
-        o.time,
-        o.consistency
-    );
+    match o.between_points.as_slice() {
+        [a, b] => out!(
+            "{} written, between points {a} and {b} ({}-consistent: every write made by then, none after); \
+             every record applied matched its BLAKE3",
+            o.time,
+            o.consistency
+        ),
+        _ => out!(
+            "point {} ({}, {}) written; every disk matches the point's fingerprint",
+            o.point,
+            o.time,
+            o.consistency
+        ),
+    }
+    if !o.note.is_empty() && o.between_points.is_empty() {
+        out!("  {}", o.note);
+    }
     for d in &o.disks {
         let (what, hash) =
             if d.blake3.is_empty() { ("fingerprint", &d.fingerprint) } else { ("blake3", &d.blake3) };

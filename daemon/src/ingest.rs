@@ -21,6 +21,8 @@ pub struct Verified {
     pub plain: Vec<PlainRecord>,
     /// Payload bytes as they came on the wire.
     pub wire_bytes: u64,
+    /// When the source wrote each record (Unix ms), or empty.
+    pub times: Vec<i64>,
 }
 
 impl Verified {
@@ -70,8 +72,15 @@ pub fn records_of(disk: &DiskHandle, b: pb::Batch) -> Result<Vec<Record>, Status
 /// Parses `b` and starts verifying it on the blocking pool, so that consecutive batches
 /// verify in parallel while the writer keeps their order. `plain`: keep the decompressed
 /// bytes instead of the records.
-pub fn verify(disk: Arc<DiskHandle>, b: pb::Batch, plain: bool) -> Result<Pending, Status> {
+pub fn verify(disk: Arc<DiskHandle>, mut b: pb::Batch, plain: bool) -> Result<Pending, Status> {
     let first = Seq(b.first_seq);
+    let times = std::mem::take(&mut b.times_ms);
+    if !times.is_empty() && (times.len() != b.records.len() || !times.is_sorted()) {
+        return Err(Status::invalid_argument(format!(
+            "disk {}: a batch's times must be one per record and never go down",
+            disk.name
+        )));
+    }
     let mut records = records_of(&disk, b)?;
     let wire_bytes = records.iter().map(|r| r.payload.len() as u64).sum();
     Ok(tokio::task::spawn_blocking(move || {
@@ -100,7 +109,7 @@ pub fn verify(disk: Arc<DiskHandle>, b: pb::Batch, plain: bool) -> Result<Pendin
             if plain {
                 records.clear();
             }
-            Ok(Verified { disk, first, records, plain: kept, wire_bytes })
+            Ok(Verified { disk, first, records, plain: kept, wire_bytes, times })
         })
     }))
 }
@@ -123,6 +132,7 @@ mod tests {
                 compression: pb::Compression::None as i32,
                 payload,
             }],
+            times_ms: Vec::new(),
         }
     }
 
@@ -156,5 +166,16 @@ mod tests {
             assert_eq!(ok.last(), Seq(1));
             assert_eq!(ok.plain.len(), usize::from(plain));
         }
+        // Times, when sent, are one per record and never go down.
+        let good_batch = || batch(pb::RecordKind::Write as i32, page.clone(), good.clone());
+        let stamped = verify(disk.clone(), pb::Batch { times_ms: vec![5], ..good_batch() }, false).unwrap();
+        assert_eq!(stamped.await.unwrap().unwrap().times, [5]);
+        let err =
+            verify(disk.clone(), pb::Batch { times_ms: vec![5, 6], ..good_batch() }, false).unwrap_err();
+        assert!(err.message().contains("one per record"), "{}", err.message());
+        let mut two = good_batch();
+        two.records.push(two.records[0].clone());
+        let err = verify(disk, pb::Batch { times_ms: vec![6, 5], ..two }, false).unwrap_err();
+        assert!(err.message().contains("never go down"), "{}", err.message());
     }
 }

@@ -92,8 +92,11 @@ pub fn output_of(o: &tern_store::FailoverOutput) -> pb::JobOutput {
                 virtual_size: d.virtual_size,
                 blake3: d.blake3.clone(),
                 fingerprint: d.fingerprint.clone(),
+                seq: d.seq,
             })
             .collect(),
+        between_points: o.between_points.map(Vec::from).unwrap_or_default(),
+        note: o.note.clone(),
     }
 }
 
@@ -107,6 +110,7 @@ pub fn point_output(vm: &VmName, p: &tern_store::Point, disks: Vec<pb::OutputDis
         time_ms: p.time_ms,
         consistency: p.consistency.as_str().to_string(),
         disks,
+        ..Default::default()
     }
 }
 

@@ -257,7 +257,7 @@ async fn send_new_records(
     let mut sent = false;
     for (first, records) in batches {
         let n = records.len() as u64;
-        let batch = pb::Batch { disk: h.name.to_string(), first_seq: first, records };
+        let batch = pb::Batch { disk: h.name.to_string(), first_seq: first, records, times_ms: Vec::new() };
         limiter.take(prost::Message::encoded_len(&batch) as u64).await;
         tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Batch(batch)) })
             .await
@@ -300,7 +300,7 @@ fn read_batches(
         let rec = rec?;
         let r = rec.record;
         let kind = match r.kind {
-            RecordKind::Bookmark => continue,
+            RecordKind::Bookmark | RecordKind::Time => continue,
             RecordKind::Write => pb::RecordKind::Write,
             RecordKind::Zero => pb::RecordKind::Zero,
         };

@@ -628,8 +628,10 @@ impl Sink for SessionWriter {
             Item::Batch(pending) => {
                 let v = pending.await.map_err(|e| Status::internal(e.to_string()))??;
                 let d = v.disk.clone();
-                let records = v.records;
-                crate::admin::blocking(move || d.append(v.first, &records)).await?.map_err(store_status)?;
+                let (records, times) = (v.records, v.times);
+                crate::admin::blocking(move || d.append_timed(v.first, &records, &times))
+                    .await?
+                    .map_err(store_status)?;
                 gc.written(Written::Journal(v.disk));
                 Ok(())
             }

@@ -63,6 +63,18 @@ pub struct FailoverRow {
     pub output: String,
     pub format: String,
     pub files: Vec<String>,
+    /// A failover to a time between `point` and the next: the journal position it used.
+    pub between: Option<Between>,
+}
+
+/// A journal position between two points: the moment `time_ms`, after point `point` and
+/// before point `next`. `seqs` is each disk's last record at that moment, in the order of
+/// the point's disks.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Between {
+    pub time_ms: i64,
+    pub next: u64,
+    pub seqs: Vec<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,8 +148,9 @@ fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
 const TARGET_JOURNAL: &str = "journal";
 const TARGET_WRITE_THROUGH: &str = "write-through";
 
-/// The catalog's layout (`PRAGMA user_version`). 0: before the version was kept.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The catalog's layout (`PRAGMA user_version`). 0: before the version was kept. 2: a
+/// failover may use a position between two points (`failovers.cut`).
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms (
@@ -158,7 +171,8 @@ CREATE TABLE IF NOT EXISTS failovers (
     point INTEGER NOT NULL,
     output TEXT NOT NULL,
     format TEXT NOT NULL,
-    files TEXT NOT NULL
+    files TEXT NOT NULL,
+    cut TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
@@ -323,6 +337,13 @@ fn put_generations(
     Ok(())
 }
 
+fn cut_text(between: Option<&Between>) -> Result<String, StoreError> {
+    match between {
+        Some(b) => serde_json::to_string(b).map_err(|_| StoreError::Invariant("failover position encodes")),
+        None => Ok(String::new()),
+    }
+}
+
 fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -345,6 +366,17 @@ impl Catalog {
         }
         let tx = db.transaction().map_err(q("migrate catalog"))?;
         tx.execute_batch(SCHEMA).map_err(q("create schema"))?;
+        // Version 1 had no `failovers.cut`.
+        let has_cut: bool = tx
+            .query_row("SELECT count(*) FROM pragma_table_info('failovers') WHERE name = 'cut'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(q("migrate catalog"))?
+            > 0;
+        if !has_cut {
+            tx.execute_batch("ALTER TABLE failovers ADD COLUMN cut TEXT NOT NULL DEFAULT ''")
+                .map_err(q("migrate catalog"))?;
+        }
         // Version 0 is a catalog from before the version was kept: the same tables, whose
         // state names are checked as they are read.
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(q("migrate catalog"))?;
@@ -565,9 +597,11 @@ impl Catalog {
             Transition::FailOver(f) => {
                 let files = serde_json::to_string(&f.files)
                     .map_err(|_| StoreError::Invariant("file list encodes"))?;
+                let cut = cut_text(f.between.as_ref())?;
                 exec(
-                    "INSERT INTO failovers (vm, kind, point, output, format, files) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![v, f.kind.as_str(), i64_of(f.point.0), f.output, f.format, files],
+                    "INSERT INTO failovers (vm, kind, point, output, format, files, cut)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![v, f.kind.as_str(), i64_of(f.point.0), f.output, f.format, files, cut],
                 )?;
             }
             Transition::AbandonFailover => exec("DELETE FROM failovers WHERE vm = ?1", params![v])?,
@@ -625,21 +659,21 @@ impl Catalog {
     pub fn failover(&self, vm: &VmName) -> Result<Option<FailoverRow>, StoreError> {
         self.db
             .query_row(
-                "SELECT kind, point, output, format, files FROM failovers WHERE vm = ?1",
+                "SELECT kind, point, output, format, files, cut FROM failovers WHERE vm = ?1",
                 [vm.as_str()],
                 |r| {
                     Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
+                        (r.get::<_, String>(0)?, r.get::<_, i64>(1)?),
                         r.get::<_, String>(2)?,
                         r.get::<_, String>(3)?,
                         r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
                     ))
                 },
             )
             .optional()
             .map_err(q("look up failover"))?
-            .map(|(kind, point, output, format, files)| {
+            .map(|((kind, point), output, format, files, cut)| {
                 let bad = |reason: String| bad_row("failovers", vm.as_str(), reason);
                 Ok(FailoverRow {
                     kind: kind.parse().map_err(|e: UnknownName| bad(e.to_string()))?,
@@ -647,18 +681,28 @@ impl Catalog {
                     output,
                     format,
                     files: serde_json::from_str(&files).map_err(|e| bad(format!("files: {e}")))?,
+                    between: match cut.as_str() {
+                        "" => None,
+                        c => Some(serde_json::from_str(c).map_err(|e| bad(format!("cut: {e}")))?),
+                    },
                 })
             })
             .transpose()
     }
 
-    /// Moves the open failover to another point (its state does not change).
-    pub fn change_failover(&self, vm: &VmName, point: PointId, files: &[String]) -> Result<(), StoreError> {
+    /// Moves the open failover to another point or position (its state does not change).
+    pub fn change_failover(
+        &self,
+        vm: &VmName,
+        point: PointId,
+        between: Option<&Between>,
+        files: &[String],
+    ) -> Result<(), StoreError> {
         let files = serde_json::to_string(files).map_err(|_| StoreError::Invariant("file list encodes"))?;
         self.db
             .execute(
-                "UPDATE failovers SET point = ?2, files = ?3 WHERE vm = ?1",
-                params![vm.as_str(), i64_of(point.0), files],
+                "UPDATE failovers SET point = ?2, files = ?3, cut = ?4 WHERE vm = ?1",
+                params![vm.as_str(), i64_of(point.0), files, cut_text(between)?],
             )
             .map_err(q("change failover point"))?;
         Ok(())
@@ -847,16 +891,58 @@ impl Catalog {
         }
     }
 
+    /// One point of a VM by id.
+    pub fn point(&self, vm: &VmName, id: PointId) -> Result<Option<Point>, StoreError> {
+        let id = i64_of(id.0);
+        Ok(self.points_in(vm, id, id)?.pop())
+    }
+
+    /// The newest point of a VM whose query `sql` (with `?1` the VM, `?2` its argument)
+    /// names by id.
+    fn point_where(&self, vm: &VmName, sql: &str, arg: i64) -> Result<Option<Point>, StoreError> {
+        let id: Option<i64> =
+            self.db.query_row(sql, params![vm.as_str(), arg], |r| r.get(0)).map_err(q("look up point"))?;
+        match id {
+            Some(id) => Ok(self.points_in(vm, id, id)?.pop()),
+            None => Ok(None),
+        }
+    }
+
+    /// The newest point at or before Unix millisecond `ms`.
+    pub fn point_at_or_before(&self, vm: &VmName, ms: i64) -> Result<Option<Point>, StoreError> {
+        self.point_where(vm, "SELECT max(id) FROM points WHERE vm = ?1 AND time_ms <= ?2", ms)
+    }
+
+    /// The point after `id` (the next one made).
+    pub fn next_point(&self, vm: &VmName, id: PointId) -> Result<Option<Point>, StoreError> {
+        self.point_where(vm, "SELECT min(id) FROM points WHERE vm = ?1 AND id > ?2", i64_of(id.0))
+    }
+
+    /// The newest app-consistent point.
+    pub fn latest_app_point(&self, vm: &VmName) -> Result<Option<Point>, StoreError> {
+        self.point_where(
+            vm,
+            "SELECT max(id) FROM points WHERE vm = ?1 AND consistency = 'app' AND id >= ?2",
+            0,
+        )
+    }
+
     /// Points of a VM from id `from` on, oldest first.
     fn points_from(&self, vm: &VmName, from: i64) -> Result<Vec<Point>, StoreError> {
+        self.points_in(vm, from, i64::MAX)
+    }
+
+    /// Points of a VM with `from <= id <= to`, oldest first.
+    fn points_in(&self, vm: &VmName, from: i64, to: i64) -> Result<Vec<Point>, StoreError> {
         let mut st = self
             .db
             .prepare(
-                "SELECT id, time_ms, consistency, note FROM points WHERE vm = ?1 AND id >= ?2 ORDER BY id",
+                "SELECT id, time_ms, consistency, note FROM points
+                 WHERE vm = ?1 AND id >= ?2 AND id <= ?3 ORDER BY id",
             )
             .map_err(q("list points"))?;
         let rows = st
-            .query_map(params![vm.as_str(), from], |r| {
+            .query_map(params![vm.as_str(), from, to], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
             })
             .map_err(q("list points"))?;
@@ -880,11 +966,12 @@ impl Catalog {
             .db
             .prepare(
                 "SELECT pd.point, pd.disk, pd.seq, pd.fingerprint FROM point_disks pd
-                 JOIN points p ON p.id = pd.point WHERE p.vm = ?1 AND pd.point >= ?2 ORDER BY pd.point, pd.disk",
+                 JOIN points p ON p.id = pd.point WHERE p.vm = ?1 AND pd.point >= ?2 AND pd.point <= ?3
+                 ORDER BY pd.point, pd.disk",
             )
             .map_err(q("list point disks"))?;
         let rows = st
-            .query_map(params![vm.as_str(), from], |r| {
+            .query_map(params![vm.as_str(), from, to], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
@@ -953,6 +1040,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failover_between_points_keeps_its_position() {
+        let (_dir, mut c, vm) = catalog_in(VmState::Protected);
+        let Transition::FailOver(row) = transitions().remove(0) else { panic!("first is a failover") };
+        c.transition(&vm, &Transition::FailOver(row.clone())).unwrap();
+        assert_eq!(c.failover(&vm).unwrap().unwrap(), row);
+        c.change_failover(&vm, PointId(1), None, &row.files).unwrap();
+        assert_eq!(c.failover(&vm).unwrap().unwrap().between, None);
+    }
+
+    #[test]
     fn recent_points_are_the_newest_and_count_them_all() {
         let (_dir, mut c, vm) = catalog_in(VmState::Protected);
         let disk = DiskName::new("sda").unwrap();
@@ -1016,6 +1113,7 @@ mod tests {
             output: "/out".into(),
             format: "raw".into(),
             files: vec!["/out/sda.raw".into()],
+            between: Some(Between { time_ms: 1_700_000_000_123, next: 2, seqs: vec![41] }),
         };
         let reprotect = ReprotectRow {
             master_target: "https://mt:7443".into(),
@@ -1132,7 +1230,7 @@ mod tests {
         assert_eq!((p.time_ms, p.consistency, p.disks.len()), (1_795_857_800_023, Consistency::Crash, 1));
         assert_eq!(c.policy(&web).unwrap().retention_ms, 7_200_000);
         let f = c.failover(&db).unwrap().unwrap();
-        assert_eq!((f.kind, f.point), (FailoverKind::Unplanned, PointId(7)));
+        assert_eq!((f.kind, f.point, f.between), (FailoverKind::Unplanned, PointId(7), None));
         assert_eq!(c.test_failover(&web).unwrap().unwrap().point, PointId(4));
         let kinds: Vec<JobKind> = c.jobs().unwrap().iter().map(|j| j.kind).collect();
         assert_eq!(

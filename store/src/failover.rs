@@ -2,7 +2,7 @@
 
 use crate::catalog::{FailoverRow, Transition};
 use crate::materialize::{Format, materialize_disk};
-use crate::{FailoverOutput, PointSpec, Store, StoreError};
+use crate::{FailoverOutput, PointSpec, Position, Store, StoreError};
 use std::path::{Path, PathBuf};
 use tern_core::{FailoverKind, PointId, VmName, VmState};
 
@@ -48,24 +48,26 @@ impl Store {
             output: out_dir.display().to_string(),
             format: String::new(),
             files: Vec::new(),
+            between: None,
         };
         self.require_state(vm, VmState::Protected, Transition::FailOver(row.clone()).refusal())?;
-        let point = self.resolve_point(vm, spec)?;
-        let handles = self.point_disks(vm, &point)?;
+        let position = self.resolve_position(vm, spec)?;
+        let handles = self.point_disks(vm, &position.point)?;
         let files = output_files(&handles, out_dir, format);
         refuse_existing(&files, out_dir)?;
         self.transition(
             vm,
             Transition::FailOver(FailoverRow {
-                point: point.id,
+                point: position.point.id,
                 format: format.extension().to_string(),
                 files: files.iter().map(|f| f.display().to_string()).collect(),
+                between: position.between.clone(),
                 ..row
             }),
         )?;
         match self.write_output(
             vm,
-            &point,
+            &position,
             &handles,
             &files,
             &out_dir.join("vm.json"),
@@ -95,15 +97,16 @@ impl Store {
         )?;
         let row =
             self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
-        let point = self.resolve_point(vm, spec)?;
+        let position = self.resolve_position(vm, spec)?;
         let format = if row.format == "vhd" { Format::Vhd } else { Format::Raw };
         let out_dir = PathBuf::from(&row.output);
         remove_outputs(&row)?;
-        let handles = self.point_disks(vm, &point)?;
+        let handles = self.point_disks(vm, &position.point)?;
         let files = output_files(&handles, &out_dir, format);
         let listed: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        self.catalog().change_failover(vm, point.id, &listed)?;
-        self.write_output(vm, &point, &handles, &files, &out_dir.join("vm.json"), &out_dir, format, progress)
+        self.catalog().change_failover(vm, position.point.id, position.between.as_ref(), &listed)?;
+        let manifest = out_dir.join("vm.json");
+        self.write_output(vm, &position, &handles, &files, &manifest, &out_dir, format, progress)
     }
 
     /// Ends the failover: the base images move to the failover point (reverse replication
@@ -113,9 +116,10 @@ impl Store {
         let row =
             self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
         let point = self.resolve_point(vm, &PointSpec::Id(row.point))?;
-        for pd in &point.disks {
+        let position = Position { point, between: row.between.clone(), why_point: String::new() };
+        for (pd, seq) in position.point.disks.iter().zip(position.seqs()) {
             if let Some(h) = self.disk(vm, &pd.disk) {
-                self.advance_base(&h, pd.seq)?;
+                self.advance_base(&h, seq)?;
             }
         }
         // The bookmarks stay until the journals go below: a catalog rebuild in between must
@@ -128,8 +132,9 @@ impl Store {
             let _exclusive = h.write_lock();
             h.journal().delete_all(h.base_seq())?;
         }
-        tracing::info!(vm = %vm, point = %point.id, "failover committed; points and journals deleted, base images kept");
-        Ok(point.id)
+        tracing::info!(vm = %vm, position = %position.describe(),
+            "failover committed; points and journals deleted, base images kept");
+        Ok(position.point.id)
     }
 
     /// Rebuilds each disk of the point from the store and recomputes its fingerprint.
@@ -144,8 +149,15 @@ impl Store {
             let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let path = scratch.join(format!("verify-{}-{}-{}-{n}.raw", vm, h.name, std::process::id()));
             let snapshot = h.journal().snapshot();
-            let result =
-                materialize_disk(&h, &snapshot, pd.seq, pd.fingerprint, &path, Format::Raw, &mut |_| {});
+            let result = materialize_disk(
+                &h,
+                &snapshot,
+                pd.seq,
+                Some(pd.fingerprint),
+                &path,
+                Format::Raw,
+                &mut |_| {},
+            );
             let _ = std::fs::remove_file(&path);
             let actual = match result {
                 Ok(d) => d.fingerprint,

@@ -32,6 +32,9 @@ pub enum RecordKind {
     Zero = 2,
     /// A recovery point: JSON payload (see `BookmarkBody`); `seq` is the last record it covers.
     Bookmark = 3,
+    /// When the source wrote the records before it (see [`TimeRuns`]); `seq` is the last
+    /// record it covers, like a bookmark's.
+    Time = 4,
 }
 
 impl RecordKind {
@@ -40,8 +43,73 @@ impl RecordKind {
             1 => Some(RecordKind::Write),
             2 => Some(RecordKind::Zero),
             3 => Some(RecordKind::Bookmark),
+            4 => Some(RecordKind::Time),
             _ => None,
         }
+    }
+
+    /// True for records that change the disk (writes and zeroed extents).
+    pub fn is_data(self) -> bool {
+        matches!(self, RecordKind::Write | RecordKind::Zero)
+    }
+
+    /// True for marks that take no sequence number of their own (bookmarks, times).
+    pub fn is_mark(self) -> bool {
+        !self.is_data()
+    }
+}
+
+/// The payload of a time record: records `first..=runs[0].0` were written by the source
+/// at Unix millisecond `runs[0].1`, the records after them up to `runs[1].0` at `runs[1].1`,
+/// and so on. Times never go down. `first u64 | n × (last_seq u64 | time_ms i64)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimeRuns {
+    pub first: u64,
+    pub runs: Vec<(u64, i64)>,
+}
+
+impl TimeRuns {
+    /// The runs of records `first, first+1, ...` written at `times` (one per record).
+    pub fn of(first: u64, times: &[i64]) -> TimeRuns {
+        let mut runs: Vec<(u64, i64)> = Vec::new();
+        for (i, &t) in times.iter().enumerate() {
+            let seq = first + i as u64;
+            match runs.last_mut() {
+                Some(last) if last.1 == t => last.0 = seq,
+                _ => runs.push((seq, t)),
+            }
+        }
+        TimeRuns { first, runs }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8 + 16 * self.runs.len());
+        b.extend_from_slice(&self.first.to_le_bytes());
+        for (seq, t) in &self.runs {
+            b.extend_from_slice(&seq.to_le_bytes());
+            b.extend_from_slice(&t.to_le_bytes());
+        }
+        b
+    }
+
+    /// `None` when the payload is not a well-formed list of runs.
+    pub fn decode(b: &[u8]) -> Option<TimeRuns> {
+        if b.len() < 8 || !(b.len() - 8).is_multiple_of(16) {
+            return None;
+        }
+        let first = u64::from_le_bytes(b[0..8].try_into().ok()?);
+        let mut runs = Vec::with_capacity((b.len() - 8) / 16);
+        let mut prev = (first.checked_sub(1)?, i64::MIN);
+        for c in b[8..].chunks_exact(16) {
+            let seq = u64::from_le_bytes(c[0..8].try_into().ok()?);
+            let t = i64::from_le_bytes(c[8..16].try_into().ok()?);
+            if seq <= prev.0 || t < prev.1 {
+                return None;
+            }
+            runs.push((seq, t));
+            prev = (seq, t);
+        }
+        Some(TimeRuns { first, runs })
     }
 }
 

@@ -3,7 +3,7 @@
 use crate::StoreError;
 use crate::durable::{create_dir_durable, io_err, sync_dir};
 use crate::format::{
-    FLAG_ZSTD, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN,
+    FLAG_ZSTD, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, TimeRuns,
     decode_segment_header, encode_segment_header,
 };
 use std::fs::{File, OpenOptions};
@@ -47,7 +47,7 @@ pub enum RecordProblem {
     BadLength(u32),
     #[error("a zero extent carries a payload")]
     ZeroWithPayload,
-    #[error("bookmarks are made by the server, not sent")]
+    #[error("bookmarks and time records are made by the server, not sent")]
     Bookmark,
     #[error(transparent)]
     Codec(#[from] CodecError),
@@ -72,7 +72,7 @@ fn check_extent(disk_size: u64, r: &Record) -> Result<(), RecordProblem> {
     }
     match r.kind {
         RecordKind::Zero if !r.payload.is_empty() => Err(RecordProblem::ZeroWithPayload),
-        RecordKind::Bookmark => Err(RecordProblem::Bookmark),
+        RecordKind::Bookmark | RecordKind::Time => Err(RecordProblem::Bookmark),
         _ => Ok(()),
     }
 }
@@ -244,9 +244,18 @@ impl Journal {
 
     /// Appends a bookmark after the last written record.
     pub fn append_bookmark(&mut self, body: &[u8]) -> Result<(), StoreError> {
+        self.append_mark(RecordKind::Bookmark, body)
+    }
+
+    /// Appends a time record after the last written record (see [`TimeRuns`]).
+    pub fn append_times(&mut self, runs: &TimeRuns) -> Result<(), StoreError> {
+        self.append_mark(RecordKind::Time, &runs.encode())
+    }
+
+    fn append_mark(&mut self, kind: RecordKind, body: &[u8]) -> Result<(), StoreError> {
         self.check_failed()?;
         let r = Record {
-            kind: RecordKind::Bookmark,
+            kind,
             offset: 0,
             length: 0,
             digest: Digest::of(body),
@@ -442,7 +451,7 @@ fn scan_segment(path: &Path, first_seq: u64) -> Result<Scan, StoreError> {
             && match RecordHeader::decode(&raw) {
                 Some(h) if h.payload_len <= 2 * MAX_RECORD_LEN => {
                     payload.resize(h.payload_len as usize, 0);
-                    let expected_seq = if h.kind == RecordKind::Bookmark { last.0 } else { last.0 + 1 };
+                    let expected_seq = if h.kind.is_mark() { last.0 } else { last.0 + 1 };
                     r.read_exact(&mut payload).is_ok()
                         && RecordHeader::check_matches(&raw, &payload)
                         && h.seq == expected_seq
@@ -533,7 +542,14 @@ impl JournalSnapshot {
             start_at,
             last_seq: after,
             mark: start_at.map(|offset| (index, offset)),
+            marks_only: false,
         }
+    }
+
+    /// The bookmarks and time records among records `after < seq <= upto`, in order; the
+    /// data records between them are skipped unread.
+    pub fn read_marks(&self, after: Seq, upto: Seq) -> JournalReader {
+        JournalReader { marks_only: true, ..self.read_range(after, upto) }
     }
 }
 
@@ -552,6 +568,8 @@ pub struct JournalReader {
     last_seq: Seq,
     /// Segment index and offset just after the last record returned or skipped.
     mark: Option<(usize, u64)>,
+    /// Returns only bookmarks and time records ([`JournalSnapshot::read_marks`]).
+    marks_only: bool,
 }
 
 /// Where a journal reader stopped: just after the record numbered `last_seq`, at byte
@@ -607,7 +625,13 @@ impl JournalReader {
             let mut raw = [0u8; RECORD_HEADER_LEN];
             r.read_exact(&mut raw).map_err(io_err(&path))?;
             let h = RecordHeader::decode(&raw).ok_or_else(|| corrupt(self.pos, "bad record header"))?;
-            if h.seq <= self.after.0 && h.seq <= self.upto.0 {
+            if h.seq > self.upto.0 {
+                // Past the end: this reader is done.
+                self.reader = None;
+                self.index = self.segments.len();
+                return Ok(None);
+            }
+            if (h.seq <= self.after.0) || (self.marks_only && h.kind.is_data()) {
                 // Not wanted: skipped without reading (nor checking) its payload.
                 r.seek_relative(i64::from(h.payload_len)).map_err(io_err(&path))?;
                 self.pos += (RECORD_HEADER_LEN + h.payload_len as usize) as u64;
@@ -620,9 +644,6 @@ impl JournalReader {
                 return Err(corrupt(self.pos, "record fails its checksum"));
             }
             self.pos += (RECORD_HEADER_LEN + payload.len()) as u64;
-            if h.seq > self.upto.0 {
-                return Ok(None);
-            }
             self.last_seq = Seq(h.seq);
             self.mark = Some((self.index, self.pos));
             return Ok(Some(StoredRecord {

@@ -39,22 +39,24 @@ mod failover;
 mod format;
 mod journal;
 mod materialize;
+mod position;
 mod rebuild;
 mod retention;
 mod write_through;
 
 pub use catalog::{
-    Consistency, FailoverRow, JobRow, MAX_RETENTION_MS, Point, PointDisk, Policy, ReprotectRow,
+    Between, Consistency, FailoverRow, JobRow, MAX_RETENTION_MS, Point, PointDisk, Policy, ReprotectRow,
     SCHEMA_VERSION, TestFailoverRow, Transition,
 };
 pub use failover::VerifiedDisk;
-pub use format::RecordKind;
+pub use format::{RecordKind, TimeRuns};
 pub use journal::{
     JournalSnapshot, ReadPosition, Record, RecordProblem, StoredRecord, decode_record, verify_record,
 };
 pub use materialize::{
     Format, HASHES_PER_CHUNK, HashedCopy, OutputDisk, base_block_hashes, fingerprint_file, hash_disk,
 };
+pub use position::Position;
 pub use rebuild::{RebuildReport, RebuiltDisk, RebuiltVm, rebuild_catalog};
 pub use retention::RetentionReport;
 pub use write_through::PlainRecord;
@@ -255,6 +257,17 @@ impl DiskHandle {
         self.journal().append(first_seq, records)
     }
 
+    /// [`DiskHandle::append`], then a time record with when the source wrote each record
+    /// (`times`, one per record; empty when not known).
+    pub fn append_timed(&self, first_seq: Seq, records: &[Record], times: &[i64]) -> Result<Seq, StoreError> {
+        let mut j = self.journal();
+        let last = j.append(first_seq, records)?;
+        if !times.is_empty() && times.len() == records.len() {
+            j.append_times(&TimeRuns::of(first_seq.0, times))?;
+        }
+        Ok(last)
+    }
+
     /// Makes everything appended durable (the group commit); returns the durable seq.
     pub fn sync(&self) -> Result<Seq, StoreError> {
         self.journal().sync()
@@ -361,10 +374,18 @@ pub struct FailoverOutput {
     /// The tern that wrote it.
     pub tern_version: &'static str,
     pub vm: String,
+    /// The point written, or for a time between two points the earlier of them.
     pub point: u64,
     pub time: String,
     pub time_ms: i64,
     pub consistency: String,
+    /// For a time between two points: those points. Its disks are the journal position
+    /// of that moment (crash-consistent), checked record by record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub between_points: Option<[u64; 2]>,
+    /// How the point was chosen, when that is not plain.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub note: String,
     pub disks: Vec<OutputDisk>,
 }
 
@@ -775,7 +796,7 @@ impl Store {
                     return None;
                 }
             };
-            if r.kind != format::RecordKind::Bookmark {
+            if r.kind.is_data() {
                 ranges.push((r.offset, r.offset + u64::from(r.length)));
             }
         }
@@ -849,15 +870,22 @@ impl Store {
         Ok(point)
     }
 
+    /// The point `spec` names: a few probes of the catalog's index, however many points.
     pub fn resolve_point(&self, vm: &VmName, spec: &PointSpec) -> Result<Point, StoreError> {
-        let points = self.points(vm)?;
-        let found = match spec {
-            PointSpec::Latest | PointSpec::LatestProcessed => points.last().cloned(),
-            PointSpec::LatestApp => points.iter().rev().find(|p| p.consistency == Consistency::App).cloned(),
-            PointSpec::Id(id) => points.iter().find(|p| p.id == *id).cloned(),
-            PointSpec::Time(ms) => points.iter().rev().find(|p| p.time_ms <= *ms).cloned(),
+        let found = {
+            let c = self.catalog();
+            match spec {
+                PointSpec::Latest | PointSpec::LatestProcessed => c.latest_point(vm)?,
+                PointSpec::LatestApp => c.latest_app_point(vm)?,
+                PointSpec::Id(id) => c.point(vm, *id)?,
+                PointSpec::Time(ms) => c.point_at_or_before(vm, *ms)?,
+            }
         };
-        found.ok_or_else(|| StoreError::PointNotFound {
+        if let Some(p) = found {
+            return Ok(p);
+        }
+        let points = self.points(vm)?;
+        Err(StoreError::PointNotFound {
             vm: vm.clone(),
             wanted: match spec {
                 PointSpec::Latest | PointSpec::LatestProcessed => "yet (latest-processed)".into(),
@@ -892,8 +920,9 @@ impl Store {
         if !self.catalog().has_vm(vm)? {
             return Err(StoreError::UnknownVm(vm.clone()));
         }
-        let point = self.resolve_point(vm, spec)?;
-        let handles = self.point_disks(vm, &point)?;
+        let position = self.resolve_position(vm, spec)?;
+        let point = &position.point;
+        let handles = self.point_disks(vm, point)?;
         let files = failover::output_files(&handles, out_dir, format);
         let manifest = out_dir.join("vm.json");
         failover::refuse_existing(&files, out_dir)?;
@@ -917,7 +946,7 @@ impl Store {
                 },
             )?;
         }
-        let result = self.write_output(vm, &point, &handles, &files, &manifest, out_dir, format, progress);
+        let result = self.write_output(vm, &position, &handles, &files, &manifest, out_dir, format, progress);
         if result.is_err() {
             for f in &files {
                 let _ = std::fs::remove_file(f);
@@ -931,7 +960,7 @@ impl Store {
     fn write_output(
         &self,
         vm: &VmName,
-        point: &Point,
+        position: &Position,
         handles: &[Arc<DiskHandle>],
         files: &[PathBuf],
         manifest: &Path,
@@ -943,18 +972,22 @@ impl Store {
         let total: u64 = handles.iter().map(|h| h.size).sum();
         let mut before = 0u64;
         let mut disks = Vec::new();
-        for ((h, path), pd) in handles.iter().zip(files).zip(&point.disks) {
+        let point = &position.point;
+        if !position.why_point.is_empty() {
+            tracing::info!(vm = %vm, point = %point.id, reason = %position.why_point,
+                "the time asked for resolves to the point at or before it");
+        }
+        let seqs = position.seqs();
+        for (((h, path), pd), seq) in handles.iter().zip(files).zip(&point.disks).zip(seqs) {
             let snapshot = h.journal().snapshot();
             let size = h.size;
-            let out = materialize::materialize_disk(
-                h,
-                &snapshot,
-                pd.seq,
-                pd.fingerprint,
-                path,
-                format,
-                &mut |done| progress(before + done.min(size), total),
-            )?;
+            // A position between points has no fingerprint of its own: each record it
+            // applies is checked against its BLAKE3 instead.
+            let expected = position.between.is_none().then_some(pd.fingerprint);
+            let out =
+                materialize::materialize_disk(h, &snapshot, seq, expected, path, format, &mut |done| {
+                    progress(before + done.min(size), total)
+                })?;
             before += size;
             disks.push(out);
         }
@@ -963,9 +996,22 @@ impl Store {
             tern_version: env!("CARGO_PKG_VERSION"),
             vm: vm.to_string(),
             point: point.id.0,
-            time: rfc3339(point.time_ms),
-            time_ms: point.time_ms,
-            consistency: point.consistency.as_str().to_string(),
+            time: rfc3339(position.time_ms()),
+            time_ms: position.time_ms(),
+            // Between two points is a crash-consistent moment, whatever the earlier point was.
+            consistency: if position.between.is_some() { "crash" } else { point.consistency.as_str() }
+                .to_string(),
+            between_points: position.between.as_ref().map(|b| [point.id.0, b.next]),
+            note: match (&position.between, position.why_point.as_str()) {
+                (Some(_), _) => format!(
+                    "the journal position at {}: every write made by then, none after",
+                    rfc3339(position.time_ms())
+                ),
+                (None, "") => String::new(),
+                (None, why) => {
+                    format!("point {} (the newest at or before the time asked for): {why}", point.id)
+                }
+            },
             disks,
         };
         let json =

@@ -43,6 +43,8 @@ pub struct OutputDisk {
     /// BLAKE3 of the disk's contents (its first `size` bytes; not the padding or footer).
     pub blake3: String,
     pub fingerprint: String,
+    /// The disk's last journal record written out.
+    pub seq: u64,
 }
 
 /// A VHD's virtual size: the disk padded with zeroes to a whole MiB, as cloud managed
@@ -65,13 +67,14 @@ fn random_uuid() -> Result<[u8; 16], StoreError> {
 
 const COPY_CHUNK: usize = 1 << 20;
 
-/// Writes `disk` as of `upto` to `path` and checks its fingerprint. `progress` gets the
-/// bytes done so far. The file appears at `path` only when complete and fsynced.
+/// Writes `disk` as of `upto` to `path` and checks its fingerprint (when `expected` is
+/// given). `progress` gets the bytes done so far. The file appears at `path` only when
+/// complete and fsynced.
 pub fn materialize_disk(
     disk: &DiskHandle,
     snapshot: &JournalSnapshot,
     upto: Seq,
-    expected: Digest,
+    expected: Option<Digest>,
     path: &Path,
     format: Format,
     progress: &mut dyn FnMut(u64),
@@ -99,7 +102,9 @@ pub fn materialize_disk(
     out.set_len(virtual_size).map_err(io_err(&tmp))?;
     let result = fill(disk, snapshot, upto, &out, &tmp, progress).and_then(|()| {
         let (content, fingerprint) = hash_output(disk.size, &tmp)?;
-        if fingerprint != expected {
+        if let Some(expected) = expected
+            && fingerprint != expected
+        {
             return Err(StoreError::FingerprintMismatch {
                 disk: disk.name.to_string(),
                 expected,
@@ -128,6 +133,7 @@ pub fn materialize_disk(
                 virtual_size,
                 blake3: content.to_hex(),
                 fingerprint: fingerprint.to_hex(),
+                seq: upto.0,
             })
         }
         Err(e) => {
@@ -184,7 +190,7 @@ pub(crate) fn apply_records(
         let rec = rec?;
         let r = &rec.record;
         match r.kind {
-            RecordKind::Bookmark => continue,
+            RecordKind::Bookmark | RecordKind::Time => continue,
             RecordKind::Write => {
                 let plain =
                     dec.decode(r.compressed, &r.payload, r.length as usize, &r.digest).map_err(|e| {

@@ -5,9 +5,9 @@
 //! only for the mark.
 
 use super::{Session, SessionError};
+use crate::Requests;
 use crate::stream::{self, LogEvent, SharedStates};
 use crate::tracker::Tracker;
-use crate::{Requests, now_ms};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tern_core::Seq;
@@ -152,7 +152,7 @@ impl Session {
                 _ = report.tick() => self.report_tracking(tracker, false).await?,
                 m = self.inbound.message() => self.inbox.take(m?)?,
                 ev = events.recv() => match ev {
-                    Some(LogEvent::Batch { disk, records }) => self.send_batch(disk, records, &mut limiter).await?,
+                    Some(LogEvent::Batch { disk, records, times }) => self.send_batch(disk, records, times, &mut limiter).await?,
                     Some(LogEvent::Mark { id, fingerprints }) => self.send_point(id, fingerprints).await?,
                     Some(LogEvent::Overflowed) => return Ok(Streamed::Resync),
                     // The streaming thread ended: its error is returned by run_nbd.
@@ -212,14 +212,14 @@ impl Session {
             note = "final point after the source was shut down".into();
             self.stood_down = true;
         }
-        let Some(id) = id else {
+        let Some((id, time_ms)) = id else {
             for (id, _) in requests {
                 self.point_failed(id, "the change log is being resynced; try again in a moment".into())
                     .await?;
             }
             return Ok(());
         };
-        self.pending_mark = Some(PendingMark { id, requests, consistency, note, time_ms: now_ms() });
+        self.pending_mark = Some(PendingMark { id, requests, consistency, note, time_ms });
         Ok(())
     }
 

@@ -189,6 +189,104 @@ fn every_point_is_the_disk_after_a_prefix_of_the_acked_writes() {
     assert!(prefixes.iter().any(|&k| k > 0 && k < n), "no point fell inside the writes: {prefixes:?}");
 }
 
+/// The timed writer: like [`WRITER`], and each line of `progress` also says when the
+/// write was issued and when it was acked (Unix ms, the agent's clock: the same machine).
+const TIMED_WRITER: &str = r"
+import time
+n, slots, progress = int(N), int(SLOTS), open(PROGRESS, 'w')
+for i in range(1, n + 1):
+    issued = int(time.time() * 1000)
+    h.pwrite(i.to_bytes(8, 'little') * 512, (i * 7919 % slots) * 4096)
+    progress.write('%d %d %d\n' % (i, issued, int(time.time() * 1000)))
+    time.sleep(0.001)
+progress.close()
+";
+
+/// RFC 3339 (UTC, milliseconds) of Unix millisecond `ms`, as `--point` takes it.
+fn rfc3339_ms(ms: u64) -> String {
+    let out = Command::new("date")
+        .args(["-u", "-d", &format!("@{}.{:03}", ms / 1000, ms % 1000), "+%Y-%m-%dT%H:%M:%S.%3NZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn a_test_failover_to_any_time_between_two_points_is_the_disk_at_that_moment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let vm = protect_nbd(root, 16, 0, &[]);
+    let (n, slots) = (2000u64, 2048u64);
+    let progress = root.join("progress");
+    let script = TIMED_WRITER
+        .replace("int(N)", &n.to_string())
+        .replace("int(SLOTS)", &slots.to_string())
+        .replace("PROGRESS", &format!("{:?}", progress.display().to_string()));
+    // No point is made while the writer runs: every moment asked for lies between the
+    // point before it and the one after.
+    assert!(nbdsh(&vm.uri, &script).status().unwrap().success());
+    let after_point = vm.server.checkpoint("db");
+    let writes: Vec<(u64, u64, u64)> = std::fs::read_to_string(&progress)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Vec<u64> = l.split(' ').map(|x| x.parse().unwrap()).collect();
+            (v[0], v[1], v[2])
+        })
+        .collect();
+    assert_eq!(writes.len() as u64, n);
+    let (start, end) = (writes[0].1, writes[writes.len() - 1].2);
+
+    let mut held = Vec::new();
+    for step in 1..=5u64 {
+        let t = start + (end - start) * step / 6;
+        let when = rfc3339_ms(t);
+        let out = root.join(format!("tfo-{step}"));
+        let res = vm.server.drctl_json(&[
+            "test-failover",
+            "db",
+            "--point",
+            &when,
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(res["between_points"][1], after_point["id"], "at {when}: {res}");
+        assert_eq!(res["consistency"], "crash");
+        let file = out.join("sda.raw");
+        assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&file, None), "at {when}");
+        let data = std::fs::read(&file).unwrap();
+        let got: Vec<u64> = data
+            .chunks(4096)
+            .take(slots as usize)
+            .map(|c| u64::from_le_bytes(c[..8].try_into().unwrap()))
+            .collect();
+        let k = got.iter().copied().max().unwrap();
+        let mut want = vec![0u64; slots as usize];
+        for i in 1..=k {
+            want[(i * 7919 % slots) as usize] = i;
+        }
+        assert_eq!(got, want, "at {when}: not the disk after the first {k} writes");
+        // Every write acked by then is there; none issued after it.
+        let acked = writes.iter().filter(|w| w.2 <= t).map(|w| w.0).max().unwrap_or(0);
+        let issued = writes.iter().filter(|w| w.1 <= t).map(|w| w.0).max().unwrap_or(0);
+        assert!(
+            acked <= k && k <= issued,
+            "at {when}: holds {k} writes; {acked} acked and {issued} issued by then"
+        );
+        held.push(k);
+        vm.server.drctl_json(&["test-failover-cleanup", "db"]);
+    }
+    assert!(held.windows(2).all(|w| w[0] < w[1]), "each later moment holds more writes: {held:?}");
+    // The human form says what was written.
+    let out = root.join("tfo-human");
+    let when = rfc3339_ms((start + end) / 2);
+    let text = String::from_utf8(
+        vm.server.drctl(&["test-failover", "db", "--point", &when, "--output", out.to_str().unwrap()]).stdout,
+    )
+    .unwrap();
+    assert!(text.contains(&format!("{when} written, between points")), "{text}");
+}
+
 #[test]
 fn writes_made_while_the_server_is_away_are_sent_once_it_is_back() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1,0 +1,291 @@
+//! Any time between two points: in `--mode nbd` the agent stamps each record with the
+//! moment the VM wrote it, and the journal keeps those stamps as time records. Because the
+//! agent's log is one order across the VM's disks and its stamps never go down, the
+//! records stamped at or before a moment are a prefix of that order: a crash-consistent
+//! cut, as good as a point, found without the VM ever being marked there.
+
+use crate::catalog::Between;
+use crate::format::{RecordKind, TimeRuns};
+use crate::journal::JournalSnapshot;
+use crate::{DiskHandle, Point, PointSpec, Store, StoreError, rfc3339};
+use tern_core::{Seq, VmName};
+
+/// What a failover to `spec` writes: a point, or a position between it and the next.
+#[derive(Clone, Debug)]
+pub struct Position {
+    pub point: Point,
+    pub between: Option<Between>,
+    /// Why a time resolved to the point at or before it rather than to the exact moment
+    /// (empty when it did, or when no time was asked for).
+    pub why_point: String,
+}
+
+impl Position {
+    /// Each disk's last record, in the order of the point's disks.
+    pub fn seqs(&self) -> Vec<Seq> {
+        match &self.between {
+            Some(b) => b.seqs.iter().map(|&s| Seq(s)).collect(),
+            None => self.point.disks.iter().map(|d| d.seq).collect(),
+        }
+    }
+
+    pub fn time_ms(&self) -> i64 {
+        self.between.as_ref().map_or(self.point.time_ms, |b| b.time_ms)
+    }
+
+    /// How a person names it: "point 41", or "2026-…Z (between points 41 and 42)".
+    pub fn describe(&self) -> String {
+        match &self.between {
+            Some(b) => format!("{} (between points {} and {})", rfc3339(b.time_ms), self.point.id, b.next),
+            None => format!("point {}", self.point.id),
+        }
+    }
+}
+
+impl Store {
+    /// Resolves `spec` for a failover or test failover. A time resolves to the journal
+    /// position of that moment when every record between the points around it carries the
+    /// time it was written (an agent in `--mode nbd`, streaming since before the earlier
+    /// point); otherwise, as for every other spec, to a point.
+    pub fn resolve_position(&self, vm: &VmName, spec: &PointSpec) -> Result<Position, StoreError> {
+        let point = self.resolve_point(vm, spec)?;
+        let PointSpec::Time(t) = *spec else {
+            return Ok(Position { point, between: None, why_point: String::new() });
+        };
+        let (between, why_point) = match self.between(vm, &point, t)? {
+            Ok(b) => (b, String::new()),
+            Err(why) => (None, why),
+        };
+        Ok(Position { point, between, why_point })
+    }
+
+    /// The position at `t` after `point`: `Ok(None)` when it is the point itself.
+    fn between(
+        &self,
+        vm: &VmName,
+        point: &Point,
+        t: i64,
+    ) -> Result<Result<Option<Between>, String>, StoreError> {
+        if point.time_ms >= t {
+            return Ok(Ok(None));
+        }
+        let Some(next) = self.catalog().next_point(vm, point.id)? else {
+            return Ok(Err(format!(
+                "{} is after the newest point; a moment after it is known once the next point is made",
+                rfc3339(t)
+            )));
+        };
+        let names = |p: &Point| p.disks.iter().map(|d| d.disk.clone()).collect::<Vec<_>>();
+        if next.time_ms <= t || names(&next) != names(point) {
+            return Ok(Err(format!("points {} and {} do not bound it", point.id, next.id)));
+        }
+        let mut seqs = Vec::new();
+        for (h, (a, b)) in self.point_disks(vm, point)?.iter().zip(point.disks.iter().zip(&next.disks)) {
+            match cut_at(h, a.seq, b.seq, t)? {
+                Some(seq) => seqs.push(seq.0),
+                None => {
+                    return Ok(Err(format!(
+                        "disk {} has records between points {} and {} without the time they were \
+                         written (a scan-mode agent, or a resync), so only the points are consistent there",
+                        h.name, point.id, next.id
+                    )));
+                }
+            }
+        }
+        if seqs.iter().zip(&point.disks).all(|(s, d)| *s == d.seq.0) {
+            return Ok(Ok(None));
+        }
+        Ok(Ok(Some(Between { time_ms: t, next: next.id.0, seqs })))
+    }
+}
+
+/// The last record of `h` in `(after, upto]` written at or before `t`; `None` when a
+/// record in that span before the answer carries no time.
+fn cut_at(h: &DiskHandle, after: Seq, upto: Seq, t: i64) -> Result<Option<Seq>, StoreError> {
+    let _reading = h.read_lock();
+    let snapshot = h.journal().snapshot();
+    cut_in(&snapshot, after, upto, t, &format!("journal of {}/{}", h.vm, h.name))
+}
+
+fn cut_in(
+    snapshot: &JournalSnapshot,
+    after: Seq,
+    upto: Seq,
+    t: i64,
+    what: &str,
+) -> Result<Option<Seq>, StoreError> {
+    let mut covered = after.0;
+    let mut cut = after;
+    for rec in snapshot.read_marks(after, upto) {
+        if covered >= upto.0 {
+            break;
+        }
+        let rec = rec?;
+        if rec.record.kind != RecordKind::Time {
+            continue;
+        }
+        let runs = TimeRuns::decode(&rec.record.payload).ok_or_else(|| StoreError::SegmentCorrupt {
+            path: what.to_string(),
+            offset: 0,
+            reason: format!("time record after record {} does not decode", rec.seq),
+        })?;
+        let mut first = runs.first;
+        for (last, time) in runs.runs {
+            let from = first;
+            first = last + 1;
+            if last <= covered {
+                continue;
+            }
+            if from > covered + 1 {
+                // Records without a time come first.
+                return Ok(None);
+            }
+            if time > t {
+                return Ok(Some(cut));
+            }
+            covered = last.min(upto.0);
+            cut = Seq(covered);
+            if covered >= upto.0 {
+                break;
+            }
+        }
+    }
+    Ok((covered >= upto.0).then_some(cut))
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use crate::journal::Journal;
+    use crate::test_record;
+
+    fn journal_with(dir: &std::path::Path, batches: &[(u64, usize, &[i64])]) -> Journal {
+        let (mut j, _) = Journal::open(dir).unwrap();
+        for &(first, n, times) in batches {
+            let records: Vec<_> = (0..n).map(|i| test_record(b"x", i as u64 * 4096)).collect();
+            j.append(Seq(first), &records).unwrap();
+            if !times.is_empty() {
+                j.append_times(&TimeRuns::of(first, times)).unwrap();
+            }
+        }
+        j.sync().unwrap();
+        j
+    }
+
+    #[test]
+    fn a_time_cuts_after_the_last_record_written_by_then() {
+        let dir = tempfile::tempdir().unwrap();
+        // 1..=3 from a resync (no times), then 4..=8 stamped, 9 not, 10 stamped.
+        let j = journal_with(
+            dir.path(),
+            &[(1, 3, &[]), (4, 3, &[100, 100, 101]), (7, 2, &[103, 105]), (9, 1, &[]), (10, 1, &[110])],
+        );
+        let s = j.snapshot();
+        let cut = |after: u64, upto: u64, t: i64| cut_in(&s, Seq(after), Seq(upto), t, "test").unwrap();
+        assert_eq!(cut(3, 8, 99), Some(Seq(3)), "nothing written by then");
+        assert_eq!(cut(3, 8, 100), Some(Seq(5)));
+        assert_eq!(cut(3, 8, 101), Some(Seq(6)));
+        assert_eq!(cut(3, 8, 102), Some(Seq(6)));
+        assert_eq!(cut(3, 8, 104), Some(Seq(7)));
+        assert_eq!(cut(3, 8, 105), Some(Seq(8)));
+        assert_eq!(cut(3, 6, 500), Some(Seq(6)), "never past the next point");
+        assert_eq!(cut(5, 8, 101), Some(Seq(6)), "a run that straddles the point");
+        assert_eq!(cut(0, 8, 101), None, "records without a time come first");
+        assert_eq!(cut(8, 10, 111), None, "record 9 has no time");
+        assert_eq!(cut(8, 8, 111), Some(Seq(8)), "nothing between the points");
+        assert_eq!(cut(3, 10, 104), Some(Seq(7)), "the answer comes before the gap");
+    }
+
+    /// A disk with point 1 at t = 1000 (two records from a resync, no times), then eight
+    /// pages written at 1100, 1200, ... 1800, then point 2 at t = 2000. Returns the disk's
+    /// image after each record.
+    fn two_points(root: &std::path::Path) -> (Store, VmName, Vec<Vec<u8>>) {
+        use crate::{Consistency, PointDisk};
+        use tern_core::DiskName;
+        use tern_core::blocks::Fingerprint;
+        const SIZE: usize = 1 << 20;
+        let store = Store::open(root).unwrap();
+        let vm = VmName::new("vm").unwrap();
+        let d = DiskName::new("sda").unwrap();
+        let h = store.register(&vm, &[(d.clone(), SIZE as u64)]).unwrap().remove(0);
+        let mut images = vec![vec![0u8; SIZE]];
+        let point = |seq: u64, time_ms: i64, image: &[u8]| {
+            h.journal().sync().unwrap();
+            let mut fp = Fingerprint::new();
+            fp.push_data(image);
+            let disks = vec![PointDisk { disk: d.clone(), seq: Seq(seq), fingerprint: fp.finish() }];
+            store.make_point(&vm, time_ms, Consistency::Crash, "", disks).unwrap();
+        };
+        for seq in 1..=10u64 {
+            let mut page = vec![0u8; 4096];
+            blake3::Hasher::new().update(&seq.to_le_bytes()).finalize_xof().fill(&mut page);
+            let off = (seq * 3 * 4096) as usize;
+            let mut image = images.last().unwrap().clone();
+            image[off..off + 4096].copy_from_slice(&page);
+            let times: Vec<i64> = if seq > 2 { vec![1000 + 100 * (seq as i64 - 2)] } else { vec![] };
+            h.append_timed(Seq(seq), &[test_record(&page, off as u64)], &times).unwrap();
+            images.push(image);
+            if seq == 2 {
+                point(2, 1000, &images[2]);
+            }
+        }
+        point(10, 2000, &images[10]);
+        (store, vm, images)
+    }
+
+    #[test]
+    fn a_failover_to_a_time_between_points_writes_that_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm, images) = two_points(&dir.path().join("store"));
+        let at = |ms: i64| PointSpec::Time(ms);
+        for (ms, seq, between) in [(1450, 6, true), (1050, 2, false), (1800, 10, true), (2500, 10, false)] {
+            let out = dir.path().join(format!("tfo-{ms}"));
+            let res = store.test_failover(&vm, &at(ms), &out, crate::Format::Raw, &mut |_, _| {}).unwrap();
+            assert_eq!(res.disks[0].seq, seq, "at {ms}");
+            assert_eq!(res.between_points.is_some(), between, "at {ms}: {res:?}");
+            assert_eq!(std::fs::read(out.join("sda.raw")).unwrap(), images[seq as usize], "at {ms}");
+            store.test_failover_cleanup(&vm).unwrap();
+        }
+        let out = dir.path().join("fo");
+        let res = store
+            .failover(
+                &vm,
+                tern_core::FailoverKind::Unplanned,
+                &at(1750),
+                &out,
+                crate::Format::Raw,
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert_eq!((res.disks[0].seq, res.between_points), (9, Some([1, 2])));
+        assert!(res.note.contains("every write made by then"), "{}", res.note);
+        let res = store.change_point(&vm, &at(1350), &mut |_, _| {}).unwrap();
+        assert_eq!(res.disks[0].seq, 5);
+        store.commit(&vm).unwrap();
+        let h = store.vm_disks(&vm).remove(0);
+        assert_eq!(h.base_seq(), Seq(5), "the commit moves the base to the position, not to a point");
+        assert_eq!(std::fs::read(&h.base_path).unwrap(), images[5]);
+    }
+
+    #[test]
+    fn a_time_between_points_without_times_resolves_to_the_earlier_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = crate::retention::tests::setup(dir.path());
+        let pos = store.resolve_position(&vm, &PointSpec::Time(1500)).unwrap();
+        assert_eq!((pos.point.time_ms, &pos.between), (1000, &None));
+        assert!(pos.why_point.contains("without the time"), "{}", pos.why_point);
+        let pos = store.resolve_position(&vm, &PointSpec::Time(9000)).unwrap();
+        assert!(pos.why_point.contains("after the newest point"), "{}", pos.why_point);
+    }
+
+    #[test]
+    fn time_runs_round_trip_and_refuse_garbage() {
+        let r = TimeRuns::of(7, &[5, 5, 6, 9, 9]);
+        assert_eq!(r.runs, [(8, 5), (9, 6), (11, 9)]);
+        assert_eq!(TimeRuns::decode(&r.encode()), Some(r));
+        assert_eq!(TimeRuns::decode(&[1, 2, 3]), None);
+        let backwards = TimeRuns { first: 1, runs: vec![(2, 9), (3, 8)] };
+        assert_eq!(TimeRuns::decode(&backwards.encode()), None, "times never go down");
+    }
+}
