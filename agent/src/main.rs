@@ -132,6 +132,10 @@ fn main() {
     #[allow(unsafe_code)]
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        // Buffers of 256 KiB and more (1 MiB writes in the log, records) are mapped on
+        // their own and unmapped when freed: glibc's sliding threshold would otherwise move
+        // them into the heaps, where the log's out-of-order frees strand them.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
     tern_proto::daemon::init();
     tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));

@@ -77,12 +77,18 @@ pub fn run(
     // failover can then go to any moment between two points.
     let mut armed = false;
     let mut now = 0i64;
+    let mut trimmed = std::time::Instant::now();
     while !cancel.is_cancelled() {
         let item = match tracker.next(Duration::from_millis(100)) {
             Next::Item(item) => item,
             Next::Idle => {
                 if !flush(&mut batch) {
                     return Ok(());
+                }
+                // The log has drained: what the writes took can go back to the system.
+                if trimmed.elapsed() >= Duration::from_secs(1) {
+                    crate::release_free_memory();
+                    trimmed = std::time::Instant::now();
                 }
                 continue;
             }
