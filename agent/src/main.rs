@@ -132,10 +132,6 @@ fn main() {
     #[allow(unsafe_code)]
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
-        // Buffers of 256 KiB and more (1 MiB writes in the log, records) are mapped on
-        // their own and unmapped when freed: glibc's sliding threshold would otherwise move
-        // them into the heaps, where the log's out-of-order frees strand them.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
     tern_proto::daemon::init();
     tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
@@ -163,6 +159,17 @@ fn run() -> anyhow::Result<()> {
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
     let nbd = nbd_mode(mode, nbd_listen, &log_buffer, &spill_max, &state_dir)?;
+    if nbd.is_some() {
+        // Buffers of 256 KiB and more (1 MiB writes in the log) are mapped on their own and
+        // unmapped when freed: glibc's sliding threshold would otherwise move them into the
+        // heaps, where the log's out-of-order frees strand them. Not in scan mode, whose
+        // buffers are freed in order: there the heaps reuse them without a page fault.
+        // SAFETY: mallopt only sets an allocator parameter.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        }
+    }
     let vm = VmName::new(&vm)?;
     let identity_bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
