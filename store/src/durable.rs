@@ -40,6 +40,14 @@ pub fn publish(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
     publish_file(&tmp, path)
 }
 
+/// Writes `contents` to `path` through a temporary file and a rename, without fsyncs: for
+/// notes whose loss costs only time, and whose readers check them.
+pub fn publish_unsynced(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
 /// Renames a fully written and fsynced temporary file into place and fsyncs the folder.
 pub fn publish_file(tmp: &Path, path: &Path) -> Result<(), StoreError> {
     std::fs::rename(tmp, path).map_err(io_err(path))?;

@@ -16,6 +16,12 @@ use tern_core::{Digest, Seq};
 /// A segment is closed and a new one started once it passes this size.
 pub const SEGMENT_TARGET_BYTES: u64 = 256 << 20;
 
+/// The active segment's checked length is noted (`checkpoint`) each time it has grown by
+/// this much: opening the journal checks only what follows.
+const CHECKPOINT_EVERY: u64 = 16 << 20;
+const CHECKPOINT_MAGIC: &[u8; 8] = b"TRNCKPT\0";
+const CHECKPOINT_LEN: usize = 72;
+
 /// One record, as it arrives from a sender or is read back from a segment.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
@@ -124,6 +130,78 @@ pub struct Journal {
     /// and a later fsync would succeed without them, so nothing more is written or called
     /// durable until the journal is opened again (which checks every record).
     failed: Option<String>,
+    /// The active segment's length the last checkpoint noted.
+    checkpointed: u64,
+    /// Where the last record written starts in the active segment, and its check bytes.
+    last_record: (u64, [u8; 16]),
+}
+
+/// A note that the active segment (the one starting at `first_seq`) holds valid records up
+/// to byte `len`, the last numbered `last_seq`, whose header starts at `last_at` with check
+/// bytes `last_check`: they were fsynced and checked, so opening the journal checks only
+/// what follows. Written without an fsync of its own (a lost or old one only means
+/// checking more). It is trusted only when that record is found where it says, so a
+/// damaged note, or one left from another segment of the same name, is ignored.
+/// `magic (8) | first_seq u64 | len u64 | last_seq u64 | last_at u64 | last_check [16] |
+///  check [16]` (check: BLAKE3 of the bytes before it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Checkpoint {
+    first_seq: u64,
+    len: u64,
+    last_seq: u64,
+    last_at: u64,
+    last_check: [u8; 16],
+}
+
+impl Checkpoint {
+    fn encode(&self) -> [u8; CHECKPOINT_LEN] {
+        let mut b = [0u8; CHECKPOINT_LEN];
+        b[0..8].copy_from_slice(CHECKPOINT_MAGIC);
+        b[8..16].copy_from_slice(&self.first_seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.len.to_le_bytes());
+        b[24..32].copy_from_slice(&self.last_seq.to_le_bytes());
+        b[32..40].copy_from_slice(&self.last_at.to_le_bytes());
+        b[40..56].copy_from_slice(&self.last_check);
+        let check = blake3::hash(&b[..56]);
+        b[56..72].copy_from_slice(&check.as_bytes()[..16]);
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Checkpoint> {
+        if b.len() != CHECKPOINT_LEN
+            || &b[0..8] != CHECKPOINT_MAGIC
+            || blake3::hash(&b[..56]).as_bytes()[..16] != b[56..72]
+        {
+            return None;
+        }
+        let at = |i: usize| b[i..i + 8].try_into().ok().map(u64::from_le_bytes);
+        Some(Checkpoint {
+            first_seq: at(8)?,
+            len: at(16)?,
+            last_seq: at(24)?,
+            last_at: at(32)?,
+            last_check: b[40..56].try_into().ok()?,
+        })
+    }
+
+    /// The checkpoint of `dir`, if it is about the segment at `path` (starting at
+    /// `first_seq`) and that segment holds the record it names.
+    fn read(dir: &Path, path: &Path, first_seq: u64) -> Option<Checkpoint> {
+        let c = std::fs::read(dir.join("checkpoint")).ok().as_deref().and_then(Checkpoint::decode)?;
+        let f = File::open(path).ok()?;
+        let file_len = f.metadata().ok()?.len();
+        if c.first_seq != first_seq
+            || c.last_at < SEGMENT_HEADER_LEN as u64
+            || c.last_at + RECORD_HEADER_LEN as u64 > c.len
+            || c.len > file_len
+        {
+            return None;
+        }
+        let mut raw = [0u8; RECORD_HEADER_LEN];
+        f.read_exact_at(&mut raw, c.last_at).ok()?;
+        let h = RecordHeader::decode(&raw)?;
+        (h.seq == c.last_seq && raw[64..80] == c.last_check).then_some(c)
+    }
 }
 
 fn segment_name(first_seq: u64) -> String {
@@ -169,7 +247,9 @@ impl Journal {
                 segments.push(Segment { first_seq, path, durable_len: len });
                 continue;
             }
-            let scan = scan_segment(&path, first_seq)?;
+            // Only what follows the checkpoint is checked, when it is about this segment.
+            let from = Checkpoint::read(dir, &path, first_seq);
+            let scan = scan_segment(&path, first_seq, from)?;
             if scan.bad_at.is_some() && !is_last {
                 return Err(StoreError::SegmentCorrupt {
                     path: path.display().to_string(),
@@ -204,6 +284,8 @@ impl Journal {
             durable: last,
             buf: Vec::with_capacity(4 << 20),
             failed: None,
+            checkpointed: 0,
+            last_record: (0, [0; 16]),
         };
         if let Some(seg) = j.segments.last() {
             let f = OpenOptions::new().read(true).write(true).open(&seg.path).map_err(io_err(&seg.path))?;
@@ -234,10 +316,12 @@ impl Journal {
             return Ok(self.written);
         }
         self.buf.clear();
+        let mut last_at = 0;
         for (i, r) in records.iter().enumerate() {
+            last_at = self.buf.len();
             encode_record(&mut self.buf, r, first_seq.0 + i as u64);
         }
-        self.write_buf(first_seq)?;
+        self.write_buf(first_seq, last_at)?;
         self.written = Seq(first_seq.0 + records.len() as u64 - 1);
         Ok(self.written)
     }
@@ -265,10 +349,11 @@ impl Journal {
         self.buf.clear();
         encode_record(&mut self.buf, &r, self.written.0);
         let next = self.written.next();
-        self.write_buf(next)
+        self.write_buf(next, 0)
     }
 
-    fn write_buf(&mut self, next_seq: Seq) -> Result<(), StoreError> {
+    /// Writes `buf`, whose last record starts at `last_at` in it.
+    fn write_buf(&mut self, next_seq: Seq, last_at: usize) -> Result<(), StoreError> {
         if self.active.is_none() || self.active_len >= self.segment_target {
             self.roll(next_seq)?;
         }
@@ -276,6 +361,9 @@ impl Journal {
         let path = seg.path.clone();
         let Some(f) = self.active.as_mut() else { return Err(StoreError::Invariant("no active segment")) };
         f.write_all_at(&self.buf, self.active_len).map_err(io_err(&path))?;
+        let mut check = [0u8; 16];
+        check.copy_from_slice(&self.buf[last_at + 64..last_at + RECORD_HEADER_LEN]);
+        self.last_record = (self.active_len + last_at as u64, check);
         self.active_len += self.buf.len() as u64;
         Ok(())
     }
@@ -294,6 +382,7 @@ impl Journal {
             return Err(StoreError::Io { path: path.display().to_string(), source: e });
         }
         self.segments.push(Segment { first_seq: first_seq.0, path, durable_len: 0 });
+        self.checkpointed = 0;
         self.active = Some(f);
         self.active_len = SEGMENT_HEADER_LEN as u64;
         self.dir_dirty = true;
@@ -308,6 +397,23 @@ impl Journal {
             return Err(e);
         }
         self.durable = self.written;
+        if let Some(seg) = self.segments.last()
+            && seg.durable_len >= self.checkpointed + CHECKPOINT_EVERY
+        {
+            let (last_at, last_check) = self.last_record;
+            let c = Checkpoint {
+                first_seq: seg.first_seq,
+                len: seg.durable_len,
+                last_seq: self.durable.0,
+                last_at,
+                last_check,
+            };
+            // Best effort: without it, opening checks more.
+            if let Err(e) = crate::durable::publish_unsynced(&self.dir.join("checkpoint"), &c.encode()) {
+                tracing::debug!(dir = %self.dir.display(), error = %e, "journal checkpoint not written");
+            }
+            self.checkpointed = seg.durable_len;
+        }
         Ok(self.durable)
     }
 
@@ -431,7 +537,8 @@ fn check_closed_segment(path: &Path, first_seq: u64) -> Result<u64, StoreError> 
     Ok(len)
 }
 
-fn scan_segment(path: &Path, first_seq: u64) -> Result<Scan, StoreError> {
+/// Checks the records of the active segment, from `from` (a checkpoint) when given.
+fn scan_segment(path: &Path, first_seq: u64, from: Option<Checkpoint>) -> Result<Scan, StoreError> {
     let f = File::open(path).map_err(io_err(path))?;
     let file_len = f.metadata().map_err(io_err(path))?.len();
     let mut r = BufReader::with_capacity(1 << 20, f);
@@ -441,6 +548,11 @@ fn scan_segment(path: &Path, first_seq: u64) -> Result<Scan, StoreError> {
     }
     let mut pos = SEGMENT_HEADER_LEN as u64;
     let mut last = Seq(first_seq - 1);
+    if let Some(c) = from.filter(|c| c.len >= pos && c.len <= file_len) {
+        r.seek(SeekFrom::Start(c.len)).map_err(io_err(path))?;
+        pos = c.len;
+        last = Seq(c.last_seq);
+    }
     let mut payload = Vec::new();
     loop {
         if pos == file_len {
@@ -765,6 +877,42 @@ mod tests {
         assert_eq!(rec.durable, Seq(2));
         j.append(Seq(3), &[write_rec(&[3; 4096], 0)]).unwrap();
         assert_eq!(j.sync().unwrap(), Seq(3));
+    }
+
+    /// Opening checks the active segment only past its checkpoint; a torn record after
+    /// it is still cut, and a checkpoint that does not match the segment is ignored.
+    #[test]
+    fn opening_checks_only_what_follows_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        for i in 0..24u64 {
+            j.append(Seq(i + 1), &[write_rec(&incompressible(i, 1 << 20), 0)]).unwrap();
+            j.sync().unwrap();
+        }
+        drop(j);
+        let seg = dir.path().join(segment_name(1));
+        let c = Checkpoint::read(dir.path(), &seg, 1).expect("a checkpoint of the active segment");
+        assert!(c.len >= CHECKPOINT_EVERY && (16..24).contains(&c.last_seq), "{c:?}");
+        // Damage before the checkpoint is not read at open (readers find it), damage after
+        // it is: record 2's payload and the last record's tail.
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        let record = (RECORD_HEADER_LEN + (1 << 20)) as u64;
+        f.write_all_at(b"rot", SEGMENT_HEADER_LEN as u64 + record + 500).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len - 100).unwrap();
+        drop(f);
+        let (j, rec) = Journal::open(dir.path()).unwrap();
+        assert_eq!((rec.durable, rec.cut_bytes), (Seq(23), record - 100), "the torn last record is cut");
+        assert!(j.snapshot().read(Seq(23)).any(|r| r.is_err()), "record 2's damage shows on read");
+        drop(j);
+        // A checkpoint whose record is not where it says (another segment of the same name,
+        // say) is ignored: the whole segment is checked, and the cut comes at record 2.
+        let wrong = Checkpoint { last_check: [7; 16], ..c };
+        std::fs::write(dir.path().join("checkpoint"), wrong.encode()).unwrap();
+        let (_, rec) = Journal::open(dir.path()).unwrap();
+        assert_eq!(rec.durable, Seq(1));
+        std::fs::write(dir.path().join("checkpoint"), b"garbage").unwrap();
+        assert_eq!(Journal::open(dir.path()).unwrap().1.durable, Seq(1));
     }
 
     #[test]
