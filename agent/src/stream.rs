@@ -18,6 +18,10 @@ const DATA_RECORD: usize = 1 << 20;
 const ZERO_RECORD: u64 = 4 << 20;
 /// A batch goes out once it holds this much payload, or when the log has nothing more.
 const BATCH_BYTES: usize = 1 << 20;
+/// ... or this many records (zeroed ranges carry no payload).
+const BATCH_RECORDS: usize = 4096;
+/// Free memory goes back to the system once the log has had nothing for this long.
+const QUIET_BEFORE_TRIM: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub enum LogEvent {
@@ -77,7 +81,8 @@ pub fn run(
     // failover can then go to any moment between two points.
     let mut armed = false;
     let mut now = 0i64;
-    let mut trimmed = std::time::Instant::now();
+    // When the log last had an item, and whether memory was given back since.
+    let (mut busy, mut trimmed) = (std::time::Instant::now(), true);
     while !cancel.is_cancelled() {
         let item = match tracker.next(Duration::from_millis(100)) {
             Next::Item(item) => item,
@@ -85,10 +90,13 @@ pub fn run(
                 if !flush(&mut batch) {
                     return Ok(());
                 }
-                // The log has drained: what the writes took can go back to the system.
-                if trimmed.elapsed() >= Duration::from_secs(1) {
+                // The writes have paused: what they took can go back to the system. Never
+                // while they go on: the trim holds the allocator's locks, and at this
+                // thread's low priority the VM's writes then wait behind it (in bench/nbd.sh's
+                // RPO run, a trim each second let the point lag grow past 10 s).
+                if !trimmed && busy.elapsed() >= QUIET_BEFORE_TRIM {
                     crate::release_free_memory();
-                    trimmed = std::time::Instant::now();
+                    trimmed = true;
                 }
                 continue;
             }
@@ -98,6 +106,7 @@ pub fn run(
                 return Ok(());
             }
         };
+        (busy, trimmed) = (std::time::Instant::now(), false);
         let (disk, records) = match item {
             Item::Mark(id) => {
                 if !flush(&mut batch) {
@@ -130,7 +139,7 @@ pub fn run(
             b.times.extend(std::iter::repeat_n(now, records.len()));
         }
         b.records.extend(records);
-        if b.bytes >= BATCH_BYTES && !flush(&mut batch) {
+        if (b.bytes >= BATCH_BYTES || b.records.len() >= BATCH_RECORDS) && !flush(&mut batch) {
             return Ok(());
         }
     }

@@ -214,6 +214,8 @@ CREATE TABLE IF NOT EXISTS points (
     note TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS points_vm ON points (vm, id);
+CREATE INDEX IF NOT EXISTS points_vm_time ON points (vm, time_ms, id);
+CREATE INDEX IF NOT EXISTS points_vm_consistency ON points (vm, consistency, id);
 CREATE TABLE IF NOT EXISTS point_disks (
     point INTEGER NOT NULL REFERENCES points(id),
     disk TEXT NOT NULL,

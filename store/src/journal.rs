@@ -291,6 +291,8 @@ impl Journal {
             let f = OpenOptions::new().read(true).write(true).open(&seg.path).map_err(io_err(&seg.path))?;
             j.active_len = seg.durable_len;
             j.active = Some(f);
+            // The next checkpoint comes after the next 16 MiB, once its last record is known.
+            j.checkpointed = seg.durable_len;
         }
         Ok((j, recovery))
     }
@@ -382,7 +384,7 @@ impl Journal {
             return Err(StoreError::Io { path: path.display().to_string(), source: e });
         }
         self.segments.push(Segment { first_seq: first_seq.0, path, durable_len: 0 });
-        self.checkpointed = 0;
+        self.forget_checkpoint();
         self.active = Some(f);
         self.active_len = SEGMENT_HEADER_LEN as u64;
         self.dir_dirty = true;
@@ -431,6 +433,19 @@ impl Journal {
             self.dir_dirty = false;
         }
         Ok(())
+    }
+
+    /// The checkpoint was about a segment that is no longer the active one: it goes, so
+    /// that it can never be taken for a later segment of the same name.
+    fn forget_checkpoint(&mut self) {
+        let path = self.dir.join("checkpoint");
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "an old journal checkpoint could not be removed");
+        }
+        self.checkpointed = 0;
+        self.dir_dirty = true;
     }
 
     fn check_failed(&self) -> Result<(), StoreError> {
@@ -489,6 +504,7 @@ impl Journal {
         self.active_len = 0;
         self.written = base;
         self.durable = base;
+        self.forget_checkpoint();
         sync_dir(&self.dir)
     }
 
@@ -913,6 +929,12 @@ mod tests {
         assert_eq!(rec.durable, Seq(1));
         std::fs::write(dir.path().join("checkpoint"), b"garbage").unwrap();
         assert_eq!(Journal::open(dir.path()).unwrap().1.durable, Seq(1));
+        // A checkpoint goes with its segment: a later segment of the same name (after a
+        // committed failover, say) never finds it.
+        std::fs::write(dir.path().join("checkpoint"), c.encode()).unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.delete_all(Seq(0)).unwrap();
+        assert!(!dir.path().join("checkpoint").exists());
     }
 
     #[test]

@@ -52,39 +52,36 @@ impl Store {
         let PointSpec::Time(t) = *spec else {
             return Ok(Position { point, between: None, why_point: String::new() });
         };
-        let (between, why_point) = match self.between(vm, &point, t)? {
-            Ok(b) => (b, String::new()),
-            Err(why) => (None, why),
-        };
-        Ok(Position { point, between, why_point })
+        Ok(match self.between(vm, &point, t)? {
+            At::Point => Position { point, between: None, why_point: String::new() },
+            At::Next(next) => Position { point: next, between: None, why_point: String::new() },
+            At::Between(b) => Position { point, between: Some(b), why_point: String::new() },
+            At::Earlier(why_point) => Position { point, between: None, why_point },
+        })
     }
 
-    /// The position at `t` after `point`: `Ok(None)` when it is the point itself.
-    fn between(
-        &self,
-        vm: &VmName,
-        point: &Point,
-        t: i64,
-    ) -> Result<Result<Option<Between>, String>, StoreError> {
-        if point.time_ms >= t {
-            return Ok(Ok(None));
+    /// The position at `t` after `point`.
+    fn between(&self, vm: &VmName, point: &Point, t: i64) -> Result<At, StoreError> {
+        // At the point's own millisecond too: writes acked just after its mark may carry it.
+        if point.time_ms > t {
+            return Ok(At::Point);
         }
         let Some(next) = self.catalog().next_point(vm, point.id)? else {
-            return Ok(Err(format!(
+            return Ok(At::Earlier(format!(
                 "{} is after the newest point; a moment after it is known once the next point is made",
                 rfc3339(t)
             )));
         };
         let names = |p: &Point| p.disks.iter().map(|d| d.disk.clone()).collect::<Vec<_>>();
         if next.time_ms <= t || names(&next) != names(point) {
-            return Ok(Err(format!("points {} and {} do not bound it", point.id, next.id)));
+            return Ok(At::Earlier(format!("points {} and {} do not bound it", point.id, next.id)));
         }
         let mut seqs = Vec::new();
         for (h, (a, b)) in self.point_disks(vm, point)?.iter().zip(point.disks.iter().zip(&next.disks)) {
             match cut_at(h, a.seq, b.seq, t)? {
                 Some(seq) => seqs.push(seq.0),
                 None => {
-                    return Ok(Err(format!(
+                    return Ok(At::Earlier(format!(
                         "disk {} has records between points {} and {} without the time they were \
                          written (a scan-mode agent, or a resync), so only the points are consistent there",
                         h.name, point.id, next.id
@@ -93,10 +90,27 @@ impl Store {
             }
         }
         if seqs.iter().zip(&point.disks).all(|(s, d)| *s == d.seq.0) {
-            return Ok(Ok(None));
+            return Ok(At::Point);
         }
-        Ok(Ok(Some(Between { time_ms: t, next: next.id.0, seqs })))
+        if seqs.iter().zip(&next.disks).all(|(s, d)| *s == d.seq.0) {
+            // Nothing was written between that moment and the next point: the next point is
+            // the same state, and it has a fingerprint to check the output against.
+            return Ok(At::Next(next));
+        }
+        Ok(At::Between(Between { time_ms: t, next: next.id.0, seqs }))
     }
+}
+
+/// What a time between two points resolves to.
+enum At {
+    /// The earlier point itself (nothing written between it and the time).
+    Point,
+    /// The next point (nothing written between the time and it).
+    Next(Point),
+    /// A position strictly between them.
+    Between(Between),
+    /// The earlier point, because the moment cannot be found; why.
+    Earlier(String),
 }
 
 /// The last record of `h` in `(after, upto]` written at or before `t`; `None` when a
@@ -198,8 +212,8 @@ mod tests {
     }
 
     /// A disk with point 1 at t = 1000 (two records from a resync, no times), then eight
-    /// pages written at 1100, 1200, ... 1800, then point 2 at t = 2000. Returns the disk's
-    /// image after each record.
+    /// pages written at 1000 (the point's own millisecond, after its mark), 1100, ... 1700,
+    /// then point 2 at t = 2000. Returns the disk's image after each record.
     fn two_points(root: &std::path::Path) -> (Store, VmName, Vec<Vec<u8>>) {
         use crate::{Consistency, PointDisk};
         use tern_core::DiskName;
@@ -223,7 +237,7 @@ mod tests {
             let off = (seq * 3 * 4096) as usize;
             let mut image = images.last().unwrap().clone();
             image[off..off + 4096].copy_from_slice(&page);
-            let times: Vec<i64> = if seq > 2 { vec![1000 + 100 * (seq as i64 - 2)] } else { vec![] };
+            let times: Vec<i64> = if seq > 2 { vec![1000 + 100 * (seq as i64 - 3)] } else { vec![] };
             h.append_timed(Seq(seq), &[test_record(&page, off as u64)], &times).unwrap();
             images.push(image);
             if seq == 2 {
@@ -239,7 +253,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, vm, images) = two_points(&dir.path().join("store"));
         let at = |ms: i64| PointSpec::Time(ms);
-        for (ms, seq, between) in [(1450, 6, true), (1050, 2, false), (1800, 10, true), (2500, 10, false)] {
+        // 1800: the last write; nothing after it until point 2, which is then the answer.
+        // 1000: the write acked after point 1's mark in its millisecond is there. 1700: the
+        // last write; nothing after it until point 2, which is then the answer (checked
+        // against its fingerprint).
+        for (ms, seq, between) in [(1450, 7, true), (1000, 3, true), (1700, 10, false), (2500, 10, false)] {
             let out = dir.path().join(format!("tfo-{ms}"));
             let res = store.test_failover(&vm, &at(ms), &out, crate::Format::Raw, &mut |_, _| {}).unwrap();
             assert_eq!(res.disks[0].seq, seq, "at {ms}");
@@ -252,7 +270,7 @@ mod tests {
             .failover(
                 &vm,
                 tern_core::FailoverKind::Unplanned,
-                &at(1750),
+                &at(1650),
                 &out,
                 crate::Format::Raw,
                 &mut |_, _| {},
@@ -260,7 +278,7 @@ mod tests {
             .unwrap();
         assert_eq!((res.disks[0].seq, res.between_points), (9, Some([1, 2])));
         assert!(res.note.contains("every write made by then"), "{}", res.note);
-        let res = store.change_point(&vm, &at(1350), &mut |_, _| {}).unwrap();
+        let res = store.change_point(&vm, &at(1250), &mut |_, _| {}).unwrap();
         assert_eq!(res.disks[0].seq, 5);
         store.commit(&vm).unwrap();
         let h = store.vm_disks(&vm).remove(0);
