@@ -127,7 +127,8 @@ fn main() {
     // thread frees it: with glibc's default of an arena per thread, freed memory piles up
     // in arenas that rarely serve the thread that frees (bench/nbd.sh peaks: 146-200 MiB
     // with the default, 111-182 MiB with two arenas; the runs vary with how often the log
-    // fills).
+    // fills). A fixed mmap threshold (256 KiB) was tried too: 1 MiB sequential writes fell
+    // from 0.67x to 0.44x of qemu-nbd for a peak of 174 instead of 186 MiB, so it is not set.
     // SAFETY: mallopt only sets an allocator parameter; called before any other thread.
     #[allow(unsafe_code)]
     unsafe {
@@ -159,17 +160,6 @@ fn run() -> anyhow::Result<()> {
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
     let nbd = nbd_mode(mode, nbd_listen, &log_buffer, &spill_max, &state_dir)?;
-    if nbd.is_some() {
-        // Buffers of 256 KiB and more (1 MiB writes in the log) are mapped on their own and
-        // unmapped when freed: glibc's sliding threshold would otherwise move them into the
-        // heaps, where the log's out-of-order frees strand them. Not in scan mode, whose
-        // buffers are freed in order: there the heaps reuse them without a page fault.
-        // SAFETY: mallopt only sets an allocator parameter.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
-        }
-    }
     let vm = VmName::new(&vm)?;
     let identity_bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
