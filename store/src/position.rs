@@ -286,6 +286,55 @@ mod tests {
         assert_eq!(std::fs::read(&h.base_path).unwrap(), images[5]);
     }
 
+    /// Two disks written in one order, A, B, A, B, ...: the cut at any moment holds, on
+    /// both disks, exactly the writes made by then (a prefix of that one order).
+    #[test]
+    fn a_cut_across_two_disks_is_a_prefix_of_their_one_write_order() {
+        use crate::{Consistency, PointDisk};
+        use tern_core::DiskName;
+        use tern_core::blocks::Fingerprint;
+        const SIZE: usize = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let vm = VmName::new("vm").unwrap();
+        let names = [DiskName::new("a").unwrap(), DiskName::new("b").unwrap()];
+        let hs =
+            store.register(&vm, &[(names[0].clone(), SIZE as u64), (names[1].clone(), SIZE as u64)]).unwrap();
+        let mut images = [vec![0u8; SIZE], vec![0u8; SIZE]];
+        let mut next = [1u64, 1];
+        let point = |images: &[Vec<u8>; 2], next: &[u64; 2], t: i64| {
+            let disks = (0..2)
+                .map(|d| {
+                    hs[d].journal().sync().unwrap();
+                    let mut fp = Fingerprint::new();
+                    fp.push_data(&images[d]);
+                    PointDisk { disk: names[d].clone(), seq: Seq(next[d] - 1), fingerprint: fp.finish() }
+                })
+                .collect();
+            store.make_point(&vm, t, Consistency::Crash, "", disks).unwrap();
+        };
+        point(&images, &next, 1000);
+        // Write i (1..=12) goes to disk i % 2 at time 1000 + 10 i, one page each.
+        for i in 1..=12u64 {
+            let d = (i % 2) as usize;
+            let page = vec![i as u8; 4096];
+            let off = (i * 4096) as usize;
+            images[d][off..off + 4096].copy_from_slice(&page);
+            hs[d]
+                .append_timed(Seq(next[d]), &[test_record(&page, off as u64)], &[1000 + 10 * i as i64])
+                .unwrap();
+            next[d] += 1;
+        }
+        point(&images, &next, 2000);
+        for t in [1005, 1010, 1015, 1075, 1090, 1115] {
+            let pos = store.resolve_position(&vm, &PointSpec::Time(t)).unwrap();
+            let made = ((t - 1000) / 10) as u64; // writes 1..=made were made by t
+            let want: Vec<u64> =
+                (0..2).map(|d| (1..=made).filter(|i| (i % 2) as usize == d).count() as u64).collect();
+            assert_eq!(pos.seqs(), want.iter().map(|&s| Seq(s)).collect::<Vec<_>>(), "at {t}: {pos:?}");
+        }
+    }
+
     #[test]
     fn a_time_between_points_without_times_resolves_to_the_earlier_point() {
         let dir = tempfile::tempdir().unwrap();
