@@ -581,3 +581,33 @@ fn writes_that_overflow_the_log_during_the_first_sync_are_compared_again() {
     let log = vm.agent.log_text();
     assert!(log.contains("filled up during the resync"), "{}", tail(&log, 20));
 }
+
+/// An app-consistent point in nbd mode freezes the VM only around the mark (no scan under
+/// the freeze), says for how long, and holds every write made before it.
+#[test]
+fn an_app_consistent_point_freezes_only_for_the_mark() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let log = root.join("hooks.log");
+    let freeze = format!("echo freeze >> {}", log.display());
+    let thaw = format!("echo thaw >> {}", log.display());
+    let vm = start_nbd(root, |disk| make_random(disk, 32, 8, 3), &["--freeze", &freeze, "--thaw", &thaw]);
+    vm.server.checkpoint("db");
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 4M 3M", "-c", "flush", &vm.uri]))
+        .unwrap();
+    let before = std::fs::read_to_string(&log).unwrap_or_default().lines().count();
+    let p = vm.server.drctl_json(&["checkpoint", "db", "--wait", "--app-consistent"]);
+    assert_eq!(p["consistency"], "app", "{p}");
+    let note = p["note"].as_str().unwrap();
+    let ms: u64 = note
+        .strip_prefix("frozen ")
+        .and_then(|n| n.strip_suffix(" ms for the mark"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the note says how long the VM was frozen: {note:?}"));
+    assert!(ms < 1000, "frozen {ms} ms for a mark");
+    let calls: Vec<String> =
+        std::fs::read_to_string(&log).unwrap().lines().skip(before).map(String::from).collect();
+    assert_eq!(calls, ["freeze", "thaw"], "one freeze, then its thaw");
+    let (hash, _) = test_failover(&vm.server, root, &p);
+    assert_eq!(hash, b3(&vm.disk, None), "the point holds every write made before it");
+}
