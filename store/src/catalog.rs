@@ -883,14 +883,12 @@ impl Catalog {
 
     /// The newest point of a VM: one probe of the `(vm, id)` index.
     pub fn latest_point(&self, vm: &VmName) -> Result<Option<Point>, StoreError> {
-        let last: Option<i64> = self
-            .db
-            .query_row("SELECT max(id) FROM points WHERE vm = ?1", [vm.as_str()], |r| r.get(0))
-            .map_err(q("latest point"))?;
-        match last {
-            Some(id) => Ok(self.points_from(vm, id)?.pop()),
-            None => Ok(None),
-        }
+        self.point_where(vm, "SELECT max(id) FROM points WHERE vm = ?1 AND id >= ?2", 0)
+    }
+
+    /// The oldest point of a VM: one probe of the `(vm, id)` index.
+    pub fn oldest_point(&self, vm: &VmName) -> Result<Option<Point>, StoreError> {
+        self.point_where(vm, "SELECT min(id) FROM points WHERE vm = ?1 AND id >= ?2", 0)
     }
 
     /// One point of a VM by id.

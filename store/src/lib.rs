@@ -254,7 +254,7 @@ impl DiskHandle {
 
     /// Appends `records`, numbered from `first_seq`, without syncing; returns the last seq.
     pub fn append(&self, first_seq: Seq, records: &[Record]) -> Result<Seq, StoreError> {
-        self.journal().append(first_seq, records)
+        self.append_timed(first_seq, records, &[])
     }
 
     /// [`DiskHandle::append`], then a time record with when the source wrote each record
@@ -884,7 +884,11 @@ impl Store {
         if let Some(p) = found {
             return Ok(p);
         }
-        let points = self.points(vm)?;
+        // The refusal names the oldest and newest: two probes, however many points.
+        let (oldest, newest) = {
+            let c = self.catalog();
+            (c.oldest_point(vm)?, c.latest_point(vm)?)
+        };
         Err(StoreError::PointNotFound {
             vm: vm.clone(),
             wanted: match spec {
@@ -893,7 +897,7 @@ impl Store {
                 PointSpec::Id(id) => format!("{id} (it does not exist or was pruned)"),
                 PointSpec::Time(ms) => format!("at or before {}", rfc3339(*ms)),
             },
-            available: match (points.first(), points.last()) {
+            available: match (oldest, newest) {
                 (Some(a), Some(b)) => format!(
                     "the oldest is {} ({}), the newest {} ({}); see `drctl points {vm}`",
                     a.id,

@@ -714,3 +714,8 @@ pub fn check_database_image(image: &Path, mnt: &Path, before: i64, what: &str) {
         "{what} holds {max} transactions; {before} were committed before it was asked for"
     );
 }
+
+/// A freeze and a thaw hook that each append their name to `log` (one line per call).
+pub fn logging_hooks(log: &Path) -> (String, String) {
+    (format!("echo freeze >> {}", log.display()), format!("echo thaw >> {}", log.display()))
+}

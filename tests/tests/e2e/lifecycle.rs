@@ -38,8 +38,7 @@ fn every_point_option_gives_the_source_at_that_point() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let hooks = root.join("hooks.log");
-    let freeze = format!("echo freeze >> {}", hooks.display());
-    let thaw = format!("echo thaw >> {}", hooks.display());
+    let (freeze, thaw) = logging_hooks(&hooks);
     let (server, _agent, disk) = setup(root, "opt", &["--freeze", &freeze, "--thaw", &thaw], &[]);
 
     let p1 = server.checkpoint("opt");

@@ -589,8 +589,7 @@ fn an_app_consistent_point_freezes_only_for_the_mark() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let log = root.join("hooks.log");
-    let freeze = format!("echo freeze >> {}", log.display());
-    let thaw = format!("echo thaw >> {}", log.display());
+    let (freeze, thaw) = logging_hooks(&log);
     let vm = start_nbd(root, |disk| make_random(disk, 32, 8, 3), &["--freeze", &freeze, "--thaw", &thaw]);
     vm.server.checkpoint("db");
     run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 4M 3M", "-c", "flush", &vm.uri]))
