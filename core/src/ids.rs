@@ -141,6 +141,8 @@ macro_rules! name_type {
 
 name_type!(VmName, "VM");
 name_type!(DiskName, "disk");
+name_type!(GroupName, "group");
+name_type!(PlanName, "plan");
 
 #[cfg(test)]
 mod tests {

@@ -12,5 +12,5 @@ pub mod pki;
 pub mod units;
 
 pub use blocks::{BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK};
-pub use ids::{Digest, DiskName, NameError, PointId, Seq, VmName};
+pub use ids::{Digest, DiskName, GroupName, NameError, PlanName, PointId, Seq, VmName};
 pub use lifecycle::{FailoverKind, Health, JobKind, JobState, SyncMode, VmState};

@@ -46,6 +46,7 @@ pub fn store_status(e: StoreError, site: Site) -> Status {
         | StoreError::TestFailoverOpen { .. }
         | StoreError::DiskSizeChanged { .. }
         | StoreError::PointBeyondDurable { .. }
+        | StoreError::Group(_)
         | StoreError::WrongState { .. } => Status::failed_precondition(msg),
         StoreError::SeqGap { .. } => Status::out_of_range(msg),
         StoreError::OutputExists(_) | StoreError::PointDisksMismatch { .. } => Status::invalid_argument(msg),

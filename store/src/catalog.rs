@@ -5,7 +5,9 @@
 use crate::StoreError;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
-use tern_core::{Digest, DiskName, FailoverKind, JobKind, JobState, PointId, Seq, SyncMode, VmName, VmState};
+use tern_core::{
+    Digest, DiskName, FailoverKind, GroupName, JobKind, JobState, PointId, Seq, SyncMode, VmName, VmState,
+};
 
 #[derive(Debug)]
 pub struct Catalog {
@@ -128,6 +130,28 @@ pub struct Point {
     pub consistency: Consistency,
     pub note: String,
     pub disks: Vec<PointDisk>,
+    /// A multi-VM point of this replication group: the same id is a point of every
+    /// member, all taken at one cut.
+    pub group: Option<GroupName>,
+}
+
+/// A replication group: VMs whose multi-VM points are taken at one cut across all of
+/// them, on the group's own intervals (0: none on a schedule).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRow {
+    pub name: GroupName,
+    pub members: Vec<VmName>,
+    pub crash_interval_ms: i64,
+    pub app_interval_ms: i64,
+}
+
+/// A recovery plan as applied: its name, the file's text and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanRow {
+    pub name: String,
+    pub source: String,
+    pub file: String,
+    pub applied_ms: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,8 +173,32 @@ const TARGET_JOURNAL: &str = "journal";
 const TARGET_WRITE_THROUGH: &str = "write-through";
 
 /// The catalog's layout (`PRAGMA user_version`). 0: before the version was kept. 2: a
-/// failover may use a position between two points (`failovers.cut`).
-pub const SCHEMA_VERSION: i64 = 2;
+/// failover may use a position between two points (`failovers.cut`). 3: a point is keyed
+/// by VM and id (a multi-VM point's id is shared by its group's members), replication
+/// groups and recovery plans.
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// Version 3's point tables, under the names a migration copies into.
+const POINT_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS {points} (
+    vm TEXT NOT NULL REFERENCES vms(name),
+    id INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    consistency TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    grp TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (vm, id)
+);
+CREATE TABLE IF NOT EXISTS {point_disks} (
+    vm TEXT NOT NULL,
+    point INTEGER NOT NULL,
+    disk TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    fingerprint BLOB NOT NULL,
+    PRIMARY KEY (vm, point, disk),
+    FOREIGN KEY (vm, point) REFERENCES {points}(vm, id)
+);
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms (
@@ -206,22 +254,24 @@ CREATE TABLE IF NOT EXISTS disks (
     base_path TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (vm, name)
 );
-CREATE TABLE IF NOT EXISTS points (
-    id INTEGER PRIMARY KEY,
-    vm TEXT NOT NULL REFERENCES vms(name),
-    time_ms INTEGER NOT NULL,
-    consistency TEXT NOT NULL,
-    note TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS points_vm ON points (vm, id);
 CREATE INDEX IF NOT EXISTS points_vm_time ON points (vm, time_ms, id);
 CREATE INDEX IF NOT EXISTS points_vm_consistency ON points (vm, consistency, id);
-CREATE TABLE IF NOT EXISTS point_disks (
-    point INTEGER NOT NULL REFERENCES points(id),
-    disk TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    fingerprint BLOB NOT NULL,
-    PRIMARY KEY (point, disk)
+CREATE INDEX IF NOT EXISTS points_vm_group ON points (vm, grp, consistency, id);
+CREATE TABLE IF NOT EXISTS groups (
+    name TEXT PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    crash_interval_ms INTEGER NOT NULL,
+    app_interval_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS group_members (
+    vm TEXT PRIMARY KEY REFERENCES vms(name),
+    grp TEXT NOT NULL REFERENCES groups(name)
+);
+CREATE TABLE IF NOT EXISTS plans (
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    file TEXT NOT NULL,
+    applied_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS test_failovers (
     vm TEXT PRIMARY KEY REFERENCES vms(name),
@@ -367,6 +417,34 @@ impl Catalog {
             });
         }
         let tx = db.transaction().map_err(q("migrate catalog"))?;
+        let columns = |table: &str| -> Result<Vec<String>, StoreError> {
+            let mut st = tx
+                .prepare("SELECT name FROM pragma_table_info(?1)")
+                .map_err(q("migrate catalog"))?;
+            let names = st.query_map([table], |r| r.get::<_, String>(0)).map_err(q("migrate catalog"))?;
+            names.collect::<Result<Vec<_>, _>>().map_err(q("migrate catalog"))
+        };
+        let point_columns = columns("points")?;
+        if point_columns.is_empty() {
+            tx.execute_batch(&POINT_TABLES.replace("{points}", "points").replace("{point_disks}", "point_disks"))
+                .map_err(q("create schema"))?;
+        } else if !point_columns.iter().any(|c| c == "grp") {
+            // Before version 3 a point's id was its key alone: copy into the (vm, id) layout.
+            tx.execute_batch(&format!(
+                "{}
+                 INSERT INTO points_v3 (vm, id, time_ms, consistency, note)
+                     SELECT vm, id, time_ms, consistency, note FROM points;
+                 INSERT INTO point_disks_v3 (vm, point, disk, seq, fingerprint)
+                     SELECT p.vm, pd.point, pd.disk, pd.seq, pd.fingerprint
+                     FROM point_disks pd JOIN points p ON p.id = pd.point;
+                 DROP TABLE point_disks;
+                 DROP TABLE points;
+                 ALTER TABLE points_v3 RENAME TO points;
+                 ALTER TABLE point_disks_v3 RENAME TO point_disks;",
+                POINT_TABLES.replace("{points}", "points_v3").replace("{point_disks}", "point_disks_v3")
+            ))
+            .map_err(q("migrate catalog points"))?;
+        }
         tx.execute_batch(SCHEMA).map_err(q("create schema"))?;
         // Version 1 had no `failovers.cut`.
         let has_cut: bool = tx
@@ -505,8 +583,9 @@ impl Catalog {
     /// Removes every row of a VM.
     pub fn forget_vm(&self, vm: &VmName) -> Result<(), StoreError> {
         for sql in [
-            "DELETE FROM point_disks WHERE point IN (SELECT id FROM points WHERE vm = ?1)",
+            "DELETE FROM point_disks WHERE vm = ?1",
             "DELETE FROM points WHERE vm = ?1",
+            "DELETE FROM group_members WHERE vm = ?1",
             "DELETE FROM disks WHERE vm = ?1",
             "DELETE FROM policies WHERE vm = ?1",
             "DELETE FROM test_failovers WHERE vm = ?1",
@@ -588,7 +667,7 @@ impl Catalog {
         };
         let delete_points = |tx: &rusqlite::Transaction<'_>| -> Result<(), StoreError> {
             for sql in [
-                "DELETE FROM point_disks WHERE point IN (SELECT id FROM points WHERE vm = ?1)",
+                "DELETE FROM point_disks WHERE vm = ?1",
                 "DELETE FROM points WHERE vm = ?1",
             ] {
                 tx.execute(sql, [v]).map_err(q("change VM state"))?;
@@ -710,13 +789,14 @@ impl Catalog {
         Ok(())
     }
 
-    /// Removes points (and their disk rows) by id.
-    pub fn delete_points(&mut self, ids: &[PointId]) -> Result<(), StoreError> {
+    /// Removes points of a VM (and their disk rows) by id.
+    pub fn delete_points(&mut self, vm: &VmName, ids: &[PointId]) -> Result<(), StoreError> {
         let tx = self.db.transaction().map_err(q("delete points"))?;
         for id in ids {
-            tx.execute("DELETE FROM point_disks WHERE point = ?1", [i64_of(id.0)])
+            let key = params![vm.as_str(), i64_of(id.0)];
+            tx.execute("DELETE FROM point_disks WHERE vm = ?1 AND point = ?2", key)
                 .map_err(q("delete points"))?;
-            tx.execute("DELETE FROM points WHERE id = ?1", [i64_of(id.0)]).map_err(q("delete points"))?;
+            tx.execute("DELETE FROM points WHERE vm = ?1 AND id = ?2", key).map_err(q("delete points"))?;
         }
         tx.commit().map_err(q("delete points"))
     }
@@ -843,18 +923,32 @@ impl Catalog {
     }
 
     pub fn insert_point(&mut self, p: &Point) -> Result<(), StoreError> {
+        self.insert_points(std::slice::from_ref(p))
+    }
+
+    /// Inserts points in one transaction: a multi-VM point is a row per member, all or none.
+    pub fn insert_points(&mut self, points: &[Point]) -> Result<(), StoreError> {
         let tx = self.db.transaction().map_err(q("insert point"))?;
-        tx.execute(
-            "INSERT INTO points (id, vm, time_ms, consistency, note) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![i64_of(p.id.0), p.vm.as_str(), p.time_ms, p.consistency.as_str(), p.note],
-        )
-        .map_err(q("insert point"))?;
-        for d in &p.disks {
+        for p in points {
+            let group = p.group.as_ref().map_or("", GroupName::as_str);
             tx.execute(
-                "INSERT INTO point_disks (point, disk, seq, fingerprint) VALUES (?1, ?2, ?3, ?4)",
-                params![i64_of(p.id.0), d.disk.as_str(), i64_of(d.seq.0), d.fingerprint.0.to_vec()],
+                "INSERT INTO points (vm, id, time_ms, consistency, note, grp) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![p.vm.as_str(), i64_of(p.id.0), p.time_ms, p.consistency.as_str(), p.note, group],
             )
             .map_err(q("insert point"))?;
+            for d in &p.disks {
+                tx.execute(
+                    "INSERT INTO point_disks (vm, point, disk, seq, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        p.vm.as_str(),
+                        i64_of(p.id.0),
+                        d.disk.as_str(),
+                        i64_of(d.seq.0),
+                        d.fingerprint.0.to_vec()
+                    ],
+                )
+                .map_err(q("insert point"))?;
+            }
         }
         tx.commit().map_err(q("insert point"))
     }
@@ -932,6 +1026,202 @@ impl Catalog {
         )
     }
 
+    /// The newest multi-VM point of `group` that `vm` has (app-consistent ones only when
+    /// `app`), at or below id `below`: one or two probes of the group index.
+    pub fn group_point_at_or_below(
+        &self,
+        vm: &VmName,
+        group: &GroupName,
+        app: bool,
+        below: PointId,
+    ) -> Result<Option<PointId>, StoreError> {
+        let probe = "SELECT max(id) FROM points WHERE vm = ?1 AND grp = ?2 AND consistency = ?3 AND id <= ?4";
+        let mut best: Option<i64> = None;
+        for c in if app { &["app"][..] } else { &["crash", "app"][..] } {
+            let id: Option<i64> = self
+                .db
+                .query_row(probe, params![vm.as_str(), group.as_str(), c, i64_of(below.0)], |r| r.get(0))
+                .map_err(q("look up multi-VM point"))?;
+            best = best.max(id);
+        }
+        Ok(best.and_then(|id| u64::try_from(id).ok()).map(PointId))
+    }
+
+    /// The group `vm` belongs to, if any.
+    pub fn group_of(&self, vm: &VmName) -> Result<Option<GroupName>, StoreError> {
+        let g: Option<String> = self
+            .db
+            .query_row("SELECT grp FROM group_members WHERE vm = ?1", [vm.as_str()], |r| r.get(0))
+            .optional()
+            .map_err(q("look up group"))?;
+        g.map(|g| GroupName::new(&g).map_err(|e| bad_row("group_members", vm.as_str(), e.to_string())))
+            .transpose()
+    }
+
+    /// Every replication group, by name, with its members in name order.
+    pub fn groups(&self) -> Result<Vec<GroupRow>, StoreError> {
+        let mut st = self
+            .db
+            .prepare("SELECT name, crash_interval_ms, app_interval_ms FROM groups ORDER BY name")
+            .map_err(q("list groups"))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+            .map_err(q("list groups"))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (name, crash_interval_ms, app_interval_ms) = r.map_err(q("list groups"))?;
+            let name = GroupName::new(&name).map_err(|e| bad_row("groups", &name, e.to_string()))?;
+            out.push(GroupRow { name, members: Vec::new(), crash_interval_ms, app_interval_ms });
+        }
+        let mut st =
+            self.db.prepare("SELECT grp, vm FROM group_members ORDER BY vm").map_err(q("list groups"))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(q("list groups"))?;
+        for r in rows {
+            let (grp, vm) = r.map_err(q("list groups"))?;
+            let bad = |reason: String| bad_row("group_members", &vm, reason);
+            let g = out
+                .iter_mut()
+                .find(|g| g.name.as_str() == grp)
+                .ok_or_else(|| bad(format!("group {grp:?} does not exist")))?;
+            g.members.push(VmName::new(&vm).map_err(|e| bad(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    pub fn group(&self, name: &GroupName) -> Result<Option<GroupRow>, StoreError> {
+        Ok(self.groups()?.into_iter().find(|g| &g.name == name))
+    }
+
+    /// Creates a group, or (with `create` false) adds members to an existing one; refused
+    /// (nothing changed) when a VM is unknown or already in a group.
+    pub fn add_to_group(
+        &mut self,
+        name: &GroupName,
+        vms: &[VmName],
+        create: Option<(i64, i64)>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.transaction().map_err(q("change group"))?;
+        let exists: bool = tx
+            .query_row("SELECT count(*) FROM groups WHERE name = ?1", [name.as_str()], |r| r.get::<_, i64>(0))
+            .map_err(q("change group"))?
+            > 0;
+        match (create, exists) {
+            (Some(_), true) => return Err(StoreError::Group(format!("group {name} already exists"))),
+            (None, false) => {
+                return Err(StoreError::Group(format!(
+                    "no group is named {name}; create it with `drctl group create {name} --vm ...`"
+                )));
+            }
+            (Some((crash, app)), false) => {
+                tx.execute(
+                    "INSERT INTO groups (name, created_ms, crash_interval_ms, app_interval_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![name.as_str(), now_ms, crash, app],
+                )
+                .map_err(q("change group"))?;
+            }
+            (None, true) => {}
+        }
+        for vm in vms {
+            let known: bool = tx
+                .query_row("SELECT count(*) FROM vms WHERE name = ?1", [vm.as_str()], |r| r.get::<_, i64>(0))
+                .map_err(q("change group"))?
+                > 0;
+            if !known {
+                return Err(StoreError::Group(format!(
+                    "VM {vm} is not protected here; protect it first (`drctl protect`)"
+                )));
+            }
+            let other: Option<String> = tx
+                .query_row("SELECT grp FROM group_members WHERE vm = ?1", [vm.as_str()], |r| r.get(0))
+                .optional()
+                .map_err(q("change group"))?;
+            if let Some(other) = other {
+                return Err(StoreError::Group(format!(
+                    "VM {vm} is already in group {other}; a VM belongs to one group (`drctl group remove {other} --vm {vm}` first)"
+                )));
+            }
+            tx.execute("INSERT INTO group_members (vm, grp) VALUES (?1, ?2)", params![vm.as_str(), name.as_str()])
+                .map_err(q("change group"))?;
+        }
+        tx.commit().map_err(q("change group"))
+    }
+
+    /// Removes members from a group; with no VMs named, removes the group itself (its
+    /// multi-VM points stay points of each VM).
+    pub fn remove_from_group(&mut self, name: &GroupName, vms: &[VmName]) -> Result<(), StoreError> {
+        let tx = self.db.transaction().map_err(q("change group"))?;
+        if vms.is_empty() {
+            tx.execute("DELETE FROM group_members WHERE grp = ?1", [name.as_str()]).map_err(q("change group"))?;
+            let n =
+                tx.execute("DELETE FROM groups WHERE name = ?1", [name.as_str()]).map_err(q("change group"))?;
+            if n == 0 {
+                return Err(StoreError::Group(format!("no group is named {name}")));
+            }
+        }
+        for vm in vms {
+            let n = tx
+                .execute("DELETE FROM group_members WHERE vm = ?1 AND grp = ?2", params![vm.as_str(), name.as_str()])
+                .map_err(q("change group"))?;
+            if n == 0 {
+                return Err(StoreError::Group(format!("VM {vm} is not in group {name}")));
+            }
+        }
+        tx.commit().map_err(q("change group"))
+    }
+
+    /// Sets a group's multi-VM intervals (`None` keeps one).
+    pub fn set_group_intervals(
+        &self,
+        name: &GroupName,
+        crash_ms: Option<i64>,
+        app_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let n = self
+            .db
+            .execute(
+                "UPDATE groups SET crash_interval_ms = coalesce(?2, crash_interval_ms),
+                 app_interval_ms = coalesce(?3, app_interval_ms) WHERE name = ?1",
+                params![name.as_str(), crash_ms, app_ms],
+            )
+            .map_err(q("set group policy"))?;
+        if n == 0 {
+            return Err(StoreError::Group(format!("no group is named {name}")));
+        }
+        Ok(())
+    }
+
+    /// Stores a plan's file under its name, replacing an earlier one.
+    pub fn put_plan(&self, plan: &PlanRow) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "INSERT INTO plans (name, source, file, applied_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET source = ?2, file = ?3, applied_ms = ?4",
+                params![plan.name, plan.source, plan.file, plan.applied_ms],
+            )
+            .map_err(q("store plan"))?;
+        Ok(())
+    }
+
+    pub fn plans(&self) -> Result<Vec<PlanRow>, StoreError> {
+        let mut st = self
+            .db
+            .prepare("SELECT name, source, file, applied_ms FROM plans ORDER BY name")
+            .map_err(q("list plans"))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(PlanRow { name: r.get(0)?, source: r.get(1)?, file: r.get(2)?, applied_ms: r.get(3)? })
+            })
+            .map_err(q("list plans"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(q("list plans"))
+    }
+
+    pub fn delete_plan(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.db.execute("DELETE FROM plans WHERE name = ?1", [name]).map_err(q("delete plan"))? > 0)
+    }
+
     /// Points of a VM from id `from` on, oldest first.
     fn points_from(&self, vm: &VmName, from: i64) -> Result<Vec<Point>, StoreError> {
         self.points_in(vm, from, i64::MAX)
@@ -942,19 +1232,25 @@ impl Catalog {
         let mut st = self
             .db
             .prepare(
-                "SELECT id, time_ms, consistency, note FROM points
+                "SELECT id, time_ms, consistency, note, grp FROM points
                  WHERE vm = ?1 AND id >= ?2 AND id <= ?3 ORDER BY id",
             )
             .map_err(q("list points"))?;
         let rows = st
             .query_map(params![vm.as_str(), from, to], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
             })
             .map_err(q("list points"))?;
         let mut points = Vec::new();
         let mut index = std::collections::HashMap::new();
         for r in rows {
-            let (id, time_ms, consistency, note) = r.map_err(q("list points"))?;
+            let (id, time_ms, consistency, note, group) = r.map_err(q("list points"))?;
             let bad = |reason: String| bad_row("points", &id.to_string(), reason);
             index.insert(id, points.len());
             points.push(Point {
@@ -965,14 +1261,18 @@ impl Catalog {
                     .ok_or_else(|| bad(format!("unknown consistency {consistency:?}")))?,
                 note,
                 disks: Vec::new(),
+                group: if group.is_empty() {
+                    None
+                } else {
+                    Some(GroupName::new(&group).map_err(|e| bad(e.to_string()))?)
+                },
             });
         }
         let mut st = self
             .db
             .prepare(
-                "SELECT pd.point, pd.disk, pd.seq, pd.fingerprint FROM point_disks pd
-                 JOIN points p ON p.id = pd.point WHERE p.vm = ?1 AND pd.point >= ?2 AND pd.point <= ?3
-                 ORDER BY pd.point, pd.disk",
+                "SELECT point, disk, seq, fingerprint FROM point_disks
+                 WHERE vm = ?1 AND point >= ?2 AND point <= ?3 ORDER BY point, disk",
             )
             .map_err(q("list point disks"))?;
         let rows = st
@@ -1069,6 +1369,7 @@ mod tests {
                 consistency: Consistency::Crash,
                 note: String::new(),
                 disks: vec![pd],
+                group: None,
             };
             c.insert_point(&p).unwrap();
         }
@@ -1166,6 +1467,7 @@ mod tests {
             consistency: Consistency::Crash,
             note: String::new(),
             disks: vec![pd],
+            group: None,
         };
         c.insert_point(&point).unwrap();
         c.set_policy(&vm, &Policy { retention_ms: 7_200_000, ..Policy::default() }).unwrap();

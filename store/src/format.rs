@@ -199,6 +199,9 @@ pub struct BookmarkBody {
     pub time_ms: i64,
     pub consistency: String,
     pub disks: Vec<BookmarkDisk>,
+    /// A multi-VM point: its replication group (absent for a VM's own point).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

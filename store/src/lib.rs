@@ -45,8 +45,8 @@ mod retention;
 mod write_through;
 
 pub use catalog::{
-    Between, Consistency, FailoverRow, JobRow, MAX_RETENTION_MS, Point, PointDisk, Policy, ReprotectRow,
-    SCHEMA_VERSION, TestFailoverRow, Transition,
+    Between, Consistency, FailoverRow, GroupRow, JobRow, MAX_RETENTION_MS, PlanRow, Point, PointDisk, Policy,
+    ReprotectRow, SCHEMA_VERSION, TestFailoverRow, Transition,
 };
 pub use failover::VerifiedDisk;
 pub use format::{RecordKind, TimeRuns};
@@ -69,7 +69,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tern_core::codec::CodecError;
-use tern_core::{Digest, DiskName, PointId, Seq, VmName};
+use tern_core::{Digest, DiskName, GroupName, PointId, Seq, VmName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -93,6 +93,9 @@ pub enum StoreError {
     PointDisksMismatch { vm: VmName, reason: String },
     #[error("point covers seq {seq} of disk {disk}, but only {durable} is durable")]
     PointBeyondDurable { disk: String, seq: Seq, durable: Seq },
+    /// A replication group change or lookup that cannot be done; the text says why.
+    #[error("{0}")]
+    Group(String),
     #[error("VM {vm} has no point {wanted}; {available}")]
     PointNotFound { vm: VmName, wanted: String, available: String },
     #[error("disk {disk}: the materialised image has fingerprint {actual}, the point says {expected}")]
@@ -321,9 +324,24 @@ pub enum PointSpec {
     Latest,
     LatestProcessed,
     LatestApp,
+    /// The newest multi-VM point the VM's replication group has in common (a VM in no
+    /// group: its latest processed point).
+    LatestMultiVm,
+    /// The same, of app-consistent multi-VM points (a VM in no group: its latest app point).
+    LatestMultiVmApp,
     Id(PointId),
     /// The newest point at or before this Unix time in milliseconds.
     Time(i64),
+}
+
+/// A cut an agent made, not yet a point: what [`Store::make_group_point`] takes per member.
+#[derive(Clone, Debug)]
+pub struct NewPoint {
+    pub vm: VmName,
+    pub time_ms: i64,
+    pub consistency: Consistency,
+    pub note: String,
+    pub disks: Vec<PointDisk>,
 }
 
 impl PointSpec {
@@ -332,6 +350,8 @@ impl PointSpec {
             "latest" => Some(PointSpec::Latest),
             "latest-processed" => Some(PointSpec::LatestProcessed),
             "latest-app" => Some(PointSpec::LatestApp),
+            "latest-multi-vm" => Some(PointSpec::LatestMultiVm),
+            "latest-multi-vm-app" => Some(PointSpec::LatestMultiVmApp),
             _ => {
                 if let Ok(n) = s.parse::<u64>() {
                     return Some(PointSpec::Id(PointId(n)));
@@ -350,6 +370,8 @@ impl std::fmt::Display for PointSpec {
             PointSpec::Latest => f.write_str("latest"),
             PointSpec::LatestProcessed => f.write_str("latest-processed"),
             PointSpec::LatestApp => f.write_str("latest-app"),
+            PointSpec::LatestMultiVm => f.write_str("latest-multi-vm"),
+            PointSpec::LatestMultiVmApp => f.write_str("latest-multi-vm-app"),
             PointSpec::Id(id) => write!(f, "{id}"),
             PointSpec::Time(ms) => f.write_str(&rfc3339(*ms)),
         }
@@ -821,53 +843,74 @@ impl Store {
         time_ms: i64,
         consistency: Consistency,
         note: &str,
-        mut disks: Vec<PointDisk>,
+        disks: Vec<PointDisk>,
     ) -> Result<Point, StoreError> {
-        let handles = self.vm_disks(vm);
-        if handles.is_empty() {
-            return Err(StoreError::UnknownVm(vm.clone()));
-        }
-        disks.sort_by(|a, b| a.disk.cmp(&b.disk));
-        let names: Vec<&DiskName> = disks.iter().map(|d| &d.disk).collect();
-        let have: Vec<&DiskName> = handles.iter().map(|h| &h.name).collect();
-        if names != have {
-            return Err(StoreError::PointDisksMismatch {
-                vm: vm.clone(),
-                reason: format!("point names {names:?}, VM has {have:?}"),
-            });
-        }
-        // Every disk is checked before any bookmark is written: a refusal leaves no trace.
-        for (h, d) in handles.iter().zip(&disks) {
-            let durable = h.durable();
-            if d.seq > durable {
-                return Err(StoreError::PointBeyondDurable { disk: h.name.to_string(), seq: d.seq, durable });
+        let cut = NewPoint { vm: vm.clone(), time_ms, consistency, note: note.to_string(), disks };
+        Ok(self.make_points(None, vec![cut])?.remove(0))
+    }
+
+    /// Makes one multi-VM point of `group`: one id for every member's cut, each member's
+    /// bookmarks written, then all the rows in one catalog transaction. Every cut is checked
+    /// before anything is written: a refusal of one leaves no trace on any.
+    pub fn make_group_point(&self, group: &GroupName, cuts: Vec<NewPoint>) -> Result<Vec<Point>, StoreError> {
+        self.make_points(Some(group), cuts)
+    }
+
+    fn make_points(&self, group: Option<&GroupName>, cuts: Vec<NewPoint>) -> Result<Vec<Point>, StoreError> {
+        let mut checked = Vec::new();
+        for mut cut in cuts {
+            let handles = self.vm_disks(&cut.vm);
+            if handles.is_empty() {
+                return Err(StoreError::UnknownVm(cut.vm));
             }
+            cut.disks.sort_by(|a, b| a.disk.cmp(&b.disk));
+            let names: Vec<&DiskName> = cut.disks.iter().map(|d| &d.disk).collect();
+            let have: Vec<&DiskName> = handles.iter().map(|h| &h.name).collect();
+            if names != have {
+                return Err(StoreError::PointDisksMismatch {
+                    vm: cut.vm.clone(),
+                    reason: format!("point names {names:?}, VM has {have:?}"),
+                });
+            }
+            for (h, d) in handles.iter().zip(&cut.disks) {
+                let durable = h.durable();
+                if d.seq > durable {
+                    return Err(StoreError::PointBeyondDurable { disk: h.name.to_string(), seq: d.seq, durable });
+                }
+            }
+            checked.push((cut, handles));
         }
         let id = self.catalog().next_point_id()?;
-        let point = Point { id, vm: vm.clone(), time_ms, consistency, note: note.to_string(), disks };
-        let body = serde_json::to_vec(&format::BookmarkBody {
-            point: id.0,
-            vm: vm.to_string(),
-            time_ms,
-            consistency: consistency.as_str().to_string(),
-            disks: point
-                .disks
-                .iter()
-                .map(|d| format::BookmarkDisk {
-                    disk: d.disk.to_string(),
-                    seq: d.seq.0,
-                    fingerprint: d.fingerprint.to_hex(),
-                })
-                .collect(),
-        })
-        .map_err(|_| StoreError::Invariant("bookmark encodes"))?;
-        for h in &handles {
-            let mut j = h.journal();
-            j.append_bookmark(&body)?;
-            j.sync()?;
+        let mut points = Vec::new();
+        for (cut, handles) in checked {
+            let NewPoint { vm, time_ms, consistency, note, disks } = cut;
+            let point = Point { id, vm, time_ms, consistency, note, disks, group: group.cloned() };
+            let body = serde_json::to_vec(&format::BookmarkBody {
+                point: id.0,
+                vm: point.vm.to_string(),
+                time_ms,
+                consistency: consistency.as_str().to_string(),
+                disks: point
+                    .disks
+                    .iter()
+                    .map(|d| format::BookmarkDisk {
+                        disk: d.disk.to_string(),
+                        seq: d.seq.0,
+                        fingerprint: d.fingerprint.to_hex(),
+                    })
+                    .collect(),
+                group: group.map(ToString::to_string).unwrap_or_default(),
+            })
+            .map_err(|_| StoreError::Invariant("bookmark encodes"))?;
+            for h in &handles {
+                let mut j = h.journal();
+                j.append_bookmark(&body)?;
+                j.sync()?;
+            }
+            points.push(point);
         }
-        self.catalog().insert_point(&point)?;
-        Ok(point)
+        self.catalog().insert_points(&points)?;
+        Ok(points)
     }
 
     /// The point `spec` names: a few probes of the catalog's index, however many points.
@@ -877,6 +920,20 @@ impl Store {
             match spec {
                 PointSpec::Latest | PointSpec::LatestProcessed => c.latest_point(vm)?,
                 PointSpec::LatestApp => c.latest_app_point(vm)?,
+                PointSpec::LatestMultiVm | PointSpec::LatestMultiVmApp => {
+                    let app = *spec == PointSpec::LatestMultiVmApp;
+                    match c.group_of(vm)? {
+                        Some(g) => {
+                            let members = c.group(&g)?.map(|r| r.members).unwrap_or_default();
+                            match common_group_point(&c, &g, &members, app)? {
+                                Some(id) => c.point(vm, id)?,
+                                None => None,
+                            }
+                        }
+                        None if app => c.latest_app_point(vm)?,
+                        None => c.latest_point(vm)?,
+                    }
+                }
                 PointSpec::Id(id) => c.point(vm, *id)?,
                 PointSpec::Time(ms) => c.point_at_or_before(vm, *ms)?,
             }
@@ -894,6 +951,12 @@ impl Store {
             wanted: match spec {
                 PointSpec::Latest | PointSpec::LatestProcessed => "yet (latest-processed)".into(),
                 PointSpec::LatestApp => "that is app-consistent (latest-app)".into(),
+                PointSpec::LatestMultiVm => {
+                    "that its replication group has in common (latest-multi-vm); make one with `drctl group checkpoint`".into()
+                }
+                PointSpec::LatestMultiVmApp => "that is app-consistent and its replication group has in common \
+                    (latest-multi-vm-app); make one with `drctl group checkpoint --app`"
+                    .into(),
                 PointSpec::Id(id) => format!("{id} (it does not exist or was pruned)"),
                 PointSpec::Time(ms) => format!("at or before {}", rfc3339(*ms)),
             },
@@ -1093,7 +1156,37 @@ fn drop_points_past_the_journals(
     }
     drop.sort_unstable_by_key(|p| p.0);
     drop.dedup();
-    catalog.delete_points(&drop)
+    catalog.delete_points(vm, &drop)
+}
+
+/// The newest multi-VM point of `group` that every one of `members` still has (retention
+/// may have pruned it on some): a few index probes per step down, however many points.
+pub fn common_group_point(
+    c: &Catalog,
+    group: &GroupName,
+    members: &[VmName],
+    app: bool,
+) -> Result<Option<PointId>, StoreError> {
+    let mut below = PointId(u64::try_from(i64::MAX).unwrap_or(u64::MAX));
+    if members.is_empty() {
+        return Ok(None);
+    }
+    loop {
+        let mut lowest = None::<PointId>;
+        let mut agree = true;
+        for vm in members {
+            let Some(id) = c.group_point_at_or_below(vm, group, app, below)? else { return Ok(None) };
+            if lowest.is_some_and(|l| l != id) {
+                agree = false;
+            }
+            lowest = Some(lowest.map_or(id, |l| l.min(id)));
+        }
+        let Some(lowest) = lowest else { return Ok(None) };
+        if agree {
+            return Ok(Some(lowest));
+        }
+        below = lowest;
+    }
 }
 
 /// Scratch copies (hashes of a materialised disk, a verify's output) live only while the
@@ -1194,6 +1287,69 @@ mod tests {
     use tern_core::blocks::Fingerprint;
 
     use crate::test_record as write;
+
+    /// A multi-VM point is one id on every member, written all or nothing;
+    /// `latest-multi-vm` is the newest one every member still has, and survives a reopen
+    /// and a catalog rebuild from the journals' bookmarks.
+    #[test]
+    fn a_multi_vm_point_is_one_id_on_every_member_and_the_common_one_is_resolved() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b, c) = (VmName::new("a").unwrap(), VmName::new("b").unwrap(), VmName::new("c").unwrap());
+        let d = DiskName::new("sda").unwrap();
+        let g = GroupName::new("shop").unwrap();
+        let cut = |vm: &VmName, app: bool| NewPoint {
+            vm: vm.clone(),
+            time_ms: now_ms(),
+            consistency: if app { Consistency::App } else { Consistency::Crash },
+            note: String::new(),
+            disks: vec![PointDisk { disk: d.clone(), seq: Seq(1), fingerprint: Digest::of(b"") }],
+        };
+        let ids = {
+            let store = Store::open(root.path()).unwrap();
+            for vm in [&a, &b, &c] {
+                let h = store.register(vm, &[(d.clone(), 1 << 20)]).unwrap().remove(0);
+                h.journal().append(Seq(1), &[write(&[7; 4096], 0)]).unwrap();
+                h.journal().sync().unwrap();
+            }
+            store.catalog().add_to_group(&g, &[a.clone(), b.clone()], Some((0, 0)), 1).unwrap();
+            let refused = store.catalog().add_to_group(&g, &[c.clone(), a.clone()], None, 1).unwrap_err();
+            assert!(refused.to_string().contains("already in group shop"), "{refused}");
+            assert_eq!(store.catalog().group_of(&c).unwrap(), None, "a refused change changes nothing");
+            let app = store.make_group_point(&g, vec![cut(&a, true), cut(&b, true)]).unwrap();
+            assert_eq!((app[0].id, app[1].vm.as_str()), (app[1].id, "b"));
+            let own = store.make_point(&a, now_ms(), Consistency::Crash, "", cut(&a, false).disks).unwrap();
+            let crash = store.make_group_point(&g, vec![cut(&a, false), cut(&b, false)]).unwrap();
+            // A cut beyond what is durable on one member refuses the whole point.
+            let mut bad = cut(&b, false);
+            bad.disks[0].seq = Seq(2);
+            assert!(store.make_group_point(&g, vec![cut(&a, false), bad]).is_err());
+            let resolve = |vm: &VmName, spec: &str| store.resolve_point(vm, &PointSpec::parse(spec).unwrap());
+            assert_eq!(resolve(&a, "latest-multi-vm").unwrap().id, crash[0].id);
+            assert_eq!(resolve(&b, "latest-multi-vm-app").unwrap().id, app[0].id);
+            assert_eq!(resolve(&a, "latest").unwrap().id, crash[0].id);
+            assert!(own.id < crash[0].id && own.group.is_none());
+            // Pruned on one member: the common point is the older one.
+            store.catalog().delete_points(&b, &[crash[0].id]).unwrap();
+            assert_eq!(resolve(&a, "latest-multi-vm").unwrap().id, app[0].id);
+            // A VM in no group: its latest processed point.
+            let c_own = store.make_point(&c, now_ms(), Consistency::Crash, "", cut(&c, false).disks).unwrap();
+            assert_eq!(resolve(&c, "latest-multi-vm").unwrap().id, c_own.id);
+            assert!(resolve(&c, "latest-multi-vm-app").is_err());
+            (app[0].id, crash[0].id)
+        };
+        let store = Store::open(root.path()).unwrap();
+        let p = store.resolve_point(&a, &PointSpec::Id(ids.0)).unwrap();
+        assert_eq!((p.group.as_ref(), p.consistency), (Some(&g), Consistency::App));
+        drop(store);
+        std::fs::remove_file(root.path().join("catalog.db")).unwrap();
+        let _ = std::fs::remove_file(root.path().join("catalog.db-wal"));
+        let _ = std::fs::remove_file(root.path().join("catalog.db-shm"));
+        let report = rebuild_catalog(root.path()).unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let p = store.resolve_point(&b, &PointSpec::Id(ids.0)).expect(&format!("{report:?}"));
+        assert_eq!(p.group.as_ref(), Some(&g), "the bookmark brings the group back");
+        assert_eq!(store.resolve_point(&a, &PointSpec::Id(ids.1)).unwrap().group.as_ref(), Some(&g));
+    }
 
     #[test]
     fn scratch_copies_left_by_a_crash_go_at_open() {

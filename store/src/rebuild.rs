@@ -295,6 +295,9 @@ fn point_of(vm: &VmName, b: &BookmarkBody, disks: &BTreeMap<DiskName, FoundDisk>
         consistency,
         note: String::new(),
         disks: point_disks,
+        // A multi-VM point comes back as one; the group's membership is the operator's
+        // to set again (`drctl group create`): the catalog alone kept it.
+        group: if b.group.is_empty() { None } else { Some(tern_core::GroupName::new(&b.group).map_err(|e| e.to_string())?) },
     })
 }
 
@@ -408,6 +411,7 @@ mod tests {
             vm: "two".into(),
             time_ms: 2,
             consistency: "crash".into(),
+            group: String::new(),
             disks: disks(1)
                 .iter()
                 .map(|d| crate::format::BookmarkDisk {

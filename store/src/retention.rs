@@ -58,7 +58,7 @@ impl Store {
             report.pruned.push(p.id);
         }
         if !report.pruned.is_empty() {
-            self.catalog().delete_points(&report.pruned)?;
+            self.catalog().delete_points(vm, &report.pruned)?;
             tracing::info!(vm = %vm, points = report.pruned.len(), "points older than the retention window pruned");
         }
         failpoint("retention-after-prune")?;
