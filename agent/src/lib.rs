@@ -194,6 +194,10 @@ struct Inbox {
     policy: Option<pb::Policy>,
     stand_down: Option<String>,
     point_ack: Option<u64>,
+    /// A multi-VM barrier asked for, and when it came.
+    barrier: Option<(pb::Barrier, std::time::Instant)>,
+    /// A barrier's release: its request and whether every member reached its cut.
+    release: Option<(u64, bool)>,
     /// Set once the server acks records or a point: the session made progress.
     acked: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -209,6 +213,8 @@ impl Inbox {
                 self.requests.push((c.request_id, c.app_consistent))
             }
             Some(pb::server_message::Msg::Shutdown(r)) => self.shutdown = Some(r.request_id),
+            Some(pb::server_message::Msg::Barrier(b)) => self.barrier = Some((b, std::time::Instant::now())),
+            Some(pb::server_message::Msg::Release(r)) => self.release = Some((r.request_id, r.proceed)),
             Some(pb::server_message::Msg::Policy(p)) => self.policy = Some(p),
             Some(pb::server_message::Msg::StandDown(s)) => self.stand_down = Some(s.reason),
             Some(pb::server_message::Msg::PointAck(p)) => {

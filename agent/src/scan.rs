@@ -66,6 +66,13 @@ pub enum ScanEvent {
         disk: usize,
         blocks: Vec<u64>,
     },
+    /// A barrier's frozen pass is done and consistent: the VM stays frozen for the release.
+    Reached,
+    /// The barrier's hold ended: released (proceed or not), or `None` when no release came.
+    Held {
+        proceed: Option<bool>,
+        held: std::time::Duration,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -994,6 +1001,7 @@ mod tests {
                     }
                 }
                 Ok(ScanEvent::Batch { records: r, .. }) => records.extend(r),
+                Ok(ScanEvent::Reached | ScanEvent::Held { .. }) => panic!("no barrier was asked for"),
                 Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
                     assert!(
                         std::time::Instant::now() < deadline,

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn};
 
+mod barrier;
 mod nbd;
 
 /// How a session ends, inside: a status, or the stream closed under a send (the server's
@@ -85,6 +86,8 @@ pub(crate) async fn session(
         regions: Vec::new(),
         awaiting_mark: None,
         tracker: tracker.clone(),
+        release_to: None,
+        held: None,
     };
     let result = async {
         s.welcome(saved, progress).await?;
@@ -186,6 +189,10 @@ struct Session {
     /// `--mode nbd`: the mark of the point awaiting its ack.
     awaiting_mark: Option<u64>,
     tracker: Option<Arc<crate::tracker::Tracker>>,
+    /// A scan-mode barrier's frozen pass waits on this for the server's release.
+    release_to: Option<(u64, std::sync::mpsc::Sender<bool>)>,
+    /// How a scan-mode barrier's hold ended: released (and whether to proceed), and for how long.
+    held: Option<(Option<bool>, Duration)>,
 }
 
 impl Session {
@@ -268,6 +275,10 @@ impl Session {
         loop {
             let Some((final_point, wanted)) = self.turn().await? else { return Ok(()) };
             let now = Due::now();
+            if self.awaiting_point.is_none() && final_point.is_none() && self.inbox.barrier.is_some() {
+                self.barrier_scan().await?;
+                continue;
+            }
             if self.awaiting_point.is_none() && (final_point.is_some() || (!self.stood_down && wanted)) {
                 self.pass_and_point(final_point, now).await?;
                 continue;
@@ -297,6 +308,10 @@ impl Session {
             for (id, _) in std::mem::take(&mut self.inbox.requests) {
                 let reason = "the source was shut down for a failover; it makes no more points";
                 self.point_failed(id, reason.into()).await?;
+            }
+            if let Some((b, _)) = self.inbox.barrier.take() {
+                let reason = "the source was shut down for a failover; it makes no more points";
+                self.point_failed(b.request_id, reason.into()).await?;
             }
         }
         let now = Due::now();
@@ -487,6 +502,17 @@ impl Session {
         quiesce: bool,
         page_hashes: bool,
     ) -> Result<Result<(PassResult, bool), String>, SessionError> {
+        self.attempt_held(quiesce, page_hashes, None).await
+    }
+
+    /// [`Session::attempt`]; with `hold`, a frozen consistent pass stays frozen after it
+    /// (a multi-VM barrier) until the release comes on it or its time runs out.
+    async fn attempt_held(
+        &mut self,
+        quiesce: bool,
+        page_hashes: bool,
+        hold: Option<(Receiver<bool>, Duration)>,
+    ) -> Result<Result<(PassResult, bool), String>, SessionError> {
         let (ev_tx, mut ev_rx) = mpsc::channel::<ScanEvent>(2);
         let cancel = self.shutdown.child_token();
         let (cfg, c2) = (self.config.clone(), cancel.clone());
@@ -516,6 +542,18 @@ impl Session {
                 &c2,
             );
             let was_frozen = frozen.is_some();
+            if let (Some((release, most)), Ok(pass)) = (hold, &r)
+                && was_frozen
+                && pass.consistent
+            {
+                let started = Instant::now();
+                let proceed = if ev_tx.blocking_send(ScanEvent::Reached).is_ok() {
+                    release.recv_timeout(most).ok()
+                } else {
+                    None
+                };
+                let _ = ev_tx.blocking_send(ScanEvent::Held { proceed, held: started.elapsed() });
+            }
             if let Some(f) = frozen {
                 f.thaw();
             }
@@ -571,9 +609,19 @@ impl Session {
                         self.send(pb::agent_message::Msg::PageHashes(pb::PageHashesRequest { disk, blocks })).await?;
                     }
                     Some(ScanEvent::Batch { disk, records }) => self.send_batch(disk, records, Vec::new(), &mut limiter).await?,
+                    Some(ScanEvent::Reached) => {
+                        if let Some((request_id, _)) = &self.release_to {
+                            let reached = pb::BarrierReached { request_id: *request_id };
+                            self.send(pb::agent_message::Msg::Reached(reached)).await?;
+                        }
+                    }
+                    Some(ScanEvent::Held { proceed, held }) => self.held = Some((proceed, held)),
                     None => return Ok(()),
                 },
-                m = self.inbound.message() => self.inbox.take(m?)?,
+                m = self.inbound.message() => {
+                    self.inbox.take(m?)?;
+                    self.pass_release();
+                }
             }
         }
     }

@@ -121,6 +121,8 @@ struct Inner {
     last_write: Vec<HashMap<u64, LastWrite>>,
     /// The newest time logged: times in the log never go down, whatever the clock does.
     last_time: i64,
+    /// A multi-VM barrier holds the VM's new writes (they wait in `change`) until released.
+    held: bool,
 }
 
 /// Counters of a tracker, for status and metrics.
@@ -136,6 +138,8 @@ pub struct Tracker {
     disks: Vec<Disk>,
     inner: Mutex<Inner>,
     wake: Condvar,
+    /// Writes held by a barrier wait on this for its release.
+    resume: Condvar,
     /// Most bytes the log holds before it is dropped.
     capacity: usize,
 }
@@ -245,7 +249,13 @@ impl Tracker {
             touched: vec![BTreeSet::new(); n],
             ..Default::default()
         };
-        Ok(Arc::new(Tracker { disks: open, inner: Mutex::new(inner), wake: Condvar::new(), capacity }))
+        Ok(Arc::new(Tracker {
+            disks: open,
+            inner: Mutex::new(inner),
+            wake: Condvar::new(),
+            resume: Condvar::new(),
+            capacity,
+        }))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -376,6 +386,8 @@ impl Tracker {
     pub fn stop_logging(&self) {
         let mut g = self.lock();
         g.logging = false;
+        g.held = false;
+        self.resume.notify_all();
         g.drop_log();
         for d in &mut g.dirty {
             d.clear();
@@ -386,10 +398,24 @@ impl Tracker {
     /// it, or while the previous mark's hashes are not all taken. Returns the mark's id and
     /// time (on the clock of the log's time items: every write before it is at or before).
     pub fn mark(&self) -> Option<(u64, i64)> {
+        self.mark_and_hold(false)
+    }
+
+    /// Releases the writes a [`Tracker::mark_and_hold`] held.
+    pub fn release_hold(&self) {
+        self.lock().held = false;
+        self.resume.notify_all();
+    }
+
+    /// A mark, and with `hold` the VM's new writes wait from the mark on until
+    /// [`Tracker::release_hold`] (or the log stops): a multi-VM barrier, where every
+    /// member's cut must be one moment.
+    pub fn mark_and_hold(&self, hold: bool) -> Option<(u64, i64)> {
         let mut g = self.lock();
         if !g.logging || g.snapshot.is_some() {
             return None;
         }
+        g.held = hold;
         let time = crate::now_ms().max(g.last_time);
         let id = g.next_mark;
         g.next_mark += 1;
@@ -504,6 +530,9 @@ impl Tracker {
         let zero = matches!(item, Item::Zero { .. });
         let d = &self.disks[disk];
         let mut g = self.lock();
+        while g.held {
+            g = self.resume.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
         let inner = &mut *g;
         if let Some(s) = inner.snapshot.as_mut() {
             let p = PAGE_SIZE as u64;
@@ -676,6 +705,35 @@ mod tests {
         // Caught up: memory again.
         t.write(0, vec![9; 10], 0).unwrap();
         assert_eq!(t.stats().queued_bytes, 10);
+    }
+
+    /// A barrier's mark holds the VM's writes: a write made during the hold waits for the
+    /// release and lands after the mark in the log.
+    #[test]
+    fn a_held_mark_keeps_new_writes_waiting_until_the_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path(), 1 << 20);
+        t.start_logging();
+        t.write(0, vec![1; 10], 0).unwrap();
+        let (id, _) = t.mark_and_hold(true).unwrap();
+        let (t2, (tx, rx)) = (t.clone(), std::sync::mpsc::channel());
+        let writer = std::thread::spawn(move || {
+            t2.write(0, vec![2; 10], 100).unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "the write waits while held");
+        t.release_hold();
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        writer.join().unwrap();
+        let order: Vec<String> = drain(&t)
+            .iter()
+            .filter_map(|i| match i {
+                Item::Data { offset, .. } => Some(format!("w{offset}")),
+                Item::Mark(m) => Some(format!("m{m}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, ["w0".to_string(), format!("m{id}"), "w100".to_string()]);
     }
 
     fn drain(t: &Tracker) -> Vec<Item> {

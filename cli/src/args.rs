@@ -80,7 +80,8 @@ pub enum Cmd {
     /// disturbing replication.
     TestFailover {
         vm: String,
-        /// latest, latest-processed, latest-app, a point id, or an RFC 3339 time.
+        /// latest, latest-processed, latest-app, latest-multi-vm, latest-multi-vm-app, a
+        /// point id, or an RFC 3339 time.
         #[arg(long, default_value = "latest-processed")]
         point: String,
         /// Absolute output directory on the process server's host.
@@ -154,11 +155,64 @@ pub enum Cmd {
     Failback { vm: String },
     /// After a committed failback: replicate from the primary site again.
     ReverseReplicate { vm: String },
+    /// Replication groups: VMs whose multi-VM points are taken at one cut across all of
+    /// them (`latest-multi-vm`, `latest-multi-vm-app`).
+    #[command(subcommand)]
+    Group(GroupCmd),
     /// List jobs, or wait for one.
     Jobs {
         /// Wait until this job ends; exit non-zero if it failed.
         #[arg(long)]
         wait: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCmd {
+    /// Create a group of protected VMs (a VM belongs to one group at most).
+    Create {
+        name: String,
+        #[arg(long = "vm", required = true)]
+        vms: Vec<String>,
+        /// Time between multi-VM crash-consistent points (default: none on a schedule).
+        #[arg(long)]
+        crash_interval: Option<String>,
+        /// Time between multi-VM app-consistent points (default: none on a schedule).
+        #[arg(long)]
+        app_interval: Option<String>,
+    },
+    /// Add VMs to a group.
+    Add {
+        name: String,
+        #[arg(long = "vm", required = true)]
+        vms: Vec<String>,
+    },
+    /// Remove VMs from a group; with no --vm, remove the group (its multi-VM points stay
+    /// points of each VM).
+    Remove {
+        name: String,
+        #[arg(long = "vm")]
+        vms: Vec<String>,
+    },
+    /// Groups with their members, latest common multi-VM point, RPO and health.
+    List,
+    /// One group.
+    Show { name: String },
+    /// Change a group's multi-VM intervals (0: none on a schedule); left out keeps.
+    Policy {
+        name: String,
+        #[arg(long)]
+        crash_interval: Option<String>,
+        #[arg(long)]
+        app_interval: Option<String>,
+    },
+    /// Take a multi-VM point now: every member's agent reaches a cut and holds it until
+    /// all have one (scan mode: every member needs a freeze hook).
+    Checkpoint {
+        name: String,
+        /// Run the members' freeze hooks around the cut.
+        #[arg(long)]
+        app_consistent: bool,
     },
 }
 

@@ -29,6 +29,9 @@ pub fn point_json(p: &pb::PointInfo) -> Value {
     if !p.note.is_empty() {
         v["note"] = json!(p.note);
     }
+    if !p.group.is_empty() {
+        v["group"] = json!(p.group);
+    }
     v
 }
 
@@ -64,6 +67,7 @@ pub fn status_json(s: &pb::VmStatus) -> Value {
         "storage_bytes": s.storage_bytes,
         "retention_ms": if s.retention_ms == 0 { Value::Null } else { json!(s.retention_ms) },
         "error": if s.error.is_empty() { Value::Null } else { json!(s.error) },
+        "group": if s.group.is_empty() { Value::Null } else { json!(s.group) },
         "policy": s.policy.as_ref().map(policy_json).unwrap_or(Value::Null),
         "disks": s.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "durable_seq": d.durable_seq, "journal_bytes": d.journal_bytes, "master_target_seq": d.master_target_seq, "tracking": (!d.tracking.is_empty()).then_some(&d.tracking), "backlog_bytes": d.backlog_bytes, "hot_bytes": d.hot_bytes})).collect::<Vec<_>>(),
     })
@@ -87,7 +91,8 @@ pub fn human_bytes(n: u64) -> String {
 
 pub fn print_point(p: &pb::PointInfo) {
     let kind = if p.consistency == pb::Consistency::App as i32 { "app" } else { "crash" };
-    out!("{:>6}  {}  {:<5}  {}", p.id, rfc3339(p.time_ms), kind, p.note);
+    let group = if p.group.is_empty() { String::new() } else { format!("[multi-VM, group {}] ", p.group) };
+    out!("{:>6}  {}  {:<5}  {group}{}", p.id, rfc3339(p.time_ms), kind, p.note);
 }
 
 pub fn dur(ms: u64) -> String {

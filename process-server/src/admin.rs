@@ -41,6 +41,7 @@ pub fn point_info(p: &Point) -> pb::PointInfo {
             })
             .collect(),
         note: p.note.clone(),
+        group: p.group.as_ref().map(ToString::to_string).unwrap_or_default(),
     }
 }
 
@@ -126,6 +127,11 @@ impl AdminService {
                 }
             })
             .collect();
+        let group = {
+            let (store, v) = (self.ctx.store.clone(), vm.clone());
+            blocking(move || store.group_of(&v)).await?.map_err(store_status)?
+        };
+        let group = group.map(|g| g.to_string()).unwrap_or_default();
         Ok(pb::VmStatus {
             vm: vm.to_string(),
             state: pb::VmState::write(state),
@@ -141,12 +147,33 @@ impl AdminService {
             policy: Some(policy_info(&policy)),
             storage_bytes: self.ctx.store.vm_disks(&vm).iter().map(|h| h.bytes_used()).sum(),
             error,
+            group,
         })
     }
 }
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn change_group(&self, req: Request<pb::GroupChange>) -> Result<Response<pb::GroupInfo>, Status> {
+        require_admin(&req, "ChangeGroup")?;
+        let info = crate::groups::change_group(&self.ctx, req.into_inner()).await?;
+        Ok(Response::new(info.unwrap_or_default()))
+    }
+
+    async fn groups(&self, req: Request<pb::GroupsRequest>) -> Result<Response<pb::GroupsReply>, Status> {
+        require_admin(&req, "Groups")?;
+        let groups = crate::groups::groups(&self.ctx, &req.into_inner().name).await?;
+        Ok(Response::new(pb::GroupsReply { groups }))
+    }
+
+    async fn group_checkpoint(
+        &self,
+        req: Request<pb::GroupCheckpointRequest>,
+    ) -> Result<Response<pb::GroupCheckpointReply>, Status> {
+        require_admin(&req, "GroupCheckpoint")?;
+        Ok(Response::new(crate::groups::checkpoint(&self.ctx, req.into_inner()).await?))
+    }
+
     async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollReply>, Status> {
         require_admin(&req, "Enroll")?;
         let r = req.into_inner();
@@ -177,7 +204,11 @@ impl pb::admin_server::Admin for AdminService {
         for vm in vms {
             out.push(self.vm_status(vm).await?);
         }
-        Ok(Response::new(pb::StatusReply { vms: out }))
+        let mut groups = crate::groups::groups(&self.ctx, "").await?;
+        if !r.vm.is_empty() {
+            groups.retain(|g| g.vms.contains(&r.vm));
+        }
+        Ok(Response::new(pb::StatusReply { vms: out, groups }))
     }
 
     async fn points(&self, req: Request<pb::PointsRequest>) -> Result<Response<pb::PointsReply>, Status> {

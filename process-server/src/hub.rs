@@ -249,6 +249,15 @@ impl Hub {
         })
     }
 
+    /// Sends a command to the connected agent of `vm`; false when there is none (or it
+    /// went away).
+    pub async fn send_command(&self, vm: &VmName, msg: ServerMessage) -> bool {
+        match self.commands(vm) {
+            Ok(c) => c.send(Ok(msg)).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
     /// Sends the new policy to the connected agent, if any.
     pub fn send_policy(&self, vm: &VmName, policy: Policy) {
         if let Ok(c) = self.commands(vm) {

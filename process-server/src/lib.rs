@@ -5,6 +5,7 @@ pub mod admin;
 pub use tern_daemon::roles as auth;
 pub mod check;
 pub mod failback;
+pub mod groups;
 pub mod health;
 pub mod hub;
 pub mod jobs;
@@ -33,6 +34,7 @@ pub struct Ctx {
     pub data_dir: PathBuf,
     pub store: Arc<Store>,
     pub hub: hub::Hub,
+    pub barriers: groups::Barriers,
     pub jobs: Arc<jobs::Jobs>,
     pub relay: relay::Relay,
     pub scrub: scrub::Scrub,
@@ -132,12 +134,14 @@ pub async fn run(
         rpo_history: Default::default(),
         store,
         hub: hub::Hub::default(),
+        barriers: groups::Barriers::default(),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });
     tracker.spawn(health::health_worker(ctx.clone()));
     tracker.spawn(health::retention_worker(ctx.clone(), config.retention_every));
     tracker.spawn(relay::relay_worker(ctx.clone()));
+    tracker.spawn(groups::group_worker(ctx.clone()));
     tracker.spawn(scrub::scrub_worker(ctx.clone(), config.scrub));
     if config.metrics {
         tracker.spawn(metrics::metrics_worker(ctx.clone()));

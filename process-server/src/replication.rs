@@ -12,7 +12,7 @@ use tern_daemon::commit::{self, Durable, GroupCommit, Sink, Written};
 use tern_proto::{
     Ack, AgentMessage, Batch, DiskState, PointAck, ServerMessage, Welcome, agent_message, server_message,
 };
-use tern_store::{Consistency, DiskHandle, PointDisk};
+use tern_store::{Consistency, DiskHandle, NewPoint, PointDisk};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -397,7 +397,15 @@ async fn run_session(
                 lock(&copies).clear();
                 Item::Point(p)
             }
-            Ok(Some(AgentMessage { msg: Some(agent_message::Msg::PointFailed(f)) })) => Item::PointFailed(f),
+            Ok(Some(AgentMessage { msg: Some(agent_message::Msg::PointFailed(f)) })) => {
+                // A barrier hears at once: the other members must not be held for nothing.
+                ctx.barriers.failed(f.request_id, vm, &f.reason);
+                Item::PointFailed(f)
+            }
+            Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Reached(r)) })) => {
+                ctx.barriers.reached(r.request_id, vm);
+                continue;
+            }
             Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Tracking(t)) })) => {
                 ctx.hub.note_tracking(vm, t);
                 continue;
@@ -686,6 +694,29 @@ async fn write_loop(
     }
 }
 
+/// Acks a point to its agent and to whoever waits for it.
+async fn point_made(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    p: &tern_proto::MakePoint,
+    point: tern_store::Point,
+    out: &crate::hub::Outbound,
+    initial: &InitialSync,
+) -> Result<(), Status> {
+    info!(vm = %vm, point = %point.id, consistency = point.consistency.as_str(),
+        group = point.group.as_ref().map_or("", |g| g.as_str()), "recovery point made");
+    let ack = PointAck { request_id: p.request_ids.first().copied().unwrap_or(0), point_id: point.id.0 };
+    let _ = out.send(msg(server_message::Msg::PointAck(ack))).await;
+    for id in &p.request_ids {
+        ctx.hub.resolve(*id, Ok(point.clone()));
+    }
+    let taken = lock_initial(initial).take();
+    if let Some((job, _)) = taken {
+        job.succeed(crate::jobs::point_output(vm, &point, Vec::new())).await;
+    }
+    Ok(())
+}
+
 async fn make_point(
     ctx: &Arc<Ctx>,
     vm: &VmName,
@@ -707,26 +738,25 @@ async fn make_point(
     } else {
         Consistency::Crash
     };
+    let mut cut = NewPoint { vm: vm.clone(), time_ms: p.time_ms, consistency, note: p.note.clone(), disks };
+    // A member's cut of a multi-VM point: written with the others' (one id), or, when the
+    // group's point failed, as this VM's own point with the reason in its note.
+    if let Ok(rx) = ctx.barriers.arrive(&p.request_ids, cut.clone()) {
+        let reason = match rx.await {
+            Ok(Ok(point)) => return point_made(ctx, vm, &p, point, out, initial).await,
+            Ok(Err(reason)) => reason,
+            Err(_) => "the process server stopped the barrier".to_string(),
+        };
+        cut.note = format!("{}; no multi-VM point: {reason}", p.note);
+    }
     let store = ctx.store.clone();
-    let vm2 = vm.clone();
-    let note = p.note.clone();
-    let made =
-        crate::admin::blocking(move || store.make_point(&vm2, p.time_ms, consistency, &note, disks)).await?;
+    let made = crate::admin::blocking(move || {
+        let NewPoint { vm, time_ms, consistency, note, disks } = cut;
+        store.make_point(&vm, time_ms, consistency, &note, disks)
+    })
+    .await?;
     match made {
-        Ok(point) => {
-            info!(vm = %vm, point = %point.id, consistency = point.consistency.as_str(), "recovery point made");
-            let ack =
-                PointAck { request_id: p.request_ids.first().copied().unwrap_or(0), point_id: point.id.0 };
-            let _ = out.send(msg(server_message::Msg::PointAck(ack))).await;
-            for id in &p.request_ids {
-                ctx.hub.resolve(*id, Ok(point.clone()));
-            }
-            let taken = lock_initial(initial).take();
-            if let Some((job, _)) = taken {
-                job.succeed(crate::jobs::point_output(vm, &point, Vec::new())).await;
-            }
-            Ok(())
-        }
+        Ok(point) => point_made(ctx, vm, &p, point, out, initial).await,
         Err(e) => {
             warn!(vm = %vm, error = %e, "point refused");
             for id in &p.request_ids {

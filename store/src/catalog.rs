@@ -418,16 +418,17 @@ impl Catalog {
         }
         let tx = db.transaction().map_err(q("migrate catalog"))?;
         let columns = |table: &str| -> Result<Vec<String>, StoreError> {
-            let mut st = tx
-                .prepare("SELECT name FROM pragma_table_info(?1)")
-                .map_err(q("migrate catalog"))?;
+            let mut st =
+                tx.prepare("SELECT name FROM pragma_table_info(?1)").map_err(q("migrate catalog"))?;
             let names = st.query_map([table], |r| r.get::<_, String>(0)).map_err(q("migrate catalog"))?;
             names.collect::<Result<Vec<_>, _>>().map_err(q("migrate catalog"))
         };
         let point_columns = columns("points")?;
         if point_columns.is_empty() {
-            tx.execute_batch(&POINT_TABLES.replace("{points}", "points").replace("{point_disks}", "point_disks"))
-                .map_err(q("create schema"))?;
+            tx.execute_batch(
+                &POINT_TABLES.replace("{points}", "points").replace("{point_disks}", "point_disks"),
+            )
+            .map_err(q("create schema"))?;
         } else if !point_columns.iter().any(|c| c == "grp") {
             // Before version 3 a point's id was its key alone: copy into the (vm, id) layout.
             tx.execute_batch(&format!(
@@ -666,10 +667,7 @@ impl Catalog {
             tx.execute(sql, p).map(|_| ()).map_err(q("change VM state"))
         };
         let delete_points = |tx: &rusqlite::Transaction<'_>| -> Result<(), StoreError> {
-            for sql in [
-                "DELETE FROM point_disks WHERE vm = ?1",
-                "DELETE FROM points WHERE vm = ?1",
-            ] {
+            for sql in ["DELETE FROM point_disks WHERE vm = ?1", "DELETE FROM points WHERE vm = ?1"] {
                 tx.execute(sql, [v]).map_err(q("change VM state"))?;
             }
             Ok(())
@@ -1143,8 +1141,11 @@ impl Catalog {
                     "VM {vm} is already in group {other}; a VM belongs to one group (`drctl group remove {other} --vm {vm}` first)"
                 )));
             }
-            tx.execute("INSERT INTO group_members (vm, grp) VALUES (?1, ?2)", params![vm.as_str(), name.as_str()])
-                .map_err(q("change group"))?;
+            tx.execute(
+                "INSERT INTO group_members (vm, grp) VALUES (?1, ?2)",
+                params![vm.as_str(), name.as_str()],
+            )
+            .map_err(q("change group"))?;
         }
         tx.commit().map_err(q("change group"))
     }
@@ -1154,16 +1155,21 @@ impl Catalog {
     pub fn remove_from_group(&mut self, name: &GroupName, vms: &[VmName]) -> Result<(), StoreError> {
         let tx = self.db.transaction().map_err(q("change group"))?;
         if vms.is_empty() {
-            tx.execute("DELETE FROM group_members WHERE grp = ?1", [name.as_str()]).map_err(q("change group"))?;
-            let n =
-                tx.execute("DELETE FROM groups WHERE name = ?1", [name.as_str()]).map_err(q("change group"))?;
+            tx.execute("DELETE FROM group_members WHERE grp = ?1", [name.as_str()])
+                .map_err(q("change group"))?;
+            let n = tx
+                .execute("DELETE FROM groups WHERE name = ?1", [name.as_str()])
+                .map_err(q("change group"))?;
             if n == 0 {
                 return Err(StoreError::Group(format!("no group is named {name}")));
             }
         }
         for vm in vms {
             let n = tx
-                .execute("DELETE FROM group_members WHERE vm = ?1 AND grp = ?2", params![vm.as_str(), name.as_str()])
+                .execute(
+                    "DELETE FROM group_members WHERE vm = ?1 AND grp = ?2",
+                    params![vm.as_str(), name.as_str()],
+                )
                 .map_err(q("change group"))?;
             if n == 0 {
                 return Err(StoreError::Group(format!("VM {vm} is not in group {name}")));

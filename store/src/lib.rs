@@ -530,6 +530,66 @@ impl Store {
         self.catalog.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every replication group.
+    pub fn groups(&self) -> Result<Vec<GroupRow>, StoreError> {
+        self.catalog().groups()
+    }
+
+    pub fn group(&self, name: &GroupName) -> Result<Option<GroupRow>, StoreError> {
+        self.catalog().group(name)
+    }
+
+    pub fn group_of(&self, vm: &VmName) -> Result<Option<GroupName>, StoreError> {
+        self.catalog().group_of(vm)
+    }
+
+    /// Creates a group (`create`: its crash and app intervals) or adds members to one.
+    pub fn add_to_group(
+        &self,
+        name: &GroupName,
+        vms: &[VmName],
+        create: Option<(i64, i64)>,
+    ) -> Result<(), StoreError> {
+        self.catalog().add_to_group(name, vms, create, now_ms())
+    }
+
+    /// Removes members; with none named, the group.
+    pub fn remove_from_group(&self, name: &GroupName, vms: &[VmName]) -> Result<(), StoreError> {
+        self.catalog().remove_from_group(name, vms)
+    }
+
+    pub fn set_group_intervals(
+        &self,
+        name: &GroupName,
+        crash_ms: Option<i64>,
+        app_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.catalog().set_group_intervals(name, crash_ms, app_ms)
+    }
+
+    /// The newest multi-VM point every member of `group` has (app-consistent only when
+    /// `app`), as a point of its first member.
+    pub fn common_point(&self, group: &GroupRow, app: bool) -> Result<Option<Point>, StoreError> {
+        let c = self.catalog();
+        let Some(id) = common_group_point(&c, &group.name, &group.members, app)? else { return Ok(None) };
+        match group.members.first() {
+            Some(vm) => c.point(vm, id),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_plan(&self, plan: &PlanRow) -> Result<(), StoreError> {
+        self.catalog().put_plan(plan)
+    }
+
+    pub fn plans(&self) -> Result<Vec<PlanRow>, StoreError> {
+        self.catalog().plans()
+    }
+
+    pub fn delete_plan(&self, name: &str) -> Result<bool, StoreError> {
+        self.catalog().delete_plan(name)
+    }
+
     fn disk_map(&self) -> MutexGuard<'_, HashMap<(VmName, DiskName), Arc<DiskHandle>>> {
         self.disks.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -875,7 +935,11 @@ impl Store {
             for (h, d) in handles.iter().zip(&cut.disks) {
                 let durable = h.durable();
                 if d.seq > durable {
-                    return Err(StoreError::PointBeyondDurable { disk: h.name.to_string(), seq: d.seq, durable });
+                    return Err(StoreError::PointBeyondDurable {
+                        disk: h.name.to_string(),
+                        seq: d.seq,
+                        durable,
+                    });
                 }
             }
             checked.push((cut, handles));
@@ -1346,7 +1410,7 @@ mod tests {
         let _ = std::fs::remove_file(root.path().join("catalog.db-shm"));
         let report = rebuild_catalog(root.path()).unwrap();
         let store = Store::open(root.path()).unwrap();
-        let p = store.resolve_point(&b, &PointSpec::Id(ids.0)).expect(&format!("{report:?}"));
+        let p = store.resolve_point(&b, &PointSpec::Id(ids.0)).unwrap_or_else(|e| panic!("{e}: {report:?}"));
         assert_eq!(p.group.as_ref(), Some(&g), "the bookmark brings the group back");
         assert_eq!(store.resolve_point(&a, &PointSpec::Id(ids.1)).unwrap().group.as_ref(), Some(&g));
     }

@@ -297,7 +297,11 @@ fn point_of(vm: &VmName, b: &BookmarkBody, disks: &BTreeMap<DiskName, FoundDisk>
         disks: point_disks,
         // A multi-VM point comes back as one; the group's membership is the operator's
         // to set again (`drctl group create`): the catalog alone kept it.
-        group: if b.group.is_empty() { None } else { Some(tern_core::GroupName::new(&b.group).map_err(|e| e.to_string())?) },
+        group: if b.group.is_empty() {
+            None
+        } else {
+            Some(tern_core::GroupName::new(&b.group).map_err(|e| e.to_string())?)
+        },
     })
 }
 

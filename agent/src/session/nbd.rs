@@ -26,11 +26,11 @@ const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// A mark made for a point that is not sent yet (its hashes are being taken).
 #[derive(Debug)]
 pub(super) struct PendingMark {
-    id: u64,
-    requests: Requests,
-    consistency: pb::Consistency,
-    note: String,
-    time_ms: i64,
+    pub(super) id: u64,
+    pub(super) requests: Requests,
+    pub(super) consistency: pb::Consistency,
+    pub(super) note: String,
+    pub(super) time_ms: i64,
 }
 
 /// How streaming ended.
@@ -141,6 +141,10 @@ impl Session {
             // A dropped log takes no marks: the session ends on the reader's word, and
             // the requests are answered (or asked again) after the next resync.
             let idle = self.awaiting_point.is_none() && self.pending_mark.is_none() && tracker.logging();
+            if idle && final_point.is_none() && self.inbox.barrier.is_some() {
+                self.barrier_mark(tracker).await?;
+                continue;
+            }
             if idle && (final_point.is_some() || (!self.stood_down && wanted)) {
                 self.mark(tracker, final_point, now).await?;
                 continue;

@@ -2,5 +2,6 @@
 
 pub mod failback;
 pub mod failover;
+pub mod group;
 pub mod jobs;
 pub mod protect;

@@ -39,8 +39,17 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
         if vm.is_some() {
             print_disks(&r.vms);
         }
+        if !r.groups.is_empty() {
+            out!("");
+            super::group::print_groups(&r.groups);
+        }
     }
-    if check { health_check(&r.vms) } else { Ok(()) }
+    if check {
+        health_check(&r.vms)?;
+        super::group::groups_check(&r.groups)
+    } else {
+        Ok(())
+    }
 }
 
 /// The worst health among `vms`, as a monitoring check's outcome.

@@ -6,6 +6,7 @@ mod block_device;
 mod crash;
 mod failback;
 mod faults;
+mod groups;
 mod harness;
 mod lifecycle;
 mod metrics;
