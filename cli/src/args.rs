@@ -159,12 +159,70 @@ pub enum Cmd {
     /// them (`latest-multi-vm`, `latest-multi-vm-app`).
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Recovery plans: ordered groups of VMs that fail over (and back) as one application.
+    #[command(subcommand)]
+    Plan(PlanCmd),
     /// List jobs, or wait for one.
     Jobs {
         /// Wait until this job ends; exit non-zero if it failed.
         #[arg(long)]
         wait: Option<u64>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlanCmd {
+    /// Check a plan file and store it (replacing the plan of its name); errors name the line.
+    Apply { file: PathBuf },
+    /// Plans, with their last operation and how far it got.
+    List,
+    /// One plan: its groups, actions and last operation.
+    Show { name: String },
+    /// Forget a plan (its VMs are not touched).
+    Remove { name: String },
+    /// Test-fail over every VM of the plan, group by group, into OUTPUT/VM/.
+    TestFailover {
+        name: String,
+        /// latest, latest-processed, latest-app, latest-multi-vm, latest-multi-vm-app (no
+        /// point id or time: those name one VM's point).
+        #[arg(long, default_value = "latest-processed")]
+        point: String,
+        /// Absolute directory on the process server's host; each VM goes to OUTPUT/VM/.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: OutFormat,
+    },
+    /// Remove what the plan's test failover made.
+    TestFailoverCleanup { name: String },
+    /// Fail every VM of the plan over, group by group, into OUTPUT/VM/.
+    Failover {
+        name: String,
+        #[arg(long, value_parser = ["planned", "unplanned"])]
+        kind: String,
+        /// As for test-failover (planned failovers use each VM's final point).
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: OutFormat,
+    },
+    /// Commit the failover (or failback) of every VM of the plan.
+    Commit { name: String },
+    /// Reprotect every VM to the master target its [vm.NAME] section names; the agents'
+    /// identities go to IDENTITY_DIR/VM.bundle on the process server's host.
+    Reprotect {
+        name: String,
+        #[arg(long)]
+        identity_dir: PathBuf,
+    },
+    /// Fail every VM of the plan back, group by group.
+    Failback { name: String },
+    /// Protect every VM of the plan from the primary site again.
+    ReverseReplicate { name: String },
+    /// Go on past a manual step, or again from where a failed step stopped the plan.
+    Continue { name: String },
 }
 
 #[derive(Subcommand, Debug)]

@@ -74,7 +74,7 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
     }
     let c = client(&cli).await?;
     let d = &mut Drctl { c, json: cli.json, server: cli.server.clone().unwrap_or_default() };
-    use commands::{failback, failover, group, jobs, protect};
+    use commands::{failback, failover, group, jobs, plan, protect};
     match cli.cmd {
         Cmd::Enroll(e) => protect::enroll(d, e).await,
         Cmd::Status { vm, check } => protect::status(d, vm, check).await,
@@ -102,6 +102,7 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
         Cmd::Failback { vm } => failback::failback(d, vm).await,
         Cmd::ReverseReplicate { vm } => failback::reverse_replicate(d, vm).await,
         Cmd::Group(g) => group::run(d, g).await,
+        Cmd::Plan(p) => plan::run(d, p).await,
         Cmd::Jobs { wait: Some(id) } => jobs::wait(d, id).await,
         Cmd::Jobs { wait: None } => jobs::list(d).await,
         Cmd::Completions { .. } | Cmd::Man => Ok(()),

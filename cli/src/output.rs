@@ -180,6 +180,17 @@ pub fn absolute(p: &Path) -> Result<PathBuf, CliError> {
 /// Follows a job to its end: a progress bar on a terminal, plain lines otherwise. Fails
 /// with the job's error if it failed.
 pub async fn wait_job(c: &mut AdminClient<Channel>, id: u64, quiet: bool) -> Result<pb::JobInfo, CliError> {
+    follow_job(c, id, quiet, false).await
+}
+
+/// [`wait_job`]; with `pause`, it also returns while the job waits for the operator (a
+/// plan at a manual step: its phase starts with "waiting:").
+pub async fn follow_job(
+    c: &mut AdminClient<Channel>,
+    id: u64,
+    quiet: bool,
+    pause: bool,
+) -> Result<pb::JobInfo, CliError> {
     use std::io::IsTerminal;
     let tty = !quiet && std::io::stderr().is_terminal();
     let bar = tty.then(|| {
@@ -211,7 +222,7 @@ pub async fn wait_job(c: &mut AdminClient<Channel>, id: u64, quiet: bool) -> Res
         }
         let state = pb::JobState::read(job.state)
             .ok_or_else(|| CliError::Server(format!("job {id} has an unknown state {}", job.state)))?;
-        if state != JobState::Running {
+        if state != JobState::Running || (pause && job.phase.starts_with("waiting:")) {
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }

@@ -119,6 +119,8 @@ named!(
         UnplannedFailover => "unplanned-failover",
         ChangePoint => "change-point",
         Failback => "failback",
+        /// An operation of a recovery plan over all its VMs (the job's VM is the plan's name).
+        Plan => "plan",
     }
 );
 

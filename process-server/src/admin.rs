@@ -160,6 +160,34 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(info.unwrap_or_default()))
     }
 
+    async fn apply_plan(&self, req: Request<pb::ApplyPlanRequest>) -> Result<Response<pb::PlanInfo>, Status> {
+        require_admin(&req, "ApplyPlan")?;
+        Ok(Response::new(crate::plan::apply(&self.ctx, req.into_inner()).await?))
+    }
+
+    async fn plans(&self, req: Request<pb::PlansRequest>) -> Result<Response<pb::PlansReply>, Status> {
+        require_admin(&req, "Plans")?;
+        let plans = crate::plan::list(&self.ctx, &req.into_inner().name).await?;
+        Ok(Response::new(pb::PlansReply { plans }))
+    }
+
+    async fn remove_plan(&self, req: Request<pb::PlanRef>) -> Result<Response<pb::PlanInfo>, Status> {
+        require_admin(&req, "RemovePlan")?;
+        Ok(Response::new(crate::plan::remove(&self.ctx, &req.into_inner().name).await?))
+    }
+
+    async fn run_plan(&self, req: Request<pb::RunPlanRequest>) -> Result<Response<pb::JobStarted>, Status> {
+        require_admin(&req, "RunPlan")?;
+        let job = crate::plan::start(&self.ctx, req.into_inner()).await?;
+        Ok(Response::new(pb::JobStarted { job }))
+    }
+
+    async fn continue_plan(&self, req: Request<pb::PlanRef>) -> Result<Response<pb::JobStarted>, Status> {
+        require_admin(&req, "ContinuePlan")?;
+        let job = crate::plan::resume(&self.ctx, &req.into_inner().name).await?;
+        Ok(Response::new(pb::JobStarted { job }))
+    }
+
     async fn groups(&self, req: Request<pb::GroupsRequest>) -> Result<Response<pb::GroupsReply>, Status> {
         require_admin(&req, "Groups")?;
         let groups = crate::groups::groups(&self.ctx, &req.into_inner().name).await?;
@@ -269,23 +297,7 @@ impl pb::admin_server::Admin for AdminService {
         let ctx = self.ctx.clone();
         let out_dir = std::path::PathBuf::from(&r.output);
         self.ctx.tracker.spawn(async move {
-            let outcome = async {
-                let spec = resolve_latest(&ctx, &vm, spec, &job).await;
-                job.phase("writing disks").await;
-                let store = ctx.store.clone();
-                let j = job.clone();
-                let res = blocking(move || {
-                    store.test_failover(&vm, &spec, &out_dir, format, &mut |done, total| {
-                        j.progress(done, total)
-                    })
-                })
-                .await
-                .map_err(|e| e.message().to_string())?
-                .map_err(|e| e.to_string())?;
-                Ok::<_, String>(crate::jobs::output_of(&res))
-            }
-            .await;
-            match outcome {
+            match run_test_failover(&ctx, vm, spec, out_dir, format, &job).await {
                 Ok(output) => job.succeed(output).await,
                 Err(e) => job.fail(&e).await,
             }
@@ -396,35 +408,7 @@ impl pb::admin_server::Admin for AdminService {
         let out_dir = std::path::PathBuf::from(&r.output);
         let shutdown_source = r.shutdown_source;
         self.ctx.tracker.spawn(async move {
-            let outcome = async {
-                let mut spec = spec;
-                if planned || shutdown_source {
-                    job.phase("shutting down the source and sending its last changes").await;
-                    match shut_down_source(&ctx, &vm, &job).await {
-                        Ok(point) => spec = PointSpec::Id(point),
-                        Err(e) if planned => {
-                            return Err(format!("the source was not shut down: {e}; nothing changed, VM {vm} stays protected"));
-                        }
-                        Err(e) => warn!(vm = %vm, error = %e, "source not shut down; the unplanned failover goes on"),
-                    }
-                }
-                let spec = resolve_latest(&ctx, &vm, spec, &job).await;
-                job.phase("writing disks").await;
-                let store = ctx.store.clone();
-                let j = job.clone();
-                let v = vm.clone();
-                let res = blocking(move || {
-                    store.failover(&v, kind, &spec, &out_dir, format, &mut |done, total| j.progress(done, total))
-                })
-                .await
-                .map_err(|e| e.message().to_string())?
-                .map_err(|e| e.to_string())?;
-                ctx.hub.stand_down(&vm, "the VM failed over").await;
-                info!(vm = %vm, point = res.point, kind = %kind, "failed over");
-                Ok::<_, String>(crate::jobs::output_of(&res))
-            }
-            .await;
-            match outcome {
+            match run_failover(&ctx, vm, kind, spec, out_dir, format, shutdown_source, &job).await {
                 Ok(output) => job.succeed(output).await,
                 Err(e) => job.fail(&e).await,
             }
@@ -592,7 +576,7 @@ fn point_arg(vm: &VmName, s: &str) -> Result<PointSpec, Status> {
     })
 }
 
-fn output_arg(s: &str, data_dir: &std::path::Path) -> Result<(), Status> {
+pub(crate) fn output_arg(s: &str, data_dir: &std::path::Path) -> Result<(), Status> {
     let path = std::path::Path::new(s);
     if s.is_empty() || !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir)
     {
@@ -640,6 +624,70 @@ pub fn agent_policy(p: &Policy) -> pb::Policy {
         app_interval_ms: u(p.app_interval_ms),
         hold: false,
     }
+}
+
+/// A test failover of `vm` at `spec` into `out_dir`, inside `job` (the RPC's and a plan's).
+pub(crate) async fn run_test_failover(
+    ctx: &Arc<Ctx>,
+    vm: VmName,
+    spec: PointSpec,
+    out_dir: std::path::PathBuf,
+    format: Format,
+    job: &crate::jobs::Job,
+) -> Result<pb::JobOutput, String> {
+    let spec = resolve_latest(ctx, &vm, spec, job).await;
+    job.phase("writing disks").await;
+    let store = ctx.store.clone();
+    let j = job.clone();
+    let res = blocking(move || {
+        store.test_failover(&vm, &spec, &out_dir, format, &mut |done, total| j.progress(done, total))
+    })
+    .await
+    .map_err(|e| e.message().to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(crate::jobs::output_of(&res))
+}
+
+/// A failover of `vm` (planned: the source shut down and its final point used), inside
+/// `job` (the RPC's and a plan's). The agent stands down once the disks are written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_failover(
+    ctx: &Arc<Ctx>,
+    vm: VmName,
+    kind: FailoverKind,
+    mut spec: PointSpec,
+    out_dir: std::path::PathBuf,
+    format: Format,
+    shutdown_source: bool,
+    job: &crate::jobs::Job,
+) -> Result<pb::JobOutput, String> {
+    let planned = kind == FailoverKind::Planned;
+    if planned || shutdown_source {
+        job.phase("shutting down the source and sending its last changes").await;
+        match shut_down_source(ctx, &vm, job).await {
+            Ok(point) => spec = PointSpec::Id(point),
+            Err(e) if planned => {
+                return Err(format!(
+                    "the source was not shut down: {e}; nothing changed, VM {vm} stays protected"
+                ));
+            }
+            Err(e) => warn!(vm = %vm, error = %e, "source not shut down; the unplanned failover goes on"),
+        }
+    }
+    let spec = resolve_latest(ctx, &vm, spec, job).await;
+    job.phase("writing disks").await;
+    let store = ctx.store.clone();
+    let j = job.clone();
+    let v = vm.clone();
+    let res = blocking(move || {
+        store.failover(&v, kind, &spec, &out_dir, format, &mut |done, total| j.progress(done, total))
+    })
+    .await
+    .map_err(|e| e.message().to_string())?
+    .map_err(|e| e.to_string())?;
+    ctx.hub.stand_down(&vm, "the VM failed over").await;
+    info!(vm = %vm, point = res.point, kind = %kind, "failed over");
+    Ok(crate::jobs::output_of(&res))
 }
 
 /// `latest`: make everything received into a point first (through the agent, if it is

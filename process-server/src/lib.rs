@@ -10,6 +10,7 @@ pub mod health;
 pub mod hub;
 pub mod jobs;
 pub mod metrics;
+pub mod plan;
 pub mod relay;
 pub mod replication;
 pub mod scrub;
@@ -35,6 +36,7 @@ pub struct Ctx {
     pub store: Arc<Store>,
     pub hub: hub::Hub,
     pub barriers: groups::Barriers,
+    pub plans: plan::Plans,
     pub jobs: Arc<jobs::Jobs>,
     pub relay: relay::Relay,
     pub scrub: scrub::Scrub,
@@ -135,6 +137,7 @@ pub async fn run(
         store,
         hub: hub::Hub::default(),
         barriers: groups::Barriers::default(),
+        plans: plan::Plans::default(),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     });

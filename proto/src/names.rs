@@ -47,6 +47,7 @@ both_ways!(JobKind, JobKind {
     UnplannedFailover <=> UnplannedFailover,
     ChangePoint <=> ChangePoint,
     Failback <=> Failback,
+    Plan <=> Plan,
 });
 both_ways!(JobState, JobState { Running <=> Running, Succeeded <=> Succeeded, Failed <=> Failed });
 both_ways!(SyncMode, SyncMode { Before <=> Before, During <=> During });

@@ -152,6 +152,8 @@ pub struct PlanRow {
     pub source: String,
     pub file: String,
     pub applied_ms: i64,
+    /// The plan's last operation and how far it got (JSON, the process server's), or empty.
+    pub run: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -271,7 +273,8 @@ CREATE TABLE IF NOT EXISTS plans (
     name TEXT PRIMARY KEY,
     source TEXT NOT NULL,
     file TEXT NOT NULL,
-    applied_ms INTEGER NOT NULL
+    applied_ms INTEGER NOT NULL,
+    run TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS test_failovers (
     vm TEXT PRIMARY KEY REFERENCES vms(name),
@@ -1203,7 +1206,7 @@ impl Catalog {
     pub fn put_plan(&self, plan: &PlanRow) -> Result<(), StoreError> {
         self.db
             .execute(
-                "INSERT INTO plans (name, source, file, applied_ms) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO plans (name, source, file, applied_ms, run) VALUES (?1, ?2, ?3, ?4, '')
                  ON CONFLICT(name) DO UPDATE SET source = ?2, file = ?3, applied_ms = ?4",
                 params![plan.name, plan.source, plan.file, plan.applied_ms],
             )
@@ -1214,14 +1217,28 @@ impl Catalog {
     pub fn plans(&self) -> Result<Vec<PlanRow>, StoreError> {
         let mut st = self
             .db
-            .prepare("SELECT name, source, file, applied_ms FROM plans ORDER BY name")
+            .prepare("SELECT name, source, file, applied_ms, run FROM plans ORDER BY name")
             .map_err(q("list plans"))?;
         let rows = st
             .query_map([], |r| {
-                Ok(PlanRow { name: r.get(0)?, source: r.get(1)?, file: r.get(2)?, applied_ms: r.get(3)? })
+                Ok(PlanRow {
+                    name: r.get(0)?,
+                    source: r.get(1)?,
+                    file: r.get(2)?,
+                    applied_ms: r.get(3)?,
+                    run: r.get(4)?,
+                })
             })
             .map_err(q("list plans"))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(q("list plans"))
+    }
+
+    /// Records how far a plan's operation got.
+    pub fn set_plan_run(&self, name: &str, run: &str) -> Result<(), StoreError> {
+        self.db
+            .execute("UPDATE plans SET run = ?2 WHERE name = ?1", params![name, run])
+            .map_err(q("record plan run"))?;
+        Ok(())
     }
 
     pub fn delete_plan(&self, name: &str) -> Result<bool, StoreError> {

@@ -590,6 +590,10 @@ impl Store {
         self.catalog().delete_plan(name)
     }
 
+    pub fn set_plan_run(&self, name: &str, run: &str) -> Result<(), StoreError> {
+        self.catalog().set_plan_run(name, run)
+    }
+
     fn disk_map(&self) -> MutexGuard<'_, HashMap<(VmName, DiskName), Arc<DiskHandle>>> {
         self.disks.lock().unwrap_or_else(|p| p.into_inner())
     }

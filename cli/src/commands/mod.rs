@@ -4,4 +4,5 @@ pub mod failback;
 pub mod failover;
 pub mod group;
 pub mod jobs;
+pub mod plan;
 pub mod protect;

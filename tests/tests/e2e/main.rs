@@ -11,5 +11,6 @@ mod harness;
 mod lifecycle;
 mod metrics;
 mod nbd;
+mod plans;
 mod protect;
 mod web;

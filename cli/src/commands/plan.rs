@@ -1,0 +1,181 @@
+//! Recovery plans: apply a file, list and show, run an operation group by group.
+
+use crate::Drctl;
+use crate::args::PlanCmd;
+use crate::error::CliError;
+use crate::output::{absolute, follow_job, print_json, rfc3339};
+use serde_json::{Value, json};
+use tern_proto as pb;
+
+fn run_json(r: &pb::PlanRunInfo) -> Value {
+    json!({
+        "operation": r.operation,
+        "state": r.state,
+        "group": r.step + 1,
+        "stage": r.stage,
+        "done": r.done,
+        "message": if r.message.is_empty() { Value::Null } else { json!(r.message) },
+        "job": r.job,
+        "points": r.points,
+    })
+}
+
+pub fn plan_json(p: &pb::PlanInfo) -> Value {
+    json!({
+        "name": p.name,
+        "source": p.source,
+        "applied": rfc3339(p.applied_ms),
+        "groups": p.steps.iter().map(|s| json!({"vms": s.vms, "pre": s.pre, "post": s.post, "manual": if s.manual.is_empty() { Value::Null } else { json!(s.manual) }})).collect::<Vec<_>>(),
+        "run": p.run.as_ref().map(run_json),
+    })
+}
+
+fn run_text(r: &pb::PlanRunInfo) -> String {
+    let mut s = format!("{} {}", r.operation, r.state);
+    if r.state != "done" {
+        s += &format!(" at group {} ({})", r.step + 1, r.stage);
+    }
+    if !r.done.is_empty() {
+        s += &format!("; done: {}", r.done.join(", "));
+    }
+    s
+}
+
+fn show(p: &pb::PlanInfo) {
+    out!("plan {} (from {}, applied {})", p.name, p.source, rfc3339(p.applied_ms));
+    for (i, s) in p.steps.iter().enumerate() {
+        out!("  group {}: {}", i + 1, s.vms.join(", "));
+        for a in &s.pre {
+            out!("    pre:    {a}");
+        }
+        for a in &s.post {
+            out!("    post:   {a}");
+        }
+        if !s.manual.is_empty() {
+            out!("    manual: {}", s.manual);
+        }
+    }
+    if let Some(r) = &p.run {
+        out!("  last operation: {} (job {})", run_text(r), r.job);
+        for (vm, point) in &r.points {
+            if *point != 0 {
+                out!("    {vm}: point {point}");
+            }
+        }
+        if !r.message.is_empty() {
+            out!("  {}", r.message);
+        }
+    }
+}
+
+async fn one(d: &mut Drctl, name: &str) -> Result<pb::PlanInfo, CliError> {
+    let r = d.c.plans(pb::PlansRequest { name: name.to_string() }).await?.into_inner();
+    r.plans.into_iter().next().ok_or_else(|| CliError::Server("the server returned no plan".into()))
+}
+
+/// Starts (or continues) an operation and follows its job until it ends or waits for a
+/// manual step; then prints where the plan stands.
+async fn follow(d: &mut Drctl, name: &str, job: u64) -> Result<(), CliError> {
+    let result = follow_job(&mut d.c, job, d.json, true).await;
+    let plan = one(d, name).await?;
+    if d.json {
+        print_json(&plan_json(&plan))?;
+    } else if let Some(r) = &plan.run {
+        out!("plan {name}: {}", run_text(r));
+        for (vm, point) in &r.points {
+            if *point != 0 {
+                out!("  {vm}: point {point}");
+            }
+        }
+        if r.state == "waiting" {
+            out!("{}", r.message);
+        }
+    }
+    result.map(|_| ())
+}
+
+pub async fn run(d: &mut Drctl, cmd: PlanCmd) -> Result<(), CliError> {
+    let request = |name: String, operation: &str| pb::RunPlanRequest {
+        name,
+        operation: operation.to_string(),
+        ..Default::default()
+    };
+    let req = match cmd {
+        PlanCmd::Apply { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+            let source = file.display().to_string();
+            let p = d.c.apply_plan(pb::ApplyPlanRequest { source, text }).await?.into_inner();
+            if d.json {
+                return print_json(&plan_json(&p));
+            }
+            out!("plan {} applied: {} groups", p.name, p.steps.len());
+            show(&p);
+            return Ok(());
+        }
+        PlanCmd::List => {
+            let r = d.c.plans(pb::PlansRequest::default()).await?.into_inner();
+            if d.json {
+                return print_json(&Value::Array(r.plans.iter().map(plan_json).collect()));
+            }
+            if r.plans.is_empty() {
+                out!("no recovery plans; `drctl plan apply FILE` registers one");
+            }
+            for p in &r.plans {
+                let vms: Vec<&str> = p.steps.iter().flat_map(|s| s.vms.iter().map(String::as_str)).collect();
+                let last = p.run.as_ref().map_or("no operation yet".to_string(), run_text);
+                out!("{:<20} {} groups, VMs {}; {last}", p.name, p.steps.len(), vms.join(" "));
+            }
+            return Ok(());
+        }
+        PlanCmd::Show { name } => {
+            let p = one(d, &name).await?;
+            if d.json {
+                return print_json(&plan_json(&p));
+            }
+            show(&p);
+            return Ok(());
+        }
+        PlanCmd::Remove { name } => {
+            d.c.remove_plan(pb::PlanRef { name: name.clone() }).await?;
+            if d.json {
+                return print_json(&json!({"removed": name}));
+            }
+            out!("plan {name} removed");
+            return Ok(());
+        }
+        PlanCmd::Continue { name } => {
+            let job = d.c.continue_plan(pb::PlanRef { name: name.clone() }).await?.into_inner().job;
+            return follow(d, &name, job).await;
+        }
+        PlanCmd::TestFailover { name, point, output, format } => pb::RunPlanRequest {
+            point,
+            output: absolute(&output)?.display().to_string(),
+            format: format.wire(),
+            ..request(name, "test-failover")
+        },
+        PlanCmd::Failover { name, kind, point, output, format } => {
+            let kind: tern_core::FailoverKind = kind
+                .parse()
+                .map_err(|e: tern_core::lifecycle::UnknownName| CliError::Usage(format!("--kind: {e}")))?;
+            pb::RunPlanRequest {
+                point,
+                output: absolute(&output)?.display().to_string(),
+                format: format.wire(),
+                kind: pb::FailoverKind::write(kind),
+                ..request(name, "failover")
+            }
+        }
+        PlanCmd::TestFailoverCleanup { name } => request(name, "test-failover-cleanup"),
+        PlanCmd::Commit { name } => request(name, "commit"),
+        PlanCmd::Reprotect { name, identity_dir } => pb::RunPlanRequest {
+            identity_dir: absolute(&identity_dir)?.display().to_string(),
+            ..request(name, "reprotect")
+        },
+        PlanCmd::Failback { name } => request(name, "failback"),
+        PlanCmd::ReverseReplicate { name } => request(name, "reverse-replicate"),
+    };
+    let name = req.name.clone();
+    let job = d.c.run_plan(req).await?.into_inner().job;
+    follow(d, &name, job).await
+}

@@ -1,0 +1,621 @@
+//! Recovery plans: files of ordered groups of VMs (`file.rs`), and their operations run
+//! group by group as one job each. An operation's progress is kept in the catalog after
+//! every step (which group, which stage, which VMs are done), so a failed action or a
+//! manual step stops it in a clear state and `drctl plan continue` resumes where it
+//! stopped, never redoing a finished VM.
+//!
+//! In each group: its `pre` actions, then each VM, then its `post` actions, then its manual
+//! step (a wait for `plan continue`). Actions and manual steps belong to the operations that
+//! bring VMs up somewhere (test failover, failover, failback); the others (cleanup, commit,
+//! reprotect, reverse replication) only walk the groups in order.
+
+pub mod file;
+
+use crate::admin::{blocking, run_failover, run_test_failover};
+use crate::{Ctx, lock, store_status};
+use file::Plan;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_core::{FailoverKind, JobKind, PlanName, PointId, VmName, VmState};
+use tern_proto as pb;
+use tern_store::{Format, PlanRow, PointSpec};
+use tokio::sync::Notify;
+use tonic::Status;
+use tracing::{info, warn};
+
+/// An action that runs longer than this fails the plan (it is killed).
+const ACTION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The operations of a plan.
+const OPERATIONS: [&str; 7] = [
+    "test-failover",
+    "test-failover-cleanup",
+    "failover",
+    "commit",
+    "reprotect",
+    "failback",
+    "reverse-replicate",
+];
+
+/// How far a plan's operation got: the `plans.run` column.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Run {
+    pub operation: String,
+    pub point: String,
+    pub output: String,
+    pub format: String,
+    pub kind: String,
+    pub identity_dir: String,
+    /// running, waiting, failed, done.
+    pub state: String,
+    pub step: usize,
+    /// pre, vms, post, manual.
+    pub stage: String,
+    pub done: Vec<String>,
+    pub message: String,
+    pub job: u64,
+    pub points: BTreeMap<String, u64>,
+}
+
+impl Run {
+    fn info(&self) -> pb::PlanRunInfo {
+        pb::PlanRunInfo {
+            operation: self.operation.clone(),
+            state: self.state.clone(),
+            step: u32::try_from(self.step).unwrap_or(u32::MAX),
+            stage: self.stage.clone(),
+            done: self.done.clone(),
+            message: self.message.clone(),
+            job: self.job,
+            points: self.points.clone().into_iter().collect(),
+        }
+    }
+
+    /// Brings VMs up somewhere: actions and manual steps run.
+    fn acts(&self) -> bool {
+        matches!(self.operation.as_str(), "test-failover" | "failover" | "failback")
+    }
+}
+
+/// Plans whose operation is being driven now, and how to wake one at a manual step.
+#[derive(Debug, Default)]
+pub struct Plans {
+    driving: std::sync::Mutex<HashMap<String, Driving>>,
+}
+
+/// A plan being driven: what wakes it at a manual step, and its job once started.
+type Driving = (Arc<Notify>, Option<crate::jobs::Job>);
+
+fn plan_arg(s: &str) -> Result<PlanName, Status> {
+    PlanName::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+async fn row(ctx: &Arc<Ctx>, name: &PlanName) -> Result<PlanRow, Status> {
+    let store = ctx.store.clone();
+    let plans = blocking(move || store.plans()).await?.map_err(store_status)?;
+    plans.into_iter().find(|p| p.name == name.as_str()).ok_or_else(|| {
+        Status::not_found(format!("no plan is named {name}; `drctl plan apply FILE` registers one"))
+    })
+}
+
+/// Parses a stored or offered plan, with each VM checked against this server.
+async fn parse(ctx: &Arc<Ctx>, source: &str, text: &str) -> Result<Plan, Status> {
+    let store = ctx.store.clone();
+    let known: std::collections::HashSet<VmName> =
+        blocking(move || store.vms()).await?.map_err(store_status)?.into_iter().collect();
+    let check = |vm: &VmName| {
+        (!known.contains(vm))
+            .then(|| format!("VM {vm} is not protected by this process server (see `drctl status`)"))
+    };
+    file::parse(text, &check).map_err(|e| Status::invalid_argument(format!("{source}:{e}")))
+}
+
+fn plan_info(row: &PlanRow, plan: Option<&Plan>) -> pb::PlanInfo {
+    let run: Option<Run> = serde_json::from_str(&row.run).ok();
+    pb::PlanInfo {
+        name: row.name.clone(),
+        source: row.source.clone(),
+        applied_ms: row.applied_ms,
+        steps: plan
+            .map(|p| {
+                p.steps
+                    .iter()
+                    .map(|s| pb::PlanStep {
+                        vms: s.vms.iter().map(ToString::to_string).collect(),
+                        pre: s.pre.clone(),
+                        post: s.post.clone(),
+                        manual: s.manual.clone().unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        run: run.map(|r| r.info()),
+        text: row.file.clone(),
+    }
+}
+
+/// `drctl plan apply FILE`: checks the file and stores it (replacing the plan of that name).
+pub async fn apply(ctx: &Arc<Ctx>, r: pb::ApplyPlanRequest) -> Result<pb::PlanInfo, Status> {
+    let plan = parse(ctx, &r.source, &r.text).await?;
+    let name = plan.name.to_string();
+    if lock(&ctx.plans.driving).contains_key(&name) {
+        return Err(Status::failed_precondition(format!(
+            "plan {name} has an operation running; apply the file once it has ended"
+        )));
+    }
+    let row = PlanRow {
+        name: name.clone(),
+        source: r.source,
+        file: r.text,
+        applied_ms: tern_store::now_ms(),
+        run: String::new(),
+    };
+    let store = ctx.store.clone();
+    let stored = row.clone();
+    blocking(move || store.put_plan(&stored)).await?.map_err(store_status)?;
+    info!(plan = %name, groups = plan.steps.len(), "plan applied");
+    let row = self::row(ctx, &plan.name).await?;
+    Ok(plan_info(&row, Some(&plan)))
+}
+
+/// `drctl plan list/show`.
+pub async fn list(ctx: &Arc<Ctx>, name: &str) -> Result<Vec<pb::PlanInfo>, Status> {
+    let store = ctx.store.clone();
+    let rows = blocking(move || store.plans()).await?.map_err(store_status)?;
+    let mut out = Vec::new();
+    for row in rows.iter().filter(|r| name.is_empty() || r.name == name) {
+        let plan = parse(ctx, &row.source, &row.file).await.ok();
+        out.push(plan_info(row, plan.as_ref()));
+    }
+    if !name.is_empty() && out.is_empty() {
+        return Err(Status::not_found(format!("no plan is named {name}; see `drctl plan list`")));
+    }
+    Ok(out)
+}
+
+/// `drctl plan remove`.
+pub async fn remove(ctx: &Arc<Ctx>, name: &str) -> Result<pb::PlanInfo, Status> {
+    let name = plan_arg(name)?;
+    if lock(&ctx.plans.driving).contains_key(name.as_str()) {
+        return Err(Status::failed_precondition(format!("plan {name} has an operation running")));
+    }
+    let row = row(ctx, &name).await?;
+    let store = ctx.store.clone();
+    let n = name.to_string();
+    blocking(move || store.delete_plan(&n)).await?.map_err(store_status)?;
+    Ok(plan_info(&row, None))
+}
+
+async fn save(ctx: &Arc<Ctx>, name: &PlanName, run: &Run) -> Result<(), String> {
+    let text = serde_json::to_string(run).map_err(|e| e.to_string())?;
+    let store = ctx.store.clone();
+    let n = name.to_string();
+    blocking(move || store.set_plan_run(&n, &text))
+        .await
+        .map_err(|e| e.message().to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Each VM's point for a test failover or failover, all found before anything is written:
+/// a VM without one stops the plan here, naming it. VMs of a replication group take the
+/// group's common multi-VM point for the `latest-multi-vm` options.
+async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTreeMap<String, u64>, Status> {
+    let spec = PointSpec::parse(point).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "--point {point:?}: a plan takes latest, latest-processed, latest-app, latest-multi-vm or \
+             latest-multi-vm-app"
+        ))
+    })?;
+    if matches!(spec, PointSpec::Id(_) | PointSpec::Time(_)) {
+        return Err(Status::invalid_argument(format!(
+            "--point {point}: a custom point (an id or a time) names one VM's point and is not available for a \
+             plan; use latest, latest-processed, latest-app, latest-multi-vm or latest-multi-vm-app"
+        )));
+    }
+    let mut points = BTreeMap::new();
+    for vm in plan.vms() {
+        // `latest` makes a fresh point of each VM at its turn; it needs one to fall back on.
+        let probe = if spec == PointSpec::Latest { PointSpec::LatestProcessed } else { spec.clone() };
+        let (store, v) = (ctx.store.clone(), vm.clone());
+        match blocking(move || store.resolve_point(&v, &probe)).await? {
+            Ok(p) => {
+                points.insert(vm.to_string(), if spec == PointSpec::Latest { 0 } else { p.id.0 });
+            }
+            Err(e) => {
+                return Err(Status::failed_precondition(format!(
+                    "plan {}: VM {vm} has no point to fail over to ({e}); every VM of a plan needs one. Nothing was written",
+                    plan.name
+                )));
+            }
+        }
+    }
+    Ok(points)
+}
+
+/// Checks what an operation needs of every VM before the first is touched.
+async fn precheck(ctx: &Arc<Ctx>, plan: &Plan, run: &Run) -> Result<(), Status> {
+    let want = match run.operation.as_str() {
+        "failover" => Some(VmState::Protected),
+        "commit" => None,
+        "reprotect" => Some(VmState::FailoverCommitted),
+        "failback" => Some(VmState::Reprotected),
+        "reverse-replicate" => Some(VmState::FailbackCommitted),
+        _ => None,
+    };
+    for vm in plan.vms() {
+        if run.done.contains(&vm.to_string()) {
+            continue;
+        }
+        let (store, v) = (ctx.store.clone(), vm.clone());
+        let state = blocking(move || store.vm_state(&v)).await?.map_err(store_status)?;
+        if let Some(want) = want
+            && state != want
+        {
+            return Err(Status::failed_precondition(format!(
+                "plan {}: VM {vm} is {state}; {} of the plan needs every VM {want}. Nothing was changed",
+                plan.name, run.operation
+            )));
+        }
+        if run.operation == "commit" && !matches!(state, VmState::FailedOver | VmState::FailedBack) {
+            return Err(Status::failed_precondition(format!(
+                "plan {}: VM {vm} is {state}; commit needs every VM failed over or failed back",
+                plan.name
+            )));
+        }
+        if run.operation == "reprotect" && !plan.targets.contains_key(vm) {
+            return Err(Status::failed_precondition(format!(
+                "plan {}: VM {vm} has no [vm.{vm}] section (master_target, location, target_disks) in the plan file",
+                plan.name
+            )));
+        }
+        let needs_agent =
+            (run.operation == "failover" && run.kind == "planned") || run.operation == "failback";
+        if needs_agent && !ctx.hub.connected(vm) {
+            return Err(Status::failed_precondition(format!(
+                "plan {}: the agent of VM {vm} is not connected, and a {} {} shuts it down through it. Nothing was changed",
+                plan.name, run.kind, run.operation
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `drctl plan OPERATION`: checks, then drives the operation as a job.
+pub async fn start(ctx: &Arc<Ctx>, r: pb::RunPlanRequest) -> Result<u64, Status> {
+    let name = plan_arg(&r.name)?;
+    if !OPERATIONS.contains(&r.operation.as_str()) {
+        return Err(Status::invalid_argument(format!(
+            "unknown plan operation {:?}; one of {}",
+            r.operation,
+            OPERATIONS.join(", ")
+        )));
+    }
+    let row = row(ctx, &name).await?;
+    let plan = parse(ctx, &row.source, &row.file).await?;
+    let format = if r.format == pb::OutputFormat::Vhd as i32 { "vhd" } else { "raw" };
+    let kind = pb::FailoverKind::read(r.kind).map(|k| k.to_string()).unwrap_or_default();
+    let mut run = Run {
+        operation: r.operation.clone(),
+        point: r.point.clone(),
+        output: r.output.clone(),
+        format: format.into(),
+        kind,
+        identity_dir: r.identity_dir.clone(),
+        state: "running".into(),
+        stage: "pre".into(),
+        ..Run::default()
+    };
+    match run.operation.as_str() {
+        "test-failover" | "failover" => {
+            crate::admin::output_arg(&run.output, ctx.store.root())?;
+            if run.operation == "failover" && run.kind.is_empty() {
+                return Err(Status::invalid_argument("a plan failover's kind is planned or unplanned"));
+            }
+            if run.operation == "test-failover" || run.kind != "planned" {
+                run.points =
+                    resolve_points(ctx, &plan, if run.point.is_empty() { "latest" } else { &run.point })
+                        .await?;
+            }
+        }
+        "reprotect" => crate::admin::output_arg(&run.identity_dir, ctx.store.root())?,
+        _ => {}
+    }
+    precheck(ctx, &plan, &run).await?;
+    drive(ctx, name, plan, run).await
+}
+
+/// `drctl plan continue`: past a manual step, or again from where a failure stopped it.
+pub async fn resume(ctx: &Arc<Ctx>, name: &str) -> Result<u64, Status> {
+    let name = plan_arg(name)?;
+    let row = row(ctx, &name).await?;
+    let mut run: Run = serde_json::from_str(&row.run)
+        .map_err(|_| Status::failed_precondition(format!("plan {name} has no operation to continue")))?;
+    let live = lock(&ctx.plans.driving).get(name.as_str()).cloned();
+    if let Some((wake, job)) = live {
+        if run.state == "waiting" {
+            // The job says so before `continue` returns: whoever follows it sees it move on.
+            if let Some(job) = job {
+                job.phase("continuing after the manual step").await;
+            }
+            wake.notify_one();
+            return Ok(run.job);
+        }
+        return Err(Status::failed_precondition(format!(
+            "plan {name}'s {} is running (job {}); nothing waits for `plan continue`",
+            run.operation, run.job
+        )));
+    }
+    match run.state.as_str() {
+        "waiting" => {
+            run.step += 1;
+            run.stage = "pre".into();
+        }
+        "failed" | "running" => {}
+        _ => {
+            return Err(Status::failed_precondition(format!(
+                "plan {name}'s {} is {}; nothing to continue",
+                run.operation, run.state
+            )));
+        }
+    }
+    let plan = parse(ctx, &row.source, &row.file).await?;
+    run.state = "running".into();
+    run.message.clear();
+    precheck(ctx, &plan, &run).await?;
+    drive(ctx, name, plan, run).await
+}
+
+async fn drive(ctx: &Arc<Ctx>, name: PlanName, plan: Plan, mut run: Run) -> Result<u64, Status> {
+    let wake = Arc::new(Notify::new());
+    {
+        let mut driving = lock(&ctx.plans.driving);
+        if driving.contains_key(name.as_str()) {
+            return Err(Status::failed_precondition(format!("plan {name} has an operation running already")));
+        }
+        driving.insert(name.to_string(), (wake.clone(), None));
+    }
+    let subject = VmName::new(name.as_str()).map_err(|e| Status::internal(e.to_string()))?;
+    let job = match ctx.jobs.start(JobKind::Plan, &subject).await {
+        Ok(j) => j,
+        Err(e) => {
+            lock(&ctx.plans.driving).remove(name.as_str());
+            return Err(e);
+        }
+    };
+    run.job = job.id;
+    if let Some(d) = lock(&ctx.plans.driving).get_mut(name.as_str()) {
+        d.1 = Some(job.clone());
+    }
+    if let Err(e) = save(ctx, &name, &run).await {
+        lock(&ctx.plans.driving).remove(name.as_str());
+        return Err(Status::unavailable(e));
+    }
+    info!(plan = %name, operation = %run.operation, job = job.id, "plan operation started");
+    let (c, id) = (ctx.clone(), job.id);
+    ctx.tracker.spawn(async move {
+        let outcome = walk(&c, &name, &plan, &mut run, &job, &wake).await;
+        lock(&c.plans.driving).remove(name.as_str());
+        match outcome {
+            Ok(()) => {
+                run.state = "done".into();
+                run.message.clear();
+                let _ = save(&c, &name, &run).await;
+                info!(plan = %name, operation = %run.operation, "plan operation done");
+                job.succeed(pb::JobOutput { vm: name.to_string(), ..Default::default() }).await;
+            }
+            Err(e) => {
+                run.state = "failed".into();
+                run.message = e.clone();
+                let _ = save(&c, &name, &run).await;
+                warn!(plan = %name, operation = %run.operation, error = %e, "plan operation stopped");
+                job.fail(&format!("{e}; fix it, then `drctl plan continue {name}` goes on from there")).await;
+            }
+        }
+    });
+    Ok(id)
+}
+
+/// Walks the groups from where `run` stands, saving after every step.
+async fn walk(
+    ctx: &Arc<Ctx>,
+    name: &PlanName,
+    plan: &Plan,
+    run: &mut Run,
+    job: &crate::jobs::Job,
+    wake: &Notify,
+) -> Result<(), String> {
+    let total = plan.vms().count() as u64;
+    while run.step < plan.steps.len() {
+        let step = &plan.steps[run.step];
+        let group = run.step + 1;
+        let vms: Vec<String> = step.vms.iter().map(ToString::to_string).collect();
+        let env = [
+            ("TERN_PLAN", name.to_string()),
+            ("TERN_GROUP", group.to_string()),
+            ("TERN_VMS", vms.join(" ")),
+            ("TERN_OUTPUT", run.output.clone()),
+            ("TERN_OPERATION", run.operation.clone()),
+        ];
+        match run.stage.as_str() {
+            "pre" | "post" => {
+                let actions = if run.stage == "pre" { &step.pre } else { &step.post };
+                if run.acts() {
+                    for (i, cmd) in actions.iter().enumerate() {
+                        job.phase(&format!(
+                            "group {group}/{}: {} action {}",
+                            plan.steps.len(),
+                            run.stage,
+                            i + 1
+                        ))
+                        .await;
+                        action(cmd, &env).await.map_err(|e| {
+                            format!("group {group}: {} action `{cmd}` failed: {e}", run.stage)
+                        })?;
+                    }
+                }
+                run.stage = if run.stage == "pre" { "vms".into() } else { "manual".into() };
+            }
+            "vms" => {
+                for vm in &step.vms {
+                    if run.done.contains(&vm.to_string()) {
+                        continue;
+                    }
+                    job.phase(&format!("group {group}/{}: {} of {vm}", plan.steps.len(), run.operation))
+                        .await;
+                    job.progress(run.done.len() as u64, total);
+                    let point = one_vm(ctx, plan, run, vm)
+                        .await
+                        .map_err(|e| format!("group {group}: VM {vm}: {e}"))?;
+                    if let Some(p) = point {
+                        run.points.insert(vm.to_string(), p);
+                    }
+                    run.done.push(vm.to_string());
+                    save(ctx, name, run).await?;
+                }
+                run.stage = "post".into();
+            }
+            _ => {
+                if let Some(text) = step.manual.as_ref().filter(|_| run.acts()) {
+                    run.state = "waiting".into();
+                    run.message = format!("group {group}: {text} — then `drctl plan continue {name}`");
+                    save(ctx, name, run).await?;
+                    job.phase(&format!("waiting: {}", run.message)).await;
+                    info!(plan = %name, group, manual = %text, "plan waits for `plan continue`");
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = ctx.shutdown.cancelled() => return Err("the process server stopped".into()),
+                    }
+                    run.state = "running".into();
+                    run.message.clear();
+                }
+                run.step += 1;
+                run.stage = "pre".into();
+            }
+        }
+        save(ctx, name, run).await?;
+    }
+    job.progress(total, total);
+    Ok(())
+}
+
+/// Runs an action with the plan's environment; its output goes to the log.
+async fn action(cmd: &str, env: &[(&str, String)]) -> Result<(), String> {
+    let mut c = tokio::process::Command::new("sh");
+    c.arg("-c").arg(cmd).kill_on_drop(true);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = tokio::time::timeout(ACTION_TIMEOUT, c.output())
+        .await
+        .map_err(|_| format!("still running after {} s (killed)", ACTION_TIMEOUT.as_secs()))?
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    let text = text.trim();
+    info!(command = cmd, status = %out.status, stderr = text, "plan action ran");
+    if out.status.success() {
+        return Ok(());
+    }
+    let tail: String =
+        text.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
+    Err(format!("{}{}", out.status, if tail.is_empty() { String::new() } else { format!(": {tail}") }))
+}
+
+/// The operation on one VM, as its own job (progress and output in `drctl jobs`); the
+/// point it wrote, for test failover and failover.
+async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<Option<u64>, String> {
+    let out_dir = PathBuf::from(&run.output).join(vm.as_str());
+    let format = if run.format == "vhd" { Format::Vhd } else { Format::Raw };
+    let spec = match run.points.get(vm.as_str()) {
+        Some(0) | None => PointSpec::Latest,
+        Some(&id) => PointSpec::Id(PointId(id)),
+    };
+    let status = |s: Status| s.message().to_string();
+    match run.operation.as_str() {
+        "test-failover" => {
+            let job = ctx.jobs.start(JobKind::TestFailover, vm).await.map_err(status)?;
+            let r = run_test_failover(ctx, vm.clone(), spec, out_dir, format, &job).await;
+            finish(&job, r).await.map(Some)
+        }
+        "failover" => {
+            let kind: FailoverKind =
+                run.kind.parse().map_err(|_| "a failover's kind is planned or unplanned".to_string())?;
+            let jk = if kind == FailoverKind::Planned {
+                JobKind::PlannedFailover
+            } else {
+                JobKind::UnplannedFailover
+            };
+            let job = ctx.jobs.start(jk, vm).await.map_err(status)?;
+            let r = run_failover(ctx, vm.clone(), kind, spec, out_dir, format, false, &job).await;
+            finish(&job, r).await.map(Some)
+        }
+        "failback" => {
+            let job = ctx.jobs.start(JobKind::Failback, vm).await.map_err(status)?;
+            let r = crate::failback::failback(ctx, vm.clone(), job.clone()).await;
+            finish(&job, r).await.map(Some)
+        }
+        "test-failover-cleanup" => {
+            let (store, v) = (ctx.store.clone(), vm.clone());
+            match blocking(move || store.test_failover_cleanup(&v)).await.map_err(status)? {
+                Ok(_) | Err(tern_store::StoreError::NoTestFailover(_)) => Ok(None),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        "commit" => {
+            let (store, v) = (ctx.store.clone(), vm.clone());
+            let state =
+                blocking(move || store.vm_state(&v)).await.map_err(status)?.map_err(|e| e.to_string())?;
+            if state == VmState::FailedBack {
+                return crate::failback::commit_failback(ctx, vm).await.map(|p| Some(p.0)).map_err(status);
+            }
+            let (store, v) = (ctx.store.clone(), vm.clone());
+            blocking(move || store.commit(&v))
+                .await
+                .map_err(status)?
+                .map(|p| Some(p.0))
+                .map_err(|e| e.to_string())
+        }
+        "reprotect" => {
+            let t = plan.targets.get(vm).ok_or("no [vm] section for it in the plan file")?;
+            let r = pb::ReprotectRequest {
+                vm: vm.to_string(),
+                master_target: t.master_target.clone(),
+                alternate: t.alternate,
+                target_disks: t.target_disks.clone(),
+                sync: pb::SyncMode::write(t.sync),
+            };
+            let reply = crate::failback::reprotect(ctx, r).await.map_err(status)?;
+            let dir = PathBuf::from(&run.identity_dir);
+            let path = dir.join(format!("{vm}.bundle"));
+            let bundle = reply.bundle;
+            blocking(move || {
+                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                tern_core::pki::write_private(&path, &bundle).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(status)?
+            .map_err(|e| format!("cannot write the agent identity in {}: {e}", run.identity_dir))?;
+            Ok(None)
+        }
+        "reverse-replicate" => {
+            crate::failback::reverse_replicate(ctx, vm).await.map(|()| None).map_err(status)
+        }
+        other => Err(format!("unknown operation {other}")),
+    }
+}
+
+async fn finish(job: &crate::jobs::Job, r: Result<pb::JobOutput, String>) -> Result<u64, String> {
+    match r {
+        Ok(out) => {
+            let point = out.point;
+            job.succeed(out).await;
+            Ok(point)
+        }
+        Err(e) => {
+            job.fail(&e).await;
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Recovery plans: a file of ordered groups of VMs, run as one operation group by group,
+//! with actions, manual steps and `plan continue`, around the whole circle.
+
+use crate::harness::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// The VMs of the plan, in its order: group 1 is `db`, group 2 `app` and `web` (a
+/// replication group, `tier`).
+const VMS: [&str; 3] = ["db", "app", "web"];
+
+/// The plan file: actions append `WHEN pre|post GROUP VMS` lines to `log`; group 1 waits for
+/// a manual step; group 2's post action fails once (while `flag` is absent) to show that
+/// `plan continue` resumes without redoing a VM.
+fn plan_file(log: &Path, flag: &Path, mt: &str, disks: &[PathBuf]) -> String {
+    let act = |what: &str| {
+        format!(
+            "echo \\\"$(date +%s%N) {what} $TERN_GROUP $TERN_VMS $TERN_OPERATION\\\" >> {}",
+            log.display()
+        )
+    };
+    let mut s = format!(
+        "name = \"shop\"
+[[group]]
+vms = [\"db\"]
+pre = [\"{}\"]
+post = [\"{}\"]
+manual = \"Check that db accepts connections\"
+[[group]]
+vms = [\"app\", \"web\"]
+pre = [\"{}\"]
+post = [\"{}\", \"test -f {} || (touch {}; echo not yet >&2; exit 3)\"]
+",
+        act("pre"),
+        act("post"),
+        act("pre"),
+        act("post"),
+        flag.display(),
+        flag.display()
+    );
+    for (vm, disk) in VMS.iter().zip(disks) {
+        s += &format!(
+            "[vm.{vm}]\nmaster_target = \"{mt}\"\nlocation = \"original\"\ntarget_disks = [\"sda={}\"]\n",
+            disk.display()
+        );
+    }
+    s
+}
+
+/// The action log's lines as (what, group) in time order, for one operation.
+fn actions(log: &Path, operation: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut lines: Vec<(u128, String)> = text
+        .lines()
+        .filter(|l| l.ends_with(operation))
+        .map(|l| {
+            let mut f = l.splitn(2, ' ');
+            let t: u128 = f.next().unwrap().parse().unwrap();
+            (t, f.next().unwrap().trim_end_matches(operation).trim().to_string())
+        })
+        .collect();
+    lines.sort();
+    lines.into_iter().map(|(_, l)| l).collect()
+}
+
+/// Runs a plan operation that stops at group 1's manual step, then continues it to the end
+/// (the first continue meets group 2's failing post action once when `fails_once`).
+fn run_through(server: &Server, args: &[&str], fails_once: bool) -> Value {
+    let out = server.drctl(args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("waiting") && text.contains("drctl plan continue shop"), "{text}");
+    if fails_once {
+        let err = server.drctl_err(&["plan", "continue", "shop"]);
+        assert!(
+            err.contains("post action") && err.contains("not yet") && err.contains("plan continue shop"),
+            "{err}"
+        );
+        let shown = server.drctl_json(&["plan", "show", "shop"]);
+        assert_eq!(shown["run"]["state"], "failed", "{shown}");
+        assert_eq!(shown["run"]["done"].as_array().unwrap().len(), 3, "every VM was done before: {shown}");
+    }
+    server.drctl_json(&["plan", "continue", "shop"])
+}
+
+/// Each VM's output of a plan (test) failover is its point, byte for byte.
+fn check_outputs(out: &Path, run: &Value) {
+    for vm in VMS {
+        let manifest: Value =
+            serde_json::from_slice(&std::fs::read(out.join(vm).join("vm.json")).unwrap()).unwrap();
+        assert_eq!(manifest["point"], run["points"][vm], "{vm}: {manifest}");
+        let disk = &manifest["disks"][0];
+        assert_eq!(disk["blake3"].as_str().unwrap(), b3(&out.join(vm).join("sda.raw"), None), "{vm}");
+    }
+}
+
+#[test]
+fn a_plan_goes_round_the_circle_group_by_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let mut agents = Vec::new();
+    let mut disks = Vec::new();
+    for (i, vm) in VMS.iter().enumerate() {
+        let disk = root.join(format!("{vm}.img"));
+        make_random(&disk, 8, 4, 40 + i as u64);
+        let identity = root.join(format!("{vm}.bundle"));
+        server.enroll_agent(vm, &identity);
+        let hooks = ["--freeze", "true", "--thaw", "true", "--shutdown", "true"];
+        agents.push(Agent::start(
+            &server,
+            &identity,
+            vm,
+            &[("sda", &disk)],
+            &root.join(format!("{vm}-st")),
+            &hooks,
+        ));
+        server.checkpoint(vm);
+        disks.push(disk);
+    }
+    server.drctl_json(&["group", "create", "tier", "--vm", "app", "--vm", "web"]);
+    let multi = server.drctl_json(&["group", "checkpoint", "tier"])["point"].clone();
+    // db writes after the group's point: its own latest point is newer.
+    scatter_writes(&disks[0], 0.02, 9);
+    server.checkpoint("db");
+
+    let mut mt = MasterTarget::start(&server, root, "mt1");
+    let (log, flag) = (root.join("actions.log"), root.join("flag"));
+    let file = root.join("shop.toml");
+    std::fs::write(&file, plan_file(&log, &flag, &mt.url(), &disks)).unwrap();
+
+    // A bad file is refused with its line; nothing is stored.
+    let bad = root.join("bad.toml");
+    std::fs::write(&bad, "name = \"shop\"\n[[group]]\nvms = [\"db\"]\nprefix = [\"x\"]\n").unwrap();
+    let err = server.drctl_err(&["plan", "apply", bad.to_str().unwrap()]);
+    assert!(err.contains("bad.toml:line 4") && err.contains("prefix"), "{err}");
+    std::fs::write(&bad, "name = \"shop\"\n[[group]]\nvms = [\"db\", \"ghost\"]\n").unwrap();
+    let err = server.drctl_err(&["plan", "apply", bad.to_str().unwrap()]);
+    assert!(err.contains("line 3") && err.contains("VM ghost is not protected"), "{err}");
+    assert!(server.drctl_json(&["plan", "list"]).as_array().unwrap().is_empty());
+
+    let applied = server.drctl_json(&["plan", "apply", file.to_str().unwrap()]);
+    assert_eq!(applied["groups"].as_array().unwrap().len(), 2);
+    // A custom point names one VM's point: refused for a plan.
+    let out = root.join("drill");
+    let o = out.to_str().unwrap();
+    let err = server.drctl_err(&["plan", "test-failover", "shop", "--point", "3", "--output", o]);
+    assert!(err.contains("custom point"), "{err}");
+
+    // Test failover at latest-multi-vm: app and web at the group's common point, db (in no
+    // group) at its own latest; actions in group order; a manual step; a failed action
+    // resumed without redoing a VM.
+    let run = run_through(
+        &server,
+        &["plan", "test-failover", "shop", "--point", "latest-multi-vm", "--output", o],
+        true,
+    )["run"]
+        .clone();
+    assert_eq!(run["state"], "done", "{run}");
+    assert_eq!((run["points"]["app"].clone(), run["points"]["web"].clone()), (multi.clone(), multi.clone()));
+    assert!(run["points"]["db"].as_u64() > multi.as_u64(), "{run}");
+    check_outputs(&out, &run);
+    let order = actions(&log, "test-failover");
+    assert_eq!(
+        order,
+        ["pre 1 db", "post 1 db", "pre 2 app web", "post 2 app web", "post 2 app web"],
+        "{order:?}"
+    );
+    let jobs = server.drctl_json(&["jobs"]);
+    let per_vm =
+        jobs.as_array().unwrap().iter().filter(|j| j["kind"] == "test-failover" && j["vm"] == "app").count();
+    assert_eq!(per_vm, 1, "app was test-failed over once: {jobs}");
+    server.drctl_json(&["plan", "test-failover-cleanup", "shop"]);
+    assert!(!out.join("db").join("sda.raw").exists());
+
+    // Failover (unplanned, the primary site lost) at latest-multi-vm, then commit.
+    for a in &mut agents {
+        a.kill9();
+    }
+    let out = root.join("recovered");
+    let o = out.to_str().unwrap();
+    let run = run_through(
+        &server,
+        &["plan", "failover", "shop", "--kind", "unplanned", "--point", "latest-multi-vm", "--output", o],
+        false,
+    )["run"]
+        .clone();
+    check_outputs(&out, &run);
+    assert_eq!(run["points"]["app"], multi);
+    server.drctl_json(&["plan", "commit", "shop"]);
+    for vm in VMS {
+        assert_eq!(server.status(vm)["state"], "failover-committed");
+    }
+
+    // The recovered VMs run and write; reprotect to the original disks, fail back.
+    let ids = root.join("ids");
+    server.drctl_json(&["plan", "reprotect", "shop", "--identity-dir", ids.to_str().unwrap()]);
+    let mut recovered_agents = Vec::new();
+    for (i, vm) in VMS.iter().enumerate() {
+        let disk = out.join(vm).join("sda.raw");
+        let bundle = ids.join(format!("{vm}.bundle"));
+        let st = root.join(format!("{vm}-back"));
+        recovered_agents.push(Agent::start(
+            &server,
+            &bundle,
+            vm,
+            &[("sda", &disk)],
+            &st,
+            &["--shutdown", "true"],
+        ));
+        server.wait_connected(vm);
+        server.checkpoint(vm);
+        scatter_writes(&disk, 0.02, 60 + i as u64);
+    }
+    let want: Vec<String> = VMS.iter().map(|vm| b3(&out.join(vm).join("sda.raw"), None)).collect();
+    run_through(&server, &["plan", "failback", "shop"], false);
+    assert_eq!(actions(&log, "failback"), ["pre 1 db", "post 1 db", "pre 2 app web", "post 2 app web"]);
+    for ((vm, disk), want) in VMS.iter().zip(&disks).zip(&want) {
+        assert_eq!(&b3(disk, None), want, "{vm}: the original disk is the recovered VM's final state");
+        assert_eq!(server.status(vm)["state"], "failed-back");
+    }
+    server.drctl_json(&["plan", "commit", "shop"]);
+    server.drctl_json(&["plan", "reverse-replicate", "shop"]);
+    mt.kill9();
+    // Protected from the primary site again: a point of each original disk recovers it.
+    drop(recovered_agents);
+    let mut again = Vec::new();
+    for (vm, disk) in VMS.iter().zip(&disks) {
+        let identity = root.join(format!("{vm}.bundle"));
+        again.push(Agent::start(
+            &server,
+            &identity,
+            vm,
+            &[("sda", disk)],
+            &root.join(format!("{vm}-again")),
+            &[],
+        ));
+        let p = server.checkpoint(vm);
+        assert_eq!(server.status(vm)["state"], "protected");
+        let o = root.join(format!("final-{vm}"));
+        let r = server.drctl_json(&[
+            "test-failover",
+            vm,
+            "--point",
+            &p["id"].to_string(),
+            "--output",
+            o.to_str().unwrap(),
+        ]);
+        assert_eq!(r["disks"][0]["blake3"].as_str().unwrap(), b3(disk, None), "{vm}");
+    }
+}
+
+#[test]
+fn a_plan_with_a_vm_without_a_point_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let _ready = protect_vm(&server, root, "ready", 8, 2, &[]);
+    // A VM whose initial sync crawls: it is protected, with no point yet.
+    let identity = root.join("slow.bundle");
+    server.enroll_agent("slow", &identity);
+    let disk = root.join("slow.img");
+    make_random(&disk, 16, 16, 3);
+    let _slow = Agent::start(
+        &server,
+        &identity,
+        "slow",
+        &[("sda", &disk)],
+        &root.join("slow-st"),
+        &["--max-rate", "64KiB"],
+    );
+    server.wait_connected("slow");
+    let file = root.join("p.toml");
+    std::fs::write(&file, "name = \"p\"\n[[group]]\nvms = [\"ready\"]\n[[group]]\nvms = [\"slow\"]\n")
+        .unwrap();
+    server.drctl_json(&["plan", "apply", file.to_str().unwrap()]);
+    let out = root.join("out");
+    let err = server.drctl_err(&[
+        "plan",
+        "failover",
+        "p",
+        "--kind",
+        "unplanned",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("VM slow has no point") && err.contains("Nothing was written"), "{err}");
+    assert!(!out.exists(), "nothing was written");
+    assert_eq!(server.status("ready")["state"], "protected");
+}
