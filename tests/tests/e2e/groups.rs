@@ -254,6 +254,14 @@ while not os.path.exists({stop:?}):
         assert!(ta > last, "the writer went on between points ({last} then {ta})");
         last = ta;
     }
+    // The group's own interval takes multi-VM points unasked.
+    let asked = server.drctl_json(&["group", "show", "shop"])["latest_multi_vm_point"].as_u64().unwrap();
+    server.drctl_json(&["group", "policy", "shop", "--crash-interval", "1s"]);
+    deadline_poll("a scheduled multi-VM point", Duration::from_secs(20), || {
+        let g = server.drctl_json(&["group", "show", "shop"]);
+        (g["latest_multi_vm_point"].as_u64().unwrap() > asked + 1).then_some(())
+    });
+    server.drctl_json(&["group", "policy", "shop", "--crash-interval", "0"]);
     let points = server.drctl_json(&["points", "b"]);
     let p = points.as_array().unwrap().iter().rev().find(|p| p["group"] == "shop").unwrap();
     let note = p["note"].as_str().unwrap();
