@@ -152,7 +152,13 @@ pub enum Cmd {
         identity_out: PathBuf,
     },
     /// Shut the recovered VM down and apply its final state onto the primary site's disks.
-    Failback { vm: String },
+    Failback {
+        vm: String,
+        /// Rehearse it instead: a fresh point of the running recovered VM is applied onto
+        /// scratch copies on the master target and verified, then removed; nothing changes.
+        #[arg(long)]
+        drill: bool,
+    },
     /// After a committed failback: replicate from the primary site again.
     ReverseReplicate { vm: String },
     /// Replication groups: VMs whose multi-VM points are taken at one cut across all of
@@ -218,7 +224,13 @@ pub enum PlanCmd {
         identity_dir: PathBuf,
     },
     /// Fail every VM of the plan back, group by group.
-    Failback { name: String },
+    Failback {
+        name: String,
+        /// Rehearse it without stopping the recovered VMs: each VM's fresh point applied
+        /// onto scratch copies on its master target, verified, removed.
+        #[arg(long)]
+        drill: bool,
+    },
     /// Protect every VM of the plan from the primary site again.
     ReverseReplicate { name: String },
     /// Go on past a manual step, or again from where a failed step stopped the plan.

@@ -99,7 +99,7 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
             let r = failback::Reprotect { vm, master_target, location, target_disks, sync, identity_out };
             failback::reprotect(d, r).await
         }
-        Cmd::Failback { vm } => failback::failback(d, vm).await,
+        Cmd::Failback { vm, drill } => failback::failback(d, vm, drill).await,
         Cmd::ReverseReplicate { vm } => failback::reverse_replicate(d, vm).await,
         Cmd::Group(g) => group::run(d, g).await,
         Cmd::Plan(p) => plan::run(d, p).await,

@@ -121,6 +121,8 @@ named!(
         Failback => "failback",
         /// An operation of a recovery plan over all its VMs (the job's VM is the plan's name).
         Plan => "plan",
+        /// A failback rehearsed on scratch copies (`drctl failback --drill`).
+        FailbackDrill => "failback-drill",
     }
 );
 

@@ -246,6 +246,34 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         Ok(Response::new(pb::ApplyReply { fingerprints: out }))
     }
 
+    async fn drill(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyReply>, Status> {
+        require_server(&req, "Drill")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        let mut out = Vec::new();
+        for d in r.disks {
+            let h = self.prepared(&vm, &d.disk)?;
+            let name = h.name.clone();
+            let expected = Digest::from_slice(&d.fingerprint)
+                .ok_or_else(|| Status::invalid_argument("fingerprint is not 32 bytes"))?;
+            let seq = Seq(d.seq);
+            if h.durable() < seq {
+                return Err(Status::failed_precondition(format!(
+                    "disk {name}: only seq {} of {seq} has arrived; the process server is still relaying",
+                    h.durable()
+                )));
+            }
+            let store = self.ctx.store.clone();
+            let started = std::time::Instant::now();
+            let (_, fingerprint) =
+                blocking(move || store.drill_disk(&h, seq, expected)).await?.map_err(status)?;
+            info!(vm = %vm, disk = %name, seq = %seq, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
+                "failback drill: the point applied onto a scratch copy verified, the copy removed");
+            out.push(fingerprint);
+        }
+        Ok(Response::new(pb::ApplyReply { fingerprints: out }))
+    }
+
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseReply>, Status> {
         require_server(&req, "Release")?;
         let vm = vm_arg(&req.into_inner().vm)?;

@@ -502,9 +502,26 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn failback(&self, req: Request<pb::FailbackRequest>) -> Result<Response<pb::JobStarted>, Status> {
         require_admin(&req, "Failback")?;
-        let vm = vm_arg(&req.into_inner().vm)?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
         let state = self.state(&vm).await?;
+        if r.drill {
+            if state != VmState::Reprotected {
+                return Err(Status::failed_precondition(format!(
+                    "VM {vm} is {state}; a failback drill needs a reprotected VM"
+                )));
+            }
+            let job = self.ctx.jobs.start(JobKind::FailbackDrill, &vm).await?;
+            let (id, ctx) = (job.id, self.ctx.clone());
+            self.ctx.tracker.spawn(async move {
+                match crate::failback::drill(&ctx, vm, job.clone()).await {
+                    Ok(output) => job.succeed(output).await,
+                    Err(e) => job.fail(&e).await,
+                }
+            });
+            return Ok(Response::new(pb::JobStarted { job: id }));
+        }
         if state != VmState::Reprotected {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}; failback needs a reprotected VM"

@@ -122,28 +122,7 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
     let point = final_point(ctx, &vm, rx, &job)
         .await
         .map_err(|reason| format!("the recovered VM was not shut down: {reason}; nothing changed"))?;
-    job.phase("draining to the master target").await;
-    let total: u64 = point.disks.iter().map(|d| d.seq.0).sum();
-    let (mut last, mut since) = (0u64, std::time::Instant::now());
-    loop {
-        let done: u64 = point.disks.iter().map(|d| ctx.relay.acked(&vm, &d.disk).0.min(d.seq.0)).sum();
-        job.progress(done, total);
-        if done >= total {
-            break;
-        }
-        if done != last {
-            (last, since) = (done, std::time::Instant::now());
-        } else if since.elapsed() > DRAIN_STALL {
-            return Err(format!(
-                "the master target at {} took nothing for {}s; check it and the process server's log, then run failback again",
-                row.master_target,
-                DRAIN_STALL.as_secs()
-            ));
-        }
-        if !ctx.relay.next_ack(&ctx.shutdown, Duration::from_millis(100)).await {
-            return Err("the process server is stopping".into());
-        }
-    }
+    drain(ctx, &vm, &point, &row, &job).await?;
     job.phase("applying the final point on the master target").await;
     let request = pb::ApplyRequest { vm: vm.to_string(), disks: point_info(&point).disks };
     let mut wait = Duration::from_millis(500);
@@ -194,6 +173,100 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
         })
         .collect();
     Ok(crate::jobs::point_output(&vm, &point, disks))
+}
+
+/// Waits until the master target has every record of `point`.
+async fn drain(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    point: &tern_store::Point,
+    row: &tern_store::ReprotectRow,
+    job: &crate::jobs::Job,
+) -> Result<(), String> {
+    job.phase("draining to the master target").await;
+    let total: u64 = point.disks.iter().map(|d| d.seq.0).sum();
+    let (mut last, mut since) = (0u64, std::time::Instant::now());
+    loop {
+        let done: u64 = point.disks.iter().map(|d| ctx.relay.acked(vm, &d.disk).0.min(d.seq.0)).sum();
+        job.progress(done, total);
+        if done >= total {
+            return Ok(());
+        }
+        if done != last {
+            (last, since) = (done, std::time::Instant::now());
+        } else if since.elapsed() > DRAIN_STALL {
+            return Err(format!(
+                "the master target at {} took nothing for {}s; check it and the process server's log, then run failback again",
+                row.master_target,
+                DRAIN_STALL.as_secs()
+            ));
+        }
+        if !ctx.relay.next_ack(&ctx.shutdown, Duration::from_millis(100)).await {
+            return Err("the process server is stopping".into());
+        }
+    }
+}
+
+/// A failback rehearsed without stopping the recovered VM: a fresh point of it (through
+/// its agent; the newest point when the agent is away), relayed to the master target,
+/// applied there onto scratch copies and verified, the copies removed. Nothing changes: the
+/// VM stays reprotected and running, the target disks untouched.
+pub async fn drill(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<pb::JobOutput, String> {
+    require(ctx, &vm, VmState::Reprotected, "a failback drill needs a reprotected VM (`drctl reprotect`)")
+        .await
+        .map_err(|e| e.message().to_string())?;
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    let row = blocking(move || store.reprotect(&v))
+        .await
+        .map_err(|e| e.message().to_string())?
+        .map_err(|e| e.to_string())?
+        .ok_or("the VM has no reprotect record")?;
+    if row.sync == SyncMode::During {
+        return Err(format!(
+            "VM {vm} was reprotected with --sync during: the master target receives nothing until the failback \
+             itself, so there is nothing to rehearse (reprotect with --sync before to drill)"
+        ));
+    }
+    let point = if ctx.hub.connected(&vm) {
+        job.phase("making a point of the running recovered VM").await;
+        let rx = ctx.hub.request_checkpoint(&vm, false).await.map_err(|e| e.message().to_string())?;
+        match tokio::time::timeout(Duration::from_secs(600), rx).await {
+            Ok(Ok(Ok(p))) => p,
+            Ok(Ok(Err(reason))) => return Err(format!("the recovered VM's agent made no point: {reason}")),
+            _ => return Err("the recovered VM's agent made no point within 10 min".into()),
+        }
+    } else {
+        let (store, v) = (ctx.store.clone(), vm.clone());
+        blocking(move || store.resolve_point(&v, &tern_store::PointSpec::LatestProcessed))
+            .await
+            .map_err(|e| e.message().to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    drain(ctx, &vm, &point, &row, &job).await?;
+    job.phase("applying the point onto scratch copies on the master target").await;
+    let request = pb::ApplyRequest { vm: vm.to_string(), disks: point_info(&point).disks };
+    let mut mt = master_target(ctx, &row.master_target).await.map_err(|e| e.message().to_string())?;
+    let applied = mt
+        .drill(request)
+        .await
+        .map_err(|e| format!("the master target's drill failed: {}", e.message()))?
+        .into_inner();
+    info!(vm = %vm, point = %point.id, "failback drill verified on the master target");
+    let disks = point
+        .disks
+        .iter()
+        .zip(&applied.fingerprints)
+        .map(|(d, fp)| pb::OutputDisk {
+            name: d.disk.to_string(),
+            size: ctx.store.disk(&vm, &d.disk).map_or(0, |h| h.size),
+            fingerprint: fp.clone(),
+            seq: d.seq.0,
+            ..Default::default()
+        })
+        .collect();
+    let mut out = crate::jobs::point_output(&vm, &point, disks);
+    out.note = "failback drill: applied on scratch copies on the master target, verified, removed".into();
+    Ok(out)
 }
 
 /// Waits for the final point an agent makes after its shutdown hook. Its last pass may be a

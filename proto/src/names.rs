@@ -48,6 +48,7 @@ both_ways!(JobKind, JobKind {
     ChangePoint <=> ChangePoint,
     Failback <=> Failback,
     Plan <=> Plan,
+    FailbackDrill <=> FailbackDrill,
 });
 both_ways!(JobState, JobState { Running <=> Running, Succeeded <=> Succeeded, Failed <=> Failed });
 both_ways!(SyncMode, SyncMode { Before <=> Before, During <=> During });

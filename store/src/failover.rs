@@ -2,7 +2,7 @@
 
 use crate::catalog::{FailoverRow, Transition};
 use crate::materialize::{Format, materialize_disk};
-use crate::{FailoverOutput, PointSpec, Position, Store, StoreError};
+use crate::{DiskHandle, FailoverOutput, PointSpec, Position, Store, StoreError};
 use std::path::{Path, PathBuf};
 use tern_core::{FailoverKind, PointId, VmName, VmState};
 
@@ -205,4 +205,26 @@ pub(crate) fn refuse_existing(files: &[PathBuf], dir: &Path) -> Result<(), Store
         }
     }
     Ok(())
+}
+
+impl Store {
+    /// A rehearsal of a failback's apply (a master target): `disk` as of `upto` written to a
+    /// scratch copy beside the store, its fingerprint checked against `expected`, the copy
+    /// removed. The target disk and the journal are only read. Returns the BLAKE3 and the
+    /// fingerprint of the copy.
+    pub fn drill_disk(
+        &self,
+        disk: &DiskHandle,
+        upto: tern_core::Seq,
+        expected: tern_core::Digest,
+    ) -> Result<(String, String), StoreError> {
+        let scratch = self.root.join("tmp");
+        crate::durable::create_dir_durable(&scratch)?;
+        let path = scratch.join(format!("drill-{}-{}.raw", disk.vm, disk.name));
+        let snapshot = disk.journal().snapshot();
+        let made = materialize_disk(disk, &snapshot, upto, Some(expected), &path, Format::Raw, &mut |_| {});
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(PathBuf::from(format!("{}.partial", path.display())));
+        made.map(|o| (o.blake3, o.fingerprint))
+    }
 }

@@ -46,10 +46,18 @@ pub async fn reprotect(d: &mut Drctl, r: Reprotect) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn failback(d: &mut Drctl, vm: String) -> Result<(), CliError> {
-    let started = d.c.failback(pb::FailbackRequest { vm: vm.clone() }).await?.into_inner();
+pub async fn failback(d: &mut Drctl, vm: String, drill: bool) -> Result<(), CliError> {
+    let started = d.c.failback(pb::FailbackRequest { vm: vm.clone(), drill }).await?.into_inner();
     let job = wait_job(&mut d.c, started.job, d.json).await?;
     print_output(&job, d.json)?;
+    if drill {
+        if !d.json {
+            out!(
+                "failback of {vm} rehearsed: the master target applied that point onto scratch copies, verified them and removed them; the VM runs on, nothing changed"
+            );
+        }
+        return Ok(());
+    }
     if !d.json {
         out!("VM {vm} failed back; start it on the primary site, then `drctl commit {vm}`");
     }

@@ -172,7 +172,7 @@ pub async fn run(d: &mut Drctl, cmd: PlanCmd) -> Result<(), CliError> {
             identity_dir: absolute(&identity_dir)?.display().to_string(),
             ..request(name, "reprotect")
         },
-        PlanCmd::Failback { name } => request(name, "failback"),
+        PlanCmd::Failback { name, drill } => request(name, if drill { "failback-drill" } else { "failback" }),
         PlanCmd::ReverseReplicate { name } => request(name, "reverse-replicate"),
     };
     let name = req.name.clone();

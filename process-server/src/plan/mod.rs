@@ -30,13 +30,14 @@ use tracing::{info, warn};
 const ACTION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The operations of a plan.
-const OPERATIONS: [&str; 7] = [
+const OPERATIONS: [&str; 8] = [
     "test-failover",
     "test-failover-cleanup",
     "failover",
     "commit",
     "reprotect",
     "failback",
+    "failback-drill",
     "reverse-replicate",
 ];
 
@@ -76,7 +77,7 @@ impl Run {
 
     /// Brings VMs up somewhere: actions and manual steps run.
     fn acts(&self) -> bool {
-        matches!(self.operation.as_str(), "test-failover" | "failover" | "failback")
+        matches!(self.operation.as_str(), "test-failover" | "failover" | "failback" | "failback-drill")
     }
 }
 
@@ -241,7 +242,7 @@ async fn precheck(ctx: &Arc<Ctx>, plan: &Plan, run: &Run) -> Result<(), Status> 
         "failover" => Some(VmState::Protected),
         "commit" => None,
         "reprotect" => Some(VmState::FailoverCommitted),
-        "failback" => Some(VmState::Reprotected),
+        "failback" | "failback-drill" => Some(VmState::Reprotected),
         "reverse-replicate" => Some(VmState::FailbackCommitted),
         _ => None,
     };
@@ -554,6 +555,11 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<O
         "failback" => {
             let job = ctx.jobs.start(JobKind::Failback, vm).await.map_err(status)?;
             let r = crate::failback::failback(ctx, vm.clone(), job.clone()).await;
+            finish(&job, r).await.map(Some)
+        }
+        "failback-drill" => {
+            let job = ctx.jobs.start(JobKind::FailbackDrill, vm).await.map_err(status)?;
+            let r = crate::failback::drill(ctx, vm.clone(), job.clone()).await;
             finish(&job, r).await.map(Some)
         }
         "test-failover-cleanup" => {

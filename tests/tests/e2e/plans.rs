@@ -214,6 +214,29 @@ fn a_plan_goes_round_the_circle_group_by_group() {
         scatter_writes(&disk, 0.02, 60 + i as u64);
     }
     let want: Vec<String> = VMS.iter().map(|vm| b3(&out.join(vm).join("sda.raw"), None)).collect();
+    // A drill first: each VM's fresh point applied on scratch copies on the master target
+    // and verified; the VMs run on, the original disks are not touched.
+    let originals: Vec<String> = disks.iter().map(|d| b3(d, None)).collect();
+    let drill = run_through(&server, &["plan", "failback", "shop", "--drill"], false);
+    assert_eq!(drill["run"]["state"], "done", "{drill}");
+    let jobs = server.drctl_json(&["jobs"]);
+    for vm in VMS {
+        let j =
+            jobs.as_array().unwrap().iter().rev().find(|j| j["kind"] == "failback-drill" && j["vm"] == vm);
+        let j = j.unwrap_or_else(|| panic!("no drill job of {vm}: {jobs}"));
+        let fp = j["result"]["disks"][0]["fingerprint"].as_str().unwrap();
+        assert_eq!(
+            fp,
+            fingerprint(&out.join(vm).join("sda.raw")),
+            "{vm}: the drill verified the running VM's state"
+        );
+        assert_eq!(server.status(vm)["state"], "reprotected");
+        assert_eq!(server.status(vm)["agent_connected"], true, "{vm} still runs");
+    }
+    let after: Vec<String> = disks.iter().map(|d| b3(d, None)).collect();
+    assert_eq!(after, originals, "a drill does not touch the target disks");
+    let scratch = root.join("mt1").join("tmp");
+    assert!(std::fs::read_dir(&scratch).map_or(0, |d| d.count()) == 0, "the drill's copies are removed");
     run_through(&server, &["plan", "failback", "shop"], false);
     assert_eq!(actions(&log, "failback"), ["pre 1 db", "post 1 db", "pre 2 app web", "post 2 app web"]);
     for ((vm, disk), want) in VMS.iter().zip(&disks).zip(&want) {
