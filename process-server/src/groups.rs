@@ -150,6 +150,9 @@ async fn barrier(ctx: &Arc<Ctx>, group: &GroupName, app: bool) -> Result<(Vec<Po
             "group {group} has no members; add some with `drctl group add {group} --vm ...`"
         ));
     }
+    if let Some(why) = paused(ctx, &row).await.map_err(|e| e.message().to_string())? {
+        return Err(why);
+    }
     for vm in &row.members {
         if !ctx.hub.connected(vm) {
             let since = ctx.hub.disconnected_for(vm).map_or(String::new(), |s| format!(" for {s} s"));
@@ -261,7 +264,7 @@ async fn run_barrier(
         if let Some(vm) = pending.iter().find(|vm| !ctx.hub.connected(vm)) {
             return Err(format!("VM {vm} is away: its agent went away during the barrier"));
         }
-        if tokio::time::timeout_at(reach_by, notify.notified()).await.is_err() {
+        if !wait(notify, reach_by).await {
             let names: Vec<&str> = pending.iter().map(VmName::as_str).collect();
             return Err(format!(
                 "{} did not reach a cut within {} s (a pass still running, or a resync); no member is held longer",
@@ -298,7 +301,7 @@ async fn run_barrier(
         if let Some(vm) = missing.iter().find(|vm| !ctx.hub.connected(vm)) {
             return Err(format!("VM {vm} is away: its agent went away before its cut was durable"));
         }
-        if tokio::time::timeout_at(cuts_by, notify.notified()).await.is_err() {
+        if !wait(notify, cuts_by).await {
             let names: Vec<&str> = missing.iter().map(VmName::as_str).collect();
             return Err(format!(
                 "the cuts of {} did not arrive within {} s",
@@ -307,6 +310,29 @@ async fn run_barrier(
             ));
         }
     }
+}
+
+/// Waits for news of the barrier, or a second (the members' links are checked again then);
+/// false once `deadline` has passed.
+async fn wait(notify: &Notify, deadline: tokio::time::Instant) -> bool {
+    let tick = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+    let _ = tokio::time::timeout_at(tick, notify.notified()).await;
+    tokio::time::Instant::now() < deadline
+}
+
+/// Why a group takes no multi-VM points now: a member that is not protected (failed over,
+/// on its way back). `None` when every member is.
+async fn paused(ctx: &Arc<Ctx>, row: &tern_store::GroupRow) -> Result<Option<String>, tonic::Status> {
+    for vm in &row.members {
+        let (store, v) = (ctx.store.clone(), vm.clone());
+        let state = crate::admin::blocking(move || store.vm_state(&v)).await?.map_err(crate::store_status)?;
+        if state != tern_core::VmState::Protected {
+            return Ok(Some(format!(
+                "VM {vm} is {state}: multi-VM points are taken only while every member is protected"
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// Takes each group's multi-VM points on its own intervals.
@@ -320,8 +346,24 @@ pub async fn group_worker(ctx: Arc<Ctx>) {
             _ = tick.tick() => {}
         }
         let store = ctx.store.clone();
-        let Ok(Ok(groups)) = crate::admin::blocking(move || store.groups()).await else { continue };
+        let groups = match crate::admin::blocking(move || store.groups()).await {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read the replication groups; no scheduled multi-VM points");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e.message(), "cannot read the replication groups; no scheduled multi-VM points");
+                continue;
+            }
+        };
         for g in groups {
+            if g.crash_interval_ms == 0 && g.app_interval_ms == 0 {
+                continue;
+            }
+            if !matches!(paused(&ctx, &g).await, Ok(None)) {
+                continue;
+            }
             for (app, every) in [(true, g.app_interval_ms), (false, g.crash_interval_ms)] {
                 let Ok(every) = u64::try_from(every) else { continue };
                 if every == 0 {
@@ -375,13 +417,26 @@ pub async fn group_info(
     .map_err(crate::store_status)?;
     let away: Vec<String> =
         row.members.iter().filter(|vm| !ctx.hub.connected(vm)).map(ToString::to_string).collect();
+    // Away longer than the member's RPO threshold: as a VM's own health counts it.
+    let mut long_away = false;
+    for vm in row.members.iter().filter(|vm| !ctx.hub.connected(vm)) {
+        let (store, v) = (ctx.store.clone(), vm.clone());
+        let threshold =
+            crate::admin::blocking(move || store.policy(&v)).await?.map_or(0, |p| p.rpo_threshold_ms / 1000);
+        let absent = ctx.hub.disconnected_for(vm).map_or(i64::MAX, |s| i64::try_from(s).unwrap_or(i64::MAX));
+        long_away |= absent > threshold;
+    }
+    let paused = paused(ctx, &row).await?;
     let h = ctx.barriers.health(&row.name);
     let rpo = crash.as_ref().map_or(-1, |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0));
-    // Critical: a member is away, or multi-VM points fail and there is none to fall back
-    // on; warning: the last one failed (an older one still serves).
-    let health = if !away.is_empty() || (h.last_error.is_some() && crash.is_none()) {
+    // Not every member protected (a failover): the group is out of service, not failing.
+    // Critical: a member away longer than its RPO threshold, or multi-VM points fail with
+    // none to fall back on; warning: a member away, or the last point failed.
+    let health = if paused.is_some() {
+        tern_core::Health::Normal
+    } else if long_away || (h.last_error.is_some() && crash.is_none()) {
         tern_core::Health::Critical
-    } else if h.last_error.is_some() {
+    } else if !away.is_empty() || h.last_error.is_some() {
         tern_core::Health::Warning
     } else {
         tern_core::Health::Normal
@@ -399,6 +454,7 @@ pub async fn group_info(
         error: h.last_error.unwrap_or_default(),
         hold_ms: h.last_hold_ms,
         away,
+        paused: paused.unwrap_or_default(),
     })
 }
 
@@ -463,8 +519,13 @@ pub async fn checkpoint(
     if crate::admin::blocking(move || store.group(&n)).await?.map_err(crate::store_status)?.is_none() {
         return Err(tonic::Status::not_found(format!("no group is named {name}; see `drctl group list`")));
     }
-    let points = take_group_point(ctx, &name, r.app_consistent)
+    // Its own task: a caller that goes away (Ctrl-C) does not cut a barrier short.
+    let (c, n, app) = (ctx.clone(), name.clone(), r.app_consistent);
+    let points = ctx
+        .tracker
+        .spawn(async move { take_group_point(&c, &n, app).await })
         .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
         .map_err(|e| tonic::Status::failed_precondition(format!("no multi-VM point was made: {e}")))?;
     Ok(tern_proto::GroupCheckpointReply {
         point: points.first().map_or(0, |p| p.id.0),

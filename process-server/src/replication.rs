@@ -739,16 +739,41 @@ async fn make_point(
         Consistency::Crash
     };
     let mut cut = NewPoint { vm: vm.clone(), time_ms: p.time_ms, consistency, note: p.note.clone(), disks };
-    // A member's cut of a multi-VM point: written with the others' (one id), or, when the
-    // group's point failed, as this VM's own point with the reason in its note.
+    // A member's cut of a multi-VM point: written with the others' (one id) once they have
+    // all come, or, when the group's point fails, as this VM's own point with the reason in
+    // its note. The writer goes on meanwhile (the agent makes no other point until this one
+    // is acked), so a slow member never stalls the others' replication.
     if let Ok(rx) = ctx.barriers.arrive(&p.request_ids, cut.clone()) {
-        let reason = match rx.await {
-            Ok(Ok(point)) => return point_made(ctx, vm, &p, point, out, initial).await,
-            Ok(Err(reason)) => reason,
-            Err(_) => "the process server stopped the barrier".to_string(),
-        };
-        cut.note = format!("{}; no multi-VM point: {reason}", p.note);
+        let (ctx, vm, out, initial) = (ctx.clone(), vm.clone(), out.clone(), initial.clone());
+        ctx.clone().tracker.spawn(async move {
+            let reason = match rx.await {
+                Ok(Ok(point)) => {
+                    let _ = point_made(&ctx, &vm, &p, point, &out, &initial).await;
+                    return;
+                }
+                Ok(Err(reason)) => reason,
+                Err(_) => "the process server stopped the barrier".to_string(),
+            };
+            cut.note = format!("{}; no multi-VM point: {reason}", p.note);
+            if let Err(status) = own_point(&ctx, &vm, p, cut, &out, &initial).await {
+                warn!(vm = %vm, error = %status.message(), "a member's cut could not be written as its own point");
+                let _ = out.send(Err(status)).await;
+            }
+        });
+        return Ok(());
     }
+    own_point(ctx, vm, p, cut, out, initial).await
+}
+
+/// Writes a cut as a point of its VM alone and acks it.
+async fn own_point(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    p: tern_proto::MakePoint,
+    cut: NewPoint,
+    out: &crate::hub::Outbound,
+    initial: &InitialSync,
+) -> Result<(), Status> {
     let store = ctx.store.clone();
     let made = crate::admin::blocking(move || {
         let NewPoint { vm, time_ms, consistency, note, disks } = cut;

@@ -12,21 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_core::Seq;
 use tern_proto as pb;
-use tokio::time::Instant as Due;
 use tonic::Status;
 use tracing::{info, warn};
 
 /// Least time a member holds its cut waiting for the release.
 const MIN_HOLD: Duration = Duration::from_secs(1);
-
-/// Releases a barrier's held writes however the wait for the release ends.
-struct Unhold(Arc<Tracker>);
-
-impl Drop for Unhold {
-    fn drop(&mut self) {
-        self.0.release_hold();
-    }
-}
 
 /// What a point's note says of how its hold ended.
 fn hold_note(proceed: Option<bool>, held: Duration, what: &str, most: Duration) -> String {
@@ -170,47 +160,63 @@ impl Session {
             );
             return self.point_failed(b.request_id, reason).await;
         }
+        // One blocking thread holds the cut: freeze, mark with the writes held, wait for the
+        // release (at most `most` from the mark), let the writes go, then thaw. The thaw
+        // comes after the release: a thaw writes (a file system's superblock), and a write
+        // made while held would wait for a release that waits for the thaw.
         let (cfg, t) = (self.config.clone(), tracker.clone());
-        let marked = tokio::task::spawn_blocking(move || {
+        let (marked_tx, marked_rx) = tokio::sync::oneshot::channel::<bool>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<bool>();
+        let mut holder = tokio::task::spawn_blocking(move || {
             let frozen = if freeze { Some(cfg.hooks.freeze()?) } else { None };
-            let mark = t.mark_and_hold(true);
+            let Some(mark) = t.mark_and_hold(true) else {
+                let _ = marked_tx.send(false);
+                if let Some(f) = frozen {
+                    f.thaw();
+                }
+                return Ok(None);
+            };
             let at = Instant::now();
+            let _ = marked_tx.send(true);
+            // A dropped sender (the session ended) releases at once.
+            let proceed = release_rx.recv_timeout(most).ok();
+            t.release_hold();
+            let held = at.elapsed();
             if let Some(f) = frozen {
                 f.thaw();
             }
-            Ok::<_, String>((mark, at))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        let (mark, at) = match marked {
-            Ok(m) => m,
+            Ok::<_, String>(Some((mark, proceed, held)))
+        });
+        let mut release_tx = Some(release_tx);
+        if marked_rx.await.unwrap_or(false) {
+            self.send(pb::agent_message::Msg::Reached(pb::BarrierReached { request_id: b.request_id }))
+                .await?;
+        }
+        let held = loop {
+            if let Some((rid, proceed)) = self.inbox.release.take()
+                && rid == b.request_id
+                && let Some(tx) = release_tx.take()
+            {
+                let _ = tx.send(proceed);
+            }
+            tokio::select! {
+                r = &mut holder => break r.map_err(|e| Status::internal(e.to_string()))?,
+                _ = self.shutdown.cancelled(), if release_tx.is_some() => release_tx = None,
+                m = self.inbound.message() => self.inbox.take(m?)?,
+            }
+        };
+        let ((id, time_ms), proceed, held) = match held {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                let reason =
+                    format!("VM {}: its change log is being resynced; try again in a moment", self.config.vm);
+                return self.point_failed(b.request_id, reason).await;
+            }
             Err(e) => {
                 let reason = format!("VM {}: the freeze hook failed: {e}", self.config.vm);
                 return self.point_failed(b.request_id, reason).await;
             }
         };
-        let Some((id, time_ms)) = mark else {
-            let reason =
-                format!("VM {}: its change log is being resynced; try again in a moment", self.config.vm);
-            return self.point_failed(b.request_id, reason).await;
-        };
-        let unhold = Unhold(tracker.clone());
-        self.send(pb::agent_message::Msg::Reached(pb::BarrierReached { request_id: b.request_id })).await?;
-        let deadline = Due::now() + most;
-        let proceed = loop {
-            if let Some((rid, proceed)) = self.inbox.release.take()
-                && rid == b.request_id
-            {
-                break Some(proceed);
-            }
-            tokio::select! {
-                _ = self.shutdown.cancelled() => break None,
-                _ = tokio::time::sleep_until(deadline) => break None,
-                m = self.inbound.message() => self.inbox.take(m?)?,
-            }
-        };
-        drop(unhold);
-        let held = at.elapsed();
         if proceed.is_none() {
             warn!(request = b.request_id, "no release came for the multi-VM barrier; the VM's writes go on");
         }

@@ -31,6 +31,7 @@ pub fn group_json(g: &pb::GroupInfo) -> Value {
         "error": if g.error.is_empty() { Value::Null } else { json!(g.error) },
         "hold_ms": g.hold_ms,
         "away": g.away,
+        "paused": if g.paused.is_empty() { Value::Null } else { json!(g.paused) },
     })
 }
 
@@ -45,6 +46,9 @@ pub fn print_groups(groups: &[pb::GroupInfo]) {
         row([&g.name, health, &id(g.latest_point), &id(g.latest_app_point), &rpo(g.rpo_seconds), &members]);
     }
     for g in groups {
+        if !g.paused.is_empty() {
+            out!("{}: paused: {}", g.name, g.paused);
+        }
         if !g.away.is_empty() {
             out!("{}: away (agent not connected): {}", g.name, g.away.join(", "));
         }
@@ -97,6 +101,9 @@ fn show(d: &Drctl, g: &pb::GroupInfo) -> Result<(), CliError> {
     out!("  health: {}", pb::Health::read(g.health).map_or("unknown", tern_core::Health::as_str));
     if g.hold_ms > 0 {
         out!("  members held their cut {} ms at the last multi-VM point", g.hold_ms);
+    }
+    if !g.paused.is_empty() {
+        out!("  paused: {}", g.paused);
     }
     if !g.away.is_empty() {
         out!("  away (agent not connected): {}", g.away.join(", "));

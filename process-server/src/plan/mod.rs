@@ -59,6 +59,13 @@ pub struct Run {
     pub message: String,
     pub job: u64,
     pub points: BTreeMap<String, u64>,
+    /// The next action of the stage (a failed one is where `continue` starts again).
+    #[serde(default)]
+    pub action: usize,
+    /// The plan's groups and their VMs when the operation started: a file applied since
+    /// with other groups cannot be continued into (its positions would mean other VMs).
+    #[serde(default)]
+    pub layout: Vec<Vec<String>>,
 }
 
 impl Run {
@@ -75,6 +82,18 @@ impl Run {
         }
     }
 
+    /// The state a VM is in once this operation is done with it (a VM found in it was done
+    /// before a crash or a failure after its change: it is not done again).
+    fn done_state(&self) -> Option<VmState> {
+        match self.operation.as_str() {
+            "failover" => Some(VmState::FailedOver),
+            "reprotect" => Some(VmState::Reprotected),
+            "failback" => Some(VmState::FailedBack),
+            "reverse-replicate" => Some(VmState::Protected),
+            _ => None,
+        }
+    }
+
     /// Brings VMs up somewhere: actions and manual steps run.
     fn acts(&self) -> bool {
         matches!(self.operation.as_str(), "test-failover" | "failover" | "failback" | "failback-drill")
@@ -87,8 +106,9 @@ pub struct Plans {
     driving: std::sync::Mutex<HashMap<String, Driving>>,
 }
 
-/// A plan being driven: what wakes it at a manual step, and its job once started.
-type Driving = (Arc<Notify>, Option<crate::jobs::Job>);
+/// A plan being driven: what wakes it at a manual step, its job once started, and whether
+/// it waits at a manual step now (taken by the one `continue` that wakes it).
+type Driving = (Arc<Notify>, Option<crate::jobs::Job>, bool);
 
 fn plan_arg(s: &str) -> Result<PlanName, Status> {
     PlanName::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
@@ -217,7 +237,43 @@ async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTre
         )));
     }
     let mut points = BTreeMap::new();
+    // A replication group's common point is found once for all its members: found per VM, a
+    // multi-VM point made (or pruned) meanwhile would put them at different moments.
+    let multi = matches!(spec, PointSpec::LatestMultiVm | PointSpec::LatestMultiVmApp);
+    let mut common: HashMap<tern_core::GroupName, Option<u64>> = HashMap::new();
     for vm in plan.vms() {
+        let (store, v) = (ctx.store.clone(), vm.clone());
+        let group =
+            if multi { blocking(move || store.group_of(&v)).await?.map_err(store_status)? } else { None };
+        if let Some(g) = group {
+            if !common.contains_key(&g) {
+                let (store, name) = (ctx.store.clone(), g.clone());
+                let app = spec == PointSpec::LatestMultiVmApp;
+                let id = blocking(move || {
+                    let row = store.group(&name)?;
+                    row.map(|r| store.common_point(&r, app)).transpose()
+                })
+                .await?
+                .map_err(store_status)?
+                .flatten()
+                .map(|p| p.id.0);
+                common.insert(g.clone(), id);
+            }
+            match common.get(&g).copied().flatten() {
+                Some(id) => {
+                    points.insert(vm.to_string(), id);
+                    continue;
+                }
+                None => {
+                    return Err(Status::failed_precondition(format!(
+                        "plan {}: VM {vm} is in replication group {g}, which has no common multi-VM point{} \
+                         (`drctl group checkpoint {g}` makes one); every VM of a plan needs a point. Nothing was written",
+                        plan.name,
+                        if spec == PointSpec::LatestMultiVmApp { " that is app-consistent" } else { "" }
+                    )));
+                }
+            }
+        }
         // `latest` makes a fresh point of each VM at its turn; it needs one to fall back on.
         let probe = if spec == PointSpec::Latest { PointSpec::LatestProcessed } else { spec.clone() };
         let (store, v) = (ctx.store.clone(), vm.clone());
@@ -252,6 +308,10 @@ async fn precheck(ctx: &Arc<Ctx>, plan: &Plan, run: &Run) -> Result<(), Status> 
         }
         let (store, v) = (ctx.store.clone(), vm.clone());
         let state = blocking(move || store.vm_state(&v)).await?.map_err(store_status)?;
+        // Done before a crash, or before a failure that came after its change.
+        if run.job != 0 && run.done_state() == Some(state) {
+            continue;
+        }
         if let Some(want) = want
             && state != want
         {
@@ -321,11 +381,33 @@ pub async fn start(ctx: &Arc<Ctx>, r: pb::RunPlanRequest) -> Result<u64, Status>
                         .await?;
             }
         }
-        "reprotect" => crate::admin::output_arg(&run.identity_dir, ctx.store.root())?,
+        "reprotect" => {
+            crate::admin::output_arg(&run.identity_dir, ctx.store.root())?;
+            // Before any VM is reprotected: a bundle that cannot be written is lost.
+            let dir = PathBuf::from(&run.identity_dir);
+            blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                let probe = dir.join(".tern-write-test");
+                std::fs::write(&probe, b"")?;
+                std::fs::remove_file(&probe)
+            })
+            .await?
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "--identity-dir {}: cannot write there: {e}",
+                    run.identity_dir
+                ))
+            })?;
+        }
         _ => {}
     }
     precheck(ctx, &plan, &run).await?;
+    run.layout = layout(&plan);
     drive(ctx, name, plan, run).await
+}
+
+fn layout(plan: &Plan) -> Vec<Vec<String>> {
+    plan.steps.iter().map(|s| s.vms.iter().map(ToString::to_string).collect()).collect()
 }
 
 /// `drctl plan continue`: past a manual step, or again from where a failure stopped it.
@@ -334,9 +416,12 @@ pub async fn resume(ctx: &Arc<Ctx>, name: &str) -> Result<u64, Status> {
     let row = row(ctx, &name).await?;
     let mut run: Run = serde_json::from_str(&row.run)
         .map_err(|_| Status::failed_precondition(format!("plan {name} has no operation to continue")))?;
-    let live = lock(&ctx.plans.driving).get(name.as_str()).cloned();
-    if let Some((wake, job)) = live {
-        if run.state == "waiting" {
+    let live = {
+        let mut driving = lock(&ctx.plans.driving);
+        driving.get_mut(name.as_str()).map(|d| (d.0.clone(), d.1.clone(), std::mem::take(&mut d.2)))
+    };
+    if let Some((wake, job, waiting)) = live {
+        if waiting {
             // The job says so before `continue` returns: whoever follows it sees it move on.
             if let Some(job) = job {
                 job.phase("continuing after the manual step").await;
@@ -363,6 +448,13 @@ pub async fn resume(ctx: &Arc<Ctx>, name: &str) -> Result<u64, Status> {
         }
     }
     let plan = parse(ctx, &row.source, &row.file).await?;
+    if !run.layout.is_empty() && run.layout != layout(&plan) {
+        return Err(Status::failed_precondition(format!(
+            "plan {name}'s groups changed since its {} started (the file was applied again): its progress \
+             would name other VMs. Apply the file it started with to continue, or start the operation anew",
+            run.operation
+        )));
+    }
     run.state = "running".into();
     run.message.clear();
     precheck(ctx, &plan, &run).await?;
@@ -376,7 +468,7 @@ async fn drive(ctx: &Arc<Ctx>, name: PlanName, plan: Plan, mut run: Run) -> Resu
         if driving.contains_key(name.as_str()) {
             return Err(Status::failed_precondition(format!("plan {name} has an operation running already")));
         }
-        driving.insert(name.to_string(), (wake.clone(), None));
+        driving.insert(name.to_string(), (wake.clone(), None, false));
     }
     let subject = VmName::new(name.as_str()).map_err(|e| Status::internal(e.to_string()))?;
     let job = match ctx.jobs.start(JobKind::Plan, &subject).await {
@@ -392,25 +484,34 @@ async fn drive(ctx: &Arc<Ctx>, name: PlanName, plan: Plan, mut run: Run) -> Resu
     }
     if let Err(e) = save(ctx, &name, &run).await {
         lock(&ctx.plans.driving).remove(name.as_str());
+        job.fail(&format!("cannot record the plan's progress: {e}")).await;
         return Err(Status::unavailable(e));
     }
     info!(plan = %name, operation = %run.operation, job = job.id, "plan operation started");
     let (c, id) = (ctx.clone(), job.id);
     ctx.tracker.spawn(async move {
         let outcome = walk(&c, &name, &plan, &mut run, &job, &wake).await;
-        lock(&c.plans.driving).remove(name.as_str());
-        match outcome {
+        match &outcome {
             Ok(()) => {
                 run.state = "done".into();
                 run.message.clear();
-                let _ = save(&c, &name, &run).await;
+            }
+            Err(e) => {
+                run.state = "failed".into();
+                run.message.clone_from(e);
+            }
+        }
+        // Saved before the plan is free again: a `continue` reads this state, not an older one.
+        if let Err(e) = save(&c, &name, &run).await {
+            warn!(plan = %name, error = %e, "cannot record the plan's end; `plan show` may show an older step");
+        }
+        lock(&c.plans.driving).remove(name.as_str());
+        match outcome {
+            Ok(()) => {
                 info!(plan = %name, operation = %run.operation, "plan operation done");
                 job.succeed(pb::JobOutput { vm: name.to_string(), ..Default::default() }).await;
             }
             Err(e) => {
-                run.state = "failed".into();
-                run.message = e.clone();
-                let _ = save(&c, &name, &run).await;
                 warn!(plan = %name, operation = %run.operation, error = %e, "plan operation stopped");
                 job.fail(&format!("{e}; fix it, then `drctl plan continue {name}` goes on from there")).await;
             }
@@ -444,19 +545,19 @@ async fn walk(
             "pre" | "post" => {
                 let actions = if run.stage == "pre" { &step.pre } else { &step.post };
                 if run.acts() {
-                    for (i, cmd) in actions.iter().enumerate() {
-                        job.phase(&format!(
-                            "group {group}/{}: {} action {}",
-                            plan.steps.len(),
-                            run.stage,
-                            i + 1
-                        ))
-                        .await;
-                        action(cmd, &env).await.map_err(|e| {
-                            format!("group {group}: {} action `{cmd}` failed: {e}", run.stage)
-                        })?;
+                    // From the first action not yet done: a failed one runs again, the ones
+                    // before it do not.
+                    while let Some(cmd) = actions.get(run.action) {
+                        let (stage, n) = (run.stage.clone(), run.action + 1);
+                        job.phase(&format!("group {group}/{}: {stage} action {n}", plan.steps.len())).await;
+                        action(cmd, &env)
+                            .await
+                            .map_err(|e| format!("group {group}: {stage} action `{cmd}` failed: {e}"))?;
+                        run.action += 1;
+                        save(ctx, name, run).await?;
                     }
                 }
+                run.action = 0;
                 run.stage = if run.stage == "pre" { "vms".into() } else { "manual".into() };
             }
             "vms" => {
@@ -467,6 +568,15 @@ async fn walk(
                     job.phase(&format!("group {group}/{}: {} of {vm}", plan.steps.len(), run.operation))
                         .await;
                     job.progress(run.done.len() as u64, total);
+                    let (store, v) = (ctx.store.clone(), vm.clone());
+                    let state =
+                        blocking(move || store.vm_state(&v)).await.map_err(|e| e.message().to_string())?;
+                    if run.done_state().is_some() && state.ok() == run.done_state() {
+                        info!(plan = %name, vm = %vm, operation = %run.operation, "VM already done; not done again");
+                        run.done.push(vm.to_string());
+                        save(ctx, name, run).await?;
+                        continue;
+                    }
                     let point = one_vm(ctx, plan, run, vm)
                         .await
                         .map_err(|e| format!("group {group}: VM {vm}: {e}"))?;
@@ -483,6 +593,9 @@ async fn walk(
                     run.state = "waiting".into();
                     run.message = format!("group {group}: {text} — then `drctl plan continue {name}`");
                     save(ctx, name, run).await?;
+                    if let Some(d) = lock(&ctx.plans.driving).get_mut(name.as_str()) {
+                        d.2 = true;
+                    }
                     job.phase(&format!("waiting: {}", run.message)).await;
                     info!(plan = %name, group, manual = %text, "plan waits for `plan continue`");
                     tokio::select! {

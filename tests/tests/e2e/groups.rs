@@ -48,6 +48,9 @@ fn check_group_point(server: &Server, root: &Path, app: bool) -> u64 {
     for m in r["members"].as_array().unwrap() {
         assert_eq!(m["point"]["id"].to_string(), id, "one id on every member: {r}");
         assert_eq!(m["point"]["group"], "shop", "{r}");
+        if app {
+            assert_eq!(m["point"]["consistency"], "app", "{r}");
+        }
     }
     let (a, b) = (output_at(server, root, "a", &id), output_at(server, root, "b", &id));
     let (ta, tb) = (last_transaction(&a), last_transaction(&b));
@@ -191,12 +194,14 @@ fn scan_mode_multi_vm_points_are_one_cut_across_the_group_with_freeze_hooks() {
     let err = server.drctl_err(&["group", "checkpoint", "shop"]);
     assert!(err.contains("VM b is away"), "{err}");
     assert_eq!(server.drctl_json(&["points", "a"]).as_array().unwrap().len(), before, "no partial point");
+    // Away: a warning at once, critical once away longer than its RPO threshold (as a VM).
     let shown = server.drctl_json(&["group", "show", "shop"]);
-    assert_eq!(
-        (shown["health"].as_str(), shown["away"][0].as_str()),
-        (Some("critical"), Some("b")),
-        "{shown}"
-    );
+    let health = (shown["health"].as_str(), shown["away"][0].as_str());
+    assert_eq!(health, (Some("warning"), Some("b")), "{shown}");
+    server.drctl_json(&["policy", "set", "b", "--rpo-threshold", "1s"]);
+    deadline_poll("the group to turn critical", Duration::from_secs(10), || {
+        (server.drctl_json(&["group", "show", "shop"])["health"] == "critical").then_some(())
+    });
     let check = server.drctl(&["status", "--check"]);
     assert_eq!(check.status.code(), Some(2), "{}", String::from_utf8_lossy(&check.stderr));
     let text = String::from_utf8(server.drctl(&["status"]).stdout).unwrap();
@@ -218,7 +223,9 @@ fn nbd_mode_multi_vm_points_hold_writes_for_milliseconds_and_are_one_cut() {
         zero_disk(&root.join(format!("{vm}.img")));
         let socket = root.join(format!("{vm}.sock"));
         let listen = format!("unix:{}", socket.display());
-        agents.push(start_member(&server, root, vm, &["--mode", "nbd", "--nbd-listen", &listen]));
+        let (freeze, thaw) = logging_hooks(&root.join(format!("{vm}-hooks.log")));
+        let args = ["--mode", "nbd", "--nbd-listen", &listen, "--freeze", &freeze, "--thaw", &thaw];
+        agents.push(start_member(&server, root, vm, &args));
         uris.push(format!("nbd+unix:///sda?socket={}", socket.display()));
     }
     server.drctl_json(&["group", "create", "shop", "--vm", "a", "--vm", "b"]);
@@ -248,9 +255,10 @@ while not os.path.exists({stop:?}):
             .unwrap(),
     );
     let mut last = 0;
-    for _ in 0..3 {
+    for i in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
-        let ta = check_group_point(&server, root, false);
+        // The last one app-consistent: frozen before the mark, thawed after the release.
+        let ta = check_group_point(&server, root, i == 2);
         assert!(ta > last, "the writer went on between points ({last} then {ta})");
         last = ta;
     }
@@ -268,6 +276,10 @@ while not os.path.exists({stop:?}):
     let held: u64 = note.split("writes held ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(held < 5000, "writes held {held} ms for the barrier: {note}");
     writer.finish(&stop);
+    for vm in ["a", "b"] {
+        let hooks = std::fs::read_to_string(root.join(format!("{vm}-hooks.log"))).unwrap();
+        assert_eq!(hooks.lines().collect::<Vec<_>>(), ["freeze", "thaw"], "{vm}: one freeze and its thaw");
+    }
     for a in &agents {
         assert!(!a.log_text().contains("ERROR"), "{}", tail(&a.log_text(), 20));
     }

@@ -162,11 +162,8 @@ fn a_plan_goes_round_the_circle_group_by_group() {
     assert!(run["points"]["db"].as_u64() > multi.as_u64(), "{run}");
     check_outputs(&out, &run);
     let order = actions(&log, "test-failover");
-    assert_eq!(
-        order,
-        ["pre 1 db", "post 1 db", "pre 2 app web", "post 2 app web", "post 2 app web"],
-        "{order:?}"
-    );
+    // The failed action ran again on `continue`, the one before it did not.
+    assert_eq!(order, ["pre 1 db", "post 1 db", "pre 2 app web", "post 2 app web"], "{order:?}");
     let jobs = server.drctl_json(&["jobs"]);
     let per_vm =
         jobs.as_array().unwrap().iter().filter(|j| j["kind"] == "test-failover" && j["vm"] == "app").count();
