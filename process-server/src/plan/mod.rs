@@ -439,6 +439,12 @@ pub async fn resume(ctx: &Arc<Ctx>, name: &str) -> Result<u64, Status> {
             run.step += 1;
             run.stage = "pre".into();
         }
+        // Stopped at a manual step (the process server stopped while it waited, or after
+        // it was continued): this continue is the operator's word for it.
+        "failed" | "running" if run.stage == "manual" => {
+            run.step += 1;
+            run.stage = "pre".into();
+        }
         "failed" | "running" => {}
         _ => {
             return Err(Status::failed_precondition(format!(
