@@ -106,6 +106,36 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
 }
 
 pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<pb::JobOutput, String> {
+    failback_at(ctx, vm, job, None).await
+}
+
+/// Shuts the recovered VM down through its agent and returns its final point (made after
+/// the shutdown hook, with everything it wrote).
+pub async fn shut_down_recovered(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    job: &crate::jobs::Job,
+) -> Result<tern_store::Point, String> {
+    require(ctx, vm, VmState::Reprotected, Transition::FailBack.refusal())
+        .await
+        .map_err(|e| e.message().to_string())?;
+    job.phase(&format!("shutting down the recovered VM {vm} and sending its last changes")).await;
+    let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| {
+        format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
+    })?;
+    final_point(ctx, vm, rx, job)
+        .await
+        .map_err(|reason| format!("the recovered VM was not shut down: {reason}; nothing changed"))
+}
+
+/// A failback at `point` (a final point already made, say with the rest of its replication
+/// group shut down first), or after a shutdown of its own.
+pub async fn failback_at(
+    ctx: &Arc<Ctx>,
+    vm: VmName,
+    job: crate::jobs::Job,
+    point: Option<tern_store::Point>,
+) -> Result<pb::JobOutput, String> {
     require(ctx, &vm, VmState::Reprotected, Transition::FailBack.refusal())
         .await
         .map_err(|e| e.message().to_string())?;
@@ -115,13 +145,10 @@ pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Resu
         .map_err(|e| e.message().to_string())?
         .map_err(|e| e.to_string())?
         .ok_or("the VM has no reprotect record")?;
-    job.phase("shutting down the recovered VM and sending its last changes").await;
-    let rx = ctx.hub.request_shutdown(&vm).await.map_err(|e| {
-        format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
-    })?;
-    let point = final_point(ctx, &vm, rx, &job)
-        .await
-        .map_err(|reason| format!("the recovered VM was not shut down: {reason}; nothing changed"))?;
+    let point = match point {
+        Some(p) => p,
+        None => shut_down_recovered(ctx, &vm, &job).await?,
+    };
     drain(ctx, &vm, &point, &row, &job).await?;
     job.phase("applying the final point on the master target").await;
     let request = pb::ApplyRequest { vm: vm.to_string(), disks: point_info(&point).disks };

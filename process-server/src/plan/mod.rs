@@ -66,6 +66,10 @@ pub struct Run {
     /// with other groups cannot be continued into (its positions would mean other VMs).
     #[serde(default)]
     pub layout: Vec<Vec<String>>,
+    /// Failback: the final points of VMs shut down ahead of their turn, with the rest of
+    /// their replication group.
+    #[serde(default)]
+    pub finals: BTreeMap<String, u64>,
 }
 
 impl Run {
@@ -583,6 +587,9 @@ async fn walk(
                         save(ctx, name, run).await?;
                         continue;
                     }
+                    stop_group(ctx, name, plan, run, vm, job)
+                        .await
+                        .map_err(|e| format!("group {group}: {e}"))?;
                     let point = one_vm(ctx, plan, run, vm)
                         .await
                         .map_err(|e| format!("group {group}: VM {vm}: {e}"))?;
@@ -618,6 +625,53 @@ async fn walk(
         save(ctx, name, run).await?;
     }
     job.progress(total, total);
+    Ok(())
+}
+
+/// Failback: before the first member of a replication group is applied, every member the
+/// plan names is shut down and its final point made, so that the group comes back at one
+/// moment — all of them stopped — whatever the order of the plan's groups.
+async fn stop_group(
+    ctx: &Arc<Ctx>,
+    name: &PlanName,
+    plan: &Plan,
+    run: &mut Run,
+    vm: &VmName,
+    job: &crate::jobs::Job,
+) -> Result<(), String> {
+    if run.operation != "failback" || run.finals.contains_key(vm.as_str()) {
+        return Ok(());
+    }
+    let group_of = |v: &VmName| {
+        let (store, v) = (ctx.store.clone(), v.clone());
+        async move {
+            blocking(move || store.group_of(&v))
+                .await
+                .map_err(|e| e.message().to_string())?
+                .map_err(|e| e.to_string())
+        }
+    };
+    let Some(group) = group_of(vm).await? else { return Ok(()) };
+    let mut members = Vec::new();
+    for m in plan.vms() {
+        if !run.done.contains(&m.to_string()) && group_of(m).await?.as_ref() == Some(&group) {
+            members.push(m.clone());
+        }
+    }
+    if members.len() < 2 {
+        return Ok(());
+    }
+    for m in members {
+        if run.finals.contains_key(m.as_str()) {
+            continue;
+        }
+        let point = crate::failback::shut_down_recovered(ctx, &m, job)
+            .await
+            .map_err(|e| format!("VM {m} (replication group {group}, shut down with the rest of it): {e}"))?;
+        info!(plan = %name, vm = %m, group = %group, point = %point.id, "shut down with its replication group for the failback");
+        run.finals.insert(m.to_string(), point.id.0);
+        save(ctx, name, run).await?;
+    }
     Ok(())
 }
 
@@ -673,7 +727,24 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<O
         }
         "failback" => {
             let job = ctx.jobs.start(JobKind::Failback, vm).await.map_err(status)?;
-            let r = crate::failback::failback(ctx, vm.clone(), job.clone()).await;
+            let point = match run.finals.get(vm.as_str()) {
+                Some(&id) => {
+                    let (store, v) = (ctx.store.clone(), vm.clone());
+                    let p = blocking(move || store.resolve_point(&v, &PointSpec::Id(PointId(id))))
+                        .await
+                        .map_err(status)?
+                        .map_err(|e| e.to_string());
+                    match p {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            job.fail(&e).await;
+                            return Err(e);
+                        }
+                    }
+                }
+                None => None,
+            };
+            let r = crate::failback::failback_at(ctx, vm.clone(), job.clone(), point).await;
             finish(&job, r).await.map(Some)
         }
         "failback-drill" => {

@@ -83,6 +83,12 @@ fn run_through(server: &Server, args: &[&str], fails_once: bool) -> Value {
     server.drctl_json(&["plan", "continue", "shop"])
 }
 
+/// Unix milliseconds of an RFC 3339 time as drctl prints it.
+fn ms_of(t: &str) -> u64 {
+    let out = std::process::Command::new("date").args(["-u", "-d", t, "+%s%3N"]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
+}
+
 /// Each VM's output of a plan (test) failover is its point, byte for byte.
 fn check_outputs(out: &Path, run: &Value) {
     for vm in VMS {
@@ -235,6 +241,19 @@ fn a_plan_goes_round_the_circle_group_by_group() {
     let scratch = root.join("mt1").join("tmp");
     assert!(std::fs::read_dir(&scratch).map_or(0, |d| d.count()) == 0, "the drill's copies are removed");
     run_through(&server, &["plan", "failback", "shop"], false);
+    // app and web (replication group tier) were both shut down before either was applied:
+    // the group comes back at one moment, both stopped.
+    let web_final = server.drctl_json(&["points", "web"]).as_array().unwrap().last().unwrap().clone();
+    assert!(web_final["note"].as_str().unwrap().contains("final point"), "{web_final}");
+    let jobs = server.drctl_json(&["jobs"]);
+    let app_job =
+        jobs.as_array().unwrap().iter().rev().find(|j| j["kind"] == "failback" && j["vm"] == "app").unwrap();
+    let (final_ms, app_started) =
+        (ms_of(web_final["time"].as_str().unwrap()), ms_of(app_job["started"].as_str().unwrap()));
+    assert!(
+        final_ms <= app_started,
+        "web's final point ({final_ms}) came after app's failback started ({app_started})"
+    );
     assert_eq!(actions(&log, "failback"), ["pre 1 db", "post 1 db", "pre 2 app web", "post 2 app web"]);
     for ((vm, disk), want) in VMS.iter().zip(&disks).zip(&want) {
         assert_eq!(&b3(disk, None), want, "{vm}: the original disk is the recovered VM's final state");
