@@ -204,6 +204,21 @@ impl Session {
         self.tx.send(pb::AgentMessage { msg: Some(m) }).await.map_err(|_| SessionError::StreamClosed)
     }
 
+    /// A point's disks: each disk's fingerprint and last record.
+    fn point_disks(&self, fingerprints: &[tern_core::Digest], seqs: &[Seq]) -> Vec<pb::PointDisk> {
+        self.config
+            .disks
+            .iter()
+            .zip(fingerprints)
+            .zip(seqs)
+            .map(|((d, fp), seq)| pb::PointDisk {
+                disk: d.name.to_string(),
+                seq: seq.0,
+                fingerprint: fp.0.to_vec(),
+            })
+            .collect()
+    }
+
     async fn point_failed(&self, request_id: u64, reason: String) -> Result<(), SessionError> {
         self.send(pb::agent_message::Msg::PointFailed(pb::PointFailed { request_id, reason })).await
     }
@@ -425,23 +440,17 @@ impl Session {
             note = "final point after the source was shut down".into();
             self.stood_down = true;
         }
-        let disks = self.config.disks.iter().zip(&pass.fingerprints).zip(&self.next_seq);
+        let seqs: Vec<Seq> = self.next_seq.iter().map(|n| Seq(n.0 - 1)).collect();
         let point = pb::MakePoint {
             request_ids: requests.iter().map(|r| r.0).collect(),
             consistency: consistency as i32,
-            disks: disks
-                .map(|((d, fp), next)| pb::PointDisk {
-                    disk: d.name.to_string(),
-                    seq: next.0 - 1,
-                    fingerprint: fp.0.to_vec(),
-                })
-                .collect(),
+            disks: self.point_disks(&pass.fingerprints, &seqs),
             time_ms: now_ms(),
             note,
         };
         self.send(pb::agent_message::Msg::Point(point)).await?;
         // No pass runs until the point is acked, so `states` stays the point's state.
-        self.awaiting_point = Some((requests, self.next_seq.iter().map(|n| Seq(n.0 - 1)).collect()));
+        self.awaiting_point = Some((requests, seqs));
         Ok(())
     }
 

@@ -71,6 +71,25 @@ impl MasterTargetService {
     }
 }
 
+impl MasterTargetService {
+    /// A point's disk as prepared here, with its seq and fingerprint; refused while the
+    /// process server has not relayed everything up to the seq.
+    fn point_disk(&self, vm: &VmName, d: &pb::PointDisk) -> Result<(Arc<DiskHandle>, Seq, Digest), Status> {
+        let h = self.prepared(vm, &d.disk)?;
+        let expected = Digest::from_slice(&d.fingerprint)
+            .ok_or_else(|| Status::invalid_argument("fingerprint is not 32 bytes"))?;
+        let seq = Seq(d.seq);
+        if h.durable() < seq {
+            return Err(Status::failed_precondition(format!(
+                "disk {}: only seq {} of {seq} has arrived; the process server is still relaying",
+                h.name,
+                h.durable()
+            )));
+        }
+        Ok((h, seq, expected))
+    }
+}
+
 type HashStream = Pin<Box<dyn Stream<Item = Result<pb::BlockHashes, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -213,17 +232,8 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let vm = vm_arg(&r.vm)?;
         let mut out = Vec::new();
         for d in r.disks {
-            let h = self.prepared(&vm, &d.disk)?;
+            let (h, seq, expected) = self.point_disk(&vm, &d)?;
             let name = h.name.clone();
-            let expected = Digest::from_slice(&d.fingerprint)
-                .ok_or_else(|| Status::invalid_argument("fingerprint is not 32 bytes"))?;
-            let seq = Seq(d.seq);
-            if h.durable() < seq {
-                return Err(Status::failed_precondition(format!(
-                    "disk {name}: only seq {} of {seq} has arrived; the process server is still relaying",
-                    h.durable()
-                )));
-            }
             let store = self.ctx.store.clone();
             let started = std::time::Instant::now();
             let fingerprint = blocking(move || {
@@ -252,17 +262,8 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let vm = vm_arg(&r.vm)?;
         let mut out = Vec::new();
         for d in r.disks {
-            let h = self.prepared(&vm, &d.disk)?;
+            let (h, seq, expected) = self.point_disk(&vm, &d)?;
             let name = h.name.clone();
-            let expected = Digest::from_slice(&d.fingerprint)
-                .ok_or_else(|| Status::invalid_argument("fingerprint is not 32 bytes"))?;
-            let seq = Seq(d.seq);
-            if h.durable() < seq {
-                return Err(Status::failed_precondition(format!(
-                    "disk {name}: only seq {} of {seq} has arrived; the process server is still relaying",
-                    h.durable()
-                )));
-            }
             let store = self.ctx.store.clone();
             let started = std::time::Instant::now();
             let (_, fingerprint) =

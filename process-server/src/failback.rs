@@ -119,7 +119,7 @@ pub async fn shut_down_recovered(
     require(ctx, vm, VmState::Reprotected, Transition::FailBack.refusal())
         .await
         .map_err(|e| e.message().to_string())?;
-    job.phase(&format!("shutting down the recovered VM {vm} and sending its last changes")).await;
+    job.phase("shutting down the recovered VM and sending its last changes").await;
     let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| {
         format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
     })?;
@@ -136,15 +136,7 @@ pub async fn failback_at(
     job: crate::jobs::Job,
     point: Option<tern_store::Point>,
 ) -> Result<pb::JobOutput, String> {
-    require(ctx, &vm, VmState::Reprotected, Transition::FailBack.refusal())
-        .await
-        .map_err(|e| e.message().to_string())?;
-    let (store, v) = (ctx.store.clone(), vm.clone());
-    let row = blocking(move || store.reprotect(&v))
-        .await
-        .map_err(|e| e.message().to_string())?
-        .map_err(|e| e.to_string())?
-        .ok_or("the VM has no reprotect record")?;
+    let row = reprotected_row(ctx, &vm, Transition::FailBack.refusal()).await?;
     let point = match point {
         Some(p) => p,
         None => shut_down_recovered(ctx, &vm, &job).await?,
@@ -202,6 +194,17 @@ pub async fn failback_at(
     Ok(crate::jobs::point_output(&vm, &point, disks))
 }
 
+/// Where a reprotected VM fails back to; refused (with `what`) when it is not reprotected.
+async fn reprotected_row(ctx: &Arc<Ctx>, vm: &VmName, what: &'static str) -> Result<ReprotectRow, String> {
+    require(ctx, vm, VmState::Reprotected, what).await.map_err(|e| e.message().to_string())?;
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    blocking(move || store.reprotect(&v))
+        .await
+        .map_err(|e| e.message().to_string())?
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the VM has no reprotect record".to_string())
+}
+
 /// Waits until the master target has every record of `point`.
 async fn drain(
     ctx: &Arc<Ctx>,
@@ -239,15 +242,8 @@ async fn drain(
 /// applied there onto scratch copies and verified, the copies removed. Nothing changes: the
 /// VM stays reprotected and running, the target disks untouched.
 pub async fn drill(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<pb::JobOutput, String> {
-    require(ctx, &vm, VmState::Reprotected, "a failback drill needs a reprotected VM (`drctl reprotect`)")
-        .await
-        .map_err(|e| e.message().to_string())?;
-    let (store, v) = (ctx.store.clone(), vm.clone());
-    let row = blocking(move || store.reprotect(&v))
-        .await
-        .map_err(|e| e.message().to_string())?
-        .map_err(|e| e.to_string())?
-        .ok_or("the VM has no reprotect record")?;
+    let row =
+        reprotected_row(ctx, &vm, "a failback drill needs a reprotected VM (`drctl reprotect`)").await?;
     if row.sync == SyncMode::During {
         return Err(format!(
             "VM {vm} was reprotected with --sync during: the master target receives nothing until the failback \

@@ -127,18 +127,7 @@ impl Session {
         let point = pb::MakePoint {
             request_ids: requests.iter().map(|r| r.0).collect(),
             consistency: pb::Consistency::App as i32,
-            disks: self
-                .config
-                .disks
-                .iter()
-                .zip(&pass.fingerprints)
-                .zip(&seqs)
-                .map(|((d, fp), seq)| pb::PointDisk {
-                    disk: d.name.to_string(),
-                    seq: seq.0,
-                    fingerprint: fp.0.to_vec(),
-                })
-                .collect(),
+            disks: self.point_disks(&pass.fingerprints, &seqs),
             time_ms: crate::now_ms(),
             note,
         };

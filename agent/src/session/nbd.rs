@@ -254,18 +254,7 @@ impl Session {
         let point = pb::MakePoint {
             request_ids: m.requests.iter().map(|r| r.0).collect(),
             consistency: m.consistency as i32,
-            disks: self
-                .config
-                .disks
-                .iter()
-                .zip(&fingerprints)
-                .zip(&seqs)
-                .map(|((d, fp), seq)| pb::PointDisk {
-                    disk: d.name.to_string(),
-                    seq: seq.0,
-                    fingerprint: fp.0.to_vec(),
-                })
-                .collect(),
+            disks: self.point_disks(&fingerprints, &seqs),
             time_ms: m.time_ms,
             note: m.note,
         };

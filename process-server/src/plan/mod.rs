@@ -725,28 +725,7 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<O
             let r = run_failover(ctx, vm.clone(), kind, spec, out_dir, format, false, &job).await;
             finish(&job, r).await.map(Some)
         }
-        "failback" => {
-            let job = ctx.jobs.start(JobKind::Failback, vm).await.map_err(status)?;
-            let point = match run.finals.get(vm.as_str()) {
-                Some(&id) => {
-                    let (store, v) = (ctx.store.clone(), vm.clone());
-                    let p = blocking(move || store.resolve_point(&v, &PointSpec::Id(PointId(id))))
-                        .await
-                        .map_err(status)?
-                        .map_err(|e| e.to_string());
-                    match p {
-                        Ok(p) => Some(p),
-                        Err(e) => {
-                            job.fail(&e).await;
-                            return Err(e);
-                        }
-                    }
-                }
-                None => None,
-            };
-            let r = crate::failback::failback_at(ctx, vm.clone(), job.clone(), point).await;
-            finish(&job, r).await.map(Some)
-        }
+        "failback" => failback_vm(ctx, run, vm).await.map(Some),
         "failback-drill" => {
             let job = ctx.jobs.start(JobKind::FailbackDrill, vm).await.map_err(status)?;
             let r = crate::failback::drill(ctx, vm.clone(), job.clone()).await;
@@ -773,33 +752,62 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<O
                 .map(|p| Some(p.0))
                 .map_err(|e| e.to_string())
         }
-        "reprotect" => {
-            let t = plan.targets.get(vm).ok_or("no [vm] section for it in the plan file")?;
-            let r = pb::ReprotectRequest {
-                vm: vm.to_string(),
-                master_target: t.master_target.clone(),
-                alternate: t.alternate,
-                target_disks: t.target_disks.clone(),
-                sync: pb::SyncMode::write(t.sync),
-            };
-            let reply = crate::failback::reprotect(ctx, r).await.map_err(status)?;
-            let dir = PathBuf::from(&run.identity_dir);
-            let path = dir.join(format!("{vm}.bundle"));
-            let bundle = reply.bundle;
-            blocking(move || {
-                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-                tern_core::pki::write_private(&path, &bundle).map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(status)?
-            .map_err(|e| format!("cannot write the agent identity in {}: {e}", run.identity_dir))?;
-            Ok(None)
-        }
+        "reprotect" => reprotect_vm(ctx, plan, run, vm).await.map(|()| None),
         "reverse-replicate" => {
             crate::failback::reverse_replicate(ctx, vm).await.map(|()| None).map_err(status)
         }
         other => Err(format!("unknown operation {other}")),
     }
+}
+
+/// A failback of one VM, at the final point made when its replication group was shut
+/// down (see [`stop_group`]), or after a shutdown of its own.
+async fn failback_vm(ctx: &Arc<Ctx>, run: &Run, vm: &VmName) -> Result<u64, String> {
+    let job = ctx.jobs.start(JobKind::Failback, vm).await.map_err(|s| s.message().to_string())?;
+    let point = match run.finals.get(vm.as_str()) {
+        Some(&id) => {
+            let (store, v) = (ctx.store.clone(), vm.clone());
+            let p = blocking(move || store.resolve_point(&v, &PointSpec::Id(PointId(id))))
+                .await
+                .map_err(|s| s.message().to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match p {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    job.fail(&e).await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    let r = crate::failback::failback_at(ctx, vm.clone(), job.clone(), point).await;
+    finish(&job, r).await
+}
+
+/// Reprotects one VM to the master target its `[vm.NAME]` section names; its agent's
+/// identity goes to the run's identity directory.
+async fn reprotect_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<(), String> {
+    let status = |s: Status| s.message().to_string();
+    let t = plan.targets.get(vm).ok_or("no [vm] section for it in the plan file")?;
+    let r = pb::ReprotectRequest {
+        vm: vm.to_string(),
+        master_target: t.master_target.clone(),
+        alternate: t.alternate,
+        target_disks: t.target_disks.clone(),
+        sync: pb::SyncMode::write(t.sync),
+    };
+    let reply = crate::failback::reprotect(ctx, r).await.map_err(status)?;
+    let dir = PathBuf::from(&run.identity_dir);
+    let path = dir.join(format!("{vm}.bundle"));
+    let bundle = reply.bundle;
+    blocking(move || {
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        tern_core::pki::write_private(&path, &bundle).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(status)?
+    .map_err(|e| format!("cannot write the agent identity in {}: {e}", run.identity_dir))
 }
 
 async fn finish(job: &crate::jobs::Job, r: Result<pb::JobOutput, String>) -> Result<u64, String> {
