@@ -356,15 +356,156 @@ fn errno(e: &io::Error) -> u32 {
     }
 }
 
-/// Serves requests until the client disconnects.
-fn transmission<S: Read>(r: &mut BufReader<S>, w: &mut impl Write, export: &dyn Export) -> io::Result<()> {
+/// Large requests of one connection are served at once by this many threads: reading the
+/// next 1 MiB write off the socket overlaps applying the last (bench/nbd.sh, sequential
+/// 1 MiB writes: 0.67x of qemu-nbd's throughput before, 0.97-1.14x with), and a large read
+/// or write that waits (for the disk, or held for a multi-VM barrier) does not hold up the
+/// requests behind it.
+const WORKERS: usize = 4;
+
+/// Requests up to this size are served on the connection's own thread, in order: handing
+/// each 4 KiB request to a worker cost two thirds of the random-write IOPS (20k against
+/// 46-49k inline).
+const INLINE_MAX: u32 = 128 << 10;
+
+/// One request, its payload read.
+struct Request {
+    cmd: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    in_bounds: bool,
+    data: Vec<u8>,
+}
+
+/// The connection's reply side, shared by the workers: replies go out as each request is
+/// done, in any order (each names its request's cookie).
+struct Replies<'a, W: Write> {
+    w: std::sync::Mutex<&'a mut W>,
+    /// Workers waiting to write a reply: the last of a burst flushes.
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl<W: Write> Replies<'_, W> {
+    /// Writes a reply; it goes out at once unless `defer` (the connection's thread has
+    /// more requests read already, and flushes before it waits for the client again) or
+    /// another worker is about to write its own.
+    fn send(&self, error: u32, cookie: u64, data: Option<&[u8]>, defer: bool) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut w = self.w.lock().unwrap_or_else(|p| p.into_inner());
+        let left = self.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
+        reply(&mut **w, error, cookie)?;
+        if let Some(d) = data {
+            w.write_all(d)?;
+        }
+        if left == 0 && !defer { w.flush() } else { Ok(()) }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.w.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+/// Serves one request and replies.
+fn serve_request<W: Write>(
+    q: Request,
+    export: &dyn Export,
+    out: &Replies<'_, W>,
+    defer: bool,
+) -> io::Result<()> {
+    let fua = q.flags & CMD_FLAG_FUA != 0;
+    let send = |error: u32, data: Option<&[u8]>| out.send(error, q.cookie, data, defer);
+    match q.cmd {
+        CMD_READ if !q.in_bounds || q.len > MAX_PAYLOAD => send(EINVAL, None),
+        CMD_READ => {
+            let mut buf = vec![0; q.len as usize];
+            match export.read_at(&mut buf, q.offset) {
+                Ok(()) => send(0, Some(&buf)),
+                Err(e) => send(errno(&e), None),
+            }
+        }
+        CMD_WRITE => {
+            let e = if !q.in_bounds {
+                ENOSPC
+            } else {
+                export.write_at(q.data, q.offset, fua).map_or_else(|e| errno(&e), |()| 0)
+            };
+            send(e, None)
+        }
+        CMD_FLUSH => send(export.flush().map_or_else(|e| errno(&e), |()| 0), None),
+        CMD_TRIM if !q.in_bounds => send(EINVAL, None),
+        CMD_WRITE_ZEROES if !q.in_bounds => send(ENOSPC, None),
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            let keep = q.cmd == CMD_WRITE_ZEROES && q.flags & CMD_FLAG_NO_HOLE != 0;
+            let e = export.zero(q.offset, u64::from(q.len), keep, fua).map_or_else(|e| errno(&e), |()| 0);
+            send(e, None)
+        }
+        _ => send(EINVAL, None),
+    }
+}
+
+/// Serves requests until the client disconnects: this thread reads them and serves the
+/// small ones, `WORKERS` threads serve the large ones; each is answered when done. A flush is answered once every write replied to before it is
+/// durable (the export's flush covers every write applied); `DISC` waits for the requests
+/// in flight, then flushes.
+fn transmission<S: Read, W: Write + Send>(
+    r: &mut BufReader<S>,
+    w: &mut W,
+    export: &dyn Export,
+) -> io::Result<()> {
     let size = export.size();
-    let mut buf = Vec::new();
+    let out = Replies { w: std::sync::Mutex::new(w), waiting: std::sync::atomic::AtomicUsize::new(0) };
+    let broken: std::sync::Mutex<Option<io::Error>> = std::sync::Mutex::new(None);
+    // Bounded: a client that sends faster than requests are served waits, and memory stays
+    // at a few requests' payloads.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Request>(WORKERS);
+    let rx = std::sync::Mutex::new(rx);
+    let read = std::thread::scope(|s| {
+        let (rx, out, broken) = (&rx, &out, &broken);
+        for _ in 0..WORKERS {
+            s.spawn(move || {
+                loop {
+                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(q) = next else { return };
+                    if let Err(e) = serve_request(q, export, out, false) {
+                        broken.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    }
+                }
+            });
+        }
+        let result = read_requests(r, size, &tx, export, out);
+        drop(tx);
+        result
+    });
+    if let Some(e) = broken.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let disconnect = read?;
+    let w = out.w.into_inner().unwrap_or_else(|p| p.into_inner());
+    w.flush()?;
+    if disconnect { export.flush() } else { Ok(()) }
+}
+
+/// Reads requests and hands them to the workers until the client disconnects (true for
+/// `DISC`, false when it just closed) or breaks the protocol.
+fn read_requests<S: Read, W: Write>(
+    r: &mut BufReader<S>,
+    size: u64,
+    tx: &std::sync::mpsc::SyncSender<Request>,
+    export: &dyn Export,
+    out: &Replies<'_, W>,
+) -> io::Result<bool> {
     loop {
+        // Replies held back while more requests were read go out before waiting for more.
+        if r.buffer().is_empty() {
+            out.flush()?;
+        }
         let mut h = [0u8; 28];
         match r.read_exact(&mut h) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
             Err(e) => return Err(e),
         }
         let field = |a: usize, b: usize| &h[a..b];
@@ -377,52 +518,28 @@ fn transmission<S: Read>(r: &mut BufReader<S>, w: &mut impl Write, export: &dyn 
         let offset = u64::from_be_bytes(field(16, 24).try_into().unwrap_or_default());
         let len = u32::from_be_bytes(field(24, 28).try_into().unwrap_or_default());
         let in_bounds = offset.checked_add(u64::from(len)).is_some_and(|end| end <= size);
-        let fua = flags & CMD_FLAG_FUA != 0;
+        let mut data = Vec::new();
         match cmd {
-            CMD_READ if !in_bounds || len > MAX_PAYLOAD => reply(w, EINVAL, cookie)?,
-            CMD_READ => {
-                buf.resize(len as usize, 0);
-                match export.read_at(&mut buf, offset) {
-                    Ok(()) => {
-                        reply(w, 0, cookie)?;
-                        w.write_all(&buf)?;
-                    }
-                    Err(e) => reply(w, errno(&e), cookie)?,
-                }
-            }
+            CMD_DISC => return Ok(true),
             CMD_WRITE => {
                 if len > MAX_PAYLOAD {
                     return Err(protocol("write larger than the advertised maximum"));
                 }
                 // A buffer of its own, read without zeroing it first: the export keeps it.
-                let mut data = Vec::with_capacity(len as usize);
+                data.reserve_exact(len as usize);
                 if (&mut *r).take(u64::from(len)).read_to_end(&mut data)? != len as usize {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
-                let e = if !in_bounds {
-                    ENOSPC
-                } else {
-                    export.write_at(data, offset, fua).map_or_else(|e| errno(&e), |()| 0)
-                };
-                reply(w, e, cookie)?;
             }
-            CMD_DISC => {
-                w.flush()?;
-                return export.flush();
-            }
-            CMD_FLUSH => reply(w, export.flush().map_or_else(|e| errno(&e), |()| 0), cookie)?,
-            CMD_TRIM if !in_bounds => reply(w, EINVAL, cookie)?,
-            CMD_WRITE_ZEROES if !in_bounds => reply(w, ENOSPC, cookie)?,
-            CMD_TRIM | CMD_WRITE_ZEROES => {
-                let keep = cmd == CMD_WRITE_ZEROES && flags & CMD_FLAG_NO_HOLE != 0;
-                let e = export.zero(offset, u64::from(len), keep, fua).map_or_else(|e| errno(&e), |()| 0);
-                reply(w, e, cookie)?;
-            }
-            _ => reply(w, EINVAL, cookie)?,
+            _ => {}
         }
-        // Replies go out together while more requests are already waiting.
-        if r.buffer().is_empty() {
-            w.flush()?;
+        let q = Request { cmd, flags, cookie, offset, len, in_bounds, data };
+        if len <= INLINE_MAX {
+            serve_request(q, export, out, !r.buffer().is_empty())?;
+            continue;
+        }
+        if tx.send(q).is_err() {
+            return Err(io::Error::other("the NBD workers stopped"));
         }
     }
 }
@@ -562,6 +679,84 @@ mod tests {
             self.0.read_exact(&mut d).unwrap();
             (error, d)
         }
+    }
+
+    /// A file export whose writes wait until the gate opens.
+    struct GatedExport {
+        file: FileExport,
+        open: std::sync::Mutex<bool>,
+        opened: std::sync::Condvar,
+    }
+
+    impl Export for GatedExport {
+        fn size(&self) -> u64 {
+            self.file.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.file.read_at(buf, offset)
+        }
+        fn write_at(&self, data: Vec<u8>, offset: u64, fua: bool) -> io::Result<()> {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+            drop(open);
+            self.file.write_at(data, offset, fua)
+        }
+        fn zero(&self, offset: u64, len: u64, keep_allocated: bool, fua: bool) -> io::Result<()> {
+            self.file.zero(offset, len, keep_allocated, fua)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.file.flush()
+        }
+    }
+
+    /// Sends a request with `cookie` without waiting for its reply.
+    fn send(c: &mut Client, cmd: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&cmd.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(payload);
+        c.0.write_all(&m).unwrap();
+    }
+
+    /// The next reply: its cookie and error.
+    fn next_reply(c: &mut Client) -> (u64, u32) {
+        let mut h = [0u8; 16];
+        c.0.read_exact(&mut h).unwrap();
+        (u64::from_be_bytes(h[8..].try_into().unwrap()), u32::from_be_bytes(h[4..8].try_into().unwrap()))
+    }
+
+    /// A read sent after a large write that waits is answered first: large requests of
+    /// one connection are served at once and answered as each is done.
+    #[test]
+    fn a_read_is_answered_while_an_earlier_write_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let gated = Arc::new(GatedExport {
+            file: FileExport::open(&path).unwrap(),
+            open: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+        });
+        let e: Arc<dyn Export> = gated.clone();
+        let mut c = Client::connect(Arc::new(vec![("sda".to_string(), e)]));
+        c.go("sda");
+        let big = vec![1u8; 256 << 10];
+        send(&mut c, CMD_WRITE, 1, 0, big.len() as u32, &big);
+        send(&mut c, CMD_READ, 2, 300 << 10, 3, &[]);
+        c.0.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        assert_eq!(next_reply(&mut c), (2, 0), "the read is answered while the write waits");
+        let mut data = [0u8; 3];
+        c.0.read_exact(&mut data).unwrap();
+        assert_eq!(data, [7, 7, 7]);
+        *gated.open.lock().unwrap() = true;
+        gated.opened.notify_all();
+        assert_eq!(next_reply(&mut c), (1, 0));
+        assert_eq!(c.request(CMD_READ, 0, 4, &[], 4).1, [1, 1, 1, 1]);
     }
 
     fn exports(dir: &std::path::Path) -> Exports {
