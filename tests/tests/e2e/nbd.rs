@@ -296,16 +296,20 @@ fn a_test_failover_to_any_time_between_two_points_is_the_disk_at_that_moment() {
 fn writes_made_while_the_server_is_away_are_sent_once_it_is_back() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
+    // With the server gone the session ends and the log with it: the agent keeps track of
+    // the writes as extents marked hot (the spill is for a session that is up but slower
+    // than the writes: the two tests after this one).
     let mut vm = protect_nbd(root, 64, 2, &[]);
-    // The VM writes before, during and after the outage: its writes never wait for the
-    // network.
-    let churn = "import random, time\nr = random.Random(5)\nfor i in range(1500):\n    h.pwrite(bytes([r.randrange(1, 256)]) * 4096, r.randrange(8 * 256, 16 * 256) * 4096)\n    time.sleep(0.003)\nh.flush()";
+    // The VM writes before, during and after an outage of a minute: its writes never wait
+    // for the network.
+    let churn = "import random, time\nr = random.Random(5)\nend = time.time() + 66\nwhile time.time() < end:\n    h.pwrite(bytes([r.randrange(1, 256)]) * 4096, r.randrange(8 * 256, 16 * 256) * 4096)\n    time.sleep(0.003)\nh.flush()";
     let mut writer = nbdsh(&vm.uri, churn).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     vm.server.kill9();
+    let down = std::time::Instant::now();
     run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 20M 4M", "-c", "flush", &vm.uri]))
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(down.elapsed()));
     vm.server.start();
     assert!(writer.wait().unwrap().success());
     let point = vm.server.checkpoint("db");
@@ -321,8 +325,10 @@ fn writes_made_while_the_server_is_away_are_sent_once_it_is_back() {
 fn a_log_larger_than_its_memory_spills_to_the_state_directory_and_drains_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    // 1 MiB of log in memory and a link of 2 MiB/s: most of 12 MiB of writes wait in the spill.
-    let vm = protect_nbd(root, 32, 2, &["--log-buffer", "1MiB", "--max-rate", "2MiB"]);
+    // 1 MiB of log in memory and a link of 1 MiB/s: most of 12 MiB of writes wait in the
+    // spill, for about 10 s (the agent reports how it tracks every 2 s; a faster link, under
+    // a loaded machine, could drain it between two reports).
+    let vm = protect_nbd(root, 32, 2, &["--log-buffer", "1MiB", "--max-rate", "1MiB"]);
     let script = "import os\nfor i in range(48):\n    h.pwrite(os.urandom(262144), 4 * 1048576 + i * 262144)\nh.flush()";
     run_ok(&mut nbdsh(&vm.uri, script)).unwrap();
     let spill = root.join("db-state").join("spill.log");
@@ -330,10 +336,10 @@ fn a_log_larger_than_its_memory_spills_to_the_state_directory_and_drains_in_orde
     assert!(spilled > 2 << 20, "{spilled} bytes in the spill");
     // drctl status says so, with the backlog.
     let mut seen = Vec::new();
-    deadline_poll("status to show the spill", Duration::from_secs(10), || {
+    deadline_poll("status to show the spill", Duration::from_secs(20), || {
         let d = vm.server.status("db")["disks"][0].clone();
         seen.push(format!("{} {}", d["tracking"], d["backlog_bytes"]));
-        assert!(seen.len() < 90, "status never showed the spill: {seen:?}");
+        assert!(seen.len() < 180, "status never showed the spill: {seen:?}");
         (d["tracking"] == "spill" && d["backlog_bytes"].as_u64().unwrap_or(0) > 0).then_some(())
     });
     let point = vm.server.checkpoint("db");
