@@ -538,6 +538,15 @@ fn read_requests<S: Read, W: Write>(
             serve_request(q, export, out, !r.buffer().is_empty())?;
             continue;
         }
+        let q = match tx.try_send(q) {
+            Ok(()) => continue,
+            Err(std::sync::mpsc::TrySendError::Full(q)) => q,
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                return Err(io::Error::other("the NBD workers stopped"));
+            }
+        };
+        // Every worker is busy: the replies held back go out before this thread waits.
+        out.flush()?;
         if tx.send(q).is_err() {
             return Err(io::Error::other("the NBD workers stopped"));
         }
