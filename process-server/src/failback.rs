@@ -174,24 +174,35 @@ pub async fn failback_at(
         .map_err(|e| e.to_string())?;
     ctx.hub.stand_down(&vm, "the VM failed back").await;
     info!(vm = %vm, point = %point.id, "failed back");
-    let disks = point
+    let disks = applied_disks(ctx, &vm, &point, &applied.fingerprints, Some(&row));
+    Ok(crate::jobs::point_output(&vm, &point, disks))
+}
+
+/// The disks a master target applied `point` onto, with the fingerprints it found; `row`
+/// names their paths there (none for a drill's scratch copies, which are gone).
+fn applied_disks(
+    ctx: &Ctx,
+    vm: &VmName,
+    point: &tern_store::Point,
+    fingerprints: &[String],
+    row: Option<&ReprotectRow>,
+) -> Vec<pb::OutputDisk> {
+    point
         .disks
         .iter()
-        .zip(&applied.fingerprints)
+        .zip(fingerprints)
         .map(|(d, fp)| pb::OutputDisk {
             name: d.disk.to_string(),
             file: row
-                .disks
-                .iter()
-                .find(|(n, _)| n == d.disk.as_str())
+                .and_then(|r| r.disks.iter().find(|(n, _)| n == d.disk.as_str()))
                 .map(|(_, p)| p.clone())
                 .unwrap_or_default(),
-            size: ctx.store.disk(&vm, &d.disk).map_or(0, |h| h.size),
+            size: ctx.store.disk(vm, &d.disk).map_or(0, |h| h.size),
             fingerprint: fp.clone(),
+            seq: d.seq.0,
             ..Default::default()
         })
-        .collect();
-    Ok(crate::jobs::point_output(&vm, &point, disks))
+        .collect()
 }
 
 /// Where a reprotected VM fails back to; refused (with `what`) when it is not reprotected.
@@ -275,18 +286,7 @@ pub async fn drill(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<
         .map_err(|e| format!("the master target's drill failed: {}", e.message()))?
         .into_inner();
     info!(vm = %vm, point = %point.id, "failback drill verified on the master target");
-    let disks = point
-        .disks
-        .iter()
-        .zip(&applied.fingerprints)
-        .map(|(d, fp)| pb::OutputDisk {
-            name: d.disk.to_string(),
-            size: ctx.store.disk(&vm, &d.disk).map_or(0, |h| h.size),
-            fingerprint: fp.clone(),
-            seq: d.seq.0,
-            ..Default::default()
-        })
-        .collect();
+    let disks = applied_disks(ctx, &vm, &point, &applied.fingerprints, None);
     let mut out = crate::jobs::point_output(&vm, &point, disks);
     out.note = "failback drill: applied on scratch copies on the master target, verified, removed".into();
     Ok(out)

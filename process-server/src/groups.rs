@@ -361,9 +361,6 @@ pub async fn group_worker(ctx: Arc<Ctx>) {
             if g.crash_interval_ms == 0 && g.app_interval_ms == 0 {
                 continue;
             }
-            if !matches!(paused(&ctx, &g).await, Ok(None)) {
-                continue;
-            }
             for (app, every) in [(true, g.app_interval_ms), (false, g.crash_interval_ms)] {
                 let Ok(every) = u64::try_from(every) else { continue };
                 if every == 0 {
@@ -378,6 +375,11 @@ pub async fn group_worker(ctx: Arc<Ctx>) {
                 // An app point is a crash point too: the crash interval starts again.
                 if app {
                     last.insert((g.name.clone(), false), tokio::time::Instant::now());
+                }
+                // Only when due are the members' states read: a paused group (a member failed
+                // over) is looked at once an interval, not every second.
+                if !matches!(paused(&ctx, &g).await, Ok(None)) {
+                    break;
                 }
                 let (c, name) = (ctx.clone(), g.name.clone());
                 ctx.tracker.spawn(async move {

@@ -29,22 +29,92 @@ use tracing::{info, warn};
 /// An action that runs longer than this fails the plan (it is killed).
 const ACTION_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The operations of a plan.
-const OPERATIONS: [&str; 8] = [
-    "test-failover",
-    "test-failover-cleanup",
-    "failover",
-    "commit",
-    "reprotect",
-    "failback",
-    "failback-drill",
-    "reverse-replicate",
-];
+/// The operations of a plan, by their names on the command line and in `plans.run`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Operation {
+    #[default]
+    TestFailover,
+    TestFailoverCleanup,
+    Failover,
+    Commit,
+    Reprotect,
+    Failback,
+    FailbackDrill,
+    ReverseReplicate,
+}
+
+impl Operation {
+    const ALL: [Operation; 8] = [
+        Operation::TestFailover,
+        Operation::TestFailoverCleanup,
+        Operation::Failover,
+        Operation::Commit,
+        Operation::Reprotect,
+        Operation::Failback,
+        Operation::FailbackDrill,
+        Operation::ReverseReplicate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::TestFailover => "test-failover",
+            Operation::TestFailoverCleanup => "test-failover-cleanup",
+            Operation::Failover => "failover",
+            Operation::Commit => "commit",
+            Operation::Reprotect => "reprotect",
+            Operation::Failback => "failback",
+            Operation::FailbackDrill => "failback-drill",
+            Operation::ReverseReplicate => "reverse-replicate",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Operation> {
+        Operation::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// The state every VM must be in for it (commit takes two; see `precheck`).
+    fn needs(self) -> Option<VmState> {
+        match self {
+            Operation::Failover => Some(VmState::Protected),
+            Operation::Reprotect => Some(VmState::FailoverCommitted),
+            Operation::Failback | Operation::FailbackDrill => Some(VmState::Reprotected),
+            Operation::ReverseReplicate => Some(VmState::FailbackCommitted),
+            Operation::TestFailover | Operation::TestFailoverCleanup | Operation::Commit => None,
+        }
+    }
+
+    /// The state a VM is in once this operation is done with it (a VM found in it was done
+    /// before a crash or a failure after its change: it is not done again).
+    fn leaves(self) -> Option<VmState> {
+        match self {
+            Operation::Failover => Some(VmState::FailedOver),
+            Operation::Reprotect => Some(VmState::Reprotected),
+            Operation::Failback => Some(VmState::FailedBack),
+            Operation::ReverseReplicate => Some(VmState::Protected),
+            _ => None,
+        }
+    }
+
+    /// Brings VMs up somewhere: actions and manual steps run.
+    fn acts(self) -> bool {
+        matches!(
+            self,
+            Operation::TestFailover | Operation::Failover | Operation::Failback | Operation::FailbackDrill
+        )
+    }
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// How far a plan's operation got: the `plans.run` column.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Run {
-    pub operation: String,
+    pub operation: Operation,
     pub point: String,
     pub output: String,
     pub format: String,
@@ -75,7 +145,7 @@ pub struct Run {
 impl Run {
     fn info(&self) -> pb::PlanRunInfo {
         pb::PlanRunInfo {
-            operation: self.operation.clone(),
+            operation: self.operation.to_string(),
             state: self.state.clone(),
             step: u32::try_from(self.step).unwrap_or(u32::MAX),
             stage: self.stage.clone(),
@@ -84,23 +154,6 @@ impl Run {
             job: self.job,
             points: self.points.clone().into_iter().collect(),
         }
-    }
-
-    /// The state a VM is in once this operation is done with it (a VM found in it was done
-    /// before a crash or a failure after its change: it is not done again).
-    fn done_state(&self) -> Option<VmState> {
-        match self.operation.as_str() {
-            "failover" => Some(VmState::FailedOver),
-            "reprotect" => Some(VmState::Reprotected),
-            "failback" => Some(VmState::FailedBack),
-            "reverse-replicate" => Some(VmState::Protected),
-            _ => None,
-        }
-    }
-
-    /// Brings VMs up somewhere: actions and manual steps run.
-    fn acts(&self) -> bool {
-        matches!(self.operation.as_str(), "test-failover" | "failover" | "failback" | "failback-drill")
     }
 }
 
@@ -298,14 +351,7 @@ async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTre
 
 /// Checks what an operation needs of every VM before the first is touched.
 async fn precheck(ctx: &Arc<Ctx>, plan: &Plan, run: &Run) -> Result<(), Status> {
-    let want = match run.operation.as_str() {
-        "failover" => Some(VmState::Protected),
-        "commit" => None,
-        "reprotect" => Some(VmState::FailoverCommitted),
-        "failback" | "failback-drill" => Some(VmState::Reprotected),
-        "reverse-replicate" => Some(VmState::FailbackCommitted),
-        _ => None,
-    };
+    let want = run.operation.needs();
     for vm in plan.vms() {
         if run.done.contains(&vm.to_string()) {
             continue;
@@ -313,7 +359,7 @@ async fn precheck(ctx: &Arc<Ctx>, plan: &Plan, run: &Run) -> Result<(), Status> 
         let (store, v) = (ctx.store.clone(), vm.clone());
         let state = blocking(move || store.vm_state(&v)).await?.map_err(store_status)?;
         // Done before a crash, or before a failure that came after its change.
-        if run.job != 0 && run.done_state() == Some(state) {
+        if run.job != 0 && run.operation.leaves() == Some(state) {
             continue;
         }
         if let Some(want) = want
@@ -324,20 +370,20 @@ async fn precheck(ctx: &Arc<Ctx>, plan: &Plan, run: &Run) -> Result<(), Status> 
                 plan.name, run.operation
             )));
         }
-        if run.operation == "commit" && !matches!(state, VmState::FailedOver | VmState::FailedBack) {
+        if run.operation == Operation::Commit && !matches!(state, VmState::FailedOver | VmState::FailedBack) {
             return Err(Status::failed_precondition(format!(
                 "plan {}: VM {vm} is {state}; commit needs every VM failed over or failed back",
                 plan.name
             )));
         }
-        if run.operation == "reprotect" && !plan.targets.contains_key(vm) {
+        if run.operation == Operation::Reprotect && !plan.targets.contains_key(vm) {
             return Err(Status::failed_precondition(format!(
                 "plan {}: VM {vm} has no [vm.{vm}] section (master_target, location, target_disks) in the plan file",
                 plan.name
             )));
         }
-        let needs_agent =
-            (run.operation == "failover" && run.kind == "planned") || run.operation == "failback";
+        let needs_agent = (run.operation == Operation::Failover && run.kind == "planned")
+            || run.operation == Operation::Failback;
         if needs_agent && !ctx.hub.connected(vm) {
             return Err(Status::failed_precondition(format!(
                 "plan {}: the agent of VM {vm} is not connected, and a {} {} shuts it down through it. Nothing was changed",
@@ -351,19 +397,20 @@ async fn precheck(ctx: &Arc<Ctx>, plan: &Plan, run: &Run) -> Result<(), Status> 
 /// `drctl plan OPERATION`: checks, then drives the operation as a job.
 pub async fn start(ctx: &Arc<Ctx>, r: pb::RunPlanRequest) -> Result<u64, Status> {
     let name = plan_arg(&r.name)?;
-    if !OPERATIONS.contains(&r.operation.as_str()) {
-        return Err(Status::invalid_argument(format!(
+    let operation = Operation::parse(&r.operation).ok_or_else(|| {
+        let all: Vec<&str> = Operation::ALL.iter().map(|o| o.as_str()).collect();
+        Status::invalid_argument(format!(
             "unknown plan operation {:?}; one of {}",
             r.operation,
-            OPERATIONS.join(", ")
-        )));
-    }
+            all.join(", ")
+        ))
+    })?;
     let row = row(ctx, &name).await?;
     let plan = parse(ctx, &row.source, &row.file).await?;
     let format = if r.format == pb::OutputFormat::Vhd as i32 { "vhd" } else { "raw" };
     let kind = pb::FailoverKind::read(r.kind).map(|k| k.to_string()).unwrap_or_default();
     let mut run = Run {
-        operation: r.operation.clone(),
+        operation,
         point: r.point.clone(),
         output: r.output.clone(),
         format: format.into(),
@@ -373,19 +420,19 @@ pub async fn start(ctx: &Arc<Ctx>, r: pb::RunPlanRequest) -> Result<u64, Status>
         stage: "pre".into(),
         ..Run::default()
     };
-    match run.operation.as_str() {
-        "test-failover" | "failover" => {
+    match run.operation {
+        Operation::TestFailover | Operation::Failover => {
             crate::admin::output_arg(&run.output, ctx.store.root())?;
-            if run.operation == "failover" && run.kind.is_empty() {
+            if run.operation == Operation::Failover && run.kind.is_empty() {
                 return Err(Status::invalid_argument("a plan failover's kind is planned or unplanned"));
             }
-            if run.operation == "test-failover" || run.kind != "planned" {
+            if run.operation == Operation::TestFailover || run.kind != "planned" {
                 run.points =
                     resolve_points(ctx, &plan, if run.point.is_empty() { "latest" } else { &run.point })
                         .await?;
             }
         }
-        "reprotect" => {
+        Operation::Reprotect => {
             crate::admin::output_arg(&run.identity_dir, ctx.store.root())?;
             // Before any VM is reprotected: a bundle that cannot be written is lost.
             let dir = PathBuf::from(&run.identity_dir);
@@ -549,12 +596,12 @@ async fn walk(
             ("TERN_GROUP", group.to_string()),
             ("TERN_VMS", vms.join(" ")),
             ("TERN_OUTPUT", run.output.clone()),
-            ("TERN_OPERATION", run.operation.clone()),
+            ("TERN_OPERATION", run.operation.to_string()),
         ];
         match run.stage.as_str() {
             "pre" | "post" => {
                 let actions = if run.stage == "pre" { &step.pre } else { &step.post };
-                if run.acts() {
+                if run.operation.acts() {
                     // From the first action not yet done: a failed one runs again, the ones
                     // before it do not.
                     while let Some(cmd) = actions.get(run.action) {
@@ -581,7 +628,7 @@ async fn walk(
                     let (store, v) = (ctx.store.clone(), vm.clone());
                     let state =
                         blocking(move || store.vm_state(&v)).await.map_err(|e| e.message().to_string())?;
-                    if run.done_state().is_some() && state.ok() == run.done_state() {
+                    if run.operation.leaves().is_some() && state.ok() == run.operation.leaves() {
                         info!(plan = %name, vm = %vm, operation = %run.operation, "VM already done; not done again");
                         run.done.push(vm.to_string());
                         save(ctx, name, run).await?;
@@ -602,7 +649,7 @@ async fn walk(
                 run.stage = "post".into();
             }
             _ => {
-                if let Some(text) = step.manual.as_ref().filter(|_| run.acts()) {
+                if let Some(text) = step.manual.as_ref().filter(|_| run.operation.acts()) {
                     run.state = "waiting".into();
                     run.message = format!("group {group}: {text} — then `drctl plan continue {name}`");
                     save(ctx, name, run).await?;
@@ -639,7 +686,7 @@ async fn stop_group(
     vm: &VmName,
     job: &crate::jobs::Job,
 ) -> Result<(), String> {
-    if run.operation != "failback" || run.finals.contains_key(vm.as_str()) {
+    if run.operation != Operation::Failback || run.finals.contains_key(vm.as_str()) {
         return Ok(());
     }
     let group_of = |v: &VmName| {
@@ -707,13 +754,13 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<O
         Some(&id) => PointSpec::Id(PointId(id)),
     };
     let status = |s: Status| s.message().to_string();
-    match run.operation.as_str() {
-        "test-failover" => {
+    match run.operation {
+        Operation::TestFailover => {
             let job = ctx.jobs.start(JobKind::TestFailover, vm).await.map_err(status)?;
             let r = run_test_failover(ctx, vm.clone(), spec, out_dir, format, &job).await;
             finish(&job, r).await.map(Some)
         }
-        "failover" => {
+        Operation::Failover => {
             let kind: FailoverKind =
                 run.kind.parse().map_err(|_| "a failover's kind is planned or unplanned".to_string())?;
             let jk = if kind == FailoverKind::Planned {
@@ -725,20 +772,20 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<O
             let r = run_failover(ctx, vm.clone(), kind, spec, out_dir, format, false, &job).await;
             finish(&job, r).await.map(Some)
         }
-        "failback" => failback_vm(ctx, run, vm).await.map(Some),
-        "failback-drill" => {
+        Operation::Failback => failback_vm(ctx, run, vm).await.map(Some),
+        Operation::FailbackDrill => {
             let job = ctx.jobs.start(JobKind::FailbackDrill, vm).await.map_err(status)?;
             let r = crate::failback::drill(ctx, vm.clone(), job.clone()).await;
             finish(&job, r).await.map(Some)
         }
-        "test-failover-cleanup" => {
+        Operation::TestFailoverCleanup => {
             let (store, v) = (ctx.store.clone(), vm.clone());
             match blocking(move || store.test_failover_cleanup(&v)).await.map_err(status)? {
                 Ok(_) | Err(tern_store::StoreError::NoTestFailover(_)) => Ok(None),
                 Err(e) => Err(e.to_string()),
             }
         }
-        "commit" => {
+        Operation::Commit => {
             let (store, v) = (ctx.store.clone(), vm.clone());
             let state =
                 blocking(move || store.vm_state(&v)).await.map_err(status)?.map_err(|e| e.to_string())?;
@@ -752,11 +799,10 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<O
                 .map(|p| Some(p.0))
                 .map_err(|e| e.to_string())
         }
-        "reprotect" => reprotect_vm(ctx, plan, run, vm).await.map(|()| None),
-        "reverse-replicate" => {
+        Operation::Reprotect => reprotect_vm(ctx, plan, run, vm).await.map(|()| None),
+        Operation::ReverseReplicate => {
             crate::failback::reverse_replicate(ctx, vm).await.map(|()| None).map_err(status)
         }
-        other => Err(format!("unknown operation {other}")),
     }
 }
 
