@@ -138,6 +138,9 @@ fn scan_mode_multi_vm_points_are_one_cut_across_the_group_with_freeze_hooks() {
     let _c = start_member(&server, root, "c", &[]);
     server.drctl_json(&["group", "create", "shop", "--vm", "a", "--vm", "b"]);
 
+    deadline_poll("the writer to start", Duration::from_secs(30), || {
+        (last_transaction(&root.join("a.img")) > 0).then_some(())
+    });
     let mut last = 0;
     for i in 0..3 {
         let ta = check_group_point(&server, root, i == 2);
@@ -254,6 +257,10 @@ while not os.path.exists({stop:?}):
             .spawn()
             .unwrap(),
     );
+    // nbdsh takes a while to start on a loaded machine: the first point waits for its writes.
+    deadline_poll("the writer to start", Duration::from_secs(30), || {
+        (last_transaction(&root.join("a.img")) > 0).then_some(())
+    });
     let mut last = 0;
     for i in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
