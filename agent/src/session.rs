@@ -395,12 +395,16 @@ impl Session {
             self.point_failed(id, "the agent has no --shutdown hook configured".into()).await?;
             return Ok(None);
         };
+        info!("the process server asks for a shutdown: running the shutdown hook, then the final pass");
         let hook =
             tokio::task::spawn_blocking(move || hooks::run_hook("shutdown", &cmd, Duration::from_secs(600)))
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
         match hook {
-            Ok(()) => Ok(Some(id)),
+            Ok(()) => {
+                info!("shutdown hook done; the final pass sends what the VM wrote last");
+                Ok(Some(id))
+            }
             Err(reason) => {
                 warn!(error = %reason, "shutdown hook failed; the planned failover will not run");
                 self.point_failed(id, reason).await?;

@@ -474,11 +474,20 @@ fn recovered_agent_killed_during_the_failback_final_pass() {
     write_random(&recovered, 24, 22);
     let want = b3(&recovered, None);
     let failback = spawn_failback(&server, "a");
-    wait_for_the_final_pass(&server);
+    // The agent's word, not the server's phase: the phase is logged before the request goes
+    // out, and a kill between the two would find no agent to ask.
+    deadline_poll("the agent's final pass", Duration::from_secs(60), || {
+        rec.log_text().contains("the final pass sends what the VM wrote last").then_some(())
+    });
     rec.kill9();
     let done = failback.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&done.stderr);
-    assert!(!done.status.success() && err.contains("nothing changed"), "failback: {err}");
+    assert!(
+        !done.status.success() && err.contains("nothing changed"),
+        "failback: {err}\nagent log tail:\n{}\nserver log tail:\n{}",
+        tail(&rec.log_text(), 40),
+        tail(&server.log_text(), 40)
+    );
     assert_eq!(server.status("a")["state"], "reprotected");
     rec.restart();
     server.wait_connected("a");
