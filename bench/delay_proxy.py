@@ -12,11 +12,20 @@ import sys
 import time
 
 
+# Bytes a direction holds in its delay line before it stops reading: far above any
+# bandwidth-delay product measured here (1 GB/s x 25 ms = 25 MB), so the line, not this
+# bound, limits what is in flight. (A bound in chunks would penalise a sender whose writes
+# arrive as many small reads, as HTTP/2 frames do.)
+MAX_QUEUED = 128 << 20
+
+
 async def pump(reader, writer, delay, rate):
     loop = asyncio.get_running_loop()
     # Each chunk is written `delay` after it was read; a rate cap spaces the chunks out.
-    # Bounded, so a slow side pushes back on the other (at most 64 chunks of <= 1 MiB).
-    queue = asyncio.Queue(maxsize=64)
+    queue = asyncio.Queue()
+    queued = [0]
+    room = asyncio.Event()
+    room.set()
     free_at = 0.0
 
     async def deliver():
@@ -29,6 +38,9 @@ async def pump(reader, writer, delay, rate):
                 await asyncio.sleep(wait)
             writer.write(data)
             await writer.drain()
+            queued[0] -= len(data)
+            if queued[0] < MAX_QUEUED:
+                room.set()
         try:
             writer.close()
         except Exception:
@@ -37,6 +49,7 @@ async def pump(reader, writer, delay, rate):
     task = asyncio.create_task(deliver())
     try:
         while True:
+            await room.wait()
             data = await reader.read(1 << 20)
             if not data:
                 break
@@ -46,10 +59,13 @@ async def pump(reader, writer, delay, rate):
                 due = free_at + delay
             else:
                 due = now + delay
-            await queue.put((due, data))
+            queued[0] += len(data)
+            if queued[0] >= MAX_QUEUED:
+                room.clear()
+            queue.put_nowait((due, data))
     except (ConnectionError, OSError):
         pass
-    await queue.put((0, None))
+    queue.put_nowait((0, None))
     await task
 
 

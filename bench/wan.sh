@@ -7,7 +7,8 @@
 #   delta sync     reprotect to the original disk after 1 % of its pages changed at the
 #                  recovery site, until the master target holds the first point
 #   full download  reprotect to a new disk with --sync during, then fail back
-# Prints seconds and MB/s of each, and peak RSS of agent and process server.
+# Prints seconds and MB/s of each, CPU seconds and peak RSS of agent and process server,
+# then each round trip's figures against the 0 ms ones and plain TCP (issue 16's targets).
 # Needs: python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,15 @@ export RATE=${RATE:-}
 cargo build --quiet --release --workspace --bins --locked
 B="$PWD/target/release"
 W=$(mktemp -d /tmp/tern-wan.XXXXXX)
-cleanup() { pkill -f -- "$W/" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
+cleanup() {
+  pkill -f -- "$W/" 2>/dev/null || true
+  [ -f "$W/proxies" ] && xargs kill <"$W/proxies" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$W"
+}
+# done_with DIR: stops the daemons of DIR and removes it (each case holds several copies of
+# the disk: with SIZE_MIB=2048 the cases of three round trips would need ~40 GB together).
+done_with() { pkill -f -- "$1/" 2>/dev/null || true; sleep 0.5; rm -rf "$1"; }
 trap cleanup EXIT
 BYTES=$((SIZE_MIB << 20))
 python3 -c "import os,sys; f=open(sys.argv[1],'wb'); [f.write(os.urandom(1<<20)) for _ in range(int(sys.argv[2]))]" "$W/src.img" "$SIZE_MIB"
@@ -27,6 +36,7 @@ python3 -c "import os,sys; f=open(sys.argv[1],'wb'); [f.write(os.urandom(1<<20))
 # proxy DIR TARGET_PORT RTT_MS: starts a delay proxy; prints its port.
 proxy() {
   python3 bench/delay_proxy.py 0 "$2" "$(calc "$3/2")" $RATE >"$1.out" 2>/dev/null &
+  echo $! >>"$W/proxies"
   for _ in $(seq 100); do grep -q listening "$1.out" 2>/dev/null && break; sleep 0.05; done
   sed -n 's/^listening on //p' "$1.out"
 }
@@ -73,14 +83,14 @@ run_rtt() {
   "$B/drctl" enroll agent --vm vm --out "$d/agent.bundle" >/dev/null
   "$B/drctl" enroll master-target --name mt --out "$d/mt.bundle" >/dev/null
   cp "$W/src.img" "$d/onprem.img"
-  local t0 t1; t0=$(now)
+  local t0 t1 c0; t0=$(now); c0=$(cpu $ps)
   "$B/mobility-agent" run --server "https://127.0.0.1:$wan" --identity "$d/agent.bundle" --vm vm \
     --disk "sda=$d/onprem.img" --state-dir "$d/st1" --interval 1h 2>"$d/a1.log" &
   local a1=$!
   until [ -n "$(field last_point 2>/dev/null)" ]; do sleep 0.05; done
   t1=$(now)
   local init; init=$(calc "$t1-$t0")
-  local arss; arss=$(hwm $a1)
+  local arss acpu pscpu; arss=$(hwm $a1); acpu=$(cpu $a1); pscpu=$(calc "$(cpu $ps)-$c0")
   kill -9 $a1; wait $a1 2>/dev/null || true
   "$B/drctl" failover vm --kind unplanned --output "$d/out" >/dev/null
   "$B/drctl" commit vm >/dev/null
@@ -94,6 +104,7 @@ run_rtt() {
   t0=$(now)
   "$B/mobility-agent" run --server "https://127.0.0.1:$wan" --identity "$d/rec.bundle" --vm vm \
     --disk "sda=$d/out/sda.raw" --state-dir "$d/st2" --shutdown true 2>"$d/a2.log" &
+  local a2=$!
   python3 - "$B/drctl" "$d" <<'PY'
 import json, subprocess, sys, time
 deadline = time.time() + 900
@@ -109,10 +120,12 @@ else:
 PY
   t1=$(now)
   local delta; delta=$(calc "$t1-$t0")
+  local a2rss; a2rss=$(hwm $a2)
   "$B/drctl" failback vm >/dev/null
   cmp -s "$d/out/sda.raw" "$d/onprem.img" || { echo "MISMATCH after the delta sync's failback" >&2; exit 1; }
   local psrss; psrss=$(hwm $ps)
-  echo "$init $delta $arss $psrss"
+  done_with "$d"
+  echo "$init $delta $arss $psrss $acpu $pscpu $a2rss"
 }
 
 # full_download RTT: a fresh VM protected from the source, failed over, reprotected to a new
@@ -146,12 +159,14 @@ full_download() {
   "$B/drctl" failback vm >/dev/null
   t1=$(now)
   cmp -s "$d/out/sda.raw" "$d/new.img" || { echo "MISMATCH after the full download" >&2; exit 1; }
+  done_with "$d"
   calc "$t1-$t0"
 }
 
 printf '%-6s %-28s %10s %10s\n' "RTT" "what" "seconds" "MB/s"
+declare -A INIT DELTA FULL TCP
 for rtt in $RTTS; do
-  read -r init delta arss psrss < <(run_rtt "$rtt")
+  read -r init delta arss psrss acpu pscpu a2rss < <(run_rtt "$rtt")
   tcp=$(plain_tcp "$rtt")
   full=$(full_download "$rtt")
   mb() { calc "$BYTES/$1/1e6"; }
@@ -159,5 +174,17 @@ for rtt in $RTTS; do
   printf '%-6s %-28s %10s %10s\n' "${rtt}ms" "plain TCP, same proxy" "$tcp" "$(mb "$tcp")"
   printf '%-6s %-28s %10s\n' "${rtt}ms" "1 % delta sync (reprotect)" "$delta"
   printf '%-6s %-28s %10s %10s\n' "${rtt}ms" "full download (failback)" "$full" "$(mb "$full")"
+  printf '%-6s %-28s %10s\n' "${rtt}ms" "initial sync CPU agent / PS" "$acpu / $pscpu s"
   printf '%-6s %-28s %10s\n' "${rtt}ms" "peak RSS agent / PS (MiB)" "$arss / $psrss"
+  printf '%-6s %-28s %10s\n' "${rtt}ms" "peak RSS, delta sync agent" "$a2rss MiB"
+  INIT[$rtt]=$init DELTA[$rtt]=$delta FULL[$rtt]=$full TCP[$rtt]=$tcp
+done
+first=${RTTS%% *}
+echo "== against ${first} ms and plain TCP through the same proxy (issue 16's targets)"
+for rtt in $RTTS; do
+  [ "$rtt" = "$first" ] && continue
+  printf '%-6s %-44s %6s  %s\n' "${rtt}ms" "initial sync rate / its rate at ${first} ms" "$(calc "${INIT[$first]}/${INIT[$rtt]}")" "(>= 0.80)"
+  printf '%-6s %-44s %6s  %s\n' "${rtt}ms" "initial sync rate / plain TCP's" "$(calc "${TCP[$rtt]}/${INIT[$rtt]}")" "(>= 0.50)"
+  printf '%-6s %-44s %6s  %s\n' "${rtt}ms" "1 % delta sync time / its time at ${first} ms" "$(calc "${DELTA[$rtt]}/${DELTA[$first]}")" "(<= 1.50)"
+  printf '%-6s %-44s %6s  %s\n' "${rtt}ms" "full download time / its time at ${first} ms" "$(calc "${FULL[$rtt]}/${FULL[$first]}")" "(<= 1.50)"
 done

@@ -31,6 +31,10 @@ pub struct Relay {
     wake: tokio::sync::Notify,
     /// Woken when a master target acks, for whoever waits on a drain.
     pub acked_wake: tokio::sync::Notify,
+    /// One connection per master target for the calls of delta syncs and failbacks: a new
+    /// one costs the TLS handshake's round trips (over a WAN, tens of ms each time). A
+    /// channel reconnects by itself after its master target went away.
+    channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl Relay {
@@ -74,8 +78,16 @@ pub async fn master_target(
     ctx: &Ctx,
     url: &str,
 ) -> Result<pb::master_target_client::MasterTargetClient<Channel>, Status> {
-    let bundle = client_identity(ctx)?;
-    let ch = pb::connect(url, &bundle).await.map_err(|e| Status::unavailable(e.to_string()))?;
+    let cached = lock(&ctx.relay.channels).get(url).cloned();
+    let ch = match cached {
+        Some(ch) => ch,
+        None => {
+            let bundle = client_identity(ctx)?;
+            let ch = pb::connect(url, &bundle).await.map_err(|e| Status::unavailable(e.to_string()))?;
+            lock(&ctx.relay.channels).insert(url.to_string(), ch.clone());
+            ch
+        }
+    };
     Ok(pb::master_target_client::MasterTargetClient::new(ch)
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(pb::MAX_MESSAGE_BYTES))
