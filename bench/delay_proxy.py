@@ -28,6 +28,8 @@ async def pump(reader, writer, delay, rate):
     room.set()
     free_at = 0.0
 
+    dead = [False]
+
     async def deliver():
         while True:
             due, data = await queue.get()
@@ -36,8 +38,14 @@ async def pump(reader, writer, delay, rate):
             wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            writer.write(data)
-            await writer.drain()
+            try:
+                writer.write(data)
+                await writer.drain()
+            except (ConnectionError, OSError):
+                # The far side went away: stop reading too, rather than wait for room.
+                dead[0] = True
+                room.set()
+                break
             queued[0] -= len(data)
             if queued[0] < MAX_QUEUED:
                 room.set()
@@ -50,6 +58,8 @@ async def pump(reader, writer, delay, rate):
     try:
         while True:
             await room.wait()
+            if dead[0]:
+                break
             data = await reader.read(1 << 20)
             if not data:
                 break

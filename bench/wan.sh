@@ -28,7 +28,12 @@ cleanup() {
 }
 # done_with DIR: stops the daemons of DIR and removes it (each case holds several copies of
 # the disk: with SIZE_MIB=2048 the cases of three round trips would need ~40 GB together).
-done_with() { pkill -f -- "$1/" 2>/dev/null || true; sleep 0.5; rm -rf "$1"; }
+done_with() {
+  pkill -f -- "$1/" 2>/dev/null || true
+  [ -f "$1/proxies" ] && xargs kill <"$1/proxies" 2>/dev/null || true
+  for _ in $(seq 100); do pgrep -f -- "$1/" >/dev/null || break; sleep 0.1; done
+  rm -rf "$1" || true
+}
 trap cleanup EXIT
 BYTES=$((SIZE_MIB << 20))
 python3 -c "import os,sys; f=open(sys.argv[1],'wb'); [f.write(os.urandom(1<<20)) for _ in range(int(sys.argv[2]))]" "$W/src.img" "$SIZE_MIB"
@@ -37,6 +42,7 @@ python3 -c "import os,sys; f=open(sys.argv[1],'wb'); [f.write(os.urandom(1<<20))
 proxy() {
   python3 bench/delay_proxy.py 0 "$2" "$(calc "$3/2")" $RATE >"$1.out" 2>/dev/null &
   echo $! >>"$W/proxies"
+  echo $! >>"$(dirname "$1")/proxies"
   for _ in $(seq 100); do grep -q listening "$1.out" 2>/dev/null && break; sleep 0.05; done
   sed -n 's/^listening on //p' "$1.out"
 }

@@ -159,6 +159,7 @@ pub async fn failback_at(
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 ) =>
             {
+                ctx.relay.forget(&row.master_target, &e);
                 warn!(vm = %vm, error = %e.message(), "master target unavailable during the apply; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
@@ -283,6 +284,7 @@ pub async fn drill(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<
     let applied = mt
         .drill(request)
         .await
+        .inspect_err(|e| ctx.relay.forget(&row.master_target, e))
         .map_err(|e| format!("the master target's drill failed: {}", e.message()))?
         .into_inner();
     info!(vm = %vm, point = %point.id, "failback drill verified on the master target");
@@ -341,7 +343,9 @@ pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Sta
             e.message()
         ))
     })?;
-    mt.release(pb::ReleaseRequest { vm: vm.to_string() }).await?;
+    mt.release(pb::ReleaseRequest { vm: vm.to_string() })
+        .await
+        .inspect_err(|e| ctx.relay.forget(&row.master_target, e))?;
     let store = ctx.store.clone();
     let v = vm.clone();
     blocking(move || store.commit_failback(&v)).await?.map_err(store_status)

@@ -93,6 +93,31 @@ pub async fn master_target(
         .max_encoding_message_size(pb::MAX_MESSAGE_BYTES))
 }
 
+/// A connection of its own to the master target at `url`, for a long stream (a delta
+/// sync's block hashes): a slow reader of one VM's stream then holds back no other VM's
+/// calls on the shared connection.
+pub async fn master_target_alone(
+    ctx: &Ctx,
+    url: &str,
+) -> Result<pb::master_target_client::MasterTargetClient<Channel>, Status> {
+    let bundle = client_identity(ctx)?;
+    let ch = pb::connect(url, &bundle).await.map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(pb::master_target_client::MasterTargetClient::new(ch)
+        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES))
+}
+
+impl Relay {
+    /// A call to the master target at `url` failed in transport: its next call connects
+    /// anew (with the diagnosis a new connection gives, e.g. a certificate from another CA),
+    /// rather than on a connection that may be half dead.
+    pub fn forget(&self, url: &str, e: &Status) {
+        if matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) {
+            lock(&self.channels).remove(url);
+        }
+    }
+}
+
 /// Keeps one relay running for every VM in a relay state.
 pub async fn relay_worker(ctx: Arc<Ctx>) {
     let mut seen = None;

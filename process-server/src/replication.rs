@@ -474,7 +474,7 @@ async fn send_hashes(
             // describe the target disk with everything up to there: when the master target
             // is behind (the spool holds records it has not had yet), the relay goes first.
             let want = h.durable();
-            let mut mt = crate::relay::master_target(ctx, &url).await?;
+            let mut mt = crate::relay::master_target_alone(ctx, &url).await?;
             let (mut stream, mut pending) = loop {
                 let request = tern_proto::HashesRequest {
                     vm: h.vm.to_string(),
@@ -590,7 +590,8 @@ async fn send_page_hashes(
                 disk: r.disk.clone(),
                 blocks: r.blocks,
             })
-            .await?
+            .await
+            .inspect_err(|e| ctx.relay.forget(&row.master_target, e))?
             .into_inner()
         }
     };

@@ -42,10 +42,11 @@ pub enum ConnectError {
 /// stream carries ~500 MB/s at 50 ms (16 MiB held a 50 ms line to ~0.6 of what the same
 /// stream did at 0 ms, in `bench/wan.sh`). The connection window covers a replication
 /// stream plus the small calls beside it. Memory: a receiver buffers at most the window
-/// per stream, and only while the application reads slower than the line brings (a full
-/// disk, a slow fsync); a sender at most what it has queued. For a real WAN the kernel's
-/// TCP buffers must allow as much (`net.ipv4.tcp_rmem`/`tcp_wmem` maximum >= 32 MiB); see
-/// the README.
+/// per stream and the connection window per connection, and only while the application
+/// reads slower than the line brings (a full disk, a slow fsync); a sender at most what it
+/// has queued. For a real WAN the kernel's TCP buffers must allow as much (the kernel
+/// advertises only part of them: `net.ipv4.tcp_rmem`/`tcp_wmem` maximum 64 MiB); see the
+/// README.
 pub const STREAM_WINDOW: u32 = 32 << 20;
 pub const CONNECTION_WINDOW: u32 = 48 << 20;
 
