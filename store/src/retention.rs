@@ -9,12 +9,26 @@
 //! 5. delete the segments wholly behind it.
 //!
 //! Replay is idempotent, so an interrupted step 3 or 4 is simply done again. A point pinned
-//! by an open test failover or an uncommitted failover is never pruned nor passed.
+//! by an open test failover, an uncommitted failover or a recovery plan's unfinished
+//! operation is never pruned nor passed.
 
 use crate::durable::io_err;
 use crate::materialize::apply_records;
 use crate::{DiskHandle, Store, StoreError, failpoint};
 use tern_core::{PointId, Seq, VmName};
+
+/// The point a plan's run (the process server's JSON in `plans.run`) holds for `vm`: its
+/// chosen point, or its final point at a failback, while the run is not done and has not
+/// finished `vm`. A run that cannot be read pins nothing.
+fn plan_pin(run: &str, vm: &str) -> Vec<u64> {
+    let Ok(run) = serde_json::from_str::<serde_json::Value>(run) else { return Vec::new() };
+    let finished = run["state"] == "done"
+        || run["done"].as_array().is_some_and(|d| d.iter().any(|v| v.as_str() == Some(vm)));
+    if finished {
+        return Vec::new();
+    }
+    ["points", "finals"].iter().filter_map(|k| run[k][vm].as_u64()).collect()
+}
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RetentionReport {
@@ -23,7 +37,9 @@ pub struct RetentionReport {
 }
 
 impl Store {
-    /// Points that must stay: the open test failover's and the uncommitted failover's.
+    /// Points that must stay: the open test failover's, the uncommitted failover's, and
+    /// those a recovery plan's unfinished operation chose for VMs it has not reached yet
+    /// (a plan waiting at a manual step, or stopped by a failed action, goes on with them).
     pub fn pinned_points(&self, vm: &VmName) -> Result<Vec<PointId>, StoreError> {
         let c = self.catalog();
         let mut pins = Vec::new();
@@ -32,6 +48,9 @@ impl Store {
         }
         if let Some(f) = c.failover(vm)? {
             pins.push(f.point);
+        }
+        for plan in c.plans()? {
+            pins.extend(plan_pin(&plan.run, vm.as_str()).into_iter().map(PointId));
         }
         Ok(pins)
     }
@@ -183,6 +202,35 @@ pub(crate) mod tests {
         store.test_failover_cleanup(&vm).unwrap();
         store.apply_retention(&vm, 1_000_000).unwrap();
         assert_eq!(all_points_verify(&store, &vm), 1);
+    }
+
+    #[test]
+    fn an_unfinished_plan_pins_the_points_it_chose_for_the_vms_it_has_not_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let chosen = store.points(&vm).unwrap()[1].id;
+        let plan = |run: String| crate::PlanRow {
+            name: "app".into(),
+            source: "app.toml".into(),
+            file: String::new(),
+            applied_ms: 0,
+            run,
+        };
+        // Waiting at a manual step before the VM's group: its point stays.
+        let waiting = format!(r#"{{"state":"waiting","done":["web"],"points":{{"{vm}":{}}}}}"#, chosen.0);
+        store.put_plan(&plan(String::new())).unwrap();
+        store.set_plan_run("app", &waiting).unwrap();
+        let report = store.apply_retention(&vm, 1_000_000).unwrap();
+        assert_eq!(report.pruned.len(), 1, "only the point before the pinned one goes");
+        assert!(store.points(&vm).unwrap().iter().any(|p| p.id == chosen));
+        // Once the plan has done the VM, the point is the VM's own failover's to pin, or free.
+        let done = format!(r#"{{"state":"waiting","done":["web","{vm}"],"points":{{"{vm}":{}}}}}"#, chosen.0);
+        store.set_plan_run("app", &done).unwrap();
+        store.apply_retention(&vm, 1_000_000).unwrap();
+        assert_eq!(all_points_verify(&store, &vm), 1);
+        assert_eq!(super::plan_pin("not json", "a"), Vec::<u64>::new());
+        assert_eq!(super::plan_pin(r#"{"state":"failed","finals":{"a":7}}"#, "a"), vec![7]);
+        assert_eq!(super::plan_pin(r#"{"state":"done","points":{"a":7}}"#, "a"), Vec::<u64>::new());
     }
 
     #[test]
