@@ -74,37 +74,38 @@ pub fn client_identity(ctx: &Ctx) -> Result<Bundle, Status> {
     crate::tls::identity(&ctx.data_dir.join("pki")).map_err(Status::internal)
 }
 
-pub async fn master_target(
-    ctx: &Ctx,
-    url: &str,
-) -> Result<pb::master_target_client::MasterTargetClient<Channel>, Status> {
+/// The master target at `url`, on the connection kept for it (made on first use).
+pub async fn master_target(ctx: &Ctx, url: &str) -> Result<MasterTargetClient, Status> {
     let cached = lock(&ctx.relay.channels).get(url).cloned();
     let ch = match cached {
         Some(ch) => ch,
         None => {
-            let bundle = client_identity(ctx)?;
-            let ch = pb::connect(url, &bundle).await.map_err(|e| Status::unavailable(e.to_string()))?;
+            let ch = dial(ctx, url).await?;
             lock(&ctx.relay.channels).insert(url.to_string(), ch.clone());
             ch
         }
     };
-    Ok(pb::master_target_client::MasterTargetClient::new(ch)
-        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES))
+    Ok(mt_client(ch))
 }
 
 /// A connection of its own to the master target at `url`, for a long stream (a delta
 /// sync's block hashes): a slow reader of one VM's stream then holds back no other VM's
 /// calls on the shared connection.
-pub async fn master_target_alone(
-    ctx: &Ctx,
-    url: &str,
-) -> Result<pb::master_target_client::MasterTargetClient<Channel>, Status> {
+pub async fn master_target_alone(ctx: &Ctx, url: &str) -> Result<MasterTargetClient, Status> {
+    Ok(mt_client(dial(ctx, url).await?))
+}
+
+type MasterTargetClient = pb::master_target_client::MasterTargetClient<Channel>;
+
+async fn dial(ctx: &Ctx, url: &str) -> Result<Channel, Status> {
     let bundle = client_identity(ctx)?;
-    let ch = pb::connect(url, &bundle).await.map_err(|e| Status::unavailable(e.to_string()))?;
-    Ok(pb::master_target_client::MasterTargetClient::new(ch)
+    pb::connect(url, &bundle).await.map_err(|e| Status::unavailable(e.to_string()))
+}
+
+fn mt_client(ch: Channel) -> MasterTargetClient {
+    MasterTargetClient::new(ch)
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES))
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
 }
 
 impl Relay {
@@ -200,9 +201,8 @@ async fn relay_session(
         .await?
         .map_err(crate::store_status)?
         .ok_or_else(|| Status::failed_precondition("not reprotected"))?;
-    let bundle = client_identity(ctx)?;
-    let ch =
-        pb::connect(&row.master_target, &bundle).await.map_err(|e| Status::unavailable(e.to_string()))?;
+    // The relay's long stream has a connection of its own, like a delta sync's hashes.
+    let ch = dial(ctx, &row.master_target).await?;
     let mut client = pb::replication_client::ReplicationClient::new(ch)
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
