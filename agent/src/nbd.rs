@@ -535,20 +535,17 @@ fn read_requests<S: Read, W: Write>(
         }
         let q = Request { cmd, flags, cookie, offset, len, in_bounds, data };
         if len <= INLINE_MAX {
-            serve_request(q, export, out, !r.buffer().is_empty())?;
+            // Its reply goes out with the next flush: at the top of the loop, before this
+            // thread waits for the client.
+            serve_request(q, export, out, true)?;
             continue;
         }
-        let q = match tx.try_send(q) {
-            Ok(()) => continue,
-            Err(std::sync::mpsc::TrySendError::Full(q)) => q,
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                return Err(io::Error::other("the NBD workers stopped"));
-            }
-        };
-        // Every worker is busy: the replies held back go out before this thread waits.
-        out.flush()?;
-        if tx.send(q).is_err() {
-            return Err(io::Error::other("the NBD workers stopped"));
+        // The workers live as long as this connection (it holds their receiver), so the
+        // queue is only ever full, never closed.
+        if let Err(std::sync::mpsc::TrySendError::Full(q)) = tx.try_send(q) {
+            // Every worker is busy: the replies held back go out before this thread waits.
+            out.flush()?;
+            tx.send(q).map_err(|_| io::Error::other("the NBD workers stopped"))?;
         }
     }
 }
@@ -671,19 +668,9 @@ mod tests {
             payload: &[u8],
             read: usize,
         ) -> (u32, Vec<u8>) {
-            let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
-            m.extend_from_slice(&0u16.to_be_bytes());
-            m.extend_from_slice(&cmd.to_be_bytes());
-            m.extend_from_slice(&42u64.to_be_bytes());
-            m.extend_from_slice(&offset.to_be_bytes());
-            m.extend_from_slice(&len.to_be_bytes());
-            m.extend_from_slice(payload);
-            self.0.write_all(&m).unwrap();
-            let mut h = [0u8; 16];
-            self.0.read_exact(&mut h).unwrap();
-            assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
-            assert_eq!(u64::from_be_bytes(h[8..].try_into().unwrap()), 42);
-            let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+            send(self, cmd, 42, offset, len, payload);
+            let (cookie, error) = next_reply(self);
+            assert_eq!(cookie, 42);
             let mut d = vec![0; if error == 0 { read } else { 0 }];
             self.0.read_exact(&mut d).unwrap();
             (error, d)
@@ -732,10 +719,11 @@ mod tests {
         c.0.write_all(&m).unwrap();
     }
 
-    /// The next reply: its cookie and error.
+    /// The next reply's header: its cookie and error.
     fn next_reply(c: &mut Client) -> (u64, u32) {
         let mut h = [0u8; 16];
         c.0.read_exact(&mut h).unwrap();
+        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
         (u64::from_be_bytes(h[8..].try_into().unwrap()), u32::from_be_bytes(h[4..8].try_into().unwrap()))
     }
 

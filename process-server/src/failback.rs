@@ -153,12 +153,7 @@ pub async fn failback_at(
         .await;
         match attempt {
             Ok(r) => break r,
-            Err(e)
-                if matches!(
-                    e.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                ) =>
-            {
+            Err(e) if crate::relay::transport_failure(&e) => {
                 ctx.relay.forget(&row.master_target, &e);
                 warn!(vm = %vm, error = %e.message(), "master target unavailable during the apply; retrying");
                 tokio::time::sleep(wait).await;

@@ -113,10 +113,15 @@ impl Relay {
     /// anew (with the diagnosis a new connection gives, e.g. a certificate from another CA),
     /// rather than on a connection that may be half dead.
     pub fn forget(&self, url: &str, e: &Status) {
-        if matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) {
+        if transport_failure(e) {
             lock(&self.channels).remove(url);
         }
     }
+}
+
+/// The call did not reach the master target, or its connection broke: worth a retry.
+pub fn transport_failure(e: &Status) -> bool {
+    matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
 }
 
 /// Keeps one relay running for every VM in a relay state.

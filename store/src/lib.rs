@@ -58,7 +58,7 @@ pub use materialize::{
 };
 pub use position::Position;
 pub use rebuild::{RebuildReport, RebuiltDisk, RebuiltVm, rebuild_catalog};
-pub use retention::RetentionReport;
+pub use retention::{RetentionReport, plan_run_pins};
 pub use write_through::PlainRecord;
 
 use catalog::Catalog;

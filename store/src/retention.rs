@@ -19,8 +19,9 @@ use tern_core::{PointId, Seq, VmName};
 
 /// The point a plan's run (the process server's JSON in `plans.run`) holds for `vm`: its
 /// chosen point, or its final point at a failback, while the run is not done and has not
-/// finished `vm`. A run that cannot be read pins nothing.
-fn plan_pin(run: &str, vm: &str) -> Vec<u64> {
+/// finished `vm`. A run that cannot be read pins nothing. (The process server's plan
+/// module tests that its runs read so.)
+pub fn plan_run_pins(run: &str, vm: &str) -> Vec<u64> {
     let Ok(run) = serde_json::from_str::<serde_json::Value>(run) else { return Vec::new() };
     let finished = run["state"] == "done"
         || run["done"].as_array().is_some_and(|d| d.iter().any(|v| v.as_str() == Some(vm)));
@@ -50,7 +51,7 @@ impl Store {
             pins.push(f.point);
         }
         for plan in c.plans()? {
-            pins.extend(plan_pin(&plan.run, vm.as_str()).into_iter().map(PointId));
+            pins.extend(plan_run_pins(&plan.run, vm.as_str()).into_iter().map(PointId));
         }
         Ok(pins)
     }
@@ -228,9 +229,9 @@ pub(crate) mod tests {
         store.set_plan_run("app", &done).unwrap();
         store.apply_retention(&vm, 1_000_000).unwrap();
         assert_eq!(all_points_verify(&store, &vm), 1);
-        assert_eq!(super::plan_pin("not json", "a"), Vec::<u64>::new());
-        assert_eq!(super::plan_pin(r#"{"state":"failed","finals":{"a":7}}"#, "a"), vec![7]);
-        assert_eq!(super::plan_pin(r#"{"state":"done","points":{"a":7}}"#, "a"), Vec::<u64>::new());
+        assert_eq!(super::plan_run_pins("not json", "a"), Vec::<u64>::new());
+        assert_eq!(super::plan_run_pins(r#"{"state":"failed","finals":{"a":7}}"#, "a"), vec![7]);
+        assert_eq!(super::plan_run_pins(r#"{"state":"done","points":{"a":7}}"#, "a"), Vec::<u64>::new());
     }
 
     #[test]

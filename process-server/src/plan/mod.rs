@@ -869,3 +869,27 @@ async fn finish(job: &crate::jobs::Job, r: Result<pb::JobOutput, String>) -> Res
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Retention reads a run's JSON by its field names (the store does not know this type):
+    /// a run waiting at a manual step pins the points of the VMs it has not done yet.
+    #[test]
+    fn the_store_reads_the_points_a_run_pins() {
+        let run = Run {
+            state: "waiting".into(),
+            done: vec!["web".into()],
+            points: [("web".to_string(), 5), ("db".to_string(), 7)].into(),
+            finals: [("app".to_string(), 9)].into(),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&run).unwrap();
+        assert_eq!(tern_store::plan_run_pins(&json, "db"), vec![7]);
+        assert_eq!(tern_store::plan_run_pins(&json, "app"), vec![9]);
+        assert_eq!(tern_store::plan_run_pins(&json, "web"), Vec::<u64>::new());
+        let done = serde_json::to_string(&Run { state: "done".into(), ..run }).unwrap();
+        assert_eq!(tern_store::plan_run_pins(&done, "db"), Vec::<u64>::new());
+    }
+}

@@ -23,6 +23,15 @@ fn last_transaction(image: &Path) -> u64 {
         .unwrap()
 }
 
+/// Waits for the writer's first transaction on A's disk: the writer (a process, nbdsh in
+/// nbd mode) takes a while to start on a loaded machine, and a point of nothing proves
+/// nothing.
+fn wait_for_the_writer(root: &Path) {
+    deadline_poll("the writer to start", Duration::from_secs(30), || {
+        (last_transaction(&root.join("a.img")) > 0).then_some(())
+    });
+}
+
 /// Test-fails `vm` over to point `id`; the output image's path (checked against its manifest).
 fn output_at(server: &Server, root: &Path, vm: &str, id: &str) -> PathBuf {
     let out = root.join(format!("tfo-{vm}-{id}"));
@@ -138,9 +147,7 @@ fn scan_mode_multi_vm_points_are_one_cut_across_the_group_with_freeze_hooks() {
     let _c = start_member(&server, root, "c", &[]);
     server.drctl_json(&["group", "create", "shop", "--vm", "a", "--vm", "b"]);
 
-    deadline_poll("the writer to start", Duration::from_secs(30), || {
-        (last_transaction(&root.join("a.img")) > 0).then_some(())
-    });
+    wait_for_the_writer(root);
     let mut last = 0;
     for i in 0..3 {
         let ta = check_group_point(&server, root, i == 2);
@@ -257,10 +264,7 @@ while not os.path.exists({stop:?}):
             .spawn()
             .unwrap(),
     );
-    // nbdsh takes a while to start on a loaded machine: the first point waits for its writes.
-    deadline_poll("the writer to start", Duration::from_secs(30), || {
-        (last_transaction(&root.join("a.img")) > 0).then_some(())
-    });
+    wait_for_the_writer(root);
     let mut last = 0;
     for i in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
