@@ -142,10 +142,7 @@ fn serve_nbd(config: &Config, m: &NbdMode) -> Result<Arc<tracker::Tracker>, Agen
 /// Lowers the calling thread's priority (nice 10): replication work in nbd mode yields the
 /// CPU to the VM's writes, and falls behind (the log spills) rather than slow them.
 pub(crate) fn lower_priority() {
-    let tid = Some(rustix::thread::gettid());
-    // Never raise it: an agent started at a higher nice keeps it.
-    let nice = rustix::process::getpriority_process(tid).unwrap_or(0).max(10);
-    if let Err(e) = rustix::process::setpriority_process(tid, nice) {
+    if let Err(e) = tern_core::disk::lower_thread_priority() {
         tracing::debug!(error = %e, "cannot lower a thread's priority");
     }
 }

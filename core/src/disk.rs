@@ -189,6 +189,14 @@ pub fn open_for_write(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Lowers the calling thread's priority to nice 10, for background work that must yield
+/// the CPU to the work it serves. Never raises it: a process started nicer keeps its nice.
+pub fn lower_thread_priority() -> std::io::Result<()> {
+    let tid = Some(rustix::thread::gettid());
+    let nice = rustix::process::getpriority_process(tid).unwrap_or(0).max(10);
+    Ok(rustix::process::setpriority_process(tid, nice)?)
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {

@@ -125,6 +125,10 @@ pub async fn run(
     .await?
     .map_err(tern_proto::daemon::ServeError::store)?;
     let store = Arc::new(store);
+    let stop = shutdown.clone();
+    if let Err(e) = store.warm_zero_subtrees(move || stop.is_cancelled()) {
+        tracing::warn!(error = %e, "cannot start the zero-subtree warm-up; a failover works the values out itself");
+    }
     let tracker = TaskTracker::new();
     let ctx = Arc::new(Ctx {
         data_dir: config.data_dir.clone(),

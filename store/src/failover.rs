@@ -156,6 +156,7 @@ impl Store {
                 Some(pd.fingerprint),
                 &path,
                 Format::Raw,
+                &self.zeroes,
                 &mut |_| {},
             );
             let _ = std::fs::remove_file(&path);
@@ -222,7 +223,16 @@ impl Store {
         crate::durable::create_dir_durable(&scratch)?;
         let path = scratch.join(format!("drill-{}-{}.raw", disk.vm, disk.name));
         let snapshot = disk.journal().snapshot();
-        let made = materialize_disk(disk, &snapshot, upto, Some(expected), &path, Format::Raw, &mut |_| {});
+        let made = materialize_disk(
+            disk,
+            &snapshot,
+            upto,
+            Some(expected),
+            &path,
+            Format::Raw,
+            &self.zeroes,
+            &mut |_| {},
+        );
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(PathBuf::from(format!("{}.partial", path.display())));
         made.map(|o| (o.blake3, o.fingerprint))

@@ -4,6 +4,7 @@
 use crate::durable::{io_err, publish_file};
 use crate::format::{RecordKind, vhd_footer};
 use crate::journal::JournalSnapshot;
+use crate::zero_subtrees::{UNIT, ZeroSubtrees};
 use crate::{DiskHandle, StoreError};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -70,6 +71,7 @@ const COPY_CHUNK: usize = 1 << 20;
 /// Writes `disk` as of `upto` to `path` and checks its fingerprint (when `expected` is
 /// given). `progress` gets the bytes done so far. The file appears at `path` only when
 /// complete and fsynced.
+#[allow(clippy::too_many_arguments)]
 pub fn materialize_disk(
     disk: &DiskHandle,
     snapshot: &JournalSnapshot,
@@ -77,6 +79,7 @@ pub fn materialize_disk(
     expected: Option<Digest>,
     path: &Path,
     format: Format,
+    zeroes: &ZeroSubtrees,
     progress: &mut dyn FnMut(u64),
 ) -> Result<OutputDisk, StoreError> {
     if upto > snapshot.durable {
@@ -101,7 +104,7 @@ pub fn materialize_disk(
     let virtual_size = if format == Format::Vhd { vhd_virtual_size(disk.size) } else { disk.size };
     out.set_len(virtual_size).map_err(io_err(&tmp))?;
     let result = fill(disk, snapshot, upto, &out, &tmp, progress).and_then(|()| {
-        let (content, fingerprint) = hash_output(disk.size, &tmp)?;
+        let (content, fingerprint) = hash_output(disk.size, &tmp, zeroes)?;
         if let Some(expected) = expected
             && fingerprint != expected
         {
@@ -382,13 +385,13 @@ pub fn fingerprint_file(f: &DiskReader, size: u64, path: &Path) -> Result<Digest
 
 /// BLAKE3 of a file's first `size` bytes and its block fingerprint, in one parallel pass
 /// that reads only the file's data ranges (see [`hash_blocks`]). The whole-file BLAKE3 is
-/// put together from the chaining values of its 64 KiB subtrees (the BLAKE3 tree, through
-/// `blake3::hazmat`), so that blocks can be hashed on all cores and holes are never read:
-/// their zeroes are hashed from memory. They still cost that hashing (a chunk's chaining
-/// value depends on its position, so no two zero blocks share one): about 0.25 s of CPU
-/// per GiB of hole, where reading them cost far more. The fingerprint takes a zero block's
-/// hash, a constant.
-pub fn hash_output(size: u64, path: &Path) -> Result<(Digest, Digest), StoreError> {
+/// put together from the chaining values of its subtrees (the BLAKE3 tree, through
+/// `blake3::hazmat`), so that blocks can be hashed on all cores and holes are never read.
+/// A 1 MiB unit that lies wholly in a hole takes its value from `zeroes` (see
+/// [`crate::zero_subtrees`]): hashing the zeroes would cost about 0.25 CPU-s per GiB of
+/// hole, since a chunk's value depends on its position. The fingerprint takes a zero
+/// block's hash, a constant.
+pub fn hash_output(size: u64, path: &Path, zeroes: &ZeroSubtrees) -> Result<(Digest, Digest), StoreError> {
     use blake3::hazmat::{ChainingValue, HasherExt};
     use tern_core::blocks::zero_block;
     let reader = DiskReader::open(path).map_err(io_err(path))?;
@@ -399,63 +402,100 @@ pub fn hash_output(size: u64, path: &Path) -> Result<(Digest, Digest), StoreErro
         fp.push_data(&buf);
         return Ok((Digest::of(&buf), fp.finish()));
     }
+    // Units wholly inside the file and inside a hole; a file of one unit is its own root
+    // and is hashed.
+    let whole_units = if size > UNIT { size / UNIT } else { 0 };
+    let ranges = tern_core::blocks::data_ranges(reader.file(), 0, size);
+    let hole_unit = |unit: u64| {
+        let (a, b) = (unit * UNIT, (unit + 1) * UNIT);
+        let i = ranges.partition_point(|&(_, end)| end <= a);
+        unit < whole_units && ranges.get(i).is_none_or(|&(start, _)| start >= b)
+    };
+    let mut table = if ranges.iter().map(|&(a, b)| b - a).sum::<u64>() + UNIT < size {
+        Some(zeroes.covering(size)?)
+    } else {
+        None
+    };
+    let use_table = table.is_some();
     static ZEROES: [u8; BLOCK_SIZE] = [0u8; BLOCK_SIZE];
-    let hash = |offset: u64, data: Option<&[u8]>, len: usize| -> (Digest, ChainingValue) {
-        let bytes = data.unwrap_or(&ZEROES[..len]);
-        let cv = blake3::Hasher::new().set_input_offset(offset).update(bytes).finalize_non_root();
+    let hash = |offset: u64, data: Option<&[u8]>, len: usize| -> (Digest, Option<ChainingValue>) {
         let block = match data {
             Some(d) if !is_zero(d) => Digest::of(d),
             _ => zero_block(len).block,
         };
-        (block, cv)
+        if data.is_none() && use_table && hole_unit(offset / UNIT) {
+            return (block, None);
+        }
+        let bytes = data.unwrap_or(&ZEROES[..len]);
+        let cv = blake3::Hasher::new().set_input_offset(offset).update(bytes).finalize_non_root();
+        (block, Some(cv))
     };
+    const UNIT_BLOCKS: u64 = UNIT / BLOCK_SIZE as u64;
     let mut fp = Fingerprint::new();
     let mut tree = SubtreeStack::default();
-    hash_blocks(&reader, size, path, &hash, &mut |_, run| {
-        for (block, cv) in run {
+    let mut failed = None;
+    hash_blocks(&reader, size, path, &hash, &mut |first, run| {
+        for (i, (block, cv)) in run.into_iter().enumerate() {
             fp.push(&block);
-            tree.push(cv);
+            let index = first + i as u64;
+            match (cv, table.as_mut()) {
+                (Some(cv), _) => tree.push(cv, 1),
+                // The unit's last block: the table's value stands for all of its blocks.
+                (None, Some(t)) if index % UNIT_BLOCKS == UNIT_BLOCKS - 1 => match t.get(index / UNIT_BLOCKS)
+                {
+                    Ok(cv) => tree.push(cv, UNIT_BLOCKS),
+                    Err(e) => {
+                        failed = Some(e);
+                        return false;
+                    }
+                },
+                (None, _) => {}
+            }
         }
         true
     })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     debug_assert_eq!(fp.blocks(), size.div_ceil(BLOCK_SIZE as u64));
     Ok((tree.root(), fp.finish()))
 }
 
-/// The chaining values of a file's 64 KiB subtrees, fed in order, merged as BLAKE3's own
-/// hasher merges its chunks: a completed pair of equal subtrees merges at once, the last
-/// one waits, since only at the end is it known which merge is the root.
+/// The chaining values of a file's subtrees, fed in order, merged as BLAKE3's own hasher
+/// merges its chunks: a subtree of 2^k blocks starts at a multiple of 2^k blocks, two
+/// neighbours of one size merge at once, and the last one waits, since only at the end is
+/// it known which merge is the root.
 #[derive(Default)]
 struct SubtreeStack {
-    stack: Vec<blake3::hazmat::ChainingValue>,
-    last: Option<blake3::hazmat::ChainingValue>,
-    count: u64,
+    /// Complete subtrees and their sizes in blocks, larger ones first.
+    stack: Vec<(blake3::hazmat::ChainingValue, u64)>,
+    last: Option<(blake3::hazmat::ChainingValue, u64)>,
 }
 
 impl SubtreeStack {
-    fn push(&mut self, cv: blake3::hazmat::ChainingValue) {
+    fn push(&mut self, cv: blake3::hazmat::ChainingValue, blocks: u64) {
         use blake3::hazmat::{Mode, merge_subtrees_non_root};
-        if let Some(mut done) = self.last.replace(cv) {
-            self.count += 1;
-            let mut total = self.count;
-            while total & 1 == 0 {
-                let left = self.stack.pop().unwrap_or_default();
+        if let Some((mut done, mut size)) = self.last.replace((cv, blocks)) {
+            while let Some(&(left, left_size)) = self.stack.last()
+                && left_size == size
+            {
+                self.stack.pop();
                 done = merge_subtrees_non_root(&left, &done, Mode::Hash);
-                total >>= 1;
+                size *= 2;
             }
-            self.stack.push(done);
+            self.stack.push((done, size));
         }
     }
 
     /// The root hash; at least two subtrees were pushed.
     fn root(mut self) -> Digest {
         use blake3::hazmat::{Mode, merge_subtrees_non_root, merge_subtrees_root};
-        let mut right = self.last.take().unwrap_or_default();
+        let mut right = self.last.take().unwrap_or_default().0;
         while self.stack.len() > 1 {
-            let left = self.stack.pop().unwrap_or_default();
+            let (left, _) = self.stack.pop().unwrap_or_default();
             right = merge_subtrees_non_root(&left, &right, Mode::Hash);
         }
-        let left = self.stack.pop().unwrap_or_default();
+        let (left, _) = self.stack.pop().unwrap_or_default();
         Digest::from(merge_subtrees_root(&left, &right, Mode::Hash))
     }
 }
@@ -671,7 +711,8 @@ mod tests {
 
     fn check(dir: &Path, name: &str, size: u64, data: &[(u64, u64)]) {
         let (path, content) = sparse(dir, name, size, data);
-        let (whole, fp) = hash_output(size, &path).unwrap();
+        let zeroes = ZeroSubtrees::new(dir.join("zero-subtrees"));
+        let (whole, fp) = hash_output(size, &path, &zeroes).unwrap();
         let mut want_fp = Fingerprint::new();
         want_fp.push_data(&content);
         assert_eq!(whole, Digest::of(&content), "BLAKE3 of {size} bytes, data {data:?}");
@@ -722,10 +763,16 @@ mod tests {
     #[test]
     fn the_sparse_blake3_equals_b3sum() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: [(u64, Vec<(u64, u64)>); 3] = [
-            (40 * (1 << 20) + 333, vec![(5 << 20, 3 << 20), (33 << 20, 1)]),
-            (3 * (1 << 20) + 4097, vec![(0, u64::MAX / 2)]),
+        // Holes of whole 1 MiB units take the zero-subtree table's values: across its
+        // records (64 MiB), beside data inside and straddling units, up to an odd end.
+        let zeroes = ZeroSubtrees::new(dir.path().join("zero-subtrees"));
+        let m = 1u64 << 20;
+        let cases: [(u64, Vec<(u64, u64)>); 5] = [
+            (40 * m + 333, vec![(5 << 20, 3 << 20), (33 << 20, 1)]),
+            (3 * m + 4097, vec![(0, u64::MAX / 2)]),
             (7_777_777, vec![]),
+            (130 * m + 65_537, vec![(m - 1, 2), (63 * m + 100, 2 * m), (129 * m, m + 3)]),
+            (64 * m + m / 2, vec![(64 * m, 1)]),
         ];
         for (i, (size, data)) in cases.into_iter().enumerate() {
             let inside: Vec<(u64, u64)> = data.into_iter().filter(|&(a, _)| a < size).collect();
@@ -737,7 +784,7 @@ mod tests {
                 .expect("b3sum (Debian package b3sum) runs; .ci/run installs it");
             assert!(out.status.success(), "{out:?}");
             let b3sum = String::from_utf8(out.stdout).unwrap().trim().to_string();
-            let (whole, _) = hash_output(size, &path).unwrap();
+            let (whole, _) = hash_output(size, &path, &zeroes).unwrap();
             assert_eq!(whole.to_hex(), b3sum, "file {i} of {size} bytes");
         }
     }
