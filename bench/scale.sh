@@ -4,7 +4,9 @@
 # random data in 4 MiB extents, scattered; and a dense disk of RANDOM_MIB (default 1024)
 # of random data. Peers in the same run: qemu-img convert (test failover), b3sum (the
 # output's BLAKE3), and the hashing + compression pipeline limit (initial sync).
-# Prints, per item, tern's figure, the peer's and the issue's target. JOURNAL_GIB (default
+# Prints, per item, tern's figure, the peer's and the issue's target; the test failover
+# waits until the process server's zero-subtree table covers the disk (a background
+# warm-up once per data directory; its time is printed). JOURNAL_GIB (default
 # 20) of journal are written for the start-up figure (needs that much free space twice over
 # the random disk's size).
 # Needs: qemu-img, b3sum, zstd, python3.
@@ -82,8 +84,15 @@ echo "state writes: nothing changed $NOCHANGE bytes, 100 pages changed $HUNDRED 
 echo "== the zero-subtree table (the values of holes in a whole-disk BLAKE3, worked out once per data directory at nice 10)"
 # 8-byte magic, then 2,080 bytes per 64 MiB of disk.
 WANT_TABLE=$((8 + ((DISK_GIB << 30) / (64 << 20)) * 2080))
-t0=$(now)
-until [ "$(stat -c %s "$W/ps/zero-subtrees" 2>/dev/null || echo 0)" -ge "$WANT_TABLE" ]; do sleep 0.2; done
+t0=$(now); WAIT_FROM=$SECONDS
+until [ "$(stat -c %s "$W/ps/zero-subtrees" 2>/dev/null || echo 0)" -ge "$WANT_TABLE" ]; do
+  if (( SECONDS - WAIT_FROM > 3600 )); then
+    echo "the table did not cover the disk within an hour; the process server's log:" >&2
+    tail -20 "$W/ps.log" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
 t1=$(now)
 WARM=$(calc "$t1-$t0")
 echo "table covers the disk ${WARM}s after the first point ($(stat -c %s "$W/ps/zero-subtrees") bytes)"

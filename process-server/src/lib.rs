@@ -126,9 +126,10 @@ pub async fn run(
     .map_err(tern_proto::daemon::ServeError::store)?;
     let store = Arc::new(store);
     let stop = shutdown.clone();
-    if let Err(e) = store.warm_zero_subtrees(move || stop.is_cancelled()) {
-        tracing::warn!(error = %e, "cannot start the zero-subtree warm-up; a failover works the values out itself");
-    }
+    let warm = store
+        .warm_zero_subtrees(move || stop.is_cancelled())
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot start the zero-subtree warm-up; outputs hash the zeroes of their holes"))
+        .ok();
     let tracker = TaskTracker::new();
     let ctx = Arc::new(Ctx {
         data_dir: config.data_dir.clone(),
@@ -182,6 +183,10 @@ pub async fn run(
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
         tracing::warn!("sessions did not drain within 10s; stopping anyway");
+    }
+    if let Some(warm) = warm {
+        // It holds the store during a step: the data directory is free once it has ended.
+        let _ = tokio::task::spawn_blocking(move || warm.join()).await;
     }
     info!("process server stopped");
     Ok(())

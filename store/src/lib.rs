@@ -28,7 +28,8 @@
 //! | ingest (append, sync) of disk D | D's journal lock, for the write | everything; other disks' ingest |
 //! | make a point of VM V | each disk's journal lock briefly (durable check), the catalog briefly (an id), each disk's journal lock in name order (bookmark + sync), then the catalog lock (insert) | ingest of other VMs |
 //! | retention / commit of disk D | D's retention lock exclusively; within it D's journal lock (snapshot, segment deletion) and the catalog lock (base position), each briefly | ingest of D, everything else |
-//! | materialise (test failover) | D's journal lock only to take a snapshot, then nothing | ingest and points of the same disk |
+//! | materialise (test failover) | D's journal lock only to take a snapshot, then nothing (the zero-subtree table's lock briefly, to open a view of it) | ingest and points of the same disk |
+//! | zero-subtree warm-up | the table's lock, for one step (1 GiB of disk, 0.25-0.6 CPU-s) | everything |
 //! | catalog queries | the catalog lock, briefly | everything |
 //! | written_after (a new session's doubtful ranges) | D's journal lock for a snapshot, then nothing (a segment retention deletes meanwhile gives `None`) | everything |
 //! | the whole store | an exclusive flock on `DIR/lock` while open | nothing else in another process |
@@ -537,8 +538,10 @@ impl Store {
 
     /// Starts a thread that works out the zero-subtree values the store's largest disk
     /// needs, a step at a time on all cores at nice 10, before a failover needs them: a
-    /// failover of a 1 TiB disk would otherwise spend 256-600 CPU-s on them the first
-    /// time. Looks again every 30 s for a larger disk; ends when `stop` returns true.
+    /// failover of a 1 TiB disk would otherwise spend 256-600 CPU-s hashing the zeroes of
+    /// its holes. Looks every second for a larger disk; ends within a step once `stop`
+    /// returns true (join it before the store's directory is opened again: it holds the
+    /// store during a step).
     pub fn warm_zero_subtrees(
         self: &Arc<Store>,
         stop: impl Fn() -> bool + Send + 'static,
@@ -549,23 +552,29 @@ impl Store {
                 tracing::debug!(error = %e, "cannot lower a thread's priority");
             }
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
-            let mut idle = 0;
+            // After an error, a pause before the next try.
+            let mut pause = 0u32;
             while !stop() {
                 let Some(store) = store.upgrade() else { return };
-                let more = idle == 0 && {
-                    // 32 records a step: 2 GiB of disk, about 0.5-1 CPU-s.
-                    match store.zeroes.warm(store.largest_disk(), 32, threads) {
+                let more = pause == 0 && {
+                    // 16 records a step: 1 GiB of disk, 0.25-0.6 CPU-s.
+                    match store.zeroes.warm(store.largest_disk(), 16, threads) {
                         Ok(more) => more,
                         Err(e) => {
-                            tracing::warn!(error = %e, "cannot extend the zero-subtree table; a failover will work the values out itself");
+                            tracing::warn!(error = %e, "cannot extend the zero-subtree table; outputs hash the zeroes of their holes meanwhile");
+                            pause = 30;
                             false
                         }
                     }
                 };
                 drop(store);
-                if !more {
+                if more {
+                    // An output waiting for the table gets it between two steps.
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                } else {
+                    // A look a second for a larger disk (a lock and a compare).
                     std::thread::sleep(std::time::Duration::from_secs(1));
-                    idle = (idle + 1) % 30;
+                    pause = pause.saturating_sub(1);
                 }
             }
         })

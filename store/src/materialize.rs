@@ -244,17 +244,18 @@ const HASH_SLICE: u64 = 8 << 20;
 /// Hashes every 64 KiB block of a file on all cores, reading only its data ranges: `hash`
 /// gets a block's bytes, or `None` for a block inside a hole (all zeroes, not read).
 /// `emit` gets the results in block order, a run at a time (first block index and the
-/// run), and returns false to stop.
+/// run), and returns false to stop. `ranges`: the file's data ranges
+/// ([`tern_core::blocks::data_ranges`]), from the caller, who may need them too.
 fn hash_blocks<T: Send>(
     f: &DiskReader,
     size: u64,
     path: &Path,
+    ranges: &[(u64, u64)],
     hash: &BlockHasher<'_, T>,
     emit: &mut dyn FnMut(u64, Vec<T>) -> bool,
 ) -> Result<(), StoreError> {
-    let ranges = tern_core::blocks::data_ranges(f.file(), 0, size);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8) as u64;
-    let slice_of = |start: u64| hash_slice(f, &ranges, size, start, path, hash);
+    let slice_of = |start: u64| hash_slice(f, ranges, size, start, path, hash);
     // Workers take slices in order and may run ahead of the emitter by a bounded window;
     // the emitter puts finished slices back in order.
     let slices = size.div_ceil(HASH_SLICE);
@@ -376,7 +377,8 @@ pub fn fingerprint_file(f: &DiskReader, size: u64, path: &Path) -> Result<Digest
         Some(d) if !is_zero(d) => Digest::of(d),
         _ => zero_block(len).block,
     };
-    hash_blocks(f, size, path, &hash, &mut |_, run| {
+    let ranges = tern_core::blocks::data_ranges(f.file(), 0, size);
+    hash_blocks(f, size, path, &ranges, &hash, &mut |_, run| {
         run.iter().for_each(|d| fp.push(d));
         true
     })?;
@@ -388,8 +390,9 @@ pub fn fingerprint_file(f: &DiskReader, size: u64, path: &Path) -> Result<Digest
 /// put together from the chaining values of its subtrees (the BLAKE3 tree, through
 /// `blake3::hazmat`), so that blocks can be hashed on all cores and holes are never read.
 /// A 1 MiB unit that lies wholly in a hole takes its value from `zeroes` (see
-/// [`crate::zero_subtrees`]): hashing the zeroes would cost about 0.25 CPU-s per GiB of
-/// hole, since a chunk's value depends on its position. The fingerprint takes a zero
+/// [`crate::zero_subtrees`]) when the table covers it; other zeroes are hashed (about 0.25
+/// CPU-s per GiB, since a chunk's value depends on its position). The table only saves
+/// work: when it cannot be read, the zeroes are hashed. The fingerprint takes a zero
 /// block's hash, a constant.
 pub fn hash_output(size: u64, path: &Path, zeroes: &ZeroSubtrees) -> Result<(Digest, Digest), StoreError> {
     use blake3::hazmat::{ChainingValue, HasherExt};
@@ -402,28 +405,30 @@ pub fn hash_output(size: u64, path: &Path, zeroes: &ZeroSubtrees) -> Result<(Dig
         fp.push_data(&buf);
         return Ok((Digest::of(&buf), fp.finish()));
     }
-    // Units wholly inside the file and inside a hole; a file of one unit is its own root
-    // and is hashed.
-    let whole_units = if size > UNIT { size / UNIT } else { 0 };
     let ranges = tern_core::blocks::data_ranges(reader.file(), 0, size);
-    let hole_unit = |unit: u64| {
-        let (a, b) = (unit * UNIT, (unit + 1) * UNIT);
-        let i = ranges.partition_point(|&(_, end)| end <= a);
-        unit < whole_units && ranges.get(i).is_none_or(|&(start, _)| start >= b)
-    };
-    let mut table = if ranges.iter().map(|&(a, b)| b - a).sum::<u64>() + UNIT < size {
-        Some(zeroes.covering(size)?)
+    // Units the table stands for: wholly inside the file (a file of one unit is its own
+    // root, and is hashed) and covered by the table.
+    let mut table = if size > UNIT {
+        zeroes
+            .table()
+            .inspect_err(|e| tracing::warn!(error = %e, "the zero-subtree table cannot be read; the zeroes of holes are hashed"))
+            .ok()
     } else {
         None
     };
-    let use_table = table.is_some();
+    let table_units = table.as_ref().map_or(0, |t| t.units().min(size / UNIT));
+    let hole_unit = |unit: u64| {
+        let (a, b) = (unit * UNIT, (unit + 1) * UNIT);
+        let i = ranges.partition_point(|&(_, end)| end <= a);
+        unit < table_units && ranges.get(i).is_none_or(|&(start, _)| start >= b)
+    };
     static ZEROES: [u8; BLOCK_SIZE] = [0u8; BLOCK_SIZE];
     let hash = |offset: u64, data: Option<&[u8]>, len: usize| -> (Digest, Option<ChainingValue>) {
         let block = match data {
             Some(d) if !is_zero(d) => Digest::of(d),
             _ => zero_block(len).block,
         };
-        if data.is_none() && use_table && hole_unit(offset / UNIT) {
+        if data.is_none() && hole_unit(offset / UNIT) {
             return (block, None);
         }
         let bytes = data.unwrap_or(&ZEROES[..len]);
@@ -433,24 +438,37 @@ pub fn hash_output(size: u64, path: &Path, zeroes: &ZeroSubtrees) -> Result<(Dig
     const UNIT_BLOCKS: u64 = UNIT / BLOCK_SIZE as u64;
     let mut fp = Fingerprint::new();
     let mut tree = SubtreeStack::default();
+    // Blocks of the current unit left to the table, which must be all 16 of them.
+    let mut in_unit = 0u64;
     let mut failed = None;
-    hash_blocks(&reader, size, path, &hash, &mut |first, run| {
+    hash_blocks(&reader, size, path, &ranges, &hash, &mut |first, run| {
         for (i, (block, cv)) in run.into_iter().enumerate() {
             fp.push(&block);
             let index = first + i as u64;
-            match (cv, table.as_mut()) {
-                (Some(cv), _) => tree.push(cv, 1),
-                // The unit's last block: the table's value stands for all of its blocks.
-                (None, Some(t)) if index % UNIT_BLOCKS == UNIT_BLOCKS - 1 => match t.get(index / UNIT_BLOCKS)
-                {
-                    Ok(cv) => tree.push(cv, UNIT_BLOCKS),
-                    Err(e) => {
-                        failed = Some(e);
-                        return false;
-                    }
-                },
-                (None, _) => {}
+            if index.is_multiple_of(UNIT_BLOCKS) {
+                in_unit = 0;
             }
+            let Some(cv) = cv else {
+                in_unit += 1;
+                if index % UNIT_BLOCKS < UNIT_BLOCKS - 1 {
+                    continue;
+                }
+                if in_unit != UNIT_BLOCKS {
+                    failed = Some(StoreError::Invariant("a unit of a hole was hashed in part"));
+                    return false;
+                }
+                // The unit's last block: one value stands for all of its blocks.
+                let unit = index / UNIT_BLOCKS;
+                let cv =
+                    table.as_mut().map(|t| t.get(unit)).unwrap_or(Err(StoreError::Invariant("no table")));
+                let cv = cv.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, unit, "a zero-subtree value cannot be read; its zeroes are hashed");
+                    crate::zero_subtrees::zero_unit(unit)
+                });
+                tree.push(cv, UNIT_BLOCKS);
+                continue;
+            };
+            tree.push(cv, 1);
         }
         true
     })?;
@@ -666,7 +684,8 @@ fn hash_file(
     let mut pending = Vec::with_capacity(HASHES_PER_CHUNK);
     let mut first = 0u64;
     let mut stopped = false;
-    hash_blocks(f, size, path, &hash, &mut |_, run| {
+    let ranges = tern_core::blocks::data_ranges(f.file(), 0, size);
+    hash_blocks(f, size, path, &ranges, &hash, &mut |_, run| {
         for h in run {
             pending.push(h);
             if pending.len() == HASHES_PER_CHUNK {
@@ -712,6 +731,7 @@ mod tests {
     fn check(dir: &Path, name: &str, size: u64, data: &[(u64, u64)]) {
         let (path, content) = sparse(dir, name, size, data);
         let zeroes = ZeroSubtrees::new(dir.join("zero-subtrees"));
+        zeroes.warm(size, u64::MAX, 2).unwrap();
         let (whole, fp) = hash_output(size, &path, &zeroes).unwrap();
         let mut want_fp = Fingerprint::new();
         want_fp.push_data(&content);
@@ -774,6 +794,9 @@ mod tests {
             (130 * m + 65_537, vec![(m - 1, 2), (63 * m + 100, 2 * m), (129 * m, m + 3)]),
             (64 * m + m / 2, vec![(64 * m, 1)]),
         ];
+        // The table covers the first 64 MiB at first (a warm-up under way): units past it
+        // are hashed.
+        zeroes.warm(64 * m, u64::MAX, 2).unwrap();
         for (i, (size, data)) in cases.into_iter().enumerate() {
             let inside: Vec<(u64, u64)> = data.into_iter().filter(|&(a, _)| a < size).collect();
             let (path, _) = sparse(dir.path(), &format!("b{i}"), size, &inside);
@@ -786,6 +809,16 @@ mod tests {
             let b3sum = String::from_utf8(out.stdout).unwrap().trim().to_string();
             let (whole, _) = hash_output(size, &path, &zeroes).unwrap();
             assert_eq!(whole.to_hex(), b3sum, "file {i} of {size} bytes");
+            if size > 64 * m {
+                // Covered whole; then with a record damaged under it (its zeroes hashed).
+                zeroes.warm(size, u64::MAX, 2).unwrap();
+                assert_eq!(hash_output(size, &path, &zeroes).unwrap().0.to_hex(), b3sum, "file {i}, covered");
+                let f = std::fs::OpenOptions::new().write(true).open(zeroes.path()).unwrap();
+                f.write_all_at(&[0xee; 4], 8 + 2080 + 77).unwrap();
+                assert_eq!(hash_output(size, &path, &zeroes).unwrap().0.to_hex(), b3sum, "file {i}, damaged");
+                let again = ZeroSubtrees::new(zeroes.path().to_path_buf());
+                assert_eq!(hash_output(size, &path, &again).unwrap().0.to_hex(), b3sum, "file {i}, cut");
+            }
         }
     }
 }

@@ -5,14 +5,16 @@
 //! so no two zero subtrees share one, and hashing them costs about 0.25 CPU-s per GiB of
 //! hole. But the value of the zero subtree at a given position depends on nothing else
 //! (not the disk, not the VM), so a store works it out once per MiB up to the size of its
-//! largest disk and keeps it in `<data-dir>/zero-subtrees`: a failover then hashes only the
-//! 1 MiB units that hold data and takes the others' values from here.
+//! largest disk, in the background ([`crate::Store::warm_zero_subtrees`]), and keeps it in
+//! `<data-dir>/zero-subtrees`: an output's BLAKE3 then takes the values of its 1 MiB units
+//! that lie wholly in a hole from here, as far as the table reaches, and hashes the rest.
+//! The table only saves work: a value it cannot give is hashed instead.
 //!
 //! Layout: the magic `TERNZS01`, then records of [`RECORD_UNITS`] values (32 bytes each, the
 //! units of 64 MiB of disk) followed by a 32-byte BLAKE3 of the record's index (u64 LE) and
-//! its values. Records are only appended. Opening checks every record and trusts the file
-//! up to the first one that fails (a torn append, a damaged sector): what follows is
-//! computed again. A value the file gives is therefore always the one its position has.
+//! its values. Records are only appended. The first use in a process checks every record
+//! and keeps the file up to the first one that fails (a torn append, a damaged sector):
+//! what follows is computed again. Each record is checked again as it is read.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -48,32 +50,49 @@ fn record_check(index: u64, values: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// The table of one data directory. One writer at a time (the store holds the directory's
-/// lock against other processes; `lock` serialises this one's threads).
+/// The table of one data directory. The file is checked once, when first used; after
+/// that only this process appends to it (the store holds the directory's lock against
+/// other processes), under `state`'s lock.
 #[derive(Debug)]
 pub struct ZeroSubtrees {
     path: PathBuf,
-    lock: Mutex<()>,
+    state: Mutex<Option<Opened>>,
 }
 
-/// A checked view of the table, covering units `[0, units)`: values are read from it in
-/// increasing order, a window at a time.
+#[derive(Debug)]
+struct Opened {
+    file: File,
+    /// Records in the file, all checked or written by this process.
+    records: u64,
+}
+
+/// A view of the table covering units `[0, units)`: values are read from it in increasing
+/// order, a window of records at a time, each record checked as it is read.
 #[derive(Debug)]
 pub struct ZeroTable {
     file: File,
     units: u64,
     window: Vec<u8>,
     window_first: u64,
+    /// Per record of the window: it was read and passes its check.
+    good: Vec<bool>,
 }
 
 impl ZeroSubtrees {
     pub fn new(path: PathBuf) -> ZeroSubtrees {
-        ZeroSubtrees { path, lock: Mutex::new(()) }
+        ZeroSubtrees { path, state: Mutex::new(None) }
     }
 
-    /// Opens the file (created with its magic when missing or not ours) and returns it with
-    /// the number of records it holds that pass their check; a damaged tail is cut.
-    fn open_checked(&self) -> Result<(File, u64), StoreError> {
+    /// The file, opened and checked on first use (created with its magic when missing or
+    /// not ours; a damaged tail cut).
+    fn opened<'a>(&self, state: &'a mut Option<Opened>) -> Result<&'a mut Opened, StoreError> {
+        if state.is_none() {
+            *state = Some(self.open_checked()?);
+        }
+        state.as_mut().ok_or(StoreError::Invariant("the zero-subtree table is open"))
+    }
+
+    fn open_checked(&self) -> Result<Opened, StoreError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -89,7 +108,7 @@ impl ZeroSubtrees {
             }
             file.set_len(0).map_err(io_err(&self.path))?;
             file.write_all_at(MAGIC, 0).map_err(io_err(&self.path))?;
-            return Ok((file, 0));
+            return Ok(Opened { file, records: 0 });
         }
         let mut records = 0u64;
         let mut buf = vec![0u8; RECORD];
@@ -106,15 +125,16 @@ impl ZeroSubtrees {
         if 8 + records * RECORD_BYTES != len {
             file.set_len(8 + records * RECORD_BYTES).map_err(io_err(&self.path))?;
         }
-        Ok((file, records))
+        Ok(Opened { file, records })
     }
 
-    /// Appends records `[from, to)`, computed on `threads` threads.
+    /// Appends records `[from, to)`, computed on `threads` threads (started by the
+    /// caller's thread, so at its priority).
     fn append(&self, file: &File, from: u64, to: u64, threads: u64) -> Result<(), StoreError> {
+        let threads = usize::try_from(threads).unwrap_or(1).clamp(1, 64);
         let mut next = from;
         while next < to {
-            // A batch of records per round, so that a long fill is written as it goes.
-            let threads = usize::try_from(threads).unwrap_or(1).clamp(1, 64);
+            // A few records per thread a round: memory stays small whatever the range.
             let batch = usize::try_from(to - next).unwrap_or(usize::MAX).min(threads * 4);
             let mut out = vec![0u8; batch * RECORD];
             let per = batch.div_ceil(threads);
@@ -139,47 +159,42 @@ impl ZeroSubtrees {
         Ok(())
     }
 
-    fn records_for(bytes: u64) -> u64 {
-        bytes.div_ceil(UNIT).div_ceil(RECORD_UNITS)
-    }
-
-    /// The table covering a disk of `bytes`, the values it lacks computed first on all
-    /// cores. (Nothing is synced: a value lost in a crash is computed again, and one
-    /// damaged fails its record's check.)
-    pub fn covering(&self, bytes: u64) -> Result<ZeroTable, StoreError> {
-        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (file, have) = self.open_checked()?;
-        let need = Self::records_for(bytes);
-        if have < need {
-            let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
-            tracing::info!(
-                from_mib = have * RECORD_UNITS,
-                to_mib = need * RECORD_UNITS,
-                "working out the zero-subtree values a disk of this size needs (once per data directory)"
-            );
-            self.append(&file, have, need, threads)?;
-        }
-        Ok(ZeroTable { file, units: have.max(need) * RECORD_UNITS, window: Vec::new(), window_first: 0 })
+    /// What the table holds now; never waits for values to be worked out beyond one
+    /// warm-up step. Units past it are the caller's to hash.
+    pub fn table(&self) -> Result<ZeroTable, StoreError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let opened = self.opened(&mut state)?;
+        let file = opened.file.try_clone().map_err(io_err(&self.path))?;
+        Ok(ZeroTable {
+            file,
+            units: opened.records * RECORD_UNITS,
+            window: Vec::new(),
+            window_first: 0,
+            good: Vec::new(),
+        })
     }
 
     /// Background warm-up: appends at most `max_records` of what a disk of `bytes` needs,
-    /// on `threads` threads (started by the caller's, so at its priority). Returns whether
-    /// more remain.
+    /// on `threads` threads. Returns whether more remain.
     pub fn warm(&self, bytes: u64, max_records: u64, threads: u64) -> Result<bool, StoreError> {
-        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (file, have) = self.open_checked()?;
-        let need = Self::records_for(bytes);
-        let to = need.min(have + max_records);
-        if have < to {
-            self.append(&file, have, to, threads)?;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let opened = self.opened(&mut state)?;
+        let need = bytes.div_ceil(UNIT).div_ceil(RECORD_UNITS);
+        let to = need.min(opened.records.saturating_add(max_records));
+        if opened.records < to {
+            if let Err(e) = self.append(&opened.file, opened.records, to, threads) {
+                // What was written of the batch is checked again on the next opening.
+                *state = None;
+                return Err(e);
+            }
+            opened.records = to;
         }
         Ok(to < need)
     }
 
-    /// Bytes of disk the table covers now (checked).
+    /// Bytes of disk the table covers.
     pub fn covered(&self) -> Result<u64, StoreError> {
-        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(self.open_checked()?.1 * RECORD_UNITS * UNIT)
+        Ok(self.table()?.units * UNIT)
     }
 
     pub fn path(&self) -> &Path {
@@ -193,7 +208,9 @@ impl ZeroTable {
         self.units
     }
 
-    /// The value of `unit` (< `units()`); cheapest when asked in increasing order.
+    /// The value of `unit` (< `units()`); cheapest when asked in increasing order. An
+    /// error (the file could not be read, or a record no longer passes its check) leaves
+    /// the caller to hash the unit's zeroes.
     pub fn get(&mut self, unit: u64) -> Result<ChainingValue, StoreError> {
         if unit >= self.units {
             return Err(StoreError::Invariant("a zero subtree past the table"));
@@ -203,13 +220,24 @@ impl ZeroTable {
         if unit < self.window_first || (unit - self.window_first) / RECORD_UNITS >= windowed {
             // 256 records (16 GiB of disk) per read.
             let count = (self.units / RECORD_UNITS - rec).min(256);
+            self.window.clear();
             self.window.resize(usize::try_from(count).unwrap_or(256) * RECORD, 0);
-            self.file
-                .read_exact_at(&mut self.window, 8 + rec * RECORD_BYTES)
-                .map_err(|source| StoreError::Io { path: "zero-subtrees".into(), source })?;
+            let read = self.file.read_exact_at(&mut self.window, 8 + rec * RECORD_BYTES).is_ok();
+            self.good = self
+                .window
+                .chunks(RECORD)
+                .zip(rec..)
+                .map(|(r, index)| {
+                    let (values, check) = r.split_at(VALUES);
+                    read && record_check(index, values) == check
+                })
+                .collect();
             self.window_first = rec * RECORD_UNITS;
         }
         let i = usize::try_from(unit - self.window_first).unwrap_or(usize::MAX);
+        if !self.good[i / PER_RECORD] {
+            return Err(StoreError::Invariant("a zero-subtree record cannot be read back as written"));
+        }
         let at = (i / PER_RECORD) * RECORD + (i % PER_RECORD) * 32;
         let mut cv = [0u8; 32];
         cv.copy_from_slice(&self.window[at..at + 32]);
@@ -224,29 +252,37 @@ mod tests {
     #[test]
     fn values_are_the_zero_subtrees_and_a_damaged_record_is_made_again() {
         let dir = tempfile::tempdir().unwrap();
-        let z = ZeroSubtrees::new(dir.path().join("zero-subtrees"));
-        let mut t = z.covering(3 * RECORD_UNITS * UNIT - 1).unwrap();
+        let path = dir.path().join("zero-subtrees");
+        let z = ZeroSubtrees::new(path.clone());
+        assert_eq!(z.covered().unwrap(), 0, "a new table covers nothing");
+        // Warm-up goes a step at a time and stops when the size is covered.
+        assert!(z.warm(3 * RECORD_UNITS * UNIT - 1, 2, 1).unwrap());
+        assert!(!z.warm(3 * RECORD_UNITS * UNIT - 1, 2, 2).unwrap());
+        let mut t = z.table().unwrap();
         assert_eq!(t.units(), 3 * RECORD_UNITS);
         for unit in [0, 1, RECORD_UNITS - 1, RECORD_UNITS, 2 * RECORD_UNITS + 5, 3 * RECORD_UNITS - 1] {
             assert_eq!(t.get(unit).unwrap(), zero_unit(unit), "unit {unit}");
         }
         assert!(t.get(3 * RECORD_UNITS).is_err());
-        // Warm-up goes a step at a time and stops when the size is covered.
-        assert!(z.warm(6 * RECORD_UNITS * UNIT, 2, 1).unwrap());
-        assert!(!z.warm(6 * RECORD_UNITS * UNIT, 2, 2).unwrap());
-        assert_eq!(z.covered().unwrap(), 6 * RECORD_UNITS * UNIT);
-        // A flipped byte in record 4: records 0-3 stay, 4 and 5 are made again, right.
-        let f = OpenOptions::new().write(true).open(z.path()).unwrap();
+        assert!(!z.warm(6 * RECORD_UNITS * UNIT, 4, 2).unwrap());
+        // A flipped byte in record 4: a table open before it fails to read that record
+        // back; the next opening (a restart) keeps records 0-3 and makes 4 and 5 again.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff], 8 + 4 * RECORD_BYTES + 100).unwrap();
+        let mut t = z.table().unwrap();
+        assert!(t.get(4 * RECORD_UNITS + 3).is_err());
+        assert_eq!(t.get(3).unwrap(), zero_unit(3));
+        let z = ZeroSubtrees::new(path.clone());
         assert_eq!(z.covered().unwrap(), 4 * RECORD_UNITS * UNIT);
-        let mut t = z.covering(6 * RECORD_UNITS * UNIT).unwrap();
-        assert_eq!(t.get(4 * RECORD_UNITS + 3).unwrap(), zero_unit(4 * RECORD_UNITS + 3));
-        // A torn append (half a record) and a file that is not the table.
+        z.warm(6 * RECORD_UNITS * UNIT, 10, 2).unwrap();
+        assert_eq!(z.table().unwrap().get(4 * RECORD_UNITS + 3).unwrap(), zero_unit(4 * RECORD_UNITS + 3));
+        // A torn append (part of a record) and a file that is not the table.
         f.set_len(8 + 6 * RECORD_BYTES + 40).unwrap();
-        assert_eq!(z.covered().unwrap(), 6 * RECORD_UNITS * UNIT);
-        std::fs::write(z.path(), b"something else entirely").unwrap();
+        assert_eq!(ZeroSubtrees::new(path.clone()).covered().unwrap(), 6 * RECORD_UNITS * UNIT);
+        std::fs::write(&path, b"something else entirely").unwrap();
+        let z = ZeroSubtrees::new(path);
         assert_eq!(z.covered().unwrap(), 0);
-        let mut t = z.covering(UNIT).unwrap();
-        assert_eq!(t.get(7).unwrap(), zero_unit(7));
+        z.warm(UNIT, 1, 1).unwrap();
+        assert_eq!(z.table().unwrap().get(7).unwrap(), zero_unit(7));
     }
 }
