@@ -416,7 +416,9 @@ pub fn hash_output(size: u64, path: &Path, zeroes: &ZeroSubtrees) -> Result<(Dig
     } else {
         None
     };
-    let table_units = table.as_ref().map_or(0, |t| t.units().min(size / UNIT));
+    // Only as far as every record checks out: the units of a damaged one are hashed on
+    // all cores with the rest (and the record is made again by the warm-up).
+    let table_units = table.as_mut().map_or(0, |t| t.usable(size / UNIT));
     let hole_unit = |unit: u64| {
         let (a, b) = (unit * UNIT, (unit + 1) * UNIT);
         let i = ranges.partition_point(|&(_, end)| end <= a);
@@ -441,6 +443,7 @@ pub fn hash_output(size: u64, path: &Path, zeroes: &ZeroSubtrees) -> Result<(Dig
     // Blocks of the current unit left to the table, which must be all 16 of them.
     let mut in_unit = 0u64;
     let mut failed = None;
+    let mut warned = false;
     hash_blocks(&reader, size, path, &ranges, &hash, &mut |first, run| {
         for (i, (block, cv)) in run.into_iter().enumerate() {
             fp.push(&block);
@@ -462,12 +465,18 @@ pub fn hash_output(size: u64, path: &Path, zeroes: &ZeroSubtrees) -> Result<(Dig
                 let cv =
                     table.as_mut().map(|t| t.get(unit)).unwrap_or(Err(StoreError::Invariant("no table")));
                 let cv = cv.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, unit, "a zero-subtree value cannot be read; its zeroes are hashed");
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!(error = %e, unit, "a zero-subtree value cannot be read; its zeroes are hashed");
+                    }
                     crate::zero_subtrees::zero_unit(unit)
                 });
                 tree.push(cv, UNIT_BLOCKS);
                 continue;
             };
+            if in_unit != 0 {
+                failed = Some(StoreError::Invariant("a unit of a hole was hashed in part"));
+                return false;
+            }
             tree.push(cv, 1);
         }
         true

@@ -56,7 +56,11 @@ fn record_check(index: u64, values: &[u8]) -> [u8; 32] {
 #[derive(Debug)]
 pub struct ZeroSubtrees {
     path: PathBuf,
+    /// Held only to open, append a computed batch, or cut: never while values are worked
+    /// out, so an output's `table()` waits for a write at most.
     state: Mutex<Option<Opened>>,
+    /// One warm-up at a time.
+    warming: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -69,7 +73,8 @@ struct Opened {
 /// A view of the table covering units `[0, units)`: values are read from it in increasing
 /// order, a window of records at a time, each record checked as it is read.
 #[derive(Debug)]
-pub struct ZeroTable {
+pub struct ZeroTable<'a> {
+    owner: &'a ZeroSubtrees,
     file: File,
     units: u64,
     window: Vec<u8>,
@@ -80,7 +85,7 @@ pub struct ZeroTable {
 
 impl ZeroSubtrees {
     pub fn new(path: PathBuf) -> ZeroSubtrees {
-        ZeroSubtrees { path, state: Mutex::new(None) }
+        ZeroSubtrees { path, state: Mutex::new(None), warming: Mutex::new(()) }
     }
 
     /// The file, opened and checked on first use (created with its magic when missing or
@@ -113,11 +118,11 @@ impl ZeroSubtrees {
         let mut records = 0u64;
         let mut buf = vec![0u8; RECORD];
         while 8 + (records + 1) * RECORD_BYTES <= len {
-            file.read_exact_at(&mut buf, 8 + records * RECORD_BYTES).map_err(io_err(&self.path))?;
+            let read = file.read_exact_at(&mut buf, 8 + records * RECORD_BYTES);
             let (values, check) = buf.split_at(VALUES);
-            if record_check(records, values) != check {
+            if read.is_err() || record_check(records, values) != check {
                 tracing::warn!(path = %self.path.display(), record = records,
-                    "a record of the zero-subtree table fails its check; it and what follows are made again");
+                    "a record of the zero-subtree table cannot be read or fails its check; it and what follows are made again");
                 break;
             }
             records += 1;
@@ -128,44 +133,39 @@ impl ZeroSubtrees {
         Ok(Opened { file, records })
     }
 
-    /// Appends records `[from, to)`, computed on `threads` threads (started by the
-    /// caller's thread, so at its priority).
-    fn append(&self, file: &File, from: u64, to: u64, threads: u64) -> Result<(), StoreError> {
+    /// Records `[from, to)`, worked out on `threads` threads (started by the caller's
+    /// thread, so at its priority).
+    fn compute(from: u64, to: u64, threads: u64) -> Vec<u8> {
         let threads = usize::try_from(threads).unwrap_or(1).clamp(1, 64);
-        let mut next = from;
-        while next < to {
-            // A few records per thread a round: memory stays small whatever the range.
-            let batch = usize::try_from(to - next).unwrap_or(usize::MAX).min(threads * 4);
-            let mut out = vec![0u8; batch * RECORD];
-            let per = batch.div_ceil(threads);
-            std::thread::scope(|s| {
-                for (i, part) in out.chunks_mut(per * RECORD).enumerate() {
-                    let first = next + (i * per) as u64;
-                    s.spawn(move || {
-                        for (j, rec) in part.chunks_mut(RECORD).enumerate() {
-                            let index = first + j as u64;
-                            let (values, check) = rec.split_at_mut(VALUES);
-                            for (k, v) in values.chunks_mut(32).enumerate() {
-                                v.copy_from_slice(&zero_unit(index * RECORD_UNITS + k as u64));
-                            }
-                            check.copy_from_slice(&record_check(index, values));
+        let count = usize::try_from(to - from).unwrap_or(0);
+        let mut out = vec![0u8; count * RECORD];
+        let per = count.div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            for (i, part) in out.chunks_mut(per * RECORD).enumerate() {
+                let first = from + (i * per) as u64;
+                s.spawn(move || {
+                    for (j, rec) in part.chunks_mut(RECORD).enumerate() {
+                        let index = first + j as u64;
+                        let (values, check) = rec.split_at_mut(VALUES);
+                        for (k, v) in values.chunks_mut(32).enumerate() {
+                            v.copy_from_slice(&zero_unit(index * RECORD_UNITS + k as u64));
                         }
-                    });
-                }
-            });
-            file.write_all_at(&out, 8 + next * RECORD_BYTES).map_err(io_err(&self.path))?;
-            next += batch as u64;
-        }
-        Ok(())
+                        check.copy_from_slice(&record_check(index, values));
+                    }
+                });
+            }
+        });
+        out
     }
 
-    /// What the table holds now; never waits for values to be worked out beyond one
-    /// warm-up step. Units past it are the caller's to hash.
-    pub fn table(&self) -> Result<ZeroTable, StoreError> {
+    /// What the table holds now; never waits for values to be worked out. Units past it
+    /// are the caller's to hash.
+    pub fn table(&self) -> Result<ZeroTable<'_>, StoreError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let opened = self.opened(&mut state)?;
         let file = opened.file.try_clone().map_err(io_err(&self.path))?;
         Ok(ZeroTable {
+            owner: self,
             file,
             units: opened.records * RECORD_UNITS,
             window: Vec::new(),
@@ -174,20 +174,51 @@ impl ZeroSubtrees {
         })
     }
 
-    /// Background warm-up: appends at most `max_records` of what a disk of `bytes` needs,
-    /// on `threads` threads. Returns whether more remain.
-    pub fn warm(&self, bytes: u64, max_records: u64, threads: u64) -> Result<bool, StoreError> {
+    /// Record `index` was found damaged after the file was opened: the table is cut
+    /// there, and the warm-up makes it again.
+    fn damaged(&self, index: u64) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let opened = self.opened(&mut state)?;
+        if let Some(opened) = state.as_mut()
+            && opened.records > index
+        {
+            tracing::warn!(path = %self.path.display(), record = index,
+                "a record of the zero-subtree table fails its check; it and what follows are made again");
+            opened.records = index;
+            if opened.file.set_len(8 + index * RECORD_BYTES).is_err() {
+                *state = None;
+            }
+        }
+    }
+
+    /// Background warm-up: appends at most `max_records` of what a disk of `bytes` needs,
+    /// worked out on `threads` threads without the table's lock (taken only to write each
+    /// batch). Returns whether more remain.
+    pub fn warm(&self, bytes: u64, max_records: u64, threads: u64) -> Result<bool, StoreError> {
+        let _one = self.warming.lock().unwrap_or_else(|p| p.into_inner());
+        let have = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            self.opened(&mut state)?.records
+        };
         let need = bytes.div_ceil(UNIT).div_ceil(RECORD_UNITS);
-        let to = need.min(opened.records.saturating_add(max_records));
-        if opened.records < to {
-            if let Err(e) = self.append(&opened.file, opened.records, to, threads) {
+        let to = need.min(have.saturating_add(max_records));
+        let mut next = have;
+        while next < to {
+            // A few records per thread a round: memory stays small whatever the range.
+            let end = to.min(next + threads.clamp(1, 64) * 4);
+            let out = Self::compute(next, end, threads);
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let opened = self.opened(&mut state)?;
+            if opened.records != next {
+                // Cut meanwhile (a damaged record): the next step starts from there.
+                return Ok(true);
+            }
+            if let Err(e) = opened.file.write_all_at(&out, 8 + next * RECORD_BYTES) {
                 // What was written of the batch is checked again on the next opening.
                 *state = None;
-                return Err(e);
+                return Err(io_err(&self.path)(e));
             }
-            opened.records = to;
+            opened.records = end;
+            next = end;
         }
         Ok(to < need)
     }
@@ -202,10 +233,33 @@ impl ZeroSubtrees {
     }
 }
 
-impl ZeroTable {
+impl ZeroTable<'_> {
     /// Units `[0, units)` are covered.
     pub fn units(&self) -> u64 {
         self.units
+    }
+
+    /// Checks the records that cover units `[0, units)` and returns how many units, from
+    /// the start, can be taken from the table: those before the first record that cannot
+    /// be read or fails its check (which is cut, to be made again). About 32 MB read per
+    /// TiB of disk.
+    pub fn usable(&mut self, units: u64) -> u64 {
+        let records = units.min(self.units).div_ceil(RECORD_UNITS);
+        let mut index = 0;
+        while index < records {
+            // Reads and checks the window of records from `index` on (a bad one shows in
+            // `good`, not in the result of this first read).
+            let _ = self.get(index * RECORD_UNITS);
+            let first = self.window_first / RECORD_UNITS;
+            if let Some(bad) = self.good.iter().position(|g| !g).map(|j| first + j as u64)
+                && bad < records
+            {
+                self.owner.damaged(bad);
+                return (bad * RECORD_UNITS).min(units);
+            }
+            index = first + (self.good.len() as u64).max(1);
+        }
+        units.min(self.units)
     }
 
     /// The value of `unit` (< `units()`); cheapest when asked in increasing order. An
@@ -222,14 +276,23 @@ impl ZeroTable {
             let count = (self.units / RECORD_UNITS - rec).min(256);
             self.window.clear();
             self.window.resize(usize::try_from(count).unwrap_or(256) * RECORD, 0);
-            let read = self.file.read_exact_at(&mut self.window, 8 + rec * RECORD_BYTES).is_ok();
+            // Records read whole and passing their check are good; a short read leaves
+            // the rest bad.
+            let mut read = 0;
+            while read < self.window.len() {
+                match self.file.read_at(&mut self.window[read..], 8 + rec * RECORD_BYTES + read as u64) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
             self.good = self
                 .window
                 .chunks(RECORD)
                 .zip(rec..)
-                .map(|(r, index)| {
+                .enumerate()
+                .map(|(i, (r, index))| {
                     let (values, check) = r.split_at(VALUES);
-                    read && record_check(index, values) == check
+                    (i + 1) * RECORD <= read && record_check(index, values) == check
                 })
                 .collect();
             self.window_first = rec * RECORD_UNITS;
@@ -272,6 +335,14 @@ mod tests {
         let mut t = z.table().unwrap();
         assert!(t.get(4 * RECORD_UNITS + 3).is_err());
         assert_eq!(t.get(3).unwrap(), zero_unit(3));
+        // An output checks the records it needs first: it takes the table up to the
+        // damaged one, which is cut, and the warm-up makes it again.
+        assert_eq!(t.usable(6 * RECORD_UNITS), 4 * RECORD_UNITS);
+        assert_eq!(z.covered().unwrap(), 4 * RECORD_UNITS * UNIT);
+        assert!(!z.warm(6 * RECORD_UNITS * UNIT, 10, 2).unwrap());
+        assert_eq!(z.table().unwrap().usable(6 * RECORD_UNITS), 6 * RECORD_UNITS);
+        assert_eq!(z.table().unwrap().usable(2 * RECORD_UNITS + 1), 2 * RECORD_UNITS + 1);
+        f.write_all_at(&[0xff], 8 + 4 * RECORD_BYTES + 100).unwrap();
         let z = ZeroSubtrees::new(path.clone());
         assert_eq!(z.covered().unwrap(), 4 * RECORD_UNITS * UNIT);
         z.warm(6 * RECORD_UNITS * UNIT, 10, 2).unwrap();
