@@ -554,11 +554,14 @@ impl Store {
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
             // After an error, a pause before the next try.
             let mut pause = 0u32;
+            // A warm-up under way: when it started, and up to which size.
+            let mut started: Option<(std::time::Instant, u64)> = None;
             while !stop() {
                 let Some(store) = store.upgrade() else { return };
+                let size = store.largest_disk();
                 let more = pause == 0 && {
                     // 16 records a step: 1 GiB of disk, 0.25-0.6 CPU-s.
-                    match store.zeroes.warm(store.largest_disk(), 16, threads) {
+                    match store.zeroes.warm(size, 16, threads) {
                         Ok(more) => more,
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot extend the zero-subtree table; outputs hash the zeroes of their holes meanwhile");
@@ -568,6 +571,20 @@ impl Store {
                     }
                 };
                 drop(store);
+                match (more, started) {
+                    (true, None) => {
+                        tracing::info!(disk_gib = size >> 30,
+                            "working out the zero-subtree values for the largest disk in the background (once; \
+                             until then an output of it hashes the zeroes of its holes)");
+                        started = Some((std::time::Instant::now(), size));
+                    }
+                    (false, Some((at, size))) if pause == 0 => {
+                        tracing::info!(disk_gib = size >> 30, secs = at.elapsed().as_secs(),
+                            "the zero-subtree values cover the largest disk");
+                        started = None;
+                    }
+                    _ => {}
+                }
                 if more {
                     // An output waiting for the table gets it between two steps.
                     std::thread::sleep(std::time::Duration::from_millis(5));
