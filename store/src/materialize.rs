@@ -462,8 +462,8 @@ pub fn hash_output(size: u64, path: &Path, zeroes: &ZeroSubtrees) -> Result<(Dig
                 }
                 // The unit's last block: one value stands for all of its blocks.
                 let unit = index / UNIT_BLOCKS;
-                let cv =
-                    table.as_mut().map(|t| t.get(unit)).unwrap_or(Err(StoreError::Invariant("no table")));
+                // `table` is there: without it no unit is left to it.
+                let cv = table.as_mut().map_or(Err(StoreError::Invariant("no table")), |t| t.get(unit));
                 let cv = cv.unwrap_or_else(|e| {
                     if !std::mem::replace(&mut warned, true) {
                         tracing::warn!(error = %e, unit, "a zero-subtree value cannot be read; its zeroes are hashed");

@@ -18,7 +18,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use blake3::hazmat::{ChainingValue, HasherExt};
@@ -224,11 +224,13 @@ impl ZeroSubtrees {
     }
 
     /// Bytes of disk the table covers.
+    #[cfg(test)]
     pub fn covered(&self) -> Result<u64, StoreError> {
         Ok(self.table()?.units * UNIT)
     }
 
-    pub fn path(&self) -> &Path {
+    #[cfg(test)]
+    pub fn path(&self) -> &std::path::Path {
         &self.path
     }
 }
