@@ -90,11 +90,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     // Welcomed, then failed before anything was acked (storage full on the server, a
     // refused batch): each try costs a pass, so the tries space out further.
     let mut refused = tern_core::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    // --mode nbd: the change log's stream outlives a dropped link, so that the next
+    // session goes on where the server's journal ends instead of comparing disks.
+    let mut carried = None;
     loop {
         let progress = Progress::default();
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = session::session(config.clone(), tracker.clone(), shutdown.clone(), &progress) => r,
+            r = session::session(config.clone(), tracker.clone(), shutdown.clone(), &progress, &mut carried) => r,
         };
         metrics::gauge!("tern_agent_connected", "vm" => config.vm.to_string()).set(0.0);
         match outcome {
@@ -197,6 +200,8 @@ struct Inbox {
     release: Option<(u64, bool)>,
     /// Set once the server acks records or a point: the session made progress.
     acked: Arc<std::sync::atomic::AtomicBool>,
+    /// Per disk name, the last seq the server acked as durable.
+    durable: std::collections::HashMap<String, u64>,
 }
 
 impl Inbox {
@@ -218,8 +223,10 @@ impl Inbox {
                 self.acked.store(true, std::sync::atomic::Ordering::Relaxed);
                 self.point_ack = Some(p.point_id);
             }
-            Some(pb::server_message::Msg::Ack(_)) => {
-                self.acked.store(true, std::sync::atomic::Ordering::Relaxed)
+            Some(pb::server_message::Msg::Ack(a)) => {
+                self.acked.store(true, std::sync::atomic::Ordering::Relaxed);
+                let d = self.durable.entry(a.disk).or_default();
+                *d = (*d).max(a.durable_seq);
             }
             Some(pb::server_message::Msg::BlockHashes(bh)) => {
                 let Some((size, feed)) = self.feeds.get(&bh.disk) else { return Ok(()) };

@@ -752,7 +752,7 @@ fn encode_runs(buf: &[u8], at: u64, runs: &[Run], enc: &mut Encoder, records: &m
                 length,
                 digest: e.digest.0.to_vec(),
                 compression: if e.compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
-                payload: e.payload,
+                payload: e.payload.into(),
             });
         }
         i = j;

@@ -48,7 +48,10 @@ pub(crate) async fn session(
     tracker: Option<Arc<crate::tracker::Tracker>>,
     shutdown: CancellationToken,
     progress: &Progress,
+    carried: &mut Option<nbd::LogStream>,
 ) -> Result<(), Status> {
+    // --mode nbd: writes held for a multi-VM barrier go on however the session ends.
+    let _release = tracker.clone().map(nbd::ReleaseHold);
     let channel = pb::connect(&config.server, &config.identity).await.map_err(status_of)?;
     let mut client = pb::replication_client::ReplicationClient::new(channel)
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
@@ -60,7 +63,24 @@ pub(crate) async fn session(
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))?;
-    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello(&config, &saved))) })
+    // A log carried over from a dropped link goes on only if it still runs.
+    if let (Some(t), Some(log)) = (&tracker, carried.as_ref())
+        && !log.alive(t)
+    {
+        info!(
+            "the change log was dropped while the server was away (past --spill-max, or the state \
+            directory is full); comparing the extents written since the last committed point"
+        );
+        if let Some(log) = carried.take() {
+            drop(log.close().await);
+        }
+        t.stop_logging();
+    }
+    let claims: Vec<Option<(String, u64)>> = match carried.as_ref() {
+        Some(log) => log.claims().into_iter().map(Some).collect(),
+        None => saved.iter().map(|s| s.as_ref().map(|s| (s.generation.clone(), s.seq.0))).collect(),
+    };
+    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello(&config, &claims))) })
         .await
         .map_err(|_| Status::cancelled("stream closed"))?;
     let inbound = client.replicate(ReceiverStream::new(rx)).await?.into_inner();
@@ -88,6 +108,8 @@ pub(crate) async fn session(
         tracker: tracker.clone(),
         release_to: None,
         held: None,
+        log: carried.take(),
+        welcomed: Vec::new(),
     };
     let result = async {
         s.welcome(saved, progress).await?;
@@ -97,6 +119,9 @@ pub(crate) async fn session(
         }
     }
     .await;
+    if let Some(t) = &tracker {
+        *carried = s.end_log(t, &result).await;
+    }
     match result {
         Ok(()) => Ok(()),
         Err(SessionError::Status(status)) => Err(status),
@@ -107,18 +132,19 @@ pub(crate) async fn session(
     }
 }
 
-fn hello(config: &Config, saved: &[Option<DiskState>]) -> pb::Hello {
+/// `claims`: per disk, the state the agent has of the server's copy (generation, seq).
+fn hello(config: &Config, claims: &[Option<(String, u64)>]) -> pb::Hello {
     pb::Hello {
         vm: config.vm.to_string(),
         disks: config
             .disks
             .iter()
-            .zip(saved)
-            .map(|(d, s)| pb::DiskInfo {
+            .zip(claims)
+            .map(|(d, c)| pb::DiskInfo {
                 name: d.name.to_string(),
                 size: d.size,
-                state_generation: s.as_ref().map(|s| s.generation.clone()).unwrap_or_default(),
-                state_seq: s.as_ref().map_or(0, |s| s.seq.0),
+                state_generation: c.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
+                state_seq: c.as_ref().map_or(0, |c| c.1),
             })
             .collect(),
         protocol: 1,
@@ -193,6 +219,11 @@ struct Session {
     release_to: Option<(u64, std::sync::mpsc::Sender<bool>)>,
     /// How a scan-mode barrier's hold ended: released (and whether to proceed), and for how long.
     held: Option<(Option<bool>, Duration)>,
+    /// `--mode nbd`: the log's stream, once the session streams it (or carried over from
+    /// a session whose link dropped).
+    log: Option<nbd::LogStream>,
+    /// What the server holds of each disk, as its `Welcome` said: generation, durable seq.
+    welcomed: Vec<(String, u64)>,
 }
 
 impl Session {
@@ -235,6 +266,23 @@ impl Session {
         };
         progress.welcomed.store(true, std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("tern_agent_connected", "vm" => self.config.vm.to_string()).set(1.0);
+        self.welcomed = self
+            .config
+            .disks
+            .iter()
+            .map(|d| {
+                welcome
+                    .disks
+                    .iter()
+                    .find(|w| w.name == d.name.as_str())
+                    .map_or((String::new(), 0), |w| (w.generation.clone(), w.durable_seq))
+            })
+            .collect();
+        if self.carry_on(&welcome).await {
+            self.schedule = Schedule::from_policy(welcome.policy.as_ref(), self.config.interval);
+            (self.due_crash, self.due_app) = self.schedule.due(Due::now(), true);
+            return Ok(());
+        }
         (self.states, self.resumed) = choose_states(&self.config, &welcome, saved).map_err(|e| {
             Status::failed_precondition(format!(
                 "agent state directory {}: {e}; free space there or fix its permissions",
@@ -600,14 +648,26 @@ impl Session {
         times_ms: Vec<i64>,
         limiter: &mut tern_proto::rate::RateLimiter,
     ) -> Result<(), SessionError> {
-        let n = records.len() as u64;
+        let batch = self.number(disk, records, times_ms);
+        self.send_numbered(batch, limiter).await
+    }
+
+    /// Numbers records of `disk` from its next seq.
+    fn number(&mut self, disk: usize, records: Vec<pb::Record>, times_ms: Vec<i64>) -> pb::Batch {
         let first_seq = self.next_seq[disk].0;
-        let batch =
-            pb::Batch { disk: self.config.disks[disk].name.to_string(), first_seq, records, times_ms };
+        self.next_seq[disk] = Seq(first_seq + records.len() as u64);
+        pb::Batch { disk: self.config.disks[disk].name.to_string(), first_seq, records, times_ms }
+    }
+
+    /// Sends a numbered batch within the rate limit.
+    async fn send_numbered(
+        &self,
+        batch: pb::Batch,
+        limiter: &mut tern_proto::rate::RateLimiter,
+    ) -> Result<(), SessionError> {
         let bytes = prost::Message::encoded_len(&batch) as u64;
         limiter.take(bytes).await;
         metrics::counter!("tern_agent_sent_bytes_total", "vm" => self.config.vm.to_string()).increment(bytes);
-        self.next_seq[disk] = Seq(first_seq + n);
         self.send(pb::agent_message::Msg::Batch(batch)).await
     }
 

@@ -156,7 +156,7 @@ fn data_records(enc: &mut Encoder, offset: u64, data: &[u8]) -> Vec<pb::Record> 
             length: u32::try_from(piece.len()).unwrap_or(0),
             digest: e.digest.0.to_vec(),
             compression: if e.compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
-            payload: e.payload,
+            payload: e.payload.into(),
         });
     }
     out

@@ -63,7 +63,7 @@ pub fn records_of(disk: &DiskHandle, b: pb::Batch) -> Result<Vec<Record>, Status
             length: r.length,
             digest,
             compressed: r.compression == pb::Compression::Zstd as i32,
-            payload: r.payload,
+            payload: r.payload.into(),
         });
     }
     Ok(records)
@@ -130,7 +130,7 @@ mod tests {
                 length: u32::try_from(payload.len()).unwrap(),
                 digest,
                 compression: pb::Compression::None as i32,
-                payload,
+                payload: payload.into(),
             }],
             times_ms: Vec::new(),
         }

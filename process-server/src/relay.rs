@@ -352,7 +352,7 @@ fn read_batches(
             length: r.length,
             digest: if kind == pb::RecordKind::Zero { Vec::new() } else { r.digest.0.to_vec() },
             compression: if r.compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
-            payload: r.payload,
+            payload: r.payload.into(),
         };
         let size = wire.payload.len() + 64;
         let length = wire.length as usize;

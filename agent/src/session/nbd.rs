@@ -39,21 +39,238 @@ enum Streamed {
     Done,
     /// The log was dropped: resync, then stream again.
     Resync,
+    /// The streaming thread ended.
+    Stopped,
 }
 
-/// Stops the log when the session ends, however it ends.
-struct StopLogging(Arc<Tracker>);
+/// Sent batches kept for their ack at most: past this the session waits for acks before
+/// it sends more (the log's memory, then its spill, takes the writes meanwhile).
+const UNACKED_MAX: usize = 32 << 20;
 
-impl Drop for StopLogging {
+/// Releases the writes a multi-VM barrier holds when the session ends, however it ends.
+pub(super) struct ReleaseHold(pub(super) Arc<Tracker>);
+
+impl Drop for ReleaseHold {
     fn drop(&mut self) {
-        self.0.stop_logging();
+        self.0.release_hold();
+    }
+}
+
+/// The log's stream, which outlives a dropped link: the streaming thread (it goes on
+/// taking the log's items as long as there is room for its events), the states it
+/// shares with the session, each disk's next seq, and the batches sent and not acked
+/// yet. The next session sends those the server's journal lacks and goes on from there:
+/// the journal gets the log in write order, without a gap and without comparing any disk.
+#[derive(Debug)]
+pub(crate) struct LogStream {
+    events: mpsc::Receiver<LogEvent>,
+    thread: Option<std::thread::JoinHandle<Result<(), stream::StreamError>>>,
+    cancel: tokio_util::sync::CancellationToken,
+    shared: SharedStates,
+    next_seq: Vec<Seq>,
+    /// The server's copy of each disk the seqs count in.
+    generations: Vec<String>,
+    /// Sent and not acked, in the order sent: disk and batch.
+    unacked: std::collections::VecDeque<(usize, pb::Batch)>,
+    unacked_bytes: usize,
+}
+
+impl Drop for LogStream {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn payload_bytes(b: &pb::Batch) -> usize {
+    b.records.iter().map(|r| r.payload.len()).sum()
+}
+
+impl LogStream {
+    /// The server made `disk` durable up to `seq`: its batches up to there are let go.
+    fn acked(&mut self, disk: usize, seq: u64) {
+        let mut freed = 0;
+        self.unacked.retain(|(d, b)| {
+            let done = *d == disk && b.first_seq + b.records.len() as u64 <= seq + 1;
+            if done {
+                freed += payload_bytes(b);
+            }
+            !done
+        });
+        self.unacked_bytes -= freed;
+    }
+
+    fn keep(&mut self, disk: usize, batch: pb::Batch) {
+        self.unacked_bytes += payload_bytes(&batch);
+        self.unacked.push_back((disk, batch));
+    }
+
+    /// The log still runs (it was not dropped while the link was down) and its thread
+    /// streams it.
+    pub(super) fn alive(&self, tracker: &Tracker) -> bool {
+        tracker.logging() && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// What the agent's `Hello` says of each disk while a log is carried: the state it
+    /// goes on from (the copy its seqs count in, the last point acked), which may not be
+    /// on disk yet (a state written in place between two points is not committed).
+    pub(super) fn claims(&self) -> Vec<(String, u64)> {
+        let states = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        states.iter().map(|s| (s.generation.clone(), s.seq.0)).collect()
+    }
+
+    /// Whether the log can go on where the server's journal of each disk ends
+    /// (`welcomed`: generation, durable seq): within what this stream sent and kept.
+    pub(super) fn check(&self, welcomed: &[(String, u64)]) -> Result<(), String> {
+        for (i, (generation, durable)) in welcomed.iter().enumerate() {
+            if *generation != self.generations[i] {
+                return Err("the server holds another copy of the disks".into());
+            }
+            let first =
+                self.unacked.iter().find(|(d, _)| *d == i).map_or(self.next_seq[i].0, |(_, b)| b.first_seq);
+            if *durable + 1 < first || *durable >= self.next_seq[i].0 {
+                return Err(format!(
+                    "the server's journal ends at record {durable}, outside what this agent sent and \
+                     kept (records {first} to {})",
+                    self.next_seq[i].0 - 1
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The batches the server's journal lacks (`welcomed`, checked): sent again first.
+    fn again(&mut self, welcomed: &[(String, u64)]) -> Vec<pb::Batch> {
+        let mut again = Vec::new();
+        let kept = std::mem::take(&mut self.unacked);
+        self.unacked_bytes = 0;
+        for (disk, mut b) in kept {
+            let durable = welcomed[disk].1;
+            let skip = usize::try_from((durable + 1).saturating_sub(b.first_seq)).unwrap_or(usize::MAX);
+            if skip >= b.records.len() {
+                continue;
+            }
+            if skip > 0 {
+                b.records.drain(..skip);
+                if !b.times_ms.is_empty() {
+                    b.times_ms.drain(..skip);
+                }
+                b.first_seq = durable + 1;
+            }
+            again.push(b.clone());
+            self.keep(disk, b);
+        }
+        again
+    }
+
+    /// Stops the streaming thread (every item it took is sent or dropped with the log);
+    /// its error, if it ended with one.
+    pub(super) async fn close(mut self) -> Result<(), String> {
+        self.cancel.cancel();
+        // A thread blocked on a full channel wakes when the receiver goes.
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        drop(std::mem::replace(&mut self.events, rx));
+        let Some(t) = self.thread.take() else { return Ok(()) };
+        match tokio::task::spawn_blocking(move || t.join()).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Err(_)) => Err("the streaming thread panicked".into()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 
 impl Session {
     pub(super) async fn run_nbd(&mut self) -> Result<(), SessionError> {
         let Some(tracker) = self.tracker.clone() else { return Ok(()) };
-        let _stop = StopLogging(tracker.clone());
+        if self.log.is_some() {
+            self.resume_log(&tracker).await?;
+        } else {
+            self.resync(&tracker).await?;
+        }
+        let Some(mut log) = self.log.take() else { return Ok(()) };
+        let streamed = self.stream(&tracker, &mut log).await;
+        log.next_seq = self.next_seq.clone();
+        match streamed {
+            // The session's end decides whether the log goes on (see `end_log`).
+            Ok(Streamed::Done) => {
+                self.log = Some(log);
+                Ok(())
+            }
+            Err(e) => {
+                self.log = Some(log);
+                Err(e)
+            }
+            // A new session: the server says what it holds past the saved state, and the
+            // hot extents are compared.
+            Ok(Streamed::Resync) => {
+                drop(log.close().await);
+                Err(Status::unavailable(
+                    "the change log was dropped; reconnecting to compare the hot extents with the server's copy",
+                )
+                .into())
+            }
+            Ok(Streamed::Stopped) => match log.close().await {
+                Err(e) => Err(Status::unavailable(e).into()),
+                Ok(()) => Ok(()),
+            },
+        }
+    }
+
+    /// Whether a log carried over from a dropped link goes on in this session: the server
+    /// holds the same copies, and its journal ends within what the log sent and kept. If
+    /// not, the log stops here (the session compares the hot extents and starts it anew).
+    pub(super) async fn carry_on(&mut self, welcome: &pb::Welcome) -> bool {
+        let Some(log) = self.log.as_ref() else { return false };
+        let check = if welcome.hashes_follow.is_empty() {
+            log.check(&self.welcomed)
+        } else {
+            Err("the server sends its block hashes: it does not know this agent's state".into())
+        };
+        match check {
+            Ok(()) => {
+                info!(vm = %self.config.vm, server = %self.config.server, "connected again; replicating");
+                true
+            }
+            Err(why) => {
+                info!(reason = %why, "the change log cannot go on where the server's journal ends; \
+                    comparing the extents written since the last committed point");
+                if let Some(log) = self.log.take() {
+                    drop(log.close().await);
+                }
+                if let Some(t) = &self.tracker {
+                    t.stop_logging();
+                }
+                false
+            }
+        }
+    }
+
+    /// A log carried over from a dropped link goes on where the server's journal ends
+    /// (`welcome` checked that it can): the batches the journal lacks are sent again.
+    async fn resume_log(&mut self, tracker: &Arc<Tracker>) -> Result<(), SessionError> {
+        let Some(log) = self.log.as_mut() else { return Ok(()) };
+        let again = log.again(&self.welcomed);
+        let bytes: usize = again.iter().map(payload_bytes).sum();
+        let stats = tracker.stats();
+        info!(
+            records = again.iter().map(|b| b.records.len()).sum::<usize>(),
+            bytes,
+            backlog_bytes = stats.queued_bytes as u64 + stats.spilled_bytes,
+            "the server is back: the change log goes on where its journal ends, nothing compared"
+        );
+        self.next_seq = log.next_seq.clone();
+        self.shared = Some(log.shared.clone());
+        let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
+        for b in again {
+            self.send_numbered(b, &mut limiter).await?;
+        }
+        Ok(())
+    }
+
+    /// Compares what may differ from the server's copy while the log runs, then starts
+    /// the log's stream.
+    async fn resync(&mut self, tracker: &Arc<Tracker>) -> Result<(), SessionError> {
         // The log runs before the hot extents are read: a write is in one or the other.
         tracker.start_logging();
         for (i, (d, r)) in self.config.disks.iter().zip(&mut self.regions).enumerate() {
@@ -75,7 +292,7 @@ impl Session {
                 );
                 self.resync_urgent = true;
             }
-            self.report_tracking(&tracker, true).await?;
+            self.report_tracking(tracker, true).await?;
             if let Err(e) = self.attempt(false, true).await? {
                 return Err(Status::internal(e).into());
             }
@@ -99,43 +316,68 @@ impl Session {
         );
         let shared: SharedStates = Arc::new(Mutex::new(std::mem::take(&mut self.states)));
         self.shared = Some(shared.clone());
-        let (ev_tx, mut ev_rx) = mpsc::channel::<LogEvent>(4);
-        let cancel = self.shutdown.child_token();
+        let (ev_tx, events) = mpsc::channel::<LogEvent>(4);
+        // Not the session's: the stream outlives a dropped link.
+        let cancel = tokio_util::sync::CancellationToken::new();
         let (t, c, st) = (tracker.clone(), cancel.clone(), shared.clone());
         let names: Vec<String> = self.config.disks.iter().map(|d| d.name.to_string()).collect();
         // Its own thread: it runs at a lower priority than the VM's writes.
-        let streamer = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("tern-stream".into())
             .spawn(move || stream::run(&t, &names, &st, &ev_tx, &c))
             .map_err(|e| Status::internal(format!("cannot start the streaming thread: {e}")))?;
-        let streamed = self.stream(&tracker, &mut ev_rx).await;
-        cancel.cancel();
-        drop(ev_rx);
-        let joined = tokio::task::spawn_blocking(move || streamer.join())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|_| Status::internal("the streaming thread panicked"))?;
-        match (streamed?, joined) {
-            (_, Err(e)) => Err(Status::unavailable(e.to_string()).into()),
-            (Streamed::Done, Ok(())) => Ok(()),
-            // A new session: the server says what it holds past the saved state, and the
-            // hot extents are compared.
-            (Streamed::Resync, Ok(())) => Err(Status::unavailable(
-                "the change log was dropped; reconnecting to compare the hot extents with the server's copy",
-            )
-            .into()),
+        self.log = Some(LogStream {
+            events,
+            thread: Some(thread),
+            cancel,
+            shared,
+            next_seq: self.next_seq.clone(),
+            generations: self.welcomed.iter().map(|w| w.0.clone()).collect(),
+            unacked: std::collections::VecDeque::new(),
+            unacked_bytes: 0,
+        });
+        Ok(())
+    }
+
+    /// The session ends: its log's stream goes on when only the link dropped (the next
+    /// session resumes it), else it stops, and the log with it.
+    pub(super) async fn end_log(
+        &mut self,
+        tracker: &Arc<Tracker>,
+        result: &Result<(), SessionError>,
+    ) -> Option<LogStream> {
+        let link_dropped = match result {
+            Ok(()) => false,
+            Err(SessionError::Status(s)) => !crate::is_permanent(s.code()),
+            Err(SessionError::StreamClosed) => true,
+        };
+        if let Some(log) = self.log.take() {
+            if link_dropped && !self.shutdown.is_cancelled() && tracker.logging() {
+                let stats = tracker.stats();
+                info!(
+                    backlog_bytes = stats.queued_bytes as u64 + stats.spilled_bytes,
+                    unacked_bytes = log.unacked_bytes,
+                    "the process server is away: the change log goes on, in memory and then in \
+                     the state directory (up to --spill-max), and is sent once the server is back"
+                );
+                return Some(log);
+            }
+            drop(log.close().await);
         }
+        tracker.stop_logging();
+        None
     }
 
     /// Sends the log's records and points until the session ends or the log is dropped.
     async fn stream(
         &mut self,
         tracker: &Arc<Tracker>,
-        events: &mut mpsc::Receiver<LogEvent>,
+        log: &mut LogStream,
     ) -> Result<Streamed, SessionError> {
         let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
         let mut report = tokio::time::interval(REPORT_EVERY);
         loop {
+            self.settle_acks(log);
             let Some((final_point, wanted)) = self.turn().await? else { return Ok(Streamed::Done) };
             let now = Due::now();
             // A dropped log takes no marks: the session ends on the reader's word, and
@@ -155,13 +397,27 @@ impl Session {
                 _ = tokio::time::sleep_until(due), if idle && !self.stood_down => {}
                 _ = report.tick() => self.report_tracking(tracker, false).await?,
                 m = self.inbound.message() => self.inbox.take(m?)?,
-                ev = events.recv() => match ev {
-                    Some(LogEvent::Batch { disk, records, times }) => self.send_batch(disk, records, times, &mut limiter).await?,
+                // Sent batches are kept until acked: past a bound, the acks come first.
+                ev = log.events.recv(), if log.unacked_bytes < UNACKED_MAX => match ev {
+                    Some(LogEvent::Batch { disk, records, times }) => {
+                        let batch = self.number(disk, records, times);
+                        log.keep(disk, batch.clone());
+                        self.send_numbered(batch, &mut limiter).await?;
+                    }
                     Some(LogEvent::Mark { id, fingerprints }) => self.send_point(id, fingerprints).await?,
                     Some(LogEvent::Overflowed) => return Ok(Streamed::Resync),
                     // The streaming thread ended: its error is returned by run_nbd.
-                    None => return Ok(Streamed::Done),
+                    None => return Ok(Streamed::Stopped),
                 },
+            }
+        }
+    }
+
+    /// The server's acks let go of the batches they cover.
+    fn settle_acks(&mut self, log: &mut LogStream) {
+        for (name, seq) in self.inbox.durable.drain() {
+            if let Some(i) = self.config.disks.iter().position(|d| d.name.as_str() == name) {
+                log.acked(i, seq);
             }
         }
     }

@@ -292,33 +292,90 @@ fn a_test_failover_to_any_time_between_two_points_is_the_disk_at_that_moment() {
     assert!(text.contains(" written, between points "), "{text}");
 }
 
+/// Random 4 KiB writes into `[8, 16)` MiB for `secs`, one every `gap_ms`, then a flush.
+fn churn(uri: &str, secs: u64, gap_ms: u64, seed: u64) -> std::process::Child {
+    let script = format!(
+        "import random, time\nr = random.Random({seed})\nend = time.time() + {secs}\nwhile time.time() < end:\n    \
+         h.pwrite(bytes([r.randrange(1, 256)]) * 4096, r.randrange(8 * 256, 16 * 256) * 4096)\n    \
+         time.sleep({gap})\nh.flush()",
+        gap = gap_ms as f64 / 1000.0
+    );
+    nbdsh(uri, &script).spawn().unwrap()
+}
+
+/// Waits until the agent's log has `needle` (`what` for the failure message).
+fn wait_log(agent: &Agent, needle: &str, what: &str, within: Duration) {
+    deadline_poll(what, within, || agent.log_text().contains(needle).then_some(()));
+}
+
+/// `mib` MiB of random data written through the export from `from_mib` on, 256 KiB at a time.
+fn write_mib(uri: &str, from_mib: u64, mib: u64) {
+    let script = format!(
+        "import os\nfor i in range({n}):\n    h.pwrite(os.urandom(262144), {from} + i * 262144)\nh.flush()",
+        n = mib * 4,
+        from = from_mib << 20
+    );
+    run_ok(&mut nbdsh(uri, &script)).unwrap();
+}
+
+/// The process server away while the VM writes: the change log goes on, in memory and then
+/// in the state directory. Back within `--spill-max`, the log goes on where the server's
+/// journal ends (nothing compared, every write in order); past it, the log is dropped, the
+/// extents written are the dirty map, and only those are compared.
 #[test]
-fn writes_made_while_the_server_is_away_are_sent_once_it_is_back() {
+fn the_log_goes_on_through_a_server_outage_then_past_its_spill_the_written_extents_are_compared() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    // With the server gone the session ends and the log with it: the agent keeps track of
-    // the writes as extents marked hot (the spill is for a session that is up but slower
-    // than the writes: the two tests after this one).
-    let mut vm = protect_nbd(root, 64, 2, &[]);
-    // The VM writes before, during and after an outage of a minute: its writes never wait
-    // for the network.
-    let churn = "import random, time\nr = random.Random(5)\nend = time.time() + 66\nwhile time.time() < end:\n    h.pwrite(bytes([r.randrange(1, 256)]) * 4096, r.randrange(8 * 256, 16 * 256) * 4096)\n    time.sleep(0.003)\nh.flush()";
-    let mut writer = nbdsh(&vm.uri, churn).spawn().unwrap();
+    let mut vm = protect_nbd(root, 256, 2, &["--log-buffer", "1MiB", "--spill-max", "16MiB"]);
+    let spill = root.join("db-state").join("spill.log");
+    let spilled = || std::fs::metadata(&spill).map(|m| m.len()).unwrap_or(0);
+
+    // A short outage under churn: the log spills, and is sent once the server is back.
+    let mut writer = churn(&vm.uri, 10, 3, 5);
+    std::thread::sleep(Duration::from_millis(500));
+    vm.server.kill9();
+    // 8 MiB: more than the log's memory and what the streaming thread holds for the link.
+    write_mib(&vm.uri, 24, 8);
+    let during = spilled();
+    assert!(during > 1 << 20, "{during} bytes in the spill");
+    vm.server.start();
+    wait_log(
+        &vm.agent,
+        "the change log goes on where its journal ends",
+        "the log to go on",
+        Duration::from_secs(30),
+    );
+    assert!(writer.wait().unwrap().success());
+    let point = vm.server.checkpoint("db");
+    let (hash, _) = test_failover(&vm.server, root, &point);
+    assert_eq!(hash, b3(&vm.disk, None), "{}", tail(&vm.agent.log_text(), 20));
+    let log = vm.agent.log_text();
+    assert!(hot_mib_compared(&log).is_empty(), "nothing is compared:\n{}", tail(&log, 20));
+    assert!(!log.contains("dropping it"), "{}", tail(&log, 20));
+    assert_eq!(spilled(), 0, "the spill ({during} bytes while the server was away) is sent and emptied");
+    vm.server.drctl_json(&["test-failover-cleanup", "db"]);
+
+    // An outage of a minute under churn, with more writes than the log and its spill hold:
+    // the log is dropped, and once the server is back the extents written are compared.
+    let mut writer = churn(&vm.uri, 66, 3, 6);
     std::thread::sleep(Duration::from_millis(500));
     vm.server.kill9();
     let down = std::time::Instant::now();
-    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 20M 4M", "-c", "flush", &vm.uri]))
-        .unwrap();
+    write_mib(&vm.uri, 40, 8);
+    assert!(spilled() > 1 << 20, "{} bytes in the spill", spilled());
+    write_mib(&vm.uri, 48, 16);
+    wait_log(&vm.agent, "dropping it", "the log to pass its spill", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(60).saturating_sub(down.elapsed()));
     vm.server.start();
     assert!(writer.wait().unwrap().success());
     let point = vm.server.checkpoint("db");
     let (hash, _) = test_failover(&vm.server, root, &point);
     assert_eq!(hash, b3(&vm.disk, None));
-    // The reconnect compared the extents written since the last point, not the disk.
     let log = vm.agent.log_text();
+    assert!(log.contains("the change log was dropped while the server was away"), "{}", tail(&log, 20));
+    // Written since the last committed point: [8, 16) by the churn, [24, 32) and [40, 64).
     let hot = hot_mib_compared(&log);
-    assert!(hot.last().is_some_and(|&h| h <= 12), "hot MiB compared: {hot:?}\n{}", tail(&log, 20));
+    assert!(hot.last().is_some_and(|&h| h <= 40), "hot MiB compared: {hot:?}\n{}", tail(&log, 20));
 }
 
 #[test]
