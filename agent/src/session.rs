@@ -52,17 +52,6 @@ pub(crate) async fn session(
 ) -> Result<(), Status> {
     // --mode nbd: writes held for a multi-VM barrier go on however the session ends.
     let _release = tracker.clone().map(nbd::ReleaseHold);
-    let channel = pb::connect(&config.server, &config.identity).await.map_err(status_of)?;
-    let mut client = pb::replication_client::ReplicationClient::new(channel)
-        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
-    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
-    let cfg = config.clone();
-    let saved: Vec<Option<DiskState>> = tokio::task::spawn_blocking(move || {
-        cfg.disks.iter().map(|d| DiskState::open_saved(&cfg.state_dir, d.name.as_str(), d.size)).collect()
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))?;
     // A log carried over from a dropped link goes on only if it still runs.
     if let (Some(t), Some(log)) = (&tracker, carried.as_ref())
         && !log.alive(t)
@@ -76,6 +65,17 @@ pub(crate) async fn session(
         }
         t.stop_logging();
     }
+    let channel = pb::connect(&config.server, &config.identity).await.map_err(status_of)?;
+    let mut client = pb::replication_client::ReplicationClient::new(channel)
+        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
+    let cfg = config.clone();
+    let saved: Vec<Option<DiskState>> = tokio::task::spawn_blocking(move || {
+        cfg.disks.iter().map(|d| DiskState::open_saved(&cfg.state_dir, d.name.as_str(), d.size)).collect()
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?;
     let claims: Vec<Option<(String, u64)>> = match carried.as_ref() {
         Some(log) => log.claims().into_iter().map(Some).collect(),
         None => saved.iter().map(|s| s.as_ref().map(|s| (s.generation.clone(), s.seq.0))).collect(),
@@ -119,17 +119,18 @@ pub(crate) async fn session(
         }
     }
     .await;
-    if let Some(t) = &tracker {
-        *carried = s.end_log(t, &result).await;
-    }
-    match result {
+    let result = match result {
         Ok(()) => Ok(()),
         Err(SessionError::Status(status)) => Err(status),
         // The server's reason (storage full, a refused batch) is in the stream's status.
         Err(SessionError::StreamClosed) => Err(server_reason(&mut s.inbound)
             .await
             .unwrap_or_else(|| Status::unavailable("the stream to the process server closed"))),
+    };
+    if let Some(t) = &tracker {
+        *carried = s.end_log(t, &result).await;
     }
+    result
 }
 
 /// `claims`: per disk, the state the agent has of the server's copy (generation, seq).
@@ -278,7 +279,16 @@ impl Session {
                     .map_or((String::new(), 0), |w| (w.generation.clone(), w.durable_seq))
             })
             .collect();
-        if self.carry_on(&welcome).await {
+        if self.log.is_some() {
+            if !self.carry_on(&welcome).await {
+                // The Hello claimed the log's state: the next one claims the saved state,
+                // read once the log has stopped, and the server answers for that.
+                return Err(Status::unavailable(
+                    "the change log cannot go on where the server's journal ends; reconnecting to \
+                     compare the extents written since the last committed point",
+                )
+                .into());
+            }
             self.schedule = Schedule::from_policy(welcome.policy.as_ref(), self.config.interval);
             (self.due_crash, self.due_app) = self.schedule.due(Due::now(), true);
             return Ok(());
@@ -435,7 +445,8 @@ impl Session {
     async fn serve_shutdown_request(&mut self) -> Result<Option<u64>, SessionError> {
         // A point on its way first (nbd mode: a mark being hashed): the final point
         // follows it.
-        if self.awaiting_point.is_some() || self.pending_mark.is_some() {
+        let marking = self.tracker.as_ref().is_some_and(|t| t.marking());
+        if self.awaiting_point.is_some() || self.pending_mark.is_some() || marking {
             return Ok(None);
         }
         let Some(id) = self.inbox.shutdown.take() else { return Ok(None) };

@@ -406,6 +406,11 @@ impl Tracker {
         self.mark_and_hold(false)
     }
 
+    /// A mark's hashes are still being taken (its point is not out yet).
+    pub fn marking(&self) -> bool {
+        self.lock().snapshot.is_some()
+    }
+
     /// Releases the writes a [`Tracker::mark_and_hold`] held.
     pub fn release_hold(&self) {
         self.lock().held = false;

@@ -46,6 +46,8 @@ enum Streamed {
 /// Sent batches kept for their ack at most: past this the session waits for acks before
 /// it sends more (the log's memory, then its spill, takes the writes meanwhile).
 const UNACKED_MAX: usize = 32 << 20;
+/// With that much unacked, no message from the server for this long ends the session.
+const ACK_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Releases the writes a multi-VM barrier holds when the session ends, however it ends.
 pub(super) struct ReleaseHold(pub(super) Arc<Tracker>);
@@ -219,7 +221,7 @@ impl Session {
 
     /// Whether a log carried over from a dropped link goes on in this session: the server
     /// holds the same copies, and its journal ends within what the log sent and kept. If
-    /// not, the log stops here (the session compares the hot extents and starts it anew).
+    /// not, the log stops here (and the next session compares the hot extents).
     pub(super) async fn carry_on(&mut self, welcome: &pb::Welcome) -> bool {
         let Some(log) = self.log.as_ref() else { return false };
         let check = if welcome.hashes_follow.is_empty() {
@@ -344,13 +346,22 @@ impl Session {
     pub(super) async fn end_log(
         &mut self,
         tracker: &Arc<Tracker>,
-        result: &Result<(), SessionError>,
+        result: &Result<(), Status>,
     ) -> Option<LogStream> {
-        let link_dropped = match result {
-            Ok(()) => false,
-            Err(SessionError::Status(s)) => !crate::is_permanent(s.code()),
-            Err(SessionError::StreamClosed) => true,
-        };
+        // Only a lost link, or a server that cannot take records for now: a refusal (a
+        // batch that fails verification, a gap) would be refused again if sent again,
+        // where a resync reads the disk afresh.
+        let link_dropped = result.as_ref().is_err_and(|s| {
+            matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Aborted
+                    | tonic::Code::ResourceExhausted
+            )
+        });
         if let Some(log) = self.log.take() {
             if link_dropped && !self.shutdown.is_cancelled() && tracker.logging() {
                 let stats = tracker.stats();
@@ -381,8 +392,13 @@ impl Session {
             let Some((final_point, wanted)) = self.turn().await? else { return Ok(Streamed::Done) };
             let now = Due::now();
             // A dropped log takes no marks: the session ends on the reader's word, and
-            // the requests are answered (or asked again) after the next resync.
-            let idle = self.awaiting_point.is_none() && self.pending_mark.is_none() && tracker.logging();
+            // the requests are answered (or asked again) after the next resync. Nor does a
+            // log still on its way to the mark of a session whose link dropped: requests
+            // wait for it.
+            let idle = self.awaiting_point.is_none()
+                && self.pending_mark.is_none()
+                && tracker.logging()
+                && !tracker.marking();
             if idle && final_point.is_none() && self.inbox.barrier.is_some() {
                 self.barrier_mark(tracker).await?;
                 continue;
@@ -397,6 +413,16 @@ impl Session {
                 _ = tokio::time::sleep_until(due), if idle && !self.stood_down => {}
                 _ = report.tick() => self.report_tracking(tracker, false).await?,
                 m = self.inbound.message() => self.inbox.take(m?)?,
+                // Acks that stop coming while the bound holds the log back: the next
+                // session's Welcome says where the server's journal ends.
+                () = tokio::time::sleep(ACK_STALL), if log.unacked_bytes >= UNACKED_MAX => {
+                    return Err(Status::unavailable(format!(
+                        "no ack from the process server for {} s with {} MiB sent; reconnecting",
+                        ACK_STALL.as_secs(),
+                        log.unacked_bytes >> 20
+                    ))
+                    .into());
+                }
                 // Sent batches are kept until acked: past a bound, the acks come first.
                 ev = log.events.recv(), if log.unacked_bytes < UNACKED_MAX => match ev {
                     Some(LogEvent::Batch { disk, records, times }) => {
