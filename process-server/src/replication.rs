@@ -663,9 +663,16 @@ impl Sink for SessionWriter {
             self.ctx.relay.records_durable();
             self.ctx.hub.clear_error(&disk.vm);
             let ack = Ack { disk: disk.name.to_string(), durable_seq: durable.0 };
-            // Acks are cumulative: when the agent is slow to read them, a dropped one is
-            // superseded by the next, and the writer never waits on the agent.
-            let _ = self.out.try_send(msg(server_message::Msg::Ack(ack)));
+            // The writer never waits on the agent: when the agent is slow to read, the ack
+            // goes out as soon as there is room (acks are cumulative, so one that arrives
+            // after a later one changes nothing). It is never dropped: an agent in nbd mode
+            // keeps what it sent until acked, and waits for acks past a bound.
+            if let Err(tokio::sync::mpsc::error::TrySendError::Full(m)) =
+                self.out.try_send(msg(server_message::Msg::Ack(ack)))
+            {
+                let out = self.out.clone();
+                tokio::spawn(async move { drop(out.send(m).await) });
+            }
         }
     }
 }

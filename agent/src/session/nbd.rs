@@ -43,10 +43,7 @@ enum Streamed {
     Stopped,
 }
 
-/// Sent batches kept for their ack at most: past this the session waits for acks before
-/// it sends more (the log's memory, then its spill, takes the writes meanwhile).
-const UNACKED_MAX: usize = 32 << 20;
-/// With that much unacked, no message from the server for this long ends the session.
+/// With `--log-buffer` unacked, no message from the server for this long ends the session.
 const ACK_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Releases the writes a multi-VM barrier holds when the session ends, however it ends.
@@ -387,6 +384,10 @@ impl Session {
     ) -> Result<Streamed, SessionError> {
         let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
         let mut report = tokio::time::interval(REPORT_EVERY);
+        // Sent batches are kept until acked, up to the log's memory again: past it the
+        // session waits for acks before it sends more (the log's memory, then its spill,
+        // takes the writes meanwhile).
+        let unacked_max = self.config.nbd.as_ref().map_or(64 << 20, |m| m.log_buffer.max(4 << 20));
         loop {
             self.settle_acks(log);
             let Some((final_point, wanted)) = self.turn().await? else { return Ok(Streamed::Done) };
@@ -415,7 +416,7 @@ impl Session {
                 m = self.inbound.message() => self.inbox.take(m?)?,
                 // Acks that stop coming while the bound holds the log back: the next
                 // session's Welcome says where the server's journal ends.
-                () = tokio::time::sleep(ACK_STALL), if log.unacked_bytes >= UNACKED_MAX => {
+                () = tokio::time::sleep(ACK_STALL), if log.unacked_bytes >= unacked_max => {
                     return Err(Status::unavailable(format!(
                         "no ack from the process server for {} s with {} MiB sent; reconnecting",
                         ACK_STALL.as_secs(),
@@ -424,7 +425,7 @@ impl Session {
                     .into());
                 }
                 // Sent batches are kept until acked: past a bound, the acks come first.
-                ev = log.events.recv(), if log.unacked_bytes < UNACKED_MAX => match ev {
+                ev = log.events.recv(), if log.unacked_bytes < unacked_max => match ev {
                     Some(LogEvent::Batch { disk, records, times }) => {
                         let batch = self.number(disk, records, times);
                         log.keep(disk, batch.clone());
