@@ -75,9 +75,9 @@ enum Cmd {
         /// unix:STATE_DIR/nbd.sock). Export names are the disk names.
         #[arg(long)]
         nbd_listen: Option<String>,
-        /// --mode nbd: most bytes of writes held in memory while they wait to be sent
-        /// (past it the log goes on in the state directory), and again at most this many
-        /// sent and kept until the server acks them (so a dropped link loses none).
+        /// --mode nbd: most bytes of writes the change log holds in memory, from the write
+        /// until the server acks it durable (sent ones are kept, so a dropped link loses
+        /// none); past it the log goes on in the state directory.
         #[arg(long, default_value = "64MiB")]
         log_buffer: String,
         /// --mode nbd: most bytes of writes held in the state directory (spill.log);

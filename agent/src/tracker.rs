@@ -109,6 +109,9 @@ struct Inner {
     overflowed: bool,
     queue: VecDeque<Item>,
     queued_bytes: usize,
+    /// Bytes of writes sent and kept until the server acks them: the log's memory holds
+    /// them too.
+    unacked_bytes: usize,
     /// What changed since the last mark (or since logging started), per disk.
     dirty: Vec<Changes>,
     snapshot: Option<Snapshot>,
@@ -154,6 +157,7 @@ impl Inner {
     fn drop_log(&mut self) {
         self.queue.clear();
         self.queued_bytes = 0;
+        self.unacked_bytes = 0;
         self.backlog.iter_mut().for_each(|b| *b = 0);
         self.snapshot = None;
         if let Some(s) = &mut self.spill {
@@ -184,7 +188,7 @@ impl Inner {
         {
             *b += bytes as u64;
         }
-        if !self.spilling() && self.queued_bytes + bytes <= capacity {
+        if !self.spilling() && self.queued_bytes + self.unacked_bytes + bytes <= capacity {
             self.queued_bytes += bytes;
             self.queue.push_back(item);
             return Ok(());
@@ -404,6 +408,11 @@ impl Tracker {
     /// time (on the clock of the log's time items: every write before it is at or before).
     pub fn mark(&self) -> Option<(u64, i64)> {
         self.mark_and_hold(false)
+    }
+
+    /// Bytes of the log's writes sent and kept until acked (they share its memory).
+    pub fn set_unacked(&self, bytes: usize) {
+        self.lock().unacked_bytes = bytes;
     }
 
     /// A mark's hashes are still being taken (its point is not out yet).

@@ -204,6 +204,8 @@ impl Session {
             // hot extents are compared.
             Ok(Streamed::Resync) => {
                 drop(log.close().await);
+                // The dropped log's buffers go back to the system before the resync reads.
+                crate::release_free_memory();
                 Err(Status::unavailable(
                     "the change log was dropped; reconnecting to compare the hot extents with the server's copy",
                 )
@@ -250,6 +252,7 @@ impl Session {
     async fn resume_log(&mut self, tracker: &Arc<Tracker>) -> Result<(), SessionError> {
         let Some(log) = self.log.as_mut() else { return Ok(()) };
         let again = log.again(&self.welcomed);
+        tracker.set_unacked(log.unacked_bytes);
         let bytes: usize = again.iter().map(payload_bytes).sum();
         let stats = tracker.stats();
         info!(
@@ -389,7 +392,7 @@ impl Session {
         // takes the writes meanwhile).
         let unacked_max = self.config.nbd.as_ref().map_or(64 << 20, |m| m.log_buffer.max(4 << 20));
         loop {
-            self.settle_acks(log);
+            self.settle_acks(tracker, log);
             let Some((final_point, wanted)) = self.turn().await? else { return Ok(Streamed::Done) };
             let now = Due::now();
             // A dropped log takes no marks: the session ends on the reader's word, and
@@ -429,6 +432,7 @@ impl Session {
                     Some(LogEvent::Batch { disk, records, times }) => {
                         let batch = self.number(disk, records, times);
                         log.keep(disk, batch.clone());
+                        tracker.set_unacked(log.unacked_bytes);
                         self.send_numbered(batch, &mut limiter).await?;
                     }
                     Some(LogEvent::Mark { id, fingerprints }) => self.send_point(id, fingerprints).await?,
@@ -441,12 +445,16 @@ impl Session {
     }
 
     /// The server's acks let go of the batches they cover.
-    fn settle_acks(&mut self, log: &mut LogStream) {
+    fn settle_acks(&mut self, tracker: &Tracker, log: &mut LogStream) {
+        if self.inbox.durable.is_empty() {
+            return;
+        }
         for (name, seq) in self.inbox.durable.drain() {
             if let Some(i) = self.config.disks.iter().position(|d| d.name.as_str() == name) {
                 log.acked(i, seq);
             }
         }
+        tracker.set_unacked(log.unacked_bytes);
     }
 
     /// Marks the log for a point: frozen around the mark when app-consistent.
