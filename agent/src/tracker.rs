@@ -12,10 +12,12 @@
 //! hashes the block's old content first (copy-before-write, of a hash only), so the hashes
 //! are the mark's whatever happens after it.
 //!
-//! The log is bounded (`--log-buffer`): when the process server is away or slower than the
-//! writes, the log is dropped, and the next session compares the disks with what the
-//! server holds (a resync) before it streams again. Nothing written is ever lost: the disk
-//! holds it, and a resync sends whatever differs.
+//! The log's memory is bounded (`--log-buffer`, counting the writes sent and not yet
+//! acked too): when the process server is away or slower than the writes, the log goes on
+//! in the state directory (`spill.log`, up to `--spill-max`), through a dropped link too.
+//! Past that the log is dropped, and the next session compares the hot extents with what
+//! the server holds (a resync) before it streams again. Nothing written is ever lost: the
+//! disk holds it, and a resync sends whatever differs.
 
 use crate::activity::{ActivityLog, EXTENT};
 use crate::changes::{Changes, RangeSet, Update};

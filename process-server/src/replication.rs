@@ -627,6 +627,56 @@ struct SessionWriter {
     vm: VmName,
     out: crate::hub::Outbound,
     initial: InitialSync,
+    late: Arc<LateAcks>,
+}
+
+/// Acks that found the agent's queue full: the newest per disk (acks are cumulative), sent
+/// by at most one task once there is room. Never dropped: an agent in nbd mode keeps what
+/// it sent until acked, and waits for acks past a bound.
+#[derive(Default)]
+struct LateAcks {
+    newest: std::sync::Mutex<HashMap<String, u64>>,
+    sending: std::sync::atomic::AtomicBool,
+}
+
+impl LateAcks {
+    fn newest(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.newest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(self: &Arc<Self>, ack: Ack, out: &crate::hub::Outbound) {
+        {
+            let mut newest = self.newest();
+            let seq = newest.entry(ack.disk).or_default();
+            *seq = (*seq).max(ack.durable_seq);
+        }
+        if !self.sending.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tokio::spawn(self.clone().send(out.clone()));
+        }
+    }
+
+    async fn send(self: Arc<Self>, out: crate::hub::Outbound) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let acks: Vec<(String, u64)> = self.newest().drain().collect();
+            if acks.is_empty() {
+                self.sending.store(false, Ordering::Release);
+                // One pushed between the drain and the store found a sender running: look
+                // again, unless a new sender took it.
+                if self.newest().is_empty() || self.sending.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                continue;
+            }
+            for (disk, durable_seq) in acks {
+                let ack = Ack { disk, durable_seq };
+                // The session is over: nobody is left to ack.
+                if out.send(msg(server_message::Msg::Ack(ack))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Sink for SessionWriter {
@@ -664,14 +714,12 @@ impl Sink for SessionWriter {
             self.ctx.hub.clear_error(&disk.vm);
             let ack = Ack { disk: disk.name.to_string(), durable_seq: durable.0 };
             // The writer never waits on the agent: when the agent is slow to read, the ack
-            // goes out as soon as there is room (acks are cumulative, so one that arrives
-            // after a later one changes nothing). It is never dropped: an agent in nbd mode
-            // keeps what it sent until acked, and waits for acks past a bound.
-            if let Err(tokio::sync::mpsc::error::TrySendError::Full(m)) =
-                self.out.try_send(msg(server_message::Msg::Ack(ack)))
+            // goes out later, and is never dropped.
+            if let Err(tokio::sync::mpsc::error::TrySendError::Full(Ok(ServerMessage {
+                msg: Some(server_message::Msg::Ack(ack)),
+            }))) = self.out.try_send(msg(server_message::Msg::Ack(ack)))
             {
-                let out = self.out.clone();
-                tokio::spawn(async move { drop(out.send(m).await) });
+                self.late.push(ack, &self.out);
             }
         }
     }
@@ -692,7 +740,8 @@ async fn write_loop(
     initial: InitialSync,
 ) {
     let gc = GroupCommit::new(ctx.store.clone(), Site::ProcessServer);
-    let writer = SessionWriter { ctx: ctx.clone(), vm: vm.clone(), out: out.clone(), initial };
+    let writer =
+        SessionWriter { ctx: ctx.clone(), vm: vm.clone(), out: out.clone(), initial, late: Arc::default() };
     if let Err(status) = commit::write_loop(rx, writer, gc).await {
         count_error(&vm, &status);
         warn!(vm = %vm, error = %status.message(), "replication session ends");

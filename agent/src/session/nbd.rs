@@ -390,9 +390,16 @@ impl Session {
         // Sent batches are kept until acked, up to the log's memory again: past it the
         // session waits for acks before it sends more (the log's memory, then its spill,
         // takes the writes meanwhile).
-        let unacked_max = self.config.nbd.as_ref().map_or(64 << 20, |m| m.log_buffer.max(4 << 20));
+        let unacked_max = self.config.nbd.as_ref().map_or(64 << 20, |m| m.log_buffer);
+        // At the bound: when the session gives up on acks that stopped coming.
+        let mut stall_at: Option<Due> = None;
         loop {
-            self.settle_acks(tracker, log);
+            let freed = self.settle_acks(tracker, log);
+            if log.unacked_bytes < unacked_max {
+                stall_at = None;
+            } else if freed || stall_at.is_none() {
+                stall_at = Some(Due::now() + ACK_STALL);
+            }
             let Some((final_point, wanted)) = self.turn().await? else { return Ok(Streamed::Done) };
             let now = Due::now();
             // A dropped log takes no marks: the session ends on the reader's word, and
@@ -419,7 +426,7 @@ impl Session {
                 m = self.inbound.message() => self.inbox.take(m?)?,
                 // Acks that stop coming while the bound holds the log back: the next
                 // session's Welcome says where the server's journal ends.
-                () = tokio::time::sleep(ACK_STALL), if log.unacked_bytes >= unacked_max => {
+                () = tokio::time::sleep_until(stall_at.unwrap_or(due)), if stall_at.is_some() => {
                     return Err(Status::unavailable(format!(
                         "no ack from the process server for {} s with {} MiB sent; reconnecting",
                         ACK_STALL.as_secs(),
@@ -444,17 +451,19 @@ impl Session {
         }
     }
 
-    /// The server's acks let go of the batches they cover.
-    fn settle_acks(&mut self, tracker: &Tracker, log: &mut LogStream) {
+    /// The server's acks let go of the batches they cover; whether they let go of any.
+    fn settle_acks(&mut self, tracker: &Tracker, log: &mut LogStream) -> bool {
         if self.inbox.durable.is_empty() {
-            return;
+            return false;
         }
+        let before = log.unacked_bytes;
         for (name, seq) in self.inbox.durable.drain() {
             if let Some(i) = self.config.disks.iter().position(|d| d.name.as_str() == name) {
                 log.acked(i, seq);
             }
         }
         tracker.set_unacked(log.unacked_bytes);
+        log.unacked_bytes < before
     }
 
     /// Marks the log for a point: frozen around the mark when app-consistent.
