@@ -71,11 +71,24 @@ pub(crate) async fn session(
         .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
     let cfg = config.clone();
-    let saved: Vec<Option<DiskState>> = tokio::task::spawn_blocking(move || {
-        cfg.disks.iter().map(|d| DiskState::open_saved(&cfg.state_dir, d.name.as_str(), d.size)).collect()
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))?;
+    // A carried log's session never reads the saved state: it goes on, or it ends and the
+    // next one reads the state afresh.
+    let carrying = carried.is_some();
+    let saved: Vec<Option<DiskState>> =
+        tokio::task::spawn_blocking(move || {
+            cfg.disks
+                .iter()
+                .map(|d| {
+                    if carrying {
+                        None
+                    } else {
+                        DiskState::open_saved(&cfg.state_dir, d.name.as_str(), d.size)
+                    }
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
     let claims: Vec<Option<(String, u64)>> = match carried.as_ref() {
         Some(log) => log.claims().into_iter().map(Some).collect(),
         None => saved.iter().map(|s| s.as_ref().map(|s| (s.generation.clone(), s.seq.0))).collect(),
