@@ -70,6 +70,10 @@ echo "caught up (a point after the writes) $(calc "$(now)-$t0") s after they sto
 echo "== RPO: a 1 s crash interval, fio writing $RATE/s of random 4 KiB for ${RPO_SECS}s"
 "$B/drctl" policy set db --crash-interval 1s >/dev/null
 sleep 2
+# The peak RSS of the steady run alone (5: reset the peak, Linux 4.0 on); what the burst
+# before left in the heap stays counted.
+RSS_BURST=$(hwm $AGENT)
+echo 5 >"/proc/$AGENT/clear_refs" 2>/dev/null || true
 fio --name=r --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=16 --size="${IMAGE_MIB}M" \
   --time_based --runtime="$RPO_SECS" --rate="$RATE" >/dev/null 2>&1 &
 FIO=$!
@@ -92,7 +96,8 @@ v = sorted(float(x) for x in open('$W/lags'))
 q = lambda p: v[min(len(v) - 1, int(p * len(v)))]
 print(f'{q(0.5):.2f} {q(0.99):.2f} {v[-1]:.2f} {len(v)}')")
 read -r P50 P99 PMAX N <<<"$RPO"
-RSS=$(hwm $AGENT)
+RSS_STEADY=$(hwm $AGENT)
+RSS=$(python3 -c "print(max($RSS_BURST, $RSS_STEADY))")
 RATE_GB=$(python3 -c "r='$RATE'; m={'k':1e3,'m':1e6,'g':1e9}; print(float(r[:-1]) * m[r[-1].lower()] * $RPO_SECS / 1e9)")
 echo "point lag over $N samples: p50 ${P50}s p99 ${P99}s max ${PMAX}s; agent CPU $(calc "$c1-$c0") s for $(calc "$RATE_GB") GB"
 
@@ -103,5 +108,6 @@ echo "| random 4 KiB writes, iodepth 16 (IOPS) | ${T_RAND% *} | ${Q_RAND% *} | $
 echo "| sequential 1 MiB writes (MB/s) | ${T_SEQ#* } | ${Q_SEQ#* } | $(calc "${T_SEQ#* }/${Q_SEQ#* }") | >= 0.8 |"
 echo "| point lag p99 at $RATE/s, 1 s interval (s) | $P99 | | | <= 2 |"
 echo "| agent peak RSS (MiB; log buffer 64 MiB) | $RSS | | | <= 64 + buffers |"
+echo "| agent peak RSS in the RPO run alone (MiB) | $RSS_STEADY | | | <= 64 + buffers |"
 echo "| agent CPU-s per GB written (RPO run) | $(calc "($c1-$c0)/$RATE_GB") | | | |"
 echo "| change log dropped during the throughput runs | $DROPPED times | | | |"
