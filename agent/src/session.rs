@@ -52,43 +52,17 @@ pub(crate) async fn session(
 ) -> Result<(), Status> {
     // --mode nbd: writes held for a multi-VM barrier go on however the session ends.
     let _release = tracker.clone().map(nbd::ReleaseHold);
-    // A log carried over from a dropped link goes on only if it still runs.
-    if let (Some(t), Some(log)) = (&tracker, carried.as_ref())
-        && !log.alive(t)
-    {
-        info!(
-            "the change log was dropped while the server was away (past --spill-max, or the state \
-            directory is full); comparing the extents written since the last committed point"
-        );
-        if let Some(log) = carried.take() {
-            drop(log.close().await);
-        }
-        t.stop_logging();
+    if let Some(t) = &tracker {
+        nbd::LogStream::stop_if_dropped(carried, t).await;
     }
     let channel = pb::connect(&config.server, &config.identity).await.map_err(status_of)?;
     let mut client = pb::replication_client::ReplicationClient::new(channel)
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
-    let cfg = config.clone();
     // A carried log's session never reads the saved state: it goes on, or it ends and the
     // next one reads the state afresh.
-    let carrying = carried.is_some();
-    let saved: Vec<Option<DiskState>> =
-        tokio::task::spawn_blocking(move || {
-            cfg.disks
-                .iter()
-                .map(|d| {
-                    if carrying {
-                        None
-                    } else {
-                        DiskState::open_saved(&cfg.state_dir, d.name.as_str(), d.size)
-                    }
-                })
-                .collect()
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+    let saved = if carried.is_some() { Vec::new() } else { saved_states(&config).await? };
     let claims: Vec<Option<(String, u64)>> = match carried.as_ref() {
         Some(log) => log.claims().into_iter().map(Some).collect(),
         None => saved.iter().map(|s| s.as_ref().map(|s| (s.generation.clone(), s.seq.0))).collect(),
@@ -97,33 +71,7 @@ pub(crate) async fn session(
         .await
         .map_err(|_| Status::cancelled("stream closed"))?;
     let inbound = client.replicate(ReceiverStream::new(rx)).await?.into_inner();
-    let now = Due::now();
-    let mut s = Session {
-        inbox: Inbox { acked: progress.acked.clone(), ..Default::default() },
-        schedule: Schedule::from_policy(None, config.interval),
-        config,
-        shutdown,
-        tx,
-        inbound,
-        states: Vec::new(),
-        next_seq: Vec::new(),
-        due_crash: now,
-        due_app: now,
-        awaiting_point: None,
-        stood_down: false,
-        feeds: std::sync::Mutex::new(Vec::new()),
-        shared: None,
-        pending_mark: None,
-        resumed: Vec::new(),
-        resync_urgent: false,
-        regions: Vec::new(),
-        awaiting_mark: None,
-        tracker: tracker.clone(),
-        release_to: None,
-        held: None,
-        log: carried.take(),
-        welcomed: Vec::new(),
-    };
+    let mut s = Session::new(config, shutdown, tx, inbound, tracker.clone(), progress, carried.take());
     let result = async {
         s.welcome(saved, progress).await?;
         match tracker {
@@ -144,6 +92,16 @@ pub(crate) async fn session(
         *carried = s.end_log(t, &result).await;
     }
     result
+}
+
+/// Each disk's saved state in the state directory, if any.
+async fn saved_states(config: &Arc<Config>) -> Result<Vec<Option<DiskState>>, Status> {
+    let cfg = config.clone();
+    tokio::task::spawn_blocking(move || {
+        cfg.disks.iter().map(|d| DiskState::open_saved(&cfg.state_dir, d.name.as_str(), d.size)).collect()
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))
 }
 
 /// `claims`: per disk, the state the agent has of the server's copy (generation, seq).
@@ -241,6 +199,45 @@ struct Session {
 }
 
 impl Session {
+    /// A session just connected: nothing known of the server's copy yet.
+    fn new(
+        config: Arc<Config>,
+        shutdown: CancellationToken,
+        tx: mpsc::Sender<pb::AgentMessage>,
+        inbound: tonic::Streaming<pb::ServerMessage>,
+        tracker: Option<Arc<crate::tracker::Tracker>>,
+        progress: &Progress,
+        log: Option<nbd::LogStream>,
+    ) -> Session {
+        let now = Due::now();
+        Session {
+            inbox: Inbox { acked: progress.acked.clone(), ..Default::default() },
+            schedule: Schedule::from_policy(None, config.interval),
+            config,
+            shutdown,
+            tx,
+            inbound,
+            states: Vec::new(),
+            next_seq: Vec::new(),
+            due_crash: now,
+            due_app: now,
+            awaiting_point: None,
+            stood_down: false,
+            feeds: std::sync::Mutex::new(Vec::new()),
+            shared: None,
+            pending_mark: None,
+            resumed: Vec::new(),
+            resync_urgent: false,
+            regions: Vec::new(),
+            awaiting_mark: None,
+            tracker,
+            release_to: None,
+            held: None,
+            log,
+            welcomed: Vec::new(),
+        }
+    }
+
     fn feeds(&mut self) -> &mut Feeds {
         self.feeds.get_mut().unwrap_or_else(|p| p.into_inner())
     }

@@ -105,8 +105,29 @@ impl LogStream {
 
     /// The log still runs (it was not dropped while the link was down) and its thread
     /// streams it.
-    pub(super) fn alive(&self, tracker: &Tracker) -> bool {
+    fn alive(&self, tracker: &Tracker) -> bool {
         tracker.logging() && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// A log carried over from a dropped link goes on only if it still runs: else it is
+    /// stopped here, before the saved state is read.
+    pub(super) async fn stop_if_dropped(carried: &mut Option<LogStream>, tracker: &Tracker) {
+        if carried.as_ref().is_none_or(|l| l.alive(tracker)) {
+            return;
+        }
+        info!(
+            "the change log was dropped while the server was away (past --spill-max, or the state \
+            directory is full); comparing the extents written since the last committed point"
+        );
+        if let Some(log) = carried.take() {
+            log.stop(tracker).await;
+        }
+    }
+
+    /// Stops the thread, then the log (the next session starts it anew).
+    async fn stop(self, tracker: &Tracker) {
+        drop(self.close().await);
+        tracker.stop_logging();
     }
 
     /// What the agent's `Hello` says of each disk while a log is carried: the state it
@@ -236,11 +257,8 @@ impl Session {
             Err(why) => {
                 info!(reason = %why, "the change log cannot go on where the server's journal ends; \
                     comparing the extents written since the last committed point");
-                if let Some(log) = self.log.take() {
-                    drop(log.close().await);
-                }
-                if let Some(t) = &self.tracker {
-                    t.stop_logging();
+                if let (Some(log), Some(t)) = (self.log.take(), &self.tracker) {
+                    log.stop(t).await;
                 }
                 false
             }
