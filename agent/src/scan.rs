@@ -718,6 +718,9 @@ fn page_runs(
 /// Encodes `runs` of `buf` (which starts at disk offset `at`) as records, runs that touch
 /// merged into one record of up to `CHUNK` bytes: a whole-disk pass sends 1 MiB records,
 /// which compress faster and better than 64 KiB ones and cost every receiver less per byte.
+/// When the merged extent does not compress (random or encrypted data) and each of its
+/// runs is a whole block whose digest is known, each run travels as a record of its own
+/// instead: the extent is then not hashed a second time.
 fn encode_runs(buf: &[u8], at: u64, runs: &[Run], enc: &mut Encoder, records: &mut Vec<pb::Record>) {
     let mut i = 0;
     while i < runs.len() {
@@ -742,18 +745,27 @@ fn encode_runs(buf: &[u8], at: u64, runs: &[Run], enc: &mut Encoder, records: &m
             });
         } else {
             let extent = &buf[from..to];
-            let e = match first.digest {
-                Some(d) if j == i + 1 => enc.encode_with_digest(extent, d),
-                _ => enc.encode(extent),
-            };
-            records.push(pb::Record {
+            let known: Option<Vec<Digest>> = runs[i..j].iter().map(|r| r.digest).collect();
+            let record = |offset, digest: Digest, compressed, payload: Vec<u8>| pb::Record {
                 kind: pb::RecordKind::Write as i32,
                 offset,
-                length,
-                digest: e.digest.0.to_vec(),
-                compression: if e.compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
-                payload: e.payload.into(),
-            });
+                length: u32::try_from(payload.len()).unwrap_or(0),
+                digest: digest.0.to_vec(),
+                compression: if compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
+                payload: payload.into(),
+            };
+            match (enc.compress(extent), known) {
+                (Some(c), known) => {
+                    let digest = known.filter(|k| k.len() == 1).map_or_else(|| Digest::of(extent), |k| k[0]);
+                    records.push(pb::Record { length, ..record(offset, digest, true, c) });
+                }
+                (None, Some(known)) => {
+                    for (r, digest) in runs[i..j].iter().zip(known) {
+                        records.push(record(at + r.from as u64, digest, false, buf[r.from..r.to].to_vec()));
+                    }
+                }
+                (None, None) => records.push(record(offset, Digest::of(extent), false, extent.to_vec())),
+            }
         }
         i = j;
     }
@@ -875,9 +887,12 @@ mod tests {
         let mut x = 7u64;
         for (i, b) in want.iter_mut().enumerate() {
             x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            // Mostly compressible data; blocks 20..23 stay zero (written, so not a hole).
+            // Mostly compressible data; blocks 20..23 stay zero (written, so not a hole);
+            // chunk 2 (blocks 32..48) is random.
             let block = i / BLOCK_SIZE;
-            if !(20..23).contains(&block) {
+            if (32..48).contains(&block) {
+                *b = (x >> 33) as u8;
+            } else if !(20..23).contains(&block) {
                 *b = if x >> 62 == 0 { (x >> 33) as u8 } else { b'a' };
             }
         }
@@ -919,8 +934,11 @@ mod tests {
         assert!(got == want, "the records rebuild the disk");
         let lengths: Vec<u32> = records.iter().map(|r| r.length).collect();
         let (c, b) = (CHUNK as u32, BLOCK_SIZE as u32);
-        // Chunk 1 holds blocks 16..32: data 16..20, zero 20..23, data 23..32.
-        assert_eq!(lengths, [c, 4 * b, 3 * b, 9 * b, c, 5 * b]);
+        // Chunk 1 holds blocks 16..32: data 16..20, zero 20..23, data 23..32. Chunk 2 does
+        // not compress: a record per block, each with the digest its block hash gave.
+        let random = [b; 16];
+        assert_eq!(lengths, [&[c, 4 * b, 3 * b, 9 * b][..], &random, &[5 * b]].concat());
+        assert!(records[4..20].iter().all(|r| r.compression == pb::Compression::None as i32));
     }
 
     /// A receiver with coarse entries for more blocks than one page-hash request may name:

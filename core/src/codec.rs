@@ -71,8 +71,17 @@ impl Encoder {
     }
 
     pub fn encode_with_digest(&mut self, data: &[u8], digest: Digest) -> Encoded {
+        match self.compress(data) {
+            Some(payload) => Encoded { digest, compressed: true, payload },
+            None => Encoded { digest, compressed: false, payload: data.to_vec() },
+        }
+    }
+
+    /// `data` compressed, or `None` when that does not pay (the probe, a small extent's
+    /// recent misses, or too small a gain): it then travels plain.
+    pub fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
         if !self.worth_compressing(data) {
-            return Encoded { digest, compressed: false, payload: data.to_vec() };
+            return None;
         }
         let small = data.len() < PROBE_MIN;
         // A gain under 3 % is not worth the receiver's decompression; a small extent must
@@ -83,14 +92,14 @@ impl Encoder {
                 if small {
                     self.misses = 0;
                 }
-                Encoded { digest, compressed: true, payload: c }
+                Some(c)
             }
             _ => {
                 if small {
                     self.misses += 1;
                     self.skipped = 0;
                 }
-                Encoded { digest, compressed: false, payload: data.to_vec() }
+                None
             }
         }
     }

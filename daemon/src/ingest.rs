@@ -63,7 +63,7 @@ pub fn records_of(disk: &DiskHandle, b: pb::Batch) -> Result<Vec<Record>, Status
             length: r.length,
             digest,
             compressed: r.compression == pb::Compression::Zstd as i32,
-            payload: r.payload.into(),
+            payload: r.payload,
         });
     }
     Ok(records)

@@ -352,7 +352,7 @@ fn read_batches(
             length: r.length,
             digest: if kind == pb::RecordKind::Zero { Vec::new() } else { r.digest.0.to_vec() },
             compression: if r.compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
-            payload: r.payload.into(),
+            payload: r.payload,
         };
         let size = wire.payload.len() + 64;
         let length = wire.length as usize;
@@ -406,7 +406,7 @@ mod tests {
                     length: 100_000,
                     digest: tern_core::Digest::of(&payload),
                     compressed: false,
-                    payload,
+                    payload: payload.into(),
                 }
             })
             .collect();
@@ -446,7 +446,7 @@ mod tests {
                     length: 1 << 20,
                     digest: e.digest,
                     compressed: e.compressed,
-                    payload: e.payload,
+                    payload: e.payload.into(),
                 }
             })
             .collect();

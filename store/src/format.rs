@@ -23,6 +23,9 @@ pub const RECORD_HEADER_LEN: usize = 80;
 pub const MAX_RECORD_LEN: u32 = 4 << 20;
 
 pub const FLAG_ZSTD: u8 = 1;
+/// The payload is the plain data of a write, and its digest (which the record carries)
+/// covers it: the check covers the header alone, so a record is hashed once on its way in.
+pub const FLAG_DIGEST_COVERS: u8 = 2;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum RecordKind {
@@ -125,7 +128,8 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
-    /// Encodes the header; `check` covers the header's first 64 bytes and the payload.
+    /// Encodes the header; `check` covers the header's first 64 bytes and the payload, or
+    /// with [`FLAG_DIGEST_COVERS`] the header alone (the digest covers the payload).
     pub fn encode(&self, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
         let mut b = [0u8; RECORD_HEADER_LEN];
         b[0..4].copy_from_slice(RECORD_MAGIC);
@@ -136,7 +140,8 @@ impl RecordHeader {
         b[24..28].copy_from_slice(&self.length.to_le_bytes());
         b[28..32].copy_from_slice(&self.payload_len.to_le_bytes());
         b[32..64].copy_from_slice(&self.digest.0);
-        let check = check_of(&b[..64], payload);
+        let covered: &[u8] = if self.flags & FLAG_DIGEST_COVERS != 0 { &[] } else { payload };
+        let check = check_of(&b[..64], covered);
         b[64..80].copy_from_slice(&check);
         b
     }
@@ -161,7 +166,12 @@ impl RecordHeader {
 
     /// True when the stored check matches the header and payload.
     pub fn check_matches(raw: &[u8; RECORD_HEADER_LEN], payload: &[u8]) -> bool {
-        check_of(&raw[..64], payload) == raw[64..80]
+        if raw[5] & FLAG_DIGEST_COVERS == 0 {
+            return check_of(&raw[..64], payload) == raw[64..80];
+        }
+        check_of(&raw[..64], &[]) == raw[64..80]
+            && u32::from_le_bytes([raw[24], raw[25], raw[26], raw[27]]) as usize == payload.len()
+            && blake3::hash(payload).as_bytes()[..] == raw[32..64]
     }
 }
 

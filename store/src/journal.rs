@@ -3,11 +3,11 @@
 use crate::StoreError;
 use crate::durable::{create_dir_durable, io_err, sync_dir};
 use crate::format::{
-    FLAG_ZSTD, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, TimeRuns,
+    FLAG_DIGEST_COVERS, FLAG_ZSTD, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, TimeRuns,
     decode_segment_header, encode_segment_header,
 };
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, IoSlice, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tern_core::codec::{CodecError, Decoder};
@@ -30,7 +30,7 @@ pub struct Record {
     pub length: u32,
     pub digest: Digest,
     pub compressed: bool,
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
 }
 
 impl std::fmt::Debug for Record {
@@ -125,7 +125,9 @@ pub struct Journal {
     segment_target: u64,
     written: Seq,
     durable: Seq,
-    buf: Vec<u8>,
+    /// The headers of the records being appended; their payloads are written from where
+    /// they are, not copied.
+    heads: Vec<[u8; RECORD_HEADER_LEN]>,
     /// Set when an fsync failed: the kernel may have dropped the pages it could not write
     /// and a later fsync would succeed without them, so nothing more is written or called
     /// durable until the journal is opened again (which checks every record).
@@ -282,7 +284,7 @@ impl Journal {
             segment_target: SEGMENT_TARGET_BYTES,
             written: last,
             durable: last,
-            buf: Vec::with_capacity(4 << 20),
+            heads: Vec::new(),
             failed: None,
             checkpointed: 0,
             last_record: (0, [0; 16]),
@@ -308,7 +310,8 @@ impl Journal {
     }
 
     /// Appends records numbered from `first_seq`, which must follow the last written one.
-    /// Not durable until [`Journal::sync`] returns.
+    /// Not durable until [`Journal::sync`] returns. The records must have been verified
+    /// (ingest does): a plain write's digest is its payload's check from here on.
     pub fn append(&mut self, first_seq: Seq, records: &[Record]) -> Result<Seq, StoreError> {
         self.check_failed()?;
         if first_seq != self.written.next() {
@@ -317,13 +320,11 @@ impl Journal {
         if records.is_empty() {
             return Ok(self.written);
         }
-        self.buf.clear();
-        let mut last_at = 0;
+        self.heads.clear();
         for (i, r) in records.iter().enumerate() {
-            last_at = self.buf.len();
-            encode_record(&mut self.buf, r, first_seq.0 + i as u64);
+            self.heads.push(header_of(r, first_seq.0 + i as u64));
         }
-        self.write_buf(first_seq, last_at)?;
+        self.write_records(first_seq, records)?;
         self.written = Seq(first_seq.0 + records.len() as u64 - 1);
         Ok(self.written)
     }
@@ -346,27 +347,42 @@ impl Journal {
             length: 0,
             digest: Digest::of(body),
             compressed: false,
-            payload: body.to_vec(),
+            payload: bytes::Bytes::copy_from_slice(body),
         };
-        self.buf.clear();
-        encode_record(&mut self.buf, &r, self.written.0);
+        self.heads.clear();
+        self.heads.push(header_of(&r, self.written.0));
         let next = self.written.next();
-        self.write_buf(next, 0)
+        self.write_records(next, std::slice::from_ref(&r))
     }
 
-    /// Writes `buf`, whose last record starts at `last_at` in it.
-    fn write_buf(&mut self, next_seq: Seq, last_at: usize) -> Result<(), StoreError> {
+    /// Writes `records` after their headers in `heads`, in one vectored write per up to
+    /// 512 records.
+    fn write_records(&mut self, next_seq: Seq, records: &[Record]) -> Result<(), StoreError> {
         if self.active.is_none() || self.active_len >= self.segment_target {
             self.roll(next_seq)?;
         }
         let Some(seg) = self.segments.last() else { return Err(StoreError::Invariant("no active segment")) };
-        let path = seg.path.clone();
-        let Some(f) = self.active.as_mut() else { return Err(StoreError::Invariant("no active segment")) };
-        f.write_all_at(&self.buf, self.active_len).map_err(io_err(&path))?;
+        let Some(f) = self.active.as_ref() else { return Err(StoreError::Invariant("no active segment")) };
+        let mut at = self.active_len;
+        let mut last_at = at;
+        for (heads, records) in self.heads.chunks(512).zip(records.chunks(512)) {
+            let mut slices = Vec::with_capacity(2 * records.len());
+            let mut len = 0;
+            for (h, r) in heads.iter().zip(records) {
+                last_at = at + len;
+                slices.push(IoSlice::new(h));
+                slices.push(IoSlice::new(&r.payload));
+                len += (h.len() + r.payload.len()) as u64;
+            }
+            write_all_vectored_at(f, &mut slices, at).map_err(io_err(&seg.path))?;
+            at += len;
+        }
         let mut check = [0u8; 16];
-        check.copy_from_slice(&self.buf[last_at + 64..last_at + RECORD_HEADER_LEN]);
-        self.last_record = (self.active_len + last_at as u64, check);
-        self.active_len += self.buf.len() as u64;
+        if let Some(h) = self.heads.last() {
+            check.copy_from_slice(&h[64..RECORD_HEADER_LEN]);
+        }
+        self.last_record = (last_at, check);
+        self.active_len = at;
         Ok(())
     }
 
@@ -426,6 +442,18 @@ impl Journal {
         {
             crate::failpoint("journal-fsync")?;
             f.sync_data().map_err(io_err(&seg.path))?;
+            // The synced pages are clean: they leave the page cache (the partial last page
+            // stays), so that a stream of writes does not grow it. On a VM whose free
+            // memory goes back to its host, every new page of cache is faulted in again:
+            // 1 GiB written and synced took 0.56-3.6 s here, 0.35-0.54 s dropped as it went.
+            // Readers read the journal from the disk.
+            let from = seg.durable_len & !4095;
+            let _ = rustix::fs::fadvise(
+                f,
+                from,
+                std::num::NonZeroU64::new(self.active_len - from),
+                rustix::fs::Advice::DontNeed,
+            );
             seg.durable_len = self.active_len;
         }
         if self.dir_dirty {
@@ -517,18 +545,40 @@ impl Journal {
     }
 }
 
-fn encode_record(buf: &mut Vec<u8>, r: &Record, seq: u64) {
+/// The header of `r` numbered `seq`. A plain write's check covers the header alone: its
+/// digest, verified on the way in, covers the payload, which is then hashed once, not twice.
+fn header_of(r: &Record, seq: u64) -> [u8; RECORD_HEADER_LEN] {
+    let mut flags = if r.compressed { FLAG_ZSTD } else { 0 };
+    if r.kind == RecordKind::Write && !r.compressed && r.payload.len() == r.length as usize {
+        flags |= FLAG_DIGEST_COVERS;
+    }
     let h = RecordHeader {
         kind: r.kind,
-        flags: if r.compressed { FLAG_ZSTD } else { 0 },
+        flags,
         seq,
         offset: r.offset,
         length: r.length,
         payload_len: u32::try_from(r.payload.len()).unwrap_or(u32::MAX),
         digest: r.digest,
     };
-    buf.extend_from_slice(&h.encode(&r.payload));
-    buf.extend_from_slice(&r.payload);
+    h.encode(&r.payload)
+}
+
+/// Writes all of `slices` at `offset` (`pwritev`, resumed after a short write).
+fn write_all_vectored_at(f: &File, mut slices: &mut [IoSlice<'_>], offset: u64) -> std::io::Result<()> {
+    let mut done = 0u64;
+    while !slices.is_empty() {
+        match rustix::io::pwritev(f, slices, offset + done) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                done += n as u64;
+                IoSlice::advance_slices(&mut slices, n);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 struct Scan {
@@ -782,7 +832,7 @@ impl JournalReader {
                     length: h.length,
                     digest: h.digest,
                     compressed: h.flags & FLAG_ZSTD != 0,
-                    payload,
+                    payload: payload.into(),
                 },
             }));
         }
@@ -964,6 +1014,46 @@ mod tests {
         assert_eq!(j.sync().unwrap(), Seq(2));
         let recs: Vec<_> = j.snapshot().read(Seq(2)).map(|r| r.unwrap()).collect();
         assert_eq!(recs.len(), 2);
+    }
+
+    /// A plain write is hashed once on its way in: its check covers the header, its digest
+    /// the payload. A plain record whose check covers the payload too (a journal written
+    /// before) still reads, and damage to either payload is found.
+    #[test]
+    fn a_plain_write_is_covered_by_its_digest_and_older_records_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let data = incompressible(1, 8192);
+        let r = write_rec(&data, 0);
+        assert!(!r.compressed);
+        j.append(Seq(1), &[r]).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let seg = dir.path().join(segment_name(1));
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let raw: [u8; RECORD_HEADER_LEN] =
+            bytes[SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + RECORD_HEADER_LEN].try_into().unwrap();
+        assert_eq!(raw[5], FLAG_DIGEST_COVERS);
+        let mut older = RecordHeader::decode(&raw).unwrap();
+        older.flags = 0;
+        older.seq = 2;
+        older.offset = 8192;
+        bytes.extend_from_slice(&older.encode(&data));
+        bytes.extend_from_slice(&data);
+        std::fs::write(&seg, &bytes).unwrap();
+        let (j, rec) = Journal::open(dir.path()).unwrap();
+        assert_eq!((rec.durable, rec.cut_bytes), (Seq(2), 0));
+        let recs: Vec<_> = j.snapshot().read(Seq(2)).map(|r| r.unwrap()).collect();
+        assert_eq!(recs.len(), 2);
+        assert!(recs.iter().all(|r| r.record.payload == data && !r.record.compressed));
+        drop(j);
+        for at in [SEGMENT_HEADER_LEN + RECORD_HEADER_LEN + 9, bytes.len() - 9] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 1;
+            std::fs::write(&seg, &damaged).unwrap();
+            let snap = JournalSnapshot { segments: vec![(seg.clone(), 1, bytes.len() as u64)], durable: Seq(2) };
+            assert!(snap.read(Seq(2)).any(|r| r.is_err()), "damage at {at} is found");
+        }
     }
 
     #[test]

@@ -1426,7 +1426,7 @@ pub(crate) fn test_record(data: &[u8], offset: u64) -> Record {
         length: u32::try_from(data.len()).unwrap_or(u32::MAX),
         digest: e.digest,
         compressed: e.compressed,
-        payload: e.payload,
+        payload: e.payload.into(),
     }
 }
 
