@@ -61,14 +61,15 @@ impl Spill {
                 .open(&self.path)?;
             self.file = Some(f);
         }
-        let mut buf = Vec::with_capacity(HEADER + data.len());
-        buf.push(kind);
-        buf.extend_from_slice(&u32::try_from(disk).unwrap_or(u32::MAX).to_le_bytes());
-        buf.extend_from_slice(&a.to_le_bytes());
-        buf.extend_from_slice(&b.to_le_bytes());
-        buf.extend_from_slice(data);
+        let mut head = [0u8; HEADER];
+        head[0] = kind;
+        head[1..5].copy_from_slice(&u32::try_from(disk).unwrap_or(u32::MAX).to_le_bytes());
+        head[5..13].copy_from_slice(&a.to_le_bytes());
+        head[13..21].copy_from_slice(&b.to_le_bytes());
         if let Some(f) = &self.file {
-            f.write_all_at(&buf, self.written)?;
+            // The header and the data from where they are: a spilled write is not copied.
+            let mut slices = [io::IoSlice::new(&head), io::IoSlice::new(data)];
+            tern_core::disk::write_all_vectored_at(f, &mut slices, self.written)?;
         }
         self.written += len;
         Ok(true)

@@ -74,7 +74,10 @@ pub struct DiskState {
     /// Whether the header on disk vouches for the table.
     committed: bool,
     /// Changes since the last commit, while the header vouches for the table.
-    overlay: BTreeMap<u64, BlockHashes>,
+    /// `None` is [`UNKNOWN`]: a resync forgets every block of the hot extents, and an
+    /// entry of 544 bytes each (14 MiB for the 1 GiB of bench/nbd.sh) was most of what the
+    /// agent held past its log in a burst.
+    overlay: BTreeMap<u64, Option<Box<BlockHashes>>>,
     /// Set by the first I/O error on the table: every block reads as unknown from then on.
     failed: Option<String>,
     /// Tests: entry writes fail (ENOSPC) while header writes still succeed.
@@ -263,7 +266,7 @@ impl DiskState {
             buf.chunks_exact(ENTRY_LEN).zip(first..).map(|(e, b)| self.decode(b, e)).collect();
         for (b, h) in self.overlay.range(first..last) {
             if let Some(slot) = usize::try_from(b - first).ok().and_then(|i| out.get_mut(i)) {
-                *slot = *h;
+                *slot = h.as_deref().copied().unwrap_or(UNKNOWN);
             }
         }
         out
@@ -285,7 +288,7 @@ impl DiskState {
             }
             return;
         }
-        self.overlay.insert(block, h);
+        self.overlay.insert(block, (h != UNKNOWN).then(|| Box::new(h)));
         if self.overlay.len() > OVERLAY_MAX {
             self.spill();
         }
@@ -308,7 +311,7 @@ impl DiskState {
     fn write_overlay(&mut self) {
         let overlay = std::mem::take(&mut self.overlay);
         for (b, h) in overlay {
-            if let Err(e) = self.write_entry(b, &h) {
+            if let Err(e) = self.write_entry(b, &h.map_or(UNKNOWN, |h| *h)) {
                 self.fail(&e);
                 return;
             }

@@ -126,7 +126,7 @@ pub fn run(
                 now = t;
                 continue;
             }
-            Item::Data { disk, offset, data } => (disk, data_records(&mut enc, offset, &data)),
+            Item::Data { disk, offset, data } => (disk, data_records(&mut enc, offset, data)),
             Item::Zero { disk, offset, len } => (disk, zero_records(offset, len)),
         };
         if batch.as_ref().is_some_and(|b| b.disk != disk) && !flush(&mut batch) {
@@ -146,17 +146,21 @@ pub fn run(
     Ok(())
 }
 
-fn data_records(enc: &mut Encoder, offset: u64, data: &[u8]) -> Vec<pb::Record> {
+/// The records of a write. A piece that does not compress travels in the write's own
+/// buffer (the log's), not a copy of it.
+fn data_records(enc: &mut Encoder, offset: u64, data: Vec<u8>) -> Vec<pb::Record> {
+    let data = bytes::Bytes::from(data);
     let mut out = Vec::new();
     for (i, piece) in data.chunks(DATA_RECORD).enumerate() {
-        let e = enc.encode(piece);
+        let at = i * DATA_RECORD;
+        let compressed = enc.compress(piece);
         out.push(pb::Record {
             kind: pb::RecordKind::Write as i32,
-            offset: offset + (i * DATA_RECORD) as u64,
+            offset: offset + at as u64,
             length: u32::try_from(piece.len()).unwrap_or(0),
-            digest: e.digest.0.to_vec(),
-            compression: if e.compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
-            payload: e.payload.into(),
+            digest: Digest::of(piece).0.to_vec(),
+            compression: if compressed.is_some() { pb::Compression::Zstd } else { pb::Compression::None } as i32,
+            payload: compressed.map_or_else(|| data.slice(at..at + piece.len()), bytes::Bytes::from),
         });
     }
     out
@@ -239,3 +243,37 @@ fn fingerprints(
 
 /// Shared between the streaming thread and the session (which commits at a point's ack).
 pub type SharedStates = Arc<Mutex<Vec<DiskState>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write is cut into records of at most `DATA_RECORD`; a piece that does not compress
+    /// travels in the write's own buffer, one that does travels compressed, and each
+    /// decodes to its piece.
+    #[test]
+    fn a_write_travels_in_its_own_buffer_unless_it_compresses() {
+        let mut x = 1u64;
+        let mut data: Vec<u8> = (0..DATA_RECORD + 8192)
+            .map(|_| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (x >> 32).to_le_bytes()[0]
+            })
+            .collect();
+        data[DATA_RECORD..].fill(b'a');
+        let want = data.clone();
+        let base = data.as_ptr() as usize;
+        let records = data_records(&mut Encoder::new(), 1 << 30, data);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].compression, pb::Compression::None as i32);
+        assert_eq!(records[0].payload.as_ptr() as usize, base, "not copied");
+        assert_eq!(records[1].compression, pb::Compression::Zstd as i32);
+        let mut dec = tern_core::codec::Decoder::new();
+        for (r, piece) in records.iter().zip(want.chunks(DATA_RECORD)) {
+            let digest = Digest::from_slice(&r.digest).unwrap();
+            let compressed = r.compression == pb::Compression::Zstd as i32;
+            assert_eq!(dec.decode(compressed, &r.payload, r.length as usize, &digest).unwrap(), piece);
+        }
+        assert_eq!((records[0].offset, records[1].offset), (1 << 30, (1 << 30) + DATA_RECORD as u64));
+    }
+}

@@ -177,6 +177,24 @@ pub fn container_format(path: &Path) -> io::Result<Option<&'static str>> {
     })
 }
 
+/// Writes all of `slices` at `offset` (`pwritev`, resumed after a short write): data is
+/// written from where it is instead of being copied into one buffer first.
+pub fn write_all_vectored_at(f: &File, mut slices: &mut [io::IoSlice<'_>], offset: u64) -> io::Result<()> {
+    let mut at = offset;
+    while !slices.is_empty() {
+        match rustix::io::pwritev(f, slices, at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                at += n as u64;
+                io::IoSlice::advance_slices(&mut slices, n);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Opens a disk for writing. For a block device, first drops the clean pages of its page
 /// cache: they may be stale (see the module doc), and a write of part of a page merges
 /// into whatever the cache holds.

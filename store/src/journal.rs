@@ -374,7 +374,7 @@ impl Journal {
                 slices.push(IoSlice::new(&r.payload));
                 len += (h.len() + r.payload.len()) as u64;
             }
-            write_all_vectored_at(f, &mut slices, at).map_err(io_err(&seg.path))?;
+            tern_core::disk::write_all_vectored_at(f, &mut slices, at).map_err(io_err(&seg.path))?;
             at += len;
         }
         let mut check = [0u8; 16];
@@ -564,22 +564,6 @@ fn header_of(r: &Record, seq: u64) -> [u8; RECORD_HEADER_LEN] {
     h.encode(&r.payload)
 }
 
-/// Writes all of `slices` at `offset` (`pwritev`, resumed after a short write).
-fn write_all_vectored_at(f: &File, mut slices: &mut [IoSlice<'_>], offset: u64) -> std::io::Result<()> {
-    let mut done = 0u64;
-    while !slices.is_empty() {
-        match rustix::io::pwritev(f, slices, offset + done) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                done += n as u64;
-                IoSlice::advance_slices(&mut slices, n);
-            }
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
 
 struct Scan {
     good_len: u64,
