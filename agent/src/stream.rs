@@ -146,21 +146,29 @@ pub fn run(
     Ok(())
 }
 
-/// The records of a write. A piece that does not compress travels in the write's own
-/// buffer (the log's), not a copy of it.
+/// The records of a write. When none of its pieces compresses, they travel in the write's
+/// own buffer (the log's), not a copy of it; otherwise the plain ones are copied, so that a
+/// piece never holds a whole write of up to 32 MiB that the log no longer counts.
 fn data_records(enc: &mut Encoder, offset: u64, data: Vec<u8>) -> Vec<pb::Record> {
+    let compressed: Vec<Option<Vec<u8>>> = data.chunks(DATA_RECORD).map(|p| enc.compress(p)).collect();
+    let shared = compressed.iter().all(Option::is_none);
+    let len = data.len();
     let data = bytes::Bytes::from(data);
     let mut out = Vec::new();
-    for (i, piece) in data.chunks(DATA_RECORD).enumerate() {
-        let at = i * DATA_RECORD;
-        let compressed = enc.compress(piece);
+    for (i, c) in compressed.into_iter().enumerate() {
+        let (at, end) = (i * DATA_RECORD, ((i + 1) * DATA_RECORD).min(len));
+        let piece = &data[at..end];
         out.push(pb::Record {
             kind: pb::RecordKind::Write as i32,
             offset: offset + at as u64,
             length: u32::try_from(piece.len()).unwrap_or(0),
             digest: Digest::of(piece).0.to_vec(),
-            compression: if compressed.is_some() { pb::Compression::Zstd } else { pb::Compression::None } as i32,
-            payload: compressed.map_or_else(|| data.slice(at..at + piece.len()), bytes::Bytes::from),
+            compression: if c.is_some() { pb::Compression::Zstd } else { pb::Compression::None } as i32,
+            payload: match c {
+                Some(c) => c.into(),
+                None if shared => data.slice(at..end),
+                None => bytes::Bytes::copy_from_slice(piece),
+            },
         });
     }
     out
@@ -248,9 +256,8 @@ pub type SharedStates = Arc<Mutex<Vec<DiskState>>>;
 mod tests {
     use super::*;
 
-    /// A write is cut into records of at most `DATA_RECORD`; a piece that does not compress
-    /// travels in the write's own buffer, one that does travels compressed, and each
-    /// decodes to its piece.
+    /// A write is cut into records of at most `DATA_RECORD`, each decoding to its piece;
+    /// pieces travel in the write's own buffer when none of them compresses.
     #[test]
     fn a_write_travels_in_its_own_buffer_unless_it_compresses() {
         let mut x = 1u64;
@@ -266,7 +273,7 @@ mod tests {
         let records = data_records(&mut Encoder::new(), 1 << 30, data);
         assert_eq!(records.len(), 2);
         assert_eq!(records[0].compression, pb::Compression::None as i32);
-        assert_eq!(records[0].payload.as_ptr() as usize, base, "not copied");
+        assert_ne!(records[0].payload.as_ptr() as usize, base, "copied: a piece compressed");
         assert_eq!(records[1].compression, pb::Compression::Zstd as i32);
         let mut dec = tern_core::codec::Decoder::new();
         for (r, piece) in records.iter().zip(want.chunks(DATA_RECORD)) {
@@ -275,5 +282,14 @@ mod tests {
             assert_eq!(dec.decode(compressed, &r.payload, r.length as usize, &digest).unwrap(), piece);
         }
         assert_eq!((records[0].offset, records[1].offset), (1 << 30, (1 << 30) + DATA_RECORD as u64));
+        // None compresses: every piece is a slice of the write's buffer.
+        let mut plain = want[..DATA_RECORD].to_vec();
+        plain.extend_from_slice(&want[..4096]);
+        let base = plain.as_ptr() as usize;
+        let records = data_records(&mut Encoder::new(), 0, plain);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].payload.as_ptr() as usize, base, "not copied");
+        assert_eq!(records[1].payload.as_ptr() as usize, base + DATA_RECORD);
+        assert_eq!(records[1].payload.len(), 4096);
     }
 }

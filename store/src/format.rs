@@ -14,9 +14,11 @@ pub const SEGMENT_HEADER_LEN: usize = 32;
 /// Record header, 80 bytes, followed by `payload_len` bytes of payload:
 /// `magic "TRNR" (4) | kind u8 | flags u8 | reserved u16 | seq u64 | offset u64 | length u32 |
 ///  payload_len u32 | digest [32] | check [16]`
-/// `check` is the first 16 bytes of BLAKE3(header bytes 0..64 ‖ payload): it finds torn
-/// and corrupt records without decompressing. `digest` is the BLAKE3 of the plain data
-/// (write records), of the payload (bookmarks), or zero (zero records).
+/// `check` is the first 16 bytes of BLAKE3(header bytes 0..64 ‖ payload), or with
+/// [`FLAG_DIGEST_COVERS`] (plain writes) of the header alone, the digest covering the
+/// payload: it finds torn and corrupt records without decompressing. `digest` is the
+/// BLAKE3 of the plain data (write records), of the payload (bookmarks), or zero (zero
+/// records).
 pub const RECORD_MAGIC: &[u8; 4] = b"TRNR";
 pub const RECORD_HEADER_LEN: usize = 80;
 /// Largest plain extent one record may carry.
