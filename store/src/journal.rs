@@ -3,8 +3,8 @@
 use crate::StoreError;
 use crate::durable::{create_dir_durable, io_err, sync_dir};
 use crate::format::{
-    FLAG_DIGEST_COVERS, FLAG_ZSTD, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, TimeRuns,
-    decode_segment_header, encode_segment_header,
+    FLAG_DIGEST_COVERS, FLAG_ZSTD, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordHeader, RecordKind,
+    SEGMENT_HEADER_LEN, TimeRuns, decode_segment_header, encode_segment_header,
 };
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, IoSlice, Read, Seek, SeekFrom, Write};
@@ -579,7 +579,6 @@ fn header_of(r: &Record, seq: u64) -> [u8; RECORD_HEADER_LEN] {
     h.encode(&r.payload)
 }
 
-
 struct Scan {
     good_len: u64,
     last_seq: Seq,
@@ -1050,7 +1049,8 @@ mod tests {
             let mut damaged = bytes.clone();
             damaged[at] ^= 1;
             std::fs::write(&seg, &damaged).unwrap();
-            let snap = JournalSnapshot { segments: vec![(seg.clone(), 1, bytes.len() as u64)], durable: Seq(2) };
+            let snap =
+                JournalSnapshot { segments: vec![(seg.clone(), 1, bytes.len() as u64)], durable: Seq(2) };
             assert!(snap.read(Seq(2)).any(|r| r.is_err()), "damage at {at} is found");
         }
     }
