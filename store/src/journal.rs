@@ -672,6 +672,9 @@ pub struct JournalSnapshot {
 pub struct StoredRecord {
     pub seq: Seq,
     pub record: Record,
+    /// The payload is the plain data and its BLAKE3 was found to be the digest as it was
+    /// read (a plain write's check, `FLAG_DIGEST_COVERS`): it needs no decoding.
+    pub plain_checked: bool,
 }
 
 impl JournalSnapshot {
@@ -824,6 +827,7 @@ impl JournalReader {
             self.mark = Some((self.index, self.pos));
             return Ok(Some(StoredRecord {
                 seq: Seq(h.seq),
+                plain_checked: h.flags & FLAG_DIGEST_COVERS != 0,
                 record: Record {
                     kind: h.kind,
                     offset: h.offset,

@@ -194,6 +194,10 @@ pub(crate) fn apply_records(
         let r = &rec.record;
         match r.kind {
             RecordKind::Bookmark | RecordKind::Time => continue,
+            // Checked as it was read: hashed once, not again by decoding a copy.
+            RecordKind::Write if rec.plain_checked => {
+                out.write_all_at(&r.payload, r.offset).map_err(io_err(out_path))?;
+            }
             RecordKind::Write => {
                 let plain =
                     dec.decode(r.compressed, &r.payload, r.length as usize, &r.digest).map_err(|e| {
