@@ -734,37 +734,37 @@ fn encode_runs(buf: &[u8], at: u64, runs: &[Run], enc: &mut Encoder, records: &m
             j += 1;
         }
         let (from, to) = (first.from, runs[j - 1].to);
-        let offset = at + from as u64;
-        let length = u32::try_from(to - from).unwrap_or(0);
         if first.zero {
             records.push(pb::Record {
                 kind: pb::RecordKind::Zero as i32,
-                offset,
-                length,
+                offset: at + from as u64,
+                length: u32::try_from(to - from).unwrap_or(0),
                 ..Default::default()
             });
         } else {
             let extent = &buf[from..to];
             let known: Option<Vec<Digest>> = runs[i..j].iter().map(|r| r.digest).collect();
-            let record = |offset, digest: Digest, compressed, payload: Vec<u8>| pb::Record {
+            // A record of the plain extent `buf[from..to]`, its payload compressed or not.
+            let record = |from: usize, to: usize, digest: Digest, compressed: Option<Vec<u8>>| pb::Record {
                 kind: pb::RecordKind::Write as i32,
-                offset,
-                length: u32::try_from(payload.len()).unwrap_or(0),
+                offset: at + from as u64,
+                length: u32::try_from(to - from).unwrap_or(0),
                 digest: digest.0.to_vec(),
-                compression: if compressed { pb::Compression::Zstd } else { pb::Compression::None } as i32,
-                payload: payload.into(),
+                compression: if compressed.is_some() { pb::Compression::Zstd } else { pb::Compression::None }
+                    as i32,
+                payload: compressed.unwrap_or_else(|| buf[from..to].to_vec()).into(),
             };
             match (enc.compress(extent), known) {
                 (Some(c), known) => {
                     let digest = known.filter(|k| k.len() == 1).map_or_else(|| Digest::of(extent), |k| k[0]);
-                    records.push(pb::Record { length, ..record(offset, digest, true, c) });
+                    records.push(record(from, to, digest, Some(c)));
                 }
                 (None, Some(known)) => {
                     for (r, digest) in runs[i..j].iter().zip(known) {
-                        records.push(record(at + r.from as u64, digest, false, buf[r.from..r.to].to_vec()));
+                        records.push(record(r.from, r.to, digest, None));
                     }
                 }
-                (None, None) => records.push(record(offset, Digest::of(extent), false, extent.to_vec())),
+                (None, None) => records.push(record(from, to, Digest::of(extent), None)),
             }
         }
         i = j;

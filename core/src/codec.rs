@@ -65,12 +65,9 @@ impl Encoder {
         Encoder { zstd, misses: 0, skipped: 0 }
     }
 
+    /// `data`'s digest, and `data` compressed or plain (see [`Encoder::compress`]).
     pub fn encode(&mut self, data: &[u8]) -> Encoded {
         let digest = Digest::of(data);
-        self.encode_with_digest(data, digest)
-    }
-
-    pub fn encode_with_digest(&mut self, data: &[u8], digest: Digest) -> Encoded {
         match self.compress(data) {
             Some(payload) => Encoded { digest, compressed: true, payload },
             None => Encoded { digest, compressed: false, payload: data.to_vec() },
