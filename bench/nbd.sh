@@ -54,7 +54,7 @@ SERVER=$!
 for _ in $(seq 100); do grep -q listening "$W/ps.out" 2>/dev/null && break; sleep 0.05; done
 export TERN_SERVER="https://$(sed -n 's/^listening on //p' "$W/ps.out")" TERN_ADMIN_IDENTITY="$W/ps/pki/admin.bundle"
 "$B/drctl" enroll agent --vm db --out "$W/db.bundle" >/dev/null
-"$B/mobility-agent" run --server "$TERN_SERVER" --identity "$W/db.bundle" --vm db --disk "sda=$W/disk.img" \
+env ${AGENT_ENV:-} "$B/mobility-agent" run --server "$TERN_SERVER" --identity "$W/db.bundle" --vm db --disk "sda=$W/disk.img" \
   --state-dir "$W/st" --mode nbd --nbd-listen "unix:$W/tern.sock" 2>"$W/agent.log" &
 AGENT=$!
 until "$B/drctl" status db --json 2>/dev/null | grep -q '"last_point": [0-9]'; do sleep 0.05; done

@@ -53,10 +53,25 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct NbdMode {
     pub listen: nbd::Listen,
-    /// Most bytes of writes the change log holds in memory while they wait to be sent.
+    /// Most bytes of writes held in memory: an eighth for the requests each NBD connection
+    /// is applying, the rest for the change log (the writes logged, in batches, sent and
+    /// not acked yet).
     pub log_buffer: usize,
     /// Then at most this many in the state directory; past it the log is dropped.
     pub spill_max: u64,
+}
+
+impl NbdMode {
+    /// Payload bytes of the requests one NBD connection has in flight, at most (a request
+    /// larger than this is served alone).
+    pub fn in_flight(&self) -> usize {
+        self.log_buffer / 8
+    }
+
+    /// Bytes of writes the change log holds in memory, at most.
+    pub fn log_memory(&self) -> usize {
+        self.log_buffer - self.in_flight()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,8 +150,8 @@ fn serve_nbd(config: &Config, m: &NbdMode) -> Result<Arc<tracker::Tracker>, Agen
     let err = |source| AgentError::Nbd { listen: m.listen.to_string(), source };
     let disks: Vec<_> = config.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
     let tracker =
-        tracker::Tracker::open(&disks, &config.state_dir, m.log_buffer, m.spill_max).map_err(err)?;
-    let bound = nbd::serve(&m.listen, tracker.exports()).map_err(err)?;
+        tracker::Tracker::open(&disks, &config.state_dir, m.log_memory(), m.spill_max).map_err(err)?;
+    let bound = nbd::serve(&m.listen, tracker.exports(), m.in_flight()).map_err(err)?;
     let names: Vec<&str> = config.disks.iter().map(|d| d.name.as_str()).collect();
     info!(listen = %bound, exports = ?names, "serving the disks over NBD");
     Ok(tracker)

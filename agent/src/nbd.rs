@@ -144,7 +144,8 @@ impl Stream for TcpStream {
 /// Binds `listen` and serves `exports` on background threads, one per connection.
 /// Returns where it listens (the port chosen, for `tcp:…:0`). A stale unix socket left by
 /// an earlier run is replaced.
-pub fn serve(listen: &Listen, exports: Exports) -> io::Result<Listen> {
+/// Each connection holds at most `in_flight` bytes of request payloads at once.
+pub fn serve(listen: &Listen, exports: Exports, in_flight: usize) -> io::Result<Listen> {
     match listen {
         Listen::Unix(path) => {
             if std::fs::symlink_metadata(path)
@@ -153,13 +154,13 @@ pub fn serve(listen: &Listen, exports: Exports) -> io::Result<Listen> {
                 std::fs::remove_file(path)?;
             }
             let l = UnixListener::bind(path)?;
-            spawn_accept(move || l.accept().map(|(s, _)| s), exports)?;
+            spawn_accept(move || l.accept().map(|(s, _)| s), exports, in_flight)?;
             Ok(listen.clone())
         }
         Listen::Tcp(addr) => {
             let l = TcpListener::bind(addr)?;
             let bound = l.local_addr()?;
-            spawn_accept(move || l.accept().map(|(s, _)| s), exports)?;
+            spawn_accept(move || l.accept().map(|(s, _)| s), exports, in_flight)?;
             Ok(Listen::Tcp(bound))
         }
     }
@@ -168,6 +169,7 @@ pub fn serve(listen: &Listen, exports: Exports) -> io::Result<Listen> {
 fn spawn_accept<S: Stream>(
     mut accept: impl FnMut() -> io::Result<S> + Send + 'static,
     exports: Exports,
+    in_flight: usize,
 ) -> io::Result<()> {
     std::thread::Builder::new().name("nbd-accept".into()).spawn(move || {
         loop {
@@ -175,7 +177,7 @@ fn spawn_accept<S: Stream>(
                 Ok(s) => {
                     let exports = exports.clone();
                     let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
-                        match connection(s, &exports) {
+                        match connection(s, &exports, in_flight) {
                             Ok(()) => debug!("NBD client disconnected"),
                             Err(e) => info!(error = %e, "NBD connection ended"),
                         }
@@ -194,11 +196,11 @@ fn spawn_accept<S: Stream>(
     Ok(())
 }
 
-fn connection<S: Stream>(stream: S, exports: &Exports) -> io::Result<()> {
+fn connection<S: Stream>(stream: S, exports: &Exports, in_flight: usize) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(256 << 10, stream.duplicate()?);
     let mut r = BufReader::with_capacity(256 << 10, stream);
     let Some(export) = handshake(&mut r, &mut w, exports)? else { return Ok(()) };
-    transmission(&mut r, &mut w, export.as_ref())
+    transmission(&mut r, &mut w, export.as_ref(), in_flight)
 }
 
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
@@ -377,6 +379,50 @@ struct Request {
     len: u32,
     in_bounds: bool,
     data: Vec<u8>,
+    /// Its payload's bytes counted in the connection's [`InFlight`] (0 if served inline).
+    held: usize,
+}
+
+/// The payload bytes of the requests a connection's workers hold, bounded: the reader
+/// waits for a worker to finish before it takes a request that would pass the bound (a
+/// request alone always goes). With `--log-buffer`'s log, this bounds the agent's memory
+/// for writes, whatever size and number of requests the client sends.
+struct InFlight {
+    bytes: std::sync::Mutex<usize>,
+    done: std::sync::Condvar,
+    max: usize,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts `len` bytes if they fit now.
+    fn try_take(&self, len: usize) -> bool {
+        let mut b = self.lock();
+        let fits = *b == 0 || *b + len <= self.max;
+        if fits {
+            *b += len;
+        }
+        fits
+    }
+
+    /// Counts `len` bytes once they fit.
+    fn take(&self, len: usize) {
+        let mut b = self.lock();
+        while *b > 0 && *b + len > self.max {
+            b = self.done.wait(b).unwrap_or_else(|p| p.into_inner());
+        }
+        *b += len;
+    }
+
+    fn give_back(&self, len: usize) {
+        if len > 0 {
+            *self.lock() -= len;
+            self.done.notify_all();
+        }
+    }
 }
 
 /// The connection's reply side, shared by the workers: replies go out as each request is
@@ -454,28 +500,32 @@ fn transmission<S: Read, W: Write + Send>(
     r: &mut BufReader<S>,
     w: &mut W,
     export: &dyn Export,
+    in_flight: usize,
 ) -> io::Result<()> {
     let size = export.size();
     let out = Replies { w: std::sync::Mutex::new(w), waiting: std::sync::atomic::AtomicUsize::new(0) };
     let broken: std::sync::Mutex<Option<io::Error>> = std::sync::Mutex::new(None);
+    let held = InFlight { bytes: std::sync::Mutex::new(0), done: std::sync::Condvar::new(), max: in_flight };
     // Bounded: a client that sends faster than requests are served waits, and memory stays
     // at a few requests' payloads.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Request>(WORKERS);
     let rx = std::sync::Mutex::new(rx);
     let read = std::thread::scope(|s| {
-        let (rx, out, broken) = (&rx, &out, &broken);
+        let (rx, out, broken, held) = (&rx, &out, &broken, &held);
         for _ in 0..WORKERS {
             s.spawn(move || {
                 loop {
                     let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok(q) = next else { return };
+                    let bytes = q.held;
                     if let Err(e) = serve_request(q, export, out, false) {
                         broken.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                     }
+                    held.give_back(bytes);
                 }
             });
         }
-        let result = read_requests(r, size, &tx, export, out);
+        let result = read_requests(r, size, &tx, export, out, held);
         drop(tx);
         result
     });
@@ -496,6 +546,7 @@ fn read_requests<S: Read, W: Write>(
     tx: &std::sync::mpsc::SyncSender<Request>,
     export: &dyn Export,
     out: &Replies<'_, W>,
+    in_flight: &InFlight,
 ) -> io::Result<bool> {
     loop {
         // Replies held back while more requests were read go out before waiting for more.
@@ -518,6 +569,15 @@ fn read_requests<S: Read, W: Write>(
         let offset = u64::from_be_bytes(field(16, 24).try_into().unwrap_or_default());
         let len = u32::from_be_bytes(field(24, 28).try_into().unwrap_or_default());
         let in_bounds = offset.checked_add(u64::from(len)).is_some_and(|end| end <= size);
+        // A worker's request with a payload (one it writes, or reads into a buffer) waits
+        // for room among those in flight, before its payload is read.
+        let payload = len <= MAX_PAYLOAD && (cmd == CMD_WRITE || (cmd == CMD_READ && in_bounds));
+        let held = if payload && len > INLINE_MAX { len as usize } else { 0 };
+        if held > 0 && !in_flight.try_take(held) {
+            // The replies held back go out before this thread waits.
+            out.flush()?;
+            in_flight.take(held);
+        }
         let mut data = Vec::new();
         match cmd {
             CMD_DISC => return Ok(true),
@@ -533,7 +593,7 @@ fn read_requests<S: Read, W: Write>(
             }
             _ => {}
         }
-        let q = Request { cmd, flags, cookie, offset, len, in_bounds, data };
+        let q = Request { cmd, flags, cookie, offset, len, in_bounds, data, held };
         if len <= INLINE_MAX {
             // Its reply goes out with the next flush: at the top of the loop, before this
             // thread waits for the client.
@@ -614,8 +674,13 @@ mod tests {
 
     impl Client {
         fn connect(exports: Exports) -> Client {
+            Client::connect_with(exports, 8 << 20)
+        }
+
+        /// A connection that holds at most `in_flight` payload bytes.
+        fn connect_with(exports: Exports, in_flight: usize) -> Client {
             let (a, b) = UnixStream::pair().unwrap();
-            std::thread::spawn(move || connection(b, &exports));
+            std::thread::spawn(move || connection(b, &exports, in_flight));
             let mut c = Client(a);
             let mut hello = [0u8; 18];
             c.0.read_exact(&mut hello).unwrap();
@@ -754,6 +819,83 @@ mod tests {
         gated.opened.notify_all();
         assert_eq!(next_reply(&mut c), (1, 0));
         assert_eq!(c.request(CMD_READ, 0, 4, &[], 4).1, [1, 1, 1, 1]);
+    }
+
+    /// A file export that notes the most payload bytes its writes held at once.
+    struct CountingExport {
+        file: FileExport,
+        now: std::sync::Mutex<(usize, usize)>,
+    }
+
+    impl Export for CountingExport {
+        fn size(&self) -> u64 {
+            self.file.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.file.read_at(buf, offset)
+        }
+        fn write_at(&self, data: Vec<u8>, offset: u64, fua: bool) -> io::Result<()> {
+            let len = data.len();
+            {
+                let mut n = self.now.lock().unwrap();
+                n.0 += len;
+                n.1 = n.1.max(n.0);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let r = self.file.write_at(data, offset, fua);
+            self.now.lock().unwrap().0 -= len;
+            r
+        }
+        fn zero(&self, offset: u64, len: u64, keep_allocated: bool, fua: bool) -> io::Result<()> {
+            self.file.zero(offset, len, keep_allocated, fua)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.file.flush()
+        }
+    }
+
+    /// However many large writes the client sends at once, the connection holds at most
+    /// its bound of payload (a write larger than the bound goes alone), and serves several
+    /// at once within it.
+    #[test]
+    fn the_payloads_a_connection_holds_stay_within_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::write(&path, vec![0u8; 4 << 20]).unwrap();
+        let counting = Arc::new(CountingExport {
+            file: FileExport::open(&path).unwrap(),
+            now: std::sync::Mutex::new((0, 0)),
+        });
+        let e: Arc<dyn Export> = counting.clone();
+        let mut c = Client::connect_with(Arc::new(vec![("sda".to_string(), e)]), 512 << 10);
+        c.go("sda");
+        c.0.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        let piece = 256 << 10;
+        for i in 0..8u8 {
+            send(
+                &mut c,
+                CMD_WRITE,
+                u64::from(i),
+                u64::from(i) * piece as u64,
+                piece as u32,
+                &vec![i + 1; piece],
+            );
+        }
+        let mut cookies: Vec<u64> =
+            (0..8).map(|_| next_reply(&mut c)).map(|(k, e)| k + u64::from(e) * 100).collect();
+        cookies.sort_unstable();
+        assert_eq!(cookies, (0..8).collect::<Vec<u64>>(), "every write done, none failed");
+        let most = counting.now.lock().unwrap().1;
+        assert!(most <= 512 << 10, "at most the bound at once: {most}");
+        assert_eq!(most, 512 << 10, "two at once within it");
+        let big = vec![9u8; 1 << 20];
+        assert_eq!(
+            c.request(CMD_WRITE, 2 << 20, big.len() as u32, &big, 0).0,
+            0,
+            "larger than the bound: alone"
+        );
+        let want: Vec<u8> = (0..8u8).flat_map(|i| vec![i + 1; piece]).chain(big).collect();
+        assert_eq!(std::fs::read(&path).unwrap()[..3 << 20], want[..]);
     }
 
     fn exports(dir: &std::path::Path) -> Exports {

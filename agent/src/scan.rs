@@ -98,6 +98,9 @@ pub struct Compare {
     pub regions: Regions,
     /// The workers yield to other work (nice 10): in nbd mode the VM's writes come first.
     pub background: bool,
+    /// Counts the records' payloads while they wait to be sent (nbd mode: in the log's
+    /// memory, so that the log spills sooner rather than the agent grow during a resync).
+    pub memory: Option<crate::tracker::Memory>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -182,7 +185,7 @@ pub fn run_pass(
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
 ) -> Result<PassResult, ScanError> {
-    let Compare { mut feeds, regions, background } = compare;
+    let Compare { mut feeds, regions, background, memory } = compare;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let mut result = PassResult { consistent: true, ..Default::default() };
     let mut versions = Vec::new();
@@ -196,8 +199,18 @@ pub fn run_pass(
     for (i, (d, state)) in disks.iter().zip(states.iter_mut()).enumerate() {
         let feed = feeds.get_mut(i).and_then(Option::take);
         let only = regions.get(i).and_then(Option::as_deref);
-        let fp =
-            scan_disk(i, d, state, workers, (page_hashes, background), feed, only, out, cancel, &mut result)?;
+        let fp = scan_disk(
+            i,
+            d,
+            state,
+            workers,
+            (page_hashes, background, memory.as_ref()),
+            feed,
+            only,
+            out,
+            cancel,
+            &mut result,
+        )?;
         result.fingerprints.push(fp);
     }
     for (d, before) in disks.iter().zip(&versions) {
@@ -229,11 +242,13 @@ struct Feed {
     gone: bool,
     /// Page-hash requests sent and not yet answered, oldest first.
     asked: VecDeque<Vec<u64>>,
+    /// Counts the payloads of the records made from the answers.
+    memory: Option<crate::tracker::Memory>,
 }
 
 impl Feed {
-    fn new(rx: Receiver<HashChunk>) -> Feed {
-        Feed { rx, ready: 0, answers: Default::default(), gone: false, asked: VecDeque::new() }
+    fn new(rx: Receiver<HashChunk>, memory: Option<crate::tracker::Memory>) -> Feed {
+        Feed { rx, ready: 0, answers: Default::default(), gone: false, asked: VecDeque::new(), memory }
     }
 
     /// Asks for the page hashes of `deferred` blocks as soon as a request is full (all of
@@ -274,7 +289,7 @@ impl Feed {
             let wait = end || self.asked.len() > PAGE_REQUESTS_IN_FLIGHT;
             let Some(answer) = self.answer(first, state, wait, cancel)? else { break };
             let blocks = self.asked.pop_front().unwrap_or_default();
-            sent += apply_pages(d, file, &blocks, &answer, state, enc, emit)?;
+            sent += apply_pages(d, file, &blocks, &answer, state, enc, emit, self.memory.as_ref())?;
         }
         Ok(sent)
     }
@@ -362,7 +377,7 @@ fn scan_disk(
     d: &DiskSource,
     state: &mut DiskState,
     workers: usize,
-    (page_hashes, background): (bool, bool),
+    (page_hashes, background, memory): (bool, bool, Option<&crate::tracker::Memory>),
     feed: Option<Receiver<HashChunk>>,
     only: Option<&[(u64, u64)]>,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
@@ -377,7 +392,7 @@ fn scan_disk(
     let mut fp = Fingerprint::new();
     let mut batcher = Batcher { disk: index, out, records: Vec::new(), bytes: 0 };
     let mut emit = |r: pb::Record| batcher.push(r);
-    let mut feed = feed.map(Feed::new);
+    let mut feed = feed.map(|rx| Feed::new(rx, memory.cloned()));
     let ask_pages = feed.is_some();
     let mut deferred: Vec<u64> = Vec::new();
     let file = DiskReader::open(&d.path).map_err(read_err)?;
@@ -387,7 +402,8 @@ fn scan_disk(
         let job_rx = Arc::new(Mutex::new(job_rx));
         for _ in 0..workers {
             let (rx, file) = (job_rx.clone(), DiskReader::open(&d.path).map_err(read_err)?);
-            s.spawn(move || worker(rx, file, d.size, page_hashes, background));
+            let memory = memory.cloned();
+            s.spawn(move || worker(rx, file, d.size, page_hashes, background, memory.as_ref()));
         }
         #[allow(clippy::type_complexity)]
         let mut inflight: VecDeque<(
@@ -518,6 +534,7 @@ enum Resolve {
 /// Blocks that differed from coarse receiver entries, with the receiver's page hashes of
 /// them (`answer`): reads the blocks again and emits the pages that differ (a block without
 /// an answer goes whole). Returns the bytes emitted.
+#[allow(clippy::too_many_arguments)]
 fn apply_pages(
     d: &DiskSource,
     file: &DiskReader,
@@ -526,6 +543,7 @@ fn apply_pages(
     state: &mut DiskState,
     enc: &mut Encoder,
     emit: &mut dyn FnMut(pb::Record) -> Result<(), ScanError>,
+    memory: Option<&crate::tracker::Memory>,
 ) -> Result<u64, Resolve> {
     let mut buf = AlignedBuf::new(BLOCK_SIZE);
     let mut sent = 0u64;
@@ -545,7 +563,7 @@ fn apply_pages(
             None => page_runs(block, 0, blen, &new, &new, true, zero, &mut runs),
         };
         let mut records = Vec::new();
-        encode_runs(block, at, &runs, enc, &mut records);
+        encode_runs(block, at, &runs, enc, &mut records, memory);
         for r in records {
             emit(r).map_err(Resolve::Scan)?;
         }
@@ -554,7 +572,14 @@ fn apply_pages(
 }
 
 /// Hashes the chunks it is given; at nice 10 when `background` (nbd mode's resync).
-fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: DiskReader, size: u64, page_hashes: bool, background: bool) {
+fn worker(
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    file: DiskReader,
+    size: u64,
+    page_hashes: bool,
+    background: bool,
+    memory: Option<&crate::tracker::Memory>,
+) {
     if background {
         crate::lower_priority();
     }
@@ -568,7 +593,7 @@ fn worker(jobs: Arc<Mutex<Receiver<Job>>>, file: DiskReader, size: u64, page_has
                 Err(_) => return,
             }
         };
-        let out = scan_chunk(&file, size, &job, &mut buf, &mut enc, page_hashes);
+        let out = scan_chunk(&file, size, &job, &mut buf, &mut enc, page_hashes, memory);
         let _ = job.reply.send(out);
     }
 }
@@ -598,6 +623,7 @@ fn scan_chunk(
     buf: &mut [u8],
     enc: &mut Encoder,
     page_hashes: bool,
+    memory: Option<&crate::tracker::Memory>,
 ) -> Result<ChunkOut, std::io::Error> {
     let start = job.index * CHUNK as u64;
     let len = usize::try_from((size - start).min(CHUNK as u64)).unwrap_or(CHUNK);
@@ -661,7 +687,7 @@ fn scan_chunk(
         let whole = !page_hashes || new.pages[0] == Digest::ZERO || coarse_old;
         out.changed += page_runs(data, off, blen, &new, old, whole, zero, &mut runs);
     }
-    encode_runs(data, start, &runs, enc, &mut out.records);
+    encode_runs(data, start, &runs, enc, &mut out.records, memory);
     Ok(out)
 }
 
@@ -721,7 +747,15 @@ fn page_runs(
 /// When the merged extent does not compress (random or encrypted data) and each of its
 /// runs is a whole block whose digest is known, each run travels as a record of its own
 /// instead: the extent is then not hashed a second time.
-fn encode_runs(buf: &[u8], at: u64, runs: &[Run], enc: &mut Encoder, records: &mut Vec<pb::Record>) {
+/// `memory` counts the payloads (a resync in nbd mode).
+fn encode_runs(
+    buf: &[u8],
+    at: u64,
+    runs: &[Run],
+    enc: &mut Encoder,
+    records: &mut Vec<pb::Record>,
+    memory: Option<&crate::tracker::Memory>,
+) {
     let mut i = 0;
     while i < runs.len() {
         let first = runs[i];
@@ -752,7 +786,13 @@ fn encode_runs(buf: &[u8], at: u64, runs: &[Run], enc: &mut Encoder, records: &m
                 digest: digest.0.to_vec(),
                 compression: if compressed.is_some() { pb::Compression::Zstd } else { pb::Compression::None }
                     as i32,
-                payload: compressed.unwrap_or_else(|| buf[from..to].to_vec()).into(),
+                payload: {
+                    let payload = compressed.unwrap_or_else(|| buf[from..to].to_vec());
+                    match memory {
+                        Some(m) => m.hold(payload),
+                        None => payload.into(),
+                    }
+                },
             };
             match (enc.compress(extent), known) {
                 (Some(c), known) => {

@@ -601,6 +601,7 @@ impl Session {
         let feeds = std::mem::take(self.feeds());
         let regions = std::mem::take(&mut self.regions);
         let background = self.config.nbd.is_some() && !self.resync_urgent;
+        let memory = self.tracker.as_ref().map(|t| t.memory());
         let mut states = std::mem::take(&mut self.states);
         let scanner = tokio::task::spawn_blocking(move || {
             let frozen = if quiesce {
@@ -619,7 +620,7 @@ impl Session {
                 &mut states,
                 frozen.is_some(),
                 page_hashes,
-                scan::Compare { feeds, regions, background },
+                scan::Compare { feeds, regions, background, memory },
                 &ev_tx,
                 &c2,
             );

@@ -75,8 +75,9 @@ impl Spill {
         Ok(true)
     }
 
-    /// The oldest item not read yet; the file is emptied once all is read.
-    pub fn pop(&mut self) -> io::Result<Option<Item>> {
+    /// The oldest item not read yet, a write's data in the buffer `hold` makes of it; the
+    /// file is emptied once all is read.
+    pub fn pop(&mut self, hold: impl FnOnce(Vec<u8>) -> bytes::Bytes) -> io::Result<Option<Item>> {
         let Some(f) = self.file.as_ref().filter(|_| self.is_active()) else { return Ok(None) };
         let mut h = [0u8; HEADER];
         f.read_exact_at(&mut h, self.read)?;
@@ -89,7 +90,7 @@ impl Spill {
                 let mut data = vec![0u8; usize::try_from(b).unwrap_or(0)];
                 f.read_exact_at(&mut data, self.read + HEADER as u64)?;
                 len += b;
-                Item::Data { disk, offset: a, data }
+                Item::Data { disk, offset: a, data: hold(data) }
             }
             ZERO => Item::Zero { disk, offset: a, len: b },
             TIME => Item::Time(a.cast_signed()),
@@ -120,20 +121,25 @@ mod tests {
     fn items_come_back_in_order_and_the_bound_holds() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spill::new(dir.path().join("spill.log"), 100);
-        assert!(s.push(&Item::Data { disk: 1, offset: 7, data: vec![1, 2, 3] }).unwrap());
+        assert!(s.push(&Item::Data { disk: 1, offset: 7, data: vec![1, 2, 3].into() }).unwrap());
         assert!(s.push(&Item::Mark(4)).unwrap());
         assert!(s.push(&Item::Time(1_795_000_000_123)).unwrap());
         assert!(s.push(&Item::Zero { disk: 0, offset: 9, len: 1 << 40 }).unwrap());
-        assert!(!s.push(&Item::Data { disk: 0, offset: 0, data: vec![0; 64] }).unwrap(), "past the bound");
+        assert!(
+            !s.push(&Item::Data { disk: 0, offset: 0, data: vec![0; 64].into() }).unwrap(),
+            "past the bound"
+        );
         assert!(s.is_active());
         assert!(
-            matches!(s.pop().unwrap(), Some(Item::Data { disk: 1, offset: 7, data }) if data == [1, 2, 3])
+            matches!(s.pop(bytes::Bytes::from).unwrap(), Some(Item::Data { disk: 1, offset: 7, data }) if data[..] == [1, 2, 3])
         );
-        assert!(matches!(s.pop().unwrap(), Some(Item::Mark(4))));
-        assert!(matches!(s.pop().unwrap(), Some(Item::Time(1_795_000_000_123))));
-        assert!(matches!(s.pop().unwrap(), Some(Item::Zero { disk: 0, offset: 9, len }) if len == 1 << 40));
-        assert!(s.pop().unwrap().is_none());
+        assert!(matches!(s.pop(bytes::Bytes::from).unwrap(), Some(Item::Mark(4))));
+        assert!(matches!(s.pop(bytes::Bytes::from).unwrap(), Some(Item::Time(1_795_000_000_123))));
+        assert!(
+            matches!(s.pop(bytes::Bytes::from).unwrap(), Some(Item::Zero { disk: 0, offset: 9, len }) if len == 1 << 40)
+        );
+        assert!(s.pop(bytes::Bytes::from).unwrap().is_none());
         assert_eq!(std::fs::metadata(dir.path().join("spill.log")).unwrap().len(), 0, "emptied once read");
-        assert!(s.push(&Item::Data { disk: 0, offset: 0, data: vec![0; 64] }).unwrap(), "room again");
+        assert!(s.push(&Item::Data { disk: 0, offset: 0, data: vec![0; 64].into() }).unwrap(), "room again");
     }
 }

@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tern_core::blocks::{block_len, hash_block, page_value};
@@ -38,7 +39,9 @@ pub enum Item {
     Data {
         disk: usize,
         offset: u64,
-        data: Vec<u8>,
+        /// The write's own buffer, counted in the log's memory while anything holds it
+        /// ([`Tracker::hold`]).
+        data: bytes::Bytes,
     },
     Zero {
         disk: usize,
@@ -111,9 +114,6 @@ struct Inner {
     overflowed: bool,
     queue: VecDeque<Item>,
     queued_bytes: usize,
-    /// Bytes of writes sent and kept until the server acks them: the log's memory holds
-    /// them too.
-    unacked_bytes: usize,
     /// What changed since the last mark (or since logging started), per disk.
     dirty: Vec<Changes>,
     snapshot: Option<Snapshot>,
@@ -150,8 +150,48 @@ pub struct Tracker {
     wake: Condvar,
     /// Writes held by a barrier wait on this for its release.
     resume: Condvar,
-    /// Most bytes the log holds before it is dropped.
+    /// Most bytes of writes the log holds in memory (past it, it spills).
     capacity: usize,
+    /// The write data held in memory: in the log, in the streamer's batches, sent and not
+    /// acked, and the resync's records.
+    memory: Memory,
+}
+
+/// Bytes of write data held in memory, each buffer counted from its making until the last
+/// holder lets go of it: the log's memory (`--log-buffer`) is measured by it, and the
+/// resync's records count in it too while they wait to be sent.
+#[derive(Debug, Clone, Default)]
+pub struct Memory(Arc<AtomicUsize>);
+
+impl Memory {
+    /// `data` as a buffer counted here until the last of its records (in the log, a batch,
+    /// or sent and kept until acked) lets go of it.
+    pub fn hold(&self, data: Vec<u8>) -> bytes::Bytes {
+        self.0.fetch_add(data.len(), Ordering::Relaxed);
+        bytes::Bytes::from_owner(Held { data, count: self.0.clone() })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+struct Held {
+    data: Vec<u8>,
+    count: Arc<AtomicUsize>,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.count.fetch_sub(self.data.len(), Ordering::Relaxed);
+    }
 }
 
 impl Inner {
@@ -159,7 +199,6 @@ impl Inner {
     fn drop_log(&mut self) {
         self.queue.clear();
         self.queued_bytes = 0;
-        self.unacked_bytes = 0;
         self.backlog.iter_mut().for_each(|b| *b = 0);
         self.snapshot = None;
         if let Some(s) = &mut self.spill {
@@ -168,11 +207,11 @@ impl Inner {
     }
 
     /// Logs the time before a write, when the clock has moved since the last one.
-    fn stamp(&mut self, capacity: usize) -> Result<(), String> {
+    fn stamp(&mut self, room: bool) -> Result<(), String> {
         let now = crate::now_ms();
         if now > self.last_time {
             self.last_time = now;
-            self.append(Item::Time(now), capacity)?;
+            self.append(Item::Time(now), room)?;
         }
         Ok(())
     }
@@ -181,16 +220,17 @@ impl Inner {
         self.spill.as_ref().is_some_and(Spill::is_active)
     }
 
-    /// Appends to the log: in memory while it has room and nothing waits in the spill,
-    /// else to the spill. An error says why the log had to be dropped.
-    fn append(&mut self, item: Item, capacity: usize) -> Result<(), String> {
+    /// Appends to the log: in memory while it has `room` (the writes it holds, counted
+    /// with this one, are within its memory) and nothing waits in the spill, else to the
+    /// spill. An error says why the log had to be dropped.
+    fn append(&mut self, item: Item, room: bool) -> Result<(), String> {
         let bytes = if let Item::Data { data, .. } = &item { data.len() } else { 0 };
         if let Item::Data { disk, .. } = &item
             && let Some(b) = self.backlog.get_mut(*disk)
         {
             *b += bytes as u64;
         }
-        if !self.spilling() && self.queued_bytes + self.unacked_bytes + bytes <= capacity {
+        if !self.spilling() && room {
             self.queued_bytes += bytes;
             self.queue.push_back(item);
             return Ok(());
@@ -205,8 +245,8 @@ impl Inner {
         }
     }
 
-    /// The oldest item of the log.
-    fn pop(&mut self) -> Result<Option<Item>, String> {
+    /// The oldest item of the log; `hold` counts a write read back from the spill.
+    fn pop(&mut self, hold: impl FnOnce(Vec<u8>) -> bytes::Bytes) -> Result<Option<Item>, String> {
         let item = match self.queue.pop_front() {
             Some(item) => {
                 if let Item::Data { data, .. } = &item {
@@ -216,7 +256,7 @@ impl Inner {
             }
             None => match &mut self.spill {
                 Some(s) => s
-                    .pop()
+                    .pop(hold)
                     .map_err(|e| format!("reading the change log back from the state directory: {e}"))?,
                 None => None,
             },
@@ -266,6 +306,7 @@ impl Tracker {
             wake: Condvar::new(),
             resume: Condvar::new(),
             capacity,
+            memory: Memory::default(),
         }))
     }
 
@@ -412,9 +453,25 @@ impl Tracker {
         self.mark_and_hold(false)
     }
 
-    /// Bytes of the log's writes sent and kept until acked (they share its memory).
-    pub fn set_unacked(&self, bytes: usize) {
-        self.lock().unacked_bytes = bytes;
+    /// `data` as a buffer the log's memory counts (see [`Memory`]). What the streamer makes
+    /// of a write (a compressed copy) is counted too: the log's memory is the writes' memory.
+    pub fn hold(&self, data: Vec<u8>) -> bytes::Bytes {
+        self.memory.hold(data)
+    }
+
+    /// What the log's memory counts, for a resync to count its records in.
+    pub fn memory(&self) -> Memory {
+        self.memory.clone()
+    }
+
+    /// Bytes of write data held in memory.
+    pub fn held_bytes(&self) -> usize {
+        self.memory.bytes()
+    }
+
+    /// Whether the log has room in memory for what is held now (a new write counted).
+    fn room(&self) -> bool {
+        self.held_bytes() <= self.capacity
     }
 
     /// A mark's hashes are still being taken (its point is not out yet).
@@ -449,7 +506,7 @@ impl Tracker {
             hashes.zeroed.push(c.zeroed);
         }
         g.snapshot = Some(Snapshot { id, pending, hashes });
-        if let Err(e) = g.append(Item::Mark(id), self.capacity) {
+        if let Err(e) = g.append(Item::Mark(id), self.room()) {
             self.drop_logged(&mut g, &e);
         }
         drop(g);
@@ -475,7 +532,7 @@ impl Tracker {
         if g.overflowed || !g.logging {
             return Next::Overflowed;
         }
-        match g.pop() {
+        match g.pop(|v| self.hold(v)) {
             Ok(Some(item)) => Next::Item(item),
             Ok(None) => Next::Idle,
             Err(e) => {
@@ -601,7 +658,7 @@ impl Tracker {
             return Err(e);
         }
         if inner.logging
-            && let Err(e) = inner.stamp(self.capacity).and_then(|()| inner.append(item, self.capacity))
+            && let Err(e) = inner.stamp(self.room()).and_then(|()| inner.append(item, self.room()))
         {
             self.drop_logged(inner, &e);
         }
@@ -637,7 +694,7 @@ impl Tracker {
     /// The log keeps `data` itself: a write is not copied for it.
     fn write(&self, disk: usize, data: Vec<u8>, offset: u64) -> io::Result<()> {
         let len = data.len() as u64;
-        let item = Item::Data { disk, offset, data };
+        let item = Item::Data { disk, offset, data: self.hold(data) };
         self.change(disk, offset, len, item, |f, item| match item {
             Item::Data { data, .. } => f.write_all_at(data, offset),
             _ => Ok(()),
@@ -726,6 +783,30 @@ mod tests {
         // Caught up: memory again.
         t.write(0, vec![9; 10], 0).unwrap();
         assert_eq!(t.stats().queued_bytes, 10);
+    }
+
+    /// The log's memory counts a write until the last holder lets go of it: a batch sent
+    /// and not acked keeps its writes counted, so new writes spill; a write spilled is let
+    /// go at once, and counted again when read back.
+    #[test]
+    fn the_logs_memory_counts_each_write_until_the_last_holder_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = spilling_tracker(dir.path(), 100, 1 << 20);
+        t.start_logging();
+        t.write(0, vec![1; 60], 0).unwrap();
+        let sent = drain(&t);
+        assert_eq!((t.held_bytes(), t.stats().queued_bytes), (60, 0), "sent, not acked: still held");
+        t.write(0, vec![2; 60], 1000).unwrap();
+        assert!(t.stats().spilled_bytes >= 60, "no room beside the unacked write: spilled");
+        assert_eq!(t.held_bytes(), 60, "a spilled write is not held");
+        drop(sent);
+        assert_eq!(t.held_bytes(), 0, "acked: let go");
+        let back = drain(&t);
+        assert!(matches!(back.last(), Some(Item::Data { offset: 1000, data, .. }) if data[..] == [2; 60]));
+        assert_eq!(t.held_bytes(), 60, "read back from the spill: held again");
+        drop(back);
+        t.write(0, vec![3; 60], 0).unwrap();
+        assert_eq!((t.held_bytes(), t.stats().queued_bytes), (60, 60), "room again: in memory");
     }
 
     /// A barrier's mark holds the VM's writes: a write made during the hold waits for the

@@ -175,6 +175,12 @@ impl RecordHeader {
             && u32::from_le_bytes([raw[24], raw[25], raw[26], raw[27]]) as usize == payload.len()
             && blake3::hash(payload).as_bytes()[..] == raw[32..64]
     }
+
+    /// For a record whose check covers its header alone ([`FLAG_DIGEST_COVERS`]): whether
+    /// the header is intact, its payload unread. `None` when the check covers the payload too.
+    pub fn header_matches(raw: &[u8; RECORD_HEADER_LEN]) -> Option<bool> {
+        (raw[5] & FLAG_DIGEST_COVERS != 0).then(|| check_of(&raw[..64], &[]) == raw[64..80])
+    }
 }
 
 fn check_of(head: &[u8], payload: &[u8]) -> [u8; 16] {

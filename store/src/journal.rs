@@ -721,14 +721,21 @@ impl JournalSnapshot {
             start_at,
             last_seq: after,
             mark: start_at.map(|offset| (index, offset)),
-            marks_only: false,
+            skip: Skip::Nothing,
         }
     }
 
     /// The bookmarks and time records among records `after < seq <= upto`, in order; the
     /// data records between them are skipped unread.
     pub fn read_marks(&self, after: Seq, upto: Seq) -> JournalReader {
-        JournalReader { marks_only: true, ..self.read_range(after, upto) }
+        JournalReader { skip: Skip::Data, ..self.read_range(after, upto) }
+    }
+
+    /// The records `after < seq <= upto` without their payloads (returned empty, unread):
+    /// where each wrote, at the cost of reading headers. A header its check covers alone is
+    /// checked; the others (compressed writes, older records) are taken as they read.
+    pub fn read_headers(&self, after: Seq, upto: Seq) -> JournalReader {
+        JournalReader { skip: Skip::Payloads, ..self.read_range(after, upto) }
     }
 }
 
@@ -747,8 +754,17 @@ pub struct JournalReader {
     last_seq: Seq,
     /// Segment index and offset just after the last record returned or skipped.
     mark: Option<(usize, u64)>,
-    /// Returns only bookmarks and time records ([`JournalSnapshot::read_marks`]).
-    marks_only: bool,
+    /// What the reader skips unread.
+    skip: Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Skip {
+    Nothing,
+    /// Data records: only bookmarks and time records are returned ([`JournalSnapshot::read_marks`]).
+    Data,
+    /// Every payload ([`JournalSnapshot::read_headers`]).
+    Payloads,
 }
 
 /// Where a journal reader stopped: just after the record numbered `last_seq`, at byte
@@ -787,7 +803,9 @@ impl JournalReader {
                     }
                 }
                 self.end = *len;
-                self.reader = Some(BufReader::with_capacity(1 << 20, f));
+                // Headers alone: a small buffer, so that large payloads are skipped unread.
+                let capacity = if self.skip == Skip::Payloads { 64 << 10 } else { 1 << 20 };
+                self.reader = Some(BufReader::with_capacity(capacity, f));
             }
             let path = self.segments[self.index].0.clone();
             if self.pos >= self.end {
@@ -810,12 +828,33 @@ impl JournalReader {
                 self.index = self.segments.len();
                 return Ok(None);
             }
-            if (h.seq <= self.after.0) || (self.marks_only && h.kind.is_data()) {
+            if (h.seq <= self.after.0) || (self.skip == Skip::Data && h.kind.is_data()) {
                 // Not wanted: skipped without reading (nor checking) its payload.
                 r.seek_relative(i64::from(h.payload_len)).map_err(io_err(&path))?;
                 self.pos += (RECORD_HEADER_LEN + h.payload_len as usize) as u64;
                 self.mark = Some((self.index, self.pos));
                 continue;
+            }
+            if self.skip == Skip::Payloads {
+                if RecordHeader::header_matches(&raw) == Some(false) {
+                    return Err(corrupt(self.pos, "record header fails its checksum"));
+                }
+                r.seek_relative(i64::from(h.payload_len)).map_err(io_err(&path))?;
+                self.pos += (RECORD_HEADER_LEN + h.payload_len as usize) as u64;
+                self.last_seq = Seq(h.seq);
+                self.mark = Some((self.index, self.pos));
+                return Ok(Some(StoredRecord {
+                    seq: Seq(h.seq),
+                    plain_checked: false,
+                    record: Record {
+                        kind: h.kind,
+                        offset: h.offset,
+                        length: h.length,
+                        digest: h.digest,
+                        compressed: h.flags & FLAG_ZSTD != 0,
+                        payload: bytes::Bytes::new(),
+                    },
+                }));
             }
             let mut payload = vec![0u8; h.payload_len as usize];
             r.read_exact(&mut payload).map_err(io_err(&path))?;
@@ -879,6 +918,49 @@ mod tests {
         assert_eq!(got.len(), 3, "two writes and the bookmark after seq 2");
         assert_eq!(got[2].record.kind, RecordKind::Bookmark);
         assert_eq!(j.snapshot().read(Seq(3)).count(), 4);
+    }
+
+    /// Headers alone name the same records as a full read, with no payload; a damaged
+    /// header is found, a damaged payload is not read.
+    #[test]
+    fn headers_are_read_without_their_payloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        for seq in 1..=6u64 {
+            let data = incompressible(seq, 4096 * seq as usize);
+            j.append(Seq(seq), &[write_rec(&data, seq << 20)]).unwrap();
+        }
+        j.append_bookmark(b"{}").unwrap();
+        j.sync().unwrap();
+        let full: Vec<_> = j.snapshot().read_range(Seq(2), Seq(7)).map(|r| r.unwrap()).collect();
+        let heads: Vec<_> = j.snapshot().read_headers(Seq(2), Seq(7)).map(|r| r.unwrap()).collect();
+        let key =
+            |r: &StoredRecord| (r.seq, r.record.kind, r.record.offset, r.record.length, r.record.digest);
+        assert_eq!(heads.iter().map(key).collect::<Vec<_>>(), full.iter().map(key).collect::<Vec<_>>());
+        assert!(heads.iter().all(|r| r.record.payload.is_empty()));
+        assert_eq!(heads.len(), 5);
+        // Damage record 4's payload, then record 5's header offset field.
+        let seg = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "seg"))
+            .unwrap();
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        let mut at = SEGMENT_HEADER_LEN as u64;
+        for seq in 1..=5u64 {
+            let len = 4096 * seq;
+            if seq == 4 {
+                f.write_all_at(&[0xEE], at + RECORD_HEADER_LEN as u64 + 7).unwrap();
+            }
+            if seq == 5 {
+                f.write_all_at(&[0xEE], at + 18).unwrap();
+            }
+            at += RECORD_HEADER_LEN as u64 + len;
+        }
+        let upto4: Vec<_> = j.snapshot().read_headers(Seq(0), Seq(4)).map(|r| r.unwrap().seq).collect();
+        assert_eq!(upto4, [Seq(1), Seq(2), Seq(3), Seq(4)], "a damaged payload is not read");
+        assert!(j.snapshot().read_range(Seq(3), Seq(4)).any(|r| r.is_err()), "a full read finds it");
+        assert!(j.snapshot().read_headers(Seq(4), Seq(5)).any(|r| r.is_err()), "a damaged header is found");
     }
 
     #[test]

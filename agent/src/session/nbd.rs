@@ -5,9 +5,9 @@
 //! only for the mark.
 
 use super::{Session, SessionError};
-use crate::Requests;
 use crate::stream::{self, LogEvent, SharedStates};
 use crate::tracker::Tracker;
+use crate::{NbdMode, Requests};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tern_core::Seq;
@@ -270,7 +270,6 @@ impl Session {
     async fn resume_log(&mut self, tracker: &Arc<Tracker>) -> Result<(), SessionError> {
         let Some(log) = self.log.as_mut() else { return Ok(()) };
         let again = log.again(&self.welcomed);
-        tracker.set_unacked(log.unacked_bytes);
         let bytes: usize = again.iter().map(payload_bytes).sum();
         let stats = tracker.stats();
         info!(
@@ -405,14 +404,13 @@ impl Session {
     ) -> Result<Streamed, SessionError> {
         let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
         let mut report = tokio::time::interval(REPORT_EVERY);
-        // Sent batches are kept until acked, up to the log's memory again: past it the
-        // session waits for acks before it sends more (the log's memory, then its spill,
-        // takes the writes meanwhile).
-        let unacked_max = self.config.nbd.as_ref().map_or(64 << 20, |m| m.log_buffer);
+        // Sent batches are kept until acked, in the log's memory: past it the session
+        // waits for acks before it sends more (the spill takes the writes meanwhile).
+        let unacked_max = self.config.nbd.as_ref().map_or(64 << 20, NbdMode::log_memory);
         // At the bound: when the session gives up on acks that stopped coming.
         let mut stall_at: Option<Due> = None;
         loop {
-            let freed = self.settle_acks(tracker, log);
+            let freed = self.settle_acks(log);
             if log.unacked_bytes < unacked_max {
                 stall_at = None;
             } else if freed || stall_at.is_none() {
@@ -457,7 +455,6 @@ impl Session {
                     Some(LogEvent::Batch { disk, records, times }) => {
                         let batch = self.number(disk, records, times);
                         log.keep(disk, batch.clone());
-                        tracker.set_unacked(log.unacked_bytes);
                         self.send_numbered(batch, &mut limiter).await?;
                     }
                     Some(LogEvent::Mark { id, fingerprints }) => self.send_point(id, fingerprints).await?,
@@ -470,7 +467,7 @@ impl Session {
     }
 
     /// The server's acks let go of the batches they cover; whether they let go of any.
-    fn settle_acks(&mut self, tracker: &Tracker, log: &mut LogStream) -> bool {
+    fn settle_acks(&mut self, log: &mut LogStream) -> bool {
         if self.inbox.durable.is_empty() {
             return false;
         }
@@ -480,7 +477,6 @@ impl Session {
                 log.acked(i, seq);
             }
         }
-        tracker.set_unacked(log.unacked_bytes);
         log.unacked_bytes < before
     }
 
