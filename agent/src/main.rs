@@ -124,17 +124,21 @@ fn nbd_mode(
     }
 }
 
-/// mimalloc rather than glibc's malloc. In nbd mode the connection threads allocate each
-/// write's buffer and the streaming thread frees it once the server acks it, while small
-/// long-lived objects are made in between: glibc's arenas fragmented around them and kept
-/// the pages (bench/nbd.sh: peak RSS 140-156 MiB with a 64 MiB log buffer, and 120-134 MiB
-/// still held after the burst in the 50 MB/s run, two arenas or the default alike).
-/// mimalloc keeps each size class on its own pages and gives emptied ones back: 111 MiB,
-/// and 75 MiB in the 50 MB/s run, at the same throughput.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
+    // In nbd mode the connection threads allocate each write's buffer and the streaming
+    // thread frees it: with glibc's default of an arena per thread, freed memory piles up
+    // in arenas that rarely serve the thread that frees (bench/nbd.sh peaks: 146-200 MiB
+    // with the default, 111-182 MiB with two arenas; the runs vary with how often the log
+    // fills). A fixed mmap threshold (256 KiB) was tried too: 1 MiB sequential writes fell
+    // from 0.67x to 0.44x of qemu-nbd for a peak of 174 instead of 186 MiB, so it is not set.
+    // mimalloc (the crate, v3) as the global allocator was tried as well: the nbd burst's
+    // peak fell from about 140 to 117-129 MiB, but a fresh agent at 50 MB/s grew from 41-43
+    // to 65-67 MiB and scan mode's peak over a 64 GiB disk from 26 to 61-83 MiB.
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     tern_proto::daemon::init();
     tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
 }
