@@ -31,6 +31,14 @@ protect() {
   until "$B/drctl" status "$1" --json 2>/dev/null | grep -q '"last_point": [0-9]'; do sleep 0.02; done
 }
 wbytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io"; }
+# The agent commits its state when the point's ack reaches it, just after drctl's wait
+# ends: its write count, once it has not moved for half a second.
+settled_wbytes() {
+  local a b
+  a=$(wbytes "$1")
+  while sleep 0.5; b=$(wbytes "$1"); [ "$a" != "$b" ]; do a=$b; done
+  echo "$b"
+}
 
 echo "== a ${DISK_GIB} GiB sparse disk with ${DATA_MIB} MiB of data in scattered 4 MiB extents"
 python3 - "$W/sparse.img" "$DISK_GIB" "$DATA_MIB" <<'PY'
@@ -66,7 +74,7 @@ STATE_APPARENT=$(du -sb "$W/st-big" | cut -f1)
 echo "initial sync ${INIT}s; agent state dir $STATE bytes allocated ($STATE_APPARENT apparent: the table is sparse)"
 
 echo "== a point with nothing changed, then one after 100 scattered 4 KiB writes"
-w0=$(wbytes $AGENT); "$B/drctl" checkpoint big --wait >/dev/null; w1=$(wbytes $AGENT)
+w0=$(settled_wbytes $AGENT); "$B/drctl" checkpoint big --wait >/dev/null; w1=$(settled_wbytes $AGENT)
 NOCHANGE=$((w1 - w0))
 python3 - "$W/sparse.img" <<'PY'
 import os, random, sys
@@ -76,7 +84,7 @@ for p in random.sample(range(os.fstat(fd).st_size // 4096), 100):
     os.pwrite(fd, os.urandom(4096), p * 4096)
 os.fsync(fd)
 PY
-w0=$(wbytes $AGENT); "$B/drctl" checkpoint big --wait >/dev/null; w1=$(wbytes $AGENT)
+w0=$(settled_wbytes $AGENT); "$B/drctl" checkpoint big --wait >/dev/null; w1=$(settled_wbytes $AGENT)
 HUNDRED=$((w1 - w0))
 AGENT_RSS=$(hwm $AGENT)
 echo "state writes: nothing changed $NOCHANGE bytes, 100 pages changed $HUNDRED bytes; agent peak RSS ${AGENT_RSS} MiB"

@@ -835,45 +835,34 @@ impl JournalReader {
                 self.mark = Some((self.index, self.pos));
                 continue;
             }
-            if self.skip == Skip::Payloads {
+            let payload = if self.skip == Skip::Payloads {
                 if RecordHeader::header_matches(&raw) == Some(false) {
                     return Err(corrupt(self.pos, "record header fails its checksum"));
                 }
                 r.seek_relative(i64::from(h.payload_len)).map_err(io_err(&path))?;
-                self.pos += (RECORD_HEADER_LEN + h.payload_len as usize) as u64;
-                self.last_seq = Seq(h.seq);
-                self.mark = Some((self.index, self.pos));
-                return Ok(Some(StoredRecord {
-                    seq: Seq(h.seq),
-                    plain_checked: false,
-                    record: Record {
-                        kind: h.kind,
-                        offset: h.offset,
-                        length: h.length,
-                        digest: h.digest,
-                        compressed: h.flags & FLAG_ZSTD != 0,
-                        payload: bytes::Bytes::new(),
-                    },
-                }));
-            }
-            let mut payload = vec![0u8; h.payload_len as usize];
-            r.read_exact(&mut payload).map_err(io_err(&path))?;
-            if !RecordHeader::check_matches(&raw, &payload) {
-                return Err(corrupt(self.pos, "record fails its checksum"));
-            }
-            self.pos += (RECORD_HEADER_LEN + payload.len()) as u64;
+                None
+            } else {
+                let mut payload = vec![0u8; h.payload_len as usize];
+                r.read_exact(&mut payload).map_err(io_err(&path))?;
+                if !RecordHeader::check_matches(&raw, &payload) {
+                    return Err(corrupt(self.pos, "record fails its checksum"));
+                }
+                Some(payload)
+            };
+            self.pos += (RECORD_HEADER_LEN + h.payload_len as usize) as u64;
             self.last_seq = Seq(h.seq);
             self.mark = Some((self.index, self.pos));
             return Ok(Some(StoredRecord {
                 seq: Seq(h.seq),
-                plain_checked: h.flags & FLAG_DIGEST_COVERS != 0,
+                // A payload checked against its digest (none without a payload).
+                plain_checked: payload.is_some() && h.flags & FLAG_DIGEST_COVERS != 0,
                 record: Record {
                     kind: h.kind,
                     offset: h.offset,
                     length: h.length,
                     digest: h.digest,
                     compressed: h.flags & FLAG_ZSTD != 0,
-                    payload: payload.into(),
+                    payload: payload.map(bytes::Bytes::from).unwrap_or_default(),
                 },
             }));
         }
