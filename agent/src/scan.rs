@@ -5,6 +5,7 @@
 //! in disk order, so records go out in offset order and memory stays bounded.
 
 use crate::state::DiskState;
+use crate::tracker::Memory;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -98,9 +99,10 @@ pub struct Compare {
     pub regions: Regions,
     /// The workers yield to other work (nice 10): in nbd mode the VM's writes come first.
     pub background: bool,
-    /// Counts the records' payloads while they wait to be sent (nbd mode: in the log's
-    /// memory, so that the log spills sooner rather than the agent grow during a resync).
-    pub memory: Option<crate::tracker::Memory>,
+    /// Counts the records' payloads while they wait to be sent (nbd mode: the log's
+    /// memory, so that the log spills sooner rather than the agent grow during a resync;
+    /// in scan mode nothing reads it).
+    pub memory: Memory,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -204,7 +206,7 @@ pub fn run_pass(
             d,
             state,
             workers,
-            (page_hashes, background, memory.as_ref()),
+            (page_hashes, background, &memory),
             feed,
             only,
             out,
@@ -243,11 +245,11 @@ struct Feed {
     /// Page-hash requests sent and not yet answered, oldest first.
     asked: VecDeque<Vec<u64>>,
     /// Counts the payloads of the records made from the answers.
-    memory: Option<crate::tracker::Memory>,
+    memory: Memory,
 }
 
 impl Feed {
-    fn new(rx: Receiver<HashChunk>, memory: Option<crate::tracker::Memory>) -> Feed {
+    fn new(rx: Receiver<HashChunk>, memory: Memory) -> Feed {
         Feed { rx, ready: 0, answers: Default::default(), gone: false, asked: VecDeque::new(), memory }
     }
 
@@ -289,7 +291,7 @@ impl Feed {
             let wait = end || self.asked.len() > PAGE_REQUESTS_IN_FLIGHT;
             let Some(answer) = self.answer(first, state, wait, cancel)? else { break };
             let blocks = self.asked.pop_front().unwrap_or_default();
-            sent += apply_pages(d, file, &blocks, &answer, state, enc, emit, self.memory.as_ref())?;
+            sent += apply_pages(d, file, &blocks, &answer, state, enc, emit, &self.memory)?;
         }
         Ok(sent)
     }
@@ -377,7 +379,7 @@ fn scan_disk(
     d: &DiskSource,
     state: &mut DiskState,
     workers: usize,
-    (page_hashes, background, memory): (bool, bool, Option<&crate::tracker::Memory>),
+    (page_hashes, background, memory): (bool, bool, &Memory),
     feed: Option<Receiver<HashChunk>>,
     only: Option<&[(u64, u64)]>,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
@@ -392,7 +394,7 @@ fn scan_disk(
     let mut fp = Fingerprint::new();
     let mut batcher = Batcher { disk: index, out, records: Vec::new(), bytes: 0 };
     let mut emit = |r: pb::Record| batcher.push(r);
-    let mut feed = feed.map(|rx| Feed::new(rx, memory.cloned()));
+    let mut feed = feed.map(|rx| Feed::new(rx, memory.clone()));
     let ask_pages = feed.is_some();
     let mut deferred: Vec<u64> = Vec::new();
     let file = DiskReader::open(&d.path).map_err(read_err)?;
@@ -402,8 +404,8 @@ fn scan_disk(
         let job_rx = Arc::new(Mutex::new(job_rx));
         for _ in 0..workers {
             let (rx, file) = (job_rx.clone(), DiskReader::open(&d.path).map_err(read_err)?);
-            let memory = memory.cloned();
-            s.spawn(move || worker(rx, file, d.size, page_hashes, background, memory.as_ref()));
+            let memory = memory.clone();
+            s.spawn(move || worker(rx, file, d.size, page_hashes, background, &memory));
         }
         #[allow(clippy::type_complexity)]
         let mut inflight: VecDeque<(
@@ -543,7 +545,7 @@ fn apply_pages(
     state: &mut DiskState,
     enc: &mut Encoder,
     emit: &mut dyn FnMut(pb::Record) -> Result<(), ScanError>,
-    memory: Option<&crate::tracker::Memory>,
+    memory: &Memory,
 ) -> Result<u64, Resolve> {
     let mut buf = AlignedBuf::new(BLOCK_SIZE);
     let mut sent = 0u64;
@@ -578,7 +580,7 @@ fn worker(
     size: u64,
     page_hashes: bool,
     background: bool,
-    memory: Option<&crate::tracker::Memory>,
+    memory: &Memory,
 ) {
     if background {
         crate::lower_priority();
@@ -623,7 +625,7 @@ fn scan_chunk(
     buf: &mut [u8],
     enc: &mut Encoder,
     page_hashes: bool,
-    memory: Option<&crate::tracker::Memory>,
+    memory: &Memory,
 ) -> Result<ChunkOut, std::io::Error> {
     let start = job.index * CHUNK as u64;
     let len = usize::try_from((size - start).min(CHUNK as u64)).unwrap_or(CHUNK);
@@ -747,14 +749,14 @@ fn page_runs(
 /// When the merged extent does not compress (random or encrypted data) and each of its
 /// runs is a whole block whose digest is known, each run travels as a record of its own
 /// instead: the extent is then not hashed a second time.
-/// `memory` counts the payloads (a resync in nbd mode).
+/// `memory` counts the payloads.
 fn encode_runs(
     buf: &[u8],
     at: u64,
     runs: &[Run],
     enc: &mut Encoder,
     records: &mut Vec<pb::Record>,
-    memory: Option<&crate::tracker::Memory>,
+    memory: &Memory,
 ) {
     let mut i = 0;
     while i < runs.len() {
@@ -786,13 +788,7 @@ fn encode_runs(
                 digest: digest.0.to_vec(),
                 compression: if compressed.is_some() { pb::Compression::Zstd } else { pb::Compression::None }
                     as i32,
-                payload: {
-                    let payload = compressed.unwrap_or_else(|| buf[from..to].to_vec());
-                    match memory {
-                        Some(m) => m.hold(payload),
-                        None => payload.into(),
-                    }
-                },
+                payload: memory.hold(compressed.unwrap_or_else(|| buf[from..to].to_vec())),
             };
             match (enc.compress(extent), known) {
                 (Some(c), known) => {

@@ -601,7 +601,7 @@ impl Session {
         let feeds = std::mem::take(self.feeds());
         let regions = std::mem::take(&mut self.regions);
         let background = self.config.nbd.is_some() && !self.resync_urgent;
-        let memory = self.tracker.as_ref().map(|t| t.memory());
+        let memory = self.tracker.as_ref().map(|t| t.memory()).unwrap_or_default();
         let mut states = std::mem::take(&mut self.states);
         let scanner = tokio::task::spawn_blocking(move || {
             let frozen = if quiesce {
