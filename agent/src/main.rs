@@ -125,22 +125,34 @@ fn nbd_mode(
 }
 
 fn main() {
-    // In nbd mode the connection threads allocate each write's buffer and the streaming
-    // thread frees it: with glibc's default of an arena per thread, freed memory piles up
-    // in arenas that rarely serve the thread that frees (bench/nbd.sh peaks: 146-200 MiB
-    // with the default, 111-182 MiB with two arenas; the runs vary with how often the log
-    // fills). A fixed mmap threshold (256 KiB) was tried too: 1 MiB sequential writes fell
-    // from 0.67x to 0.44x of qemu-nbd for a peak of 174 instead of 186 MiB, so it is not set.
-    // mimalloc (the crate, v3) as the global allocator was tried as well: the nbd burst's
-    // peak fell from about 140 to 117-129 MiB, but a fresh agent at 50 MB/s grew from 41-43
-    // to 65-67 MiB and scan mode's peak over a 64 GiB disk from 26 to 61-83 MiB.
-    // SAFETY: mallopt only sets an allocator parameter; called before any other thread.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
     tern_proto::daemon::init();
     tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
+}
+
+/// How many malloc arenas the agent's threads share; set before any thread starts.
+///
+/// In nbd mode the connection threads allocate each write's buffer and the streaming
+/// thread frees it, and a new connection's threads may take another arena than the last
+/// one's: what the last one's writes freed stays resident in its arena (given back only
+/// once the log is quiet, see `release_free_memory`) while the new writes fill the other.
+/// bench/nbd.sh's peak RSS with two arenas: 126.9-135.7 MiB; with one: 116.7-122.0 MiB,
+/// at the same throughput (random 1.63-1.77x, sequential 1.20-1.51x of qemu-nbd). A burst
+/// of random 4 KiB then 1 MiB writes, fio on a connection each for 20 s: peaks of
+/// 112.7-125.8 MiB with one arena, 124.8-138.5 with two. (An earlier version peaked at
+/// 146-200 MiB with glibc's default of up to 8 arenas a core.)
+/// Scan mode's hashing workers allocate and free their own buffers: it keeps two, as a
+/// 1 GiB random-data sync was no faster with one (2.35-2.90 s against 2.26-2.62 s, five
+/// runs each).
+/// Also tried: a fixed mmap threshold (256 KiB) cut 1 MiB sequential writes from 0.67x to
+/// 0.44x of qemu-nbd; mimalloc (the crate, v3) as the global allocator lowered the nbd
+/// burst's peak to 117-129 MiB but raised a fresh agent at 50 MB/s from 41-43 to 65-67
+/// MiB and scan mode's peak over a 64 GiB disk from 26 to 61-83 MiB.
+fn limit_malloc_arenas(nbd_mode: bool) {
+    // SAFETY: mallopt only sets an allocator parameter; no other thread runs yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, if nbd_mode { 1 } else { 2 });
+    }
 }
 
 fn run() -> anyhow::Result<()> {
@@ -231,6 +243,7 @@ fn run() -> anyhow::Result<()> {
             d.path.display()
         );
     }
+    limit_malloc_arenas(config.nbd.is_some());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         if let Some(addr) = metrics {
