@@ -132,17 +132,19 @@ b3sum --num-threads 1 "$W/rnd.img" >/dev/null; t4=$(now)
 rm -f "$W/rnd.zst"
 LIMIT=$(calc "($t4-$t0)/2")
 # The receiver also writes and fsyncs every byte into its journal, on the same file
-# system as $W: the same bytes through dd conv=fsync, a peer the CPU limit leaves out.
+# system as $W, which the CPU limit leaves out: the same bytes through dd conv=fsync. No
+# sync can end before its bytes are durable, nor before its hashing is done: the bound
+# is the slower of the two (the two overlapping perfectly).
 t0=$(now); dd if="$W/rnd.img" of="$W/rnd.dd" bs=1M conv=fsync status=none; t1=$(now)
 rm -f "$W/rnd.dd"
 WRITE=$(calc "$t1-$t0")
-LIMIT_W=$(calc "$LIMIT+$WRITE/2")
+BOUND=$(calc "max($LIMIT, $WRITE)")
 t0=$(now)
 protect rnd "$W/rnd.img" agent2.log
 AGENT2=$PID
 t1=$(now)
 RND=$(calc "$t1-$t0")
-echo "tern ${RND}s, limit ${LIMIT}s, dd conv=fsync of the same bytes ${WRITE}s, limit with the write ${LIMIT_W}s"
+echo "tern ${RND}s, limit ${LIMIT}s, dd conv=fsync of the same bytes ${WRITE}s, the slower of the two ${BOUND}s"
 
 echo "== process-server start-up over ${JOURNAL_GIB} GiB of journal (the random disk rewritten, a point each time)"
 journal_bytes() { find "$W/ps/vms" -name '*.seg' -printf '%s\n' | awk '{s += $1} END {printf "%.0f\n", s}'; }
@@ -176,5 +178,5 @@ printf '%-52s %12s\n' "qemu-img convert (s)" "$QEMU"
 printf '%-52s %12s  %s\n' "test failover / qemu-img convert" "$(calc "$TFO/$QEMU")" "(target <= 2)"
 printf '%-52s %12s  %s\n' "vm.json blake3 equals b3sum of the output" "$B3OK" "(b3sum took ${B3}s)"
 printf '%-52s %12s  %s\n' "random-data initial sync: limit / tern" "$(calc "$LIMIT/$RND")" "(target >= 0.80; CPU only)"
-printf '%-52s %12s  %s\n' "  the same, the limit with the storage write" "$(calc "$LIMIT_W/$RND")" "(dd conv=fsync ${WRITE}s, shared 2 cores)"
+printf '%-52s %12s  %s\n' "  the same, bound: max(limit, durable write) / tern" "$(calc "$BOUND/$RND")" "(dd conv=fsync of the same bytes ${WRITE}s)"
 printf '%-52s %12s  %s\n' "process-server start-up (s)" "$STARTUP" "(target <= 5 with >= 20 GB; here $JOURNAL bytes of segments)"

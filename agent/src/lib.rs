@@ -165,19 +165,6 @@ pub(crate) fn lower_priority() {
     }
 }
 
-/// Gives the allocator's free memory back to the system. The log's buffers are freed in
-/// another order than they were taken (and by another thread), so free pages stay inside
-/// the heaps: after a burst of 4 KiB writes this kept ~60 MiB resident that nothing used.
-/// Called when the log has drained; costs a walk of the heaps (well under 1 ms here).
-pub(crate) fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free pages of the allocator's own heaps.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 fn is_permanent(code: Code) -> bool {
     matches!(
         code,

@@ -124,35 +124,32 @@ fn nbd_mode(
     }
 }
 
+/// The agent allocates with jemalloc, which gives the pages it no longer uses back to the
+/// system within a quarter of a second (`dirty_decay_ms`, from a background thread, so
+/// the VM's writes do not wait on it). In nbd mode each write's buffer is allocated by an
+/// NBD connection's thread and freed by another at the server's ack, and the writes change
+/// under the agent (4 KiB random, then 1 MiB sequential): glibc's malloc kept the pages the
+/// freed writes had held, between small objects that live on, until the log went quiet,
+/// and the next burst's buffers came on top. `bench/nbd.sh`'s peak RSS: 126.9-135.7 MiB
+/// with glibc and two arenas, 116.7-130.3 with one, 99.3-105.0 with jemalloc. fio's random
+/// 4 KiB then 1 MiB writes back to back (20 s each): 119.5-139.6 MiB with glibc and one
+/// arena, 101.2-108.9 with jemalloc; 30-39 MiB right after, against 103-116. Also tried: a
+/// fixed mmap threshold (the 1 MiB writes' buffers then take fresh pages beside the ones
+/// kept); mimalloc (the burst's peak 117-129 MiB, scan mode's over a 64 GiB disk 61-83 MiB
+/// against 26-28 with glibc and 32 with jemalloc).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings (`_RJEM_MALLOC_CONF` in the environment overrides them): unused
+/// pages back to the system after 250 ms, by a background thread; two arenas, as there
+/// are few threads that allocate much.
+#[allow(unsafe_code, non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 69] = b"background_thread:true,dirty_decay_ms:250,muzzy_decay_ms:0,narenas:2\0";
+
 fn main() {
     tern_proto::daemon::init();
     tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
-}
-
-/// How many malloc arenas the agent's threads share; set before any thread starts.
-///
-/// In nbd mode the connection threads allocate each write's buffer and the streaming
-/// thread frees it, and a new connection's threads may take another arena than the last
-/// one's: what the last one's writes freed stays resident in its arena (given back only
-/// once the log is quiet, see `release_free_memory`) while the new writes fill the other.
-/// bench/nbd.sh's peak RSS with two arenas: 126.9-135.7 MiB; with one: 116.7-122.0 MiB,
-/// at the same throughput (random 1.63-1.77x, sequential 1.20-1.51x of qemu-nbd). A burst
-/// of random 4 KiB then 1 MiB writes, fio on a connection each for 20 s: peaks of
-/// 112.7-125.8 MiB with one arena, 124.8-138.5 with two. (An earlier version peaked at
-/// 146-200 MiB with glibc's default of up to 8 arenas a core.)
-/// Scan mode's hashing workers allocate and free their own buffers: it keeps two, as a
-/// 1 GiB random-data sync was no faster with one (2.35-2.90 s against 2.26-2.62 s, five
-/// runs each).
-/// Also tried: a fixed mmap threshold (256 KiB) cut 1 MiB sequential writes from 0.67x to
-/// 0.44x of qemu-nbd; mimalloc (the crate, v3) as the global allocator lowered the nbd
-/// burst's peak to 117-129 MiB but raised a fresh agent at 50 MB/s from 41-43 to 65-67
-/// MiB and scan mode's peak over a 64 GiB disk from 26 to 61-83 MiB.
-fn limit_malloc_arenas(nbd_mode: bool) {
-    // SAFETY: mallopt only sets an allocator parameter; no other thread runs yet.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, if nbd_mode { 1 } else { 2 });
-    }
 }
 
 fn run() -> anyhow::Result<()> {
@@ -243,7 +240,6 @@ fn run() -> anyhow::Result<()> {
             d.path.display()
         );
     }
-    limit_malloc_arenas(config.nbd.is_some());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         if let Some(addr) = metrics {

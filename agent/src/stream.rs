@@ -20,8 +20,6 @@ const ZERO_RECORD: u64 = 4 << 20;
 const BATCH_BYTES: usize = 1 << 20;
 /// ... or this many records (zeroed ranges carry no payload).
 const BATCH_RECORDS: usize = 4096;
-/// Free memory goes back to the system once the log has had nothing for this long.
-const QUIET_BEFORE_TRIM: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub enum LogEvent {
@@ -81,22 +79,12 @@ pub fn run(
     // failover can then go to any moment between two points.
     let mut armed = false;
     let mut now = 0i64;
-    // When the log last had an item, and whether memory was given back since.
-    let (mut busy, mut trimmed) = (std::time::Instant::now(), true);
     while !cancel.is_cancelled() {
         let item = match tracker.next(Duration::from_millis(100)) {
             Next::Item(item) => item,
             Next::Idle => {
                 if !flush(&mut batch) {
                     return Ok(());
-                }
-                // The writes have paused: what they took can go back to the system. Never
-                // while they go on: the trim holds the allocator's locks, and at this
-                // thread's low priority the VM's writes then wait behind it (in bench/nbd.sh's
-                // RPO run, a trim each second let the point lag grow past 10 s).
-                if !trimmed && busy.elapsed() >= QUIET_BEFORE_TRIM {
-                    crate::release_free_memory();
-                    trimmed = true;
                 }
                 continue;
             }
@@ -106,7 +94,6 @@ pub fn run(
                 return Ok(());
             }
         };
-        (busy, trimmed) = (std::time::Instant::now(), false);
         let (disk, records) = match item {
             Item::Mark(id) => {
                 if !flush(&mut batch) {

@@ -225,8 +225,6 @@ impl Session {
             // hot extents are compared.
             Ok(Streamed::Resync) => {
                 drop(log.close().await);
-                // The dropped log's buffers go back to the system before the resync reads.
-                crate::release_free_memory();
                 Err(Status::unavailable(
                     "the change log was dropped; reconnecting to compare the hot extents with the server's copy",
                 )
