@@ -3,13 +3,14 @@
 # (issue 12). A sparse disk of DISK_GIB (default 64) holding DATA_MIB (default 1024) of
 # random data in 4 MiB extents, scattered; and a dense disk of RANDOM_MIB (default 1024)
 # of random data. Peers in the same run: qemu-img convert (test failover), b3sum (the
-# output's BLAKE3), and the hashing + compression pipeline limit (initial sync).
+# output's BLAKE3), the hashing + compression pipeline limit (initial sync), and the same
+# bytes through socat over mutual TLS (OpenSSL) with b3sum on both ends.
 # Prints, per item, tern's figure, the peer's and the issue's target; the test failover
 # waits until the process server's zero-subtree table covers the disk (a background
 # warm-up once per data directory; its time is printed). JOURNAL_GIB (default
 # 20) of journal are written for the start-up figure (needs that much free space twice over
 # the random disk's size).
-# Needs: qemu-img, b3sum, zstd, python3.
+# Needs: qemu-img, b3sum, zstd, socat, openssl, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DISK_GIB=${DISK_GIB:-64}
@@ -17,7 +18,7 @@ DATA_MIB=${DATA_MIB:-1024}
 RANDOM_MIB=${RANDOM_MIB:-1024}
 JOURNAL_GIB=${JOURNAL_GIB:-20}
 . bench/lib.sh
-need_tools qemu-img b3sum zstd python3
+need_tools qemu-img b3sum zstd socat openssl python3
 cargo build --quiet --release --workspace --bins --locked
 B="$PWD/target/release"
 W=$(mktemp -d /tmp/tern-scale.XXXXXX)
@@ -126,6 +127,7 @@ echo "== initial sync of ${RANDOM_MIB} MiB of random data against the pipeline l
 head -c "$((RANDOM_MIB << 20))" /dev/urandom >"$W/rnd.img"
 cat "$W/rnd.img" >/dev/null
 t0=$(now); b3sum --num-threads 1 "$W/rnd.img" >/dev/null; t1=$(now)
+t0b=$t0 t1b=$t1
 zstd -q -1 -T1 -c "$W/rnd.img" >"$W/rnd.zst"; t2=$(now)
 zstd -q -d -c "$W/rnd.zst" >/dev/null; t3=$(now)
 b3sum --num-threads 1 "$W/rnd.img" >/dev/null; t4=$(now)
@@ -139,12 +141,40 @@ t0=$(now); dd if="$W/rnd.img" of="$W/rnd.dd" bs=1M conv=fsync status=none; t1=$(
 rm -f "$W/rnd.dd"
 WRITE=$(calc "$t1-$t0")
 BOUND=$(calc "max($LIMIT, $WRITE)")
+B3_S=$(calc "($t1b-$t0b)+($t4-$t3)")
+# A sync also moves every byte through TLS and the loopback, which the CPU limit leaves out
+# too: the same bytes sent by socat over mutual TLS (OpenSSL, TLS 1.3), written to a file
+# there. The peer limit is the work a replicator cannot skip, shared over 2 cores: socat's
+# CPU on both ends plus a b3sum on each.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
+  -addext subjectAltName=DNS:localhost -keyout "$W/peer.key" -out "$W/peer.crt" 2>/dev/null
+cat "$W/peer.key" "$W/peer.crt" >"$W/peer.pem"
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+TLS="cert=$W/peer.pem,cafile=$W/peer.crt,verify=1,openssl-min-proto-version=TLS1.3"
+rusage "$W/recv.ru" socat -u -b 262144 "OPENSSL-LISTEN:$PORT,bind=127.0.0.1,reuseaddr,$TLS" "CREATE:$W/rnd.tls" &
+RECV=$!
+until python3 -c 'import sys; sys.exit(f":{int(sys.argv[1]):04X} 00000000:0000 0A" not in open("/proc/net/tcp").read())' "$PORT"; do sleep 0.02; done
+t0=$(now)
+rusage "$W/send.ru" socat -u -b 262144 "FILE:$W/rnd.img" "OPENSSL:127.0.0.1:$PORT,$TLS,commonname=localhost"
+wait $RECV
+t1=$(now)
+cmp -s "$W/rnd.img" "$W/rnd.tls" || { echo "the socat peer did not carry the bytes whole"; exit 1; }
+rm -f "$W/rnd.tls"
+TLS_WALL=$(calc "$t1-$t0")
+TLS_CPU=$(calc "$(cut -d' ' -f1 "$W/send.ru")+$(cut -d' ' -f1 "$W/recv.ru")")
+PEER=$(calc "($B3_S+$TLS_CPU)/2")
+echo "socat over mutual TLS ${TLS_WALL}s (CPU ${TLS_CPU}s, both ends); + b3sum on each end (${B3_S}s): peer limit ${PEER}s"
+S0=$(cpu $SERVER)
 t0=$(now)
 protect rnd "$W/rnd.img" agent2.log
 AGENT2=$PID
 t1=$(now)
 RND=$(calc "$t1-$t0")
-echo "tern ${RND}s, limit ${LIMIT}s, dd conv=fsync of the same bytes ${WRITE}s, the slower of the two ${BOUND}s"
+RND_A=$(cpu $AGENT2); RND_S=$(calc "$(cpu $SERVER)-$S0")
+# CPU seconds vary far less than wall time on a shared machine: the same comparison in them.
+RND_CPU=$(calc "$RND_A+$RND_S"); PEER_CPU=$(calc "$B3_S+$TLS_CPU")
+echo "tern CPU ${RND_CPU}s (agent ${RND_A}s, process server ${RND_S}s); the peer's ${PEER_CPU}s"
+echo "tern ${RND}s, limit ${LIMIT}s, dd conv=fsync of the same bytes ${WRITE}s, the slower of the two ${BOUND}s, hash + TLS peer limit ${PEER}s"
 
 echo "== process-server start-up over ${JOURNAL_GIB} GiB of journal (the random disk rewritten, a point each time)"
 journal_bytes() { find "$W/ps/vms" -name '*.seg' -printf '%s\n' | awk '{s += $1} END {printf "%.0f\n", s}'; }
@@ -179,4 +209,6 @@ printf '%-52s %12s  %s\n' "test failover / qemu-img convert" "$(calc "$TFO/$QEMU
 printf '%-52s %12s  %s\n' "vm.json blake3 equals b3sum of the output" "$B3OK" "(b3sum took ${B3}s)"
 printf '%-52s %12s  %s\n' "random-data initial sync: limit / tern" "$(calc "$LIMIT/$RND")" "(target >= 0.80; CPU only)"
 printf '%-52s %12s  %s\n' "  the same, bound: max(limit, durable write) / tern" "$(calc "$BOUND/$RND")" "(dd conv=fsync of the same bytes ${WRITE}s)"
+printf '%-52s %12s  %s\n' "  the same, hash + TLS peer limit / tern" "$(calc "$PEER/$RND")" "(socat over mutual TLS ${TLS_WALL}s, CPU ${TLS_CPU}s; proposed target >= 0.80)"
+printf '%-52s %12s  %s\n' "  the same in CPU seconds: peer / tern" "$(calc "$PEER_CPU/$RND_CPU")" "(tern ${RND_CPU}s, the peer ${PEER_CPU}s)"
 printf '%-52s %12s  %s\n' "process-server start-up (s)" "$STARTUP" "(target <= 5 with >= 20 GB; here $JOURNAL bytes of segments)"

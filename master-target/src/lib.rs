@@ -509,6 +509,7 @@ pub async fn run(
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(pb::STREAM_WINDOW))
         .initial_connection_window_size(Some(pb::CONNECTION_WINDOW))
+        .max_frame_size(Some(pb::MAX_FRAME_BYTES))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(pb::master_target_server::MasterTargetServer::new(MasterTargetService {
             ctx: ctx.clone(),
