@@ -127,7 +127,6 @@ echo "== initial sync of ${RANDOM_MIB} MiB of random data against the pipeline l
 head -c "$((RANDOM_MIB << 20))" /dev/urandom >"$W/rnd.img"
 cat "$W/rnd.img" >/dev/null
 t0=$(now); b3sum --num-threads 1 "$W/rnd.img" >/dev/null; t1=$(now)
-t0b=$t0 t1b=$t1
 zstd -q -1 -T1 -c "$W/rnd.img" >"$W/rnd.zst"; t2=$(now)
 zstd -q -d -c "$W/rnd.zst" >/dev/null; t3=$(now)
 b3sum --num-threads 1 "$W/rnd.img" >/dev/null; t4=$(now)
@@ -141,29 +140,46 @@ t0=$(now); dd if="$W/rnd.img" of="$W/rnd.dd" bs=1M conv=fsync status=none; t1=$(
 rm -f "$W/rnd.dd"
 WRITE=$(calc "$t1-$t0")
 BOUND=$(calc "max($LIMIT, $WRITE)")
-B3_S=$(calc "($t1b-$t0b)+($t4-$t3)")
 # A sync also moves every byte through TLS and the loopback, which the CPU limit leaves out
-# too: the same bytes sent by socat over mutual TLS (OpenSSL, TLS 1.3), written to a file
-# there. The peer limit is the work a replicator cannot skip, shared over 2 cores: socat's
-# CPU on both ends plus a b3sum on each.
+# too: the same bytes sent by socat over mutual TLS 1.3 (OpenSSL) to a socat on loopback,
+# written to a file there (not synced). The peer limit is the work a replicator cannot
+# skip, shared over 2 cores: socat's CPU on both ends plus a single-thread b3sum on each.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
   -addext subjectAltName=DNS:localhost -keyout "$W/peer.key" -out "$W/peer.crt" 2>/dev/null
 cat "$W/peer.key" "$W/peer.crt" >"$W/peer.pem"
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-TLS="cert=$W/peer.pem,cafile=$W/peer.crt,verify=1,openssl-min-proto-version=TLS1.3"
-rusage "$W/recv.ru" socat -u -b 262144 "OPENSSL-LISTEN:$PORT,bind=127.0.0.1,reuseaddr,$TLS" "CREATE:$W/rnd.tls" &
-RECV=$!
-until python3 -c 'import sys; sys.exit(f":{int(sys.argv[1]):04X} 00000000:0000 0A" not in open("/proc/net/tcp").read())' "$PORT"; do sleep 0.02; done
-t0=$(now)
-rusage "$W/send.ru" socat -u -b 262144 "FILE:$W/rnd.img" "OPENSSL:127.0.0.1:$PORT,$TLS,commonname=localhost"
-wait $RECV
-t1=$(now)
+read -r TLS_WALL TLS_USR TLS_SYS B3_CPU < <(python3 - "$W" <<'PY'
+import os, resource, socket, subprocess, sys, time
+w = sys.argv[1]
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+tls = f"cert={w}/peer.pem,cafile={w}/peer.crt,verify=1,openssl-min-proto-version=TLS1.3"
+socat = ["timeout", "300", "socat", "-u", "-b", "262144"]
+recv = subprocess.Popen(socat + [f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,{tls}", f"CREATE:{w}/rnd.tls"])
+listening = f":{port:04X} 00000000:0000 0A"
+deadline = time.time() + 10
+while listening not in open("/proc/net/tcp").read():
+    if recv.poll() is not None or time.time() > deadline:
+        recv.kill()
+        sys.exit(f"the socat peer's listener did not start (exit {recv.poll()})")
+    time.sleep(0.02)
+t0 = time.time()
+send = subprocess.run(socat + [f"FILE:{w}/rnd.img", f"OPENSSL:127.0.0.1:{port},{tls},commonname=localhost"])
+rc = recv.wait()
+wall = time.time() - t0
+if send.returncode or rc:
+    sys.exit(f"the socat peer failed (sender exit {send.returncode}, receiver exit {rc})")
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+subprocess.run(["b3sum", "--num-threads", "1", f"{w}/rnd.img"], stdout=subprocess.DEVNULL, check=True)
+b = resource.getrusage(resource.RUSAGE_CHILDREN)
+b3 = b.ru_utime + b.ru_stime - r.ru_utime - r.ru_stime
+print(f"{wall:.2f} {r.ru_utime:.2f} {r.ru_stime:.2f} {b3:.2f}")
+PY
+)
 cmp -s "$W/rnd.img" "$W/rnd.tls" || { echo "the socat peer did not carry the bytes whole"; exit 1; }
 rm -f "$W/rnd.tls"
-TLS_WALL=$(calc "$t1-$t0")
-TLS_CPU=$(calc "$(cut -d' ' -f1 "$W/send.ru")+$(cut -d' ' -f1 "$W/recv.ru")")
-PEER=$(calc "($B3_S+$TLS_CPU)/2")
-echo "socat over mutual TLS ${TLS_WALL}s (CPU ${TLS_CPU}s, both ends); + b3sum on each end (${B3_S}s): peer limit ${PEER}s"
+TLS_CPU=$(calc "$TLS_USR+$TLS_SYS")
+PEER_CPU=$(calc "2*$B3_CPU+$TLS_CPU")
+PEER=$(calc "$PEER_CPU/2")
+echo "socat over mutual TLS ${TLS_WALL}s (CPU ${TLS_CPU}s both ends: user ${TLS_USR}s, system ${TLS_SYS}s); + b3sum on each end (CPU ${B3_CPU}s each): peer limit ${PEER}s"
 S0=$(cpu $SERVER)
 t0=$(now)
 protect rnd "$W/rnd.img" agent2.log
@@ -171,8 +187,9 @@ AGENT2=$PID
 t1=$(now)
 RND=$(calc "$t1-$t0")
 RND_A=$(cpu $AGENT2); RND_S=$(calc "$(cpu $SERVER)-$S0")
-# CPU seconds vary far less than wall time on a shared machine: the same comparison in them.
-RND_CPU=$(calc "$RND_A+$RND_S"); PEER_CPU=$(calc "$B3_S+$TLS_CPU")
+# The same comparison in CPU seconds (the process server's include answering the status
+# polls of protect()).
+RND_CPU=$(calc "$RND_A+$RND_S")
 echo "tern CPU ${RND_CPU}s (agent ${RND_A}s, process server ${RND_S}s); the peer's ${PEER_CPU}s"
 echo "tern ${RND}s, limit ${LIMIT}s, dd conv=fsync of the same bytes ${WRITE}s, the slower of the two ${BOUND}s, hash + TLS peer limit ${PEER}s"
 

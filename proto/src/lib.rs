@@ -23,11 +23,15 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// Largest gRPC message either side accepts. Batches are kept under 4 MiB of payload;
 /// the margin covers headers and incompressible data.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
-/// Largest HTTP/2 frame the daemons accept (the default is 16 KiB): a batch travels as one
-/// or two frames, not 64, each handled, copied and woken for on its own. A 1 GiB
-/// random-data initial sync (as in `bench/scale.sh`), the two builds run in turn, 7 runs
-/// each: agent + process server 3.19-3.89 CPU-s with 1 MiB frames, 3.54-5.0 with 16 KiB.
-pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+/// Largest HTTP/2 frame the daemons accept (the default is 16 KiB): a 1 MiB batch travels
+/// as 4 frames, not 64, each handled, copied and woken for on its own. A 1 GiB random-data
+/// initial sync (as in `bench/scale.sh`), builds run in turn: agent + process server
+/// 3.19-3.89 CPU-s with 1 MiB frames, 3.54-5.0 with 16 KiB (7 runs each); 256 KiB frames
+/// 3.27-3.99 against 1 MiB's 3.81-4.35 (4 runs each, a slow phase). Not larger: a frame is
+/// sent whole before anything else on the connection (a keepalive's answer, another
+/// call), and 256 KiB is 1 s on a 2 Mbit/s line, against the process server's 5 s
+/// keepalive timeout.
+pub const MAX_FRAME_BYTES: u32 = 256 << 10;
 /// Blocks per `PageHashesRequest`: the answer (545 bytes a block) stays far below
 /// [`MAX_MESSAGE_BYTES`].
 pub const MAX_PAGE_HASH_BLOCKS: usize = 4096;
