@@ -158,7 +158,7 @@ listening = f":{port:04X} 00000000:0000 0A"
 deadline = time.time() + 10
 while listening not in open("/proc/net/tcp").read():
     if recv.poll() is not None or time.time() > deadline:
-        recv.kill()
+        recv.terminate()  # timeout passes it on to socat
         sys.exit(f"the socat peer's listener did not start (exit {recv.poll()})")
     time.sleep(0.02)
 t0 = time.time()
