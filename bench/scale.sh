@@ -226,6 +226,6 @@ printf '%-52s %12s  %s\n' "test failover / qemu-img convert" "$(calc "$TFO/$QEMU
 printf '%-52s %12s  %s\n' "vm.json blake3 equals b3sum of the output" "$B3OK" "(b3sum took ${B3}s)"
 printf '%-52s %12s  %s\n' "random-data initial sync: limit / tern" "$(calc "$LIMIT/$RND")" "(target >= 0.80; CPU only)"
 printf '%-52s %12s  %s\n' "  the same, bound: max(limit, durable write) / tern" "$(calc "$BOUND/$RND")" "(dd conv=fsync of the same bytes ${WRITE}s)"
-printf '%-52s %12s  %s\n' "  the same, hash + TLS peer limit / tern" "$(calc "$PEER/$RND")" "(socat over mutual TLS ${TLS_WALL}s, CPU ${TLS_CPU}s; proposed target >= 0.80)"
-printf '%-52s %12s  %s\n' "  the same in CPU seconds: peer / tern" "$(calc "$PEER_CPU/$RND_CPU")" "(tern ${RND_CPU}s, the peer ${PEER_CPU}s)"
+printf '%-52s %12s  %s\n' "  the same, hash + TLS peer limit / tern" "$(calc "$PEER/$RND")" "(socat over mutual TLS ${TLS_WALL}s, CPU ${TLS_CPU}s; its file is not synced)"
+printf '%-52s %12s  %s\n' "  the same in CPU seconds: peer / tern" "$(calc "$PEER_CPU/$RND_CPU")" "(tern ${RND_CPU}s, the peer ${PEER_CPU}s; proposed target >= 0.80)"
 printf '%-52s %12s  %s\n' "process-server start-up (s)" "$STARTUP" "(target <= 5 with >= 20 GB; here $JOURNAL bytes of segments)"
