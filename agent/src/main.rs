@@ -124,26 +124,24 @@ fn nbd_mode(
     }
 }
 
-/// The agent allocates with jemalloc, which gives the pages it no longer uses back to the
-/// system about a quarter of a second after they are freed (`dirty_decay_ms`, from a
-/// background thread, so the VM's writes do not wait on it). In nbd mode each write's buffer is allocated by an
-/// NBD connection's thread and freed by another at the server's ack, and the writes change
-/// under the agent (4 KiB random, then 1 MiB sequential): glibc's malloc kept the pages the
-/// freed writes had held, between small objects that live on, until the log went quiet,
-/// and the next burst's buffers came on top. `bench/nbd.sh`'s peak RSS: 126.9-135.7 MiB
-/// with glibc and two arenas, 116.7-130.3 with one, 99.3-120.3 with jemalloc. fio's random
-/// 4 KiB then 1 MiB writes back to back (20 s each): 119.5-139.6 MiB with glibc and one
-/// arena, 101.2-108.9 with jemalloc; 30-39 MiB right after, against 103-116. Also tried: a
-/// fixed mmap threshold (the 1 MiB writes' buffers then take fresh pages beside the ones
-/// kept); mimalloc (the burst's peak 117-129 MiB, scan mode's over a 64 GiB disk 61-83 MiB
-/// against 26-28 with glibc and 32 with jemalloc).
+/// The agent allocates with jemalloc (its settings below). In nbd mode each write's buffer
+/// is allocated by an NBD connection's thread and freed by another at the server's ack, and
+/// the writes change under the agent (4 KiB random, then 1 MiB sequential): glibc's malloc
+/// kept the pages the freed writes had held, between small objects that live on, until the
+/// log went quiet, and the next burst's buffers came on top. `bench/nbd.sh`'s peak RSS:
+/// 126.9-135.7 MiB with glibc and two arenas, 116.7-130.3 with one, 99.3-120.3 with
+/// jemalloc. fio's random 4 KiB then 1 MiB writes back to back (20 s each): 119.5-139.6 MiB
+/// with glibc and one arena, 101.2-108.9 with jemalloc; 30-39 MiB right after, against
+/// 103-116. Also tried: a fixed mmap threshold (the 1 MiB writes' buffers then take fresh
+/// pages beside the ones kept); mimalloc (the burst's peak 117-129 MiB, scan mode's over a
+/// 64 GiB disk 61-83 MiB against 26-28 with glibc and 32 with jemalloc).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's settings (`_RJEM_MALLOC_CONF` in the environment overrides them): unused
-/// pages back to the system about 250 ms after they are freed, by a background thread; two
-/// arenas, as few threads allocate much (jemalloc keeps a third for allocations of 8 MiB
-/// and more, purged at once).
+/// pages back to the system about 250 ms after they are freed, by a background thread (the
+/// VM's writes never wait on it); two arenas, as few threads allocate much (jemalloc keeps
+/// a third for allocations of 8 MiB and more, purged at once).
 #[allow(unsafe_code, non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 pub static malloc_conf: &[u8; 69] = b"background_thread:true,dirty_decay_ms:250,muzzy_decay_ms:0,narenas:2\0";

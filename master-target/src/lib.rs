@@ -506,10 +506,7 @@ pub async fn run(
     let incoming = tern_proto::tls::incoming(listener, tls, shutdown.clone(), &tracker);
     info!(data_dir = %config.data_dir.display(), "master target ready");
     tern_proto::daemon::notify_ready();
-    tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(pb::STREAM_WINDOW))
-        .initial_connection_window_size(Some(pb::CONNECTION_WINDOW))
-        .max_frame_size(Some(pb::MAX_FRAME_BYTES))
+    pb::server()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(pb::master_target_server::MasterTargetServer::new(MasterTargetService {
             ctx: ctx.clone(),

@@ -167,10 +167,7 @@ pub async fn run(
     let admin = tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx: ctx.clone() });
     info!(data_dir = %config.data_dir.display(), "process server ready");
     tern_proto::daemon::notify_ready();
-    tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(tern_proto::STREAM_WINDOW))
-        .initial_connection_window_size(Some(tern_proto::CONNECTION_WINDOW))
-        .max_frame_size(Some(tern_proto::MAX_FRAME_BYTES))
+    tern_proto::server()
         // An agent that is gone without a word (host down, link cut) is noticed within
         // about 7 s, and its VM's session is free for the next agent.
         .http2_keepalive_interval(Some(Duration::from_secs(2)))

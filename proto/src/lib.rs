@@ -59,6 +59,15 @@ pub enum ConnectError {
 pub const STREAM_WINDOW: u32 = 32 << 20;
 pub const CONNECTION_WINDOW: u32 = 48 << 20;
 
+/// The tonic server both daemons serve on: the flow-control windows above and frames of up
+/// to [`MAX_FRAME_BYTES`] from their clients. Each daemon adds its keepalive.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+}
+
 /// An endpoint for `url` with this bundle's client certificate, checking the server
 /// against the bundle's CA.
 pub fn endpoint(url: &str, bundle: &Bundle) -> Result<Endpoint, ConnectError> {
