@@ -71,6 +71,26 @@ t0=$(now)
 # The log may have been dropped (the agent then reconnects and compares the hot extents).
 until "$B/drctl" checkpoint db --wait --timeout 10m >/dev/null 2>&1; do sleep 0.5; done
 echo "caught up (a point after the writes) $(calc "$(now)-$t0") s after they stopped"
+# Each drop ends the session; the next is admitted once the process server knows which
+# blocks the records past the agent's saved state wrote. The longest wait, from the
+# process server's log:
+REGAP=$(python3 - "$W/ps.log" <<'PY'
+import re, sys
+from datetime import datetime
+def t(line):
+    return datetime.strptime(line[:26], "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+ended, gaps = None, []
+for line in open(sys.argv[1]):
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    if "agent session ended" in line:
+        ended = t(line)
+    elif "agent connected" in line and ended is not None:
+        gaps.append(t(line) - ended)
+        ended = None
+print(f"{max(gaps):.2f}" if gaps else "-")
+PY
+)
+echo "longest wait for a new session after the log was dropped: ${REGAP} s"
 fi
 
 echo "== RPO: a 1 s crash interval, fio writing $RATE/s of random 4 KiB for ${RPO_SECS}s"
@@ -119,3 +139,4 @@ echo "| agent peak RSS (MiB; log buffer 64 MiB) | $RSS | | | <= 64 + buffers |"
 echo "| agent peak RSS in the RPO run alone (MiB) | $RSS_STEADY | | | <= 64 + buffers |"
 echo "| agent CPU-s per GB written (RPO run) | $(calc "($c1-$c0)/$RATE_GB") | | | |"
 [ -n "$STEADY_ONLY" ] || echo "| change log dropped during the throughput runs | $DROPPED times | | | |"
+[ -n "$STEADY_ONLY" ] || echo "| longest wait for a new session after a drop (s) | $REGAP | | | |"

@@ -6,6 +6,7 @@ use crate::format::{
     FLAG_DIGEST_COVERS, FLAG_ZSTD, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordHeader, RecordKind,
     SEGMENT_HEADER_LEN, TimeRuns, decode_segment_header, encode_segment_header,
 };
+use crate::written::{Ranges, Written};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, IoSlice, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -104,6 +105,8 @@ struct Segment {
     path: PathBuf,
     /// Bytes known to be durable.
     durable_len: u64,
+    /// Where its data records wrote, when this process wrote them all.
+    written: Written,
 }
 
 /// What opening a journal found and repaired.
@@ -214,6 +217,21 @@ fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:020}.seg")
 }
 
+/// Where a closed segment's written ranges are kept ([`crate::written::encode_file`]).
+fn ranges_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{first_seq:020}.ranges"))
+}
+
+/// Removes the ranges file of the segment starting at `first_seq`; whether there was one.
+fn remove_ranges(dir: &Path, first_seq: u64) -> Result<bool, StoreError> {
+    let path = ranges_path(dir, first_seq);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(StoreError::Io { path: path.display().to_string(), source: e }),
+    }
+}
+
 impl Journal {
     /// Opens (or creates) the journal in `dir`, checking every record and cutting a torn tail.
     pub fn open(dir: &Path) -> Result<(Journal, Recovery), StoreError> {
@@ -250,7 +268,11 @@ impl Journal {
                 // opening a long journal does not read all of it.
                 let len = check_closed_segment(&path, first_seq)?;
                 last = Seq(firsts[i + 1] - 1);
-                segments.push(Segment { first_seq, path, durable_len: len });
+                let written = std::fs::read(ranges_path(dir, first_seq))
+                    .ok()
+                    .and_then(|b| crate::written::decode_file(&b, first_seq, len))
+                    .map_or(Written::Unknown, Written::Closed);
+                segments.push(Segment { first_seq, path, durable_len: len, written });
                 continue;
             }
             // Only what follows the checkpoint is checked, when it is about this segment.
@@ -276,7 +298,33 @@ impl Journal {
             if scan.last_seq.0 > 0 {
                 last = scan.last_seq;
             }
-            segments.push(Segment { first_seq, path, durable_len: scan.good_len });
+            segments.push(Segment { first_seq, path, durable_len: scan.good_len, written: Written::Unknown });
+        }
+        // The active segment grows again: its ranges are not known, and a file of them (a
+        // roll cut short: the next segment's header never became durable, so that segment
+        // was removed above) would be stale. Files of segments no longer there go too, so
+        // that none is ever taken for a later segment of the same name.
+        if let Some(seg) = segments.last_mut() {
+            seg.written = Written::Unknown;
+        }
+        let mut removed = false;
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name();
+            let Some(first) =
+                name.to_str().and_then(|n| n.strip_suffix(".ranges")).and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if segments.iter().any(|s| s.first_seq == first && !matches!(s.written, Written::Unknown)) {
+                continue;
+            }
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            removed = true;
+        }
+        if removed {
+            sync_dir(dir)?;
         }
         recovery.durable = last;
         let mut j = Journal {
@@ -330,6 +378,11 @@ impl Journal {
             self.heads.push(header_of(r, first_seq.0 + i as u64));
         }
         self.write_records(first_seq, records)?;
+        if let Some(seg) = self.segments.last_mut() {
+            for r in records.iter().filter(|r| r.kind.is_data()) {
+                seg.written.add(r.offset, r.offset + u64::from(r.length));
+            }
+        }
         self.written = Seq(first_seq.0 + records.len() as u64 - 1);
         Ok(self.written)
     }
@@ -402,6 +455,11 @@ impl Journal {
         if self.active.is_some() {
             self.sync()?;
         }
+        // No ranges file may be there for a segment being made (opening and deleting
+        // remove them; this is in case one could not be).
+        if remove_ranges(&self.dir, first_seq.0)? {
+            sync_dir(&self.dir)?;
+        }
         let path = self.dir.join(segment_name(first_seq.0));
         let mut f =
             OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
@@ -410,7 +468,24 @@ impl Journal {
             let _ = std::fs::remove_file(&path);
             return Err(StoreError::Io { path: path.display().to_string(), source: e });
         }
-        self.segments.push(Segment { first_seq: first_seq.0, path, durable_len: 0 });
+        if let Some(old) = self.segments.last_mut()
+            && matches!(old.written, Written::Open(_))
+        {
+            old.written.close();
+            if let Written::Closed(r) = &old.written {
+                // Best effort, no fsync: without it a restarted process reads the headers.
+                let b = crate::written::encode_file(old.first_seq, old.durable_len, r);
+                if let Err(e) = std::fs::write(ranges_path(&self.dir, old.first_seq), b) {
+                    tracing::debug!(dir = %self.dir.display(), error = %e, "a segment's ranges file not written");
+                }
+            }
+        }
+        self.segments.push(Segment {
+            first_seq: first_seq.0,
+            path,
+            durable_len: 0,
+            written: Written::Open(crate::written::WrittenRanges::new()),
+        });
         self.forget_checkpoint();
         self.active = Some(f);
         self.active_len = SEGMENT_HEADER_LEN as u64;
@@ -526,8 +601,12 @@ impl Journal {
     pub fn delete_segments_through(&mut self, seq: Seq) -> Result<usize, StoreError> {
         let mut n = 0;
         while self.segments.len() > 1 && self.segments[1].first_seq <= seq.0 {
-            let seg = self.segments.remove(0);
+            let seg = &self.segments[0];
+            // The ranges file first: one never outlives its segment, to be taken for a later
+            // segment of the same name.
+            remove_ranges(&self.dir, seg.first_seq)?;
             std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+            self.segments.remove(0);
             n += 1;
         }
         if n > 0 {
@@ -542,6 +621,7 @@ impl Journal {
         self.sync()?;
         self.active = None;
         for seg in self.segments.drain(..) {
+            remove_ranges(&self.dir, seg.first_seq)?;
             std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
         }
         self.active_len = 0;
@@ -549,6 +629,29 @@ impl Journal {
         self.durable = base;
         self.forget_checkpoint();
         sync_dir(&self.dir)
+    }
+
+    /// Where the records numbered after `after` wrote, as far as the segments' summaries
+    /// tell without reading: the ranges of each segment that begins after `after` and was
+    /// written by this process (a superset, see [`crate::written`]), and a view of the
+    /// segments left to read headers from (the one holding `after`, and those there before
+    /// the journal was opened).
+    pub fn written_since(&mut self, after: Seq) -> (Vec<Ranges>, JournalSnapshot) {
+        let mut known = Vec::new();
+        let mut unread = Vec::new();
+        let count = self.segments.len();
+        for i in 0..count {
+            let last = if i + 1 < count { Seq(self.segments[i + 1].first_seq - 1) } else { self.written };
+            if last <= after {
+                continue;
+            }
+            let seg = &mut self.segments[i];
+            match seg.written.ranges() {
+                Some(r) if seg.first_seq > after.0 => known.push(r),
+                _ => unread.push((seg.path.clone(), seg.first_seq, seg.durable_len)),
+            }
+        }
+        (known, JournalSnapshot { segments: unread, durable: self.durable })
     }
 
     /// A view of the durable records for readers.
@@ -950,6 +1053,123 @@ mod tests {
         assert_eq!(upto4, [Seq(1), Seq(2), Seq(3), Seq(4)], "a damaged payload is not read");
         assert!(j.snapshot().read_range(Seq(3), Seq(4)).any(|r| r.is_err()), "a full read finds it");
         assert!(j.snapshot().read_headers(Seq(4), Seq(5)).any(|r| r.is_err()), "a damaged header is found");
+    }
+
+    /// A closed segment's written ranges are kept beside it: the next open takes them
+    /// instead of reading its headers, unless the file is damaged; the active segment's
+    /// are never taken from a file (it may grow), and a deleted segment's file goes with it.
+    #[test]
+    fn closed_segments_keep_their_written_ranges_for_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = {
+            let (mut j, _) = Journal::open(dir.path()).unwrap();
+            j.set_segment_target(8192);
+            for seq in 1..=20u64 {
+                j.append(Seq(seq), &[write_rec(&incompressible(seq, 4096), seq * 8192)]).unwrap();
+            }
+            j.sync().unwrap();
+            let (known, unread) = j.written_since(Seq(0));
+            assert_eq!((known.len(), unread.segments.len()), (j.segment_count(), 0), "all from memory");
+            assert_eq!(&*known[1], &[(3 * 8192, 3 * 8192 + 4096), (4 * 8192, 4 * 8192 + 4096)]);
+            // Records after 3: the segment holding 3 (and 4) is read, later ones answer
+            // from memory, earlier ones not at all.
+            let (known, unread) = j.written_since(Seq(3));
+            assert_eq!((known.len(), unread.segments.len()), (j.segment_count() - 2, 1));
+            j.segment_count()
+        };
+        let ranges_files = || {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".ranges"))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ranges_files().len(), n - 1, "one per closed segment");
+        {
+            let (mut j, _) = Journal::open(dir.path()).unwrap();
+            let (known, unread) = j.written_since(Seq(0));
+            assert_eq!((known.len(), unread.segments.len()), (n - 1, 1), "only the active one is read");
+            assert_eq!(&*known[1], &[(3 * 8192, 3 * 8192 + 4096), (4 * 8192, 4 * 8192 + 4096)]);
+        }
+        // A damaged file is not taken; a deleted segment's file goes.
+        let second = dir.path().join(&ranges_files()[1]);
+        let mut b = std::fs::read(&second).unwrap();
+        b[40] ^= 1;
+        std::fs::write(&second, b).unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.written_since(Seq(0)).1.segments.len(), 2);
+        j.delete_segments_through(Seq(5)).unwrap();
+        assert_eq!(ranges_files().len(), j.segment_count() - 1);
+        j.delete_all(Seq(20)).unwrap();
+        assert!(ranges_files().is_empty());
+    }
+
+    /// A roll cut short (the next segment's header never made durable: the file gone, or
+    /// there but empty) leaves a closed segment's ranges file beside what is again the
+    /// active segment, which then grows: that file is never taken for it, then or once it
+    /// is closed again.
+    #[test]
+    fn a_segment_active_again_after_a_cut_short_roll_is_read_not_taken_from_its_file() {
+        for emptied in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let (mut j, _) = Journal::open(dir.path()).unwrap();
+                j.set_segment_target(8192);
+                for seq in 1..=5u64 {
+                    j.append(Seq(seq), &[write_rec(&incompressible(seq, 4096), seq * 8192)]).unwrap();
+                }
+                j.sync().unwrap();
+            }
+            // Segments 1-2, 3-4 (closed, with their files) and 5, which goes.
+            let five = dir.path().join(segment_name(5));
+            if emptied {
+                File::create(&five).unwrap();
+            } else {
+                std::fs::remove_file(&five).unwrap();
+            }
+            let (mut j, _) = Journal::open(dir.path()).unwrap();
+            assert_eq!(j.durable(), Seq(4));
+            assert_eq!(j.written_since(Seq(2)).1.segments.len(), 1, "3-4 is read");
+            j.set_segment_target(1 << 20);
+            j.append(Seq(5), &[write_rec(&incompressible(5, 4096), 1 << 30)]).unwrap(); // into 3-5
+            j.set_segment_target(8192);
+            j.append(Seq(6), &[write_rec(&incompressible(6, 4096), 6 * 8192)]).unwrap(); // a new one
+            j.sync().unwrap();
+            let (known, unread) = j.written_since(Seq(2));
+            assert_eq!((known.len(), unread.segments.len()), (1, 1), "3-5 is read, 6 known");
+            drop(j);
+            let (mut j, _) = Journal::open(dir.path()).unwrap();
+            let (_, unread) = j.written_since(Seq(2));
+            assert_eq!(unread.segments.len(), 2, "3-5 is read again, as is the active one");
+            let heads: Vec<u64> =
+                unread.read_headers(Seq(2), Seq(6)).map(|r| r.unwrap().record.offset).collect();
+            assert_eq!(heads, [3 * 8192, 4 * 8192, 1 << 30, 6 * 8192], "emptied: {emptied}");
+        }
+    }
+
+    /// A ranges file is taken only for a segment of the length it names.
+    #[test]
+    fn a_ranges_file_of_another_length_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut j, _) = Journal::open(dir.path()).unwrap();
+            j.set_segment_target(8192);
+            for seq in 1..=6u64 {
+                j.append(Seq(seq), &[write_rec(&incompressible(seq, 4096), seq * 8192)]).unwrap();
+            }
+            j.sync().unwrap();
+        }
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.written_since(Seq(0)).1.segments.len(), 1, "only the active one is read");
+        drop(j);
+        let three = dir.path().join(segment_name(3));
+        let f = OpenOptions::new().write(true).open(&three).unwrap();
+        f.set_len(f.metadata().unwrap().len() - 100).unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let unread: Vec<u64> = j.written_since(Seq(0)).1.segments.iter().map(|s| s.1).collect();
+        assert_eq!(unread, [3, 5]);
     }
 
     #[test]

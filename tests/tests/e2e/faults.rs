@@ -215,7 +215,11 @@ fn damage_stays_with_its_vm_and_the_data_directory_is_guarded() {
 
     server.kill9();
     let segments = server.data.join("vms/hurt/sda/journal");
-    let mut segs: Vec<_> = std::fs::read_dir(&segments).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut segs: Vec<_> = std::fs::read_dir(&segments)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
     segs.sort();
     assert!(segs.len() > 2, "several segments: {segs:?}");
     write_at(&segs[0], 0, b"XXXX");
