@@ -105,8 +105,9 @@ pub enum Cmd {
         /// unplanned only: try the planned shutdown first, go on if it fails.
         #[arg(long)]
         shutdown_source: bool,
-        /// latest, latest-processed, latest-app, a point id, or an RFC 3339 time (planned
-        /// failovers always use the final point made after the shutdown).
+        /// latest, latest-processed, latest-app, latest-multi-vm, latest-multi-vm-app, a
+        /// point id, or an RFC 3339 time (planned failovers always use the final point made
+        /// after the shutdown).
         #[arg(long, default_value = "latest")]
         point: String,
         /// Absolute output directory on the process server's host.
@@ -123,7 +124,7 @@ pub enum Cmd {
     },
     /// End a failover: delete the VM's recovery points and journal, keep the base images.
     Commit { vm: String },
-    /// Rebuild a point from the store and check every disk's fingerprint; exit 1 on a mismatch.
+    /// Rebuild a point from the store and check every disk's fingerprint; exit 4 on a mismatch.
     Verify {
         vm: String,
         #[arg(long, default_value = "latest-processed")]

@@ -61,6 +61,8 @@ impl From<tonic::Status> for CliError {
                 ))
             }
             Code::NotFound => CliError::NotFound(s.message().to_string()),
+            // The server's word that an argument is wrong: a usage mistake, as clap's are.
+            Code::InvalidArgument => CliError::Usage(s.message().to_string()),
             Code::FailedPrecondition => CliError::Refused(s.message().to_string()),
             _ => CliError::Server(s.message().to_string()),
         }

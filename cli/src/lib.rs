@@ -44,9 +44,23 @@ async fn client(cli: &Cli) -> Result<AdminClient<Channel>, CliError> {
     let identity = cli.identity.as_ref().ok_or_else(|| {
         CliError::Usage("no identity: pass --identity BUNDLE or set TERN_ADMIN_IDENTITY".into())
     })?;
-    let bundle = Bundle::load(identity).map_err(|e| CliError::Usage(e.to_string()))?;
+    let bundle = Bundle::load(identity).map_err(|e| {
+        CliError::Usage(format!(
+            "cannot load the admin identity: {e}; pass the admin.bundle that `process-server init` \
+             wrote in DATA_DIR/pki"
+        ))
+    })?;
     let channel = pb::connect(server, &bundle).await?;
     Ok(AdminClient::new(channel))
+}
+
+/// Writes `bytes` to standard output; a reader that went away (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
 }
 
 /// Runs one command.
@@ -57,13 +71,15 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
     // Generated from the CLI's definition; no server is asked.
     match cli.cmd {
         Cmd::Completions { shell } => {
+            let mut script = Vec::new();
             clap_complete::generate(
                 shell,
                 &mut <Cli as clap::CommandFactory>::command(),
                 "drctl",
-                &mut std::io::stdout(),
+                &mut script,
             );
-            return Ok(());
+            return write_stdout(&script)
+                .map_err(|e| CliError::Local(format!("cannot write the completions: {e}")));
         }
         Cmd::Man => {
             return clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())

@@ -291,6 +291,15 @@ impl pb::admin_server::Admin for AdminService {
         let spec = point_arg(&vm, &r.point)?;
         output_arg(&r.output, self.ctx.store.root())?;
         self.point_exists(&vm, &spec).await?;
+        // Refused here, not as a failed job: one open test failover at a time.
+        let (store, v) = (self.ctx.store.clone(), vm.clone());
+        if let Some(open) = blocking(move || store.open_test_failover(&v)).await?.map_err(store_status)? {
+            return Err(store_status(tern_store::StoreError::TestFailoverOpen {
+                vm,
+                point: open.point,
+                output: open.output,
+            }));
+        }
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
         let job = self.ctx.jobs.start(JobKind::TestFailover, &vm).await?;
         let id = job.id;
@@ -480,7 +489,17 @@ impl pb::admin_server::Admin for AdminService {
             spec = PointSpec::LatestProcessed;
         }
         let store = self.ctx.store.clone();
-        let (point, disks) = blocking(move || store.verify(&vm, &spec)).await?.map_err(store_status)?;
+        let v = vm.clone();
+        let (point, disks) = blocking(move || store.verify(&v, &spec)).await?.map_err(store_status)?;
+        if let Some(d) = disks.iter().find(|d| !d.ok) {
+            // As the scrub does: the VM turns critical, naming the point, until a scrub
+            // round finds every point recovering.
+            let problem =
+                format!("disk {} has fingerprint {}, the point says {}", d.name, d.actual, d.expected);
+            tracing::error!(vm = %vm, point = %point, problem = %problem, "verify: a recovery point does not recover");
+            crate::lock(&self.ctx.scrub.failures)
+                .insert(vm.clone(), format!("verify: point {point} does not recover: {problem}"));
+        }
         Ok(Response::new(pb::VerifyReply {
             point: point.0,
             disks: disks
@@ -587,7 +606,8 @@ pub(crate) async fn issue_bundle(ctx: &Arc<Ctx>, role: Role) -> Result<String, S
 fn point_arg(vm: &VmName, s: &str) -> Result<PointSpec, Status> {
     PointSpec::parse(s).ok_or_else(|| {
         Status::invalid_argument(format!(
-            "point {s:?} is not one of latest, latest-processed, latest-app, a point id or an RFC 3339 time; \
+            "point {s:?} is not one of latest, latest-processed, latest-app, latest-multi-vm, \
+             latest-multi-vm-app, a point id or an RFC 3339 time; \
              list points with `drctl points {vm}`"
         ))
     })
@@ -614,6 +634,11 @@ pub(crate) fn output_arg(s: &str, data_dir: &std::path::Path) -> Result<(), Stat
         r.extend(rest.iter().rev());
         r
     };
+    if path.exists() && !path.is_dir() {
+        return Err(Status::invalid_argument(format!(
+            "--output {s} is a file; name a directory (it is made if missing)"
+        )));
+    }
     if resolve(path).starts_with(resolve(data_dir)) {
         return Err(Status::invalid_argument(format!(
             "--output {s} is inside the process server's data directory ({}), whose contents the server \

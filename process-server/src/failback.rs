@@ -55,7 +55,11 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
             .ok_or_else(|| Status::invalid_argument(format!("--target-disk {t:?}: write it as NAME=PATH")))?;
         let name = DiskName::new(name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !handles.iter().any(|h| h.name == name) {
-            return Err(Status::invalid_argument(format!("VM {vm} has no disk {name}")));
+            let names: Vec<String> = handles.iter().map(|h| h.name.to_string()).collect();
+            return Err(Status::not_found(format!(
+                "VM {vm} has no disk {name}; its disks: {}",
+                names.join(", ")
+            )));
         }
         if targets.iter().any(|(n, _)| *n == name) {
             return Err(Status::invalid_argument(format!("disk {name} is named twice")));
@@ -68,9 +72,7 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
             h.name
         )));
     }
-    let mut mt = master_target(ctx, &r.master_target).await.map_err(|e| {
-        Status::unavailable(format!("cannot reach the master target at {}: {}", r.master_target, e.message()))
-    })?;
+    let mut mt = master_target(ctx, &r.master_target).await?;
     let disks = handles
         .iter()
         .map(|h| {
@@ -332,11 +334,7 @@ pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Sta
         .map_err(store_status)?
         .ok_or_else(|| Status::internal("no reprotect record"))?;
     let mut mt = master_target(ctx, &row.master_target).await.map_err(|e| {
-        Status::unavailable(format!(
-            "cannot reach the master target at {} to release its journal: {}; retry",
-            row.master_target,
-            e.message()
-        ))
+        Status::unavailable(format!("{}; its journal there is not released yet: retry", e.message()))
     })?;
     mt.release(pb::ReleaseRequest { vm: vm.to_string() })
         .await

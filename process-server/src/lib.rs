@@ -154,7 +154,16 @@ pub async fn run(
     if config.metrics {
         tracker.spawn(metrics::metrics_worker(ctx.clone()));
     }
+    // Said once the data directory is open (it may be refused: in use, damaged), so that
+    // "listening" means serving.
+    if let Ok(addr) = listener.local_addr() {
+        println!("listening on {addr}");
+    }
     if let Some(listener) = config.web {
+        if let Ok(addr) = listener.local_addr() {
+            let scheme = if addr.ip().is_loopback() { "http" } else { "https" };
+            println!("status page on {scheme}://{addr}/");
+        }
         tracker.spawn(web::serve(ctx.clone(), listener));
     }
     let incoming = tls::incoming(listener, tls, shutdown.clone(), &tracker);

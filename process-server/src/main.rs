@@ -115,7 +115,6 @@ fn run() -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(&listen)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-                println!("listening on {}", listener.local_addr()?);
                 if let Some(addr) = metrics {
                     // Its gauges are refreshed every 2 s (see `metrics.rs`).
                     tern_proto::metrics::serve(addr, Some(std::time::Duration::from_secs(30)))?;

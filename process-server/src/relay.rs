@@ -99,7 +99,12 @@ type MasterTargetClient = pb::master_target_client::MasterTargetClient<Channel>;
 
 async fn dial(ctx: &Ctx, url: &str) -> Result<Channel, Status> {
     let bundle = client_identity(ctx)?;
-    pb::connect(url, &bundle).await.map_err(|e| Status::unavailable(e.to_string()))
+    pb::connect(url, &bundle).await.map_err(|e| match e {
+        pb::ConnectError::Unreachable { url, reason } => {
+            Status::unavailable(format!("cannot reach the master target at {url}: {reason}"))
+        }
+        pb::ConnectError::BadUrl { .. } => Status::invalid_argument(e.to_string()),
+    })
 }
 
 fn mt_client(ch: Channel) -> MasterTargetClient {

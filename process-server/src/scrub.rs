@@ -23,7 +23,8 @@ pub struct ScrubConfig {
 /// The points the last scrub found broken, per VM.
 #[derive(Debug, Default)]
 pub struct Scrub {
-    failures: Mutex<HashMap<VmName, String>>,
+    /// Also set by a `drctl verify` that finds a point broken.
+    pub(crate) failures: Mutex<HashMap<VmName, String>>,
 }
 
 impl Scrub {

@@ -108,6 +108,12 @@ pub async fn connect(url: &str, bundle: &Bundle) -> Result<Channel, ConnectError
                  against this server",
             );
         }
+        if reason.contains("InvalidContentType") {
+            reason.push_str(
+                " — the server there does not speak TLS: is that the status page's port (`--web`)? Give \
+                 the address the process server listens on for agents and drctl (`--listen`)",
+            );
+        }
         ConnectError::Unreachable { url: url.to_string(), reason }
     })
 }
@@ -133,10 +139,17 @@ fn unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
 /// The error and its sources, joined: tonic's top-level transport errors say little alone.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
+    let mut last = s.clone();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        // Many errors repeat their cause in their own text ("tcp connect error: tcp
+        // connect error"): a cause already said is not said again.
+        let text = c.to_string();
+        if !last.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        last = text;
         cur = c.source();
     }
     s

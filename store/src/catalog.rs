@@ -342,9 +342,11 @@ impl Transition {
                 "reprotect needs a committed failover (`drctl failover`, then `drctl commit`)"
             }
             Transition::FailBack => "failback needs a reprotected VM (`drctl reprotect` first)",
-            Transition::CommitFailback => "failback-commit needs a failed-back VM (`drctl failback` first)",
+            Transition::CommitFailback => {
+                "committing a failback needs a failed-back VM (`drctl failback` first)"
+            }
             Transition::ReverseReplicate { .. } => {
-                "reverse replication follows a committed failback (`drctl failback-commit` first)"
+                "reverse replication follows a committed failback (`drctl commit` first)"
             }
         }
     }

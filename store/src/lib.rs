@@ -906,6 +906,11 @@ impl Store {
         self.catalog().reprotect(vm)
     }
 
+    /// The VM's open test failover, if it has one.
+    pub fn open_test_failover(&self, vm: &VmName) -> Result<Option<TestFailoverRow>, StoreError> {
+        self.catalog().test_failover(vm)
+    }
+
     /// The uncommitted failover of a VM.
     pub fn failover_row(&self, vm: &VmName) -> Result<Option<FailoverRow>, StoreError> {
         self.catalog().failover(vm)
@@ -1240,8 +1245,9 @@ impl Store {
             },
             disks,
         };
-        let json =
+        let mut json =
             serde_json::to_vec_pretty(&output).map_err(|_| StoreError::Invariant("manifest encodes"))?;
+        json.push(b'\n');
         durable::publish(manifest, &json)?;
         Ok(output)
     }

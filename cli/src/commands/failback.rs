@@ -34,8 +34,14 @@ pub async fn reprotect(d: &mut Drctl, r: Reprotect) -> Result<(), CliError> {
         .into_inner();
     tern_core::pki::write_private(&r.identity_out, &reply.bundle)?;
     let (vm, identity) = (&r.vm, r.identity_out.display());
+    // One --disk per disk the master target receives, by its name.
+    let disks: String = r
+        .target_disks
+        .iter()
+        .filter_map(|t| t.split_once('=').map(|(name, _)| format!(" --disk {name}=<recovered disk {name}>")))
+        .collect();
     let command = format!(
-        "mobility-agent run --server {} --identity {identity} --vm {vm} --disk NAME=<recovered disk> --state-dir <dir> --shutdown '<command that shuts the recovered VM down>'",
+        "mobility-agent run --server {} --identity {identity} --vm {vm}{disks} --state-dir <dir> --shutdown '<command that shuts the recovered VM down>'",
         d.server
     );
     if d.json {

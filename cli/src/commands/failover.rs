@@ -89,7 +89,11 @@ pub async fn verify(d: &mut Drctl, vm: String, point: String) -> Result<(), CliE
         print_json(&json!({"vm": vm, "point": r.point, "ok": ok, "disks": disks}))?;
     } else {
         for d in &r.disks {
-            out!("{:<10} {}  {}", d.name, if d.ok { "ok      " } else { "MISMATCH" }, d.actual);
+            if d.ok {
+                out!("{:<10} ok        {}", d.name, d.actual);
+            } else {
+                out!("{:<10} MISMATCH  {} (the point says {})", d.name, d.actual, d.expected);
+            }
         }
         out!("point {} of {vm}: {}", r.point, if ok { "verified" } else { "DOES NOT VERIFY" });
     }

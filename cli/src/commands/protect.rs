@@ -78,7 +78,7 @@ use tern_core::units::rpo_text as rpo;
 fn print_table(vms: &[pb::VmStatus]) {
     let row = |cols: [&str; 7]| {
         out!(
-            "{:<20} {:<14} {:<8} {:<6} {:>10} {:>8} {:>10}",
+            "{:<20} {:<18} {:<8} {:<6} {:>10} {:>8} {:>10}",
             cols[0],
             cols[1],
             cols[2],

@@ -369,6 +369,36 @@ fn the_scrub_names_a_point_that_does_not_recover() {
     let out = server.drctl(&["verify", "rot", "--point", &id]);
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("DOES NOT VERIFY"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the point says"), "{out:?}");
+}
+
+/// Without the scrub, a `drctl verify` that finds a point broken turns the VM critical too,
+/// naming the point: the operator's check is not forgotten by the next `drctl status`.
+#[test]
+fn a_verify_that_finds_a_point_broken_turns_the_vm_critical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.extra = vec!["--scrub-every".into(), "0s".into()];
+    server.start();
+    let identity = root.join("rot.bundle");
+    server.enroll_agent("rot", &identity);
+    let disk = root.join("rot.img");
+    make_random(&disk, 8, 2, 172);
+    let _agent = Agent::start(&server, &identity, "rot", &[("sda", &disk)], &root.join("st"), &[]);
+    server.wait_connected("rot");
+    let p = server.checkpoint("rot");
+    write_at(&server.data.join("vms/rot/sda/base.img"), 6 << 20, b"rot");
+    let id = p["id"].to_string();
+    assert_eq!(server.status("rot")["health"], "normal", "nothing has looked yet");
+    let out = server.drctl(&["verify", "rot", "--point", &id]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let s = server.status("rot");
+    assert_eq!(s["health"], "critical", "{s}");
+    assert!(
+        s["error"].as_str().is_some_and(|e| e.contains(&format!("verify: point {id} does not recover"))),
+        "{s}"
+    );
 }
 
 /// Smaller refusals: an identity is never written over an existing file, an output inside
