@@ -82,9 +82,12 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                 .map_err(|e| CliError::Local(format!("cannot write the completions: {e}")));
         }
         Cmd::Man => {
-            return clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-                .render(&mut std::io::stdout())
-                .map_err(|e| CliError::Local(format!("cannot write the man page: {e}")));
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut page)
+                .and_then(|()| write_stdout(&page))
+                .map_err(|e| CliError::Local(format!("cannot write the man page: {e}")))?;
+            return Ok(());
         }
         _ => {}
     }

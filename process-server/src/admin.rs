@@ -293,7 +293,7 @@ impl pb::admin_server::Admin for AdminService {
         self.point_exists(&vm, &spec).await?;
         // Refused here, not as a failed job: one open test failover at a time.
         let (store, v) = (self.ctx.store.clone(), vm.clone());
-        if let Some(open) = blocking(move || store.open_test_failover(&v)).await?.map_err(store_status)? {
+        if let Some(open) = blocking(move || store.test_failover_row(&v)).await?.map_err(store_status)? {
             return Err(store_status(tern_store::StoreError::TestFailoverOpen {
                 vm,
                 point: open.point,
@@ -491,15 +491,15 @@ impl pb::admin_server::Admin for AdminService {
         let store = self.ctx.store.clone();
         let v = vm.clone();
         let (point, disks) = blocking(move || store.verify(&v, &spec)).await?.map_err(store_status)?;
-        if let Some(d) = disks.iter().find(|d| !d.ok) {
-            // As the scrub does: the VM turns critical, naming the point, until a scrub
-            // round finds every point recovering.
-            let problem =
-                format!("disk {} has fingerprint {}, the point says {}", d.name, d.actual, d.expected);
-            tracing::error!(vm = %vm, point = %point, problem = %problem, "verify: a recovery point does not recover");
-            crate::lock(&self.ctx.scrub.failures)
-                .insert(vm.clone(), format!("verify: point {point} does not recover: {problem}"));
+        // As the scrub does: a point that does not recover turns the VM critical, naming it.
+        let problem = disks
+            .iter()
+            .find(|d| !d.ok)
+            .map(|d| format!("disk {} has fingerprint {}, the point says {}", d.name, d.actual, d.expected));
+        if let Some(p) = &problem {
+            tracing::error!(vm = %vm, point = %point, problem = %p, "verify: a recovery point does not recover");
         }
+        self.ctx.scrub.verified(&vm, point.0, problem);
         Ok(Response::new(pb::VerifyReply {
             point: point.0,
             disks: disks

@@ -156,13 +156,15 @@ pub async fn run(
     }
     // Said once the data directory is open (it may be refused: in use, damaged), so that
     // "listening" means serving.
+    // A reader may have gone after the first line (`serve | head -1`): not an error.
+    use std::io::Write as _;
     if let Ok(addr) = listener.local_addr() {
-        println!("listening on {addr}");
+        let _ = writeln!(std::io::stdout(), "listening on {addr}");
     }
     if let Some(listener) = config.web {
         if let Ok(addr) = listener.local_addr() {
             let scheme = if addr.ip().is_loopback() { "http" } else { "https" };
-            println!("status page on {scheme}://{addr}/");
+            let _ = writeln!(std::io::stdout(), "status page on {scheme}://{addr}/");
         }
         tracker.spawn(web::serve(ctx.clone(), listener));
     }

@@ -23,14 +23,45 @@ pub struct ScrubConfig {
 /// The points the last scrub found broken, per VM.
 #[derive(Debug, Default)]
 pub struct Scrub {
-    /// Also set by a `drctl verify` that finds a point broken.
-    pub(crate) failures: Mutex<HashMap<VmName, String>>,
+    failures: Mutex<HashMap<VmName, String>>,
+    /// The point a `drctl verify` found broken, per VM, and why: it holds until a verify of
+    /// that point passes, the point is no longer listed, or a scrub round finds every
+    /// point recovering.
+    verified: Mutex<HashMap<VmName, (u64, String)>>,
 }
 
 impl Scrub {
-    /// Why the scrub marks `vm` critical, if it does.
-    pub fn failure(&self, vm: &VmName) -> Option<String> {
-        lock(&self.failures).get(vm).cloned()
+    /// Why the scrub, or a `drctl verify`, marks `vm` critical, if either does; `listed`
+    /// tells whether a point is still listed.
+    pub fn failure(&self, vm: &VmName, listed: impl FnOnce(u64) -> bool) -> Option<String> {
+        if let Some(f) = lock(&self.failures).get(vm) {
+            return Some(f.clone());
+        }
+        let (point, why) = lock(&self.verified).get(vm)?.clone();
+        if listed(point) {
+            return Some(why);
+        }
+        let mut verified = lock(&self.verified);
+        if verified.get(vm).is_some_and(|(p, _)| *p == point) {
+            verified.remove(vm);
+        }
+        None
+    }
+
+    /// What a `drctl verify` of `point` found: `Some(problem)` marks the VM critical, `None`
+    /// (it recovers) clears a mark of that point.
+    pub fn verified(&self, vm: &VmName, point: u64, problem: Option<String>) {
+        let mut verified = lock(&self.verified);
+        match problem {
+            Some(p) => {
+                verified.insert(vm.clone(), (point, format!("verify: point {point} does not recover: {p}")));
+            }
+            None => {
+                if verified.get(vm).is_some_and(|(p, _)| *p == point) {
+                    verified.remove(vm);
+                }
+            }
+        }
     }
 }
 
@@ -119,6 +150,7 @@ async fn scrub_vm(ctx: &Arc<Ctx>, vm: &VmName, config: ScrubConfig) -> bool {
             failures.insert(vm.clone(), b);
         }
         None => {
+            lock(&ctx.scrub.verified).remove(vm);
             if failures.remove(vm).is_some() {
                 info!(vm = %vm, "scrub: every point recovers again");
             } else if !points.is_empty() {

@@ -110,8 +110,9 @@ pub async fn connect(url: &str, bundle: &Bundle) -> Result<Channel, ConnectError
         }
         if reason.contains("InvalidContentType") {
             reason.push_str(
-                " — the server there does not speak TLS: is that the status page's port (`--web`)? Give \
-                 the address the process server listens on for agents and drctl (`--listen`)",
+                " — the server there does not speak TLS: is it a plain-HTTP port, such as a status page \
+                 (`--web`) or metrics (`--metrics`)? Give the address the daemon serves its API on \
+                 (`--listen`)",
             );
         }
         ConnectError::Unreachable { url: url.to_string(), reason }

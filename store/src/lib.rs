@@ -907,7 +907,7 @@ impl Store {
     }
 
     /// The VM's open test failover, if it has one.
-    pub fn open_test_failover(&self, vm: &VmName) -> Result<Option<TestFailoverRow>, StoreError> {
+    pub fn test_failover_row(&self, vm: &VmName) -> Result<Option<TestFailoverRow>, StoreError> {
         self.catalog().test_failover(vm)
     }
 

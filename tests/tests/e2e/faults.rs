@@ -384,7 +384,7 @@ fn a_verify_that_finds_a_point_broken_turns_the_vm_critical() {
     let identity = root.join("rot.bundle");
     server.enroll_agent("rot", &identity);
     let disk = root.join("rot.img");
-    make_random(&disk, 8, 2, 172);
+    make_random(&disk, 8, 2, 171);
     let _agent = Agent::start(&server, &identity, "rot", &[("sda", &disk)], &root.join("st"), &[]);
     server.wait_connected("rot");
     let p = server.checkpoint("rot");
@@ -399,6 +399,11 @@ fn a_verify_that_finds_a_point_broken_turns_the_vm_critical() {
         s["error"].as_str().is_some_and(|e| e.contains(&format!("verify: point {id} does not recover"))),
         "{s}"
     );
+    // Mended (the bytes were a hole's zeroes): a verify of that point clears it.
+    write_at(&server.data.join("vms/rot/sda/base.img"), 6 << 20, &[0; 3]);
+    let out = server.drctl(&["verify", "rot", "--point", &id]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(server.status("rot")["health"], "normal");
 }
 
 /// Smaller refusals: an identity is never written over an existing file, an output inside
@@ -428,6 +433,21 @@ fn small_mistakes_are_refused_with_what_to_do() {
     let out = server.drctl(&["test-failover", "m", "--output", "drill"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("give an absolute path"), "{out:?}");
+    // A file given as the output directory.
+    let file = root.join("a-file");
+    std::fs::write(&file, b"keep").unwrap();
+    let out = server.drctl(&["test-failover", "m", "--output", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is a file; name a directory"), "{out:?}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    // A second test failover while one is open: refused before any job starts (exit 6).
+    let drill = root.join("drill");
+    server.drctl_json(&["test-failover", "m", "--output", drill.to_str().unwrap()]);
+    let jobs = server.drctl_json(&["jobs"]).as_array().unwrap().len();
+    let out = server.drctl(&["test-failover", "m", "--output", root.join("drill2").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already has an open test failover"), "{out:?}");
+    assert_eq!(server.drctl_json(&["jobs"]).as_array().unwrap().len(), jobs, "no job started");
 
     let dir_disk = root.join("a-directory");
     std::fs::create_dir(&dir_disk).unwrap();
