@@ -222,6 +222,36 @@ fn ranges_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("{first_seq:020}.ranges"))
 }
 
+/// At open, once the segments are known: the active one grows again, so its ranges are not
+/// known, and a file of them (a roll cut short: the next segment's header never became
+/// durable, so that segment was removed) would be stale. Files of segments no longer there
+/// go too, so that none is ever taken for a later segment of the same name.
+fn forget_stale_ranges(dir: &Path, segments: &mut [Segment]) -> Result<(), StoreError> {
+    if let Some(seg) = segments.last_mut() {
+        seg.written = Written::Unknown;
+    }
+    let mut removed = false;
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(first) =
+            name.to_str().and_then(|n| n.strip_suffix(".ranges")).and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if segments.iter().any(|s| s.first_seq == first && !matches!(s.written, Written::Unknown)) {
+            continue;
+        }
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+        removed = true;
+    }
+    if removed {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
 /// Removes the ranges file of the segment starting at `first_seq`; whether there was one.
 fn remove_ranges(dir: &Path, first_seq: u64) -> Result<bool, StoreError> {
     let path = ranges_path(dir, first_seq);
@@ -300,32 +330,7 @@ impl Journal {
             }
             segments.push(Segment { first_seq, path, durable_len: scan.good_len, written: Written::Unknown });
         }
-        // The active segment grows again: its ranges are not known, and a file of them (a
-        // roll cut short: the next segment's header never became durable, so that segment
-        // was removed above) would be stale. Files of segments no longer there go too, so
-        // that none is ever taken for a later segment of the same name.
-        if let Some(seg) = segments.last_mut() {
-            seg.written = Written::Unknown;
-        }
-        let mut removed = false;
-        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-            let entry = entry.map_err(io_err(dir))?;
-            let name = entry.file_name();
-            let Some(first) =
-                name.to_str().and_then(|n| n.strip_suffix(".ranges")).and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if segments.iter().any(|s| s.first_seq == first && !matches!(s.written, Written::Unknown)) {
-                continue;
-            }
-            let path = entry.path();
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
-            removed = true;
-        }
-        if removed {
-            sync_dir(dir)?;
-        }
+        forget_stale_ranges(dir, &mut segments)?;
         recovery.durable = last;
         let mut j = Journal {
             dir: dir.to_path_buf(),

@@ -19,7 +19,7 @@ pub const MAX_RANGES: usize = 4096;
 const FIRST_GRAIN: u64 = 4096;
 
 /// The byte ranges `[start, end)` one segment's data records wrote.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct WrittenRanges {
     /// Merged and in offset order up to `merged`; appended as they come after it.
     ranges: Vec<(u64, u64)>,
@@ -28,9 +28,15 @@ pub struct WrittenRanges {
     grain: u64,
 }
 
+impl Default for WrittenRanges {
+    fn default() -> Self {
+        WrittenRanges { ranges: Vec::new(), merged: 0, grain: 1 }
+    }
+}
+
 impl WrittenRanges {
     pub fn new() -> Self {
-        WrittenRanges { ranges: Vec::new(), merged: 0, grain: 1 }
+        Self::default()
     }
 
     /// Notes that `[start, end)` was written.

@@ -340,26 +340,31 @@ fn serve_until_exit(server: &Server) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
-/// The background scrub finds a point that no longer recovers (a base image damaged on
-/// storage) and turns the VM critical, naming the point.
-#[test]
-fn the_scrub_names_a_point_that_does_not_recover() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
+/// A VM "rot" with one point, on a server started with `--scrub-every SCRUB`, whose base
+/// image then rots where the disk is a hole (no record covers it): the server, the agent
+/// (kept running) and the point's id.
+fn rotted_point(root: &Path, scrub_every: &str) -> (Server, Agent, String) {
     let mut server = Server::init(root);
-    server.extra = vec!["--scrub-every".into(), "1s".into()];
+    server.extra = vec!["--scrub-every".into(), scrub_every.into()];
     server.start();
     let identity = root.join("rot.bundle");
     server.enroll_agent("rot", &identity);
     let disk = root.join("rot.img");
     make_random(&disk, 8, 2, 171);
-    let _agent = Agent::start(&server, &identity, "rot", &[("sda", &disk)], &root.join("st"), &[]);
+    let agent = Agent::start(&server, &identity, "rot", &[("sda", &disk)], &root.join("st"), &[]);
     server.wait_connected("rot");
     let p = server.checkpoint("rot");
     assert_eq!(server.status("rot")["health"], "normal");
-    // Bit rot in the base image, where the disk is a hole (no record covers it).
     write_at(&server.data.join("vms/rot/sda/base.img"), 6 << 20, b"rot");
-    let id = p["id"].to_string();
+    (server, agent, p["id"].to_string())
+}
+
+/// The background scrub finds a point that no longer recovers (a base image damaged on
+/// storage) and turns the VM critical, naming the point.
+#[test]
+fn the_scrub_names_a_point_that_does_not_recover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, _agent, id) = rotted_point(tmp.path(), "1s");
     let s = deadline_poll("the scrub to notice", Duration::from_secs(30), || {
         let s = server.status("rot");
         s["error"].as_str().is_some_and(|e| e.contains(&format!("point {id} does not recover"))).then_some(s)
@@ -377,19 +382,7 @@ fn the_scrub_names_a_point_that_does_not_recover() {
 #[test]
 fn a_verify_that_finds_a_point_broken_turns_the_vm_critical() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let mut server = Server::init(root);
-    server.extra = vec!["--scrub-every".into(), "0s".into()];
-    server.start();
-    let identity = root.join("rot.bundle");
-    server.enroll_agent("rot", &identity);
-    let disk = root.join("rot.img");
-    make_random(&disk, 8, 2, 171);
-    let _agent = Agent::start(&server, &identity, "rot", &[("sda", &disk)], &root.join("st"), &[]);
-    server.wait_connected("rot");
-    let p = server.checkpoint("rot");
-    write_at(&server.data.join("vms/rot/sda/base.img"), 6 << 20, b"rot");
-    let id = p["id"].to_string();
+    let (server, _agent, id) = rotted_point(tmp.path(), "0s");
     assert_eq!(server.status("rot")["health"], "normal", "nothing has looked yet");
     let out = server.drctl(&["verify", "rot", "--point", &id]);
     assert_eq!(out.status.code(), Some(4), "{out:?}");
