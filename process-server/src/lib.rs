@@ -99,6 +99,8 @@ pub struct Config {
     pub scrub: scrub::ScrubConfig,
     /// Bytes per second at most on each relay to a master target (0: no cap).
     pub relay_max_rate: u64,
+    /// Each agent's HTTP/2 stream window (`tern_proto::STREAM_WINDOW` by default).
+    pub stream_window: u32,
     /// Keep the Prometheus gauges current (the exporter itself is started by `main`).
     pub metrics: bool,
     /// The status page's listener (`web::bind`), if any.
@@ -178,7 +180,7 @@ pub async fn run(
     let admin = tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx: ctx.clone() });
     info!(data_dir = %config.data_dir.display(), "process server ready");
     tern_proto::daemon::notify_ready();
-    tern_proto::server()
+    tern_proto::server_with_window(config.stream_window)
         // An agent that is gone without a word (host down, link cut) is noticed within
         // about 7 s, and its VM's session is free for the next agent.
         .http2_keepalive_interval(Some(Duration::from_secs(2)))

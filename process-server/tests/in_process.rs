@@ -24,6 +24,7 @@ async fn server(data: &std::path::Path) -> (String, CancellationToken, tokio::ta
         retention_every: Duration::from_secs(3600),
         scrub: tern_process_server::scrub::ScrubConfig { every: Duration::ZERO, rate: 0 },
         relay_max_rate: 0,
+        stream_window: tern_proto::STREAM_WINDOW,
         metrics: false,
         web: None,
     };

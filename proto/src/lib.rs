@@ -62,9 +62,15 @@ pub const CONNECTION_WINDOW: u32 = 48 << 20;
 /// The tonic server both daemons serve on: the flow-control windows above and frames of up
 /// to [`MAX_FRAME_BYTES`] from their clients. Each daemon adds its keepalive.
 pub fn server() -> tonic::transport::Server {
+    server_with_window(STREAM_WINDOW)
+}
+
+/// The same with another stream window; the connection's is 16 MiB more (the small calls
+/// beside a stream), as [`CONNECTION_WINDOW`] is to [`STREAM_WINDOW`].
+pub fn server_with_window(stream: u32) -> tonic::transport::Server {
     tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(STREAM_WINDOW))
-        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .initial_stream_window_size(Some(stream))
+        .initial_connection_window_size(Some(stream.saturating_add(CONNECTION_WINDOW - STREAM_WINDOW)))
         .max_frame_size(Some(MAX_FRAME_BYTES))
 }
 

@@ -209,7 +209,7 @@ fn damage_stays_with_its_vm_and_the_data_directory_is_guarded() {
         server.wait_connected(vm);
         server.checkpoint(vm);
     }
-    let second = serve_until_exit(&server);
+    let second = serve_until_exit(&server, &[]);
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("in use by another process"), "{second:?}");
 
@@ -243,7 +243,7 @@ fn damage_stays_with_its_vm_and_the_data_directory_is_guarded() {
     for f in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
         let _ = std::fs::rename(server.data.join(f), root.join(f));
     }
-    let empty = serve_until_exit(&server);
+    let empty = serve_until_exit(&server, &[]);
     assert!(!empty.status.success());
     assert!(String::from_utf8_lossy(&empty.stderr).contains("no catalog"), "{empty:?}");
 }
@@ -286,7 +286,7 @@ fn a_lost_catalog_is_rebuilt_from_the_journals() {
     for f in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
         let _ = std::fs::remove_file(server.data.join(f));
     }
-    let refused = serve_until_exit(&server);
+    let refused = serve_until_exit(&server, &[]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--rebuild-catalog"), "{refused:?}");
     let check = |extra: &[&str]| {
         std::process::Command::new(bin("process-server"))
@@ -320,11 +320,12 @@ fn a_lost_catalog_is_rebuilt_from_the_journals() {
 
 /// Runs `process-server serve` on the server's data directory, expecting it to stop by
 /// itself (a refusal); one still serving after 20 s is killed and fails the test.
-fn serve_until_exit(server: &Server) -> std::process::Output {
+fn serve_until_exit(server: &Server, extra: &[&str]) -> std::process::Output {
     let mut child = std::process::Command::new(bin("process-server"))
         .args(["serve", "--data-dir"])
         .arg(&server.data)
         .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -338,6 +339,29 @@ fn serve_until_exit(server: &Server) -> std::process::Output {
         std::thread::sleep(Duration::from_millis(50));
     }
     child.wait_with_output().unwrap()
+}
+
+/// `--stream-window` outside 64KiB..1GiB is refused at start, saying so; a small one
+/// (a site of many agents on a LAN) replicates as the default does.
+#[test]
+fn a_small_stream_window_replicates_and_a_wrong_one_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    let refused = serve_until_exit(&server, &["--stream-window", "1KiB"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--stream-window must be between 64KiB and 1GiB"), "{err}");
+    server.extra = vec!["--stream-window".into(), "64KiB".into()];
+    server.start();
+    let identity = root.join("w.bundle");
+    server.enroll_agent("w", &identity);
+    let disk = root.join("w.img");
+    make_random(&disk, 16, 8, 191);
+    let _agent = Agent::start(&server, &identity, "w", &[("sda", &disk)], &root.join("st"), &[]);
+    server.wait_connected("w");
+    let p = server.checkpoint("w");
+    assert_point_recovers(&server, root, "w", &p, &b3(&disk, None));
 }
 
 /// A VM "rot" with one point, on a server started with `--scrub-every SCRUB`, whose base
