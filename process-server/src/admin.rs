@@ -368,6 +368,14 @@ impl pb::admin_server::Admin for AdminService {
             if v < 1000 {
                 return Err(Status::invalid_argument(format!("{name} must be at least 1s")));
             }
+            // As long as points are kept at most: longer is a unit mistyped, most often
+            // (`5M` is five months).
+            if v > MAX_RETENTION_MS {
+                return Err(Status::invalid_argument(format!(
+                    "{name} may be at most 30d ({} given; M is months, m minutes)",
+                    tern_core::units::rpo_text(v / 1000)
+                )));
+            }
         }
         let store = self.ctx.store.clone();
         let v = vm.clone();

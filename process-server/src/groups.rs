@@ -400,6 +400,11 @@ fn interval_arg(ms: Option<u64>) -> Result<Option<i64>, tonic::Status> {
         if v != 0 && v < 1000 {
             return Err(tonic::Status::invalid_argument("a multi-VM interval is at least 1s (or 0: none)"));
         }
+        if v > u64::try_from(tern_store::MAX_RETENTION_MS).unwrap_or(u64::MAX) {
+            return Err(tonic::Status::invalid_argument(
+                "a multi-VM interval is at most 30d, as long as points are kept (M is months, m minutes)",
+            ));
+        }
         i64::try_from(v).map_err(|_| tonic::Status::invalid_argument("interval too long"))
     })
     .transpose()

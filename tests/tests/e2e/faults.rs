@@ -450,6 +450,11 @@ fn small_mistakes_are_refused_with_what_to_do() {
     let out = server.drctl(&["test-failover", "m", "--output", "drill"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("give an absolute path"), "{out:?}");
+    // A unit mistyped: five months for five minutes.
+    let out = server.drctl(&["policy", "set", "m", "--crash-interval", "5M"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most 30d"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("M is months"), "{out:?}");
     // A file given as the output directory.
     let file = root.join("a-file");
     std::fs::write(&file, b"keep").unwrap();
