@@ -979,15 +979,11 @@ impl Store {
         if h.base_seq() > after {
             return None;
         }
-        ranges.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-        for (a, b) in ranges.into_iter().map(|(a, b)| (a, b.min(h.size))).filter(|(a, b)| a < b) {
-            match merged.last_mut() {
-                Some((_, end)) if *end >= a => *end = (*end).max(b),
-                _ => merged.push((a, b)),
-            }
+        for r in &mut ranges {
+            r.1 = r.1.min(h.size);
         }
-        Some(merged)
+        written::merge(&mut ranges);
+        Some(ranges)
     }
 
     /// Makes a recovery point: bookmarks in every disk's journal, fsynced, then the catalog.

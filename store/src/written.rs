@@ -69,15 +69,7 @@ impl WrittenRanges {
                 r.0 -= r.0 % grain;
                 r.1 = r.1.div_ceil(grain).saturating_mul(grain);
             }
-            self.ranges.sort_unstable();
-            let mut out: Vec<(u64, u64)> = Vec::with_capacity(self.ranges.len());
-            for &(a, b) in &self.ranges {
-                match out.last_mut() {
-                    Some((_, end)) if *end >= a => *end = (*end).max(b),
-                    _ => out.push((a, b)),
-                }
-            }
-            self.ranges = out;
+            merge(&mut self.ranges);
             if self.ranges.len() <= MAX_RANGES {
                 break;
             }
@@ -91,6 +83,24 @@ impl WrittenRanges {
         self.compact();
         Arc::from(self.ranges.as_slice())
     }
+}
+
+/// Sorts `[start, end)` ranges into offset order and merges those that touch or overlap;
+/// empty ones go.
+pub fn merge(ranges: &mut Vec<(u64, u64)>) {
+    ranges.retain(|(a, b)| a < b);
+    ranges.sort_unstable();
+    let mut kept = 0;
+    for i in 0..ranges.len() {
+        let (a, b) = ranges[i];
+        if kept > 0 && ranges[kept - 1].1 >= a {
+            ranges[kept - 1].1 = ranges[kept - 1].1.max(b);
+        } else {
+            ranges[kept] = (a, b);
+            kept += 1;
+        }
+    }
+    ranges.truncate(kept);
 }
 
 /// What a segment's summary is.
