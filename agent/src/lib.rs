@@ -133,7 +133,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
                 } else {
                     reconnect.next_delay()
                 };
-                warn!(code = ?status.code(), error = %status.message(), retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                // The transport's cause, where it has one ("transport error" alone says little).
+                let error = match std::error::Error::source(&status) {
+                    Some(cause) => format!("{}: {}", status.message(), pb::error_chain(cause)),
+                    None => status.message().to_string(),
+                };
+                warn!(code = ?status.code(), error, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                     "session with the process server ended; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),

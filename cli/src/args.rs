@@ -175,6 +175,20 @@ pub enum Cmd {
         #[arg(long)]
         wait: Option<u64>,
     },
+    /// Identities the deployment's CA issued (and those seen connecting): serial, role,
+    /// name, when issued, whether revoked.
+    Identities,
+    /// Revoke identities: the process server refuses them from now on and closes their
+    /// connections. A lost or leaked bundle, a decommissioned agent host. Your own identity
+    /// cannot be revoked with itself (enroll another admin first); a master target's
+    /// cannot be revoked yet.
+    Revoke {
+        /// Serial numbers from `drctl identities` (the first 8 hex digits or more).
+        serials: Vec<String>,
+        /// The identity in this bundle file (for one issued before identities were kept).
+        #[arg(long = "bundle")]
+        bundles: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -320,6 +334,11 @@ pub enum Enroll {
     MasterTarget {
         #[arg(long)]
         name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Another admin identity (for a second operator, or to replace a revoked one).
+    Admin {
         #[arg(long)]
         out: PathBuf,
     },

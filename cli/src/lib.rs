@@ -93,7 +93,7 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
     }
     let c = client(&cli).await?;
     let d = &mut Drctl { c, json: cli.json, server: cli.server.clone().unwrap_or_default() };
-    use commands::{failback, failover, group, jobs, plan, protect};
+    use commands::{failback, failover, group, identity, jobs, plan, protect};
     match cli.cmd {
         Cmd::Enroll(e) => protect::enroll(d, e).await,
         Cmd::Status { vm, check } => protect::status(d, vm, check).await,
@@ -124,6 +124,8 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
         Cmd::Plan(p) => plan::run(d, p).await,
         Cmd::Jobs { wait: Some(id) } => jobs::wait(d, id).await,
         Cmd::Jobs { wait: None } => jobs::list(d).await,
+        Cmd::Identities => identity::list(d).await,
+        Cmd::Revoke { serials, bundles } => identity::revoke(d, serials, &bundles).await,
         Cmd::Completions { .. } | Cmd::Man => Ok(()),
     }
 }

@@ -51,6 +51,34 @@ pub enum Role {
 }
 
 impl Role {
+    /// `admin`, `agent`, `master-target` or `server`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Agent(_) => "agent",
+            Role::MasterTarget(_) => "master-target",
+            Role::Server => "server",
+        }
+    }
+
+    /// The VM of an agent, the name of a master target; empty for the others.
+    pub fn name(&self) -> &str {
+        match self {
+            Role::Agent(vm) => vm.as_str(),
+            Role::MasterTarget(n) => n,
+            Role::Admin | Role::Server => "",
+        }
+    }
+
+    /// The role [`Role::kind`] and [`Role::name`] gave.
+    pub fn from_parts(kind: &str, name: &str) -> Result<Role, PkiError> {
+        if name.is_empty() {
+            Role::from_urn(&format!("{URN_PREFIX}{kind}"))
+        } else {
+            Role::from_urn(&format!("{URN_PREFIX}{kind}:{name}"))
+        }
+    }
+
     fn urn(&self) -> String {
         match self {
             Role::Admin => format!("{URN_PREFIX}admin"),
@@ -238,6 +266,11 @@ impl Bundle {
         let der = pem_to_der(&self.cert_pem)?;
         role_of(&der)
     }
+
+    /// Serial, role and issue time of this bundle's own certificate.
+    pub fn info(&self) -> Result<CertInfo, PkiError> {
+        cert_info(&pem_to_der(&self.cert_pem)?)
+    }
 }
 
 fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
@@ -246,6 +279,44 @@ fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     CertificateDer::from_pem_slice(pem.as_bytes())
         .map(|c| c.to_vec())
         .map_err(|e| PkiError::BadCertificate(e.to_string()))
+}
+
+/// What the process server keeps of an identity it issued or saw: its serial number (hex),
+/// its role, and when it was issued (milliseconds since the epoch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    pub serial: String,
+    pub role: Role,
+    pub issued_ms: i64,
+}
+
+/// The serial number of a DER certificate, as lowercase hex: how identities are named in
+/// `drctl identities` and `drctl revoke`.
+pub fn serial_of(der: &[u8]) -> Result<String, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    Ok(hex(cert.raw_serial()))
+}
+
+fn hex(b: &[u8]) -> String {
+    use std::fmt::Write as _;
+    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+/// Serial, role and issue time of a DER certificate. The issue time is its notBefore plus
+/// the day [`validity`] backdates it by.
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let not_before = cert.validity().not_before.timestamp();
+    Ok(CertInfo {
+        serial: hex(cert.raw_serial()),
+        role: role_of(der)?,
+        issued_ms: not_before.saturating_add(86_400).saturating_mul(1000),
+    })
 }
 
 /// Reads the role from a DER certificate's `urn:tern:` SAN URI.

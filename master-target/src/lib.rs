@@ -503,7 +503,14 @@ pub async fn run(
     );
     let ctx = Arc::new(Ctx { store, data_dir: config.data_dir.clone() });
     let tracker = TaskTracker::new();
-    let incoming = tern_proto::tls::incoming(listener, tls, shutdown.clone(), &tracker);
+    let incoming = tern_proto::tls::incoming(
+        listener,
+        tls,
+        // Only the process server calls a master target; nothing is revoked here.
+        tern_proto::tls::Revocations::default(),
+        shutdown.clone(),
+        &tracker,
+    );
     info!(data_dir = %config.data_dir.display(), "master target ready");
     tern_proto::daemon::notify_ready();
     pb::server()

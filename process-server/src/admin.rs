@@ -72,12 +72,20 @@ impl AdminService {
         let v = vm.clone();
         let known = blocking(move || store.has_vm(&v)).await?.map_err(store_status)?;
         if known {
-            Ok(())
-        } else {
-            Err(Status::not_found(format!(
-                "VM {vm} is not protected here; start its agent with `mobility-agent run --vm {vm} ...`"
-            )))
+            return Ok(());
         }
+        let enrolled =
+            crate::identities::waiting(&self.ctx.identities, &[]).into_iter().find(|w| w.vm == vm.as_str());
+        Err(Status::not_found(match enrolled {
+            Some(w) => format!(
+                "VM {vm} is enrolled (its agent identity was issued {}) but its agent has not connected \
+                 yet; start it with `mobility-agent run --vm {vm} ...`",
+                tern_store::rfc3339(w.enrolled_ms)
+            ),
+            None => format!(
+                "VM {vm} is not protected here; start its agent with `mobility-agent run --vm {vm} ...`"
+            ),
+        }))
     }
 
     /// A point named by id, time or kind is looked up before a job starts, so that a
@@ -213,8 +221,25 @@ impl pb::admin_server::Admin for AdminService {
             Ok(pb::Role::Admin) => Role::Admin,
             _ => return Err(Status::invalid_argument("role must be agent, master-target or admin")),
         };
-        let bundle = issue_bundle(&self.ctx, role).await?;
-        Ok(Response::new(pb::EnrollReply { bundle }))
+        let (bundle, serial) = issue_bundle(&self.ctx, role).await?;
+        Ok(Response::new(pb::EnrollReply { bundle, serial }))
+    }
+
+    async fn identities(
+        &self,
+        req: Request<pb::IdentitiesRequest>,
+    ) -> Result<Response<pb::IdentitiesReply>, Status> {
+        require_admin(&req, "Identities")?;
+        let rows = self.ctx.identities.list();
+        Ok(Response::new(pb::IdentitiesReply {
+            identities: rows.iter().map(crate::identities::info).collect(),
+        }))
+    }
+
+    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::IdentitiesReply>, Status> {
+        require_admin(&req, "Revoke")?;
+        let caller = crate::identities::caller_serial(&req);
+        Ok(Response::new(crate::identities::revoke(&self.ctx, caller, req.into_inner()).await?))
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
@@ -233,10 +258,14 @@ impl pb::admin_server::Admin for AdminService {
             out.push(self.vm_status(vm).await?);
         }
         let mut groups = crate::groups::groups(&self.ctx, "").await?;
-        if !r.vm.is_empty() {
+        let mut waiting = Vec::new();
+        if r.vm.is_empty() {
+            let protected: Vec<VmName> = out.iter().filter_map(|s| VmName::new(&s.vm).ok()).collect();
+            waiting = crate::identities::waiting(&self.ctx.identities, &protected);
+        } else {
             groups.retain(|g| g.vms.contains(&r.vm));
         }
-        Ok(Response::new(pb::StatusReply { vms: out, groups }))
+        Ok(Response::new(pb::StatusReply { vms: out, groups, waiting }))
     }
 
     async fn points(&self, req: Request<pb::PointsRequest>) -> Result<Response<pb::PointsReply>, Status> {
@@ -594,21 +623,28 @@ impl pb::admin_server::Admin for AdminService {
     }
 }
 
-/// Issues an identity bundle from the deployment's CA.
-pub(crate) async fn issue_bundle(ctx: &Arc<Ctx>, role: Role) -> Result<String, Status> {
+/// Issues an identity bundle from the deployment's CA, and records it (it is handed out
+/// only once on record, so that it can be listed and revoked). Returns the bundle's PEM
+/// and its certificate's serial.
+pub(crate) async fn issue_bundle(ctx: &Arc<Ctx>, role: Role) -> Result<(String, String), Status> {
     let pki = ctx.data_dir.join("pki");
-    let bundle = blocking(move || {
+    let ids = ctx.identities.clone();
+    let (pem, info) = blocking(move || {
         let ca = Ca {
             cert_pem: std::fs::read_to_string(pki.join("ca.pem"))?,
             key_pem: std::fs::read_to_string(pki.join("ca.key"))?,
         };
-        Ok::<_, std::io::Error>(ca.issue_client(&role).map(|b| (b.to_pem(), role)))
+        Ok::<_, std::io::Error>(ca.issue_client(&role).and_then(|b| Ok((b.to_pem(), b.info()?))))
     })
     .await?
     .map_err(|e| Status::internal(format!("cannot read the CA: {e}")))?
     .map_err(|e| Status::internal(e.to_string()))?;
-    info!(identity = %bundle.1, "identity enrolled");
-    Ok(bundle.0)
+    let (serial, role) = (info.serial.clone(), info.role.clone());
+    blocking(move || ids.record(info))
+        .await?
+        .map_err(|e| Status::internal(format!("cannot record the new identity: {e}")))?;
+    info!(identity = %role, serial, "identity enrolled");
+    Ok((pem, serial))
 }
 
 fn point_arg(vm: &VmName, s: &str) -> Result<PointSpec, Status> {

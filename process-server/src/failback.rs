@@ -102,7 +102,7 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
     })
     .await?
     .map_err(store_status)?;
-    let bundle = crate::admin::issue_bundle(ctx, Role::Agent(vm.clone())).await?;
+    let (bundle, _) = crate::admin::issue_bundle(ctx, Role::Agent(vm.clone())).await?;
     info!(vm = %vm, master_target = %r.master_target, alternate = r.alternate, sync = %sync, "VM reprotected");
     Ok(pb::ReprotectReply { bundle })
 }

@@ -8,6 +8,7 @@ pub mod failback;
 pub mod groups;
 pub mod health;
 pub mod hub;
+pub mod identities;
 pub mod jobs;
 pub mod metrics;
 pub mod plan;
@@ -23,10 +24,12 @@ use std::time::Duration;
 use tern_core::pki::{Ca, Role, write_private};
 use tern_store::{Store, StoreError};
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
 /// Shared state of a running process server.
@@ -46,6 +49,8 @@ pub struct Ctx {
     pub rpo_history: web::RpoHistory,
     /// When retention last ran over each VM (the store's clock).
     pub retention_runs: std::sync::Mutex<std::collections::HashMap<tern_core::VmName, i64>>,
+    /// Identities issued or seen, and the revoked ones the TLS layer refuses.
+    pub identities: Arc<identities::Identities>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -67,6 +72,8 @@ pub enum InitError {
     Pki(#[from] tern_core::pki::PkiError),
     #[error("{path}: {error}")]
     Io { path: String, error: std::io::Error },
+    #[error("cannot record the admin identity: {0}")]
+    Identities(String),
 }
 
 /// Creates the deployment's CA, the server identity and the admin bundle.
@@ -86,7 +93,38 @@ pub fn init(data_dir: &Path, sans: &[String]) -> Result<PathBuf, InitError> {
     write_private(&pki.join("server.pem"), &server_cert)?;
     let admin_path = pki.join("admin.bundle");
     write_private(&admin_path, &admin.to_pem())?;
+    let record = |e: &dyn std::fmt::Display| InitError::Identities(e.to_string());
+    identities::Identities::open(&pki)
+        .map_err(|e| record(&e))?
+        .record(admin.info().map_err(|e| record(&e))?)
+        .map_err(|e| record(&e))?;
     Ok(admin_path)
+}
+
+/// Records a connected client's identity if it is not on record yet (off the accept path:
+/// the record is written to disk).
+fn record_seen(
+    identities: &Arc<identities::Identities>,
+    tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) {
+    let Some(Ok(info)) = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| tern_core::pki::cert_info(c.as_ref()))
+    else {
+        return;
+    };
+    if identities.known(&info.serial) {
+        return;
+    }
+    let identities = identities.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = identities.record(info) {
+            tracing::warn!(error = %e, "cannot record a connected identity");
+        }
+    });
 }
 
 #[derive(Debug)]
@@ -113,7 +151,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tern_proto::daemon::ServeError> {
-    let tls = tls::server_config(&config.data_dir.join("pki"))?;
+    let pki = config.data_dir.join("pki");
+    let identities = Arc::new(
+        identities::Identities::open(&pki)
+            .map_err(|e| tern_proto::daemon::ServeError::Identity(e.to_string()))?,
+    );
+    let tls = tls::server_config(&pki)?;
     let dir = config.data_dir.clone();
     let options = tern_store::StoreOptions { segment_bytes: config.segment_bytes };
     let store = tokio::task::spawn_blocking(move || {
@@ -146,6 +189,7 @@ pub async fn run(
         barriers: groups::Barriers::default(),
         plans: plan::Plans::default(),
         shutdown: shutdown.clone(),
+        identities: identities.clone(),
         tracker: tracker.clone(),
     });
     tracker.spawn(health::health_worker(ctx.clone()));
@@ -170,14 +214,27 @@ pub async fn run(
         }
         tracker.spawn(web::serve(ctx.clone(), listener));
     }
-    let incoming = tls::incoming(listener, tls, shutdown.clone(), &tracker);
+    let incoming = tls::incoming(listener, tls, identities.revocations().clone(), shutdown.clone(), &tracker);
+    // Each identity that connects is recorded once (those issued before `pki/identities`
+    // was kept), so that `drctl identities` lists it.
+    let incoming = ReceiverStream::new(incoming).map(move |conn| {
+        if let Ok(tls) = &conn {
+            record_seen(&identities, tls.get_ref());
+        }
+        conn
+    });
     let replication =
         tern_proto::replication_server::ReplicationServer::new(replication::ReplicationService {
             ctx: ctx.clone(),
         })
         .max_decoding_message_size(tern_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(tern_proto::MAX_MESSAGE_BYTES);
-    let admin = tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx: ctx.clone() });
+    let refuse = identities::refuse_revoked(ctx.identities.revocations().clone());
+    let replication = InterceptedService::new(replication, refuse.clone());
+    let admin = InterceptedService::new(
+        tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx: ctx.clone() }),
+        refuse,
+    );
     info!(data_dir = %config.data_dir.display(), "process server ready");
     tern_proto::daemon::notify_ready();
     tern_proto::server_with_window(config.stream_window)
@@ -187,7 +244,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(replication)
         .add_service(admin)
-        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown.cancelled())
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
     info!("listener closed; draining sessions");
     tern_proto::daemon::notify_stopping();

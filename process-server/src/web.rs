@@ -62,11 +62,12 @@ pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
     }
 }
 
+type TlsConn = tern_proto::tls::Revocable<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
 /// TLS connections whose client presented an admin certificate of this deployment's CA.
 struct AdminTls {
-    conns: tokio::sync::mpsc::Receiver<
-        Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
-    >,
+    conns: tokio::sync::mpsc::Receiver<Result<TlsConn, std::io::Error>>,
+    revocations: tern_proto::tls::Revocations,
     addr: std::net::SocketAddr,
 }
 
@@ -75,28 +76,36 @@ fn admin_tls(
     listener: tokio::net::TcpListener,
     addr: std::net::SocketAddr,
 ) -> Result<AdminTls, String> {
+    let revocations = ctx.identities.revocations();
     let config = crate::tls::server_config(&ctx.data_dir.join("pki")).map_err(|e| e.to_string())?;
     let mut config = (*config).clone();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let conns = crate::tls::incoming(listener, Arc::new(config), ctx.shutdown.clone(), &ctx.tracker);
-    Ok(AdminTls { conns, addr })
+    let conns = crate::tls::incoming(
+        listener,
+        Arc::new(config),
+        revocations.clone(),
+        ctx.shutdown.clone(),
+        &ctx.tracker,
+    );
+    Ok(AdminTls { conns, addr, revocations: revocations.clone() })
 }
 
 impl axum::serve::Listener for AdminTls {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Io = TlsConn;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             let Some(conn) = self.conns.recv().await else { return std::future::pending().await };
             let Ok(tls) = conn else { continue };
-            let peer = tls.get_ref().0.peer_addr().unwrap_or(self.addr);
-            let role = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| tern_core::pki::role_of(c.as_ref()));
+            let peer = tls.get_ref().get_ref().0.peer_addr().unwrap_or(self.addr);
+            let leaf = tls.get_ref().get_ref().1.peer_certificates().and_then(|c| c.first());
+            let role = leaf.map(|c| tern_core::pki::role_of(c.as_ref()));
+            let serial = leaf.and_then(|c| tern_core::pki::serial_of(c.as_ref()).ok());
+            if let Some(serial) = serial.filter(|s| self.revocations.is_revoked(s)) {
+                tracing::warn!(%peer, serial, "status page: the identity is revoked");
+                continue;
+            }
             match role {
                 Some(Ok(tern_core::pki::Role::Admin)) => return (tls, peer),
                 other => {

@@ -1,17 +1,24 @@
 //! The server side of mutual TLS: TLS 1.3 only, client certificates from the deployment CA
-//! required, handshakes done off the accept loop so a bad client cannot stall others.
+//! required, handshakes done off the accept loop so a bad client cannot stall others, and
+//! the connections of an identity closed when it is revoked (its calls are then refused
+//! by the server's authorisation, which says why: a TLS alert would reach a client only
+//! now and then, as "connection closed").
 
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
@@ -27,6 +34,138 @@ fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsSetup
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsSetupError::Pem { path: what.to_string(), reason: e.to_string() })
+}
+
+/// The identities (by certificate serial, as [`tern_core::pki::serial_of`] writes it) a
+/// server refuses, and the live connections of each, to close when one is revoked. Cloned,
+/// it is the same set.
+#[derive(Clone, Default, Debug)]
+pub struct Revocations(Arc<RevocationsInner>);
+
+#[derive(Default, Debug)]
+struct RevocationsInner {
+    revoked: RwLock<HashSet<String>>,
+    /// One token per identity that connected or was revoked: cancelled on revocation.
+    live: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl Revocations {
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.0.revoked.read().unwrap_or_else(PoisonError::into_inner).contains(serial)
+    }
+
+    /// The identity is revoked from now on, and its open connections are closed. (Later
+    /// ones stay open, for the server to refuse their calls saying why.)
+    pub fn revoke(&self, serial: &str) {
+        self.0.revoked.write().unwrap_or_else(PoisonError::into_inner).insert(serial.to_string());
+        let live = self.0.live.lock().unwrap_or_else(PoisonError::into_inner).remove(serial);
+        if let Some(token) = live {
+            token.cancel();
+        }
+    }
+
+    /// Cancelled when the identity is revoked.
+    fn token(&self, serial: &str) -> CancellationToken {
+        let mut live = self.0.live.lock().unwrap_or_else(PoisonError::into_inner);
+        live.entry(serial.to_string()).or_default().clone()
+    }
+}
+
+/// A connection that fails (reads and writes alike) once its client's identity is revoked.
+/// The token is looked at (an atomic load) before each read and write, and waited on only
+/// when the connection has nothing to do, so that an idle connection is closed too.
+pub struct Revocable<S> {
+    inner: S,
+    token: CancellationToken,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+fn revoked() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the client's identity was revoked")
+}
+
+impl<S> Revocable<S> {
+    fn new(inner: S, token: CancellationToken) -> Revocable<S> {
+        let cut = Box::pin(token.clone().cancelled_owned());
+        Revocable { inner, token, cut }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// What to answer for `polled`: the revocation if it came meanwhile (waiting for it
+    /// when the connection waits).
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Pending if self.cut.as_mut().poll(cx).is_ready() => Poll::Ready(Err(revoked())),
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Revocable<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.token.is_cancelled() {
+            return Poll::Ready(Err(revoked()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.check(cx, polled)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Revocable<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.token.is_cancelled() {
+            return Poll::Ready(Err(revoked()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.token.is_cancelled() {
+            return Poll::Ready(Err(revoked()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Revocable<TlsStream<TcpStream>> {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
 }
 
 /// TLS 1.3 only, client certificates from the CA in `ca_pem` required.
@@ -55,13 +194,15 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Accepts TCP connections and yields the ones whose TLS handshake succeeded.
+/// Accepts TCP connections and yields the ones whose TLS handshake succeeded, each closed
+/// when its client's identity is revoked in `revocations`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    revocations: Revocations,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
-) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> mpsc::Receiver<Result<Revocable<TlsStream<TcpStream>>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(16);
     let acceptor = TlsAcceptor::from(config);
     let inner = tracker.clone();
@@ -81,11 +222,20 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let revocations = revocations.clone();
             inner.spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         debug!(%peer, "TLS session established");
-                        let _ = tx.send(Ok(tls)).await;
+                        // Verified by the CA, so it has a certificate that parses.
+                        let serial = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| tern_core::pki::serial_of(c.as_ref()).unwrap_or_default());
+                        let token = revocations.token(&serial.unwrap_or_default());
+                        let _ = tx.send(Ok(Revocable::new(tls, token))).await;
                     }
                     Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake refused"),
                     Err(_) => warn!(%peer, "TLS handshake timed out"),

@@ -14,14 +14,16 @@ pub async fn enroll(d: &mut Drctl, e: Enroll) -> Result<(), CliError> {
     let (role, name, out) = match e {
         Enroll::Agent { vm, out } => (pb::Role::Agent, vm, out),
         Enroll::MasterTarget { name, out } => (pb::Role::MasterTarget, name, out),
+        Enroll::Admin { out } => (pb::Role::Admin, String::new(), out),
     };
     refuse_existing_file(&out)?;
     let r = d.c.enroll(pb::EnrollRequest { role: role as i32, name: name.clone() }).await?.into_inner();
     tern_core::pki::write_private(&out, &r.bundle)?;
     if d.json {
-        print_json(&json!({"identity": out.display().to_string(), "name": name}))
+        print_json(&json!({"identity": out.display().to_string(), "name": name, "serial": r.serial}))
     } else {
-        out!("wrote identity for {name} to {}", out.display());
+        let whom = if name.is_empty() { "an admin".to_string() } else { name };
+        out!("wrote identity for {whom} to {} (serial {})", out.display(), r.serial);
         Ok(())
     }
 }
@@ -42,6 +44,16 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
         if !r.groups.is_empty() {
             out!("");
             super::group::print_groups(&r.groups);
+        }
+        if !r.waiting.is_empty() {
+            out!("");
+            for w in &r.waiting {
+                out!(
+                    "{} is enrolled (identity issued {}); its agent has not connected yet",
+                    w.vm,
+                    crate::output::rfc3339(w.enrolled_ms)
+                );
+            }
         }
     }
     if check {

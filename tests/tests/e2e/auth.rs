@@ -97,3 +97,113 @@ fn identities_are_enforced() {
     assert!(log.contains("non-admin identity refused") && log.contains("agent for VM a"), "{log}");
     assert!(log.contains("TLS handshake refused"), "{log}");
 }
+
+/// The serial `drctl enroll --json` printed.
+fn enroll(server: &Server, args: &[&str]) -> String {
+    server.drctl_json(args)["serial"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_revoked_identity_is_cut_off_and_refused_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    // init's admin identity is on record.
+    let ids = server.drctl_json(&["identities"]);
+    assert_eq!(ids.as_array().unwrap().len(), 1, "{ids}");
+    assert_eq!(ids[0]["role"], "admin");
+    assert!(ids[0]["revoked"].is_null());
+
+    // Enrolled, not yet connected: said by `status` and by `status VM`.
+    let first = root.join("web.bundle");
+    let first_serial = enroll(&server, &["enroll", "agent", "--vm", "web", "--out", first.to_str().unwrap()]);
+    let out = server.drctl(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("web is enrolled") && text.contains("has not connected yet"), "{text}");
+    let out = server.drctl(&["status", "web"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("enrolled"), "{out:?}");
+
+    let disk = root.join("web.img");
+    make_random(&disk, 8, 4, 7);
+    let state = root.join("web-state");
+    let mut agent = Agent::start(&server, &first, "web", &[("sda", &disk)], &state, &[]);
+    server.checkpoint("web");
+    let out = server.drctl(&["status"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("has not connected"), "{out:?}");
+
+    // Revoked by 8 digits of its serial: the live session is cut, and the agent, refused
+    // on its next call, stops saying why and what to do.
+    let revoked = server.drctl_json(&["revoke", &first_serial[..8]]);
+    assert_eq!(revoked[0]["serial"].as_str().unwrap(), first_serial);
+    let status = agent.wait_exit("the revoked agent to stop");
+    assert!(!status.success());
+    let log = agent.log_text();
+    assert!(log.contains("has been revoked") && log.contains("drctl enroll agent --vm web"), "{log}");
+
+    // Another admin; it may revoke others but not itself, and once revoked it is refused.
+    let second = root.join("admin2.bundle");
+    let second_serial = enroll(&server, &["enroll", "admin", "--out", second.to_str().unwrap()]);
+    let out = drctl_as(&server.url(), &second, &["revoke", &second_serial]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the identity this request came with"), "{out:?}");
+    server.drctl_json(&["revoke", &second_serial]);
+    let out = drctl_as(&server.url(), &second, &["status"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has been revoked"), "{out:?}");
+
+    // Wrong names: not hex (2), on record nowhere (5), a master target's (6: not built).
+    assert_eq!(server.drctl(&["revoke", "zz"]).status.code(), Some(2));
+    let out = server.drctl(&["revoke", "00000000"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bundle"), "{out:?}");
+    let mt = root.join("mt.bundle");
+    let mt_serial =
+        enroll(&server, &["enroll", "master-target", "--name", "mt1", "--out", mt.to_str().unwrap()]);
+    let out = server.drctl(&["revoke", &mt_serial]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not built"), "{out:?}");
+
+    // An identity the server never recorded (issued from the CA by hand): revoked from
+    // its bundle.
+    let pki = server.data.join("pki");
+    let ca = tern_core::pki::Ca {
+        cert_pem: std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
+        key_pem: std::fs::read_to_string(pki.join("ca.key")).unwrap(),
+    };
+    let stray = ca.issue_client(&tern_core::pki::Role::Admin).unwrap();
+    let stray_file = root.join("stray.bundle");
+    std::fs::write(&stray_file, stray.to_pem()).unwrap();
+    server.drctl_json(&["revoke", "--bundle", stray_file.to_str().unwrap()]);
+    assert!(!drctl_as(&server.url(), &stray_file, &["status"]).status.success());
+
+    // Across a restart: all of it stands.
+    server.kill9();
+    server.start();
+    let out = drctl_as(&server.url(), &second, &["status"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has been revoked"), "{out:?}");
+    agent.restart();
+    assert!(!agent.wait_exit("the revoked agent to stop again").success());
+    let ids = server.drctl_json(&["identities"]);
+    let revoked: Vec<&str> = ids
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| !i["revoked"].is_null())
+        .map(|i| i["serial"].as_str().unwrap())
+        .collect();
+    assert_eq!(revoked.len(), 3, "{ids}");
+    assert!(revoked.contains(&first_serial.as_str()) && revoked.contains(&second_serial.as_str()));
+
+    // A new identity for the VM goes on replicating it, and its points are whole.
+    let fresh = root.join("web2.bundle");
+    enroll(&server, &["enroll", "agent", "--vm", "web", "--out", fresh.to_str().unwrap()]);
+    let _agent = Agent::start(&server, &fresh, "web", &[("sda", &disk)], &state, &[]);
+    scatter_writes(&disk, 0.05, 3);
+    server.checkpoint("web");
+    let out = root.join("tfo");
+    let res = server.drctl_json(&["test-failover", "web", "--output", out.to_str().unwrap()]);
+    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&disk, None));
+    assert_eq!(b3(&out.join("sda.raw"), None), b3(&disk, None));
+}

@@ -98,6 +98,15 @@ fn off_loopback_the_status_page_takes_only_an_admin_identity() {
     let agent = split(&agent, "agent");
     assert!(!curl(Some(&agent), &admin.0).status.success(), "an agent identity is turned away");
     assert!(!curl(None, &admin.0).status.success(), "no identity is turned away");
+    // A second admin is let in until it is revoked.
+    let second = root.join("admin2.bundle");
+    server.drctl_json(&["enroll", "admin", "--out", second.to_str().unwrap()]);
+    let second_serial = tern_core::pki::Bundle::load(&second).unwrap().info().unwrap().serial;
+    let second = split(&second, "admin2");
+    assert!(curl(Some(&second), &admin.0).status.success(), "a second admin identity is let in");
+    server.drctl_json(&["revoke", &second_serial]);
+    assert!(!curl(Some(&second), &admin.0).status.success(), "a revoked admin identity is turned away");
+    assert!(curl(Some(&admin), &admin.0).status.success(), "the first admin identity still is let in");
     let plain = Command::new("curl")
         .args(["-s", "--max-time", "5", &format!("http://127.0.0.1:{port}/healthz")])
         .output()
