@@ -31,6 +31,8 @@ const CONSISTENT_ATTEMPTS: usize = 5;
 /// hammering it meanwhile. The backoff starts over once a session has had records acked.
 const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(1);
+/// In nbd mode, how long a refused agent waits before it asks again.
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -84,7 +86,8 @@ pub enum AgentError {
     Nbd { listen: String, source: std::io::Error },
 }
 
-/// Runs until `shutdown` or a permanent refusal (wrong identity, bad disk).
+/// Runs until `shutdown` or, in scan mode, a permanent refusal (wrong identity, bad disk).
+/// In nbd mode a refusal is asked again every minute, the disks served meanwhile.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|source| AgentError::StateDir { path: config.state_dir.display().to_string(), source })?;
@@ -117,9 +120,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         metrics::gauge!("tern_agent_connected", "vm" => config.vm.to_string()).set(0.0);
         match outcome {
             Ok(()) => return Ok(()),
-            Err(status) if is_permanent(status.code()) => {
+            Err(status) if is_permanent(status.code()) && tracker.is_none() => {
                 error!(code = ?status.code(), "{}", status.message());
                 return Err(AgentError::Refused(status.message().to_string()));
+            }
+            // In nbd mode the agent is the VM's disk: a refusal (a revoked identity, a disk
+            // the server will not take) stops replication, not the VM. The disks stay
+            // served and the change log goes on (spilling, then dropped and compared),
+            // until the server takes a session again or the agent is restarted.
+            Err(status) if is_permanent(status.code()) => {
+                error!(code = ?status.code(), retry_in_s = REFUSED_RETRY.as_secs(),
+                    "{}; the disks stay served over NBD, replication waits", status.message());
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(REFUSED_RETRY) => {}
+                }
             }
             Err(status) => {
                 if progress.acked.load(std::sync::atomic::Ordering::Relaxed) {

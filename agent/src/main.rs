@@ -146,9 +146,19 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[unsafe(export_name = "_rjem_malloc_conf")]
 pub static malloc_conf: &[u8; 69] = b"background_thread:true,dirty_decay_ms:250,muzzy_decay_ms:0,narenas:2\0";
 
+/// The exit code of a scan-mode agent the process server refused (a revoked identity, a
+/// disk it will not take): the unit's `RestartPreventExitStatus`, as starting it again
+/// would be refused again.
+const EXIT_REFUSED: i32 = 3;
+
 fn main() {
     tern_proto::daemon::init();
-    tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        let refused =
+            matches!(e.downcast_ref::<tern_agent::AgentError>(), Some(tern_agent::AgentError::Refused(_)));
+        std::process::exit(if refused { EXIT_REFUSED } else { 1 });
+    }
 }
 
 fn run() -> anyhow::Result<()> {

@@ -319,6 +319,24 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
     })
 }
 
+/// The certificates in PEM text that are not a CA's (a bundle's own certificate, or a
+/// certificate file alone), as PEM.
+pub fn leaf_certificates(text: &str) -> Result<Vec<String>, PkiError> {
+    let mut out = Vec::new();
+    for (label, block) in pem_blocks(text) {
+        if label != "CERTIFICATE" {
+            continue;
+        }
+        let der = pem_to_der(&block)?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        if !cert.is_ca() {
+            out.push(block);
+        }
+    }
+    Ok(out)
+}
+
 /// Reads the role from a DER certificate's `urn:tern:` SAN URI.
 pub fn role_of(der: &[u8]) -> Result<Role, PkiError> {
     let (_, cert) =

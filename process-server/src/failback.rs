@@ -88,21 +88,28 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
         .collect();
     mt.prepare(pb::PrepareRequest { vm: vm.to_string(), disks, write_through: sync == SyncMode::During })
         .await?;
+    // The recovered VM's identity, named in the reprotect: until the failback is committed
+    // it is the only agent identity that may replicate the VM.
+    let (bundle, serial) = crate::admin::issue_bundle(ctx, Role::Agent(vm.clone())).await?;
     let row = ReprotectRow {
         master_target: r.master_target.clone(),
         alternate: r.alternate,
         sync,
         disks: targets.iter().map(|(n, p)| (n.to_string(), p.clone())).collect(),
+        identity: serial.clone(),
     };
     let store = ctx.store.clone();
     let v = vm.clone();
-    blocking(move || {
+    let moved = blocking(move || {
         let generations = store.new_generations(&v);
         store.transition(&v, Transition::Reprotect { row, policy: failback_policy(), generations })
     })
-    .await?
-    .map_err(store_status)?;
-    let (bundle, _) = crate::admin::issue_bundle(ctx, Role::Agent(vm.clone())).await?;
+    .await?;
+    if let Err(e) = moved {
+        // Never handed out: it must not replicate the VM later either.
+        retire_identity(ctx, &vm, &serial).await;
+        return Err(store_status(e));
+    }
     info!(vm = %vm, master_target = %r.master_target, alternate = r.alternate, sync = %sync, "VM reprotected");
     Ok(pb::ReprotectReply { bundle })
 }
@@ -341,7 +348,30 @@ pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Sta
         .inspect_err(|e| ctx.relay.forget(&row.master_target, e))?;
     let store = ctx.store.clone();
     let v = vm.clone();
-    blocking(move || store.commit_failback(&v)).await?.map_err(store_status)
+    let point = blocking(move || store.commit_failback(&v)).await?.map_err(store_status)?;
+    // The recovered VM is shut down and its disks are the primary's again: its agent
+    // identity could only send a stale disk from now on.
+    if !row.identity.is_empty() {
+        retire_identity(ctx, vm, &row.identity).await;
+    }
+    Ok(point)
+}
+
+/// Revokes an identity the circle no longer needs; a failure is logged (it is listed as
+/// valid in `drctl identities`, and `drctl revoke` can retire it).
+async fn retire_identity(ctx: &Arc<Ctx>, vm: &VmName, serial: &str) {
+    let info = ctx.identities.list().into_iter().find(|r| r.info.serial == serial).map(|r| r.info);
+    let Some(info) = info else { return };
+    let ids = ctx.identities.clone();
+    match blocking(move || ids.revoke(vec![info], tern_store::now_ms())).await {
+        Ok(Ok(_)) => info!(vm = %vm, serial, "the recovered VM's agent identity is revoked"),
+        Ok(Err(e)) => {
+            warn!(vm = %vm, serial, error = %e, "cannot revoke the recovered VM's agent identity; revoke it with `drctl revoke`")
+        }
+        Err(e) => {
+            warn!(vm = %vm, serial, error = %e.message(), "cannot revoke the recovered VM's agent identity; revoke it with `drctl revoke`")
+        }
+    }
 }
 
 pub async fn reverse_replicate(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status> {

@@ -33,8 +33,12 @@ pub struct Row {
 #[derive(Debug)]
 pub struct Identities {
     path: PathBuf,
+    /// What the file holds; locked only to read or swap it, never across file I/O.
     rows: Mutex<Vec<Row>>,
+    /// Held across a change (read, write the file, swap), one at a time.
+    writer: Mutex<()>,
     revocations: Revocations,
+    existed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,10 +62,9 @@ fn parse_line(line: &str) -> Result<Row, String> {
     let name = if name == "-" { "" } else { name };
     let role = Role::from_parts(kind, name).map_err(|e| e.to_string())?;
     let ms = |s: &str| s.parse::<i64>().map_err(|e| format!("{s:?}: {e}"));
-    Ok(Row {
-        info: CertInfo { serial: serial.to_string(), role, issued_ms: ms(issued)? },
-        revoked_ms: ms(revoked)?,
-    })
+    // Serials are compared as `serial_of` writes them; a hand-edited line may say `0A`.
+    let serial = serial.to_ascii_lowercase();
+    Ok(Row { info: CertInfo { serial, role, issued_ms: ms(issued)? }, revoked_ms: ms(revoked)? })
 }
 
 fn render(rows: &[Row]) -> String {
@@ -81,12 +84,17 @@ fn render(rows: &[Row]) -> String {
 }
 
 impl Identities {
-    /// Reads `pki/identities` (none yet: no identity recorded) and refuses the revoked.
+    /// Reads `pki/identities` (none yet: no identity recorded; see [`Identities::existed`])
+    /// and refuses the revoked.
     pub fn open(pki: &Path) -> Result<Identities, IdentitiesError> {
         let path = pki.join(FILE);
+        let mut existed = true;
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                existed = false;
+                String::new()
+            }
             Err(error) => return Err(IdentitiesError::Io { path: path.display().to_string(), error }),
         };
         let mut rows = Vec::new();
@@ -105,10 +113,21 @@ impl Identities {
         for r in rows.iter().filter(|r| r.revoked_ms != 0) {
             revocations.revoke(&r.info.serial);
         }
-        Ok(Identities { path, rows: Mutex::new(rows), revocations })
+        Ok(Identities { path, rows: Mutex::new(rows), writer: Mutex::new(()), revocations, existed })
     }
 
-    /// What the TLS layer refuses.
+    /// Whether the file was there when opened.
+    pub fn existed(&self) -> bool {
+        self.existed
+    }
+
+    /// Writes the file as it is (to make it where there was none).
+    pub fn save(&self) -> Result<(), IdentitiesError> {
+        let _w = crate::lock(&self.writer);
+        self.commit(self.list()).1
+    }
+
+    /// The revoked identities, for the interceptor and the connections to be cut.
     pub fn revocations(&self) -> &Revocations {
         &self.revocations
     }
@@ -123,23 +142,38 @@ impl Identities {
 
     /// Records an identity issued or seen, once.
     pub fn record(&self, info: CertInfo) -> Result<(), IdentitiesError> {
-        let mut rows = crate::lock(&self.rows);
-        if rows.iter().any(|r| r.info.serial == info.serial) {
+        let _w = crate::lock(&self.writer);
+        let mut next = self.list();
+        if next.iter().any(|r| r.info.serial == info.serial) {
             return Ok(());
         }
-        let mut next = rows.clone();
         next.push(Row { info, revoked_ms: 0 });
-        self.write(&next)?;
-        *rows = next;
-        Ok(())
+        self.commit(next).1
     }
 
-    /// Revokes these identities (each recorded first if it was not): saved, then refused at
-    /// the handshake, and their open connections closed. Returns each one's row; one revoked
+    /// Writes `next` and takes it as the rows if the file now holds it (the rename done,
+    /// even if what follows failed): whether it took it, and how the write went.
+    fn commit(&self, next: Vec<Row>) -> (bool, Result<(), IdentitiesError>) {
+        match self.write(&next) {
+            Ok(()) => {
+                *crate::lock(&self.rows) = next;
+                (true, Ok(()))
+            }
+            Err((renamed, e)) => {
+                if renamed {
+                    *crate::lock(&self.rows) = next;
+                }
+                (renamed, Err(e))
+            }
+        }
+    }
+
+    /// Revokes these identities (each recorded first if it was not): saved, then their
+    /// calls refused and their open connections closed. Returns each one's row; one revoked
     /// before keeps its time.
     pub fn revoke(&self, infos: Vec<CertInfo>, now_ms: i64) -> Result<Vec<Row>, IdentitiesError> {
-        let mut rows = crate::lock(&self.rows);
-        let mut next = rows.clone();
+        let _w = crate::lock(&self.writer);
+        let mut next = self.list();
         let mut out = Vec::new();
         for info in infos {
             let i = match next.iter().position(|r| r.info.serial == info.serial) {
@@ -154,23 +188,28 @@ impl Identities {
             }
             out.push(next[i].clone());
         }
-        self.write(&next)?;
-        *rows = next;
-        for r in &out {
-            self.revocations.revoke(&r.info.serial);
+        let (taken, written) = self.commit(next);
+        if taken {
+            for r in &out {
+                self.revocations.revoke(&r.info.serial);
+            }
         }
-        Ok(out)
+        written.map(|()| out)
     }
 
-    fn write(&self, rows: &[Row]) -> Result<(), IdentitiesError> {
-        let io = |error| IdentitiesError::Io { path: self.path.display().to_string(), error };
+    /// Temporary file, fsync, rename, fsync of the directory. An error says whether the
+    /// rename was done (the file then holds `rows`).
+    fn write(&self, rows: &[Row]) -> Result<(), (bool, IdentitiesError)> {
+        let io = |renamed| {
+            move |error| (renamed, IdentitiesError::Io { path: self.path.display().to_string(), error })
+        };
         let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(render(rows).as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        let mut f = std::fs::File::create(&tmp).map_err(io(false))?;
+        f.write_all(render(rows).as_bytes()).map_err(io(false))?;
+        f.sync_all().map_err(io(false))?;
+        std::fs::rename(&tmp, &self.path).map_err(io(false))?;
         if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(true))?;
         }
         Ok(())
     }
@@ -359,6 +398,16 @@ mod tests {
         assert_eq!(again.list(), ids.list());
         assert!(again.revocations().is_revoked("0a1b") && again.revocations().is_revoked("cc"));
         assert!(!again.revocations().is_revoked("ff00"));
+    }
+
+    #[test]
+    fn a_hand_written_serial_in_capitals_still_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE), "0A1B\tadmin\t-\t1\t5\n").unwrap();
+        let ids = Identities::open(dir.path()).unwrap();
+        assert!(ids.existed());
+        assert!(ids.revocations().is_revoked("0a1b"));
+        assert!(!Identities::open(&dir.path().join("nowhere")).unwrap().existed());
     }
 
     #[test]

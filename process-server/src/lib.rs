@@ -152,10 +152,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), tern_proto::daemon::ServeError> {
     let pki = config.data_dir.join("pki");
-    let identities = Arc::new(
-        identities::Identities::open(&pki)
-            .map_err(|e| tern_proto::daemon::ServeError::Identity(e.to_string()))?,
-    );
+    let identity_error =
+        |e: identities::IdentitiesError| tern_proto::daemon::ServeError::Identity(e.to_string());
+    let identities = Arc::new(identities::Identities::open(&pki).map_err(identity_error)?);
+    if !identities.existed() {
+        // A data directory from before identities were kept, or one whose file was
+        // removed: said, as the file is where revocations are kept.
+        tracing::warn!(
+            file = %pki.join("identities").display(),
+            "no list of identities: starting an empty one, nothing revoked. If this data \
+             directory had revoked identities, stop the server and restore the file from a backup"
+        );
+        identities.save().map_err(identity_error)?;
+    }
     let tls = tls::server_config(&pki)?;
     let dir = config.data_dir.clone();
     let options = tern_store::StoreOptions { segment_bytes: config.segment_bytes };

@@ -92,13 +92,15 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             })?;
         let store = ctx.store.clone();
         let vm2 = vm.clone();
-        let registered = crate::admin::blocking(move || admit(&store, &vm2, &disks, &agent_states))
-            .await?
-            .map_err(store_status)
-            .inspect_err(|e| {
-                warn!(vm = %vm, error = %e.message(), "replication session refused");
-                ctx.hub.set_error(&vm, e.message());
-            })?;
+        let serial = crate::identities::caller_serial(&parts_req);
+        let registered =
+            crate::admin::blocking(move || admit(&store, &vm2, serial.as_deref(), &disks, &agent_states))
+                .await?
+                .map_err(store_status)
+                .inspect_err(|e| {
+                    warn!(vm = %vm, error = %e.message(), "replication session refused");
+                    ctx.hub.set_error(&vm, e.message());
+                })?;
         let admitted = registered?;
         let hashes_follow = hash_sources(&admitted);
         let welcome = welcome_of(&admitted, &hashes_follow);
@@ -257,12 +259,14 @@ struct Admitted {
 }
 
 /// Admits an agent's Hello: refuses a VM whose data is damaged, that no longer replicates
-/// from its source, or whose disks the Hello leaves out (`Ok(Err)`); registers its disks,
-/// makes what earlier sessions wrote durable, and finds what the agent's state cannot vouch
-/// for.
+/// from its source, whose agent is another while it is reprotected (`identity` is the
+/// caller's certificate serial), or whose disks the Hello leaves out (`Ok(Err)`); registers
+/// its disks, makes what earlier sessions wrote durable, and finds what the agent's state
+/// cannot vouch for.
 fn admit(
     store: &tern_store::Store,
     vm: &VmName,
+    identity: Option<&str>,
     disks: &[(DiskName, u64)],
     agent_states: &HashMap<DiskName, (String, u64)>,
 ) -> Result<Result<Admitted, Status>, tern_store::StoreError> {
@@ -279,6 +283,23 @@ fn admit(
             warn!(vm = %vm, state = %state, "agent refused: the VM no longer replicates from this source");
             return Ok(Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down"
+            ))));
+        }
+        // Reprotected, the VM runs at the recovery site: only the agent `drctl reprotect`
+        // made an identity for may replicate it. The primary site's old agent, back after
+        // an unplanned failover, would otherwise send the old disk, and the failback would
+        // write it over the primary's disks.
+        if state == tern_core::VmState::Reprotected
+            && let Some(row) = store.reprotect(vm)?
+            && !row.identity.is_empty()
+            && identity != Some(row.identity.as_str())
+        {
+            warn!(vm = %vm, serial = ?identity, "agent refused: the VM is reprotected and this is not the recovered VM's agent");
+            return Ok(Err(Status::failed_precondition(format!(
+                "VM {vm} is reprotected: it runs at the recovery site, and only the recovered VM's agent \
+                 (the identity `drctl reprotect` wrote) replicates it until the failback is committed. \
+                 This agent, with another identity, stands down; after `drctl failback`, `drctl commit` \
+                 and `drctl reverse-replicate` it protects the VM from the primary site again"
             ))));
         }
     }

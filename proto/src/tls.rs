@@ -10,6 +10,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,8 +46,16 @@ pub struct Revocations(Arc<RevocationsInner>);
 #[derive(Default, Debug)]
 struct RevocationsInner {
     revoked: RwLock<HashSet<String>>,
-    /// One token per identity that connected or was revoked: cancelled on revocation.
-    live: Mutex<HashMap<String, CancellationToken>>,
+    /// Per identity that connected: set and cancelled when it is revoked.
+    live: Mutex<HashMap<String, Cut>>,
+}
+
+/// How a revocation reaches an identity's connections: a flag each read and write looks
+/// at, and a token an idle connection waits on.
+#[derive(Clone, Default, Debug)]
+struct Cut {
+    flag: Arc<AtomicBool>,
+    token: CancellationToken,
 }
 
 impl Revocations {
@@ -59,24 +68,25 @@ impl Revocations {
     pub fn revoke(&self, serial: &str) {
         self.0.revoked.write().unwrap_or_else(PoisonError::into_inner).insert(serial.to_string());
         let live = self.0.live.lock().unwrap_or_else(PoisonError::into_inner).remove(serial);
-        if let Some(token) = live {
-            token.cancel();
+        if let Some(cut) = live {
+            cut.flag.store(true, Ordering::Release);
+            cut.token.cancel();
         }
     }
 
-    /// Cancelled when the identity is revoked.
-    fn token(&self, serial: &str) -> CancellationToken {
+    /// Set and cancelled when the identity is revoked.
+    fn cut(&self, serial: &str) -> Cut {
         let mut live = self.0.live.lock().unwrap_or_else(PoisonError::into_inner);
         live.entry(serial.to_string()).or_default().clone()
     }
 }
 
 /// A connection that fails (reads and writes alike) once its client's identity is revoked.
-/// The token is looked at (an atomic load) before each read and write, and waited on only
-/// when the connection has nothing to do, so that an idle connection is closed too.
+/// A flag is looked at (an atomic load) before each read and write, and a token waited on
+/// only when the connection has nothing to do, so that an idle connection is closed too.
 pub struct Revocable<S> {
     inner: S,
-    token: CancellationToken,
+    revoked: Arc<AtomicBool>,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
@@ -85,9 +95,12 @@ fn revoked() -> std::io::Error {
 }
 
 impl<S> Revocable<S> {
-    fn new(inner: S, token: CancellationToken) -> Revocable<S> {
-        let cut = Box::pin(token.clone().cancelled_owned());
-        Revocable { inner, token, cut }
+    fn new(inner: S, cut: Cut) -> Revocable<S> {
+        Revocable { inner, revoked: cut.flag, cut: Box::pin(cut.token.cancelled_owned()) }
+    }
+
+    fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
     }
 
     pub fn get_ref(&self) -> &S {
@@ -114,7 +127,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Revocable<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if self.token.is_cancelled() {
+        if self.is_revoked() {
             return Poll::Ready(Err(revoked()));
         }
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -128,7 +141,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Revocable<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if self.token.is_cancelled() {
+        if self.is_revoked() {
             return Poll::Ready(Err(revoked()));
         }
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
@@ -140,7 +153,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Revocable<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        if self.token.is_cancelled() {
+        if self.is_revoked() {
             return Poll::Ready(Err(revoked()));
         }
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
@@ -234,8 +247,8 @@ pub fn incoming(
                             .peer_certificates()
                             .and_then(|c| c.first())
                             .map(|c| tern_core::pki::serial_of(c.as_ref()).unwrap_or_default());
-                        let token = revocations.token(&serial.unwrap_or_default());
-                        let _ = tx.send(Ok(Revocable::new(tls, token))).await;
+                        let cut = revocations.cut(&serial.unwrap_or_default());
+                        let _ = tx.send(Ok(Revocable::new(tls, cut))).await;
                     }
                     Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake refused"),
                     Err(_) => warn!(%peer, "TLS handshake timed out"),

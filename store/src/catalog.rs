@@ -33,6 +33,10 @@ pub struct ReprotectRow {
     pub sync: SyncMode,
     /// (disk, path on the master target)
     pub disks: Vec<(String, String)>,
+    /// The serial of the agent identity reprotect issued for the recovered VM: the only
+    /// one that may replicate the VM until the failback is committed (empty for a reprotect
+    /// made before it was kept: any agent identity of the VM then).
+    pub identity: String,
 }
 
 /// A VM's replication policy.
@@ -177,8 +181,9 @@ const TARGET_WRITE_THROUGH: &str = "write-through";
 /// The catalog's layout (`PRAGMA user_version`). 0: before the version was kept. 2: a
 /// failover may use a position between two points (`failovers.cut`). 3: a point is keyed
 /// by VM and id (a multi-VM point's id is shared by its group's members), replication
-/// groups and recovery plans.
-pub const SCHEMA_VERSION: i64 = 3;
+/// groups and recovery plans. 4: a reprotect names the recovered VM's agent identity
+/// (`reprotects.identity`).
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Version 3's point tables, under the names a migration copies into.
 const POINT_TABLES: &str = "
@@ -233,7 +238,8 @@ CREATE TABLE IF NOT EXISTS reprotects (
     master_target TEXT NOT NULL,
     alternate INTEGER NOT NULL,
     sync TEXT NOT NULL,
-    disks TEXT NOT NULL
+    disks TEXT NOT NULL,
+    identity TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
@@ -463,6 +469,11 @@ impl Catalog {
             tx.execute_batch("ALTER TABLE failovers ADD COLUMN cut TEXT NOT NULL DEFAULT ''")
                 .map_err(q("migrate catalog"))?;
         }
+        // Before version 4 a reprotect did not name the recovered VM's identity.
+        if !columns("reprotects")?.iter().any(|c| c == "identity") {
+            tx.execute_batch("ALTER TABLE reprotects ADD COLUMN identity TEXT NOT NULL DEFAULT ''")
+                .map_err(q("migrate catalog"))?;
+        }
         // Version 0 is a catalog from before the version was kept: the same tables, whose
         // state names are checked as they are read.
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(q("migrate catalog"))?;
@@ -561,7 +572,7 @@ impl Catalog {
     pub fn reprotect(&self, vm: &VmName) -> Result<Option<ReprotectRow>, StoreError> {
         self.db
             .query_row(
-                "SELECT master_target, alternate, sync, disks FROM reprotects WHERE vm = ?1",
+                "SELECT master_target, alternate, sync, disks, identity FROM reprotects WHERE vm = ?1",
                 [vm.as_str()],
                 |r| {
                     Ok((
@@ -569,18 +580,20 @@ impl Catalog {
                         r.get::<_, i64>(1)?,
                         r.get::<_, String>(2)?,
                         r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
                     ))
                 },
             )
             .optional()
             .map_err(q("look up reprotect"))?
-            .map(|(master_target, alternate, sync, disks)| {
+            .map(|(master_target, alternate, sync, disks, identity)| {
                 let bad = |reason: String| bad_row("reprotects", vm.as_str(), reason);
                 Ok(ReprotectRow {
                     master_target,
                     alternate: alternate != 0,
                     sync: sync.parse().map_err(|e: UnknownName| bad(e.to_string()))?,
                     disks: serde_json::from_str(&disks).map_err(|e| bad(format!("disks: {e}")))?,
+                    identity,
                 })
             })
             .transpose()
@@ -694,9 +707,18 @@ impl Catalog {
                 let disks = serde_json::to_string(&row.disks)
                     .map_err(|_| StoreError::Invariant("disk list encodes"))?;
                 exec(
-                    "INSERT INTO reprotects (vm, master_target, alternate, sync, disks) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT(vm) DO UPDATE SET master_target = ?2, alternate = ?3, sync = ?4, disks = ?5",
-                    params![v, row.master_target, i64::from(row.alternate), row.sync.as_str(), disks],
+                    "INSERT INTO reprotects (vm, master_target, alternate, sync, disks, identity)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(vm) DO UPDATE SET master_target = ?2, alternate = ?3, sync = ?4, disks = ?5,
+                         identity = ?6",
+                    params![
+                        v,
+                        row.master_target,
+                        i64::from(row.alternate),
+                        row.sync.as_str(),
+                        disks,
+                        row.identity
+                    ],
                 )?;
                 put_policy(&tx, vm, policy)?;
                 put_generations(&tx, vm, generations)?;
@@ -1451,6 +1473,7 @@ mod tests {
             alternate: false,
             sync: SyncMode::Before,
             disks: vec![("sda".into(), "/dev/sdb".into())],
+            identity: "0a1b".into(),
         };
         let generations = vec![(DiskName::new("sda").unwrap(), "g2".to_string())];
         vec![

@@ -5,7 +5,6 @@ use crate::error::CliError;
 use crate::output::{print_json, rfc3339};
 use serde_json::{Value, json};
 use std::path::PathBuf;
-use tern_core::pki::Bundle;
 use tern_proto as pb;
 
 fn identity_json(i: &pb::IdentityInfo) -> Value {
@@ -45,7 +44,18 @@ pub async fn revoke(d: &mut Drctl, serials: Vec<String>, bundles: &[PathBuf]) ->
     }
     let mut certificates = Vec::new();
     for b in bundles {
-        certificates.push(Bundle::load(b)?.cert_pem);
+        // A whole bundle, or the certificate alone: its key is not needed.
+        let found = std::fs::read_to_string(b)
+            .map_err(|e| e.to_string())
+            .and_then(|text| tern_core::pki::leaf_certificates(&text).map_err(|e| e.to_string()))
+            .map_err(|e| CliError::Usage(format!("--bundle {}: {e}", b.display())))?;
+        if found.is_empty() {
+            return Err(CliError::Usage(format!(
+                "--bundle {}: no client certificate in it (a bundle, or a PEM certificate file)",
+                b.display()
+            )));
+        }
+        certificates.extend(found);
     }
     let r = d.c.revoke(pb::RevokeRequest { serials, certificates }).await?.into_inner();
     if d.json {

@@ -138,7 +138,7 @@ fn a_revoked_identity_is_cut_off_and_refused_across_a_restart() {
     let revoked = server.drctl_json(&["revoke", &first_serial[..8]]);
     assert_eq!(revoked[0]["serial"].as_str().unwrap(), first_serial);
     let status = agent.wait_exit("the revoked agent to stop");
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(3), "refused: the unit's RestartPreventExitStatus");
     let log = agent.log_text();
     assert!(log.contains("has been revoked") && log.contains("drctl enroll agent --vm web"), "{log}");
 
@@ -166,7 +166,7 @@ fn a_revoked_identity_is_cut_off_and_refused_across_a_restart() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not built"), "{out:?}");
 
     // An identity the server never recorded (issued from the CA by hand): revoked from
-    // its bundle.
+    // its certificate alone.
     let pki = server.data.join("pki");
     let ca = tern_core::pki::Ca {
         cert_pem: std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
@@ -175,8 +175,12 @@ fn a_revoked_identity_is_cut_off_and_refused_across_a_restart() {
     let stray = ca.issue_client(&tern_core::pki::Role::Admin).unwrap();
     let stray_file = root.join("stray.bundle");
     std::fs::write(&stray_file, stray.to_pem()).unwrap();
-    server.drctl_json(&["revoke", "--bundle", stray_file.to_str().unwrap()]);
+    let stray_cert = root.join("stray.pem");
+    std::fs::write(&stray_cert, &stray.cert_pem).unwrap();
+    server.drctl_json(&["revoke", "--bundle", stray_cert.to_str().unwrap()]);
     assert!(!drctl_as(&server.url(), &stray_file, &["status"]).status.success());
+    let out = server.drctl(&["revoke", "--bundle", root.join("none.pem").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 
     // Across a restart: all of it stands.
     server.kill9();

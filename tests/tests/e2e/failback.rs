@@ -128,6 +128,12 @@ fn the_full_circle() {
     assert!(err.contains("cannot be edited"), "{err}");
     let err = server.drctl_err(&["test-failover", "circle", "--output", root.join("no").to_str().unwrap()]);
     assert!(err.contains("reverse-replicate"), "{err}");
+    // The primary site comes back and its old agent starts (systemd restarts it): it must
+    // not pass for the recovered VM, or the failback would write the old disk back.
+    primary.restart();
+    let status = primary.wait_exit("the primary's old agent to be refused");
+    assert_eq!(status.code(), Some(3), "{}", primary.log_text());
+    assert!(primary.log_text().contains("only the recovered VM's agent"), "{}", primary.log_text());
     let before = received(&server, "circle");
     let mut rec_agent = recovered_agent(&server, root, "circle", &rec_identity, &recovered);
     server.checkpoint("circle");
@@ -162,6 +168,11 @@ fn the_full_circle() {
     server.drctl_json(&["commit", "circle"]);
     assert_eq!(server.status("circle")["state"], "failback-committed");
     assert!(!recovered.exists(), "commit removes what the failover made");
+    // The recovered VM's identity is retired with it.
+    let rec_serial = tern_core::pki::Bundle::load(&rec_identity).unwrap().info().unwrap().serial;
+    let ids = server.drctl_json(&["identities"]);
+    let row = ids.as_array().unwrap().iter().find(|i| i["serial"] == rec_serial.as_str()).unwrap();
+    assert!(!row["revoked"].is_null(), "{ids}");
 
     // Reverse replication: the primary site protects the VM again, by delta.
     server.drctl_json(&["reverse-replicate", "circle"]);

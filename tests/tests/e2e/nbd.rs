@@ -723,3 +723,49 @@ fn an_app_consistent_point_freezes_only_for_the_mark() {
     let (hash, _) = test_failover(&vm.server, root, &p);
     assert_eq!(hash, b3(&vm.disk, None), "the point holds every write made before it");
 }
+
+/// Revoking an nbd-mode agent's identity stops replication, not the VM: the export goes on
+/// taking writes, and an agent started with a new identity sends them.
+#[test]
+fn a_revoked_nbd_agent_keeps_serving_the_disk_and_a_new_identity_sends_what_was_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut vm = protect_nbd(root, 32, 4, &[]);
+    let serial = vm
+        .server
+        .drctl_json(&["identities"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["role"] == "agent")
+        .unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    vm.server.drctl_json(&["revoke", &serial]);
+    wait_log(&vm.agent, "the disks stay served", "the agent to log its refusal", Duration::from_secs(30));
+    assert!(vm.agent.log_text().contains("has been revoked"), "{}", vm.agent.log_text());
+    assert!(vm.agent.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the agent goes on running");
+    // The VM writes on, through the export.
+    write_mib(&vm.uri, 8, 4);
+    let written = b3(&vm.disk, None);
+
+    // The operator enrolls a new identity and restarts the agent with it.
+    vm.agent.kill9();
+    let fresh = root.join("db2.bundle");
+    vm.server.enroll_agent("db", &fresh);
+    let sock = vm.uri.split("socket=").nth(1).unwrap().to_string();
+    let listen = format!("unix:{sock}");
+    let _ = std::fs::remove_file(&sock);
+    let _agent = Agent::start(
+        &vm.server,
+        &fresh,
+        "db",
+        &[("sda", &vm.disk)],
+        &root.join("db-state"),
+        &["--mode", "nbd", "--nbd-listen", &listen],
+    );
+    let point = vm.server.checkpoint("db");
+    let (hash, _) = test_failover(&vm.server, root, &point);
+    assert_eq!(hash, written, "the writes made while the agent was refused are in the next point");
+}
