@@ -119,6 +119,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         };
         metrics::gauge!("tern_agent_connected", "vm" => config.vm.to_string()).set(0.0);
         match outcome {
+            // Told to stand down (the VM failed over). In nbd mode the agent is the VM's
+            // disk, and an unplanned failover may find the source still running: the disks
+            // stay served, and the server is asked again every minute (it takes the agent
+            // once replication from this site is enabled again).
+            Ok(()) if tracker.is_some() && !shutdown.is_cancelled() => {
+                info!(
+                    retry_in_s = REFUSED_RETRY.as_secs(),
+                    "stood down: the disks stay served over NBD, replication waits; stop the agent once the VM is off"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(REFUSED_RETRY) => {}
+                }
+            }
             Ok(()) => return Ok(()),
             Err(status) if is_permanent(status.code()) && tracker.is_none() => {
                 error!(code = ?status.code(), "{}", status.message());

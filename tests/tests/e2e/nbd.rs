@@ -769,3 +769,24 @@ fn a_revoked_nbd_agent_keeps_serving_the_disk_and_a_new_identity_sends_what_was_
     let (hash, _) = test_failover(&vm.server, root, &point);
     assert_eq!(hash, written, "the writes made while the agent was refused are in the next point");
 }
+
+/// An unplanned failover while the source still runs: its nbd-mode agent stands down from
+/// replication but goes on serving the disk, so the source VM's I/O does not fail under it.
+#[test]
+fn an_nbd_agent_told_to_stand_down_keeps_serving_the_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut vm = protect_nbd(root, 32, 4, &[]);
+    let out = root.join("failed-over");
+    vm.server.drctl_json(&["failover", "db", "--kind", "unplanned", "--output", out.to_str().unwrap()]);
+    wait_log(
+        &vm.agent,
+        "stood down: the disks stay served",
+        "the agent to stand down",
+        Duration::from_secs(30),
+    );
+    write_mib(&vm.uri, 8, 2);
+    let read = run_ok(&mut nbdsh(&vm.uri, "print(h.get_size())")).unwrap();
+    assert_eq!(read.trim(), (32u64 << 20).to_string());
+    assert!(vm.agent.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the agent goes on running");
+}
