@@ -83,7 +83,8 @@ impl AdminService {
                 tern_store::rfc3339(w.enrolled_ms)
             ),
             None => format!(
-                "VM {vm} is not protected here; start its agent with `mobility-agent run --vm {vm} ...`"
+                "VM {vm} is not protected here: enroll its agent (`drctl enroll agent --vm {vm} --out FILE`) \
+                 and start it (`mobility-agent run --vm {vm} ...`)"
             ),
         }))
     }
@@ -508,11 +509,21 @@ impl pb::admin_server::Admin for AdminService {
         let state = self.state(&vm).await?;
         if state == VmState::FailedBack {
             let point = crate::failback::commit_failback(&self.ctx, &vm).await?;
-            return Ok(Response::new(pb::CommitReply { point: point.0 }));
+            return Ok(Response::new(pb::CommitReply { point: point.0, ..Default::default() }));
         }
         let store = self.ctx.store.clone();
-        let point = blocking(move || store.commit(&vm)).await?.map_err(store_status)?;
-        Ok(Response::new(pb::CommitReply { point: point.0 }))
+        let (point, between) = blocking(move || {
+            // A failover to a moment between two points commits at that moment.
+            let between = store.failover_row(&vm)?.and_then(|f| f.between);
+            Ok::<_, tern_store::StoreError>((store.commit(&vm)?, between))
+        })
+        .await?
+        .map_err(store_status)?;
+        Ok(Response::new(pb::CommitReply {
+            point: point.0,
+            between_time_ms: between.as_ref().map_or(0, |b| b.time_ms),
+            between_next: between.map_or(0, |b| b.next),
+        }))
     }
 
     async fn verify(&self, req: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyReply>, Status> {
@@ -566,6 +577,18 @@ impl pb::admin_server::Admin for AdminService {
             if state != VmState::Reprotected {
                 return Err(Status::failed_precondition(format!(
                     "VM {vm} is {state}; a failback drill needs a reprotected VM"
+                )));
+            }
+            // Refused before a job starts, as the state is (the job checks it again).
+            let (store, v) = (self.ctx.store.clone(), vm.clone());
+            let during = blocking(move || store.reprotect(&v))
+                .await?
+                .map_err(store_status)?
+                .is_some_and(|row| row.sync == tern_core::SyncMode::During);
+            if during {
+                return Err(Status::failed_precondition(format!(
+                    "VM {vm} was reprotected with --sync during: the master target receives nothing until \
+                     the failback itself, so there is nothing to rehearse (reprotect with --sync before to drill)"
                 )));
             }
             let job = self.ctx.jobs.start(JobKind::FailbackDrill, &vm).await?;

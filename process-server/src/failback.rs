@@ -111,7 +111,18 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
         return Err(store_status(e));
     }
     info!(vm = %vm, master_target = %r.master_target, alternate = r.alternate, sync = %sync, "VM reprotected");
-    Ok(pb::ReprotectReply { bundle })
+    // The failover's files, by disk: `DIR/NAME.raw` (or `.vhd`).
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    let files =
+        blocking(move || store.failover_row(&v)).await?.ok().flatten().map(|f| f.files).unwrap_or_default();
+    let recovered_disks = files
+        .iter()
+        .filter_map(|f| {
+            let name = std::path::Path::new(f).file_stem()?.to_str()?;
+            targets.iter().any(|(n, _)| n.as_str() == name).then(|| format!("{name}={f}"))
+        })
+        .collect();
+    Ok(pb::ReprotectReply { bundle, recovered_disks })
 }
 
 pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<pb::JobOutput, String> {

@@ -352,7 +352,8 @@ impl Transition {
                 "committing a failback needs a failed-back VM (`drctl failback` first)"
             }
             Transition::ReverseReplicate { .. } => {
-                "reverse replication follows a committed failback (`drctl commit` first)"
+                "reverse replication follows a committed failback (`drctl commit` first); a protected \
+                 VM replicates from its source already, nothing to do"
             }
         }
     }
@@ -1156,7 +1157,8 @@ impl Catalog {
                 > 0;
             if !known {
                 return Err(StoreError::Group(format!(
-                    "VM {vm} is not protected here; protect it first (`drctl protect`)"
+                    "VM {vm} is not protected here: enroll its agent (`drctl enroll agent --vm {vm} --out FILE`) \
+                     and start it (`mobility-agent run --vm {vm} ...`) first"
                 )));
             }
             let other: Option<String> = tx

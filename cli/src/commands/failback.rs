@@ -34,11 +34,19 @@ pub async fn reprotect(d: &mut Drctl, r: Reprotect) -> Result<(), CliError> {
         .into_inner();
     tern_core::pki::write_private(&r.identity_out, &reply.bundle)?;
     let (vm, identity) = (&r.vm, r.identity_out.display());
-    // One --disk per disk the master target receives, by its name.
+    // One --disk per disk the master target receives, by its name: the file the failover
+    // wrote for it where the server knows it.
     let disks: String = r
         .target_disks
         .iter()
-        .filter_map(|t| t.split_once('=').map(|(name, _)| format!(" --disk {name}=<recovered disk {name}>")))
+        .filter_map(|t| t.split_once('=').map(|(name, _)| name))
+        .map(|name| {
+            let at = format!("{name}=");
+            match reply.recovered_disks.iter().find(|d| d.starts_with(&at)) {
+                Some(d) => format!(" --disk {d}"),
+                None => format!(" --disk {name}=<recovered disk {name}>"),
+            }
+        })
         .collect();
     let command = format!(
         "mobility-agent run --server {} --identity {identity} --vm {vm}{disks} --state-dir <dir> --shutdown '<command that shuts the recovered VM down>'",

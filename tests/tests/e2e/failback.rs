@@ -122,7 +122,10 @@ fn the_full_circle() {
         &onprem,
         &rec_identity,
     )));
-    assert!(r["agent_command"].as_str().unwrap().contains("mobility-agent run"));
+    let command = r["agent_command"].as_str().unwrap();
+    assert!(command.contains("mobility-agent run"), "{command}");
+    let recovered_arg = format!("--disk sda={}", out.join("sda.raw").display());
+    assert!(command.contains(&recovered_arg), "the failover's file for sda: {command}");
     assert_eq!(server.status("circle")["state"], "reprotected");
     let err = server.drctl_err(&["policy", "set", "circle", "--retention", "1h"]);
     assert!(err.contains("cannot be edited"), "{err}");
@@ -231,6 +234,12 @@ fn alternate_location_with_sync_during() {
     let rec_identity = root.join("rec.bundle");
     server.drctl_json(&strs(&reprotect_args("alt", &mt, "alternate", "during", &new_disk, &rec_identity)));
     let _rec = recovered_agent(&server, root, "alt", &rec_identity, &recovered);
+    // Nothing reaches the master target before the failback: a drill is refused up front.
+    let jobs = server.drctl_json(&["jobs"]).as_array().unwrap().len();
+    let out = server.drctl(&["failback", "alt", "--drill"]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to rehearse"), "{out:?}");
+    assert_eq!(server.drctl_json(&["jobs"]).as_array().unwrap().len(), jobs, "no job started");
     scatter_writes(&recovered, 0.01, 93);
     let want = b3(&recovered, None);
     let res = server.drctl_json(&["failback", "alt"]);

@@ -244,6 +244,22 @@ fn a_test_failover_to_any_time_between_two_points_is_the_disk_at_that_moment() {
     let printed = text.split(' ').next().unwrap_or_default();
     assert_eq!(chrono_ms(printed), chrono_ms(&when), "{text}");
     assert!(text.contains(" written, between points "), "{text}");
+    // A failover to that moment commits at that moment, and says so.
+    vm.server.drctl_json(&["test-failover-cleanup", "db"]);
+    let out = root.join("failed-over");
+    vm.server.drctl_json(&[
+        "failover",
+        "db",
+        "--kind",
+        "unplanned",
+        "--point",
+        &when,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let committed = vm.server.drctl_json(&["commit", "db"]);
+    assert_eq!(committed["between_points"][1], after_point["id"], "{committed}");
+    assert_eq!(chrono_ms(committed["time"].as_str().unwrap()), chrono_ms(&when), "{committed}");
 }
 
 /// The timed writer's lines: (write, issued, acked).
