@@ -110,6 +110,9 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             .send(msg(server_message::Msg::Welcome(welcome)))
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
+        // An earlier session's refusal (a resized disk, a missing one) holds no more; with
+        // `--sync during` no ack would come to clear it before the failback.
+        ctx.hub.clear_error(&vm);
         let session = ctx.hub.next_id();
         let cancel = ctx.shutdown.child_token();
         ctx.hub.attach(&vm, session, out_tx.clone(), cancel.clone());

@@ -781,3 +781,30 @@ fn drctl_reads_tern_variables_and_the_older_names() {
         assert_eq!(code, Some(3), "{s}/{i}: unreachable, not a usage error: {err}");
     }
 }
+
+/// A refused session's error (here a resized disk) is shown until a later session is
+/// admitted, then goes: it does not wait for an ack that may not come for long.
+#[test]
+fn a_refusal_shown_in_status_goes_once_a_session_is_admitted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let mut agent = protect_vm(&server, root, "grown", 8, 2, &[]);
+    agent.kill9();
+    let disk = root.join("grown.img");
+    let bigger = root.join("bigger.img");
+    std::fs::copy(&disk, &bigger).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&bigger).unwrap().set_len(9 << 20).unwrap();
+    let identity = root.join("grown.bundle");
+    let mut wrong = Agent::start(&server, &identity, "grown", &[("sda", &bigger)], &root.join("st-big"), &[]);
+    deadline_poll("the refusal in status", Duration::from_secs(30), || {
+        server.status("grown")["error"].as_str().filter(|e| e.contains("resized")).map(|_| ())
+    });
+    wrong.kill9();
+    agent.restart();
+    server.wait_connected("grown");
+    deadline_poll("the refusal to go", Duration::from_secs(30), || {
+        server.status("grown")["error"].is_null().then_some(())
+    });
+}
