@@ -145,16 +145,11 @@ pub struct Config {
     pub web: Option<tokio::net::TcpListener>,
 }
 
-/// Serves until `shutdown` is cancelled, then drains with a deadline.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), tern_proto::daemon::ServeError> {
-    let pki = config.data_dir.join("pki");
+/// The identities on record (`pki/identities`), made empty where there is none.
+fn open_identities(pki: &Path) -> Result<Arc<identities::Identities>, tern_proto::daemon::ServeError> {
     let identity_error =
         |e: identities::IdentitiesError| tern_proto::daemon::ServeError::Identity(e.to_string());
-    let identities = Arc::new(identities::Identities::open(&pki).map_err(identity_error)?);
+    let identities = Arc::new(identities::Identities::open(pki).map_err(identity_error)?);
     if !identities.existed() {
         // A data directory from before identities were kept, or one whose file was
         // removed: said, as the file is where revocations are kept.
@@ -165,7 +160,11 @@ pub async fn run(
         );
         identities.save().map_err(identity_error)?;
     }
-    let tls = tls::server_config(&pki)?;
+    Ok(identities)
+}
+
+/// Opens the data directory's store; the jobs the last stop cut short are marked failed.
+async fn open_store(config: &Config) -> Result<Arc<Store>, tern_proto::daemon::ServeError> {
     let dir = config.data_dir.clone();
     let options = tern_store::StoreOptions { segment_bytes: config.segment_bytes };
     let store = tokio::task::spawn_blocking(move || {
@@ -178,7 +177,19 @@ pub async fn run(
     })
     .await?
     .map_err(tern_proto::daemon::ServeError::store)?;
-    let store = Arc::new(store);
+    Ok(Arc::new(store))
+}
+
+/// Serves until `shutdown` is cancelled, then drains with a deadline.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tern_proto::daemon::ServeError> {
+    let pki = config.data_dir.join("pki");
+    let identities = open_identities(&pki)?;
+    let tls = tls::server_config(&pki)?;
+    let store = open_store(&config).await?;
     let stop = shutdown.clone();
     let warm = store
         .warm_zero_subtrees(move || stop.is_cancelled())
