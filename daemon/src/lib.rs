@@ -39,9 +39,10 @@ pub fn store_status(e: StoreError, site: Site) -> Status {
         });
     }
     match e {
-        StoreError::UnknownVm(_) | StoreError::UnknownDisk { .. } | StoreError::PointNotFound { .. } => {
-            Status::not_found(msg)
-        }
+        StoreError::UnknownVm(_)
+        | StoreError::UnknownDisk { .. }
+        | StoreError::PointNotFound { .. }
+        | StoreError::GroupNotFound(_) => Status::not_found(msg),
         StoreError::NoTestFailover(_)
         | StoreError::TestFailoverOpen { .. }
         | StoreError::DiskSizeChanged { .. }

@@ -123,7 +123,12 @@ impl AdminService {
             .vm_disks(&vm)
             .iter()
             .map(|h| {
-                let t = self.ctx.hub.tracking(&vm, h.name.as_str()).unwrap_or_default();
+                // The agent's report holds while it is connected; a stood-down or absent
+                // agent's last one would pass for now.
+                let t = connected
+                    .then(|| self.ctx.hub.tracking(&vm, h.name.as_str()))
+                    .flatten()
+                    .unwrap_or_default();
                 pb::DiskStatus {
                     name: h.name.to_string(),
                     size: h.size,

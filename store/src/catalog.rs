@@ -1156,7 +1156,7 @@ impl Catalog {
                 .map_err(q("change group"))?
                 > 0;
             if !known {
-                return Err(StoreError::Group(format!(
+                return Err(StoreError::GroupNotFound(format!(
                     "VM {vm} is not protected here: enroll its agent (`drctl enroll agent --vm {vm} --out FILE`) \
                      and start it (`mobility-agent run --vm {vm} ...`) first"
                 )));
@@ -1190,7 +1190,7 @@ impl Catalog {
                 .execute("DELETE FROM groups WHERE name = ?1", [name.as_str()])
                 .map_err(q("change group"))?;
             if n == 0 {
-                return Err(StoreError::Group(format!("no group is named {name}")));
+                return Err(StoreError::GroupNotFound(format!("no group is named {name}")));
             }
         }
         for vm in vms {
@@ -1201,7 +1201,7 @@ impl Catalog {
                 )
                 .map_err(q("change group"))?;
             if n == 0 {
-                return Err(StoreError::Group(format!("VM {vm} is not in group {name}")));
+                return Err(StoreError::GroupNotFound(format!("VM {vm} is not in group {name}")));
             }
         }
         tx.commit().map_err(q("change group"))
@@ -1223,7 +1223,7 @@ impl Catalog {
             )
             .map_err(q("set group policy"))?;
         if n == 0 {
-            return Err(StoreError::Group(format!("no group is named {name}")));
+            return Err(StoreError::GroupNotFound(format!("no group is named {name}")));
         }
         Ok(())
     }

@@ -99,6 +99,9 @@ pub enum StoreError {
     /// A replication group change or lookup that cannot be done; the text says why.
     #[error("{0}")]
     Group(String),
+    /// The group, or the VM a group change names, does not exist (or is not a member).
+    #[error("{0}")]
+    GroupNotFound(String),
     #[error("VM {vm} has no point {wanted}; {available}")]
     PointNotFound { vm: VmName, wanted: String, available: String },
     #[error("disk {disk}: the materialised image has fingerprint {actual}, the point says {expected}")]

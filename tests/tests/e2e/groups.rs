@@ -194,6 +194,15 @@ fn scan_mode_multi_vm_points_are_one_cut_across_the_group_with_freeze_hooks() {
     assert!(err.contains("no --freeze or --freeze-fs"), "{err}");
     assert!(server.drctl_json(&["points", "c"]).as_array().unwrap().iter().all(|p| p["group"].is_null()));
     server.drctl_json(&["group", "remove", "loose"]);
+    // What is not there is not found (exit 5): the group, a VM, a member.
+    for args in [
+        &["group", "remove", "loose"][..],
+        &["group", "add", "shop", "--vm", "nosuch"],
+        &["group", "remove", "shop", "--vm", "c"],
+    ] {
+        let out = server.drctl(args);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {out:?}");
+    }
 
     // A member away: the group's point fails with the reason, and no member gets one.
     b.kill9();
