@@ -102,6 +102,17 @@ impl Barriers {
     pub fn health(&self, group: &GroupName) -> GroupHealth {
         lock(&self.health).get(group).cloned().unwrap_or_default()
     }
+
+    /// The group's members changed (or it is gone): the last failure was of other members
+    /// and says nothing of these.
+    pub fn members_changed(&self, group: &GroupName, gone: bool) {
+        let mut health = lock(&self.health);
+        if gone {
+            health.remove(group);
+        } else if let Some(h) = health.get_mut(group) {
+            h.last_error = None;
+        }
+    }
 }
 
 async fn send(ctx: &Ctx, vm: &VmName, msg: server_message::Msg) -> bool {
@@ -509,6 +520,9 @@ pub async fn change_group(
     .await?
     .map_err(crate::store_status)?;
     info!(group = %name, op = r.op, vms = ?r.vms, "group changed");
+    if op != tern_proto::GroupOp::Policy {
+        ctx.barriers.members_changed(&name, deleted);
+    }
     if deleted {
         return Ok(None);
     }

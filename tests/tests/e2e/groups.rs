@@ -225,6 +225,10 @@ fn scan_mode_multi_vm_points_are_one_cut_across_the_group_with_freeze_hooks() {
     assert_eq!(check.status.code(), Some(2), "{}", String::from_utf8_lossy(&check.stderr));
     let text = String::from_utf8(server.drctl(&["status"]).stdout).unwrap();
     assert!(text.contains("shop") && text.contains("away (agent not connected): b"), "{text}");
+    // The member that failed it leaves: its failure goes with it.
+    server.drctl_json(&["group", "remove", "shop", "--vm", "b"]);
+    let shown = server.drctl_json(&["group", "show", "shop"]);
+    assert!(shown["error"].is_null() || shown["error"] == "", "{shown}");
 
     writer.finish(&stop);
 }
