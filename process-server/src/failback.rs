@@ -37,6 +37,39 @@ async fn require(ctx: &Arc<Ctx>, vm: &VmName, wanted: VmState, what: &'static st
     blocking(move || store.require_state(&v, wanted, what)).await?.map_err(store_status)
 }
 
+/// `NAME=PATH` target disks, checked against the VM's disks: each named once, each a disk
+/// of the VM, every disk of the VM named.
+pub fn target_disks(
+    vm: &VmName,
+    disks: &[DiskName],
+    given: &[String],
+) -> Result<Vec<(DiskName, String)>, Status> {
+    let mut targets = Vec::new();
+    for t in given {
+        let (name, path) = t
+            .split_once('=')
+            .ok_or_else(|| Status::invalid_argument(format!("--target-disk {t:?}: write it as NAME=PATH")))?;
+        let name = DiskName::new(name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !disks.contains(&name) {
+            let names: Vec<String> = disks.iter().map(ToString::to_string).collect();
+            return Err(Status::not_found(format!(
+                "VM {vm} has no disk {name}; its disks: {}",
+                names.join(", ")
+            )));
+        }
+        if targets.iter().any(|(n, _)| *n == name) {
+            return Err(Status::invalid_argument(format!("disk {name} is named twice")));
+        }
+        targets.push((name, path.to_string()));
+    }
+    if let Some(d) = disks.iter().find(|d| !targets.iter().any(|(n, _)| n == *d)) {
+        return Err(Status::invalid_argument(format!(
+            "no --target-disk for disk {d}: every disk of VM {vm} needs one"
+        )));
+    }
+    Ok(targets)
+}
+
 pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::ReprotectReply, Status> {
     let vm = vm_arg(&r.vm)?;
     require(
@@ -48,30 +81,8 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
     .await?;
     let sync = pb::SyncMode::read(r.sync).unwrap_or(SyncMode::Before);
     let handles = ctx.store.vm_disks(&vm);
-    let mut targets = Vec::new();
-    for t in &r.target_disks {
-        let (name, path) = t
-            .split_once('=')
-            .ok_or_else(|| Status::invalid_argument(format!("--target-disk {t:?}: write it as NAME=PATH")))?;
-        let name = DiskName::new(name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !handles.iter().any(|h| h.name == name) {
-            let names: Vec<String> = handles.iter().map(|h| h.name.to_string()).collect();
-            return Err(Status::not_found(format!(
-                "VM {vm} has no disk {name}; its disks: {}",
-                names.join(", ")
-            )));
-        }
-        if targets.iter().any(|(n, _)| *n == name) {
-            return Err(Status::invalid_argument(format!("disk {name} is named twice")));
-        }
-        targets.push((name, path.to_string()));
-    }
-    if let Some(h) = handles.iter().find(|h| !targets.iter().any(|(n, _)| *n == h.name)) {
-        return Err(Status::invalid_argument(format!(
-            "no --target-disk for disk {}: every disk of VM {vm} needs one",
-            h.name
-        )));
-    }
+    let names: Vec<DiskName> = handles.iter().map(|h| h.name.clone()).collect();
+    let targets = target_disks(&vm, &names, &r.target_disks)?;
     let mut mt = master_target(ctx, &r.master_target).await?;
     let disks = handles
         .iter()

@@ -218,6 +218,16 @@ fn plan_info(row: &PlanRow, plan: Option<&Plan>) -> pb::PlanInfo {
 /// `drctl plan apply FILE`: checks the file and stores it (replacing the plan of that name).
 pub async fn apply(ctx: &Arc<Ctx>, r: pb::ApplyPlanRequest) -> Result<pb::PlanInfo, Status> {
     let plan = parse(ctx, &r.source, &r.text).await?;
+    // Target disks are checked now against the VMs protected here (as a reprotect will),
+    // not found wrong in the middle of a failback.
+    for (vm, t) in &plan.targets {
+        let disks: Vec<tern_core::DiskName> = ctx.store.vm_disks(vm).iter().map(|h| h.name.clone()).collect();
+        if !disks.is_empty() {
+            crate::failback::target_disks(vm, &disks, &t.target_disks).map_err(|e| {
+                Status::new(e.code(), format!("{}: [vm.{vm}] target_disks: {}", r.source, e.message()))
+            })?;
+        }
+    }
     let name = plan.name.to_string();
     if lock(&ctx.plans.driving).contains_key(&name) {
         return Err(Status::failed_precondition(format!(

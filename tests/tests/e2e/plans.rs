@@ -144,6 +144,13 @@ fn a_plan_goes_round_the_circle_group_by_group() {
     std::fs::write(&bad, "name = \"shop\"\n[[group]]\nvms = [\"db\", \"ghost\"]\n").unwrap();
     let err = server.drctl_err(&["plan", "apply", bad.to_str().unwrap()]);
     assert!(err.contains("line 3") && err.contains("VM ghost is not protected"), "{err}");
+    // A target disk the VM does not have is found at apply, not in the middle of a failback.
+    let wrong = plan_file(&log, &flag, &mt.url(), &disks).replacen("sda=", "sdz=", 1);
+    std::fs::write(&bad, wrong).unwrap();
+    let out = server.drctl(&["plan", "apply", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[vm.db] target_disks") && err.contains("has no disk sdz"), "{err}");
     assert!(server.drctl_json(&["plan", "list"]).as_array().unwrap().is_empty());
 
     let applied = server.drctl_json(&["plan", "apply", file.to_str().unwrap()]);
