@@ -61,6 +61,9 @@ pub struct NbdMode {
     pub log_buffer: usize,
     /// Then at most this many in the state directory; past it the log is dropped.
     pub spill_max: u64,
+    /// A unix socket's group (given its mode 0660), so that a hypervisor that does not run
+    /// as the agent's user may connect: connecting needs write permission on the socket.
+    pub socket_group: Option<u32>,
 }
 
 impl NbdMode {
@@ -91,6 +94,9 @@ pub enum AgentError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|source| AgentError::StateDir { path: config.state_dir.display().to_string(), source })?;
+    // Held while the agent runs: two agents on one state directory would overwrite each
+    // other's saved state and, in nbd mode, its socket.
+    let _lock = lock_state_dir(&config.state_dir)?;
     let tracker = match &config.nbd {
         Some(m) => Some(serve_nbd(&config, m)?),
         None => {
@@ -178,6 +184,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     }
 }
 
+/// Takes the state directory's lock file (`DIR/lock`, an exclusive flock).
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
+    let path = dir.join("lock");
+    let err = |source| AgentError::StateDir { path: path.display().to_string(), source };
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(err)?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(AgentError::StateDir {
+            path: dir.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "in use by another agent (its lock file is held): each agent needs its own --state-dir",
+            ),
+        }),
+        Err(e) => Err(err(e.into())),
+    }
+}
+
 /// Opens the disks for the io path and serves them; the exports stay up whatever
 /// happens to the sessions with the process server.
 fn serve_nbd(config: &Config, m: &NbdMode) -> Result<Arc<tracker::Tracker>, AgentError> {
@@ -186,6 +210,12 @@ fn serve_nbd(config: &Config, m: &NbdMode) -> Result<Arc<tracker::Tracker>, Agen
     let tracker =
         tracker::Tracker::open(&disks, &config.state_dir, m.log_memory(), m.spill_max).map_err(err)?;
     let bound = nbd::serve(&m.listen, tracker.exports(), m.in_flight()).map_err(err)?;
+    if let (nbd::Listen::Unix(path), Some(gid)) = (&bound, m.socket_group) {
+        use std::os::unix::fs::PermissionsExt;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)))
+            .map_err(err)?;
+    }
     let names: Vec<&str> = config.disks.iter().map(|d| d.name.as_str()).collect();
     info!(listen = %bound, exports = ?names, "serving the disks over NBD");
     Ok(tracker)

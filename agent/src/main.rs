@@ -75,6 +75,11 @@ enum Cmd {
         /// unix:STATE_DIR/nbd.sock). Export names are the disk names.
         #[arg(long)]
         nbd_listen: Option<String>,
+        /// --mode nbd: give the unix socket this group (a name or a number) and mode 0660,
+        /// for a hypervisor that runs as another user (e.g. libvirt-qemu, kvm): connecting
+        /// to a socket needs write permission on it. Without it, only the agent's user may.
+        #[arg(long)]
+        nbd_socket_group: Option<String>,
         /// --mode nbd: most bytes of writes held in memory, from the write until the server
         /// acks it durable (sent ones are kept, so a dropped link loses none): an eighth for
         /// the requests each NBD connection is applying, the rest for the change log; past
@@ -100,6 +105,25 @@ enum DiskFormat {
     Raw,
 }
 
+/// A group's id, from its number or its name in /etc/group.
+fn group_id(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").context("--nbd-socket-group: reading /etc/group")?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            f.next()?;
+            Some((name, f.next()?.parse::<u32>().ok()?))
+        })
+        .find(|(name, _)| *name == group)
+        .map(|(_, gid)| gid)
+        .ok_or_else(|| anyhow::anyhow!("--nbd-socket-group {group}: no such group in /etc/group"))
+}
+
 /// `--mode nbd`'s settings, or `None` for scan mode.
 fn nbd_mode(
     mode: Mode,
@@ -119,7 +143,12 @@ fn nbd_mode(
                 None => tern_agent::nbd::Listen::Unix(state_dir.join("nbd.sock")),
             };
             let log_buffer = usize::try_from(parse_size(log_buffer)?).context("--log-buffer is too large")?;
-            Ok(Some(tern_agent::NbdMode { listen, log_buffer, spill_max: parse_size(spill_max)? }))
+            Ok(Some(tern_agent::NbdMode {
+                listen,
+                log_buffer,
+                spill_max: parse_size(spill_max)?,
+                socket_group: None,
+            }))
         }
     }
 }
@@ -178,11 +207,20 @@ fn run() -> anyhow::Result<()> {
         max_rate,
         disk_format,
         nbd_listen,
+        nbd_socket_group,
         log_buffer,
         spill_max,
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
-    let nbd = nbd_mode(mode, nbd_listen, &log_buffer, &spill_max, &state_dir)?;
+    let mut nbd = nbd_mode(mode, nbd_listen, &log_buffer, &spill_max, &state_dir)?;
+    if let Some(group) = nbd_socket_group {
+        match nbd.as_mut() {
+            Some(m) if matches!(m.listen, tern_agent::nbd::Listen::Unix(_)) => {
+                m.socket_group = Some(group_id(&group)?);
+            }
+            _ => bail!("--nbd-socket-group is for --mode nbd with a unix socket"),
+        }
+    }
     let vm = VmName::new(&vm)?;
     let identity_bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;

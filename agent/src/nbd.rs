@@ -143,7 +143,7 @@ impl Stream for TcpStream {
 
 /// Binds `listen` and serves `exports` on background threads, one per connection.
 /// Returns where it listens (the port chosen, for `tcp:…:0`). A stale unix socket left by
-/// an earlier run is replaced.
+/// an earlier run is replaced; one that something still serves on is refused.
 /// Each connection holds at most `in_flight` bytes of request payloads at once.
 pub fn serve(listen: &Listen, exports: Exports, in_flight: usize) -> io::Result<Listen> {
     match listen {
@@ -151,6 +151,17 @@ pub fn serve(listen: &Listen, exports: Exports, in_flight: usize) -> io::Result<
             if std::fs::symlink_metadata(path)
                 .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
             {
+                // Removing a live socket would cut its VM off from its disk.
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "{} is served by another process (another agent?); give this one another \
+                             --nbd-listen, or stop the other first",
+                            path.display()
+                        ),
+                    ));
+                }
                 std::fs::remove_file(path)?;
             }
             let l = UnixListener::bind(path)?;

@@ -29,6 +29,10 @@ pub enum CliError {
     /// `drctl status --check` found a VM that is not normal.
     #[error("{1}")]
     Unhealthy(tern_core::Health, String),
+    /// `drctl status --check` could not tell (unreachable, refused, a usage mistake): the
+    /// monitoring convention's UNKNOWN.
+    #[error("{0}")]
+    CheckUnknown(String),
 }
 
 impl CliError {
@@ -42,6 +46,7 @@ impl CliError {
             CliError::Server(_) | CliError::JobFailed { .. } | CliError::Local(_) => 1,
             CliError::Unhealthy(tern_core::Health::Critical, _) => 2,
             CliError::Unhealthy(..) => 1,
+            CliError::CheckUnknown(_) => 3,
         }
     }
 }

@@ -63,8 +63,19 @@ fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Runs one command.
-pub async fn run(mut cli: Cli) -> Result<(), CliError> {
+/// Runs one command. `drctl status --check` exits 0-3 whatever happens (the monitoring
+/// plugin convention): what is not a health verdict is 3, unknown.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let check = matches!(cli.cmd, Cmd::Status { check: true, .. });
+    match run_command(cli).await {
+        Err(e) if check && !matches!(e, CliError::Unhealthy(..)) => {
+            Err(CliError::CheckUnknown(e.to_string()))
+        }
+        r => r,
+    }
+}
+
+async fn run_command(mut cli: Cli) -> Result<(), CliError> {
     // The names of earlier releases, read last.
     cli.server = cli.server.or_else(|| std::env::var("DRCTL_SERVER").ok());
     cli.identity = cli.identity.or_else(|| std::env::var_os("DRCTL_IDENTITY").map(Into::into));

@@ -290,5 +290,14 @@ pub fn refuse_existing_file(path: &Path) -> Result<(), CliError> {
             path.display()
         )));
     }
+    // A file that cannot be made is found before the server does anything for it.
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(CliError::Usage(format!(
+            "{}: there is no directory {}; make it first, or choose another file",
+            path.display(),
+            parent.display()
+        )));
+    }
     Ok(())
 }

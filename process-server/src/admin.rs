@@ -356,6 +356,18 @@ impl pb::admin_server::Admin for AdminService {
         require_admin(&req, "TestFailoverCleanup")?;
         let vm = vm_arg(&req.into_inner().vm)?;
         self.known_vm(&vm).await?;
+        // The files of a test failover still being written would go under its job.
+        let (store, v) = (self.ctx.store.clone(), vm.clone());
+        let writing = blocking(move || store.jobs()).await?.map_err(store_status)?.into_iter().find(|j| {
+            j.vm == v.as_str() && j.kind == JobKind::TestFailover && j.state == tern_core::JobState::Running
+        });
+        if let Some(j) = writing {
+            return Err(Status::failed_precondition(format!(
+                "the test failover of VM {vm} is still being written (job {}); clean up once it has ended \
+                 (`drctl jobs --wait {}`)",
+                j.id, j.id
+            )));
+        }
         let store = self.ctx.store.clone();
         let v = vm.clone();
         let removed = blocking(move || store.test_failover_cleanup(&v)).await?.map_err(store_status)?;

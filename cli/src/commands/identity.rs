@@ -18,12 +18,12 @@ fn identity_json(i: &pb::IdentityInfo) -> Value {
 }
 
 fn print_identities(ids: &[pb::IdentityInfo]) {
-    out!("{:<16} {:<14} {:<20} {:<20} REVOKED", "SERIAL", "ROLE", "NAME", "ISSUED");
+    out!("{:<16} {:<14} {:<20} {:<24} REVOKED", "SERIAL", "ROLE", "NAME", "ISSUED");
     for i in ids {
         let revoked = if i.revoked_ms == 0 { "-".to_string() } else { rfc3339(i.revoked_ms) };
         let name = if i.name.is_empty() { "-" } else { &i.name };
         let serial = i.serial.get(..16).unwrap_or(&i.serial);
-        out!("{serial:<16} {:<14} {name:<20} {:<20} {revoked}", i.role, rfc3339(i.issued_ms));
+        out!("{serial:<16} {:<14} {name:<20} {:<24} {revoked}", i.role, rfc3339(i.issued_ms));
     }
 }
 

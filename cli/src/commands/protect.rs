@@ -18,7 +18,14 @@ pub async fn enroll(d: &mut Drctl, e: Enroll) -> Result<(), CliError> {
     };
     refuse_existing_file(&out)?;
     let r = d.c.enroll(pb::EnrollRequest { role: role as i32, name: name.clone() }).await?.into_inner();
-    tern_core::pki::write_private(&out, &r.bundle)?;
+    if let Err(e) = tern_core::pki::write_private(&out, &r.bundle) {
+        // Nobody holds it: it must not stay valid.
+        let revoked =
+            d.c.revoke(pb::RevokeRequest { serials: vec![r.serial.clone()], certificates: vec![] }).await;
+        let what =
+            if revoked.is_ok() { "revoked again" } else { "NOT revoked: revoke it with `drctl revoke`" };
+        return Err(CliError::Local(format!("{e}; the identity issued (serial {}) is {what}", r.serial)));
+    }
     if d.json {
         print_json(&json!({"identity": out.display().to_string(), "name": name, "serial": r.serial}))
     } else {
@@ -57,7 +64,7 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
         }
     }
     if check {
-        health_check(&r.vms)?;
+        health_check(&r.vms, &r.waiting)?;
         super::group::groups_check(&r.groups)
     } else {
         Ok(())
@@ -65,7 +72,7 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
 }
 
 /// The worst health among `vms`, as a monitoring check's outcome.
-fn health_check(vms: &[pb::VmStatus]) -> Result<(), CliError> {
+fn health_check(vms: &[pb::VmStatus], waiting: &[pb::EnrolledVm]) -> Result<(), CliError> {
     use tern_core::Health;
     let mut worst: Option<(Health, &pb::VmStatus)> = None;
     for s in vms {
@@ -76,10 +83,22 @@ fn health_check(vms: &[pb::VmStatus]) -> Result<(), CliError> {
         }
     }
     match worst {
-        None => Ok(()),
+        // Enrolled, its agent never connected: not protected, though nothing is failing.
+        None => match waiting.first() {
+            Some(w) => Err(CliError::Unhealthy(
+                Health::Warning,
+                format!("VM {} is enrolled but its agent has not connected yet: it is not protected", w.vm),
+            )),
+            None => Ok(()),
+        },
         Some((h, s)) => {
-            let why =
-                if s.error.is_empty() { format!("RPO {}", rpo(s.rpo_seconds)) } else { s.error.clone() };
+            let why = if !s.error.is_empty() {
+                s.error.clone()
+            } else if !s.agent_connected {
+                format!("its agent is not connected; RPO {}", rpo(s.rpo_seconds))
+            } else {
+                format!("RPO {}", rpo(s.rpo_seconds))
+            };
             Err(CliError::Unhealthy(h, format!("VM {} is {h}: {why}", s.vm)))
         }
     }
@@ -178,9 +197,14 @@ pub async fn checkpoint(
 /// `[retention, crash interval, app interval, RPO threshold]`; one left out keeps its value.
 pub async fn set_policy(d: &mut Drctl, vm: String, values: [Option<String>; 4]) -> Result<(), CliError> {
     let mut ms = [0u64; 4];
-    for (m, v) in ms.iter_mut().zip(&values) {
+    let flags = ["--retention", "--crash-interval", "--app-interval", "--rpo-threshold"];
+    for ((m, v), flag) in ms.iter_mut().zip(&values).zip(flags) {
         if let Some(s) = v {
             *m = u64::try_from(tern_core::units::parse_duration(s)?.as_millis()).unwrap_or(u64::MAX);
+            // 0 on the wire keeps a value: a 0 given would be taken as left out.
+            if *m == 0 {
+                return Err(CliError::Usage(format!("{flag} {s}: must be at least 1s")));
+            }
         }
     }
     let policy = pb::PolicyInfo {

@@ -435,13 +435,32 @@ fn small_mistakes_are_refused_with_what_to_do() {
     let err = server.drctl_err(&["enroll", "agent", "--vm", "x", "--out", server.admin().to_str().unwrap()]);
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read(server.admin()).unwrap(), admin_before, "the admin bundle is untouched");
+    // A file that cannot be made is refused before anything is issued.
+    let nowhere = root.join("no-such-dir").join("x.bundle");
+    let out = server.drctl(&["enroll", "agent", "--vm", "x", "--out", nowhere.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(server.drctl_json(&["identities"]).as_array().unwrap().len(), 1, "nothing was issued");
+    // A monitoring check says 0-3 whatever happens: 3 when it cannot tell.
+    let out = server.drctl(&["status", "nosuch", "--check"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
 
     let identity = root.join("m.bundle");
     server.enroll_agent("m", &identity);
     let disk = root.join("m.img");
     make_random(&disk, 8, 1, 181);
+    // Enrolled, its agent not started: not protected, a warning.
+    let out = server.drctl(&["status", "--check"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has not connected yet"), "{out:?}");
     let _agent = Agent::start(&server, &identity, "m", &[("sda", &disk)], &root.join("st"), &[]);
     server.wait_connected("m");
+    // A second agent on the same state directory is refused at start.
+    let mut twin = Agent::start(&server, &identity, "m", &[("sda", &disk)], &root.join("st"), &[]);
+    assert!(!twin.wait_exit("the second agent on one state directory to stop").success());
+    assert!(twin.log_text().contains("in use by another agent"), "{}", twin.log_text());
+    // 0 is not an interval (on the wire it would mean "keep"): refused.
+    let out = server.drctl(&["policy", "set", "m", "--crash-interval", "0s"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     server.checkpoint("m");
     let inside = server.data.join("tmp").join("drill");
     let err = server.drctl_err(&["test-failover", "m", "--output", inside.to_str().unwrap()]);

@@ -806,3 +806,48 @@ fn an_nbd_agent_told_to_stand_down_keeps_serving_the_disk() {
     assert_eq!(read.trim(), (32u64 << 20).to_string());
     assert!(vm.agent.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the agent goes on running");
 }
+
+/// One agent serves a disk: a second on the same disk, or on the same socket, is refused
+/// at start and the first goes on serving. `--nbd-socket-group` opens the socket to a group.
+#[test]
+fn a_second_agent_for_the_disk_or_the_socket_is_refused_and_the_socket_takes_a_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let vm = protect_nbd(root, 16, 2, &["--nbd-socket-group", "65534"]);
+    let sock = root.join("db.sock");
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!((meta.permissions().mode() & 0o777, meta.gid()), (0o660, 65534));
+
+    let identity = root.join("db.bundle");
+    let other_sock = format!("unix:{}", root.join("other.sock").display());
+    let mut same_disk = Agent::start(
+        &vm.server,
+        &identity,
+        "db",
+        &[("sda", &vm.disk)],
+        &root.join("st-2"),
+        &["--mode", "nbd", "--nbd-listen", &other_sock],
+    );
+    assert!(!same_disk.wait_exit("the second agent on the disk to stop").success());
+    assert!(same_disk.log_text().contains("is served by another nbd-mode agent"), "{}", same_disk.log_text());
+
+    let copy = root.join("copy.img");
+    std::fs::copy(&vm.disk, &copy).unwrap();
+    let live_sock = format!("unix:{}", sock.display());
+    let mut same_sock = Agent::start(
+        &vm.server,
+        &identity,
+        "db",
+        &[("sda", &copy)],
+        &root.join("st-3"),
+        &["--mode", "nbd", "--nbd-listen", &live_sock],
+    );
+    assert!(!same_sock.wait_exit("the agent on a live socket to stop").success());
+    assert!(same_sock.log_text().contains("is served by another process"), "{}", same_sock.log_text());
+    // The first still serves.
+    write_mib(&vm.uri, 4, 1);
+    let p = vm.server.checkpoint("db");
+    let (hash, _) = test_failover(&vm.server, root, &p);
+    assert_eq!(hash, b3(&vm.disk, None));
+}
