@@ -128,12 +128,14 @@ fn group_id(group: &str) -> anyhow::Result<u32> {
 fn nbd_mode(
     mode: Mode,
     listen: Option<String>,
+    socket_group: Option<String>,
     log_buffer: &str,
     spill_max: &str,
     state_dir: &std::path::Path,
 ) -> anyhow::Result<Option<tern_agent::NbdMode>> {
     match mode {
         Mode::Scan if listen.is_some() => bail!("--nbd-listen is for --mode nbd"),
+        Mode::Scan if socket_group.is_some() => bail!("--nbd-socket-group is for --mode nbd"),
         Mode::Scan => Ok(None),
         Mode::Nbd => {
             let listen = match listen {
@@ -143,11 +145,16 @@ fn nbd_mode(
                 None => tern_agent::nbd::Listen::Unix(state_dir.join("nbd.sock")),
             };
             let log_buffer = usize::try_from(parse_size(log_buffer)?).context("--log-buffer is too large")?;
+            let socket_group = match (socket_group, &listen) {
+                (None, _) => None,
+                (Some(g), tern_agent::nbd::Listen::Unix(_)) => Some(group_id(&g)?),
+                (Some(_), _) => bail!("--nbd-socket-group is for a unix socket (--nbd-listen unix:PATH)"),
+            };
             Ok(Some(tern_agent::NbdMode {
                 listen,
                 log_buffer,
                 spill_max: parse_size(spill_max)?,
-                socket_group: None,
+                socket_group,
             }))
         }
     }
@@ -212,15 +219,7 @@ fn run() -> anyhow::Result<()> {
         spill_max,
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
-    let mut nbd = nbd_mode(mode, nbd_listen, &log_buffer, &spill_max, &state_dir)?;
-    if let Some(group) = nbd_socket_group {
-        match nbd.as_mut() {
-            Some(m) if matches!(m.listen, tern_agent::nbd::Listen::Unix(_)) => {
-                m.socket_group = Some(group_id(&group)?);
-            }
-            _ => bail!("--nbd-socket-group is for --mode nbd with a unix socket"),
-        }
-    }
+    let nbd = nbd_mode(mode, nbd_listen, nbd_socket_group, &log_buffer, &spill_max, &state_dir)?;
     let vm = VmName::new(&vm)?;
     let identity_bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
