@@ -189,16 +189,16 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
     let path = dir.join("lock");
     let err = |source| AgentError::StateDir { path: path.display().to_string(), source };
     let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(err)?;
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(f),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(AgentError::StateDir {
+    match tern_core::disk::try_lock_exclusive(&f) {
+        Ok(true) => Ok(f),
+        Ok(false) => Err(AgentError::StateDir {
             path: dir.display().to_string(),
             source: std::io::Error::new(
                 std::io::ErrorKind::WouldBlock,
                 "in use by another agent (its lock file is held): each agent needs its own --state-dir",
             ),
         }),
-        Err(e) => Err(err(e.into())),
+        Err(e) => Err(err(e)),
     }
 }
 

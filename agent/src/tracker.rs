@@ -287,19 +287,15 @@ impl Tracker {
             let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
             // One agent serves a disk: writes through a second would never reach this one's
             // change log, nor the process server.
-            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => {}
-                Err(rustix::io::Errno::WOULDBLOCK) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WouldBlock,
-                        format!(
-                            "disk {name} ({}) is served by another nbd-mode agent (it holds the disk's lock); \
-                             one agent serves a disk",
-                            path.display()
-                        ),
-                    ));
-                }
-                Err(e) => return Err(e.into()),
+            if !tern_core::disk::try_lock_exclusive(&file)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "disk {name} ({}) is served by another nbd-mode agent (it holds the disk's lock); \
+                         one agent serves a disk",
+                        path.display()
+                    ),
+                ));
             }
             let size = tern_core::disk::DiskReader::open(path)?.size()?;
             let (log, _) = ActivityLog::open(state_dir, name.as_str(), size)?;

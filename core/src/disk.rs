@@ -215,6 +215,16 @@ pub fn lower_thread_priority() -> std::io::Result<()> {
     Ok(rustix::process::setpriority_process(tid, nice)?)
 }
 
+/// Takes an exclusive flock on `file` without waiting: `false` when another process (or
+/// another open file description) holds it. The lock lasts as long as the file is open.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {

@@ -1381,12 +1381,10 @@ pub(crate) fn lock_data_dir(root: &Path) -> Result<std::fs::File, StoreError> {
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(f),
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            Err(StoreError::DataDirInUse { dir: root.display().to_string() })
-        }
-        Err(e) => Err(StoreError::Io { path: path.display().to_string(), source: e.into() }),
+    match tern_core::disk::try_lock_exclusive(&f) {
+        Ok(true) => Ok(f),
+        Ok(false) => Err(StoreError::DataDirInUse { dir: root.display().to_string() }),
+        Err(source) => Err(StoreError::Io { path: path.display().to_string(), source }),
     }
 }
 
