@@ -3,7 +3,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use tern_agent::scan::DiskSource;
 use tern_core::pki::{Bundle, Role};
-use tern_core::units::{parse_duration, parse_size};
 use tern_core::{DiskName, VmName};
 
 /// tern mobility agent: replicates a VM's disks to the process server.
@@ -44,8 +43,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "scan")]
         mode: Mode,
         /// Time between scans when the server sends no policy (the policy's crash interval wins).
-        #[arg(long, default_value = "30s")]
-        interval: String,
+        #[arg(long, value_parser = tern_core::units::parse_duration, default_value = "30s")]
+        interval: std::time::Duration,
         /// Command that quiesces the VM's applications before an app-consistent point.
         #[arg(long)]
         freeze: Option<String>,
@@ -56,16 +55,16 @@ enum Cmd {
         #[arg(long = "freeze-fs")]
         freeze_fs: Vec<PathBuf>,
         /// Longest a freeze or thaw may take before it is abandoned (thaw still runs).
-        #[arg(long, default_value = "60s")]
-        hook_timeout: String,
+        #[arg(long, value_parser = tern_core::units::parse_duration, default_value = "60s")]
+        hook_timeout: std::time::Duration,
         /// Command that shuts the VM down before a planned failover or a failback; the final
         /// point follows it. It must return only once the VM is off (writes nothing more),
         /// and succeed when the VM is already off: a failback cut short asks again.
         #[arg(long)]
         shutdown: Option<String>,
         /// Largest rate on the wire, e.g. 20MiB (bytes per second); 0 for no limit.
-        #[arg(long, default_value = "0")]
-        max_rate: String,
+        #[arg(long, value_parser = tern_core::units::parse_size, default_value = "0")]
+        max_rate: u64,
         /// What the disks hold. Only raw disks are replicated; a disk that starts with the
         /// header of an image container (qcow2, VMDK, VHDX, dynamic VHD) is refused unless
         /// `raw` is given (the VM itself wrote those bytes).
@@ -84,13 +83,13 @@ enum Cmd {
         /// acks it durable (sent ones are kept, so a dropped link loses none): an eighth for
         /// the requests each NBD connection is applying, the rest for the change log; past
         /// it the log goes on in the state directory.
-        #[arg(long, default_value = "64MiB")]
-        log_buffer: String,
+        #[arg(long, value_parser = tern_core::units::parse_size, default_value = "64MiB")]
+        log_buffer: u64,
         /// --mode nbd: most bytes of writes held in the state directory (spill.log);
         /// past it the log is dropped, and the extents written since the last point are
         /// compared with the server's copy once it is back.
-        #[arg(long, default_value = "1GiB")]
-        spill_max: String,
+        #[arg(long, value_parser = tern_core::units::parse_size, default_value = "1GiB")]
+        spill_max: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9465 (off by default).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
@@ -129,8 +128,8 @@ fn nbd_mode(
     mode: Mode,
     listen: Option<String>,
     socket_group: Option<String>,
-    log_buffer: &str,
-    spill_max: &str,
+    log_buffer: u64,
+    spill_max: u64,
     state_dir: &std::path::Path,
 ) -> anyhow::Result<Option<tern_agent::NbdMode>> {
     match mode {
@@ -144,18 +143,13 @@ fn nbd_mode(
                 }
                 None => tern_agent::nbd::Listen::Unix(state_dir.join("nbd.sock")),
             };
-            let log_buffer = usize::try_from(parse_size(log_buffer)?).context("--log-buffer is too large")?;
+            let log_buffer = usize::try_from(log_buffer).context("--log-buffer is too large")?;
             let socket_group = match (socket_group, &listen) {
                 (None, _) => None,
                 (Some(g), tern_agent::nbd::Listen::Unix(_)) => Some(group_id(&g)?),
                 (Some(_), _) => bail!("--nbd-socket-group is for a unix socket (--nbd-listen unix:PATH)"),
             };
-            Ok(Some(tern_agent::NbdMode {
-                listen,
-                log_buffer,
-                spill_max: parse_size(spill_max)?,
-                socket_group,
-            }))
+            Ok(Some(tern_agent::NbdMode { listen, log_buffer, spill_max, socket_group }))
         }
     }
 }
@@ -219,7 +213,7 @@ fn run() -> anyhow::Result<()> {
         spill_max,
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
-    let nbd = nbd_mode(mode, nbd_listen, nbd_socket_group, &log_buffer, &spill_max, &state_dir)?;
+    let nbd = nbd_mode(mode, nbd_listen, nbd_socket_group, log_buffer, spill_max, &state_dir)?;
     let vm = VmName::new(&vm)?;
     let identity_bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
@@ -267,10 +261,10 @@ fn run() -> anyhow::Result<()> {
         vm,
         disks: sources,
         state_dir,
-        interval: parse_duration(&interval)?,
-        hooks: tern_agent::hooks::Hooks { freeze, thaw, freeze_fs, timeout: parse_duration(&hook_timeout)? },
+        interval,
+        hooks: tern_agent::hooks::Hooks { freeze, thaw, freeze_fs, timeout: hook_timeout },
         shutdown,
-        max_rate: parse_size(&max_rate)?,
+        max_rate,
         nbd,
     };
     if config.nbd.is_none()

@@ -29,29 +29,29 @@ enum Cmd {
         #[arg(long)]
         listen: String,
         /// Close journal segments past this size, e.g. 256MiB.
-        #[arg(long, default_value = "256MiB")]
-        segment_size: String,
+        #[arg(long, value_parser = tern_core::units::parse_size, default_value = "256MiB")]
+        segment_size: u64,
         /// How often retention prunes points and folds the journal into the base images.
-        #[arg(long, default_value = "60s")]
-        retention_every: String,
+        #[arg(long, value_parser = tern_core::units::parse_duration, default_value = "60s")]
+        retention_every: std::time::Duration,
         /// How often the background scrub re-verifies every recovery point (newest first);
         /// a point that does not recover turns its VM critical. 0 turns it off.
-        #[arg(long, default_value = "6h")]
-        scrub_every: String,
+        #[arg(long, value_parser = tern_core::units::parse_duration, default_value = "6h")]
+        scrub_every: std::time::Duration,
         /// At most this much disk verified per second by the scrub, e.g. 64MiB.
-        #[arg(long, default_value = "64MiB")]
-        scrub_rate: String,
+        #[arg(long, value_parser = tern_core::units::parse_size, default_value = "64MiB")]
+        scrub_rate: u64,
         /// At most this many bytes per second on each relay to a master target, e.g. 50MB
         /// (a reprotected VM's changes share the WAN with everything else); 0: no cap.
-        #[arg(long, default_value = "0")]
-        relay_max_rate: String,
+        #[arg(long, value_parser = tern_core::units::parse_size, default_value = "0")]
+        relay_max_rate: u64,
         /// HTTP/2 flow-control window of each agent's stream: how much an agent may send
         /// before this server has taken it in, so also what one agent can hold of this
         /// server's memory while its journal writes lag (a slow disk). 32MiB carries about
         /// 500 MB/s over a 50 ms WAN; on a LAN of hundreds of agents, 4MiB bounds memory to
         /// a few MiB per agent.
-        #[arg(long, default_value = "32MiB")]
-        stream_window: String,
+        #[arg(long, value_parser = tern_core::units::parse_size, default_value = "32MiB")]
+        stream_window: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (off by default).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
@@ -106,18 +106,12 @@ fn run() -> anyhow::Result<()> {
             metrics,
             web,
         } => {
-            let relay_max_rate = tern_core::units::parse_size(&relay_max_rate)?;
-            let stream_window = tern_core::units::parse_size(&stream_window)?;
             let stream_window = u32::try_from(stream_window)
                 .ok()
                 .filter(|w| (64 << 10..=1 << 30).contains(w))
                 .ok_or_else(|| anyhow::anyhow!("--stream-window must be between 64KiB and 1GiB"))?;
-            let segment_bytes = Some(tern_core::units::parse_size(&segment_size)?);
-            let retention_every = tern_core::units::parse_duration(&retention_every)?;
-            let scrub = tern_process_server::scrub::ScrubConfig {
-                every: tern_core::units::parse_duration(&scrub_every)?,
-                rate: tern_core::units::parse_size(&scrub_rate)?,
-            };
+            let segment_bytes = Some(segment_size);
+            let scrub = tern_process_server::scrub::ScrubConfig { every: scrub_every, rate: scrub_rate };
             if !data_dir.join("pki").join("ca.pem").exists() {
                 anyhow::bail!(
                     "{} is not initialised; run `process-server init --data-dir {}` first",

@@ -34,19 +34,49 @@ pub fn with_env(cmd: Command) -> Command {
 }
 
 /// Parses the process's arguments as `C` the way every daemon does: `TERN_*` variables and
-/// `--config FILE` as [`with_env`] and [`merged_args`] describe. Exits with clap's usage
-/// message on a bad argument, and with the file's problem on a bad file.
+/// `--config FILE` as [`with_env`] and [`merged_args`] describe. Exits (2) with clap's usage
+/// message on a bad argument, saying which variable or file key a bad value came from, and
+/// with the file's problem on a bad file.
 pub fn parse<C: clap::Parser>() -> C {
     let cmd = with_env(C::command());
-    let argv = match merged_args(&cmd, std::env::args_os().collect()) {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let merged = match merged_args(&cmd, argv.clone()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(2);
         }
     };
-    let matches = cmd.get_matches_from(argv);
+    let matches = cmd.clone().try_get_matches_from(merged).unwrap_or_else(|e| {
+        let _ = e.print();
+        if let Some(source) = bad_value_source(&cmd, &argv, &e) {
+            eprintln!("(that value came from {source})");
+        }
+        std::process::exit(e.exit_code());
+    });
     C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Where the value clap refused came from when the command line did not give it: the
+/// flag's `TERN_*` variable, or the config file's key.
+fn bad_value_source(cmd: &Command, argv: &[OsString], e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let ContextValue::String(arg) = e.get(ContextKind::InvalidArg)? else { return None };
+    let flag = arg.strip_prefix("--")?.split([' ', '=']).next()?;
+    if given_on_command_line(argv, flag) {
+        return None;
+    }
+    let sub = argv.get(1).and_then(|s| s.to_str()).and_then(|s| cmd.find_subcommand(s))?;
+    let a = sub.get_arguments().find(|a| a.get_long() == Some(flag))?;
+    if let Some(var) = a.get_env().filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty())) {
+        return Some(format!("the environment variable {}", var.to_string_lossy()));
+    }
+    config_path(argv).map(|p| format!("key `{flag}` of the config file {}", p.display()))
+}
+
+fn given_on_command_line(argv: &[OsString], flag: &str) -> bool {
+    argv.iter()
+        .any(|a| a.to_str().is_some_and(|a| a == format!("--{flag}") || a.starts_with(&format!("--{flag}="))))
 }
 
 /// `argv` with the config file's flags added where neither the command line nor a
@@ -72,9 +102,7 @@ pub fn merged_args(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, 
                 known.join(", ")
             )));
         };
-        let given = argv.iter().any(|a| {
-            a.to_str().is_some_and(|a| a == format!("--{flag}") || a.starts_with(&format!("--{flag}=")))
-        });
+        let given = given_on_command_line(&argv, &flag);
         // An empty variable gives nothing: the file's value stands.
         let from_env = arg.get_env().is_some_and(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
         if given || from_env {
@@ -138,6 +166,8 @@ mod tests {
             disk: Vec<String>,
             #[arg(long)]
             quiet: bool,
+            #[arg(long, default_value = "1")]
+            count: u32,
         },
     }
 
@@ -156,7 +186,7 @@ mod tests {
     #[test]
     fn the_file_fills_what_flags_leave_and_flags_win() {
         let file = "data-dir = \"/from/file\"\nevery = \"5m\"\ndisk = [\"a=/x\", \"b=/y\"]\nquiet = true\n";
-        let Cmd::Serve { data_dir, every, disk, quiet } = parse(&["t", "serve"], file).unwrap();
+        let Cmd::Serve { data_dir, every, disk, quiet, .. } = parse(&["t", "serve"], file).unwrap();
         assert_eq!((data_dir.as_str(), every.as_str(), disk.len(), quiet), ("/from/file", "5m", 2, true));
         let Cmd::Serve { data_dir, every, disk, .. } =
             parse(&["t", "serve", "--data-dir", "/flag", "--disk", "c=/z"], file).unwrap();
@@ -168,6 +198,31 @@ mod tests {
     #[test]
     fn an_unknown_key_is_named_with_the_known_ones() {
         let e = parse(&["t", "serve"], "data-dir = \"/d\"\nretention = 3\n").unwrap_err();
-        assert!(e.contains("unknown key `retention`") && e.contains("data-dir, every, disk, quiet"), "{e}");
+        assert!(
+            e.contains("unknown key `retention`") && e.contains("data-dir, every, disk, quiet, count"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_the_file_key_it_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "data-dir = \"/d\"\ncount = \"many\"\n").unwrap();
+        let cmd = with_env(<Cli as clap::CommandFactory>::command());
+        let argv: Vec<OsString> =
+            vec!["t".into(), "serve".into(), "--config".into(), path.clone().into_os_string()];
+        let merged = merged_args(&cmd, argv.clone()).unwrap();
+        let e = cmd.clone().try_get_matches_from(merged).unwrap_err();
+        assert_eq!(
+            bad_value_source(&cmd, &argv, &e),
+            Some(format!("key `count` of the config file {}", path.display()))
+        );
+        // Given on the command line, the value's source is plain to see.
+        let mut argv = argv;
+        argv.extend(["--count".into(), "lots".into()]);
+        let merged = merged_args(&cmd, argv.clone()).unwrap();
+        let e = cmd.clone().try_get_matches_from(merged).unwrap_err();
+        assert_eq!(bad_value_source(&cmd, &argv, &e), None);
     }
 }
