@@ -324,8 +324,11 @@ pub async fn revoke(
 /// Refuses every call made with a revoked identity, saying so and what to do. (Revoked
 /// identities still complete the TLS handshake: an alert there reaches a client only now
 /// and then, and as "connection closed".)
+/// `refused` is told of each refused agent call, with the VM and the message, so that the
+/// VM's status says why nothing arrives.
 pub fn refuse_revoked(
     revocations: Revocations,
+    refused: std::sync::Arc<dyn Fn(&VmName, &str) + Send + Sync>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     move |req: Request<()>| {
         let Some(serial) = caller_serial(&req) else { return Ok(req) };
@@ -347,6 +350,9 @@ pub fn refuse_revoked(
                  one made for you with `drctl enroll admin --out FILE`"
             ),
         };
+        if let Some(Role::Agent(vm)) = &role {
+            refused(vm, &what);
+        }
         Err(Status::permission_denied(what))
     }
 }

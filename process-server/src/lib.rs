@@ -249,7 +249,11 @@ pub async fn run(
         })
         .max_decoding_message_size(tern_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(tern_proto::MAX_MESSAGE_BYTES);
-    let refuse = identities::refuse_revoked(ctx.identities.revocations().clone());
+    let c = ctx.clone();
+    let refuse = identities::refuse_revoked(
+        ctx.identities.revocations().clone(),
+        Arc::new(move |vm: &tern_core::VmName, why: &str| c.hub.set_error(vm, why)),
+    );
     let replication = InterceptedService::new(replication, refuse.clone());
     let admin = InterceptedService::new(
         tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx: ctx.clone() }),

@@ -40,7 +40,9 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
     if d.json {
         let v = match vm {
             Some(_) => r.vms.first().map(status_json).unwrap_or(Value::Null),
-            None => Value::Array(r.vms.iter().map(status_json).collect()),
+            None => Value::Array(
+                r.vms.iter().map(status_json).chain(r.waiting.iter().map(waiting_json)).collect(),
+            ),
         };
         print_json(&v)?;
     } else {
@@ -69,6 +71,27 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
     } else {
         Ok(())
     }
+}
+
+/// An enrolled VM whose agent has not connected yet, in `status --json`'s shape: not
+/// protected, and a warning (as `--check` counts it).
+fn waiting_json(w: &pb::EnrolledVm) -> Value {
+    json!({
+        "vm": w.vm,
+        "state": "unprotected",
+        "health": "warning",
+        "agent_connected": false,
+        "enrolled": crate::output::rfc3339(w.enrolled_ms),
+        "last_point": Value::Null,
+        "rpo_seconds": Value::Null,
+        "bytes_received": 0,
+        "storage_bytes": 0,
+        "retention_ms": Value::Null,
+        "error": "enrolled; its agent has not connected yet",
+        "group": Value::Null,
+        "policy": Value::Null,
+        "disks": [],
+    })
 }
 
 /// The worst health among `vms`, as a monitoring check's outcome.

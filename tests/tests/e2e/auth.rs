@@ -121,6 +121,12 @@ fn a_revoked_identity_is_cut_off_and_refused_across_a_restart() {
     let out = server.drctl(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("web is enrolled") && text.contains("has not connected yet"), "{text}");
+    let all = server.drctl_json(&["status"]);
+    assert_eq!(
+        (&all[0]["vm"], &all[0]["state"], &all[0]["health"]),
+        (&"web".into(), &"unprotected".into(), &"warning".into()),
+        "{all}"
+    );
     let out = server.drctl(&["status", "web"]);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("enrolled"), "{out:?}");

@@ -762,6 +762,10 @@ fn a_revoked_nbd_agent_keeps_serving_the_disk_and_a_new_identity_sends_what_was_
     wait_log(&vm.agent, "the disks stay served", "the agent to log its refusal", Duration::from_secs(30));
     assert!(vm.agent.log_text().contains("has been revoked"), "{}", vm.agent.log_text());
     assert!(vm.agent.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the agent goes on running");
+    // The operator sees why nothing arrives, before any RPO threshold passes.
+    let status = vm.server.drctl_json(&["status", "db"]);
+    assert!(status["error"].as_str().unwrap().contains("has been revoked"), "{status}");
+    assert_eq!(status["health"], "critical", "{status}");
     // The VM writes on, through the export.
     write_mib(&vm.uri, 8, 4);
     let written = b3(&vm.disk, None);
