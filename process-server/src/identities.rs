@@ -324,11 +324,14 @@ pub async fn revoke(
 /// Refuses every call made with a revoked identity, saying so and what to do. (Revoked
 /// identities still complete the TLS handshake: an alert there reaches a client only now
 /// and then, and as "connection closed".)
-/// `refused` is told of each refused agent call, with the VM and the message, so that the
-/// VM's status says why nothing arrives.
+/// Told of each refused agent call, with the VM and the message.
+pub type OnRefused = Arc<dyn Fn(&VmName, &str) + Send + Sync>;
+
+/// `refused` is told of each refused agent call, so that the VM's status says why nothing
+/// arrives.
 pub fn refuse_revoked(
     revocations: Revocations,
-    refused: std::sync::Arc<dyn Fn(&VmName, &str) + Send + Sync>,
+    refused: OnRefused,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     move |req: Request<()>| {
         let Some(serial) = caller_serial(&req) else { return Ok(req) };
