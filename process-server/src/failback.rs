@@ -126,11 +126,16 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
     let (store, v) = (ctx.store.clone(), vm.clone());
     let files =
         blocking(move || store.failover_row(&v)).await?.ok().flatten().map(|f| f.files).unwrap_or_default();
-    let recovered_disks = files
+    let recovered_disks = targets
         .iter()
-        .filter_map(|f| {
-            let name = std::path::Path::new(f).file_stem()?.to_str()?;
-            targets.iter().any(|(n, _)| n.as_str() == name).then(|| format!("{name}={f}"))
+        .map(|(name, _)| {
+            let file = files.iter().find(|f| {
+                std::path::Path::new(f).file_stem().and_then(|s| s.to_str()) == Some(name.as_str())
+            });
+            match file {
+                Some(f) => format!("{name}={f}"),
+                None => format!("{name}=<recovered disk {name}>"),
+            }
         })
         .collect();
     Ok(pb::ReprotectReply { bundle, recovered_disks })

@@ -33,31 +33,23 @@ pub async fn reprotect(d: &mut Drctl, r: Reprotect) -> Result<(), CliError> {
         .await?
         .into_inner();
     tern_core::pki::write_private(&r.identity_out, &reply.bundle)?;
-    let (vm, identity) = (&r.vm, r.identity_out.display());
-    // One --disk per disk the master target receives, by its name: the file the failover
-    // wrote for it where the server knows it.
-    let disks: String = r
-        .target_disks
-        .iter()
-        .filter_map(|t| t.split_once('=').map(|(name, _)| name))
-        .map(|name| {
-            let at = format!("{name}=");
-            match reply.recovered_disks.iter().find(|d| d.starts_with(&at)) {
-                Some(d) => format!(" --disk {d}"),
-                None => format!(" --disk {name}=<recovered disk {name}>"),
-            }
-        })
-        .collect();
-    let command = format!(
-        "mobility-agent run --server {} --identity {identity} --vm {vm}{disks} --state-dir <dir> --shutdown '<command that shuts the recovered VM down>'",
-        d.server
-    );
+    let (vm, identity) = (&r.vm, r.identity_out.display().to_string());
+    let command = agent_command(&d.server, &identity, vm, &reply.recovered_disks);
     if d.json {
-        return print_json(&json!({"vm": vm, "identity": identity.to_string(), "agent_command": command}));
+        return print_json(&json!({"vm": vm, "identity": identity, "agent_command": command}));
     }
     out!("VM {vm} is reprotected to {} ({} location, sync {}).", r.master_target, r.location, r.sync);
     out!("Start the recovered VM's agent:\n  {command}");
     Ok(())
+}
+
+/// The command that starts a reprotected VM's agent beside the recovered VM: one `--disk`
+/// per disk the master target receives (`NAME=PATH`, as the server names them).
+pub fn agent_command(server: &str, identity: &str, vm: &str, disks: &[String]) -> String {
+    let disks: String = disks.iter().map(|d| format!(" --disk {d}")).collect();
+    format!(
+        "mobility-agent run --server {server} --identity {identity} --vm {vm}{disks} --state-dir <dir> --shutdown '<command that shuts the recovered VM down>'"
+    )
 }
 
 pub async fn failback(d: &mut Drctl, vm: String, drill: bool) -> Result<(), CliError> {

@@ -17,6 +17,10 @@ fn run_json(r: &pb::PlanRunInfo) -> Value {
         "message": if r.message.is_empty() { Value::Null } else { json!(r.message) },
         "job": r.job,
         "points": r.points,
+        "agents": r.agents.iter().map(|(vm, a)| (vm.clone(), json!({
+            "identity": std::path::Path::new(&r.identity_dir).join(format!("{vm}.bundle")).display().to_string(),
+            "disks": a.disks,
+        }))).collect::<serde_json::Map<_, _>>(),
     })
 }
 
@@ -89,6 +93,15 @@ async fn follow(d: &mut Drctl, name: &str, job: u64) -> Result<(), CliError> {
         }
         if r.state == "waiting" {
             out!("{}", r.message);
+        }
+        if r.operation == "reprotect" && !r.agents.is_empty() {
+            out!("Start each recovered VM's agent (copy its identity from {} to it):", r.identity_dir);
+            for (vm, a) in &r.agents {
+                let identity = std::path::Path::new(&r.identity_dir).join(format!("{vm}.bundle"));
+                let command =
+                    super::failback::agent_command(&d.server, &identity.display().to_string(), vm, &a.disks);
+                out!("  {command}");
+            }
         }
     }
     result.map(|_| ())

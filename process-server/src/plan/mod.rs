@@ -140,6 +140,10 @@ pub struct Run {
     /// their replication group.
     #[serde(default)]
     pub finals: BTreeMap<String, u64>,
+    /// Reprotect: each VM's disks for its agent's command (`NAME=PATH`, as
+    /// `ReprotectReply.recovered_disks`).
+    #[serde(default)]
+    pub agents: BTreeMap<String, Vec<String>>,
 }
 
 impl Run {
@@ -153,6 +157,12 @@ impl Run {
             message: self.message.clone(),
             job: self.job,
             points: self.points.clone().into_iter().collect(),
+            identity_dir: self.identity_dir.clone(),
+            agents: self
+                .agents
+                .iter()
+                .map(|(vm, disks)| (vm.clone(), pb::AgentDisks { disks: disks.clone() }))
+                .collect(),
         }
     }
 }
@@ -756,7 +766,7 @@ async fn action(cmd: &str, env: &[(&str, String)]) -> Result<(), String> {
 
 /// The operation on one VM, as its own job (progress and output in `drctl jobs`); the
 /// point it wrote, for test failover and failover.
-async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<Option<u64>, String> {
+async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &mut Run, vm: &VmName) -> Result<Option<u64>, String> {
     let out_dir = PathBuf::from(&run.output).join(vm.as_str());
     let format = if run.format == "vhd" { Format::Vhd } else { Format::Raw };
     let spec = match run.points.get(vm.as_str()) {
@@ -843,7 +853,7 @@ async fn failback_vm(ctx: &Arc<Ctx>, run: &Run, vm: &VmName) -> Result<u64, Stri
 
 /// Reprotects one VM to the master target its `[vm.NAME]` section names; its agent's
 /// identity goes to the run's identity directory.
-async fn reprotect_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Result<(), String> {
+async fn reprotect_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &mut Run, vm: &VmName) -> Result<(), String> {
     let status = |s: Status| s.message().to_string();
     let t = plan.targets.get(vm).ok_or("no [vm] section for it in the plan file")?;
     let r = pb::ReprotectRequest {
@@ -854,6 +864,7 @@ async fn reprotect_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &Run, vm: &VmName) -> Re
         sync: pb::SyncMode::write(t.sync),
     };
     let reply = crate::failback::reprotect(ctx, r).await.map_err(status)?;
+    run.agents.insert(vm.to_string(), reply.recovered_disks);
     let dir = PathBuf::from(&run.identity_dir);
     let path = dir.join(format!("{vm}.bundle"));
     let bundle = reply.bundle;

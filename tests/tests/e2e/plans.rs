@@ -205,11 +205,16 @@ fn a_plan_goes_round_the_circle_group_by_group() {
 
     // The recovered VMs run and write; reprotect to the original disks, fail back.
     let ids = root.join("ids");
-    server.drctl_json(&["plan", "reprotect", "shop", "--identity-dir", ids.to_str().unwrap()]);
+    let reprotected =
+        server.drctl_json(&["plan", "reprotect", "shop", "--identity-dir", ids.to_str().unwrap()]);
     let mut recovered_agents = Vec::new();
     for (i, vm) in VMS.iter().enumerate() {
         let disk = out.join(vm).join("sda.raw");
         let bundle = ids.join(format!("{vm}.bundle"));
+        // What the agent beside each recovered VM is started with.
+        let agent = &reprotected["run"]["agents"][vm];
+        assert_eq!(agent["identity"], bundle.display().to_string(), "{reprotected}");
+        assert_eq!(agent["disks"], serde_json::json!([format!("sda={}", disk.display())]), "{reprotected}");
         let st = root.join(format!("{vm}-back"));
         recovered_agents.push(Agent::start(
             &server,
