@@ -152,6 +152,17 @@ pub enum Cmd {
         #[arg(long)]
         identity_out: PathBuf,
     },
+    /// Undo a reprotect (a wrong master target or target disk, a recovered disk its agent
+    /// cannot replicate): the master target releases its journal for the VM, the points
+    /// made since go, the recovered VM's agent identity is revoked, and the VM is
+    /// failover-committed again, ready for another `drctl reprotect`.
+    ReprotectCancel {
+        vm: String,
+        /// Cancel even if the master target cannot be reached (its journal for the VM stays
+        /// there; a later reprotect to it must name the same target disks).
+        #[arg(long)]
+        force: bool,
+    },
     /// Shut the recovered VM down and apply its final state onto the primary site's disks.
     Failback {
         vm: String,

@@ -79,6 +79,7 @@ impl VmState {
                 | (FailedOver, FailoverCommitted)
                 | (FailoverCommitted, Reprotected)
                 | (Reprotected, FailedBack)
+                | (Reprotected, FailoverCommitted)
                 | (FailedBack, FailbackCommitted)
                 | (FailbackCommitted, Protected)
         )
@@ -178,7 +179,9 @@ mod tests {
             s = next;
         }
         assert!(!Protected.can_become(Reprotected));
-        assert!(!Reprotected.can_become(FailoverCommitted));
+        // The one way back: a reprotect can be cancelled (`drctl reprotect-cancel`).
+        assert!(Reprotected.can_become(FailoverCommitted));
+        assert!(!FailedBack.can_become(Reprotected));
         assert!(!FailoverCommitted.can_become(FailedOver));
         for s in VmState::ALL {
             assert!(!s.can_become(*s), "{s} -> itself");

@@ -651,6 +651,17 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::ReverseReply {}))
     }
 
+    async fn cancel_reprotect(
+        &self,
+        req: Request<pb::CancelReprotectRequest>,
+    ) -> Result<Response<pb::CancelReprotectReply>, Status> {
+        require_admin(&req, "CancelReprotect")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        self.known_vm(&vm).await?;
+        Ok(Response::new(crate::failback::cancel_reprotect(&self.ctx, &vm, r.force).await?))
+    }
+
     async fn jobs(&self, req: Request<pb::JobsRequest>) -> Result<Response<pb::JobsReply>, Status> {
         require_admin(&req, "Jobs")?;
         let id = req.into_inner().id;

@@ -7,7 +7,7 @@ use crate::{Ctx, store_status};
 use std::sync::Arc;
 use std::time::Duration;
 use tern_core::pki::Role;
-use tern_core::{DiskName, PointId, SyncMode, VmName, VmState};
+use tern_core::{DiskName, JobKind, PointId, SyncMode, VmName, VmState};
 use tern_proto as pb;
 use tern_store::{Policy, ReprotectRow, Transition};
 use tonic::Status;
@@ -382,6 +382,81 @@ pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Sta
         retire_identity(ctx, vm, &row.identity).await;
     }
     Ok(point)
+}
+
+/// Undoes a reprotect (a wrong master target or target disk, a recovered disk the agent
+/// cannot replicate, a master target gone for good): refused while a failback or its drill
+/// runs; the master target releases its journal for the VM (unless it cannot be reached
+/// and `force` is given), the VM becomes failover-committed again with the points made
+/// since gone, and the recovered VM's agent identity is revoked (its connection cut). The
+/// recovered VM runs on, unprotected, as after the commit of its failover.
+pub async fn cancel_reprotect(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    force: bool,
+) -> Result<pb::CancelReprotectReply, Status> {
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    let running = blocking(move || store.jobs()).await?.map_err(store_status)?.into_iter().find(|j| {
+        j.vm == v.as_str()
+            && matches!(j.kind, JobKind::Failback | JobKind::FailbackDrill)
+            && j.state == tern_core::JobState::Running
+    });
+    if let Some(j) = running {
+        return Err(Status::failed_precondition(format!(
+            "a {} of VM {vm} is running (job {}); cancel the reprotect once it has ended (`drctl jobs --wait {}`)",
+            j.kind, j.id, j.id
+        )));
+    }
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    let row = blocking(move || {
+        store.require_state(
+            &v,
+            VmState::Reprotected,
+            "only a reprotected VM's reprotect can be cancelled",
+        )?;
+        store.reprotect(&v)
+    })
+    .await?
+    .map_err(store_status)?
+    .ok_or_else(|| Status::internal("a reprotected VM without its reprotect record"))?;
+    let released = match release(ctx, vm, &row.master_target).await {
+        Ok(()) => true,
+        Err(e) if force => {
+            warn!(vm = %vm, master_target = %row.master_target, error = %e.message(),
+                "reprotect cancelled without the master target: its journal for the VM is not released");
+            false
+        }
+        Err(e) => {
+            return Err(Status::unavailable(format!(
+                "{}; nothing was changed. Retry once the master target at {} is back, or give --force \
+                 to cancel without it (its journal for VM {vm} then stays there, and a later reprotect \
+                 to it must name the same target disks)",
+                e.message(),
+                row.master_target
+            )));
+        }
+    };
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    let points = blocking(move || -> Result<u64, tern_store::StoreError> {
+        let n = store.points(&v)?.len() as u64;
+        store.cancel_reprotect(&v)?;
+        Ok(n)
+    })
+    .await?
+    .map_err(store_status)?;
+    if !row.identity.is_empty() {
+        retire_identity(ctx, vm, &row.identity).await;
+    }
+    info!(vm = %vm, master_target = %row.master_target, released, points_deleted = points,
+        "reprotect cancelled; the VM is failover-committed again");
+    Ok(pb::CancelReprotectReply { released, revoked_serial: row.identity, points_deleted: points })
+}
+
+/// Has the master target drop its journal for `vm`.
+async fn release(ctx: &Arc<Ctx>, vm: &VmName, url: &str) -> Result<(), Status> {
+    let mut mt = master_target(ctx, url).await?;
+    mt.release(pb::ReleaseRequest { vm: vm.to_string() }).await.inspect_err(|e| ctx.relay.forget(url, e))?;
+    Ok(())
 }
 
 /// Revokes an identity the circle no longer needs; a failure is logged (it is listed as

@@ -302,6 +302,9 @@ pub enum Transition {
     /// failover-committed → reprotected: where to fail back to, the failback policy and a
     /// new epoch for every disk.
     Reprotect { row: ReprotectRow, policy: Policy, generations: Vec<(DiskName, String)> },
+    /// reprotected → failover-committed: the reprotect is undone (its row and the points
+    /// made since go).
+    CancelReprotect,
     /// reprotected → failed-back.
     FailBack,
     /// failed-back → failback-committed: points, reprotect and failover rows go.
@@ -317,7 +320,7 @@ impl Transition {
             Transition::FailOver(_) => VmState::Protected,
             Transition::AbandonFailover | Transition::CommitFailover => VmState::FailedOver,
             Transition::Reprotect { .. } => VmState::FailoverCommitted,
-            Transition::FailBack => VmState::Reprotected,
+            Transition::FailBack | Transition::CancelReprotect => VmState::Reprotected,
             Transition::CommitFailback => VmState::FailedBack,
             Transition::ReverseReplicate { .. } => VmState::FailbackCommitted,
         }
@@ -327,7 +330,7 @@ impl Transition {
         match self {
             Transition::FailOver(_) => VmState::FailedOver,
             Transition::AbandonFailover | Transition::ReverseReplicate { .. } => VmState::Protected,
-            Transition::CommitFailover => VmState::FailoverCommitted,
+            Transition::CommitFailover | Transition::CancelReprotect => VmState::FailoverCommitted,
             Transition::Reprotect { .. } => VmState::Reprotected,
             Transition::FailBack => VmState::FailedBack,
             Transition::CommitFailback => VmState::FailbackCommitted,
@@ -348,6 +351,7 @@ impl Transition {
                 "reprotect needs a committed failover (`drctl failover`, then `drctl commit`)"
             }
             Transition::FailBack => "failback needs a reprotected VM (`drctl reprotect` first)",
+            Transition::CancelReprotect => "only a reprotected VM's reprotect can be cancelled",
             Transition::CommitFailback => {
                 "committing a failback needs a failed-back VM (`drctl failback` first)"
             }
@@ -725,6 +729,10 @@ impl Catalog {
                 put_generations(&tx, vm, generations)?;
             }
             Transition::FailBack => {}
+            Transition::CancelReprotect => {
+                delete_points(&tx)?;
+                exec("DELETE FROM reprotects WHERE vm = ?1", params![v])?;
+            }
             Transition::CommitFailback => {
                 delete_points(&tx)?;
                 exec("DELETE FROM reprotects WHERE vm = ?1", params![v])?;
@@ -1487,6 +1495,7 @@ mod tests {
                 policy: Policy::default(),
                 generations: generations.clone(),
             },
+            Transition::CancelReprotect,
             Transition::FailBack,
             Transition::CommitFailback,
             Transition::ReverseReplicate { policy: Policy::default(), generations },

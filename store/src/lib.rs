@@ -807,6 +807,18 @@ impl Store {
         Ok(last)
     }
 
+    /// Undoes a reprotect: the VM is failover-committed again, the reprotect's row and the
+    /// points made since go (with the mark that a catalog rebuild must not bring them
+    /// back). The journal stays: the next reprotect relays from the base as this one did.
+    pub fn cancel_reprotect(&self, vm: &VmName) -> Result<(), StoreError> {
+        use catalog::Transition;
+        self.require_state(vm, tern_core::VmState::Reprotected, Transition::CancelReprotect.refusal())?;
+        if let Some(last) = self.catalog().points(vm)?.last() {
+            rebuild::mark_points_deleted(&self.root, vm, last.id)?;
+        }
+        self.transition(vm, Transition::CancelReprotect)
+    }
+
     /// New generations for every disk of `vm`, for a transition that starts a new
     /// replication epoch: senders' saved states no longer count, so the next sync of each
     /// disk is a delta sync.

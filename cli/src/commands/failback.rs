@@ -3,7 +3,7 @@
 use crate::Drctl;
 use crate::error::CliError;
 use crate::output::{print_json, print_output, refuse_existing_file, wait_job};
-use serde_json::json;
+use serde_json::{Value, json};
 use std::path::PathBuf;
 use tern_proto as pb;
 
@@ -67,6 +67,31 @@ pub async fn failback(d: &mut Drctl, vm: String, drill: bool) -> Result<(), CliE
     if !d.json {
         out!("VM {vm} failed back; start it on the primary site, then `drctl commit {vm}`");
     }
+    Ok(())
+}
+
+pub async fn cancel_reprotect(d: &mut Drctl, vm: String, force: bool) -> Result<(), CliError> {
+    let r = d.c.cancel_reprotect(pb::CancelReprotectRequest { vm: vm.clone(), force }).await?.into_inner();
+    if d.json {
+        return print_json(&json!({
+            "vm": vm,
+            "state": tern_core::VmState::FailoverCommitted.as_str(),
+            "master_target_released": r.released,
+            "revoked_serial": if r.revoked_serial.is_empty() { Value::Null } else { json!(r.revoked_serial) },
+            "points_deleted": r.points_deleted,
+        }));
+    }
+    out!(
+        "reprotect of VM {vm} cancelled: it is failover-committed again ({} points of the recovered VM deleted)",
+        r.points_deleted
+    );
+    if !r.revoked_serial.is_empty() {
+        out!("the recovered VM's agent identity (serial {}) is revoked: stop that agent", r.revoked_serial);
+    }
+    if !r.released {
+        out!("the master target could not be reached: its journal for VM {vm} is not released");
+    }
+    out!("`drctl reprotect {vm} ...` starts again");
     Ok(())
 }
 

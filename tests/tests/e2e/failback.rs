@@ -654,3 +654,60 @@ fn a_cut_pass_then_a_page_written_back_while_reprotected() {
     assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&onprem, None), want, "the on-premises disk equals the recovered VM's final state");
 }
+
+/// A reprotect to the wrong place is undone: the master target releases the VM, the
+/// recovered VM's points and identity go, the VM is failover-committed again; refused
+/// while the master target is down (without --force). Reprotected anew to another disk, the
+/// failback brings that disk to the recovered VM's bytes, writes of both epochs included.
+#[test]
+fn a_reprotect_is_cancelled_and_done_again_to_another_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let onprem = root.join("rc.img");
+    make_random(&onprem, 16, 4, 31);
+    let (mut primary, _, _) = protect(&server, root, "rc", &onprem);
+    primary.kill9();
+    let recovered = fail_over_and_commit(&server, root, "rc", None);
+    let mut mt = MasterTarget::start(&server, root, "mt-rc");
+
+    let wrong = root.join("wrong.img");
+    let first = root.join("rec1.bundle");
+    server.drctl_json(&strs(&reprotect_args("rc", &mt, "alternate", "before", &wrong, &first)));
+    let mut rec1 = recovered_agent(&server, root, "rc", &first, &recovered);
+    scatter_writes(&recovered, 0.02, 32);
+    server.checkpoint("rc");
+    let out = server.drctl_json(&["reprotect-cancel", "rc"]);
+    assert_eq!(out["state"], "failover-committed", "{out}");
+    assert_eq!(out["master_target_released"], true, "{out}");
+    assert!(out["points_deleted"].as_u64().unwrap() >= 1, "{out}");
+    let serial = out["revoked_serial"].as_str().unwrap().to_string();
+    let ids = server.drctl_json(&["identities"]);
+    let id = ids.as_array().unwrap().iter().find(|i| i["serial"] == serial.as_str()).unwrap();
+    assert!(id["revoked"].is_string(), "{ids}");
+    assert_eq!(rec1.wait_exit("the cancelled reprotect's agent to stop").code(), Some(3));
+    assert_eq!(server.status("rc")["state"], "failover-committed");
+    assert!(server.drctl_json(&["points", "rc"]).as_array().unwrap().is_empty());
+    let out = server.drctl(&["reprotect-cancel", "rc"]);
+    assert_eq!(out.status.code(), Some(6), "not reprotected any more: {out:?}");
+
+    // Again, to the right disk. The recovered VM wrote on meanwhile.
+    scatter_writes(&recovered, 0.02, 33);
+    let right = root.join("right.img");
+    let second = root.join("rec2.bundle");
+    server.drctl_json(&strs(&reprotect_args("rc", &mt, "alternate", "before", &right, &second)));
+    let _rec2 = recovered_agent(&server, root, "rc", &second, &recovered);
+    server.checkpoint("rc");
+    // With the master target down, a cancel changes nothing and says what to do.
+    mt.kill9();
+    let err = server.drctl_err(&["reprotect-cancel", "rc"]);
+    assert!(err.contains("--force") && err.contains("nothing was changed"), "{err}");
+    assert_eq!(server.status("rc")["state"], "reprotected");
+    mt.restart();
+    scatter_writes(&recovered, 0.01, 34);
+    let want = b3(&recovered, None);
+    let res = server.drctl_json(&["failback", "rc"]);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
+    assert_eq!(b3(&right, None), want, "the second reprotect's disk is byte-identical");
+}
