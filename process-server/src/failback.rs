@@ -152,9 +152,13 @@ pub async fn shut_down_recovered(
     vm: &VmName,
     job: &crate::jobs::Job,
 ) -> Result<tern_store::Point, String> {
-    require(ctx, vm, VmState::Reprotected, Transition::FailBack.refusal())
+    let row = reprotected_row(ctx, vm, Transition::FailBack.refusal()).await?;
+    // The master target must take the final state: one that cannot be reached, or is
+    // refused (a revoked identity, another CA), is found before the recovered VM is stopped.
+    job.phase("checking the master target").await;
+    crate::relay::master_target_alone(ctx, &row.master_target)
         .await
-        .map_err(|e| e.message().to_string())?;
+        .map_err(|e| format!("{}; the recovered VM was not shut down, nothing changed", e.message()))?;
     job.phase("shutting down the recovered VM and sending its last changes").await;
     let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| {
         format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
@@ -268,8 +272,13 @@ async fn drain(
         if done != last {
             (last, since) = (done, std::time::Instant::now());
         } else if since.elapsed() > DRAIN_STALL {
+            let why = ctx
+                .relay
+                .last_error(vm)
+                .map(|e| format!(" (the relay's last error: {e})"))
+                .unwrap_or_default();
             return Err(format!(
-                "the master target at {} took nothing for {}s; check it and the process server's log, then run failback again",
+                "the master target at {} took nothing for {}s{why}; check it and the process server's log, then run failback again",
                 row.master_target,
                 DRAIN_STALL.as_secs()
             ));

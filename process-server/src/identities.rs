@@ -276,8 +276,8 @@ fn named(rows: &[Row], r: pb::RevokeRequest) -> Result<Vec<CertInfo>, Status> {
     Ok(out)
 }
 
-/// Revokes the identities a request names (see [`Identities::revoke`]). The caller's own,
-/// the server's and a master target's are refused, with what to do instead.
+/// Revokes the identities a request names (see [`Identities::revoke`]). The caller's own
+/// and the server's are refused, with what to do instead.
 pub async fn revoke(
     ctx: &Arc<Ctx>,
     caller: Option<String>,
@@ -299,16 +299,9 @@ pub async fn revoke(
                     i.serial
                 )));
             }
-            Role::MasterTarget(name) => {
-                return Err(Status::failed_precondition(format!(
-                    "{} is master target {name}'s identity: revoking one is not built (the process \
-                     server does not check it when it connects to the master target). Stop that \
-                     master target, or restart it with a new identity (`drctl enroll master-target \
-                     --name {name} --out FILE`)",
-                    i.serial
-                )));
-            }
-            Role::Admin | Role::Agent(_) => {}
+            // A master target's: the process server refuses it when it connects to it
+            // (`tern_proto::connect_checked`), and its open connections close.
+            Role::Admin | Role::Agent(_) | Role::MasterTarget(_) => {}
         }
     }
     let ids = ctx.identities.clone();
@@ -321,14 +314,13 @@ pub async fn revoke(
     Ok(pb::IdentitiesReply { identities: rows.iter().map(info).collect() })
 }
 
-/// Refuses every call made with a revoked identity, saying so and what to do. (Revoked
-/// identities still complete the TLS handshake: an alert there reaches a client only now
-/// and then, and as "connection closed".)
 /// Told of each refused agent call, with the VM and the message.
 pub type OnRefused = Arc<dyn Fn(&VmName, &str) + Send + Sync>;
 
-/// `refused` is told of each refused agent call, so that the VM's status says why nothing
-/// arrives.
+/// Refuses every call made with a revoked identity, saying so and what to do. (Revoked
+/// identities still complete the TLS handshake: an alert there reaches a client only now
+/// and then, and as "connection closed".) `refused` is told of each refused agent call, so
+/// that the VM's status says why nothing arrives.
 pub fn refuse_revoked(
     revocations: Revocations,
     refused: OnRefused,

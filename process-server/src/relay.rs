@@ -35,11 +35,19 @@ pub struct Relay {
     /// one costs the TLS handshake's round trips (over a WAN, tens of ms each time). A
     /// channel reconnects by itself after its master target went away.
     channels: Mutex<HashMap<String, Channel>>,
+    /// Why each VM's relay last failed, until the master target acks again.
+    errors: Mutex<HashMap<VmName, String>>,
 }
 
 impl Relay {
     /// The master target acked a disk up to `a.durable_seq`.
+    /// Why the relay of `vm` last failed, if it has not made progress since.
+    pub fn last_error(&self, vm: &VmName) -> Option<String> {
+        lock(&self.errors).get(vm).cloned()
+    }
+
     fn record_ack(&self, vm: &VmName, a: &pb::Ack) {
+        lock(&self.errors).remove(vm);
         if let Ok(d) = DiskName::new(&a.disk) {
             let mut acked = lock(&self.acked);
             let e = acked.entry((vm.clone(), d)).or_default();
@@ -99,7 +107,8 @@ type MasterTargetClient = pb::master_target_client::MasterTargetClient<Channel>;
 
 async fn dial(ctx: &Ctx, url: &str) -> Result<Channel, Status> {
     let bundle = client_identity(ctx)?;
-    pb::connect(url, &bundle).await.map_err(|e| match e {
+    // A master target whose identity is revoked is refused at the handshake.
+    pb::connect_checked(url, &bundle, ctx.identities.revocations().clone()).await.map_err(|e| match e {
         pb::ConnectError::Unreachable { url, reason } => {
             Status::unavailable(format!("cannot reach the master target at {url}: {reason}"))
         }
@@ -178,6 +187,10 @@ async fn relay_vm(ctx: &Arc<Ctx>, vm: &VmName) {
             Ok(()) => return,
             Err(e) => {
                 let delay = backoff.next_delay();
+                let why = format!("relay to the master target: {}", e.message());
+                lock(&ctx.relay.errors).insert(vm.clone(), why.clone());
+                // `drctl status` says why the master target falls behind.
+                ctx.hub.set_error(vm, &why);
                 warn!(vm = %vm, error = %e.message(), retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(0),
                     "relay to the master target interrupted; the journal keeps everything meanwhile");
                 delay
@@ -268,6 +281,7 @@ async fn relay_session(
                     // master target that fails every session after it must not be hammered).
                     backoff.reset();
                     ctx.relay.record_ack(vm, &a);
+                    ctx.hub.clear_error(vm);
                 }
                 Some(_) => {}
             },

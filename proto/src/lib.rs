@@ -77,37 +77,70 @@ pub fn server_with_window(stream: u32) -> tonic::transport::Server {
 /// An endpoint for `url` with this bundle's client certificate, checking the server
 /// against the bundle's CA.
 pub fn endpoint(url: &str, bundle: &Bundle) -> Result<Endpoint, ConnectError> {
-    let bad = || ConnectError::BadUrl { url: url.to_string() };
-    let rest = url.strip_prefix("https://").ok_or_else(bad)?;
+    let (host, _) = host_of(url)?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&bundle.ca_pem))
+        .identity(Identity::from_pem(&bundle.cert_pem, &bundle.key_pem))
+        .domain_name(host);
+    Endpoint::from_shared(url.to_string())
+        .map_err(|_| ConnectError::BadUrl { url: url.to_string() })?
+        .tls_config(tls)
+        .map_err(|e| ConnectError::Unreachable { url: url.to_string(), reason: e.to_string() })
+        .map(settings)
+}
+
+/// The host (without brackets) and the authority (`host:port`) of an `https://` URL.
+fn host_of(url: &str) -> Result<(String, String), ConnectError> {
+    let rest = url.strip_prefix("https://").ok_or_else(|| ConnectError::BadUrl { url: url.to_string() })?;
     let authority = rest.split('/').next().unwrap_or(rest);
     let host = if let Some(v6) = authority.strip_prefix('[') {
         v6.split(']').next().unwrap_or(v6)
     } else {
         authority.rsplit_once(':').map_or(authority, |(h, _)| h)
     };
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&bundle.ca_pem))
-        .identity(Identity::from_pem(&bundle.cert_pem, &bundle.key_pem))
-        .domain_name(host.to_string());
-    Endpoint::from_shared(url.to_string())
-        .map_err(|_| bad())?
-        .tls_config(tls)
-        .map_err(|e| ConnectError::Unreachable { url: url.to_string(), reason: e.to_string() })
-        .map(|e| {
-            e.connect_timeout(Duration::from_secs(10))
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .keep_alive_while_idle(true)
-                .tcp_nodelay(true)
-        })
+    Ok((host.to_string(), authority.to_string()))
+}
+
+/// Every client connection's timeouts, windows and keepalive.
+fn settings(e: Endpoint) -> Endpoint {
+    e.connect_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+}
+
+/// [`connect`], refusing a server whose certificate is revoked in `revocations` (the
+/// handshake fails: "invalid peer certificate: Revoked"), and closing the connection when
+/// it is revoked later. For the process server's connections to master targets.
+pub async fn connect_checked(
+    url: &str,
+    bundle: &Bundle,
+    revocations: tls::Revocations,
+) -> Result<Channel, ConnectError> {
+    let (host, authority) = host_of(url)?;
+    let unreachable = |reason: String| ConnectError::Unreachable { url: url.to_string(), reason };
+    let config = tls::client_config(bundle, revocations.clone()).map_err(|e| unreachable(e.to_string()))?;
+    let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|_| ConnectError::BadUrl { url: url.to_string() })?;
+    let connector = tls::Connector::new(config, host, authority, revocations);
+    settings(endpoint).connect_with_connector(connector).await.map_err(|e| unreachable(explain(&e)))
 }
 
 pub async fn connect(url: &str, bundle: &Bundle) -> Result<Channel, ConnectError> {
-    endpoint(url, bundle)?.connect().await.map_err(|e| {
-        let mut reason = error_chain(&e);
-        if unknown_issuer(&e) {
+    endpoint(url, bundle)?
+        .connect()
+        .await
+        .map_err(|e| ConnectError::Unreachable { url: url.to_string(), reason: explain(&e) })
+}
+
+/// Why a connection failed, with what to do for the causes an operator meets.
+fn explain(e: &tonic::transport::Error) -> String {
+    {
+        let mut reason = error_chain(e);
+        if unknown_issuer(e) {
             reason.push_str(
                 " — the server's certificate is not from the CA in this identity bundle: the bundle \
                  belongs to another deployment (or the server was initialised again); enroll a new one \
@@ -121,8 +154,14 @@ pub async fn connect(url: &str, bundle: &Bundle) -> Result<Channel, ConnectError
                  (`--listen`)",
             );
         }
-        ConnectError::Unreachable { url: url.to_string(), reason }
-    })
+        if reason.contains("Revoked") {
+            reason.push_str(
+                " — the identity this server presents has been revoked (`drctl identities`): restart \
+                 it with a new one",
+            );
+        }
+        reason
+    }
 }
 
 /// Whether a connection failed because the server's certificate chains to another CA.

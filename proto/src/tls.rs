@@ -1,8 +1,10 @@
-//! The server side of mutual TLS: TLS 1.3 only, client certificates from the deployment CA
-//! required, handshakes done off the accept loop so a bad client cannot stall others, and
-//! the connections of an identity closed when it is revoked (its calls are then refused
-//! by the server's authorisation, which says why: a TLS alert would reach a client only
-//! now and then, as "connection closed").
+//! Mutual TLS where revocation matters. The server side: TLS 1.3 only, client certificates
+//! from the deployment CA required, handshakes done off the accept loop so a bad client
+//! cannot stall others, and the connections of an identity closed when it is revoked (its
+//! calls are then refused by the server's authorisation, which says why: a TLS alert would
+//! reach a client only now and then, as "connection closed"). The client side, for the
+//! process server's connections to master targets: a revoked server is refused at the
+//! handshake, and a connection is closed when its server is revoked.
 
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
@@ -17,8 +19,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -257,4 +259,133 @@ pub fn incoming(
         }
     });
     rx
+}
+
+/// Checks a server's certificate as WebPKI does against the deployment CA, then refuses it
+/// if its identity is revoked.
+#[derive(Debug)]
+struct RevocationChecking {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    revocations: Revocations,
+}
+
+impl rustls::client::danger::ServerCertVerifier for RevocationChecking {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let serial = tern_core::pki::serial_of(end_entity.as_ref()).unwrap_or_default();
+        if self.revocations.is_revoked(&serial) {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// TLS 1.3 with the bundle's certificate, servers from its CA whose identity is not revoked.
+pub fn client_config(
+    bundle: &tern_core::pki::Bundle,
+    revocations: Revocations,
+) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+    let mut roots = RootCertStore::empty();
+    for ca in certs(&bundle.ca_pem, "CA certificate")? {
+        roots.add(ca).map_err(|e| TlsSetupError::Config(e.to_string()))?;
+    }
+    let key = PrivateKeyDer::from_pem_slice(bundle.key_pem.as_bytes())
+        .map_err(|e| TlsSetupError::Pem { path: "private key".into(), reason: e.to_string() })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| TlsSetupError::Config(e.to_string()))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsSetupError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(RevocationChecking { inner, revocations }))
+        .with_client_auth_cert(certs(&bundle.cert_pem, "certificate")?, key)
+        .map_err(|e| TlsSetupError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Dials `authority` and makes the TLS handshake with [`client_config`]'s checks, for
+/// `Endpoint::connect_with_connector`; the connection closes when the server's identity is
+/// revoked.
+#[derive(Clone)]
+pub struct Connector {
+    tls: TlsConnector,
+    host: String,
+    authority: String,
+    revocations: Revocations,
+}
+
+impl Connector {
+    pub fn new(
+        config: Arc<rustls::ClientConfig>,
+        host: String,
+        authority: String,
+        revocations: Revocations,
+    ) -> Self {
+        Connector { tls: TlsConnector::from(config), host, authority, revocations }
+    }
+}
+
+type ClientConn = hyper_util::rt::TokioIo<Revocable<tokio_rustls::client::TlsStream<TcpStream>>>;
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for Connector {
+    type Response = ClientConn;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = std::io::Result<ClientConn>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let c = self.clone();
+        Box::pin(async move {
+            let name = rustls_pki_types::ServerName::try_from(c.host.clone())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tcp = TcpStream::connect(&c.authority).await?;
+            tcp.set_nodelay(true)?;
+            let tls = c.tls.connect(name, tcp).await?;
+            let serial = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(|cert| tern_core::pki::serial_of(cert.as_ref()).unwrap_or_default())
+                .unwrap_or_default();
+            let cut = c.revocations.cut(&serial);
+            Ok(hyper_util::rt::TokioIo::new(Revocable::new(tls, cut)))
+        })
+    }
 }

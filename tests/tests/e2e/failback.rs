@@ -711,3 +711,43 @@ fn a_reprotect_is_cancelled_and_done_again_to_another_disk() {
     assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&right, None), want, "the second reprotect's disk is byte-identical");
 }
+
+/// A master target's identity revoked: the process server refuses it at the handshake (a
+/// failback fails saying so, nothing changed); restarted with a new identity, on the same
+/// data directory and port, the failback goes through byte for byte.
+#[test]
+fn a_revoked_master_target_is_refused_until_it_has_a_new_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let mut r = reprotected(&server, root, "mr", (16, 4, 41), "before");
+    let _rec = recovered_agent(&server, root, "mr", &r.identity, &r.recovered);
+    server.checkpoint("mr");
+    scatter_writes(&r.recovered, 0.02, 42);
+    let ids = server.drctl_json(&["identities"]);
+    let serial = ids.as_array().unwrap().iter().find(|i| i["role"] == "master-target").unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    server.drctl_json(&["revoke", &serial]);
+    let before = b3(&r.onprem, None);
+    let err = server.drctl_err(&["failback", "mr"]);
+    assert!(err.contains("Revoked") && err.contains("new one") && err.contains("not shut down"), "{err}");
+    assert_eq!(server.status("mr")["state"], "reprotected");
+    // The relay says why the master target falls behind.
+    let status = server.status("mr");
+    assert!(status["error"].as_str().is_some_and(|e| e.contains("relay to the master target")), "{status}");
+    assert_eq!(b3(&r.onprem, None), before, "nothing written");
+
+    r.mt.kill9();
+    let fresh = root.join("mt-mr-2.bundle");
+    server.drctl_json(&["enroll", "master-target", "--name", "mt-mr", "--out", fresh.to_str().unwrap()]);
+    r.mt.identity = fresh;
+    r.mt.restart_same_port();
+    scatter_writes(&r.recovered, 0.01, 43);
+    let want = b3(&r.recovered, None);
+    let res = server.drctl_json(&["failback", "mr"]);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&r.recovered));
+    assert_eq!(b3(&r.onprem, None), want, "the on-premises disk is byte-identical");
+}
