@@ -736,8 +736,10 @@ fn a_revoked_master_target_is_refused_until_it_has_a_new_identity() {
     assert!(err.contains("Revoked") && err.contains("new one") && err.contains("not shut down"), "{err}");
     assert_eq!(server.status("mr")["state"], "reprotected");
     // The relay says why the master target falls behind.
-    let status = server.status("mr");
-    assert!(status["error"].as_str().is_some_and(|e| e.contains("relay to the master target")), "{status}");
+    let error = deadline_poll("the relay's error in status", Duration::from_secs(30), || {
+        server.status("mr")["error"].as_str().map(str::to_string)
+    });
+    assert!(error.contains("relay to the master target") && error.contains("Revoked"), "{error}");
     assert_eq!(b3(&r.onprem, None), before, "nothing written");
 
     r.mt.kill9();
