@@ -298,8 +298,10 @@ async fn save(ctx: &Arc<Ctx>, name: &PlanName, run: &Run) -> Result<(), String> 
 }
 
 /// Each VM's point for a test failover or failover, all found before anything is written:
-/// a VM without one stops the plan here, naming it. VMs of a replication group take the
-/// group's common multi-VM point for the `latest-multi-vm` options.
+/// a VM without one stops the plan here, naming it. The VMs of a replication group take
+/// one multi-VM point: for `latest` one made now (the newest common one if none can be
+/// made), for the other options the group's newest common one (app-consistent for the app
+/// options).
 async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTreeMap<String, u64>, Status> {
     let spec = PointSpec::parse(point).ok_or_else(|| {
         Status::invalid_argument(format!(
@@ -316,24 +318,44 @@ async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTre
     let mut points = BTreeMap::new();
     // A replication group's common point is found once for all its members: found per VM, a
     // multi-VM point made (or pruned) meanwhile would put them at different moments.
-    let multi = matches!(spec, PointSpec::LatestMultiVm | PointSpec::LatestMultiVmApp);
+    // Whatever the option, a group comes back at one moment: each member's own point (its
+    // latest, or a fresh one at its turn) would put the group's VMs at different moments.
+    // So `latest` has the group make one multi-VM point now (its newest common one if it
+    // cannot, say with the primary site gone), the other options take the newest common one
+    // (app-consistent for the app options).
+    let app = matches!(spec, PointSpec::LatestApp | PointSpec::LatestMultiVmApp);
     let mut common: HashMap<tern_core::GroupName, Option<u64>> = HashMap::new();
     for vm in plan.vms() {
         let (store, v) = (ctx.store.clone(), vm.clone());
-        let group =
-            if multi { blocking(move || store.group_of(&v)).await?.map_err(store_status)? } else { None };
+        let group = blocking(move || store.group_of(&v)).await?.map_err(store_status)?;
         if let Some(g) = group {
             if !common.contains_key(&g) {
-                let (store, name) = (ctx.store.clone(), g.clone());
-                let app = spec == PointSpec::LatestMultiVmApp;
-                let id = blocking(move || {
-                    let row = store.group(&name)?;
-                    row.map(|r| store.common_point(&r, app)).transpose()
-                })
-                .await?
-                .map_err(store_status)?
-                .flatten()
-                .map(|p| p.id.0);
+                let fresh = if spec == PointSpec::Latest {
+                    match crate::groups::take_group_point(ctx, &g, false).await {
+                        Ok(points) => points.first().map(|p| p.id.0),
+                        Err(e) => {
+                            warn!(plan = %plan.name, group = %g, error = %e,
+                                "no fresh multi-VM point for the plan; the group's newest common one is used");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                let id = match fresh {
+                    Some(id) => Some(id),
+                    None => {
+                        let (store, name) = (ctx.store.clone(), g.clone());
+                        blocking(move || {
+                            let row = store.group(&name)?;
+                            row.map(|r| store.common_point(&r, app)).transpose()
+                        })
+                        .await?
+                        .map_err(store_status)?
+                        .flatten()
+                        .map(|p| p.id.0)
+                    }
+                };
                 common.insert(g.clone(), id);
             }
             match common.get(&g).copied().flatten() {
@@ -346,7 +368,7 @@ async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTre
                         "plan {}: VM {vm} is in replication group {g}, which has no common multi-VM point{} \
                          (`drctl group checkpoint {g}` makes one); every VM of a plan needs a point. Nothing was written",
                         plan.name,
-                        if spec == PointSpec::LatestMultiVmApp { " that is app-consistent" } else { "" }
+                        if app { " that is app-consistent" } else { "" }
                     )));
                 }
             }

@@ -184,6 +184,24 @@ fn a_plan_goes_round_the_circle_group_by_group() {
     server.drctl_json(&["plan", "test-failover-cleanup", "shop"]);
     assert!(!out.join("db").join("sda.raw").exists());
 
+    // At latest, the group makes a multi-VM point now: app and web at that one new point
+    // (not a fresh point each, at different moments), db at a fresh one of its own.
+    let run = run_through(
+        &server,
+        &["plan", "test-failover", "shop", "--point", "latest", "--output", o],
+        false,
+    )["run"]
+        .clone();
+    assert_eq!(run["state"], "done", "{run}");
+    let fresh = run["points"]["app"].as_u64().unwrap();
+    assert!(fresh > multi.as_u64().unwrap(), "{run}");
+    assert_eq!(run["points"]["web"].as_u64(), Some(fresh), "{run}");
+    let web_points = server.drctl_json(&["points", "web"]);
+    let p = web_points.as_array().unwrap().iter().find(|p| p["id"] == fresh).unwrap();
+    assert_eq!(p["group"], "tier", "a multi-VM point: {p}");
+    check_outputs(&out, &run);
+    server.drctl_json(&["plan", "test-failover-cleanup", "shop"]);
+
     // Failover (unplanned, the primary site lost) at latest-multi-vm, then commit.
     for a in &mut agents {
         a.kill9();
@@ -197,7 +215,8 @@ fn a_plan_goes_round_the_circle_group_by_group() {
     )["run"]
         .clone();
     check_outputs(&out, &run);
-    assert_eq!(run["points"]["app"], multi);
+    // The group's newest common point: the one the drill at latest made.
+    assert_eq!((run["points"]["app"].as_u64(), run["points"]["web"].as_u64()), (Some(fresh), Some(fresh)));
     server.drctl_json(&["plan", "commit", "shop"]);
     for vm in VMS {
         assert_eq!(server.status(vm)["state"], "failover-committed");
