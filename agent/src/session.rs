@@ -41,6 +41,9 @@ type Feeds = Vec<Option<Receiver<scan::HashChunk>>>;
 /// A consistent pass: the pass, whether it was frozen, and the point's note.
 type Consistent = (PassResult, bool, String);
 
+/// The longest the process server may take to answer a session's opening call.
+const OPEN_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Connects, says `Hello`, and runs the session. The error is what [`crate::run`] decides
 /// on: permanent refusals stop the agent, the rest reconnect.
 pub(crate) async fn session(
@@ -70,7 +73,16 @@ pub(crate) async fn session(
     tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello(&config, &claims))) })
         .await
         .map_err(|_| Status::cancelled("stream closed"))?;
-    let inbound = client.replicate(ReceiverStream::new(rx)).await?.into_inner();
+    // A server that took the connection but never answers the call must not hold the agent.
+    let inbound = tokio::time::timeout(OPEN_LIMIT, client.replicate(ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| {
+            Status::unavailable(format!(
+                "the process server did not answer the session within {} s",
+                OPEN_LIMIT.as_secs()
+            ))
+        })??
+        .into_inner();
     let mut s = Session::new(config, shutdown, tx, inbound, tracker.clone(), progress, carried.take());
     let result = async {
         s.welcome(saved, progress).await?;

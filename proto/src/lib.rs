@@ -126,14 +126,34 @@ pub async fn connect_checked(
     let endpoint = Endpoint::from_shared(format!("http://{authority}"))
         .map_err(|_| ConnectError::BadUrl { url: url.to_string() })?;
     let connector = tls::Connector::new(config, host, authority, revocations);
-    settings(endpoint).connect_with_connector(connector).await.map_err(|e| unreachable(explain(&e)))
+    within_handshake_limit(url, HANDSHAKE_LIMIT, settings(endpoint).connect_with_connector(connector)).await
 }
 
 pub async fn connect(url: &str, bundle: &Bundle) -> Result<Channel, ConnectError> {
-    endpoint(url, bundle)?
-        .connect()
-        .await
-        .map_err(|e| ConnectError::Unreachable { url: url.to_string(), reason: explain(&e) })
+    let endpoint = endpoint(url, bundle)?;
+    within_handshake_limit(url, HANDSHAKE_LIMIT, endpoint.connect()).await
+}
+
+/// The longest a connection may take, TCP and TLS handshakes included: the endpoint's
+/// connect timeout covers the TCP connect only, and a peer (or a middlebox) that accepts
+/// and then never answers the TLS handshake would otherwise hold the caller for good.
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(20);
+
+async fn within_handshake_limit(
+    url: &str,
+    limit: Duration,
+    connecting: impl std::future::Future<Output = Result<Channel, tonic::transport::Error>>,
+) -> Result<Channel, ConnectError> {
+    let unreachable = |reason: String| ConnectError::Unreachable { url: url.to_string(), reason };
+    match tokio::time::timeout(limit, connecting).await {
+        Ok(Ok(ch)) => Ok(ch),
+        Ok(Err(e)) => Err(unreachable(explain(&e))),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {} s: the TCP connection was accepted but the TLS handshake got no reply \
+             (a hung server, or something between here and it holding connections)",
+            limit.as_secs()
+        ))),
+    }
 }
 
 /// Why a connection failed, with what to do for the causes an operator meets.
@@ -199,4 +219,42 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that takes the TCP connection and never answers the TLS handshake is given up
+    /// on at the limit, saying so, by both ways of connecting (their own connect timeouts
+    /// cover the TCP connect only).
+    #[tokio::test]
+    async fn a_handshake_without_an_answer_is_given_up() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = listener.accept().await {
+                conns.push(c);
+            }
+        });
+        let ca = tern_core::pki::Ca::create("test").unwrap();
+        let bundle = ca.issue_client(&tern_core::pki::Role::Admin).unwrap();
+        let limit = Duration::from_millis(1500);
+        let (host, authority) = host_of(&url).unwrap();
+        let config = tls::client_config(&bundle, tls::Revocations::default()).unwrap();
+        let connector = tls::Connector::new(config, host, authority.clone(), tls::Revocations::default());
+        let checked = settings(Endpoint::from_shared(format!("http://{authority}")).unwrap());
+        let plain = endpoint(&url, &bundle).unwrap();
+        for result in [
+            within_handshake_limit(&url, limit, plain.connect()).await,
+            within_handshake_limit(&url, limit, checked.connect_with_connector(connector)).await,
+        ] {
+            let Err(ConnectError::Unreachable { reason, .. }) = result else {
+                panic!("connected to a silent peer")
+            };
+            assert!(reason.contains("TLS handshake got no reply"), "{reason}");
+        }
+        held.abort();
+    }
 }
