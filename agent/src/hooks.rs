@@ -19,7 +19,14 @@ pub struct Hooks {
     pub thaw: Option<String>,
     pub freeze_fs: Vec<PathBuf>,
     pub timeout: Duration,
+    /// Where a quiesce under way is recorded (`STATE_DIR/frozen`), so that an agent killed
+    /// inside it (SIGKILL, the OOM killer, a crash: no thaw ran) thaws when it starts
+    /// again ([`Hooks::recover`]) instead of leaving the VM's file systems frozen.
+    pub marker: Option<PathBuf>,
 }
+
+/// The marker's first line when the freeze command was to run (its thaw must run too).
+const COMMAND_LINE: &str = "freeze-command";
 
 /// What a freeze did, to be undone by [`Frozen::thaw`].
 #[derive(Debug)]
@@ -78,6 +85,7 @@ impl Hooks {
     /// Quiesces: the freeze command first (applications flush), then the file systems.
     /// On failure everything already done is undone and the reason returned.
     pub fn freeze(&self) -> Result<Frozen<'_>, String> {
+        self.mark()?;
         let mut frozen = Frozen { hooks: self, command_ran: false, file_systems: Vec::new() };
         if let Some(cmd) = &self.freeze {
             frozen.command_ran = true;
@@ -98,6 +106,73 @@ impl Hooks {
     }
 }
 
+impl Hooks {
+    /// Records what a freeze is about to do, durably, before it does any of it.
+    fn mark(&self) -> Result<(), String> {
+        let Some(path) = &self.marker else { return Ok(()) };
+        let mut text = String::new();
+        if self.freeze.is_some() {
+            text.push_str(COMMAND_LINE);
+            text.push('\n');
+        }
+        for fs in &self.freeze_fs {
+            text.push_str(&fs.display().to_string());
+            text.push('\n');
+        }
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(path)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            match path.parent() {
+                Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                None => Ok(()),
+            }
+        };
+        write()
+            .map_err(|e| format!("cannot record the freeze in {}: {e}; nothing was frozen", path.display()))
+    }
+
+    fn unmark(&self) {
+        if let Some(path) = &self.marker
+            && let Err(e) = std::fs::remove_file(path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            error!(path = %path.display(), error = %e, "cannot remove the freeze marker; the next start thaws again");
+        }
+    }
+
+    /// At start: a quiesce the last run recorded and never undone (the agent was killed
+    /// inside it) is undone now: its file systems thawed (one that is not frozen is left as
+    /// it is), its thaw command run. Returns what was undone, for the log.
+    pub fn recover(&self) -> Option<String> {
+        let path = self.marker.as_ref()?;
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut undone = Vec::new();
+        let mut command = false;
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            if line == COMMAND_LINE {
+                command = true;
+                continue;
+            }
+            match fs_ioctl(std::path::Path::new(line), false) {
+                Ok(()) => undone.push(format!("thawed {line}")),
+                // EINVAL: not frozen (the kill came before its freeze, or after its thaw).
+                Err(e) if e.raw_os_error() == Some(22) => {}
+                Err(e) => error!(fs = line, error = %e, "cannot thaw a file system frozen by the last run"),
+            }
+        }
+        if command && let Some(cmd) = &self.thaw {
+            match run_hook("thaw", cmd, self.timeout) {
+                Ok(()) => undone.push(format!("ran the thaw command `{cmd}`")),
+                Err(e) => error!(error = %e, "thaw hook failed (undoing the last run's freeze)"),
+            }
+        }
+        self.unmark();
+        Some(if undone.is_empty() { "nothing was still frozen".to_string() } else { undone.join(", ") })
+    }
+}
+
 impl Frozen<'_> {
     /// Thaws the file systems (in reverse order), then runs the thaw command.
     pub fn thaw(self) {
@@ -112,5 +187,6 @@ impl Frozen<'_> {
         {
             error!(error = %e, "thaw hook failed");
         }
+        self.hooks.unmark();
     }
 }

@@ -97,6 +97,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     // Held while the agent runs: two agents on one state directory would overwrite each
     // other's saved state and, in nbd mode, its socket.
     let _lock = lock_state_dir(&config.state_dir)?;
+    if let Some(undone) = config.hooks.recover() {
+        warn!(undone, "the last run stopped while the VM was quiesced (killed?); its freeze is undone");
+    }
     let tracker = match &config.nbd {
         Some(m) => Some(serve_nbd(&config, m)?),
         None => {

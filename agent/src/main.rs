@@ -255,6 +255,7 @@ fn run() -> anyhow::Result<()> {
         }
         sources.push(DiskSource { name, path, size, block_device });
     }
+    let marker = Some(state_dir.join("frozen"));
     let config = tern_agent::Config {
         server,
         identity: identity_bundle,
@@ -262,7 +263,7 @@ fn run() -> anyhow::Result<()> {
         disks: sources,
         state_dir,
         interval,
-        hooks: tern_agent::hooks::Hooks { freeze, thaw, freeze_fs, timeout: hook_timeout },
+        hooks: tern_agent::hooks::Hooks { freeze, thaw, freeze_fs, timeout: hook_timeout, marker },
         shutdown,
         max_rate,
         nbd,

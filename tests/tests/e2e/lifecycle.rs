@@ -318,3 +318,49 @@ fn freeze_fs_freezes_a_mounted_file_system_around_app_points() {
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "written before the point");
     assert_eq!(res["consistency"], "app");
 }
+
+/// An agent killed while the VM was quiesced (no thaw ran) leaves its marker in the state
+/// directory: the next start thaws the file systems and runs the thaw command, instead of
+/// leaving the VM's file system frozen for good.
+#[test]
+fn an_agent_killed_while_frozen_thaws_when_it_starts_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let disk = root.join("fs.img");
+    make_ext4(&disk, 16, 72);
+    let fs = Mounted::new(&disk, &root.join("mnt"), &["-o", "loop"]);
+    let mnt = fs.dir.clone();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("kf.bundle");
+    server.enroll_agent("kf", &identity);
+    // What a kill inside the window leaves: the file system frozen, the marker written.
+    let state = root.join("st");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("frozen"), format!("freeze-command\n{}\n", mnt.display())).unwrap();
+    let froze = std::process::Command::new("fsfreeze").arg("-f").arg(&mnt).status().unwrap();
+    assert!(froze.success());
+    let thawed_flag = root.join("thawed");
+    let thaw = format!("touch {}", thawed_flag.display());
+    let agent = Agent::start(
+        &server,
+        &identity,
+        "kf",
+        &[("sda", &disk)],
+        &state,
+        &["--freeze", "true", "--thaw", &thaw, "--freeze-fs", mnt.to_str().unwrap()],
+    );
+    deadline_poll("the agent to undo the last run's freeze", Duration::from_secs(30), || {
+        agent.log_text().contains("its freeze is undone").then_some(())
+    });
+    // Not frozen any more: fsfreeze -u finds nothing to thaw (and would thaw it otherwise).
+    let unfreeze = std::process::Command::new("fsfreeze").arg("-u").arg(&mnt).output().unwrap();
+    assert!(!unfreeze.status.success(), "the file system was still frozen");
+    assert!(thawed_flag.exists(), "the thaw command ran");
+    assert!(!state.join("frozen").exists(), "the marker is gone");
+    // And the agent goes on: an app-consistent point freezes and thaws as before.
+    let p = server.drctl_json(&["checkpoint", "kf", "--wait", "--app-consistent"]);
+    assert_eq!(p["consistency"], "app", "{p}");
+    std::fs::write(mnt.join("after.txt"), b"the file system takes writes").unwrap();
+    assert!(!state.join("frozen").exists(), "removed after each thaw");
+}
