@@ -22,6 +22,9 @@ pub enum CliError {
     Refused(String),
     #[error("point {point} of {vm} does not verify")]
     Mismatch { vm: String, point: u64 },
+    /// The stored data a point needs is damaged (`DATA_LOSS`): it does not recover.
+    #[error("{0}")]
+    NotRecoverable(String),
     #[error("job {id} ({kind} of {vm}) failed: {error}")]
     JobFailed { id: u64, kind: String, vm: String, error: String },
     #[error("{0}")]
@@ -40,7 +43,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => 2,
             CliError::Unreachable(_) => 3,
-            CliError::Mismatch { .. } => 4,
+            CliError::Mismatch { .. } | CliError::NotRecoverable(_) => 4,
             CliError::NotFound(_) => 5,
             CliError::Refused(_) => 6,
             CliError::Server(_) | CliError::JobFailed { .. } | CliError::Local(_) => 1,

@@ -53,6 +53,7 @@ pub fn store_status(e: StoreError, site: Site) -> Status {
         StoreError::OutputExists(_) | StoreError::PointDisksMismatch { .. } => Status::invalid_argument(msg),
         StoreError::SegmentCorrupt { .. }
         | StoreError::JournalRecordBad { .. }
+        | StoreError::JournalDamaged { .. }
         | StoreError::FingerprintMismatch { .. } => Status::data_loss(msg),
         StoreError::Io { .. }
         | StoreError::CatalogQuery { .. }

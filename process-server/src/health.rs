@@ -110,10 +110,13 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
 /// be opened, replication is failing on this side, or the scrub found a point that does
 /// not recover. Any of them makes the VM critical.
 pub fn problem(ctx: &Ctx, vm: &VmName) -> Option<String> {
-    ctx.store.damaged(vm).map(|d| format!("stored data damaged: {d}")).or_else(|| ctx.hub.error(vm)).or_else(
-        || {
+    ctx.store
+        .damaged(vm)
+        .map(|d| format!("stored data damaged: {d}"))
+        .or_else(|| ctx.store.journal_damage(vm))
+        .or_else(|| ctx.hub.error(vm))
+        .or_else(|| {
             ctx.scrub
                 .failure(vm, |point| ctx.store.points(vm).is_ok_and(|ps| ps.iter().any(|p| p.id.0 == point)))
-        },
-    )
+        })
 }

@@ -145,6 +145,13 @@ pub struct Journal {
     last_record: (u64, [u8; 16]),
 }
 
+/// `DIR/damaged`: `FIRST_SEQ OFFSET` of the first record a read found damaged (bit rot in a
+/// closed segment, which opening does not read). The next open cuts the journal there:
+/// the bytes from it on, and every later segment, are kept beside it (`.torn-OFFSET`,
+/// `.cut`), and the store removes the points past the new end and gives the disk a new
+/// epoch, so that its agent resends what is missing.
+const DAMAGE_MARK: &str = "damaged";
+
 /// A note that the active segment (the one starting at `first_seq`) holds valid records up
 /// to byte `len`, the last numbered `last_seq`, whose header starts at `last_at` with check
 /// bytes `last_check`: they were fsynced and checked, so opening the journal checks only
@@ -278,6 +285,9 @@ impl Journal {
             }
         }
         found.sort();
+        if let Some((first, offset)) = read_damage_mark(dir) {
+            cut_at_damage(dir, &mut found, first, offset)?;
+        }
         let mut recovery = Recovery::default();
         let mut segments = Vec::new();
         let mut last = Seq(found.first().map_or(0, |(n, _)| n.saturating_sub(1)));
@@ -355,6 +365,31 @@ impl Journal {
             j.checkpointed = seg.durable_len;
         }
         Ok((j, recovery))
+    }
+
+    /// Notes, durably, that a read found the record at byte `offset` of segment `path`
+    /// damaged, so that the next open cuts the journal there (see [`DAMAGE_MARK`]); `known`
+    /// is the damage noted before, if any: the earliest is the one kept. Returns the damage
+    /// noted: (segment's first seq, offset).
+    pub fn note_damage(
+        &self,
+        path: &str,
+        offset: u64,
+        known: Option<(u64, u64)>,
+    ) -> Result<(u64, u64), StoreError> {
+        let p = Path::new(path);
+        let first = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|_| p.parent() == Some(self.dir.as_path()))
+            .ok_or(StoreError::Invariant("damage noted for a segment of another journal"))?;
+        if let Some(k) = known.filter(|k| *k <= (first, offset)) {
+            return Ok(k);
+        }
+        crate::durable::publish(&self.dir.join(DAMAGE_MARK), format!("{first} {offset}\n").as_bytes())?;
+        Ok((first, offset))
     }
 
     /// Last sequence number that is fsynced.
@@ -754,6 +789,47 @@ fn scan_segment(path: &Path, first_seq: u64, from: Option<Checkpoint>) -> Result
 }
 
 /// Keeps the bytes past `good_len` in a `.torn` file, then cuts them off.
+fn read_damage_mark(dir: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(dir.join(DAMAGE_MARK)).ok()?;
+    let (first, offset) = text.trim().split_once(' ')?;
+    Some((first.parse().ok()?, offset.parse().ok()?))
+}
+
+/// Cuts the journal at a damage a read noted (see [`DAMAGE_MARK`]): the damaged segment
+/// from `offset` on and every later segment are set aside, kept beside it; `found` keeps
+/// the segments that remain.
+fn cut_at_damage(
+    dir: &Path,
+    found: &mut Vec<(u64, PathBuf)>,
+    first: u64,
+    offset: u64,
+) -> Result<(), StoreError> {
+    let mut kept = Vec::new();
+    for (n, path) in found.drain(..) {
+        let whole = n > first || (n == first && offset < SEGMENT_HEADER_LEN as u64);
+        if whole {
+            let aside = path.with_extension("seg.cut");
+            std::fs::rename(&path, &aside).map_err(io_err(&path))?;
+            tracing::error!(segment = %path.display(), kept_as = %aside.display(),
+                "journal cut at a damaged record: a later segment is set aside");
+            continue;
+        }
+        if n == first {
+            let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+            if offset < len {
+                cut_tail(&path, offset, len)?;
+                tracing::error!(segment = %path.display(), offset, "journal cut at a damaged record");
+            }
+        }
+        kept.push((n, path));
+    }
+    *found = kept;
+    sync_dir(dir)?;
+    let mark = dir.join(DAMAGE_MARK);
+    std::fs::remove_file(&mark).map_err(io_err(&mark))?;
+    sync_dir(dir)
+}
+
 fn cut_tail(path: &Path, good_len: u64, file_len: u64) -> Result<(), StoreError> {
     let f = OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path))?;
     let mut tail = vec![0u8; usize::try_from(file_len - good_len).unwrap_or(0)];

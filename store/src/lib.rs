@@ -157,6 +157,8 @@ pub enum StoreError {
     RebuildRefused { path: String, reason: String },
     #[error("VM {vm}'s stored data could not be opened ({reason}); repair it and restart the process server")]
     VmDamaged { vm: VmName, reason: String },
+    #[error("VM {vm}: {reason}")]
+    JournalDamaged { vm: VmName, reason: String },
 }
 
 impl StoreError {
@@ -222,6 +224,9 @@ pub struct DiskHandle {
     /// Readers of the base image and segments (materialisation) share it; moving the base
     /// and deleting segments (retention, commit) takes it exclusively.
     retention: std::sync::RwLock<()>,
+    /// A record a read found damaged since the journal was opened (its segment's first seq,
+    /// its byte offset), noted in the journal's `damaged` mark for the next open to cut.
+    damage: Mutex<Option<(u64, u64)>>,
 }
 
 /// The journal's lock; letting it go publishes the durable seq to [`DiskHandle::durable`].
@@ -301,6 +306,35 @@ impl DiskHandle {
     /// is only valid for the same generation.
     pub fn generation(&self) -> String {
         self.generation.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A read found a record of this disk's journal damaged (`e` is a segment that fails
+    /// its checks): noted in the journal, so that the next open cuts it there (the points
+    /// past it are removed and the disk resynced from its agent), and meanwhile no point is
+    /// made and no retention runs on the VM.
+    pub(crate) fn note_damage(&self, e: &StoreError) {
+        let StoreError::SegmentCorrupt { path, offset, reason } = e else { return };
+        tracing::error!(vm = %self.vm, disk = %self.name, segment = %path, offset, reason = %reason,
+            "a journal record is damaged (storage bit rot): the points past it cannot be recovered; \
+             restart the process server to cut the journal there and resync the disk from its agent");
+        let known = *self.damage.lock().unwrap_or_else(|p| p.into_inner());
+        match self.journal().note_damage(path, *offset, known) {
+            Ok(d) => *self.damage.lock().unwrap_or_else(|p| p.into_inner()) = Some(d),
+            Err(e) => {
+                tracing::error!(vm = %self.vm, disk = %self.name, error = %e, "cannot note the journal's damage");
+            }
+        }
+    }
+
+    /// What a read found damaged in this disk's journal, for the operator.
+    pub fn journal_damage(&self) -> Option<String> {
+        let (first, offset) = (*self.damage.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Some(format!(
+            "the journal of disk {} is damaged (segment {first:020}.seg, byte {offset}): the points past it \
+             cannot be recovered, and no point is made until the process server is restarted, which cuts \
+             the journal there and resyncs the disk from its agent (the points before the damage stay)",
+            self.name
+        ))
     }
 
     pub fn base_seq(&self) -> Seq {
@@ -529,6 +563,12 @@ impl Store {
     /// Why a VM's stored data could not be opened, if it could not.
     pub fn damaged(&self, vm: &VmName) -> Option<&str> {
         self.damaged.get(vm).map(String::as_str)
+    }
+
+    /// A damaged journal record a read found on one of the VM's disks (see
+    /// [`DiskHandle::journal_damage`]).
+    pub fn journal_damage(&self, vm: &VmName) -> Option<String> {
+        self.vm_disks(vm).iter().find_map(|h| h.journal_damage())
     }
 
     pub fn root(&self) -> &Path {
@@ -1028,6 +1068,10 @@ impl Store {
             if handles.is_empty() {
                 return Err(StoreError::UnknownVm(cut.vm));
             }
+            // A point past a damaged record could not be recovered: none is acknowledged.
+            if let Some(reason) = self.journal_damage(&cut.vm) {
+                return Err(StoreError::JournalDamaged { vm: cut.vm, reason });
+            }
             cut.disks.sort_by(|a, b| a.disk.cmp(&b.disk));
             let names: Vec<&DiskName> = cut.disks.iter().map(|d| &d.disk).collect();
             let have: Vec<&DiskName> = handles.iter().map(|h| &h.name).collect();
@@ -1430,6 +1474,7 @@ fn open_disk(
         journal: Mutex::new(journal),
         base_seq: Mutex::new(row.base_seq),
         retention: std::sync::RwLock::new(()),
+        damage: Mutex::new(None),
     })
 }
 
@@ -1671,6 +1716,113 @@ mod tests {
         // Numbering goes on from the journal's end; the resent records land there.
         h.journal().append(Seq(2), &[write(&image[8192..12288], 8192)]).unwrap();
         assert_eq!(h.journal().sync().unwrap(), Seq(2));
+    }
+
+    /// Bit rot in a closed segment (which opening does not read) found by a read: the
+    /// damage is noted, no point is made and no retention runs on the VM meanwhile, and the
+    /// points before the damage still fail over. The next open cuts the journal at the
+    /// damage (the bytes set aside), removes the points past it and starts a new epoch.
+    #[test]
+    fn a_damaged_record_found_by_a_read_stops_points_and_the_next_open_cuts_there() {
+        let root = tempfile::tempdir().unwrap();
+        let vm = VmName::new("vm1").unwrap();
+        let d = DiskName::new("sda").unwrap();
+        let size = 1u64 << 20;
+        let mut image = vec![0u8; size as usize];
+        // Incompressible pages: about two records to a 2 KiB segment.
+        let page = |i: u64| -> Vec<u8> {
+            let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            (0..1024)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        let options = || StoreOptions { segment_bytes: Some(2 << 10) };
+        let mut ids = Vec::new();
+        let generation = {
+            let store = Store::open_with(root.path(), options()).unwrap();
+            let h = store.register(&vm, &[(d.clone(), size)]).unwrap().remove(0);
+            for i in 1..=20u64 {
+                let data = page(i);
+                let at = (i * 4096) as usize;
+                image[at..at + 1024].copy_from_slice(&data);
+                h.journal().append(Seq(i), &[write(&data, i * 4096)]).unwrap();
+                h.journal().sync().unwrap();
+                if [2, 10, 20].contains(&i) {
+                    let mut fp = Fingerprint::new();
+                    fp.push_data(&image);
+                    let disks = vec![PointDisk { disk: d.clone(), seq: Seq(i), fingerprint: fp.finish() }];
+                    ids.push(store.make_point(&vm, now_ms(), Consistency::Crash, "", disks).unwrap().id);
+                }
+            }
+            h.generation()
+        };
+        // The closed segment that holds seq 6: its first record's payload flipped.
+        let dir = root.path().join("vms/vm1/sda/journal");
+        let mut segs: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .map(|p| (p.file_stem().unwrap().to_str().unwrap().parse().unwrap(), p))
+            .collect();
+        segs.sort();
+        let (first, seg) = segs.iter().rev().find(|(n, _)| *n <= 6).unwrap().clone();
+        assert!(first > 2 && segs.last().unwrap().0 > 6, "{segs:?}");
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let at = bytes.windows(4).position(|w| w == b"TRNR").unwrap();
+        bytes[at + format::RECORD_HEADER_LEN + 1] ^= 0x40;
+        std::fs::write(&seg, &bytes).unwrap();
+
+        let store = Store::open_with(root.path(), options()).unwrap();
+        assert_eq!(store.points(&vm).unwrap().len(), 3, "opening reads no closed segment");
+        let out = root.path().join("out");
+        let err =
+            store.test_failover(&vm, &PointSpec::Id(ids[2]), &out, Format::Raw, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, StoreError::SegmentCorrupt { .. }), "{err}");
+        let _ = store.test_failover_cleanup(&vm);
+        let why = store.journal_damage(&vm).expect("the damage is noted");
+        assert!(why.contains("restart") && why.contains(&format!("{first:020}.seg")), "{why}");
+        assert!(dir.join("damaged").exists());
+        let h = store.disk(&vm, &d).unwrap();
+        let disks = vec![PointDisk { disk: d.clone(), seq: Seq(20), fingerprint: Digest::of(b"x") }];
+        let refused = store.make_point(&vm, now_ms(), Consistency::Crash, "", disks).unwrap_err();
+        assert!(matches!(refused, StoreError::JournalDamaged { .. }), "{refused}");
+        let retention = store.apply_retention(&vm, now_ms() + 10 * 86_400_000).unwrap_err();
+        assert!(matches!(retention, StoreError::JournalDamaged { .. }), "{retention}");
+        assert_eq!(store.points(&vm).unwrap().len(), 3, "retention pruned nothing");
+        drop(h);
+        drop(store);
+
+        let store = Store::open_with(root.path(), options()).unwrap();
+        let kept: Vec<PointId> = store.points(&vm).unwrap().iter().map(|p| p.id).collect();
+        assert_eq!(kept, [ids[0]], "the points past the damage are gone, the one before stays");
+        let h = store.disk(&vm, &d).unwrap();
+        assert_eq!(h.journal().durable(), Seq(first - 1), "cut at the damaged record");
+        assert_ne!(h.generation(), generation, "the agent compares hashes and resends");
+        assert!(store.journal_damage(&vm).is_none() && !dir.join("damaged").exists());
+        assert!(
+            std::fs::read_dir(&dir).unwrap().any(|e| e
+                .unwrap()
+                .path()
+                .to_string_lossy()
+                .ends_with(".seg.cut"))
+        );
+        let res =
+            store.test_failover(&vm, &PointSpec::Id(ids[0]), &out, Format::Raw, &mut |_, _| {}).unwrap();
+        let mut want = vec![0u8; size as usize];
+        for i in 1..=2u64 {
+            want[(i * 4096) as usize..(i * 4096 + 1024) as usize].copy_from_slice(&page(i));
+        }
+        assert_eq!(res.disks[0].blake3, Digest::of(&want).to_hex());
+        // The resent records go on from the cut, and points are made again.
+        h.journal().append(Seq(first), &[write(&page(first), first * 4096)]).unwrap();
+        h.journal().sync().unwrap();
+        let disks = vec![PointDisk { disk: d.clone(), seq: Seq(first), fingerprint: Digest::of(b"x") }];
+        store.make_point(&vm, now_ms(), Consistency::Crash, "", disks).unwrap();
     }
 
     #[test]

@@ -190,7 +190,7 @@ pub(crate) fn apply_records(
     let zeroes = vec![0u8; COPY_CHUNK];
     let mut done = 0u64;
     for rec in snapshot.read_range(after, upto) {
-        let rec = rec?;
+        let rec = rec.inspect_err(|e| disk.note_damage(e))?;
         let r = &rec.record;
         match r.kind {
             RecordKind::Bookmark | RecordKind::Time => continue,

@@ -62,6 +62,11 @@ impl Store {
         if let Some(reason) = self.damaged(vm) {
             return Err(StoreError::VmDamaged { vm: vm.clone(), reason: reason.to_string() });
         }
+        // Nor one with a damaged journal record: the points before the damage may be the only
+        // ones that recover, and a fold would stop at the damage anyway.
+        if let Some(reason) = self.journal_damage(vm) {
+            return Err(StoreError::JournalDamaged { vm: vm.clone(), reason });
+        }
         let (policy, points) = {
             let c = self.catalog();
             (c.policy(vm)?, c.points(vm)?)

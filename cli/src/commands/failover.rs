@@ -88,7 +88,17 @@ pub async fn commit(d: &mut Drctl, vm: String) -> Result<(), CliError> {
 
 /// Exits 4 (a [`CliError::Mismatch`]) when a disk does not match the point's fingerprint.
 pub async fn verify(d: &mut Drctl, vm: String, point: String) -> Result<(), CliError> {
-    let r = d.c.verify(pb::VerifyRequest { vm: vm.clone(), point }).await?.into_inner();
+    let r = match d.c.verify(pb::VerifyRequest { vm: vm.clone(), point }).await {
+        Ok(r) => r.into_inner(),
+        // A record the point needs failed its check as it was read: the point does not recover.
+        Err(s) if s.code() == tonic::Code::DataLoss => {
+            return Err(CliError::NotRecoverable(format!(
+                "VM {vm}: the point does not recover: {}",
+                s.message()
+            )));
+        }
+        Err(s) => return Err(s.into()),
+    };
     let ok = r.disks.iter().all(|d| d.ok);
     if d.json {
         let disks: Vec<_> = r

@@ -834,3 +834,75 @@ fn a_refusal_shown_in_status_goes_once_a_session_is_admitted() {
         server.status("grown")["error"].is_null().then_some(())
     });
 }
+
+/// Bit rot in a closed journal segment (opening does not read those): the first read that
+/// meets it (a test failover) notes it; the VM turns critical saying what to do, verify
+/// says the point does not recover (exit 4), no point is acknowledged meanwhile. The next
+/// start cuts the journal there: the points past it go, the ones before still verify, and
+/// the agent resends what is missing, so the next point is the disk byte for byte.
+#[test]
+fn a_damaged_record_in_a_closed_segment_is_cut_at_the_next_start_and_the_disk_resynced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.extra = vec!["--segment-size".into(), "256KiB".into(), "--retention-every".into(), "1s".into()];
+    server.start();
+    let identity = root.join("bit.bundle");
+    server.enroll_agent("bit", &identity);
+    let disk = root.join("bit.img");
+    make_random(&disk, 8, 4, 181);
+    let _agent = Agent::start(&server, &identity, "bit", &[("sda", &disk)], &root.join("st"), &[]);
+    server.wait_connected("bit");
+    server.checkpoint("bit");
+    for seed in [182, 183] {
+        scatter_writes(&disk, 0.05, seed);
+        server.checkpoint("bit");
+    }
+    let before = server.drctl_json(&["points", "bit"]).as_array().unwrap().len();
+
+    server.kill9();
+    let dir = server.data.join("vms/bit/sda/journal");
+    let mut segs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    assert!(segs.len() > 3, "several segments: {segs:?}");
+    let rotten = &segs[segs.len() - 2];
+    let len = std::fs::metadata(rotten).unwrap().len();
+    let mut b = std::fs::read(rotten).unwrap()[(len / 2) as usize];
+    b ^= 0x10;
+    write_at(rotten, len / 2, &[b]);
+    server.start();
+
+    let err = server.drctl_err(&["test-failover", "bit", "--output", root.join("t1").to_str().unwrap()]);
+    assert!(err.contains("corrupt"), "{err}");
+    let s = server.status("bit");
+    assert_eq!(s["health"], "critical", "{s}");
+    assert!(s["error"].as_str().unwrap().contains("process server is restarted"), "{s}");
+    let out = server.drctl(&["verify", "bit"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let out = server.drctl(&["checkpoint", "bit", "--wait"]);
+    assert!(!out.status.success(), "no point past the damage is acknowledged: {out:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        server.drctl_json(&["points", "bit"]).as_array().unwrap().len(),
+        before,
+        "retention pruned nothing"
+    );
+
+    server.kill9();
+    server.start();
+    let kept = server.drctl_json(&["points", "bit"]);
+    let kept: Vec<String> = kept.as_array().unwrap().iter().map(|p| p["id"].to_string()).collect();
+    assert!(kept.len() < before, "the points past the damage are gone: {kept:?}");
+    for id in &kept {
+        let out = server.drctl(&["verify", "bit", "--point", id]);
+        assert_eq!(out.status.code(), Some(0), "point {id} before the damage: {out:?}");
+    }
+    assert!(std::fs::read_dir(&dir).unwrap().any(|e| e.unwrap().path().to_string_lossy().contains(".seg.")));
+    let p = server.checkpoint("bit");
+    assert_point_recovers(&server, root, "bit", &p, &b3(&disk, None));
+    assert_eq!(server.status("bit")["health"], "normal");
+}
