@@ -75,7 +75,9 @@ pub fn status_json(s: &pb::VmStatus) -> Value {
         "rpo_seconds": if s.rpo_seconds < 0 { Value::Null } else { json!(s.rpo_seconds) },
         "bytes_received": s.bytes_received,
         "storage_bytes": s.storage_bytes,
-        "retention_ms": if s.retention_ms == 0 { Value::Null } else { json!(s.retention_ms) },
+        // When retention last ran over the VM (not the policy's retention: that is in "policy").
+        "retention_last_run": if s.retention_ms == 0 { Value::Null } else { json!(rfc3339(s.retention_ms)) },
+        "retention_last_run_ms": if s.retention_ms == 0 { Value::Null } else { json!(s.retention_ms) },
         "error": if s.error.is_empty() { Value::Null } else { json!(s.error) },
         "group": if s.group.is_empty() { Value::Null } else { json!(s.group) },
         "policy": s.policy.as_ref().map(policy_json).unwrap_or(Value::Null),

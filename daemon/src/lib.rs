@@ -50,7 +50,9 @@ pub fn store_status(e: StoreError, site: Site) -> Status {
         | StoreError::Group(_)
         | StoreError::WrongState { .. } => Status::failed_precondition(msg),
         StoreError::SeqGap { .. } => Status::out_of_range(msg),
-        StoreError::OutputExists(_) | StoreError::PointDisksMismatch { .. } => Status::invalid_argument(msg),
+        StoreError::OutputExists(_)
+        | StoreError::PointDisksMismatch { .. }
+        | StoreError::VhdTooLarge { .. } => Status::invalid_argument(msg),
         StoreError::SegmentCorrupt { .. }
         | StoreError::JournalRecordBad { .. }
         | StoreError::JournalDamaged { .. }

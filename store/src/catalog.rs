@@ -1158,15 +1158,18 @@ impl Catalog {
             }
             (None, true) => {}
         }
-        for vm in vms {
+        for (i, vm) in vms.iter().enumerate() {
+            if vms[..i].contains(vm) {
+                return Err(StoreError::Group(format!("VM {vm} is named twice; name each VM once")));
+            }
             let known: bool = tx
                 .query_row("SELECT count(*) FROM vms WHERE name = ?1", [vm.as_str()], |r| r.get::<_, i64>(0))
                 .map_err(q("change group"))?
                 > 0;
             if !known {
                 return Err(StoreError::GroupNotFound(format!(
-                    "VM {vm} is not protected here: enroll its agent (`drctl enroll agent --vm {vm} --out FILE`) \
-                     and start it (`mobility-agent run --vm {vm} ...`) first"
+                    "VM {vm} is not protected here: its agent has not replicated it yet (enroll it with \
+                     `drctl enroll agent --vm {vm} --out FILE` if it is not, and start `mobility-agent run --vm {vm} ...`)"
                 )));
             }
             let other: Option<String> = tx

@@ -53,7 +53,7 @@ impl Store {
         self.require_state(vm, VmState::Protected, Transition::FailOver(row.clone()).refusal())?;
         let position = self.resolve_position(vm, spec)?;
         let handles = self.point_disks(vm, &position.point)?;
-        let files = output_files(&handles, out_dir, format);
+        let files = output_files(&handles, out_dir, format)?;
         refuse_existing(&files, out_dir)?;
         self.transition(
             vm,
@@ -102,7 +102,7 @@ impl Store {
         let out_dir = PathBuf::from(&row.output);
         remove_outputs(&row)?;
         let handles = self.point_disks(vm, &position.point)?;
-        let files = output_files(&handles, &out_dir, format);
+        let files = output_files(&handles, &out_dir, format)?;
         let listed: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         self.catalog().change_failover(vm, position.point.id, position.between.as_ref(), &listed)?;
         let manifest = out_dir.join("vm.json");
@@ -191,12 +191,23 @@ pub(crate) fn remove_outputs(row: &FailoverRow) -> Result<(), StoreError> {
     first
 }
 
+/// The largest disk a VHD holds: 2040 GiB (the format's CHS limit, which qemu's vpc driver
+/// and Hyper-V enforce).
+pub const VHD_MAX_BYTES: u64 = 2040 << 30;
+
+/// Each disk's output file in `dir`; a disk too large for a VHD is refused before anything
+/// is written.
 pub(crate) fn output_files(
     handles: &[std::sync::Arc<crate::DiskHandle>],
     dir: &Path,
     format: Format,
-) -> Vec<PathBuf> {
-    handles.iter().map(|h| dir.join(format!("{}.{}", h.name, format.extension()))).collect()
+) -> Result<Vec<PathBuf>, StoreError> {
+    if format == Format::Vhd
+        && let Some(h) = handles.iter().find(|h| h.size > VHD_MAX_BYTES)
+    {
+        return Err(StoreError::VhdTooLarge { disk: h.name.to_string(), size: h.size });
+    }
+    Ok(handles.iter().map(|h| dir.join(format!("{}.{}", h.name, format.extension()))).collect())
 }
 
 pub(crate) fn refuse_existing(files: &[PathBuf], dir: &Path) -> Result<(), StoreError> {

@@ -114,6 +114,10 @@ pub enum StoreError {
     NoTestFailover(VmName),
     #[error("{0} already exists; choose an empty output directory or remove it")]
     OutputExists(String),
+    #[error(
+        "disk {disk} is {size} bytes: a VHD holds at most 2040 GiB (qemu and Hyper-V refuse a larger one); use --format raw"
+    )]
+    VhdTooLarge { disk: String, size: u64 },
     #[error("catalog: {op} failed: {reason}")]
     CatalogQuery {
         op: &'static str,
@@ -1203,7 +1207,7 @@ impl Store {
         let position = self.resolve_position(vm, spec)?;
         let point = &position.point;
         let handles = self.point_disks(vm, point)?;
-        let files = failover::output_files(&handles, out_dir, format);
+        let files = failover::output_files(&handles, out_dir, format)?;
         let manifest = out_dir.join("vm.json");
         failover::refuse_existing(&files, out_dir)?;
         {
@@ -1823,6 +1827,29 @@ mod tests {
         h.journal().sync().unwrap();
         let disks = vec![PointDisk { disk: d.clone(), seq: Seq(first), fingerprint: Digest::of(b"x") }];
         store.make_point(&vm, now_ms(), Consistency::Crash, "", disks).unwrap();
+    }
+
+    /// A VHD holds at most 2040 GiB: a larger disk is refused before anything is written.
+    #[test]
+    fn a_disk_too_large_for_a_vhd_is_refused_before_anything_is_written() {
+        let root = tempfile::tempdir().unwrap();
+        let vm = VmName::new("big").unwrap();
+        let d = DiskName::new("sda").unwrap();
+        let size = failover::VHD_MAX_BYTES + (1 << 20);
+        let store = Store::open(root.path()).unwrap();
+        let h = store.register(&vm, &[(d.clone(), size)]).unwrap().remove(0);
+        h.journal().append(Seq(1), &[write(&[7u8; 4096], 0)]).unwrap();
+        h.journal().sync().unwrap();
+        let disks = vec![PointDisk { disk: d, seq: Seq(1), fingerprint: Digest::of(b"x") }];
+        store.make_point(&vm, now_ms(), Consistency::Crash, "", disks).unwrap();
+        let out = root.path().join("out");
+        let err = store
+            .test_failover(&vm, &PointSpec::LatestProcessed, &out, Format::Vhd, &mut |_, _| {})
+            .unwrap_err();
+        assert!(matches!(err, StoreError::VhdTooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("--format raw"), "{err}");
+        assert!(!out.join("sda.vhd").exists());
+        assert!(store.test_failover_cleanup(&vm).is_err(), "no test failover was opened");
     }
 
     #[test]

@@ -253,7 +253,7 @@ fn retention_prunes_folds_and_respects_a_pinned_point() {
     let real_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
     let after = i64::try_from(real_ms).unwrap() + 5000;
     deadline_poll("a retention pass", Duration::from_secs(20), || {
-        (server.status("ret")["retention_ms"].as_i64()? > after).then_some(())
+        (server.status("ret")["retention_last_run_ms"].as_i64()? > after).then_some(())
     });
     // The pinned point and everything after it stays while the test failover is open.
     let points = server.drctl_json(&["points", "ret"]);
