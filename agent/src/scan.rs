@@ -81,7 +81,9 @@ pub enum ScanError {
     #[error("reading disk {disk} ({path}): {source}")]
     Read { disk: DiskName, path: String, source: std::io::Error },
     #[error(
-        "disk {disk} ({path}) is now {now} bytes, was {was}; restart the agent to resize the protected disk"
+        "disk {disk} ({path}) is now {now} bytes, was {was}: the copy on the process server cannot take a \
+         resized disk. Keep the agent stopped, remove the VM's copy (`drctl remove VM --delete-points`: its \
+         recovery points go) and start the agent again: it syncs the disk anew"
     )]
     Resized { disk: DiskName, path: String, was: u64, now: u64 },
     #[error("scan cancelled")]

@@ -152,6 +152,16 @@ pub enum Cmd {
         #[arg(long)]
         identity_out: PathBuf,
     },
+    /// Remove a VM's copy on this server: every recovery point, journal and base image of it.
+    /// For a disk that was resized (stop the agent, remove, start it again: it syncs anew)
+    /// or a VM retired. Refused while its agent is connected, while a failover or reprotect
+    /// is under way, while a test failover is open and while it is in a replication group.
+    Remove {
+        vm: String,
+        /// Confirms that every recovery point of the VM is deleted.
+        #[arg(long)]
+        delete_points: bool,
+    },
     /// Undo a reprotect (a wrong master target or target disk, a recovered disk its agent
     /// cannot replicate): the master target releases its journal for the VM, the points
     /// made since go, the recovered VM's agent identity is revoked, and the VM is

@@ -129,6 +129,7 @@ async fn run_command(mut cli: Cli) -> Result<(), CliError> {
             let r = failback::Reprotect { vm, master_target, location, target_disks, sync, identity_out };
             failback::reprotect(d, r).await
         }
+        Cmd::Remove { vm, delete_points } => protect::remove(d, vm, delete_points).await,
         Cmd::ReprotectCancel { vm, force } => failback::cancel_reprotect(d, vm, force).await,
         Cmd::Failback { vm, drill } => failback::failback(d, vm, drill).await,
         Cmd::ReverseReplicate { vm } => failback::reverse_replicate(d, vm).await,

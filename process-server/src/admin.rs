@@ -651,6 +651,17 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::ReverseReply {}))
     }
 
+    async fn remove_vm(
+        &self,
+        req: Request<pb::RemoveVmRequest>,
+    ) -> Result<Response<pb::RemoveVmReply>, Status> {
+        require_admin(&req, "RemoveVm")?;
+        let r = req.into_inner();
+        let vm = vm_arg(&r.vm)?;
+        self.known_vm(&vm).await?;
+        Ok(Response::new(remove_vm(&self.ctx, &vm, r.delete_points).await?))
+    }
+
     async fn cancel_reprotect(
         &self,
         req: Request<pb::CancelReprotectRequest>,
@@ -864,4 +875,66 @@ async fn shut_down_source(
 ) -> Result<tern_core::PointId, String> {
     let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| e.message().to_string())?;
     crate::failback::final_point(ctx, vm, rx, job).await.map(|p| p.id)
+}
+
+/// Removes a VM's copy (a disk resized, a VM retired), once nothing uses it: its agent
+/// stopped, no job or test failover open, in no replication group, and in a state where
+/// nothing on the way back depends on it.
+async fn remove_vm(ctx: &Arc<Ctx>, vm: &VmName, delete_points: bool) -> Result<pb::RemoveVmReply, Status> {
+    use tern_core::VmState;
+    if ctx.hub.connected(vm) {
+        return Err(Status::failed_precondition(format!(
+            "VM {vm}'s agent is connected: stop it first (a removed VM's agent protects it anew when it starts)"
+        )));
+    }
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    let (state, group, test, jobs, points) = blocking(move || -> Result<_, tern_store::StoreError> {
+        Ok((
+            store.vm_state(&v)?,
+            store.group_of(&v)?,
+            store.test_failover_row(&v)?,
+            store.jobs()?,
+            store.points(&v)?,
+        ))
+    })
+    .await?
+    .map_err(store_status)?;
+    let what = match state {
+        VmState::Protected | VmState::FailoverCommitted | VmState::FailbackCommitted => None,
+        VmState::FailedOver => Some(format!("commit its failover first (`drctl commit {vm}`)")),
+        VmState::Reprotected => {
+            Some(format!("cancel its reprotect (`drctl reprotect-cancel {vm}`) or fail it back first"))
+        }
+        VmState::FailedBack => Some(format!("commit its failback first (`drctl commit {vm}`)")),
+    };
+    if let Some(what) = what {
+        return Err(Status::failed_precondition(format!("VM {vm} is {state}: {what}")));
+    }
+    if let Some(g) = group {
+        return Err(Status::failed_precondition(format!(
+            "VM {vm} is in replication group {g}: `drctl group remove {g} --vm {vm}` first"
+        )));
+    }
+    if test.is_some() {
+        return Err(Status::failed_precondition(format!(
+            "VM {vm} has an open test failover: `drctl test-failover-cleanup {vm}` first"
+        )));
+    }
+    if let Some(j) = jobs.iter().find(|j| j.vm == vm.as_str() && j.state == tern_core::JobState::Running) {
+        return Err(Status::failed_precondition(format!(
+            "a {} of VM {vm} is running (job {}): remove it once that has ended (`drctl jobs --wait {}`)",
+            j.kind, j.id, j.id
+        )));
+    }
+    if !delete_points {
+        return Err(Status::invalid_argument(format!(
+            "removing VM {vm} deletes its {} recovery points and everything stored of it here; give \
+             --delete-points to go on",
+            points.len()
+        )));
+    }
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    blocking(move || store.remove_vm(&v)).await?.map_err(store_status)?;
+    ctx.hub.forget(vm);
+    Ok(pb::RemoveVmReply { points_deleted: points.len() as u64 })
 }

@@ -148,6 +148,11 @@ impl Hub {
         lock(&self.counters).get(vm).and_then(|c| c.disconnected_at).map(|t| t.elapsed().as_secs())
     }
 
+    /// Forgets what is kept about `vm` (its counters, its last error): the VM was removed.
+    pub fn forget(&self, vm: &VmName) {
+        lock(&self.counters).remove(vm);
+    }
+
     pub fn add_bytes(&self, vm: &VmName, n: u64) {
         lock(&self.counters).entry(vm.clone()).or_default().bytes_received += n;
     }

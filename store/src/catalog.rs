@@ -290,6 +290,19 @@ CREATE TABLE IF NOT EXISTS test_failovers (
 );
 ";
 
+/// Every row of a VM, deleted (its jobs stay, as history).
+const FORGET_VM: [&str; 9] = [
+    "DELETE FROM point_disks WHERE vm = ?1",
+    "DELETE FROM points WHERE vm = ?1",
+    "DELETE FROM group_members WHERE vm = ?1",
+    "DELETE FROM disks WHERE vm = ?1",
+    "DELETE FROM policies WHERE vm = ?1",
+    "DELETE FROM test_failovers WHERE vm = ?1",
+    "DELETE FROM failovers WHERE vm = ?1",
+    "DELETE FROM reprotects WHERE vm = ?1",
+    "DELETE FROM vms WHERE name = ?1",
+];
+
 /// A change of a VM's state with the rows that change with it (see [`Catalog::transition`]).
 #[derive(Clone, Debug)]
 pub enum Transition {
@@ -606,20 +619,19 @@ impl Catalog {
 
     /// Removes every row of a VM.
     pub fn forget_vm(&self, vm: &VmName) -> Result<(), StoreError> {
-        for sql in [
-            "DELETE FROM point_disks WHERE vm = ?1",
-            "DELETE FROM points WHERE vm = ?1",
-            "DELETE FROM group_members WHERE vm = ?1",
-            "DELETE FROM disks WHERE vm = ?1",
-            "DELETE FROM policies WHERE vm = ?1",
-            "DELETE FROM test_failovers WHERE vm = ?1",
-            "DELETE FROM failovers WHERE vm = ?1",
-            "DELETE FROM reprotects WHERE vm = ?1",
-            "DELETE FROM vms WHERE name = ?1",
-        ] {
+        for sql in FORGET_VM {
             self.db.execute(sql, [vm.as_str()]).map_err(q("forget VM"))?;
         }
         Ok(())
+    }
+
+    /// [`Catalog::forget_vm`] in one transaction.
+    pub fn forget_vm_at_once(&mut self, vm: &VmName) -> Result<(), StoreError> {
+        let tx = self.db.transaction().map_err(q("remove VM"))?;
+        for sql in FORGET_VM {
+            tx.execute(sql, [vm.as_str()]).map_err(q("remove VM"))?;
+        }
+        tx.commit().map_err(q("remove VM"))
     }
 
     pub fn set_base_seq(&self, vm: &VmName, disk: &DiskName, seq: Seq) -> Result<(), StoreError> {

@@ -89,7 +89,10 @@ pub enum StoreError {
     #[error("VM {vm} has no disk {disk}")]
     UnknownDisk { vm: VmName, disk: String },
     #[error(
-        "disk {disk} of VM {vm} was {was} bytes and is now {now}; a resized disk cannot be replicated into the same copy"
+        "disk {disk} of VM {vm} was {was} bytes and is now {now}; a resized disk cannot be replicated into the \
+         same copy. To protect it at its new size, stop its agent, remove the VM's copy here (`drctl remove \
+         {vm} --delete-points`: its recovery points go; fail over or test-fail over first if one is still \
+         needed) and start the agent again: it syncs the disks anew"
     )]
     DiskSizeChanged { vm: VmName, disk: DiskName, was: u64, now: u64 },
     #[error("a point must cover every disk of VM {vm}: {reason}")]
@@ -801,6 +804,34 @@ impl Store {
             let handle = Arc::new(open_disk(&self.root, vm, row, self.options)?);
             map.insert((vm.clone(), name.clone()), handle);
         }
+        Ok(())
+    }
+
+    /// Removes a protected VM's copy: its files are moved out of `vms/` first (into the
+    /// scratch directory, emptied at every start), then its catalog rows go in one
+    /// transaction, then the files. A crash in between leaves the rows of a VM whose files
+    /// are gone (a second remove finishes it), never files a new VM of that name would take
+    /// for its own.
+    pub fn remove_vm(&self, vm: &VmName) -> Result<(), StoreError> {
+        let dir = self.root.join("vms").join(vm.as_str());
+        let scratch = self.root.join("tmp");
+        create_dir_durable(&scratch)?;
+        let aside = scratch.join(format!("removed-{vm}-{}", now_ms()));
+        if dir.exists() {
+            std::fs::rename(&dir, &aside).map_err(io_err(&dir))?;
+            durable::sync_dir(&self.root.join("vms"))?;
+            durable::sync_dir(&scratch)?;
+        }
+        {
+            let mut catalog = self.catalog();
+            catalog.forget_vm_at_once(vm)?;
+        }
+        self.disk_map().retain(|(v, _), _| v != vm);
+        self.state_changed();
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).map_err(io_err(&aside))?;
+        }
+        tracing::warn!(vm = %vm, "VM removed: its points, journals and base images are deleted");
         Ok(())
     }
 

@@ -73,6 +73,18 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
     }
 }
 
+pub async fn remove(d: &mut Drctl, vm: String, delete_points: bool) -> Result<(), CliError> {
+    let r = d.c.remove_vm(pb::RemoveVmRequest { vm: vm.clone(), delete_points }).await?.into_inner();
+    if d.json {
+        return print_json(&json!({"removed": vm, "points_deleted": r.points_deleted}));
+    }
+    out!("VM {vm} removed: {} recovery points and its stored copy deleted", r.points_deleted);
+    out!(
+        "its agent, started again, protects it anew (a full sync); to retire it, `drctl revoke` its identity"
+    );
+    Ok(())
+}
+
 /// An enrolled VM whose agent has not connected yet, in `status --json`'s shape: not
 /// protected, and a warning (as `--check` counts it).
 fn waiting_json(w: &pb::EnrolledVm) -> Value {

@@ -906,3 +906,39 @@ fn a_damaged_record_in_a_closed_segment_is_cut_at_the_next_start_and_the_disk_re
     assert_point_recovers(&server, root, "bit", &p, &b3(&disk, None));
     assert_eq!(server.status("bit")["health"], "normal");
 }
+
+/// A disk resized under protection: the refusal says what to do, `drctl remove` (refused
+/// while the agent runs, and without --delete-points) removes the VM's copy, and the agent,
+/// started again, protects the disk anew at its new size, byte for byte.
+#[test]
+fn a_resized_disk_is_protected_anew_after_its_copy_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let mut agent = protect_vm(&server, root, "grown", 8, 2, &[]);
+    let out = server.drctl(&["remove", "grown", "--delete-points"]);
+    assert_eq!(out.status.code(), Some(6), "refused while the agent runs: {out:?}");
+    agent.kill9();
+    let disk = root.join("grown.img");
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(12 << 20).unwrap();
+    write_at(&disk, 10 << 20, &[0x5a; 8192]);
+    agent.restart();
+    assert!(!agent.wait_exit("the agent to be refused the resized disk").success());
+    let s = server.status("grown");
+    assert!(s["error"].as_str().is_some_and(|e| e.contains("drctl remove grown --delete-points")), "{s}");
+
+    let out = server.drctl(&["remove", "grown"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--delete-points"), "{out:?}");
+    let removed = server.drctl_json(&["remove", "grown", "--delete-points"]);
+    assert!(removed["points_deleted"].as_u64().unwrap() >= 1, "{removed}");
+    assert!(!server.data.join("vms/grown").exists());
+    assert_eq!(server.drctl(&["points", "grown"]).status.code(), Some(5), "no VM grown any more");
+
+    agent.restart();
+    server.wait_connected("grown");
+    let p = server.checkpoint("grown");
+    assert_point_recovers(&server, root, "grown", &p, &b3(&disk, None));
+    assert_eq!(server.status("grown")["disks"][0]["size"], 12 << 20);
+}
