@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
-use tern_core::blocks::{BlockHashes, Fingerprint, hash_block, is_zero, zero_block};
+use tern_core::blocks::{BlockHashes, Fingerprint, block_len, hash_block, is_zero, zero_block};
 use tern_core::codec::Encoder;
 use tern_core::disk::{AlignedBuf, DiskReader};
 use tern_core::{BLOCK_SIZE, Digest, DiskName, PAGE_SIZE, PAGES_PER_BLOCK};
@@ -409,10 +409,13 @@ fn scan_disk(
             let memory = memory.clone();
             s.spawn(move || worker(rx, file, d.size, page_hashes, background, &memory));
         }
+        // A chunk in flight: its worker's answer, or none for a chunk that is a hole on the
+        // disk and was zero in the state (nothing to read, compare or write: its blocks are
+        // zero blocks), so that a pass over a sparse disk costs little per empty MiB.
         #[allow(clippy::type_complexity)]
         let mut inflight: VecDeque<(
             u64,
-            Receiver<Result<ChunkOut, std::io::Error>>,
+            Option<Receiver<Result<ChunkOut, std::io::Error>>>,
             Vec<BlockHashes>,
         )> = VecDeque::new();
         let blocks_per_chunk = (CHUNK / BLOCK_SIZE) as u64;
@@ -432,20 +435,38 @@ fn scan_disk(
                     }
                     f.take(state, std::time::Duration::from_millis(100));
                 }
+                // Without a receiver's hashes to compare with, an empty chunk that was empty is
+                // known without a look.
+                let chunk_end = (last * BLOCK_SIZE as u64).min(d.size);
+                if feed.is_none()
+                    && state.zero_hole(first, last)
+                    && tern_core::blocks::data_ranges(file.file(), first * BLOCK_SIZE as u64, chunk_end)
+                        .is_empty()
+                {
+                    inflight.push_back((next, None, Vec::new()));
+                    continue;
+                }
                 let (reply, rx) = sync_channel(1);
                 let old = state.range(first, last);
                 let job = Job { index: next, old: old.clone(), ask_pages, reply };
                 if job_tx.send(job).is_err() {
                     return Err(ScanError::Cancelled);
                 }
-                inflight.push_back((next, rx, old));
+                inflight.push_back((next, Some(rx), old));
             }
             let Some((chunk, rx, old)) = inflight.pop_front() else { break };
             if cancel.is_cancelled() {
                 return Err(ScanError::Cancelled);
             }
-            let done = rx.recv().map_err(|_| ScanError::Cancelled)?.map_err(read_err)?;
             let first = chunk * blocks_per_chunk;
+            let Some(rx) = rx else {
+                let last = (first + blocks_per_chunk).min(state.len());
+                for b in first..last {
+                    fp.push(&zero_block(block_len(d.size, b)).block);
+                }
+                continue;
+            };
+            let done = rx.recv().map_err(|_| ScanError::Cancelled)?.map_err(read_err)?;
             for ((b, h), was) in (first..).zip(&done.new).zip(&old) {
                 fp.push(&h.block);
                 // Only what changed is written: the state's cost follows the changes.

@@ -272,6 +272,17 @@ impl DiskState {
         out
     }
 
+    /// Whether blocks `first..last` are all zero blocks here without a read: a table whose
+    /// never-written entries mean zero, a hole of it there, and no change in memory.
+    pub fn zero_hole(&self, first: u64, last: u64) -> bool {
+        let last = last.min(self.blocks);
+        self.fill == Fill::Zero
+            && self.failed.is_none()
+            && first < last
+            && self.overlay.range(first..last).next().is_none()
+            && tern_core::blocks::data_ranges(&self.file, entry_offset(first), entry_offset(last)).is_empty()
+    }
+
     pub fn get(&mut self, block: u64) -> BlockHashes {
         self.range(block, block + 1).pop().unwrap_or(UNKNOWN)
     }
