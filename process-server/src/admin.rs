@@ -785,15 +785,33 @@ pub(crate) async fn run_test_failover(
 ) -> Result<pb::JobOutput, String> {
     let spec = resolve_latest(ctx, &vm, spec, job).await;
     job.phase("writing disks").await;
-    let store = ctx.store.clone();
-    let j = job.clone();
+    let (store, j, v, s) = (ctx.store.clone(), job.clone(), vm.clone(), spec.clone());
     let res = blocking(move || {
-        store.test_failover(&vm, &spec, &out_dir, format, &mut |done, total| j.progress(done, total))
+        store.test_failover(&v, &s, &out_dir, format, &mut |done, total| j.progress(done, total))
     })
     .await
-    .map_err(|e| e.message().to_string())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.message().to_string())?;
+    let res = res.map_err(|e| unrecoverable(ctx, &vm, &spec, e))?;
     Ok(crate::jobs::output_of(&res))
+}
+
+/// A failover's error, said; a point whose output does not match its fingerprint (stored
+/// data damaged) turns the VM critical naming the point, as the scrub and verify do.
+fn unrecoverable(ctx: &Ctx, vm: &VmName, spec: &PointSpec, e: tern_store::StoreError) -> String {
+    if let tern_store::StoreError::FingerprintMismatch { disk, expected, actual } = &e
+        && let Ok(point) = ctx.store.resolve_point(vm, spec)
+    {
+        let problem =
+            format!("disk {disk} has fingerprint {}, the point says {}", actual.to_hex(), expected.to_hex());
+        tracing::error!(vm = %vm, point = %point.id, problem = %problem, "failover: a recovery point does not recover");
+        ctx.scrub.verified(vm, point.id.0, Some(problem));
+        return format!(
+            "{e}: point {} does not recover (its stored data is damaged); `drctl verify {vm} --point ID` finds \
+             one that does",
+            point.id
+        );
+    }
+    e.to_string()
 }
 
 /// A failover of `vm` (planned: the source shut down and its final point used), inside
@@ -827,12 +845,13 @@ pub(crate) async fn run_failover(
     let store = ctx.store.clone();
     let j = job.clone();
     let v = vm.clone();
+    let s = spec.clone();
     let res = blocking(move || {
-        store.failover(&v, kind, &spec, &out_dir, format, &mut |done, total| j.progress(done, total))
+        store.failover(&v, kind, &s, &out_dir, format, &mut |done, total| j.progress(done, total))
     })
     .await
     .map_err(|e| e.message().to_string())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| unrecoverable(ctx, &vm, &spec, e))?;
     ctx.hub.stand_down(&vm, "the VM failed over").await;
     info!(vm = %vm, point = res.point, kind = %kind, "failed over");
     Ok(crate::jobs::output_of(&res))
@@ -936,5 +955,6 @@ async fn remove_vm(ctx: &Arc<Ctx>, vm: &VmName, delete_points: bool) -> Result<p
     let (store, v) = (ctx.store.clone(), vm.clone());
     blocking(move || store.remove_vm(&v)).await?.map_err(store_status)?;
     ctx.hub.forget(vm);
+    ctx.scrub.forget(vm);
     Ok(pb::RemoveVmReply { points_deleted: points.len() as u64 })
 }

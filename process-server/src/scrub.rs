@@ -50,6 +50,11 @@ impl Scrub {
 
     /// What a `drctl verify` of `point` found: `Some(problem)` marks the VM critical, `None`
     /// (it recovers) clears a mark of that point.
+    /// The VM was removed: what was found about its points goes with them.
+    pub fn forget(&self, vm: &VmName) {
+        lock(&self.failures).remove(vm);
+    }
+
     pub fn verified(&self, vm: &VmName, point: u64, problem: Option<String>) {
         let mut verified = lock(&self.verified);
         match problem {

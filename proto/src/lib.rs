@@ -98,7 +98,13 @@ fn host_of(url: &str) -> Result<(String, String), ConnectError> {
     } else {
         authority.rsplit_once(':').map_or(authority, |(h, _)| h)
     };
-    Ok((host.to_string(), authority.to_string()))
+    // Without a port, HTTPS's (as tonic's own connector takes it).
+    let has_port = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').is_some_and(|(_, rest)| rest.starts_with(':')),
+        None => authority.contains(':'),
+    };
+    let authority = if has_port { authority.to_string() } else { format!("{authority}:443") };
+    Ok((host.to_string(), authority))
 }
 
 /// Every client connection's timeouts, windows and keepalive.
@@ -224,6 +230,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_without_a_port_takes_https_port() {
+        assert_eq!(host_of("https://mt.example").unwrap(), ("mt.example".into(), "mt.example:443".into()));
+        assert_eq!(
+            host_of("https://mt.example:7444/").unwrap(),
+            ("mt.example".into(), "mt.example:7444".into())
+        );
+        assert_eq!(host_of("https://[::1]").unwrap(), ("::1".into(), "[::1]:443".into()));
+        assert_eq!(host_of("https://[::1]:7444").unwrap(), ("::1".into(), "[::1]:7444".into()));
+    }
 
     /// A peer that takes the TCP connection and never answers the TLS handshake is given up
     /// on at the limit, saying so, by both ways of connecting (their own connect timeouts

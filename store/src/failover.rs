@@ -131,6 +131,7 @@ impl Store {
         for h in self.vm_disks(vm) {
             let _exclusive = h.write_lock();
             h.journal().delete_all(h.base_seq())?;
+            h.forget_damage();
         }
         tracing::info!(vm = %vm, position = %position.describe(),
             "failover committed; points and journals deleted, base images kept");

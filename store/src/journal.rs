@@ -376,7 +376,8 @@ impl Journal {
         path: &str,
         offset: u64,
         known: Option<(u64, u64)>,
-    ) -> Result<(u64, u64), StoreError> {
+        base: Seq,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
         let p = Path::new(path);
         let first = p
             .file_name()
@@ -385,11 +386,16 @@ impl Journal {
             .and_then(|n| n.parse::<u64>().ok())
             .filter(|_| p.parent() == Some(self.dir.as_path()))
             .ok_or(StoreError::Invariant("damage noted for a segment of another journal"))?;
+        // A segment that holds records the base holds too is not cut: a cut there would
+        // end the journal below the base (and the damage may be in a record the base has).
+        if first <= base.0 {
+            return Ok(known);
+        }
         if let Some(k) = known.filter(|k| *k <= (first, offset)) {
-            return Ok(k);
+            return Ok(Some(k));
         }
         crate::durable::publish(&self.dir.join(DAMAGE_MARK), format!("{first} {offset}\n").as_bytes())?;
-        Ok((first, offset))
+        Ok(Some((first, offset)))
     }
 
     /// Last sequence number that is fsynced.
@@ -664,6 +670,13 @@ impl Journal {
             remove_ranges(&self.dir, seg.first_seq)?;
             std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
         }
+        // A damage noted in them went with them.
+        let mark = self.dir.join(DAMAGE_MARK);
+        match std::fs::remove_file(&mark) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::Io { path: mark.display().to_string(), source: e }),
+        }
         self.active_len = 0;
         self.written = base;
         self.durable = base;
@@ -804,6 +817,13 @@ fn cut_at_damage(
     first: u64,
     offset: u64,
 ) -> Result<(), StoreError> {
+    let mark = dir.join(DAMAGE_MARK);
+    if !found.iter().any(|(n, _)| *n == first) {
+        // The segment is gone (folded or deleted since): nothing to cut.
+        tracing::warn!(dir = %dir.display(), segment = first, "a damage mark names a segment that is gone; removed");
+        std::fs::remove_file(&mark).map_err(io_err(&mark))?;
+        return sync_dir(dir);
+    }
     let mut kept = Vec::new();
     for (n, path) in found.drain(..) {
         let whole = n > first || (n == first && offset < SEGMENT_HEADER_LEN as u64);
@@ -825,7 +845,6 @@ fn cut_at_damage(
     }
     *found = kept;
     sync_dir(dir)?;
-    let mark = dir.join(DAMAGE_MARK);
     std::fs::remove_file(&mark).map_err(io_err(&mark))?;
     sync_dir(dir)
 }
@@ -1139,6 +1158,42 @@ mod tests {
     /// A closed segment's written ranges are kept beside it: the next open takes them
     /// instead of reading its headers, unless the file is damaged; the active segment's
     /// are never taken from a file (it may grow), and a deleted segment's file goes with it.
+    /// A damage mark is taken only for a segment wholly past the base, never cuts a
+    /// segment that is gone, and goes with the records when they are all deleted.
+    #[test]
+    fn a_damage_mark_past_the_base_only_and_never_for_a_gone_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.set_segment_target(8192);
+        for seq in 1..=10u64 {
+            j.append(Seq(seq), &[write_rec(&incompressible(seq, 4096), seq * 8192)]).unwrap();
+        }
+        j.sync().unwrap();
+        let segs: Vec<(u64, String)> =
+            j.segments.iter().map(|s| (s.first_seq, s.path.display().to_string())).collect();
+        assert!(segs.len() > 2, "{segs:?}");
+        let mark = dir.path().join(DAMAGE_MARK);
+        // The first segment holds records the base (up to its first record) holds: not noted.
+        assert_eq!(j.note_damage(&segs[0].1, 100, None, Seq(segs[0].0)).unwrap(), None);
+        assert!(!mark.exists());
+        let last = segs.last().unwrap();
+        let noted = j.note_damage(&last.1, 4096, None, Seq(0)).unwrap();
+        assert_eq!(noted, Some((last.0, 4096)));
+        // An earlier damage wins over a later one.
+        assert_eq!(j.note_damage(&segs[1].1, 100, noted, Seq(0)).unwrap(), Some((segs[1].0, 100)));
+        assert!(mark.exists());
+        j.delete_all(Seq(10)).unwrap();
+        assert!(!mark.exists(), "the mark goes with the records");
+        // A mark for a segment that is gone cuts nothing.
+        j.append(Seq(11), &[write_rec(&incompressible(11, 4096), 0)]).unwrap();
+        j.sync().unwrap();
+        std::fs::write(&mark, "3 100\n").unwrap();
+        drop(j);
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.durable(), Seq(11));
+        assert!(!mark.exists());
+    }
+
     #[test]
     fn closed_segments_keep_their_written_ranges_for_the_next_open() {
         let dir = tempfile::tempdir().unwrap();

@@ -325,12 +325,20 @@ impl DiskHandle {
             "a journal record is damaged (storage bit rot): the points past it cannot be recovered; \
              restart the process server to cut the journal there and resync the disk from its agent");
         let known = *self.damage.lock().unwrap_or_else(|p| p.into_inner());
-        match self.journal().note_damage(path, *offset, known) {
-            Ok(d) => *self.damage.lock().unwrap_or_else(|p| p.into_inner()) = Some(d),
+        match self.journal().note_damage(path, *offset, known, self.base_seq()) {
+            Ok(None) => tracing::error!(vm = %self.vm, disk = %self.name, segment = %path,
+                "the damaged segment also holds records the base image holds: it is not cut; verify the \
+                 points (`drctl verify`) and check the disk under the data directory"),
+            Ok(d) => *self.damage.lock().unwrap_or_else(|p| p.into_inner()) = d,
             Err(e) => {
                 tracing::error!(vm = %self.vm, disk = %self.name, error = %e, "cannot note the journal's damage");
             }
         }
+    }
+
+    /// The journal's records are all gone (a commit, a removal): so is a damage noted in them.
+    pub(crate) fn forget_damage(&self) {
+        *self.damage.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// What a read found damaged in this disk's journal, for the operator.
@@ -813,6 +821,9 @@ impl Store {
     /// are gone (a second remove finishes it), never files a new VM of that name would take
     /// for its own.
     pub fn remove_vm(&self, vm: &VmName) -> Result<(), StoreError> {
+        // A fold or a read under way on a disk ends first; later ones find no VM.
+        let handles = self.vm_disks(vm);
+        let _exclusive: Vec<_> = handles.iter().map(|h| h.write_lock()).collect();
         let dir = self.root.join("vms").join(vm.as_str());
         let scratch = self.root.join("tmp");
         create_dir_durable(&scratch)?;
@@ -827,6 +838,9 @@ impl Store {
             catalog.forget_vm_at_once(vm)?;
         }
         self.disk_map().retain(|(v, _), _| v != vm);
+        for h in &handles {
+            h.forget_damage();
+        }
         self.state_changed();
         if aside.exists() {
             std::fs::remove_dir_all(&aside).map_err(io_err(&aside))?;
@@ -846,6 +860,7 @@ impl Store {
         drop(catalog);
         for h in handles {
             h.journal().delete_all(h.base_seq())?;
+            h.forget_damage();
         }
         let dir = self.root.join("vms").join(vm.as_str());
         if dir.exists() {

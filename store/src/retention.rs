@@ -83,6 +83,23 @@ impl Store {
             report.pruned.push(p.id);
         }
         if !report.pruned.is_empty() {
+            // The records the fold needs are read (and checked) before any point goes: a
+            // damaged one found by the fold itself would come after the only points that
+            // recover were pruned.
+            let keep = &points[report.pruned.len()];
+            for pd in &keep.disks {
+                let Some(h) = self.disk(vm, &pd.disk) else { continue };
+                let snapshot = h.journal().snapshot();
+                for rec in snapshot.read_range(h.base_seq(), pd.seq) {
+                    if let Err(e) = rec {
+                        h.note_damage(&e);
+                        return Err(match self.journal_damage(vm) {
+                            Some(reason) => StoreError::JournalDamaged { vm: vm.clone(), reason },
+                            None => e,
+                        });
+                    }
+                }
+            }
             self.catalog().delete_points(vm, &report.pruned)?;
             tracing::info!(vm = %vm, points = report.pruned.len(), "points older than the retention window pruned");
         }
