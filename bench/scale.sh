@@ -75,7 +75,9 @@ STATE_APPARENT=$(du -sb "$W/st-big" | cut -f1)
 echo "initial sync ${INIT}s; agent state dir $STATE bytes allocated ($STATE_APPARENT apparent: the table is sparse)"
 
 echo "== a point with nothing changed, then one after 100 scattered 4 KiB writes"
-w0=$(settled_wbytes $AGENT); "$B/drctl" checkpoint big --wait >/dev/null; w1=$(settled_wbytes $AGENT)
+w0=$(settled_wbytes $AGENT); c0=$(cpu $AGENT); t0=$(now)
+"$B/drctl" checkpoint big --wait >/dev/null
+IDLE=$(calc "$(now)-$t0"); IDLE_CPU=$(calc "$(cpu $AGENT)-$c0"); w1=$(settled_wbytes $AGENT)
 NOCHANGE=$((w1 - w0))
 python3 - "$W/sparse.img" <<'PY'
 import os, random, sys
@@ -89,6 +91,7 @@ w0=$(settled_wbytes $AGENT); "$B/drctl" checkpoint big --wait >/dev/null; w1=$(s
 HUNDRED=$((w1 - w0))
 AGENT_RSS=$(hwm $AGENT)
 echo "state writes: nothing changed $NOCHANGE bytes, 100 pages changed $HUNDRED bytes; agent peak RSS ${AGENT_RSS} MiB"
+echo "a point with nothing changed took ${IDLE}s (agent CPU ${IDLE_CPU}s: the pass over the whole disk)"
 
 echo "== the zero-subtree table (the values of holes in a whole-disk BLAKE3, worked out once per data directory at nice 10)"
 # 8-byte magic, then 2,080 bytes per 64 MiB of disk.
@@ -219,6 +222,7 @@ printf '%-52s %12s  %s\n' "agent peak RSS (MiB)" "$AGENT_RSS" "(target <= 64, wh
 printf '%-52s %12s  %s\n' "agent state dir (bytes allocated)" "$STATE" "(follows the data; apparent $STATE_APPARENT)"
 printf '%-52s %12s  %s\n' "state bytes written, point with nothing changed" "$NOCHANGE" "(target <= 1 MiB)"
 printf '%-52s %12s  %s\n' "state bytes written, point after 100 page writes" "$HUNDRED" "(target <= 4 MiB)"
+printf '%-52s %12s  %s\n' "a point with nothing changed (s)" "$IDLE" "(agent CPU ${IDLE_CPU}s; follows the data)"
 printf '%-52s %12s  %s\n' "zero-subtree table ready after the first point (s)" "$WARM" "(once per data directory, in the background)"
 printf '%-52s %12s  %s\n' "test failover (s)" "$TFO" "(server CPU ${TFO_CPU}s)"
 printf '%-52s %12s\n' "qemu-img convert (s)" "$QEMU"
