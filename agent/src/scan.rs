@@ -255,6 +255,24 @@ impl Feed {
         Feed { rx, ready: 0, answers: Default::default(), gone: false, asked: VecDeque::new(), memory }
     }
 
+    /// Waits until the receiver's entries up to block `last` have come: a chunk is compared
+    /// only then.
+    fn wait_ready(
+        &mut self,
+        state: &mut DiskState,
+        last: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(), ScanError> {
+        let last_ready = usize::try_from(last).unwrap_or(usize::MAX);
+        while self.ready < last_ready {
+            if cancel.is_cancelled() {
+                return Err(ScanError::Cancelled);
+            }
+            self.take(state, std::time::Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// Asks for the page hashes of `deferred` blocks as soon as a request is full (all of
     /// them at the `end` of the pass); the pass goes on comparing meanwhile.
     fn ask(
@@ -409,15 +427,7 @@ fn scan_disk(
             let memory = memory.clone();
             s.spawn(move || worker(rx, file, d.size, page_hashes, background, &memory));
         }
-        // A chunk in flight: its worker's answer, or none for a chunk that is a hole on the
-        // disk and was zero in the state (nothing to read, compare or write: its blocks are
-        // zero blocks), so that a pass over a sparse disk costs little per empty MiB.
-        #[allow(clippy::type_complexity)]
-        let mut inflight: VecDeque<(
-            u64,
-            Option<Receiver<Result<ChunkOut, std::io::Error>>>,
-            Vec<BlockHashes>,
-        )> = VecDeque::new();
+        let mut inflight: InFlight = VecDeque::new();
         let blocks_per_chunk = (CHUNK / BLOCK_SIZE) as u64;
         loop {
             while inflight.len() < workers * DEPTH_PER_WORKER
@@ -425,24 +435,9 @@ fn scan_disk(
             {
                 let first = next * blocks_per_chunk;
                 let last = (first + blocks_per_chunk).min(state.len());
-                let last_ready = usize::try_from(last).unwrap_or(usize::MAX);
-                // A chunk is compared once the receiver's entries for it have come.
-                while let Some(f) = feed.as_mut()
-                    && f.ready < last_ready
-                {
-                    if cancel.is_cancelled() {
-                        return Err(ScanError::Cancelled);
-                    }
-                    f.take(state, std::time::Duration::from_millis(100));
-                }
-                // Without a receiver's hashes to compare with, an empty chunk that was empty is
-                // known without a look.
-                let chunk_end = (last * BLOCK_SIZE as u64).min(d.size);
-                if feed.is_none()
-                    && state.zero_hole(first, last)
-                    && tern_core::blocks::data_ranges(file.file(), first * BLOCK_SIZE as u64, chunk_end)
-                        .is_empty()
-                {
+                if let Some(f) = feed.as_mut() {
+                    f.wait_ready(state, last, cancel)?;
+                } else if known_empty(d, &file, state, first, last) {
                     inflight.push_back((next, None, Vec::new()));
                     continue;
                 }
@@ -460,8 +455,7 @@ fn scan_disk(
             }
             let first = chunk * blocks_per_chunk;
             let Some(rx) = rx else {
-                let last = (first + blocks_per_chunk).min(state.len());
-                for b in first..last {
+                for b in first..(first + blocks_per_chunk).min(state.len()) {
                     fp.push(&zero_block(block_len(d.size, b)).block);
                 }
                 continue;
@@ -495,6 +489,19 @@ fn scan_disk(
     })?;
     batcher.flush()?;
     Ok(if whole { fp.finish() } else { Digest::ZERO })
+}
+
+/// The chunks in flight, in order, each with its worker's answer, or none for a chunk that
+/// is a hole of the disk and was zero in the state (nothing to read, compare or write: its
+/// blocks are zero blocks), so that a pass over a sparse disk costs little per empty MiB;
+/// and the state's entries it is compared with.
+type InFlight = VecDeque<(u64, Option<Receiver<Result<ChunkOut, std::io::Error>>>, Vec<BlockHashes>)>;
+
+/// Without a receiver's hashes to compare with: blocks `first..last` are a hole of the disk
+/// and were zero in the state, so they are zero blocks, known without a look.
+fn known_empty(d: &DiskSource, file: &DiskReader, state: &DiskState, first: u64, last: u64) -> bool {
+    let (start, end) = (first * BLOCK_SIZE as u64, (last * BLOCK_SIZE as u64).min(d.size));
+    state.zero_hole(first, last) && tern_core::blocks::data_ranges(file.file(), start, end).is_empty()
 }
 
 /// The chunks a pass compares, in order: all of them, or those the byte ranges touch.

@@ -181,6 +181,36 @@ async fn open_store(config: &Config) -> Result<Arc<Store>, tern_proto::daemon::S
 }
 
 /// Serves until `shutdown` is cancelled, then drains with a deadline.
+/// The two gRPC services, each refusing revoked identities (a revoked agent's refusal is
+/// its VM's error in status).
+#[allow(clippy::type_complexity)]
+fn services(
+    ctx: Arc<Ctx>,
+) -> (
+    InterceptedService<
+        tern_proto::replication_server::ReplicationServer<replication::ReplicationService>,
+        impl tonic::service::Interceptor + Clone,
+    >,
+    InterceptedService<
+        tern_proto::admin_server::AdminServer<admin::AdminService>,
+        impl tonic::service::Interceptor + Clone,
+    >,
+) {
+    let replication =
+        tern_proto::replication_server::ReplicationServer::new(replication::ReplicationService {
+            ctx: ctx.clone(),
+        })
+        .max_decoding_message_size(tern_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(tern_proto::MAX_MESSAGE_BYTES);
+    let c = ctx.clone();
+    let refuse = identities::refuse_revoked(
+        ctx.identities.revocations().clone(),
+        Arc::new(move |vm: &tern_core::VmName, why: &str| c.hub.set_error(vm, why)),
+    );
+    let admin = tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx });
+    (InterceptedService::new(replication, refuse.clone()), InterceptedService::new(admin, refuse))
+}
+
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -243,22 +273,7 @@ pub async fn run(
         }
         conn
     });
-    let replication =
-        tern_proto::replication_server::ReplicationServer::new(replication::ReplicationService {
-            ctx: ctx.clone(),
-        })
-        .max_decoding_message_size(tern_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(tern_proto::MAX_MESSAGE_BYTES);
-    let c = ctx.clone();
-    let refuse = identities::refuse_revoked(
-        ctx.identities.revocations().clone(),
-        Arc::new(move |vm: &tern_core::VmName, why: &str| c.hub.set_error(vm, why)),
-    );
-    let replication = InterceptedService::new(replication, refuse.clone());
-    let admin = InterceptedService::new(
-        tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx: ctx.clone() }),
-        refuse,
-    );
+    let (replication, admin) = services(ctx.clone());
     info!(data_dir = %config.data_dir.display(), "process server ready");
     tern_proto::daemon::notify_ready();
     tern_proto::server_with_window(config.stream_window)

@@ -1086,12 +1086,7 @@ mod tests {
 
     use crate::test_record as write_rec;
 
-    /// `len` bytes that do not compress, different for each `seed`.
-    fn incompressible(seed: u64, len: usize) -> Vec<u8> {
-        let mut data = vec![0u8; len];
-        blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut data);
-        data
-    }
+    use crate::incompressible;
 
     #[test]
     fn append_sync_reopen_read() {

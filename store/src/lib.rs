@@ -1535,6 +1535,14 @@ pub fn rfc3339(ms: i64) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
+/// `len` bytes that do not compress, different for each `seed`, for tests.
+#[cfg(test)]
+pub(crate) fn incompressible(seed: u64, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut data);
+    data
+}
+
 /// A write record of `data` at `offset`, for tests.
 #[cfg(test)]
 pub(crate) fn test_record(data: &[u8], offset: u64) -> Record {
@@ -1780,17 +1788,7 @@ mod tests {
         let size = 1u64 << 20;
         let mut image = vec![0u8; size as usize];
         // Incompressible pages: about two records to a 2 KiB segment.
-        let page = |i: u64| -> Vec<u8> {
-            let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            (0..1024)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
-        };
+        let page = |i: u64| incompressible(i, 1024);
         let options = || StoreOptions { segment_bytes: Some(2 << 10) };
         let mut ids = Vec::new();
         let generation = {
