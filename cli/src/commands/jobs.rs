@@ -20,14 +20,15 @@ pub async fn list(d: &mut Drctl) -> Result<(), CliError> {
     if d.json {
         return print_json(&Value::Array(r.jobs.iter().map(job_json).collect()));
     }
-    out!("{:>5}  {:<20} {:<16} {:<10} {:<30} STARTED", "ID", "KIND", "VM", "STATE", "PHASE");
+    out!("{:>5}  {:<20} {:<16} {:<10} {:>6}  {:<30} STARTED", "ID", "KIND", "VM", "STATE", "DONE", "PHASE");
     for j in &r.jobs {
         out!(
-            "{:>5}  {:<20} {:<16} {:<10} {:<30} {}",
+            "{:>5}  {:<20} {:<16} {:<10} {:>6}  {:<30} {}",
             j.id,
             job_kind(j),
             j.vm,
             job_state(j),
+            done_text(j),
             j.phase,
             rfc3339(j.started_ms)
         );
@@ -36,4 +37,28 @@ pub async fn list(d: &mut Drctl) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// How far a job has come, as a percentage of its total (`-` while it has none).
+fn done_text(j: &pb::JobInfo) -> String {
+    if j.total == 0 {
+        return "-".into();
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let pct = j.done.min(j.total) as f64 * 100.0 / j.total as f64;
+    format!("{pct:.1}%")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_shows_how_far_it_has_come() {
+        let job = |done, total| pb::JobInfo { done, total, ..Default::default() };
+        assert_eq!(done_text(&job(0, 0)), "-");
+        assert_eq!(done_text(&job(1, 4)), "25.0%");
+        assert_eq!(done_text(&job(1_073_745_920, 4_398_046_511_104)), "0.0%");
+        assert_eq!(done_text(&job(5, 4)), "100.0%");
+    }
 }
