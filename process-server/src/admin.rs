@@ -358,9 +358,8 @@ impl pb::admin_server::Admin for AdminService {
         self.known_vm(&vm).await?;
         // The files of a test failover still being written would go under its job.
         let (store, v) = (self.ctx.store.clone(), vm.clone());
-        let writing = blocking(move || store.jobs()).await?.map_err(store_status)?.into_iter().find(|j| {
-            j.vm == v.as_str() && j.kind == JobKind::TestFailover && j.state == tern_core::JobState::Running
-        });
+        let writing =
+            blocking(move || store.running_job(&v, &[JobKind::TestFailover])).await?.map_err(store_status)?;
         if let Some(j) = writing {
             return Err(Status::failed_precondition(format!(
                 "the test failover of VM {vm} is still being written (job {}); clean up once it has ended \
@@ -907,12 +906,12 @@ async fn remove_vm(ctx: &Arc<Ctx>, vm: &VmName, delete_points: bool) -> Result<p
         )));
     }
     let (store, v) = (ctx.store.clone(), vm.clone());
-    let (state, group, test, jobs, points) = blocking(move || -> Result<_, tern_store::StoreError> {
+    let (state, group, test, running, points) = blocking(move || -> Result<_, tern_store::StoreError> {
         Ok((
             store.vm_state(&v)?,
             store.group_of(&v)?,
             store.test_failover_row(&v)?,
-            store.jobs()?,
+            store.running_job(&v, &[])?,
             store.points(&v)?,
         ))
     })
@@ -939,7 +938,7 @@ async fn remove_vm(ctx: &Arc<Ctx>, vm: &VmName, delete_points: bool) -> Result<p
             "VM {vm} has an open test failover: `drctl test-failover-cleanup {vm}` first"
         )));
     }
-    if let Some(j) = jobs.iter().find(|j| j.vm == vm.as_str() && j.state == tern_core::JobState::Running) {
+    if let Some(j) = running {
         return Err(Status::failed_precondition(format!(
             "a {} of VM {vm} is running (job {}): remove it once that has ended (`drctl jobs --wait {}`)",
             j.kind, j.id, j.id

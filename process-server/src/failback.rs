@@ -405,11 +405,9 @@ pub async fn cancel_reprotect(
     force: bool,
 ) -> Result<pb::CancelReprotectReply, Status> {
     let (store, v) = (ctx.store.clone(), vm.clone());
-    let running = blocking(move || store.jobs()).await?.map_err(store_status)?.into_iter().find(|j| {
-        j.vm == v.as_str()
-            && matches!(j.kind, JobKind::Failback | JobKind::FailbackDrill)
-            && j.state == tern_core::JobState::Running
-    });
+    let running = blocking(move || store.running_job(&v, &[JobKind::Failback, JobKind::FailbackDrill]))
+        .await?
+        .map_err(store_status)?;
     if let Some(j) = running {
         return Err(Status::failed_precondition(format!(
             "a {} of VM {vm} is running (job {}); cancel the reprotect once it has ended (`drctl jobs --wait {}`)",

@@ -617,21 +617,13 @@ impl Catalog {
             .transpose()
     }
 
-    /// Removes every row of a VM.
-    pub fn forget_vm(&self, vm: &VmName) -> Result<(), StoreError> {
+    /// Removes every row of a VM, in one transaction.
+    pub fn forget_vm(&mut self, vm: &VmName) -> Result<(), StoreError> {
+        let tx = self.db.transaction().map_err(q("forget VM"))?;
         for sql in FORGET_VM {
-            self.db.execute(sql, [vm.as_str()]).map_err(q("forget VM"))?;
+            tx.execute(sql, [vm.as_str()]).map_err(q("forget VM"))?;
         }
-        Ok(())
-    }
-
-    /// [`Catalog::forget_vm`] in one transaction.
-    pub fn forget_vm_at_once(&mut self, vm: &VmName) -> Result<(), StoreError> {
-        let tx = self.db.transaction().map_err(q("remove VM"))?;
-        for sql in FORGET_VM {
-            tx.execute(sql, [vm.as_str()]).map_err(q("remove VM"))?;
-        }
-        tx.commit().map_err(q("remove VM"))
+        tx.commit().map_err(q("forget VM"))
     }
 
     pub fn set_base_seq(&self, vm: &VmName, disk: &DiskName, seq: Seq) -> Result<(), StoreError> {

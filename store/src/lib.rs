@@ -835,7 +835,7 @@ impl Store {
         }
         {
             let mut catalog = self.catalog();
-            catalog.forget_vm_at_once(vm)?;
+            catalog.forget_vm(vm)?;
         }
         self.disk_map().retain(|(v, _), _| v != vm);
         for h in &handles {
@@ -853,7 +853,7 @@ impl Store {
     /// its base images.
     pub fn forget(&self, vm: &VmName) -> Result<(), StoreError> {
         let handles = self.vm_disks(vm);
-        let catalog = self.catalog();
+        let mut catalog = self.catalog();
         catalog.forget_vm(vm)?;
         self.state_changed();
         self.disk_map().retain(|(v, _), _| v != vm);
@@ -1036,6 +1036,19 @@ impl Store {
 
     pub fn update_job(&self, j: &JobRow) -> Result<(), StoreError> {
         self.catalog().update_job(j)
+    }
+
+    /// A job of `vm` still running, of one of `kinds` (any kind when empty).
+    pub fn running_job(
+        &self,
+        vm: &VmName,
+        kinds: &[tern_core::JobKind],
+    ) -> Result<Option<JobRow>, StoreError> {
+        Ok(self.jobs()?.into_iter().find(|j| {
+            j.vm == vm.as_str()
+                && j.state == tern_core::JobState::Running
+                && (kinds.is_empty() || kinds.contains(&j.kind))
+        }))
     }
 
     pub fn jobs(&self) -> Result<Vec<JobRow>, StoreError> {

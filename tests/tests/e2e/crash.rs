@@ -133,12 +133,7 @@ fn a_damaged_journal_drops_the_points_it_cannot_rebuild_and_the_agent_resyncs() 
 
     // Flip one payload byte of the first record after point 1's bookmark.
     let dir = server.data.join("vms/rot/sda/journal");
-    let mut segs: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segs.sort();
+    let segs = segment_files(&dir);
     let seg = segs.last().unwrap();
     let mut bytes = std::fs::read(seg).unwrap();
     let mark = format!("{{\"point\":{}", p1["id"]);

@@ -215,12 +215,7 @@ fn damage_stays_with_its_vm_and_the_data_directory_is_guarded() {
 
     server.kill9();
     let segments = server.data.join("vms/hurt/sda/journal");
-    let mut segs: Vec<_> = std::fs::read_dir(&segments)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segs.sort();
+    let segs = segment_files(&segments);
     assert!(segs.len() > 2, "several segments: {segs:?}");
     write_at(&segs[0], 0, b"XXXX");
     server.start();
@@ -862,12 +857,7 @@ fn a_damaged_record_in_a_closed_segment_is_cut_at_the_next_start_and_the_disk_re
 
     server.kill9();
     let dir = server.data.join("vms/bit/sda/journal");
-    let mut segs: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segs.sort();
+    let segs = segment_files(&dir);
     assert!(segs.len() > 3, "several segments: {segs:?}");
     let rotten = &segs[segs.len() - 2];
     let len = std::fs::metadata(rotten).unwrap().len();

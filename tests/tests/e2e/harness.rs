@@ -719,3 +719,14 @@ pub fn check_database_image(image: &Path, mnt: &Path, before: i64, what: &str) {
 pub fn logging_hooks(log: &Path) -> (String, String) {
     (format!("echo freeze >> {}", log.display()), format!("echo thaw >> {}", log.display()))
 }
+
+/// The journal segments (`*.seg`) in `dir`, in order.
+pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    segs
+}
