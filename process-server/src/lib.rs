@@ -132,6 +132,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Journal segments close past this size.
     pub segment_bytes: Option<u64>,
+    /// The data directory's space reserve (`tern_store::reserve`), 0 for none.
+    pub space_reserve: u64,
     /// How often retention runs.
     pub retention_every: Duration,
     pub scrub: scrub::ScrubConfig,
@@ -166,7 +168,10 @@ fn open_identities(pki: &Path) -> Result<Arc<identities::Identities>, tern_proto
 /// Opens the data directory's store; the jobs the last stop cut short are marked failed.
 async fn open_store(config: &Config) -> Result<Arc<Store>, tern_proto::daemon::ServeError> {
     let dir = config.data_dir.clone();
-    let options = tern_store::StoreOptions { segment_bytes: config.segment_bytes };
+    let options = tern_store::StoreOptions {
+        segment_bytes: config.segment_bytes,
+        reserve_bytes: Some(config.space_reserve),
+    };
     let store = tokio::task::spawn_blocking(move || {
         let store = Store::open_with(&dir, options)?;
         let failed = store.fail_interrupted_jobs(tern_store::now_ms())?;

@@ -31,6 +31,12 @@ enum Cmd {
         /// Close journal segments past this size, e.g. 256MiB.
         #[arg(long, value_parser = tern_core::units::parse_size, default_value = "256MiB")]
         segment_size: u64,
+        /// Space set aside in the data directory (the file `space-reserve`) for retention to
+        /// fold the journal into the base images when the file system is full: a fold needs
+        /// room before it frees a segment. At most a twentieth of the file system; 0 turns it
+        /// off. Keep it above --segment-size.
+        #[arg(long, value_parser = tern_core::units::parse_size, default_value = "1GiB")]
+        space_reserve: u64,
         /// How often retention prunes points and folds the journal into the base images.
         #[arg(long, value_parser = tern_core::units::parse_duration, default_value = "60s")]
         retention_every: std::time::Duration,
@@ -98,6 +104,7 @@ fn run() -> anyhow::Result<()> {
             data_dir,
             listen,
             segment_size,
+            space_reserve,
             retention_every,
             scrub_every,
             scrub_rate,
@@ -136,6 +143,7 @@ fn run() -> anyhow::Result<()> {
                 let config = tern_process_server::Config {
                     data_dir,
                     segment_bytes,
+                    space_reserve,
                     retention_every,
                     scrub,
                     relay_max_rate,

@@ -21,6 +21,7 @@ async fn server(data: &std::path::Path) -> (String, CancellationToken, tokio::ta
     let config = tern_process_server::Config {
         data_dir: data.to_path_buf(),
         segment_bytes: None,
+        space_reserve: 0,
         retention_every: Duration::from_secs(3600),
         scrub: tern_process_server::scrub::ScrubConfig { every: Duration::ZERO, rate: 0 },
         relay_max_rate: 0,

@@ -661,6 +661,21 @@ impl Journal {
         Ok(n)
     }
 
+    /// Where a fold of the records `(base, seq]` stops on its way, so that each segment can
+    /// go as soon as the base holds it: the first record of each later segment that begins
+    /// inside the range (folding to it lets the segment before go), then `seq`.
+    pub fn fold_steps(&self, base: Seq, seq: Seq) -> Vec<Seq> {
+        let mut steps: Vec<Seq> = self
+            .segments
+            .iter()
+            .skip(1)
+            .map(|s| Seq(s.first_seq))
+            .filter(|&first| base < first && first < seq)
+            .collect();
+        steps.push(seq);
+        steps
+    }
+
     /// Deletes every segment (a committed failover); numbering goes on after `base`, the
     /// base image's position, exactly as it does when the journal is opened again.
     pub fn delete_all(&mut self, base: Seq) -> Result<(), StoreError> {

@@ -42,6 +42,7 @@ mod journal;
 mod materialize;
 mod position;
 mod rebuild;
+pub mod reserve;
 mod retention;
 mod write_through;
 mod written;
@@ -234,6 +235,9 @@ pub struct DiskHandle {
     /// A record a read found damaged since the journal was opened (its segment's first seq,
     /// its byte offset), noted in the journal's `damaged` mark for the next open to cut.
     damage: Mutex<Option<(u64, u64)>>,
+    /// The data directory's space reserve: a new record waits while it is given up and
+    /// space is short.
+    reserve: Arc<reserve::Reserve>,
 }
 
 /// The journal's lock; letting it go publishes the durable seq to [`DiskHandle::durable`].
@@ -281,6 +285,7 @@ impl DiskHandle {
     /// [`DiskHandle::append`], then a time record with when the source wrote each record
     /// (`times`, one per record; empty when not known).
     pub fn append_timed(&self, first_seq: Seq, records: &[Record], times: &[i64]) -> Result<Seq, StoreError> {
+        self.reserve.admit()?;
         let mut j = self.journal();
         let last = j.append(first_seq, records)?;
         if !times.is_empty() && times.len() == records.len() {
@@ -438,6 +443,9 @@ impl std::fmt::Display for PointSpec {
 pub struct StoreOptions {
     /// Close journal segments past this size (default 256 MiB).
     pub segment_bytes: Option<u64>,
+    /// The space reserve's size ([`reserve`]); `Some(0)`: none, and a file left is removed;
+    /// `None`: none, and the file is left alone.
+    pub reserve_bytes: Option<u64>,
 }
 
 /// The layout version of `vm.json`; it grows when a field changes meaning or goes.
@@ -480,6 +488,8 @@ pub struct Store {
     state_epoch: std::sync::atomic::AtomicU64,
     /// The values of zero subtrees that outputs' whole-disk BLAKE3 takes for holes.
     zeroes: zero_subtrees::ZeroSubtrees,
+    /// Room set aside for retention to fold in when the file system is full.
+    reserve: Arc<reserve::Reserve>,
     /// Held open with an exclusive flock for as long as the store is open.
     _lock: std::fs::File,
 }
@@ -535,12 +545,15 @@ impl Store {
         create_dir_durable(&root.join("vms"))?;
         remove_scratch(&root.join("tmp"));
         let mut catalog = Catalog::open(&catalog_path)?;
+        let reserve = Arc::new(reserve::Reserve::open(root, options.reserve_bytes)?);
         let mut disks = HashMap::new();
         let mut damaged = HashMap::new();
         for vm in catalog.vms()? {
             // Damage to one VM's files stays with that VM.
             let opened = catalog.disks(&vm).and_then(|rows| {
-                rows.into_iter().map(|row| open_disk(root, &vm, row, options)).collect::<Result<Vec<_>, _>>()
+                rows.into_iter()
+                    .map(|row| open_disk(root, &vm, row, options, &reserve))
+                    .collect::<Result<Vec<_>, _>>()
             });
             let handles = match opened {
                 Ok(h) => h,
@@ -571,8 +584,14 @@ impl Store {
             damaged,
             state_epoch: std::sync::atomic::AtomicU64::new(0),
             zeroes: zero_subtrees::ZeroSubtrees::new(root.join("zero-subtrees")),
+            reserve,
             _lock: lock,
         })
+    }
+
+    /// The data directory's space reserve.
+    pub fn reserve(&self) -> &reserve::Reserve {
+        &self.reserve
     }
 
     /// Why a VM's stored data could not be opened, if it could not.
@@ -777,7 +796,7 @@ impl Store {
             durable::sync_dir(&dir)?;
             rebuild::mark_base(&self.root, vm, name, Seq(0))?;
             catalog.add_disk(vm, &row)?;
-            let handle = Arc::new(open_disk(&self.root, vm, row, self.options)?);
+            let handle = Arc::new(open_disk(&self.root, vm, row, self.options, &self.reserve)?);
             map.insert((vm.clone(), name.clone()), handle.clone());
             out.push(handle);
         }
@@ -809,7 +828,7 @@ impl Store {
             };
             create_dir_durable(&disk_dir(&self.root, vm, name))?;
             catalog.add_disk(vm, &row)?;
-            let handle = Arc::new(open_disk(&self.root, vm, row, self.options)?);
+            let handle = Arc::new(open_disk(&self.root, vm, row, self.options, &self.reserve)?);
             map.insert((vm.clone(), name.clone()), handle);
         }
         Ok(())
@@ -1517,6 +1536,7 @@ fn open_disk(
     vm: &VmName,
     row: catalog::DiskRow,
     options: StoreOptions,
+    reserve: &Arc<reserve::Reserve>,
 ) -> Result<DiskHandle, StoreError> {
     let dir = disk_dir(root, vm, &row.name);
     let (mut journal, recovery) = Journal::open(&dir.join("journal"))?;
@@ -1538,6 +1558,7 @@ fn open_disk(
         base_seq: Mutex::new(row.base_seq),
         retention: std::sync::RwLock::new(()),
         damage: Mutex::new(None),
+        reserve: reserve.clone(),
     })
 }
 
@@ -1587,7 +1608,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let vm = VmName::new("w").unwrap();
         let d = DiskName::new("sda").unwrap();
-        let options = || StoreOptions { segment_bytes: Some(2 << 10) };
+        let options = || StoreOptions { segment_bytes: Some(2 << 10), ..Default::default() };
         // Scattered 4 KiB writes, some touching, some overlapping by half.
         let at = |i: u64| (i * 7919 % 1000) * 4096 + if i.is_multiple_of(5) { 2048 } else { 0 };
         let want = |after: u64, upto: u64| {
@@ -1802,7 +1823,7 @@ mod tests {
         let mut image = vec![0u8; size as usize];
         // Incompressible pages: about two records to a 2 KiB segment.
         let page = |i: u64| incompressible(i, 1024);
-        let options = || StoreOptions { segment_bytes: Some(2 << 10) };
+        let options = || StoreOptions { segment_bytes: Some(2 << 10), ..Default::default() };
         let mut ids = Vec::new();
         let generation = {
             let store = Store::open_with(root.path(), options()).unwrap();

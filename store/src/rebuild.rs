@@ -314,7 +314,7 @@ mod tests {
     use std::path::Path;
 
     fn reopen(root: &Path) -> Store {
-        Store::open_with(root, StoreOptions { segment_bytes: Some(8192) }).unwrap()
+        Store::open_with(root, StoreOptions { segment_bytes: Some(8192), ..Default::default() }).unwrap()
     }
 
     fn lose_catalog(root: &Path) {

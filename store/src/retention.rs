@@ -8,6 +8,9 @@
 //! 4. move the catalog's base position;
 //! 5. delete the segments wholly behind it.
 //!
+//! Steps 3 to 5 go one segment at a time, so that a fold on a full file system needs room
+//! for one segment's data (the space reserve, [`crate::reserve`]), not the whole range's.
+//!
 //! Replay is idempotent, so an interrupted step 3 or 4 is simply done again. A point pinned
 //! by an open test failover, an uncommitted failover or a recovery plan's unfinished
 //! operation is never pruned nor passed.
@@ -56,8 +59,22 @@ impl Store {
         Ok(pins)
     }
 
-    /// One retention pass over `vm` at time `now_ms`.
+    /// One retention pass over `vm` at time `now_ms`. When the data directory is full, the
+    /// space reserve is given up and the pass tried again: its fold needs room before it
+    /// frees any.
     pub fn apply_retention(&self, vm: &VmName, now_ms: i64) -> Result<RetentionReport, StoreError> {
+        self.reserve.recheck();
+        let report = match self.retention_pass(vm, now_ms) {
+            Err(e) if e.is_storage_full() && self.reserve.release()? => self.retention_pass(vm, now_ms),
+            done => done,
+        }?;
+        if !self.reserve.held() {
+            self.reserve.take()?;
+        }
+        Ok(report)
+    }
+
+    fn retention_pass(&self, vm: &VmName, now_ms: i64) -> Result<RetentionReport, StoreError> {
         // A VM whose data could not be opened keeps every point until it is repaired.
         if let Some(reason) = self.damaged(vm) {
             return Err(StoreError::VmDamaged { vm: vm.clone(), reason: reason.to_string() });
@@ -114,23 +131,33 @@ impl Store {
 
     /// Folds the records up to `seq` into the base image and deletes the segments behind
     /// it. Returns the number of segments deleted.
+    ///
+    /// It goes one segment at a time, deleting each as soon as the base holds its records:
+    /// a fold then needs free space for about one segment's data, however far it goes.
     pub fn advance_base(&self, h: &DiskHandle, seq: Seq) -> Result<usize, StoreError> {
         let _exclusive = h.write_lock();
+        let mut deleted = h.journal().delete_segments_through(h.base_seq())?;
         let base = h.base_seq();
         if seq > base {
             // First the mark that the base may hold records up to `seq`: a catalog rebuilt
             // after a crash in the middle of the fold must not bring back a point before it.
             crate::rebuild::mark_base(&self.root, &h.vm, &h.name, seq)?;
-            let snapshot = h.journal().snapshot();
             let f = tern_core::disk::open_for_write(&h.base_path).map_err(io_err(&h.base_path))?;
-            apply_records(h, &snapshot, base, seq, &f, &h.base_path, &mut |_| {})?;
-            f.sync_all().map_err(io_err(&h.base_path))?;
-            failpoint("retention-after-base-write")?;
-            self.catalog().set_base_seq(&h.vm, &h.name, seq)?;
-            *h.base_seq.lock().unwrap_or_else(|p| p.into_inner()) = seq;
-            failpoint("retention-after-catalog")?;
+            let mut from = base;
+            let steps = h.journal().fold_steps(base, seq);
+            for to in steps {
+                let snapshot = h.journal().snapshot();
+                apply_records(h, &snapshot, from, to, &f, &h.base_path, &mut |_| {})?;
+                f.sync_all().map_err(io_err(&h.base_path))?;
+                failpoint("retention-after-base-write")?;
+                self.catalog().set_base_seq(&h.vm, &h.name, to)?;
+                *h.base_seq.lock().unwrap_or_else(|p| p.into_inner()) = to;
+                failpoint("retention-after-catalog")?;
+                deleted += h.journal().delete_segments_through(to)?;
+                failpoint("retention-after-segment")?;
+                from = to;
+            }
         }
-        let deleted = h.journal().delete_segments_through(h.base_seq())?;
         if deleted > 0 {
             tracing::info!(vm = %h.vm, disk = %h.name, segments = deleted, base_seq = %h.base_seq(),
                 "journal segments folded into the base image and deleted");
@@ -154,7 +181,8 @@ pub(crate) mod tests {
     /// A store with six points at times 0..=5 s, each after writes to its own pages,
     /// segments of 8 KiB so that retention has whole segments to delete.
     pub(crate) fn setup(root: &std::path::Path) -> (Store, VmName) {
-        let store = Store::open_with(root, StoreOptions { segment_bytes: Some(8192) }).unwrap();
+        let store =
+            Store::open_with(root, StoreOptions { segment_bytes: Some(8192), ..Default::default() }).unwrap();
         let vm = VmName::new("vm").unwrap();
         let d = DiskName::new("sda").unwrap();
         let h = store.register(&vm, &[(d.clone(), SIZE as u64)]).unwrap().remove(0);
@@ -213,6 +241,30 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_fold_deletes_each_segment_as_soon_as_the_base_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let h = store.vm_disks(&vm).remove(0);
+        let before = h.journal().segment_count();
+        let target = store.points(&vm).unwrap()[3].disks[0].seq;
+        let steps = h.journal().fold_steps(Seq(0), target);
+        assert!(steps.len() > 2, "the setup's 8 KiB segments give the fold several steps: {steps:?}");
+        assert_eq!(steps.last(), Some(&target));
+        assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+        // Stopped after its first step: one segment gone already, the base part of the way.
+        set_failpoint(Some("retention-after-segment"));
+        assert!(matches!(store.apply_retention(&vm, 5000), Err(StoreError::Injected(_))));
+        set_failpoint(None);
+        assert_eq!(h.journal().segment_count(), before - 1);
+        assert_eq!(h.base_seq(), steps[0]);
+        assert_eq!(all_points_verify(&store, &vm), 3);
+        store.apply_retention(&vm, 5000).unwrap();
+        assert_eq!(h.base_seq(), target);
+        assert_eq!(h.journal().segment_count(), before - (steps.len() - 1));
+        assert_eq!(all_points_verify(&store, &vm), 3);
+    }
+
+    #[test]
     fn a_test_failover_pins_its_point() {
         let dir = tempfile::tempdir().unwrap();
         let (store, vm) = setup(dir.path());
@@ -258,7 +310,12 @@ pub(crate) mod tests {
 
     #[test]
     fn a_crash_at_every_step_of_retention_keeps_every_point_verifiable() {
-        for fp in ["retention-after-prune", "retention-after-base-write", "retention-after-catalog"] {
+        for fp in [
+            "retention-after-prune",
+            "retention-after-base-write",
+            "retention-after-catalog",
+            "retention-after-segment",
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let (store, vm) = setup(dir.path());
             set_failpoint(Some(fp));
@@ -267,7 +324,11 @@ pub(crate) mod tests {
             assert!(matches!(err, StoreError::Injected(_)), "{fp}: {err}");
             drop(store);
             // The process died there; the store reopens and every kept point still verifies.
-            let store = Store::open_with(dir.path(), StoreOptions { segment_bytes: Some(8192) }).unwrap();
+            let store = Store::open_with(
+                dir.path(),
+                StoreOptions { segment_bytes: Some(8192), ..Default::default() },
+            )
+            .unwrap();
             assert_eq!(all_points_verify(&store, &vm), 3, "after a crash at {fp}");
             // The next pass finishes the job.
             store.apply_retention(&vm, 5000).unwrap();

@@ -188,28 +188,7 @@ fn a_damaged_journal_drops_the_points_it_cannot_rebuild_and_the_agent_resyncs() 
 fn a_full_data_directory_is_reported_and_replication_resumes_once_there_is_room() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let data = root.join("ps");
-    std::fs::create_dir(&data).unwrap();
-    let mount = |opts: &str| {
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    mount("size=24m");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).output();
-        }
-    }
-    let _unmount = Unmount(data.clone());
+    let tmpfs = Tmpfs::mount(&root.join("ps"), "size=24m");
     let mut server = Server::init(root);
     server.start();
     let identity = root.join("full.bundle");
@@ -232,7 +211,7 @@ fn a_full_data_directory_is_reported_and_replication_resumes_once_there_is_room(
         agent.log_text().contains("storage is full").then_some(())
     });
 
-    mount("remount,size=256m");
+    tmpfs.remount("size=256m");
     let p = server.checkpoint("full");
     let out = root.join("out");
     let res = server.drctl_json(&[
@@ -249,5 +228,83 @@ fn a_full_data_directory_is_reported_and_replication_resumes_once_there_is_room(
         let s = server.status("full");
         (s["error"].is_null() && s["health"] == "normal").then_some(())
     });
+    agent.kill9();
+}
+
+/// The data directory fills while points are kept, so that nothing can be written until
+/// retention folds old points into the base image, which itself needs room before it frees
+/// any: the space reserve is given up for it, the fold goes one segment at a time, new
+/// records wait meanwhile, and once retention has freed space the reserve is set aside
+/// again and replication goes on, byte for byte.
+#[test]
+fn a_full_data_directory_frees_itself_by_retention_with_the_space_reserve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let clock = root.join("clock");
+    std::fs::write(&clock, "0").unwrap();
+    let _tmpfs = Tmpfs::mount(&root.join("ps"), "size=90m");
+    let mut server = Server::init(root);
+    server.extra = ["--retention-every", "1s", "--segment-size", "1MiB", "--space-reserve", "4MiB"]
+        .map(String::from)
+        .to_vec();
+    server.env = vec![("TERN_CLOCK_FILE".into(), clock.display().to_string())];
+    server.start();
+    let reserve = server.data.join("space-reserve");
+    assert_eq!(std::fs::metadata(&reserve).unwrap().len(), 4 << 20);
+    let identity = root.join("fill.bundle");
+    server.enroll_agent("fill", &identity);
+    let disk = root.join("fill.img");
+    // An empty 32 MiB disk: its first point leaves the base image empty.
+    make_random(&disk, 32, 0, 0);
+    let mut agent = Agent::start(&server, &identity, "fill", &[("sda", &disk)], &root.join("st"), &[]);
+    server.wait_connected("fill");
+    server.drctl_json(&["policy", "set", "fill", "--retention", "30m"]);
+    server.checkpoint("fill");
+    // 16 MiB of incompressible data into one half of the disk or the other, in turn: five
+    // points hold about 80 MiB of journal on the 90 MiB file system, a sixth does not fit.
+    let fill_half = |round: u64| {
+        use rand::{RngCore, SeedableRng};
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(40 + round);
+        let mut buf = vec![0u8; 1 << 20];
+        let half = round % 2;
+        for mib in half * 16..(half + 1) * 16 {
+            rng.fill_bytes(&mut buf);
+            f.write_all_at(&buf, mib << 20).unwrap();
+        }
+    };
+    for round in 0..5 {
+        fill_half(round);
+        server.checkpoint("fill");
+    }
+    fill_half(5);
+    server.drctl_json(&["checkpoint", "fill"]);
+    deadline_poll("the server to report its storage full", Duration::from_secs(60), || {
+        server.status("fill")["error"].as_str().is_some_and(|e| e.contains("storage is full")).then_some(())
+    });
+    assert!(reserve.exists(), "nothing gives the reserve up but retention");
+    // An hour later on the server's clock, every point but the newest is past the window:
+    // the records up to it are folded into the base image, which has 32 MiB to allocate on
+    // a full file system before the third round's overwrites free any, and their segments
+    // deleted.
+    std::fs::write(&clock, "3600000").unwrap();
+    let p = server.checkpoint("fill");
+    let log = server.log_text();
+    assert!(log.contains("space reserve is given up"), "{}", tail(&log, 30));
+    assert!(log.contains("folded into the base image"), "{}", tail(&log, 30));
+    deadline_poll("the reserve to be set aside again", Duration::from_secs(30), || {
+        std::fs::metadata(&reserve).is_ok_and(|m| m.len() == 4 << 20).then_some(())
+    });
+    let out = root.join("out");
+    let res = server.drctl_json(&[
+        "test-failover",
+        "fill",
+        "--point",
+        &p["id"].to_string(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&disk, None));
     agent.kill9();
 }

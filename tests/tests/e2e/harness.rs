@@ -115,6 +115,8 @@ impl Server {
                 .arg(&self.data)
                 .args(["--listen", &format!("127.0.0.1:{}", self.port)])
                 .args(&self.extra)
+                // Tests run side by side: each data directory sets aside a little, not 1 GiB.
+                .env("TERN_SPACE_RESERVE", "16MiB")
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stderr(log),
         );
@@ -729,4 +731,40 @@ pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
         .collect();
     segs.sort();
     segs
+}
+
+/// A tmpfs of a given size mounted on a new directory (needs root), unmounted on drop: a
+/// data directory that fills up.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, opts: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let t = Tmpfs { dir: dir.to_path_buf() };
+        t.run(opts);
+        t
+    }
+
+    /// Changes its options (`size=256m`) in place.
+    pub fn remount(&self, opts: &str) {
+        self.run(&format!("remount,{opts}"));
+    }
+
+    fn run(&self, opts: &str) {
+        let out =
+            Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(&self.dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+    }
 }
