@@ -37,6 +37,24 @@ pub struct Frozen<'a> {
     file_systems: Vec<PathBuf>,
 }
 
+/// Whether `path` is the root of a mount: FIFREEZE on any other directory freezes the file
+/// system it lies on (a `--freeze-fs /srv/db` whose mount failed would freeze `/`).
+pub fn is_mount_point(path: &std::path::Path) -> std::io::Result<bool> {
+    use rustix::fs::{AtFlags, CWD, StatxAttributes, StatxFlags, statx};
+    match statx(CWD, path, AtFlags::NO_AUTOMOUNT, StatxFlags::empty()) {
+        Ok(st) if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) => {
+            return Ok(st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT));
+        }
+        Ok(_) | Err(rustix::io::Errno::NOSYS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // A kernel before 5.8: a mount's root lies on another device than its parent, or is `/`.
+    use std::os::unix::fs::MetadataExt;
+    let here = std::fs::metadata(path)?;
+    let parent = std::fs::metadata(path.join(".."))?;
+    Ok(here.dev() != parent.dev() || here.ino() == parent.ino())
+}
+
 fn fs_ioctl(mount: &std::path::Path, freeze: bool) -> std::io::Result<()> {
     let dir = std::fs::File::open(mount)?;
     // SAFETY: FIFREEZE and FITHAW take an int argument that the kernel ignores; it is
@@ -95,6 +113,21 @@ impl Hooks {
             }
         }
         for fs in &self.freeze_fs {
+            match is_mount_point(fs) {
+                Ok(true) => {}
+                Ok(false) => {
+                    frozen.thaw();
+                    return Err(format!(
+                        "--freeze-fs {} is not a mount point (not mounted?): freezing it would freeze the \
+                         file system it lies on; nothing was frozen, mount it or fix the flag",
+                        fs.display()
+                    ));
+                }
+                Err(e) => {
+                    frozen.thaw();
+                    return Err(format!("cannot freeze file system {}: {e}", fs.display()));
+                }
+            }
             if let Err(e) = fs_ioctl(fs, true) {
                 frozen.thaw();
                 return Err(format!("cannot freeze file system {}: {e}", fs.display()));

@@ -256,6 +256,12 @@ fn run() -> anyhow::Result<()> {
         sources.push(DiskSource { name, path, size, block_device });
     }
     let marker = Some(state_dir.join("frozen"));
+    for fs in &freeze_fs {
+        if !tern_agent::hooks::is_mount_point(fs).unwrap_or(false) {
+            tracing::warn!(path = %fs.display(),
+                "--freeze-fs names no mount point (yet): app-consistent points fail until it is mounted");
+        }
+    }
     let config = tern_agent::Config {
         server,
         identity: identity_bundle,

@@ -52,7 +52,11 @@ fn describe() {
     describe_gauge!("tern_job_progress_ratio", "A running job's progress, 0 to 1.");
     describe_gauge!("tern_jobs_running", "Jobs running.");
     describe_counter!("tern_replication_errors_total", "Sessions ended or batches refused, by gRPC code.");
-    describe_gauge!("tern_data_dir_free_bytes", Unit::Bytes, "Free space of the data directory's file system.");
+    describe_gauge!(
+        "tern_data_dir_free_bytes",
+        Unit::Bytes,
+        "Free space of the data directory's file system."
+    );
     describe_gauge!(
         "tern_space_reserve_held",
         "1 while the space reserve is set aside; 0 while it is given up (the data directory filled)."

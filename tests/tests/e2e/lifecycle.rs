@@ -319,6 +319,40 @@ fn freeze_fs_freezes_a_mounted_file_system_around_app_points() {
     assert_eq!(res["consistency"], "app");
 }
 
+/// `--freeze-fs` naming a directory that is not a mount point (a mount that failed) is
+/// never frozen: FIFREEZE on it would freeze the file system it lies on (the host's `/`).
+/// The point is crash-consistent and says why. The directory here lies on a loop-mounted
+/// ext4, so a freeze that got through would freeze that, and the point would say `app`.
+#[test]
+fn freeze_fs_refuses_a_directory_that_is_not_a_mount_point() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let disk = root.join("fs.img");
+    make_ext4(&disk, 16, 73);
+    let fs = Mounted::new(&disk, &root.join("mnt"), &["-o", "loop"]);
+    let sub = fs.dir.join("db-not-mounted");
+    std::fs::create_dir(&sub).unwrap();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("nm.bundle");
+    server.enroll_agent("nm", &identity);
+    let agent = Agent::start(
+        &server,
+        &identity,
+        "nm",
+        &[("sda", &disk)],
+        &root.join("st"),
+        &["--freeze-fs", sub.to_str().unwrap()],
+    );
+    server.wait_connected("nm");
+    server.checkpoint("nm");
+    let p = server.drctl_json(&["checkpoint", "nm", "--wait", "--app-consistent"]);
+    assert_eq!(p["consistency"], "crash", "{p}");
+    assert!(p["note"].as_str().unwrap().contains("not a mount point"), "{p}");
+    assert!(agent.log_text().contains("names no mount point"), "warned at start");
+    std::fs::write(sub.join("after.txt"), b"the file system takes writes").unwrap();
+}
+
 /// An agent killed while the VM was quiesced (no thaw ran) leaves its marker in the state
 /// directory: the next start thaws the file systems and runs the thaw command, instead of
 /// leaving the VM's file system frozen for good.
