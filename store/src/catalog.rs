@@ -904,18 +904,6 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Jobs left running by a process that stopped end as failed, with the reason.
-    pub fn fail_interrupted_jobs(&self, now_ms: i64) -> Result<usize, StoreError> {
-        self.db
-            .execute(
-                "UPDATE jobs SET state = ?2, ended_ms = ?1,
-                 error = 'interrupted: the process server stopped while the job ran; run the command again'
-                 WHERE state = ?3",
-                params![now_ms, JobState::Failed.as_str(), JobState::Running.as_str()],
-            )
-            .map_err(q("fail interrupted jobs"))
-    }
-
     /// Point ids are never reused, even after the points they named were deleted.
     pub fn next_point_id(&self) -> Result<PointId, StoreError> {
         let max: Option<i64> =

@@ -115,6 +115,7 @@ impl Store {
         self.require_state(vm, VmState::FailedOver, Transition::CommitFailover.refusal())?;
         let row =
             self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
+        output_whole(vm, &row)?;
         let point = self.resolve_point(vm, &PointSpec::Id(row.point))?;
         let position = Position { point, between: row.between.clone(), why_point: String::new() };
         for (pd, seq) in position.point.disks.iter().zip(position.seqs()) {
@@ -171,6 +172,33 @@ impl Store {
         }
         Ok((point.id, out))
     }
+}
+
+/// A commit deletes every other point: it goes only once the failover's output was written
+/// whole (its `vm.json`, written last, names the point). A failover or change of point
+/// the process server's stop cut short left none.
+fn output_whole(vm: &VmName, row: &FailoverRow) -> Result<(), StoreError> {
+    let manifest = Path::new(&row.output).join("vm.json");
+    let written = std::fs::read(&manifest)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|m| m["point"].as_u64());
+    if written == Some(row.point.0) {
+        return Ok(());
+    }
+    Err(StoreError::WrongState {
+        vm: vm.clone(),
+        state: VmState::FailedOver.to_string(),
+        what: format!(
+            "its failover output in {} was not written whole (no {} naming point {}: the failover or \
+             change of point was cut short); write it with `drctl change-point {vm} --point {}` first, \
+             then commit",
+            row.output,
+            manifest.display(),
+            row.point,
+            row.point
+        ),
+    })
 }
 
 /// Removes what a failover wrote: its disk files and its vm.json (those already gone are

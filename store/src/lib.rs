@@ -1076,7 +1076,47 @@ impl Store {
 
     /// Jobs a stopped process left running end as failed; returns how many.
     pub fn fail_interrupted_jobs(&self, now_ms: i64) -> Result<usize, StoreError> {
-        self.catalog().fail_interrupted_jobs(now_ms)
+        let running: Vec<JobRow> =
+            self.jobs()?.into_iter().filter(|j| j.state == tern_core::JobState::Running).collect();
+        let n = running.len();
+        for mut j in running {
+            j.state = tern_core::JobState::Failed;
+            j.ended_ms = now_ms;
+            j.error = format!(
+                "interrupted: the process server stopped while the job ran; {}",
+                self.after_interrupt(&j)
+            );
+            self.update_job(&j)?;
+        }
+        Ok(n)
+    }
+
+    /// What to do about a job the last stop cut short: "again" is not always the way on.
+    fn after_interrupt(&self, j: &JobRow) -> String {
+        use tern_core::JobKind::{ChangePoint, PlannedFailover, TestFailover, UnplannedFailover};
+        let vm = VmName::new(&j.vm).ok();
+        let state = vm.as_ref().and_then(|vm| self.vm_state(vm).ok());
+        let failover = vm.as_ref().and_then(|vm| self.catalog().failover(vm).ok().flatten());
+        match (j.kind, state, failover) {
+            (
+                PlannedFailover | UnplannedFailover | ChangePoint,
+                Some(tern_core::VmState::FailedOver),
+                Some(row),
+            ) => format!(
+                "the VM is failed over but its output in {} may be incomplete: write it again with \
+                 `drctl change-point {} --point {}` (commit refuses until it is whole)",
+                row.output, j.vm, row.point
+            ),
+            (TestFailover, _, _)
+                if vm.as_ref().is_some_and(|vm| self.test_failover_row(vm).is_ok_and(|t| t.is_some())) =>
+            {
+                format!(
+                    "its output may be incomplete: run `drctl test-failover-cleanup {}`, then the test failover again",
+                    j.vm
+                )
+            }
+            _ => "run the command again".to_string(),
+        }
     }
 
     /// The byte ranges that records numbered `after < seq <= upto` wrote, merged where

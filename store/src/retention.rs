@@ -396,10 +396,42 @@ pub(crate) mod tests {
         let id = store.catalog().insert_job(tern_core::JobKind::UnplannedFailover, &vm, 1).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.catalog().fail_interrupted_jobs(2).unwrap(), 1);
+        assert_eq!(store.fail_interrupted_jobs(2).unwrap(), 1);
         let job = store.catalog().jobs().unwrap().into_iter().find(|j| j.id == id).unwrap();
         assert_eq!(job.state, tern_core::JobState::Failed);
-        assert!(job.error.contains("interrupted"), "{}", job.error);
+        assert!(
+            job.error.contains("interrupted") && job.error.contains("run the command again"),
+            "{}",
+            job.error
+        );
+    }
+
+    /// A failover or change of point cut short leaves the VM failed over with its output
+    /// not whole: commit (which deletes every other point) refuses until `change-point`
+    /// has written it, and the interrupted job says so rather than "run it again" (a second
+    /// failover is refused).
+    #[test]
+    fn commit_refuses_a_failover_whose_output_was_not_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let points = store.points(&vm).unwrap();
+        let out = dir.path().join("fo");
+        let kind = tern_core::FailoverKind::Unplanned;
+        store
+            .failover(&vm, kind, &PointSpec::Id(points[2].id), &out, crate::Format::Raw, &mut |_, _| {})
+            .unwrap();
+        // What a stop in the middle of writing leaves: the disk part written, no vm.json.
+        std::fs::remove_file(out.join("vm.json")).unwrap();
+        let id = store.catalog().insert_job(tern_core::JobKind::ChangePoint, &vm, 1).unwrap();
+        assert_eq!(store.fail_interrupted_jobs(2).unwrap(), 1);
+        let job = store.catalog().jobs().unwrap().into_iter().find(|j| j.id == id).unwrap();
+        let advice = format!("drctl change-point {vm} --point {}", points[2].id);
+        assert!(job.error.contains(&advice), "{}", job.error);
+        let err = store.commit(&vm).unwrap_err().to_string();
+        assert!(err.contains("not written whole") && err.contains(&advice), "{err}");
+        assert_eq!(store.points(&vm).unwrap().len(), points.len(), "nothing deleted");
+        store.change_point(&vm, &PointSpec::Id(points[2].id), &mut |_, _| {}).unwrap();
+        store.commit(&vm).unwrap();
     }
 
     #[test]
