@@ -9,9 +9,10 @@ use tracing::{info, warn};
 
 /// normal; warning above the RPO threshold; critical above twice it, when the agent has
 /// been away longer than the threshold, or while replication fails on this side (`failing`).
-/// A failed-over VM no longer replicates: normal.
+/// A protected VM and a reprotected one (its changes go on to the master target: a relay
+/// that fails is failing here) replicate; a VM in any other state does not: normal.
 pub fn health(state: VmState, rpo_secs: i64, absent_secs: i64, threshold_secs: i64, failing: bool) -> Health {
-    if state != VmState::Protected {
+    if !matches!(state, VmState::Protected | VmState::Reprotected) {
         return Health::Normal;
     }
     if rpo_secs > 2 * threshold_secs || absent_secs > threshold_secs || failing {

@@ -742,6 +742,10 @@ fn a_revoked_master_target_is_refused_until_it_has_a_new_identity() {
         let e = s["error"].as_str().unwrap_or_default();
         (e.contains("relay to the master target") && e.contains("Revoked")).then_some(())
     });
+    // Monitoring sees it: the reprotected VM's changes no longer reach the way back.
+    assert_eq!(server.status("mr")["health"], "critical");
+    let check = server.drctl(&["status", "mr", "--check"]);
+    assert_eq!(check.status.code(), Some(2), "{check:?}");
     assert_eq!(b3(&r.onprem, None), before, "nothing written");
 
     r.mt.kill9();
