@@ -782,11 +782,11 @@ pub(crate) async fn run_test_failover(
     format: Format,
     job: &crate::jobs::Job,
 ) -> Result<pb::JobOutput, String> {
-    let spec = resolve_latest(ctx, &vm, spec, job).await;
+    let (spec, why) = resolve_latest(ctx, &vm, spec, job).await;
     job.phase("writing disks").await;
     let (store, j, v, s) = (ctx.store.clone(), job.clone(), vm.clone(), spec.clone());
     let res = blocking(move || {
-        store.test_failover(&v, &s, &out_dir, format, &mut |done, total| j.progress(done, total))
+        store.test_failover_noted(&v, &s, &why, &out_dir, format, &mut |done, total| j.progress(done, total))
     })
     .await
     .map_err(|e| e.message().to_string())?;
@@ -839,14 +839,14 @@ pub(crate) async fn run_failover(
             Err(e) => warn!(vm = %vm, error = %e, "source not shut down; the unplanned failover goes on"),
         }
     }
-    let spec = resolve_latest(ctx, &vm, spec, job).await;
+    let (spec, why) = resolve_latest(ctx, &vm, spec, job).await;
     job.phase("writing disks").await;
     let store = ctx.store.clone();
     let j = job.clone();
     let v = vm.clone();
     let s = spec.clone();
     let res = blocking(move || {
-        store.failover(&v, kind, &s, &out_dir, format, &mut |done, total| j.progress(done, total))
+        store.failover_noted(&v, kind, &s, &why, &out_dir, format, &mut |done, total| j.progress(done, total))
     })
     .await
     .map_err(|e| e.message().to_string())?
@@ -857,14 +857,25 @@ pub(crate) async fn run_failover(
 }
 
 /// `latest`: make everything received into a point first (through the agent, if it is
-/// connected); otherwise, or if that fails, the newest existing point.
-async fn resolve_latest(ctx: &Arc<Ctx>, vm: &VmName, spec: PointSpec, job: &crate::jobs::Job) -> PointSpec {
+/// connected); otherwise, or if that fails, the newest existing point, with why (the
+/// output's note: an operator who asked for `latest` must not take an older point for it).
+async fn resolve_latest(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    spec: PointSpec,
+    job: &crate::jobs::Job,
+) -> (PointSpec, String) {
     if spec != PointSpec::Latest {
-        return spec;
+        return (spec, String::new());
     }
     if !ctx.hub.connected(vm) {
         info!(vm = %vm, "agent not connected; latest is the latest processed point");
-        return PointSpec::LatestProcessed;
+        return (
+            PointSpec::LatestProcessed,
+            "the newest point already made: with the agent not connected, no newer one could be made \
+             (what arrived after it is not in this output)"
+                .to_string(),
+        );
     }
     job.phase("making a point of everything received").await;
     let made = async {
@@ -877,10 +888,13 @@ async fn resolve_latest(ctx: &Arc<Ctx>, vm: &VmName, spec: PointSpec, job: &crat
     }
     .await;
     match made {
-        Ok(id) => PointSpec::Id(id),
+        Ok(id) => (PointSpec::Id(id), String::new()),
         Err(e) => {
             warn!(vm = %vm, error = %e, "could not make a latest point; using the latest processed one");
-            PointSpec::LatestProcessed
+            (
+                PointSpec::LatestProcessed,
+                format!("the newest point already made: a newer one could not be made ({e})"),
+            )
         }
     }
 }

@@ -42,6 +42,22 @@ impl Store {
         format: Format,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<FailoverOutput, StoreError> {
+        self.failover_noted(vm, kind, spec, "", out_dir, format, progress)
+    }
+
+    /// [`Store::failover`], where `why` says why `spec` is not what the operator asked for
+    /// (`latest` that could not be made): the output's note and `vm.json` say it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn failover_noted(
+        &self,
+        vm: &VmName,
+        kind: FailoverKind,
+        spec: &PointSpec,
+        why: &str,
+        out_dir: &Path,
+        format: Format,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FailoverOutput, StoreError> {
         let row = FailoverRow {
             kind,
             point: PointId(0),
@@ -51,7 +67,7 @@ impl Store {
             between: None,
         };
         self.require_state(vm, VmState::Protected, Transition::FailOver(row.clone()).refusal())?;
-        let position = self.resolve_position(vm, spec)?;
+        let position = self.resolve_position(vm, spec)?.noted(why);
         let handles = self.point_disks(vm, &position.point)?;
         let files = output_files(&handles, out_dir, format)?;
         refuse_existing(&files, out_dir)?;

@@ -1319,10 +1319,24 @@ impl Store {
         format: Format,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<FailoverOutput, StoreError> {
+        self.test_failover_noted(vm, spec, "", out_dir, format, progress)
+    }
+
+    /// [`Store::test_failover`], where `why` says why `spec` is not what the operator asked
+    /// for (`latest` that could not be made): the output's note and `vm.json` say it.
+    pub fn test_failover_noted(
+        &self,
+        vm: &VmName,
+        spec: &PointSpec,
+        why: &str,
+        out_dir: &Path,
+        format: Format,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FailoverOutput, StoreError> {
         if !self.catalog().has_vm(vm)? {
             return Err(StoreError::UnknownVm(vm.clone()));
         }
-        let position = self.resolve_position(vm, spec)?;
+        let position = self.resolve_position(vm, spec)?.noted(why);
         let point = &position.point;
         let handles = self.point_disks(vm, point)?;
         let files = failover::output_files(&handles, out_dir, format)?;
@@ -1417,7 +1431,7 @@ impl Store {
                 ),
                 (None, "") => String::new(),
                 (None, why) => {
-                    format!("point {} (the newest at or before the time asked for): {why}", point.id)
+                    format!("point {} (not the moment asked for): {why}", point.id)
                 }
             },
             disks,

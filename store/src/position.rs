@@ -33,6 +33,15 @@ impl Position {
         self.between.as_ref().map_or(self.point.time_ms, |b| b.time_ms)
     }
 
+    /// The same, with `why` as the reason it is not the moment asked for (unless it
+    /// already has one).
+    pub fn noted(mut self, why: &str) -> Position {
+        if self.why_point.is_empty() {
+            self.why_point = why.to_string();
+        }
+        self
+    }
+
     /// How a person names it: "point 41", or "2026-…Z (between points 41 and 42)".
     pub fn describe(&self) -> String {
         match &self.between {
