@@ -182,8 +182,9 @@ const TARGET_WRITE_THROUGH: &str = "write-through";
 /// failover may use a position between two points (`failovers.cut`). 3: a point is keyed
 /// by VM and id (a multi-VM point's id is shared by its group's members), replication
 /// groups and recovery plans. 4: a reprotect names the recovered VM's agent identity
-/// (`reprotects.identity`).
-pub const SCHEMA_VERSION: i64 = 4;
+/// (`reprotects.identity`). 5: the VM's own policy is kept in `saved_policies` from
+/// reprotect to reverse replication.
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Version 3's point tables, under the names a migration copies into.
 const POINT_TABLES: &str = "
@@ -212,6 +213,13 @@ CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY,
     created_ms INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'protected'
+);
+CREATE TABLE IF NOT EXISTS saved_policies (
+    vm TEXT PRIMARY KEY REFERENCES vms(name),
+    retention_ms INTEGER NOT NULL,
+    crash_interval_ms INTEGER NOT NULL,
+    app_interval_ms INTEGER NOT NULL,
+    rpo_threshold_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS policies (
     vm TEXT PRIMARY KEY REFERENCES vms(name),
@@ -291,12 +299,13 @@ CREATE TABLE IF NOT EXISTS test_failovers (
 ";
 
 /// Every row of a VM, deleted (its jobs stay, as history).
-const FORGET_VM: [&str; 9] = [
+const FORGET_VM: [&str; 10] = [
     "DELETE FROM point_disks WHERE vm = ?1",
     "DELETE FROM points WHERE vm = ?1",
     "DELETE FROM group_members WHERE vm = ?1",
     "DELETE FROM disks WHERE vm = ?1",
     "DELETE FROM policies WHERE vm = ?1",
+    "DELETE FROM saved_policies WHERE vm = ?1",
     "DELETE FROM test_failovers WHERE vm = ?1",
     "DELETE FROM failovers WHERE vm = ?1",
     "DELETE FROM reprotects WHERE vm = ?1",
@@ -729,6 +738,14 @@ impl Catalog {
                         row.identity
                     ],
                 )?;
+                // The VM's own policy waits for reverse replication (kept from the first
+                // reprotect: one after a cancelled one finds the failback policy in place).
+                exec(
+                    "INSERT OR IGNORE INTO saved_policies
+                     SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
+                     FROM policies WHERE vm = ?1",
+                    params![v],
+                )?;
                 put_policy(&tx, vm, policy)?;
                 put_generations(&tx, vm, generations)?;
             }
@@ -743,7 +760,16 @@ impl Catalog {
                 exec("DELETE FROM failovers WHERE vm = ?1", params![v])?;
             }
             Transition::ReverseReplicate { policy, generations } => {
+                // The policy the VM had before the failover comes back; `policy` where none
+                // was kept.
                 put_policy(&tx, vm, policy)?;
+                exec(
+                    "INSERT OR REPLACE INTO policies
+                     SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
+                     FROM saved_policies WHERE vm = ?1",
+                    params![v],
+                )?;
+                exec("DELETE FROM saved_policies WHERE vm = ?1", params![v])?;
                 put_generations(&tx, vm, generations)?;
             }
         }
@@ -1445,6 +1471,7 @@ mod tests {
             "points",
             "point_disks",
             "policies",
+            "saved_policies",
             "failovers",
             "test_failovers",
             "reprotects",
@@ -1568,6 +1595,39 @@ mod tests {
         assert_eq!(c.policy(&vm).unwrap(), Policy::default());
         assert_eq!(c.disks(&vm).unwrap()[0].generation, "g9");
         assert_eq!(c.vm_state(&vm).unwrap(), VmState::Protected);
+    }
+
+    /// The VM's own policy (a 2 h retention here) is kept from reprotect, through a
+    /// cancelled reprotect and a second one, to reverse replication, which brings it back.
+    #[test]
+    fn the_vms_policy_comes_back_at_reverse_replication() {
+        let (_dir, mut c, vm) = catalog_in(VmState::FailoverCommitted);
+        let own = c.policy(&vm).unwrap();
+        assert_eq!(own.retention_ms, 7_200_000);
+        let failback = Policy { crash_interval_ms: 30_000, ..Policy::default() };
+        let reprotect = |policy: Policy| Transition::Reprotect {
+            row: ReprotectRow {
+                master_target: "https://mt:7443".into(),
+                alternate: false,
+                sync: SyncMode::Before,
+                disks: vec![("sda".into(), "/dev/sdb".into())],
+                identity: "0a1b".into(),
+            },
+            policy,
+            generations: vec![],
+        };
+        c.transition(&vm, &reprotect(failback)).unwrap();
+        assert_eq!(c.policy(&vm).unwrap(), failback);
+        c.transition(&vm, &Transition::CancelReprotect).unwrap();
+        c.transition(&vm, &reprotect(failback)).unwrap();
+        c.transition(&vm, &Transition::FailBack).unwrap();
+        c.transition(&vm, &Transition::CommitFailback).unwrap();
+        c.transition(&vm, &Transition::ReverseReplicate { policy: Policy::default(), generations: vec![] })
+            .unwrap();
+        assert_eq!(c.policy(&vm).unwrap(), own);
+        // Kept once only: the next circle keeps whatever the VM has then.
+        let rows: i64 = c.db.query_row("SELECT count(*) FROM saved_policies", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 0);
     }
 
     /// A catalog written before the schema version was kept (a `.dump` of one made by the

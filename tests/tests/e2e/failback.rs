@@ -94,6 +94,9 @@ fn the_full_circle() {
     make_ext4(&onprem, 32, 81);
     let size = 32u64 << 20;
     let (mut primary, identity, _) = protect(&server, root, "circle", &onprem);
+    // The VM's own policy, which the way back keeps for reverse replication.
+    server.drctl_json(&["policy", "set", "circle", "--rpo-threshold", "1m", "--crash-interval", "20s"]);
+    let own_policy = server.status("circle")["policy"].clone();
     scatter_writes(&onprem, 0.01, 82);
     server.checkpoint("circle");
     let at_failover = b3(&onprem, None);
@@ -179,6 +182,7 @@ fn the_full_circle() {
 
     // Reverse replication: the primary site protects the VM again, by delta.
     server.drctl_json(&["reverse-replicate", "circle"]);
+    assert_eq!(server.status("circle")["policy"], own_policy, "the VM's policy is back");
     let before = received(&server, "circle");
     let _again = Agent::start(&server, &identity, "circle", &[("sda", &onprem)], &root.join("st-again"), &[]);
     server.wait_connected("circle");
