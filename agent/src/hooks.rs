@@ -10,6 +10,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tracing::{error, info};
 
+/// Longest the `--shutdown` hook may take (a VM's shutdown is slower than a freeze; not
+/// `--hook-timeout`): killed past it, and the planned failover or failback does not go on.
+/// The process server waits a little longer for the final point (`FINAL_PASS_STALL`).
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(600);
+
 const FIFREEZE: Opcode = opcode::read_write::<i32>(b'X', 119);
 const FITHAW: Opcode = opcode::read_write::<i32>(b'X', 120);
 

@@ -59,7 +59,9 @@ enum Cmd {
         hook_timeout: std::time::Duration,
         /// Command that shuts the VM down before a planned failover or a failback; the final
         /// point follows it. It must return only once the VM is off (writes nothing more),
-        /// and succeed when the VM is already off: a failback cut short asks again.
+        /// and succeed when the VM is already off: a failback cut short asks again. It may
+        /// take up to 10 minutes (not --hook-timeout); past that it is killed and the planned
+        /// failover or failback does not go on.
         #[arg(long)]
         shutdown: Option<String>,
         /// Largest rate on the wire, e.g. 20MiB (bytes per second); 0 for no limit.

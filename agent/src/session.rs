@@ -478,7 +478,7 @@ impl Session {
         };
         info!("the process server asks for a shutdown: running the shutdown hook, then the final pass");
         let hook =
-            tokio::task::spawn_blocking(move || hooks::run_hook("shutdown", &cmd, Duration::from_secs(600)))
+            tokio::task::spawn_blocking(move || hooks::run_hook("shutdown", &cmd, hooks::SHUTDOWN_LIMIT))
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
         match hook {

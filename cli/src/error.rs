@@ -63,10 +63,7 @@ impl From<tonic::Status> for CliError {
         let from_transport = std::error::Error::source(&s).is_some() || s.message().is_empty();
         match s.code() {
             Code::Unknown | Code::Cancelled | Code::Unavailable if from_transport => {
-                CliError::Unreachable(format!(
-                    "the process server closed the connection ({}); is --identity a bundle issued by this deployment's CA?",
-                    pb::error_chain(&s)
-                ))
+                CliError::Unreachable(transport_failure(&pb::error_chain(&s)))
             }
             Code::NotFound => CliError::NotFound(s.message().to_string()),
             // The server's word that an argument is wrong: a usage mistake, as clap's are.
@@ -74,6 +71,28 @@ impl From<tonic::Status> for CliError {
             Code::FailedPrecondition => CliError::Refused(s.message().to_string()),
             _ => CliError::Server(s.message().to_string()),
         }
+    }
+}
+
+/// What a connection that failed under a call says, by its cause: a server that is not
+/// (or no longer) listening, a handshake that refused the identity, or a cut.
+fn transport_failure(chain: &str) -> String {
+    let lower = chain.to_ascii_lowercase();
+    if lower.contains("connection refused") || lower.contains("connectionrefused") {
+        format!(
+            "the process server is not listening (connection refused: {chain}); is it running? A job it \
+             ran goes on or is marked interrupted at its next start: see `drctl jobs`"
+        )
+    } else if ["certificate", "tls", "handshake", "unknownca", "revoked"].iter().any(|w| lower.contains(w)) {
+        format!(
+            "the process server closed the connection ({chain}); is --identity a bundle issued by this \
+             deployment's CA, and not revoked?"
+        )
+    } else {
+        format!(
+            "the connection to the process server was cut ({chain}); it may have stopped or the network \
+             failed: see `drctl status` and `drctl jobs` once it answers"
+        )
     }
 }
 
@@ -95,5 +114,18 @@ impl From<tern_core::pki::PkiError> for CliError {
 impl From<tern_core::units::UnitError> for CliError {
     fn from(e: tern_core::units::UnitError) -> Self {
         CliError::Usage(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    #[test]
+    fn a_cut_connection_is_told_by_its_cause() {
+        let refused = super::transport_failure("tcp connect error: Connection refused (os error 111)");
+        assert!(refused.contains("not listening") && !refused.contains("--identity"), "{refused}");
+        let tls = super::transport_failure("invalid peer certificate: UnknownIssuer");
+        assert!(tls.contains("--identity"), "{tls}");
+        let cut = super::transport_failure("connection reset");
+        assert!(cut.contains("was cut") && !cut.contains("--identity"), "{cut}");
     }
 }

@@ -58,7 +58,9 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
             out!("");
             for w in &r.waiting {
                 out!(
-                    "{} is enrolled (identity issued {}); its agent has not connected yet",
+                    "{} is enrolled (identity issued {}); its agent has not connected yet (or not since \
+                     the VM was removed): start it to protect the VM, or `drctl revoke` its identity if \
+                     the VM is retired",
                     w.vm,
                     crate::output::rfc3339(w.enrolled_ms)
                 );
@@ -123,7 +125,11 @@ fn health_check(vms: &[pb::VmStatus], waiting: &[pb::EnrolledVm]) -> Result<(), 
         None => match waiting.first() {
             Some(w) => Err(CliError::Unhealthy(
                 Health::Warning,
-                format!("VM {} is enrolled but its agent has not connected yet: it is not protected", w.vm),
+                format!(
+                    "VM {} is enrolled but its agent has not connected yet (or not since the VM was \
+                     removed): it is not protected; `drctl revoke` its identity if the VM is retired",
+                    w.vm
+                ),
             )),
             None => Ok(()),
         },
