@@ -259,6 +259,12 @@ pub fn print_output(job: &pb::JobInfo, as_json: bool) -> Result<(), CliError> {
         return print_json(&output_json(o));
     }
     match o.between_points.as_slice() {
+        [a, 0] => out!(
+            "{} written, after point {a} ({}-consistent: every write that reached the process server by then, \
+             none after); every record applied matched its BLAKE3",
+            o.time,
+            o.consistency
+        ),
         [a, b] => out!(
             "{} written, between points {a} and {b} ({}-consistent: every write made by then, none after); \
              every record applied matched its BLAKE3",

@@ -489,8 +489,9 @@ impl pb::admin_server::Admin for AdminService {
         self.known_vm(&vm).await?;
         let mut spec = point_arg(&vm, &r.point)?;
         if spec == PointSpec::Latest {
-            // The agent stood down at failover: everything received is in the latest point.
-            spec = PointSpec::LatestProcessed;
+            // The agent stood down at failover: everything received (in nbd mode, what came
+            // after the newest point too).
+            spec = PointSpec::Received;
         }
         let state = self.state(&vm).await?;
         if state != VmState::FailedOver {
@@ -857,8 +858,9 @@ pub(crate) async fn run_failover(
 }
 
 /// `latest`: make everything received into a point first (through the agent, if it is
-/// connected); otherwise, or if that fails, the newest existing point, with why (the
-/// output's note: an operator who asked for `latest` must not take an older point for it).
+/// connected); otherwise, or if that fails, everything received ([`PointSpec::Received`]:
+/// the journal's end in nbd mode, else the newest point), with why (the output's note: an
+/// operator who asked for `latest` must not take an older point for it).
 async fn resolve_latest(
     ctx: &Arc<Ctx>,
     vm: &VmName,
@@ -871,10 +873,8 @@ async fn resolve_latest(
     if !ctx.hub.connected(vm) {
         info!(vm = %vm, "agent not connected; latest is the latest processed point");
         return (
-            PointSpec::LatestProcessed,
-            "the newest point already made: with the agent not connected, no newer one could be made \
-             (what arrived after it is not in this output)"
-                .to_string(),
+            PointSpec::Received,
+            "the agent is not connected, so no new point could be made".to_string(),
         );
     }
     job.phase("making a point of everything received").await;
@@ -891,10 +891,7 @@ async fn resolve_latest(
         Ok(id) => (PointSpec::Id(id), String::new()),
         Err(e) => {
             warn!(vm = %vm, error = %e, "could not make a latest point; using the latest processed one");
-            (
-                PointSpec::LatestProcessed,
-                format!("the newest point already made: a newer one could not be made ({e})"),
-            )
+            (PointSpec::Received, format!("a new point could not be made ({e})"))
         }
     }
 }

@@ -392,6 +392,10 @@ pub enum PointSpec {
     Id(PointId),
     /// The newest point at or before this Unix time in milliseconds.
     Time(i64),
+    /// Everything this server has received: the journal's durable end, when every record
+    /// after the newest point carries the time it was written (`--mode nbd`), else the
+    /// newest point. What `latest` becomes when no point can be made (the agent gone).
+    Received,
 }
 
 /// A cut an agent made, not yet a point: what [`Store::make_group_point`] takes per member.
@@ -432,6 +436,7 @@ impl std::fmt::Display for PointSpec {
             PointSpec::LatestApp => f.write_str("latest-app"),
             PointSpec::LatestMultiVm => f.write_str("latest-multi-vm"),
             PointSpec::LatestMultiVmApp => f.write_str("latest-multi-vm-app"),
+            PointSpec::Received => f.write_str("latest (everything received)"),
             PointSpec::Id(id) => write!(f, "{id}"),
             PointSpec::Time(ms) => f.write_str(&rfc3339(*ms)),
         }
@@ -1253,7 +1258,7 @@ impl Store {
         let found = {
             let c = self.catalog();
             match spec {
-                PointSpec::Latest | PointSpec::LatestProcessed => c.latest_point(vm)?,
+                PointSpec::Latest | PointSpec::LatestProcessed | PointSpec::Received => c.latest_point(vm)?,
                 PointSpec::LatestApp => c.latest_app_point(vm)?,
                 PointSpec::LatestMultiVm | PointSpec::LatestMultiVmApp => {
                     let app = *spec == PointSpec::LatestMultiVmApp;
@@ -1284,7 +1289,9 @@ impl Store {
         Err(StoreError::PointNotFound {
             vm: vm.clone(),
             wanted: match spec {
-                PointSpec::Latest | PointSpec::LatestProcessed => "yet (latest-processed)".into(),
+                PointSpec::Latest | PointSpec::LatestProcessed | PointSpec::Received => {
+                    "yet (latest-processed)".into()
+                }
                 PointSpec::LatestApp => "that is app-consistent (latest-app)".into(),
                 PointSpec::LatestMultiVm => {
                     "that its replication group has in common (latest-multi-vm); make one with `drctl group checkpoint`".into()
@@ -1425,6 +1432,12 @@ impl Store {
                 .to_string(),
             between_points: position.between.as_ref().map(|b| [point.id.0, b.next]),
             note: match (&position.between, position.why_point.as_str()) {
+                (Some(b), _) if b.next == 0 => format!(
+                    "the journal position at {}, after point {}: every write that reached the process \
+                     server by then, none after",
+                    rfc3339(position.time_ms()),
+                    point.id
+                ),
                 (Some(_), _) => format!(
                     "the journal position at {}: every write made by then, none after",
                     rfc3339(position.time_ms())

@@ -33,11 +33,15 @@ impl Position {
         self.between.as_ref().map_or(self.point.time_ms, |b| b.time_ms)
     }
 
-    /// The same, with `why` as the reason it is not the moment asked for (unless it
-    /// already has one).
+    /// The same, with `why` as the reason it is not the moment asked for, before the one
+    /// it has (a position between points needs none).
     pub fn noted(mut self, why: &str) -> Position {
-        if self.why_point.is_empty() {
-            self.why_point = why.to_string();
+        if !why.is_empty() && self.between.is_none() {
+            self.why_point = if self.why_point.is_empty() {
+                why.to_string()
+            } else {
+                format!("{why}; {}", self.why_point)
+            };
         }
         self
     }
@@ -45,6 +49,7 @@ impl Position {
     /// How a person names it: "point 41", or "2026-…Z (between points 41 and 42)".
     pub fn describe(&self) -> String {
         match &self.between {
+            Some(b) if b.next == 0 => format!("{} (after point {})", rfc3339(b.time_ms), self.point.id),
             Some(b) => format!("{} (between points {} and {})", rfc3339(b.time_ms), self.point.id, b.next),
             None => format!("point {}", self.point.id),
         }
@@ -58,8 +63,10 @@ impl Store {
     /// point); otherwise, as for every other spec, to a point.
     pub fn resolve_position(&self, vm: &VmName, spec: &PointSpec) -> Result<Position, StoreError> {
         let point = self.resolve_point(vm, spec)?;
-        let PointSpec::Time(t) = *spec else {
-            return Ok(Position { point, between: None, why_point: String::new() });
+        let t = match *spec {
+            PointSpec::Time(t) => t,
+            PointSpec::Received => i64::MAX,
+            _ => return Ok(Position { point, between: None, why_point: String::new() }),
         };
         Ok(match self.between(vm, &point, t)? {
             At::Point => Position { point, between: None, why_point: String::new() },
@@ -76,10 +83,7 @@ impl Store {
             return Ok(At::Point);
         }
         let Some(next) = self.catalog().next_point(vm, point.id)? else {
-            return Ok(At::Earlier(format!(
-                "{} is after the newest point; a moment after it is known once the next point is made",
-                rfc3339(t)
-            )));
+            return self.after_newest(vm, point, t);
         };
         let names = |p: &Point| p.disks.iter().map(|d| d.disk.clone()).collect::<Vec<_>>();
         if next.time_ms <= t || names(&next) != names(point) {
@@ -108,6 +112,103 @@ impl Store {
         }
         Ok(At::Between(Between { time_ms: t, next: next.id.0, seqs }))
     }
+}
+
+impl Store {
+    /// The position at `t` after the newest point, `point`: what reached this server since
+    /// (with the agent gone, no next point will come). Every record past the point must carry
+    /// the time it was written; each disk's durable records are in the order the VM wrote
+    /// them, so cutting every disk at the earliest of their last times misses nothing written
+    /// before it, even on a disk whose later records never arrived. A disk with nothing past
+    /// the point cannot say that, so with several disks each must have records past it.
+    fn after_newest(&self, vm: &VmName, point: &Point, t: i64) -> Result<At, StoreError> {
+        let handles = self.point_disks(vm, point)?;
+        let mut bound = t;
+        let mut ends = Vec::new();
+        for (h, pd) in handles.iter().zip(&point.disks) {
+            let durable = h.durable();
+            if durable <= pd.seq {
+                ends.push(None);
+                continue;
+            }
+            let _reading = h.read_lock();
+            let snapshot = h.journal().snapshot();
+            match last_time_in(&snapshot, pd.seq, durable, &format!("journal of {}/{}", h.vm, h.name))? {
+                Some(last) => bound = bound.min(last),
+                None => {
+                    return Ok(At::Earlier(format!(
+                        "disk {} has records after point {} without the time they were written (a \
+                         scan-mode agent, or a resync), so only the point is consistent",
+                        h.name, point.id
+                    )));
+                }
+            }
+            ends.push(Some(durable));
+        }
+        if ends.iter().all(Option::is_none) {
+            return Ok(At::Point);
+        }
+        if let Some((h, _)) = handles.iter().zip(&ends).find(|(_, e)| e.is_none()) {
+            return Ok(At::Earlier(format!(
+                "disk {} has nothing after point {}, so a later moment cannot be checked across the VM's disks",
+                h.name, point.id
+            )));
+        }
+        let mut seqs = Vec::new();
+        for ((h, pd), end) in handles.iter().zip(&point.disks).zip(&ends) {
+            match cut_at(h, pd.seq, end.unwrap_or(pd.seq), bound)? {
+                Some(seq) => seqs.push(seq.0),
+                None => return Ok(At::Earlier(format!("disk {} changed under the read; try again", h.name))),
+            }
+        }
+        if seqs.iter().zip(&point.disks).all(|(s, d)| *s == d.seq.0) {
+            return Ok(At::Point);
+        }
+        Ok(At::Between(Between { time_ms: bound, next: 0, seqs }))
+    }
+}
+
+/// The time the last record in `(after, upto]` was written; `None` when one of them
+/// carries no time.
+fn last_time_in(
+    snapshot: &JournalSnapshot,
+    after: Seq,
+    upto: Seq,
+    what: &str,
+) -> Result<Option<i64>, StoreError> {
+    let mut covered = after.0;
+    let mut last_time = None;
+    for rec in snapshot.read_marks(after, upto) {
+        if covered >= upto.0 {
+            break;
+        }
+        let rec = rec?;
+        if rec.record.kind != RecordKind::Time {
+            continue;
+        }
+        let runs = TimeRuns::decode(&rec.record.payload).ok_or_else(|| StoreError::SegmentCorrupt {
+            path: what.to_string(),
+            offset: 0,
+            reason: format!("time record after record {} does not decode", rec.seq),
+        })?;
+        let mut first = runs.first;
+        for (last, time) in runs.runs {
+            let from = first;
+            first = last + 1;
+            if last <= covered {
+                continue;
+            }
+            if from > covered + 1 {
+                return Ok(None);
+            }
+            covered = last.min(upto.0);
+            last_time = Some(time);
+            if covered >= upto.0 {
+                break;
+            }
+        }
+    }
+    Ok(if covered >= upto.0 { last_time } else { None })
 }
 
 /// What a time between two points resolves to.
@@ -295,6 +396,57 @@ mod tests {
         assert_eq!(std::fs::read(&h.base_path).unwrap(), images[5]);
     }
 
+    /// With the agent gone no point comes after the newest: what reached the server since
+    /// (stamped, in nbd mode) is a crash-consistent moment all the same, and `Received` (what
+    /// `latest` becomes) uses all of it. A record without its time (scan mode, a resync)
+    /// leaves only the point.
+    #[test]
+    fn what_arrived_after_the_newest_point_is_a_moment_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm, mut images) = two_points(&dir.path().join("store"));
+        let h = store.vm_disks(&vm).remove(0);
+        let write = |images: &mut Vec<Vec<u8>>, seq: u64, times: &[i64]| {
+            let mut page = vec![0u8; 4096];
+            blake3::Hasher::new().update(&seq.to_le_bytes()).finalize_xof().fill(&mut page);
+            let off = (seq * 3 * 4096) as usize;
+            let mut image = images.last().unwrap().clone();
+            image[off..off + 4096].copy_from_slice(&page);
+            h.append_timed(Seq(seq), &[test_record(&page, off as u64)], times).unwrap();
+            h.journal().sync().unwrap();
+            images.push(image);
+        };
+        for seq in 11..=13u64 {
+            write(&mut images, seq, &[2000 + 100 * (seq as i64 - 10)]);
+        }
+        let run = |spec: PointSpec, name: &str| {
+            let out = dir.path().join(name);
+            let res = store.test_failover(&vm, &spec, &out, crate::Format::Raw, &mut |_, _| {}).unwrap();
+            let image = std::fs::read(out.join("sda.raw")).unwrap();
+            store.test_failover_cleanup(&vm).unwrap();
+            (res, image)
+        };
+        let (res, image) = run(PointSpec::Received, "all");
+        assert_eq!((res.disks[0].seq, res.between_points), (13, Some([2, 0])), "{res:?}");
+        assert!(res.note.contains("after point 2"), "{}", res.note);
+        assert_eq!(image, images[13]);
+        let (res, image) = run(PointSpec::Time(2250), "t2250");
+        assert_eq!(res.disks[0].seq, 12);
+        assert_eq!(image, images[12]);
+        // A failover there commits there.
+        let out = dir.path().join("fo");
+        let kind = tern_core::FailoverKind::Unplanned;
+        store.failover(&vm, kind, &PointSpec::Received, &out, crate::Format::Raw, &mut |_, _| {}).unwrap();
+        store.change_point(&vm, &PointSpec::Received, &mut |_, _| {}).unwrap();
+        assert_eq!(std::fs::read(out.join("sda.raw")).unwrap(), images[13]);
+        // A record without its time: only the point is consistent.
+        write(&mut images, 14, &[]);
+        let res = store.change_point(&vm, &PointSpec::Received, &mut |_, _| {}).unwrap();
+        assert_eq!((res.disks[0].seq, res.between_points), (10, None));
+        assert!(res.note.contains("without the time"), "{}", res.note);
+        let res = store.change_point(&vm, &PointSpec::Time(2250), &mut |_, _| {}).unwrap();
+        assert_eq!((res.disks[0].seq, res.between_points), (10, None));
+    }
+
     /// Two disks written in one order, A, B, A, B, ...: the cut at any moment holds, on
     /// both disks, exactly the writes made by then (a prefix of that one order).
     #[test]
@@ -342,6 +494,38 @@ mod tests {
                 (0..2).map(|d| (1..=made).filter(|i| (i % 2) as usize == d).count() as u64).collect();
             assert_eq!(pos.seqs(), want.iter().map(|&s| Seq(s)).collect::<Vec<_>>(), "at {t}: {pos:?}");
         }
+        // After the newest point: writes 13..=17, then the agent is gone. Disk a's write 18
+        // (the VM's next) may have been lost on the way: the cut takes nothing after a's last
+        // time, 2160, so b's write 17 (2170) stays out too.
+        for i in 13..=17u64 {
+            let d = (i % 2) as usize;
+            let page = vec![i as u8; 4096];
+            hs[d]
+                .append_timed(Seq(next[d]), &[test_record(&page, i * 4096)], &[2000 + 10 * i as i64])
+                .unwrap();
+            hs[d].journal().sync().unwrap();
+            next[d] += 1;
+        }
+        let pos = store.resolve_position(&vm, &PointSpec::Received).unwrap();
+        assert_eq!(pos.between.as_ref().map(|b| (b.time_ms, b.next)), Some((2160, 0)), "{pos:?}");
+        assert_eq!(pos.seqs(), [Seq(8), Seq(8)], "a: 2, 4, ..16; b: 1, 3, .., 15");
+        // A disk with nothing after the point cannot bound the others: the point.
+        let vm2 = VmName::new("vm2").unwrap();
+        let hs2 = store
+            .register(&vm2, &[(names[0].clone(), SIZE as u64), (names[1].clone(), SIZE as u64)])
+            .unwrap();
+        let disks = (0..2)
+            .map(|d| {
+                let mut fp = Fingerprint::new();
+                fp.push_data(&vec![0u8; SIZE]);
+                PointDisk { disk: names[d].clone(), seq: Seq(0), fingerprint: fp.finish() }
+            })
+            .collect();
+        store.make_point(&vm2, 1000, Consistency::Crash, "", disks).unwrap();
+        hs2[0].append_timed(Seq(1), &[test_record(&[1u8; 4096], 0)], &[1100]).unwrap();
+        hs2[0].journal().sync().unwrap();
+        let pos = store.resolve_position(&vm2, &PointSpec::Received).unwrap();
+        assert!(pos.between.is_none() && pos.why_point.contains("disk b has nothing after"), "{pos:?}");
     }
 
     #[test]
@@ -351,8 +535,9 @@ mod tests {
         let pos = store.resolve_position(&vm, &PointSpec::Time(1500)).unwrap();
         assert_eq!((pos.point.time_ms, &pos.between), (1000, &None));
         assert!(pos.why_point.contains("without the time"), "{}", pos.why_point);
+        // After the newest point, with nothing written since: that point.
         let pos = store.resolve_position(&vm, &PointSpec::Time(9000)).unwrap();
-        assert!(pos.why_point.contains("after the newest point"), "{}", pos.why_point);
+        assert_eq!((pos.point.time_ms, &pos.between, pos.why_point.as_str()), (5000, &None, ""));
     }
 
     #[test]

@@ -69,14 +69,18 @@ pub async fn change_point(d: &mut Drctl, vm: String, point: String) -> Result<()
 
 pub async fn commit(d: &mut Drctl, vm: String) -> Result<(), CliError> {
     let r = d.c.commit(pb::CommitRequest { vm: vm.clone() }).await?.into_inner();
-    if r.between_next != 0 {
+    if r.between_time_ms != 0 {
         let time = crate::output::rfc3339(r.between_time_ms);
         if d.json {
             return print_json(
                 &json!({"vm": vm, "point": r.point, "time": time, "between_points": [r.point, r.between_next]}),
             );
         }
-        out!("{vm} committed at {time} (between points {} and {})", r.point, r.between_next);
+        if r.between_next == 0 {
+            out!("{vm} committed at {time} (after point {})", r.point);
+        } else {
+            out!("{vm} committed at {time} (between points {} and {})", r.point, r.between_next);
+        }
         return Ok(());
     }
     if d.json {

@@ -171,7 +171,7 @@ fn unplanned_failover_with_the_agent_gone_then_change_point_and_commit() {
     assert_eq!(output_hash(&res), h2, "unplanned failover uses the newest point");
     // `latest` (the default) could not make a point: the output says it is an older one.
     let note = res["note"].as_str().unwrap_or_default();
-    assert!(note.contains("newest point already made") && note.contains("not connected"), "{res}");
+    assert!(note.contains("not the moment asked for") && note.contains("not connected"), "{res}");
     let res = server.drctl_json(&["change-point", "un", "--point", &id(&p1)]);
     assert_eq!(output_hash(&res), h1);
     assert_eq!(b3(&out.join("sda.raw"), None), h1);

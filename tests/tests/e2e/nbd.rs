@@ -262,6 +262,40 @@ fn a_test_failover_to_any_time_between_two_points_is_the_disk_at_that_moment() {
     assert_eq!(chrono_ms(committed["time"].as_str().unwrap()), chrono_ms(&when), "{committed}");
 }
 
+/// The primary site is lost with writes made after the newest point: they reached the
+/// process server, stamped with when the VM wrote them, so an unplanned failover to
+/// `latest` (no point can be made with the agent gone) writes them too, as the moment
+/// after the point, and commits there. (Before, it wrote the point and lost them: up to a
+/// crash interval of acknowledged writes.)
+#[test]
+fn an_unplanned_failover_with_the_agent_gone_keeps_what_arrived_after_the_newest_point() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut vm = protect_nbd(root, 32, 4, &[]);
+    let point = vm.server.checkpoint("db");
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0xcd 8M 8M", "-c", "flush", &vm.uri]))
+        .unwrap();
+    let want = b3(&vm.disk, None);
+    // Every write the agent logged is durable at the server.
+    deadline_poll("the writes to reach the server", Duration::from_secs(60), || {
+        let d = vm.server.status("db")["disks"][0].clone();
+        let ahead = d["durable_seq"].as_u64()? > point["disks"][0]["seq"].as_u64()?;
+        (ahead && d["backlog_bytes"].as_u64() == Some(0)).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    vm.agent.kill9();
+    let out = root.join("failed-over");
+    let res =
+        vm.server.drctl_json(&["failover", "db", "--kind", "unplanned", "--output", out.to_str().unwrap()]);
+    assert_eq!(res["between_points"], serde_json::json!([point["id"], 0]), "{res}");
+    assert!(res["note"].as_str().unwrap().contains(&format!("after point {}", point["id"])), "{res}");
+    assert_eq!(b3(&out.join("sda.raw"), None), want, "the writes after the point are there");
+    let text = String::from_utf8(vm.server.drctl(&["commit", "db"]).stdout).unwrap();
+    assert!(text.contains(&format!("(after point {})", point["id"])), "{text}");
+    let h = vm.server.drctl_json(&["status", "db"]);
+    assert_eq!(h["state"], "failover-committed", "{h}");
+}
+
 /// The timed writer's lines: (write, issued, acked).
 fn timed_writes(progress: &Path) -> Vec<(u64, u64, u64)> {
     std::fs::read_to_string(progress)
