@@ -555,7 +555,16 @@ impl pb::admin_server::Admin for AdminService {
         }
         let store = self.ctx.store.clone();
         let v = vm.clone();
-        let (point, disks) = blocking(move || store.verify(&v, &spec)).await?.map_err(store_status)?;
+        let (point, disks) = blocking(move || store.verify(&v, &spec)).await?.map_err(|e| {
+            if e.is_storage_full() {
+                // Not a verdict on the point: its scratch copy found no room.
+                return Status::resource_exhausted(format!(
+                    "cannot verify: no room in the data directory for the scratch copy it rebuilds \
+                     (DATA_DIR/tmp, as large as the disk's data): {e}; nothing is known against the point"
+                ));
+            }
+            store_status(e)
+        })?;
         // As the scrub does: a point that does not recover turns the VM critical, naming it.
         let problem = disks
             .iter()

@@ -86,15 +86,18 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
                 if !c.store.vm_state(&vm).is_ok_and(|s| matches!(s, VmState::Protected | VmState::FailedOver))
                     || c.store.damaged(&vm).is_some()
                 {
+                    crate::lock(&c.retention_errors).remove(&vm);
                     continue;
                 }
                 let now = tern_store::now_ms();
                 match c.store.apply_retention(&vm, now) {
                     Ok(_) => {
+                        crate::lock(&c.retention_errors).remove(&vm);
                         crate::lock(&c.retention_runs).insert(vm, now);
                     }
                     Err(e) => {
                         warn!(vm = %vm, error = %e, "retention failed; retrying later");
+                        crate::lock(&c.retention_errors).insert(vm, format!("retention: {e}"));
                         failed = true;
                     }
                 }
@@ -108,14 +111,16 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
 }
 
 /// What is wrong with a VM beyond its RPO, most lasting first: its stored data could not
-/// be opened, replication is failing on this side, or the scrub found a point that does
-/// not recover. Any of them makes the VM critical.
+/// be opened, replication is failing on this side, retention cannot fold its journal (a
+/// full data directory), or the scrub found a point that does not recover. Any of them
+/// makes the VM critical.
 pub fn problem(ctx: &Ctx, vm: &VmName) -> Option<String> {
     ctx.store
         .damaged(vm)
         .map(|d| format!("stored data damaged: {d}"))
         .or_else(|| ctx.store.journal_damage(vm))
         .or_else(|| ctx.hub.error(vm))
+        .or_else(|| crate::lock(&ctx.retention_errors).get(vm).cloned())
         .or_else(|| {
             ctx.scrub
                 .failure(vm, |point| ctx.store.points(vm).is_ok_and(|ps| ps.iter().any(|p| p.id.0 == point)))

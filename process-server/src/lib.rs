@@ -49,6 +49,9 @@ pub struct Ctx {
     pub rpo_history: web::RpoHistory,
     /// When retention last ran over each VM (the store's clock).
     pub retention_runs: std::sync::Mutex<std::collections::HashMap<tern_core::VmName, i64>>,
+    /// Why each VM's last retention pass failed, until one succeeds: a journal that cannot
+    /// be folded only grows (status shows it; the VM is critical).
+    pub retention_errors: std::sync::Mutex<std::collections::HashMap<tern_core::VmName, String>>,
     /// Identities issued or seen, and the revoked ones the TLS layer refuses.
     pub identities: Arc<identities::Identities>,
     pub shutdown: CancellationToken,
@@ -174,9 +177,14 @@ async fn open_store(config: &Config) -> Result<Arc<Store>, tern_proto::daemon::S
     };
     let store = tokio::task::spawn_blocking(move || {
         let store = Store::open_with(&dir, options)?;
-        let failed = store.fail_interrupted_jobs(tern_store::now_ms())?;
-        if failed > 0 {
-            tracing::warn!(jobs = failed, "jobs interrupted by the last stop are marked failed");
+        match store.fail_interrupted_jobs(tern_store::now_ms()) {
+            Ok(0) => {}
+            Ok(failed) => tracing::warn!(jobs = failed, "jobs interrupted by the last stop are marked failed"),
+            // A full file system must not keep the server down (no failover without it).
+            Err(e) if e.is_storage_full() => tracing::warn!(error = %e,
+                "the jobs the last stop interrupted cannot be marked failed yet (the data directory is full); \
+                 they show as running until the next start"),
+            Err(e) => return Err(e),
         }
         Ok::<_, StoreError>(store)
     })
@@ -238,6 +246,7 @@ pub async fn run(
         scrub: scrub::Scrub::default(),
         relay_max_rate: config.relay_max_rate,
         retention_runs: Default::default(),
+        retention_errors: Default::default(),
         rpo_history: Default::default(),
         store,
         hub: hub::Hub::default(),

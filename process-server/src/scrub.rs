@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tern_core::{VmName, VmState};
 use tern_store::PointSpec;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ScrubConfig {
@@ -121,6 +121,13 @@ async fn scrub_vm(ctx: &Arc<Ctx>, vm: &VmName, config: ScrubConfig) -> bool {
             }),
             // Pruned or committed meanwhile: nothing to say.
             Ok(Err(tern_store::StoreError::PointNotFound { .. })) => None,
+            // No room for the scratch copy: nothing is known against the point (the full data
+            // directory shows as itself, in replication and retention).
+            Ok(Err(e)) if e.is_storage_full() => {
+                warn!(vm = %vm, point = %id, error = %e,
+                    "scrub: no room in the data directory to rebuild the point; it is checked next round");
+                None
+            }
             Ok(Err(e)) => Some(e.to_string()),
             Err(e) => Some(e.to_string()),
         };

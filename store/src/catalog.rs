@@ -454,6 +454,18 @@ impl Catalog {
                 known: SCHEMA_VERSION,
             });
         }
+        if version != SCHEMA_VERSION {
+            migrate(&mut db, version, path)?;
+        }
+        Ok(Catalog { db })
+    }
+}
+
+/// Creates the schema, or brings a catalog of an older `version` to this one, in one
+/// transaction. Skipped for a catalog already at this version: opening it writes nothing,
+/// so a server whose file system is full still starts (and can be failed over from).
+fn migrate(db: &mut Connection, version: i64, path: &Path) -> Result<(), StoreError> {
+    {
         let tx = db.transaction().map_err(q("migrate catalog"))?;
         let columns = |table: &str| -> Result<Vec<String>, StoreError> {
             let mut st =
@@ -508,9 +520,11 @@ impl Catalog {
         if version < SCHEMA_VERSION {
             tracing::info!(catalog = %path.display(), from = version, to = SCHEMA_VERSION, "catalog migrated");
         }
-        Ok(Catalog { db })
     }
+    Ok(())
+}
 
+impl Catalog {
     pub fn vms(&self) -> Result<Vec<VmName>, StoreError> {
         let mut st = self.db.prepare("SELECT name FROM vms ORDER BY name").map_err(q("list VMs"))?;
         let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(q("list VMs"))?;

@@ -160,6 +160,27 @@ impl Store {
         let point = self.resolve_point(vm, spec)?;
         let scratch = self.root().join("tmp");
         crate::durable::create_dir_durable(&scratch)?;
+        // The scratch copy holds at most the base's data and the journal's: refused, not
+        // begun, where it would eat the room replication and retention need.
+        use std::os::unix::fs::MetadataExt;
+        let need: u64 = self
+            .point_disks(vm, &point)?
+            .iter()
+            .map(|h| std::fs::metadata(&h.base_path).map_or(0, |m| m.blocks() * 512) + h.journal_bytes())
+            .sum();
+        let free = crate::reserve::free_bytes(&scratch)?;
+        if free < need.saturating_add(self.reserve().bytes()) {
+            return Err(StoreError::Io {
+                path: scratch.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!(
+                        "rebuilding the point takes up to {need} bytes of scratch space beside the space \
+                         reserve, and {free} are free"
+                    ),
+                ),
+            });
+        }
         let mut out = Vec::new();
         for (h, pd) in self.point_disks(vm, &point)?.into_iter().zip(&point.disks) {
             // Unique per call: the scrub and `drctl verify` may rebuild the same disk at once.

@@ -154,6 +154,12 @@ impl Store {
                 h.name, point.id
             )));
         }
+        if handles.len() > 1 {
+            // Stamps are milliseconds: a write lost on its way to one disk may share that
+            // disk's last stamp, and a later write to another disk too. Each disk holds every
+            // one of its records stamped before its last stamp.
+            bound = bound.saturating_sub(1);
+        }
         let mut seqs = Vec::new();
         for ((h, pd), end) in handles.iter().zip(&point.disks).zip(&ends) {
             match cut_at(h, pd.seq, end.unwrap_or(pd.seq), bound)? {
@@ -495,8 +501,8 @@ mod tests {
             assert_eq!(pos.seqs(), want.iter().map(|&s| Seq(s)).collect::<Vec<_>>(), "at {t}: {pos:?}");
         }
         // After the newest point: writes 13..=17, then the agent is gone. Disk a's write 18
-        // (the VM's next) may have been lost on the way: the cut takes nothing after a's last
-        // time, 2160, so b's write 17 (2170) stays out too.
+        // (the VM's next) may have been lost on the way, stamped as early as a's last, 2160:
+        // the cut takes nothing from then on, so a's write 16 and b's 17 (2170) stay out.
         for i in 13..=17u64 {
             let d = (i % 2) as usize;
             let page = vec![i as u8; 4096];
@@ -507,8 +513,8 @@ mod tests {
             next[d] += 1;
         }
         let pos = store.resolve_position(&vm, &PointSpec::Received).unwrap();
-        assert_eq!(pos.between.as_ref().map(|b| (b.time_ms, b.next)), Some((2160, 0)), "{pos:?}");
-        assert_eq!(pos.seqs(), [Seq(8), Seq(8)], "a: 2, 4, ..16; b: 1, 3, .., 15");
+        assert_eq!(pos.between.as_ref().map(|b| (b.time_ms, b.next)), Some((2159, 0)), "{pos:?}");
+        assert_eq!(pos.seqs(), [Seq(7), Seq(8)], "a: 2, 4, .., 14; b: 1, 3, .., 15 (stamped 2150)");
         // A disk with nothing after the point cannot bound the others: the point.
         let vm2 = VmName::new("vm2").unwrap();
         let hs2 = store

@@ -3,9 +3,10 @@
 //! that it can fold the journal into the base images (which allocates before it frees a
 //! segment) and free space; without it a full data directory could never shrink.
 //!
-//! While the file is not held (given up, or there was no room to make it), a new journal
-//! record is taken only with at least the reserve's size free, so that the journal cannot
-//! eat the room a fold needs; the file is made again as soon as twice its size is free.
+//! While the file is not held (given up, deleted by hand, or there was no room to make
+//! it), a new journal record is taken only with at least the reserve's size free, so that
+//! the journal cannot eat the room a fold needs; the file is made again as soon as twice
+//! its size is free.
 
 use crate::StoreError;
 use crate::durable::{io_err, sync_dir};
@@ -57,18 +58,24 @@ impl Reserve {
             // Turned off: the file left from an earlier configuration is space for the data.
             std::fs::remove_file(&path).map_err(io_err(&path))?;
         }
+        let _ = std::fs::remove_file(dir.join(format!("{RESERVE_FILE}.tmp")));
         if bytes == 0 {
             return Ok(reserve);
         }
-        match std::fs::metadata(&path) {
-            Ok(m) if m.len() >= bytes => reserve.held.store(true, Ordering::Release),
-            _ => {
-                if !reserve.take()? {
-                    tracing::warn!(dir = %dir.display(), reserve_bytes = bytes, free_bytes = free_bytes(dir)?,
-                        "too little free space to set the space reserve aside: new records are taken only \
-                         while as much as the reserve stays free; free space in the data directory");
-                }
+        if bytes < configured.unwrap_or(0) {
+            tracing::warn!(dir = %dir.display(), reserve_bytes = bytes,
+                "the space reserve is cut to a twentieth of the data directory's file system");
+        }
+        match reserve.take() {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(dir = %dir.display(), reserve_bytes = bytes, free_bytes = free_bytes(dir)?,
+                "too little free space to set the space reserve aside: new records are taken only \
+                 while as much as the reserve stays free; free space in the data directory")
             }
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e,
+                "the space reserve cannot be set aside: new records are taken only while as much as \
+                 the reserve stays free"),
         }
         Ok(reserve)
     }
@@ -95,6 +102,15 @@ impl Reserve {
         }
         let path = self.path();
         let have = std::fs::metadata(&path).map_or(0, |m| m.len());
+        if have >= self.bytes {
+            // Already there (a start, or a size lowered since: the excess goes back).
+            if have > self.bytes {
+                let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                f.set_len(self.bytes).and_then(|()| f.sync_all()).map_err(io_err(&path))?;
+            }
+            self.held.store(true, Ordering::Release);
+            return Ok(true);
+        }
         if free_bytes(&self.dir)?.saturating_add(have) < self.bytes.saturating_mul(2) {
             return Ok(false);
         }
@@ -124,8 +140,8 @@ impl Reserve {
         }
         let path = self.path();
         std::fs::remove_file(&path).map_err(io_err(&path))?;
-        sync_dir(&self.dir)?;
         self.held.store(false, Ordering::Release);
+        sync_dir(&self.dir)?;
         tracing::warn!(path = %path.display(), bytes = self.bytes,
             "the data directory is full: its space reserve is given up so that retention can fold the \
              journal and free space; new records wait until there is room again");
@@ -136,18 +152,29 @@ impl Reserve {
     /// be made again (twice its size free). Refused as a full file system, which the agent
     /// retries: after a release, the room freed is the fold's.
     pub fn admit(&self) -> Result<(), StoreError> {
-        if self.held() || self.take()? {
+        // A file deleted by hand (an emergency) gives its room to retention and the catalog,
+        // not to the next record: noticed here, at once.
+        self.recheck();
+        if self.held() {
             return Ok(());
         }
+        match self.take() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "the space reserve cannot be set aside yet"),
+        }
         let free = free_bytes(&self.dir)?;
+        if free >= self.bytes {
+            return Ok(());
+        }
         Err(StoreError::Io {
             path: self.dir.display().to_string(),
             source: std::io::Error::new(
                 std::io::ErrorKind::StorageFull,
                 format!(
-                    "{free} bytes free, less than twice the space reserve's {} bytes kept for retention to \
-                     fold the journal: new records wait until points age out of their retention window \
-                     and are folded, or space is added",
+                    "{free} bytes free, less than the space reserve's {} bytes kept for retention to fold \
+                     the journal: new records wait until points age out of their retention window and \
+                     are folded, or space is added",
                     self.bytes
                 ),
             ),

@@ -284,6 +284,15 @@ fn a_full_data_directory_frees_itself_by_retention_with_the_space_reserve() {
         server.status("fill")["error"].as_str().is_some_and(|e| e.contains("storage is full")).then_some(())
     });
     assert!(reserve.exists(), "nothing gives the reserve up but retention");
+    // Verify has no room for its scratch copy: said, and no verdict against the point.
+    let err = server.drctl_err(&["verify", "fill"]);
+    assert!(err.contains("cannot verify"), "{err}");
+    let s = server.status("fill");
+    assert!(!s["error"].as_str().unwrap_or_default().contains("does not recover"), "{s}");
+    // A server killed on a full file system starts again (opening writes nothing).
+    server.kill9();
+    server.start();
+    server.wait_connected("fill");
     // An hour later on the server's clock, every point but the newest is past the window:
     // the records up to it are folded into the base image, which has 32 MiB to allocate on
     // a full file system before the third round's overwrites free any, and their segments
