@@ -50,7 +50,8 @@ pub fn is_mount_point(path: &std::path::Path) -> std::io::Result<bool> {
         Ok(st) if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) => {
             return Ok(st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT));
         }
-        Ok(_) | Err(rustix::io::Errno::NOSYS) => {}
+        // No statx (old kernels), or one a container's seccomp profile refuses.
+        Ok(_) | Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM | rustix::io::Errno::ACCESS) => {}
         Err(e) => return Err(e.into()),
     }
     // A kernel before 5.8: a mount's root lies on another device than its parent, or is `/`.
@@ -108,6 +109,20 @@ impl Hooks {
     /// Quiesces: the freeze command first (applications flush), then the file systems.
     /// On failure everything already done is undone and the reason returned.
     pub fn freeze(&self) -> Result<Frozen<'_>, String> {
+        // Before anything is quiesced: a file system that is not mounted fails the point.
+        for fs in &self.freeze_fs {
+            match is_mount_point(fs) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(format!(
+                        "--freeze-fs {} is not a mount point (not mounted?): freezing it would freeze the \
+                         file system it lies on; nothing was frozen, mount it or fix the flag",
+                        fs.display()
+                    ));
+                }
+                Err(e) => return Err(format!("cannot freeze file system {}: {e}", fs.display())),
+            }
+        }
         self.mark()?;
         let mut frozen = Frozen { hooks: self, command_ran: false, file_systems: Vec::new() };
         if let Some(cmd) = &self.freeze {
@@ -118,20 +133,13 @@ impl Hooks {
             }
         }
         for fs in &self.freeze_fs {
-            match is_mount_point(fs) {
-                Ok(true) => {}
-                Ok(false) => {
-                    frozen.thaw();
-                    return Err(format!(
-                        "--freeze-fs {} is not a mount point (not mounted?): freezing it would freeze the \
-                         file system it lies on; nothing was frozen, mount it or fix the flag",
-                        fs.display()
-                    ));
-                }
-                Err(e) => {
-                    frozen.thaw();
-                    return Err(format!("cannot freeze file system {}: {e}", fs.display()));
-                }
+            // Again: the freeze command may have unmounted it.
+            if !is_mount_point(fs).unwrap_or(false) {
+                frozen.thaw();
+                return Err(format!(
+                    "--freeze-fs {} is no longer a mount point; nothing was frozen",
+                    fs.display()
+                ));
             }
             if let Err(e) = fs_ioctl(fs, true) {
                 frozen.thaw();

@@ -435,3 +435,20 @@ fn commit_states(config: &Config, states: &mut [DiskState], seqs: &[tern_core::S
     }
     all
 }
+
+/// The help text and units of the agent's metrics (`--metrics ADDR`).
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_gauge!("tern_agent_connected", "1 while the agent has a session with the process server.");
+    describe_counter!("tern_agent_points_total", "Recovery points the agent has made.");
+    describe_gauge!(
+        "tern_agent_last_point_timestamp_seconds",
+        Unit::Seconds,
+        "Time of the agent's last point."
+    );
+    describe_counter!(
+        "tern_agent_sent_bytes_total",
+        Unit::Bytes,
+        "Bytes the agent has sent to the process server."
+    );
+}

@@ -293,6 +293,7 @@ fn run() -> anyhow::Result<()> {
     rt.block_on(async move {
         if let Some(addr) = metrics {
             tern_proto::metrics::serve(addr, None)?;
+            tern_agent::describe_metrics();
         }
         let shutdown = tern_proto::daemon::shutdown_on_signal();
         tern_agent::run(config, shutdown).await.map_err(anyhow::Error::from)

@@ -200,9 +200,8 @@ pub enum Cmd {
     /// name, when issued, whether revoked.
     Identities,
     /// Revoke identities: the process server refuses them from now on and closes their
-    /// connections. A lost or leaked bundle, a decommissioned agent host. Your own identity
-    /// cannot be revoked with itself (enroll another admin first); a master target's
-    /// cannot be revoked yet.
+    /// connections. A lost or leaked bundle, a decommissioned agent host or master target.
+    /// Your own identity cannot be revoked with itself (enroll another admin first).
     Revoke {
         /// Serial numbers from `drctl identities` (the first 8 hex digits or more).
         serials: Vec<String>,

@@ -56,6 +56,12 @@ fn run() -> anyhow::Result<()> {
         println!("listening on {}", listener.local_addr()?);
         if let Some(addr) = metrics {
             tern_proto::metrics::serve(addr, None)?;
+            metrics::describe_counter!(
+                "tern_mt_received_bytes_total",
+                metrics::Unit::Bytes,
+                "Bytes received from the process server's relay."
+            );
+            metrics::describe_gauge!("tern_mt_durable_seq", "Last record of the disk made durable here.");
         }
         let shutdown = tern_proto::daemon::shutdown_on_signal();
         let config = tern_master_target::Config { data_dir, identity: bundle };

@@ -115,8 +115,15 @@ impl AdminService {
                 .map_err(store_status)?
         };
         let error = crate::health::problem(&self.ctx, &vm).unwrap_or_default();
-        let health =
-            crate::health::health(state, rpo, absent, policy.rpo_threshold_ms / 1000, !error.is_empty());
+        let failing_back = crate::lock(&self.ctx.failing_back).contains(&vm);
+        let health = crate::health::health(
+            state,
+            rpo,
+            absent,
+            policy.rpo_threshold_ms / 1000,
+            !error.is_empty(),
+            failing_back,
+        );
         let disks = self
             .ctx
             .store

@@ -122,6 +122,8 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
         return Err(store_status(e));
     }
     info!(vm = %vm, master_target = %r.master_target, alternate = r.alternate, sync = %sync, "VM reprotected");
+    // The recovered VM's agent is awaited from now: the old one's absence does not count.
+    ctx.hub.absent_from_now(&vm);
     // The failover's files, by disk: `DIR/NAME.raw` (or `.vhd`).
     let (store, v) = (ctx.store.clone(), vm.clone());
     let files =
@@ -139,6 +141,25 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
         })
         .collect();
     Ok(pb::ReprotectReply { bundle, recovered_disks })
+}
+
+/// Marks a VM as being failed back for as long as it lives (health, `Ctx::failing_back`).
+struct FailingBack<'a> {
+    ctx: &'a Ctx,
+    vm: VmName,
+}
+
+impl<'a> FailingBack<'a> {
+    fn enter(ctx: &'a Ctx, vm: &VmName) -> FailingBack<'a> {
+        crate::lock(&ctx.failing_back).insert(vm.clone());
+        FailingBack { ctx, vm: vm.clone() }
+    }
+}
+
+impl Drop for FailingBack<'_> {
+    fn drop(&mut self) {
+        crate::lock(&self.ctx.failing_back).remove(&self.vm);
+    }
 }
 
 pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<pb::JobOutput, String> {
@@ -177,6 +198,7 @@ pub async fn failback_at(
     point: Option<tern_store::Point>,
 ) -> Result<pb::JobOutput, String> {
     let row = reprotected_row(ctx, &vm, Transition::FailBack.refusal()).await?;
+    let _failing_back = FailingBack::enter(ctx, &vm);
     let point = match point {
         Some(p) => p,
         None => shut_down_recovered(ctx, &vm, &job).await?,

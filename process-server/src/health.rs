@@ -11,9 +11,21 @@ use tracing::{info, warn};
 /// been away longer than the threshold, or while replication fails on this side (`failing`).
 /// A protected VM and a reprotected one (its changes go on to the master target: a relay
 /// that fails is failing here) replicate; a VM in any other state does not: normal.
-pub fn health(state: VmState, rpo_secs: i64, absent_secs: i64, threshold_secs: i64, failing: bool) -> Health {
+/// While a failback runs (`failing_back`) the recovered VM is shut down on purpose: only a
+/// failure counts.
+pub fn health(
+    state: VmState,
+    rpo_secs: i64,
+    absent_secs: i64,
+    threshold_secs: i64,
+    failing: bool,
+    failing_back: bool,
+) -> Health {
     if !matches!(state, VmState::Protected | VmState::Reprotected) {
         return Health::Normal;
+    }
+    if failing_back {
+        return if failing { Health::Critical } else { Health::Normal };
     }
     if rpo_secs > 2 * threshold_secs || absent_secs > threshold_secs || failing {
         Health::Critical
@@ -37,7 +49,8 @@ fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<Health, tern_store::StoreError> {
         |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0),
     );
     let absent = ctx.hub.disconnected_for(vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
-    Ok(health(state, rpo, absent, policy.rpo_threshold_ms / 1000, problem(ctx, vm).is_some()))
+    let failing_back = crate::lock(&ctx.failing_back).contains(vm);
+    Ok(health(state, rpo, absent, policy.rpo_threshold_ms / 1000, problem(ctx, vm).is_some(), failing_back))
 }
 
 /// Logs every change of a VM's health, every few seconds.

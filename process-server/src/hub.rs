@@ -148,6 +148,13 @@ impl Hub {
         lock(&self.counters).get(vm).and_then(|c| c.disconnected_at).map(|t| t.elapsed().as_secs())
     }
 
+    /// The agent of `vm` counts as away from now (a new agent is awaited: a reprotect).
+    pub fn absent_from_now(&self, vm: &VmName) {
+        if !self.connected(vm) {
+            lock(&self.counters).entry(vm.clone()).or_default().disconnected_at = Some(Instant::now());
+        }
+    }
+
     /// Forgets what is kept about `vm` (its counters, its last error): the VM was removed.
     pub fn forget(&self, vm: &VmName) {
         lock(&self.counters).remove(vm);

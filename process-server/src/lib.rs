@@ -52,6 +52,9 @@ pub struct Ctx {
     /// Why each VM's last retention pass failed, until one succeeds: a journal that cannot
     /// be folded only grows (status shows it; the VM is critical).
     pub retention_errors: std::sync::Mutex<std::collections::HashMap<tern_core::VmName, String>>,
+    /// VMs a failback is bringing back now: the recovered VM is shut down on purpose, so
+    /// its RPO and absence say nothing (only a failure does).
+    pub failing_back: std::sync::Mutex<std::collections::HashSet<tern_core::VmName>>,
     /// Identities issued or seen, and the revoked ones the TLS layer refuses.
     pub identities: Arc<identities::Identities>,
     pub shutdown: CancellationToken,
@@ -177,6 +180,13 @@ async fn open_store(config: &Config) -> Result<Arc<Store>, tern_proto::daemon::S
     };
     let store = tokio::task::spawn_blocking(move || {
         let store = Store::open_with(&dir, options)?;
+        let (reserve, segment) = (store.reserve().bytes(), options.segment_bytes.unwrap_or(0));
+        if reserve > 0 && reserve < segment.saturating_mul(2) {
+            // A fold step writes up to a segment's data, decompressed up to twice its size.
+            tracing::warn!(reserve_bytes = reserve, segment_bytes = segment,
+                "the space reserve is smaller than two journal segments: on a full file system retention \
+                 may not be able to fold; lower --segment-size or give the data directory more space");
+        }
         match store.fail_interrupted_jobs(tern_store::now_ms()) {
             Ok(0) => {}
             Ok(failed) => tracing::warn!(jobs = failed, "jobs interrupted by the last stop are marked failed"),
@@ -247,6 +257,7 @@ pub async fn run(
         relay_max_rate: config.relay_max_rate,
         retention_runs: Default::default(),
         retention_errors: Default::default(),
+        failing_back: Default::default(),
         rpo_history: Default::default(),
         store,
         hub: hub::Hub::default(),

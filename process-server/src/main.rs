@@ -33,8 +33,8 @@ enum Cmd {
         segment_size: u64,
         /// Space set aside in the data directory (the file `space-reserve`) for retention to
         /// fold the journal into the base images when the file system is full: a fold needs
-        /// room before it frees a segment. At most a twentieth of the file system; 0 turns it
-        /// off. Keep it above --segment-size.
+        /// room before it frees a segment, up to twice a segment's size. At most a twentieth
+        /// of the file system; 0 turns it off. Keep it at least twice --segment-size.
         #[arg(long, value_parser = tern_core::units::parse_size, default_value = "1GiB")]
         space_reserve: u64,
         /// How often retention prunes points and folds the journal into the base images.

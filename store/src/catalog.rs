@@ -183,7 +183,8 @@ const TARGET_WRITE_THROUGH: &str = "write-through";
 /// by VM and id (a multi-VM point's id is shared by its group's members), replication
 /// groups and recovery plans. 4: a reprotect names the recovered VM's agent identity
 /// (`reprotects.identity`). 5: the VM's own policy is kept in `saved_policies` from
-/// reprotect to reverse replication.
+/// reprotect to reverse replication, and a failover's output is known whole
+/// (`failovers.written`).
 pub const SCHEMA_VERSION: i64 = 5;
 
 /// Version 3's point tables, under the names a migration copies into.
@@ -235,7 +236,8 @@ CREATE TABLE IF NOT EXISTS failovers (
     output TEXT NOT NULL,
     format TEXT NOT NULL,
     files TEXT NOT NULL,
-    cut TEXT NOT NULL DEFAULT ''
+    cut TEXT NOT NULL DEFAULT '',
+    written INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
@@ -508,6 +510,11 @@ fn migrate(db: &mut Connection, version: i64, path: &Path) -> Result<(), StoreEr
             tx.execute_batch("ALTER TABLE failovers ADD COLUMN cut TEXT NOT NULL DEFAULT ''")
                 .map_err(q("migrate catalog"))?;
         }
+        // Before version 5 a failover's output was not known to be whole (taken as whole).
+        if !columns("failovers")?.iter().any(|c| c == "written") {
+            tx.execute_batch("ALTER TABLE failovers ADD COLUMN written INTEGER NOT NULL DEFAULT 1")
+                .map_err(q("migrate catalog"))?;
+        }
         // Before version 4 a reprotect did not name the recovered VM's identity.
         if !columns("reprotects")?.iter().any(|c| c == "identity") {
             tx.execute_batch("ALTER TABLE reprotects ADD COLUMN identity TEXT NOT NULL DEFAULT ''")
@@ -728,8 +735,8 @@ impl Catalog {
                     .map_err(|_| StoreError::Invariant("file list encodes"))?;
                 let cut = cut_text(f.between.as_ref())?;
                 exec(
-                    "INSERT INTO failovers (vm, kind, point, output, format, files, cut)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO failovers (vm, kind, point, output, format, files, cut, written)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
                     params![v, f.kind.as_str(), i64_of(f.point.0), f.output, f.format, files, cut],
                 )?;
             }
@@ -752,10 +759,9 @@ impl Catalog {
                         row.identity
                     ],
                 )?;
-                // The VM's own policy waits for reverse replication (kept from the first
-                // reprotect: one after a cancelled one finds the failback policy in place).
+                // The VM's own policy waits for reverse replication.
                 exec(
-                    "INSERT OR IGNORE INTO saved_policies
+                    "INSERT OR REPLACE INTO saved_policies
                      SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
                      FROM policies WHERE vm = ?1",
                     params![v],
@@ -767,6 +773,14 @@ impl Catalog {
             Transition::CancelReprotect => {
                 delete_points(&tx)?;
                 exec("DELETE FROM reprotects WHERE vm = ?1", params![v])?;
+                // The VM's own policy is in force again (a later reprotect keeps it anew).
+                exec(
+                    "INSERT OR REPLACE INTO policies
+                     SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
+                     FROM saved_policies WHERE vm = ?1",
+                    params![v],
+                )?;
+                exec("DELETE FROM saved_policies WHERE vm = ?1", params![v])?;
             }
             Transition::CommitFailback => {
                 delete_points(&tx)?;
@@ -811,8 +825,24 @@ impl Catalog {
             .unwrap_or_default())
     }
 
+    /// The operator's policy for `vm`; one kept for reverse replication becomes it too (the
+    /// operator's word wins over what the VM had before its failover).
     pub fn set_policy(&self, vm: &VmName, p: &Policy) -> Result<(), StoreError> {
-        put_policy(&self.db, vm, p)
+        put_policy(&self.db, vm, p)?;
+        self.db
+            .execute(
+                "UPDATE saved_policies SET retention_ms = ?2, crash_interval_ms = ?3, app_interval_ms = ?4,
+                   rpo_threshold_ms = ?5 WHERE vm = ?1",
+                params![
+                    vm.as_str(),
+                    p.retention_ms,
+                    p.crash_interval_ms,
+                    p.app_interval_ms,
+                    p.rpo_threshold_ms
+                ],
+            )
+            .map_err(q("set policy"))?;
+        Ok(())
     }
 
     pub fn failover(&self, vm: &VmName) -> Result<Option<FailoverRow>, StoreError> {
@@ -860,11 +890,28 @@ impl Catalog {
         let files = serde_json::to_string(files).map_err(|_| StoreError::Invariant("file list encodes"))?;
         self.db
             .execute(
-                "UPDATE failovers SET point = ?2, files = ?3, cut = ?4 WHERE vm = ?1",
+                "UPDATE failovers SET point = ?2, files = ?3, cut = ?4, written = 0 WHERE vm = ?1",
                 params![vm.as_str(), i64_of(point.0), files, cut_text(between)?],
             )
             .map_err(q("change failover point"))?;
         Ok(())
+    }
+
+    /// The failover's output is written whole (its `vm.json` published): commit may go.
+    pub fn set_failover_written(&self, vm: &VmName) -> Result<(), StoreError> {
+        self.db
+            .execute("UPDATE failovers SET written = 1 WHERE vm = ?1", [vm.as_str()])
+            .map_err(q("mark failover written"))?;
+        Ok(())
+    }
+
+    /// Whether the failover's output was written whole since its point last changed.
+    pub fn failover_written(&self, vm: &VmName) -> Result<bool, StoreError> {
+        self.db
+            .query_row("SELECT written FROM failovers WHERE vm = ?1", [vm.as_str()], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|w| w.is_some_and(|w| w != 0))
+            .map_err(q("read failover"))
     }
 
     /// Removes points of a VM (and their disk rows) by id.
@@ -1612,7 +1659,8 @@ mod tests {
     }
 
     /// The VM's own policy (a 2 h retention here) is kept from reprotect, through a
-    /// cancelled reprotect and a second one, to reverse replication, which brings it back.
+    /// cancelled reprotect (which brings it back) and a second one, to reverse replication,
+    /// which brings it back; a policy the operator sets meanwhile wins.
     #[test]
     fn the_vms_policy_comes_back_at_reverse_replication() {
         let (_dir, mut c, vm) = catalog_in(VmState::FailoverCommitted);
@@ -1633,15 +1681,24 @@ mod tests {
         c.transition(&vm, &reprotect(failback)).unwrap();
         assert_eq!(c.policy(&vm).unwrap(), failback);
         c.transition(&vm, &Transition::CancelReprotect).unwrap();
+        assert_eq!(c.policy(&vm).unwrap(), own);
         c.transition(&vm, &reprotect(failback)).unwrap();
         c.transition(&vm, &Transition::FailBack).unwrap();
         c.transition(&vm, &Transition::CommitFailback).unwrap();
-        c.transition(&vm, &Transition::ReverseReplicate { policy: Policy::default(), generations: vec![] })
-            .unwrap();
+        let reverse = Transition::ReverseReplicate { policy: Policy::default(), generations: vec![] };
+        c.transition(&vm, &reverse).unwrap();
         assert_eq!(c.policy(&vm).unwrap(), own);
-        // Kept once only: the next circle keeps whatever the VM has then.
         let rows: i64 = c.db.query_row("SELECT count(*) FROM saved_policies", [], |r| r.get(0)).unwrap();
-        assert_eq!(rows, 0);
+        assert_eq!(rows, 0, "kept for one circle");
+        // Round again, the operator setting a policy before reverse replication.
+        c.raw_set_state_for_tests(&vm, VmState::FailoverCommitted);
+        c.transition(&vm, &reprotect(failback)).unwrap();
+        c.transition(&vm, &Transition::FailBack).unwrap();
+        c.transition(&vm, &Transition::CommitFailback).unwrap();
+        let chosen = Policy { rpo_threshold_ms: 60_000, ..own };
+        c.set_policy(&vm, &chosen).unwrap();
+        c.transition(&vm, &reverse).unwrap();
+        assert_eq!(c.policy(&vm).unwrap(), chosen);
     }
 
     /// A catalog written before the schema version was kept (a `.dump` of one made by the

@@ -91,7 +91,10 @@ impl Store {
             format,
             progress,
         ) {
-            Ok(out) => Ok(out),
+            Ok(out) => {
+                self.catalog().set_failover_written(vm)?;
+                Ok(out)
+            }
             Err(e) => {
                 self.transition(vm, Transition::AbandonFailover)?;
                 Err(e)
@@ -122,7 +125,10 @@ impl Store {
         let listed: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         self.catalog().change_failover(vm, position.point.id, position.between.as_ref(), &listed)?;
         let manifest = out_dir.join("vm.json");
-        self.write_output(vm, &position, &handles, &files, &manifest, &out_dir, format, progress)
+        let out =
+            self.write_output(vm, &position, &handles, &files, &manifest, &out_dir, format, progress)?;
+        self.catalog().set_failover_written(vm)?;
+        Ok(out)
     }
 
     /// Ends the failover: the base images move to the failover point (reverse replication
@@ -131,7 +137,9 @@ impl Store {
         self.require_state(vm, VmState::FailedOver, Transition::CommitFailover.refusal())?;
         let row =
             self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
-        output_whole(vm, &row)?;
+        if !self.catalog().failover_written(vm)? {
+            return Err(not_whole(vm, &row));
+        }
         let point = self.resolve_point(vm, &PointSpec::Id(row.point))?;
         let position = Position { point, between: row.between.clone(), why_point: String::new() };
         for (pd, seq) in position.point.disks.iter().zip(position.seqs()) {
@@ -211,31 +219,30 @@ impl Store {
     }
 }
 
-/// A commit deletes every other point: it goes only once the failover's output was written
-/// whole (its `vm.json`, written last, names the point). A failover or change of point
-/// the process server's stop cut short left none.
-fn output_whole(vm: &VmName, row: &FailoverRow) -> Result<(), StoreError> {
-    let manifest = Path::new(&row.output).join("vm.json");
-    let written = std::fs::read(&manifest)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|m| m["point"].as_u64());
-    if written == Some(row.point.0) {
-        return Ok(());
+/// What `drctl change-point VM --point ARG` takes to write the failover's own position
+/// again: its point, or for a moment between or after points that moment (`latest` for
+/// everything received after the newest point).
+pub(crate) fn point_arg_of(row: &FailoverRow) -> String {
+    match &row.between {
+        Some(b) if b.next == 0 => "latest".to_string(),
+        Some(b) => crate::rfc3339(b.time_ms),
+        None => row.point.to_string(),
     }
-    Err(StoreError::WrongState {
+}
+
+/// Why a commit (which deletes every other point) waits: the failover's output was not
+/// written whole since its point was chosen (a failover or change of point cut short).
+fn not_whole(vm: &VmName, row: &FailoverRow) -> StoreError {
+    StoreError::WrongState {
         vm: vm.clone(),
         state: VmState::FailedOver.to_string(),
         what: format!(
-            "its failover output in {} was not written whole (no {} naming point {}: the failover or \
-             change of point was cut short); write it with `drctl change-point {vm} --point {}` first, \
-             then commit",
+            "its failover output in {} was not written whole (the failover or change of point was cut \
+             short); write it with `drctl change-point {vm} --point {}` first, then commit",
             row.output,
-            manifest.display(),
-            row.point,
-            row.point
+            point_arg_of(row)
         ),
-    })
+    }
 }
 
 /// Removes what a failover wrote: its disk files and its vm.json (those already gone are

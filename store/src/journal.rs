@@ -126,6 +126,10 @@ pub struct Journal {
     segments: Vec<Segment>,
     active: Option<File>,
     active_len: u64,
+    /// The disk bytes the active segment's records write (decompressed): a segment also
+    /// closes past twice its target of them, so that folding one into the base image needs
+    /// a bounded room however well its records compressed (the space reserve's size).
+    active_logical: u64,
     dir_dirty: bool,
     segment_target: u64,
     written: Seq,
@@ -347,6 +351,7 @@ impl Journal {
             segments,
             active: None,
             active_len: 0,
+            active_logical: 0,
             dir_dirty: false,
             segment_target: SEGMENT_TARGET_BYTES,
             written: last,
@@ -360,6 +365,8 @@ impl Journal {
         if let Some(seg) = j.segments.last() {
             let f = OpenOptions::new().read(true).write(true).open(&seg.path).map_err(io_err(&seg.path))?;
             j.active_len = seg.durable_len;
+            // Not known without reading it: at least its stored bytes.
+            j.active_logical = seg.durable_len;
             j.active = Some(f);
             // The next checkpoint comes after the next 16 MiB, once its last record is known.
             j.checkpointed = seg.durable_len;
@@ -427,6 +434,10 @@ impl Journal {
         if let Some(seg) = self.segments.last_mut() {
             for r in records.iter().filter(|r| r.kind.is_data()) {
                 seg.written.add(r.offset, r.offset + u64::from(r.length));
+                if r.kind == RecordKind::Write {
+                    // Zero extents punch holes in the base: they take no room.
+                    self.active_logical += u64::from(r.length);
+                }
             }
         }
         self.written = Seq(first_seq.0 + records.len() as u64 - 1);
@@ -462,7 +473,10 @@ impl Journal {
     /// Writes `records` after their headers in `heads`, in one vectored write per up to
     /// 512 records.
     fn write_records(&mut self, next_seq: Seq, records: &[Record]) -> Result<(), StoreError> {
-        if self.active.is_none() || self.active_len >= self.segment_target {
+        if self.active.is_none()
+            || self.active_len >= self.segment_target
+            || self.active_logical >= self.segment_target.saturating_mul(2)
+        {
             self.roll(next_seq)?;
         }
         let Some(seg) = self.segments.last() else { return Err(StoreError::Invariant("no active segment")) };
@@ -535,6 +549,7 @@ impl Journal {
         self.forget_checkpoint();
         self.active = Some(f);
         self.active_len = SEGMENT_HEADER_LEN as u64;
+        self.active_logical = 0;
         self.dir_dirty = true;
         Ok(())
     }
@@ -693,6 +708,7 @@ impl Journal {
             Err(e) => return Err(StoreError::Io { path: mark.display().to_string(), source: e }),
         }
         self.active_len = 0;
+        self.active_logical = 0;
         self.written = base;
         self.durable = base;
         self.forget_checkpoint();
@@ -1120,6 +1136,22 @@ mod tests {
         assert_eq!(got.len(), 3, "two writes and the bookmark after seq 2");
         assert_eq!(got[2].record.kind, RecordKind::Bookmark);
         assert_eq!(j.snapshot().read(Seq(3)).count(), 4);
+    }
+
+    /// Records that compress well still close a segment once it holds twice its target of
+    /// disk data: folding one segment into the base image takes a bounded room.
+    #[test]
+    fn a_segment_closes_past_twice_its_target_of_decompressed_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.set_segment_target(64 << 10);
+        // 64 KiB of a repeated byte compresses to a few dozen bytes.
+        for i in 0..8u64 {
+            j.append(Seq(i + 1), &[write_rec(&[7; 64 << 10], i * (64 << 10))]).unwrap();
+        }
+        j.sync().unwrap();
+        assert!(j.bytes() < 64 << 10, "stored far under the target: {}", j.bytes());
+        assert_eq!(j.segment_count(), 4, "a new segment every 128 KiB of disk data");
     }
 
     /// Headers alone name the same records as a full read, with no payload; a damaged

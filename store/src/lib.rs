@@ -1110,7 +1110,9 @@ impl Store {
             ) => format!(
                 "the VM is failed over but its output in {} may be incomplete: write it again with \
                  `drctl change-point {} --point {}` (commit refuses until it is whole)",
-                row.output, j.vm, row.point
+                row.output,
+                j.vm,
+                failover::point_arg_of(&row)
             ),
             (TestFailover, _, _)
                 if vm.as_ref().is_some_and(|vm| self.test_failover_row(vm).is_ok_and(|t| t.is_some())) =>

@@ -87,6 +87,15 @@ fn metrics_of_two_replicating_vms_move_and_the_rules_pass_promtool() {
         "db sent nothing meanwhile"
     );
 
+    // Both scrapes pass Prometheus's own lint (help text on every metric, names, units).
+    for (who, port) in [("process server", ps_port), ("agent", agent_port)] {
+        let mut lint = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .output_with_stdin(body_of(&scrape(port)).as_bytes());
+        assert!(lint.0, "{who}'s metrics fail promtool check metrics: {}", lint.1.split_off(0));
+    }
+
     // The agent's endpoint answers with its own figures.
     let agent = samples(&scrape(agent_port));
     assert!(
@@ -103,4 +112,42 @@ fn metrics_of_two_replicating_vms_move_and_the_rules_pass_promtool() {
     mt.extra = vec!["--metrics".into(), format!("127.0.0.1:{mt_port}")];
     mt.restart();
     assert!(samples(&scrape(mt_port)).contains_key("process_open_fds"));
+}
+
+/// Runs the command with `input` on its stdin: (success, stdout and stderr).
+trait WithStdin {
+    fn output_with_stdin(&mut self, input: &[u8]) -> (bool, String);
+}
+
+impl WithStdin for Command {
+    fn output_with_stdin(&mut self, input: &[u8]) -> (bool, String) {
+        use std::io::Write;
+        let mut child =
+            self.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+}
+
+/// The body of an HTTP/1.1 response, its chunks joined if it came chunked.
+fn body_of(response: &str) -> String {
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or(("", response));
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return body.to_string();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
 }
