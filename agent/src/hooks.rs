@@ -61,6 +61,16 @@ pub fn is_mount_point(path: &std::path::Path) -> std::io::Result<bool> {
     Ok(here.dev() != parent.dev() || here.ino() == parent.ino())
 }
 
+/// Says at start which `--freeze-fs` directories are not mount points (yet).
+pub fn warn_unmounted(freeze_fs: &[PathBuf]) {
+    for fs in freeze_fs {
+        if !is_mount_point(fs).unwrap_or(false) {
+            tracing::warn!(path = %fs.display(),
+                "--freeze-fs names no mount point (yet): app-consistent points fail until it is mounted");
+        }
+    }
+}
+
 fn fs_ioctl(mount: &std::path::Path, freeze: bool) -> std::io::Result<()> {
     let dir = std::fs::File::open(mount)?;
     // SAFETY: FIFREEZE and FITHAW take an int argument that the kernel ignores; it is

@@ -227,43 +227,9 @@ fn run() -> anyhow::Result<()> {
         ),
         other => bail!("{} is the identity of the {other}, not of an agent", identity.display()),
     }
-    let mut sources = Vec::new();
-    for d in &disks {
-        let (name, path) =
-            d.split_once('=').with_context(|| format!("--disk {d:?}: write it as NAME=PATH"))?;
-        let name = DiskName::new(name)?;
-        let path = PathBuf::from(path);
-        let disk = tern_core::disk::DiskReader::open(&path)
-            .and_then(|d| Ok((d.size()?, d.is_direct())))
-            .with_context(|| format!("disk {name}: cannot open {}", path.display()));
-        let (size, block_device) = disk?;
-        if disk_format == DiskFormat::Detect
-            && let Some(container) = tern_core::disk::container_format(&path)
-                .with_context(|| format!("disk {name}: cannot read {}", path.display()))?
-        {
-            bail!(
-                "disk {name}: {} is a {container} image, not a raw disk: replicated as it is, its \
-                 recovery points would hold the container's bytes, not the VM's disk. Convert it \
-                 (qemu-img convert -O raw), or serve it as a block device (qemu-nbd -c /dev/nbdN) and \
-                 protect that; if the VM itself wrote these bytes, pass --disk-format raw",
-                path.display()
-            );
-        }
-        if size == 0 {
-            bail!("disk {name}: {} is empty", path.display());
-        }
-        if sources.iter().any(|s: &DiskSource| s.name == name) {
-            bail!("disk {name} is named twice");
-        }
-        sources.push(DiskSource { name, path, size, block_device });
-    }
+    let sources = disk_sources(&disks, disk_format)?;
     let marker = Some(state_dir.join("frozen"));
-    for fs in &freeze_fs {
-        if !tern_agent::hooks::is_mount_point(fs).unwrap_or(false) {
-            tracing::warn!(path = %fs.display(),
-                "--freeze-fs names no mount point (yet): app-consistent points fail until it is mounted");
-        }
-    }
+    tern_agent::hooks::warn_unmounted(&freeze_fs);
     let config = tern_agent::Config {
         server,
         identity: identity_bundle,
@@ -298,4 +264,40 @@ fn run() -> anyhow::Result<()> {
         let shutdown = tern_proto::daemon::shutdown_on_signal();
         tern_agent::run(config, shutdown).await.map_err(anyhow::Error::from)
     })
+}
+
+/// The `--disk NAME=PATH` arguments, opened and checked: raw disks (not an image
+/// container, unless `--disk-format raw`), not empty, each named once.
+fn disk_sources(disks: &[String], disk_format: DiskFormat) -> anyhow::Result<Vec<DiskSource>> {
+    let mut sources = Vec::new();
+    for d in disks {
+        let (name, path) =
+            d.split_once('=').with_context(|| format!("--disk {d:?}: write it as NAME=PATH"))?;
+        let name = DiskName::new(name)?;
+        let path = PathBuf::from(path);
+        let disk = tern_core::disk::DiskReader::open(&path)
+            .and_then(|d| Ok((d.size()?, d.is_direct())))
+            .with_context(|| format!("disk {name}: cannot open {}", path.display()));
+        let (size, block_device) = disk?;
+        if disk_format == DiskFormat::Detect
+            && let Some(container) = tern_core::disk::container_format(&path)
+                .with_context(|| format!("disk {name}: cannot read {}", path.display()))?
+        {
+            bail!(
+                "disk {name}: {} is a {container} image, not a raw disk: replicated as it is, its \
+                 recovery points would hold the container's bytes, not the VM's disk. Convert it \
+                 (qemu-img convert -O raw), or serve it as a block device (qemu-nbd -c /dev/nbdN) and \
+                 protect that; if the VM itself wrote these bytes, pass --disk-format raw",
+                path.display()
+            );
+        }
+        if size == 0 {
+            bail!("disk {name}: {} is empty", path.display());
+        }
+        if sources.iter().any(|s: &DiskSource| s.name == name) {
+            bail!("disk {name} is named twice");
+        }
+        sources.push(DiskSource { name, path, size, block_device });
+    }
+    Ok(sources)
 }

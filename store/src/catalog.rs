@@ -723,6 +723,16 @@ impl Catalog {
         let exec = |sql: &str, p: &[&dyn rusqlite::ToSql]| {
             tx.execute(sql, p).map(|_| ()).map_err(q("change VM state"))
         };
+        // The VM's own policy, kept since its reprotect, in force again.
+        let restore_saved_policy = || -> Result<(), StoreError> {
+            exec(
+                "INSERT OR REPLACE INTO policies
+                 SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
+                 FROM saved_policies WHERE vm = ?1",
+                params![v],
+            )?;
+            exec("DELETE FROM saved_policies WHERE vm = ?1", params![v])
+        };
         let delete_points = |tx: &rusqlite::Transaction<'_>| -> Result<(), StoreError> {
             for sql in ["DELETE FROM point_disks WHERE vm = ?1", "DELETE FROM points WHERE vm = ?1"] {
                 tx.execute(sql, [v]).map_err(q("change VM state"))?;
@@ -774,13 +784,7 @@ impl Catalog {
                 delete_points(&tx)?;
                 exec("DELETE FROM reprotects WHERE vm = ?1", params![v])?;
                 // The VM's own policy is in force again (a later reprotect keeps it anew).
-                exec(
-                    "INSERT OR REPLACE INTO policies
-                     SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
-                     FROM saved_policies WHERE vm = ?1",
-                    params![v],
-                )?;
-                exec("DELETE FROM saved_policies WHERE vm = ?1", params![v])?;
+                restore_saved_policy()?;
             }
             Transition::CommitFailback => {
                 delete_points(&tx)?;
@@ -791,13 +795,7 @@ impl Catalog {
                 // The policy the VM had before the failover comes back; `policy` where none
                 // was kept.
                 put_policy(&tx, vm, policy)?;
-                exec(
-                    "INSERT OR REPLACE INTO policies
-                     SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
-                     FROM saved_policies WHERE vm = ?1",
-                    params![v],
-                )?;
-                exec("DELETE FROM saved_policies WHERE vm = ?1", params![v])?;
+                restore_saved_policy()?;
                 put_generations(&tx, vm, generations)?;
             }
         }

@@ -174,49 +174,6 @@ impl Store {
     }
 }
 
-/// The time the last record in `(after, upto]` was written; `None` when one of them
-/// carries no time.
-fn last_time_in(
-    snapshot: &JournalSnapshot,
-    after: Seq,
-    upto: Seq,
-    what: &str,
-) -> Result<Option<i64>, StoreError> {
-    let mut covered = after.0;
-    let mut last_time = None;
-    for rec in snapshot.read_marks(after, upto) {
-        if covered >= upto.0 {
-            break;
-        }
-        let rec = rec?;
-        if rec.record.kind != RecordKind::Time {
-            continue;
-        }
-        let runs = TimeRuns::decode(&rec.record.payload).ok_or_else(|| StoreError::SegmentCorrupt {
-            path: what.to_string(),
-            offset: 0,
-            reason: format!("time record after record {} does not decode", rec.seq),
-        })?;
-        let mut first = runs.first;
-        for (last, time) in runs.runs {
-            let from = first;
-            first = last + 1;
-            if last <= covered {
-                continue;
-            }
-            if from > covered + 1 {
-                return Ok(None);
-            }
-            covered = last.min(upto.0);
-            last_time = Some(time);
-            if covered >= upto.0 {
-                break;
-            }
-        }
-    }
-    Ok(if covered >= upto.0 { last_time } else { None })
-}
-
 /// What a time between two points resolves to.
 enum At {
     /// The earlier point itself (nothing written between it and the time).
@@ -244,8 +201,31 @@ fn cut_in(
     t: i64,
     what: &str,
 ) -> Result<Option<Seq>, StoreError> {
+    Ok(timed_cut(snapshot, after, upto, t, what)?.map(|(cut, _)| cut))
+}
+
+/// The time the last record in `(after, upto]` was written; `None` when one of them
+/// carries no time.
+fn last_time_in(
+    snapshot: &JournalSnapshot,
+    after: Seq,
+    upto: Seq,
+    what: &str,
+) -> Result<Option<i64>, StoreError> {
+    Ok(timed_cut(snapshot, after, upto, i64::MAX, what)?.and_then(|(_, time)| time))
+}
+
+/// The last record in `(after, upto]` written at or before `t`, with its time, from the
+/// time records alone; `None` when a record before the answer carries no time.
+fn timed_cut(
+    snapshot: &JournalSnapshot,
+    after: Seq,
+    upto: Seq,
+    t: i64,
+    what: &str,
+) -> Result<Option<(Seq, Option<i64>)>, StoreError> {
     let mut covered = after.0;
-    let mut cut = after;
+    let mut cut = (after, None);
     for rec in snapshot.read_marks(after, upto) {
         if covered >= upto.0 {
             break;
@@ -274,7 +254,7 @@ fn cut_in(
                 return Ok(Some(cut));
             }
             covered = last.min(upto.0);
-            cut = Seq(covered);
+            cut = (Seq(covered), Some(time));
             if covered >= upto.0 {
                 break;
             }
