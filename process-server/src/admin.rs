@@ -399,7 +399,8 @@ impl pb::admin_server::Admin for AdminService {
         let store = self.ctx.store.clone();
         let v = vm.clone();
         let policy = blocking(move || {
-            let mut p = store.policy(&v)?;
+            // A partial change is of the VM's own policy (kept during the way back).
+            let mut p = store.own_policy(&v)?;
             let ms = |x: u64, cur: i64| if x == 0 { cur } else { i64::try_from(x).unwrap_or(i64::MAX) };
             p.retention_ms = ms(want.retention_ms, p.retention_ms);
             p.crash_interval_ms = ms(want.crash_interval_ms, p.crash_interval_ms);

@@ -119,7 +119,9 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
         })
         .await
         .unwrap_or(true);
-        wait = if failed { (wait * 2).min(Duration::from_secs(600)) } else { every };
+        // Backs off, but not far: a pass that failed for want of space goes again soon after
+        // space is freed.
+        wait = if failed { (wait * 2).min(every.max(Duration::from_secs(60))) } else { every };
     }
 }
 

@@ -338,7 +338,9 @@ pub fn refuse_revoked(
         let what = match &role {
             Some(Role::Agent(vm)) => format!(
                 "this agent identity for VM {vm} (serial {serial}) has been revoked; enroll a new one \
-                 with `drctl enroll agent --vm {vm} --out FILE` and run the agent with it"
+                 with `drctl enroll agent --vm {vm} --out FILE` and run the agent with it (an old agent \
+                 no longer wanted, such as the recovered VM's after a failback or a cancelled reprotect: \
+                 stop it)"
             ),
             _ => format!(
                 "this identity (serial {serial}) has been revoked; use another admin identity, or have \

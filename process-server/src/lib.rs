@@ -228,7 +228,13 @@ fn services(
     let c = ctx.clone();
     let refuse = identities::refuse_revoked(
         ctx.identities.revocations().clone(),
-        Arc::new(move |vm: &tern_core::VmName, why: &str| c.hub.set_error(vm, why)),
+        // While the VM's own agent replicates, a refused old one (the recovered VM's, still
+        // running after a failback) is that host's business, not the VM's health.
+        Arc::new(move |vm: &tern_core::VmName, why: &str| {
+            if !c.hub.connected(vm) {
+                c.hub.set_error(vm, why);
+            }
+        }),
     );
     let admin = tern_proto::admin_server::AdminServer::new(admin::AdminService { ctx });
     (InterceptedService::new(replication, refuse.clone()), InterceptedService::new(admin, refuse))

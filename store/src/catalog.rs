@@ -803,6 +803,32 @@ impl Catalog {
         tx.commit().map_err(q("change VM state"))
     }
 
+    /// The VM's own policy: the one kept for reverse replication while the failback policy
+    /// is in force (from reprotect until then), else the one in force.
+    pub fn own_policy(&self, vm: &VmName) -> Result<Policy, StoreError> {
+        let saved = self
+            .db
+            .query_row(
+                "SELECT retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms FROM saved_policies \
+                 WHERE vm = ?1",
+                [vm.as_str()],
+                |r| {
+                    Ok(Policy {
+                        retention_ms: r.get(0)?,
+                        crash_interval_ms: r.get(1)?,
+                        app_interval_ms: r.get(2)?,
+                        rpo_threshold_ms: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(q("read policy"))?;
+        match saved {
+            Some(p) => Ok(p),
+            None => self.policy(vm),
+        }
+    }
+
     pub fn policy(&self, vm: &VmName) -> Result<Policy, StoreError> {
         Ok(self
             .db
@@ -1693,6 +1719,7 @@ mod tests {
         c.transition(&vm, &reprotect(failback)).unwrap();
         c.transition(&vm, &Transition::FailBack).unwrap();
         c.transition(&vm, &Transition::CommitFailback).unwrap();
+        assert_eq!(c.own_policy(&vm).unwrap(), own, "what comes back, shown meanwhile");
         let chosen = Policy { rpo_threshold_ms: 60_000, ..own };
         c.set_policy(&vm, &chosen).unwrap();
         c.transition(&vm, &reverse).unwrap();

@@ -168,13 +168,17 @@ impl Store {
         let point = self.resolve_point(vm, spec)?;
         let scratch = self.root().join("tmp");
         crate::durable::create_dir_durable(&scratch)?;
-        // The scratch copy holds at most the base's data and the journal's: refused, not
-        // begun, where it would eat the room replication and retention need.
+        // The scratch copy holds at most the base's data and the journal's, and never more
+        // than the disk: refused, not begun, where it would eat the room replication and
+        // retention need.
         use std::os::unix::fs::MetadataExt;
         let need: u64 = self
             .point_disks(vm, &point)?
             .iter()
-            .map(|h| std::fs::metadata(&h.base_path).map_or(0, |m| m.blocks() * 512) + h.journal_bytes())
+            .map(|h| {
+                (std::fs::metadata(&h.base_path).map_or(0, |m| m.blocks() * 512) + h.journal_bytes())
+                    .min(h.size)
+            })
             .sum();
         let free = crate::reserve::free_bytes(&scratch)?;
         if free < need.saturating_add(self.reserve().bytes()) {

@@ -130,6 +130,9 @@ pub struct Journal {
     /// closes past twice its target of them, so that folding one into the base image needs
     /// a bounded room however well its records compressed (the space reserve's size).
     active_logical: u64,
+    /// The durable end when this process opened the journal: records after it were
+    /// appended by this process.
+    opened: Seq,
     dir_dirty: bool,
     segment_target: u64,
     written: Seq,
@@ -352,6 +355,7 @@ impl Journal {
             active: None,
             active_len: 0,
             active_logical: 0,
+            opened: last,
             dir_dirty: false,
             segment_target: SEGMENT_TARGET_BYTES,
             written: last,
@@ -634,6 +638,12 @@ impl Journal {
             }
             None => Ok(()),
         }
+    }
+
+    /// Whether every record after `seq` was appended by this process (none came from
+    /// before it opened the journal).
+    pub fn appended_here_after(&self, seq: Seq) -> bool {
+        self.opened <= seq
     }
 
     /// Segments are closed once they pass `bytes` (default [`SEGMENT_TARGET_BYTES`]).

@@ -299,6 +299,12 @@ impl DiskHandle {
         self.journal().sync()
     }
 
+    /// Whether every record after `seq` was appended by this process (see
+    /// [`Store::resolve_position`] after the newest point).
+    pub(crate) fn appended_here_after(&self, seq: Seq) -> bool {
+        self.journal().appended_here_after(seq)
+    }
+
     /// The durable records at this moment, for a reader that does not hold the journal.
     pub fn snapshot(&self) -> JournalSnapshot {
         self.journal().snapshot()
@@ -1024,6 +1030,12 @@ impl Store {
 
     pub fn policy(&self, vm: &VmName) -> Result<Policy, StoreError> {
         self.catalog().policy(vm)
+    }
+
+    /// See [`Catalog::own_policy`]: what a partial `policy set` changes, and what reverse
+    /// replication brings back.
+    pub fn own_policy(&self, vm: &VmName) -> Result<Policy, StoreError> {
+        self.catalog().own_policy(vm)
     }
 
     pub fn set_policy(&self, vm: &VmName, p: &Policy) -> Result<(), StoreError> {

@@ -117,13 +117,21 @@ impl Store {
 impl Store {
     /// The position at `t` after the newest point, `point`: what reached this server since
     /// (with the agent gone, no next point will come). Every record past the point must carry
-    /// the time it was written; each disk's durable records are in the order the VM wrote
-    /// them, so cutting every disk at the earliest of their last times misses nothing written
-    /// before it, even on a disk whose later records never arrived. A disk with nothing past
-    /// the point cannot say that, so with several disks each must have records past it.
+    /// the time it was written.
+    ///
+    /// The agent sends a VM's writes in one order, and this server appends them in that
+    /// order; so what this process appended and made durable is a prefix of it across all
+    /// the disks, cut anywhere by time. Records from before a restart may not be (a crash
+    /// between two disks' fsyncs): then each disk is trusted only below its own last time,
+    /// and the cut is a millisecond before the earliest of those (a write lost on its way to
+    /// one disk was stamped at or after that disk's last), which needs records after the
+    /// point on every disk.
     fn after_newest(&self, vm: &VmName, point: &Point, t: i64) -> Result<At, StoreError> {
         let handles = self.point_disks(vm, point)?;
-        let mut bound = t;
+        // One order across the disks: appended by this process, and all of it durable now.
+        let in_order = handles.iter().zip(&point.disks).all(|(h, pd)| h.appended_here_after(pd.seq))
+            && handles.iter().all(|h| h.sync().is_ok());
+        let (mut earliest, mut latest) = (i64::MAX, i64::MIN);
         let mut ends = Vec::new();
         for (h, pd) in handles.iter().zip(&point.disks) {
             let durable = h.durable();
@@ -134,7 +142,7 @@ impl Store {
             let _reading = h.read_lock();
             let snapshot = h.journal().snapshot();
             match last_time_in(&snapshot, pd.seq, durable, &format!("journal of {}/{}", h.vm, h.name))? {
-                Some(last) => bound = bound.min(last),
+                Some(last) => (earliest, latest) = (earliest.min(last), latest.max(last)),
                 None => {
                     return Ok(At::Earlier(format!(
                         "disk {} has records after point {} without the time they were written (a \
@@ -148,18 +156,19 @@ impl Store {
         if ends.iter().all(Option::is_none) {
             return Ok(At::Point);
         }
-        if let Some((h, _)) = handles.iter().zip(&ends).find(|(_, e)| e.is_none()) {
+        let bound = if in_order || handles.len() == 1 {
+            t.min(latest)
+        } else if let Some((h, _)) = handles.iter().zip(&ends).find(|(_, e)| e.is_none()) {
             return Ok(At::Earlier(format!(
-                "disk {} has nothing after point {}, so a later moment cannot be checked across the VM's disks",
+                "disk {} has nothing after point {} and the process server restarted since, so a later \
+                 moment cannot be checked across the VM's disks",
                 h.name, point.id
             )));
-        }
-        if handles.len() > 1 {
+        } else {
             // Stamps are milliseconds: a write lost on its way to one disk may share that
-            // disk's last stamp, and a later write to another disk too. Each disk holds every
-            // one of its records stamped before its last stamp.
-            bound = bound.saturating_sub(1);
-        }
+            // disk's last stamp, and a later write to another disk too.
+            t.min(earliest.saturating_sub(1))
+        };
         let mut seqs = Vec::new();
         for ((h, pd), end) in handles.iter().zip(&point.disks).zip(&ends) {
             match cut_at(h, pd.seq, end.unwrap_or(pd.seq), bound)? {
@@ -168,6 +177,13 @@ impl Store {
             }
         }
         if seqs.iter().zip(&point.disks).all(|(s, d)| *s == d.seq.0) {
+            if !in_order && bound < t {
+                return Ok(At::Earlier(format!(
+                    "what arrived after point {} came partly before a restart of the process server, \
+                     and none of it can be vouched for across the VM's disks",
+                    point.id
+                )));
+            }
             return Ok(At::Point);
         }
         Ok(At::Between(Between { time_ms: bound, next: 0, seqs }))
@@ -480,9 +496,8 @@ mod tests {
                 (0..2).map(|d| (1..=made).filter(|i| (i % 2) as usize == d).count() as u64).collect();
             assert_eq!(pos.seqs(), want.iter().map(|&s| Seq(s)).collect::<Vec<_>>(), "at {t}: {pos:?}");
         }
-        // After the newest point: writes 13..=17, then the agent is gone. Disk a's write 18
-        // (the VM's next) may have been lost on the way, stamped as early as a's last, 2160:
-        // the cut takes nothing from then on, so a's write 16 and b's 17 (2170) stay out.
+        // After the newest point: writes 13..=17, then the agent is gone. All of them were
+        // appended by this process, in the VM's one order: everything is the moment.
         for i in 13..=17u64 {
             let d = (i % 2) as usize;
             let page = vec![i as u8; 4096];
@@ -493,9 +508,9 @@ mod tests {
             next[d] += 1;
         }
         let pos = store.resolve_position(&vm, &PointSpec::Received).unwrap();
-        assert_eq!(pos.between.as_ref().map(|b| (b.time_ms, b.next)), Some((2159, 0)), "{pos:?}");
-        assert_eq!(pos.seqs(), [Seq(7), Seq(8)], "a: 2, 4, .., 14; b: 1, 3, .., 15 (stamped 2150)");
-        // A disk with nothing after the point cannot bound the others: the point.
+        assert_eq!(pos.between.as_ref().map(|b| (b.time_ms, b.next)), Some((2170, 0)), "{pos:?}");
+        assert_eq!(pos.seqs(), [Seq(8), Seq(9)], "a: 2, 4, .., 16; b: 1, 3, .., 17");
+        // A quiet disk (one write after the point) does not hold back the busy one.
         let vm2 = VmName::new("vm2").unwrap();
         let hs2 = store
             .register(&vm2, &[(names[0].clone(), SIZE as u64), (names[1].clone(), SIZE as u64)])
@@ -508,10 +523,29 @@ mod tests {
             })
             .collect();
         store.make_point(&vm2, 1000, Consistency::Crash, "", disks).unwrap();
-        hs2[0].append_timed(Seq(1), &[test_record(&[1u8; 4096], 0)], &[1100]).unwrap();
-        hs2[0].journal().sync().unwrap();
+        hs2[1].append_timed(Seq(1), &[test_record(&[2u8; 4096], 0)], &[1050]).unwrap();
+        for i in 1..=5u64 {
+            hs2[0]
+                .append_timed(Seq(i), &[test_record(&[i as u8; 4096], i * 4096)], &[1100 + i as i64])
+                .unwrap();
+        }
+        for h in &hs2 {
+            h.journal().sync().unwrap();
+        }
         let pos = store.resolve_position(&vm2, &PointSpec::Received).unwrap();
-        assert!(pos.between.is_none() && pos.why_point.contains("disk b has nothing after"), "{pos:?}");
+        assert_eq!(pos.seqs(), [Seq(5), Seq(1)], "{pos:?}");
+        // After a restart the records may not be one prefix (a crash between two disks'
+        // fsyncs): each disk is trusted below its own last time only.
+        drop((hs, hs2));
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let pos = store.resolve_position(&vm, &PointSpec::Received).unwrap();
+        assert_eq!(pos.between.as_ref().map(|b| (b.time_ms, b.next)), Some((2159, 0)), "{pos:?}");
+        assert_eq!(pos.seqs(), [Seq(7), Seq(8)], "a: 2, 4, .., 14; b: 1, 3, .., 15 (stamped 2150)");
+        // vm2's quiet disk was written at 1050, before every write to the busy one: nothing
+        // written from then on can be vouched for, so the point.
+        let pos = store.resolve_position(&vm2, &PointSpec::Received).unwrap();
+        assert!(pos.between.is_none() && pos.why_point.contains("restart"), "{pos:?}");
     }
 
     #[test]
