@@ -806,34 +806,24 @@ impl Catalog {
     /// The VM's own policy: the one kept for reverse replication while the failback policy
     /// is in force (from reprotect until then), else the one in force.
     pub fn own_policy(&self, vm: &VmName) -> Result<Policy, StoreError> {
-        let saved = self
-            .db
-            .query_row(
-                "SELECT retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms FROM saved_policies \
-                 WHERE vm = ?1",
-                [vm.as_str()],
-                |r| {
-                    Ok(Policy {
-                        retention_ms: r.get(0)?,
-                        crash_interval_ms: r.get(1)?,
-                        app_interval_ms: r.get(2)?,
-                        rpo_threshold_ms: r.get(3)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(q("read policy"))?;
-        match saved {
+        match self.policy_in("saved_policies", vm)? {
             Some(p) => Ok(p),
             None => self.policy(vm),
         }
     }
 
     pub fn policy(&self, vm: &VmName) -> Result<Policy, StoreError> {
-        Ok(self
-            .db
+        Ok(self.policy_in("policies", vm)?.unwrap_or_default())
+    }
+
+    /// `vm`'s row of a policy table (`policies` or `saved_policies`, which share columns).
+    fn policy_in(&self, table: &str, vm: &VmName) -> Result<Option<Policy>, StoreError> {
+        self.db
             .query_row(
-                "SELECT retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms FROM policies WHERE vm = ?1",
+                &format!(
+                    "SELECT retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms FROM {table} \
+                     WHERE vm = ?1"
+                ),
                 [vm.as_str()],
                 |r| {
                     Ok(Policy {
@@ -845,8 +835,7 @@ impl Catalog {
                 },
             )
             .optional()
-            .map_err(q("read policy"))?
-            .unwrap_or_default())
+            .map_err(q("read policy"))
     }
 
     /// The operator's policy for `vm`; one kept for reverse replication becomes it too (the

@@ -148,9 +148,9 @@ impl Reserve {
         Ok(true)
     }
 
-    /// Whether a new journal record may be written: while the file is held, or once it can
-    /// be made again (twice its size free). Refused as a full file system, which the agent
-    /// retries: after a release, the room freed is the fold's.
+    /// Whether a new journal record may be written: while the file is held, once it can be
+    /// made again (twice its size free), or while its size stays free. Refused as a full file
+    /// system, which the agent retries: after a release, the room freed is the fold's.
     pub fn admit(&self) -> Result<(), StoreError> {
         // A file deleted by hand (an emergency) gives its room to retention and the catalog,
         // not to the next record: noticed here, at once.
