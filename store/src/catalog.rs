@@ -723,14 +723,20 @@ impl Catalog {
         let exec = |sql: &str, p: &[&dyn rusqlite::ToSql]| {
             tx.execute(sql, p).map(|_| ()).map_err(q("change VM state"))
         };
+        // The VM's row of one policy table copied into the other (they share columns).
+        let copy_policy = |from: &str, to: &str| {
+            exec(
+                &format!(
+                    "INSERT OR REPLACE INTO {to}
+                     SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
+                     FROM {from} WHERE vm = ?1"
+                ),
+                params![v],
+            )
+        };
         // The VM's own policy, kept since its reprotect, in force again.
         let restore_saved_policy = || -> Result<(), StoreError> {
-            exec(
-                "INSERT OR REPLACE INTO policies
-                 SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
-                 FROM saved_policies WHERE vm = ?1",
-                params![v],
-            )?;
+            copy_policy("saved_policies", "policies")?;
             exec("DELETE FROM saved_policies WHERE vm = ?1", params![v])
         };
         let delete_points = |tx: &rusqlite::Transaction<'_>| -> Result<(), StoreError> {
@@ -770,12 +776,7 @@ impl Catalog {
                     ],
                 )?;
                 // The VM's own policy waits for reverse replication.
-                exec(
-                    "INSERT OR REPLACE INTO saved_policies
-                     SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
-                     FROM policies WHERE vm = ?1",
-                    params![v],
-                )?;
+                copy_policy("policies", "saved_policies")?;
                 put_policy(&tx, vm, policy)?;
                 put_generations(&tx, vm, generations)?;
             }
