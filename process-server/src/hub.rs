@@ -20,6 +20,7 @@ struct Link {
     session: u64,
     commands: Outbound,
     cancel: CancellationToken,
+    attached: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -112,26 +113,39 @@ impl Hub {
     }
 
     pub fn attach(&self, vm: &VmName, session: u64, commands: Outbound, cancel: CancellationToken) {
-        lock(&self.links).insert(vm.clone(), Link { session, commands, cancel });
+        lock(&self.links).insert(vm.clone(), Link { session, commands, cancel, attached: Instant::now() });
         lock(&self.counters).entry(vm.clone()).or_default().disconnected_at = None;
     }
 
     pub fn detach(&self, vm: &VmName, session: u64) {
         let mut links = lock(&self.links);
-        if links.get(vm).is_some_and(|l| l.session == session) {
-            links.remove(vm);
-            // Ending: a new session of the VM now waits for this one to drain.
-            if let Some(slot) = lock(&self.sessions).get(vm) {
-                *lock(&slot.holder) = None;
-            }
-            lock(&self.counters).entry(vm.clone()).or_default().disconnected_at = Some(Instant::now());
-            // Whoever waits for a point from this agent learns at once that none will come.
-            let mut waiters = lock(&self.waiters);
-            let gone: Vec<u64> = waiters.iter().filter(|(_, (v, _))| v == vm).map(|(id, _)| *id).collect();
-            for id in gone {
-                if let Some((_, tx)) = waiters.remove(&id) {
-                    let _ = tx.send(Err("the agent disconnected before it made the point".into()));
-                }
+        let attached = match links.get(vm) {
+            Some(l) if l.session == session => l.attached,
+            _ => return,
+        };
+        links.remove(vm);
+        // Ending: a new session of the VM now waits for this one to drain.
+        if let Some(slot) = lock(&self.sessions).get(vm) {
+            *lock(&slot.holder) = None;
+        }
+        let why = {
+            let mut counters = lock(&self.counters);
+            let c = counters.entry(vm.clone()).or_default();
+            c.disconnected_at = Some(Instant::now());
+            // A failure of this session (a full data directory, a refused record) is
+            // why it ended, not the agent.
+            c.error.as_ref().filter(|(_, at, _)| *at >= attached).map(|(e, _, _)| e.clone())
+        };
+        let reason = match why {
+            Some(e) => format!("the replication session ended before the point was made: {e}"),
+            None => "the agent disconnected before it made the point".to_string(),
+        };
+        // Whoever waits for a point from this agent learns at once that none will come.
+        let mut waiters = lock(&self.waiters);
+        let gone: Vec<u64> = waiters.iter().filter(|(_, (v, _))| v == vm).map(|(id, _)| *id).collect();
+        for id in gone {
+            if let Some((_, tx)) = waiters.remove(&id) {
+                let _ = tx.send(Err(reason.clone()));
             }
         }
     }
@@ -254,10 +268,16 @@ impl Hub {
     }
 
     fn commands(&self, vm: &VmName) -> Result<Outbound, Status> {
-        lock(&self.links).get(vm).map(|l| l.commands.clone()).ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "the agent of VM {vm} is not connected; start `mobility-agent run` for it, or check its log"
-            ))
+        let link = lock(&self.links).get(vm).map(|l| l.commands.clone());
+        link.ok_or_else(|| {
+            Status::failed_precondition(match self.error(vm) {
+                // The agent runs, but its sessions end on the server's side (a full data
+                // directory): starting it is not the remedy.
+                Some(e) => format!("the agent of VM {vm} is not connected: its last session ended on: {e}"),
+                None => format!(
+                    "the agent of VM {vm} is not connected; start `mobility-agent run` for it, or check its log"
+                ),
+            })
         })
     }
 

@@ -265,6 +265,12 @@ pub(crate) fn remove_outputs(row: &FailoverRow) -> Result<(), StoreError> {
             }
         }
     }
+    // The removal holds across a crash before the catalog forgets the row (a missing
+    // directory was removed with its files).
+    let dir = Path::new(&row.output);
+    if first.is_ok() && dir.is_dir() {
+        first = crate::durable::sync_dir(dir);
+    }
     first
 }
 

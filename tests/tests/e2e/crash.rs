@@ -284,6 +284,9 @@ fn a_full_data_directory_frees_itself_by_retention_with_the_space_reserve() {
         server.status("fill")["error"].as_str().is_some_and(|e| e.contains("storage is full")).then_some(())
     });
     assert!(reserve.exists(), "nothing gives the reserve up but retention");
+    // A point asked for now is refused for the full storage, not blamed on the agent.
+    let err = server.drctl_err(&["checkpoint", "fill", "--wait"]);
+    assert!(err.contains("storage is full"), "{err}");
     // Verify has no room for its scratch copy: said, and no verdict against the point.
     let err = server.drctl_err(&["verify", "fill"]);
     assert!(err.contains("cannot verify"), "{err}");

@@ -186,7 +186,8 @@ impl Server {
         self.drctl_json(&["status", vm])
     }
 
-    /// Asks for a point and waits for it; retries while the agent is (re)connecting.
+    /// Asks for a point and waits for it; retries while the agent is (re)connecting, or its
+    /// sessions end on the server's side (a full data directory being freed).
     pub fn checkpoint(&self, vm: &str) -> Value {
         deadline_poll("a checkpoint", Duration::from_secs(90), || {
             let out = self.drctl(&["checkpoint", vm, "--wait", "--json", "--timeout", "60s"]);
@@ -198,6 +199,7 @@ impl Server {
                 err.contains("not connected")
                     || err.contains("went away")
                     || err.contains("disconnected")
+                    || err.contains("session ended")
                     || err.contains("not protected"),
                 "checkpoint failed: {err}"
             );
