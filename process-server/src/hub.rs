@@ -128,15 +128,8 @@ impl Hub {
         if let Some(slot) = lock(&self.sessions).get(vm) {
             *lock(&slot.holder) = None;
         }
-        let why = {
-            let mut counters = lock(&self.counters);
-            let c = counters.entry(vm.clone()).or_default();
-            c.disconnected_at = Some(Instant::now());
-            // A failure of this session (a full data directory, a refused record) is
-            // why it ended, not the agent.
-            c.error.as_ref().filter(|(_, at, _)| *at >= attached).map(|(e, _, _)| e.clone())
-        };
-        let reason = match why {
+        lock(&self.counters).entry(vm.clone()).or_default().disconnected_at = Some(Instant::now());
+        let reason = match self.error_since(vm, attached) {
             Some(e) => format!("the replication session ended before the point was made: {e}"),
             None => "the agent disconnected before it made the point".to_string(),
         };
@@ -148,6 +141,18 @@ impl Hub {
                 let _ = tx.send(Err(reason.clone()));
             }
         }
+    }
+
+    /// Why the live session `session` of `vm` failed on the server's side (a full data
+    /// directory, a refused record), if it did: then that, not the agent, ended it.
+    pub fn session_error(&self, vm: &VmName, session: u64) -> Option<String> {
+        let attached = lock(&self.links).get(vm).filter(|l| l.session == session)?.attached;
+        self.error_since(vm, attached)
+    }
+
+    fn error_since(&self, vm: &VmName, since: Instant) -> Option<String> {
+        let counters = lock(&self.counters);
+        counters.get(vm)?.error.as_ref().filter(|(_, at, _)| *at >= since).map(|(e, _, _)| e.clone())
     }
 
     pub fn connected(&self, vm: &VmName) -> bool {

@@ -132,7 +132,11 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             ended.cancel();
             let taken = lock_initial(&initial).take();
             if let Some((job, _)) = taken {
-                job.fail("the agent disconnected before the first point; a new initial sync starts when it reconnects").await;
+                let why = match ctx2.hub.session_error(&vm, session) {
+                    Some(e) => format!("the session ended before the first point: {e}"),
+                    None => "the agent disconnected before the first point".to_string(),
+                };
+                job.fail(&format!("{why}; a new initial sync starts when it reconnects")).await;
             }
             ctx2.hub.detach(&vm, session);
             info!(vm = %vm, session, "agent session ended");
