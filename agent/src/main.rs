@@ -186,7 +186,7 @@ const EXIT_REFUSED: i32 = 3;
 fn main() {
     tern_proto::daemon::init();
     if let Err(e) = run() {
-        eprintln!("error: {e:#}");
+        tern_proto::daemon::report_fatal(&format_args!("{e:#}"));
         let refused =
             matches!(e.downcast_ref::<tern_agent::AgentError>(), Some(tern_agent::AgentError::Refused(_)));
         std::process::exit(if refused { EXIT_REFUSED } else { 1 });

@@ -8,8 +8,7 @@ use tokio_util::sync::CancellationToken;
 /// installs the ring TLS provider.
 pub fn init() {
     let filter = || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let json = std::env::var("TERN_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let _ = if json {
+    let _ = if json_logs() {
         tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
@@ -59,11 +58,27 @@ pub fn notify_stopping() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
 }
 
-/// Ends the process with one `error:` line and exit code 1 when `run` fails.
+/// `TERN_LOG_FORMAT=json`: log lines are JSON objects.
+fn json_logs() -> bool {
+    std::env::var("TERN_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"))
+}
+
+/// Ends the process with one `error:` line and exit code 1 when `run` fails (with JSON
+/// logs, one JSON log line at level ERROR, so that a log pipeline keeps the reason).
 pub fn exit_on_error<E: std::fmt::Display>(result: Result<(), E>) {
     if let Err(e) = result {
-        eprintln!("error: {e}");
+        report_fatal(&e);
         std::process::exit(1);
+    }
+}
+
+/// Says why the daemon cannot go on: one `error:` line on stderr, or with JSON logs one
+/// JSON log line at level ERROR.
+pub fn report_fatal(e: &dyn std::fmt::Display) {
+    if json_logs() {
+        tracing::error!(fatal = true, "{e}");
+    } else {
+        eprintln!("error: {e}");
     }
 }
 

@@ -347,6 +347,20 @@ fn a_small_stream_window_replicates_and_a_wrong_one_is_refused() {
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("--stream-window must be between 64KiB and 1GiB"), "{err}");
+    // With JSON logs the reason is one JSON log line, for the log shipper to keep.
+    let out = std::process::Command::new(bin("process-server"))
+        .args(["serve", "--data-dir"])
+        .arg(&server.data)
+        .args(["--listen", "127.0.0.1:0", "--stream-window", "1KiB"])
+        .env("TERN_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line: serde_json::Value = serde_json::from_str(err.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {err}"));
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert!(line["message"].as_str().unwrap().contains("--stream-window must be between"), "{line}");
     server.extra = vec!["--stream-window".into(), "64KiB".into()];
     server.start();
     let identity = root.join("w.bundle");
