@@ -270,6 +270,10 @@ pub enum PlanCmd {
     ReverseReplicate { name: String },
     /// Go on past a manual step, or again from where a failed step stopped the plan.
     Continue { name: String },
+    /// Stop the plan's running operation at its next step: at a manual step or in an
+    /// action (killed) at once, else once the operation on the VM under way ends. VMs
+    /// already done stay done; `continue` goes on from there.
+    Cancel { name: String },
 }
 
 #[derive(Subcommand, Debug)]

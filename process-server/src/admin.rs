@@ -209,6 +209,12 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::JobStarted { job }))
     }
 
+    async fn cancel_plan(&self, req: Request<pb::PlanRef>) -> Result<Response<pb::JobStarted>, Status> {
+        require_admin(&req, "CancelPlan")?;
+        let job = crate::plan::cancel(&self.ctx, &req.into_inner().name).await?;
+        Ok(Response::new(pb::JobStarted { job }))
+    }
+
     async fn groups(&self, req: Request<pb::GroupsRequest>) -> Result<Response<pb::GroupsReply>, Status> {
         require_admin(&req, "Groups")?;
         let groups = crate::groups::groups(&self.ctx, &req.into_inner().name).await?;
@@ -983,5 +989,9 @@ async fn remove_vm(ctx: &Arc<Ctx>, vm: &VmName, delete_points: bool) -> Result<p
     blocking(move || store.remove_vm(&v)).await?.map_err(store_status)?;
     ctx.hub.forget(vm);
     ctx.scrub.forget(vm);
-    Ok(pb::RemoveVmReply { points_deleted: points.len() as u64 })
+    let plans = crate::plan::naming(ctx, vm).await;
+    if !plans.is_empty() {
+        warn!(vm = %vm, plans = ?plans, "a removed VM is named by recovery plans: they cannot run until it is protected again");
+    }
+    Ok(pb::RemoveVmReply { points_deleted: points.len() as u64, plans })
 }

@@ -196,6 +196,11 @@ async fn open_store(config: &Config) -> Result<Arc<Store>, tern_proto::daemon::S
                  they show as running until the next start"),
             Err(e) => return Err(e),
         }
+        match plan::mark_interrupted(&store) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(plans = n, "plan operations interrupted by the last stop are marked failed; `drctl plan continue` goes on"),
+            Err(e) => tracing::warn!(error = %e, "cannot mark the plan operations the last stop interrupted; they show as running"),
+        }
         Ok::<_, StoreError>(store)
     })
     .await?

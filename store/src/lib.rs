@@ -1110,7 +1110,21 @@ impl Store {
 
     /// What to do about a job the last stop cut short: "again" is not always the way on.
     fn after_interrupt(&self, j: &JobRow) -> String {
-        use tern_core::JobKind::{ChangePoint, PlannedFailover, TestFailover, UnplannedFailover};
+        use tern_core::JobKind::{
+            ChangePoint, InitialSync, Plan, PlannedFailover, TestFailover, UnplannedFailover,
+        };
+        match j.kind {
+            // The job's VM is the plan's name; its progress is kept with the plan.
+            Plan => {
+                return format!(
+                    "`drctl plan continue {0}` goes on from where it stopped (`drctl plan show {0}` says where); \
+                     running the plan's operation again would start over from its first group",
+                    j.vm
+                );
+            }
+            InitialSync => return "the initial sync starts again by itself when the agent reconnects".into(),
+            _ => {}
+        }
         let vm = VmName::new(&j.vm).ok();
         let state = vm.as_ref().and_then(|vm| self.vm_state(vm).ok());
         let failover = vm.as_ref().and_then(|vm| self.catalog().failover(vm).ok().flatten());

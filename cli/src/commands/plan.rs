@@ -31,6 +31,7 @@ pub fn plan_json(p: &pb::PlanInfo) -> Value {
         "applied": rfc3339(p.applied_ms),
         "groups": p.steps.iter().map(|s| json!({"vms": s.vms, "pre": s.pre, "post": s.post, "manual": if s.manual.is_empty() { Value::Null } else { json!(s.manual) }})).collect::<Vec<_>>(),
         "run": p.run.as_ref().map(run_json),
+        "problem": if p.problem.is_empty() { Value::Null } else { json!(p.problem) },
     })
 }
 
@@ -47,6 +48,9 @@ fn run_text(r: &pb::PlanRunInfo) -> String {
 
 fn show(p: &pb::PlanInfo) {
     out!("plan {} (from {}, applied {})", p.name, p.source, rfc3339(p.applied_ms));
+    if !p.problem.is_empty() {
+        out!("  cannot run now: {}", p.problem);
+    }
     for (i, s) in p.steps.iter().enumerate() {
         out!("  group {}: {}", i + 1, s.vms.join(", "));
         for a in &s.pre {
@@ -137,7 +141,11 @@ pub async fn run(d: &mut Drctl, cmd: PlanCmd) -> Result<(), CliError> {
             for p in &r.plans {
                 let vms: Vec<&str> = p.steps.iter().flat_map(|s| s.vms.iter().map(String::as_str)).collect();
                 let last = p.run.as_ref().map_or("no operation yet".to_string(), run_text);
-                out!("{:<20} {} groups, VMs {}; {last}", p.name, p.steps.len(), vms.join(" "));
+                if p.problem.is_empty() {
+                    out!("{:<20} {} groups, VMs {}; {last}", p.name, p.steps.len(), vms.join(" "));
+                } else {
+                    out!("{:<20} cannot run now: {}; {last}", p.name, p.problem);
+                }
             }
             return Ok(());
         }
@@ -160,6 +168,19 @@ pub async fn run(d: &mut Drctl, cmd: PlanCmd) -> Result<(), CliError> {
         PlanCmd::Continue { name } => {
             let job = d.c.continue_plan(pb::PlanRef { name: name.clone() }).await?.into_inner().job;
             return follow(d, &name, job).await;
+        }
+        PlanCmd::Cancel { name } => {
+            let job = d.c.cancel_plan(pb::PlanRef { name: name.clone() }).await?.into_inner().job;
+            if !d.json {
+                out!(
+                    "plan {name}: job {job} stops at its next step (an operation on a VM under way ends first)"
+                );
+            }
+            // The job ends failed, "cancelled": what was asked for.
+            return match follow(d, &name, job).await {
+                Err(CliError::JobFailed { .. }) => Ok(()),
+                other => other,
+            };
         }
         PlanCmd::TestFailover { name, point, output, format } => pb::RunPlanRequest {
             point,

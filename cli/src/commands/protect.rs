@@ -78,9 +78,15 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
 pub async fn remove(d: &mut Drctl, vm: String, delete_points: bool) -> Result<(), CliError> {
     let r = d.c.remove_vm(pb::RemoveVmRequest { vm: vm.clone(), delete_points }).await?.into_inner();
     if d.json {
-        return print_json(&json!({"removed": vm, "points_deleted": r.points_deleted}));
+        return print_json(&json!({"removed": vm, "points_deleted": r.points_deleted, "plans": r.plans}));
     }
     out!("VM {vm} removed: {} recovery points and its stored copy deleted", r.points_deleted);
+    for plan in &r.plans {
+        eprintln!(
+            "warning: recovery plan {plan} names VM {vm}: it cannot run until {vm} is protected here again, or \
+             its file is applied without it (`drctl plan apply FILE`)"
+        );
+    }
     out!(
         "its agent, started again, protects it anew (a full sync); to retire it, `drctl revoke` its identity"
     );

@@ -23,6 +23,7 @@ use tern_core::{FailoverKind, JobKind, PlanName, PointId, VmName, VmState};
 use tern_proto as pb;
 use tern_store::{Format, PlanRow, PointSpec};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn};
 
@@ -173,9 +174,67 @@ pub struct Plans {
     driving: std::sync::Mutex<HashMap<String, Driving>>,
 }
 
-/// A plan being driven: what wakes it at a manual step, its job once started, and whether
-/// it waits at a manual step now (taken by the one `continue` that wakes it).
-type Driving = (Arc<Notify>, Option<crate::jobs::Job>, bool);
+/// A plan being driven.
+#[derive(Debug)]
+struct Driving {
+    /// Wakes it at a manual step.
+    wake: Arc<Notify>,
+    /// Its job, once started.
+    job: Option<crate::jobs::Job>,
+    /// It waits at a manual step now (taken by the one `continue` that wakes it).
+    waiting: bool,
+    /// `drctl plan cancel`: it stops at its next step (a VM's operation under way ends
+    /// first; an action is killed).
+    cancel: CancellationToken,
+    /// The VM whose operation is under way, if one is.
+    at_vm: Option<String>,
+}
+
+/// Why a plan's walk stopped short.
+#[derive(Debug)]
+enum Stop {
+    Failed(String),
+    Cancelled,
+}
+
+impl From<String> for Stop {
+    fn from(e: String) -> Stop {
+        Stop::Failed(e)
+    }
+}
+
+/// Whether the walk is to stop now: the process server stopping, or `drctl plan cancel`.
+fn stopped(ctx: &Ctx, cancel: &CancellationToken) -> Option<Stop> {
+    if ctx.shutdown.is_cancelled() {
+        Some(Stop::Failed("the process server stopped".into()))
+    } else {
+        cancel.is_cancelled().then_some(Stop::Cancelled)
+    }
+}
+
+const CANCELLED: &str = "cancelled by the operator (`drctl plan cancel`)";
+
+/// At start-up: an operation the last stop cut short (nothing drives it now) shows as
+/// failed, saying how to go on, instead of running forever. Returns how many.
+pub fn mark_interrupted(store: &tern_store::Store) -> Result<usize, tern_store::StoreError> {
+    let mut n = 0;
+    for row in store.plans()? {
+        let Ok(mut run) = serde_json::from_str::<Run>(&row.run) else { continue };
+        if run.state != "running" {
+            continue;
+        }
+        run.state = "failed".into();
+        run.message = format!(
+            "interrupted: the process server stopped while it ran; `drctl plan continue {}` goes on from there",
+            row.name
+        );
+        let text = serde_json::to_string(&run)
+            .map_err(|_| tern_store::StoreError::Invariant("a plan's progress encodes"))?;
+        store.set_plan_run(&row.name, &text)?;
+        n += 1;
+    }
+    Ok(n)
+}
 
 fn plan_arg(s: &str) -> Result<PlanName, Status> {
     PlanName::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
@@ -201,7 +260,8 @@ async fn parse(ctx: &Arc<Ctx>, source: &str, text: &str) -> Result<Plan, Status>
     file::parse(text, &check).map_err(|e| Status::invalid_argument(format!("{source}:{e}")))
 }
 
-fn plan_info(row: &PlanRow, plan: Option<&Plan>) -> pb::PlanInfo {
+/// `problem`: why the stored file cannot be run now, if it cannot.
+fn plan_info(row: &PlanRow, plan: Option<&Plan>, problem: String) -> pb::PlanInfo {
     let run: Option<Run> = serde_json::from_str(&row.run).ok();
     pb::PlanInfo {
         name: row.name.clone(),
@@ -222,6 +282,7 @@ fn plan_info(row: &PlanRow, plan: Option<&Plan>) -> pb::PlanInfo {
             .unwrap_or_default(),
         run: run.map(|r| r.info()),
         text: row.file.clone(),
+        problem,
     }
 }
 
@@ -256,7 +317,7 @@ pub async fn apply(ctx: &Arc<Ctx>, r: pb::ApplyPlanRequest) -> Result<pb::PlanIn
     blocking(move || store.put_plan(&stored)).await?.map_err(store_status)?;
     info!(plan = %name, groups = plan.steps.len(), "plan applied");
     let row = self::row(ctx, &plan.name).await?;
-    Ok(plan_info(&row, Some(&plan)))
+    Ok(plan_info(&row, Some(&plan), String::new()))
 }
 
 /// `drctl plan list/show`.
@@ -265,8 +326,10 @@ pub async fn list(ctx: &Arc<Ctx>, name: &str) -> Result<Vec<pb::PlanInfo>, Statu
     let rows = blocking(move || store.plans()).await?.map_err(store_status)?;
     let mut out = Vec::new();
     for row in rows.iter().filter(|r| name.is_empty() || r.name == name) {
-        let plan = parse(ctx, &row.source, &row.file).await.ok();
-        out.push(plan_info(row, plan.as_ref()));
+        out.push(match parse(ctx, &row.source, &row.file).await {
+            Ok(plan) => plan_info(row, Some(&plan), String::new()),
+            Err(e) => plan_info(row, None, e.message().to_string()),
+        });
     }
     if !name.is_empty() && out.is_empty() {
         return Err(Status::not_found(format!("no plan is named {name}; see `drctl plan list`")));
@@ -278,13 +341,52 @@ pub async fn list(ctx: &Arc<Ctx>, name: &str) -> Result<Vec<pb::PlanInfo>, Statu
 pub async fn remove(ctx: &Arc<Ctx>, name: &str) -> Result<pb::PlanInfo, Status> {
     let name = plan_arg(name)?;
     if lock(&ctx.plans.driving).contains_key(name.as_str()) {
-        return Err(Status::failed_precondition(format!("plan {name} has an operation running")));
+        return Err(Status::failed_precondition(format!(
+            "plan {name} has an operation running; stop it first with `drctl plan cancel {name}`"
+        )));
     }
     let row = row(ctx, &name).await?;
     let store = ctx.store.clone();
     let n = name.to_string();
     blocking(move || store.delete_plan(&n)).await?.map_err(store_status)?;
-    Ok(plan_info(&row, None))
+    Ok(plan_info(&row, None, String::new()))
+}
+
+/// The plans whose file names `vm` (to warn that removing it leaves them unable to run).
+pub async fn naming(ctx: &Arc<Ctx>, vm: &VmName) -> Vec<String> {
+    let store = ctx.store.clone();
+    let Ok(Ok(rows)) = blocking(move || store.plans()).await else { return Vec::new() };
+    rows.into_iter()
+        .filter(|r| file::parse(&r.file, &|_| None).is_ok_and(|p| p.vms().any(|v| v == vm)))
+        .map(|r| r.name)
+        .collect()
+}
+
+/// `drctl plan cancel`: the running operation stops at its next step; its job.
+pub async fn cancel(ctx: &Arc<Ctx>, name: &str) -> Result<u64, Status> {
+    let name = plan_arg(name)?;
+    row(ctx, &name).await?;
+    let (job, at_vm) = {
+        let driving = lock(&ctx.plans.driving);
+        let d = driving.get(name.as_str()).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "plan {name} has no operation running; nothing to cancel (`drctl plan show {name}` says where \
+                 its last one stopped)"
+            ))
+        })?;
+        d.cancel.cancel();
+        (d.job.clone(), d.at_vm.clone())
+    };
+    info!(plan = %name, vm = ?at_vm, "plan operation cancel asked");
+    let Some(job) = job else {
+        return Err(Status::unavailable(format!(
+            "plan {name}'s operation was starting: it stops at its first step (`drctl plan show {name}`)"
+        )));
+    };
+    if let Some(vm) = at_vm {
+        job.phase(&format!("cancelling: stops once VM {vm}'s operation under way ends")).await;
+    }
+    Ok(job.id)
 }
 
 async fn save(ctx: &Arc<Ctx>, name: &PlanName, run: &Run) -> Result<(), String> {
@@ -325,6 +427,8 @@ async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTre
     // (app-consistent for the app options).
     let app = matches!(spec, PointSpec::LatestApp | PointSpec::LatestMultiVmApp);
     let mut common: HashMap<tern_core::GroupName, Option<u64>> = HashMap::new();
+    // Why a fresh multi-VM point could not be made, by group.
+    let mut why_not: HashMap<tern_core::GroupName, String> = HashMap::new();
     for vm in plan.vms() {
         let (store, v) = (ctx.store.clone(), vm.clone());
         let group = blocking(move || store.group_of(&v)).await?.map_err(store_status)?;
@@ -336,6 +440,7 @@ async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTre
                         Err(e) => {
                             warn!(plan = %plan.name, group = %g, error = %e,
                                 "no fresh multi-VM point for the plan; the group's newest common one is used");
+                            why_not.insert(g.clone(), e.clone());
                             None
                         }
                     }
@@ -364,11 +469,15 @@ async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTre
                     continue;
                 }
                 None => {
+                    let fresh = why_not
+                        .get(&g)
+                        .map_or(String::new(), |e| format!("; a fresh one could not be made: {e}"));
                     return Err(Status::failed_precondition(format!(
-                        "plan {}: VM {vm} is in replication group {g}, which has no common multi-VM point{} \
-                         (`drctl group checkpoint {g}` makes one); every VM of a plan needs a point. Nothing was written",
+                        "plan {}: VM {vm} is in replication group {g}, which has no common multi-VM point{}{fresh} \
+                         (`drctl group checkpoint {g}{}` makes one); every VM of a plan needs a point. Nothing was written",
                         plan.name,
-                        if app { " that is app-consistent" } else { "" }
+                        if app { " that is app-consistent" } else { "" },
+                        if app { " --app-consistent" } else { "" },
                     )));
                 }
             }
@@ -494,7 +603,24 @@ pub async fn start(ctx: &Arc<Ctx>, r: pb::RunPlanRequest) -> Result<u64, Status>
         }
         _ => {}
     }
-    precheck(ctx, &plan, &run).await?;
+    if let Err(e) = precheck(ctx, &plan, &run).await {
+        // Most likely this operation stopped part way earlier: starting it anew is not
+        // the way on.
+        let last: Option<Run> = serde_json::from_str(&row.run).ok();
+        if let Some(last) = last.filter(|l| l.operation == run.operation && l.state != "done") {
+            return Err(Status::new(
+                e.code(),
+                format!(
+                    "{}; its last {} stopped at group {} ({}): `drctl plan continue {name}` goes on from there",
+                    e.message(),
+                    last.operation,
+                    last.step + 1,
+                    last.stage
+                ),
+            ));
+        }
+        return Err(e);
+    }
     run.layout = layout(&plan);
     drive(ctx, name, plan, run).await
 }
@@ -511,7 +637,9 @@ pub async fn resume(ctx: &Arc<Ctx>, name: &str) -> Result<u64, Status> {
         .map_err(|_| Status::failed_precondition(format!("plan {name} has no operation to continue")))?;
     let live = {
         let mut driving = lock(&ctx.plans.driving);
-        driving.get_mut(name.as_str()).map(|d| (d.0.clone(), d.1.clone(), std::mem::take(&mut d.2)))
+        driving
+            .get_mut(name.as_str())
+            .map(|d| (d.wake.clone(), d.job.clone(), std::mem::take(&mut d.waiting)))
     };
     if let Some((wake, job, waiting)) = live {
         if waiting {
@@ -562,12 +690,17 @@ pub async fn resume(ctx: &Arc<Ctx>, name: &str) -> Result<u64, Status> {
 
 async fn drive(ctx: &Arc<Ctx>, name: PlanName, plan: Plan, mut run: Run) -> Result<u64, Status> {
     let wake = Arc::new(Notify::new());
+    let cancel = ctx.shutdown.child_token();
     {
         let mut driving = lock(&ctx.plans.driving);
         if driving.contains_key(name.as_str()) {
-            return Err(Status::failed_precondition(format!("plan {name} has an operation running already")));
+            return Err(Status::failed_precondition(format!(
+                "plan {name} has an operation running already (`drctl plan cancel {name}` stops it)"
+            )));
         }
-        driving.insert(name.to_string(), (wake.clone(), None, false));
+        let d =
+            Driving { wake: wake.clone(), job: None, waiting: false, cancel: cancel.clone(), at_vm: None };
+        driving.insert(name.to_string(), d);
     }
     let subject = VmName::new(name.as_str()).map_err(|e| Status::internal(e.to_string()))?;
     let job = match ctx.jobs.start(JobKind::Plan, &subject).await {
@@ -579,7 +712,7 @@ async fn drive(ctx: &Arc<Ctx>, name: PlanName, plan: Plan, mut run: Run) -> Resu
     };
     run.job = job.id;
     if let Some(d) = lock(&ctx.plans.driving).get_mut(name.as_str()) {
-        d.1 = Some(job.clone());
+        d.job = Some(job.clone());
     }
     if let Err(e) = save(ctx, &name, &run).await {
         lock(&ctx.plans.driving).remove(name.as_str());
@@ -589,15 +722,19 @@ async fn drive(ctx: &Arc<Ctx>, name: PlanName, plan: Plan, mut run: Run) -> Resu
     info!(plan = %name, operation = %run.operation, job = job.id, "plan operation started");
     let (c, id) = (ctx.clone(), job.id);
     ctx.tracker.spawn(async move {
-        let outcome = walk(&c, &name, &plan, &mut run, &job, &wake).await;
+        let outcome = walk(&c, &name, &plan, &mut run, &job, &wake, &cancel).await;
         match &outcome {
             Ok(()) => {
                 run.state = "done".into();
                 run.message.clear();
             }
-            Err(e) => {
+            Err(Stop::Failed(e)) => {
                 run.state = "failed".into();
                 run.message.clone_from(e);
+            }
+            Err(Stop::Cancelled) => {
+                run.state = "failed".into();
+                run.message = CANCELLED.into();
             }
         }
         // Saved before the plan is free again: a `continue` reads this state, not an older one.
@@ -610,9 +747,19 @@ async fn drive(ctx: &Arc<Ctx>, name: PlanName, plan: Plan, mut run: Run) -> Resu
                 info!(plan = %name, operation = %run.operation, "plan operation done");
                 job.succeed(pb::JobOutput { vm: name.to_string(), ..Default::default() }).await;
             }
-            Err(e) => {
+            Err(Stop::Failed(e)) => {
                 warn!(plan = %name, operation = %run.operation, error = %e, "plan operation stopped");
                 job.fail(&format!("{e}; fix it, then `drctl plan continue {name}` goes on from there")).await;
+            }
+            Err(Stop::Cancelled) => {
+                warn!(plan = %name, operation = %run.operation, "plan operation cancelled");
+                job.fail(&format!(
+                    "{CANCELLED} at group {} ({}); done: {}. `drctl plan continue {name}` goes on from there",
+                    run.step + 1,
+                    run.stage,
+                    if run.done.is_empty() { "none".to_string() } else { run.done.join(", ") }
+                ))
+                .await;
             }
         }
     });
@@ -627,9 +774,13 @@ async fn walk(
     run: &mut Run,
     job: &crate::jobs::Job,
     wake: &Notify,
-) -> Result<(), String> {
+    cancel: &CancellationToken,
+) -> Result<(), Stop> {
     let total = plan.vms().count() as u64;
     while run.step < plan.steps.len() {
+        if let Some(stop) = stopped(ctx, cancel) {
+            return Err(stop);
+        }
         let step = &plan.steps[run.step];
         let group = run.step + 1;
         let vms: Vec<String> = step.vms.iter().map(ToString::to_string).collect();
@@ -649,9 +800,13 @@ async fn walk(
                     while let Some(cmd) = actions.get(run.action) {
                         let (stage, n) = (run.stage.clone(), run.action + 1);
                         job.phase(&format!("group {group}/{}: {stage} action {n}", plan.steps.len())).await;
-                        action(cmd, &env)
-                            .await
-                            .map_err(|e| format!("group {group}: {stage} action `{cmd}` failed: {e}"))?;
+                        tokio::select! {
+                            done = action(cmd, &env) => {
+                                done.map_err(|e| format!("group {group}: {stage} action `{cmd}` failed: {e}"))?;
+                            }
+                            // Dropped, the action is killed with what it started.
+                            () = cancel.cancelled() => return Err(stopped(ctx, cancel).unwrap_or(Stop::Cancelled)),
+                        }
                         run.action += 1;
                         save(ctx, name, run).await?;
                     }
@@ -663,6 +818,13 @@ async fn walk(
                 for vm in &step.vms {
                     if run.done.contains(&vm.to_string()) {
                         continue;
+                    }
+                    // Between VMs, never within one's operation: each is done or not.
+                    if let Some(stop) = stopped(ctx, cancel) {
+                        return Err(stop);
+                    }
+                    if let Some(d) = lock(&ctx.plans.driving).get_mut(name.as_str()) {
+                        d.at_vm = Some(vm.to_string());
                     }
                     job.phase(&format!("group {group}/{}: {} of {vm}", plan.steps.len(), run.operation))
                         .await;
@@ -679,14 +841,26 @@ async fn walk(
                     stop_group(ctx, name, plan, run, vm, job)
                         .await
                         .map_err(|e| format!("group {group}: {e}"))?;
-                    let point = one_vm(ctx, plan, run, vm)
-                        .await
-                        .map_err(|e| format!("group {group}: VM {vm}: {e}"))?;
+                    let point = one_vm(ctx, plan, run, vm).await.map_err(|e| {
+                        let mut e = format!("group {group}: VM {vm}: {e}");
+                        if run.operation == Operation::Failover && run.kind == "planned" {
+                            e += &format!(
+                                ". If its source cannot be shut down, fail it over alone (`drctl failover {vm} \
+                                 --kind unplanned --point latest --output {}`): `drctl plan continue {name}` \
+                                 then goes on past it",
+                                PathBuf::from(&run.output).join(vm.as_str()).display()
+                            );
+                        }
+                        e
+                    })?;
                     if let Some(p) = point {
                         run.points.insert(vm.to_string(), p);
                     }
                     run.done.push(vm.to_string());
                     save(ctx, name, run).await?;
+                    if let Some(d) = lock(&ctx.plans.driving).get_mut(name.as_str()) {
+                        d.at_vm = None;
+                    }
                 }
                 run.stage = "post".into();
             }
@@ -696,13 +870,15 @@ async fn walk(
                     run.message = format!("group {group}: {text} — then `drctl plan continue {name}`");
                     save(ctx, name, run).await?;
                     if let Some(d) = lock(&ctx.plans.driving).get_mut(name.as_str()) {
-                        d.2 = true;
+                        d.waiting = true;
                     }
                     job.phase(&format!("waiting: {}", run.message)).await;
                     info!(plan = %name, group, manual = %text, "plan waits for `plan continue`");
                     tokio::select! {
-                        _ = wake.notified() => {}
-                        _ = ctx.shutdown.cancelled() => return Err("the process server stopped".into()),
+                        () = wake.notified() => {}
+                        // At this manual step: a `continue` later is the operator's word
+                        // that it is done.
+                        () = cancel.cancelled() => return Err(stopped(ctx, cancel).unwrap_or(Stop::Cancelled)),
                     }
                     run.state = "running".into();
                     run.message.clear();
@@ -767,14 +943,21 @@ async fn stop_group(
 /// Runs an action with the plan's environment; its output goes to the log.
 async fn action(cmd: &str, env: &[(&str, String)]) -> Result<(), String> {
     let mut c = tokio::process::Command::new("sh");
-    c.arg("-c").arg(cmd).kill_on_drop(true);
+    // Its own process group: a timeout, a cancel or the server stopping kills what it
+    // started too, not only the shell.
+    c.arg("-c").arg(cmd).kill_on_drop(true).process_group(0);
+    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     for (k, v) in env {
         c.env(k, v);
     }
-    let out = tokio::time::timeout(ACTION_TIMEOUT, c.output())
+    let child = c.spawn().map_err(|e| format!("cannot run it: {e}"))?;
+    let group = GroupKill(child.id());
+    let out = tokio::time::timeout(ACTION_TIMEOUT, child.wait_with_output())
         .await
         .map_err(|_| format!("still running after {} s (killed)", ACTION_TIMEOUT.as_secs()))?
         .map_err(|e| format!("cannot run it: {e}"))?;
+    // Ended by itself: what it left running on purpose (a service it started) stays.
+    std::mem::forget(group);
     let text = String::from_utf8_lossy(&out.stderr);
     let text = text.trim();
     info!(command = cmd, status = %out.status, stderr = text, "plan action ran");
@@ -784,6 +967,17 @@ async fn action(cmd: &str, env: &[(&str, String)]) -> Result<(), String> {
     let tail: String =
         text.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
     Err(format!("{}{}", out.status, if tail.is_empty() { String::new() } else { format!(": {tail}") }))
+}
+
+/// Kills an action's process group when dropped before the action ended.
+struct GroupKill(Option<u32>);
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
 }
 
 /// The operation on one VM, as its own job (progress and output in `drctl jobs`); the

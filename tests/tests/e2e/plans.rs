@@ -4,6 +4,7 @@
 use crate::harness::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The VMs of the plan, in its order: group 1 is `db`, group 2 `app` and `web` (a
 /// replication group, `tier`).
@@ -359,4 +360,112 @@ fn a_plan_with_a_vm_without_a_point_writes_nothing() {
     assert!(err.contains("VM slow has no point") && err.contains("Nothing was written"), "{err}");
     assert!(!out.exists(), "nothing was written");
     assert_eq!(server.status("ready")["state"], "protected");
+}
+
+/// `drctl plan continue p` in the background.
+fn spawn_continue(server: &Server) -> std::process::Child {
+    std::process::Command::new(bin("drctl"))
+        .args(["--server", &server.url(), "--identity"])
+        .arg(server.admin())
+        .args(["plan", "continue", "p"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A plan can be stopped where an operator needs to stop it: at a manual step, or in a
+/// hung action (killed with what it started); a process server killed in the middle leaves
+/// the plan saying `plan continue`, which goes on from there; a VM removed from under a
+/// plan shows as the plan's problem.
+#[test]
+fn a_plan_is_cancelled_at_a_manual_step_or_in_a_hung_action_and_continues_after_a_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let _a = protect_vm(&server, root, "a", 8, 2, &[]);
+    let _b = protect_vm(&server, root, "b", 8, 2, &[]);
+    // Group 2's pre action hangs while `hang` exists, with a child of its own.
+    let (hang, pid) = (root.join("hang"), root.join("sleeper.pid"));
+    let file = root.join("p.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"p\"\n[[group]]\nvms = [\"a\"]\nmanual = \"Check a\"\n[[group]]\nvms = [\"b\"]\n\
+             pre = [\"if test -f {0}; then sleep 600 & echo $! > {1}; wait; fi\"]\n",
+            hang.display(),
+            pid.display()
+        ),
+    )
+    .unwrap();
+    server.drctl_json(&["plan", "apply", file.to_str().unwrap()]);
+    let out = root.join("out");
+    let tfo =
+        ["plan", "test-failover", "p", "--point", "latest-processed", "--output", out.to_str().unwrap()];
+    // At the manual step: removal is refused, saying how to stop it; cancel stops it.
+    let text = String::from_utf8_lossy(&server.drctl(&tfo).stdout).into_owned();
+    assert!(text.contains("waiting"), "{text}");
+    let err = server.drctl_err(&["plan", "remove", "p"]);
+    assert!(err.contains("drctl plan cancel p"), "{err}");
+    let out_cancel = server.drctl(&["plan", "cancel", "p"]);
+    assert!(out_cancel.status.success(), "{out_cancel:?}");
+    let shown = server.drctl_json(&["plan", "show", "p"]);
+    assert_eq!(shown["run"]["state"], "failed", "{shown}");
+    assert!(shown["run"]["message"].as_str().unwrap().contains("cancelled"), "{shown}");
+    let err = server.drctl_err(&["plan", "cancel", "p"]);
+    assert!(err.contains("no operation running"), "{err}");
+    server.drctl_json(&["plan", "test-failover-cleanup", "p"]);
+    assert!(!out.join("a").join("sda.raw").exists(), "the cleanup removed the cancelled run's output");
+
+    // In a hung action: cancel kills it and what it started.
+    std::fs::write(&hang, "").unwrap();
+    let text = String::from_utf8_lossy(&server.drctl(&tfo).stdout).into_owned();
+    assert!(text.contains("waiting"), "{text}");
+    let continued = spawn_continue(&server);
+    let sleeper: i32 = deadline_poll("the hung action to start", Duration::from_secs(30), || {
+        std::fs::read_to_string(&pid).ok().and_then(|s| s.trim().parse().ok())
+    });
+    let alive = |p: i32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    };
+    assert!(alive(sleeper));
+    let out_cancel = server.drctl(&["plan", "cancel", "p"]);
+    assert!(out_cancel.status.success(), "{out_cancel:?}");
+    deadline_poll("the action's child to be killed", Duration::from_secs(10), || {
+        (!alive(sleeper)).then_some(())
+    });
+    let mut continued = continued;
+    assert!(!continued.wait().unwrap().success(), "the continued run ended cancelled");
+    let shown = server.drctl_json(&["plan", "show", "p"]);
+    assert_eq!(shown["run"]["done"], serde_json::json!(["a"]), "{shown}");
+
+    // A process server killed in the hung action: the plan says how to go on.
+    std::fs::remove_file(&pid).unwrap();
+    let continued = spawn_continue(&server);
+    deadline_poll("the hung action to start again", Duration::from_secs(30), || pid.exists().then_some(()));
+    server.kill9();
+    let mut continued = continued;
+    let _ = continued.wait();
+    server.start();
+    let shown = server.drctl_json(&["plan", "show", "p"]);
+    assert_eq!(shown["run"]["state"], "failed", "{shown}");
+    assert!(shown["run"]["message"].as_str().unwrap().contains("drctl plan continue p"), "{shown}");
+    let jobs = server.drctl_json(&["jobs"]);
+    let job = jobs.as_array().unwrap().iter().rev().find(|j| j["kind"] == "plan").unwrap().clone();
+    assert!(job["error"].as_str().unwrap().contains("drctl plan continue p"), "{job}");
+    std::fs::remove_file(&hang).unwrap();
+    let run = server.drctl_json(&["plan", "continue", "p"]);
+    assert_eq!(run["run"]["state"], "done", "{run}");
+    assert!(out.join("b").join("sda.raw").exists());
+    server.drctl_json(&["plan", "test-failover-cleanup", "p"]);
+
+    // A VM removed from under the plan: said, by the removal and by the plan.
+    drop(_b);
+    let removed = server.drctl(&["remove", "b", "--delete-points"]);
+    assert!(removed.status.success(), "{removed:?}");
+    assert!(String::from_utf8_lossy(&removed.stderr).contains("plan p names VM b"), "{removed:?}");
+    let shown = server.drctl_json(&["plan", "show", "p"]);
+    assert!(shown["problem"].as_str().unwrap_or_default().contains("VM b is not protected"), "{shown}");
 }
