@@ -136,6 +136,13 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
                         path.display()
                     )));
                 }
+                if !path.parent().is_some_and(std::path::Path::is_dir) {
+                    return Err(Status::failed_precondition(format!(
+                        "target disk {name}: the directory of {} does not exist on the master target; create it \
+                         first or give another path",
+                        path.display()
+                    )));
+                }
             } else {
                 let size = tern_core::disk::DiskReader::open(&path).and_then(|d| d.size()).map_err(|e| {
                     Status::failed_precondition(format!(
@@ -153,24 +160,73 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             }
             disks.push((name, d.size, path, d.alternate, Seq(d.start_after)));
         }
+        // One file, one disk: two disks written onto one file would leave one of them
+        // overwritten by the other, with every fingerprint matching the last one applied.
+        let mut taken: Vec<(String, PathBuf, FileKey)> = Vec::new();
+        for v in self.ctx.store.vms().map_err(status)? {
+            for h in self.ctx.store.vm_disks(&v) {
+                if v != vm || !disks.iter().any(|d| d.0 == h.name) {
+                    taken.push((
+                        format!("VM {v} disk {}", h.name),
+                        h.base_path.clone(),
+                        file_key(&h.base_path),
+                    ));
+                }
+            }
+        }
+        for (name, _, path, _, _) in &disks {
+            let key = file_key(path);
+            if let Some((whose, at, _)) =
+                taken.iter().find(|(_, p, k)| p == path || key.is_some() && *k == key)
+            {
+                return Err(Status::failed_precondition(format!(
+                    "target disk {name}: {} is already the target of {whose} ({}); every disk needs a file of its \
+                     own",
+                    path.display(),
+                    at.display()
+                )));
+            }
+            taken.push((format!("VM {vm} disk {name}"), path.clone(), key));
+        }
         let store = self.ctx.store.clone();
         let v = vm.clone();
         blocking(move || {
-            for (_, size, path, alternate, _) in &disks {
-                if *alternate {
-                    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
-                    f.set_len(*size)?;
-                    f.sync_all()?;
-                    if let Some(dir) = path.parent() {
-                        std::fs::File::open(dir)?.sync_all()?;
+            // The new files this prepare made: removed again if it fails, so that a retry
+            // with a corrected path is not refused for them.
+            let mut made = Vec::new();
+            let result = (|| {
+                for (name, size, path, alternate, _) in &disks {
+                    if *alternate {
+                        let create = || -> std::io::Result<()> {
+                            let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+                            f.set_len(*size)?;
+                            f.sync_all()
+                        };
+                        create().map_err(|e| {
+                            std::io::Error::new(
+                                e.kind(),
+                                format!("target disk {name}: {}: {e}", path.display()),
+                            )
+                        })?;
+                        made.push(path.clone());
+                        if let Some(dir) = path.parent() {
+                            std::fs::File::open(dir)?.sync_all()?;
+                        }
                     }
                 }
+                let list: Vec<_> =
+                    disks.iter().map(|(n, s, p, _, a)| (n.clone(), *s, p.clone(), *a)).collect();
+                store
+                    .register_on(&v, &list)
+                    .and_then(|()| store.set_target_mode(&v, mode))
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            })();
+            if result.is_err() {
+                for p in made {
+                    let _ = std::fs::remove_file(p);
+                }
             }
-            let list: Vec<_> = disks.iter().map(|(n, s, p, _, a)| (n.clone(), *s, p.clone(), *a)).collect();
-            store
-                .register_on(&v, &list)
-                .and_then(|()| store.set_target_mode(&v, mode))
-                .map_err(|e| std::io::Error::other(e.to_string()))
+            result
         })
         .await?
         .map_err(|e| Status::failed_precondition(format!("cannot prepare the target disks: {e}")))?;
@@ -528,4 +584,23 @@ pub async fn run(
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
     Ok(())
+}
+
+/// What makes two paths one file: its device and inode when it exists, else its directory's
+/// (canonical) path and its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FileKeyInner {
+    Inode(u64, u64),
+    Path(PathBuf),
+}
+
+type FileKey = Option<FileKeyInner>;
+
+fn file_key(path: &std::path::Path) -> FileKey {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        return Some(FileKeyInner::Inode(m.dev(), m.ino()));
+    }
+    let dir = std::fs::canonicalize(path.parent()?).ok()?;
+    Some(FileKeyInner::Path(dir.join(path.file_name()?)))
 }

@@ -44,7 +44,7 @@ pub fn target_disks(
     disks: &[DiskName],
     given: &[String],
 ) -> Result<Vec<(DiskName, String)>, Status> {
-    let mut targets = Vec::new();
+    let mut targets: Vec<(DiskName, String)> = Vec::new();
     for t in given {
         let (name, path) = t
             .split_once('=')
@@ -59,6 +59,13 @@ pub fn target_disks(
         }
         if targets.iter().any(|(n, _)| *n == name) {
             return Err(Status::invalid_argument(format!("disk {name} is named twice")));
+        }
+        let same = |p: &str| std::path::Path::new(p).components().eq(std::path::Path::new(path).components());
+        if let Some((other, _)) = targets.iter().find(|(_, p)| same(p.as_str())) {
+            return Err(Status::invalid_argument(format!(
+                "disks {other} and {name} both name {path} as their target disk: each disk needs a file of its own \
+                 (the failback would write one over the other)"
+            )));
         }
         targets.push((name, path.to_string()));
     }
@@ -516,4 +523,19 @@ pub async fn reverse_replicate(ctx: &Arc<Ctx>, vm: &VmName) -> Result<(), Status
     .map_err(store_status)?;
     info!(vm = %vm, "replication from the primary site re-enabled");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_disks_onto_one_file_are_refused() {
+        let vm = VmName::new("v").unwrap();
+        let disks = [DiskName::new("d1").unwrap(), DiskName::new("d2").unwrap()];
+        let given = |a: &str, b: &str| vec![format!("d1={a}"), format!("d2={b}")];
+        let e = target_disks(&vm, &disks, &given("/x/a.img", "/x//a.img")).unwrap_err();
+        assert!(e.message().contains("both name"), "{}", e.message());
+        assert_eq!(target_disks(&vm, &disks, &given("/x/a.img", "/x/b.img")).unwrap().len(), 2);
+    }
 }

@@ -296,6 +296,73 @@ fn reprotect_to_a_disk_of_the_wrong_size_is_refused() {
     assert_eq!(server.status("w")["state"], "failover-committed");
 }
 
+/// One file is the target of one disk: a second VM's reprotect onto a file already
+/// prepared on the master target (by its path, or another path to it) is refused before
+/// anything is written, as is an alternate location in a directory that does not exist
+/// (naming it, leaving nothing behind).
+#[test]
+fn a_target_disk_already_taken_or_in_a_missing_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let (w_disk, v_disk) = (root.join("w.img"), root.join("v.img"));
+    make_random(&w_disk, 8, 2, 1);
+    make_random(&v_disk, 8, 2, 2);
+    let (mut w, _, _) = protect(&server, root, "w", &w_disk);
+    let (mut v, _, _) = protect(&server, root, "v", &v_disk);
+    w.kill9();
+    v.kill9();
+    fail_over_and_commit(&server, root, "w", None);
+    let out_v = root.join("recovered-v");
+    server.drctl_json(&["failover", "v", "--kind", "unplanned", "--output", out_v.to_str().unwrap()]);
+    server.drctl_json(&["commit", "v"]);
+    let mt = MasterTarget::start(&server, root, "mt-taken");
+    server.drctl_json(&strs(&reprotect_args(
+        "w",
+        &mt,
+        "original",
+        "before",
+        &w_disk,
+        &root.join("w-back.bundle"),
+    )));
+    let before = b3(&w_disk, None);
+    std::fs::create_dir(root.join("sub")).unwrap();
+    for other_path in [w_disk.clone(), root.join("sub").join("..").join("w.img")] {
+        let err = server.drctl_err(&strs(&reprotect_args(
+            "v",
+            &mt,
+            "original",
+            "before",
+            &other_path,
+            &root.join("v-back.bundle"),
+        )));
+        assert!(err.contains("already the target of VM w disk sda"), "{err}");
+    }
+    let nowhere = root.join("no-such-dir").join("v.img");
+    let err = server.drctl_err(&strs(&reprotect_args(
+        "v",
+        &mt,
+        "alternate",
+        "before",
+        &nowhere,
+        &root.join("v-back.bundle"),
+    )));
+    assert!(err.contains("does not exist") && err.contains("no-such-dir"), "{err}");
+    assert_eq!(b3(&w_disk, None), before, "nothing written");
+    assert_eq!(server.status("v")["state"], "failover-committed");
+    // Its own file is taken as it should be.
+    server.drctl_json(&strs(&reprotect_args(
+        "v",
+        &mt,
+        "original",
+        "before",
+        &v_disk,
+        &root.join("v-back.bundle"),
+    )));
+    assert_eq!(server.status("v")["state"], "reprotected");
+}
+
 /// The way back up to the reprotect: `vm`'s on-premises disk (`mib` MiB holding
 /// `data_mib` MiB of random data from `seed`) protected, failed over unplanned and
 /// committed, a master target `mt` started, and the VM reprotected onto the on-premises disk
