@@ -651,11 +651,13 @@ impl pb::admin_server::Admin for AdminService {
                 "the agent of the recovered VM {vm} is not connected; failback shuts the VM down through it. Nothing changed"
             )));
         }
+        let entered =
+            crate::failback::FailingBack::enter(&self.ctx, &vm).map_err(Status::failed_precondition)?;
         let job = self.ctx.jobs.start(JobKind::Failback, &vm).await?;
         let id = job.id;
         let ctx = self.ctx.clone();
         self.ctx.tracker.spawn(async move {
-            match crate::failback::failback(&ctx, vm, job.clone()).await {
+            match crate::failback::failback(&ctx, vm, job.clone(), entered).await {
                 Ok(output) => job.succeed(output).await,
                 Err(e) => job.fail(&e).await,
             }

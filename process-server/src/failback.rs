@@ -150,27 +150,38 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
     Ok(pb::ReprotectReply { bundle, recovered_disks })
 }
 
-/// Marks a VM as being failed back for as long as it lives (health, `Ctx::failing_back`).
-struct FailingBack<'a> {
-    ctx: &'a Ctx,
+/// Marks a VM as being failed back for as long as it lives (health, `Ctx::failing_back`);
+/// one failback of a VM at a time (two would shut it down twice and apply two final
+/// points onto the same disks).
+#[derive(Debug)]
+pub struct FailingBack {
+    ctx: Arc<Ctx>,
     vm: VmName,
 }
 
-impl<'a> FailingBack<'a> {
-    fn enter(ctx: &'a Ctx, vm: &VmName) -> FailingBack<'a> {
-        crate::lock(&ctx.failing_back).insert(vm.clone());
-        FailingBack { ctx, vm: vm.clone() }
+impl FailingBack {
+    pub fn enter(ctx: &Arc<Ctx>, vm: &VmName) -> Result<FailingBack, String> {
+        if !crate::lock(&ctx.failing_back).insert(vm.clone()) {
+            return Err(format!("a failback of VM {vm} is running already; follow it with `drctl jobs`"));
+        }
+        Ok(FailingBack { ctx: ctx.clone(), vm: vm.clone() })
     }
 }
 
-impl Drop for FailingBack<'_> {
+impl Drop for FailingBack {
     fn drop(&mut self) {
         crate::lock(&self.ctx.failing_back).remove(&self.vm);
     }
 }
 
-pub async fn failback(ctx: &Arc<Ctx>, vm: VmName, job: crate::jobs::Job) -> Result<pb::JobOutput, String> {
-    failback_at(ctx, vm, job, None).await
+/// `drctl failback`, entered (`FailingBack::enter`) before its job started.
+pub async fn failback(
+    ctx: &Arc<Ctx>,
+    vm: VmName,
+    job: crate::jobs::Job,
+    entered: FailingBack,
+) -> Result<pb::JobOutput, String> {
+    failback_at(ctx, vm, job, None, Some(entered)).await
 }
 
 /// Shuts the recovered VM down through its agent and returns its final point (made after
@@ -191,9 +202,21 @@ pub async fn shut_down_recovered(
     let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| {
         format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
     })?;
-    final_point(ctx, vm, rx, job)
-        .await
-        .map_err(|reason| format!("the recovered VM was not shut down: {reason}; nothing changed"))
+    final_point(ctx, vm, rx, job).await.map_err(|reason| {
+        // The shutdown was asked for: its hook may have run (the VM may be off), and with
+        // --sync during the full download was writing the target disks.
+        let disks = if row.sync == SyncMode::During {
+            "; the full download was writing the target disks, which now hold part old and part new data: do \
+             not start the primary VM from them"
+        } else {
+            "; the target disks are unchanged"
+        };
+        format!(
+            "the failback's final pass was cut short: {reason}. The recovered VM's shutdown hook may have run \
+             (check whether it still runs){disks}. Run `drctl failback {vm}` again (its shutdown hook runs again \
+             and must succeed when the VM is already off)"
+        )
+    })
 }
 
 /// A failback at `point` (a final point already made, say with the rest of its replication
@@ -203,9 +226,13 @@ pub async fn failback_at(
     vm: VmName,
     job: crate::jobs::Job,
     point: Option<tern_store::Point>,
+    entered: Option<FailingBack>,
 ) -> Result<pb::JobOutput, String> {
+    let _failing_back = match entered {
+        Some(e) => e,
+        None => FailingBack::enter(ctx, &vm)?,
+    };
     let row = reprotected_row(ctx, &vm, Transition::FailBack.refusal()).await?;
-    let _failing_back = FailingBack::enter(ctx, &vm);
     let point = match point {
         Some(p) => p,
         None => shut_down_recovered(ctx, &vm, &job).await?,

@@ -1063,7 +1063,7 @@ async fn failback_vm(ctx: &Arc<Ctx>, run: &Run, vm: &VmName) -> Result<u64, Stri
         }
         None => None,
     };
-    let r = crate::failback::failback_at(ctx, vm.clone(), job.clone(), point).await;
+    let r = crate::failback::failback_at(ctx, vm.clone(), job.clone(), point, None).await;
     finish(&job, r).await
 }
 

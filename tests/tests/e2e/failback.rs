@@ -564,22 +564,28 @@ fn recovered_agent_killed_during_the_failback_final_pass() {
     server.checkpoint("a");
     write_random(&recovered, 24, 22);
     let want = b3(&recovered, None);
+    let onprem_before = b3(&onprem, None);
     let failback = spawn_failback(&server, "a");
     // The agent's word, not the server's phase: the phase is logged before the request goes
     // out, and a kill between the two would find no agent to ask.
     deadline_poll("the agent's final pass", Duration::from_secs(60), || {
         rec.log_text().contains("the final pass sends what the VM wrote last").then_some(())
     });
+    // One failback at a time: a second would shut the VM down again and apply another
+    // final point onto the same disk.
+    let err = server.drctl_err(&["failback", "a"]);
+    assert!(err.contains("running already"), "{err}");
     rec.kill9();
     let done = failback.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&done.stderr);
     assert!(
-        !done.status.success() && err.contains("nothing changed"),
+        !done.status.success() && err.contains("cut short") && err.contains("the target disks are unchanged"),
         "failback: {err}\nagent log tail:\n{}\nserver log tail:\n{}",
         tail(&rec.log_text(), 40),
         tail(&server.log_text(), 40)
     );
     assert_eq!(server.status("a")["state"], "reprotected");
+    assert_eq!(b3(&onprem, None), onprem_before, "with --sync before a cut final pass writes nothing there");
     rec.restart();
     server.wait_connected("a");
     let res = server.drctl_json(&["failback", "a"]);
