@@ -346,6 +346,9 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
 #[derive(Debug, Clone)]
 struct RelayService {
     ctx: Arc<Ctx>,
+    /// The master target stopping: a relay stream (open as long as a VM is reprotected)
+    /// ends, or the server would wait for it forever.
+    shutdown: CancellationToken,
 }
 
 type Outbound = mpsc::Sender<Result<pb::ServerMessage, Status>>;
@@ -405,9 +408,19 @@ impl pb::replication_server::Replication for RelayService {
         let through = blocking(move || s.target_mode(&v)).await?.is_ok_and(|m| m == Some(SyncMode::During));
         let (pipe_tx, pipe_rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
         tokio::spawn(write_loop(store.clone(), vm.clone(), through, pipe_rx, tx.clone()));
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
-                let m = match inbound.message().await {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    () = shutdown.cancelled() => {
+                        // What is verified is still written and acked; the sender resends
+                        // the rest to the next master target process.
+                        info!(vm = %vm, "relay stream ended: the master target is stopping");
+                        break;
+                    }
+                };
+                let m = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -575,7 +588,7 @@ pub async fn run(
             ctx: ctx.clone(),
         }))
         .add_service(
-            pb::replication_server::ReplicationServer::new(RelayService { ctx })
+            pb::replication_server::ReplicationServer::new(RelayService { ctx, shutdown: shutdown.clone() })
                 .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(pb::MAX_MESSAGE_BYTES),
         )

@@ -836,3 +836,35 @@ fn a_revoked_master_target_is_refused_until_it_has_a_new_identity() {
     assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&r.recovered));
     assert_eq!(b3(&r.onprem, None), want, "the on-premises disk is byte-identical");
 }
+
+/// A master target asked to stop (SIGTERM, as its unit does) while a VM is reprotected
+/// ends its relay stream and exits, instead of waiting on it until killed; started again,
+/// the failback completes byte for byte.
+#[test]
+fn a_master_target_stops_on_sigterm_while_a_relay_stream_is_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let Reprotected { onprem, recovered, mut mt, identity } =
+        reprotected(&server, root, "s", (16, 4, 31), "before");
+    let _rec = recovered_agent(&server, root, "s", &identity, &recovered);
+    write_random(&recovered, 2, 32);
+    server.checkpoint("s");
+    deadline_poll("the relay stream to open", Duration::from_secs(30), || {
+        server.log_text().contains("relaying to the master target").then_some(())
+    });
+    let mut child = mt.child.take().unwrap();
+    let term = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let exited = deadline_poll("the master target to exit on SIGTERM", Duration::from_secs(15), || {
+        child.try_wait().unwrap()
+    });
+    assert!(exited.success(), "{exited:?}\n{}", tail(&mt.log_text(), 20));
+    mt.restart_same_port();
+    write_random(&recovered, 2, 33);
+    let want = b3(&recovered, None);
+    let res = server.drctl_json(&["failback", "s"]);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
+    assert_eq!(b3(&onprem, None), want);
+}
