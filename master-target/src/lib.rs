@@ -302,7 +302,11 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             .map_err(status)?;
             if fingerprint != expected {
                 return Err(Status::data_loss(format!(
-                    "disk {name}: after the apply the target disk's fingerprint is {fingerprint}, the point's is {expected}"
+                    "disk {name}: after the apply the target disk's fingerprint is {fingerprint}, the point's is \
+                     {expected}: the target disk was written outside tern since the reprotect (its blocks are no \
+                     longer what the delta sync compared). Do not start the primary VM from it; start the \
+                     recovered VM again, `drctl reprotect-cancel VM`, `drctl reprotect` again (a new delta sync \
+                     reads the disk anew), then `drctl failback VM`"
                 )));
             }
             info!(vm = %vm, disk = %name, seq = %seq, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),

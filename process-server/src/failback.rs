@@ -105,7 +105,18 @@ pub async fn reprotect(ctx: &Arc<Ctx>, r: pb::ReprotectRequest) -> Result<pb::Re
         })
         .collect();
     mt.prepare(pb::PrepareRequest { vm: vm.to_string(), disks, write_through: sync == SyncMode::During })
-        .await?;
+        .await
+        .map_err(|e| {
+            if e.code() == tonic::Code::Unimplemented {
+                Status::failed_precondition(format!(
+                    "{} does not answer as a master target (a process server's address?): give the URL of \
+                     `master-target serve` on the primary site",
+                    r.master_target
+                ))
+            } else {
+                e
+            }
+        })?;
     // The recovered VM's identity, named in the reprotect: until the failback is committed
     // it is the only agent identity that may replicate the VM.
     let (bundle, serial) = crate::admin::issue_bundle(ctx, Role::Agent(vm.clone())).await?;

@@ -349,6 +349,23 @@ fn a_target_disk_already_taken_or_in_a_missing_directory_is_refused() {
         &root.join("v-back.bundle"),
     )));
     assert!(err.contains("does not exist") && err.contains("no-such-dir"), "{err}");
+    // The process server's own address for the master target's: said, not an empty error.
+    let url = server.url();
+    let target = format!("sda={}", v_disk.display());
+    let bundle = root.join("v-back.bundle");
+    let err = server.drctl_err(&[
+        "reprotect",
+        "v",
+        "--master-target",
+        &url,
+        "--location",
+        "original",
+        "--target-disk",
+        &target,
+        "--identity-out",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(err.contains("does not answer as a master target"), "{err}");
     assert_eq!(b3(&w_disk, None), before, "nothing written");
     assert_eq!(server.status("v")["state"], "failover-committed");
     // Its own file is taken as it should be.
