@@ -129,9 +129,22 @@ fn hello(config: &Config, claims: &[Option<(String, u64)>]) -> pb::Hello {
                 size: d.size,
                 state_generation: c.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
                 state_seq: c.as_ref().map_or(0, |c| c.1),
+                source: source_of(&d.path),
+                path: d.path.display().to_string(),
             })
             .collect(),
         protocol: 1,
+    }
+}
+
+/// Which file or device `path` is: `f:DEV:INODE` for a file, `b:RDEV` for a block device
+/// (empty when it cannot be told).
+fn source_of(path: &std::path::Path) -> String {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() => format!("b:{}", m.rdev()),
+        Ok(m) => format!("f:{}:{}", m.dev(), m.ino()),
+        Err(_) => String::new(),
     }
 }
 

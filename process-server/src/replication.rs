@@ -80,7 +80,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         };
         let vm = VmName::new(&hello.vm).map_err(|e| Status::invalid_argument(e.to_string()))?;
         crate::auth::require_agent_for(&parts_req, &vm)?;
-        let (disks, agent_states) = disks_of(&hello)?;
+        let (disks, agent_states, sources) = disks_of(&hello)?;
         let ctx = self.ctx.clone();
         let peer = parts_req.remote_addr().map_or_else(|| "unknown address".to_string(), |a| a.to_string());
         let guard = tokio::time::timeout(std::time::Duration::from_secs(30), ctx.hub.take_session(&vm, peer))
@@ -93,14 +93,15 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         let store = ctx.store.clone();
         let vm2 = vm.clone();
         let serial = crate::identities::caller_serial(&parts_req);
-        let registered =
-            crate::admin::blocking(move || admit(&store, &vm2, serial.as_deref(), &disks, &agent_states))
-                .await?
-                .map_err(store_status)
-                .inspect_err(|e| {
-                    warn!(vm = %vm, error = %e.message(), "replication session refused");
-                    ctx.hub.set_error(&vm, e.message());
-                })?;
+        let registered = crate::admin::blocking(move || {
+            admit(&store, &vm2, serial.as_deref(), &disks, &agent_states, &sources)
+        })
+        .await?
+        .map_err(store_status)
+        .inspect_err(|e| {
+            warn!(vm = %vm, error = %e.message(), "replication session refused");
+            ctx.hub.set_error(&vm, e.message());
+        })?;
         let admitted = registered?;
         let hashes_follow = hash_sources(&admitted);
         let welcome = welcome_of(&admitted, &hashes_follow);
@@ -148,23 +149,31 @@ impl tern_proto::replication_server::Replication for ReplicationService {
 
 /// The disks a `Hello` names, and what the agent's saved state says of each.
 #[allow(clippy::type_complexity)]
+/// Which file (or device) the agent reads each disk from, and its path (`DiskInfo.source`).
+type Sources = Vec<(DiskName, String, String)>;
+
+#[allow(clippy::type_complexity)]
 fn disks_of(
     hello: &tern_proto::Hello,
-) -> Result<(Vec<(DiskName, u64)>, HashMap<DiskName, (String, u64)>), Status> {
+) -> Result<(Vec<(DiskName, u64)>, HashMap<DiskName, (String, u64)>, Sources), Status> {
     let mut disks = Vec::new();
     let mut agent_states: HashMap<DiskName, (String, u64)> = HashMap::new();
+    let mut sources = Vec::new();
     for d in &hello.disks {
         let name = DiskName::new(&d.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if d.size == 0 {
             return Err(Status::invalid_argument(format!("disk {name} has size 0; is the path right?")));
         }
         agent_states.insert(name.clone(), (d.state_generation.clone(), d.state_seq));
+        if !d.source.is_empty() {
+            sources.push((name.clone(), d.source.clone(), d.path.clone()));
+        }
         disks.push((name, d.size));
     }
     if disks.is_empty() {
         return Err(Status::invalid_argument("Hello names no disks; pass --disk NAME=PATH"));
     }
-    Ok((disks, agent_states))
+    Ok((disks, agent_states, sources))
 }
 
 /// The disks whose agent gets the receiver's block hashes (a delta sync): those without a
@@ -276,6 +285,7 @@ fn admit(
     identity: Option<&str>,
     disks: &[(DiskName, u64)],
     agent_states: &HashMap<DiskName, (String, u64)>,
+    sources: &Sources,
 ) -> Result<Result<Admitted, Status>, tern_store::StoreError> {
     if let Some(reason) = store.damaged(vm) {
         return Ok(Err(Status::unavailable(format!(
@@ -310,6 +320,23 @@ fn admit(
             ))));
         }
     }
+    // Failed back to another location, the primary runs on the disks the failback wrote:
+    // an agent still reading the files it read before the failover (left running, or
+    // started again unchanged) would replace the protected copy with the old disks.
+    let protected = !known || store.vm_state(vm)? == tern_core::VmState::Protected;
+    if known && protected {
+        for (name, source, path) in sources {
+            if store.fenced_source(vm, name, source)?.is_some() {
+                warn!(vm = %vm, disk = %name, path = %path, "agent refused: it reads the disk the VM had before its failback to another location");
+                return Ok(Err(Status::failed_precondition(format!(
+                    "VM {vm} failed back to another location, but this agent reads disk {name} at {path}: the same \
+                     file (or device) it read before the failover, which the failback did not write, so it holds \
+                     the old disk. Stop this agent, and start it on the disks the failback wrote (replicating this \
+                     one would replace the protected copy with the old disk)"
+                ))));
+            }
+        }
+    }
     // A disk may be added (earlier points cover the disks they were made with), not
     // left out: points without it would fail over a VM that lacks a disk.
     let missing: Vec<String> = store
@@ -327,6 +354,14 @@ fn admit(
         ))));
     }
     let hs = store.register(vm, disks)?;
+    if protected {
+        for (name, source, path) in sources {
+            // Only a guard for later: a full catalog must not refuse the session.
+            if let Err(e) = store.note_source(vm, name, source, path) {
+                warn!(vm = %vm, disk = %name, error = %e, "cannot note which file the agent reads");
+            }
+        }
+    }
     // Written-but-unacked records of an earlier session become durable here, so the
     // position the agent resumes from is exactly what is on disk.
     for h in &hs {

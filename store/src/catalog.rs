@@ -185,7 +185,7 @@ const TARGET_WRITE_THROUGH: &str = "write-through";
 /// (`reprotects.identity`). 5: the VM's own policy is kept in `saved_policies` from
 /// reprotect to reverse replication, and a failover's output is known whole
 /// (`failovers.written`).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Version 3's point tables, under the names a migration copies into.
 const POINT_TABLES: &str = "
@@ -292,6 +292,14 @@ CREATE TABLE IF NOT EXISTS plans (
     applied_ms INTEGER NOT NULL,
     run TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS disk_sources (
+    vm TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    source TEXT NOT NULL,
+    path TEXT NOT NULL,
+    fenced INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (vm, disk)
+);
 CREATE TABLE IF NOT EXISTS test_failovers (
     vm TEXT PRIMARY KEY REFERENCES vms(name),
     point INTEGER NOT NULL,
@@ -301,7 +309,8 @@ CREATE TABLE IF NOT EXISTS test_failovers (
 ";
 
 /// Every row of a VM, deleted (its jobs stay, as history).
-const FORGET_VM: [&str; 10] = [
+const FORGET_VM: [&str; 11] = [
+    "DELETE FROM disk_sources WHERE vm = ?1",
     "DELETE FROM point_disks WHERE vm = ?1",
     "DELETE FROM points WHERE vm = ?1",
     "DELETE FROM group_members WHERE vm = ?1",
@@ -656,6 +665,44 @@ impl Catalog {
         tx.commit().map_err(q("forget VM"))
     }
 
+    /// The path an agent read `disk` of `vm` at, when `source` is the file (or device) the
+    /// primary read before a failback to another location: it holds the old disk.
+    pub fn fenced_source(
+        &self,
+        vm: &VmName,
+        disk: &DiskName,
+        source: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.db
+            .query_row(
+                "SELECT path FROM disk_sources WHERE vm = ?1 AND disk = ?2 AND source = ?3 AND fenced = 1",
+                params![vm.as_str(), disk.as_str(), source],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(q("read disk sources"))
+    }
+
+    /// Notes which file (or device) the agent of a protected VM reads `disk` from; a new one
+    /// lifts the fence on the old.
+    pub fn note_source(
+        &self,
+        vm: &VmName,
+        disk: &DiskName,
+        source: &str,
+        path: &str,
+    ) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "INSERT INTO disk_sources (vm, disk, source, path, fenced) VALUES (?1, ?2, ?3, ?4, 0)
+                 ON CONFLICT (vm, disk) DO UPDATE SET source = ?3, path = ?4, fenced = 0
+                     WHERE source != ?3 OR path != ?4 OR fenced != 0",
+                params![vm.as_str(), disk.as_str(), source, path],
+            )
+            .map_err(q("note disk source"))?;
+        Ok(())
+    }
+
     pub fn set_base_seq(&self, vm: &VmName, disk: &DiskName, seq: Seq) -> Result<(), StoreError> {
         self.db
             .execute(
@@ -789,6 +836,13 @@ impl Catalog {
             }
             Transition::CommitFailback => {
                 delete_points(&tx)?;
+                // Failed back to another location: the files the primary's agent read before
+                // the failover hold the old disks, and an agent still reading them is refused.
+                exec(
+                    "UPDATE disk_sources SET fenced = 1 WHERE vm = ?1
+                         AND EXISTS (SELECT 1 FROM reprotects WHERE vm = ?1 AND alternate = 1)",
+                    params![v],
+                )?;
                 exec("DELETE FROM reprotects WHERE vm = ?1", params![v])?;
                 exec("DELETE FROM failovers WHERE vm = ?1", params![v])?;
             }

@@ -747,6 +747,27 @@ impl Store {
         self.catalog().put_plan(plan)
     }
 
+    /// See [`Catalog::fenced_source`].
+    pub fn fenced_source(
+        &self,
+        vm: &VmName,
+        disk: &DiskName,
+        source: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.catalog().fenced_source(vm, disk, source)
+    }
+
+    /// See [`Catalog::note_source`].
+    pub fn note_source(
+        &self,
+        vm: &VmName,
+        disk: &DiskName,
+        source: &str,
+        path: &str,
+    ) -> Result<(), StoreError> {
+        self.catalog().note_source(vm, disk, source, path)
+    }
+
     pub fn plans(&self) -> Result<Vec<PlanRow>, StoreError> {
         self.catalog().plans()
     }

@@ -266,6 +266,33 @@ fn alternate_location_with_sync_during() {
     };
     assert!(sample("tern_mt_received_bytes_total{vm=\"alt\"}").is_some_and(|b| b > 0.0), "{m}");
     assert!(sample("tern_mt_durable_seq{").is_some_and(|s| s > 0.0), "{m}");
+    // The primary runs on the new disk now. Its old agent, started again unchanged on the
+    // old disk (which the failback did not write), is refused: it would replace the
+    // protected copy with the old disk.
+    server.drctl_json(&["commit", "alt"]);
+    server.drctl_json(&["reverse-replicate", "alt"]);
+    primary.restart();
+    assert_eq!(primary.wait_exit("the stale agent to be refused").code(), Some(3));
+    assert!(
+        primary.log_text().contains("failed back to another location"),
+        "{}",
+        tail(&primary.log_text(), 10)
+    );
+    // On the disk the failback wrote (same identity, same state directory) it protects the VM.
+    let identity = root.join("alt.bundle");
+    let _back = Agent::start(&server, &identity, "alt", &[("sda", &new_disk)], &root.join("st-alt"), &[]);
+    server.wait_connected("alt");
+    let p = server.checkpoint("alt");
+    let out = root.join("after-reverse");
+    let res = server.drctl_json(&[
+        "test-failover",
+        "alt",
+        "--point",
+        &p["id"].to_string(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&new_disk, None));
 }
 
 #[test]
