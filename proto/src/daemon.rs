@@ -14,12 +14,16 @@ pub fn init() {
             .flatten_event(true)
             .with_env_filter(filter())
             .with_writer(std::io::stderr)
+            // A log reader gone (a closed pipe) loses lines, never the daemon: reporting
+            // the failed write on that same stderr would panic the task that logged.
+            .log_internal_errors(false)
             .try_init()
     } else {
         tracing_subscriber::fmt()
             .with_env_filter(filter())
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .log_internal_errors(false)
             .try_init()
     };
     let _ = rustls::crypto::ring::default_provider().install_default();

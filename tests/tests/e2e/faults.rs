@@ -946,3 +946,54 @@ fn a_resized_disk_is_protected_anew_after_its_copy_is_removed() {
     assert_point_recovers(&server, root, "grown", &p, &b3(&disk, None));
     assert_eq!(server.status("grown")["disks"][0]["size"], 12 << 20);
 }
+
+/// A daemon whose log reader goes away (a log shipper's pipe closed, a closed terminal)
+/// loses log lines, not its work: the process server and an nbd-mode agent (the VM's disk)
+/// go on making points, and the server still stops on SIGTERM.
+#[test]
+fn daemons_go_on_when_their_log_reader_goes_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    let (mut child, port) = spawn_listening(
+        std::process::Command::new(bin("process-server"))
+            .args(["serve", "--data-dir"])
+            .arg(&server.data)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("TERN_SPACE_RESERVE", "16MiB")
+            .stderr(std::process::Stdio::piped()),
+    );
+    drop(child.stderr.take());
+    server.port = port;
+    let identity = root.join("q.bundle");
+    server.enroll_agent("q", &identity);
+    let disk = root.join("q.img");
+    make_random(&disk, 8, 2, 11);
+    let socket = root.join("q.sock");
+    let mut agent = std::process::Command::new(bin("mobility-agent"))
+        .args(["run", "--server", &server.url(), "--identity"])
+        .arg(&identity)
+        .args(["--vm", "q", "--mode", "nbd", "--interval", "1h", "--state-dir"])
+        .arg(root.join("q-state"))
+        .arg("--disk")
+        .arg(format!("sda={}", disk.display()))
+        .arg("--nbd-listen")
+        .arg(format!("unix:{}", socket.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(agent.stderr.take());
+    server.wait_connected("q");
+    for _ in 0..3 {
+        server.checkpoint("q");
+    }
+    assert!(agent.try_wait().unwrap().is_none(), "the agent is still the VM's disk");
+    let term = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let exited = deadline_poll("the process server to stop on SIGTERM", Duration::from_secs(20), || {
+        child.try_wait().unwrap()
+    });
+    assert!(exited.success(), "{exited:?}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
