@@ -356,6 +356,9 @@ pub enum Enroll {
     },
     /// Identity for a master target.
     MasterTarget {
+        /// Its name, which its certificate also holds as a DNS name or IP address (besides
+        /// localhost and 127.0.0.1): give the host name or address the process server dials
+        /// it by (the --master-target URL's host).
         #[arg(long)]
         name: String,
         #[arg(long)]

@@ -107,6 +107,37 @@ pub fn init(data_dir: &Path, sans: &[String]) -> Result<PathBuf, InitError> {
     Ok(admin_path)
 }
 
+/// Issues the server's certificate again from the deployment's CA, naming `sans` besides
+/// localhost, 127.0.0.1 and ::1 (a name forgotten at `init`); the server uses it from its
+/// next start. Agents and bundles issued before stay valid (same CA). Returns the names.
+pub fn reissue_server_cert(data_dir: &Path, sans: &[String]) -> Result<Vec<String>, InitError> {
+    let pki = data_dir.join("pki");
+    let read = |name: &str| {
+        let path = pki.join(name);
+        std::fs::read_to_string(&path)
+            .map_err(|error| InitError::Io { path: path.display().to_string(), error })
+    };
+    let ca = Ca { cert_pem: read("ca.pem")?, key_pem: read("ca.key")? };
+    let (cert, key) = ca.issue_server(sans)?;
+    // Each file whole or not at all: written aside, then renamed over the old one.
+    for (name, text) in [("server.key.new", &key), ("server.pem.new", &cert)] {
+        let path = pki.join(name);
+        let _ = std::fs::remove_file(&path);
+        write_private(&path, text)?;
+    }
+    for name in ["server.key", "server.pem"] {
+        let (from, to) = (pki.join(format!("{name}.new")), pki.join(name));
+        std::fs::rename(&from, &to)
+            .map_err(|error| InitError::Io { path: to.display().to_string(), error })?;
+    }
+    std::fs::File::open(&pki)
+        .and_then(|d| d.sync_all())
+        .map_err(|error| InitError::Io { path: pki.display().to_string(), error })?;
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    names.extend(sans.iter().cloned());
+    Ok(names)
+}
+
 /// Records a connected client's identity if it is not on record yet (off the accept path:
 /// the record is written to disk).
 fn record_seen(

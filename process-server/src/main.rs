@@ -67,6 +67,16 @@ enum Cmd {
         #[arg(long)]
         web: Option<std::net::SocketAddr>,
     },
+    /// Issue the server's certificate again, naming the DNS names and IP addresses agents,
+    /// drctl and master targets dial it by (a --san forgotten at init); restart the server
+    /// to use it. Identities issued before stay valid.
+    ReissueCert {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// DNS name or IP address for the server certificate (localhost and 127.0.0.1 are always in).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
     /// Describe what a data directory holds (no server may run on it); with
     /// --rebuild-catalog, rebuild a lost catalog.db from the journals and base images.
     Check {
@@ -89,6 +99,19 @@ fn run() -> anyhow::Result<()> {
             let admin = tern_process_server::init(&data_dir, &sans)?;
             println!("initialised {}", data_dir.display());
             println!("admin identity: {}", admin.display());
+            Ok(())
+        }
+        Cmd::ReissueCert { data_dir, sans } => {
+            if !data_dir.join("pki").join("ca.key").exists() {
+                anyhow::bail!(
+                    "{} is not initialised; run `process-server init --data-dir {}` first",
+                    data_dir.display(),
+                    data_dir.display()
+                );
+            }
+            let names = tern_process_server::reissue_server_cert(&data_dir, &sans)?;
+            println!("server certificate issued again for: {}", names.join(", "));
+            println!("restart the process server to use it");
             Ok(())
         }
         Cmd::Check { data_dir, rebuild_catalog } => {

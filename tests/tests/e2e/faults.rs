@@ -997,3 +997,43 @@ fn daemons_go_on_when_their_log_reader_goes_away() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// A server dialled by an address its certificate does not name says what to do, and
+/// `process-server reissue-cert --san` (a name forgotten at init) fixes it after a restart;
+/// the admin bundle issued before stays valid.
+#[test]
+fn a_name_forgotten_at_init_is_added_by_reissuing_the_server_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let server = Server::init(root);
+    let serve = || {
+        spawn_listening(
+            std::process::Command::new(bin("process-server"))
+                .args(["serve", "--data-dir"])
+                .arg(&server.data)
+                .args(["--listen", "127.0.0.2:0"])
+                .env("TERN_SPACE_RESERVE", "16MiB")
+                .stderr(std::process::Stdio::null()),
+        )
+    };
+    let (mut child, port) = serve();
+    let url = format!("https://127.0.0.2:{port}");
+    let out = drctl_as(&url, &server.admin(), &["status"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("process-server reissue-cert") && err.contains("--san"), "{err}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = std::process::Command::new(bin("process-server"))
+        .args(["reissue-cert", "--data-dir"])
+        .arg(&server.data)
+        .args(["--san", "127.0.0.2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (mut child, port) = serve();
+    let out = drctl_as(&format!("https://127.0.0.2:{port}"), &server.admin(), &["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
