@@ -777,6 +777,24 @@ pub(crate) fn output_arg(s: &str, data_dir: &std::path::Path) -> Result<(), Stat
             data_dir.display()
         )));
     }
+    // Found now, not as a failed job: the nearest existing directory must be writable (a
+    // read-only file system, the unit's sandbox, permissions).
+    let mut existing = path;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => break,
+        }
+    }
+    if let Err(e) = rustix::fs::access(existing, rustix::fs::Access::WRITE_OK) {
+        return Err(Status::failed_precondition(format!(
+            "--output {s}: the process server cannot write in {} ({}); choose a directory it can write \
+             (under its systemd unit: /var/lib/tern-outputs, or one added with `systemctl edit process-server`, \
+             [Service] ReadWritePaths=DIR)",
+            existing.display(),
+            std::io::Error::from(e)
+        )));
+    }
     Ok(())
 }
 

@@ -478,6 +478,11 @@ fn small_mistakes_are_refused_with_what_to_do() {
     let out = server.drctl(&["test-failover", "m", "--output", "drill"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("give an absolute path"), "{out:?}");
+    // A place the server cannot write (here a read-only file system; under its unit, outside
+    // ReadWritePaths) is refused at once, saying where outputs may go.
+    let ro = Tmpfs::mount(&root.join("ro"), "size=1m,ro");
+    let err = server.drctl_err(&["test-failover", "m", "--output", ro.dir.join("drill").to_str().unwrap()]);
+    assert!(err.contains("cannot write") && err.contains("ReadWritePaths"), "{err}");
     // A unit mistyped: five months for five minutes.
     let out = server.drctl(&["policy", "set", "m", "--crash-interval", "5M"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
