@@ -140,6 +140,12 @@ fn run() -> anyhow::Result<()> {
                 .ok()
                 .filter(|w| (64 << 10..=1 << 30).contains(w))
                 .ok_or_else(|| anyhow::anyhow!("--stream-window must be between 64KiB and 1GiB"))?;
+            if scrub_rate == 0 {
+                anyhow::bail!(
+                    "--scrub-rate 0 would stall the scrub; give a rate (e.g. 64MiB), or --scrub-every 0 to turn \
+                     the scrub off"
+                );
+            }
             let segment_bytes = Some(segment_size);
             let scrub = tern_process_server::scrub::ScrubConfig { every: scrub_every, rate: scrub_rate };
             if !data_dir.join("pki").join("ca.pem").exists() {

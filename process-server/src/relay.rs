@@ -185,6 +185,8 @@ async fn relay_vm(ctx: &Arc<Ctx>, vm: &VmName) {
     loop {
         let delay = match relay_session(ctx, vm, &mut backoff).await {
             Ok(()) => return,
+            // A relay cut by the end of the reprotect (a cancel, a commit) is no failure.
+            Err(_) if !still_relaying(ctx, vm).await => return,
             Err(e) => {
                 let delay = backoff.next_delay();
                 let why = format!("relay to the master target: {}", e.message());
@@ -220,10 +222,12 @@ async fn relay_session(
     backoff: &mut tern_core::backoff::Backoff,
 ) -> Result<(), Status> {
     let (store, v) = (ctx.store.clone(), vm.clone());
-    let row = crate::admin::blocking(move || store.reprotect(&v))
-        .await?
-        .map_err(crate::store_status)?
-        .ok_or_else(|| Status::failed_precondition("not reprotected"))?;
+    // No longer reprotected (cancelled, committed): nothing to relay, and no error to show.
+    let Some(row) =
+        crate::admin::blocking(move || store.reprotect(&v)).await?.map_err(crate::store_status)?
+    else {
+        return Ok(());
+    };
     // The relay's long stream has a connection of its own, like a delta sync's hashes.
     let ch = dial(ctx, &row.master_target).await?;
     let mut client = pb::replication_client::ReplicationClient::new(ch)

@@ -378,7 +378,7 @@ impl Transition {
             }
             Transition::AbandonFailover => "only a failover being written can be abandoned",
             Transition::CommitFailover => {
-                "only a failed-over VM can be committed (a committed failover cannot be committed again)"
+                "only a failed-over VM (or a failed-back one) can be committed; a committed failover cannot be committed again"
             }
             Transition::Reprotect { .. } => {
                 "reprotect needs a committed failover (`drctl failover`, then `drctl commit`)"
