@@ -123,8 +123,12 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             if let Some(h) = self.ctx.store.disk(&vm, &name) {
                 if h.base_path != path || h.size != d.size {
                     return Err(Status::failed_precondition(format!(
-                        "VM {vm} disk {name} is already prepared here for {}",
-                        h.base_path.display()
+                        "VM {vm} disk {name} is already prepared here for {} ({} bytes), left by an earlier \
+                         reprotect (one cancelled with --force while this master target was away): reprotect \
+                         naming that same target disk, then `drctl reprotect-cancel {vm}` with this master target \
+                         up releases it",
+                        h.base_path.display(),
+                        h.size
                     )));
                 }
                 continue;
