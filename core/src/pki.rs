@@ -337,6 +337,31 @@ pub fn leaf_certificates(text: &str) -> Result<Vec<String>, PkiError> {
     Ok(out)
 }
 
+/// The DNS names and IP addresses the first leaf certificate in `text` (PEM) names.
+pub fn server_names(text: &str) -> Result<Vec<String>, PkiError> {
+    let Some(block) = leaf_certificates(text)?.into_iter().next() else { return Ok(Vec::new()) };
+    let der = pem_to_der(&block)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let mut names = Vec::new();
+    if let Some(san) = cert.subject_alternative_name().map_err(|e| PkiError::BadCertificate(e.to_string()))? {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => names.push((*d).to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    if let Ok(v4) = <[u8; 4]>::try_from(*b) {
+                        names.push(std::net::IpAddr::from(v4).to_string());
+                    } else if let Ok(v6) = <[u8; 16]>::try_from(*b) {
+                        names.push(std::net::IpAddr::from(v6).to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// Reads the role from a DER certificate's `urn:tern:` SAN URI.
 pub fn role_of(der: &[u8]) -> Result<Role, PkiError> {
     let (_, cert) =
@@ -370,6 +395,16 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_certificate_names_its_hosts() {
+        let ca = Ca::create("test").unwrap();
+        let (cert, _) = ca.issue_server(&["dr.example.com".into(), "192.0.2.10".into()]).unwrap();
+        let names = server_names(&cert).unwrap();
+        for n in ["localhost", "127.0.0.1", "::1", "dr.example.com", "192.0.2.10"] {
+            assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
+        }
+    }
 
     #[test]
     fn bundle_names_its_role() {

@@ -39,6 +39,9 @@ pub struct Config {
 struct Ctx {
     store: Arc<Store>,
     data_dir: PathBuf,
+    /// One prepare at a time: from the check that a file is no other disk's target to its
+    /// registration, so that two cannot take the same file.
+    preparing: tokio::sync::Mutex<()>,
 }
 
 fn status(e: StoreError) -> Status {
@@ -110,6 +113,7 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
                 "VM {vm} is already prepared here with --sync {was}; release it first"
             )));
         }
+        let _preparing = self.ctx.preparing.lock().await;
         let mut disks = Vec::new();
         for d in &r.disks {
             let name = DiskName::new(&d.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -195,14 +199,15 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let store = self.ctx.store.clone();
         let v = vm.clone();
         blocking(move || {
-            // The new files this prepare made: removed again if it fails, so that a retry
-            // with a corrected path is not refused for them.
-            let mut made = Vec::new();
+            // The new files this prepare made: removed again if it fails (those of disks it
+            // did not register), so that a retry with a corrected path is not refused for them.
+            let mut made: Vec<(DiskName, PathBuf)> = Vec::new();
             let result = (|| {
                 for (name, size, path, alternate, _) in &disks {
                     if *alternate {
-                        let create = || -> std::io::Result<()> {
+                        let mut create = || -> std::io::Result<()> {
                             let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+                            made.push((name.clone(), path.clone()));
                             f.set_len(*size)?;
                             f.sync_all()
                         };
@@ -212,7 +217,6 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
                                 format!("target disk {name}: {}: {e}", path.display()),
                             )
                         })?;
-                        made.push(path.clone());
                         if let Some(dir) = path.parent() {
                             std::fs::File::open(dir)?.sync_all()?;
                         }
@@ -226,8 +230,10 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
                     .map_err(|e| std::io::Error::other(e.to_string()))
             })();
             if result.is_err() {
-                for p in made {
-                    let _ = std::fs::remove_file(p);
+                for (name, p) in made {
+                    if store.disk(&v, &name).is_none() {
+                        let _ = std::fs::remove_file(p);
+                    }
                 }
             }
             result
@@ -309,8 +315,8 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
                     "disk {name}: after the apply the target disk's fingerprint is {fingerprint}, the point's is \
                      {expected}: the target disk was written outside tern since the reprotect (its blocks are no \
                      longer what the delta sync compared). Do not start the primary VM from it; start the \
-                     recovered VM again, `drctl reprotect-cancel VM`, `drctl reprotect` again (a new delta sync \
-                     reads the disk anew), then `drctl failback VM`"
+                     recovered VM again, `drctl reprotect-cancel VM`, `drctl reprotect` again (it compares or downloads \
+                     the disk anew), then `drctl failback VM`"
                 )));
             }
             info!(vm = %vm, disk = %name, seq = %seq, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
@@ -578,7 +584,8 @@ pub async fn run(
             .await?
             .map_err(tern_proto::daemon::ServeError::store)?,
     );
-    let ctx = Arc::new(Ctx { store, data_dir: config.data_dir.clone() });
+    let ctx =
+        Arc::new(Ctx { store, data_dir: config.data_dir.clone(), preparing: tokio::sync::Mutex::new(()) });
     let tracker = TaskTracker::new();
     let incoming = tern_proto::tls::incoming(
         listener,

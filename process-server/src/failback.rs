@@ -192,7 +192,10 @@ pub async fn failback(
     job: crate::jobs::Job,
     entered: FailingBack,
 ) -> Result<pb::JobOutput, String> {
-    failback_at(ctx, vm, job, None, Some(entered)).await
+    let again = format!(": run `drctl failback {vm}` again");
+    failback_at(ctx, vm, job, None, Some(entered))
+        .await
+        .map_err(|e| if e.starts_with("the failback's final pass was cut short") { e + &again } else { e })
 }
 
 /// Shuts the recovered VM down through its agent and returns its final point (made after
@@ -217,15 +220,15 @@ pub async fn shut_down_recovered(
         // The shutdown was asked for: its hook may have run (the VM may be off), and with
         // --sync during the full download was writing the target disks.
         let disks = if row.sync == SyncMode::During {
-            "; the full download was writing the target disks, which now hold part old and part new data: do \
-             not start the primary VM from them"
+            "; the full download may have been writing the target disks, which may then hold part old and \
+             part new data: do not start the primary VM from them"
         } else {
             "; the target disks are unchanged"
         };
         format!(
             "the failback's final pass was cut short: {reason}. The recovered VM's shutdown hook may have run \
-             (check whether it still runs){disks}. Run `drctl failback {vm}` again (its shutdown hook runs again \
-             and must succeed when the VM is already off)"
+             (check whether it still runs){disks}. The failback run again asks its shutdown hook again, which \
+             must succeed when the VM is already off"
         )
     })
 }

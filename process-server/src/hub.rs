@@ -33,6 +33,10 @@ struct VmCounters {
     /// Why the last session failed on this side (storage full, a bad batch), when, and
     /// whether replication has made progress since.
     error: Option<(String, Instant, bool)>,
+    /// Why the VM's last session failed on this server's side (a full data directory, a
+    /// refused record), and when; cleared when a session starts. Unlike `error`, never a
+    /// relay's failure or another agent's refusal.
+    session_failure: Option<(String, Instant)>,
     /// The agent's last tracking report, per disk.
     tracking: HashMap<String, tern_proto::DiskTracking>,
 }
@@ -114,7 +118,10 @@ impl Hub {
 
     pub fn attach(&self, vm: &VmName, session: u64, commands: Outbound, cancel: CancellationToken) {
         lock(&self.links).insert(vm.clone(), Link { session, commands, cancel, attached: Instant::now() });
-        lock(&self.counters).entry(vm.clone()).or_default().disconnected_at = None;
+        let mut counters = lock(&self.counters);
+        let c = counters.entry(vm.clone()).or_default();
+        c.disconnected_at = None;
+        c.session_failure = None;
     }
 
     pub fn detach(&self, vm: &VmName, session: u64) {
@@ -152,7 +159,15 @@ impl Hub {
 
     fn error_since(&self, vm: &VmName, since: Instant) -> Option<String> {
         let counters = lock(&self.counters);
-        counters.get(vm)?.error.as_ref().filter(|(_, at, _)| *at >= since).map(|(e, _, _)| e.clone())
+        counters.get(vm)?.session_failure.as_ref().filter(|(_, at)| *at >= since).map(|(e, _)| e.clone())
+    }
+
+    /// A session of `vm` fails on this server's side: shown in status (as [`Hub::set_error`])
+    /// and told, instead of "the agent disconnected", to whoever waits on it.
+    pub fn fail_session(&self, vm: &VmName, error: &str) {
+        self.set_error(vm, error);
+        lock(&self.counters).entry(vm.clone()).or_default().session_failure =
+            Some((error.to_string(), Instant::now()));
     }
 
     pub fn connected(&self, vm: &VmName) -> bool {
@@ -275,7 +290,8 @@ impl Hub {
     fn commands(&self, vm: &VmName) -> Result<Outbound, Status> {
         let link = lock(&self.links).get(vm).map(|l| l.commands.clone());
         link.ok_or_else(|| {
-            Status::failed_precondition(match self.error(vm) {
+            let failure = lock(&self.counters).get(vm).and_then(|c| c.session_failure.clone()).map(|(e, _)| e);
+            Status::failed_precondition(match failure {
                 // The agent runs, but its sessions end on the server's side (a full data
                 // directory): starting it is not the remedy.
                 Some(e) => format!("the agent of VM {vm} is not connected: its last session ended on: {e}"),

@@ -108,34 +108,65 @@ pub fn init(data_dir: &Path, sans: &[String]) -> Result<PathBuf, InitError> {
 }
 
 /// Issues the server's certificate again from the deployment's CA, naming `sans` besides
-/// localhost, 127.0.0.1 and ::1 (a name forgotten at `init`); the server uses it from its
-/// next start. Agents and bundles issued before stay valid (same CA). Returns the names.
-pub fn reissue_server_cert(data_dir: &Path, sans: &[String]) -> Result<Vec<String>, InitError> {
+/// the names it has (with `replace`, instead of them) and localhost, 127.0.0.1 and ::1: a
+/// name forgotten at `init`. The server uses it from its next start; agents and bundles
+/// issued before stay valid (same CA). Returns the names.
+pub fn reissue_server_cert(
+    data_dir: &Path,
+    sans: &[String],
+    replace: bool,
+) -> Result<Vec<String>, InitError> {
     let pki = data_dir.join("pki");
-    let read = |name: &str| {
-        let path = pki.join(name);
-        std::fs::read_to_string(&path)
-            .map_err(|error| InitError::Io { path: path.display().to_string(), error })
-    };
+    finish_reissue(&pki)?;
+    let read = |name: &str| std::fs::read_to_string(pki.join(name)).map_err(io_at(&pki.join(name)));
     let ca = Ca { cert_pem: read("ca.pem")?, key_pem: read("ca.key")? };
-    let (cert, key) = ca.issue_server(sans)?;
-    // Each file whole or not at all: written aside, then renamed over the old one.
+    let defaults = ["localhost", "127.0.0.1", "::1"];
+    let mut names: Vec<String> = Vec::new();
+    let had = if replace { Vec::new() } else { tern_core::pki::server_names(&read("server.pem")?)? };
+    for n in had.iter().chain(sans) {
+        if !defaults.contains(&n.as_str()) && !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    let (cert, key) = ca.issue_server(&names)?;
+    // Both written aside and made durable before either replaces the old one, the key
+    // first; a stop in between is finished or undone at the next start (`finish_reissue`).
     for (name, text) in [("server.key.new", &key), ("server.pem.new", &cert)] {
         let path = pki.join(name);
         let _ = std::fs::remove_file(&path);
         write_private(&path, text)?;
     }
+    std::fs::File::open(&pki).and_then(|d| d.sync_all()).map_err(io_at(&pki))?;
     for name in ["server.key", "server.pem"] {
-        let (from, to) = (pki.join(format!("{name}.new")), pki.join(name));
-        std::fs::rename(&from, &to)
-            .map_err(|error| InitError::Io { path: to.display().to_string(), error })?;
+        let to = pki.join(name);
+        std::fs::rename(pki.join(format!("{name}.new")), &to).map_err(io_at(&to))?;
     }
-    std::fs::File::open(&pki)
-        .and_then(|d| d.sync_all())
-        .map_err(|error| InitError::Io { path: pki.display().to_string(), error })?;
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    names.extend(sans.iter().cloned());
-    Ok(names)
+    std::fs::File::open(&pki).and_then(|d| d.sync_all()).map_err(io_at(&pki))?;
+    Ok(defaults.iter().map(ToString::to_string).chain(names).collect())
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> InitError {
+    let path = path.display().to_string();
+    move |error| InitError::Io { path, error }
+}
+
+/// Completes or undoes a reissue of the server's certificate that a stop cut short. The
+/// key is renamed first, once both new files are whole and synced: `server.pem.new` alone
+/// means the key was renamed and the certificate must follow; anything else left (both, or
+/// the key alone) means no rename happened and the old pair stands.
+pub fn finish_reissue(pki: &Path) -> Result<(), InitError> {
+    let (key_new, pem_new) = (pki.join("server.key.new"), pki.join("server.pem.new"));
+    if pem_new.exists() && !key_new.exists() {
+        let pem = pki.join("server.pem");
+        std::fs::rename(&pem_new, &pem).map_err(io_at(&pem))?;
+    } else {
+        for f in [&key_new, &pem_new] {
+            if f.exists() {
+                std::fs::remove_file(f).map_err(io_at(f))?;
+            }
+        }
+    }
+    std::fs::File::open(pki).and_then(|d| d.sync_all()).map_err(io_at(pki))
 }
 
 /// Records a connected client's identity if it is not on record yet (off the accept path:

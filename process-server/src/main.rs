@@ -73,9 +73,13 @@ enum Cmd {
     ReissueCert {
         #[arg(long)]
         data_dir: PathBuf,
-        /// DNS name or IP address for the server certificate (localhost and 127.0.0.1 are always in).
+        /// DNS name or IP address to add to the names the certificate has (localhost and
+        /// 127.0.0.1 are always in).
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// Name only the --san given (and localhost), dropping the names it had.
+        #[arg(long)]
+        replace: bool,
     },
     /// Describe what a data directory holds (no server may run on it); with
     /// --rebuild-catalog, rebuild a lost catalog.db from the journals and base images.
@@ -101,7 +105,7 @@ fn run() -> anyhow::Result<()> {
             println!("admin identity: {}", admin.display());
             Ok(())
         }
-        Cmd::ReissueCert { data_dir, sans } => {
+        Cmd::ReissueCert { data_dir, sans, replace } => {
             if !data_dir.join("pki").join("ca.key").exists() {
                 anyhow::bail!(
                     "{} is not initialised; run `process-server init --data-dir {}` first",
@@ -109,7 +113,7 @@ fn run() -> anyhow::Result<()> {
                     data_dir.display()
                 );
             }
-            let names = tern_process_server::reissue_server_cert(&data_dir, &sans)?;
+            let names = tern_process_server::reissue_server_cert(&data_dir, &sans, replace)?;
             println!("server certificate issued again for: {}", names.join(", "));
             println!("restart the process server to use it");
             Ok(())
@@ -155,6 +159,7 @@ fn run() -> anyhow::Result<()> {
                     data_dir.display()
                 );
             }
+            tern_process_server::finish_reissue(&data_dir.join("pki"))?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(&listen)

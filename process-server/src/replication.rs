@@ -100,7 +100,8 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         .map_err(store_status)
         .inspect_err(|e| {
             warn!(vm = %vm, error = %e.message(), "replication session refused");
-            ctx.hub.set_error(&vm, e.message());
+            // The server's own storage failing is what its sessions end on.
+            ctx.hub.fail_session(&vm, e.message());
         })?;
         let admitted = registered?;
         let hashes_follow = hash_sources(&admitted);
@@ -239,7 +240,7 @@ async fn initial_sync(ctx: &Arc<Ctx>, vm: &VmName) -> Result<InitialSync, Status
     }
     let job = ctx.jobs.start(tern_core::JobKind::InitialSync, vm).await.inspect_err(|e| {
         warn!(vm = %vm, error = %e.message(), "replication session refused");
-        ctx.hub.set_error(vm, e.message());
+        ctx.hub.fail_session(vm, e.message());
     })?;
     job.phase("sending the disks").await;
     Ok(Arc::new(std::sync::Mutex::new(Some((job, HashMap::new())))))
@@ -257,7 +258,7 @@ async fn send_all_hashes(
         };
         if let Err(e) = sent {
             warn!(vm = %vm, disk = %h.name, error = %e.message(), "cannot send block hashes; the session ends");
-            ctx.hub.set_error(&vm, e.message());
+            ctx.hub.fail_session(&vm, e.message());
             let _ = out.send(Err(e)).await;
             cancel.cancel();
             return;
@@ -448,7 +449,7 @@ async fn run_session(
                     Err(status) => {
                         count_error(vm, &status);
                         warn!(vm = %vm, error = %status.message(), "batch refused");
-                        ctx.hub.set_error(vm, status.message());
+                        ctx.hub.fail_session(vm, status.message());
                         let _ = out.send(Err(status)).await;
                         break;
                     }
@@ -808,7 +809,7 @@ async fn write_loop(
     if let Err(status) = commit::write_loop(rx, writer, gc).await {
         count_error(&vm, &status);
         warn!(vm = %vm, error = %status.message(), "replication session ends");
-        ctx.hub.set_error(&vm, status.message());
+        ctx.hub.fail_session(&vm, status.message());
         let _ = out.send(Err(status)).await;
         cancel.cancel();
     }

@@ -77,13 +77,43 @@ pub fn exit_on_error<E: std::fmt::Display>(result: Result<(), E>) {
 }
 
 /// Says why the daemon cannot go on: one `error:` line on stderr, or with JSON logs one
-/// JSON log line at level ERROR.
+/// JSON log line at level ERROR. Written directly, whatever `RUST_LOG` filters, and a
+/// closed stderr is ignored (the exit code still says it).
 pub fn report_fatal(e: &dyn std::fmt::Display) {
-    if json_logs() {
-        tracing::error!(fatal = true, "{e}");
+    use std::io::Write;
+    let line = if json_logs() {
+        use tracing_subscriber::fmt::time::FormatTime;
+        let mut now = String::new();
+        let _ = tracing_subscriber::fmt::time::SystemTime
+            .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut now));
+        format!(
+            "{{\"timestamp\":{},\"level\":\"ERROR\",\"message\":{},\"fatal\":true}}\n",
+            json_string(&now),
+            json_string(&e.to_string())
+        )
     } else {
-        eprintln!("error: {e}");
+        format!("error: {e}\n")
+    };
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
     }
+    out.push('"');
+    out
 }
 
 /// Why a daemon could not start or stopped serving.
@@ -104,5 +134,13 @@ pub enum ServeError {
 impl ServeError {
     pub fn store(e: impl std::error::Error + Send + Sync + 'static) -> ServeError {
         ServeError::Store(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_fatal_message_is_one_json_string() {
+        assert_eq!(super::json_string("a\"b\\c\n\u{1}é"), r#""a\"b\\c\n\u0001é""#);
     }
 }

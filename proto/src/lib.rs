@@ -183,9 +183,10 @@ fn explain(e: &tonic::transport::Error) -> String {
         if reason.contains("NotValidForName") || reason.contains("not valid for name") {
             reason.push_str(
                 " — the server's certificate does not name the address dialled: dial it by a name its \
-                 certificate holds, or give it a certificate naming this address (a process server: \
-                 `process-server reissue-cert --data-dir DIR --san ADDRESS`, then restart it; a master \
-                 target: `drctl enroll master-target --name ADDRESS`, and serve with that identity)",
+                 certificate holds, or give it a certificate naming this address too (a process server: \
+                 `process-server reissue-cert --data-dir DIR --san ADDRESS`, which keeps the names it has, \
+                 then restart it; a master target: `drctl enroll master-target --name ADDRESS`, and serve \
+                 with that identity)",
             );
         }
         if reason.contains("Revoked") {

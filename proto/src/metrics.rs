@@ -1,6 +1,7 @@
 //! Prometheus metrics, the same way on every daemon: `--metrics ADDR` serves the text
 //! format over HTTP at `http://ADDR/metrics` (the `metrics` facade and its Prometheus
-//! exporter), with the process's own figures beside the daemon's. Off by default.
+//! exporter), with the process's own figures beside the daemon's, and `/healthz`. Off by
+//! default.
 //! Names and labels are listed in the README ("Metrics").
 
 use std::net::SocketAddr;
@@ -18,11 +19,42 @@ pub struct MetricsError {
 /// periodically drops the series not refreshed for that long (a VM gone, a job ended, a
 /// relay no longer running), instead of showing their last value for ever.
 pub fn serve(addr: SocketAddr, gauges_expire: Option<Duration>) -> Result<(), MetricsError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let err = |reason: String| MetricsError { addr, reason };
+    // Bound now, so that a port in use stops the daemon at start with the reason.
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|e| err(e.to_string()))?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .idle_timeout(metrics_util::MetricKindMask::GAUGE, gauges_expire)
-        .install()
-        .map_err(|e| MetricsError { addr, reason: e.to_string() })?;
+        .install_recorder()
+        .map_err(|e| err(e.to_string()))?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    // `/healthz` answers `ok` while the daemon runs (a liveness probe); `/metrics` the
+    // Prometheus text; anything else 404.
+    let app =
+        axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let handle = handle.clone();
+                    async move {
+                        ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
+                    }
+                }),
+            )
+            .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "the metrics listener stopped");
+        }
+    });
     metrics::describe_gauge!("process_resident_memory_bytes", metrics::Unit::Bytes, "Resident memory.");
     // A gauge (the facade's counters are integers), so without the `_total` of a counter.
     metrics::describe_gauge!("process_cpu_seconds", metrics::Unit::Seconds, "User and system CPU time.");

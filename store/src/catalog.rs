@@ -297,8 +297,14 @@ CREATE TABLE IF NOT EXISTS disk_sources (
     disk TEXT NOT NULL,
     source TEXT NOT NULL,
     path TEXT NOT NULL,
-    fenced INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (vm, disk)
+);
+CREATE TABLE IF NOT EXISTS disk_fences (
+    vm TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    source TEXT NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (vm, disk, source)
 );
 CREATE TABLE IF NOT EXISTS test_failovers (
     vm TEXT PRIMARY KEY REFERENCES vms(name),
@@ -309,8 +315,9 @@ CREATE TABLE IF NOT EXISTS test_failovers (
 ";
 
 /// Every row of a VM, deleted (its jobs stay, as history).
-const FORGET_VM: [&str; 11] = [
+const FORGET_VM: [&str; 12] = [
     "DELETE FROM disk_sources WHERE vm = ?1",
+    "DELETE FROM disk_fences WHERE vm = ?1",
     "DELETE FROM point_disks WHERE vm = ?1",
     "DELETE FROM points WHERE vm = ?1",
     "DELETE FROM group_members WHERE vm = ?1",
@@ -675,7 +682,7 @@ impl Catalog {
     ) -> Result<Option<String>, StoreError> {
         self.db
             .query_row(
-                "SELECT path FROM disk_sources WHERE vm = ?1 AND disk = ?2 AND source = ?3 AND fenced = 1",
+                "SELECT path FROM disk_fences WHERE vm = ?1 AND disk = ?2 AND source = ?3",
                 params![vm.as_str(), disk.as_str(), source],
                 |r| r.get(0),
             )
@@ -683,8 +690,8 @@ impl Catalog {
             .map_err(q("read disk sources"))
     }
 
-    /// Notes which file (or device) the agent of a protected VM reads `disk` from; a new one
-    /// lifts the fence on the old.
+    /// Notes which file (or device) the agent of a protected VM reads `disk` from (what a
+    /// later failback to an alternate location fences).
     pub fn note_source(
         &self,
         vm: &VmName,
@@ -694,9 +701,9 @@ impl Catalog {
     ) -> Result<(), StoreError> {
         self.db
             .execute(
-                "INSERT INTO disk_sources (vm, disk, source, path, fenced) VALUES (?1, ?2, ?3, ?4, 0)
-                 ON CONFLICT (vm, disk) DO UPDATE SET source = ?3, path = ?4, fenced = 0
-                     WHERE source != ?3 OR path != ?4 OR fenced != 0",
+                "INSERT INTO disk_sources (vm, disk, source, path) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (vm, disk) DO UPDATE SET source = ?3, path = ?4
+                     WHERE source != ?3 OR path != ?4",
                 params![vm.as_str(), disk.as_str(), source, path],
             )
             .map_err(q("note disk source"))?;
@@ -838,8 +845,12 @@ impl Catalog {
                 delete_points(&tx)?;
                 // Failed back to another location: the files the primary's agent read before
                 // the failover hold the old disks, and an agent still reading them is refused.
+                // Kept until the VM is removed: another agent replicating meanwhile does not
+                // lift it (the old one, still running, would get its turn when that one
+                // goes away).
                 exec(
-                    "UPDATE disk_sources SET fenced = 1 WHERE vm = ?1
+                    "INSERT OR IGNORE INTO disk_fences (vm, disk, source, path)
+                         SELECT vm, disk, source, path FROM disk_sources WHERE vm = ?1
                          AND EXISTS (SELECT 1 FROM reprotects WHERE vm = ?1 AND alternate = 1)",
                     params![v],
                 )?;

@@ -84,7 +84,12 @@ async fn one(d: &mut Drctl, name: &str) -> Result<pb::PlanInfo, CliError> {
 /// Starts (or continues) an operation and follows its job until it ends or waits for a
 /// manual step; then prints where the plan stands.
 async fn follow(d: &mut Drctl, name: &str, job: u64) -> Result<(), CliError> {
-    let result = follow_job(&mut d.c, job, d.json, true).await;
+    follow_until(d, name, job, true).await
+}
+
+/// [`follow`]; with `pause` false, past a manual step too, to the job's end.
+async fn follow_until(d: &mut Drctl, name: &str, job: u64, pause: bool) -> Result<(), CliError> {
+    let result = follow_job(&mut d.c, job, d.json, pause).await;
     let plan = one(d, name).await?;
     if d.json {
         print_json(&plan_json(&plan))?;
@@ -176,8 +181,9 @@ pub async fn run(d: &mut Drctl, cmd: PlanCmd) -> Result<(), CliError> {
                     "plan {name}: job {job} stops at its next step (an operation on a VM under way ends first)"
                 );
             }
-            // The job ends failed, "cancelled": what was asked for.
-            return match follow(d, &name, job).await {
+            // Until the job has ended (at a manual step its phase still says waiting), failed,
+            // "cancelled": what was asked for.
+            return match follow_until(d, &name, job, false).await {
                 Err(CliError::JobFailed { .. }) => Ok(()),
                 other => other,
             };

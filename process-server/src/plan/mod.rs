@@ -145,6 +145,10 @@ pub struct Run {
     /// `ReprotectReply.recovered_disks`).
     #[serde(default)]
     pub agents: BTreeMap<String, Vec<String>>,
+    /// The manual step of the current group was shown (its wait began): a `continue` after
+    /// a stop there goes past it. A stop before it (a cancel, a crash) leaves it to be shown.
+    #[serde(default)]
+    pub waited: bool,
 }
 
 impl Run {
@@ -662,7 +666,7 @@ pub async fn resume(ctx: &Arc<Ctx>, name: &str) -> Result<u64, Status> {
         }
         // Stopped at a manual step (the process server stopped while it waited, or after
         // it was continued): this continue is the operator's word for it.
-        "failed" | "running" if run.stage == "manual" => {
+        "failed" | "running" if run.stage == "manual" && run.waited => {
             run.step += 1;
             run.stage = "pre".into();
         }
@@ -801,11 +805,13 @@ async fn walk(
                         let (stage, n) = (run.stage.clone(), run.action + 1);
                         job.phase(&format!("group {group}/{}: {stage} action {n}", plan.steps.len())).await;
                         tokio::select! {
+                            // A cancel already asked for wins (the action is not started); one
+                            // that comes later drops the action, killing it with what it started.
+                            biased;
+                            () = cancel.cancelled() => return Err(stopped(ctx, cancel).unwrap_or(Stop::Cancelled)),
                             done = action(cmd, &env) => {
                                 done.map_err(|e| format!("group {group}: {stage} action `{cmd}` failed: {e}"))?;
                             }
-                            // Dropped, the action is killed with what it started.
-                            () = cancel.cancelled() => return Err(stopped(ctx, cancel).unwrap_or(Stop::Cancelled)),
                         }
                         run.action += 1;
                         save(ctx, name, run).await?;
@@ -867,6 +873,7 @@ async fn walk(
             _ => {
                 if let Some(text) = step.manual.as_ref().filter(|_| run.operation.acts()) {
                     run.state = "waiting".into();
+                    run.waited = true;
                     run.message = format!("group {group}: {text} — then `drctl plan continue {name}`");
                     save(ctx, name, run).await?;
                     if let Some(d) = lock(&ctx.plans.driving).get_mut(name.as_str()) {
@@ -885,6 +892,7 @@ async fn walk(
                 }
                 run.step += 1;
                 run.stage = "pre".into();
+                run.waited = false;
             }
         }
         save(ctx, name, run).await?;

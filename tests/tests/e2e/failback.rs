@@ -257,6 +257,7 @@ fn alternate_location_with_sync_during() {
     }
     assert!(log.contains("relaying to the master target"), "{}", tail(&log, 10));
     // The master target's own figures: what it received and made durable of the relay.
+    assert!(http_get(mt_metrics, "/healthz").ends_with("ok\n"));
     let m = http_get(mt_metrics, "/metrics");
     let sample = |prefix: &str| {
         m.lines()
@@ -293,6 +294,11 @@ fn alternate_location_with_sync_during() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&new_disk, None));
+    // The new agent gone (a restart, a reboot's order), the old one is still refused: the
+    // new agent did not lift the fence.
+    drop(_back);
+    primary.restart();
+    assert_eq!(primary.wait_exit("the stale agent to be refused again").code(), Some(3));
 }
 
 #[test]
@@ -623,7 +629,10 @@ fn recovered_agent_killed_during_the_failback_final_pass() {
     let done = failback.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&done.stderr);
     assert!(
-        !done.status.success() && err.contains("cut short") && err.contains("the target disks are unchanged"),
+        !done.status.success()
+            && err.contains("cut short")
+            && err.contains("the target disks are unchanged")
+            && err.contains("run `drctl failback a` again"),
         "failback: {err}\nagent log tail:\n{}\nserver log tail:\n{}",
         tail(&rec.log_text(), 40),
         tail(&server.log_text(), 40)

@@ -1041,4 +1041,21 @@ fn a_name_forgotten_at_init_is_added_by_reissuing_the_server_certificate() {
     assert!(out.status.success(), "{out:?}");
     let _ = child.kill();
     let _ = child.wait();
+    // Another name later keeps the names the certificate had.
+    let out = std::process::Command::new(bin("process-server"))
+        .args(["reissue-cert", "--data-dir"])
+        .arg(&server.data)
+        .args(["--san", "dr.example.test"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("127.0.0.2") && text.contains("dr.example.test"),
+        "{out:?}"
+    );
+    let (mut child, port) = serve();
+    let out = drctl_as(&format!("https://127.0.0.2:{port}"), &server.admin(), &["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.kill();
+    let _ = child.wait();
 }

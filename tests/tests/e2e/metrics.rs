@@ -54,6 +54,10 @@ fn metrics_of_two_replicating_vms_move_and_the_rules_pass_promtool() {
             && value(&s, "tern_vm_rpo_seconds", "db").is_some())
         .then_some(s)
     });
+    // Each daemon's metrics port also answers a liveness probe.
+    for port in [ps_port, agent_port] {
+        assert!(http_get(port, "/healthz").ends_with("\r\n\r\nok\n"), "port {port}");
+    }
     for vm in ["web", "db"] {
         assert!(value(&before, "tern_vm_received_bytes_total", vm).unwrap() > 4.0 * 1024.0 * 1024.0, "{vm}");
         assert_eq!(value(&before, "tern_vm_agent_connected", vm), Some(1.0));
