@@ -50,11 +50,6 @@ pub fn serve(addr: SocketAddr, gauges_expire: Option<Duration>) -> Result<(), Me
                 }),
             )
             .route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "the metrics listener stopped");
-        }
-    });
     metrics::describe_gauge!("process_resident_memory_bytes", metrics::Unit::Bytes, "Resident memory.");
     // A gauge (the facade's counters are integers), so without the `_total` of a counter.
     metrics::describe_gauge!("process_cpu_seconds", metrics::Unit::Seconds, "User and system CPU time.");
@@ -67,10 +62,17 @@ pub fn serve(addr: SocketAddr, gauges_expire: Option<Duration>) -> Result<(), Me
     let started =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     metrics::gauge!("process_start_time_seconds").set(started);
+    // The first figures before the listener answers: a scrape never finds them missing.
+    process_metrics();
     tokio::spawn(async {
         loop {
-            process_metrics();
             tokio::time::sleep(Duration::from_secs(5)).await;
+            process_metrics();
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "the metrics listener stopped");
         }
     });
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
