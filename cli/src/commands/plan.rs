@@ -17,6 +17,7 @@ fn run_json(r: &pb::PlanRunInfo) -> Value {
         "message": if r.message.is_empty() { Value::Null } else { json!(r.message) },
         "job": r.job,
         "points": r.points,
+        "notes": r.notes,
         "agents": r.agents.iter().map(|(vm, a)| (vm.clone(), json!({
             "identity": std::path::Path::new(&r.identity_dir).join(format!("{vm}.bundle")).display().to_string(),
             "disks": a.disks,
@@ -73,6 +74,9 @@ fn show(p: &pb::PlanInfo) {
         if !r.message.is_empty() {
             out!("  {}", r.message);
         }
+        for n in &r.notes {
+            out!("  note: {n}");
+        }
     }
 }
 
@@ -102,6 +106,9 @@ async fn follow_until(d: &mut Drctl, name: &str, job: u64, pause: bool) -> Resul
         }
         if r.state == "waiting" {
             out!("{}", r.message);
+        }
+        for n in &r.notes {
+            out!("note: {n}");
         }
         if r.operation == "reprotect" && !r.agents.is_empty() {
             out!("Start each recovered VM's agent (copy its identity from {} to it):", r.identity_dir);

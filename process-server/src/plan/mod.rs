@@ -149,6 +149,10 @@ pub struct Run {
     /// a stop there goes past it. A stop before it (a cancel, a crash) leaves it to be shown.
     #[serde(default)]
     pub waited: bool,
+    /// What the operator should know of how it went (a group that took its newest common
+    /// point instead of a fresh one).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 impl Run {
@@ -163,6 +167,7 @@ impl Run {
             job: self.job,
             points: self.points.clone().into_iter().collect(),
             identity_dir: self.identity_dir.clone(),
+            notes: self.notes.clone(),
             agents: self
                 .agents
                 .iter()
@@ -408,7 +413,13 @@ async fn save(ctx: &Arc<Ctx>, name: &PlanName, run: &Run) -> Result<(), String> 
 /// one multi-VM point: for `latest` one made now (the newest common one if none can be
 /// made), for the other options the group's newest common one (app-consistent for the app
 /// options).
-async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTreeMap<String, u64>, Status> {
+/// Returns each VM's point, and notes of the groups that took their newest common point
+/// because a fresh one could not be made.
+async fn resolve_points(
+    ctx: &Arc<Ctx>,
+    plan: &Plan,
+    point: &str,
+) -> Result<(BTreeMap<String, u64>, Vec<String>), Status> {
     let spec = PointSpec::parse(point).ok_or_else(|| {
         Status::invalid_argument(format!(
             "--point {point:?}: a plan takes latest, latest-processed, latest-app, latest-multi-vm or \
@@ -433,6 +444,7 @@ async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTre
     let mut common: HashMap<tern_core::GroupName, Option<u64>> = HashMap::new();
     // Why a fresh multi-VM point could not be made, by group.
     let mut why_not: HashMap<tern_core::GroupName, String> = HashMap::new();
+    let mut notes = Vec::new();
     for vm in plan.vms() {
         let (store, v) = (ctx.store.clone(), vm.clone());
         let group = blocking(move || store.group_of(&v)).await?.map_err(store_status)?;
@@ -465,6 +477,12 @@ async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTre
                         .map(|p| p.id.0)
                     }
                 };
+                if let (Some(e), Some(id)) = (why_not.get(&g), id) {
+                    notes.push(format!(
+                        "replication group {g}: a fresh multi-VM point could not be made ({e}); its newest common \
+                         one, point {id}, was taken"
+                    ));
+                }
                 common.insert(g.clone(), id);
             }
             match common.get(&g).copied().flatten() {
@@ -501,7 +519,7 @@ async fn resolve_points(ctx: &Arc<Ctx>, plan: &Plan, point: &str) -> Result<BTre
             }
         }
     }
-    Ok(points)
+    Ok((points, notes))
 }
 
 /// Checks what an operation needs of every VM before the first is touched.
@@ -540,10 +558,30 @@ async fn precheck(ctx: &Arc<Ctx>, plan: &Plan, run: &Run) -> Result<(), Status> 
         let needs_agent = (run.operation == Operation::Failover && run.kind == "planned")
             || run.operation == Operation::Failback;
         if needs_agent && !ctx.hub.connected(vm) {
+            let instead = if run.operation == Operation::Failover {
+                " (if the primary site is gone, fail the plan over with --kind unplanned)"
+            } else {
+                ""
+            };
             return Err(Status::failed_precondition(format!(
-                "plan {}: the agent of VM {vm} is not connected, and a {} {} shuts it down through it. Nothing was changed",
+                "plan {}: the agent of VM {vm} is not connected, and a {} {} shuts it down through it{instead}. \
+                 Nothing was changed",
                 plan.name, run.kind, run.operation
             )));
+        }
+        // A drill rehearses the failback from what the master target holds: with --sync
+        // during it holds nothing before the failback itself. Found before the first group.
+        if run.operation == Operation::FailbackDrill {
+            let (store, v) = (ctx.store.clone(), vm.clone());
+            let row = blocking(move || store.reprotect(&v)).await?.map_err(store_status)?;
+            if row.is_some_and(|r| r.sync == tern_core::SyncMode::During) {
+                return Err(Status::failed_precondition(format!(
+                    "plan {}: VM {vm} was reprotected with --sync during: its master target receives nothing \
+                     before the failback itself, so there is nothing to rehearse (reprotect it with --sync \
+                     before to drill). Nothing was changed",
+                    plan.name
+                )));
+            }
         }
     }
     Ok(())
@@ -582,7 +620,7 @@ pub async fn start(ctx: &Arc<Ctx>, r: pb::RunPlanRequest) -> Result<u64, Status>
                 return Err(Status::invalid_argument("a plan failover's kind is planned or unplanned"));
             }
             if run.operation == Operation::TestFailover || run.kind != "planned" {
-                run.points =
+                (run.points, run.notes) =
                     resolve_points(ctx, &plan, if run.point.is_empty() { "latest" } else { &run.point })
                         .await?;
             }
@@ -749,7 +787,8 @@ async fn drive(ctx: &Arc<Ctx>, name: PlanName, plan: Plan, mut run: Run) -> Resu
         match outcome {
             Ok(()) => {
                 info!(plan = %name, operation = %run.operation, "plan operation done");
-                job.succeed(pb::JobOutput { vm: name.to_string(), ..Default::default() }).await;
+                job.succeed(pb::JobOutput { vm: name.to_string(), note: run.notes.join("; "), ..Default::default() })
+                    .await;
             }
             Err(Stop::Failed(e)) => {
                 warn!(plan = %name, operation = %run.operation, error = %e, "plan operation stopped");
