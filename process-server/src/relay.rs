@@ -184,9 +184,14 @@ async fn relay_vm(ctx: &Arc<Ctx>, vm: &VmName) {
     let mut backoff = tern_core::backoff::Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
     loop {
         let delay = match relay_session(ctx, vm, &mut backoff).await {
+            // A relay cut by the end of the reprotect (a cancel, a commit) is no failure, nor
+            // is an earlier failure of it news to a later reprotect.
+            Ok(()) | Err(_) if !still_relaying(ctx, vm).await => {
+                lock(&ctx.relay.errors).remove(vm);
+                return;
+            }
+            // The process server stopping.
             Ok(()) => return,
-            // A relay cut by the end of the reprotect (a cancel, a commit) is no failure.
-            Err(_) if !still_relaying(ctx, vm).await => return,
             Err(e) => {
                 let delay = backoff.next_delay();
                 let why = format!("relay to the master target: {}", e.message());
