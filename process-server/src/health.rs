@@ -130,7 +130,8 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
 /// full data directory), or the scrub found a point that does not recover. Any of them
 /// makes the VM critical.
 pub fn problem(ctx: &Ctx, vm: &VmName) -> Option<String> {
-    ctx.store
+    let p = ctx
+        .store
         .damaged(vm)
         .map(|d| format!("stored data damaged: {d}"))
         .or_else(|| ctx.store.journal_damage(vm))
@@ -139,5 +140,14 @@ pub fn problem(ctx: &Ctx, vm: &VmName) -> Option<String> {
         .or_else(|| {
             ctx.scrub
                 .failure(vm, |point| ctx.store.points(vm).is_ok_and(|ps| ps.iter().any(|p| p.id.0 == point)))
-        })
+        })?;
+    // A full data directory that retention cannot free for a pinned point: shortening a
+    // retention window does nothing then, freeing the pin does.
+    if p.contains("storage is full")
+        && let Ok(holds) = ctx.store.retention_holds()
+        && !holds.is_empty()
+    {
+        return Some(format!("{p}; retention is held back: {}", holds.join("; ")));
+    }
+    Some(p)
 }

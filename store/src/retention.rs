@@ -44,6 +44,46 @@ impl Store {
     /// Points that must stay: the open test failover's, the uncommitted failover's, and
     /// those a recovery plan's unfinished operation chose for VMs it has not reached yet
     /// (a plan waiting at a manual step, or stopped by a failed action, goes on with them).
+    /// What keeps retention from pruning points past their window, across the VMs: each
+    /// pin whose point is older than its VM's retention, with what frees it. For a full
+    /// data directory's message.
+    pub fn retention_holds(&self) -> Result<Vec<String>, StoreError> {
+        let c = self.catalog();
+        let now = crate::now_ms();
+        let mut holds = Vec::new();
+        for vm in c.vms()? {
+            let cutoff = now - c.policy(&vm)?.retention_ms;
+            let old = |id: PointId| -> Result<bool, StoreError> {
+                Ok(c.point(&vm, id)?.is_some_and(|p| p.time_ms < cutoff))
+            };
+            if let Some(t) = c.test_failover(&vm)?
+                && old(t.point)?
+            {
+                holds.push(format!(
+                    "VM {vm}'s open test failover keeps point {} (`drctl test-failover-cleanup {vm}` frees it)",
+                    t.point
+                ));
+            }
+            if let Some(f) = c.failover(&vm)?
+                && old(f.point)?
+            {
+                holds.push(format!("VM {vm} is failed over to point {} (`drctl commit {vm}` frees it)", f.point));
+            }
+            for plan in c.plans()? {
+                for id in plan_run_pins(&plan.run, vm.as_str()) {
+                    if old(PointId(id))? {
+                        holds.push(format!(
+                            "plan {}'s unfinished operation keeps point {id} of VM {vm} (`drctl plan continue {0}` \
+                             or `drctl plan cancel {0}` and another operation frees it)",
+                            plan.name
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(holds)
+    }
+
     pub fn pinned_points(&self, vm: &VmName) -> Result<Vec<PointId>, StoreError> {
         let c = self.catalog();
         let mut pins = Vec::new();
@@ -273,10 +313,15 @@ pub(crate) mod tests {
         let first = store.points(&vm).unwrap()[1].id;
         let out = dir.path().join("tfo");
         store.test_failover(&vm, &PointSpec::Id(first), &out, crate::Format::Raw, &mut |_, _| {}).unwrap();
+        // Said to an operator whose data directory fills.
+        let holds = store.retention_holds().unwrap();
+        assert_eq!(holds.len(), 1, "{holds:?}");
+        assert!(holds[0].contains(&format!("keeps point {first}")) && holds[0].contains("test-failover-cleanup"));
         let report = store.apply_retention(&vm, 1_000_000).unwrap();
         assert_eq!(report.pruned.len(), 1, "only the point before the pinned one goes");
         assert!(store.points(&vm).unwrap().iter().any(|p| p.id == first));
         store.test_failover_cleanup(&vm).unwrap();
+        assert!(store.retention_holds().unwrap().is_empty());
         store.apply_retention(&vm, 1_000_000).unwrap();
         assert_eq!(all_points_verify(&store, &vm), 1);
     }
