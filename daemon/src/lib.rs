@@ -30,8 +30,8 @@ pub fn store_status(e: StoreError, site: Site) -> Status {
         return Status::resource_exhausted(match site {
             Site::ProcessServer => format!(
                 "the process server's storage is full ({msg}): free space in its data directory or give it \
-                 more (an operator's command: then run it again); nothing acknowledged is lost, and \
-                 replication resumes where it stopped once there is room (the agent retries)"
+                 more; nothing acknowledged is lost, and replication resumes where it stopped once \
+                 there is room"
             ),
             Site::MasterTarget => format!(
                 "the master target's storage is full ({msg}): free space in its data directory or on the \

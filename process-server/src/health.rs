@@ -135,7 +135,10 @@ pub fn problem(ctx: &Ctx, vm: &VmName) -> Option<String> {
         .damaged(vm)
         .map(|d| format!("stored data damaged: {d}"))
         .or_else(|| ctx.store.journal_damage(vm))
-        .or_else(|| ctx.hub.error(vm))
+        // Replication's failure is no news once the VM no longer replicates (failed over).
+        .or_else(|| {
+            ctx.hub.error(vm).filter(|_| ctx.store.vm_state(vm).map_or(true, |s| s.takes_replication()))
+        })
         .or_else(|| crate::lock(&ctx.retention_errors).get(vm).cloned())
         .or_else(|| {
             ctx.scrub

@@ -214,6 +214,16 @@ impl Hub {
             Some((error.to_string(), Instant::now(), false));
     }
 
+    /// A session of `vm` was admitted: an earlier refusal of its agent (a resized disk, a
+    /// missing one) holds no more. A failure of the server's own (its storage full) holds
+    /// until records are acked again.
+    pub fn clear_refusal(&self, vm: &VmName) {
+        let failed = lock(&self.counters).get(vm).is_some_and(|c| c.session_failure.is_some());
+        if !failed {
+            self.clear_error(vm);
+        }
+    }
+
     /// Replication of `vm` made progress (records acked).
     pub fn clear_error(&self, vm: &VmName) {
         if let Some((_, _, progressed)) = lock(&self.counters).get_mut(vm).and_then(|c| c.error.as_mut()) {

@@ -100,8 +100,13 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         .map_err(store_status)
         .inspect_err(|e| {
             warn!(vm = %vm, error = %e.message(), "replication session refused");
-            // The server's own storage failing is what its sessions end on.
-            ctx.hub.fail_session(&vm, e.message());
+            // The server's own storage failing is what its sessions end on; a refusal of
+            // this agent (a resized disk) goes once a session is admitted.
+            if e.code() == tonic::Code::ResourceExhausted {
+                ctx.hub.fail_session(&vm, e.message());
+            } else {
+                ctx.hub.set_error(&vm, e.message());
+            }
         })?;
         let admitted = registered?;
         let hashes_follow = hash_sources(&admitted);
@@ -114,7 +119,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             .map_err(|_| Status::cancelled("agent went away"))?;
         // An earlier session's refusal (a resized disk, a missing one) holds no more; with
         // `--sync during` no ack would come to clear it before the failback.
-        ctx.hub.clear_error(&vm);
+        ctx.hub.clear_refusal(&vm);
         let session = ctx.hub.next_id();
         let cancel = ctx.shutdown.child_token();
         ctx.hub.attach(&vm, session, out_tx.clone(), cancel.clone());

@@ -67,7 +67,10 @@ impl Store {
             if let Some(f) = c.failover(&vm)?
                 && old(f.point)?
             {
-                holds.push(format!("VM {vm} is failed over to point {} (`drctl commit {vm}` frees it)", f.point));
+                holds.push(format!(
+                    "VM {vm} is failed over to point {} (`drctl commit {vm}` frees it)",
+                    f.point
+                ));
             }
             for plan in c.plans()? {
                 for id in plan_run_pins(&plan.run, vm.as_str()) {
@@ -316,7 +319,9 @@ pub(crate) mod tests {
         // Said to an operator whose data directory fills.
         let holds = store.retention_holds().unwrap();
         assert_eq!(holds.len(), 1, "{holds:?}");
-        assert!(holds[0].contains(&format!("keeps point {first}")) && holds[0].contains("test-failover-cleanup"));
+        assert!(
+            holds[0].contains(&format!("keeps point {first}")) && holds[0].contains("test-failover-cleanup")
+        );
         let report = store.apply_retention(&vm, 1_000_000).unwrap();
         assert_eq!(report.pruned.len(), 1, "only the point before the pinned one goes");
         assert!(store.points(&vm).unwrap().iter().any(|p| p.id == first));
