@@ -168,78 +168,12 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             }
             disks.push((name, d.size, path, d.alternate, Seq(d.start_after)));
         }
-        // One file, one disk: two disks written onto one file would leave one of them
-        // overwritten by the other, with every fingerprint matching the last one applied.
-        let mut taken: Vec<(String, PathBuf, FileKey)> = Vec::new();
-        for v in self.ctx.store.vms().map_err(status)? {
-            for h in self.ctx.store.vm_disks(&v) {
-                if v != vm || !disks.iter().any(|d| d.0 == h.name) {
-                    taken.push((
-                        format!("VM {v} disk {}", h.name),
-                        h.base_path.clone(),
-                        file_key(&h.base_path),
-                    ));
-                }
-            }
-        }
-        for (name, _, path, _, _) in &disks {
-            let key = file_key(path);
-            if let Some((whose, at, _)) =
-                taken.iter().find(|(_, p, k)| p == path || key.is_some() && *k == key)
-            {
-                return Err(Status::failed_precondition(format!(
-                    "target disk {name}: {} is already the target of {whose} ({}); every disk needs a file of its \
-                     own",
-                    path.display(),
-                    at.display()
-                )));
-            }
-            taken.push((format!("VM {vm} disk {name}"), path.clone(), key));
-        }
+        refuse_taken(&self.ctx.store, &vm, &disks)?;
         let store = self.ctx.store.clone();
         let v = vm.clone();
-        blocking(move || {
-            // The new files this prepare made: removed again if it fails (those of disks it
-            // did not register), so that a retry with a corrected path is not refused for them.
-            let mut made: Vec<(DiskName, PathBuf)> = Vec::new();
-            let result = (|| {
-                for (name, size, path, alternate, _) in &disks {
-                    if *alternate {
-                        let mut create = || -> std::io::Result<()> {
-                            let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
-                            made.push((name.clone(), path.clone()));
-                            f.set_len(*size)?;
-                            f.sync_all()
-                        };
-                        create().map_err(|e| {
-                            std::io::Error::new(
-                                e.kind(),
-                                format!("target disk {name}: {}: {e}", path.display()),
-                            )
-                        })?;
-                        if let Some(dir) = path.parent() {
-                            std::fs::File::open(dir)?.sync_all()?;
-                        }
-                    }
-                }
-                let list: Vec<_> =
-                    disks.iter().map(|(n, s, p, _, a)| (n.clone(), *s, p.clone(), *a)).collect();
-                store
-                    .register_on(&v, &list)
-                    .and_then(|()| store.set_target_mode(&v, mode))
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            })();
-            if result.is_err() {
-                for (name, p) in made {
-                    if store.disk(&v, &name).is_none() {
-                        let _ = std::fs::remove_file(p);
-                    }
-                }
-            }
-            result
-        })
-        .await?
-        .map_err(|e| Status::failed_precondition(format!("cannot prepare the target disks: {e}")))?;
+        blocking(move || create_and_register(&store, &v, &disks, mode))
+            .await?
+            .map_err(|e| Status::failed_precondition(format!("cannot prepare the target disks: {e}")))?;
         info!(vm = %vm, disks = r.disks.len(), sync = %mode, "target disks prepared");
         Ok(Response::new(pb::PrepareReply {}))
     }
@@ -612,6 +546,75 @@ pub async fn run(
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
     Ok(())
+}
+
+/// A target disk a prepare makes or takes: name, size, path, alternate (a new file), and
+/// the position its journal starts after.
+type NewDisk = (DiskName, u64, PathBuf, bool, Seq);
+
+/// Refuses a file that is already the target of another disk (of this VM or another).
+fn refuse_taken(store: &Store, vm: &VmName, disks: &[NewDisk]) -> Result<(), Status> {
+    // One file, one disk: two disks written onto one file would leave one of them
+    // overwritten by the other, with every fingerprint matching the last one applied.
+    let mut taken: Vec<(String, PathBuf, FileKey)> = Vec::new();
+    for v in store.vms().map_err(status)? {
+        for h in store.vm_disks(&v) {
+            if v != *vm || !disks.iter().any(|d| d.0 == h.name) {
+                taken.push((format!("VM {v} disk {}", h.name), h.base_path.clone(), file_key(&h.base_path)));
+            }
+        }
+    }
+    for (name, _, path, _, _) in disks {
+        let key = file_key(path);
+        if let Some((whose, at, _)) = taken.iter().find(|(_, p, k)| p == path || key.is_some() && *k == key) {
+            return Err(Status::failed_precondition(format!(
+                "target disk {name}: {} is already the target of {whose} ({}); every disk needs a file of its \
+                 own",
+                path.display(),
+                at.display()
+            )));
+        }
+        taken.push((format!("VM {vm} disk {name}"), path.clone(), key));
+    }
+    Ok(())
+}
+
+/// Makes the new files of alternate disks and registers the disks (on the blocking pool).
+fn create_and_register(store: &Store, v: &VmName, disks: &[NewDisk], mode: SyncMode) -> std::io::Result<()> {
+    // The new files this prepare made: removed again if it fails (those of disks it
+    // did not register), so that a retry with a corrected path is not refused for them.
+    let mut made: Vec<(DiskName, PathBuf)> = Vec::new();
+    let result = (|| {
+        for (name, size, path, alternate, _) in disks {
+            if *alternate {
+                let mut create = || -> std::io::Result<()> {
+                    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+                    made.push((name.clone(), path.clone()));
+                    f.set_len(*size)?;
+                    f.sync_all()
+                };
+                create().map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("target disk {name}: {}: {e}", path.display()))
+                })?;
+                if let Some(dir) = path.parent() {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+            }
+        }
+        let list: Vec<_> = disks.iter().map(|(n, s, p, _, a)| (n.clone(), *s, p.clone(), *a)).collect();
+        store
+            .register_on(v, &list)
+            .and_then(|()| store.set_target_mode(v, mode))
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })();
+    if result.is_err() {
+        for (name, p) in made {
+            if store.disk(v, &name).is_none() {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    result
 }
 
 /// What makes two paths one file: its device and inode when it exists, else its directory's
