@@ -809,6 +809,45 @@ async fn drive(ctx: &Arc<Ctx>, name: PlanName, plan: Plan, mut run: Run) -> Resu
     Ok(id)
 }
 
+/// The current group's `pre` or `post` actions (as `run.stage` says), from the first not
+/// yet done: a failed one runs again, the ones before it do not.
+async fn run_actions(
+    ctx: &Arc<Ctx>,
+    name: &PlanName,
+    plan: &Plan,
+    run: &mut Run,
+    job: &crate::jobs::Job,
+    cancel: &CancellationToken,
+) -> Result<(), Stop> {
+    let step = &plan.steps[run.step];
+    let group = run.step + 1;
+    let vms: Vec<String> = step.vms.iter().map(ToString::to_string).collect();
+    let env = [
+        ("TERN_PLAN", name.to_string()),
+        ("TERN_GROUP", group.to_string()),
+        ("TERN_VMS", vms.join(" ")),
+        ("TERN_OUTPUT", run.output.clone()),
+        ("TERN_OPERATION", run.operation.to_string()),
+    ];
+    let actions = if run.stage == "pre" { &step.pre } else { &step.post };
+    while let Some(cmd) = actions.get(run.action) {
+        let (stage, n) = (run.stage.clone(), run.action + 1);
+        job.phase(&format!("group {group}/{}: {stage} action {n}", plan.steps.len())).await;
+        tokio::select! {
+            // A cancel already asked for wins (the action is not started); one that comes
+            // later drops the action, killing it with what it started.
+            biased;
+            () = cancel.cancelled() => return Err(stopped(ctx, cancel).unwrap_or(Stop::Cancelled)),
+            done = action(cmd, &env) => {
+                done.map_err(|e| format!("group {group}: {stage} action `{cmd}` failed: {e}"))?;
+            }
+        }
+        run.action += 1;
+        save(ctx, name, run).await?;
+    }
+    Ok(())
+}
+
 /// Walks the groups from where `run` stands, saving after every step.
 async fn walk(
     ctx: &Arc<Ctx>,
@@ -826,35 +865,10 @@ async fn walk(
         }
         let step = &plan.steps[run.step];
         let group = run.step + 1;
-        let vms: Vec<String> = step.vms.iter().map(ToString::to_string).collect();
-        let env = [
-            ("TERN_PLAN", name.to_string()),
-            ("TERN_GROUP", group.to_string()),
-            ("TERN_VMS", vms.join(" ")),
-            ("TERN_OUTPUT", run.output.clone()),
-            ("TERN_OPERATION", run.operation.to_string()),
-        ];
         match run.stage.as_str() {
             "pre" | "post" => {
-                let actions = if run.stage == "pre" { &step.pre } else { &step.post };
                 if run.operation.acts() {
-                    // From the first action not yet done: a failed one runs again, the ones
-                    // before it do not.
-                    while let Some(cmd) = actions.get(run.action) {
-                        let (stage, n) = (run.stage.clone(), run.action + 1);
-                        job.phase(&format!("group {group}/{}: {stage} action {n}", plan.steps.len())).await;
-                        tokio::select! {
-                            // A cancel already asked for wins (the action is not started); one
-                            // that comes later drops the action, killing it with what it started.
-                            biased;
-                            () = cancel.cancelled() => return Err(stopped(ctx, cancel).unwrap_or(Stop::Cancelled)),
-                            done = action(cmd, &env) => {
-                                done.map_err(|e| format!("group {group}: {stage} action `{cmd}` failed: {e}"))?;
-                            }
-                        }
-                        run.action += 1;
-                        save(ctx, name, run).await?;
-                    }
+                    run_actions(ctx, name, plan, run, job, cancel).await?;
                 }
                 run.action = 0;
                 run.stage = if run.stage == "pre" { "vms".into() } else { "manual".into() };

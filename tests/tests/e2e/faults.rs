@@ -1021,41 +1021,37 @@ fn a_name_forgotten_at_init_is_added_by_reissuing_the_server_certificate() {
                 .stderr(std::process::Stdio::null()),
         )
     };
-    let (mut child, port) = serve();
-    let url = format!("https://127.0.0.2:{port}");
-    let out = drctl_as(&url, &server.admin(), &["status"]);
+    // Status through 127.0.0.2 from a server started anew; the server is stopped after.
+    let status_there = |args: &[&str]| {
+        let (mut child, port) = serve();
+        let out = drctl_as(&format!("https://127.0.0.2:{port}"), &server.admin(), args);
+        let _ = child.kill();
+        let _ = child.wait();
+        out
+    };
+    let reissue = |san: &str| {
+        std::process::Command::new(bin("process-server"))
+            .args(["reissue-cert", "--data-dir"])
+            .arg(&server.data)
+            .args(["--san", san])
+            .output()
+            .unwrap()
+    };
+    let out = status_there(&["status"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("process-server reissue-cert") && err.contains("--san"), "{err}");
-    let _ = child.kill();
-    let _ = child.wait();
-    let out = std::process::Command::new(bin("process-server"))
-        .args(["reissue-cert", "--data-dir"])
-        .arg(&server.data)
-        .args(["--san", "127.0.0.2"])
-        .output()
-        .unwrap();
+    let out = reissue("127.0.0.2");
     assert!(out.status.success(), "{out:?}");
-    let (mut child, port) = serve();
-    let out = drctl_as(&format!("https://127.0.0.2:{port}"), &server.admin(), &["status", "--json"]);
+    let out = status_there(&["status", "--json"]);
     assert!(out.status.success(), "{out:?}");
-    let _ = child.kill();
-    let _ = child.wait();
     // Another name later keeps the names the certificate had.
-    let out = std::process::Command::new(bin("process-server"))
-        .args(["reissue-cert", "--data-dir"])
-        .arg(&server.data)
-        .args(["--san", "dr.example.test"])
-        .output()
-        .unwrap();
+    let out = reissue("dr.example.test");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("127.0.0.2") && text.contains("dr.example.test"),
         "{out:?}"
     );
-    let (mut child, port) = serve();
-    let out = drctl_as(&format!("https://127.0.0.2:{port}"), &server.admin(), &["status", "--json"]);
+    let out = status_there(&["status", "--json"]);
     assert!(out.status.success(), "{out:?}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
