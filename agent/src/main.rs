@@ -1,9 +1,20 @@
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use tern_agent::scan::DiskSource;
 use tern_core::pki::{Bundle, Role};
 use tern_core::{DiskName, VmName};
+
+/// A start-up check that failed on the configuration itself (`EXIT_MISCONFIGURED`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Misconfigured(String);
+
+macro_rules! misconfigured {
+    ($($arg:tt)*) => {
+        return Err(Misconfigured(format!($($arg)*)).into())
+    };
+}
 
 /// tern mobility agent: replicates a VM's disks to the process server.
 #[derive(Parser, Debug)]
@@ -74,8 +85,8 @@ enum Cmd {
         disk_format: DiskFormat,
         /// --mode nbd: where the exports are served, unix:PATH or tcp:ADDR:PORT (default:
         /// unix:STATE_DIR/nbd.sock). Export names are the disk names.
-        #[arg(long)]
-        nbd_listen: Option<String>,
+        #[arg(long, value_parser = str::parse::<tern_agent::nbd::Listen>)]
+        nbd_listen: Option<tern_agent::nbd::Listen>,
         /// --mode nbd: give the unix socket this group (a name or a number) and mode 0660,
         /// for a hypervisor that runs as another user (e.g. libvirt-qemu, kvm): connecting
         /// to a socket needs write permission on it. Without it, only the agent's user may.
@@ -128,28 +139,25 @@ fn group_id(group: &str) -> anyhow::Result<u32> {
 /// `--mode nbd`'s settings, or `None` for scan mode.
 fn nbd_mode(
     mode: Mode,
-    listen: Option<String>,
+    listen: Option<tern_agent::nbd::Listen>,
     socket_group: Option<String>,
     log_buffer: u64,
     spill_max: u64,
     state_dir: &std::path::Path,
 ) -> anyhow::Result<Option<tern_agent::NbdMode>> {
     match mode {
-        Mode::Scan if listen.is_some() => bail!("--nbd-listen is for --mode nbd"),
-        Mode::Scan if socket_group.is_some() => bail!("--nbd-socket-group is for --mode nbd"),
+        Mode::Scan if listen.is_some() => misconfigured!("--nbd-listen is for --mode nbd"),
+        Mode::Scan if socket_group.is_some() => misconfigured!("--nbd-socket-group is for --mode nbd"),
         Mode::Scan => Ok(None),
         Mode::Nbd => {
-            let listen = match listen {
-                Some(l) => {
-                    l.parse::<tern_agent::nbd::Listen>().map_err(|e| anyhow::anyhow!("--nbd-listen {e}"))?
-                }
-                None => tern_agent::nbd::Listen::Unix(state_dir.join("nbd.sock")),
-            };
+            let listen = listen.unwrap_or_else(|| tern_agent::nbd::Listen::Unix(state_dir.join("nbd.sock")));
             let log_buffer = usize::try_from(log_buffer).context("--log-buffer is too large")?;
             let socket_group = match (socket_group, &listen) {
                 (None, _) => None,
                 (Some(g), tern_agent::nbd::Listen::Unix(_)) => Some(group_id(&g)?),
-                (Some(_), _) => bail!("--nbd-socket-group is for a unix socket (--nbd-listen unix:PATH)"),
+                (Some(_), _) => {
+                    misconfigured!("--nbd-socket-group is for a unix socket (--nbd-listen unix:PATH)")
+                }
             };
             Ok(Some(tern_agent::NbdMode { listen, log_buffer, spill_max, socket_group }))
         }
@@ -183,13 +191,24 @@ pub static malloc_conf: &[u8; 69] = b"background_thread:true,dirty_decay_ms:250,
 /// would be refused again.
 const EXIT_REFUSED: i32 = 3;
 
+/// The exit code of a configuration no restart can mend (a qcow2 image given as a raw disk,
+/// an identity of another VM, flags that do not go together), as for a bad argument: the
+/// unit's `RestartPreventExitStatus` too. A disk that cannot be opened is not one of them
+/// (a device may appear later): that exits 1 and the unit tries again.
+const EXIT_MISCONFIGURED: i32 = 2;
+
 fn main() {
     tern_proto::daemon::init();
     if let Err(e) = run() {
         tern_proto::daemon::report_fatal(&format_args!("{e:#}"));
-        let refused =
-            matches!(e.downcast_ref::<tern_agent::AgentError>(), Some(tern_agent::AgentError::Refused(_)));
-        std::process::exit(if refused { EXIT_REFUSED } else { 1 });
+        let code = if matches!(e.downcast_ref(), Some(tern_agent::AgentError::Refused(_))) {
+            EXIT_REFUSED
+        } else if e.downcast_ref::<Misconfigured>().is_some() {
+            EXIT_MISCONFIGURED
+        } else {
+            1
+        };
+        std::process::exit(code);
     }
 }
 
@@ -216,16 +235,16 @@ fn run() -> anyhow::Result<()> {
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
     let nbd = nbd_mode(mode, nbd_listen, nbd_socket_group, log_buffer, spill_max, &state_dir)?;
-    let vm = VmName::new(&vm)?;
+    let vm = VmName::new(&vm).map_err(|e| Misconfigured(e.to_string()))?;
     let identity_bundle =
         Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
     match identity_bundle.role()? {
         Role::Agent(own) if own == vm => {}
-        Role::Agent(own) => bail!(
+        Role::Agent(own) => misconfigured!(
             "{} is the identity of VM {own}, not {vm}; enroll one with `drctl enroll agent --vm {vm} --out FILE`",
             identity.display()
         ),
-        other => bail!("{} is the identity of the {other}, not of an agent", identity.display()),
+        other => misconfigured!("{} is the identity of the {other}, not of an agent", identity.display()),
     }
     let sources = disk_sources(&disks, disk_format)?;
     let marker = Some(state_dir.join("frozen"));
@@ -246,7 +265,7 @@ fn run() -> anyhow::Result<()> {
         && !config.hooks.configured()
         && let Some(d) = config.disks.iter().find(|d| d.block_device)
     {
-        bail!(
+        misconfigured!(
             "disk {} ({}) is a block device: nothing shows whether it changed while it was read, so \
              its points need a freeze. Give --freeze-fs MOUNT for each file system on it, or \
              --freeze CMD --thaw CMD that quiesce what writes it (--freeze true --thaw true if \
@@ -272,8 +291,8 @@ fn disk_sources(disks: &[String], disk_format: DiskFormat) -> anyhow::Result<Vec
     let mut sources = Vec::new();
     for d in disks {
         let (name, path) =
-            d.split_once('=').with_context(|| format!("--disk {d:?}: write it as NAME=PATH"))?;
-        let name = DiskName::new(name)?;
+            d.split_once('=').ok_or_else(|| Misconfigured(format!("--disk {d:?}: write it as NAME=PATH")))?;
+        let name = DiskName::new(name).map_err(|e| Misconfigured(format!("--disk {d:?}: {e}")))?;
         let path = PathBuf::from(path);
         let disk = tern_core::disk::DiskReader::open(&path)
             .and_then(|d| Ok((d.size()?, d.is_direct())))
@@ -283,7 +302,7 @@ fn disk_sources(disks: &[String], disk_format: DiskFormat) -> anyhow::Result<Vec
             && let Some(container) = tern_core::disk::container_format(&path)
                 .with_context(|| format!("disk {name}: cannot read {}", path.display()))?
         {
-            bail!(
+            misconfigured!(
                 "disk {name}: {} is a {container} image, not a raw disk: replicated as it is, its \
                  recovery points would hold the container's bytes, not the VM's disk. Convert it \
                  (qemu-img convert -O raw), or serve it as a block device (qemu-nbd -c /dev/nbdN) and \
@@ -292,10 +311,10 @@ fn disk_sources(disks: &[String], disk_format: DiskFormat) -> anyhow::Result<Vec
             );
         }
         if size == 0 {
-            bail!("disk {name}: {} is empty", path.display());
+            misconfigured!("disk {name}: {} is empty", path.display());
         }
         if sources.iter().any(|s: &DiskSource| s.name == name) {
-            bail!("disk {name} is named twice");
+            misconfigured!("disk {name} is named twice");
         }
         sources.push(DiskSource { name, path, size, block_device });
     }

@@ -26,7 +26,7 @@ enum Cmd {
         #[arg(long)]
         data_dir: PathBuf,
         /// Address to listen on, e.g. 0.0.0.0:7443 (port 0 picks a free port and prints it).
-        #[arg(long)]
+        #[arg(long, value_parser = listen_address)]
         listen: String,
         /// Close journal segments past this size, e.g. 256MiB.
         #[arg(long, value_parser = tern_core::units::parse_size, default_value = "256MiB")]
@@ -90,6 +90,15 @@ enum Cmd {
         #[arg(long)]
         rebuild_catalog: bool,
     },
+}
+
+/// `--listen`: HOST:PORT (a name is resolved when binding), checked here so that a bad
+/// value from `TERN_LISTEN` or the config file is refused naming where it came from.
+fn listen_address(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_string()),
+        _ => Err(format!("{s:?}: write HOST:PORT, e.g. 0.0.0.0:7443 or [::]:7443")),
+    }
 }
 
 fn main() {

@@ -991,9 +991,12 @@ async fn stop_group(
         if run.finals.contains_key(m.as_str()) {
             continue;
         }
-        let point = crate::failback::shut_down_recovered(ctx, &m, job)
-            .await
-            .map_err(|e| format!("VM {m} (replication group {group}, shut down with the rest of it): {e}"))?;
+        let why =
+            |e: String| format!("VM {m} (replication group {group}, shut down with the rest of it): {e}");
+        // One failback of a VM at a time: a `drctl failback` of this member now would shut
+        // it down a second time.
+        let _entered = crate::failback::FailingBack::enter(ctx, &m).map_err(why)?;
+        let point = crate::failback::shut_down_recovered(ctx, &m, job).await.map_err(why)?;
         info!(plan = %name, vm = %m, group = %group, point = %point.id, "shut down with its replication group for the failback");
         run.finals.insert(m.to_string(), point.id.0);
         save(ctx, name, run).await?;

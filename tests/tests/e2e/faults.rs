@@ -791,6 +791,16 @@ fn a_server_started_from_its_config_file_alone() {
         !out.status.success() && err.contains("unknown key `retention`") && err.contains("segment-size"),
         "{err}"
     );
+    // A listen address without its port is refused at once, naming the file's key (it was
+    // only found when binding, as "cannot listen on 0.0.0.0", with no word of the file).
+    std::fs::write(&config, format!("data-dir = \"{}\"\nlisten = \"0.0.0.0\"\n", server.data.display()))
+        .unwrap();
+    let out = Command::new(bin("process-server")).args(["serve", "--config"]).arg(&config).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(2) && err.contains("HOST:PORT") && err.contains("process-server.toml"),
+        "{err}"
+    );
 }
 
 /// drctl takes the server and its identity from TERN_SERVER and TERN_ADMIN_IDENTITY, and from
