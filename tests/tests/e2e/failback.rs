@@ -519,6 +519,20 @@ fn master_target_killed_during_a_full_download_onto_the_original_disk() {
     server.start();
     let Reprotected { onprem, recovered, mut mt, identity: rec_identity } =
         reprotected(&server, root, "w", (48, 40, 5), "during");
+    // A drill of a plan naming it is refused before its first group: with --sync during
+    // the master target holds nothing to rehearse from until the failback itself.
+    let plan = root.join("wp.toml");
+    let toml = format!(
+        "name = \"wp\"\n[[group]]\nvms = [\"w\"]\n[vm.w]\nmaster_target = \"{}\"\nlocation = \"original\"\n\
+         target_disks = [\"sda={}\"]\n",
+        mt.url(),
+        onprem.display()
+    );
+    std::fs::write(&plan, toml).unwrap();
+    server.drctl_json(&["plan", "apply", plan.to_str().unwrap()]);
+    let err = server.drctl_err(&["plan", "failback", "wp", "--drill"]);
+    assert!(err.contains("--sync during") && err.contains("--sync before to drill"), "{err}");
+    server.drctl_json(&["plan", "remove", "wp"]);
     // The recovered disk diverges: other data, and zeroes from 30 MiB on where the
     // on-premises disk still holds data (the full download must zero it there).
     make_random(&recovered, 48, 30, 6);

@@ -801,6 +801,14 @@ fn a_server_started_from_its_config_file_alone() {
         out.status.code() == Some(2) && err.contains("HOST:PORT") && err.contains("process-server.toml"),
         "{err}"
     );
+    // A scrub rate of 0 would never finish a round: refused, saying what to give instead.
+    let out = Command::new(bin("process-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--scrub-rate", "0", "--data-dir"])
+        .arg(&server.data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--scrub-every 0"), "{err}");
 }
 
 /// drctl takes the server and its identity from TERN_SERVER and TERN_ADMIN_IDENTITY, and from
