@@ -119,6 +119,29 @@ async fn send(ctx: &Ctx, vm: &VmName, msg: server_message::Msg) -> bool {
     ctx.hub.send_command(vm, ServerMessage { msg: Some(msg) }).await
 }
 
+/// Longest an asked-for multi-VM point waits for one already being taken (a barrier gives
+/// its members 15 s to reach their cuts).
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A multi-VM point made after it was asked for (a plan's `latest`, `drctl group
+/// checkpoint`): one the scheduler is taking at that moment is waited for, then this one is
+/// taken. (Taking the newest common point instead lost up to an interval of data.)
+pub async fn take_fresh_group_point(
+    ctx: &Arc<Ctx>,
+    group: &GroupName,
+    app: bool,
+) -> Result<Vec<Point>, String> {
+    let until = tokio::time::Instant::now() + BUSY_WAIT;
+    loop {
+        let result = take_group_point(ctx, group, app).await;
+        let busy = result.is_err() && ctx.barriers.running.lock().await.contains(group);
+        if !busy || tokio::time::Instant::now() >= until {
+            return result;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Takes one multi-VM point of `group`: the points written (one per member, one id), or
 /// why there is none.
 pub async fn take_group_point(ctx: &Arc<Ctx>, group: &GroupName, app: bool) -> Result<Vec<Point>, String> {
@@ -544,7 +567,7 @@ pub async fn checkpoint(
     let (c, n, app) = (ctx.clone(), name.clone(), r.app_consistent);
     let points = ctx
         .tracker
-        .spawn(async move { take_group_point(&c, &n, app).await })
+        .spawn(async move { take_fresh_group_point(&c, &n, app).await })
         .await
         .map_err(|e| tonic::Status::internal(e.to_string()))?
         .map_err(|e| tonic::Status::failed_precondition(format!("no multi-VM point was made: {e}")))?;

@@ -40,12 +40,17 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// The master target acked a disk up to `a.durable_seq`.
     /// Why the relay of `vm` last failed, if it has not made progress since.
     pub fn last_error(&self, vm: &VmName) -> Option<String> {
         lock(&self.errors).get(vm).cloned()
     }
 
+    /// A new relay session found the master target holding everything: no failure stands.
+    fn caught_up(&self, vm: &VmName) {
+        lock(&self.errors).remove(vm);
+    }
+
+    /// The master target acked a disk up to `a.durable_seq`.
     fn record_ack(&self, vm: &VmName, a: &pb::Ack) {
         lock(&self.errors).remove(vm);
         if let Ok(d) = DiskName::new(&a.disk) {
@@ -261,6 +266,12 @@ async fn relay_session(
         let mt = welcome.disks.iter().find(|d| d.name == h.name.as_str()).map_or(0, |d| d.durable_seq);
         lock(&ctx.relay.acked).insert((vm.clone(), h.name.clone()), Seq(mt));
         next.insert(h.name.clone(), Seq(mt + 1));
+    }
+    // The master target holds everything the journal has: no ack will come to clear an
+    // earlier failure (an idle VM stayed critical with it after the link was back).
+    if handles.iter().all(|h| next.get(&h.name).is_some_and(|n| *n > h.durable())) {
+        ctx.relay.caught_up(vm);
+        ctx.hub.clear_error(vm);
     }
     let mut cursor: HashMap<DiskName, ReadPosition> = HashMap::new();
     let mut limiter = pb::rate::RateLimiter::new(ctx.relay_max_rate);

@@ -1120,13 +1120,45 @@ impl Store {
         for mut j in running {
             j.state = tern_core::JobState::Failed;
             j.ended_ms = now_ms;
-            j.error = format!(
-                "interrupted: the process server stopped while the job ran; {}",
-                self.after_interrupt(&j)
-            );
+            j.error = match self.remove_cut_test_failover(&j) {
+                Some(removed) => format!(
+                    "interrupted: the process server stopped while the job ran; its partial output was \
+                     removed ({removed} files): run the test failover again"
+                ),
+                None => format!(
+                    "interrupted: the process server stopped while the job ran; {}",
+                    self.after_interrupt(&j)
+                ),
+            };
             self.update_job(&j)?;
         }
         Ok(n)
+    }
+
+    /// The open test failover a stop cut short (its job was running and its manifest,
+    /// written last, is not there): what it wrote is removed and it is closed, so that its
+    /// point is no longer pinned and the test failover (or a plan's `continue`) can run
+    /// again. Returns how many files went; `None` when there was nothing to remove.
+    fn remove_cut_test_failover(&self, j: &JobRow) -> Option<usize> {
+        if j.kind != tern_core::JobKind::TestFailover {
+            return None;
+        }
+        let vm = VmName::new(&j.vm).ok()?;
+        let open = self.test_failover_row(&vm).ok()??;
+        if Path::new(&open.output).join("vm.json").exists() {
+            return None;
+        }
+        match self.test_failover_cleanup(&vm) {
+            Ok(removed) => {
+                tracing::info!(vm = %vm, point = %open.point, output = %open.output, removed = ?removed,
+                    "a test failover cut short by a stop: its partial output removed");
+                Some(removed.len())
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm, error = %e, "cannot remove the partial output of a test failover cut short");
+                None
+            }
+        }
     }
 
     /// What to do about a job the last stop cut short: "again" is not always the way on.
@@ -1397,6 +1429,15 @@ impl Store {
         let handles = self.point_disks(vm, point)?;
         let files = failover::output_files(&handles, out_dir, format)?;
         let manifest = out_dir.join("vm.json");
+        // An open test failover first: its own files would otherwise be named as in the
+        // way, and removing them by hand is not how it is closed.
+        if let Some(open) = self.catalog().test_failover(vm)? {
+            return Err(StoreError::TestFailoverOpen {
+                vm: vm.clone(),
+                point: open.point,
+                output: open.output,
+            });
+        }
         failover::refuse_existing(&files, out_dir)?;
         {
             let catalog = self.catalog();

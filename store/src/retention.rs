@@ -458,6 +458,42 @@ pub(crate) mod tests {
         );
     }
 
+    /// A test failover cut short by a stop (its manifest never written) is closed at the
+    /// next start, its partial output removed, so that it can run again (a plan's
+    /// `continue` was refused by it); one that was written whole stays open.
+    #[test]
+    fn a_test_failover_cut_short_is_closed_and_its_partial_output_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let points = store.points(&vm).unwrap();
+        let out = dir.path().join("tfo");
+        std::fs::create_dir(&out).unwrap();
+        let files =
+            vec![out.join("sda.raw").display().to_string(), out.join("vm.json").display().to_string()];
+        let row = crate::catalog::TestFailoverRow {
+            point: points[1].id,
+            output: out.display().to_string(),
+            files: files.clone(),
+        };
+        store.catalog().open_test_failover(&vm, &row).unwrap();
+        std::fs::write(format!("{}.partial", files[0]), b"half").unwrap();
+        let id = store.catalog().insert_job(tern_core::JobKind::TestFailover, &vm, 1).unwrap();
+        assert_eq!(store.fail_interrupted_jobs(2).unwrap(), 1);
+        let job = store.catalog().jobs().unwrap().into_iter().find(|j| j.id == id).unwrap();
+        assert!(job.error.contains("partial output was removed"), "{}", job.error);
+        assert!(store.test_failover_row(&vm).unwrap().is_none(), "closed");
+        assert!(!out.exists(), "its partial file and the directory it made are gone");
+        let spec = PointSpec::Id(points[1].id);
+        store.test_failover(&vm, &spec, &out, crate::Format::Raw, &mut |_, _| {}).unwrap();
+
+        // Written whole (the manifest is there): it stays open, and the job says how to close it.
+        let id = store.catalog().insert_job(tern_core::JobKind::TestFailover, &vm, 3).unwrap();
+        assert_eq!(store.fail_interrupted_jobs(4).unwrap(), 1);
+        let job = store.catalog().jobs().unwrap().into_iter().find(|j| j.id == id).unwrap();
+        assert!(job.error.contains("test-failover-cleanup"), "{}", job.error);
+        assert!(store.test_failover_row(&vm).unwrap().is_some() && out.join("sda.raw").exists());
+    }
+
     /// A failover or change of point cut short leaves the VM failed over with its output
     /// not whole: commit (which deletes every other point) refuses until `change-point`
     /// has written it, and the interrupted job says so rather than "run it again" (a second

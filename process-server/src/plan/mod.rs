@@ -451,7 +451,7 @@ async fn resolve_points(
         if let Some(g) = group {
             if !common.contains_key(&g) {
                 let fresh = if spec == PointSpec::Latest {
-                    match crate::groups::take_group_point(ctx, &g, false).await {
+                    match crate::groups::take_fresh_group_point(ctx, &g, false).await {
                         Ok(points) => points.first().map(|p| p.id.0),
                         Err(e) => {
                             warn!(plan = %plan.name, group = %g, error = %e,
@@ -568,6 +568,18 @@ async fn precheck(ctx: &Arc<Ctx>, plan: &Plan, run: &Run) -> Result<(), Status> 
                  Nothing was changed",
                 plan.name, run.kind, run.operation
             )));
+        }
+        // One open test failover per VM: a drill still open is found before the first
+        // group's actions run (else the output files it holds were named as in the way).
+        if run.operation == Operation::TestFailover {
+            let (store, v) = (ctx.store.clone(), vm.clone());
+            if let Some(open) = blocking(move || store.test_failover_row(&v)).await?.map_err(store_status)? {
+                return Err(Status::failed_precondition(format!(
+                    "plan {}: VM {vm} already has an open test failover (point {}, in {}); run `drctl plan \
+                     test-failover-cleanup {0}` (or `drctl test-failover-cleanup {vm}`) first. Nothing was changed",
+                    plan.name, open.point, open.output
+                )));
+            }
         }
         // A drill rehearses the failback from what the master target holds: with --sync
         // during it holds nothing before the failback itself. Found before the first group.
@@ -987,16 +999,30 @@ async fn stop_group(
     if members.len() < 2 {
         return Ok(());
     }
-    for m in members {
+    for m in &members {
         if run.finals.contains_key(m.as_str()) {
             continue;
         }
-        let why =
-            |e: String| format!("VM {m} (replication group {group}, shut down with the rest of it): {e}");
+        // Members shut down before this one stay down: the application is split until the
+        // rest are (the member's own error speaks only of it, "nothing changed").
+        let down: Vec<&str> =
+            members.iter().map(VmName::as_str).filter(|v| run.finals.contains_key(*v)).collect();
+        let why = |e: String| {
+            let split = if down.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ". Already shut down, their final points made: {}; the rest of the group runs on until \
+                     `drctl plan continue {name}` shuts it down and goes on",
+                    down.join(", ")
+                )
+            };
+            format!("VM {m} (replication group {group}, shut down with the rest of it): {e}{split}")
+        };
         // One failback of a VM at a time: a `drctl failback` of this member now would shut
         // it down a second time.
-        let _entered = crate::failback::FailingBack::enter(ctx, &m).map_err(why)?;
-        let point = crate::failback::shut_down_recovered(ctx, &m, job).await.map_err(why)?;
+        let _entered = crate::failback::FailingBack::enter(ctx, m).map_err(why)?;
+        let point = crate::failback::shut_down_recovered(ctx, m, job).await.map_err(why)?;
         info!(plan = %name, vm = %m, group = %group, point = %point.id, "shut down with its replication group for the failback");
         run.finals.insert(m.to_string(), point.id.0);
         save(ctx, name, run).await?;

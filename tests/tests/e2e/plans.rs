@@ -182,6 +182,15 @@ fn a_plan_goes_round_the_circle_group_by_group() {
     let per_vm =
         jobs.as_array().unwrap().iter().filter(|j| j["kind"] == "test-failover" && j["vm"] == "app").count();
     assert_eq!(per_vm, 1, "app was test-failed over once: {jobs}");
+    // Again while that drill is open: refused before any action, naming the open drill
+    // (not its files as in the way, which led to deleting them by hand).
+    let err =
+        server.drctl_err(&["plan", "test-failover", "shop", "--point", "latest-multi-vm", "--output", o]);
+    assert!(
+        err.contains("already has an open test failover") && err.contains("Nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(actions(&log, "test-failover").len(), 4, "no action ran");
     server.drctl_json(&["plan", "test-failover-cleanup", "shop"]);
     assert!(!out.join("db").join("sda.raw").exists());
 
