@@ -301,7 +301,7 @@ async fn run_barrier(
         if !wait(notify, reach_by).await {
             let names: Vec<&str> = pending.iter().map(VmName::as_str).collect();
             return Err(format!(
-                "{} did not reach a cut within {} s (a pass still running, or a resync); no member is held longer",
+                "{} did not reach a cut within {} s (a scan pass still running, a resync, or in --mode nbd a backlog of writes the link has not carried yet); no member is held longer",
                 names.join(", "),
                 (HOLD / 2).as_secs()
             ));
