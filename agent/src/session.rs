@@ -328,9 +328,12 @@ impl Session {
             (self.due_crash, self.due_app) = self.schedule.due(Due::now(), true);
             return Ok(());
         }
+        // This host's trouble, not a refusal: tried again (backing off) until it is mended,
+        // where a refusal would stop the agent for good (exit 3, which its unit does not
+        // restart: a full /var at the first start stopped it so).
         (self.states, self.resumed) = choose_states(&self.config, &welcome, saved).map_err(|e| {
-            Status::failed_precondition(format!(
-                "agent state directory {}: {e}; free space there or fix its permissions",
+            Status::unavailable(format!(
+                "agent state directory {}: {e}; free space there or fix its permissions (tried again meanwhile)",
                 self.config.state_dir.display()
             ))
         })?;

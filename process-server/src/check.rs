@@ -45,6 +45,12 @@ fn newest(points: &[tern_store::Point]) -> String {
 /// Rebuilds the catalog and says what came back and what did not.
 pub fn rebuild(data_dir: &Path) -> Result<String, StoreError> {
     let report = tern_store::rebuild_catalog(data_dir)?;
+    // Run as root for a server that runs as its own user: the catalog must be the server's.
+    let catalog = data_dir.join("catalog.db");
+    crate::own_like(&catalog, data_dir).map_err(|e| StoreError::Io {
+        path: catalog.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     Ok(describe(&report, data_dir))
 }
 

@@ -135,6 +135,7 @@ pub fn reissue_server_cert(
         let path = pki.join(name);
         let _ = std::fs::remove_file(&path);
         write_private(&path, text)?;
+        own_like(&path, &pki)?;
     }
     std::fs::File::open(&pki).and_then(|d| d.sync_all()).map_err(io_at(&pki))?;
     for name in ["server.key", "server.pem"] {
@@ -143,6 +144,19 @@ pub fn reissue_server_cert(
     }
     std::fs::File::open(&pki).and_then(|d| d.sync_all()).map_err(io_at(&pki))?;
     Ok(defaults.iter().map(ToString::to_string).chain(names).collect())
+}
+
+/// Gives `path` the owner of `like`: a command run as root (`sudo process-server
+/// reissue-cert`) on the data directory of a server that runs as its own user must leave
+/// files that user can read (the server then failed to start, Permission denied).
+pub fn own_like(path: &Path, like: &Path) -> Result<(), InitError> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(like).map_err(io_at(like))?;
+    let has = std::fs::metadata(path).map_err(io_at(path))?;
+    if (has.uid(), has.gid()) != (want.uid(), want.gid()) {
+        std::os::unix::fs::chown(path, Some(want.uid()), Some(want.gid())).map_err(io_at(path))?;
+    }
+    Ok(())
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> InitError {

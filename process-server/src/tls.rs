@@ -10,7 +10,13 @@ pub use tern_proto::tls::incoming;
 pub fn identity(pki: &Path) -> Result<Bundle, String> {
     let read = |f: &str| {
         std::fs::read_to_string(pki.join(f)).map_err(|e| {
-            format!("{}: {e}; is this a data directory made by `process-server init`?", pki.join(f).display())
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                "the process server's user cannot read it: everything under the data directory must be \
+                 that user's (`chown -R USER: DATA_DIR`, after a command run as root)"
+            } else {
+                "is this a data directory made by `process-server init`?"
+            };
+            format!("{}: {e}; {hint}", pki.join(f).display())
         })
     };
     Ok(Bundle { ca_pem: read("ca.pem")?, cert_pem: read("server.pem")?, key_pem: read("server.key")? })

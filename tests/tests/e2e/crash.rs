@@ -321,3 +321,35 @@ fn a_full_data_directory_frees_itself_by_retention_with_the_space_reserve() {
     assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&disk, None));
     agent.kill9();
 }
+
+/// An agent whose state directory is full when it must make its state is this host's
+/// trouble, not a refusal: it keeps trying (exit 3 stopped it for good, as its unit does
+/// not restart 3) and protects the VM once there is room.
+#[test]
+fn an_agent_with_a_full_state_directory_waits_for_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let state = root.join("st");
+    let _tmpfs = Tmpfs::mount(&state, "size=1m");
+    // Fill it: nothing more can be written there.
+    let filler = state.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let _ = std::io::Write::write_all(&mut f, &vec![0u8; 2 << 20]);
+    drop(f);
+    let identity = root.join("st.bundle");
+    server.enroll_agent("st", &identity);
+    let disk = root.join("st.img");
+    make_random(&disk, 16, 4, 61);
+    let mut agent = Agent::start(&server, &identity, "st", &[("sda", &disk)], &state, &[]);
+    deadline_poll("the agent to say its state directory is full", Duration::from_secs(60), || {
+        agent.log_text().contains("agent state directory").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(agent.child.as_mut().unwrap().try_wait().unwrap().is_none(), "{}", agent.log_text());
+    std::fs::remove_file(&filler).unwrap();
+    let p = server.checkpoint("st");
+    crate::faults::assert_point_recovers(&server, root, "st", &p, &b3(&disk, None));
+    agent.kill9();
+}

@@ -29,7 +29,13 @@ fn write_at(disk: &Path, offset: u64, data: &[u8]) {
 }
 
 /// `drctl verify` of a point, and a test failover of it equals `want` (BLAKE3 of the disk).
-fn assert_point_recovers(server: &Server, root: &Path, vm: &str, point: &serde_json::Value, want: &str) {
+pub(crate) fn assert_point_recovers(
+    server: &Server,
+    root: &Path,
+    vm: &str,
+    point: &serde_json::Value,
+    want: &str,
+) {
     let id = point["id"].to_string();
     let v = server.drctl_json(&["verify", vm, "--point", &id]);
     assert_eq!(v["ok"], true, "point {id} does not verify: {v}");
@@ -1063,8 +1069,17 @@ fn a_name_forgotten_at_init_is_added_by_reissuing_the_server_certificate() {
     assert!(out.status.success(), "{out:?}");
     let out = status_there(&["status", "--json"]);
     assert!(out.status.success(), "{out:?}");
-    // Another name later keeps the names the certificate had.
+    // Another name later keeps the names the certificate had; run as root on the data
+    // directory of a server that runs as its own user (here nobody), the new files are
+    // that user's, not root's (the server could not read them and did not start).
+    let chown = std::process::Command::new("chown").args(["-R", "65534:65534"]).arg(&server.data).status();
+    assert!(chown.unwrap().success());
     let out = reissue("dr.example.test");
+    for f in ["server.pem", "server.key"] {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(server.data.join("pki").join(f)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{f}");
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("127.0.0.2") && text.contains("dr.example.test"),
