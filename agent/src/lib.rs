@@ -110,6 +110,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         }
     };
     let config = Arc::new(config);
+    if let tern_core::pki::Expiry::Soon(w) = identity_expiry(&config) {
+        warn!("{w}");
+    }
     // Ready as soon as it runs: the first session may wait for a server that is away.
     tern_proto::daemon::notify_ready();
     // Unreachable, or gone after replication made progress: back within about a second.
@@ -230,6 +233,15 @@ pub(crate) fn lower_priority() {
     if let Err(e) = tern_core::disk::lower_thread_priority() {
         tracing::debug!(error = %e, "cannot lower a thread's priority");
     }
+}
+
+/// Whether this agent's identity has expired or soon will, with what to do.
+pub fn identity_expiry(config: &Config) -> tern_core::pki::Expiry {
+    let renew = format!(
+        "enroll a new one (`drctl enroll agent --vm {0} --out FILE`), put it in place of this one and restart the agent",
+        config.vm
+    );
+    config.identity.expiry(tern_core::pki::now_ms(), "this agent's identity", &renew)
 }
 
 fn is_permanent(code: Code) -> bool {

@@ -247,6 +247,13 @@ fn run() -> anyhow::Result<()> {
         other => misconfigured!("{} is the identity of the {other}, not of an agent", identity.display()),
     }
     let sources = disk_sources(&disks, disk_format)?;
+    let expired = format!("{}: the identity", identity.display());
+    let renew = format!("enroll a new one with `drctl enroll agent --vm {vm} --out FILE`");
+    if let tern_core::pki::Expiry::Expired(e) =
+        identity_bundle.expiry(tern_core::pki::now_ms(), &expired, &renew)
+    {
+        misconfigured!("{e}");
+    }
     let marker = Some(state_dir.join("frozen"));
     tern_agent::hooks::warn_unmounted(&freeze_fs);
     let config = tern_agent::Config {

@@ -58,6 +58,11 @@ pub(crate) async fn session(
     if let Some(t) = &tracker {
         nbd::LogStream::stop_if_dropped(carried, t).await;
     }
+    // An expired identity is refused at the TLS handshake, which the server answers by
+    // closing the connection: said here, where it is known, instead of "connection closed".
+    if let tern_core::pki::Expiry::Expired(e) = crate::identity_expiry(&config) {
+        return Err(Status::unauthenticated(e));
+    }
     let channel = pb::connect(&config.server, &config.identity).await.map_err(status_of)?;
     let mut client = pb::replication_client::ReplicationClient::new(channel)
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)

@@ -50,6 +50,14 @@ async fn client(cli: &Cli) -> Result<AdminClient<Channel>, CliError> {
              wrote in DATA_DIR/pki"
         ))
     })?;
+    let what = format!("the admin identity {}", identity.display());
+    let renew = "make a new one with `drctl enroll admin --out FILE` (with an admin identity still valid), or on \
+                 the process server's host with `process-server enroll-admin --data-dir DATA_DIR --out FILE`";
+    match bundle.expiry(tern_core::pki::now_ms(), &what, renew) {
+        tern_core::pki::Expiry::Valid => {}
+        tern_core::pki::Expiry::Soon(warning) => eprintln!("warning: {warning}"),
+        tern_core::pki::Expiry::Expired(e) => return Err(CliError::Unreachable(e)),
+    }
     let channel = pb::connect(server, &bundle).await?;
     Ok(AdminClient::new(channel))
 }

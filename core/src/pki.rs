@@ -271,6 +271,69 @@ impl Bundle {
     pub fn info(&self) -> Result<CertInfo, PkiError> {
         cert_info(&pem_to_der(&self.cert_pem)?)
     }
+
+    /// When this bundle's own certificate stops being valid (milliseconds since the epoch).
+    pub fn expires_ms(&self) -> Result<i64, PkiError> {
+        expires_ms(&self.cert_pem)
+    }
+
+    /// Whether the bundle's certificate has expired at `now_ms`, or expires within
+    /// [`RENEW_WITHIN_MS`]: the text to say, naming `what` and what to do (`renew`).
+    pub fn expiry(&self, now_ms: i64, what: &str, renew: &str) -> Expiry {
+        expiry_of(self.expires_ms(), now_ms, what, renew)
+    }
+}
+
+/// Now, in milliseconds since the epoch, for [`Bundle::expiry`].
+pub fn now_ms() -> i64 {
+    let now = OffsetDateTime::now_utc();
+    now.unix_timestamp().saturating_mul(1000) + i64::from(now.millisecond())
+}
+
+/// An identity due to expire within this long is warned of (30 days).
+pub const RENEW_WITHIN_MS: i64 = 30 * 86_400_000;
+
+/// An identity's certificate, as of now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expiry {
+    Valid,
+    /// Expires within [`RENEW_WITHIN_MS`]: the warning.
+    Soon(String),
+    /// Expired: every connection with it is refused; the error.
+    Expired(String),
+}
+
+/// [`Expiry`] of a certificate that expires at `expires` (or could not be read: valid, as
+/// the TLS handshake will say).
+pub fn expiry_of(expires: Result<i64, PkiError>, now_ms: i64, what: &str, renew: &str) -> Expiry {
+    let Ok(at) = expires else { return Expiry::Valid };
+    let date = rfc3339_day(at);
+    if at <= now_ms {
+        Expiry::Expired(format!(
+            "{what} expired on {date}: connections with it are refused (the other side says only that the \
+             connection was closed); {renew}"
+        ))
+    } else if at - now_ms <= RENEW_WITHIN_MS {
+        let days = (at - now_ms) / 86_400_000;
+        Expiry::Soon(format!("{what} expires on {date} (in {days} days); {renew}"))
+    } else {
+        Expiry::Valid
+    }
+}
+
+/// When the first certificate in `pem` stops being valid (milliseconds since the epoch).
+pub fn expires_ms(pem: &str) -> Result<i64, PkiError> {
+    let der = pem_to_der(pem)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp().saturating_mul(1000))
+}
+
+/// `YYYY-MM-DD` (UTC) of a time in milliseconds since the epoch.
+fn rfc3339_day(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .map(|t| format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day()))
+        .unwrap_or_else(|_| format!("{ms} ms"))
 }
 
 fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
@@ -403,6 +466,30 @@ mod tests {
         let names = server_names(&cert).unwrap();
         for n in ["localhost", "127.0.0.1", "::1", "dr.example.com", "192.0.2.10"] {
             assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
+        }
+    }
+
+    /// Identities last five years: within the last 30 days a warning, after them an error,
+    /// each naming the day and what to do.
+    #[test]
+    fn an_identity_warns_before_it_expires_and_says_so_after() {
+        let ca = Ca::create("test").unwrap();
+        let b = ca.issue_client(&Role::Admin).unwrap();
+        let at = b.expires_ms().unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        let five_years = 365 * 5 * 86_400_000;
+        assert!((at - now - five_years).abs() < 60_000, "{at} {now}");
+        assert_eq!(b.expiry(now, "it", "renew it"), Expiry::Valid);
+        let day = rfc3339_day(at);
+        match b.expiry(at - 10 * 86_400_000, "it", "renew it") {
+            Expiry::Soon(t) => {
+                assert!(t.contains(&day) && t.contains("in 10 days") && t.contains("renew it"), "{t}")
+            }
+            e => panic!("{e:?}"),
+        }
+        match b.expiry(at + 1, "it", "renew it") {
+            Expiry::Expired(t) => assert!(t.contains("expired on") && t.contains(&day), "{t}"),
+            e => panic!("{e:?}"),
         }
     }
 

@@ -47,6 +47,14 @@ fn run() -> anyhow::Result<()> {
             identity.display()
         ),
     }
+    let what = format!("the master target's identity {}", identity.display());
+    let renew = "enroll a new one (`drctl enroll master-target --name NAME --out FILE`, the same name), put it in \
+                 place and restart the master target";
+    match bundle.expiry(tern_core::pki::now_ms(), &what, renew) {
+        tern_core::pki::Expiry::Valid => {}
+        tern_core::pki::Expiry::Soon(w) => tracing::warn!("{w}"),
+        tern_core::pki::Expiry::Expired(e) => bail!("{e}"),
+    }
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {

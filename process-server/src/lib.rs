@@ -107,6 +107,18 @@ pub fn init(data_dir: &Path, sans: &[String]) -> Result<PathBuf, InitError> {
     Ok(admin_path)
 }
 
+/// `process-server enroll-admin`: a new admin identity from the deployment's CA, written to
+/// `out` (a new file, readable by its owner alone). Not recorded here (a running server
+/// keeps its own list): it is on record once it has connected.
+pub fn enroll_admin(data_dir: &Path, out: &Path) -> Result<(), InitError> {
+    let pki = data_dir.join("pki");
+    let read = |name: &str| std::fs::read_to_string(pki.join(name)).map_err(io_at(&pki.join(name)));
+    let ca = Ca { cert_pem: read("ca.pem")?, key_pem: read("ca.key")? };
+    let admin = ca.issue_client(&Role::Admin)?;
+    write_private(out, &admin.to_pem())?;
+    Ok(())
+}
+
 /// Issues the server's certificate again from the deployment's CA, naming `sans` besides
 /// the names it has (with `replace`, instead of them) and localhost, 127.0.0.1 and ::1: a
 /// name forgotten at `init`. The server uses it from its next start; agents and bundles

@@ -81,6 +81,16 @@ enum Cmd {
         #[arg(long)]
         replace: bool,
     },
+    /// Issue a new admin identity from the deployment's CA, on the process server's host:
+    /// the way back when no admin identity is left valid (expired, lost, revoked). It is
+    /// on record (`drctl identities`) once it has connected. The server may be running.
+    EnrollAdmin {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where to write the bundle (a new file).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Describe what a data directory holds (no server may run on it); with
     /// --rebuild-catalog, rebuild a lost catalog.db from the journals and base images.
     Check {
@@ -112,6 +122,20 @@ fn run() -> anyhow::Result<()> {
             let admin = tern_process_server::init(&data_dir, &sans)?;
             println!("initialised {}", data_dir.display());
             println!("admin identity: {}", admin.display());
+            Ok(())
+        }
+        Cmd::EnrollAdmin { data_dir, out } => {
+            if !data_dir.join("pki").join("ca.key").exists() {
+                anyhow::bail!(
+                    "{} holds no CA (pki/ca.key): give the data directory of the process server the identity is for",
+                    data_dir.display()
+                );
+            }
+            if out.exists() {
+                anyhow::bail!("{} exists already; give a new file", out.display());
+            }
+            tern_process_server::enroll_admin(&data_dir, &out)?;
+            println!("admin identity: {}", out.display());
             Ok(())
         }
         Cmd::ReissueCert { data_dir, sans, replace } => {

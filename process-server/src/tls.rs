@@ -24,5 +24,15 @@ pub fn identity(pki: &Path) -> Result<Bundle, String> {
 
 pub fn server_config(pki: &Path) -> Result<Arc<rustls::ServerConfig>, tern_proto::daemon::ServeError> {
     let id = identity(pki).map_err(tern_proto::daemon::ServeError::Identity)?;
+    let what = format!("the process server's certificate {}", pki.join("server.pem").display());
+    let data_dir = pki.parent().unwrap_or(pki).display();
+    let renew = format!(
+        "issue it again with `process-server reissue-cert --data-dir {data_dir}` (it keeps its names), then restart"
+    );
+    match id.expiry(tern_core::pki::now_ms(), &what, &renew) {
+        tern_core::pki::Expiry::Valid => {}
+        tern_core::pki::Expiry::Soon(w) => tracing::warn!("{w}"),
+        tern_core::pki::Expiry::Expired(e) => return Err(tern_proto::daemon::ServeError::Identity(e)),
+    }
     Ok(tern_proto::tls::server_config(&id.ca_pem, &id.cert_pem, &id.key_pem)?)
 }

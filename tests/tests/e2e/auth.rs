@@ -1,6 +1,7 @@
 //! Identities: an agent writes only its own VM, another CA is refused, agents cannot administer.
 
 use crate::harness::*;
+use std::path::Path;
 use std::sync::Once;
 use tern_core::pki::Bundle;
 use tern_proto as pb;
@@ -210,4 +211,71 @@ fn a_revoked_identity_is_cut_off_and_refused_across_a_restart() {
     let res = server.drctl_json(&["test-failover", "web", "--output", out.to_str().unwrap()]);
     assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&disk, None));
     assert_eq!(b3(&out.join("sda.raw"), None), b3(&disk, None));
+}
+
+/// Identities last five years. Near the end each daemon and drctl warn; after it, each says
+/// its identity expired and what to do (the handshake's refusal showed only as "connection
+/// closed"), and `process-server enroll-admin` on the server's host makes a new admin
+/// identity when none is left valid. (faketime moves the clock of the command it runs.)
+#[test]
+fn an_expired_identity_says_so_and_a_new_admin_is_made_on_the_server_host() {
+    use std::process::Command;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let later = |days: u32, bin_name: &str| {
+        let mut c = Command::new("faketime");
+        c.arg("-f").arg(format!("+{days}d")).arg(bin(bin_name));
+        c
+    };
+    let drctl_later = |days: u32, identity: &Path, args: &[&str]| {
+        later(days, "drctl")
+            .args(["--server", &server.url(), "--identity"])
+            .arg(identity)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Ten days before the end: works, and warns.
+    let out = drctl_later(365 * 5 - 10, &server.admin(), &["status", "--json"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("expires on") && err.contains("enroll-admin"), "{out:?}");
+    // After it: refused here, saying why and what to do.
+    let out = drctl_later(365 * 5 + 2, &server.admin(), &["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(err.contains("expired on") && err.contains("process-server enroll-admin"), "{err}");
+    // An agent's: exit 2, a configuration no restart mends.
+    let identity = root.join("old.bundle");
+    server.enroll_agent("old", &identity);
+    let disk = root.join("old.img");
+    make_random(&disk, 4, 1, 3);
+    let out = later(365 * 5 + 2, "mobility-agent")
+        .args(["run", "--server", &server.url(), "--vm", "old", "--identity"])
+        .arg(&identity)
+        .arg("--disk")
+        .arg(format!("sda={}", disk.display()))
+        .arg("--state-dir")
+        .arg(root.join("old-state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("expired on") && err.contains("drctl enroll agent --vm old"), "{err}");
+    // A new admin identity from the CA in the data directory, with the server running.
+    let fresh = root.join("fresh-admin.bundle");
+    let out = Command::new(bin("process-server"))
+        .args(["enroll-admin", "--data-dir"])
+        .arg(&server.data)
+        .arg("--out")
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = drctl_as(&server.url(), &fresh, &["identities", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let ids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let admins = ids.as_array().unwrap().iter().filter(|i| i["role"] == "admin").count();
+    assert_eq!(admins, 2, "the new admin is on record once connected: {ids}");
 }
