@@ -377,9 +377,25 @@ impl Session {
                     | tonic::Code::ResourceExhausted
             )
         });
+        // The server's storage is full: what it takes once there is room must fit, and its
+        // journal past the newest point cannot be folded away. The log's backlog can be far
+        // more than the disk's hot extents (each overwrite is in it); when it is, the log
+        // stops and the next session compares the hot extents, sending only what differs (a
+        // backlog bigger than the room retention made kept replication stuck).
+        let server_full = result.as_ref().is_err_and(|s| s.code() == tonic::Code::ResourceExhausted);
         if let Some(log) = self.log.take() {
-            if link_dropped && !self.shutdown.is_cancelled() && tracker.logging() {
-                let stats = tracker.stats();
+            let stats = tracker.stats();
+            let backlog = stats.queued_bytes as u64 + stats.spilled_bytes + log.unacked_bytes as u64;
+            let hot: u64 = tracker.tracking(false).iter().map(|t| t.2).sum();
+            if server_full && backlog > hot {
+                info!(
+                    backlog_bytes = backlog,
+                    hot_bytes = hot,
+                    "the process server's storage is full and the change log holds more than the extents \
+                     written since the last point: the log stops, and once there is room those extents are \
+                     compared, sending only what differs"
+                );
+            } else if link_dropped && !self.shutdown.is_cancelled() && tracker.logging() {
                 info!(
                     backlog_bytes = stats.queued_bytes as u64 + stats.spilled_bytes,
                     unacked_bytes = log.unacked_bytes,

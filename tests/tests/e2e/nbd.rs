@@ -889,3 +889,72 @@ fn a_second_agent_for_the_disk_or_the_socket_is_refused_and_the_socket_takes_a_g
     let (hash, _) = test_failover(&vm.server, root, &p);
     assert_eq!(hash, b3(&vm.disk, None));
 }
+
+/// The process server's data directory fills while the VM overwrites the same few MiB: the
+/// change log's backlog (every overwrite) is far more than retention can free, where
+/// comparing the extents written since the last point sends at most their size. The log is
+/// given up for the compare, and once retention has made room (an hour later on the
+/// server's clock, past the window) replication goes on by itself, byte for byte. (With
+/// the log kept, its backlog filled whatever retention freed and no point came again.)
+#[test]
+fn a_full_server_gives_up_a_log_larger_than_the_written_extents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let clock = root.join("clock");
+    std::fs::write(&clock, "0").unwrap();
+    let _tmpfs = Tmpfs::mount(&root.join("ps"), "size=48m");
+    let mut server = Server::init(root);
+    server.extra = ["--retention-every", "1s", "--segment-size", "1MiB", "--space-reserve", "4MiB"]
+        .map(String::from)
+        .to_vec();
+    server.env = vec![("TERN_CLOCK_FILE".into(), clock.display().to_string())];
+    server.start();
+    let identity = root.join("db.bundle");
+    server.enroll_agent("db", &identity);
+    let disk = root.join("db.img");
+    make_random(&disk, 16, 0, 0);
+    let socket = root.join("db.sock");
+    let listen = format!("unix:{}", socket.display());
+    let args = ["--mode", "nbd", "--nbd-listen", &listen, "--log-buffer", "4MiB", "--spill-max", "512MiB"];
+    let agent = Agent::start(&server, &identity, "db", &[("sda", &disk)], &root.join("db-state"), &args);
+    server.wait_connected("db");
+    server.drctl_json(&["policy", "set", "db", "--retention", "30m", "--crash-interval", "1s"]);
+    server.checkpoint("db");
+    // Rounds of 8 MiB over the same 8 MiB, a point after each, until the 48 MiB file
+    // system is full; then 8 rounds more, which the agent keeps (64 MiB, every overwrite).
+    let uri = format!("nbd+unix:///sda?socket={}", socket.display());
+    let full = || server.status("db")["error"].as_str().is_some_and(|e| e.contains("storage is full"));
+    let mut after_full = 0;
+    for _ in 0..40 {
+        write_mib(&uri, 4, 8);
+        std::thread::sleep(Duration::from_millis(1500));
+        if after_full > 0 || full() {
+            after_full += 1;
+        }
+        if after_full == 8 {
+            break;
+        }
+    }
+    assert_eq!(after_full, 8, "the server's storage never filled: {}", server.status("db"));
+    // Past the window: retention folds every point but the newest into the base image.
+    std::fs::write(&clock, "3600000").unwrap();
+    let started = std::time::Instant::now();
+    let point = loop {
+        let out = server.drctl(&["checkpoint", "db", "--wait", "--json", "--timeout", "20s"]);
+        if out.status.success() {
+            break serde_json::from_slice::<Value>(&out.stdout).unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "no point once there is room: {}\nstatus {}\nagent:\n{}\nserver:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            server.status("db"),
+            tail(&agent.log_text(), 30),
+            tail(&server.log_text(), 30)
+        );
+    };
+    let (hash, _) = test_failover(&server, root, &point);
+    assert_eq!(hash, b3(&disk, None), "{}", tail(&agent.log_text(), 20));
+    let log = agent.log_text();
+    assert!(log.contains("the log stops, and once there is room"), "{}", tail(&log, 20));
+}
