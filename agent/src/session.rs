@@ -533,13 +533,22 @@ impl Session {
         if app || self.schedule.hold {
             self.due_app = a;
         }
-        let Some((pass, frozen, mut note)) = result else {
-            for (id, _) in requests {
-                let reason = "the disks kept changing during every scan, so no consistent cut could be had; \
-                              configure --freeze/--thaw hooks to quiesce the VM";
-                self.point_failed(id, reason.into()).await?;
+        let (pass, frozen, mut note) = match result {
+            Ok(c) => c,
+            Err(reason) => {
+                warn!(reason = %reason, "no point was made");
+                // A scheduled point's failure is told too (request 0): the server shows it
+                // in status until a point is made (a block device whose freeze always fails
+                // made no point for ever, and status said normal).
+                if requests.is_empty() {
+                    self.point_failed(0, reason).await?;
+                } else {
+                    for (id, _) in requests {
+                        self.point_failed(id, reason.clone()).await?;
+                    }
+                }
+                return Ok(());
             }
-            return Ok(());
         };
         let consistency = if frozen { pb::Consistency::App } else { pb::Consistency::Crash };
         if final_point.is_some() {
@@ -567,7 +576,7 @@ impl Session {
         app: bool,
         may_quiesce: bool,
         page_hashes: bool,
-    ) -> Result<Option<Consistent>, SessionError> {
+    ) -> Result<Result<Consistent, String>, SessionError> {
         for attempt in 1..=CONSISTENT_ATTEMPTS {
             let started = Instant::now();
             // An app point always quiesces; a crash point falls back on the hooks when the
@@ -588,6 +597,15 @@ impl Session {
             };
             let (pass, frozen) = match self.attempt(quiesce, page_hashes).await? {
                 Ok(done) => done,
+                Err(freeze_failed) if self.config.disks.iter().any(|d| d.block_device) => {
+                    // An unfrozen pass over a block device is never a cut: scanning again
+                    // would only send its pages for nothing.
+                    return Ok(Err(format!(
+                        "the freeze failed ({freeze_failed}), and a block device's point needs it: fix the \
+                         --freeze-fs mount point or the --freeze hook (a file system left frozen by an agent \
+                         killed mid-freeze thaws with `fsfreeze -u MOUNT`)"
+                    )));
+                }
                 Err(freeze_failed) => {
                     // The freeze failed: scan again unquiesced; the point, if any, is crash-consistent.
                     let r = Box::pin(self.scan_until_consistent(false, false, page_hashes)).await?;
@@ -603,10 +621,12 @@ impl Session {
                 "scan pass done"
             );
             if pass.consistent {
-                return Ok(Some((pass, frozen, note)));
+                return Ok(Ok((pass, frozen, note)));
             }
         }
-        Ok(None)
+        Ok(Err("the disks kept changing during every scan, so no consistent cut could be had; configure \
+                --freeze/--thaw hooks to quiesce the VM"
+            .into()))
     }
 
     /// One pass, frozen when `quiesce`: the scan runs on a blocking thread while this

@@ -39,6 +39,8 @@ struct VmCounters {
     session_failure: Option<(String, Instant)>,
     /// The agent's last tracking report, per disk.
     tracking: HashMap<String, tern_proto::DiskTracking>,
+    /// Why the agent's last scheduled point could not be made; until a point is.
+    point_failure: Option<String>,
 }
 
 /// A failure stays on show at least this long, even when a later session makes some
@@ -232,17 +234,29 @@ impl Hub {
     }
 
     /// The last failure, until replication has made progress since and it is
-    /// [`ERROR_HOLD`] old.
+    /// [`ERROR_HOLD`] old; else why the agent's scheduled points fail, until one is made.
     pub fn error(&self, vm: &VmName) -> Option<String> {
         let mut counters = lock(&self.counters);
         let c = counters.get_mut(vm)?;
         match &c.error {
             Some((_, at, true)) if at.elapsed() >= ERROR_HOLD => {
                 c.error = None;
-                None
             }
-            Some((e, _, _)) => Some(e.clone()),
-            None => None,
+            Some((e, _, _)) => return Some(e.clone()),
+            None => {}
+        }
+        c.point_failure.as_ref().map(|r| format!("the agent makes no point: {r}"))
+    }
+
+    /// The agent could not make a scheduled point, and why.
+    pub fn fail_point(&self, vm: &VmName, reason: &str) {
+        lock(&self.counters).entry(vm.clone()).or_default().point_failure = Some(reason.to_string());
+    }
+
+    /// A point of `vm` was made: its scheduled points no longer fail.
+    pub fn point_made(&self, vm: &VmName) {
+        if let Some(c) = lock(&self.counters).get_mut(vm) {
+            c.point_failure = None;
         }
     }
 

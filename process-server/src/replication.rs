@@ -770,6 +770,9 @@ impl Sink for SessionWriter {
             }
             Item::PointFailed(f) => {
                 warn!(vm = %self.vm, request = f.request_id, reason = %f.reason, "agent could not make a point");
+                if f.request_id == 0 {
+                    self.ctx.hub.fail_point(&self.vm, &f.reason);
+                }
                 self.ctx.hub.resolve(f.request_id, Err(f.reason));
                 Ok(())
             }
@@ -831,6 +834,7 @@ async fn point_made(
 ) -> Result<(), Status> {
     info!(vm = %vm, point = %point.id, consistency = point.consistency.as_str(),
         group = point.group.as_ref().map_or("", |g| g.as_str()), "recovery point made");
+    ctx.hub.point_made(vm);
     let ack = PointAck { request_id: p.request_ids.first().copied().unwrap_or(0), point_id: point.id.0 };
     let _ = out.send(msg(server_message::Msg::PointAck(ack))).await;
     for id in &p.request_ids {

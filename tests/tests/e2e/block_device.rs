@@ -81,6 +81,29 @@ fn a_block_device_without_a_freeze_hook_is_refused() {
     server.enroll_agent("bare", &identity);
     let mut agent = Agent::start(&server, &identity, "bare", &[("sda", &device.dev)], &root.join("st"), &[]);
     let status = agent.wait_exit("the agent to refuse the device");
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(2), "a configuration no restart mends");
     assert!(agent.log_text().contains("is a block device") && agent.log_text().contains("--freeze-fs"));
+
+    // A freeze that always fails (here --freeze-fs names no mount point): no point can be
+    // made, and status says why instead of normal; the scan is not repeated unfrozen.
+    let mut agent = Agent::start(
+        &server,
+        &identity,
+        "bare",
+        &[("sda", &device.dev)],
+        &root.join("st"),
+        &["--freeze-fs", root.to_str().unwrap()],
+    );
+    server.wait_connected("bare");
+    server.drctl_json(&["policy", "set", "bare", "--crash-interval", "1s"]);
+    let s = deadline_poll("status to say why no point is made", Duration::from_secs(60), || {
+        let s = server.status("bare");
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("makes no point") && e.contains("freeze failed"))
+            .then_some(s)
+    });
+    assert_ne!(s["health"], "normal", "{s}");
+    assert!(!agent.log_text().contains("attempt=2"), "{}", tail(&agent.log_text(), 20));
+    agent.kill9();
 }
