@@ -212,7 +212,12 @@ pub async fn shut_down_recovered(
     crate::relay::master_target_alone(ctx, &row.master_target)
         .await
         .map_err(|e| format!("{}; the recovered VM was not shut down, nothing changed", e.message()))?;
-    job.phase("shutting down the recovered VM and sending its last changes").await;
+    job.phase(if row.sync == SyncMode::During {
+        "shutting down the recovered VM, then the full download of its disks onto the target disks"
+    } else {
+        "shutting down the recovered VM and sending its last changes"
+    })
+    .await;
     let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| {
         format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
     })?;

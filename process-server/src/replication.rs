@@ -143,7 +143,17 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                     Some(e) => format!("the session ended before the first point: {e}"),
                     None => "the agent disconnected before the first point".to_string(),
                 };
-                job.fail(&format!("{why}; a new initial sync starts when it reconnects")).await;
+                // A reprotect cancelled (or a VM failed over) meanwhile: no sync follows.
+                let (store, v) = (ctx2.store.clone(), vm.clone());
+                let state =
+                    crate::admin::blocking(move || store.vm_state(&v)).await.ok().and_then(Result::ok);
+                let next = match state {
+                    Some(s) if !s.takes_replication() => {
+                        format!("; the VM is {s} now and takes no replication, so no initial sync follows")
+                    }
+                    _ => "; a new initial sync starts when it reconnects".to_string(),
+                };
+                job.fail(&format!("{why}{next}")).await;
             }
             ctx2.hub.detach(&vm, session);
             info!(vm = %vm, session, "agent session ended");

@@ -457,10 +457,10 @@ fn spawn_failback(server: &Server, vm: &str) -> std::process::Child {
 /// Waits until a failback has asked the recovered VM's agent for its final pass.
 fn wait_for_the_final_pass(server: &Server) {
     deadline_poll("the failback's final pass", Duration::from_secs(60), || {
-        server
-            .log_text()
-            .contains("shutting down the recovered VM and sending its last changes")
-            .then_some(())
+        let log = server.log_text();
+        (log.contains("shutting down the recovered VM and sending its last changes")
+            || log.contains("shutting down the recovered VM, then the full download"))
+        .then_some(())
     });
 }
 
