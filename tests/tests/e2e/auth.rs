@@ -3,6 +3,7 @@
 use crate::harness::*;
 use std::path::Path;
 use std::sync::Once;
+use std::time::Duration;
 use tern_core::pki::Bundle;
 use tern_proto as pb;
 
@@ -273,9 +274,11 @@ fn an_expired_identity_says_so_and_a_new_admin_is_made_on_the_server_host() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let out = drctl_as(&server.url(), &fresh, &["identities", "--json"]);
-    assert!(out.status.success(), "{out:?}");
-    let ids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let admins = ids.as_array().unwrap().iter().filter(|i| i["role"] == "admin").count();
-    assert_eq!(admins, 2, "the new admin is on record once connected: {ids}");
+    // On record once it has connected (recorded off the accept path: soon after).
+    deadline_poll("the new admin on record", Duration::from_secs(30), || {
+        let out = drctl_as(&server.url(), &fresh, &["identities", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let ids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (ids.as_array().unwrap().iter().filter(|i| i["role"] == "admin").count() == 2).then_some(())
+    });
 }
