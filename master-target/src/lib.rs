@@ -199,15 +199,14 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
                 let e = if e.is_storage_full() && h.durable() > h.base_seq() {
                     // The compare hashes the target disk with the relayed records this
                     // master target holds for it (a reprotect cut short, or cancelled and
-                    // made again): a scratch copy of the whole disk, not only of the records.
+                    // made again): the blocks they wrote are copied under `scratch`.
                     Status::resource_exhausted(format!(
                         "the master target has no room for the scratch copy a delta sync compares ({e}): \
-                         the target disk with the {} relayed records it holds, written whole under {} (up to \
-                         the disk's {} bytes, less its holes). Free that much there, or `drctl \
+                         the blocks of the target disk that the {} relayed records it holds wrote, copied \
+                         under {} (about the size of those records). Free that much there, or `drctl \
                          reprotect-cancel VM` and reprotect with --sync during (a full download, no compare)",
                         h.durable().0 - h.base_seq().0,
                         scratch.display(),
-                        h.size
                     ))
                 } else {
                     status(e)

@@ -186,12 +186,30 @@ pub(crate) fn apply_records(
     out_path: &Path,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), StoreError> {
+    apply_records_with(disk, snapshot, after, upto, out, out_path, &mut |_, _| Ok(()), progress)
+}
+
+/// [`apply_records`], calling `before(offset, length)` ahead of writing each record.
+#[allow(clippy::too_many_arguments)]
+fn apply_records_with(
+    disk: &DiskHandle,
+    snapshot: &JournalSnapshot,
+    after: Seq,
+    upto: Seq,
+    out: &File,
+    out_path: &Path,
+    before: &mut dyn FnMut(u64, u64) -> Result<(), StoreError>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), StoreError> {
     let mut dec = Decoder::new();
     let zeroes = vec![0u8; COPY_CHUNK];
     let mut done = 0u64;
     for rec in snapshot.read_range(after, upto) {
         let rec = rec.inspect_err(|e| disk.note_damage(e))?;
         let r = &rec.record;
+        if matches!(r.kind, RecordKind::Write | RecordKind::Zero) {
+            before(r.offset, u64::from(r.length))?;
+        }
         match r.kind {
             RecordKind::Bookmark | RecordKind::Time => continue,
             // Checked as it was read: hashed once, not again by decoding a copy.
@@ -559,7 +577,7 @@ pub fn base_block_hashes(
     disk: &DiskHandle,
     blocks: &[u64],
 ) -> Result<Vec<tern_core::blocks::BlockHashes>, StoreError> {
-    HashedCopy { path: disk.base_path.clone(), scratch: false, base_seq: disk.base_seq() }
+    HashedCopy { path: disk.base_path.clone(), scratch: false, base_seq: disk.base_seq(), overlay: None }
         .page_hashes(disk, blocks)
 }
 
@@ -573,9 +591,17 @@ pub struct HashedCopy {
     path: PathBuf,
     /// `path` is a scratch file, removed with the copy (else it is the base image).
     scratch: bool,
-    /// The base image's position when the copy is the base image: it must not move while
-    /// the copy is in use (a retention fold would change what it describes).
+    /// The base image's position: it must not move while the copy is in use (a retention
+    /// fold would change what it describes).
     base_seq: Seq,
+    /// With a scratch file: the blocks it holds (those the journal's records wrote, each
+    /// whole: the base image's bytes, then the records); every other block is read from
+    /// the base image. So the scratch file takes the records' blocks, not the disk.
+    overlay: Option<Vec<u64>>,
+}
+
+fn has_block(bits: &[u64], b: u64) -> bool {
+    usize::try_from(b / 64).ok().and_then(|i| bits.get(i)).is_some_and(|w| w & (1 << (b % 64)) != 0)
 }
 
 impl HashedCopy {
@@ -590,13 +616,14 @@ impl HashedCopy {
                     path: disk.base_path.clone(),
                     scratch: false,
                     base_seq: disk.base_seq(),
+                    overlay: None,
                 });
             }
         }
         crate::durable::create_dir_durable(scratch)?;
         let n = SCRATCH_COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = scratch.join(format!("hash-{}-{}-{}-{n}.raw", disk.vm, disk.name, std::process::id()));
-        let copy = HashedCopy { path: path.clone(), scratch: true, base_seq: Seq(0) };
+        let mut copy = HashedCopy { path: path.clone(), scratch: true, base_seq: Seq(0), overlay: None };
         let out = OpenOptions::new()
             .read(true)
             .write(true)
@@ -606,9 +633,61 @@ impl HashedCopy {
             .map_err(io_err(&path))?;
         out.set_len(disk.size).map_err(io_err(&path))?;
         let _reading = disk.read_lock();
+        copy.base_seq = disk.base_seq();
         let snapshot = disk.journal().snapshot();
-        fill(disk, &snapshot, upto, &out, &path, &mut |_| {})?;
+        let base = DiskReader::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
+        let blocks = tern_core::blocks::block_count(disk.size);
+        let mut bits = vec![0u64; usize::try_from(blocks.div_ceil(64)).unwrap_or(0)];
+        let mut buf = AlignedBuf::new(BLOCK_SIZE);
+        // Before a record is written, each block it touches is brought over whole from
+        // the base image (once): the scratch file then holds those blocks as of `upto`.
+        let mut bring = |offset: u64, len: u64| -> Result<(), StoreError> {
+            if len == 0 {
+                return Ok(());
+            }
+            let last = ((offset + len - 1) / BLOCK_SIZE as u64).min(blocks.saturating_sub(1));
+            for b in offset / BLOCK_SIZE as u64..=last {
+                if has_block(&bits, b) {
+                    continue;
+                }
+                let n = tern_core::blocks::block_len(disk.size, b);
+                base.read_exact_at(&mut buf[..n], b * BLOCK_SIZE as u64).map_err(io_err(&disk.base_path))?;
+                if !is_zero(&buf[..n]) {
+                    out.write_all_at(&buf[..n], b * BLOCK_SIZE as u64).map_err(io_err(&path))?;
+                }
+                if let Some(w) = usize::try_from(b / 64).ok().and_then(|i| bits.get_mut(i)) {
+                    *w |= 1 << (b % 64);
+                }
+            }
+            Ok(())
+        };
+        apply_records_with(disk, &snapshot, disk.base_seq(), upto, &out, &path, &mut bring, &mut |_| {})?;
+        copy.overlay = Some(bits);
         Ok(copy)
+    }
+
+    /// Block `b`'s bytes into `buf`: from the scratch file if it holds it, else the base.
+    fn read_block(
+        &self,
+        disk: &DiskHandle,
+        files: &CopyFiles,
+        b: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let (f, path) = match (&self.overlay, &files.base) {
+            (Some(bits), Some(base)) if !has_block(bits, b) => (base, &disk.base_path),
+            _ => (&files.copy, &self.path),
+        };
+        f.read_exact_at(buf, b * BLOCK_SIZE as u64).map_err(io_err(path))
+    }
+
+    fn open(&self, disk: &DiskHandle) -> Result<CopyFiles, StoreError> {
+        let copy = DiskReader::open(&self.path).map_err(io_err(&self.path))?;
+        let base = match self.overlay {
+            Some(_) => Some(DiskReader::open(&disk.base_path).map_err(io_err(&disk.base_path))?),
+            None => None,
+        };
+        Ok(CopyFiles { copy, base })
     }
 
     /// Hashes every block of the copy (see [`hash_disk`]).
@@ -619,8 +698,30 @@ impl HashedCopy {
         emit: &mut dyn FnMut(u64, &[tern_core::blocks::BlockHashes]) -> bool,
     ) -> Result<(), StoreError> {
         let _reading = self.read_lock(disk)?;
-        let f = DiskReader::open(&self.path).map_err(io_err(&self.path))?;
-        hash_file(&f, disk.size, &self.path, coarse, emit)
+        let files = self.open(disk)?;
+        let (Some(bits), Some(base)) = (&self.overlay, &files.base) else {
+            return hash_file(&files.copy, disk.size, &self.path, coarse, emit);
+        };
+        // The base image's hashes, with the scratch file's blocks hashed in their place.
+        let mut failed = None;
+        let mut buf = AlignedBuf::new(BLOCK_SIZE);
+        hash_file(base, disk.size, &disk.base_path, coarse, &mut |first, chunk| {
+            let mut chunk = chunk.to_vec();
+            for (i, h) in chunk.iter_mut().enumerate() {
+                let b = first + i as u64;
+                if !has_block(bits, b) {
+                    continue;
+                }
+                let n = tern_core::blocks::block_len(disk.size, b);
+                if let Err(e) = self.read_block(disk, &files, b, &mut buf[..n]) {
+                    failed = Some(e);
+                    return false;
+                }
+                *h = block_hashes(&buf[..n], coarse);
+            }
+            emit(first, &chunk)
+        })?;
+        failed.map_or(Ok(()), Err)
     }
 
     /// Block and page hashes of some blocks of the copy.
@@ -631,7 +732,7 @@ impl HashedCopy {
     ) -> Result<Vec<tern_core::blocks::BlockHashes>, StoreError> {
         use tern_core::blocks::{block_count, block_len, hash_block, zero_block};
         let _reading = self.read_lock(disk)?;
-        let f = DiskReader::open(&self.path).map_err(io_err(&self.path))?;
+        let files = self.open(disk)?;
         let mut buf = AlignedBuf::new(BLOCK_SIZE);
         let mut out = Vec::with_capacity(blocks.len());
         for &b in blocks {
@@ -641,7 +742,7 @@ impl HashedCopy {
                 ));
             }
             let len = block_len(disk.size, b);
-            f.read_exact_at(&mut buf[..len], b * BLOCK_SIZE as u64).map_err(io_err(&self.path))?;
+            self.read_block(disk, &files, b, &mut buf[..len])?;
             out.push(if is_zero(&buf[..len]) { zero_block(len) } else { hash_block(&buf[..len]) });
         }
         Ok(out)
@@ -653,7 +754,7 @@ impl HashedCopy {
         &self,
         disk: &'a DiskHandle,
     ) -> Result<Option<std::sync::RwLockReadGuard<'a, ()>>, StoreError> {
-        if self.scratch {
+        if self.scratch && self.overlay.is_none() {
             return Ok(None);
         }
         let guard = disk.read_lock();
@@ -671,6 +772,24 @@ impl Drop for HashedCopy {
         if self.scratch {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// The files a [`HashedCopy`] reads: the copy, and the base image under an overlay.
+struct CopyFiles {
+    copy: DiskReader,
+    base: Option<DiskReader>,
+}
+
+/// A block's hashes as [`hash_file`] gives them: the block hash alone when `coarse`.
+fn block_hashes(d: &[u8], coarse: bool) -> tern_core::blocks::BlockHashes {
+    use tern_core::blocks::{BlockHashes, hash_block, zero_block};
+    if is_zero(d) {
+        zero_block(d.len())
+    } else if coarse {
+        BlockHashes { block: Digest::of(d), pages: [Digest::ZERO; tern_core::PAGES_PER_BLOCK] }
+    } else {
+        hash_block(d)
     }
 }
 
@@ -723,6 +842,56 @@ fn hash_file(
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    /// A copy with records past the base image is an overlay (its scratch file holds only
+    /// the blocks the records wrote, not the disk): it hashes, coarse or not, and answers
+    /// page hashes exactly as the disk written out whole does, before and after retention
+    /// has folded part of the journal into the base image.
+    #[test]
+    fn an_overlay_copy_hashes_as_the_disk_written_whole() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = crate::retention::tests::setup(dir.path());
+        let check = |store: &crate::Store| {
+            let h = store.vm_disks(&vm).remove(0);
+            let upto = h.durable();
+            assert!(upto > h.base_seq());
+            let copy = HashedCopy::new(&h, &dir.path().join("scratch"), upto).unwrap();
+            assert!(copy.overlay.is_some());
+            let whole = dir.path().join("whole.raw");
+            let _ = std::fs::remove_file(&whole);
+            let f = File::create_new(&whole).unwrap();
+            f.set_len(h.size).unwrap();
+            fill(&h, &h.journal().snapshot(), upto, &f, &whole, &mut |_| {}).unwrap();
+            for coarse in [false, true] {
+                let mut want = Vec::new();
+                let reader = DiskReader::open(&whole).unwrap();
+                hash_file(&reader, h.size, &whole, coarse, &mut |_, c| {
+                    want.extend_from_slice(c);
+                    true
+                })
+                .unwrap();
+                let mut got = Vec::new();
+                copy.hash(&h, coarse, &mut |_, c| {
+                    got.extend_from_slice(c);
+                    true
+                })
+                .unwrap();
+                assert_eq!(got, want, "coarse {coarse}");
+            }
+            let blocks: Vec<u64> = (0..tern_core::blocks::block_count(h.size)).collect();
+            let reference =
+                HashedCopy { path: whole.clone(), scratch: false, base_seq: h.base_seq(), overlay: None };
+            assert_eq!(copy.page_hashes(&h, &blocks).unwrap(), reference.page_hashes(&h, &blocks).unwrap());
+            // 24 pages written, each in one block or two: not the 1 MiB disk.
+            let allocated = std::fs::metadata(&copy.path).unwrap().blocks() * 512;
+            assert!(allocated <= 48 * BLOCK_SIZE as u64 && allocated < h.size, "{allocated}");
+        };
+        check(&store);
+        store.apply_retention(&vm, 4000).unwrap();
+        assert!(store.vm_disks(&vm)[0].base_seq() > Seq(0), "part of the journal folded");
+        check(&store);
+    }
 
     /// A sparse file of `size` bytes whose `data` ranges hold pseudo-random bytes (zeroes
     /// elsewhere, most of it holes), and its content.
