@@ -110,9 +110,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         }
     };
     let config = Arc::new(config);
-    if let tern_core::pki::Expiry::Soon(w) = identity_expiry(&config) {
-        warn!("{w}");
-    }
     // Ready as soon as it runs: the first session may wait for a server that is away.
     tern_proto::daemon::notify_ready();
     // Unreachable, or gone after replication made progress: back within about a second.

@@ -1,4 +1,4 @@
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use tern_agent::scan::DiskSource;
@@ -247,10 +247,13 @@ fn run() -> anyhow::Result<()> {
         other => misconfigured!("{} is the identity of the {other}, not of an agent", identity.display()),
     }
     let sources = disk_sources(&disks, disk_format)?;
+    // An nbd-mode agent is the VM's disk: it starts and serves it whatever its identity,
+    // and its sessions say why replication waits (as after a revocation).
     let expired = format!("{}: the identity", identity.display());
     let renew = format!("enroll a new one with `drctl enroll agent --vm {vm} --out FILE`");
-    if let tern_core::pki::Expiry::Expired(e) =
-        identity_bundle.expiry(tern_core::pki::now_ms(), &expired, &renew)
+    if nbd.is_none()
+        && let tern_core::pki::Expiry::Expired(e) =
+            identity_bundle.expiry(tern_core::pki::now_ms(), &expired, &renew)
     {
         misconfigured!("{e}");
     }
@@ -316,6 +319,11 @@ fn disk_sources(disks: &[String], disk_format: DiskFormat) -> anyhow::Result<Vec
                  protect that; if the VM itself wrote these bytes, pass --disk-format raw",
                 path.display()
             );
+        }
+        // An empty block device may be one not attached yet (an nbd or loop device at
+        // boot): tried again (exit 1). An empty file is a mistake no restart mends.
+        if size == 0 && block_device {
+            bail!("disk {name}: {} is an empty device (not attached yet?)", path.display());
         }
         if size == 0 {
             misconfigured!("disk {name}: {} is empty", path.display());

@@ -41,6 +41,12 @@ type Feeds = Vec<Option<Receiver<scan::HashChunk>>>;
 /// A consistent pass: the pass, whether it was frozen, and the point's note.
 type Consistent = (PassResult, bool, String);
 
+/// Why a pass gave no consistent cut; `lasting` when none will come until someone acts.
+struct NoCut {
+    reason: String,
+    lasting: bool,
+}
+
 /// The longest the process server may take to answer a session's opening call.
 const OPEN_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -60,8 +66,17 @@ pub(crate) async fn session(
     }
     // An expired identity is refused at the TLS handshake, which the server answers by
     // closing the connection: said here, where it is known, instead of "connection closed".
-    if let tern_core::pki::Expiry::Expired(e) = crate::identity_expiry(&config) {
-        return Err(Status::unauthenticated(e));
+    match crate::identity_expiry(&config) {
+        tern_core::pki::Expiry::Expired(e) => return Err(Status::unauthenticated(e)),
+        // Said once a day, at a session's start: an agent that runs for months sees it.
+        tern_core::pki::Expiry::Soon(w) => {
+            static WARNED_DAY: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+            let day = tern_core::pki::now_ms() / 86_400_000;
+            if WARNED_DAY.swap(day, std::sync::atomic::Ordering::Relaxed) != day {
+                warn!("{w}");
+            }
+        }
+        tern_core::pki::Expiry::Valid => {}
     }
     let channel = pb::connect(&config.server, &config.identity).await.map_err(status_of)?;
     let mut client = pb::replication_client::ReplicationClient::new(channel)
@@ -535,13 +550,16 @@ impl Session {
         }
         let (pass, frozen, mut note) = match result {
             Ok(c) => c,
-            Err(reason) => {
+            Err(NoCut { reason, lasting }) => {
                 warn!(reason = %reason, "no point was made");
-                // A scheduled point's failure is told too (request 0): the server shows it
-                // in status until a point is made (a block device whose freeze always fails
-                // made no point for ever, and status said normal).
+                // A scheduled point that cannot be made until someone acts (a block device
+                // whose freeze fails) is told too (request 0): the server shows it in
+                // status until a point is made (it made no point for ever while status said
+                // normal). A cut missed on busy disks is not: the next may be had.
                 if requests.is_empty() {
-                    self.point_failed(0, reason).await?;
+                    if lasting {
+                        self.point_failed(0, reason).await?;
+                    }
                 } else {
                     for (id, _) in requests {
                         self.point_failed(id, reason.clone()).await?;
@@ -576,7 +594,7 @@ impl Session {
         app: bool,
         may_quiesce: bool,
         page_hashes: bool,
-    ) -> Result<Result<Consistent, String>, SessionError> {
+    ) -> Result<Result<Consistent, NoCut>, SessionError> {
         for attempt in 1..=CONSISTENT_ATTEMPTS {
             let started = Instant::now();
             // An app point always quiesces; a crash point falls back on the hooks when the
@@ -600,11 +618,14 @@ impl Session {
                 Err(freeze_failed) if self.config.disks.iter().any(|d| d.block_device) => {
                     // An unfrozen pass over a block device is never a cut: scanning again
                     // would only send its pages for nothing.
-                    return Ok(Err(format!(
-                        "the freeze failed ({freeze_failed}), and a block device's point needs it: fix the \
+                    return Ok(Err(NoCut {
+                        reason: format!(
+                            "the freeze failed ({freeze_failed}), and a block device's point needs it: fix the \
                          --freeze-fs mount point or the --freeze hook (a file system left frozen by an agent \
                          killed mid-freeze thaws with `fsfreeze -u MOUNT`)"
-                    )));
+                        ),
+                        lasting: true,
+                    }));
                 }
                 Err(freeze_failed) => {
                     // The freeze failed: scan again unquiesced; the point, if any, is crash-consistent.
@@ -624,9 +645,13 @@ impl Session {
                 return Ok(Ok((pass, frozen, note)));
             }
         }
-        Ok(Err("the disks kept changing during every scan, so no consistent cut could be had; configure \
-                --freeze/--thaw hooks to quiesce the VM"
-            .into()))
+        Ok(Err(NoCut {
+            reason:
+                "the disks kept changing during every scan, so no consistent cut could be had; configure \
+                     --freeze/--thaw hooks to quiesce the VM"
+                    .into(),
+            lasting: false,
+        }))
     }
 
     /// One pass, frozen when `quiesce`: the scan runs on a blocking thread while this

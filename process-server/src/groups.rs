@@ -132,14 +132,11 @@ pub async fn take_fresh_group_point(
     app: bool,
 ) -> Result<Vec<Point>, String> {
     let until = tokio::time::Instant::now() + BUSY_WAIT;
-    loop {
-        let result = take_group_point(ctx, group, app).await;
-        let busy = result.is_err() && ctx.barriers.running.lock().await.contains(group);
-        if !busy || tokio::time::Instant::now() >= until {
-            return result;
-        }
+    // Waits while one is being taken; a barrier of its own that fails is not tried again.
+    while ctx.barriers.running.lock().await.contains(group) && tokio::time::Instant::now() < until {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    take_group_point(ctx, group, app).await
 }
 
 /// Takes one multi-VM point of `group`: the points written (one per member, one id), or

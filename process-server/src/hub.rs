@@ -124,6 +124,9 @@ impl Hub {
         let c = counters.entry(vm.clone()).or_default();
         c.disconnected_at = None;
         c.session_failure = None;
+        // A new session (another agent, or this one restarted after a fix) says anew
+        // whether its points fail.
+        c.point_failure = None;
     }
 
     pub fn detach(&self, vm: &VmName, session: u64) {

@@ -45,9 +45,10 @@ impl Relay {
         lock(&self.errors).get(vm).cloned()
     }
 
-    /// A new relay session found the master target holding everything: no failure stands.
-    fn caught_up(&self, vm: &VmName) {
-        lock(&self.errors).remove(vm);
+    /// A new relay session found the master target holding everything: no failure of the
+    /// relay stands. Returns the one that stood.
+    fn caught_up(&self, vm: &VmName) -> Option<String> {
+        lock(&self.errors).remove(vm)
     }
 
     /// The master target acked a disk up to `a.durable_seq`.
@@ -269,8 +270,11 @@ async fn relay_session(
     }
     // The master target holds everything the journal has: no ack will come to clear an
     // earlier failure (an idle VM stayed critical with it after the link was back).
-    if handles.iter().all(|h| next.get(&h.name).is_some_and(|n| *n > h.durable())) {
-        ctx.relay.caught_up(vm);
+    if handles.iter().all(|h| next.get(&h.name).is_some_and(|n| *n > h.durable()))
+        && let Some(e) = ctx.relay.caught_up(vm)
+        && ctx.hub.error(vm).as_deref() == Some(e.as_str())
+    {
+        // Only the relay's own failure: another (an agent's refusal) stands.
         ctx.hub.clear_error(vm);
     }
     let mut cursor: HashMap<DiskName, ReadPosition> = HashMap::new();

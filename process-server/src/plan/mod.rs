@@ -197,6 +197,9 @@ struct Driving {
     cancel: CancellationToken,
     /// The VM whose operation is under way, if one is.
     at_vm: Option<String>,
+    /// Failback: the members of a replication group shut down with it, each held as being
+    /// failed back (no `drctl failback` of it meanwhile) until its own failback takes over.
+    entered: HashMap<String, crate::failback::FailingBack>,
 }
 
 /// Why a plan's walk stopped short.
@@ -451,7 +454,14 @@ async fn resolve_points(
         if let Some(g) = group {
             if !common.contains_key(&g) {
                 let fresh = if spec == PointSpec::Latest {
-                    match crate::groups::take_fresh_group_point(ctx, &g, false).await {
+                    // Its own task: a caller that goes away (Ctrl-C) does not cut a barrier short.
+                    let (c, gg) = (ctx.clone(), g.clone());
+                    let taken = ctx
+                        .tracker
+                        .spawn(async move { crate::groups::take_fresh_group_point(&c, &gg, false).await })
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    match taken {
                         Ok(points) => points.first().map(|p| p.id.0),
                         Err(e) => {
                             warn!(plan = %plan.name, group = %g, error = %e,
@@ -752,8 +762,14 @@ async fn drive(ctx: &Arc<Ctx>, name: PlanName, plan: Plan, mut run: Run) -> Resu
                 "plan {name} has an operation running already (`drctl plan cancel {name}` stops it)"
             )));
         }
-        let d =
-            Driving { wake: wake.clone(), job: None, waiting: false, cancel: cancel.clone(), at_vm: None };
+        let d = Driving {
+            wake: wake.clone(),
+            job: None,
+            waiting: false,
+            cancel: cancel.clone(),
+            at_vm: None,
+            entered: HashMap::new(),
+        };
         driving.insert(name.to_string(), d);
     }
     let subject = VmName::new(name.as_str()).map_err(|e| Status::internal(e.to_string()))?;
@@ -1020,9 +1036,12 @@ async fn stop_group(
             format!("VM {m} (replication group {group}, shut down with the rest of it): {e}{split}")
         };
         // One failback of a VM at a time: a `drctl failback` of this member now would shut
-        // it down a second time.
-        let _entered = crate::failback::FailingBack::enter(ctx, m).map_err(why)?;
+        // it down a second time. Held until the member's own failback (`failback_vm`).
+        let entered = crate::failback::FailingBack::enter(ctx, m).map_err(why)?;
         let point = crate::failback::shut_down_recovered(ctx, m, job).await.map_err(why)?;
+        if let Some(d) = lock(&ctx.plans.driving).get_mut(name.as_str()) {
+            d.entered.insert(m.to_string(), entered);
+        }
         info!(plan = %name, vm = %m, group = %group, point = %point.id, "shut down with its replication group for the failback");
         run.finals.insert(m.to_string(), point.id.0);
         save(ctx, name, run).await?;
@@ -1098,7 +1117,7 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &mut Run, vm: &VmName) -> Resu
             let r = run_failover(ctx, vm.clone(), kind, spec, out_dir, format, false, &job).await;
             finish(&job, r).await.map(Some)
         }
-        Operation::Failback => failback_vm(ctx, run, vm).await.map(Some),
+        Operation::Failback => failback_vm(ctx, &plan.name, run, vm).await.map(Some),
         Operation::FailbackDrill => {
             let job = ctx.jobs.start(JobKind::FailbackDrill, vm).await.map_err(status)?;
             let r = crate::failback::drill(ctx, vm.clone(), job.clone()).await;
@@ -1134,7 +1153,9 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &mut Run, vm: &VmName) -> Resu
 
 /// A failback of one VM, at the final point made when its replication group was shut
 /// down (see [`stop_group`]), or after a shutdown of its own.
-async fn failback_vm(ctx: &Arc<Ctx>, run: &Run, vm: &VmName) -> Result<u64, String> {
+async fn failback_vm(ctx: &Arc<Ctx>, name: &PlanName, run: &Run, vm: &VmName) -> Result<u64, String> {
+    // Entered when its replication group was shut down, if it was.
+    let entered = lock(&ctx.plans.driving).get_mut(name.as_str()).and_then(|d| d.entered.remove(vm.as_str()));
     let job = ctx.jobs.start(JobKind::Failback, vm).await.map_err(|s| s.message().to_string())?;
     let point = match run.finals.get(vm.as_str()) {
         Some(&id) => {
@@ -1153,7 +1174,7 @@ async fn failback_vm(ctx: &Arc<Ctx>, run: &Run, vm: &VmName) -> Result<u64, Stri
         }
         None => None,
     };
-    let r = crate::failback::failback_at(ctx, vm.clone(), job.clone(), point, None).await;
+    let r = crate::failback::failback_at(ctx, vm.clone(), job.clone(), point, entered).await;
     finish(&job, r).await
 }
 
