@@ -662,6 +662,10 @@ impl HashedCopy {
             Ok(())
         };
         apply_records_with(disk, &snapshot, disk.base_seq(), upto, &out, &path, &mut bring, &mut |_| {})?;
+        let copied: u32 = bits.iter().map(|w| w.count_ones()).sum();
+        tracing::info!(vm = %disk.vm, disk = %disk.name, blocks = copied, mib = (u64::from(copied) * BLOCK_SIZE as u64) >> 20,
+            records_after = %disk.base_seq(), upto = %upto,
+            "hashing over the base image: the blocks the journal's records wrote are copied aside");
         copy.overlay = Some(bits);
         Ok(copy)
     }

@@ -943,3 +943,33 @@ fn a_master_target_stops_on_sigterm_while_a_relay_stream_is_open() {
     assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&onprem, None), want);
 }
+
+/// The recovered VM's agent is killed during its first delta sync, after records reached
+/// the master target, and starts again without its state (W4's path): the master target
+/// then hashes the target disk with the records it holds, copying aside only the blocks
+/// those wrote (not the whole disk), and the failback is byte for byte.
+#[test]
+fn a_delta_sync_cut_short_is_compared_again_over_the_records_the_master_target_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let Reprotected { onprem, recovered, mt, identity } =
+        reprotected(&server, root, "o", (48, 8, 71), "before");
+    write_random(&recovered, 24, 72);
+    let mut agent = recovered_agent_with(&server, root, "o", &identity, &recovered, &["--max-rate", "4MiB"]);
+    deadline_poll("records at the master target", Duration::from_secs(60), || {
+        (server.status("o")["disks"][0]["master_target_seq"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+    agent.kill9();
+    assert!(server.drctl_json(&["points", "o"]).as_array().unwrap().is_empty(), "cut before its first point");
+    std::fs::remove_dir_all(root.join("st-o-back")).unwrap();
+    let _agent = recovered_agent(&server, root, "o", &identity, &recovered);
+    server.checkpoint("o");
+    let log = mt.log_text();
+    assert!(log.contains("hashing over the base image"), "{}", tail(&log, 20));
+    let want = b3(&recovered, None);
+    let res = server.drctl_json(&["failback", "o"]);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
+    assert_eq!(b3(&onprem, None), want, "the on-premises disk is byte-identical to the recovered one");
+}
