@@ -42,17 +42,6 @@ struct Ctx {
     /// One prepare at a time: from the check that a file is no other disk's target to its
     /// registration, so that two cannot take the same file.
     preparing: tokio::sync::Mutex<()>,
-    /// Per disk, the copy the last block hashes described when records lay past its base
-    /// (an overlay, see `tern_store::HashedCopy`): the page hashes the sender then asks for
-    /// are answered from it, so the hashes can be coarse. Replaced by the next hashes of
-    /// the disk, dropped at its apply and release.
-    copies: std::sync::Mutex<HashMap<(VmName, DiskName), Arc<tern_store::HashedCopy>>>,
-}
-
-impl Ctx {
-    fn copies(&self) -> std::sync::MutexGuard<'_, HashMap<(VmName, DiskName), Arc<tern_store::HashedCopy>>> {
-        self.copies.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 fn status(e: StoreError) -> Status {
@@ -199,23 +188,12 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let (tx, rx) = mpsc::channel(4);
         let scratch = self.ctx.data_dir.join("tmp");
         let coarse = r.coarse;
-        let ctx = self.ctx.clone();
-        let key = (vm.clone(), h.name.clone());
-        ctx.copies().remove(&key);
         tokio::task::spawn_blocking(move || {
             let upto = h.durable();
-            let r = tern_store::HashedCopy::new(&h, &scratch, upto).and_then(|copy| {
-                let copy = Arc::new(copy);
-                // Kept for the page hashes of the blocks that differ (answered from the
-                // same copy); a copy that is the base image itself needs no keeping.
-                if copy.is_scratch() {
-                    ctx.copies().insert(key, copy.clone());
-                }
-                copy.hash(&h, coarse, &mut |first, chunk| {
-                    let mut m = pb::hash_table::message(h.name.as_str(), h.size, first, chunk);
-                    m.upto_seq = upto.0;
-                    tx.blocking_send(Ok(m)).is_ok()
-                })
+            let r = tern_store::hash_disk(&h, &scratch, upto, coarse, &mut |first, chunk| {
+                let mut m = pb::hash_table::message(h.name.as_str(), h.size, first, chunk);
+                m.upto_seq = upto.0;
+                tx.blocking_send(Ok(m)).is_ok()
             });
             if let Err(e) = r {
                 let e = if e.is_storage_full() && h.durable() > h.base_seq() {
@@ -254,13 +232,9 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             )));
         }
         let blocks = r.blocks;
-        let copy = self.ctx.copies().get(&(vm.clone(), h.name.clone())).cloned();
         let reply = blocking(move || {
-            match copy {
-                Some(copy) => copy.page_hashes(&h, &blocks),
-                None => tern_store::base_block_hashes(&h, &blocks),
-            }
-            .map(|entries| pb::hash_table::sparse_message(h.name.as_str(), h.size, &blocks, &entries))
+            tern_store::base_block_hashes(&h, &blocks)
+                .map(|entries| pb::hash_table::sparse_message(h.name.as_str(), h.size, &blocks, &entries))
         })
         .await?
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -274,8 +248,6 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let mut out = Vec::new();
         for d in r.disks {
             let (h, seq, expected) = self.point_disk(&vm, &d)?;
-            // The base moves: a copy hashed over it describes it no more.
-            self.ctx.copies().remove(&(vm.clone(), h.name.clone()));
             let name = h.name.clone();
             let store = self.ctx.store.clone();
             let started = std::time::Instant::now();
@@ -310,8 +282,6 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
         let mut out = Vec::new();
         for d in r.disks {
             let (h, seq, expected) = self.point_disk(&vm, &d)?;
-            // The base moves: a copy hashed over it describes it no more.
-            self.ctx.copies().remove(&(vm.clone(), h.name.clone()));
             let name = h.name.clone();
             let store = self.ctx.store.clone();
             let started = std::time::Instant::now();
@@ -327,7 +297,6 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseReply>, Status> {
         require_server(&req, "Release")?;
         let vm = vm_arg(&req.into_inner().vm)?;
-        self.ctx.copies().retain(|(v, _), _| *v != vm);
         let store = self.ctx.store.clone();
         let v = vm.clone();
         blocking(move || store.forget(&v)).await?.map_err(status)?;
@@ -564,12 +533,8 @@ pub async fn run(
             .await?
             .map_err(tern_proto::daemon::ServeError::store)?,
     );
-    let ctx = Arc::new(Ctx {
-        store,
-        data_dir: config.data_dir.clone(),
-        preparing: tokio::sync::Mutex::new(()),
-        copies: std::sync::Mutex::new(HashMap::new()),
-    });
+    let ctx =
+        Arc::new(Ctx { store, data_dir: config.data_dir.clone(), preparing: tokio::sync::Mutex::new(()) });
     let tracker = TaskTracker::new();
     let incoming = tern_proto::tls::incoming(
         listener,

@@ -694,11 +694,6 @@ impl HashedCopy {
         Ok(CopyFiles { copy, base })
     }
 
-    /// Whether the copy has a scratch file (records lay past the base image).
-    pub fn is_scratch(&self) -> bool {
-        self.scratch
-    }
-
     /// Hashes every block of the copy (see [`hash_disk`]).
     pub fn hash(
         &self,
