@@ -577,7 +577,8 @@ pub fn base_block_hashes(
     disk: &DiskHandle,
     blocks: &[u64],
 ) -> Result<Vec<tern_core::blocks::BlockHashes>, StoreError> {
-    HashedCopy { path: disk.base_path.clone(), scratch: false, base_seq: disk.base_seq(), overlay: None }
+    let base_seq = disk.base_seq();
+    HashedCopy { path: disk.base_path.clone(), scratch: false, base_seq, overlay: None, upto: base_seq }
         .page_hashes(disk, blocks)
 }
 
@@ -598,6 +599,8 @@ pub struct HashedCopy {
     /// whole: the base image's bytes, then the records); every other block is read from
     /// the base image. So the scratch file takes the records' blocks, not the disk.
     overlay: Option<Vec<u64>>,
+    /// The position the copy describes.
+    upto: Seq,
 }
 
 fn has_block(bits: &[u64], b: u64) -> bool {
@@ -617,13 +620,15 @@ impl HashedCopy {
                     scratch: false,
                     base_seq: disk.base_seq(),
                     overlay: None,
+                    upto: disk.base_seq(),
                 });
             }
         }
         crate::durable::create_dir_durable(scratch)?;
         let n = SCRATCH_COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = scratch.join(format!("hash-{}-{}-{}-{n}.raw", disk.vm, disk.name, std::process::id()));
-        let mut copy = HashedCopy { path: path.clone(), scratch: true, base_seq: Seq(0), overlay: None };
+        let mut copy =
+            HashedCopy { path: path.clone(), scratch: true, base_seq: Seq(0), overlay: None, upto };
         let out = OpenOptions::new()
             .read(true)
             .write(true)
@@ -634,6 +639,9 @@ impl HashedCopy {
         out.set_len(disk.size).map_err(io_err(&path))?;
         let _reading = disk.read_lock();
         copy.base_seq = disk.base_seq();
+        if upto < copy.base_seq {
+            return Err(StoreError::Invariant("the position to hash is behind the base image; sync again"));
+        }
         let snapshot = disk.journal().snapshot();
         let base = DiskReader::open(&disk.base_path).map_err(io_err(&disk.base_path))?;
         let blocks = tern_core::blocks::block_count(disk.size);
@@ -762,7 +770,15 @@ impl HashedCopy {
             return Ok(None);
         }
         let guard = disk.read_lock();
-        if disk.base_seq() != self.base_seq {
+        // An overlay holds every block a record up to `upto` wrote: a fold of records up
+        // to there changes none of the base's other blocks (it runs under the write lock,
+        // so a read sees the base before or after it). The base image alone must not move.
+        let base = disk.base_seq();
+        let moved = match self.overlay {
+            Some(_) => base < self.base_seq || base > self.upto,
+            None => base != self.base_seq,
+        };
+        if moved {
             return Err(StoreError::Invariant(
                 "the base image moved while its hashes were in use; sync again",
             ));
@@ -884,16 +900,36 @@ mod tests {
                 assert_eq!(got, want, "coarse {coarse}");
             }
             let blocks: Vec<u64> = (0..tern_core::blocks::block_count(h.size)).collect();
-            let reference =
-                HashedCopy { path: whole.clone(), scratch: false, base_seq: h.base_seq(), overlay: None };
+            let reference = HashedCopy {
+                path: whole.clone(),
+                scratch: false,
+                base_seq: h.base_seq(),
+                overlay: None,
+                upto: h.base_seq(),
+            };
             assert_eq!(copy.page_hashes(&h, &blocks).unwrap(), reference.page_hashes(&h, &blocks).unwrap());
             // 24 pages written, each in one block or two: not the 1 MiB disk.
             let allocated = std::fs::metadata(&copy.path).unwrap().blocks() * 512;
             assert!(allocated <= 48 * BLOCK_SIZE as u64 && allocated < h.size, "{allocated}");
         };
         check(&store);
+        // A copy taken before the fold still answers after it (the fold wrote only blocks
+        // it holds), the same hashes.
+        let h = store.vm_disks(&vm).remove(0);
+        let early = HashedCopy::new(&h, &dir.path().join("scratch"), h.durable()).unwrap();
+        let hashes = |copy: &HashedCopy, h: &DiskHandle| {
+            let mut got = Vec::new();
+            copy.hash(h, false, &mut |_, c| {
+                got.extend_from_slice(c);
+                true
+            })
+            .unwrap();
+            got
+        };
+        let before = hashes(&early, &h);
         store.apply_retention(&vm, 4000).unwrap();
         assert!(store.vm_disks(&vm)[0].base_seq() > Seq(0), "part of the journal folded");
+        assert_eq!(hashes(&early, &store.vm_disks(&vm)[0]), before);
         check(&store);
     }
 
