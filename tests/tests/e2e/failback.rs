@@ -955,7 +955,7 @@ fn a_delta_sync_cut_short_is_compared_again_over_the_records_the_master_target_h
     let root = tmp.path();
     let mut server = Server::init(root);
     server.start();
-    let Reprotected { onprem, recovered, mt, identity } =
+    let Reprotected { onprem, recovered, mt: _mt, identity } =
         reprotected(&server, root, "o", (48, 8, 71), "before");
     write_random(&recovered, 24, 72);
     let mut agent = recovered_agent_with(&server, root, "o", &identity, &recovered, &["--max-rate", "4MiB"]);
