@@ -116,6 +116,20 @@ fn main() {
     tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
 }
 
+/// A data directory `process-server init` made (its CA key is there), for the commands
+/// that issue from the CA.
+fn initialised(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    if !data_dir.join("pki").join("ca.key").exists() {
+        anyhow::bail!(
+            "{} is not initialised (no pki/ca.key): give the process server's data directory, or run \
+             `process-server init --data-dir {}` first",
+            data_dir.display(),
+            data_dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn run() -> anyhow::Result<()> {
     match tern_proto::config::parse::<Cli>().cmd {
         Cmd::Init { data_dir, sans } => {
@@ -125,12 +139,7 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::EnrollAdmin { data_dir, out } => {
-            if !data_dir.join("pki").join("ca.key").exists() {
-                anyhow::bail!(
-                    "{} holds no CA (pki/ca.key): give the data directory of the process server the identity is for",
-                    data_dir.display()
-                );
-            }
+            initialised(&data_dir)?;
             if out.exists() {
                 anyhow::bail!("{} exists already; give a new file", out.display());
             }
@@ -139,13 +148,7 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::ReissueCert { data_dir, sans, replace } => {
-            if !data_dir.join("pki").join("ca.key").exists() {
-                anyhow::bail!(
-                    "{} is not initialised; run `process-server init --data-dir {}` first",
-                    data_dir.display(),
-                    data_dir.display()
-                );
-            }
+            initialised(&data_dir)?;
             let names = tern_process_server::reissue_server_cert(&data_dir, &sans, replace)?;
             println!("server certificate issued again for: {}", names.join(", "));
             println!("restart the process server to use it");

@@ -454,14 +454,7 @@ async fn resolve_points(
         if let Some(g) = group {
             if !common.contains_key(&g) {
                 let fresh = if spec == PointSpec::Latest {
-                    // Its own task: a caller that goes away (Ctrl-C) does not cut a barrier short.
-                    let (c, gg) = (ctx.clone(), g.clone());
-                    let taken = ctx
-                        .tracker
-                        .spawn(async move { crate::groups::take_fresh_group_point(&c, &gg, false).await })
-                        .await
-                        .map_err(|e| Status::internal(e.to_string()))?;
-                    match taken {
+                    match fresh_group_point(ctx, &g).await? {
                         Ok(points) => points.first().map(|p| p.id.0),
                         Err(e) => {
                             warn!(plan = %plan.name, group = %g, error = %e,
@@ -530,6 +523,19 @@ async fn resolve_points(
         }
     }
     Ok((points, notes))
+}
+
+/// A multi-VM point of `group` made now, on its own task: a caller that goes away
+/// (Ctrl-C) does not cut a barrier short.
+async fn fresh_group_point(
+    ctx: &Arc<Ctx>,
+    group: &tern_core::GroupName,
+) -> Result<Result<Vec<tern_store::Point>, String>, Status> {
+    let (c, g) = (ctx.clone(), group.clone());
+    ctx.tracker
+        .spawn(async move { crate::groups::take_fresh_group_point(&c, &g, false).await })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
 }
 
 /// Checks what an operation needs of every VM before the first is touched.
