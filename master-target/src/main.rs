@@ -53,7 +53,11 @@ fn run() -> anyhow::Result<()> {
     match bundle.expiry(tern_core::pki::now_ms(), &what, renew) {
         tern_core::pki::Expiry::Valid => {}
         tern_core::pki::Expiry::Soon(w) => tracing::warn!("{w}"),
-        tern_core::pki::Expiry::Expired(e) => bail!("{e}"),
+        // A restart cannot mend it: exit 2, which the unit does not restart.
+        tern_core::pki::Expiry::Expired(e) => {
+            tern_proto::daemon::report_fatal(&e);
+            std::process::exit(2);
+        }
     }
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

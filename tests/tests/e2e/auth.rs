@@ -264,6 +264,26 @@ fn an_expired_identity_says_so_and_a_new_admin_is_made_on_the_server_host() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("expired on") && err.contains("drctl enroll agent --vm old"), "{err}");
+    // A master target's: exit 2 too, which its unit does not restart.
+    let mt_identity = root.join("mt.bundle");
+    server.drctl_json(&[
+        "enroll",
+        "master-target",
+        "--name",
+        "127.0.0.1",
+        "--out",
+        mt_identity.to_str().unwrap(),
+    ]);
+    let out = later(365 * 5 + 2, "master-target")
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(root.join("mt"))
+        .arg("--identity")
+        .arg(&mt_identity)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("expired on") && err.contains("drctl enroll master-target"), "{err}");
     // A new admin identity from the CA in the data directory, with the server running.
     let fresh = root.join("fresh-admin.bundle");
     let out = Command::new(bin("process-server"))
