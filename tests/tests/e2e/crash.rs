@@ -240,15 +240,7 @@ fn a_full_data_directory_is_reported_and_replication_resumes_once_there_is_room(
 fn a_full_data_directory_frees_itself_by_retention_with_the_space_reserve() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let clock = root.join("clock");
-    std::fs::write(&clock, "0").unwrap();
-    let _tmpfs = Tmpfs::mount(&root.join("ps"), "size=90m");
-    let mut server = Server::init(root);
-    server.extra = ["--retention-every", "1s", "--segment-size", "1MiB", "--space-reserve", "4MiB"]
-        .map(String::from)
-        .to_vec();
-    server.env = vec![("TERN_CLOCK_FILE".into(), clock.display().to_string())];
-    server.start();
+    let (mut server, _tmpfs, clock) = server_on_a_small_tmpfs(root, "90m");
     let reserve = server.data.join("space-reserve");
     assert_eq!(std::fs::metadata(&reserve).unwrap().len(), 4 << 20);
     let identity = root.join("fill.bundle");

@@ -770,3 +770,19 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
     }
 }
+
+/// A started process server whose data directory is a tmpfs of `size` (`48m`): retention
+/// every second, 1 MiB segments, a 4 MiB space reserve, and its clock moved by the
+/// milliseconds written to the returned file (0 now). For the full-storage scenarios.
+pub fn server_on_a_small_tmpfs(root: &Path, size: &str) -> (Server, Tmpfs, PathBuf) {
+    let clock = root.join("clock");
+    std::fs::write(&clock, "0").unwrap();
+    let tmpfs = Tmpfs::mount(&root.join("ps"), &format!("size={size}"));
+    let mut server = Server::init(root);
+    server.extra = ["--retention-every", "1s", "--segment-size", "1MiB", "--space-reserve", "4MiB"]
+        .map(String::from)
+        .to_vec();
+    server.env = vec![("TERN_CLOCK_FILE".into(), clock.display().to_string())];
+    server.start();
+    (server, tmpfs, clock)
+}

@@ -900,15 +900,7 @@ fn a_second_agent_for_the_disk_or_the_socket_is_refused_and_the_socket_takes_a_g
 fn a_full_server_gives_up_a_log_larger_than_the_written_extents() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let clock = root.join("clock");
-    std::fs::write(&clock, "0").unwrap();
-    let _tmpfs = Tmpfs::mount(&root.join("ps"), "size=48m");
-    let mut server = Server::init(root);
-    server.extra = ["--retention-every", "1s", "--segment-size", "1MiB", "--space-reserve", "4MiB"]
-        .map(String::from)
-        .to_vec();
-    server.env = vec![("TERN_CLOCK_FILE".into(), clock.display().to_string())];
-    server.start();
+    let (server, _tmpfs, clock) = server_on_a_small_tmpfs(root, "48m");
     let identity = root.join("db.bundle");
     server.enroll_agent("db", &identity);
     let disk = root.join("db.img");
