@@ -1,6 +1,8 @@
 //! Long operations (test failover, failover, change of point) run as jobs: a row in the
-//! catalog, progress in memory, the outcome stored when they end. A job that a restart
-//! interrupted ends as failed with the reason (see `Catalog::fail_interrupted_jobs`).
+//! catalog, progress in memory while they run, the outcome (and what they made) stored
+//! when they end. A job that a restart interrupted ends as failed with the reason (see
+//! `Catalog::fail_interrupted_jobs`). Ended jobs are pruned as new ones start (kept 30
+//! days, at most 50 of a kind per VM: `tern_store::JOBS_KEPT_MS`).
 
 use crate::lock;
 use std::collections::HashMap;
@@ -14,7 +16,8 @@ use tracing::{info, warn};
 #[derive(Debug)]
 pub struct Jobs {
     store: Arc<Store>,
-    live: Mutex<HashMap<u64, (JobRow, Option<pb::JobOutput>)>>,
+    /// Running jobs (and an ended one whose last row could not be written).
+    live: Mutex<HashMap<u64, JobRow>>,
 }
 
 impl Jobs {
@@ -40,13 +43,14 @@ impl Jobs {
             error: String::new(),
             started_ms: now,
             ended_ms: 0,
+            output: Vec::new(),
         };
-        lock(&self.live).insert(id, (row, None));
+        lock(&self.live).insert(id, row);
         info!(job = id, kind = %kind, vm = %vm, "job started");
         Ok(Job { id, jobs: self.clone() })
     }
 
-    /// Jobs, oldest first; `id` 0 for all. Results are kept for jobs of this process's life.
+    /// Jobs, oldest first; `id` 0 for all.
     pub fn list(&self, id: u64) -> Result<Vec<pb::JobInfo>, tern_store::StoreError> {
         let rows = self.store.jobs()?;
         let live = lock(&self.live);
@@ -54,7 +58,12 @@ impl Jobs {
             .into_iter()
             .filter(|r| id == 0 || r.id == id)
             .map(|r| {
-                let (row, output) = live.get(&r.id).cloned().unwrap_or((r, None));
+                let row = live.get(&r.id).cloned().unwrap_or(r);
+                // An output that does not decode (a damaged row) is left out, not an error:
+                // the job's state and error still show.
+                let output = (!row.output.is_empty())
+                    .then(|| <pb::JobOutput as prost::Message>::decode(row.output.as_slice()).ok())
+                    .flatten();
                 pb::JobInfo {
                     id: row.id,
                     kind: pb::JobKind::write(row.kind),
@@ -122,19 +131,23 @@ pub struct Job {
 }
 
 impl Job {
-    fn update(&self, f: impl FnOnce(&mut JobRow, &mut Option<pb::JobOutput>)) -> Option<JobRow> {
+    fn update(&self, f: impl FnOnce(&mut JobRow)) -> Option<JobRow> {
         let mut live = lock(&self.jobs.live);
-        let (row, result) = live.get_mut(&self.id)?;
-        f(row, result);
+        let row = live.get_mut(&self.id)?;
+        f(row);
         Some(row.clone())
     }
 
     /// Writes the row to the catalog on the blocking pool; awaited, so a job's rows land
-    /// in the order it reports them.
+    /// in the order it reports them. An ended job's row, once written, leaves memory.
     async fn persist(&self, row: Option<JobRow>) {
         let Some(row) = row else { return };
+        let ended = row.state != JobState::Running;
         let store = self.jobs.store.clone();
         match crate::admin::blocking(move || store.update_job(&row)).await {
+            Ok(Ok(())) if ended => {
+                lock(&self.jobs.live).remove(&self.id);
+            }
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(job = self.id, error = %e, "cannot record job progress"),
             Err(e) => warn!(job = self.id, error = %e.message(), "cannot record job progress"),
@@ -143,7 +156,7 @@ impl Job {
 
     pub async fn phase(&self, phase: &str) {
         info!(job = self.id, phase, "job phase");
-        let row = self.update(|r, _| {
+        let row = self.update(|r| {
             r.phase = phase.to_string();
             r.done = 0;
             r.total = 0;
@@ -152,7 +165,7 @@ impl Job {
     }
 
     pub fn progress(&self, done: u64, total: u64) {
-        self.update(|r, _| {
+        self.update(|r| {
             r.done = done;
             r.total = total;
         });
@@ -160,19 +173,19 @@ impl Job {
 
     pub async fn succeed(&self, output: pb::JobOutput) {
         info!(job = self.id, "job succeeded");
-        let row = self.update(|r, res| {
+        let row = self.update(|r| {
             r.state = JobState::Succeeded;
             r.phase = "done".into();
             r.done = r.total;
             r.ended_ms = tern_store::now_ms();
-            *res = Some(output);
+            r.output = prost::Message::encode_to_vec(&output);
         });
         self.persist(row).await;
     }
 
     pub async fn fail(&self, error: &str) {
         warn!(job = self.id, error, "job failed");
-        let row = self.update(|r, _| {
+        let row = self.update(|r| {
             r.state = JobState::Failed;
             r.error = error.to_string();
             r.ended_ms = tern_store::now_ms();

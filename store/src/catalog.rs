@@ -95,6 +95,9 @@ pub struct JobRow {
     pub error: String,
     pub started_ms: i64,
     pub ended_ms: i64,
+    /// What a succeeded job made, encoded by the process server (`tern_proto::JobOutput`);
+    /// empty before it ends, and for jobs that make nothing.
+    pub output: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,8 +187,16 @@ const TARGET_WRITE_THROUGH: &str = "write-through";
 /// groups and recovery plans. 4: a reprotect names the recovered VM's agent identity
 /// (`reprotects.identity`). 5: the VM's own policy is kept in `saved_policies` from
 /// reprotect to reverse replication, and a failover's output is known whole
-/// (`failovers.written`).
-pub const SCHEMA_VERSION: i64 = 6;
+/// (`failovers.written`). 6: the sources of disks and fences (`disk_sources`, `disk_fences`). 7: a job's output is kept with it (`jobs.output`), and ended jobs
+/// are pruned ([`JOBS_KEPT_MS`], [`JOBS_KEPT_PER_KIND`]).
+pub const SCHEMA_VERSION: i64 = 7;
+
+/// An ended job is kept this long (30 days)...
+pub const JOBS_KEPT_MS: i64 = 30 * 24 * 3_600_000;
+/// ...and of a VM's ended jobs of one kind only this many, the newest: an agent that
+/// fails its initial sync at each session would otherwise add a row every 30 s for as
+/// long as its trouble lasts.
+pub const JOBS_KEPT_PER_KIND: i64 = 50;
 
 /// Version 3's point tables, under the names a migration copies into.
 const POINT_TABLES: &str = "
@@ -261,7 +272,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     total INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
     started_ms INTEGER NOT NULL,
-    ended_ms INTEGER NOT NULL DEFAULT 0
+    ended_ms INTEGER NOT NULL DEFAULT 0,
+    output BLOB NOT NULL DEFAULT x''
 );
 CREATE TABLE IF NOT EXISTS disks (
     vm TEXT NOT NULL REFERENCES vms(name),
@@ -534,6 +546,11 @@ fn migrate(db: &mut Connection, version: i64, path: &Path) -> Result<(), StoreEr
         // Before version 4 a reprotect did not name the recovered VM's identity.
         if !columns("reprotects")?.iter().any(|c| c == "identity") {
             tx.execute_batch("ALTER TABLE reprotects ADD COLUMN identity TEXT NOT NULL DEFAULT ''")
+                .map_err(q("migrate catalog"))?;
+        }
+        // Before version 7 a job's output was kept in memory only.
+        if !columns("jobs")?.iter().any(|c| c == "output") {
+            tx.execute_batch("ALTER TABLE jobs ADD COLUMN output BLOB NOT NULL DEFAULT x''")
                 .map_err(q("migrate catalog"))?;
         }
         // Version 0 is a catalog from before the version was kept: the same tables, whose
@@ -1018,8 +1035,18 @@ impl Catalog {
     pub fn update_job(&self, j: &JobRow) -> Result<(), StoreError> {
         self.db
             .execute(
-                "UPDATE jobs SET state = ?2, phase = ?3, done = ?4, total = ?5, error = ?6, ended_ms = ?7 WHERE id = ?1",
-                params![i64_of(j.id), j.state.as_str(), j.phase, i64_of(j.done), i64_of(j.total), j.error, j.ended_ms],
+                "UPDATE jobs SET state = ?2, phase = ?3, done = ?4, total = ?5, error = ?6, ended_ms = ?7, \
+                 output = ?8 WHERE id = ?1",
+                params![
+                    i64_of(j.id),
+                    j.state.as_str(),
+                    j.phase,
+                    i64_of(j.done),
+                    i64_of(j.total),
+                    j.error,
+                    j.ended_ms,
+                    j.output
+                ],
             )
             .map_err(q("update job"))?;
         Ok(())
@@ -1029,7 +1056,8 @@ impl Catalog {
         let mut st = self
             .db
             .prepare(
-                "SELECT id, kind, vm, state, phase, done, total, error, started_ms, ended_ms FROM jobs ORDER BY id",
+                "SELECT id, kind, vm, state, phase, done, total, error, started_ms, ended_ms, output FROM jobs \
+                 ORDER BY id",
             )
             .map_err(q("list jobs"))?;
         let rows = st
@@ -1045,12 +1073,13 @@ impl Catalog {
                     r.get::<_, String>(7)?,
                     r.get::<_, i64>(8)?,
                     r.get::<_, i64>(9)?,
+                    r.get::<_, Vec<u8>>(10)?,
                 ))
             })
             .map_err(q("list jobs"))?;
         let mut out = Vec::new();
         for r in rows {
-            let (id, kind, vm, state, phase, done, total, error, started_ms, ended_ms) =
+            let (id, kind, vm, state, phase, done, total, error, started_ms, ended_ms, output) =
                 r.map_err(q("list jobs"))?;
             let bad = |reason: String| bad_row("jobs", &id.to_string(), reason);
             let count = |v: i64| u64::try_from(v).map_err(|_| bad(format!("negative count {v}")));
@@ -1065,9 +1094,26 @@ impl Catalog {
                 error,
                 started_ms,
                 ended_ms,
+                output,
             });
         }
         Ok(out)
+    }
+
+    /// Deletes ended jobs that ended more than [`JOBS_KEPT_MS`] before `now_ms`, and those
+    /// past the newest [`JOBS_KEPT_PER_KIND`] ended ones of their VM and kind; returns how
+    /// many. Running jobs are kept.
+    pub fn prune_jobs(&self, now_ms: i64) -> Result<usize, StoreError> {
+        self.db
+            .execute(
+                "DELETE FROM jobs WHERE state != ?1 AND (ended_ms < ?2 OR id IN (
+                     SELECT id FROM (
+                         SELECT id, row_number() OVER (PARTITION BY vm, kind ORDER BY id DESC) AS newer
+                         FROM jobs WHERE state != ?1)
+                     WHERE newer > ?3))",
+                params![JobState::Running.as_str(), now_ms - JOBS_KEPT_MS, JOBS_KEPT_PER_KIND],
+            )
+            .map_err(q("prune jobs"))
     }
 
     /// Point ids are never reused, even after the points they named were deleted.
@@ -1814,6 +1860,56 @@ mod tests {
         // A catalog from a newer tern is refused, not misread.
         Connection::open(&path).unwrap().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         assert!(matches!(Catalog::open(&path), Err(StoreError::CatalogTooNew { .. })));
+    }
+
+    #[test]
+    fn ended_jobs_are_kept_thirty_days_and_fifty_of_a_kind_per_vm_with_their_output() {
+        let (_dir, c, vm) = catalog_in(VmState::Protected);
+        let other = VmName::new("other").unwrap();
+        let day = 24 * 3_600_000;
+        let now = 100 * day;
+        let end = |id: u64, kind: JobKind, vm: &VmName, ended_ms: i64| {
+            let row = JobRow {
+                id,
+                kind,
+                vm: vm.to_string(),
+                state: JobState::Failed,
+                phase: String::new(),
+                done: 0,
+                total: 0,
+                error: "no room".into(),
+                started_ms: ended_ms,
+                ended_ms,
+                output: id.to_le_bytes().to_vec(),
+            };
+            c.update_job(&row).unwrap();
+        };
+        // A running job 40 days old, one ended 31 days ago, one ended 29 days ago.
+        let running = c.insert_job(JobKind::TestFailover, &vm, now - 40 * day).unwrap();
+        let old = c.insert_job(JobKind::TestFailover, &vm, now - 31 * day).unwrap();
+        end(old, JobKind::TestFailover, &vm, now - 31 * day);
+        let recent = c.insert_job(JobKind::TestFailover, &vm, now - 29 * day).unwrap();
+        end(recent, JobKind::TestFailover, &vm, now - 29 * day);
+        // 60 failed initial syncs of one VM, and one of another.
+        let syncs: Vec<u64> = (0..60)
+            .map(|i| {
+                let id = c.insert_job(JobKind::InitialSync, &vm, now - day + i).unwrap();
+                end(id, JobKind::InitialSync, &vm, now - day + i);
+                id
+            })
+            .collect();
+        let elsewhere = c.insert_job(JobKind::InitialSync, &other, now).unwrap();
+        end(elsewhere, JobKind::InitialSync, &other, now);
+
+        assert_eq!(c.prune_jobs(now).unwrap(), 1 + 10);
+        let kept: Vec<u64> = c.jobs().unwrap().iter().map(|j| j.id).collect();
+        let mut want = vec![running, recent];
+        want.extend(&syncs[10..]);
+        want.push(elsewhere);
+        assert_eq!(kept, want);
+        let j = c.jobs().unwrap().into_iter().find(|j| j.id == recent).unwrap();
+        assert_eq!((j.state, j.output), (JobState::Failed, recent.to_le_bytes().to_vec()));
+        assert_eq!(c.prune_jobs(now).unwrap(), 0);
     }
 
     #[test]

@@ -49,8 +49,8 @@ mod written;
 pub mod zero_subtrees;
 
 pub use catalog::{
-    Between, Consistency, FailoverRow, GroupRow, JobRow, MAX_RETENTION_MS, PlanRow, Point, PointDisk, Policy,
-    ReprotectRow, SCHEMA_VERSION, TestFailoverRow, Transition,
+    Between, Consistency, FailoverRow, GroupRow, JOBS_KEPT_MS, JOBS_KEPT_PER_KIND, JobRow, MAX_RETENTION_MS,
+    PlanRow, Point, PointDisk, Policy, ReprotectRow, SCHEMA_VERSION, TestFailoverRow, Transition,
 };
 pub use failover::VerifiedDisk;
 pub use format::{RecordKind, TimeRuns};
@@ -1087,8 +1087,15 @@ impl Store {
         self.catalog().set_target_mode(vm, mode)
     }
 
+    /// Records a new running job, after pruning ended ones (see [`JOBS_KEPT_MS`]).
     pub fn insert_job(&self, kind: tern_core::JobKind, vm: &VmName, now_ms: i64) -> Result<u64, StoreError> {
-        self.catalog().insert_job(kind, vm, now_ms)
+        let catalog = self.catalog();
+        match catalog.prune_jobs(now_ms) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(pruned = n, "ended jobs pruned"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune ended jobs"),
+        }
+        catalog.insert_job(kind, vm, now_ms)
     }
 
     pub fn update_job(&self, j: &JobRow) -> Result<(), StoreError> {

@@ -156,7 +156,7 @@ fn planned_failover_is_refused_when_the_source_cannot_shut_down() {
 fn unplanned_failover_with_the_agent_gone_then_change_point_and_commit() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let (server, mut agent, disk) = setup(root, "un", &[], &[]);
+    let (mut server, mut agent, disk) = setup(root, "un", &[], &[]);
     let p1 = server.checkpoint("un");
     let h1 = b3(&disk, None);
     scatter_writes(&disk, 0.01, 41);
@@ -192,6 +192,10 @@ fn unplanned_failover_with_the_agent_gone_then_change_point_and_commit() {
             && kinds.contains(&"unplanned-failover")
             && kinds.contains(&"change-point")
     );
+    // What the jobs made is kept with them across a restart of the process server.
+    server.kill9();
+    server.start();
+    assert_eq!(server.drctl_json(&["jobs"]), jobs);
 }
 
 #[test]
