@@ -9,6 +9,14 @@
 //! The file `disk-NAME.hot` is a bitmap, one bit per extent, written a 4 KiB page at a
 //! time. A bit is set and synced before the write it covers is applied; a torn page can
 //! only lose a bit whose write never happened, or keep a bit that was being cleared.
+//!
+//! The log knows only the writes that came through the agent. Beside it, `disk-NAME.seal`
+//! says which file it describes (device and inode, or a block device's number, and size)
+//! and, once the agent stopped cleanly, the file's modification and change times after its
+//! last write. A disk that is another file now (moved over, disks swapped in `--disk`), or
+//! a file written while the agent was stopped (restored from a backup, written in place by
+//! another tool), makes every extent hot: the disk is compared in full once. After a crash
+//! only the file's identity can be checked: its times moved with the agent's own writes.
 
 use std::fs::File;
 use std::io;
@@ -31,15 +39,48 @@ impl ActivityLog {
         state_dir.join(format!("disk-{disk}.hot"))
     }
 
-    /// Opens the log of a disk of `size` bytes. False in the second value: there was no
-    /// usable log (first run in nbd mode, after scan mode, another disk size), so every
-    /// extent starts hot: the disk is compared in full once. That log is written whole and
-    /// renamed into place, so a crash leaves the old file or the new one.
-    pub fn open(state_dir: &Path, disk: &str, size: u64) -> io::Result<(ActivityLog, bool)> {
+    /// Opens the log of a disk of `size` bytes, read from `disk_file`. False in the second
+    /// value: there was no usable log (first run in nbd mode, after scan mode, another disk
+    /// size, a disk that is not the one the log describes or that was written while the
+    /// agent was stopped), so every extent starts hot: the disk is compared in full once.
+    /// That log is written whole and renamed into place, so a crash leaves the old file or
+    /// the new one. Either way the disk's seal then says the agent runs (see the module).
+    pub fn open(
+        state_dir: &Path,
+        disk: &str,
+        size: u64,
+        disk_file: &File,
+    ) -> io::Result<(ActivityLog, bool)> {
+        let seen = Seal::of(disk_file, size, true)?;
+        let trusted = match Seal::read(state_dir, disk) {
+            Some(sealed) => {
+                let why = sealed.changed(&seen);
+                if let Some(why) = why {
+                    tracing::warn!(disk, why, "the disk is compared in full with the process server's copy");
+                }
+                why.is_none()
+            }
+            None => {
+                if ActivityLog::path(state_dir, disk).exists() {
+                    tracing::info!(
+                        disk,
+                        "the activity log has no seal (an older agent wrote it): the disk is compared in full once"
+                    );
+                }
+                false
+            }
+        };
+        let log = ActivityLog::open_log(state_dir, disk, size, trusted)?;
+        // From here the agent writes the disk: its times are no longer the seal's.
+        Seal { clean: false, mtime: (0, 0), ctime: (0, 0), ..seen }.write(state_dir, disk)?;
+        Ok(log)
+    }
+
+    fn open_log(state_dir: &Path, disk: &str, size: u64, trusted: bool) -> io::Result<(ActivityLog, bool)> {
         let path = ActivityLog::path(state_dir, disk);
         let extents = size.div_ceil(EXTENT);
         let len = usize::try_from(extents.div_ceil(8)).unwrap_or(usize::MAX).next_multiple_of(PAGE);
-        if let Some(bits) = std::fs::read(&path).ok().filter(|b| b.len() == len) {
+        if let Some(bits) = std::fs::read(&path).ok().filter(|b| trusted && b.len() == len) {
             let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
             return Ok((ActivityLog { file, bits, extents }, true));
         }
@@ -47,13 +88,7 @@ impl ActivityLog {
         for e in 0..extents {
             log.set(e, true);
         }
-        let new = path.with_extension("hot.new");
-        std::fs::write(&new, &log.bits)?;
-        File::open(&new)?.sync_all()?;
-        std::fs::rename(&new, &path)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
+        replace_durably(&path, &log.bits)?;
         log.file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
         Ok((log, false))
     }
@@ -62,6 +97,7 @@ impl ActivityLog {
     /// mode would miss those writes, so it goes.
     pub fn remove(state_dir: &Path, disk: &str) {
         let _ = std::fs::remove_file(ActivityLog::path(state_dir, disk));
+        let _ = std::fs::remove_file(Seal::path(state_dir, disk));
     }
 
     pub fn is_hot(&self, extent: u64) -> bool {
@@ -112,28 +148,250 @@ impl ActivityLog {
     }
 }
 
+/// Which file a disk's activity log describes, and (`clean`) its times once the agent
+/// stopped writing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seal {
+    clean: bool,
+    /// A file's device and inode; zero for a block device.
+    dev: u64,
+    ino: u64,
+    /// A block device's number; zero for a file.
+    rdev: u64,
+    size: u64,
+    /// Modification and change times (seconds, nanoseconds); kept only when `clean`.
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+// Layout: b"TERNSEAL", version u32 LE (1), clean u32, dev, ino, rdev, size u64, mtime s i64,
+// ns i64, ctime s i64, ns i64, then the BLAKE3 of the 80 bytes before it.
+const SEAL_MAGIC: &[u8; 8] = b"TERNSEAL";
+const SEAL_BODY: usize = 80;
+
+impl Seal {
+    fn path(state_dir: &Path, disk: &str) -> PathBuf {
+        state_dir.join(format!("disk-{disk}.seal"))
+    }
+
+    /// `f`, a disk of `size` bytes, as it is now; `clean`: with its times.
+    pub fn of(f: &File, size: u64, clean: bool) -> io::Result<Seal> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let m = f.metadata()?;
+        let device = m.file_type().is_block_device();
+        // A block device node's times do not move with its writes: only its number is kept.
+        let times = clean && !device;
+        Ok(Seal {
+            clean: times,
+            dev: if device { 0 } else { m.dev() },
+            ino: if device { 0 } else { m.ino() },
+            rdev: if device { m.rdev() } else { 0 },
+            size,
+            mtime: if times { (m.mtime(), m.mtime_nsec()) } else { (0, 0) },
+            ctime: if times { (m.ctime(), m.ctime_nsec()) } else { (0, 0) },
+        })
+    }
+
+    /// Why the disk seen now is not what this seal describes, if it is not.
+    fn changed(&self, now: &Seal) -> Option<&'static str> {
+        if (self.dev, self.ino, self.rdev) != (now.dev, now.ino, now.rdev) {
+            Some("the disk is not the file (or device) the agent served when it last ran")
+        } else if self.size != now.size {
+            Some("the disk's size changed since the agent last ran")
+        } else if self.clean && (self.mtime, self.ctime) != (now.mtime, now.ctime) {
+            Some("the disk was written while the agent was stopped (its modification or change time moved)")
+        } else {
+            None
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(SEAL_BODY + 32);
+        b.extend_from_slice(SEAL_MAGIC);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&u32::from(self.clean).to_le_bytes());
+        for v in [self.dev, self.ino, self.rdev, self.size] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        let check = blake3::hash(&b);
+        b.extend_from_slice(check.as_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Seal> {
+        let (body, check) = (b.get(..SEAL_BODY)?, b.get(SEAL_BODY..)?);
+        if b.len() != SEAL_BODY + 32 || &body[..8] != SEAL_MAGIC || blake3::hash(body).as_bytes() != check {
+            return None;
+        }
+        let word = |i: usize| body.get(i..i + 8).and_then(|w| w.try_into().ok());
+        let u = |i: usize| word(i).map(u64::from_le_bytes);
+        let s = |i: usize| word(i).map(i64::from_le_bytes);
+        let version = u32::from_le_bytes(body[8..12].try_into().ok()?);
+        let clean = u32::from_le_bytes(body[12..16].try_into().ok()?);
+        if version != 1 || clean > 1 {
+            return None;
+        }
+        Some(Seal {
+            clean: clean == 1,
+            dev: u(16)?,
+            ino: u(24)?,
+            rdev: u(32)?,
+            size: u(40)?,
+            mtime: (s(48)?, s(56)?),
+            ctime: (s(64)?, s(72)?),
+        })
+    }
+
+    /// The disk's seal in `state_dir`; none when it is missing or damaged (the log is then
+    /// not trusted).
+    fn read(state_dir: &Path, disk: &str) -> Option<Seal> {
+        let path = Seal::path(state_dir, disk);
+        let bytes = std::fs::read(&path).ok()?;
+        let seal = Seal::decode(&bytes);
+        if seal.is_none() {
+            tracing::warn!(disk, path = %path.display(), "the disk's seal is damaged");
+        }
+        seal
+    }
+
+    /// Writes the seal in place of the old one, durably.
+    pub fn write(&self, state_dir: &Path, disk: &str) -> io::Result<()> {
+        replace_durably(&Seal::path(state_dir, disk), &self.encode())
+    }
+}
+
+/// Writes `bytes` to `path` through a synced temporary file renamed into place, then syncs
+/// the directory: a crash leaves the old file or the new one.
+fn replace_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let new = path.with_extension("new");
+    std::fs::write(&new, bytes)?;
+    File::open(&new)?.sync_all()?;
+    std::fs::rename(&new, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn disk(dir: &Path, name: &str, size: u64) -> File {
+        let path = dir.join(name);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(size).unwrap();
+        f
+    }
 
     #[test]
     fn hot_extents_survive_a_reopen_and_retired_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let size = 100 * EXTENT + 5;
-        let (mut log, usable) = ActivityLog::open(dir.path(), "sda", size).unwrap();
+        let f = disk(dir.path(), "d.img", size);
+        let (mut log, usable) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
         assert!(!usable, "a new log is not usable: the disk is compared in full once");
         assert_eq!(log.hot().len(), 101, "every extent starts hot");
         log.retire(&(0..101).collect::<Vec<_>>()).unwrap();
         log.mark_hot(&[0, 7, 100]).unwrap();
         log.retire(&[7]).unwrap();
         drop(log);
-        let (log, usable) = ActivityLog::open(dir.path(), "sda", size).unwrap();
+        let (log, usable) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
         assert!(usable);
         assert_eq!(log.hot(), [0, 100]);
         // Another size: not usable.
         drop(log);
-        let (log, usable) = ActivityLog::open(dir.path(), "sda", 50_000 * EXTENT).unwrap();
+        let bigger = disk(dir.path(), "d.img", 50_000 * EXTENT);
+        let (log, usable) = ActivityLog::open(dir.path(), "sda", 50_000 * EXTENT, &bigger).unwrap();
         assert!(!usable);
         assert_eq!(log.hot().len(), 50_000);
+    }
+
+    /// A log whose only hot extent is 3, over `f`, sealed as a clean stop leaves it.
+    fn cooled_and_sealed(dir: &Path, f: &File, size: u64) {
+        let (mut log, _) = ActivityLog::open(dir, "sda", size, f).unwrap();
+        log.retire(&log.hot()).unwrap();
+        log.mark_hot(&[3]).unwrap();
+        f.write_all_at(b"the agent's own last write", 3 * EXTENT).unwrap();
+        f.sync_all().unwrap();
+        Seal::of(f, size, true).unwrap().write(dir, "sda").unwrap();
+    }
+
+    #[test]
+    fn a_disk_written_while_the_agent_was_stopped_is_compared_in_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 16 * EXTENT;
+        let f = disk(dir.path(), "d.img", size);
+        cooled_and_sealed(dir.path(), &f, size);
+        let (log, usable) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
+        assert!(usable, "untouched since the clean stop");
+        assert_eq!(log.hot(), [3]);
+
+        // Restored from a backup, in place (the same inode and size).
+        cooled_and_sealed(dir.path(), &f, size);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        f.write_all_at(b"restored", 9 * EXTENT).unwrap();
+        let (log, usable) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
+        assert!(!usable);
+        assert_eq!(log.hot().len(), 16, "every extent is compared");
+
+        // Another file of the same size in its place (moved over it, or disks swapped).
+        cooled_and_sealed(dir.path(), &f, size);
+        let other = disk(dir.path(), "other.img", size);
+        let (log, usable) = ActivityLog::open(dir.path(), "sda", size, &other).unwrap();
+        assert!(!usable);
+        assert_eq!(log.hot().len(), 16);
+    }
+
+    #[test]
+    fn after_a_crash_the_log_is_trusted_for_the_same_file_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 16 * EXTENT;
+        let f = disk(dir.path(), "d.img", size);
+        cooled_and_sealed(dir.path(), &f, size);
+        // The agent starts (its seal now says it runs), writes, and is killed.
+        let (mut log, _) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
+        log.mark_hot(&[5]).unwrap();
+        f.write_all_at(b"written, then killed", 5 * EXTENT).unwrap();
+        drop(log);
+        let (log, usable) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
+        assert!(usable, "the times moved with the agent's own writes");
+        assert_eq!(log.hot(), [3, 5]);
+        drop(log);
+        let other = disk(dir.path(), "other.img", size);
+        assert!(!ActivityLog::open(dir.path(), "sda", size, &other).unwrap().1);
+    }
+
+    #[test]
+    fn a_missing_or_damaged_seal_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 16 * EXTENT;
+        let f = disk(dir.path(), "d.img", size);
+        let seal = Seal::path(dir.path(), "sda");
+        for damage in [
+            |p: &Path| std::fs::remove_file(p).unwrap(),
+            |p: &Path| {
+                let mut b = std::fs::read(p).unwrap();
+                b[20] ^= 1;
+                std::fs::write(p, b).unwrap();
+            },
+        ] {
+            cooled_and_sealed(dir.path(), &f, size);
+            damage(&seal);
+            let (log, usable) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
+            assert!(!usable);
+            assert_eq!(log.hot().len(), 16);
+        }
+        let s = Seal::of(&f, size, true).unwrap();
+        assert_eq!(Seal::decode(&s.encode()), Some(s));
     }
 }

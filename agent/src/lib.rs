@@ -112,6 +112,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let config = Arc::new(config);
     // Ready as soon as it runs: the first session may wait for a server that is away.
     tern_proto::daemon::notify_ready();
+    let result = replicate(&config, tracker.clone(), shutdown).await;
+    tern_proto::daemon::notify_stopping();
+    if let Some(t) = tracker {
+        t.seal(&config.state_dir);
+    }
+    result
+}
+
+/// Sessions with the process server, one after another, until `shutdown` or, in scan mode,
+/// a permanent refusal.
+async fn replicate(
+    config: &Arc<Config>,
+    tracker: Option<Arc<tracker::Tracker>>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     // Unreachable, or gone after replication made progress: back within about a second.
     let mut reconnect = tern_core::backoff::Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
     // Welcomed, then failed before anything was acked (storage full on the server, a

@@ -133,6 +133,8 @@ struct Inner {
     last_time: i64,
     /// A multi-VM barrier holds the VM's new writes (they wait in `change`) until released.
     held: bool,
+    /// The agent is stopping and has sealed its disks: writes are refused.
+    sealed: bool,
 }
 
 /// Counters of a tracker, for status and metrics.
@@ -298,7 +300,7 @@ impl Tracker {
                 ));
             }
             let size = tern_core::disk::DiskReader::open(path)?.size()?;
-            let (log, _) = ActivityLog::open(state_dir, name.as_str(), size)?;
+            let (log, _) = ActivityLog::open(state_dir, name.as_str(), size, &file)?;
             activity.push(log);
             open.push(Disk { name: name.clone(), size, file });
         }
@@ -623,6 +625,9 @@ impl Tracker {
         while g.held {
             g = self.resume.wait(g).unwrap_or_else(|p| p.into_inner());
         }
+        if g.sealed {
+            return Err(io::Error::other("the agent is stopping: its disks take no more writes"));
+        }
         let inner = &mut *g;
         if let Some(s) = inner.snapshot.as_mut() {
             let p = PAGE_SIZE as u64;
@@ -716,6 +721,28 @@ impl Tracker {
     fn zero(&self, disk: usize, offset: u64, len: u64, keep_allocated: bool) -> io::Result<()> {
         let item = Item::Zero { disk, offset, len };
         self.change(disk, offset, len, item, |f, _| crate::nbd::zero_range(f, offset, len, keep_allocated))
+    }
+
+    /// The agent stops: no write is taken from here on, and each disk, synced, is sealed
+    /// with its times (see [`crate::activity`]), so that the next start can tell whether it
+    /// was written meanwhile.
+    pub fn seal(&self, state_dir: &std::path::Path) {
+        let mut g = self.lock();
+        g.sealed = true;
+        for d in &self.disks {
+            let sealed = d
+                .file
+                .sync_all()
+                .and_then(|()| crate::activity::Seal::of(&d.file, d.size, true))
+                .and_then(|s| s.write(state_dir, d.name.as_str()));
+            match sealed {
+                Ok(()) => tracing::debug!(disk = %d.name, "disk sealed"),
+                // The next start then trusts only the disk's identity, as after a crash.
+                Err(e) => {
+                    tracing::warn!(disk = %d.name, error = %e, "cannot seal the disk in the state directory")
+                }
+            }
+        }
     }
 
     /// Writes are durable on the local disk. They are durably recorded for replication

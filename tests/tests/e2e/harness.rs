@@ -293,6 +293,15 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Stops the agent as its unit does (SIGTERM) and waits for it to exit cleanly.
+    pub fn stop(&mut self) {
+        let pid = self.child.as_ref().expect("a running agent").id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let exited = self.wait_exit("the agent to exit on SIGTERM");
+        assert!(exited.success(), "{exited:?}\n{}", tail(&self.log_text(), 20));
+        self.child = None;
+    }
+
     /// Waits (up to 20 s) for an agent that is expected to stop by itself, e.g. refusing
     /// its arguments; returns its exit status.
     pub fn wait_exit(&mut self, what: &str) -> std::process::ExitStatus {

@@ -568,6 +568,50 @@ fn a_killed_agent_compares_only_the_extents_written_since_its_last_point() {
     assert!(received < 2 << 20, "{received} bytes received after the restart");
 }
 
+/// A disk written while its nbd-mode agent was stopped (a backup restored in place, another
+/// tool), or another file put in its place, is not what the activity log describes: the
+/// next start compares it in full, and the next point is the disk as it is.
+#[test]
+fn a_disk_changed_while_its_agent_was_stopped_is_compared_in_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut vm = protect_nbd(root, 48, 16, &[]);
+    writes_in(&vm.uri, 20, 0, 4, 1);
+    vm.server.checkpoint("db");
+    let compared = |vm: &NbdVm| hot_mib_compared(&vm.agent.log_text());
+
+    // Stopped and started again with nothing changed: only the hot extents are compared.
+    vm.agent.stop();
+    vm.agent.restart();
+    vm.server.wait_connected("db");
+    let p = vm.server.checkpoint("db");
+    assert_eq!(test_failover(&vm.server, root, &p).0, b3(&vm.disk, None));
+    assert!(compared(&vm).last().is_some_and(|&mib| mib < 48), "{}", tail(&vm.agent.log_text(), 20));
+    vm.server.drctl_json(&["test-failover-cleanup", "db"]);
+
+    // Written in place while the agent is stopped.
+    vm.agent.stop();
+    scatter_writes(&vm.disk, 0.01, 5);
+    vm.agent.restart();
+    vm.server.wait_connected("db");
+    let p = vm.server.checkpoint("db");
+    assert_eq!(test_failover(&vm.server, root, &p).0, b3(&vm.disk, None), "a stale point");
+    assert_eq!(compared(&vm).last(), Some(&48), "{}", tail(&vm.agent.log_text(), 20));
+    vm.server.drctl_json(&["test-failover-cleanup", "db"]);
+
+    // Another file moved over the disk's path, killed rather than stopped this time.
+    vm.agent.kill9();
+    let other = root.join("restored.img");
+    std::fs::copy(&vm.disk, &other).unwrap();
+    scatter_writes(&other, 0.01, 6);
+    std::fs::rename(&other, &vm.disk).unwrap();
+    vm.agent.restart();
+    vm.server.wait_connected("db");
+    let p = vm.server.checkpoint("db");
+    assert_eq!(test_failover(&vm.server, root, &p).0, b3(&vm.disk, None), "a stale point");
+    assert_eq!(compared(&vm).last(), Some(&48), "{}", tail(&vm.agent.log_text(), 20));
+}
+
 /// The agent's export as a block device of this machine: nbdfuse shows it as a file, a
 /// loop device makes that a disk. Taken down in order when dropped.
 struct Attached {
