@@ -5,7 +5,7 @@ use crate::changes::Update;
 use crate::state::{DiskState, UNKNOWN};
 use crate::tracker::{Item, MarkHashes, Next, Tracker};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tern_core::blocks::{FingerprintTree, GROUP_BLOCKS, with_pages, zero_block};
 use tern_core::codec::Encoder;
 use tern_core::{BLOCK_SIZE, Digest};
@@ -20,6 +20,13 @@ const ZERO_RECORD: u64 = 4 << 20;
 const BATCH_BYTES: usize = 1 << 20;
 /// ... or this many records (zeroed ranges carry no payload).
 const BATCH_RECORDS: usize = 4096;
+/// ... or once its first record has waited this long: a VM that writes a little all the
+/// time never leaves the log idle, and its writes must not wait for a full batch (4,096
+/// records took 20 s at 200 small writes a second), as they are lost with the site until
+/// they reach the server.
+const BATCH_LINGER: Duration = Duration::from_millis(50);
+/// How long the log is waited on when no batch is being filled.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub enum LogEvent {
@@ -49,6 +56,8 @@ struct Pending {
     records: Vec<pb::Record>,
     times: Vec<i64>,
     bytes: usize,
+    /// It goes out by then at the latest.
+    due: Instant,
 }
 
 /// Streams the log until it is dropped, the receiver goes, or `cancel`.
@@ -80,7 +89,8 @@ pub fn run(
     let mut armed = false;
     let mut now = 0i64;
     while !cancel.is_cancelled() {
-        let item = match tracker.next(Duration::from_millis(100)) {
+        let wait = batch.as_ref().map_or(IDLE_WAIT, |b| b.due.saturating_duration_since(Instant::now()));
+        let item = match tracker.next(wait) {
             Next::Item(item) => item,
             Next::Idle => {
                 if !flush(&mut batch) {
@@ -121,14 +131,21 @@ pub fn run(
         if batch.as_ref().is_some_and(|b| b.disk != disk) && !flush(&mut batch) {
             return Ok(());
         }
-        let b =
-            batch.get_or_insert_with(|| Pending { disk, records: Vec::new(), times: Vec::new(), bytes: 0 });
+        let b = batch.get_or_insert_with(|| Pending {
+            disk,
+            records: Vec::new(),
+            times: Vec::new(),
+            bytes: 0,
+            due: Instant::now() + BATCH_LINGER,
+        });
         b.bytes += records.iter().map(|r| r.payload.len()).sum::<usize>();
         if armed {
             b.times.extend(std::iter::repeat_n(now, records.len()));
         }
         b.records.extend(records);
-        if (b.bytes >= BATCH_BYTES || b.records.len() >= BATCH_RECORDS) && !flush(&mut batch) {
+        if (b.bytes >= BATCH_BYTES || b.records.len() >= BATCH_RECORDS || Instant::now() >= b.due)
+            && !flush(&mut batch)
+        {
             return Ok(());
         }
     }
