@@ -291,7 +291,12 @@ async fn relay_session(
             seen = Some(epoch);
         }
         let mut sent = false;
-        for h in &handles {
+        // With --sync during the target disks are written through: they stay as they are
+        // until the failback itself (its full download), not filled piecemeal beforehand by
+        // what the recovered VM's agent sends meanwhile (nbd mode streams every write, a
+        // checkpoint sends a pass), which would leave them neither the old VM's nor the new.
+        let held = row.sync == tern_core::SyncMode::During && !lock(&ctx.failing_back).contains(vm);
+        for h in handles.iter().filter(|_| !held) {
             sent |= send_new_records(h, &mut next, &mut cursor, &tx, &mut limiter).await?;
         }
         let wait = if sent { Duration::from_millis(0) } else { Duration::from_millis(100) };

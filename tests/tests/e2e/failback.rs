@@ -2,7 +2,7 @@
 
 use crate::harness::*;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn received(server: &Server, vm: &str) -> u64 {
     server.status(vm)["bytes_received"].as_u64().unwrap()
@@ -509,6 +509,43 @@ fn master_target_killed_during_the_failback_apply() {
         "the kill should have interrupted the apply: {}",
         tail(&server.log_text(), 20)
     );
+}
+
+/// With --sync during the target disk stays as it is until the failback: what the recovered
+/// VM's agent sends before it (a checkpoint's pass here; every write in nbd mode) waits in
+/// the process server's journal, and the failback's full download then makes the target
+/// disk the recovered one.
+#[test]
+fn with_sync_during_the_target_disk_is_untouched_until_the_failback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let Reprotected { onprem, recovered, mt: _mt, identity } =
+        reprotected(&server, root, "d", (32, 8, 9), "during");
+    let untouched = b3(&onprem, None);
+    // What the master target holds once the relay has its Welcome: the failed-over base.
+    let held = deadline_poll("the relay to reach the master target", Duration::from_secs(30), || {
+        let seq = server.status("d")["disks"][0]["master_target_seq"].as_u64().unwrap_or(0);
+        (seq > 0).then_some(seq)
+    });
+    make_random(&recovered, 32, 16, 10);
+    let _rec = recovered_agent(&server, root, "d", &identity, &recovered);
+    server.checkpoint("d");
+    scatter_writes(&recovered, 0.01, 11);
+    server.checkpoint("d");
+    // The relay would have sent within moments (it looks every 100 ms).
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let d = &server.status("d")["disks"][0];
+        assert_eq!(d["master_target_seq"], held, "relayed before the failback: {d}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(b3(&onprem, None), untouched, "the target disk was written before the failback");
+    let want = b3(&recovered, None);
+    let res = server.drctl_json(&["failback", "d"]);
+    assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
+    assert_eq!(b3(&onprem, None), want);
 }
 
 #[test]
