@@ -11,12 +11,15 @@
 //! only lose a bit whose write never happened, or keep a bit that was being cleared.
 //!
 //! The log knows only the writes that came through the agent. Beside it, `disk-NAME.seal`
-//! says which file it describes (device and inode, or a block device's number, and size)
-//! and, once the agent stopped cleanly, the file's modification and change times after its
-//! last write. A disk that is another file now (moved over, disks swapped in `--disk`), or
-//! a file written while the agent was stopped (restored from a backup, written in place by
-//! another tool), makes every extent hot: the disk is compared in full once. After a crash
-//! only the file's identity can be checked: its times moved with the agent's own writes.
+//! says which file it describes (device, inode and birth time, or a block device's number,
+//! and size) and, once the agent stopped cleanly, the file's modification and change times
+//! after its last write. A disk that is another file now (moved over, disks swapped in
+//! `--disk`), or a file written while the agent was stopped (restored from a backup,
+//! written in place by another tool), makes every extent hot: the disk is compared in full
+//! once. The seal stays clean until the agent's first write of a run, so a run that writes
+//! nothing (a start that fails) keeps it. After a crash only the file's identity can be
+//! checked: its times moved with the agent's own writes. A log without a seal (written by
+//! an older agent) is trusted as it was then.
 
 use std::fs::File;
 use std::io;
@@ -44,7 +47,7 @@ impl ActivityLog {
     /// size, a disk that is not the one the log describes or that was written while the
     /// agent was stopped), so every extent starts hot: the disk is compared in full once.
     /// That log is written whole and renamed into place, so a crash leaves the old file or
-    /// the new one. Either way the disk's seal then says the agent runs (see the module).
+    /// the new one. The seal is left as it is until the run's first write.
     pub fn open(
         state_dir: &Path,
         disk: &str,
@@ -53,27 +56,17 @@ impl ActivityLog {
     ) -> io::Result<(ActivityLog, bool)> {
         let seen = Seal::of(disk_file, size, true)?;
         let trusted = match Seal::read(state_dir, disk) {
-            Some(sealed) => {
+            Ok(sealed) => {
                 let why = sealed.changed(&seen);
                 if let Some(why) = why {
                     tracing::warn!(disk, why, "the disk is compared in full with the process server's copy");
                 }
                 why.is_none()
             }
-            None => {
-                if ActivityLog::path(state_dir, disk).exists() {
-                    tracing::info!(
-                        disk,
-                        "the activity log has no seal (an older agent wrote it): the disk is compared in full once"
-                    );
-                }
-                false
-            }
+            Err(SealMissing::Damaged) => false,
+            Err(SealMissing::Absent) => true,
         };
-        let log = ActivityLog::open_log(state_dir, disk, size, trusted)?;
-        // From here the agent writes the disk: its times are no longer the seal's.
-        Seal { clean: false, mtime: (0, 0), ctime: (0, 0), ..seen }.write(state_dir, disk)?;
-        Ok(log)
+        ActivityLog::open_log(state_dir, disk, size, trusted)
     }
 
     fn open_log(state_dir: &Path, disk: &str, size: u64, trusted: bool) -> io::Result<(ActivityLog, bool)> {
@@ -153,9 +146,12 @@ impl ActivityLog {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seal {
     clean: bool,
-    /// A file's device and inode; zero for a block device.
+    /// A file's device and inode, and its birth time where the file system keeps one (an
+    /// inode number is given again to the next file made after one is removed); zero for
+    /// a block device.
     dev: u64,
     ino: u64,
+    btime: (i64, u32),
     /// A block device's number; zero for a file.
     rdev: u64,
     size: u64,
@@ -165,9 +161,17 @@ pub struct Seal {
 }
 
 // Layout: b"TERNSEAL", version u32 LE (1), clean u32, dev, ino, rdev, size u64, mtime s i64,
-// ns i64, ctime s i64, ns i64, then the BLAKE3 of the 80 bytes before it.
+// ns i64, ctime s i64, ns i64, btime s i64, ns i64, then the BLAKE3 of the 96 bytes before it.
 const SEAL_MAGIC: &[u8; 8] = b"TERNSEAL";
-const SEAL_BODY: usize = 80;
+const SEAL_BODY: usize = 96;
+
+/// Why there is no seal to trust.
+#[derive(Debug)]
+enum SealMissing {
+    /// No file: the log was written by an agent from before seals (or there is no log).
+    Absent,
+    Damaged,
+}
 
 impl Seal {
     fn path(state_dir: &Path, disk: &str) -> PathBuf {
@@ -181,10 +185,12 @@ impl Seal {
         let device = m.file_type().is_block_device();
         // A block device node's times do not move with its writes: only its number is kept.
         let times = clean && !device;
+        let btime = if device { None } else { birth_time(f) };
         Ok(Seal {
             clean: times,
             dev: if device { 0 } else { m.dev() },
             ino: if device { 0 } else { m.ino() },
+            btime: btime.unwrap_or((0, 0)),
             rdev: if device { m.rdev() } else { 0 },
             size,
             mtime: if times { (m.mtime(), m.mtime_nsec()) } else { (0, 0) },
@@ -194,7 +200,7 @@ impl Seal {
 
     /// Why the disk seen now is not what this seal describes, if it is not.
     fn changed(&self, now: &Seal) -> Option<&'static str> {
-        if (self.dev, self.ino, self.rdev) != (now.dev, now.ino, now.rdev) {
+        if (self.dev, self.ino, self.btime, self.rdev) != (now.dev, now.ino, now.btime, now.rdev) {
             Some("the disk is not the file (or device) the agent served when it last ran")
         } else if self.size != now.size {
             Some("the disk's size changed since the agent last ran")
@@ -213,7 +219,9 @@ impl Seal {
         for v in [self.dev, self.ino, self.rdev, self.size] {
             b.extend_from_slice(&v.to_le_bytes());
         }
-        for v in [self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1] {
+        for v in
+            [self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1, self.btime.0, i64::from(self.btime.1)]
+        {
             b.extend_from_slice(&v.to_le_bytes());
         }
         let check = blake3::hash(&b);
@@ -242,25 +250,79 @@ impl Seal {
             size: u(40)?,
             mtime: (s(48)?, s(56)?),
             ctime: (s(64)?, s(72)?),
+            btime: (s(80)?, u32::try_from(s(88)?).ok()?),
         })
     }
 
-    /// The disk's seal in `state_dir`; none when it is missing or damaged (the log is then
-    /// not trusted).
-    fn read(state_dir: &Path, disk: &str) -> Option<Seal> {
-        let path = Seal::path(state_dir, disk);
-        let bytes = std::fs::read(&path).ok()?;
-        let seal = Seal::decode(&bytes);
-        if seal.is_none() {
-            tracing::warn!(disk, path = %path.display(), "the disk's seal is damaged");
-        }
-        seal
+    /// This seal as the agent's first write of a run leaves it: the file's times are no
+    /// longer the seal's.
+    pub fn running(self) -> Seal {
+        Seal { clean: false, mtime: (0, 0), ctime: (0, 0), ..self }
     }
 
-    /// Writes the seal in place of the old one, durably.
-    pub fn write(&self, state_dir: &Path, disk: &str) -> io::Result<()> {
-        replace_durably(&Seal::path(state_dir, disk), &self.encode())
+    /// Waits until the clock has moved past this seal's change time by more than a file
+    /// system's timestamp step (a second where it keeps no nanoseconds), so that a write
+    /// made after the agent stops cannot leave the times the seal holds.
+    pub fn outlast(&self) {
+        if !self.clean {
+            return;
+        }
+        let step_ns: i128 = if self.ctime.1 == 0 { 1_000_000_000 } else { 20_000_000 };
+        let past = i128::from(self.ctime.0) * 1_000_000_000 + i128::from(self.ctime.1) + step_ns;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX));
+        let wait = past - now;
+        if wait > 0 && wait <= 2 * step_ns {
+            std::thread::sleep(std::time::Duration::from_nanos(u64::try_from(wait).unwrap_or(0)));
+        }
     }
+
+    /// The disk's seal in `state_dir`.
+    fn read(state_dir: &Path, disk: &str) -> Result<Seal, SealMissing> {
+        let path = Seal::path(state_dir, disk);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if ActivityLog::path(state_dir, disk).exists() {
+                    tracing::info!(
+                        disk,
+                        "the activity log has no seal (an older agent wrote it): trusted as then"
+                    );
+                }
+                return Err(SealMissing::Absent);
+            }
+            Err(e) => {
+                tracing::warn!(disk, path = %path.display(), error = %e, "cannot read the disk's seal");
+                return Err(SealMissing::Damaged);
+            }
+        };
+        Seal::decode(&bytes).ok_or_else(|| {
+            tracing::warn!(disk, path = %path.display(), "the disk's seal is damaged");
+            SealMissing::Damaged
+        })
+    }
+
+    /// Writes the seal over the old one in place and syncs it: no room is needed, and a
+    /// write torn by a crash fails its check, so the log is then not trusted.
+    pub fn write(&self, state_dir: &Path, disk: &str) -> io::Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(Seal::path(state_dir, disk))?;
+        f.write_all_at(&self.encode(), 0)?;
+        f.sync_data()
+    }
+}
+
+/// A file's birth time (statx), where the kernel and file system give one.
+fn birth_time(f: &File) -> Option<(i64, u32)> {
+    use rustix::fs::{AtFlags, StatxFlags, statx};
+    let x = statx(f, "", AtFlags::EMPTY_PATH, StatxFlags::BTIME).ok()?;
+    StatxFlags::from_bits_retain(x.stx_mask)
+        .contains(StatxFlags::BTIME)
+        .then_some((x.stx_btime.tv_sec, x.stx_btime.tv_nsec))
 }
 
 /// Writes `bytes` to `path` through a synced temporary file renamed into place, then syncs
@@ -336,9 +398,10 @@ mod tests {
         assert!(usable, "untouched since the clean stop");
         assert_eq!(log.hot(), [3]);
 
-        // Restored from a backup, in place (the same inode and size).
+        // Restored from a backup, in place (the same inode and size), once the clock has
+        // moved past the seal's times as a clean stop waits it to.
         cooled_and_sealed(dir.path(), &f, size);
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        Seal::of(&f, size, true).unwrap().outlast();
         f.write_all_at(b"restored", 9 * EXTENT).unwrap();
         let (log, usable) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
         assert!(!usable);
@@ -358,8 +421,9 @@ mod tests {
         let size = 16 * EXTENT;
         let f = disk(dir.path(), "d.img", size);
         cooled_and_sealed(dir.path(), &f, size);
-        // The agent starts (its seal now says it runs), writes, and is killed.
+        // The agent starts, writes (its seal first says it runs), and is killed.
         let (mut log, _) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
+        Seal::of(&f, size, false).unwrap().running().write(dir.path(), "sda").unwrap();
         log.mark_hot(&[5]).unwrap();
         f.write_all_at(b"written, then killed", 5 * EXTENT).unwrap();
         drop(log);
@@ -372,25 +436,25 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_or_damaged_seal_is_not_trusted() {
+    fn a_damaged_seal_is_not_trusted_and_a_log_from_before_seals_is() {
         let dir = tempfile::tempdir().unwrap();
         let size = 16 * EXTENT;
         let f = disk(dir.path(), "d.img", size);
         let seal = Seal::path(dir.path(), "sda");
-        for damage in [
-            |p: &Path| std::fs::remove_file(p).unwrap(),
-            |p: &Path| {
-                let mut b = std::fs::read(p).unwrap();
-                b[20] ^= 1;
-                std::fs::write(p, b).unwrap();
-            },
-        ] {
-            cooled_and_sealed(dir.path(), &f, size);
-            damage(&seal);
-            let (log, usable) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
-            assert!(!usable);
-            assert_eq!(log.hot().len(), 16);
-        }
+        cooled_and_sealed(dir.path(), &f, size);
+        let mut b = std::fs::read(&seal).unwrap();
+        b[20] ^= 1;
+        std::fs::write(&seal, b).unwrap();
+        let (log, usable) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
+        assert!(!usable);
+        assert_eq!(log.hot().len(), 16);
+        drop(log);
+        // An older agent's log (no seal): trusted as it was then.
+        cooled_and_sealed(dir.path(), &f, size);
+        std::fs::remove_file(&seal).unwrap();
+        let (log, usable) = ActivityLog::open(dir.path(), "sda", size, &f).unwrap();
+        assert!(usable);
+        assert_eq!(log.hot(), [3]);
         let s = Seal::of(&f, size, true).unwrap();
         assert_eq!(Seal::decode(&s.encode()), Some(s));
     }

@@ -115,7 +115,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let result = replicate(&config, tracker.clone(), shutdown).await;
     tern_proto::daemon::notify_stopping();
     if let Some(t) = tracker {
-        t.seal(&config.state_dir);
+        t.seal();
     }
     result
 }

@@ -135,6 +135,8 @@ struct Inner {
     held: bool,
     /// The agent is stopping and has sealed its disks: writes are refused.
     sealed: bool,
+    /// Per disk: its seal says the agent runs (written before the run's first write).
+    unsealed: Vec<bool>,
 }
 
 /// Counters of a tracker, for status and metrics.
@@ -147,6 +149,7 @@ pub struct Stats {
 
 #[derive(Debug)]
 pub struct Tracker {
+    state_dir: std::path::PathBuf,
     disks: Vec<Disk>,
     inner: Mutex<Inner>,
     wake: Condvar,
@@ -306,6 +309,7 @@ impl Tracker {
         }
         let n = open.len();
         let inner = Inner {
+            unsealed: vec![false; n],
             dirty: (0..n).map(|_| Changes::default()).collect(),
             activity,
             last_write: vec![HashMap::new(); n],
@@ -315,6 +319,7 @@ impl Tracker {
             ..Default::default()
         };
         Ok(Arc::new(Tracker {
+            state_dir: state_dir.to_path_buf(),
             disks: open,
             inner: Mutex::new(inner),
             wake: Condvar::new(),
@@ -622,11 +627,11 @@ impl Tracker {
         let zero = matches!(item, Item::Zero { .. });
         let d = &self.disks[disk];
         let mut g = self.lock();
-        while g.held {
+        // A write that comes once the agent is stopping waits, never answered: the process
+        // ends, the client sees the connection go and sends it again to the next agent (an
+        // error would reach the guest's file system).
+        while g.held || g.sealed {
             g = self.resume.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-        if g.sealed {
-            return Err(io::Error::other("the agent is stopping: its disks take no more writes"));
         }
         let inner = &mut *g;
         if let Some(s) = inner.snapshot.as_mut() {
@@ -653,6 +658,17 @@ impl Tracker {
         if inner.logging {
             let c = &mut inner.dirty[disk];
             if zero { c.zeroed(offset, len, d.size) } else { c.written(offset, len) }
+        }
+        if !inner.unsealed[disk] {
+            // From the first write on, the disk's times are no longer those of a clean stop.
+            crate::activity::Seal::of(&d.file, d.size, false)
+                .and_then(|s| s.running().write(&self.state_dir, d.name.as_str()))
+                .map_err(|e| {
+                    tracing::error!(disk = %d.name, error = %e, "cannot write the disk's seal in the state directory; \
+                        the write is refused, as a later start could then take the disk for unchanged");
+                    e
+                })?;
+            inner.unsealed[disk] = true;
         }
         let extents: Vec<u64> = (offset / EXTENT..(offset + len).div_ceil(EXTENT)).collect();
         let cold: Vec<u64> = extents.iter().copied().filter(|&e| !inner.activity[disk].is_hot(e)).collect();
@@ -726,17 +742,26 @@ impl Tracker {
     /// The agent stops: no write is taken from here on, and each disk, synced, is sealed
     /// with its times (see [`crate::activity`]), so that the next start can tell whether it
     /// was written meanwhile.
-    pub fn seal(&self, state_dir: &std::path::Path) {
+    pub fn seal(&self) {
         let mut g = self.lock();
         g.sealed = true;
-        for d in &self.disks {
-            let sealed = d
-                .file
-                .sync_all()
-                .and_then(|()| crate::activity::Seal::of(&d.file, d.size, true))
-                .and_then(|s| s.write(state_dir, d.name.as_str()));
+        for (d, &written) in self.disks.iter().zip(&g.unsealed) {
+            if !written {
+                // Not written in this run: its seal stands as it is.
+                continue;
+            }
+            let sealed =
+                d.file.sync_all().and_then(|()| crate::activity::Seal::of(&d.file, d.size, true)).and_then(
+                    |s| {
+                        s.write(&self.state_dir, d.name.as_str())?;
+                        Ok(s)
+                    },
+                );
             match sealed {
-                Ok(()) => tracing::debug!(disk = %d.name, "disk sealed"),
+                Ok(s) => {
+                    s.outlast();
+                    tracing::debug!(disk = %d.name, "disk sealed");
+                }
                 // The next start then trusts only the disk's identity, as after a crash.
                 Err(e) => {
                     tracing::warn!(disk = %d.name, error = %e, "cannot seal the disk in the state directory")
@@ -795,6 +820,38 @@ mod tests {
         let path = dir.join("d.img");
         std::fs::write(&path, vec![0u8; 4 * BLOCK_SIZE]).unwrap();
         Tracker::open(&[(DiskName::new("sda").unwrap(), path)], dir, capacity, spill_max).unwrap()
+    }
+
+    #[test]
+    fn a_clean_stop_seals_the_disks_it_wrote_and_holds_later_writes_unanswered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        let sda = DiskName::new("sda").unwrap();
+        std::fs::write(&path, vec![0u8; 4 * BLOCK_SIZE]).unwrap();
+        let open = || Tracker::open(&[(sda.clone(), path.clone())], dir.path(), 1 << 20, 0).unwrap();
+        let t = open();
+        t.write(0, vec![7u8; 4096], 0).unwrap();
+        t.seal();
+        drop(t);
+        // Nothing changed: the log is trusted; a run that writes nothing keeps the seal.
+        let (_, usable) =
+            ActivityLog::open(dir.path(), "sda", 4 * BLOCK_SIZE as u64, &File::open(&path).unwrap()).unwrap();
+        assert!(usable);
+        let t = open();
+        t.seal();
+        drop(t);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"restored while stopped", 8192).unwrap();
+        let (log, usable) = ActivityLog::open(dir.path(), "sda", 4 * BLOCK_SIZE as u64, &f).unwrap();
+        assert!(!usable, "written after the clean stop");
+        assert_eq!(log.hot(), [0]);
+        drop(log);
+        // A write that comes once the agent stops waits for the process to end, unanswered.
+        let t = open();
+        t.seal();
+        let late = std::thread::spawn(move || t.write(0, vec![8u8; 4096], 4096));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!late.is_finished(), "a write after the seal was answered");
     }
 
     #[test]

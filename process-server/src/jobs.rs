@@ -25,13 +25,23 @@ impl Jobs {
         Arc::new(Jobs { store, live: Mutex::new(HashMap::new()) })
     }
 
-    /// Records a new running job (in the catalog, on the blocking pool).
+    /// Records a new running job (in the catalog, on the blocking pool). The end of a job
+    /// whose last row could not be written (a full file system) is written first.
     pub async fn start(self: &Arc<Self>, kind: JobKind, vm: &VmName) -> Result<Job, tonic::Status> {
         let now = tern_store::now_ms();
-        let (store, v) = (self.store.clone(), vm.clone());
-        let id = crate::admin::blocking(move || store.insert_job(kind, &v, now))
-            .await?
-            .map_err(crate::store_status)?;
+        let ended: Vec<JobRow> =
+            lock(&self.live).values().filter(|r| r.state != JobState::Running).cloned().collect();
+        let (store, v, jobs) = (self.store.clone(), vm.clone(), self.clone());
+        let id = crate::admin::blocking(move || {
+            for row in ended {
+                if store.update_job(&row).is_ok() {
+                    lock(&jobs.live).remove(&row.id);
+                }
+            }
+            store.insert_job(kind, &v, now)
+        })
+        .await?
+        .map_err(crate::store_status)?;
         let row = JobRow {
             id,
             kind,

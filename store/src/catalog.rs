@@ -1102,11 +1102,13 @@ impl Catalog {
 
     /// Deletes ended jobs that ended more than [`JOBS_KEPT_MS`] before `now_ms`, and those
     /// past the newest [`JOBS_KEPT_PER_KIND`] ended ones of their VM and kind; returns how
-    /// many. Running jobs are kept.
+    /// many. Running jobs are kept, and so is the newest job.
     pub fn prune_jobs(&self, now_ms: i64) -> Result<usize, StoreError> {
         self.db
             .execute(
-                "DELETE FROM jobs WHERE state != ?1 AND (ended_ms < ?2 OR id IN (
+                // The newest row stays, whatever its age: ids come from the highest one, and
+                // a pruned id given to the next job would answer `drctl jobs --wait` wrongly.
+                "DELETE FROM jobs WHERE state != ?1 AND id < (SELECT max(id) FROM jobs) AND (ended_ms < ?2 OR id IN (
                      SELECT id FROM (
                          SELECT id, row_number() OVER (PARTITION BY vm, kind ORDER BY id DESC) AS newer
                          FROM jobs WHERE state != ?1)
@@ -1910,6 +1912,10 @@ mod tests {
         let j = c.jobs().unwrap().into_iter().find(|j| j.id == recent).unwrap();
         assert_eq!((j.state, j.output), (JobState::Failed, recent.to_le_bytes().to_vec()));
         assert_eq!(c.prune_jobs(now).unwrap(), 0);
+        // Long after, the newest stays: its id is not given again.
+        assert_eq!(c.prune_jobs(now + 60 * day).unwrap(), kept.len() - 2);
+        assert_eq!(c.jobs().unwrap().iter().map(|j| j.id).collect::<Vec<_>>(), [running, elsewhere]);
+        assert!(c.insert_job(JobKind::TestFailover, &vm, now + 60 * day).unwrap() > elsewhere);
     }
 
     #[test]

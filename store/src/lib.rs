@@ -1119,8 +1119,12 @@ impl Store {
         self.catalog().jobs()
     }
 
-    /// Jobs a stopped process left running end as failed; returns how many.
+    /// Jobs a stopped process left running end as failed; returns how many. Ended jobs are
+    /// pruned too (see [`JOBS_KEPT_MS`]).
     pub fn fail_interrupted_jobs(&self, now_ms: i64) -> Result<usize, StoreError> {
+        if let Err(e) = self.catalog().prune_jobs(now_ms) {
+            tracing::warn!(error = %e, "cannot prune ended jobs");
+        }
         let running: Vec<JobRow> =
             self.jobs()?.into_iter().filter(|j| j.state == tern_core::JobState::Running).collect();
         let n = running.len();
