@@ -146,7 +146,13 @@ fn hello(config: &Config, claims: &[Option<(String, u64)>]) -> pb::Hello {
             .zip(claims)
             .map(|(d, c)| pb::DiskInfo {
                 name: d.name.to_string(),
-                size: d.size,
+                // Scan mode reads the disk as it is now: one resized under the agent is told to
+                // the server, which refuses it and shows why. nbd mode serves the size it opened.
+                size: if config.nbd.is_none() {
+                    tern_core::disk::DiskReader::open(&d.path).and_then(|r| r.size()).unwrap_or(d.size)
+                } else {
+                    d.size
+                },
                 state_generation: c.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
                 state_seq: c.as_ref().map_or(0, |c| c.1),
                 source: source_of(&d.path),
@@ -731,11 +737,14 @@ impl Session {
                 return Ok(Err(freeze_failed));
             }
         };
-        let pass = result.map_err(|e| match e {
-            ScanError::Cancelled => Status::cancelled("scan cancelled"),
-            ScanError::Resized { .. } => Status::failed_precondition(e.to_string()),
-            ScanError::Read { .. } => Status::unavailable(e.to_string()),
-        })?;
+        let pass = match result {
+            Ok(pass) => pass,
+            Err(ScanError::Cancelled) => return Err(Status::cancelled("scan cancelled").into()),
+            Err(e @ ScanError::Read { .. }) => return Err(Status::unavailable(e.to_string()).into()),
+            // Ends the session as a failure to retry: the next Hello gives the new size, which
+            // the server refuses (and shows in the VM's status) before the agent stops for good.
+            Err(e @ ScanError::Resized { .. }) => return Err(Status::unavailable(e.to_string()).into()),
+        };
         Ok(Ok((pass, frozen)))
     }
 

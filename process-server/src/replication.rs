@@ -108,7 +108,15 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                 ctx.hub.set_error(&vm, e.message());
             }
         })?;
-        let admitted = registered?;
+        let admitted = registered.map_err(|refused| {
+            // A refusal that stops the VM's replication until someone acts shows in its
+            // status (and turns it critical); one of a stale agent (the VM replicates from
+            // elsewhere now) does not.
+            if refused.stops_replication {
+                ctx.hub.set_error(&vm, refused.status.message());
+            }
+            refused.status
+        })?;
         let hashes_follow = hash_sources(&admitted);
         let welcome = welcome_of(&admitted, &hashes_follow);
         let handles = admitted.handles;
@@ -290,6 +298,26 @@ struct Admitted {
     reprotect: Option<tern_store::ReprotectRow>,
 }
 
+/// Why an agent was not admitted.
+#[derive(Debug)]
+struct Refused {
+    status: Status,
+    /// The VM replicates from nowhere until someone acts (damaged data, a disk left out, an
+    /// agent on the old disk after a failback elsewhere); not so for an agent that stands
+    /// down because the VM replicates from elsewhere now.
+    stops_replication: bool,
+}
+
+impl Refused {
+    fn stops(status: Status) -> Refused {
+        Refused { status, stops_replication: true }
+    }
+
+    fn stands_down(status: Status) -> Refused {
+        Refused { status, stops_replication: false }
+    }
+}
+
 /// Admits an agent's Hello: refuses a VM whose data is damaged, that no longer replicates
 /// from its source, whose agent is another while it is reprotected (`identity` is the
 /// caller's certificate serial), or whose disks the Hello leaves out (`Ok(Err)`); registers
@@ -302,21 +330,21 @@ fn admit(
     disks: &[(DiskName, u64)],
     agent_states: &HashMap<DiskName, (String, u64)>,
     sources: &Sources,
-) -> Result<Result<Admitted, Status>, tern_store::StoreError> {
+) -> Result<Result<Admitted, Refused>, tern_store::StoreError> {
     if let Some(reason) = store.damaged(vm) {
-        return Ok(Err(Status::unavailable(format!(
+        return Ok(Err(Refused::stops(Status::unavailable(format!(
             "VM {vm}'s stored data on the process server is damaged ({reason}); it takes no records \
              until it is repaired and the server restarted (other VMs are not affected)"
-        ))));
+        )))));
     }
     let known = store.has_vm(vm)?;
     if known {
         let state = store.vm_state(vm)?;
         if !state.takes_replication() {
             warn!(vm = %vm, state = %state, "agent refused: the VM no longer replicates from this source");
-            return Ok(Err(Status::failed_precondition(format!(
+            return Ok(Err(Refused::stands_down(Status::failed_precondition(format!(
                 "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down"
-            ))));
+            )))));
         }
         // Reprotected, the VM runs at the recovery site: only the agent `drctl reprotect`
         // made an identity for may replicate it. The primary site's old agent, back after
@@ -328,12 +356,12 @@ fn admit(
             && identity != Some(row.identity.as_str())
         {
             warn!(vm = %vm, serial = ?identity, "agent refused: the VM is reprotected and this is not the recovered VM's agent");
-            return Ok(Err(Status::failed_precondition(format!(
+            return Ok(Err(Refused::stands_down(Status::failed_precondition(format!(
                 "VM {vm} is reprotected: it runs at the recovery site, and only the recovered VM's agent \
                  (the identity `drctl reprotect` wrote) replicates it until the failback is committed. \
                  This agent, with another identity, stands down; after `drctl failback`, `drctl commit` \
                  and `drctl reverse-replicate` it protects the VM from the primary site again"
-            ))));
+            )))));
         }
     }
     // Failed back to another location, the primary runs on the disks the failback wrote:
@@ -344,12 +372,12 @@ fn admit(
         for (name, source, path) in sources {
             if store.fenced_source(vm, name, source)?.is_some() {
                 warn!(vm = %vm, disk = %name, path = %path, "agent refused: it reads the disk the VM had before its failback to another location");
-                return Ok(Err(Status::failed_precondition(format!(
+                return Ok(Err(Refused::stops(Status::failed_precondition(format!(
                     "VM {vm} failed back to another location, but this agent reads disk {name} at {path}: the same \
                      file (or device) it read before the failover, which the failback did not write, so it holds \
                      the old disk. Stop this agent, and start it on the disks the failback wrote (replicating this \
                      one would replace the protected copy with the old disk)"
-                ))));
+                )))));
             }
         }
     }
@@ -363,11 +391,11 @@ fn admit(
         .collect();
     if !missing.is_empty() {
         warn!(vm = %vm, missing = ?missing, "agent refused: it leaves out disks of the VM");
-        return Ok(Err(Status::failed_precondition(format!(
+        return Ok(Err(Refused::stops(Status::failed_precondition(format!(
             "VM {vm} is protected with disk(s) {} that this agent does not give; pass every disk \
              (--disk NAME=PATH for each), since recovery points must cover the whole VM",
             missing.join(", ")
-        ))));
+        )))));
     }
     let hs = store.register(vm, disks)?;
     if protected {

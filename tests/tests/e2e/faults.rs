@@ -185,6 +185,10 @@ fn an_added_disk_keeps_earlier_points_and_a_left_out_disk_is_refused() {
     let status = short.wait_exit("the agent without sdb to stop");
     assert!(!status.success());
     assert!(short.log_text().contains("disk(s) sdb that this agent does not give"), "{}", short.log_text());
+    // Replication stops until someone acts: the VM's status says so.
+    let s = server.status("grow");
+    assert!(s["error"].as_str().is_some_and(|e| e.contains("does not give")), "{s}");
+    assert_eq!(s["health"], "critical", "{s}");
 }
 
 /// One VM's files damaged (a closed segment's header) stop only that VM: the process server
@@ -952,10 +956,16 @@ fn a_resized_disk_is_protected_anew_after_its_copy_is_removed() {
     let mut agent = protect_vm(&server, root, "grown", 8, 2, &[]);
     let out = server.drctl(&["remove", "grown", "--delete-points"]);
     assert_eq!(out.status.code(), Some(6), "refused while the agent runs: {out:?}");
-    agent.kill9();
+    // Grown while the agent runs: its next pass finds it and it stops for good (exit 3, not
+    // restarted by its unit), saying why to the server, not only in its own log.
     let disk = root.join("grown.img");
     std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(12 << 20).unwrap();
     write_at(&disk, 10 << 20, &[0x5a; 8192]);
+    let _ = server.drctl(&["checkpoint", "grown", "--wait"]);
+    assert_eq!(agent.wait_exit("the agent to stop on the resized disk").code(), Some(3));
+    let s = server.status("grown");
+    assert!(s["error"].as_str().is_some_and(|e| e.contains("drctl remove grown --delete-points")), "{s}");
+    assert_eq!(s["health"], "critical", "{s}");
     agent.restart();
     assert!(!agent.wait_exit("the agent to be refused the resized disk").success());
     let s = server.status("grown");
