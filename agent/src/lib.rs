@@ -79,13 +79,23 @@ impl NbdMode {
     }
 }
 
+impl AgentError {
+    /// Another agent holds the state directory or a disk: a second agent started on them,
+    /// which starting again would not mend.
+    pub fn in_use(&self) -> bool {
+        matches!(self, AgentError::StateDir { source, .. } | AgentError::Nbd { source, .. }
+            if source.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("the process server refused this agent: {0}")]
     Refused(String),
-    #[error("state directory {path}: {source}")]
+    // The cause is the error's source: `{e:#}` prints it once, after the message.
+    #[error("state directory {path}")]
     StateDir { path: String, source: std::io::Error },
-    #[error("serving the disks over NBD at {listen}: {source}")]
+    #[error("serving the disks over NBD at {listen}")]
     Nbd { listen: String, source: std::io::Error },
 }
 

@@ -5,10 +5,7 @@ use tern_agent::scan::DiskSource;
 use tern_core::pki::{Bundle, Role};
 use tern_core::{DiskName, VmName};
 
-/// A start-up check that failed on the configuration itself (`EXIT_MISCONFIGURED`).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Misconfigured(String);
+use tern_proto::daemon::Misconfigured;
 
 macro_rules! misconfigured {
     ($($arg:tt)*) => {
@@ -203,7 +200,9 @@ fn main() {
         tern_proto::daemon::report_fatal(&format_args!("{e:#}"));
         let code = if matches!(e.downcast_ref(), Some(tern_agent::AgentError::Refused(_))) {
             EXIT_REFUSED
-        } else if e.downcast_ref::<Misconfigured>().is_some() {
+        } else if e.downcast_ref::<Misconfigured>().is_some()
+            || e.downcast_ref::<tern_agent::AgentError>().is_some_and(tern_agent::AgentError::in_use)
+        {
             EXIT_MISCONFIGURED
         } else {
             1

@@ -69,6 +69,15 @@ impl From<tonic::Status> for CliError {
             // The server's word that an argument is wrong: a usage mistake, as clap's are.
             Code::InvalidArgument => CliError::Usage(s.message().to_string()),
             Code::FailedPrecondition => CliError::Refused(s.message().to_string()),
+            // A gRPC server without the admin API: a master target's port, say.
+            Code::Unimplemented => CliError::Usage(
+                "the server at --server does not serve the admin API (a master target's or another \
+                 service's port?); give the process server's --listen address"
+                    .into(),
+            ),
+            _ if s.message().is_empty() => {
+                CliError::Server(format!("the process server answered {:?}", s.code()))
+            }
             _ => CliError::Server(s.message().to_string()),
         }
     }

@@ -1,4 +1,4 @@
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use tern_core::pki::{Bundle, Role};
@@ -33,19 +33,24 @@ enum Cmd {
 
 fn main() {
     tern_proto::daemon::init();
-    tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
+    tern_proto::daemon::exit_on(run(), |e| e.downcast_ref::<tern_proto::daemon::Misconfigured>().is_some());
 }
 
 fn run() -> anyhow::Result<()> {
     let Cmd::Serve { data_dir, listen, identity, metrics } = tern_proto::config::parse::<Cli>().cmd;
-    let bundle =
-        Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
-    match bundle.role()? {
+    // An identity that does not load or is another role's: exit 2, as for a bad flag.
+    let misconfigured = |e: String| tern_proto::daemon::Misconfigured(e);
+    let bundle = Bundle::load(&identity)
+        .map_err(|e| misconfigured(format!("loading identity {}: {e:#}", identity.display())))?;
+    match bundle.role().map_err(|e| misconfigured(format!("identity {}: {e:#}", identity.display())))? {
         Role::MasterTarget(_) => {}
-        other => bail!(
-            "{} is the identity of the {other}; enroll one with `drctl enroll master-target --name NAME --out FILE`",
-            identity.display()
-        ),
+        other => {
+            return Err(misconfigured(format!(
+                "{} is the identity of the {other}; enroll one with `drctl enroll master-target --name NAME --out FILE`",
+                identity.display()
+            ))
+            .into());
+        }
     }
     let what = format!("the master target's identity {}", identity.display());
     let renew = "enroll a new one (`drctl enroll master-target --name NAME --out FILE`, the same name), put it in \

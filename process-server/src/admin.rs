@@ -269,7 +269,18 @@ impl pb::admin_server::Admin for AdminService {
             blocking(move || store.vms()).await?.map_err(store_status)?
         } else {
             let vm = vm_arg(&r.vm)?;
-            self.known_vm(&vm).await?;
+            if let Err(unknown) = self.known_vm(&vm).await {
+                // Enrolled, its agent never connected: shown as the list shows it (a warning
+                // to a check), not as a VM that does not exist.
+                let waiting: Vec<_> = crate::identities::waiting(&self.ctx.identities, &[])
+                    .into_iter()
+                    .filter(|w| w.vm == vm.as_str())
+                    .collect();
+                if waiting.is_empty() {
+                    return Err(unknown);
+                }
+                return Ok(Response::new(pb::StatusReply { vms: Vec::new(), groups: Vec::new(), waiting }));
+            }
             vec![vm]
         };
         let mut out = Vec::new();
@@ -787,7 +798,8 @@ pub(crate) fn output_arg(s: &str, data_dir: &std::path::Path) -> Result<(), Stat
         }
     }
     if let Err(e) = rustix::fs::access(existing, rustix::fs::Access::WRITE_OK) {
-        return Err(Status::failed_precondition(format!(
+        // An argument to change, as the checks above: exit 2.
+        return Err(Status::invalid_argument(format!(
             "--output {s}: the process server cannot write in {} ({}); choose a directory it can write \
              (under its systemd unit: /var/lib/tern-outputs, or one added with `systemctl edit process-server`, \
              [Service] ReadWritePaths=DIR)",

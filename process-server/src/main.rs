@@ -113,7 +113,14 @@ fn listen_address(s: &str) -> Result<String, String> {
 
 fn main() {
     tern_proto::daemon::init();
-    tern_proto::daemon::exit_on_error(run().map_err(|e| format!("{e:#}")));
+    tern_proto::daemon::exit_on(run(), |e| e.downcast_ref::<tern_proto::daemon::Misconfigured>().is_some());
+}
+
+/// Fails start-up on the configuration itself: exit 2 (see `Misconfigured`).
+macro_rules! misconfigured {
+    ($($arg:tt)*) => {
+        return Err(tern_proto::daemon::Misconfigured(format!($($arg)*)).into())
+    };
 }
 
 /// A data directory `process-server init` made (its CA key is there), for the commands
@@ -179,9 +186,11 @@ fn run() -> anyhow::Result<()> {
             let stream_window = u32::try_from(stream_window)
                 .ok()
                 .filter(|w| (64 << 10..=1 << 30).contains(w))
-                .ok_or_else(|| anyhow::anyhow!("--stream-window must be between 64KiB and 1GiB"))?;
+                .ok_or_else(|| {
+                    tern_proto::daemon::Misconfigured("--stream-window must be between 64KiB and 1GiB".into())
+                })?;
             if scrub_rate == 0 {
-                anyhow::bail!(
+                misconfigured!(
                     "--scrub-rate 0 would stall the scrub; give a rate (e.g. 64MiB), or --scrub-every 0 to turn \
                      the scrub off"
                 );
@@ -189,7 +198,7 @@ fn run() -> anyhow::Result<()> {
             let segment_bytes = Some(segment_size);
             let scrub = tern_process_server::scrub::ScrubConfig { every: scrub_every, rate: scrub_rate };
             if !data_dir.join("pki").join("ca.pem").exists() {
-                anyhow::bail!(
+                misconfigured!(
                     "{} is not initialised; run `process-server init --data-dir {}` first",
                     data_dir.display(),
                     data_dir.display()

@@ -342,8 +342,16 @@ fn admit(
         let state = store.vm_state(vm)?;
         if !state.takes_replication() {
             warn!(vm = %vm, state = %state, "agent refused: the VM no longer replicates from this source");
+            let next = if state == tern_core::VmState::FailbackCommitted {
+                format!(
+                    "; if this agent is on the primary site, which runs the VM again, `drctl reverse-replicate {vm}` \
+                     makes it the source again, then start this agent"
+                )
+            } else {
+                String::new()
+            };
             return Ok(Err(Refused::stands_down(Status::failed_precondition(format!(
-                "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down"
+                "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down{next}"
             )))));
         }
         // Reprotected, the VM runs at the recovery site: only the agent `drctl reprotect`

@@ -69,6 +69,22 @@ fn json_logs() -> bool {
 
 /// Ends the process with one `error:` line and exit code 1 when `run` fails (with JSON
 /// logs, one JSON log line at level ERROR, so that a log pipeline keeps the reason).
+/// A start-up check that failed on the configuration itself (a bad flag or config value, an
+/// identity of the wrong role): no restart mends it, so the daemon exits 2, which its unit
+/// does not restart ([`exit_on`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Misconfigured(pub String);
+
+/// Ends the process on a start-up or run error (`{e:#}`: with its causes): exit 2 when
+/// `misconfigured` says it is (a [`Misconfigured`] in it), else 1.
+pub fn exit_on<E: std::fmt::Display>(result: Result<(), E>, misconfigured: impl Fn(&E) -> bool) {
+    if let Err(e) = result {
+        report_fatal(&format_args!("{e:#}"));
+        std::process::exit(if misconfigured(&e) { 2 } else { 1 });
+    }
+}
+
 pub fn exit_on_error<E: std::fmt::Display>(result: Result<(), E>) {
     if let Err(e) = result {
         report_fatal(&e);

@@ -39,14 +39,21 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
     let r = d.c.status(pb::StatusRequest { vm: vm.clone().unwrap_or_default() }).await?.into_inner();
     if d.json {
         let v = match vm {
-            Some(_) => r.vms.first().map(status_json).unwrap_or(Value::Null),
+            Some(_) => r
+                .vms
+                .first()
+                .map(status_json)
+                .or_else(|| r.waiting.first().map(waiting_json))
+                .unwrap_or(Value::Null),
             None => Value::Array(
                 r.vms.iter().map(status_json).chain(r.waiting.iter().map(waiting_json)).collect(),
             ),
         };
         print_json(&v)?;
     } else {
-        print_table(&r.vms);
+        if !r.vms.is_empty() || r.waiting.is_empty() {
+            print_table(&r.vms);
+        }
         if vm.is_some() {
             print_disks(&r.vms);
         }
@@ -118,38 +125,39 @@ fn waiting_json(w: &pb::EnrolledVm) -> Value {
 /// The worst health among `vms`, as a monitoring check's outcome.
 fn health_check(vms: &[pb::VmStatus], waiting: &[pb::EnrolledVm]) -> Result<(), CliError> {
     use tern_core::Health;
-    let mut worst: Option<(Health, &pb::VmStatus)> = None;
+    // Every VM that is not normal, a line each, the critical ones first: a check names all
+    // it found, not the first.
+    let mut unhealthy: Vec<(Health, String)> = Vec::new();
     for s in vms {
         let h = pb::Health::read(s.health)
             .ok_or_else(|| CliError::Server(format!("VM {} has an unknown health {}", s.vm, s.health)))?;
-        if h != Health::Normal && worst.is_none_or(|(w, _)| h == Health::Critical && w != Health::Critical) {
-            worst = Some((h, s));
+        if h == Health::Normal {
+            continue;
         }
+        let why = if !s.error.is_empty() {
+            s.error.clone()
+        } else if !s.agent_connected {
+            format!("its agent is not connected; RPO {}", rpo(s.rpo_seconds))
+        } else {
+            format!("RPO {}", rpo(s.rpo_seconds))
+        };
+        unhealthy.push((h, format!("VM {} is {h}: {why}", s.vm)));
     }
-    match worst {
-        // Enrolled, its agent never connected: not protected, though nothing is failing.
-        None => match waiting.first() {
-            Some(w) => Err(CliError::Unhealthy(
-                Health::Warning,
-                format!(
-                    "VM {} is enrolled but its agent has not connected yet (or not since the VM was \
-                     removed): it is not protected; `drctl revoke` its identity if the VM is retired",
-                    w.vm
-                ),
-            )),
-            None => Ok(()),
-        },
-        Some((h, s)) => {
-            let why = if !s.error.is_empty() {
-                s.error.clone()
-            } else if !s.agent_connected {
-                format!("its agent is not connected; RPO {}", rpo(s.rpo_seconds))
-            } else {
-                format!("RPO {}", rpo(s.rpo_seconds))
-            };
-            Err(CliError::Unhealthy(h, format!("VM {} is {h}: {why}", s.vm)))
-        }
+    // Enrolled, its agent never connected: not protected, though nothing is failing.
+    for w in waiting {
+        unhealthy.push((
+            Health::Warning,
+            format!(
+                "VM {} is enrolled but its agent has not connected yet (or not since the VM was removed): it \
+                 is not protected; `drctl revoke` its identity if the VM is retired",
+                w.vm
+            ),
+        ));
     }
+    unhealthy.sort_by_key(|(h, _)| *h != Health::Critical);
+    let Some(worst) = unhealthy.first().map(|(h, _)| *h) else { return Ok(()) };
+    let lines: Vec<String> = unhealthy.into_iter().map(|(_, line)| line).collect();
+    Err(CliError::Unhealthy(worst, lines.join("\n")))
 }
 
 use tern_core::units::rpo_text as rpo;

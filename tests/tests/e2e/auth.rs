@@ -130,8 +130,12 @@ fn a_revoked_identity_is_cut_off_and_refused_across_a_restart() {
         "{all}"
     );
     let out = server.drctl(&["status", "web"]);
-    assert_eq!(out.status.code(), Some(5), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("enrolled"), "{out:?}");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("web is enrolled"), "{out:?}");
+    assert_eq!(server.drctl_json(&["status", "web"])["state"], "unprotected");
+    // A per-VM check says warning (not protected yet), not unknown.
+    let out = server.drctl(&["status", "web", "--check"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
 
     let disk = root.join("web.img");
     make_random(&disk, 8, 4, 7);

@@ -365,7 +365,7 @@ fn a_small_stream_window_replicates_and_a_wrong_one_is_refused() {
         .env("TERN_LOG_FORMAT", "json")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(2), "a misconfiguration, which its unit does not restart: {out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     let line: serde_json::Value = serde_json::from_str(err.lines().last().unwrap_or_default())
         .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {err}"));
@@ -467,16 +467,19 @@ fn small_mistakes_are_refused_with_what_to_do() {
     server.enroll_agent("m", &identity);
     let disk = root.join("m.img");
     make_random(&disk, 8, 1, 181);
-    // Enrolled, its agent not started: not protected, a warning.
+    // Enrolled, its agent not started: not protected, a warning; every such VM is named.
+    server.enroll_agent("m2", &root.join("m2.bundle"));
     let out = server.drctl(&["status", "--check"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("has not connected yet"), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("VM m is enrolled") && said.contains("VM m2 is enrolled"), "{out:?}");
     let _agent = Agent::start(&server, &identity, "m", &[("sda", &disk)], &root.join("st"), &[]);
     server.wait_connected("m");
     // A second agent on the same state directory is refused at start.
     let mut twin = Agent::start(&server, &identity, "m", &[("sda", &disk)], &root.join("st"), &[]);
-    assert!(!twin.wait_exit("the second agent on one state directory to stop").success());
-    assert!(twin.log_text().contains("in use by another agent"), "{}", twin.log_text());
+    // Exit 2, as a misconfiguration (its unit does not start it again and again), said once.
+    assert_eq!(twin.wait_exit("the second agent on one state directory to stop").code(), Some(2));
+    assert_eq!(twin.log_text().matches("in use by another agent").count(), 1, "{}", twin.log_text());
     // 0 is not an interval (on the wire it would mean "keep"): refused.
     let out = server.drctl(&["policy", "set", "m", "--crash-interval", "0s"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
@@ -491,7 +494,9 @@ fn small_mistakes_are_refused_with_what_to_do() {
     // A place the server cannot write (here a read-only file system; under its unit, outside
     // ReadWritePaths) is refused at once, saying where outputs may go.
     let ro = Tmpfs::mount(&root.join("ro"), "size=1m,ro");
-    let err = server.drctl_err(&["test-failover", "m", "--output", ro.dir.join("drill").to_str().unwrap()]);
+    let out = server.drctl(&["test-failover", "m", "--output", ro.dir.join("drill").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "an argument to change: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot write") && err.contains("ReadWritePaths"), "{err}");
     // A unit mistyped: five months for five minutes.
     let out = server.drctl(&["policy", "set", "m", "--crash-interval", "5M"]);
@@ -818,7 +823,28 @@ fn a_server_started_from_its_config_file_alone() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--scrub-every 0"), "{err}");
+    assert!(out.status.code() == Some(2) && err.contains("--scrub-every 0"), "{err}");
+    // A data directory never initialised, and a master target given a file that is no
+    // identity: exit 2 as well, not restarted every 2 s by their units.
+    let empty = tmp.path().join("empty");
+    let out = Command::new(bin("process-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("process-server init"), "{err}");
+    let junk = tmp.path().join("junk.bundle");
+    std::fs::write(&junk, "not a bundle").unwrap();
+    let out = Command::new(bin("master-target"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path().join("mt"))
+        .arg("--identity")
+        .arg(&junk)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("junk.bundle"), "{err}");
 }
 
 /// drctl takes the server and its identity from TERN_SERVER and TERN_ADMIN_IDENTITY, and from
