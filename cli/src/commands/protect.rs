@@ -83,9 +83,34 @@ pub async fn status(d: &mut Drctl, vm: Option<String>, check: bool) -> Result<()
 }
 
 pub async fn remove(d: &mut Drctl, vm: String, delete_points: bool) -> Result<(), CliError> {
+    // The VM's policy goes with it: read first, to say how to set it again.
+    let policy =
+        d.c.status(pb::StatusRequest { vm: vm.clone() })
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().vms.into_iter().next())
+            .and_then(|s| s.policy);
     let r = d.c.remove_vm(pb::RemoveVmRequest { vm: vm.clone(), delete_points }).await?.into_inner();
+    let restore = policy.as_ref().map(|p| {
+        let mut cmd = format!(
+            "drctl policy set {vm} --retention {} --crash-interval {} --rpo-threshold {}",
+            crate::output::dur(p.retention_ms),
+            crate::output::dur(p.crash_interval_ms),
+            crate::output::dur(p.rpo_threshold_ms)
+        );
+        if p.app_interval_ms != 0 {
+            cmd += &format!(" --app-interval {}", crate::output::dur(p.app_interval_ms));
+        }
+        cmd
+    });
     if d.json {
-        return print_json(&json!({"removed": vm, "points_deleted": r.points_deleted, "plans": r.plans}));
+        return print_json(&json!({
+            "removed": vm,
+            "points_deleted": r.points_deleted,
+            "plans": r.plans,
+            "policy": policy.as_ref().map(crate::output::policy_json),
+            "restore_policy": restore,
+        }));
     }
     out!("VM {vm} removed: {} recovery points and its stored copy deleted", r.points_deleted);
     for plan in &r.plans {
@@ -97,6 +122,11 @@ pub async fn remove(d: &mut Drctl, vm: String, delete_points: bool) -> Result<()
     out!(
         "its agent, started again, protects it anew (a full sync); to retire it, `drctl revoke` its identity"
     );
+    if let Some(cmd) = restore {
+        out!(
+            "its policy went with it (a new one starts with the defaults): once its agent has connected, `{cmd}`"
+        );
+    }
     Ok(())
 }
 

@@ -980,6 +980,7 @@ fn a_resized_disk_is_protected_anew_after_its_copy_is_removed() {
     let mut server = Server::init(root);
     server.start();
     let mut agent = protect_vm(&server, root, "grown", 8, 2, &[]);
+    server.drctl_json(&["policy", "set", "grown", "--crash-interval", "7m"]);
     let out = server.drctl(&["remove", "grown", "--delete-points"]);
     assert_eq!(out.status.code(), Some(6), "refused while the agent runs: {out:?}");
     // Grown while the agent runs: its next pass finds it and it stops for good (exit 3, not
@@ -1002,6 +1003,9 @@ fn a_resized_disk_is_protected_anew_after_its_copy_is_removed() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--delete-points"), "{out:?}");
     let removed = server.drctl_json(&["remove", "grown", "--delete-points"]);
     assert!(removed["points_deleted"].as_u64().unwrap() >= 1, "{removed}");
+    // Its policy goes with it; the reply says how to set it again.
+    let restore = removed["restore_policy"].as_str().unwrap().to_string();
+    assert!(restore.contains("--crash-interval 7m"), "{removed}");
     assert!(!server.data.join("vms/grown").exists());
     assert_eq!(server.drctl(&["points", "grown"]).status.code(), Some(5), "no VM grown any more");
 
@@ -1010,6 +1014,9 @@ fn a_resized_disk_is_protected_anew_after_its_copy_is_removed() {
     let p = server.checkpoint("grown");
     assert_point_recovers(&server, root, "grown", &p, &b3(&disk, None));
     assert_eq!(server.status("grown")["disks"][0]["size"], 12 << 20);
+    let args: Vec<&str> = restore.split_whitespace().skip(1).collect();
+    server.drctl_json(&args);
+    assert_eq!(server.status("grown")["policy"]["crash_interval"], "7m");
 }
 
 /// A daemon whose log reader goes away (a log shipper's pipe closed, a closed terminal)
