@@ -220,6 +220,11 @@ async fn relay_vm(ctx: &Arc<Ctx>, vm: &VmName) {
 const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(2);
 
+/// A --sync during VM's records wait here until its failback starts (see `relay_session`).
+pub fn held(ctx: &Ctx, vm: &VmName, sync: tern_core::SyncMode) -> bool {
+    sync == tern_core::SyncMode::During && !lock(&ctx.failing_back).contains(vm)
+}
+
 async fn still_relaying(ctx: &Ctx, vm: &VmName) -> bool {
     let (store, vm) = (ctx.store.clone(), vm.clone());
     crate::admin::blocking(move || store.vm_state(&vm).is_ok_and(|s| RELAY_STATES.contains(&s)))
@@ -295,7 +300,7 @@ async fn relay_session(
         // until the failback itself (its full download), not filled piecemeal beforehand by
         // what the recovered VM's agent sends meanwhile (nbd mode streams every write, a
         // checkpoint sends a pass), which would leave them neither the old VM's nor the new.
-        let held = row.sync == tern_core::SyncMode::During && !lock(&ctx.failing_back).contains(vm);
+        let held = held(ctx, vm, row.sync);
         for h in handles.iter().filter(|_| !held) {
             sent |= send_new_records(h, &mut next, &mut cursor, &tx, &mut limiter).await?;
         }

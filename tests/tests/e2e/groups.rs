@@ -130,8 +130,7 @@ fn start_member(server: &Server, root: &Path, vm: &str, extra: &[&str]) -> Agent
 fn scan_mode_multi_vm_points_are_one_cut_across_the_group_with_freeze_hooks() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut server = Server::init(root);
-    server.start();
+    let (server, metrics) = Server::with_http(root, "--metrics", "127.0.0.1");
     // B's disk is larger: its frozen pass reaches the slots long after A's pass is done, so
     // a member that thawed before the others had their cut would show.
     zero_disk(&root.join("a.img"));
@@ -223,6 +222,10 @@ fn scan_mode_multi_vm_points_are_one_cut_across_the_group_with_freeze_hooks() {
     });
     let check = server.drctl(&["status", "--check"]);
     assert_eq!(check.status.code(), Some(2), "{}", String::from_utf8_lossy(&check.stderr));
+    // And to Prometheus, which alerts on it (TernGroupCritical).
+    deadline_poll("the group's health in the metrics", Duration::from_secs(10), || {
+        http_get(metrics, "/metrics").contains("tern_group_health{group=\"shop\"} 2").then_some(())
+    });
     let text = String::from_utf8(server.drctl(&["status"]).stdout).unwrap();
     assert!(text.contains("shop") && text.contains("away (agent not connected): b"), "{text}");
     // The member that failed it leaves: its failure goes with it.
