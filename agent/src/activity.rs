@@ -16,8 +16,9 @@
 //! after its last write. A disk that is another file now (moved over, disks swapped in
 //! `--disk`), or a file written while the agent was stopped (restored from a backup,
 //! written in place by another tool), makes every extent hot: the disk is compared in full
-//! once. The seal stays clean until the agent's first write of a run, so a run that writes
-//! nothing (a start that fails) keeps it. After a crash only the file's identity can be
+//! once. A clean stop's seal that matched stays clean until the agent's first write of a
+//! run, so a run that writes nothing (a start that fails) keeps it; otherwise the seal is
+//! written at once, so that every clean stop can make it clean. After a crash only the file's identity can be
 //! checked: its times moved with the agent's own writes. A log without a seal (written by
 //! an older agent) is trusted as it was then.
 
@@ -54,19 +55,36 @@ impl ActivityLog {
         size: u64,
         disk_file: &File,
     ) -> io::Result<(ActivityLog, bool)> {
+        ActivityLog::open_sealed(state_dir, disk, size, disk_file).map(|(log, usable, _)| (log, usable))
+    }
+
+    /// [`ActivityLog::open`]; the third value is true when a clean stop's seal matched, the
+    /// one case where the seal waits for the run's first write to say the agent runs. In
+    /// every other case it says so now: a run that never writes the disk (an idle disk, a
+    /// first run) must still leave a seal for its clean stop to make clean.
+    pub fn open_sealed(
+        state_dir: &Path,
+        disk: &str,
+        size: u64,
+        disk_file: &File,
+    ) -> io::Result<(ActivityLog, bool, bool)> {
         let seen = Seal::of(disk_file, size, true)?;
-        let trusted = match Seal::read(state_dir, disk) {
+        let (trusted, clean) = match Seal::read(state_dir, disk) {
             Ok(sealed) => {
                 let why = sealed.changed(&seen);
                 if let Some(why) = why {
                     tracing::warn!(disk, why, "the disk is compared in full with the process server's copy");
                 }
-                why.is_none()
+                (why.is_none(), why.is_none() && sealed.clean)
             }
-            Err(SealMissing::Damaged) => false,
-            Err(SealMissing::Absent) => true,
+            Err(SealMissing::Damaged) => (false, false),
+            Err(SealMissing::Absent) => (true, false),
         };
-        ActivityLog::open_log(state_dir, disk, size, trusted)
+        let (log, usable) = ActivityLog::open_log(state_dir, disk, size, trusted)?;
+        if !clean {
+            seen.running().write(state_dir, disk)?;
+        }
+        Ok((log, usable, clean))
     }
 
     fn open_log(state_dir: &Path, disk: &str, size: u64, trusted: bool) -> io::Result<(ActivityLog, bool)> {

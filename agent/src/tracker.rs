@@ -288,6 +288,7 @@ impl Tracker {
     ) -> io::Result<Arc<Tracker>> {
         let mut open = Vec::new();
         let mut activity = Vec::new();
+        let mut unsealed = Vec::new();
         for (name, path) in disks {
             let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
             // One agent serves a disk: writes through a second would never reach this one's
@@ -303,13 +304,14 @@ impl Tracker {
                 ));
             }
             let size = tern_core::disk::DiskReader::open(path)?.size()?;
-            let (log, _) = ActivityLog::open(state_dir, name.as_str(), size, &file)?;
+            let (log, _, clean) = ActivityLog::open_sealed(state_dir, name.as_str(), size, &file)?;
             activity.push(log);
+            unsealed.push(!clean);
             open.push(Disk { name: name.clone(), size, file });
         }
         let n = open.len();
         let inner = Inner {
-            unsealed: vec![false; n],
+            unsealed,
             dirty: (0..n).map(|_| Changes::default()).collect(),
             activity,
             last_write: vec![HashMap::new(); n],
@@ -743,6 +745,19 @@ impl Tracker {
     /// with its times (see [`crate::activity`]), so that the next start can tell whether it
     /// was written meanwhile.
     pub fn seal(&self) {
+        // A freeze the session started may still be running on the blocking pool (the
+        // session is dropped at shutdown): its file systems may lie on these disks, and
+        // their flush and thaw must be written before later writes are held. The freeze
+        // marker (`STATE_DIR/frozen`) is there while one runs; up to 30 s.
+        let marker = self.state_dir.join("frozen");
+        let until = Instant::now() + std::time::Duration::from_secs(30);
+        let mut clear = 0;
+        while clear < 2 && Instant::now() < until {
+            clear = if marker.exists() { 0 } else { clear + 1 };
+            if clear < 2 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
         let mut g = self.lock();
         g.sealed = true;
         for (d, &written) in self.disks.iter().zip(&g.unsealed) {
@@ -852,6 +867,31 @@ mod tests {
         let late = std::thread::spawn(move || t.write(0, vec![8u8; 4096], 4096));
         std::thread::sleep(std::time::Duration::from_millis(200));
         assert!(!late.is_finished(), "a write after the seal was answered");
+    }
+
+    #[test]
+    fn a_disk_never_written_by_the_agent_is_sealed_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        let sda = DiskName::new("sda").unwrap();
+        std::fs::write(&path, vec![0u8; 4 * BLOCK_SIZE]).unwrap();
+        // A first run (and one after a log from before seals) that never writes the disk,
+        // stopped cleanly; then the disk is restored while the agent is stopped.
+        for first in [true, false] {
+            if !first {
+                std::fs::remove_file(dir.path().join("disk-sda.seal")).unwrap();
+            }
+            let t = Tracker::open(&[(sda.clone(), path.clone())], dir.path(), 1 << 20, 0).unwrap();
+            // Compared and covered by a point: its extent went cold.
+            let hot = t.lock().activity[0].hot();
+            t.lock().activity[0].retire(&hot).unwrap();
+            t.seal();
+            drop(t);
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(b"restored while stopped", 4096).unwrap();
+            let (_, usable) = ActivityLog::open(dir.path(), "sda", 4 * BLOCK_SIZE as u64, &f).unwrap();
+            assert!(!usable, "first run {first}: a disk written while the agent was stopped is compared");
+        }
     }
 
     #[test]

@@ -427,9 +427,6 @@ impl pb::admin_server::Admin for AdminService {
         })
         .await?
         .map_err(store_status)?;
-        if policy.retention_ms > MAX_RETENTION_MS {
-            return Err(Status::invalid_argument("--retention may be at most 30d"));
-        }
         for (name, v) in [
             ("--retention", policy.retention_ms),
             ("--crash-interval", policy.crash_interval_ms),
@@ -513,10 +510,12 @@ impl pb::admin_server::Admin for AdminService {
         let vm = vm_arg(&r.vm)?;
         self.known_vm(&vm).await?;
         let mut spec = point_arg(&vm, &r.point)?;
+        let mut why = "";
         if spec == PointSpec::Latest {
             // The agent stood down at failover: everything received (in nbd mode, what came
             // after the newest point too).
             spec = PointSpec::Received;
+            why = "the agent stood down at the failover, so no new point could be made";
         }
         let state = self.state(&vm).await?;
         if state != VmState::FailedOver {
@@ -532,9 +531,10 @@ impl pb::admin_server::Admin for AdminService {
             job.phase("writing disks").await;
             let store = ctx.store.clone();
             let j = job.clone();
-            let res =
-                blocking(move || store.change_point(&vm, &spec, &mut |done, total| j.progress(done, total)))
-                    .await;
+            let res = blocking(move || {
+                store.change_point_noted(&vm, &spec, why, &mut |done, total| j.progress(done, total))
+            })
+            .await;
             match res {
                 Ok(Ok(out)) => job.succeed(crate::jobs::output_of(&out)).await,
                 Ok(Err(e)) => job.fail(&e.to_string()).await,

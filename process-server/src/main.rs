@@ -197,7 +197,10 @@ fn run() -> anyhow::Result<()> {
             }
             let segment_bytes = Some(segment_size);
             let scrub = tern_process_server::scrub::ScrubConfig { every: scrub_every, rate: scrub_rate };
-            if !data_dir.join("pki").join("ca.pem").exists() {
+            // Only a file not there is a misconfiguration: one that cannot be read now (a
+            // disk not mounted yet, EIO) fails as 1, and the unit tries again.
+            let ca = data_dir.join("pki").join("ca.pem");
+            if !anyhow::Context::with_context(ca.try_exists(), || format!("reading {}", ca.display()))? {
                 misconfigured!(
                     "{} is not initialised; run `process-server init --data-dir {}` first",
                     data_dir.display(),

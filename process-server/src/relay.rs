@@ -275,7 +275,9 @@ async fn relay_session(
     }
     // The master target holds everything the journal has: no ack will come to clear an
     // earlier failure (an idle VM stayed critical with it after the link was back).
-    if handles.iter().all(|h| next.get(&h.name).is_some_and(|n| *n > h.durable()))
+    // (Or it takes nothing until the failback, with --sync during: no ack will come either.)
+    if (held(ctx, vm, row.sync)
+        || handles.iter().all(|h| next.get(&h.name).is_some_and(|n| *n > h.durable())))
         && let Some(e) = ctx.relay.caught_up(vm)
         && ctx.hub.error(vm).as_deref() == Some(e.as_str())
     {

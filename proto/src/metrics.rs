@@ -70,6 +70,8 @@ pub fn serve(addr: SocketAddr, gauges_expire: Option<Duration>) -> Result<(), Me
             process_metrics();
         }
     });
+    // The address bound (port 0 given: the one the system chose).
+    let addr = listener.local_addr().unwrap_or(addr);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!(error = %e, "the metrics listener stopped");

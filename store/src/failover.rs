@@ -109,6 +109,18 @@ impl Store {
         spec: &PointSpec,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<FailoverOutput, StoreError> {
+        self.change_point_noted(vm, spec, "", progress)
+    }
+
+    /// [`Store::change_point`], with why the position is not the moment asked for (the
+    /// output's note), as [`Store::failover_noted`].
+    pub fn change_point_noted(
+        &self,
+        vm: &VmName,
+        spec: &PointSpec,
+        why: &str,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FailoverOutput, StoreError> {
         self.require_state(
             vm,
             VmState::FailedOver,
@@ -116,7 +128,7 @@ impl Store {
         )?;
         let row =
             self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
-        let position = self.resolve_position(vm, spec)?;
+        let position = self.resolve_position(vm, spec)?.noted(why);
         let format = if row.format == "vhd" { Format::Vhd } else { Format::Raw };
         let out_dir = PathBuf::from(&row.output);
         remove_outputs(&row)?;

@@ -40,6 +40,7 @@ pub async fn reprotect(d: &mut Drctl, r: Reprotect) -> Result<(), CliError> {
     }
     out!("VM {vm} is reprotected to {} ({} location, sync {}).", r.master_target, r.location, r.sync);
     out!("Start the recovered VM's agent:\n  {command}");
+    out!("(add `--mode nbd` when the recovered VM is to run its disks through the agent, the io path)");
     Ok(())
 }
 

@@ -112,7 +112,8 @@ pub async fn remove(d: &mut Drctl, vm: String, delete_points: bool) -> Result<()
             "restore_policy": restore,
         }));
     }
-    out!("VM {vm} removed: {} recovery points and its stored copy deleted", r.points_deleted);
+    let points = if r.points_deleted == 1 { "recovery point" } else { "recovery points" };
+    out!("VM {vm} removed: {} {points} and its stored copy deleted", r.points_deleted);
     for plan in &r.plans {
         eprintln!(
             "warning: recovery plan {plan} names VM {vm}: it cannot run until {vm} is protected here again, or \

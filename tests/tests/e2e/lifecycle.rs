@@ -175,6 +175,13 @@ fn unplanned_failover_with_the_agent_gone_then_change_point_and_commit() {
     let res = server.drctl_json(&["change-point", "un", "--point", &id(&p1)]);
     assert_eq!(output_hash(&res), h1);
     assert_eq!(b3(&out.join("sda.raw"), None), h1);
+    // Back to `latest`: the newest point, and the output says it is not a new one.
+    let res = server.drctl_json(&["change-point", "un", "--point", "latest"]);
+    assert_eq!(output_hash(&res), h2);
+    let note = res["note"].as_str().unwrap_or_default();
+    assert!(note.contains("not the moment asked for") && note.contains("stood down"), "{res}");
+    let res = server.drctl_json(&["change-point", "un", "--point", &id(&p1)]);
+    assert_eq!(output_hash(&res), h1);
     server.drctl_json(&["commit", "un"]);
     assert_eq!(server.status("un")["state"], "failover-committed");
     assert_eq!(server.drctl_json(&["points", "un"]).as_array().unwrap().len(), 0);
