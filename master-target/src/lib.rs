@@ -140,7 +140,9 @@ impl pb::master_target_server::MasterTarget for MasterTargetService {
             if d.alternate {
                 if path.exists() {
                     return Err(Status::failed_precondition(format!(
-                        "target disk {name}: {} already exists; an alternate location must be a new file",
+                        "target disk {name}: {} already exists; an alternate location must be a new file (a \
+                         reprotect cancelled with `drctl reprotect-cancel` leaves the file it made there: delete \
+                         it, or give another path)",
                         path.display()
                     )));
                 }
