@@ -90,7 +90,17 @@ pub(crate) async fn session(
         Some(log) => log.claims().into_iter().map(Some).collect(),
         None => saved.iter().map(|s| s.as_ref().map(|s| (s.generation.clone(), s.seq.0))).collect(),
     };
-    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello(&config, &claims))) })
+    let said = hello(&config, &claims);
+    // A disk the server took at another size than the agent opened (it no longer knew the
+    // VM: `drctl remove` after a resize): this process cannot protect it at its new size.
+    let resized: Option<String> = config.disks.iter().zip(&said.disks).find(|(d, h)| d.size != h.size).map(|(d, h)| {
+        format!(
+            "disk {} is now {} bytes, was {} when the agent started: start the agent again to protect it at \
+             its new size",
+            d.name, h.size, d.size
+        )
+    });
+    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(said)) })
         .await
         .map_err(|_| Status::cancelled("stream closed"))?;
     // A server that took the connection but never answers the call must not hold the agent.
@@ -106,6 +116,9 @@ pub(crate) async fn session(
     let mut s = Session::new(config, shutdown, tx, inbound, tracker.clone(), progress, carried.take());
     let result = async {
         s.welcome(saved, progress).await?;
+        if let Some(why) = resized {
+            return Err(Status::failed_precondition(why).into());
+        }
         match tracker {
             Some(_) => s.run_nbd().await,
             None => s.run().await,
