@@ -137,6 +137,30 @@ fn initialised(data_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `serve`'s checks of its flags and data directory; returns the stream window.
+fn serve_checks(data_dir: &std::path::Path, stream_window: u64, scrub_rate: u64) -> anyhow::Result<u32> {
+    let Some(window) = u32::try_from(stream_window).ok().filter(|w| (64 << 10..=1 << 30).contains(w)) else {
+        misconfigured!("--stream-window must be between 64KiB and 1GiB");
+    };
+    if scrub_rate == 0 {
+        misconfigured!(
+            "--scrub-rate 0 would stall the scrub; give a rate (e.g. 64MiB), or --scrub-every 0 to turn the \
+             scrub off"
+        );
+    }
+    // Only a file not there is a misconfiguration: one that cannot be read now (a disk not
+    // mounted yet, EIO) fails as 1, and the unit tries again.
+    let ca = data_dir.join("pki").join("ca.pem");
+    if !anyhow::Context::with_context(ca.try_exists(), || format!("reading {}", ca.display()))? {
+        misconfigured!(
+            "{} is not initialised; run `process-server init --data-dir {}` first",
+            data_dir.display(),
+            data_dir.display()
+        );
+    }
+    Ok(window)
+}
+
 fn run() -> anyhow::Result<()> {
     match tern_proto::config::parse::<Cli>().cmd {
         Cmd::Init { data_dir, sans } => {
@@ -183,30 +207,9 @@ fn run() -> anyhow::Result<()> {
             metrics,
             web,
         } => {
-            let stream_window = u32::try_from(stream_window)
-                .ok()
-                .filter(|w| (64 << 10..=1 << 30).contains(w))
-                .ok_or_else(|| {
-                    tern_proto::daemon::Misconfigured("--stream-window must be between 64KiB and 1GiB".into())
-                })?;
-            if scrub_rate == 0 {
-                misconfigured!(
-                    "--scrub-rate 0 would stall the scrub; give a rate (e.g. 64MiB), or --scrub-every 0 to turn \
-                     the scrub off"
-                );
-            }
+            let stream_window = serve_checks(&data_dir, stream_window, scrub_rate)?;
             let segment_bytes = Some(segment_size);
             let scrub = tern_process_server::scrub::ScrubConfig { every: scrub_every, rate: scrub_rate };
-            // Only a file not there is a misconfiguration: one that cannot be read now (a
-            // disk not mounted yet, EIO) fails as 1, and the unit tries again.
-            let ca = data_dir.join("pki").join("ca.pem");
-            if !anyhow::Context::with_context(ca.try_exists(), || format!("reading {}", ca.display()))? {
-                misconfigured!(
-                    "{} is not initialised; run `process-server init --data-dir {}` first",
-                    data_dir.display(),
-                    data_dir.display()
-                );
-            }
             tern_process_server::finish_reissue(&data_dir.join("pki"))?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {

@@ -90,33 +90,8 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                 warn!(vm = %vm, holder = %held.peer, "a second agent for the VM refused");
                 Status::already_exists(held.to_string())
             })?;
-        let store = ctx.store.clone();
-        let vm2 = vm.clone();
         let serial = crate::identities::caller_serial(&parts_req);
-        let registered = crate::admin::blocking(move || {
-            admit(&store, &vm2, serial.as_deref(), &disks, &agent_states, &sources)
-        })
-        .await?
-        .map_err(store_status)
-        .inspect_err(|e| {
-            warn!(vm = %vm, error = %e.message(), "replication session refused");
-            // The server's own storage failing is what its sessions end on; a refusal of
-            // this agent (a resized disk) goes once a session is admitted.
-            if e.code() == tonic::Code::ResourceExhausted {
-                ctx.hub.fail_session(&vm, e.message());
-            } else {
-                ctx.hub.set_error(&vm, e.message());
-            }
-        })?;
-        let admitted = registered.map_err(|refused| {
-            // A refusal that stops the VM's replication until someone acts shows in its
-            // status (and turns it critical); one of a stale agent (the VM replicates from
-            // elsewhere now) does not.
-            if refused.stops_replication {
-                ctx.hub.set_error(&vm, refused.status.message());
-            }
-            refused.status
-        })?;
+        let admitted = admit_session(&ctx, &vm, serial, disks, agent_states, sources).await?;
         let hashes_follow = hash_sources(&admitted);
         let welcome = welcome_of(&admitted, &hashes_follow);
         let handles = admitted.handles;
@@ -298,6 +273,43 @@ struct Admitted {
     reprotect: Option<tern_store::ReprotectRow>,
 }
 
+/// [`admit`] on the blocking pool; a refusal that stops the VM's replication, or the
+/// server's own failure, shows in the VM's status.
+async fn admit_session(
+    ctx: &Arc<Ctx>,
+    vm: &VmName,
+    serial: Option<String>,
+    disks: Vec<(DiskName, u64)>,
+    agent_states: HashMap<DiskName, (String, u64)>,
+    sources: Sources,
+) -> Result<Admitted, Status> {
+    let (store, vm2) = (ctx.store.clone(), vm.clone());
+    let registered = crate::admin::blocking(move || {
+        admit(&store, &vm2, serial.as_deref(), &disks, &agent_states, &sources)
+    })
+    .await?
+    .map_err(store_status)
+    .inspect_err(|e| {
+        warn!(vm = %vm, error = %e.message(), "replication session refused");
+        // The server's own storage failing is what its sessions end on; a refusal of
+        // this agent (a resized disk) goes once a session is admitted.
+        if e.code() == tonic::Code::ResourceExhausted {
+            ctx.hub.fail_session(vm, e.message());
+        } else {
+            ctx.hub.set_error(vm, e.message());
+        }
+    })?;
+    registered.map_err(|refused| {
+        // A refusal that stops the VM's replication until someone acts shows in its
+        // status (and turns it critical); one of a stale agent (the VM replicates from
+        // elsewhere now) does not.
+        if refused.stops_replication {
+            ctx.hub.set_error(vm, refused.status.message());
+        }
+        refused.status
+    })
+}
+
 /// Why an agent was not admitted.
 #[derive(Debug)]
 struct Refused {
@@ -316,6 +328,21 @@ impl Refused {
     fn stands_down(status: Status) -> Refused {
         Refused { status, stops_replication: false }
     }
+}
+
+/// The refusal of an agent whose VM no longer replicates from its source (`state`).
+fn stood_down(vm: &VmName, state: tern_core::VmState) -> Refused {
+    let next = if state == tern_core::VmState::FailbackCommitted {
+        format!(
+            "; if this agent is on the primary site, which runs the VM again, `drctl reverse-replicate {vm}` \
+             makes it the source again, then start this agent"
+        )
+    } else {
+        String::new()
+    };
+    Refused::stands_down(Status::failed_precondition(format!(
+        "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down{next}"
+    )))
 }
 
 /// Admits an agent's Hello: refuses a VM whose data is damaged, that no longer replicates
@@ -342,17 +369,7 @@ fn admit(
         let state = store.vm_state(vm)?;
         if !state.takes_replication() {
             warn!(vm = %vm, state = %state, "agent refused: the VM no longer replicates from this source");
-            let next = if state == tern_core::VmState::FailbackCommitted {
-                format!(
-                    "; if this agent is on the primary site, which runs the VM again, `drctl reverse-replicate {vm}` \
-                     makes it the source again, then start this agent"
-                )
-            } else {
-                String::new()
-            };
-            return Ok(Err(Refused::stands_down(Status::failed_precondition(format!(
-                "VM {vm} is {state}: it no longer replicates from this source, so the agent stands down{next}"
-            )))));
+            return Ok(Err(stood_down(vm, state)));
         }
         // Reprotected, the VM runs at the recovery site: only the agent `drctl reprotect`
         // made an identity for may replicate it. The primary site's old agent, back after
