@@ -486,3 +486,10 @@ pub fn describe_metrics() {
         "Bytes the agent has sent to the process server."
     );
 }
+
+/// The agent's counters exist from the start at 0, so that `rate()` and `increase()` see an
+/// agent that has sent nothing yet, or nothing since a restart.
+pub fn zero_counters(vm: &VmName) {
+    metrics::counter!("tern_agent_sent_bytes_total", "vm" => vm.to_string()).increment(0);
+    metrics::counter!("tern_agent_points_total", "vm" => vm.to_string()).increment(0);
+}

@@ -288,6 +288,7 @@ fn run() -> anyhow::Result<()> {
         if let Some(addr) = metrics {
             tern_proto::metrics::serve(addr, None)?;
             tern_agent::describe_metrics();
+            tern_agent::zero_counters(&config.vm);
         }
         let shutdown = tern_proto::daemon::shutdown_on_signal();
         tern_agent::run(config, shutdown).await.map_err(anyhow::Error::from)

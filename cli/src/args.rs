@@ -119,6 +119,8 @@ pub enum Cmd {
     /// Rewrite a failed-over VM's disks at another point (before commit).
     ChangePoint {
         vm: String,
+        /// The point to rewrite the disks at: latest (everything received), latest-processed,
+        /// latest-app, a point id, or an RFC 3339 time.
         #[arg(long)]
         point: String,
     },
@@ -127,6 +129,7 @@ pub enum Cmd {
     /// Rebuild a point from the store and check every disk's fingerprint; exit 4 on a mismatch.
     Verify {
         vm: String,
+        /// The point to check: latest-processed, latest-app, a point id, or an RFC 3339 time.
         #[arg(long, default_value = "latest-processed")]
         point: String,
     },
