@@ -747,6 +747,27 @@ fn chrono_ms(t: &str) -> u128 {
     String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
 }
 
+/// qemu-io on VM `db`'s export with `reconnect-delay` (a request waits up to 30 s for the
+/// agent to come back), running `cmds` then a flush.
+fn qemu_io_reconnecting(root: &Path, cmds: &[&str]) -> std::process::Child {
+    let sock = root.join("db.sock");
+    let opts =
+        format!("driver=nbd,server.type=unix,server.path={},export=sda,reconnect-delay=30", sock.display());
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(["--image-opts", &opts]);
+    for c in cmds.iter().chain(&["flush"]) {
+        qemu.args(["-c", c]);
+    }
+    qemu.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+}
+
+/// Waits for qemu-io and checks that none of its requests failed.
+fn assert_no_qemu_error(qemu: std::process::Child) {
+    let out = qemu.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !text.contains("error"), "qemu-io: {text}");
+}
+
 /// QEMU with `reconnect-delay`: a write issued while the agent is down waits for it and
 /// lands once the agent is back; the next point has it.
 #[test]
@@ -754,32 +775,12 @@ fn qemu_writes_wait_while_the_agent_restarts_and_land_in_the_next_point() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let mut vm = protect_nbd(root, 32, 2, &[]);
-    let sock = root.join("db.sock");
-    let opts =
-        format!("driver=nbd,server.type=unix,server.path={},export=sda,reconnect-delay=30", sock.display());
-    let qemu = Command::new("qemu-io")
-        .args([
-            "--image-opts",
-            &opts,
-            "-c",
-            "write -P 0x61 1M 64k",
-            "-c",
-            "sleep 2500",
-            "-c",
-            "write -P 0x62 2M 64k",
-        ])
-        .args(["-c", "flush"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let qemu = qemu_io_reconnecting(root, &["write -P 0x61 1M 64k", "sleep 2500", "write -P 0x62 2M 64k"]);
     std::thread::sleep(Duration::from_millis(800));
     vm.agent.kill9();
     std::thread::sleep(Duration::from_millis(500));
     vm.agent.restart();
-    let out = qemu.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !text.contains("error"), "qemu-io: {text}");
+    assert_no_qemu_error(qemu);
     let data = std::fs::read(&vm.disk).unwrap();
     assert!(
         data[2 << 20..(2 << 20) + 65536].iter().all(|&b| b == 0x62),
@@ -797,26 +798,14 @@ fn qemu_writes_through_a_clean_restart_of_the_agent_never_fail() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let mut vm = protect_nbd(root, 32, 2, &[]);
-    let sock = root.join("db.sock");
-    let opts =
-        format!("driver=nbd,server.type=unix,server.path={},export=sda,reconnect-delay=30", sock.display());
-    let mut qemu = Command::new("qemu-io");
-    qemu.args(["--image-opts", &opts]);
-    for i in 0..80u64 {
-        qemu.args(["-c", &format!("write -P {} {}k 4k", i % 200 + 1, i * 4), "-c", "sleep 50"]);
-    }
-    let qemu = qemu
-        .args(["-c", "flush"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let writes: Vec<String> = (0..80u64)
+        .flat_map(|i| [format!("write -P {} {}k 4k", i % 200 + 1, i * 4), "sleep 50".into()])
+        .collect();
+    let qemu = qemu_io_reconnecting(root, &writes.iter().map(String::as_str).collect::<Vec<_>>());
     std::thread::sleep(Duration::from_millis(1000));
     vm.agent.stop();
     vm.agent.restart();
-    let out = qemu.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !text.contains("error"), "qemu-io: {text}");
+    assert_no_qemu_error(qemu);
     let point = vm.server.checkpoint("db");
     let (hash, _) = test_failover(&vm.server, root, &point);
     assert_eq!(hash, b3(&vm.disk, None));
