@@ -107,12 +107,18 @@ impl AdminService {
         let connected = self.ctx.hub.connected(&vm);
         let rpo = last.map_or(-1, |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0));
         let absent = self.ctx.hub.disconnected_for(&vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
-        let (policy, state) = {
+        let (policy, state, test) = {
             let store = self.ctx.store.clone();
             let v = vm.clone();
-            blocking(move || Ok::<_, tern_store::StoreError>((store.policy(&v)?, store.vm_state(&v)?)))
-                .await?
-                .map_err(store_status)?
+            blocking(move || {
+                Ok::<_, tern_store::StoreError>((
+                    store.policy(&v)?,
+                    store.vm_state(&v)?,
+                    store.test_failover_row(&v)?,
+                ))
+            })
+            .await?
+            .map_err(store_status)?
         };
         let error = crate::health::problem(&self.ctx, &vm).unwrap_or_default();
         let failing_back = crate::lock(&self.ctx.failing_back).contains(&vm);
@@ -169,6 +175,7 @@ impl AdminService {
             storage_bytes: self.ctx.store.vm_disks(&vm).iter().map(|h| h.bytes_used()).sum(),
             error,
             group,
+            test_failover: test.map(|t| pb::OpenTestFailover { point: t.point.0, output: t.output }),
         })
     }
 }

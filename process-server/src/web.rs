@@ -205,7 +205,11 @@ pub fn render(
         "<h2>Protected VMs</h2><table id=\"vms\"><tr><th>VM</th><th>state</th><th>health</th><th>agent</th><th>RPO</th><th>points</th><th>problem</th></tr>"
     );
     for s in vms {
-        let state = pb::VmState::read(s.state).map_or("unknown", |st| st.shown(s.last_point != 0));
+        let mut state =
+            pb::VmState::read(s.state).map_or("unknown", |st| st.shown(s.last_point != 0)).to_string();
+        if let Some(t) = &s.test_failover {
+            let _ = write!(state, " (test failover of point {} open)", t.point);
+        }
         let health = pb::Health::read(s.health).unwrap_or(Health::Critical).as_str();
         let n = points.get(&s.vm).map_or(0, |p| p.1);
         let _ = write!(

@@ -294,8 +294,13 @@ impl Session {
             if let Some(r) = r {
                 let hot = tracker.hot_ranges(i);
                 let bytes: u64 = hot.iter().map(|x| x.1).sum();
-                info!(disk = %d.name, hot_mib = bytes >> 20, size_mib = d.size >> 20,
-                    "comparing only the extents written since the last committed point");
+                if bytes >= d.size {
+                    info!(disk = %d.name, hot_mib = bytes >> 20, size_mib = d.size >> 20,
+                        "comparing the whole disk with the server's copy: its change log cannot vouch for it");
+                } else {
+                    info!(disk = %d.name, hot_mib = bytes >> 20, size_mib = d.size >> 20,
+                        "comparing only the extents written since the last committed point");
+                }
                 r.extend(hot);
             }
         }

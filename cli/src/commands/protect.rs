@@ -232,6 +232,15 @@ fn print_disks(vms: &[pb::VmStatus]) {
             }
             out!("{line}");
         }
+        if let Some(t) = &s.test_failover {
+            out!(
+                "  test failover open: point {} written to {} (`drctl test-failover-cleanup {}` when done; \
+                 the point is kept until then)",
+                t.point,
+                t.output,
+                s.vm
+            );
+        }
     }
 }
 

@@ -79,7 +79,14 @@ fn every_point_option_gives_the_source_at_that_point() {
             server.drctl_json(&["test-failover", "opt", "--point", point, "--output", out.to_str().unwrap()]);
         assert_eq!(&output_hash(&res), *want, "--point {point}");
         assert_eq!(&b3(&out.join("sda.raw"), None), *want, "--point {point}");
+        // Status shows the open test failover, which point and where, until its cleanup.
+        let open = &server.status("opt")["test_failover"];
+        assert!(open["point"].as_u64().is_some_and(|p| p > 0), "{open}");
+        assert_eq!(open["output"].as_str(), out.to_str(), "{open}");
+        let text = String::from_utf8(server.drctl(&["status", "opt"]).stdout).unwrap();
+        assert!(text.contains(&format!("test failover open: point {}", open["point"])), "{text}");
         server.drctl_json(&["test-failover-cleanup", "opt"]);
+        assert!(server.status("opt")["test_failover"].is_null());
     }
     let err =
         server.drctl_err(&["test-failover", "opt", "--point", "1999-01-01T00:00:00Z", "--output", "/tmp/x"]);

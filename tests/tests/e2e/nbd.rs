@@ -524,7 +524,7 @@ fn past_its_spill_the_log_is_dropped_and_the_written_extents_are_compared() {
 /// The MiB of hot extents each resync of the agent's log compared, in order.
 fn hot_mib_compared(log: &str) -> Vec<u64> {
     log.lines()
-        .filter(|l| l.contains("comparing only the extents"))
+        .filter(|l| l.contains("comparing") && l.contains("hot_mib="))
         .filter_map(|l| l.split("hot_mib=").nth(1)?.split_whitespace().next()?.parse().ok())
         .collect()
 }
