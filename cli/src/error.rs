@@ -63,7 +63,20 @@ impl From<tonic::Status> for CliError {
         let from_transport = std::error::Error::source(&s).is_some() || s.message().is_empty();
         match s.code() {
             Code::Unknown | Code::Cancelled | Code::Unavailable if from_transport => {
-                CliError::Unreachable(transport_failure(&pb::error_chain(&s)))
+                // The status's own Display carries its code and its source's Debug form: the
+                // message and the causes' texts read better.
+                let chain = match std::error::Error::source(&s) {
+                    Some(cause) => {
+                        let causes = pb::error_chain(cause);
+                        if s.message().is_empty() || causes.contains(s.message()) {
+                            causes
+                        } else {
+                            format!("{}: {causes}", s.message())
+                        }
+                    }
+                    None => s.message().to_string(),
+                };
+                CliError::Unreachable(transport_failure(&chain))
             }
             Code::NotFound => CliError::NotFound(s.message().to_string()),
             // The server's word that an argument is wrong: a usage mistake, as clap's are.

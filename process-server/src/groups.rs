@@ -103,8 +103,8 @@ impl Barriers {
         lock(&self.health).get(group).cloned().unwrap_or_default()
     }
 
-    /// The group's members changed (or it is gone): the last failure was of other members
-    /// and says nothing of these.
+    /// The group's members changed (or it is gone), or one of them failed over: the last
+    /// failure was of other members, or from before, and says nothing of the group now.
     pub fn members_changed(&self, group: &GroupName, gone: bool) {
         let mut health = lock(&self.health);
         if gone {
@@ -409,8 +409,15 @@ pub async fn group_worker(ctx: Arc<Ctx>) {
                 }
                 // Only when due are the members' states read: a paused group (a member failed
                 // over) is looked at once an interval, not every second.
-                if !matches!(paused(&ctx, &g).await, Ok(None)) {
-                    break;
+                match paused(&ctx, &g).await {
+                    Ok(None) => {}
+                    Ok(Some(_)) => {
+                        // A failure from before a member failed over says nothing of the
+                        // group once it is whole again.
+                        ctx.barriers.members_changed(&g.name, false);
+                        break;
+                    }
+                    Err(_) => break,
                 }
                 let (c, name) = (ctx.clone(), g.name.clone());
                 ctx.tracker.spawn(async move {
@@ -465,6 +472,9 @@ pub async fn group_info(
         long_away |= absent > threshold;
     }
     let paused = paused(ctx, &row).await?;
+    if paused.is_some() {
+        ctx.barriers.members_changed(&row.name, false);
+    }
     let h = ctx.barriers.health(&row.name);
     let rpo = crash.as_ref().map_or(-1, |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0));
     // Not every member protected (a failover): the group is out of service, not failing.

@@ -1382,6 +1382,10 @@ impl Catalog {
                 .query_row("SELECT grp FROM group_members WHERE vm = ?1", [vm.as_str()], |r| r.get(0))
                 .optional()
                 .map_err(q("change group"))?;
+            // Already a member: nothing to do (adding is idempotent, for scripts).
+            if other.as_deref() == Some(name.as_str()) {
+                continue;
+            }
             if let Some(other) = other {
                 return Err(StoreError::Group(format!(
                     "VM {vm} is already in group {other}; a VM belongs to one group (`drctl group remove {other} --vm {vm}` first)"

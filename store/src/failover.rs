@@ -81,6 +81,8 @@ impl Store {
                 ..row
             }),
         )?;
+        // Failed over, nothing written yet: a stop here leaves an output that is not whole.
+        crate::failpoint("failover-before-output")?;
         match self.write_output(
             vm,
             &position,
@@ -129,16 +131,50 @@ impl Store {
         let row =
             self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
         let position = self.resolve_position(vm, spec)?.noted(why);
+        self.rewrite_output(vm, &row, &position, progress)
+    }
+
+    /// Writes a failover's output again at its own position when it was not written whole
+    /// (the failover or a change of point cut short by a stop of the process server), as
+    /// `drctl change-point` to that position would: what a recovery plan's `continue` does
+    /// for a VM it already failed over. `None` when the output is whole.
+    pub fn finish_failover_output(
+        &self,
+        vm: &VmName,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Option<FailoverOutput>, StoreError> {
+        self.require_state(
+            vm,
+            VmState::FailedOver,
+            "only a failed-over, uncommitted VM has a failover output",
+        )?;
+        if self.catalog().failover_written(vm)? {
+            return Ok(None);
+        }
+        let row =
+            self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
+        let point = self.resolve_point(vm, &PointSpec::Id(row.point))?;
+        let position = Position { point, between: row.between.clone(), why_point: String::new() };
+        self.rewrite_output(vm, &row, &position, progress).map(Some)
+    }
+
+    /// Removes the failover's output and writes it at `position`, marked whole once done.
+    fn rewrite_output(
+        &self,
+        vm: &VmName,
+        row: &FailoverRow,
+        position: &Position,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FailoverOutput, StoreError> {
         let format = if row.format == "vhd" { Format::Vhd } else { Format::Raw };
         let out_dir = PathBuf::from(&row.output);
-        remove_outputs(&row)?;
+        remove_outputs(row)?;
         let handles = self.point_disks(vm, &position.point)?;
         let files = output_files(&handles, &out_dir, format)?;
         let listed: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         self.catalog().change_failover(vm, position.point.id, position.between.as_ref(), &listed)?;
         let manifest = out_dir.join("vm.json");
-        let out =
-            self.write_output(vm, &position, &handles, &files, &manifest, &out_dir, format, progress)?;
+        let out = self.write_output(vm, position, &handles, &files, &manifest, &out_dir, format, progress)?;
         self.catalog().set_failover_written(vm)?;
         Ok(out)
     }

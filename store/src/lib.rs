@@ -1732,11 +1732,21 @@ fn open_disk(
     })
 }
 
-/// Formats Unix milliseconds as RFC 3339 UTC.
+/// Formats Unix milliseconds as RFC 3339 UTC, always with three digits of milliseconds (as
+/// drctl prints times).
 pub fn rfc3339(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 /// `len` bytes that do not compress, different for each `seed`, for tests.
@@ -1861,9 +1871,15 @@ mod tests {
                 h.journal().sync().unwrap();
             }
             store.catalog().add_to_group(&g, &[a.clone(), b.clone()], Some((0, 0)), 1).unwrap();
-            let refused = store.catalog().add_to_group(&g, &[c.clone(), a.clone()], None, 1).unwrap_err();
+            let other = GroupName::new("other").unwrap();
+            let refused =
+                store.catalog().add_to_group(&other, &[c.clone(), a.clone()], Some((0, 0)), 1).unwrap_err();
             assert!(refused.to_string().contains("already in group shop"), "{refused}");
             assert_eq!(store.catalog().group_of(&c).unwrap(), None, "a refused change changes nothing");
+            assert!(store.catalog().groups().unwrap().iter().all(|r| r.name != other), "nor makes the group");
+            // Added again to its own group: nothing to do.
+            store.catalog().add_to_group(&g, std::slice::from_ref(&a), None, 1).unwrap();
+            assert_eq!(store.catalog().group_of(&a).unwrap(), Some(g.clone()));
             let app = store.make_group_point(&g, vec![cut(&a, true), cut(&b, true)]).unwrap();
             assert_eq!((app[0].id, app[1].vm.as_str()), (app[1].id, "b"));
             let own = store.make_point(&a, now_ms(), Consistency::Crash, "", cut(&a, false).disks).unwrap();

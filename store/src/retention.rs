@@ -519,7 +519,14 @@ pub(crate) mod tests {
         let err = store.commit(&vm).unwrap_err().to_string();
         assert!(err.contains("not written whole") && err.contains(&advice), "{err}");
         assert_eq!(store.points(&vm).unwrap().len(), points.len(), "nothing deleted");
-        store.change_point(&vm, &PointSpec::Id(points[2].id), &mut |_, _| {}).unwrap();
+        // What a recovery plan's `continue` does for it: written again at its own point,
+        // the output removed first being no matter; once whole, nothing more.
+        std::fs::remove_file(out.join("sda.raw")).unwrap();
+        let o = store.finish_failover_output(&vm, &mut |_, _| {}).unwrap().expect("written again");
+        assert_eq!(o.point, points[2].id.0);
+        let written = blake3::hash(&std::fs::read(out.join("sda.raw")).unwrap()).to_hex().to_string();
+        assert_eq!(o.disks[0].blake3, written);
+        assert!(store.finish_failover_output(&vm, &mut |_, _| {}).unwrap().is_none());
         store.commit(&vm).unwrap();
     }
 

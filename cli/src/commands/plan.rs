@@ -118,6 +118,9 @@ async fn follow_until(d: &mut Drctl, name: &str, job: u64, pause: bool) -> Resul
                     super::failback::agent_command(&d.server, &identity.display().to_string(), vm, &a.disks);
                 out!("  {command}");
             }
+            out!(
+                "(add `--mode nbd` for a VM whose recovered disks are to run through the agent, the io path)"
+            );
         }
     }
     result.map(|_| ())
@@ -138,7 +141,12 @@ pub async fn run(d: &mut Drctl, cmd: PlanCmd) -> Result<(), CliError> {
             if d.json {
                 return print_json(&plan_json(&p));
             }
-            out!("plan {} applied: {} groups", p.name, p.steps.len());
+            out!(
+                "plan {} applied: {} group{}",
+                p.name,
+                p.steps.len(),
+                if p.steps.len() == 1 { "" } else { "s" }
+            );
             show(&p);
             return Ok(());
         }

@@ -674,9 +674,22 @@ pub async fn start(ctx: &Arc<Ctx>, r: pb::RunPlanRequest) -> Result<u64, Status>
         _ => {}
     }
     if let Err(e) = precheck(ctx, &plan, &run).await {
+        let last: Option<Run> = serde_json::from_str(&row.run).ok();
+        // Still running (its drctl gone): its VMs' states are its own doing.
+        let waiting = lock(&ctx.plans.driving).get(name.as_str()).map(|d| d.waiting);
+        if let Some(waiting) = waiting {
+            let (op, job) = last.map(|l| (l.operation.to_string(), l.job)).unwrap_or_default();
+            let how = if waiting {
+                format!("waits at a manual step (job {job}): `drctl plan continue {name}` goes on")
+            } else {
+                format!("is still running (job {job}): follow it with `drctl jobs --wait {job}`")
+            };
+            return Err(Status::failed_precondition(format!(
+                "plan {name}'s {op} {how}, or `drctl plan cancel {name}` stops it"
+            )));
+        }
         // Most likely this operation stopped part way earlier: starting it anew is not
         // the way on.
-        let last: Option<Run> = serde_json::from_str(&row.run).ok();
         if let Some(last) = last.filter(|l| l.operation == run.operation && l.state != "done") {
             return Err(Status::new(
                 e.code(),
@@ -927,6 +940,13 @@ async fn walk(
                         blocking(move || store.vm_state(&v)).await.map_err(|e| e.message().to_string())?;
                     if run.operation.leaves().is_some() && state.ok() == run.operation.leaves() {
                         info!(plan = %name, vm = %vm, operation = %run.operation, "VM already done; not done again");
+                        if run.operation == Operation::Failover
+                            && let Some(p) = finish_output(ctx, vm, job)
+                                .await
+                                .map_err(|e| format!("group {group}: VM {vm}: {e}"))?
+                        {
+                            run.points.insert(vm.to_string(), p);
+                        }
                         run.done.push(vm.to_string());
                         save(ctx, name, run).await?;
                         continue;
@@ -1155,6 +1175,21 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &mut Run, vm: &VmName) -> Resu
             crate::failback::reverse_replicate(ctx, vm).await.map(|()| None).map_err(status)
         }
     }
+}
+
+/// A VM this plan failed over whose output was cut short (the process server stopped while
+/// it was written): written again at its failover's position before the plan goes on, so
+/// that a later group never starts beside a VM without its disks. The point, when written.
+async fn finish_output(ctx: &Arc<Ctx>, vm: &VmName, job: &crate::jobs::Job) -> Result<Option<u64>, String> {
+    let (store, v, j) = (ctx.store.clone(), vm.clone(), job.clone());
+    let out = blocking(move || store.finish_failover_output(&v, &mut |done, total| j.progress(done, total)))
+        .await
+        .map_err(|e| e.message().to_string())?
+        .map_err(|e| e.to_string())?;
+    if let Some(o) = &out {
+        warn!(vm = %vm, point = %o.point, "its failover output had been cut short: written again at its point");
+    }
+    Ok(out.map(|o| o.point))
 }
 
 /// A failback of one VM, at the final point made when its replication group was shut

@@ -232,6 +232,17 @@ fn scan_mode_multi_vm_points_are_one_cut_across_the_group_with_freeze_hooks() {
     server.drctl_json(&["group", "remove", "shop", "--vm", "b"]);
     let shown = server.drctl_json(&["group", "show", "shop"]);
     assert!(shown["error"].is_null() || shown["error"] == "", "{shown}");
+    // Back in, it fails the group's point again; then it fails over: the group is paused,
+    // and the failure from before says nothing of it (nor of it whole again).
+    server.drctl_json(&["group", "add", "shop", "--vm", "b"]);
+    let err = server.drctl_err(&["group", "checkpoint", "shop"]);
+    assert!(err.contains("VM b is away"), "{err}");
+    let fo = root.join("fo-b");
+    server.drctl_json(&["failover", "b", "--kind", "unplanned", "--output", fo.to_str().unwrap()]);
+    let shown = server.drctl_json(&["group", "show", "shop"]);
+    assert!(shown["paused"].as_str().is_some_and(|p| !p.is_empty()), "{shown}");
+    assert_eq!(shown["health"], "normal", "{shown}");
+    assert!(shown["error"].is_null() || shown["error"] == "", "{shown}");
 
     writer.finish(&stop);
 }

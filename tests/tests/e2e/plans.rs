@@ -415,6 +415,9 @@ fn a_plan_is_cancelled_at_a_manual_step_or_in_a_hung_action_and_continues_after_
     // At the manual step: removal is refused, saying how to stop it; cancel stops it.
     let text = String::from_utf8_lossy(&server.drctl(&tfo).stdout).into_owned();
     assert!(text.contains("waiting"), "{text}");
+    // Run again meanwhile: it says what the first one is doing.
+    let err = server.drctl_err(&tfo);
+    assert!(err.contains("waits at a manual step") && err.contains("drctl plan continue p"), "{err}");
     let err = server.drctl_err(&["plan", "remove", "p"]);
     assert!(err.contains("drctl plan cancel p"), "{err}");
     let out_cancel = server.drctl(&["plan", "cancel", "p"]);
@@ -482,4 +485,45 @@ fn a_plan_is_cancelled_at_a_manual_step_or_in_a_hung_action_and_continues_after_
     assert!(String::from_utf8_lossy(&removed.stderr).contains("plan p names VM b"), "{removed:?}");
     let shown = server.drctl_json(&["plan", "show", "p"]);
     assert!(shown["problem"].as_str().unwrap_or_default().contains("VM b is not protected"), "{shown}");
+}
+
+/// A process server that stops while a plan's failover writes a VM's disks leaves that VM
+/// failed over with its output not whole: `plan continue` writes it again at its point
+/// before it goes on, so that no later group starts beside a VM without its disks.
+#[test]
+fn a_plan_failover_cut_short_in_a_vms_output_writes_it_again_on_continue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let _a = protect_vm(&server, root, "a", 8, 4, &[]);
+    let _b = protect_vm(&server, root, "b", 8, 4, &[]);
+    let file = root.join("p.toml");
+    std::fs::write(&file, "name = \"p\"\n[[group]]\nvms = [\"a\"]\n[[group]]\nvms = [\"b\"]\n").unwrap();
+    server.drctl_json(&["plan", "apply", file.to_str().unwrap()]);
+    // The server stops (as a kill -9 would) once VM a is failed over, before its disks
+    // are written.
+    server.kill9();
+    server.env = vec![("TERN_CRASH_AT".into(), "failover-before-output".into())];
+    server.start();
+    let out = root.join("out");
+    let fo = ["plan", "failover", "p", "--kind", "unplanned", "--output", out.to_str().unwrap()];
+    assert!(!server.drctl(&fo).status.success());
+    server.kill9();
+    server.env.clear();
+    server.start();
+    assert_eq!(server.status("a")["state"], "failed-over");
+    assert!(!out.join("a").join("vm.json").exists());
+    let run = server.drctl_json(&["plan", "continue", "p"]);
+    assert_eq!(run["run"]["state"], "done", "{run}");
+    for vm in ["a", "b"] {
+        let manifest: Value =
+            serde_json::from_slice(&std::fs::read(out.join(vm).join("vm.json")).unwrap()).unwrap();
+        assert_eq!(manifest["point"], run["run"]["points"][vm], "{vm}: {manifest}");
+        let written = b3(&out.join(vm).join("sda.raw"), None);
+        assert_eq!(manifest["disks"][0]["blake3"].as_str().unwrap(), written, "{vm}");
+        assert_eq!(written, b3(&root.join(format!("{vm}.img")), None), "{vm}");
+    }
+    // Whole now: the commit goes through.
+    server.drctl_json(&["plan", "commit", "p"]);
 }
