@@ -139,8 +139,8 @@ async fn replicate(
 ) -> Result<(), AgentError> {
     // Unreachable, or gone after replication made progress: back within about a second.
     let mut reconnect = tern_core::backoff::Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
-    // Welcomed, then failed before anything was acked (storage full on the server, a
-    // refused batch): each try costs a pass, so the tries space out further.
+    // Welcomed, then ended by the server before anything was acked (storage full on the
+    // server, a refused batch): each try costs a pass, so the tries space out further.
     let mut refused = tern_core::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     // --mode nbd: the change log's stream outlives a dropped link, so that the next
     // session goes on where the server's journal ends instead of comparing disks.
@@ -189,7 +189,12 @@ async fn replicate(
                     reconnect.reset();
                     refused.reset();
                 }
-                let delay = if progress.welcomed.load(std::sync::atomic::Ordering::Relaxed)
+                // A connection that died under the session (reset, a dead link) says nothing
+                // of the server: back within about a second, however often it happens. The
+                // longer waits are for what the server itself said.
+                let from_server = std::error::Error::source(&status).is_none();
+                let delay = if from_server
+                    && progress.welcomed.load(std::sync::atomic::Ordering::Relaxed)
                     && !progress.acked.load(std::sync::atomic::Ordering::Relaxed)
                 {
                     refused.next_delay()

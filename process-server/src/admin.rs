@@ -107,7 +107,7 @@ impl AdminService {
         let connected = self.ctx.hub.connected(&vm);
         let rpo = last.map_or(-1, |p| ((tern_store::now_ms() - p.time_ms) / 1000).max(0));
         let absent = self.ctx.hub.disconnected_for(&vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
-        let (policy, state, test) = {
+        let (policy, state, test, not_whole) = {
             let store = self.ctx.store.clone();
             let v = vm.clone();
             blocking(move || {
@@ -115,6 +115,7 @@ impl AdminService {
                     store.policy(&v)?,
                     store.vm_state(&v)?,
                     store.test_failover_row(&v)?,
+                    store.failover_not_whole(&v)?,
                 ))
             })
             .await?
@@ -130,6 +131,11 @@ impl AdminService {
             !error.is_empty(),
             failing_back,
         );
+        // A failed-over VM whose disks were not written whole cannot start: said, critical.
+        let (health, error) = match not_whole {
+            Some(why) if error.is_empty() => (tern_core::Health::Critical, why),
+            _ => (health, error),
+        };
         let disks = self
             .ctx
             .store

@@ -50,6 +50,10 @@ fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<Health, tern_store::StoreError> {
     );
     let absent = ctx.hub.disconnected_for(vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
     let failing_back = crate::lock(&ctx.failing_back).contains(vm);
+    // A failed-over VM whose disks were not written whole cannot start.
+    if ctx.store.failover_not_whole(vm)?.is_some() {
+        return Ok(Health::Critical);
+    }
     Ok(health(state, rpo, absent, policy.rpo_threshold_ms / 1000, problem(ctx, vm).is_some(), failing_back))
 }
 

@@ -55,8 +55,9 @@ pub type PointResult = Result<Point, String>;
 #[derive(Debug, Default)]
 struct SessionSlot {
     lock: Arc<tokio::sync::Mutex<()>>,
-    /// The live holder: its address and since when (ms). `None` once it is ending.
-    holder: Mutex<Option<(String, i64)>>,
+    /// The live holder: its address, since when (ms) and its agent's instance (see
+    /// `Hello.instance`). `None` once it is ending.
+    holder: Mutex<Option<(String, i64, String)>>,
 }
 
 /// Held for as long as a session runs; frees the slot when dropped.
@@ -101,20 +102,34 @@ impl Hub {
 
     /// Takes the session of `vm` for the agent at `peer`. A live session of another agent
     /// refuses it (one agent per VM: two would take turns and mix their disks); one that
-    /// is ending (its agent died, its link dropped) is waited for until it has drained.
+    /// is ending (its agent died, its link dropped) is waited for until it has drained, and
+    /// so is a live one of the same agent process (`instance`): its connection died and it
+    /// came back before the server noticed; that session is ended now.
     /// The guard keeps a second session from writing the same journals at the same time.
-    pub async fn take_session(&self, vm: &VmName, peer: String) -> Result<SessionGuard, Held> {
+    pub async fn take_session(
+        &self,
+        vm: &VmName,
+        peer: String,
+        instance: &str,
+    ) -> Result<SessionGuard, Held> {
         let slot = lock(&self.sessions).entry(vm.clone()).or_default().clone();
         let guard = match slot.lock.clone().try_lock_owned() {
             Ok(g) => g,
             Err(_) => {
-                if let Some((holder, since)) = lock(&slot.holder).clone() {
-                    return Err(Held { vm: vm.clone(), peer: holder, since: tern_store::rfc3339(since) });
+                if let Some((holder, since, of)) = lock(&slot.holder).clone() {
+                    if instance.is_empty() || of != instance {
+                        return Err(Held { vm: vm.clone(), peer: holder, since: tern_store::rfc3339(since) });
+                    }
+                    tracing::info!(vm = %vm, old = %holder, new = %peer,
+                        "the agent came back on a new connection: its previous session ends");
+                    if let Some(l) = lock(&self.links).get(vm) {
+                        l.cancel.cancel();
+                    }
                 }
                 slot.lock.clone().lock_owned().await
             }
         };
-        *lock(&slot.holder) = Some((peer, tern_store::now_ms()));
+        *lock(&slot.holder) = Some((peer, tern_store::now_ms(), instance.to_string()));
         Ok(SessionGuard { _lock: guard, slot })
     }
 

@@ -258,6 +258,7 @@ async fn relay_session(
             .map(|h| pb::DiskInfo { name: h.name.to_string(), size: h.size, ..Default::default() })
             .collect(),
         protocol: 1,
+        instance: tern_proto::instance_id().to_string(),
     };
     tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) })
         .await
@@ -304,7 +305,19 @@ async fn relay_session(
         // checkpoint sends a pass), which would leave them neither the old VM's nor the new.
         let held = held(ctx, vm, row.sync);
         for h in handles.iter().filter(|_| !held) {
-            sent |= send_new_records(h, &mut next, &mut cursor, &tx, &mut limiter).await?;
+            match send_new_records(h, &mut next, &mut cursor, &tx, &mut limiter).await {
+                Ok(s) => sent |= s,
+                // The stream closed under the send: the master target's own word on why
+                // (a refused batch) follows on the answers, and is the error to show.
+                Err(e) => {
+                    return Err(
+                        match tokio::time::timeout(Duration::from_secs(2), inbound.message()).await {
+                            Ok(Err(said)) => said,
+                            _ => e,
+                        },
+                    );
+                }
+            }
         }
         let wait = if sent { Duration::from_millis(0) } else { Duration::from_millis(100) };
         tokio::select! {

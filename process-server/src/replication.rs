@@ -83,13 +83,16 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         let (disks, agent_states, sources) = disks_of(&hello)?;
         let ctx = self.ctx.clone();
         let peer = parts_req.remote_addr().map_or_else(|| "unknown address".to_string(), |a| a.to_string());
-        let guard = tokio::time::timeout(std::time::Duration::from_secs(30), ctx.hub.take_session(&vm, peer))
-            .await
-            .map_err(|_| Status::unavailable("the previous session of this VM is still draining; retry"))?
-            .map_err(|held| {
-                warn!(vm = %vm, holder = %held.peer, "a second agent for the VM refused");
-                Status::already_exists(held.to_string())
-            })?;
+        let guard = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            ctx.hub.take_session(&vm, peer, &hello.instance),
+        )
+        .await
+        .map_err(|_| Status::unavailable("the previous session of this VM is still draining; retry"))?
+        .map_err(|held| {
+            warn!(vm = %vm, holder = %held.peer, "a second agent for the VM refused");
+            Status::already_exists(held.to_string())
+        })?;
         let serial = crate::identities::caller_serial(&parts_req);
         let admitted = admit_session(&ctx, &vm, serial, disks, agent_states, sources).await?;
         let hashes_follow = hash_sources(&admitted);

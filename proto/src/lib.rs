@@ -107,13 +107,26 @@ fn host_of(url: &str) -> Result<(String, String), ConnectError> {
     Ok((host.to_string(), authority))
 }
 
+/// This process's id, random at its start (see `Hello.instance`).
+pub fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mut seed = [0u8; 20];
+        seed[..4].copy_from_slice(&std::process::id().to_le_bytes());
+        seed[4..].copy_from_slice(&now.as_nanos().to_le_bytes());
+        tern_core::Digest::of(&seed).to_hex()[..16].to_string()
+    })
+}
+
 /// Every client connection's timeouts, windows and keepalive.
 fn settings(e: Endpoint) -> Endpoint {
     e.connect_timeout(Duration::from_secs(10))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
+        // A dead link is noticed within 15 s (the process server's own pings notice it in 7).
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
         .tcp_nodelay(true)
 }

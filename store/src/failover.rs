@@ -179,6 +179,22 @@ impl Store {
         Ok(out)
     }
 
+    /// For a failed-over VM whose output was not written whole (a failover or change of
+    /// point cut short): what to do about it.
+    pub fn failover_not_whole(&self, vm: &VmName) -> Result<Option<String>, StoreError> {
+        if self.vm_state(vm)? != VmState::FailedOver || self.catalog().failover_written(vm)? {
+            return Ok(None);
+        }
+        let row =
+            self.catalog().failover(vm)?.ok_or(StoreError::Invariant("failed-over VM without failover"))?;
+        Ok(Some(format!(
+            "its failover output in {} was not written whole (the failover or change of point was cut short): \
+             write it with `drctl change-point {vm} --point {}`",
+            row.output,
+            point_arg_of(&row)
+        )))
+    }
+
     /// Ends the failover: the base images move to the failover point (reverse replication
     /// reuses them), then the points and the journals are deleted.
     pub fn commit(&self, vm: &VmName) -> Result<PointId, StoreError> {
@@ -201,6 +217,8 @@ impl Store {
             crate::rebuild::mark_points_deleted(self.root(), vm, last.id)?;
         }
         self.transition(vm, Transition::CommitFailover)?;
+        // Committed, the journals not yet deleted: the next open deletes them.
+        crate::failpoint("commit-before-journal-delete")?;
         for h in self.vm_disks(vm) {
             let _exclusive = h.write_lock();
             h.journal().delete_all(h.base_seq())?;

@@ -576,6 +576,10 @@ impl Store {
                 }
             };
             drop_points_past_the_journals(&mut catalog, &vm, &handles)?;
+            // (A master target's VMs have no such state: their row says how records are kept.)
+            if matches!(catalog.vm_state(&vm), Ok(tern_core::VmState::FailoverCommitted)) {
+                finish_commit(&vm, &handles)?;
+            }
             for handle in handles {
                 // A data directory written before disks had their base mark gets it now, so
                 // that its catalog can be rebuilt if it is ever lost.
@@ -1659,6 +1663,25 @@ pub fn common_group_point(
         }
         below = lowest;
     }
+}
+
+/// A committed failover keeps no journal (reverse replication starts its own after the
+/// base image): one whose commit was cut short while it deleted them, leaving some
+/// segments, or all of them, has them deleted now. Left there, a relay to a master target
+/// would stall at the gap they leave, or send records of the old primary.
+fn finish_commit(vm: &VmName, handles: &[DiskHandle]) -> Result<(), StoreError> {
+    for h in handles {
+        let mut journal = h.journal();
+        if journal.segment_count() == 0 {
+            continue;
+        }
+        tracing::warn!(vm = %vm, disk = %h.name, segments = journal.segment_count(), base_seq = %h.base_seq(),
+            "the failover's commit was cut short while it deleted the journal: the rest is deleted now");
+        journal.delete_all(h.base_seq())?;
+        drop(journal);
+        h.forget_damage();
+    }
+    Ok(())
 }
 
 /// Scratch copies (hashes of a materialised disk, a verify's output) live only while the

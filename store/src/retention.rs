@@ -441,6 +441,35 @@ pub(crate) mod tests {
         assert_eq!(store.vm_state(&vm).unwrap(), tern_core::VmState::FailoverCommitted);
     }
 
+    /// A commit cut short after the VM became failover-committed, before (or while) its
+    /// journals were deleted: the next open deletes them, so that nothing of the old
+    /// primary's records is relayed later, and no gap stalls a relay.
+    #[test]
+    fn a_commit_cut_short_has_its_journals_deleted_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let points = store.points(&vm).unwrap();
+        let out = dir.path().join("fo");
+        let kind = tern_core::FailoverKind::Unplanned;
+        store
+            .failover(&vm, kind, &PointSpec::Id(points[2].id), &out, crate::Format::Raw, &mut |_, _| {})
+            .unwrap();
+        let want = std::fs::read(out.join("sda.raw")).unwrap();
+        crate::set_failpoint(Some("commit-before-journal-delete"));
+        assert!(matches!(store.commit(&vm), Err(StoreError::Injected(_))));
+        crate::set_failpoint(None);
+        let h = store.vm_disks(&vm).remove(0);
+        assert!(h.journal().segment_count() > 0, "the failure point leaves the journal");
+        drop(h);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.vm_state(&vm).unwrap(), tern_core::VmState::FailoverCommitted);
+        let h = store.vm_disks(&vm).remove(0);
+        assert_eq!(h.journal().segment_count(), 0);
+        assert_eq!((h.durable(), h.journal_bytes()), (h.base_seq(), 0));
+        assert_eq!(std::fs::read(&h.base_path).unwrap(), want, "the base image is the failover's point");
+    }
+
     #[test]
     fn jobs_left_running_by_a_stopped_server_end_as_failed() {
         let dir = tempfile::tempdir().unwrap();

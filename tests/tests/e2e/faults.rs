@@ -109,6 +109,34 @@ fn a_pass_cut_by_a_dropped_connection_then_a_page_written_back() {
     a_cut_pass_then_a_page_written_back(Cut::Link);
 }
 
+/// A link that dies somewhere between (the server's side of the connection stays open
+/// until its keepalive notices): the agent comes back at once on a new connection, and the
+/// server ends the dead session for it instead of refusing it as a second agent.
+#[test]
+fn an_agent_back_on_a_new_connection_replaces_its_dead_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let proxy = Proxy::start(server.port);
+    let identity = root.join("wan.bundle");
+    server.enroll_agent("wan", &identity);
+    let disk = root.join("wan.img");
+    make_random(&disk, 16, 4, 7);
+    let agent = Agent::start_at(&proxy.url(), &identity, "wan", &[("sda", &disk)], &root.join("st"), &[]);
+    server.wait_connected("wan");
+    server.checkpoint("wan");
+    proxy.strand();
+    deadline_poll("the agent to come back", Duration::from_secs(30), || {
+        server.log_text().contains("the agent came back on a new connection").then_some(())
+    });
+    scatter_writes(&disk, 0.05, 8);
+    let p = server.checkpoint("wan");
+    assert_point_recovers(&server, root, "wan", &p, &b3(&disk, None));
+    let log = agent.log_text();
+    assert!(!log.contains("already replicating"), "{}", tail(&log, 20));
+}
+
 /// A second agent for a VM (the same bundle on another host, or by mistake) is refused
 /// with who holds the VM, while the first goes on; once the first is gone, the second
 /// takes over within seconds, and every point verifies.

@@ -8,7 +8,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Directory of the workspace's binaries (target/debug), built once per test process.
@@ -563,7 +564,10 @@ pub struct Proxy {
 #[derive(Default)]
 struct ProxyState {
     down: std::sync::atomic::AtomicBool,
-    conns: std::sync::Mutex<Vec<std::net::TcpStream>>,
+    /// Each connection's client and server sides, and whether it was stranded.
+    conns: std::sync::Mutex<Vec<(std::net::TcpStream, std::net::TcpStream, Arc<AtomicBool>)>>,
+    /// The server sides of stranded connections: kept open, unread.
+    stranded: std::sync::Mutex<Vec<std::net::TcpStream>>,
 }
 
 impl Proxy {
@@ -585,14 +589,16 @@ impl Proxy {
                     continue; // dropped: the client sees the connection closed
                 }
                 let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", target_port)) else { continue };
-                let mut conns = st.conns.lock().unwrap();
-                conns.push(client.try_clone().unwrap());
-                conns.push(upstream.try_clone().unwrap());
-                for (from, to) in
-                    [(client.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, client)]
-                {
-                    std::thread::spawn(move || delay_line(from, to, one_way));
-                }
+                let stranded = Arc::new(AtomicBool::new(false));
+                st.conns.lock().unwrap().push((
+                    client.try_clone().unwrap(),
+                    upstream.try_clone().unwrap(),
+                    stranded.clone(),
+                ));
+                let (c, u, s) =
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap(), stranded.clone());
+                std::thread::spawn(move || delay_line(c, u, one_way, &s));
+                std::thread::spawn(move || delay_line(upstream, client, one_way, &stranded));
             }
         });
         Proxy { port, state }
@@ -605,8 +611,22 @@ impl Proxy {
     /// Cuts every connection and refuses new ones until [`Proxy::up`].
     pub fn cut(&self) {
         self.state.down.store(true, std::sync::atomic::Ordering::SeqCst);
-        for c in self.state.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+        for (client, upstream, _) in self.state.conns.lock().unwrap().drain(..) {
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            let _ = upstream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Drops the client side of every connection and keeps the server side open and
+    /// unread, as a link that died somewhere between would look to the server until its
+    /// keepalive notices.
+    pub fn strand(&self) {
+        let mut stranded = self.state.stranded.lock().unwrap();
+        for (client, upstream, flag) in self.state.conns.lock().unwrap().drain(..) {
+            // Its copy threads end without closing the server's side, and it stays open.
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            stranded.push(upstream);
         }
     }
 
@@ -615,8 +635,14 @@ impl Proxy {
     }
 }
 
-/// Copies `from` to `to`, each chunk `delay` after it was read; closes both at the end.
-fn delay_line(mut from: std::net::TcpStream, to: std::net::TcpStream, delay: Duration) {
+/// Copies `from` to `to`, each chunk `delay` after it was read; closes both at the end
+/// unless the connection was `stranded` (its server side is left open).
+fn delay_line(
+    mut from: std::net::TcpStream,
+    to: std::net::TcpStream,
+    delay: Duration,
+    stranded: &AtomicBool,
+) {
     use std::io::{Read, Write};
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(256);
     let mut out = to.try_clone().unwrap();
@@ -636,6 +662,9 @@ fn delay_line(mut from: std::net::TcpStream, to: std::net::TcpStream, delay: Dur
     }
     drop(tx);
     let _ = writer.join();
+    if stranded.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
     let _ = to.shutdown(std::net::Shutdown::Both);
     let _ = from.shutdown(std::net::Shutdown::Both);
 }

@@ -512,7 +512,10 @@ fn a_plan_failover_cut_short_in_a_vms_output_writes_it_again_on_continue() {
     server.kill9();
     server.env.clear();
     server.start();
-    assert_eq!(server.status("a")["state"], "failed-over");
+    // Status says so: it cannot start as it is.
+    let a = server.status("a");
+    assert_eq!((a["state"].as_str(), a["health"].as_str()), (Some("failed-over"), Some("critical")), "{a}");
+    assert!(a["error"].as_str().unwrap().contains("drctl change-point a"), "{a}");
     assert!(!out.join("a").join("vm.json").exists());
     let run = server.drctl_json(&["plan", "continue", "p"]);
     assert_eq!(run["run"]["state"], "done", "{run}");
@@ -524,6 +527,7 @@ fn a_plan_failover_cut_short_in_a_vms_output_writes_it_again_on_continue() {
         assert_eq!(manifest["disks"][0]["blake3"].as_str().unwrap(), written, "{vm}");
         assert_eq!(written, b3(&root.join(format!("{vm}.img")), None), "{vm}");
     }
+    assert_eq!(server.status("a")["health"], "normal");
     // Whole now: the commit goes through.
     server.drctl_json(&["plan", "commit", "p"]);
 }
