@@ -668,7 +668,11 @@ async fn send_hashes(
                     // Coarse entries (the block hash alone): the agent asks for the pages of
                     // just the blocks that differ, answered from this same copy.
                     let upto = h2.durable();
-                    let copy = Arc::new(tern_store::HashedCopy::new(&h2, &scratch, upto)?);
+                    // The agent gone (its connection died): the copy stops between records.
+                    let gone = out2.clone();
+                    let copy = Arc::new(tern_store::HashedCopy::new_until(&h2, &scratch, upto, &|| {
+                        gone.is_closed()
+                    })?);
                     lock(&copies).insert(h2.name.clone(), (h2.clone(), copy.clone()));
                     copy.hash(&h2, true, &mut emit)
                 }

@@ -610,6 +610,17 @@ fn has_block(bits: &[u64], b: u64) -> bool {
 impl HashedCopy {
     /// The disk as of `upto`; materialised under `scratch` unless it is the base image.
     pub fn new(disk: &DiskHandle, scratch: &Path, upto: Seq) -> Result<HashedCopy, StoreError> {
+        HashedCopy::new_until(disk, scratch, upto, &|| false)
+    }
+
+    /// [`HashedCopy::new`], given up (an `Interrupted` error) once `stop` says so between
+    /// records: a session whose agent went away does not finish a copy nobody will read.
+    pub fn new_until(
+        disk: &DiskHandle,
+        scratch: &Path,
+        upto: Seq,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<HashedCopy, StoreError> {
         {
             // Nothing past the base image (a master target's untouched target disk, a
             // folded replica): hash it where it lies, skipping its holes.
@@ -650,6 +661,15 @@ impl HashedCopy {
         // Before a record is written, each block it touches is brought over whole from
         // the base image (once): the scratch file then holds those blocks as of `upto`.
         let mut bring = |offset: u64, len: u64| -> Result<(), StoreError> {
+            if stop() {
+                return Err(StoreError::Io {
+                    path: path.display().to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::Interrupted,
+                        "the copy is no longer wanted",
+                    ),
+                });
+            }
             if len == 0 {
                 return Ok(());
             }
@@ -927,6 +947,11 @@ mod tests {
             got
         };
         let before = hashes(&early, &h);
+        // One no longer wanted stops between records, and leaves no scratch file.
+        let scratch = dir.path().join("scratch");
+        let err = HashedCopy::new_until(&h, &scratch, h.durable(), &|| true).unwrap_err();
+        assert!(err.to_string().contains("no longer wanted"), "{err}");
+        assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 1, "only the early copy's file");
         store.apply_retention(&vm, 4000).unwrap();
         assert!(store.vm_disks(&vm)[0].base_seq() > Seq(0), "part of the journal folded");
         assert_eq!(hashes(&early, &store.vm_disks(&vm)[0]), before);
