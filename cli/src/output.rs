@@ -8,22 +8,7 @@ use tern_proto as pb;
 use tern_proto::admin_client::AdminClient;
 use tonic::transport::Channel;
 
-/// RFC 3339 in UTC with milliseconds, always three digits, so that columns line up.
-pub fn rfc3339(ms: i64) -> String {
-    let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else {
-        return String::new();
-    };
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
-}
+pub use tern_core::units::rfc3339;
 
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()

@@ -17,6 +17,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     humantime::parse_duration(s.trim()).map_err(|_| UnitError::BadDuration(s.to_string()))
 }
 
+/// Unix milliseconds as RFC 3339 in UTC, always with three digits of milliseconds, so
+/// that columns line up and every output says a time the same way.
+pub fn rfc3339(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
 /// An RPO as people read it: 42s, 5m07s, 2h03m, 3d04h; `-` before the first point (< 0).
 pub fn rpo_text(secs: i64) -> String {
     match secs {

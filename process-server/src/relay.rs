@@ -307,16 +307,7 @@ async fn relay_session(
         for h in handles.iter().filter(|_| !held) {
             match send_new_records(h, &mut next, &mut cursor, &tx, &mut limiter).await {
                 Ok(s) => sent |= s,
-                // The stream closed under the send: the master target's own word on why
-                // (a refused batch) follows on the answers, and is the error to show.
-                Err(e) => {
-                    return Err(
-                        match tokio::time::timeout(Duration::from_secs(2), inbound.message()).await {
-                            Ok(Err(said)) => said,
-                            _ => e,
-                        },
-                    );
-                }
+                Err(e) => return Err(said_or(e, &mut inbound).await),
             }
         }
         let wait = if sent { Duration::from_millis(0) } else { Duration::from_millis(100) };
@@ -336,6 +327,15 @@ async fn relay_session(
             },
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// Why a relay stream that closed under a send ended: the master target's own word (a
+/// refused batch), which follows on its answers, or else `e`.
+async fn said_or(e: Status, inbound: &mut tonic::Streaming<pb::ServerMessage>) -> Status {
+    match tokio::time::timeout(Duration::from_secs(2), inbound.message()).await {
+        Ok(Err(said)) => said,
+        _ => e,
     }
 }
 

@@ -1755,22 +1755,7 @@ fn open_disk(
     })
 }
 
-/// Formats Unix milliseconds as RFC 3339 UTC, always with three digits of milliseconds (as
-/// drctl prints times).
-pub fn rfc3339(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
-}
+pub use tern_core::units::rfc3339;
 
 /// `len` bytes that do not compress, different for each `seed`, for tests.
 #[cfg(test)]

@@ -126,6 +126,44 @@ async fn follow_until(d: &mut Drctl, name: &str, job: u64, pause: bool) -> Resul
     result.map(|_| ())
 }
 
+/// "1 group", "3 groups".
+fn groups(n: usize) -> String {
+    format!("{n} group{}", if n == 1 { "" } else { "s" })
+}
+
+async fn apply(d: &mut Drctl, file: &std::path::Path) -> Result<(), CliError> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+    let source = file.display().to_string();
+    let p = d.c.apply_plan(pb::ApplyPlanRequest { source, text }).await?.into_inner();
+    if d.json {
+        return print_json(&plan_json(&p));
+    }
+    out!("plan {} applied: {}", p.name, groups(p.steps.len()));
+    show(&p);
+    Ok(())
+}
+
+async fn list(d: &mut Drctl) -> Result<(), CliError> {
+    let r = d.c.plans(pb::PlansRequest::default()).await?.into_inner();
+    if d.json {
+        return print_json(&Value::Array(r.plans.iter().map(plan_json).collect()));
+    }
+    if r.plans.is_empty() {
+        out!("no recovery plans; `drctl plan apply FILE` registers one");
+    }
+    for p in &r.plans {
+        let vms: Vec<&str> = p.steps.iter().flat_map(|s| s.vms.iter().map(String::as_str)).collect();
+        let last = p.run.as_ref().map_or("no operation yet".to_string(), run_text);
+        if p.problem.is_empty() {
+            out!("{:<20} {}, VMs {}; {last}", p.name, groups(p.steps.len()), vms.join(" "));
+        } else {
+            out!("{:<20} cannot run now: {}; {last}", p.name, p.problem);
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(d: &mut Drctl, cmd: PlanCmd) -> Result<(), CliError> {
     let request = |name: String, operation: &str| pb::RunPlanRequest {
         name,
@@ -133,42 +171,8 @@ pub async fn run(d: &mut Drctl, cmd: PlanCmd) -> Result<(), CliError> {
         ..Default::default()
     };
     let req = match cmd {
-        PlanCmd::Apply { file } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
-            let source = file.display().to_string();
-            let p = d.c.apply_plan(pb::ApplyPlanRequest { source, text }).await?.into_inner();
-            if d.json {
-                return print_json(&plan_json(&p));
-            }
-            out!(
-                "plan {} applied: {} group{}",
-                p.name,
-                p.steps.len(),
-                if p.steps.len() == 1 { "" } else { "s" }
-            );
-            show(&p);
-            return Ok(());
-        }
-        PlanCmd::List => {
-            let r = d.c.plans(pb::PlansRequest::default()).await?.into_inner();
-            if d.json {
-                return print_json(&Value::Array(r.plans.iter().map(plan_json).collect()));
-            }
-            if r.plans.is_empty() {
-                out!("no recovery plans; `drctl plan apply FILE` registers one");
-            }
-            for p in &r.plans {
-                let vms: Vec<&str> = p.steps.iter().flat_map(|s| s.vms.iter().map(String::as_str)).collect();
-                let last = p.run.as_ref().map_or("no operation yet".to_string(), run_text);
-                if p.problem.is_empty() {
-                    out!("{:<20} {} groups, VMs {}; {last}", p.name, p.steps.len(), vms.join(" "));
-                } else {
-                    out!("{:<20} cannot run now: {}; {last}", p.name, p.problem);
-                }
-            }
-            return Ok(());
-        }
+        PlanCmd::Apply { file } => return apply(d, &file).await,
+        PlanCmd::List => return list(d).await,
         PlanCmd::Show { name } => {
             let p = one(d, &name).await?;
             if d.json {

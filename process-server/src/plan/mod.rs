@@ -935,19 +935,10 @@ async fn walk(
                     job.phase(&format!("group {group}/{}: {} of {vm}", plan.steps.len(), run.operation))
                         .await;
                     job.progress(run.done.len() as u64, total);
-                    let (store, v) = (ctx.store.clone(), vm.clone());
-                    let state =
-                        blocking(move || store.vm_state(&v)).await.map_err(|e| e.message().to_string())?;
-                    if run.operation.leaves().is_some() && state.ok() == run.operation.leaves() {
-                        info!(plan = %name, vm = %vm, operation = %run.operation, "VM already done; not done again");
-                        if run.operation == Operation::Failover
-                            && let Some(p) = finish_output(ctx, vm, job)
-                                .await
-                                .map_err(|e| format!("group {group}: VM {vm}: {e}"))?
-                        {
-                            run.points.insert(vm.to_string(), p);
-                        }
-                        run.done.push(vm.to_string());
+                    if already_done(ctx, name, run, vm, job)
+                        .await
+                        .map_err(|e| format!("group {group}: VM {vm}: {e}"))?
+                    {
                         save(ctx, name, run).await?;
                         continue;
                     }
@@ -1175,6 +1166,31 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &mut Run, vm: &VmName) -> Resu
             crate::failback::reverse_replicate(ctx, vm).await.map(|()| None).map_err(status)
         }
     }
+}
+
+/// Whether `vm` is already where the operation leaves it (an earlier run of the plan did
+/// it, or the operator by hand): then marked done, not done again; a failover whose
+/// output was cut short has it written first.
+async fn already_done(
+    ctx: &Arc<Ctx>,
+    name: &PlanName,
+    run: &mut Run,
+    vm: &VmName,
+    job: &crate::jobs::Job,
+) -> Result<bool, String> {
+    let (store, v) = (ctx.store.clone(), vm.clone());
+    let state = blocking(move || store.vm_state(&v)).await.map_err(|e| e.message().to_string())?;
+    if run.operation.leaves().is_none() || state.ok() != run.operation.leaves() {
+        return Ok(false);
+    }
+    info!(plan = %name, vm = %vm, operation = %run.operation, "VM already done; not done again");
+    if run.operation == Operation::Failover
+        && let Some(p) = finish_output(ctx, vm, job).await?
+    {
+        run.points.insert(vm.to_string(), p);
+    }
+    run.done.push(vm.to_string());
+    Ok(true)
 }
 
 /// A VM this plan failed over whose output was cut short (the process server stopped while
