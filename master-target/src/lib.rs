@@ -533,8 +533,14 @@ pub async fn run(
     let store = Arc::new(
         tokio::task::spawn_blocking(move || Store::open(&dir))
             .await?
-            .map_err(tern_proto::daemon::ServeError::store)?,
+            .map_err(|e| tern_proto::daemon::ServeError::opening(e.is_for_good(), e))?,
     );
+    // Said once the data directory is open (it may be refused: in use, too new), so that
+    // "listening" means serving; a reader gone after the first line is no error.
+    if let Ok(addr) = listener.local_addr() {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), "listening on {addr}");
+    }
     let ctx =
         Arc::new(Ctx { store, data_dir: config.data_dir.clone(), preparing: tokio::sync::Mutex::new(()) });
     let tracker = TaskTracker::new();
@@ -560,6 +566,7 @@ pub async fn run(
         )
         .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown.cancelled())
         .await?;
+    tern_proto::daemon::notify_stopping();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
     Ok(())

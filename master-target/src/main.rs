@@ -33,7 +33,12 @@ enum Cmd {
 
 fn main() {
     tern_proto::daemon::init();
-    tern_proto::daemon::exit_on(run(), |e| e.downcast_ref::<tern_proto::daemon::Misconfigured>().is_some());
+    use tern_proto::daemon::{Misconfigured, ServeError};
+    // No restart mends these: exit 2, which the unit does not restart.
+    tern_proto::daemon::exit_on(run(), |e| {
+        e.downcast_ref::<Misconfigured>().is_some()
+            || e.downcast_ref::<ServeError>().is_some_and(ServeError::for_good)
+    });
 }
 
 fn run() -> anyhow::Result<()> {
@@ -70,7 +75,6 @@ fn run() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-        println!("listening on {}", listener.local_addr()?);
         if let Some(addr) = metrics {
             tern_proto::metrics::serve(addr, None)?;
             metrics::describe_counter!(

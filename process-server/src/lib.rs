@@ -292,7 +292,7 @@ async fn open_store(config: &Config) -> Result<Arc<Store>, tern_proto::daemon::S
         Ok::<_, StoreError>(store)
     })
     .await?
-    .map_err(tern_proto::daemon::ServeError::store)?;
+    .map_err(|e| tern_proto::daemon::ServeError::opening(e.is_for_good(), e))?;
     Ok(Arc::new(store))
 }
 
@@ -366,6 +366,11 @@ pub async fn run(
         identities: identities.clone(),
         tracker: tracker.clone(),
     });
+    // Every agent is away until it connects to this run: counted from the start, as a VM's
+    // health and its group's count an agent away (not forever, nor not at all).
+    for vm in ctx.store.vms().unwrap_or_default() {
+        ctx.hub.absent_from_now(&vm);
+    }
     tracker.spawn(health::health_worker(ctx.clone()));
     tracker.spawn(health::retention_worker(ctx.clone(), config.retention_every));
     tracker.spawn(relay::relay_worker(ctx.clone()));

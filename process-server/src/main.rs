@@ -113,7 +113,12 @@ fn listen_address(s: &str) -> Result<String, String> {
 
 fn main() {
     tern_proto::daemon::init();
-    tern_proto::daemon::exit_on(run(), |e| e.downcast_ref::<tern_proto::daemon::Misconfigured>().is_some());
+    use tern_proto::daemon::{Misconfigured, ServeError};
+    // No restart mends these: exit 2, which the unit does not restart.
+    tern_proto::daemon::exit_on(run(), |e| {
+        e.downcast_ref::<Misconfigured>().is_some()
+            || e.downcast_ref::<ServeError>().is_some_and(ServeError::for_good)
+    });
 }
 
 /// Fails start-up on the configuration itself: exit 2 (see `Misconfigured`).

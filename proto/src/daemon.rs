@@ -141,6 +141,9 @@ pub enum ServeError {
     Tls(#[from] crate::tls::TlsSetupError),
     #[error("cannot open the data directory: {0}")]
     Store(Box<dyn std::error::Error + Send + Sync>),
+    /// One no restart mends (written by a newer version): exit 2, not restarted.
+    #[error("cannot open the data directory: {0}")]
+    StoreForGood(Box<dyn std::error::Error + Send + Sync>),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("a start-up task failed: {0}")]
@@ -150,6 +153,16 @@ pub enum ServeError {
 impl ServeError {
     pub fn store(e: impl std::error::Error + Send + Sync + 'static) -> ServeError {
         ServeError::Store(Box::new(e))
+    }
+
+    /// A data directory that cannot be opened; `for_good` when no restart mends it.
+    pub fn opening(for_good: bool, e: impl std::error::Error + Send + Sync + 'static) -> ServeError {
+        if for_good { ServeError::StoreForGood(Box::new(e)) } else { ServeError::store(e) }
+    }
+
+    /// Whether the daemon exits 2 for it, as for a [`Misconfigured`].
+    pub fn for_good(&self) -> bool {
+        matches!(self, ServeError::StoreForGood(_))
     }
 }
 

@@ -170,6 +170,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A data directory this version can never open (a newer one wrote it): no restart
+    /// mends it.
+    pub fn is_for_good(&self) -> bool {
+        matches!(self, StoreError::CatalogTooNew { .. })
+    }
+
     /// The file system under the data directory is full (or over its quota): not damage,
     /// and it passes once space is freed.
     pub fn is_storage_full(&self) -> bool {

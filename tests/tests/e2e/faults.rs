@@ -279,6 +279,20 @@ fn damage_stays_with_its_vm_and_the_data_directory_is_guarded() {
     let empty = serve_until_exit(&server, &[]);
     assert!(!empty.status.success());
     assert!(String::from_utf8_lossy(&empty.stderr).contains("no catalog"), "{empty:?}");
+
+    // A catalog a newer tern wrote (a downgrade): refused with exit 2, which the unit does
+    // not restart (no restart mends it), and left as it was.
+    for f in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
+        let _ = std::fs::rename(root.join(f), server.data.join(f));
+    }
+    let db = rusqlite::Connection::open(server.data.join("catalog.db")).unwrap();
+    let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    db.pragma_update(None, "user_version", version + 1).unwrap();
+    drop(db);
+    let newer = serve_until_exit(&server, &[]);
+    assert_eq!(newer.status.code(), Some(2), "{newer:?}");
+    assert!(String::from_utf8_lossy(&newer.stderr).contains("newer tern"), "{newer:?}");
+    assert!(!String::from_utf8_lossy(&newer.stdout).contains("listening"), "{newer:?}");
 }
 
 /// A lost catalog is rebuilt from the journals: the same points come back (id, time,

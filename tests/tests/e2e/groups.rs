@@ -322,3 +322,31 @@ while not os.path.exists({stop:?}):
         assert!(!a.log_text().contains("ERROR"), "{}", tail(&a.log_text(), 20));
     }
 }
+
+/// After a restart of the process server, members whose agents have not reconnected yet
+/// are away from that moment: the group warns, and turns critical only once they have been
+/// away longer than their RPO threshold, as each VM does (it was critical at once).
+#[test]
+fn after_a_server_restart_a_group_waits_for_its_agents_before_it_turns_critical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let mut a = protect_vm(&server, root, "a", 8, 2, &[]);
+    let mut b = protect_vm(&server, root, "b", 8, 2, &[]);
+    server.drctl_json(&["group", "create", "pair", "--vm", "a", "--vm", "b"]);
+    a.kill9();
+    b.kill9();
+    server.kill9();
+    server.start();
+    let shown = server.drctl_json(&["group", "show", "pair"]);
+    assert_eq!(shown["health"], "warning", "{shown}");
+    let check = server.drctl(&["status", "--check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", String::from_utf8_lossy(&check.stderr));
+    // Away longer than the threshold: critical, the VM as its group.
+    server.drctl_json(&["policy", "set", "a", "--rpo-threshold", "1s"]);
+    deadline_poll("the group to turn critical", Duration::from_secs(10), || {
+        (server.drctl_json(&["group", "show", "pair"])["health"] == "critical").then_some(())
+    });
+    assert_eq!(server.status("a")["health"], "critical");
+}
