@@ -340,7 +340,8 @@ impl pb::admin_server::Admin for AdminService {
             if r.timeout_ms == 0 { DEFAULT_CHECKPOINT_TIMEOUT } else { Duration::from_millis(r.timeout_ms) };
         match tokio::time::timeout(limit, rx).await {
             Ok(Ok(Ok(point))) => Ok(Response::new(pb::CheckpointReply { point: Some(point_info(&point)) })),
-            Ok(Ok(Err(reason))) => Err(Status::failed_precondition(format!("no point was made: {reason}"))),
+            // Not a state that refuses it (6): the point failed (exit 1).
+            Ok(Ok(Err(reason))) => Err(Status::aborted(format!("no point was made: {reason}"))),
             Ok(Err(_)) => {
                 Err(Status::unavailable("the agent went away before the point was made; try again"))
             }

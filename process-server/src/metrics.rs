@@ -65,7 +65,7 @@ fn describe() {
     );
     describe_gauge!(
         "tern_space_reserve_held",
-        "1 while the space reserve is set aside; 0 while it is given up (the data directory filled)."
+        "1 while the space reserve is set aside (or none is configured: nothing to give up); 0 while it is given up (the data directory filled)."
     );
 }
 
