@@ -105,7 +105,13 @@ fn transport_failure(chain: &str) -> String {
             "the process server is not listening (connection refused: {chain}); is it running? A job it \
              ran goes on or is marked interrupted at its next start: see `drctl jobs`"
         )
-    } else if ["certificate", "tls", "handshake", "unknownca", "revoked"].iter().any(|w| lower.contains(w)) {
+    } else if !["close_notify", "unexpected eof", "peer closed", "reset", "broken pipe"]
+        .iter()
+        .any(|w| lower.contains(w))
+        && ["certificate", "tls", "handshake", "unknownca", "revoked"].iter().any(|w| lower.contains(w))
+    {
+        // (A connection closed mid-call without TLS's goodbye names TLS too: a cut, not a
+        // refused identity.)
         format!(
             "the process server closed the connection ({chain}); is --identity a bundle issued by this \
              deployment's CA, and not revoked?"
@@ -149,5 +155,9 @@ mod transport_tests {
         assert!(tls.contains("--identity"), "{tls}");
         let cut = super::transport_failure("connection reset");
         assert!(cut.contains("was cut") && !cut.contains("--identity"), "{cut}");
+        let killed = super::transport_failure(
+            "transport error: connection error: peer closed connection without sending TLS close_notify",
+        );
+        assert!(killed.contains("was cut") && !killed.contains("--identity"), "{killed}");
     }
 }

@@ -132,7 +132,7 @@ impl AdminService {
             failing_back,
         );
         // A failed-over VM whose disks were not written whole cannot start: said, critical.
-        let (health, error) = match not_whole {
+        let (health, error) = match crate::health::output_cut_short(&self.ctx, &vm, not_whole) {
             Some(why) if error.is_empty() => (tern_core::Health::Critical, why),
             _ => (health, error),
         };

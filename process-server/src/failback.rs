@@ -271,6 +271,14 @@ pub async fn failback_at(
             Err(e) if crate::relay::transport_failure(&e) => {
                 ctx.relay.forget(&row.master_target, &e);
                 warn!(vm = %vm, error = %e.message(), "master target unavailable during the apply; retrying");
+                // Whoever follows the job sees why it waits (it goes on once the master
+                // target is back).
+                job.phase(&format!(
+                    "applying the final point on the master target: waiting for it to be reachable again \
+                     ({}); retrying",
+                    e.message()
+                ))
+                .await;
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }

@@ -51,10 +51,17 @@ fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<Health, tern_store::StoreError> {
     let absent = ctx.hub.disconnected_for(vm).map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
     let failing_back = crate::lock(&ctx.failing_back).contains(vm);
     // A failed-over VM whose disks were not written whole cannot start.
-    if ctx.store.failover_not_whole(vm)?.is_some() {
+    if output_cut_short(ctx, vm, ctx.store.failover_not_whole(vm)?).is_some() {
         return Ok(Health::Critical);
     }
     Ok(health(state, rpo, absent, policy.rpo_threshold_ms / 1000, problem(ctx, vm).is_some(), failing_back))
+}
+
+/// `not_whole` (what [`tern_store::Store::failover_not_whole`] says of `vm`), unless its
+/// output is being written right now (a failover, change of point or plan step running):
+/// only one cut short is a problem.
+pub fn output_cut_short(ctx: &Ctx, vm: &VmName, not_whole: Option<String>) -> Option<String> {
+    not_whole.filter(|_| !ctx.jobs.writing_output(vm) && !ctx.plans.at_vm(vm))
 }
 
 /// Logs every change of a VM's health, every few seconds.

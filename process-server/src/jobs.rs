@@ -60,6 +60,18 @@ impl Jobs {
         Ok(Job { id, jobs: self.clone() })
     }
 
+    /// Whether a failover or change of point of `vm` is running: its output is being written.
+    pub fn writing_output(&self, vm: &VmName) -> bool {
+        lock(&self.live).values().any(|r| {
+            r.state == JobState::Running
+                && r.vm == vm.as_str()
+                && matches!(
+                    r.kind,
+                    JobKind::PlannedFailover | JobKind::UnplannedFailover | JobKind::ChangePoint
+                )
+        })
+    }
+
     /// Jobs, oldest first; `id` 0 for all.
     pub fn list(&self, id: u64) -> Result<Vec<pb::JobInfo>, tern_store::StoreError> {
         let rows = self.store.jobs()?;

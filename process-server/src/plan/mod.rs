@@ -183,6 +183,13 @@ pub struct Plans {
     driving: std::sync::Mutex<HashMap<String, Driving>>,
 }
 
+impl Plans {
+    /// Whether a plan being driven is at `vm`'s step now.
+    pub fn at_vm(&self, vm: &VmName) -> bool {
+        lock(&self.driving).values().any(|d| d.at_vm.as_deref() == Some(vm.as_str()))
+    }
+}
+
 /// A plan being driven.
 #[derive(Debug)]
 struct Driving {
