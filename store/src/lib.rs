@@ -960,7 +960,8 @@ impl Store {
 
     /// Undoes a reprotect: the VM is failover-committed again, the reprotect's row and the
     /// points made since go (with the mark that a catalog rebuild must not bring them
-    /// back). The journal stays: the next reprotect relays from the base as this one did.
+    /// back). The journal stays: the next reprotect relays from the base as this one did
+    /// (until a restart of the process server, which deletes it: see `finish_commit`).
     pub fn cancel_reprotect(&self, vm: &VmName) -> Result<(), StoreError> {
         use catalog::Transition;
         self.require_state(vm, tern_core::VmState::Reprotected, Transition::CancelReprotect.refusal())?;
@@ -1674,7 +1675,9 @@ pub fn common_group_point(
 /// A committed failover keeps no journal (reverse replication starts its own after the
 /// base image): one whose commit was cut short while it deleted them, leaving some
 /// segments, or all of them, has them deleted now. Left there, a relay to a master target
-/// would stall at the gap they leave, or send records of the old primary.
+/// would stall at the gap they leave, or send records of the old primary. (A cancelled
+/// reprotect's records go too: the VM is then as a commit leaves it, and the next
+/// reprotect's agent compares with the master target's disk.)
 fn finish_commit(vm: &VmName, handles: &[DiskHandle]) -> Result<(), StoreError> {
     for h in handles {
         let mut journal = h.journal();
@@ -1682,7 +1685,9 @@ fn finish_commit(vm: &VmName, handles: &[DiskHandle]) -> Result<(), StoreError> 
             continue;
         }
         tracing::warn!(vm = %vm, disk = %h.name, segments = journal.segment_count(), base_seq = %h.base_seq(),
-            "the failover's commit was cut short while it deleted the journal: the rest is deleted now");
+            "a failover-committed VM keeps no journal: what is left (of a commit cut short while it deleted \
+             it, or a cancelled reprotect's records) is deleted, as a commit leaves it; the next reprotect \
+             compares with the master target's disk");
         journal.delete_all(h.base_seq())?;
         drop(journal);
         h.forget_damage();
