@@ -222,6 +222,7 @@ pub(crate) mod tests {
     const SIZE: usize = 1 << 20;
 
     use crate::test_record as write;
+    use std::path::{Path, PathBuf};
 
     /// A store with six points at times 0..=5 s, each after writes to its own pages,
     /// segments of 8 KiB so that retention has whole segments to delete.
@@ -441,19 +442,26 @@ pub(crate) mod tests {
         assert_eq!(store.vm_state(&vm).unwrap(), tern_core::VmState::FailoverCommitted);
     }
 
+    /// The test store's VM failed over (unplanned) to its third point, written to `DIR/fo`:
+    /// the store, the VM, its points and the output directory.
+    fn failed_over_at_third_point(dir: &Path) -> (Store, VmName, Vec<crate::Point>, PathBuf) {
+        let (store, vm) = setup(dir);
+        let points = store.points(&vm).unwrap();
+        let out = dir.join("fo");
+        let kind = tern_core::FailoverKind::Unplanned;
+        store
+            .failover(&vm, kind, &PointSpec::Id(points[2].id), &out, crate::Format::Raw, &mut |_, _| {})
+            .unwrap();
+        (store, vm, points, out)
+    }
+
     /// A commit cut short after the VM became failover-committed, before (or while) its
     /// journals were deleted: the next open deletes them, so that nothing of the old
     /// primary's records is relayed later, and no gap stalls a relay.
     #[test]
     fn a_commit_cut_short_has_its_journals_deleted_at_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, vm) = setup(dir.path());
-        let points = store.points(&vm).unwrap();
-        let out = dir.path().join("fo");
-        let kind = tern_core::FailoverKind::Unplanned;
-        store
-            .failover(&vm, kind, &PointSpec::Id(points[2].id), &out, crate::Format::Raw, &mut |_, _| {})
-            .unwrap();
+        let (store, vm, _, out) = failed_over_at_third_point(dir.path());
         let want = std::fs::read(out.join("sda.raw")).unwrap();
         crate::set_failpoint(Some("commit-before-journal-delete"));
         assert!(matches!(store.commit(&vm), Err(StoreError::Injected(_))));
@@ -530,13 +538,7 @@ pub(crate) mod tests {
     #[test]
     fn commit_refuses_a_failover_whose_output_was_not_written_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, vm) = setup(dir.path());
-        let points = store.points(&vm).unwrap();
-        let out = dir.path().join("fo");
-        let kind = tern_core::FailoverKind::Unplanned;
-        store
-            .failover(&vm, kind, &PointSpec::Id(points[2].id), &out, crate::Format::Raw, &mut |_, _| {})
-            .unwrap();
+        let (store, vm, points, out) = failed_over_at_third_point(dir.path());
         // What a change of point cut short leaves: the row moved, its output not written.
         let row = store.catalog().failover(&vm).unwrap().unwrap();
         store.catalog().change_failover(&vm, row.point, None, &row.files).unwrap();
