@@ -50,6 +50,9 @@ pub struct Config {
     pub max_rate: u64,
     /// `--mode nbd`: serve the disks over NBD and stream every write; `None` for scan mode.
     pub nbd: Option<NbdMode>,
+    /// Scan mode: during a long pass (the initial sync), save each disk's state at what the
+    /// server acked this often, so that a dropped link or a restart goes on from there.
+    pub save_every: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -313,7 +316,8 @@ struct Inbox {
 }
 
 impl Inbox {
-    /// Acks only mark progress: the agent's saved state moves only with acked points.
+    /// Acks mark progress; the saved state moves with acked points, and during a long
+    /// scan-mode pass with what is acked (`ScanEvent::Settle`).
     fn take(&mut self, m: Option<pb::ServerMessage>) -> Result<(), tonic::Status> {
         let Some(msg) = m else {
             return Err(tonic::Status::unavailable("the process server closed the stream"));

@@ -75,6 +75,11 @@ enum Cmd {
         /// Largest rate on the wire, e.g. 20MiB (bytes per second); 0 for no limit.
         #[arg(long, value_parser = tern_core::units::parse_size, default_value = "0")]
         max_rate: u64,
+        /// Scan mode: during a long pass (the initial sync), how often the state directory
+        /// saves what the server has acked, so that a dropped link or a restart goes on from
+        /// there instead of comparing everything sent again.
+        #[arg(long, value_parser = tern_core::units::parse_duration, default_value = "5s", hide = true)]
+        save_every: std::time::Duration,
         /// What the disks hold. Only raw disks are replicated; a disk that starts with the
         /// header of an image container (qcow2, VMDK, VHDX, dynamic VHD) is refused unless
         /// `raw` is given (the VM itself wrote those bytes).
@@ -226,6 +231,7 @@ fn run() -> anyhow::Result<()> {
         hook_timeout,
         shutdown,
         max_rate,
+        save_every,
         disk_format,
         nbd_listen,
         nbd_socket_group,
@@ -269,6 +275,7 @@ fn run() -> anyhow::Result<()> {
         shutdown,
         max_rate,
         nbd,
+        save_every,
     };
     if config.nbd.is_none()
         && !config.hooks.configured()

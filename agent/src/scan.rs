@@ -74,6 +74,13 @@ pub enum ScanEvent {
         proceed: Option<bool>,
         held: std::time::Duration,
     },
+    /// The pass waits until the server has acked every record of `disk` sent so far, then
+    /// saves the disk's state at that seq (the answer): a long pass (the initial sync) cut
+    /// by a dropped link or a restart goes on from there, not from the last point.
+    Settle {
+        disk: usize,
+        acked: SyncSender<tern_core::Seq>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +112,9 @@ pub struct Compare {
     /// memory, so that the log spills sooner rather than the agent grow during a resync;
     /// in scan mode nothing reads it).
     pub memory: Memory,
+    /// Save each disk's state at what the server acked this often during the pass (see
+    /// [`ScanEvent::Settle`]); `None` saves nothing before the pass's point.
+    pub save_every: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -189,7 +199,7 @@ pub fn run_pass(
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
 ) -> Result<PassResult, ScanError> {
-    let Compare { mut feeds, regions, background, memory } = compare;
+    let Compare { mut feeds, regions, background, memory, save_every } = compare;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let mut result = PassResult { consistent: true, ..Default::default() };
     let mut versions = Vec::new();
@@ -208,7 +218,7 @@ pub fn run_pass(
             d,
             state,
             workers,
-            (page_hashes, background, &memory),
+            (page_hashes, background, &memory, save_every),
             feed,
             only,
             out,
@@ -399,7 +409,7 @@ fn scan_disk(
     d: &DiskSource,
     state: &mut DiskState,
     workers: usize,
-    (page_hashes, background, memory): (bool, bool, &Memory),
+    (page_hashes, background, memory, save_every): (bool, bool, &Memory, Option<std::time::Duration>),
     feed: Option<Receiver<HashChunk>>,
     only: Option<&[(u64, u64)]>,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
@@ -413,7 +423,7 @@ fn scan_disk(
     let mut plan = chunk_plan(chunks, only).into_iter().peekable();
     let mut fp = Fingerprint::new();
     let mut batcher = Batcher { disk: index, out, records: Vec::new(), bytes: 0 };
-    let mut emit = |r: pb::Record| batcher.push(r);
+    let mut saved = (std::time::Instant::now(), false);
     let mut feed = feed.map(|rx| Feed::new(rx, memory.clone()));
     let ask_pages = feed.is_some();
     let mut deferred: Vec<u64> = Vec::new();
@@ -470,25 +480,58 @@ fn scan_disk(
             }
             result.bytes_read += done.read;
             result.bytes_changed += done.changed;
+            saved.1 |= !done.records.is_empty();
             for r in done.records {
-                emit(r)?;
+                batcher.push(r)?;
             }
             deferred.extend(done.deferred);
             let end = inflight.is_empty() && plan.peek().is_none();
-            let Some(f) = feed.as_mut() else { continue };
-            f.ask(index, &mut deferred, end, out)?;
-            result.bytes_changed +=
-                f.use_answers(d, &file, state, end, cancel, &mut enc, &mut emit).map_err(|e| match e {
-                    Resolve::Io(e) => read_err(e),
-                    Resolve::Cancelled => ScanError::Cancelled,
-                    Resolve::Scan(e) => e,
-                })?;
+            if let Some(f) = feed.as_mut() {
+                f.ask(index, &mut deferred, end, out)?;
+                let sent = f
+                    .use_answers(d, &file, state, end, cancel, &mut enc, &mut |r| batcher.push(r))
+                    .map_err(|e| match e {
+                        Resolve::Io(e) => read_err(e),
+                        Resolve::Cancelled => ScanError::Cancelled,
+                        Resolve::Scan(e) => e,
+                    })?;
+                result.bytes_changed += sent;
+                saved.1 |= sent > 0;
+            }
+            // Every entry the state holds now is of a record emitted (a block waiting for
+            // the receiver's page hashes is not yet: its entry is ahead of its records).
+            let settled = deferred.is_empty() && feed.as_ref().is_none_or(|f| f.asked.is_empty());
+            if save_every.is_some_and(|every| saved.1 && settled && saved.0.elapsed() >= every) {
+                batcher.flush()?;
+                save_progress(index, d, state, out)?;
+                saved = (std::time::Instant::now(), false);
+            }
         }
         drop(job_tx);
         Ok(())
     })?;
     batcher.flush()?;
     Ok(if whole { fp.finish() } else { Digest::ZERO })
+}
+
+/// Waits until the server has acked every record of disk `index` emitted so far, then
+/// saves `state` at that seq. A state that cannot be saved answers "unknown" from then on
+/// (see [`DiskState::commit`]): the pass goes on, sending more than needed, never less.
+fn save_progress(
+    index: usize,
+    d: &DiskSource,
+    state: &mut DiskState,
+    out: &tokio::sync::mpsc::Sender<ScanEvent>,
+) -> Result<(), ScanError> {
+    let (acked, rx) = sync_channel(1);
+    out.blocking_send(ScanEvent::Settle { disk: index, acked }).map_err(|_| ScanError::Cancelled)?;
+    // No answer: the session ended meanwhile.
+    let seq = rx.recv().map_err(|_| ScanError::Cancelled)?;
+    match state.commit(seq) {
+        Ok(()) => tracing::debug!(disk = %d.name, seq = seq.0, "pass progress saved"),
+        Err(e) => tracing::warn!(disk = %d.name, error = %e, "cannot save the pass's progress"),
+    }
+    Ok(())
 }
 
 /// The chunks in flight, in order, each with its worker's answer, or none for a chunk that
@@ -940,6 +983,72 @@ mod tests {
         assert_eq!(states[0].pending(), 10, "one entry per block written");
     }
 
+    /// A long pass saves the state at what the server acked, never ahead: the records of a
+    /// save that got no answer (the link dropped) are not in the saved state.
+    #[test]
+    fn a_pass_saves_its_progress_at_acked_records_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        let size = 6 * CHUNK as u64;
+        let mut x = 99u64;
+        let data: Vec<u8> = (0..size)
+            .map(|_| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (x >> 33) as u8
+            })
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let disk =
+            DiskSource { name: DiskName::new("sda").unwrap(), path: path.clone(), size, block_device: false };
+        let state = DiskState::zeroes(&DiskState::path(dir.path(), "sda"), size, "g").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let scanner = std::thread::spawn(move || {
+            let compare = Compare { save_every: Some(Duration::ZERO), ..Default::default() };
+            run_pass(&[disk], &mut [state], false, true, compare, &tx, &cancel).map(|_| ())
+        });
+        // Records are numbered from 1 as the session numbers them; the first two saves are
+        // answered, the third finds the session gone.
+        let (mut records, mut answered, mut saves) = (Vec::new(), 0u64, 0);
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                ScanEvent::Batch { records: r, .. } => records.extend(r),
+                ScanEvent::Settle { disk: 0, acked } => {
+                    saves += 1;
+                    if saves == 3 {
+                        break;
+                    }
+                    answered = records.len() as u64;
+                    acked.send(tern_core::Seq(answered)).unwrap();
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        drop(rx);
+        assert!(matches!(scanner.join().unwrap(), Err(ScanError::Cancelled)));
+        assert_eq!(saves, 3, "a save after every chunk");
+        let acked_end = records[..usize::try_from(answered).unwrap()]
+            .iter()
+            .map(|r| r.offset + u64::from(r.length))
+            .max()
+            .unwrap();
+        assert!(
+            acked_end > 0
+                && acked_end < records.iter().map(|r| r.offset + u64::from(r.length)).max().unwrap()
+        );
+        let mut saved = DiskState::open_saved(dir.path(), "sda", size).expect("a committed state");
+        assert_eq!(saved.seq, tern_core::Seq(answered));
+        for b in 0..saved.len() {
+            let at = usize::try_from(b).unwrap() * BLOCK_SIZE;
+            let want = if (at as u64) < acked_end {
+                hash_block(&data[at..at + BLOCK_SIZE])
+            } else {
+                zero_block(BLOCK_SIZE)
+            };
+            assert!(saved.get(b) == want, "block {b}: the saved state holds what was not acked");
+        }
+    }
+
     /// A whole-disk pass sends runs of data blocks as records of up to 1 MiB (one chunk),
     /// zero blocks as zero extents, and the records rebuild the disk.
     #[test]
@@ -1086,6 +1195,7 @@ mod tests {
                 }
                 Ok(ScanEvent::Batch { records: r, .. }) => records.extend(r),
                 Ok(ScanEvent::Reached | ScanEvent::Held { .. }) => panic!("no barrier was asked for"),
+                Ok(ScanEvent::Settle { .. }) => panic!("no progress saves were asked for"),
                 Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
                     assert!(
                         std::time::Instant::now() < deadline,

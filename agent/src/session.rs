@@ -699,6 +699,12 @@ impl Session {
         let feeds = std::mem::take(self.feeds());
         let regions = std::mem::take(&mut self.regions);
         let background = self.config.nbd.is_some() && !self.resync_urgent;
+        // Scan mode saves a long pass's progress as the server acks it. Not in nbd mode (its
+        // change log vouches for the state at points), nor in a full download (held: the
+        // master target writes through), nor while frozen (it would hold the VM frozen
+        // for the round trips).
+        let save_every =
+            (self.config.nbd.is_none() && !self.schedule.hold && !quiesce).then_some(self.config.save_every);
         let memory = self.tracker.as_ref().map(|t| t.memory()).unwrap_or_default();
         let mut states = std::mem::take(&mut self.states);
         let scanner = tokio::task::spawn_blocking(move || {
@@ -718,7 +724,7 @@ impl Session {
                 &mut states,
                 frozen.is_some(),
                 page_hashes,
-                scan::Compare { feeds, regions, background, memory },
+                scan::Compare { feeds, regions, background, memory, save_every },
                 &ev_tx,
                 &c2,
             );
@@ -794,6 +800,24 @@ impl Session {
         self.send(pb::agent_message::Msg::Batch(batch)).await
     }
 
+    /// Waits until the server has acked every record of `disk` sent so far, taking its
+    /// other messages meanwhile; returns that seq.
+    async fn all_acked(&mut self, disk: usize) -> Result<Seq, SessionError> {
+        let sent = self.next_seq[disk].0 - 1;
+        let name = self.config.disks[disk].name.to_string();
+        let welcomed = self.welcomed.get(disk).map_or(0, |w| w.1);
+        while self.inbox.durable.get(&name).copied().unwrap_or(0).max(welcomed) < sent {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(Status::cancelled("scan cancelled").into()),
+                m = self.inbound.message() => {
+                    self.inbox.take(m?)?;
+                    self.pass_release();
+                }
+            }
+        }
+        Ok(Seq(sent))
+    }
+
     /// Sends what the scan produces until it ends, taking server messages meanwhile.
     async fn forward(&mut self, events: &mut mpsc::Receiver<ScanEvent>) -> Result<(), SessionError> {
         let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
@@ -812,6 +836,10 @@ impl Session {
                         }
                     }
                     Some(ScanEvent::Held { proceed, held }) => self.held = Some((proceed, held)),
+                    Some(ScanEvent::Settle { disk, acked }) => {
+                        let seq = self.all_acked(disk).await?;
+                        let _ = acked.send(seq);
+                    }
                     None => return Ok(()),
                 },
                 m = self.inbound.message() => {

@@ -16,7 +16,8 @@
 //!
 //! A *committed* header vouches for the table as of the receiver's record `seq`: every
 //! record up to it is reflected. Changes after a commit wait in memory (`overlay`, up to
-//! [`OVERLAY_MAX`] blocks) until the next point is acked; the commit writes only those
+//! [`OVERLAY_MAX`] blocks) until the next commit (a point acked, or a long pass's acked
+//! progress, see `scan::ScanEvent::Settle`); the commit writes only those
 //! entries, fsyncs, then writes the next header slot and fsyncs again. A crash between the
 //! two leaves entries ahead of the committed seq, which is safe: they are of blocks that
 //! records after that seq wrote, and the receiver names those ranges at reconnect, so the

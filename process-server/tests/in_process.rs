@@ -72,6 +72,7 @@ async fn in_process_daemons_replicate_fail_over_and_stop_cleanly() {
         shutdown: None,
         max_rate: 0,
         nbd: None,
+        save_every: Duration::from_secs(5),
     };
     let s = agent_stop.clone();
     let agent = tokio::spawn(async move { tern_agent::run(config, s).await });

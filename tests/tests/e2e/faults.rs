@@ -109,6 +109,73 @@ fn a_pass_cut_by_a_dropped_connection_then_a_page_written_back() {
     a_cut_pass_then_a_page_written_back(Cut::Link);
 }
 
+/// An initial sync cut midway goes on from what the server acked: the agent saved its
+/// state at it during the pass, so the server sends no block hashes (it would hash all it
+/// received, on every reconnect) and the next point recovers byte for byte.
+fn an_initial_sync_cut_midway(cut: Cut) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let proxy = Proxy::start(server.port);
+    let identity = root.join("init.bundle");
+    server.enroll_agent("init", &identity);
+    let disk = root.join("init.img");
+    make_random(&disk, 24, 24, 57);
+    let mut agent = Agent::start_at(
+        &proxy.url(),
+        &identity,
+        "init",
+        &[("sda", &disk)],
+        &root.join("st"),
+        &["--max-rate", "4MiB", "--save-every", "500ms"],
+    );
+    // Random data travels as a record per 64 KiB block: half the disk is durable, and
+    // saved at least once by then.
+    deadline_poll("half the initial sync", Duration::from_secs(30), || {
+        (durable_seq(&server, "init") >= 12 * 16).then_some(())
+    });
+    match cut {
+        Cut::AgentKill => agent.kill9(),
+        Cut::ServerKill => server.kill9(),
+        Cut::Link => proxy.cut(),
+    }
+    let before = agent.log_text().len();
+    match cut {
+        Cut::AgentKill => agent.restart(),
+        Cut::ServerKill => server.start(),
+        Cut::Link => proxy.up(),
+    }
+    let p1 = server.checkpoint("init");
+    let log = agent.log_text()[before..].to_string();
+    assert!(
+        !log.contains("comparing with the server's block hashes") && !log.contains("sent again"),
+        "the sync started over after the cut: {}",
+        tail(&log, 20)
+    );
+    assert!(
+        log.contains("saved state matches the server's copy") || log.contains("records past the saved state"),
+        "the agent did not go on from its saved state: {}",
+        tail(&log, 20)
+    );
+    assert_point_recovers(&server, root, "init", &p1, &b3(&disk, None));
+}
+
+#[test]
+fn an_initial_sync_cut_by_an_agent_kill_goes_on_from_what_was_acked() {
+    an_initial_sync_cut_midway(Cut::AgentKill);
+}
+
+#[test]
+fn an_initial_sync_cut_by_a_process_server_kill_goes_on_from_what_was_acked() {
+    an_initial_sync_cut_midway(Cut::ServerKill);
+}
+
+#[test]
+fn an_initial_sync_cut_by_a_dropped_connection_goes_on_from_what_was_acked() {
+    an_initial_sync_cut_midway(Cut::Link);
+}
+
 /// A link that dies somewhere between (the server's side of the connection stays open
 /// until its keepalive notices): the agent comes back at once on a new connection, and the
 /// server ends the dead session for it instead of refusing it as a second agent.
