@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """A WAN on loopback: a TCP proxy that delays every chunk by a fixed one-way delay in each
 direction (a delay line: chunks in flight are not held back by one another), with an
-optional rate cap per direction. The kernel's netem is not available in containers.
+optional rate cap per direction (0: none). The kernel's netem is not available in
+containers. With CUT_S, each connection is reset (RST both ways) CUT_S seconds after it
+was accepted: a link that keeps dropping.
 
-    delay_proxy.py LISTEN_PORT TARGET_PORT DELAY_MS [RATE_MB_PER_S]
+    delay_proxy.py LISTEN_PORT TARGET_PORT DELAY_MS [RATE_MB_PER_S [CUT_S]]
 
 Prints "listening on PORT" once it accepts connections (port 0 picks one).
 """
 import asyncio
+import socket
+import struct
 import sys
 import time
 
@@ -26,8 +30,6 @@ async def pump(reader, writer, delay, rate):
     queued = [0]
     room = asyncio.Event()
     room.set()
-    free_at = 0.0
-
     dead = [False]
 
     async def deliver():
@@ -56,6 +58,18 @@ async def pump(reader, writer, delay, rate):
 
     task = asyncio.create_task(deliver())
     try:
+        await read_into(reader, queue, queued, room, dead, delay, rate, loop)
+    except asyncio.CancelledError:
+        # A reset (CUT_S) cancels this pump: its delivery goes too.
+        task.cancel()
+        raise
+    queue.put_nowait((0, None))
+    await task
+
+
+async def read_into(reader, queue, queued, room, dead, delay, rate, loop):
+    free_at = 0.0
+    try:
         while True:
             await room.wait()
             if dead[0]:
@@ -75,14 +89,21 @@ async def pump(reader, writer, delay, rate):
             queue.put_nowait((due, data))
     except (ConnectionError, OSError):
         pass
-    queue.put_nowait((0, None))
-    await task
 
 
 async def main():
     listen, target, delay_ms = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     rate = float(sys.argv[4]) * 1e6 if len(sys.argv) > 4 else 0.0
+    cut = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
     delay = delay_ms / 1000
+
+    def reset(writer):
+        sock = writer.get_extra_info("socket")
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        writer.transport.abort()
 
     async def handle(c_reader, c_writer):
         try:
@@ -90,9 +111,14 @@ async def main():
         except OSError:
             c_writer.close()
             return
-        await asyncio.gather(
+        both = asyncio.gather(
             pump(c_reader, s_writer, delay, rate), pump(s_reader, c_writer, delay, rate)
         )
+        try:
+            await asyncio.wait_for(both, cut or None)
+        except asyncio.TimeoutError:
+            reset(c_writer)
+            reset(s_writer)
 
     server = await asyncio.start_server(handle, "127.0.0.1", listen, limit=1 << 22)
     print(f"listening on {server.sockets[0].getsockname()[1]}", flush=True)

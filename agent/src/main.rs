@@ -78,7 +78,7 @@ enum Cmd {
         /// Scan mode: during a long pass (the initial sync), how often the state directory
         /// saves what the server has acked, so that a dropped link or a restart goes on from
         /// there instead of comparing everything sent again.
-        #[arg(long, value_parser = tern_core::units::parse_duration, default_value = "5s", hide = true)]
+        #[arg(long, value_parser = tern_core::units::parse_duration, default_value = "2s", hide = true)]
         save_every: std::time::Duration,
         /// What the disks hold. Only raw disks are replicated; a disk that starts with the
         /// header of an image container (qcow2, VMDK, VHDX, dynamic VHD) is refused unless
