@@ -11,8 +11,9 @@
 #   rsync --partial --append-verify over the same cutting proxy, run again until it
 #     succeeds (the peer: a copy tool that resumes a cut transfer)
 # Prints, per run: seconds until the first recovery point (or until the copy is whole),
-# sessions (connections), bytes the agent wrote (its TLS stream, from /proc/PID/io; what a
-# cut threw away counts too, and the proxy holds up to 128 MiB in flight), CPU seconds of
+# sessions (connections), bytes the agent wrote (wchar of /proc/PID/io: its TLS stream,
+# what a cut threw away included — the proxy holds up to 128 MiB in flight — plus its state
+# table and log), CPU seconds of
 # agent and process server. A run not done within LIMIT_S (default 300) says so;
 # WHOLE_ONLY=1 runs only the first two (the cost of the saves).
 # Needs: python3, rsync, b3sum.

@@ -498,9 +498,12 @@ fn scan_disk(
                 result.bytes_changed += sent;
                 saved.1 |= sent > 0;
             }
-            // Every entry the state holds now is of a record emitted (a block waiting for
-            // the receiver's page hashes is not yet: its entry is ahead of its records).
-            let settled = deferred.is_empty() && feed.as_ref().is_none_or(|f| f.asked.is_empty());
+            // Saved only without the receiver's hashes in play: they are filed into the state
+            // as the pass needs them, so a table saved midway would hold "unknown" past the
+            // pass's position, and a cut would then send all of that whole instead of
+            // comparing it with the receiver's hashes again. Every entry the state holds
+            // is then of a record emitted.
+            let settled = feed.is_none() && !state.failed();
             if save_every.is_some_and(|every| saved.1 && settled && saved.0.elapsed() >= every) {
                 batcher.flush()?;
                 save_progress(index, d, state, out)?;
@@ -990,11 +993,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.img");
         let size = 6 * CHUNK as u64;
+        // Data that compresses: a chunk is one record far below a batch, so only the flush
+        // before a save sends a chunk's records before the save asks for their ack.
         let mut x = 99u64;
         let data: Vec<u8> = (0..size)
             .map(|_| {
                 x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                (x >> 33) as u8
+                b"tern"[(x >> 62) as usize]
             })
             .collect();
         std::fs::write(&path, &data).unwrap();

@@ -746,9 +746,19 @@ impl Session {
             }
             (Ok((r, was_frozen)), states)
         });
-        let _guard = cancel.drop_guard();
-        self.forward(&mut ev_rx).await?;
-        let (result, states) = scanner.await.map_err(|e| Status::internal(e.to_string()))?;
+        let forwarded = self.forward(&mut ev_rx).await;
+        if forwarded.is_err() {
+            // The session ends: the scan stops, and is waited for, so that it cannot save
+            // its state after the next session has opened it (a mid-pass save at an ack
+            // of this session, committed over the next session's header). A barrier's
+            // hold ends too.
+            cancel.cancel();
+            drop(ev_rx);
+            self.release_to = None;
+        }
+        let joined = scanner.await.map_err(|e| Status::internal(e.to_string()));
+        forwarded?;
+        let (result, states) = joined?;
         self.states = states;
         let (result, frozen) = match result {
             Ok(r) => r,

@@ -399,6 +399,11 @@ impl DiskState {
         }
     }
 
+    /// An I/O error made the table unusable: it answers "unknown" and commits nothing.
+    pub fn failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
     fn fail(&mut self, e: &std::io::Error) {
         if self.failed.is_none() {
             tracing::error!(path = %self.path.display(), error = %e,

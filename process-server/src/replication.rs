@@ -137,7 +137,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
                     Some(s) if !s.takes_replication() => {
                         format!("; the VM is {s} now and takes no replication, so no initial sync follows")
                     }
-                    _ => "; a new initial sync starts when it reconnects".to_string(),
+                    _ => "; the initial sync goes on when it reconnects".to_string(),
                 };
                 job.fail(&format!("{why}{next}")).await;
             }
