@@ -258,11 +258,21 @@ struct Feed {
     asked: VecDeque<Vec<u64>>,
     /// Counts the payloads of the records made from the answers.
     memory: Memory,
+    /// The last block whose receiver entry came coarse (its block hash alone).
+    last_coarse: Option<u64>,
 }
 
 impl Feed {
     fn new(rx: Receiver<HashChunk>, memory: Memory) -> Feed {
-        Feed { rx, ready: 0, answers: Default::default(), gone: false, asked: VecDeque::new(), memory }
+        Feed {
+            rx,
+            ready: 0,
+            answers: Default::default(),
+            gone: false,
+            asked: VecDeque::new(),
+            memory,
+            last_coarse: None,
+        }
     }
 
     /// Waits until the receiver's entries up to block `last` have come: a chunk is compared
@@ -326,6 +336,26 @@ impl Feed {
         Ok(sent)
     }
 
+    /// Files every message that has come; true once the receiver's entries of every block
+    /// are in `state` (the feed ended, and was not cut short), and none from block `from`
+    /// on is coarse: a saved coarse entry would make a block that differs go whole after a
+    /// cut (no receiver's page hashes come for a saved state), where the pass would have
+    /// sent only its pages that differ.
+    fn all_filed(&mut self, state: &mut DiskState, from: u64) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(m) => self.keep(state, m),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    self.ready = usize::MAX;
+                    self.gone = true;
+                    break;
+                }
+            }
+        }
+        self.ready == usize::MAX && !self.gone && self.last_coarse.is_none_or(|c| c < from)
+    }
+
     /// Takes one message (waiting up to `wait`) into `state`. False once the feed is gone:
     /// what has not come stays unknown and is sent whole.
     fn take(&mut self, state: &mut DiskState, wait: std::time::Duration) -> bool {
@@ -347,6 +377,9 @@ impl Feed {
     fn keep(&mut self, state: &mut DiskState, m: HashChunk) {
         match m {
             HashChunk::Range(at, blocks) => {
+                if let Some(i) = blocks.iter().rposition(pb::hash_table::is_coarse) {
+                    self.last_coarse = Some(at + i as u64);
+                }
                 state.fill_from(at, &blocks);
                 let end = usize::try_from(at).unwrap_or(usize::MAX).saturating_add(blocks.len());
                 self.ready = self.ready.max(end);
@@ -498,16 +531,36 @@ fn scan_disk(
                 result.bytes_changed += sent;
                 saved.1 |= sent > 0;
             }
-            // Saved only without the receiver's hashes in play: they are filed into the state
-            // as the pass needs them, so a table saved midway would hold "unknown" past the
-            // pass's position, and a cut would then send all of that whole instead of
-            // comparing it with the receiver's hashes again. Every entry the state holds
-            // is then of a record emitted.
-            let settled = feed.is_none() && !state.failed();
-            if save_every.is_some_and(|every| saved.1 && settled && saved.0.elapsed() >= every) {
-                batcher.flush()?;
-                save_progress(index, d, state, out)?;
-                saved = (std::time::Instant::now(), false);
+            if save_every.is_some_and(|every| saved.1 && saved.0.elapsed() >= every) && !state.failed() {
+                // With the receiver's hashes in play, only once all of them are in the state
+                // (they are filed as the pass reaches them: a table saved before that would
+                // hold "unknown" past the pass's position, and a cut would then send all of
+                // it whole instead of comparing it with the receiver's hashes again) and the
+                // pass is past the coarse ones (see `Feed::all_filed`: in practice, a sync
+                // cut before its first save, past what the receiver got), and once no block
+                // waits for its page hashes (its entry is ahead of its records): those are
+                // asked for and sent first. Every entry the state holds
+                // is then of a record emitted, or the receiver's own.
+                let filed = feed.as_mut().map(|f| f.all_filed(state, (chunk + 1) * blocks_per_chunk));
+                let ready = match (feed.as_mut(), filed) {
+                    (Some(f), Some(true)) => {
+                        f.ask(index, &mut deferred, true, out)?;
+                        result.bytes_changed += f
+                            .use_answers(d, &file, state, true, cancel, &mut enc, &mut |r| batcher.push(r))
+                            .map_err(|e| match e {
+                                Resolve::Io(e) => read_err(e),
+                                Resolve::Cancelled => ScanError::Cancelled,
+                                Resolve::Scan(e) => e,
+                            })?;
+                        true
+                    }
+                    (_, filed) => filed.is_none(),
+                };
+                if ready {
+                    batcher.flush()?;
+                    save_progress(index, d, state, out)?;
+                    saved = (std::time::Instant::now(), false);
+                }
             }
         }
         drop(job_tx);

@@ -176,6 +176,55 @@ fn an_initial_sync_cut_by_a_dropped_connection_goes_on_from_what_was_acked() {
     an_initial_sync_cut_midway(Cut::Link);
 }
 
+/// A sync cut before its first save goes on by comparing with the server's block hashes;
+/// that session saves too once it is past what the server held, so a second cut goes on
+/// from its saved state.
+#[test]
+fn an_initial_sync_cut_before_its_first_save_saves_once_past_what_the_server_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("init.bundle");
+    server.enroll_agent("init", &identity);
+    let disk = root.join("init.img");
+    make_random(&disk, 24, 24, 58);
+    let start = |save_every: &str| {
+        Agent::start(
+            &server,
+            &identity,
+            "init",
+            &[("sda", &disk)],
+            &root.join("st"),
+            &["--max-rate", "4MiB", "--save-every", save_every],
+        )
+    };
+    let mut first = start("1h");
+    deadline_poll("4 MiB of the initial sync", Duration::from_secs(30), || {
+        (durable_seq(&server, "init") >= 4 * 16).then_some(())
+    });
+    first.kill9();
+    let mut second = start("300ms");
+    deadline_poll("16 MiB of the initial sync", Duration::from_secs(30), || {
+        (durable_seq(&server, "init") >= 16 * 16).then_some(())
+    });
+    second.kill9();
+    let log = second.log_text();
+    assert!(log.contains("comparing with the server's block hashes"), "{}", tail(&log, 20));
+    let before = log.len();
+    second.restart();
+    let p1 = server.checkpoint("init");
+    let log = second.log_text()[before..].to_string();
+    assert!(
+        !log.contains("comparing with the server's block hashes")
+            && (log.contains("saved state matches the server's copy")
+                || log.contains("records past the saved state")),
+        "the session that compared with the server's hashes saved nothing: {}",
+        tail(&log, 20)
+    );
+    assert_point_recovers(&server, root, "init", &p1, &b3(&disk, None));
+}
+
 /// A link that dies somewhere between (the server's side of the connection stays open
 /// until its keepalive notices): the agent comes back at once on a new connection, and the
 /// server ends the dead session for it instead of refusing it as a second agent.
