@@ -5,17 +5,17 @@
 # opened; the agent reconnects each time. SIZE_MIB (default 1024) MiB of random data, each
 # run on a fresh process server:
 #   tern, link whole, saving no progress mid-pass (--save-every 1h, as before the saves)
-#   tern, link whole, saving progress every SAVE_EVERY (default 2s, the agent's default)
+#   tern, link whole, saving progress from SAVE_EVERY in (default 2s, the agent's default;
+#     the interval doubles after each save, up to 16 times)
 #   tern, link cut every CUT_S s, saving no progress mid-pass
-#   tern, link cut every CUT_S s, saving progress every SAVE_EVERY
+#   tern, link cut every CUT_S s, saving progress as above
 #   rsync --partial --append-verify over the same cutting proxy, run again until it
 #     succeeds (the peer: a copy tool that resumes a cut transfer)
 # Prints, per run: seconds until the first recovery point (or until the copy is whole),
 # sessions (connections), bytes the agent wrote (wchar of /proc/PID/io: its TLS stream,
 # what a cut threw away included — the proxy holds up to 128 MiB in flight — plus its state
-# table and log), CPU seconds of
-# agent and process server. A run not done within LIMIT_S (default 300) says so;
-# WHOLE_ONLY=1 runs only the first two (the cost of the saves).
+# table and log), CPU seconds of agent and process server. A run not done within LIMIT_S
+# (default 300) says so; WHOLE_ONLY=1 runs only the first two (the cost of the saves).
 # Needs: python3, rsync, b3sum.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -96,10 +96,10 @@ run() {
 echo "== ${SIZE_MIB} MiB of random data at ${RATE} MB/s, ${RTT_MS} ms round trip; the link reset every ${CUT_S} s where cut"
 printf '%-44s %14s %9s %14s %10s %10s\n' "run" "first point s" "sessions" "agent wrote" "agent CPU" "server CPU"
 run "tern, whole link, no mid-pass saves" 0 1h
-run "tern, whole link, saves every $SAVE_EVERY" 0 "$SAVE_EVERY"
+run "tern, whole link, saves from $SAVE_EVERY" 0 "$SAVE_EVERY"
 [ "${WHOLE_ONLY:-}" ] && exit 0
 run "tern, cut every ${CUT_S} s, no mid-pass saves" "$CUT_S" 1h
-run "tern, cut every ${CUT_S} s, saves every $SAVE_EVERY" "$CUT_S" "$SAVE_EVERY"
+run "tern, cut every ${CUT_S} s, saves from $SAVE_EVERY" "$CUT_S" "$SAVE_EVERY"
 
 # The peer: rsync daemon behind the same cutting proxy, run again until it succeeds.
 mkdir -p "$W/rsync-dst"

@@ -456,7 +456,12 @@ fn scan_disk(
     let mut plan = chunk_plan(chunks, only).into_iter().peekable();
     let mut fp = Fingerprint::new();
     let mut batcher = Batcher { disk: index, out, records: Vec::new(), bytes: 0 };
+    // When the state was last saved, and whether records went since; the interval doubles
+    // after each save up to 16 times `save_every`: a pass on a link that holds pays for a
+    // few saves only (each waits for the acks of all it sent), one on a link that drops
+    // starts again at `save_every` with its next session.
     let mut saved = (std::time::Instant::now(), false);
+    let mut every = save_every;
     let mut feed = feed.map(|rx| Feed::new(rx, memory.clone()));
     let ask_pages = feed.is_some();
     let mut deferred: Vec<u64> = Vec::new();
@@ -531,7 +536,7 @@ fn scan_disk(
                 result.bytes_changed += sent;
                 saved.1 |= sent > 0;
             }
-            if save_every.is_some_and(|every| saved.1 && saved.0.elapsed() >= every) && !state.failed() {
+            if every.is_some_and(|every| saved.1 && saved.0.elapsed() >= every) && !state.failed() {
                 // With the receiver's hashes in play, only once all of them are in the state
                 // (they are filed as the pass reaches them: a table saved before that would
                 // hold "unknown" past the pass's position, and a cut would then send all of
@@ -560,6 +565,7 @@ fn scan_disk(
                     batcher.flush()?;
                     save_progress(index, d, state, out)?;
                     saved = (std::time::Instant::now(), false);
+                    every = every.zip(save_every).map(|(e, base)| (e * 2).min(base * 16));
                 }
             }
         }
@@ -579,12 +585,18 @@ fn save_progress(
     state: &mut DiskState,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
 ) -> Result<(), ScanError> {
+    let started = std::time::Instant::now();
     let (acked, rx) = sync_channel(1);
     out.blocking_send(ScanEvent::Settle { disk: index, acked }).map_err(|_| ScanError::Cancelled)?;
     // No answer: the session ended meanwhile.
     let seq = rx.recv().map_err(|_| ScanError::Cancelled)?;
+    let waited = started.elapsed();
     match state.commit(seq) {
-        Ok(()) => tracing::debug!(disk = %d.name, seq = seq.0, "pass progress saved"),
+        Ok(()) => {
+            let ms = |t: std::time::Duration| u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+            tracing::debug!(disk = %d.name, seq = seq.0, waited_ms = ms(waited),
+                saved_ms = ms(started.elapsed() - waited), "pass progress saved");
+        }
         Err(e) => tracing::warn!(disk = %d.name, error = %e, "cannot save the pass's progress"),
     }
     Ok(())
