@@ -536,7 +536,8 @@ fn scan_disk(
                 result.bytes_changed += sent;
                 saved.1 |= sent > 0;
             }
-            if every.is_some_and(|every| saved.1 && saved.0.elapsed() >= every) && !state.failed() {
+            // Not at the pass's end: its point follows, and saves the state anyway.
+            if !end && every.is_some_and(|every| saved.1 && saved.0.elapsed() >= every) && !state.failed() {
                 // With the receiver's hashes in play, only once all of them are in the state
                 // (they are filed as the pass reaches them: a table saved before that would
                 // hold "unknown" past the pass's position, and a cut would then send all of
@@ -561,7 +562,8 @@ fn scan_disk(
                     }
                     (_, filed) => filed.is_none(),
                 };
-                if ready {
+                // Filing the feed may have failed the table: nothing to save then.
+                if ready && !state.failed() {
                     batcher.flush()?;
                     save_progress(index, d, state, out)?;
                     saved = (std::time::Instant::now(), false);
