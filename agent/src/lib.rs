@@ -148,12 +148,21 @@ async fn replicate(
     // --mode nbd: the change log's stream outlives a dropped link, so that the next
     // session goes on where the server's journal ends instead of comparing disks.
     let mut carried = None;
+    // Scan mode: the last session went on from a saved state, sent again the blocks that
+    // the records past it wrote, and was cut before it saved anything. On a link that drops
+    // sooner than a save can be had (it waits for the acks of all in flight), going on so
+    // would send the same blocks at every session and never get further; the next session
+    // compares with the server's block hashes instead, which never sends again what the
+    // server holds.
+    let mut distrust_saved = false;
     loop {
         let progress = Progress::default();
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = session::session(config.clone(), tracker.clone(), shutdown.clone(), &progress, &mut carried) => r,
+            r = session::session(config.clone(), tracker.clone(), shutdown.clone(), &progress, &mut carried, distrust_saved) => r,
         };
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        distrust_saved = progress.resumed_past.load(relaxed) && !progress.saved.load(relaxed);
         metrics::gauge!("tern_agent_connected", "vm" => config.vm.to_string()).set(0.0);
         match outcome {
             // Told to stand down (the VM failed over). In nbd mode the agent is the VM's
@@ -412,6 +421,11 @@ impl Schedule {
 struct Progress {
     welcomed: std::sync::atomic::AtomicBool,
     acked: Arc<std::sync::atomic::AtomicBool>,
+    /// Scan mode: the session went on from a saved state that the server holds records
+    /// past (the blocks they wrote are sent again).
+    resumed_past: std::sync::atomic::AtomicBool,
+    /// The saved state was written in this session (a point acked, or a pass's progress).
+    saved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn now_ms() -> i64 {

@@ -115,6 +115,8 @@ pub struct Compare {
     /// Save each disk's state at what the server acked this often during the pass (see
     /// [`ScanEvent::Settle`]); `None` saves nothing before the pass's point.
     pub save_every: Option<std::time::Duration>,
+    /// Set once a save of this pass's progress is written.
+    pub saved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -199,7 +201,7 @@ pub fn run_pass(
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
 ) -> Result<PassResult, ScanError> {
-    let Compare { mut feeds, regions, background, memory, save_every } = compare;
+    let Compare { mut feeds, regions, background, memory, save_every, saved } = compare;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let mut result = PassResult { consistent: true, ..Default::default() };
     let mut versions = Vec::new();
@@ -218,7 +220,7 @@ pub fn run_pass(
             d,
             state,
             workers,
-            (page_hashes, background, &memory, save_every),
+            (page_hashes, background, &memory, save_every, &saved),
             feed,
             only,
             out,
@@ -442,7 +444,13 @@ fn scan_disk(
     d: &DiskSource,
     state: &mut DiskState,
     workers: usize,
-    (page_hashes, background, memory, save_every): (bool, bool, &Memory, Option<std::time::Duration>),
+    (page_hashes, background, memory, save_every, saved_flag): (
+        bool,
+        bool,
+        &Memory,
+        Option<std::time::Duration>,
+        &std::sync::atomic::AtomicBool,
+    ),
     feed: Option<Receiver<HashChunk>>,
     only: Option<&[(u64, u64)]>,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
@@ -565,7 +573,9 @@ fn scan_disk(
                 // Filing the feed may have failed the table: nothing to save then.
                 if ready && !state.failed() {
                     batcher.flush()?;
-                    save_progress(index, d, state, out)?;
+                    if save_progress(index, d, state, out)? {
+                        saved_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     saved = (std::time::Instant::now(), false);
                     every = every.zip(save_every).map(|(e, base)| (e * 2).min(base * 16));
                 }
@@ -579,14 +589,14 @@ fn scan_disk(
 }
 
 /// Waits until the server has acked every record of disk `index` emitted so far, then
-/// saves `state` at that seq. A state that cannot be saved answers "unknown" from then on
+/// saves `state` at that seq; true once saved. A state that cannot be saved answers "unknown" from then on
 /// (see [`DiskState::commit`]): the pass goes on, sending more than needed, never less.
 fn save_progress(
     index: usize,
     d: &DiskSource,
     state: &mut DiskState,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
-) -> Result<(), ScanError> {
+) -> Result<bool, ScanError> {
     let started = std::time::Instant::now();
     let (acked, rx) = sync_channel(1);
     out.blocking_send(ScanEvent::Settle { disk: index, acked }).map_err(|_| ScanError::Cancelled)?;
@@ -598,10 +608,13 @@ fn save_progress(
             let ms = |t: std::time::Duration| u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
             tracing::debug!(disk = %d.name, seq = seq.0, waited_ms = ms(waited),
                 saved_ms = ms(started.elapsed() - waited), "pass progress saved");
+            Ok(true)
         }
-        Err(e) => tracing::warn!(disk = %d.name, error = %e, "cannot save the pass's progress"),
+        Err(e) => {
+            tracing::warn!(disk = %d.name, error = %e, "cannot save the pass's progress");
+            Ok(false)
+        }
     }
-    Ok(())
 }
 
 /// The chunks in flight, in order, each with its worker's answer, or none for a chunk that

@@ -58,6 +58,7 @@ pub(crate) async fn session(
     shutdown: CancellationToken,
     progress: &Progress,
     carried: &mut Option<nbd::LogStream>,
+    distrust_saved: bool,
 ) -> Result<(), Status> {
     // --mode nbd: writes held for a multi-VM barrier go on however the session ends.
     let _release = tracker.clone().map(nbd::ReleaseHold);
@@ -85,7 +86,17 @@ pub(crate) async fn session(
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
     // A carried log's session never reads the saved state: it goes on, or it ends and the
     // next one reads the state afresh.
-    let saved = if carried.is_some() { Vec::new() } else { saved_states(&config).await? };
+    let saved = if carried.is_some() {
+        Vec::new()
+    } else if distrust_saved {
+        info!(
+            "the last session went on from the saved state and was cut before it could save again: \
+             comparing with the server's block hashes instead of sending again what it sent"
+        );
+        config.disks.iter().map(|_| None).collect()
+    } else {
+        saved_states(&config).await?
+    };
     let claims: Vec<Option<(String, u64)>> = match carried.as_ref() {
         Some(log) => log.claims().into_iter().map(Some).collect(),
         None => saved.iter().map(|s| s.as_ref().map(|s| (s.generation.clone(), s.seq.0))).collect(),
@@ -261,6 +272,8 @@ struct Session {
     log: Option<nbd::LogStream>,
     /// What the server holds of each disk, as its `Welcome` said: generation, durable seq.
     welcomed: Vec<(String, u64)>,
+    /// Set once the saved state is written (see `Progress::saved`).
+    saved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Session {
@@ -277,6 +290,7 @@ impl Session {
         let now = Due::now();
         Session {
             inbox: Inbox { acked: progress.acked.clone(), ..Default::default() },
+            saved: progress.saved.clone(),
             schedule: Schedule::from_policy(None, config.interval),
             config,
             shutdown,
@@ -379,6 +393,11 @@ impl Session {
         })?;
         if self.tracker.is_some() {
             self.regions = doubtful_regions(&welcome, &self.config, &self.resumed);
+        } else {
+            let past = self.config.disks.iter().zip(&self.resumed).any(|(d, &resumed)| {
+                resumed && welcome.disks.iter().any(|w| w.name == d.name.as_str() && !w.doubtful.is_empty())
+            });
+            progress.resumed_past.store(past, std::sync::atomic::Ordering::Relaxed);
         }
         // The first pass compares with the receiver's block hashes as they arrive.
         for d in &self.config.disks {
@@ -508,8 +527,11 @@ impl Session {
             .map_err(|e| Status::internal(e.to_string()).into());
         }
         let mut states = std::mem::take(&mut self.states);
+        let saved = self.saved.clone();
         self.states = tokio::task::spawn_blocking(move || {
-            commit_states(&cfg, &mut states, &seqs);
+            if commit_states(&cfg, &mut states, &seqs) {
+                saved.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             states
         })
         .await
@@ -664,6 +686,7 @@ impl Session {
             if pass.consistent {
                 return Ok(Ok((pass, frozen, note)));
             }
+            self.save_acked().await?;
         }
         Ok(Err(NoCut {
             reason:
@@ -705,6 +728,7 @@ impl Session {
         // for the round trips).
         let save_every =
             (self.config.nbd.is_none() && !self.schedule.hold && !quiesce).then_some(self.config.save_every);
+        let saved = self.saved.clone();
         let memory = self.tracker.as_ref().map(|t| t.memory()).unwrap_or_default();
         let mut states = std::mem::take(&mut self.states);
         let scanner = tokio::task::spawn_blocking(move || {
@@ -724,7 +748,7 @@ impl Session {
                 &mut states,
                 frozen.is_some(),
                 page_hashes,
-                scan::Compare { feeds, regions, background, memory, save_every },
+                scan::Compare { feeds, regions, background, memory, save_every, saved },
                 &ev_tx,
                 &c2,
             );
@@ -808,6 +832,31 @@ impl Session {
         limiter.take(bytes).await;
         metrics::counter!("tern_agent_sent_bytes_total", "vm" => self.config.vm.to_string()).increment(bytes);
         self.send(pb::agent_message::Msg::Batch(batch)).await
+    }
+
+    /// Scan mode, after a pass that is no cut (the disks changed while it read them): saves
+    /// each disk's state at what the server acked, once it has acked all that was sent, so
+    /// that a cut before the next point goes on from here (a pass shorter than the first
+    /// mid-pass save would otherwise save nothing).
+    async fn save_acked(&mut self) -> Result<(), SessionError> {
+        if self.config.nbd.is_some() || self.schedule.hold {
+            return Ok(());
+        }
+        let mut seqs = Vec::with_capacity(self.config.disks.len());
+        for disk in 0..self.config.disks.len() {
+            seqs.push(self.all_acked(disk).await?);
+        }
+        let (cfg, saved) = (self.config.clone(), self.saved.clone());
+        let mut states = std::mem::take(&mut self.states);
+        self.states = tokio::task::spawn_blocking(move || {
+            if commit_states(&cfg, &mut states, &seqs) {
+                saved.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            states
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(())
     }
 
     /// Waits until the server has acked every record of `disk` sent so far, taking its

@@ -180,8 +180,10 @@ fn disks_of(
 
 /// The disks whose agent gets the receiver's block hashes (a delta sync): those without a
 /// valid hash map of the receiver's copy. Reprotected, the receiver is the master target's
-/// disk: its hashes (original location), zeroes (a new alternate disk), or none with
-/// --sync during (everything is sent at failback).
+/// disk: its hashes, or none with --sync during to the original location (everything is
+/// sent at failback). A new alternate disk gets the master target's hashes too, not
+/// zeroes: a session cut before the agent saved its state may have had records relayed
+/// there, and a block one wrote that the VM zeroed since would not be sent again.
 fn hash_sources(a: &Admitted) -> Vec<(Arc<DiskHandle>, HashSource)> {
     a.handles
         .iter()
@@ -193,7 +195,6 @@ fn hash_sources(a: &Admitted) -> Vec<(Arc<DiskHandle>, HashSource)> {
             }
             match &a.reprotect {
                 Some(r) if r.sync == tern_core::SyncMode::During && !r.alternate => None,
-                Some(r) if r.alternate => Some((h.clone(), HashSource::Zeroes)),
                 Some(r) => Some((h.clone(), HashSource::MasterTarget(r.master_target.clone()))),
                 None if durable > 0 => Some((h.clone(), HashSource::Local)),
                 None => None,
@@ -586,9 +587,7 @@ type HashedDisk = (Arc<DiskHandle>, Arc<tern_store::HashedCopy>);
 enum HashSource {
     /// This server's copy, at its durable position.
     Local,
-    /// A new, all-zero disk.
-    Zeroes,
-    /// The master target's target disk (reprotect to the original location).
+    /// The master target's target disk (reprotect).
     MasterTarget(String),
 }
 
@@ -601,7 +600,6 @@ async fn send_hashes(
     copies: &Copies,
 ) -> Result<(), Status> {
     let started = std::time::Instant::now();
-    let blocks = tern_core::blocks::block_count(h.size);
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     match source {
         HashSource::MasterTarget(url) => {
@@ -639,10 +637,9 @@ async fn send_hashes(
                     .map_err(|_| Status::cancelled("agent went away"))?;
             }
         }
-        HashSource::Zeroes | HashSource::Local => {
+        HashSource::Local => {
             let (h2, out2, scratch, copies) =
                 (h.clone(), out.clone(), ctx.data_dir.join("tmp"), copies.clone());
-            let zeroes = matches!(source, HashSource::Zeroes);
             let sent2 = sent.clone();
             tokio::task::spawn_blocking(move || {
                 let mut emit = |first: u64, chunk: &[tern_core::blocks::BlockHashes]| {
@@ -650,32 +647,15 @@ async fn send_hashes(
                     sent2.fetch_add(hashes.table.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     out2.blocking_send(msg(server_message::Msg::BlockHashes(hashes))).is_ok()
                 };
-                if zeroes {
-                    let per = tern_store::HASHES_PER_CHUNK as u64;
-                    let mut first = 0;
-                    while first < blocks {
-                        let n = per.min(blocks - first);
-                        let chunk: Vec<_> = (first..first + n)
-                            .map(|i| tern_core::blocks::zero_block(tern_core::blocks::block_len(h2.size, i)))
-                            .collect();
-                        if !emit(first, &chunk) {
-                            break;
-                        }
-                        first += n;
-                    }
-                    Ok(())
-                } else {
-                    // Coarse entries (the block hash alone): the agent asks for the pages of
-                    // just the blocks that differ, answered from this same copy.
-                    let upto = h2.durable();
-                    // The agent gone (its connection died): the copy stops between records.
-                    let gone = out2.clone();
-                    let copy = Arc::new(tern_store::HashedCopy::new_until(&h2, &scratch, upto, &|| {
-                        gone.is_closed()
-                    })?);
-                    lock(&copies).insert(h2.name.clone(), (h2.clone(), copy.clone()));
-                    copy.hash(&h2, true, &mut emit)
-                }
+                // Coarse entries (the block hash alone): the agent asks for the pages of just
+                // the blocks that differ, answered from this same copy.
+                let upto = h2.durable();
+                // The agent gone (its connection died): the copy stops between records.
+                let gone = out2.clone();
+                let copy =
+                    Arc::new(tern_store::HashedCopy::new_until(&h2, &scratch, upto, &|| gone.is_closed())?);
+                lock(&copies).insert(h2.name.clone(), (h2.clone(), copy.clone()));
+                copy.hash(&h2, true, &mut emit)
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))?

@@ -225,6 +225,64 @@ fn an_initial_sync_cut_before_its_first_save_saves_once_past_what_the_server_hel
     assert_point_recovers(&server, root, "init", &p1, &b3(&disk, None));
 }
 
+/// A session that went on from a saved state (sending again the blocks of the records past
+/// it) and was cut before it could save again is followed by one that compares with the
+/// server's block hashes: on a link that drops before a save's acks come, the same blocks
+/// would otherwise be sent at every session.
+#[test]
+fn a_session_cut_before_it_saved_is_followed_by_a_compare_with_the_servers_hashes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let proxy = Proxy::start(server.port);
+    let identity = root.join("init.bundle");
+    server.enroll_agent("init", &identity);
+    let disk = root.join("init.img");
+    make_random(&disk, 32, 32, 59);
+    let agent = Agent::start_at(
+        &proxy.url(),
+        &identity,
+        "init",
+        &[("sda", &disk)],
+        &root.join("st"),
+        &["--max-rate", "4MiB", "--save-every", "1s"],
+    );
+    // Saves at 1 s and 3 s into the pass.
+    deadline_poll("14 MiB of the initial sync", Duration::from_secs(30), || {
+        (durable_seq(&server, "init") >= 14 * 16).then_some(())
+    });
+    // Cut until a session goes on from the saved state with records past it, then cut that
+    // one at once, before its first save (1 s into its pass).
+    let mut cut_early = false;
+    for _ in 0..5 {
+        let before = agent.log_text().len();
+        proxy.cut();
+        proxy.up();
+        let past = deadline_poll("the next session", Duration::from_secs(30), || {
+            let log = agent.log_text()[before..].to_string();
+            log.contains("connected; replicating").then(|| log.contains("records past the saved state"))
+        });
+        if past {
+            proxy.cut();
+            proxy.up();
+            cut_early = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    assert!(cut_early, "no session went on from the saved state with records past it");
+    let p1 = server.checkpoint("init");
+    let log = agent.log_text();
+    assert!(
+        log.contains("cut before it could save again")
+            && log.contains("comparing with the server's block hashes"),
+        "{}",
+        tail(&log, 20)
+    );
+    assert_point_recovers(&server, root, "init", &p1, &b3(&disk, None));
+}
+
 /// A link that dies somewhere between (the server's side of the connection stays open
 /// until its keepalive notices): the agent comes back at once on a new connection, and the
 /// server ends the dead session for it instead of refusing it as a second agent.
