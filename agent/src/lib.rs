@@ -460,7 +460,7 @@ fn choose_states(
                 let forgotten = s.forget(doubtful.iter().map(|r| (r.offset, r.length)));
                 if forgotten > 0 {
                     info!(disk = %d.name, blocks = forgotten, state_seq = s.seq.0, durable,
-                        "the server holds records past the saved state; comparing the blocks they wrote again");
+                        "the server holds records past the saved state; sending the blocks they wrote again (read anew)");
                 } else {
                     info!(disk = %d.name, "saved state matches the server's copy; sending only changes");
                 }
