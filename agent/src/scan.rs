@@ -344,6 +344,33 @@ impl Feed {
     /// cut (no receiver's page hashes come for a saved state), where the pass would have
     /// sent only its pages that differ.
     fn all_filed(&mut self, state: &mut DiskState, from: u64) -> bool {
+        self.file_arrived(state);
+        self.ready == usize::MAX && !self.gone && self.last_coarse.is_none_or(|c| c < from)
+    }
+
+    /// Asks for the page hashes of `deferred` blocks and emits the pages of those whose
+    /// answers have come (all of them, waiting, at the `end`); returns the bytes emitted.
+    #[allow(clippy::too_many_arguments)]
+    fn resolve(
+        &mut self,
+        (index, d, file): (usize, &DiskSource, &DiskReader),
+        state: &mut DiskState,
+        deferred: &mut Vec<u64>,
+        end: bool,
+        cancel: &CancellationToken,
+        enc: &mut Encoder,
+        batcher: &mut Batcher,
+    ) -> Result<u64, ScanError> {
+        self.ask(index, deferred, end, batcher.out)?;
+        self.use_answers(d, file, state, end, cancel, enc, &mut |r| batcher.push(r)).map_err(|e| match e {
+            Resolve::Io(e) => d.read_err(e),
+            Resolve::Cancelled => ScanError::Cancelled,
+            Resolve::Scan(e) => e,
+        })
+    }
+
+    /// Files every message that has come, without waiting.
+    fn file_arrived(&mut self, state: &mut DiskState) {
         loop {
             match self.rx.try_recv() {
                 Ok(m) => self.keep(state, m),
@@ -355,7 +382,6 @@ impl Feed {
                 }
             }
         }
-        self.ready == usize::MAX && !self.gone && self.last_coarse.is_none_or(|c| c < from)
     }
 
     /// Takes one message (waiting up to `wait`) into `state`. False once the feed is gone:
@@ -417,17 +443,7 @@ impl Feed {
             }
             if !wait {
                 // File what has come, without waiting; then ours is there or not yet.
-                loop {
-                    match self.rx.try_recv() {
-                        Ok(m) => self.keep(state, m),
-                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                            self.ready = usize::MAX;
-                            self.gone = true;
-                            break;
-                        }
-                    }
-                }
+                self.file_arrived(state);
                 if !self.answers.contains_key(&first) && !self.gone {
                     return Ok(None);
                 }
@@ -464,12 +480,7 @@ fn scan_disk(
     let mut plan = chunk_plan(chunks, only).into_iter().peekable();
     let mut fp = Fingerprint::new();
     let mut batcher = Batcher { disk: index, out, records: Vec::new(), bytes: 0 };
-    // When the state was last saved, and whether records went since; the interval doubles
-    // after each save up to 16 times `save_every`: a pass on a link that holds pays for a
-    // few saves only (each waits for the acks of all it sent), one on a link that drops
-    // starts again at `save_every` with its next session.
-    let mut saved = (std::time::Instant::now(), false);
-    let mut every = save_every;
+    let mut saves = Saves::new(save_every, saved_flag);
     let mut feed = feed.map(|rx| Feed::new(rx, memory.clone()));
     let ask_pages = feed.is_some();
     let mut deferred: Vec<u64> = Vec::new();
@@ -526,26 +537,20 @@ fn scan_disk(
             }
             result.bytes_read += done.read;
             result.bytes_changed += done.changed;
-            saved.1 |= !done.records.is_empty();
+            saves.unsaved |= !done.records.is_empty();
             for r in done.records {
                 batcher.push(r)?;
             }
             deferred.extend(done.deferred);
             let end = inflight.is_empty() && plan.peek().is_none();
             if let Some(f) = feed.as_mut() {
-                f.ask(index, &mut deferred, end, out)?;
-                let sent = f
-                    .use_answers(d, &file, state, end, cancel, &mut enc, &mut |r| batcher.push(r))
-                    .map_err(|e| match e {
-                        Resolve::Io(e) => read_err(e),
-                        Resolve::Cancelled => ScanError::Cancelled,
-                        Resolve::Scan(e) => e,
-                    })?;
+                let sent =
+                    f.resolve((index, d, &file), state, &mut deferred, end, cancel, &mut enc, &mut batcher)?;
                 result.bytes_changed += sent;
-                saved.1 |= sent > 0;
+                saves.unsaved |= sent > 0;
             }
             // Not at the pass's end: its point follows, and saves the state anyway.
-            if !end && every.is_some_and(|every| saved.1 && saved.0.elapsed() >= every) && !state.failed() {
+            if saves.due() && !end && !state.failed() {
                 // With the receiver's hashes in play, only once all of them are in the state
                 // (they are filed as the pass reaches them: a table saved before that would
                 // hold "unknown" past the pass's position, and a cut would then send all of
@@ -553,31 +558,26 @@ fn scan_disk(
                 // pass is past the coarse ones (see `Feed::all_filed`: in practice, a sync
                 // cut before its first save, past what the receiver got), and once no block
                 // waits for its page hashes (its entry is ahead of its records): those are
-                // asked for and sent first. Every entry the state holds
-                // is then of a record emitted, or the receiver's own.
-                let filed = feed.as_mut().map(|f| f.all_filed(state, (chunk + 1) * blocks_per_chunk));
-                let ready = match (feed.as_mut(), filed) {
-                    (Some(f), Some(true)) => {
-                        f.ask(index, &mut deferred, true, out)?;
-                        result.bytes_changed += f
-                            .use_answers(d, &file, state, true, cancel, &mut enc, &mut |r| batcher.push(r))
-                            .map_err(|e| match e {
-                                Resolve::Io(e) => read_err(e),
-                                Resolve::Cancelled => ScanError::Cancelled,
-                                Resolve::Scan(e) => e,
-                            })?;
-                        true
+                // asked for and sent first. Every entry the state holds is then of a record
+                // emitted, or the receiver's own.
+                let from = (chunk + 1) * blocks_per_chunk;
+                if feed.as_mut().is_none_or(|f| f.all_filed(state, from)) {
+                    if let Some(f) = feed.as_mut() {
+                        result.bytes_changed += f.resolve(
+                            (index, d, &file),
+                            state,
+                            &mut deferred,
+                            true,
+                            cancel,
+                            &mut enc,
+                            &mut batcher,
+                        )?;
                     }
-                    (_, filed) => filed.is_none(),
-                };
-                // Filing the feed may have failed the table: nothing to save then.
-                if ready && !state.failed() {
-                    batcher.flush()?;
-                    if save_progress(index, d, state, out)? {
-                        saved_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    // Filing the feed may have failed the table: nothing to save then.
+                    if !state.failed() {
+                        let ok = save_progress(&mut batcher, d, state)?;
+                        saves.done(ok);
                     }
-                    saved = (std::time::Instant::now(), false);
-                    every = every.zip(save_every).map(|(e, base)| (e * 2).min(base * 16));
                 }
             }
         }
@@ -588,18 +588,49 @@ fn scan_disk(
     Ok(if whole { fp.finish() } else { Digest::ZERO })
 }
 
-/// Waits until the server has acked every record of disk `index` emitted so far, then
-/// saves `state` at that seq; true once saved. A state that cannot be saved answers "unknown" from then on
-/// (see [`DiskState::commit`]): the pass goes on, sending more than needed, never less.
-fn save_progress(
-    index: usize,
-    d: &DiskSource,
-    state: &mut DiskState,
-    out: &tokio::sync::mpsc::Sender<ScanEvent>,
-) -> Result<bool, ScanError> {
+/// When a disk's pass saves its progress: `save_every` into the pass, then at intervals
+/// doubling up to 16 times that, so that a pass on a link that holds pays for a few saves
+/// only (each waits for the acks of all it sent), while the next pass, and so a new
+/// session's, starts again at `save_every`.
+struct Saves<'a> {
+    base: Option<std::time::Duration>,
+    every: Option<std::time::Duration>,
+    at: std::time::Instant,
+    /// Records went since the last save.
+    unsaved: bool,
+    /// Set once a save is written (the session's `Progress::saved`).
+    written: &'a std::sync::atomic::AtomicBool,
+}
+
+impl<'a> Saves<'a> {
+    fn new(base: Option<std::time::Duration>, written: &'a std::sync::atomic::AtomicBool) -> Saves<'a> {
+        Saves { base, every: base, at: std::time::Instant::now(), unsaved: false, written }
+    }
+
+    fn due(&self) -> bool {
+        self.unsaved && self.every.is_some_and(|every| self.at.elapsed() >= every)
+    }
+
+    /// A save was made (`ok`: written).
+    fn done(&mut self, ok: bool) {
+        if ok {
+            self.written.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        (self.at, self.unsaved) = (std::time::Instant::now(), false);
+        self.every = self.every.zip(self.base).map(|(e, base)| (e * 2).min(base * 16));
+    }
+}
+
+/// Sends the batch, waits until the server has acked every record of the disk emitted so
+/// far, then saves `state` at that seq; true once saved. A state that cannot be saved
+/// answers "unknown" from then on (see [`DiskState::commit`]): the pass goes on, sending
+/// more than needed, never less.
+fn save_progress(batcher: &mut Batcher, d: &DiskSource, state: &mut DiskState) -> Result<bool, ScanError> {
+    batcher.flush()?;
     let started = std::time::Instant::now();
     let (acked, rx) = sync_channel(1);
-    out.blocking_send(ScanEvent::Settle { disk: index, acked }).map_err(|_| ScanError::Cancelled)?;
+    let settle = ScanEvent::Settle { disk: batcher.disk, acked };
+    batcher.out.blocking_send(settle).map_err(|_| ScanError::Cancelled)?;
     // No answer: the session ended meanwhile.
     let seq = rx.recv().map_err(|_| ScanError::Cancelled)?;
     let waited = started.elapsed();

@@ -526,8 +526,13 @@ impl Session {
             .await
             .map_err(|e| Status::internal(e.to_string()).into());
         }
+        self.commit(seqs).await
+    }
+
+    /// Scan mode: saves each disk's state at `seqs` (on the blocking pool).
+    async fn commit(&mut self, seqs: Vec<Seq>) -> Result<(), SessionError> {
+        let (cfg, saved) = (self.config.clone(), self.saved.clone());
         let mut states = std::mem::take(&mut self.states);
-        let saved = self.saved.clone();
         self.states = tokio::task::spawn_blocking(move || {
             if commit_states(&cfg, &mut states, &seqs) {
                 saved.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -846,17 +851,7 @@ impl Session {
         for disk in 0..self.config.disks.len() {
             seqs.push(self.all_acked(disk).await?);
         }
-        let (cfg, saved) = (self.config.clone(), self.saved.clone());
-        let mut states = std::mem::take(&mut self.states);
-        self.states = tokio::task::spawn_blocking(move || {
-            if commit_states(&cfg, &mut states, &seqs) {
-                saved.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            states
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(())
+        self.commit(seqs).await
     }
 
     /// Waits until the server has acked every record of `disk` sent so far, taking its
