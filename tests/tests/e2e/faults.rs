@@ -12,6 +12,25 @@ enum Cut {
     Link,
 }
 
+impl Cut {
+    fn make(self, agent: &mut Agent, server: &mut Server, proxy: &Proxy) {
+        match self {
+            Cut::AgentKill => agent.kill9(),
+            Cut::ServerKill => server.kill9(),
+            Cut::Link => proxy.cut(),
+        }
+    }
+
+    /// What `make` cut comes back.
+    fn mend(self, agent: &mut Agent, server: &mut Server, proxy: &Proxy) {
+        match self {
+            Cut::AgentKill => agent.restart(),
+            Cut::ServerKill => server.start(),
+            Cut::Link => proxy.up(),
+        }
+    }
+}
+
 fn durable_seq(server: &Server, vm: &str) -> u64 {
     server.status(vm)["disks"][0]["durable_seq"].as_u64().unwrap_or(0)
 }
@@ -79,17 +98,9 @@ fn a_cut_pass_then_a_page_written_back(cut: Cut) {
     deadline_poll("the pass to send page 10", Duration::from_secs(30), || {
         (durable_seq(&server, "cut") >= before + 2).then_some(())
     });
-    match cut {
-        Cut::AgentKill => agent.kill9(),
-        Cut::ServerKill => server.kill9(),
-        Cut::Link => proxy.cut(),
-    }
+    cut.make(&mut agent, &mut server, &proxy);
     write_at(&disk, 10 * 4096, &at_p1);
-    match cut {
-        Cut::AgentKill => agent.restart(),
-        Cut::ServerKill => server.start(),
-        Cut::Link => proxy.up(),
-    }
+    cut.mend(&mut agent, &mut server, &proxy);
     let p2 = server.checkpoint("cut");
     assert_point_recovers(&server, root, "cut", &p2, &b3(&disk, None));
 }
@@ -135,17 +146,9 @@ fn an_initial_sync_cut_midway(cut: Cut) {
     deadline_poll("half the initial sync", Duration::from_secs(30), || {
         (durable_seq(&server, "init") >= 12 * 16).then_some(())
     });
-    match cut {
-        Cut::AgentKill => agent.kill9(),
-        Cut::ServerKill => server.kill9(),
-        Cut::Link => proxy.cut(),
-    }
+    cut.make(&mut agent, &mut server, &proxy);
     let before = agent.log_text().len();
-    match cut {
-        Cut::AgentKill => agent.restart(),
-        Cut::ServerKill => server.start(),
-        Cut::Link => proxy.up(),
-    }
+    cut.mend(&mut agent, &mut server, &proxy);
     let p1 = server.checkpoint("init");
     let log = agent.log_text()[before..].to_string();
     assert!(
