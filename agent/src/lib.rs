@@ -155,8 +155,11 @@ async fn replicate(
     // compares with the server's block hashes instead, which never sends again what the
     // server holds.
     let mut distrust_saved = false;
+    // The last point acked, across sessions: a reconnect that finds nothing written since
+    // makes no point again (see `Session::repeats_last_point`).
+    let last_point = Arc::default();
     loop {
-        let progress = Progress::default();
+        let progress = Progress { last_point: Arc::clone(&last_point), ..Progress::default() };
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             r = session::session(config.clone(), tracker.clone(), shutdown.clone(), &progress, &mut carried, distrust_saved) => r,
@@ -426,6 +429,16 @@ struct Progress {
     resumed_past: std::sync::atomic::AtomicBool,
     /// The saved state was written in this session (a point acked, or a pass's progress).
     saved: Arc<std::sync::atomic::AtomicBool>,
+    /// The last point the server acked to this process, whichever session made it.
+    last_point: Arc<std::sync::Mutex<Option<PointMade>>>,
+}
+
+/// What a point says of the disks, and when it was made.
+#[derive(Debug, Clone, PartialEq)]
+struct PointMade {
+    /// Per disk: the generation of the server's journal, the point's seq and fingerprint.
+    disks: Vec<(String, u64, Vec<u8>)>,
+    time_ms: i64,
 }
 
 fn now_ms() -> i64 {

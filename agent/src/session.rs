@@ -274,6 +274,12 @@ struct Session {
     welcomed: Vec<(String, u64)>,
     /// Set once the saved state is written (see `Progress::saved`).
     saved: Arc<std::sync::atomic::AtomicBool>,
+    /// The last point acked to this process (see `Progress::last_point`).
+    last_point: Arc<std::sync::Mutex<Option<crate::PointMade>>>,
+    /// The point sent and not yet acked, as it will be `last_point`.
+    sent_point: Option<crate::PointMade>,
+    /// No point has been sent (or found needless) in this session yet.
+    first_point: bool,
 }
 
 impl Session {
@@ -291,6 +297,9 @@ impl Session {
         Session {
             inbox: Inbox { acked: progress.acked.clone(), ..Default::default() },
             saved: progress.saved.clone(),
+            last_point: progress.last_point.clone(),
+            sent_point: None,
+            first_point: true,
             schedule: Schedule::from_policy(None, config.interval),
             config,
             shutdown,
@@ -338,6 +347,56 @@ impl Session {
                 fingerprint: fp.0.to_vec(),
             })
             .collect()
+    }
+
+    /// Sends a point; no pass runs until it is acked (`awaiting_point`).
+    async fn send_point(
+        &mut self,
+        point: pb::MakePoint,
+        requests: Requests,
+        seqs: Vec<Seq>,
+    ) -> Result<(), SessionError> {
+        self.first_point = false;
+        self.sent_point = Some(crate::PointMade { disks: self.identity(&point), time_ms: point.time_ms });
+        self.send(pb::agent_message::Msg::Point(point)).await?;
+        self.awaiting_point = Some((requests, seqs));
+        Ok(())
+    }
+
+    /// What `point` says of each disk: the server journal's generation, seq, fingerprint.
+    fn identity(&self, point: &pb::MakePoint) -> Vec<(String, u64, Vec<u8>)> {
+        self.welcomed
+            .iter()
+            .zip(&point.disks)
+            .map(|((generation, _), d)| (generation.clone(), d.seq, d.fingerprint.clone()))
+            .collect()
+    }
+
+    /// Whether `point` is a session's first, asked for by no one, and says what the last
+    /// point acked to this process says (same journals, seqs and fingerprints: nothing was
+    /// written since) less than a crash interval after it. Such a point is not made: a link
+    /// that drops every few seconds made one at every reconnect (W15: 20,000 a day that all
+    /// said the same). The next scheduled one is due a crash interval after the last.
+    fn repeats_last_point(&mut self, point: &pb::MakePoint) -> bool {
+        let first = std::mem::replace(&mut self.first_point, false);
+        if !first || !point.request_ids.is_empty() || point.consistency != pb::Consistency::Crash as i32 {
+            return false;
+        }
+        let last = self.last_point.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(last) = last else { return false };
+        let since_ms = u64::try_from(now_ms() - last.time_ms).unwrap_or(u64::MAX);
+        let interval_ms = u64::try_from(self.schedule.crash.as_millis()).unwrap_or(u64::MAX);
+        if last.disks != self.identity(point) || since_ms >= interval_ms {
+            return false;
+        }
+        let wait = Duration::from_millis(interval_ms - since_ms);
+        self.due_crash = Due::now() + wait;
+        info!(
+            last_point_s_ago = since_ms / 1000,
+            next_in_s = wait.as_secs(),
+            "nothing was written since the last point: no point is made again"
+        );
+        true
     }
 
     async fn point_failed(&self, request_id: u64, reason: String) -> Result<(), SessionError> {
@@ -510,6 +569,9 @@ impl Session {
         let Some(point_id) = self.inbox.point_ack.take() else { return Ok(()) };
         let Some((requests, seqs)) = self.awaiting_point.take() else { return Ok(()) };
         info!(point = point_id, answers = requests.len(), "recovery point acked");
+        if let Some(made) = self.sent_point.take() {
+            *self.last_point.lock().unwrap_or_else(|p| p.into_inner()) = Some(made);
+        }
         let vm = self.config.vm.to_string();
         metrics::counter!("tern_agent_points_total", "vm" => vm.clone()).increment(1);
         metrics::gauge!("tern_agent_last_point_timestamp_seconds", "vm" => vm).set(now_ms() as f64 / 1000.0);
@@ -628,10 +690,11 @@ impl Session {
             time_ms: now_ms(),
             note,
         };
-        self.send(pb::agent_message::Msg::Point(point)).await?;
+        if self.repeats_last_point(&point) {
+            return Ok(());
+        }
         // No pass runs until the point is acked, so `states` stays the point's state.
-        self.awaiting_point = Some((requests, seqs));
-        Ok(())
+        self.send_point(point, requests, seqs).await
     }
 
     /// Scans until a pass is a consistent cut (or attempts run out), forwarding records as

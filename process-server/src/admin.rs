@@ -991,7 +991,13 @@ async fn remove_vm(ctx: &Arc<Ctx>, vm: &VmName, delete_points: bool) -> Result<p
             store.vm_state(&v)?,
             store.group_of(&v)?,
             store.test_failover_row(&v)?,
-            store.running_job(&v, &[])?,
+            // An initial sync waits for the agent (stopped, as checked above): it ends with
+            // the copy.
+            store.jobs()?.into_iter().find(|j| {
+                j.vm == v.as_str()
+                    && j.state == tern_core::JobState::Running
+                    && j.kind != tern_core::JobKind::InitialSync
+            }),
             store.points(&v)?,
         ))
     })
@@ -1032,6 +1038,7 @@ async fn remove_vm(ctx: &Arc<Ctx>, vm: &VmName, delete_points: bool) -> Result<p
         )));
     }
     let (store, v) = (ctx.store.clone(), vm.clone());
+    ctx.initial_syncs.abandon(vm, "the VM's copy was removed before its first point").await;
     blocking(move || store.remove_vm(&v)).await?.map_err(store_status)?;
     ctx.hub.forget(vm);
     ctx.scrub.forget(vm);

@@ -137,7 +137,8 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
 }
 
 /// What is wrong with a VM beyond its RPO, most lasting first: its stored data could not
-/// be opened, replication is failing on this side, retention cannot fold its journal (a
+/// be opened, replication is failing on this side, its initial sync has not got further for
+/// longer than the RPO threshold while its sessions keep ending, retention cannot fold its journal (a
 /// full data directory), or the scrub found a point that does not recover. Any of them
 /// makes the VM critical.
 pub fn problem(ctx: &Ctx, vm: &VmName) -> Option<String> {
@@ -149,6 +150,10 @@ pub fn problem(ctx: &Ctx, vm: &VmName) -> Option<String> {
         // Replication's failure is no news once the VM no longer replicates (failed over).
         .or_else(|| {
             ctx.hub.error(vm).filter(|_| ctx.store.vm_state(vm).map_or(true, |s| s.takes_replication()))
+        })
+        .or_else(|| {
+            let threshold = ctx.store.policy(vm).map_or(300_000, |p| p.rpo_threshold_ms);
+            ctx.initial_syncs.stalled(vm, std::time::Duration::from_millis(threshold.max(0) as u64))
         })
         .or_else(|| crate::lock(&ctx.retention_errors).get(vm).cloned())
         .or_else(|| {

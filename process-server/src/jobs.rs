@@ -186,6 +186,13 @@ impl Job {
         self.persist(row).await;
     }
 
+    /// A new phase that keeps the progress made (an initial sync waiting for its agent).
+    pub async fn phase_keeping_progress(&self, phase: &str) {
+        info!(job = self.id, phase, "job phase");
+        let row = self.update(|r| r.phase = phase.to_string());
+        self.persist(row).await;
+    }
+
     pub fn progress(&self, done: u64, total: u64) {
         self.update(|r| {
             r.done = done;

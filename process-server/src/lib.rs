@@ -9,6 +9,7 @@ pub mod groups;
 pub mod health;
 pub mod hub;
 pub mod identities;
+pub mod initial;
 pub mod jobs;
 pub mod metrics;
 pub mod plan;
@@ -39,6 +40,8 @@ pub struct Ctx {
     pub store: Arc<Store>,
     pub hub: hub::Hub,
     pub barriers: groups::Barriers,
+    /// Each VM's initial sync until its first point, across its sessions.
+    pub initial_syncs: initial::InitialSyncs,
     pub plans: plan::Plans,
     pub jobs: Arc<jobs::Jobs>,
     pub relay: relay::Relay,
@@ -361,6 +364,7 @@ pub async fn run(
         store,
         hub: hub::Hub::default(),
         barriers: groups::Barriers::default(),
+        initial_syncs: initial::InitialSyncs::default(),
         plans: plan::Plans::default(),
         shutdown: shutdown.clone(),
         identities: identities.clone(),

@@ -29,26 +29,7 @@ pub struct ReplicationService {
 }
 
 type Handles = Arc<HashMap<DiskName, Arc<DiskHandle>>>;
-/// The initial-sync job of a VM without points, and how far each disk has come.
-type InitialSync = Arc<std::sync::Mutex<Option<(crate::jobs::Job, HashMap<DiskName, u64>)>>>;
-
-fn lock_initial(
-    i: &InitialSync,
-) -> std::sync::MutexGuard<'_, Option<(crate::jobs::Job, HashMap<DiskName, u64>)>> {
-    i.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A scan sends records in offset order, so the highest end offset is its progress.
-fn note_progress(initial: &InitialSync, handles: &Handles, b: &Batch) {
-    let mut guard = lock_initial(initial);
-    let Some((job, ends)) = guard.as_mut() else { return };
-    let Ok(name) = DiskName::new(&b.disk) else { return };
-    let end = b.records.iter().map(|r| r.offset + u64::from(r.length)).max().unwrap_or(0);
-    let e = ends.entry(name).or_default();
-    *e = (*e).max(end);
-    let total: u64 = handles.values().map(|h| h.size).sum();
-    job.progress(ends.values().sum(), total);
-}
+use crate::initial::InitialSync;
 
 enum Item {
     /// A batch being verified (see `tern_daemon::ingest`).
@@ -111,7 +92,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         ctx.hub.attach(&vm, session, out_tx.clone(), cancel.clone());
         info!(vm = %vm, session, disks = handles.len(), "agent connected");
         let handles: Handles = Arc::new(handles.into_iter().map(|h| (h.name.clone(), h)).collect());
-        let initial = initial_sync(&ctx, &vm).await?;
+        let initial = crate::initial::join(&ctx, &vm).await?;
         let ctx2 = ctx.clone();
         // The block hashes stream while the session runs: the agent compares each part of
         // its disk as soon as that part's hashes have come, and sends what differs.
@@ -123,24 +104,11 @@ impl tern_proto::replication_server::Replication for ReplicationService {
             run_session(&ctx2, &vm, handles, inbound, out_tx, cancel, initial.clone(), copies).await;
             // Hashes still on their way (or waiting for the relay) stop with the session.
             ended.cancel();
-            let taken = lock_initial(&initial).take();
-            if let Some((job, _)) = taken {
-                let why = match ctx2.hub.session_error(&vm, session) {
-                    Some(e) => format!("the session ended before the first point: {e}"),
-                    None => "the agent disconnected before the first point".to_string(),
-                };
-                // A reprotect cancelled (or a VM failed over) meanwhile: no sync follows.
-                let (store, v) = (ctx2.store.clone(), vm.clone());
-                let state =
-                    crate::admin::blocking(move || store.vm_state(&v)).await.ok().and_then(Result::ok);
-                let next = match state {
-                    Some(s) if !s.takes_replication() => {
-                        format!("; the VM is {s} now and takes no replication, so no initial sync follows")
-                    }
-                    _ => "; the initial sync goes on when it reconnects".to_string(),
-                };
-                job.fail(&format!("{why}{next}")).await;
-            }
+            let why = match ctx2.hub.session_error(&vm, session) {
+                Some(e) => format!("the session ended: {e}"),
+                None => "the agent disconnected".to_string(),
+            };
+            crate::initial::session_ended(&ctx2, &vm, &initial, why).await;
             ctx2.hub.detach(&vm, session);
             info!(vm = %vm, session, "agent session ended");
             drop(guard);
@@ -228,24 +196,6 @@ fn welcome_of(a: &Admitted, hashes_follow: &[(Arc<DiskHandle>, HashSource)]) -> 
         interval_ms: 0,
         policy: Some(agent_policy),
     }
-}
-
-/// Until the VM's first point, its replication is an initial sync, followed as a job.
-async fn initial_sync(ctx: &Arc<Ctx>, vm: &VmName) -> Result<InitialSync, Status> {
-    let store = ctx.store.clone();
-    let v = vm.clone();
-    let has_points = crate::admin::blocking(move || store.latest_point(&v).map(|p| p.is_some()))
-        .await?
-        .map_err(store_status)?;
-    if has_points {
-        return Ok(Arc::new(std::sync::Mutex::new(None)));
-    }
-    let job = ctx.jobs.start(tern_core::JobKind::InitialSync, vm).await.inspect_err(|e| {
-        warn!(vm = %vm, error = %e.message(), "replication session refused");
-        ctx.hub.fail_session(vm, e.message());
-    })?;
-    job.phase("sending the disks").await;
-    Ok(Arc::new(std::sync::Mutex::new(Some((job, HashMap::new())))))
 }
 
 /// Sends each disk's block hashes in turn; a failure ends the session with its reason.
@@ -515,7 +465,7 @@ async fn run_session(
                 if let Some(end) = b.records.iter().map(|r| r.offset + u64::from(r.length)).max() {
                     ctx.hub.note_scan(vm, &b.disk, end);
                 }
-                note_progress(&initial, &handles, &b);
+                crate::initial::note_progress(&initial, handles.values().map(|h| h.size), &b);
                 match prepare_batch(&handles, b) {
                     Ok(item) => item,
                     Err(status) => {
@@ -890,10 +840,7 @@ async fn point_made(
     for id in &p.request_ids {
         ctx.hub.resolve(*id, Ok(point.clone()));
     }
-    let taken = lock_initial(initial).take();
-    if let Some((job, _)) = taken {
-        job.succeed(crate::jobs::point_output(vm, &point, Vec::new())).await;
-    }
+    crate::initial::point_made(initial, crate::jobs::point_output(vm, &point, Vec::new())).await;
     Ok(())
 }
 

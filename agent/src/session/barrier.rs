@@ -131,9 +131,7 @@ impl Session {
             time_ms: crate::now_ms(),
             note,
         };
-        self.send(pb::agent_message::Msg::Point(point)).await?;
-        self.awaiting_point = Some((requests, seqs));
-        Ok(())
+        self.send_point(point, requests, seqs).await
     }
 
     /// nbd mode: a mark that holds the VM's new writes until the release (frozen only

@@ -476,7 +476,7 @@ impl Session {
                         log.keep(disk, batch.clone());
                         self.send_numbered(batch, &mut limiter).await?;
                     }
-                    Some(LogEvent::Mark { id, fingerprints }) => self.send_point(id, fingerprints).await?,
+                    Some(LogEvent::Mark { id, fingerprints }) => self.point_of_mark(id, fingerprints).await?,
                     Some(LogEvent::Overflowed) => return Ok(Streamed::Resync),
                     // The streaming thread ended: its error is returned by run_nbd.
                     None => return Ok(Streamed::Stopped),
@@ -577,7 +577,7 @@ impl Session {
     }
 
     /// A mark's hashes are taken and every record before it sent: its point goes out.
-    async fn send_point(
+    async fn point_of_mark(
         &mut self,
         id: u64,
         fingerprints: Vec<tern_core::Digest>,
@@ -591,8 +591,10 @@ impl Session {
             time_ms: m.time_ms,
             note: m.note,
         };
-        self.send(pb::agent_message::Msg::Point(point)).await?;
-        self.awaiting_point = Some((m.requests, seqs));
+        if self.repeats_last_point(&point) {
+            return Ok(());
+        }
+        self.send_point(point, m.requests, seqs).await?;
         self.awaiting_mark = Some(id);
         Ok(())
     }
