@@ -280,6 +280,8 @@ struct Session {
     sent_point: Option<crate::PointMade>,
     /// No point has been sent (or found needless) in this session yet.
     first_point: bool,
+    /// The last `Tracking.problem` sent (the server keeps it until told otherwise).
+    problem_told: String,
 }
 
 impl Session {
@@ -300,6 +302,7 @@ impl Session {
             last_point: progress.last_point.clone(),
             sent_point: None,
             first_point: true,
+            problem_told: String::new(),
             schedule: Schedule::from_policy(None, config.interval),
             config,
             shutdown,
@@ -444,12 +447,22 @@ impl Session {
         // This host's trouble, not a refusal: tried again (backing off) until it is mended,
         // where a refusal would stop the agent for good (exit 3, which its unit does not
         // restart: a full /var at the first start stopped it so).
-        (self.states, self.resumed) = choose_states(&self.config, &welcome, saved).map_err(|e| {
-            Status::unavailable(format!(
-                "agent state directory {}: {e}; free space there or fix its permissions (tried again meanwhile)",
-                self.config.state_dir.display()
-            ))
-        })?;
+        let dir = self.config.state_dir.clone();
+        match choose_states(&self.config, &welcome, saved) {
+            Ok(chosen) => {
+                crate::state::note_write(&dir, None);
+                (self.states, self.resumed) = chosen;
+            }
+            Err(e) => {
+                crate::state::note_write(&dir, Some(format!("{}: {e}", dir.display())));
+                self.tell_problem().await;
+                return Err(Status::unavailable(format!(
+                    "agent state directory {}: {e}; free space there or fix its permissions (tried again meanwhile)",
+                    dir.display()
+                ))
+                .into());
+            }
+        }
         if self.tracker.is_some() {
             self.regions = doubtful_regions(&welcome, &self.config, &self.resumed);
         } else {
@@ -500,7 +513,9 @@ impl Session {
                 ..Default::default()
             })
             .collect();
-        self.send(pb::agent_message::Msg::Tracking(pb::Tracking { disks })).await?;
+        let problem = crate::state::write_problem();
+        self.problem_told.clone_from(&problem);
+        self.send(pb::agent_message::Msg::Tracking(pb::Tracking { disks, problem })).await?;
         loop {
             let Some((final_point, wanted)) = self.turn().await? else { return Ok(()) };
             let now = Due::now();
@@ -521,6 +536,29 @@ impl Session {
         }
     }
 
+    /// Tells the server what cannot be written in the state directory (`Tracking.problem`)
+    /// when that changed since it was last told.
+    async fn report_problem(&mut self) -> Result<(), SessionError> {
+        let problem = crate::state::write_problem();
+        if problem == self.problem_told {
+            return Ok(());
+        }
+        self.problem_told.clone_from(&problem);
+        self.send(pb::agent_message::Msg::Tracking(pb::Tracking { disks: Vec::new(), problem })).await
+    }
+
+    /// The session ends for a state directory that cannot be written: the server is told
+    /// first, and the request stream closed, so that the report arrives before the end.
+    async fn tell_problem(&mut self) {
+        if self.report_problem().await.is_err() {
+            return;
+        }
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        let drained = async { while let Ok(Some(_)) = self.inbound.message().await {} };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
+    }
+
     /// What both modes do at each turn of their loop: stand down when told, take a new
     /// policy and a point's ack, serve a shutdown request, refuse points once stood down.
     /// `None`: the session is over; else the request a final point answers, and whether a
@@ -532,6 +570,8 @@ impl Session {
         }
         self.apply_policy();
         self.on_point_ack().await?;
+        // After the ack's commit, and after a pass's saves (the pass ran since the last turn).
+        self.report_problem().await?;
         let final_point = self.serve_shutdown_request().await?;
         if self.stood_down && final_point.is_none() {
             for (id, _) in std::mem::take(&mut self.inbox.requests) {

@@ -52,6 +52,35 @@ pub const OVERLAY_MAX: usize = 32 * 1024;
 /// An entry that matches no real data: the receiver's content is unknown.
 pub const UNKNOWN: BlockHashes = BlockHashes { block: Digest::ZERO, pages: [Digest::ZERO; PAGES_PER_BLOCK] };
 
+/// Tables (and the state directory itself) that could not be written, with why, until they
+/// are written again: the agent tells the process server (`Tracking.problem`), so that
+/// `drctl status` says it. A full state directory was said only in the agent's log (W15),
+/// while every block went again at each session.
+static WRITE_FAILURES: std::sync::Mutex<BTreeMap<PathBuf, String>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// Notes whether `path` (a table, or the state directory) could be written.
+pub fn note_write(path: &Path, failure: Option<String>) {
+    let mut f = WRITE_FAILURES.lock().unwrap_or_else(|p| p.into_inner());
+    match failure {
+        Some(why) => f.insert(path.to_path_buf(), why),
+        None => f.remove(path),
+    };
+}
+
+/// What cannot be written in the state directory now, and what that costs; empty when all can.
+pub fn write_problem() -> String {
+    let f = WRITE_FAILURES.lock().unwrap_or_else(|p| p.into_inner());
+    if f.is_empty() {
+        return String::new();
+    }
+    let what: Vec<&str> = f.values().map(String::as_str).collect();
+    format!(
+        "the agent cannot write its state ({}): it sends again what it cannot vouch for, and a restart \
+         compares the disks in full; free space in its state directory or fix its permissions",
+        what.join("; ")
+    )
+}
+
 /// What a never-written entry of a table means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fill {
@@ -390,6 +419,7 @@ impl DiskState {
         match r.and_then(|()| self.file.sync_data()) {
             Ok(()) => {
                 self.committed = true;
+                note_write(&self.path, None);
                 Ok(())
             }
             Err(e) => {
@@ -409,6 +439,7 @@ impl DiskState {
             tracing::error!(path = %self.path.display(), error = %e,
                 "agent state cannot be read or written: every block is sent again until the next session starts a new state");
             self.failed = Some(format!("{}: {e}", self.path.display()));
+            note_write(&self.path, self.failed.clone());
             self.overlay.clear();
         }
     }

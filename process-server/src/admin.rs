@@ -136,6 +136,10 @@ impl AdminService {
             Some(why) if error.is_empty() => (tern_core::Health::Critical, why),
             _ => (health, error),
         };
+        let (health, error) = match crate::health::concern(&self.ctx, &vm) {
+            Some(why) if error.is_empty() => (crate::health::with_concern(health, true), why),
+            _ => (health, error),
+        };
         let disks = self
             .ctx
             .store

@@ -54,7 +54,21 @@ fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<Health, tern_store::StoreError> {
     if output_cut_short(ctx, vm, ctx.store.failover_not_whole(vm)?).is_some() {
         return Ok(Health::Critical);
     }
-    Ok(health(state, rpo, absent, policy.rpo_threshold_ms / 1000, problem(ctx, vm).is_some(), failing_back))
+    let h =
+        health(state, rpo, absent, policy.rpo_threshold_ms / 1000, problem(ctx, vm).is_some(), failing_back);
+    Ok(with_concern(h, concern(ctx, vm).is_some()))
+}
+
+/// What is wrong on the agent's side that replication goes on despite: its state directory
+/// cannot be written, so it sends again what it cannot vouch for and a restart of it
+/// compares the disks in full. A warning, not critical: every point is still whole.
+pub fn concern(ctx: &Ctx, vm: &VmName) -> Option<String> {
+    ctx.hub.agent_problem(vm).filter(|_| ctx.store.vm_state(vm).is_ok_and(|s| s.takes_replication()))
+}
+
+/// `h`, at least a warning when there is a [`concern`].
+pub fn with_concern(h: Health, concern: bool) -> Health {
+    if concern && h == Health::Normal { Health::Warning } else { h }
 }
 
 /// `not_whole` (what [`tern_store::Store::failover_not_whole`] says of `vm`), unless its

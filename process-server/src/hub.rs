@@ -41,6 +41,8 @@ struct VmCounters {
     tracking: HashMap<String, tern_proto::DiskTracking>,
     /// Why the agent's last scheduled point could not be made; until a point is.
     point_failure: Option<String>,
+    /// What the agent last said it cannot write in its state directory (`Tracking.problem`).
+    agent_problem: Option<String>,
 }
 
 /// A failure stays on show at least this long, even when a later session makes some
@@ -282,9 +284,15 @@ impl Hub {
     pub fn note_tracking(&self, vm: &VmName, t: tern_proto::Tracking) {
         let mut c = lock(&self.counters);
         let e = c.entry(vm.clone()).or_default();
+        e.agent_problem = (!t.problem.is_empty()).then_some(t.problem);
         for d in t.disks {
             e.tracking.insert(d.disk.clone(), d);
         }
+    }
+
+    /// What the agent of `vm` last said it cannot write in its state directory.
+    pub fn agent_problem(&self, vm: &VmName) -> Option<String> {
+        lock(&self.counters).get(vm).and_then(|c| c.agent_problem.clone())
     }
 
     /// The agent's last report on `disk` of `vm`.

@@ -560,7 +560,7 @@ impl Session {
         Ok(())
     }
 
-    async fn report_tracking(&self, tracker: &Arc<Tracker>, resync: bool) -> Result<(), SessionError> {
+    async fn report_tracking(&mut self, tracker: &Arc<Tracker>, resync: bool) -> Result<(), SessionError> {
         let disks = self
             .config
             .disks
@@ -573,7 +573,9 @@ impl Session {
                 hot_bytes: hot,
             })
             .collect();
-        self.send(pb::agent_message::Msg::Tracking(pb::Tracking { disks })).await
+        let problem = crate::state::write_problem();
+        self.problem_told.clone_from(&problem);
+        self.send(pb::agent_message::Msg::Tracking(pb::Tracking { disks, problem })).await
     }
 
     /// A mark's hashes are taken and every record before it sent: its point goes out.

@@ -320,7 +320,8 @@ fn a_full_data_directory_frees_itself_by_retention_with_the_space_reserve() {
 
 /// An agent whose state directory is full when it must make its state is this host's
 /// trouble, not a refusal: it keeps trying (exit 3 stopped it for good, as its unit does
-/// not restart 3) and protects the VM once there is room.
+/// not restart 3) and protects the VM once there is room. `drctl status` says so (W15:
+/// only the agent's log did), and says so when a point's state cannot be saved.
 #[test]
 fn an_agent_with_a_full_state_directory_waits_for_room() {
     let tmp = tempfile::tempdir().unwrap();
@@ -344,8 +345,36 @@ fn an_agent_with_a_full_state_directory_waits_for_room() {
     });
     std::thread::sleep(Duration::from_secs(2));
     assert!(agent.child.as_mut().unwrap().try_wait().unwrap().is_none(), "{}", agent.log_text());
+    // `drctl status` says it too (only the agent's log did), as a warning.
+    let cannot_write = |what: &str| {
+        deadline_poll(what, Duration::from_secs(60), || {
+            let s = server.status("st");
+            s["error"].as_str().is_some_and(|e| e.contains("the agent cannot write its state")).then_some(s)
+        })
+    };
+    let status = cannot_write("status to say the state directory is full");
+    assert_eq!(status["health"], "warning", "{status}");
+    assert!(status["error"].as_str().unwrap().contains("free space in its state directory"), "{status}");
     std::fs::remove_file(&filler).unwrap();
     let p = server.checkpoint("st");
+    crate::faults::assert_point_recovers(&server, root, "st", &p, &b3(&disk, None));
+    let status = server.status("st");
+    assert!(status["error"].is_null() && status["health"] == "normal", "{status}");
+    // Full again, and a page written where the disk had none: the table's new entry cannot
+    // be written when the point is acked. The point is whole; status says what is wrong.
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let _ = std::io::Write::write_all(&mut f, &vec![0u8; 2 << 20]);
+    drop(f);
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::File::options().write(true).open(&disk).unwrap(),
+        &page,
+        12 << 20,
+    )
+    .unwrap();
+    let p = server.checkpoint("st");
+    let status = cannot_write("status to say the state cannot be saved");
+    assert_eq!(status["health"], "warning", "{status}");
     crate::faults::assert_point_recovers(&server, root, "st", &p, &b3(&disk, None));
     agent.kill9();
 }
