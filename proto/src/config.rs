@@ -71,7 +71,29 @@ fn bad_value_source(cmd: &Command, argv: &[OsString], e: &clap::Error) -> Option
     if let Some(var) = a.get_env().filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty())) {
         return Some(format!("the environment variable {}", var.to_string_lossy()));
     }
-    config_path(argv).map(|p| format!("key `{flag}` of the config file {}", p.display()))
+    let path = config_path(argv)?;
+    // The key as the file spells it (`data_dir` for `--data-dir`), and its line.
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let found = [flag.to_string(), flag.replace('-', "_")]
+        .into_iter()
+        .find_map(|k| key_line(&text, &k).map(|line| (k, line)));
+    Some(match found {
+        Some((key, line)) => format!("key `{key}` (line {line}) of the config file {}", path.display()),
+        None => format!("key `{flag}` of the config file {}", path.display()),
+    })
+}
+
+/// The line (from 1) where a top-level `key = ...` of a TOML file is, bare or quoted.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            let rest = [format!("\"{key}\""), format!("'{key}'"), key.to_string()]
+                .into_iter()
+                .find_map(|k| l.strip_prefix(k.as_str()).map(str::to_string));
+            rest.is_some_and(|r| r.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
 }
 
 fn given_on_command_line(argv: &[OsString], flag: &str) -> bool {
@@ -91,13 +113,14 @@ pub fn merged_args(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, 
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
     let mut out = argv.clone();
     for (key, value) in &table {
+        let at = key_line(&text, key).map_or(String::new(), |n| format!("line {n}: "));
         let flag = key.replace('_', "-");
         let Some(arg) = sub.get_arguments().find(|a| a.get_long() == Some(flag.as_str()) && flag != "config")
         else {
             let known: Vec<_> =
                 sub.get_arguments().filter_map(|a| a.get_long()).filter(|l| *l != "config").collect();
             return Err(err(format!(
-                "unknown key `{key}`; the keys are the flags of `{}`: {}",
+                "{at}unknown key `{key}`; the keys are the flags of `{}`: {}",
                 sub.get_name(),
                 known.join(", ")
             )));
@@ -122,7 +145,7 @@ pub fn merged_args(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, 
                 toml::Value::Boolean(b) => out.extend([format!("--{flag}").into(), b.to_string().into()]),
                 other => {
                     return Err(err(format!(
-                        "`{key}` = {other}: give a string, a number, true/false or a list of them"
+                        "{at}`{key}` = {other}: give a string, a number, true/false or a list of them"
                     )));
                 }
             }
@@ -168,6 +191,8 @@ mod tests {
             quiet: bool,
             #[arg(long, default_value = "1")]
             count: u32,
+            #[arg(long, default_value = "0")]
+            max_rate: u32,
         },
     }
 
@@ -199,7 +224,8 @@ mod tests {
     fn an_unknown_key_is_named_with_the_known_ones() {
         let e = parse(&["t", "serve"], "data-dir = \"/d\"\nretention = 3\n").unwrap_err();
         assert!(
-            e.contains("unknown key `retention`") && e.contains("data-dir, every, disk, quiet, count"),
+            e.contains("line 2: unknown key `retention`")
+                && e.contains("data-dir, every, disk, quiet, count"),
             "{e}"
         );
     }
@@ -216,8 +242,14 @@ mod tests {
         let e = cmd.clone().try_get_matches_from(merged).unwrap_err();
         assert_eq!(
             bad_value_source(&cmd, &argv, &e),
-            Some(format!("key `count` of the config file {}", path.display()))
+            Some(format!("key `count` (line 2) of the config file {}", path.display()))
         );
+        // The file spells it with an underscore, and quoted: still found.
+        std::fs::write(&path, "# c\n\n  \"max_rate\" = \"fast\"\n").unwrap();
+        let merged = merged_args(&cmd, argv.clone()).unwrap();
+        let e = cmd.clone().try_get_matches_from(merged).unwrap_err();
+        let source = bad_value_source(&cmd, &argv, &e);
+        assert_eq!(source, Some(format!("key `max_rate` (line 3) of the config file {}", path.display())));
         // Given on the command line, the value's source is plain to see.
         let mut argv = argv;
         argv.extend(["--count".into(), "lots".into()]);

@@ -1094,7 +1094,9 @@ fn a_server_started_from_its_config_file_alone() {
     let out = Command::new(bin("process-server")).args(["serve", "--config"]).arg(&config).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("unknown key `retention`") && err.contains("segment-size"),
+        !out.status.success()
+            && err.contains("line 2: unknown key `retention`")
+            && err.contains("segment-size"),
         "{err}"
     );
     // A listen address without its port is refused at once, naming the file's key (it was
