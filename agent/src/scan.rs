@@ -117,6 +117,9 @@ pub struct Compare {
     pub save_every: Option<std::time::Duration>,
     /// Set once a save of this pass's progress is written.
     pub saved: Arc<std::sync::atomic::AtomicBool>,
+    /// Per disk, the offset the pass has read it to (its size once done), for the reports
+    /// of a long pass (`DiskTracking.pass_offset`).
+    pub reached: Arc<Vec<std::sync::atomic::AtomicU64>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -201,7 +204,7 @@ pub fn run_pass(
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
     cancel: &CancellationToken,
 ) -> Result<PassResult, ScanError> {
-    let Compare { mut feeds, regions, background, memory, save_every, saved } = compare;
+    let Compare { mut feeds, regions, background, memory, save_every, saved, reached } = compare;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let mut result = PassResult { consistent: true, ..Default::default() };
     let mut versions = Vec::new();
@@ -221,6 +224,7 @@ pub fn run_pass(
             state,
             workers,
             (page_hashes, background, &memory, save_every, &saved),
+            reached.get(i),
             feed,
             only,
             out,
@@ -467,6 +471,7 @@ fn scan_disk(
         Option<std::time::Duration>,
         &std::sync::atomic::AtomicBool,
     ),
+    reached: Option<&std::sync::atomic::AtomicU64>,
     feed: Option<Receiver<HashChunk>>,
     only: Option<&[(u64, u64)]>,
     out: &tokio::sync::mpsc::Sender<ScanEvent>,
@@ -521,6 +526,9 @@ fn scan_disk(
                 return Err(ScanError::Cancelled);
             }
             let first = chunk * blocks_per_chunk;
+            if let Some(r) = reached {
+                r.store((chunk * CHUNK as u64).min(d.size), std::sync::atomic::Ordering::Relaxed);
+            }
             let Some(rx) = rx else {
                 for b in first..(first + blocks_per_chunk).min(state.len()) {
                     fp.push(&zero_block(block_len(d.size, b)).block);
@@ -585,6 +593,9 @@ fn scan_disk(
         Ok(())
     })?;
     batcher.flush()?;
+    if let Some(r) = reached {
+        r.store(d.size, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(if whole { fp.finish() } else { Digest::ZERO })
 }
 

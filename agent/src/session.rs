@@ -8,6 +8,7 @@ use crate::{
     now_ms, status_of,
 };
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 use tern_core::Seq;
@@ -49,6 +50,8 @@ struct NoCut {
 
 /// The longest the process server may take to answer a session's opening call.
 const OPEN_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often a long scan-mode pass says how far it has come.
+const PASS_REPORT_EVERY: Duration = Duration::from_secs(2);
 
 /// Connects, says `Hello`, and runs the session. The error is what [`crate::run`] decides
 /// on: permanent refusals stop the agent, the rest reconnect.
@@ -838,6 +841,9 @@ impl Session {
             (self.config.nbd.is_none() && !self.schedule.hold && !quiesce).then_some(self.config.save_every);
         let saved = self.saved.clone();
         let memory = self.tracker.as_ref().map(|t| t.memory()).unwrap_or_default();
+        let reached: Arc<Vec<AtomicU64>> =
+            Arc::new(self.config.disks.iter().map(|_| AtomicU64::new(0)).collect());
+        let pass_reached = reached.clone();
         let mut states = std::mem::take(&mut self.states);
         let scanner = tokio::task::spawn_blocking(move || {
             let frozen = if quiesce {
@@ -856,7 +862,7 @@ impl Session {
                 &mut states,
                 frozen.is_some(),
                 page_hashes,
-                scan::Compare { feeds, regions, background, memory, save_every, saved },
+                scan::Compare { feeds, regions, background, memory, save_every, saved, reached },
                 &ev_tx,
                 &c2,
             );
@@ -878,7 +884,7 @@ impl Session {
             }
             (Ok((r, was_frozen)), states)
         });
-        let forwarded = self.forward(&mut ev_rx).await;
+        let forwarded = self.forward(&mut ev_rx, &pass_reached).await;
         if forwarded.is_err() {
             // The session ends: the scan stops, and is waited for, so that it cannot save
             // its state after the next session has opened it (a mid-pass save at an ack
@@ -975,11 +981,23 @@ impl Session {
         Ok(Seq(sent))
     }
 
-    /// Sends what the scan produces until it ends, taking server messages meanwhile.
-    async fn forward(&mut self, events: &mut mpsc::Receiver<ScanEvent>) -> Result<(), SessionError> {
+    /// Sends what the scan produces until it ends, taking server messages meanwhile. In
+    /// scan mode a pass that runs 2 s or more reports how far it has read each disk every
+    /// 2 s (`DiskTracking.pass_offset`), and that it is over at its end.
+    async fn forward(
+        &mut self,
+        events: &mut mpsc::Receiver<ScanEvent>,
+        reached: &[AtomicU64],
+    ) -> Result<(), SessionError> {
         let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
+        let mut report = tokio::time::interval_at(Due::now() + PASS_REPORT_EVERY, PASS_REPORT_EVERY);
+        let mut reported = false;
         loop {
             tokio::select! {
+                _ = report.tick(), if self.config.nbd.is_none() => {
+                    self.report_pass(reached).await?;
+                    reported = true;
+                }
                 ev = events.recv() => match ev {
                     Some(ScanEvent::NeedPages { disk, blocks }) => {
                         let disk = self.config.disks[disk].name.to_string();
@@ -997,7 +1015,13 @@ impl Session {
                         let seq = self.all_acked(disk).await?;
                         let _ = acked.send(seq);
                     }
-                    None => return Ok(()),
+                    None => {
+                        if reported {
+                            let zeroes: Vec<AtomicU64> = reached.iter().map(|_| AtomicU64::new(0)).collect();
+                            self.report_pass(&zeroes).await?;
+                        }
+                        return Ok(());
+                    }
                 },
                 m = self.inbound.message() => {
                     self.inbox.take(m?)?;
@@ -1005,5 +1029,24 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Scan mode: how far the running pass has read each disk.
+    async fn report_pass(&mut self, reached: &[AtomicU64]) -> Result<(), SessionError> {
+        let disks = self
+            .config
+            .disks
+            .iter()
+            .zip(reached)
+            .map(|(d, r)| pb::DiskTracking {
+                disk: d.name.to_string(),
+                regime: "scan".into(),
+                pass_offset: r.load(std::sync::atomic::Ordering::Relaxed),
+                ..Default::default()
+            })
+            .collect();
+        let problem = crate::state::write_problem();
+        self.problem_told.clone_from(&problem);
+        self.send(pb::agent_message::Msg::Tracking(pb::Tracking { disks, problem })).await
     }
 }

@@ -67,7 +67,7 @@ pub fn status_json(s: &pb::VmStatus) -> Value {
         "group": if s.group.is_empty() { Value::Null } else { json!(s.group) },
         "test_failover": s.test_failover.as_ref().map(|t| json!({"point": t.point, "output": t.output})),
         "policy": s.policy.as_ref().map(policy_json).unwrap_or(Value::Null),
-        "disks": s.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "durable_seq": d.durable_seq, "journal_bytes": d.journal_bytes, "master_target_seq": d.master_target_seq, "tracking": (!d.tracking.is_empty()).then_some(&d.tracking), "backlog_bytes": d.backlog_bytes, "hot_bytes": d.hot_bytes})).collect::<Vec<_>>(),
+        "disks": s.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "durable_seq": d.durable_seq, "journal_bytes": d.journal_bytes, "master_target_seq": d.master_target_seq, "tracking": (!d.tracking.is_empty()).then_some(&d.tracking), "backlog_bytes": d.backlog_bytes, "hot_bytes": d.hot_bytes, "pass_offset": (d.pass_offset > 0).then_some(d.pass_offset)})).collect::<Vec<_>>(),
     })
 }
 

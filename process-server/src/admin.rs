@@ -161,6 +161,7 @@ impl AdminService {
                     tracking: t.regime,
                     backlog_bytes: t.backlog_bytes,
                     hot_bytes: t.hot_bytes,
+                    pass_offset: t.pass_offset,
                 }
             })
             .collect();

@@ -81,11 +81,31 @@ pub fn note_progress(initial: &InitialSync, sizes: impl Iterator<Item = u64>, b:
     let Some(s) = guard.as_mut() else { return };
     let Ok(name) = DiskName::new(&b.disk) else { return };
     let end = b.records.iter().map(|r| r.offset + u64::from(r.length)).max().unwrap_or(0);
-    let e = s.ends.entry(name).or_default();
-    if end > *e {
-        *e = end;
-        s.advanced_at = Instant::now();
-        s.cuts = 0;
+    s.advance(name, end);
+    s.job.progress(s.ends.values().sum(), sizes.sum());
+}
+
+impl Sync {
+    /// `disk` has come to `end`: further than before, the sync is not stuck.
+    fn advance(&mut self, disk: DiskName, end: u64) {
+        let e = self.ends.entry(disk).or_default();
+        if end > *e {
+            *e = end;
+            self.advanced_at = Instant::now();
+            self.cuts = 0;
+        }
+    }
+}
+
+/// A long pass says how far it has read each disk: a sync that compares (with the server's
+/// hashes, or a saved state) reads far ahead of the records it sends, and is not stuck.
+pub fn note_pass(initial: &InitialSync, sizes: impl Iterator<Item = u64>, t: &tern_proto::Tracking) {
+    let mut guard = lock_sync(initial);
+    let Some(s) = guard.as_mut() else { return };
+    for d in &t.disks {
+        if let Ok(name) = DiskName::new(&d.disk) {
+            s.advance(name, d.pass_offset);
+        }
     }
     s.job.progress(s.ends.values().sum(), sizes.sum());
 }

@@ -50,6 +50,11 @@ fn describe() {
         "nbd mode: bytes of extents a restart of the agent would compare."
     );
     describe_gauge!(
+        "tern_disk_pass_offset_bytes",
+        Unit::Bytes,
+        "Scan mode: how far the agent's running pass has read the disk (0 when none runs)."
+    );
+    describe_gauge!(
         "tern_group_rpo_seconds",
         Unit::Seconds,
         "Age of the replication group's newest multi-VM point."
@@ -144,6 +149,7 @@ fn vm_gauges(s: &pb::VmStatus, relay_held: bool) {
         let l = [("vm", vm.clone()), ("disk", d.name.clone())];
         metrics::gauge!("tern_disk_durable_seq", &l).set(d.durable_seq as f64);
         metrics::gauge!("tern_disk_journal_bytes", &l).set(d.journal_bytes as f64);
+        metrics::gauge!("tern_disk_pass_offset_bytes", &l).set(d.pass_offset as f64);
         if !d.tracking.is_empty() && d.tracking != "scan" {
             metrics::gauge!("tern_disk_backlog_bytes", &l).set(d.backlog_bytes as f64);
             metrics::gauge!("tern_disk_hot_bytes", &l).set(d.hot_bytes as f64);

@@ -493,6 +493,7 @@ async fn run_session(
                 continue;
             }
             Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Tracking(t)) })) => {
+                crate::initial::note_pass(&initial, handles.values().map(|h| h.size), &t);
                 ctx.hub.note_tracking(vm, t);
                 continue;
             }

@@ -571,6 +571,7 @@ impl Session {
                 regime: regime.into(),
                 backlog_bytes: backlog,
                 hot_bytes: hot,
+                pass_offset: 0,
             })
             .collect();
         let problem = crate::state::write_problem();

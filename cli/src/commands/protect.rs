@@ -214,7 +214,9 @@ fn print_table(vms: &[pb::VmStatus]) {
         row([&s.vm, state, health, agent, &last, &rpo(s.rpo_seconds), &human_bytes(s.bytes_received)]);
     }
     for s in vms.iter().filter(|s| !s.error.is_empty()) {
-        out!("{}: replication is failing: {}", s.vm, s.error);
+        // A warning's cause (the agent cannot write its state) is no failure of replication.
+        let what = if health_name(s) == "warning" { "warning" } else { "replication is failing" };
+        out!("{}: {what}: {}", s.vm, s.error);
     }
 }
 
@@ -225,6 +227,10 @@ fn print_disks(vms: &[pb::VmStatus]) {
             let mut line = format!("  disk {}: {}", d.name, human_bytes(d.size));
             if !d.tracking.is_empty() {
                 line += &format!(", tracking {}", d.tracking);
+            }
+            if d.tracking == "scan" && d.pass_offset > 0 && d.size > 0 {
+                let pct = u128::from(d.pass_offset.min(d.size)) * 100 / u128::from(d.size);
+                line += &format!(", pass at {pct}% ({})", human_bytes(d.pass_offset));
             }
             if d.tracking != "scan" && !d.tracking.is_empty() {
                 line +=

@@ -146,6 +146,15 @@ fn an_initial_sync_cut_midway(cut: Cut) {
     deadline_poll("half the initial sync", Duration::from_secs(30), || {
         (durable_seq(&server, "init") >= 12 * 16).then_some(())
     });
+    // The pass says how far it has read, every 2 s.
+    let at = deadline_poll("the pass's report", Duration::from_secs(10), || {
+        server.status("init")["disks"][0]["pass_offset"].as_u64()
+    });
+    assert!(at > 0 && at <= 24 << 20, "{at}");
+    if matches!(cut, Cut::Link) {
+        let text = String::from_utf8_lossy(&server.drctl(&["status", "init"]).stdout).to_string();
+        assert!(text.contains("tracking scan, pass at "), "{text}");
+    }
     cut.make(&mut agent, &mut server, &proxy);
     if !matches!(cut, Cut::ServerKill) {
         // The sync's job waits for the agent with its progress kept (it was one job per
@@ -177,6 +186,9 @@ fn an_initial_sync_cut_midway(cut: Cut) {
     let want = if matches!(cut, Cut::ServerKill) { 2 } else { 1 };
     assert_eq!(syncs.len(), want, "{jobs}");
     assert_eq!(syncs.last().unwrap()["state"], "succeeded", "{jobs}");
+    // No pass runs now: none is shown.
+    let status = server.status("init");
+    assert!(status["disks"][0]["pass_offset"].is_null(), "{status}");
     let log = agent.log_text()[before..].to_string();
     assert!(
         !log.contains("comparing with the server's block hashes") && !log.contains("sent again"),
