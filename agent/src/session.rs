@@ -52,6 +52,9 @@ struct NoCut {
 const OPEN_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often a long scan-mode pass says how far it has come.
 const PASS_REPORT_EVERY: Duration = Duration::from_secs(2);
+/// How often the state directory is tried after a table failed (see
+/// `Session::state_writable_again`).
+const PROBE_EVERY: Duration = Duration::from_secs(10);
 
 /// Connects, says `Hello`, and runs the session. The error is what [`crate::run`] decides
 /// on: permanent refusals stop the agent, the rest reconnect.
@@ -285,6 +288,8 @@ struct Session {
     first_point: bool,
     /// The last `Tracking.problem` sent (the server keeps it until told otherwise).
     problem_told: String,
+    /// When the state directory was last tried after a table failed.
+    probed_at: Option<Instant>,
 }
 
 impl Session {
@@ -306,6 +311,7 @@ impl Session {
             sent_point: None,
             first_point: true,
             problem_told: String::new(),
+            probed_at: None,
             schedule: Schedule::from_policy(None, config.interval),
             config,
             shutdown,
@@ -369,6 +375,34 @@ impl Session {
         Ok(())
     }
 
+    /// Each disk's saved state's seq (`None` for a table that failed); `None` when no state
+    /// is at hand.
+    fn saved_seqs(&self) -> Option<Vec<Option<u64>>> {
+        let seqs = |states: &[DiskState]| -> Vec<Option<u64>> {
+            states.iter().map(|s| (!s.failed()).then_some(s.seq.0)).collect()
+        };
+        match &self.shared {
+            Some(shared) => Some(seqs(&shared.lock().unwrap_or_else(|p| p.into_inner()))),
+            None => (!self.states.is_empty()).then(|| seqs(&self.states)),
+        }
+    }
+
+    /// A table that failed (a full state directory) is not written again in its session:
+    /// once the directory takes writes again (looked at every 10 s at most), the session
+    /// ends so that the next makes a new state. Else every pass would send every block,
+    /// and status keep its warning, until the link happened to drop.
+    fn state_writable_again(&mut self) -> bool {
+        let failed = match &self.shared {
+            Some(shared) => shared.lock().unwrap_or_else(|p| p.into_inner()).iter().any(DiskState::failed),
+            None => self.states.iter().any(DiskState::failed),
+        };
+        if !failed || self.probed_at.is_some_and(|t| t.elapsed() < PROBE_EVERY) {
+            return false;
+        }
+        self.probed_at = Some(Instant::now());
+        crate::state::dir_writable(&self.config.state_dir)
+    }
+
     /// What `point` says of each disk: the server journal's generation, seq, fingerprint.
     fn identity(&self, point: &pb::MakePoint) -> Vec<(String, u64, Vec<u8>)> {
         self.welcomed
@@ -390,6 +424,12 @@ impl Session {
         }
         let last = self.last_point.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(last) = last else { return false };
+        // The saved state must be at this point too (a table made anew this session, or one
+        // whose commit failed, is saved only by a point).
+        let saved = self.saved_seqs();
+        if saved.is_none_or(|s| !s.into_iter().eq(point.disks.iter().map(|d| Some(d.seq)))) {
+            return false;
+        }
         let since_ms = u64::try_from(now_ms() - last.time_ms).unwrap_or(u64::MAX);
         let interval_ms = u64::try_from(self.schedule.crash.as_millis()).unwrap_or(u64::MAX);
         if last.disks != self.identity(point) || since_ms >= interval_ms {
@@ -397,6 +437,9 @@ impl Session {
         }
         let wait = Duration::from_millis(interval_ms - since_ms);
         self.due_crash = Due::now() + wait;
+        // The session did what it came for: as much progress as an ack (the reconnect
+        // backoff starts over).
+        self.inbox.acked.store(true, std::sync::atomic::Ordering::Relaxed);
         info!(
             last_point_s_ago = since_ms / 1000,
             next_in_s = wait.as_secs(),
@@ -534,6 +577,8 @@ impl Session {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep_until(due), if self.awaiting_point.is_none() && !self.stood_down => {}
+                // A failed table: the next turn looks whether the directory takes writes again.
+                _ = tokio::time::sleep(PROBE_EVERY), if self.states.iter().any(DiskState::failed) => {}
                 m = self.inbound.message() => self.inbox.take(m?)?,
             }
         }
@@ -573,6 +618,13 @@ impl Session {
         }
         self.apply_policy();
         self.on_point_ack().await?;
+        if self.state_writable_again() {
+            return Err(Status::unavailable(
+                "the agent state directory takes writes again: reconnecting to start a new state \
+                 (the disks are compared with the server's block hashes)",
+            )
+            .into());
+        }
         // After the ack's commit, and after a pass's saves (the pass ran since the last turn).
         self.report_problem().await?;
         let final_point = self.serve_shutdown_request().await?;
@@ -981,9 +1033,9 @@ impl Session {
         Ok(Seq(sent))
     }
 
-    /// Sends what the scan produces until it ends, taking server messages meanwhile. In
-    /// scan mode a pass that runs 2 s or more reports how far it has read each disk every
-    /// 2 s (`DiskTracking.pass_offset`), and that it is over at its end.
+    /// Sends what the scan produces until it ends, taking server messages meanwhile. A
+    /// pass that runs 2 s or more reports how far it has read each disk every 2 s
+    /// (`DiskTracking.pass_offset`), and that it is over at its end.
     async fn forward(
         &mut self,
         events: &mut mpsc::Receiver<ScanEvent>,
@@ -994,7 +1046,7 @@ impl Session {
         let mut reported = false;
         loop {
             tokio::select! {
-                _ = report.tick(), if self.config.nbd.is_none() => {
+                _ = report.tick() => {
                     self.report_pass(reached).await?;
                     reported = true;
                 }
@@ -1031,18 +1083,25 @@ impl Session {
         }
     }
 
-    /// Scan mode: how far the running pass has read each disk.
+    /// How far the running pass (nbd mode: a resync) has read each disk.
     async fn report_pass(&mut self, reached: &[AtomicU64]) -> Result<(), SessionError> {
+        let log = self.tracker.as_ref().map(|t| t.tracking(true));
         let disks = self
             .config
             .disks
             .iter()
             .zip(reached)
-            .map(|(d, r)| pb::DiskTracking {
-                disk: d.name.to_string(),
-                regime: "scan".into(),
-                pass_offset: r.load(std::sync::atomic::Ordering::Relaxed),
-                ..Default::default()
+            .enumerate()
+            .map(|(i, (d, r))| {
+                let (regime, backlog_bytes, hot_bytes) =
+                    log.as_ref().and_then(|l| l.get(i).copied()).unwrap_or(("scan", 0, 0));
+                pb::DiskTracking {
+                    disk: d.name.to_string(),
+                    regime: regime.into(),
+                    backlog_bytes,
+                    hot_bytes,
+                    pass_offset: r.load(std::sync::atomic::Ordering::Relaxed),
+                }
             })
             .collect();
         let problem = crate::state::write_problem();

@@ -67,6 +67,17 @@ pub fn note_write(path: &Path, failure: Option<String>) {
     };
 }
 
+/// Whether `dir` takes a write now (64 KiB, synced, then removed): a full file system that
+/// was given room, a directory whose permissions were mended.
+pub fn dir_writable(dir: &Path) -> bool {
+    let probe = dir.join(".write-probe");
+    let wrote = File::create(&probe)
+        .and_then(|f| f.write_all_at(&[0u8; 64 << 10], 0).and_then(|()| f.sync_data()))
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    wrote
+}
+
 /// What cannot be written in the state directory now, and what that costs; empty when all can.
 pub fn write_problem() -> String {
     let f = WRITE_FAILURES.lock().unwrap_or_else(|p| p.into_inner());
@@ -76,7 +87,8 @@ pub fn write_problem() -> String {
     let what: Vec<&str> = f.values().map(String::as_str).collect();
     format!(
         "the agent cannot write its state ({}): it sends again what it cannot vouch for, and a restart \
-         compares the disks in full; free space in its state directory or fix its permissions",
+         compares the disks in full; free space in its state directory or fix its permissions (it starts a \
+         new state within 10 s of that)",
         what.join("; ")
     )
 }

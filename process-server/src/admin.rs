@@ -136,8 +136,11 @@ impl AdminService {
             Some(why) if error.is_empty() => (tern_core::Health::Critical, why),
             _ => (health, error),
         };
+        // Not in place of why a VM is critical (its agent away, its RPO).
         let (health, error) = match crate::health::concern(&self.ctx, &vm) {
-            Some(why) if error.is_empty() => (crate::health::with_concern(health, true), why),
+            Some(why) if error.is_empty() && health != tern_core::Health::Critical => {
+                (crate::health::with_concern(health, true), why)
+            }
             _ => (health, error),
         };
         let disks = self
@@ -1043,8 +1046,8 @@ async fn remove_vm(ctx: &Arc<Ctx>, vm: &VmName, delete_points: bool) -> Result<p
         )));
     }
     let (store, v) = (ctx.store.clone(), vm.clone());
-    ctx.initial_syncs.abandon(vm, "the VM's copy was removed before its first point").await;
     blocking(move || store.remove_vm(&v)).await?.map_err(store_status)?;
+    ctx.initial_syncs.abandon(vm, "the VM's copy was removed before its first point").await;
     ctx.hub.forget(vm);
     ctx.scrub.forget(vm);
     let plans = crate::plan::naming(ctx, vm).await;

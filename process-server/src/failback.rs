@@ -534,6 +534,7 @@ pub async fn cancel_reprotect(
     })
     .await?
     .map_err(store_status)?;
+    ctx.initial_syncs.abandon(vm, "the reprotect was cancelled before its first point").await;
     if !row.identity.is_empty() {
         retire_identity(ctx, vm, &row.identity).await;
     }

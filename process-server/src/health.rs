@@ -4,7 +4,7 @@ use crate::Ctx;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tern_core::{Health, VmName, VmState};
+use tern_core::{Health, SyncMode, VmName, VmState};
 use tracing::{info, warn};
 
 /// normal; warning above the RPO threshold; critical above twice it, when the agent has
@@ -166,8 +166,13 @@ pub fn problem(ctx: &Ctx, vm: &VmName) -> Option<String> {
             ctx.hub.error(vm).filter(|_| ctx.store.vm_state(vm).map_or(true, |s| s.takes_replication()))
         })
         .or_else(|| {
+            // Not while the VM takes no replication, nor while a `--sync during` reprotect
+            // holds the agent until the failback (it sends nothing meanwhile, by design).
+            let replicates = ctx.store.vm_state(vm).is_ok_and(|s| s.takes_replication());
+            let held = ctx.store.reprotect(vm).is_ok_and(|r| r.is_some_and(|r| r.sync == SyncMode::During));
             let threshold = ctx.store.policy(vm).map_or(300_000, |p| p.rpo_threshold_ms);
-            ctx.initial_syncs.stalled(vm, std::time::Duration::from_millis(threshold.max(0) as u64))
+            let threshold = std::time::Duration::from_millis(u64::try_from(threshold).unwrap_or(0));
+            (replicates && !held).then(|| ctx.initial_syncs.stalled(vm, threshold)).flatten()
         })
         .or_else(|| crate::lock(&ctx.retention_errors).get(vm).cloned())
         .or_else(|| {

@@ -9,7 +9,7 @@ use crate::jobs::Job;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tern_core::{DiskName, VmName};
+use tern_core::{DiskName, VmName, VmState};
 use tonic::Status;
 
 /// A running initial sync.
@@ -24,6 +24,13 @@ pub struct Sync {
     /// Sessions that ended since then, and why the last did.
     cuts: u32,
     last_cut: String,
+    /// The VM's state when the sync started: a sync of another state (a reprotect after
+    /// a cancelled one) is another sync.
+    state: VmState,
+    /// This session's pass, per disk: how far it has read. A pass that reads on is not
+    /// stuck, even below where an earlier session came (it reads again from the start
+    /// and compares).
+    pass_at: HashMap<DiskName, u64>,
 }
 
 /// The sync a session goes on with (`None` inside once the VM has a point).
@@ -44,19 +51,31 @@ fn lock_sync(i: &InitialSync) -> std::sync::MutexGuard<'_, Option<Sync>> {
 pub async fn join(ctx: &Arc<Ctx>, vm: &VmName) -> Result<InitialSync, Status> {
     let store = ctx.store.clone();
     let v = vm.clone();
-    let has_points = crate::admin::blocking(move || store.latest_point(&v).map(|p| p.is_some()))
-        .await?
-        .map_err(crate::store_status)?;
+    let (has_points, state) = crate::admin::blocking(move || {
+        Ok::<_, tern_store::StoreError>((store.latest_point(&v)?.is_some(), store.vm_state(&v)?))
+    })
+    .await?
+    .map_err(crate::store_status)?;
     if has_points {
         crate::lock(&ctx.initial_syncs.by_vm).remove(vm);
         return Ok(Arc::new(Mutex::new(None)));
     }
     let running = crate::lock(&ctx.initial_syncs.by_vm).get(vm).cloned();
     if let Some(sync) = running {
-        let job = lock_sync(&sync).as_ref().map(|s| s.job.clone());
-        if let Some(job) = job {
-            job.phase_keeping_progress("sending the disks").await;
-            return Ok(sync);
+        let job = lock_sync(&sync).as_ref().map(|s| (s.job.clone(), s.state));
+        match job {
+            Some((job, was)) if was == state => {
+                job.phase_keeping_progress("sending the disks").await;
+                return Ok(sync);
+            }
+            Some((job, was)) => {
+                lock_sync(&sync).take();
+                job.fail(&format!(
+                    "the VM was {was} when this sync started and is {state} now; another follows"
+                ))
+                .await;
+            }
+            None => {}
         }
     }
     let job = ctx.jobs.start(tern_core::JobKind::InitialSync, vm).await.inspect_err(|e| {
@@ -70,6 +89,8 @@ pub async fn join(ctx: &Arc<Ctx>, vm: &VmName) -> Result<InitialSync, Status> {
         advanced_at: Instant::now(),
         cuts: 0,
         last_cut: String::new(),
+        state,
+        pass_at: HashMap::new(),
     })));
     crate::lock(&ctx.initial_syncs.by_vm).insert(vm.clone(), sync.clone());
     Ok(sync)
@@ -103,9 +124,13 @@ pub fn note_pass(initial: &InitialSync, sizes: impl Iterator<Item = u64>, t: &te
     let mut guard = lock_sync(initial);
     let Some(s) = guard.as_mut() else { return };
     for d in &t.disks {
-        if let Ok(name) = DiskName::new(&d.disk) {
-            s.advance(name, d.pass_offset);
+        let Ok(name) = DiskName::new(&d.disk) else { continue };
+        let at = s.pass_at.entry(name.clone()).or_default();
+        if d.pass_offset > *at {
+            *at = d.pass_offset;
+            (s.advanced_at, s.cuts) = (Instant::now(), 0);
         }
+        s.advance(name, d.pass_offset);
     }
     s.job.progress(s.ends.values().sum(), sizes.sum());
 }
@@ -132,6 +157,7 @@ pub async fn session_ended(ctx: &Arc<Ctx>, vm: &VmName, initial: &InitialSync, w
         let Some(s) = guard.as_mut() else { return };
         s.cuts += 1;
         s.last_cut.clone_from(&why);
+        s.pass_at.clear();
         s.job.clone()
     };
     match state {

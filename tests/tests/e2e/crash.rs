@@ -376,5 +376,15 @@ fn an_agent_with_a_full_state_directory_waits_for_room() {
     let status = cannot_write("status to say the state cannot be saved");
     assert_eq!(status["health"], "warning", "{status}");
     crate::faults::assert_point_recovers(&server, root, "st", &p, &b3(&disk, None));
+    // Room again: the agent starts a new state by itself (its failed table was never
+    // written again in that session) and the warning goes.
+    std::fs::remove_file(&filler).unwrap();
+    deadline_poll("the warning to go", Duration::from_secs(60), || {
+        let s = server.status("st");
+        (s["error"].is_null() && s["health"] == "normal").then_some(())
+    });
+    assert!(agent.log_text().contains("takes writes again: reconnecting to start a new state"));
+    let p = server.checkpoint("st");
+    crate::faults::assert_point_recovers(&server, root, "st", &p, &b3(&disk, None));
     agent.kill9();
 }
