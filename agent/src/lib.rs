@@ -150,7 +150,7 @@ async fn replicate(
     let mut carried = None;
     // Scan mode: the last session went on from a saved state, sent again the blocks that
     // the records past it wrote, and was cut before it saved anything. On a link that drops
-    // sooner than a save can be had (it waits for the acks of all in flight), going on so
+    // sooner than a save can be had (it is written once the acks of its records come), going on so
     // would send the same blocks at every session and never get further; the next session
     // compares with the server's block hashes instead, which never sends again what the
     // server holds.
@@ -329,7 +329,7 @@ struct Inbox {
 
 impl Inbox {
     /// Acks mark progress; the saved state moves with acked points, and during a long
-    /// scan-mode pass with what is acked (`ScanEvent::Settle`).
+    /// scan-mode pass with what is acked (`ScanEvent::Settle`, `ScanEvent::Mark`).
     fn take(&mut self, m: Option<pb::ServerMessage>) -> Result<(), tonic::Status> {
         let Some(msg) = m else {
             return Err(tonic::Status::unavailable("the process server closed the stream"));

@@ -76,8 +76,9 @@ enum Cmd {
         #[arg(long, value_parser = tern_core::units::parse_size, default_value = "0")]
         max_rate: u64,
         /// Scan mode: during a long pass (the initial sync), how long before the state
-        /// directory first saves what the server has acked (then at intervals doubling up to
-        /// 16 times this), so that a dropped link or a restart goes on from there instead of
+        /// directory first saves what the server has acked (then at this interval; a save that
+        /// waits for the acks of all in flight doubles it, up to 16 times this), so that a
+        /// dropped link or a restart goes on from there instead of
         /// comparing everything sent again. A test knob: 0s saves after every 1 MiB chunk.
         #[arg(long, value_parser = tern_core::units::parse_duration, default_value = "2s", hide = true)]
         save_every: std::time::Duration,

@@ -8,7 +8,7 @@ use crate::{
     now_ms, status_of,
 };
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 use tern_core::Seq;
@@ -893,9 +893,9 @@ impl Session {
             (self.config.nbd.is_none() && !self.schedule.hold && !quiesce).then_some(self.config.save_every);
         let saved = self.saved.clone();
         let memory = self.tracker.as_ref().map(|t| t.memory()).unwrap_or_default();
-        let reached: Arc<Vec<AtomicU64>> =
-            Arc::new(self.config.disks.iter().map(|_| AtomicU64::new(0)).collect());
-        let pass_reached = reached.clone();
+        let shared: Arc<Vec<scan::PassShared>> =
+            Arc::new(self.config.disks.iter().map(|_| scan::PassShared::default()).collect());
+        let pass_shared = shared.clone();
         let mut states = std::mem::take(&mut self.states);
         let scanner = tokio::task::spawn_blocking(move || {
             let frozen = if quiesce {
@@ -914,7 +914,7 @@ impl Session {
                 &mut states,
                 frozen.is_some(),
                 page_hashes,
-                scan::Compare { feeds, regions, background, memory, save_every, saved, reached },
+                scan::Compare { feeds, regions, background, memory, save_every, saved, shared },
                 &ev_tx,
                 &c2,
             );
@@ -936,7 +936,7 @@ impl Session {
             }
             (Ok((r, was_frozen)), states)
         });
-        let forwarded = self.forward(&mut ev_rx, &pass_reached).await;
+        let forwarded = self.forward(&mut ev_rx, &pass_shared).await;
         if forwarded.is_err() {
             // The session ends: the scan stops, and is waited for, so that it cannot save
             // its state after the next session has opened it (a mid-pass save at an ack
@@ -1039,7 +1039,7 @@ impl Session {
     async fn forward(
         &mut self,
         events: &mut mpsc::Receiver<ScanEvent>,
-        reached: &[AtomicU64],
+        shared: &[scan::PassShared],
     ) -> Result<(), SessionError> {
         let mut limiter = tern_proto::rate::RateLimiter::new(self.config.max_rate);
         let mut report = tokio::time::interval_at(Due::now() + PASS_REPORT_EVERY, PASS_REPORT_EVERY);
@@ -1047,7 +1047,7 @@ impl Session {
         loop {
             tokio::select! {
                 _ = report.tick() => {
-                    self.report_pass(reached).await?;
+                    self.report_pass(shared.iter().map(|s| s.reached.load(Relaxed))).await?;
                     reported = true;
                 }
                 ev = events.recv() => match ev {
@@ -1067,10 +1067,11 @@ impl Session {
                         let seq = self.all_acked(disk).await?;
                         let _ = acked.send(seq);
                     }
+                    // Every batch before it was numbered: the seq of the last one sent.
+                    Some(ScanEvent::Mark { disk, sent }) => drop(sent.send(Seq(self.next_seq[disk].0 - 1))),
                     None => {
                         if reported {
-                            let zeroes: Vec<AtomicU64> = reached.iter().map(|_| AtomicU64::new(0)).collect();
-                            self.report_pass(&zeroes).await?;
+                            self.report_pass(shared.iter().map(|_| 0)).await?;
                         }
                         return Ok(());
                     }
@@ -1078,13 +1079,23 @@ impl Session {
                 m = self.inbound.message() => {
                     self.inbox.take(m?)?;
                     self.pass_release();
+                    self.share_acks(shared);
                 }
             }
         }
     }
 
+    /// Tells the pass what the server has acked of each disk (its saves commit at it).
+    fn share_acks(&self, shared: &[scan::PassShared]) {
+        for (i, (d, sh)) in self.config.disks.iter().zip(shared).enumerate() {
+            let welcomed = self.welcomed.get(i).map_or(0, |w| w.1);
+            let durable = self.inbox.durable.get(d.name.as_str()).copied().unwrap_or(0);
+            sh.acked.store(durable.max(welcomed), Relaxed);
+        }
+    }
+
     /// How far the running pass (nbd mode: a resync) has read each disk.
-    async fn report_pass(&mut self, reached: &[AtomicU64]) -> Result<(), SessionError> {
+    async fn report_pass(&mut self, reached: impl Iterator<Item = u64>) -> Result<(), SessionError> {
         let log = self.tracker.as_ref().map(|t| t.tracking(true));
         let disks = self
             .config
@@ -1100,7 +1111,7 @@ impl Session {
                     regime: regime.into(),
                     backlog_bytes,
                     hot_bytes,
-                    pass_offset: r.load(std::sync::atomic::Ordering::Relaxed),
+                    pass_offset: r,
                 }
             })
             .collect();

@@ -17,7 +17,7 @@
 //! A *committed* header vouches for the table as of the receiver's record `seq`: every
 //! record up to it is reflected. Changes after a commit wait in memory (`overlay`, up to
 //! [`OVERLAY_MAX`] blocks) until the next commit (a point acked, or a long pass's acked
-//! progress, see `scan::ScanEvent::Settle`); the commit writes only those
+//! progress, see `scan::ScanEvent::Settle` and [`DiskState::snapshot`]); the commit writes only those
 //! entries, fsyncs, then writes the next header slot and fsyncs again. A crash between the
 //! two leaves entries ahead of the committed seq, which is safe: they are of blocks that
 //! records after that seq wrote, and the receiver names those ranges at reconnect, so the
@@ -93,6 +93,14 @@ pub fn write_problem() -> String {
     )
 }
 
+/// A table's changes taken at an acked-to-be position (see [`DiskState::snapshot`]).
+#[derive(Debug)]
+pub struct Snapshot {
+    pub seq: Seq,
+    entries: BTreeMap<u64, Option<Box<BlockHashes>>>,
+    spills: u64,
+}
+
 /// What a never-written entry of a table means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fill {
@@ -122,6 +130,8 @@ pub struct DiskState {
     overlay: BTreeMap<u64, Option<Box<BlockHashes>>>,
     /// Set by the first I/O error on the table: every block reads as unknown from then on.
     failed: Option<String>,
+    /// Times the overlay went to the table in place (a snapshot from before cannot commit).
+    spills: u64,
     /// Tests: entry writes fail (ENOSPC) while header writes still succeed.
     #[cfg(test)]
     entry_writes_fail: bool,
@@ -265,6 +275,7 @@ impl DiskState {
             committed: h.committed,
             overlay: BTreeMap::new(),
             failed: None,
+            spills: 0,
             #[cfg(test)]
             entry_writes_fail: false,
             #[cfg(test)]
@@ -358,6 +369,7 @@ impl DiskState {
             return;
         }
         self.committed = false;
+        self.spills += 1;
         self.write_overlay();
     }
 
@@ -439,6 +451,54 @@ impl DiskState {
                 Err(e.to_string())
             }
         }
+    }
+
+    /// The changes since the last commit as they are now, to commit at `seq` once the
+    /// receiver has acked it while the pass goes on (see `scan::save_progress`): every
+    /// entry must be of a record up to `seq`. `None` when the table cannot commit so: not
+    /// committed (a new table, or one that spilled: its file holds entries of records that
+    /// may not be acked, which only a commit of the whole overlay may vouch for), or failed.
+    pub fn snapshot(&self, seq: Seq) -> Option<Snapshot> {
+        self.can_snapshot().then(|| Snapshot { seq, entries: self.overlay.clone(), spills: self.spills })
+    }
+
+    /// Whether [`DiskState::snapshot`] can take one now.
+    pub fn can_snapshot(&self) -> bool {
+        self.committed && self.failed.is_none()
+    }
+
+    /// Commits a snapshot (its seq acked): writes its entries, then the header at its seq;
+    /// the changes made since stay in memory. `Ok(false)`, nothing written, when a commit
+    /// since covers it or the overlay spilled since.
+    pub fn commit_snapshot(&mut self, snap: Snapshot) -> Result<bool, String> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if !self.committed || snap.spills != self.spills || snap.seq <= self.seq {
+            return Ok(false);
+        }
+        for (b, h) in &snap.entries {
+            if let Err(e) = self.write_entry(*b, &h.as_deref().copied().unwrap_or(UNKNOWN)) {
+                self.fail(&e);
+                return Err(e.to_string());
+            }
+        }
+        let r = self.file.sync_data().and_then(|()| {
+            let seq = std::mem::replace(&mut self.seq, snap.seq);
+            self.write_header(true).inspect_err(|_| self.seq = seq)
+        });
+        if let Err(e) = r.and_then(|()| self.file.sync_data()) {
+            self.fail(&e);
+            return Err(e.to_string());
+        }
+        // What the table now holds leaves memory; a block changed since keeps its change.
+        for (b, h) in snap.entries {
+            if self.overlay.get(&b) == Some(&h) {
+                self.overlay.remove(&b);
+            }
+        }
+        note_write(&self.path, None);
+        Ok(true)
     }
 
     /// An I/O error made the table unusable: it answers "unknown" and commits nothing.
@@ -653,6 +713,60 @@ mod tests {
 
     /// Past the overlay's bound the header stops vouching before the table changes in
     /// place: a crash then loads nothing (a full compare), never a mix passed as valid.
+    /// A pass's save while it goes on: the snapshot's entries and seq reach the file; the
+    /// changes made after it stay in memory until a later commit.
+    #[test]
+    fn a_snapshot_commits_what_it_took_and_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let size = 1 << 20;
+        let mut s = DiskState::zeroes(&p, size, "g").unwrap();
+        assert!(s.snapshot(Seq(1)).is_none(), "a table never committed holds its changes in place");
+        s.commit(Seq(1)).unwrap();
+        s.set(0, data_block(1));
+        s.set(1, data_block(2));
+        let snap = s.snapshot(Seq(5)).unwrap();
+        s.set(1, data_block(3));
+        s.set(2, data_block(4));
+        assert_eq!(s.commit_snapshot(snap), Ok(true));
+        assert_eq!(
+            (s.get(0), s.get(1), s.get(2), s.seq),
+            (data_block(1), data_block(3), data_block(4), Seq(5))
+        );
+        let mut l = DiskState::load(&p, size).unwrap();
+        assert_eq!(l.seq, Seq(5));
+        assert_eq!((l.get(0), l.get(1), l.get(2)), (data_block(1), data_block(2), zero_block(65536)));
+        // The rest goes with the next commit.
+        s.commit(Seq(8)).unwrap();
+        let mut l = DiskState::load(&p, size).unwrap();
+        assert_eq!((l.seq, l.get(1), l.get(2)), (Seq(8), data_block(3), data_block(4)));
+    }
+
+    /// A snapshot a later commit covers, or one from before a spill (the file then holds
+    /// entries of records that may not be acked), commits nothing.
+    #[test]
+    fn a_snapshot_from_before_a_commit_or_a_spill_is_not_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let blocks = OVERLAY_MAX as u64 + 10;
+        let size = blocks * tern_core::BLOCK_SIZE as u64;
+        let mut s = DiskState::zeroes(&p, size, "g").unwrap();
+        s.commit(Seq(1)).unwrap();
+        s.set(0, data_block(1));
+        let old = s.snapshot(Seq(3)).unwrap();
+        s.commit(Seq(4)).unwrap();
+        assert_eq!(s.commit_snapshot(old), Ok(false));
+        assert_eq!(DiskState::load(&p, size).unwrap().seq, Seq(4));
+        s.set(1, data_block(2));
+        let before_spill = s.snapshot(Seq(6)).unwrap();
+        for b in 2..blocks {
+            s.set(b, data_block(3));
+        }
+        assert!(s.snapshot(Seq(9)).is_none(), "spilled: not committed");
+        assert_eq!(s.commit_snapshot(before_spill), Ok(false));
+        assert!(DiskState::load(&p, size).is_none(), "still uncommitted after the refused snapshot");
+    }
+
     #[test]
     fn a_spill_uncommits_before_it_writes_in_place() {
         let dir = tempfile::tempdir().unwrap();
