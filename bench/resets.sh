@@ -5,8 +5,8 @@
 # opened; the agent reconnects each time. SIZE_MIB (default 1024) MiB of random data, each
 # run on a fresh process server:
 #   tern, link whole, saving no progress mid-pass (--save-every 1h, as before the saves)
-#   tern, link whole, saving progress from SAVE_EVERY in (default 2s, the agent's default;
-#     the interval doubles after each save, up to 16 times)
+#   tern, link whole, saving progress from SAVE_EVERY in and every SAVE_EVERY after (default
+#     2s, the agent's default; a save that waits for all in flight doubles it, up to 16x)
 #   tern, link cut every CUT_S s, saving no progress mid-pass
 #   tern, link cut every CUT_S s, saving progress as above
 #   rsync --partial --append-verify over the same cutting proxy, run again until it

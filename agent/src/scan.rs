@@ -612,6 +612,8 @@ fn scan_disk(
     batcher.flush()?;
     if let Some(sh) = shared {
         sh.reached.store(d.size, std::sync::atomic::Ordering::Relaxed);
+        // What is acked by now (the others' passes follow: its point may be a while).
+        saves.commit_acked(state, sh.acked.load(std::sync::atomic::Ordering::Relaxed));
     }
     Ok(if whole { fp.finish() } else { Digest::ZERO })
 }

@@ -895,6 +895,7 @@ impl Session {
         let memory = self.tracker.as_ref().map(|t| t.memory()).unwrap_or_default();
         let shared: Arc<Vec<scan::PassShared>> =
             Arc::new(self.config.disks.iter().map(|_| scan::PassShared::default()).collect());
+        self.share_acks(&shared);
         let pass_shared = shared.clone();
         let mut states = std::mem::take(&mut self.states);
         let scanner = tokio::task::spawn_blocking(move || {

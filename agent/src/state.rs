@@ -97,7 +97,7 @@ pub fn write_problem() -> String {
 #[derive(Debug)]
 pub struct Snapshot {
     pub seq: Seq,
-    entries: BTreeMap<u64, Option<Box<BlockHashes>>>,
+    entries: BTreeMap<u64, (Option<Box<BlockHashes>>, u64)>,
     spills: u64,
 }
 
@@ -126,8 +126,12 @@ pub struct DiskState {
     /// Changes since the last commit, while the header vouches for the table.
     /// `None` is [`UNKNOWN`]: a resync forgets every block of the hot extents, and an
     /// entry of 544 bytes each (14 MiB for the 1 GiB of bench/nbd.sh) was most of what the
-    /// agent held past its log in a burst.
-    overlay: BTreeMap<u64, Option<Box<BlockHashes>>>,
+    /// agent held past its log in a burst. With each change, its stamp (see `stamp`).
+    overlay: BTreeMap<u64, (Option<Box<BlockHashes>>, u64)>,
+    /// Counts the changes: a snapshot's commit lets go of an entry only when it holds the
+    /// very change the snapshot took (a value set again since, even back to the same
+    /// value, is a later change that a later snapshot may have to write).
+    stamp: u64,
     /// Set by the first I/O error on the table: every block reads as unknown from then on.
     failed: Option<String>,
     /// Times the overlay went to the table in place (a snapshot from before cannot commit).
@@ -274,6 +278,7 @@ impl DiskState {
             counter: h.counter,
             committed: h.committed,
             overlay: BTreeMap::new(),
+            stamp: 0,
             failed: None,
             spills: 0,
             #[cfg(test)]
@@ -319,7 +324,7 @@ impl DiskState {
             buf.chunks_exact(ENTRY_LEN).zip(first..).map(|(e, b)| self.decode(b, e)).collect();
         for (b, h) in self.overlay.range(first..last) {
             if let Some(slot) = usize::try_from(b - first).ok().and_then(|i| out.get_mut(i)) {
-                *slot = h.as_deref().copied().unwrap_or(UNKNOWN);
+                *slot = h.0.as_deref().copied().unwrap_or(UNKNOWN);
             }
         }
         out
@@ -352,7 +357,8 @@ impl DiskState {
             }
             return;
         }
-        self.overlay.insert(block, (h != UNKNOWN).then(|| Box::new(h)));
+        self.stamp += 1;
+        self.overlay.insert(block, ((h != UNKNOWN).then(|| Box::new(h)), self.stamp));
         if self.overlay.len() > OVERLAY_MAX {
             self.spill();
         }
@@ -375,7 +381,7 @@ impl DiskState {
 
     fn write_overlay(&mut self) {
         let overlay = std::mem::take(&mut self.overlay);
-        for (b, h) in overlay {
+        for (b, (h, _)) in overlay {
             if let Err(e) = self.write_entry(b, &h.map_or(UNKNOWN, |h| *h)) {
                 self.fail(&e);
                 return;
@@ -477,7 +483,7 @@ impl DiskState {
         if !self.committed || snap.spills != self.spills || snap.seq <= self.seq {
             return Ok(false);
         }
-        for (b, h) in &snap.entries {
+        for (b, (h, _)) in &snap.entries {
             if let Err(e) = self.write_entry(*b, &h.as_deref().copied().unwrap_or(UNKNOWN)) {
                 self.fail(&e);
                 return Err(e.to_string());
@@ -492,8 +498,8 @@ impl DiskState {
             return Err(e.to_string());
         }
         // What the table now holds leaves memory; a block changed since keeps its change.
-        for (b, h) in snap.entries {
-            if self.overlay.get(&b) == Some(&h) {
+        for (b, (_, stamp)) in snap.entries {
+            if self.overlay.get(&b).is_some_and(|e| e.1 == stamp) {
                 self.overlay.remove(&b);
             }
         }
@@ -740,6 +746,27 @@ mod tests {
         s.commit(Seq(8)).unwrap();
         let mut l = DiskState::load(&p, size).unwrap();
         assert_eq!((l.seq, l.get(1), l.get(2)), (Seq(8), data_block(3), data_block(4)));
+    }
+
+    /// Two snapshots pending, the block set back to the first one's value meanwhile: the
+    /// first one's commit keeps that later change in memory, so the second one's commit
+    /// does not leave the table saying what the block held in between.
+    #[test]
+    fn a_change_set_back_after_a_snapshot_stays_until_it_is_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let mut s = DiskState::zeroes(&p, 1 << 20, "g").unwrap();
+        s.commit(Seq(1)).unwrap();
+        s.set(0, data_block(1));
+        let first = s.snapshot(Seq(10)).unwrap();
+        s.set(0, data_block(2));
+        let second = s.snapshot(Seq(15)).unwrap();
+        s.set(0, data_block(1));
+        assert_eq!(s.commit_snapshot(first), Ok(true));
+        assert_eq!(s.commit_snapshot(second), Ok(true));
+        assert_eq!(s.get(0), data_block(1), "the change after the second snapshot is kept");
+        s.commit(Seq(18)).unwrap();
+        assert_eq!(DiskState::load(&p, 1 << 20).unwrap().get(0), data_block(1));
     }
 
     /// A snapshot a later commit covers, or one from before a spill (the file then holds
