@@ -52,7 +52,7 @@ fn describe() {
     describe_gauge!(
         "tern_disk_pass_offset_bytes",
         Unit::Bytes,
-        "Scan mode: how far the agent's running pass has read the disk (0 when none runs)."
+        "How far the agent's running pass (nbd mode: its resync) has read the disk (0 when none runs)."
     );
     describe_gauge!(
         "tern_group_rpo_seconds",

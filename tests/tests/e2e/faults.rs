@@ -340,8 +340,10 @@ fn a_reconnect_with_nothing_written_since_the_last_point_makes_none() {
     let disk = root.join("idle.img");
     make_random(&disk, 8, 2, 60);
     let agent = Agent::start_at(&proxy.url(), &identity, "idle", &[("sda", &disk)], &root.join("st"), &[]);
+    // Acked to the agent too (the server lists it a moment before its ack arrives).
     let p1 = deadline_poll("the first point", Duration::from_secs(30), || {
-        Some(newest_point(&server, "idle")).filter(|&p| p > 0)
+        Some(newest_point(&server, "idle"))
+            .filter(|&p| p > 0 && agent.log_text().contains("recovery point acked"))
     });
     let reconnect = || {
         let before = agent.log_text().len();
