@@ -502,7 +502,7 @@ fn scan_disk(
     let mut plan = chunk_plan(chunks, only).into_iter().peekable();
     let mut fp = Fingerprint::new();
     let mut batcher = Batcher { disk: index, out, records: Vec::new(), bytes: 0 };
-    let mut saves = Saves::new(save_every, saved_flag);
+    let mut saves = Saves::new(save_every, saved_flag, shared);
     let mut feed = feed.map(|rx| Feed::new(rx, memory.clone()));
     let ask_pages = feed.is_some();
     let mut deferred: Vec<u64> = Vec::new();
@@ -543,10 +543,7 @@ fn scan_disk(
                 return Err(ScanError::Cancelled);
             }
             let first = chunk * blocks_per_chunk;
-            if let Some(sh) = shared {
-                sh.reached.store((chunk * CHUNK as u64).min(d.size), std::sync::atomic::Ordering::Relaxed);
-                saves.commit_acked(state, sh.acked.load(std::sync::atomic::Ordering::Relaxed));
-            }
+            saves.reached(state, (chunk * CHUNK as u64).min(d.size));
             let Some(rx) = rx else {
                 for b in first..(first + blocks_per_chunk).min(state.len()) {
                     fp.push(&zero_block(block_len(d.size, b)).block);
@@ -577,44 +574,19 @@ fn scan_disk(
             }
             // Not at the pass's end: its point follows, and saves the state anyway.
             if saves.due() && !end && !state.failed() {
-                // With the receiver's hashes in play, only once all of them are in the state
-                // (they are filed as the pass reaches them: a table saved before that would
-                // hold "unknown" past the pass's position, and a cut would then send all of
-                // it whole instead of comparing it with the receiver's hashes again) and the
-                // pass is past the coarse ones (see `Feed::all_filed`: in practice, a sync
-                // cut before its first save, past what the receiver got), and once no block
-                // waits for its page hashes (its entry is ahead of its records): those are
-                // asked for and sent first. Every entry the state holds is then of a record
-                // emitted, or the receiver's own.
                 let from = (chunk + 1) * blocks_per_chunk;
-                if feed.as_mut().is_none_or(|f| f.all_filed(state, from)) {
-                    if let Some(f) = feed.as_mut() {
-                        result.bytes_changed += f.resolve(
-                            (index, d, &file),
-                            state,
-                            &mut deferred,
-                            true,
-                            cancel,
-                            &mut enc,
-                            &mut batcher,
-                        )?;
-                    }
-                    // Filing the feed may have failed the table: nothing to save then.
-                    if !state.failed() {
-                        save_progress(&mut batcher, d, state, &mut saves)?;
-                    }
-                }
+                let pass = (index, d, &file);
+                let sink = (cancel, &mut enc, &mut batcher);
+                result.bytes_changed +=
+                    save_at(pass, state, feed.as_mut(), &mut deferred, sink, &mut saves, from)?;
             }
         }
         drop(job_tx);
         Ok(())
     })?;
     batcher.flush()?;
-    if let Some(sh) = shared {
-        sh.reached.store(d.size, std::sync::atomic::Ordering::Relaxed);
-        // What is acked by now (the others' passes follow: its point may be a while).
-        saves.commit_acked(state, sh.acked.load(std::sync::atomic::Ordering::Relaxed));
-    }
+    // What is acked by now is saved (the others' passes follow: its point may be a while).
+    saves.reached(state, d.size);
     Ok(if whole { fp.finish() } else { Digest::ZERO })
 }
 
@@ -634,17 +606,26 @@ struct Saves<'a> {
     written: &'a std::sync::atomic::AtomicBool,
     /// Taken, waiting for the server's ack of their seq, oldest first.
     pending: VecDeque<crate::state::Snapshot>,
+    /// Shared with the session: how far the pass has read, what the server acked.
+    shared: Option<&'a PassShared>,
 }
 
 impl<'a> Saves<'a> {
-    fn new(base: Option<std::time::Duration>, written: &'a std::sync::atomic::AtomicBool) -> Saves<'a> {
-        Saves {
-            base,
-            every: base,
-            at: std::time::Instant::now(),
-            unsaved: false,
-            written,
-            pending: VecDeque::new(),
+    fn new(
+        base: Option<std::time::Duration>,
+        written: &'a std::sync::atomic::AtomicBool,
+        shared: Option<&'a PassShared>,
+    ) -> Saves<'a> {
+        let at = std::time::Instant::now();
+        Saves { base, every: base, at, unsaved: false, written, pending: VecDeque::new(), shared }
+    }
+
+    /// The pass has read the disk to `offset`: said to the session, and the snapshot the
+    /// server has acked by now is committed.
+    fn reached(&mut self, state: &mut DiskState, offset: u64) {
+        if let Some(sh) = self.shared {
+            sh.reached.store(offset, std::sync::atomic::Ordering::Relaxed);
+            self.commit_acked(state, sh.acked.load(std::sync::atomic::Ordering::Relaxed));
         }
     }
 
@@ -677,6 +658,38 @@ impl<'a> Saves<'a> {
             Err(e) => tracing::warn!(error = %e, "cannot save the pass's progress"),
         }
     }
+}
+
+/// A save that is due, at a chunk boundary (blocks before `from` are done) that is not the
+/// pass's end. With the receiver's hashes in play, only once all of them are in the state
+/// (they are filed as the pass reaches them: a table saved before that would hold "unknown"
+/// past the pass's position, and a cut would then send all of it whole instead of comparing
+/// it with the receiver's hashes again) and the pass is past the coarse ones (see
+/// `Feed::all_filed`: in practice, a sync cut before its first save, past what the receiver
+/// got), and once no block waits for its page hashes (its entry is ahead of its records):
+/// those are asked for and sent first. Every entry the state holds is then of a record
+/// emitted, or the receiver's own. Returns the bytes those pages sent.
+fn save_at(
+    pass: (usize, &DiskSource, &DiskReader),
+    state: &mut DiskState,
+    feed: Option<&mut Feed>,
+    deferred: &mut Vec<u64>,
+    (cancel, enc, batcher): (&CancellationToken, &mut Encoder, &mut Batcher),
+    saves: &mut Saves,
+    from: u64,
+) -> Result<u64, ScanError> {
+    let mut sent = 0;
+    if let Some(f) = feed {
+        if !f.all_filed(state, from) {
+            return Ok(0);
+        }
+        sent = f.resolve(pass, state, deferred, true, cancel, enc, batcher)?;
+    }
+    // Filing the feed may have failed the table: nothing to save then.
+    if !state.failed() {
+        save_progress(batcher, pass.1, state, saves)?;
+    }
+    Ok(sent)
 }
 
 /// Saves the pass's progress: sends the batch, then, with a committed table, takes its
