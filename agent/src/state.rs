@@ -769,16 +769,23 @@ mod tests {
         assert_eq!(DiskState::load(&p, 1 << 20).unwrap().get(0), data_block(1));
     }
 
+    /// A table of more blocks than the overlay holds, committed at seq 1: its path, blocks,
+    /// disk size and state.
+    fn past_the_overlay(dir: &Path) -> (PathBuf, u64, u64, DiskState) {
+        let p = dir.join("s");
+        let blocks = OVERLAY_MAX as u64 + 10;
+        let size = blocks * tern_core::BLOCK_SIZE as u64;
+        let mut s = DiskState::zeroes(&p, size, "g").unwrap();
+        s.commit(Seq(1)).unwrap();
+        (p, blocks, size, s)
+    }
+
     /// A snapshot a later commit covers, or one from before a spill (the file then holds
     /// entries of records that may not be acked), commits nothing.
     #[test]
     fn a_snapshot_from_before_a_commit_or_a_spill_is_not_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("s");
-        let blocks = OVERLAY_MAX as u64 + 10;
-        let size = blocks * tern_core::BLOCK_SIZE as u64;
-        let mut s = DiskState::zeroes(&p, size, "g").unwrap();
-        s.commit(Seq(1)).unwrap();
+        let (p, blocks, size, mut s) = past_the_overlay(dir.path());
         s.set(0, data_block(1));
         let old = s.snapshot(Seq(3)).unwrap();
         s.commit(Seq(4)).unwrap();
@@ -797,11 +804,7 @@ mod tests {
     #[test]
     fn a_spill_uncommits_before_it_writes_in_place() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("s");
-        let blocks = OVERLAY_MAX as u64 + 10;
-        let size = blocks * tern_core::BLOCK_SIZE as u64;
-        let mut s = DiskState::zeroes(&p, size, "g").unwrap();
-        s.commit(Seq(1)).unwrap();
+        let (p, blocks, size, mut s) = past_the_overlay(dir.path());
         for b in 0..blocks {
             s.set(b, data_block(1));
         }
