@@ -1009,3 +1009,42 @@ fn a_delta_sync_cut_short_is_compared_again_over_the_records_the_master_target_h
     assert_eq!(res["disks"][0]["fingerprint"].as_str().unwrap(), fingerprint(&recovered));
     assert_eq!(b3(&onprem, None), want, "the on-premises disk is byte-identical to the recovered one");
 }
+
+/// The recovered VM's first sync to the master target, cut by an agent that went away,
+/// waits for it as one job with its progress; `drctl reprotect-cancel` ends that job (it
+/// would otherwise wait for an agent whose identity the cancel revoked).
+#[test]
+fn a_reprotect_cancel_ends_the_sync_that_waits_for_its_agent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let Reprotected { recovered, mt: _mt, identity, .. } =
+        reprotected(&server, root, "wc", (16, 4, 41), "before");
+    // The recovered VM differs from the target disk by 8 MiB: its sync takes a while at 1 MiB/s.
+    write_random(&recovered, 8, 42);
+    let sync = |s: &Server| {
+        let jobs = s.drctl_json(&["jobs"]);
+        // The newest: the VM's first protection had one too.
+        let syncs = jobs.as_array().unwrap().iter().filter(|j| j["kind"] == "initial-sync");
+        syncs.max_by_key(|j| j["id"].as_u64()).cloned()
+    };
+    let first = sync(&server).unwrap()["id"].as_u64();
+    let mut rec = recovered_agent_with(&server, root, "wc", &identity, &recovered, &["--max-rate", "1MiB"]);
+    deadline_poll("the sync to the master target to make progress", Duration::from_secs(30), || {
+        sync(&server).filter(|j| j["id"].as_u64() != first && j["done"].as_u64().unwrap_or(0) > 0)
+    });
+    rec.kill9();
+    let job = deadline_poll("the sync to wait for its agent", Duration::from_secs(30), || {
+        sync(&server)
+            .filter(|j| j["phase"].as_str().unwrap_or("").contains("waiting for the agent to reconnect"))
+    });
+    assert_eq!(job["state"], "running", "{job}");
+    let out = server.drctl_json(&["reprotect-cancel", "wc"]);
+    assert_eq!(out["state"], "failover-committed", "{out}");
+    let job = sync(&server).unwrap();
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap_or("").contains("reprotect was cancelled"), "{job}");
+    let jobs = server.drctl_json(&["jobs"]);
+    assert!(jobs.as_array().unwrap().iter().all(|j| j["state"] != "running"), "{jobs}");
+}
