@@ -403,9 +403,9 @@ impl pb::admin_server::Admin for AdminService {
         let vm = vm_arg(&req.into_inner().vm)?;
         self.known_vm(&vm).await?;
         // The files of a test failover still being written would go under its job.
-        let (store, v) = (self.ctx.store.clone(), vm.clone());
-        let writing =
-            blocking(move || store.running_job(&v, &[JobKind::TestFailover])).await?.map_err(store_status)?;
+        let writing = self.ctx.jobs.running(&vm, &[JobKind::TestFailover]).await?;
+        let store = self.ctx.store.clone();
+        blocking(move || store.room_for_recovery("a test failover's cleanup")).await?;
         if let Some(j) = writing {
             return Err(Status::failed_precondition(format!(
                 "the test failover of VM {vm} is still being written (job {}); clean up once it has ended \
@@ -571,6 +571,8 @@ impl pb::admin_server::Admin for AdminService {
         let vm = vm_arg(&req.into_inner().vm)?;
         self.known_vm(&vm).await?;
         let state = self.state(&vm).await?;
+        let store = self.ctx.store.clone();
+        blocking(move || store.room_for_recovery("a commit")).await?;
         if state == VmState::FailedBack {
             let point = crate::failback::commit_failback(&self.ctx, &vm).await?;
             return Ok(Response::new(pb::CommitReply { point: point.0, ..Default::default() }));

@@ -487,10 +487,7 @@ pub async fn cancel_reprotect(
     vm: &VmName,
     force: bool,
 ) -> Result<pb::CancelReprotectReply, Status> {
-    let (store, v) = (ctx.store.clone(), vm.clone());
-    let running = blocking(move || store.running_job(&v, &[JobKind::Failback, JobKind::FailbackDrill]))
-        .await?
-        .map_err(store_status)?;
+    let running = ctx.jobs.running(vm, &[JobKind::Failback, JobKind::FailbackDrill]).await?;
     if let Some(j) = running {
         return Err(Status::failed_precondition(format!(
             "a {} of VM {vm} is running (job {}); cancel the reprotect once it has ended (`drctl jobs --wait {}`)",

@@ -59,11 +59,39 @@ fn vm_health(ctx: &Ctx, vm: &VmName) -> Result<Health, tern_store::StoreError> {
     Ok(with_concern(h, concern(ctx, vm).is_some()))
 }
 
-/// What is wrong on the agent's side that replication goes on despite: its state directory
-/// cannot be written, so it sends again what it cannot vouch for and a restart of it
-/// compares the disks in full. A warning, not critical: every point is still whole.
+/// What replication goes on despite, a warning, not critical (every point is still whole):
+/// the agent's state directory cannot be written (it sends again what it cannot vouch for,
+/// and a restart of it compares the disks in full), or the process server's data directory
+/// is close to full.
 pub fn concern(ctx: &Ctx, vm: &VmName) -> Option<String> {
-    ctx.hub.agent_problem(vm).filter(|_| ctx.store.vm_state(vm).is_ok_and(|s| s.takes_replication()))
+    let replicates = || ctx.store.vm_state(vm).is_ok_and(|s| s.takes_replication());
+    ctx.hub.agent_problem(vm).or_else(|| low_space(ctx)).filter(|_| replicates())
+}
+
+/// The data directory close to full: less free than the space reserve's size, or the
+/// reserve given up. Said before a write fails (W16: health stayed normal on a file system
+/// 100 % full until a record could not be written).
+fn low_space(ctx: &Ctx) -> Option<String> {
+    let reserve = ctx.store.reserve();
+    if reserve.bytes() == 0 {
+        return None;
+    }
+    let free = tern_store::reserve::free_bytes(&ctx.data_dir).ok()?;
+    let dir = ctx.data_dir.display();
+    if !reserve.held() {
+        return Some(format!(
+            "the process server's data directory {dir} filled: its space reserve is given up and new records \
+             wait until {} bytes are free ({free} now); free space there, give it more, or shorten retention",
+            reserve.bytes()
+        ));
+    }
+    (free < reserve.bytes()).then(|| {
+        format!(
+            "the process server's data directory {dir} has {free} bytes free, less than its space reserve's {}: \
+             once it is full, replication stops until retention frees space; free space there or give it more",
+            reserve.bytes()
+        )
+    })
 }
 
 /// `h`, at least a warning when there is a [`concern`].

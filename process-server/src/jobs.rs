@@ -25,6 +25,22 @@ impl Jobs {
         Arc::new(Jobs { store, live: Mutex::new(HashMap::new()) })
     }
 
+    /// The running job of `vm` of one of `kinds`: the catalog's, less one that ended while
+    /// its last row could not be written (a full file system), which the catalog still
+    /// shows running.
+    pub async fn running(
+        &self,
+        vm: &VmName,
+        kinds: &'static [JobKind],
+    ) -> Result<Option<JobRow>, tonic::Status> {
+        let (store, v) = (self.store.clone(), vm.clone());
+        let row = crate::admin::blocking(move || store.running_job(&v, kinds))
+            .await?
+            .map_err(crate::store_status)?;
+        let live = lock(&self.live);
+        Ok(row.filter(|r| live.get(&r.id).is_none_or(|l| l.state == JobState::Running)))
+    }
+
     /// Records a new running job (in the catalog, on the blocking pool). The end of a job
     /// whose last row could not be written (a full file system) is written first.
     pub async fn start(self: &Arc<Self>, kind: JobKind, vm: &VmName) -> Result<Job, tonic::Status> {
@@ -33,6 +49,9 @@ impl Jobs {
             lock(&self.live).values().filter(|r| r.state != JobState::Running).cloned().collect();
         let (store, v, jobs) = (self.store.clone(), vm.clone(), self.clone());
         let id = crate::admin::blocking(move || {
+            if kind != JobKind::InitialSync {
+                store.room_for_recovery(&format!("a {kind} job"));
+            }
             for row in ended {
                 if store.update_job(&row).is_ok() {
                     lock(&jobs.live).remove(&row.id);

@@ -210,6 +210,7 @@ async fn send_all_hashes(
         };
         if let Err(e) = sent {
             warn!(vm = %vm, disk = %h.name, error = %e.message(), "cannot send block hashes; the session ends");
+            count_error(&vm, &e);
             ctx.hub.fail_session(&vm, e.message());
             let _ = out.send(Err(e)).await;
             cancel.cancel();
@@ -610,7 +611,21 @@ async fn send_hashes(
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(store_status)?;
+            .map_err(|e| {
+                if !e.is_storage_full() {
+                    return store_status(e);
+                }
+                // Said with what it takes (W16: "no space left" alone, while freeing a few
+                // MB did not help).
+                Status::resource_exhausted(format!(
+                    "the process server's storage is full ({e}): the agent of VM {} compares disk {} with this \
+                     server's copy, which takes a scratch copy of every block written since the base image \
+                     (up to {} bytes, the disk's size) in its data directory's tmp/. Free that much space, or \
+                     shorten the VM's retention (`drctl policy set {} --retention ...`) so that retention \
+                     folds the journal; nothing acknowledged is lost, and replication resumes once there is room",
+                    h.vm, h.name, h.size, h.vm
+                ))
+            })?;
         }
     }
     info!(vm = %h.vm, disk = %h.name, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),

@@ -247,14 +247,18 @@ impl Store {
             })
             .sum();
         let free = crate::reserve::free_bytes(&scratch)?;
-        if free < need.saturating_add(self.reserve().bytes()) {
+        let (reserve, want) = (self.reserve().bytes(), need.saturating_add(self.reserve().bytes()));
+        if free < want {
             return Err(StoreError::Io {
                 path: scratch.display().to_string(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::StorageFull,
                     format!(
-                        "rebuilding the point takes up to {need} bytes of scratch space beside the space \
-                         reserve, and {free} are free"
+                        "rebuilding the point takes up to {need} bytes of scratch space here (its disks' base \
+                         images and journals, at most their size), and {reserve} more stay free for the space \
+                         reserve (retention's room to fold); {free} are free: free another {} bytes, or verify \
+                         once retention has folded older points",
+                        want - free
                     ),
                 ),
             });

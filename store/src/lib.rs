@@ -491,6 +491,10 @@ pub struct FailoverOutput {
     pub disks: Vec<OutputDisk>,
 }
 
+/// Free space under which a recovery action gives up the space reserve for its catalog
+/// rows ([`Store::room_for_recovery`]).
+pub const RECOVERY_ROOM: u64 = 8 << 20;
+
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
@@ -613,6 +617,23 @@ impl Store {
     /// The data directory's space reserve.
     pub fn reserve(&self) -> &reserve::Reserve {
         &self.reserve
+    }
+
+    /// Room for the catalog rows of a recovery action (a failover, a test failover, a
+    /// change of point, a commit, a failback, a plan's step) on a data directory that is
+    /// full or nearly: the space reserve is given up when less than [`RECOVERY_ROOM`] is
+    /// free. New journal records still wait while it is given up (see [`reserve`]): its
+    /// room goes to the catalog and to retention, not to replication. A failover must not
+    /// be refused for want of a few KiB while the reserve sits there.
+    pub fn room_for_recovery(&self, what: &str) {
+        self.reserve.recheck();
+        if self.reserve.held()
+            && let Ok(free) = reserve::free_bytes(&self.root)
+            && free < RECOVERY_ROOM
+            && let Err(e) = self.reserve.release(&format!("for the catalog rows of {what}"))
+        {
+            tracing::warn!(error = %e, "cannot give up the space reserve for {what}");
+        }
     }
 
     /// Why a VM's stored data could not be opened, if it could not.

@@ -131,9 +131,10 @@ impl Reserve {
         Ok(true)
     }
 
-    /// Gives the file up (the file system is full and retention needs room to fold);
-    /// returns whether it was held.
-    pub fn release(&self) -> Result<bool, StoreError> {
+    /// Gives the file up (the file system is full: retention needs room to fold, or a
+    /// recovery action room for its catalog rows), saying `why` in the log; returns whether
+    /// it was held.
+    pub fn release(&self, why: &str) -> Result<bool, StoreError> {
         let _one = self.change.lock().unwrap_or_else(|p| p.into_inner());
         if self.bytes == 0 || !self.held.load(Ordering::Acquire) {
             return Ok(false);
@@ -143,8 +144,8 @@ impl Reserve {
         self.held.store(false, Ordering::Release);
         sync_dir(&self.dir)?;
         tracing::warn!(path = %path.display(), bytes = self.bytes,
-            "the data directory is full: its space reserve is given up so that retention can fold the \
-             journal and free space; new records wait until there is room again");
+            "the data directory is full: its space reserve is given up {why}; new records wait until there \
+             is room again");
         Ok(true)
     }
 
@@ -226,9 +227,9 @@ mod tests {
         assert!(r.held());
         assert_eq!(std::fs::metadata(r.path()).unwrap().len(), 1 << 20);
         r.admit().unwrap();
-        assert!(r.release().unwrap());
+        assert!(r.release("for a test").unwrap());
         assert!(!r.path().exists());
-        assert!(!r.release().unwrap(), "given up once");
+        assert!(!r.release("for a test").unwrap(), "given up once");
         // There is room: the next record's admission makes it again.
         r.admit().unwrap();
         assert!(r.held() && r.path().exists());

@@ -108,7 +108,12 @@ impl Store {
     pub fn apply_retention(&self, vm: &VmName, now_ms: i64) -> Result<RetentionReport, StoreError> {
         self.reserve.recheck();
         let report = match self.retention_pass(vm, now_ms) {
-            Err(e) if e.is_storage_full() && self.reserve.release()? => self.retention_pass(vm, now_ms),
+            Err(e)
+                if e.is_storage_full()
+                    && self.reserve.release("so that retention can fold the journal and free space")? =>
+            {
+                self.retention_pass(vm, now_ms)
+            }
             done => done,
         }?;
         if !self.reserve.held()
