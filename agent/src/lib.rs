@@ -165,7 +165,12 @@ async fn replicate(
             r = session::session(config.clone(), tracker.clone(), shutdown.clone(), &progress, &mut carried, distrust_saved) => r,
         };
         let relaxed = std::sync::atomic::Ordering::Relaxed;
-        distrust_saved = progress.resumed_past.load(relaxed) && !progress.saved.load(relaxed);
+        // Not after the server's storage filled: the comparison would have it make a scratch
+        // copy of every block written since its base image, room a full server lacks (W16:
+        // freeing 25 MB did not get replication going again), where going on from the saved
+        // state takes the room of the blocks past it only.
+        let full = matches!(&outcome, Err(s) if s.code() == tonic::Code::ResourceExhausted);
+        distrust_saved = progress.resumed_past.load(relaxed) && !progress.saved.load(relaxed) && !full;
         metrics::gauge!("tern_agent_connected", "vm" => config.vm.to_string()).set(0.0);
         match outcome {
             // Told to stand down (the VM failed over). In nbd mode the agent is the VM's
