@@ -505,6 +505,7 @@ impl pb::admin_server::Admin for AdminService {
             )));
         }
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
+        let claim = self.ctx.jobs.claim_output(&vm)?;
         let job = self
             .ctx
             .jobs
@@ -515,6 +516,7 @@ impl pb::admin_server::Admin for AdminService {
         let out_dir = std::path::PathBuf::from(&r.output);
         let shutdown_source = r.shutdown_source;
         self.ctx.tracker.spawn(async move {
+            let _claim = claim;
             match run_failover(&ctx, vm, kind, spec, out_dir, format, shutdown_source, &job).await {
                 Ok(output) => job.succeed(output).await,
                 Err(e) => job.fail(&e).await,
@@ -546,10 +548,12 @@ impl pb::admin_server::Admin for AdminService {
             )));
         }
         self.point_exists(&vm, &spec).await?;
+        let claim = self.ctx.jobs.claim_output(&vm)?;
         let job = self.ctx.jobs.start(JobKind::ChangePoint, &vm).await?;
         let id = job.id;
         let ctx = self.ctx.clone();
         self.ctx.tracker.spawn(async move {
+            let _claim = claim;
             job.phase("writing disks").await;
             let store = ctx.store.clone();
             let j = job.clone();

@@ -459,12 +459,20 @@ pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Sta
         .await?
         .map_err(store_status)?
         .ok_or_else(|| Status::internal("no reprotect record"))?;
-    let mut mt = master_target(ctx, &row.master_target).await.map_err(|e| {
-        Status::unavailable(format!("{}; its journal there is not released yet: retry", e.message()))
+    // W16: a master target that was down answered "Connection refused (os error 111)" alone.
+    let unreachable = |e: &Status| {
+        Status::unavailable(format!(
+            "cannot reach the master target at {} ({}); the failback stays done, and the VM's journal there \
+             is not released yet: start the master target and run `drctl commit {vm}` again",
+            row.master_target,
+            e.message()
+        ))
+    };
+    let mut mt = master_target(ctx, &row.master_target).await.map_err(|e| unreachable(&e))?;
+    mt.release(pb::ReleaseRequest { vm: vm.to_string() }).await.map_err(|e| {
+        ctx.relay.forget(&row.master_target, &e);
+        if crate::relay::transport_failure(&e) { unreachable(&e) } else { e }
     })?;
-    mt.release(pb::ReleaseRequest { vm: vm.to_string() })
-        .await
-        .inspect_err(|e| ctx.relay.forget(&row.master_target, e))?;
     let store = ctx.store.clone();
     let v = vm.clone();
     let point = blocking(move || store.commit_failback(&v)).await?.map_err(store_status)?;

@@ -106,6 +106,49 @@ pub fn output_cut_short(ctx: &Ctx, vm: &VmName, not_whole: Option<String>) -> Op
     not_whole.filter(|_| !ctx.jobs.writing_output(vm) && !ctx.plans.at_vm(vm))
 }
 
+/// A reprotected VM whose last failback failed once it had asked the recovered VM to shut
+/// down (a process server killed midway, a final pass or drain cut short): the recovered VM
+/// may be off, and with `--sync during` the target disks may be half written (W16: status
+/// said normal while the primary image's database was torn). Said until a failback or a
+/// failback drill runs again and succeeds, or the reprotect is cancelled.
+fn failback_cut_short(ctx: &Ctx, vm: &VmName) -> Option<String> {
+    use tern_core::{JobKind, JobState};
+    if !ctx.store.vm_state(vm).is_ok_and(|s| s == VmState::Reprotected)
+        || crate::lock(&ctx.failing_back).contains(vm)
+    {
+        return None;
+    }
+    let jobs = ctx.store.jobs().ok()?;
+    // A failback refused before the shutdown was asked for changed nothing.
+    let before_shutdown = |phase: &str| matches!(phase, "starting" | "checking the master target");
+    let ours = |j: &&tern_store::JobRow| j.vm == vm.as_str();
+    let last = jobs
+        .iter()
+        .filter(ours)
+        .filter(|j| j.kind == JobKind::Failback && !before_shutdown(&j.phase))
+        .max_by_key(|j| j.id)?;
+    let drilled_since = jobs
+        .iter()
+        .filter(ours)
+        .any(|j| j.kind == JobKind::FailbackDrill && j.id > last.id && j.state == JobState::Succeeded);
+    if last.state != JobState::Failed || drilled_since {
+        return None;
+    }
+    let during = ctx.store.reprotect(vm).is_ok_and(|r| r.is_some_and(|r| r.sync == SyncMode::During));
+    let torn = if during {
+        "; the target disks may hold part old and part new data: do not start the primary VM from them"
+    } else {
+        ""
+    };
+    Some(format!(
+        "the failback (job {}) was cut short in phase \"{}\" ({}): the recovered VM may be shut down{torn}; \
+         run `drctl failback {vm}` again (its shutdown hook must succeed on a VM already off), or, to stay on \
+         the recovery site, start the recovered VM again and run `drctl failback {vm} --drill` once it \
+         replicates",
+        last.id, last.phase, last.error
+    ))
+}
+
 /// Logs every change of a VM's health, every few seconds.
 pub async fn health_worker(ctx: Arc<Ctx>) {
     let mut last: HashMap<VmName, Health> = HashMap::new();
@@ -206,7 +249,8 @@ pub fn problem(ctx: &Ctx, vm: &VmName) -> Option<String> {
         .or_else(|| {
             ctx.scrub
                 .failure(vm, |point| ctx.store.points(vm).is_ok_and(|ps| ps.iter().any(|p| p.id.0 == point)))
-        })?;
+        })
+        .or_else(|| failback_cut_short(ctx, vm))?;
     // A full data directory that retention cannot free for a pinned point: shortening a
     // retention window does nothing then, freeing the pin does.
     if p.contains("storage is full")

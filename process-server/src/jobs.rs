@@ -18,11 +18,51 @@ pub struct Jobs {
     store: Arc<Store>,
     /// Running jobs (and an ended one whose last row could not be written).
     live: Mutex<HashMap<u64, JobRow>>,
+    /// VMs whose failover output a job is writing (see [`Jobs::claim_output`]).
+    writing: Mutex<std::collections::HashSet<VmName>>,
+}
+
+/// Held while a job writes a VM's failover output (a failover, a change of point).
+#[derive(Debug)]
+pub struct OutputClaim {
+    jobs: Arc<Jobs>,
+    vm: VmName,
+}
+
+impl Drop for OutputClaim {
+    fn drop(&mut self) {
+        lock(&self.jobs.writing).remove(&self.vm);
+    }
 }
 
 impl Jobs {
     pub fn new(store: Arc<Store>) -> Arc<Jobs> {
-        Arc::new(Jobs { store, live: Mutex::new(HashMap::new()) })
+        Arc::new(Jobs { store, live: Mutex::new(HashMap::new()), writing: Mutex::default() })
+    }
+
+    /// One job at a time writes a VM's failover output: a second change of point started
+    /// while one runs (or one while the failover writes) would write the same files (W16:
+    /// two at once both failed, and the output was gone). Refused, naming the running job.
+    pub fn claim_output(self: &Arc<Self>, vm: &VmName) -> Result<OutputClaim, tonic::Status> {
+        if lock(&self.writing).insert(vm.clone()) {
+            return Ok(OutputClaim { jobs: self.clone(), vm: vm.clone() });
+        }
+        let running = lock(&self.live)
+            .values()
+            .find(|r| {
+                r.state == JobState::Running
+                    && r.vm == vm.as_str()
+                    && matches!(
+                        r.kind,
+                        JobKind::PlannedFailover | JobKind::UnplannedFailover | JobKind::ChangePoint
+                    )
+            })
+            .map(|r| format!(" (job {}, a {}: `drctl jobs --wait {}`)", r.id, r.kind, r.id))
+            .unwrap_or_default();
+        Err(tonic::Status::failed_precondition(format!(
+            "the disks of VM {vm}'s failover are being written already{running}; nothing changed: run this \
+             again once that has ended"
+        )))
     }
 
     /// The running job of `vm` of one of `kinds`: the catalog's, less one that ended while

@@ -419,3 +419,44 @@ fn an_agent_killed_while_frozen_thaws_when_it_starts_again() {
     std::fs::write(mnt.join("after.txt"), b"the file system takes writes").unwrap();
     assert!(!state.join("frozen").exists(), "removed after each thaw");
 }
+
+/// Changes of point started together write the failover's disks one at a time: the others
+/// are refused at once, saying which job writes (W16: two at once both failed, one removing
+/// the other's file, and the output was gone until a third ran alone).
+#[test]
+fn changes_of_point_started_together_are_one_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (server, mut agent, disk) = setup(root, "cc", &[], &[]);
+    let p1 = server.checkpoint("cc");
+    let h1 = b3(&disk, None);
+    scatter_writes(&disk, 0.05, 43);
+    server.checkpoint("cc");
+    agent.kill9();
+    let out = root.join("failover");
+    server.drctl_json(&["failover", "cc", "--kind", "unplanned", "--output", out.to_str().unwrap()]);
+    let (url, admin) = (server.url(), server.admin());
+    let p1 = id(&p1);
+    let outs: Vec<std::process::Output> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| drctl_as(&url, &admin, &["change-point", "cc", "--point", &p1, "--json"])))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let mut done = 0;
+    for o in &outs {
+        if o.status.success() {
+            done += 1;
+            continue;
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(6), "{err}");
+        assert!(err.contains("being written already") && err.contains("nothing changed"), "{err}");
+    }
+    assert!(done >= 1, "{outs:?}");
+    assert_eq!(b3(&out.join("sda.raw"), None), h1);
+    let jobs = server.drctl_json(&["jobs"]);
+    assert!(jobs.as_array().unwrap().iter().all(|j| j["state"] == "succeeded"), "{jobs}");
+    let s = server.status("cc");
+    assert_ne!(s["health"], "critical", "{s}");
+}
