@@ -48,6 +48,9 @@ struct NoCut {
     lasting: bool,
 }
 
+/// Scheduled points missed in a row (the disks kept changing) before the server is told,
+/// which shows it in status until a point is made.
+const MISSES_TOLD: u32 = 3;
 /// The longest the process server may take to answer a session's opening call.
 const OPEN_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often a long scan-mode pass says how far it has come.
@@ -290,6 +293,8 @@ struct Session {
     problem_told: String,
     /// When the state directory was last tried after a table failed.
     probed_at: Option<Instant>,
+    /// Scheduled points missed in a row for want of a consistent cut.
+    missed: u32,
 }
 
 impl Session {
@@ -322,6 +327,7 @@ impl Session {
             due_crash: now,
             due_app: now,
             awaiting_point: None,
+            missed: 0,
             stood_down: false,
             feeds: std::sync::Mutex::new(Vec::new()),
             shared: None,
@@ -759,10 +765,17 @@ impl Session {
                 // A scheduled point that cannot be made until someone acts (a block device
                 // whose freeze fails) is told too (request 0): the server shows it in
                 // status until a point is made (it made no point for ever while status said
-                // normal). A cut missed on busy disks is not: the next may be had.
+                // normal). A cut missed on busy disks is not, the next may be had; but
+                // missed MISSES_TOLD times in a row it is (W16: a steady writer without a
+                // freeze hook made no point while status said normal until the RPO threshold).
                 if requests.is_empty() {
+                    self.missed += 1;
                     if lasting {
                         self.point_failed(0, reason).await?;
+                    } else if self.missed >= MISSES_TOLD {
+                        let n = self.missed;
+                        self.point_failed(0, format!("{reason} ({n} scheduled points missed in a row)"))
+                            .await?;
                     }
                 } else {
                     for (id, _) in requests {
@@ -772,6 +785,7 @@ impl Session {
                 return Ok(());
             }
         };
+        self.missed = 0;
         let consistency = if frozen { pb::Consistency::App } else { pb::Consistency::Crash };
         if final_point.is_some() {
             note = "final point after the source was shut down".into();

@@ -460,3 +460,40 @@ fn changes_of_point_started_together_are_one_at_a_time() {
     let s = server.status("cc");
     assert_ne!(s["health"], "critical", "{s}");
 }
+
+/// Disks that keep changing through every pass, without a freeze hook, make no point: after
+/// a few scheduled points missed in a row status says so and why (W16: normal until the RPO
+/// threshold), and the next point made clears it.
+#[test]
+fn points_missed_in_a_row_on_busy_disks_are_shown() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (server, _agent, disk) = setup(root, "busy", &[], &[]);
+    server.checkpoint("busy");
+    server.drctl_json(&["policy", "set", "busy", "--crash-interval", "1s"]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+            let mut page = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all_at(&[page as u8; 4096], (page % 4096) * 4096).unwrap();
+                page += 7;
+                std::thread::sleep(Duration::from_micros(300));
+            }
+        });
+        let s = deadline_poll("the missed points in status", Duration::from_secs(60), || {
+            let s = server.status("busy");
+            s["error"].as_str().is_some_and(|e| e.contains("missed in a row")).then_some(s)
+        });
+        let why = s["error"].as_str().unwrap();
+        assert!(why.contains("the agent makes no point") && why.contains("--freeze"), "{s}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    deadline_poll("a point to clear it", Duration::from_secs(30), || {
+        server.status("busy")["error"].is_null().then_some(())
+    });
+    let p = server.checkpoint("busy");
+    crate::faults::assert_point_recovers(&server, root, "busy", &p, &b3(&disk, None));
+}
