@@ -190,6 +190,7 @@ impl AdminService {
             error,
             group,
             test_failover: test.map(|t| pb::OpenTestFailover { point: t.point.0, output: t.output }),
+            job: self.ctx.jobs.running_of(&vm),
         })
     }
 }

@@ -131,6 +131,17 @@ impl Jobs {
         })
     }
 
+    /// The newest job running for `vm`, as `list` shows it (W16: status kept showing
+    /// `reprotected` through a failback; only `drctl jobs` had it).
+    pub fn running_of(&self, vm: &VmName) -> Option<pb::JobInfo> {
+        let id = lock(&self.live)
+            .values()
+            .filter(|r| r.state == JobState::Running && r.vm == vm.as_str())
+            .map(|r| r.id)
+            .max()?;
+        self.list(id).ok()?.into_iter().next()
+    }
+
     /// Jobs, oldest first; `id` 0 for all.
     pub fn list(&self, id: u64) -> Result<Vec<pb::JobInfo>, tern_store::StoreError> {
         let rows = self.store.jobs()?;

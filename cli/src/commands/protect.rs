@@ -4,8 +4,8 @@ use crate::Drctl;
 use crate::args::Enroll;
 use crate::error::CliError;
 use crate::output::{
-    dur, health_name, human_bytes, point_json, policy_json, print_json, print_point, refuse_existing_file,
-    state_name, status_json,
+    dur, health_name, human_bytes, job_kind, point_json, policy_json, print_json, print_point,
+    refuse_existing_file, state_name, status_json,
 };
 use serde_json::{Value, json};
 use tern_proto as pb;
@@ -237,6 +237,14 @@ fn print_disks(vms: &[pb::VmStatus]) {
                     &format!(", backlog {}, hot {}", human_bytes(d.backlog_bytes), human_bytes(d.hot_bytes));
             }
             out!("{line}");
+        }
+        if let Some(j) = &s.job {
+            let mut line = format!("  job {} ({}) running: {}", j.id, job_kind(j), j.phase);
+            if j.total > 0 {
+                let pct = u128::from(j.done.min(j.total)) * 1000 / u128::from(j.total);
+                line += &format!(", {}.{}%", pct / 10, pct % 10);
+            }
+            out!("{line} (`drctl jobs --wait {}` follows it)", j.id);
         }
         if let Some(t) = &s.test_failover {
             out!(

@@ -692,6 +692,11 @@ fn recovered_agent_killed_during_the_failback_final_pass() {
     // final point onto the same disk.
     let err = server.drctl_err(&["failback", "a"]);
     assert!(err.contains("running already"), "{err}");
+    // Status shows the failback running, its phase and how far (W16: only `drctl jobs` did).
+    let s = server.status("a");
+    assert_eq!(s["job"]["kind"], "failback", "{s}");
+    let text = String::from_utf8_lossy(&server.drctl(&["status", "a"]).stdout).to_string();
+    assert!(text.contains("(failback) running: shutting down the recovered VM"), "{text}");
     rec.kill9();
     let done = failback.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&done.stderr);
