@@ -430,7 +430,7 @@ struct Progress {
     welcomed: std::sync::atomic::AtomicBool,
     acked: Arc<std::sync::atomic::AtomicBool>,
     /// Scan mode: the session went on from a saved state that the server holds records
-    /// past (the blocks they wrote are sent again).
+    /// past, and sends blocks they wrote again whole (without the server's page values).
     resumed_past: std::sync::atomic::AtomicBool,
     /// The saved state was written in this session (a point acked, or a pass's progress).
     saved: Arc<std::sync::atomic::AtomicBool>,
@@ -456,14 +456,16 @@ fn now_ms() -> i64 {
 /// server's copy, zeroes for a new copy, the server's hashes (filled in afterwards) when it
 /// sends them, and "unknown" (send everything with data) otherwise.
 /// The second value tells, per disk, whether its saved state was trusted (then only what
-/// changed since it was committed needs comparing).
+/// changed since it was committed needs comparing); the third, whether blocks that records
+/// past a trusted state wrote are sent whole (forgotten, without the server's page values).
 fn choose_states(
     config: &Config,
     welcome: &pb::Welcome,
     saved: Vec<Option<DiskState>>,
-) -> std::io::Result<(Vec<DiskState>, Vec<bool>)> {
+) -> std::io::Result<(Vec<DiskState>, Vec<bool>, bool)> {
     let mut states = Vec::with_capacity(config.disks.len());
     let mut resumed = Vec::with_capacity(config.disks.len());
+    let mut resent = false;
     for (d, saved) in config.disks.iter().zip(saved) {
         let w = welcome.disks.iter().find(|w| w.name == d.name.as_str());
         let (generation, durable) = w.map_or((String::new(), 0), |w| (w.generation.clone(), w.durable_seq));
@@ -475,13 +477,22 @@ fn choose_states(
         let state = match saved {
             Some(mut s) if trusted && s.generation == generation && s.seq.0 <= durable => {
                 let doubtful = w.map_or(&[][..], |w| &w.doubtful[..]);
-                let forgotten = s.forget(doubtful.iter().map(|r| (r.offset, r.length)));
+                let pages = w.map(|w| server_pages(&w.doubtful_pages)).unwrap_or_default();
+                let (kept, forgotten) =
+                    s.forget_but_pages(doubtful.iter().map(|r| (r.offset, r.length)), &pages);
                 if forgotten > 0 {
                     info!(disk = %d.name, blocks = forgotten, state_seq = s.seq.0, durable,
                         "the server holds records past the saved state; sending the blocks they wrote again (read anew)");
-                } else {
+                }
+                if kept > 0 {
+                    info!(disk = %d.name, blocks = kept, state_seq = s.seq.0, durable,
+                        "the server holds records past the saved state; comparing the pages they wrote with the \
+                         server's, page by page");
+                }
+                if kept + forgotten == 0 {
                     info!(disk = %d.name, "saved state matches the server's copy; sending only changes");
                 }
+                resent |= forgotten > 0;
                 s
             }
             _ if welcome.hashes_follow.iter().any(|h| h == d.name.as_str()) => {
@@ -495,7 +506,18 @@ fn choose_states(
         };
         states.push(state);
     }
-    Ok((states, resumed))
+    Ok((states, resumed, resent))
+}
+
+/// `DiskState.doubtful_pages`: page index to the server's page value.
+fn server_pages(bytes: &[u8]) -> std::collections::HashMap<u64, tern_core::Digest> {
+    bytes
+        .chunks_exact(40)
+        .filter_map(|c| {
+            let (index, value) = c.split_at(8);
+            Some((u64::from_be_bytes(index.try_into().ok()?), tern_core::Digest::from_slice(value)?))
+        })
+        .collect()
 }
 
 /// A point is acked: each disk's state vouches for its seq from now on. False when a

@@ -500,10 +500,11 @@ impl Session {
         // where a refusal would stop the agent for good (exit 3, which its unit does not
         // restart: a full /var at the first start stopped it so).
         let dir = self.config.state_dir.clone();
-        match choose_states(&self.config, &welcome, saved) {
-            Ok(chosen) => {
+        let resent = match choose_states(&self.config, &welcome, saved) {
+            Ok((states, resumed, resent)) => {
                 crate::state::note_write(&dir, None);
-                (self.states, self.resumed) = chosen;
+                (self.states, self.resumed) = (states, resumed);
+                resent
             }
             Err(e) => {
                 crate::state::note_write(&dir, Some(format!("{}: {e}", dir.display())));
@@ -514,14 +515,13 @@ impl Session {
                 ))
                 .into());
             }
-        }
+        };
         if self.tracker.is_some() {
             self.regions = doubtful_regions(&welcome, &self.config, &self.resumed);
         } else {
-            let past = self.config.disks.iter().zip(&self.resumed).any(|(d, &resumed)| {
-                resumed && welcome.disks.iter().any(|w| w.name == d.name.as_str() && !w.doubtful.is_empty())
-            });
-            progress.resumed_past.store(past, std::sync::atomic::Ordering::Relaxed);
+            // Blocks compared with the server's page values are not sent again whole: only
+            // forgotten ones make a cut before the next save worth a compare of the disk.
+            progress.resumed_past.store(resent, std::sync::atomic::Ordering::Relaxed);
         }
         // The first pass compares with the receiver's block hashes as they arrive.
         for d in &self.config.disks {

@@ -423,6 +423,51 @@ impl DiskState {
         n
     }
 
+    /// [`DiskState::forget`], but a block keeps its entry, with the receiver's values in
+    /// place of its doubtful pages, when `pages` (page index to the receiver's value, see
+    /// `DiskState.doubtful_pages`) has every page of it that the ranges touch and its entry
+    /// holds page values (a full block, neither unknown nor coarse): the entry then
+    /// describes the receiver's copy, and the next pass sends only the pages that differ.
+    /// Returns the blocks kept so and the blocks forgotten.
+    pub fn forget_but_pages(
+        &mut self,
+        ranges: impl Iterator<Item = (u64, u64)>,
+        pages: &std::collections::HashMap<u64, tern_core::Digest>,
+    ) -> (usize, usize) {
+        use tern_core::blocks::{BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK, with_pages};
+        let (block, page) = (BLOCK_SIZE as u64, PAGE_SIZE as u64);
+        // Per block, the pages the ranges touch.
+        let mut touched: std::collections::BTreeMap<u64, u16> = std::collections::BTreeMap::new();
+        for (offset, length) in ranges {
+            let end = offset.saturating_add(length).min(self.blocks * block);
+            for p in offset / page..end.div_ceil(page) {
+                *touched.entry(p / PAGES_PER_BLOCK as u64).or_default() |= 1 << (p % PAGES_PER_BLOCK as u64);
+            }
+        }
+        let (mut kept, mut forgotten) = (0, 0);
+        let full_blocks = self.size / block;
+        for (b, mask) in touched {
+            let old = self.get(b);
+            let usable = b < full_blocks && old != UNKNOWN && !old.pages.contains(&tern_core::Digest::ZERO);
+            let changed: Option<Vec<(usize, tern_core::Digest)>> = (0..PAGES_PER_BLOCK)
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| pages.get(&(b * PAGES_PER_BLOCK as u64 + i as u64)).map(|v| (i, *v)))
+                .collect();
+            match changed.filter(|_| usable) {
+                Some(changed) => {
+                    self.set(b, with_pages(&old, &changed));
+                    kept += 1;
+                }
+                None if old != UNKNOWN => {
+                    self.set(b, UNKNOWN);
+                    forgotten += 1;
+                }
+                None => {}
+            }
+        }
+        (kept, forgotten)
+    }
+
     /// The receiver has made everything up to `seq` durable (a point was acked): the table
     /// vouches for it from now on. Writes only the entries changed since the last commit.
     pub fn commit(&mut self, seq: Seq) -> Result<(), String> {
@@ -929,5 +974,44 @@ mod tests {
         assert_eq!(s.forget([(65536, 1)].into_iter()), 0, "already unknown");
         assert_eq!(s.get(1), UNKNOWN);
         assert_eq!(s.get(3), zero_block(65536));
+    }
+
+    /// A doubtful block keeps its entry, with the receiver's pages in place, when every
+    /// doubtful page of it has the receiver's value; else it is forgotten, as is an entry
+    /// without page values, and a page given but not doubtful is not taken.
+    #[test]
+    fn forget_but_pages_keeps_blocks_whose_doubtful_pages_the_receiver_gave() {
+        use tern_core::blocks::{hash_block, page_value, with_pages};
+        let dir = tempfile::tempdir().unwrap();
+        // Four full blocks and a short one.
+        let mut s = DiskState::zeroes(&dir.path().join("s"), 4 * 65536 + 8192, "g").unwrap();
+        for b in 0..4 {
+            s.set(b, data_block(b as u8 + 1));
+        }
+        s.commit(Seq(1)).unwrap();
+        let coarse = BlockHashes { block: data_block(9).block, pages: [tern_core::Digest::ZERO; 16] };
+        s.set(3, coarse);
+        let new_page = page_value(&[7u8; 4096], 1);
+        let pages: std::collections::HashMap<u64, tern_core::Digest> = [
+            (1, new_page),                             // block 0, page 1
+            (17, page_value(&[8u8; 4096], 1)),         // block 1, page 1 (page 2 missing)
+            (2 * 16 + 5, page_value(&[9u8; 4096], 5)), // block 2: given, not doubtful
+            (3 * 16, page_value(&[9u8; 4096], 0)),     // block 3: coarse entry
+            (64, page_value(&[9u8; 4096], 0)),         // the short block
+        ]
+        .into_iter()
+        .collect();
+        let ranges = [(4096, 4096), (65536 + 4096, 8192), (3 * 65536, 4096), (4 * 65536, 4096)];
+        let (kept, forgotten) = s.forget_but_pages(ranges.into_iter(), &pages);
+        assert_eq!((kept, forgotten), (1, 3));
+        assert_eq!(s.get(0), with_pages(&data_block(1), &[(1, new_page)]));
+        // What the receiver holds, byte for byte: block 0 with page 1 rewritten.
+        let mut bytes = vec![1u8; 65536];
+        bytes[4096..8192].fill(7);
+        assert_eq!(s.get(0).block, hash_block(&bytes).block);
+        assert_eq!(s.get(1), UNKNOWN, "page 2 of block 1 was not given");
+        assert_eq!(s.get(2), data_block(3), "not doubtful: unchanged");
+        assert_eq!(s.get(3), UNKNOWN, "a coarse entry cannot take pages");
+        assert_eq!(s.get(4), UNKNOWN, "the short block's pages do not merge");
     }
 }

@@ -358,6 +358,7 @@ impl pb::replication_server::Replication for RelayService {
                     durable_seq: durable.0,
                     generation: h.generation(),
                     doubtful: Vec::new(),
+                    doubtful_pages: Vec::new(),
                     state_invalid: false,
                 })
                 .collect(),

@@ -186,11 +186,13 @@ fn welcome_of(a: &Admitted, hashes_follow: &[(Arc<DiskHandle>, HashSource)]) -> 
                 generation: h.generation(),
                 state_invalid: doubtful.is_none(),
                 doubtful: doubtful
-                    .clone()
+                    .as_ref()
+                    .map(|d| &d.ranges[..])
                     .unwrap_or_default()
-                    .into_iter()
-                    .map(|(a, b)| tern_proto::ByteRange { offset: a, length: b - a })
+                    .iter()
+                    .map(|&(a, b)| tern_proto::ByteRange { offset: a, length: b - a })
                     .collect(),
+                doubtful_pages: doubtful.as_ref().map(|d| d.pages.clone()).unwrap_or_default(),
             })
             .collect(),
         interval_ms: 0,
@@ -222,8 +224,8 @@ async fn send_all_hashes(
 /// What a session starts from once its agent is admitted.
 struct Admitted {
     handles: Vec<Arc<DiskHandle>>,
-    /// Per disk, the ranges the agent's state cannot vouch for (see [`doubtful_ranges`]).
-    doubtful: Vec<Option<Vec<(u64, u64)>>>,
+    /// Per disk, what the agent's state cannot vouch for (see [`doubtful_ranges`]).
+    doubtful: Vec<Option<Doubtful>>,
     policy: tern_store::Policy,
     reprotect: Option<tern_store::ReprotectRow>,
 }
@@ -401,32 +403,50 @@ fn admit(
 
 /// Doubtful ranges past this many make the agent's state worthless: it compares every block.
 const MAX_DOUBTFUL_RANGES: usize = 1 << 16;
+/// Records past the agent's state holding more data than this are not read for their page
+/// values (the Welcome carries 40 bytes per page: 2.5 MiB at this bound); their blocks are
+/// forgotten and sent whole.
+const MAX_DOUBTFUL_PAGE_BYTES: u64 = 256 << 20;
+
+/// What the agent's saved state cannot vouch for: the byte ranges records past it wrote,
+/// and the server's values of the pages they wrote (`DiskState.doubtful_pages`; empty when
+/// they could not be had).
+struct Doubtful {
+    ranges: Vec<(u64, u64)>,
+    pages: Vec<u8>,
+}
 
 /// Whether the agent's saved state (generation, seq) can go on describing the server's copy
 /// of `h`, and if so the byte ranges it cannot vouch for: those that records past its seq
 /// wrote (a pass cut short by a crash or a dropped link, or a point whose ack was lost).
-/// The agent forgets those blocks and compares them again, so a page the VM wrote back to
-/// its old value after the cut is resent. `None`: the state is of no use (another copy,
-/// ahead of the server, or records past it already folded into the base image).
+/// The agent compares those blocks again with the values of the pages the records left
+/// (so a page the VM wrote back to its old value after the cut is resent, and one the
+/// server holds is not), or, without those values, forgets them and sends them whole.
+/// `None`: the state is of no use (another copy, ahead of the server, or records past it
+/// already folded into the base image).
 fn doubtful_ranges(
     store: &tern_store::Store,
     h: &DiskHandle,
     agent: Option<&(String, u64)>,
-) -> Option<Vec<(u64, u64)>> {
+) -> Option<Doubtful> {
     let durable = h.durable();
     let (generation, seq) = agent?;
     if *generation != h.generation() || Seq(*seq) > durable {
         return None;
     }
     if Seq(*seq) == durable {
-        return Some(Vec::new());
+        return Some(Doubtful { ranges: Vec::new(), pages: Vec::new() });
     }
-    let ranges = store.written_after(h, Seq(*seq), durable);
-    if let Some(r) = &ranges {
-        info!(vm = %h.vm, disk = %h.name, agent_seq = seq, durable = %durable, ranges = r.len(),
-            "records past the agent's saved state: it compares those ranges again");
+    let ranges = store.written_after(h, Seq(*seq), durable).filter(|r| r.len() <= MAX_DOUBTFUL_RANGES)?;
+    let values = store.page_values_after(h, Seq(*seq), durable, MAX_DOUBTFUL_PAGE_BYTES).unwrap_or_default();
+    info!(vm = %h.vm, disk = %h.name, agent_seq = seq, durable = %durable, ranges = ranges.len(), pages = values.len(),
+        "records past the agent's saved state: it compares those ranges again");
+    let mut pages = Vec::with_capacity(values.len() * 40);
+    for (p, v) in values {
+        pages.extend_from_slice(&p.to_be_bytes());
+        pages.extend_from_slice(&v.0);
     }
-    ranges.filter(|r| r.len() <= MAX_DOUBTFUL_RANGES)
+    Some(Doubtful { ranges, pages })
 }
 
 /// Splits a request into its metadata (for authorisation) and the inbound stream.

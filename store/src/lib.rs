@@ -1294,6 +1294,80 @@ impl Store {
         Some(ranges)
     }
 
+    /// The page values ([`tern_core::blocks::page_value`]) of the full blocks' pages that
+    /// records `after < seq <= upto` wrote, as those records leave them (sorted by page
+    /// index): when every record writes whole 4 KiB pages (a scan-mode agent's), the last
+    /// to write a page gives all its bytes, so neither the records before `after` nor the
+    /// base image are read. A sender whose state stops at `after` keeps its entries of
+    /// those blocks with these pages in place, and compares them instead of sending them
+    /// whole. `None` when a record writes part of a page, when the records' data passes
+    /// `max_bytes`, when records past `after` were folded into the base image, or when they
+    /// do not read back.
+    pub fn page_values_after(
+        &self,
+        h: &DiskHandle,
+        after: Seq,
+        upto: Seq,
+        max_bytes: u64,
+    ) -> Option<Vec<(u64, Digest)>> {
+        use tern_core::blocks::{BLOCK_SIZE, PAGE_SIZE, PAGES_PER_BLOCK, page_value};
+        let (page, block) = (PAGE_SIZE as u64, BLOCK_SIZE as u64);
+        let snapshot = {
+            let j = h.journal();
+            if after < h.base_seq() {
+                return None;
+            }
+            j.snapshot()
+        };
+        // Pages of the disk's last, short block are left out: its page values are plain
+        // hashes that do not merge into its block hash.
+        let full_pages = h.size / block * block / page;
+        let zero = vec![0u8; PAGE_SIZE];
+        let mut values: std::collections::BTreeMap<u64, Digest> = std::collections::BTreeMap::new();
+        let mut dec = tern_core::codec::Decoder::new();
+        let mut bytes = 0u64;
+        for rec in snapshot.read_range(after, upto) {
+            let rec = rec.ok()?;
+            let r = &rec.record;
+            if !r.kind.is_data() {
+                continue;
+            }
+            let (offset, length) = (r.offset, u64::from(r.length));
+            let whole = offset % page == 0 && (length % page == 0 || offset + length == h.size);
+            bytes += length;
+            if !whole || bytes > max_bytes {
+                return None;
+            }
+            let plain = match r.kind {
+                RecordKind::Write if rec.plain_checked => None,
+                RecordKind::Write => {
+                    Some(dec.decode(r.compressed, &r.payload, r.length as usize, &r.digest).ok()?)
+                }
+                _ => None,
+            };
+            let data: Option<&[u8]> = match r.kind {
+                RecordKind::Write => Some(plain.as_deref().unwrap_or(&r.payload)),
+                _ => None,
+            };
+            for i in 0..length.div_ceil(page) {
+                let p = offset / page + i;
+                if p >= full_pages {
+                    break;
+                }
+                let at = usize::try_from(i * page).ok()?;
+                let content = match data {
+                    Some(d) => d.get(at..at + PAGE_SIZE)?,
+                    None => &zero[..],
+                };
+                values.insert(p, page_value(content, usize::try_from(p % PAGES_PER_BLOCK as u64).ok()?));
+            }
+        }
+        if h.base_seq() > after {
+            return None;
+        }
+        Some(values.into_iter().collect())
+    }
+
     /// Makes a recovery point: bookmarks in every disk's journal, fsynced, then the catalog.
     pub fn make_point(
         &self,
@@ -1818,6 +1892,54 @@ mod tests {
     use tern_core::blocks::Fingerprint;
 
     use crate::test_record as write;
+
+    /// The page values of what records past a sender's state wrote are those of the bytes
+    /// the last record to write each page left (compressed or plain, a zero record's
+    /// zeroes), for the pages of full blocks only; a record writing part of a page, or more
+    /// data than allowed, gives none.
+    #[test]
+    fn page_values_after_are_the_pages_the_last_records_left() {
+        use tern_core::blocks::{PAGE_SIZE, page_value};
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let vm = VmName::new("p").unwrap();
+        // Two full blocks and a short one of 32 KiB.
+        let size = (2 << 16) + (32 << 10);
+        let h = store.register(&vm, &[(DiskName::new("sda").unwrap(), size)]).unwrap().remove(0);
+        let noise: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        let zero = Record { kind: format::RecordKind::Zero, length: 4096, ..write(&[0u8; 0], 17 * 4096) };
+        let records = [
+            (1, write(&[0xAA; 8192], 0)),         // pages 0, 1 (before the sender's state)
+            (2, write(&[0xBB; 4096], 4096)),      // page 1 again
+            (3, write(&noise, 16 * 4096)),        // pages 16-18: block 1, compresses badly
+            (4, write(&[0xCC; 8192], 17 * 4096)), // pages 17, 18 again, compresses well
+            (5, zero),                            // page 17 zeroed
+            (6, write(&[0xDD; 4096], 32 * 4096)), // page 32: the short block, left out
+        ];
+        for (seq, r) in records {
+            h.journal().append(Seq(seq), &[r]).unwrap();
+        }
+        h.journal().sync().unwrap();
+        let v = |data: &[u8], page: usize| page_value(data, page % 16);
+        let want = vec![
+            (1, v(&[0xBB; 4096], 1)),
+            (16, v(&noise[..4096], 16)),
+            (17, v(&[0; 4096], 17)),
+            (18, v(&[0xCC; 4096], 18)),
+        ];
+        assert_eq!(store.page_values_after(&h, Seq(1), Seq(6), 1 << 20).unwrap(), want);
+        // From the start: page 0 too.
+        let all = store.page_values_after(&h, Seq(0), Seq(6), 1 << 20).unwrap();
+        assert_eq!(all[0], (0, v(&[0xAA; 4096], 0)));
+        assert_eq!(&all[1..], &want[..]);
+        // More data than allowed: none.
+        assert!(store.page_values_after(&h, Seq(1), Seq(6), 8192).is_none());
+        // A record that writes half a page: none.
+        h.journal().append(Seq(7), &[write(&[1u8; 2048], 2 * 4096 + 1024)]).unwrap();
+        h.journal().sync().unwrap();
+        assert!(store.page_values_after(&h, Seq(1), Seq(7), 1 << 20).is_none());
+        assert_eq!(store.page_values_after(&h, Seq(1), Seq(6), 1 << 20).unwrap(), want);
+    }
 
     /// A new session's doubtful ranges: segments this process wrote answer from their
     /// summaries, unread, with what the records' headers say; after a reopen the closed
