@@ -405,8 +405,6 @@ impl pb::admin_server::Admin for AdminService {
         self.known_vm(&vm).await?;
         // The files of a test failover still being written would go under its job.
         let writing = self.ctx.jobs.running(&vm, &[JobKind::TestFailover]).await?;
-        let store = self.ctx.store.clone();
-        blocking(move || store.room_for_recovery("a test failover's cleanup")).await?;
         if let Some(j) = writing {
             return Err(Status::failed_precondition(format!(
                 "the test failover of VM {vm} is still being written (job {}); clean up once it has ended \
@@ -416,7 +414,12 @@ impl pb::admin_server::Admin for AdminService {
         }
         let store = self.ctx.store.clone();
         let v = vm.clone();
-        let removed = blocking(move || store.test_failover_cleanup(&v)).await?.map_err(store_status)?;
+        let removed = blocking(move || {
+            store.room_for_recovery("a test failover's cleanup");
+            store.test_failover_cleanup(&v)
+        })
+        .await?
+        .map_err(store_status)?;
         info!(vm = %vm, files = removed.len(), "test failover cleaned up");
         Ok(Response::new(pb::CleanupReply { removed }))
     }
@@ -517,8 +520,10 @@ impl pb::admin_server::Admin for AdminService {
         let out_dir = std::path::PathBuf::from(&r.output);
         let shutdown_source = r.shutdown_source;
         self.ctx.tracker.spawn(async move {
-            let _claim = claim;
-            match run_failover(&ctx, vm, kind, spec, out_dir, format, shutdown_source, &job).await {
+            let done = run_failover(&ctx, vm, kind, spec, out_dir, format, shutdown_source, &job).await;
+            // The disks are written: the next change of point may start once the job ends.
+            drop(claim);
+            match done {
                 Ok(output) => job.succeed(output).await,
                 Err(e) => job.fail(&e).await,
             }
@@ -554,7 +559,6 @@ impl pb::admin_server::Admin for AdminService {
         let id = job.id;
         let ctx = self.ctx.clone();
         self.ctx.tracker.spawn(async move {
-            let _claim = claim;
             job.phase("writing disks").await;
             let store = ctx.store.clone();
             let j = job.clone();
@@ -562,6 +566,7 @@ impl pb::admin_server::Admin for AdminService {
                 store.change_point_noted(&vm, &spec, why, &mut |done, total| j.progress(done, total))
             })
             .await;
+            drop(claim);
             match res {
                 Ok(Ok(out)) => job.succeed(crate::jobs::output_of(&out)).await,
                 Ok(Err(e)) => job.fail(&e.to_string()).await,
@@ -576,8 +581,10 @@ impl pb::admin_server::Admin for AdminService {
         let vm = vm_arg(&req.into_inner().vm)?;
         self.known_vm(&vm).await?;
         let state = self.state(&vm).await?;
-        let store = self.ctx.store.clone();
-        blocking(move || store.room_for_recovery("a commit")).await?;
+        if matches!(state, VmState::FailedOver | VmState::FailedBack) {
+            let store = self.ctx.store.clone();
+            blocking(move || store.room_for_recovery("a commit")).await?;
+        }
         if state == VmState::FailedBack {
             let point = crate::failback::commit_failback(&self.ctx, &vm).await?;
             return Ok(Response::new(pb::CommitReply { point: point.0, ..Default::default() }));

@@ -13,6 +13,11 @@ use tern_store::{Policy, ReprotectRow, Transition};
 use tonic::Status;
 use tracing::{info, warn};
 
+/// The failback's phases before the recovered VM is asked to shut down: one that fails in
+/// them changed nothing.
+pub const BEFORE_SHUTDOWN: [&str; 3] = ["starting", "checking the master target", ASKING_SHUTDOWN];
+const ASKING_SHUTDOWN: &str = "asking the recovered VM's agent to shut it down";
+
 /// A failback whose drain makes no progress for this long fails (and can be run again).
 const DRAIN_STALL: Duration = Duration::from_secs(300);
 /// The agent's final pass may send nothing while the shutdown hook runs (the agent gives
@@ -212,15 +217,18 @@ pub async fn shut_down_recovered(
     crate::relay::master_target_alone(ctx, &row.master_target)
         .await
         .map_err(|e| format!("{}; the recovered VM was not shut down, nothing changed", e.message()))?;
+    // Until the request is out, nothing is shut down: a failback that fails here is not
+    // one cut short (see `health::failback_cut_short`).
+    job.phase(ASKING_SHUTDOWN).await;
+    let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| {
+        format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
+    })?;
     job.phase(if row.sync == SyncMode::During {
         "shutting down the recovered VM, then the full download of its disks onto the target disks"
     } else {
         "shutting down the recovered VM and sending its last changes"
     })
     .await;
-    let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| {
-        format!("{}; the recovered VM must be shut down through its agent for a failback", e.message())
-    })?;
     final_point(ctx, vm, rx, job).await.map_err(|reason| {
         // The shutdown was asked for: its hook may have run (the VM may be off), and with
         // --sync during the full download was writing the target disks.
@@ -460,18 +468,24 @@ pub async fn commit_failback(ctx: &Arc<Ctx>, vm: &VmName) -> Result<PointId, Sta
         .map_err(store_status)?
         .ok_or_else(|| Status::internal("no reprotect record"))?;
     // W16: a master target that was down answered "Connection refused (os error 111)" alone.
-    let unreachable = |e: &Status| {
-        Status::unavailable(format!(
-            "cannot reach the master target at {} ({}); the failback stays done, and the VM's journal there \
-             is not released yet: start the master target and run `drctl commit {vm}` again",
-            row.master_target,
-            e.message()
-        ))
-    };
-    let mut mt = master_target(ctx, &row.master_target).await.map_err(|e| unreachable(&e))?;
+    let again = format!(
+        "the failback stays done, and the VM's journal there is not released yet: run `drctl commit {vm}` \
+         again once it answers"
+    );
+    let mut mt = master_target(ctx, &row.master_target)
+        .await
+        .map_err(|e| Status::unavailable(format!("{}; {again}", e.message())))?;
     mt.release(pb::ReleaseRequest { vm: vm.to_string() }).await.map_err(|e| {
         ctx.relay.forget(&row.master_target, &e);
-        if crate::relay::transport_failure(&e) { unreachable(&e) } else { e }
+        if crate::relay::transport_failure(&e) {
+            Status::unavailable(format!(
+                "cannot reach the master target at {} ({}); {again}",
+                row.master_target,
+                e.message()
+            ))
+        } else {
+            e
+        }
     })?;
     let store = ctx.store.clone();
     let v = vm.clone();

@@ -80,8 +80,10 @@ fn low_space(ctx: &Ctx) -> Option<String> {
     let dir = ctx.data_dir.display();
     if !reserve.held() {
         return Some(format!(
-            "the process server's data directory {dir} filled: its space reserve is given up and new records \
-             wait until {} bytes are free ({free} now); free space there, give it more, or shorten retention",
+            "the process server's data directory {dir} filled: its space reserve is given up (set aside again \
+             once {} bytes are free; {free} now), and new records are taken only while {} bytes stay free; \
+             free space there, give it more, or shorten retention",
+            reserve.bytes().saturating_mul(2),
             reserve.bytes()
         ));
     }
@@ -106,11 +108,13 @@ pub fn output_cut_short(ctx: &Ctx, vm: &VmName, not_whole: Option<String>) -> Op
     not_whole.filter(|_| !ctx.jobs.writing_output(vm) && !ctx.plans.at_vm(vm))
 }
 
-/// A reprotected VM whose last failback failed once it had asked the recovered VM to shut
-/// down (a process server killed midway, a final pass or drain cut short): the recovered VM
-/// may be off, and with `--sync during` the target disks may be half written (W16: status
-/// said normal while the primary image's database was torn). Said until a failback or a
-/// failback drill runs again and succeeds, or the reprotect is cancelled.
+/// A reprotected VM whose last failback of this reprotect failed once it had asked the
+/// recovered VM to shut down (a process server killed midway, a final pass or drain cut
+/// short): the recovered VM may be off, and with `--sync during` the target disks may be
+/// half written (W16: status said normal while the primary image's database was torn).
+/// Said until a failback succeeds, the reprotect is cancelled (or made anew), or a failback
+/// drill succeeds on a fresh point of the recovered VM made after the cut (it runs). Read
+/// from the jobs kept in the catalog (30 days, at most 50 of a kind per VM).
 fn failback_cut_short(ctx: &Ctx, vm: &VmName) -> Option<String> {
     use tern_core::{JobKind, JobState};
     if !ctx.store.vm_state(vm).is_ok_and(|s| s == VmState::Reprotected)
@@ -118,33 +122,44 @@ fn failback_cut_short(ctx: &Ctx, vm: &VmName) -> Option<String> {
     {
         return None;
     }
+    let row = ctx.store.reprotect(vm).ok().flatten()?;
+    // This reprotect's jobs only: it began when its identity was issued (to the second).
+    let since =
+        ctx.identities.list().iter().find(|r| r.info.serial == row.identity).map_or(0, |r| r.info.issued_ms);
     let jobs = ctx.store.jobs().ok()?;
+    let ours = |j: &&tern_store::JobRow| j.vm == vm.as_str() && j.started_ms >= since;
     // A failback refused before the shutdown was asked for changed nothing.
-    let before_shutdown = |phase: &str| matches!(phase, "starting" | "checking the master target");
-    let ours = |j: &&tern_store::JobRow| j.vm == vm.as_str();
+    let before_shutdown = |phase: &str| crate::failback::BEFORE_SHUTDOWN.contains(&phase);
     let last = jobs
         .iter()
         .filter(ours)
         .filter(|j| j.kind == JobKind::Failback && !before_shutdown(&j.phase))
         .max_by_key(|j| j.id)?;
-    let drilled_since = jobs
-        .iter()
-        .filter(ours)
-        .any(|j| j.kind == JobKind::FailbackDrill && j.id > last.id && j.state == JobState::Succeeded);
-    if last.state != JobState::Failed || drilled_since {
+    if last.state != JobState::Failed {
         return None;
     }
-    let during = ctx.store.reprotect(vm).is_ok_and(|r| r.is_some_and(|r| r.sync == SyncMode::During));
-    let torn = if during {
-        "; the target disks may hold part old and part new data: do not start the primary VM from them"
+    let runs_again = jobs.iter().filter(ours).any(|j| {
+        j.kind == JobKind::FailbackDrill
+            && j.id > last.id
+            && j.state == JobState::Succeeded
+            && <tern_proto::JobOutput as prost::Message>::decode(j.output.as_slice())
+                .is_ok_and(|o| o.time_ms > last.ended_ms)
+    });
+    if runs_again {
+        return None;
+    }
+    let (torn, stay) = if row.sync == SyncMode::During {
+        (
+            "; the target disks may hold part old and part new data: do not start the primary VM from them",
+            format!("`drctl reprotect-cancel {vm}`"),
+        )
     } else {
-        ""
+        ("", format!("start the recovered VM again and run `drctl failback {vm} --drill`"))
     };
     Some(format!(
         "the failback (job {}) was cut short in phase \"{}\" ({}): the recovered VM may be shut down{torn}; \
          run `drctl failback {vm}` again (its shutdown hook must succeed on a VM already off), or, to stay on \
-         the recovery site, start the recovered VM again and run `drctl failback {vm} --drill` once it \
-         replicates",
+         the recovery site, {stay}",
         last.id, last.phase, last.error
     ))
 }

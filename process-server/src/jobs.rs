@@ -89,7 +89,7 @@ impl Jobs {
             lock(&self.live).values().filter(|r| r.state != JobState::Running).cloned().collect();
         let (store, v, jobs) = (self.store.clone(), vm.clone(), self.clone());
         let id = crate::admin::blocking(move || {
-            if kind != JobKind::InitialSync {
+            if !matches!(kind, JobKind::InitialSync | JobKind::FailbackDrill) {
                 store.room_for_recovery(&format!("a {kind} job"));
             }
             for row in ended {

@@ -1137,8 +1137,10 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &mut Run, vm: &VmName) -> Resu
             } else {
                 JobKind::UnplannedFailover
             };
+            let claim = ctx.jobs.claim_output(vm).map_err(status)?;
             let job = ctx.jobs.start(jk, vm).await.map_err(status)?;
             let r = run_failover(ctx, vm.clone(), kind, spec, out_dir, format, false, &job).await;
+            drop(claim);
             finish(&job, r).await.map(Some)
         }
         Operation::Failback => failback_vm(ctx, &plan.name, run, vm).await.map(Some),
@@ -1204,6 +1206,7 @@ async fn already_done(
 /// it was written): written again at its failover's position before the plan goes on, so
 /// that a later group never starts beside a VM without its disks. The point, when written.
 async fn finish_output(ctx: &Arc<Ctx>, vm: &VmName, job: &crate::jobs::Job) -> Result<Option<u64>, String> {
+    let _claim = ctx.jobs.claim_output(vm).map_err(|s| s.message().to_string())?;
     let (store, v, j) = (ctx.store.clone(), vm.clone(), job.clone());
     let out = blocking(move || store.finish_failover_output(&v, &mut |done, total| j.progress(done, total)))
         .await
