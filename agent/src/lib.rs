@@ -148,12 +148,7 @@ async fn replicate(
     // --mode nbd: the change log's stream outlives a dropped link, so that the next
     // session goes on where the server's journal ends instead of comparing disks.
     let mut carried = None;
-    // Scan mode: the last session went on from a saved state, sent again the blocks that
-    // the records past it wrote, and was cut before it saved anything. On a link that drops
-    // sooner than a save can be had (it is written once the acks of its records come), going on so
-    // would send the same blocks at every session and never get further; the next session
-    // compares with the server's block hashes instead, which never sends again what the
-    // server holds.
+    // See `distrust_next`.
     let mut distrust_saved = false;
     // The last point acked, across sessions: a reconnect that finds nothing written since
     // makes no point again (see `Session::repeats_last_point`).
@@ -164,13 +159,7 @@ async fn replicate(
             _ = shutdown.cancelled() => return Ok(()),
             r = session::session(config.clone(), tracker.clone(), shutdown.clone(), &progress, &mut carried, distrust_saved) => r,
         };
-        let relaxed = std::sync::atomic::Ordering::Relaxed;
-        // Not after the server's storage filled: the comparison would have it make a scratch
-        // copy of every block written since its base image, room a full server lacks (W16:
-        // freeing 25 MB did not get replication going again), where going on from the saved
-        // state takes the room of the blocks past it only.
-        let full = matches!(&outcome, Err(s) if s.code() == tonic::Code::ResourceExhausted);
-        distrust_saved = progress.resumed_past.load(relaxed) && !progress.saved.load(relaxed) && !full;
+        distrust_saved = distrust_next(&progress, &outcome);
         metrics::gauge!("tern_agent_connected", "vm" => config.vm.to_string()).set(0.0);
         match outcome {
             // Told to stand down (the VM failed over). In nbd mode the agent is the VM's
@@ -235,6 +224,21 @@ async fn replicate(
             }
         }
     }
+}
+
+/// Scan mode: whether the next session compares with the server's block hashes instead of
+/// going on from the saved state. So when the session that ended went on from a saved
+/// state, sent again whole blocks that records past it wrote (the server could not give
+/// their page values), and was cut before it saved anything: on a link that drops sooner
+/// than a save can be had (it is written once the acks of its records come), going on so
+/// would send the same blocks at every session and never get further. Not after the
+/// server's storage filled: the comparison would have it make a scratch copy of every
+/// block written since its base image, room a full server lacks (W16: freeing 25 MB did
+/// not get replication going again).
+fn distrust_next(progress: &Progress, outcome: &Result<(), tonic::Status>) -> bool {
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let full = matches!(outcome, Err(s) if s.code() == tonic::Code::ResourceExhausted);
+    progress.resumed_past.load(relaxed) && !progress.saved.load(relaxed) && !full
 }
 
 /// Takes the state directory's lock file (`DIR/lock`, an exclusive flock).

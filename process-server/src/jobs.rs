@@ -49,14 +49,7 @@ impl Jobs {
         }
         let running = lock(&self.live)
             .values()
-            .find(|r| {
-                r.state == JobState::Running
-                    && r.vm == vm.as_str()
-                    && matches!(
-                        r.kind,
-                        JobKind::PlannedFailover | JobKind::UnplannedFailover | JobKind::ChangePoint
-                    )
-            })
+            .find(|r| writes_output(r, vm))
             .map(|r| format!(" (job {}, a {}: `drctl jobs --wait {}`)", r.id, r.kind, r.id))
             .unwrap_or_default();
         Err(tonic::Status::failed_precondition(format!(
@@ -121,25 +114,18 @@ impl Jobs {
 
     /// Whether a failover or change of point of `vm` is running: its output is being written.
     pub fn writing_output(&self, vm: &VmName) -> bool {
-        lock(&self.live).values().any(|r| {
-            r.state == JobState::Running
-                && r.vm == vm.as_str()
-                && matches!(
-                    r.kind,
-                    JobKind::PlannedFailover | JobKind::UnplannedFailover | JobKind::ChangePoint
-                )
-        })
+        lock(&self.live).values().any(|r| writes_output(r, vm))
     }
 
     /// The newest job running for `vm`, as `list` shows it (W16: status kept showing
     /// `reprotected` through a failback; only `drctl jobs` had it).
     pub fn running_of(&self, vm: &VmName) -> Option<pb::JobInfo> {
-        let id = lock(&self.live)
+        let live = lock(&self.live);
+        let row = live
             .values()
             .filter(|r| r.state == JobState::Running && r.vm == vm.as_str())
-            .map(|r| r.id)
-            .max()?;
-        self.list(id).ok()?.into_iter().next()
+            .max_by_key(|r| r.id)?;
+        Some(info(row.clone()))
     }
 
     /// Jobs, oldest first; `id` 0 for all.
@@ -149,29 +135,38 @@ impl Jobs {
         Ok(rows
             .into_iter()
             .filter(|r| id == 0 || r.id == id)
-            .map(|r| {
-                let row = live.get(&r.id).cloned().unwrap_or(r);
-                // An output that does not decode (a damaged row) is left out, not an error:
-                // the job's state and error still show.
-                let output = (!row.output.is_empty())
-                    .then(|| <pb::JobOutput as prost::Message>::decode(row.output.as_slice()).ok())
-                    .flatten();
-                pb::JobInfo {
-                    id: row.id,
-                    kind: pb::JobKind::write(row.kind),
-                    vm: row.vm,
-                    state: pb::JobState::write(row.state),
-                    phase: row.phase,
-                    done: row.done,
-                    total: row.total,
-                    error: row.error,
-                    started_ms: row.started_ms,
-                    ended_ms: row.ended_ms,
-                    output,
-                }
-            })
+            .map(|r| info(live.get(&r.id).cloned().unwrap_or(r)))
             .collect())
     }
+}
+
+/// A job as `drctl jobs` shows it.
+fn info(row: JobRow) -> pb::JobInfo {
+    // An output that does not decode (a damaged row) is left out, not an error: the job's
+    // state and error still show.
+    let output = (!row.output.is_empty())
+        .then(|| <pb::JobOutput as prost::Message>::decode(row.output.as_slice()).ok())
+        .flatten();
+    pb::JobInfo {
+        id: row.id,
+        kind: pb::JobKind::write(row.kind),
+        vm: row.vm,
+        state: pb::JobState::write(row.state),
+        phase: row.phase,
+        done: row.done,
+        total: row.total,
+        error: row.error,
+        started_ms: row.started_ms,
+        ended_ms: row.ended_ms,
+        output,
+    }
+}
+
+/// A job of `vm` running that writes its failover output.
+fn writes_output(r: &JobRow, vm: &VmName) -> bool {
+    r.state == JobState::Running
+        && r.vm == vm.as_str()
+        && matches!(r.kind, JobKind::PlannedFailover | JobKind::UnplannedFailover | JobKind::ChangePoint)
 }
 
 /// What a (test) failover or change of point wrote, as a job's output.
