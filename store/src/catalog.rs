@@ -442,6 +442,27 @@ fn put_policy(db: &Connection, vm: &VmName, p: &Policy) -> Result<(), StoreError
     Ok(())
 }
 
+/// The VM's reprotect row, made or replaced.
+fn put_reprotect(tx: &rusqlite::Transaction<'_>, vm: &VmName, row: &ReprotectRow) -> Result<(), StoreError> {
+    let disks = serde_json::to_string(&row.disks).map_err(|_| StoreError::Invariant("disk list encodes"))?;
+    tx.execute(
+        "INSERT INTO reprotects (vm, master_target, alternate, sync, disks, identity)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(vm) DO UPDATE SET master_target = ?2, alternate = ?3, sync = ?4, disks = ?5,
+             identity = ?6",
+        params![
+            vm.as_str(),
+            row.master_target,
+            i64::from(row.alternate),
+            row.sync.as_str(),
+            disks,
+            row.identity
+        ],
+    )
+    .map(|_| ())
+    .map_err(q("change VM state"))
+}
+
 fn put_generations(
     db: &Connection,
     vm: &VmName,
@@ -830,22 +851,7 @@ impl Catalog {
             Transition::AbandonFailover => exec("DELETE FROM failovers WHERE vm = ?1", params![v])?,
             Transition::CommitFailover => delete_points(&tx)?,
             Transition::Reprotect { row, policy, generations } => {
-                let disks = serde_json::to_string(&row.disks)
-                    .map_err(|_| StoreError::Invariant("disk list encodes"))?;
-                exec(
-                    "INSERT INTO reprotects (vm, master_target, alternate, sync, disks, identity)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT(vm) DO UPDATE SET master_target = ?2, alternate = ?3, sync = ?4, disks = ?5,
-                         identity = ?6",
-                    params![
-                        v,
-                        row.master_target,
-                        i64::from(row.alternate),
-                        row.sync.as_str(),
-                        disks,
-                        row.identity
-                    ],
-                )?;
+                put_reprotect(&tx, vm, row)?;
                 // The VM's own policy waits for reverse replication.
                 copy_policy("policies", "saved_policies")?;
                 put_policy(&tx, vm, policy)?;
