@@ -58,8 +58,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct NbdMode {
     pub listen: nbd::Listen,
-    /// Most bytes of writes held in memory: an eighth for the requests each NBD connection
-    /// is applying, the rest for the change log (the writes logged, in batches, sent and
+    /// Most bytes of writes held in memory: an eighth for the requests the NBD connections
+    /// are applying (all of them together), the rest for the change log (the writes logged, in batches, sent and
     /// not acked yet).
     pub log_buffer: usize,
     /// Then at most this many in the state directory; past it the log is dropped.
@@ -70,8 +70,8 @@ pub struct NbdMode {
 }
 
 impl NbdMode {
-    /// Payload bytes of the requests one NBD connection has in flight, at most (a request
-    /// larger than this is served alone).
+    /// Payload bytes of the requests the NBD connections have in flight, all together, at
+    /// most (a request larger than this is served alone).
     pub fn in_flight(&self) -> usize {
         self.log_buffer / 8
     }

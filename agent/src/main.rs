@@ -98,7 +98,7 @@ enum Cmd {
         nbd_socket_group: Option<String>,
         /// --mode nbd: most bytes of writes held in memory, from the write until the server
         /// acks it durable (sent ones are kept, so a dropped link loses none): an eighth for
-        /// the requests each NBD connection is applying, the rest for the change log; past
+        /// the requests the NBD connections are applying (together), the rest for the change log; past
         /// it the log goes on in the state directory.
         #[arg(long, value_parser = tern_core::units::parse_size, default_value = "64MiB")]
         log_buffer: u64,

@@ -273,11 +273,14 @@ impl Hub {
         lock(&self.counters).entry(vm.clone()).or_default().point_failure = Some(reason.to_string());
     }
 
-    /// A point of `vm` was made: its scheduled points no longer fail.
+    /// A point of `vm` was made: its scheduled points no longer fail, and replication made
+    /// progress (an idle VM acks no records: its point is the proof that its storage, full
+    /// before, takes its writes again).
     pub fn point_made(&self, vm: &VmName) {
         if let Some(c) = lock(&self.counters).get_mut(vm) {
             c.point_failure = None;
         }
+        self.clear_error(vm);
     }
 
     /// Keeps the agent's report of how it tracks its disks.
@@ -382,5 +385,33 @@ impl Hub {
         if let Some((_, tx)) = lock(&self.waiters).remove(&request_id) {
             let _ = tx.send(result);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ages the failure on show for `vm` by `by`, as if it had come that long ago.
+    fn age(hub: &Hub, vm: &VmName, by: std::time::Duration) {
+        let mut c = lock(&hub.counters);
+        let e = c.get_mut(vm).unwrap().error.as_mut().unwrap();
+        e.1 = e.1.checked_sub(by).unwrap();
+    }
+
+    #[test]
+    fn a_storage_failure_ends_with_a_point_made_though_no_record_is_acked() {
+        let (hub, vm) = (Hub::default(), VmName::new("idle").unwrap());
+        hub.fail_session(&vm, "the process server's storage is full");
+        age(&hub, &vm, ERROR_HOLD * 2);
+        // A new session is admitted: the server's own failure stays until progress.
+        hub.clear_refusal(&vm);
+        assert!(hub.error(&vm).is_some_and(|e| e.contains("storage is full")));
+        hub.point_made(&vm);
+        assert_eq!(hub.error(&vm), None);
+        // Progress shows a failure at least ERROR_HOLD, point or not.
+        hub.fail_session(&vm, "the process server's storage is full");
+        hub.point_made(&vm);
+        assert!(hub.error(&vm).is_some());
     }
 }

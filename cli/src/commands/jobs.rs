@@ -39,8 +39,12 @@ pub async fn list(d: &mut Drctl) -> Result<(), CliError> {
     Ok(())
 }
 
-/// How far a job has come, as a percentage of its total (`-` while it has none).
+/// How far a job has come, as a percentage of its total (`-` while it has none; a job that
+/// succeeded has come all the way, whatever its last phase measured).
 fn done_text(j: &pb::JobInfo) -> String {
+    if pb::JobState::read(j.state) == Some(tern_core::JobState::Succeeded) {
+        return "100.0%".into();
+    }
     if j.total == 0 {
         return "-".into();
     }
@@ -60,5 +64,8 @@ mod tests {
         assert_eq!(done_text(&job(1, 4)), "25.0%");
         assert_eq!(done_text(&job(1_073_745_920, 4_398_046_511_104)), "0.0%");
         assert_eq!(done_text(&job(5, 4)), "100.0%");
+        let succeeded =
+            pb::JobInfo { state: pb::JobState::write(tern_core::JobState::Succeeded), ..job(0, 0) };
+        assert_eq!(done_text(&succeeded), "100.0%");
     }
 }
