@@ -86,7 +86,7 @@ impl AgentError {
     /// Another agent holds the state directory or a disk: a second agent started on them,
     /// which starting again would not mend.
     pub fn in_use(&self) -> bool {
-        matches!(self, AgentError::StateDir { source, .. } | AgentError::Nbd { source, .. }
+        matches!(self, AgentError::StateDir { source, .. } | AgentError::Nbd { source, .. } | AgentError::Disk { source, .. }
             if source.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
@@ -100,6 +100,8 @@ pub enum AgentError {
     StateDir { path: String, source: std::io::Error },
     #[error("serving the disks over NBD at {listen}")]
     Nbd { listen: String, source: std::io::Error },
+    #[error("disk {disk} ({path})")]
+    Disk { disk: String, path: String, source: std::io::Error },
 }
 
 /// Runs until `shutdown` or, in scan mode, a permanent refusal (wrong identity, bad disk).
@@ -121,6 +123,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             }
             None
         }
+    };
+    let _disk_locks = match &config.nbd {
+        Some(_) => Vec::new(),
+        None => lock_scanned_disks(&config.disks)?,
     };
     let config = Arc::new(config);
     // Ready as soon as it runs: the first session may wait for a server that is away.
@@ -257,6 +263,51 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
         }),
         Err(e) => Err(err(e)),
     }
+}
+
+/// Scan mode: takes each disk's lock (an exclusive flock, as nbd mode does), held while the
+/// agent runs, so that a second agent given the same file (another VM's `--disk`, a unit
+/// file copied and not quite edited) is refused at start instead of protecting one VM's
+/// disk as another's (W17: it replicated, normal, with nothing said). Only a regular file
+/// on a local file system: a block device's lock tells udev the device is being
+/// partitioned, and on NFS (or SMB, FUSE, cluster file systems) a flock becomes a lock of
+/// the whole file that would keep the hypervisor from taking its own. A disk that cannot
+/// be opened now is left to the session to report.
+fn lock_scanned_disks(disks: &[DiskSource]) -> Result<Vec<std::fs::File>, AgentError> {
+    let mut held = Vec::new();
+    for d in disks {
+        let Ok(f) = std::fs::File::open(&d.path) else { continue };
+        let local = f.metadata().is_ok_and(|m| m.is_file()) && local_file_system(&f);
+        if !local {
+            continue;
+        }
+        let err = |source| AgentError::Disk {
+            disk: d.name.to_string(),
+            path: d.path.display().to_string(),
+            source,
+        };
+        if !tern_core::disk::try_lock_exclusive(&f).map_err(err)? {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "another agent reads this file (it holds the disk's lock): each disk belongs to one \
+                 VM's agent. Check this agent's --disk (was the path meant for another VM?), or stop \
+                 the other agent first",
+            )));
+        }
+        held.push(f);
+    }
+    Ok(held)
+}
+
+/// Whether `f` is on a file system of this host's own (where a flock is not a lock the
+/// file's other users, the hypervisor among them, see).
+fn local_file_system(f: &std::fs::File) -> bool {
+    // ext2/3/4, XFS, Btrfs, tmpfs, ZFS, F2FS, bcachefs, overlayfs (a container's).
+    const LOCAL: [i64; 8] =
+        [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0x2FC1_2FC1, 0xF2F5_2010, 0xCA45_1A4E, 0x794C_7630];
+    // f_type's width differs between targets.
+    #[allow(clippy::useless_conversion)]
+    rustix::fs::fstatfs(f).is_ok_and(|s| LOCAL.contains(&i64::from(s.f_type)))
 }
 
 /// Opens the disks for the io path and serves them; the exports stay up whatever

@@ -38,21 +38,19 @@ pub fn serve(addr: SocketAddr, gauges_expire: Option<Duration>) -> Result<(), Me
     });
     // `/healthz` answers `ok` while the daemon runs (a liveness probe); `/metrics` the
     // Prometheus text; anything else 404.
-    let app =
-        axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let handle = handle.clone();
-                    async move {
-                        ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
-                    }
-                }),
-            )
-            .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move {
+                    let text = handle.render() + &cpu_counter();
+                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
     metrics::describe_gauge!("process_resident_memory_bytes", metrics::Unit::Bytes, "Resident memory.");
-    // A gauge (the facade's counters are integers), so without the `_total` of a counter.
-    metrics::describe_gauge!("process_cpu_seconds", metrics::Unit::Seconds, "User and system CPU time.");
     metrics::describe_gauge!(
         "process_start_time_seconds",
         metrics::Unit::Seconds,
@@ -81,24 +79,30 @@ pub fn serve(addr: SocketAddr, gauges_expire: Option<Duration>) -> Result<(), Me
     Ok(())
 }
 
-/// Reads this process's RSS, CPU time and open files from /proc.
+/// `process_cpu_seconds_total`, read at each scrape, as the counter every Prometheus client
+/// library names it (the facade's counters hold integers, so it is written here).
+fn cpu_counter() -> String {
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    // Fields after the command name (which may hold spaces) — utime and stime are the
+    // 14th and 15th of the line, the 12th and 13th after the closing parenthesis.
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return String::new() };
+    let Some((_, rest)) = stat.rsplit_once(')') else { return String::new() };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let cpu = (t(11) + t(12)) as f64 / ticks.max(1.0);
+    format!(
+        "# HELP process_cpu_seconds_total User and system CPU time.\n\
+         # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}\n"
+    )
+}
+
+/// Reads this process's RSS and open files from /proc.
 fn process_metrics() {
     let page = rustix::param::page_size() as f64;
-    let ticks = rustix::param::clock_ticks_per_second() as f64;
     if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
         && let Some(rss) = statm.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok())
     {
         metrics::gauge!("process_resident_memory_bytes").set(rss * page);
-    }
-    // Fields after the command name (which may hold spaces) — utime and stime are the
-    // 14th and 15th of the line, the 12th and 13th after the closing parenthesis.
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
-        && let Some((_, rest)) = stat.rsplit_once(')')
-    {
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let cpu = (t(11) + t(12)) as f64 / ticks.max(1.0);
-        metrics::gauge!("process_cpu_seconds").set(cpu);
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         metrics::gauge!("process_open_fds").set(fds.count() as f64);

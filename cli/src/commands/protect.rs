@@ -214,9 +214,10 @@ fn print_table(vms: &[pb::VmStatus]) {
         row([&s.vm, state, health, agent, &last, &rpo(s.rpo_seconds), &human_bytes(s.bytes_received)]);
     }
     for s in vms.iter().filter(|s| !s.error.is_empty()) {
-        // A warning's cause (the agent cannot write its state) is no failure of replication.
-        let what = if health_name(s) == "warning" { "warning" } else { "replication is failing" };
-        out!("{}: {what}: {}", s.vm, s.error);
+        // Headed by the health it makes, not "replication is failing": a warning's cause (the
+        // agent cannot write its state), a failed-over VM's output cut short, a failback cut
+        // short are no failures of replication; each message says what it is.
+        out!("{}: {}: {}", s.vm, health_name(s), s.error);
     }
 }
 

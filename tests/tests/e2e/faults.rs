@@ -792,6 +792,14 @@ fn small_mistakes_are_refused_with_what_to_do() {
     // Exit 2, as a misconfiguration (its unit does not start it again and again), said once.
     assert_eq!(twin.wait_exit("the second agent on one state directory to stop").code(), Some(2));
     assert_eq!(twin.log_text().matches("in use by another agent").count(), 1, "{}", twin.log_text());
+    // Another VM's agent given this VM's disk (a unit file copied, its path not edited) is
+    // refused at start, naming the disk, instead of protecting it as its own.
+    let identity2 = root.join("m2.bundle");
+    let mut other = Agent::start(&server, &identity2, "m2", &[("sda", &disk)], &root.join("st2"), &[]);
+    assert_eq!(other.wait_exit("an agent given another agent's disk to stop").code(), Some(2));
+    let said = other.log_text();
+    assert!(said.contains("m.img") && said.contains("another agent reads this file"), "{said}");
+    assert!(server.status("m2")["last_point"].is_null(), "{}", server.status("m2"));
     // 0 is not an interval (on the wire it would mean "keep"): refused.
     let out = server.drctl(&["policy", "set", "m", "--crash-interval", "0s"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -72,6 +72,7 @@ fn metrics_of_two_replicating_vms_move_and_the_rules_pass_promtool() {
         );
     }
     assert!(before.contains_key("process_resident_memory_bytes"));
+    assert!(before.get("process_cpu_seconds_total").is_some_and(|v| *v > 0.0), "{before:?}");
 
     // More data on web: its bytes and durable seq move, db's stay.
     write_random(&root.join("web.img"), 8, 99);
