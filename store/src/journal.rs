@@ -686,6 +686,69 @@ impl Journal {
         Ok(n)
     }
 
+    /// Retires the segments the base image holds whole: when the base holds every record
+    /// (`base` is the last one written, and durable) and the segments hold an eighth of the
+    /// segment size, the journal goes on in a segment that holds only the bookmarks at
+    /// `base` (those of the points there, from point `keep_from` on: a catalog rebuild
+    /// reads them), and every older segment goes. That segment is a new one, or the active
+    /// one when it holds marks only (a bookmark began it); the bookmarks not yet in it are
+    /// copied there. Without it, retention never frees a VM's active segment, up to a whole
+    /// segment per disk however short its window (W17: a full data directory stalled until
+    /// space was added, though every base held everything). Returns how many segments went.
+    ///
+    /// A crash before the old segments go leaves bookmarks twice, which a rebuild takes
+    /// once; after, the last segment alone, whose bookmarks name `base` as their record.
+    pub fn retire_folded(&mut self, base: Seq, keep_from: u64) -> Result<usize, StoreError> {
+        self.check_failed()?;
+        let Some(active) = self.segments.last() else { return Ok(0) };
+        // A segment that begins after `base` holds marks only, and stays.
+        let marks_only = active.first_seq > base.0;
+        let freed: u64 = self.segments[..self.segments.len() - usize::from(marks_only)]
+            .iter()
+            .map(|s| s.durable_len)
+            .sum();
+        if base.0 == 0 || self.written != base || self.durable != base || freed < self.segment_target / 8 {
+            return Ok(0);
+        }
+        // The bookmarks only (time records tell when records were written, and those
+        // records go), each point's once, those already in a marks-only segment left there.
+        let mut found = Vec::new();
+        let mut reader = self.snapshot().read_marks(Seq(base.0 - 1), base);
+        while let Some(r) = reader.next() {
+            let r = r?;
+            if r.seq != base || r.record.kind != RecordKind::Bookmark {
+                continue;
+            }
+            let stays = marks_only && reader.position().is_some_and(|p| p.segment == active.first_seq);
+            let point = serde_json::from_slice::<crate::format::BookmarkBody>(&r.record.payload)
+                .ok()
+                .map(|b| b.point);
+            found.push((stays, point, r.record.payload));
+        }
+        let mut seen: std::collections::HashSet<u64> =
+            found.iter().filter(|f| f.0).filter_map(|f| f.1).collect();
+        let copies: Vec<bytes::Bytes> = found
+            .into_iter()
+            .filter(|(stays, point, _)| !stays && point.is_none_or(|p| p >= keep_from && seen.insert(p)))
+            .map(|f| f.2)
+            .collect();
+        if !marks_only {
+            self.roll(base.next())?;
+        }
+        for body in &copies {
+            self.append_bookmark(body)?;
+        }
+        self.sync()?;
+        crate::failpoint("retire-before-delete")?;
+        let old = self.segments.len() - 1;
+        for seg in self.segments.drain(..old) {
+            remove_ranges(&self.dir, seg.first_seq)?;
+            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+        }
+        sync_dir(&self.dir)?;
+        Ok(old)
+    }
+
     /// Where a fold of the records `(base, seq]` stops on its way, so that each segment can
     /// go as soon as the base holds it: the first record of each later segment that begins
     /// inside the range (folding to it lets the segment before go), then `seq`.
@@ -1146,6 +1209,49 @@ mod tests {
         assert_eq!(got.len(), 3, "two writes and the bookmark after seq 2");
         assert_eq!(got[2].record.kind, RecordKind::Bookmark);
         assert_eq!(j.snapshot().read(Seq(3)).count(), 4);
+    }
+
+    /// A journal whose records are all in the base goes on in a segment of the kept
+    /// bookmarks alone: a new one, or a marks-only one a bookmark began (the bookmarks
+    /// before it copied there); pruned points' bookmarks and time records are left behind.
+    #[test]
+    fn a_folded_journal_keeps_only_the_bookmarks_of_its_kept_points() {
+        let bookmark =
+            |p: u64| format!(r#"{{"point":{p},"vm":"v","time_ms":0,"consistency":"crash","disks":[]}}"#);
+        for marks_only in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut j, _) = Journal::open(dir.path()).unwrap();
+            j.set_segment_target(64 << 10);
+            j.append(Seq(1), &[write_rec(&incompressible(1, 4096), 0)]).unwrap();
+            j.append(Seq(2), &[write_rec(&incompressible(2, 8192), 4096)]).unwrap();
+            j.append_bookmark(bookmark(1).as_bytes()).unwrap();
+            j.append_times(&TimeRuns::of(1, &[10, 20])).unwrap();
+            j.append_bookmark(bookmark(2).as_bytes()).unwrap();
+            if marks_only {
+                // Point 3 after the third write, in its segment; point 4 begins the next.
+                j.append(Seq(3), &[write_rec(&incompressible(3, 8192), 0)]).unwrap();
+                j.append_bookmark(bookmark(3).as_bytes()).unwrap();
+                j.set_segment_target(16 << 10);
+                j.append_bookmark(bookmark(4).as_bytes()).unwrap();
+            }
+            j.sync().unwrap();
+            let base = j.written;
+            assert_eq!(j.segment_count(), 1 + usize::from(marks_only));
+            assert_eq!(j.retire_folded(Seq(1), 0).unwrap(), 0, "records past the base: nothing goes");
+            // Points before 2 are pruned.
+            assert_eq!(j.retire_folded(base, 2).unwrap(), 1);
+            assert_eq!(j.segment_count(), 1);
+            assert_eq!(j.retire_folded(base, 2).unwrap(), 0, "nothing more to retire");
+            drop(j);
+            let (j, rec) = Journal::open(dir.path()).unwrap();
+            assert_eq!(rec.durable, base);
+            let marks: Vec<_> = j.snapshot().read(base).map(|r| r.unwrap()).collect();
+            let points: Vec<String> =
+                marks.iter().map(|r| String::from_utf8(r.record.payload.to_vec()).unwrap()).collect();
+            let want = if marks_only { vec![bookmark(4), bookmark(3)] } else { vec![bookmark(2)] };
+            assert_eq!(points, want, "marks_only: {marks_only}");
+            assert!(marks.iter().all(|r| r.seq == base && r.record.kind == RecordKind::Bookmark));
+        }
     }
 
     /// Records that compress well still close a segment once it holds twice its target of

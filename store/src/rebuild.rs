@@ -360,6 +360,67 @@ mod tests {
         assert!(store.catalog().next_point_id().unwrap().0 > before.last().unwrap().0);
     }
 
+    /// Once the base holds every record, retention starts the journal on a new segment
+    /// holding only the kept points' bookmarks, so that a VM's whole journal can go however
+    /// large its last segment grew. Crashed before the old segments go, or after: the
+    /// newest point verifies, a lost catalog comes back with it (and no pruned one), and
+    /// records go on after it.
+    #[test]
+    fn a_folded_journal_starts_anew_with_the_bookmarks_of_its_kept_points() {
+        for crash in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, vm) = setup(dir.path());
+            let h = store.vm_disks(&vm).remove(0);
+            let before = h.journal().bytes();
+            let newest = store.points(&vm).unwrap().pop().unwrap();
+            if crash {
+                set_failpoint(Some("retire-before-delete"));
+                let err = store.apply_retention(&vm, 1_000_000).unwrap_err();
+                set_failpoint(None);
+                assert!(matches!(err, StoreError::Injected(_)), "{err}");
+                drop((h, store));
+                let store = reopen(dir.path());
+                assert_eq!(all_points_verify(&store, &vm), 1, "crashed before the old segments went");
+                store.apply_retention(&vm, 1_000_000).unwrap();
+            } else {
+                let report = store.apply_retention(&vm, 1_000_000).unwrap();
+                assert_eq!(report.pruned.len(), 5);
+                drop((h, store));
+            }
+            let store = reopen(dir.path());
+            let h = store.vm_disks(&vm).remove(0);
+            assert_eq!(h.journal().segment_count(), 1);
+            let after = h.journal().bytes();
+            assert!(after < 1024, "a segment header and one bookmark, of {before} bytes: {after}");
+            assert_eq!(h.base_seq(), newest.disks[0].seq);
+            assert_eq!(all_points_verify(&store, &vm), 1);
+            // Nothing more to retire: the new segment stays.
+            assert_eq!(store.apply_retention(&vm, 1_000_000).unwrap().segments_deleted, 0);
+            drop((h, store));
+            lose_catalog(dir.path());
+            let report = rebuild_catalog(dir.path()).unwrap();
+            assert!(report.vms[0].skipped.is_empty(), "{:?}", report.vms[0].skipped);
+            let store = reopen(dir.path());
+            let points = store.points(&vm).unwrap();
+            assert_eq!(points.iter().map(key).collect::<Vec<_>>(), vec![key(&newest)]);
+            assert_eq!(all_points_verify(&store, &vm), 1);
+            // Records go on after the base, and a point on them verifies.
+            let h = store.vm_disks(&vm).remove(0);
+            let next = h.base_seq().next();
+            h.journal().append(next, &[crate::test_record(&[5u8; 4096], 0)]).unwrap();
+            h.journal().sync().unwrap();
+            let p = &newest.disks[0];
+            // The base image is the newest point's disk.
+            let mut image = std::fs::read(&h.base_path).unwrap();
+            image[..4096].fill(5);
+            let mut fp = tern_core::blocks::Fingerprint::new();
+            fp.push_data(&image);
+            let d = crate::PointDisk { disk: p.disk.clone(), seq: next, fingerprint: fp.finish() };
+            store.make_point(&vm, 2_000_000, crate::Consistency::Crash, "", vec![d]).unwrap();
+            assert_eq!(all_points_verify(&store, &vm), 2, "crash: {crash}");
+        }
+    }
+
     /// A fold into the base cut by a crash has overwritten blocks that the pruned points
     /// still need: a rebuild must not bring them back (their bookmarks are still in the
     /// journal), and every point it brings back recovers.

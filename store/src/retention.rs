@@ -175,6 +175,15 @@ impl Store {
         for pd in &oldest.disks {
             let Some(h) = self.disk(vm, &pd.disk) else { continue };
             report.segments_deleted += self.advance_base(&h, pd.seq)?;
+            if h.base_seq() == pd.seq {
+                let _exclusive = h.write_lock();
+                let retired = h.journal().retire_folded(pd.seq, oldest.id.0)?;
+                if retired > 0 {
+                    tracing::info!(vm = %vm, disk = %h.name, segments = retired, base_seq = %pd.seq,
+                        "the base image holds every record: the journal starts a segment anew");
+                }
+                report.segments_deleted += retired;
+            }
         }
         Ok(report)
     }
