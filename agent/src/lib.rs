@@ -83,10 +83,11 @@ impl NbdMode {
 }
 
 impl AgentError {
-    /// Another agent holds the state directory or a disk: a second agent started on them,
-    /// which starting again would not mend.
+    /// Another agent holds the state directory or a disk (or one file is given for two
+    /// disks): a second agent started on them, which starting again would not mend.
     pub fn in_use(&self) -> bool {
-        matches!(self, AgentError::StateDir { source, .. } | AgentError::Nbd { source, .. } | AgentError::Disk { source, .. }
+        matches!(self, AgentError::Disk { .. })
+            || matches!(self, AgentError::StateDir { source, .. } | AgentError::Nbd { source, .. }
             if source.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
@@ -274,11 +275,12 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
 /// the whole file that would keep the hypervisor from taking its own. A disk that cannot
 /// be opened now is left to the session to report.
 fn lock_scanned_disks(disks: &[DiskSource]) -> Result<Vec<std::fs::File>, AgentError> {
-    let mut held = Vec::new();
+    use std::os::unix::fs::MetadataExt;
+    let mut held: Vec<(std::fs::File, (u64, u64), &DiskSource)> = Vec::new();
     for d in disks {
         let Ok(f) = std::fs::File::open(&d.path) else { continue };
-        let local = f.metadata().is_ok_and(|m| m.is_file()) && local_file_system(&f);
-        if !local {
+        let Ok(m) = f.metadata() else { continue };
+        if !m.is_file() || !local_file_system(&f) {
             continue;
         }
         let err = |source| AgentError::Disk {
@@ -286,6 +288,16 @@ fn lock_scanned_disks(disks: &[DiskSource]) -> Result<Vec<std::fs::File>, AgentE
             path: d.path.display().to_string(),
             source,
         };
+        if let Some((_, _, first)) = held.iter().find(|h| h.1 == (m.dev(), m.ino())) {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the same file as disk {} ({}): each --disk needs a file of its own",
+                    first.name,
+                    first.path.display()
+                ),
+            )));
+        }
         if !tern_core::disk::try_lock_exclusive(&f).map_err(err)? {
             return Err(err(std::io::Error::new(
                 std::io::ErrorKind::WouldBlock,
@@ -294,9 +306,9 @@ fn lock_scanned_disks(disks: &[DiskSource]) -> Result<Vec<std::fs::File>, AgentE
                  the other agent first",
             )));
         }
-        held.push(f);
+        held.push((f, (m.dev(), m.ino()), d));
     }
-    Ok(held)
+    Ok(held.into_iter().map(|h| h.0).collect())
 }
 
 /// Whether `f` is on a file system of this host's own (where a flock is not a lock the
@@ -326,6 +338,15 @@ fn serve_nbd(config: &Config, m: &NbdMode) -> Result<Arc<tracker::Tracker>, Agen
     }
     let names: Vec<&str> = config.disks.iter().map(|d| d.name.as_str()).collect();
     info!(listen = %bound, exports = ?names, "serving the disks over NBD");
+    if let nbd::Listen::Tcp(addr) = &bound
+        && !addr.ip().is_loopback()
+    {
+        // NBD has no authentication here, nor TLS: whoever reaches the port reads and
+        // writes the VM's disks.
+        warn!(listen = %bound, "the disks are served to anyone who can reach this address, without \
+            authentication or encryption: prefer a unix socket (--nbd-listen unix:PATH) or a loopback \
+            address, or keep the port behind a firewall");
+    }
     Ok(tracker)
 }
 

@@ -384,7 +384,7 @@ const WORKERS: usize = 4;
 const INLINE_MAX: u32 = 128 << 10;
 
 /// One request, its payload read.
-struct Request {
+struct Request<'a> {
     cmd: u16,
     flags: u16,
     cookie: u64,
@@ -392,8 +392,23 @@ struct Request {
     len: u32,
     in_bounds: bool,
     data: Vec<u8>,
-    /// Its payload's bytes counted in the connections' [`InFlight`] (0 if served inline).
-    held: usize,
+    /// Its payload's bytes counted in the connections' [`InFlight`] (0 if served inline),
+    /// given back when it is dropped: served, or dropped on the way by an error.
+    _held: Taken<'a>,
+}
+
+/// Bytes counted in an [`InFlight`], given back when dropped: a request dropped on any
+/// error path (a client gone in the middle of its payload, a reply that cannot be written)
+/// must not keep them, or every connection's large requests would wait for them for ever.
+struct Taken<'a> {
+    from: &'a InFlight,
+    bytes: usize,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.from.give_back(self.bytes);
+    }
 }
 
 /// The payload bytes of the requests the workers of every connection hold, bounded: a
@@ -498,7 +513,7 @@ impl<W: Write> Replies<'_, W> {
 
 /// Serves one request and replies.
 fn serve_request<W: Write>(
-    q: Request,
+    q: Request<'_>,
     export: &dyn Export,
     out: &Replies<'_, W>,
     defer: bool,
@@ -549,7 +564,7 @@ fn transmission<S: Read, W: Write + Send>(
     let broken: std::sync::Mutex<Option<io::Error>> = std::sync::Mutex::new(None);
     // Bounded: a client that sends faster than requests are served waits, and memory stays
     // at a few requests' payloads.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Request>(WORKERS);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Request<'_>>(WORKERS);
     let rx = std::sync::Mutex::new(rx);
     let read = std::thread::scope(|s| {
         let (rx, out, broken) = (&rx, &out, &broken);
@@ -558,11 +573,10 @@ fn transmission<S: Read, W: Write + Send>(
                 loop {
                     let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok(q) = next else { return };
-                    let bytes = q.held;
+                    // Its bytes go back once it is served (the reply sent).
                     if let Err(e) = serve_request(q, export, out, false) {
                         broken.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                     }
-                    held.give_back(bytes);
                 }
             });
         }
@@ -581,13 +595,13 @@ fn transmission<S: Read, W: Write + Send>(
 
 /// Reads requests and hands them to the workers until the client disconnects (true for
 /// `DISC`, false when it just closed) or breaks the protocol.
-fn read_requests<S: Read, W: Write>(
+fn read_requests<'a, S: Read, W: Write>(
     r: &mut BufReader<S>,
     size: u64,
-    tx: &std::sync::mpsc::SyncSender<Request>,
+    tx: &std::sync::mpsc::SyncSender<Request<'a>>,
     export: &dyn Export,
     out: &Replies<'_, W>,
-    in_flight: &InFlight,
+    in_flight: &'a InFlight,
 ) -> io::Result<bool> {
     loop {
         // Replies held back while more requests were read go out before waiting for more.
@@ -619,6 +633,7 @@ fn read_requests<S: Read, W: Write>(
             out.flush()?;
             in_flight.take(held);
         }
+        let held = Taken { from: in_flight, bytes: held };
         let mut data = Vec::new();
         match cmd {
             CMD_DISC => return Ok(true),
@@ -634,7 +649,7 @@ fn read_requests<S: Read, W: Write>(
             }
             _ => {}
         }
-        let q = Request { cmd, flags, cookie, offset, len, in_bounds, data, held };
+        let q = Request { cmd, flags, cookie, offset, len, in_bounds, data, _held: held };
         if len <= INLINE_MAX {
             // Its reply goes out with the next flush: at the top of the loop, before this
             // thread waits for the client.
@@ -940,6 +955,31 @@ mod tests {
         );
         let want: Vec<u8> = (0..8u8).flat_map(|i| vec![i + 1; piece]).chain(big).collect();
         assert_eq!(std::fs::read(&path).unwrap()[..3 << 20], want[..]);
+    }
+
+    /// A client gone in the middle of a large write's payload gives its bytes back: the
+    /// other connections' large requests do not wait for them for ever.
+    #[test]
+    fn a_payload_cut_short_gives_its_room_back_to_the_other_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let exports = exports(dir.path());
+        let bound = Arc::new(InFlight::new(512 << 10));
+        let mut gone = Client::connect_with(exports.clone(), bound.clone());
+        gone.go("sda");
+        // 1 MiB announced, larger than the bound (taken alone), 100 bytes of it sent.
+        send(&mut gone, CMD_WRITE, 1, 0, 1 << 20, &[7u8; 100]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(gone);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while bound.lock().bytes > 0 {
+            assert!(std::time::Instant::now() < until, "the cut write's bytes were never given back");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mut c = Client::connect_with(exports, bound);
+        c.go("sda");
+        c.0.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let data = vec![3u8; 256 << 10];
+        assert_eq!(c.request(CMD_WRITE, 0, data.len() as u32, &data, 0).0, 0);
     }
 
     fn exports(dir: &std::path::Path) -> Exports {

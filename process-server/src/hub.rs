@@ -238,7 +238,7 @@ impl Hub {
 
     /// A session of `vm` was admitted: an earlier refusal of its agent (a resized disk, a
     /// missing one) holds no more. A failure of the server's own (its storage full) holds
-    /// until records are acked again.
+    /// until records are acked or a point is made again.
     pub fn clear_refusal(&self, vm: &VmName) {
         let failed = lock(&self.counters).get(vm).is_some_and(|c| c.session_failure.is_some());
         if !failed {

@@ -269,10 +269,8 @@ impl Store {
             static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let path = scratch.join(format!("verify-{}-{}-{}-{n}.raw", vm, h.name, std::process::id()));
-            let snapshot = h.journal().snapshot();
             let result = materialize_disk(
                 &h,
-                &snapshot,
                 pd.seq,
                 Some(pd.fingerprint),
                 &path,
@@ -386,17 +384,8 @@ impl Store {
         let scratch = self.root.join("tmp");
         crate::durable::create_dir_durable(&scratch)?;
         let path = scratch.join(format!("drill-{}-{}.raw", disk.vm, disk.name));
-        let snapshot = disk.journal().snapshot();
-        let made = materialize_disk(
-            disk,
-            &snapshot,
-            upto,
-            Some(expected),
-            &path,
-            Format::Raw,
-            &self.zeroes,
-            &mut |_| {},
-        );
+        let made =
+            materialize_disk(disk, upto, Some(expected), &path, Format::Raw, &self.zeroes, &mut |_| {});
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(PathBuf::from(format!("{}.partial", path.display())));
         made.map(|o| (o.blake3, o.fingerprint))

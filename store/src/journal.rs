@@ -667,7 +667,8 @@ impl Journal {
 
     /// Deletes the closed segments whose records all have seq < `seq` (already applied to
     /// the base image). The segment holding record `seq` stays, and with it the bookmarks
-    /// of the points at `seq` that follow the record there (a catalog rebuild reads them).
+    /// of the points at `seq` that follow the record there (a catalog rebuild reads them);
+    /// [`Journal::retire_folded`] lets it go once those bookmarks are copied.
     /// The active segment is never deleted. Returns how many went.
     pub fn delete_segments_through(&mut self, seq: Seq) -> Result<usize, StoreError> {
         let mut n = 0;

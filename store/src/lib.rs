@@ -1611,21 +1611,14 @@ impl Store {
         }
         let seqs = position.seqs();
         for (((h, path), pd), seq) in handles.iter().zip(files).zip(&point.disks).zip(seqs) {
-            let snapshot = h.journal().snapshot();
             let size = h.size;
             // A position between points has no fingerprint of its own: each record it
             // applies is checked against its BLAKE3 instead.
             let expected = position.between.is_none().then_some(pd.fingerprint);
-            let out = materialize::materialize_disk(
-                h,
-                &snapshot,
-                seq,
-                expected,
-                path,
-                format,
-                &self.zeroes,
-                &mut |done| progress(before + done.min(size), total),
-            )?;
+            let out =
+                materialize::materialize_disk(h, seq, expected, path, format, &self.zeroes, &mut |done| {
+                    progress(before + done.min(size), total)
+                })?;
             before += size;
             disks.push(out);
         }

@@ -70,11 +70,11 @@ const COPY_CHUNK: usize = 1 << 20;
 
 /// Writes `disk` as of `upto` to `path` and checks its fingerprint (when `expected` is
 /// given). `progress` gets the bytes done so far. The file appears at `path` only when
-/// complete and fsynced.
+/// complete and fsynced. The journal is read as it is once the disk's read lock is held:
+/// retention may have replaced its segments before (see `Journal::retire_folded`).
 #[allow(clippy::too_many_arguments)]
 pub fn materialize_disk(
     disk: &DiskHandle,
-    snapshot: &JournalSnapshot,
     upto: Seq,
     expected: Option<Digest>,
     path: &Path,
@@ -82,6 +82,8 @@ pub fn materialize_disk(
     zeroes: &ZeroSubtrees,
     progress: &mut dyn FnMut(u64),
 ) -> Result<OutputDisk, StoreError> {
+    let _reading = disk.read_lock();
+    let snapshot = &disk.journal().snapshot();
     if upto > snapshot.durable {
         return Err(StoreError::PointBeyondDurable {
             disk: disk.name.to_string(),
@@ -89,7 +91,6 @@ pub fn materialize_disk(
             durable: snapshot.durable,
         });
     }
-    let _reading = disk.read_lock();
     if upto < disk.base_seq() {
         return Err(StoreError::Invariant("point is behind the base image"));
     }

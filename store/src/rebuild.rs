@@ -374,10 +374,11 @@ mod tests {
             let before = h.journal().bytes();
             let newest = store.points(&vm).unwrap().pop().unwrap();
             if crash {
+                // Retiring is best effort: the pass goes on, and the process dies there.
                 set_failpoint(Some("retire-before-delete"));
-                let err = store.apply_retention(&vm, 1_000_000).unwrap_err();
+                let report = store.apply_retention(&vm, 1_000_000).unwrap();
                 set_failpoint(None);
-                assert!(matches!(err, StoreError::Injected(_)), "{err}");
+                assert_eq!(h.journal().segment_count(), 2, "{report:?}");
                 drop((h, store));
                 let store = reopen(dir.path());
                 assert_eq!(all_points_verify(&store, &vm), 1, "crashed before the old segments went");

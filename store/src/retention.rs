@@ -176,13 +176,19 @@ impl Store {
             let Some(h) = self.disk(vm, &pd.disk) else { continue };
             report.segments_deleted += self.advance_base(&h, pd.seq)?;
             if h.base_seq() == pd.seq {
+                // Best effort: what it frees is folded already, and a segment it cannot read
+                // (a damaged header) must not stop retention of the VM's other disks.
                 let _exclusive = h.write_lock();
-                let retired = h.journal().retire_folded(pd.seq, oldest.id.0)?;
-                if retired > 0 {
-                    tracing::info!(vm = %vm, disk = %h.name, segments = retired, base_seq = %pd.seq,
-                        "the base image holds every record: the journal starts a segment anew");
+                match h.journal().retire_folded(pd.seq, oldest.id.0) {
+                    Ok(0) => {}
+                    Ok(retired) => {
+                        tracing::info!(vm = %vm, disk = %h.name, segments = retired, base_seq = %pd.seq,
+                            "the base image holds every record: the journal starts a segment anew");
+                        report.segments_deleted += retired;
+                    }
+                    Err(e) => tracing::warn!(vm = %vm, disk = %h.name, error = %e,
+                        "the journal's folded segments could not be retired; retention tries again"),
                 }
-                report.segments_deleted += retired;
             }
         }
         Ok(report)

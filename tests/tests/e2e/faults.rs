@@ -800,6 +800,14 @@ fn small_mistakes_are_refused_with_what_to_do() {
     let said = other.log_text();
     assert!(said.contains("m.img") && said.contains("another agent reads this file"), "{said}");
     assert!(server.status("m2")["last_point"].is_null(), "{}", server.status("m2"));
+    // One file given for two disks: refused at start, naming both.
+    let twice = root.join("m2.img");
+    make_random(&twice, 8, 1, 182);
+    let mut other =
+        Agent::start(&server, &identity2, "m2", &[("sda", &twice), ("sdb", &twice)], &root.join("st2"), &[]);
+    assert_eq!(other.wait_exit("an agent given one file for two disks to stop").code(), Some(2));
+    let said = other.log_text();
+    assert!(said.contains("disk sdb") && said.contains("the same file as disk sda"), "{said}");
     // 0 is not an interval (on the wire it would mean "keep"): refused.
     let out = server.drctl(&["policy", "set", "m", "--crash-interval", "0s"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
