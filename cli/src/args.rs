@@ -198,6 +198,15 @@ pub enum Cmd {
         /// Wait until this job ends; exit non-zero if it failed.
         #[arg(long)]
         wait: Option<u64>,
+        /// Only this VM's jobs.
+        #[arg(long, conflicts_with = "wait")]
+        vm: Option<String>,
+        /// Only jobs in this state: running, succeeded, failed.
+        #[arg(long, conflicts_with = "wait")]
+        state: Option<tern_core::JobState>,
+        /// Only jobs of this kind: initial-sync, test-failover, planned-failover, ...
+        #[arg(long, conflicts_with = "wait")]
+        kind: Option<tern_core::JobKind>,
     },
     /// Identities the deployment's CA issued (and those seen connecting): serial, role,
     /// name, when issued, whether revoked.

@@ -15,8 +15,25 @@ pub async fn wait(d: &mut Drctl, id: u64) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn list(d: &mut Drctl) -> Result<(), CliError> {
-    let r = d.c.jobs(pb::JobsRequest { id: 0 }).await?.into_inner();
+/// Which jobs `drctl jobs` lists: all, or those of a VM, a state, a kind.
+#[derive(Debug, Default)]
+pub struct Filter {
+    pub vm: Option<String>,
+    pub state: Option<tern_core::JobState>,
+    pub kind: Option<tern_core::JobKind>,
+}
+
+impl Filter {
+    fn takes(&self, j: &pb::JobInfo) -> bool {
+        self.vm.as_ref().is_none_or(|vm| *vm == j.vm)
+            && self.state.is_none_or(|s| pb::JobState::read(j.state) == Some(s))
+            && self.kind.is_none_or(|k| pb::JobKind::read(j.kind) == Some(k))
+    }
+}
+
+pub async fn list(d: &mut Drctl, filter: &Filter) -> Result<(), CliError> {
+    let mut r = d.c.jobs(pb::JobsRequest { id: 0 }).await?.into_inner();
+    r.jobs.retain(|j| filter.takes(j));
     if d.json {
         return print_json(&Value::Array(r.jobs.iter().map(job_json).collect()));
     }
@@ -56,6 +73,27 @@ fn done_text(j: &pb::JobInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_filter_takes_the_jobs_of_its_vm_state_and_kind() {
+        let job = |vm: &str, state, kind| pb::JobInfo {
+            vm: vm.into(),
+            state: pb::JobState::write(state),
+            kind: pb::JobKind::write(kind),
+            ..Default::default()
+        };
+        use tern_core::{JobKind as K, JobState as S};
+        let a = job("web", S::Running, K::InitialSync);
+        let b = job("db", S::Failed, K::TestFailover);
+        assert!(Filter::default().takes(&a) && Filter::default().takes(&b));
+        let web = Filter { vm: Some("web".into()), ..Filter::default() };
+        assert!(web.takes(&a) && !web.takes(&b));
+        let failed = Filter { state: Some(S::Failed), ..Filter::default() };
+        assert!(!failed.takes(&a) && failed.takes(&b));
+        let both = Filter { vm: Some("db".into()), kind: Some(K::InitialSync), ..Filter::default() };
+        assert!(!both.takes(&a) && !both.takes(&b));
+        assert!("no-such".parse::<S>().unwrap_err().to_string().contains("running"));
+    }
 
     #[test]
     fn a_job_shows_how_far_it_has_come() {

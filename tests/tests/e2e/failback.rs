@@ -1068,4 +1068,9 @@ fn a_reprotect_cancel_ends_the_sync_that_waits_for_its_agent() {
     assert!(job["error"].as_str().unwrap_or("").contains("reprotect was cancelled"), "{job}");
     let jobs = server.drctl_json(&["jobs"]);
     assert!(jobs.as_array().unwrap().iter().all(|j| j["state"] != "running"), "{jobs}");
+    // Listed by VM, state and kind: the cancelled sync is the VM's one failed initial sync.
+    let failed = server.drctl_json(&["jobs", "--vm", "wc", "--state", "failed", "--kind", "initial-sync"]);
+    assert_eq!(failed.as_array().unwrap().len(), 1, "{failed}; all: {jobs}");
+    assert_eq!(failed[0]["id"], job["id"], "{failed}");
+    assert_eq!(server.drctl_json(&["jobs", "--vm", "nosuch"]), serde_json::json!([]));
 }
