@@ -977,23 +977,7 @@ async fn walk(
             }
             _ => {
                 if let Some(text) = step.manual.as_ref().filter(|_| run.operation.acts()) {
-                    run.state = "waiting".into();
-                    run.waited = true;
-                    run.message = format!("group {group}: {text} — then `drctl plan continue {name}`");
-                    save(ctx, name, run).await?;
-                    if let Some(d) = lock(&ctx.plans.driving).get_mut(name.as_str()) {
-                        d.waiting = true;
-                    }
-                    job.phase(&format!("waiting: {}", run.message)).await;
-                    info!(plan = %name, group, manual = %text, "plan waits for `plan continue`");
-                    tokio::select! {
-                        () = wake.notified() => {}
-                        // At this manual step: a `continue` later is the operator's word
-                        // that it is done.
-                        () = cancel.cancelled() => return Err(stopped(ctx, cancel).unwrap_or(Stop::Cancelled)),
-                    }
-                    run.state = "running".into();
-                    run.message.clear();
+                    wait_manual(ctx, name, run, job, (wake, cancel), group, text).await?;
                 }
                 run.step += 1;
                 run.stage = "pre".into();
@@ -1003,6 +987,36 @@ async fn walk(
         save(ctx, name, run).await?;
     }
     job.progress(total, total);
+    Ok(())
+}
+
+/// A manual step after group `group`: the run waits, saying `text`, until `drctl plan
+/// continue` wakes it (or the plan is cancelled or the server stops).
+async fn wait_manual(
+    ctx: &Arc<Ctx>,
+    name: &PlanName,
+    run: &mut Run,
+    job: &crate::jobs::Job,
+    (wake, cancel): (&Notify, &CancellationToken),
+    group: usize,
+    text: &str,
+) -> Result<(), Stop> {
+    run.state = "waiting".into();
+    run.waited = true;
+    run.message = format!("group {group}: {text} — then `drctl plan continue {name}`");
+    save(ctx, name, run).await?;
+    if let Some(d) = lock(&ctx.plans.driving).get_mut(name.as_str()) {
+        d.waiting = true;
+    }
+    job.phase(&format!("waiting: {}", run.message)).await;
+    info!(plan = %name, group, manual = %text, "plan waits for `plan continue`");
+    tokio::select! {
+        () = wake.notified() => {}
+        // At this manual step: a `continue` later is the operator's word that it is done.
+        () = cancel.cancelled() => return Err(stopped(ctx, cancel).unwrap_or(Stop::Cancelled)),
+    }
+    run.state = "running".into();
+    run.message.clear();
     Ok(())
 }
 
