@@ -477,9 +477,14 @@ impl Journal {
     /// Writes `records` after their headers in `heads`, in one vectored write per up to
     /// 512 records.
     fn write_records(&mut self, next_seq: Seq, records: &[Record]) -> Result<(), StoreError> {
+        // A segment that begins at `next_seq` holds marks only (a bookmark began it, or
+        // retention retired the segments before): one of the same name cannot follow it, so
+        // it takes these records too, full or not. The next record past them rolls.
+        let begins_here = self.segments.last().is_some_and(|s| s.first_seq == next_seq.0);
         if self.active.is_none()
-            || self.active_len >= self.segment_target
-            || self.active_logical >= self.segment_target.saturating_mul(2)
+            || (!begins_here
+                && (self.active_len >= self.segment_target
+                    || self.active_logical >= self.segment_target.saturating_mul(2)))
         {
             self.roll(next_seq)?;
         }
@@ -1210,6 +1215,31 @@ mod tests {
         assert_eq!(got.len(), 3, "two writes and the bookmark after seq 2");
         assert_eq!(got[2].record.kind, RecordKind::Bookmark);
         assert_eq!(j.snapshot().read(Seq(3)).count(), 4);
+    }
+
+    /// A segment of marks only grows past its target rather than roll into one of its own
+    /// name (an idle VM's points, one bookmark each, once retention retired its records):
+    /// every bookmark and the records after them are taken, and read back after a reopen.
+    #[test]
+    fn a_segment_of_marks_only_takes_bookmarks_past_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.set_segment_target(4096);
+        j.append(Seq(1), &[write_rec(&incompressible(1, 8192), 0)]).unwrap();
+        for _ in 0..64 {
+            j.append_bookmark(&[b'x'; 200]).unwrap();
+        }
+        assert_eq!(j.segment_count(), 2, "the first bookmark began a segment of marks");
+        j.append(Seq(2), &[write_rec(&incompressible(2, 8192), 0)]).unwrap();
+        j.append(Seq(3), &[write_rec(&incompressible(3, 4096), 0)]).unwrap();
+        j.sync().unwrap();
+        assert_eq!(j.segment_count(), 3, "the record after them rolled");
+        drop(j);
+        let (j, rec) = Journal::open(dir.path()).unwrap();
+        assert_eq!(rec.durable, Seq(3));
+        let all: Vec<_> = j.snapshot().read(Seq(3)).map(|r| r.unwrap()).collect();
+        assert_eq!(all.len(), 67);
+        assert_eq!(all.iter().filter(|r| r.record.kind == RecordKind::Bookmark).count(), 64);
     }
 
     /// A journal whose records are all in the base goes on in a segment of the kept
