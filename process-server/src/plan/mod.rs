@@ -460,33 +460,10 @@ async fn resolve_points(
         let group = blocking(move || store.group_of(&v)).await?.map_err(store_status)?;
         if let Some(g) = group {
             if !common.contains_key(&g) {
-                let fresh = if spec == PointSpec::Latest {
-                    match fresh_group_point(ctx, &g).await? {
-                        Ok(points) => points.first().map(|p| p.id.0),
-                        Err(e) => {
-                            warn!(plan = %plan.name, group = %g, error = %e,
-                                "no fresh multi-VM point for the plan; the group's newest common one is used");
-                            why_not.insert(g.clone(), e.clone());
-                            None
-                        }
-                    }
-                } else {
-                    None
-                };
-                let id = match fresh {
-                    Some(id) => Some(id),
-                    None => {
-                        let (store, name) = (ctx.store.clone(), g.clone());
-                        blocking(move || {
-                            let row = store.group(&name)?;
-                            row.map(|r| store.common_point(&r, app)).transpose()
-                        })
-                        .await?
-                        .map_err(store_status)?
-                        .flatten()
-                        .map(|p| p.id.0)
-                    }
-                };
+                let (id, not_fresh) = group_point(ctx, plan, &g, spec == PointSpec::Latest, app).await?;
+                if let Some(e) = not_fresh {
+                    why_not.insert(g.clone(), e);
+                }
                 if let (Some(e), Some(id)) = (why_not.get(&g), id) {
                     notes.push(format!(
                         "replication group {g}: a fresh multi-VM point could not be made ({e}); its newest common \
@@ -530,6 +507,43 @@ async fn resolve_points(
         }
     }
     Ok((points, notes))
+}
+
+/// The point a plan takes for replication group `g`: a multi-VM point made now when
+/// `fresh` (`latest`), else (or when it cannot be made: why, beside) the group's newest
+/// common one, app-consistent when `app`. `None` when it has none.
+async fn group_point(
+    ctx: &Arc<Ctx>,
+    plan: &Plan,
+    g: &tern_core::GroupName,
+    fresh: bool,
+    app: bool,
+) -> Result<(Option<u64>, Option<String>), Status> {
+    let mut why_not = None;
+    if fresh {
+        match fresh_group_point(ctx, g).await? {
+            Ok(points) => {
+                if let Some(p) = points.first() {
+                    return Ok((Some(p.id.0), None));
+                }
+            }
+            Err(e) => {
+                warn!(plan = %plan.name, group = %g, error = %e,
+                    "no fresh multi-VM point for the plan; the group's newest common one is used");
+                why_not = Some(e);
+            }
+        }
+    }
+    let (store, name) = (ctx.store.clone(), g.clone());
+    let id = blocking(move || {
+        let row = store.group(&name)?;
+        row.map(|r| store.common_point(&r, app)).transpose()
+    })
+    .await?
+    .map_err(store_status)?
+    .flatten()
+    .map(|p| p.id.0);
+    Ok((id, why_not))
 }
 
 /// A multi-VM point of `group` made now, on its own task: a caller that goes away
