@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
-use tern_core::blocks::{BlockHashes, Fingerprint, block_len, hash_block, is_zero, zero_block};
+use tern_core::blocks::{BlockHashes, DataRanges, Fingerprint, block_len, hash_block, is_zero, zero_block};
 use tern_core::codec::Encoder;
 use tern_core::disk::{AlignedBuf, DiskReader};
 use tern_core::{BLOCK_SIZE, Digest, DiskName, PAGE_SIZE, PAGES_PER_BLOCK};
@@ -755,7 +755,7 @@ type InFlight = VecDeque<(u64, Option<Receiver<Result<ChunkOut, std::io::Error>>
 /// and were zero in the state, so they are zero blocks, known without a look.
 fn known_empty(d: &DiskSource, file: &DiskReader, state: &DiskState, first: u64, last: u64) -> bool {
     let (start, end) = (first * BLOCK_SIZE as u64, (last * BLOCK_SIZE as u64).min(d.size));
-    state.zero_hole(first, last) && tern_core::blocks::data_ranges(file.file(), start, end).is_empty()
+    state.zero_hole(first, last) && tern_core::blocks::is_hole(file.file(), start, end)
 }
 
 /// The chunks a pass compares, in order: all of them, or those the byte ranges touch.
@@ -871,6 +871,7 @@ fn worker(
     }
     let mut enc = Encoder::new();
     let mut buf = AlignedBuf::new(CHUNK);
+    let mut map = DataRanges::default();
     loop {
         let job = {
             let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -879,18 +880,18 @@ fn worker(
                 Err(_) => return,
             }
         };
-        let out = scan_chunk(&file, size, &job, &mut buf, &mut enc, page_hashes, memory);
+        let out = scan_chunk(&file, &mut map, size, &job, &mut buf, &mut enc, page_hashes, memory);
         let _ = job.reply.send(out);
     }
 }
 
 /// The data extents of `[start, end)` of a file, as block-aligned offsets relative to
 /// `start`; everything else is a hole. A file system (or a block device) that cannot tell
-/// gives the whole range.
-fn data_extents(file: &DiskReader, start: u64, end: u64) -> Vec<(usize, usize)> {
+/// gives the whole range. `map` is the worker's, for the pass.
+fn data_extents(file: &DiskReader, map: &mut DataRanges, start: u64, end: u64) -> Vec<(usize, usize)> {
     let block = BLOCK_SIZE as u64;
     let mut out: Vec<(usize, usize)> = Vec::new();
-    for (data, hole) in tern_core::blocks::data_ranges(file.file(), start, end) {
+    for (data, hole) in map.within(file.file(), start, end) {
         let a = usize::try_from((data - start) / block * block).unwrap_or(usize::MAX);
         let b =
             usize::try_from(((hole - start).div_ceil(block) * block).min(end - start)).unwrap_or(usize::MAX);
@@ -902,8 +903,10 @@ fn data_extents(file: &DiskReader, start: u64, end: u64) -> Vec<(usize, usize)> 
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 fn scan_chunk(
     file: &DiskReader,
+    map: &mut DataRanges,
     size: u64,
     job: &Job,
     buf: &mut [u8],
@@ -914,7 +917,7 @@ fn scan_chunk(
     let start = job.index * CHUNK as u64;
     let len = usize::try_from((size - start).min(CHUNK as u64)).unwrap_or(CHUNK);
     // Only the data extents are read; blocks in holes are zero without a look.
-    let extents = data_extents(file, start, start + len as u64);
+    let extents = data_extents(file, map, start, start + len as u64);
     let data = &mut buf[..len];
     let mut read = 0u64;
     let mut filled = 0usize;

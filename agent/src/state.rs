@@ -314,8 +314,7 @@ impl DiskState {
         let n = usize::try_from(last - first).unwrap_or(0);
         let mut buf = vec![0u8; n * ENTRY_LEN];
         // A hole of the table (never written: the fill) is not read.
-        let hole =
-            tern_core::blocks::data_ranges(&self.file, entry_offset(first), entry_offset(last)).is_empty();
+        let hole = tern_core::blocks::is_hole(&self.file, entry_offset(first), entry_offset(last));
         if !hole && let Err(e) = self.file.read_exact_at(&mut buf, entry_offset(first)) {
             self.fail(&e);
             return vec![UNKNOWN; n];
@@ -338,7 +337,7 @@ impl DiskState {
             && self.failed.is_none()
             && first < last
             && self.overlay.range(first..last).next().is_none()
-            && tern_core::blocks::data_ranges(&self.file, entry_offset(first), entry_offset(last)).is_empty()
+            && tern_core::blocks::is_hole(&self.file, entry_offset(first), entry_offset(last))
     }
 
     pub fn get(&mut self, block: u64) -> BlockHashes {
