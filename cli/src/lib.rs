@@ -120,8 +120,16 @@ async fn run_command(mut cli: Cli) -> Result<(), CliError> {
         Cmd::Checkpoint { vm, app_consistent, wait, timeout } => {
             protect::checkpoint(d, vm, app_consistent, wait, &timeout).await
         }
-        Cmd::Policy(PolicyCmd::Set { vm, retention, crash_interval, app_interval, rpo_threshold }) => {
-            protect::set_policy(d, vm, [retention, crash_interval, app_interval, rpo_threshold]).await
+        Cmd::Policy(PolicyCmd::Set {
+            vm,
+            retention,
+            crash_interval,
+            app_interval,
+            rpo_threshold,
+            max_journal,
+        }) => {
+            protect::set_policy(d, vm, [retention, crash_interval, app_interval, rpo_threshold], max_journal)
+                .await
         }
         Cmd::TestFailover { vm, point, output, format } => {
             failover::test_failover(d, vm, point, &output, format).await

@@ -78,14 +78,7 @@ pub fn print_json(v: &Value) -> Result<(), CliError> {
 }
 
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    tern_core::units::size_text(n)
 }
 
 pub fn print_point(p: &pb::PointInfo) {
@@ -110,7 +103,13 @@ pub fn policy_json(p: &pb::PolicyInfo) -> Value {
         "crash_interval": dur(p.crash_interval_ms),
         "app_interval": dur(p.app_interval_ms),
         "rpo_threshold": dur(p.rpo_threshold_ms),
+        "max_journal_bytes": (p.max_journal_bytes > 0).then_some(p.max_journal_bytes),
     })
+}
+
+/// A policy's bound on the VM's journals, for people.
+pub fn journal_bound(bytes: u64) -> String {
+    if bytes == 0 { "without a bound".into() } else { format!("at most {}", human_bytes(bytes)) }
 }
 
 pub fn job_json(j: &pb::JobInfo) -> Value {

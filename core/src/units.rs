@@ -51,6 +51,19 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
     s.trim().parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|_| UnitError::BadSize(s.to_string()))
 }
 
+/// A size for people: `512 B`, `1.5 GiB`.
+pub fn size_text(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    #[allow(clippy::cast_precision_loss)]
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -449,6 +449,11 @@ impl pb::admin_server::Admin for AdminService {
             p.crash_interval_ms = ms(want.crash_interval_ms, p.crash_interval_ms);
             p.app_interval_ms = ms(want.app_interval_ms, p.app_interval_ms);
             p.rpo_threshold_ms = ms(want.rpo_threshold_ms, p.rpo_threshold_ms);
+            p.max_journal_bytes = match want.max_journal_bytes {
+                0 => p.max_journal_bytes,
+                u64::MAX => 0,
+                b => i64::try_from(b).unwrap_or(i64::MAX),
+            };
             Ok::<_, tern_store::StoreError>(p)
         })
         .await?
@@ -471,12 +476,26 @@ impl pb::admin_server::Admin for AdminService {
                 )));
             }
         }
+        // Journals are freed a segment at a time (each disk keeps the one it writes into):
+        // below two segments, every pass would prune all but the newest point.
+        let least = 2 * self.ctx.store.segment_bytes();
+        if want.max_journal_bytes != 0
+            && policy.max_journal_bytes != 0
+            && u64::try_from(policy.max_journal_bytes).unwrap_or(0) < least
+        {
+            return Err(Status::invalid_argument(format!(
+                "--max-journal must be at least {} (twice the process server's --segment-size: journals are \
+                 freed a segment at a time), or none",
+                tern_core::units::size_text(least)
+            )));
+        }
         let store = self.ctx.store.clone();
         let v = vm.clone();
         blocking(move || store.set_policy(&v, &policy)).await?.map_err(store_status)?;
         self.ctx.hub.send_policy(&vm, agent_policy(&policy));
         info!(vm = %vm, retention_ms = policy.retention_ms, crash_interval_ms = policy.crash_interval_ms,
-            app_interval_ms = policy.app_interval_ms, rpo_threshold_ms = policy.rpo_threshold_ms, "policy set");
+            app_interval_ms = policy.app_interval_ms, rpo_threshold_ms = policy.rpo_threshold_ms,
+            max_journal_bytes = policy.max_journal_bytes, "policy set");
         Ok(Response::new(policy_info(&policy)))
     }
 
@@ -853,6 +872,7 @@ pub fn policy_info(p: &Policy) -> pb::PolicyInfo {
         crash_interval_ms: u(p.crash_interval_ms),
         app_interval_ms: u(p.app_interval_ms),
         rpo_threshold_ms: u(p.rpo_threshold_ms),
+        max_journal_bytes: u(p.max_journal_bytes),
     }
 }
 

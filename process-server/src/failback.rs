@@ -31,6 +31,7 @@ pub fn failback_policy() -> Policy {
         crash_interval_ms: 5 * 60_000,
         app_interval_ms: 60 * 60_000,
         rpo_threshold_ms: 15 * 60_000,
+        max_journal_bytes: 0,
     }
 }
 

@@ -46,6 +46,10 @@ pub struct Policy {
     pub crash_interval_ms: i64,
     pub app_interval_ms: i64,
     pub rpo_threshold_ms: i64,
+    /// The most the VM's journals may hold together (0: no bound): retention prunes its
+    /// oldest points ahead of their window to keep within it, so that one VM's burst of
+    /// writes does not fill the data directory every VM replicates into.
+    pub max_journal_bytes: i64,
 }
 
 impl Default for Policy {
@@ -55,6 +59,7 @@ impl Default for Policy {
             crash_interval_ms: 5 * 60_000,
             app_interval_ms: 60 * 60_000,
             rpo_threshold_ms: 15 * 60_000,
+            max_journal_bytes: 0,
         }
     }
 }
@@ -188,8 +193,9 @@ const TARGET_WRITE_THROUGH: &str = "write-through";
 /// (`reprotects.identity`). 5: the VM's own policy is kept in `saved_policies` from
 /// reprotect to reverse replication, and a failover's output is known whole
 /// (`failovers.written`). 6: the sources of disks and fences (`disk_sources`, `disk_fences`). 7: a job's output is kept with it (`jobs.output`), and ended jobs
-/// are pruned ([`JOBS_KEPT_MS`], [`JOBS_KEPT_PER_KIND`]).
-pub const SCHEMA_VERSION: i64 = 7;
+/// are pruned ([`JOBS_KEPT_MS`], [`JOBS_KEPT_PER_KIND`]). 8: a policy may bound the VM's
+/// journals (`max_journal_bytes`, in `policies` and `saved_policies`).
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// An ended job is kept this long (30 days)...
 pub const JOBS_KEPT_MS: i64 = 30 * 24 * 3_600_000;
@@ -231,14 +237,16 @@ CREATE TABLE IF NOT EXISTS saved_policies (
     retention_ms INTEGER NOT NULL,
     crash_interval_ms INTEGER NOT NULL,
     app_interval_ms INTEGER NOT NULL,
-    rpo_threshold_ms INTEGER NOT NULL
+    rpo_threshold_ms INTEGER NOT NULL,
+    max_journal_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS policies (
     vm TEXT PRIMARY KEY REFERENCES vms(name),
     retention_ms INTEGER NOT NULL,
     crash_interval_ms INTEGER NOT NULL,
     app_interval_ms INTEGER NOT NULL,
-    rpo_threshold_ms INTEGER NOT NULL
+    rpo_threshold_ms INTEGER NOT NULL,
+    max_journal_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS failovers (
     vm TEXT PRIMARY KEY REFERENCES vms(name),
@@ -432,11 +440,19 @@ fn read_state(db: &Connection, vm: &VmName) -> Result<VmState, StoreError> {
 
 fn put_policy(db: &Connection, vm: &VmName, p: &Policy) -> Result<(), StoreError> {
     db.execute(
-        "INSERT INTO policies (vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO policies (vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms,
+           max_journal_bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT(vm) DO UPDATE SET retention_ms = ?2, crash_interval_ms = ?3,
-           app_interval_ms = ?4, rpo_threshold_ms = ?5",
-        params![vm.as_str(), p.retention_ms, p.crash_interval_ms, p.app_interval_ms, p.rpo_threshold_ms],
+           app_interval_ms = ?4, rpo_threshold_ms = ?5, max_journal_bytes = ?6",
+        params![
+            vm.as_str(),
+            p.retention_ms,
+            p.crash_interval_ms,
+            p.app_interval_ms,
+            p.rpo_threshold_ms,
+            p.max_journal_bytes
+        ],
     )
     .map_err(q("set policy"))?;
     Ok(())
@@ -568,6 +584,15 @@ fn migrate(db: &mut Connection, version: i64, path: &Path) -> Result<(), StoreEr
         if !columns("reprotects")?.iter().any(|c| c == "identity") {
             tx.execute_batch("ALTER TABLE reprotects ADD COLUMN identity TEXT NOT NULL DEFAULT ''")
                 .map_err(q("migrate catalog"))?;
+        }
+        // Before version 8 a policy did not bound the VM's journals.
+        for table in ["policies", "saved_policies"] {
+            if !columns(table)?.iter().any(|c| c == "max_journal_bytes") {
+                tx.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN max_journal_bytes INTEGER NOT NULL DEFAULT 0"
+                ))
+                .map_err(q("migrate catalog"))?;
+            }
         }
         // Before version 7 a job's output was kept in memory only.
         if !columns("jobs")?.iter().any(|c| c == "output") {
@@ -820,7 +845,8 @@ impl Catalog {
             exec(
                 &format!(
                     "INSERT OR REPLACE INTO {to}
-                     SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms
+                     SELECT vm, retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms,
+                       max_journal_bytes
                      FROM {from} WHERE vm = ?1"
                 ),
                 params![v],
@@ -910,8 +936,8 @@ impl Catalog {
         self.db
             .query_row(
                 &format!(
-                    "SELECT retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms FROM {table} \
-                     WHERE vm = ?1"
+                    "SELECT retention_ms, crash_interval_ms, app_interval_ms, rpo_threshold_ms, max_journal_bytes \
+                     FROM {table} WHERE vm = ?1"
                 ),
                 [vm.as_str()],
                 |r| {
@@ -920,6 +946,7 @@ impl Catalog {
                         crash_interval_ms: r.get(1)?,
                         app_interval_ms: r.get(2)?,
                         rpo_threshold_ms: r.get(3)?,
+                        max_journal_bytes: r.get(4)?,
                     })
                 },
             )
@@ -934,13 +961,14 @@ impl Catalog {
         self.db
             .execute(
                 "UPDATE saved_policies SET retention_ms = ?2, crash_interval_ms = ?3, app_interval_ms = ?4,
-                   rpo_threshold_ms = ?5 WHERE vm = ?1",
+                   rpo_threshold_ms = ?5, max_journal_bytes = ?6 WHERE vm = ?1",
                 params![
                     vm.as_str(),
                     p.retention_ms,
                     p.crash_interval_ms,
                     p.app_interval_ms,
-                    p.rpo_threshold_ms
+                    p.rpo_threshold_ms,
+                    p.max_journal_bytes
                 ],
             )
             .map_err(q("set policy"))?;
@@ -1749,7 +1777,11 @@ mod tests {
             group: None,
         };
         c.insert_point(&point).unwrap();
-        c.set_policy(&vm, &Policy { retention_ms: 7_200_000, ..Policy::default() }).unwrap();
+        c.set_policy(
+            &vm,
+            &Policy { retention_ms: 7_200_000, max_journal_bytes: 5 << 30, ..Policy::default() },
+        )
+        .unwrap();
         c.raw_set_state_for_tests(&vm, state);
         (dir, c, vm)
     }
@@ -1802,7 +1834,7 @@ mod tests {
     fn the_vms_policy_comes_back_at_reverse_replication() {
         let (_dir, mut c, vm) = catalog_in(VmState::FailoverCommitted);
         let own = c.policy(&vm).unwrap();
-        assert_eq!(own.retention_ms, 7_200_000);
+        assert_eq!((own.retention_ms, own.max_journal_bytes), (7_200_000, 5 << 30));
         let failback = Policy { crash_interval_ms: 30_000, ..Policy::default() };
         let reprotect = |policy: Policy| Transition::Reprotect {
             row: ReprotectRow {
@@ -1859,6 +1891,7 @@ mod tests {
         let p = &c.points(&web).unwrap()[0];
         assert_eq!((p.time_ms, p.consistency, p.disks.len()), (1_795_857_800_023, Consistency::Crash, 1));
         assert_eq!(c.policy(&web).unwrap().retention_ms, 7_200_000);
+        assert_eq!(c.policy(&web).unwrap().max_journal_bytes, 0, "no bound before version 8");
         let f = c.failover(&db).unwrap().unwrap();
         assert_eq!((f.kind, f.point, f.between), (FailoverKind::Unplanned, PointId(7), None));
         assert_eq!(c.test_failover(&web).unwrap().unwrap().point, PointId(4));

@@ -665,6 +665,20 @@ impl Journal {
         }
     }
 
+    /// The bytes of the segments a fold up to `seq` would leave: those holding a record
+    /// from `seq` on, as [`Journal::delete_segments_through`] keeps them.
+    pub fn bytes_kept_after_fold(&self, seq: Seq) -> u64 {
+        let n = self.segments.len();
+        let len = |i: usize| {
+            if i + 1 == n {
+                self.segments[i].durable_len.max(self.active_len)
+            } else {
+                self.segments[i].durable_len
+            }
+        };
+        (0..n).filter(|&i| i + 1 == n || self.segments[i + 1].first_seq > seq.0).map(len).sum()
+    }
+
     /// Number of segment files.
     pub fn segment_count(&self) -> usize {
         self.segments.len()

@@ -465,6 +465,14 @@ pub struct StoreOptions {
     pub reserve_bytes: Option<u64>,
 }
 
+impl Store {
+    /// The size past which journal segments close (`--segment-size`): journals are freed a
+    /// segment at a time.
+    pub fn segment_bytes(&self) -> u64 {
+        self.options.segment_bytes.unwrap_or(journal::SEGMENT_TARGET_BYTES)
+    }
+}
+
 /// The layout version of `vm.json`; it grows when a field changes meaning or goes.
 pub const MANIFEST_SCHEMA: u32 = 1;
 

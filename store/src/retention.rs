@@ -37,6 +37,12 @@ pub fn plan_run_pins(run: &str, vm: &str) -> Vec<u64> {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RetentionReport {
     pub pruned: Vec<PointId>,
+    /// Of `pruned`, those still within the retention window, pruned to keep the VM's
+    /// journals within the policy's bound.
+    pub ahead_of_window: usize,
+    /// The bytes the VM's journals keep when that is still over the policy's bound (the
+    /// newest point, or a pinned one, holds them).
+    pub over_bound: Option<u64>,
     pub segments_deleted: usize,
 }
 
@@ -142,12 +148,32 @@ impl Store {
         let mut report = RetentionReport::default();
         let Some((_newest, older)) = points.split_last() else { return Ok(report) };
         let cutoff = now_ms - policy.retention_ms;
-        // The newest point is always kept: a VM whose agent went quiet keeps a point to fail over to.
+        let bound = u64::try_from(policy.max_journal_bytes).unwrap_or(0);
+        // What the VM's journals would hold once folded up to `p`.
+        let kept = |p: &crate::catalog::Point| -> u64 {
+            p.disks
+                .iter()
+                .filter_map(|pd| self.disk(vm, &pd.disk).map(|h| h.journal().bytes_kept_after_fold(pd.seq)))
+                .sum()
+        };
+        // The newest point is always kept: a VM whose agent went quiet keeps a point to fail
+        // over to. Within the window, a point goes only while the journals would hold more
+        // than the bound with it the oldest.
         for p in older {
-            if p.time_ms >= cutoff || pins.contains(&p.id) {
+            if pins.contains(&p.id) {
                 break;
             }
+            if p.time_ms >= cutoff {
+                if bound == 0 || kept(p) <= bound {
+                    break;
+                }
+                report.ahead_of_window += 1;
+            }
             report.pruned.push(p.id);
+        }
+        if bound > 0 {
+            let oldest = &points[report.pruned.len()];
+            report.over_bound = Some(kept(oldest)).filter(|&k| k > bound);
         }
         if !report.pruned.is_empty() {
             // The records the fold needs are read (and checked) before any point goes: a
@@ -168,7 +194,20 @@ impl Store {
                 }
             }
             self.catalog().delete_points(vm, &report.pruned)?;
-            tracing::info!(vm = %vm, points = report.pruned.len(), "points older than the retention window pruned");
+            if report.ahead_of_window > 0 {
+                let left = &points[report.pruned.len()];
+                tracing::info!(vm = %vm, points = report.pruned.len(), within_window = report.ahead_of_window,
+                    max_journal_bytes = bound, oldest_kept = left.id.0,
+                    oldest_kept_age_s = (now_ms - left.time_ms) / 1000,
+                    "points pruned ahead of the retention window, to keep the VM's journals within the policy's bound");
+            } else {
+                tracing::info!(vm = %vm, points = report.pruned.len(), "points older than the retention window pruned");
+            }
+        }
+        if let Some(bytes) = report.over_bound {
+            tracing::warn!(vm = %vm, journal_bytes = bytes, max_journal_bytes = bound,
+                "the VM's journals stay over the policy's bound: the newest point (or one a failover, test \
+                 failover or plan keeps) holds them; they go once a later point is made, or raise the bound");
         }
         failpoint("retention-after-prune")?;
         let oldest = &points[report.pruned.len()];
@@ -303,6 +342,50 @@ pub(crate) mod tests {
         assert_eq!(all_points_verify(&store, &vm), 3);
         // The newest point is kept however old it is.
         store.apply_retention(&vm, 1_000_000).unwrap();
+        assert_eq!(all_points_verify(&store, &vm), 1);
+    }
+
+    /// A bound on the VM's journals prunes points still in the window, oldest first, only
+    /// as far as needed, never past a pinned point nor the newest; without one, none go.
+    #[test]
+    fn a_bound_on_the_journals_prunes_points_ahead_of_their_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let h = store.vm_disks(&vm).remove(0);
+        let journal = || h.journal().bytes();
+        let all = store.points(&vm).unwrap();
+        // Within a day's window, no bound: nothing goes.
+        let day = Policy { retention_ms: 86_400_000, ..Policy::default() };
+        store.catalog().set_policy(&vm, &day).unwrap();
+        let report = store.apply_retention(&vm, 5000).unwrap();
+        assert_eq!((report.pruned.len(), report.over_bound), (0, None));
+        let before = journal();
+        // A bound of about half the journal: the oldest points go, the base takes their
+        // records, and the journal is within the bound.
+        let bound = before / 2;
+        store.catalog().set_policy(&vm, &Policy { max_journal_bytes: bound as i64, ..day }).unwrap();
+        let report = store.apply_retention(&vm, 5000).unwrap();
+        assert!(!report.pruned.is_empty() && report.pruned.len() < all.len() - 1, "{report:?}");
+        assert_eq!(report.ahead_of_window, report.pruned.len());
+        assert_eq!(report.pruned, all[..report.pruned.len()].iter().map(|p| p.id).collect::<Vec<_>>());
+        assert_eq!(report.over_bound, None);
+        assert!(journal() <= bound, "{} bytes kept, bound {bound}", journal());
+        // Only as far as needed: the oldest point kept would have left it over the bound.
+        let kept = all_points_verify(&store, &vm);
+        assert_eq!(kept, all.len() - report.pruned.len());
+        // A test failover's point stops the pruning; the journals stay over the bound, and
+        // the report says so.
+        let pinned = store.points(&vm).unwrap()[0].id;
+        let out = dir.path().join("tfo");
+        store.test_failover(&vm, &PointSpec::Id(pinned), &out, crate::Format::Raw, &mut |_, _| {}).unwrap();
+        store.catalog().set_policy(&vm, &Policy { max_journal_bytes: 1, ..day }).unwrap();
+        let report = store.apply_retention(&vm, 5000).unwrap();
+        assert!(report.pruned.is_empty(), "{report:?}");
+        assert!(report.over_bound.is_some_and(|b| b > 1), "{report:?}");
+        store.test_failover_cleanup(&vm).unwrap();
+        // Then all but the newest go.
+        let report = store.apply_retention(&vm, 5000).unwrap();
+        assert_eq!(report.pruned.len(), kept - 1);
         assert_eq!(all_points_verify(&store, &vm), 1);
     }
 

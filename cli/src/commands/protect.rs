@@ -4,7 +4,7 @@ use crate::Drctl;
 use crate::args::Enroll;
 use crate::error::CliError;
 use crate::output::{
-    dur, health_name, human_bytes, job_kind, point_json, policy_json, print_json, print_point,
+    dur, health_name, human_bytes, job_kind, journal_bound, point_json, policy_json, print_json, print_point,
     refuse_existing_file, state_name, status_json,
 };
 use serde_json::{Value, json};
@@ -100,6 +100,9 @@ pub async fn remove(d: &mut Drctl, vm: String, delete_points: bool) -> Result<()
         );
         if p.app_interval_ms != 0 {
             cmd += &format!(" --app-interval {}", crate::output::dur(p.app_interval_ms));
+        }
+        if p.max_journal_bytes != 0 {
+            cmd += &format!(" --max-journal {}", p.max_journal_bytes);
         }
         cmd
     });
@@ -305,8 +308,14 @@ pub async fn checkpoint(
     Ok(())
 }
 
-/// `[retention, crash interval, app interval, RPO threshold]`; one left out keeps its value.
-pub async fn set_policy(d: &mut Drctl, vm: String, values: [Option<String>; 4]) -> Result<(), CliError> {
+/// `[retention, crash interval, app interval, RPO threshold]`, and the journals' bound; one
+/// left out keeps its value.
+pub async fn set_policy(
+    d: &mut Drctl,
+    vm: String,
+    values: [Option<String>; 4],
+    max_journal: Option<String>,
+) -> Result<(), CliError> {
     let mut ms = [0u64; 4];
     let flags = ["--retention", "--crash-interval", "--app-interval", "--rpo-threshold"];
     for ((m, v), flag) in ms.iter_mut().zip(&values).zip(flags) {
@@ -318,22 +327,35 @@ pub async fn set_policy(d: &mut Drctl, vm: String, values: [Option<String>; 4]) 
             }
         }
     }
+    // 0 keeps the bound, the largest value removes it.
+    let max_journal_bytes = match max_journal.as_deref().map(str::trim) {
+        None => 0,
+        Some("none") => u64::MAX,
+        Some(s) => match tern_core::units::parse_size(s)? {
+            0 => {
+                return Err(CliError::Usage(format!("--max-journal {s}: give a size, or none for no bound")));
+            }
+            b => b.min(u64::MAX - 1),
+        },
+    };
     let policy = pb::PolicyInfo {
         retention_ms: ms[0],
         crash_interval_ms: ms[1],
         app_interval_ms: ms[2],
         rpo_threshold_ms: ms[3],
+        max_journal_bytes,
     };
     let p = d.c.set_policy(pb::SetPolicyRequest { vm: vm.clone(), policy: Some(policy) }).await?.into_inner();
     if d.json {
         return print_json(&policy_json(&p));
     }
     out!(
-        "policy of {vm}: retention {}, crash points every {}, app points every {}, RPO threshold {}",
+        "policy of {vm}: retention {}, crash points every {}, app points every {}, RPO threshold {}, journals {}",
         dur(p.retention_ms),
         dur(p.crash_interval_ms),
         dur(p.app_interval_ms),
-        dur(p.rpo_threshold_ms)
+        dur(p.rpo_threshold_ms),
+        journal_bound(p.max_journal_bytes)
     );
     Ok(())
 }

@@ -296,6 +296,62 @@ fn retention_prunes_folds_and_respects_a_pinned_point() {
     assert_ne!(pinned_hash, b3(&disk, None));
 }
 
+/// The bytes of a VM's journal segments on the process server.
+fn journal_bytes(server: &Server, vm: &str) -> u64 {
+    let mut total = 0;
+    for disk in std::fs::read_dir(server.data.join("vms").join(vm)).unwrap().flatten() {
+        let Ok(segments) = std::fs::read_dir(disk.path().join("journal")) else { continue };
+        for seg in segments.flatten() {
+            if seg.path().extension().is_some_and(|e| e == "seg") {
+                total += seg.metadata().unwrap().len();
+            }
+        }
+    }
+    total
+}
+
+/// `drctl policy set --max-journal`: a bound below two segments is refused saying the
+/// least; within its window, a VM writing past the bound loses its oldest points, and its
+/// journal comes back within the bound, the newest point recovering; `none` removes it.
+#[test]
+fn a_policy_bound_on_the_journal_prunes_points_ahead_of_their_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.extra = ["--retention-every", "1s", "--segment-size", "256KiB"].map(String::from).to_vec();
+    server.start();
+    let identity = root.join("big.bundle");
+    server.enroll_agent("big", &identity);
+    let disk = root.join("big.img");
+    make_random(&disk, 16, 4, 21);
+    let _agent = Agent::start(&server, &identity, "big", &[("sda", &disk)], &root.join("big-state"), &[]);
+    server.wait_connected("big");
+    let err = server.drctl_err(&["policy", "set", "big", "--max-journal", "300KiB"]);
+    assert!(err.contains("at least 512.0 KiB") && err.contains("--segment-size"), "{err}");
+    server.drctl_json(&["policy", "set", "big", "--max-journal", "1MiB"]);
+    assert_eq!(server.status("big")["policy"]["max_journal_bytes"], 1 << 20);
+    let first = server.checkpoint("big");
+    // 6 x ~0.6 MiB of random pages: well past the bound, all within the day's window.
+    for seed in 0..6 {
+        scatter_writes(&disk, 0.04, 70 + seed);
+        server.checkpoint("big");
+    }
+    deadline_poll("the journal back within its bound", Duration::from_secs(30), || {
+        (journal_bytes(&server, "big") <= 1 << 20).then_some(())
+    });
+    let points = server.drctl_json(&["points", "big"]);
+    let points = points.as_array().unwrap();
+    assert!(points.len() < 7 && points.iter().all(|p| p["id"] != first["id"]), "{points:?}");
+    let log = server.log_text();
+    assert!(log.contains("ahead of the retention window"), "{}", tail(&log, 20));
+    let out = root.join("after");
+    let res = server.drctl_json(&["test-failover", "big", "--output", out.to_str().unwrap()]);
+    assert_eq!(output_hash(&res), b3(&disk, None));
+    server.drctl_json(&["test-failover-cleanup", "big"]);
+    server.drctl_json(&["policy", "set", "big", "--max-journal", "none"]);
+    assert_eq!(server.status("big")["policy"]["max_journal_bytes"], serde_json::Value::Null);
+}
+
 #[test]
 fn freeze_fs_freezes_a_mounted_file_system_around_app_points() {
     let tmp = tempfile::tempdir().unwrap();
