@@ -194,6 +194,7 @@ fn hello(config: &Config, claims: &[Option<(String, u64)>]) -> pb::Hello {
             .collect(),
         protocol: 1,
         instance: tern_proto::instance_id().to_string(),
+        time_ms: now_ms(),
     }
 }
 

@@ -43,6 +43,8 @@ struct VmCounters {
     point_failure: Option<String>,
     /// What the agent last said it cannot write in its state directory (`Tracking.problem`).
     agent_problem: Option<String>,
+    /// This server's clock minus the agent's, as its session's Hello found it (ms).
+    clock_skew_ms: i64,
 }
 
 /// A failure stays on show at least this long, even when a later session makes some
@@ -276,6 +278,15 @@ impl Hub {
     /// A point of `vm` was made: its scheduled points no longer fail, and replication made
     /// progress (an idle VM acks no records: its point is the proof that its storage, full
     /// before, takes its writes again).
+    /// Keeps how far the agent's clock is behind this server's (negative: ahead).
+    pub fn set_clock_skew(&self, vm: &VmName, skew_ms: i64) {
+        lock(&self.counters).entry(vm.clone()).or_default().clock_skew_ms = skew_ms;
+    }
+
+    pub fn clock_skew(&self, vm: &VmName) -> i64 {
+        lock(&self.counters).get(vm).map_or(0, |c| c.clock_skew_ms)
+    }
+
     pub fn point_made(&self, vm: &VmName) {
         if let Some(c) = lock(&self.counters).get_mut(vm) {
             c.point_failure = None;

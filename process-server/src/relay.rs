@@ -259,6 +259,7 @@ async fn relay_session(
             .collect(),
         protocol: 1,
         instance: tern_proto::instance_id().to_string(),
+        time_ms: tern_store::now_ms(),
     };
     tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) })
         .await

@@ -52,7 +52,7 @@ fn identities_are_enforced() {
                 vm: "b".into(),
                 disks: vec![pb::DiskInfo { name: "sda".into(), size: 1 << 20, ..Default::default() }],
                 protocol: 1,
-                instance: String::new(),
+                ..Default::default()
             })),
         };
         match c.replicate(tokio_stream::iter(vec![hello])).await {

@@ -352,6 +352,50 @@ fn a_policy_bound_on_the_journal_prunes_points_ahead_of_their_window() {
     assert_eq!(server.status("big")["policy"]["max_journal_bytes"], serde_json::Value::Null);
 }
 
+/// An agent whose host clock is a year ahead (faketime) dates its points on the process
+/// server's clock, and the server says the agent's clock is off (W18: such a point stayed
+/// inside the retention window for good, and retention stopped at it).
+#[test]
+fn an_agent_whose_clock_is_a_year_ahead_has_its_points_dated_by_the_server() {
+    use std::process::Command;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("skew.bundle");
+    server.enroll_agent("skew", &identity);
+    let disk = root.join("skew.img");
+    make_random(&disk, 4, 1, 31);
+    let log = std::fs::File::create(root.join("skew.log")).unwrap();
+    // faketime's library itself: the faketime command runs its program as a child, which a
+    // kill of it leaves running.
+    let lib = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+        .map(|a| format!("/usr/lib/{a}/faketime/libfaketime.so.1"))
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("libfaketime (Debian: faketime)");
+    let mut agent = Some(
+        Command::new(bin("mobility-agent"))
+            .env("LD_PRELOAD", lib)
+            .env("FAKETIME", "+365d")
+            .args(["run", "--server", &server.url(), "--identity"])
+            .arg(&identity)
+            .args(["--vm", "skew", "--interval", "1h", "--state-dir"])
+            .arg(root.join("skew-state"))
+            .arg(format!("--disk=sda={}", disk.display()))
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let year = String::from_utf8(Command::new("date").args(["-u", "+%Y"]).output().unwrap().stdout).unwrap();
+    let p = server.checkpoint("skew");
+    let time = p["time"].as_str().unwrap();
+    assert!(time.starts_with(year.trim()), "point dated {time}, this year is {year}");
+    let log = server.log_text();
+    assert!(log.contains("the agent's clock is ahead of this server's by"), "{}", tail(&log, 20));
+    kill9(&mut agent);
+}
+
 #[test]
 fn freeze_fs_freezes_a_mounted_file_system_around_app_points() {
     let tmp = tempfile::tempdir().unwrap();
