@@ -137,6 +137,12 @@ struct Inner {
     sealed: bool,
     /// Per disk: its seal says the agent runs (written before the run's first write).
     unsealed: Vec<bool>,
+    /// Per disk: when the agent last wrote it (or its modification time when opened, or
+    /// when a write by something else was last noticed). A modification time past it is
+    /// another writer's.
+    own_write: Vec<std::time::SystemTime>,
+    /// Per disk: the file's size was seen to differ from the export's (said once).
+    size_told: Vec<bool>,
 }
 
 /// Counters of a tracker, for status and metrics.
@@ -289,6 +295,7 @@ impl Tracker {
         let mut open = Vec::new();
         let mut activity = Vec::new();
         let mut unsealed = Vec::new();
+        let mut own_write = Vec::new();
         for (name, path) in disks {
             let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
             // One agent serves a disk: writes through a second would never reach this one's
@@ -307,11 +314,14 @@ impl Tracker {
             let (log, _, clean) = ActivityLog::open_sealed(state_dir, name.as_str(), size, &file)?;
             activity.push(log);
             unsealed.push(!clean);
+            own_write.push(file.metadata()?.modified()?);
             open.push(Disk { name: name.clone(), size, file });
         }
         let n = open.len();
         let inner = Inner {
             unsealed,
+            own_write,
+            size_told: vec![false; n],
             dirty: (0..n).map(|_| Changes::default()).collect(),
             activity,
             last_write: vec![HashMap::new(); n],
@@ -514,6 +524,9 @@ impl Tracker {
         if !g.logging || g.snapshot.is_some() {
             return None;
         }
+        if self.foreign_writes(&mut g) {
+            return None;
+        }
         g.held = hold;
         let time = crate::now_ms().max(g.last_time);
         let id = g.next_mark;
@@ -579,6 +592,11 @@ impl Tracker {
                 .take(16)
                 .collect();
             if next.is_empty() {
+                // Hashed from the disk: only when nothing else wrote it meanwhile are they
+                // what was sent.
+                if self.foreign_writes(&mut g) {
+                    return Ok(None);
+                }
                 return Ok(g.snapshot.take().map(|s| s.hashes));
             }
             for (disk, page) in next {
@@ -635,6 +653,8 @@ impl Tracker {
         while g.held || g.sealed {
             g = self.resume.wait(g).unwrap_or_else(|p| p.into_inner());
         }
+        // Before this write moves the disk's modification time past another writer's.
+        self.foreign_write(&mut g, disk);
         let inner = &mut *g;
         if let Some(s) = inner.snapshot.as_mut() {
             let p = PAGE_SIZE as u64;
@@ -687,7 +707,9 @@ impl Tracker {
             inner.last_write[disk].insert(e, stamp);
             inner.touched[disk].insert(e);
         }
-        if let Err(e) = apply(&d.file, &item) {
+        let applied = apply(&d.file, &item);
+        inner.own_write[disk] = std::time::SystemTime::now();
+        if let Err(e) = applied {
             // Part of it may be on the disk and not in the log: only a resync can tell.
             self.overflow(inner);
             return Err(e);
@@ -703,6 +725,58 @@ impl Tracker {
             self.wake.notify_all();
         }
         Ok(())
+    }
+
+    /// Whether any disk was written by something other than this agent (see
+    /// [`Tracker::foreign_write`]).
+    fn foreign_writes(&self, g: &mut Inner) -> bool {
+        let mut any = false;
+        for disk in 0..self.disks.len() {
+            any |= self.foreign_write(g, disk);
+        }
+        any
+    }
+
+    /// Whether the disk file was written by something other than this agent since the
+    /// agent last wrote it (or opened it): its modification time is past that (a write
+    /// sets it to the time it is made, or earlier on a coarse clock, never later). What
+    /// the agent knows of the disk then holds no more (W18-B: `cp` of a backup over the
+    /// file left the copy silently different; a `dd` into a page the VM had written made
+    /// every later point fail its check, as its hash was read from the disk): the mark in
+    /// progress is dropped, every extent goes hot and the log is dropped, so that the
+    /// session compares the whole disk with the server's copy. Called under the lock,
+    /// where the agent's own writes are made.
+    fn foreign_write(&self, g: &mut Inner, disk: usize) -> bool {
+        let d = &self.disks[disk];
+        let Ok(meta) = d.file.metadata() else { return false };
+        if meta.len() != d.size && !g.size_told[disk] {
+            g.size_told[disk] = true;
+            tracing::error!(disk = %d.name, file_size = meta.len(), export_size = d.size,
+                "the disk file's size changed under the agent: the VM still sees the size the agent \
+                 opened, and the copy cannot follow a resize; put the file back to its size, or see \
+                 README (a resized disk)");
+        }
+        let Ok(mtime) = meta.modified() else { return false };
+        if mtime <= g.own_write[disk] {
+            return false;
+        }
+        g.own_write[disk] = mtime;
+        tracing::error!(disk = %d.name,
+            "the disk file was written by something other than this agent (its modification time \
+             moved past the agent's last write): comparing the whole disk with the process server's \
+             copy. Only the agent may write a disk it serves: give the VM its NBD export, never the file");
+        let extents: Vec<u64> = (0..d.size.div_ceil(EXTENT)).collect();
+        if let Err(e) = g.activity[disk].mark_hot(&extents) {
+            tracing::warn!(disk = %d.name, error = %e, "cannot write the activity log in the state directory");
+        }
+        let stamp = (g.next_mark, Instant::now());
+        for e in extents {
+            g.last_write[disk].insert(e, stamp);
+            g.touched[disk].insert(e);
+        }
+        g.snapshot = None;
+        self.overflow(g);
+        true
     }
 
     /// The log cannot go on: it is dropped, and the hot extents are compared once the
@@ -760,6 +834,8 @@ impl Tracker {
         }
         let mut g = self.lock();
         g.sealed = true;
+        // Written by something else: every extent goes hot, compared at the next start.
+        self.foreign_writes(&mut g);
         for (d, &written) in self.disks.iter().zip(&g.unsealed) {
             if !written {
                 // Not written in this run: its seal stands as it is.
@@ -972,6 +1048,67 @@ mod tests {
             })
             .collect();
         assert_eq!(order, ["w0".to_string(), format!("m{id}"), "w100".to_string()]);
+    }
+
+    /// A write into the disk file by something other than the agent (W18-B: `dd`, or `cp`
+    /// of a backup over it) is noticed: at the next mark (none is made), at the end of a
+    /// mark's hashing (its hashes, read from the disk, are not what was sent), or at the
+    /// agent's next write; every extent goes hot and the log is dropped, so that the session
+    /// compares the whole disk with the server's copy. The agent's own writes never count.
+    #[test]
+    fn a_write_into_the_disk_file_by_another_writer_drops_the_mark_and_compares_the_whole_disk() {
+        use std::os::unix::fs::FileExt;
+        // Three extents, so that "every extent hot" is not the one the agent wrote.
+        let size = 3 * EXTENT;
+        let open = |dir: &std::path::Path| {
+            let path = dir.join("d.img");
+            std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+            let t = Tracker::open(&[(DiskName::new("sda").unwrap(), path.clone())], dir, 1 << 20, 0).unwrap();
+            (t, path)
+        };
+        let foreign = |path: &std::path::Path, at: u64| {
+            // Past the clock's tick of the agent's last write.
+            std::thread::sleep(Duration::from_millis(30));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .write_all_at(&[7u8; 4096], at)
+                .unwrap();
+        };
+        let whole_disk_hot = |t: &Tracker| t.hot_ranges(0).iter().map(|r| r.1).sum::<u64>() == size;
+        let dir = tempfile::tempdir().unwrap();
+        let (t, path) = open(dir.path());
+        // Own writes and marks, with time between them: nothing noticed.
+        t.start_logging();
+        for i in 0..3u64 {
+            std::thread::sleep(Duration::from_millis(30));
+            t.write(0, vec![i as u8 + 1; 4096], i * 4096).unwrap();
+            let (id, _) = t.mark().unwrap();
+            assert!(t.mark_hashes(id).unwrap().is_some());
+        }
+        assert!(t.logging());
+        // Before a mark: no mark, the whole disk hot, the log dropped.
+        foreign(&path, 2 * EXTENT);
+        assert!(t.mark().is_none());
+        assert!(!t.logging() && whole_disk_hot(&t));
+        // During a mark's hashing, into a page the VM wrote before the mark.
+        let dir = tempfile::tempdir().unwrap();
+        let (t, path) = open(dir.path());
+        t.start_logging();
+        t.write(0, vec![1u8; 4096], 8192).unwrap();
+        let (id, _) = t.mark().unwrap();
+        foreign(&path, 8192);
+        assert!(t.mark_hashes(id).unwrap().is_none(), "hashes read after another writer are not the point's");
+        assert!(!t.logging() && whole_disk_hot(&t));
+        // Before the agent's next write, which would hide it.
+        let dir = tempfile::tempdir().unwrap();
+        let (t, path) = open(dir.path());
+        t.start_logging();
+        foreign(&path, 2 * EXTENT);
+        std::thread::sleep(Duration::from_millis(30));
+        t.write(0, vec![1u8; 4096], 4096).unwrap();
+        assert!(!t.logging() && whole_disk_hot(&t), "noticed at the agent's write");
     }
 
     fn drain(t: &Tracker) -> Vec<Item> {
