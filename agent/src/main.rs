@@ -243,8 +243,19 @@ fn run() -> anyhow::Result<()> {
     } = tern_proto::config::parse::<Cli>().cmd;
     let nbd = nbd_mode(mode, nbd_listen, nbd_socket_group, log_buffer, spill_max, &state_dir)?;
     let vm = VmName::new(&vm).map_err(|e| Misconfigured(e.to_string()))?;
-    let identity_bundle =
-        Bundle::load(&identity).with_context(|| format!("loading identity {}", identity.display()))?;
+    // A file that is there but is no identity is a mistake no restart mends (exit 2); one
+    // not there yet may be written by whatever provisions the host (exit 1, tried again).
+    let identity_bundle = match Bundle::load(&identity) {
+        Ok(b) => b,
+        Err(e @ tern_core::pki::PkiError::Io { .. }) => {
+            return Err(anyhow::Error::new(e).context(format!("loading identity {}", identity.display())));
+        }
+        Err(e @ tern_core::pki::PkiError::BadBundle { .. }) => misconfigured!("loading identity: {e}"),
+        Err(e) => misconfigured!(
+            "loading identity {}: {e}; make a new one with `drctl enroll agent --vm {vm} --out FILE`",
+            identity.display()
+        ),
+    };
     match identity_bundle.role()? {
         Role::Agent(own) if own == vm => {}
         Role::Agent(own) => misconfigured!(

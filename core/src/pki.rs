@@ -247,8 +247,8 @@ impl Bundle {
     /// Whether the private key is the one the certificate names: a mismatch otherwise
     /// shows only as a TLS handshake that fails without saying why.
     fn key_matches_certificate(&self) -> Result<bool, PkiError> {
-        let key =
-            rcgen::KeyPair::from_pem(&self.key_pem).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        let key = rcgen::KeyPair::from_pem(&self.key_pem)
+            .map_err(|e| PkiError::BadCertificate(format!("its private key cannot be read ({e})")))?;
         let der = pem_to_der(&self.cert_pem)?;
         let (_, cert) =
             x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
@@ -314,8 +314,11 @@ pub fn expiry_of(expires: Result<i64, PkiError>, now_ms: i64, what: &str, renew:
              connection was closed); {renew}"
         ))
     } else if at - now_ms <= RENEW_WITHIN_MS {
-        let days = (at - now_ms) / 86_400_000;
-        Expiry::Soon(format!("{what} expires on {date} (in {days} days); {renew}"))
+        let left = match (at - now_ms) / 3_600_000 {
+            h if h >= 48 => format!("{} days", h / 24),
+            h => format!("{} hours", h.max(1)),
+        };
+        Expiry::Soon(format!("{what} expires on {date} (in {left}); {renew}"))
     } else {
         Expiry::Valid
     }
@@ -380,6 +383,21 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
         role: role_of(der)?,
         issued_ms: not_before.saturating_add(86_400).saturating_mul(1000),
     })
+}
+
+/// Whether a DER certificate was signed by the CA whose certificate is the first in
+/// `ca_pem`: one of this deployment's, not another's (whose CA may bear the same name).
+pub fn issued_by(der: &[u8], ca_pem: &str) -> Result<bool, PkiError> {
+    let (_, block) = pem_blocks(ca_pem)
+        .into_iter()
+        .find(|(label, _)| label == "CERTIFICATE")
+        .ok_or_else(|| PkiError::BadCertificate("no CA certificate".into()))?;
+    let ca_der = pem_to_der(&block)?;
+    let (_, ca) =
+        x509_parser::parse_x509_certificate(&ca_der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    Ok(cert.verify_signature(Some(ca.public_key())).is_ok())
 }
 
 /// The certificates in PEM text that are not a CA's (a bundle's own certificate, or a
@@ -458,6 +476,15 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_is_issued_by_its_own_ca_only() {
+        let (ours, theirs) = (Ca::create("test").unwrap(), Ca::create("test").unwrap());
+        let b = ours.issue_client(&Role::Admin).unwrap();
+        let der = pem_to_der(&b.cert_pem).unwrap();
+        assert!(issued_by(&der, &ours.cert_pem).unwrap());
+        assert!(!issued_by(&der, &theirs.cert_pem).unwrap(), "a CA of the same name is another's");
+    }
 
     #[test]
     fn a_server_certificate_names_its_hosts() {

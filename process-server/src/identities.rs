@@ -234,7 +234,7 @@ pub fn caller_serial<T>(req: &Request<T>) -> Option<String> {
 
 /// Which identities a revoke request names: serials (or unique beginnings of them, as
 /// `drctl identities` lists them) and certificates.
-fn named(rows: &[Row], r: pb::RevokeRequest) -> Result<Vec<CertInfo>, Status> {
+fn named(rows: &[Row], r: pb::RevokeRequest, ca_pem: &str) -> Result<Vec<CertInfo>, Status> {
     let mut out: Vec<CertInfo> = Vec::new();
     for given in r.serials {
         // openssl prints serials with colons, and in capitals.
@@ -266,6 +266,18 @@ fn named(rows: &[Row], r: pb::RevokeRequest) -> Result<Vec<CertInfo>, Status> {
             .map_err(|e| Status::invalid_argument(format!("not a PEM certificate: {e}")))?;
         let info = tern_core::pki::cert_info(der.as_ref())
             .map_err(|e| Status::invalid_argument(format!("not a tern identity: {e}")))?;
+        // Another deployment's identity is nothing to revoke here: saying it was would
+        // leave the operator believing a leaked one is shut out (W18-A).
+        if !tern_core::pki::issued_by(der.as_ref(), ca_pem).unwrap_or(false) {
+            return Err(Status::invalid_argument(format!(
+                "{} {} (serial {}) was not issued by this process server's CA: it is another \
+                 deployment's, and nothing was revoked. Give the bundle this server's `drctl enroll` \
+                 made, or its serial from `drctl identities`",
+                info.role.kind(),
+                info.role.name(),
+                info.serial
+            )));
+        }
         out.push(info);
     }
     if out.is_empty() {
@@ -283,7 +295,9 @@ pub async fn revoke(
     caller: Option<String>,
     r: pb::RevokeRequest,
 ) -> Result<pb::IdentitiesReply, Status> {
-    let infos = named(&ctx.identities.list(), r)?;
+    let ca_pem = std::fs::read_to_string(ctx.data_dir.join("pki").join("ca.pem"))
+        .map_err(|e| Status::internal(format!("cannot read this server's CA certificate: {e}")))?;
+    let infos = named(&ctx.identities.list(), r, &ca_pem)?;
     for i in &infos {
         if caller.as_deref() == Some(i.serial.as_str()) {
             return Err(Status::failed_precondition(format!(

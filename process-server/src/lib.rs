@@ -376,6 +376,7 @@ pub async fn run(
         ctx.hub.absent_from_now(&vm);
     }
     tracker.spawn(health::health_worker(ctx.clone()));
+    tracker.spawn(tls::expiry_worker(ctx.data_dir.clone(), ctx.shutdown.clone()));
     tracker.spawn(health::retention_worker(ctx.clone(), config.retention_every));
     tracker.spawn(relay::relay_worker(ctx.clone()));
     tracker.spawn(groups::group_worker(ctx.clone()));

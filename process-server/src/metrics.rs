@@ -69,6 +69,11 @@ fn describe() {
         "Free space of the data directory's file system."
     );
     describe_gauge!(
+        "tern_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When the process server's own certificate (pki/server.pem) expires."
+    );
+    describe_gauge!(
         "tern_space_reserve_held",
         "1 while the space reserve is set aside (or none is configured: nothing to give up); 0 while it is given up (the data directory filled)."
     );
@@ -79,6 +84,9 @@ async fn collect(ctx: &Arc<Ctx>, admin: &crate::admin::AdminService) {
         metrics::gauge!("tern_data_dir_free_bytes").set(free as f64);
     }
     metrics::gauge!("tern_space_reserve_held").set(if ctx.store.reserve().held() { 1.0 } else { 0.0 });
+    if let Ok(expires) = crate::tls::expires_ms(&ctx.data_dir.join("pki")) {
+        metrics::gauge!("tern_certificate_expiry_timestamp_seconds").set(expires as f64 / 1000.0);
+    }
     let store = ctx.store.clone();
     let Ok(Ok(vms)) = tokio::task::spawn_blocking(move || store.vms()).await else { return };
     for vm in vms {

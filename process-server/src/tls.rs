@@ -22,6 +22,40 @@ pub fn identity(pki: &Path) -> Result<Bundle, String> {
     Ok(Bundle { ca_pem: read("ca.pem")?, cert_pem: read("server.pem")?, key_pem: read("server.key")? })
 }
 
+/// When the server's certificate expires (Unix ms).
+pub fn expires_ms(pki: &Path) -> Result<i64, String> {
+    let pem = std::fs::read_to_string(pki.join("server.pem")).map_err(|e| e.to_string())?;
+    tern_core::pki::expires_ms(&pem).map_err(|e| e.to_string())
+}
+
+/// Says, twice a day, when the server's certificate is in its last 30 days, and once it
+/// has expired: the server checks it at start only, and one running for months would
+/// otherwise go on until agents refused it at their next connection (W18-A).
+pub async fn expiry_worker(data_dir: std::path::PathBuf, shutdown: tokio_util::sync::CancellationToken) {
+    let pki = data_dir.join("pki");
+    let what = format!("the process server's certificate {}", pki.join("server.pem").display());
+    let renew = format!(
+        "issue it again with `process-server reissue-cert --data-dir {}` (it keeps its names), then restart",
+        data_dir.display()
+    );
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(12 * 3600)) => {}
+        }
+        match tern_core::pki::expiry_of(
+            expires_ms(&pki).map_err(tern_core::pki::PkiError::BadCertificate),
+            tern_core::pki::now_ms(),
+            &what,
+            &renew,
+        ) {
+            tern_core::pki::Expiry::Valid => {}
+            tern_core::pki::Expiry::Soon(w) => tracing::warn!("{w}"),
+            tern_core::pki::Expiry::Expired(e) => tracing::error!("{e}; agents and drctl are refused"),
+        }
+    }
+}
+
 pub fn server_config(pki: &Path) -> Result<Arc<rustls::ServerConfig>, tern_proto::daemon::ServeError> {
     let id = identity(pki).map_err(tern_proto::daemon::ServeError::Identity)?;
     let what = format!("the process server's certificate {}", pki.join("server.pem").display());
@@ -32,7 +66,7 @@ pub fn server_config(pki: &Path) -> Result<Arc<rustls::ServerConfig>, tern_proto
     match id.expiry(tern_core::pki::now_ms(), &what, &renew) {
         tern_core::pki::Expiry::Valid => {}
         tern_core::pki::Expiry::Soon(w) => tracing::warn!("{w}"),
-        tern_core::pki::Expiry::Expired(e) => return Err(tern_proto::daemon::ServeError::Identity(e)),
+        tern_core::pki::Expiry::Expired(e) => return Err(tern_proto::daemon::ServeError::Expired(e)),
     }
     Ok(tern_proto::tls::server_config(&id.ca_pem, &id.cert_pem, &id.key_pem)?)
 }

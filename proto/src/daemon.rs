@@ -137,6 +137,9 @@ fn json_string(s: &str) -> String {
 pub enum ServeError {
     #[error("{0}")]
     Identity(String),
+    /// Its certificate expired: no restart mends it (exit 2, as the master target does).
+    #[error("{0}")]
+    Expired(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsSetupError),
     #[error("cannot open the data directory: {0}")]
@@ -162,7 +165,7 @@ impl ServeError {
 
     /// Whether the daemon exits 2 for it, as for a [`Misconfigured`].
     pub fn for_good(&self) -> bool {
-        matches!(self, ServeError::StoreForGood(_))
+        matches!(self, ServeError::StoreForGood(_) | ServeError::Expired(_))
     }
 }
 

@@ -202,6 +202,14 @@ fn explain(e: &tonic::transport::Error) -> String {
                  with that identity)",
             );
         }
+        if reason.contains("certificate expired") || reason.contains("Expired") {
+            reason.push_str(
+                " — the certificate the server presents has expired (or this host's clock is wrong: \
+                 check it): a process server's is issued again on its host with `process-server \
+                 reissue-cert --data-dir DIR`, then restart it; a master target's with `drctl enroll \
+                 master-target --name NAME`",
+            );
+        }
         if reason.contains("Revoked") {
             reason.push_str(
                 " — the identity this server presents has been revoked (`drctl identities`): restart \

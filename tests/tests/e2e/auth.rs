@@ -188,6 +188,20 @@ fn a_revoked_identity_is_cut_off_and_refused_across_a_restart() {
     assert!(!drctl_as(&server.url(), &stray_file, &["status"]).status.success());
     let out = server.drctl(&["revoke", "--bundle", root.join("none.pem").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Another deployment's identity (W18-A: it was said revoked, and listed): refused,
+    // nothing recorded.
+    let listed = server.drctl_json(&["identities"]).as_array().unwrap().len();
+    let elsewhere =
+        tern_core::pki::Ca::create("elsewhere").unwrap().issue_client(&tern_core::pki::Role::Admin).unwrap();
+    let foreign = root.join("foreign.pem");
+    std::fs::write(&foreign, &elsewhere.cert_pem).unwrap();
+    let out = server.drctl(&["revoke", "--bundle", foreign.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not issued by this process server's CA"),
+        "{out:?}"
+    );
+    assert_eq!(server.drctl_json(&["identities"]).as_array().unwrap().len(), listed);
 
     // Across a restart: all of it stands.
     server.kill9();
@@ -289,6 +303,19 @@ fn an_expired_identity_says_so_and_a_new_admin_is_made_on_the_server_host() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("expired on") && err.contains("drctl enroll master-target"), "{err}");
+    // A process server whose own certificate expired: exit 2 (its unit does not restart
+    // it every 2 s), saying how to issue it again.
+    let ps2 = root.join("ps2");
+    let out = Command::new(bin("process-server")).args(["init", "--data-dir"]).arg(&ps2).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = later(365 * 5 + 2, "process-server")
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&ps2)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("expired on") && err.contains("reissue-cert"), "{err}");
     // A new admin identity from the CA in the data directory, with the server running.
     let fresh = root.join("fresh-admin.bundle");
     let out = Command::new(bin("process-server"))

@@ -808,6 +808,14 @@ fn small_mistakes_are_refused_with_what_to_do() {
     assert_eq!(other.wait_exit("an agent given one file for two disks to stop").code(), Some(2));
     let said = other.log_text();
     assert!(said.contains("disk sdb") && said.contains("the same file as disk sda"), "{said}");
+    // A damaged identity file (cut short, here) is a mistake no restart mends: exit 2,
+    // saying what to do (W18-A: exit 1, which its unit restarted every 2 s for good).
+    let cut = root.join("cut.bundle");
+    let text = std::fs::read_to_string(&identity).unwrap();
+    std::fs::write(&cut, &text[..text.len() / 2]).unwrap();
+    let mut other = Agent::start(&server, &cut, "m", &[("sda", &disk)], &root.join("st3"), &[]);
+    assert_eq!(other.wait_exit("an agent given a damaged identity to stop").code(), Some(2));
+    assert!(other.log_text().contains("drctl enroll"), "{}", other.log_text());
     // 0 is not an interval (on the wire it would mean "keep"): refused.
     let out = server.drctl(&["policy", "set", "m", "--crash-interval", "0s"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -54,6 +54,11 @@ fn metrics_of_two_replicating_vms_move_and_the_rules_pass_promtool() {
             && value(&s, "tern_vm_rpo_seconds", "db").is_some())
         .then_some(s)
     });
+    // The server's certificate, about five years ahead (the alert's input).
+    let expiry =
+        before.get("tern_certificate_expiry_timestamp_seconds").copied().expect("the certificate's expiry");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(expiry > now + 4.0 * 365.0 * 86400.0 && expiry < now + 6.0 * 365.0 * 86400.0, "{expiry}");
     // Each daemon's metrics port also answers a liveness probe.
     for port in [ps_port, agent_port] {
         assert!(http_get(port, "/healthz").ends_with("\r\n\r\nok\n"), "port {port}");
