@@ -33,6 +33,9 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(1);
 /// In nbd mode, how long a refused agent waits before it asks again.
 const REFUSED_RETRY: Duration = Duration::from_secs(60);
+/// How long an agent refused for a disk's size waits before it asks again (a look at the
+/// disk's size and a handshake: cheap).
+const DISK_SIZE_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -103,6 +106,9 @@ pub enum AgentError {
     Nbd { listen: String, source: std::io::Error },
     #[error("disk {disk} ({path})")]
     Disk { disk: String, path: String, source: std::io::Error },
+    /// A disk the server now takes at a new size: a restart protects it (exit 1).
+    #[error("{0}")]
+    Resized(String),
 }
 
 /// Runs until `shutdown` or, in scan mode, a permanent refusal (wrong identity, bad disk).
@@ -184,6 +190,24 @@ async fn replicate(
                 }
             }
             Ok(()) => return Ok(()),
+            // A disk resized, or of size 0: often for a moment (a copy in place that truncates
+            // first, a loop device detached and attached again). Asked again every minute, so
+            // that replication goes on once it is back, and status keeps showing why
+            // meanwhile, across a restart of the server too (W18-B: the agent exited for
+            // good, and status said normal once the server restarted).
+            Err(status) if is_permanent(status.code()) && tracker.is_none() && disk_size_refused(&status) => {
+                error!(code = ?status.code(), retry_in_s = DISK_SIZE_RETRY.as_secs(), "{}", status.message());
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(DISK_SIZE_RETRY) => {}
+                }
+            }
+            // The server took the disk at its new size (its copy was removed): this process
+            // knows it at the old one. Exit 1: its unit starts it again, which protects it anew.
+            Err(status) if status.message().contains(RESTART_FOR_SIZE) => {
+                error!("{}", status.message());
+                return Err(AgentError::Resized(status.message().to_string()));
+            }
             Err(status) if is_permanent(status.code()) && tracker.is_none() => {
                 error!(code = ?status.code(), "{}", status.message());
                 return Err(AgentError::Refused(status.message().to_string()));
@@ -365,6 +389,16 @@ pub fn identity_expiry(config: &Config) -> tern_core::pki::Expiry {
         config.vm
     );
     config.identity.expiry(tern_core::pki::now_ms(), "this agent's identity", &renew)
+}
+
+/// Said when the server took a disk at another size than this process opened it at.
+pub(crate) const RESTART_FOR_SIZE: &str = "start the agent again to protect it at its new size";
+
+/// Whether the server refused a disk for its size (resized, or 0 bytes): see the process
+/// server's `DiskSizeChanged` and Hello checks, whose messages these are.
+fn disk_size_refused(status: &tonic::Status) -> bool {
+    let m = status.message();
+    m.contains("a resized disk cannot be replicated") || m.contains(" has size 0;")
 }
 
 fn is_permanent(code: Code) -> bool {

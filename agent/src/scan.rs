@@ -107,8 +107,9 @@ pub enum ScanError {
     Read { disk: DiskName, path: String, source: std::io::Error },
     #[error(
         "disk {disk} ({path}) is now {now} bytes, was {was}: the copy on the process server cannot take a \
-         resized disk. Keep the agent stopped, remove the VM's copy (`drctl remove VM --delete-points`: its \
-         recovery points go) and start the agent again: it syncs the disk anew"
+         resized disk. The agent asks the server again every few seconds: put the disk back to {was} bytes \
+         and replication goes on; or remove the VM's copy (`drctl remove VM --delete-points`: its recovery \
+         points go) and the agent, started again (its unit does), syncs the disk anew"
     )]
     Resized { disk: DiskName, path: String, was: u64, now: u64 },
     #[error("scan cancelled")]

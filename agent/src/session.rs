@@ -113,13 +113,16 @@ pub(crate) async fn session(
     let said = hello(&config, &claims);
     // A disk the server took at another size than the agent opened (it no longer knew the
     // VM: `drctl remove` after a resize): this process cannot protect it at its new size.
-    let resized: Option<String> = config.disks.iter().zip(&said.disks).find(|(d, h)| d.size != h.size).map(|(d, h)| {
-        format!(
-            "disk {} is now {} bytes, was {} when the agent started: start the agent again to protect it at \
-             its new size",
-            d.name, h.size, d.size
-        )
-    });
+    let resized: Option<String> =
+        config.disks.iter().zip(&said.disks).find(|(d, h)| d.size != h.size).map(|(d, h)| {
+            format!(
+                "disk {} is now {} bytes, was {} when the agent started: {} (its unit does)",
+                d.name,
+                h.size,
+                d.size,
+                crate::RESTART_FOR_SIZE
+            )
+        });
     tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(said)) })
         .await
         .map_err(|_| Status::cancelled("stream closed"))?;

@@ -355,7 +355,7 @@ pub async fn run(
         data_dir: config.data_dir.clone(),
         jobs: jobs::Jobs::new(store.clone()),
         relay: relay::Relay::default(),
-        scrub: scrub::Scrub::default(),
+        scrub: scrub::Scrub::open(&config.data_dir),
         relay_max_rate: config.relay_max_rate,
         retention_runs: Default::default(),
         retention_errors: Default::default(),

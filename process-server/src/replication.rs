@@ -142,7 +142,10 @@ fn disks_of(
     for d in &hello.disks {
         let name = DiskName::new(&d.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if d.size == 0 {
-            return Err(Status::invalid_argument(format!("disk {name} has size 0; is the path right?")));
+            return Err(Status::invalid_argument(format!(
+                "disk {name} has size 0; is the path right? (its agent asks again every few seconds: a \
+                 file emptied for a moment, or a device detached, is taken again once it is back)"
+            )));
         }
         agent_states.insert(name.clone(), (d.state_generation.clone(), d.state_seq));
         if !d.source.is_empty() {

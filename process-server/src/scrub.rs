@@ -20,9 +20,13 @@ pub struct ScrubConfig {
     pub rate: u64,
 }
 
-/// The points the last scrub found broken, per VM.
+/// The points the last scrub found broken, per VM. Kept in `DATA_DIR/scrub.json` too: a
+/// point found not to recover stays said across a restart of the server (W18-B: the VM
+/// went back to normal, and the next round came only after `--scrub-every`).
 #[derive(Debug, Default)]
 pub struct Scrub {
+    /// Where they are kept (none in tests).
+    path: Option<std::path::PathBuf>,
     failures: Mutex<HashMap<VmName, String>>,
     /// The point a `drctl verify` found broken, per VM, and why: it holds until a verify of
     /// that point passes, the point is no longer listed, or a scrub round finds every
@@ -30,7 +34,50 @@ pub struct Scrub {
     verified: Mutex<HashMap<VmName, (u64, String)>>,
 }
 
+/// `scrub.json`'s layout.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Kept {
+    failures: HashMap<String, String>,
+    verified: HashMap<String, (u64, String)>,
+}
+
 impl Scrub {
+    /// The marks kept in `data_dir` by the last run (none when there are none, or they
+    /// cannot be read: the next round finds them again).
+    pub fn open(data_dir: &std::path::Path) -> Scrub {
+        let path = data_dir.join("scrub.json");
+        let kept: Kept = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                warn!(path = %path.display(), error = %e, "the scrub's marks cannot be read; the next round finds them again");
+                Kept::default()
+            }),
+            Err(_) => Kept::default(),
+        };
+        fn named<T>(m: HashMap<String, T>) -> HashMap<VmName, T> {
+            m.into_iter().filter_map(|(v, x)| VmName::new(&v).ok().map(|v| (v, x))).collect()
+        }
+        Scrub {
+            failures: Mutex::new(named(kept.failures)),
+            verified: Mutex::new(named(kept.verified)),
+            path: Some(path),
+        }
+    }
+
+    /// Keeps the marks as they are now (best effort: a full data directory shows as itself).
+    fn save(&self) {
+        let Some(path) = &self.path else { return };
+        let kept = Kept {
+            failures: lock(&self.failures).iter().map(|(v, s)| (v.to_string(), s.clone())).collect(),
+            verified: lock(&self.verified).iter().map(|(v, s)| (v.to_string(), s.clone())).collect(),
+        };
+        let written = serde_json::to_vec(&kept)
+            .map_err(|e| e.to_string())
+            .and_then(|b| tern_store::durable::publish(path, &b).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            warn!(path = %path.display(), error = %e, "cannot keep the scrub's marks");
+        }
+    }
+
     /// Why the scrub, or a `drctl verify`, marks `vm` critical, if either does; `listed`
     /// tells whether a point is still listed.
     pub fn failure(&self, vm: &VmName, listed: impl FnOnce(u64) -> bool) -> Option<String> {
@@ -44,6 +91,8 @@ impl Scrub {
         let mut verified = lock(&self.verified);
         if verified.get(vm).is_some_and(|(p, _)| *p == point) {
             verified.remove(vm);
+            drop(verified);
+            self.save();
         }
         None
     }
@@ -53,6 +102,8 @@ impl Scrub {
     /// The VM was removed: what was found about its points goes with them.
     pub fn forget(&self, vm: &VmName) {
         lock(&self.failures).remove(vm);
+        lock(&self.verified).remove(vm);
+        self.save();
     }
 
     pub fn verified(&self, vm: &VmName, point: u64, problem: Option<String>) {
@@ -67,6 +118,8 @@ impl Scrub {
                 }
             }
         }
+        drop(verified);
+        self.save();
     }
 }
 
@@ -147,6 +200,7 @@ async fn scrub_vm(ctx: &Arc<Ctx>, vm: &VmName, config: ScrubConfig) -> bool {
             let b = broken.get_or_insert_with(|| format!("scrub: point {id} does not recover: {problem}"));
             // Shown at once, not after the whole round.
             lock(&ctx.scrub.failures).insert(vm.clone(), b.clone());
+            ctx.scrub.save();
         }
         // The rate bounds how fast the scrub reads the store, whatever the disk sizes.
         let bytes: u64 = ctx.store.point_disks(vm, p).map_or(0, |hs| hs.iter().map(|h| h.size).sum());
@@ -157,18 +211,24 @@ async fn scrub_vm(ctx: &Arc<Ctx>, vm: &VmName, config: ScrubConfig) -> bool {
         }
     }
     let mut failures = lock(&ctx.scrub.failures);
-    match broken {
-        Some(b) => {
-            failures.insert(vm.clone(), b);
-        }
+    let changed = match broken {
+        Some(b) => failures.insert(vm.clone(), b.clone()).as_ref() != Some(&b),
         None => {
-            lock(&ctx.scrub.verified).remove(vm);
+            let was_verified = lock(&ctx.scrub.verified).remove(vm).is_some();
             if failures.remove(vm).is_some() {
                 info!(vm = %vm, "scrub: every point recovers again");
-            } else if !points.is_empty() {
-                tracing::debug!(vm = %vm, points = points.len(), "scrub: every point recovers");
+                true
+            } else {
+                if !points.is_empty() {
+                    tracing::debug!(vm = %vm, points = points.len(), "scrub: every point recovers");
+                }
+                was_verified
             }
         }
+    };
+    drop(failures);
+    if changed {
+        ctx.scrub.save();
     }
     true
 }

@@ -35,7 +35,7 @@
 //! | the whole store | an exclusive flock on `DIR/lock` while open | nothing else in another process |
 
 mod catalog;
-mod durable;
+pub mod durable;
 mod failover;
 mod format;
 mod journal;
@@ -91,9 +91,11 @@ pub enum StoreError {
     UnknownDisk { vm: VmName, disk: String },
     #[error(
         "disk {disk} of VM {vm} was {was} bytes and is now {now}; a resized disk cannot be replicated into the \
-         same copy. To protect it at its new size, stop its agent, remove the VM's copy here (`drctl remove \
-         {vm} --delete-points`: its recovery points go; fail over or test-fail over first if one is still \
-         needed) and start the agent again: it syncs the disks anew"
+         same copy (its agent asks again every few seconds). Resized by mistake, or for a moment (a copy in \
+         place): put it back to {was} bytes and replication goes on. To protect it at its new size, remove \
+         the VM's copy here (`drctl remove {vm} --delete-points`: its recovery points go; fail over or \
+         test-fail over first if one is still needed): the agent then restarts (its unit starts it again) \
+         and syncs the disks anew"
     )]
     DiskSizeChanged { vm: VmName, disk: DiskName, was: u64, now: u64 },
     #[error("a point must cover every disk of VM {vm}: {reason}")]

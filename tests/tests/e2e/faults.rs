@@ -737,7 +737,7 @@ fn the_scrub_names_a_point_that_does_not_recover() {
 #[test]
 fn a_verify_that_finds_a_point_broken_turns_the_vm_critical() {
     let tmp = tempfile::tempdir().unwrap();
-    let (server, _agent, id) = rotted_point(tmp.path(), "0s");
+    let (mut server, _agent, id) = rotted_point(tmp.path(), "0s");
     assert_eq!(server.status("rot")["health"], "normal", "nothing has looked yet");
     let out = server.drctl(&["verify", "rot", "--point", &id]);
     assert_eq!(out.status.code(), Some(4), "{out:?}");
@@ -747,6 +747,12 @@ fn a_verify_that_finds_a_point_broken_turns_the_vm_critical() {
         s["error"].as_str().is_some_and(|e| e.contains(&format!("verify: point {id} does not recover"))),
         "{s}"
     );
+    // Still said after a restart of the server (W18-B: it went back to normal).
+    server.kill9();
+    server.start();
+    let s = server.status("rot");
+    assert_eq!(s["health"], "critical", "{s}");
+    assert!(s["error"].as_str().is_some_and(|e| e.contains("does not recover")), "{s}");
     // Mended (the bytes were a hole's zeroes): a verify of that point clears it.
     write_at(&server.data.join("vms/rot/sda/base.img"), 6 << 20, &[0; 3]);
     let out = server.drctl(&["verify", "rot", "--point", &id]);
@@ -1308,7 +1314,9 @@ fn a_damaged_record_in_a_closed_segment_is_cut_at_the_next_start_and_the_disk_re
     assert_eq!(server.status("bit")["health"], "normal");
 }
 
-/// A disk resized under protection: the refusal says what to do, `drctl remove` (refused
+/// A disk resized under protection: the refusal says what to do and the agent asks again
+/// every few seconds, so that a disk put back to its size goes on replicating (W18-B: an
+/// in-place copy that truncated first stopped the agent for good); `drctl remove` (refused
 /// while the agent runs, and without --delete-points) removes the VM's copy, and the agent,
 /// started again, protects the disk anew at its new size, byte for byte.
 #[test]
@@ -1321,32 +1329,54 @@ fn a_resized_disk_is_protected_anew_after_its_copy_is_removed() {
     server.drctl_json(&["policy", "set", "grown", "--crash-interval", "7m"]);
     let out = server.drctl(&["remove", "grown", "--delete-points"]);
     assert_eq!(out.status.code(), Some(6), "refused while the agent runs: {out:?}");
-    // Grown while the agent runs: its next pass finds it and it stops for good (exit 3, not
-    // restarted by its unit), saying why to the server, not only in its own log.
+    let refused = |server: &Server| {
+        deadline_poll("the resized disk refused", Duration::from_secs(30), || {
+            let s = server.status("grown");
+            s["error"].as_str().is_some_and(|e| e.contains("drctl remove grown --delete-points")).then_some(s)
+        })
+    };
+    // Grown while the agent runs: its next pass finds it, says why to the server (not only
+    // in its own log), and the agent waits, asking again.
     let disk = root.join("grown.img");
+    let before = b3(&disk, None);
     std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(12 << 20).unwrap();
     write_at(&disk, 10 << 20, &[0x5a; 8192]);
     let _ = server.drctl(&["checkpoint", "grown", "--wait"]);
-    assert_eq!(agent.wait_exit("the agent to stop on the resized disk").code(), Some(3));
-    let s = server.status("grown");
-    assert!(s["error"].as_str().is_some_and(|e| e.contains("drctl remove grown --delete-points")), "{s}");
+    let s = refused(&server);
     assert_eq!(s["health"], "critical", "{s}");
-    agent.restart();
-    assert!(!agent.wait_exit("the agent to be refused the resized disk").success());
-    let s = server.status("grown");
-    assert!(s["error"].as_str().is_some_and(|e| e.contains("drctl remove grown --delete-points")), "{s}");
+    assert!(agent.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the agent waits, asking again");
+    // Put back to its size: replication goes on by itself, the refusal goes.
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(8 << 20).unwrap();
+    assert_eq!(b3(&disk, None), before);
+    server.wait_connected("grown");
+    deadline_poll("the refusal to go", Duration::from_secs(60), || {
+        server.status("grown")["error"].is_null().then_some(())
+    });
+    let p = server.checkpoint("grown");
+    assert_point_recovers(&server, root, "grown", &p, &before);
+    // Grown again, for good this time.
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(12 << 20).unwrap();
+    write_at(&disk, 10 << 20, &[0x5a; 8192]);
+    let _ = server.drctl(&["checkpoint", "grown", "--wait"]);
+    refused(&server);
 
     let out = server.drctl(&["remove", "grown"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--delete-points"), "{out:?}");
-    let removed = server.drctl_json(&["remove", "grown", "--delete-points"]);
+    // The agent connects for a moment at each of its tries: the removal may meet one.
+    let removed = deadline_poll("the copy removed", Duration::from_secs(30), || {
+        let out = server.drctl(&["remove", "grown", "--delete-points", "--json"]);
+        out.status.success().then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+    });
     assert!(removed["points_deleted"].as_u64().unwrap() >= 1, "{removed}");
     // Its policy goes with it; the reply says how to set it again.
     let restore = removed["restore_policy"].as_str().unwrap().to_string();
     assert!(restore.contains("--crash-interval 7m"), "{removed}");
     assert!(!server.data.join("vms/grown").exists());
-    assert_eq!(server.drctl(&["points", "grown"]).status.code(), Some(5), "no VM grown any more");
-
+    // At its next try the server takes the disk at its new size, which this process opened
+    // at the old one: it exits 1, and its unit starts it again.
+    assert_eq!(agent.wait_exit("the agent to exit for a restart").code(), Some(1));
+    assert!(agent.log_text().contains("start the agent again to protect it at its new size"));
     agent.restart();
     server.wait_connected("grown");
     let p = server.checkpoint("grown");
