@@ -33,6 +33,11 @@ pub enum PkiError {
     Name(#[from] NameError),
     #[error("{path}: {error}")]
     Io { path: String, error: std::io::Error },
+    #[error(
+        "master target name {0:?} is neither a host name nor an IP address ({1}): give the bare name or \
+         address the process server dials it by, without a scheme or port"
+    )]
+    BadMasterTargetName(String, String),
 }
 
 impl From<rcgen::Error> for PkiError {
@@ -94,7 +99,7 @@ impl Role {
             None if rest == "admin" => Ok(Role::Admin),
             None if rest == "server" => Ok(Role::Server),
             Some(("agent", vm)) => Ok(Role::Agent(VmName::new(vm)?)),
-            Some(("master-target", n)) => Ok(Role::MasterTarget(crate::DiskName::new(n)?.to_string())),
+            Some(("master-target", n)) => Ok(Role::MasterTarget(master_target_name(n)?)),
             _ => Err(PkiError::UnknownRole(urn.to_string())),
         }
     }
@@ -385,6 +390,45 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
     })
 }
 
+/// A master target's name: the host name or address the process server dials it by (an
+/// IPv6 address too), or a name of the letters, digits, '.', '_' and '-' names were made of
+/// before (their identities go on).
+pub fn master_target_name(n: &str) -> Result<String, PkiError> {
+    match crate::DiskName::new(n) {
+        Ok(d) => Ok(d.to_string()),
+        Err(e) => check_san(n).map_err(|_| PkiError::BadMasterTargetName(n.to_string(), e.to_string())),
+    }
+}
+
+/// A name for a server certificate as given to `--san`: an IP address, or a DNS name
+/// (letters, digits, hyphens, dots; `*.` at the front for a wildcard). A URL, a port or an
+/// empty name would be written into the certificate, and no client could dial by it (W18-A).
+pub fn check_san(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let bare = s.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(s);
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(bare.to_string());
+    }
+    let labels = s.strip_prefix("*.").unwrap_or(s);
+    let ok = !labels.is_empty()
+        && labels.len() <= 253
+        && labels.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "{s:?} is not a host name or IP address: give the bare name or address clients dial the server \
+             by, without a scheme or port (dr.example.com, 10.0.0.5, 2001:db8::5)"
+        ))
+    }
+}
+
 /// Whether a DER certificate was signed by the CA whose certificate is the first in
 /// `ca_pem`: one of this deployment's, not another's (whose CA may bear the same name).
 pub fn issued_by(der: &[u8], ca_pem: &str) -> Result<bool, PkiError> {
@@ -476,6 +520,37 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_master_target_may_be_named_by_an_ipv6_address() {
+        let ca = Ca::create("test").unwrap();
+        for name in ["2001:db8::5", "onprem1", "mt_1", "10.0.0.5"] {
+            let b = ca.issue_client(&Role::MasterTarget(master_target_name(name).unwrap())).unwrap();
+            assert_eq!(b.role().unwrap(), Role::MasterTarget(name.to_string()));
+        }
+        let e = master_target_name("https://onprem1:7444").unwrap_err().to_string();
+        assert!(e.contains("master target name") && e.contains("without a scheme or port"), "{e}");
+    }
+
+    #[test]
+    fn a_san_is_a_bare_name_or_address() {
+        for ok in
+            ["dr.example.com", "DR-1.example.com", "10.0.0.5", "2001:db8::5", "[::1]", "*.example.com", "dr"]
+        {
+            assert!(check_san(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://dr.example.com:7443",
+            "10.0.0.5:7443",
+            "",
+            " ",
+            "dr..example.com",
+            "-dr.example.com",
+            "dr_1",
+        ] {
+            assert!(check_san(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_certificate_is_issued_by_its_own_ca_only() {

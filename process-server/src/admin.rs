@@ -5,7 +5,7 @@ use crate::{Ctx, store_status};
 use std::sync::Arc;
 use std::time::Duration;
 use tern_core::pki::{Ca, Role};
-use tern_core::{DiskName, FailoverKind, JobKind, VmName, VmState};
+use tern_core::{FailoverKind, JobKind, VmName, VmState};
 use tern_proto as pb;
 use tern_store::{Consistency, Format, Point, PointSpec};
 use tern_store::{MAX_RETENTION_MS, Policy};
@@ -257,7 +257,8 @@ impl pb::admin_server::Admin for AdminService {
         let role = match pb::Role::try_from(r.role) {
             Ok(pb::Role::Agent) => Role::Agent(vm_arg(&r.name)?),
             Ok(pb::Role::MasterTarget) => Role::MasterTarget(
-                DiskName::new(&r.name).map_err(|e| Status::invalid_argument(e.to_string()))?.to_string(),
+                tern_core::pki::master_target_name(&r.name)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
             ),
             Ok(pb::Role::Admin) => Role::Admin,
             _ => return Err(Status::invalid_argument("role must be agent, master-target or admin")),

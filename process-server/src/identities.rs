@@ -21,6 +21,9 @@ use tern_proto::tls::Revocations;
 use tonic::{Request, Status};
 
 const FILE: &str = "identities";
+/// Made beside the file when it is first written: a data directory whose file is gone has
+/// lost its revocations, where one without either is from before identities were kept.
+pub const KEPT_MARK: &str = "identities.kept";
 const HEADER: &str = "# tern identities: serial, role, name (- for none), issued and revoked (0: valid), in ms since the epoch\n";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,6 +212,10 @@ impl Identities {
         f.sync_all().map_err(io(false))?;
         std::fs::rename(&tmp, &self.path).map_err(io(false))?;
         if let Some(dir) = self.path.parent() {
+            let mark = dir.join(KEPT_MARK);
+            if !mark.exists() {
+                std::fs::File::create(&mark).map_err(io(true))?;
+            }
             std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(true))?;
         }
         Ok(())

@@ -249,6 +249,24 @@ fn open_identities(pki: &Path) -> Result<Arc<identities::Identities>, tern_proto
     let identity_error =
         |e: identities::IdentitiesError| tern_proto::daemon::ServeError::Identity(e.to_string());
     let identities = Arc::new(identities::Identities::open(pki).map_err(identity_error)?);
+    let file = pki.join("identities");
+    if !identities.existed() && pki.join(identities::KEPT_MARK).exists() {
+        // Lost (W18-A: started anew and empty, every revoked identity was let in again).
+        return Err(tern_proto::daemon::ServeError::IdentitiesLost(format!(
+            "{} is missing: it holds which identities are revoked, and without it every revoked identity \
+             would be let in again. Restore it from a backup. If it is lost for good: create it empty \
+             (`touch {}`, owned by the server's user), start the server, and revoke again every identity \
+             that was revoked (`drctl identities` lists those seen since)",
+            file.display(),
+            file.display()
+        )));
+    }
+    if identities.existed() && !pki.join(identities::KEPT_MARK).exists() {
+        // Written by a release before the mark: from now on its loss is noticed.
+        if let Err(e) = std::fs::File::create(pki.join(identities::KEPT_MARK)) {
+            tracing::warn!(error = %e, "cannot mark the list of identities as kept");
+        }
+    }
     if !identities.existed() {
         // A data directory from before identities were kept, or one whose file was
         // removed: said, as the file is where revocations are kept.

@@ -18,7 +18,7 @@ enum Cmd {
         #[arg(long)]
         data_dir: PathBuf,
         /// Extra DNS name or IP address for the server certificate (localhost and 127.0.0.1 are always in).
-        #[arg(long = "san")]
+        #[arg(long = "san", value_parser = tern_core::pki::check_san)]
         sans: Vec<String>,
     },
     /// Serve the replication and admin APIs.
@@ -75,9 +75,9 @@ enum Cmd {
         data_dir: PathBuf,
         /// DNS name or IP address to add to the names the certificate has (localhost and
         /// 127.0.0.1 are always in).
-        #[arg(long = "san")]
+        #[arg(long = "san", value_parser = tern_core::pki::check_san)]
         sans: Vec<String>,
-        /// Name only the --san given (and localhost), dropping the names it had.
+        /// Name only the --san given (and localhost, 127.0.0.1 and ::1), dropping the names it had.
         #[arg(long)]
         replace: bool,
     },

@@ -140,6 +140,9 @@ pub enum ServeError {
     /// Its certificate expired: no restart mends it (exit 2, as the master target does).
     #[error("{0}")]
     Expired(String),
+    /// The list of identities is gone: no restart mends it (exit 2).
+    #[error("{0}")]
+    IdentitiesLost(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsSetupError),
     #[error("cannot open the data directory: {0}")]
@@ -165,7 +168,7 @@ impl ServeError {
 
     /// Whether the daemon exits 2 for it, as for a [`Misconfigured`].
     pub fn for_good(&self) -> bool {
-        matches!(self, ServeError::StoreForGood(_) | ServeError::Expired(_))
+        matches!(self, ServeError::StoreForGood(_) | ServeError::Expired(_) | ServeError::IdentitiesLost(_))
     }
 }
 

@@ -203,8 +203,22 @@ fn a_revoked_identity_is_cut_off_and_refused_across_a_restart() {
     );
     assert_eq!(server.drctl_json(&["identities"]).as_array().unwrap().len(), listed);
 
-    // Across a restart: all of it stands.
+    // Across a restart: all of it stands. The list lost (W18-A: started anew and empty,
+    // every revoked identity let in again): the server does not start (exit 2), saying what
+    // to do; restored, it does.
     server.kill9();
+    let list = server.data.join("pki/identities");
+    let kept = std::fs::read(&list).unwrap();
+    std::fs::remove_file(&list).unwrap();
+    let out = std::process::Command::new(bin("process-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&server.data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is missing") && err.contains("Restore it from a backup"), "{err}");
+    std::fs::write(&list, kept).unwrap();
     server.start();
     let out = drctl_as(&server.url(), &second, &["status"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("has been revoked"), "{out:?}");
