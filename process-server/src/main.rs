@@ -132,10 +132,11 @@ macro_rules! misconfigured {
 /// that issue from the CA.
 fn initialised(data_dir: &std::path::Path) -> anyhow::Result<()> {
     if !data_dir.join("pki").join("ca.key").exists() {
+        // Not `init` here: a new CA there would be another deployment's, which no identity of
+        // this one works with (W18-A).
         anyhow::bail!(
-            "{} is not initialised (no pki/ca.key): give the process server's data directory, or run \
-             `process-server init --data-dir {}` first",
-            data_dir.display(),
+            "{} is not initialised (no pki/ca.key): give the data directory of the deployment's process \
+             server (its --data-dir, or data-dir in its config file)",
             data_dir.display()
         );
     }
