@@ -191,7 +191,7 @@ async fn replicate(
             }
             Ok(()) => return Ok(()),
             // A disk resized, or of size 0: often for a moment (a copy in place that truncates
-            // first, a loop device detached and attached again). Asked again every minute, so
+            // first, a loop device detached and attached again). Asked again every 10 s, so
             // that replication goes on once it is back, and status keeps showing why
             // meanwhile, across a restart of the server too (W18-B: the agent exited for
             // good, and status said normal once the server restarted).
@@ -337,7 +337,7 @@ fn lock_scanned_disks(disks: &[DiskSource]) -> Result<Vec<std::fs::File>, AgentE
 
 /// Whether `f` is on a file system of this host's own (where a flock is not a lock the
 /// file's other users, the hypervisor among them, see).
-fn local_file_system(f: &std::fs::File) -> bool {
+pub(crate) fn local_file_system(f: &std::fs::File) -> bool {
     // ext2/3/4, XFS, Btrfs, tmpfs, ZFS, F2FS, bcachefs, overlayfs (a container's).
     const LOCAL: [i64; 8] =
         [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0x2FC1_2FC1, 0xF2F5_2010, 0xCA45_1A4E, 0x794C_7630];

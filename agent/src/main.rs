@@ -247,7 +247,9 @@ fn run() -> anyhow::Result<()> {
     // not there yet may be written by whatever provisions the host (exit 1, tried again).
     let identity_bundle = match Bundle::load(&identity) {
         Ok(b) => b,
-        Err(e @ tern_core::pki::PkiError::Io { .. }) => {
+        // Not text at all (InvalidData) is a damaged file too.
+        Err(e @ tern_core::pki::PkiError::Io { .. }) if !matches!(&e, tern_core::pki::PkiError::Io { error, .. } if error.kind() == std::io::ErrorKind::InvalidData) =>
+        {
             return Err(anyhow::Error::new(e).context(format!("loading identity {}", identity.display())));
         }
         Err(e @ tern_core::pki::PkiError::BadBundle { .. }) => misconfigured!("loading identity: {e}"),

@@ -830,6 +830,7 @@ impl Session {
             consistency: consistency as i32,
             disks: self.point_disks(&pass.fingerprints, &seqs),
             time_ms: now_ms(),
+            sent_ms: now_ms(),
             note,
         };
         if self.repeats_last_point(&point) {

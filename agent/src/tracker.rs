@@ -137,10 +137,11 @@ struct Inner {
     sealed: bool,
     /// Per disk: its seal says the agent runs (written before the run's first write).
     unsealed: Vec<bool>,
-    /// Per disk: when the agent last wrote it (or its modification time when opened, or
-    /// when a write by something else was last noticed). A modification time past it is
-    /// another writer's.
-    own_write: Vec<std::time::SystemTime>,
+    /// Per disk: when the agent last wrote it (or its times when opened, or when a write by
+    /// something else was last noticed). A modification or change time past it is another
+    /// writer's. `None`: not watched (a block device, whose node's times say nothing of its
+    /// writes; a network file system, whose times are its server's clock).
+    own_write: Vec<Option<std::time::SystemTime>>,
     /// Per disk: the file's size was seen to differ from the export's (said once).
     size_told: Vec<bool>,
 }
@@ -314,7 +315,9 @@ impl Tracker {
             let (log, _, clean) = ActivityLog::open_sealed(state_dir, name.as_str(), size, &file)?;
             activity.push(log);
             unsealed.push(!clean);
-            own_write.push(file.metadata()?.modified()?);
+            let meta = file.metadata()?;
+            let watched = meta.is_file() && crate::local_file_system(&file);
+            own_write.push(watched.then(|| file_times(&meta)).flatten());
             open.push(Disk { name: name.clone(), size, file });
         }
         let n = open.len();
@@ -708,7 +711,9 @@ impl Tracker {
             inner.touched[disk].insert(e);
         }
         let applied = apply(&d.file, &item);
-        inner.own_write[disk] = std::time::SystemTime::now();
+        if let Some(at) = inner.own_write[disk].as_mut() {
+            *at = std::time::SystemTime::now();
+        }
         if let Err(e) = applied {
             // Part of it may be on the disk and not in the log: only a resync can tell.
             self.overflow(inner);
@@ -748,6 +753,7 @@ impl Tracker {
     /// where the agent's own writes are made.
     fn foreign_write(&self, g: &mut Inner, disk: usize) -> bool {
         let d = &self.disks[disk];
+        let Some(own) = g.own_write[disk] else { return false };
         let Ok(meta) = d.file.metadata() else { return false };
         if meta.len() != d.size && !g.size_told[disk] {
             g.size_told[disk] = true;
@@ -756,11 +762,13 @@ impl Tracker {
                  opened, and the copy cannot follow a resize; put the file back to its size, or see \
                  README (a resized disk)");
         }
-        let Ok(mtime) = meta.modified() else { return false };
-        if mtime <= g.own_write[disk] {
+        // The change time too: `cp -a` or `rsync -a` put an old modification time back,
+        // never an old change time.
+        let Some(seen) = file_times(&meta) else { return false };
+        if seen <= own {
             return false;
         }
-        g.own_write[disk] = mtime;
+        g.own_write[disk] = Some(seen);
         tracing::error!(disk = %d.name,
             "the disk file was written by something other than this agent (its modification time \
              moved past the agent's last write): comparing the whole disk with the process server's \
@@ -896,6 +904,16 @@ impl Export for DiskExport {
     fn flush(&self) -> io::Result<()> {
         self.tracker.flush(self.disk)
     }
+}
+
+/// The later of a file's modification and change times: a write sets both to when it is
+/// made (or earlier, on a coarse clock), never later.
+fn file_times(meta: &std::fs::Metadata) -> Option<std::time::SystemTime> {
+    use std::os::unix::fs::MetadataExt;
+    let changed = u64::try_from(meta.ctime())
+        .ok()
+        .map(|s| std::time::UNIX_EPOCH + Duration::new(s, u32::try_from(meta.ctime_nsec()).unwrap_or(0)));
+    meta.modified().ok().max(changed)
 }
 
 #[cfg(test)]

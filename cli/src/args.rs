@@ -355,8 +355,9 @@ pub enum PolicyCmd {
         #[arg(long)]
         rpo_threshold: Option<String>,
         /// The most the VM's journals may hold together (e.g. 50GiB; none: no bound, the
-        /// default). Past it, retention prunes the oldest points ahead of their window, so
-        /// that one VM's burst of writes cannot fill the data directory for every VM.
+        /// default; at least twice the server's --segment-size per disk). Past it, retention
+        /// prunes the oldest points ahead of their window, so that one VM's burst of writes
+        /// cannot fill the data directory for every VM.
         #[arg(long, value_name = "SIZE|none")]
         max_journal: Option<String>,
     },

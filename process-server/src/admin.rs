@@ -478,15 +478,16 @@ impl pb::admin_server::Admin for AdminService {
             }
         }
         // Journals are freed a segment at a time (each disk keeps the one it writes into):
-        // below two segments, every pass would prune all but the newest point.
-        let least = 2 * self.ctx.store.segment_bytes();
+        // below two segments a disk, every pass would prune all but the newest point.
+        let disks = self.ctx.store.vm_disks(&vm).len().max(1) as u64;
+        let least = 2 * self.ctx.store.segment_bytes() * disks;
         if want.max_journal_bytes != 0
             && policy.max_journal_bytes != 0
             && u64::try_from(policy.max_journal_bytes).unwrap_or(0) < least
         {
             return Err(Status::invalid_argument(format!(
-                "--max-journal must be at least {} (twice the process server's --segment-size: journals are \
-                 freed a segment at a time), or none",
+                "--max-journal must be at least {} (twice the process server's --segment-size for each of \
+                 the VM's {disks} disk(s): journals are freed a segment at a time), or none",
                 tern_core::units::size_text(least)
             )));
         }

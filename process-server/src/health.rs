@@ -196,12 +196,15 @@ pub async fn health_worker(ctx: Arc<Ctx>) {
 /// Applies each VM's retention window at `every`; backs off on errors.
 pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
     let mut wait = every;
+    // When each VM's journals over its bound were last said (once an hour at most).
+    let over_said: Arc<std::sync::Mutex<HashMap<VmName, std::time::Instant>>> = Arc::default();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
         let c = ctx.clone();
+        let over_said = over_said.clone();
         let failed = tokio::task::spawn_blocking(move || {
             let mut failed = false;
             for vm in c.store.vms().unwrap_or_default() {
@@ -215,7 +218,22 @@ pub async fn retention_worker(ctx: Arc<Ctx>, every: Duration) {
                 }
                 let now = tern_store::now_ms();
                 match c.store.apply_retention(&vm, now) {
-                    Ok(_) => {
+                    Ok(report) => {
+                        let mut said = crate::lock(&over_said);
+                        match report.over_bound {
+                            Some(bytes) if said.get(&vm).is_none_or(|at| at.elapsed() >= Duration::from_secs(3600)) => {
+                                warn!(vm = %vm, journal_bytes = bytes,
+                                    "the VM's journals stay over its policy's bound (--max-journal): the newest \
+                                     point, its newest multi-VM point, or one a failover, test failover or plan \
+                                     keeps holds them; they go once later points are made, or raise the bound");
+                                said.insert(vm.clone(), std::time::Instant::now());
+                            }
+                            Some(_) => {}
+                            None => {
+                                said.remove(&vm);
+                            }
+                        }
+                        drop(said);
                         crate::lock(&c.retention_errors).remove(&vm);
                         crate::lock(&c.retention_runs).insert(vm, now);
                     }

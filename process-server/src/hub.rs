@@ -275,9 +275,6 @@ impl Hub {
         lock(&self.counters).entry(vm.clone()).or_default().point_failure = Some(reason.to_string());
     }
 
-    /// A point of `vm` was made: its scheduled points no longer fail, and replication made
-    /// progress (an idle VM acks no records: its point is the proof that its storage, full
-    /// before, takes its writes again).
     /// Keeps how far the agent's clock is behind this server's (negative: ahead).
     pub fn set_clock_skew(&self, vm: &VmName, skew_ms: i64) {
         lock(&self.counters).entry(vm.clone()).or_default().clock_skew_ms = skew_ms;
@@ -287,6 +284,9 @@ impl Hub {
         lock(&self.counters).get(vm).map_or(0, |c| c.clock_skew_ms)
     }
 
+    /// A point of `vm` was made: its scheduled points no longer fail, and replication made
+    /// progress (an idle VM acks no records: its point is the proof that its storage, full
+    /// before, takes its writes again).
     pub fn point_made(&self, vm: &VmName) {
         if let Some(c) = lock(&self.counters).get_mut(vm) {
             c.point_failure = None;

@@ -84,7 +84,7 @@ async fn collect(ctx: &Arc<Ctx>, admin: &crate::admin::AdminService) {
         metrics::gauge!("tern_data_dir_free_bytes").set(free as f64);
     }
     metrics::gauge!("tern_space_reserve_held").set(if ctx.store.reserve().held() { 1.0 } else { 0.0 });
-    if let Ok(expires) = crate::tls::expires_ms(&ctx.data_dir.join("pki")) {
+    if let Some(expires) = crate::tls::expires_ms() {
         metrics::gauge!("tern_certificate_expiry_timestamp_seconds").set(expires as f64 / 1000.0);
     }
     let store = ctx.store.clone();

@@ -62,7 +62,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         let vm = VmName::new(&hello.vm).map_err(|e| Status::invalid_argument(e.to_string()))?;
         crate::auth::require_agent_for(&parts_req, &vm)?;
         // Taken now: the Hello is the stream's first message, with nothing queued before it.
-        let skew_ms = if hello.time_ms == 0 { 0 } else { tern_store::now_ms() - hello.time_ms };
+        let skew_ms = if hello.time_ms == 0 { 0 } else { tern_store::now_ms().saturating_sub(hello.time_ms) };
         let (disks, agent_states, sources) = disks_of(&hello)?;
         let ctx = self.ctx.clone();
         let peer = parts_req.remote_addr().map_or_else(|| "unknown address".to_string(), |a| a.to_string());
@@ -94,12 +94,12 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         ctx.hub.attach(&vm, session, out_tx.clone(), cancel.clone());
         ctx.hub.set_clock_skew(&vm, skew_ms);
         info!(vm = %vm, session, disks = handles.len(), "agent connected");
-        if skew_ms.abs() > CLOCK_SKEW_WARN_MS {
+        if skew_ms.saturating_abs() > CLOCK_SKEW_WARN_MS {
             warn!(vm = %vm, skew_s = skew_ms / 1000,
                 "the agent's clock is {} this server's by {}: its points are dated on this server's clock; \
                  set the agent host's time right (NTP)",
                 if skew_ms > 0 { "behind" } else { "ahead of" },
-                tern_core::units::rpo_text(skew_ms.abs() / 1000));
+                tern_core::units::rpo_text(skew_ms.saturating_abs() / 1000));
         }
         let handles: Handles = Arc::new(handles.into_iter().map(|h| (h.name.clone(), h)).collect());
         let initial = crate::initial::join(&ctx, &vm).await?;
@@ -895,18 +895,32 @@ async fn point_made(
 
 /// An agent whose clock is off this server's by more than this is warned of.
 const CLOCK_SKEW_WARN_MS: i64 = 2000;
+/// A point whose send time is off the session's clock difference by more than this says
+/// the agent's clock was set during the session (a point waits behind records on the
+/// stream for less, as a rule): the difference is taken anew from it.
+const CLOCK_STEP_MS: i64 = 10_000;
 
 /// A point's time on this server's clock: the agent's time of its cut, moved by how far the
 /// agent's clock was off at its Hello, and never later than now (a clock set right during
 /// the session) nor earlier than the VM's newest point (points stay in order). A point
 /// dated in the future would stay inside the retention window for good, and the journal
 /// behind it with it.
-fn point_time(ctx: &Ctx, vm: &VmName, agent_ms: i64) -> i64 {
+fn point_time(ctx: &Ctx, vm: &VmName, agent_ms: i64, sent_ms: i64) -> i64 {
     let now = tern_store::now_ms();
     let newest = ctx.store.resolve_point(vm, &tern_store::PointSpec::Latest).map_or(i64::MIN, |p| p.time_ms);
-    let t = agent_ms.saturating_add(ctx.hub.clock_skew(vm));
+    let mut skew = ctx.hub.clock_skew(vm);
+    if sent_ms != 0 {
+        let seen = now.saturating_sub(sent_ms);
+        if seen.saturating_sub(skew).saturating_abs() > CLOCK_STEP_MS {
+            warn!(vm = %vm, was_ms = skew, now_ms = seen,
+                "the agent's clock moved during the session: its points are dated by the new difference");
+            ctx.hub.set_clock_skew(vm, seen);
+            skew = seen;
+        }
+    }
+    let t = agent_ms.saturating_add(skew);
     let clamped = t.min(now).max(newest.min(now));
-    if (clamped - t).abs() > CLOCK_SKEW_WARN_MS {
+    if clamped.saturating_sub(t).saturating_abs() > CLOCK_SKEW_WARN_MS {
         warn!(vm = %vm, agent_ms, dated_ms = clamped,
             "a point's time from the agent is off this server's clock; dated by this server's instead");
     }
@@ -934,7 +948,7 @@ async fn make_point(
     } else {
         Consistency::Crash
     };
-    let time_ms = point_time(ctx, vm, p.time_ms);
+    let time_ms = point_time(ctx, vm, p.time_ms, p.sent_ms);
     let mut cut = NewPoint { vm: vm.clone(), time_ms, consistency, note: p.note.clone(), disks };
     // A member's cut of a multi-VM point: written with the others' (one id) once they have
     // all come, or, when the group's point fails, as this VM's own point with the reason in

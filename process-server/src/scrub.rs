@@ -27,7 +27,10 @@ pub struct ScrubConfig {
 pub struct Scrub {
     /// Where they are kept (none in tests).
     path: Option<std::path::PathBuf>,
-    failures: Mutex<HashMap<VmName, String>>,
+    /// The first point the last round found broken, per VM, and why.
+    failures: Mutex<HashMap<VmName, (u64, String)>>,
+    /// Held while the marks are written: one writer at a time, the newest marks last.
+    saving: Mutex<()>,
     /// The point a `drctl verify` found broken, per VM, and why: it holds until a verify of
     /// that point passes, the point is no longer listed, or a scrub round finds every
     /// point recovering.
@@ -37,7 +40,7 @@ pub struct Scrub {
 /// `scrub.json`'s layout.
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 struct Kept {
-    failures: HashMap<String, String>,
+    failures: HashMap<String, (u64, String)>,
     verified: HashMap<String, (u64, String)>,
 }
 
@@ -60,12 +63,14 @@ impl Scrub {
             failures: Mutex::new(named(kept.failures)),
             verified: Mutex::new(named(kept.verified)),
             path: Some(path),
+            saving: Mutex::new(()),
         }
     }
 
     /// Keeps the marks as they are now (best effort: a full data directory shows as itself).
     fn save(&self) {
         let Some(path) = &self.path else { return };
+        let _one = lock(&self.saving);
         let kept = Kept {
             failures: lock(&self.failures).iter().map(|(v, s)| (v.to_string(), s.clone())).collect(),
             verified: lock(&self.verified).iter().map(|(v, s)| (v.to_string(), s.clone())).collect(),
@@ -80,9 +85,19 @@ impl Scrub {
 
     /// Why the scrub, or a `drctl verify`, marks `vm` critical, if either does; `listed`
     /// tells whether a point is still listed.
-    pub fn failure(&self, vm: &VmName, listed: impl FnOnce(u64) -> bool) -> Option<String> {
-        if let Some(f) = lock(&self.failures).get(vm) {
-            return Some(f.clone());
+    pub fn failure(&self, vm: &VmName, listed: impl Fn(u64) -> bool) -> Option<String> {
+        let found = lock(&self.failures).get(vm).cloned();
+        if let Some((point, why)) = found {
+            if listed(point) {
+                return Some(why);
+            }
+            // Pruned since (or removed): nothing left of it to fail over to.
+            let mut failures = lock(&self.failures);
+            if failures.get(vm).is_some_and(|(p, _)| *p == point) {
+                failures.remove(vm);
+                drop(failures);
+                self.save();
+            }
         }
         let (point, why) = lock(&self.verified).get(vm)?.clone();
         if listed(point) {
@@ -197,7 +212,8 @@ async fn scrub_vm(ctx: &Arc<Ctx>, vm: &VmName, config: ScrubConfig) -> bool {
         };
         if let Some(problem) = problem.filter(|_| listed) {
             error!(vm = %vm, point = %id, problem = %problem, "scrub: a recovery point does not recover");
-            let b = broken.get_or_insert_with(|| format!("scrub: point {id} does not recover: {problem}"));
+            let b = broken
+                .get_or_insert_with(|| (id.0, format!("scrub: point {id} does not recover: {problem}")));
             // Shown at once, not after the whole round.
             lock(&ctx.scrub.failures).insert(vm.clone(), b.clone());
             ctx.scrub.save();

@@ -22,10 +22,14 @@ pub fn identity(pki: &Path) -> Result<Bundle, String> {
     Ok(Bundle { ca_pem: read("ca.pem")?, cert_pem: read("server.pem")?, key_pem: read("server.key")? })
 }
 
-/// When the server's certificate expires (Unix ms).
-pub fn expires_ms(pki: &Path) -> Result<i64, String> {
-    let pem = std::fs::read_to_string(pki.join("server.pem")).map_err(|e| e.to_string())?;
-    tern_core::pki::expires_ms(&pem).map_err(|e| e.to_string())
+/// When the certificate this process serves expires (Unix ms; 0 until it is loaded): the
+/// one loaded at start, not `server.pem` as it may be since (a `reissue-cert` takes effect
+/// at the restart).
+static SERVED_EXPIRES_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// When the certificate this process serves expires (Unix ms).
+pub fn expires_ms() -> Option<i64> {
+    Some(SERVED_EXPIRES_MS.load(std::sync::atomic::Ordering::Relaxed)).filter(|&t| t != 0)
 }
 
 /// Says, twice a day, when the server's certificate is in its last 30 days, and once it
@@ -43,12 +47,9 @@ pub async fn expiry_worker(data_dir: std::path::PathBuf, shutdown: tokio_util::s
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(std::time::Duration::from_secs(12 * 3600)) => {}
         }
-        match tern_core::pki::expiry_of(
-            expires_ms(&pki).map_err(tern_core::pki::PkiError::BadCertificate),
-            tern_core::pki::now_ms(),
-            &what,
-            &renew,
-        ) {
+        let served =
+            expires_ms().ok_or_else(|| tern_core::pki::PkiError::BadCertificate("not loaded".into()));
+        match tern_core::pki::expiry_of(served, tern_core::pki::now_ms(), &what, &renew) {
             tern_core::pki::Expiry::Valid => {}
             tern_core::pki::Expiry::Soon(w) => tracing::warn!("{w}"),
             tern_core::pki::Expiry::Expired(e) => tracing::error!("{e}; agents and drctl are refused"),
@@ -63,6 +64,9 @@ pub fn server_config(pki: &Path) -> Result<Arc<rustls::ServerConfig>, tern_proto
     let renew = format!(
         "issue it again with `process-server reissue-cert --data-dir {data_dir}` (it keeps its names), then restart"
     );
+    if let Ok(at) = id.expires_ms() {
+        SERVED_EXPIRES_MS.store(at, std::sync::atomic::Ordering::Relaxed);
+    }
     match id.expiry(tern_core::pki::now_ms(), &what, &renew) {
         tern_core::pki::Expiry::Valid => {}
         tern_core::pki::Expiry::Soon(w) => tracing::warn!("{w}"),

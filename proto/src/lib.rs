@@ -202,12 +202,17 @@ fn explain(e: &tonic::transport::Error) -> String {
                  with that identity)",
             );
         }
-        if reason.contains("certificate expired") || reason.contains("Expired") {
+        if reason.contains("invalid peer certificate") && reason.contains("xpired") {
             reason.push_str(
                 " — the certificate the server presents has expired (or this host's clock is wrong: \
                  check it): a process server's is issued again on its host with `process-server \
                  reissue-cert --data-dir DIR`, then restart it; a master target's with `drctl enroll \
                  master-target --name NAME`",
+            );
+        } else if reason.contains("CertificateExpired") {
+            reason.push_str(
+                " — the server refused this identity as expired (or this host's clock is behind: check \
+                 it): enroll a new one (`drctl enroll`)",
             );
         }
         if reason.contains("Revoked") {

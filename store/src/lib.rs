@@ -91,8 +91,9 @@ pub enum StoreError {
     UnknownDisk { vm: VmName, disk: String },
     #[error(
         "disk {disk} of VM {vm} was {was} bytes and is now {now}; a resized disk cannot be replicated into the \
-         same copy (its agent asks again every few seconds). Resized by mistake, or for a moment (a copy in \
-         place): put it back to {was} bytes and replication goes on. To protect it at its new size, remove \
+         same copy (a scan-mode agent asks again every few seconds; an nbd-mode agent serves the size it \
+         opened until it is restarted). Resized by mistake, or for a moment (a copy in place): put it back \
+         to {was} bytes and replication goes on. To protect it at its new size, remove \
          the VM's copy here (`drctl remove {vm} --delete-points`: its recovery points go; fail over or \
          test-fail over first if one is still needed): the agent then restarts (its unit starts it again) \
          and syncs the disks anew"

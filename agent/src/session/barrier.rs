@@ -129,6 +129,7 @@ impl Session {
             consistency: pb::Consistency::App as i32,
             disks: self.point_disks(&pass.fingerprints, &seqs),
             time_ms: crate::now_ms(),
+            sent_ms: crate::now_ms(),
             note,
         };
         self.send_point(point, requests, seqs).await

@@ -592,6 +592,7 @@ impl Session {
             consistency: m.consistency as i32,
             disks: self.point_disks(&fingerprints, &seqs),
             time_ms: m.time_ms,
+            sent_ms: crate::now_ms(),
             note: m.note,
         };
         if self.repeats_last_point(&point) {
