@@ -770,8 +770,8 @@ impl Tracker {
         }
         g.own_write[disk] = Some(seen);
         tracing::error!(disk = %d.name,
-            "the disk file was written by something other than this agent (its modification time \
-             moved past the agent's last write): comparing the whole disk with the process server's \
+            "the disk file was written by something other than this agent (its modification or change \
+             time moved past the agent's last write): comparing the whole disk with the process server's \
              copy. Only the agent may write a disk it serves: give the VM its NBD export, never the file");
         let extents: Vec<u64> = (0..d.size.div_ceil(EXTENT)).collect();
         if let Err(e) = g.activity[disk].mark_hot(&extents) {
