@@ -129,6 +129,10 @@ impl fmt::Debug for Ca {
     }
 }
 
+/// How long an identity (an agent's, an admin's, a master target's, the server's) is
+/// valid from its issue (`validity(5)`): what `drctl identities` shows as its expiry.
+pub const IDENTITY_VALIDITY_MS: i64 = 365 * 5 * 86_400_000;
+
 fn validity(params: &mut CertificateParams, years: i64) {
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::days(1);

@@ -7,23 +7,34 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use tern_proto as pb;
 
+/// When an identity expires: its issue plus the validity every identity gets (W18-A: an
+/// expired one was listed as valid).
+fn expires_ms(i: &pb::IdentityInfo) -> i64 {
+    i.issued_ms.saturating_add(tern_core::pki::IDENTITY_VALIDITY_MS)
+}
+
 fn identity_json(i: &pb::IdentityInfo) -> Value {
     json!({
         "serial": i.serial,
         "role": i.role,
         "name": i.name,
         "issued": rfc3339(i.issued_ms),
+        "expires": rfc3339(expires_ms(i)),
+        "expired": expires_ms(i) <= tern_core::pki::now_ms(),
         "revoked": if i.revoked_ms == 0 { Value::Null } else { Value::String(rfc3339(i.revoked_ms)) },
     })
 }
 
 fn print_identities(ids: &[pb::IdentityInfo]) {
-    out!("{:<16} {:<14} {:<20} {:<24} REVOKED", "SERIAL", "ROLE", "NAME", "ISSUED");
+    out!("{:<16} {:<14} {:<20} {:<24} {:<24} REVOKED", "SERIAL", "ROLE", "NAME", "ISSUED", "EXPIRES");
+    let now = tern_core::pki::now_ms();
     for i in ids {
         let revoked = if i.revoked_ms == 0 { "-".to_string() } else { rfc3339(i.revoked_ms) };
         let name = if i.name.is_empty() { "-" } else { &i.name };
         let serial = i.serial.get(..16).unwrap_or(&i.serial);
-        out!("{serial:<16} {:<14} {name:<20} {:<24} {revoked}", i.role, rfc3339(i.issued_ms));
+        let expires = rfc3339(expires_ms(i));
+        let expires = if expires_ms(i) <= now { format!("{expires} (expired)") } else { expires };
+        out!("{serial:<16} {:<14} {name:<20} {:<24} {expires:<24} {revoked}", i.role, rfc3339(i.issued_ms));
     }
 }
 

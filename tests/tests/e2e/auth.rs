@@ -233,6 +233,14 @@ fn a_revoked_identity_is_cut_off_and_refused_across_a_restart() {
         .map(|i| i["serial"].as_str().unwrap())
         .collect();
     assert_eq!(revoked.len(), 3, "{ids}");
+    // Each with its expiry, five years after its issue.
+    for i in ids.as_array().unwrap() {
+        let (issued, expires) = (i["issued"].as_str().unwrap(), i["expires"].as_str().unwrap());
+        let year = |t: &str| t[..4].parse::<i32>().unwrap();
+        // 5 x 365 days: five years, or a day short of them across a leap day.
+        assert!((4..=5).contains(&(year(expires) - year(issued))) && expires > issued, "{i}");
+        assert_eq!(i["expired"], false, "{i}");
+    }
     assert!(revoked.contains(&first_serial.as_str()) && revoked.contains(&second_serial.as_str()));
 
     // A new identity for the VM goes on replicating it, and its points are whole.
