@@ -392,6 +392,25 @@ fn admit(
             missing.join(", ")
         )))));
     }
+    // Disks given under each other's names (`--disk sda=B --disk sdb=A`): said as such, not
+    // as a resize whose remedy deletes every point (W18-B).
+    if known {
+        let recorded = store.disk_sources(vm)?;
+        for (name, source, path) in sources {
+            // Files only: a device's number may go to another device at the next boot.
+            let swapped = recorded
+                .iter()
+                .find(|(disk, s, _)| source.starts_with("f:") && disk != name.as_str() && s == source);
+            if let Some((other, _, was)) = swapped {
+                warn!(vm = %vm, disk = %name, other = %other, "agent refused: disk names swapped");
+                return Ok(Err(Refused::stops(Status::failed_precondition(format!(
+                    "this agent gives {path} as disk {name}, but it is the file disk {other} was read from \
+                     ({was}): the --disk names look swapped. Give each disk the name it had (--disk \
+                     {other}={path})"
+                )))));
+            }
+        }
+    }
     let hs = store.register(vm, disks)?;
     if protected {
         for (name, source, path) in sources {

@@ -755,6 +755,18 @@ impl Catalog {
 
     /// Notes which file (or device) the agent of a protected VM reads `disk` from (what a
     /// later failback to an alternate location fences).
+    /// Which file (or device) the agent last read each disk of `vm` from: disk, source, path.
+    pub fn disk_sources(&self, vm: &VmName) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut st = self
+            .db
+            .prepare("SELECT disk, source, path FROM disk_sources WHERE vm = ?1")
+            .map_err(q("read disk sources"))?;
+        let rows = st
+            .query_map([vm.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(q("read disk sources"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(q("read disk sources"))
+    }
+
     pub fn note_source(
         &self,
         vm: &VmName,

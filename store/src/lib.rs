@@ -799,6 +799,11 @@ impl Store {
         self.catalog().fenced_source(vm, disk, source)
     }
 
+    /// See [`Catalog::disk_sources`].
+    pub fn disk_sources(&self, vm: &VmName) -> Result<Vec<(String, String, String)>, StoreError> {
+        self.catalog().disk_sources(vm)
+    }
+
     /// See [`Catalog::note_source`].
     pub fn note_source(
         &self,

@@ -1220,6 +1220,33 @@ fn drctl_reads_tern_variables_and_the_older_names() {
     }
 }
 
+/// Two disks given under each other's names: refused as such (exit 3), naming the fix, and
+/// not taken as a resize whose remedy deletes every point (W18-B); given right, it goes on.
+#[test]
+fn disks_given_under_each_others_names_are_refused_as_swapped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("two.bundle");
+    server.enroll_agent("two", &identity);
+    let (a, b) = (root.join("a.img"), root.join("b.img"));
+    make_random(&a, 4, 1, 201);
+    make_random(&b, 4, 1, 202);
+    let state = root.join("st");
+    let mut agent = Agent::start(&server, &identity, "two", &[("sda", &a), ("sdb", &b)], &state, &[]);
+    server.checkpoint("two");
+    agent.stop();
+    let mut swapped = Agent::start(&server, &identity, "two", &[("sda", &b), ("sdb", &a)], &state, &[]);
+    assert_eq!(swapped.wait_exit("the swapped agent to be refused").code(), Some(3));
+    let log = swapped.log_text();
+    assert!(log.contains("look swapped") && log.contains(&format!("--disk sdb={}", b.display())), "{log}");
+    agent.restart();
+    server.wait_connected("two");
+    let p = server.checkpoint("two");
+    assert_eq!(p["disks"].as_array().unwrap().len(), 2, "{p}");
+}
+
 /// A refused session's error (here a resized disk) is shown until a later session is
 /// admitted, then goes: it does not wait for an ack that may not come for long.
 #[test]
