@@ -131,10 +131,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             None
         }
     };
-    let _disk_locks = match &config.nbd {
-        Some(_) => Vec::new(),
-        None => lock_scanned_disks(&config.disks)?,
-    };
+    if config.nbd.is_none() {
+        let held = lock_scanned_disks(&config.disks)?;
+        follow_disk_locks(config.disks.clone(), held);
+    }
     let config = Arc::new(config);
     // Ready as soon as it runs: the first session may wait for a server that is away.
     tern_proto::daemon::notify_ready();
@@ -298,7 +298,54 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
 /// partitioned, and on NFS (or SMB, FUSE, cluster file systems) a flock becomes a lock of
 /// the whole file that would keep the hypervisor from taking its own. A disk that cannot
 /// be opened now is left to the session to report.
-fn lock_scanned_disks(disks: &[DiskSource]) -> Result<Vec<std::fs::File>, AgentError> {
+/// How often a scan-mode agent looks whether a disk's path names another file than the one
+/// whose lock it holds.
+const LOCK_FOLLOW_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps each disk's lock on the file its path names now: a disk replaced under the agent
+/// (`mv` over it, a symlink pointed elsewhere) has its new file locked and the old one let
+/// go, so that another agent given the new file is refused and one given the old one is
+/// not (W18-B: the lock stayed on the old file). A new file another agent holds is said in
+/// the log. The thread lives as long as the process; it holds the locks.
+fn follow_disk_locks(disks: Vec<DiskSource>, mut held: Vec<Option<std::fs::File>>) {
+    use std::os::unix::fs::MetadataExt;
+    let id = |m: &std::fs::Metadata| (m.dev(), m.ino());
+    let spawned = std::thread::Builder::new().name("disk-locks".into()).spawn(move || {
+        let mut told: Vec<Option<(u64, u64)>> = vec![None; disks.len()];
+        loop {
+            std::thread::sleep(LOCK_FOLLOW_EVERY);
+            for ((d, lock), told) in disks.iter().zip(&mut held).zip(&mut told) {
+                let Ok(now) = std::fs::metadata(&d.path) else { continue };
+                if !now.is_file() || lock.as_ref().and_then(|f| f.metadata().ok()).is_some_and(|m| id(&m) == id(&now)) {
+                    continue;
+                }
+                let Ok(f) = std::fs::File::open(&d.path) else { continue };
+                if !local_file_system(&f) || f.metadata().map_or(true, |m| id(&m) != id(&now)) {
+                    continue;
+                }
+                match tern_core::disk::try_lock_exclusive(&f) {
+                    Ok(true) => {
+                        info!(disk = %d.name, path = %d.path.display(), "the disk's path names another file now: its lock follows it");
+                        *lock = Some(f);
+                        *told = None;
+                    }
+                    Ok(false) if *told != Some(id(&now)) => {
+                        error!(disk = %d.name, path = %d.path.display(),
+                            "the disk's path names another file now, which another agent reads (it holds the \
+                             file's lock): each disk belongs to one VM's agent; check both agents' --disk");
+                        *told = Some(id(&now));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the thread that keeps the disks' locks on their files");
+    }
+}
+
+fn lock_scanned_disks(disks: &[DiskSource]) -> Result<Vec<Option<std::fs::File>>, AgentError> {
     use std::os::unix::fs::MetadataExt;
     let mut held: Vec<(std::fs::File, (u64, u64), &DiskSource)> = Vec::new();
     for d in disks {
@@ -332,7 +379,14 @@ fn lock_scanned_disks(disks: &[DiskSource]) -> Result<Vec<std::fs::File>, AgentE
         }
         held.push((f, (m.dev(), m.ino()), d));
     }
-    Ok(held.into_iter().map(|h| h.0).collect())
+    // Per disk, in order: the lock held, if any.
+    Ok(disks
+        .iter()
+        .map(|d| {
+            let i = held.iter().position(|h| std::ptr::eq(h.2, d))?;
+            Some(held.remove(i).0)
+        })
+        .collect())
 }
 
 /// Whether `f` is on a file system of this host's own (where a flock is not a lock the

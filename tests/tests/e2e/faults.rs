@@ -1220,6 +1220,30 @@ fn drctl_reads_tern_variables_and_the_older_names() {
     }
 }
 
+/// A disk file replaced under a scan-mode agent (`mv` over it): the disk's lock follows the
+/// new file within seconds, and lets the old one go (W18-B: it stayed on the old file, so a
+/// second agent given the new one was not refused). `flock -n` tells.
+#[test]
+fn a_disks_lock_follows_the_file_that_replaces_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let _agent = protect_vm(&server, root, "mv", 4, 1, &[]);
+    let disk = root.join("mv.img");
+    let old = root.join("old.img");
+    std::fs::hard_link(&disk, &old).unwrap();
+    let locked = |f: &Path| {
+        !std::process::Command::new("flock").args(["-n", "-x"]).arg(f).arg("true").status().unwrap().success()
+    };
+    assert!(locked(&disk), "the disk is locked at start");
+    let new = root.join("new.img");
+    std::fs::copy(&disk, &new).unwrap();
+    std::fs::rename(&new, &disk).unwrap();
+    deadline_poll("the lock on the new file", Duration::from_secs(30), || locked(&disk).then_some(()));
+    assert!(!locked(&old), "the old file's lock is let go");
+}
+
 /// Two disks given under each other's names: refused as such (exit 3), naming the fix, and
 /// not taken as a resize whose remedy deletes every point (W18-B); given right, it goes on.
 #[test]
