@@ -48,6 +48,18 @@ pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
         Ok(addr) if !addr.ip().is_loopback() => match admin_tls(&ctx, listener, addr) {
             Ok(l) => {
                 tracing::info!(%addr, "status page over HTTPS, for admin identities only");
+                // A browser checks the certificate's names against the address it dials
+                // (W18-A: nothing said so at start, and only the browser failed).
+                let pem =
+                    std::fs::read_to_string(ctx.data_dir.join("pki").join("server.pem")).unwrap_or_default();
+                let names = tern_core::pki::server_names(&pem).unwrap_or_default();
+                let ip = addr.ip().to_string();
+                if !addr.ip().is_unspecified() && !names.iter().any(|n| *n == ip) {
+                    tracing::warn!(%addr, names = ?names,
+                        "the server's certificate does not name the status page's address: browsers dialling \
+                         it refuse the page. Dial it by a name the certificate holds, or add the address \
+                         (`process-server reissue-cert --data-dir DIR --san ADDRESS`, then restart)");
+                }
                 axum::serve(l, app).with_graceful_shutdown(stopped).await
             }
             Err(e) => {
