@@ -54,7 +54,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
                     std::fs::read_to_string(ctx.data_dir.join("pki").join("server.pem")).unwrap_or_default();
                 let names = tern_core::pki::server_names(&pem).unwrap_or_default();
                 let ip = addr.ip().to_string();
-                if !addr.ip().is_unspecified() && !names.iter().any(|n| *n == ip) {
+                if !addr.ip().is_unspecified() && !names.contains(&ip) {
                     tracing::warn!(%addr, names = ?names,
                         "the server's certificate does not name the status page's address: browsers dialling \
                          it refuse the page. Dial it by a name the certificate holds, or add the address \
