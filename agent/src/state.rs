@@ -78,8 +78,30 @@ pub fn dir_writable(dir: &Path) -> bool {
     wrote
 }
 
-/// What cannot be written in the state directory now, and what that costs; empty when all can.
+/// Per disk, what is wrong with it now that the server should show (an nbd-mode disk
+/// file whose size changed under the agent).
+static DISK_PROBLEMS: std::sync::Mutex<BTreeMap<String, String>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// Notes (or clears, with `None`) what is wrong with `disk` now.
+pub fn note_disk_problem(disk: &str, problem: Option<String>) {
+    let mut p = DISK_PROBLEMS.lock().unwrap_or_else(|p| p.into_inner());
+    match problem {
+        Some(why) => p.insert(disk.to_string(), why),
+        None => p.remove(disk),
+    };
+}
+
+/// What the agent tells the server is wrong on its side (`Tracking.problem`): what cannot
+/// be written in the state directory now and what that costs, and what is wrong with a disk;
+/// empty when nothing is.
 pub fn write_problem() -> String {
+    let disks: Vec<String> =
+        DISK_PROBLEMS.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+    let state = state_problem();
+    disks.into_iter().chain((!state.is_empty()).then_some(state)).collect::<Vec<_>>().join("; ")
+}
+
+fn state_problem() -> String {
     let f = WRITE_FAILURES.lock().unwrap_or_else(|p| p.into_inner());
     if f.is_empty() {
         return String::new();

@@ -137,11 +137,12 @@ struct Inner {
     sealed: bool,
     /// Per disk: its seal says the agent runs (written before the run's first write).
     unsealed: Vec<bool>,
-    /// Per disk: when the agent last wrote it (or its times when opened, or when a write by
-    /// something else was last noticed). A modification or change time past it is another
-    /// writer's. `None`: not watched (a block device, whose node's times say nothing of its
-    /// writes; a network file system, whose times are its server's clock).
-    own_write: Vec<Option<std::time::SystemTime>>,
+    /// Per disk: the file's modification and change times as the agent last saw them, just
+    /// after its own last write (or when opened, or when another writer was last noticed).
+    /// Times that differ are another writer's. `None`: not watched (a block device, whose
+    /// node's times say nothing of its writes; a network file system, whose times are its
+    /// server's clock).
+    own_write: Vec<Option<FileTimes>>,
     /// Per disk: the file's size was seen to differ from the export's (said once).
     size_told: Vec<bool>,
 }
@@ -317,7 +318,7 @@ impl Tracker {
             unsealed.push(!clean);
             let meta = file.metadata()?;
             let watched = meta.is_file() && crate::local_file_system(&file);
-            own_write.push(watched.then(|| file_times(&meta)).flatten());
+            own_write.push(watched.then(|| file_times(&meta)));
             open.push(Disk { name: name.clone(), size, file });
         }
         let n = open.len();
@@ -711,8 +712,15 @@ impl Tracker {
             inner.touched[disk].insert(e);
         }
         let applied = apply(&d.file, &item);
-        if let Some(at) = inner.own_write[disk].as_mut() {
-            *at = std::time::SystemTime::now();
+        if let Some(seen) = inner.own_write[disk].as_mut() {
+            // Looked at right after: on a kernel with fine-grained timestamps (6.13 on), a
+            // file's times looked at are fine-grained at its next change, so that a write
+            // by another writer in the same clock tick still moves them (W18-C: it did not,
+            // within a tick of the agent's own write, as the times were compared with the
+            // clock instead).
+            if let Ok(meta) = d.file.metadata() {
+                *seen = file_times(&meta);
+            }
         }
         if let Err(e) = applied {
             // Part of it may be on the disk and not in the log: only a resync can tell.
@@ -757,21 +765,30 @@ impl Tracker {
         let Ok(meta) = d.file.metadata() else { return false };
         if meta.len() != d.size && !g.size_told[disk] {
             g.size_told[disk] = true;
-            tracing::error!(disk = %d.name, file_size = meta.len(), export_size = d.size,
-                "the disk file's size changed under the agent: the VM still sees the size the agent \
-                 opened, and the copy cannot follow a resize; put the file back to its size, or see \
-                 README (a resized disk)");
+            let why = format!(
+                "disk {}'s file is {} bytes now, the agent serves it at {}: replication cannot go on \
+                 past it; put the file back to its size, or see README (a resized disk)",
+                d.name,
+                meta.len(),
+                d.size
+            );
+            tracing::error!(disk = %d.name, "{why}");
+            // Shown in the VM's status (W18-C: it stayed normal while no point was made).
+            crate::state::note_disk_problem(d.name.as_str(), Some(why));
+        } else if meta.len() == d.size && g.size_told[disk] {
+            g.size_told[disk] = false;
+            crate::state::note_disk_problem(d.name.as_str(), None);
         }
         // The change time too: `cp -a` or `rsync -a` put an old modification time back,
         // never an old change time.
-        let Some(seen) = file_times(&meta) else { return false };
-        if seen <= own {
+        let seen = file_times(&meta);
+        if seen == own {
             return false;
         }
         g.own_write[disk] = Some(seen);
         tracing::error!(disk = %d.name,
             "the disk file was written by something other than this agent (its modification or change \
-             time moved past the agent's last write): comparing the whole disk with the process server's \
+             time moved since the agent's last write): comparing the whole disk with the process server's \
              copy. Only the agent may write a disk it serves: give the VM its NBD export, never the file");
         let extents: Vec<u64> = (0..d.size.div_ceil(EXTENT)).collect();
         if let Err(e) = g.activity[disk].mark_hot(&extents) {
@@ -906,14 +923,13 @@ impl Export for DiskExport {
     }
 }
 
-/// The later of a file's modification and change times: a write sets both to when it is
-/// made (or earlier, on a coarse clock), never later.
-fn file_times(meta: &std::fs::Metadata) -> Option<std::time::SystemTime> {
+/// A file's modification and change times (seconds, nanoseconds each): any write moves
+/// them, unless in the same tick of a coarse clock.
+type FileTimes = (i64, i64, i64, i64);
+
+fn file_times(meta: &std::fs::Metadata) -> FileTimes {
     use std::os::unix::fs::MetadataExt;
-    let changed = u64::try_from(meta.ctime())
-        .ok()
-        .map(|s| std::time::UNIX_EPOCH + Duration::new(s, u32::try_from(meta.ctime_nsec()).unwrap_or(0)));
-    meta.modified().ok().max(changed)
+    (meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec())
 }
 
 #[cfg(test)]

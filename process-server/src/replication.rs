@@ -63,8 +63,14 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         crate::auth::require_agent_for(&parts_req, &vm)?;
         // Taken now: the Hello is the stream's first message, with nothing queued before it.
         let skew_ms = if hello.time_ms == 0 { 0 } else { tern_store::now_ms().saturating_sub(hello.time_ms) };
-        let (disks, agent_states, sources) = disks_of(&hello)?;
         let ctx = self.ctx.clone();
+        // A disk of size 0 (emptied for a moment, a device detached) shows in the VM's
+        // status as any refusal does (W18-C: it stayed normal while its agent asked again).
+        let (disks, agent_states, sources) = disks_of(&hello).inspect_err(|e| {
+            if ctx.store.has_vm(&vm).unwrap_or(false) {
+                ctx.hub.set_error(&vm, e.message());
+            }
+        })?;
         let peer = parts_req.remote_addr().map_or_else(|| "unknown address".to_string(), |a| a.to_string());
         let guard = tokio::time::timeout(
             std::time::Duration::from_secs(30),
@@ -765,6 +771,8 @@ struct SessionWriter {
     out: crate::hub::Outbound,
     initial: InitialSync,
     late: Arc<LateAcks>,
+    /// Per disk, the write time of the last record written (this server's clock).
+    last_time: HashMap<String, i64>,
 }
 
 /// Acks that found the agent's queue full: the newest per disk (acks are cumulative), sent
@@ -824,7 +832,20 @@ impl Sink for SessionWriter {
             Item::Batch(pending) => {
                 let v = pending.await.map_err(|e| Status::internal(e.to_string()))??;
                 let d = v.disk.clone();
-                let (records, times) = (v.records, v.times);
+                // On this server's clock, as the points are (a time asked for a failover is
+                // one of this server's, W18-C): moved by the agent's clock difference, and
+                // never before the disk's last record's after a change of it.
+                let skew = self.ctx.hub.clock_skew(&self.vm);
+                let floor = self.last_time.entry(d.name.to_string()).or_insert(i64::MIN);
+                let times: Vec<i64> = v
+                    .times
+                    .iter()
+                    .map(|t| {
+                        *floor = (*floor).max(t.saturating_add(skew));
+                        *floor
+                    })
+                    .collect();
+                let records = v.records;
                 crate::admin::blocking(move || d.append_timed(v.first, &records, &times))
                     .await?
                     .map_err(store_status)?;
@@ -880,8 +901,14 @@ async fn write_loop(
     initial: InitialSync,
 ) {
     let gc = GroupCommit::new(ctx.store.clone(), Site::ProcessServer);
-    let writer =
-        SessionWriter { ctx: ctx.clone(), vm: vm.clone(), out: out.clone(), initial, late: Arc::default() };
+    let writer = SessionWriter {
+        ctx: ctx.clone(),
+        vm: vm.clone(),
+        out: out.clone(),
+        initial,
+        late: Arc::default(),
+        last_time: HashMap::new(),
+    };
     if let Err(status) = commit::write_loop(rx, writer, gc).await {
         count_error(&vm, &status);
         warn!(vm = %vm, error = %status.message(), "replication session ends");

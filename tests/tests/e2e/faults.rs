@@ -1405,6 +1405,18 @@ fn a_resized_disk_is_protected_anew_after_its_copy_is_removed() {
     });
     let p = server.checkpoint("grown");
     assert_point_recovers(&server, root, "grown", &p, &before);
+    // Emptied for a moment (a copy in place that truncates first): said in status (W18-C:
+    // it stayed normal), and gone once the disk is back.
+    let saved = std::fs::read(&disk).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(0).unwrap();
+    let _ = server.drctl(&["checkpoint", "grown", "--wait"]);
+    deadline_poll("size 0 in status", Duration::from_secs(60), || {
+        server.status("grown")["error"].as_str().is_some_and(|e| e.contains("has size 0")).then_some(())
+    });
+    std::fs::write(&disk, &saved).unwrap();
+    deadline_poll("the refusal to go", Duration::from_secs(60), || {
+        server.status("grown")["error"].is_null().then_some(())
+    });
     // Grown again, for good this time.
     std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(12 << 20).unwrap();
     write_at(&disk, 10 << 20, &[0x5a; 8192]);

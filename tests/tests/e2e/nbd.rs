@@ -63,6 +63,31 @@ fn test_failover(server: &Server, root: &Path, point: &Value) -> (String, PathBu
     (hash, file)
 }
 
+/// The disk file cut short under an nbd-mode agent (it serves the size it opened): the
+/// VM's status says so (W18-C: it stayed normal while no point could be made); put back to
+/// its size, the warning goes and points are made again, the disk byte for byte.
+#[test]
+fn a_disk_file_cut_short_under_the_agent_shows_in_status_until_it_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let vm = protect_nbd(root, 8, 4, &[]);
+    vm.server.drctl_json(&["policy", "set", "db", "--crash-interval", "1s"]);
+    let whole = std::fs::read(&vm.disk).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&vm.disk).unwrap().set_len(4 << 20).unwrap();
+    let s = deadline_poll("the cut in status", Duration::from_secs(30), || {
+        let s = vm.server.status("db");
+        s["error"].as_str().is_some_and(|e| e.contains("bytes now")).then_some(s)
+    });
+    assert_ne!(s["health"], "normal", "{s}");
+    std::fs::write(&vm.disk, &whole).unwrap();
+    deadline_poll("the warning to go", Duration::from_secs(60), || {
+        vm.server.status("db")["error"].is_null().then_some(())
+    });
+    let p = vm.server.checkpoint("db");
+    let (got, _) = test_failover(&vm.server, root, &p);
+    assert_eq!(got, b3(&vm.disk, None));
+}
+
 #[test]
 fn real_clients_write_through_the_agent_and_each_point_verifies() {
     let tmp = tempfile::tempdir().unwrap();
