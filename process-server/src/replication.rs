@@ -98,7 +98,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         let session = ctx.hub.next_id();
         let cancel = ctx.shutdown.child_token();
         ctx.hub.attach(&vm, session, out_tx.clone(), cancel.clone());
-        ctx.hub.set_clock_skew(&vm, skew_ms);
+        ctx.hub.set_clock_skew(&vm, skew_in_use(skew_ms));
         info!(vm = %vm, session, disks = handles.len(), "agent connected");
         if skew_ms.saturating_abs() > CLOCK_SKEW_WARN_MS {
             warn!(vm = %vm, skew_s = skew_ms / 1000,
@@ -941,6 +941,13 @@ async fn point_made(
 
 /// An agent whose clock is off this server's by more than this is warned of.
 const CLOCK_SKEW_WARN_MS: i64 = 2000;
+/// The clock difference points and records are moved by: none within the warning's margin.
+/// Hosts whose clocks agree (NTP) differ by milliseconds, and the Hello's trip adds some:
+/// moving every time by that much would put a write acked at T after T.
+fn skew_in_use(skew_ms: i64) -> i64 {
+    if skew_ms.saturating_abs() > CLOCK_SKEW_WARN_MS { skew_ms } else { 0 }
+}
+
 /// A point whose send time is off the session's clock difference by more than this says
 /// the agent's clock was set during the session (a point waits behind records on the
 /// stream for less, as a rule): the difference is taken anew from it.
@@ -960,8 +967,8 @@ fn point_time(ctx: &Ctx, vm: &VmName, agent_ms: i64, sent_ms: i64) -> i64 {
         if seen.saturating_sub(skew).saturating_abs() > CLOCK_STEP_MS {
             warn!(vm = %vm, was_ms = skew, now_ms = seen,
                 "the agent's clock moved during the session: its points are dated by the new difference");
-            ctx.hub.set_clock_skew(vm, seen);
-            skew = seen;
+            skew = skew_in_use(seen);
+            ctx.hub.set_clock_skew(vm, skew);
         }
     }
     let t = agent_ms.saturating_add(skew);
