@@ -130,23 +130,19 @@ impl Store {
         Ok(report)
     }
 
-    fn retention_pass(&self, vm: &VmName, now_ms: i64) -> Result<RetentionReport, StoreError> {
-        // A VM whose data could not be opened keeps every point until it is repaired.
-        if let Some(reason) = self.damaged(vm) {
-            return Err(StoreError::VmDamaged { vm: vm.clone(), reason: reason.to_string() });
-        }
-        // Nor one with a damaged journal record: the points before the damage may be the only
-        // ones that recover, and a fold would stop at the damage anyway.
-        if let Some(reason) = self.journal_damage(vm) {
-            return Err(StoreError::JournalDamaged { vm: vm.clone(), reason });
-        }
-        let (policy, points) = {
-            let c = self.catalog();
-            (c.policy(vm)?, c.points(vm)?)
-        };
+    /// Which of `points` (oldest first) retention prunes now: those past the window, and
+    /// within it as many as the bound on the journals needs; never a pinned point, the
+    /// newest one, nor (for the bound) the newest multi-VM one. `None` without points.
+    fn choose_pruned(
+        &self,
+        vm: &VmName,
+        policy: &crate::catalog::Policy,
+        points: &[crate::catalog::Point],
+        now_ms: i64,
+    ) -> Result<Option<RetentionReport>, StoreError> {
         let pins = self.pinned_points(vm)?;
         let mut report = RetentionReport::default();
-        let Some((_newest, older)) = points.split_last() else { return Ok(report) };
+        let Some((_newest, older)) = points.split_last() else { return Ok(None) };
         let cutoff = now_ms - policy.retention_ms;
         let bound = u64::try_from(policy.max_journal_bytes).unwrap_or(0);
         // A point's age for the window: no later than any point after it, nor than now. A
@@ -193,6 +189,27 @@ impl Store {
             let oldest = &points[report.pruned.len()];
             report.over_bound = Some(kept(oldest)).filter(|&k| k > bound);
         }
+        Ok(Some(report))
+    }
+
+    fn retention_pass(&self, vm: &VmName, now_ms: i64) -> Result<RetentionReport, StoreError> {
+        // A VM whose data could not be opened keeps every point until it is repaired.
+        if let Some(reason) = self.damaged(vm) {
+            return Err(StoreError::VmDamaged { vm: vm.clone(), reason: reason.to_string() });
+        }
+        // Nor one with a damaged journal record: the points before the damage may be the only
+        // ones that recover, and a fold would stop at the damage anyway.
+        if let Some(reason) = self.journal_damage(vm) {
+            return Err(StoreError::JournalDamaged { vm: vm.clone(), reason });
+        }
+        let (policy, points) = {
+            let c = self.catalog();
+            (c.policy(vm)?, c.points(vm)?)
+        };
+        let Some(mut report) = self.choose_pruned(vm, &policy, &points, now_ms)? else {
+            return Ok(RetentionReport::default());
+        };
+        let bound = u64::try_from(policy.max_journal_bytes).unwrap_or(0);
         if !report.pruned.is_empty() {
             // The records the fold needs are read (and checked) before any point goes: a
             // damaged one found by the fold itself would come after the only points that
