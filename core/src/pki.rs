@@ -244,6 +244,14 @@ impl Bundle {
                          put together from two); make a new one with `drctl enroll`",
                     ));
                 }
+                // A certificate changed in a way that still parses is otherwise refused by the
+                // peer only after the handshake, which the client sees as a transport error.
+                if !issued_by(&pem_to_der(&b.cert_pem)?, &b.ca_pem)? {
+                    return Err(bad(
+                        "its certificate does not carry its CA's valid signature (the bundle is damaged, \
+                         or its certificates come from two deployments); make a new one with `drctl enroll`",
+                    ));
+                }
                 Ok(b)
             }
             _ => Err(bad(
@@ -616,5 +624,27 @@ mod tests {
         assert!(err.contains("does not belong to its certificate"), "{err}");
         let (server, _) = ca.issue_server(&["dr.example".into()]).unwrap();
         assert_eq!(role_of(&pem_to_der(&server).unwrap()).unwrap(), Role::Server);
+    }
+
+    /// A certificate with one character of its signature changed still parses, but is not
+    /// its CA's: refused when the bundle is read, not left to a handshake that fails late.
+    #[test]
+    fn a_bundle_whose_certificate_is_damaged_or_another_deployments_is_refused() {
+        let ca = Ca::create("test").unwrap();
+        let b = ca.issue_client(&Role::Admin).unwrap();
+        let mut lines: Vec<String> = b.cert_pem.lines().map(str::to_string).collect();
+        let last = lines.len() - 2; // the last line of base64, before the END line
+        let i = lines[last].trim_end_matches('=').len() - 4;
+        let c = lines[last].as_bytes()[i];
+        lines[last].replace_range(i..=i, if c == b'A' { "B" } else { "A" });
+        let damaged = format!("{}{}\n{}", b.ca_pem, lines.join("\n"), b.key_pem);
+        let der = pem_to_der(&lines.join("\n")).unwrap();
+        assert!(x509_parser::parse_x509_certificate(&der).is_ok(), "the damage still parses");
+        let err = Bundle::parse(&damaged, "damaged").unwrap_err().to_string();
+        assert!(err.contains("does not carry its CA's valid signature") && err.contains("drctl enroll"), "{err}");
+        let theirs = Ca::create("test").unwrap();
+        let foreign = format!("{}{}{}", theirs.cert_pem, b.cert_pem, b.key_pem);
+        let err = Bundle::parse(&foreign, "foreign").unwrap_err().to_string();
+        assert!(err.contains("does not carry its CA's valid signature"), "{err}");
     }
 }
