@@ -174,7 +174,7 @@ async fn replicate(
         };
         distrust_saved = distrust_next(&progress, &outcome);
         metrics::gauge!("tern_agent_connected", "vm" => config.vm.to_string()).set(0.0);
-        match outcome {
+        let wait = match outcome {
             // Told to stand down (the VM failed over). In nbd mode the agent is the VM's
             // disk, and an unplanned failover may find the source still running: the disks
             // stay served, and the server is asked again every minute (it takes the agent
@@ -184,10 +184,7 @@ async fn replicate(
                     retry_in_s = REFUSED_RETRY.as_secs(),
                     "stood down: the disks stay served over NBD, replication waits; stop the agent once the VM is off"
                 );
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(REFUSED_RETRY) => {}
-                }
+                REFUSED_RETRY
             }
             Ok(()) => return Ok(()),
             // A disk resized, or of size 0: often for a moment (a copy in place that truncates
@@ -197,10 +194,7 @@ async fn replicate(
             // good, and status said normal once the server restarted).
             Err(status) if is_permanent(status.code()) && tracker.is_none() && disk_size_refused(&status) => {
                 error!(code = ?status.code(), retry_in_s = DISK_SIZE_RETRY.as_secs(), "{}", status.message());
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(DISK_SIZE_RETRY) => {}
-                }
+                DISK_SIZE_RETRY
             }
             // The server took the disk at its new size (its copy was removed): this process
             // knows it at the old one. Exit 1: its unit starts it again, which protects it anew.
@@ -219,42 +213,51 @@ async fn replicate(
             Err(status) if is_permanent(status.code()) => {
                 error!(code = ?status.code(), retry_in_s = REFUSED_RETRY.as_secs(),
                     "{}; the disks stay served over NBD, replication waits", status.message());
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(REFUSED_RETRY) => {}
-                }
+                REFUSED_RETRY
             }
-            Err(status) => {
-                if progress.acked.load(std::sync::atomic::Ordering::Relaxed) {
-                    reconnect.reset();
-                    refused.reset();
-                }
-                // A connection that died under the session (reset, a dead link) says nothing
-                // of the server: back within about a second, however often it happens. The
-                // longer waits are for what the server itself said.
-                let from_server = std::error::Error::source(&status).is_none();
-                let delay = if from_server
-                    && progress.welcomed.load(std::sync::atomic::Ordering::Relaxed)
-                    && !progress.acked.load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    refused.next_delay()
-                } else {
-                    reconnect.next_delay()
-                };
-                // The transport's cause, where it has one ("transport error" alone says little).
-                let error = match std::error::Error::source(&status) {
-                    Some(cause) => format!("{}: {}", status.message(), pb::error_chain(cause)),
-                    None => status.message().to_string(),
-                };
-                warn!(code = ?status.code(), error, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    "session with the process server ended; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
+            Err(status) => transient_delay(&status, &progress, &mut reconnect, &mut refused),
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// How long to wait before the next session after one that ended for a reason that may
+/// pass (a dropped link, the server's storage full, a refused batch), logged with its
+/// cause. `reconnect` and `refused` are the backoffs of `replicate`: both start over once a
+/// session made progress.
+fn transient_delay(
+    status: &tonic::Status,
+    progress: &Progress,
+    reconnect: &mut tern_core::backoff::Backoff,
+    refused: &mut tern_core::backoff::Backoff,
+) -> Duration {
+    if progress.acked.load(std::sync::atomic::Ordering::Relaxed) {
+        reconnect.reset();
+        refused.reset();
+    }
+    // A connection that died under the session (reset, a dead link) says nothing of the
+    // server: back within about a second, however often it happens. The longer waits are
+    // for what the server itself said.
+    let from_server = std::error::Error::source(status).is_none();
+    let delay = if from_server
+        && progress.welcomed.load(std::sync::atomic::Ordering::Relaxed)
+        && !progress.acked.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        refused.next_delay()
+    } else {
+        reconnect.next_delay()
+    };
+    // The transport's cause, where it has one ("transport error" alone says little).
+    let error = match std::error::Error::source(status) {
+        Some(cause) => format!("{}: {}", status.message(), pb::error_chain(cause)),
+        None => status.message().to_string(),
+    };
+    warn!(code = ?status.code(), error, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        "session with the process server ended; reconnecting");
+    delay
 }
 
 /// Scan mode: whether the next session compares with the server's block hashes instead of

@@ -641,7 +641,10 @@ mod tests {
         let der = pem_to_der(&lines.join("\n")).unwrap();
         assert!(x509_parser::parse_x509_certificate(&der).is_ok(), "the damage still parses");
         let err = Bundle::parse(&damaged, "damaged").unwrap_err().to_string();
-        assert!(err.contains("does not carry its CA's valid signature") && err.contains("drctl enroll"), "{err}");
+        assert!(
+            err.contains("does not carry its CA's valid signature") && err.contains("drctl enroll"),
+            "{err}"
+        );
         let theirs = Ca::create("test").unwrap();
         let foreign = format!("{}{}{}", theirs.cert_pem, b.cert_pem, b.key_pem);
         let err = Bundle::parse(&foreign, "foreign").unwrap_err().to_string();

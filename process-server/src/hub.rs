@@ -43,8 +43,8 @@ struct VmCounters {
     point_failure: Option<String>,
     /// What the agent last said it cannot write in its state directory (`Tracking.problem`).
     agent_problem: Option<String>,
-    /// This server's clock minus the agent's, as its session's Hello found it (ms).
-    clock_skew_ms: i64,
+    /// How far the agent's clock is off this server's, as its session found it.
+    clock_skew: crate::clock::ClockSkew,
 }
 
 /// A failure stays on show at least this long, even when a later session makes some
@@ -276,12 +276,12 @@ impl Hub {
     }
 
     /// Keeps how far the agent's clock is behind this server's (negative: ahead).
-    pub fn set_clock_skew(&self, vm: &VmName, skew_ms: i64) {
-        lock(&self.counters).entry(vm.clone()).or_default().clock_skew_ms = skew_ms;
+    pub fn set_clock_skew(&self, vm: &VmName, skew: crate::clock::ClockSkew) {
+        lock(&self.counters).entry(vm.clone()).or_default().clock_skew = skew;
     }
 
-    pub fn clock_skew(&self, vm: &VmName) -> i64 {
-        lock(&self.counters).get(vm).map_or(0, |c| c.clock_skew_ms)
+    pub fn clock_skew(&self, vm: &VmName) -> crate::clock::ClockSkew {
+        lock(&self.counters).get(vm).map(|c| c.clock_skew).unwrap_or_default()
     }
 
     /// A point of `vm` was made: its scheduled points no longer fail, and replication made

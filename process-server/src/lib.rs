@@ -4,6 +4,7 @@
 pub mod admin;
 pub use tern_daemon::roles as auth;
 pub mod check;
+pub mod clock;
 pub mod failback;
 pub mod groups;
 pub mod health;

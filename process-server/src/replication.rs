@@ -1,6 +1,7 @@
 //! The replication service: one bidirectional stream per agent. Batches are verified in
 //! parallel off the reactor, appended in order, fsynced as a group, then acked.
 
+use crate::clock::ClockSkew;
 use crate::lock;
 use crate::{Ctx, store_status};
 use std::collections::HashMap;
@@ -62,7 +63,7 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         let vm = VmName::new(&hello.vm).map_err(|e| Status::invalid_argument(e.to_string()))?;
         crate::auth::require_agent_for(&parts_req, &vm)?;
         // Taken now: the Hello is the stream's first message, with nothing queued before it.
-        let skew_ms = if hello.time_ms == 0 { 0 } else { tern_store::now_ms().saturating_sub(hello.time_ms) };
+        let (skew, skew_ms) = ClockSkew::measured(hello.time_ms, tern_store::now_ms());
         let ctx = self.ctx.clone();
         // A disk of size 0 (emptied for a moment, a device detached) shows in the VM's
         // status as any refusal does (W18-C: it stayed normal while its agent asked again).
@@ -98,9 +99,9 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         let session = ctx.hub.next_id();
         let cancel = ctx.shutdown.child_token();
         ctx.hub.attach(&vm, session, out_tx.clone(), cancel.clone());
-        ctx.hub.set_clock_skew(&vm, skew_in_use(skew_ms));
+        ctx.hub.set_clock_skew(&vm, skew);
         info!(vm = %vm, session, disks = handles.len(), "agent connected");
-        if skew_ms.saturating_abs() > CLOCK_SKEW_WARN_MS {
+        if skew_ms.saturating_abs() > crate::clock::WARN_MS {
             warn!(vm = %vm, skew_s = skew_ms / 1000,
                 "the agent's clock is {} this server's by {}: its points are dated on this server's clock; \
                  set the agent host's time right (NTP)",
@@ -369,18 +370,11 @@ fn admit(
     // an agent still reading the files it read before the failover (left running, or
     // started again unchanged) would replace the protected copy with the old disks.
     let protected = !known || store.vm_state(vm)? == tern_core::VmState::Protected;
-    if known && protected {
-        for (name, source, path) in sources {
-            if store.fenced_source(vm, name, source)?.is_some() {
-                warn!(vm = %vm, disk = %name, path = %path, "agent refused: it reads the disk the VM had before its failback to another location");
-                return Ok(Err(Refused::stops(Status::failed_precondition(format!(
-                    "VM {vm} failed back to another location, but this agent reads disk {name} at {path}: the same \
-                     file (or device) it read before the failover, which the failback did not write, so it holds \
-                     the old disk. Stop this agent, and start it on the disks the failback wrote (replicating this \
-                     one would replace the protected copy with the old disk)"
-                )))));
-            }
-        }
+    if known
+        && protected
+        && let Some(refused) = fenced_refusal(store, vm, sources)?
+    {
+        return Ok(Err(refused));
     }
     // A disk may be added (earlier points cover the disks they were made with), not
     // left out: points without it would fail over a VM that lacks a disk.
@@ -398,24 +392,8 @@ fn admit(
             missing.join(", ")
         )))));
     }
-    // Disks given under each other's names (`--disk sda=B --disk sdb=A`): said as such, not
-    // as a resize whose remedy deletes every point (W18-B).
-    if known {
-        let recorded = store.disk_sources(vm)?;
-        for (name, source, path) in sources {
-            // Files only: a device's number may go to another device at the next boot.
-            let swapped = recorded
-                .iter()
-                .find(|(disk, s, _)| source.starts_with("f:") && disk != name.as_str() && s == source);
-            if let Some((other, _, was)) = swapped {
-                warn!(vm = %vm, disk = %name, other = %other, "agent refused: disk names swapped");
-                return Ok(Err(Refused::stops(Status::failed_precondition(format!(
-                    "this agent gives {path} as disk {name}, but it is the file disk {other} was read from \
-                     ({was}): the --disk names look swapped. Give each disk the name it had (--disk \
-                     {other}={path})"
-                )))));
-            }
-        }
+    if known && let Some(refused) = swapped_refusal(store, vm, sources)? {
+        return Ok(Err(refused));
     }
     let hs = store.register(vm, disks)?;
     if protected {
@@ -437,6 +415,52 @@ fn admit(
     let reprotect =
         reprotect.filter(|_| store.vm_state(vm).is_ok_and(|s| s == tern_core::VmState::Reprotected));
     Ok(Ok(Admitted { handles: hs, doubtful, policy, reprotect }))
+}
+
+/// Refuses an agent of a VM failed back to another location that still reads a disk it
+/// read before the failover (see `admit`).
+fn fenced_refusal(
+    store: &tern_store::Store,
+    vm: &VmName,
+    sources: &Sources,
+) -> Result<Option<Refused>, tern_store::StoreError> {
+    for (name, source, path) in sources {
+        if store.fenced_source(vm, name, source)?.is_some() {
+            warn!(vm = %vm, disk = %name, path = %path, "agent refused: it reads the disk the VM had before its failback to another location");
+            return Ok(Some(Refused::stops(Status::failed_precondition(format!(
+                "VM {vm} failed back to another location, but this agent reads disk {name} at {path}: the same \
+                 file (or device) it read before the failover, which the failback did not write, so it holds \
+                 the old disk. Stop this agent, and start it on the disks the failback wrote (replicating this \
+                 one would replace the protected copy with the old disk)"
+            )))));
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses disks given under each other's names (`--disk sda=B --disk sdb=A`): said as
+/// such, not as a resize whose remedy deletes every point (W18-B). Files only: a device's
+/// number may go to another device at the next boot.
+fn swapped_refusal(
+    store: &tern_store::Store,
+    vm: &VmName,
+    sources: &Sources,
+) -> Result<Option<Refused>, tern_store::StoreError> {
+    let recorded = store.disk_sources(vm)?;
+    for (name, source, path) in sources {
+        let swapped = recorded
+            .iter()
+            .find(|(disk, s, _)| source.starts_with("f:") && disk != name.as_str() && s == source);
+        if let Some((other, _, was)) = swapped {
+            warn!(vm = %vm, disk = %name, other = %other, "agent refused: disk names swapped");
+            return Ok(Some(Refused::stops(Status::failed_precondition(format!(
+                "this agent gives {path} as disk {name}, but it is the file disk {other} was read from \
+                 ({was}): the --disk names look swapped. Give each disk the name it had (--disk \
+                 {other}={path})"
+            )))));
+        }
+    }
+    Ok(None)
 }
 
 /// Doubtful ranges past this many make the agent's state worthless: it compares every block.
@@ -841,7 +865,7 @@ impl Sink for SessionWriter {
                     .times
                     .iter()
                     .map(|t| {
-                        *floor = (*floor).max(t.saturating_add(skew));
+                        *floor = (*floor).max(skew.to_server(*t));
                         *floor
                     })
                     .collect();
@@ -939,20 +963,6 @@ async fn point_made(
     Ok(())
 }
 
-/// An agent whose clock is off this server's by more than this is warned of.
-const CLOCK_SKEW_WARN_MS: i64 = 2000;
-/// The clock difference points and records are moved by: none within the warning's margin.
-/// Hosts whose clocks agree (NTP) differ by milliseconds, and the Hello's trip adds some:
-/// moving every time by that much would put a write acked at T after T.
-fn skew_in_use(skew_ms: i64) -> i64 {
-    if skew_ms.saturating_abs() > CLOCK_SKEW_WARN_MS { skew_ms } else { 0 }
-}
-
-/// A point whose send time is off the session's clock difference by more than this says
-/// the agent's clock was set during the session (a point waits behind records on the
-/// stream for less, as a rule): the difference is taken anew from it.
-const CLOCK_STEP_MS: i64 = 10_000;
-
 /// A point's time on this server's clock: the agent's time of its cut, moved by how far the
 /// agent's clock was off at its Hello, and never later than now (a clock set right during
 /// the session) nor earlier than the VM's newest point (points stay in order). A point
@@ -962,18 +972,15 @@ fn point_time(ctx: &Ctx, vm: &VmName, agent_ms: i64, sent_ms: i64) -> i64 {
     let now = tern_store::now_ms();
     let newest = ctx.store.resolve_point(vm, &tern_store::PointSpec::Latest).map_or(i64::MIN, |p| p.time_ms);
     let mut skew = ctx.hub.clock_skew(vm);
-    if sent_ms != 0 {
-        let seen = now.saturating_sub(sent_ms);
-        if seen.saturating_sub(skew).saturating_abs() > CLOCK_STEP_MS {
-            warn!(vm = %vm, was_ms = skew, now_ms = seen,
-                "the agent's clock moved during the session: its points are dated by the new difference");
-            skew = skew_in_use(seen);
-            ctx.hub.set_clock_skew(vm, skew);
-        }
+    if let Some(rebased) = skew.rebased(sent_ms, now) {
+        warn!(vm = %vm, was_ms = skew.ms(), now_ms = rebased.ms(),
+            "the agent's clock moved during the session: its points are dated by the new difference");
+        skew = rebased;
+        ctx.hub.set_clock_skew(vm, skew);
     }
-    let t = agent_ms.saturating_add(skew);
+    let t = skew.to_server(agent_ms);
     let clamped = t.min(now).max(newest.min(now));
-    if clamped.saturating_sub(t).saturating_abs() > CLOCK_SKEW_WARN_MS {
+    if clamped.saturating_sub(t).saturating_abs() > crate::clock::WARN_MS {
         warn!(vm = %vm, agent_ms, dated_ms = clamped,
             "a point's time from the agent is off this server's clock; dated by this server's instead");
     }

@@ -20,6 +20,9 @@ pub struct ScrubConfig {
     pub rate: u64,
 }
 
+/// Per VM, a point found not to recover and why.
+type Marks = HashMap<VmName, (u64, String)>;
+
 /// The points the last scrub found broken, per VM. Kept in `DATA_DIR/scrub.json` too: a
 /// point found not to recover stays said across a restart of the server (W18-B: the VM
 /// went back to normal, and the next round came only after `--scrub-every`).
@@ -28,13 +31,13 @@ pub struct Scrub {
     /// Where they are kept (none in tests).
     path: Option<std::path::PathBuf>,
     /// The first point the last round found broken, per VM, and why.
-    failures: Mutex<HashMap<VmName, (u64, String)>>,
+    failures: Mutex<Marks>,
     /// Held while the marks are written: one writer at a time, the newest marks last.
     saving: Mutex<()>,
     /// The point a `drctl verify` found broken, per VM, and why: it holds until a verify of
     /// that point passes, the point is no longer listed, or a scrub round finds every
     /// point recovering.
-    verified: Mutex<HashMap<VmName, (u64, String)>>,
+    verified: Mutex<Marks>,
 }
 
 /// `scrub.json`'s layout.
@@ -86,34 +89,26 @@ impl Scrub {
     /// Why the scrub, or a `drctl verify`, marks `vm` critical, if either does; `listed`
     /// tells whether a point is still listed.
     pub fn failure(&self, vm: &VmName, listed: impl Fn(u64) -> bool) -> Option<String> {
-        let found = lock(&self.failures).get(vm).cloned();
-        if let Some((point, why)) = found {
-            if listed(point) {
-                return Some(why);
-            }
-            // Pruned since (or removed): nothing left of it to fail over to.
-            let mut failures = lock(&self.failures);
-            if failures.get(vm).is_some_and(|(p, _)| *p == point) {
-                failures.remove(vm);
-                drop(failures);
-                self.save();
-            }
-        }
-        let (point, why) = lock(&self.verified).get(vm)?.clone();
+        self.mark(&self.failures, vm, &listed).or_else(|| self.mark(&self.verified, vm, &listed))
+    }
+
+    /// Why `marks` (the scrub's or a verify's) marks `vm` critical, if its point is still
+    /// listed; a mark of a point pruned since (or removed) is dropped and the change saved,
+    /// as nothing is left of that point to fail over to.
+    fn mark(&self, marks: &Mutex<Marks>, vm: &VmName, listed: &impl Fn(u64) -> bool) -> Option<String> {
+        let (point, why) = lock(marks).get(vm)?.clone();
         if listed(point) {
             return Some(why);
         }
-        let mut verified = lock(&self.verified);
-        if verified.get(vm).is_some_and(|(p, _)| *p == point) {
-            verified.remove(vm);
-            drop(verified);
+        let mut m = lock(marks);
+        if m.get(vm).is_some_and(|(p, _)| *p == point) {
+            m.remove(vm);
+            drop(m);
             self.save();
         }
         None
     }
 
-    /// What a `drctl verify` of `point` found: `Some(problem)` marks the VM critical, `None`
-    /// (it recovers) clears a mark of that point.
     /// The VM was removed: what was found about its points goes with them.
     pub fn forget(&self, vm: &VmName) {
         lock(&self.failures).remove(vm);
@@ -121,6 +116,8 @@ impl Scrub {
         self.save();
     }
 
+    /// What a `drctl verify` of `point` found: `Some(problem)` marks the VM critical, `None`
+    /// (it recovers) clears a mark of that point.
     pub fn verified(&self, vm: &VmName, point: u64, problem: Option<String>) {
         let mut verified = lock(&self.verified);
         match problem {

@@ -445,17 +445,23 @@ fn put_policy(db: &Connection, vm: &VmName, p: &Policy) -> Result<(), StoreError
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT(vm) DO UPDATE SET retention_ms = ?2, crash_interval_ms = ?3,
            app_interval_ms = ?4, rpo_threshold_ms = ?5, max_journal_bytes = ?6",
-        params![
-            vm.as_str(),
-            p.retention_ms,
-            p.crash_interval_ms,
-            p.app_interval_ms,
-            p.rpo_threshold_ms,
-            p.max_journal_bytes
-        ],
+        policy_params(vm, p),
     )
     .map_err(q("set policy"))?;
     Ok(())
+}
+
+/// A policy row's parameters in column order, `?1` (the VM) to `?6`, for the statements
+/// that write `policies` and `saved_policies` (which share columns).
+fn policy_params<'a>(vm: &'a VmName, p: &Policy) -> impl rusqlite::Params + 'a {
+    (
+        vm.as_str(),
+        p.retention_ms,
+        p.crash_interval_ms,
+        p.app_interval_ms,
+        p.rpo_threshold_ms,
+        p.max_journal_bytes,
+    )
 }
 
 /// The VM's reprotect row, made or replaced.
@@ -974,14 +980,7 @@ impl Catalog {
             .execute(
                 "UPDATE saved_policies SET retention_ms = ?2, crash_interval_ms = ?3, app_interval_ms = ?4,
                    rpo_threshold_ms = ?5, max_journal_bytes = ?6 WHERE vm = ?1",
-                params![
-                    vm.as_str(),
-                    p.retention_ms,
-                    p.crash_interval_ms,
-                    p.app_interval_ms,
-                    p.rpo_threshold_ms,
-                    p.max_journal_bytes
-                ],
+                policy_params(vm, p),
             )
             .map_err(q("set policy"))?;
         Ok(())
