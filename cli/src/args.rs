@@ -361,6 +361,8 @@ pub enum PolicyCmd {
         #[arg(long, value_name = "SIZE|none")]
         max_journal: Option<String>,
     },
+    /// Show a VM's policy.
+    Show { vm: String },
 }
 
 #[derive(Subcommand, Debug)]

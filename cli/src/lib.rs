@@ -131,6 +131,7 @@ async fn run_command(mut cli: Cli) -> Result<(), CliError> {
             protect::set_policy(d, vm, [retention, crash_interval, app_interval, rpo_threshold], max_journal)
                 .await
         }
+        Cmd::Policy(PolicyCmd::Show { vm }) => protect::show_policy(d, vm).await,
         Cmd::TestFailover { vm, point, output, format } => {
             failover::test_failover(d, vm, point, &output, format).await
         }

@@ -227,6 +227,9 @@ fn print_table(vms: &[pb::VmStatus]) {
 /// One VM's disks: size, how the agent tracks them, what waits to be sent.
 fn print_disks(vms: &[pb::VmStatus]) {
     for s in vms {
+        if let Some(p) = &s.policy {
+            out!("  policy: {}", policy_text(p));
+        }
         for d in &s.disks {
             let mut line = format!("  disk {}: {}", d.name, human_bytes(d.size));
             if !d.tracking.is_empty() {
@@ -346,16 +349,38 @@ pub async fn set_policy(
         max_journal_bytes,
     };
     let p = d.c.set_policy(pb::SetPolicyRequest { vm: vm.clone(), policy: Some(policy) }).await?.into_inner();
-    if d.json {
-        return print_json(&policy_json(&p));
+    print_policy(d, &vm, &p)
+}
+
+/// `drctl policy show VM`: the policy the server keeps for the VM.
+pub async fn show_policy(d: &mut Drctl, vm: String) -> Result<(), CliError> {
+    let r = d.c.status(pb::StatusRequest { vm: vm.clone() }).await?.into_inner();
+    match r.vms.first().and_then(|s| s.policy.as_ref()) {
+        Some(p) => print_policy(d, &vm, p),
+        None if r.waiting.iter().any(|w| w.vm == vm) => Err(CliError::Local(format!(
+            "VM {vm} has no policy yet: it is enrolled, and its agent has not connected (a VM's policy is \
+             set once it has)"
+        ))),
+        None => Err(CliError::Local(format!("VM {vm} has no policy on this process server"))),
     }
-    out!(
-        "policy of {vm}: retention {}, crash points every {}, app points every {}, RPO threshold {}, journals {}",
+}
+
+fn print_policy(d: &Drctl, vm: &str, p: &pb::PolicyInfo) -> Result<(), CliError> {
+    if d.json {
+        return print_json(&policy_json(p));
+    }
+    out!("policy of {vm}: {}", policy_text(p));
+    Ok(())
+}
+
+/// A policy in words, as `drctl policy set` and `show` and `status VM` print it.
+fn policy_text(p: &pb::PolicyInfo) -> String {
+    format!(
+        "retention {}, crash points every {}, app points every {}, RPO threshold {}, journals {}",
         dur(p.retention_ms),
         dur(p.crash_interval_ms),
         dur(p.app_interval_ms),
         dur(p.rpo_threshold_ms),
         journal_bound(p.max_journal_bytes)
-    );
-    Ok(())
+    )
 }

@@ -822,6 +822,20 @@ fn small_mistakes_are_refused_with_what_to_do() {
     let mut other = Agent::start(&server, &cut, "m", &[("sda", &disk)], &root.join("st3"), &[]);
     assert_eq!(other.wait_exit("an agent given a damaged identity to stop").code(), Some(2));
     assert!(other.log_text().contains("drctl enroll"), "{}", other.log_text());
+    // Its certificate changed in one character of its signature: it still parses, and is
+    // refused at once, not seen as a transport error at each try (W18-A).
+    let forged = root.join("forged.bundle");
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let ends: Vec<usize> =
+        (0..lines.len()).filter(|&i| lines[i].starts_with("-----END CERTIFICATE")).collect();
+    let last = ends[1] - 1; // the client certificate's last line of base64 (the CA's is first)
+    let i = lines[last].trim_end_matches('=').len() - 4;
+    let c = if lines[last].as_bytes()[i] == b'A' { "B" } else { "A" };
+    lines[last].replace_range(i..=i, c);
+    std::fs::write(&forged, lines.join("\n") + "\n").unwrap();
+    let mut other = Agent::start(&server, &forged, "m", &[("sda", &disk)], &root.join("st4"), &[]);
+    assert_eq!(other.wait_exit("an agent given a forged identity to stop").code(), Some(2));
+    assert!(other.log_text().contains("does not carry its CA's valid signature"), "{}", other.log_text());
     // 0 is not an interval (on the wire it would mean "keep"): refused.
     let out = server.drctl(&["policy", "set", "m", "--crash-interval", "0s"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -330,6 +330,15 @@ fn a_policy_bound_on_the_journal_prunes_points_ahead_of_their_window() {
     assert!(err.contains("at least 512.0 KiB") && err.contains("--segment-size"), "{err}");
     server.drctl_json(&["policy", "set", "big", "--max-journal", "1MiB"]);
     assert_eq!(server.status("big")["policy"]["max_journal_bytes"], 1 << 20);
+    // `policy show` and `status VM` say it too.
+    assert_eq!(server.drctl_json(&["policy", "show", "big"])["max_journal_bytes"], 1 << 20);
+    for args in [&["policy", "show", "big"][..], &["status", "big"]] {
+        let out = server.drctl(args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("journals at most 1.0 MiB"), "{args:?}: {out:?}");
+    }
+    let err = server.drctl_err(&["policy", "show", "nosuch"]);
+    assert!(err.contains("nosuch"), "{err}");
     let first = server.checkpoint("big");
     // 6 x ~0.6 MiB of random pages: well past the bound, all within the day's window.
     for seed in 0..6 {
