@@ -8,6 +8,7 @@ pub mod hooks;
 pub mod nbd;
 pub mod scan;
 mod session;
+pub use session::tell_problem;
 mod spill;
 pub mod state;
 mod stream;

@@ -266,7 +266,17 @@ fn run() -> anyhow::Result<()> {
         ),
         other => misconfigured!("{} is the identity of the {other}, not of an agent", identity.display()),
     }
-    let sources = disk_sources(&disks, disk_format)?;
+    let sources = match disk_sources(&disks, disk_format) {
+        // One that may be mended without a restart (a file not there yet, a device not
+        // attached): exit 1, after telling the server, which shows it in the VM's status.
+        Err(e) if e.downcast_ref::<Misconfigured>().is_none() => {
+            let problem = format!("{e:#}; the agent exits and its unit starts it again");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(tern_agent::tell_problem(&server, &identity_bundle, &vm, problem));
+            return Err(e);
+        }
+        sources => sources?,
+    };
     // An nbd-mode agent is the VM's disk: it starts and serves it whatever its identity,
     // and its sessions say why replication waits (as after a revocation).
     let expired = format!("{}: the identity", identity.display());

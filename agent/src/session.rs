@@ -198,6 +198,37 @@ fn hello(config: &Config, claims: &[Option<(String, u64)>]) -> pb::Hello {
         protocol: 1,
         instance: tern_proto::instance_id().to_string(),
         time_ms: now_ms(),
+        problem: String::new(),
+    }
+}
+
+/// Tells the process server why the agent cannot replicate, before it exits (a disk it
+/// cannot open): the server shows it in the VM's status. Best effort, within 10 s: the
+/// agent's log says it anyway.
+pub async fn tell_problem(
+    server: &str,
+    identity: &tern_core::pki::Bundle,
+    vm: &tern_core::VmName,
+    problem: String,
+) {
+    let said = async {
+        let channel = pb::connect(server, identity).await.ok()?;
+        let mut client = pb::replication_client::ReplicationClient::new(channel);
+        let hello = pb::Hello {
+            vm: vm.to_string(),
+            protocol: 1,
+            instance: tern_proto::instance_id().to_string(),
+            time_ms: now_ms(),
+            problem,
+            ..Default::default()
+        };
+        let first = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) };
+        // The server answers with its refusal once it has noted the problem.
+        client.replicate(tokio_stream::once(first)).await.err()
+    };
+    match tokio::time::timeout(Duration::from_secs(10), said).await {
+        Ok(Some(s)) if s.message().starts_with("noted: ") => {}
+        _ => warn!("could not tell the process server why the agent stops"),
     }
 }
 
@@ -460,6 +491,16 @@ impl Session {
             "nothing was written since the last point: no point is made again"
         );
         true
+    }
+
+    /// Waits (at most 2 s) until the stream has taken every message sent, so that one sent
+    /// just before the session ends is not lost with the stream.
+    async fn flush_sent(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.tx.capacity() < self.tx.max_capacity() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     async fn point_failed(&self, request_id: u64, reason: String) -> Result<(), SessionError> {
@@ -1009,7 +1050,16 @@ impl Session {
         let pass = match result {
             Ok(pass) => pass,
             Err(ScanError::Cancelled) => return Err(Status::cancelled("scan cancelled").into()),
-            Err(e @ ScanError::Read { .. }) => return Err(Status::unavailable(e.to_string()).into()),
+            // Said to the server too, which shows it in the VM's status until a point is made:
+            // the session ends, and a VM without one shows only that its agent is away (W18-B:
+            // a disk file gone was only in the agent's log).
+            Err(e @ ScanError::Read { .. }) => {
+                let reason = format!("{e}; the agent tries again within seconds");
+                if self.point_failed(0, reason).await.is_ok() {
+                    self.flush_sent().await;
+                }
+                return Err(Status::unavailable(e.to_string()).into());
+            }
             // Ends the session as a failure to retry: the next Hello gives the new size, which
             // the server refuses (and shows in the VM's status) before the agent stops for good.
             Err(e @ ScanError::Resized { .. }) => return Err(Status::unavailable(e.to_string()).into()),

@@ -260,6 +260,7 @@ async fn relay_session(
         protocol: 1,
         instance: tern_proto::instance_id().to_string(),
         time_ms: tern_store::now_ms(),
+        problem: String::new(),
     };
     tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) })
         .await

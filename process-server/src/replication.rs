@@ -62,6 +62,15 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         };
         let vm = VmName::new(&hello.vm).map_err(|e| Status::invalid_argument(e.to_string()))?;
         crate::auth::require_agent_for(&parts_req, &vm)?;
+        // An agent that cannot replicate says why before it exits (a disk it cannot open):
+        // shown in the VM's status, where only "agent no" would show otherwise (W18-B).
+        if !hello.problem.is_empty() {
+            warn!(vm = %vm, problem = %hello.problem, "the agent cannot replicate");
+            if self.ctx.store.has_vm(&vm).unwrap_or(false) {
+                self.ctx.hub.fail_point(&vm, &hello.problem);
+            }
+            return Err(Status::unavailable(format!("noted: {}", hello.problem)));
+        }
         // Taken now: the Hello is the stream's first message, with nothing queued before it.
         let (skew, skew_ms) = ClockSkew::measured(hello.time_ms, tern_store::now_ms());
         let ctx = self.ctx.clone();

@@ -1576,3 +1576,50 @@ fn a_name_forgotten_at_init_is_added_by_reissuing_the_server_certificate() {
     let out = status_there(&["status", "--json"]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// A disk file the agent cannot open shows in the VM's status, not only in the agent's log
+/// (W18-B: the VM showed "agent no" until the RPO threshold): gone while the agent runs,
+/// the pass that cannot read it says so; at the agent's start, the agent says so before it
+/// exits 1. Back in place, a point is made and the VM is whole again.
+#[test]
+fn a_disk_file_the_agent_cannot_open_shows_in_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut server = Server::init(root);
+    server.start();
+    let identity = root.join("gone.bundle");
+    server.enroll_agent("gone", &identity);
+    let disk = root.join("gone.img");
+    make_random(&disk, 8, 2, 5);
+    let state = root.join("gone-state");
+    let agent = Agent::start(&server, &identity, "gone", &[("sda", &disk)], &state, &[]);
+    server.wait_connected("gone");
+    server.checkpoint("gone");
+    let away = root.join("away.img");
+    std::fs::rename(&disk, &away).unwrap();
+    server.drctl_json(&["policy", "set", "gone", "--crash-interval", "1s"]);
+    let said = |what: &str| {
+        deadline_poll(what, Duration::from_secs(30), || {
+            let s = server.status("gone");
+            let e = s["error"].as_str().unwrap_or_default().to_string();
+            (s["health"] == "critical" && e.contains("gone.img") && e.contains("No such file")).then_some(e)
+        })
+    };
+    let e = said("the pass that cannot read the disk said in status");
+    assert!(e.contains("tries again"), "{e}");
+    drop(agent);
+    server.drctl_json(&["policy", "set", "gone", "--crash-interval", "5m"]);
+    let mut agent = Agent::start(&server, &identity, "gone", &[("sda", &disk)], &state, &[]);
+    assert_eq!(agent.wait_exit("an agent without its disk to stop").code(), Some(1));
+    let e = said("the agent's start without its disk said in status");
+    assert!(e.contains("exits and its unit starts it again"), "{e}");
+    std::fs::rename(&away, &disk).unwrap();
+    let _agent = Agent::start(&server, &identity, "gone", &[("sda", &disk)], &state, &[]);
+    server.wait_connected("gone");
+    let p = server.checkpoint("gone");
+    let out = root.join("back");
+    let res = server.drctl_json(&["test-failover", "gone", "--output", out.to_str().unwrap()]);
+    assert_eq!(res["disks"][0]["blake3"].as_str().unwrap(), b3(&disk, None), "point {p}");
+    let s = server.status("gone");
+    assert!(s["error"].is_null(), "{s}");
+}
