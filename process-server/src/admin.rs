@@ -384,12 +384,16 @@ impl pb::admin_server::Admin for AdminService {
             }));
         }
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
+        let out_dir = std::path::PathBuf::from(&r.output);
+        let claim = self.ctx.jobs.claim_dir(&vm, "test failover", &out_dir).await?;
         let job = self.ctx.jobs.start(JobKind::TestFailover, &vm).await?;
         let id = job.id;
         let ctx = self.ctx.clone();
-        let out_dir = std::path::PathBuf::from(&r.output);
         self.ctx.tracker.spawn(async move {
-            match run_test_failover(&ctx, vm, spec, out_dir, format, &job).await {
+            let done = run_test_failover(&ctx, vm, spec, out_dir, format, &job).await;
+            // Open (its row kept) or not, the directory is no longer being written.
+            drop(claim);
+            match done {
                 Ok(output) => job.succeed(output).await,
                 Err(e) => job.fail(&e).await,
             }
@@ -511,7 +515,20 @@ impl pb::admin_server::Admin for AdminService {
         let planned = kind == FailoverKind::Planned;
         let spec = point_arg(&vm, if r.point.is_empty() { "latest" } else { &r.point })?;
         output_arg(&r.output, self.ctx.store.root())?;
+        // First: a failover or change of point writing the disks now is named as such.
+        let claim = self.ctx.jobs.claim_output(&vm)?;
         let state = self.state(&vm).await?;
+        // A failover cut short (a restart of this server) is finished by writing its output
+        // again, which a commit needs first (W19-A: the advice named a commit, refused then).
+        let (store, v) = (self.ctx.store.clone(), vm.clone());
+        if state == VmState::FailedOver
+            && let Some(not_whole) =
+                blocking(move || store.failover_not_whole(&v)).await?.map_err(store_status)?
+        {
+            return Err(Status::failed_precondition(format!(
+                "VM {vm} is failed-over already, and {not_whole}"
+            )));
+        }
         if state != VmState::Protected {
             return Err(Status::failed_precondition(format!(
                 "VM {vm} is {state}; a failover needs a protected VM{}",
@@ -530,7 +547,8 @@ impl pb::admin_server::Admin for AdminService {
             )));
         }
         let format = if r.format == pb::OutputFormat::Vhd as i32 { Format::Vhd } else { Format::Raw };
-        let claim = self.ctx.jobs.claim_output(&vm)?;
+        let out_dir = std::path::PathBuf::from(&r.output);
+        let dir_claim = self.ctx.jobs.claim_dir(&vm, "failover", &out_dir).await?;
         let job = self
             .ctx
             .jobs
@@ -538,12 +556,12 @@ impl pb::admin_server::Admin for AdminService {
             .await?;
         let id = job.id;
         let ctx = self.ctx.clone();
-        let out_dir = std::path::PathBuf::from(&r.output);
         let shutdown_source = r.shutdown_source;
         self.ctx.tracker.spawn(async move {
             let done = run_failover(&ctx, vm, kind, spec, out_dir, format, shutdown_source, &job).await;
-            // The disks are written: the next change of point may start once the job ends.
-            drop(claim);
+            // The disks are written: the next change of point may start once the job ends
+            // (the catalog's failover row keeps the directory from other outputs).
+            drop((claim, dir_claim));
             match done {
                 Ok(output) => job.succeed(output).await,
                 Err(e) => job.fail(&e).await,
@@ -568,6 +586,9 @@ impl pb::admin_server::Admin for AdminService {
             spec = PointSpec::Received;
             why = "the agent stood down at the failover, so no new point could be made";
         }
+        // Claimed before the state is read: a commit (which claims too) between the two
+        // would otherwise leave this writing the output of a committed VM.
+        let claim = self.ctx.jobs.claim_output(&vm)?;
         let state = self.state(&vm).await?;
         if state != VmState::FailedOver {
             return Err(Status::failed_precondition(format!(
@@ -575,7 +596,6 @@ impl pb::admin_server::Admin for AdminService {
             )));
         }
         self.point_exists(&vm, &spec).await?;
-        let claim = self.ctx.jobs.claim_output(&vm)?;
         let job = self.ctx.jobs.start(JobKind::ChangePoint, &vm).await?;
         let id = job.id;
         let ctx = self.ctx.clone();
@@ -601,6 +621,10 @@ impl pb::admin_server::Admin for AdminService {
         require_admin(&req, "Commit")?;
         let vm = vm_arg(&req.into_inner().vm)?;
         self.known_vm(&vm).await?;
+        // Not while a failover or change of point writes the disks (W19-A: a commit taken
+        // during a change of point committed one point while the output held another, or
+        // none): refused, naming the job.
+        let _claim = self.ctx.jobs.claim_output(&vm)?;
         let state = self.state(&vm).await?;
         if matches!(state, VmState::FailedOver | VmState::FailedBack) {
             let store = self.ctx.store.clone();
@@ -812,6 +836,20 @@ fn point_arg(vm: &VmName, s: &str) -> Result<PointSpec, Status> {
     })
 }
 
+/// `p` resolved through symlinks as far as it exists; the rest is yet to be made.
+pub(crate) fn resolved(p: &std::path::Path) -> std::path::PathBuf {
+    let mut existing = p;
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else { break };
+        rest.push(name);
+        existing = parent;
+    }
+    let mut r = existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf());
+    r.extend(rest.iter().rev());
+    r
+}
+
 pub(crate) fn output_arg(s: &str, data_dir: &std::path::Path) -> Result<(), Status> {
     let path = std::path::Path::new(s);
     if s.is_empty() || !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir)
@@ -820,19 +858,7 @@ pub(crate) fn output_arg(s: &str, data_dir: &std::path::Path) -> Result<(), Stat
             "--output must be an absolute directory on the process server, without `..`",
         ));
     }
-    // Resolved through symlinks as far as the path exists; the rest is yet to be made.
-    let resolve = |p: &std::path::Path| {
-        let mut existing = p;
-        let mut rest = Vec::new();
-        while !existing.exists() {
-            let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else { break };
-            rest.push(name);
-            existing = parent;
-        }
-        let mut r = existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf());
-        r.extend(rest.iter().rev());
-        r
-    };
+    let resolve = resolved;
     if path.exists() && !path.is_dir() {
         return Err(Status::invalid_argument(format!(
             "--output {s} is a file; name a directory (it is made if missing)"

@@ -6,6 +6,7 @@
 
 use crate::lock;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tern_core::{JobKind, JobState, VmName};
 use tern_proto as pb;
@@ -20,6 +21,22 @@ pub struct Jobs {
     live: Mutex<HashMap<u64, JobRow>>,
     /// VMs whose failover output a job is writing (see [`Jobs::claim_output`]).
     writing: Mutex<std::collections::HashSet<VmName>>,
+    /// Output directories (resolved) that a running failover or test failover writes into,
+    /// with whose and what (see [`Jobs::claim_dir`]).
+    dirs: Mutex<Vec<(PathBuf, VmName, &'static str)>>,
+}
+
+/// Held while a failover or test failover writes into its output directory.
+#[derive(Debug)]
+pub struct DirClaim {
+    jobs: Arc<Jobs>,
+    dir: PathBuf,
+}
+
+impl Drop for DirClaim {
+    fn drop(&mut self) {
+        lock(&self.jobs.dirs).retain(|(d, _, _)| *d != self.dir);
+    }
 }
 
 /// Held while a job writes a VM's failover output (a failover, a change of point).
@@ -37,7 +54,12 @@ impl Drop for OutputClaim {
 
 impl Jobs {
     pub fn new(store: Arc<Store>) -> Arc<Jobs> {
-        Arc::new(Jobs { store, live: Mutex::new(HashMap::new()), writing: Mutex::default() })
+        Arc::new(Jobs {
+            store,
+            live: Mutex::new(HashMap::new()),
+            writing: Mutex::default(),
+            dirs: Mutex::default(),
+        })
     }
 
     /// One job at a time writes a VM's failover output: a second change of point started
@@ -56,6 +78,52 @@ impl Jobs {
             "the disks of VM {vm}'s failover are being written already{running}; nothing changed: run this \
              again once that has ended"
         )))
+    }
+
+    /// Claims `dir` (an `--output`) for `what` (a failover or a test failover) of `vm`: refused
+    /// when it is the output of any VM's failover (its recovered disks, committed or not) or
+    /// open test failover, or one being written now, and, for a test failover, while one of
+    /// `vm` is being written (W19-A: a test failover opened in the failover's own directory,
+    /// and its cleanup deleted the recovered VM's disks; two at once, one failed as a job).
+    pub async fn claim_dir(
+        self: &Arc<Self>,
+        vm: &VmName,
+        what: &'static str,
+        dir: &Path,
+    ) -> Result<DirClaim, tonic::Status> {
+        let dir = crate::admin::resolved(dir);
+        let store = self.store.clone();
+        let kept =
+            crate::admin::blocking(move || store.outputs_in_use()).await?.map_err(crate::store_status)?;
+        let mut dirs = lock(&self.dirs);
+        let taken = kept
+            .iter()
+            .map(|(v, w, d)| (crate::admin::resolved(Path::new(d)), v.clone(), *w))
+            .chain(dirs.iter().map(|(d, v, w)| (d.clone(), v.to_string(), *w)))
+            .find(|(d, _, _)| *d == dir);
+        if let Some((d, whose, w)) = taken {
+            let remedy = if w == "test failover" {
+                format!(" (`drctl test-failover-cleanup {whose}` removes it)")
+            } else {
+                String::new()
+            };
+            return Err(tonic::Status::failed_precondition(format!(
+                "{} is the output directory of the {w} of VM {whose}{remedy}: writing the {what} of VM {vm} there \
+                 would overwrite (or later delete) its disks; nothing changed: choose another directory",
+                d.display()
+            )));
+        }
+        if what == "test failover"
+            && let Some((d, _, _)) = dirs.iter().find(|(_, v, w)| v == vm && *w == what)
+        {
+            return Err(tonic::Status::failed_precondition(format!(
+                "a test failover of VM {vm} is being written already (into {}); nothing changed: one test \
+                 failover of a VM is open at a time",
+                d.display()
+            )));
+        }
+        dirs.push((dir.clone(), vm.clone(), what));
+        Ok(DirClaim { jobs: self.clone(), dir })
     }
 
     /// The running job of `vm` of one of `kinds`: the catalog's, less one that ended while

@@ -1635,6 +1635,22 @@ impl Catalog {
             .transpose()
     }
 
+    /// Every VM's failover output directory (`"failover"`, kept until a failback commits)
+    /// and open test failover's (`"test failover"`): (VM, what, directory).
+    pub fn outputs_in_use(&self) -> Result<Vec<(String, &'static str, String)>, StoreError> {
+        let mut stmt = self
+            .db
+            .prepare("SELECT vm, 0, output FROM failovers UNION ALL SELECT vm, 1, output FROM test_failovers")
+            .map_err(q("list outputs"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let what = if r.get::<_, i64>(1)? == 0 { "failover" } else { "test failover" };
+                Ok((r.get::<_, String>(0)?, what, r.get::<_, String>(2)?))
+            })
+            .map_err(q("list outputs"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(q("list outputs"))
+    }
+
     pub fn open_test_failover(&self, vm: &VmName, row: &TestFailoverRow) -> Result<(), StoreError> {
         let files =
             serde_json::to_string(&row.files).map_err(|_| StoreError::Invariant("file list encodes"))?;

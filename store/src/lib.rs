@@ -1121,6 +1121,12 @@ impl Store {
         self.catalog().test_failover(vm)
     }
 
+    /// Every VM's failover and open test failover output directory (see
+    /// `Catalog::outputs_in_use`).
+    pub fn outputs_in_use(&self) -> Result<Vec<(String, &'static str, String)>, StoreError> {
+        self.catalog().outputs_in_use()
+    }
+
     /// The uncommitted failover of a VM.
     pub fn failover_row(&self, vm: &VmName) -> Result<Option<FailoverRow>, StoreError> {
         self.catalog().failover(vm)

@@ -187,9 +187,32 @@ fn unplanned_failover_with_the_agent_gone_then_change_point_and_commit() {
     assert_eq!(output_hash(&res), h2);
     let note = res["note"].as_str().unwrap_or_default();
     assert!(note.contains("not the moment asked for") && note.contains("stood down"), "{res}");
-    let res = server.drctl_json(&["change-point", "un", "--point", &id(&p1)]);
-    assert_eq!(output_hash(&res), h1);
-    server.drctl_json(&["commit", "un"]);
+    // A test failover into the failover's directory is refused: its cleanup would delete
+    // the recovered VM's disks (W19-A).
+    let out2 = server.drctl(&["test-failover", "un", "--point", &id(&p1), "--output", out.to_str().unwrap()]);
+    assert_eq!(out2.status.code(), Some(6), "{out2:?}");
+    let err = String::from_utf8_lossy(&out2.stderr);
+    assert!(err.contains("output directory of the failover of VM un"), "{err}");
+    // A change of point and a commit at once: one waits for the other, and the output is
+    // the committed point's (W19-A: the commit went through while the disks were written,
+    // leaving the output empty or at another point).
+    let (url, admin, p1_id) = (server.url(), server.admin(), id(&p1));
+    let change = {
+        let p1_id = p1_id.clone();
+        std::thread::spawn(move || drctl_as(&url, &admin, &["change-point", "un", "--point", &p1_id]))
+    };
+    let commit = server.drctl(&["commit", "un", "--json"]);
+    let change = change.join().unwrap();
+    let committed = if commit.status.success() {
+        serde_json::from_slice::<serde_json::Value>(&commit.stdout).unwrap()["point"].to_string()
+    } else {
+        assert_eq!(commit.status.code(), Some(6), "{commit:?}");
+        assert!(String::from_utf8_lossy(&commit.stderr).contains("being written already"), "{commit:?}");
+        server.drctl_json(&["commit", "un"])["point"].to_string()
+    };
+    assert!(change.status.success() || change.status.code() == Some(6), "{change:?}");
+    let want = if committed == p1_id { &h1 } else { &h2 };
+    assert_eq!(&b3(&out.join("sda.raw"), None), want, "the output is the committed point's ({committed})");
     assert_eq!(server.status("un")["state"], "failover-committed");
     assert_eq!(server.drctl_json(&["points", "un"]).as_array().unwrap().len(), 0);
     let err = server.drctl_err(&["change-point", "un", "--point", "latest-processed"]);
@@ -197,7 +220,7 @@ fn unplanned_failover_with_the_agent_gone_then_change_point_and_commit() {
     let err = server.drctl_err(&["commit", "un"]);
     assert!(err.contains("failover-committed"), "{err}");
     // The output stays for the recovered VM.
-    assert_eq!(b3(&out.join("sda.raw"), None), h1);
+    assert_eq!(&b3(&out.join("sda.raw"), None), want);
     let jobs = server.drctl_json(&["jobs"]);
     assert!(jobs.as_array().unwrap().iter().all(|j| j["state"] == "succeeded"), "{jobs}");
     let kinds: Vec<&str> = jobs.as_array().unwrap().iter().map(|j| j["kind"].as_str().unwrap()).collect();
