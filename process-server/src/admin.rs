@@ -634,6 +634,18 @@ impl pb::admin_server::Admin for AdminService {
             let point = crate::failback::commit_failback(&self.ctx, &vm).await?;
             return Ok(Response::new(pb::CommitReply { point: point.0, ..Default::default() }));
         }
+        // The commit deletes the points, the test failover's with them (W19-A: status still
+        // said it was open and kept its point, which was gone).
+        let (store, v) = (self.ctx.store.clone(), vm.clone());
+        if state == VmState::FailedOver
+            && let Some(open) = blocking(move || store.test_failover_row(&v)).await?.map_err(store_status)?
+        {
+            return Err(Status::failed_precondition(format!(
+                "VM {vm} has an open test failover (point {} in {}), whose point the commit would delete: \
+                 `drctl test-failover-cleanup {vm}` first",
+                open.point, open.output
+            )));
+        }
         let store = self.ctx.store.clone();
         let (point, between) = blocking(move || {
             // A failover to a moment between two points commits at that moment.
@@ -973,7 +985,7 @@ pub(crate) async fn run_failover(
             Ok(point) => spec = PointSpec::Id(point),
             Err(e) if planned => {
                 return Err(format!(
-                    "the source was not shut down: {e}; nothing changed, VM {vm} stays protected"
+                    "the source's final point was not made: {e}; nothing changed here, VM {vm} stays protected"
                 ));
             }
             Err(e) => warn!(vm = %vm, error = %e, "source not shut down; the unplanned failover goes on"),
@@ -1042,7 +1054,15 @@ async fn shut_down_source(
     job: &crate::jobs::Job,
 ) -> Result<tern_core::PointId, String> {
     let rx = ctx.hub.request_shutdown(vm).await.map_err(|e| e.message().to_string())?;
-    crate::failback::final_point(ctx, vm, rx, job).await.map(|p| p.id)
+    // Asked: the agent may have run the shutdown hook before the final point was lost (W19-A:
+    // an identity revoked meanwhile; the job said the source was not shut down, and it was).
+    crate::failback::final_point(ctx, vm, rx, job).await.map(|p| p.id).map_err(|e| {
+        format!(
+            "{e}. The agent was asked to shut the source down and may have run its shutdown hook: check \
+             the source VM; if it is off, fail over with `--kind unplanned` (its newest point), else it \
+             runs on"
+        )
+    })
 }
 
 /// Removes a VM's copy (a disk resized, a VM retired), once nothing uses it: its agent

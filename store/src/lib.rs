@@ -1532,6 +1532,11 @@ impl Store {
                     b.id,
                     rfc3339(b.time_ms)
                 ),
+                // Its points went with the commit (W19-A: told to wait for an initial sync).
+                _ if self.vm_state(vm).is_ok_and(|s| s == tern_core::VmState::FailoverCommitted) => format!(
+                    "its failover is committed, and its points went with the commit: the recovered VM runs on \
+                     the failover's output; `drctl reprotect {vm}` protects it again"
+                ),
                 _ => {
                     "it has no points yet; wait for the initial sync or run `drctl checkpoint --wait`".into()
                 }

@@ -193,6 +193,16 @@ fn unplanned_failover_with_the_agent_gone_then_change_point_and_commit() {
     assert_eq!(out2.status.code(), Some(6), "{out2:?}");
     let err = String::from_utf8_lossy(&out2.stderr);
     assert!(err.contains("output directory of the failover of VM un"), "{err}");
+    // A commit would delete the point of an open test failover: refused until it is cleaned up.
+    let drill = root.join("drill");
+    server.drctl_json(&["test-failover", "un", "--point", &id(&p1), "--output", drill.to_str().unwrap()]);
+    let refused = server.drctl(&["commit", "un"]);
+    assert_eq!(refused.status.code(), Some(6), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("drctl test-failover-cleanup un"),
+        "{refused:?}"
+    );
+    server.drctl_json(&["test-failover-cleanup", "un"]);
     // A change of point and a commit at once: one waits for the other, and the output is
     // the committed point's (W19-A: the commit went through while the disks were written,
     // leaving the output empty or at another point).
@@ -219,6 +229,9 @@ fn unplanned_failover_with_the_agent_gone_then_change_point_and_commit() {
     assert!(err.contains("failover-committed"), "{err}");
     let err = server.drctl_err(&["commit", "un"]);
     assert!(err.contains("failover-committed"), "{err}");
+    let err =
+        server.drctl_err(&["test-failover", "un", "--point", &p1_id, "--output", drill.to_str().unwrap()]);
+    assert!(err.contains("points went with the commit") && err.contains("drctl reprotect un"), "{err}");
     // The output stays for the recovered VM.
     assert_eq!(&b3(&out.join("sda.raw"), None), want);
     let jobs = server.drctl_json(&["jobs"]);
