@@ -14,6 +14,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 use tracing::{debug, info, warn};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -126,11 +128,15 @@ impl std::fmt::Display for Listen {
 
 trait Stream: Read + Write + Send + Sized + 'static {
     fn duplicate(&self) -> io::Result<Self>;
+    fn read_timeout(&self, limit: Option<Duration>) -> io::Result<()>;
 }
 
 impl Stream for UnixStream {
     fn duplicate(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+    fn read_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)
     }
 }
 
@@ -139,7 +145,20 @@ impl Stream for TcpStream {
         self.set_nodelay(true)?;
         self.try_clone()
     }
+    fn read_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)
+    }
 }
+
+/// Connections served at once, negotiating or not: each holds a thread and two file
+/// descriptors, and without a bound idle clients took every descriptor the agent may open,
+/// locking the hypervisor out of its disk (W19-B: 10,000 held connections). QEMU opens one
+/// per disk (a few with multi-conn), nbdcopy four.
+pub const MAX_CONNECTIONS: usize = 128;
+/// A client must pick an export within this long, or is cut off: one that connects and
+/// says nothing holds a connection of the bound above only this long. Once it has one, it
+/// may stay idle for good (a VM that does not write).
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Binds `listen` and serves `exports` on background threads, one per connection.
 /// Returns where it listens (the port chosen, for `tcp:…:0`). A stale unix socket left by
@@ -184,16 +203,31 @@ fn spawn_accept<S: Stream>(
     exports: Exports,
     in_flight: Arc<InFlight>,
 ) -> io::Result<()> {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut said_full = None::<std::time::Instant>;
     std::thread::Builder::new().name("nbd-accept".into()).spawn(move || {
         loop {
             match accept() {
+                Ok(s) if open.load(Ordering::Acquire) >= MAX_CONNECTIONS => {
+                    // Closed at once: the client sees the connection end and may retry.
+                    drop(s);
+                    if said_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        said_full = Some(std::time::Instant::now());
+                        warn!(
+                            max = MAX_CONNECTIONS,
+                            "NBD connections refused: as many are open as are served at once"
+                        );
+                    }
+                }
                 Ok(s) => {
-                    let (exports, in_flight) = (exports.clone(), in_flight.clone());
+                    let (exports, in_flight, open) = (exports.clone(), in_flight.clone(), open.clone());
+                    open.fetch_add(1, Ordering::AcqRel);
                     let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
                         match connection(s, &exports, &in_flight) {
                             Ok(()) => debug!("NBD client disconnected"),
                             Err(e) => info!(error = %e, "NBD connection ended"),
                         }
+                        open.fetch_sub(1, Ordering::AcqRel);
                     });
                     if let Err(e) = spawned {
                         warn!(error = %e, "cannot start a thread for an NBD connection");
@@ -210,9 +244,12 @@ fn spawn_accept<S: Stream>(
 }
 
 fn connection<S: Stream>(stream: S, exports: &Exports, in_flight: &InFlight) -> io::Result<()> {
+    // A socket option: it holds for the duplicate the writer has too.
+    stream.read_timeout(Some(HANDSHAKE_LIMIT))?;
     let mut w = BufWriter::with_capacity(256 << 10, stream.duplicate()?);
     let mut r = BufReader::with_capacity(256 << 10, stream);
     let Some(export) = handshake(&mut r, &mut w, exports)? else { return Ok(()) };
+    r.get_ref().read_timeout(None)?;
     transmission(&mut r, &mut w, export.as_ref(), in_flight)
 }
 
@@ -987,6 +1024,46 @@ mod tests {
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
         let e: Arc<dyn Export> = Arc::new(FileExport::open(&path).unwrap());
         Arc::new(vec![("sda".to_string(), e)])
+    }
+
+    /// Idle connections that never negotiate are cut off after the handshake limit, and
+    /// beyond the bound new ones are closed at once; a client gets in again once room is
+    /// made (W19-B: 10,000 idle connections took every descriptor, and QEMU could not
+    /// connect).
+    #[test]
+    fn idle_connections_are_bounded_and_cut_off_before_they_negotiate() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        serve(&Listen::Unix(sock.clone()), exports(dir.path()), 8 << 20).unwrap();
+        let hello = |c: &mut UnixStream| {
+            let mut h = [0u8; 18];
+            c.read_exact(&mut h).map(|()| h[..8] == *b"NBDMAGIC")
+        };
+        let mut idle: Vec<UnixStream> =
+            (0..MAX_CONNECTIONS).map(|_| UnixStream::connect(&sock).unwrap()).collect();
+        for c in &mut idle {
+            assert!(hello(c).unwrap());
+        }
+        let mut refused = UnixStream::connect(&sock).unwrap();
+        refused.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(hello(&mut refused).is_err(), "closed at once: the bound is full");
+        // The handshake limit cuts the idle ones off (each sees its connection end).
+        let started = std::time::Instant::now();
+        let mut end = [0u8; 1];
+        assert_eq!(idle[0].read(&mut end).unwrap(), 0);
+        let waited = started.elapsed();
+        assert!(waited <= HANDSHAKE_LIMIT + Duration::from_secs(5), "{waited:?}");
+        drop(idle);
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = UnixStream::connect(&sock).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            if hello(&mut c).unwrap_or(false) {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "a client gets in once room is made");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]

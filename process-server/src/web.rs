@@ -44,7 +44,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
     let stop = ctx.shutdown.clone();
     let stopped = async move { stop.cancelled().await };
     let local = listener.local_addr();
-    let served = match local {
+    match local {
         Ok(addr) if !addr.ip().is_loopback() => match admin_tls(&ctx, listener, addr) {
             Ok(l) => {
                 tracing::info!(%addr, "status page over HTTPS, for admin identities only");
@@ -60,17 +60,11 @@ pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
                          it refuse the page. Dial it by a name the certificate holds, or add the address \
                          (`process-server reissue-cert --data-dir DIR --san ADDRESS`, then restart)");
                 }
-                axum::serve(l, app).with_graceful_shutdown(stopped).await
+                tern_proto::http::serve(l, app, stopped).await;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "the status page cannot serve HTTPS");
-                return;
-            }
+            Err(e) => tracing::error!(error = %e, "the status page cannot serve HTTPS"),
         },
-        _ => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
-    };
-    if let Err(e) = served {
-        tracing::warn!(error = %e, "the status page stopped");
+        _ => tern_proto::http::serve(listener, app, stopped).await,
     }
 }
 

@@ -11,6 +11,7 @@ pub use v1::*;
 pub mod config;
 pub mod daemon;
 pub mod hash_table;
+pub mod http;
 pub mod metrics;
 pub mod names;
 pub mod rate;

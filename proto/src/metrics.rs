@@ -70,11 +70,7 @@ pub fn serve(addr: SocketAddr, gauges_expire: Option<Duration>) -> Result<(), Me
     });
     // The address bound (port 0 given: the one the system chose).
     let addr = listener.local_addr().unwrap_or(addr);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "the metrics listener stopped");
-        }
-    });
+    tokio::spawn(crate::http::serve(listener, app, std::future::pending()));
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
     Ok(())
 }
