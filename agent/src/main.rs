@@ -155,6 +155,11 @@ fn nbd_mode(
         Mode::Scan => Ok(None),
         Mode::Nbd => {
             let listen = listen.unwrap_or_else(|| tern_agent::nbd::Listen::Unix(state_dir.join("nbd.sock")));
+            // Below a batch's worth the log holds no write to send, and the session waits for
+            // acks of nothing (W19-B: `--log-buffer 0` never replicated, blaming the server).
+            if log_buffer < 1 << 20 {
+                misconfigured!("--log-buffer must be at least 1MiB (64MiB by default)");
+            }
             let log_buffer = usize::try_from(log_buffer).context("--log-buffer is too large")?;
             let socket_group = match (socket_group, &listen) {
                 (None, _) => None,

@@ -59,7 +59,7 @@ async fn client(cli: &Cli) -> Result<AdminClient<Channel>, CliError> {
         tern_core::pki::Expiry::Expired(e) => return Err(CliError::Unreachable(e)),
     }
     let channel = pb::connect(server, &bundle).await?;
-    Ok(AdminClient::new(channel))
+    Ok(AdminClient::new(channel).max_decoding_message_size(tern_proto::MAX_MESSAGE_BYTES))
 }
 
 /// Writes `bytes` to standard output; a reader that went away (`| head`) is not an error.

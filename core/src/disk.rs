@@ -65,7 +65,14 @@ thread_local! {
 
 impl DiskReader {
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)?;
+        // Non-blocking: opening a FIFO waits for a writer otherwise (W19-B: the agent hung at
+        // its start, saying nothing). It changes nothing for a regular file's reads, and a
+        // device is opened again below.
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path)?;
         let kind = file.metadata()?.file_type();
         if kind.is_file() {
             return Ok(Self { file, direct: false });
@@ -299,5 +306,9 @@ mod tests {
         assert!(r.read_exact_at(&mut buf, 9_900).is_err(), "a read past the end fails");
         let err = DiskReader::open(dir.path()).unwrap_err();
         assert!(err.to_string().contains("not a disk"), "{err}");
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let err = DiskReader::open(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a disk"), "a FIFO is refused, not waited on: {err}");
     }
 }

@@ -88,7 +88,7 @@ pub enum NameError {
     #[error("{kind} name {name:?} is longer than 64 characters")]
     TooLong { kind: &'static str, name: String },
     #[error(
-        "{kind} name {name:?} may only hold letters, digits, '.', '_' and '-', and must not start with '.'"
+        "{kind} name {name:?} may only hold letters, digits, '.', '_' and '-', and must not start with '.' or '-'"
     )]
     BadChar { kind: &'static str, name: String },
 }
@@ -98,9 +98,13 @@ fn check_name(kind: &'static str, name: &str) -> Result<(), NameError> {
         return Err(NameError::Empty { kind });
     }
     if name.len() > 64 {
-        return Err(NameError::TooLong { kind, name: name.to_string() });
+        // Said by its start: a name of thousands of characters is not echoed whole.
+        let start: String = name.chars().take(64).collect();
+        return Err(NameError::TooLong { kind, name: format!("{start}...") });
     }
-    if name.starts_with('.')
+    // A leading '-' reads as a flag on every command line that names it (W19-B: the
+    // commands tern printed for such a VM failed).
+    if name.starts_with(['.', '-'])
         || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
     {
         return Err(NameError::BadChar { kind, name: name.to_string() });
@@ -154,6 +158,10 @@ mod tests {
         assert!(matches!(VmName::new(""), Err(NameError::Empty { .. })));
         assert!(matches!(VmName::new("../etc"), Err(NameError::BadChar { .. })));
         assert!(matches!(DiskName::new("a/b"), Err(NameError::BadChar { .. })));
+        assert!(matches!(VmName::new("-x"), Err(NameError::BadChar { .. })), "read as a flag");
+        assert!(VmName::new("x-").is_ok());
+        let long = VmName::new(&"v".repeat(5000)).unwrap_err().to_string();
+        assert!(long.len() < 200 && long.contains("longer than 64"), "{long}");
     }
 
     #[test]

@@ -892,6 +892,14 @@ pub(crate) fn output_arg(s: &str, data_dir: &std::path::Path) -> Result<(), Stat
             None => break,
         }
     }
+    // A file on the way (`--output FILE/sub`) is said as such, not as a failed job's
+    // "File exists" (W19-B).
+    if existing != path && !existing.is_dir() {
+        return Err(Status::invalid_argument(format!(
+            "--output {s}: {} is a file, so no directory can be made under it; choose another directory",
+            existing.display()
+        )));
+    }
     if let Err(e) = rustix::fs::access(existing, rustix::fs::Access::WRITE_OK) {
         // An argument to change, as the checks above: exit 2.
         return Err(Status::invalid_argument(format!(

@@ -529,6 +529,10 @@ pub async fn change_group(
 ) -> Result<Option<tern_proto::GroupInfo>, tonic::Status> {
     let name = group_arg(&r.name)?;
     let vms = r.vms.iter().map(|v| crate::admin::vm_arg(v)).collect::<Result<Vec<_>, _>>()?;
+    // A mistake in the command (exit 2), not the server's state.
+    if let Some((_, vm)) = vms.iter().enumerate().find(|(i, v)| vms[..*i].contains(v)) {
+        return Err(tonic::Status::invalid_argument(format!("VM {vm} is named twice; name each VM once")));
+    }
     let (crash, app) = (interval_arg(r.crash_interval_ms)?, interval_arg(r.app_interval_ms)?);
     let op = tern_proto::GroupOp::try_from(r.op).unwrap_or(tern_proto::GroupOp::Unspecified);
     let store = ctx.store.clone();

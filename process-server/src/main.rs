@@ -144,7 +144,16 @@ fn initialised(data_dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// `serve`'s checks of its flags and data directory; returns the stream window.
-fn serve_checks(data_dir: &std::path::Path, stream_window: u64, scrub_rate: u64) -> anyhow::Result<u32> {
+fn serve_checks(
+    data_dir: &std::path::Path,
+    stream_window: u64,
+    scrub_rate: u64,
+    retention_every: std::time::Duration,
+) -> anyhow::Result<u32> {
+    // W19-B: 0 ran retention in a loop, on both cores.
+    if retention_every < std::time::Duration::from_secs(1) {
+        misconfigured!("--retention-every must be at least 1s (60s by default)");
+    }
     let Some(window) = u32::try_from(stream_window).ok().filter(|w| (64 << 10..=1 << 30).contains(w)) else {
         misconfigured!("--stream-window must be between 64KiB and 1GiB");
     };
@@ -213,7 +222,7 @@ fn run() -> anyhow::Result<()> {
             metrics,
             web,
         } => {
-            let stream_window = serve_checks(&data_dir, stream_window, scrub_rate)?;
+            let stream_window = serve_checks(&data_dir, stream_window, scrub_rate, retention_every)?;
             let segment_bytes = Some(segment_size);
             let scrub = tern_process_server::scrub::ScrubConfig { every: scrub_every, rate: scrub_rate };
             tern_process_server::finish_reissue(&data_dir.join("pki"))?;

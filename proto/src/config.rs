@@ -140,9 +140,12 @@ pub fn merged_args(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, 
             match v {
                 toml::Value::Boolean(true) if switch => out.push(format!("--{flag}").into()),
                 toml::Value::Boolean(false) if switch => {}
-                toml::Value::String(s) => out.extend([format!("--{flag}").into(), s.into()]),
-                toml::Value::Integer(i) => out.extend([format!("--{flag}").into(), i.to_string().into()]),
-                toml::Value::Boolean(b) => out.extend([format!("--{flag}").into(), b.to_string().into()]),
+                // `--flag=VALUE`: a value that starts with `-` is the flag's, not taken for a
+                // flag of its own (W19-B: `segment-size = "-1"` was said as an unexpected
+                // argument, without the key).
+                toml::Value::String(s) => out.push(format!("--{flag}={s}").into()),
+                toml::Value::Integer(i) => out.push(format!("--{flag}={i}").into()),
+                toml::Value::Boolean(b) => out.push(format!("--{flag}={b}").into()),
                 other => {
                     return Err(err(format!(
                         "{at}`{key}` = {other}: give a string, a number, true/false or a list of them"
@@ -243,6 +246,14 @@ mod tests {
         assert_eq!(
             bad_value_source(&cmd, &argv, &e),
             Some(format!("key `count` (line 2) of the config file {}", path.display()))
+        );
+        // A value that starts with `-` is the key's value, not a flag of its own (W19-B).
+        std::fs::write(&path, "data-dir = \"/d\"\nmax_rate = -5\n").unwrap();
+        let merged = merged_args(&cmd, argv.clone()).unwrap();
+        let e = cmd.clone().try_get_matches_from(merged).unwrap_err();
+        assert_eq!(
+            bad_value_source(&cmd, &argv, &e),
+            Some(format!("key `max_rate` (line 2) of the config file {}", path.display()))
         );
         // The file spells it with an underscore, and quoted: still found.
         std::fs::write(&path, "# c\n\n  \"max_rate\" = \"fast\"\n").unwrap();

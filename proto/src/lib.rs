@@ -23,6 +23,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 /// Largest gRPC message either side accepts. Batches are kept under 4 MiB of payload;
 /// the margin covers headers and incompressible data.
+/// The largest recovery plan file taken (`drctl plan apply`; one of hundreds of VMs takes
+/// tens of KiB): every plan is listed in one reply, which must stay within
+/// [`MAX_MESSAGE_BYTES`] (W19-B: a 3 MiB plan was stored, and then `drctl plan list` failed
+/// for every plan).
+pub const MAX_PLAN_BYTES: usize = 64 << 10;
+
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame the daemons accept (the default is 16 KiB): a 1 MiB batch travels
 /// as 4 frames, not 64, each handled, copied and woken for on its own. A 1 GiB random-data

@@ -1396,7 +1396,7 @@ impl Catalog {
         match (create, exists) {
             (Some(_), true) => return Err(StoreError::Group(format!("group {name} already exists"))),
             (None, false) => {
-                return Err(StoreError::Group(format!(
+                return Err(StoreError::GroupNotFound(format!(
                     "no group is named {name}; create it with `drctl group create {name} --vm ...`"
                 )));
             }

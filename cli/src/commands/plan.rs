@@ -132,6 +132,16 @@ fn groups(n: usize) -> String {
 }
 
 async fn apply(d: &mut Drctl, file: &std::path::Path) -> Result<(), CliError> {
+    let size =
+        std::fs::metadata(file).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?.len();
+    if size > tern_proto::MAX_PLAN_BYTES as u64 {
+        return Err(CliError::Usage(format!(
+            "{}: the plan file is too large ({} KiB; at most {} KiB)",
+            file.display(),
+            size >> 10,
+            tern_proto::MAX_PLAN_BYTES >> 10
+        )));
+    }
     let text =
         std::fs::read_to_string(file).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
     let source = file.display().to_string();

@@ -324,6 +324,14 @@ fn plan_info(row: &PlanRow, plan: Option<&Plan>, problem: String) -> pb::PlanInf
 
 /// `drctl plan apply FILE`: checks the file and stores it (replacing the plan of that name).
 pub async fn apply(ctx: &Arc<Ctx>, r: pb::ApplyPlanRequest) -> Result<pb::PlanInfo, Status> {
+    if r.text.len() > tern_proto::MAX_PLAN_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{}: the plan file is too large ({} KiB; at most {} KiB)",
+            r.source,
+            r.text.len() >> 10,
+            tern_proto::MAX_PLAN_BYTES >> 10
+        )));
+    }
     let plan = parse(ctx, &r.source, &r.text).await?;
     // Target disks are checked now against the VMs protected here (as a reprotect will),
     // not found wrong in the middle of a failback.
@@ -1119,32 +1127,55 @@ async fn stop_group(
 }
 
 /// Runs an action with the plan's environment; its output goes to the log.
+/// The most of an action's standard error kept (logged, and its last lines said).
+const ACTION_STDERR_KEPT: usize = 4096;
+
 async fn action(cmd: &str, env: &[(&str, String)]) -> Result<(), String> {
     let mut c = tokio::process::Command::new("sh");
     // Its own process group: a timeout, a cancel or the server stopping kills what it
     // started too, not only the shell.
     c.arg("-c").arg(cmd).kill_on_drop(true).process_group(0);
-    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    // Its output is not kept, and of its errors only the last ACTION_STDERR_KEPT bytes
+    // (W19-B: an action writing hundreds of MB took the server's memory with it).
+    c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
     for (k, v) in env {
         c.env(k, v);
     }
-    let child = c.spawn().map_err(|e| format!("cannot run it: {e}"))?;
+    let mut child = c.spawn().map_err(|e| format!("cannot run it: {e}"))?;
     let group = GroupKill(child.id());
-    let out = tokio::time::timeout(ACTION_TIMEOUT, child.wait_with_output())
+    let mut stderr = child.stderr.take().ok_or("cannot run it: no pipe for its errors")?;
+    let ran = async {
+        use tokio::io::AsyncReadExt;
+        let mut tail = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = stderr.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            tail.extend_from_slice(&buf[..n]);
+            if tail.len() > 2 * ACTION_STDERR_KEPT {
+                tail.drain(..tail.len() - ACTION_STDERR_KEPT);
+            }
+        }
+        tail.drain(..tail.len().saturating_sub(ACTION_STDERR_KEPT));
+        Ok::<_, std::io::Error>((child.wait().await?, tail))
+    };
+    let (status, tail) = tokio::time::timeout(ACTION_TIMEOUT, ran)
         .await
         .map_err(|_| format!("still running after {} s (killed)", ACTION_TIMEOUT.as_secs()))?
         .map_err(|e| format!("cannot run it: {e}"))?;
     // Ended by itself: what it left running on purpose (a service it started) stays.
     std::mem::forget(group);
-    let text = String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&tail);
     let text = text.trim();
-    info!(command = cmd, status = %out.status, stderr = text, "plan action ran");
-    if out.status.success() {
+    info!(command = cmd, status = %status, stderr = text, "plan action ran");
+    if status.success() {
         return Ok(());
     }
     let tail: String =
         text.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
-    Err(format!("{}{}", out.status, if tail.is_empty() { String::new() } else { format!(": {tail}") }))
+    Err(format!("{status}{}", if tail.is_empty() { String::new() } else { format!(": {tail}") }))
 }
 
 /// Kills an action's process group when dropped before the action ended.
@@ -1351,5 +1382,17 @@ mod tests {
         assert_eq!(tern_store::plan_run_pins(&json, "web"), Vec::<u64>::new());
         let done = serde_json::to_string(&Run { state: "done".into(), ..run }).unwrap();
         assert_eq!(tern_store::plan_run_pins(&done, "db"), Vec::<u64>::new());
+    }
+
+    /// An action's output is not kept, nor more than the end of its errors, however much it
+    /// writes; the last lines say why it failed.
+    #[tokio::test]
+    async fn an_action_that_writes_much_is_answered_with_the_end_of_its_errors() {
+        let loud = "head -c 100000000 /dev/zero; head -c 20000000 /dev/zero | tr '\\0' b >&2; \
+                    printf '\\nfirst\\nsecond\\nthird\\n' >&2; exit 3";
+        let err = action(loud, &[]).await.unwrap_err();
+        assert!(err.contains("3") && err.ends_with("first; second; third"), "{}", &err[..err.len().min(300)]);
+        assert!(err.len() < ACTION_STDERR_KEPT + 100, "{}", err.len());
+        assert_eq!(action("echo fine >&2", &[]).await, Ok(()));
     }
 }

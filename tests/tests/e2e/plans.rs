@@ -145,6 +145,12 @@ fn a_plan_goes_round_the_circle_group_by_group() {
     std::fs::write(&bad, "name = \"shop\"\n[[group]]\nvms = [\"db\", \"ghost\"]\n").unwrap();
     let err = server.drctl_err(&["plan", "apply", bad.to_str().unwrap()]);
     assert!(err.contains("line 3") && err.contains("VM ghost is not protected"), "{err}");
+    // Too large a file is refused saying so (W19-B: stored, then every `plan list` failed).
+    let manual = "m".repeat(tern_proto::MAX_PLAN_BYTES);
+    std::fs::write(&bad, format!("name = \"big\"\n[[group]]\nvms = [\"db\"]\nmanual = \"{manual}\"\n"))
+        .unwrap();
+    let err = server.drctl_err(&["plan", "apply", bad.to_str().unwrap()]);
+    assert!(err.contains("too large") && err.contains("at most 64 KiB"), "{err}");
     // A target disk the VM does not have is found at apply, not in the middle of a failback.
     let wrong = plan_file(&log, &flag, &mt.url(), &disks).replacen("sda=", "sdz=", 1);
     std::fs::write(&bad, wrong).unwrap();
