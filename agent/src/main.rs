@@ -246,6 +246,13 @@ fn run() -> anyhow::Result<()> {
         spill_max,
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
+    // W19-B: the agent wrote its tables and lock into a process server's data directory.
+    if ["catalog.db", "pki/ca.pem"].iter().any(|f| state_dir.join(f).exists()) {
+        misconfigured!(
+            "--state-dir {} is a process server's data directory; give the agent a directory of its own",
+            state_dir.display()
+        );
+    }
     let nbd = nbd_mode(mode, nbd_listen, nbd_socket_group, log_buffer, spill_max, &state_dir)?;
     let vm = VmName::new(&vm).map_err(|e| Misconfigured(e.to_string()))?;
     // A file that is there but is no identity is a mistake no restart mends (exit 2); one

@@ -356,8 +356,8 @@ impl pb::admin_server::Admin for AdminService {
                 Err(Status::unavailable("the agent went away before the point was made; try again"))
             }
             Err(_) => Err(Status::deadline_exceeded(format!(
-                "no point within {}s; the agent may still be sending the changes (see `drctl status {vm}`)",
-                limit.as_secs()
+                "no point within {:?}; the agent may still be sending the changes (see `drctl status {vm}`)",
+                limit
             ))),
         }
     }
@@ -516,7 +516,7 @@ impl pb::admin_server::Admin for AdminService {
         let spec = point_arg(&vm, if r.point.is_empty() { "latest" } else { &r.point })?;
         output_arg(&r.output, self.ctx.store.root())?;
         // First: a failover or change of point writing the disks now is named as such.
-        let claim = self.ctx.jobs.claim_output(&vm)?;
+        let claim = self.ctx.jobs.claim_output(&vm, "failover")?;
         let state = self.state(&vm).await?;
         // A failover cut short (a restart of this server) is finished by writing its output
         // again, which a commit needs first (W19-A: the advice named a commit, refused then).
@@ -588,7 +588,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         // Claimed before the state is read: a commit (which claims too) between the two
         // would otherwise leave this writing the output of a committed VM.
-        let claim = self.ctx.jobs.claim_output(&vm)?;
+        let claim = self.ctx.jobs.claim_output(&vm, "change of point")?;
         let state = self.state(&vm).await?;
         if state != VmState::FailedOver {
             return Err(Status::failed_precondition(format!(
@@ -624,7 +624,7 @@ impl pb::admin_server::Admin for AdminService {
         // Not while a failover or change of point writes the disks (W19-A: a commit taken
         // during a change of point committed one point while the output held another, or
         // none): refused, naming the job.
-        let _claim = self.ctx.jobs.claim_output(&vm)?;
+        let _claim = self.ctx.jobs.claim_output(&vm, "commit")?;
         let state = self.state(&vm).await?;
         if matches!(state, VmState::FailedOver | VmState::FailedBack) {
             let store = self.ctx.store.clone();

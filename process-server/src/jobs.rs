@@ -20,7 +20,7 @@ pub struct Jobs {
     /// Running jobs (and an ended one whose last row could not be written).
     live: Mutex<HashMap<u64, JobRow>>,
     /// VMs whose failover output a job is writing (see [`Jobs::claim_output`]).
-    writing: Mutex<std::collections::HashSet<VmName>>,
+    writing: Mutex<HashMap<VmName, &'static str>>,
     /// Output directories (resolved) that a running failover or test failover writes into,
     /// with whose and what (see [`Jobs::claim_dir`]).
     dirs: Mutex<Vec<(PathBuf, VmName, &'static str)>>,
@@ -65,15 +65,29 @@ impl Jobs {
     /// One job at a time writes a VM's failover output: a second change of point started
     /// while one runs (or one while the failover writes) would write the same files (W16:
     /// two at once both failed, and the output was gone). Refused, naming the running job.
-    pub fn claim_output(self: &Arc<Self>, vm: &VmName) -> Result<OutputClaim, tonic::Status> {
-        if lock(&self.writing).insert(vm.clone()) {
-            return Ok(OutputClaim { jobs: self.clone(), vm: vm.clone() });
-        }
+    /// `holder`: what claims it ("failover", "change of point", "commit"), said to another
+    /// that finds it taken before a job of the holder is listed.
+    pub fn claim_output(
+        self: &Arc<Self>,
+        vm: &VmName,
+        holder: &'static str,
+    ) -> Result<OutputClaim, tonic::Status> {
+        let held = {
+            let mut writing = lock(&self.writing);
+            match writing.get(vm) {
+                Some(h) => *h,
+                None => {
+                    writing.insert(vm.clone(), holder);
+                    return Ok(OutputClaim { jobs: self.clone(), vm: vm.clone() });
+                }
+            }
+        };
         let running = lock(&self.live)
             .values()
             .find(|r| writes_output(r, vm))
             .map(|r| format!(" (job {}, a {}: `drctl jobs --wait {}`)", r.id, r.kind, r.id))
-            .unwrap_or_default();
+            // Claimed a moment before its job is listed, or by a commit (W19-A: said without one).
+            .unwrap_or_else(|| format!(" (by a {held} under way: `drctl jobs` lists a job once it has one)"));
         Err(tonic::Status::failed_precondition(format!(
             "the disks of VM {vm}'s failover are being written already{running}; nothing changed: run this \
              again once that has ended"

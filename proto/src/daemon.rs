@@ -64,7 +64,15 @@ pub fn notify_stopping() {
 
 /// `TERN_LOG_FORMAT=json`: log lines are JSON objects.
 fn json_logs() -> bool {
-    std::env::var("TERN_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"))
+    match std::env::var("TERN_LOG_FORMAT") {
+        Ok(v) if v.eq_ignore_ascii_case("json") => true,
+        // Said, not ignored (W19-B): the logs come as text then.
+        Ok(v) if !v.is_empty() && !v.eq_ignore_ascii_case("text") => {
+            eprintln!("warning: TERN_LOG_FORMAT={v:?} is not json or text; logging text");
+            false
+        }
+        _ => false,
+    }
 }
 
 /// Ends the process with one `error:` line and exit code 1 when `run` fails (with JSON

@@ -110,6 +110,11 @@ fn host_of(url: &str) -> Result<(String, String), ConnectError> {
         Some(v6) => v6.split_once(']').is_some_and(|(_, rest)| rest.starts_with(':')),
         None => authority.contains(':'),
     };
+    // A port that is no port is the address's mistake, not a refused connection (W19-B:
+    // `:99999` was dialled and said as "Connection refused").
+    if has_port && authority.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+        return Err(ConnectError::BadUrl { url: url.to_string() });
+    }
     let authority = if has_port { authority.to_string() } else { format!("{authority}:443") };
     Ok((host.to_string(), authority))
 }
@@ -282,6 +287,9 @@ mod tests {
         );
         assert_eq!(host_of("https://[::1]").unwrap(), ("::1".into(), "[::1]:443".into()));
         assert_eq!(host_of("https://[::1]:7444").unwrap(), ("::1".into(), "[::1]:7444".into()));
+        for bad in ["https://127.0.0.1:99999", "https://dr:", "https://[::1]:x", "http://dr:7443"] {
+            assert!(matches!(host_of(bad), Err(ConnectError::BadUrl { .. })), "{bad}");
+        }
     }
 
     /// A peer that takes the TCP connection and never answers the TLS handshake is given up

@@ -338,7 +338,13 @@ pub async fn set_policy(
             0 => {
                 return Err(CliError::Usage(format!("--max-journal {s}: give a size, or none for no bound")));
             }
-            b => b.min(u64::MAX - 1),
+            // Larger than any data directory: a mistyped unit (W19-B: stored as 8388608 TiB).
+            b if b > 1 << 60 => {
+                return Err(CliError::Usage(format!(
+                    "--max-journal {s}: at most 1EiB, or none for no bound"
+                )));
+            }
+            b => b,
         },
     };
     let policy = pb::PolicyInfo {

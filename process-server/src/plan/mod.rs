@@ -1201,8 +1201,11 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &mut Run, vm: &VmName) -> Resu
     let status = |s: Status| s.message().to_string();
     match run.operation {
         Operation::TestFailover => {
+            // As `drctl test-failover`: not into a directory another output holds.
+            let dir = ctx.jobs.claim_dir(vm, "test failover", &out_dir).await.map_err(status)?;
             let job = ctx.jobs.start(JobKind::TestFailover, vm).await.map_err(status)?;
             let r = run_test_failover(ctx, vm.clone(), spec, out_dir, format, &job).await;
+            drop(dir);
             finish(&job, r).await.map(Some)
         }
         Operation::Failover => {
@@ -1213,7 +1216,7 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &mut Run, vm: &VmName) -> Resu
             } else {
                 JobKind::UnplannedFailover
             };
-            let claim = ctx.jobs.claim_output(vm).map_err(status)?;
+            let claim = ctx.jobs.claim_output(vm, "plan step").map_err(status)?;
             let job = ctx.jobs.start(jk, vm).await.map_err(status)?;
             let r = run_failover(ctx, vm.clone(), kind, spec, out_dir, format, false, &job).await;
             drop(claim);
@@ -1282,7 +1285,7 @@ async fn already_done(
 /// it was written): written again at its failover's position before the plan goes on, so
 /// that a later group never starts beside a VM without its disks. The point, when written.
 async fn finish_output(ctx: &Arc<Ctx>, vm: &VmName, job: &crate::jobs::Job) -> Result<Option<u64>, String> {
-    let _claim = ctx.jobs.claim_output(vm).map_err(|s| s.message().to_string())?;
+    let _claim = ctx.jobs.claim_output(vm, "plan step").map_err(|s| s.message().to_string())?;
     let (store, v, j) = (ctx.store.clone(), vm.clone(), job.clone());
     let out = blocking(move || store.finish_failover_output(&v, &mut |done, total| j.progress(done, total)))
         .await
