@@ -119,7 +119,8 @@ fn transport_failure(chain: &str) -> String {
     } else {
         format!(
             "the connection to the process server was cut ({chain}); it may have stopped or the network \
-             failed: see `drctl status` and `drctl jobs` once it answers"
+             failed: see `drctl status` and `drctl jobs` once it answers (after an enroll or a revoke, \
+             `drctl identities`)"
         )
     }
 }
