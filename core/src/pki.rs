@@ -408,7 +408,11 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
 pub fn master_target_name(n: &str) -> Result<String, PkiError> {
     match crate::DiskName::new(n) {
         Ok(d) => Ok(d.to_string()),
-        Err(e) => check_san(n).map_err(|_| PkiError::BadMasterTargetName(n.to_string(), e.to_string())),
+        Err(e) => check_san(n).map_err(|_| {
+            // Said as the master target's name, which it is (W19-C: "disk name").
+            let why = e.to_string().replacen("disk name", "a name", 1);
+            PkiError::BadMasterTargetName(n.to_string(), why)
+        }),
     }
 }
 

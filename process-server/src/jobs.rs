@@ -85,7 +85,7 @@ impl Jobs {
         let running = lock(&self.live)
             .values()
             .find(|r| writes_output(r, vm))
-            .map(|r| format!(" (job {}, a {}: `drctl jobs --wait {}`)", r.id, r.kind, r.id))
+            .map(|r| format!(" (job {}, {}: `drctl jobs --wait {}`)", r.id, r.kind, r.id))
             // Claimed a moment before its job is listed, or by a commit (W19-A: said without one).
             .unwrap_or_else(|| format!(" (by a {held} under way: `drctl jobs` lists a job once it has one)"));
         Err(tonic::Status::failed_precondition(format!(

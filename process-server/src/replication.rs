@@ -66,7 +66,9 @@ impl tern_proto::replication_server::Replication for ReplicationService {
         // shown in the VM's status, where only "agent no" would show otherwise (W18-B).
         if !hello.problem.is_empty() {
             warn!(vm = %vm, problem = %hello.problem, "the agent cannot replicate");
-            if self.ctx.store.has_vm(&vm).unwrap_or(false) {
+            // Not from a second process while the VM's agent replicates (W19-C: one started
+            // by mistake turned a healthy VM critical until its next point).
+            if self.ctx.store.has_vm(&vm).unwrap_or(false) && !self.ctx.hub.connected(&vm) {
                 self.ctx.hub.fail_point(&vm, &hello.problem);
             }
             return Err(Status::unavailable(format!("noted: {}", hello.problem)));

@@ -1,8 +1,10 @@
 //! The daemons' small HTTP servers (`--metrics`, the process server's status page): at most
 //! [`MAX_CONNECTIONS`] at once, a request's head read within [`HEAD_LIMIT`], a connection
-//! closed after [`LIFETIME`]. Without bounds, idle and slow clients held every file
+//! ended after [`LIFETIME`]. Without bounds, idle and slow clients held every file
 //! descriptor the process may open (W19-B: the process server then could not open a
-//! journal segment, and a VM's replication stopped).
+//! journal segment, and a VM's replication stopped). The bound keeps the daemon's
+//! descriptors; it cannot keep a client that reaches the port from taking every connection
+//! (bind these to loopback or a management network).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,9 +13,10 @@ use std::time::{Duration, Instant};
 /// Connections served at once on one listener; more are closed as they come.
 pub const MAX_CONNECTIONS: usize = 64;
 /// A request's head (its line and headers) must arrive within this long, the first or the
-/// next on a kept-alive connection.
+/// next on a kept-alive connection (which is closed when idle for as long).
 pub const HEAD_LIMIT: Duration = Duration::from_secs(10);
-/// A connection is closed after this long, busy or not (a client opens another).
+/// A connection's answers after this long say it closes (`Connection: close`), and it is
+/// cut [`HEAD_LIMIT`] later whatever it does: a client opens another.
 pub const LIFETIME: Duration = Duration::from_secs(120);
 
 /// Serves `app` on the connections `listener` accepts until `stop`.
@@ -40,13 +43,29 @@ where
             }
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let inner = hyper_util::service::TowerToHyperService::new(app.clone());
+        let born = Instant::now();
+        // Past its lifetime, a connection's next answer says it closes (W19-C: closed between
+        // requests without a word, a kept-alive scraper's next request failed).
+        let service = hyper::service::service_fn(move |req| {
+            let answer = hyper::service::Service::call(&inner, req);
+            async move {
+                let mut response = answer.await?;
+                if born.elapsed() >= LIFETIME {
+                    response
+                        .headers_mut()
+                        .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEAD_LIMIT)
                 .serve_connection(hyper_util::rt::TokioIo::new(io), service);
-            let _ = tokio::time::timeout(LIFETIME, conn).await;
+            // An answer that has not ended by then (a client that reads it slowly) is cut.
+            let _ = tokio::time::timeout(LIFETIME + HEAD_LIMIT, conn).await;
             drop(permit);
         });
     }

@@ -132,18 +132,22 @@ fn groups(n: usize) -> String {
 }
 
 async fn apply(d: &mut Drctl, file: &std::path::Path) -> Result<(), CliError> {
-    let size =
-        std::fs::metadata(file).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?.len();
-    if size > tern_proto::MAX_PLAN_BYTES as u64 {
+    use std::io::Read;
+    let bad = |e: std::io::Error| CliError::Usage(format!("{}: {e}", file.display()));
+    // Read up to one byte past the bound: a pipe has no size to look at first (W19-C).
+    let mut text = String::new();
+    std::fs::File::open(file)
+        .map_err(bad)?
+        .take(tern_proto::MAX_PLAN_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(bad)?;
+    if text.len() > tern_proto::MAX_PLAN_BYTES {
         return Err(CliError::Usage(format!(
-            "{}: the plan file is too large ({} KiB; at most {} KiB)",
+            "{}: the plan file is too large (more than {} bytes)",
             file.display(),
-            size >> 10,
-            tern_proto::MAX_PLAN_BYTES >> 10
+            tern_proto::MAX_PLAN_BYTES
         )));
     }
-    let text =
-        std::fs::read_to_string(file).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
     let source = file.display().to_string();
     let p = d.c.apply_plan(pb::ApplyPlanRequest { source, text }).await?.into_inner();
     if d.json {

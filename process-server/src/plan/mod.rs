@@ -326,10 +326,10 @@ fn plan_info(row: &PlanRow, plan: Option<&Plan>, problem: String) -> pb::PlanInf
 pub async fn apply(ctx: &Arc<Ctx>, r: pb::ApplyPlanRequest) -> Result<pb::PlanInfo, Status> {
     if r.text.len() > tern_proto::MAX_PLAN_BYTES {
         return Err(Status::invalid_argument(format!(
-            "{}: the plan file is too large ({} KiB; at most {} KiB)",
+            "{}: the plan file is too large ({} bytes; at most {})",
             r.source,
-            r.text.len() >> 10,
-            tern_proto::MAX_PLAN_BYTES >> 10
+            r.text.len(),
+            tern_proto::MAX_PLAN_BYTES
         )));
     }
     let plan = parse(ctx, &r.source, &r.text).await?;
@@ -589,6 +589,13 @@ async fn precheck(ctx: &Arc<Ctx>, plan: &Plan, run: &Run) -> Result<(), Status> 
     let want = run.operation.needs();
     for vm in plan.vms() {
         if run.done.contains(&vm.to_string()) {
+            continue;
+        }
+        // A VM removed since the file was applied has nothing left to clean up (W19-C).
+        let (store, v) = (ctx.store.clone(), vm.clone());
+        if run.operation == Operation::TestFailoverCleanup
+            && !blocking(move || store.has_vm(&v)).await?.map_err(store_status)?
+        {
             continue;
         }
         let (store, v) = (ctx.store.clone(), vm.clone());
@@ -1217,9 +1224,13 @@ async fn one_vm(ctx: &Arc<Ctx>, plan: &Plan, run: &mut Run, vm: &VmName) -> Resu
                 JobKind::UnplannedFailover
             };
             let claim = ctx.jobs.claim_output(vm, "plan step").map_err(status)?;
+            // As `drctl failover` (W19-C: a plan's test failover and a VM's failover wrote the
+            // same directory, and the cleanup deleted the recovered disks). A VM found failed
+            // over was done before, and is not here.
+            let dir = ctx.jobs.claim_dir(vm, "failover", &out_dir).await.map_err(status)?;
             let job = ctx.jobs.start(jk, vm).await.map_err(status)?;
             let r = run_failover(ctx, vm.clone(), kind, spec, out_dir, format, false, &job).await;
-            drop(claim);
+            drop((claim, dir));
             finish(&job, r).await.map(Some)
         }
         Operation::Failback => failback_vm(ctx, &plan.name, run, vm).await.map(Some),

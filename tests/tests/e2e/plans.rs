@@ -150,7 +150,7 @@ fn a_plan_goes_round_the_circle_group_by_group() {
     std::fs::write(&bad, format!("name = \"big\"\n[[group]]\nvms = [\"db\"]\nmanual = \"{manual}\"\n"))
         .unwrap();
     let err = server.drctl_err(&["plan", "apply", bad.to_str().unwrap()]);
-    assert!(err.contains("too large") && err.contains("at most 64 KiB"), "{err}");
+    assert!(err.contains("too large") && err.contains("more than 65536 bytes"), "{err}");
     // A target disk the VM does not have is found at apply, not in the middle of a failback.
     let wrong = plan_file(&log, &flag, &mt.url(), &disks).replacen("sda=", "sdz=", 1);
     std::fs::write(&bad, wrong).unwrap();
