@@ -64,6 +64,7 @@ pub fn store_status(e: StoreError, site: Site) -> Status {
         | StoreError::VmDamaged { .. }
         | StoreError::DataDirInUse { .. }
         | StoreError::CatalogMissing { .. }
+        | StoreError::CatalogBehind { .. }
         | StoreError::CatalogExists { .. }
         | StoreError::CatalogTooNew { .. }
         | StoreError::BadRow { .. }

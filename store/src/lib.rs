@@ -153,6 +153,14 @@ pub enum StoreError {
     )]
     CatalogMissing { dir: String },
     #[error(
+        "{dir} holds replicated data of VM(s) {vms} that its catalog (catalog.db) does not know: restored \
+         without its catalog.db-wal, or from a backup older than that data? Refusing to start, as their agents \
+         would sync them anew over the journals that hold their points. Restore catalog.db together with \
+         catalog.db-wal (copy both with the server stopped), or move catalog.db, catalog.db-wal and \
+         catalog.db-shm aside and rebuild it: `process-server check --data-dir {dir} --rebuild-catalog`"
+    )]
+    CatalogBehind { dir: String, vms: String },
+    #[error(
         "catalog row {table}[{key}] does not decode ({reason}); restore catalog.db from a backup, or move it \
          away and rebuild it with `process-server check --rebuild-catalog`"
     )]
@@ -176,7 +184,7 @@ impl StoreError {
     /// A data directory this version can never open (a newer one wrote it): no restart
     /// mends it.
     pub fn is_for_good(&self) -> bool {
-        matches!(self, StoreError::CatalogTooNew { .. })
+        matches!(self, StoreError::CatalogTooNew { .. } | StoreError::CatalogBehind { .. })
     }
 
     /// The file system under the data directory is full (or over its quota): not damage,
@@ -577,6 +585,16 @@ impl Store {
         create_dir_durable(&root.join("vms"))?;
         remove_scratch(&root.join("tmp"));
         let mut catalog = Catalog::open(&catalog_path)?;
+        // A catalog that does not know VMs whose data is here (restored without its -wal,
+        // or from a backup older than them): started on, each agent would sync its VM anew
+        // over the journals that hold its points (W19-D: every VM's history was lost).
+        let unknown = unknown_vm_data(root, &catalog.vms()?);
+        if !unknown.is_empty() {
+            return Err(StoreError::CatalogBehind {
+                dir: root.display().to_string(),
+                vms: unknown.join(", "),
+            });
+        }
         let reserve = Arc::new(reserve::Reserve::open(root, options.reserve_bytes)?);
         let mut disks = HashMap::new();
         let mut damaged = HashMap::new();
@@ -596,6 +614,11 @@ impl Store {
                     continue;
                 }
             };
+            if let Some(why) = points_behind_the_base(root, &catalog, &vm, &handles)? {
+                tracing::error!(vm = %vm, problem = %why, "the catalog is older than the VM's stored data");
+                damaged.insert(vm, why);
+                continue;
+            }
             drop_points_past_the_journals(&mut catalog, &vm, &handles)?;
             // (A master target's VMs have no such state: their row says how records are kept.)
             if matches!(catalog.vm_state(&vm), Ok(tern_core::VmState::FailoverCommitted)) {
@@ -1846,6 +1869,88 @@ pub(crate) fn lock_data_dir(root: &Path) -> Result<std::fs::File, StoreError> {
 }
 
 /// Whether the data directory holds a journal segment or base image of some VM.
+/// The VMs under `vms/` that `known` leaves out and that hold data: a base image or a
+/// journal segment that is not empty (a directory a crash left during a registration holds
+/// none).
+fn unknown_vm_data(root: &Path, known: &[VmName]) -> Vec<String> {
+    let has_data = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.len() > 0);
+    let Ok(vms) = std::fs::read_dir(root.join("vms")) else { return Vec::new() };
+    let mut unknown: Vec<String> = vms
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| !known.iter().any(|k| k.as_str() == name))
+        .filter(|name| {
+            let vm = root.join("vms").join(name);
+            std::fs::read_dir(&vm).into_iter().flatten().filter_map(Result::ok).any(|disk| {
+                let d = disk.path();
+                has_data(&d.join("base.img"))
+                    || std::fs::read_dir(d.join("journal"))
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Result::ok)
+                        .any(|s| s.path().extension().is_some_and(|x| x == "seg") && has_data(&s.path()))
+            })
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+/// Why the catalog is older than `vm`'s stored data, if it is: it lists a point that a
+/// disk's base image has moved past (its `base.seq` mark, written before each fold, is past
+/// the point's position; retention deletes such points before it folds). Such points
+/// cannot be recovered (W19-D: a catalog.db restored from an older backup listed them all,
+/// and said nothing). A missing base image that records were folded into is said too.
+fn points_behind_the_base(
+    root: &Path,
+    catalog: &Catalog,
+    vm: &VmName,
+    handles: &[DiskHandle],
+) -> Result<Option<String>, StoreError> {
+    let points = catalog.points(vm)?;
+    // A commit moves the base images to the failover's position before it deletes the
+    // points (`Store::commit`): one cut short in between leaves them listed, and is done
+    // again. A failed-over VM is not judged by its marks.
+    if matches!(catalog.vm_state(vm), Ok(tern_core::VmState::FailedOver)) {
+        return Ok(None);
+    }
+    for h in handles {
+        let own = disk_dir(root, vm, &h.name).join("base.img");
+        if h.base_path != own {
+            continue;
+        }
+        if h.base_seq().0 > 0 && !own.exists() {
+            return Ok(Some(format!(
+                "disk {}'s base image {} is gone, though records up to {} were folded into it: its points \
+                 cannot be recovered without it. Restore it from the backup the rest of the data directory \
+                 came from, or remove the VM (`drctl remove {vm} --delete-points`) and protect it anew",
+                h.name,
+                own.display(),
+                h.base_seq()
+            )));
+        }
+        let Some(mark) = rebuild::base_mark(root, vm, &h.name)? else { continue };
+        let behind: Vec<u64> = points
+            .iter()
+            .filter(|p| p.disks.iter().any(|d| d.disk == h.name && d.seq.0 < mark))
+            .map(|p| p.id.0)
+            .collect();
+        if let (Some(first), Some(last)) = (behind.first(), behind.last()) {
+            return Ok(Some(format!(
+                "the catalog is older than this VM's stored data (catalog.db restored from an older backup?): \
+                 disk {}'s base image holds records up to {mark}, past points {first} to {last}, which cannot \
+                 be recovered. Rebuild the catalog from the journals: stop the process server, move \
+                 catalog.db (and catalog.db-wal, -shm) aside, and run `process-server check --data-dir {} \
+                 --rebuild-catalog`",
+                h.name,
+                root.display()
+            )));
+        }
+    }
+    Ok(None)
+}
+
 fn holds_vm_data(root: &Path) -> bool {
     std::fs::read_dir(root.join("vms")).is_ok_and(|mut vms| vms.any(|e| e.is_ok()))
 }
@@ -2176,6 +2281,65 @@ mod tests {
         // Numbering goes on from the journal's end; the resent records land there.
         h.journal().append(Seq(2), &[write(&image[8192..12288], 8192)]).unwrap();
         assert_eq!(h.journal().sync().unwrap(), Seq(2));
+    }
+
+    /// A catalog older than the stored data (restored from a backup) is found at open: VM
+    /// data it does not know refuses the start; points a base image has moved past, or a
+    /// base image gone that records were folded into, mark the VM damaged, saying what to
+    /// do (W19-D: the server started, and listed points that did not recover).
+    #[test]
+    fn a_catalog_older_than_the_stored_data_is_found_at_open() {
+        let root = tempfile::tempdir().unwrap();
+        let (vm, d) = (VmName::new("vm1").unwrap(), DiskName::new("sda").unwrap());
+        let size = 1u64 << 20;
+        let mut image = vec![0u8; size as usize];
+        let point_at = |store: &Store, image: &[u8], seq: u64| {
+            let mut fp = Fingerprint::new();
+            fp.push_data(image);
+            let disks = vec![PointDisk { disk: d.clone(), seq: Seq(seq), fingerprint: fp.finish() }];
+            store.make_point(&vm, now_ms(), Consistency::Crash, "", disks).unwrap().id
+        };
+        {
+            let store = Store::open(root.path()).unwrap();
+            let h = store.register(&vm, &[(d.clone(), size)]).unwrap().remove(0);
+            for i in 1..=10u64 {
+                let data = incompressible(i, 4096);
+                image[(i * 4096) as usize..][..4096].copy_from_slice(&data);
+                h.journal().append(Seq(i), &[write(&data, i * 4096)]).unwrap();
+                h.journal().sync().unwrap();
+                if i == 3 || i == 8 {
+                    point_at(&store, &image, i);
+                }
+            }
+        }
+        // The base image moved past point 1 (at record 3): a fold the catalog does not know.
+        rebuild::mark_base(root.path(), &vm, &d, Seq(5)).unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let why = store.damaged(&vm).expect("the VM is marked").to_string();
+        assert!(why.contains("older than") && why.contains("--rebuild-catalog"), "{why}");
+        drop(store);
+        rebuild::mark_base(root.path(), &vm, &d, Seq(3)).unwrap();
+        let store = Store::open(root.path()).unwrap();
+        assert!(store.damaged(&vm).is_none(), "no point is behind the base");
+        // Records folded into a base image that is then lost.
+        let h = store.disk(&vm, &d).unwrap();
+        store.advance_base(&h, Seq(3)).unwrap();
+        drop((h, store));
+        std::fs::remove_file(root.path().join("vms/vm1/sda/base.img")).unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let why = store.damaged(&vm).expect("the VM is marked").to_string();
+        assert!(why.contains("base image") && why.contains("is gone"), "{why}");
+        drop(store);
+        // A catalog that does not know the VM at all: no start.
+        for f in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
+            let _ = std::fs::remove_file(root.path().join(f));
+        }
+        drop(Catalog::open(&root.path().join("catalog.db")).unwrap());
+        let Err(err) = Store::open(root.path()) else {
+            panic!("a catalog that does not know vm1 is refused")
+        };
+        assert!(matches!(err, StoreError::CatalogBehind { .. }) && err.to_string().contains("vm1"), "{err}");
+        assert!(err.is_for_good());
     }
 
     /// Bit rot in a closed segment (which opening does not read) found by a read: the

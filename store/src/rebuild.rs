@@ -38,6 +38,11 @@ pub(crate) fn has_base_mark(root: &Path, vm: &VmName, disk: &DiskName) -> bool {
     disk_dir(root, vm, disk).join(BASE_MARK).exists()
 }
 
+/// A disk's `base.seq` mark, if it has one.
+pub(crate) fn base_mark(root: &Path, vm: &VmName, disk: &DiskName) -> Result<Option<u64>, StoreError> {
+    read_mark(&disk_dir(root, vm, disk).join(BASE_MARK))
+}
+
 /// Publishes `vms/<vm>/points.deleted`: the VM's points up to `id` are deleted on purpose.
 pub(crate) fn mark_points_deleted(root: &Path, vm: &VmName, id: PointId) -> Result<(), StoreError> {
     let dir = root.join("vms").join(vm.as_str());
