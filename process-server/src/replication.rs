@@ -504,7 +504,21 @@ fn doubtful_ranges(
 ) -> Option<Doubtful> {
     let durable = h.durable();
     let (generation, seq) = agent?;
-    if *generation != h.generation() || Seq(*seq) > durable {
+    if *generation != h.generation() {
+        return None;
+    }
+    if Seq(*seq) > durable {
+        // Records this copy acknowledged are gone: its data directory went back in time (a
+        // restore from a backup) or its storage lost writes (W19-D: said nowhere). A new
+        // epoch, so that the state the agent saves against this copy is never taken for
+        // the other's.
+        warn!(vm = %h.vm, disk = %h.name, agent_seq = seq, journal_end = %durable,
+            "the agent's saved state is ahead of this server's journal: records acknowledged before are gone \
+             (the data directory restored from a backup, or its storage lost writes), and points made past \
+             the journal's end are not listed; the agent compares the whole disk");
+        if let Err(e) = store.new_epoch(h) {
+            warn!(vm = %h.vm, disk = %h.name, error = %e, "cannot start a new epoch for the disk");
+        }
         return None;
     }
     if Seq(*seq) == durable {

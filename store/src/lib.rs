@@ -1031,6 +1031,17 @@ impl Store {
         self.transition(vm, Transition::CancelReprotect)
     }
 
+    /// A new generation for `h`'s copy, now: no sender's saved state counts for it any more,
+    /// so the next sync of the disk compares it whole. For a copy found behind a sender's
+    /// state (its data directory went back in time): a later return to the newer directory
+    /// must not take the state the sender saved against this one for its own (W19-D).
+    pub fn new_epoch(&self, h: &DiskHandle) -> Result<(), StoreError> {
+        let g = new_generation(&h.vm, &h.name);
+        self.catalog().set_generation(&h.vm, &h.name, &g)?;
+        *h.generation.lock().unwrap_or_else(|p| p.into_inner()) = g;
+        Ok(())
+    }
+
     /// New generations for every disk of `vm`, for a transition that starts a new
     /// replication epoch: senders' saved states no longer count, so the next sync of each
     /// disk is a delta sync.
