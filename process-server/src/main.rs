@@ -201,6 +201,14 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Check { data_dir, rebuild_catalog } => {
+            // A mistyped path is not an empty site (W19-D: it was made, and said 0 VMs).
+            if !data_dir.join("pki").join("ca.pem").exists() && !data_dir.join("vms").exists() {
+                misconfigured!(
+                    "{} is not a process server's data directory (no pki/ca.pem, no vms/); give the --data-dir \
+                     that `process-server serve` uses",
+                    data_dir.display()
+                );
+            }
             let report = if rebuild_catalog {
                 tern_process_server::check::rebuild(&data_dir)?
             } else {
