@@ -246,13 +246,7 @@ fn run() -> anyhow::Result<()> {
         spill_max,
         metrics,
     } = tern_proto::config::parse::<Cli>().cmd;
-    // W19-B: the agent wrote its tables and lock into a process server's data directory.
-    if ["catalog.db", "pki/ca.pem"].iter().any(|f| state_dir.join(f).exists()) {
-        misconfigured!(
-            "--state-dir {} is a process server's data directory; give the agent a directory of its own",
-            state_dir.display()
-        );
-    }
+    check_state_dir(&state_dir)?;
     let nbd = nbd_mode(mode, nbd_listen, nbd_socket_group, log_buffer, spill_max, &state_dir)?;
     let vm = VmName::new(&vm).map_err(|e| Misconfigured(e.to_string()))?;
     // A file that is there but is no identity is a mistake no restart mends (exit 2); one
@@ -278,17 +272,7 @@ fn run() -> anyhow::Result<()> {
         ),
         other => misconfigured!("{} is the identity of the {other}, not of an agent", identity.display()),
     }
-    let sources = match disk_sources(&disks, disk_format) {
-        // One that may be mended without a restart (a file not there yet, a device not
-        // attached): exit 1, after telling the server, which shows it in the VM's status.
-        Err(e) if e.downcast_ref::<Misconfigured>().is_none() => {
-            let problem = format!("{e:#}; the agent exits and its unit starts it again");
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(tern_agent::tell_problem(&server, &identity_bundle, &vm, problem));
-            return Err(e);
-        }
-        sources => sources?,
-    };
+    let sources = open_disks(&disks, disk_format, (&server, &identity_bundle, &vm))?;
     // An nbd-mode agent is the VM's disk: it starts and serves it whatever its identity,
     // and its sessions say why replication waits (as after a revocation).
     let expired = format!("{}: the identity", identity.display());
@@ -337,6 +321,37 @@ fn run() -> anyhow::Result<()> {
         let shutdown = tern_proto::daemon::shutdown_on_signal();
         tern_agent::run(config, shutdown).await.map_err(anyhow::Error::from)
     })
+}
+
+/// A state directory that is a process server's data directory is refused (W19-B: the
+/// agent wrote its tables and lock into one).
+fn check_state_dir(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    if ["catalog.db", "pki/ca.pem"].iter().any(|f| state_dir.join(f).exists()) {
+        misconfigured!(
+            "--state-dir {} is a process server's data directory; give the agent a directory of its own",
+            state_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// [`disk_sources`]; a disk that cannot be opened for a reason a restart may mend (a file
+/// not there yet, a device not attached) exits 1 after telling the server (at its
+/// address, this agent's identity and VM), which shows it in the VM's status.
+fn open_disks(
+    disks: &[String],
+    disk_format: DiskFormat,
+    (server, identity, vm): (&str, &Bundle, &VmName),
+) -> anyhow::Result<Vec<DiskSource>> {
+    match disk_sources(disks, disk_format) {
+        Err(e) if e.downcast_ref::<Misconfigured>().is_none() => {
+            let problem = format!("{e:#}; the agent exits and its unit starts it again");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(tern_agent::tell_problem(server, identity, vm, problem));
+            Err(e)
+        }
+        sources => sources,
+    }
 }
 
 /// The `--disk NAME=PATH` arguments, opened and checked: raw disks (not an image
