@@ -493,6 +493,16 @@ impl Session {
         true
     }
 
+    /// Tells the server that a disk could not be read (`e`), which shows it in the VM's
+    /// status until a point is made; the session's end.
+    async fn unreadable(&self, e: &ScanError) -> SessionError {
+        let reason = format!("{e}; the agent tries again within seconds");
+        if self.point_failed(0, reason).await.is_ok() {
+            self.flush_sent().await;
+        }
+        Status::unavailable(e.to_string()).into()
+    }
+
     /// Waits (at most 2 s) until the stream has taken every message sent, so that one sent
     /// just before the session ends is not lost with the stream.
     async fn flush_sent(&self) {
@@ -1053,13 +1063,7 @@ impl Session {
             // Said to the server too, which shows it in the VM's status until a point is made:
             // the session ends, and a VM without one shows only that its agent is away (W18-B:
             // a disk file gone was only in the agent's log).
-            Err(e @ ScanError::Read { .. }) => {
-                let reason = format!("{e}; the agent tries again within seconds");
-                if self.point_failed(0, reason).await.is_ok() {
-                    self.flush_sent().await;
-                }
-                return Err(Status::unavailable(e.to_string()).into());
-            }
+            Err(e @ ScanError::Read { .. }) => return Err(self.unreadable(&e).await),
             // Ends the session as a failure to retry: the next Hello gives the new size, which
             // the server refuses (and shows in the VM's status) before the agent stops for good.
             Err(e @ ScanError::Resized { .. }) => return Err(Status::unavailable(e.to_string()).into()),
