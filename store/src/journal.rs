@@ -828,7 +828,7 @@ impl Journal {
                 _ => unread.push((seg.path.clone(), seg.first_seq, seg.durable_len)),
             }
         }
-        (known, JournalSnapshot { segments: unread, durable: self.durable })
+        (known, JournalSnapshot { segments: unread, durable: self.durable, some_left_out: true })
     }
 
     /// A view of the durable records for readers.
@@ -836,6 +836,7 @@ impl Journal {
         JournalSnapshot {
             segments: self.segments.iter().map(|s| (s.path.clone(), s.first_seq, s.durable_len)).collect(),
             durable: self.durable,
+            some_left_out: false,
         }
     }
 }
@@ -992,6 +993,9 @@ pub struct JournalSnapshot {
     /// Each segment's path, first seq and durable length.
     segments: Vec<(PathBuf, u64, u64)>,
     pub durable: Seq,
+    /// Some of the journal's segments are not among these (they were answered without a
+    /// read): one segment's end is not the next one's start.
+    some_left_out: bool,
 }
 
 /// A record read back from a segment, with its sequence number.
@@ -1049,6 +1053,8 @@ impl JournalSnapshot {
             last_seq: after,
             mark: start_at.map(|offset| (index, offset)),
             skip: Skip::Nothing,
+            seen: None,
+            some_left_out: self.some_left_out,
         }
     }
 
@@ -1083,6 +1089,12 @@ pub struct JournalReader {
     mark: Option<(usize, u64)>,
     /// What the reader skips unread.
     skip: Skip,
+    /// The seq of the last record header read in the open segment, returned or skipped
+    /// (`None`: not known, after a resumed read starts mid-segment): the next must follow
+    /// it, and a segment's last must come just before the next segment's first.
+    seen: Option<u64>,
+    /// See [`JournalSnapshot`]'s field.
+    some_left_out: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1127,6 +1139,7 @@ impl JournalReader {
                         let mut head = [0u8; SEGMENT_HEADER_LEN];
                         f.read_exact(&mut head).map_err(io_err(path))?;
                         self.pos = SEGMENT_HEADER_LEN as u64;
+                        self.seen = Some(self.segments[self.index].1.saturating_sub(1));
                     }
                 }
                 self.end = *len;
@@ -1136,8 +1149,28 @@ impl JournalReader {
             }
             let path = self.segments[self.index].0.clone();
             if self.pos >= self.end {
+                // A segment ends just before the next begins: one gone from between them
+                // (a data directory restored in part) took records every later point needs;
+                // a read that wants none of them goes on, to stop at the next record.
+                if let (Some(seen), Some(&(_, next, _))) = (self.seen, self.segments.get(self.index + 1))
+                    && seen + 1 != next
+                    && seen < self.upto.0
+                    && !self.some_left_out
+                {
+                    return Err(StoreError::SegmentCorrupt {
+                        path: path.display().to_string(),
+                        offset: self.end,
+                        reason: format!(
+                            "records {} to {} are missing: this segment ends at record {seen} and the next \
+                             one starts at {next} (a segment file is gone)",
+                            seen + 1,
+                            next.saturating_sub(1)
+                        ),
+                    });
+                }
                 self.reader = None;
                 self.index += 1;
+                self.seen = None;
                 continue;
             }
             let Some(r) = self.reader.as_mut() else { continue };
@@ -1149,6 +1182,18 @@ impl JournalReader {
             let mut raw = [0u8; RECORD_HEADER_LEN];
             r.read_exact(&mut raw).map_err(io_err(&path))?;
             let h = RecordHeader::decode(&raw).ok_or_else(|| corrupt(self.pos, "bad record header"))?;
+            // Records are numbered one after another; a mark takes the number of the record
+            // before it (as an open checks the active segment, `scan_segment`).
+            if let Some(seen) = self.seen {
+                let expected = if h.kind.is_mark() { seen } else { seen + 1 };
+                if h.seq != expected {
+                    return Err(corrupt(
+                        self.pos,
+                        &format!("record numbered {}, expected {expected}", h.seq),
+                    ));
+                }
+            }
+            self.seen = Some(h.seq);
             if h.seq > self.upto.0 {
                 // Past the end: this reader is done.
                 self.reader = None;
@@ -1229,6 +1274,54 @@ mod tests {
         assert_eq!(got.len(), 3, "two writes and the bookmark after seq 2");
         assert_eq!(got[2].record.kind, RecordKind::Bookmark);
         assert_eq!(j.snapshot().read(Seq(3)).count(), 4);
+    }
+
+    /// A segment file gone from the middle of a journal (a data directory restored in part)
+    /// leaves no hole in the names an open reads, but every read across it stops there, as
+    /// a damaged record would: the records after the gap never pass for the ones before.
+    #[test]
+    fn a_segment_gone_from_the_middle_stops_every_read_across_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.set_segment_target(4096);
+        for s in 1..=6 {
+            j.append(Seq(s), &[write_rec(&incompressible(s, 8192), 0)]).unwrap();
+        }
+        j.sync().unwrap();
+        assert_eq!(j.segment_count(), 6, "one record per segment");
+        drop(j);
+        std::fs::remove_file(dir.path().join(segment_name(3))).unwrap();
+        let (j, rec) = Journal::open(dir.path()).unwrap();
+        assert_eq!(rec.durable, Seq(6), "an open reads names only");
+        let snap = j.snapshot();
+        let err = snap.read(Seq(6)).find_map(Result::err).expect("a read across the gap fails");
+        match &err {
+            StoreError::SegmentCorrupt { path, reason, .. } => {
+                assert!(path.ends_with(&segment_name(2)), "{path}");
+                assert!(reason.contains("records 3 to 3 are missing"), "{reason}");
+            }
+            other => panic!("{other}"),
+        }
+        // Reads before the gap, and after it from the segment past it, still work.
+        assert_eq!(snap.read(Seq(2)).collect::<Result<Vec<_>, _>>().unwrap().len(), 2);
+        assert_eq!(snap.read_range(Seq(3), Seq(6)).collect::<Result<Vec<_>, _>>().unwrap().len(), 3);
+        // A read from a record before the gap to one past it fails, skipped or not.
+        assert!(snap.read_range(Seq(1), Seq(5)).any(|r| r.is_err()));
+        assert!(snap.read_marks(Seq(0), Seq(6)).any(|r| r.is_err()));
+        // A record out of its place inside a closed segment (record 2 copied after record
+        // 4, its checksum whole) is found too.
+        let seg = |n| dir.path().join(segment_name(n));
+        let moved = std::fs::read(seg(2)).unwrap()[SEGMENT_HEADER_LEN..].to_vec();
+        let mut four = std::fs::read(seg(4)).unwrap();
+        four.extend_from_slice(&moved);
+        std::fs::write(seg(4), four).unwrap();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        match j.snapshot().read_range(Seq(3), Seq(6)).find_map(Result::err) {
+            Some(StoreError::SegmentCorrupt { reason, .. }) => {
+                assert!(reason.contains("record numbered 2, expected 5"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A segment of marks only grows past its target rather than roll into one of its own
@@ -1683,8 +1776,11 @@ mod tests {
             let mut damaged = bytes.clone();
             damaged[at] ^= 1;
             std::fs::write(&seg, &damaged).unwrap();
-            let snap =
-                JournalSnapshot { segments: vec![(seg.clone(), 1, bytes.len() as u64)], durable: Seq(2) };
+            let snap = JournalSnapshot {
+                segments: vec![(seg.clone(), 1, bytes.len() as u64)],
+                durable: Seq(2),
+                some_left_out: false,
+            };
             assert!(snap.read(Seq(2)).any(|r| r.is_err()), "damage at {at} is found");
         }
     }

@@ -1912,7 +1912,8 @@ fn unknown_vm_data(root: &Path, known: &[VmName]) -> Vec<String> {
 /// disk's base image has moved past (its `base.seq` mark, written before each fold, is past
 /// the point's position; retention deletes such points before it folds). Such points
 /// cannot be recovered (W19-D: a catalog.db restored from an older backup listed them all,
-/// and said nothing). A missing base image that records were folded into is said too.
+/// and said nothing). A missing base image that records were folded into is said too, and
+/// a journal whose first segment is gone.
 fn points_behind_the_base(
     root: &Path,
     catalog: &Catalog,
@@ -1927,6 +1928,23 @@ fn points_behind_the_base(
         return Ok(None);
     }
     for h in handles {
+        // Segments go only once the base holds their records (the catalog's base position
+        // is written first): a journal that starts further on lost a segment file.
+        let base = h.base_seq();
+        if let Some(first) = h.journal().snapshot().first_seq()
+            && first.0 > base.0 + 1
+        {
+            return Ok(Some(format!(
+                "disk {}'s journal starts at record {first} but its base image holds records only up to \
+                 {base}: records {} to {} are gone (a segment file missing from a restored data directory?), \
+                 and no point past record {base} can be recovered. Restore {} whole from one backup, or \
+                 remove the VM (`drctl remove {vm} --delete-points`) and protect it anew",
+                h.name,
+                base.0 + 1,
+                first.0 - 1,
+                disk_dir(root, vm, &h.name).display()
+            )));
+        }
         let own = disk_dir(root, vm, &h.name).join("base.img");
         if h.base_path != own {
             continue;
@@ -2448,6 +2466,76 @@ mod tests {
         h.journal().sync().unwrap();
         let disks = vec![PointDisk { disk: d.clone(), seq: Seq(first), fingerprint: Digest::of(b"x") }];
         store.make_point(&vm, now_ms(), Consistency::Crash, "", disks).unwrap();
+    }
+
+    /// A segment file missing from a restored data directory (W19-D: a rebuild crossed the
+    /// gap and made a disk with the records after it and without those in it). One from the
+    /// middle stops a read across it like a damaged record, and the next open cuts there;
+    /// a first segment gone, which an open sees by name, marks the VM damaged.
+    #[test]
+    fn a_segment_file_gone_from_the_data_directory_is_never_read_across() {
+        let root = tempfile::tempdir().unwrap();
+        let (vm, d) = (VmName::new("vm1").unwrap(), DiskName::new("sda").unwrap());
+        let size = 1u64 << 20;
+        let mut image = vec![0u8; size as usize];
+        let mut at_point = Vec::new();
+        let options = || StoreOptions { segment_bytes: Some(2 << 10), ..Default::default() };
+        let mut ids = Vec::new();
+        {
+            let store = Store::open_with(root.path(), options()).unwrap();
+            let h = store.register(&vm, &[(d.clone(), size)]).unwrap().remove(0);
+            for i in 1..=20u64 {
+                let data = incompressible(i, 1024);
+                image[(i * 4096) as usize..][..1024].copy_from_slice(&data);
+                h.journal().append(Seq(i), &[write(&data, i * 4096)]).unwrap();
+                h.journal().sync().unwrap();
+                if [2, 10, 20].contains(&i) {
+                    let mut fp = Fingerprint::new();
+                    fp.push_data(&image);
+                    let disks = vec![PointDisk { disk: d.clone(), seq: Seq(i), fingerprint: fp.finish() }];
+                    ids.push(store.make_point(&vm, now_ms(), Consistency::Crash, "", disks).unwrap().id);
+                    at_point.push(image.clone());
+                }
+            }
+        }
+        let dir = root.path().join("vms/vm1/sda/journal");
+        let segments = || {
+            let mut segs: Vec<u64> = std::fs::read_dir(&dir)
+                .unwrap()
+                .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+                .collect();
+            segs.sort_unstable();
+            segs
+        };
+        // The segment holding record 14, between points 10 and 20.
+        let gone = *segments().iter().rev().find(|&&n| n <= 14).unwrap();
+        assert!(gone > 10 && segments().last().copied().unwrap() > 14, "{:?}", segments());
+        std::fs::remove_file(dir.join(format!("{gone:020}.seg"))).unwrap();
+
+        let store = Store::open_with(root.path(), options()).unwrap();
+        assert!(store.damaged(&vm).is_none(), "an open reads no closed segment");
+        let out = root.path().join("out");
+        let err =
+            store.test_failover(&vm, &PointSpec::Id(ids[2]), &out, Format::Raw, &mut |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("are missing"), "{err}");
+        let _ = store.test_failover_cleanup(&vm);
+        assert!(store.journal_damage(&vm).is_some(), "the gap is noted as a damage");
+        let res =
+            store.test_failover(&vm, &PointSpec::Id(ids[1]), &out, Format::Raw, &mut |_, _| {}).unwrap();
+        assert_eq!(res.disks[0].blake3, Digest::of(&at_point[1]).to_hex(), "the point before the gap");
+        store.test_failover_cleanup(&vm).unwrap();
+        drop(store);
+        let store = Store::open_with(root.path(), options()).unwrap();
+        let kept: Vec<PointId> = store.points(&vm).unwrap().iter().map(|p| p.id).collect();
+        assert_eq!(kept, ids[..2], "the point past the gap is gone, those before stay");
+        assert_eq!(store.disk(&vm, &d).unwrap().journal().durable(), Seq(gone - 1), "cut at the gap");
+        drop(store);
+
+        // The first segment gone: the base holds nothing, the journal starts further on.
+        std::fs::remove_file(dir.join(format!("{:020}.seg", segments()[0]))).unwrap();
+        let store = Store::open_with(root.path(), options()).unwrap();
+        let why = store.damaged(&vm).expect("the VM is marked").to_string();
+        assert!(why.contains("journal starts at record") && why.contains("records 1 to"), "{why}");
     }
 
     /// A VHD holds at most 2040 GiB: a larger disk is refused before anything is written.
