@@ -625,12 +625,15 @@ impl Store {
                 finish_commit(&vm, &handles)?;
             }
             for handle in handles {
-                // A data directory written before disks had their base mark gets it now, so
-                // that its catalog can be rebuilt if it is ever lost.
-                if handle.base_path == disk_dir(root, &vm, &handle.name).join("base.img")
-                    && !rebuild::has_base_mark(root, &vm, &handle.name)
-                {
-                    rebuild::mark_base(root, &vm, &handle.name, handle.base_seq())?;
+                // A data directory written before disks had their base and size marks gets
+                // them now, so that its catalog can be rebuilt if it is ever lost.
+                if handle.base_path == disk_dir(root, &vm, &handle.name).join("base.img") {
+                    if !rebuild::has_base_mark(root, &vm, &handle.name) {
+                        rebuild::mark_base(root, &vm, &handle.name, handle.base_seq())?;
+                    }
+                    if !rebuild::has_size_mark(root, &vm, &handle.name) {
+                        rebuild::mark_size(root, &vm, &handle.name, handle.size)?;
+                    }
                 }
                 disks.insert((vm.clone(), handle.name.clone()), Arc::new(handle));
             }
@@ -897,6 +900,7 @@ impl Store {
             f.sync_all().map_err(io_err(&base))?;
             durable::sync_dir(&dir)?;
             rebuild::mark_base(&self.root, vm, name, Seq(0))?;
+            rebuild::mark_size(&self.root, vm, name, *size)?;
             catalog.add_disk(vm, &row)?;
             let handle = Arc::new(open_disk(&self.root, vm, row, self.options, &self.reserve)?);
             map.insert((vm.clone(), name.clone()), handle.clone());
@@ -1948,6 +1952,20 @@ fn points_behind_the_base(
         let own = disk_dir(root, vm, &h.name).join("base.img");
         if h.base_path != own {
             continue;
+        }
+        if let Ok(m) = std::fs::metadata(&own)
+            && m.len() != h.size
+        {
+            return Ok(Some(format!(
+                "disk {}'s base image {} is {} bytes but the disk is {}: it is cut short or is another disk's \
+                 (a data directory restored in part?), and its points cannot be recovered from it. Restore it \
+                 from the backup the rest of the data directory came from, or remove the VM (`drctl remove \
+                 {vm} --delete-points`) and protect it anew",
+                h.name,
+                own.display(),
+                m.len(),
+                h.size
+            )));
         }
         if h.base_seq().0 > 0 && !own.exists() {
             return Ok(Some(format!(

@@ -26,11 +26,23 @@ use std::path::{Path, PathBuf};
 use tern_core::{Digest, DiskName, PointId, Seq, VmName};
 
 const BASE_MARK: &str = "base.seq";
+const SIZE_MARK: &str = "disk.size";
 const DELETED_MARK: &str = "points.deleted";
 
 /// Publishes a disk's `base.seq` mark: records up to `seq` may be in its base image.
 pub(crate) fn mark_base(root: &Path, vm: &VmName, disk: &DiskName, seq: Seq) -> Result<(), StoreError> {
     publish(&disk_dir(root, vm, disk).join(BASE_MARK), format!("{}\n", seq.0).as_bytes())
+}
+
+/// Publishes a disk's `disk.size` mark: its size in bytes, which `base.img` must have (a
+/// rebuild would otherwise take the size of a base image cut short).
+pub(crate) fn mark_size(root: &Path, vm: &VmName, disk: &DiskName, size: u64) -> Result<(), StoreError> {
+    publish(&disk_dir(root, vm, disk).join(SIZE_MARK), format!("{size}\n").as_bytes())
+}
+
+/// Whether a disk has its `disk.size` mark (an older tern did not write one).
+pub(crate) fn has_size_mark(root: &Path, vm: &VmName, disk: &DiskName) -> bool {
+    disk_dir(root, vm, disk).join(SIZE_MARK).exists()
 }
 
 /// Whether a disk has its `base.seq` mark (an older tern did not write one).
@@ -217,6 +229,15 @@ fn find_disk(
         }
         Err(e) => return Err(StoreError::Io { path: base.display().to_string(), source: e }),
     };
+    // The disk's size as registered (a data directory older than the mark: the base's).
+    if let Some(want) = read_mark(&dir.join(SIZE_MARK))?
+        && want != size
+    {
+        return Err(refuse(format!(
+            "its base.img is {size} bytes but the disk is {want} ({SIZE_MARK}): the base image is cut short \
+             or is another disk's; restore it from the backup the rest of the data directory came from"
+        )));
+    }
     let floor = read_mark(&dir.join(BASE_MARK))?.map(Seq).ok_or_else(|| {
         refuse(format!(
             "has no {BASE_MARK}: it was last written by a tern that did not keep one, so the base \
@@ -539,5 +560,34 @@ mod tests {
         let err = rebuild_catalog(dir.path()).unwrap_err();
         assert!(err.to_string().contains("base.seq"), "{err}");
         assert!(!dir.path().join("catalog.db").exists(), "a refused rebuild writes nothing");
+    }
+
+    /// A base image cut short (W19-D: a rebuild took its length for the disk's size) marks
+    /// the VM damaged at open, and refuses a rebuild; a data directory older than the size
+    /// mark gets it at open.
+    #[test]
+    fn a_base_image_cut_short_is_found_at_open_and_refuses_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, vm) = setup(dir.path());
+        let size = store.disk(&vm, &tern_core::DiskName::new("sda").unwrap()).unwrap().size;
+        drop(store);
+        let mark = dir.path().join("vms/vm/sda/disk.size");
+        assert_eq!(std::fs::read_to_string(&mark).unwrap(), format!("{size}\n"), "written at register");
+        std::fs::remove_file(&mark).unwrap();
+        drop(reopen(dir.path()));
+        assert!(mark.exists(), "written at open");
+        let base = dir.path().join("vms/vm/sda/base.img");
+        std::fs::OpenOptions::new().write(true).open(&base).unwrap().set_len(size / 2).unwrap();
+        let store = reopen(dir.path());
+        let why = store.damaged(&vm).expect("the VM is marked").to_string();
+        assert!(why.contains(&format!("is {} bytes but the disk is {size}", size / 2)), "{why}");
+        drop(store);
+        lose_catalog(dir.path());
+        let err = rebuild_catalog(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("cut short"), "{err}");
+        assert!(!dir.path().join("catalog.db").exists(), "a refused rebuild writes nothing");
+        // Back at its size (what it held in its second half aside), it is rebuilt.
+        std::fs::OpenOptions::new().write(true).open(&base).unwrap().set_len(size).unwrap();
+        rebuild_catalog(dir.path()).unwrap();
     }
 }
